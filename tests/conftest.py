@@ -21,6 +21,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+# The tests compare float32 results tightly against numpy and PyTorch. On MLX's CUDA backend
+# float32 matmuls use TF32 by default (~1e-3 relative error): ask for full float32, in this
+# process and in every service process the tests start (they inherit the environment).
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
 from services.common.blas import scrub_preload  # noqa: E402
 from tests.procs import RedisProcess, ServiceProcess  # noqa: E402
 

@@ -19,6 +19,7 @@ from services.common.mlx_thread import MLXThread
 from services.embedder import registry
 from services.embedder.engine import EmbedderEngine
 from services.embedder.models.qwen3_reranker import PREFIX, SUFFIX, body_text
+from tests.ranking import assert_ranking_matches
 
 DOCS = ["Paris is the capital of France.",
         "The river flows to the sea, and the sea rises into clouds that rain on the mountains again. " * 3,
@@ -130,7 +131,9 @@ async def test_reranker_scores_match_transformers(tiny_reranker, engine_for):
     for r in ranked:
         got[r.index] = r.score
     assert np.abs(got - ref).max() <= 1e-4
-    assert [r.index for r in ranked] == sorted(range(len(DOCS)), key=lambda i: -ref[i])
+    # The order is a discrete outcome: documents whose reference scores are within the score
+    # tolerance may swap; anything else must be in the reference's order.
+    assert_ranking_matches([r.index for r in ranked], ref, len(DOCS), eps=2e-4)
     _, top = await engine.rerank(query, DOCS, instruction=TASK, top_n=2)
     assert [r.index for r in top] == [r.index for r in ranked[:2]]
 

@@ -1,4 +1,4 @@
-"""An independent plain-numpy extended mind transformer, written from EXTENDED_MIND.md §2 and the
+"""An independent plain-numpy extended mind transformer, written from docs/extended-mind.md and the
 Hugging Face Llama / Qwen3 definitions (not from the MLX code under test).
 
 Everything is float64 on one unbatched sequence, recomputed from scratch (no KV cache), with
@@ -60,6 +60,61 @@ def _normalize(a):
     return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
 
 
+class Retrievals:
+    """Per-row retrieval counts of the reference, with the slack a float32 implementation may take.
+
+    Top-k is a discrete choice: rows whose cosine is within ``eps`` of the k-th / (k+1)-th cosine or
+    of the threshold (ties such as repeated tokens, whose layer-0 keys are identical, or rounding
+    between BLAS builds) may be swapped legitimately; no other row may. Per row: ``lower`` counts the
+    retrievals that are certain, ``upper`` those that are possible, ``exact`` the reference's own
+    (stable-sorted) choice. ``off_by_one`` counts what a top-k with an off-by-one bug (rank k+1
+    taken instead of rank k) would retrieve: tests show that the comparison rejects it.
+    """
+
+    def __init__(self, eps: float = 1e-4):
+        self.eps = eps
+        self.lower: dict[int, int] = {}
+        self.upper: dict[int, int] = {}
+        self.exact: dict[int, int] = {}
+        self.off_by_one: dict[int, int] = {}
+        self.events = 0      # (query token, head) retrievals recorded
+        self.ambiguous = 0   # of those, how many had a row inside the slack
+
+    @staticmethod
+    def _add(counts: dict, rows) -> None:
+        for r in rows:
+            counts[int(r)] = counts.get(int(r), 0) + 1
+
+    def add(self, sim: np.ndarray, k: int, threshold: float | None) -> None:
+        """sim [N] float64: one query head's cosines against every memory row; k = min(top_k, N)."""
+        eps, n = self.eps, sim.shape[0]
+        order = np.argsort(-sim, kind="stable")
+        kth = sim[order[k - 1]]
+        after = sim[order[k]] if k < n else -np.inf          # the best row left out
+        kept_for_sure = np.ones(n, bool) if threshold is None else sim > threshold + eps
+        kept_maybe = np.ones(n, bool) if threshold is None else sim > threshold - eps
+        sure = (sim > after + eps) & kept_for_sure
+        maybe = (sim >= kth - eps) & kept_maybe
+        self.events += 1
+        self.ambiguous += int(sure.sum() != maybe.sum())
+        self._add(self.lower, np.flatnonzero(sure))
+        self._add(self.upper, np.flatnonzero(maybe))
+        exact = order[:k][np.ones(k, bool) if threshold is None else sim[order[:k]] > threshold]
+        self._add(self.exact, exact)
+        if k < n:  # the planted bug: rank k+1 instead of rank k
+            wrong = np.concatenate([order[:k - 1], order[k:k + 1]])
+            self._add(self.off_by_one, wrong[np.ones(k, bool) if threshold is None else sim[wrong] > threshold])
+
+    def mismatches(self, got: dict[int, int]) -> list[str]:
+        """Rows whose count in ``got`` lies outside [lower, upper]: empty when ``got`` is possible."""
+        bad = []
+        for r in sorted(set(got) | set(self.upper)):
+            g, lo, hi = got.get(r, 0), self.lower.get(r, 0), self.upper.get(r, 0)
+            if not lo <= g <= hi:
+                bad.append(f"row {r}: {g} retrievals, the reference allows {lo}..{hi}")
+        return bad
+
+
 class Layer:
     """One attention layer's weights (HF layout [out, in]) and shape."""
 
@@ -88,7 +143,7 @@ class Layer:
 
     def forward(self, x, mem_k=None, mem_v=None, top_k=10, threshold=None, form="gather", hits=None, hits_from=0):
         """x [T, hidden] at positions 0..T-1 -> attention output [T, hidden]. mem_k/mem_v are raw
-        [KVH, N, d]. ``hits`` (a dict row -> count) counts the rows retrieved by the queries at
+        [KVH, N, d]. ``hits`` (a :class:`Retrievals`) records the retrievals of the queries at
         positions >= ``hits_from`` (citations)."""
         T = x.shape[0]
         q, k, v = self.qkv(x)
@@ -110,8 +165,8 @@ class Layer:
             idx = np.argsort(-sim, axis=-1, kind="stable")[:, :kk]         # each query's own top-k
             keep = np.take_along_axis(sim, idx, -1) > threshold if threshold is not None else np.ones_like(idx, bool)
             if hits is not None:
-                for r in idx[hits_from:][keep[hits_from:]].ravel():
-                    hits[int(r)] = hits.get(int(r), 0) + 1
+                for t in range(hits_from, T):
+                    hits.add(sim[t], kk, threshold)
             if form == "gather":
                 mem = np.einsum("td,tkd->tk", q[h], Km[idx]) * scale       # raw dot, not the cosine
                 mem = np.where(keep, mem, -np.inf)
@@ -178,14 +233,20 @@ class Model:
             x = x + ((g / (1 + np.exp(-g))) * (m @ L["up"].T)) @ L["down"].T
         return rms_norm(x, self.norm, self.eps) @ self.lm_head.T
 
-    def greedy(self, prompt, max_tokens, hits=None, **kw):
+    def greedy(self, prompt, max_tokens, hits=None, margins=None, **kw):
         """Greedy tokens and their log-probabilities, recomputing the whole sequence each step.
-        ``hits`` counts the rows each step's newest query retrieved (the step that makes a token)."""
+        ``hits`` (a :class:`Retrievals`) records the rows each step's newest query retrieved (the
+        step that makes a token); ``margins`` (a list) receives each step's gap between the best
+        and the second-best logit: a greedy token is only comparable across implementations when
+        that gap is well above their rounding."""
         seq, out, lps = list(prompt), [], []
         for _ in range(max_tokens):
             logits = self.forward(seq, hits=hits, hits_from=len(seq) - 1, **kw)[-1]
             lp = logits - (np.log(np.sum(np.exp(logits - logits.max()))) + logits.max())
             t = int(np.argmax(lp))
+            if margins is not None:
+                top2 = np.partition(logits, -2)[-2:]
+                margins.append(float(top2[1] - top2[0]))
             out.append(t)
             lps.append(float(lp[t]))
             seq.append(t)

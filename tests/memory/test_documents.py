@@ -14,6 +14,7 @@ import pytest
 from extmind.tensor import encode
 from extmind.v1 import embedder_pb2, embedder_pb2_grpc, memory_pb2 as pb
 from tests.procs import ServiceProcess, free_port
+from tests.ranking import assert_ranking_matches
 
 C = grpc.StatusCode
 
@@ -50,9 +51,10 @@ def test_documents_with_given_embeddings(memory_service):
                                                                  top_k=7, filter=filt), timeout=10)
             ok = [i for i in range(60) if all(docs[i].metadata[k] == v for k, v in filt.items())]
             ref = En[ok] @ (q / np.linalg.norm(q))
-            order = np.argsort(-ref)[:7]
-            assert [h.id for h in res.hits] == [str(ok[j]) for j in order]
-            assert np.allclose([h.score for h in res.hits], ref[order], atol=1e-5)
+            pos = {str(i): j for j, i in enumerate(ok)}
+            got = [pos[h.id] for h in res.hits]
+            assert_ranking_matches(got, ref, 7, eps=1e-5)
+            assert np.allclose([h.score for h in res.hits], ref[got], atol=1e-5)
             assert all(h.text == f"text {h.id}" and dict(h.metadata) == dict(docs[int(h.id)].metadata) for h in res.hits)
             assert res.model == "m-A"
     # Default top_k is 10; a filter nothing matches gives no hits.
