@@ -1,7 +1,17 @@
 # One image for all three extmind services (the command picks the service).
 # MLX runs on the CPU in Linux containers (Docker on a Mac cannot reach Metal); Debian's OpenBLAS
 # is installed and preloaded by the services (~30x faster than the BLAS bundled with mlx).
-FROM python:3.11-slim-bookworm
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
+
+# pip settings for builds behind a proxy or a private index (all optional):
+#   docker build --build-arg PIP_INDEX_URL=https://pypi.example/simple \
+#                --build-arg PIP_TRUSTED_HOST=pypi.example --build-arg PIP_CERT=/app/certs/ca.pem .
+# PIP_CERT names a CA bundle inside the image: put the file under certs/ in the build context.
+ARG PIP_INDEX_URL=
+ARG PIP_EXTRA_INDEX_URL=
+ARG PIP_TRUSTED_HOST=
+ARG PIP_CERT=
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -17,8 +27,14 @@ RUN apt-get update \
 
 WORKDIR /app
 # Dependencies first so that code changes do not rebuild this layer.
-COPY requirements.txt ./
-RUN pip install -r requirements.txt
+# No PyTorch: the services never import it (requirements-nodeps.txt says why it is separate).
+COPY requirements.txt requirements-nodeps.txt ./
+COPY certs ./certs
+RUN export PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST PIP_CERT \
+ && for v in PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST PIP_CERT; do [ -n "$(printenv $v)" ] || unset $v; done \
+ && pip install -r requirements.txt \
+ && pip install --no-deps -r requirements-nodeps.txt \
+ && ! pip show torch >/dev/null 2>&1
 
 COPY pyproject.toml ./
 COPY protos ./protos

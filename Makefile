@@ -19,13 +19,14 @@ WITH_BLAS = LD_PRELOAD="$$(ls /usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3
 install: $(STAMP) node_modules/.installed
 
 # The venv is rebuilt only when the pinned requirements change (idempotent).
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt pyproject.toml
 	@scripts/install-system.sh
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip >/dev/null
 	@# torch first and exactly pinned, so nothing pulls a CUDA build.
 	$(PY) -m pip install -q $$(grep -E '^torch==' requirements-dev.txt)
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps -e .
 	@touch $@
 
