@@ -13,15 +13,10 @@ import pytest
 
 from extmind.tensor import encode
 from extmind.v1 import embedder_pb2, embedder_pb2_grpc, memory_pb2 as pb
-from tests.procs import ServiceProcess, free_port
+from extmind.procs import ServiceProcess, free_port
+from tests.helpers import code_of
 
 C = grpc.StatusCode
-
-
-def code_of(fn):
-    with pytest.raises(grpc.RpcError) as e:
-        fn()
-    return e.value.code(), e.value.details()
 
 
 def doc(i, vec=None, **md):
