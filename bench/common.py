@@ -132,4 +132,4 @@ def record(name: str, body: str, *, write: bool = False) -> None:
         after = "".join(lines[end:])
         text = before + "\n\n" + entry + ("\n" + after if after else "")
     RESULTS.write_text(text)
-    print(f"appended to the '## {name}' section of {RESULTS.relative_to(ROOT)}")
+    print(f"appended to the '## {name}' section of {RESULTS}")
