@@ -53,7 +53,7 @@ def free_port() -> int:
 
 # ------------------------------------------------------------------ stopping
 
-def _start_time(pid: int) -> str | None:
+def start_time(pid: int) -> str | None:
     """Kernel start time of ``pid`` (tells a recycled pid apart), None when gone or a zombie;
     "?" where there is no /proc (macOS) and the process answers signal 0."""
     try:
@@ -70,7 +70,8 @@ def _start_time(pid: int) -> str | None:
     return None if fields[0] in ("Z", "X") else fields[19]
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
+    """Whether any process (a zombie too) is left in process group ``pgid``."""
     try:
         os.killpg(pgid, 0)
         return True
@@ -107,17 +108,17 @@ def stop_process(target: subprocess.Popen | int, grace: float, *, group: bool = 
     pid = proc.pid if proc is not None else int(target)
     if group:
         def alive() -> bool:
-            return (proc is not None and proc.poll() is None) or _group_alive(pid)
+            return (proc is not None and proc.poll() is None) or group_alive(pid)
     elif proc is not None:
         def alive() -> bool:
             return proc.poll() is None
     else:
-        started = _start_time(pid)
+        started = start_time(pid)
         if started is None:
             return None
 
         def alive() -> bool:
-            return _start_time(pid) == started
+            return start_time(pid) == started
 
     if not alive():
         return proc.returncode if proc is not None else None

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from extmind.procs import _group_alive, free_ports, stop_process
+from extmind.procs import group_alive, free_ports, stop_process
 
 IGNORES_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
 
@@ -54,9 +54,9 @@ def test_group_takes_the_children_too():
     cmd = (f"import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', {IGNORES_TERM!r}], "
            "stdout=subprocess.PIPE); child.stdout.readline(); print('ready', flush=True); time.sleep(60)")
     proc = _ready(cmd, start_new_session=True)
-    assert _group_alive(proc.pid)
+    assert group_alive(proc.pid)
     assert stop_process(proc, 0.5, group=True) == -signal.SIGTERM
-    assert not _group_alive(proc.pid)
+    assert not group_alive(proc.pid)
 
 
 def test_free_ports_are_distinct_and_free():
