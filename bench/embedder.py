@@ -1,6 +1,6 @@
-"""Embedder benchmark (issue 3 item 8), side by side in one run, with ratios against targets.
+"""Embedder benchmark, side by side in one run, with ratios against targets.
 
-    python -m bench.embedder [--record]     (--record appends the results to bench/RESULTS.md)
+    python -m bench.embedder [--quick] [--record]   (--record: append the report to bench/RESULTS.md)
 
 1. Dynamic batching through gRPC: 16 concurrent clients sending one text each to
    ``python -m services.embedder`` vs one in-process batched forward over the same 16 texts
@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.common import (ROOT, add_record_flag, describe, machine, median_seconds, ratio, record, table,
+                          timed_rounds_async, verdict)
 WORDS = ("memory model vector search query answer river mountain capital city music train station noon "
          "weather book paper network layer token attention value key store retrieve embed document").split()
 
@@ -36,18 +33,6 @@ def make_texts(n: int, seed: int = 0, words: tuple[int, int] = (6, 40)) -> list[
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(*words))).capitalize() + "." for _ in range(n)]
 
 
-def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
-
-
 # --- 1. dynamic batching --------------------------------------------------------------------------
 async def grpc_rounds(port: int, texts: list[str], rounds: int) -> tuple[float, float]:
     """-> (median seconds for 16 concurrent one-text calls, median for the same calls in sequence)."""
@@ -57,30 +42,16 @@ async def grpc_rounds(port: int, texts: list[str], rounds: int) -> tuple[float, 
     async with aio_channel(f"127.0.0.1:{port}") as ch:
         stub = embedder_pb2_grpc.EmbedderServiceStub(ch)
         reqs = [pb.EmbedRequest(inputs=[t]) for t in texts]
-        for r in reqs[:4]:
-            await stub.Embed(r, timeout=60)                    # warm up
-        await asyncio.gather(*(stub.Embed(r, timeout=60) for r in reqs))
-        concurrent, sequential = [], []
-        for _ in range(rounds):
-            t0 = time.perf_counter()
+
+        async def concurrent():
             await asyncio.gather(*(stub.Embed(r, timeout=60) for r in reqs))
-            concurrent.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
+
+        async def sequential():
             for r in reqs:
                 await stub.Embed(r, timeout=60)
-            sequential.append(time.perf_counter() - t0)
-    return statistics.median(concurrent), statistics.median(sequential)
 
-
-def median_seconds(fn, rounds: int) -> float:
-    """Calls ``fn`` once to warm up, then returns the median wall time of ``rounds`` calls."""
-    fn()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        conc, seq = await timed_rounds_async([concurrent, sequential], rounds)
+    return statistics.median(conc), statistics.median(seq)
 
 
 def in_process_forward(model_spec: str, texts: list[str], rounds: int) -> float:
@@ -159,22 +130,26 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--texts", type=int, default=128, help="texts for the tokens/s part")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, 32 texts for the tokens/s part")
+    add_record_flag(p)
     p.add_argument("--mlx-throughput", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.quick:
+        a.rounds, a.texts = 2, 32
 
     if a.mlx_throughput:   # child mode: BLAS chosen by the parent's environment
         print(json.dumps(mlx_throughput(make_texts(a.texts, seed=1), a.batch, a.rounds)))
         return
 
+    from extmind.procs import ServiceProcess
     from services.common.blas import blas_in_use, ensure_openblas
     ensure_openblas()
     sys.path.insert(0, str(ROOT))
-    lines = [f"machine: {machine()}", f"date: {datetime.datetime.now().isoformat(timespec='minutes')}",
-             f"mlx BLAS (bench process): {blas_in_use()}"]
+    head = (f"{describe(machine(blas=blas_in_use()))}. `python -m bench.embedder --rounds {a.rounds}`; "
+            f"model {a.model} for batching (median of {a.rounds} rounds), all-MiniLM-L6-v2 for tokens/s.")
+    rows = []
     # Sentences (compute-bound on a CPU) and short queries (per-call overhead matters more).
     workloads = {"sentences of 6-40 words": make_texts(a.clients), "queries of 2-5 words": make_texts(a.clients, 2, (2, 5))}
-    from tests.procs import ServiceProcess
     svc = ServiceProcess("services.embedder", ["--model", a.model, "--http-port", "-1"],
                          env={"EXTMIND_LOG_LEVEL": "warning"}, start_timeout=120).start()
     try:
@@ -184,39 +159,33 @@ def main() -> None:
     for label, texts in workloads.items():
         conc, seq = measured[label]
         single = in_process_forward(a.model, texts, a.rounds)
-        r1, r2 = single / conc, seq / conc
-        lines += [
-            f"[batching] model {a.model}, {a.clients} {label}, median of {a.rounds} rounds",
-            f"  one in-process batched forward : {single * 1e3:8.1f} ms",
-            f"  {a.clients} concurrent gRPC clients  : {conc * 1e3:8.1f} ms   ratio {r1:.2f}x of in-process "
-            f"(target >= 0.8) {'OK' if r1 >= 0.8 else 'BELOW TARGET'}",
-            f"  {a.clients} sequential gRPC calls    : {seq * 1e3:8.1f} ms   concurrent is {r2:.2f}x faster "
-            f"(target >= 4) {'OK' if r2 >= 4 else 'BELOW TARGET'}",
+        what = f"batching, {a.clients} {label}:"
+        rows += [
+            [f"{what} one in-process batched forward", f"{single * 1e3:.1f} ms", "1.00x", "-", "-"],
+            [f"{what} {a.clients} concurrent gRPC clients", f"{conc * 1e3:.1f} ms",
+             f"{ratio(single, conc)} of in-process speed", ">= 0.8x", verdict(single / conc >= 0.8)],
+            [f"{what} {a.clients} sequential gRPC calls", f"{seq * 1e3:.1f} ms",
+             f"concurrent {ratio(seq, conc)} faster", ">= 4x", verdict(seq / conc >= 4)],
         ]
 
     n = a.texts
-    tput_rounds = 3
+    tput_rounds = 1 if a.quick else 3
     torch_r = torch_throughput(make_texts(n, seed=1), a.batch, tput_rounds)
     st = torch_r["tokens"] / torch_r["seconds"]
-    lines.append(f"[tokens/s] all-MiniLM-L6-v2, {n} texts ({torch_r['tokens']} tokens), batch {a.batch}, "
-                 f"median of {tput_rounds}")
-    lines.append(f"  sentence-transformers (PyTorch CPU, {torch_r['threads']} threads): {st:9.0f} tok/s")
+    what = f"tokens/s, {n} texts ({torch_r['tokens']} tokens), batch {a.batch}, median of {tput_rounds}:"
+    rows.append([f"{what} sentence-transformers (PyTorch CPU, {torch_r['threads']} threads)", f"{st:.0f} tok/s",
+                 "1.00x", "-", "-"])
     for openblas in (True, False):
         r = mlx_subprocess(openblas, n, a.batch, tput_rounds if openblas else 1)
-        label = "MLX + OpenBLAS      " if openblas else "MLX, bundled BLAS   "
+        label = f"{what} MLX + OpenBLAS" if openblas else f"{what} MLX, bundled BLAS"
         if "error" in r:
-            lines.append(f"  {label}: not measured ({r['error'].strip()[:200]})")
+            rows.append([label, f"not measured ({r['error'].strip()[:200]})", "-", "-", "-"])
             continue
         tps = r["tokens"] / r["seconds"]
-        target = " (aim >= 1.0)" if openblas else ""
-        lines.append(f"  {label}: {tps:9.0f} tok/s   ratio {tps / st:.2f}x of sentence-transformers{target}")
-    report = "\n".join(lines)
-    print(report)
-    if a.record:
-        path = ROOT / "bench" / "RESULTS.md"
-        text = path.read_text() if path.exists() else "# Benchmark results\n"
-        entry = f"\n## embedder\n\n`python -m bench.embedder`\n\n```\n{report}\n```\n"
-        path.write_text(text.rstrip("\n") + "\n" + entry)
+        rows.append([label, f"{tps:.0f} tok/s", f"{ratio(tps, st)} of sentence-transformers",
+                     ">= 1.0x (aim)" if openblas else "-", verdict(tps / st >= 1.0) if openblas else "-"])
+    record("embedder", head + "\n\n" + table(["measurement", "result:", "ratio", "target", "met"], rows),
+           write=a.record)
 
 
 if __name__ == "__main__":

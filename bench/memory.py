@@ -1,6 +1,6 @@
-"""Memory service benchmark (issue 2 item 6), one run, side by side, printing ratios.
+"""Memory service benchmark, one run, side by side, printing ratios.
 
-    python -m bench.memory [--quick] [--write-results]
+    python -m bench.memory [--quick] [--parts search,ingest,restart] [--record]
 
 1. SearchMemory over gRPC vs the same search in-process on the same FAISS indexes: 32 query
    heads over 8 KV heads, head_dim 128, 4 096 and 65 536 rows, q = 1 and q = 64 (top_k 10,
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -29,15 +28,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
+from bench.common import OUT, add_record_flag, describe, machine, ratio, record, table, timed_rounds, verdict  # noqa: E402
+from extmind.procs import memory_stack  # noqa: E402
 from extmind.tensor import FLOAT16, decode_raw, encode  # noqa: E402
 from extmind.v1 import memory_pb2 as pb  # noqa: E402
 from extmind.v1 import memory_pb2_grpc  # noqa: E402
 from services.memory import kv_store  # noqa: E402
 from services.memory.kv_index import KVIndex  # noqa: E402
 from services.memory.kv_store import KVStore  # noqa: E402
-from tests.procs import RedisProcess, ServiceProcess  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 KV_HEADS, Q_HEADS, DIM, TOP_K = 8, 32, 128, 10
 MiB = 1024 * 1024
 RAW_BATCH_BYTES = 32 * MiB
@@ -89,22 +87,21 @@ def bench_search(stub, redis_url, rows_list, qs, iters_q1, iters_q64, rng):
         for q in qs:
             iters = iters_q1 if q == 1 else iters_q64
             Q = rng.standard_normal((Q_HEADS, q, DIM), dtype=np.float32)
-            req = pb.SearchMemoryRequest(memory_ids=[f"search-{rows}"], layer=0, queries=encode(Q), top_k=TOP_K,
-                                         return_vectors=True)
-            local, remote = [], []
-            for i in range(iters + 3):   # interleaved, first 3 are warm-up
-                t = time.perf_counter()
-                s_local = index.search_blocking(banks, 0, Q, TOP_K, None, True)
-                t1 = time.perf_counter()
-                resp = stub.SearchMemory(pb.SearchMemoryRequest(memory_ids=req.memory_ids, layer=0,
+            last = {}
+
+            def in_process():
+                last["local"] = index.search_blocking(banks, 0, Q, TOP_K, None, True)
+
+            def over_grpc():   # the full client call: encode, loopback, decode
+                resp = stub.SearchMemory(pb.SearchMemoryRequest(memory_ids=[f"search-{rows}"], layer=0,
                                                                 queries=encode(Q), top_k=TOP_K, return_vectors=True),
                                          timeout=120)
-                s_remote = (decode_raw(resp.scores), decode_raw(resp.indices), decode_raw(resp.keys),
-                            decode_raw(resp.values))
-                t2 = time.perf_counter()
-                if i >= 3:
-                    local.append((t1 - t) * 1e3)
-                    remote.append((t2 - t1) * 1e3)
+                last["resp"] = resp
+                last["remote"] = (decode_raw(resp.scores), decode_raw(resp.indices), decode_raw(resp.keys),
+                                  decode_raw(resp.values))
+
+            local, remote = ([x * 1e3 for x in xs] for xs in timed_rounds([in_process, over_grpc], iters, warmup=3))
+            s_local, s_remote, resp = last["local"], last["remote"], last["resp"]
             assert np.array_equal(s_local[1], s_remote[1]) and np.array_equal(s_local[2], s_remote[2])
             row = {"rows": rows, "q": q, "iters": iters,
                    "inproc_p50_ms": p50(local), "inproc_p90_ms": pct(local, 90),
@@ -116,7 +113,7 @@ def bench_search(stub, redis_url, rows_list, qs, iters_q1, iters_q64, rng):
             out.append(row)
             print(f"  search rows={rows:>6} q={q:>2}: in-process p50 {row['inproc_p50_ms']:8.2f} ms | gRPC p50 "
                   f"{row['grpc_p50_ms']:8.2f} ms | overhead {row['overhead_p50_ms']:+6.2f} ms "
-                  f"({row['grpc_p50_ms'] / row['inproc_p50_ms']:.2f}x)"
+                  f"({ratio(row['grpc_p50_ms'], row['inproc_p50_ms'])})"
                   + ("" if q != 1 else f"  target <= +1.5 ms: {'OK' if row['ok'] else 'MISSED'}"), flush=True)
     index.close()
     return out
@@ -126,12 +123,8 @@ def bench_floor(channel, iters):
     """p50 of a grpc.health.v1 Check on the same channel: the round trip any call pays."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     stub = health_pb2_grpc.HealthStub(channel)
-    xs = []
-    for i in range(iters + 3):
-        t = time.perf_counter()
-        stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
-        if i >= 3:
-            xs.append((time.perf_counter() - t) * 1e3)
+    xs = [x * 1e3 for x in timed_rounds([lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=10)],
+                                        iters, warmup=3)[0]]
     print(f"  unary round trip (health check) p50 {p50(xs):.2f} ms", flush=True)
     return p50(xs)
 
@@ -271,23 +264,19 @@ messages (FetchMemory sends ≤ 4 MiB chunks too)."""
 
 
 def markdown(res) -> str:
+    """The report body (markdown, without its ``## memory`` heading) of a results dict."""
     m = res["machine"]
-    load = m.get("load")
-    lines = ["## memory", "",
-             f"`python -m bench.memory` on {m['cpus']}-core {m['arch']} {m['system']}, {m['date']} "
-             f"(Python {m['python']}, redis-server {m['redis']}, appendfsync always; FAISS: 1 OpenMP thread for "
-             f"small searches on the event loop, all cores for large ones on worker threads). "
-             f"Run time {res['seconds']:.0f} s"
-             + (f"; load average {load[0]:.1f} before / {load[1]:.1f} after (the machine is shared)." if load else "."),
+    after = res.get("load_after")
+    lines = [f"`python -m bench.memory`: {describe(m)}; appendfsync always; FAISS: 1 OpenMP thread for small "
+             f"searches on the event loop, all cores for large ones on worker threads. Run time {res['seconds']:.0f} s"
+             + (f"; load average {after:.1f} after (the machine is shared)." if after is not None else "."),
              "",
              f"**SearchMemory** — {Q_HEADS} query heads over {KV_HEADS} KV heads, head_dim {DIM}, fp16 memory, "
              f"top_k {TOP_K}, keys+values returned; gRPC = full client call (encode, loopback, decode).", "",
-             "| rows | q | in-process p50 (ms) | gRPC p50 (ms) | overhead p50 | ratio | target | met |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
-    for r in res.get("search", []):
-        lines.append(f"| {r['rows']:,} | {r['q']} | {r['inproc_p50_ms']:.2f} | {r['grpc_p50_ms']:.2f} | "
-                     f"{r['overhead_p50_ms']:+.2f} ms | {r['grpc_p50_ms'] / r['inproc_p50_ms']:.2f}x | {r['target']} | "
-                     f"{'yes' if r['ok'] else ('no' if r['ok'] is False else '-')} |")
+             table(["rows:", "q:", "in-process p50 (ms):", "gRPC p50 (ms):", "overhead p50:", "ratio:", "target", "met"],
+                   [[f"{r['rows']:,}", r["q"], f"{r['inproc_p50_ms']:.2f}", f"{r['grpc_p50_ms']:.2f}",
+                     f"{r['overhead_p50_ms']:+.2f} ms", ratio(r["grpc_p50_ms"], r["inproc_p50_ms"]), r["target"],
+                     verdict(r["ok"])] for r in res.get("search", [])])]
     if "rtt_ms" in res:
         lines += ["", f"A bare unary round trip (grpc.health.v1 Check) on the same channel: p50 {res['rtt_ms']:.2f} ms."]
     if res.get("search"):
@@ -296,95 +285,67 @@ def markdown(res) -> str:
     lines += [] if not i else ["", f"**Ingest** — {i['bytes'] / MiB:.0f} MiB of keys+values ({i['layers']} layers × {KV_HEADS} heads × "
               f"{i['rows']} rows × {DIM}, fp16) in messages of {i['message_rows']} rows ({i['message_mib']:.0f} MiB), "
               f"median of {i['reps']}; the raw pipeline writes the same chunks.", "",
-              "| path | MiB/s |", "| --- | ---: |",
-              f"| AppendMemory (acknowledged = durable) | {i['append_mb_s']:.1f} |",
-              f"| raw redis-py pipeline, same bytes and layout | {i['raw_pipeline_mb_s']:.1f} |",
-              f"| **ratio** (target ≥ 0.5×) | **{i['ratio']:.2f}×** {'met' if i['ok'] else 'missed'} |",
+              table(["path", "MiB/s:"], [["AppendMemory (acknowledged = durable)", f"{i['append_mb_s']:.1f}"],
+                                         ["raw redis-py pipeline, same bytes and layout", f"{i['raw_pipeline_mb_s']:.1f}"],
+                                         ["**ratio** (target ≥ 0.5×)", f"**{i['ratio']:.2f}×** {verdict(i['ok'])}"]]),
               "", NOTES_INGEST]
     if res.get("restart"):
         r = res["restart"]
         lines += ["", f"**Restart** — {r['rows']:,} rows of head_dim {DIM} ({r['layers']} layers × {KV_HEADS} KV heads "
                   f"× {r['memory_rows_per_bank']:,} tokens, fp16, {r['bytes'] / MiB:.0f} MiB keys+values in Redis).", "",
-                  "| measure | seconds |", "| --- | ---: |",
-                  f"| index rebuild from Redis (target ≤ 5 s) | **{r['rebuild_s']:.2f}** {'met' if r['ok'] else 'missed'} |",
-                  f"| same, as logged by the restarted service | {r['service_logged_rebuild_s']} |",
-                  f"| service restart to health SERVING (process start + imports + rebuild) | {r['restart_to_serving_s']:.2f} |"]
+                  table(["measure", "seconds:"], [
+                      ["index rebuild from Redis (target ≤ 5 s)", f"**{r['rebuild_s']:.2f}** {verdict(r['ok'])}"],
+                      ["same, as logged by the restarted service", r["service_logged_rebuild_s"]],
+                      ["service restart to health SERVING (process start + imports + rebuild)",
+                       f"{r['restart_to_serving_s']:.2f}"]])]
     return "\n".join(lines) + "\n"
-
-
-def write_results(md: str) -> None:
-    path = ROOT / "bench" / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    start = text.find("## memory\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + md
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + md + (text[end + 1:] if end >= 0 else "")
-        text = text.replace(md + "## ", md + "\n## ")
-    path.write_text(text)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer iterations, smaller restart set (smoke run)")
     ap.add_argument("--parts", default="search,ingest,restart", help="comma-separated subset to run")
-    ap.add_argument("--write-results", action="store_true", help="replace the '## memory' section of bench/RESULTS.md")
+    add_record_flag(ap)
     ap.add_argument("--report-only", action="store_true",
-                    help="no measuring: print (and with --write-results write) the report of bench/out/memory.json")
+                    help="no measuring: report (and with --record, record) bench/out/memory.json again")
     args = ap.parse_args(argv)
     if args.report_only:
-        res = json.loads((ROOT / "bench" / "out" / "memory.json").read_text())
-        md = markdown(res)
-        print(md)
-        if args.write_results:
-            write_results(md)
+        res = json.loads((OUT / "memory.json").read_text())
+        record("memory", markdown(res), write=args.record)
         return
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
     work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
-    redis = RedisProcess(work / "redis").start()
-    rinfo = redis.client().info("server")
-    svc = ServiceProcess("services.memory", ["--redis-url", redis.url, "--log-format", "text"], log_dir=work,
-                         env={"EXTMIND_AUTH_TOKEN": ""}, health_service="extmind.v1.MemoryService",
-                         start_timeout=300).start()
-    from extmind.channels import sync_channel
-    ch = sync_channel(svc.address)
-    stub = memory_pb2_grpc.MemoryServiceStub(ch)
-    load0 = os.getloadavg()[0]
-    res = {"machine": {"cpus": os.cpu_count(), "arch": platform.machine(), "system": platform.system(),
-                       "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
-                       "redis": rinfo.get("redis_version")}}
-    try:
-        parts = set(args.parts.split(","))
-        if "search" in parts:
-            print("SearchMemory: gRPC vs in-process (same FAISS indexes)", flush=True)
-            res["search"] = bench_search(stub, redis.url, [4096, 65536], [1, 64],
-                                         iters_q1=50 if args.quick else 300, iters_q64=3 if args.quick else 15, rng=rng)
-            res["rtt_ms"] = bench_floor(ch, 50 if args.quick else 300)
-        if "ingest" in parts:
-            print("Ingest: AppendMemory vs raw redis-py pipeline", flush=True)
-            res["ingest"] = bench_ingest(stub, redis.url, layers=8, rows=4096, reps=2 if args.quick else 5, rng=rng)
-        if "restart" in parts:
-            for m in stub.ListMemories(pb.ListMemoriesRequest(page_size=1000), timeout=60).memories:
-                stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id=m.memory_id), timeout=60)   # only the 1 M rows
-            print("Restart: rebuild indexes from Redis", flush=True)
-            layers, rows = (4, 8192) if args.quick else (16, 8192)   # 16 x 8 x 8192 = 1 048 576 rows
-            res["restart"] = bench_restart(stub, svc, redis.url, layers, rows, rng)
-    finally:
-        ch.close()
-        svc.stop()
-        redis.close()
+    with memory_stack(work, start_timeout=300) as svc:
+        redis = svc.redis
+        with redis.client() as rc:
+            res = {"machine": machine(redis=rc.info("server").get("redis_version"))}
+        from extmind.channels import sync_channel
+        ch = sync_channel(svc.address)
+        stub = memory_pb2_grpc.MemoryServiceStub(ch)
+        try:
+            parts = set(args.parts.split(","))
+            if "search" in parts:
+                print("SearchMemory: gRPC vs in-process (same FAISS indexes)", flush=True)
+                res["search"] = bench_search(stub, redis.url, [4096, 65536], [1, 64], iters_q1=50 if args.quick else 300,
+                                             iters_q64=3 if args.quick else 15, rng=rng)
+                res["rtt_ms"] = bench_floor(ch, 50 if args.quick else 300)
+            if "ingest" in parts:
+                print("Ingest: AppendMemory vs raw redis-py pipeline", flush=True)
+                res["ingest"] = bench_ingest(stub, redis.url, layers=8, rows=4096, reps=2 if args.quick else 5, rng=rng)
+            if "restart" in parts:
+                for m in stub.ListMemories(pb.ListMemoriesRequest(page_size=1000), timeout=60).memories:
+                    stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id=m.memory_id), timeout=60)   # only the 1 M rows
+                print("Restart: rebuild indexes from Redis", flush=True)
+                layers, rows = (4, 8192) if args.quick else (16, 8192)   # 16 x 8 x 8192 = 1 048 576 rows
+                res["restart"] = bench_restart(stub, svc, redis.url, layers, rows, rng)
+        finally:
+            ch.close()
     res["seconds"] = time.perf_counter() - t0
-    res["machine"]["load"] = [load0, os.getloadavg()[0]]
-    out = ROOT / "bench" / "out"
-    out.mkdir(exist_ok=True)
-    (out / "memory.json").write_text(json.dumps(res, indent=2, default=str))
-    md = markdown(res)
-    print("\n" + md)
-    if args.write_results:
-        write_results(md)
-        print("wrote the '## memory' section of bench/RESULTS.md")
+    res["load_after"] = os.getloadavg()[0]
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "memory.json").write_text(json.dumps(res, indent=2, default=str))
+    record("memory", markdown(res), write=args.record)
     # A benchmark reports; it does not fail the build.
 
 

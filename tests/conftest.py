@@ -1,4 +1,5 @@
-"""Shared fixtures.
+"""Shared fixtures (the processes behind them: ``extmind/procs.py``; other helpers:
+``tests/helpers.py``).
 
 ``redis_server``    a real redis-server (AOF, appendfsync always) on a unix socket in tmp_path:
                     ``.url``, ``.client()``, ``.stop()``, ``.kill()``, ``.start()`` (same data).
@@ -7,8 +8,8 @@
                     (SIGTERM), ``.start()`` (restart on the same Redis and port), ``.stub()``
                     -> MemoryServiceStub on a sync channel.
 ``memory_service_factory``  makes more of them: ``factory(env={...}, args=[...])``.
-
-Process helpers live in ``tests/procs.py`` for other tests to start their services the same way.
+``module_memory_service``   a Redis + memory service of its own for each test module that asks
+                    for it, started once for the module (``.redis`` is its RedisProcess).
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # process and in every service process the tests start (they inherit the environment).
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
+from extmind.procs import MemoryServiceProcess, RedisProcess, memory_stack  # noqa: E402
 from services.common.blas import scrub_preload  # noqa: E402
-from tests.procs import RedisProcess, ServiceProcess  # noqa: E402
 
 # `make test` preloads OpenBLAS for the MLX work done inside pytest; the processes the tests start
 # must not inherit it (redis-server and node do not want it; MLX services re-exec with it).
 scrub_preload()
+
+_REDIS_FIXTURES = ("redis_server", "module_memory_service")
 
 
 @pytest.fixture
@@ -39,25 +42,6 @@ def redis_server(tmp_path):
     r = RedisProcess(tmp_path / "redis").start()
     yield r
     r.close()
-
-
-class MemoryServiceProcess(ServiceProcess):
-    def __init__(self, redis_url: str, *, log_dir, args=(), env=None):
-        super().__init__("services.memory", ["--redis-url", redis_url, "--log-format", "text", *args],
-                         env=env, log_dir=log_dir, health_service="extmind.v1.MemoryService")
-        self._channels = []
-
-    def stub(self, token: str | None = None):
-        """MemoryServiceStub on a new sync channel (closed at teardown)."""
-        from extmind.v1 import memory_pb2_grpc
-        ch = self.channel()
-        self._channels.append(ch)
-        return memory_pb2_grpc.MemoryServiceStub(ch)
-
-    def close(self) -> None:
-        for ch in self._channels:
-            ch.close()
-        self.stop()
 
 
 @pytest.fixture
@@ -82,10 +66,16 @@ def memory_service(memory_service_factory):
     return memory_service_factory()
 
 
+@pytest.fixture(scope="module")
+def module_memory_service(tmp_path_factory, request):
+    with memory_stack(tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])) as svc:
+        yield svc
+
+
 def pytest_collection_modifyitems(config, items):
     # Tests that need a redis-server binary skip cleanly where there is none at all.
     if os.environ.get("EXTMIND_SKIP_REDIS_TESTS") == "1":
         skip = pytest.mark.skip(reason="EXTMIND_SKIP_REDIS_TESTS=1")
         for item in items:
-            if "redis_server" in getattr(item, "fixturenames", ()):
+            if any(f in getattr(item, "fixturenames", ()) for f in _REDIS_FIXTURES):
                 item.add_marker(skip)

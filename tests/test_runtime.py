@@ -17,7 +17,7 @@ from extmind.channels import aio_channel, sync_channel
 from extmind.v1 import memory_pb2, memory_pb2_grpc
 from services.common.config import FlagParser, add_server_flags
 from services.common.server import Server, Service
-from tests.procs import health_status
+from extmind.procs import health_status
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -12,9 +12,9 @@ import pytest
 
 from extmind.channels import sync_channel
 from extmind.v1 import embedder_pb2, embedder_pb2_grpc
-from tests.procs import free_ports
+from extmind.procs import free_ports
 
-from .conftest import REPO
+from .cluster import REPO
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import yaml
 
-from .conftest import REPO
+from .cluster import REPO
 
 COMPOSE = shutil.which("docker-compose")
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 
 import grpc
@@ -12,7 +10,9 @@ import pytest
 from extmind.channels import sync_channel
 from extmind.cluster import read_pid
 from extmind.healthcheck import check
+from extmind.procs import stop_process
 from extmind.v1 import generator_pb2, generator_pb2_grpc, memory_pb2, memory_pb2_grpc
+from tests.helpers import code_of
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -20,20 +20,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def kill(cluster, name: str) -> None:
     rec = read_pid(cluster.settings(), name)
     assert rec is not None and rec.alive(), f"{name} is not running"
-    os.kill(rec.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 20
-    while rec.alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    stop_process(rec.pid, 0)   # SIGKILL: a crash
     assert not rec.alive()
     assert check(cluster.url(name)) == "UNREACHABLE"
-
-
-def code_of(fn, *a, **kw):
-    try:
-        fn(*a, **kw)
-    except grpc.RpcError as e:
-        return e.code(), e.details()
-    return grpc.StatusCode.OK, ""
 
 
 def eventually_ok(fn, what: str, timeout: float = 60.0):

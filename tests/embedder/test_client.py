@@ -15,7 +15,7 @@ import pytest
 
 from extmind.embedder_client import EmbedderClient
 from extmind.errors import Unavailable
-from tests.procs import free_port
+from extmind.procs import free_port
 
 
 class FakeServer:

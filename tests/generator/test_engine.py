@@ -11,11 +11,9 @@ from mlx_lm.generate import generate_step
 from mlx_lm.utils import load
 
 from extmind import errors
-from services.generator.engine import (Chunk, EngineConfig, GenerationRequest, GeneratorEngine,
-                                       MemoryOptions, Sampling)
+from services.generator.engine import EngineConfig, GenerationRequest, GeneratorEngine, MemoryOptions, Sampling
 
-PROMPTS = ["The quick brown fox", "Paris is the capital of", "Alice met Bob at the", "In 1969 people walked",
-           "Water boils at", "def add(a, b):", "The river flows to", "Machine learning models turn text"]
+from .helpers import PROMPTS, run
 
 
 @pytest.fixture(scope="module")
@@ -28,19 +26,6 @@ def engines(llama_path, qwen3_path):
     yield made
     for e in made.values():
         e.stop()
-
-
-async def run(engine, req):
-    chunks, final = [], None
-    async for ev in engine.generate(req):
-        if isinstance(ev, Chunk):
-            chunks.append(ev)
-        else:
-            final = ev
-    tokens = [t for c in chunks for t in c.token_ids]
-    lps = [x for c in chunks for x in c.logprobs]
-    text = "".join(c.text for c in chunks) + final.text
-    return tokens, lps, text, final
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3"])

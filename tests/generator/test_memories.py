@@ -15,10 +15,10 @@ from extmind import errors
 from services.generator.engine import Chunk, EngineConfig, GenerationRequest, GeneratorEngine, MemoryOptions, Sampling
 from services.generator.memory_builder import plan_windows
 from services.generator.memory_client import MemoryClient
-from tests.procs import RedisProcess, ServiceProcess, free_port
+from extmind.procs import free_port
 
+from .helpers import PROMPTS, run
 from .np_reference import Model, Retrievals
-from .test_engine import PROMPTS, run
 
 TEXT = ("Paris is the capital of France. Berlin is the capital of Germany. Rome is the capital of Italy. "
         "Alice met Bob at the station at noon. They talked about music, books, weather and trains. "
@@ -26,15 +26,8 @@ TEXT = ("Paris is the capital of France. Berlin is the capital of Germany. Rome 
 
 
 @pytest.fixture(scope="module")
-def memory_address(tmp_path_factory):
-    d = tmp_path_factory.mktemp("memsvc")
-    redis = RedisProcess(d / "redis").start()
-    svc = ServiceProcess("services.memory", ["--redis-url", redis.url, "--log-format", "text"],
-                         env={"EXTMIND_AUTH_TOKEN": ""}, log_dir=d / "logs",
-                         health_service="extmind.v1.MemoryService").start()
-    yield svc.address
-    svc.stop()
-    redis.close()
+def memory_address(module_memory_service):
+    return module_memory_service.address
 
 
 @pytest.fixture(scope="module")

@@ -10,23 +10,18 @@ from grpc_health.v1 import health_pb2
 
 from extmind.v1 import generator_pb2 as g
 from extmind.v1 import generator_pb2_grpc
-from tests.procs import RedisProcess, ServiceProcess, health_status
+from extmind.procs import ServiceProcess, health_status
 
 
 @pytest.fixture(scope="module")
-def services(tmp_path_factory, llama_path):
+def services(tmp_path_factory, llama_path, module_memory_service):
     d = tmp_path_factory.mktemp("gensvc")
-    redis = RedisProcess(d / "redis").start()
-    mem = ServiceProcess("services.memory", ["--redis-url", redis.url, "--log-format", "text"],
-                         env={"EXTMIND_AUTH_TOKEN": ""}, log_dir=d / "logs",
-                         health_service="extmind.v1.MemoryService").start()
+    mem = module_memory_service
     gen = ServiceProcess("services.generator", ["--model", str(llama_path), "--log-format", "text"],
                          env={"EXTMIND_AUTH_TOKEN": "", "MEMORY_URL": mem.address}, log_dir=d / "logs",
                          health_service="extmind.v1.GeneratorService").start()
     yield gen, mem
     gen.stop()
-    mem.stop()
-    redis.close()
 
 
 @pytest.fixture(scope="module")

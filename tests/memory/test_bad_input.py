@@ -9,9 +9,7 @@ import pytest
 
 from extmind.tensor import BFLOAT16, FLOAT16, FLOAT32, INT32, encode
 from extmind.v1 import common_pb2, memory_pb2 as pb
-from tests.conftest import MemoryServiceProcess
 from tests.memory import helpers as h
-from tests.procs import RedisProcess
 
 C = grpc.StatusCode
 RNG = np.random.default_rng(0)
@@ -21,19 +19,15 @@ Q = RNG.standard_normal((4, 1, 8)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
-def svc(tmp_path_factory):
-    d = tmp_path_factory.mktemp("bad")
-    r = RedisProcess(d / "redis").start()
-    s = MemoryServiceProcess(r.url, log_dir=d).start()
+def svc(module_memory_service):
+    s = module_memory_service
     stub = s.stub()
     h.build(stub, "good", K, V, FLOAT16)
     h.build(stub, "other-model", K, V, FLOAT16, fingerprint="fp-other")
     h.build(stub, "other-layout", K2, V2, FLOAT16)
     h.build(stub, "f32", K.astype(np.float32), V.astype(np.float32), FLOAT32)
     h.create(stub, "building", K, FLOAT16)
-    yield s
-    s.close()
-    r.close()
+    return s
 
 
 def search_req(**kw):
@@ -179,7 +173,7 @@ def test_bad_input_table(svc, case, rpc, req, code):
 
 def test_auth_on_and_off(memory_service_factory, memory_service):
     from extmind.v1 import memory_pb2_grpc
-    from tests.procs import health_status
+    from extmind.procs import health_status
     secured = memory_service_factory(env={"EXTMIND_AUTH_TOKEN": "s3cret"})
     req = pb.ListMemoriesRequest()
     with secured.channel() as ch:

@@ -13,16 +13,11 @@ import pytest
 
 from extmind.tensor import encode
 from extmind.v1 import embedder_pb2, embedder_pb2_grpc, memory_pb2 as pb
-from tests.procs import ServiceProcess, free_port
+from extmind.procs import ServiceProcess, free_port
+from tests.helpers import code_of
 from tests.ranking import assert_ranking_matches
 
 C = grpc.StatusCode
-
-
-def code_of(fn):
-    with pytest.raises(grpc.RpcError) as e:
-        fn()
-    return e.value.code(), e.value.details()
 
 
 def doc(i, vec=None, **md):

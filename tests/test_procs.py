@@ -1,0 +1,67 @@
+"""extmind.procs.stop_process on real processes: SIGTERM within the grace, SIGKILL after it, by
+Popen or by pid, and a whole process group."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from extmind.procs import group_alive, free_ports, stop_process
+
+IGNORES_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+
+
+def _ready(cmd: str, **kw) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", cmd], stdout=subprocess.PIPE, text=True, **kw)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_sigterm_is_enough_for_a_process_that_obeys_it():
+    proc = subprocess.Popen(["sleep", "60"])
+    t0 = time.monotonic()
+    assert stop_process(proc, 10) == -signal.SIGTERM
+    assert time.monotonic() - t0 < 5
+    assert stop_process(proc, 10) == -signal.SIGTERM   # already stopped: its exit code again
+
+
+def test_sigkill_after_the_grace():
+    proc = _ready(IGNORES_TERM)
+    t0 = time.monotonic()
+    assert stop_process(proc, 0.5) == -signal.SIGKILL
+    assert 0.5 <= time.monotonic() - t0 < 10
+
+
+def test_zero_grace_kills_at_once():
+    proc = _ready(IGNORES_TERM)
+    assert stop_process(proc, 0) == -signal.SIGKILL
+
+
+def test_by_pid():
+    obeys = subprocess.Popen(["sleep", "60"])
+    assert stop_process(obeys.pid, 10) == 0
+    ignores = _ready(IGNORES_TERM)
+    assert stop_process(ignores.pid, 0.5) == -signal.SIGKILL
+    assert obeys.wait(5) == -signal.SIGTERM and ignores.wait(5) == -signal.SIGKILL
+    assert stop_process(obeys.pid, 1) is None   # gone (and reaped): nothing to stop
+
+
+def test_group_takes_the_children_too():
+    # The leader starts a child that ignores SIGTERM and outlives it.
+    cmd = (f"import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', {IGNORES_TERM!r}], "
+           "stdout=subprocess.PIPE); child.stdout.readline(); print('ready', flush=True); time.sleep(60)")
+    proc = _ready(cmd, start_new_session=True)
+    assert group_alive(proc.pid)
+    assert stop_process(proc, 0.5, group=True) == -signal.SIGTERM
+    assert not group_alive(proc.pid)
+
+
+def test_free_ports_are_distinct_and_free():
+    ports = free_ports(5)
+    assert len(set(ports)) == 5
+    for p in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))
