@@ -63,6 +63,36 @@ class MemorizeResponse(_message.Message):
     model_fingerprint: str
     def __init__(self, memory_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_rows: _Optional[int] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
 
+class MemorizeStreamRequest(_message.Message):
+    __slots__ = ("request",)
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    request: MemorizeRequest
+    def __init__(self, request: _Optional[_Union[MemorizeRequest, _Mapping]] = ...) -> None: ...
+
+class MemorizeProgress(_message.Message):
+    __slots__ = ("tokens_done", "tokens_total", "windows_done", "windows_total", "elapsed_seconds", "eta_seconds")
+    TOKENS_DONE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_DONE_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    tokens_done: int
+    tokens_total: int
+    windows_done: int
+    windows_total: int
+    elapsed_seconds: float
+    eta_seconds: float
+    def __init__(self, tokens_done: _Optional[int] = ..., tokens_total: _Optional[int] = ..., windows_done: _Optional[int] = ..., windows_total: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., eta_seconds: _Optional[float] = ...) -> None: ...
+
+class MemorizeStreamResponse(_message.Message):
+    __slots__ = ("progress", "done")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    progress: MemorizeProgress
+    done: MemorizeResponse
+    def __init__(self, progress: _Optional[_Union[MemorizeProgress, _Mapping]] = ..., done: _Optional[_Union[MemorizeResponse, _Mapping]] = ...) -> None: ...
+
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
     ROLE_FIELD_NUMBER: _ClassVar[int]

@@ -42,6 +42,11 @@ class GeneratorServiceStub:
                 request_serializer=extmind_dot_v1_dot_generator__pb2.MemorizeRequest.SerializeToString,
                 response_deserializer=extmind_dot_v1_dot_generator__pb2.MemorizeResponse.FromString,
                 _registered_method=True)
+        self.MemorizeStream = channel.unary_stream(
+                '/extmind.v1.GeneratorService/MemorizeStream',
+                request_serializer=extmind_dot_v1_dot_generator__pb2.MemorizeStreamRequest.SerializeToString,
+                response_deserializer=extmind_dot_v1_dot_generator__pb2.MemorizeStreamResponse.FromString,
+                _registered_method=True)
         self.Generate = channel.unary_unary(
                 '/extmind.v1.GeneratorService/Generate',
                 request_serializer=extmind_dot_v1_dot_generator__pb2.GenerateRequest.SerializeToString,
@@ -67,6 +72,14 @@ class GeneratorServiceServicer:
 
     def Memorize(self, request, context):
         """Turns a text into a KV memory and stores it in the memory service.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MemorizeStream(self, request, context):
+        """Same as Memorize, with progress: a MemorizeProgress after each chunk of tokens, then one
+        message carrying the MemorizeResponse.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -99,6 +112,11 @@ def add_GeneratorServiceServicer_to_server(servicer, server):
                     servicer.Memorize,
                     request_deserializer=extmind_dot_v1_dot_generator__pb2.MemorizeRequest.FromString,
                     response_serializer=extmind_dot_v1_dot_generator__pb2.MemorizeResponse.SerializeToString,
+            ),
+            'MemorizeStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.MemorizeStream,
+                    request_deserializer=extmind_dot_v1_dot_generator__pb2.MemorizeStreamRequest.FromString,
+                    response_serializer=extmind_dot_v1_dot_generator__pb2.MemorizeStreamResponse.SerializeToString,
             ),
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
@@ -146,6 +164,33 @@ class GeneratorService:
             '/extmind.v1.GeneratorService/Memorize',
             extmind_dot_v1_dot_generator__pb2.MemorizeRequest.SerializeToString,
             extmind_dot_v1_dot_generator__pb2.MemorizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MemorizeStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/extmind.v1.GeneratorService/MemorizeStream',
+            extmind_dot_v1_dot_generator__pb2.MemorizeStreamRequest.SerializeToString,
+            extmind_dot_v1_dot_generator__pb2.MemorizeStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
