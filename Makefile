@@ -10,7 +10,7 @@ GEN := extmind/v1
 PROTOS := $(wildcard protos/extmind/v1/*.proto)
 RUN_DIR ?= $(CURDIR)/.run
 export PYTHONPATH := $(CURDIR)
-# MLX on Linux bundles the reference BLAS; Debian's OpenBLAS preloaded is ~30x faster (PLATFORM.md).
+# MLX on Linux bundles the reference BLAS; Debian's OpenBLAS preloaded is ~30x faster (docs/platform.md).
 # Looked up when the recipe runs (make install may have just installed it).
 WITH_BLAS = LD_PRELOAD="$$(ls /usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3 2>/dev/null | head -n 1)"
 
