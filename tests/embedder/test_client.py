@@ -61,7 +61,8 @@ class FakeServer:
                 if self.path == "/api/embed" and outer.kind == "ollama":
                     return self._send(200, {"model": name, "embeddings": vecs, "prompt_eval_count": 3})
                 if self.path == "/v1/embeddings" and outer.kind == "openai":
-                    return self._send(200, {"object": "list", "model": name, "usage": {"prompt_tokens": 3, "total_tokens": 3},
+                    return self._send(200, {"object": "list", "model": name,
+                                            "usage": {"prompt_tokens": 3, "total_tokens": 3},
                                             "data": [{"object": "embedding", "index": i, "embedding": v}
                                                      for i, v in enumerate(vecs)]})
                 self._send(404, {"error": f"{self.path} is not an endpoint here"})

@@ -87,7 +87,8 @@ async def test_openai_embeddings(start_app, tiny_qwen3):
     assert one["data"][0]["object"] == "embedding" and one["data"][0]["index"] == 0
     assert one["usage"]["prompt_tokens"] == one["usage"]["total_tokens"] > 0
     status, many = await call(port, "POST", "/v1/embeddings",
-                              {"input": ["hello there", "general kenobi"], "encoding_format": "base64", "dimensions": 48})
+                              {"input": ["hello there", "general kenobi"], "encoding_format": "base64",
+                               "dimensions": 48})
     assert status == 200 and [d["index"] for d in many["data"]] == [0, 1]
     vecs = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in many["data"]])
     assert vecs.shape == (2, 48)
