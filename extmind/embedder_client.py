@@ -9,8 +9,10 @@ Backends, tried in order (each only if configured / available):
 
 1. ``remote``: the embedder service at ``MLX_SERVICE_URL`` -- ``grpc://host:port`` or ``host:port``
    (gRPC), ``http(s)://...`` (its HTTP face).
-2. ``local``: the same MLX model code in this process, when ``mlx`` imports and the model resolves
-   locally (``MLX_MODEL_*_PATH``, ``MLX_MODELS_DIR``, a directory, the hub cache; never downloads).
+2. ``local``: the embedder's MLX model code in this process, when the services are installed next
+   to this package (``services.embedder.local_backend`` and ``mlx`` import; this package never
+   needs them) and the model resolves locally (``MLX_MODEL_*_PATH``, ``MLX_MODELS_DIR``, a
+   directory, the hub cache; never downloads).
 3. ``ollama``: ``OLLAMA_URL`` (default http://localhost:11434), ``POST /api/embed``.
 4. ``openai``: ``OPENAI_API_KEY`` (+ ``OPENAI_BASE_URL``), ``POST /v1/embeddings``.
 
