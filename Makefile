@@ -1,6 +1,7 @@
 # extmind — one Makefile for the whole local cluster.
 #   make up     install what is missing, start redis + memory + embedder + generator, run the demo
-#   make test   install what is missing, check the protos, run every test
+#   make lint   check the protos, then ruff (lint rules and formatting; config in pyproject.toml)
+#   make test   install what is missing, lint, run every test
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -10,7 +11,7 @@ GEN := extmind/v1
 PROTOS := $(wildcard protos/extmind/v1/*.proto)
 RUN_DIR ?= $(CURDIR)/.run
 export PYTHONPATH := $(CURDIR)
-# MLX on Linux bundles the reference BLAS; Debian's OpenBLAS preloaded is ~30x faster (PLATFORM.md).
+# MLX on Linux bundles the reference BLAS; Debian's OpenBLAS preloaded is ~30x faster (docs/platform.md).
 # Looked up when the recipe runs (make install may have just installed it).
 WITH_BLAS = LD_PRELOAD="$$(ls /usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3 2>/dev/null | head -n 1)"
 
@@ -47,8 +48,10 @@ proto-check: $(STAMP) node_modules/.installed
 	  rm -rf $$tmp; echo "protos: lint clean, generated code up to date"
 
 lint: proto-check
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
-test: install proto-check
+test: install lint
 	$(WITH_BLAS) $(PY) -m pytest -q tests
 
 test-fast: install

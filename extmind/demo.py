@@ -18,8 +18,7 @@ import grpc
 
 from extmind.channels import auth_metadata, sync_channel
 from extmind.cluster import RANDOM_MODEL_NOTICE, Settings
-from extmind.v1 import (embedder_pb2, embedder_pb2_grpc, generator_pb2, generator_pb2_grpc, memory_pb2,
-                        memory_pb2_grpc)
+from extmind.v1 import embedder_pb2, embedder_pb2_grpc, generator_pb2, generator_pb2_grpc, memory_pb2, memory_pb2_grpc
 
 COLLECTION = "extmind-demo"
 DOCUMENTS = [
@@ -64,7 +63,7 @@ class Clients:
     channels: list = field(default_factory=list)
 
     @classmethod
-    def connect(cls, s: Settings | None = None) -> "Clients":
+    def connect(cls, s: Settings | None = None) -> Clients:
         s = s or Settings.from_env()
         chans = [sync_channel(u) for u in (s.embedder_url, s.memory_url, s.generator_url)]
         return cls(embedder_pb2_grpc.EmbedderServiceStub(chans[0]), memory_pb2_grpc.MemoryServiceStub(chans[1]),

@@ -9,8 +9,10 @@ Backends, tried in order (each only if configured / available):
 
 1. ``remote``: the embedder service at ``MLX_SERVICE_URL`` -- ``grpc://host:port`` or ``host:port``
    (gRPC), ``http(s)://...`` (its HTTP face).
-2. ``local``: the same MLX model code in this process, when ``mlx`` imports and the model resolves
-   locally (``MLX_MODEL_*_PATH``, ``MLX_MODELS_DIR``, a directory, the hub cache; never downloads).
+2. ``local``: the embedder's MLX model code in this process, when the services are installed next
+   to this package (``services.embedder.local_backend`` and ``mlx`` import; this package never
+   needs them) and the model resolves locally (``MLX_MODEL_*_PATH``, ``MLX_MODELS_DIR``, a
+   directory, the hub cache; never downloads).
 3. ``ollama``: ``OLLAMA_URL`` (default http://localhost:11434), ``POST /api/embed``.
 4. ``openai``: ``OPENAI_API_KEY`` (+ ``OPENAI_BASE_URL``), ``POST /v1/embeddings``.
 
@@ -24,6 +26,7 @@ that model and size.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import urllib.error
@@ -32,27 +35,26 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from extmind.errors import ExtmindError, FailedPrecondition, InvalidArgument, Unavailable
+from extmind.embedding_models import BY_NAME, DEFAULT_TASK, canonical, query_text
+from extmind.errors import (
+    DeadlineExceeded,
+    ExtmindError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    Unimplemented,
+    from_rpc_error,
+)
 
 BACKENDS = ("remote", "local", "ollama", "openai")
+# Installed with the services (and mlx), the "local" backend runs the embedder's model code here.
+_LOCAL_MODULE = "services.embedder.local_backend"
 
-# canonical name -> (aliases, full size, name on Ollama, name on OpenAI-compatible servers)
-KNOWN_MODELS = {
-    "Qwen/Qwen3-Embedding-0.6B": (("qwen3-0.6b",), 1024, "qwen3-embedding:0.6b", "Qwen/Qwen3-Embedding-0.6B"),
-    "Qwen/Qwen3-Embedding-4B": (("qwen3-4b",), 2560, "qwen3-embedding:4b", "Qwen/Qwen3-Embedding-4B"),
-    "Qwen/Qwen3-Embedding-8B": (("qwen3-8b",), 4096, "qwen3-embedding:8b", "Qwen/Qwen3-Embedding-8B"),
-    "sentence-transformers/all-MiniLM-L6-v2": (("all-minilm-l6-v2", "minilm"), 384, "all-minilm",
-                                               "sentence-transformers/all-MiniLM-L6-v2"),
-}
-DEFAULT_TASK = "Given a web search query, retrieve relevant passages that answer the query"
-
-
-def canonical(name: str) -> str:
-    key = name.strip().lower()
-    for full, (aliases, *_rest) in KNOWN_MODELS.items():
-        if key in (full.lower(), full.split("/")[1].lower(), *aliases):
-            return full
-    return name.strip()
+# Errors that say "this backend cannot serve it" (down, busy, model absent, another vector space):
+# the chain tries the next backend. Any other error describes the request and reaches the caller.
+_TRY_NEXT = (Unavailable, DeadlineExceeded, NotFound, ResourceExhausted, Unimplemented, FailedPrecondition)
 
 
 @dataclass
@@ -65,7 +67,7 @@ class EmbedResult:
 
 
 class _Skip(Exception):
-    """This backend cannot serve the request (down, absent, other model): try the next one."""
+    """This backend is not configured or answered unusably (no error of ours): try the next one."""
 
 
 class EmbedderClient:
@@ -87,7 +89,7 @@ class EmbedderClient:
         self.auth_token = auth_token
         self.pinned: tuple[str, int] | None = None     # (model, full size) once vectors were produced
         self._channel = None
-        self._local_state = None   # (MLX thread, loaded model, spec)
+        self._local = None   # services.embedder.local_backend.LocalEmbedder, once used
 
     # --- public ---------------------------------------------------------------------------------
     def embed(self, texts: list[str] | str, *, input_type: str = "document", instruction: str = "",
@@ -100,11 +102,13 @@ class EmbedderClient:
         tried = []
         for backend in self.backends:
             try:
-                result = getattr(self, f"_{backend}")(texts, input_type, instruction, dimensions)
+                result = getattr(self, f"_embed_{backend}")(texts, input_type, instruction, dimensions)
                 self._check_space(result, dimensions)
                 return result
-            except (_Skip, FailedPrecondition) as why:
+            except _Skip as why:
                 tried.append(f"{backend}: {why}")
+            except _TRY_NEXT as why:
+                tried.append(f"{backend}: {why.code}: {why.message}")
         wanted = self.pinned[0] if self.pinned else (self.model or "the default model")
         raise Unavailable(f"no backend could embed with {wanted}; tried {'; '.join(tried) or 'none'}. "
                           "Start the embedder service (MLX_SERVICE_URL), make the model available locally, "
@@ -124,9 +128,9 @@ class EmbedderClient:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
-        if self._local_state is not None:
-            self._local_state[0].shutdown(wait=False)
-            self._local_state = None
+        if self._local is not None:
+            self._local.close()
+            self._local = None
 
     def __enter__(self):
         return self
@@ -145,9 +149,8 @@ class EmbedderClient:
         names = []
         if backend in self.backend_models:
             names.append((self.backend_models[backend], False))
-        elif wanted in KNOWN_MODELS:
-            known = KNOWN_MODELS[wanted]
-            names.append((known[2] if backend == "ollama" else known[3], False))
+        elif wanted in BY_NAME and getattr(BY_NAME[wanted], backend):
+            names.append((getattr(BY_NAME[wanted], backend), False))
         elif wanted:
             names.append((wanted, False))
         if self.allow_other_model and backend in self.other_models:
@@ -163,8 +166,9 @@ class EmbedderClient:
         if self.pinned and model != self.pinned[0] and not self.allow_other_model:
             raise FailedPrecondition(f"{r.backend} answered with {r.model} but this client produced "
                                      f"{self.pinned[0]} vectors before: refusing to mix vector spaces")
-        known = KNOWN_MODELS.get(model)
-        full = known[1] if known else (self.pinned[1] if self.pinned and self.pinned[0] == model else None)
+        known = BY_NAME.get(model)
+        full = known.dimensions if known and known.dimensions else (
+            self.pinned[1] if self.pinned and self.pinned[0] == model else None)
         width = int(r.vectors.shape[1])
         if dimensions and width != dimensions:
             raise FailedPrecondition(f"{r.backend} returned {width}-dim vectors for dimensions={dimensions}; refused")
@@ -176,7 +180,7 @@ class EmbedderClient:
         r.dimensions = width
 
     # --- backends -------------------------------------------------------------------------------
-    def _remote(self, texts, input_type, instruction, dimensions) -> EmbedResult:
+    def _embed_remote(self, texts, input_type, instruction, dimensions) -> EmbedResult:
         if not self.url:
             raise _Skip("MLX_SERVICE_URL is not set")
         model = self._wanted()
@@ -202,46 +206,28 @@ class EmbedderClient:
             try:
                 resp = stub.Embed(req, timeout=self.timeout, metadata=auth_metadata(self.auth_token))
             except grpc.RpcError as exc:
-                code = exc.code()
-                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.NOT_FOUND,
-                            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED):
-                    raise _Skip(f"{self.url}: {code.name}: {exc.details()}") from None
-                raise _as_error(code.name, exc.details()) from None
+                raise from_rpc_error(exc, peer=f"the embedder service at {self.url}", as_dependency=False) from None
             r = EmbedResult(tensor.decode(resp.embeddings), "remote-grpc", resp.model, resp.dimensions,
                             list(resp.token_counts))
         if model and canonical(r.model) != canonical(model):
             raise _Skip(f"the service answered with {r.model}, not {model}")
         return r
 
-    def _local_model(self):
-        from services.common.mlx_thread import MLXThread
-        from services.embedder import registry
-        spec = self._wanted() or "all-minilm-l6-v2"
-        key = spec.lower()
-        state = self._local_state
-        if state is None or state[2] != key:
+    def _local_backend(self):
+        if self._local is None:
             try:
-                resolved = registry.resolve(spec, download=False)
-            except ExtmindError as exc:
-                raise _Skip(exc.message) from None
-            thread = state[0] if state else MLXThread("embedder-client-mlx")
-            self._local_state = state = (thread, thread.call(registry.load, resolved), key)
-        return state
+                module = importlib.import_module(_LOCAL_MODULE)
+            except ImportError as exc:
+                raise _Skip(f"the local backend needs the extmind services and mlx installed ({exc})") from None
+            self._local = module.LocalEmbedder()
+        return self._local
 
-    def _local(self, texts, input_type, instruction, dimensions) -> EmbedResult:
-        try:
-            import mlx.core  # noqa: F401
-        except ImportError:
-            raise _Skip("mlx is not installed") from None
-        from services.embedder import recipe
-        from services.embedder.engine import prepare
-        thread, m, _ = self._local_model()
-        dims = recipe.check_dimensions(int(dimensions), m.dimensions, m.min_dimensions, m.name)
-        ids = prepare(m, texts, input_type, instruction, True)
-        pooled = np.concatenate([thread.call(m.forward, ids[i:i + 32]) for i in range(0, len(ids), 32)])
-        return EmbedResult(recipe.finish(pooled, dims, True), "local", m.name, dims, [len(s) for s in ids])
+    def _embed_local(self, texts, input_type, instruction, dimensions) -> EmbedResult:
+        vectors, name, dims, counts = self._local_backend().embed(self._wanted(), texts, input_type, instruction,
+                                                                  dimensions)
+        return EmbedResult(vectors, "local", name, dims, counts)
 
-    def _ollama(self, texts, input_type, instruction, dimensions) -> EmbedResult:
+    def _embed_ollama(self, texts, input_type, instruction, dimensions) -> EmbedResult:
         return self._first_name("ollama", lambda name, other: self._ollama_call(name, other, texts, input_type,
                                                                                    instruction, dimensions))
 
@@ -253,7 +239,7 @@ class EmbedderClient:
         vectors = _normalized(np.asarray(out["embeddings"], dtype=np.float32))
         return EmbedResult(vectors, "ollama", name if other else self._wanted(), vectors.shape[1], [])
 
-    def _openai(self, texts, input_type, instruction, dimensions) -> EmbedResult:
+    def _embed_openai(self, texts, input_type, instruction, dimensions) -> EmbedResult:
         if not self.openai_key:
             raise _Skip("OPENAI_API_KEY is not set")
         return self._first_name("openai", lambda name, other: self._openai_call(name, other, texts, input_type,
@@ -281,8 +267,9 @@ class EmbedderClient:
 
     def _with_instruction(self, texts, input_type, instruction, other: bool) -> list[str]:
         # Third-party servers take raw text; the Qwen3 query instruction is applied here.
-        if input_type == "query" and not other and self._wanted().startswith("Qwen/Qwen3-Embedding"):
-            return [f"Instruct: {instruction or DEFAULT_TASK}\nQuery:{t}" for t in texts]
+        known = BY_NAME.get(self._wanted())
+        if input_type == "query" and not other and known is not None and known.instructed:
+            return [query_text(instruction or DEFAULT_TASK, t) for t in texts]
         return texts
 
     # --- probes ---------------------------------------------------------------------------------
@@ -309,12 +296,7 @@ class EmbedderClient:
 
     def _probe_local(self) -> str:
         try:
-            import mlx.core  # noqa: F401
-            from services.embedder import registry
-        except ImportError as exc:
-            raise _Skip(f"cannot import {exc.name}") from None
-        try:
-            return str(registry.resolve(self._wanted() or "all-minilm-l6-v2", download=False).path)
+            return self._local_backend().locate(self._wanted())
         except ExtmindError as exc:
             raise _Skip(exc.message) from None
 
@@ -369,10 +351,3 @@ def _normalized(v: np.ndarray) -> np.ndarray:
         raise _Skip("the backend returned a zero vector")
     return v / n
 
-
-def _as_error(code: str, message: str) -> ExtmindError:
-    from extmind import errors
-    for cls in vars(errors).values():
-        if isinstance(cls, type) and issubclass(cls, ExtmindError) and cls.code == code and cls is not ExtmindError:
-            return cls(message)
-    return errors.Internal(message)

@@ -71,7 +71,8 @@ def build_tokenizer(path, kind: str = "llama", vocab_size: int = 512) -> dict:
         tok.train_from_iterator(corpus, trainer)
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
         tok.save(str(path / "tokenizer.json"))
         _write_json(path / "tokenizer_config.json", {
             "tokenizer_class": "BertTokenizerFast", "do_lower_case": True, "model_max_length": 512,
@@ -265,8 +266,9 @@ def build_bert(path, *, hidden: int = 64, layers: int = 2, heads: int = 4, inter
         {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}])
     _write_json(path / "sentence_bert_config.json", {"max_seq_length": max_position, "do_lower_case": False})
     (path / "1_Pooling").mkdir(exist_ok=True)
-    _write_json(path / "1_Pooling" / "config.json", {"word_embedding_dimension": hidden, "pooling_mode_mean_tokens": True,
-                                                     "pooling_mode_cls_token": False, "pooling_mode_max_tokens": False})
+    _write_json(path / "1_Pooling" / "config.json",
+                {"word_embedding_dimension": hidden, "pooling_mode_mean_tokens": True,
+                 "pooling_mode_cls_token": False, "pooling_mode_max_tokens": False})
     (path / "2_Normalize").mkdir(exist_ok=True)
     save_file(w, str(path / "model.safetensors"), metadata={"format": "pt"})
     return path

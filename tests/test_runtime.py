@@ -1,5 +1,6 @@
 """The shared server runtime (services/common): health NOT_SERVING until ready and while
-draining, reflection, the error interceptor, graceful SIGTERM, flags with env fallbacks."""
+draining, RPCs UNAVAILABLE until on_start completes, reflection, the error interceptor,
+graceful SIGTERM, flags with env fallbacks, one bearer check."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from extmind import errors
 from extmind.channels import aio_channel, sync_channel
 from extmind.v1 import memory_pb2, memory_pb2_grpc
+from services.common.auth import check_bearer
 from services.common.config import FlagParser, add_server_flags
 from services.common.server import Server, Service
 from extmind.procs import health_status
@@ -90,6 +92,47 @@ async def test_health_not_serving_until_ready_then_drains():
     assert stopped == ["yes"]
 
 
+async def test_rpcs_answer_unavailable_until_on_start_completes():
+    """The one readiness guard: while a slow on_start runs, every RPC but health answers
+    UNAVAILABLE "<service> is loading (...)"; once it completes the same calls succeed."""
+    ready = asyncio.Event()
+
+    async def on_start():
+        await ready.wait()
+
+    server = Server(_args(), [Service(NAME, lambda s: memory_pb2_grpc.add_MemoryServiceServicer_to_server(Toy(), s))],
+                    on_start=on_start, label="the toy service", loading="warming up")
+    starting = asyncio.create_task(server.start())
+    for _ in range(100):
+        if server.port:
+            break
+        await asyncio.sleep(0.02)
+    try:
+        async with aio_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = memory_pb2_grpc.MemoryServiceStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.GetMemory(memory_pb2.GetMemoryRequest(memory_id="m"), timeout=5)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert e.value.details().startswith("the toy service is loading (warming up); retry shortly")
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                async for _ in stub.FetchMemory(memory_pb2.FetchMemoryRequest(), timeout=5):
+                    pass
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "is loading" in e.value.details()
+            assert await _health(ch) == NOT_SERVING       # health answers throughout
+            ready.set()
+            await starting
+            r = await stub.GetMemory(memory_pb2.GetMemoryRequest(memory_id="m"), timeout=5)
+            assert r.memory.memory_id == "m"
+            layers = []
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                async for x in stub.FetchMemory(memory_pb2.FetchMemoryRequest(), timeout=5):
+                    layers.append(x.layer)
+            assert layers == [0] and e.value.code() == grpc.StatusCode.NOT_FOUND   # the servicer's own answer
+    finally:
+        ready.set()
+        await server.stop(grace=0)
+
+
 async def _note(out):
     out.append("yes")
 
@@ -160,6 +203,13 @@ def test_sigterm_is_graceful(memory_service):
     assert memory_service.proc.wait(30) == 0
     log = memory_service.log_tail(200)
     assert "stopped" in log and "Traceback" not in log
+
+
+def test_bearer_check():
+    assert check_bearer("Bearer s3cret", "s3cret") and check_bearer(b"Bearer s3cret", "s3cret")
+    assert not check_bearer("Bearer wrong", "s3cret") and not check_bearer(None, "s3cret")
+    assert not check_bearer("s3cret", "s3cret")          # the scheme is part of the header
+    assert check_bearer(None, "")                         # no token configured: auth is off
 
 
 def test_flags_fall_back_to_environment(monkeypatch):

@@ -1,19 +1,20 @@
-"""Server interceptors: bearer-token auth, and one place that maps exceptions to status codes.
+"""Server interceptors: bearer-token auth, the readiness guard, and one place that maps
+exceptions to status codes.
 
-Engines raise ``extmind.errors`` exceptions; this turns them into the matching gRPC status with
-the engine's human message. Anything else is INTERNAL (logged with its traceback), and the
-service keeps serving.
+Engines raise ``extmind.errors`` exceptions; this turns them into the matching gRPC status
+(``code``) with the engine's human message. Anything else is INTERNAL (logged with its
+traceback), and the service keeps serving. Health and reflection pass every interceptor.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 
 import grpc
 
 from extmind.errors import ExtmindError
+from services.common.auth import HOW_TO_AUTHENTICATE, check_bearer
 
 log = logging.getLogger("extmind.rpc")
 
@@ -86,30 +87,48 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return _rewrap(handler, lambda b, streaming: _wrap(b, details.method, streaming))
 
 
+def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that answers ``code`` without running it."""
+    def refuse(streaming):
+        if streaming:
+            async def refuse_stream(request, context):
+                await context.abort(code, message)
+                yield  # pragma: no cover - makes this an async generator
+            return refuse_stream
+
+        async def refuse_unary(request, context):
+            await context.abort(code, message)
+        return refuse_unary
+    return _rewrap(handler, lambda b, streaming: refuse(streaming))
+
+
+class ReadinessInterceptor(grpc.aio.ServerInterceptor):
+    """Answers UNAVAILABLE to every call but health and reflection until ``ready`` is set.
+
+    The one guard for "still starting": servicers need no check of their own. ``what`` names the
+    service, ``loading`` what its start-up does (for the message)."""
+
+    def __init__(self, what: str, loading: str):
+        self.ready = False
+        self._message = f"{what} is loading ({loading}); retry shortly (health says SERVING when ready)"
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if self.ready or details.method.startswith(_OPEN_PREFIXES):
+            return handler
+        return _refusing(handler, grpc.StatusCode.UNAVAILABLE, self._message)
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Requires ``authorization: Bearer <token>`` on every call but health and reflection."""
 
     def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
+        self._token = token
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if details.method.startswith(_OPEN_PREFIXES):
             return handler
-        given = dict(details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._expected):
+        if check_bearer(dict(details.invocation_metadata or ()).get("authorization"), self._token):
             return handler
-
-        def deny(streaming):
-            message = ("missing or wrong bearer token: send metadata 'authorization: Bearer <token>' "
-                       "with the token the service was started with (EXTMIND_AUTH_TOKEN)")
-            if streaming:
-                async def deny_stream(request, context):
-                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-                    yield  # pragma: no cover - makes this an async generator
-                return deny_stream
-
-            async def deny_unary(request, context):
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-            return deny_unary
-        return _rewrap(handler, lambda b, streaming: deny(streaming))
+        return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED, HOW_TO_AUTHENTICATE)

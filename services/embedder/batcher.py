@@ -35,7 +35,7 @@ class Limits:
     max_added_padding: int = 16
 
 
-class _Request:
+class _PendingCall:
     def __init__(self, model, n: int, deadline: float | None):
         self.model = model
         self.rows: list[np.ndarray | None] = [None] * n
@@ -62,7 +62,7 @@ class _Request:
 class _Seq:
     order: int          # arrival order: the oldest sequence always rides the next batch
     ids: list[int]
-    request: _Request
+    request: _PendingCall
     index: int
 
 
@@ -100,7 +100,7 @@ class Batcher:
         if self.queued + len(seqs) > self.limits.max_queue:
             raise ResourceExhausted(f"the queue holds {self.queued} texts and takes at most {self.limits.max_queue}; "
                                     "retry shortly or send fewer texts at once")
-        req = _Request(model, len(seqs), deadline)
+        req = _PendingCall(model, len(seqs), deadline)
         self._pending.extend(_Seq(next(self._counter), ids, req, i) for i, ids in enumerate(seqs))
         self._wake.set()
         try:

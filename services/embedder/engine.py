@@ -23,6 +23,8 @@ DOCUMENT, QUERY = "document", "query"
 
 @dataclass
 class Embeddings:
+    """The engine's answer to one embed call."""
+
     vectors: np.ndarray          # float32 [n, dimensions]
     model: str
     dimensions: int
@@ -65,10 +67,16 @@ class EmbedderEngine:
         await self.batcher.stop()
 
     # --- lookup -------------------------------------------------------------------------------
-    def find(self, name: str, kind: str) -> ServedModel:
-        default = self.default_embedder if kind == "embedding" else self.default_reranker
+    def find(self, name: str, kind: str | None) -> ServedModel:
+        """The served model ``name`` means (full name, its last part or an alias; any case).
+
+        ``kind`` "embedding" or "reranker" is what the call needs (an empty name gives that kind's
+        default); None accepts a named model of either kind (an empty name: the default embedder).
+        Raises NotFound (not served) or InvalidArgument (served, but of the other kind)."""
         key = (name or "").strip().lower()
         if not key:
+            kind = kind or "embedding"
+            default = self.default_embedder if kind == "embedding" else self.default_reranker
             if default is None:
                 raise NotFound(f"this embedder serves no {kind} model; start it with "
                                + ("--model" if kind == "embedding" else "--reranker"))
@@ -76,7 +84,7 @@ class EmbedderEngine:
         for m in self.models:
             names = {m.name.lower(), m.name.split("/")[-1].lower(), *(a.lower() for a in m.aliases)}
             if key in names:
-                if m.kind != kind:
+                if kind is not None and m.kind != kind:
                     raise InvalidArgument(f"model {name!r} is a {m.kind} model; this call needs an {kind} model")
                 return m
         served = ", ".join(f"{m.name} ({m.kind}{'; ' + ', '.join(m.aliases) if m.aliases else ''})"
@@ -122,11 +130,7 @@ class EmbedderEngine:
         return m.name, [Ranked(i, float(scores[i]), documents[i]) for i in order]
 
     async def tokenize(self, inputs: list[str], model: str = "") -> tuple[str, list[list[int]]]:
-        key = (model or "").strip().lower()
-        kind = "embedding"
-        if key and any(key in {m.name.lower(), *m.aliases} and m.kind == "reranker" for m in self.models):
-            kind = "reranker"
-        m = self.find(model, kind)
+        m = self.find(model, None)   # any served model tokenizes
         self._check_inputs(inputs)
         return m.name, await asyncio.to_thread(m.token_ids, list(inputs))
 

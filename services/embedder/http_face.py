@@ -2,7 +2,7 @@
 
     POST /embed           {"texts"|"input": [...], "model", "input_type", "instruction", "dimensions",
                            "normalize", "truncate"} -> {"embeddings", "model", "dimensions", "token_counts"}
-                           (the seed's MLXEmbedder shape; plain /embed is the document path)
+                           (plain /embed is the document path)
     POST /v1/embeddings   OpenAI-compatible (input str|list, model, dimensions, encoding_format float|base64)
     GET  /v1/models       OpenAI-compatible model list
     GET  /health          200 when ready, 503 while loading or draining
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import json
 import logging
 import time
@@ -24,15 +23,14 @@ import time
 import numpy as np
 
 from extmind.errors import ExtmindError, InvalidArgument, Unauthenticated
+from services.common.auth import HOW_TO_AUTHENTICATE, check_bearer
 from services.embedder.engine import DOCUMENT, QUERY, EmbedderEngine
 
 log = logging.getLogger("extmind.embedder.http")
 
-_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "NOT_FOUND": 404, "FAILED_PRECONDITION": 412,
-           "RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "CANCELLED": 499}
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
-            411: "Length Required", 412: "Precondition Failed", 413: "Payload Too Large",
-            429: "Too Many Requests", 499: "Client Closed Request", 500: "Internal Server Error",
+            409: "Conflict", 411: "Length Required", 413: "Payload Too Large", 429: "Too Many Requests",
+            499: "Client Closed Request", 500: "Internal Server Error", 501: "Not Implemented",
             503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
@@ -73,7 +71,7 @@ class HttpFace:
     def __init__(self, *, auth_token: str = "", max_body_bytes: int = 64 * 1024 * 1024):
         self.engine: EmbedderEngine | None = None   # None while loading: /health answers 503
         self.draining = False
-        self.auth = f"Bearer {auth_token}".encode() if auth_token else None
+        self.auth_token = auth_token
         self.max_body = max_body_bytes
         self._server: asyncio.AbstractServer | None = None
         self.port: int | None = None
@@ -140,11 +138,8 @@ class HttpFace:
                 if self.engine is None or self.draining:
                     return 503, {"status": "draining" if self.draining else "loading"}
                 return 200, {"status": "ok", "models": [m.name for m in self.engine.models]}
-            if self.auth is not None:
-                given = headers.get("authorization", "").encode()
-                if not hmac.compare_digest(given, self.auth):
-                    raise Unauthenticated("missing or wrong bearer token: send 'Authorization: Bearer <token>' "
-                                          "with the token the service was started with (EXTMIND_AUTH_TOKEN)")
+            if not check_bearer(headers.get("authorization", ""), self.auth_token):
+                raise Unauthenticated(HOW_TO_AUTHENTICATE)
             routes = {("POST", "/embed"): self._embed, ("POST", "/v1/embeddings"): self._openai,
                       ("GET", "/v1/models"): self._models, ("GET", "/info"): self._info}
             handler = routes.get((method, path))
@@ -167,8 +162,7 @@ class HttpFace:
         except _HttpError as exc:
             return exc.status, {"error": {"message": exc.message, "type": "invalid_request_error", "code": None}}
         except ExtmindError as exc:
-            status = _STATUS.get(exc.code, 500)
-            return status, {"error": {"message": exc.message, "type": exc.code.lower(), "code": exc.code}}
+            return exc.http_status, {"error": {"message": exc.message, "type": exc.code.lower(), "code": exc.code}}
         except Exception as exc:  # noqa: BLE001 - the face keeps serving
             log.exception("http request failed", extra={"path": path})
             return 500, {"error": {"message": f"internal error ({type(exc).__name__}: {exc})", "type": "internal"}}

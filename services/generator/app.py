@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from extmind.v1 import generator_pb2, generator_pb2_grpc
+from services.common.blas import blas_in_use
 from services.common.config import FlagParser, add_server_flags
 from services.common.server import Service
 from services.generator.engine import EngineConfig, GeneratorEngine
@@ -41,6 +42,9 @@ def parse_args(argv=None):
 
 
 class GeneratorApp:
+    label = "the generator"
+    loading = "its model"
+
     def __init__(self, args):
         self.args = args
         self.engine = GeneratorEngine(EngineConfig(
@@ -49,7 +53,11 @@ class GeneratorApp:
             prefill_step_size=args.prefill_step_size, window=args.window, stride=args.stride,
             max_queue=args.max_queue, memory_timeout=args.memory_timeout))
         servicer = GeneratorServicer(self.engine)
-        self.services = [Service(SERVICE_NAME, lambda s: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(servicer, s))]
+        self.services = [Service(SERVICE_NAME,
+                                 lambda s: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(servicer, s))]
+
+    def describe(self) -> dict:
+        return {"blas": blas_in_use(), "model": self.args.model, "memory_url": self.args.memory_url}
 
     async def on_start(self) -> None:
         await asyncio.to_thread(self.engine.start)

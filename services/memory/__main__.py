@@ -4,11 +4,13 @@ import os
 
 from services.common.blas import scrub_preload
 
-# Before faiss loads OpenMP: idle OpenMP threads must not spin on the 2 cores (PLATFORM.md).
+# Before faiss loads OpenMP: idle OpenMP threads must not spin on the few cores (docs/platform.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # No MLX here: an inherited OpenBLAS preload must not reach the embedded redis-server.
 scrub_preload()
 
-from services.memory.app import main  # noqa: E402
+from services.common.server import main  # noqa: E402
+from services.memory.app import MemoryApp, parse_args  # noqa: E402
 
-main()
+if __name__ == "__main__":
+    main(MemoryApp, parse_args)

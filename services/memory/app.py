@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 
 from extmind.v1 import memory_pb2, memory_pb2_grpc
 from services.common.config import FlagParser, add_server_flags
@@ -20,7 +19,7 @@ log = logging.getLogger("extmind.memory")
 SERVICE_NAME = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name
 
 
-def build_parser() -> FlagParser:
+def parse_args(argv=None):
     p = FlagParser(prog="python -m services.memory",
                    description="extmind memory service: KV memories and documents in Redis, searched with FAISS")
     add_server_flags(p, prefix="MEMORY", port=50052)
@@ -41,10 +40,13 @@ def build_parser() -> FlagParser:
            help="largest top_k SearchMemory accepts")
     p.flag("--search-threads", env="MEMORY_SEARCH_THREADS", default=2, type=int,
            help="threads that run FAISS searches and index builds")
-    return p
+    return p.parse_args(argv)
 
 
 class MemoryApp:
+    label = "the memory service"
+    loading = "rebuilding its indexes from Redis"
+
     def __init__(self, args):
         self.args = args
         self.servicer = MemoryServicer(max_top_k=args.max_top_k,
@@ -54,9 +56,12 @@ class MemoryApp:
         self.index: KVIndex | None = None
         self.docs: Documents | None = None
         self.rebuild_stats: dict = {}
+        self.services = [Service(SERVICE_NAME,
+                                 lambda s: memory_pb2_grpc.add_MemoryServiceServicer_to_server(self.servicer, s))]
 
-    def services(self) -> list[Service]:
-        return [Service(SERVICE_NAME, lambda s: memory_pb2_grpc.add_MemoryServiceServicer_to_server(self.servicer, s))]
+    def describe(self) -> dict:
+        return {"redis": _redact(self.args.redis_url) if self.args.redis_url else f"embedded in {self.args.data_dir}",
+                "embedder_url": self.args.embedder_url}
 
     async def _connect(self) -> tuple[str, str]:
         if not self.args.redis_url:
@@ -76,7 +81,7 @@ class MemoryApp:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def start(self) -> None:
+    async def on_start(self) -> None:
         url, mode = await self._connect()
         log.info("redis ready", extra={"url": _redact(url), "durability": mode, "embedded": self.embedded is not None})
         self.store = KVStore(url, durability=mode)
@@ -88,7 +93,7 @@ class MemoryApp:
         await asyncio.to_thread(self.docs.rebuild, self.index.sync)
         self.servicer.attach(self.store, self.index, self.docs)
 
-    async def stop(self) -> None:
+    async def on_stop(self) -> None:
         # Order: background index loads finish, then the clients close, then the embedded Redis.
         if self.index is not None:
             await asyncio.to_thread(self.index.close)
@@ -107,12 +112,3 @@ def _redact(url: str) -> str:
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return url
 
-
-def main(argv=None) -> None:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from services.common.logs import setup_logging
-    from services.common.server import run
-    args = build_parser().parse_args(argv)
-    setup_logging(args.log_level, args.log_format)
-    app = MemoryApp(args)
-    run(args, app.services(), on_start=app.start, on_stop=app.stop)

@@ -61,7 +61,8 @@ class FakeServer:
                 if self.path == "/api/embed" and outer.kind == "ollama":
                     return self._send(200, {"model": name, "embeddings": vecs, "prompt_eval_count": 3})
                 if self.path == "/v1/embeddings" and outer.kind == "openai":
-                    return self._send(200, {"object": "list", "model": name, "usage": {"prompt_tokens": 3, "total_tokens": 3},
+                    return self._send(200, {"object": "list", "model": name,
+                                            "usage": {"prompt_tokens": 3, "total_tokens": 3},
                                             "data": [{"object": "embedding", "index": i, "embedding": v}
                                                      for i, v in enumerate(vecs)]})
                 self._send(404, {"error": f"{self.path} is not an endpoint here"})
@@ -150,7 +151,7 @@ def test_falls_back_to_ollama_serving_the_same_model(fakes, monkeypatch):
 def test_refuses_to_fall_back_to_a_different_model(fakes, monkeypatch):
     monkeypatch.delenv("MLX_MODEL_QWEN3_0_6B_PATH", raising=False)
     monkeypatch.delenv("MLX_MODELS_DIR", raising=False)
-    ollama = fakes("ollama", {"nomic-embed-text": 768})      # the seed's silent fallback model
+    ollama = fakes("ollama", {"nomic-embed-text": 768})      # another vector space, not a fallback
     client = EmbedderClient("qwen3-0.6b", url=dead_url(), ollama_url=ollama.url, openai_api_key="", timeout=5)
     with pytest.raises(Unavailable) as err:
         client.embed(["a document"])
@@ -202,3 +203,14 @@ async def test_pinned_client_never_mixes_after_the_first_result(start_app, tiny_
     # Ollama was only asked for the pinned model (which it does not have), never for its own Qwen3.
     assert [b["model"] for _, b, _ in ollama.requests if b] == ["Qwen3-Embedding-tiny"]
     client.close()
+
+
+def test_the_client_package_never_imports_the_services():
+    """extmind is installable alone: importing the client (and the model table) loads nothing of
+    services/; only the optional local backend does, when the client uses it."""
+    import subprocess
+    import sys
+    code = ("import sys, extmind.embedder_client, extmind.embedding_models; "
+            "print(sorted(m for m in sys.modules if m == 'services' or m.startswith('services.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

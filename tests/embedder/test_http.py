@@ -1,4 +1,4 @@
-"""The HTTP face: the seed client's /embed shape, OpenAI's /v1/embeddings, /health while loading
+"""The HTTP face: the /embed shape older clients send, OpenAI's /v1/embeddings, /health while loading
 and when ready -- on the same engine (and queue) as gRPC."""
 
 from __future__ import annotations
@@ -53,11 +53,11 @@ async def test_health_is_503_while_loading_then_200(tiny_qwen3):
         await face.stop()
 
 
-async def test_seed_client_shape_and_same_vectors_as_grpc(start_app, tiny_qwen3):
+async def test_embed_shape_and_same_vectors_as_grpc(start_app, tiny_qwen3):
     app = await start_app("--model", "qwen3-0.6b", env={"MLX_MODEL_QWEN3_0_6B_PATH": str(tiny_qwen3)})
     port = app.http.port
     texts = ["Paris is the capital of France.", "Alice met Bob."]
-    # Exactly what the seed's MLXEmbedder sends: texts + input + model alias.
+    # Exactly what older clients send: texts + input + model alias.
     status, body = await call(port, "POST", "/embed", {"texts": texts, "input": texts, "model": "qwen3-0.6b"})
     assert status == 200
     assert set(body) >= {"embeddings", "model", "dimensions"}
@@ -74,7 +74,7 @@ async def test_seed_client_shape_and_same_vectors_as_grpc(start_app, tiny_qwen3)
     status, q = await call(port, "POST", "/embed", {"texts": texts, "input_type": "query", "dimensions": 32})
     assert status == 200 and q["dimensions"] == 32 and len(q["embeddings"][0]) == 32
 
-    # The seed's default alias is not served here: a clear 404, never another model's vectors.
+    # An alias the service does not serve: a clear 404, never another model's vectors.
     status, err = await call(port, "POST", "/embed", {"texts": texts, "model": "qwen3-4b"})
     assert status == 404 and "qwen3-4b" in err["error"]["message"]
 
@@ -87,7 +87,8 @@ async def test_openai_embeddings(start_app, tiny_qwen3):
     assert one["data"][0]["object"] == "embedding" and one["data"][0]["index"] == 0
     assert one["usage"]["prompt_tokens"] == one["usage"]["total_tokens"] > 0
     status, many = await call(port, "POST", "/v1/embeddings",
-                              {"input": ["hello there", "general kenobi"], "encoding_format": "base64", "dimensions": 48})
+                              {"input": ["hello there", "general kenobi"], "encoding_format": "base64",
+                               "dimensions": 48})
     assert status == 200 and [d["index"] for d in many["data"]] == [0, 1]
     vecs = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in many["data"]])
     assert vecs.shape == (2, 48)

@@ -80,6 +80,27 @@ async def test_several_models_from_one_process(start_app, tiny_qwen3, tiny_bert,
             assert r.dimensions == dims, name
 
 
+async def test_tokenize_finds_models_like_every_other_rpc(start_app, tiny_qwen3, tiny_reranker, tmp_path,
+                                                           monkeypatch):
+    """A reranker served as ``org/name`` is found by its last part for Tokenize as for Rerank."""
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "Qwen3-Reranker-tiny").symlink_to(tiny_reranker, target_is_directory=True)
+    monkeypatch.setenv("MLX_MODELS_DIR", str(tmp_path))
+    app = await start_app("--model", str(tiny_qwen3), "--reranker", "org/Qwen3-Reranker-tiny")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}") as ch:
+        stub = embedder_pb2_grpc.EmbedderServiceStub(ch)
+        ranked = await stub.Rerank(pb.RerankRequest(query="q", documents=["a", "b"], model="Qwen3-Reranker-tiny"))
+        assert ranked.model == "org/Qwen3-Reranker-tiny"
+        for name in ("Qwen3-Reranker-tiny", "org/Qwen3-Reranker-tiny", "QWEN3-RERANKER-TINY"):
+            t = await stub.Tokenize(pb.TokenizeRequest(inputs=["hello world"], model=name))
+            assert t.model == "org/Qwen3-Reranker-tiny" and len(t.results[0].token_ids) > 0, name
+        t = await stub.Tokenize(pb.TokenizeRequest(inputs=["hello world"]))
+        assert t.model == "Qwen3-Embedding-tiny"                 # no name: the default embedder
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Tokenize(pb.TokenizeRequest(inputs=["x"], model="nope"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 async def test_no_model_configured_serves_minilm(start_app, monkeypatch):
     monkeypatch.delenv("EMBEDDER_MODEL", raising=False)
     monkeypatch.delenv("EMBEDDER_MODELS", raising=False)

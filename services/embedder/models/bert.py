@@ -19,7 +19,7 @@ from services.embedder import recipe
 from services.embedder.models.base import ServedModel, cast, load_tokenizer, read_json, right_padded
 
 
-class Embeddings(nn.Module):
+class BertInputEmbeddings(nn.Module):
     def __init__(self, c: dict):
         super().__init__()
         self.word_embeddings = nn.Embedding(c["vocab_size"], c["hidden_size"])
@@ -61,7 +61,7 @@ class Layer(nn.Module):
 class BertEncoder(nn.Module):
     def __init__(self, config: dict):
         super().__init__()
-        self.embeddings = Embeddings(config)
+        self.embeddings = BertInputEmbeddings(config)
         self.layers = [Layer(config) for _ in range(config["num_hidden_layers"])]
 
     def __call__(self, ids: mx.array, lengths: mx.array) -> mx.array:
