@@ -22,9 +22,9 @@ LITERAL_READS = [re.compile(p) for p in (
 )]
 # env=f"{prefix}_HOST" (the shared server flags) and _env(f"{prefix}_HOST"): one per service.
 PREFIXED_READS = re.compile(r"""(?:\benv\s*=\s*|\b_env\(\s*)f["']\{\w+\}(_[A-Z0-9_]+)["']""")
-# Reads whose name is not a literal; each is accounted for below (ALIASES, ENV_VARS, flag tables).
+# Reads whose name is not a literal; each is accounted for below (MODELS, ENV_VARS, flag tables).
 INDIRECT_READ = re.compile(r"""os\.(?:environ\.get\(|getenv\(|environ\[)\s*([^\s"'][^,)\]]*)""")
-KNOWN_INDIRECT = {"name", "env", "a.env"}
+KNOWN_INDIRECT = {"name", "env", "a.path_env"}
 
 
 def _sources():
@@ -74,9 +74,9 @@ def test_indirect_reads_are_accounted_for():
 
 
 def test_model_alias_variables_are_registered():
-    from services.embedder.registry import ALIASES
+    from extmind.embedding_models import MODELS
 
-    alias_vars = {a.env for a in ALIASES.values() if a.env}
+    alias_vars = {m.path_env for m in MODELS if m.path_env}
     assert alias_vars, "no alias variables found"
     assert alias_vars <= set(envvars.BY_NAME), sorted(alias_vars - set(envvars.BY_NAME))
 
