@@ -8,6 +8,7 @@ from extmind.v1 import generator_pb2, generator_pb2_grpc
 from services.common.config import FlagParser, add_server_flags
 from services.common.server import Service
 from services.generator.engine import EngineConfig, GeneratorEngine
+from services.generator.request_types import DEFAULT_STRIDE, DEFAULT_WINDOW
 from services.generator.servicer import GeneratorServicer
 
 SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"].full_name
@@ -30,8 +31,10 @@ def parse_args(argv=None):
            help="prompt tokens per prefill chunk")
     p.flag("--max-queue", env="GENERATOR_MAX_QUEUE", default=256, type=int,
            help="most requests in flight; more are RESOURCE_EXHAUSTED")
-    p.flag("--window", env="GENERATOR_WINDOW", default=3072, type=int, help="memory-building window in tokens")
-    p.flag("--stride", env="GENERATOR_STRIDE", default=512, type=int, help="memory-building stride in tokens")
+    p.flag("--window", env="GENERATOR_WINDOW", default=DEFAULT_WINDOW, type=int,
+           help="memory-building window in tokens")
+    p.flag("--stride", env="GENERATOR_STRIDE", default=DEFAULT_STRIDE, type=int,
+           help="memory-building stride in tokens")
     p.flag("--memory-timeout", env="GENERATOR_MEMORY_TIMEOUT", default=30.0, type=float,
            help="seconds allowed for one memory-service call")
     args = p.parse_args(argv)

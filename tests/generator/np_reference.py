@@ -1,4 +1,4 @@
-"""An independent plain-numpy extended mind transformer, written from EXTENDED_MIND.md §2 and the
+"""An independent plain-numpy extended mind transformer, written from docs/extended-mind.md and the
 Hugging Face Llama / Qwen3 definitions (not from the MLX code under test).
 
 Everything is float64 on one unbatched sequence, recomputed from scratch (no KV cache), with

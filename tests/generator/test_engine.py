@@ -11,8 +11,8 @@ from mlx_lm.generate import generate_step
 from mlx_lm.utils import load
 
 from extmind import errors
-from services.generator.engine import (Chunk, EngineConfig, GenerationRequest, GeneratorEngine,
-                                       MemoryOptions, Sampling)
+from services.generator.engine import EngineConfig, GeneratorEngine
+from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
 
 PROMPTS = ["The quick brown fox", "Paris is the capital of", "Alice met Bob at the", "In 1969 people walked",
            "Water boils at", "def add(a, b):", "The river flows to", "Machine learning models turn text"]
@@ -39,7 +39,7 @@ async def run(engine, req):
             final = ev
     tokens = [t for c in chunks for t in c.token_ids]
     lps = [x for c in chunks for x in c.logprobs]
-    text = "".join(c.text for c in chunks) + final.text
+    text = "".join(c.text for c in chunks) + final.remaining_text
     return tokens, lps, text, final
 
 
@@ -59,7 +59,7 @@ async def test_no_memories_is_stock_mlx_lm(engines, name, llama_path, qwen3_path
             out.append((t, float(np.array(lp)[t])))
         return out
 
-    want = engine._call(stock)
+    want = engine.mlx.call(stock)
     assert len(tokens) >= 8 and tokens == [t for t, _ in want]
     assert lps == [lp for _, lp in want]  # bit-identical
     assert final.prompt_tokens == len(prompt)

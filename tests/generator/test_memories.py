@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from extmind import errors
-from services.generator.engine import Chunk, EngineConfig, GenerationRequest, GeneratorEngine, MemoryOptions, Sampling
+from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.memory_builder import plan_windows
 from services.generator.memory_client import MemoryClient
+from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
 from tests.procs import RedisProcess, ServiceProcess, free_port
 
 from .np_reference import Model
