@@ -27,8 +27,8 @@ from extmind.procs import memory_stack  # noqa: E402
 from extmind.tiny_models import build_llama  # noqa: E402
 from services.common.blas import blas_in_use  # noqa: E402
 from services.generator.bank_cache import bank_from_numpy  # noqa: E402
-from services.generator.engine import (Chunk, EngineConfig, GenerationRequest, GeneratorEngine,  # noqa: E402
-                                       MemoryOptions, Sampling)
+from services.generator.engine import EngineConfig, GeneratorEngine  # noqa: E402
+from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling  # noqa: E402
 
 
 def stock_decode(path, prompt, n):
@@ -92,7 +92,7 @@ async def main_async(args):
 async def measure(engine, path, args) -> tuple[int, dict]:
     """-> (parameters of the model, {measurement: result with its ratio to stock mlx-lm})."""
     rows = {}
-    n_params = engine._call(lambda: sum(v.size for _, v in __import__("mlx.utils").utils.tree_flatten(
+    n_params = engine.mlx.call(lambda: sum(v.size for _, v in __import__("mlx.utils").utils.tree_flatten(
         engine.model.parameters())))
     rng = np.random.default_rng(0)
     ok = [t for t in range(engine.vocab_size) if t not in engine.special_ids]
@@ -102,12 +102,12 @@ async def measure(engine, path, args) -> tuple[int, dict]:
     rows[f"memorize {args.rows} tokens (windows of <= 3072, to Redis)"] = f"{time.perf_counter() - t0:.2f} s"
 
     # fetch + cache a bank, timed on its own (cold), then the bytes it takes on the device
-    info = engine._resolve_memories(MemoryOptions((memory_id,)))[0]
+    info = engine.resolver.resolve((memory_id,))[0]
     t0 = time.perf_counter()
-    keys, values = engine._fetch(info)
+    keys, values = engine.resolver.fetch(info)
     t_fetch = time.perf_counter() - t0
     t0 = time.perf_counter()
-    bank = engine._call(bank_from_numpy, memory_id, info.version, keys, values)
+    bank = engine.mlx.call(bank_from_numpy, memory_id, info.version, keys, values)
     t_cache = time.perf_counter() - t0
     rows[f"fetch {args.rows}-row bank (FetchMemory, all 8 layers)"] = f"{t_fetch * 1e3:.0f} ms"
     rows["cache it on the device (MLX arrays + key norms)"] = f"{t_cache * 1e3:.0f} ms, {bank.nbytes / 2**20:.1f} MiB"
@@ -120,7 +120,7 @@ async def measure(engine, path, args) -> tuple[int, dict]:
     await engine_run(engine, prompt, 8, local)  # warm-up (+ bank into the cache)
     await engine_run(engine, prompt, 8)
 
-    stock_prefill, stock_rate = engine._call(stock_decode, path, prompt, args.tokens)
+    stock_prefill, stock_rate = engine.mlx.call(stock_decode, path, prompt, args.tokens)
     _, plain_rate = await engine_run(engine, prompt, args.tokens)
     _, local_rate = await engine_run(engine, prompt, args.tokens, local)
     _, remote_rate = await engine_run(engine, prompt, min(args.tokens, 64), remote)
@@ -137,7 +137,7 @@ async def measure(engine, path, args) -> tuple[int, dict]:
         f"{t_cite_req:.2f} vs {t_plain_req:.2f} s ({ratio(t_cite_req, t_plain_req)}; {n_cite} vs {n_plain} tokens)")
     rows[f"decode, {args.rows}-row memory, REMOTE (top_k 10)"] = f"{remote_rate:.1f} tok/s ({ratio(remote_rate, stock_rate)}; target >= 0.25x)"
 
-    stock_p512, _ = engine._call(stock_decode, path, long_prompt, 2)
+    stock_p512, _ = engine.mlx.call(stock_decode, path, long_prompt, 2)
     p_plain, _ = await engine_run(engine, long_prompt, 1)
     p_local, _ = await engine_run(engine, long_prompt, 1, local)
     rows["prefill 512 tokens, stock mlx-lm"] = f"{stock_p512 * 1e3:.0f} ms"

@@ -1,4 +1,4 @@
-"""Citations (EXTENDED_MIND.md §4), counted live from the retrievals a request's own forwards made.
+"""Citations (docs/extended-mind.md), counted live from the retrievals a request's own forwards made.
 
 A request's citations count, per memory row, the retrievals of every layer and head at every
 generated step: the forward of the last prompt token (it produces the first token) and the

@@ -1,9 +1,13 @@
-"""Extended mind attention (EXTENDED_MIND.md §2) plugged into mlx-lm's own attention modules.
+"""Extended mind attention (docs/extended-mind.md) plugged into mlx-lm's own attention modules.
 
 ``install(model)`` replaces every ``layer.self_attn`` of an mlx-lm Llama / Qwen2 / Qwen3 model
 with ``ExtendedMindAttention``, which holds the stock module and reuses its projections, its
 ``rope`` (llama3 scaling included) and Qwen3's ``q_norm``/``k_norm``. What a forward call does
 is decided by the shared ``ExtendedMindState``:
+
+The state is shared because mlx-lm's model ``__call__`` has no argument that could carry a
+request's memories down to the attention layers; whoever runs a forward on the MLX thread (the
+scheduler for a decode step, the memory builder for a window) sets it around that forward.
 
 - ``state.memory`` is None, or the layer does not retrieve: the stock module runs unchanged
   (bit-identical to stock mlx-lm);
@@ -20,6 +24,8 @@ from typing import Any, Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from services.generator.request_types import DEFAULT_MEMORY_TOP_K
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 _NEG = -1e30  # finite "masked" for local logits: exp() gives exactly 0 next to any real logit
@@ -46,7 +52,7 @@ class Retriever(Protocol):
 class MemoryContext:
     """What one forward call attends to: a retriever over the request's memories + settings."""
     retriever: Retriever
-    top_k: int = 10
+    top_k: int = DEFAULT_MEMORY_TOP_K
     threshold: float | None = None
     layers: frozenset[int] | None = None  # None = all layers
     # When a list, every layer appends (layer, indices [B, H, L, k]) here (citations).

@@ -1,28 +1,34 @@
-"""Memory building (EXTENDED_MIND.md §1): windowed plain forwards that capture every layer's raw
-pre-RoPE keys and values.
+"""Memory building (docs/extended-mind.md): windowed plain forwards that capture every layer's
+raw pre-RoPE keys and values, streamed to the memory service.
 
 Window i covers tokens [i*stride, min(i*stride + window, N)) with positions restarting at 0; the
 first window contributes all its rows, every later window only its newest ones (those no earlier
 window covered), so each row after the first window saw at least window - stride tokens of left
 context. Rows of special tokens (pad, BOS, EOS, ...) are dropped; ``positions`` maps each kept row
-back to its token's position in the text. The engine streams each window's rows to the memory
-service before computing the next window, so only one window is ever held.
+back to its token's position in the text. ``MemoryBuilder.build`` streams each window's rows to
+the memory service before computing the next window, so only one window is ever held.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
+from extmind import errors, tensor
 from extmind.errors import InvalidArgument
+from extmind.v1 import memory_pb2
 from services.generator.extended_attention import ExtendedMindState
+from services.generator.memory_client import MemoryClient
+from services.generator.memory_resolution import ModelShape
+from services.generator.request_types import DEFAULT_STRIDE, DEFAULT_WINDOW
 
-DEFAULT_WINDOW = 3072
-DEFAULT_STRIDE = 512
+log = logging.getLogger("extmind.generator")
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,8 @@ def window_rows(model: nn.Module, state: ExtendedMindState, token_ids, w: Window
 
     def step(lo: int, hi: int):
         keep = [p - lo for p in range(max(lo, w.first_new), hi) if token_ids[p] not in special]
+        # The attention modules read the shared state (mlx-lm's forward has no argument to pass it
+        # through): no memories, capture every layer's raw keys and values into a list.
         saved_memory, state.memory, state.capture = state.memory, None, []
         try:
             # Only the cache and the captured rows are evaluated: MLX's laziness skips the LM head.
@@ -89,3 +97,60 @@ def window_rows(model: nn.Module, state: ExtendedMindState, token_ids, w: Window
         parts.append(run(step, lo, min(lo + chunk, w.end)))
     return [(np.concatenate([p[i][0] for p in parts], axis=1), np.concatenate([p[i][1] for p in parts], axis=1))
             for i in range(len(parts[0]))]
+
+
+class MemoryBuilder:
+    """Memorizes token ids with one model into the memory service.
+
+    ``run(fn, *args)`` executes ``fn`` on the process's MLX thread and waits (MLXThread.call);
+    ``build`` itself blocks and must run off that thread.
+    """
+
+    def __init__(self, model: nn.Module, state: ExtendedMindState, client: MemoryClient, shape: ModelShape,
+                 dtype: int, special_ids, *, chunk: int, run: Callable):
+        self.model, self.state, self.client, self.shape = model, state, client, shape
+        self.dtype = dtype          # extmind.tensor dtype the rows are stored in
+        self.special_ids = set(special_ids)
+        self.chunk = chunk
+        self.run = run
+
+    def build(self, token_ids: list[int], *, memory_id: str = "", labels=None, window: int = DEFAULT_WINDOW,
+              stride: int = DEFAULT_STRIDE) -> dict:
+        """Creates the memory, appends every layer's rows window by window and returns
+        dict(memory_id, num_tokens, num_rows, model_fingerprint). On any failure the half-built
+        memory is deleted and the error re-raised (InvalidArgument for bad windows or a text of
+        only special tokens; the memory service's errors otherwise)."""
+        windows = plan_windows(len(token_ids), window, stride)
+        row_tokens, positions = kept_rows(token_ids, self.special_ids)
+        if not row_tokens:
+            raise errors.InvalidArgument("the text has only special tokens: nothing to memorize")
+        s = self.shape
+        layout = memory_pb2.MemoryLayout(num_layers=s.num_layers, num_kv_heads=s.num_kv_heads,
+                                         head_dim=s.head_dim, dtype=self.dtype)
+        created = self.client.create_memory(memory_id=memory_id, layout=layout, fingerprint=s.fingerprint,
+                                            token_ids=row_tokens, positions=positions, labels=labels or {})
+        mid = created.memory_id
+        try:
+            resp = self.client.append(self._messages(mid, token_ids, windows))
+            if resp.state != memory_pb2.MEMORY_STATE_READY:
+                raise errors.Internal(f"memory {mid!r} is not READY after all rows were appended")
+        except BaseException:
+            try:  # nothing half-built stays behind
+                self.client.delete_memory(mid)
+            except errors.ExtmindError:
+                log.warning("could not delete the half-built memory", extra={"memory_id": mid})
+            raise
+        return dict(memory_id=mid, num_tokens=len(token_ids), num_rows=len(row_tokens),
+                    model_fingerprint=s.fingerprint)
+
+    def _messages(self, mid: str, token_ids, windows) -> Iterator[memory_pb2.AppendMemoryRequest]:
+        """The append stream, computed lazily: the next window's forward runs only when gRPC
+        asks for its first message."""
+        for w in windows:
+            layers = window_rows(self.model, self.state, token_ids, w, self.special_ids, chunk=self.chunk,
+                                 run=self.run)
+            for layer, (k, v) in enumerate(layers):
+                if k.shape[1] == 0:
+                    continue
+                yield memory_pb2.AppendMemoryRequest(memory_id=mid, layer=layer, keys=tensor.encode(k, self.dtype),
+                                                     values=tensor.encode(v, self.dtype))

@@ -1,15 +1,15 @@
 """Blocking client for the memory service, as the generator uses it.
 
 Blocking on purpose: REMOTE retrieval calls ``search`` from inside the model forward on the MLX
-thread. gRPC failures become extmind errors (NOT_FOUND stays NOT_FOUND, a down service is
-UNAVAILABLE) so the generator's callers get the right status code and a message naming the
-memory service.
+thread. gRPC failures become extmind errors through ``errors.from_rpc_error`` as a dependency:
+statuses that describe the request (NOT_FOUND, FAILED_PRECONDITION, ...) keep their code, a
+memory service that is down, slow or refuses our token is UNAVAILABLE naming its address.
 """
 
 from __future__ import annotations
 
-import queue
 from dataclasses import dataclass
+from typing import Iterable
 
 import grpc
 import numpy as np
@@ -17,19 +17,6 @@ import numpy as np
 from extmind import errors, tensor
 from extmind.channels import auth_metadata, sync_channel
 from extmind.v1 import memory_pb2, memory_pb2_grpc
-
-_BY_CODE = {
-    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
-    grpc.StatusCode.NOT_FOUND: errors.NotFound,
-    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
-    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: errors.Unavailable,
-    grpc.StatusCode.UNAUTHENTICATED: errors.Unavailable,
-    grpc.StatusCode.PERMISSION_DENIED: errors.Unavailable,
-}
-
 
 @dataclass
 class SearchResult:
@@ -51,13 +38,10 @@ class MemoryClient:
         self._channel.close()
 
     def _error(self, e: grpc.RpcError, what: str) -> errors.ExtmindError:
-        code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
-        cls = _BY_CODE.get(code, errors.Internal)
-        detail = e.details() if hasattr(e, "details") else str(e)
-        if cls is errors.Unavailable:
-            return cls(f"memory service at {self.url} is unavailable ({what}: {code.name}: {detail}); "
-                       "start it or point --memory-url at it")
-        return cls(f"{what}: {detail}")
+        err = errors.from_rpc_error(e, peer=f"memory service at {self.url}", as_dependency=True,
+                                    hint="start it or point --memory-url at it")
+        # Say which call failed: "memory 'x': not found", "fetching memory 'x': ...".
+        return type(err)(f"{what}: {err.message}")
 
     def _unary(self, method, request, what: str, timeout: float | None = None):
         try:
@@ -81,21 +65,26 @@ class MemoryClient:
         self._unary(self._stub.DeleteMemory, memory_pb2.DeleteMemoryRequest(memory_id=memory_id),
                     f"deleting memory {memory_id!r}")
 
-    def append(self, messages: "queue.Queue", timeout: float | None = None) -> memory_pb2.AppendMemoryResponse:
-        """Streams AppendMemoryRequests taken from ``messages`` until a None arrives. An Exception
-        put on the queue aborts the stream (nothing is acknowledged)."""
-        def requests():
-            while True:
-                item = messages.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+    def append(self, requests: Iterable[memory_pb2.AppendMemoryRequest],
+               timeout: float | None = None) -> memory_pb2.AppendMemoryResponse:
+        """Streams ``requests`` in one AppendMemory call. gRPC pulls them one at a time as the
+        stream can take them (on its own thread), so a generator that computes each message
+        only holds one message at a time. An exception raised by ``requests`` aborts the stream
+        (the memory service commits nothing) and is re-raised here."""
+        failed: list[BaseException] = []
+
+        def remembering():
+            try:
+                yield from requests
+            except BaseException as e:  # gRPC only logs it and cancels the call
+                failed.append(e)
+                raise
 
         try:
-            return self._stub.AppendMemory(requests(), timeout=timeout, metadata=self._metadata)
+            return self._stub.AppendMemory(remembering(), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as e:
+            if failed:
+                raise failed[0] from None
             raise self._error(e, "appending rows") from None
 
     def fetch(self, memory_id: str, num_layers: int) -> tuple[list[np.ndarray], list[np.ndarray]]:

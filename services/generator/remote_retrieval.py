@@ -1,4 +1,4 @@
-"""REMOTE retrieval: one SearchMemory call per layer per forward step (EXTENDED_MIND.md §3).
+"""REMOTE retrieval: one SearchMemory call per layer per forward step (docs/extended-mind.md).
 
 Runs inside the model forward on the MLX thread: the rotated queries are evaluated, sent to the
 memory service (FAISS there) and the top-k keys and values come back; the attention logits are

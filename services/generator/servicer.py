@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from extmind.errors import InvalidArgument
 from extmind.v1 import generator_pb2, generator_pb2_grpc
-from services.generator.engine import (LENGTH, LOCAL, REMOTE, STOP, STOP_SEQUENCE, Chunk, Final,
-                                       GenerationRequest, GeneratorEngine, MemoryOptions, Sampling)
+from services.generator.engine import GeneratorEngine
+from services.generator.request_types import (LENGTH, LOCAL, REMOTE, STOP, STOP_SEQUENCE, Chunk, Final,
+                                              GenerationRequest, MemoryOptions, Sampling)
 
 _FINISH = {STOP: generator_pb2.FINISH_REASON_STOP, LENGTH: generator_pb2.FINISH_REASON_LENGTH,
            STOP_SEQUENCE: generator_pb2.FINISH_REASON_STOP_SEQUENCE}
@@ -34,10 +35,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         if em.memory_ids:
             if em.mode not in _MODES:
                 raise InvalidArgument(f"extended_mind.mode {em.mode} is not a RetrievalMode")
-            memory = MemoryOptions(memory_ids=tuple(em.memory_ids), top_k=em.top_k if em.HasField("top_k") else 10,
+            # Fields left unset keep MemoryOptions' defaults (max_citations 0 = its default too).
+            top_k = {"top_k": em.top_k} if em.HasField("top_k") else {}
+            memory = MemoryOptions(memory_ids=tuple(em.memory_ids), **top_k,
                                    threshold=em.sim_threshold if em.HasField("sim_threshold") else None,
                                    mode=_MODES[em.mode], layers=tuple(em.layers),
-                                   return_citations=em.return_citations, max_citations=em.max_citations or 5)
+                                   return_citations=em.return_citations, max_citations=em.max_citations)
         return GenerationRequest(tokens, sampling, memory, r.return_logprobs)
 
     async def Generate(self, request, context):
@@ -49,7 +52,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 ids += ev.token_ids
                 lps += ev.logprobs
             else:
-                text.append(ev.text)
+                text.append(ev.remaining_text)
                 return generator_pb2.GenerateResponse(
                     text="".join(text), token_ids=ids, logprobs=lps, finish_reason=_FINISH[ev.finish_reason],
                     usage=generator_pb2.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens),
@@ -62,7 +65,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 yield generator_pb2.GenerateStreamResponse(text=ev.text, token_ids=ev.token_ids, logprobs=ev.logprobs)
             else:
                 yield generator_pb2.GenerateStreamResponse(
-                    text=ev.text, finish_reason=_FINISH[ev.finish_reason],
+                    text=ev.remaining_text, finish_reason=_FINISH[ev.finish_reason],
                     usage=generator_pb2.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens),
                     citations=_citations(ev))
 

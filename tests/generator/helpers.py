@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.generator.engine import Chunk
+from services.generator.request_types import Chunk
 
 PROMPTS = ["The quick brown fox", "Paris is the capital of", "Alice met Bob at the", "In 1969 people walked",
            "Water boils at", "def add(a, b):", "The river flows to", "Machine learning models turn text"]
@@ -18,5 +18,5 @@ async def run(engine, req):
             final = ev
     tokens = [t for c in chunks for t in c.token_ids]
     lps = [x for c in chunks for x in c.logprobs]
-    text = "".join(c.text for c in chunks) + final.text
+    text = "".join(c.text for c in chunks) + final.remaining_text
     return tokens, lps, text, final

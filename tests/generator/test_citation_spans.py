@@ -1,4 +1,4 @@
-"""Citation spans from per-row retrieval counts (EXTENDED_MIND.md §4): hot rows only, merged
+"""Citation spans from per-row retrieval counts (docs/extended-mind.md): hot rows only, merged
 across small gaps, most retrieved first, mapped back to token positions and text."""
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ from mlx_lm.generate import generate_step
 from mlx_lm.utils import load
 
 from extmind import errors
-from services.generator.engine import EngineConfig, GenerationRequest, GeneratorEngine, MemoryOptions, Sampling
+from services.generator.engine import EngineConfig, GeneratorEngine
+from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
 
 from .helpers import PROMPTS, run
 
@@ -44,7 +45,7 @@ async def test_no_memories_is_stock_mlx_lm(engines, name, llama_path, qwen3_path
             out.append((t, float(np.array(lp)[t])))
         return out
 
-    want = engine._call(stock)
+    want = engine.mlx.call(stock)
     assert len(tokens) >= 8 and tokens == [t for t, _ in want]
     assert lps == [lp for _, lp in want]  # bit-identical
     assert final.prompt_tokens == len(prompt)

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from extmind import errors
-from services.generator.engine import Chunk, EngineConfig, GenerationRequest, GeneratorEngine, MemoryOptions, Sampling
+from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.memory_builder import plan_windows
 from services.generator.memory_client import MemoryClient
 from extmind.procs import free_port
+from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
 
 from .helpers import PROMPTS, run
 from .np_reference import Model, Retrievals

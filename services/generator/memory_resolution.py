@@ -1,0 +1,73 @@
+"""Which memories a request attends to, checked against this generator's model, and their rows.
+
+Both calls block on the memory service: run them off the MLX thread (the engine uses a worker
+thread; the benchmark calls them directly).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from extmind import errors
+from extmind.v1 import memory_pb2
+from services.generator.memory_client import MemoryClient
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a memory must have been built with to be usable by this model."""
+    fingerprint: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass
+class ResolvedMemory:
+    memory_id: str
+    version: str            # the memory's create_time: a re-created memory gets a new one
+    rows: int
+    token_ids: list[int]    # per row (empty unless resolved with include_tokens)
+    positions: list[int]    # per row: the token's position in the memorized text
+
+
+class MemoryResolver:
+    def __init__(self, client: MemoryClient, model: ModelShape):
+        self.client = client
+        self.model = model
+
+    def resolve(self, memory_ids, *, include_tokens: bool = False) -> list[ResolvedMemory]:
+        """Looks every memory up and checks that it is READY and built by this model.
+
+        Raises NotFound (no such memory), FailedPrecondition (another model, another layout,
+        still building) or Unavailable (the memory service cannot be reached)."""
+        m = self.model
+        out = []
+        for mid in memory_ids:
+            mem = self.client.get_memory(mid, include_tokens=include_tokens)
+            if mem.model_fingerprint != m.fingerprint:
+                raise errors.FailedPrecondition(
+                    f"memory {mid!r} was built by another model (fingerprint {mem.model_fingerprint[:19]}…, "
+                    f"this generator is {m.fingerprint[:19]}…); memorize the text with this model")
+            lay = mem.layout
+            if (lay.num_layers, lay.num_kv_heads, lay.head_dim) != (m.num_layers, m.num_kv_heads, m.head_dim):
+                raise errors.FailedPrecondition(f"memory {mid!r} has layout {lay.num_layers}x{lay.num_kv_heads}x"
+                                                f"{lay.head_dim}; this model needs {m.num_layers}x"
+                                                f"{m.num_kv_heads}x{m.head_dim}")
+            if mem.state != memory_pb2.MEMORY_STATE_READY:
+                raise errors.FailedPrecondition(f"memory {mid!r} is still being built; retry when it is READY")
+            version = f"{mem.create_time.seconds}.{mem.create_time.nanos}"
+            positions = list(mem.positions) or list(range(mem.num_tokens))
+            out.append(ResolvedMemory(mid, version, int(mem.num_tokens), list(mem.token_ids), positions))
+        return out
+
+    def fetch(self, memory: ResolvedMemory) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Every layer's keys and values of ``memory`` as float32 numpy [KVH, rows, head_dim].
+
+        Raises FailedPrecondition when the memory changed since it was resolved."""
+        keys, values = self.client.fetch(memory.memory_id, self.model.num_layers)
+        if any(k is None or k.shape[1] != memory.rows for k in keys):
+            raise errors.FailedPrecondition(f"memory {memory.memory_id!r} changed while it was fetched; retry")
+        return keys, values

@@ -1,0 +1,269 @@
+"""Continuous batching: mlx-lm ``BatchGenerator``s driven one step at a time.
+
+Requests are grouped by what they attend to (memory set + top_k + threshold + layers + mode):
+each group is one ``BatchGenerator``, and requests without memories form their own group, which
+runs stock mlx-lm.
+
+Threads. MLX work runs on the process's one MLX thread, and there is one way to put work there:
+``MLXThread.call`` / ``run`` / ``submit``. The scheduler is a plain thread of its own that
+submits one *step* (every group's ``next()``) at a time through that same door and waits for it,
+so everything else queued on the MLX thread (admitting a request, cancelling one, a memorize
+window, ``stats``) runs between two steps, in arrival order. The scheduler thread sleeps on an
+event while no group has work. All scheduler state (groups, requests, counts) is only touched
+on the MLX thread; callers get plain Python events through their request's asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.generate import BatchGenerator
+
+from extmind import errors
+from services.common.mlx_thread import MLXThread
+from services.generator.citations import decode_forwards, new_counts, spans, tally
+from services.generator.extended_attention import ExtendedMindState, MemoryContext
+from services.generator.memory_resolution import ResolvedMemory
+from services.generator.request_types import LENGTH, STOP, STOP_SEQUENCE, Chunk, Final, GenerationRequest
+from services.generator.sampling import logits_processors_for, sampler_for
+from services.generator.stop_text import StopText
+
+log = logging.getLogger("extmind.generator")
+
+
+class RunningRequest:
+    """One admitted generation: where its events go and how far it got."""
+
+    def __init__(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop, detokenizer, max_tokens: int):
+        self.req = req
+        self.loop = loop
+        self.events: asyncio.Queue = asyncio.Queue()   # Chunk..., then a Final or an exception
+        self.text = StopText(detokenizer, tuple(req.sampling.stop))
+        self.max_tokens = max_tokens
+        self.generated = 0                   # tokens the model produced (EOS included)
+        self.group: _Group | None = None
+        self.uid: int | None = None
+        self.done = False
+        self.memories: list[ResolvedMemory] = []
+        self.counts: mx.array | None = None  # retrieval counts on the device (citations only)
+
+    def post(self, event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the caller's loop is gone
+            pass
+
+
+class _Group:
+    def __init__(self, key, gen: BatchGenerator, ctx: MemoryContext | None, num_layers: int):
+        self.key = key
+        self.gen = gen
+        self.ctx = ctx
+        self.requests: dict[int, RunningRequest] = {}
+        # Layers that retrieve: each forward records that many index arrays.
+        self.layers_per_forward = sum(ctx.applies(i) for i in range(num_layers)) if ctx is not None else 0
+
+
+class Scheduler:
+    """Owns the groups. ``admit``, ``cancel``, ``stats`` and ``close_all`` run on the MLX thread."""
+
+    def __init__(self, mlx: MLXThread, model, state: ExtendedMindState, *, eos_ids, decode, max_batch_size: int,
+                 prefill_batch_size: int, prefill_step_size: int, max_queue: int):
+        self._mlx = mlx
+        self.model = model
+        self.state = state
+        self.eos_ids = list(eos_ids)
+        self.decode = decode                  # token ids -> text (citation spans)
+        self.max_batch_size = max_batch_size
+        self.prefill_batch_size = prefill_batch_size
+        self.prefill_step_size = prefill_step_size
+        self.max_queue = max_queue
+        self.num_layers = len(model.layers)
+        self._groups: dict = {}
+        self._active = 0
+        self._has_work = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ---------------------------------------------------------------- the scheduler thread
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="generator-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stops stepping and fails every request still running with UNAVAILABLE."""
+        if self._thread is None:
+            return
+        self._stopping = True
+        self._has_work.set()
+        self._thread.join(timeout=30)
+        self._thread = None
+        self._mlx.call(self.close_all)
+
+    def _run(self) -> None:
+        while True:
+            self._has_work.wait()
+            if self._stopping:
+                return
+            try:
+                self._mlx.call(self._step_all)
+            except Exception as e:  # noqa: BLE001 - a bug here must not leave callers waiting forever
+                log.exception("scheduler step failed")
+                self._mlx.call(self.close_all, errors.Internal(f"generation failed: {e}"))
+
+    def _step_all(self) -> None:
+        for key, group in list(self._groups.items()):
+            self._step(group)
+            if not group.requests:
+                group.gen.close()
+                self._groups.pop(key, None)
+        if not self._groups:
+            self._has_work.clear()   # on the MLX thread, so no admit can slip in between
+
+    # ---------------------------------------------------------------- on the MLX thread
+
+    def stats(self) -> dict:
+        return dict(active=sum(len(g.requests) for g in self._groups.values()), groups=len(self._groups))
+
+    def admit(self, r: RunningRequest, key, make_context, memories: list[ResolvedMemory]) -> None:
+        """Inserts ``r`` into the BatchGenerator of group ``key`` (None = no memories), making the
+        group with ``make_context() -> MemoryContext | None`` when it does not exist yet.
+        Raises ResourceExhausted when max_queue requests are in flight."""
+        if self._active >= self.max_queue:
+            raise errors.ResourceExhausted(f"{self._active} requests are in flight (limit {self.max_queue}); "
+                                           "retry later")
+        group = self._groups.get(key)
+        if group is None:
+            ctx = make_context() if key is not None else None
+            gen = BatchGenerator(self.model, stop_tokens=[[t] for t in self.eos_ids],
+                                 completion_batch_size=self.max_batch_size,
+                                 prefill_batch_size=self.prefill_batch_size,
+                                 prefill_step_size=self.prefill_step_size)
+            group = _Group(key, gen, ctx, self.num_layers)
+            self._groups[key] = group
+        s = r.req.sampling
+        (uid,) = group.gen.insert([r.req.prompt_tokens], max_tokens=[r.max_tokens], samplers=[sampler_for(s)],
+                                  logits_processors=[logits_processors_for(s)])
+        r.uid, r.group, r.memories = uid, group, memories
+        m = r.req.memory
+        if m is not None and m.return_citations and group.ctx is not None:
+            r.counts = new_counts(group.ctx.retriever.rows)
+        group.requests[uid] = r
+        self._active += 1
+        self._has_work.set()
+
+    def cancel(self, r: RunningRequest) -> None:
+        if r.done or r.group is None:
+            return
+        r.done = True
+        if r.group.requests.pop(r.uid, None) is not None:
+            self._active -= 1
+            r.group.gen.remove([r.uid])
+
+    def close_all(self, error: errors.ExtmindError | None = None) -> None:
+        """Ends every running request with ``error`` (default: shutting down, UNAVAILABLE)."""
+        error = error or errors.Unavailable("the generator is shutting down; retry")
+        for g in self._groups.values():
+            for r in g.requests.values():
+                r.done = True
+                r.post(error)
+            g.gen.close()
+        self._groups.clear()
+        self._active = 0
+        self._has_work.clear()
+
+    def _step(self, group: _Group) -> None:
+        # Record retrievals only while someone in the group wants citations.
+        record = [] if any(r.counts is not None for r in group.requests.values()) else None
+        if group.ctx is not None:
+            group.ctx.record = record
+        # mlx-lm's model __call__ has no argument through which memories could reach the
+        # attention layers, so the wrapped attention modules read them from the state they share
+        # with this scheduler: point it at this group's memories for the length of its step.
+        # Only the MLX thread reads or writes it, one step (or memorize chunk) at a time.
+        self.state.memory = group.ctx
+        try:
+            prompt_responses, responses = group.gen.next()
+        except Exception as e:  # noqa: BLE001 - e.g. the memory service went away mid-step
+            log.warning("generation step failed", extra={"error": str(e)})
+            err = e if isinstance(e, errors.ExtmindError) else errors.Internal(f"generation failed: {e}")
+            for r in list(group.requests.values()):
+                r.done = True
+                r.post(err)
+            self._active -= len(group.requests)
+            group.requests.clear()
+            return
+        finally:
+            self.state.memory = None
+            if group.ctx is not None:
+                group.ctx.record = None
+        for resp in responses:
+            r = group.requests.get(resp.uid)
+            if r is not None:
+                self._on_token(r, resp)
+        # Tallied after the tokens: a request that just ended does not count the forward on its
+        # last token (mlx-lm computes it ahead, but its output is never used).
+        if record:
+            self._tally(group, record, prompt_responses, responses)
+
+    def _tally(self, group: _Group, record: list, prompt_responses, responses) -> None:
+        try:
+            forwards = decode_forwards(record, group.layers_per_forward, group.ctx.retriever.rows,
+                                       [x.uid for x in responses],
+                                       [p.uid for p in prompt_responses if p.end_of_prompt])
+        except errors.ExtmindError as e:  # never count approximately: fail the requests that asked
+            log.error("citation counting failed", extra={"error": str(e)})
+            for r in [r for r in group.requests.values() if r.counts is not None]:
+                group.gen.remove([r.uid])
+                self._end(r, e)
+            return
+        updated = []
+        for uids, picked in forwards:
+            for b, uid in enumerate(uids):
+                r = group.requests.get(uid)
+                if r is not None and r.counts is not None:
+                    r.counts = tally(r.counts, picked[b])
+                    updated.append(r.counts)
+        if updated:
+            mx.async_eval(updated)  # keeps each count a one-step graph
+
+    def _on_token(self, r: RunningRequest, resp) -> None:
+        tok = int(resp.token)
+        r.generated += 1
+        if resp.finish_reason == "stop":  # an EOS token (the only stop sequences given to mlx-lm)
+            self._finish(r, STOP)
+            return
+        lp = [float(resp.logprobs[tok].item())] if r.req.return_logprobs else []
+        last = resp.finish_reason == "length"
+        piece, stopped = r.text.push(tok, last)
+        r.post(Chunk(piece, [tok], lp))
+        if stopped:
+            r.group.gen.remove([r.uid])
+            self._finish(r, STOP_SEQUENCE)
+        elif last:
+            self._finish(r, LENGTH)
+
+    def _finish(self, r: RunningRequest, reason: str) -> None:
+        citations, counts = [], None
+        if r.counts is not None:
+            try:
+                counts = np.array(r.counts[:-1])
+                r.counts = None
+                citations = spans(counts, r.memories, self.decode, r.req.memory.max_citations)
+            except Exception as e:  # noqa: BLE001
+                self._end(r, e if isinstance(e, errors.ExtmindError) else errors.Internal(f"citations failed: {e}"))
+                return
+        rest = "" if reason == STOP_SEQUENCE else r.text.rest()
+        self._end(r, Final(reason, len(r.req.prompt_tokens), r.generated, citations, rest, counts))
+
+    def _end(self, r: RunningRequest, last) -> None:
+        """Takes ``r`` out of its group and hands its caller the last event (a Final or an error)."""
+        r.group.requests.pop(r.uid, None)
+        self._active -= 1
+        r.done = True
+        r.post(last)

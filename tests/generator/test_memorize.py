@@ -1,0 +1,57 @@
+"""Memorize failing mid-stream: the caller gets the failure itself and nothing half-built stays."""
+
+from __future__ import annotations
+
+import pytest
+
+from extmind import errors
+from extmind.v1 import memory_pb2
+from services.generator.engine import EngineConfig, GeneratorEngine
+from services.generator.memory_client import MemoryClient
+from tests.procs import RedisProcess, ServiceProcess
+
+
+@pytest.fixture(scope="module")
+def memory_address(tmp_path_factory):
+    d = tmp_path_factory.mktemp("memsvc")
+    redis = RedisProcess(d / "redis").start()
+    svc = ServiceProcess("services.memory", ["--redis-url", redis.url, "--log-format", "text"],
+                         env={"EXTMIND_AUTH_TOKEN": ""}, log_dir=d / "logs",
+                         health_service="extmind.v1.MemoryService").start()
+    yield svc.address
+    svc.stop()
+    redis.close()
+
+
+async def test_a_window_failing_mid_stream_deletes_the_memory(llama_path, memory_address):
+    # window 8 / stride 4 over ~40 tokens: several windows, so rows of the first ones are already
+    # streamed when the third window's forward fails.
+    engine = GeneratorEngine(EngineConfig(model=str(llama_path), memory_url=memory_address, window=8, stride=4,
+                                          prefill_step_size=4))
+    engine.start()
+    client = MemoryClient(memory_address)
+    try:
+        tokens = engine.tokenizer.encode("Paris is the capital of France. Berlin is the capital of Germany. "
+                                         "Rome is the capital of Italy. Madrid is the capital of Spain.")
+        builder = engine._builder
+        real_run, calls = builder.run, []
+
+        def failing_run(fn, *args):
+            calls.append(fn)
+            if len(calls) == 7:  # a chunk of the third window (make_cache + 2 chunks per window)
+                raise errors.Internal("the device fell over")
+            return real_run(fn, *args)
+
+        builder.run = failing_run
+        with pytest.raises(errors.Internal, match="the device fell over"):
+            await engine.memorize(tokens, memory_id="half-built")
+        assert len(calls) == 7
+        with pytest.raises(errors.NotFound):
+            client.get_memory("half-built")
+        builder.run = real_run
+        out = await engine.memorize(tokens, memory_id="half-built")  # the id is free again
+        assert out["num_rows"] == len(tokens) - 1
+        assert client.get_memory("half-built").state == memory_pb2.MEMORY_STATE_READY
+    finally:
+        client.close()
+        engine.stop()
