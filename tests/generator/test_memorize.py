@@ -8,19 +8,11 @@ from extmind import errors
 from extmind.v1 import memory_pb2
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.memory_client import MemoryClient
-from tests.procs import RedisProcess, ServiceProcess
 
 
 @pytest.fixture(scope="module")
-def memory_address(tmp_path_factory):
-    d = tmp_path_factory.mktemp("memsvc")
-    redis = RedisProcess(d / "redis").start()
-    svc = ServiceProcess("services.memory", ["--redis-url", redis.url, "--log-format", "text"],
-                         env={"EXTMIND_AUTH_TOKEN": ""}, log_dir=d / "logs",
-                         health_service="extmind.v1.MemoryService").start()
-    yield svc.address
-    svc.stop()
-    redis.close()
+def memory_address(module_memory_service):
+    return module_memory_service.address
 
 
 async def test_a_window_failing_mid_stream_deletes_the_memory(llama_path, memory_address):
