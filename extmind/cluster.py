@@ -145,7 +145,7 @@ def default_generator_model(cache: Path, announce=print) -> Path:
     path = cache / "tiny-llama-random"
     if (path / "config.json").exists():
         return path
-    from extmind.tiny_models import build_llama  # the lead's builder (tests use the same one)
+    from extmind.tiny_models import build_llama  # the same builder the tests use
 
     announce(f"building the default generator model (tiny random-weight Llama) in {path} ...")
     tmp = cache / f".tiny-llama-random.{os.getpid()}.tmp"
