@@ -1,4 +1,4 @@
-"""Memory service benchmark (issue 2 item 6), one run, side by side, printing ratios.
+"""Memory service benchmark, one run, side by side, printing ratios.
 
     python -m bench.memory [--quick] [--write-results]
 
@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from extmind.tensor import FLOAT16, decode_raw, encode  # noqa: E402
 from extmind.v1 import memory_pb2 as pb  # noqa: E402
 from extmind.v1 import memory_pb2_grpc  # noqa: E402
-from services.memory import kv_store  # noqa: E402
+from services.memory import kv_layout, kv_store  # noqa: E402
 from services.memory.kv_index import KVIndex  # noqa: E402
 from services.memory.kv_store import KVStore  # noqa: E402
 from tests.procs import RedisProcess, ServiceProcess  # noqa: E402
@@ -85,7 +85,7 @@ def bench_search(stub, redis_url, rows_list, qs, iters_q1, iters_q64, rng):
     index.rebuild()   # the same indexes, built in this process from the same Redis
     out = []
     for rows in rows_list:
-        banks = [index.banks[f"search-{rows}"]]
+        loaded = [index.loaded[f"search-{rows}"]]
         for q in qs:
             iters = iters_q1 if q == 1 else iters_q64
             Q = rng.standard_normal((Q_HEADS, q, DIM), dtype=np.float32)
@@ -94,7 +94,7 @@ def bench_search(stub, redis_url, rows_list, qs, iters_q1, iters_q64, rng):
             local, remote = [], []
             for i in range(iters + 3):   # interleaved, first 3 are warm-up
                 t = time.perf_counter()
-                s_local = index.search_blocking(banks, 0, Q, TOP_K, None, True)
+                s_local = index.search_blocking(loaded, 0, Q, TOP_K, None, True)
                 t1 = time.perf_counter()
                 resp = stub.SearchMemory(pb.SearchMemoryRequest(memory_ids=req.memory_ids, layer=0,
                                                                 queries=encode(Q), top_k=TOP_K, return_vectors=True),
@@ -149,14 +149,14 @@ def raw_pipeline_ingest(redis_url, memory_id, K, V, step):
         for c, s in enumerate(range(0, rows, step)):
             chunks.append((layer, f"raw.{c}", min(step, rows - s), K[layer][:, s:s + step].tobytes(),
                            V[layer][:, s:s + step].tobytes()))
-    meta = kv_store.meta_key(memory_id)
+    meta = kv_layout.meta_key(memory_id)
     t = time.perf_counter()
     pipe = r.pipeline(transaction=False)
     pending = 0
     for layer, c, n, kb, vb in chunks:
-        pipe.set(kv_store.chunk_key(memory_id, "k", layer, c), kb)
-        pipe.set(kv_store.chunk_key(memory_id, "v", layer, c), vb)
-        pipe.rpush(kv_store.chunk_list_key(memory_id, layer), c)
+        pipe.set(kv_layout.chunk_key(memory_id, "k", layer, c), kb)
+        pipe.set(kv_layout.chunk_key(memory_id, "v", layer, c), vb)
+        pipe.rpush(kv_layout.chunk_list_key(memory_id, layer), c)
         pipe.hincrby(meta, f"r:{layer}", n)
         pipe.hincrby(meta, f"c:{layer}", 1)
         pending += len(kb) + len(vb)
@@ -165,8 +165,8 @@ def raw_pipeline_ingest(redis_url, memory_id, K, V, step):
             pending = 0
     pipe.execute()
     dt = time.perf_counter() - t
-    keys = [meta] + [kv_store.chunk_key(memory_id, kind, layer, c) for layer, c, *_ in chunks for kind in "kv"] \
-        + [kv_store.chunk_list_key(memory_id, layer) for layer in range(layers)]
+    keys = [meta] + [kv_layout.chunk_key(memory_id, kind, layer, c) for layer, c, *_ in chunks for kind in "kv"] \
+        + [kv_layout.chunk_list_key(memory_id, layer) for layer in range(layers)]
     r.delete(*keys)
     r.close()
     return dt

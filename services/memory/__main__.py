@@ -4,7 +4,7 @@ import os
 
 from services.common.blas import scrub_preload
 
-# Before faiss loads OpenMP: idle OpenMP threads must not spin on the 2 cores (PLATFORM.md).
+# Before faiss loads OpenMP: idle OpenMP threads must not spin on the 2 cores (docs/platform.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # No MLX here: an inherited OpenBLAS preload must not reach the embedded redis-server.
 scrub_preload()
