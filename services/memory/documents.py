@@ -199,6 +199,10 @@ class Documents:
             raise NotFound(f"collection {name!r} does not exist; create it with CreateCollection or UpsertDocuments")
         return c
 
+    def list(self) -> list[Collection]:
+        """Every collection this process knows, by name."""
+        return [c for _, c in sorted(self.collections.items())]
+
     async def create(self, name: str, model: str, dimensions: int, *, exist_ok: bool = False) -> Collection:
         existing = await self.find(name)
         if existing is not None:

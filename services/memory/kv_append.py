@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from extmind.errors import FailedPrecondition, InvalidArgument
-from extmind.tensor import BFLOAT16, FLOAT16
+from extmind.tensor import BFLOAT16, FLOAT16, STORAGE, dtype_name
 from services.memory import limits
 from services.memory.kv_index import KVIndex
 from services.memory.kv_layout import READY, MemoryMeta, check_id
@@ -135,12 +135,17 @@ class AppendStream:
         self.rows = list(self.meta.rows)
 
     async def add(self, layer: int, keys: np.ndarray, values: np.ndarray) -> None:
-        """Appends rows to ``layer``: keys and values [num_kv_heads, n, head_dim] of the memory's
-        storage dtype (checked for shape by the caller). Raises InvalidArgument."""
+        """Appends rows to ``layer``: keys and values [num_kv_heads, n, head_dim] in the memory's
+        storage dtype (``extmind.tensor.STORAGE``; bfloat16 as uint16 bits). Call ``target``
+        first. Raises InvalidArgument."""
         m = self.meta
         if not 0 <= layer < m.num_layers:
             raise InvalidArgument(f"layer {layer} is out of range: memory {m.memory_id!r} has {m.num_layers} "
                                   f"layers (0-{m.num_layers - 1})")
+        for name, a in (("keys", keys), ("values", values)):
+            if a.ndim != 3 or a.shape[0] != m.num_kv_heads or a.shape[2] != m.head_dim or a.dtype != STORAGE[m.dtype]:
+                raise InvalidArgument(f"{name} are {a.dtype} {list(a.shape)}; memory {m.memory_id!r} takes "
+                                      f"[{m.num_kv_heads}, rows, {m.head_dim}] of {dtype_name(m.dtype)}")
         n = keys.shape[1]
         if values.shape[1] != n:
             raise InvalidArgument(f"keys hold {n} rows but values hold {values.shape[1]}; send the same rows of both")

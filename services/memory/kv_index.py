@@ -92,7 +92,7 @@ class LoadedMemory:
         """``layers``: per layer the (keys, values, indexes) of ``build_layer``."""
         rows = meta.rows[0] if meta.rows else 0
         return LoadedMemory(meta=meta, rows=rows, keys=[x[0] for x in layers], values=[x[1] for x in layers],
-                    indexes=[x[2] for x in layers])
+                            indexes=[x[2] for x in layers])
 
 
 def build_layer(meta: MemoryMeta, keys: np.ndarray, values: np.ndarray) -> tuple:
@@ -108,7 +108,7 @@ def build_layer(meta: MemoryMeta, keys: np.ndarray, values: np.ndarray) -> tuple
 
 
 def search_loaded(memories: list[LoadedMemory], layer: int, queries: np.ndarray, top_k: int,
-                 sim_threshold: float | None = None, return_vectors: bool = False):
+                  sim_threshold: float | None = None, return_vectors: bool = False):
     """Exact cosine top-k of every query head and query token over one layer of ``memories``
     (their rows concatenated in order). ``queries`` float32 [H, q, D], H a multiple of the KV
     heads. -> (scores f32 [H,q,k], indices i64 [H,q,k], keys, values [H,q,k,D] or None)."""

@@ -105,7 +105,9 @@ class KVMemories:
         if not fingerprint or len(fingerprint) > limits.MAX_FINGERPRINT_CHARS:
             raise InvalidArgument(f"model_fingerprint must be 1-{limits.MAX_FINGERPRINT_CHARS} characters: the "
                                   "identity of the model that produced the rows (GeneratorService.GetInfo returns it)")
-        token_ids, positions, labels = token_ids or [], positions or [], labels or {}
+        token_ids = [] if token_ids is None else list(token_ids)
+        positions = [] if positions is None else list(positions)
+        labels = {} if labels is None else dict(labels)
         if positions and len(positions) != len(token_ids):
             raise InvalidArgument(f"positions has {len(positions)} entries but token_ids has "
                                   f"{len(token_ids)}; give one position per token or none")
@@ -113,7 +115,7 @@ class KVMemories:
         meta = MemoryMeta(memory_id=memory_id, num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads,
                           head_dim=layout.head_dim, dtype=layout.dtype, fingerprint=fingerprint,
                           expected=len(token_ids) if token_ids else -1, state=BUILDING,
-                          bytes=0, labels=dict(labels), create_us=now_us())
+                          bytes=0, labels=labels, create_us=now_us())
         meta = await self.store.create(meta, np.asarray(token_ids, "<i4") if token_ids else None,
                                        np.asarray(positions, "<u4") if positions else None)
         self.index.drop(memory_id)  # forget any stale RAM copy of an id deleted elsewhere

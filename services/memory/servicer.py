@@ -24,7 +24,7 @@ def _timestamp(us: int) -> Timestamp:
     return Timestamp(seconds=us // 1_000_000, nanos=(us % 1_000_000) * 1000)
 
 
-def memory_message(m: MemoryMeta, token_ids=None, positions=None) -> memory_pb2.Memory:
+def _memory_message(m: MemoryMeta, token_ids=None, positions=None) -> memory_pb2.Memory:
     out = memory_pb2.Memory(
         memory_id=m.memory_id, model_fingerprint=m.fingerprint, num_tokens=m.num_tokens,
         state=_STATE[m.state], bytes=m.bytes, labels=m.labels, create_time=_timestamp(m.create_us),
@@ -68,7 +68,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         meta = await self.kv.create(request.memory_id, layout, request.model_fingerprint,
                                     token_ids=list(request.token_ids), positions=list(request.positions),
                                     labels=dict(request.labels))
-        return memory_pb2.CreateMemoryResponse(memory=memory_message(meta))
+        return memory_pb2.CreateMemoryResponse(memory=_memory_message(meta))
 
     async def AppendMemory(self, request_iterator, context):
         async with self.kv.append_stream() as stream:
@@ -87,11 +87,11 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     async def GetMemory(self, request, context):
         meta, tokens, positions = await self.kv.get(request.memory_id, include_tokens=request.include_tokens)
-        return memory_pb2.GetMemoryResponse(memory=memory_message(meta, tokens, positions))
+        return memory_pb2.GetMemoryResponse(memory=_memory_message(meta, tokens, positions))
 
     async def ListMemories(self, request, context):
         metas, token = await self.kv.list(request.model_fingerprint, request.page_size, request.page_token)
-        return memory_pb2.ListMemoriesResponse(memories=[memory_message(m) for m in metas], next_page_token=token)
+        return memory_pb2.ListMemoriesResponse(memories=[_memory_message(m) for m in metas], next_page_token=token)
 
     async def DeleteMemory(self, request, context):
         await self.kv.delete(request.memory_id)
@@ -128,7 +128,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     async def ListCollections(self, request, context):
         return memory_pb2.ListCollectionsResponse(
-            collections=[_collection_message(c) for _, c in sorted(self.docs.collections.items())])
+            collections=[_collection_message(c) for c in self.docs.list()])
 
     async def DeleteCollection(self, request, context):
         await self.docs.delete_collection(request.collection)
