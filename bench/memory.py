@@ -33,7 +33,7 @@ from extmind.procs import memory_stack  # noqa: E402
 from extmind.tensor import FLOAT16, decode_raw, encode  # noqa: E402
 from extmind.v1 import memory_pb2 as pb  # noqa: E402
 from extmind.v1 import memory_pb2_grpc  # noqa: E402
-from services.memory import kv_store  # noqa: E402
+from services.memory import kv_layout, kv_store  # noqa: E402
 from services.memory.kv_index import KVIndex  # noqa: E402
 from services.memory.kv_store import KVStore  # noqa: E402
 KV_HEADS, Q_HEADS, DIM, TOP_K = 8, 32, 128, 10
@@ -83,14 +83,14 @@ def bench_search(stub, redis_url, rows_list, qs, iters_q1, iters_q64, rng):
     index.rebuild()   # the same indexes, built in this process from the same Redis
     out = []
     for rows in rows_list:
-        banks = [index.banks[f"search-{rows}"]]
+        loaded = [index.loaded[f"search-{rows}"]]
         for q in qs:
             iters = iters_q1 if q == 1 else iters_q64
             Q = rng.standard_normal((Q_HEADS, q, DIM), dtype=np.float32)
             last = {}
 
             def in_process():
-                last["local"] = index.search_blocking(banks, 0, Q, TOP_K, None, True)
+                last["local"] = index.search_blocking(loaded, 0, Q, TOP_K, None, True)
 
             def over_grpc():   # the full client call: encode, loopback, decode
                 resp = stub.SearchMemory(pb.SearchMemoryRequest(memory_ids=[f"search-{rows}"], layer=0,
@@ -142,14 +142,14 @@ def raw_pipeline_ingest(redis_url, memory_id, K, V, step):
         for c, s in enumerate(range(0, rows, step)):
             chunks.append((layer, f"raw.{c}", min(step, rows - s), K[layer][:, s:s + step].tobytes(),
                            V[layer][:, s:s + step].tobytes()))
-    meta = kv_store.meta_key(memory_id)
+    meta = kv_layout.meta_key(memory_id)
     t = time.perf_counter()
     pipe = r.pipeline(transaction=False)
     pending = 0
     for layer, c, n, kb, vb in chunks:
-        pipe.set(kv_store.chunk_key(memory_id, "k", layer, c), kb)
-        pipe.set(kv_store.chunk_key(memory_id, "v", layer, c), vb)
-        pipe.rpush(kv_store.chunk_list_key(memory_id, layer), c)
+        pipe.set(kv_layout.chunk_key(memory_id, "k", layer, c), kb)
+        pipe.set(kv_layout.chunk_key(memory_id, "v", layer, c), vb)
+        pipe.rpush(kv_layout.chunk_list_key(memory_id, layer), c)
         pipe.hincrby(meta, f"r:{layer}", n)
         pipe.hincrby(meta, f"c:{layer}", 1)
         pending += len(kb) + len(vb)
@@ -158,8 +158,8 @@ def raw_pipeline_ingest(redis_url, memory_id, K, V, step):
             pending = 0
     pipe.execute()
     dt = time.perf_counter() - t
-    keys = [meta] + [kv_store.chunk_key(memory_id, kind, layer, c) for layer, c, *_ in chunks for kind in "kv"] \
-        + [kv_store.chunk_list_key(memory_id, layer) for layer in range(layers)]
+    keys = [meta] + [kv_layout.chunk_key(memory_id, kind, layer, c) for layer, c, *_ in chunks for kind in "kv"] \
+        + [kv_layout.chunk_list_key(memory_id, layer) for layer in range(layers)]
     r.delete(*keys)
     r.close()
     return dt

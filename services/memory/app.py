@@ -1,5 +1,6 @@
 """Wiring and lifecycle of the memory service: Redis (embedded or external) -> store -> indexes
-rebuilt from Redis -> SERVING. Health stays NOT_SERVING until the rebuild is done."""
+rebuilt from Redis -> engines attached to the servicer -> SERVING. Until then health is
+NOT_SERVING and the shared server answers UNAVAILABLE (see docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import logging
 from extmind.v1 import memory_pb2, memory_pb2_grpc
 from services.common.config import FlagParser, add_server_flags
 from services.common.server import Service
-from services.memory.documents import Documents, EmbedderClient
+from services.memory import limits
+from services.memory.documents import Documents
+from services.memory.embedder_calls import DocumentEmbedder
 from services.memory.kv_index import KVIndex
+from services.memory.kv_memories import KVMemories
 from services.memory.kv_store import KVStore
 from services.memory.redis_server import EmbeddedRedis, ensure_durable
 from services.memory.servicer import MemoryServicer
@@ -34,11 +38,11 @@ def parse_args(argv=None):
            help="start even when an external Redis cannot be made durable (appendfsync always)")
     p.flag("--embedder-url", env="EMBEDDER_URL", default="",
            help="embedder service (host:port) for documents sent without embeddings; empty = none")
-    p.flag("--embedder-timeout", env="MEMORY_EMBEDDER_TIMEOUT", default=60.0, type=float,
+    p.flag("--embedder-timeout", env="MEMORY_EMBEDDER_TIMEOUT", default=limits.EMBEDDER_TIMEOUT_SECONDS, type=float,
            help="seconds to wait for the embedder service")
-    p.flag("--max-top-k", env="MEMORY_MAX_TOP_K", default=1024, type=int,
-           help="largest top_k SearchMemory accepts")
-    p.flag("--search-threads", env="MEMORY_SEARCH_THREADS", default=2, type=int,
+    p.flag("--max-top-k", env="MEMORY_MAX_TOP_K", default=limits.MAX_TOP_K, type=int,
+           help="largest top_k SearchMemory and SearchDocuments accept")
+    p.flag("--search-threads", env="MEMORY_SEARCH_THREADS", default=limits.SEARCH_THREADS, type=int,
            help="threads that run FAISS searches and index builds")
     return p.parse_args(argv)
 
@@ -49,11 +53,11 @@ class MemoryApp:
 
     def __init__(self, args):
         self.args = args
-        self.servicer = MemoryServicer(max_top_k=args.max_top_k,
-                                       max_message_bytes=int(args.max_message_mb) * 1024 * 1024)
+        self.servicer = MemoryServicer()   # registered before start; the engines come in start()
         self.embedded: EmbeddedRedis | None = None
         self.store: KVStore | None = None
         self.index: KVIndex | None = None
+        self.kv: KVMemories | None = None
         self.docs: Documents | None = None
         self.rebuild_stats: dict = {}
         self.services = [Service(SERVICE_NAME,
@@ -86,12 +90,14 @@ class MemoryApp:
         log.info("redis ready", extra={"url": _redact(url), "durability": mode, "embedded": self.embedded is not None})
         self.store = KVStore(url, durability=mode)
         self.index = KVIndex(self.store, threads=self.args.search_threads)
-        embedder = EmbedderClient(self.args.embedder_url, token=self.args.auth_token,
-                                  timeout=self.args.embedder_timeout)
-        self.docs = Documents(self.store.r, embedder)
+        self.kv = KVMemories(self.store, self.index, max_top_k=self.args.max_top_k,
+                             max_answer_bytes=int(self.args.max_message_mb) * 1024 * 1024)
+        embedder = DocumentEmbedder(self.args.embedder_url, token=self.args.auth_token,
+                                    timeout=self.args.embedder_timeout)
+        self.docs = Documents(self.store.r, embedder, max_top_k=self.args.max_top_k)
         self.rebuild_stats = await asyncio.to_thread(self.index.rebuild)
         await asyncio.to_thread(self.docs.rebuild, self.index.sync)
-        self.servicer.attach(self.store, self.index, self.docs)
+        self.servicer.attach(self.kv, self.docs)
 
     async def on_stop(self) -> None:
         # Order: background index loads finish, then the clients close, then the embedded Redis.

@@ -21,22 +21,23 @@ import logging
 from dataclasses import dataclass, field
 
 import faiss
-import grpc
 import numpy as np
 
-from extmind import errors
-from extmind.channels import aio_channel, auth_metadata
-from extmind.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from extmind.tensor import FLOAT32, decode
-from extmind.v1 import embedder_pb2, embedder_pb2_grpc
+from extmind.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.memory.embedder_calls import DocumentEmbedder
 from services.memory.kv_index import normalize_rows
-from services.memory.kv_store import ID_RE, now_us, redis_errors
+from services.memory.kv_layout import ID_RE, now_us
+from services.memory.kv_store import redis_errors
+from services.memory.limits import (
+    DEFAULT_DOCUMENT_TOP_K,
+    MAX_DIMENSIONS,
+    MAX_DOCUMENT_ID_CHARS,
+    MAX_TOP_K,
+)
 
 log = logging.getLogger("extmind.memory.documents")
 
-LIST_KEY = "em:collections"
-MAX_TOP_K = 1024
-MAX_DOC_ID = 512
+COLLECTION_NAMES_KEY = "em:collections"
 
 
 def _key(name: str, part: str) -> str:
@@ -48,53 +49,6 @@ def check_collection(name: str) -> str:
         raise InvalidArgument(f"collection {name!r} is not a valid name: use 1-128 letters, digits, "
                               "'-', '_', '.' or ':'")
     return name
-
-
-# ---------------------------------------------------------------- embedder client
-
-_CODE_TO_ERROR = {
-    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
-    grpc.StatusCode.NOT_FOUND: errors.NotFound,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
-    grpc.StatusCode.UNAUTHENTICATED: errors.Unavailable,  # our token is wrong: the dependency is unusable
-}
-
-
-class EmbedderClient:
-    def __init__(self, url: str, token: str = "", timeout: float = 60.0):
-        self.url = url
-        self.timeout = timeout
-        self.metadata = auth_metadata(token)
-        self._channel = None
-        self._stub = None
-
-    async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-
-    async def embed(self, texts: list[str], *, model: str, query: bool, dimensions: int = 0,
-                    instruction: str = "") -> tuple[np.ndarray, str]:
-        if not self.url:
-            raise Unavailable("no embedder service is configured: start the memory service with "
-                              "--embedder-url HOST:PORT (env EMBEDDER_URL), or send each document's embedding "
-                              "(and query_embedding to search)")
-        if self._stub is None:
-            self._channel = aio_channel(self.url)
-            self._stub = embedder_pb2_grpc.EmbedderServiceStub(self._channel)
-        req = embedder_pb2.EmbedRequest(
-            inputs=texts, model=model, dimensions=dimensions, instruction=instruction,
-            input_type=embedder_pb2.INPUT_TYPE_QUERY if query else embedder_pb2.INPUT_TYPE_DOCUMENT)
-        try:
-            resp = await self._stub.Embed(req, timeout=self.timeout, metadata=self.metadata)
-        except grpc.aio.AioRpcError as e:
-            cls = _CODE_TO_ERROR.get(e.code(), errors.Unavailable)
-            raise cls(f"the embedder service at {self.url} answered {e.code().name}: {e.details()}") from e
-        vectors = decode(resp.embeddings, name="embedder response embeddings", dtypes=(FLOAT32,), ndim=2)
-        if vectors.shape[0] != len(texts):
-            raise Unavailable(f"the embedder service at {self.url} returned {vectors.shape[0]} vectors for "
-                              f"{len(texts)} texts")
-        return vectors, resp.model
 
 
 # ---------------------------------------------------------------- in-RAM index of one collection
@@ -174,9 +128,12 @@ class Collection:
 # ---------------------------------------------------------------- the engine
 
 class Documents:
-    def __init__(self, redis_client, embedder: EmbedderClient):
+    """The document collections: durable in Redis (``redis_client``, async), indexed in RAM."""
+
+    def __init__(self, redis_client, embedder: DocumentEmbedder, *, max_top_k: int = MAX_TOP_K):
         self.r = redis_client
         self.embedder = embedder
+        self.max_top_k = max_top_k
         self.collections: dict[str, Collection] = {}
 
     # ------------------------------------------------ start-up
@@ -209,12 +166,12 @@ class Documents:
                 continue
             self.collections[name] = self._collection(name, meta, texts, mds, embs)
             docs += len(embs)
-        listed = {x.decode() for x in sync.zrange(LIST_KEY, 0, -1)}
+        listed = {x.decode() for x in sync.zrange(COLLECTION_NAMES_KEY, 0, -1)}
         if listed != set(self.collections):
             pipe = sync.pipeline(transaction=True)
-            pipe.delete(LIST_KEY)
+            pipe.delete(COLLECTION_NAMES_KEY)
             if self.collections:
-                pipe.zadd(LIST_KEY, {n: 0 for n in self.collections})
+                pipe.zadd(COLLECTION_NAMES_KEY, {n: 0 for n in self.collections})
             pipe.execute()
         stats = {"collections": len(self.collections), "documents": docs}
         log.info("document indexes rebuilt from redis", extra=stats)
@@ -242,6 +199,10 @@ class Documents:
             raise NotFound(f"collection {name!r} does not exist; create it with CreateCollection or UpsertDocuments")
         return c
 
+    def list(self) -> list[Collection]:
+        """Every collection this process knows, by name."""
+        return [c for _, c in sorted(self.collections.items())]
+
     async def create(self, name: str, model: str, dimensions: int, *, exist_ok: bool = False) -> Collection:
         existing = await self.find(name)
         if existing is not None:
@@ -255,14 +216,14 @@ class Documents:
                                       "service to ask: --embedder-url)")
             probe, model = await self.embedder.embed(["probe"], model=model, query=False, dimensions=dimensions)
             dimensions = probe.shape[1]
-        if dimensions > 65536:
-            raise InvalidArgument(f"dimensions {dimensions} is too large (at most 65536)")
+        if dimensions > MAX_DIMENSIONS:
+            raise InvalidArgument(f"dimensions {dimensions} is too large (at most {MAX_DIMENSIONS})")
         c = Collection(name=name, model=model, dimensions=int(dimensions), create_us=now_us())
         with redis_errors():
             # One HSET: a collection exists in Redis once its meta hash has a model.
             await self.r.hset(_key(name, "meta"), mapping={"name": name, "model": model, "dimensions": c.dimensions,
                                                            "create_us": c.create_us})
-            await self.r.zadd(LIST_KEY, {name: 0})
+            await self.r.zadd(COLLECTION_NAMES_KEY, {name: 0})
         self.collections[name] = c
         return c
 
@@ -270,7 +231,7 @@ class Documents:
         await self.get(name)
         with redis_errors():
             await self.r.unlink(*(_key(name, p) for p in ("meta", "text", "md", "emb")))
-            await self.r.zrem(LIST_KEY, name)
+            await self.r.zrem(COLLECTION_NAMES_KEY, name)
         self.collections.pop(name, None)
 
     # ------------------------------------------------ documents
@@ -282,8 +243,8 @@ class Documents:
             raise InvalidArgument("documents is empty: send at least one document")
         seen = set()
         for doc_id, _, md, _ in docs:
-            if not doc_id or len(doc_id) > MAX_DOC_ID:
-                raise InvalidArgument(f"document id {doc_id!r} must be 1-{MAX_DOC_ID} characters")
+            if not doc_id or len(doc_id) > MAX_DOCUMENT_ID_CHARS:
+                raise InvalidArgument(f"document id {doc_id!r} must be 1-{MAX_DOCUMENT_ID_CHARS} characters")
             if doc_id in seen:
                 raise InvalidArgument(f"document id {doc_id!r} appears twice in one request")
             seen.add(doc_id)
@@ -338,9 +299,9 @@ class Documents:
 
     async def search(self, name: str, query: str, query_embedding, top_k: int, filt: dict, instruction: str):
         c = await self.get(name)
-        if top_k > MAX_TOP_K:
-            raise InvalidArgument(f"top_k {top_k} is too large; at most {MAX_TOP_K}")
-        top_k = top_k or 10
+        if top_k > self.max_top_k:
+            raise InvalidArgument(f"top_k {top_k} is too large; at most {self.max_top_k}")
+        top_k = top_k or DEFAULT_DOCUMENT_TOP_K
         if query and query_embedding is not None:
             raise InvalidArgument("send either query or query_embedding, not both")
         if query_embedding is None:

@@ -6,7 +6,7 @@ dtype (bfloat16 as its uint16 bits) for ``return_vectors`` and ``FetchMemory``. 
 source of truth: ``rebuild`` loads every READY memory at start-up, and a memory that turns READY
 (here or in another process) is loaded on first use.
 
-A ``Bank`` never changes once built; searches hold references, so a concurrent delete only
+A ``LoadedMemory`` never changes once built; searches hold references, so a concurrent delete only
 drops the dict entry.
 """
 
@@ -22,22 +22,24 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from extmind.errors import FailedPrecondition, InvalidArgument
+from extmind.errors import FailedPrecondition
 from extmind.tensor import BFLOAT16, STORAGE, bf16_bits_to_float32
 from services.memory import kv_store
-from services.memory.kv_store import READY, KVStore, MemoryMeta
+from services.memory.kv_layout import READY, Layout, MemoryMeta
+from services.memory.kv_store import KVStore
+from services.memory.limits import SEARCH_THREADS
 
 log = logging.getLogger("extmind.memory.index")
 
 # OpenMP thread counts are per thread. Small searches run on the event loop thread with one
-# OpenMP thread (PLATFORM.md: faster for small queries on 2 cores); large ones on the worker
+# OpenMP thread (docs/platform.md: faster for small queries on 2 cores); large ones on the worker
 # threads with every core (measured: 65 536 rows, q = 1: 29 ms vs 59 ms with one thread).
 SMALL_THREADS = int(os.environ.get("EXTMIND_FAISS_THREADS", "1"))
 LARGE_THREADS = int(os.environ.get("EXTMIND_FAISS_LARGE_THREADS", str(os.cpu_count() or 1)))
 faiss.omp_set_num_threads(SMALL_THREADS)
 # faiss picks its kernel with a global threshold. Measured here (1 thread, d = 128): the SIMD
 # scan wins for a handful of queries per call (q = 1: 4 query heads per KV head), BLAS (sgemm)
-# from ~16 queries on (q = 64: 3-6x faster). search_banks sets it per call; both are exact, so
+# from ~16 queries on (q = 64: 3-6x faster). ``search_loaded`` sets it per call; both are exact, so
 # two threads racing on the global only ever pick the slower kernel, never a wrong answer.
 BLAS_FROM_QUERIES = 16
 _BLAS_ALWAYS, _BLAS_NEVER = 1, 1 << 30
@@ -73,8 +75,8 @@ def normalize_rows(x: np.ndarray, *, inplace: bool = False) -> np.ndarray:
 
 
 @dataclass
-class Bank:
-    """One READY memory in RAM."""
+class LoadedMemory:
+    """One READY memory in RAM: its rows and their per-head search indexes."""
     meta: MemoryMeta
     rows: int
     keys: list            # per layer: [num_kv_heads, rows, head_dim] raw (memory dtype)
@@ -82,16 +84,15 @@ class Bank:
     indexes: list         # per layer: [faiss.IndexFlatIP] per KV head
 
     @property
-    def layout(self) -> tuple:
-        m = self.meta
-        return (m.num_layers, m.num_kv_heads, m.head_dim, m.dtype)
+    def layout(self) -> Layout:
+        return self.meta.layout
 
     @staticmethod
-    def build(meta: MemoryMeta, layers: list) -> "Bank":
+    def build(meta: MemoryMeta, layers: list) -> LoadedMemory:
         """``layers``: per layer the (keys, values, indexes) of ``build_layer``."""
         rows = meta.rows[0] if meta.rows else 0
-        return Bank(meta=meta, rows=rows, keys=[x[0] for x in layers], values=[x[1] for x in layers],
-                    indexes=[x[2] for x in layers])
+        return LoadedMemory(meta=meta, rows=rows, keys=[x[0] for x in layers], values=[x[1] for x in layers],
+                            indexes=[x[2] for x in layers])
 
 
 def build_layer(meta: MemoryMeta, keys: np.ndarray, values: np.ndarray) -> tuple:
@@ -106,29 +107,29 @@ def build_layer(meta: MemoryMeta, keys: np.ndarray, values: np.ndarray) -> tuple
     return keys, values, per_head
 
 
-def search_banks(banks: list[Bank], layer: int, queries: np.ndarray, top_k: int,
-                 sim_threshold: float | None = None, return_vectors: bool = False):
-    """Exact cosine top-k of every query head and query token over one layer of ``banks``
+def search_loaded(memories: list[LoadedMemory], layer: int, queries: np.ndarray, top_k: int,
+                  sim_threshold: float | None = None, return_vectors: bool = False):
+    """Exact cosine top-k of every query head and query token over one layer of ``memories``
     (their rows concatenated in order). ``queries`` float32 [H, q, D], H a multiple of the KV
     heads. -> (scores f32 [H,q,k], indices i64 [H,q,k], keys, values [H,q,k,D] or None)."""
-    first = banks[0].meta
+    first = memories[0].meta
     G, D = first.num_kv_heads, first.head_dim
     H, q, _ = queries.shape
     rep = H // G
-    total = sum(b.rows for b in banks)
+    total = sum(b.rows for b in memories)
     k = min(top_k, total)
     qn = normalize_rows(queries).reshape(G, rep * q, D)
     faiss.cvar.distance_compute_blas_threshold = _BLAS_ALWAYS if rep * q >= BLAS_FROM_QUERIES else _BLAS_NEVER
     scores = np.empty((G, rep * q, k), np.float32)
     indices = np.empty((G, rep * q, k), np.int64)
-    offsets = np.cumsum([0] + [b.rows for b in banks])
+    offsets = np.cumsum([0] + [b.rows for b in memories])
     for g in range(G):
         x = qn[g]
-        if len(banks) == 1:
-            s, i = banks[0].indexes[layer][g].search(x, k)
+        if len(memories) == 1:
+            s, i = memories[0].indexes[layer][g].search(x, k)
         else:
             parts_s, parts_i = [], []
-            for b, off in zip(banks, offsets):
+            for b, off in zip(memories, offsets):
                 kb = min(k, b.rows)
                 if kb == 0:
                     continue
@@ -152,7 +153,7 @@ def search_banks(banks: list[Bank], layer: int, queries: np.ndarray, top_k: int,
         values = np.zeros((G, rep * q, k, D), storage)
         for g in range(G):
             idx = indices[g]
-            for b, off in zip(banks, offsets):
+            for b, off in zip(memories, offsets):
                 sel = (idx >= off) & (idx < off + b.rows)
                 if not sel.any():
                     continue
@@ -171,10 +172,10 @@ def search_banks(banks: list[Bank], layer: int, queries: np.ndarray, top_k: int,
 class KVIndex:
     """The in-RAM side of the KV memories, kept in step with a ``KVStore``."""
 
-    def __init__(self, store: KVStore, threads: int = 2):
+    def __init__(self, store: KVStore, threads: int = SEARCH_THREADS):
         self.store = store
         self.sync = store.sync
-        self.banks: dict[str, Bank] = {}
+        self.loaded: dict[str, LoadedMemory] = {}   # memory id -> its READY rows in RAM
         self._loading: dict[str, asyncio.Future] = {}
         self._gen: dict[str, int] = {}
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="kv",
@@ -193,9 +194,9 @@ class KVIndex:
             keys, values = kv_store.read_layer(self.sync, meta, STORAGE[meta.dtype], layer)
         return build_layer(meta, keys, values)
 
-    def load_bank(self, meta: MemoryMeta) -> Bank:
+    def load(self, meta: MemoryMeta) -> LoadedMemory:
         """Reads a READY memory from Redis and builds its indexes (blocking; any thread)."""
-        return Bank.build(meta, [self._load_layer(meta, layer) for layer in range(meta.num_layers)])
+        return LoadedMemory.build(meta, [self._load_layer(meta, layer) for layer in range(meta.num_layers)])
 
     def rebuild(self) -> dict:
         """Start-up: every READY memory from Redis into RAM (blocking). -> stats."""
@@ -210,25 +211,25 @@ class KVIndex:
             failed = 0
             for m, futs in jobs:
                 try:
-                    bank = Bank.build(m, [f.result() for f in futs])
+                    loaded = LoadedMemory.build(m, [f.result() for f in futs])
                 except Exception:  # noqa: BLE001 - one damaged memory must not keep the rest offline
                     failed += 1
                     log.exception("could not load a READY memory; it stays in Redis and is retried on use",
                                   extra={"memory_id": m.memory_id})
                     continue
-                self.banks[m.memory_id] = bank
-                rows += bank.rows * m.num_layers * m.num_kv_heads
+                self.loaded[m.memory_id] = loaded
+                rows += loaded.rows * m.num_layers * m.num_kv_heads
         stats = {"memories": len(metas), "ready": len(ready), "failed": failed, "rows": rows,
                  "seconds": round(time.perf_counter() - t0, 3)}
         log.info("indexes rebuilt from redis", extra=stats)
         return stats
 
-    async def bank(self, memory_id: str) -> Bank:
-        """The READY memory's bank: from RAM, else loaded from Redis once (NOT_FOUND /
+    async def get(self, memory_id: str) -> LoadedMemory:
+        """The READY memory in RAM: from RAM, else loaded from Redis once (NOT_FOUND /
         FAILED_PRECONDITION when it is missing or not READY)."""
-        b = self.banks.get(memory_id)
-        if b is not None:
-            return b
+        found = self.loaded.get(memory_id)
+        if found is not None:
+            return found
         fut = self._loading.get(memory_id)
         if fut is None:
             meta = await self.store.get(memory_id)
@@ -237,9 +238,9 @@ class KVIndex:
                     f"memory {memory_id!r} is {meta.state}, not READY: every layer needs "
                     f"{meta.expected if meta.expected >= 0 else 'the same number of'} rows "
                     f"(now {meta.rows}); finish appending first")
-            b = self.banks.get(memory_id)
-            if b is not None:
-                return b
+            found = self.loaded.get(memory_id)
+            if found is not None:
+                return found
             fut = self._loading.get(memory_id)
             if fut is None:
                 fut = self._start_load(meta)
@@ -248,7 +249,7 @@ class KVIndex:
     def _start_load(self, meta: MemoryMeta) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         gen = self._gen.get(meta.memory_id, 0)
-        fut = loop.run_in_executor(self.pool, self.load_bank, meta)
+        fut = loop.run_in_executor(self.pool, self.load, meta)
         self._loading[meta.memory_id] = fut
 
         def done(f: asyncio.Future) -> None:
@@ -259,61 +260,41 @@ class KVIndex:
                               exc_info=f.exception())
                 return
             if self._gen.get(meta.memory_id, 0) == gen:  # not deleted meanwhile
-                self.banks[meta.memory_id] = f.result()
+                self.loaded[meta.memory_id] = f.result()
         fut.add_done_callback(done)
         return fut
 
     def preload(self, meta: MemoryMeta) -> None:
         """A memory just turned READY: build its indexes in the background."""
-        if meta.memory_id not in self.banks and meta.memory_id not in self._loading:
+        if meta.memory_id not in self.loaded and meta.memory_id not in self._loading:
             fut = self._start_load(meta)
             fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # consumed by ``done``
 
     def drop(self, memory_id: str) -> None:
         self._gen[memory_id] = self._gen.get(memory_id, 0) + 1
-        self.banks.pop(memory_id, None)
+        self.loaded.pop(memory_id, None)
         self._loading.pop(memory_id, None)
 
     # ---------------------------------------------------------------- search
 
-    async def banks_for(self, memory_ids: list[str]) -> list[Bank]:
-        if not memory_ids:
-            raise InvalidArgument("memory_ids is empty: name at least one memory to search")
-        if len(set(memory_ids)) != len(memory_ids):
-            dup = sorted({m for m in memory_ids if memory_ids.count(m) > 1})
-            raise InvalidArgument(f"memory_ids names {dup} more than once; name each memory once")
-        for m in memory_ids:
-            kv_store.check_id(m)
-        banks = [await self.bank(m) for m in memory_ids]
-        first = banks[0]
-        for b in banks[1:]:
-            if b.meta.fingerprint != first.meta.fingerprint:
-                raise InvalidArgument(
-                    f"memories {first.meta.memory_id!r} and {b.meta.memory_id!r} come from different models "
-                    f"({first.meta.fingerprint!r} vs {b.meta.fingerprint!r}); search them separately")
-            if b.layout != first.layout:
-                raise InvalidArgument(
-                    f"memories {first.meta.memory_id!r} and {b.meta.memory_id!r} have different layouts "
-                    f"({first.layout} vs {b.layout}); search them separately")
-        return banks
-
-    def _inline(self, banks: list[Bank], queries: np.ndarray) -> bool:
-        work = sum(b.rows for b in banks) * queries.shape[0] * queries.shape[1]
+    def _inline(self, memories: list[LoadedMemory], queries: np.ndarray) -> bool:
+        work = sum(m.rows for m in memories) * queries.shape[0] * queries.shape[1]
         return self.inline_search or work <= INLINE_SEARCH_WORK
 
-    async def search(self, banks: list[Bank], layer: int, queries: np.ndarray, top_k: int,
+    async def search(self, memories: list[LoadedMemory], layer: int, queries: np.ndarray, top_k: int,
                      sim_threshold: float | None, return_vectors: bool):
-        """Small searches inline on the event loop thread, large ones on a worker thread."""
-        if self._inline(banks, queries):
-            return search_banks(banks, layer, queries, top_k, sim_threshold, return_vectors)
+        """``search_loaded``: small searches inline on the event loop thread, large ones on a worker thread."""
+        if self._inline(memories, queries):
+            return search_loaded(memories, layer, queries, top_k, sim_threshold, return_vectors)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, search_banks, banks, layer, queries, top_k,
+        return await loop.run_in_executor(self.pool, search_loaded, memories, layer, queries, top_k,
                                           sim_threshold, return_vectors)
 
-    def search_blocking(self, banks: list[Bank], layer: int, queries: np.ndarray, top_k: int,
+    def search_blocking(self, memories: list[LoadedMemory], layer: int, queries: np.ndarray, top_k: int,
                         sim_threshold: float | None = None, return_vectors: bool = False):
         """``search`` for callers without an event loop (in-process use, the benchmark); call it
         from the thread that imported this module, as the service's event loop does."""
-        if self._inline(banks, queries):
-            return search_banks(banks, layer, queries, top_k, sim_threshold, return_vectors)
-        return self.pool.submit(search_banks, banks, layer, queries, top_k, sim_threshold, return_vectors).result()
+        if self._inline(memories, queries):
+            return search_loaded(memories, layer, queries, top_k, sim_threshold, return_vectors)
+        return self.pool.submit(search_loaded, memories, layer, queries, top_k, sim_threshold,
+                                return_vectors).result()

@@ -1,27 +1,15 @@
-"""KV memories in Redis, the source of truth.
+"""KV memories in Redis, the source of truth: create, list, delete, append, finish, roll back,
+and the bulk reads that load a memory into RAM. Key names are in ``kv_layout``, the Lua scripts
+in ``kv_scripts``.
 
-Layout (every key of one memory carries the hash tag ``{mem:<id>}``, so a memory lives in one
-Redis Cluster slot; values are raw little-endian bytes):
-
-    em:{mem:<id>}:meta              hash: layout, fingerprint, state, labels, counters:
-                                    r:<layer> rows, c:<layer> chunks, bytes, full (layers complete)
-    em:{mem:<id>}:tokens            int32 token ids of the rows (may be absent)
-    em:{mem:<id>}:positions         uint32 positions of the rows (may be absent)
-    em:{mem:<id>}:chunks:<layer>    list of the layer's chunk names, in row order
-    em:{mem:<id>}:k:<layer>:<name>  a chunk of the layer's keys,   [num_kv_heads, n, head_dim]
-    em:{mem:<id>}:v:<layer>:<name>  a chunk of the layer's values, [num_kv_heads, n, head_dim]
-    em:memories                     sorted set of memory ids (listing; repaired at start-up)
-
-Chunk names are ``<stream>.<seq>`` (unique per append stream), so writers never overwrite each
-other. State machine BUILDING -> READY: a batch of chunks goes to Redis as one MULTI/EXEC; per
-chunk a plain SET of the keys and of the values (no copies through Lua) and a small script that
-checks the memory (exists, BUILDING, room for the rows), links the chunk into the layer's list and
-counts its rows, or drops the two keys. So a chunk is either whole and counted or absent, also
-across a crash. The READY flip happens in the script that sees every layer hold len(token_ids)
-rows (or, without token ids, in the ``finish`` script that checks every layer holds the same
-number of rows). With
-``appendfsync always`` Redis fsyncs the AOF before replying, so every reply is durable (see
-``redis_server.ensure_durable``).
+State machine BUILDING -> READY: a batch of chunks goes to Redis as one MULTI/EXEC; per chunk a
+plain SET of the keys and of the values (no copies through Lua) and a small script that checks
+the memory (exists, BUILDING, room for the rows), links the chunk into the layer's list and counts
+its rows, or drops the two keys. So a chunk is either whole and counted or absent, also across a
+crash. The READY flip happens in the script that sees every layer hold len(token_ids) rows (or,
+without token ids, in the ``finish`` script that checks every layer holds the same number of
+rows). With ``appendfsync always`` Redis fsyncs the AOF before replying, so every reply is durable
+(see ``redis_server.ensure_durable``).
 """
 
 from __future__ import annotations
@@ -33,44 +21,33 @@ import concurrent.futures
 import contextlib
 import json
 import logging
-import re
-import time
 import uuid
-from dataclasses import dataclass, field
 
 import numpy as np
 import redis
 import redis.asyncio as aredis
 
-from extmind.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from extmind.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from services.memory import kv_scripts
+from services.memory.kv_layout import (
+    BUILDING,
+    MEMORY_IDS_KEY,
+    MemoryMeta,
+    chunk_key,
+    chunk_list_key,
+    key_prefix,
+    meta_key,
+    positions_key,
+    tokens_key,
+)
 
 log = logging.getLogger("extmind.memory.store")
-
-LIST_KEY = "em:memories"
-ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-BUILDING, READY = "BUILDING", "READY"
-
-
-def base(memory_id: str) -> str:
-    return f"em:{{mem:{memory_id}}}"
-
-
-def meta_key(memory_id: str) -> str:
-    return base(memory_id) + ":meta"
-
-
-def chunk_key(memory_id: str, kind: str, layer: int, name) -> str:
-    return f"{base(memory_id)}:{kind}:{layer}:{name}"
-
-
-def chunk_list_key(memory_id: str, layer: int) -> str:
-    return f"{base(memory_id)}:chunks:{layer}"
-
-
-def check_id(memory_id: str, what: str = "memory_id") -> str:
-    if not ID_RE.match(memory_id or ""):
-        raise InvalidArgument(f"{what} {memory_id!r} is not valid: use 1-128 letters, digits, '-', '_', '.' or ':'")
-    return memory_id
 
 
 @contextlib.contextmanager
@@ -82,147 +59,6 @@ def redis_errors():
         raise Unavailable(f"Redis is unreachable ({e}); retry when it is back") from e
     except redis.BusyLoadingError as e:
         raise Unavailable("Redis is still loading its data; retry in a moment") from e
-
-
-@dataclass
-class MemoryMeta:
-    memory_id: str
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: int
-    fingerprint: str
-    expected: int                 # len(token_ids), or -1 when none were given
-    state: str
-    bytes: int
-    labels: dict
-    create_us: int
-    rows: list = field(default_factory=list)    # per layer
-    chunks: list = field(default_factory=list)  # per layer
-
-    @property
-    def num_tokens(self) -> int:
-        if self.expected >= 0:
-            return self.expected
-        return min(self.rows) if self.rows else 0
-
-    @staticmethod
-    def from_hash(h: dict) -> "MemoryMeta":
-        g = {k.decode(): v.decode() for k, v in h.items()}
-        layers = int(g["num_layers"])
-        return MemoryMeta(
-            memory_id=g["id"], num_layers=layers, num_kv_heads=int(g["num_kv_heads"]),
-            head_dim=int(g["head_dim"]), dtype=int(g["dtype"]), fingerprint=g["fingerprint"],
-            expected=int(g["expected"]), state=g["state"], bytes=int(g.get("bytes", 0)),
-            labels=json.loads(g.get("labels", "{}")), create_us=int(g["create_us"]),
-            rows=[int(g.get(f"r:{i}", 0)) for i in range(layers)],
-            chunks=[int(g.get(f"c:{i}", 0)) for i in range(layers)])
-
-
-# ---------------------------------------------------------------- Lua scripts (atomic steps)
-
-_CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(cjson.decode(ARGV[1])))
-if #ARGV[2] > 0 then redis.call('SET', KEYS[2], ARGV[2]) end
-if #ARGV[3] > 0 then redis.call('SET', KEYS[3], ARGV[3]) end
-return 1
-"""
-
-# Runs inside the MULTI/EXEC right after the SETs of the chunk's two keys.
-# KEYS: meta, keys chunk, values chunk, the layer's chunk list. ARGV: layer, rows, bytes, chunk name
-# -> {rows after, ready}
-_LINK_CHUNK = """
-local meta = KEYS[1]
-local state = redis.call('HGET', meta, 'state')
-local function refuse(why)
-  redis.call('UNLINK', KEYS[2], KEYS[3])
-  return redis.error_reply(why)
-end
-if not state then return refuse('EXTMIND_NOT_FOUND') end
-if state ~= 'BUILDING' then return refuse('EXTMIND_NOT_BUILDING ' .. state) end
-local layer = ARGV[1]
-local n = tonumber(ARGV[2])
-local expected = tonumber(redis.call('HGET', meta, 'expected'))
-local rows = tonumber(redis.call('HGET', meta, 'r:' .. layer) or '0')
-if expected >= 0 and rows + n > expected then return refuse('EXTMIND_OVERFLOW ' .. rows .. ' ' .. expected) end
-redis.call('RPUSH', KEYS[4], ARGV[4])
-redis.call('HINCRBY', meta, 'c:' .. layer, 1)
-local after = redis.call('HINCRBY', meta, 'r:' .. layer, n)
-redis.call('HINCRBY', meta, 'bytes', tonumber(ARGV[3]))
-local ready = 0
-if expected >= 0 and after == expected and n > 0 then
-  local full = redis.call('HINCRBY', meta, 'full', 1)
-  if full == tonumber(redis.call('HGET', meta, 'num_layers')) then
-    redis.call('HSET', meta, 'state', 'READY')
-    ready = 1
-  end
-end
-return {after, ready}
-"""
-
-# Without token ids: READY when the stream closes and every layer holds the same rows (> 0).
-# KEYS: meta -> {state, rows of layer 0, equal}
-_FINISH = """
-local meta = KEYS[1]
-local state = redis.call('HGET', meta, 'state')
-if not state then return redis.error_reply('EXTMIND_NOT_FOUND') end
-local layers = tonumber(redis.call('HGET', meta, 'num_layers'))
-local first = tonumber(redis.call('HGET', meta, 'r:0') or '0')
-local equal = 1
-for i = 1, layers - 1 do
-  if tonumber(redis.call('HGET', meta, 'r:' .. i) or '0') ~= first then equal = 0 end
-end
-if state == 'BUILDING' and tonumber(redis.call('HGET', meta, 'expected')) < 0 and equal == 1 and first > 0 then
-  redis.call('HSET', meta, 'state', 'READY')
-  state = 'READY'
-end
-return {state, first, equal}
-"""
-
-# Undo one failed stream's chunks while the memory is still BUILDING.
-# KEYS: meta, base. ARGV: stream name, then layer, rows before, ... -> 1 rolled back, 0 not
-_ROLLBACK = """
-local meta = KEYS[1]
-if redis.call('HGET', meta, 'state') ~= 'BUILDING' then return 0 end
-local expected = tonumber(redis.call('HGET', meta, 'expected'))
-local prefix = ARGV[1] .. '.'
-local freed = 0
-for i = 2, #ARGV, 2 do
-  local layer, r0 = ARGV[i], tonumber(ARGV[i + 1])
-  local list = KEYS[2] .. ':chunks:' .. layer
-  local r1 = tonumber(redis.call('HGET', meta, 'r:' .. layer) or '0')
-  for _, name in ipairs(redis.call('LRANGE', list, 0, -1)) do
-    if string.sub(name, 1, #prefix) == prefix then
-      local k = KEYS[2] .. ':k:' .. layer .. ':' .. name
-      local v = KEYS[2] .. ':v:' .. layer .. ':' .. name
-      freed = freed + redis.call('STRLEN', k) + redis.call('STRLEN', v)
-      redis.call('UNLINK', k, v)
-      redis.call('LREM', list, 1, name)
-    end
-  end
-  if expected >= 0 and r1 == expected and r0 < expected then redis.call('HINCRBY', meta, 'full', -1) end
-  redis.call('HSET', meta, 'c:' .. layer, redis.call('LLEN', list), 'r:' .. layer, r0)
-end
-redis.call('HINCRBY', meta, 'bytes', -freed)
-return 1
-"""
-
-# KEYS: meta, base -> 1 deleted, 0 missing
-_DELETE = """
-local meta = KEYS[1]
-local layers = tonumber(redis.call('HGET', meta, 'num_layers'))
-if not layers then return 0 end
-for layer = 0, layers - 1 do
-  local list = KEYS[2] .. ':chunks:' .. layer
-  for _, name in ipairs(redis.call('LRANGE', list, 0, -1)) do
-    redis.call('UNLINK', KEYS[2] .. ':k:' .. layer .. ':' .. name, KEYS[2] .. ':v:' .. layer .. ':' .. name)
-  end
-  redis.call('UNLINK', list)
-end
-redis.call('UNLINK', meta, KEYS[2] .. ':tokens', KEYS[2] .. ':positions')
-return 1
-"""
 
 
 def _page_token(after: str, fingerprint: str) -> str:
@@ -256,13 +92,13 @@ class KVStore:
         self.durability = durability
         self.r = aredis.Redis.from_url(url, socket_timeout=60, socket_connect_timeout=5,
                                        health_check_interval=30, max_connections=64)
-        self._create = self.r.register_script(_CREATE)
-        self._finish = self.r.register_script(_FINISH)
-        self._rollback = self.r.register_script(_ROLLBACK)
-        self._delete = self.r.register_script(_DELETE)
+        self._create = self.r.register_script(kv_scripts.CREATE)
+        self._finish = self.r.register_script(kv_scripts.FINISH)
+        self._rollback = self.r.register_script(kv_scripts.ROLLBACK)
+        self._delete = self.r.register_script(kv_scripts.DELETE)
         # Bulk writes (append batches) use a blocking client on worker threads.
         self.sync = sync_client(url)
-        self._link_sync = self.sync.register_script(_LINK_CHUNK)
+        self._link_sync = self.sync.register_script(kv_scripts.LINK_CHUNK)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="redis-write")
 
     async def close(self) -> None:
@@ -277,20 +113,17 @@ class KVStore:
     # ---------------------------------------------------------------- catalogue
 
     async def create(self, meta: MemoryMeta, token_ids: np.ndarray | None, positions: np.ndarray | None) -> MemoryMeta:
-        fields = ["id", meta.memory_id, "num_layers", meta.num_layers, "num_kv_heads", meta.num_kv_heads,
-                  "head_dim", meta.head_dim, "dtype", meta.dtype, "fingerprint", meta.fingerprint,
-                  "expected", meta.expected, "state", BUILDING, "bytes", 0, "full", 0,
-                  "labels", json.dumps(meta.labels, sort_keys=True), "create_us", meta.create_us]
+        """Stores a new BUILDING memory (AlreadyExists if its id is taken). -> ``meta``, emptied."""
         tok = b"" if token_ids is None else np.asarray(token_ids, "<i4").tobytes()
         pos = b"" if positions is None else np.asarray(positions, "<u4").tobytes()
-        b = base(meta.memory_id)
+        memory_id = meta.memory_id
         with redis_errors():
-            created = await self._create(keys=[b + ":meta", b + ":tokens", b + ":positions"],
-                                         args=[json.dumps([str(x) for x in fields]), tok, pos])
+            created = await self._create(keys=[meta_key(memory_id), tokens_key(memory_id), positions_key(memory_id)],
+                                         args=[json.dumps(meta.creation_fields()), tok, pos])
             if not created:
-                raise AlreadyExists(f"memory {meta.memory_id!r} exists already; pick another memory_id "
+                raise AlreadyExists(f"memory {memory_id!r} exists already; pick another memory_id "
                                     "or delete it first")
-            await self.r.zadd(LIST_KEY, {meta.memory_id: 0})
+            await self.r.zadd(MEMORY_IDS_KEY, {memory_id: 0})
         meta.state, meta.bytes = BUILDING, 0
         meta.rows, meta.chunks = [0] * meta.num_layers, [0] * meta.num_layers
         return meta
@@ -303,9 +136,8 @@ class KVStore:
         return MemoryMeta.from_hash(h)
 
     async def tokens(self, memory_id: str) -> tuple[np.ndarray, np.ndarray]:
-        b = base(memory_id)
         with redis_errors():
-            tok, pos = await self.r.mget([b + ":tokens", b + ":positions"])
+            tok, pos = await self.r.mget([tokens_key(memory_id), positions_key(memory_id)])
         return (np.frombuffer(tok or b"", "<i4"), np.frombuffer(pos or b"", "<u4"))
 
     async def list(self, fingerprint: str, page_size: int, page_token: str) -> tuple[list[MemoryMeta], str]:
@@ -315,7 +147,7 @@ class KVStore:
         batch = max(page_size + 1, 64)
         with redis_errors():
             while len(out) <= page_size:
-                ids = await self.r.zrangebylex(LIST_KEY, lo, "+", start=0, num=batch)
+                ids = await self.r.zrangebylex(MEMORY_IDS_KEY, lo, "+", start=0, num=batch)
                 if not ids:
                     break
                 pipe = self.r.pipeline(transaction=False)
@@ -335,15 +167,14 @@ class KVStore:
         return out, ""
 
     async def delete(self, memory_id: str) -> bool:
-        b = base(memory_id)
         with redis_errors():
-            existed = await self._delete(keys=[b + ":meta", b], args=[])
-            await self.r.zrem(LIST_KEY, memory_id)
+            existed = await self._delete(keys=[meta_key(memory_id), key_prefix(memory_id)], args=[])
+            await self.r.zrem(MEMORY_IDS_KEY, memory_id)
         return bool(existed)
 
     # ---------------------------------------------------------------- appends
 
-    def writer(self) -> "ChunkWriter":
+    def writer(self) -> ChunkWriter:
         return ChunkWriter(self)
 
     async def finish(self, memory_id: str) -> tuple[str, int, bool]:
@@ -358,9 +189,8 @@ class KVStore:
         args = [stream]
         for layer, rows in rows_before.items():
             args += [layer, rows]
-        b = base(memory_id)
         with redis_errors():
-            done = await self._rollback(keys=[b + ":meta", b], args=args)
+            done = await self._rollback(keys=[meta_key(memory_id), key_prefix(memory_id)], args=args)
         return bool(done)
 
 
@@ -371,7 +201,7 @@ class ChunkWriter:
     Batches go out through the blocking client on a worker thread: a multi-MiB ``sendall`` runs
     in C without the GIL, so the event loop keeps receiving the next gRPC messages meanwhile."""
 
-    def __init__(self, store: "KVStore"):
+    def __init__(self, store: KVStore):
         self.store = store
         self.stream = uuid.uuid4().hex[:12]   # names this stream's chunks
         self.seq = 0
@@ -429,14 +259,6 @@ class ChunkWriter:
         return out
 
 
-def new_memory_id() -> str:
-    return "mem-" + uuid.uuid4().hex
-
-
-def now_us() -> int:
-    return time.time_ns() // 1000
-
-
 # ---------------------------------------------------------------- bulk reads (sync, hiredis)
 
 def sync_client(url: str) -> redis.Redis:
@@ -451,13 +273,13 @@ def scan_memories(client: redis.Redis) -> list[MemoryMeta]:
     for k in keys:
         pipe.hgetall(k)
     metas = [MemoryMeta.from_hash(h) for h in pipe.execute() if h]
-    listed = {x.decode() for x in client.zrange(LIST_KEY, 0, -1)}
+    listed = {x.decode() for x in client.zrange(MEMORY_IDS_KEY, 0, -1)}
     present = {m.memory_id for m in metas}
     missing, stale = present - listed, listed - present
     if missing:
-        client.zadd(LIST_KEY, {i: 0 for i in missing})
+        client.zadd(MEMORY_IDS_KEY, {i: 0 for i in missing})
     if stale:
-        client.zrem(LIST_KEY, *stale)
+        client.zrem(MEMORY_IDS_KEY, *stale)
     if missing or stale:
         log.warning("repaired the memory listing", extra={"added": len(missing), "removed": len(stale)})
     return metas

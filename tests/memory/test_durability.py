@@ -14,7 +14,7 @@ import pytest
 
 from extmind.tensor import BFLOAT16, FLOAT16, FLOAT32, encode
 from extmind.v1 import memory_pb2 as pb
-from services.memory import kv_store
+from services.memory import kv_layout, kv_store
 from tests.memory import helpers as h
 from extmind.procs import ServiceProcess
 
@@ -102,7 +102,7 @@ def test_kill_9_mid_append(memory_service, redis_server, token_ids):
 
     # What Redis holds right after the crash: whole chunks only, counters matching the chunks.
     r = kv_store.sync_client(redis_server.url)
-    meta = kv_store.MemoryMeta.from_hash(r.hgetall(kv_store.meta_key("partial")))
+    meta = kv_layout.MemoryMeta.from_hash(r.hgetall(kv_layout.meta_key("partial")))
     assert meta.state == "BUILDING"
     layers = kv_store.read_layers(r, meta, np.dtype("<f2"))   # raises if counters and chunks disagree
     for layer, (k, v) in layers.items():
@@ -219,8 +219,8 @@ def test_a_damaged_memory_does_not_keep_the_others_offline(memory_service, redis
     h.build(stub, "healthy", K, V, FLOAT32)
     h.build(stub, "damaged", K, V, FLOAT32, chunk_rows=10)
     r = redis_server.client()
-    name = r.lrange(kv_store.chunk_list_key("damaged", 1), 0, -1)[1].decode()
-    r.delete(kv_store.chunk_key("damaged", "v", 1, name))   # lose one chunk behind the service's back
+    name = r.lrange(kv_layout.chunk_list_key("damaged", 1), 0, -1)[1].decode()
+    r.delete(kv_layout.chunk_key("damaged", "v", 1, name))   # lose one chunk behind the service's back
     memory_service.kill()
     memory_service.start()
     stub = memory_service.stub()

@@ -1,0 +1,110 @@
+"""The atomic steps on KV memories in Redis, as Lua scripts (see ``kv_store`` for how they are used).
+
+Each script's KEYS and ARGV are described above it; errors are ``EXTMIND_*`` replies that
+``kv_store`` turns into ``extmind.errors``.
+"""
+
+# KEYS: meta, tokens, positions. ARGV: meta fields (JSON list), token bytes, position bytes
+# -> 1 created, 0 exists already
+CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(cjson.decode(ARGV[1])))
+if #ARGV[2] > 0 then redis.call('SET', KEYS[2], ARGV[2]) end
+if #ARGV[3] > 0 then redis.call('SET', KEYS[3], ARGV[3]) end
+return 1
+"""
+
+# Runs inside the MULTI/EXEC right after the SETs of the chunk's two keys.
+# KEYS: meta, keys chunk, values chunk, the layer's chunk list. ARGV: layer, rows, bytes, chunk name
+# -> {rows after, ready}
+LINK_CHUNK = """
+local meta = KEYS[1]
+local state = redis.call('HGET', meta, 'state')
+local function refuse(why)
+  redis.call('UNLINK', KEYS[2], KEYS[3])
+  return redis.error_reply(why)
+end
+if not state then return refuse('EXTMIND_NOT_FOUND') end
+if state ~= 'BUILDING' then return refuse('EXTMIND_NOT_BUILDING ' .. state) end
+local layer = ARGV[1]
+local n = tonumber(ARGV[2])
+local expected = tonumber(redis.call('HGET', meta, 'expected'))
+local rows = tonumber(redis.call('HGET', meta, 'r:' .. layer) or '0')
+if expected >= 0 and rows + n > expected then return refuse('EXTMIND_OVERFLOW ' .. rows .. ' ' .. expected) end
+redis.call('RPUSH', KEYS[4], ARGV[4])
+redis.call('HINCRBY', meta, 'c:' .. layer, 1)
+local after = redis.call('HINCRBY', meta, 'r:' .. layer, n)
+redis.call('HINCRBY', meta, 'bytes', tonumber(ARGV[3]))
+local ready = 0
+if expected >= 0 and after == expected and n > 0 then
+  local full = redis.call('HINCRBY', meta, 'full', 1)
+  if full == tonumber(redis.call('HGET', meta, 'num_layers')) then
+    redis.call('HSET', meta, 'state', 'READY')
+    ready = 1
+  end
+end
+return {after, ready}
+"""
+
+# Without token ids: READY when the stream closes and every layer holds the same rows (> 0).
+# KEYS: meta -> {state, rows of layer 0, equal}
+FINISH = """
+local meta = KEYS[1]
+local state = redis.call('HGET', meta, 'state')
+if not state then return redis.error_reply('EXTMIND_NOT_FOUND') end
+local layers = tonumber(redis.call('HGET', meta, 'num_layers'))
+local first = tonumber(redis.call('HGET', meta, 'r:0') or '0')
+local equal = 1
+for i = 1, layers - 1 do
+  if tonumber(redis.call('HGET', meta, 'r:' .. i) or '0') ~= first then equal = 0 end
+end
+if state == 'BUILDING' and tonumber(redis.call('HGET', meta, 'expected')) < 0 and equal == 1 and first > 0 then
+  redis.call('HSET', meta, 'state', 'READY')
+  state = 'READY'
+end
+return {state, first, equal}
+"""
+
+# Undo one failed stream's chunks while the memory is still BUILDING.
+# KEYS: meta, base. ARGV: stream name, then layer, rows before, ... -> 1 rolled back, 0 not
+ROLLBACK = """
+local meta = KEYS[1]
+if redis.call('HGET', meta, 'state') ~= 'BUILDING' then return 0 end
+local expected = tonumber(redis.call('HGET', meta, 'expected'))
+local prefix = ARGV[1] .. '.'
+local freed = 0
+for i = 2, #ARGV, 2 do
+  local layer, r0 = ARGV[i], tonumber(ARGV[i + 1])
+  local list = KEYS[2] .. ':chunks:' .. layer
+  local r1 = tonumber(redis.call('HGET', meta, 'r:' .. layer) or '0')
+  for _, name in ipairs(redis.call('LRANGE', list, 0, -1)) do
+    if string.sub(name, 1, #prefix) == prefix then
+      local k = KEYS[2] .. ':k:' .. layer .. ':' .. name
+      local v = KEYS[2] .. ':v:' .. layer .. ':' .. name
+      freed = freed + redis.call('STRLEN', k) + redis.call('STRLEN', v)
+      redis.call('UNLINK', k, v)
+      redis.call('LREM', list, 1, name)
+    end
+  end
+  if expected >= 0 and r1 == expected and r0 < expected then redis.call('HINCRBY', meta, 'full', -1) end
+  redis.call('HSET', meta, 'c:' .. layer, redis.call('LLEN', list), 'r:' .. layer, r0)
+end
+redis.call('HINCRBY', meta, 'bytes', -freed)
+return 1
+"""
+
+# KEYS: meta, base -> 1 deleted, 0 missing
+DELETE = """
+local meta = KEYS[1]
+local layers = tonumber(redis.call('HGET', meta, 'num_layers'))
+if not layers then return 0 end
+for layer = 0, layers - 1 do
+  local list = KEYS[2] .. ':chunks:' .. layer
+  for _, name in ipairs(redis.call('LRANGE', list, 0, -1)) do
+    redis.call('UNLINK', KEYS[2] .. ':k:' .. layer .. ':' .. name, KEYS[2] .. ':v:' .. layer .. ':' .. name)
+  end
+  redis.call('UNLINK', list)
+end
+redis.call('UNLINK', meta, KEYS[2] .. ':tokens', KEYS[2] .. ':positions')
+return 1
+"""
