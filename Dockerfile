@@ -49,7 +49,8 @@ VOLUME ["/models"]
 EXPOSE 50051 50052 50053 8000
 
 # Every service listens on all interfaces inside its container.
-ENV EMBEDDER_HOST=0.0.0.0 MEMORY_HOST=0.0.0.0 GENERATOR_HOST=0.0.0.0
+ENV EMBEDDER_HOST=0.0.0.0 MEMORY_HOST=0.0.0.0 GENERATOR_HOST=0.0.0.0 \
+    EXTMIND_HEALTH_FILE=/tmp/extmind-serving
 
 # `python -m extmind.cluster exec NAME` builds the same command line as the local launcher
 # (and the default random-weight generator model when GENERATOR_MODEL is unset), then execs it.

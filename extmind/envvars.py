@@ -62,6 +62,8 @@ REGISTRY: tuple[EnvVar, ...] = (
     EnvVar("EXTMIND_MAX_MESSAGE_MB", "256", "every service `--max-message-mb`", "largest gRPC message, MiB"),
     EnvVar("EXTMIND_GRACE_SECONDS", "5", "every service `--grace-seconds`",
            "drain time on SIGTERM/SIGINT (health turns NOT_SERVING first)"),
+    EnvVar("EXTMIND_HEALTH_FILE", "", "every service `--health-file`",
+           "touched every 5 s while SERVING, removed when draining: the containers' cheap health probe"),
     EnvVar("EXTMIND_LOG_LEVEL", "info", "every service `--log-level`", "debug, info, warning or error"),
     EnvVar("EXTMIND_LOG_FORMAT", "json", "every service `--log-format`",
            "`json` (one object a line) or `text` (the cluster launcher sets text)"),

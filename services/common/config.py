@@ -59,5 +59,7 @@ def add_server_flags(p: FlagParser, *, prefix: str, port: int) -> None:
            help="largest gRPC message sent or received, in MiB")
     p.flag("--grace-seconds", env="EXTMIND_GRACE_SECONDS", default=5.0, type=float,
            help="on SIGTERM/SIGINT, how long in-flight calls may finish")
+    p.flag("--health-file", env="EXTMIND_HEALTH_FILE", default="",
+           help="touch this file every 5 s while SERVING, remove it when draining (a cheap container health probe)")
     p.flag("--log-level", env="EXTMIND_LOG_LEVEL", default="info", help="debug, info, warning or error")
     p.flag("--log-format", env="EXTMIND_LOG_FORMAT", default="json", help="json (one object a line) or text")

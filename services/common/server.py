@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from extmind.channels import OPTIONS
 from extmind.errors import ExtmindError
+from services.common.health_file import HealthFile
 from services.common.interceptor import AuthInterceptor, ErrorInterceptor, ReadinessInterceptor
 
 log = logging.getLogger("extmind.server")
@@ -80,6 +81,7 @@ class Server:
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
+        self.health_file = HealthFile(args.health_file) if getattr(args, "health_file", "") else None
 
     @classmethod
     def of(cls, args, app: App) -> Server:
@@ -121,6 +123,8 @@ class Server:
             await self.on_start()
         self.readiness.ready = True
         await self._set_health(SERVING)
+        if self.health_file is not None:
+            self.health_file.start()
         log.info("serving", extra={"port": self.port, "services": [s.name for s in self.services]})
         return self.port
 
@@ -130,6 +134,8 @@ class Server:
         self._stopped.set()
         grace = self.args.grace_seconds if grace is None else grace
         log.info("draining", extra={"grace_seconds": grace})
+        if self.health_file is not None:
+            await self.health_file.stop()
         await self.health.enter_graceful_shutdown()
         await self._server.stop(grace)
         if self.on_stop is not None:
