@@ -100,10 +100,13 @@ class GeneratorEngine:
         attn = self.state.modules[0]
         self.num_layers = len(self.model.layers)
         self.num_heads, self.num_kv_heads = attn.n_heads, attn.n_kv_heads
-        self.head_dim = int(attn.inner.o_proj.weight.shape[1]) // attn.n_heads
+        # Shapes come from the config, never from weight shapes: a quantized weight is packed
+        # (a 4-bit o_proj of a 128-wide model is [128, 16] uint32).
+        self.head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"]))
         self.vocab_size = int(cfg["vocab_size"])
         self.max_context = int(cfg.get("max_position_embeddings") or 0) or 131072
-        dtype = self.model.layers[0].self_attn.inner.o_proj.weight.dtype
+        # The compute dtype: norm weights are never quantized (projection weights may be uint32).
+        dtype = self.model.layers[0].input_layernorm.weight.dtype
         self.dtype = {mx.float32: tensor.FLOAT32, mx.float16: tensor.FLOAT16}.get(dtype, tensor.BFLOAT16)
         self.fingerprint = model_fingerprint(path, str(dtype))
         self.eos_ids = sorted(int(t) for t in self.tokenizer.eos_token_ids)
