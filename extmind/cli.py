@@ -6,12 +6,15 @@
     extmind docs upsert COLLECTION "id=text" @notes.txt @docs.jsonl [--meta k=v]
     extmind docs search COLLECTION "query" [--top-k 5] [--filter k=v]
     extmind docs delete COLLECTION ID...
-    extmind memorize FILE... [--id ID] [--label k=v] [--split-chars N]
+    extmind docs create COLLECTION [--model M --dimensions N] | collections | drop COLLECTION
+    extmind memorize FILE... [--id ID] [--label k=v] [--split-chars N] [--replace]
     extmind memories list | show ID [--tokens] | delete ID
     extmind generate "prompt" [--memory ID]... [--max-tokens 128] [--temperature 0.7] [--citations]
 
-Targets come from EMBEDDER_URL / MEMORY_URL / GENERATOR_URL (default 127.0.0.1 with the *_PORT
-variables); EXTMIND_AUTH_TOKEN is sent when set. Errors are one line on stderr, exit code 1.
+Targets: EMBEDDER_URL / MEMORY_URL / GENERATOR_URL when set, else the URLs ``make up`` recorded in
+the run dir's cluster.json (--run-dir, $EXTMIND_RUN_DIR or .run), else 127.0.0.1 with the *_PORT
+variables. EXTMIND_AUTH_TOKEN is sent when set. Errors are one line on stderr; exit code 2 for a
+wrong command line, 1 for a failure.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import grpc
 import numpy as np
 
 from extmind.channels import auth_metadata, sync_channel
-from extmind.cluster import Cluster, LaunchError, Settings, format_table
+from extmind.cluster import Cluster, LaunchError, Settings, find_run_dir, format_table, status_ok
+from extmind.errors import from_rpc_error
 from extmind.v1 import (common_pb2, embedder_pb2, embedder_pb2_grpc, generator_pb2, generator_pb2_grpc, memory_pb2,
                         memory_pb2_grpc)
 
@@ -37,17 +41,38 @@ TIMEOUT = float(os.environ.get("EXTMIND_CLI_TIMEOUT", "600"))
 
 
 class CliError(Exception):
-    """A one-line, user-facing error."""
+    """A one-line, user-facing failure (exit code 1)."""
+
+    exit_code = 1
+
+
+class UsageError(CliError):
+    """A command line that cannot work as given (exit code 2, like argparse's own errors)."""
+
+    exit_code = 2
 
 
 def _kv(items: list[str] | None, what: str) -> dict[str, str]:
     out = {}
     for it in items or []:
         if "=" not in it:
-            raise CliError(f"{what} {it!r} must look like key=value")
+            raise UsageError(f"{what} {it!r} must look like key=value")
         k, v = it.split("=", 1)
         out[k] = v
     return out
+
+
+def _read_text(name: str) -> str:
+    """The text of file ``name`` ('-' = stdin) as UTF-8; CliError naming the file otherwise."""
+    try:
+        if name == "-":
+            return sys.stdin.buffer.read().decode("utf-8")
+        return Path(name).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise CliError(f"cannot read {name}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise CliError(f"{'stdin' if name == '-' else name} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                       f"offset {e.start}); convert it first, e.g. `iconv -f latin1 -t utf-8`") from None
 
 
 def _md() -> tuple:
@@ -55,38 +80,42 @@ def _md() -> tuple:
 
 
 class Targets:
-    def __init__(self):
-        self.s = Settings.from_env()
+    def __init__(self, run_dir: str | None = None):
+        self.run_dir = find_run_dir(run_dir)
+        self.s = Settings.from_env(self.run_dir, use_record=True)
         self._chans = {}
+        self.last = ""  # the service of the stub taken last: the one an RpcError came from
 
-    def _chan(self, url):
+    def _chan(self, service: str):
+        self.last = service
+        url = getattr(self.s, f"{service}_url")
         if url not in self._chans:
             self._chans[url] = sync_channel(url)
         return self._chans[url]
 
     @property
     def embedder(self):
-        return embedder_pb2_grpc.EmbedderServiceStub(self._chan(self.s.embedder_url))
+        return embedder_pb2_grpc.EmbedderServiceStub(self._chan("embedder"))
 
     @property
     def memory(self):
-        return memory_pb2_grpc.MemoryServiceStub(self._chan(self.s.memory_url))
+        return memory_pb2_grpc.MemoryServiceStub(self._chan("memory"))
 
     @property
     def generator(self):
-        return generator_pb2_grpc.GeneratorServiceStub(self._chan(self.s.generator_url))
+        return generator_pb2_grpc.GeneratorServiceStub(self._chan("generator"))
 
 
 # ------------------------------------------------------------------ commands
 
 def cmd_status(a, t: Targets) -> int:
-    rows = Cluster(Settings.from_env(a.run_dir)).status()
+    rows = Cluster(t.s).status()
     print(format_table(rows))
-    return 0 if all(r["health"] in ("SERVING", "PONG") for r in rows) else 1
+    return 0 if status_ok(rows) else 1
 
 
 def cmd_embed(a, t: Targets) -> int:
-    texts = [sys.stdin.read() if x == "-" else x for x in a.texts]
+    texts = [_read_text("-") if x == "-" else x for x in a.texts]
     req = embedder_pb2.EmbedRequest(inputs=texts, model=a.model or "", dimensions=a.dimensions,
                                     input_type=embedder_pb2.INPUT_TYPE_QUERY if a.query else embedder_pb2.INPUT_TYPE_DOCUMENT,
                                     instruction=a.instruction or "")
@@ -123,10 +152,7 @@ def _documents(items: list[str], meta: dict) -> list[memory_pb2.Document]:
     for it in items:
         if it.startswith("@"):
             path = Path(it[1:])
-            try:
-                body = path.read_text()
-            except OSError as e:
-                raise CliError(f"cannot read {path}: {e.strerror}") from None
+            body = _read_text(str(path))
             if path.suffix == ".jsonl":
                 for n, line in enumerate(body.splitlines(), 1):
                     if not line.strip():
@@ -143,7 +169,7 @@ def _documents(items: list[str], meta: dict) -> list[memory_pb2.Document]:
             i, text = it.split("=", 1)
             docs.append(memory_pb2.Document(id=i, text=text, metadata=meta))
         else:
-            raise CliError(f"document {_short(it, 30)!r} must be id=text, @file or @file.jsonl")
+            raise UsageError(f"document {_short(it, 30)!r} must be id=text, @file or @file.jsonl")
     return docs
 
 
@@ -163,10 +189,28 @@ def cmd_docs(a, t: Targets) -> int:
             print(f"  {h.score:.4f}  {h.id:<20} {_short(h.text, 60)}  {meta}")
         if not r.hits:
             print("  (no hits)")
-    else:
+    elif a.docs_cmd == "delete":
         r = t.memory.DeleteDocuments(memory_pb2.DeleteDocumentsRequest(collection=a.collection, ids=a.ids),
                                      timeout=TIMEOUT, metadata=_md())
         print(f"deleted {r.deleted} documents from {a.collection}")
+    elif a.docs_cmd == "create":
+        c = t.memory.CreateCollection(memory_pb2.CreateCollectionRequest(
+            collection=a.collection, model=a.model or "", dimensions=a.dimensions),
+            timeout=TIMEOUT, metadata=_md()).collection
+        print(f"created collection {c.name} ({c.model}, {c.dimensions} dims)")
+    elif a.docs_cmd == "collections":
+        cols = t.memory.ListCollections(memory_pb2.ListCollectionsRequest(), timeout=TIMEOUT,
+                                        metadata=_md()).collections
+        print(f"{'COLLECTION':<24} {'DOCS':>7} {'DIMS':>5}  {'CREATED':<19}  MODEL")
+        for c in cols:
+            created = c.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S") if c.create_time.seconds else "-"
+            print(f"{c.name:<24} {c.num_documents:>7} {c.dimensions:>5}  {created:<19}  {c.model}")
+        if not cols:
+            print("(no collections: `extmind docs upsert` or `extmind docs create` makes one)")
+    else:  # drop
+        t.memory.DeleteCollection(memory_pb2.DeleteCollectionRequest(collection=a.collection), timeout=TIMEOUT,
+                                  metadata=_md())
+        print(f"dropped collection {a.collection}")
     return 0
 
 
@@ -229,31 +273,60 @@ def _memory_id(stem: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.:-]", "-", stem)[:100] or "memory"
 
 
+ROWS_NOTE = "special tokens such as BOS are not stored"
+EXCERPT_CHARS = 200
+
+
+def _exists(t: Targets, memory_id: str) -> bool:
+    try:
+        t.memory.GetMemory(memory_pb2.GetMemoryRequest(memory_id=memory_id), timeout=TIMEOUT, metadata=_md())
+        return True
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.NOT_FOUND:
+            return False
+        raise
+
+
 def cmd_memorize(a, t: Targets) -> int:
-    jobs = []  # (memory_id, text)
+    jobs = []  # (memory_id, text, source)
     if a.id and len(a.files) > 1:
-        raise CliError("--id names one memory; give one file (or use --split-chars for numbered parts)")
-    for f in a.files:
-        try:
-            text = sys.stdin.read() if f == "-" else Path(f).read_text()
-        except OSError as e:
-            raise CliError(f"cannot read {f}: {e.strerror}") from None
+        raise UsageError("--id names one memory; give one file (or use --split-chars for numbered parts)")
+    for f in a.files:  # every file is read (and checked) before the first one is memorized
+        text = _read_text(f)
         if not text.strip():
             raise CliError(f"{f} is empty: nothing to memorize")
+        source = "stdin" if f == "-" else Path(f).name
         base = a.id or _memory_id(Path(f).stem if f != "-" else "stdin")
         parts = _chunks(text, a.split_chars)
-        jobs += [(base if len(parts) == 1 else f"{base}.{i:03d}", p) for i, p in enumerate(parts)]
+        jobs += [(base if len(parts) == 1 else f"{base}.{i:03d}", p, source) for i, p in enumerate(parts)]
     labels = _kv(a.label, "--label")
-    made = []
-    with Progress(sum(len(p) for _, p in jobs), enabled=not a.quiet) as bar:
-        for mid, text in jobs:
+    results = []  # lines, printed after the progress bar
+    with Progress(sum(len(p) for _, p, _ in jobs), enabled=not a.quiet and sys.stderr.isatty()) as bar:
+        for mid, text, source in jobs:
             bar.label = mid
-            r = t.generator.Memorize(generator_pb2.MemorizeRequest(text=text, memory_id=mid, labels=labels),
-                                     timeout=TIMEOUT, metadata=_md())
+            if _exists(t, mid):
+                if not a.replace:
+                    results.append(f"{mid}: exists already, skipped (--replace memorizes it again)")
+                    bar.done += len(text)
+                    continue
+                t.memory.DeleteMemory(memory_pb2.DeleteMemoryRequest(memory_id=mid), timeout=TIMEOUT,
+                                      metadata=_md())
+            # The text itself is not stored (only token ids, and no service detokenizes):
+            # keep where it came from and how it starts, for `extmind memories show`.
+            auto = {"source": source, "excerpt": _short(text, EXCERPT_CHARS)}
+            try:
+                r = t.generator.Memorize(generator_pb2.MemorizeRequest(text=text, memory_id=mid,
+                                                                       labels={**auto, **labels}),
+                                         timeout=TIMEOUT, metadata=_md())
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.ALREADY_EXISTS:
+                    raise
+                results.append(f"{mid}: exists already, skipped (--replace memorizes it again)")
+            else:
+                results.append(f"{r.memory_id}: {r.num_tokens} tokens, {r.num_rows} memory rows ({ROWS_NOTE})")
             bar.done += len(text)
-            made.append(r)
-    for r in made:
-        print(f"{r.memory_id}: {r.num_tokens} tokens, {r.num_rows} rows")
+    for line in results:
+        print(line)
     return 0
 
 
@@ -266,11 +339,12 @@ def _fmt_memory(m) -> str:
 def cmd_memories(a, t: Targets) -> int:
     if a.mem_cmd == "list":
         token = ""
-        print(f"{'MEMORY':<32} {'STATE':<8} {'TOKENS':>7} {'MB':>9}  {'CREATED':<19}  FINGERPRINT")
         while True:
             r = t.memory.ListMemories(memory_pb2.ListMemoriesRequest(model_fingerprint=a.fingerprint or "",
                                                                      page_token=token),
                                       timeout=TIMEOUT, metadata=_md())
+            if not token:  # the header once the service answered (an error stays one line)
+                print(f"{'MEMORY':<32} {'STATE':<8} {'ROWS':>7} {'MB':>9}  {'CREATED':<19}  FINGERPRINT")
             for m in r.memories:
                 print(_fmt_memory(m))
             token = r.next_page_token
@@ -280,14 +354,22 @@ def cmd_memories(a, t: Targets) -> int:
         m = t.memory.GetMemory(memory_pb2.GetMemoryRequest(memory_id=a.memory_id, include_tokens=a.tokens),
                                timeout=TIMEOUT, metadata=_md()).memory
         lay = m.layout
+        labels = dict(m.labels)
+        excerpt = labels.pop("excerpt", "")
         print(f"memory       {m.memory_id}")
         print(f"state        {memory_pb2.MemoryState.Name(m.state).removeprefix('MEMORY_STATE_')}")
-        print(f"tokens       {m.num_tokens}")
+        print(f"rows         {m.num_tokens} (one per stored token; {ROWS_NOTE}, so `extmind memorize` "
+              "counted one more)")
         dtype = common_pb2.DType.Name(lay.dtype).removeprefix("DTYPE_").lower()
         print(f"layout       {lay.num_layers} layers x {lay.num_kv_heads} KV heads x {lay.head_dim} dims, {dtype}")
         print(f"bytes        {m.bytes}")
         print(f"fingerprint  {m.model_fingerprint}")
-        print(f"labels       {', '.join(f'{k}={v}' for k, v in sorted(m.labels.items())) or '-'}")
+        print(f"labels       {', '.join(f'{k}={v}' for k, v in sorted(labels.items())) or '-'}")
+        if excerpt:
+            print(f"excerpt      {excerpt}")
+        else:
+            print("excerpt      - (not memorized by this CLI; the memory keeps token ids only and no service "
+                  "turns them back into text: --tokens prints them)")
         if a.tokens:
             print(f"token_ids    {list(m.token_ids)}")
     else:
@@ -297,7 +379,7 @@ def cmd_memories(a, t: Targets) -> int:
 
 
 def cmd_generate(a, t: Targets) -> int:
-    prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
+    prompt = _read_text("-") if a.prompt == "-" else a.prompt
     sp = generator_pb2.SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                                       max_tokens=a.max_tokens, stop=a.stop or [])
     if a.seed is not None:
@@ -340,13 +422,52 @@ def _short(text: str, n: int) -> str:
 
 # ------------------------------------------------------------------ parser
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2) that point at --help instead of the usage block."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+        sys.exit(2)
+
+
+def _int_at_least(low: int):
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {raw!r}") from None
+        if value < low:
+            want = "a positive whole number" if low == 1 else f"a whole number >= {low}"
+            raise argparse.ArgumentTypeError(f"must be {want}, got {value}")
+        return value
+    return parse
+
+
+def _float_in(low: float, high: float | None = None):
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {raw!r}") from None
+        if not (low <= value and (high is None or value <= high)):
+            raise argparse.ArgumentTypeError(f"must be in [{low:g}, {'∞' if high is None else f'{high:g}'}], "
+                                             f"got {raw}")
+        return value
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="extmind", description="Talk to a running extmind cluster.",
-                                epilog="Targets: EMBEDDER_URL, MEMORY_URL, GENERATOR_URL (or the *_PORT variables).")
+    p = Parser(prog="extmind", description="Talk to a running extmind cluster.",
+               epilog="Targets: EMBEDDER_URL, MEMORY_URL, GENERATOR_URL when set, else the URLs `make up` "
+                      "recorded in <run dir>/cluster.json, else 127.0.0.1 with the *_PORT variables.")
+    p.add_argument("--run-dir", default=None, help="run dir of the cluster to talk to [$EXTMIND_RUN_DIR or .run]")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     s = sub.add_parser("status", help="services, ports, pids and health")
-    s.add_argument("--run-dir", default=None)
+    s.add_argument("--run-dir", dest="status_run_dir", default=None, help="same as extmind --run-dir")
     s.set_defaults(fn=cmd_status)
 
     s = sub.add_parser("embed", help="embed texts ('-' reads stdin)")
@@ -354,19 +475,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="alias or served model name (default: the server's)")
     s.add_argument("--query", action="store_true", help="embed as search queries (adds the instruction)")
     s.add_argument("--instruction", help="query task description")
-    s.add_argument("--dimensions", type=int, default=0, help="Matryoshka size (0 = full)")
+    s.add_argument("--dimensions", type=NON_NEGATIVE, default=0, help="Matryoshka size (0 = full)")
     s.add_argument("--json", action="store_true", help="print the vectors as JSON")
     s.set_defaults(fn=cmd_embed)
 
     s = sub.add_parser("rerank", help="score documents against a query")
     s.add_argument("query")
     s.add_argument("documents", nargs="+")
-    s.add_argument("--top-n", type=int, default=0)
+    s.add_argument("--top-n", type=NON_NEGATIVE, default=0, help="results to return (0 = all)")
     s.add_argument("--model")
     s.add_argument("--instruction")
     s.set_defaults(fn=cmd_rerank)
 
-    d = sub.add_parser("docs", help="document collections: upsert, search, delete")
+    d = sub.add_parser("docs", help="document collections: upsert, search, delete, create, collections, drop")
     dsub = d.add_subparsers(dest="docs_cmd", required=True, metavar="ACTION")
     s = dsub.add_parser("upsert", help="add or replace documents: id=text, @file (id = file name), @file.jsonl")
     s.add_argument("collection")
@@ -375,19 +496,29 @@ def build_parser() -> argparse.ArgumentParser:
     s = dsub.add_parser("search", help="semantic search")
     s.add_argument("collection")
     s.add_argument("query")
-    s.add_argument("--top-k", type=int, default=5)
+    s.add_argument("--top-k", type=POSITIVE, default=5)
     s.add_argument("--filter", action="append", help="key=value exact metadata match")
     s = dsub.add_parser("delete", help="delete documents by id")
     s.add_argument("collection")
     s.add_argument("ids", nargs="+")
+    s = dsub.add_parser("create", help="create an empty collection (upsert also creates one on first use)")
+    s.add_argument("collection")
+    s.add_argument("--model", help="embedding model (default: ask the embedder)")
+    s.add_argument("--dimensions", type=NON_NEGATIVE, default=0, help="vector size (0 = the model's)")
+    dsub.add_parser("collections", help="list the collections")
+    s = dsub.add_parser("drop", help="delete a collection and all its documents")
+    s.add_argument("collection")
     d.set_defaults(fn=cmd_docs)
 
     s = sub.add_parser("memorize", help="turn text files into KV memories ('-' reads stdin)")
     s.add_argument("files", nargs="+")
     s.add_argument("--id", help="memory id (default: the file name)")
     s.add_argument("--label", action="append", help="key=value label")
-    s.add_argument("--split-chars", type=int, default=0,
-                   help="split long files at paragraph boundaries into memories ID.000, ID.001, … of about N chars")
+    s.add_argument("--split-chars", type=NON_NEGATIVE, default=0,
+                   help="split long files at paragraph boundaries into memories ID.000, ID.001, … of about N chars "
+                        "(0 = no split)")
+    s.add_argument("--replace", action="store_true",
+                   help="delete and memorize again a memory id that exists (default: skip it)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_memorize)
 
@@ -405,44 +536,89 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("generate", help="generate text, streamed ('-' reads the prompt from stdin)")
     s.add_argument("prompt")
     s.add_argument("--memory", action="append", help="memory id to attend to (repeatable)")
-    s.add_argument("--citations", action="store_true", help="print the memory spans retrieved most")
-    s.add_argument("--memory-top-k", type=int, default=None, help="memories retrieved per head and token")
+    s.add_argument("--citations", action="store_true", help="print the memory spans retrieved most (needs --memory)")
+    s.add_argument("--memory-top-k", type=POSITIVE, default=None, help="memories retrieved per head and token")
     s.add_argument("--remote", action="store_true", help="search memories on the memory service every step")
     s.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    s.add_argument("--max-tokens", type=int, default=128)
-    s.add_argument("--temperature", type=float, default=0.0)
-    s.add_argument("--top-p", type=float, default=0.0)
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--max-tokens", type=POSITIVE, default=128)
+    s.add_argument("--temperature", type=_float_in(0.0), default=0.0)
+    s.add_argument("--top-p", type=_float_in(0.0, 1.0), default=0.0, help="nucleus mass (0 = off)")
+    s.add_argument("--top-k", type=NON_NEGATIVE, default=0, help="sample among the k likeliest tokens (0 = off)")
+    s.add_argument("--seed", type=NON_NEGATIVE, default=None)
     s.add_argument("--stop", action="append")
     s.set_defaults(fn=cmd_generate)
     return p
 
 
-def _target_of(a, t: Targets) -> str:
-    if a.cmd in ("embed", "rerank"):
-        return t.s.embedder_url
-    if a.cmd in ("docs", "memories"):
-        return t.s.memory_url
-    return t.s.generator_url
+def _check(a) -> None:
+    """Combinations argparse cannot express; errors exit 2 like argparse's own."""
+    if a.cmd == "generate" and not a.memory:
+        needs = [f for f, on in (("--citations", a.citations), ("--memory-top-k", a.memory_top_k is not None),
+                                 ("--remote", a.remote)) if on]
+        if needs:
+            sys.stderr.write(f"extmind generate: {', '.join(needs)} needs --memory ID (the memories to attend to) "
+                             "(see `extmind generate --help`)\n")
+            sys.exit(2)
+
+
+# ------------------------------------------------------------------ errors
+
+# The services' messages name RPCs; a person at the CLI types commands.
+_RPC_COMMANDS = {
+    "ListMemories": "`extmind memories list`", "GetMemory": "`extmind memories show`",
+    "DeleteMemory": "`extmind memories delete`", "CreateMemory": "`extmind memorize`",
+    "CreateCollection": "`extmind docs create`", "UpsertDocuments": "`extmind docs upsert`",
+    "ListCollections": "`extmind docs collections`", "DeleteCollection": "`extmind docs drop`",
+    "SearchDocuments": "`extmind docs search`", "DeleteDocuments": "`extmind docs delete`",
+    "GenerateStream": "`extmind generate`",
+}
+_RPC_NAME = re.compile(r"\b(" + "|".join(_RPC_COMMANDS) + r")\b")
+
+
+def _undouble(message: str) -> str:
+    """"memory 'x': memory 'x' does not exist" -> "memory 'x' does not exist" (a caller's prefix
+    that the callee's message already says)."""
+    while True:
+        head, sep, rest = message.partition(": ")
+        if not (sep and head and head in rest):
+            return message
+        message = rest
+
+
+def rpc_error_line(exc: grpc.RpcError, service: str, url: str) -> str:
+    """The one line (without "extmind: ") that a failed call to ``service`` at ``url`` prints."""
+    peer = f"{service} service at {url}"
+    err = from_rpc_error(exc, peer=peer, as_dependency=False)
+    detail = _RPC_NAME.sub(lambda m: _RPC_COMMANDS[m.group(1)], _undouble(" ".join(err.message.split())))
+    if err.code == "UNAVAILABLE":
+        return f"cannot reach the {peer} ({detail}); is the cluster up? `make up`, `extmind status`"
+    if err.code == "DEADLINE_EXCEEDED":
+        return f"the {peer} did not answer within {TIMEOUT:g}s (EXTMIND_CLI_TIMEOUT)"
+    if err.code == "UNAUTHENTICATED":
+        return f"the {peer} refused the credentials ({detail}); set EXTMIND_AUTH_TOKEN to its token"
+    return detail
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    p = build_parser()
+    a = p.parse_args(argv)
+    _check(a)
+    t = None
     try:
-        t = Targets()
+        t = Targets(getattr(a, "status_run_dir", None) or a.run_dir)
         return a.fn(a, t)
     except grpc.RpcError as e:
-        hint = " (is the cluster up? `make up`, `extmind status`)" if e.code() == grpc.StatusCode.UNAVAILABLE else ""
-        print(f"extmind: {e.code().name} from {_target_of(a, t)}: {e.details()}{hint}", file=sys.stderr)
+        service = t.last if t and t.last else "memory"
+        print(f"extmind: {rpc_error_line(e, service, getattr(t.s, f'{service}_url'))}", file=sys.stderr)
+        return 1
     except (CliError, LaunchError) as e:
-        print(f"extmind: {e}", file=sys.stderr)
+        print(f"extmind: {' '.join(str(e).split())}", file=sys.stderr)
+        return getattr(e, "exit_code", 1)
     except KeyboardInterrupt:
         print("extmind: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
-    return 1
 
 
 if __name__ == "__main__":
