@@ -301,7 +301,7 @@ def cmd_memorize(a, t: Targets) -> int:
         jobs += [(base if len(parts) == 1 else f"{base}.{i:03d}", p, source) for i, p in enumerate(parts)]
     labels = _kv(a.label, "--label")
     results = []  # lines, printed after the progress bar
-    with Progress(sum(len(p) for _, p, _ in jobs), enabled=not a.quiet and sys.stderr.isatty()) as bar:
+    with Progress(sum(len(p) for _, p, _ in jobs), enabled=not a.quiet) as bar:
         for mid, text, source in jobs:
             bar.label = mid
             if _exists(t, mid):
@@ -586,17 +586,18 @@ def _undouble(message: str) -> str:
 
 
 def rpc_error_line(exc: grpc.RpcError, service: str, url: str) -> str:
-    """The one line (without "extmind: ") that a failed call to ``service`` at ``url`` prints."""
+    """The one line (without "extmind: ") that a failed call to ``service`` at ``url`` prints:
+    "CODE: what happened; what to do", the code as :func:`extmind.errors.from_rpc_error` names it."""
     peer = f"{service} service at {url}"
     err = from_rpc_error(exc, peer=peer, as_dependency=False)
     detail = _RPC_NAME.sub(lambda m: _RPC_COMMANDS[m.group(1)], _undouble(" ".join(err.message.split())))
     if err.code == "UNAVAILABLE":
-        return f"cannot reach the {peer} ({detail}); is the cluster up? `make up`, `extmind status`"
-    if err.code == "DEADLINE_EXCEEDED":
-        return f"the {peer} did not answer within {TIMEOUT:g}s (EXTMIND_CLI_TIMEOUT)"
-    if err.code == "UNAUTHENTICATED":
-        return f"the {peer} refused the credentials ({detail}); set EXTMIND_AUTH_TOKEN to its token"
-    return detail
+        detail = f"cannot reach the {peer} ({detail}); is the cluster up? `make up`, `extmind status`"
+    elif err.code == "DEADLINE_EXCEEDED":
+        detail = f"the {peer} did not answer within {TIMEOUT:g}s (EXTMIND_CLI_TIMEOUT)"
+    elif err.code == "UNAUTHENTICATED":
+        detail = f"the {peer} refused the credentials ({detail}); set EXTMIND_AUTH_TOKEN to its token"
+    return f"{err.code}: {detail}"
 
 
 def main(argv: list[str] | None = None) -> int:
