@@ -47,7 +47,8 @@ class CliError(Exception):
 
 
 class UsageError(CliError):
-    """A command line that cannot work as given (exit code 2, like argparse's own errors)."""
+    """Options that cannot work together (exit code 2, like argparse's own errors). A value whose
+    content is wrong (a document, a key=value) is a CliError: exit code 1."""
 
     exit_code = 2
 
@@ -56,7 +57,7 @@ def _kv(items: list[str] | None, what: str) -> dict[str, str]:
     out = {}
     for it in items or []:
         if "=" not in it:
-            raise UsageError(f"{what} {it!r} must look like key=value")
+            raise CliError(f"{what} {it!r} must look like key=value")
         k, v = it.split("=", 1)
         out[k] = v
     return out
@@ -169,7 +170,7 @@ def _documents(items: list[str], meta: dict) -> list[memory_pb2.Document]:
             i, text = it.split("=", 1)
             docs.append(memory_pb2.Document(id=i, text=text, metadata=meta))
         else:
-            raise UsageError(f"document {_short(it, 30)!r} must be id=text, @file or @file.jsonl")
+            raise CliError(f"document {_short(it, 30)!r} must be id=text, @file or @file.jsonl")
     return docs
 
 
@@ -291,6 +292,7 @@ def cmd_memorize(a, t: Targets) -> int:
     jobs = []  # (memory_id, text, source)
     if a.id and len(a.files) > 1:
         raise UsageError("--id names one memory; give one file (or use --split-chars for numbered parts)")
+    labels = _kv(a.label, "--label")
     for f in a.files:  # every file is read (and checked) before the first one is memorized
         text = _read_text(f)
         if not text.strip():
@@ -299,7 +301,6 @@ def cmd_memorize(a, t: Targets) -> int:
         base = a.id or _memory_id(Path(f).stem if f != "-" else "stdin")
         parts = _chunks(text, a.split_chars)
         jobs += [(base if len(parts) == 1 else f"{base}.{i:03d}", p, source) for i, p in enumerate(parts)]
-    labels = _kv(a.label, "--label")
     results = []  # lines, printed after the progress bar
     with Progress(sum(len(p) for _, p, _ in jobs), enabled=not a.quiet) as bar:
         for mid, text, source in jobs:

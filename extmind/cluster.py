@@ -508,40 +508,45 @@ class Cluster:
     # -- status
     def status(self) -> list[dict]:
         """One row per part: Redis, then each service. A service whose ``*_URL`` variable points
-        somewhere else than the process started from this run dir is "external": its URL's gRPC
-        health is checked. Redis behind an external memory service is "unknown" (not ours to see)."""
+        somewhere else than the process started from this run dir, or that answers without having
+        been started from it (e.g. docker compose), is "external": its URL's gRPC health is checked.
+        Redis behind an external memory service is "unknown" (not ours to see)."""
         s = self.s
         rows = []
-        external = {n: self._external_url(n) for n in ORDER}
-        if s.redis_url:
-            rows.append({"service": "redis", "port": _redact(s.redis_url), "pid": "-", "process": "external",
-                         "health": _redis_url_health(s.redis_url), "extra": "REDIS_URL"})
-        elif external["memory"]:
-            rows.append({"service": "redis", "port": "-", "pid": "-", "process": "unknown", "health": "-",
-                         "extra": f"behind the memory service at {external['memory']}"})
-        else:
-            pid = embedded_redis_pid(s)
-            rows.append({"service": "redis", "port": "unix", "pid": str(pid) if pid else "-",
-                         "process": "running" if pid else "not running",
-                         "health": _redis_health(s) if pid else "UNREACHABLE",
-                         "extra": f"embedded in memory, AOF in {s.memory_data_dir}"})
         for n in ORDER:
-            if external[n]:
-                url = external[n]
+            url = self._external_url(n)
+            if url:
                 rows.append({"service": n, "port": url, "pid": "-", "process": "external",
                              "health": check(url, timeout=2.0), "extra": f"{n.upper()}_URL"})
                 continue
             rec = read_pid(s, n)
             probe = service_specs_probe(s, n)
+            health = check(probe, timeout=1.0)
+            process = ("running" if rec.alive() else "dead") if rec else "not started"
+            if rec is None and health != "UNREACHABLE":
+                process = "external"  # something answers that this run dir did not start
             rows.append({
                 "service": n,
                 "port": probe.rsplit(":", 1)[1],
                 "pid": str(rec.pid) if rec else "-",
-                "process": ("running" if rec.alive() else "dead") if rec else "not started",
-                "health": check(probe, timeout=1.0),
+                "process": process,
+                "health": health,
                 "extra": ", ".join(f"{k} {v}" for k, v in ((rec.extra if rec else None) or {}).items()),
             })
-        return rows
+        memory = rows[ORDER.index("memory")]
+        if s.redis_url:
+            redis_row = {"service": "redis", "port": _redact(s.redis_url), "pid": "-", "process": "external",
+                         "health": _redis_url_health(s.redis_url), "extra": "REDIS_URL"}
+        elif memory["process"] == "external":
+            redis_row = {"service": "redis", "port": "-", "pid": "-", "process": "unknown", "health": "-",
+                         "extra": f"behind the memory service at {s.memory_url}"}
+        else:
+            pid = embedded_redis_pid(s)
+            redis_row = {"service": "redis", "port": "unix", "pid": str(pid) if pid else "-",
+                         "process": "running" if pid else "not running",
+                         "health": _redis_health(s) if pid else "UNREACHABLE",
+                         "extra": f"embedded in memory, AOF in {s.memory_data_dir}"}
+        return [redis_row] + rows
 
     def _external_url(self, name: str) -> str:
         """The service's URL when it is not the process this run dir started, else ""."""

@@ -74,7 +74,6 @@ def env(services):
     (["generate", "hi", "--citations"], "--citations needs --memory ID"),
     (["generate", "hi", "--memory-top-k", "3"], "--memory-top-k needs --memory ID"),
     (["memorize", "a.txt", "b.txt", "--id", "x"], "--id names one memory"),
-    (["docs", "upsert", "c", "no-equals-sign"], "must be id=text, @file or @file.jsonl"),
 ])
 def test_usage_errors_are_one_line_exit_2(args, says):
     r = cli(*args)
@@ -82,6 +81,13 @@ def test_usage_errors_are_one_line_exit_2(args, says):
     line = one_line(r)
     assert line.startswith("extmind") and says in line, line
     assert r.stdout == ""
+
+
+def test_bad_values_are_one_line_exit_1():
+    for args, says in ((["docs", "upsert", "c", "no-equals-sign"], "must be id=text, @file or @file.jsonl"),
+                       (["memorize", "x.txt", "--label", "nolabel"], "--label 'nolabel' must look like key=value")):
+        r = cli(*args)
+        assert r.returncode == 1 and says in one_line(r), (args, r.stderr)
 
 
 def test_non_utf8_input_is_one_line(tmp_path):
@@ -207,6 +213,13 @@ def test_status_describes_the_services_the_urls_name(services, env, tmp_path):
     r = cli("status", env=dict(env, EXTMIND_RUN_DIR=str(run), REDIS_URL=services["redis"].url))
     rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:]}
     assert rows["redis"][3:5] == ["external", "PONG"], r.stdout
+
+    # Only ports (e.g. docker compose published on this host): a service that answers but was not
+    # started from this run dir is external too, and so its Redis is unknown.
+    r = cli("status", env=clean_env(EXTMIND_RUN_DIR=str(run), MEMORY_PORT=str(services["memory"].port)))
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:]}
+    assert rows["memory"][1:5] == [str(services["memory"].port), "-", "external", "SERVING"], r.stdout
+    assert rows["redis"][3:5] == ["unknown", "-"], r.stdout
 
 
 def make(*args, **env):
