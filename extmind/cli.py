@@ -37,7 +37,19 @@ from extmind.errors import from_rpc_error
 from extmind.v1 import (common_pb2, embedder_pb2, embedder_pb2_grpc, generator_pb2, generator_pb2_grpc, memory_pb2,
                         memory_pb2_grpc)
 
-TIMEOUT = float(os.environ.get("EXTMIND_CLI_TIMEOUT", "600"))
+def _timeout_from_env() -> tuple[float, str]:
+    """(seconds per call, "" or the one-line complaint about EXTMIND_CLI_TIMEOUT that main prints)."""
+    raw = os.environ.get("EXTMIND_CLI_TIMEOUT", "").strip() or "600"
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        return 600.0, f"EXTMIND_CLI_TIMEOUT={raw!r} must be a positive number of seconds"
+    return value, ""
+
+
+TIMEOUT, _TIMEOUT_PROBLEM = _timeout_from_env()
 
 
 class CliError(Exception):
@@ -605,6 +617,9 @@ def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     _check(a)
+    if _TIMEOUT_PROBLEM:
+        print(f"extmind: {_TIMEOUT_PROBLEM}", file=sys.stderr)
+        return 1
     t = None
     try:
         t = Targets(getattr(a, "status_run_dir", None) or a.run_dir)
@@ -621,6 +636,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as e:  # a bug of ours: still one line, the traceback on request
+        if os.environ.get("EXTMIND_DEBUG"):
+            raise
+        print(f"extmind: unexpected {type(e).__name__}: {' '.join(str(e).split())} "
+              "(EXTMIND_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

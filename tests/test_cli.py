@@ -88,6 +88,8 @@ def test_bad_values_are_one_line_exit_1():
                        (["memorize", "x.txt", "--label", "nolabel"], "--label 'nolabel' must look like key=value")):
         r = cli(*args)
         assert r.returncode == 1 and says in one_line(r), (args, r.stderr)
+    r = cli("memories", "list", env=clean_env(EXTMIND_CLI_TIMEOUT="soon"))
+    assert r.returncode == 1 and one_line(r) == "extmind: EXTMIND_CLI_TIMEOUT='soon' must be a positive number of seconds"
 
 
 def test_non_utf8_input_is_one_line(tmp_path):
