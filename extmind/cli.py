@@ -34,8 +34,16 @@ from extmind.channels import auth_metadata, sync_channel
 from extmind.cli_args import build_parser, check_combinations
 from extmind.cluster import Cluster, LaunchError, Settings, find_run_dir, format_table, status_ok
 from extmind.errors import from_rpc_error
-from extmind.v1 import (common_pb2, embedder_pb2, embedder_pb2_grpc, generator_pb2, generator_pb2_grpc, memory_pb2,
-                        memory_pb2_grpc)
+from extmind.v1 import (
+    common_pb2,
+    embedder_pb2,
+    embedder_pb2_grpc,
+    generator_pb2,
+    generator_pb2_grpc,
+    memory_pb2,
+    memory_pb2_grpc,
+)
+
 
 def _timeout_from_env() -> tuple[float, str]:
     """(seconds per call, "" or the one-line complaint about EXTMIND_CLI_TIMEOUT that main prints)."""
@@ -84,8 +92,10 @@ def _read_text(name: str) -> str:
     except OSError as e:
         raise CliError(f"cannot read {name}: {e.strerror}") from None
     except UnicodeDecodeError as e:
-        raise CliError(f"{'stdin' if name == '-' else name} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
-                       f"offset {e.start}); convert it first, e.g. `iconv -f latin1 -t utf-8`") from None
+        raise CliError(
+            f"{'stdin' if name == '-' else name} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+            f"offset {e.start}); convert it first, e.g. `iconv -f latin1 -t utf-8`"
+        ) from None
 
 
 def _md() -> tuple:
@@ -121,6 +131,7 @@ class Targets:
 
 # ------------------------------------------------------------------ commands
 
+
 def cmd_status(a, t: Targets) -> int:
     rows = Cluster(t.s).status()
     print(format_table(rows))
@@ -129,14 +140,26 @@ def cmd_status(a, t: Targets) -> int:
 
 def cmd_embed(a, t: Targets) -> int:
     texts = [_read_text("-") if x == "-" else x for x in a.texts]
-    req = embedder_pb2.EmbedRequest(inputs=texts, model=a.model or "", dimensions=a.dimensions,
-                                    input_type=embedder_pb2.INPUT_TYPE_QUERY if a.query else embedder_pb2.INPUT_TYPE_DOCUMENT,
-                                    instruction=a.instruction or "")
+    req = embedder_pb2.EmbedRequest(
+        inputs=texts,
+        model=a.model or "",
+        dimensions=a.dimensions,
+        input_type=embedder_pb2.INPUT_TYPE_QUERY if a.query else embedder_pb2.INPUT_TYPE_DOCUMENT,
+        instruction=a.instruction or "",
+    )
     r = t.embedder.Embed(req, timeout=TIMEOUT, metadata=_md())
     vecs = np.frombuffer(r.embeddings.data, "<f4").reshape(tuple(r.embeddings.shape))
     if a.json:
-        print(json.dumps({"model": r.model, "dimensions": r.dimensions, "token_counts": list(r.token_counts),
-                          "embeddings": vecs.tolist()}))
+        print(
+            json.dumps(
+                {
+                    "model": r.model,
+                    "dimensions": r.dimensions,
+                    "token_counts": list(r.token_counts),
+                    "embeddings": vecs.tolist(),
+                }
+            )
+        )
         return 0
     print(f"model {r.model}, {r.dimensions} dimensions")
     for text, v, n in zip(texts, vecs, r.token_counts):
@@ -151,9 +174,13 @@ def cmd_embed(a, t: Targets) -> int:
 
 
 def cmd_rerank(a, t: Targets) -> int:
-    r = t.embedder.Rerank(embedder_pb2.RerankRequest(query=a.query, documents=a.documents, top_n=a.top_n,
-                                                     model=a.model or "", instruction=a.instruction or ""),
-                          timeout=TIMEOUT, metadata=_md())
+    r = t.embedder.Rerank(
+        embedder_pb2.RerankRequest(
+            query=a.query, documents=a.documents, top_n=a.top_n, model=a.model or "", instruction=a.instruction or ""
+        ),
+        timeout=TIMEOUT,
+        metadata=_md(),
+    )
     print(f"model {r.model}")
     for res in r.results:
         print(f"  {res.score:.4f}  [{res.index}] {_short(a.documents[res.index], 70)}")
@@ -172,8 +199,11 @@ def _documents(items: list[str], meta: dict) -> list[memory_pb2.Document]:
                         continue
                     try:
                         d = json.loads(line)
-                        docs.append(memory_pb2.Document(id=str(d["id"]), text=d["text"],
-                                                        metadata={**meta, **d.get("metadata", {})}))
+                        docs.append(
+                            memory_pb2.Document(
+                                id=str(d["id"]), text=d["text"], metadata={**meta, **d.get("metadata", {})}
+                            )
+                        )
                     except (json.JSONDecodeError, KeyError, TypeError):
                         raise CliError(f"{path}:{n}: each line must be a JSON object with 'id' and 'text'") from None
             else:
@@ -189,31 +219,41 @@ def _documents(items: list[str], meta: dict) -> list[memory_pb2.Document]:
 def cmd_docs(a, t: Targets) -> int:
     if a.docs_cmd == "upsert":
         docs = _documents(a.items, _kv(a.meta, "--meta"))
-        r = t.memory.UpsertDocuments(memory_pb2.UpsertDocumentsRequest(collection=a.collection, documents=docs),
-                                     timeout=TIMEOUT, metadata=_md())
-        print(f"upserted {len(r.ids)} documents into {a.collection} ({r.model}, {r.dimensions} dims): "
-              + ", ".join(r.ids))
+        r = t.memory.UpsertDocuments(
+            memory_pb2.UpsertDocumentsRequest(collection=a.collection, documents=docs), timeout=TIMEOUT, metadata=_md()
+        )
+        print(
+            f"upserted {len(r.ids)} documents into {a.collection} ({r.model}, {r.dimensions} dims): " + ", ".join(r.ids)
+        )
     elif a.docs_cmd == "search":
-        r = t.memory.SearchDocuments(memory_pb2.SearchDocumentsRequest(
-            collection=a.collection, query=a.query, top_k=a.top_k, filter=_kv(a.filter, "--filter")),
-            timeout=TIMEOUT, metadata=_md())
+        r = t.memory.SearchDocuments(
+            memory_pb2.SearchDocumentsRequest(
+                collection=a.collection, query=a.query, top_k=a.top_k, filter=_kv(a.filter, "--filter")
+            ),
+            timeout=TIMEOUT,
+            metadata=_md(),
+        )
         for h in r.hits:
             meta = " ".join(f"{k}={v}" for k, v in sorted(h.metadata.items()))
             print(f"  {h.score:.4f}  {h.id:<20} {_short(h.text, 60)}  {meta}")
         if not r.hits:
             print("  (no hits)")
     elif a.docs_cmd == "delete":
-        r = t.memory.DeleteDocuments(memory_pb2.DeleteDocumentsRequest(collection=a.collection, ids=a.ids),
-                                     timeout=TIMEOUT, metadata=_md())
+        r = t.memory.DeleteDocuments(
+            memory_pb2.DeleteDocumentsRequest(collection=a.collection, ids=a.ids), timeout=TIMEOUT, metadata=_md()
+        )
         print(f"deleted {r.deleted} documents from {a.collection}")
     elif a.docs_cmd == "create":
-        c = t.memory.CreateCollection(memory_pb2.CreateCollectionRequest(
-            collection=a.collection, model=a.model or "", dimensions=a.dimensions),
-            timeout=TIMEOUT, metadata=_md()).collection
+        c = t.memory.CreateCollection(
+            memory_pb2.CreateCollectionRequest(collection=a.collection, model=a.model or "", dimensions=a.dimensions),
+            timeout=TIMEOUT,
+            metadata=_md(),
+        ).collection
         print(f"created collection {c.name} ({c.model}, {c.dimensions} dims)")
     elif a.docs_cmd == "collections":
-        cols = t.memory.ListCollections(memory_pb2.ListCollectionsRequest(), timeout=TIMEOUT,
-                                        metadata=_md()).collections
+        cols = t.memory.ListCollections(
+            memory_pb2.ListCollectionsRequest(), timeout=TIMEOUT, metadata=_md()
+        ).collections
         print(f"{'COLLECTION':<24} {'DOCS':>7} {'DIMS':>5}  {'CREATED':<19}  MODEL")
         for c in cols:
             created = c.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S") if c.create_time.seconds else "-"
@@ -221,8 +261,9 @@ def cmd_docs(a, t: Targets) -> int:
         if not cols:
             print("(no collections: `extmind docs upsert` or `extmind docs create` makes one)")
     else:  # drop
-        t.memory.DeleteCollection(memory_pb2.DeleteCollectionRequest(collection=a.collection), timeout=TIMEOUT,
-                                  metadata=_md())
+        t.memory.DeleteCollection(
+            memory_pb2.DeleteCollectionRequest(collection=a.collection), timeout=TIMEOUT, metadata=_md()
+        )
         print(f"dropped collection {a.collection}")
     return 0
 
@@ -253,8 +294,10 @@ class Progress:
     def _draw(self, spin: str = "", final: bool = False):
         frac = self.done / self.total
         bar = "#" * int(frac * 30)
-        sys.stderr.write(f"\r[{bar:<30}] {frac * 100:5.1f}% {self.done}/{self.total} chars "
-                         f"{time.monotonic() - self._t0:6.1f}s {spin} {_short(self.label, 30):<30}")
+        sys.stderr.write(
+            f"\r[{bar:<30}] {frac * 100:5.1f}% {self.done}/{self.total} chars "
+            f"{time.monotonic() - self._t0:6.1f}s {spin} {_short(self.label, 30):<30}"
+        )
         sys.stderr.flush()
 
     def _loop(self):
@@ -322,15 +365,16 @@ def cmd_memorize(a, t: Targets) -> int:
                     results.append(f"{mid}: exists already, skipped (--replace memorizes it again)")
                     bar.done += len(text)
                     continue
-                t.memory.DeleteMemory(memory_pb2.DeleteMemoryRequest(memory_id=mid), timeout=TIMEOUT,
-                                      metadata=_md())
+                t.memory.DeleteMemory(memory_pb2.DeleteMemoryRequest(memory_id=mid), timeout=TIMEOUT, metadata=_md())
             # The text itself is not stored (only token ids, and no service detokenizes):
             # keep where it came from and how it starts, for `extmind memories show`.
             auto = {"source": source, "excerpt": _short(text, EXCERPT_CHARS)}
             try:
-                r = t.generator.Memorize(generator_pb2.MemorizeRequest(text=text, memory_id=mid,
-                                                                       labels={**auto, **labels}),
-                                         timeout=TIMEOUT, metadata=_md())
+                r = t.generator.Memorize(
+                    generator_pb2.MemorizeRequest(text=text, memory_id=mid, labels={**auto, **labels}),
+                    timeout=TIMEOUT,
+                    metadata=_md(),
+                )
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.ALREADY_EXISTS:
                     raise
@@ -346,16 +390,20 @@ def cmd_memorize(a, t: Targets) -> int:
 def _fmt_memory(m) -> str:
     state = memory_pb2.MemoryState.Name(m.state).removeprefix("MEMORY_STATE_")
     created = m.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S") if m.create_time.seconds else "-"
-    return f"{m.memory_id:<32} {state:<8} {m.num_tokens:>7} {m.bytes / 1e6:>9.2f}  {created}  {m.model_fingerprint[:16]}"
+    return (
+        f"{m.memory_id:<32} {state:<8} {m.num_tokens:>7} {m.bytes / 1e6:>9.2f}  {created}  {m.model_fingerprint[:16]}"
+    )
 
 
 def cmd_memories(a, t: Targets) -> int:
     if a.mem_cmd == "list":
         token = ""
         while True:
-            r = t.memory.ListMemories(memory_pb2.ListMemoriesRequest(model_fingerprint=a.fingerprint or "",
-                                                                     page_token=token),
-                                      timeout=TIMEOUT, metadata=_md())
+            r = t.memory.ListMemories(
+                memory_pb2.ListMemoriesRequest(model_fingerprint=a.fingerprint or "", page_token=token),
+                timeout=TIMEOUT,
+                metadata=_md(),
+            )
             if not token:  # the header once the service answered (an error stays one line)
                 print(f"{'MEMORY':<32} {'STATE':<8} {'ROWS':>7} {'MB':>9}  {'CREATED':<19}  FINGERPRINT")
             for m in r.memories:
@@ -364,15 +412,17 @@ def cmd_memories(a, t: Targets) -> int:
             if not token:
                 break
     elif a.mem_cmd == "show":
-        m = t.memory.GetMemory(memory_pb2.GetMemoryRequest(memory_id=a.memory_id, include_tokens=a.tokens),
-                               timeout=TIMEOUT, metadata=_md()).memory
+        m = t.memory.GetMemory(
+            memory_pb2.GetMemoryRequest(memory_id=a.memory_id, include_tokens=a.tokens), timeout=TIMEOUT, metadata=_md()
+        ).memory
         lay = m.layout
         labels = dict(m.labels)
         excerpt = labels.pop("excerpt", "")
         print(f"memory       {m.memory_id}")
         print(f"state        {memory_pb2.MemoryState.Name(m.state).removeprefix('MEMORY_STATE_')}")
-        print(f"rows         {m.num_tokens} (one per stored token; {ROWS_NOTE}, so `extmind memorize` "
-              "counted one more)")
+        print(
+            f"rows         {m.num_tokens} (one per stored token; {ROWS_NOTE}, so `extmind memorize` counted one more)"
+        )
         dtype = common_pb2.DType.Name(lay.dtype).removeprefix("DTYPE_").lower()
         print(f"layout       {lay.num_layers} layers x {lay.num_kv_heads} KV heads x {lay.head_dim} dims, {dtype}")
         print(f"bytes        {m.bytes}")
@@ -381,8 +431,10 @@ def cmd_memories(a, t: Targets) -> int:
         if excerpt:
             print(f"excerpt      {excerpt}")
         else:
-            print("excerpt      - (not memorized by this CLI; the memory keeps token ids only and no service "
-                  "turns them back into text: --tokens prints them)")
+            print(
+                "excerpt      - (not memorized by this CLI; the memory keeps token ids only and no service "
+                "turns them back into text: --tokens prints them)"
+            )
         if a.tokens:
             print(f"token_ids    {list(m.token_ids)}")
     else:
@@ -393,8 +445,9 @@ def cmd_memories(a, t: Targets) -> int:
 
 def cmd_generate(a, t: Targets) -> int:
     prompt = _read_text("-") if a.prompt == "-" else a.prompt
-    sp = generator_pb2.SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                                      max_tokens=a.max_tokens, stop=a.stop or [])
+    sp = generator_pb2.SamplingParams(
+        temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_tokens=a.max_tokens, stop=a.stop or []
+    )
     if a.seed is not None:
         sp.seed = a.seed
     req = generator_pb2.GenerateStreamRequest(sampling=sp)
@@ -423,8 +476,10 @@ def cmd_generate(a, t: Targets) -> int:
         n = last.usage.completion_tokens
         print(f"[{n} tokens, {reason}, {dt:.2f}s, {n / dt if dt else 0:.1f} tok/s]", file=sys.stderr)
         for c in last.citations:
-            print(f"  cited {c.memory_id}[{c.token_start}:{c.token_end}] x{c.hits}: {_short(c.text, 60)!r}",
-                  file=sys.stderr)
+            print(
+                f"  cited {c.memory_id}[{c.token_start}:{c.token_end}] x{c.hits}: {_short(c.text, 60)!r}",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -433,26 +488,38 @@ def _short(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-COMMANDS = {"status": cmd_status, "embed": cmd_embed, "rerank": cmd_rerank, "docs": cmd_docs,
-            "memorize": cmd_memorize, "memories": cmd_memories, "generate": cmd_generate}
+COMMANDS = {
+    "status": cmd_status,
+    "embed": cmd_embed,
+    "rerank": cmd_rerank,
+    "docs": cmd_docs,
+    "memorize": cmd_memorize,
+    "memories": cmd_memories,
+    "generate": cmd_generate,
+}
 
 
 # ------------------------------------------------------------------ errors
 
 # The services' messages name RPCs; a person at the CLI types commands.
 _RPC_COMMANDS = {
-    "ListMemories": "`extmind memories list`", "GetMemory": "`extmind memories show`",
-    "DeleteMemory": "`extmind memories delete`", "CreateMemory": "`extmind memorize`",
-    "CreateCollection": "`extmind docs create`", "UpsertDocuments": "`extmind docs upsert`",
-    "ListCollections": "`extmind docs collections`", "DeleteCollection": "`extmind docs drop`",
-    "SearchDocuments": "`extmind docs search`", "DeleteDocuments": "`extmind docs delete`",
+    "ListMemories": "`extmind memories list`",
+    "GetMemory": "`extmind memories show`",
+    "DeleteMemory": "`extmind memories delete`",
+    "CreateMemory": "`extmind memorize`",
+    "CreateCollection": "`extmind docs create`",
+    "UpsertDocuments": "`extmind docs upsert`",
+    "ListCollections": "`extmind docs collections`",
+    "DeleteCollection": "`extmind docs drop`",
+    "SearchDocuments": "`extmind docs search`",
+    "DeleteDocuments": "`extmind docs delete`",
     "GenerateStream": "`extmind generate`",
 }
 _RPC_NAME = re.compile(r"\b(" + "|".join(_RPC_COMMANDS) + r")\b")
 
 
 def _undouble(message: str) -> str:
-    """"memory 'x': memory 'x' does not exist" -> "memory 'x' does not exist" (a caller's prefix
+    """ "memory 'x': memory 'x' does not exist" -> "memory 'x' does not exist" (a caller's prefix
     that the callee's message already says)."""
     while True:
         head, sep, rest = message.partition(": ")
@@ -501,8 +568,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug of ours: still one line, the traceback on request
         if os.environ.get("EXTMIND_DEBUG"):
             raise
-        print(f"extmind: unexpected {type(e).__name__}: {' '.join(str(e).split())} "
-              "(EXTMIND_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(
+            f"extmind: unexpected {type(e).__name__}: {' '.join(str(e).split())} (EXTMIND_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -26,6 +26,7 @@ def _int_at_least(low: int):
             want = "a positive whole number" if low == 1 else f"a whole number >= {low}"
             raise argparse.ArgumentTypeError(f"must be {want}, got {value}")
         return value
+
     return parse
 
 
@@ -36,9 +37,9 @@ def _float_in(low: float, high: float | None = None):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {raw!r}") from None
         if not (low <= value and (high is None or value <= high)):
-            raise argparse.ArgumentTypeError(f"must be in [{low:g}, {'∞' if high is None else f'{high:g}'}], "
-                                             f"got {raw}")
+            raise argparse.ArgumentTypeError(f"must be in [{low:g}, {'∞' if high is None else f'{high:g}'}], got {raw}")
         return value
+
     return parse
 
 
@@ -46,9 +47,12 @@ POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="extmind", description="Talk to a running extmind cluster.",
-               epilog="Targets: EMBEDDER_URL, MEMORY_URL, GENERATOR_URL when set, else the URLs `make up` "
-                      "recorded in <run dir>/cluster.json, else 127.0.0.1 with the *_PORT variables.")
+    p = Parser(
+        prog="extmind",
+        description="Talk to a running extmind cluster.",
+        epilog="Targets: EMBEDDER_URL, MEMORY_URL, GENERATOR_URL when set, else the URLs `make up` "
+        "recorded in <run dir>/cluster.json, else 127.0.0.1 with the *_PORT variables.",
+    )
     p.add_argument("--run-dir", default=None, help="run dir of the cluster to talk to [$EXTMIND_RUN_DIR or .run]")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
@@ -96,11 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("files", nargs="+")
     s.add_argument("--id", help="memory id (default: the file name)")
     s.add_argument("--label", action="append", help="key=value label")
-    s.add_argument("--split-chars", type=NON_NEGATIVE, default=0,
-                   help="split long files at paragraph boundaries into memories ID.000, ID.001, … of about N chars "
-                        "(0 = no split)")
-    s.add_argument("--replace", action="store_true",
-                   help="delete and memorize again a memory id that exists (default: skip it)")
+    s.add_argument(
+        "--split-chars",
+        type=NON_NEGATIVE,
+        default=0,
+        help="split long files at paragraph boundaries into memories ID.000, ID.001, … of about N chars (0 = no split)",
+    )
+    s.add_argument(
+        "--replace", action="store_true", help="delete and memorize again a memory id that exists (default: skip it)"
+    )
     s.add_argument("--quiet", action="store_true", help="no progress bar")
 
     m = sub.add_parser("memories", help="KV memories: list, show, delete")
@@ -132,9 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
 def check_combinations(a) -> None:
     """Combinations argparse cannot express; errors exit 2 like argparse's own."""
     if a.cmd == "generate" and not a.memory:
-        needs = [f for f, on in (("--citations", a.citations), ("--memory-top-k", a.memory_top_k is not None),
-                                 ("--remote", a.remote)) if on]
+        needs = [
+            f
+            for f, on in (
+                ("--citations", a.citations),
+                ("--memory-top-k", a.memory_top_k is not None),
+                ("--remote", a.remote),
+            )
+            if on
+        ]
         if needs:
-            sys.stderr.write(f"extmind generate: {', '.join(needs)} needs --memory ID (the memories to attend to) "
-                             "(see `extmind generate --help`)\n")
+            sys.stderr.write(
+                f"extmind generate: {', '.join(needs)} needs --memory ID (the memories to attend to) "
+                "(see `extmind generate --help`)\n"
+            )
             sys.exit(2)

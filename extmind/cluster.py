@@ -110,7 +110,7 @@ class Settings:
     stop_grace: float
 
     @classmethod
-    def from_env(cls, run_dir: str | os.PathLike | None = None, *, use_record: bool = False) -> "Settings":
+    def from_env(cls, run_dir: str | os.PathLike | None = None, *, use_record: bool = False) -> Settings:
         """Settings from the environment. ``use_record=True`` (clients, ``status``): URLs, Redis and
         data dir not set explicitly come from the run dir's ``cluster.json`` before the defaults."""
         run = Path(run_dir or _env("EXTMIND_RUN_DIR") or ".run").resolve()
@@ -566,11 +566,12 @@ def _redact(url: str) -> str:
 
 
 def _redis_url_health(url: str) -> str:
+    import redis
+
     try:
-        import redis
         c = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
         return "PONG" if c.ping() else "NO PONG"
-    except Exception:
+    except (redis.RedisError, OSError, ValueError):
         return "UNREACHABLE"
 
 

@@ -8,16 +8,38 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from extmind.tiny_models import build_llama
-from tests.procs import ROOT, RedisProcess, ServiceProcess, free_ports
+
+try:  # the process helpers' home since they became shared with the launcher
+    from extmind.procs import RedisProcess, ServiceProcess, free_ports
+except ImportError:
+    from tests.procs import RedisProcess, ServiceProcess, free_ports
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # Variables that would point the CLI somewhere else than what a test chooses.
-_SCRUB = ("EMBEDDER_URL", "MEMORY_URL", "GENERATOR_URL", "EMBEDDER_PORT", "MEMORY_PORT", "GENERATOR_PORT",
-          "EXTMIND_RUN_DIR", "REDIS_URL", "MEMORY_DATA_DIR", "EXTMIND_AUTH_TOKEN", "RUN_DIR",
-          "EMBEDDER_HOST", "MEMORY_HOST", "GENERATOR_HOST", "MAKEFLAGS", "MFLAGS")
+_SCRUB = (
+    "EMBEDDER_URL",
+    "MEMORY_URL",
+    "GENERATOR_URL",
+    "EMBEDDER_PORT",
+    "MEMORY_PORT",
+    "GENERATOR_PORT",
+    "EXTMIND_RUN_DIR",
+    "REDIS_URL",
+    "MEMORY_DATA_DIR",
+    "EXTMIND_AUTH_TOKEN",
+    "RUN_DIR",
+    "EMBEDDER_HOST",
+    "MEMORY_HOST",
+    "GENERATOR_HOST",
+    "MAKEFLAGS",
+    "MFLAGS",
+)
 
 
 def clean_env(**extra) -> dict:
@@ -27,8 +49,15 @@ def clean_env(**extra) -> dict:
 
 
 def cli(*args, env=None, cwd=None, input=None):
-    return subprocess.run([sys.executable, "-m", "extmind.cli", *args], env=env or clean_env(), cwd=cwd or ROOT,
-                          capture_output=True, text=True, input=input, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "extmind.cli", *args],
+        env=env or clean_env(),
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        input=input,
+        timeout=120,
+    )
 
 
 def one_line(r) -> str:
@@ -43,12 +72,20 @@ def services(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     model = build_llama(d / "llama", hidden=64, layers=2, heads=4, kv_heads=2, seed=3)
     redis = RedisProcess(d / "redis").start()
-    mem = ServiceProcess("services.memory", ["--redis-url", redis.url, "--log-format", "text"],
-                         env={"EXTMIND_AUTH_TOKEN": ""}, log_dir=d / "logs",
-                         health_service="extmind.v1.MemoryService").start()
-    gen = ServiceProcess("services.generator", ["--model", str(model), "--log-format", "text"],
-                         env={"EXTMIND_AUTH_TOKEN": "", "MEMORY_URL": mem.address}, log_dir=d / "logs",
-                         health_service="extmind.v1.GeneratorService").start()
+    mem = ServiceProcess(
+        "services.memory",
+        ["--redis-url", redis.url, "--log-format", "text"],
+        env={"EXTMIND_AUTH_TOKEN": ""},
+        log_dir=d / "logs",
+        health_service="extmind.v1.MemoryService",
+    ).start()
+    gen = ServiceProcess(
+        "services.generator",
+        ["--model", str(model), "--log-format", "text"],
+        env={"EXTMIND_AUTH_TOKEN": "", "MEMORY_URL": mem.address},
+        log_dir=d / "logs",
+        health_service="extmind.v1.GeneratorService",
+    ).start()
     yield {"memory": mem, "generator": gen, "redis": redis}
     gen.stop()
     mem.stop()
@@ -58,23 +95,30 @@ def services(tmp_path_factory):
 @pytest.fixture(scope="module")
 def env(services):
     (dead,) = free_ports(1)
-    return clean_env(MEMORY_URL=services["memory"].address, GENERATOR_URL=services["generator"].address,
-                     EMBEDDER_URL=f"127.0.0.1:{dead}")
+    return clean_env(
+        MEMORY_URL=services["memory"].address,
+        GENERATOR_URL=services["generator"].address,
+        EMBEDDER_URL=f"127.0.0.1:{dead}",
+    )
 
 
 # ------------------------------------------------------------------ the command line itself
 
-@pytest.mark.parametrize("args, says", [
-    (["docs", "search", "c", "q", "--top-k", "-1"], "argument --top-k: must be a positive whole number, got -1"),
-    (["docs", "search", "c", "q", "--top-k", "0"], "argument --top-k: must be a positive whole number, got 0"),
-    (["generate", "hi", "--max-tokens", "-3"], "argument --max-tokens: must be a positive whole number, got -3"),
-    (["generate", "hi", "--top-k", "-1"], "argument --top-k: must be a whole number >= 0, got -1"),
-    (["generate", "hi", "--top-p", "1.5"], "argument --top-p: must be in [0, 1], got 1.5"),
-    (["memorize", "f.txt", "--split-chars", "-5"], "argument --split-chars: must be a whole number >= 0, got -5"),
-    (["generate", "hi", "--citations"], "--citations needs --memory ID"),
-    (["generate", "hi", "--memory-top-k", "3"], "--memory-top-k needs --memory ID"),
-    (["memorize", "a.txt", "b.txt", "--id", "x"], "--id names one memory"),
-])
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["docs", "search", "c", "q", "--top-k", "-1"], "argument --top-k: must be a positive whole number, got -1"),
+        (["docs", "search", "c", "q", "--top-k", "0"], "argument --top-k: must be a positive whole number, got 0"),
+        (["generate", "hi", "--max-tokens", "-3"], "argument --max-tokens: must be a positive whole number, got -3"),
+        (["generate", "hi", "--top-k", "-1"], "argument --top-k: must be a whole number >= 0, got -1"),
+        (["generate", "hi", "--top-p", "1.5"], "argument --top-p: must be in [0, 1], got 1.5"),
+        (["memorize", "f.txt", "--split-chars", "-5"], "argument --split-chars: must be a whole number >= 0, got -5"),
+        (["generate", "hi", "--citations"], "--citations needs --memory ID"),
+        (["generate", "hi", "--memory-top-k", "3"], "--memory-top-k needs --memory ID"),
+        (["memorize", "a.txt", "b.txt", "--id", "x"], "--id names one memory"),
+    ],
+)
 def test_usage_errors_are_one_line_exit_2(args, says):
     r = cli(*args)
     assert r.returncode == 2, (args, r.stdout, r.stderr)
@@ -84,12 +128,16 @@ def test_usage_errors_are_one_line_exit_2(args, says):
 
 
 def test_bad_values_are_one_line_exit_1():
-    for args, says in ((["docs", "upsert", "c", "no-equals-sign"], "must be id=text, @file or @file.jsonl"),
-                       (["memorize", "x.txt", "--label", "nolabel"], "--label 'nolabel' must look like key=value")):
+    for args, says in (
+        (["docs", "upsert", "c", "no-equals-sign"], "must be id=text, @file or @file.jsonl"),
+        (["memorize", "x.txt", "--label", "nolabel"], "--label 'nolabel' must look like key=value"),
+    ):
         r = cli(*args)
         assert r.returncode == 1 and says in one_line(r), (args, r.stderr)
     r = cli("memories", "list", env=clean_env(EXTMIND_CLI_TIMEOUT="soon"))
-    assert r.returncode == 1 and one_line(r) == "extmind: EXTMIND_CLI_TIMEOUT='soon' must be a positive number of seconds"
+    assert (
+        r.returncode == 1 and one_line(r) == "extmind: EXTMIND_CLI_TIMEOUT='soon' must be a positive number of seconds"
+    )
 
 
 def test_non_utf8_input_is_one_line(tmp_path):
@@ -98,10 +146,18 @@ def test_non_utf8_input_is_one_line(tmp_path):
     for args in (["memorize", str(bad)], ["docs", "upsert", "c", f"@{bad}"]):
         r = cli(*args)
         assert r.returncode == 1, (args, r.stderr)
-        assert one_line(r) == (f"extmind: {bad} is not UTF-8 text (byte 0xe9 at offset 3); convert it first, "
-                               "e.g. `iconv -f latin1 -t utf-8`")
-    r = subprocess.run([sys.executable, "-m", "extmind.cli", "memorize", "-"], env=clean_env(), cwd=ROOT,
-                       input=b"\xff\xfe", capture_output=True, timeout=60)
+        assert one_line(r) == (
+            f"extmind: {bad} is not UTF-8 text (byte 0xe9 at offset 3); convert it first, "
+            "e.g. `iconv -f latin1 -t utf-8`"
+        )
+    r = subprocess.run(
+        [sys.executable, "-m", "extmind.cli", "memorize", "-"],
+        env=clean_env(),
+        cwd=ROOT,
+        input=b"\xff\xfe",
+        capture_output=True,
+        timeout=60,
+    )
     assert r.returncode == 1 and b"stdin is not UTF-8 text" in r.stderr and r.stderr.count(b"\n") == 1
 
 
@@ -115,6 +171,7 @@ def test_unreachable_service_is_one_line():
 
 
 # ------------------------------------------------------------------ against the services
+
 
 def test_docs_create_collections_drop(env):
     r = cli("docs", "collections", env=env)
@@ -181,6 +238,7 @@ def test_not_found_names_the_memory_once(env):
 
 # ------------------------------------------------------------------ finding the cluster
 
+
 def test_cluster_json_in_the_run_dir_is_found_without_env_vars(services, tmp_path):
     mem = services["memory"].address
     (tmp_path / ".run").mkdir()
@@ -225,8 +283,14 @@ def test_status_describes_the_services_the_urls_name(services, env, tmp_path):
 
 
 def make(*args, **env):
-    return subprocess.run(["make", "--no-print-directory", *args], env=clean_env(**env), cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        ["make", "--no-print-directory", *args],
+        env=clean_env(**env),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_make_targets_take_EXTMIND_RUN_DIR(tmp_path):

@@ -9,7 +9,10 @@ import sys
 
 import pytest
 
-from .conftest import _SCRUB, REPO
+try:  # where the e2e cluster helpers live since they left conftest
+    from .cluster import _SCRUB, REPO
+except ImportError:
+    from .conftest import _SCRUB, REPO
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -27,21 +30,40 @@ def test_up_records_its_urls_and_a_bare_shell_finds_them(cluster, tmp_path):
     for name in ("embedder", "memory", "generator"):
         assert record[f"{name}_url"] == cluster.url(name), record
     env = bare_env(cluster, EXTMIND_RUN_DIR=str(cluster.run_dir))
-    r = subprocess.run([sys.executable, "-m", "extmind.cli", "embed", "found without ports", "--json"], env=env,
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "extmind.cli", "embed", "found without ports", "--json"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert len(json.loads(r.stdout)["embeddings"]) == 1
-    r = subprocess.run([sys.executable, "-m", "extmind.cli", "status"], env=env, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "extmind.cli", "status"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:]}
     for name in ("embedder", "memory", "generator"):
         assert rows[name][1] == cluster.url(name).rsplit(":", 1)[1] and rows[name][3:5] == ["running", "SERVING"]
     assert rows["redis"][3:5] == ["running", "PONG"], r.stdout
     # `make status` reads the same run dir from EXTMIND_RUN_DIR (dry run: it would install first).
-    r = subprocess.run(["make", "--no-print-directory", "-n", "status"], env=env, cwd=REPO, capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        ["make", "--no-print-directory", "-n", "status"], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert f"-m extmind.cluster status --run-dir {cluster.run_dir}" in r.stdout, r.stdout
-    st = subprocess.run([sys.executable, "-m", "extmind.cluster", "status", "--run-dir", str(cluster.run_dir)],
-                        env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    st = subprocess.run(
+        [sys.executable, "-m", "extmind.cluster", "status", "--run-dir", str(cluster.run_dir)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert st.returncode == 0, st.stdout + st.stderr
