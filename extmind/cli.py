@@ -32,7 +32,7 @@ import numpy as np
 
 from extmind.channels import auth_metadata, sync_channel
 from extmind.cli_args import build_parser, check_combinations
-from extmind.cluster import Cluster, LaunchError, Settings, find_run_dir, format_table, status_ok
+from extmind.cluster import Cluster, LaunchError, Settings, find_run_dir, format_table, read_record, status_ok
 from extmind.errors import from_rpc_error
 from extmind.v1 import (
     common_pb2,
@@ -108,6 +108,13 @@ class Targets:
         self.s = Settings.from_env(self.run_dir, use_record=True)
         self._chans = {}
         self.last = ""  # the service of the stub taken last: the one an RpcError came from
+
+    def origin(self, service: str) -> str:
+        """Where the service's URL came from, for error messages."""
+        if os.environ.get(f"{service.upper()}_URL", "").strip():
+            return f"{service.upper()}_URL"
+        record = self.run_dir / "cluster.json"
+        return str(record) if f"{service}_url" in read_record(self.run_dir) else f"default; no {record}"
 
     def _chan(self, service: str):
         self.last = service
@@ -475,6 +482,8 @@ def cmd_generate(a, t: Targets) -> int:
         dt = time.monotonic() - t0
         n = last.usage.completion_tokens
         print(f"[{n} tokens, {reason}, {dt:.2f}s, {n / dt if dt else 0:.1f} tok/s]", file=sys.stderr)
+        if a.citations and not last.citations:
+            print("  no citations came back for this answer", file=sys.stderr)
         for c in last.citations:
             print(
                 f"  cited {c.memory_id}[{c.token_start}:{c.token_end}] x{c.hits}: {_short(c.text, 60)!r}",
@@ -528,14 +537,16 @@ def _undouble(message: str) -> str:
         message = rest
 
 
-def rpc_error_line(exc: grpc.RpcError, service: str, url: str) -> str:
+def rpc_error_line(exc: grpc.RpcError, service: str, url: str, origin: str = "") -> str:
     """The one line (without "extmind: ") that a failed call to ``service`` at ``url`` prints:
-    "CODE: what happened; what to do", the code as :func:`extmind.errors.from_rpc_error` names it."""
+    "CODE: what happened; what to do", the code as :func:`extmind.errors.from_rpc_error` names it.
+    ``origin`` says where ``url`` came from (shown when the service cannot be reached)."""
     peer = f"{service} service at {url}"
     err = from_rpc_error(exc, peer=peer, as_dependency=False)
     detail = _RPC_NAME.sub(lambda m: _RPC_COMMANDS[m.group(1)], _undouble(" ".join(err.message.split())))
     if err.code == "UNAVAILABLE":
-        detail = f"cannot reach the {peer} ({detail}); is the cluster up? `make up`, `extmind status`"
+        where = f" [{origin}]" if origin else ""
+        detail = f"cannot reach the {peer}{where} ({detail}); is the cluster up? `make up`, `extmind status`"
     elif err.code == "DEADLINE_EXCEEDED":
         detail = f"the {peer} did not answer within {TIMEOUT:g}s (EXTMIND_CLI_TIMEOUT)"
     elif err.code == "UNAUTHENTICATED":
@@ -555,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[a.cmd](a, t)
     except grpc.RpcError as e:
         service = t.last if t and t.last else "memory"
-        print(f"extmind: {rpc_error_line(e, service, getattr(t.s, f'{service}_url'))}", file=sys.stderr)
+        line = rpc_error_line(e, service, getattr(t.s, f"{service}_url"), t.origin(service))
+        print(f"extmind: {line}", file=sys.stderr)
         return 1
     except (CliError, LaunchError) as e:
         print(f"extmind: {' '.join(str(e).split())}", file=sys.stderr)

@@ -161,13 +161,20 @@ def test_non_utf8_input_is_one_line(tmp_path):
     assert r.returncode == 1 and b"stdin is not UTF-8 text" in r.stderr and r.stderr.count(b"\n") == 1
 
 
-def test_unreachable_service_is_one_line():
+def test_unreachable_service_is_one_line_saying_where_the_url_came_from(tmp_path):
     (dead,) = free_ports(1)
+    run = tmp_path / "run"
     r = cli("memories", "list", env=clean_env(MEMORY_URL=f"127.0.0.1:{dead}"))
     assert r.returncode == 1 and r.stdout == ""  # no table header before the error
     line = one_line(r)
-    assert line.startswith(f"extmind: UNAVAILABLE: cannot reach the memory service at 127.0.0.1:{dead}"), line
+    assert line.startswith(f"extmind: UNAVAILABLE: cannot reach the memory service at 127.0.0.1:{dead} [MEMORY_URL]")
     assert line.endswith("is the cluster up? `make up`, `extmind status`")
+    r = cli("memories", "list", env=clean_env(MEMORY_PORT=str(dead), EXTMIND_RUN_DIR=str(run)))
+    assert f"at 127.0.0.1:{dead} [default; no {run}/cluster.json] (" in one_line(r)
+    run.mkdir()
+    (run / "cluster.json").write_text(json.dumps({"memory_url": f"127.0.0.1:{dead}"}))
+    r = cli("memories", "list", env=clean_env(EXTMIND_RUN_DIR=str(run)))
+    assert f"at 127.0.0.1:{dead} [{run}/cluster.json] (" in one_line(r)
 
 
 # ------------------------------------------------------------------ against the services
