@@ -363,35 +363,38 @@ def cmd_memorize(a, t: Targets) -> int:
         base = a.id or _memory_id(Path(f).stem if f != "-" else "stdin")
         parts = _chunks(text, a.split_chars)
         jobs += [(base if len(parts) == 1 else f"{base}.{i:03d}", p, source) for i, p in enumerate(parts)]
-    results = []  # lines, printed after the progress bar
-    with Progress(sum(len(p) for _, p, _ in jobs), enabled=not a.quiet) as bar:
-        for mid, text, source in jobs:
-            bar.label = mid
-            if _exists(t, mid):
-                if not a.replace:
-                    results.append(f"{mid}: exists already, skipped (--replace memorizes it again)")
-                    bar.done += len(text)
-                    continue
-                t.memory.DeleteMemory(memory_pb2.DeleteMemoryRequest(memory_id=mid), timeout=TIMEOUT, metadata=_md())
-            # The text itself is not stored (only token ids, and no service detokenizes):
-            # keep where it came from and how it starts, for `extmind memories show`.
-            auto = {"source": source, "excerpt": _short(text, EXCERPT_CHARS)}
-            try:
-                r = t.generator.Memorize(
-                    generator_pb2.MemorizeRequest(text=text, memory_id=mid, labels={**auto, **labels}),
-                    timeout=TIMEOUT,
-                    metadata=_md(),
-                )
-            except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.ALREADY_EXISTS:
-                    raise
-                results.append(f"{mid}: exists already, skipped (--replace memorizes it again)")
-            else:
-                results.append(f"{r.memory_id}: {r.num_tokens} tokens, {r.num_rows} memory rows ({ROWS_NOTE})")
-            bar.done += len(text)
-    for line in results:
-        print(line)
+    results = []  # lines, printed after the progress bar (also those done before a failure)
+    try:
+        with Progress(sum(len(p) for _, p, _ in jobs), enabled=not a.quiet) as bar:
+            for mid, text, source in jobs:
+                bar.label = mid
+                results.append(_memorize_one(t, mid, text, {"source": source, **labels}, a.replace))
+                bar.done += len(text)
+    finally:
+        for line in results:
+            print(line)
     return 0
+
+
+def _memorize_one(t: Targets, mid: str, text: str, labels: dict, replace: bool) -> str:
+    """Memorizes ``text`` as ``mid`` (skipped when it exists, unless ``replace``) -> the line to print."""
+    skipped = f"{mid}: exists already, skipped (--replace memorizes it again)"
+    if _exists(t, mid):
+        if not replace:
+            return skipped
+        t.memory.DeleteMemory(memory_pb2.DeleteMemoryRequest(memory_id=mid), timeout=TIMEOUT, metadata=_md())
+    # The text itself is not stored (only token ids, and no service detokenizes): keep how it
+    # starts, for `extmind memories show`.
+    labels = {"excerpt": _short(text, EXCERPT_CHARS), **labels}
+    try:
+        r = t.generator.Memorize(
+            generator_pb2.MemorizeRequest(text=text, memory_id=mid, labels=labels), timeout=TIMEOUT, metadata=_md()
+        )
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.ALREADY_EXISTS:  # made meanwhile by someone else
+            raise
+        return skipped
+    return f"{r.memory_id}: {r.num_tokens} tokens, {r.num_rows} memory rows ({ROWS_NOTE})"
 
 
 def _fmt_memory(m) -> str:
