@@ -9,7 +9,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 GEN := extmind/v1
 PROTOS := $(wildcard protos/extmind/v1/*.proto)
-RUN_DIR ?= $(CURDIR)/.run
+# Run dir of up/down/status/logs: RUN_DIR, else $EXTMIND_RUN_DIR (the variable the CLI reads), else .run
+RUN_DIR ?= $(or $(EXTMIND_RUN_DIR),$(CURDIR)/.run)
 export PYTHONPATH := $(CURDIR)
 # MLX on Linux bundles the reference BLAS; Debian's OpenBLAS preloaded is ~30x faster (docs/platform.md).
 # Looked up when the recipe runs (make install may have just installed it).

@@ -6,17 +6,19 @@
     extmind docs upsert COLLECTION "id=text" @notes.txt @docs.jsonl [--meta k=v]
     extmind docs search COLLECTION "query" [--top-k 5] [--filter k=v]
     extmind docs delete COLLECTION ID...
-    extmind memorize FILE... [--id ID] [--label k=v] [--split-chars N]
+    extmind docs create COLLECTION [--model M --dimensions N] | collections | drop COLLECTION
+    extmind memorize FILE... [--id ID] [--label k=v] [--split-chars N] [--replace]
     extmind memories list | show ID [--tokens] | delete ID
     extmind generate "prompt" [--memory ID]... [--max-tokens 128] [--temperature 0.7] [--citations]
 
-Targets come from EMBEDDER_URL / MEMORY_URL / GENERATOR_URL (default 127.0.0.1 with the *_PORT
-variables); EXTMIND_AUTH_TOKEN is sent when set. Errors are one line on stderr, exit code 1.
+Targets: EMBEDDER_URL / MEMORY_URL / GENERATOR_URL when set, else the URLs ``make up`` recorded in
+the run dir's cluster.json (--run-dir, $EXTMIND_RUN_DIR or .run), else 127.0.0.1 with the *_PORT
+variables. EXTMIND_AUTH_TOKEN is sent when set. Errors are one line on stderr; exit code 2 for a
+wrong command line, 1 for a failure.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -29,15 +31,46 @@ import grpc
 import numpy as np
 
 from extmind.channels import auth_metadata, sync_channel
-from extmind.cluster import Cluster, LaunchError, Settings, format_table
-from extmind.v1 import (common_pb2, embedder_pb2, embedder_pb2_grpc, generator_pb2, generator_pb2_grpc, memory_pb2,
-                        memory_pb2_grpc)
+from extmind.cli_args import build_parser, check_combinations
+from extmind.cluster import Cluster, LaunchError, Settings, find_run_dir, format_table, read_record, status_ok
+from extmind.errors import from_rpc_error
+from extmind.v1 import (
+    common_pb2,
+    embedder_pb2,
+    embedder_pb2_grpc,
+    generator_pb2,
+    generator_pb2_grpc,
+    memory_pb2,
+    memory_pb2_grpc,
+)
 
-TIMEOUT = float(os.environ.get("EXTMIND_CLI_TIMEOUT", "600"))
+
+def _timeout_from_env() -> tuple[float, str]:
+    """(seconds per call, "" or the one-line complaint about EXTMIND_CLI_TIMEOUT that main prints)."""
+    raw = os.environ.get("EXTMIND_CLI_TIMEOUT", "").strip() or "600"
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        return 600.0, f"EXTMIND_CLI_TIMEOUT={raw!r} must be a positive number of seconds"
+    return value, ""
+
+
+TIMEOUT, _TIMEOUT_PROBLEM = _timeout_from_env()
 
 
 class CliError(Exception):
-    """A one-line, user-facing error."""
+    """A one-line, user-facing failure (exit code 1)."""
+
+    exit_code = 1
+
+
+class UsageError(CliError):
+    """Options that cannot work together (exit code 2, like argparse's own errors). A value whose
+    content is wrong (a document, a key=value) is a CliError: exit code 1."""
+
+    exit_code = 2
 
 
 def _kv(items: list[str] | None, what: str) -> dict[str, str]:
@@ -50,51 +83,90 @@ def _kv(items: list[str] | None, what: str) -> dict[str, str]:
     return out
 
 
+def _read_text(name: str) -> str:
+    """The text of file ``name`` ('-' = stdin) as UTF-8; CliError naming the file otherwise."""
+    try:
+        if name == "-":
+            return sys.stdin.buffer.read().decode("utf-8")
+        return Path(name).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise CliError(f"cannot read {name}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise CliError(
+            f"{'stdin' if name == '-' else name} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+            f"offset {e.start}); convert it first, e.g. `iconv -f latin1 -t utf-8`"
+        ) from None
+
+
 def _md() -> tuple:
     return auth_metadata()
 
 
 class Targets:
-    def __init__(self):
-        self.s = Settings.from_env()
+    def __init__(self, run_dir: str | None = None):
+        self.run_dir = find_run_dir(run_dir)
+        self.s = Settings.from_env(self.run_dir, use_record=True)
         self._chans = {}
+        self.last = ""  # the service of the stub taken last: the one an RpcError came from
 
-    def _chan(self, url):
+    def origin(self, service: str) -> str:
+        """Where the service's URL came from, for error messages."""
+        if os.environ.get(f"{service.upper()}_URL", "").strip():
+            return f"{service.upper()}_URL"
+        record = self.run_dir / "cluster.json"
+        return str(record) if f"{service}_url" in read_record(self.run_dir) else f"default; no {record}"
+
+    def _chan(self, service: str):
+        self.last = service
+        url = getattr(self.s, f"{service}_url")
         if url not in self._chans:
             self._chans[url] = sync_channel(url)
         return self._chans[url]
 
     @property
     def embedder(self):
-        return embedder_pb2_grpc.EmbedderServiceStub(self._chan(self.s.embedder_url))
+        return embedder_pb2_grpc.EmbedderServiceStub(self._chan("embedder"))
 
     @property
     def memory(self):
-        return memory_pb2_grpc.MemoryServiceStub(self._chan(self.s.memory_url))
+        return memory_pb2_grpc.MemoryServiceStub(self._chan("memory"))
 
     @property
     def generator(self):
-        return generator_pb2_grpc.GeneratorServiceStub(self._chan(self.s.generator_url))
+        return generator_pb2_grpc.GeneratorServiceStub(self._chan("generator"))
 
 
 # ------------------------------------------------------------------ commands
 
+
 def cmd_status(a, t: Targets) -> int:
-    rows = Cluster(Settings.from_env(a.run_dir)).status()
+    rows = Cluster(t.s).status()
     print(format_table(rows))
-    return 0 if all(r["health"] in ("SERVING", "PONG") for r in rows) else 1
+    return 0 if status_ok(rows) else 1
 
 
 def cmd_embed(a, t: Targets) -> int:
-    texts = [sys.stdin.read() if x == "-" else x for x in a.texts]
-    req = embedder_pb2.EmbedRequest(inputs=texts, model=a.model or "", dimensions=a.dimensions,
-                                    input_type=embedder_pb2.INPUT_TYPE_QUERY if a.query else embedder_pb2.INPUT_TYPE_DOCUMENT,
-                                    instruction=a.instruction or "")
+    texts = [_read_text("-") if x == "-" else x for x in a.texts]
+    req = embedder_pb2.EmbedRequest(
+        inputs=texts,
+        model=a.model or "",
+        dimensions=a.dimensions,
+        input_type=embedder_pb2.INPUT_TYPE_QUERY if a.query else embedder_pb2.INPUT_TYPE_DOCUMENT,
+        instruction=a.instruction or "",
+    )
     r = t.embedder.Embed(req, timeout=TIMEOUT, metadata=_md())
     vecs = np.frombuffer(r.embeddings.data, "<f4").reshape(tuple(r.embeddings.shape))
     if a.json:
-        print(json.dumps({"model": r.model, "dimensions": r.dimensions, "token_counts": list(r.token_counts),
-                          "embeddings": vecs.tolist()}))
+        print(
+            json.dumps(
+                {
+                    "model": r.model,
+                    "dimensions": r.dimensions,
+                    "token_counts": list(r.token_counts),
+                    "embeddings": vecs.tolist(),
+                }
+            )
+        )
         return 0
     print(f"model {r.model}, {r.dimensions} dimensions")
     for text, v, n in zip(texts, vecs, r.token_counts):
@@ -109,9 +181,13 @@ def cmd_embed(a, t: Targets) -> int:
 
 
 def cmd_rerank(a, t: Targets) -> int:
-    r = t.embedder.Rerank(embedder_pb2.RerankRequest(query=a.query, documents=a.documents, top_n=a.top_n,
-                                                     model=a.model or "", instruction=a.instruction or ""),
-                          timeout=TIMEOUT, metadata=_md())
+    r = t.embedder.Rerank(
+        embedder_pb2.RerankRequest(
+            query=a.query, documents=a.documents, top_n=a.top_n, model=a.model or "", instruction=a.instruction or ""
+        ),
+        timeout=TIMEOUT,
+        metadata=_md(),
+    )
     print(f"model {r.model}")
     for res in r.results:
         print(f"  {res.score:.4f}  [{res.index}] {_short(a.documents[res.index], 70)}")
@@ -123,18 +199,18 @@ def _documents(items: list[str], meta: dict) -> list[memory_pb2.Document]:
     for it in items:
         if it.startswith("@"):
             path = Path(it[1:])
-            try:
-                body = path.read_text()
-            except OSError as e:
-                raise CliError(f"cannot read {path}: {e.strerror}") from None
+            body = _read_text(str(path))
             if path.suffix == ".jsonl":
                 for n, line in enumerate(body.splitlines(), 1):
                     if not line.strip():
                         continue
                     try:
                         d = json.loads(line)
-                        docs.append(memory_pb2.Document(id=str(d["id"]), text=d["text"],
-                                                        metadata={**meta, **d.get("metadata", {})}))
+                        docs.append(
+                            memory_pb2.Document(
+                                id=str(d["id"]), text=d["text"], metadata={**meta, **d.get("metadata", {})}
+                            )
+                        )
                     except (json.JSONDecodeError, KeyError, TypeError):
                         raise CliError(f"{path}:{n}: each line must be a JSON object with 'id' and 'text'") from None
             else:
@@ -150,23 +226,52 @@ def _documents(items: list[str], meta: dict) -> list[memory_pb2.Document]:
 def cmd_docs(a, t: Targets) -> int:
     if a.docs_cmd == "upsert":
         docs = _documents(a.items, _kv(a.meta, "--meta"))
-        r = t.memory.UpsertDocuments(memory_pb2.UpsertDocumentsRequest(collection=a.collection, documents=docs),
-                                     timeout=TIMEOUT, metadata=_md())
-        print(f"upserted {len(r.ids)} documents into {a.collection} ({r.model}, {r.dimensions} dims): "
-              + ", ".join(r.ids))
+        r = t.memory.UpsertDocuments(
+            memory_pb2.UpsertDocumentsRequest(collection=a.collection, documents=docs), timeout=TIMEOUT, metadata=_md()
+        )
+        print(
+            f"upserted {len(r.ids)} documents into {a.collection} ({r.model}, {r.dimensions} dims): " + ", ".join(r.ids)
+        )
     elif a.docs_cmd == "search":
-        r = t.memory.SearchDocuments(memory_pb2.SearchDocumentsRequest(
-            collection=a.collection, query=a.query, top_k=a.top_k, filter=_kv(a.filter, "--filter")),
-            timeout=TIMEOUT, metadata=_md())
+        r = t.memory.SearchDocuments(
+            memory_pb2.SearchDocumentsRequest(
+                collection=a.collection, query=a.query, top_k=a.top_k, filter=_kv(a.filter, "--filter")
+            ),
+            timeout=TIMEOUT,
+            metadata=_md(),
+        )
         for h in r.hits:
             meta = " ".join(f"{k}={v}" for k, v in sorted(h.metadata.items()))
             print(f"  {h.score:.4f}  {h.id:<20} {_short(h.text, 60)}  {meta}")
         if not r.hits:
             print("  (no hits)")
-    else:
-        r = t.memory.DeleteDocuments(memory_pb2.DeleteDocumentsRequest(collection=a.collection, ids=a.ids),
-                                     timeout=TIMEOUT, metadata=_md())
+    elif a.docs_cmd == "delete":
+        r = t.memory.DeleteDocuments(
+            memory_pb2.DeleteDocumentsRequest(collection=a.collection, ids=a.ids), timeout=TIMEOUT, metadata=_md()
+        )
         print(f"deleted {r.deleted} documents from {a.collection}")
+    elif a.docs_cmd == "create":
+        c = t.memory.CreateCollection(
+            memory_pb2.CreateCollectionRequest(collection=a.collection, model=a.model or "", dimensions=a.dimensions),
+            timeout=TIMEOUT,
+            metadata=_md(),
+        ).collection
+        print(f"created collection {c.name} ({c.model}, {c.dimensions} dims)")
+    elif a.docs_cmd == "collections":
+        cols = t.memory.ListCollections(
+            memory_pb2.ListCollectionsRequest(), timeout=TIMEOUT, metadata=_md()
+        ).collections
+        print(f"{'COLLECTION':<24} {'DOCS':>7} {'DIMS':>5}  {'CREATED':<19}  MODEL")
+        for c in cols:
+            created = c.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S") if c.create_time.seconds else "-"
+            print(f"{c.name:<24} {c.num_documents:>7} {c.dimensions:>5}  {created:<19}  {c.model}")
+        if not cols:
+            print("(no collections: `extmind docs upsert` or `extmind docs create` makes one)")
+    else:  # drop
+        t.memory.DeleteCollection(
+            memory_pb2.DeleteCollectionRequest(collection=a.collection), timeout=TIMEOUT, metadata=_md()
+        )
+        print(f"dropped collection {a.collection}")
     return 0
 
 
@@ -196,8 +301,10 @@ class Progress:
     def _draw(self, spin: str = "", final: bool = False):
         frac = self.done / self.total
         bar = "#" * int(frac * 30)
-        sys.stderr.write(f"\r[{bar:<30}] {frac * 100:5.1f}% {self.done}/{self.total} chars "
-                         f"{time.monotonic() - self._t0:6.1f}s {spin} {_short(self.label, 30):<30}")
+        sys.stderr.write(
+            f"\r[{bar:<30}] {frac * 100:5.1f}% {self.done}/{self.total} chars "
+            f"{time.monotonic() - self._t0:6.1f}s {spin} {_short(self.label, 30):<30}"
+        )
         sys.stderr.flush()
 
     def _loop(self):
@@ -229,65 +336,115 @@ def _memory_id(stem: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.:-]", "-", stem)[:100] or "memory"
 
 
+ROWS_NOTE = "special tokens such as BOS are not stored"
+EXCERPT_CHARS = 200
+
+
+def _exists(t: Targets, memory_id: str) -> bool:
+    try:
+        t.memory.GetMemory(memory_pb2.GetMemoryRequest(memory_id=memory_id), timeout=TIMEOUT, metadata=_md())
+        return True
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.NOT_FOUND:
+            return False
+        raise
+
+
 def cmd_memorize(a, t: Targets) -> int:
-    jobs = []  # (memory_id, text)
+    jobs = []  # (memory_id, text, source)
     if a.id and len(a.files) > 1:
-        raise CliError("--id names one memory; give one file (or use --split-chars for numbered parts)")
-    for f in a.files:
-        try:
-            text = sys.stdin.read() if f == "-" else Path(f).read_text()
-        except OSError as e:
-            raise CliError(f"cannot read {f}: {e.strerror}") from None
+        raise UsageError("--id names one memory; give one file (or use --split-chars for numbered parts)")
+    labels = _kv(a.label, "--label")
+    for f in a.files:  # every file is read (and checked) before the first one is memorized
+        text = _read_text(f)
         if not text.strip():
             raise CliError(f"{f} is empty: nothing to memorize")
+        source = "stdin" if f == "-" else Path(f).name
         base = a.id or _memory_id(Path(f).stem if f != "-" else "stdin")
         parts = _chunks(text, a.split_chars)
-        jobs += [(base if len(parts) == 1 else f"{base}.{i:03d}", p) for i, p in enumerate(parts)]
-    labels = _kv(a.label, "--label")
-    made = []
-    with Progress(sum(len(p) for _, p in jobs), enabled=not a.quiet) as bar:
-        for mid, text in jobs:
-            bar.label = mid
-            r = t.generator.Memorize(generator_pb2.MemorizeRequest(text=text, memory_id=mid, labels=labels),
-                                     timeout=TIMEOUT, metadata=_md())
-            bar.done += len(text)
-            made.append(r)
-    for r in made:
-        print(f"{r.memory_id}: {r.num_tokens} tokens, {r.num_rows} rows")
+        jobs += [(base if len(parts) == 1 else f"{base}.{i:03d}", p, source) for i, p in enumerate(parts)]
+    results = []  # lines, printed after the progress bar (also those done before a failure)
+    try:
+        with Progress(sum(len(p) for _, p, _ in jobs), enabled=not a.quiet) as bar:
+            for mid, text, source in jobs:
+                bar.label = mid
+                results.append(_memorize_one(t, mid, text, {"source": source, **labels}, a.replace))
+                bar.done += len(text)
+    finally:
+        for line in results:
+            print(line)
     return 0
+
+
+def _memorize_one(t: Targets, mid: str, text: str, labels: dict, replace: bool) -> str:
+    """Memorizes ``text`` as ``mid`` (skipped when it exists, unless ``replace``) -> the line to print."""
+    skipped = f"{mid}: exists already, skipped (--replace memorizes it again)"
+    if _exists(t, mid):
+        if not replace:
+            return skipped
+        t.memory.DeleteMemory(memory_pb2.DeleteMemoryRequest(memory_id=mid), timeout=TIMEOUT, metadata=_md())
+    # The text itself is not stored (only token ids, and no service detokenizes): keep how it
+    # starts, for `extmind memories show`.
+    labels = {"excerpt": _short(text, EXCERPT_CHARS), **labels}
+    try:
+        r = t.generator.Memorize(
+            generator_pb2.MemorizeRequest(text=text, memory_id=mid, labels=labels), timeout=TIMEOUT, metadata=_md()
+        )
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.ALREADY_EXISTS:  # made meanwhile by someone else
+            raise
+        return skipped
+    return f"{r.memory_id}: {r.num_tokens} tokens, {r.num_rows} memory rows ({ROWS_NOTE})"
 
 
 def _fmt_memory(m) -> str:
     state = memory_pb2.MemoryState.Name(m.state).removeprefix("MEMORY_STATE_")
     created = m.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S") if m.create_time.seconds else "-"
-    return f"{m.memory_id:<32} {state:<8} {m.num_tokens:>7} {m.bytes / 1e6:>9.2f}  {created}  {m.model_fingerprint[:16]}"
+    return (
+        f"{m.memory_id:<32} {state:<8} {m.num_tokens:>7} {m.bytes / 1e6:>9.2f}  {created}  {m.model_fingerprint[:16]}"
+    )
 
 
 def cmd_memories(a, t: Targets) -> int:
     if a.mem_cmd == "list":
         token = ""
-        print(f"{'MEMORY':<32} {'STATE':<8} {'TOKENS':>7} {'MB':>9}  {'CREATED':<19}  FINGERPRINT")
         while True:
-            r = t.memory.ListMemories(memory_pb2.ListMemoriesRequest(model_fingerprint=a.fingerprint or "",
-                                                                     page_token=token),
-                                      timeout=TIMEOUT, metadata=_md())
+            r = t.memory.ListMemories(
+                memory_pb2.ListMemoriesRequest(model_fingerprint=a.fingerprint or "", page_token=token),
+                timeout=TIMEOUT,
+                metadata=_md(),
+            )
+            if not token:  # the header once the service answered (an error stays one line)
+                print(f"{'MEMORY':<32} {'STATE':<8} {'ROWS':>7} {'MB':>9}  {'CREATED':<19}  FINGERPRINT")
             for m in r.memories:
                 print(_fmt_memory(m))
             token = r.next_page_token
             if not token:
                 break
     elif a.mem_cmd == "show":
-        m = t.memory.GetMemory(memory_pb2.GetMemoryRequest(memory_id=a.memory_id, include_tokens=a.tokens),
-                               timeout=TIMEOUT, metadata=_md()).memory
+        m = t.memory.GetMemory(
+            memory_pb2.GetMemoryRequest(memory_id=a.memory_id, include_tokens=a.tokens), timeout=TIMEOUT, metadata=_md()
+        ).memory
         lay = m.layout
+        labels = dict(m.labels)
+        excerpt = labels.pop("excerpt", "")
         print(f"memory       {m.memory_id}")
         print(f"state        {memory_pb2.MemoryState.Name(m.state).removeprefix('MEMORY_STATE_')}")
-        print(f"tokens       {m.num_tokens}")
+        print(
+            f"rows         {m.num_tokens} (one per stored token; {ROWS_NOTE}, so `extmind memorize` counted one more)"
+        )
         dtype = common_pb2.DType.Name(lay.dtype).removeprefix("DTYPE_").lower()
         print(f"layout       {lay.num_layers} layers x {lay.num_kv_heads} KV heads x {lay.head_dim} dims, {dtype}")
         print(f"bytes        {m.bytes}")
         print(f"fingerprint  {m.model_fingerprint}")
-        print(f"labels       {', '.join(f'{k}={v}' for k, v in sorted(m.labels.items())) or '-'}")
+        print(f"labels       {', '.join(f'{k}={v}' for k, v in sorted(labels.items())) or '-'}")
+        if excerpt:
+            print(f"excerpt      {excerpt}")
+        else:
+            print(
+                "excerpt      - (not memorized by this CLI; the memory keeps token ids only and no service "
+                "turns them back into text: --tokens prints them)"
+            )
         if a.tokens:
             print(f"token_ids    {list(m.token_ids)}")
     else:
@@ -297,9 +454,10 @@ def cmd_memories(a, t: Targets) -> int:
 
 
 def cmd_generate(a, t: Targets) -> int:
-    prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
-    sp = generator_pb2.SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                                      max_tokens=a.max_tokens, stop=a.stop or [])
+    prompt = _read_text("-") if a.prompt == "-" else a.prompt
+    sp = generator_pb2.SamplingParams(
+        temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_tokens=a.max_tokens, stop=a.stop or []
+    )
     if a.seed is not None:
         sp.seed = a.seed
     req = generator_pb2.GenerateStreamRequest(sampling=sp)
@@ -327,9 +485,13 @@ def cmd_generate(a, t: Targets) -> int:
         dt = time.monotonic() - t0
         n = last.usage.completion_tokens
         print(f"[{n} tokens, {reason}, {dt:.2f}s, {n / dt if dt else 0:.1f} tok/s]", file=sys.stderr)
+        if a.citations and not last.citations:
+            print("  no citations came back for this answer", file=sys.stderr)
         for c in last.citations:
-            print(f"  cited {c.memory_id}[{c.token_start}:{c.token_end}] x{c.hits}: {_short(c.text, 60)!r}",
-                  file=sys.stderr)
+            print(
+                f"  cited {c.memory_id}[{c.token_start}:{c.token_end}] x{c.hits}: {_short(c.text, 60)!r}",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -338,111 +500,94 @@ def _short(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-# ------------------------------------------------------------------ parser
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="extmind", description="Talk to a running extmind cluster.",
-                                epilog="Targets: EMBEDDER_URL, MEMORY_URL, GENERATOR_URL (or the *_PORT variables).")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-
-    s = sub.add_parser("status", help="services, ports, pids and health")
-    s.add_argument("--run-dir", default=None)
-    s.set_defaults(fn=cmd_status)
-
-    s = sub.add_parser("embed", help="embed texts ('-' reads stdin)")
-    s.add_argument("texts", nargs="+")
-    s.add_argument("--model", help="alias or served model name (default: the server's)")
-    s.add_argument("--query", action="store_true", help="embed as search queries (adds the instruction)")
-    s.add_argument("--instruction", help="query task description")
-    s.add_argument("--dimensions", type=int, default=0, help="Matryoshka size (0 = full)")
-    s.add_argument("--json", action="store_true", help="print the vectors as JSON")
-    s.set_defaults(fn=cmd_embed)
-
-    s = sub.add_parser("rerank", help="score documents against a query")
-    s.add_argument("query")
-    s.add_argument("documents", nargs="+")
-    s.add_argument("--top-n", type=int, default=0)
-    s.add_argument("--model")
-    s.add_argument("--instruction")
-    s.set_defaults(fn=cmd_rerank)
-
-    d = sub.add_parser("docs", help="document collections: upsert, search, delete")
-    dsub = d.add_subparsers(dest="docs_cmd", required=True, metavar="ACTION")
-    s = dsub.add_parser("upsert", help="add or replace documents: id=text, @file (id = file name), @file.jsonl")
-    s.add_argument("collection")
-    s.add_argument("items", nargs="+")
-    s.add_argument("--meta", action="append", help="key=value metadata for every document")
-    s = dsub.add_parser("search", help="semantic search")
-    s.add_argument("collection")
-    s.add_argument("query")
-    s.add_argument("--top-k", type=int, default=5)
-    s.add_argument("--filter", action="append", help="key=value exact metadata match")
-    s = dsub.add_parser("delete", help="delete documents by id")
-    s.add_argument("collection")
-    s.add_argument("ids", nargs="+")
-    d.set_defaults(fn=cmd_docs)
-
-    s = sub.add_parser("memorize", help="turn text files into KV memories ('-' reads stdin)")
-    s.add_argument("files", nargs="+")
-    s.add_argument("--id", help="memory id (default: the file name)")
-    s.add_argument("--label", action="append", help="key=value label")
-    s.add_argument("--split-chars", type=int, default=0,
-                   help="split long files at paragraph boundaries into memories ID.000, ID.001, … of about N chars")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(fn=cmd_memorize)
-
-    m = sub.add_parser("memories", help="KV memories: list, show, delete")
-    msub = m.add_subparsers(dest="mem_cmd", required=True, metavar="ACTION")
-    s = msub.add_parser("list")
-    s.add_argument("--fingerprint", help="only memories of this model")
-    s = msub.add_parser("show")
-    s.add_argument("memory_id")
-    s.add_argument("--tokens", action="store_true", help="also print the token ids")
-    s = msub.add_parser("delete")
-    s.add_argument("memory_id")
-    m.set_defaults(fn=cmd_memories)
-
-    s = sub.add_parser("generate", help="generate text, streamed ('-' reads the prompt from stdin)")
-    s.add_argument("prompt")
-    s.add_argument("--memory", action="append", help="memory id to attend to (repeatable)")
-    s.add_argument("--citations", action="store_true", help="print the memory spans retrieved most")
-    s.add_argument("--memory-top-k", type=int, default=None, help="memories retrieved per head and token")
-    s.add_argument("--remote", action="store_true", help="search memories on the memory service every step")
-    s.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    s.add_argument("--max-tokens", type=int, default=128)
-    s.add_argument("--temperature", type=float, default=0.0)
-    s.add_argument("--top-p", type=float, default=0.0)
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--stop", action="append")
-    s.set_defaults(fn=cmd_generate)
-    return p
+COMMANDS = {
+    "status": cmd_status,
+    "embed": cmd_embed,
+    "rerank": cmd_rerank,
+    "docs": cmd_docs,
+    "memorize": cmd_memorize,
+    "memories": cmd_memories,
+    "generate": cmd_generate,
+}
 
 
-def _target_of(a, t: Targets) -> str:
-    if a.cmd in ("embed", "rerank"):
-        return t.s.embedder_url
-    if a.cmd in ("docs", "memories"):
-        return t.s.memory_url
-    return t.s.generator_url
+# ------------------------------------------------------------------ errors
+
+# The services' messages name RPCs; a person at the CLI types commands.
+_RPC_COMMANDS = {
+    "ListMemories": "`extmind memories list`",
+    "GetMemory": "`extmind memories show`",
+    "DeleteMemory": "`extmind memories delete`",
+    "CreateMemory": "`extmind memorize`",
+    "CreateCollection": "`extmind docs create`",
+    "UpsertDocuments": "`extmind docs upsert`",
+    "ListCollections": "`extmind docs collections`",
+    "DeleteCollection": "`extmind docs drop`",
+    "SearchDocuments": "`extmind docs search`",
+    "DeleteDocuments": "`extmind docs delete`",
+    "GenerateStream": "`extmind generate`",
+}
+_RPC_NAME = re.compile(r"\b(" + "|".join(_RPC_COMMANDS) + r")\b")
+
+
+def _undouble(message: str) -> str:
+    """ "memory 'x': memory 'x' does not exist" -> "memory 'x' does not exist" (a caller's prefix
+    that the callee's message already says)."""
+    while True:
+        head, sep, rest = message.partition(": ")
+        if not (sep and head and head in rest):
+            return message
+        message = rest
+
+
+def rpc_error_line(exc: grpc.RpcError, service: str, url: str, origin: str = "") -> str:
+    """The one line (without "extmind: ") that a failed call to ``service`` at ``url`` prints:
+    "CODE: what happened; what to do", the code as :func:`extmind.errors.from_rpc_error` names it.
+    ``origin`` says where ``url`` came from (shown when the service cannot be reached)."""
+    peer = f"{service} service at {url}"
+    err = from_rpc_error(exc, peer=peer, as_dependency=False)
+    detail = _RPC_NAME.sub(lambda m: _RPC_COMMANDS[m.group(1)], _undouble(" ".join(err.message.split())))
+    if err.code == "UNAVAILABLE":
+        where = f" [{origin}]" if origin else ""
+        detail = f"cannot reach the {peer}{where} ({detail}); is the cluster up? `make up`, `extmind status`"
+    elif err.code == "DEADLINE_EXCEEDED":
+        detail = f"the {peer} did not answer within {TIMEOUT:g}s (EXTMIND_CLI_TIMEOUT)"
+    elif err.code == "UNAUTHENTICATED":
+        detail = f"the {peer} refused the credentials ({detail}); set EXTMIND_AUTH_TOKEN to its token"
+    return f"{err.code}: {detail}"
 
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    check_combinations(a)
+    if _TIMEOUT_PROBLEM:
+        print(f"extmind: {_TIMEOUT_PROBLEM}", file=sys.stderr)
+        return 1
+    t = None
     try:
-        t = Targets()
-        return a.fn(a, t)
+        t = Targets(getattr(a, "status_run_dir", None) or a.run_dir)
+        return COMMANDS[a.cmd](a, t)
     except grpc.RpcError as e:
-        hint = " (is the cluster up? `make up`, `extmind status`)" if e.code() == grpc.StatusCode.UNAVAILABLE else ""
-        print(f"extmind: {e.code().name} from {_target_of(a, t)}: {e.details()}{hint}", file=sys.stderr)
+        service = t.last if t and t.last else "memory"
+        line = rpc_error_line(e, service, getattr(t.s, f"{service}_url"), t.origin(service))
+        print(f"extmind: {line}", file=sys.stderr)
+        return 1
     except (CliError, LaunchError) as e:
-        print(f"extmind: {e}", file=sys.stderr)
+        print(f"extmind: {' '.join(str(e).split())}", file=sys.stderr)
+        return getattr(e, "exit_code", 1)
     except KeyboardInterrupt:
         print("extmind: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
-    return 1
+    except Exception as e:  # a bug of ours: still one line, the traceback on request
+        if os.environ.get("EXTMIND_DEBUG"):
+            raise
+        print(
+            f"extmind: unexpected {type(e).__name__}: {' '.join(str(e).split())} (EXTMIND_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 ``up`` starts the embedder, memory (which runs its own Redis unless REDIS_URL is set) and generator
 services as background processes, each with a log and a pid file under one run directory
-(default ``.run/``), and waits until every gRPC health check says SERVING. ``down`` stops exactly
+(default ``.run/``), waits until every gRPC health check says SERVING, and records the URLs it
+used in ``<run dir>/cluster.json`` so that the ``extmind`` CLI and ``status`` find the cluster from
+any shell (explicit ``*_URL`` variables still win; ``down`` removes the record). ``down`` stops exactly
 the processes named by the pid files (SIGTERM, then SIGKILL after a grace). ``status`` prints a
 table. ``exec NAME`` runs one service in the foreground with the same command line (containers).
 
@@ -46,10 +48,12 @@ ENV_VARS = {
     "GENERATOR_URL": ("127.0.0.1:$GENERATOR_PORT", "where clients reach the generator"),
     "EXTMIND_START_TIMEOUT": ("600", "seconds `up` waits for every service to say SERVING"),
     "EXTMIND_STOP_GRACE": ("15", "seconds `down` waits after SIGTERM before SIGKILL"),
-    "EXTMIND_RUN_DIR": (".run", "run directory (logs/, pids/, data/, models/)"),
+    "EXTMIND_RUN_DIR": (".run", "run directory (logs/, pids/, data/, models/, cluster.json)"),
 }
 
 ORDER = ("embedder", "memory", "generator")  # start order; stopped in reverse
+RECORD = "cluster.json"  # what `up` started, for clients in other shells
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "0.0.0.0", "::1", "[::1]", "::", "[::]")
 RANDOM_MODEL_NOTICE = (
     "NOTE: GENERATOR_MODEL is not set, so the generator serves a tiny RANDOM-WEIGHT Llama built locally.\n"
     "      Its text is meaningless; memorize, retrieval and citations still run for real.\n"
@@ -106,22 +110,30 @@ class Settings:
     stop_grace: float
 
     @classmethod
-    def from_env(cls, run_dir: str | os.PathLike | None = None) -> "Settings":
+    def from_env(cls, run_dir: str | os.PathLike | None = None, *, use_record: bool = False) -> Settings:
+        """Settings from the environment. ``use_record=True`` (clients, ``status``): URLs, Redis and
+        data dir not set explicitly come from the run dir's ``cluster.json`` before the defaults."""
         run = Path(run_dir or _env("EXTMIND_RUN_DIR") or ".run").resolve()
+        rec = read_record(run) if use_record else {}
         ep, hp, mp, gp = (_port(n) for n in ("EMBEDDER_PORT", "EMBEDDER_HTTP_PORT", "MEMORY_PORT", "GENERATOR_PORT"))
+        data_dir = _env("MEMORY_DATA_DIR") or rec.get("memory_data_dir") or run / "data" / "memory"
         return cls(
             run_dir=run, embedder_port=ep, embedder_http_port=hp, memory_port=mp, generator_port=gp,
             embedder_model=_env("EMBEDDER_MODEL"), embedder_reranker=_env("EMBEDDER_RERANKER"),
             generator_model=_env("GENERATOR_MODEL"),
-            redis_url=_env("REDIS_URL"),
-            memory_data_dir=Path(_env("MEMORY_DATA_DIR") or run / "data" / "memory"),
+            redis_url=_env("REDIS_URL") or rec.get("redis_url", ""),
+            memory_data_dir=Path(data_dir),
             model_cache=Path(_env("EXTMIND_MODEL_CACHE") or run / "models"),
-            embedder_url=_env("EMBEDDER_URL") or f"127.0.0.1:{ep}",
-            memory_url=_env("MEMORY_URL") or f"127.0.0.1:{mp}",
-            generator_url=_env("GENERATOR_URL") or f"127.0.0.1:{gp}",
+            embedder_url=_env("EMBEDDER_URL") or rec.get("embedder_url") or f"127.0.0.1:{ep}",
+            memory_url=_env("MEMORY_URL") or rec.get("memory_url") or f"127.0.0.1:{mp}",
+            generator_url=_env("GENERATOR_URL") or rec.get("generator_url") or f"127.0.0.1:{gp}",
             start_timeout=float(_env("EXTMIND_START_TIMEOUT") or 600),
             stop_grace=float(_env("EXTMIND_STOP_GRACE") or 15),
         )
+
+    @property
+    def record_file(self) -> Path:
+        return self.run_dir / RECORD
 
     @property
     def logs(self) -> Path:
@@ -136,6 +148,41 @@ class Settings:
 
     def pid_file(self, name: str) -> Path:
         return self.pids / f"{name}.pid"
+
+
+def read_record(run_dir: Path) -> dict:
+    """The run dir's ``cluster.json`` (written by ``up``), or {} when there is none or it is unreadable."""
+    try:
+        data = json.loads((Path(run_dir) / RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def find_run_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """The run dir a client means: ``explicit``, else $EXTMIND_RUN_DIR, else ``./.run``, else the
+    checkout's ``.run`` when only that one holds a cluster record (the CLI run from elsewhere)."""
+    if explicit or _env("EXTMIND_RUN_DIR"):
+        return Path(explicit or _env("EXTMIND_RUN_DIR")).resolve()
+    here = Path(".run").resolve()
+    if not (here / RECORD).exists() and (REPO / ".run" / RECORD).exists():
+        return REPO / ".run"
+    return here
+
+
+def _write_record(s: Settings, recs: dict) -> None:
+    def url(name: str) -> str:
+        if _env(f"{name.upper()}_URL"):
+            return _env(f"{name.upper()}_URL")
+        port = recs[name].port if name in recs else getattr(s, f"{name}_port")
+        return f"127.0.0.1:{port}"
+
+    data = {"embedder_url": url("embedder"), "memory_url": url("memory"), "generator_url": url("generator"),
+            "embedder_http_url": f"http://127.0.0.1:{s.embedder_http_port}", "redis_url": s.redis_url,
+            "memory_data_dir": str(s.memory_data_dir), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    tmp = s.record_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, s.record_file)
 
 
 # ------------------------------------------------------------------ the generator's default model
@@ -382,7 +429,9 @@ class Cluster:
             for n in started:
                 s.pid_file(n).unlink(missing_ok=True)
             raise
-        return {n: rec for n, (_, rec) in started.items()} | running
+        recs = {n: rec for n, (_, rec) in started.items()} | running
+        _write_record(s, recs)
+        return recs
 
     def _check_port_free(self, spec: ServiceSpec) -> None:
         import socket
@@ -436,6 +485,7 @@ class Cluster:
                 self._stop_embedded_redis()
         if not done:
             self.out(f"  nothing to stop (no pid files under {s.pids})")
+        s.record_file.unlink(missing_ok=True)  # no cluster to find here any more
         return done
 
     def _stop_embedded_redis(self) -> None:
@@ -457,26 +507,72 @@ class Cluster:
 
     # -- status
     def status(self) -> list[dict]:
+        """One row per part: Redis, then each service. A service whose ``*_URL`` variable points
+        somewhere else than the process started from this run dir, or that answers without having
+        been started from it (e.g. docker compose), is "external": its URL's gRPC health is checked.
+        Redis behind an external memory service is "unknown" (not ours to see)."""
         s = self.s
         rows = []
-        if not s.redis_url:
-            pid = embedded_redis_pid(s)
-            rows.append({"service": "redis", "port": "unix", "pid": str(pid) if pid else "-",
-                         "process": "running" if pid else "not running",
-                         "health": _redis_health(s) if pid else "UNREACHABLE",
-                         "extra": f"embedded in memory, AOF in {s.memory_data_dir}"})
         for n in ORDER:
+            url = self._external_url(n)
+            if url:
+                rows.append({"service": n, "port": url, "pid": "-", "process": "external",
+                             "health": check(url, timeout=2.0), "extra": f"{n.upper()}_URL"})
+                continue
             rec = read_pid(s, n)
             probe = service_specs_probe(s, n)
+            health = check(probe, timeout=1.0)
+            process = ("running" if rec.alive() else "dead") if rec else "not started"
+            if rec is None and health != "UNREACHABLE":
+                process = "external"  # something answers that this run dir did not start
             rows.append({
                 "service": n,
                 "port": probe.rsplit(":", 1)[1],
                 "pid": str(rec.pid) if rec else "-",
-                "process": ("running" if rec.alive() else "dead") if rec else "not started",
-                "health": check(probe, timeout=1.0),
+                "process": process,
+                "health": health,
                 "extra": ", ".join(f"{k} {v}" for k, v in ((rec.extra if rec else None) or {}).items()),
             })
-        return rows
+        memory = rows[ORDER.index("memory")]
+        if s.redis_url:
+            redis_row = {"service": "redis", "port": _redact(s.redis_url), "pid": "-", "process": "external",
+                         "health": _redis_url_health(s.redis_url), "extra": "REDIS_URL"}
+        elif memory["process"] == "external":
+            redis_row = {"service": "redis", "port": "-", "pid": "-", "process": "unknown", "health": "-",
+                         "extra": f"behind the memory service at {s.memory_url}"}
+        else:
+            pid = embedded_redis_pid(s)
+            redis_row = {"service": "redis", "port": "unix", "pid": str(pid) if pid else "-",
+                         "process": "running" if pid else "not running",
+                         "health": _redis_health(s) if pid else "UNREACHABLE",
+                         "extra": f"embedded in memory, AOF in {s.memory_data_dir}"}
+        return [redis_row] + rows
+
+    def _external_url(self, name: str) -> str:
+        """The service's URL when it is not the process this run dir started, else ""."""
+        url = getattr(self.s, f"{name}_url")
+        host, _, port = url.rpartition(":")
+        host = host.split("//")[-1]
+        if host in _LOCAL_HOSTS:
+            rec = read_pid(self.s, name)
+            local_port = rec.port if rec else getattr(self.s, f"{name}_port")
+            if port == str(local_port):
+                return ""
+        return url
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"//[^@/]*@", "//***@", url)
+
+
+def _redis_url_health(url: str) -> str:
+    import redis
+
+    try:
+        c = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+        return "PONG" if c.ping() else "NO PONG"
+    except (redis.RedisError, OSError, ValueError):
+        return "UNREACHABLE"
 
 
 def service_specs_probe(s: Settings, name: str) -> str:
@@ -485,6 +581,11 @@ def service_specs_probe(s: Settings, name: str) -> str:
     if rec is not None:
         port = rec.port  # what was actually started, even if the environment changed since
     return f"{_probe_host(name.upper())}:{port}"
+
+
+def status_ok(rows: list[dict]) -> bool:
+    """Every service SERVING and Redis answering (or not visible from here: "-")."""
+    return all(r["health"] in ("SERVING", "PONG", "-") for r in rows)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -509,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", default=None, help="logs, pid files and data live here [$EXTMIND_RUN_DIR or .run]")
     a = p.parse_args(argv)
     try:
-        s = Settings.from_env(a.run_dir)
+        s = Settings.from_env(a.run_dir, use_record=a.command == "status")
         c = Cluster(s)
         if a.command == "up":
             print(f"extmind: starting the cluster (run dir {s.run_dir})")
@@ -523,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         elif a.command == "status":
             rows = c.status()
             print(format_table(rows))
-            return 0 if all(r["health"] in ("SERVING", "PONG") for r in rows) else 1
+            return 0 if status_ok(rows) else 1
         else:
             if not a.service:
                 p.error("exec needs a service name: embedder, memory or generator")

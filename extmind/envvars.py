@@ -40,12 +40,13 @@ REGISTRY: tuple[EnvVar, ...] = (
     EnvVar("EXTMIND_STOP_GRACE", "15", "cluster launcher", "seconds `down` waits after SIGTERM before SIGKILL"),
     EnvVar("EXTMIND_MODEL_CACHE", "(run dir)/models", "cluster launcher",
            "where the default (tiny random-weight) generator model is built"),
-    EnvVar("EMBEDDER_URL", "127.0.0.1:$EMBEDDER_PORT", _CLUSTER + "; memory `--embedder-url`",
+    EnvVar("EMBEDDER_URL", "the run dir's cluster.json, else 127.0.0.1:$EMBEDDER_PORT", _CLUSTER + "; memory `--embedder-url`",
            "where clients and the memory service reach the embedder (memory alone: unset = no embedder)"),
-    EnvVar("MEMORY_URL", "127.0.0.1:$MEMORY_PORT", _CLUSTER + "; generator `--memory-url`",
+    EnvVar("MEMORY_URL", "the run dir's cluster.json, else 127.0.0.1:$MEMORY_PORT", _CLUSTER + "; generator `--memory-url`",
            "where clients and the generator reach the memory service"),
-    EnvVar("GENERATOR_URL", "127.0.0.1:$GENERATOR_PORT", _CLUSTER, "where clients reach the generator"),
+    EnvVar("GENERATOR_URL", "the run dir's cluster.json, else 127.0.0.1:$GENERATOR_PORT", _CLUSTER, "where clients reach the generator"),
     EnvVar("EXTMIND_CLI_TIMEOUT", "600", "`extmind` CLI", "deadline in seconds of each CLI call"),
+    EnvVar("EXTMIND_DEBUG", "", "`extmind` CLI", "`1` = print the traceback of an unexpected error"),
     # --- flags every service shares (services/common/config.py)
     EnvVar("EMBEDDER_HOST", "127.0.0.1", "embedder `--host`; cluster health probe", "address the embedder listens on"),
     EnvVar("MEMORY_HOST", "127.0.0.1", "memory `--host`; cluster health probe", "address the memory service listens on"),
@@ -142,7 +143,7 @@ REGISTRY: tuple[EnvVar, ...] = (
     EnvVar("EXTMIND_SKIP_REDIS_TESTS", "", "tests (`tests/conftest.py`)",
            "`1` = skip the tests that need a `redis-server` binary"),
     EnvVar("PYTHON", "python3", "Makefile", "interpreter that creates `.venv`"),
-    EnvVar("RUN_DIR", "$(CURDIR)/.run", "Makefile", "run directory passed as `--run-dir` by up/down/status/logs"),
+    EnvVar("RUN_DIR", "$EXTMIND_RUN_DIR, else $(CURDIR)/.run", "Makefile", "run directory passed as `--run-dir` by up/down/status/logs"),
     EnvVar("LINES", "50", "Makefile", "lines per log shown by `make logs`"),
 )
 

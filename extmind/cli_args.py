@@ -1,0 +1,157 @@
+"""The ``extmind`` command line's grammar: subcommands, option types and the checks argparse cannot
+express. Every mistake here is one line on stderr and exit code 2; the commands live in
+``extmind.cli`` (dispatched on ``args.cmd``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2) that point at --help instead of the usage block."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+        sys.exit(2)
+
+
+def _int_at_least(low: int):
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {raw!r}") from None
+        if value < low:
+            want = "a positive whole number" if low == 1 else f"a whole number >= {low}"
+            raise argparse.ArgumentTypeError(f"must be {want}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float | None = None):
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {raw!r}") from None
+        if not (low <= value and (high is None or value <= high)):
+            raise argparse.ArgumentTypeError(f"must be in [{low:g}, {'∞' if high is None else f'{high:g}'}], got {raw}")
+        return value
+
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(
+        prog="extmind",
+        description="Talk to a running extmind cluster.",
+        epilog="Targets: EMBEDDER_URL, MEMORY_URL, GENERATOR_URL when set, else the URLs `make up` "
+        "recorded in <run dir>/cluster.json, else 127.0.0.1 with the *_PORT variables.",
+    )
+    p.add_argument("--run-dir", default=None, help="run dir of the cluster to talk to [$EXTMIND_RUN_DIR or .run]")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("status", help="services, ports, pids and health")
+    s.add_argument("--run-dir", dest="status_run_dir", default=None, help="same as extmind --run-dir")
+
+    s = sub.add_parser("embed", help="embed texts ('-' reads stdin)")
+    s.add_argument("texts", nargs="+")
+    s.add_argument("--model", help="alias or served model name (default: the server's)")
+    s.add_argument("--query", action="store_true", help="embed as search queries (adds the instruction)")
+    s.add_argument("--instruction", help="query task description")
+    s.add_argument("--dimensions", type=NON_NEGATIVE, default=0, help="Matryoshka size (0 = full)")
+    s.add_argument("--json", action="store_true", help="print the vectors as JSON")
+
+    s = sub.add_parser("rerank", help="score documents against a query")
+    s.add_argument("query")
+    s.add_argument("documents", nargs="+")
+    s.add_argument("--top-n", type=NON_NEGATIVE, default=0, help="results to return (0 = all)")
+    s.add_argument("--model")
+    s.add_argument("--instruction")
+
+    d = sub.add_parser("docs", help="document collections: upsert, search, delete, create, collections, drop")
+    dsub = d.add_subparsers(dest="docs_cmd", required=True, metavar="ACTION")
+    s = dsub.add_parser("upsert", help="add or replace documents: id=text, @file (id = file name), @file.jsonl")
+    s.add_argument("collection")
+    s.add_argument("items", nargs="+")
+    s.add_argument("--meta", action="append", help="key=value metadata for every document")
+    s = dsub.add_parser("search", help="semantic search")
+    s.add_argument("collection")
+    s.add_argument("query")
+    s.add_argument("--top-k", type=POSITIVE, default=5)
+    s.add_argument("--filter", action="append", help="key=value exact metadata match")
+    s = dsub.add_parser("delete", help="delete documents by id")
+    s.add_argument("collection")
+    s.add_argument("ids", nargs="+")
+    s = dsub.add_parser("create", help="create an empty collection (upsert also creates one on first use)")
+    s.add_argument("collection")
+    s.add_argument("--model", help="embedding model (default: ask the embedder)")
+    s.add_argument("--dimensions", type=NON_NEGATIVE, default=0, help="vector size (0 = the model's)")
+    dsub.add_parser("collections", help="list the collections")
+    s = dsub.add_parser("drop", help="delete a collection and all its documents")
+    s.add_argument("collection")
+
+    s = sub.add_parser("memorize", help="turn text files into KV memories ('-' reads stdin)")
+    s.add_argument("files", nargs="+")
+    s.add_argument("--id", help="memory id (default: the file name)")
+    s.add_argument("--label", action="append", help="key=value label")
+    s.add_argument(
+        "--split-chars",
+        type=NON_NEGATIVE,
+        default=0,
+        help="split long files at paragraph boundaries into memories ID.000, ID.001, … of about N chars (0 = no split)",
+    )
+    s.add_argument(
+        "--replace", action="store_true", help="delete and memorize again a memory id that exists (default: skip it)"
+    )
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    m = sub.add_parser("memories", help="KV memories: list, show, delete")
+    msub = m.add_subparsers(dest="mem_cmd", required=True, metavar="ACTION")
+    s = msub.add_parser("list")
+    s.add_argument("--fingerprint", help="only memories of this model")
+    s = msub.add_parser("show")
+    s.add_argument("memory_id")
+    s.add_argument("--tokens", action="store_true", help="also print the token ids")
+    s = msub.add_parser("delete")
+    s.add_argument("memory_id")
+
+    s = sub.add_parser("generate", help="generate text, streamed ('-' reads the prompt from stdin)")
+    s.add_argument("prompt")
+    s.add_argument("--memory", action="append", help="memory id to attend to (repeatable)")
+    s.add_argument("--citations", action="store_true", help="print the memory spans retrieved most (needs --memory)")
+    s.add_argument("--memory-top-k", type=POSITIVE, default=None, help="memories retrieved per head and token")
+    s.add_argument("--remote", action="store_true", help="search memories on the memory service every step")
+    s.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    s.add_argument("--max-tokens", type=POSITIVE, default=128)
+    s.add_argument("--temperature", type=_float_in(0.0), default=0.0)
+    s.add_argument("--top-p", type=_float_in(0.0, 1.0), default=0.0, help="nucleus mass (0 = off)")
+    s.add_argument("--top-k", type=NON_NEGATIVE, default=0, help="sample among the k likeliest tokens (0 = off)")
+    s.add_argument("--seed", type=NON_NEGATIVE, default=None)
+    s.add_argument("--stop", action="append")
+    return p
+
+
+def check_combinations(a) -> None:
+    """Combinations argparse cannot express; errors exit 2 like argparse's own."""
+    if a.cmd == "generate" and not a.memory:
+        needs = [
+            f
+            for f, on in (
+                ("--citations", a.citations),
+                ("--memory-top-k", a.memory_top_k is not None),
+                ("--remote", a.remote),
+            )
+            if on
+        ]
+        if needs:
+            sys.stderr.write(
+                f"extmind generate: {', '.join(needs)} needs --memory ID (the memories to attend to) "
+                "(see `extmind generate --help`)\n"
+            )
+            sys.exit(2)

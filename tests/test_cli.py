@@ -1,0 +1,317 @@
+"""The ``extmind`` CLI as a person runs it: ``python -m extmind.cli`` in a subprocess, against a real
+memory service (on a real Redis) and a real generator (tiny random-weight Llama), both started with
+tests/procs.py. Also the Makefile targets that take the run dir, and the run dir's cluster.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from extmind.tiny_models import build_llama
+
+try:  # the process helpers' home since they became shared with the launcher
+    from extmind.procs import RedisProcess, ServiceProcess, free_ports
+except ImportError:
+    from tests.procs import RedisProcess, ServiceProcess, free_ports
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Variables that would point the CLI somewhere else than what a test chooses.
+_SCRUB = (
+    "EMBEDDER_URL",
+    "MEMORY_URL",
+    "GENERATOR_URL",
+    "EMBEDDER_PORT",
+    "MEMORY_PORT",
+    "GENERATOR_PORT",
+    "EXTMIND_RUN_DIR",
+    "REDIS_URL",
+    "MEMORY_DATA_DIR",
+    "EXTMIND_AUTH_TOKEN",
+    "RUN_DIR",
+    "EMBEDDER_HOST",
+    "MEMORY_HOST",
+    "GENERATOR_HOST",
+    "MAKEFLAGS",
+    "MFLAGS",
+)
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+    env.update(PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+def cli(*args, env=None, cwd=None, input=None):
+    return subprocess.run(
+        [sys.executable, "-m", "extmind.cli", *args],
+        env=env or clean_env(),
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        input=input,
+        timeout=120,
+    )
+
+
+def one_line(r) -> str:
+    """The stderr of a failed command: exactly one line, no traceback."""
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.endswith("\n"), r.stderr
+    return r.stderr.strip()
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    model = build_llama(d / "llama", hidden=64, layers=2, heads=4, kv_heads=2, seed=3)
+    redis = RedisProcess(d / "redis").start()
+    mem = ServiceProcess(
+        "services.memory",
+        ["--redis-url", redis.url, "--log-format", "text"],
+        env={"EXTMIND_AUTH_TOKEN": ""},
+        log_dir=d / "logs",
+        health_service="extmind.v1.MemoryService",
+    ).start()
+    gen = ServiceProcess(
+        "services.generator",
+        ["--model", str(model), "--log-format", "text"],
+        env={"EXTMIND_AUTH_TOKEN": "", "MEMORY_URL": mem.address},
+        log_dir=d / "logs",
+        health_service="extmind.v1.GeneratorService",
+    ).start()
+    yield {"memory": mem, "generator": gen, "redis": redis}
+    gen.stop()
+    mem.stop()
+    redis.close()
+
+
+@pytest.fixture(scope="module")
+def env(services):
+    (dead,) = free_ports(1)
+    return clean_env(
+        MEMORY_URL=services["memory"].address,
+        GENERATOR_URL=services["generator"].address,
+        EMBEDDER_URL=f"127.0.0.1:{dead}",
+    )
+
+
+# ------------------------------------------------------------------ the command line itself
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["docs", "search", "c", "q", "--top-k", "-1"], "argument --top-k: must be a positive whole number, got -1"),
+        (["docs", "search", "c", "q", "--top-k", "0"], "argument --top-k: must be a positive whole number, got 0"),
+        (["generate", "hi", "--max-tokens", "-3"], "argument --max-tokens: must be a positive whole number, got -3"),
+        (["generate", "hi", "--top-k", "-1"], "argument --top-k: must be a whole number >= 0, got -1"),
+        (["generate", "hi", "--top-p", "1.5"], "argument --top-p: must be in [0, 1], got 1.5"),
+        (["memorize", "f.txt", "--split-chars", "-5"], "argument --split-chars: must be a whole number >= 0, got -5"),
+        (["generate", "hi", "--citations"], "--citations needs --memory ID"),
+        (["generate", "hi", "--memory-top-k", "3"], "--memory-top-k needs --memory ID"),
+        (["memorize", "a.txt", "b.txt", "--id", "x"], "--id names one memory"),
+    ],
+)
+def test_usage_errors_are_one_line_exit_2(args, says):
+    r = cli(*args)
+    assert r.returncode == 2, (args, r.stdout, r.stderr)
+    line = one_line(r)
+    assert line.startswith("extmind") and says in line, line
+    assert r.stdout == ""
+
+
+def test_bad_values_are_one_line_exit_1():
+    for args, says in (
+        (["docs", "upsert", "c", "no-equals-sign"], "must be id=text, @file or @file.jsonl"),
+        (["memorize", "x.txt", "--label", "nolabel"], "--label 'nolabel' must look like key=value"),
+    ):
+        r = cli(*args)
+        assert r.returncode == 1 and says in one_line(r), (args, r.stderr)
+    r = cli("memories", "list", env=clean_env(EXTMIND_CLI_TIMEOUT="soon"))
+    assert (
+        r.returncode == 1 and one_line(r) == "extmind: EXTMIND_CLI_TIMEOUT='soon' must be a positive number of seconds"
+    )
+
+
+def test_non_utf8_input_is_one_line(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("café au lait\n".encode("latin-1"))
+    for args in (["memorize", str(bad)], ["docs", "upsert", "c", f"@{bad}"]):
+        r = cli(*args)
+        assert r.returncode == 1, (args, r.stderr)
+        assert one_line(r) == (
+            f"extmind: {bad} is not UTF-8 text (byte 0xe9 at offset 3); convert it first, "
+            "e.g. `iconv -f latin1 -t utf-8`"
+        )
+    r = subprocess.run(
+        [sys.executable, "-m", "extmind.cli", "memorize", "-"],
+        env=clean_env(),
+        cwd=ROOT,
+        input=b"\xff\xfe",
+        capture_output=True,
+        timeout=60,
+    )
+    assert r.returncode == 1 and b"stdin is not UTF-8 text" in r.stderr and r.stderr.count(b"\n") == 1
+
+
+def test_unreachable_service_is_one_line_saying_where_the_url_came_from(tmp_path):
+    (dead,) = free_ports(1)
+    run = tmp_path / "run"
+    r = cli("memories", "list", env=clean_env(MEMORY_URL=f"127.0.0.1:{dead}"))
+    assert r.returncode == 1 and r.stdout == ""  # no table header before the error
+    line = one_line(r)
+    assert line.startswith(f"extmind: UNAVAILABLE: cannot reach the memory service at 127.0.0.1:{dead} [MEMORY_URL]")
+    assert line.endswith("is the cluster up? `make up`, `extmind status`")
+    r = cli("memories", "list", env=clean_env(MEMORY_PORT=str(dead), EXTMIND_RUN_DIR=str(run)))
+    assert f"at 127.0.0.1:{dead} [default; no {run}/cluster.json] (" in one_line(r)
+    run.mkdir()
+    (run / "cluster.json").write_text(json.dumps({"memory_url": f"127.0.0.1:{dead}"}))
+    r = cli("memories", "list", env=clean_env(EXTMIND_RUN_DIR=str(run)))
+    assert f"at 127.0.0.1:{dead} [{run}/cluster.json] (" in one_line(r)
+
+
+# ------------------------------------------------------------------ against the services
+
+
+def test_docs_create_collections_drop(env):
+    r = cli("docs", "collections", env=env)
+    assert r.returncode == 0 and "cli-col" not in r.stdout, r.stderr
+    r = cli("docs", "create", "cli-col", "--model", "test-model", "--dimensions", "8", env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "created collection cli-col (test-model, 8 dims)", r.stderr
+    r = cli("docs", "collections", env=env)
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:]}
+    assert rows["cli-col"][1:4] == ["0", "8", rows["cli-col"][3]] and rows["cli-col"][-1] == "test-model", r.stdout
+    r = cli("docs", "drop", "cli-col", env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "dropped collection cli-col", r.stderr
+    r = cli("docs", "collections", env=env)
+    assert r.returncode == 0 and "cli-col" not in r.stdout
+    r = cli("docs", "drop", "cli-col", env=env)
+    assert r.returncode == 1
+    line = one_line(r)
+    # A command to type, not an RPC name; the collection named once.
+    assert line.startswith("extmind: NOT_FOUND: collection 'cli-col' does not exist"), line
+    assert "`extmind docs create`" in line and "CreateCollection" not in line and "UpsertDocuments" not in line
+    assert line.count("cli-col") == 1
+
+
+def test_memorize_skips_or_replaces_existing_ids(env, tmp_path):
+    a, b, c = (tmp_path / f"{n}.txt" for n in ("cli-a", "cli-b", "cli-c"))
+    a.write_text("The lighthouse keeper lit the lamp at dusk.\n")
+    b.write_text("Bees dance to tell the hive where flowers are.\n")
+    c.write_text("Granite forms when magma cools slowly underground.\n")
+    r = cli("memorize", str(a), str(b), "--quiet", env=env)
+    assert r.returncode == 0, r.stderr
+    made = dict(line.split(": ", 1) for line in r.stdout.splitlines())
+    assert set(made) == {"cli-a", "cli-b"}
+    tokens, rows = made["cli-a"].split(" tokens, ")
+    # The count the generator tokenized and the rows stored differ by the BOS, and the line says so.
+    assert rows == f"{int(tokens) - 1} memory rows (special tokens such as BOS are not stored)", made
+
+    r = cli("memorize", str(a), str(c), "--quiet", env=env)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "cli-a: exists already, skipped (--replace memorizes it again)"
+    assert lines[1].startswith("cli-c: ") and "memory rows" in lines[1]
+
+    r = cli("memorize", str(a), "--replace", "--quiet", "--label", "round=2", env=env)
+    assert r.returncode == 0 and r.stdout.startswith("cli-a: ") and "memory rows" in r.stdout, r.stderr
+    show = cli("memories", "show", "cli-a", env=env)
+    fields = dict(line.split(None, 1) for line in show.stdout.splitlines())
+    assert fields["labels"] == "round=2, source=cli-a.txt"  # the labels of the second memorize: replaced
+    assert fields["excerpt"] == "The lighthouse keeper lit the lamp at dusk."
+    assert fields["rows"].startswith(f"{int(tokens) - 1} (one per stored token; special tokens such as BOS")
+    listed = cli("memories", "list", env=env)
+    assert {line.split()[0] for line in listed.stdout.splitlines()[1:]} >= {"cli-a", "cli-b", "cli-c"}
+
+
+def test_not_found_names_the_memory_once(env):
+    r = cli("memories", "show", "cli-nope", env=env)
+    assert r.returncode == 1
+    line = one_line(r)
+    assert line == "extmind: NOT_FOUND: memory 'cli-nope' does not exist; `extmind memories list` shows the stored ones"
+    # Through the generator, which prefixes the memory's name to the memory service's message.
+    r = cli("generate", "hello", "--memory", "cli-nope", "--max-tokens", "2", env=env)
+    assert r.returncode == 1
+    line = one_line(r)
+    assert line.startswith("extmind: NOT_FOUND: memory 'cli-nope' does not exist") and line.count("cli-nope") == 1
+
+
+# ------------------------------------------------------------------ finding the cluster
+
+
+def test_cluster_json_in_the_run_dir_is_found_without_env_vars(services, tmp_path):
+    mem = services["memory"].address
+    (tmp_path / ".run").mkdir()
+    (tmp_path / ".run" / "cluster.json").write_text(json.dumps({"memory_url": mem}))
+    r = cli("memories", "list", cwd=tmp_path)  # ./.run, no variables
+    assert r.returncode == 0 and r.stdout.startswith("MEMORY "), r.stderr
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "cluster.json").write_text(json.dumps({"memory_url": mem}))
+    for how in (dict(env=clean_env(EXTMIND_RUN_DIR=str(elsewhere))), dict(args=["--run-dir", str(elsewhere)])):
+        r = cli(*how.get("args", []), "docs", "collections", env=how.get("env"), cwd=ROOT)
+        assert r.returncode == 0 and r.stdout.startswith("COLLECTION"), (how, r.stderr)
+
+    # An explicit MEMORY_URL wins over the record.
+    (dead,) = free_ports(1)
+    r = cli("memories", "list", env=clean_env(MEMORY_URL=f"127.0.0.1:{dead}"), cwd=tmp_path)
+    assert r.returncode == 1 and f"memory service at 127.0.0.1:{dead}" in one_line(r)
+
+
+def test_status_describes_the_services_the_urls_name(services, env, tmp_path):
+    run = tmp_path / "run"  # nothing started from here
+    r = cli("status", env=dict(env, EXTMIND_RUN_DIR=str(run)))
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:]}
+    assert rows["memory"][1:5] == [services["memory"].address, "-", "external", "SERVING"], r.stdout
+    assert rows["generator"][1:5] == [services["generator"].address, "-", "external", "SERVING"], r.stdout
+    assert rows["embedder"][3:5] == ["external", "UNREACHABLE"], r.stdout
+    # Redis sits behind the external memory service: unknown from here, not "not running".
+    assert rows["redis"][3:5] == ["unknown", "-"] and "not running" not in r.stdout, r.stdout
+    assert r.returncode == 1  # the embedder is down
+
+    r = cli("status", env=dict(env, EXTMIND_RUN_DIR=str(run), REDIS_URL=services["redis"].url))
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:]}
+    assert rows["redis"][3:5] == ["external", "PONG"], r.stdout
+
+    # Only ports (e.g. docker compose published on this host): a service that answers but was not
+    # started from this run dir is external too, and so its Redis is unknown.
+    r = cli("status", env=clean_env(EXTMIND_RUN_DIR=str(run), MEMORY_PORT=str(services["memory"].port)))
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:]}
+    assert rows["memory"][1:5] == [str(services["memory"].port), "-", "external", "SERVING"], r.stdout
+    assert rows["redis"][3:5] == ["unknown", "-"], r.stdout
+
+
+def make(*args, **env):
+    return subprocess.run(
+        ["make", "--no-print-directory", *args],
+        env=clean_env(**env),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_make_targets_take_EXTMIND_RUN_DIR(tmp_path):
+    run = tmp_path / "my-run"
+    (run / "logs").mkdir(parents=True)
+    (run / "logs" / "memory.log").write_text("a line only this run dir has\n")
+    r = make("logs", EXTMIND_RUN_DIR=str(run))
+    assert r.returncode == 0 and "a line only this run dir has" in r.stdout, r.stdout + r.stderr
+    r = make("down", EXTMIND_RUN_DIR=str(run))
+    assert r.returncode == 0 and f"nothing to stop (no pid files under {run}/pids)" in r.stdout, r.stdout + r.stderr
+    # `make status` and `make up` pass the same run dir (dry run: they would install first).
+    for target in ("status", "up"):
+        r = make("-n", target, EXTMIND_RUN_DIR=str(run))
+        assert f"-m extmind.cluster {target} --run-dir {run}" in r.stdout, r.stdout
+    # RUN_DIR on the command line still wins.
+    r = make("-n", "status", f"RUN_DIR={tmp_path}/other", EXTMIND_RUN_DIR=str(run))
+    assert f"--run-dir {tmp_path}/other" in r.stdout, r.stdout
