@@ -111,8 +111,9 @@ class Targets:
 
     def origin(self, service: str) -> str:
         """Where the service's URL came from, for error messages."""
-        if os.environ.get(f"{service.upper()}_URL", "").strip():
-            return f"{service.upper()}_URL"
+        env = f"{service.upper()}_URL"  # EMBEDDER_URL, MEMORY_URL, GENERATOR_URL
+        if os.environ.get(env, "").strip():
+            return env
         record = self.run_dir / "cluster.json"
         return str(record) if f"{service}_url" in read_record(self.run_dir) else f"default; no {record}"
 
