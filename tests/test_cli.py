@@ -1,6 +1,6 @@
 """The ``extmind`` CLI as a person runs it: ``python -m extmind.cli`` in a subprocess, against a real
 memory service (on a real Redis) and a real generator (tiny random-weight Llama), both started with
-tests/procs.py. Also the Makefile targets that take the run dir, and the run dir's cluster.json."""
+extmind/procs.py. Also the Makefile targets that take the run dir, and the run dir's cluster.json."""
 
 from __future__ import annotations
 
@@ -14,10 +14,7 @@ import pytest
 
 from extmind.tiny_models import build_llama
 
-try:  # the process helpers' home since they became shared with the launcher
-    from extmind.procs import RedisProcess, ServiceProcess, free_ports
-except ImportError:
-    from tests.procs import RedisProcess, ServiceProcess, free_ports
+from extmind.procs import RedisProcess, ServiceProcess, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 

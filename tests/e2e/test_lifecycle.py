@@ -110,8 +110,11 @@ def test_down_leaves_nothing_running(own_cluster):
     assert redis_pid is not None, "the memory service's embedded redis-server is not running"
     pids.append(redis_pid)
     assert all(_alive(p) for p in pids)
+    assert (cluster.run_dir / "cluster.json").exists()
     r = cluster.launcher("down")
     assert r.returncode == 0, r.stderr
+    # the record goes with the cluster: no client is sent to a cluster that is gone
+    assert not (cluster.run_dir / "cluster.json").exists()
     for n in ORDER:
         assert f"{n:<10} stopped" in r.stdout, r.stdout  # SIGTERM was enough: clean shutdowns
     deadline = time.monotonic() + 10

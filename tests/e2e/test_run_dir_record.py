@@ -9,10 +9,7 @@ import sys
 
 import pytest
 
-try:  # where the e2e cluster helpers live since they left conftest
-    from .cluster import _SCRUB, REPO
-except ImportError:
-    from .conftest import _SCRUB, REPO
+from .cluster import _SCRUB, REPO
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
