@@ -22,6 +22,7 @@ OUT = ROOT / "bench" / "out"
 
 # ------------------------------------------------------------------ the machine
 
+
 def machine(**extra) -> dict:
     """Where and when a run happened: date (UTC), system, arch, cpu model, cores, Python, load
     average (1 min) at the call, plus ``extra`` facts (e.g. ``blas=blas_in_use()``,
@@ -35,9 +36,16 @@ def machine(**extra) -> dict:
                     break
     except OSError:
         pass
-    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "system": platform.system(),
-            "arch": platform.machine(), "cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
-            "load": round(os.getloadavg()[0], 2), **extra}
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "system": platform.system(),
+        "arch": platform.machine(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "load": round(os.getloadavg()[0], 2),
+        **extra,
+    }
 
 
 def describe(m: dict) -> str:
@@ -51,6 +59,7 @@ def describe(m: dict) -> str:
 
 
 # ------------------------------------------------------------------ timing
+
 
 def timed_rounds(fns, rounds: int, warmup: int = 1) -> list[list[float]]:
     """Calls every function of ``fns`` ``warmup`` times (untimed), then ``rounds`` times, one after
@@ -85,6 +94,7 @@ def median_seconds(fn, rounds: int, warmup: int = 1) -> float:
 
 # ------------------------------------------------------------------ reporting
 
+
 def ratio(value: float, baseline: float) -> str:
     """``value / baseline`` as ``"1.23x"``."""
     return f"{value / baseline:.2f}x"
@@ -106,8 +116,9 @@ def table(header, rows) -> str:
 
 
 def add_record_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--record", action="store_true",
-                        help="also append the report to its section of bench/RESULTS.md")
+    parser.add_argument(
+        "--record", action="store_true", help="also append the report to its section of bench/RESULTS.md"
+    )
 
 
 def record(name: str, body: str, *, write: bool = False) -> None:

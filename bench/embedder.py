@@ -20,15 +20,29 @@ import statistics
 import subprocess
 import sys
 
-from bench.common import (ROOT, add_record_flag, describe, machine, median_seconds, ratio, record, table,
-                          timed_rounds_async, verdict)
-WORDS = ("memory model vector search query answer river mountain capital city music train station noon "
-         "weather book paper network layer token attention value key store retrieve embed document").split()
+from bench.common import (
+    ROOT,
+    add_record_flag,
+    describe,
+    machine,
+    median_seconds,
+    ratio,
+    record,
+    table,
+    timed_rounds_async,
+    verdict,
+)
+
+WORDS = (
+    "memory model vector search query answer river mountain capital city music train station noon "
+    "weather book paper network layer token attention value key store retrieve embed document"
+).split()
 
 
 def make_texts(n: int, seed: int = 0, words: tuple[int, int] = (6, 40)) -> list[str]:
     """Sentences of words[0]..words[1] words (deterministic), like short documents and queries."""
     import random
+
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(*words))).capitalize() + "." for _ in range(n)]
 
@@ -39,6 +53,7 @@ async def grpc_rounds(port: int, texts: list[str], rounds: int) -> tuple[float, 
     from extmind.channels import aio_channel
     from extmind.v1 import embedder_pb2 as pb
     from extmind.v1 import embedder_pb2_grpc
+
     async with aio_channel(f"127.0.0.1:{port}") as ch:
         stub = embedder_pb2_grpc.EmbedderServiceStub(ch)
         reqs = [pb.EmbedRequest(inputs=[t]) for t in texts]
@@ -59,6 +74,7 @@ def in_process_forward(model_spec: str, texts: list[str], rounds: int) -> float:
     from services.common.mlx_thread import MLXThread
     from services.embedder import recipe, registry
     from services.embedder.engine import prepare
+
     mlx = MLXThread("bench")
     m = mlx.call(registry.load, registry.resolve(model_spec))
 
@@ -77,6 +93,7 @@ def mlx_throughput(texts: list[str], batch: int, rounds: int) -> dict:
     from services.common.blas import blas_in_use
     from services.common.mlx_thread import MLXThread
     from services.embedder import recipe, registry
+
     mlx = MLXThread("bench")
     m = mlx.call(registry.load, registry.resolve("all-minilm-l6-v2"))
     ids = [recipe.fit(s, m.max_input_tokens, truncate=True, index=i) for i, s in enumerate(m.token_ids(texts))]
@@ -85,7 +102,7 @@ def mlx_throughput(texts: list[str], batch: int, rounds: int) -> dict:
 
     def run():
         for i in range(0, len(ids), batch):
-            recipe.finish(m.forward(ids[i:i + batch]), m.dimensions, True)
+            recipe.finish(m.forward(ids[i : i + batch]), m.dimensions, True)
 
     seconds = median_seconds(lambda: mlx.call(run), rounds)
     mlx.shutdown()
@@ -97,6 +114,7 @@ def torch_throughput(texts: list[str], batch: int, rounds: int) -> dict:
     from sentence_transformers import SentenceTransformer
 
     from services.embedder.registry import minilm_dir
+
     model = SentenceTransformer(str(minilm_dir()), device="cpu")
     tokens = sum(len(x) for x in model.tokenizer(texts, truncation=True, max_length=model.max_seq_length)["input_ids"])
     seconds = median_seconds(lambda: model.encode(texts, batch_size=batch, normalize_embeddings=True), rounds)
@@ -105,6 +123,7 @@ def torch_throughput(texts: list[str], batch: int, rounds: int) -> dict:
 
 def mlx_subprocess(openblas: bool, n: int, batch: int, rounds: int) -> dict:
     from services.common.blas import find_openblas
+
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("LD_PRELOAD", None)
     env.pop("_EXTMIND_BLAS_REEXEC", None)
@@ -115,9 +134,25 @@ def mlx_subprocess(openblas: bool, n: int, batch: int, rounds: int) -> dict:
         env["LD_PRELOAD"] = lib
     else:
         env["EXTMIND_OPENBLAS"] = "0"
-    out = subprocess.run([sys.executable, "-m", "bench.embedder", "--mlx-throughput", "--texts", str(n),
-                          "--batch", str(batch), "--rounds", str(rounds)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.embedder",
+            "--mlx-throughput",
+            "--texts",
+            str(n),
+            "--batch",
+            str(batch),
+            "--rounds",
+            str(rounds),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     if out.returncode != 0:
         return {"error": out.stderr[-500:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -137,21 +172,31 @@ def main() -> None:
     if a.quick:
         a.rounds, a.texts = 2, 32
 
-    if a.mlx_throughput:   # child mode: BLAS chosen by the parent's environment
+    if a.mlx_throughput:  # child mode: BLAS chosen by the parent's environment
         print(json.dumps(mlx_throughput(make_texts(a.texts, seed=1), a.batch, a.rounds)))
         return
 
     from extmind.procs import ServiceProcess
     from services.common.blas import blas_in_use, ensure_openblas
+
     ensure_openblas()
     sys.path.insert(0, str(ROOT))
-    head = (f"{describe(machine(blas=blas_in_use()))}. `python -m bench.embedder --rounds {a.rounds}`; "
-            f"model {a.model} for batching (median of {a.rounds} rounds), all-MiniLM-L6-v2 for tokens/s.")
+    head = (
+        f"{describe(machine(blas=blas_in_use()))}. `python -m bench.embedder --rounds {a.rounds}`; "
+        f"model {a.model} for batching (median of {a.rounds} rounds), all-MiniLM-L6-v2 for tokens/s."
+    )
     rows = []
     # Sentences (compute-bound on a CPU) and short queries (per-call overhead matters more).
-    workloads = {"sentences of 6-40 words": make_texts(a.clients), "queries of 2-5 words": make_texts(a.clients, 2, (2, 5))}
-    svc = ServiceProcess("services.embedder", ["--model", a.model, "--http-port", "-1"],
-                         env={"EXTMIND_LOG_LEVEL": "warning"}, start_timeout=120).start()
+    workloads = {
+        "sentences of 6-40 words": make_texts(a.clients),
+        "queries of 2-5 words": make_texts(a.clients, 2, (2, 5)),
+    }
+    svc = ServiceProcess(
+        "services.embedder",
+        ["--model", a.model, "--http-port", "-1"],
+        env={"EXTMIND_LOG_LEVEL": "warning"},
+        start_timeout=120,
+    ).start()
     try:
         measured = {k: asyncio.run(grpc_rounds(svc.port, t, a.rounds)) for k, t in workloads.items()}
     finally:
@@ -162,10 +207,20 @@ def main() -> None:
         what = f"batching, {a.clients} {label}:"
         rows += [
             [f"{what} one in-process batched forward", f"{single * 1e3:.1f} ms", "1.00x", "-", "-"],
-            [f"{what} {a.clients} concurrent gRPC clients", f"{conc * 1e3:.1f} ms",
-             f"{ratio(single, conc)} of in-process speed", ">= 0.8x", verdict(single / conc >= 0.8)],
-            [f"{what} {a.clients} sequential gRPC calls", f"{seq * 1e3:.1f} ms",
-             f"concurrent {ratio(seq, conc)} faster", ">= 4x", verdict(seq / conc >= 4)],
+            [
+                f"{what} {a.clients} concurrent gRPC clients",
+                f"{conc * 1e3:.1f} ms",
+                f"{ratio(single, conc)} of in-process speed",
+                ">= 0.8x",
+                verdict(single / conc >= 0.8),
+            ],
+            [
+                f"{what} {a.clients} sequential gRPC calls",
+                f"{seq * 1e3:.1f} ms",
+                f"concurrent {ratio(seq, conc)} faster",
+                ">= 4x",
+                verdict(seq / conc >= 4),
+            ],
         ]
 
     n = a.texts
@@ -173,8 +228,15 @@ def main() -> None:
     torch_r = torch_throughput(make_texts(n, seed=1), a.batch, tput_rounds)
     st = torch_r["tokens"] / torch_r["seconds"]
     what = f"tokens/s, {n} texts ({torch_r['tokens']} tokens), batch {a.batch}, median of {tput_rounds}:"
-    rows.append([f"{what} sentence-transformers (PyTorch CPU, {torch_r['threads']} threads)", f"{st:.0f} tok/s",
-                 "1.00x", "-", "-"])
+    rows.append(
+        [
+            f"{what} sentence-transformers (PyTorch CPU, {torch_r['threads']} threads)",
+            f"{st:.0f} tok/s",
+            "1.00x",
+            "-",
+            "-",
+        ]
+    )
     for openblas in (True, False):
         r = mlx_subprocess(openblas, n, a.batch, tput_rounds if openblas else 1)
         label = f"{what} MLX + OpenBLAS" if openblas else f"{what} MLX, bundled BLAS"
@@ -182,10 +244,18 @@ def main() -> None:
             rows.append([label, f"not measured ({r['error'].strip()[:200]})", "-", "-", "-"])
             continue
         tps = r["tokens"] / r["seconds"]
-        rows.append([label, f"{tps:.0f} tok/s", f"{ratio(tps, st)} of sentence-transformers",
-                     ">= 1.0x (aim)" if openblas else "-", verdict(tps / st >= 1.0) if openblas else "-"])
-    record("embedder", head + "\n\n" + table(["measurement", "result:", "ratio", "target", "met"], rows),
-           write=a.record)
+        rows.append(
+            [
+                label,
+                f"{tps:.0f} tok/s",
+                f"{ratio(tps, st)} of sentence-transformers",
+                ">= 1.0x (aim)" if openblas else "-",
+                verdict(tps / st >= 1.0) if openblas else "-",
+            ]
+        )
+    record(
+        "embedder", head + "\n\n" + table(["measurement", "result:", "ratio", "target", "met"], rows), write=a.record
+    )
 
 
 if __name__ == "__main__":

@@ -72,8 +72,17 @@ async def aggregate(engine, prompts, n, memory=None):
 
 async def main_async(args):
     tmp = Path(tempfile.mkdtemp(prefix="bench-gen-"))
-    path = build_llama(tmp / "llama50m", hidden=512, layers=8, heads=8, kv_heads=2, intermediate=3584,
-                       rope_scaling="llama3", max_position=8192, seed=0)
+    path = build_llama(
+        tmp / "llama50m",
+        hidden=512,
+        layers=8,
+        heads=8,
+        kv_heads=2,
+        intermediate=3584,
+        rope_scaling="llama3",
+        max_position=8192,
+        seed=0,
+    )
     with memory_stack(tmp) as mem:
         engine = GeneratorEngine(EngineConfig(model=str(path), memory_url=mem.address))
         engine.start()
@@ -82,18 +91,21 @@ async def main_async(args):
         finally:
             engine.stop()
 
-    head = (f"{describe(machine(blas=blas_in_use()))}.\nModel: random Llama, {n_params / 1e6:.1f}M parameters "
-            f"(hidden 512, 8 layers, 8 heads, 2 KV heads, llama3 RoPE), float32; {args.tokens} new tokens after a "
-            f"32-token prompt; memory of {args.rows} rows; real memory service + Redis on loopback; "
-            f"`python -m bench.generator --tokens {args.tokens} --rows {args.rows}`.")
+    head = (
+        f"{describe(machine(blas=blas_in_use()))}.\nModel: random Llama, {n_params / 1e6:.1f}M parameters "
+        f"(hidden 512, 8 layers, 8 heads, 2 KV heads, llama3 RoPE), float32; {args.tokens} new tokens after a "
+        f"32-token prompt; memory of {args.rows} rows; real memory service + Redis on loopback; "
+        f"`python -m bench.generator --tokens {args.tokens} --rows {args.rows}`."
+    )
     record("generator", head + "\n\n" + table(["measurement", "result"], rows.items()), write=args.record)
 
 
 async def measure(engine, path, args) -> tuple[int, dict]:
     """-> (parameters of the model, {measurement: result with its ratio to stock mlx-lm})."""
     rows = {}
-    n_params = engine.mlx.call(lambda: sum(v.size for _, v in __import__("mlx.utils").utils.tree_flatten(
-        engine.model.parameters())))
+    n_params = engine.mlx.call(
+        lambda: sum(v.size for _, v in __import__("mlx.utils").utils.tree_flatten(engine.model.parameters()))
+    )
     rng = np.random.default_rng(0)
     ok = [t for t in range(engine.vocab_size) if t not in engine.special_ids]
     mem_tokens = [int(t) for t in rng.choice(ok, args.rows)]
@@ -126,31 +138,43 @@ async def measure(engine, path, args) -> tuple[int, dict]:
     _, remote_rate = await engine_run(engine, prompt, min(args.tokens, 64), remote)
     rows["decode, stock mlx-lm generate_step"] = f"{stock_rate:.1f} tok/s (1.00x)"
     rows["decode, generator, no memory"] = f"{plain_rate:.1f} tok/s ({ratio(plain_rate, stock_rate)})"
-    rows[f"decode, {args.rows}-row memory, LOCAL (top_k 10)"] = f"{local_rate:.1f} tok/s ({ratio(local_rate, stock_rate)}; target >= 0.6x)"
+    rows[f"decode, {args.rows}-row memory, LOCAL (top_k 10)"] = (
+        f"{local_rate:.1f} tok/s ({ratio(local_rate, stock_rate)}; target >= 0.6x)"
+    )
     # citations are counted live during decoding: no extra pass at the end of the request
     cited = MemoryOptions((memory_id,), top_k=10, return_citations=True)
     _, _, t_plain_req, n_plain = await engine_run(engine, prompt, args.tokens, local, total=True)
     _, cite_rate, t_cite_req, n_cite = await engine_run(engine, prompt, args.tokens, cited, total=True)
     rows[f"decode, {args.rows}-row memory, LOCAL + return_citations"] = (
-        f"{cite_rate:.1f} tok/s ({ratio(cite_rate, stock_rate)} stock)")
+        f"{cite_rate:.1f} tok/s ({ratio(cite_rate, stock_rate)} stock)"
+    )
     rows["whole request until Final, LOCAL, with vs without citations"] = (
-        f"{t_cite_req:.2f} vs {t_plain_req:.2f} s ({ratio(t_cite_req, t_plain_req)}; {n_cite} vs {n_plain} tokens)")
-    rows[f"decode, {args.rows}-row memory, REMOTE (top_k 10)"] = f"{remote_rate:.1f} tok/s ({ratio(remote_rate, stock_rate)}; target >= 0.25x)"
+        f"{t_cite_req:.2f} vs {t_plain_req:.2f} s ({ratio(t_cite_req, t_plain_req)}; {n_cite} vs {n_plain} tokens)"
+    )
+    rows[f"decode, {args.rows}-row memory, REMOTE (top_k 10)"] = (
+        f"{remote_rate:.1f} tok/s ({ratio(remote_rate, stock_rate)}; target >= 0.25x)"
+    )
 
     stock_p512, _ = engine.mlx.call(stock_decode, path, long_prompt, 2)
     p_plain, _ = await engine_run(engine, long_prompt, 1)
     p_local, _ = await engine_run(engine, long_prompt, 1, local)
     rows["prefill 512 tokens, stock mlx-lm"] = f"{stock_p512 * 1e3:.0f} ms"
     rows["prefill 512 tokens, generator, no memory"] = f"{p_plain * 1e3:.0f} ms"
-    rows[f"prefill 512 tokens, {args.rows}-row memory LOCAL"] = f"{p_local * 1e3:.0f} ms ({ratio(p_local, p_plain)} no-memory time)"
+    rows[f"prefill 512 tokens, {args.rows}-row memory LOCAL"] = (
+        f"{p_local * 1e3:.0f} ms ({ratio(p_local, p_plain)} no-memory time)"
+    )
 
     prompts = [[int(t) for t in rng.choice(ok, 32)] for _ in range(8)]
     one, _ = await aggregate(engine, prompts[:1], args.tokens)
     eight, _ = await aggregate(engine, prompts, args.tokens)
-    rows["8 concurrent streams vs 1, no memory (aggregate)"] = f"{eight:.1f} vs {one:.1f} tok/s ({ratio(eight, one)}; target >= 3.5x)"
+    rows["8 concurrent streams vs 1, no memory (aggregate)"] = (
+        f"{eight:.1f} vs {one:.1f} tok/s ({ratio(eight, one)}; target >= 3.5x)"
+    )
     one_m, _ = await aggregate(engine, prompts[:1], args.tokens, local)
     eight_m, _ = await aggregate(engine, prompts, args.tokens, local)
-    rows["8 concurrent streams vs 1, LOCAL memory (aggregate)"] = f"{eight_m:.1f} vs {one_m:.1f} tok/s ({ratio(eight_m, one_m)})"
+    rows["8 concurrent streams vs 1, LOCAL memory (aggregate)"] = (
+        f"{eight_m:.1f} vs {one_m:.1f} tok/s ({ratio(eight_m, one_m)})"
+    )
     return n_params, rows
 
 

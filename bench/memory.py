@@ -36,6 +36,7 @@ from extmind.v1 import memory_pb2_grpc  # noqa: E402
 from services.memory import kv_layout, kv_store  # noqa: E402
 from services.memory.kv_index import KVIndex  # noqa: E402
 from services.memory.kv_store import KVStore  # noqa: E402
+
 KV_HEADS, Q_HEADS, DIM, TOP_K = 8, 32, 128, 10
 MiB = 1024 * 1024
 RAW_BATCH_BYTES = 32 * MiB
@@ -58,29 +59,49 @@ def make_kv(rng, layers, rows):
 def append_requests(memory_id, K, V, rows_per_msg=None):
     layers, _, rows, _ = K.shape
     step = rows_per_msg or rows
-    return [pb.AppendMemoryRequest(memory_id=memory_id, layer=layer, keys=encode(K[layer][:, s:s + step]),
-                                   values=encode(V[layer][:, s:s + step]))
-            for layer in range(layers) for s in range(0, rows, step)]
+    return [
+        pb.AppendMemoryRequest(
+            memory_id=memory_id,
+            layer=layer,
+            keys=encode(K[layer][:, s : s + step]),
+            values=encode(V[layer][:, s : s + step]),
+        )
+        for layer in range(layers)
+        for s in range(0, rows, step)
+    ]
 
 
 def create(stub, memory_id, layers, rows):
-    stub.CreateMemory(pb.CreateMemoryRequest(
-        memory_id=memory_id, model_fingerprint="bench",
-        layout=pb.MemoryLayout(num_layers=layers, num_kv_heads=KV_HEADS, head_dim=DIM, dtype=FLOAT16),
-        token_ids=[0] * rows), timeout=60)
+    stub.CreateMemory(
+        pb.CreateMemoryRequest(
+            memory_id=memory_id,
+            model_fingerprint="bench",
+            layout=pb.MemoryLayout(num_layers=layers, num_kv_heads=KV_HEADS, head_dim=DIM, dtype=FLOAT16),
+            token_ids=[0] * rows,
+        ),
+        timeout=60,
+    )
 
 
 # ---------------------------------------------------------------- 1. search
+
 
 def bench_search(stub, redis_url, rows_list, qs, iters_q1, iters_q64, rng):
     for rows in rows_list:
         K, V = make_kv(rng, 1, rows)
         create(stub, f"search-{rows}", 1, rows)
         stub.AppendMemory(iter(append_requests(f"search-{rows}", K, V, rows_per_msg=8192)), timeout=600)
-        stub.SearchMemory(pb.SearchMemoryRequest(memory_ids=[f"search-{rows}"], layer=0, top_k=1,   # indexed
-                                                 queries=encode(np.ones((KV_HEADS, 1, DIM), np.float32))), timeout=600)
+        stub.SearchMemory(
+            pb.SearchMemoryRequest(
+                memory_ids=[f"search-{rows}"],
+                layer=0,
+                top_k=1,  # indexed
+                queries=encode(np.ones((KV_HEADS, 1, DIM), np.float32)),
+            ),
+            timeout=600,
+        )
     index = KVIndex(KVStore(redis_url))
-    index.rebuild()   # the same indexes, built in this process from the same Redis
+    index.rebuild()  # the same indexes, built in this process from the same Redis
     out = []
     for rows in rows_list:
         loaded = [index.loaded[f"search-{rows}"]]
@@ -89,32 +110,48 @@ def bench_search(stub, redis_url, rows_list, qs, iters_q1, iters_q64, rng):
             Q = rng.standard_normal((Q_HEADS, q, DIM), dtype=np.float32)
             last = {}
 
-            def in_process():
+            def in_process(loaded=loaded, Q=Q, last=last):
                 last["local"] = index.search_blocking(loaded, 0, Q, TOP_K, None, True)
 
-            def over_grpc():   # the full client call: encode, loopback, decode
-                resp = stub.SearchMemory(pb.SearchMemoryRequest(memory_ids=[f"search-{rows}"], layer=0,
-                                                                queries=encode(Q), top_k=TOP_K, return_vectors=True),
-                                         timeout=120)
+            def over_grpc(rows=rows, Q=Q, last=last):  # the full client call: encode, loopback, decode
+                resp = stub.SearchMemory(
+                    pb.SearchMemoryRequest(
+                        memory_ids=[f"search-{rows}"], layer=0, queries=encode(Q), top_k=TOP_K, return_vectors=True
+                    ),
+                    timeout=120,
+                )
                 last["resp"] = resp
-                last["remote"] = (decode_raw(resp.scores), decode_raw(resp.indices), decode_raw(resp.keys),
-                                  decode_raw(resp.values))
+                last["remote"] = (
+                    decode_raw(resp.scores),
+                    decode_raw(resp.indices),
+                    decode_raw(resp.keys),
+                    decode_raw(resp.values),
+                )
 
             local, remote = ([x * 1e3 for x in xs] for xs in timed_rounds([in_process, over_grpc], iters, warmup=3))
             s_local, s_remote, resp = last["local"], last["remote"], last["resp"]
             assert np.array_equal(s_local[1], s_remote[1]) and np.array_equal(s_local[2], s_remote[2])
-            row = {"rows": rows, "q": q, "iters": iters,
-                   "inproc_p50_ms": p50(local), "inproc_p90_ms": pct(local, 90),
-                   "grpc_p50_ms": p50(remote), "grpc_p90_ms": pct(remote, 90),
-                   "overhead_p50_ms": p50(remote) - p50(local),
-                   "response_bytes": resp.ByteSize()}
+            row = {
+                "rows": rows,
+                "q": q,
+                "iters": iters,
+                "inproc_p50_ms": p50(local),
+                "inproc_p90_ms": pct(local, 90),
+                "grpc_p50_ms": p50(remote),
+                "grpc_p90_ms": pct(remote, 90),
+                "overhead_p50_ms": p50(remote) - p50(local),
+                "response_bytes": resp.ByteSize(),
+            }
             row["target"] = "<= +1.5 ms" if q == 1 else "-"
             row["ok"] = (row["overhead_p50_ms"] <= 1.5) if q == 1 else None
             out.append(row)
-            print(f"  search rows={rows:>6} q={q:>2}: in-process p50 {row['inproc_p50_ms']:8.2f} ms | gRPC p50 "
-                  f"{row['grpc_p50_ms']:8.2f} ms | overhead {row['overhead_p50_ms']:+6.2f} ms "
-                  f"({ratio(row['grpc_p50_ms'], row['inproc_p50_ms'])})"
-                  + ("" if q != 1 else f"  target <= +1.5 ms: {'OK' if row['ok'] else 'MISSED'}"), flush=True)
+            print(
+                f"  search rows={rows:>6} q={q:>2}: in-process p50 {row['inproc_p50_ms']:8.2f} ms | gRPC p50 "
+                f"{row['grpc_p50_ms']:8.2f} ms | overhead {row['overhead_p50_ms']:+6.2f} ms "
+                f"({ratio(row['grpc_p50_ms'], row['inproc_p50_ms'])})"
+                + ("" if q != 1 else f"  target <= +1.5 ms: {'OK' if row['ok'] else 'MISSED'}"),
+                flush=True,
+            )
     index.close()
     return out
 
@@ -122,14 +159,18 @@ def bench_search(stub, redis_url, rows_list, qs, iters_q1, iters_q64, rng):
 def bench_floor(channel, iters):
     """p50 of a grpc.health.v1 Check on the same channel: the round trip any call pays."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     stub = health_pb2_grpc.HealthStub(channel)
-    xs = [x * 1e3 for x in timed_rounds([lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=10)],
-                                        iters, warmup=3)[0]]
+    xs = [
+        x * 1e3
+        for x in timed_rounds([lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=10)], iters, warmup=3)[0]
+    ]
     print(f"  unary round trip (health check) p50 {p50(xs):.2f} ms", flush=True)
     return p50(xs)
 
 
 # ---------------------------------------------------------------- 2. ingest
+
 
 def raw_pipeline_ingest(redis_url, memory_id, K, V, step):
     """The same bytes in the same layout (one key per chunk of ``step`` rows per layer for keys
@@ -140,8 +181,15 @@ def raw_pipeline_ingest(redis_url, memory_id, K, V, step):
     chunks = []
     for layer in range(layers):
         for c, s in enumerate(range(0, rows, step)):
-            chunks.append((layer, f"raw.{c}", min(step, rows - s), K[layer][:, s:s + step].tobytes(),
-                           V[layer][:, s:s + step].tobytes()))
+            chunks.append(
+                (
+                    layer,
+                    f"raw.{c}",
+                    min(step, rows - s),
+                    K[layer][:, s : s + step].tobytes(),
+                    V[layer][:, s : s + step].tobytes(),
+                )
+            )
     meta = kv_layout.meta_key(memory_id)
     t = time.perf_counter()
     pipe = r.pipeline(transaction=False)
@@ -158,8 +206,11 @@ def raw_pipeline_ingest(redis_url, memory_id, K, V, step):
             pending = 0
     pipe.execute()
     dt = time.perf_counter() - t
-    keys = [meta] + [kv_layout.chunk_key(memory_id, kind, layer, c) for layer, c, *_ in chunks for kind in "kv"] \
+    keys = (
+        [meta]
+        + [kv_layout.chunk_key(memory_id, kind, layer, c) for layer, c, *_ in chunks for kind in "kv"]
         + [kv_layout.chunk_list_key(memory_id, layer) for layer in range(layers)]
+    )
     r.delete(*keys)
     r.close()
     return dt
@@ -180,20 +231,38 @@ def bench_ingest(stub, redis_url, layers, rows, reps, rng, msg_rows=1024):
         grpc_s.append(time.perf_counter() - t)
         assert resp.state == pb.MEMORY_STATE_READY
         # The service indexes a READY memory in the background: let it finish before the raw run.
-        stub.SearchMemory(pb.SearchMemoryRequest(memory_ids=[mid], layer=0, top_k=1,
-                                                 queries=encode(np.ones((KV_HEADS, 1, DIM), np.float32))), timeout=600)
+        stub.SearchMemory(
+            pb.SearchMemoryRequest(
+                memory_ids=[mid], layer=0, top_k=1, queries=encode(np.ones((KV_HEADS, 1, DIM), np.float32))
+            ),
+            timeout=600,
+        )
         stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id=mid), timeout=60)
         raw_s.append(raw_pipeline_ingest(redis_url, f"raw-{i}", K, V, msg_rows))
     g, r = nbytes / MiB / p50(grpc_s), nbytes / MiB / p50(raw_s)
-    row = {"bytes": nbytes, "layers": layers, "rows": rows, "reps": reps, "message_rows": msg_rows,
-           "message_mib": 2 * msg_rows * KV_HEADS * DIM * 2 / MiB, "append_mb_s": g, "raw_pipeline_mb_s": r,
-           "ratio": g / r, "target": ">= 0.5x", "ok": g / r >= 0.5}
-    print(f"  ingest {nbytes / MiB:.0f} MiB: AppendMemory {g:7.1f} MiB/s | raw redis-py pipeline {r:7.1f} MiB/s | "
-          f"ratio {g / r:.2f}x  target >= 0.5x: {'OK' if row['ok'] else 'MISSED'}", flush=True)
+    row = {
+        "bytes": nbytes,
+        "layers": layers,
+        "rows": rows,
+        "reps": reps,
+        "message_rows": msg_rows,
+        "message_mib": 2 * msg_rows * KV_HEADS * DIM * 2 / MiB,
+        "append_mb_s": g,
+        "raw_pipeline_mb_s": r,
+        "ratio": g / r,
+        "target": ">= 0.5x",
+        "ok": g / r >= 0.5,
+    }
+    print(
+        f"  ingest {nbytes / MiB:.0f} MiB: AppendMemory {g:7.1f} MiB/s | raw redis-py pipeline {r:7.1f} MiB/s | "
+        f"ratio {g / r:.2f}x  target >= 0.5x: {'OK' if row['ok'] else 'MISSED'}",
+        flush=True,
+    )
     return row
 
 
 # ---------------------------------------------------------------- 3. restart
+
 
 def bench_restart(stub, svc, redis_url, layers, rows, rng):
     mid = "restart"
@@ -205,13 +274,18 @@ def bench_restart(stub, svc, redis_url, layers, rows, rng):
             for s in range(0, rows, step):
                 k, v = make_kv(rng, 1, min(step, rows - s))
                 yield pb.AppendMemoryRequest(memory_id=mid, layer=layer, keys=encode(k[0]), values=encode(v[0]))
+
     t = time.perf_counter()
     stub.AppendMemory(gen(), timeout=1200)
     ingest_s = time.perf_counter() - t
     # Let the service finish indexing the new memory (it loads it in the background) so that it
     # does not compete for the cores with the measurement below.
-    stub.SearchMemory(pb.SearchMemoryRequest(memory_ids=[mid], layer=0, top_k=1,
-                                             queries=encode(np.ones((KV_HEADS, 1, DIM), np.float32))), timeout=600)
+    stub.SearchMemory(
+        pb.SearchMemoryRequest(
+            memory_ids=[mid], layer=0, top_k=1, queries=encode(np.ones((KV_HEADS, 1, DIM), np.float32))
+        ),
+        timeout=600,
+    )
     total_rows = layers * KV_HEADS * rows
     # (a) the rebuild itself, in this process, from the same Redis
     index = KVIndex(KVStore(redis_url))
@@ -230,13 +304,29 @@ def bench_restart(stub, svc, redis_url, layers, rows, rng):
         if "indexes rebuilt" in line and "seconds=" in line:
             logged = float(line.split("seconds=")[1].split()[0])
             break
-    row = {"rows": total_rows, "memory_rows_per_bank": rows, "layers": layers, "kv_heads": KV_HEADS,
-           "head_dim": DIM, "dtype": "float16", "bytes": 2 * total_rows * DIM * 2, "ingest_s": ingest_s,
-           "rebuild_s": rebuild_s, "rebuilt_rows": stats["rows"], "service_logged_rebuild_s": logged, "restart_to_serving_s": serving_s,
-           "target": "<= 5 s", "ok": rebuild_s <= 5.0, "stats": stats}
-    print(f"  restart {total_rows:,} rows ({row['bytes'] / MiB:.0f} MiB keys+values): rebuild {rebuild_s:.2f} s "
-          f"(service logged {logged} s; restart to SERVING {serving_s:.2f} s)  target <= 5 s: "
-          f"{'OK' if row['ok'] else 'MISSED'}   [ingested in {ingest_s:.1f} s]", flush=True)
+    row = {
+        "rows": total_rows,
+        "memory_rows_per_bank": rows,
+        "layers": layers,
+        "kv_heads": KV_HEADS,
+        "head_dim": DIM,
+        "dtype": "float16",
+        "bytes": 2 * total_rows * DIM * 2,
+        "ingest_s": ingest_s,
+        "rebuild_s": rebuild_s,
+        "rebuilt_rows": stats["rows"],
+        "service_logged_rebuild_s": logged,
+        "restart_to_serving_s": serving_s,
+        "target": "<= 5 s",
+        "ok": rebuild_s <= 5.0,
+        "stats": stats,
+    }
+    print(
+        f"  restart {total_rows:,} rows ({row['bytes'] / MiB:.0f} MiB keys+values): rebuild {rebuild_s:.2f} s "
+        f"(service logged {logged} s; restart to SERVING {serving_s:.2f} s)  target <= 5 s: "
+        f"{'OK' if row['ok'] else 'MISSED'}   [ingested in {ingest_s:.1f} s]",
+        flush=True,
+    )
     return row
 
 
@@ -267,37 +357,79 @@ def markdown(res) -> str:
     """The report body (markdown, without its ``## memory`` heading) of a results dict."""
     m = res["machine"]
     after = res.get("load_after")
-    lines = [f"`python -m bench.memory`: {describe(m)}; appendfsync always; FAISS: 1 OpenMP thread for small "
-             f"searches on the event loop, all cores for large ones on worker threads. Run time {res['seconds']:.0f} s"
-             + (f"; load average {after:.1f} after (the machine is shared)." if after is not None else "."),
-             "",
-             f"**SearchMemory** — {Q_HEADS} query heads over {KV_HEADS} KV heads, head_dim {DIM}, fp16 memory, "
-             f"top_k {TOP_K}, keys+values returned; gRPC = full client call (encode, loopback, decode).", "",
-             table(["rows:", "q:", "in-process p50 (ms):", "gRPC p50 (ms):", "overhead p50:", "ratio:", "target", "met"],
-                   [[f"{r['rows']:,}", r["q"], f"{r['inproc_p50_ms']:.2f}", f"{r['grpc_p50_ms']:.2f}",
-                     f"{r['overhead_p50_ms']:+.2f} ms", ratio(r["grpc_p50_ms"], r["inproc_p50_ms"]), r["target"],
-                     verdict(r["ok"])] for r in res.get("search", [])])]
+    lines = [
+        f"`python -m bench.memory`: {describe(m)}; appendfsync always; FAISS: 1 OpenMP thread for small "
+        f"searches on the event loop, all cores for large ones on worker threads. Run time {res['seconds']:.0f} s"
+        + (f"; load average {after:.1f} after (the machine is shared)." if after is not None else "."),
+        "",
+        f"**SearchMemory** — {Q_HEADS} query heads over {KV_HEADS} KV heads, head_dim {DIM}, fp16 memory, "
+        f"top_k {TOP_K}, keys+values returned; gRPC = full client call (encode, loopback, decode).",
+        "",
+        table(
+            ["rows:", "q:", "in-process p50 (ms):", "gRPC p50 (ms):", "overhead p50:", "ratio:", "target", "met"],
+            [
+                [
+                    f"{r['rows']:,}",
+                    r["q"],
+                    f"{r['inproc_p50_ms']:.2f}",
+                    f"{r['grpc_p50_ms']:.2f}",
+                    f"{r['overhead_p50_ms']:+.2f} ms",
+                    ratio(r["grpc_p50_ms"], r["inproc_p50_ms"]),
+                    r["target"],
+                    verdict(r["ok"]),
+                ]
+                for r in res.get("search", [])
+            ],
+        ),
+    ]
     if "rtt_ms" in res:
-        lines += ["", f"A bare unary round trip (grpc.health.v1 Check) on the same channel: p50 {res['rtt_ms']:.2f} ms."]
+        lines += [
+            "",
+            f"A bare unary round trip (grpc.health.v1 Check) on the same channel: p50 {res['rtt_ms']:.2f} ms.",
+        ]
     if res.get("search"):
         lines += ["", NOTES_SEARCH]
     i = res.get("ingest")
-    lines += [] if not i else ["", f"**Ingest** — {i['bytes'] / MiB:.0f} MiB of keys+values ({i['layers']} layers × {KV_HEADS} heads × "
-              f"{i['rows']} rows × {DIM}, fp16) in messages of {i['message_rows']} rows ({i['message_mib']:.0f} MiB), "
-              f"median of {i['reps']}; the raw pipeline writes the same chunks.", "",
-              table(["path", "MiB/s:"], [["AppendMemory (acknowledged = durable)", f"{i['append_mb_s']:.1f}"],
-                                         ["raw redis-py pipeline, same bytes and layout", f"{i['raw_pipeline_mb_s']:.1f}"],
-                                         ["**ratio** (target ≥ 0.5×)", f"**{i['ratio']:.2f}×** {verdict(i['ok'])}"]]),
-              "", NOTES_INGEST]
+    lines += (
+        []
+        if not i
+        else [
+            "",
+            f"**Ingest** — {i['bytes'] / MiB:.0f} MiB of keys+values ({i['layers']} layers × {KV_HEADS} heads × "
+            f"{i['rows']} rows × {DIM}, fp16) in messages of {i['message_rows']} rows ({i['message_mib']:.0f} MiB), "
+            f"median of {i['reps']}; the raw pipeline writes the same chunks.",
+            "",
+            table(
+                ["path", "MiB/s:"],
+                [
+                    ["AppendMemory (acknowledged = durable)", f"{i['append_mb_s']:.1f}"],
+                    ["raw redis-py pipeline, same bytes and layout", f"{i['raw_pipeline_mb_s']:.1f}"],
+                    ["**ratio** (target ≥ 0.5×)", f"**{i['ratio']:.2f}×** {verdict(i['ok'])}"],
+                ],
+            ),
+            "",
+            NOTES_INGEST,
+        ]
+    )
     if res.get("restart"):
         r = res["restart"]
-        lines += ["", f"**Restart** — {r['rows']:,} rows of head_dim {DIM} ({r['layers']} layers × {KV_HEADS} KV heads "
-                  f"× {r['memory_rows_per_bank']:,} tokens, fp16, {r['bytes'] / MiB:.0f} MiB keys+values in Redis).", "",
-                  table(["measure", "seconds:"], [
-                      ["index rebuild from Redis (target ≤ 5 s)", f"**{r['rebuild_s']:.2f}** {verdict(r['ok'])}"],
-                      ["same, as logged by the restarted service", r["service_logged_rebuild_s"]],
-                      ["service restart to health SERVING (process start + imports + rebuild)",
-                       f"{r['restart_to_serving_s']:.2f}"]])]
+        lines += [
+            "",
+            f"**Restart** — {r['rows']:,} rows of head_dim {DIM} ({r['layers']} layers × {KV_HEADS} KV heads "
+            f"× {r['memory_rows_per_bank']:,} tokens, fp16, {r['bytes'] / MiB:.0f} MiB keys+values in Redis).",
+            "",
+            table(
+                ["measure", "seconds:"],
+                [
+                    ["index rebuild from Redis (target ≤ 5 s)", f"**{r['rebuild_s']:.2f}** {verdict(r['ok'])}"],
+                    ["same, as logged by the restarted service", r["service_logged_rebuild_s"]],
+                    [
+                        "service restart to health SERVING (process start + imports + rebuild)",
+                        f"{r['restart_to_serving_s']:.2f}",
+                    ],
+                ],
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -306,8 +438,11 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="fewer iterations, smaller restart set (smoke run)")
     ap.add_argument("--parts", default="search,ingest,restart", help="comma-separated subset to run")
     add_record_flag(ap)
-    ap.add_argument("--report-only", action="store_true",
-                    help="no measuring: report (and with --record, record) bench/out/memory.json again")
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="no measuring: report (and with --record, record) bench/out/memory.json again",
+    )
     args = ap.parse_args(argv)
     if args.report_only:
         res = json.loads((OUT / "memory.json").read_text())
@@ -321,23 +456,31 @@ def main(argv=None) -> None:
         with redis.client() as rc:
             res = {"machine": machine(redis=rc.info("server").get("redis_version"))}
         from extmind.channels import sync_channel
+
         ch = sync_channel(svc.address)
         stub = memory_pb2_grpc.MemoryServiceStub(ch)
         try:
             parts = set(args.parts.split(","))
             if "search" in parts:
                 print("SearchMemory: gRPC vs in-process (same FAISS indexes)", flush=True)
-                res["search"] = bench_search(stub, redis.url, [4096, 65536], [1, 64], iters_q1=50 if args.quick else 300,
-                                             iters_q64=3 if args.quick else 15, rng=rng)
+                res["search"] = bench_search(
+                    stub,
+                    redis.url,
+                    [4096, 65536],
+                    [1, 64],
+                    iters_q1=50 if args.quick else 300,
+                    iters_q64=3 if args.quick else 15,
+                    rng=rng,
+                )
                 res["rtt_ms"] = bench_floor(ch, 50 if args.quick else 300)
             if "ingest" in parts:
                 print("Ingest: AppendMemory vs raw redis-py pipeline", flush=True)
                 res["ingest"] = bench_ingest(stub, redis.url, layers=8, rows=4096, reps=2 if args.quick else 5, rng=rng)
             if "restart" in parts:
                 for m in stub.ListMemories(pb.ListMemoriesRequest(page_size=1000), timeout=60).memories:
-                    stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id=m.memory_id), timeout=60)   # only the 1 M rows
+                    stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id=m.memory_id), timeout=60)  # only the 1 M rows
                 print("Restart: rebuild indexes from Redis", flush=True)
-                layers, rows = (4, 8192) if args.quick else (16, 8192)   # 16 x 8 x 8192 = 1 048 576 rows
+                layers, rows = (4, 8192) if args.quick else (16, 8192)  # 16 x 8 x 8192 = 1 048 576 rows
                 res["restart"] = bench_restart(stub, svc, redis.url, layers, rows, rng)
         finally:
             ch.close()

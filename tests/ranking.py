@@ -15,7 +15,8 @@ def assert_ranking_matches(got_ids, ref_scores, k: int, eps: float) -> None:
 
     Allowed: swapping two candidates whose reference scores differ by at most ``eps``. Not allowed:
     a wrong length, a repeated id, an out-of-order pair further apart than ``eps``, a candidate
-    below the k-th reference score by more than ``eps``, or leaving out a candidate that beats the k-th reference score by more than ``eps``.
+    below the k-th reference score by more than ``eps``, or leaving out a candidate that beats the
+    k-th reference score by more than ``eps``.
     """
     ref = np.asarray(ref_scores, dtype=np.float64)
     got = [int(i) for i in got_ids]
@@ -26,7 +27,8 @@ def assert_ranking_matches(got_ids, ref_scores, k: int, eps: float) -> None:
     for i in range(k - 1):
         assert scores[i] >= scores[i + 1] - eps, (
             f"positions {i} and {i + 1} ({got[i]}: {scores[i]:.6f}, {got[i + 1]}: {scores[i + 1]:.6f}) "
-            f"are out of order by more than {eps}")
+            f"are out of order by more than {eps}"
+        )
     kth = np.sort(ref)[::-1][k - 1]
     low = [i for i in got if ref[i] < kth - eps]
     assert not low, f"{low} score below the k-th reference score {kth:.6f} by more than {eps}"
@@ -40,9 +42,9 @@ def assert_catches_planted_errors(ref_scores, k: int, eps: float) -> None:
     ref = np.asarray(ref_scores, dtype=np.float64)
     order = list(np.argsort(-ref, kind="stable"))
     assert_ranking_matches(order[:k], ref, k, eps)
-    gaps = -np.diff(ref[order][:k + 1])
+    gaps = -np.diff(ref[order][: k + 1])
     assert gaps.min() > eps, f"the reference's top-{k + 1} scores are within {eps}: pick other inputs"
-    for wrong in (order[:k - 1] + [order[k]], [order[1], order[0]] + order[2:k]):
+    for wrong in (order[: k - 1] + [order[k]], [order[1], order[0]] + order[2:k]):
         try:
             assert_ranking_matches(wrong, ref, k, eps)
         except AssertionError:

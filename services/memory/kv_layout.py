@@ -78,31 +78,35 @@ def now_us() -> int:
 class Layout:
     """The shape of a memory's rows: per layer, keys and values [num_kv_heads, rows, head_dim]
     of ``dtype`` (an ``extmind.tensor`` dtype code)."""
+
     num_layers: int
     num_kv_heads: int
     head_dim: int
     dtype: int
 
     def __str__(self) -> str:
-        return (f"{self.num_layers} layers x {self.num_kv_heads} KV heads x head_dim {self.head_dim}, "
-                f"{dtype_name(self.dtype)}")
+        return (
+            f"{self.num_layers} layers x {self.num_kv_heads} KV heads x head_dim {self.head_dim}, "
+            f"{dtype_name(self.dtype)}"
+        )
 
 
 @dataclass
 class MemoryMeta:
     """The meta hash of one memory."""
+
     memory_id: str
     num_layers: int
     num_kv_heads: int
     head_dim: int
     dtype: int
     fingerprint: str
-    expected: int                 # len(token_ids), or -1 when none were given
-    state: str                    # BUILDING or READY
-    bytes: int                    # keys + values stored
+    expected: int  # len(token_ids), or -1 when none were given
+    state: str  # BUILDING or READY
+    bytes: int  # keys + values stored
     labels: dict
     create_us: int
-    rows: list = field(default_factory=list)    # per layer
+    rows: list = field(default_factory=list)  # per layer
     chunks: list = field(default_factory=list)  # per layer
 
     @property
@@ -117,10 +121,32 @@ class MemoryMeta:
 
     def creation_fields(self) -> list[str]:
         """The meta hash of a new (BUILDING, empty) memory, as a flat [field, value, ...] list."""
-        fields = ["id", self.memory_id, "num_layers", self.num_layers, "num_kv_heads", self.num_kv_heads,
-                  "head_dim", self.head_dim, "dtype", self.dtype, "fingerprint", self.fingerprint,
-                  "expected", self.expected, "state", BUILDING, "bytes", 0, "full", 0,
-                  "labels", json.dumps(self.labels, sort_keys=True), "create_us", self.create_us]
+        fields = [
+            "id",
+            self.memory_id,
+            "num_layers",
+            self.num_layers,
+            "num_kv_heads",
+            self.num_kv_heads,
+            "head_dim",
+            self.head_dim,
+            "dtype",
+            self.dtype,
+            "fingerprint",
+            self.fingerprint,
+            "expected",
+            self.expected,
+            "state",
+            BUILDING,
+            "bytes",
+            0,
+            "full",
+            0,
+            "labels",
+            json.dumps(self.labels, sort_keys=True),
+            "create_us",
+            self.create_us,
+        ]
         return [str(x) for x in fields]
 
     @staticmethod
@@ -129,9 +155,17 @@ class MemoryMeta:
         g = {k.decode(): v.decode() for k, v in h.items()}
         layers = int(g["num_layers"])
         return MemoryMeta(
-            memory_id=g["id"], num_layers=layers, num_kv_heads=int(g["num_kv_heads"]),
-            head_dim=int(g["head_dim"]), dtype=int(g["dtype"]), fingerprint=g["fingerprint"],
-            expected=int(g["expected"]), state=g["state"], bytes=int(g.get("bytes", 0)),
-            labels=json.loads(g.get("labels", "{}")), create_us=int(g["create_us"]),
+            memory_id=g["id"],
+            num_layers=layers,
+            num_kv_heads=int(g["num_kv_heads"]),
+            head_dim=int(g["head_dim"]),
+            dtype=int(g["dtype"]),
+            fingerprint=g["fingerprint"],
+            expected=int(g["expected"]),
+            state=g["state"],
+            bytes=int(g.get("bytes", 0)),
+            labels=json.loads(g.get("labels", "{}")),
+            create_us=int(g["create_us"]),
             rows=[int(g.get(f"r:{i}", 0)) for i in range(layers)],
-            chunks=[int(g.get(f"c:{i}", 0)) for i in range(layers)])
+            chunks=[int(g.get(f"c:{i}", 0)) for i in range(layers)],
+        )

@@ -33,13 +33,14 @@ from services.memory.kv_store import KVStore
 
 log = logging.getLogger("extmind.memory")
 
-KV_DTYPES = (FLOAT32, FLOAT16, BFLOAT16)   # dtypes that can hold keys and values (and queries)
+KV_DTYPES = (FLOAT32, FLOAT16, BFLOAT16)  # dtypes that can hold keys and values (and queries)
 
 
 @dataclass
 class RowSlice:
     """Rows [row_offset, row_offset + n) of one layer: keys and values [num_kv_heads, n, head_dim]
     in the memory's storage dtype (bfloat16 as uint16 bits)."""
+
     layer: int
     row_offset: int
     keys: np.ndarray
@@ -51,6 +52,7 @@ class SearchHits:
     """scores float32 [H, q, k] (cosine; -inf where masked), indices int64 [H, q, k] (rows of the
     memories concatenated in request order; -1 where masked), keys and values [H, q, k, D] in
     ``dtype``'s storage or None."""
+
     scores: np.ndarray
     indices: np.ndarray
     keys: np.ndarray | None
@@ -66,25 +68,28 @@ def _check_layout(layout: Layout | None) -> Layout:
         if not 1 <= v <= limit:
             raise InvalidArgument(f"layout.{name} is {v}; it must be between 1 and {limit}")
     if layout.dtype not in KV_DTYPES:
-        raise InvalidArgument(f"layout.dtype {dtype_name(layout.dtype)} cannot hold keys and values; use "
-                              "DTYPE_FLOAT32, DTYPE_FLOAT16 or DTYPE_BFLOAT16")
+        raise InvalidArgument(
+            f"layout.dtype {dtype_name(layout.dtype)} cannot hold keys and values; use "
+            "DTYPE_FLOAT32, DTYPE_FLOAT16 or DTYPE_BFLOAT16"
+        )
     return layout
 
 
 def _check_labels(labels: dict[str, str]) -> None:
     if len(labels) > limits.MAX_LABELS or any(
-            not k or len(k) > limits.MAX_LABEL_KEY_CHARS or len(v) > limits.MAX_LABEL_VALUE_CHARS
-            for k, v in labels.items()):
-        raise InvalidArgument(f"labels: at most {limits.MAX_LABELS}, keys 1-{limits.MAX_LABEL_KEY_CHARS} and "
-                              f"values up to {limits.MAX_LABEL_VALUE_CHARS} characters")
+        not k or len(k) > limits.MAX_LABEL_KEY_CHARS or len(v) > limits.MAX_LABEL_VALUE_CHARS for k, v in labels.items()
+    ):
+        raise InvalidArgument(
+            f"labels: at most {limits.MAX_LABELS}, keys 1-{limits.MAX_LABEL_KEY_CHARS} and "
+            f"values up to {limits.MAX_LABEL_VALUE_CHARS} characters"
+        )
 
 
 class KVMemories:
     """The KV memories of one service. ``max_answer_bytes``: the largest search answer to build
     (the transport's message limit)."""
 
-    def __init__(self, store: KVStore, index: KVIndex, *, max_top_k: int = limits.MAX_TOP_K,
-                 max_answer_bytes: int):
+    def __init__(self, store: KVStore, index: KVIndex, *, max_top_k: int = limits.MAX_TOP_K, max_answer_bytes: int):
         self.store = store
         self.index = index
         self.max_top_k = max_top_k
@@ -93,9 +98,16 @@ class KVMemories:
 
     # ---------------------------------------------------------------- catalogue
 
-    async def create(self, memory_id: str, layout: Layout | None, fingerprint: str, *,
-                     token_ids: list[int] | None = None, positions: list[int] | None = None,
-                     labels: dict[str, str] | None = None) -> MemoryMeta:
+    async def create(
+        self,
+        memory_id: str,
+        layout: Layout | None,
+        fingerprint: str,
+        *,
+        token_ids: list[int] | None = None,
+        positions: list[int] | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> MemoryMeta:
         """A new BUILDING memory. ``memory_id`` "" picks one; ``token_ids`` (int32) fix the rows per
         layer (READY once every layer holds them all), else the memory is READY when an append
         stream ends with every layer equally long. ``positions`` (uint32): one per token or none.
@@ -103,29 +115,51 @@ class KVMemories:
         memory_id = check_id(memory_id) if memory_id else new_memory_id()
         layout = _check_layout(layout)
         if not fingerprint or len(fingerprint) > limits.MAX_FINGERPRINT_CHARS:
-            raise InvalidArgument(f"model_fingerprint must be 1-{limits.MAX_FINGERPRINT_CHARS} characters: the "
-                                  "identity of the model that produced the rows (GeneratorService.GetInfo returns it)")
+            raise InvalidArgument(
+                f"model_fingerprint must be 1-{limits.MAX_FINGERPRINT_CHARS} characters: the "
+                "identity of the model that produced the rows (GeneratorService.GetInfo returns it)"
+            )
         token_ids = [] if token_ids is None else list(token_ids)
         positions = [] if positions is None else list(positions)
         labels = {} if labels is None else dict(labels)
         if positions and len(positions) != len(token_ids):
-            raise InvalidArgument(f"positions has {len(positions)} entries but token_ids has "
-                                  f"{len(token_ids)}; give one position per token or none")
+            raise InvalidArgument(
+                f"positions has {len(positions)} entries but token_ids has "
+                f"{len(token_ids)}; give one position per token or none"
+            )
         _check_labels(labels)
-        meta = MemoryMeta(memory_id=memory_id, num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads,
-                          head_dim=layout.head_dim, dtype=layout.dtype, fingerprint=fingerprint,
-                          expected=len(token_ids) if token_ids else -1, state=BUILDING,
-                          bytes=0, labels=labels, create_us=now_us())
-        meta = await self.store.create(meta, np.asarray(token_ids, "<i4") if token_ids else None,
-                                       np.asarray(positions, "<u4") if positions else None)
+        meta = MemoryMeta(
+            memory_id=memory_id,
+            num_layers=layout.num_layers,
+            num_kv_heads=layout.num_kv_heads,
+            head_dim=layout.head_dim,
+            dtype=layout.dtype,
+            fingerprint=fingerprint,
+            expected=len(token_ids) if token_ids else -1,
+            state=BUILDING,
+            bytes=0,
+            labels=labels,
+            create_us=now_us(),
+        )
+        meta = await self.store.create(
+            meta,
+            np.asarray(token_ids, "<i4") if token_ids else None,
+            np.asarray(positions, "<u4") if positions else None,
+        )
         self.index.drop(memory_id)  # forget any stale RAM copy of an id deleted elsewhere
-        log.info("memory created", extra={"memory_id": memory_id, "layout": [
-            layout.num_layers, layout.num_kv_heads, layout.head_dim, dtype_name(layout.dtype)],
-            "tokens": len(token_ids)})
+        log.info(
+            "memory created",
+            extra={
+                "memory_id": memory_id,
+                "layout": [layout.num_layers, layout.num_kv_heads, layout.head_dim, dtype_name(layout.dtype)],
+                "tokens": len(token_ids),
+            },
+        )
         return meta
 
-    async def get(self, memory_id: str, *, include_tokens: bool = False
-                  ) -> tuple[MemoryMeta, np.ndarray | None, np.ndarray | None]:
+    async def get(
+        self, memory_id: str, *, include_tokens: bool = False
+    ) -> tuple[MemoryMeta, np.ndarray | None, np.ndarray | None]:
         """-> (meta, token ids int32 [n] or None, positions uint32 [n] or None). NotFound if missing."""
         check_id(memory_id)
         meta = await self.store.get(memory_id)
@@ -134,8 +168,9 @@ class KVMemories:
         tokens, positions = await self.store.tokens(memory_id)
         return meta, tokens, positions
 
-    async def list(self, fingerprint: str = "", page_size: int = 0, page_token: str = ""
-                   ) -> tuple[list[MemoryMeta], str]:
+    async def list(
+        self, fingerprint: str = "", page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[MemoryMeta], str]:
         """One page of memories in id order (of one model when ``fingerprint``), and the token of
         the next page ("" at the end). ``page_size`` 0 = the default; larger than the most is cut."""
         size = min(page_size or limits.DEFAULT_PAGE_SIZE, limits.MAX_PAGE_SIZE)
@@ -156,8 +191,9 @@ class KVMemories:
         """``async with kv.append_stream() as stream``: see ``AppendStream``."""
         return AppendStream(self.store, self.index, self._writers)
 
-    async def fetch(self, memory_id: str, layers: list[int] | None = None, *,
-                    chunk_bytes: int = limits.FETCH_CHUNK_BYTES) -> tuple[MemoryMeta, Iterator[RowSlice]]:
+    async def fetch(
+        self, memory_id: str, layers: list[int] | None = None, *, chunk_bytes: int = limits.FETCH_CHUNK_BYTES
+    ) -> tuple[MemoryMeta, Iterator[RowSlice]]:
         """The rows of a READY memory, layer by layer (``layers``, default all, in that order), in
         slices of at most ``chunk_bytes`` of keys + values (at least one row; an empty layer gives
         one empty slice). Raises NotFound, FailedPrecondition (not READY), InvalidArgument."""
@@ -167,8 +203,9 @@ class KVMemories:
         layers = list(layers or range(m.num_layers))
         bad = [x for x in layers if not 0 <= x < m.num_layers]
         if bad:
-            raise InvalidArgument(f"layers {bad} are out of range: the memory has {m.num_layers} layers "
-                                  f"(0-{m.num_layers - 1})")
+            raise InvalidArgument(
+                f"layers {bad} are out of range: the memory has {m.num_layers} layers (0-{m.num_layers - 1})"
+            )
         if len(set(layers)) != len(layers):
             raise InvalidArgument("layers names a layer more than once")
         step = max(1, chunk_bytes // (2 * m.num_kv_heads * m.head_dim * ITEMSIZE[m.dtype]))
@@ -177,7 +214,8 @@ class KVMemories:
             for layer in layers:
                 keys, values = loaded.keys[layer], loaded.values[layer]
                 for start in range(0, max(loaded.rows, 1), step):
-                    yield RowSlice(layer, start, keys[:, start:start + step], values[:, start:start + step])
+                    yield RowSlice(layer, start, keys[:, start : start + step], values[:, start : start + step])
+
         return m, slices()
 
     # ---------------------------------------------------------------- search
@@ -196,15 +234,25 @@ class KVMemories:
             if other.fingerprint != first.fingerprint:
                 raise InvalidArgument(
                     f"memories {first.memory_id!r} and {other.memory_id!r} come from different models "
-                    f"({first.fingerprint!r} vs {other.fingerprint!r}); search them separately")
+                    f"({first.fingerprint!r} vs {other.fingerprint!r}); search them separately"
+                )
             if other.layout != first.layout:
                 raise InvalidArgument(
                     f"memories {first.memory_id!r} and {other.memory_id!r} have different layouts "
-                    f"({first.layout} vs {other.layout}); search them separately")
+                    f"({first.layout} vs {other.layout}); search them separately"
+                )
         return found
 
-    async def search(self, memory_ids: list[str], layer: int, queries: np.ndarray, top_k: int, *,
-                     sim_threshold: float | None = None, return_vectors: bool = False) -> SearchHits:
+    async def search(
+        self,
+        memory_ids: list[str],
+        layer: int,
+        queries: np.ndarray,
+        top_k: int,
+        *,
+        sim_threshold: float | None = None,
+        return_vectors: bool = False,
+    ) -> SearchHits:
         """Exact cosine top-k over one layer of READY memories (their rows concatenated in order).
 
         ``queries`` float32 [H, q, D], H a multiple of the memories' KV heads (GQA: query head h
@@ -212,37 +260,52 @@ class KVMemories:
         ``sim_threshold`` are masked. Raises InvalidArgument, NotFound, FailedPrecondition (not
         READY), ResourceExhausted (the answer would exceed ``max_answer_bytes``)."""
         if not 1 <= top_k <= self.max_top_k:
-            raise InvalidArgument(f"top_k is {top_k}; it must be between 1 and {self.max_top_k} "
-                                  "(k = min(top_k, rows))")
+            raise InvalidArgument(f"top_k is {top_k}; it must be between 1 and {self.max_top_k} (k = min(top_k, rows))")
         if sim_threshold is not None and math.isnan(sim_threshold):
             raise InvalidArgument("sim_threshold is NaN; give a number (cosine, -1..1) or leave it unset")
         H, q, D = queries.shape
         if H == 0 or q == 0 or D == 0:
-            raise InvalidArgument(f"queries has shape {list(queries.shape)}; it needs at least one head, one "
-                                  "query token and head_dim > 0")
+            raise InvalidArgument(
+                f"queries has shape {list(queries.shape)}; it needs at least one head, one query token and head_dim > 0"
+            )
         if not np.isfinite(queries).all():
             raise InvalidArgument("queries holds NaN or infinite values")
         found = await self._loaded_for_search(list(memory_ids))
         m = found[0].meta
         if not 0 <= layer < m.num_layers:
-            raise InvalidArgument(f"layer {layer} is out of range: the memories have {m.num_layers} "
-                                  f"layers (0-{m.num_layers - 1})")
+            raise InvalidArgument(
+                f"layer {layer} is out of range: the memories have {m.num_layers} layers (0-{m.num_layers - 1})"
+            )
         if D != m.head_dim:
             raise InvalidArgument(f"queries have head_dim {D}; the memories have head_dim {m.head_dim}")
         if H % m.num_kv_heads:
-            raise InvalidArgument(f"queries have {H} heads, not a multiple of the memories' {m.num_kv_heads} KV "
-                                  "heads (GQA: query head h searches KV head h // (H / num_kv_heads))")
+            raise InvalidArgument(
+                f"queries have {H} heads, not a multiple of the memories' {m.num_kv_heads} KV "
+                "heads (GQA: query head h searches KV head h // (H / num_kv_heads))"
+            )
         rows = sum(x.rows for x in found)
         k = min(top_k, rows)
         size = H * q * k * 12 + (2 * H * q * k * D * ITEMSIZE[m.dtype] if return_vectors else 0)
         if size > self.max_answer_bytes - limits.ANSWER_ENVELOPE_BYTES:
-            raise ResourceExhausted(f"the answer would be {size / 2**20:.0f} MiB, over the "
-                                    f"{self.max_answer_bytes >> 20} MiB message limit; ask for a smaller top_k, "
-                                    "fewer query tokens, or no vectors")
+            raise ResourceExhausted(
+                f"the answer would be {size / 2**20:.0f} MiB, over the "
+                f"{self.max_answer_bytes >> 20} MiB message limit; ask for a smaller top_k, "
+                "fewer query tokens, or no vectors"
+            )
         t0 = time.perf_counter()
-        scores, indices, keys, values = await self.index.search(found, layer, queries, top_k, sim_threshold,
-                                                                return_vectors)
+        scores, indices, keys, values = await self.index.search(
+            found, layer, queries, top_k, sim_threshold, return_vectors
+        )
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("search", extra={"memories": len(found), "rows": rows, "heads": H, "q": q,
-                                       "k": int(scores.shape[-1]), "ms": round((time.perf_counter() - t0) * 1e3, 3)})
+            log.debug(
+                "search",
+                extra={
+                    "memories": len(found),
+                    "rows": rows,
+                    "heads": H,
+                    "q": q,
+                    "k": int(scores.shape[-1]),
+                    "ms": round((time.perf_counter() - t0) * 1e3, 3),
+                },
+            )
         return SearchHits(scores, indices, keys, values, m.dtype)

@@ -76,11 +76,15 @@ def _parse_page_token(token: str, fingerprint: str) -> str:
         if not isinstance(after, str) or not isinstance(fp, str):
             raise ValueError("types")
     except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError) as e:
-        raise InvalidArgument("page_token is not one this service issued; pass the next_page_token of "
-                              "the previous ListMemories response, or empty for the first page") from e
+        raise InvalidArgument(
+            "page_token is not one this service issued; pass the next_page_token of "
+            "the previous ListMemories response, or empty for the first page"
+        ) from e
     if fp != fingerprint:
-        raise InvalidArgument("page_token belongs to a listing with another model_fingerprint filter; "
-                              "keep the filter the same across pages")
+        raise InvalidArgument(
+            "page_token belongs to a listing with another model_fingerprint filter; "
+            "keep the filter the same across pages"
+        )
     return after
 
 
@@ -90,8 +94,9 @@ class KVStore:
     def __init__(self, url: str, durability: str = "appendfsync-always"):
         self.url = url
         self.durability = durability
-        self.r = aredis.Redis.from_url(url, socket_timeout=60, socket_connect_timeout=5,
-                                       health_check_interval=30, max_connections=64)
+        self.r = aredis.Redis.from_url(
+            url, socket_timeout=60, socket_connect_timeout=5, health_check_interval=30, max_connections=64
+        )
         self._create = self.r.register_script(kv_scripts.CREATE)
         self._finish = self.r.register_script(kv_scripts.FINISH)
         self._rollback = self.r.register_script(kv_scripts.ROLLBACK)
@@ -118,11 +123,12 @@ class KVStore:
         pos = b"" if positions is None else np.asarray(positions, "<u4").tobytes()
         memory_id = meta.memory_id
         with redis_errors():
-            created = await self._create(keys=[meta_key(memory_id), tokens_key(memory_id), positions_key(memory_id)],
-                                         args=[json.dumps(meta.creation_fields()), tok, pos])
+            created = await self._create(
+                keys=[meta_key(memory_id), tokens_key(memory_id), positions_key(memory_id)],
+                args=[json.dumps(meta.creation_fields()), tok, pos],
+            )
             if not created:
-                raise AlreadyExists(f"memory {memory_id!r} exists already; pick another memory_id "
-                                    "or delete it first")
+                raise AlreadyExists(f"memory {memory_id!r} exists already; pick another memory_id or delete it first")
             await self.r.zadd(MEMORY_IDS_KEY, {memory_id: 0})
         meta.state, meta.bytes = BUILDING, 0
         meta.rows, meta.chunks = [0] * meta.num_layers, [0] * meta.num_layers
@@ -203,10 +209,10 @@ class ChunkWriter:
 
     def __init__(self, store: KVStore):
         self.store = store
-        self.stream = uuid.uuid4().hex[:12]   # names this stream's chunks
+        self.stream = uuid.uuid4().hex[:12]  # names this stream's chunks
         self.seq = 0
         self.pipe = store.sync.pipeline(transaction=False)
-        self.pending: list[int] = []   # layer of each queued chunk
+        self.pending: list[int] = []  # layer of each queued chunk
         self.pending_bytes = 0
 
     def add(self, memory_id: str, layer: int, keys, values, rows: int) -> None:
@@ -219,8 +225,11 @@ class ChunkWriter:
         self.pipe.execute_command("MULTI")
         self.pipe.set(k, keys)
         self.pipe.set(v, values)
-        self.store._link_sync(keys=[meta_key(memory_id), k, v, chunk_list_key(memory_id, layer)],
-                              args=[layer, rows, len(keys) + len(values), name], client=self.pipe)
+        self.store._link_sync(
+            keys=[meta_key(memory_id), k, v, chunk_list_key(memory_id, layer)],
+            args=[layer, rows, len(keys) + len(values), name],
+            client=self.pipe,
+        )
         self.pipe.execute_command("EXEC")
         self.pending.append(layer)
         self.pending_bytes += len(keys) + len(values)
@@ -242,7 +251,7 @@ class ChunkWriter:
             finally:
                 pipe.reset()
         out = []
-        for layer, exec_reply in zip(pending, replies[4::5]):   # MULTI, SET, SET, link, EXEC per chunk
+        for layer, exec_reply in zip(pending, replies[4::5]):  # MULTI, SET, SET, link, EXEC per chunk
             reply = exec_reply[2] if isinstance(exec_reply, list) and len(exec_reply) == 3 else exec_reply
             if isinstance(reply, Exception):
                 msg = str(reply)
@@ -260,6 +269,7 @@ class ChunkWriter:
 
 
 # ---------------------------------------------------------------- bulk reads (sync, hiredis)
+
 
 def sync_client(url: str) -> redis.Redis:
     # 1 MiB socket reads: bulk GETs of multi-MiB chunks parse ~1.7x faster than with 64 KiB.
@@ -302,22 +312,23 @@ def read_layer(client: redis.Redis, meta: MemoryMeta, storage: np.dtype, layer: 
     off = 0
     for i in range(0, len(blobs), 2):
         kb, vb = blobs[i], blobs[i + 1]
-        blobs[i] = blobs[i + 1] = None   # free each chunk once copied
+        blobs[i] = blobs[i + 1] = None  # free each chunk once copied
         if kb is None or vb is None or len(kb) != len(vb) or len(kb) % row_bytes:
             raise RuntimeError(f"memory {meta.memory_id!r} layer {layer}: a chunk is missing or damaged")
         n = len(kb) // row_bytes
         if off + n > N:
             break
-        keys[:, off:off + n] = np.frombuffer(kb, storage).reshape(H, n, D)
-        values[:, off:off + n] = np.frombuffer(vb, storage).reshape(H, n, D)
+        keys[:, off : off + n] = np.frombuffer(kb, storage).reshape(H, n, D)
+        values[:, off : off + n] = np.frombuffer(vb, storage).reshape(H, n, D)
         off += n
     if off != N:
         raise RuntimeError(f"memory {meta.memory_id!r} layer {layer}: chunks hold {off}+ rows, meta says {N}")
     return keys, values
 
 
-def read_layers(client: redis.Redis, meta: MemoryMeta, storage: np.dtype,
-                layers=None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def read_layers(
+    client: redis.Redis, meta: MemoryMeta, storage: np.dtype, layers=None
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """-> {layer: (keys, values)} (see ``read_layer``)."""
     layers = range(meta.num_layers) if layers is None else layers
     return {layer: read_layer(client, meta, storage, layer) for layer in layers}

@@ -7,10 +7,10 @@ the name says otherwise.
 from __future__ import annotations
 
 # ---------------------------------------------------------------- searches
-MAX_TOP_K = 1024                 # largest top_k of SearchMemory and SearchDocuments (--max-top-k)
-DEFAULT_DOCUMENT_TOP_K = 10      # SearchDocuments with top_k 0
-SEARCH_THREADS = 2               # FAISS searches and index builds (--search-threads)
-ANSWER_ENVELOPE_BYTES = 4096     # room left in a message for everything but the tensors
+MAX_TOP_K = 1024  # largest top_k of SearchMemory and SearchDocuments (--max-top-k)
+DEFAULT_DOCUMENT_TOP_K = 10  # SearchDocuments with top_k 0
+SEARCH_THREADS = 2  # FAISS searches and index builds (--search-threads)
+ANSWER_ENVELOPE_BYTES = 4096  # room left in a message for everything but the tensors
 
 # ---------------------------------------------------------------- KV memory layouts
 MAX_LAYOUT = {"num_layers": 1024, "num_kv_heads": 256, "head_dim": 1024}

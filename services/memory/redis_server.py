@@ -55,8 +55,10 @@ def read_owner(data_dir: str) -> dict | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise FailedPrecondition(f"{os.path.join(data_dir, OWNER_FILE)} is unreadable ({exc}): it records which "
-                           "redis-server owns this data directory; restore it or remove it to adopt the data") from None
+        raise FailedPrecondition(
+            f"{os.path.join(data_dir, OWNER_FILE)} is unreadable ({exc}): it records which "
+            "redis-server owns this data directory; restore it or remove it to adopt the data"
+        ) from None
 
 
 def _write_owner(data_dir: str, binary: str, version) -> None:
@@ -77,12 +79,14 @@ def check_owner(data_dir: str, binary: str, version) -> None:
         raise FailedPrecondition(
             f"the data in {data_dir} was written by redis-server {_dotted(owner['version'])} ({owner['binary']}); "
             f"the redis-server found is {_dotted(version)} ({binary}), which cannot read it: install redis-server "
-            f">= {_dotted(owner['version'])} or point --redis-server (MEMORY_REDIS_SERVER) at it")
+            f">= {_dotted(owner['version'])} or point --redis-server (MEMORY_REDIS_SERVER) at it"
+        )
     if owner is None and tuple(version) < (7,) and os.path.isdir(os.path.join(data_dir, "appendonlydir")):
         raise FailedPrecondition(
             f"the data in {data_dir} is a Redis >= 7 multi-part AOF; the redis-server found is {_dotted(version)} "
             f"({binary}), which cannot read it: install redis-server >= 7 or point --redis-server "
-            "(MEMORY_REDIS_SERVER) at it")
+            "(MEMORY_REDIS_SERVER) at it"
+        )
 
 
 def _die_with_parent_prefix() -> list[str]:
@@ -142,26 +146,60 @@ class EmbeddedRedis:
         self._stop_stale(pidfile)
         if os.path.exists(self.socket):
             os.unlink(self.socket)
-        args = [self.binary,
-                "--port", "0", "--bind", "127.0.0.1",
-                "--unixsocket", self.socket, "--unixsocketperm", "700",
-                "--dir", self.data_dir, "--pidfile", pidfile,
-                "--appendonly", "yes", "--appendfsync", "always",
-                "--save", "", "--daemonize", "no",
-                "--loglevel", "warning", "--logfile", os.path.join(self.data_dir, "redis.log"),
-                "--protected-mode", "yes"]
-        log.info("starting embedded redis-server", extra={"binary": self.binary, "version": ".".join(map(str, self.version)),
-                                                         "data_dir": self.data_dir, "socket": self.socket})
+        args = [
+            self.binary,
+            "--port",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            "--unixsocket",
+            self.socket,
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            self.data_dir,
+            "--pidfile",
+            pidfile,
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+            "--logfile",
+            os.path.join(self.data_dir, "redis.log"),
+            "--protected-mode",
+            "yes",
+        ]
+        log.info(
+            "starting embedded redis-server",
+            extra={
+                "binary": self.binary,
+                "version": ".".join(map(str, self.version)),
+                "data_dir": self.data_dir,
+                "socket": self.socket,
+            },
+        )
         # Own session: a Ctrl-C on the terminal reaches the service, which then stops Redis in order.
-        self.proc = subprocess.Popen(_die_with_parent_prefix() + args, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            _die_with_parent_prefix() + args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         client = redis.Redis(unix_socket_path=self.socket, socket_timeout=2)
         try:
             while True:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server exited with code {self.proc.returncode}; see "
-                                       f"{os.path.join(self.data_dir, 'redis.log')}")
+                    raise RuntimeError(
+                        f"redis-server exited with code {self.proc.returncode}; see "
+                        f"{os.path.join(self.data_dir, 'redis.log')}"
+                    )
                 try:
                     if client.ping():
                         # Loading a large AOF answers LOADING errors until it is done. From now
@@ -193,8 +231,11 @@ def _wait_aof_on(client: redis.Redis, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = client.info("persistence")
-        if info.get("aof_enabled") == 1 and not info.get("aof_rewrite_in_progress") \
-                and not info.get("aof_rewrite_scheduled"):
+        if (
+            info.get("aof_enabled") == 1
+            and not info.get("aof_rewrite_in_progress")
+            and not info.get("aof_rewrite_scheduled")
+        ):
             return
         time.sleep(0.05)
     raise RuntimeError("Redis did not finish turning AOF on within two minutes")
@@ -211,8 +252,11 @@ def ensure_durable(url: str, *, allow_volatile: bool = False) -> str:
         except redis.ResponseError:
             policy = "unknown"
         if policy not in ("noeviction", "unknown"):
-            log.warning("redis evicts keys when full (maxmemory-policy %s): memories can silently lose rows; "
-                        "use maxmemory-policy noeviction", policy)
+            log.warning(
+                "redis evicts keys when full (maxmemory-policy %s): memories can silently lose rows; "
+                "use maxmemory-policy noeviction",
+                policy,
+            )
         try:
             conf = client.config_get("append*")
         except redis.ResponseError:
@@ -225,14 +269,18 @@ def ensure_durable(url: str, *, allow_volatile: bool = False) -> str:
                 client.config_set("appendonly", "yes")
                 client.config_set("appendfsync", "always")
                 _wait_aof_on(client)
-                log.warning("redis durability: turned on appendonly yes + appendfsync always with CONFIG SET "
-                            "(put them in redis.conf to keep them after a Redis restart)",
-                            extra={"redis_version": version, "was": conf})
+                log.warning(
+                    "redis durability: turned on appendonly yes + appendfsync always with CONFIG SET "
+                    "(put them in redis.conf to keep them after a Redis restart)",
+                    extra={"redis_version": version, "was": conf},
+                )
                 return "appendfsync-always"
             except redis.ResponseError as e:
                 log.warning("redis durability: CONFIG SET refused", extra={"error": str(e)})
-        message = ("cannot make acknowledged writes durable on this Redis: set 'appendonly yes' and "
-                   "'appendfsync always' in its configuration (CONFIG is not allowed here)")
+        message = (
+            "cannot make acknowledged writes durable on this Redis: set 'appendonly yes' and "
+            "'appendfsync always' in its configuration (CONFIG is not allowed here)"
+        )
         if not allow_volatile:
             raise RuntimeError(message + "; or start with --allow-volatile-redis to accept losing recent writes")
         log.warning("redis durability: NONE; " + message)

@@ -26,10 +26,17 @@ def _timestamp(us: int) -> Timestamp:
 
 def _memory_message(m: MemoryMeta, token_ids=None, positions=None) -> memory_pb2.Memory:
     out = memory_pb2.Memory(
-        memory_id=m.memory_id, model_fingerprint=m.fingerprint, num_tokens=m.num_tokens,
-        state=_STATE[m.state], bytes=m.bytes, labels=m.labels, create_time=_timestamp(m.create_us),
-        layout=memory_pb2.MemoryLayout(num_layers=m.num_layers, num_kv_heads=m.num_kv_heads,
-                                       head_dim=m.head_dim, dtype=m.dtype))
+        memory_id=m.memory_id,
+        model_fingerprint=m.fingerprint,
+        num_tokens=m.num_tokens,
+        state=_STATE[m.state],
+        bytes=m.bytes,
+        labels=m.labels,
+        create_time=_timestamp(m.create_us),
+        layout=memory_pb2.MemoryLayout(
+            num_layers=m.num_layers, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, dtype=m.dtype
+        ),
+    )
     if token_ids is not None:
         out.token_ids.extend(token_ids.tolist())
         out.positions.extend(positions.tolist())
@@ -37,8 +44,13 @@ def _memory_message(m: MemoryMeta, token_ids=None, positions=None) -> memory_pb2
 
 
 def _collection_message(c: Collection) -> memory_pb2.Collection:
-    return memory_pb2.Collection(name=c.name, model=c.model, dimensions=c.dimensions,
-                                 num_documents=len(c.docs), create_time=_timestamp(c.create_us))
+    return memory_pb2.Collection(
+        name=c.name,
+        model=c.model,
+        dimensions=c.dimensions,
+        num_documents=len(c.docs),
+        create_time=_timestamp(c.create_us),
+    )
 
 
 def _embedding(t: common_pb2.Tensor, name: str) -> np.ndarray:
@@ -63,11 +75,17 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     async def CreateMemory(self, request, context):
         lay = request.layout
-        layout = (Layout(lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.dtype)
-                  if request.HasField("layout") else None)
-        meta = await self.kv.create(request.memory_id, layout, request.model_fingerprint,
-                                    token_ids=list(request.token_ids), positions=list(request.positions),
-                                    labels=dict(request.labels))
+        layout = (
+            Layout(lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.dtype) if request.HasField("layout") else None
+        )
+        meta = await self.kv.create(
+            request.memory_id,
+            layout,
+            request.model_fingerprint,
+            token_ids=list(request.token_ids),
+            positions=list(request.positions),
+            labels=dict(request.labels),
+        )
         return memory_pb2.CreateMemoryResponse(memory=_memory_message(meta))
 
     async def AppendMemory(self, request_iterator, context):
@@ -82,8 +100,12 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
                 values = decode_raw(msg.values, name="values", dtypes=(meta.dtype,), shape=shape)
                 await stream.add(msg.layer, keys, values)
             done = await stream.finish()
-        return memory_pb2.AppendMemoryResponse(memory_id=done.memory_id, rows_per_layer=done.rows_per_layer,
-                                               bytes_stored=done.bytes_stored, state=_STATE[done.state])
+        return memory_pb2.AppendMemoryResponse(
+            memory_id=done.memory_id,
+            rows_per_layer=done.rows_per_layer,
+            bytes_stored=done.bytes_stored,
+            state=_STATE[done.state],
+        )
 
     async def GetMemory(self, request, context):
         meta, tokens, positions = await self.kv.get(request.memory_id, include_tokens=request.include_tokens)
@@ -101,17 +123,26 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         meta, slices = await self.kv.fetch(request.memory_id, list(request.layers))
         for piece in slices:
             yield memory_pb2.FetchMemoryResponse(
-                memory_id=meta.memory_id, layer=piece.layer, row_offset=piece.row_offset,
-                keys=encode(piece.keys, dtype=meta.dtype), values=encode(piece.values, dtype=meta.dtype))
+                memory_id=meta.memory_id,
+                layer=piece.layer,
+                row_offset=piece.row_offset,
+                keys=encode(piece.keys, dtype=meta.dtype),
+                values=encode(piece.values, dtype=meta.dtype),
+            )
 
     async def SearchMemory(self, request, context):
         queries = decode(request.queries, name="queries", dtypes=KV_DTYPES, ndim=3)
         hits = await self.kv.search(
-            list(request.memory_ids), request.layer, queries, request.top_k,
+            list(request.memory_ids),
+            request.layer,
+            queries,
+            request.top_k,
             sim_threshold=request.sim_threshold if request.HasField("sim_threshold") else None,
-            return_vectors=request.return_vectors)
-        out = memory_pb2.SearchMemoryResponse(scores=encode(hits.scores, dtype=FLOAT32),
-                                              indices=encode(hits.indices, dtype=common_pb2.DTYPE_INT64))
+            return_vectors=request.return_vectors,
+        )
+        out = memory_pb2.SearchMemoryResponse(
+            scores=encode(hits.scores, dtype=FLOAT32), indices=encode(hits.indices, dtype=common_pb2.DTYPE_INT64)
+        )
         if request.return_vectors:
             out.keys.CopyFrom(encode(hits.keys, dtype=hits.dtype))
             out.values.CopyFrom(encode(hits.values, dtype=hits.dtype))
@@ -127,8 +158,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         return memory_pb2.GetCollectionResponse(collection=_collection_message(await self.docs.get(request.collection)))
 
     async def ListCollections(self, request, context):
-        return memory_pb2.ListCollectionsResponse(
-            collections=[_collection_message(c) for c in self.docs.list()])
+        return memory_pb2.ListCollectionsResponse(collections=[_collection_message(c) for c in self.docs.list()])
 
     async def DeleteCollection(self, request, context):
         await self.docs.delete_collection(request.collection)
@@ -145,10 +175,12 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     async def SearchDocuments(self, request, context):
         emb = _embedding(request.query_embedding, "query_embedding") if request.HasField("query_embedding") else None
-        c, hits = await self.docs.search(request.collection, request.query, emb, request.top_k,
-                                         dict(request.filter), request.instruction)
+        c, hits = await self.docs.search(
+            request.collection, request.query, emb, request.top_k, dict(request.filter), request.instruction
+        )
         return memory_pb2.SearchDocumentsResponse(
-            model=c.model, hits=[memory_pb2.DocumentHit(id=i, score=s, text=t, metadata=md) for i, s, t, md in hits])
+            model=c.model, hits=[memory_pb2.DocumentHit(id=i, score=s, text=t, metadata=md) for i, s, t, md in hits]
+        )
 
     async def DeleteDocuments(self, request, context):
         n = await self.docs.delete(request.collection, list(request.ids))

@@ -77,8 +77,8 @@ class Retrievals:
         self.upper: dict[int, int] = {}
         self.exact: dict[int, int] = {}
         self.off_by_one: dict[int, int] = {}
-        self.events = 0      # (query token, head) retrievals recorded
-        self.ambiguous = 0   # of those, how many had a row inside the slack
+        self.events = 0  # (query token, head) retrievals recorded
+        self.ambiguous = 0  # of those, how many had a row inside the slack
 
     @staticmethod
     def _add(counts: dict, rows) -> None:
@@ -90,7 +90,7 @@ class Retrievals:
         eps, n = self.eps, sim.shape[0]
         order = np.argsort(-sim, kind="stable")
         kth = sim[order[k - 1]]
-        after = sim[order[k]] if k < n else -np.inf          # the best row left out
+        after = sim[order[k]] if k < n else -np.inf  # the best row left out
         kept_for_sure = np.ones(n, bool) if threshold is None else sim > threshold + eps
         kept_maybe = np.ones(n, bool) if threshold is None else sim > threshold - eps
         sure = (sim > after + eps) & kept_for_sure
@@ -102,7 +102,7 @@ class Retrievals:
         exact = order[:k][np.ones(k, bool) if threshold is None else sim[order[:k]] > threshold]
         self._add(self.exact, exact)
         if k < n:  # the planted bug: rank k+1 instead of rank k
-            wrong = np.concatenate([order[:k - 1], order[k:k + 1]])
+            wrong = np.concatenate([order[: k - 1], order[k : k + 1]])
             self._add(self.off_by_one, wrong[np.ones(k, bool) if threshold is None else sim[wrong] > threshold])
 
     def mismatches(self, got: dict[int, int]) -> list[str]:
@@ -161,14 +161,14 @@ class Layer:
                 continue
             Km, Vm = mem_k[g].astype(np.float64), mem_v[g].astype(np.float64)
             kk = min(top_k, Km.shape[0])
-            sim = _normalize(q[h]) @ _normalize(Km).T                      # [T, N] exact cosine
-            idx = np.argsort(-sim, axis=-1, kind="stable")[:, :kk]         # each query's own top-k
+            sim = _normalize(q[h]) @ _normalize(Km).T  # [T, N] exact cosine
+            idx = np.argsort(-sim, axis=-1, kind="stable")[:, :kk]  # each query's own top-k
             keep = np.take_along_axis(sim, idx, -1) > threshold if threshold is not None else np.ones_like(idx, bool)
             if hits is not None:
                 for t in range(hits_from, T):
                     hits.add(sim[t], kk, threshold)
             if form == "gather":
-                mem = np.einsum("td,tkd->tk", q[h], Km[idx]) * scale       # raw dot, not the cosine
+                mem = np.einsum("td,tkd->tk", q[h], Km[idx]) * scale  # raw dot, not the cosine
                 mem = np.where(keep, mem, -np.inf)
                 w = _softmax(np.concatenate([mem, np.where(causal, local, -np.inf)], -1))
                 out[h] = np.einsum("tk,tkd->td", w[:, :kk], Vm[idx]) + w[:, kk:] @ v[g]
@@ -179,8 +179,8 @@ class Layer:
                 V = np.concatenate([Vm[idx.reshape(-1)], v[g]], 0)
                 mask = np.zeros((T, T * kk + T), dtype=bool)
                 for i in range(T):
-                    mask[i, i * kk:(i + 1) * kk] = keep[i]
-                mask[:, T * kk:] = causal
+                    mask[i, i * kk : (i + 1) * kk] = keep[i]
+                mask[:, T * kk :] = causal
                 w = _softmax(np.where(mask, q[h] @ K.T * scale, -np.inf))
                 out[h] = w @ V
             else:
@@ -207,16 +207,19 @@ class Model:
         self.layers = []
         for i in range(cfg["num_hidden_layers"]):
             p = f"model.layers.{i}."
-            attn = {k[len(p + "self_attn."):]: v for k, v in w.items() if k.startswith(p + "self_attn.")}
-            self.layers.append({
-                "attn": Layer(attn, n_heads=h, n_kv_heads=kvh, head_dim=d, inv_freq=inv, eps=self.eps),
-                "in_norm": w[p + "input_layernorm.weight"], "post_norm": w[p + "post_attention_layernorm.weight"],
-                "gate": w[p + "mlp.gate_proj.weight"], "up": w[p + "mlp.up_proj.weight"],
-                "down": w[p + "mlp.down_proj.weight"],
-            })
+            attn = {k[len(p + "self_attn.") :]: v for k, v in w.items() if k.startswith(p + "self_attn.")}
+            self.layers.append(
+                {
+                    "attn": Layer(attn, n_heads=h, n_kv_heads=kvh, head_dim=d, inv_freq=inv, eps=self.eps),
+                    "in_norm": w[p + "input_layernorm.weight"],
+                    "post_norm": w[p + "post_attention_layernorm.weight"],
+                    "gate": w[p + "mlp.gate_proj.weight"],
+                    "up": w[p + "mlp.up_proj.weight"],
+                    "down": w[p + "mlp.down_proj.weight"],
+                }
+            )
 
-    def forward(self, tokens, memory=None, top_k=10, threshold=None, layers=None, capture=None, hits=None,
-                hits_from=0):
+    def forward(self, tokens, memory=None, top_k=10, threshold=None, layers=None, capture=None, hits=None, hits_from=0):
         """tokens [T] -> logits [T, vocab]. memory: per layer (keys, values) raw [KVH, N, d].
         capture: a list that receives per layer (raw keys, values) [KVH, T, d]."""
         x = self.embed[np.asarray(tokens)]

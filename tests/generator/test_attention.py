@@ -27,8 +27,14 @@ def _setup(path, layer=1):
     attn = model.layers[layer].self_attn
     weights = {k: np.array(v) for k, v in tree_flatten(attn.inner.parameters())}
     d = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    ref = Layer(weights, n_heads=cfg["num_attention_heads"], n_kv_heads=cfg["num_key_value_heads"], head_dim=d,
-                inv_freq=rope_inv_freq(d, cfg["rope_theta"], cfg.get("rope_scaling")), eps=cfg["rms_norm_eps"])
+    ref = Layer(
+        weights,
+        n_heads=cfg["num_attention_heads"],
+        n_kv_heads=cfg["num_key_value_heads"],
+        head_dim=d,
+        inv_freq=rope_inv_freq(d, cfg["rope_theta"], cfg.get("rope_scaling")),
+        eps=cfg["rms_norm_eps"],
+    )
     return model, state, attn, ref, cfg
 
 
@@ -47,7 +53,7 @@ def _run_chunks(attn, x, chunks, batch=1):
     cache = KVCache()
     outs, start = [], 0
     for n in chunks:
-        h = mx.array(x[:, start:start + n])
+        h = mx.array(x[:, start : start + n])
         out = attn(h, create_attention_mask(h, cache), cache)
         outs.append(np.array(out))
         start += n
@@ -71,17 +77,21 @@ def _inputs_with_margin(ref, cfg, T, keys, values, **kw):
 
 
 @pytest.mark.parametrize("form", ["gather", "block"])
-@pytest.mark.parametrize("top_k,threshold,chunks", [
-    (3, None, [9]),             # prefill, top_k < rows
-    (3, None, [5, 3, 1, 1]),    # chunked prefill (offset > 0) then decode steps (L = 1)
-    (40, None, [6, 1, 1]),      # top_k > rows: every row
-    (4, 0.05, [7, 2, 1]),       # threshold masks low-cosine hits
-])
+@pytest.mark.parametrize(
+    "top_k,threshold,chunks",
+    [
+        (3, None, [9]),  # prefill, top_k < rows
+        (3, None, [5, 3, 1, 1]),  # chunked prefill (offset > 0) then decode steps (L = 1)
+        (40, None, [6, 1, 1]),  # top_k > rows: every row
+        (4, 0.05, [7, 2, 1]),  # threshold masks low-cosine hits
+    ],
+)
 def test_layer_matches_numpy(model_path, form, top_k, threshold, chunks):
     model, state, attn, ref, cfg = _setup(model_path)
     keys, values = _bank(cfg, 25)
-    state.memory = MemoryContext(LocalRetriever([bank_from_numpy("m", "1", keys, values)]), top_k=top_k,
-                                 threshold=threshold)
+    state.memory = MemoryContext(
+        LocalRetriever([bank_from_numpy("m", "1", keys, values)]), top_k=top_k, threshold=threshold
+    )
     T = sum(chunks)
     x, want = _inputs_with_margin(ref, cfg, T, keys[1], values[1], top_k=top_k, threshold=threshold, form=form)
     got = _run_chunks(attn, x, chunks)
@@ -95,8 +105,11 @@ def test_no_memory_is_the_stock_module(model_path):
     x = mx.array(np.random.default_rng(3).standard_normal((1, 6, cfg["hidden_size"])).astype(np.float32))
     stock = attn.inner(x, "causal", None)
     keys, values = _bank(cfg, 10)
-    for ctx in (None, MemoryContext(LocalRetriever([bank_from_numpy("m", "1", keys, values)]), top_k=0),
-                MemoryContext(LocalRetriever([bank_from_numpy("m", "1", keys, values)]), layers=frozenset({0}))):
+    for ctx in (
+        None,
+        MemoryContext(LocalRetriever([bank_from_numpy("m", "1", keys, values)]), top_k=0),
+        MemoryContext(LocalRetriever([bank_from_numpy("m", "1", keys, values)]), layers=frozenset({0})),
+    ):
         state.memory = ctx
         assert mx.array_equal(attn(x, "causal", None), stock).item()
     # And the numpy layer without memories agrees with stock mlx-lm (checks the reference itself).
@@ -119,6 +132,7 @@ def test_parallel_key_is_retrieved_first(model_path):
     keys, values = _bank(cfg, 30)
     # Row 17 of every KV head is parallel (x 3) to query head 2*g's rotated query of the last token.
     from .np_reference import rope
+
     q, _, _ = ref.qkv(x.astype(np.float64))
     q = rope(q, np.arange(6), ref.inv_freq)
     rep = ref.h // ref.kvh
@@ -127,7 +141,7 @@ def test_parallel_key_is_retrieved_first(model_path):
     record = []
     state.memory = MemoryContext(LocalRetriever([bank_from_numpy("m", "1", keys, values)]), top_k=1, record=record)
     attn(mx.array(x[None]), "causal", None)
-    (layer, idx), = record
+    ((layer, idx),) = record
     idx = np.array(idx)  # [B, H, L, k]
     assert layer == 1
     for g in range(ref.kvh):

@@ -12,18 +12,20 @@ import numpy as np
 import pytest
 
 from extmind import errors
+from extmind.procs import free_port
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.memory_builder import plan_windows
 from services.generator.memory_client import MemoryClient
-from extmind.procs import free_port
 from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
 
 from .helpers import PROMPTS, run
 from .np_reference import Model, Retrievals
 
-TEXT = ("Paris is the capital of France. Berlin is the capital of Germany. Rome is the capital of Italy. "
-        "Alice met Bob at the station at noon. They talked about music, books, weather and trains. "
-        "Water boils at one hundred degrees Celsius at sea level.")
+TEXT = (
+    "Paris is the capital of France. Berlin is the capital of Germany. Rome is the capital of Italy. "
+    "Alice met Bob at the station at noon. They talked about music, books, weather and trains. "
+    "Water boils at one hundred degrees Celsius at sea level."
+)
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +87,25 @@ async def test_generation_with_memories_matches_numpy_model(engine, memory, ref,
     bank, _ = _ref_memory(ref, tokens, engine.special_ids)
     prompt = engine.tokenizer.encode("The capital of France is")
     margins = []
-    want, want_lp = ref.greedy(prompt, 8, memory=bank, top_k=top_k, threshold=threshold,
-                               layers=set(layers) if layers else None, margins=margins)
+    want, want_lp = ref.greedy(
+        prompt,
+        8,
+        memory=bank,
+        top_k=top_k,
+        threshold=threshold,
+        layers=set(layers) if layers else None,
+        margins=margins,
+    )
     assert_decidable(margins)
-    got, got_lp, _, _ = await run(engine, GenerationRequest(
-        prompt, Sampling(max_tokens=8), MemoryOptions((mid,), top_k=top_k, threshold=threshold,
-                                                      layers=layers or ()), return_logprobs=True))
+    got, got_lp, _, _ = await run(
+        engine,
+        GenerationRequest(
+            prompt,
+            Sampling(max_tokens=8),
+            MemoryOptions((mid,), top_k=top_k, threshold=threshold, layers=layers or ()),
+            return_logprobs=True,
+        ),
+    )
     _, plain_lp, _, _ = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=8), return_logprobs=True))
     assert got == want
     np.testing.assert_allclose(got_lp, want_lp, atol=1e-3)
@@ -103,20 +118,32 @@ async def test_local_and_remote_give_the_same_tokens(engine, memory):
     for threshold in (None, 0.1):
         out = {}
         for mode in ("local", "remote"):
-            out[mode] = await run(engine, GenerationRequest(
-                prompt, Sampling(max_tokens=10), MemoryOptions((mid,), top_k=4, threshold=threshold, mode=mode),
-                return_logprobs=True))
+            out[mode] = await run(
+                engine,
+                GenerationRequest(
+                    prompt,
+                    Sampling(max_tokens=10),
+                    MemoryOptions((mid,), top_k=4, threshold=threshold, mode=mode),
+                    return_logprobs=True,
+                ),
+            )
         assert out["local"][0] == out["remote"][0]
         np.testing.assert_allclose(out["local"][1], out["remote"][1], atol=1e-4)
 
 
 async def test_eight_concurrent_requests_with_mixed_memories_equal_alone(engine, memory):
     mid, _ = memory
-    other = (await engine.memorize(engine.tokenizer.encode("The river flows to the sea, and the sea rises.")))["memory_id"]
+    other = (await engine.memorize(engine.tokenizer.encode("The river flows to the sea, and the sea rises.")))[
+        "memory_id"
+    ]
     reqs = []
     for i, p in enumerate(PROMPTS):
-        mem = [None, MemoryOptions((mid,), top_k=3), MemoryOptions((other,), top_k=2),
-               MemoryOptions((mid, other), top_k=5, mode="remote")][i % 4]
+        mem = [
+            None,
+            MemoryOptions((mid,), top_k=3),
+            MemoryOptions((other,), top_k=2),
+            MemoryOptions((mid, other), top_k=5, mode="remote"),
+        ][i % 4]
         reqs.append(GenerationRequest(engine.tokenizer.encode(p), Sampling(max_tokens=10), mem))
     alone = [await run(engine, r) for r in reqs]
     together = await asyncio.gather(*(run(engine, r) for r in reqs))
@@ -132,8 +159,10 @@ LOGIT_MARGIN = 1e-3
 
 def assert_decidable(margins):
     worst = min(margins)
-    assert worst > LOGIT_MARGIN, (f"the reference's two best logits are {worst:.2e} apart at step "
-                                  f"{margins.index(worst)}: too close to compare greedy tokens; pick another prompt")
+    assert worst > LOGIT_MARGIN, (
+        f"the reference's two best logits are {worst:.2e} apart at step "
+        f"{margins.index(worst)}: too close to compare greedy tokens; pick another prompt"
+    )
 
 
 def assert_counts_match(got: dict, want: Retrievals):
@@ -155,7 +184,7 @@ def _row_hits(final, tokens, tokenizer) -> dict[int, int]:
         assert 1 <= c.token_start < c.token_end <= len(tokens)
         rows = range(c.token_start - 1, c.token_end - 1)
         assert c.row_hits == [int(counts[r]) for r in rows] and c.hits == sum(c.row_hits)
-        assert c.text == tokenizer.decode(tokens[c.token_start:c.token_end])
+        assert c.text == tokenizer.decode(tokens[c.token_start : c.token_end])
         assert covered.isdisjoint(rows)
         covered.update(rows)
     hot = {int(r) for r in np.flatnonzero(counts >= max(2 * counts.mean(), 1))} or {int(np.argmax(counts))}
@@ -177,8 +206,10 @@ async def _timed(engine, req):
     return [t for c in chunks for t in c.token_ids], final, first, time.monotonic()
 
 
-@pytest.mark.parametrize("mode,top_k,threshold,layers", [
-    ("local", 3, None, None), ("local", 20, 0.05, None), ("local", 5, None, (1,)), ("remote", 8, 0.3, None)])
+@pytest.mark.parametrize(
+    "mode,top_k,threshold,layers",
+    [("local", 3, None, None), ("local", 20, 0.05, None), ("local", 5, None, (1,)), ("remote", 8, 0.3, None)],
+)
 async def test_citations_count_the_live_retrievals(engine, memory, ref, mode, top_k, threshold, layers):
     """The counts are those of the request's own steps: equal, row by row, to the numpy model's
     retrievals at every step that made a token (all layers and heads)."""
@@ -186,14 +217,29 @@ async def test_citations_count_the_live_retrievals(engine, memory, ref, mode, to
     bank, _ = _ref_memory(ref, tokens, engine.special_ids)
     prompt = engine.tokenizer.encode("Alice met Bob at")
     n = 6
-    opts = MemoryOptions((mid,), top_k=top_k, threshold=threshold, mode=mode, layers=layers or (),
-                         return_citations=True, max_citations=1000)
+    opts = MemoryOptions(
+        (mid,),
+        top_k=top_k,
+        threshold=threshold,
+        mode=mode,
+        layers=layers or (),
+        return_citations=True,
+        max_citations=1000,
+    )
     got, _, _, final = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=n), opts))
     want_hits, margins = Retrievals(), []
-    want, _ = ref.greedy(prompt, final.completion_tokens, memory=bank, top_k=top_k, threshold=threshold,
-                         layers=set(layers) if layers else None, hits=want_hits, margins=margins)
+    want, _ = ref.greedy(
+        prompt,
+        final.completion_tokens,
+        memory=bank,
+        top_k=top_k,
+        threshold=threshold,
+        layers=set(layers) if layers else None,
+        hits=want_hits,
+        margins=margins,
+    )
     assert_decidable(margins)
-    assert got == want[:len(got)] and final.completion_tokens == n
+    assert got == want[: len(got)] and final.completion_tokens == n
     cites = final.citations
     assert cites and all(c.memory_id == mid for c in cites)
     got_hits = _row_hits(final, tokens, engine.tokenizer)
@@ -209,8 +255,9 @@ async def test_citations_count_the_live_retrievals(engine, memory, ref, mode, to
     _, _, _, top = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=n), replace(opts, max_citations=2)))
     assert top.citations == cites[:2]
     # a request without citations returns none (and is not counted)
-    _, _, _, plain = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=n),
-                                                         replace(opts, return_citations=False)))
+    _, _, _, plain = await run(
+        engine, GenerationRequest(prompt, Sampling(max_tokens=n), replace(opts, return_citations=False))
+    )
     assert plain.citations == []
 
 
@@ -225,11 +272,13 @@ async def test_concurrent_requests_with_citations_each_count_their_own(engine, m
     b_prompt = engine.tokenizer.encode("Water boils at")
     # B stops on a stop string taken from its own greedy text (exercises the early removal path)
     _, _, b_text, _ = await run(engine, GenerationRequest(b_prompt, Sampling(max_tokens=14), opts))
-    stop = re.search(r"[A-Za-z]{2,}", b_text[len(b_text) // 3:]).group()
-    reqs = [GenerationRequest(a_prompt, Sampling(max_tokens=12), opts),
-            GenerationRequest(b_prompt, Sampling(max_tokens=14, stop=(stop,)), opts),
-            GenerationRequest(a_prompt, Sampling(max_tokens=12), replace(opts, return_citations=False)),
-            GenerationRequest(b_prompt, Sampling(max_tokens=12))]
+    stop = re.search(r"[A-Za-z]{2,}", b_text[len(b_text) // 3 :]).group()
+    reqs = [
+        GenerationRequest(a_prompt, Sampling(max_tokens=12), opts),
+        GenerationRequest(b_prompt, Sampling(max_tokens=14, stop=(stop,)), opts),
+        GenerationRequest(a_prompt, Sampling(max_tokens=12), replace(opts, return_citations=False)),
+        GenerationRequest(b_prompt, Sampling(max_tokens=12)),
+    ]
     solo = [await _timed(engine, r) for r in reqs]
     together = await asyncio.gather(*(_timed(engine, r) for r in reqs))
     (a_tok, a_fin, a_first, a_end), (b_tok, b_fin, b_first, b_end) = together[:2]
@@ -291,16 +340,19 @@ async def test_memory_errors_have_the_right_codes(engine, memory, qwen3_path, me
     await engine.memorize(tokens_b, memory_id="recreated")
     second = await run(engine, r)
     await engine.memorize(tokens_b, memory_id="fresh")
-    fresh = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=6), MemoryOptions(("fresh",), top_k=2),
-                                                return_logprobs=True))
+    fresh = await run(
+        engine,
+        GenerationRequest(prompt, Sampling(max_tokens=6), MemoryOptions(("fresh",), top_k=2), return_logprobs=True),
+    )
     assert second[1] == fresh[1] and second[1] != first[1]
     # still serving
     assert len((await run(engine, GenerationRequest(prompt, Sampling(max_tokens=2))))[0]) == 2
 
 
 async def test_memory_service_down_is_unavailable(llama_path):
-    dead = GeneratorEngine(EngineConfig(model=str(llama_path), memory_url=f"127.0.0.1:{free_port()}",
-                                        memory_timeout=2.0))
+    dead = GeneratorEngine(
+        EngineConfig(model=str(llama_path), memory_url=f"127.0.0.1:{free_port()}", memory_timeout=2.0)
+    )
     dead.start()
     try:
         prompt = dead.tokenizer.encode("Hello")
@@ -348,7 +400,7 @@ def test_memory_building_on_7000_tokens(engine, client, ref):
     # that window (positions from 0) gives the same raw keys and values
     for w, positions in ((plan[0], [1, 2000, 3070]), (plan[4], [5000 - 1, 5100]), (plan[-1], [6700, 6996])):
         cap = []
-        ref.forward(tokens[w.start:w.end], capture=cap)
+        ref.forward(tokens[w.start : w.end], capture=cap)
         for p in positions:
             assert w.first_new <= p < w.end and p in row_of
             for layer, (k, v) in enumerate(cap):

@@ -80,7 +80,11 @@ async def test_no_memory_equals_stock_and_local_equals_remote(engine, quantized_
     mid = engine.memorize_blocking(engine.tokenizer.encode(TEXT))["memory_id"]
     out = {}
     for mode in ("local", "remote"):
-        out[mode] = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=8), MemoryOptions(
-            (mid,), top_k=4, mode=mode), return_logprobs=True))
+        out[mode] = await run(
+            engine,
+            GenerationRequest(
+                prompt, Sampling(max_tokens=8), MemoryOptions((mid,), top_k=4, mode=mode), return_logprobs=True
+            ),
+        )
     assert out["local"][0] == out["remote"][0]
     np.testing.assert_allclose(out["local"][1], out["remote"][1], atol=1e-4)

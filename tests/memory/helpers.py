@@ -7,7 +7,16 @@ import time
 
 import numpy as np
 
-from extmind.tensor import BFLOAT16, FLOAT16, FLOAT32, bf16_bits_to_float32, decode, decode_raw, encode, float32_to_bf16_bits
+from extmind.tensor import (
+    BFLOAT16,
+    FLOAT16,
+    FLOAT32,
+    bf16_bits_to_float32,
+    decode,
+    decode_raw,
+    encode,
+    float32_to_bf16_bits,
+)
 from extmind.v1 import memory_pb2 as pb
 
 DTYPES = {"float32": FLOAT32, "float16": FLOAT16, "bfloat16": BFLOAT16}
@@ -15,6 +24,7 @@ DTYPES = {"float32": FLOAT32, "float16": FLOAT16, "bfloat16": BFLOAT16}
 
 def random_kv(rng, layers, heads, rows, dim, dtype) -> tuple[np.ndarray, np.ndarray]:
     """Raw storage arrays [layers, heads, rows, dim] (bf16 as uint16 bits)."""
+
     def one():
         x = rng.standard_normal((layers, heads, rows, dim)).astype(np.float32)
         if dtype == FLOAT32:
@@ -22,6 +32,7 @@ def random_kv(rng, layers, heads, rows, dim, dtype) -> tuple[np.ndarray, np.ndar
         if dtype == FLOAT16:
             return x.astype(np.float16)
         return float32_to_bf16_bits(x)
+
     return one(), one()
 
 
@@ -46,8 +57,12 @@ def layout(layers, heads, dim, dtype) -> pb.MemoryLayout:
 
 def create(stub, memory_id, K, dtype, *, fingerprint="fp-test", token_ids=True, labels=None, positions=None):
     layers, heads, rows, dim = K.shape
-    req = pb.CreateMemoryRequest(memory_id=memory_id, layout=layout(layers, heads, dim, dtype),
-                                 model_fingerprint=fingerprint, labels=labels or {})
+    req = pb.CreateMemoryRequest(
+        memory_id=memory_id,
+        layout=layout(layers, heads, dim, dtype),
+        model_fingerprint=fingerprint,
+        labels=labels or {},
+    )
     if token_ids:
         req.token_ids.extend(range(1000, 1000 + rows))
         if positions is not None:
@@ -58,11 +73,14 @@ def create(stub, memory_id, K, dtype, *, fingerprint="fp-test", token_ids=True, 
 def append_messages(memory_id, K, V, dtype, chunk_rows=None, layer_order=None):
     layers, heads, rows, dim = K.shape
     step = chunk_rows or rows
-    for layer in (layer_order or range(layers)):
+    for layer in layer_order or range(layers):
         for s in range(0, rows, step):
-            yield pb.AppendMemoryRequest(memory_id=memory_id, layer=layer,
-                                         keys=encode(K[layer][:, s:s + step], dtype=dtype),
-                                         values=encode(V[layer][:, s:s + step], dtype=dtype))
+            yield pb.AppendMemoryRequest(
+                memory_id=memory_id,
+                layer=layer,
+                keys=encode(K[layer][:, s : s + step], dtype=dtype),
+                values=encode(V[layer][:, s : s + step], dtype=dtype),
+            )
 
 
 def build(stub, memory_id, K, V, dtype, *, chunk_rows=None, fingerprint="fp-test", token_ids=True):
@@ -86,7 +104,8 @@ class HeldAppend:
             yield from append_messages(memory_id, K, V, dtype, layer_order=[1])
 
         self._thread = threading.Thread(
-            target=lambda: self._out.setdefault("r", stub.AppendMemory(messages(), timeout=30)))
+            target=lambda: self._out.setdefault("r", stub.AppendMemory(messages(), timeout=30))
+        )
         self._thread.start()
         time.sleep(0.5)  # the first layer has reached the server
 
@@ -106,13 +125,16 @@ def fetch(stub, memory_id, layers=()):
         parts = out.setdefault(c.layer, [])
         assert c.row_offset == sum(p[0].shape[1] for p in parts)
         parts.append((decode_raw(c.keys), decode_raw(c.values)))
-    return {layer: (np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts], 1))
-            for layer, parts in out.items()}
+    return {
+        layer: (np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts], 1))
+        for layer, parts in out.items()
+    }
 
 
 def search(stub, ids, layer, Q, top_k, *, threshold=None, return_vectors=False, qdtype=FLOAT32):
-    req = pb.SearchMemoryRequest(memory_ids=ids, layer=layer, queries=encode(Q, dtype=qdtype), top_k=top_k,
-                                 return_vectors=return_vectors)
+    req = pb.SearchMemoryRequest(
+        memory_ids=ids, layer=layer, queries=encode(Q, dtype=qdtype), top_k=top_k, return_vectors=return_vectors
+    )
     if threshold is not None:
         req.sim_threshold = threshold
     resp = stub.SearchMemory(req, timeout=60)
@@ -147,7 +169,6 @@ def check_search(scores, indices, ref, top_k, threshold=None, atol=2e-5):
     assert scores.shape == (H, q, k) and indices.shape == (H, q, k)
     want = -np.sort(-ref, axis=-1)[..., :k]
     if threshold is not None:
-        masked = want <= threshold + atol
         certain = (want <= threshold - atol) | (want > threshold + atol)
         got_masked = indices == -1
         assert np.array_equal(got_masked[certain], (want <= threshold)[certain])

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from extmind.tensor import BFLOAT16, FLOAT16, FLOAT32, INT32, encode
-from extmind.v1 import common_pb2, memory_pb2 as pb
+from extmind.v1 import common_pb2
+from extmind.v1 import memory_pb2 as pb
 from tests.memory import helpers as h
 
 C = grpc.StatusCode
@@ -47,9 +48,12 @@ def tensor(a, dtype=None, *, cut=0, shape=None):
 
 
 def append(layer=0, keys=None, values=None, memory_id="building"):
-    return pb.AppendMemoryRequest(memory_id=memory_id, layer=layer,
-                                  keys=keys if keys is not None else encode(K[0][:, :2]),
-                                  values=values if values is not None else encode(V[0][:, :2]))
+    return pb.AppendMemoryRequest(
+        memory_id=memory_id,
+        layer=layer,
+        keys=keys if keys is not None else encode(K[0][:, :2]),
+        values=values if values is not None else encode(V[0][:, :2]),
+    )
 
 
 LAYOUT = h.layout(2, 2, 8, FLOAT16)
@@ -60,15 +64,54 @@ TABLE = [
     ("search truncated query bytes", "SearchMemory", search_req(queries=tensor(Q, cut=1)), C.INVALID_ARGUMENT),
     ("search query shape vs bytes", "SearchMemory", search_req(queries=tensor(Q, shape=[4, 2, 8])), C.INVALID_ARGUMENT),
     ("search query 2-D", "SearchMemory", search_req(queries=encode(Q[0])), C.INVALID_ARGUMENT),
-    ("search query int dtype", "SearchMemory", search_req(queries=encode(np.ones((4, 1, 8), np.int32))), C.INVALID_ARGUMENT),
-    ("search query dtype unspecified", "SearchMemory",
-     search_req(queries=common_pb2.Tensor(dtype=0, shape=[4, 1, 8], data=Q.tobytes())), C.INVALID_ARGUMENT),
-    ("search missing queries", "SearchMemory", pb.SearchMemoryRequest(memory_ids=["good"], top_k=3), C.INVALID_ARGUMENT),
-    ("search wrong head_dim", "SearchMemory", search_req(queries=encode(np.ones((4, 1, 16), np.float32))), C.INVALID_ARGUMENT),
-    ("search heads not a multiple", "SearchMemory", search_req(queries=encode(np.ones((3, 1, 8), np.float32))), C.INVALID_ARGUMENT),
-    ("search empty queries (q=0)", "SearchMemory", search_req(queries=encode(np.ones((4, 0, 8), np.float32))), C.INVALID_ARGUMENT),
-    ("search zero heads", "SearchMemory", search_req(queries=encode(np.ones((0, 1, 8), np.float32))), C.INVALID_ARGUMENT),
-    ("search NaN query", "SearchMemory", search_req(queries=encode(np.full((4, 1, 8), np.nan, np.float32))), C.INVALID_ARGUMENT),
+    (
+        "search query int dtype",
+        "SearchMemory",
+        search_req(queries=encode(np.ones((4, 1, 8), np.int32))),
+        C.INVALID_ARGUMENT,
+    ),
+    (
+        "search query dtype unspecified",
+        "SearchMemory",
+        search_req(queries=common_pb2.Tensor(dtype=0, shape=[4, 1, 8], data=Q.tobytes())),
+        C.INVALID_ARGUMENT,
+    ),
+    (
+        "search missing queries",
+        "SearchMemory",
+        pb.SearchMemoryRequest(memory_ids=["good"], top_k=3),
+        C.INVALID_ARGUMENT,
+    ),
+    (
+        "search wrong head_dim",
+        "SearchMemory",
+        search_req(queries=encode(np.ones((4, 1, 16), np.float32))),
+        C.INVALID_ARGUMENT,
+    ),
+    (
+        "search heads not a multiple",
+        "SearchMemory",
+        search_req(queries=encode(np.ones((3, 1, 8), np.float32))),
+        C.INVALID_ARGUMENT,
+    ),
+    (
+        "search empty queries (q=0)",
+        "SearchMemory",
+        search_req(queries=encode(np.ones((4, 0, 8), np.float32))),
+        C.INVALID_ARGUMENT,
+    ),
+    (
+        "search zero heads",
+        "SearchMemory",
+        search_req(queries=encode(np.ones((0, 1, 8), np.float32))),
+        C.INVALID_ARGUMENT,
+    ),
+    (
+        "search NaN query",
+        "SearchMemory",
+        search_req(queries=encode(np.full((4, 1, 8), np.nan, np.float32))),
+        C.INVALID_ARGUMENT,
+    ),
     ("search layer out of range", "SearchMemory", search_req(layer=2), C.INVALID_ARGUMENT),
     ("search unknown id", "SearchMemory", search_req(memory_ids=["nope"]), C.NOT_FOUND),
     ("search bad id chars", "SearchMemory", search_req(memory_ids=["a{b}"]), C.INVALID_ARGUMENT),
@@ -81,43 +124,124 @@ TABLE = [
     ("search huge top_k", "SearchMemory", search_req(top_k=10**9), C.INVALID_ARGUMENT),
     ("search top_k 0", "SearchMemory", search_req(top_k=0), C.INVALID_ARGUMENT),
     ("search NaN threshold", "SearchMemory", search_req(sim_threshold=float("nan")), C.INVALID_ARGUMENT),
-    ("search answer too large", "SearchMemory",
-     search_req(queries=encode(np.ones((4, 1_000_000, 8), np.float16)), top_k=10, return_vectors=True), C.RESOURCE_EXHAUSTED),
+    (
+        "search answer too large",
+        "SearchMemory",
+        search_req(queries=encode(np.ones((4, 1_000_000, 8), np.float16)), top_k=10, return_vectors=True),
+        C.RESOURCE_EXHAUSTED,
+    ),
     # --- CreateMemory
-    ("create existing id", "CreateMemory", pb.CreateMemoryRequest(memory_id="good", layout=LAYOUT, model_fingerprint="fp"),
-     C.ALREADY_EXISTS),
-    ("create bad id", "CreateMemory", pb.CreateMemoryRequest(memory_id="has space", layout=LAYOUT, model_fingerprint="fp"),
-     C.INVALID_ARGUMENT),
-    ("create id too long", "CreateMemory", pb.CreateMemoryRequest(memory_id="x" * 129, layout=LAYOUT, model_fingerprint="fp"),
-     C.INVALID_ARGUMENT),
-    ("create no layout", "CreateMemory", pb.CreateMemoryRequest(memory_id="n1", model_fingerprint="fp"), C.INVALID_ARGUMENT),
-    ("create head_dim 0", "CreateMemory", pb.CreateMemoryRequest(memory_id="n2", layout=h.layout(2, 2, 0, FLOAT16),
-                                                                 model_fingerprint="fp"), C.INVALID_ARGUMENT),
-    ("create int dtype", "CreateMemory", pb.CreateMemoryRequest(memory_id="n3", layout=h.layout(2, 2, 8, INT32),
-                                                                model_fingerprint="fp"), C.INVALID_ARGUMENT),
-    ("create unknown dtype", "CreateMemory", pb.CreateMemoryRequest(memory_id="n4", layout=h.layout(2, 2, 8, 99),
-                                                                    model_fingerprint="fp"), C.INVALID_ARGUMENT),
-    ("create no fingerprint", "CreateMemory", pb.CreateMemoryRequest(memory_id="n5", layout=LAYOUT), C.INVALID_ARGUMENT),
-    ("create positions mismatch", "CreateMemory", pb.CreateMemoryRequest(memory_id="n6", layout=LAYOUT, model_fingerprint="fp",
-                                                                         token_ids=[1, 2], positions=[0]), C.INVALID_ARGUMENT),
+    (
+        "create existing id",
+        "CreateMemory",
+        pb.CreateMemoryRequest(memory_id="good", layout=LAYOUT, model_fingerprint="fp"),
+        C.ALREADY_EXISTS,
+    ),
+    (
+        "create bad id",
+        "CreateMemory",
+        pb.CreateMemoryRequest(memory_id="has space", layout=LAYOUT, model_fingerprint="fp"),
+        C.INVALID_ARGUMENT,
+    ),
+    (
+        "create id too long",
+        "CreateMemory",
+        pb.CreateMemoryRequest(memory_id="x" * 129, layout=LAYOUT, model_fingerprint="fp"),
+        C.INVALID_ARGUMENT,
+    ),
+    (
+        "create no layout",
+        "CreateMemory",
+        pb.CreateMemoryRequest(memory_id="n1", model_fingerprint="fp"),
+        C.INVALID_ARGUMENT,
+    ),
+    (
+        "create head_dim 0",
+        "CreateMemory",
+        pb.CreateMemoryRequest(memory_id="n2", layout=h.layout(2, 2, 0, FLOAT16), model_fingerprint="fp"),
+        C.INVALID_ARGUMENT,
+    ),
+    (
+        "create int dtype",
+        "CreateMemory",
+        pb.CreateMemoryRequest(memory_id="n3", layout=h.layout(2, 2, 8, INT32), model_fingerprint="fp"),
+        C.INVALID_ARGUMENT,
+    ),
+    (
+        "create unknown dtype",
+        "CreateMemory",
+        pb.CreateMemoryRequest(memory_id="n4", layout=h.layout(2, 2, 8, 99), model_fingerprint="fp"),
+        C.INVALID_ARGUMENT,
+    ),
+    (
+        "create no fingerprint",
+        "CreateMemory",
+        pb.CreateMemoryRequest(memory_id="n5", layout=LAYOUT),
+        C.INVALID_ARGUMENT,
+    ),
+    (
+        "create positions mismatch",
+        "CreateMemory",
+        pb.CreateMemoryRequest(memory_id="n6", layout=LAYOUT, model_fingerprint="fp", token_ids=[1, 2], positions=[0]),
+        C.INVALID_ARGUMENT,
+    ),
     # --- AppendMemory (streams)
     ("append truncated keys", "AppendMemory", [append(keys=tensor(K[0][:, :2], cut=2))], C.INVALID_ARGUMENT),
-    ("append wrong dtype", "AppendMemory", [append(keys=encode(K[0][:, :2].astype(np.float32)),
-                                                   values=encode(V[0][:, :2].astype(np.float32)))], C.INVALID_ARGUMENT),
-    ("append bf16 into f16", "AppendMemory", [append(keys=encode(K[0][:, :2].astype(np.float32), dtype=BFLOAT16),
-                                                     values=encode(V[0][:, :2].astype(np.float32), dtype=BFLOAT16))],
-     C.INVALID_ARGUMENT),
-    ("append wrong heads", "AppendMemory", [append(keys=encode(K[0][:1, :2]), values=encode(V[0][:1, :2]))], C.INVALID_ARGUMENT),
-    ("append wrong head_dim", "AppendMemory", [append(keys=encode(K2[0][:, :2]), values=encode(V2[0][:, :2]))],
-     C.INVALID_ARGUMENT),
-    ("append 2-D keys", "AppendMemory", [append(keys=encode(K[0][0, :2]), values=encode(V[0][0, :2]))], C.INVALID_ARGUMENT),
+    (
+        "append wrong dtype",
+        "AppendMemory",
+        [append(keys=encode(K[0][:, :2].astype(np.float32)), values=encode(V[0][:, :2].astype(np.float32)))],
+        C.INVALID_ARGUMENT,
+    ),
+    (
+        "append bf16 into f16",
+        "AppendMemory",
+        [
+            append(
+                keys=encode(K[0][:, :2].astype(np.float32), dtype=BFLOAT16),
+                values=encode(V[0][:, :2].astype(np.float32), dtype=BFLOAT16),
+            )
+        ],
+        C.INVALID_ARGUMENT,
+    ),
+    (
+        "append wrong heads",
+        "AppendMemory",
+        [append(keys=encode(K[0][:1, :2]), values=encode(V[0][:1, :2]))],
+        C.INVALID_ARGUMENT,
+    ),
+    (
+        "append wrong head_dim",
+        "AppendMemory",
+        [append(keys=encode(K2[0][:, :2]), values=encode(V2[0][:, :2]))],
+        C.INVALID_ARGUMENT,
+    ),
+    (
+        "append 2-D keys",
+        "AppendMemory",
+        [append(keys=encode(K[0][0, :2]), values=encode(V[0][0, :2]))],
+        C.INVALID_ARGUMENT,
+    ),
     ("append keys/values rows differ", "AppendMemory", [append(values=encode(V[0][:, :3]))], C.INVALID_ARGUMENT),
-    ("append keys only", "AppendMemory", [pb.AppendMemoryRequest(memory_id="building", keys=encode(K[0][:, :2]))],
-     C.INVALID_ARGUMENT),
-    ("append NaN keys", "AppendMemory", [append(keys=encode(np.full((2, 2, 8), np.nan, np.float16)))], C.INVALID_ARGUMENT),
+    (
+        "append keys only",
+        "AppendMemory",
+        [pb.AppendMemoryRequest(memory_id="building", keys=encode(K[0][:, :2]))],
+        C.INVALID_ARGUMENT,
+    ),
+    (
+        "append NaN keys",
+        "AppendMemory",
+        [append(keys=encode(np.full((2, 2, 8), np.nan, np.float16)))],
+        C.INVALID_ARGUMENT,
+    ),
     ("append layer out of range", "AppendMemory", [append(layer=2)], C.INVALID_ARGUMENT),
-    ("append too many rows", "AppendMemory", [append(keys=encode(np.ones((2, 11, 8), np.float16)),
-                                                     values=encode(np.ones((2, 11, 8), np.float16)))], C.INVALID_ARGUMENT),
+    (
+        "append too many rows",
+        "AppendMemory",
+        [append(keys=encode(np.ones((2, 11, 8), np.float16)), values=encode(np.ones((2, 11, 8), np.float16)))],
+        C.INVALID_ARGUMENT,
+    ),
     ("append unknown id", "AppendMemory", [append(memory_id="nope")], C.NOT_FOUND),
     ("append no id", "AppendMemory", [append(memory_id="")], C.INVALID_ARGUMENT),
     ("append two ids in a stream", "AppendMemory", [append(), append(memory_id="good")], C.INVALID_ARGUMENT),
@@ -129,11 +253,21 @@ TABLE = [
     ("delete unknown", "DeleteMemory", pb.DeleteMemoryRequest(memory_id="nope"), C.NOT_FOUND),
     ("list garbage page token", "ListMemories", pb.ListMemoriesRequest(page_token="garbage"), C.INVALID_ARGUMENT),
     ("list forged page token", "ListMemories", pb.ListMemoriesRequest(page_token="m1.!!!"), C.INVALID_ARGUMENT),
-    ("list token of another filter", "ListMemories", None, C.INVALID_ARGUMENT),   # built in the test
+    ("list token of another filter", "ListMemories", None, C.INVALID_ARGUMENT),  # built in the test
     ("fetch unknown", "FetchMemory", pb.FetchMemoryRequest(memory_id="nope"), C.NOT_FOUND),
     ("fetch not READY", "FetchMemory", pb.FetchMemoryRequest(memory_id="building"), C.FAILED_PRECONDITION),
-    ("fetch layer out of range", "FetchMemory", pb.FetchMemoryRequest(memory_id="good", layers=[0, 5]), C.INVALID_ARGUMENT),
-    ("fetch duplicate layers", "FetchMemory", pb.FetchMemoryRequest(memory_id="good", layers=[1, 1]), C.INVALID_ARGUMENT),
+    (
+        "fetch layer out of range",
+        "FetchMemory",
+        pb.FetchMemoryRequest(memory_id="good", layers=[0, 5]),
+        C.INVALID_ARGUMENT,
+    ),
+    (
+        "fetch duplicate layers",
+        "FetchMemory",
+        pb.FetchMemoryRequest(memory_id="good", layers=[1, 1]),
+        C.INVALID_ARGUMENT,
+    ),
 ]
 
 
@@ -172,8 +306,9 @@ def test_bad_input_table(svc, case, rpc, req, code):
 
 
 def test_auth_on_and_off(memory_service_factory, memory_service):
-    from extmind.v1 import memory_pb2_grpc
     from extmind.procs import health_status
+    from extmind.v1 import memory_pb2_grpc
+
     secured = memory_service_factory(env={"EXTMIND_AUTH_TOKEN": "s3cret"})
     req = pb.ListMemoriesRequest()
     with secured.channel() as ch:
@@ -182,10 +317,10 @@ def test_auth_on_and_off(memory_service_factory, memory_service):
             with pytest.raises(grpc.RpcError) as e:
                 stub.ListMemories(req, timeout=10, metadata=md)
             assert e.value.code() == C.UNAUTHENTICATED and "Bearer" in e.value.details()
-            with pytest.raises(grpc.RpcError) as e:   # streams too
+            with pytest.raises(grpc.RpcError) as e:  # streams too
                 list(stub.FetchMemory(pb.FetchMemoryRequest(memory_id="x"), timeout=10, metadata=md))
             assert e.value.code() == C.UNAUTHENTICATED
         stub.ListMemories(req, timeout=10, metadata=(("authorization", "Bearer s3cret"),))
-    assert health_status(secured.address, "extmind.v1.MemoryService") == 1   # probes need no token
+    assert health_status(secured.address, "extmind.v1.MemoryService") == 1  # probes need no token
     # Auth off: no token needed.
     memory_service.stub().ListMemories(req, timeout=10)

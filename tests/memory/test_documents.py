@@ -11,9 +11,10 @@ import grpc
 import numpy as np
 import pytest
 
-from extmind.tensor import encode
-from extmind.v1 import embedder_pb2, embedder_pb2_grpc, memory_pb2 as pb
 from extmind.procs import ServiceProcess, free_port
+from extmind.tensor import encode
+from extmind.v1 import embedder_pb2, embedder_pb2_grpc
+from extmind.v1 import memory_pb2 as pb
 from tests.helpers import code_of
 from tests.ranking import assert_ranking_matches
 
@@ -39,47 +40,75 @@ def test_documents_with_given_embeddings(memory_service):
     assert (col.name, col.model, col.dimensions, col.num_documents) == ("c1", "m-A", 24, 60)
 
     En = E / np.linalg.norm(E, axis=1, keepdims=True)
-    for t in range(5):
+    for _ in range(5):
         q = rng.standard_normal(24).astype(np.float32)
         for filt in ({}, {"color": "red"}, {"color": "blue", "parity": "1"}):
-            res = stub.SearchDocuments(pb.SearchDocumentsRequest(collection="c1", query_embedding=encode(q),
-                                                                 top_k=7, filter=filt), timeout=10)
+            res = stub.SearchDocuments(
+                pb.SearchDocumentsRequest(collection="c1", query_embedding=encode(q), top_k=7, filter=filt), timeout=10
+            )
             ok = [i for i in range(60) if all(docs[i].metadata[k] == v for k, v in filt.items())]
             ref = En[ok] @ (q / np.linalg.norm(q))
             pos = {str(i): j for j, i in enumerate(ok)}
             got = [pos[h.id] for h in res.hits]
             assert_ranking_matches(got, ref, 7, eps=1e-5)
             assert np.allclose([h.score for h in res.hits], ref[got], atol=1e-5)
-            assert all(h.text == f"text {h.id}" and dict(h.metadata) == dict(docs[int(h.id)].metadata) for h in res.hits)
+            assert all(
+                h.text == f"text {h.id}" and dict(h.metadata) == dict(docs[int(h.id)].metadata) for h in res.hits
+            )
             assert res.model == "m-A"
     # Default top_k is 10; a filter nothing matches gives no hits.
-    assert len(stub.SearchDocuments(pb.SearchDocumentsRequest(collection="c1", query_embedding=encode(E[0])),
-                                    timeout=10).hits) == 10
-    assert not stub.SearchDocuments(pb.SearchDocumentsRequest(collection="c1", query_embedding=encode(E[0]),
-                                                              filter={"color": "pink"}), timeout=10).hits
+    assert (
+        len(
+            stub.SearchDocuments(
+                pb.SearchDocumentsRequest(collection="c1", query_embedding=encode(E[0])), timeout=10
+            ).hits
+        )
+        == 10
+    )
+    assert not stub.SearchDocuments(
+        pb.SearchDocumentsRequest(collection="c1", query_embedding=encode(E[0]), filter={"color": "pink"}), timeout=10
+    ).hits
 
     # Upsert replaces (text, metadata, vector); delete removes.
-    stub.UpsertDocuments(pb.UpsertDocumentsRequest(collection="c1", documents=[
-        pb.Document(id="5", text="new five", metadata={"color": "pink"}, embedding=encode(-E[5]))]), timeout=10)
-    hit = stub.SearchDocuments(pb.SearchDocumentsRequest(collection="c1", query_embedding=encode(-E[5]), top_k=1),
-                               timeout=10).hits[0]
+    stub.UpsertDocuments(
+        pb.UpsertDocumentsRequest(
+            collection="c1",
+            documents=[pb.Document(id="5", text="new five", metadata={"color": "pink"}, embedding=encode(-E[5]))],
+        ),
+        timeout=10,
+    )
+    hit = stub.SearchDocuments(
+        pb.SearchDocumentsRequest(collection="c1", query_embedding=encode(-E[5]), top_k=1), timeout=10
+    ).hits[0]
     assert (hit.id, hit.text, dict(hit.metadata)) == ("5", "new five", {"color": "pink"}) and hit.score > 0.999
-    assert stub.DeleteDocuments(pb.DeleteDocumentsRequest(collection="c1", ids=["5", "6", "zzz"]), timeout=10).deleted == 2
-    ids = {h.id for h in stub.SearchDocuments(pb.SearchDocumentsRequest(collection="c1", query_embedding=encode(E[6]),
-                                                                        top_k=100), timeout=10).hits}
+    assert (
+        stub.DeleteDocuments(pb.DeleteDocumentsRequest(collection="c1", ids=["5", "6", "zzz"]), timeout=10).deleted == 2
+    )
+    ids = {
+        h.id
+        for h in stub.SearchDocuments(
+            pb.SearchDocumentsRequest(collection="c1", query_embedding=encode(E[6]), top_k=100), timeout=10
+        ).hits
+    }
     assert len(ids) == 58 and "5" not in ids and "6" not in ids
-    assert not stub.SearchDocuments(pb.SearchDocumentsRequest(collection="c1", query_embedding=encode(E[0]),
-                                                              filter={"color": "pink"}), timeout=10).hits
+    assert not stub.SearchDocuments(
+        pb.SearchDocumentsRequest(collection="c1", query_embedding=encode(E[0]), filter={"color": "pink"}), timeout=10
+    ).hits
 
     # Restart: the same answers from Redis.
     q = encode(rng.standard_normal(24).astype(np.float32))
-    before = stub.SearchDocuments(pb.SearchDocumentsRequest(collection="c1", query_embedding=q, top_k=20,
-                                                            filter={"parity": "0"}), timeout=10)
+    before = stub.SearchDocuments(
+        pb.SearchDocumentsRequest(collection="c1", query_embedding=q, top_k=20, filter={"parity": "0"}), timeout=10
+    )
     memory_service.kill()
     memory_service.start()
     stub = memory_service.stub()
-    assert stub.SearchDocuments(pb.SearchDocumentsRequest(collection="c1", query_embedding=q, top_k=20,
-                                                          filter={"parity": "0"}), timeout=10) == before
+    assert (
+        stub.SearchDocuments(
+            pb.SearchDocumentsRequest(collection="c1", query_embedding=q, top_k=20, filter={"parity": "0"}), timeout=10
+        )
+        == before
+    )
     assert stub.GetCollection(pb.GetCollectionRequest(collection="c1"), timeout=10).collection.num_documents == 58
 
 
@@ -88,18 +117,24 @@ def test_collections_and_model_binding(memory_service):
     v8 = np.ones(8, np.float32)
     c = stub.CreateCollection(pb.CreateCollectionRequest(collection="bound", model="m-B", dimensions=8), timeout=10)
     assert c.collection.model == "m-B" and c.collection.num_documents == 0
-    assert code_of(lambda: stub.CreateCollection(pb.CreateCollectionRequest(collection="bound", model="m-B",
-                                                                            dimensions=8), timeout=10))[0] == C.ALREADY_EXISTS
+    assert (
+        code_of(
+            lambda: stub.CreateCollection(
+                pb.CreateCollectionRequest(collection="bound", model="m-B", dimensions=8), timeout=10
+            )
+        )[0]
+        == C.ALREADY_EXISTS
+    )
     up = lambda **kw: stub.UpsertDocuments(pb.UpsertDocumentsRequest(**kw), timeout=10)  # noqa: E731
-    up(collection="bound", documents=[doc(1, v8)])                 # model omitted = the collection's
+    up(collection="bound", documents=[doc(1, v8)])  # model omitted = the collection's
     up(collection="bound", documents=[doc(2, v8)], model="m-B")
     code, msg = code_of(lambda: up(collection="bound", documents=[doc(3, v8)], model="m-OTHER"))
     assert code == C.FAILED_PRECONDITION and "m-B" in msg
     assert code_of(lambda: up(collection="bound", documents=[doc(3, np.ones(9, np.float32))]))[0] == C.INVALID_ARGUMENT
-    assert code_of(lambda: up(collection="new", documents=[doc(3, v8)]))[0] == C.INVALID_ARGUMENT   # model needed
+    assert code_of(lambda: up(collection="new", documents=[doc(3, v8)]))[0] == C.INVALID_ARGUMENT  # model needed
     bad = doc(4)
     bad.embedding.CopyFrom(encode(np.ones(8, np.float16)))
-    assert code_of(lambda: up(collection="bound", documents=[bad]))[0] == C.INVALID_ARGUMENT       # float32 only
+    assert code_of(lambda: up(collection="bound", documents=[bad]))[0] == C.INVALID_ARGUMENT  # float32 only
     bad.embedding.CopyFrom(encode(np.full(8, np.nan, np.float32)))
     assert code_of(lambda: up(collection="bound", documents=[bad]))[0] == C.INVALID_ARGUMENT
     bad.embedding.CopyFrom(encode(v8))
@@ -110,20 +145,29 @@ def test_collections_and_model_binding(memory_service):
     assert code_of(lambda: up(collection="bad name!", documents=[doc(1, v8)], model="x"))[0] == C.INVALID_ARGUMENT
     search = lambda **kw: stub.SearchDocuments(pb.SearchDocumentsRequest(**kw), timeout=10)  # noqa: E731
     assert code_of(lambda: search(collection="nope", query_embedding=encode(v8)))[0] == C.NOT_FOUND
-    assert code_of(lambda: search(collection="bound"))[0] == C.INVALID_ARGUMENT                 # empty query
-    assert code_of(lambda: search(collection="bound", query_embedding=encode(np.ones(9, np.float32))))[0] == C.INVALID_ARGUMENT
+    assert code_of(lambda: search(collection="bound"))[0] == C.INVALID_ARGUMENT  # empty query
+    assert (
+        code_of(lambda: search(collection="bound", query_embedding=encode(np.ones(9, np.float32))))[0]
+        == C.INVALID_ARGUMENT
+    )
     assert code_of(lambda: search(collection="bound", query_embedding=encode(v8), top_k=10**6))[0] == C.INVALID_ARGUMENT
-    assert code_of(lambda: stub.DeleteDocuments(pb.DeleteDocumentsRequest(collection="nope", ids=["1"]), timeout=10))[0] \
+    assert (
+        code_of(lambda: stub.DeleteDocuments(pb.DeleteDocumentsRequest(collection="nope", ids=["1"]), timeout=10))[0]
         == C.NOT_FOUND
+    )
     assert [h.id for h in search(collection="bound", query_embedding=encode(v8)).hits] in (["1", "2"], ["2", "1"])
 
     up(collection="second", documents=[doc(1, np.ones(4, np.float32))], model="m-C")
     names = [c.name for c in stub.ListCollections(pb.ListCollectionsRequest(), timeout=10).collections]
     assert names == ["bound", "second"]
     stub.DeleteCollection(pb.DeleteCollectionRequest(collection="bound"), timeout=10)
-    assert code_of(lambda: stub.GetCollection(pb.GetCollectionRequest(collection="bound"), timeout=10))[0] == C.NOT_FOUND
-    assert code_of(lambda: stub.DeleteCollection(pb.DeleteCollectionRequest(collection="bound"), timeout=10))[0] \
+    assert (
+        code_of(lambda: stub.GetCollection(pb.GetCollectionRequest(collection="bound"), timeout=10))[0] == C.NOT_FOUND
+    )
+    assert (
+        code_of(lambda: stub.DeleteCollection(pb.DeleteCollectionRequest(collection="bound"), timeout=10))[0]
         == C.NOT_FOUND
+    )
     memory_service.stop()
     memory_service.start()
     stub = memory_service.stub()
@@ -134,16 +178,27 @@ def test_no_embedder_is_unavailable(memory_service_factory, memory_service):
     down = memory_service_factory(args=["--embedder-url", f"127.0.0.1:{free_port()}", "--embedder-timeout", "3"])
     for svc, hint in ((memory_service, "--embedder-url"), (down, "embedder")):
         stub = svc.stub()
-        code, msg = code_of(lambda: stub.UpsertDocuments(pb.UpsertDocumentsRequest(
-            collection="t", documents=[pb.Document(id="1", text="hello")]), timeout=10))
+        code, msg = code_of(
+            lambda stub=stub: stub.UpsertDocuments(
+                pb.UpsertDocumentsRequest(collection="t", documents=[pb.Document(id="1", text="hello")]), timeout=10
+            )
+        )
         assert code == C.UNAVAILABLE and hint in msg
-        stub.UpsertDocuments(pb.UpsertDocumentsRequest(collection="t", model="m", documents=[doc(1, np.ones(4))]),
-                             timeout=10)
-        code, msg = code_of(lambda: stub.SearchDocuments(pb.SearchDocumentsRequest(collection="t", query="hello"),
-                                                         timeout=10))
+        stub.UpsertDocuments(
+            pb.UpsertDocumentsRequest(collection="t", model="m", documents=[doc(1, np.ones(4))]), timeout=10
+        )
+        code, msg = code_of(
+            lambda stub=stub: stub.SearchDocuments(pb.SearchDocumentsRequest(collection="t", query="hello"), timeout=10)
+        )
         assert code == C.UNAVAILABLE and hint in msg
-        assert stub.SearchDocuments(pb.SearchDocumentsRequest(collection="t", query_embedding=encode(np.ones(4, np.float32))),
-                                    timeout=10).hits[0].id == "1"
+        assert (
+            stub.SearchDocuments(
+                pb.SearchDocumentsRequest(collection="t", query_embedding=encode(np.ones(4, np.float32))), timeout=10
+            )
+            .hits[0]
+            .id
+            == "1"
+        )
 
 
 class FakeEmbedder(embedder_pb2_grpc.EmbedderServiceServicer):
@@ -179,28 +234,53 @@ def test_upsert_and_search_through_an_embedder(memory_service_factory, fake_embe
     address, impl = fake_embedder
     stub = memory_service_factory(args=["--embedder-url", address]).stub()
     texts = [f"document number {i}" for i in range(12)]
-    r = stub.UpsertDocuments(pb.UpsertDocumentsRequest(collection="auto", documents=[
-        pb.Document(id=str(i), text=t, metadata={"n": str(i)}) for i, t in enumerate(texts)]), timeout=10)
-    assert r.model == "fake-16" and r.dimensions == 16       # bound to the embedder's canonical name
+    r = stub.UpsertDocuments(
+        pb.UpsertDocumentsRequest(
+            collection="auto",
+            documents=[pb.Document(id=str(i), text=t, metadata={"n": str(i)}) for i, t in enumerate(texts)],
+        ),
+        timeout=10,
+    )
+    assert r.model == "fake-16" and r.dimensions == 16  # bound to the embedder's canonical name
     assert impl.calls[-1].input_type == embedder_pb2.INPUT_TYPE_DOCUMENT
-    res = stub.SearchDocuments(pb.SearchDocumentsRequest(collection="auto", query=texts[7], top_k=3,
-                                                         instruction="find it"), timeout=10)
+    res = stub.SearchDocuments(
+        pb.SearchDocumentsRequest(collection="auto", query=texts[7], top_k=3, instruction="find it"), timeout=10
+    )
     assert res.hits[0].id == "7" and res.hits[0].score > 0.999
     assert impl.calls[-1].input_type == embedder_pb2.INPUT_TYPE_QUERY and impl.calls[-1].model == "fake-16"
     assert impl.calls[-1].instruction == "find it"
     # Mixed: one with an embedding of the same model, one computed.
     v = np.random.default_rng(1).standard_normal(16).astype(np.float32)
-    stub.UpsertDocuments(pb.UpsertDocumentsRequest(collection="auto", documents=[
-        pb.Document(id="given", text="x", embedding=encode(v)), pb.Document(id="made", text="document number 3")]),
-        timeout=10)
-    assert stub.SearchDocuments(pb.SearchDocumentsRequest(collection="auto", query_embedding=encode(v), top_k=1),
-                                timeout=10).hits[0].id == "given"
+    stub.UpsertDocuments(
+        pb.UpsertDocumentsRequest(
+            collection="auto",
+            documents=[
+                pb.Document(id="given", text="x", embedding=encode(v)),
+                pb.Document(id="made", text="document number 3"),
+            ],
+        ),
+        timeout=10,
+    )
+    assert (
+        stub.SearchDocuments(
+            pb.SearchDocumentsRequest(collection="auto", query_embedding=encode(v), top_k=1), timeout=10
+        )
+        .hits[0]
+        .id
+        == "given"
+    )
     # Matryoshka size for a new collection, and an unknown model is NOT_FOUND from the embedder.
-    r = stub.UpsertDocuments(pb.UpsertDocumentsRequest(collection="small", dimensions=8, documents=[
-        pb.Document(id="a", text="alpha")]), timeout=10)
+    r = stub.UpsertDocuments(
+        pb.UpsertDocumentsRequest(collection="small", dimensions=8, documents=[pb.Document(id="a", text="alpha")]),
+        timeout=10,
+    )
     assert r.dimensions == 8 and impl.calls[-1].dimensions == 8
-    code, msg = code_of(lambda: stub.UpsertDocuments(pb.UpsertDocumentsRequest(
-        collection="other", model="nope", documents=[pb.Document(id="a", text="alpha")]), timeout=10))
+    code, msg = code_of(
+        lambda: stub.UpsertDocuments(
+            pb.UpsertDocumentsRequest(collection="other", model="nope", documents=[pb.Document(id="a", text="alpha")]),
+            timeout=10,
+        )
+    )
     assert code == C.NOT_FOUND and "embedder" in msg
     c = stub.CreateCollection(pb.CreateCollectionRequest(collection="probe", model="fake"), timeout=10).collection
     assert (c.model, c.dimensions) == ("fake-16", 16)
@@ -209,20 +289,32 @@ def test_upsert_and_search_through_an_embedder(memory_service_factory, fake_embe
 def test_upsert_without_embeddings_on_the_real_embedder(memory_service_factory, tmp_path):
     """The embedder service with its offline default model (all-MiniLM-L6-v2)."""
     pytest.importorskip("services.embedder.app")
-    emb = ServiceProcess("services.embedder", ["--http-port", str(free_port()), "--log-format", "text"],
-                         env={"EXTMIND_AUTH_TOKEN": "", "EMBEDDER_MODELS": ""}, log_dir=tmp_path,
-                         health_service="extmind.v1.EmbedderService", start_timeout=180)
+    emb = ServiceProcess(
+        "services.embedder",
+        ["--http-port", str(free_port()), "--log-format", "text"],
+        env={"EXTMIND_AUTH_TOKEN": "", "EMBEDDER_MODELS": ""},
+        log_dir=tmp_path,
+        health_service="extmind.v1.EmbedderService",
+        start_timeout=180,
+    )
     emb.start()
     try:
         stub = memory_service_factory(args=["--embedder-url", emb.address]).stub()
-        texts = {"cat": "The cat sat on the warm windowsill all afternoon.",
-                 "rain": "Heavy rain flooded the streets of the old town.",
-                 "code": "The compiler reported a type error on line twelve."}
-        r = stub.UpsertDocuments(pb.UpsertDocumentsRequest(collection="real", documents=[
-            pb.Document(id=k, text=t) for k, t in texts.items()]), timeout=120)
+        texts = {
+            "cat": "The cat sat on the warm windowsill all afternoon.",
+            "rain": "Heavy rain flooded the streets of the old town.",
+            "code": "The compiler reported a type error on line twelve.",
+        }
+        r = stub.UpsertDocuments(
+            pb.UpsertDocumentsRequest(
+                collection="real", documents=[pb.Document(id=k, text=t) for k, t in texts.items()]
+            ),
+            timeout=120,
+        )
         assert r.dimensions == 384 and r.model
-        hits = stub.SearchDocuments(pb.SearchDocumentsRequest(collection="real", query="a kitten resting by the window",
-                                                              top_k=3), timeout=120).hits
+        hits = stub.SearchDocuments(
+            pb.SearchDocumentsRequest(collection="real", query="a kitten resting by the window", top_k=3), timeout=120
+        ).hits
         assert hits[0].id == "cat" and len(hits) == 3
     finally:
         emb.stop()

@@ -12,11 +12,11 @@ import grpc
 import numpy as np
 import pytest
 
+from extmind.procs import ServiceProcess
 from extmind.tensor import BFLOAT16, FLOAT16, FLOAT32, encode
 from extmind.v1 import memory_pb2 as pb
 from services.memory import kv_layout, kv_store
 from tests.memory import helpers as h
-from extmind.procs import ServiceProcess
 
 READY, BUILDING = pb.MEMORY_STATE_READY, pb.MEMORY_STATE_BUILDING
 
@@ -26,13 +26,17 @@ def snapshot(stub, ids, Qs):
     out = {}
     for mid in ids:
         m = stub.GetMemory(pb.GetMemoryRequest(memory_id=mid, include_tokens=True), timeout=10).memory
-        out[mid] = (m.SerializeToString(deterministic=True), {k: (a.tobytes(), b.tobytes())
-                                                              for k, (a, b) in h.fetch(stub, mid).items()})
+        out[mid] = (
+            m.SerializeToString(deterministic=True),
+            {k: (a.tobytes(), b.tobytes()) for k, (a, b) in h.fetch(stub, mid).items()},
+        )
     for i, (ids_, layer, Q, k) in enumerate(Qs):
         s, idx, keys, values = h.search(stub, ids_, layer, Q, k, return_vectors=True, threshold=0.05)
         out[f"q{i}"] = (s.tobytes(), idx.tobytes(), keys.tobytes(), values.tobytes())
-    out["list"] = [m.SerializeToString(deterministic=True) for m in
-                   stub.ListMemories(pb.ListMemoriesRequest(page_size=1000), timeout=10).memories]
+    out["list"] = [
+        m.SerializeToString(deterministic=True)
+        for m in stub.ListMemories(pb.ListMemoriesRequest(page_size=1000), timeout=10).memories
+    ]
     return out
 
 
@@ -65,8 +69,9 @@ def test_restart_serves_the_same_answers(memory_service, how):
 
 def _big_stream(memory_id, K, V, dtype, sent: list, pause: float):
     for layer in range(K.shape[0]):
-        yield pb.AppendMemoryRequest(memory_id=memory_id, layer=layer, keys=encode(K[layer], dtype=dtype),
-                                     values=encode(V[layer], dtype=dtype))
+        yield pb.AppendMemoryRequest(
+            memory_id=memory_id, layer=layer, keys=encode(K[layer], dtype=dtype), values=encode(V[layer], dtype=dtype)
+        )
         sent.append(layer)
         time.sleep(pause)
 
@@ -104,9 +109,9 @@ def test_kill_9_mid_append(memory_service, redis_server, token_ids):
     r = kv_store.sync_client(redis_server.url)
     meta = kv_layout.MemoryMeta.from_hash(r.hgetall(kv_layout.meta_key("partial")))
     assert meta.state == "BUILDING"
-    layers = kv_store.read_layers(r, meta, np.dtype("<f2"))   # raises if counters and chunks disagree
+    layers = kv_store.read_layers(r, meta, np.dtype("<f2"))  # raises if counters and chunks disagree
     for layer, (k, v) in layers.items():
-        assert np.array_equal(k, Kb[layer][:, :k.shape[1]]) and np.array_equal(v, Vb[layer][:, :v.shape[1]])
+        assert np.array_equal(k, Kb[layer][:, : k.shape[1]]) and np.array_equal(v, Vb[layer][:, : v.shape[1]])
     assert any(n > 0 for n in meta.rows), "the test should crash after some rows reached Redis"
     r.close()
 
@@ -121,14 +126,20 @@ def test_kill_9_mid_append(memory_service, redis_server, token_ids):
     assert all(np.array_equal(fetched[i][0], Ka[i]) and np.array_equal(fetched[i][1], Va[i]) for i in range(2))
     assert stub.GetMemory(pb.GetMemoryRequest(memory_id="acked"), timeout=10).memory.state == READY
     # The client resumes from rows_per_layer and completes the memory.
-    rows = list(stub.AppendMemory(iter([pb.AppendMemoryRequest(memory_id="partial")]), timeout=10).rows_per_layer) \
-        if token_ids else None
+    rows = (
+        list(stub.AppendMemory(iter([pb.AppendMemoryRequest(memory_id="partial")]), timeout=10).rows_per_layer)
+        if token_ids
+        else None
+    )
     if token_ids:
+
         def rest():
             for layer, n in enumerate(rows):
                 if n < 4096:
-                    yield pb.AppendMemoryRequest(memory_id="partial", layer=layer, keys=encode(Kb[layer][:, n:]),
-                                                 values=encode(Vb[layer][:, n:]))
+                    yield pb.AppendMemoryRequest(
+                        memory_id="partial", layer=layer, keys=encode(Kb[layer][:, n:]), values=encode(Vb[layer][:, n:])
+                    )
+
         assert stub.AppendMemory(rest(), timeout=60).state == READY
         fetched = h.fetch(stub, "partial")
         assert all(np.array_equal(fetched[i][0], Kb[i]) for i in range(6))
@@ -140,7 +151,7 @@ def test_acknowledged_rows_survive_redis_kill_9(memory_service, redis_server):
     rng = np.random.default_rng(6)
     K, V = h.random_kv(rng, 2, 4, 200, 64, BFLOAT16)
     h.build(stub, "durable", K, V, BFLOAT16, chunk_rows=64)
-    redis_server.kill()                  # no shutdown save: only the fsynced AOF survives
+    redis_server.kill()  # no shutdown save: only the fsynced AOF survives
     redis_server.start()
     memory_service.kill()
     memory_service.start()
@@ -155,10 +166,12 @@ def test_redis_down_is_unavailable_then_recovers(memory_service, redis_server):
     K, V = h.random_kv(rng, 1, 1, 10, 8, FLOAT32)
     h.build(stub, "up", K, V, FLOAT32)
     redis_server.stop()
-    for call in (lambda: stub.GetMemory(pb.GetMemoryRequest(memory_id="up"), timeout=10),
-                 lambda: stub.ListMemories(pb.ListMemoriesRequest(), timeout=10),
-                 lambda: h.create(stub, "down", K, FLOAT32),
-                 lambda: stub.AppendMemory(h.append_messages("up", K, V, FLOAT32), timeout=10)):
+    for call in (
+        lambda: stub.GetMemory(pb.GetMemoryRequest(memory_id="up"), timeout=10),
+        lambda: stub.ListMemories(pb.ListMemoriesRequest(), timeout=10),
+        lambda: h.create(stub, "down", K, FLOAT32),
+        lambda: stub.AppendMemory(h.append_messages("up", K, V, FLOAT32), timeout=10),
+    ):
         with pytest.raises(grpc.RpcError) as e:
             call()
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
@@ -181,16 +194,24 @@ def _alive(pid: int) -> bool:
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
 def test_embedded_redis_starts_persists_and_stops(tmp_path, how):
     data = str(tmp_path / "data")
-    svc = ServiceProcess("services.memory", ["--data-dir", data, "--log-format", "text"], log_dir=tmp_path,
-                         env={"REDIS_URL": ""}, health_service="extmind.v1.MemoryService")
+    svc = ServiceProcess(
+        "services.memory",
+        ["--data-dir", data, "--log-format", "text"],
+        log_dir=tmp_path,
+        env={"REDIS_URL": ""},
+        health_service="extmind.v1.MemoryService",
+    )
     try:
         svc.start()
         with open(os.path.join(data, "redis.pid")) as f:
             redis_pid = int(f.read())
         assert _alive(redis_pid)
-        assert os.path.exists(os.path.join(data, "appendonlydir")) or os.path.exists(os.path.join(data, "appendonly.aof"))
+        assert os.path.exists(os.path.join(data, "appendonlydir")) or os.path.exists(
+            os.path.join(data, "appendonly.aof")
+        )
         with svc.channel() as ch:
             from extmind.v1 import memory_pb2_grpc
+
             stub = memory_pb2_grpc.MemoryServiceStub(ch)
             rng = np.random.default_rng(9)
             K, V = h.random_kv(rng, 2, 2, 20, 8, FLOAT16)
@@ -220,7 +241,7 @@ def test_a_damaged_memory_does_not_keep_the_others_offline(memory_service, redis
     h.build(stub, "damaged", K, V, FLOAT32, chunk_rows=10)
     r = redis_server.client()
     name = r.lrange(kv_layout.chunk_list_key("damaged", 1), 0, -1)[1].decode()
-    r.delete(kv_layout.chunk_key("damaged", "v", 1, name))   # lose one chunk behind the service's back
+    r.delete(kv_layout.chunk_key("damaged", "v", 1, name))  # lose one chunk behind the service's back
     memory_service.kill()
     memory_service.start()
     stub = memory_service.stub()
@@ -229,5 +250,5 @@ def test_a_damaged_memory_does_not_keep_the_others_offline(memory_service, redis
         h.search(stub, ["damaged"], 1, np.ones((2, 1, 8), np.float32), 3)
     assert e.value.code() == grpc.StatusCode.INTERNAL and "damaged" in e.value.details()
     assert "could not load a READY memory" in memory_service.log_tail(200)
-    stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="damaged"), timeout=10)   # and it can be deleted
+    stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="damaged"), timeout=10)  # and it can be deleted
     assert r.keys("*mem:damaged*") == []

@@ -26,17 +26,17 @@ async def kv(redis_server):
 
 async def test_create_append_finish_search_delete(kv, redis_server):
     rng = np.random.default_rng(3)
-    K, V = h.random_kv(rng, 2, 2, 9, 8, FLOAT16)   # [layers, heads, rows, dim]
+    K, V = h.random_kv(rng, 2, 2, 9, 8, FLOAT16)  # [layers, heads, rows, dim]
     meta = await kv.create("eng-1", Layout(2, 2, 8, FLOAT16), "fp-engine", labels={"k": "v"})
     assert (meta.memory_id, meta.state, meta.rows, meta.expected) == ("eng-1", BUILDING, [0, 0], -1)
 
     async with kv.append_stream() as stream:
         for layer in range(2):
-            for lo, hi in ((0, 4), (4, 9)):   # two batches per layer; later messages may omit the id
+            for lo, hi in ((0, 4), (4, 9)):  # two batches per layer; later messages may omit the id
                 got = await stream.target("eng-1" if layer == lo == 0 else "")
                 assert got.memory_id == "eng-1"
                 await stream.add(layer, K[layer][:, lo:hi], V[layer][:, lo:hi])
-        done = await stream.finish()   # no token ids: READY because every layer holds 9 rows
+        done = await stream.finish()  # no token ids: READY because every layer holds 9 rows
     assert (done.memory_id, done.rows_per_layer, done.state) == ("eng-1", [9, 9], READY)
     assert done.bytes_stored == K.nbytes + V.nbytes
 
@@ -46,16 +46,16 @@ async def test_create_append_finish_search_delete(kv, redis_server):
     listed, next_page = await kv.list()
     assert [m.memory_id for m in listed] == ["eng-1"] and next_page == ""
 
-    Q = rng.standard_normal((4, 3, 8)).astype(np.float32)   # 4 query heads over 2 KV heads
+    Q = rng.standard_normal((4, 3, 8)).astype(np.float32)  # 4 query heads over 2 KV heads
     hits = await kv.search(["eng-1"], 1, Q, 4, return_vectors=True)
     ref = h.cosine_reference(Q, [h.as_float32(K[1], FLOAT16)])
     live = h.check_search(hits.scores, hits.indices, ref, 4)
     assert live.all() and hits.dtype == FLOAT16
-    for head in range(4):   # returned keys are the rows the indices name, of the KV head searched
+    for head in range(4):  # returned keys are the rows the indices name, of the KV head searched
         assert np.array_equal(hits.keys[head], K[1][head // 2][hits.indices[head]])
         assert np.array_equal(hits.values[head], V[1][head // 2][hits.indices[head]])
 
-    meta, slices = await kv.fetch("eng-1", [1], chunk_bytes=2 * 2 * 8 * 2 * 4)   # 4 rows per slice
+    meta, slices = await kv.fetch("eng-1", [1], chunk_bytes=2 * 2 * 8 * 2 * 4)  # 4 rows per slice
     slices = list(slices)
     assert [(s.layer, s.row_offset) for s in slices] == [(1, 0), (1, 4), (1, 8)]
     assert np.array_equal(np.concatenate([s.keys for s in slices], 1), K[1])
@@ -79,10 +79,10 @@ async def test_failed_stream_changes_nothing(kv):
         async with kv.append_stream() as stream:
             await stream.target("eng-2")
             await stream.add(0, K[0], V[0])
-            await stream.add(5, K[1], V[1])   # no layer 5: the stream fails after layer 0 was queued
+            await stream.add(5, K[1], V[1])  # no layer 5: the stream fails after layer 0 was queued
     meta, _, _ = await kv.get("eng-2")
     assert meta.state == BUILDING and meta.rows == [0, 0] and meta.bytes == 0
-    async with kv.append_stream() as stream:   # the memory is free for the next stream
+    async with kv.append_stream() as stream:  # the memory is free for the next stream
         await stream.target("eng-2")
         for layer in range(2):
             await stream.add(layer, K[layer], V[layer])

