@@ -16,22 +16,49 @@ _DTYPES = {"float32": common_pb2.DTYPE_FLOAT32, "bfloat16": common_pb2.DTYPE_BFL
            "float16": common_pb2.DTYPE_FLOAT16}
 
 
+def response_bytes(n: int, dims: int, model: str) -> int:
+    """Upper bound of an EmbedResponse's (or EmbedStreamResponse's) size in bytes: n×dims float32
+    plus at most 5 bytes per token count and a fixed allowance for the names, shape and tags."""
+    return n * dims * 4 + n * 5 + len(model.encode()) + 96
+
+
 def _deadline(context) -> float | None:
     left = context.time_remaining()
     return None if left is None else asyncio.get_running_loop().time() + left
 
 
 class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
-    def __init__(self, engine: EmbedderEngine | None = None):
+    def __init__(self, engine: EmbedderEngine | None = None, *, max_response_bytes: int = 4 << 20):
         # Set once the models are loaded; until then the server's readiness guard answers every RPC.
         self.engine = engine
+        self.max_response_bytes = max_response_bytes   # --max-response-mb
+
+    def _check_response_size(self, request) -> None:
+        """Refuses up front an answer larger than clients receive (a stock channel takes 4 MiB and
+        fails with 'Received message larger than max' after all the work is done)."""
+        n = len(request.inputs) or len(request.token_inputs)
+        if not n:
+            return   # the engine says what is missing
+        model, dims = self.engine.output_of(request.model, request.dimensions)
+        size = response_bytes(n, dims, model)
+        if size <= self.max_response_bytes:
+            return
+        fits = max(1, (self.max_response_bytes - response_bytes(0, dims, model)) // (dims * 4 + 5))
+        limit_mb = f"{self.max_response_bytes / (1 << 20):.3g}"
+        raise InvalidArgument(
+            f"{n} inputs × {dims} dimensions make a {size / (1 << 20):.1f} MiB answer, over this server's response "
+            f"limit of {limit_mb} MiB (--max-response-mb; stock gRPC clients receive at most 4 MiB): send at most "
+            f"{fits} inputs per Embed call, or use EmbedStream with requests of at most {fits} inputs each"
+            + (", or fewer dimensions" if dims > 32 else ""))
 
     async def _embed(self, request, context):
         if request.input_type not in _INPUT_TYPES:
             raise InvalidArgument(f"input_type {request.input_type} is unknown; use INPUT_TYPE_DOCUMENT or "
                                   "INPUT_TYPE_QUERY")
+        self._check_response_size(request)
         return await self.engine.embed(
-            list(request.inputs), model=request.model, input_type=_INPUT_TYPES[request.input_type],
+            list(request.inputs), token_inputs=[list(t.ids) for t in request.token_inputs],
+            model=request.model, input_type=_INPUT_TYPES[request.input_type],
             instruction=request.instruction, dimensions=request.dimensions,
             normalize=request.normalize if request.HasField("normalize") else True,
             truncate=request.truncate if request.HasField("truncate") else True,
