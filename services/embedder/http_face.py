@@ -135,7 +135,8 @@ class HttpFace:
                 try:
                     method, target, version = line.decode("latin-1").split()
                 except ValueError:
-                    await self._send(writer, 400, error_body(400, "invalid_argument", "malformed request line"), close=True)
+                    await self._send(writer, 400, error_body(400, "invalid_argument", "malformed request line"),
+                                     close=True)
                     return
                 headers = {}
                 while (h := await reader.readline()) not in (b"\r\n", b"\n", b""):

@@ -44,12 +44,15 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         if size <= self.max_response_bytes:
             return
         fits = max(1, (self.max_response_bytes - response_bytes(0, dims, model)) // (dims * 4 + 5))
-        limit_mb = f"{self.max_response_bytes / (1 << 20):.3g}"
-        raise InvalidArgument(
-            f"{n} inputs × {dims} dimensions make a {size / (1 << 20):.1f} MiB answer, over this server's response "
-            f"limit of {limit_mb} MiB (--max-response-mb; stock gRPC clients receive at most 4 MiB): send at most "
-            f"{fits} inputs per Embed call, or use EmbedStream with requests of at most {fits} inputs each"
-            + (", or fewer dimensions" if dims > 32 else ""))
+        raise self._over_budget(f"{n} inputs × {dims} dimensions make", size,
+                                f"send at most {fits} inputs per Embed call, or use EmbedStream with requests of at "
+                                f"most {fits} inputs each" + (", or fewer dimensions" if dims > 32 else ""))
+
+    def _over_budget(self, what: str, size: int, advice: str) -> InvalidArgument:
+        return InvalidArgument(
+            f"{what} a {size / (1 << 20):.3g} MiB answer, over this server's response limit of "
+            f"{self.max_response_bytes / (1 << 20):.3g} MiB (--max-response-mb; stock gRPC clients receive at most "
+            f"4 MiB): {advice}")
 
     async def _embed(self, request, context):
         if request.input_type not in _INPUT_TYPES:
@@ -104,6 +107,13 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
                 t.cancel()
 
     async def Rerank(self, request, context):
+        if request.return_documents:   # the answer echoes documents: bound it before the model runs
+            sizes = sorted((len(d.encode()) for d in request.documents), reverse=True)[:request.top_n or None]
+            size = sum(sizes) + 16 * len(sizes) + len(request.model.encode()) + 96
+            if size > self.max_response_bytes:
+                raise self._over_budget(f"returning {len(sizes)} documents makes", size,
+                                        "send return_documents=false (results index your documents), a smaller "
+                                        "top_n, or fewer documents per call")
         name, ranked = await self.engine.rerank(request.query, list(request.documents),
                                                 instruction=request.instruction, model=request.model,
                                                 top_n=request.top_n, deadline=_deadline(context))
@@ -114,8 +124,12 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
 
     async def Tokenize(self, request, context):
         name, ids = await self.engine.tokenize(list(request.inputs), request.model)
-        return embedder_pb2.TokenizeResponse(model=name, results=[
+        response = embedder_pb2.TokenizeResponse(model=name, results=[
             embedder_pb2.TokenizeResult(token_ids=s) for s in ids])
+        if response.ByteSize() > self.max_response_bytes:   # known only once tokenized (cheap next to a forward)
+            raise self._over_budget(f"{sum(map(len, ids))} token ids make", response.ByteSize(),
+                                    "tokenize fewer or shorter texts per call")
+        return response
 
     async def GetInfo(self, request, context):
         info = self.engine.info()

@@ -6,8 +6,19 @@ from extmind.errors import InvalidArgument
 from extmind.v1 import generator_pb2, generator_pb2_grpc
 from services.common.config import DEFAULT_MAX_RESPONSE_MB
 from services.generator.engine import GeneratorEngine
-from services.generator.request_types import (DEFAULT_MAX_TOKENS, LENGTH, LOCAL, REMOTE, STOP, STOP_SEQUENCE, Chunk,
-                                              Final, GenerationRequest, MemoryOptions, Sampling)
+from services.generator.request_types import (
+    DEFAULT_MAX_TOKENS,
+    LENGTH,
+    LOCAL,
+    REMOTE,
+    STOP,
+    STOP_SEQUENCE,
+    Chunk,
+    Final,
+    GenerationRequest,
+    MemoryOptions,
+    Sampling,
+)
 
 # What one generated token adds to a GenerateResponse, for the up-front size check: its id (a
 # varint, at most 5 bytes), its logprob (4, when asked) and its text (8 on average; the finished

@@ -208,6 +208,12 @@ async def test_embed_over_the_response_budget_is_refused_up_front(start_app, tin
         assert all(x.ByteSize() <= response_bytes(25, 64, x.model) for x in got)
         half = await stub.Embed(pb.EmbedRequest(inputs=many, dimensions=32), timeout=30)   # fewer dimensions fit
         assert tensor.decode(half.embeddings).shape == (50, 32)
+        # Tokenize's answer is bounded the same way (checked once tokenized).
+        e = await _rpc_error(stub.Tokenize(pb.TokenizeRequest(inputs=["many words here " * 100] * 10)))
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "--max-response-mb" in e.details()
+        assert "fewer or shorter texts" in e.details()
+        t = await stub.Tokenize(pb.TokenizeRequest(inputs=["many words here " * 100]))
+        assert t.ByteSize() <= 0.01 * (1 << 20)
     # The HTTP face has no such client limit.
     status, body = await call(app.http.port, "POST", "/v1/embeddings", {"input": many})
     assert status == 200 and len(body["data"]) == 50
@@ -262,7 +268,8 @@ async def test_every_error_has_the_openai_shape(start_app, tiny_qwen3):
         conn.close()
         return out
 
-    cases = [(("POST", "/v1/embeddings", {"input": "x"}, None, "wrong"), 401, "invalid_request_error", "unauthenticated"),
+    cases = [(("POST", "/v1/embeddings", {"input": "x"}, None, "wrong"), 401, "invalid_request_error",
+              "unauthenticated"),
              (("POST", "/v1/embeddings", {"input": ""}), 400, "invalid_request_error", "invalid_argument"),
              (("POST", "/v1/embeddings", {"input": "x", "model": "nope"}), 404, "invalid_request_error",
               "model_not_found"),
@@ -293,3 +300,19 @@ async def test_every_error_has_the_openai_shape(start_app, tiny_qwen3):
     app.http.engine = engine
     got, body = await asyncio.to_thread(authed, "POST", "/v1/embeddings", {"input": "x"})
     assert got == 200
+
+
+async def test_rerank_echoing_documents_over_the_budget_is_refused_up_front(start_app, tiny_qwen3, tiny_reranker):
+    app = await start_app("--model", str(tiny_qwen3), "--reranker", str(tiny_reranker), "--max-response-mb", "0.01")
+    docs = [f"document {i} " + "filler text " * 300 for i in range(4)]          # ~3.6 KB each
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}") as ch:
+        stub = embedder_pb2_grpc.EmbedderServiceStub(ch)
+        runs = app.engine.batcher.sequences_run
+        e = await _rpc_error(stub.Rerank(pb.RerankRequest(query="q", documents=docs, return_documents=True)))
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "return_documents=false" in e.details()
+        assert app.engine.batcher.sequences_run == runs
+        r = await stub.Rerank(pb.RerankRequest(query="q", documents=docs), timeout=30)
+        assert len(r.results) == 4
+        top = await stub.Rerank(pb.RerankRequest(query="q", documents=docs, return_documents=True, top_n=2),
+                                timeout=30)
+        assert len(top.results) == 2 and top.results[0].document == docs[top.results[0].index]

@@ -16,8 +16,7 @@ import numpy as np
 
 from extmind.errors import FailedPrecondition
 from services.embedder import recipe
-from services.embedder.models.base import (ServedModel, cast, load_tokenizer, read_json, right_padded,
-                                           vocabulary_size)
+from services.embedder.models.base import ServedModel, cast, load_tokenizer, read_json, right_padded, vocabulary_size
 
 
 class BertInputEmbeddings(nn.Module):
