@@ -177,16 +177,18 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., dimensions: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., min_dimensions: _Optional[int] = ...) -> None: ...
 
 class BatchingLimits(_message.Message):
-    __slots__ = ("max_batch_tokens", "max_batch_size", "max_queue", "max_inputs_per_request")
+    __slots__ = ("max_batch_tokens", "max_batch_size", "max_queue", "max_inputs_per_request", "max_response_bytes")
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     MAX_INPUTS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_RESPONSE_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_batch_tokens: int
     max_batch_size: int
     max_queue: int
     max_inputs_per_request: int
-    def __init__(self, max_batch_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_inputs_per_request: _Optional[int] = ...) -> None: ...
+    max_response_bytes: int
+    def __init__(self, max_batch_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_inputs_per_request: _Optional[int] = ..., max_response_bytes: _Optional[int] = ...) -> None: ...
 
 class EmbedderServiceGetInfoResponse(_message.Message):
     __slots__ = ("models", "default_model", "batching")

@@ -135,7 +135,8 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         info = self.engine.info()
         return embedder_pb2.EmbedderServiceGetInfoResponse(
             default_model=info["default_model"],
-            batching=embedder_pb2.BatchingLimits(**{k: v for k, v in info["batching"].items()
+            batching=embedder_pb2.BatchingLimits(max_response_bytes=self.max_response_bytes,
+                                                 **{k: v for k, v in info["batching"].items()
                                                     if k in embedder_pb2.BatchingLimits.DESCRIPTOR.fields_by_name}),
             models=[embedder_pb2.ModelInfo(name=m["name"], aliases=m["aliases"], kind=_KINDS[m["kind"]],
                                            dimensions=m["dimensions"], max_input_tokens=m["max_input_tokens"],

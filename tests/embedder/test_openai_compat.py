@@ -188,6 +188,8 @@ async def test_embed_over_the_response_budget_is_refused_up_front(start_app, tin
         for needle in ("0.01 MiB", "--max-response-mb", "EmbedStream", "at most 39 inputs"):
             assert needle in e.details(), e.details()
         assert app.engine.batcher.sequences_run == runs             # refused before any model time
+        info = await stub.GetInfo(pb.EmbedderServiceGetInfoRequest())
+        assert info.batching.max_response_bytes == 10485            # callers can size their batches
 
         async def stream():
             yield pb.EmbedStreamRequest(inputs=many)
