@@ -25,45 +25,47 @@ _sym_db = _symbol_database.Default()
 from extmind.v1 import common_pb2 as extmind_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65xtmind/v1/embedder.proto\x12\nextmind.v1\x1a\x17\x65xtmind/v1/common.proto\"\xcb\x01\n\x0c\x45mbedRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12)\n\ninput_type\x18\x03 \x01(\x0e\x32\x15.extmind.v1.InputType\x12\x13\n\x0binstruction\x18\x04 \x01(\t\x12\x12\n\ndimensions\x18\x05 \x01(\r\x12\x16\n\tnormalize\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\x08truncate\x18\x07 \x01(\x08H\x01\x88\x01\x01\x42\x0c\n\n_normalizeB\x0b\n\t_truncate\"p\n\rEmbedResponse\x12&\n\nembeddings\x18\x01 \x01(\x0b\x32\x12.extmind.v1.Tensor\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\ndimensions\x18\x03 \x01(\r\x12\x14\n\x0ctoken_counts\x18\x04 \x03(\r\"\xd1\x01\n\x12\x45mbedStreamRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12)\n\ninput_type\x18\x03 \x01(\x0e\x32\x15.extmind.v1.InputType\x12\x13\n\x0binstruction\x18\x04 \x01(\t\x12\x12\n\ndimensions\x18\x05 \x01(\r\x12\x16\n\tnormalize\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\x08truncate\x18\x07 \x01(\x08H\x01\x88\x01\x01\x42\x0c\n\n_normalizeB\x0b\n\t_truncate\"\x88\x01\n\x13\x45mbedStreamResponse\x12&\n\nembeddings\x18\x01 \x01(\x0b\x32\x12.extmind.v1.Tensor\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\ndimensions\x18\x03 \x01(\r\x12\x14\n\x0ctoken_counts\x18\x04 \x03(\r\x12\x10\n\x08sequence\x18\x05 \x01(\x04\"~\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x11\n\tdocuments\x18\x02 \x03(\t\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\r\n\x05top_n\x18\x05 \x01(\r\x12\x18\n\x10return_documents\x18\x06 \x01(\x08\">\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x10\n\x08\x64ocument\x18\x03 \x01(\t\"J\n\x0eRerankResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.extmind.v1.RerankResult\x12\r\n\x05model\x18\x02 \x01(\t\"0\n\x0fTokenizeRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\"#\n\x0eTokenizeResult\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"N\n\x10TokenizeResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.extmind.v1.TokenizeResult\x12\r\n\x05model\x18\x02 \x01(\t\"\x1f\n\x1d\x45mbedderServiceGetInfoRequest\"\xb7\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12#\n\x04kind\x18\x03 \x01(\x0e\x32\x15.extmind.v1.ModelKind\x12\x12\n\ndimensions\x18\x04 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x05 \x01(\r\x12 \n\x05\x64type\x18\x06 \x01(\x0e\x32\x11.extmind.v1.DType\x12\x16\n\x0emin_dimensions\x18\x07 \x01(\r\"u\n\x0e\x42\x61tchingLimits\x12\x18\n\x10max_batch_tokens\x18\x01 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x02 \x01(\r\x12\x11\n\tmax_queue\x18\x03 \x01(\r\x12\x1e\n\x16max_inputs_per_request\x18\x04 \x01(\r\"\x8c\x01\n\x1e\x45mbedderServiceGetInfoResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.extmind.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\x12,\n\x08\x62\x61tching\x18\x03 \x01(\x0b\x32\x1a.extmind.v1.BatchingLimits*V\n\tInputType\x12\x1a\n\x16INPUT_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13INPUT_TYPE_DOCUMENT\x10\x01\x12\x14\n\x10INPUT_TYPE_QUERY\x10\x02*Z\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_KIND_EMBEDDING\x10\x01\x12\x17\n\x13MODEL_KIND_RERANKER\x10\x02\x32\x8d\x03\n\x0f\x45mbedderService\x12<\n\x05\x45mbed\x12\x18.extmind.v1.EmbedRequest\x1a\x19.extmind.v1.EmbedResponse\x12R\n\x0b\x45mbedStream\x12\x1e.extmind.v1.EmbedStreamRequest\x1a\x1f.extmind.v1.EmbedStreamResponse(\x01\x30\x01\x12?\n\x06Rerank\x12\x19.extmind.v1.RerankRequest\x1a\x1a.extmind.v1.RerankResponse\x12\x45\n\x08Tokenize\x12\x1b.extmind.v1.TokenizeRequest\x1a\x1c.extmind.v1.TokenizeResponse\x12`\n\x07GetInfo\x12).extmind.v1.EmbedderServiceGetInfoRequest\x1a*.extmind.v1.EmbedderServiceGetInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65xtmind/v1/embedder.proto\x12\nextmind.v1\x1a\x17\x65xtmind/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xf7\x01\n\x0c\x45mbedRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12)\n\ninput_type\x18\x03 \x01(\x0e\x32\x15.extmind.v1.InputType\x12\x13\n\x0binstruction\x18\x04 \x01(\t\x12\x12\n\ndimensions\x18\x05 \x01(\r\x12\x16\n\tnormalize\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\x08truncate\x18\x07 \x01(\x08H\x01\x88\x01\x01\x12*\n\x0ctoken_inputs\x18\x08 \x03(\x0b\x32\x14.extmind.v1.TokenIdsB\x0c\n\n_normalizeB\x0b\n\t_truncate\"p\n\rEmbedResponse\x12&\n\nembeddings\x18\x01 \x01(\x0b\x32\x12.extmind.v1.Tensor\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\ndimensions\x18\x03 \x01(\r\x12\x14\n\x0ctoken_counts\x18\x04 \x03(\r\"\xfd\x01\n\x12\x45mbedStreamRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12)\n\ninput_type\x18\x03 \x01(\x0e\x32\x15.extmind.v1.InputType\x12\x13\n\x0binstruction\x18\x04 \x01(\t\x12\x12\n\ndimensions\x18\x05 \x01(\r\x12\x16\n\tnormalize\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\x08truncate\x18\x07 \x01(\x08H\x01\x88\x01\x01\x12*\n\x0ctoken_inputs\x18\x08 \x03(\x0b\x32\x14.extmind.v1.TokenIdsB\x0c\n\n_normalizeB\x0b\n\t_truncate\"\x88\x01\n\x13\x45mbedStreamResponse\x12&\n\nembeddings\x18\x01 \x01(\x0b\x32\x12.extmind.v1.Tensor\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\ndimensions\x18\x03 \x01(\r\x12\x14\n\x0ctoken_counts\x18\x04 \x03(\r\x12\x10\n\x08sequence\x18\x05 \x01(\x04\"~\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x11\n\tdocuments\x18\x02 \x03(\t\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\r\n\x05top_n\x18\x05 \x01(\r\x12\x18\n\x10return_documents\x18\x06 \x01(\x08\">\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x10\n\x08\x64ocument\x18\x03 \x01(\t\"J\n\x0eRerankResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.extmind.v1.RerankResult\x12\r\n\x05model\x18\x02 \x01(\t\"0\n\x0fTokenizeRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\"#\n\x0eTokenizeResult\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"N\n\x10TokenizeResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.extmind.v1.TokenizeResult\x12\r\n\x05model\x18\x02 \x01(\t\"\x1f\n\x1d\x45mbedderServiceGetInfoRequest\"\xb7\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12#\n\x04kind\x18\x03 \x01(\x0e\x32\x15.extmind.v1.ModelKind\x12\x12\n\ndimensions\x18\x04 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x05 \x01(\r\x12 \n\x05\x64type\x18\x06 \x01(\x0e\x32\x11.extmind.v1.DType\x12\x16\n\x0emin_dimensions\x18\x07 \x01(\r\"\x91\x01\n\x0e\x42\x61tchingLimits\x12\x18\n\x10max_batch_tokens\x18\x01 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x02 \x01(\r\x12\x11\n\tmax_queue\x18\x03 \x01(\r\x12\x1e\n\x16max_inputs_per_request\x18\x04 \x01(\r\x12\x1a\n\x12max_response_bytes\x18\x05 \x01(\x04\"\x8c\x01\n\x1e\x45mbedderServiceGetInfoResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.extmind.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\x12,\n\x08\x62\x61tching\x18\x03 \x01(\x0b\x32\x1a.extmind.v1.BatchingLimits*V\n\tInputType\x12\x1a\n\x16INPUT_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13INPUT_TYPE_DOCUMENT\x10\x01\x12\x14\n\x10INPUT_TYPE_QUERY\x10\x02*Z\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_KIND_EMBEDDING\x10\x01\x12\x17\n\x13MODEL_KIND_RERANKER\x10\x02\x32\x8d\x03\n\x0f\x45mbedderService\x12<\n\x05\x45mbed\x12\x18.extmind.v1.EmbedRequest\x1a\x19.extmind.v1.EmbedResponse\x12R\n\x0b\x45mbedStream\x12\x1e.extmind.v1.EmbedStreamRequest\x1a\x1f.extmind.v1.EmbedStreamResponse(\x01\x30\x01\x12?\n\x06Rerank\x12\x19.extmind.v1.RerankRequest\x1a\x1a.extmind.v1.RerankResponse\x12\x45\n\x08Tokenize\x12\x1b.extmind.v1.TokenizeRequest\x1a\x1c.extmind.v1.TokenizeResponse\x12`\n\x07GetInfo\x12).extmind.v1.EmbedderServiceGetInfoRequest\x1a*.extmind.v1.EmbedderServiceGetInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'extmind.v1.embedder_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INPUTTYPE']._serialized_start=1653
-  _globals['_INPUTTYPE']._serialized_end=1739
-  _globals['_MODELKIND']._serialized_start=1741
-  _globals['_MODELKIND']._serialized_end=1831
-  _globals['_EMBEDREQUEST']._serialized_start=67
-  _globals['_EMBEDREQUEST']._serialized_end=270
-  _globals['_EMBEDRESPONSE']._serialized_start=272
-  _globals['_EMBEDRESPONSE']._serialized_end=384
-  _globals['_EMBEDSTREAMREQUEST']._serialized_start=387
-  _globals['_EMBEDSTREAMREQUEST']._serialized_end=596
-  _globals['_EMBEDSTREAMRESPONSE']._serialized_start=599
-  _globals['_EMBEDSTREAMRESPONSE']._serialized_end=735
-  _globals['_RERANKREQUEST']._serialized_start=737
-  _globals['_RERANKREQUEST']._serialized_end=863
-  _globals['_RERANKRESULT']._serialized_start=865
-  _globals['_RERANKRESULT']._serialized_end=927
-  _globals['_RERANKRESPONSE']._serialized_start=929
-  _globals['_RERANKRESPONSE']._serialized_end=1003
-  _globals['_TOKENIZEREQUEST']._serialized_start=1005
-  _globals['_TOKENIZEREQUEST']._serialized_end=1053
-  _globals['_TOKENIZERESULT']._serialized_start=1055
-  _globals['_TOKENIZERESULT']._serialized_end=1090
-  _globals['_TOKENIZERESPONSE']._serialized_start=1092
-  _globals['_TOKENIZERESPONSE']._serialized_end=1170
-  _globals['_EMBEDDERSERVICEGETINFOREQUEST']._serialized_start=1172
-  _globals['_EMBEDDERSERVICEGETINFOREQUEST']._serialized_end=1203
-  _globals['_MODELINFO']._serialized_start=1206
-  _globals['_MODELINFO']._serialized_end=1389
-  _globals['_BATCHINGLIMITS']._serialized_start=1391
-  _globals['_BATCHINGLIMITS']._serialized_end=1508
-  _globals['_EMBEDDERSERVICEGETINFORESPONSE']._serialized_start=1511
-  _globals['_EMBEDDERSERVICEGETINFORESPONSE']._serialized_end=1651
-  _globals['_EMBEDDERSERVICE']._serialized_start=1834
-  _globals['_EMBEDDERSERVICE']._serialized_end=2231
+  _globals['_INPUTTYPE']._serialized_start=1795
+  _globals['_INPUTTYPE']._serialized_end=1881
+  _globals['_MODELKIND']._serialized_start=1883
+  _globals['_MODELKIND']._serialized_end=1973
+  _globals['_TOKENIDS']._serialized_start=66
+  _globals['_TOKENIDS']._serialized_end=89
+  _globals['_EMBEDREQUEST']._serialized_start=92
+  _globals['_EMBEDREQUEST']._serialized_end=339
+  _globals['_EMBEDRESPONSE']._serialized_start=341
+  _globals['_EMBEDRESPONSE']._serialized_end=453
+  _globals['_EMBEDSTREAMREQUEST']._serialized_start=456
+  _globals['_EMBEDSTREAMREQUEST']._serialized_end=709
+  _globals['_EMBEDSTREAMRESPONSE']._serialized_start=712
+  _globals['_EMBEDSTREAMRESPONSE']._serialized_end=848
+  _globals['_RERANKREQUEST']._serialized_start=850
+  _globals['_RERANKREQUEST']._serialized_end=976
+  _globals['_RERANKRESULT']._serialized_start=978
+  _globals['_RERANKRESULT']._serialized_end=1040
+  _globals['_RERANKRESPONSE']._serialized_start=1042
+  _globals['_RERANKRESPONSE']._serialized_end=1116
+  _globals['_TOKENIZEREQUEST']._serialized_start=1118
+  _globals['_TOKENIZEREQUEST']._serialized_end=1166
+  _globals['_TOKENIZERESULT']._serialized_start=1168
+  _globals['_TOKENIZERESULT']._serialized_end=1203
+  _globals['_TOKENIZERESPONSE']._serialized_start=1205
+  _globals['_TOKENIZERESPONSE']._serialized_end=1283
+  _globals['_EMBEDDERSERVICEGETINFOREQUEST']._serialized_start=1285
+  _globals['_EMBEDDERSERVICEGETINFOREQUEST']._serialized_end=1316
+  _globals['_MODELINFO']._serialized_start=1319
+  _globals['_MODELINFO']._serialized_end=1502
+  _globals['_BATCHINGLIMITS']._serialized_start=1505
+  _globals['_BATCHINGLIMITS']._serialized_end=1650
+  _globals['_EMBEDDERSERVICEGETINFORESPONSE']._serialized_start=1653
+  _globals['_EMBEDDERSERVICEGETINFORESPONSE']._serialized_end=1793
+  _globals['_EMBEDDERSERVICE']._serialized_start=1976
+  _globals['_EMBEDDERSERVICE']._serialized_end=2373
 # @@protoc_insertion_point(module_scope)

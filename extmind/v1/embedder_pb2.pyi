@@ -26,8 +26,14 @@ MODEL_KIND_UNSPECIFIED: ModelKind
 MODEL_KIND_EMBEDDING: ModelKind
 MODEL_KIND_RERANKER: ModelKind
 
+class TokenIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class EmbedRequest(_message.Message):
-    __slots__ = ("inputs", "model", "input_type", "instruction", "dimensions", "normalize", "truncate")
+    __slots__ = ("inputs", "model", "input_type", "instruction", "dimensions", "normalize", "truncate", "token_inputs")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUT_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +41,7 @@ class EmbedRequest(_message.Message):
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_INPUTS_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedScalarFieldContainer[str]
     model: str
     input_type: InputType
@@ -42,7 +49,8 @@ class EmbedRequest(_message.Message):
     dimensions: int
     normalize: bool
     truncate: bool
-    def __init__(self, inputs: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., input_type: _Optional[_Union[InputType, str]] = ..., instruction: _Optional[str] = ..., dimensions: _Optional[int] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ...) -> None: ...
+    token_inputs: _containers.RepeatedCompositeFieldContainer[TokenIds]
+    def __init__(self, inputs: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., input_type: _Optional[_Union[InputType, str]] = ..., instruction: _Optional[str] = ..., dimensions: _Optional[int] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., token_inputs: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("embeddings", "model", "dimensions", "token_counts")
@@ -57,7 +65,7 @@ class EmbedResponse(_message.Message):
     def __init__(self, embeddings: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., model: _Optional[str] = ..., dimensions: _Optional[int] = ..., token_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EmbedStreamRequest(_message.Message):
-    __slots__ = ("inputs", "model", "input_type", "instruction", "dimensions", "normalize", "truncate")
+    __slots__ = ("inputs", "model", "input_type", "instruction", "dimensions", "normalize", "truncate", "token_inputs")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUT_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +73,7 @@ class EmbedStreamRequest(_message.Message):
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_INPUTS_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedScalarFieldContainer[str]
     model: str
     input_type: InputType
@@ -72,7 +81,8 @@ class EmbedStreamRequest(_message.Message):
     dimensions: int
     normalize: bool
     truncate: bool
-    def __init__(self, inputs: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., input_type: _Optional[_Union[InputType, str]] = ..., instruction: _Optional[str] = ..., dimensions: _Optional[int] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ...) -> None: ...
+    token_inputs: _containers.RepeatedCompositeFieldContainer[TokenIds]
+    def __init__(self, inputs: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., input_type: _Optional[_Union[InputType, str]] = ..., instruction: _Optional[str] = ..., dimensions: _Optional[int] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., token_inputs: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ...) -> None: ...
 
 class EmbedStreamResponse(_message.Message):
     __slots__ = ("embeddings", "model", "dimensions", "token_counts", "sequence")
@@ -167,16 +177,18 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., dimensions: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., min_dimensions: _Optional[int] = ...) -> None: ...
 
 class BatchingLimits(_message.Message):
-    __slots__ = ("max_batch_tokens", "max_batch_size", "max_queue", "max_inputs_per_request")
+    __slots__ = ("max_batch_tokens", "max_batch_size", "max_queue", "max_inputs_per_request", "max_response_bytes")
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     MAX_INPUTS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_RESPONSE_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_batch_tokens: int
     max_batch_size: int
     max_queue: int
     max_inputs_per_request: int
-    def __init__(self, max_batch_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_inputs_per_request: _Optional[int] = ...) -> None: ...
+    max_response_bytes: int
+    def __init__(self, max_batch_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_inputs_per_request: _Optional[int] = ..., max_response_bytes: _Optional[int] = ...) -> None: ...
 
 class EmbedderServiceGetInfoResponse(_message.Message):
     __slots__ = ("models", "default_model", "batching")

@@ -10,6 +10,8 @@ import argparse
 import os
 
 _TRUE = {"1", "true", "yes", "on"}
+# What a default gRPC channel (Python, Node, Go, ...) accepts: answers are kept within it unless raised.
+DEFAULT_MAX_RESPONSE_MB = 4.0
 
 
 def _parse_bool(v: str) -> bool:
@@ -57,6 +59,9 @@ def add_server_flags(p: FlagParser, *, prefix: str, port: int) -> None:
     p.flag("--tls-key", env="EXTMIND_TLS_KEY", default="", help="PEM private key for --tls-cert")
     p.flag("--max-message-mb", env="EXTMIND_MAX_MESSAGE_MB", default=256, type=int,
            help="largest gRPC message sent or received, in MiB")
+    p.flag("--max-response-mb", env=f"{prefix}_MAX_RESPONSE_MB", default=DEFAULT_MAX_RESPONSE_MB, type=float,
+           help="largest unary response a request may ask for, in MiB; larger ones are refused up front with "
+                "INVALID_ARGUMENT (stock gRPC clients receive at most 4 MiB)")
     p.flag("--grace-seconds", env="EXTMIND_GRACE_SECONDS", default=5.0, type=float,
            help="on SIGTERM/SIGINT, how long in-flight calls may finish")
     p.flag("--health-file", env="EXTMIND_HEALTH_FILE", default="",

@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import os
 
+from extmind.errors import InvalidArgument
 from services.common.blas import blas_in_use
 from services.common.config import FlagParser, add_server_flags
 from services.common.mlx_thread import MLXThread
 from services.common.server import Server, Service
 from services.embedder import registry
 from services.embedder.batcher import Limits
-from services.embedder.engine import EmbedderEngine
+from services.embedder.engine import EmbedderEngine, parse_aliases
 from services.embedder.http_face import HttpFace
 from services.embedder.servicer import EmbedderServicer
 
@@ -49,12 +50,21 @@ def _parser() -> FlagParser:
            help="most padding tokens one text may add to a batch (-1 = no limit); larger batches on GPUs, "
                 "smaller on CPUs where padding costs as much as real tokens")
     p.flag("--max-inputs-per-request", env="EMBEDDER_MAX_INPUTS_PER_REQUEST",
-           default=Limits.max_inputs_per_request, type=int, help="most texts in one request")
+           default=Limits.max_inputs_per_request, type=int,
+           help="most texts in one request; more are INVALID_ARGUMENT (HTTP 400), not retried")
+    p.flag("--model-alias", env="EMBEDDER_MODEL_ALIASES", repeated=True,
+           help="an extra name for a served model, name=model (e.g. text-embedding-3-small=all-minilm-l6-v2 for "
+                "clients that hard-code an OpenAI model name); repeatable")
     return p
 
 
 def parse_args(argv=None):
-    args = _parser().parse_args(argv)
+    p = _parser()
+    args = p.parse_args(argv)
+    try:
+        args.model_alias = parse_aliases(args.model_alias)
+    except InvalidArgument as exc:
+        p.error(exc.message)
     # The singular variables are accepted too (older deployments set EMBEDDER_MODEL; docs/configuration.md).
     for flag, env in (("model", "EMBEDDER_MODEL"), ("reranker", "EMBEDDER_RERANKER")):
         if not getattr(args, flag) and os.environ.get(env):
@@ -69,7 +79,7 @@ class EmbedderApp:
     def __init__(self, args):
         self.args = args
         self.mlx = MLXThread("embedder-mlx")
-        self.servicer = EmbedderServicer()
+        self.servicer = EmbedderServicer(max_response_bytes=int(args.max_response_mb * (1 << 20)))
         self.http = HttpFace(auth_token=args.auth_token, max_body_bytes=args.max_message_mb * 1024 * 1024)
         self.engine: EmbedderEngine | None = None
         self.services = [Service(SERVICE_NAME, self._register)]
@@ -87,7 +97,8 @@ class EmbedderApp:
 
     def describe(self) -> dict:
         return {"blas": blas_in_use(), "models": self.args.model or ["all-minilm-l6-v2 (default)"],
-                "rerankers": self.args.reranker, "http_port": self.args.http_port}
+                "rerankers": self.args.reranker, "http_port": self.args.http_port,
+                "model_aliases": self.args.model_alias}
 
     async def on_start(self) -> None:
         if self.args.http_port >= 0:
@@ -102,7 +113,7 @@ class EmbedderApp:
                                             "dimensions": m.dimensions, "max_input_tokens": m.max_input_tokens,
                                             "dtype": m.dtype, "aliases": m.aliases})
             models.append(m)
-        engine = EmbedderEngine(models, self.mlx, self.limits())
+        engine = EmbedderEngine(models, self.mlx, self.limits(), aliases=self.args.model_alias)
         await engine.start()
         self.engine = self.servicer.engine = self.http.engine = engine
 

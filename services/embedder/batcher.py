@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from extmind.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from extmind.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from services.common.mlx_thread import MLXThread
 
 log = logging.getLogger("extmind.embedder.batcher")
@@ -97,6 +97,9 @@ class Batcher:
         event-loop time after which the request is dropped unrun."""
         if self._task is None or self._task.done():
             raise Unavailable("the embedder's batcher is not running (starting up or shutting down)")
+        if len(seqs) > self.limits.max_queue:   # would never fit, however long the caller waits: not retryable
+            raise InvalidArgument(f"{len(seqs)} texts in one request; the queue takes at most {self.limits.max_queue} "
+                                  "(--max-queue): send fewer texts at once")
         if self.queued + len(seqs) > self.limits.max_queue:
             raise ResourceExhausted(f"the queue holds {self.queued} texts and takes at most {self.limits.max_queue}; "
                                     "retry shortly or send fewer texts at once")

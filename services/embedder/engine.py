@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from extmind.errors import Internal, InvalidArgument, NotFound, ResourceExhausted
+from extmind.errors import Internal, InvalidArgument, NotFound
 from services.common.mlx_thread import MLXThread
 from services.embedder import recipe
 from services.embedder.batcher import Batcher, Limits
@@ -47,8 +47,52 @@ def prepare(m: ServedModel, inputs: list[str], input_type: str, instruction: str
     return [recipe.fit(s, m.max_input_tokens, truncate=truncate, index=i) for i, s in enumerate(m.token_ids(texts))]
 
 
+def prepare_token_inputs(m: ServedModel, token_inputs: list[list[int]], input_type: str,
+                         truncate: bool) -> list[list[int]]:
+    """Caller token ids -> the ids the model runs on: checked against the vocabulary, the recipe's
+    special tokens added where missing (``with_special_tokens``), truncated like text.
+
+    Raises InvalidArgument for an empty input, a non-integer or out-of-vocabulary id, or a query
+    for a model that instructs queries (the instruction is text: tokenized apart from the query it
+    would not give the same ids as the text path, so send the query as text)."""
+    if m.vocab_size <= 0:
+        raise InvalidArgument(f"{m.name} does not take token-id input: send text")
+    if input_type == QUERY and m.uses_instruction:
+        raise InvalidArgument(f"token-id input is embedded as a document; {m.name} prefixes queries with an "
+                              "instruction, so send queries as text (or embed your own instruction's tokens "
+                              "with input_type document)")
+    out = []
+    for i, ids in enumerate(token_inputs):
+        if not ids:
+            raise InvalidArgument(f"token input {i} is empty: send at least one token id")
+        for j, t in enumerate(ids):
+            if not isinstance(t, int) or isinstance(t, bool):
+                raise InvalidArgument(f"token input {i}, position {j}: {t!r} is not an integer token id")
+            if not 0 <= t < m.vocab_size:
+                raise InvalidArgument(f"token input {i}, position {j}: id {t} is outside {m.name}'s vocabulary "
+                                      f"[0, {m.vocab_size}); send ids of this model's tokenizer (Tokenize gives them)")
+        out.append(recipe.fit(m.with_special_tokens(ids), m.max_input_tokens, truncate=truncate, index=i))
+    return out
+
+
+def parse_aliases(pairs: list[str]) -> dict[str, str]:
+    """``["text-embedding-3-small=all-minilm-l6-v2", ...]`` -> {alias: served model}; raises
+    InvalidArgument for an entry that is not ``name=model``."""
+    out = {}
+    for pair in pairs:
+        alias, sep, target = (x.strip() for x in pair.partition("="))
+        if not sep or not alias or not target:
+            raise InvalidArgument(f"model alias {pair!r} is not name=model, e.g. "
+                                  "text-embedding-3-small=all-minilm-l6-v2")
+        out[alias] = target
+    return out
+
+
 class EmbedderEngine:
-    def __init__(self, models: list[ServedModel], mlx: MLXThread, limits: Limits | None = None):
+    def __init__(self, models: list[ServedModel], mlx: MLXThread, limits: Limits | None = None,
+                 aliases: dict[str, str] | None = None):
+        """``aliases`` maps extra names (e.g. an OpenAI model name a client hard-codes) to served
+        models; raises InvalidArgument when a target is not served or an alias names a served model."""
         if not models:
             raise ValueError("the engine needs at least one model")
         self.models = models
@@ -59,6 +103,18 @@ class EmbedderEngine:
         rerankers = [m for m in models if m.kind == "reranker"]
         self.default_embedder = embedders[0] if embedders else None
         self.default_reranker = rerankers[0] if rerankers else None
+        for alias, target in (aliases or {}).items():
+            try:
+                self.find(alias, None)
+            except NotFound:
+                pass
+            else:
+                raise InvalidArgument(f"model alias {alias!r} already names a served model; pick another name")
+            try:
+                m = self.find(target, None)
+            except NotFound as exc:
+                raise InvalidArgument(f"model alias {alias}={target}: {exc.message}") from None
+            m.aliases = [*m.aliases, alias]
 
     async def start(self) -> None:
         self.batcher.start()
@@ -91,12 +147,16 @@ class EmbedderEngine:
                            for m in self.models)
         raise NotFound(f"model {name!r} is not served here; served: {served}")
 
-    def _check_inputs(self, inputs: list[str], what: str = "inputs") -> None:
-        if not inputs:
+    def _check_count(self, n: int, what: str) -> None:
+        if not n:
             raise InvalidArgument(f"{what} is empty: send at least one text")
-        if len(inputs) > self.limits.max_inputs_per_request:
-            raise ResourceExhausted(f"{len(inputs)} {what} in one request; the limit is "
-                                    f"{self.limits.max_inputs_per_request}: split the request")
+        # Too large is not overload: retrying cannot help, so INVALID_ARGUMENT (HTTP 400), never 429.
+        if n > self.limits.max_inputs_per_request:
+            raise InvalidArgument(f"{n} {what} in one request; the limit is {self.limits.max_inputs_per_request} "
+                                  "per request (--max-inputs-per-request): split the request")
+
+    def _check_inputs(self, inputs: list[str], what: str = "inputs") -> None:
+        self._check_count(len(inputs), what)
         for i, t in enumerate(inputs):
             if not isinstance(t, str):
                 raise InvalidArgument(f"{what}[{i}] is not a string")
@@ -104,13 +164,30 @@ class EmbedderEngine:
                 raise InvalidArgument(f"{what}[{i}] is empty: every text needs at least one non-space character")
 
     # --- RPCs ---------------------------------------------------------------------------------
-    async def embed(self, inputs: list[str], *, model: str = "", input_type: str = DOCUMENT,
-                    instruction: str = "", dimensions: int = 0, normalize: bool = True,
-                    truncate: bool = True, deadline: float | None = None) -> Embeddings:
+    def output_of(self, model: str, dimensions: int) -> tuple[str, int]:
+        """(canonical name, vector size) an embed call for ``model`` and ``dimensions`` answers
+        with, so a face can check the answer's size before any work; raises like ``embed``."""
         m = self.find(model, "embedding")
-        self._check_inputs(inputs)
+        return m.name, recipe.check_dimensions(int(dimensions), m.dimensions, m.min_dimensions, m.name)
+
+    async def embed(self, inputs: list[str] | None = None, *, token_inputs: list[list[int]] | None = None,
+                    model: str = "", input_type: str = DOCUMENT, instruction: str = "", dimensions: int = 0,
+                    normalize: bool = True, truncate: bool = True, deadline: float | None = None) -> Embeddings:
+        """Texts (``inputs``) or token ids (``token_inputs``, not both) -> float32 [n, dims] vectors.
+
+        Raises InvalidArgument (bad input, over a limit), NotFound (model not served),
+        ResourceExhausted (queue full: retry), DeadlineExceeded, Internal (non-finite output)."""
+        m = self.find(model, "embedding")
+        if inputs and token_inputs:
+            raise InvalidArgument("send inputs (texts) or token_inputs (token ids), not both")
         dims = recipe.check_dimensions(int(dimensions), m.dimensions, m.min_dimensions, m.name)
-        ids = await asyncio.to_thread(prepare, m, inputs, input_type, instruction, truncate)
+        if token_inputs:
+            self._check_count(len(token_inputs), "token inputs")
+            ids = prepare_token_inputs(m, token_inputs, input_type, truncate)
+        else:
+            inputs = list(inputs or [])
+            self._check_inputs(inputs)
+            ids = await asyncio.to_thread(prepare, m, inputs, input_type, instruction, truncate)
         pooled = await self.batcher.run(m, ids, deadline)
         return Embeddings(recipe.finish(pooled, dims, normalize), m.name, dims, [len(s) for s in ids])
 

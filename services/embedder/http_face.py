@@ -3,13 +3,20 @@
     POST /embed           {"texts"|"input": [...], "model", "input_type", "instruction", "dimensions",
                            "normalize", "truncate"} -> {"embeddings", "model", "dimensions", "token_counts"}
                            (plain /embed is the document path)
-    POST /v1/embeddings   OpenAI-compatible (input str|list, model, dimensions, encoding_format float|base64)
+    POST /v1/embeddings   OpenAI-compatible (input: a string, a list of strings, a list of token ids or a
+                          list of such lists; model, dimensions, encoding_format float|base64)
     GET  /v1/models       OpenAI-compatible model list
     GET  /health          200 when ready, 503 while loading or draining
     GET  /info            the served models and batching limits
 
 A small HTTP/1.1 server on asyncio streams (keep-alive, Content-Length bodies): enough for these
 JSON endpoints without another dependency.
+
+Errors have OpenAI's shape on every endpoint: ``{"error": {"message", "type", "param", "code"}}``
+with the status of extmind/errors.py's table; ``type`` is ``invalid_request_error`` for 4xx,
+``service_unavailable`` for 503 and ``server_error`` for other 5xx; ``code`` is the gRPC status name
+in lower case (``invalid_argument``, ``not_found``, ``resource_exhausted`` ...), except an unknown
+model, which is OpenAI's ``model_not_found``.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import time
 
 import numpy as np
 
-from extmind.errors import ExtmindError, InvalidArgument, Unauthenticated
+from extmind.errors import ExtmindError, InvalidArgument, NotFound, Unauthenticated, Unavailable
 from services.common.auth import HOW_TO_AUTHENTICATE, check_bearer
 from services.embedder.engine import DOCUMENT, QUERY, EmbedderEngine
 
@@ -35,9 +42,39 @@ _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found"
 
 
 class _HttpError(Exception):
-    def __init__(self, status: int, message: str):
+    """A failure of the HTTP layer itself (not an engine error): its status and gRPC-style code."""
+
+    def __init__(self, status: int, code: str, message: str):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.code, self.message = status, code, message
+
+
+def error_body(status: int, code: str, message: str) -> dict:
+    """OpenAI's error shape; ``code`` is a gRPC status name (any case) or one of OpenAI's codes."""
+    kind = ("invalid_request_error" if status < 500 else "service_unavailable" if status == 503
+            else "server_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": code.lower()}}
+
+
+def _openai_input(body: dict) -> tuple[list[str] | None, list[list[int]] | None]:
+    """OpenAI's ``input``: a string, strings, token ids, or lists of token ids -> (texts, token lists)."""
+    value = body.get("input")
+    if isinstance(value, str):
+        return [value], None
+    if isinstance(value, list) and value:
+        if all(isinstance(t, str) for t in value):
+            return value, None
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+            return None, [value]
+        if all(isinstance(t, list) for t in value):
+            for i, ids in enumerate(value):
+                bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool)), None)
+                if bad is not None or not ids:
+                    raise InvalidArgument(f"'input'[{i}] must be a non-empty list of integer token ids"
+                                          + (f" ({bad!r} is not one)" if bad is not None else ""))
+            return None, value
+    raise InvalidArgument("'input' must be a non-empty string, a list of strings, a list of token ids or a list "
+                          "of lists of token ids")
 
 
 def _texts(body: dict, *keys: str) -> list[str]:
@@ -49,7 +86,7 @@ def _texts(body: dict, *keys: str) -> list[str]:
             return [value]
         if isinstance(value, list) and all(isinstance(t, str) for t in value):
             return value
-        raise InvalidArgument(f"'{key}' must be a string or a list of strings (token-id input is not supported)")
+        raise InvalidArgument(f"'{key}' must be a string or a list of strings (token ids: POST /v1/embeddings)")
     raise InvalidArgument(f"send the texts in {' or '.join(repr(k) for k in keys)} as a non-empty list of strings")
 
 
@@ -98,7 +135,8 @@ class HttpFace:
                 try:
                     method, target, version = line.decode("latin-1").split()
                 except ValueError:
-                    await self._send(writer, 400, {"error": {"message": "malformed request line"}}, close=True)
+                    await self._send(writer, 400, error_body(400, "invalid_argument", "malformed request line"),
+                                     close=True)
                     return
                 headers = {}
                 while (h := await reader.readline()) not in (b"\r\n", b"\n", b""):
@@ -107,12 +145,15 @@ class HttpFace:
                 keep = (version == "HTTP/1.1" and headers.get("connection", "").lower() != "close") or \
                        headers.get("connection", "").lower() == "keep-alive"
                 if "chunked" in headers.get("transfer-encoding", "").lower():
-                    await self._send(writer, 411, {"error": {"message": "send a Content-Length body"}}, close=True)
+                    await self._send(writer, 411, error_body(411, "invalid_argument", "send a Content-Length body"),
+                                     close=True)
                     return
                 length = int(headers.get("content-length") or 0)
                 if length > self.max_body:
-                    await self._send(writer, 413, {"error": {"message": f"body over {self.max_body} bytes"}},
-                                     close=True)
+                    # Too large is never retryable: 413, not 429.
+                    await self._send(writer, 413, error_body(
+                        413, "invalid_argument", f"the body has {length} bytes; this server takes at most "
+                        f"{self.max_body} (--max-message-mb): send fewer inputs per request"), close=True)
                     return
                 body = await reader.readexactly(length) if length else b""
                 status, payload = await self._handle(method, target.split("?")[0], headers, body)
@@ -145,11 +186,11 @@ class HttpFace:
             handler = routes.get((method, path))
             if handler is None:
                 known = {p for _, p in routes} | {"/health"}
-                raise _HttpError(405 if path in known else 404,
+                raise _HttpError(405 if path in known else 404, "unimplemented" if path in known else "not_found",
                                  f"{method} {path} is not served; endpoints: POST /embed, POST /v1/embeddings, "
                                  "GET /v1/models, GET /info, GET /health")
             if self.engine is None:
-                raise _HttpError(503, "the embedder is still loading its models; retry when GET /health is 200")
+                raise Unavailable("the embedder is still loading its models; retry when GET /health is 200")
             request = {}
             if method == "POST":
                 try:
@@ -160,12 +201,15 @@ class HttpFace:
                     raise InvalidArgument("the body must be a JSON object")
             return 200, await handler(request)
         except _HttpError as exc:
-            return exc.status, {"error": {"message": exc.message, "type": "invalid_request_error", "code": None}}
+            return exc.status, error_body(exc.status, exc.code, exc.message)
         except ExtmindError as exc:
-            return exc.http_status, {"error": {"message": exc.message, "type": exc.code.lower(), "code": exc.code}}
+            # The engine's only NotFound is an unknown model: OpenAI's own code, which clients match on.
+            code = "model_not_found" if isinstance(exc, NotFound) else exc.code
+            return exc.http_status, error_body(exc.http_status, code, exc.message)
         except Exception as exc:  # noqa: BLE001 - the face keeps serving
             log.exception("http request failed", extra={"path": path})
-            return 500, {"error": {"message": f"internal error ({type(exc).__name__}: {exc})", "type": "internal"}}
+            return 500, error_body(500, "internal", f"internal error ({type(exc).__name__}: {exc}); "
+                                                    "the service is still up")
         finally:
             log.debug("http", extra={"method": method, "path": path, "ms": (time.perf_counter() - started) * 1e3})
 
@@ -182,8 +226,9 @@ class HttpFace:
         fmt = body.get("encoding_format") or "float"
         if fmt not in ("float", "base64"):
             raise InvalidArgument("'encoding_format' is 'float' or 'base64'")
+        texts, token_inputs = _openai_input(body)
         r = await self.engine.embed(
-            _texts(body, "input"), model=body.get("model") or "", input_type=_input_type(body),
+            texts, token_inputs=token_inputs, model=body.get("model") or "", input_type=_input_type(body),
             instruction=body.get("instruction") or "", dimensions=_int(body, "dimensions"))
 
         def encode(v: np.ndarray):

@@ -4,9 +4,26 @@ from __future__ import annotations
 
 from extmind.errors import InvalidArgument
 from extmind.v1 import generator_pb2, generator_pb2_grpc
+from services.common.config import DEFAULT_MAX_RESPONSE_MB
 from services.generator.engine import GeneratorEngine
-from services.generator.request_types import (LENGTH, LOCAL, REMOTE, STOP, STOP_SEQUENCE, Chunk, Final,
-                                              GenerationRequest, MemoryOptions, Sampling)
+from services.generator.request_types import (
+    DEFAULT_MAX_TOKENS,
+    LENGTH,
+    LOCAL,
+    REMOTE,
+    STOP,
+    STOP_SEQUENCE,
+    Chunk,
+    Final,
+    GenerationRequest,
+    MemoryOptions,
+    Sampling,
+)
+
+# What one generated token adds to a GenerateResponse, for the up-front size check: its id (a
+# varint, at most 5 bytes), its logprob (4, when asked) and its text (8 on average; the finished
+# answer's real size is checked too).
+_ID_BYTES, _LOGPROB_BYTES, _TEXT_BYTES = 5, 4, 8
 
 _FINISH = {STOP: generator_pb2.FINISH_REASON_STOP, LENGTH: generator_pb2.FINISH_REASON_LENGTH,
            STOP_SEQUENCE: generator_pb2.FINISH_REASON_STOP_SEQUENCE}
@@ -20,8 +37,25 @@ def _citations(final: Final):
 
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
-    def __init__(self, engine: GeneratorEngine):
+    def __init__(self, engine: GeneratorEngine, *, max_response_bytes: int = int(DEFAULT_MAX_RESPONSE_MB * (1 << 20))):
         self.engine = engine
+        self.max_response_bytes = max_response_bytes   # --max-response-mb: what clients receive
+
+    def _over_budget(self, what: str, size: int, fits: int | None = None) -> InvalidArgument:
+        limit = f"{self.max_response_bytes / (1 << 20):.3g}"
+        return InvalidArgument(
+            f"{what} about {size / (1 << 20):.3g} MiB, over this server's response limit of {limit} MiB "
+            "(--max-response-mb; stock gRPC clients receive at most 4 MiB): use GenerateStream"
+            + (f", or ask for at most {fits} tokens (max_tokens)" if fits is not None else ""))
+
+    def _check_response_size(self, req: GenerationRequest) -> None:
+        """Refuses up front a Generate whose answer could pass the budget (tokens, logprobs, text)."""
+        per_token = _ID_BYTES + _TEXT_BYTES + (_LOGPROB_BYTES if req.return_logprobs else 0)
+        most = min(req.sampling.max_tokens or DEFAULT_MAX_TOKENS,
+                   max(0, self.engine.max_context - len(req.prompt_tokens)))
+        if most * per_token > self.max_response_bytes:
+            raise self._over_budget(f"max_tokens={most}{' with logprobs' if req.return_logprobs else ''} can make "
+                                    "an answer of", most * per_token, self.max_response_bytes // per_token)
 
     def _request(self, r) -> GenerationRequest:
         tokens = self.engine.encode_prompt(prompt=r.prompt, messages=[(m.role, m.content) for m in r.messages],
@@ -45,6 +79,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
 
     async def Generate(self, request, context):
         req = self._request(request)
+        self._check_response_size(req)
         text, ids, lps = [], [], []
         async for ev in self.engine.generate(req):
             if isinstance(ev, Chunk):
@@ -53,10 +88,13 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 lps += ev.logprobs
             else:
                 text.append(ev.remaining_text)
-                return generator_pb2.GenerateResponse(
+                response = generator_pb2.GenerateResponse(
                     text="".join(text), token_ids=ids, logprobs=lps, finish_reason=_FINISH[ev.finish_reason],
                     usage=generator_pb2.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens),
                     citations=_citations(ev))
+                if response.ByteSize() > self.max_response_bytes:   # longer text than the estimate allowed
+                    raise self._over_budget("the answer is", response.ByteSize())
+                return response
 
     async def GenerateStream(self, request, context):
         req = self._request(request)

@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from extmind.errors import ResourceExhausted
+from extmind.errors import InvalidArgument, ResourceExhausted
 from services.common.mlx_thread import MLXThread
 from services.embedder import registry
 from services.embedder.batcher import Batcher, Limits
@@ -86,6 +86,9 @@ async def test_queue_bound(model):
     await asyncio.sleep(0.05)
     with pytest.raises(ResourceExhausted):
         await b.run(m, [seq(5), seq(6)])
+    # More than the whole queue can never fit: not retryable, so not ResourceExhausted.
+    with pytest.raises(InvalidArgument, match="at most 3"):
+        await b.run(m, [seq(5)] * 4)
     gate.set()
     await asyncio.gather(first, waiting)
     assert (await b.run(m, [seq(5), seq(6), seq(7)])).shape == (3, 64)

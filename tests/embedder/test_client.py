@@ -214,3 +214,26 @@ def test_the_client_package_never_imports_the_services():
             "print(sorted(m for m in sys.modules if m == 'services' or m.startswith('services.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def _readme_client_example() -> str:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("**Python client**", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+async def test_the_readme_client_example_works_against_the_default_embedder(start_app, monkeypatch):
+    """The README's snippet, run as written against an embedder with the cluster's default model."""
+    for var in ("EMBEDDER_MODEL", "EMBEDDER_MODELS", "OPENAI_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    app = await start_app()                                   # what `make up` serves by default
+    monkeypatch.setenv("MLX_SERVICE_URL", f"grpc://127.0.0.1:{app.server.port}")
+    monkeypatch.setenv("OLLAMA_URL", f"http://{dead_url()}")
+    scope: dict = {}
+    await asyncio.to_thread(exec, _readme_client_example(), scope)
+    r = scope["r"]
+    assert r.backend == "remote-grpc" and r.model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert r.vectors.shape == (1, 384)
+    scope["c"].close()

@@ -104,7 +104,8 @@ async def test_http_errors_and_keep_alive(start_app, tiny_qwen3):
     cases = [("POST", "/embed", {"texts": []}, 400), ("POST", "/embed", {"texts": [""]}, 400),
              ("POST", "/embed", {"texts": ["x"], "dimensions": 1000}, 400),
              ("POST", "/embed", {"texts": ["x"], "model": "nope"}, 404),
-             ("POST", "/v1/embeddings", {"input": [[1, 2, 3]]}, 400),
+             ("POST", "/v1/embeddings", {"input": [[1, 2, 10**6]]}, 400),
+             ("POST", "/v1/embeddings", {"input": [[1, 2, 3.5]]}, 400),
              ("POST", "/v1/embeddings", {"input": "x", "encoding_format": "int8"}, 400),
              ("GET", "/nowhere", None, 404), ("GET", "/embed", None, 405)]
     for method, path, body, code in cases:

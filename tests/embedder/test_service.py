@@ -126,7 +126,17 @@ BAD = [
     ("reranker asked to embed", pb.EmbedRequest(inputs=["x"], model="Qwen3-Reranker-tiny"),
      grpc.StatusCode.INVALID_ARGUMENT),
     ("unknown input type", pb.EmbedRequest(inputs=["x"], input_type=7), grpc.StatusCode.INVALID_ARGUMENT),
-    ("more inputs than the queue", pb.EmbedRequest(inputs=["x"] * 7), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    # Too large is never overload: retrying cannot help, so not RESOURCE_EXHAUSTED.
+    ("more inputs than the queue", pb.EmbedRequest(inputs=["x"] * 7), grpc.StatusCode.INVALID_ARGUMENT),
+    ("inputs and token_inputs", pb.EmbedRequest(inputs=["x"], token_inputs=[pb.TokenIds(ids=[5])]),
+     grpc.StatusCode.INVALID_ARGUMENT),
+    ("token id outside the vocabulary", pb.EmbedRequest(token_inputs=[pb.TokenIds(ids=[5, 10**6])]),
+     grpc.StatusCode.INVALID_ARGUMENT),
+    ("negative token id", pb.EmbedRequest(token_inputs=[pb.TokenIds(ids=[-1])]), grpc.StatusCode.INVALID_ARGUMENT),
+    ("empty token input", pb.EmbedRequest(token_inputs=[pb.TokenIds(ids=[5]), pb.TokenIds()]),
+     grpc.StatusCode.INVALID_ARGUMENT),
+    ("token input as a query", pb.EmbedRequest(token_inputs=[pb.TokenIds(ids=[5])], input_type=pb.INPUT_TYPE_QUERY),
+     grpc.StatusCode.INVALID_ARGUMENT),
 ]
 
 

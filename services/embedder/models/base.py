@@ -30,9 +30,15 @@ class ServedModel:
     uses_instruction: bool = False
     default_instruction: str = ""
     aliases: list[str] = field(default_factory=list)
+    vocab_size: int = 0          # token ids in [0, vocab_size) are valid input (0 = token input refused)
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         raise NotImplementedError
+
+    def with_special_tokens(self, ids: list[int]) -> list[int]:
+        """Token ids sent by a caller -> the ids the model runs on: the special tokens the recipe
+        needs (end token, [CLS]/[SEP]) added where missing, so ``Tokenize`` output round-trips."""
+        return list(ids)
 
     def forward(self, batch: list[list[int]]) -> np.ndarray:
         raise NotImplementedError
@@ -50,6 +56,12 @@ def load_tokenizer(path: Path):
     tok.no_padding()
     tok.no_truncation()
     return tok
+
+
+def vocabulary_size(tokenizer, embedding_rows: int) -> int:
+    """Ids a caller may send: the tokenizer's vocabulary (added tokens included), never past the
+    embedding matrix (an id beyond its rows would read outside it)."""
+    return min(int(tokenizer.get_vocab_size(with_added_tokens=True)), int(embedding_rows))
 
 
 def read_json(path: Path, default=None):

@@ -16,7 +16,7 @@ import numpy as np
 
 from extmind.errors import FailedPrecondition
 from services.embedder import recipe
-from services.embedder.models.base import ServedModel, cast, load_tokenizer, read_json, right_padded
+from services.embedder.models.base import ServedModel, cast, load_tokenizer, read_json, right_padded, vocabulary_size
 
 
 class BertInputEmbeddings(nn.Module):
@@ -113,10 +113,23 @@ class BertEmbedder(ServedModel):
         self.pad_id = int(config.get("pad_token_id") or 0)
         super().__init__(name=name, path=path, kind="embedding", dimensions=int(config["hidden_size"]),
                          max_input_tokens=min(limit, max_input_tokens) if max_input_tokens else limit,
-                         dtype=dtype)
+                         dtype=dtype, vocab_size=vocabulary_size(self.tokenizer, int(config["vocab_size"])))
+        # What the tokenizer wraps every text in ([CLS] and [SEP]), read from the tokenizer itself.
+        wrap = self.tokenizer.encode("").ids
+        self._first, self._last = (wrap[0], wrap[-1]) if len(wrap) >= 2 else (None, None)
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(texts)]  # [CLS] ... [SEP]
+
+    def with_special_tokens(self, ids: list[int]) -> list[int]:
+        ids = list(ids)
+        if self._first is None:
+            return ids
+        if not ids or ids[0] != self._first:
+            ids.insert(0, self._first)
+        if len(ids) == 1 or ids[-1] != self._last:
+            ids.append(self._last)
+        return ids
 
     def forward(self, batch: list[list[int]]) -> np.ndarray:
         ids, lengths = right_padded(batch, self.pad_id)

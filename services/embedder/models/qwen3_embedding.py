@@ -17,7 +17,7 @@ from mlx_lm.utils import load_model
 
 from extmind.errors import FailedPrecondition
 from services.embedder import recipe
-from services.embedder.models.base import ServedModel, cast, load_tokenizer, right_padded
+from services.embedder.models.base import ServedModel, cast, load_tokenizer, right_padded, vocabulary_size
 
 END_OF_TEXT = "<|endoftext|>"
 
@@ -51,10 +51,14 @@ class Qwen3Embedder(ServedModel):
         super().__init__(name=name, path=path, kind="embedding", dimensions=int(config["hidden_size"]),
                          max_input_tokens=min(limit, max_input_tokens) if max_input_tokens else limit,
                          dtype=dtype, min_dimensions=min(32, int(config["hidden_size"])),
-                         uses_instruction=True, default_instruction=recipe.DEFAULT_TASK)
+                         uses_instruction=True, default_instruction=recipe.DEFAULT_TASK,
+                         vocab_size=vocabulary_size(self.tokenizer, int(config["vocab_size"])))
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         return [recipe.with_end_token(e.ids, self.end_id) for e in self.tokenizer.encode_batch(texts)]
+
+    def with_special_tokens(self, ids: list[int]) -> list[int]:
+        return recipe.with_end_token(list(ids), self.end_id)
 
     def forward(self, batch: list[list[int]]) -> np.ndarray:
         ids, lengths = right_padded(batch, self.end_id)
