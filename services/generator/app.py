@@ -55,7 +55,7 @@ class GeneratorApp:
             max_batch_size=args.max_batch_size, prefill_batch_size=args.prefill_batch_size,
             prefill_step_size=args.prefill_step_size, window=args.window, stride=args.stride,
             max_queue=args.max_queue, memory_timeout=args.memory_timeout))
-        servicer = GeneratorServicer(self.engine)
+        servicer = GeneratorServicer(self.engine, max_response_bytes=int(args.max_response_mb * (1 << 20)))
         self.services = [Service(SERVICE_NAME,
                                  lambda s: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(servicer, s))]
 

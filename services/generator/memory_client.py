@@ -18,6 +18,11 @@ from extmind import errors, tensor
 from extmind.channels import auth_metadata, sync_channel
 from extmind.v1 import memory_pb2, memory_pb2_grpc
 
+# The memory service's default response budget (--max-response-mb 4): REMOTE searches split their
+# query tokens so that every answer fits a memory service with default settings.
+SEARCH_ANSWER_BUDGET = 4 << 20
+
+
 @dataclass
 class SearchResult:
     scores: np.ndarray   # [H, q, k] float32 cosine (-inf where masked)
@@ -106,6 +111,20 @@ class MemoryClient:
 
     def search(self, memory_ids, layer: int, queries: np.ndarray, top_k: int,
                threshold: float | None) -> SearchResult:
+        """queries float32 [H, q, d] -> the top-k of each query token, [H, q, k, ...]. A prefill's
+        answer can be far larger than the memory service's response budget (4 MiB by default):
+        the query tokens go in as many calls as it takes to keep each answer inside it."""
+        H, q, d = queries.shape
+        per_token = H * top_k * (12 + 2 * d * 4)  # scores + indices + keys + values (float32 at most)
+        step = max(1, (SEARCH_ANSWER_BUDGET - 4096) // max(per_token, 1))
+        parts = [self._search_once(memory_ids, layer, queries[:, i:i + step], top_k, threshold)
+                 for i in range(0, q, step)]
+        if len(parts) == 1:
+            return parts[0]
+        return SearchResult(*(np.concatenate([getattr(p, f) for p in parts], axis=1)
+                              for f in ("scores", "indices", "keys", "values")))
+
+    def _search_once(self, memory_ids, layer, queries, top_k, threshold) -> SearchResult:
         req = memory_pb2.SearchMemoryRequest(memory_ids=list(memory_ids), layer=layer,
                                              queries=tensor.encode(np.ascontiguousarray(queries, np.float32)),
                                              top_k=top_k, return_vectors=True)

@@ -136,7 +136,7 @@ class MemoryApp:
             self.store,
             self.index,
             max_top_k=self.args.max_top_k,
-            max_answer_bytes=int(self.args.max_message_mb) * 1024 * 1024,
+            max_answer_bytes=int(self.args.max_response_mb * 1024 * 1024),
         )
         embedder = DocumentEmbedder(
             self.args.embedder_url, token=self.args.auth_token, timeout=self.args.embedder_timeout

@@ -15,7 +15,7 @@ from extmind.channels import aio_channel, auth_metadata
 from extmind.errors import Unavailable, from_rpc_error
 from extmind.tensor import FLOAT32, decode
 from extmind.v1 import embedder_pb2, embedder_pb2_grpc
-from services.memory.limits import EMBEDDER_TIMEOUT_SECONDS
+from services.memory.limits import EMBED_BATCH_TEXTS, EMBEDDER_TIMEOUT_SECONDS
 
 
 class DocumentEmbedder:
@@ -37,9 +37,27 @@ class DocumentEmbedder:
     ) -> tuple[np.ndarray, str]:
         """-> (float32 [len(texts), dimensions] vectors, the embedder's canonical model name).
 
-        ``query`` picks the query side of asymmetric models. Raises Unavailable without an
+        ``query`` picks the query side of asymmetric models. Texts go in calls of at most
+        EMBED_BATCH_TEXTS, so every answer stays inside the embedder's response budget and
+        per-request input limit whatever the model's width. Raises Unavailable without an
         embedder, or when it is down; the embedder's InvalidArgument / NotFound / ... pass through.
         """
+        parts, name = [], ""
+        for i in range(0, len(texts), EMBED_BATCH_TEXTS):
+            vectors, name = await self._embed_once(
+                texts[i : i + EMBED_BATCH_TEXTS],
+                model=model,
+                query=query,
+                dimensions=dimensions,
+                instruction=instruction,
+            )
+            model = model or name  # later batches ask for the model the first one got
+            parts.append(vectors)
+        return (np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)), name
+
+    async def _embed_once(
+        self, texts: list[str], *, model: str, query: bool, dimensions: int, instruction: str
+    ) -> tuple[np.ndarray, str]:
         if not self.url:
             raise Unavailable(
                 "no embedder service is configured: start the memory service with "

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from extmind.errors import InvalidArgument, NotFound, ResourceExhausted
+from extmind.errors import InvalidArgument, NotFound
 from extmind.tensor import BFLOAT16, FLOAT16, FLOAT32, ITEMSIZE, dtype_name
 from services.memory import limits
 from services.memory.kv_append import AppendStream, WriterSlots
@@ -86,8 +86,8 @@ def _check_labels(labels: dict[str, str]) -> None:
 
 
 class KVMemories:
-    """The KV memories of one service. ``max_answer_bytes``: the largest search answer to build
-    (the transport's message limit)."""
+    """The KV memories of one service. ``max_answer_bytes``: the response budget (--max-response-mb):
+    the largest search answer built, and the most bytes of one FetchMemory message."""
 
     def __init__(self, store: KVStore, index: KVIndex, *, max_top_k: int = limits.MAX_TOP_K, max_answer_bytes: int):
         self.store = store
@@ -208,6 +208,7 @@ class KVMemories:
             )
         if len(set(layers)) != len(layers):
             raise InvalidArgument("layers names a layer more than once")
+        chunk_bytes = min(chunk_bytes, self.max_answer_bytes - limits.ANSWER_ENVELOPE_BYTES)
         step = max(1, chunk_bytes // (2 * m.num_kv_heads * m.head_dim * ITEMSIZE[m.dtype]))
 
         def slices() -> Iterator[RowSlice]:
@@ -258,7 +259,8 @@ class KVMemories:
         ``queries`` float32 [H, q, D], H a multiple of the memories' KV heads (GQA: query head h
         searches KV head h // (H / num_kv_heads)); k = min(top_k, rows). Hits scoring <=
         ``sim_threshold`` are masked. Raises InvalidArgument, NotFound, FailedPrecondition (not
-        READY), ResourceExhausted (the answer would exceed ``max_answer_bytes``)."""
+        READY), InvalidArgument also when the answer would exceed ``max_answer_bytes`` (the response
+        budget, --max-response-mb: a request too large is not retryable)."""
         if not 1 <= top_k <= self.max_top_k:
             raise InvalidArgument(f"top_k is {top_k}; it must be between 1 and {self.max_top_k} (k = min(top_k, rows))")
         if sim_threshold is not None and math.isnan(sim_threshold):
@@ -287,10 +289,10 @@ class KVMemories:
         k = min(top_k, rows)
         size = H * q * k * 12 + (2 * H * q * k * D * ITEMSIZE[m.dtype] if return_vectors else 0)
         if size > self.max_answer_bytes - limits.ANSWER_ENVELOPE_BYTES:
-            raise ResourceExhausted(
-                f"the answer would be {size / 2**20:.0f} MiB, over the "
-                f"{self.max_answer_bytes >> 20} MiB message limit; ask for a smaller top_k, "
-                "fewer query tokens, or no vectors"
+            raise InvalidArgument(
+                f"the answer would be {size / 2**20:.1f} MiB, over the {self.max_answer_bytes / 2**20:.3g} MiB "
+                "response budget (--max-response-mb); split the query tokens over several calls, or ask "
+                "for a smaller top_k or no vectors"
             )
         t0 = time.perf_counter()
         scores, indices, keys, values = await self.index.search(

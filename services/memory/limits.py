@@ -37,3 +37,7 @@ MAX_DIMENSIONS = 65536
 
 # ---------------------------------------------------------------- the embedder service
 EMBEDDER_TIMEOUT_SECONDS = 60.0  # --embedder-timeout
+
+# Texts per Embed call from the documents path: 64 vectors of even 4096 float32 dimensions are
+# 1 MiB, inside the embedder's default 4 MiB response budget and its 512-input limit.
+EMBED_BATCH_TEXTS = 64

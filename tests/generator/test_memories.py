@@ -131,6 +131,31 @@ async def test_local_and_remote_give_the_same_tokens(engine, memory):
         np.testing.assert_allclose(out["local"][1], out["remote"][1], atol=1e-4)
 
 
+async def test_remote_prefill_splits_its_searches_to_fit_the_response_budget(engine, memory, monkeypatch):
+    """A prefill's REMOTE answer can exceed the memory service's response budget: the client
+    splits the query tokens over several SearchMemory calls, and nothing else changes."""
+    from services.generator import memory_client
+
+    mid, _ = memory
+    prompt = engine.tokenizer.encode("Alice met Bob at the station at noon and they talked about music and books")
+    req = GenerationRequest(prompt, Sampling(max_tokens=6), MemoryOptions((mid,), top_k=5, mode="remote"),
+                            return_logprobs=True)
+    whole = await run(engine, req)
+    calls = []
+    real = memory_client.MemoryClient._search_once
+
+    def counted(self, *a, **kw):
+        calls.append(a[2].shape[1])  # query tokens in this call
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(memory_client, "SEARCH_ANSWER_BUDGET", 4096 + 3 * 4 * 5 * (12 + 2 * 16 * 4))
+    monkeypatch.setattr(memory_client.MemoryClient, "_search_once", counted)
+    split = await run(engine, req)
+    assert max(calls) == 3 and len(calls) > engine.num_layers  # the prefill went in pieces of 3 tokens
+    assert split[0] == whole[0]
+    np.testing.assert_allclose(split[1], whole[1], atol=1e-5)
+
+
 async def test_eight_concurrent_requests_with_mixed_memories_equal_alone(engine, memory):
     mid, _ = memory
     other = (await engine.memorize(engine.tokenizer.encode("The river flows to the sea, and the sea rises.")))[

@@ -128,7 +128,7 @@ TABLE = [
         "search answer too large",
         "SearchMemory",
         search_req(queries=encode(np.ones((4, 1_000_000, 8), np.float16)), top_k=10, return_vectors=True),
-        C.RESOURCE_EXHAUSTED,
+        C.INVALID_ARGUMENT,  # over the response budget: too large, not retryable
     ),
     # --- CreateMemory
     (
