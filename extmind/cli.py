@@ -32,7 +32,9 @@ import numpy as np
 
 from extmind.channels import auth_metadata, sync_channel
 from extmind.cli_args import build_parser, check_combinations
-from extmind.cluster import Cluster, LaunchError, Settings, find_run_dir, format_table, read_record, status_ok
+from extmind.cluster import Cluster
+from extmind.cluster_config import LaunchError, Settings, find_run_dir, read_record
+from extmind.cluster_status import format_table, status_ok
 from extmind.errors import from_rpc_error
 from extmind.v1 import (
     common_pb2,

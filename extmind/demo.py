@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from extmind.channels import auth_metadata, sync_channel
-from extmind.cluster import RANDOM_MODEL_NOTICE, Settings
+from extmind.cluster_config import RANDOM_MODEL_NOTICE, Settings
 from extmind.v1 import embedder_pb2, embedder_pb2_grpc, generator_pb2, generator_pb2_grpc, memory_pb2, memory_pb2_grpc
 
 COLLECTION = "extmind-demo"

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from extmind.cluster import Settings
+from extmind.cluster_config import Settings
 from extmind.procs import free_ports
 
 REPO = Path(__file__).resolve().parents[2]

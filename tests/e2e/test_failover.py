@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from extmind.channels import sync_channel
-from extmind.cluster import read_pid
+from extmind.cluster_pids import read_pid
 from extmind.healthcheck import check
 from extmind.procs import stop_process
 from extmind.v1 import generator_pb2, generator_pb2_grpc, memory_pb2, memory_pb2_grpc

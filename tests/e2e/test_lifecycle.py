@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from extmind.cluster import ORDER, embedded_redis_pid, read_pid
+from extmind.cluster_config import ORDER
+from extmind.cluster_pids import embedded_redis_pid, read_pid
 from extmind.healthcheck import check
 from extmind.procs import free_port, stop_process
 

@@ -1,0 +1,274 @@
+"""The local cluster's configuration: the environment variables the launcher reads
+(``ENV_VARS``), the ``Settings`` built from them, the run dir's ``cluster.json`` record that tells
+clients in other shells where the cluster is, and the command line of each service (with the
+generator's default model). Nothing here starts or stops a process; ``extmind.cluster`` does.
+See docs/configuration.md for the variables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# name -> (default, meaning). The README's configuration table is generated from the same facts.
+ENV_VARS = {
+    "EMBEDDER_PORT": ("50051", "embedder gRPC port"),
+    "EMBEDDER_HTTP_PORT": ("8000", "embedder HTTP face (/embed, /v1/embeddings, /health)"),
+    "MEMORY_PORT": ("50052", "memory gRPC port"),
+    "GENERATOR_PORT": ("50053", "generator gRPC port"),
+    "EMBEDDER_MODEL": ("", "embedder model aliases or paths, comma-separated (empty = offline all-MiniLM-L6-v2)"),
+    "EMBEDDER_RERANKER": ("", "reranker model alias or path (empty = no reranker)"),
+    "GENERATOR_MODEL": ("", "generator model path or hub id (empty = tiny random-weight Llama built locally)"),
+    "REDIS_URL": ("", "Redis for the memory service (empty = memory starts its own with AOF)"),
+    "MEMORY_DATA_DIR": ("<run dir>/data/memory", "memory service data dir (its embedded Redis' AOF)"),
+    "EXTMIND_MODEL_CACHE": ("<run dir>/models", "where the launcher builds the default generator model"),
+    "EMBEDDER_URL": ("127.0.0.1:$EMBEDDER_PORT", "where clients and the memory service reach the embedder"),
+    "MEMORY_URL": ("127.0.0.1:$MEMORY_PORT", "where clients and the generator reach the memory service"),
+    "GENERATOR_URL": ("127.0.0.1:$GENERATOR_PORT", "where clients reach the generator"),
+    "EXTMIND_START_TIMEOUT": ("600", "seconds `up` waits for every service to say SERVING"),
+    "EXTMIND_STOP_GRACE": ("15", "seconds `down` waits after SIGTERM before SIGKILL"),
+    "EXTMIND_RUN_DIR": (".run", "run directory (logs/, pids/, data/, models/, cluster.json)"),
+}
+
+ORDER = ("embedder", "memory", "generator")  # start order; stopped in reverse
+RECORD = "cluster.json"  # what `up` started, for clients in other shells
+RANDOM_MODEL_NOTICE = (
+    "NOTE: GENERATOR_MODEL is not set, so the generator serves a tiny RANDOM-WEIGHT Llama built locally.\n"
+    "      Its text is meaningless; memorize, retrieval and citations still run for real.\n"
+    "      Set GENERATOR_MODEL to a model directory or hub id for real text."
+)
+
+
+class LaunchError(RuntimeError):
+    """A readable, one-paragraph reason why the cluster could not start."""
+
+
+def _env(name: str) -> str:
+    return os.environ.get(name, "").strip()
+
+
+def _port(name: str) -> int:
+    raw = _env(name) or ENV_VARS[name][0]
+    try:
+        return int(raw)
+    except ValueError:
+        raise LaunchError(f"{name}={raw!r} is not a port number") from None
+
+
+def probe_host(prefix: str) -> str:
+    host = _env(f"{prefix}_HOST")
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::", "[::]") else host
+
+
+@dataclass
+class ServiceSpec:
+    name: str
+    argv: list[str]
+    port: int
+    probe: str  # host:port the health check asks
+    extra: dict = field(default_factory=dict)  # shown in status (e.g. the HTTP port)
+
+
+@dataclass
+class Settings:
+    run_dir: Path
+    embedder_port: int
+    embedder_http_port: int
+    memory_port: int
+    generator_port: int
+    embedder_model: str
+    embedder_reranker: str
+    generator_model: str
+    redis_url: str
+    memory_data_dir: Path
+    model_cache: Path
+    embedder_url: str
+    memory_url: str
+    generator_url: str
+    start_timeout: float
+    stop_grace: float
+
+    @classmethod
+    def from_env(cls, run_dir: str | os.PathLike | None = None, *, use_record: bool = False) -> Settings:
+        """Settings from the environment. ``use_record=True`` (clients, ``status``): URLs, Redis and
+        data dir not set explicitly come from the run dir's ``cluster.json`` before the defaults."""
+        run = Path(run_dir or _env("EXTMIND_RUN_DIR") or ".run").resolve()
+        rec = read_record(run) if use_record else {}
+        ep, hp, mp, gp = (_port(n) for n in ("EMBEDDER_PORT", "EMBEDDER_HTTP_PORT", "MEMORY_PORT", "GENERATOR_PORT"))
+        data_dir = _env("MEMORY_DATA_DIR") or rec.get("memory_data_dir") or run / "data" / "memory"
+        return cls(
+            run_dir=run,
+            embedder_port=ep,
+            embedder_http_port=hp,
+            memory_port=mp,
+            generator_port=gp,
+            embedder_model=_env("EMBEDDER_MODEL"),
+            embedder_reranker=_env("EMBEDDER_RERANKER"),
+            generator_model=_env("GENERATOR_MODEL"),
+            redis_url=_env("REDIS_URL") or rec.get("redis_url", ""),
+            memory_data_dir=Path(data_dir),
+            model_cache=Path(_env("EXTMIND_MODEL_CACHE") or run / "models"),
+            embedder_url=_env("EMBEDDER_URL") or rec.get("embedder_url") or f"127.0.0.1:{ep}",
+            memory_url=_env("MEMORY_URL") or rec.get("memory_url") or f"127.0.0.1:{mp}",
+            generator_url=_env("GENERATOR_URL") or rec.get("generator_url") or f"127.0.0.1:{gp}",
+            start_timeout=float(_env("EXTMIND_START_TIMEOUT") or 600),
+            stop_grace=float(_env("EXTMIND_STOP_GRACE") or 15),
+        )
+
+    @property
+    def record_file(self) -> Path:
+        return self.run_dir / RECORD
+
+    @property
+    def logs(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def pids(self) -> Path:
+        return self.run_dir / "pids"
+
+    def log_file(self, name: str) -> Path:
+        return self.logs / f"{name}.log"
+
+    def pid_file(self, name: str) -> Path:
+        return self.pids / f"{name}.pid"
+
+
+def read_record(run_dir: Path) -> dict:
+    """The run dir's ``cluster.json`` (written by ``up``), or {} when there is none or it is unreadable."""
+    try:
+        data = json.loads((Path(run_dir) / RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def find_run_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """The run dir a client means: ``explicit``, else $EXTMIND_RUN_DIR, else ``./.run``, else the
+    checkout's ``.run`` when only that one holds a cluster record (the CLI run from elsewhere)."""
+    if explicit or _env("EXTMIND_RUN_DIR"):
+        return Path(explicit or _env("EXTMIND_RUN_DIR")).resolve()
+    here = Path(".run").resolve()
+    if not (here / RECORD).exists() and (REPO / ".run" / RECORD).exists():
+        return REPO / ".run"
+    return here
+
+
+def write_record(s: Settings, recs: dict) -> None:
+    """Writes the run dir's ``cluster.json`` (atomically): the URLs of the services ``recs``
+    (name -> a record with ``.port``) started, Redis and the memory data dir."""
+
+    def url(name: str) -> str:
+        if _env(f"{name.upper()}_URL"):
+            return _env(f"{name.upper()}_URL")
+        port = recs[name].port if name in recs else getattr(s, f"{name}_port")
+        return f"127.0.0.1:{port}"
+
+    data = {
+        "embedder_url": url("embedder"),
+        "memory_url": url("memory"),
+        "generator_url": url("generator"),
+        "embedder_http_url": f"http://127.0.0.1:{s.embedder_http_port}",
+        "redis_url": s.redis_url,
+        "memory_data_dir": str(s.memory_data_dir),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    tmp = s.record_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, s.record_file)
+
+
+# ------------------------------------------------------------------ the generator's default model
+
+
+def default_generator_model(cache: Path, announce=print) -> Path:
+    """A small random-weight Llama (HF layout + tokenizer), built once and cached under ``cache``."""
+    path = cache / "tiny-llama-random"
+    if (path / "config.json").exists():
+        return path
+    from extmind.tiny_models import build_llama  # the same builder the tests use
+
+    announce(f"building the default generator model (tiny random-weight Llama) in {path} ...")
+    tmp = cache / f".tiny-llama-random.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    # ~0.8M parameters (3 MB): big enough for real multi-layer, multi-head retrieval, quick to load.
+    build_llama(tmp, hidden=128, layers=4, heads=4, kv_heads=2, seed=0)
+    os.replace(tmp, path)  # never leave a half-written model where the generator would load it
+    return path
+
+
+def generator_model(s: Settings, announce=print) -> str:
+    if s.generator_model:
+        return s.generator_model
+    announce(RANDOM_MODEL_NOTICE)
+    return str(default_generator_model(s.model_cache, announce))
+
+
+# ------------------------------------------------------------------ command lines
+
+
+def service_specs(s: Settings, announce=print, names=ORDER) -> dict[str, ServiceSpec]:
+    py = [sys.executable, "-m"]
+    specs: dict[str, ServiceSpec] = {}
+    if "embedder" in names:
+        argv = py + ["services.embedder", "--port", str(s.embedder_port), "--http-port", str(s.embedder_http_port)]
+        for m in filter(None, (x.strip() for x in s.embedder_model.split(","))):
+            argv += ["--model", m]
+        for m in filter(None, (x.strip() for x in s.embedder_reranker.split(","))):
+            argv += ["--reranker", m]
+        specs["embedder"] = ServiceSpec(
+            "embedder",
+            argv,
+            s.embedder_port,
+            f"{probe_host('EMBEDDER')}:{s.embedder_port}",
+            {"http": s.embedder_http_port},
+        )
+    if "memory" in names:
+        argv = py + [
+            "services.memory",
+            "--port",
+            str(s.memory_port),
+            "--embedder-url",
+            s.embedder_url,
+            "--data-dir",
+            str(s.memory_data_dir),
+        ]
+        if s.redis_url:
+            argv += ["--redis-url", s.redis_url]
+        specs["memory"] = ServiceSpec(
+            "memory",
+            argv,
+            s.memory_port,
+            f"{probe_host('MEMORY')}:{s.memory_port}",
+            {"redis": s.redis_url or "embedded"},
+        )
+    if "generator" in names:
+        argv = py + [
+            "services.generator",
+            "--model",
+            generator_model(s, announce),
+            "--memory-url",
+            s.memory_url,
+            "--port",
+            str(s.generator_port),
+        ]
+        specs["generator"] = ServiceSpec(
+            "generator", argv, s.generator_port, f"{probe_host('GENERATOR')}:{s.generator_port}"
+        )
+    return specs
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO), env.get("PYTHONPATH", "")) if x)
+    env.setdefault("EXTMIND_LOG_FORMAT", "text")  # people read .run/logs; containers may set json
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
