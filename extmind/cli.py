@@ -172,7 +172,7 @@ def cmd_docs(a, t: Targets) -> int:
 
 class Progress:
     """Memorize progress on stderr: characters memorized out of the total (the current text
-    counted by its share of tokens done), the current text's tokens done / total and an ETA.
+    counted by its share of tokens done), the current text's tokens done / total and its ETA.
 
     On a terminal one line is redrawn every 0.2 s (with a spinner); otherwise (a log, a pipe) a
     line is printed each time another 10% is done, and once at the end."""
@@ -226,7 +226,7 @@ class Progress:
         done, total = self.tokens
         tokens = f" {done}/{total} tokens" if total else ""
         eta = f" ETA {self.eta:.0f}s" if self.eta > 0 and done < total else ""
-        return (f"{frac * 100:5.1f}% {self.done}/{self.total} chars{tokens} "
+        return (f"{frac * 100:5.1f}% {int(frac * self.total)}/{self.total} chars{tokens} "
                 f"{time.monotonic() - self._t0:6.1f}s{eta}")
 
     def _line(self) -> None:

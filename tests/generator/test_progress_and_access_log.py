@@ -90,6 +90,27 @@ def test_memorize_stream_errors_as_memorize(stub):
         assert e2.value.code() == code
 
 
+def test_cancelling_the_stream_stops_the_build_and_leaves_no_memory(stub, services):
+    import grpc
+
+    _, mem = services
+    req = g.MemorizeRequest(text=TEXT * 4, memory_id="cancelled", window=24, stride=4)
+    call = stub.MemorizeStream(g.MemorizeStreamRequest(request=req), timeout=120)
+    first = [next(call), next(call)]
+    assert all(e.HasField("progress") for e in first) and first[-1].progress.tokens_done < first[-1].progress.tokens_total
+    call.cancel()
+    deadline = time.monotonic() + 30
+    while True:  # the build stops at its next chunk and deletes what it created
+        try:
+            _state(mem, "cancelled")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.NOT_FOUND, e.details()
+            break
+        assert time.monotonic() < deadline, "the cancelled memorize's memory is still there"
+        time.sleep(0.1)
+    _wait_for(services[0], r"method=/extmind\.v1\.GeneratorService/MemorizeStream code=CANCELLED ")
+
+
 def _wait_for(svc: ServiceProcess, pattern: str, timeout: float = 10.0) -> str:
     """The first log line matching ``pattern`` (the line is written as the call ends, which can
     be just after the client has its answer)."""
