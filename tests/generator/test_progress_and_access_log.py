@@ -10,12 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from extmind.procs import ServiceProcess
 from extmind.v1 import generator_pb2 as g
-from extmind.v1 import generator_pb2_grpc
-from extmind.v1 import memory_pb2
+from extmind.v1 import generator_pb2_grpc, memory_pb2
 
 REPO = Path(__file__).resolve().parents[2]
 TEXT = " ".join(f"Fact {i}: the {w} river runs past town number {i}." for i, w in
@@ -76,8 +76,6 @@ def test_memorize_stream_reports_monotonic_progress_then_what_memorize_returns(s
 
 
 def test_memorize_stream_errors_as_memorize(stub):
-    import grpc
-
     for req, code in [(g.MemorizeRequest(), grpc.StatusCode.INVALID_ARGUMENT),
                       (g.MemorizeRequest(text="x", token_ids=[1]), grpc.StatusCode.INVALID_ARGUMENT),
                       (g.MemorizeRequest(text="Some text.", window=8, stride=16), grpc.StatusCode.INVALID_ARGUMENT),
@@ -91,13 +89,12 @@ def test_memorize_stream_errors_as_memorize(stub):
 
 
 def test_cancelling_the_stream_stops_the_build_and_leaves_no_memory(stub, services):
-    import grpc
-
     _, mem = services
     req = g.MemorizeRequest(text=TEXT * 4, memory_id="cancelled", window=24, stride=4)
     call = stub.MemorizeStream(g.MemorizeStreamRequest(request=req), timeout=120)
     first = [next(call), next(call)]
-    assert all(e.HasField("progress") for e in first) and first[-1].progress.tokens_done < first[-1].progress.tokens_total
+    assert all(e.HasField("progress") for e in first)
+    assert first[-1].progress.tokens_done < first[-1].progress.tokens_total
     call.cancel()
     deadline = time.monotonic() + 30
     while True:  # the build stops at its next chunk and deletes what it created
@@ -134,7 +131,6 @@ def test_every_call_gets_one_access_line(stub, services):
     _wait_for(gen, rf"method=/extmind\.v1\.GeneratorService/Memorize code=OK duration_ms=\S+ tokens={m.num_tokens}$")
     # The memory service's calls from that Memorize, and a failed call with its code.
     _wait_for(mem, r"method=/extmind\.v1\.MemoryService/AppendMemory code=OK duration_ms=")
-    import grpc
     with pytest.raises(grpc.RpcError):
         stub.Generate(g.GenerateRequest(), timeout=30)
     line = _wait_for(gen, r"method=/extmind\.v1\.GeneratorService/Generate code=INVALID_ARGUMENT ")
