@@ -70,7 +70,7 @@ status: install
 
 logs:
 	@ls $(RUN_DIR)/logs/*.log >/dev/null 2>&1 || { echo "no logs under $(RUN_DIR)/logs: run 'make up' first"; exit 1; }
-	@tail -n $(or $(LINES),50) $(RUN_DIR)/logs/*.log
+	@tail -n $(or $(LINES),50) $(if $(FOLLOW),-F) $(RUN_DIR)/logs/*.log
 
 demo: install
 	$(PY) -m extmind.demo

@@ -279,35 +279,72 @@ def cmd_docs(a, t: Targets) -> int:
 
 
 class Progress:
-    """A one-line progress bar on stderr: characters memorized out of the total, plus a spinner
-    while the current (unary) call runs."""
+    """Memorize progress on stderr: characters memorized out of the total (the current text
+    counted by its share of tokens done), the current text's tokens done / total and its ETA.
 
-    def __init__(self, total: int, enabled: bool):
+    On a terminal one line is redrawn every 0.2 s (with a spinner); otherwise (a log, a pipe) a
+    line is printed each time another 10% is done, and once at the end."""
+
+    def __init__(self, total: int, enabled: bool, tty: bool | None = None):
         self.total, self.done, self.enabled = max(total, 1), 0, enabled
+        self.tty = sys.stderr.isatty() if tty is None else tty
         self.label = ""
+        self.current = 0        # characters of the text being memorized now
+        self.tokens = (0, 0)    # its tokens done, total
+        self.eta = 0.0          # seconds left for it (0 = unknown)
+        self._printed = -1      # the last 10% step printed (not a TTY)
         self._stop = threading.Event()
         self._t0 = time.monotonic()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def __enter__(self):
-        if self.enabled:
+        if self.enabled and self.tty:
             self._thread.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
-        if self.enabled:
+        if self.enabled and self.tty:
             self._thread.join()
             self._draw(final=True)
             sys.stderr.write("\n")
+        elif self.enabled and exc[0] is None and self._printed < 10:  # e.g. no progress came
+            self._line()
+
+    def update(self, p) -> None:
+        """Takes a MemorizeProgress of the current text."""
+        self.tokens, self.eta = (p.tokens_done, p.tokens_total), p.eta_seconds
+        self._step_line()
+
+    def finish_text(self) -> None:
+        self.done += self.current
+        self.current, self.tokens, self.eta = 0, (0, 0), 0.0
+        self._step_line()
+
+    def _step_line(self) -> None:
+        if self.enabled and not self.tty and int(self._frac() * 10) > self._printed:
+            self._line()
+
+    def _frac(self) -> float:
+        done, total = self.tokens
+        return min(1.0, (self.done + (self.current * done / total if total else 0)) / self.total)
+
+    def _status(self) -> str:
+        frac = self._frac()
+        done, total = self.tokens
+        tokens = f" {done}/{total} tokens" if total else ""
+        eta = f" ETA {self.eta:.0f}s" if self.eta > 0 and done < total else ""
+        return (f"{frac * 100:5.1f}% {int(frac * self.total)}/{self.total} chars{tokens} "
+                f"{time.monotonic() - self._t0:6.1f}s{eta}")
+
+    def _line(self) -> None:
+        self._printed = int(self._frac() * 10)
+        sys.stderr.write(f"memorize {self._status()} {self.label}\n")
+        sys.stderr.flush()
 
     def _draw(self, spin: str = "", final: bool = False):
-        frac = self.done / self.total
-        bar = "#" * int(frac * 30)
-        sys.stderr.write(
-            f"\r[{bar:<30}] {frac * 100:5.1f}% {self.done}/{self.total} chars "
-            f"{time.monotonic() - self._t0:6.1f}s {spin} {_short(self.label, 30):<30}"
-        )
+        bar = "#" * int(self._frac() * 30)
+        sys.stderr.write(f"\r[{bar:<30}] {self._status()} {spin} {_short(self.label, 30):<30}")
         sys.stderr.flush()
 
     def _loop(self):
@@ -370,17 +407,18 @@ def cmd_memorize(a, t: Targets) -> int:
     try:
         with Progress(sum(len(p) for _, p, _ in jobs), enabled=not a.quiet) as bar:
             for mid, text, source in jobs:
-                bar.label = mid
-                results.append(_memorize_one(t, mid, text, {"source": source, **labels}, a.replace))
-                bar.done += len(text)
+                bar.label, bar.current = mid, len(text)
+                results.append(_memorize_one(t, mid, text, {"source": source, **labels}, a.replace, bar))
+                bar.finish_text()
     finally:
         for line in results:
             print(line)
     return 0
 
 
-def _memorize_one(t: Targets, mid: str, text: str, labels: dict, replace: bool) -> str:
-    """Memorizes ``text`` as ``mid`` (skipped when it exists, unless ``replace``) -> the line to print."""
+def _memorize_one(t: Targets, mid: str, text: str, labels: dict, replace: bool, bar: Progress) -> str:
+    """Memorizes ``text`` as ``mid`` (skipped when it exists, unless ``replace``), streaming its
+    progress into ``bar`` -> the line to print."""
     skipped = f"{mid}: exists already, skipped (--replace memorizes it again)"
     if _exists(t, mid):
         if not replace:
@@ -389,14 +427,22 @@ def _memorize_one(t: Targets, mid: str, text: str, labels: dict, replace: bool) 
     # The text itself is not stored (only token ids, and no service detokenizes): keep how it
     # starts, for `extmind memories show`.
     labels = {"excerpt": _short(text, EXCERPT_CHARS), **labels}
+    req = generator_pb2.MemorizeRequest(text=text, memory_id=mid, labels=labels)
+    r = None
     try:
-        r = t.generator.Memorize(
-            generator_pb2.MemorizeRequest(text=text, memory_id=mid, labels=labels), timeout=TIMEOUT, metadata=_md()
-        )
+        for ev in t.generator.MemorizeStream(
+            generator_pb2.MemorizeStreamRequest(request=req), timeout=TIMEOUT, metadata=_md()
+        ):
+            if ev.HasField("progress"):
+                bar.update(ev.progress)
+            else:
+                r = ev.done
     except grpc.RpcError as e:
         if e.code() != grpc.StatusCode.ALREADY_EXISTS:  # made meanwhile by someone else
             raise
         return skipped
+    if r is None:
+        raise CliError(f"the generator ended memorizing {mid} without a result; see its log")
     return f"{r.memory_id}: {r.num_tokens} tokens, {r.num_rows} memory rows ({ROWS_NOTE})"
 
 

@@ -154,6 +154,7 @@ REGISTRY: tuple[EnvVar, ...] = (
     EnvVar("PYTHON", "python3", "Makefile", "interpreter that creates `.venv`"),
     EnvVar("RUN_DIR", "$EXTMIND_RUN_DIR, else $(CURDIR)/.run", "Makefile", "run directory passed as `--run-dir` by up/down/status/logs"),
     EnvVar("LINES", "50", "Makefile", "lines per log shown by `make logs`"),
+    EnvVar("FOLLOW", "", "Makefile", "non-empty: `make logs` keeps following the logs (tail -F)"),
 )
 
 BY_NAME = {v.name: v for v in REGISTRY}

@@ -1,15 +1,21 @@
 """Server interceptors: bearer-token auth, the readiness guard, and one place that maps
-exceptions to status codes.
+exceptions to status codes and writes the access log.
 
 Engines raise ``extmind.errors`` exceptions; this turns them into the matching gRPC status
 (``code``) with the engine's human message. Anything else is INTERNAL (logged with its
 traceback), and the service keeps serving. Health and reflection pass every interceptor.
+
+Every other call gets one access line (logger ``extmind.rpc``, message ``rpc``) when it ends:
+``method``, ``code``, ``duration_ms`` and whatever the servicer added with ``note_access``
+(e.g. token counts).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import time
 
 import grpc
 
@@ -34,32 +40,79 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}: {exc}); the service is still up"
 
 
+# The current call's extra access-log fields; the servicer runs in the wrapper's task, so it
+# sees the dict the wrapper put here.
+_ACCESS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("extmind_access", default=None)
+
+
+def note_access(**fields) -> None:
+    """Adds ``fields`` (e.g. prompt_tokens=12) to the current call's access line; a no-op
+    outside an intercepted call."""
+    extra = _ACCESS.get()
+    if extra is not None:
+        extra.update(fields)
+
+
+def _log_access(method: str, code: grpc.StatusCode, t0: float, extra: dict | None = None, error: str = "",
+                exc: BaseException | None = None) -> None:
+    fields = {"method": method, "code": code.name, "duration_ms": round((time.monotonic() - t0) * 1000, 1),
+              **(extra or {})}
+    if error:
+        fields["error"] = error
+    level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
+    log.log(level, "rpc", extra=fields, exc_info=exc if code == grpc.StatusCode.INTERNAL else None)
+
+
+def _code_of(context) -> grpc.StatusCode:
+    """The code an aborted call ends with (UNKNOWN where this grpc cannot tell)."""
+    try:
+        code = context.code()
+    except (AttributeError, NotImplementedError):
+        return grpc.StatusCode.UNKNOWN
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+
 def _wrap(behavior, method: str, response_streaming: bool):
-    async def _fail(context, exc):
+    async def _fail(context, exc, t0, extra):
         code, message = _status_of(exc)
-        level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
-        log.log(level, "rpc failed", extra={"method": method, "code": code.name, "error": message},
-                exc_info=exc if code == grpc.StatusCode.INTERNAL else None)
+        _log_access(method, code, t0, extra, message, exc)
         await context.abort(code, message)
 
     if response_streaming:
         async def stream_wrapper(request, context):
+            t0, extra = time.monotonic(), {}
+            _ACCESS.set(extra)
             try:
                 async for item in behavior(request, context):
                     yield item
-            except (grpc.aio.AbortError, asyncio.CancelledError):
+            except grpc.aio.AbortError:
+                _log_access(method, _code_of(context), t0, extra)
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                _log_access(method, grpc.StatusCode.CANCELLED, t0, extra)
                 raise
             except Exception as exc:  # noqa: BLE001 - the point is to catch everything
-                await _fail(context, exc)
+                await _fail(context, exc, t0, extra)
+            else:
+                _log_access(method, grpc.StatusCode.OK, t0, extra)
         return stream_wrapper
 
     async def unary_wrapper(request, context):
+        t0, extra = time.monotonic(), {}
+        _ACCESS.set(extra)
         try:
-            return await behavior(request, context)
-        except (grpc.aio.AbortError, asyncio.CancelledError):
+            out = await behavior(request, context)
+        except grpc.aio.AbortError:
+            _log_access(method, _code_of(context), t0, extra)
+            raise
+        except asyncio.CancelledError:
+            _log_access(method, grpc.StatusCode.CANCELLED, t0, extra)
             raise
         except Exception as exc:  # noqa: BLE001
-            await _fail(context, exc)
+            await _fail(context, exc, t0, extra)
+        else:
+            _log_access(method, grpc.StatusCode.OK, t0, extra)
+            return out
     return unary_wrapper
 
 
@@ -87,16 +140,20 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return _rewrap(handler, lambda b, streaming: _wrap(b, details.method, streaming))
 
 
-def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that answers ``code`` without running it."""
+def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str,
+              method: str) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that answers ``code`` without running it (and
+    writes the access line: these calls never reach the error interceptor's wrapper)."""
     def refuse(streaming):
         if streaming:
             async def refuse_stream(request, context):
+                _log_access(method, code, time.monotonic())
                 await context.abort(code, message)
                 yield  # pragma: no cover - makes this an async generator
             return refuse_stream
 
         async def refuse_unary(request, context):
+            _log_access(method, code, time.monotonic())
             await context.abort(code, message)
         return refuse_unary
     return _rewrap(handler, lambda b, streaming: refuse(streaming))
@@ -116,7 +173,7 @@ class ReadinessInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if self.ready or details.method.startswith(_OPEN_PREFIXES):
             return handler
-        return _refusing(handler, grpc.StatusCode.UNAVAILABLE, self._message)
+        return _refusing(handler, grpc.StatusCode.UNAVAILABLE, self._message, details.method)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -131,4 +188,4 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if check_bearer(dict(details.invocation_metadata or ()).get("authorization"), self._token):
             return handler
-        return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED, HOW_TO_AUTHENTICATE)
+        return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED, HOW_TO_AUTHENTICATE, details.method)

@@ -24,7 +24,7 @@ from services.common.mlx_thread import MLXThread
 from services.generator.bank_cache import BankCache, LocalRetriever, bank_from_numpy
 from services.generator.extended_attention import MemoryContext, install
 from services.generator.fingerprint import model_fingerprint
-from services.generator.memory_builder import MemoryBuilder
+from services.generator.memory_builder import MemorizeProgress, MemoryBuilder
 from services.generator.memory_client import MemoryClient
 from services.generator.memory_resolution import MemoryResolver, ModelShape, ResolvedMemory
 from services.generator.remote_retrieval import RemoteRetriever
@@ -228,17 +228,44 @@ class GeneratorEngine:
     # ---------------------------------------------------------------- memorize
 
     def memorize_blocking(self, token_ids: list[int], *, memory_id: str = "", labels=None,
-                          window: int = 0, stride: int = 0) -> dict:
+                          window: int = 0, stride: int = 0, progress=None) -> dict:
         """Builds a memory window by window and streams it to the memory service (blocking; off
-        the MLX thread). window / stride 0 = the configured ones. Returns dict(memory_id,
-        num_tokens, num_rows, model_fingerprint)."""
+        the MLX thread). window / stride 0 = the configured ones. ``progress`` as for
+        ``MemoryBuilder.build``. Returns dict(memory_id, num_tokens, num_rows, model_fingerprint)."""
         if self._builder is None:
             raise errors.FailedPrecondition(_NO_MEMORY_SERVICE)
         if not token_ids:
             raise errors.InvalidArgument("nothing to memorize: send a non-empty text or token_ids")
         self._check_vocab(token_ids, "token_ids")
         return self._builder.build(list(token_ids), memory_id=memory_id, labels=labels,
-                                   window=window or self.config.window, stride=stride or self.config.stride)
+                                   window=window or self.config.window, stride=stride or self.config.stride,
+                                   progress=progress)
 
     async def memorize(self, token_ids, **kw) -> dict:
         return await asyncio.to_thread(self.memorize_blocking, list(token_ids), **kw)
+
+    async def memorize_stream(self, token_ids, **kw) -> AsyncIterator[MemorizeProgress | dict]:
+        """``memorize`` with progress: yields MemorizeProgress reports, then the result dict.
+        Closing the iterator early (cancellation) stops the build at its next chunk and deletes
+        the half-built memory. Raises what ``memorize_blocking`` raises."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        closed = False
+
+        def progress(p: MemorizeProgress) -> None:
+            if closed:
+                raise errors.Cancelled("the memorize call was cancelled")
+            loop.call_soon_threadsafe(events.put_nowait, p)
+
+        job = asyncio.ensure_future(asyncio.to_thread(self.memorize_blocking, list(token_ids), progress=progress, **kw))
+        job.add_done_callback(lambda _: events.put_nowait(None))
+        try:
+            while True:
+                ev = await events.get()
+                if ev is None:
+                    break
+                yield ev
+            yield job.result()  # reports and the job's end reach the loop in order: none is left behind
+        finally:
+            closed = True
+            job.add_done_callback(lambda j: j.cancelled() or j.exception())  # retrieved: no "never retrieved" warning

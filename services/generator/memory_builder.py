@@ -12,6 +12,7 @@ the memory service before computing the next window, so only one window is ever 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -61,15 +62,30 @@ def kept_rows(token_ids, special_ids) -> tuple[list[int], list[int]]:
     return [token_ids[p] for p in positions], positions
 
 
+@dataclass(frozen=True)
+class MemorizeProgress:
+    """Where a memorize stands: tokens of the text whose keys and values are computed (the
+    furthest token any window reached), windows finished, seconds since ``build`` started and
+    the estimated seconds left (0.0 = unknown yet; estimated from the forward work done, which
+    counts the windows' overlap)."""
+    tokens_done: int
+    tokens_total: int
+    windows_done: int
+    windows_total: int
+    elapsed_seconds: float
+    eta_seconds: float
+
+
 def window_rows(model: nn.Module, state: ExtendedMindState, token_ids, w: Window, special_ids,
-                chunk: int | None = None, run=None) -> list[tuple[np.ndarray, np.ndarray]]:
+                chunk: int | None = None, run=None, on_chunk=None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Runs the plain model over one window and returns, per layer, the new non-special rows' raw
     keys and values as float32 numpy [KVH, n, d].
 
     The window is prefilled in chunks of ``chunk`` tokens through a fresh mlx-lm KV cache
     (positions still start at 0 in every window); ``run(fn, *args)`` executes each chunk on the
     MLX thread, so a caller off that thread lets decode steps of other requests run between
-    chunks instead of stalling them for a whole window.
+    chunks instead of stalling them for a whole window. ``on_chunk(hi)`` is called (on the
+    caller's thread) after each chunk with one past its last token.
     """
     special = set(special_ids)
     run = run or (lambda fn, *a: fn(*a))
@@ -94,7 +110,10 @@ def window_rows(model: nn.Module, state: ExtendedMindState, token_ids, w: Window
         return [(np.array(k), np.array(v)) for k, v in out]
 
     for lo in range(w.start, w.end, chunk):
-        parts.append(run(step, lo, min(lo + chunk, w.end)))
+        hi = min(lo + chunk, w.end)
+        parts.append(run(step, lo, hi))
+        if on_chunk is not None:
+            on_chunk(hi)
     return [(np.concatenate([p[i][0] for p in parts], axis=1), np.concatenate([p[i][1] for p in parts], axis=1))
             for i in range(len(parts[0]))]
 
@@ -115,11 +134,15 @@ class MemoryBuilder:
         self.run = run
 
     def build(self, token_ids: list[int], *, memory_id: str = "", labels=None, window: int = DEFAULT_WINDOW,
-              stride: int = DEFAULT_STRIDE) -> dict:
+              stride: int = DEFAULT_STRIDE, progress: Callable[[MemorizeProgress], None] | None = None) -> dict:
         """Creates the memory, appends every layer's rows window by window and returns
         dict(memory_id, num_tokens, num_rows, model_fingerprint). On any failure the half-built
         memory is deleted and the error re-raised (InvalidArgument for bad windows or a text of
-        only special tokens; the memory service's errors otherwise)."""
+        only special tokens; the memory service's errors otherwise).
+
+        ``progress`` (if given) is called with a MemorizeProgress once before the first window
+        and after every prefill chunk of every window, from the thread gRPC pulls the append
+        stream on; an exception it raises aborts the build like any other failure."""
         windows = plan_windows(len(token_ids), window, stride)
         row_tokens, positions = kept_rows(token_ids, self.special_ids)
         if not row_tokens:
@@ -131,7 +154,7 @@ class MemoryBuilder:
                                             token_ids=row_tokens, positions=positions, labels=labels or {})
         mid = created.memory_id
         try:
-            resp = self.client.append(self._messages(mid, token_ids, windows))
+            resp = self.client.append(self._messages(mid, token_ids, windows, progress))
             if resp.state != memory_pb2.MEMORY_STATE_READY:
                 raise errors.Internal(f"memory {mid!r} is not READY after all rows were appended")
         except BaseException:
@@ -143,12 +166,29 @@ class MemoryBuilder:
         return dict(memory_id=mid, num_tokens=len(token_ids), num_rows=len(row_tokens),
                     model_fingerprint=s.fingerprint)
 
-    def _messages(self, mid: str, token_ids, windows) -> Iterator[memory_pb2.AppendMemoryRequest]:
+    def _messages(self, mid: str, token_ids, windows, progress=None) -> Iterator[memory_pb2.AppendMemoryRequest]:
         """The append stream, computed lazily: the next window's forward runs only when gRPC
         asks for its first message."""
+        t0 = time.monotonic()
+        work_total = sum(w.end - w.start for w in windows)  # tokens run through the model, overlap included
+        done = dict(tokens=0, windows=0, work=0)
+
+        def report(w: Window | None = None, hi: int = 0) -> None:
+            if progress is None:
+                return
+            if w is not None:
+                done["tokens"] = max(done["tokens"], hi)
+                done["work"] = sum(x.end - x.start for x in windows[:done["windows"]]) + hi - w.start
+                done["windows"] += hi == w.end
+            elapsed = time.monotonic() - t0
+            work = done["work"]
+            eta = elapsed * (work_total - work) / work if work else 0.0
+            progress(MemorizeProgress(done["tokens"], len(token_ids), done["windows"], len(windows), elapsed, eta))
+
+        report()
         for w in windows:
             layers = window_rows(self.model, self.state, token_ids, w, self.special_ids, chunk=self.chunk,
-                                 run=self.run)
+                                 run=self.run, on_chunk=lambda hi, w=w: report(w, hi))
             for layer, (k, v) in enumerate(layers):
                 if k.shape[1] == 0:
                     continue

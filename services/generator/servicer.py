@@ -5,7 +5,9 @@ from __future__ import annotations
 from extmind.errors import InvalidArgument
 from extmind.v1 import generator_pb2, generator_pb2_grpc
 from services.common.config import DEFAULT_MAX_RESPONSE_MB
+from services.common.interceptor import note_access
 from services.generator.engine import GeneratorEngine
+from services.generator.memory_builder import MemorizeProgress
 from services.generator.request_types import (
     DEFAULT_MAX_TOKENS,
     LENGTH,
@@ -88,6 +90,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 lps += ev.logprobs
             else:
                 text.append(ev.remaining_text)
+                note_access(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens)
                 response = generator_pb2.GenerateResponse(
                     text="".join(text), token_ids=ids, logprobs=lps, finish_reason=_FINISH[ev.finish_reason],
                     usage=generator_pb2.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens),
@@ -102,18 +105,35 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             if isinstance(ev, Chunk):
                 yield generator_pb2.GenerateStreamResponse(text=ev.text, token_ids=ev.token_ids, logprobs=ev.logprobs)
             else:
+                note_access(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens)
                 yield generator_pb2.GenerateStreamResponse(
                     text=ev.remaining_text, finish_reason=_FINISH[ev.finish_reason],
                     usage=generator_pb2.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens),
                     citations=_citations(ev))
 
-    async def Memorize(self, request, context):
+    def _memorize_args(self, request) -> tuple[list[int], dict]:
         if request.text and request.token_ids:
             raise InvalidArgument("give text or token_ids, not both")
         tokens = list(request.token_ids) or (self.engine.tokenizer.encode(request.text) if request.text else [])
-        out = await self.engine.memorize(tokens, memory_id=request.memory_id, labels=dict(request.labels),
-                                         window=request.window, stride=request.stride)
+        return tokens, dict(memory_id=request.memory_id, labels=dict(request.labels), window=request.window,
+                            stride=request.stride)
+
+    async def Memorize(self, request, context):
+        tokens, kw = self._memorize_args(request)
+        out = await self.engine.memorize(tokens, **kw)
+        note_access(tokens=out["num_tokens"])
         return generator_pb2.MemorizeResponse(**out)
+
+    async def MemorizeStream(self, request, context):
+        tokens, kw = self._memorize_args(request.request)
+        async for ev in self.engine.memorize_stream(tokens, **kw):
+            if isinstance(ev, MemorizeProgress):
+                yield generator_pb2.MemorizeStreamResponse(progress=generator_pb2.MemorizeProgress(
+                    tokens_done=ev.tokens_done, tokens_total=ev.tokens_total, windows_done=ev.windows_done,
+                    windows_total=ev.windows_total, elapsed_seconds=ev.elapsed_seconds, eta_seconds=ev.eta_seconds))
+            else:
+                note_access(tokens=ev["num_tokens"])
+                yield generator_pb2.MemorizeStreamResponse(done=generator_pb2.MemorizeResponse(**ev))
 
     async def GetInfo(self, request, context):
         return generator_pb2.GeneratorServiceGetInfoResponse(**self.engine.info())
