@@ -154,6 +154,6 @@ def test_cli_memorize_prints_a_line_per_tenth_when_not_a_tty(services, tmp_path)
     pcts = [float(re.search(r"(\d+\.\d)%", x).group(1)) for x in lines]
     assert pcts == sorted(pcts) and pcts[-1] == 100.0, lines
     assert any(re.search(r" \d+/\d+ tokens", x) for x in lines), lines
-    m = re.search(r"from-cli: (\d+) tokens, (\d+) rows", p.stdout)
+    m = re.search(r"from-cli: (\d+) tokens, (\d+) memory rows", p.stdout)
     assert m, p.stdout
     assert _state(mem, "from-cli") == memory_pb2.MEMORY_STATE_READY
