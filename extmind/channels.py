@@ -23,9 +23,9 @@ def parse_target(url: str) -> tuple[str, bool]:
     """-> (grpc target, use TLS)."""
     url = url.strip()
     if url.startswith("grpcs://"):
-        return url[len("grpcs://"):].rstrip("/"), True
+        return url[len("grpcs://") :].rstrip("/"), True
     if url.startswith("grpc://"):
-        return url[len("grpc://"):].rstrip("/"), False
+        return url[len("grpc://") :].rstrip("/"), False
     if url.startswith(("http://", "https://")):
         raise ValueError(f"{url!r} is an HTTP URL; gRPC targets look like host:port or grpc://host:port")
     return url.rstrip("/"), False

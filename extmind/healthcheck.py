@@ -20,8 +20,9 @@ def check(target: str, service: str = "", timeout: float = 2.0) -> str:
     try:
         with sync_channel(target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout,
-                               metadata=auth_metadata())
+            reply = stub.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=auth_metadata()
+            )
             return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     except grpc.RpcError as e:
         if e.code() == grpc.StatusCode.NOT_FOUND:

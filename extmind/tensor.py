@@ -25,8 +25,12 @@ STORAGE = {
     INT64: np.dtype("<i8"),
 }
 ITEMSIZE = {k: v.itemsize for k, v in STORAGE.items()}
-_FROM_NUMPY = {np.dtype("float32"): FLOAT32, np.dtype("float16"): FLOAT16,
-               np.dtype("int32"): INT32, np.dtype("int64"): INT64}
+_FROM_NUMPY = {
+    np.dtype("float32"): FLOAT32,
+    np.dtype("float16"): FLOAT16,
+    np.dtype("int32"): INT32,
+    np.dtype("int64"): INT64,
+}
 
 
 def dtype_name(dtype: int) -> str:
@@ -70,11 +74,14 @@ def _check(t: common_pb2.Tensor, name: str, dtypes, shape, ndim) -> np.dtype:
     if t is None or (t.dtype == 0 and not t.shape and not t.data):
         raise InvalidArgument(f"{name} is missing: send a Tensor with dtype, shape and data")
     if t.dtype not in STORAGE:
-        raise InvalidArgument(f"{name}.dtype {dtype_name(t.dtype)} is not a valid dtype; use one of "
-                              + ", ".join(dtype_name(d) for d in STORAGE))
+        raise InvalidArgument(
+            f"{name}.dtype {dtype_name(t.dtype)} is not a valid dtype; use one of "
+            + ", ".join(dtype_name(d) for d in STORAGE)
+        )
     if dtypes is not None and t.dtype not in dtypes:
-        raise InvalidArgument(f"{name}.dtype is {dtype_name(t.dtype)}; expected "
-                              + " or ".join(dtype_name(d) for d in dtypes))
+        raise InvalidArgument(
+            f"{name}.dtype is {dtype_name(t.dtype)}; expected " + " or ".join(dtype_name(d) for d in dtypes)
+        )
     dims = list(t.shape)
     if any(d < 0 for d in dims):
         raise InvalidArgument(f"{name}.shape {dims} has a negative dimension")
@@ -87,8 +94,9 @@ def _check(t: common_pb2.Tensor, name: str, dtypes, shape, ndim) -> np.dtype:
     n = int(np.prod(dims, dtype=np.int64)) if dims else 1
     want_bytes = n * ITEMSIZE[t.dtype]
     if len(t.data) != want_bytes:
-        raise InvalidArgument(f"{name}.data has {len(t.data)} bytes but shape {dims} of "
-                              f"{dtype_name(t.dtype)} needs {want_bytes}")
+        raise InvalidArgument(
+            f"{name}.data has {len(t.data)} bytes but shape {dims} of {dtype_name(t.dtype)} needs {want_bytes}"
+        )
     return STORAGE[t.dtype]
 
 

@@ -49,8 +49,12 @@ def memory_service_factory(redis_server, tmp_path):
     made = []
 
     def make(*, redis_url: str | None = None, args=(), env=None, start=True) -> MemoryServiceProcess:
-        svc = MemoryServiceProcess(redis_url or redis_server.url, log_dir=tmp_path / "logs", args=args,
-                                   env={"EXTMIND_AUTH_TOKEN": "", **(env or {})})
+        svc = MemoryServiceProcess(
+            redis_url or redis_server.url,
+            log_dir=tmp_path / "logs",
+            args=args,
+            env={"EXTMIND_AUTH_TOKEN": "", **(env or {})},
+        )
         made.append(svc)
         if start:
             svc.start()

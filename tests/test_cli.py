@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from extmind.tiny_models import build_llama
-
 from extmind.procs import RedisProcess, ServiceProcess, free_ports
+from extmind.tiny_models import build_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,13 +13,16 @@ SCANNED = ("extmind", "services", "bench")
 SERVICE_PREFIXES = ("EMBEDDER", "MEMORY", "GENERATOR")
 
 NAME = r"""["']([A-Z_][A-Z0-9_]*)["']"""
-LITERAL_READS = [re.compile(p) for p in (
-    r"os\.environ\.(?:get|setdefault|pop)\(\s*" + NAME,
-    r"os\.getenv\(\s*" + NAME,
-    r"os\.environ\[\s*" + NAME + r"\s*\]",
-    r"\benv\s*=\s*" + NAME,                       # FlagParser.flag(..., env="X") fallbacks
-    r"\b_env\(\s*" + NAME,                        # the cluster launcher's reader
-)]
+LITERAL_READS = [
+    re.compile(p)
+    for p in (
+        r"os\.environ\.(?:get|setdefault|pop)\(\s*" + NAME,
+        r"os\.getenv\(\s*" + NAME,
+        r"os\.environ\[\s*" + NAME + r"\s*\]",
+        r"\benv\s*=\s*" + NAME,  # FlagParser.flag(..., env="X") fallbacks
+        r"\b_env\(\s*" + NAME,  # the cluster launcher's reader
+    )
+]
 # env=f"{prefix}_HOST" (the shared server flags) and _env(f"{prefix}_HOST"): one per service.
 PREFIXED_READS = re.compile(r"""(?:\benv\s*=\s*|\b_env\(\s*)f["']\{\w+\}(_[A-Z0-9_]+)["']""")
 # Reads whose name is not a literal; each is accounted for below (MODELS, ENV_VARS, flag tables).
@@ -51,15 +54,22 @@ def _reads() -> dict[str, list[str]]:
 def test_scan_finds_the_reads_it_is_meant_to_find():
     reads = _reads()
     # one of each kind of read, so a broken pattern cannot pass silently
-    for name in ("EXTMIND_FAISS_THREADS", "EXTMIND_CLI_TIMEOUT", "EXTMIND_TLS_CA", "GENERATOR_WINDOW",
-                 "MEMORY_HOST", "EXTMIND_RUN_DIR"):
+    for name in (
+        "EXTMIND_FAISS_THREADS",
+        "EXTMIND_CLI_TIMEOUT",
+        "EXTMIND_TLS_CA",
+        "GENERATOR_WINDOW",
+        "MEMORY_HOST",
+        "EXTMIND_RUN_DIR",
+    ):
         assert name in reads, f"the scan no longer sees {name}: update the patterns in this test"
 
 
 def test_every_variable_read_is_registered():
     missing = {n: where for n, where in _reads().items() if n not in envvars.BY_NAME}
     assert not missing, "variables read but missing from extmind/envvars.py REGISTRY: " + "; ".join(
-        f"{n} ({', '.join(w)})" for n, w in sorted(missing.items()))
+        f"{n} ({', '.join(w)})" for n, w in sorted(missing.items())
+    )
 
 
 def test_indirect_reads_are_accounted_for():
@@ -69,8 +79,10 @@ def test_indirect_reads_are_accounted_for():
             for m in INDIRECT_READ.finditer(line):
                 if m.group(1) not in KNOWN_INDIRECT:
                     odd.append(f"{path.relative_to(REPO)}:{no}: {m.group(0)}")
-    assert not odd, ("environment reads through an expression this test cannot follow; register the "
-                     "variables and teach test_envvars.py where the names come from:\n" + "\n".join(odd))
+    assert not odd, (
+        "environment reads through an expression this test cannot follow; register the "
+        "variables and teach test_envvars.py where the names come from:\n" + "\n".join(odd)
+    )
 
 
 def test_model_alias_variables_are_registered():
@@ -128,7 +140,8 @@ def test_documentation_tables_list_exactly_the_registry():
         assert table is not None, f"{rel} has no generated configuration table (markers missing)"
         names = _table_names(table)
         assert sorted(set(names)) == sorted(expected), (
-            f"{rel}: missing {sorted(set(expected) - set(names))}, extra {sorted(set(names) - set(expected))}")
+            f"{rel}: missing {sorted(set(expected) - set(names))}, extra {sorted(set(names) - set(expected))}"
+        )
         assert len(names) == len(set(names)), f"{rel}: a variable is listed twice"
         assert table == envvars.markdown_table(), f"{rel} is stale: run python -m extmind.envvars --write"
 

@@ -9,9 +9,11 @@ import subprocess
 import sys
 import time
 
-from extmind.procs import group_alive, free_ports, stop_process
+from extmind.procs import free_ports, group_alive, stop_process
 
-IGNORES_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+IGNORES_TERM = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+)
 
 
 def _ready(cmd: str, **kw) -> subprocess.Popen:
@@ -25,7 +27,7 @@ def test_sigterm_is_enough_for_a_process_that_obeys_it():
     t0 = time.monotonic()
     assert stop_process(proc, 10) == -signal.SIGTERM
     assert time.monotonic() - t0 < 5
-    assert stop_process(proc, 10) == -signal.SIGTERM   # already stopped: its exit code again
+    assert stop_process(proc, 10) == -signal.SIGTERM  # already stopped: its exit code again
 
 
 def test_sigkill_after_the_grace():
@@ -46,13 +48,15 @@ def test_by_pid():
     ignores = _ready(IGNORES_TERM)
     assert stop_process(ignores.pid, 0.5) == -signal.SIGKILL
     assert obeys.wait(5) == -signal.SIGTERM and ignores.wait(5) == -signal.SIGKILL
-    assert stop_process(obeys.pid, 1) is None   # gone (and reaped): nothing to stop
+    assert stop_process(obeys.pid, 1) is None  # gone (and reaped): nothing to stop
 
 
 def test_group_takes_the_children_too():
     # The leader starts a child that ignores SIGTERM and outlives it.
-    cmd = (f"import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', {IGNORES_TERM!r}], "
-           "stdout=subprocess.PIPE); child.stdout.readline(); print('ready', flush=True); time.sleep(60)")
+    cmd = (
+        f"import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', {IGNORES_TERM!r}], "
+        "stdout=subprocess.PIPE); child.stdout.readline(); print('ready', flush=True); time.sleep(60)"
+    )
     proc = _ready(cmd, start_new_session=True)
     assert group_alive(proc.pid)
     assert stop_process(proc, 0.5, group=True) == -signal.SIGTERM

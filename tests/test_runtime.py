@@ -15,11 +15,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from extmind import errors
 from extmind.channels import aio_channel, sync_channel
+from extmind.procs import health_status
 from extmind.v1 import memory_pb2, memory_pb2_grpc
 from services.common.auth import check_bearer
 from services.common.config import FlagParser, add_server_flags
 from services.common.server import Server, Service
-from extmind.procs import health_status
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -54,8 +54,9 @@ class Toy(memory_pb2_grpc.MemoryServiceServicer):
 
 async def _health(ch, service=NAME):
     try:
-        return (await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
-                                                           timeout=2)).status
+        return (
+            await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+        ).status
     except grpc.aio.AioRpcError:
         return None
 
@@ -67,8 +68,12 @@ async def test_health_not_serving_until_ready_then_drains():
         await ready.wait()
 
     stopped = []
-    server = Server(_args(), [Service(NAME, lambda s: memory_pb2_grpc.add_MemoryServiceServicer_to_server(Toy(), s))],
-                    on_start=on_start, on_stop=lambda: _note(stopped))
+    server = Server(
+        _args(),
+        [Service(NAME, lambda s: memory_pb2_grpc.add_MemoryServiceServicer_to_server(Toy(), s))],
+        on_start=on_start,
+        on_stop=lambda: _note(stopped),
+    )
     starting = asyncio.create_task(server.start())
     for _ in range(100):
         if server.port:
@@ -87,7 +92,7 @@ async def test_health_not_serving_until_ready_then_drains():
         await asyncio.sleep(0.2)
         stopping = asyncio.create_task(server.stop(grace=5))
         await asyncio.sleep(0.1)
-        assert (await slow).memory.memory_id == "slow"   # in-flight call finished during the drain
+        assert (await slow).memory.memory_id == "slow"  # in-flight call finished during the drain
         await stopping
     assert stopped == ["yes"]
 
@@ -100,8 +105,13 @@ async def test_rpcs_answer_unavailable_until_on_start_completes():
     async def on_start():
         await ready.wait()
 
-    server = Server(_args(), [Service(NAME, lambda s: memory_pb2_grpc.add_MemoryServiceServicer_to_server(Toy(), s))],
-                    on_start=on_start, label="the toy service", loading="warming up")
+    server = Server(
+        _args(),
+        [Service(NAME, lambda s: memory_pb2_grpc.add_MemoryServiceServicer_to_server(Toy(), s))],
+        on_start=on_start,
+        label="the toy service",
+        loading="warming up",
+    )
     starting = asyncio.create_task(server.start())
     for _ in range(100):
         if server.port:
@@ -118,7 +128,7 @@ async def test_rpcs_answer_unavailable_until_on_start_completes():
                 async for _ in stub.FetchMemory(memory_pb2.FetchMemoryRequest(), timeout=5):
                     pass
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "is loading" in e.value.details()
-            assert await _health(ch) == NOT_SERVING       # health answers throughout
+            assert await _health(ch) == NOT_SERVING  # health answers throughout
             ready.set()
             await starting
             r = await stub.GetMemory(memory_pb2.GetMemoryRequest(memory_id="m"), timeout=5)
@@ -127,7 +137,7 @@ async def test_rpcs_answer_unavailable_until_on_start_completes():
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 async for x in stub.FetchMemory(memory_pb2.FetchMemoryRequest(), timeout=5):
                     layers.append(x.layer)
-            assert layers == [0] and e.value.code() == grpc.StatusCode.NOT_FOUND   # the servicer's own answer
+            assert layers == [0] and e.value.code() == grpc.StatusCode.NOT_FOUND  # the servicer's own answer
     finally:
         ready.set()
         await server.stop(grace=0)
@@ -189,11 +199,12 @@ def test_sigterm_is_graceful(memory_service):
 
     from extmind.tensor import FLOAT32
     from tests.memory import helpers as h
+
     stub = memory_service.stub()
     rng = np.random.default_rng(0)
     K, V = h.random_kv(rng, 2, 1, 8, 4, FLOAT32)
     h.create(stub, "g", K, FLOAT32)
-    held = h.HeldAppend(stub, "g", K, V, FLOAT32)   # still open when SIGTERM arrives
+    held = h.HeldAppend(stub, "g", K, V, FLOAT32)  # still open when SIGTERM arrives
     memory_service.proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 5
     while health_status(memory_service.address, NAME) == SERVING and time.monotonic() < deadline:
@@ -208,8 +219,8 @@ def test_sigterm_is_graceful(memory_service):
 def test_bearer_check():
     assert check_bearer("Bearer s3cret", "s3cret") and check_bearer(b"Bearer s3cret", "s3cret")
     assert not check_bearer("Bearer wrong", "s3cret") and not check_bearer(None, "s3cret")
-    assert not check_bearer("s3cret", "s3cret")          # the scheme is part of the header
-    assert check_bearer(None, "")                         # no token configured: auth is off
+    assert not check_bearer("s3cret", "s3cret")  # the scheme is part of the header
+    assert check_bearer(None, "")  # no token configured: auth is off
 
 
 def test_flags_fall_back_to_environment(monkeypatch):
@@ -219,7 +230,7 @@ def test_flags_fall_back_to_environment(monkeypatch):
     add_server_flags(p, prefix="RUNTIME_TEST", port=9)
     args = p.parse_args([])
     assert args.port == 1234 and args.auth_token == "tok"
-    assert p.parse_args(["--port", "77"]).port == 77          # the flag wins over the variable
+    assert p.parse_args(["--port", "77"]).port == 77  # the flag wins over the variable
     assert "RUNTIME_TEST_PORT" in p.format_help()
 
 
@@ -227,12 +238,32 @@ def _self_signed(tmp_path):
     """A throwaway certificate for localhost, made by the openssl command line."""
     import shutil
     import subprocess
+
     openssl = shutil.which("openssl")
     assert openssl, "the openssl command is needed to make a test certificate"
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
@@ -240,15 +271,18 @@ async def test_tls_from_certificate_files(tmp_path):
     """--tls-cert/--tls-key serve TLS: a client trusting the certificate gets answers (auth on
     top), a plaintext client gets none."""
     cert, key = _self_signed(tmp_path)
-    server = Server(_args(tls_cert=str(cert), tls_key=str(key), auth_token="s3cret"),
-                    [Service(NAME, lambda s: memory_pb2_grpc.add_MemoryServiceServicer_to_server(Toy(), s))])
+    server = Server(
+        _args(tls_cert=str(cert), tls_key=str(key), auth_token="s3cret"),
+        [Service(NAME, lambda s: memory_pb2_grpc.add_MemoryServiceServicer_to_server(Toy(), s))],
+    )
     await server.start()
     try:
         async with aio_channel(f"grpcs://localhost:{server.port}", root_certs=cert.read_bytes()) as ch:
             assert await _health(ch) == SERVING
             stub = memory_pb2_grpc.MemoryServiceStub(ch)
-            r = await stub.GetMemory(memory_pb2.GetMemoryRequest(memory_id="m"), timeout=5,
-                                     metadata=(("authorization", "Bearer s3cret"),))
+            r = await stub.GetMemory(
+                memory_pb2.GetMemoryRequest(memory_id="m"), timeout=5, metadata=(("authorization", "Bearer s3cret"),)
+            )
             assert r.memory.memory_id == "m"
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await stub.GetMemory(memory_pb2.GetMemoryRequest(memory_id="m"), timeout=5)
@@ -256,7 +290,8 @@ async def test_tls_from_certificate_files(tmp_path):
         async with aio_channel(f"127.0.0.1:{server.port}") as plain:
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await memory_pb2_grpc.MemoryServiceStub(plain).GetMemory(
-                    memory_pb2.GetMemoryRequest(memory_id="m"), timeout=3)
+                    memory_pb2.GetMemoryRequest(memory_id="m"), timeout=3
+                )
             assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
     finally:
         await server.stop(grace=0)

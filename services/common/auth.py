@@ -5,8 +5,10 @@ from __future__ import annotations
 import hmac
 
 # What a caller without the right token is told, on either face.
-HOW_TO_AUTHENTICATE = ("missing or wrong bearer token: send 'authorization: Bearer <token>' with the token "
-                       "the service was started with (EXTMIND_AUTH_TOKEN)")
+HOW_TO_AUTHENTICATE = (
+    "missing or wrong bearer token: send 'authorization: Bearer <token>' with the token "
+    "the service was started with (EXTMIND_AUTH_TOKEN)"
+)
 
 
 def check_bearer(header_value: str | bytes | None, token: str) -> bool:

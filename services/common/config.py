@@ -29,8 +29,9 @@ class FlagParser(argparse.ArgumentParser):
         raw = os.environ.get(env)
         if type is bool:
             value = _parse_bool(raw) if raw not in (None, "") else bool(default)
-            self.add_argument(name, default=value, action=argparse.BooleanOptionalAction,
-                              help=f"{help} [env {env}]", **kw)
+            self.add_argument(
+                name, default=value, action=argparse.BooleanOptionalAction, help=f"{help} [env {env}]", **kw
+            )
             return
         if repeated:
             value = [type(x.strip()) for x in raw.split(",") if x.strip()] if raw else (default or [])
@@ -53,18 +54,41 @@ def add_server_flags(p: FlagParser, *, prefix: str, port: int) -> None:
     """The flags every service shares. ``prefix`` names the service's variables (MEMORY_PORT)."""
     p.flag("--host", env=f"{prefix}_HOST", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
     p.flag("--port", env=f"{prefix}_PORT", default=port, type=int, help="gRPC port (0 = pick a free one)")
-    p.flag("--auth-token", env="EXTMIND_AUTH_TOKEN", default="",
-           help="when set, every call needs 'authorization: Bearer <token>' metadata")
+    p.flag(
+        "--auth-token",
+        env="EXTMIND_AUTH_TOKEN",
+        default="",
+        help="when set, every call needs 'authorization: Bearer <token>' metadata",
+    )
     p.flag("--tls-cert", env="EXTMIND_TLS_CERT", default="", help="PEM certificate chain; enables TLS with --tls-key")
     p.flag("--tls-key", env="EXTMIND_TLS_KEY", default="", help="PEM private key for --tls-cert")
-    p.flag("--max-message-mb", env="EXTMIND_MAX_MESSAGE_MB", default=256, type=int,
-           help="largest gRPC message sent or received, in MiB")
-    p.flag("--max-response-mb", env=f"{prefix}_MAX_RESPONSE_MB", default=DEFAULT_MAX_RESPONSE_MB, type=float,
-           help="largest unary response a request may ask for, in MiB; larger ones are refused up front with "
-                "INVALID_ARGUMENT (stock gRPC clients receive at most 4 MiB)")
-    p.flag("--grace-seconds", env="EXTMIND_GRACE_SECONDS", default=5.0, type=float,
-           help="on SIGTERM/SIGINT, how long in-flight calls may finish")
-    p.flag("--health-file", env="EXTMIND_HEALTH_FILE", default="",
-           help="touch this file every 5 s while SERVING, remove it when draining (a cheap container health probe)")
+    p.flag(
+        "--max-message-mb",
+        env="EXTMIND_MAX_MESSAGE_MB",
+        default=256,
+        type=int,
+        help="largest gRPC message sent or received, in MiB",
+    )
+    p.flag(
+        "--max-response-mb",
+        env=f"{prefix}_MAX_RESPONSE_MB",
+        default=DEFAULT_MAX_RESPONSE_MB,
+        type=float,
+        help="largest unary response a request may ask for, in MiB; larger ones are refused up front with "
+        "INVALID_ARGUMENT (stock gRPC clients receive at most 4 MiB)",
+    )
+    p.flag(
+        "--grace-seconds",
+        env="EXTMIND_GRACE_SECONDS",
+        default=5.0,
+        type=float,
+        help="on SIGTERM/SIGINT, how long in-flight calls may finish",
+    )
+    p.flag(
+        "--health-file",
+        env="EXTMIND_HEALTH_FILE",
+        default="",
+        help="touch this file every 5 s while SERVING, remove it when draining (a cheap container health probe)",
+    )
     p.flag("--log-level", env="EXTMIND_LOG_LEVEL", default="info", help="debug, info, warning or error")
     p.flag("--log-format", env="EXTMIND_LOG_FORMAT", default="json", help="json (one object a line) or text")

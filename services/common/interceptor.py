@@ -53,10 +53,20 @@ def note_access(**fields) -> None:
         extra.update(fields)
 
 
-def _log_access(method: str, code: grpc.StatusCode, t0: float, extra: dict | None = None, error: str = "",
-                exc: BaseException | None = None) -> None:
-    fields = {"method": method, "code": code.name, "duration_ms": round((time.monotonic() - t0) * 1000, 1),
-              **(extra or {})}
+def _log_access(
+    method: str,
+    code: grpc.StatusCode,
+    t0: float,
+    extra: dict | None = None,
+    error: str = "",
+    exc: BaseException | None = None,
+) -> None:
+    fields = {
+        "method": method,
+        "code": code.name,
+        "duration_ms": round((time.monotonic() - t0) * 1000, 1),
+        **(extra or {}),
+    }
     if error:
         fields["error"] = error
     level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
@@ -79,6 +89,7 @@ def _wrap(behavior, method: str, response_streaming: bool):
         await context.abort(code, message)
 
     if response_streaming:
+
         async def stream_wrapper(request, context):
             t0, extra = time.monotonic(), {}
             _ACCESS.set(extra)
@@ -95,6 +106,7 @@ def _wrap(behavior, method: str, response_streaming: bool):
                 await _fail(context, exc, t0, extra)
             else:
                 _log_access(method, grpc.StatusCode.OK, t0, extra)
+
         return stream_wrapper
 
     async def unary_wrapper(request, context):
@@ -113,6 +125,7 @@ def _wrap(behavior, method: str, response_streaming: bool):
         else:
             _log_access(method, grpc.StatusCode.OK, t0, extra)
             return out
+
     return unary_wrapper
 
 
@@ -120,16 +133,20 @@ def _rewrap(handler: grpc.RpcMethodHandler, wrap) -> grpc.RpcMethodHandler:
     if handler is None:
         return None
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary, False),
-                                                   handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(
+            wrap(handler.unary_unary, False), handler.request_deserializer, handler.response_serializer
+        )
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream, True),
-                                                    handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_stream_rpc_method_handler(
+            wrap(handler.unary_stream, True), handler.request_deserializer, handler.response_serializer
+        )
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary, False),
-                                                    handler.request_deserializer, handler.response_serializer)
-    return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream, True),
-                                                 handler.request_deserializer, handler.response_serializer)
+        return grpc.stream_unary_rpc_method_handler(
+            wrap(handler.stream_unary, False), handler.request_deserializer, handler.response_serializer
+        )
+    return grpc.stream_stream_rpc_method_handler(
+        wrap(handler.stream_stream, True), handler.request_deserializer, handler.response_serializer
+    )
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -140,22 +157,28 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return _rewrap(handler, lambda b, streaming: _wrap(b, details.method, streaming))
 
 
-def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str,
-              method: str) -> grpc.RpcMethodHandler:
+def _refusing(
+    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str, method: str
+) -> grpc.RpcMethodHandler:
     """A handler of the same shape as ``handler`` that answers ``code`` without running it (and
     writes the access line: these calls never reach the error interceptor's wrapper)."""
+
     def refuse(streaming):
         if streaming:
+
             async def refuse_stream(request, context):
                 _log_access(method, code, time.monotonic())
                 await context.abort(code, message)
                 yield  # pragma: no cover - makes this an async generator
+
             return refuse_stream
 
         async def refuse_unary(request, context):
             _log_access(method, code, time.monotonic())
             await context.abort(code, message)
+
         return refuse_unary
+
     return _rewrap(handler, lambda b, streaming: refuse(streaming))
 
 

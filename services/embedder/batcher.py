@@ -25,9 +25,9 @@ log = logging.getLogger("extmind.embedder.batcher")
 
 @dataclass
 class Limits:
-    max_batch_tokens: int = 16384   # padded tokens in one forward
-    max_batch_size: int = 64        # sequences in one forward
-    max_queue: int = 2048           # sequences waiting, all requests together
+    max_batch_tokens: int = 16384  # padded tokens in one forward
+    max_batch_size: int = 64  # sequences in one forward
+    max_queue: int = 2048  # sequences waiting, all requests together
     max_inputs_per_request: int = 512
     # Most padding tokens one sequence may add to a batch (-1 = no limit). On a CPU a forward is
     # compute-bound, so padding costs as much as real tokens: past a few tokens of padding a
@@ -45,7 +45,7 @@ class _PendingCall:
 
     @property
     def dead(self) -> bool:
-        return self.future.done()   # answered, failed or cancelled
+        return self.future.done()  # answered, failed or cancelled
 
     def put(self, index: int, row: np.ndarray) -> None:
         self.rows[index] = row
@@ -60,7 +60,7 @@ class _PendingCall:
 
 @dataclass
 class _Seq:
-    order: int          # arrival order: the oldest sequence always rides the next batch
+    order: int  # arrival order: the oldest sequence always rides the next batch
     ids: list[int]
     request: _PendingCall
     index: int
@@ -74,7 +74,7 @@ class Batcher:
         self._counter = itertools.count()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self.batches_run = 0          # for tests and logs: how many forwards ran
+        self.batches_run = 0  # for tests and logs: how many forwards ran
         self.sequences_run = 0
 
     @property
@@ -97,12 +97,16 @@ class Batcher:
         event-loop time after which the request is dropped unrun."""
         if self._task is None or self._task.done():
             raise Unavailable("the embedder's batcher is not running (starting up or shutting down)")
-        if len(seqs) > self.limits.max_queue:   # would never fit, however long the caller waits: not retryable
-            raise InvalidArgument(f"{len(seqs)} texts in one request; the queue takes at most {self.limits.max_queue} "
-                                  "(--max-queue): send fewer texts at once")
+        if len(seqs) > self.limits.max_queue:  # would never fit, however long the caller waits: not retryable
+            raise InvalidArgument(
+                f"{len(seqs)} texts in one request; the queue takes at most {self.limits.max_queue} "
+                "(--max-queue): send fewer texts at once"
+            )
         if self.queued + len(seqs) > self.limits.max_queue:
-            raise ResourceExhausted(f"the queue holds {self.queued} texts and takes at most {self.limits.max_queue}; "
-                                    "retry shortly or send fewer texts at once")
+            raise ResourceExhausted(
+                f"the queue holds {self.queued} texts and takes at most {self.limits.max_queue}; "
+                "retry shortly or send fewer texts at once"
+            )
         req = _PendingCall(model, len(seqs), deadline)
         self._pending.extend(_Seq(next(self._counter), ids, req, i) for i, ids in enumerate(seqs))
         self._wake.set()
@@ -118,8 +122,12 @@ class Batcher:
         for s in self._pending:
             r = s.request
             if not r.dead and r.deadline is not None and now >= r.deadline:
-                r.fail(DeadlineExceeded("the request's deadline passed while it waited in the queue; "
-                                        "raise the deadline or retry when the service is less busy"))
+                r.fail(
+                    DeadlineExceeded(
+                        "the request's deadline passed while it waited in the queue; "
+                        "raise the deadline or retry when the service is less busy"
+                    )
+                )
             if not r.dead:
                 keep.append(s)
         self._pending = keep
@@ -130,8 +138,9 @@ class Batcher:
         if not self._pending:
             return []
         oldest = self._pending[0]
-        same = sorted((s for s in self._pending if s.request.model is oldest.request.model),
-                      key=lambda s: (len(s.ids), s.order))
+        same = sorted(
+            (s for s in self._pending if s.request.model is oldest.request.model), key=lambda s: (len(s.ids), s.order)
+        )
         pos = same.index(oldest)
         lo = hi = pos
         width = len(oldest.ids)
@@ -148,8 +157,9 @@ class Batcher:
                 cand = same[lo - 1] if side < 0 else same[hi + 1]
                 new_width = max(width, len(cand.ids))
                 added_padding = new_width * (size + 1) - width * size - len(cand.ids)
-                if new_width * (size + 1) <= lim.max_batch_tokens and \
-                        (lim.max_added_padding < 0 or added_padding <= lim.max_added_padding):
+                if new_width * (size + 1) <= lim.max_batch_tokens and (
+                    lim.max_added_padding < 0 or added_padding <= lim.max_added_padding
+                ):
                     width = max(width, len(cand.ids))
                     lo, hi = (lo - 1, hi) if side < 0 else (lo, hi + 1)
                     size += 1
@@ -157,7 +167,7 @@ class Batcher:
                     break
             if not grown:
                 break
-        batch = same[lo:hi + 1]
+        batch = same[lo : hi + 1]
         taken = {id(s) for s in batch}
         self._pending = [s for s in self._pending if id(s) not in taken]
         return batch

@@ -25,7 +25,7 @@ DOCUMENT, QUERY = "document", "query"
 class Embeddings:
     """The engine's answer to one embed call."""
 
-    vectors: np.ndarray          # float32 [n, dimensions]
+    vectors: np.ndarray  # float32 [n, dimensions]
     model: str
     dimensions: int
     token_counts: list[int]
@@ -47,8 +47,9 @@ def prepare(m: ServedModel, inputs: list[str], input_type: str, instruction: str
     return [recipe.fit(s, m.max_input_tokens, truncate=truncate, index=i) for i, s in enumerate(m.token_ids(texts))]
 
 
-def prepare_token_inputs(m: ServedModel, token_inputs: list[list[int]], input_type: str,
-                         truncate: bool) -> list[list[int]]:
+def prepare_token_inputs(
+    m: ServedModel, token_inputs: list[list[int]], input_type: str, truncate: bool
+) -> list[list[int]]:
     """Caller token ids -> the ids the model runs on: checked against the vocabulary, the recipe's
     special tokens added where missing (``with_special_tokens``), truncated like text.
 
@@ -58,9 +59,11 @@ def prepare_token_inputs(m: ServedModel, token_inputs: list[list[int]], input_ty
     if m.vocab_size <= 0:
         raise InvalidArgument(f"{m.name} does not take token-id input: send text")
     if input_type == QUERY and m.uses_instruction:
-        raise InvalidArgument(f"token-id input is embedded as a document; {m.name} prefixes queries with an "
-                              "instruction, so send queries as text (or embed your own instruction's tokens "
-                              "with input_type document)")
+        raise InvalidArgument(
+            f"token-id input is embedded as a document; {m.name} prefixes queries with an "
+            "instruction, so send queries as text (or embed your own instruction's tokens "
+            "with input_type document)"
+        )
     out = []
     for i, ids in enumerate(token_inputs):
         if not ids:
@@ -69,8 +72,10 @@ def prepare_token_inputs(m: ServedModel, token_inputs: list[list[int]], input_ty
             if not isinstance(t, int) or isinstance(t, bool):
                 raise InvalidArgument(f"token input {i}, position {j}: {t!r} is not an integer token id")
             if not 0 <= t < m.vocab_size:
-                raise InvalidArgument(f"token input {i}, position {j}: id {t} is outside {m.name}'s vocabulary "
-                                      f"[0, {m.vocab_size}); send ids of this model's tokenizer (Tokenize gives them)")
+                raise InvalidArgument(
+                    f"token input {i}, position {j}: id {t} is outside {m.name}'s vocabulary "
+                    f"[0, {m.vocab_size}); send ids of this model's tokenizer (Tokenize gives them)"
+                )
         out.append(recipe.fit(m.with_special_tokens(ids), m.max_input_tokens, truncate=truncate, index=i))
     return out
 
@@ -82,15 +87,21 @@ def parse_aliases(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         alias, sep, target = (x.strip() for x in pair.partition("="))
         if not sep or not alias or not target:
-            raise InvalidArgument(f"model alias {pair!r} is not name=model, e.g. "
-                                  "text-embedding-3-small=all-minilm-l6-v2")
+            raise InvalidArgument(
+                f"model alias {pair!r} is not name=model, e.g. text-embedding-3-small=all-minilm-l6-v2"
+            )
         out[alias] = target
     return out
 
 
 class EmbedderEngine:
-    def __init__(self, models: list[ServedModel], mlx: MLXThread, limits: Limits | None = None,
-                 aliases: dict[str, str] | None = None):
+    def __init__(
+        self,
+        models: list[ServedModel],
+        mlx: MLXThread,
+        limits: Limits | None = None,
+        aliases: dict[str, str] | None = None,
+    ):
         """``aliases`` maps extra names (e.g. an OpenAI model name a client hard-codes) to served
         models; raises InvalidArgument when a target is not served or an alias names a served model."""
         if not models:
@@ -134,8 +145,10 @@ class EmbedderEngine:
             kind = kind or "embedding"
             default = self.default_embedder if kind == "embedding" else self.default_reranker
             if default is None:
-                raise NotFound(f"this embedder serves no {kind} model; start it with "
-                               + ("--model" if kind == "embedding" else "--reranker"))
+                raise NotFound(
+                    f"this embedder serves no {kind} model; start it with "
+                    + ("--model" if kind == "embedding" else "--reranker")
+                )
             return default
         for m in self.models:
             names = {m.name.lower(), m.name.split("/")[-1].lower(), *(a.lower() for a in m.aliases)}
@@ -143,8 +156,9 @@ class EmbedderEngine:
                 if kind is not None and m.kind != kind:
                     raise InvalidArgument(f"model {name!r} is a {m.kind} model; this call needs an {kind} model")
                 return m
-        served = ", ".join(f"{m.name} ({m.kind}{'; ' + ', '.join(m.aliases) if m.aliases else ''})"
-                           for m in self.models)
+        served = ", ".join(
+            f"{m.name} ({m.kind}{'; ' + ', '.join(m.aliases) if m.aliases else ''})" for m in self.models
+        )
         raise NotFound(f"model {name!r} is not served here; served: {served}")
 
     def _check_count(self, n: int, what: str) -> None:
@@ -152,8 +166,10 @@ class EmbedderEngine:
             raise InvalidArgument(f"{what} is empty: send at least one text")
         # Too large is not overload: retrying cannot help, so INVALID_ARGUMENT (HTTP 400), never 429.
         if n > self.limits.max_inputs_per_request:
-            raise InvalidArgument(f"{n} {what} in one request; the limit is {self.limits.max_inputs_per_request} "
-                                  "per request (--max-inputs-per-request): split the request")
+            raise InvalidArgument(
+                f"{n} {what} in one request; the limit is {self.limits.max_inputs_per_request} "
+                "per request (--max-inputs-per-request): split the request"
+            )
 
     def _check_inputs(self, inputs: list[str], what: str = "inputs") -> None:
         self._check_count(len(inputs), what)
@@ -170,9 +186,19 @@ class EmbedderEngine:
         m = self.find(model, "embedding")
         return m.name, recipe.check_dimensions(int(dimensions), m.dimensions, m.min_dimensions, m.name)
 
-    async def embed(self, inputs: list[str] | None = None, *, token_inputs: list[list[int]] | None = None,
-                    model: str = "", input_type: str = DOCUMENT, instruction: str = "", dimensions: int = 0,
-                    normalize: bool = True, truncate: bool = True, deadline: float | None = None) -> Embeddings:
+    async def embed(
+        self,
+        inputs: list[str] | None = None,
+        *,
+        token_inputs: list[list[int]] | None = None,
+        model: str = "",
+        input_type: str = DOCUMENT,
+        instruction: str = "",
+        dimensions: int = 0,
+        normalize: bool = True,
+        truncate: bool = True,
+        deadline: float | None = None,
+    ) -> Embeddings:
         """Texts (``inputs``) or token ids (``token_inputs``, not both) -> float32 [n, dims] vectors.
 
         Raises InvalidArgument (bad input, over a limit), NotFound (model not served),
@@ -191,8 +217,16 @@ class EmbedderEngine:
         pooled = await self.batcher.run(m, ids, deadline)
         return Embeddings(recipe.finish(pooled, dims, normalize), m.name, dims, [len(s) for s in ids])
 
-    async def rerank(self, query: str, documents: list[str], *, instruction: str = "", model: str = "",
-                     top_n: int = 0, deadline: float | None = None) -> tuple[str, list[Ranked]]:
+    async def rerank(
+        self,
+        query: str,
+        documents: list[str],
+        *,
+        instruction: str = "",
+        model: str = "",
+        top_n: int = 0,
+        deadline: float | None = None,
+    ) -> tuple[str, list[Ranked]]:
         m = self.find(model, "reranker")
         if not query.strip():
             raise InvalidArgument("query is empty: send the text the documents are ranked against")
@@ -207,15 +241,24 @@ class EmbedderEngine:
         return m.name, [Ranked(i, float(scores[i]), documents[i]) for i in order]
 
     async def tokenize(self, inputs: list[str], model: str = "") -> tuple[str, list[list[int]]]:
-        m = self.find(model, None)   # any served model tokenizes
+        m = self.find(model, None)  # any served model tokenizes
         self._check_inputs(inputs)
         return m.name, await asyncio.to_thread(m.token_ids, list(inputs))
 
     def info(self) -> dict:
         return {
-            "models": [{"name": m.name, "aliases": list(m.aliases), "kind": m.kind, "dimensions": m.dimensions,
-                        "max_input_tokens": m.max_input_tokens, "dtype": m.dtype,
-                        "min_dimensions": m.min_dimensions} for m in self.models],
+            "models": [
+                {
+                    "name": m.name,
+                    "aliases": list(m.aliases),
+                    "kind": m.kind,
+                    "dimensions": m.dimensions,
+                    "max_input_tokens": m.max_input_tokens,
+                    "dtype": m.dtype,
+                    "min_dimensions": m.min_dimensions,
+                }
+                for m in self.models
+            ],
             "default_model": self.default_embedder.name if self.default_embedder else "",
             "batching": vars(self.limits).copy(),
         }

@@ -35,10 +35,22 @@ from services.embedder.engine import DOCUMENT, QUERY, EmbedderEngine
 
 log = logging.getLogger("extmind.embedder.http")
 
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
-            409: "Conflict", 411: "Length Required", 413: "Payload Too Large", 429: "Too Many Requests",
-            499: "Client Closed Request", 500: "Internal Server Error", 501: "Not Implemented",
-            503: "Service Unavailable", 504: "Gateway Timeout"}
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    411: "Length Required",
+    413: "Payload Too Large",
+    429: "Too Many Requests",
+    499: "Client Closed Request",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
 
 
 class _HttpError(Exception):
@@ -51,8 +63,7 @@ class _HttpError(Exception):
 
 def error_body(status: int, code: str, message: str) -> dict:
     """OpenAI's error shape; ``code`` is a gRPC status name (any case) or one of OpenAI's codes."""
-    kind = ("invalid_request_error" if status < 500 else "service_unavailable" if status == 503
-            else "server_error")
+    kind = "invalid_request_error" if status < 500 else "service_unavailable" if status == 503 else "server_error"
     return {"error": {"message": message, "type": kind, "param": None, "code": code.lower()}}
 
 
@@ -70,11 +81,14 @@ def _openai_input(body: dict) -> tuple[list[str] | None, list[list[int]] | None]
             for i, ids in enumerate(value):
                 bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool)), None)
                 if bad is not None or not ids:
-                    raise InvalidArgument(f"'input'[{i}] must be a non-empty list of integer token ids"
-                                          + (f" ({bad!r} is not one)" if bad is not None else ""))
+                    raise InvalidArgument(
+                        f"'input'[{i}] must be a non-empty list of integer token ids"
+                        + (f" ({bad!r} is not one)" if bad is not None else "")
+                    )
             return None, value
-    raise InvalidArgument("'input' must be a non-empty string, a list of strings, a list of token ids or a list "
-                          "of lists of token ids")
+    raise InvalidArgument(
+        "'input' must be a non-empty string, a list of strings, a list of token ids or a list of lists of token ids"
+    )
 
 
 def _texts(body: dict, *keys: str) -> list[str]:
@@ -106,7 +120,7 @@ def _input_type(body: dict) -> str:
 
 class HttpFace:
     def __init__(self, *, auth_token: str = "", max_body_bytes: int = 64 * 1024 * 1024):
-        self.engine: EmbedderEngine | None = None   # None while loading: /health answers 503
+        self.engine: EmbedderEngine | None = None  # None while loading: /health answers 503
         self.draining = False
         self.auth_token = auth_token
         self.max_body = max_body_bytes
@@ -135,25 +149,36 @@ class HttpFace:
                 try:
                     method, target, version = line.decode("latin-1").split()
                 except ValueError:
-                    await self._send(writer, 400, error_body(400, "invalid_argument", "malformed request line"),
-                                     close=True)
+                    await self._send(
+                        writer, 400, error_body(400, "invalid_argument", "malformed request line"), close=True
+                    )
                     return
                 headers = {}
                 while (h := await reader.readline()) not in (b"\r\n", b"\n", b""):
                     k, _, v = h.decode("latin-1").partition(":")
                     headers[k.strip().lower()] = v.strip()
-                keep = (version == "HTTP/1.1" and headers.get("connection", "").lower() != "close") or \
-                       headers.get("connection", "").lower() == "keep-alive"
+                keep = (version == "HTTP/1.1" and headers.get("connection", "").lower() != "close") or headers.get(
+                    "connection", ""
+                ).lower() == "keep-alive"
                 if "chunked" in headers.get("transfer-encoding", "").lower():
-                    await self._send(writer, 411, error_body(411, "invalid_argument", "send a Content-Length body"),
-                                     close=True)
+                    await self._send(
+                        writer, 411, error_body(411, "invalid_argument", "send a Content-Length body"), close=True
+                    )
                     return
                 length = int(headers.get("content-length") or 0)
                 if length > self.max_body:
                     # Too large is never retryable: 413, not 429.
-                    await self._send(writer, 413, error_body(
-                        413, "invalid_argument", f"the body has {length} bytes; this server takes at most "
-                        f"{self.max_body} (--max-message-mb): send fewer inputs per request"), close=True)
+                    await self._send(
+                        writer,
+                        413,
+                        error_body(
+                            413,
+                            "invalid_argument",
+                            f"the body has {length} bytes; this server takes at most "
+                            f"{self.max_body} (--max-message-mb): send fewer inputs per request",
+                        ),
+                        close=True,
+                    )
                     return
                 body = await reader.readexactly(length) if length else b""
                 status, payload = await self._handle(method, target.split("?")[0], headers, body)
@@ -167,8 +192,10 @@ class HttpFace:
 
     async def _send(self, writer, status: int, payload, *, close: bool) -> None:
         data = json.dumps(payload, separators=(",", ":")).encode()
-        head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(data)}\r\nConnection: {'close' if close else 'keep-alive'}\r\n\r\n")
+        head = (
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: {'close' if close else 'keep-alive'}\r\n\r\n"
+        )
         writer.write(head.encode() + data)
         await writer.drain()
 
@@ -181,14 +208,21 @@ class HttpFace:
                 return 200, {"status": "ok", "models": [m.name for m in self.engine.models]}
             if not check_bearer(headers.get("authorization", ""), self.auth_token):
                 raise Unauthenticated(HOW_TO_AUTHENTICATE)
-            routes = {("POST", "/embed"): self._embed, ("POST", "/v1/embeddings"): self._openai,
-                      ("GET", "/v1/models"): self._models, ("GET", "/info"): self._info}
+            routes = {
+                ("POST", "/embed"): self._embed,
+                ("POST", "/v1/embeddings"): self._openai,
+                ("GET", "/v1/models"): self._models,
+                ("GET", "/info"): self._info,
+            }
             handler = routes.get((method, path))
             if handler is None:
                 known = {p for _, p in routes} | {"/health"}
-                raise _HttpError(405 if path in known else 404, "unimplemented" if path in known else "not_found",
-                                 f"{method} {path} is not served; endpoints: POST /embed, POST /v1/embeddings, "
-                                 "GET /v1/models, GET /info, GET /health")
+                raise _HttpError(
+                    405 if path in known else 404,
+                    "unimplemented" if path in known else "not_found",
+                    f"{method} {path} is not served; endpoints: POST /embed, POST /v1/embeddings, "
+                    "GET /v1/models, GET /info, GET /health",
+                )
             if self.engine is None:
                 raise Unavailable("the embedder is still loading its models; retry when GET /health is 200")
             request = {}
@@ -208,19 +242,29 @@ class HttpFace:
             return exc.http_status, error_body(exc.http_status, code, exc.message)
         except Exception as exc:  # noqa: BLE001 - the face keeps serving
             log.exception("http request failed", extra={"path": path})
-            return 500, error_body(500, "internal", f"internal error ({type(exc).__name__}: {exc}); "
-                                                    "the service is still up")
+            return 500, error_body(
+                500, "internal", f"internal error ({type(exc).__name__}: {exc}); the service is still up"
+            )
         finally:
             log.debug("http", extra={"method": method, "path": path, "ms": (time.perf_counter() - started) * 1e3})
 
     # --- endpoints ------------------------------------------------------------------------------
     async def _embed(self, body: dict) -> dict:
         r = await self.engine.embed(
-            _texts(body, "texts", "input"), model=body.get("model") or "", input_type=_input_type(body),
-            instruction=body.get("instruction") or "", dimensions=_int(body, "dimensions"),
-            normalize=body.get("normalize", True) is not False, truncate=body.get("truncate", True) is not False)
-        return {"embeddings": r.vectors.tolist(), "model": r.model, "dimensions": r.dimensions,
-                "token_counts": r.token_counts}
+            _texts(body, "texts", "input"),
+            model=body.get("model") or "",
+            input_type=_input_type(body),
+            instruction=body.get("instruction") or "",
+            dimensions=_int(body, "dimensions"),
+            normalize=body.get("normalize", True) is not False,
+            truncate=body.get("truncate", True) is not False,
+        )
+        return {
+            "embeddings": r.vectors.tolist(),
+            "model": r.model,
+            "dimensions": r.dimensions,
+            "token_counts": r.token_counts,
+        }
 
     async def _openai(self, body: dict) -> dict:
         fmt = body.get("encoding_format") or "float"
@@ -228,20 +272,30 @@ class HttpFace:
             raise InvalidArgument("'encoding_format' is 'float' or 'base64'")
         texts, token_inputs = _openai_input(body)
         r = await self.engine.embed(
-            texts, token_inputs=token_inputs, model=body.get("model") or "", input_type=_input_type(body),
-            instruction=body.get("instruction") or "", dimensions=_int(body, "dimensions"))
+            texts,
+            token_inputs=token_inputs,
+            model=body.get("model") or "",
+            input_type=_input_type(body),
+            instruction=body.get("instruction") or "",
+            dimensions=_int(body, "dimensions"),
+        )
 
         def encode(v: np.ndarray):
             return base64.b64encode(v.astype("<f4").tobytes()).decode() if fmt == "base64" else v.tolist()
 
         tokens = sum(r.token_counts)
-        return {"object": "list", "model": r.model,
-                "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(r.vectors)],
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return {
+            "object": "list",
+            "model": r.model,
+            "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(r.vectors)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
 
     async def _models(self, body: dict) -> dict:
-        return {"object": "list", "data": [{"id": m.name, "object": "model", "owned_by": "extmind"}
-                                           for m in self.engine.models]}
+        return {
+            "object": "list",
+            "data": [{"id": m.name, "object": "model", "owned_by": "extmind"} for m in self.engine.models],
+        }
 
     async def _info(self, body: dict) -> dict:
         return self.engine.info()

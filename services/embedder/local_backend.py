@@ -14,7 +14,7 @@ from services.embedder import recipe, registry
 from services.embedder.engine import prepare
 
 DEFAULT_MODEL = "all-minilm-l6-v2"
-_CHUNK = 32   # texts per forward: bounds the padded batch without the service's batcher
+_CHUNK = 32  # texts per forward: bounds the padded batch without the service's batcher
 
 
 class LocalEmbedder:
@@ -33,15 +33,16 @@ class LocalEmbedder:
     def _load(self, spec: str):
         key = (spec or DEFAULT_MODEL).lower()
         if self._model is None or self._key != key:
-            resolved = registry.resolve(spec or DEFAULT_MODEL, download=False)   # NotFound if absent
+            resolved = registry.resolve(spec or DEFAULT_MODEL, download=False)  # NotFound if absent
             if self._thread is None:
                 self._thread = MLXThread("embedder-client-mlx")
             self._model = self._thread.call(registry.load, resolved)
             self._key = key
         return self._model
 
-    def embed(self, spec: str, texts: list[str], input_type: str, instruction: str,
-              dimensions: int) -> tuple[np.ndarray, str, int, list[int]]:
+    def embed(
+        self, spec: str, texts: list[str], input_type: str, instruction: str, dimensions: int
+    ) -> tuple[np.ndarray, str, int, list[int]]:
         """-> (float32 [n, dims] L2-normalised vectors, model name, dims, tokens per text).
 
         Raises NotFound when the model is not available locally, InvalidArgument for a bad
@@ -49,7 +50,7 @@ class LocalEmbedder:
         m = self._load(spec)
         dims = recipe.check_dimensions(int(dimensions), m.dimensions, m.min_dimensions, m.name)
         ids = prepare(m, texts, input_type, instruction, True)
-        pooled = np.concatenate([self._thread.call(m.forward, ids[i:i + _CHUNK]) for i in range(0, len(ids), _CHUNK)])
+        pooled = np.concatenate([self._thread.call(m.forward, ids[i : i + _CHUNK]) for i in range(0, len(ids), _CHUNK)])
         return recipe.finish(pooled, dims, True), m.name, dims, [len(s) for s in ids]
 
     def close(self) -> None:

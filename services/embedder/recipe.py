@@ -25,9 +25,11 @@ def fit(ids: list[int], max_tokens: int, *, truncate: bool, index: int) -> list[
     if len(ids) <= max_tokens:
         return ids
     if not truncate:
-        raise InvalidArgument(f"input {index} has {len(ids)} tokens but the model takes at most {max_tokens}: "
-                              "shorten it, split it, or send truncate=true")
-    return [*ids[:max_tokens - 1], ids[-1]]
+        raise InvalidArgument(
+            f"input {index} has {len(ids)} tokens but the model takes at most {max_tokens}: "
+            "shorten it, split it, or send truncate=true"
+        )
+    return [*ids[: max_tokens - 1], ids[-1]]
 
 
 def last_token_pool(hidden: mx.array, lengths: mx.array) -> mx.array:
@@ -47,13 +49,16 @@ def check_dimensions(dimensions: int, full: int, minimum: int, model: str) -> in
     if dimensions == 0 or dimensions == full:
         return full
     if dimensions > full:
-        raise InvalidArgument(f"dimensions={dimensions} is larger than {model}'s {full}: "
-                              f"send 0 (full size) or a value up to {full}")
+        raise InvalidArgument(
+            f"dimensions={dimensions} is larger than {model}'s {full}: send 0 (full size) or a value up to {full}"
+        )
     if minimum == 0:
         raise InvalidArgument(f"{model} does not support Matryoshka truncation: send dimensions=0 or {full}")
     if dimensions < minimum:
-        raise InvalidArgument(f"dimensions={dimensions} is below {model}'s minimum {minimum}: "
-                              f"send a value between {minimum} and {full}, or 0")
+        raise InvalidArgument(
+            f"dimensions={dimensions} is below {model}'s minimum {minimum}: "
+            f"send a value between {minimum} and {full}, or 0"
+        )
     return dimensions
 
 
@@ -67,6 +72,8 @@ def finish(pooled: np.ndarray, dimensions: int, normalize: bool) -> np.ndarray:
         v = v / np.where(norms == 0, 1, norms)
     if bad.any():
         rows = np.flatnonzero(bad).tolist()
-        raise Internal(f"the model produced non-finite or zero vectors for inputs {rows}; nothing was returned "
-                       "(try dtype float32 or bfloat16 instead of float16)")
+        raise Internal(
+            f"the model produced non-finite or zero vectors for inputs {rows}; nothing was returned "
+            "(try dtype float32 or bfloat16 instead of float16)"
+        )
     return v

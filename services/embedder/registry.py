@@ -56,10 +56,13 @@ def _hub(hub_id: str, tried: list[str], download: bool = True) -> Path | None:
     except ImportError:
         tried.append(f"hub {hub_id} (huggingface_hub is not installed)")
         return None
-    for local_only in ((True,) if offline else (True, False)):
+    for local_only in (True,) if offline else (True, False):
         try:
-            path = Path(snapshot_download(hub_id, local_files_only=local_only,
-                                          allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+            path = Path(
+                snapshot_download(
+                    hub_id, local_files_only=local_only, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]
+                )
+            )
             if _is_model_dir(path):
                 return path
         except Exception as exc:  # noqa: BLE001 - every hub failure just means "not here"
@@ -125,8 +128,10 @@ def resolve(spec: str, kind: str | None = None, *, download: bool = True) -> Res
             path = _hub(spec, tried, download)
             if path:
                 return Resolved(path, spec, _kind_of(path, kind, spec), _aliases_of(spec))
-    raise NotFound(f"model {spec!r} was not found; tried: {'; '.join(tried)}. Pass a local model directory "
-                   "(config.json + *.safetensors + tokenizer), set the variable named above, or set MLX_MODELS_DIR")
+    raise NotFound(
+        f"model {spec!r} was not found; tried: {'; '.join(tried)}. Pass a local model directory "
+        "(config.json + *.safetensors + tokenizer), set the variable named above, or set MLX_MODELS_DIR"
+    )
 
 
 def load(resolved: Resolved, *, dtype: str = "float32", max_input_tokens: int = 0) -> ServedModel:
@@ -136,15 +141,20 @@ def load(resolved: Resolved, *, dtype: str = "float32", max_input_tokens: int = 
     model_type = config.get("model_type", "")
     if resolved.kind == "reranker":
         from services.embedder.models.qwen3_reranker import Qwen3Reranker
+
         model = Qwen3Reranker(resolved.path, **kw)
     elif model_type == "bert" or "BertModel" in config.get("architectures", []):
         from services.embedder.models.bert import BertEmbedder
+
         model = BertEmbedder(resolved.path, **kw)
     elif model_type == "qwen3":
         from services.embedder.models.qwen3_embedding import Qwen3Embedder
+
         model = Qwen3Embedder(resolved.path, **kw)
     else:
-        raise NotFound(f"{resolved.path}: model_type {model_type!r} is not served; the embedder serves "
-                       "Qwen3-Embedding, Qwen3-Reranker and BERT-family sentence encoders")
+        raise NotFound(
+            f"{resolved.path}: model_type {model_type!r} is not served; the embedder serves "
+            "Qwen3-Embedding, Qwen3-Reranker and BERT-family sentence encoders"
+        )
     model.aliases = list(resolved.aliases)
     return model

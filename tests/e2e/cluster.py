@@ -20,9 +20,21 @@ from extmind.procs import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 # Variables that would point the test cluster somewhere else than its own processes.
-_SCRUB = ("REDIS_URL", "EMBEDDER_MODEL", "GENERATOR_MODEL", "EMBEDDER_URL", "MEMORY_URL", "GENERATOR_URL",
-          "MEMORY_DATA_DIR", "EXTMIND_AUTH_TOKEN", "MLX_SERVICE_URL", "EMBEDDER_HOST", "MEMORY_HOST",
-          "GENERATOR_HOST", "EXTMIND_RUN_DIR")
+_SCRUB = (
+    "REDIS_URL",
+    "EMBEDDER_MODEL",
+    "GENERATOR_MODEL",
+    "EMBEDDER_URL",
+    "MEMORY_URL",
+    "GENERATOR_URL",
+    "MEMORY_DATA_DIR",
+    "EXTMIND_AUTH_TOKEN",
+    "MLX_SERVICE_URL",
+    "EMBEDDER_HOST",
+    "MEMORY_HOST",
+    "GENERATOR_HOST",
+    "EXTMIND_RUN_DIR",
+)
 
 
 @contextlib.contextmanager
@@ -43,8 +55,14 @@ class ClusterHandle:
     env: dict
 
     def launcher(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "extmind.cluster", *args, "--run-dir", str(self.run_dir)],
-                              env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "extmind.cluster", *args, "--run-dir", str(self.run_dir)],
+            env=self.env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def settings(self) -> Settings:
         with patched_environ(self.env):
@@ -57,9 +75,16 @@ class ClusterHandle:
 def cluster_env(run_dir: Path, model_cache: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
     ep, hp, mp, gp = free_ports(4)
-    env.update(EMBEDDER_PORT=str(ep), EMBEDDER_HTTP_PORT=str(hp), MEMORY_PORT=str(mp), GENERATOR_PORT=str(gp),
-               EXTMIND_MODEL_CACHE=str(model_cache), EXTMIND_START_TIMEOUT="300", EXTMIND_STOP_GRACE="10",
-               PYTHONPATH=str(REPO))
+    env.update(
+        EMBEDDER_PORT=str(ep),
+        EMBEDDER_HTTP_PORT=str(hp),
+        MEMORY_PORT=str(mp),
+        GENERATOR_PORT=str(gp),
+        EXTMIND_MODEL_CACHE=str(model_cache),
+        EXTMIND_START_TIMEOUT="300",
+        EXTMIND_STOP_GRACE="10",
+        PYTHONPATH=str(REPO),
+    )
     return env
 
 

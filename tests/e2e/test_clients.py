@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from extmind.channels import sync_channel
-from extmind.v1 import embedder_pb2, embedder_pb2_grpc
 from extmind.procs import free_ports
+from extmind.v1 import embedder_pb2, embedder_pb2_grpc
 
 from .cluster import REPO
 
@@ -20,8 +20,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def cli(cluster, *args, env=None, input=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "extmind.cli", *args], env=env or cluster.env, cwd=REPO,
-                          capture_output=True, text=True, input=input, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "extmind.cli", *args],
+        env=env or cluster.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        input=input,
+        timeout=timeout,
+    )
 
 
 def reference_embeddings(cluster, texts):
@@ -32,10 +39,17 @@ def reference_embeddings(cluster, texts):
 
 # ------------------------------------------------------------------ Node.js
 
+
 def test_node_client_calls_embed_and_generate(cluster):
     texts = ["hello from node", "a completely different sentence about volcanoes"]
-    r = subprocess.run(["node", str(REPO / "tests/e2e/node_client.js"), *texts], env=cluster.env, cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        ["node", str(REPO / "tests/e2e/node_client.js"), *texts],
+        env=cluster.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     vecs = np.array(out["embed"]["vectors"], dtype=np.float32)
@@ -53,12 +67,14 @@ def test_node_client_calls_embed_and_generate(cluster):
 def test_node_client_error_is_one_line(cluster, tmp_path):
     (dead,) = free_ports(1)
     env = dict(cluster.env, EMBEDDER_URL=f"127.0.0.1:{dead}")
-    r = subprocess.run(["node", str(REPO / "tests/e2e/node_client.js")], env=env, capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        ["node", str(REPO / "tests/e2e/node_client.js")], env=env, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 1 and r.stderr.startswith("node client: UNAVAILABLE")
 
 
 # ------------------------------------------------------------------ the CLI
+
 
 def test_cli_embed_matches_the_service(cluster):
     r = cli(cluster, "embed", "first text", "second text", "--json")
@@ -73,8 +89,10 @@ def test_cli_embed_matches_the_service(cluster):
 
 def test_cli_documents_upsert_search_delete(cluster, tmp_path):
     jsonl = tmp_path / "docs.jsonl"
-    jsonl.write_text('{"id": "cats", "text": "Cats purr and chase mice.", "metadata": {"kind": "animal"}}\n'
-                     '{"id": "trains", "text": "Steam trains run on coal and iron rails.", "metadata": {"kind": "machine"}}\n')
+    jsonl.write_text(
+        '{"id": "cats", "text": "Cats purr and chase mice.", "metadata": {"kind": "animal"}}\n'
+        '{"id": "trains", "text": "Steam trains run on coal and iron rails.", "metadata": {"kind": "machine"}}\n'
+    )
     r = cli(cluster, "docs", "upsert", "cli-docs", f"@{jsonl}", "boats=Sailing boats move with the wind.")
     assert r.returncode == 0, r.stderr
     assert "upserted 3 documents" in r.stdout
@@ -106,8 +124,16 @@ def test_cli_memorize_list_show_generate_delete(cluster, tmp_path):
     r = cli(cluster, "memories", "show", "cli-notes", "--tokens")
     assert r.returncode == 0 and "kind=test" in r.stdout and "READY" in r.stdout
 
-    r = cli(cluster, "generate", "When did the observatory open?", "--memory", "cli-notes", "--citations",
-            "--max-tokens", "6")
+    r = cli(
+        cluster,
+        "generate",
+        "When did the observatory open?",
+        "--memory",
+        "cli-notes",
+        "--citations",
+        "--max-tokens",
+        "6",
+    )
     assert r.returncode == 0, r.stderr
     assert "[6 tokens" in r.stderr or "tokens, stop" in r.stderr, r.stderr
     assert "cited cli-notes[" in r.stderr
@@ -141,8 +167,13 @@ def test_cli_errors_are_one_readable_line(cluster, tmp_path):
 def test_cli_status_table(cluster):
     # Through the installed console script (pyproject's [project.scripts]), as a person runs it.
     script = Path(sys.executable).parent / "extmind"
-    r = subprocess.run([str(script), "status", "--run-dir", str(cluster.run_dir)], env=cluster.env,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [str(script), "status", "--run-dir", str(cluster.run_dir)],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:]}
     s = cluster.settings()
@@ -152,6 +183,7 @@ def test_cli_status_table(cluster):
 
 
 # ------------------------------------------------------------------ the Python embedder client
+
 
 @pytest.mark.parametrize("scheme", ["grpc", "http"])
 def test_python_embedder_client_with_mlx_service_url(cluster, monkeypatch, scheme):

@@ -16,8 +16,14 @@ COMPOSE = shutil.which("docker-compose")
 @pytest.fixture(scope="module")
 def config() -> dict:
     assert COMPOSE, "docker-compose is not installed (make install puts Debian's package in place)"
-    r = subprocess.run([COMPOSE, "-f", str(REPO / "docker-compose.yml"), "config"], cwd=REPO, capture_output=True,
-                       text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    r = subprocess.run(
+        [COMPOSE, "-f", str(REPO / "docker-compose.yml"), "config"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert r.returncode == 0, r.stderr
     return yaml.safe_load(r.stdout)
 
@@ -48,8 +54,10 @@ def test_services_use_grpc_health_checks_and_wait_for_healthy_dependencies(confi
         assert any("/models" in str(v) for v in s["volumes"])  # the model cache volume
         env = s["environment"]
         assert "EMBEDDER_MODEL" in env and "GENERATOR_MODEL" in env
-    assert svcs["memory"]["depends_on"] == {"redis": {"condition": "service_healthy"},
-                                            "embedder": {"condition": "service_healthy"}}
+    assert svcs["memory"]["depends_on"] == {
+        "redis": {"condition": "service_healthy"},
+        "embedder": {"condition": "service_healthy"},
+    }
     assert svcs["generator"]["depends_on"] == {"memory": {"condition": "service_healthy"}}
     assert svcs["memory"]["environment"]["REDIS_URL"] == "redis://redis:6379/0"
     assert svcs["generator"]["environment"]["MEMORY_URL"] == "memory:50052"
@@ -57,8 +65,14 @@ def test_services_use_grpc_health_checks_and_wait_for_healthy_dependencies(confi
 
 
 def test_models_come_from_the_environment():
-    r = subprocess.run([COMPOSE, "config"], cwd=REPO, capture_output=True, text=True, timeout=60,
-                       env={"PATH": "/usr/bin:/bin", "GENERATOR_MODEL": "/models/my-llama", "GENERATOR_PORT": "6000"})
+    r = subprocess.run(
+        [COMPOSE, "config"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "GENERATOR_MODEL": "/models/my-llama", "GENERATOR_PORT": "6000"},
+    )
     assert r.returncode == 0, r.stderr
     cfg = yaml.safe_load(r.stdout)
     gen = cfg["services"]["generator"]

@@ -36,10 +36,14 @@ def _engine_answers() -> bool:
     return subprocess.run([DOCKER, "info"], capture_output=True, timeout=30).returncode == 0
 
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e,
-              pytest.mark.skipif(not (COMPOSE and _engine_answers()),
-                                 reason="no Docker engine answers `docker info` (or no docker-compose): "
-                                        "container smoke test not run")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        not (COMPOSE and _engine_answers()),
+        reason="no Docker engine answers `docker info` (or no docker-compose): container smoke test not run",
+    ),
+]
 
 
 def _run(*args, timeout=1800, **kw):
@@ -58,8 +62,11 @@ def image(tmp_path_factory):
     context = REPO
     if cert:  # a copy of the context with the CA bundle under certs/ (never written into the repo)
         context = tmp_path_factory.mktemp("ctx") / "ctx"
-        shutil.copytree(REPO, context, ignore=shutil.ignore_patterns(".git", ".venv", "node_modules", ".run",
-                                                                     "__pycache__", ".gpu*"))
+        shutil.copytree(
+            REPO,
+            context,
+            ignore=shutil.ignore_patterns(".git", ".venv", "node_modules", ".run", "__pycache__", ".gpu*"),
+        )
         shutil.copy(cert, context / "certs" / "ca.pem")
         args += ["--build-arg", "PIP_CERT=/app/certs/ca.pem"]
     _run(*args, str(context))
@@ -71,8 +78,12 @@ def image(tmp_path_factory):
 def test_image_is_small_and_has_no_torch(image):
     tag, size = image
     assert size < 1.5e9, f"the image is {size / 1e9:.2f} GB (goal: at most 1.5 GB)"
-    r = subprocess.run([DOCKER, "run", "--rm", "--entrypoint", "python", tag, "-c", "import torch"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [DOCKER, "run", "--rm", "--entrypoint", "python", tag, "-c", "import torch"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode != 0 and "No module named 'torch'" in r.stderr
 
 
@@ -80,8 +91,9 @@ def test_compose_stack_comes_up_healthy_and_embeds(image, tmp_path):
     tag, _ = image
     project = f"extmindsmoke{uuid.uuid4().hex[:6]}"
     ep, hp, mp, gp = free_ports(4)
-    env = dict(os.environ, EMBEDDER_PORT=str(ep), EMBEDDER_HTTP_PORT=str(hp), MEMORY_PORT=str(mp),
-               GENERATOR_PORT=str(gp))
+    env = dict(
+        os.environ, EMBEDDER_PORT=str(ep), EMBEDDER_HTTP_PORT=str(hp), MEMORY_PORT=str(mp), GENERATOR_PORT=str(gp)
+    )
     # The stack runs the image built above, under the name compose expects.
     _run(DOCKER, "tag", tag, "extmind:latest")
     compose = [COMPOSE, "-p", project, "-f", str(REPO / "docker-compose.yml")]
@@ -99,7 +111,8 @@ def test_compose_stack_comes_up_healthy_and_embeds(image, tmp_path):
         assert all(s == "SERVING" for s in status.values()), f"{status}\n{logs.stdout[-4000:]}"
         with sync_channel(targets["embedder"]) as ch:
             r = embedder_pb2_grpc.EmbedderServiceStub(ch).Embed(
-                embedder_pb2.EmbedRequest(inputs=["a container smoke test"]), timeout=120)
+                embedder_pb2.EmbedRequest(inputs=["a container smoke test"]), timeout=120
+            )
         v = np.frombuffer(r.embeddings.data, "<f4")
         assert r.dimensions == 384 and abs(np.linalg.norm(v) - 1) < 1e-3
     finally:

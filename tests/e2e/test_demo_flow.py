@@ -66,10 +66,13 @@ def test_generation_with_and_without_memory(cluster, result):
     # Citations point into the memorized text: the span's tokens decode to its text, which is
     # part of the story.
     with sync_channel(cluster.url("memory")) as ch:
-        full = memory_pb2_grpc.MemoryServiceStub(ch).GetMemory(
-            memory_pb2.GetMemoryRequest(memory_id=mem.memory_id, include_tokens=True), timeout=30).memory
+        full = (
+            memory_pb2_grpc.MemoryServiceStub(ch)
+            .GetMemory(memory_pb2.GetMemoryRequest(memory_id=mem.memory_id, include_tokens=True), timeout=30)
+            .memory
+        )
     tok = AutoTokenizer.from_pretrained(str(cluster.settings().model_cache / "tiny-llama-random"))
-    text_ids = tok(demo.STORY).input_ids          # the memorized text's tokens (BOS included)
+    text_ids = tok(demo.STORY).input_ids  # the memorized text's tokens (BOS included)
     # Rows are the text's non-special tokens, each with its position in the text.
     assert [text_ids[p] for p in full.positions] == list(full.token_ids)
     assert len(full.token_ids) == mem.num_tokens
@@ -80,7 +83,7 @@ def test_generation_with_and_without_memory(cluster, result):
         # [token_start, token_end) is a span of the memorized text's tokens, made of stored rows.
         assert 0 <= c.token_start < c.token_end <= result["memorize"].num_tokens, c
         assert set(range(c.token_start, c.token_end)) <= set(full.positions), c
-        assert c.text == tok.decode(text_ids[c.token_start:c.token_end]), c
+        assert c.text == tok.decode(text_ids[c.token_start : c.token_end]), c
         assert c.text.strip() and c.text.strip() in demo.STORY, c
 
 
@@ -93,7 +96,8 @@ def test_demo_output_reads_at_a_glance(result):
 
 
 def test_demo_module_runs(cluster):
-    r = subprocess.run([sys.executable, "-m", "extmind.demo"], env=cluster.env, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "extmind.demo"], env=cluster.env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     assert "extmind demo done" in r.stdout and "Traceback" not in r.stderr

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def kill(cluster, name: str) -> None:
     rec = read_pid(cluster.settings(), name)
     assert rec is not None and rec.alive(), f"{name} is not running"
-    stop_process(rec.pid, 0)   # SIGKILL: a crash
+    stop_process(rec.pid, 0)  # SIGKILL: a crash
     assert not rec.alive()
     assert check(cluster.url(name)) == "UNREACHABLE"
 
@@ -50,8 +50,10 @@ def test_memory_down_generator_unavailable_then_recovers(cluster):
     text = "The ferry to the island leaves at seven and returns at noon, every day except Sunday."
     before = gen.Memorize(generator_pb2.MemorizeRequest(text=text, memory_id="fo-before"), timeout=120)
     with_memory = lambda mid, mode=generator_pb2.RETRIEVAL_MODE_LOCAL: generator_pb2.GenerateRequest(  # noqa: E731
-        prompt="When does the ferry leave?", sampling=generator_pb2.SamplingParams(max_tokens=4),
-        extended_mind=generator_pb2.ExtendedMind(memory_ids=[mid], mode=mode))
+        prompt="When does the ferry leave?",
+        sampling=generator_pb2.SamplingParams(max_tokens=4),
+        extended_mind=generator_pb2.ExtendedMind(memory_ids=[mid], mode=mode),
+    )
 
     kill(cluster, "memory")
     code, msg = code_of(gen.Memorize, generator_pb2.MemorizeRequest(text=text, memory_id="fo-during"), timeout=60)
@@ -59,26 +61,32 @@ def test_memory_down_generator_unavailable_then_recovers(cluster):
     assert msg  # says what is down
     # Remote retrieval asks the memory service every step; local retrieval of a memory the
     # generator has not cached must fetch it first (a cached bank may legitimately still serve).
-    for mid, mode in (("fo-before", generator_pb2.RETRIEVAL_MODE_REMOTE),
-                      ("fo-never-loaded", generator_pb2.RETRIEVAL_MODE_LOCAL)):
+    for mid, mode in (
+        ("fo-before", generator_pb2.RETRIEVAL_MODE_REMOTE),
+        ("fo-never-loaded", generator_pb2.RETRIEVAL_MODE_LOCAL),
+    ):
         code, msg = code_of(gen.Generate, with_memory(mid, mode), timeout=60)
         assert code == grpc.StatusCode.UNAVAILABLE, (mid, mode, code, msg)
     # The generator itself is still up: a call that needs no memory works.
-    plain = gen.Generate(generator_pb2.GenerateRequest(prompt="hello", sampling=generator_pb2.SamplingParams(
-        max_tokens=3)), timeout=60)
+    plain = gen.Generate(
+        generator_pb2.GenerateRequest(prompt="hello", sampling=generator_pb2.SamplingParams(max_tokens=3)), timeout=60
+    )
     assert plain.usage.completion_tokens == 3
     assert check(cluster.url("generator")) == "SERVING"
 
     restart(cluster, "memory")
     # Nothing acknowledged was lost: the memory made before the crash is still READY.
-    got = eventually_ok(lambda: mem.GetMemory(memory_pb2.GetMemoryRequest(memory_id="fo-before"), timeout=30),
-                        "memory service")
+    got = eventually_ok(
+        lambda: mem.GetMemory(memory_pb2.GetMemoryRequest(memory_id="fo-before"), timeout=30), "memory service"
+    )
     assert got.memory.state == memory_pb2.MEMORY_STATE_READY and got.memory.num_tokens == before.num_rows
-    after = eventually_ok(lambda: gen.Memorize(generator_pb2.MemorizeRequest(text=text, memory_id="fo-after"),
-                                               timeout=120), "generator Memorize")
+    after = eventually_ok(
+        lambda: gen.Memorize(generator_pb2.MemorizeRequest(text=text, memory_id="fo-after"), timeout=120),
+        "generator Memorize",
+    )
     assert after.num_rows == before.num_rows
     for mid in ("fo-before", "fo-after"):
-        r = eventually_ok(lambda: gen.Generate(with_memory(mid), timeout=120), "generator Generate with memory")
+        r = eventually_ok(lambda mid=mid: gen.Generate(with_memory(mid), timeout=120), "generator Generate with memory")
         assert r.usage.completion_tokens == 4
     for mid in ("fo-before", "fo-after"):
         mem.DeleteMemory(memory_pb2.DeleteMemoryRequest(memory_id=mid), timeout=30)

@@ -37,16 +37,30 @@ def _port_open(port: int) -> bool:
 
 def test_healthcheck_module(cluster):
     s = cluster.settings()
-    ok = subprocess.run([sys.executable, "-m", "extmind.healthcheck", s.memory_url], env=cluster.env,
-                        capture_output=True, text=True, timeout=30)
+    ok = subprocess.run(
+        [sys.executable, "-m", "extmind.healthcheck", s.memory_url],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert ok.returncode == 0, ok.stderr
-    named = subprocess.run([sys.executable, "-m", "extmind.healthcheck", s.generator_url, "--service",
-                            "extmind.v1.GeneratorService"], env=cluster.env, capture_output=True, text=True,
-                           timeout=30)
+    named = subprocess.run(
+        [sys.executable, "-m", "extmind.healthcheck", s.generator_url, "--service", "extmind.v1.GeneratorService"],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert named.returncode == 0, named.stderr
     dead = free_port()
-    bad = subprocess.run([sys.executable, "-m", "extmind.healthcheck", f"127.0.0.1:{dead}"], env=cluster.env,
-                         capture_output=True, text=True, timeout=30)
+    bad = subprocess.run(
+        [sys.executable, "-m", "extmind.healthcheck", f"127.0.0.1:{dead}"],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert bad.returncode == 1 and bad.stderr.strip() == f"127.0.0.1:{dead}: UNREACHABLE"
 
 
@@ -80,8 +94,14 @@ def test_exec_runs_one_service_in_the_foreground(tmp_path, model_cache):
     """The container entry point: `python -m extmind.cluster exec memory` is the service itself."""
     env = cluster_env(tmp_path, model_cache)
     env["MEMORY_DATA_DIR"] = str(tmp_path / "mem")
-    proc = subprocess.Popen([sys.executable, "-m", "extmind.cluster", "exec", "memory"], env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "extmind.cluster", "exec", "memory"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         target = f"127.0.0.1:{env['MEMORY_PORT']}"
         deadline = time.monotonic() + 120

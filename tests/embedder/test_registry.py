@@ -23,7 +23,7 @@ def test_alias_through_its_variable(tiny_qwen3, monkeypatch):
     monkeypatch.setenv("MLX_MODEL_QWEN3_4B_PATH", str(tiny_qwen3))
     r = registry.resolve("qwen3-4b")
     assert (r.path, r.name, r.kind, r.aliases) == (tiny_qwen3, "Qwen/Qwen3-Embedding-4B", "embedding", ["qwen3-4b"])
-    assert registry.resolve("Qwen/Qwen3-Embedding-4B").path == tiny_qwen3   # the hub id finds the local copy
+    assert registry.resolve("Qwen/Qwen3-Embedding-4B").path == tiny_qwen3  # the hub id finds the local copy
 
 
 def test_alias_through_models_dir(tiny_qwen3, tmp_path, monkeypatch):
@@ -37,7 +37,7 @@ def test_names_under_models_dir_and_directories(models_root, tiny_qwen3, tiny_re
     monkeypatch.setenv("MLX_MODELS_DIR", str(models_root))
     r = registry.resolve("Qwen3-Embedding-tiny")
     assert r.path == models_root / "Qwen3-Embedding-tiny" and r.name == "Qwen3-Embedding-tiny"
-    assert registry.resolve(str(tiny_reranker)).kind == "reranker"          # by name
+    assert registry.resolve(str(tiny_reranker)).kind == "reranker"  # by name
     assert registry.resolve(str(tiny_qwen3), "reranker").kind == "reranker"  # by --reranker
 
 
@@ -52,8 +52,13 @@ def test_not_found_names_every_place_tried(tmp_path, monkeypatch):
     with pytest.raises(NotFound) as err:
         registry.resolve("qwen3-0.6b")
     msg = err.value.message
-    for place in ("MLX_MODEL_QWEN3_0_6B_PATH", str(tmp_path / "missing"), str(tmp_path / "Qwen3-Embedding-0.6B"),
-                  "hub Qwen/Qwen3-Embedding-0.6B", "HF_HUB_OFFLINE"):
+    for place in (
+        "MLX_MODEL_QWEN3_0_6B_PATH",
+        str(tmp_path / "missing"),
+        str(tmp_path / "Qwen3-Embedding-0.6B"),
+        "hub Qwen/Qwen3-Embedding-0.6B",
+        "HF_HUB_OFFLINE",
+    ):
         assert place in msg, (place, msg)
     with pytest.raises(NotFound) as err:
         registry.resolve(str(tmp_path / "nope"))
@@ -73,15 +78,17 @@ async def test_several_models_from_one_process(start_app, tiny_qwen3, tiny_bert,
         stub = embedder_pb2_grpc.EmbedderServiceStub(ch)
         info = await stub.GetInfo(pb.EmbedderServiceGetInfoRequest())
         assert info.default_model == "Qwen/Qwen3-Embedding-0.6B"
-        assert [m.name for m in info.models] == ["Qwen/Qwen3-Embedding-0.6B", "bert-tiny",
-                                                 "sentence-transformers/all-MiniLM-L6-v2"]
+        assert [m.name for m in info.models] == [
+            "Qwen/Qwen3-Embedding-0.6B",
+            "bert-tiny",
+            "sentence-transformers/all-MiniLM-L6-v2",
+        ]
         for name, dims in (("qwen3-0.6b", 64), ("bert-tiny", 64), ("all-minilm-l6-v2", 384), ("", 64)):
             r = await stub.Embed(pb.EmbedRequest(inputs=["hello"], model=name))
             assert r.dimensions == dims, name
 
 
-async def test_tokenize_finds_models_like_every_other_rpc(start_app, tiny_qwen3, tiny_reranker, tmp_path,
-                                                           monkeypatch):
+async def test_tokenize_finds_models_like_every_other_rpc(start_app, tiny_qwen3, tiny_reranker, tmp_path, monkeypatch):
     """A reranker served as ``org/name`` is found by its last part for Tokenize as for Rerank."""
     (tmp_path / "org").mkdir()
     (tmp_path / "org" / "Qwen3-Reranker-tiny").symlink_to(tiny_reranker, target_is_directory=True)
@@ -95,7 +102,7 @@ async def test_tokenize_finds_models_like_every_other_rpc(start_app, tiny_qwen3,
             t = await stub.Tokenize(pb.TokenizeRequest(inputs=["hello world"], model=name))
             assert t.model == "org/Qwen3-Reranker-tiny" and len(t.results[0].token_ids) > 0, name
         t = await stub.Tokenize(pb.TokenizeRequest(inputs=["hello world"]))
-        assert t.model == "Qwen3-Embedding-tiny"                 # no name: the default embedder
+        assert t.model == "Qwen3-Embedding-tiny"  # no name: the default embedder
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Tokenize(pb.TokenizeRequest(inputs=["x"], model="nope"))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -110,6 +117,7 @@ async def test_no_model_configured_serves_minilm(start_app, monkeypatch):
 
 def test_flags_read_their_variables(monkeypatch):
     from services.embedder.app import parse_args
+
     monkeypatch.setenv("EMBEDDER_MODEL", "qwen3-0.6b,qwen3-4b")
     monkeypatch.setenv("EMBEDDER_HTTP_PORT", "8123")
     monkeypatch.setenv("EMBEDDER_MAX_QUEUE", "99")

@@ -15,14 +15,28 @@ from extmind import tensor
 from extmind.v1 import embedder_pb2 as pb
 from extmind.v1 import embedder_pb2_grpc
 
-TEXTS = ["Paris is the capital of France.", "Alice met Bob at the station at noon.", "42",
-         "The river flows to the sea, and the sea rises into clouds."]
+TEXTS = [
+    "Paris is the capital of France.",
+    "Alice met Bob at the station at noon.",
+    "42",
+    "The river flows to the sea, and the sea rises into clouds.",
+]
 
 
 @pytest.fixture
 async def service(start_app, tiny_qwen3, tiny_bert, tiny_reranker):
-    app = await start_app("--model", str(tiny_qwen3), "--model", str(tiny_bert), "--reranker", str(tiny_reranker),
-                          "--max-input-tokens", "24", "--max-queue", "6")
+    app = await start_app(
+        "--model",
+        str(tiny_qwen3),
+        "--model",
+        str(tiny_bert),
+        "--reranker",
+        str(tiny_reranker),
+        "--max-input-tokens",
+        "24",
+        "--max-queue",
+        "6",
+    )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}")
     yield app, embedder_pb2_grpc.EmbedderServiceStub(channel), channel
     await channel.close()
@@ -31,7 +45,8 @@ async def service(start_app, tiny_qwen3, tiny_bert, tiny_reranker):
 async def test_embed_info_tokenize_health(service, tiny_qwen3):
     app, stub, channel = service
     health = await health_pb2_grpc.HealthStub(channel).Check(
-        health_pb2.HealthCheckRequest(service="extmind.v1.EmbedderService"))
+        health_pb2.HealthCheckRequest(service="extmind.v1.EmbedderService")
+    )
     assert health.status == health_pb2.HealthCheckResponse.SERVING
 
     r = await stub.Embed(pb.EmbedRequest(inputs=TEXTS), timeout=30)
@@ -46,19 +61,22 @@ async def test_embed_info_tokenize_health(service, tiny_qwen3):
     info = await stub.GetInfo(pb.EmbedderServiceGetInfoRequest())
     assert info.default_model == "Qwen3-Embedding-tiny"
     kinds = {m.name: m.kind for m in info.models}
-    assert kinds == {"Qwen3-Embedding-tiny": pb.MODEL_KIND_EMBEDDING, "bert-tiny": pb.MODEL_KIND_EMBEDDING,
-                     "Qwen3-Reranker-tiny": pb.MODEL_KIND_RERANKER}
+    assert kinds == {
+        "Qwen3-Embedding-tiny": pb.MODEL_KIND_EMBEDDING,
+        "bert-tiny": pb.MODEL_KIND_EMBEDDING,
+        "Qwen3-Reranker-tiny": pb.MODEL_KIND_RERANKER,
+    }
     qwen = next(m for m in info.models if m.name == "Qwen3-Embedding-tiny")
     assert (qwen.dimensions, qwen.min_dimensions, qwen.max_input_tokens) == (64, 32, 24)
     assert info.batching.max_queue == 6
 
     t = await stub.Tokenize(pb.TokenizeRequest(inputs=["hello world"]))
     from tokenizers import Tokenizer
+
     tok = Tokenizer.from_file(str(tiny_qwen3 / "tokenizer.json"))
     assert list(t.results[0].token_ids) == tok.encode("hello world").ids + [tok.token_to_id("<|endoftext|>")]
 
-    rr = await stub.Rerank(pb.RerankRequest(query="capital of France", documents=TEXTS, top_n=3,
-                                            return_documents=True))
+    rr = await stub.Rerank(pb.RerankRequest(query="capital of France", documents=TEXTS, top_n=3, return_documents=True))
     assert rr.model == "Qwen3-Reranker-tiny" and len(rr.results) == 3
     scores = [x.score for x in rr.results]
     assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
@@ -94,12 +112,12 @@ async def test_concurrent_calls_share_batches(service):
     engine = app.engine
     before = engine.batcher.batches_run
     gate = threading.Event()
-    app.mlx.submit(gate.wait)            # hold the MLX thread so the calls pile up
+    app.mlx.submit(gate.wait)  # hold the MLX thread so the calls pile up
     calls = [asyncio.ensure_future(stub.Embed(pb.EmbedRequest(inputs=[t]), timeout=30)) for t in TEXTS]
     await asyncio.sleep(0.3)
     gate.set()
     out = await asyncio.gather(*calls)
-    assert engine.batcher.batches_run - before <= 2   # one forward for all (at most one more straggler)
+    assert engine.batcher.batches_run - before <= 2  # one forward for all (at most one more straggler)
     single = [tensor.decode((await stub.Embed(pb.EmbedRequest(inputs=[t]))).embeddings)[0] for t in TEXTS]
     assert np.abs(np.stack([tensor.decode(o.embeddings)[0] for o in out]) - np.stack(single)).max() < 1e-5
 
@@ -116,27 +134,48 @@ async def _code(call) -> grpc.StatusCode:
 BAD = [
     ("empty list", pb.EmbedRequest(inputs=[]), grpc.StatusCode.INVALID_ARGUMENT),
     ("empty string", pb.EmbedRequest(inputs=["ok", "  "]), grpc.StatusCode.INVALID_ARGUMENT),
-    ("over-long, truncate=false", pb.EmbedRequest(inputs=["word " * 200], truncate=False),
-     grpc.StatusCode.INVALID_ARGUMENT),
+    (
+        "over-long, truncate=false",
+        pb.EmbedRequest(inputs=["word " * 200], truncate=False),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
     ("dimensions above size", pb.EmbedRequest(inputs=["x"], dimensions=65), grpc.StatusCode.INVALID_ARGUMENT),
     ("dimensions below minimum", pb.EmbedRequest(inputs=["x"], dimensions=8), grpc.StatusCode.INVALID_ARGUMENT),
-    ("matryoshka on bert", pb.EmbedRequest(inputs=["x"], model="bert-tiny", dimensions=32),
-     grpc.StatusCode.INVALID_ARGUMENT),
+    (
+        "matryoshka on bert",
+        pb.EmbedRequest(inputs=["x"], model="bert-tiny", dimensions=32),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
     ("unknown model", pb.EmbedRequest(inputs=["x"], model="qwen3-8b"), grpc.StatusCode.NOT_FOUND),
-    ("reranker asked to embed", pb.EmbedRequest(inputs=["x"], model="Qwen3-Reranker-tiny"),
-     grpc.StatusCode.INVALID_ARGUMENT),
+    (
+        "reranker asked to embed",
+        pb.EmbedRequest(inputs=["x"], model="Qwen3-Reranker-tiny"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
     ("unknown input type", pb.EmbedRequest(inputs=["x"], input_type=7), grpc.StatusCode.INVALID_ARGUMENT),
     # Too large is never overload: retrying cannot help, so not RESOURCE_EXHAUSTED.
     ("more inputs than the queue", pb.EmbedRequest(inputs=["x"] * 7), grpc.StatusCode.INVALID_ARGUMENT),
-    ("inputs and token_inputs", pb.EmbedRequest(inputs=["x"], token_inputs=[pb.TokenIds(ids=[5])]),
-     grpc.StatusCode.INVALID_ARGUMENT),
-    ("token id outside the vocabulary", pb.EmbedRequest(token_inputs=[pb.TokenIds(ids=[5, 10**6])]),
-     grpc.StatusCode.INVALID_ARGUMENT),
+    (
+        "inputs and token_inputs",
+        pb.EmbedRequest(inputs=["x"], token_inputs=[pb.TokenIds(ids=[5])]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    (
+        "token id outside the vocabulary",
+        pb.EmbedRequest(token_inputs=[pb.TokenIds(ids=[5, 10**6])]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
     ("negative token id", pb.EmbedRequest(token_inputs=[pb.TokenIds(ids=[-1])]), grpc.StatusCode.INVALID_ARGUMENT),
-    ("empty token input", pb.EmbedRequest(token_inputs=[pb.TokenIds(ids=[5]), pb.TokenIds()]),
-     grpc.StatusCode.INVALID_ARGUMENT),
-    ("token input as a query", pb.EmbedRequest(token_inputs=[pb.TokenIds(ids=[5])], input_type=pb.INPUT_TYPE_QUERY),
-     grpc.StatusCode.INVALID_ARGUMENT),
+    (
+        "empty token input",
+        pb.EmbedRequest(token_inputs=[pb.TokenIds(ids=[5]), pb.TokenIds()]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    (
+        "token input as a query",
+        pb.EmbedRequest(token_inputs=[pb.TokenIds(ids=[5])], input_type=pb.INPUT_TYPE_QUERY),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
 ]
 
 
@@ -152,9 +191,11 @@ async def test_bad_rerank_and_truncation(service):
     app, stub, _ = service
     assert await _code(stub.Rerank(pb.RerankRequest(query="q", documents=[]))) == grpc.StatusCode.INVALID_ARGUMENT
     assert await _code(stub.Rerank(pb.RerankRequest(query=" ", documents=["d"]))) == grpc.StatusCode.INVALID_ARGUMENT
-    assert await _code(stub.Rerank(pb.RerankRequest(query="q", documents=["d"], model="bert-tiny"))) == \
-        grpc.StatusCode.INVALID_ARGUMENT
-    long = await stub.Embed(pb.EmbedRequest(inputs=["word " * 200, "short"]))   # truncate defaults to true
+    assert (
+        await _code(stub.Rerank(pb.RerankRequest(query="q", documents=["d"], model="bert-tiny")))
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    long = await stub.Embed(pb.EmbedRequest(inputs=["word " * 200, "short"]))  # truncate defaults to true
     assert long.token_counts[0] == 24 and long.token_counts[1] < 24
     assert np.isfinite(tensor.decode(long.embeddings)).all()
 
@@ -163,15 +204,17 @@ async def test_full_queue_is_resource_exhausted_and_dead_requests_cost_nothing(s
     app, stub, _ = service
     batcher = app.engine.batcher
     gate = threading.Event()
-    app.mlx.submit(gate.wait)                         # the MLX thread is busy
+    app.mlx.submit(gate.wait)  # the MLX thread is busy
     first = asyncio.ensure_future(stub.Embed(pb.EmbedRequest(inputs=TEXTS[:3]), timeout=30))  # taken, waits
     await asyncio.sleep(0.2)
     queued = asyncio.ensure_future(stub.Embed(pb.EmbedRequest(inputs=TEXTS[:3]), timeout=30))  # waits in queue
     expiring = asyncio.ensure_future(stub.Embed(pb.EmbedRequest(inputs=["expires"] * 2), timeout=0.5))
     await asyncio.sleep(0.2)
     assert batcher.queued == 5
-    assert await _code(stub.Embed(pb.EmbedRequest(inputs=["one", "two"]), timeout=30)) == \
-        grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (
+        await _code(stub.Embed(pb.EmbedRequest(inputs=["one", "two"]), timeout=30))
+        == grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
     cancelled = stub.Embed(pb.EmbedRequest(inputs=["cancelled"]), timeout=30)
     cancelled_task = asyncio.ensure_future(cancelled)
     await asyncio.sleep(0.2)
@@ -183,7 +226,7 @@ async def test_full_queue_is_resource_exhausted_and_dead_requests_cost_nothing(s
     with pytest.raises(asyncio.CancelledError):
         await cancelled_task
     await asyncio.sleep(0.2)
-    assert batcher.sequences_run - seqs_before == 6    # first + queued; the expired and cancelled ones never ran
+    assert batcher.sequences_run - seqs_before == 6  # first + queued; the expired and cancelled ones never ran
     assert batcher.queued == 0
     ok = await stub.Embed(pb.EmbedRequest(inputs=["still serving"]), timeout=30)
     assert tensor.decode(ok.embeddings).shape == (1, 64)

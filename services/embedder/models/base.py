@@ -20,17 +20,17 @@ DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 @dataclass
 class ServedModel:
-    name: str                    # canonical name, never an alias
+    name: str  # canonical name, never an alias
     path: Path
-    kind: str                    # "embedding" | "reranker"
-    dimensions: int              # full embedding size (0 for rerankers)
+    kind: str  # "embedding" | "reranker"
+    dimensions: int  # full embedding size (0 for rerankers)
     max_input_tokens: int
     dtype: str
-    min_dimensions: int = 0      # smallest Matryoshka size (0 = no truncation supported)
+    min_dimensions: int = 0  # smallest Matryoshka size (0 = no truncation supported)
     uses_instruction: bool = False
     default_instruction: str = ""
     aliases: list[str] = field(default_factory=list)
-    vocab_size: int = 0          # token ids in [0, vocab_size) are valid input (0 = token input refused)
+    vocab_size: int = 0  # token ids in [0, vocab_size) are valid input (0 = token input refused)
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         raise NotImplementedError
@@ -52,6 +52,7 @@ def load_tokenizer(path: Path):
         tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     else:  # e.g. a BERT shipped with vocab.txt only: let transformers convert it
         from transformers import AutoTokenizer
+
         tok = AutoTokenizer.from_pretrained(str(path)).backend_tokenizer
     tok.no_padding()
     tok.no_truncation()
@@ -76,7 +77,7 @@ def right_padded(batch: list[list[int]], pad_id: int) -> tuple[mx.array, mx.arra
     width = max(len(s) for s in batch)
     ids = np.full((len(batch), width), pad_id, dtype=np.int32)
     for i, s in enumerate(batch):
-        ids[i, :len(s)] = s
+        ids[i, : len(s)] = s
     return mx.array(ids), mx.array(np.array([len(s) for s in batch], dtype=np.int32))
 
 

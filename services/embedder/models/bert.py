@@ -65,17 +65,23 @@ class BertEncoder(nn.Module):
         self.layers = [Layer(config) for _ in range(config["num_hidden_layers"])]
 
     def __call__(self, ids: mx.array, lengths: mx.array) -> mx.array:
-        real = mx.arange(ids.shape[1])[None, :] < lengths[:, None]          # [B, L]
-        mask = real[:, None, None, :]                                        # keys only: boolean, no -inf
+        real = mx.arange(ids.shape[1])[None, :] < lengths[:, None]  # [B, L]
+        mask = real[:, None, None, :]  # keys only: boolean, no -inf
         h = self.embeddings(ids)
         for layer in self.layers:
             h = layer(h, mask)
         return recipe.mean_pool(h, real)
 
-    _RENAMES = [("attention.self.query", "query"), ("attention.self.key", "key"),
-                ("attention.self.value", "value"), ("attention.output.dense", "attn_out"),
-                ("attention.output.LayerNorm", "attn_norm"), ("intermediate.dense", "ffn_in"),
-                ("output.dense", "ffn_out"), ("output.LayerNorm", "ffn_norm")]
+    _RENAMES = [
+        ("attention.self.query", "query"),
+        ("attention.self.key", "key"),
+        ("attention.self.value", "value"),
+        ("attention.output.dense", "attn_out"),
+        ("attention.output.LayerNorm", "attn_norm"),
+        ("intermediate.dense", "ffn_in"),
+        ("output.dense", "ffn_out"),
+        ("output.LayerNorm", "ffn_norm"),
+    ]
 
     def sanitize(self, weights: dict) -> dict:
         out = {}
@@ -111,9 +117,15 @@ class BertEmbedder(ServedModel):
         self.module = module
         self.tokenizer = load_tokenizer(path)
         self.pad_id = int(config.get("pad_token_id") or 0)
-        super().__init__(name=name, path=path, kind="embedding", dimensions=int(config["hidden_size"]),
-                         max_input_tokens=min(limit, max_input_tokens) if max_input_tokens else limit,
-                         dtype=dtype, vocab_size=vocabulary_size(self.tokenizer, int(config["vocab_size"])))
+        super().__init__(
+            name=name,
+            path=path,
+            kind="embedding",
+            dimensions=int(config["hidden_size"]),
+            max_input_tokens=min(limit, max_input_tokens) if max_input_tokens else limit,
+            dtype=dtype,
+            vocab_size=vocabulary_size(self.tokenizer, int(config["vocab_size"])),
+        )
         # What the tokenizer wraps every text in ([CLS] and [SEP]), read from the tokenizer itself.
         wrap = self.tokenizer.encode("").ids
         self._first, self._last = (wrap[0], wrap[-1]) if len(wrap) >= 2 else (None, None)

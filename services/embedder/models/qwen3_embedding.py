@@ -33,8 +33,11 @@ class Qwen3EmbeddingModel(nn.Module):
         return recipe.last_token_pool(self.model(ids), lengths)
 
     def sanitize(self, weights: dict) -> dict:
-        return {(k if k.startswith("model.") else f"model.{k}"): v
-                for k, v in weights.items() if not k.startswith("lm_head.")}
+        return {
+            (k if k.startswith("model.") else f"model.{k}"): v
+            for k, v in weights.items()
+            if not k.startswith("lm_head.")
+        }
 
 
 class Qwen3Embedder(ServedModel):
@@ -45,14 +48,23 @@ class Qwen3Embedder(ServedModel):
         self.tokenizer = load_tokenizer(path)
         self.end_id = self.tokenizer.token_to_id(END_OF_TEXT)
         if self.end_id is None:
-            raise FailedPrecondition(f"{path}: the tokenizer has no {END_OF_TEXT} token, which Qwen3-Embedding "
-                                     "pools on; is this a Qwen3-Embedding checkpoint?")
+            raise FailedPrecondition(
+                f"{path}: the tokenizer has no {END_OF_TEXT} token, which Qwen3-Embedding "
+                "pools on; is this a Qwen3-Embedding checkpoint?"
+            )
         limit = int(config.get("max_position_embeddings", 32768))
-        super().__init__(name=name, path=path, kind="embedding", dimensions=int(config["hidden_size"]),
-                         max_input_tokens=min(limit, max_input_tokens) if max_input_tokens else limit,
-                         dtype=dtype, min_dimensions=min(32, int(config["hidden_size"])),
-                         uses_instruction=True, default_instruction=recipe.DEFAULT_TASK,
-                         vocab_size=vocabulary_size(self.tokenizer, int(config["vocab_size"])))
+        super().__init__(
+            name=name,
+            path=path,
+            kind="embedding",
+            dimensions=int(config["hidden_size"]),
+            max_input_tokens=min(limit, max_input_tokens) if max_input_tokens else limit,
+            dtype=dtype,
+            min_dimensions=min(32, int(config["hidden_size"])),
+            uses_instruction=True,
+            default_instruction=recipe.DEFAULT_TASK,
+            vocab_size=vocabulary_size(self.tokenizer, int(config["vocab_size"])),
+        )
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         return [recipe.with_end_token(e.ids, self.end_id) for e in self.tokenizer.encode_batch(texts)]
