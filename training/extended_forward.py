@@ -43,25 +43,35 @@ def extended_attention(q: mx.array, k: mx.array, v: mx.array, bank: Bank, top_k:
     qf = q.astype(mx.float32).reshape(B, kvh, rep, L, d)
     m = B * rep * L
     qm = qf.transpose(1, 0, 2, 3, 4).reshape(kvh, m, d)                      # [KVH, M, d]
-    # Retrieval: exact cosine, no gradient (the selection is discrete).
-    qn = qm * mx.rsqrt(mx.maximum(mx.sum(qm * qm, axis=-1, keepdims=True), 1e-24))
-    kn = bank.keys * mx.rsqrt(mx.maximum(mx.sum(bank.keys * bank.keys, axis=-1, keepdims=True), 1e-24))
-    sim = mx.stop_gradient(qn @ kn.swapaxes(-1, -2))             # [KVH, M, N]
-    idx = mx.argpartition(-sim, kth=kk - 1, axis=-1)[..., :kk]
-    flat = (idx.astype(mx.int32) + (mx.arange(kvh, dtype=mx.int32) * n)[:, None, None]).reshape(-1)
-    ksel = mx.take(bank.keys.reshape(kvh * n, d), flat, axis=0).reshape(kvh, m, kk, d)
-    vsel = mx.take(bank.values.reshape(kvh * n, d), flat, axis=0).reshape(kvh, m, kk, d)
-    mem_logits = mx.sum(qm[:, :, None, :] * ksel, axis=-1) * scale          # raw dot, not the cosine
+    if top_k >= n:
+        # Every row is retrieved: plain attention over the whole memory (the order of the rows
+        # does not matter inside the softmax).
+        mem_logits = (qm @ bank.keys.swapaxes(-1, -2)) * scale                # [KVH, M, N]
+        vsel = None
+    else:
+        # Retrieval: exact cosine, no gradient (the selection is discrete).
+        qn = qm * mx.rsqrt(mx.maximum(mx.sum(qm * qm, axis=-1, keepdims=True), 1e-24))
+        kn = bank.keys * mx.rsqrt(mx.maximum(mx.sum(bank.keys * bank.keys, axis=-1, keepdims=True), 1e-24))
+        sim = mx.stop_gradient(qn @ kn.swapaxes(-1, -2))                     # [KVH, M, N]
+        idx = mx.argpartition(-sim, kth=kk - 1, axis=-1)[..., :kk]
+        flat = (idx.astype(mx.int32) + (mx.arange(kvh, dtype=mx.int32) * n)[:, None, None]).reshape(-1)
+        ksel = mx.take(bank.keys.reshape(kvh * n, d), flat, axis=0).reshape(kvh, m, kk, d)
+        vsel = mx.take(bank.values.reshape(kvh * n, d), flat, axis=0).reshape(kvh, m, kk, d)
+        mem_logits = mx.sum(qm[:, :, None, :] * ksel, axis=-1) * scale      # raw dot, not the cosine
 
     def to_attn(x):  # [KVH, B * rep * L, ...] -> [B, KVH, rep, L, ...]
         x = x.reshape(kvh, B, rep, L, *x.shape[2:])
         return x.transpose(1, 0, 2, 3, *range(4, x.ndim))
 
-    mem_logits, vsel = to_attn(mem_logits), to_attn(vsel)
+    mem_logits = to_attn(mem_logits)
     local = (qf.reshape(B, kvh, rep * L, d) @ k.astype(mx.float32).swapaxes(-1, -2)) * scale
     local = mx.where(_local_mask(L), local.reshape(B, kvh, rep, L, L), _NEG)
     w = mx.softmax(mx.concatenate([mem_logits, local], axis=-1), axis=-1)
-    out_mem = mx.sum(w[..., :kk, None] * vsel, axis=-2)
+    if vsel is None:
+        wm = w[..., :kk].transpose(1, 0, 2, 3, 4).reshape(kvh, m, kk)
+        out_mem = (wm @ bank.values).reshape(kvh, B, rep, L, d).transpose(1, 0, 2, 3, 4)
+    else:
+        out_mem = mx.sum(w[..., :kk, None] * to_attn(vsel), axis=-2)
     out_local = w[..., kk:].reshape(B, kvh, rep * L, L) @ v.astype(mx.float32)
     return (out_mem + out_local.reshape(B, kvh, rep, L, d)).reshape(B, H, L, d)
 

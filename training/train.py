@@ -28,6 +28,7 @@ import math
 import random
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlx.core as mx
@@ -141,10 +142,10 @@ def make_batch(tok, step_seed: int, n_mem: int, n_q: int, n_ctx: int, pad: int, 
     d_ids = [e.ids for e in tok.encode_batch(docs)]
     d = _pad(d_ids, pad, 16)
     valid = (d != pad) & (d != bos)
-    picks = rng.sample(stated, n_q)
+    picks = rng.sample(stated, min(n_q, len(stated)))
     qas = [facts.question(rng, e, a) for e, a, _ in picks]
     qx, qy, qm = qa_arrays(tok, [q.question for q in qas], [q.answer for q in qas], pad)
-    ctx_picks = rng.sample(stated, n_ctx)
+    ctx_picks = rng.sample(stated, min(n_ctx, len(stated)))
     cqas = [facts.question(rng, e, a) for e, a, _ in ctx_picks]
     cx, cy, cm = qa_arrays(tok, [facts.context_prompt(docs[i], q) for (_, _, i), q in zip(ctx_picks, cqas)],
                            [q.answer for q in cqas], pad)
@@ -197,6 +198,18 @@ def evaluate(model, b, top_k: int) -> dict:
     return {k: float(v.astype(mx.float32).mean()) for k, v in (("memory", mem_ok), ("none", none_ok), ("context", ctx_ok))}
 
 
+def curriculum(progress: float, mem_docs: int) -> tuple[int, tuple[int, ...]]:
+    """-> (documents in the step's memory, top_k choices). Retrieval is learned first as plain
+    attention over a small memory (top_k above its row count = every row, every row gets
+    gradient), then over larger memories with ever narrower top-k, ending at the inference
+    setting (top_k 10 over thousands of rows)."""
+    if progress < 0.4:
+        return 16, (100_000,)
+    if progress < 0.7:
+        return mem_docs // 3, (32, 64, 128)
+    return mem_docs, (10, 10, 16, 32)
+
+
 def to_mx(b: dict) -> dict:
     return {k: mx.array(v) for k, v in b.items()}
 
@@ -218,9 +231,9 @@ def main(argv=None) -> int:
     p.add_argument("--intermediate", type=int, default=768)
     p.add_argument("--mem-docs", type=int, default=192, help="documents in each step's shared memory")
     p.add_argument("--questions", type=int, default=96, help="memory questions per step")
-    p.add_argument("--ctx-questions", type=int, default=48, help="in-context questions per step")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--ctx-questions", type=int, default=32, help="in-context questions per step")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--w-lm", type=float, default=0.3)
     p.add_argument("--w-ctx", type=float, default=0.5)
     p.add_argument("--eval-every", type=int, default=250)
@@ -245,9 +258,18 @@ def main(argv=None) -> int:
     opt = optim.AdamW(learning_rate=a.lr, weight_decay=0.01, betas=(0.9, 0.98))
     grad_fn = nn.value_and_grad(model, losses)
     ev = to_mx(eval_batch(tok, EVAL_SEED, a.eval_n, pad, bos))
+    pool = ThreadPoolExecutor(1)  # builds the next step's batch while the device runs this one
+
+    def submit(step: int, progress: float):
+        n_mem, k_choices = curriculum(progress, a.mem_docs)
+        k = random.Random(a.seed * 7919 + step).choice(k_choices)
+        fut = pool.submit(make_batch, tok, a.seed * 1_000_003 + step, n_mem, a.questions, a.ctx_questions, pad, bos)
+        return fut, k, n_mem
+
     t_start = time.time()
     avg = None
     step = 0
+    nxt = submit(1, 0.0)
     for step in range(1, a.steps + 1):
         elapsed = time.time() - t_start
         progress = max(step / a.steps, elapsed / a.time_budget if a.time_budget else 0.0)
@@ -255,18 +277,18 @@ def main(argv=None) -> int:
             break
         lr = a.lr * min(1.0, step / a.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         opt.learning_rate = lr
-        # Wider retrieval early (more rows get gradient), the inference top_k (10) most of the time.
-        top_k = 32 if progress < 0.2 else random.Random(a.seed * 7919 + step).choice((10, 10, 10, 16, 32))
-        b = to_mx(make_batch(tok, a.seed * 1_000_003 + step, a.mem_docs, a.questions, a.ctx_questions, pad, bos))
+        fut, top_k, n_mem = nxt
+        b = to_mx(fut.result())
+        nxt = submit(step + 1, progress)
         (loss, parts), grads = grad_fn(model, b, top_k, a.w_lm, a.w_ctx)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         opt.update(model, grads)
         mx.eval(model.parameters(), opt.state, loss, parts)
         vals = [float(loss)] + [float(x) for x in parts]
-        avg = vals if avg is None else [0.98 * x + 0.02 * y for x, y in zip(avg, vals)]
+        avg = vals if avg is None else [0.95 * x + 0.05 * y for x, y in zip(avg, vals)]
         if step % 50 == 0 or step == 1:
-            print(f"step {step} {time.time() - t_start:.0f}s lr {lr:.2e} k {top_k} loss {avg[0]:.3f} qa {avg[1]:.3f} "
-                  f"lm {avg[2]:.3f} ctx {avg[3]:.3f} qa_acc {avg[4]:.2f} ctx_acc {avg[5]:.2f}", flush=True)
+            print(f"step {step} {time.time() - t_start:.0f}s lr {lr:.2e} docs {n_mem} k {top_k} loss {avg[0]:.3f} "
+                  f"qa {avg[1]:.3f} lm {avg[2]:.3f} ctx {avg[3]:.3f} qa_acc {avg[4]:.2f} ctx_acc {avg[5]:.2f}", flush=True)
         if a.eval_every and step % a.eval_every == 0:
             print(f"eval step {step}: {evaluate(model, ev, 10)}", flush=True)
     train_s = time.time() - t_start
