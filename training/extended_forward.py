@@ -23,9 +23,12 @@ _NEG = -1e30
 
 @dataclass
 class Bank:
-    """One layer's memory: raw keys and values [KVH, N, d] (float32)."""
+    """One layer's memory: raw keys and values [KVH, N, d] (float32), shared by every question;
+    or, with ``mask`` [B, N] (False = padding), one memory per question: [B, KVH, N, d], which
+    is attended whole (no top-k)."""
     keys: mx.array
     values: mx.array
+    mask: mx.array | None = None
 
 
 def _local_mask(L: int) -> mx.array:
@@ -38,6 +41,8 @@ def extended_attention(q: mx.array, k: mx.array, v: mx.array, bank: Bank, top_k:
     B, H, L, d = q.shape
     kvh = k.shape[1]
     rep = H // kvh
+    if bank.mask is not None:
+        return _own_memory_attention(q, k, v, bank, scale)
     n = bank.keys.shape[1]
     kk = min(top_k, n)
     qf = q.astype(mx.float32).reshape(B, kvh, rep, L, d)
@@ -74,6 +79,37 @@ def extended_attention(q: mx.array, k: mx.array, v: mx.array, bank: Bank, top_k:
         out_mem = mx.sum(w[..., :kk, None] * to_attn(vsel), axis=-2)
     out_local = w[..., kk:].reshape(B, kvh, rep * L, L) @ v.astype(mx.float32)
     return (out_mem + out_local.reshape(B, kvh, rep, L, d)).reshape(B, H, L, d)
+
+
+def _own_memory_attention(q, k, v, bank: Bank, scale: float) -> mx.array:
+    """Every question attends to all rows of its own memory [B, KVH, N, d] and its local context."""
+    B, H, L, d = q.shape
+    kvh = k.shape[1]
+    rep = H // kvh
+    n = bank.keys.shape[2]
+    qf = q.astype(mx.float32).reshape(B, kvh, rep * L, d)
+    mem = (qf @ bank.keys.swapaxes(-1, -2)) * scale                            # [B, KVH, R*L, N]
+    mem = mx.where(bank.mask[:, None, None, :], mem, _NEG).reshape(B, kvh, rep, L, n)
+    local = (qf @ k.astype(mx.float32).swapaxes(-1, -2)) * scale
+    local = mx.where(_local_mask(L), local.reshape(B, kvh, rep, L, L), _NEG)
+    w = mx.softmax(mx.concatenate([mem, local], axis=-1), axis=-1)
+    out = w[..., :n].reshape(B, kvh, rep * L, n) @ bank.values + w[..., n:].reshape(B, kvh, rep * L, L) @ v.astype(mx.float32)
+    return out.reshape(B, H, L, d)
+
+
+def own_banks(captured, valid: mx.array, groups: mx.array) -> list[Bank]:
+    """One memory per question: groups [B, G] int32 = the documents whose rows question b sees
+    (its own and G - 1 distractors); valid [D, L] as in the documents batch."""
+    B, G = groups.shape
+    mask = valid[groups].reshape(B, -1)
+    banks = []
+    for k, v in captured:
+        D, kvh, L, d = k.shape
+        def gather(x):
+            x = x[groups]                                                   # [B, G, KVH, L, d]
+            return x.transpose(0, 2, 1, 3, 4).reshape(B, kvh, G * L, d).astype(mx.float32)
+        banks.append(Bank(gather(k), gather(v), mask))
+    return banks
 
 
 def forward(model, tokens: mx.array, banks: list[Bank] | None = None, top_k: int = 10, capture: bool = False):

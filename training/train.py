@@ -41,7 +41,7 @@ from mlx_lm.models.llama import Model, ModelArgs
 if __package__ in (None, ""):  # run as a script (python training/train.py)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from training import facts  # noqa: E402
-from training.extended_forward import banks_from_capture, forward  # noqa: E402
+from training.extended_forward import banks_from_capture, forward, own_banks  # noqa: E402
 
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|pad|>"]
 BOS, EOS, PAD = "<|begin_of_text|>", "<|eot_id|>", "<|pad|>"
@@ -129,7 +129,7 @@ def qa_arrays(tok, prompts: list[str], answers: list[str], pad: int):
     return x, y, m
 
 
-def make_batch(tok, step_seed: int, n_mem: int, n_q: int, n_ctx: int, pad: int, bos: int):
+def make_batch(tok, step_seed: int, n_mem: int, n_q: int, n_ctx: int, pad: int, bos: int, own: int = 0):
     """One step's data: memory documents (1 person, sometimes 2-3), questions about people in
     them, and in-context questions."""
     rng = random.Random(step_seed)
@@ -142,7 +142,10 @@ def make_batch(tok, step_seed: int, n_mem: int, n_q: int, n_ctx: int, pad: int, 
     d_ids = [e.ids for e in tok.encode_batch(docs)]
     d = _pad(d_ids, pad, 16)
     valid = (d != pad) & (d != bos)
-    picks = rng.sample(stated, min(n_q, len(stated)))
+    if own:  # question i is about document i; it sees documents i .. i + own - 1
+        picks = [rng.choice([x for x in stated if x[2] == i]) for i in range(n_mem)]
+    else:
+        picks = rng.sample(stated, min(n_q, len(stated)))
     qas = [facts.question(rng, e, a) for e, a, _ in picks]
     qx, qy, qm = qa_arrays(tok, [q.question for q in qas], [q.answer for q in qas], pad)
     ctx_picks = rng.sample(stated, min(n_ctx, len(stated)))
@@ -150,7 +153,8 @@ def make_batch(tok, step_seed: int, n_mem: int, n_q: int, n_ctx: int, pad: int, 
     cx, cy, cm = qa_arrays(tok, [facts.context_prompt(docs[i], q) for (_, _, i), q in zip(ctx_picks, cqas)],
                            [q.answer for q in cqas], pad)
     rows = np.flatnonzero(valid.reshape(-1)).astype(np.int32)
-    return dict(docs=d, valid=valid, rows=rows, qx=qx, qy=qy, qm=qm, cx=cx, cy=cy, cm=cm)
+    groups = (np.arange(n_mem)[:, None] + np.arange(max(own, 1))[None]) % n_mem
+    return dict(docs=d, valid=valid, rows=rows, groups=groups.astype(np.int32), qx=qx, qy=qy, qm=qm, cx=cx, cy=cy, cm=cm)
 
 
 def eval_batch(tok, seed: int, n: int, pad: int, bos: int):
@@ -172,12 +176,12 @@ def _ce(logits, y, m):
     return loss, (wrong == 0)
 
 
-def losses(model, b, top_k: int, w_lm: float, w_ctx: float):
+def losses(model, b, top_k: int, w_lm: float, w_ctx: float, own: bool):
     docs = b["docs"]
     logits_d, cap = forward(model, docs, capture=True)
     lm_mask = b["valid"][:, 1:].astype(mx.float32)
     lm, _ = _ce(logits_d[:, :-1], docs[:, 1:], lm_mask)
-    banks = banks_from_capture(cap, b["rows"])
+    banks = own_banks(cap, b["valid"], b["groups"]) if own else banks_from_capture(cap, b["rows"])
     logits_q, _ = forward(model, b["qx"], banks=banks, top_k=top_k)
     qa, qa_ok = _ce(logits_q, b["qy"], b["qm"])
     logits_c, _ = forward(model, b["cx"])
@@ -199,15 +203,15 @@ def evaluate(model, b, top_k: int) -> dict:
 
 
 def curriculum(progress: float, mem_docs: int) -> tuple[int, tuple[int, ...]]:
-    """-> (documents in the step's memory, top_k choices). Retrieval is learned first as plain
-    attention over a small memory (top_k above its row count = every row, every row gets
-    gradient), then over larger memories with ever narrower top-k, ending at the inference
-    setting (top_k 10 over thousands of rows)."""
-    if progress < 0.4:
-        return 16, (100_000,)
-    if progress < 0.7:
-        return mem_docs // 3, (32, 64, 128)
-    return mem_docs, (10, 10, 16, 32)
+    """-> (documents in the step's shared memory, top_k choices); 0 documents = each question
+    gets its own small memory (its document and 3 distractors) attended whole, so every row gets
+    gradient while retrieval is learned. Then shared memories with ever narrower top-k, ending
+    at the inference setting (top_k 10 over thousands of rows)."""
+    if progress < 0.5:
+        return 0, (0,)  # each question: its own document + 3 others, attended whole
+    if progress < 0.75:
+        return mem_docs // 3, (16, 32, 64)
+    return mem_docs, (10, 10, 16)
 
 
 def to_mx(b: dict) -> dict:
@@ -229,11 +233,11 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--intermediate", type=int, default=768)
-    p.add_argument("--mem-docs", type=int, default=192, help="documents in each step's shared memory")
-    p.add_argument("--questions", type=int, default=96, help="memory questions per step")
+    p.add_argument("--mem-docs", type=int, default=96, help="documents in each step's shared memory")
+    p.add_argument("--questions", type=int, default=128, help="memory questions per step")
     p.add_argument("--ctx-questions", type=int, default=32, help="in-context questions per step")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=150)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--w-lm", type=float, default=0.3)
     p.add_argument("--w-ctx", type=float, default=0.5)
     p.add_argument("--eval-every", type=int, default=250)
@@ -263,7 +267,11 @@ def main(argv=None) -> int:
     def submit(step: int, progress: float):
         n_mem, k_choices = curriculum(progress, a.mem_docs)
         k = random.Random(a.seed * 7919 + step).choice(k_choices)
-        fut = pool.submit(make_batch, tok, a.seed * 1_000_003 + step, n_mem, a.questions, a.ctx_questions, pad, bos)
+        if n_mem == 0:
+            fut = pool.submit(make_batch, tok, a.seed * 1_000_003 + step, a.questions, a.questions,
+                              a.ctx_questions, pad, bos, 4)
+        else:
+            fut = pool.submit(make_batch, tok, a.seed * 1_000_003 + step, n_mem, a.questions, a.ctx_questions, pad, bos)
         return fut, k, n_mem
 
     t_start = time.time()
@@ -280,7 +288,7 @@ def main(argv=None) -> int:
         fut, top_k, n_mem = nxt
         b = to_mx(fut.result())
         nxt = submit(step + 1, progress)
-        (loss, parts), grads = grad_fn(model, b, top_k, a.w_lm, a.w_ctx)
+        (loss, parts), grads = grad_fn(model, b, top_k, a.w_lm, a.w_ctx, n_mem == 0)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         opt.update(model, grads)
         mx.eval(model.parameters(), opt.state, loss, parts)
