@@ -35,7 +35,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.llama import Model, ModelArgs
 
 if __package__ in (None, ""):  # run as a script (python training/train.py)
@@ -226,6 +226,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", type=Path, help="reuse the tokenizer files in this directory")
     p.add_argument("--tokenizer-only", action="store_true")
+    p.add_argument("--init", type=Path, help="start from this checkpoint's weights (same shape)")
     p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--time-budget", type=float, default=0, help="seconds; stop (lr schedule ends) by then")
     p.add_argument("--hidden", type=int, default=256)
@@ -256,6 +257,10 @@ def main(argv=None) -> int:
     config = model_config(tok, a)
     mx.random.seed(a.seed)
     model = Model(ModelArgs.from_dict(config))
+    if a.init is not None:
+        model.load_weights(str(a.init / "model.safetensors"))
+        model.update(tree_map(lambda x: x.astype(mx.float32), model.parameters()))
+        print(f"initialised from {a.init}", flush=True)
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     print(f"model: {n_params / 1e6:.2f}M parameters, device {mx.default_device()}", flush=True)
 
