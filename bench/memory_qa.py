@@ -19,19 +19,17 @@ newline. A question is right when the generated text, stripped, equals the answe
 The last line is machine-readable: ``memory_qa: memory_local=0.93 ...``.
 """
 
-from services.common.blas import ensure_openblas
+# No MLX runs in this process (the services pick their own BLAS), so no OpenBLAS re-exec here:
+# pytest imports this module too.
+import argparse
+import tempfile
+import time
+from pathlib import Path
 
-ensure_openblas()
-
-import argparse  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from extmind.channels import sync_channel  # noqa: E402
-from extmind.v1 import generator_pb2, generator_pb2_grpc, memory_pb2, memory_pb2_grpc  # noqa: E402
-from tests.procs import RedisProcess, ServiceProcess  # noqa: E402
-from training import facts  # noqa: E402
+from extmind.channels import sync_channel
+from extmind.v1 import generator_pb2, generator_pb2_grpc, memory_pb2, memory_pb2_grpc
+from tests.procs import RedisProcess, ServiceProcess
+from training import facts
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "models" / "extmind-facts-6m"
