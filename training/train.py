@@ -2,17 +2,23 @@
 
     python -m training.train --out models/extmind-facts-6m            # tokenizer + model, seed 0
     python -m training.train --out DIR --tokenizer-only               # only the tokenizer files
+    python -m training.train --out DIR --tokenizer T --init CKPT      # continue from a checkpoint
+
+The committed checkpoint came from the first command on one NVIDIA H200 (MLX CUDA): 480 s
+(``--time-budget``; the lr schedule follows elapsed time, so slower machines make fewer steps).
 
 Everything is generated here from the seed (training/facts.py): a byte-level BPE tokenizer
 (HF ``tokenizers``, 4096 tokens, Llama 3 style BOS/EOS) and, for every step, a fresh batch of
 fictional people. One step:
 
 1. runs the model over the step's fact documents (each from position 0, BOS first) and keeps
-   every layer's raw pre-RoPE keys and values, BOS and padding rows excluded: one shared memory
-   of all documents (the other documents are distractors for each question);
+   every layer's raw pre-RoPE keys and values, BOS and padding rows excluded - what Memorize
+   stores;
 2. runs the questions ("Question: ...?\\nAnswer:" + " value\\n") with extended attention over
-   that memory (training/extended_forward.py mirrors the generator's math); cross-entropy on the
-   answer tokens;
+   those rows (training/extended_forward.py mirrors the generator's math); cross-entropy on the
+   answer tokens. Curriculum (``curriculum``): first each question attends to the whole of its
+   own small memory (its document + 3 others), then to memories shared by the whole batch with
+   top-k retrieval, ending at the inference setting (top_k 10);
 3. adds a language-model loss on the documents and a loss on questions asked with their
    document in the prompt (plain attention), so the model also reads facts in context.
 
@@ -227,8 +233,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", type=Path, help="reuse the tokenizer files in this directory")
     p.add_argument("--tokenizer-only", action="store_true")
     p.add_argument("--init", type=Path, help="start from this checkpoint's weights (same shape)")
-    p.add_argument("--steps", type=int, default=6000)
-    p.add_argument("--time-budget", type=float, default=0, help="seconds; stop (lr schedule ends) by then")
+    p.add_argument("--steps", type=int, default=100_000, help="at most; --time-budget usually ends it first")
+    p.add_argument("--time-budget", type=float, default=480, help="seconds of training; the lr schedule ends then (0 = by --steps)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--heads", type=int, default=8)
@@ -241,7 +247,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--w-lm", type=float, default=0.3)
     p.add_argument("--w-ctx", type=float, default=0.5)
-    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-n", type=int, default=256)
     a = p.parse_args(argv)
 
