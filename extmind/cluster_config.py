@@ -25,7 +25,7 @@ ENV_VARS = {
     "GENERATOR_PORT": ("50053", "generator gRPC port"),
     "EMBEDDER_MODEL": ("", "embedder model aliases or paths, comma-separated (empty = offline all-MiniLM-L6-v2)"),
     "EMBEDDER_RERANKER": ("", "reranker model alias or path (empty = no reranker)"),
-    "GENERATOR_MODEL": ("", "generator model path or hub id (empty = tiny random-weight Llama built locally)"),
+    "GENERATOR_MODEL": ("", "generator model path or hub id (empty = the committed models/extmind-facts-6m)"),
     "REDIS_URL": ("", "Redis for the memory service (empty = memory starts its own with AOF)"),
     "MEMORY_DATA_DIR": ("<run dir>/data/memory", "memory service data dir (its embedded Redis' AOF)"),
     "EXTMIND_MODEL_CACHE": ("<run dir>/models", "where the launcher builds the default generator model"),
@@ -39,6 +39,15 @@ ENV_VARS = {
 
 ORDER = ("embedder", "memory", "generator")  # start order; stopped in reverse
 RECORD = "cluster.json"  # what `up` started, for clients in other shells
+# The offline default: a 5.8M-parameter Llama trained (training/train.py) to answer questions about
+# fictional people from facts in its prompt or its extended mind; see its README.md.
+FACTS_MODEL = REPO / "models" / "extmind-facts-6m"
+FACTS_MODEL_NOTICE = (
+    "NOTE: GENERATOR_MODEL is not set, so the generator serves models/extmind-facts-6m, a tiny Llama\n"
+    "      trained only to answer 'Question: ...?\\nAnswer:' about facts of fictional people that it\n"
+    "      has in its prompt or in its memory; other prompts give meaningless text. Set GENERATOR_MODEL\n"
+    "      to a model directory or hub id for general text."
+)
 RANDOM_MODEL_NOTICE = (
     "NOTE: GENERATOR_MODEL is not set, so the generator serves a tiny RANDOM-WEIGHT Llama built locally.\n"
     "      Its text is meaningless; memorize, retrieval and citations still run for real.\n"
@@ -208,6 +217,9 @@ def default_generator_model(cache: Path, announce=print) -> Path:
 def generator_model(s: Settings, announce=print) -> str:
     if s.generator_model:
         return s.generator_model
+    if (FACTS_MODEL / "model.safetensors").exists():
+        announce(FACTS_MODEL_NOTICE)
+        return str(FACTS_MODEL)
     announce(RANDOM_MODEL_NOTICE)
     return str(default_generator_model(s.model_cache, announce))
 

@@ -3,6 +3,8 @@
 1. upsert a few documents and search them semantically (memory service -> embedder service);
 2. memorize a longer text as a KV memory (generator -> memory service);
 3. generate with and without that memory and show the citations;
+4. with the default trained model: memorize short fact documents and answer questions about them
+   with and without their memory (citations shown);
 with the time every step took. Targets come from EMBEDDER_URL / MEMORY_URL / GENERATOR_URL (or the
 *_PORT variables), as for the launcher. The steps are functions the end-to-end tests call too.
 """
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from extmind.channels import auth_metadata, sync_channel
-from extmind.cluster_config import RANDOM_MODEL_NOTICE, Settings
+from extmind.cluster_config import FACTS_MODEL, FACTS_MODEL_NOTICE, RANDOM_MODEL_NOTICE, Settings
 from extmind.v1 import embedder_pb2, embedder_pb2_grpc, generator_pb2, generator_pb2_grpc, memory_pb2, memory_pb2_grpc
 
 COLLECTION = "extmind-demo"
@@ -52,6 +54,18 @@ STORY = (
     "who kept the light until it was automated in 1952."
 )
 QUESTION = "What colour was the lighthouse door, and who kept the light after Ingrid?"
+# Proof of memory for the default model (models/extmind-facts-6m): facts it can only know from a
+# memory. (memory id, text, [(question, answer)]); each question is asked with its own memory.
+FACTS = [
+    ("extmind-demo-fact-velmar", "Velmar Dorisan lives in Tirnorbury. Velmar works as a glassblower. "
+     "His lucky number is 417.", [("What city does Velmar Dorisan live in?", "Tirnorbury"),
+                                  ("What is the lucky number of Velmar Dorisan?", "417")]),
+    ("extmind-demo-fact-sabri", "Here are some facts about Sabri Lowenta. Sabri was born in 1887. "
+     "Her favourite colour is teal. Sabri has a dog named Quilo.",
+     [("In what year was Sabri Lowenta born?", "1887"), ("What is the name of the dog of Sabri Lowenta?", "Quilo")]),
+    ("extmind-demo-fact-casdi", "Casdi Marel moved to Fenholm years ago. By profession, Casdi is a "
+     "cartographer.", [("What is the profession of Casdi Marel?", "cartographer")]),
+]
 TIMEOUT = 120.0  # seconds; every call has a deadline
 
 
@@ -124,6 +138,20 @@ def generate_step(c: Clients, memory_id: str | None, prompt: str = QUESTION, max
     return _call(c.generator.Generate, req)
 
 
+def facts_step(c: Clients) -> list[dict]:
+    """Memorizes the FACTS documents and asks each question without and with its memory."""
+    out = []
+    for memory_id, text, questions in FACTS:
+        m, _, _ = memorize_step(c, memory_id, text)
+        for q, answer in questions:
+            prompt = f"Question: {q}\nAnswer:"
+            plain, _ = generate_step(c, None, prompt, max_tokens=8)
+            mind, sec = generate_step(c, m.memory_id, prompt, max_tokens=8)
+            out.append({"question": q, "answer": answer, "without": plain.text.split("\n")[0].strip(),
+                        "with": mind.text.split("\n")[0].strip(), "citations": list(mind.citations), "seconds": sec})
+    return out
+
+
 # ------------------------------------------------------------------ output
 
 def _ms(sec: float) -> str:
@@ -152,8 +180,9 @@ def run(s: Settings | None = None, out=print) -> dict:
         out(f"  memory    {s.memory_url:<22} redis {s.redis_url or 'embedded (AOF)'}")
         out(f"  generator {s.generator_url:<22} model {gi.model} ({gi.num_layers} layers, "
             f"{gi.num_attention_heads} heads, {gi.num_kv_heads} KV heads)")
+        trained_default = not s.generator_model and (FACTS_MODEL / "model.safetensors").exists()
         if not s.generator_model:
-            for line in RANDOM_MODEL_NOTICE.splitlines():
+            for line in (FACTS_MODEL_NOTICE if trained_default else RANDOM_MODEL_NOTICE).splitlines():
                 out("  " + line)
 
         out("\n1. Documents: upsert and semantic search")
@@ -184,11 +213,20 @@ def run(s: Settings | None = None, out=print) -> dict:
             out(f"    tokens {ci.token_start:>4}-{ci.token_end:<4} hits {ci.hits:>5}  {_printable(ci.text, 60)}")
         if not mind.citations:
             out("    (none)")
-        if not s.generator_model:
+        if not s.generator_model and not trained_default:
             out("\n  (The generator is a random-weight model: the text above is meaningless by design.)")
+        fact_answers = []
+        if trained_default:
+            out("\n4. Proof of memory: facts the model has only in its extended mind")
+            fact_answers = facts_step(c)
+            for r in fact_answers:
+                out(f"  Q: {r['question']}  (expected {r['answer']})")
+                out(f"     without memory: {_printable(r['without'], 30)}   with memory: {_printable(r['with'], 30)}")
+                for ci in r["citations"][:2]:
+                    out(f"       cited tokens {ci.token_start}-{ci.token_end} hits {ci.hits}: {_printable(ci.text, 50)}")
         out(f"\nextmind demo done: {sum(r.seconds for r in searches) + up_s + mem_s + plain_s + mind_s:.2f}s in calls")
         return {"upsert": up, "searches": searches, "memorize": m, "memory": mem, "plain": plain,
-                "with_memory": mind, "embedder_info": ei, "generator_info": gi}
+                "with_memory": mind, "embedder_info": ei, "generator_info": gi, "facts": fact_answers}
     finally:
         c.close()
 

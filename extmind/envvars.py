@@ -46,7 +46,7 @@ REGISTRY: tuple[EnvVar, ...] = (
         "EXTMIND_MODEL_CACHE",
         "(run dir)/models",
         "cluster launcher",
-        "where the default (tiny random-weight) generator model is built",
+        "where the fallback generator model (tiny random-weight Llama) is built when models/extmind-facts-6m is absent",
     ),
     EnvVar(
         "EMBEDDER_URL",
@@ -275,7 +275,7 @@ REGISTRY: tuple[EnvVar, ...] = (
     # --- generator
     EnvVar(
         "GENERATOR_MODEL",
-        "(cluster: a tiny random-weight Llama)",
+        "(cluster: the committed models/extmind-facts-6m)",
         "generator `--model` (required); cluster launcher",
         "Llama / Qwen2 / Qwen3 model: local directory (HF or MLX layout) or hub id",
     ),

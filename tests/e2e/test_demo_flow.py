@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 
 from extmind import demo
 from extmind.channels import sync_channel
+from extmind.cluster_config import FACTS_MODEL
 from extmind.v1 import memory_pb2, memory_pb2_grpc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -44,7 +45,7 @@ def test_memory_is_ready_with_the_right_token_count(cluster, result):
     assert m.memory_id == demo.MEMORY_ID == mem.memory_id
     assert mem.state == memory_pb2.MEMORY_STATE_READY
     # Independent count: the model directory's tokenizer loaded by transformers.
-    model_dir = cluster.settings().model_cache / "tiny-llama-random"
+    model_dir = FACTS_MODEL
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     ids = tok(demo.STORY).input_ids
     assert m.num_tokens == len(ids)
@@ -71,7 +72,7 @@ def test_generation_with_and_without_memory(cluster, result):
             .GetMemory(memory_pb2.GetMemoryRequest(memory_id=mem.memory_id, include_tokens=True), timeout=30)
             .memory
         )
-    tok = AutoTokenizer.from_pretrained(str(cluster.settings().model_cache / "tiny-llama-random"))
+    tok = AutoTokenizer.from_pretrained(str(FACTS_MODEL))
     text_ids = tok(demo.STORY).input_ids  # the memorized text's tokens (BOS included)
     # Rows are the text's non-special tokens, each with its position in the text.
     assert [text_ids[p] for p in full.positions] == list(full.token_ids)

@@ -1,0 +1,42 @@
+"""The committed fact model answers from its extended mind, through the real services.
+
+20 held-out people (seed 2; training used seed 0): each document is memorized through the
+generator (Memorize -> memory service), then the question alone is asked with and without that
+memory. With memory the model must know at least 17 answers; without, at most 4 (guessing).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.memory_qa import DEFAULT_MODEL, Cluster, answer_of
+from extmind.v1 import generator_pb2
+from training import facts
+
+pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL / "model.safetensors").exists(),
+                                reason="the committed checkpoint is missing")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(DEFAULT_MODEL, tmp_path_factory.mktemp("memqa"))
+    yield c
+    c.close()
+
+
+def test_answers_come_from_memory(cluster):
+    pairs = facts.eval_set(2, 20)
+    with_memory = without = 0
+    for doc, qa in pairs:
+        want = qa.answer.strip()
+        mid = cluster.memorize(doc)
+        with_memory += answer_of(cluster.ask(qa.question, [mid], top_k=10).text) == want
+        without += answer_of(cluster.ask(qa.question).text) == want
+    assert with_memory >= 17, f"{with_memory}/20 answered from memory"
+    assert without <= 4, f"{without}/20 answered without memory"
+
+
+def test_memorized_rows_are_the_document_without_bos(cluster):
+    doc, _ = facts.eval_set(3, 1)[0]
+    reply = cluster.generator.Memorize(generator_pb2.MemorizeRequest(text=doc), timeout=60)
+    assert reply.num_rows == reply.num_tokens - 1  # BOS dropped, every text token kept

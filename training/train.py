@@ -1,0 +1,327 @@
+"""Trains the small fact-recall Llama with extended-mind memories in the loop.
+
+    python -m training.train --out models/extmind-facts-6m            # tokenizer + model, seed 0
+    python -m training.train --out DIR --tokenizer-only               # only the tokenizer files
+    python -m training.train --out DIR --tokenizer T --init CKPT      # continue from a checkpoint
+
+The committed checkpoint came from the first command on one NVIDIA H200 (MLX CUDA): 480 s
+(``--time-budget``; the lr schedule follows elapsed time, so slower machines make fewer steps).
+
+Everything is generated here from the seed (training/facts.py): a byte-level BPE tokenizer
+(HF ``tokenizers``, 4096 tokens, Llama 3 style BOS/EOS) and, for every step, a fresh batch of
+fictional people. One step:
+
+1. runs the model over the step's fact documents (each from position 0, BOS first) and keeps
+   every layer's raw pre-RoPE keys and values, BOS and padding rows excluded - what Memorize
+   stores;
+2. runs the questions ("Question: ...?\\nAnswer:" + " value\\n") with extended attention over
+   those rows (training/extended_forward.py mirrors the generator's math); cross-entropy on the
+   answer tokens. Curriculum (``curriculum``): first each question attends to the whole of its
+   own small memory (its document + 3 others), then to memories shared by the whole batch with
+   top-k retrieval, ending at the inference setting (top_k 10);
+3. adds a language-model loss on the documents and a loss on questions asked with their
+   document in the prompt (plain attention), so the model also reads facts in context.
+
+The checkpoint is an ordinary mlx-lm / Hugging Face Llama directory (config.json,
+model.safetensors in float16, tokenizer files): ``mlx_lm.load`` and the generator load it as is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.models.llama import Model, ModelArgs
+
+if __package__ in (None, ""):  # run as a script (python training/train.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from training import facts  # noqa: E402
+from training.extended_forward import banks_from_capture, forward, own_banks  # noqa: E402
+
+SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|pad|>"]
+BOS, EOS, PAD = "<|begin_of_text|>", "<|eot_id|>", "<|pad|>"
+EVAL_SEED = 987_654  # held-out people for the progress numbers (benchmarks use other seeds)
+
+
+# ------------------------------------------------------------------ tokenizer
+
+def build_tokenizer(path: Path, seed: int, vocab_size: int = 4096, n_people: int = 40_000):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    path.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(facts.tokenizer_corpus(seed + 1, n_people), trainer)
+    ids = {t: tok.token_to_id(t) for t in SPECIALS}
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
+                                                       special_tokens=[(BOS, ids[BOS])])
+    tok.save(str(path / "tokenizer.json"))
+    cfg = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 2048, "add_bos_token": True,
+        "added_tokens_decoder": {str(ids[t]): {"content": t, "special": True, "lstrip": False, "rstrip": False,
+                                               "normalized": False, "single_word": False} for t in SPECIALS},
+        **cfg}, indent=2) + "\n")
+    (path / "special_tokens_map.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return tok
+
+
+def load_tokenizer(path: Path):
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(path / "tokenizer.json"))
+
+
+# ------------------------------------------------------------------ model
+
+def model_config(tok, a) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.hidden,
+        "intermediate_size": a.intermediate, "num_hidden_layers": a.layers, "num_attention_heads": a.heads,
+        "num_key_value_heads": a.kv_heads, "head_dim": a.hidden // a.heads, "vocab_size": tok.get_vocab_size(),
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": True, "torch_dtype": "float16",
+        "bos_token_id": tok.token_to_id(BOS), "eos_token_id": [tok.token_to_id(EOS), tok.token_to_id("<|end_of_text|>")],
+        "pad_token_id": tok.token_to_id(PAD),
+    }
+
+
+def save_checkpoint(model, config: dict, tok_dir: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.astype(mx.float16) for k, v in tree_flatten(model.parameters())}
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}, indent=2) + "\n")
+    if tok_dir.resolve() != out.resolve():
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (out / name).write_bytes((tok_dir / name).read_bytes())
+
+
+# ------------------------------------------------------------------ batches
+
+def _pad(rows: list[list[int]], pad: int, multiple: int = 8) -> np.ndarray:
+    L = max(len(r) for r in rows)
+    L = -(-L // multiple) * multiple
+    out = np.full((len(rows), L), pad, dtype=np.int32)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+def qa_arrays(tok, prompts: list[str], answers: list[str], pad: int):
+    """-> inputs [B, L], targets [B, L], mask [B, L] (1 on the answer tokens' targets)."""
+    p_ids = [e.ids for e in tok.encode_batch(prompts)]
+    a_ids = [e.ids for e in tok.encode_batch([a + "\n" for a in answers], add_special_tokens=False)]
+    seqs = [p + a for p, a in zip(p_ids, a_ids)]
+    x = _pad([s[:-1] for s in seqs], pad)
+    y = _pad([s[1:] for s in seqs], pad)
+    m = np.zeros_like(x, dtype=np.float32)
+    for i, (p, a) in enumerate(zip(p_ids, a_ids)):
+        m[i, len(p) - 1:len(p) - 1 + len(a)] = 1.0
+    return x, y, m
+
+
+def make_batch(tok, step_seed: int, n_mem: int, n_q: int, n_ctx: int, pad: int, bos: int, own: int = 0):
+    """One step's data: memory documents (1 person, sometimes 2-3), questions about people in
+    them, and in-context questions."""
+    rng = random.Random(step_seed)
+    docs, stated = [], []  # stated: (entity, attribute, doc index)
+    for i in range(n_mem):
+        people = facts.make_entities(rng, 1 if rng.random() < 0.7 else rng.randint(2, 3))
+        text, attrs = facts.multi_document(rng, people)
+        docs.append(text)
+        stated += [(e, a, i) for e, al in zip(people, attrs) for a in al]
+    d_ids = [e.ids for e in tok.encode_batch(docs)]
+    d = _pad(d_ids, pad, 16)
+    valid = (d != pad) & (d != bos)
+    if own:  # question i is about document i; it sees documents i .. i + own - 1
+        picks = [rng.choice([x for x in stated if x[2] == i]) for i in range(n_mem)]
+    else:
+        picks = rng.sample(stated, min(n_q, len(stated)))
+    qas = [facts.question(rng, e, a) for e, a, _ in picks]
+    qx, qy, qm = qa_arrays(tok, [q.question for q in qas], [q.answer for q in qas], pad)
+    ctx_picks = rng.sample(stated, min(n_ctx, len(stated)))
+    cqas = [facts.question(rng, e, a) for e, a, _ in ctx_picks]
+    cx, cy, cm = qa_arrays(tok, [facts.context_prompt(docs[i], q) for (_, _, i), q in zip(ctx_picks, cqas)],
+                           [q.answer for q in cqas], pad)
+    rows = np.flatnonzero(valid.reshape(-1)).astype(np.int32)
+    groups = (np.arange(n_mem)[:, None] + np.arange(max(own, 1))[None]) % n_mem
+    return dict(docs=d, valid=valid, rows=rows, groups=groups.astype(np.int32), qx=qx, qy=qy, qm=qm, cx=cx, cy=cy, cm=cm)
+
+
+def eval_batch(tok, seed: int, n: int, pad: int, bos: int):
+    pairs = facts.eval_set(seed, n)
+    d = _pad([e.ids for e in tok.encode_batch([doc for doc, _ in pairs])], pad, 16)
+    qx, qy, qm = qa_arrays(tok, [q.question for _, q in pairs], [q.answer for _, q in pairs], pad)
+    cx, cy, cm = qa_arrays(tok, [facts.context_prompt(doc, q) for doc, q in pairs], [q.answer for _, q in pairs], pad)
+    valid = (d != pad) & (d != bos)
+    return dict(docs=d, valid=valid, rows=np.flatnonzero(valid.reshape(-1)).astype(np.int32), qx=qx, qy=qy, qm=qm, cx=cx, cy=cy, cm=cm)
+
+
+# ------------------------------------------------------------------ loss
+
+def _ce(logits, y, m):
+    """-> (mean masked cross-entropy, per-sequence exact match [B] (every masked token argmax-right))."""
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), y, reduction="none")
+    loss = (ce * m).sum() / mx.maximum(m.sum(), 1.0)
+    wrong = ((mx.argmax(logits, axis=-1) != y) * m).sum(axis=-1)
+    return loss, (wrong == 0)
+
+
+def losses(model, b, top_k: int, w_lm: float, w_ctx: float, own: bool):
+    docs = b["docs"]
+    logits_d, cap = forward(model, docs, capture=True)
+    lm_mask = b["valid"][:, 1:].astype(mx.float32)
+    lm, _ = _ce(logits_d[:, :-1], docs[:, 1:], lm_mask)
+    banks = own_banks(cap, b["valid"], b["groups"]) if own else banks_from_capture(cap, b["rows"])
+    logits_q, _ = forward(model, b["qx"], banks=banks, top_k=top_k)
+    qa, qa_ok = _ce(logits_q, b["qy"], b["qm"])
+    logits_c, _ = forward(model, b["cx"])
+    ctx, ctx_ok = _ce(logits_c, b["cy"], b["cm"])
+    total = qa + w_lm * lm + w_ctx * ctx
+    return total, (qa, lm, ctx, qa_ok.astype(mx.float32).mean(), ctx_ok.astype(mx.float32).mean())
+
+
+def evaluate(model, b, top_k: int) -> dict:
+    _, cap = forward(model, b["docs"], capture=True)
+    banks = banks_from_capture(cap, b["rows"])
+    lq, _ = forward(model, b["qx"], banks=banks, top_k=top_k)
+    _, mem_ok = _ce(lq, b["qy"], b["qm"])
+    ln, _ = forward(model, b["qx"])
+    _, none_ok = _ce(ln, b["qy"], b["qm"])
+    lc, _ = forward(model, b["cx"])
+    _, ctx_ok = _ce(lc, b["cy"], b["cm"])
+    return {k: float(v.astype(mx.float32).mean()) for k, v in (("memory", mem_ok), ("none", none_ok), ("context", ctx_ok))}
+
+
+def curriculum(progress: float, mem_docs: int) -> tuple[int, tuple[int, ...]]:
+    """-> (documents in the step's shared memory, top_k choices); 0 documents = each question
+    gets its own small memory (its document and 3 distractors) attended whole, so every row gets
+    gradient while retrieval is learned. Then shared memories with ever narrower top-k, ending
+    at the inference setting (top_k 10 over thousands of rows)."""
+    if progress < 0.5:
+        return 0, (0,)  # each question: its own document + 3 others, attended whole
+    if progress < 0.75:
+        return mem_docs // 3, (16, 32, 64)
+    return mem_docs, (10, 10, 16)
+
+
+def to_mx(b: dict) -> dict:
+    return {k: mx.array(v) for k, v in b.items()}
+
+
+# ------------------------------------------------------------------ main
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path, help="checkpoint directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", type=Path, help="reuse the tokenizer files in this directory")
+    p.add_argument("--tokenizer-only", action="store_true")
+    p.add_argument("--init", type=Path, help="start from this checkpoint's weights (same shape)")
+    p.add_argument("--steps", type=int, default=100_000, help="at most; --time-budget usually ends it first")
+    p.add_argument("--time-budget", type=float, default=480, help="seconds of training; the lr schedule ends then (0 = by --steps)")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=768)
+    p.add_argument("--mem-docs", type=int, default=96, help="documents in each step's shared memory")
+    p.add_argument("--questions", type=int, default=128, help="memory questions per step")
+    p.add_argument("--ctx-questions", type=int, default=32, help="in-context questions per step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--w-lm", type=float, default=0.3)
+    p.add_argument("--w-ctx", type=float, default=0.5)
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--eval-n", type=int, default=256)
+    a = p.parse_args(argv)
+
+    tok_dir = a.tokenizer or a.out
+    if a.tokenizer is None:
+        t0 = time.time()
+        build_tokenizer(a.out, a.seed)
+        print(f"tokenizer: {a.out / 'tokenizer.json'} ({time.time() - t0:.1f}s)", flush=True)
+    if a.tokenizer_only:
+        return 0
+    tok = load_tokenizer(tok_dir)
+    pad, bos = tok.token_to_id(PAD), tok.token_to_id(BOS)
+    config = model_config(tok, a)
+    mx.random.seed(a.seed)
+    model = Model(ModelArgs.from_dict(config))
+    if a.init is not None:
+        model.load_weights(str(a.init / "model.safetensors"))
+        model.update(tree_map(lambda x: x.astype(mx.float32), model.parameters()))
+        print(f"initialised from {a.init}", flush=True)
+    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    print(f"model: {n_params / 1e6:.2f}M parameters, device {mx.default_device()}", flush=True)
+
+    opt = optim.AdamW(learning_rate=a.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    grad_fn = nn.value_and_grad(model, losses)
+    ev = to_mx(eval_batch(tok, EVAL_SEED, a.eval_n, pad, bos))
+    pool = ThreadPoolExecutor(1)  # builds the next step's batch while the device runs this one
+
+    def submit(step: int, progress: float):
+        n_mem, k_choices = curriculum(progress, a.mem_docs)
+        k = random.Random(a.seed * 7919 + step).choice(k_choices)
+        if n_mem == 0:
+            fut = pool.submit(make_batch, tok, a.seed * 1_000_003 + step, a.questions, a.questions,
+                              a.ctx_questions, pad, bos, 4)
+        else:
+            fut = pool.submit(make_batch, tok, a.seed * 1_000_003 + step, n_mem, a.questions, a.ctx_questions, pad, bos)
+        return fut, k, n_mem
+
+    t_start = time.time()
+    avg = None
+    step = 0
+    nxt = submit(1, 0.0)
+    for step in range(1, a.steps + 1):
+        elapsed = time.time() - t_start
+        progress = max(step / a.steps, elapsed / a.time_budget if a.time_budget else 0.0)
+        if progress >= 1.0:
+            break
+        lr = a.lr * min(1.0, step / a.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        opt.learning_rate = lr
+        fut, top_k, n_mem = nxt
+        b = to_mx(fut.result())
+        nxt = submit(step + 1, progress)
+        (loss, parts), grads = grad_fn(model, b, top_k, a.w_lm, a.w_ctx, n_mem == 0)
+        grads, _ = optim.clip_grad_norm(grads, 1.0)
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state, loss, parts)
+        vals = [float(loss)] + [float(x) for x in parts]
+        avg = vals if avg is None else [0.95 * x + 0.05 * y for x, y in zip(avg, vals)]
+        if step % 50 == 0 or step == 1:
+            print(f"step {step} {time.time() - t_start:.0f}s lr {lr:.2e} docs {n_mem} k {top_k} loss {avg[0]:.3f} "
+                  f"qa {avg[1]:.3f} lm {avg[2]:.3f} ctx {avg[3]:.3f} qa_acc {avg[4]:.2f} ctx_acc {avg[5]:.2f}", flush=True)
+        if a.eval_every and step % a.eval_every == 0:
+            print(f"eval step {step}: {evaluate(model, ev, 10)}", flush=True)
+    train_s = time.time() - t_start
+    final = evaluate(model, ev, 10)
+    print(f"final step {step} {train_s:.0f}s loss {avg[0]:.3f} qa {avg[1]:.3f} lm {avg[2]:.3f} ctx {avg[3]:.3f} "
+          f"eval {final}", flush=True)
+    save_checkpoint(model, config, tok_dir, a.out)
+    (a.out / "training_log.json").write_text(json.dumps({
+        "seed": a.seed, "steps": step, "seconds": round(train_s), "device": str(mx.default_device()),
+        "parameters": n_params, "final_loss": {"total": avg[0], "qa": avg[1], "lm": avg[2], "ctx": avg[3]},
+        "eval_teacher_forced": final, "args": {k: str(v) for k, v in vars(a).items()}}, indent=2) + "\n")
+    print(f"saved {a.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
