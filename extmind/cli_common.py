@@ -1,0 +1,160 @@
+"""What every ``extmind`` command shares: its errors (:class:`CliError`, :class:`UsageError`), the
+services it talks to (:class:`Targets`), the per-call timeout, small text helpers and the one line a
+failed gRPC call prints (:func:`rpc_error_line`)."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import grpc
+
+from extmind.channels import auth_metadata, sync_channel
+from extmind.cluster_config import Settings, find_run_dir, read_record
+from extmind.errors import from_rpc_error
+from extmind.v1 import embedder_pb2_grpc, generator_pb2_grpc, memory_pb2_grpc
+
+
+def _timeout_from_env() -> tuple[float, str]:
+    """(seconds per call, "" or the one-line complaint about EXTMIND_CLI_TIMEOUT that main prints)."""
+    raw = os.environ.get("EXTMIND_CLI_TIMEOUT", "").strip() or "600"
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        return 600.0, f"EXTMIND_CLI_TIMEOUT={raw!r} must be a positive number of seconds"
+    return value, ""
+
+
+TIMEOUT, _TIMEOUT_PROBLEM = _timeout_from_env()
+
+
+class CliError(Exception):
+    """A one-line, user-facing failure (exit code 1)."""
+
+    exit_code = 1
+
+
+class UsageError(CliError):
+    """Options that cannot work together (exit code 2, like argparse's own errors). A value whose
+    content is wrong (a document, a key=value) is a CliError: exit code 1."""
+
+    exit_code = 2
+
+
+def _kv(items: list[str] | None, what: str) -> dict[str, str]:
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise CliError(f"{what} {it!r} must look like key=value")
+        k, v = it.split("=", 1)
+        out[k] = v
+    return out
+
+
+def _read_text(name: str) -> str:
+    """The text of file ``name`` ('-' = stdin) as UTF-8; CliError naming the file otherwise."""
+    try:
+        if name == "-":
+            return sys.stdin.buffer.read().decode("utf-8")
+        return Path(name).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise CliError(f"cannot read {name}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise CliError(
+            f"{'stdin' if name == '-' else name} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+            f"offset {e.start}); convert it first, e.g. `iconv -f latin1 -t utf-8`"
+        ) from None
+
+
+def _md() -> tuple:
+    return auth_metadata()
+
+
+class Targets:
+    def __init__(self, run_dir: str | None = None):
+        self.run_dir = find_run_dir(run_dir)
+        self.s = Settings.from_env(self.run_dir, use_record=True)
+        self._chans = {}
+        self.last = ""  # the service of the stub taken last: the one an RpcError came from
+
+    def origin(self, service: str) -> str:
+        """Where the service's URL came from, for error messages."""
+        env = f"{service.upper()}_URL"  # EMBEDDER_URL, MEMORY_URL, GENERATOR_URL
+        if os.environ.get(env, "").strip():
+            return env
+        record = self.run_dir / "cluster.json"
+        return str(record) if f"{service}_url" in read_record(self.run_dir) else f"default; no {record}"
+
+    def _chan(self, service: str):
+        self.last = service
+        url = getattr(self.s, f"{service}_url")
+        if url not in self._chans:
+            self._chans[url] = sync_channel(url)
+        return self._chans[url]
+
+    @property
+    def embedder(self):
+        return embedder_pb2_grpc.EmbedderServiceStub(self._chan("embedder"))
+
+    @property
+    def memory(self):
+        return memory_pb2_grpc.MemoryServiceStub(self._chan("memory"))
+
+    @property
+    def generator(self):
+        return generator_pb2_grpc.GeneratorServiceStub(self._chan("generator"))
+
+
+def _short(text: str, n: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+# ------------------------------------------------------------------ errors
+
+# The services' messages name RPCs; a person at the CLI types commands.
+_RPC_COMMANDS = {
+    "ListMemories": "`extmind memories list`",
+    "GetMemory": "`extmind memories show`",
+    "DeleteMemory": "`extmind memories delete`",
+    "CreateMemory": "`extmind memorize`",
+    "CreateCollection": "`extmind docs create`",
+    "UpsertDocuments": "`extmind docs upsert`",
+    "ListCollections": "`extmind docs collections`",
+    "DeleteCollection": "`extmind docs drop`",
+    "SearchDocuments": "`extmind docs search`",
+    "DeleteDocuments": "`extmind docs delete`",
+    "GenerateStream": "`extmind generate`",
+}
+_RPC_NAME = re.compile(r"\b(" + "|".join(_RPC_COMMANDS) + r")\b")
+
+
+def _undouble(message: str) -> str:
+    """ "memory 'x': memory 'x' does not exist" -> "memory 'x' does not exist" (a caller's prefix
+    that the callee's message already says)."""
+    while True:
+        head, sep, rest = message.partition(": ")
+        if not (sep and head and head in rest):
+            return message
+        message = rest
+
+
+def rpc_error_line(exc: grpc.RpcError, service: str, url: str, origin: str = "") -> str:
+    """The one line (without "extmind: ") that a failed call to ``service`` at ``url`` prints:
+    "CODE: what happened; what to do", the code as :func:`extmind.errors.from_rpc_error` names it.
+    ``origin`` says where ``url`` came from (shown when the service cannot be reached)."""
+    peer = f"{service} service at {url}"
+    err = from_rpc_error(exc, peer=peer, as_dependency=False)
+    detail = _RPC_NAME.sub(lambda m: _RPC_COMMANDS[m.group(1)], _undouble(" ".join(err.message.split())))
+    if err.code == "UNAVAILABLE":
+        where = f" [{origin}]" if origin else ""
+        detail = f"cannot reach the {peer}{where} ({detail}); is the cluster up? `make up`, `extmind status`"
+    elif err.code == "DEADLINE_EXCEEDED":
+        detail = f"the {peer} did not answer within {TIMEOUT:g}s (EXTMIND_CLI_TIMEOUT)"
+    elif err.code == "UNAUTHENTICATED":
+        detail = f"the {peer} refused the credentials ({detail}); set EXTMIND_AUTH_TOKEN to its token"
+    return f"{err.code}: {detail}"

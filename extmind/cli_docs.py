@@ -1,0 +1,90 @@
+"""``extmind docs ...``: upsert, search, delete documents; create, list, drop collections."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from extmind.cli_common import TIMEOUT, CliError, Targets, _kv, _md, _read_text, _short
+from extmind.v1 import memory_pb2
+
+
+def _documents(items: list[str], meta: dict) -> list[memory_pb2.Document]:
+    docs = []
+    for it in items:
+        if it.startswith("@"):
+            path = Path(it[1:])
+            body = _read_text(str(path))
+            if path.suffix == ".jsonl":
+                for n, line in enumerate(body.splitlines(), 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        d = json.loads(line)
+                        docs.append(
+                            memory_pb2.Document(
+                                id=str(d["id"]), text=d["text"], metadata={**meta, **d.get("metadata", {})}
+                            )
+                        )
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise CliError(f"{path}:{n}: each line must be a JSON object with 'id' and 'text'") from None
+            else:
+                docs.append(memory_pb2.Document(id=path.name, text=body, metadata=meta))
+        elif "=" in it:
+            i, text = it.split("=", 1)
+            docs.append(memory_pb2.Document(id=i, text=text, metadata=meta))
+        else:
+            raise CliError(f"document {_short(it, 30)!r} must be id=text, @file or @file.jsonl")
+    return docs
+
+
+def cmd_docs(a, t: Targets) -> int:
+    if a.docs_cmd == "upsert":
+        docs = _documents(a.items, _kv(a.meta, "--meta"))
+        r = t.memory.UpsertDocuments(
+            memory_pb2.UpsertDocumentsRequest(collection=a.collection, documents=docs), timeout=TIMEOUT, metadata=_md()
+        )
+        print(
+            f"upserted {len(r.ids)} documents into {a.collection} ({r.model}, {r.dimensions} dims): " + ", ".join(r.ids)
+        )
+    elif a.docs_cmd == "search":
+        r = t.memory.SearchDocuments(
+            memory_pb2.SearchDocumentsRequest(
+                collection=a.collection, query=a.query, top_k=a.top_k, filter=_kv(a.filter, "--filter")
+            ),
+            timeout=TIMEOUT,
+            metadata=_md(),
+        )
+        for h in r.hits:
+            meta = " ".join(f"{k}={v}" for k, v in sorted(h.metadata.items()))
+            print(f"  {h.score:.4f}  {h.id:<20} {_short(h.text, 60)}  {meta}")
+        if not r.hits:
+            print("  (no hits)")
+    elif a.docs_cmd == "delete":
+        r = t.memory.DeleteDocuments(
+            memory_pb2.DeleteDocumentsRequest(collection=a.collection, ids=a.ids), timeout=TIMEOUT, metadata=_md()
+        )
+        print(f"deleted {r.deleted} documents from {a.collection}")
+    elif a.docs_cmd == "create":
+        c = t.memory.CreateCollection(
+            memory_pb2.CreateCollectionRequest(collection=a.collection, model=a.model or "", dimensions=a.dimensions),
+            timeout=TIMEOUT,
+            metadata=_md(),
+        ).collection
+        print(f"created collection {c.name} ({c.model}, {c.dimensions} dims)")
+    elif a.docs_cmd == "collections":
+        cols = t.memory.ListCollections(
+            memory_pb2.ListCollectionsRequest(), timeout=TIMEOUT, metadata=_md()
+        ).collections
+        print(f"{'COLLECTION':<24} {'DOCS':>7} {'DIMS':>5}  {'CREATED':<19}  MODEL")
+        for c in cols:
+            created = c.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S") if c.create_time.seconds else "-"
+            print(f"{c.name:<24} {c.num_documents:>7} {c.dimensions:>5}  {created:<19}  {c.model}")
+        if not cols:
+            print("(no collections: `extmind docs upsert` or `extmind docs create` makes one)")
+    else:  # drop
+        t.memory.DeleteCollection(
+            memory_pb2.DeleteCollectionRequest(collection=a.collection), timeout=TIMEOUT, metadata=_md()
+        )
+        print(f"dropped collection {a.collection}")
+    return 0

@@ -1,0 +1,240 @@
+"""``extmind memorize`` (with its progress bar) and ``extmind memories list | show | delete``."""
+
+from __future__ import annotations
+
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from extmind.cli_common import TIMEOUT, CliError, Targets, UsageError, _kv, _md, _read_text, _short
+from extmind.v1 import common_pb2, generator_pb2, memory_pb2
+
+
+class Progress:
+    """Memorize progress on stderr: characters memorized out of the total (the current text
+    counted by its share of tokens done), the current text's tokens done / total and its ETA.
+
+    On a terminal one line is redrawn every 0.2 s (with a spinner); otherwise (a log, a pipe) a
+    line is printed each time another 10% is done, and once at the end."""
+
+    def __init__(self, total: int, enabled: bool, tty: bool | None = None):
+        self.total, self.done, self.enabled = max(total, 1), 0, enabled
+        self.tty = sys.stderr.isatty() if tty is None else tty
+        self.label = ""
+        self.current = 0  # characters of the text being memorized now
+        self.tokens = (0, 0)  # its tokens done, total
+        self.eta = 0.0  # seconds left for it (0 = unknown)
+        self._printed = -1  # the last 10% step printed (not a TTY)
+        self._stop = threading.Event()
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self):
+        if self.enabled and self.tty:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self.enabled and self.tty:
+            self._thread.join()
+            self._draw(final=True)
+            sys.stderr.write("\n")
+        elif self.enabled and exc[0] is None and self._printed < 10:  # e.g. no progress came
+            self._line()
+
+    def update(self, p) -> None:
+        """Takes a MemorizeProgress of the current text."""
+        self.tokens, self.eta = (p.tokens_done, p.tokens_total), p.eta_seconds
+        self._step_line()
+
+    def finish_text(self) -> None:
+        self.done += self.current
+        self.current, self.tokens, self.eta = 0, (0, 0), 0.0
+        self._step_line()
+
+    def _step_line(self) -> None:
+        if self.enabled and not self.tty and int(self._frac() * 10) > self._printed:
+            self._line()
+
+    def _frac(self) -> float:
+        done, total = self.tokens
+        return min(1.0, (self.done + (self.current * done / total if total else 0)) / self.total)
+
+    def _status(self) -> str:
+        frac = self._frac()
+        done, total = self.tokens
+        tokens = f" {done}/{total} tokens" if total else ""
+        eta = f" ETA {self.eta:.0f}s" if self.eta > 0 and done < total else ""
+        return (
+            f"{frac * 100:5.1f}% {int(frac * self.total)}/{self.total} chars{tokens} "
+            f"{time.monotonic() - self._t0:6.1f}s{eta}"
+        )
+
+    def _line(self) -> None:
+        self._printed = int(self._frac() * 10)
+        sys.stderr.write(f"memorize {self._status()} {self.label}\n")
+        sys.stderr.flush()
+
+    def _draw(self, spin: str = "", final: bool = False):
+        bar = "#" * int(self._frac() * 30)
+        sys.stderr.write(f"\r[{bar:<30}] {self._status()} {spin} {_short(self.label, 30):<30}")
+        sys.stderr.flush()
+
+    def _loop(self):
+        frames = "|/-\\"
+        i = 0
+        while not self._stop.wait(0.2):
+            self._draw(frames[i % 4])
+            i += 1
+
+
+def _chunks(text: str, limit: int) -> list[str]:
+    """Split at paragraph (then sentence) boundaries into pieces of at most ~limit characters."""
+    if limit <= 0 or len(text) <= limit:
+        return [text]
+    parts, cur = [], ""
+    for para in re.split(r"(?<=\n\n)", text):
+        pieces = [para] if len(para) <= limit else re.split(r"(?<=[.!?])\s+", para)
+        for p in pieces:
+            if cur and len(cur) + len(p) > limit:
+                parts.append(cur)
+                cur = ""
+            cur += p if not cur or cur.endswith(("\n", " ")) else " " + p
+    if cur.strip():
+        parts.append(cur)
+    return parts
+
+
+def _memory_id(stem: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.:-]", "-", stem)[:100] or "memory"
+
+
+ROWS_NOTE = "special tokens such as BOS are not stored"
+EXCERPT_CHARS = 200
+
+
+def _exists(t: Targets, memory_id: str) -> bool:
+    try:
+        t.memory.GetMemory(memory_pb2.GetMemoryRequest(memory_id=memory_id), timeout=TIMEOUT, metadata=_md())
+        return True
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.NOT_FOUND:
+            return False
+        raise
+
+
+def cmd_memorize(a, t: Targets) -> int:
+    jobs = []  # (memory_id, text, source)
+    if a.id and len(a.files) > 1:
+        raise UsageError("--id names one memory; give one file (or use --split-chars for numbered parts)")
+    labels = _kv(a.label, "--label")
+    for f in a.files:  # every file is read (and checked) before the first one is memorized
+        text = _read_text(f)
+        if not text.strip():
+            raise CliError(f"{f} is empty: nothing to memorize")
+        source = "stdin" if f == "-" else Path(f).name
+        base = a.id or _memory_id(Path(f).stem if f != "-" else "stdin")
+        parts = _chunks(text, a.split_chars)
+        jobs += [(base if len(parts) == 1 else f"{base}.{i:03d}", p, source) for i, p in enumerate(parts)]
+    results = []  # lines, printed after the progress bar (also those done before a failure)
+    try:
+        with Progress(sum(len(p) for _, p, _ in jobs), enabled=not a.quiet) as bar:
+            for mid, text, source in jobs:
+                bar.label, bar.current = mid, len(text)
+                results.append(_memorize_one(t, mid, text, {"source": source, **labels}, a.replace, bar))
+                bar.finish_text()
+    finally:
+        for line in results:
+            print(line)
+    return 0
+
+
+def _memorize_one(t: Targets, mid: str, text: str, labels: dict, replace: bool, bar: Progress) -> str:
+    """Memorizes ``text`` as ``mid`` (skipped when it exists, unless ``replace``), streaming its
+    progress into ``bar`` -> the line to print."""
+    skipped = f"{mid}: exists already, skipped (--replace memorizes it again)"
+    if _exists(t, mid):
+        if not replace:
+            return skipped
+        t.memory.DeleteMemory(memory_pb2.DeleteMemoryRequest(memory_id=mid), timeout=TIMEOUT, metadata=_md())
+    # The text itself is not stored (only token ids, and no service detokenizes): keep how it
+    # starts, for `extmind memories show`.
+    labels = {"excerpt": _short(text, EXCERPT_CHARS), **labels}
+    req = generator_pb2.MemorizeRequest(text=text, memory_id=mid, labels=labels)
+    r = None
+    try:
+        for ev in t.generator.MemorizeStream(
+            generator_pb2.MemorizeStreamRequest(request=req), timeout=TIMEOUT, metadata=_md()
+        ):
+            if ev.HasField("progress"):
+                bar.update(ev.progress)
+            else:
+                r = ev.done
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.ALREADY_EXISTS:  # made meanwhile by someone else
+            raise
+        return skipped
+    if r is None:
+        raise CliError(f"the generator ended memorizing {mid} without a result; see its log")
+    return f"{r.memory_id}: {r.num_tokens} tokens, {r.num_rows} memory rows ({ROWS_NOTE})"
+
+
+def _fmt_memory(m) -> str:
+    state = memory_pb2.MemoryState.Name(m.state).removeprefix("MEMORY_STATE_")
+    created = m.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S") if m.create_time.seconds else "-"
+    return (
+        f"{m.memory_id:<32} {state:<8} {m.num_tokens:>7} {m.bytes / 1e6:>9.2f}  {created}  {m.model_fingerprint[:16]}"
+    )
+
+
+def cmd_memories(a, t: Targets) -> int:
+    if a.mem_cmd == "list":
+        token = ""
+        while True:
+            r = t.memory.ListMemories(
+                memory_pb2.ListMemoriesRequest(model_fingerprint=a.fingerprint or "", page_token=token),
+                timeout=TIMEOUT,
+                metadata=_md(),
+            )
+            if not token:  # the header once the service answered (an error stays one line)
+                print(f"{'MEMORY':<32} {'STATE':<8} {'ROWS':>7} {'MB':>9}  {'CREATED':<19}  FINGERPRINT")
+            for m in r.memories:
+                print(_fmt_memory(m))
+            token = r.next_page_token
+            if not token:
+                break
+    elif a.mem_cmd == "show":
+        m = t.memory.GetMemory(
+            memory_pb2.GetMemoryRequest(memory_id=a.memory_id, include_tokens=a.tokens), timeout=TIMEOUT, metadata=_md()
+        ).memory
+        lay = m.layout
+        labels = dict(m.labels)
+        excerpt = labels.pop("excerpt", "")
+        print(f"memory       {m.memory_id}")
+        print(f"state        {memory_pb2.MemoryState.Name(m.state).removeprefix('MEMORY_STATE_')}")
+        print(
+            f"rows         {m.num_tokens} (one per stored token; {ROWS_NOTE}, so `extmind memorize` counted one more)"
+        )
+        dtype = common_pb2.DType.Name(lay.dtype).removeprefix("DTYPE_").lower()
+        print(f"layout       {lay.num_layers} layers x {lay.num_kv_heads} KV heads x {lay.head_dim} dims, {dtype}")
+        print(f"bytes        {m.bytes}")
+        print(f"fingerprint  {m.model_fingerprint}")
+        print(f"labels       {', '.join(f'{k}={v}' for k, v in sorted(labels.items())) or '-'}")
+        if excerpt:
+            print(f"excerpt      {excerpt}")
+        else:
+            print(
+                "excerpt      - (not memorized by this CLI; the memory keeps token ids only and no service "
+                "turns them back into text: --tokens prints them)"
+            )
+        if a.tokens:
+            print(f"token_ids    {list(m.token_ids)}")
+    else:
+        t.memory.DeleteMemory(memory_pb2.DeleteMemoryRequest(memory_id=a.memory_id), timeout=TIMEOUT, metadata=_md())
+        print(f"deleted {a.memory_id}")
+    return 0
