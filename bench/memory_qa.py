@@ -28,7 +28,7 @@ from pathlib import Path
 
 from extmind.channels import sync_channel
 from extmind.v1 import generator_pb2, generator_pb2_grpc, memory_pb2, memory_pb2_grpc
-from tests.procs import RedisProcess, ServiceProcess
+from extmind.procs import RedisProcess, ServiceProcess
 from training import facts
 
 ROOT = Path(__file__).resolve().parent.parent
