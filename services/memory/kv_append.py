@@ -100,7 +100,7 @@ class AppendStream:
         self.rows: list[int] = []  # rows per layer, as they will be after our writes
         self.before: dict[int, int] = {}  # layer -> rows at stream start (layers this stream wrote)
         self.bytes = 0
-        self.owns_memory = False  # this stream holds the memory's one writer slot
+        self.claimed: str | None = None  # the memory whose one writer slot this stream holds
         self.waited = 0.0  # seconds spent waiting for Redis
         self.started = time.perf_counter()
 
@@ -131,7 +131,7 @@ class AppendStream:
     async def _open(self, memory_id: str) -> None:
         check_id(memory_id)
         self.slots.claim(memory_id)
-        self.owns_memory = True
+        self.claimed = memory_id  # released on every exit, also when the memory turns out missing
         self.meta = await self.store.get(memory_id)
         if self.meta.state == READY:
             raise FailedPrecondition(
@@ -184,10 +184,14 @@ class AppendStream:
             self.inflight = asyncio.ensure_future(self.chunk_writer.take())
 
     async def _drain(self) -> None:
+        """Waits for the batch in flight. It stays ``inflight`` until it has landed: a stream
+        cancelled meanwhile (client gone, deadline) must let ``_abort`` wait for the executor
+        thread still writing it before rolling back, or the rows would land after the rollback.
+        Shielded, because cancelling the wait does not stop the thread anyway."""
         if self.inflight is not None:
-            task, self.inflight = self.inflight, None
             t = time.perf_counter()
-            await task
+            await asyncio.shield(self.inflight)
+            self.inflight = None
             self.waited += time.perf_counter() - t
 
     async def finish(self) -> AppendResult:
@@ -219,9 +223,9 @@ class AppendStream:
         return AppendResult(m.memory_id, meta.rows, self.bytes, meta.state)
 
     def _release(self) -> None:
-        if self.owns_memory and self.meta is not None:
-            self.slots.release(self.meta.memory_id)
-            self.owns_memory = False
+        if self.claimed is not None:
+            self.slots.release(self.claimed)
+            self.claimed = None
 
     async def _abort(self, exc: BaseException) -> None:
         try:

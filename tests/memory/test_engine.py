@@ -87,3 +87,55 @@ async def test_failed_stream_changes_nothing(kv):
         for layer in range(2):
             await stream.add(layer, K[layer], V[layer])
         assert (await stream.finish()).state == READY
+
+
+async def test_a_missing_memory_does_not_keep_its_writer_slot(kv):
+    """A stream that names a memory that does not exist fails NotFound and holds nothing: the id
+    can be created and written right after (it used to stay 'being written' until a restart)."""
+    K, V = h.random_kv(np.random.default_rng(5), 1, 2, 3, 8, FLOAT16)
+    with pytest.raises(NotFound):
+        async with kv.append_stream() as stream:
+            await stream.target("later")
+    await kv.create("later", Layout(1, 2, 8, FLOAT16), "fp-engine")
+    async with kv.append_stream() as stream:
+        await stream.target("later")
+        await stream.add(0, K[0], V[0])
+        assert (await stream.finish()).state == READY
+
+
+async def test_a_stream_cancelled_while_its_last_batch_is_written_is_rolled_back(kv):
+    """Cancelled (client gone, deadline) while the final batch is being written by the executor:
+    the rollback waits for that write, so no row of the stream stays behind and the rows can be
+    sent again."""
+    import asyncio
+
+    K, V = h.random_kv(np.random.default_rng(6), 2, 2, 400, 64, FLOAT16)
+    await kv.create("cut", Layout(2, 2, 64, FLOAT16), "fp-engine", token_ids=list(range(400)))
+    for delay in (0, 0.001, 0.005):  # the cancel lands at different points of the write
+        started = asyncio.Event()
+
+        async def send():
+            async with kv.append_stream() as stream:
+                await stream.target("cut")
+                for layer in range(2):
+                    await stream.add(layer, K[layer], V[layer])
+                started.set()
+                await stream.finish()
+
+        task = asyncio.ensure_future(send())
+        await started.wait()
+        await asyncio.sleep(delay)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.2)  # the shielded clean-up finishes
+        meta, _, _ = await kv.get("cut")
+        if meta.state == READY:  # the write won the race before the cancel: nothing to roll back
+            break
+        assert meta.state == BUILDING and meta.rows == [0, 0], (delay, meta.rows)
+    if meta.state != READY:  # the same rows go in again
+        async with kv.append_stream() as stream:
+            await stream.target("cut")
+            for layer in range(2):
+                await stream.add(layer, K[layer], V[layer])
+            assert (await stream.finish()).state == READY
