@@ -22,7 +22,7 @@ _INCOMPLETE = "\ufffd"  # what decode makes of a UTF-8 character whose bytes hav
 
 
 class IncrementalDecoder:
-    """Token ids to text one token at a time, agreeing with ``decode(all ids)`` at every step.
+    """Token ids to text one token at a time: ``text`` after ``finalize`` is ``decode(all ids)``.
 
     ``decode``: token ids -> text, the tokenizer's own (``tokenizer.decode``). Each token decodes
     a short window (the tokens since the previous release, plus the ones before that as context)
@@ -31,7 +31,9 @@ class IncrementalDecoder:
     token is decoded the same way in both halves of the difference. Text ending in an
     incomplete character waits for the next token; ``finalize`` releases it as decode would.
     Same interface as mlx-lm's streaming detokenizers: ``add_token``, ``finalize``, ``text``,
-    ``tokens``.
+    ``tokens``. (A decoder that rewrites earlier text when a token is added, as SentencePiece
+    byte fallback does for bytes that never form valid UTF-8, cannot be streamed exactly: the
+    text released stays, and the rest follows it.)
     """
 
     def __init__(self, decode: Callable[[Sequence[int]], str]):

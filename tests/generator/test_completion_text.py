@@ -122,8 +122,8 @@ def test_random_tokens_stream_to_their_decoded_text(tokenizers, kind):
         assert stops[0] not in got
         assert full.startswith(got)
         if hit:
-            done = tok.decode(ids[:fed])
-            assert done.startswith(got + stops[0]) or tok.decode(ids).startswith(got + stops[0])
+            assert tok.decode(ids[:fed]).startswith(got + stops[0]), (ids, stops, got)
+            assert stops[0] not in tok.decode(ids[:fed - 1]).rstrip("\ufffd")  # not completed earlier
         else:
             assert got == full
     assert stops_hit > 50
@@ -154,3 +154,30 @@ def test_the_decoder_keeps_a_leading_space_and_waits_for_whole_characters(tokeni
     assert seen == [" the", " the", " the", " the", " the\U0001F600", " the\U0001F600 "]
     d.finalize()
     assert d.text == tok.decode(ids) == " the\U0001F600 "
+
+
+def test_a_sentencepiece_style_decoder_streams_to_its_decoded_text():
+    # SentencePiece decoders drop the first token's leading space and join byte-fallback tokens:
+    # the decoder's windows must treat both as decode does on the whole completion.
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from extmind.tiny_models import _CORPUS
+
+    sp = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    sp.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    sp.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    sp.train_from_iterator([line for line in _CORPUS.splitlines() if line], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256))],
+        show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp)
+    assert "<0xF0>" in tok.convert_ids_to_tokens(tok.encode("a 😀", add_special_tokens=False))
+    words = _CORPUS.split() + ["😀", "é", "naïve", "日本", " ", "\n"]
+    rng = random.Random(3)
+    for _ in range(300):
+        ids = tok.encode(" ".join(rng.choice(words) for _ in range(rng.randint(1, 12))), add_special_tokens=False)
+        ids = ids[rng.randrange(len(ids)):]  # a completion may start anywhere, a space included
+        text = StopText(IncrementalDecoder(tok.decode), ())
+        got = "".join(text.push(t, last=False)[0] for t in ids) + text.finish()[0]
+        assert got == tok.decode(ids), ids
