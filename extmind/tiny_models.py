@@ -292,7 +292,8 @@ def build_chain_llama(path, chain: dict[int, int], *, tokenizer: str = "llama", 
     tok = build_tokenizer(path, tokenizer, vocab_size)
     vocab = tok["vocab_size"]
     default = tok["eos"] if default is None else default
-    bad = [t for pair in chain.items() for t in pair if not 0 <= t < vocab] + ([] if 0 <= default < vocab else [default])
+    bad = [t for pair in chain.items() for t in pair if not 0 <= t < vocab]
+    bad += [] if 0 <= default < vocab else [default]
     if bad:
         raise ValueError(f"token ids {bad} are outside the vocabulary [0, {vocab})")
     hidden, head_dim, intermediate = vocab, 8, 8

@@ -16,7 +16,7 @@ never receives text that a stop string later cuts off.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 _INCOMPLETE = "\ufffd"  # what decode makes of a UTF-8 character whose bytes have not all come yet
 
