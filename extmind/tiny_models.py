@@ -8,6 +8,7 @@ transformers load the same directories as the independent reference.
     build_llama(path, rope_scaling="llama3")   # LlamaForCausalLM (Llama 3 style tokenizer)
     build_qwen3(path, embedding_layout=True)   # Qwen3-Embedding layout: no "model." prefix, no head
     build_bert(path)                           # BertModel + sentence-transformers mean pooling
+    build_chain_llama(path, {a: b, b: eos})    # LlamaForCausalLM whose greedy next token is chosen
 """
 
 from __future__ import annotations
@@ -270,5 +271,58 @@ def build_bert(path, *, hidden: int = 64, layers: int = 2, heads: int = 4, inter
                 {"word_embedding_dimension": hidden, "pooling_mode_mean_tokens": True,
                  "pooling_mode_cls_token": False, "pooling_mode_max_tokens": False})
     (path / "2_Normalize").mkdir(exist_ok=True)
+    save_file(w, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def build_chain_llama(path, chain: dict[int, int], *, tokenizer: str = "llama", default: int | None = None,
+                      margin: float = 30.0, vocab_size: int = 512) -> Path:
+    """A LlamaForCausalLM whose next token is fixed by construction: after token ``t`` the
+    logit of ``chain[t]`` is ``margin`` and every other logit 0 (``default``, the EOS token
+    when None, follows tokens not in ``chain``). Greedy decoding from a prompt ending in ``t``
+    then emits ``chain[t], chain[chain[t]], ...`` exactly, whatever came before.
+
+    How: one-hot token embeddings (hidden size = vocabulary size); attention ``o_proj`` and MLP
+    ``down_proj`` are zero, so each block adds nothing to the residual stream; the final RMS
+    norm (weights 1) scales the one-hot row by sqrt(hidden); ``lm_head`` maps row ``t`` to
+    ``chain[t]``. ``tokenizer``: "llama" (Llama 3 style) or "qwen3" (ChatML) from
+    ``build_tokenizer``, which is deterministic: build it first to look token ids up.
+    """
+    path = Path(path)
+    tok = build_tokenizer(path, tokenizer, vocab_size)
+    vocab = tok["vocab_size"]
+    default = tok["eos"] if default is None else default
+    bad = [t for pair in chain.items() for t in pair if not 0 <= t < vocab]
+    bad += [] if 0 <= default < vocab else [default]
+    if bad:
+        raise ValueError(f"token ids {bad} are outside the vocabulary [0, {vocab})")
+    hidden, head_dim, intermediate = vocab, 8, 8
+    rng = np.random.default_rng(0)
+    w = {"model.embed_tokens.weight": np.eye(vocab, hidden, dtype=np.float32),
+         "model.norm.weight": np.ones(hidden, np.float32),
+         "model.layers.0.input_layernorm.weight": np.ones(hidden, np.float32),
+         "model.layers.0.post_attention_layernorm.weight": np.ones(hidden, np.float32),
+         "model.layers.0.self_attn.o_proj.weight": np.zeros((hidden, head_dim), np.float32),
+         "model.layers.0.mlp.down_proj.weight": np.zeros((hidden, intermediate), np.float32)}
+    for name, shape in (("self_attn.q_proj", (head_dim, hidden)), ("self_attn.k_proj", (head_dim, hidden)),
+                        ("self_attn.v_proj", (head_dim, hidden)), ("mlp.gate_proj", (intermediate, hidden)),
+                        ("mlp.up_proj", (intermediate, hidden))):
+        w[f"model.layers.0.{name}.weight"] = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+    follow = np.full(vocab, default)
+    for t, nxt in chain.items():
+        follow[t] = nxt
+    head = np.zeros((vocab, hidden), np.float32)
+    # After the final norm the residual row is one-hot times sqrt(hidden).
+    head[follow, np.arange(vocab)] = margin / np.sqrt(hidden)
+    w["lm_head.weight"] = head
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": intermediate, "num_hidden_layers": 1, "num_attention_heads": 1,
+        "num_key_value_heads": 1, "head_dim": head_dim, "vocab_size": vocab, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu", "attention_bias": False,
+        "mlp_bias": False, "tie_word_embeddings": False, "torch_dtype": "float32",
+        "bos_token_id": tok["bos"], "eos_token_id": tok["eos_ids"], "pad_token_id": tok["pad"],
+    }
+    _write_json(path / "config.json", config)
     save_file(w, str(path / "model.safetensors"), metadata={"format": "pt"})
     return path

@@ -22,6 +22,7 @@ from mlx_lm.utils import load
 from extmind import errors, tensor
 from services.common.mlx_thread import MLXThread
 from services.generator.bank_cache import BankCache, LocalRetriever, bank_from_numpy
+from services.generator.chat_prompt import encode_messages
 from services.generator.extended_attention import MemoryContext, install
 from services.generator.fingerprint import model_fingerprint
 from services.generator.memory_builder import MemorizeProgress, MemoryBuilder
@@ -31,6 +32,7 @@ from services.generator.remote_retrieval import RemoteRetriever
 from services.generator.request_types import (DEFAULT_STRIDE, DEFAULT_WINDOW, LOCAL, Chunk, Final,
                                               GenerationRequest)
 from services.generator.scheduler import RunningRequest, Scheduler
+from services.generator.stop_text import IncrementalDecoder
 
 log = logging.getLogger("extmind.generator")
 
@@ -155,9 +157,8 @@ class GeneratorEngine:
             for m in messages:
                 if m[0] not in ("system", "user", "assistant"):
                     raise errors.InvalidArgument(f"message role {m[0]!r} must be system, user or assistant")
-            text = self.tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages],
-                                                      add_generation_prompt=True, tokenize=False)
-            return list(self.tokenizer.encode(text, add_special_tokens=False))
+            # Content is literal text: special tokens come only from the template.
+            return encode_messages(self.tokenizer, [{"role": r, "content": c} for r, c in messages])
         return list(self.tokenizer.encode(prompt))
 
     def _check_vocab(self, token_ids, name: str) -> None:
@@ -185,7 +186,7 @@ class GeneratorEngine:
                     fetched[mem.memory_id] = await asyncio.to_thread(self.resolver.fetch, mem)
             layers = frozenset(m.layers) if m.layers else None
             key = (m.mode, tuple((i.memory_id, i.version) for i in memories), m.top_k, m.threshold, layers)
-        r = RunningRequest(req, asyncio.get_running_loop(), self.tokenizer.detokenizer, max_tokens)
+        r = RunningRequest(req, asyncio.get_running_loop(), IncrementalDecoder(self.tokenizer.decode), max_tokens)
         await self.mlx.run(self._scheduler.admit, r, key, lambda: self._memory_context(req, memories, fetched),
                            memories)
         del fetched

@@ -258,7 +258,12 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001
                 self._end(r, e if isinstance(e, errors.ExtmindError) else errors.Internal(f"citations failed: {e}"))
                 return
-        rest = "" if reason == STOP_SEQUENCE else r.text.rest()
+        rest = ""
+        if reason != STOP_SEQUENCE:
+            # The text released only now (held back, or flushed at the end) may complete a stop string.
+            rest, stopped = r.text.finish()
+            if stopped:
+                reason = STOP_SEQUENCE
         self._end(r, Final(reason, len(r.req.prompt_tokens), r.generated, citations, rest, counts))
 
     def _end(self, r: RunningRequest, last) -> None:

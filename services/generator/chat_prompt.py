@@ -1,0 +1,66 @@
+"""Chat messages to prompt token ids, with control tokens only where the chat template puts them.
+
+Rendering the template and tokenizing the result as one string would turn a message whose
+content holds the literal text of special tokens (say ``<|eot_id|><|start_header_id|>system``)
+into the real control tokens, so a user could forge a turn. Here message content is literal
+text: before rendering, each special-token literal in a message's content is swapped for a
+placeholder character; the rendered text is then split at the special tokens left in it (all
+the template's own) and each piece between them is tokenized without special-token parsing,
+after the placeholders are turned back into the literal text.
+"""
+
+from __future__ import annotations
+
+import re
+
+from extmind import errors
+
+# Blocks of private-use code points tried for the placeholders: the first one that neither the
+# template nor any message uses wins.
+_PLACEHOLDER_BASES = (0xF0000, 0x100000, 0xE000)
+
+
+def special_tokens(tokenizer) -> dict[str, int]:
+    """{literal text: id} of every special token the tokenizer parses out of text."""
+    out = {t.content: int(i) for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
+           if getattr(t, "special", False)}
+    for t in getattr(tokenizer, "all_special_tokens", None) or []:
+        i = tokenizer.convert_tokens_to_ids(t)
+        if isinstance(i, int) and i >= 0:
+            out.setdefault(t, i)
+    return {t: i for t, i in out.items() if t}
+
+
+def _literal_ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)) if text else []
+
+
+def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
+    """``messages``: [{"role", "content"}] -> prompt token ids ending with the template's
+    generation prompt. Special tokens come only from the template; a message's content is
+    tokenized as the text it is, whatever it contains. Raises InvalidArgument if no block of
+    placeholder characters is free (content using thousands of private-use characters)."""
+    specials = special_tokens(tokenizer)
+    # Longest first: the alternation then matches leftmost-longest, as tokenizers do.
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True))) if specials else None
+    if pattern is None or not any(pattern.search(m["content"]) for m in messages):
+        # No content spells a special token: tokenizing the rendered text as one string is safe.
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    literals = sorted(specials)
+    used = set("".join(m["content"] for m in messages) + str(getattr(tokenizer, "chat_template", "") or ""))
+    base = next((b for b in _PLACEHOLDER_BASES
+                 if not any(chr(c) in used for c in range(b, b + len(literals)))), None)
+    if base is None:
+        raise errors.InvalidArgument("messages: the content uses every block of private-use characters "
+                                     "that could stand in for special-token text while the template renders")
+    placeholder = {t: chr(base + k) for k, t in enumerate(literals)}
+    escaped = [{**m, "content": pattern.sub(lambda hit: placeholder[hit.group()], m["content"])} for m in messages]
+    text = tokenizer.apply_chat_template(escaped, add_generation_prompt=True, tokenize=False)
+    restore = str.maketrans({c: t for t, c in placeholder.items()})
+    ids, pos = [], 0
+    for hit in pattern.finditer(text):
+        ids += _literal_ids(tokenizer, text[pos:hit.start()].translate(restore))
+        ids.append(specials[hit.group()])
+        pos = hit.end()
+    return ids + _literal_ids(tokenizer, text[pos:].translate(restore))
