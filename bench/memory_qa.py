@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 from extmind.channels import sync_channel
-from extmind.v1 import generator_pb2, generator_pb2_grpc, memory_pb2, memory_pb2_grpc
 from extmind.procs import RedisProcess, ServiceProcess
+from extmind.v1 import generator_pb2, generator_pb2_grpc, memory_pb2, memory_pb2_grpc
 from training import facts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,16 +45,22 @@ class Cluster:
         mem_args = ["--redis-url", self.redis.url, "--log-format", "text"]
         env = {"EXTMIND_AUTH_TOKEN": ""}
         if embedder:
-            emb = ServiceProcess("services.embedder", ["--http-port", "-1"], env=env, log_dir=work / "logs",
-                                 start_timeout=300)
+            emb = ServiceProcess(
+                "services.embedder", ["--http-port", "-1"], env=env, log_dir=work / "logs", start_timeout=300
+            )
             self.procs.append(emb.start())
             mem_args += ["--embedder-url", emb.address]
-        mem = ServiceProcess("services.memory", mem_args, env=env, log_dir=work / "logs",
-                             health_service="extmind.v1.MemoryService")
+        mem = ServiceProcess(
+            "services.memory", mem_args, env=env, log_dir=work / "logs", health_service="extmind.v1.MemoryService"
+        )
         self.procs.append(mem.start())
-        gen = ServiceProcess("services.generator", ["--model", str(model), "--memory-url", mem.address,
-                                                    "--log-format", "text"], env=env, log_dir=work / "logs",
-                             start_timeout=300)
+        gen = ServiceProcess(
+            "services.generator",
+            ["--model", str(model), "--memory-url", mem.address, "--log-format", "text"],
+            env=env,
+            log_dir=work / "logs",
+            start_timeout=300,
+        )
         self.procs.append(gen.start())
         self.channels = [sync_channel(mem.address), sync_channel(gen.address)]
         self.memory = memory_pb2_grpc.MemoryServiceStub(self.channels[0])
@@ -71,8 +77,9 @@ class Cluster:
         return self.generator.Memorize(generator_pb2.MemorizeRequest(text=text), timeout=TIMEOUT).memory_id
 
     def ask(self, prompt: str, memory_ids=(), top_k: int = 10, remote: bool = False, citations: bool = False):
-        req = generator_pb2.GenerateRequest(prompt=prompt, sampling=generator_pb2.SamplingParams(
-            temperature=0.0, max_tokens=12, stop=["\n"]))
+        req = generator_pb2.GenerateRequest(
+            prompt=prompt, sampling=generator_pb2.SamplingParams(temperature=0.0, max_tokens=12, stop=["\n"])
+        )
         if memory_ids:
             req.extended_mind.memory_ids.extend(memory_ids)
             req.extended_mind.top_k = top_k
@@ -110,14 +117,23 @@ def cites_answer(doc: str, qa: facts.QA, reply) -> bool:
     return at < hi and at + len(text) > lo
 
 
-def run(model: Path, n: int, seed: int, top_k: int, rag: bool = True, distractors: int = 100,
-        n_distractor_questions: int | None = None, out=print) -> dict:
+def run(
+    model: Path,
+    n: int,
+    seed: int,
+    top_k: int,
+    rag: bool = True,
+    distractors: int = 100,
+    n_distractor_questions: int | None = None,
+    out=print,
+) -> dict:
     pairs = facts.eval_set(seed, n)
     work = Path(tempfile.mkdtemp(prefix="bench-memqa-"))
     t0 = time.time()
     cluster = Cluster(model, work, embedder=rag)
-    rows: dict[str, list[bool]] = {k: [] for k in ("memory_local", "memory_remote", "context", "none",
-                                                   "distractors", "citations", "rag")}
+    rows: dict[str, list[bool]] = {
+        k: [] for k in ("memory_local", "memory_remote", "context", "none", "distractors", "citations", "rag")
+    }
     examples = []
     try:
         ids = [cluster.memorize(doc) for doc, _ in pairs]
@@ -135,18 +151,25 @@ def run(model: Path, n: int, seed: int, top_k: int, rag: bool = True, distractor
                 examples.append((qa.question.split("\n")[0], want, answer_of(local.text), answer_of(none.text)))
         if distractors:
             dist_ids = [cluster.memorize(d) for d in facts.distractor_docs(seed + 10_000, distractors)]
-            for (doc, qa), mid in list(zip(pairs, ids))[:n_distractor_questions or n]:
+            for (_, qa), mid in list(zip(pairs, ids))[: n_distractor_questions or n]:
                 r = cluster.ask(qa.question, [mid] + dist_ids, top_k)
                 rows["distractors"].append(answer_of(r.text) == qa.answer.strip())
         if rag:
             coll = f"memqa-{seed}"
-            cluster.memory.UpsertDocuments(memory_pb2.UpsertDocumentsRequest(
-                collection=coll, documents=[memory_pb2.Document(id=str(i), text=doc) for i, (doc, _) in enumerate(pairs)]),
-                timeout=TIMEOUT)
-            for doc, qa in pairs:
-                hits = cluster.memory.SearchDocuments(memory_pb2.SearchDocumentsRequest(
-                    collection=coll, query=qa.question.split("\n")[0].removeprefix("Question: "), top_k=1),
-                    timeout=TIMEOUT).hits
+            cluster.memory.UpsertDocuments(
+                memory_pb2.UpsertDocumentsRequest(
+                    collection=coll,
+                    documents=[memory_pb2.Document(id=str(i), text=doc) for i, (doc, _) in enumerate(pairs)],
+                ),
+                timeout=TIMEOUT,
+            )
+            for _, qa in pairs:
+                hits = cluster.memory.SearchDocuments(
+                    memory_pb2.SearchDocumentsRequest(
+                        collection=coll, query=qa.question.split("\n")[0].removeprefix("Question: "), top_k=1
+                    ),
+                    timeout=TIMEOUT,
+                ).hits
                 ctx = hits[0].text if hits else ""
                 rows["rag"].append(answer_of(cluster.ask(facts.context_prompt(ctx, qa)).text) == qa.answer.strip())
     finally:
@@ -176,8 +199,15 @@ def main(argv=None) -> None:
     p.add_argument("--distractor-questions", type=int, default=0, help="questions asked with distractors (0 = all)")
     p.add_argument("--no-rag", action="store_true", help="skip the rag row (no embedder service)")
     a = p.parse_args(argv)
-    run(a.model, a.n, a.seed, a.top_k, rag=not a.no_rag, distractors=a.distractors,
-        n_distractor_questions=a.distractor_questions or None)
+    run(
+        a.model,
+        a.n,
+        a.seed,
+        a.top_k,
+        rag=not a.no_rag,
+        distractors=a.distractors,
+        n_distractor_questions=a.distractor_questions or None,
+    )
 
 
 if __name__ == "__main__":

@@ -24,16 +24,31 @@ from extmind.v1 import embedder_pb2, embedder_pb2_grpc, generator_pb2, generator
 
 COLLECTION = "extmind-demo"
 DOCUMENTS = [
-    ("paris", "The Eiffel Tower is a wrought-iron lattice tower in Paris, France, finished in 1889.",
-     {"topic": "travel"}),
-    ("photosynthesis", "Plants use photosynthesis to turn sunlight, water and carbon dioxide into sugar and oxygen.",
-     {"topic": "biology"}),
-    ("python", "Python is a programming language with dynamic typing and garbage collection, popular for data science.",
-     {"topic": "computing"}),
-    ("espresso", "Espresso is coffee brewed by forcing hot water through finely ground beans under high pressure.",
-     {"topic": "food"}),
-    ("volcano", "A volcano is a rupture in the Earth's crust where lava, ash and gases escape from below the surface.",
-     {"topic": "geology"}),
+    (
+        "paris",
+        "The Eiffel Tower is a wrought-iron lattice tower in Paris, France, finished in 1889.",
+        {"topic": "travel"},
+    ),
+    (
+        "photosynthesis",
+        "Plants use photosynthesis to turn sunlight, water and carbon dioxide into sugar and oxygen.",
+        {"topic": "biology"},
+    ),
+    (
+        "python",
+        "Python is a programming language with dynamic typing and garbage collection, popular for data science.",
+        {"topic": "computing"},
+    ),
+    (
+        "espresso",
+        "Espresso is coffee brewed by forcing hot water through finely ground beans under high pressure.",
+        {"topic": "food"},
+    ),
+    (
+        "volcano",
+        "A volcano is a rupture in the Earth's crust where lava, ash and gases escape from below the surface.",
+        {"topic": "geology"},
+    ),
 ]
 # (query, the document that must come first)
 QUERIES = [
@@ -57,14 +72,25 @@ QUESTION = "What colour was the lighthouse door, and who kept the light after In
 # Proof of memory for the default model (models/extmind-facts-6m): facts it can only know from a
 # memory. (memory id, text, [(question, answer)]); each question is asked with its own memory.
 FACTS = [
-    ("extmind-demo-fact-velmar", "Velmar Dorisan lives in Tirnorbury. Velmar works as a glassblower. "
-     "His lucky number is 417.", [("What city does Velmar Dorisan live in?", "Tirnorbury"),
-                                  ("What is the lucky number of Velmar Dorisan?", "417")]),
-    ("extmind-demo-fact-sabri", "Here are some facts about Sabri Lowenta. Sabri was born in 1887. "
-     "Her favourite colour is teal. Sabri has a dog named Quilo.",
-     [("In what year was Sabri Lowenta born?", "1887"), ("What is the name of the dog of Sabri Lowenta?", "Quilo")]),
-    ("extmind-demo-fact-casdi", "Casdi Marel moved to Fenholm years ago. By profession, Casdi is a "
-     "cartographer.", [("What is the profession of Casdi Marel?", "cartographer")]),
+    (
+        "extmind-demo-fact-velmar",
+        "Velmar Dorisan lives in Tirnorbury. Velmar works as a glassblower. His lucky number is 417.",
+        [
+            ("What city does Velmar Dorisan live in?", "Tirnorbury"),
+            ("What is the lucky number of Velmar Dorisan?", "417"),
+        ],
+    ),
+    (
+        "extmind-demo-fact-sabri",
+        "Here are some facts about Sabri Lowenta. Sabri was born in 1887. "
+        "Her favourite colour is teal. Sabri has a dog named Quilo.",
+        [("In what year was Sabri Lowenta born?", "1887"), ("What is the name of the dog of Sabri Lowenta?", "Quilo")],
+    ),
+    (
+        "extmind-demo-fact-casdi",
+        "Casdi Marel moved to Fenholm years ago. By profession, Casdi is a cartographer.",
+        [("What is the profession of Casdi Marel?", "cartographer")],
+    ),
 ]
 TIMEOUT = 120.0  # seconds; every call has a deadline
 
@@ -80,8 +106,12 @@ class Clients:
     def connect(cls, s: Settings | None = None) -> Clients:
         s = s or Settings.from_env()
         chans = [sync_channel(u) for u in (s.embedder_url, s.memory_url, s.generator_url)]
-        return cls(embedder_pb2_grpc.EmbedderServiceStub(chans[0]), memory_pb2_grpc.MemoryServiceStub(chans[1]),
-                   generator_pb2_grpc.GeneratorServiceStub(chans[2]), chans)
+        return cls(
+            embedder_pb2_grpc.EmbedderServiceStub(chans[0]),
+            memory_pb2_grpc.MemoryServiceStub(chans[1]),
+            generator_pb2_grpc.GeneratorServiceStub(chans[2]),
+            chans,
+        )
 
     def close(self) -> None:
         for c in self.channels:
@@ -96,6 +126,7 @@ def _call(fn, request, timeout: float = TIMEOUT):
 
 # ------------------------------------------------------------------ the steps
 
+
 @dataclass
 class SearchResult:
     query: str
@@ -109,8 +140,9 @@ def documents_step(c: Clients) -> tuple[memory_pb2.UpsertDocumentsResponse, floa
     up, up_s = _call(c.memory.UpsertDocuments, memory_pb2.UpsertDocumentsRequest(collection=COLLECTION, documents=docs))
     results = []
     for q, expected in QUERIES:
-        r, sec = _call(c.memory.SearchDocuments, memory_pb2.SearchDocumentsRequest(collection=COLLECTION, query=q,
-                                                                                  top_k=3))
+        r, sec = _call(
+            c.memory.SearchDocuments, memory_pb2.SearchDocumentsRequest(collection=COLLECTION, query=q, top_k=3)
+        )
         results.append(SearchResult(q, expected, [(h.id, h.score) for h in r.hits], sec))
     return up, up_s, results
 
@@ -118,20 +150,24 @@ def documents_step(c: Clients) -> tuple[memory_pb2.UpsertDocumentsResponse, floa
 def memorize_step(c: Clients, memory_id: str = MEMORY_ID, text: str = STORY):
     # The demo is re-runnable: replace the memory of an earlier run.
     try:
-        c.memory.DeleteMemory(memory_pb2.DeleteMemoryRequest(memory_id=memory_id), timeout=TIMEOUT,
-                              metadata=auth_metadata())
+        c.memory.DeleteMemory(
+            memory_pb2.DeleteMemoryRequest(memory_id=memory_id), timeout=TIMEOUT, metadata=auth_metadata()
+        )
     except grpc.RpcError as e:
         if e.code() != grpc.StatusCode.NOT_FOUND:
             raise
-    m, sec = _call(c.generator.Memorize, generator_pb2.MemorizeRequest(text=text, memory_id=memory_id,
-                                                                      labels={"source": "extmind.demo"}))
+    m, sec = _call(
+        c.generator.Memorize,
+        generator_pb2.MemorizeRequest(text=text, memory_id=memory_id, labels={"source": "extmind.demo"}),
+    )
     got, _ = _call(c.memory.GetMemory, memory_pb2.GetMemoryRequest(memory_id=m.memory_id))
     return m, got.memory, sec
 
 
 def generate_step(c: Clients, memory_id: str | None, prompt: str = QUESTION, max_tokens: int = 24):
-    req = generator_pb2.GenerateRequest(prompt=prompt, sampling=generator_pb2.SamplingParams(
-        temperature=0.0, max_tokens=max_tokens))
+    req = generator_pb2.GenerateRequest(
+        prompt=prompt, sampling=generator_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    )
     if memory_id:
         req.extended_mind.memory_ids.append(memory_id)
         req.extended_mind.return_citations = True
@@ -147,12 +183,21 @@ def facts_step(c: Clients) -> list[dict]:
             prompt = f"Question: {q}\nAnswer:"
             plain, _ = generate_step(c, None, prompt, max_tokens=8)
             mind, sec = generate_step(c, m.memory_id, prompt, max_tokens=8)
-            out.append({"question": q, "answer": answer, "without": plain.text.split("\n")[0].strip(),
-                        "with": mind.text.split("\n")[0].strip(), "citations": list(mind.citations), "seconds": sec})
+            out.append(
+                {
+                    "question": q,
+                    "answer": answer,
+                    "without": plain.text.split("\n")[0].strip(),
+                    "with": mind.text.split("\n")[0].strip(),
+                    "citations": list(mind.citations),
+                    "seconds": sec,
+                }
+            )
     return out
 
 
 # ------------------------------------------------------------------ output
+
 
 def _ms(sec: float) -> str:
     return f"{sec * 1000:8.1f} ms"
@@ -178,8 +223,10 @@ def run(s: Settings | None = None, out=print) -> dict:
         out("extmind demo")
         out(f"  embedder  {s.embedder_url:<22} model {ei.default_model}")
         out(f"  memory    {s.memory_url:<22} redis {s.redis_url or 'embedded (AOF)'}")
-        out(f"  generator {s.generator_url:<22} model {gi.model} ({gi.num_layers} layers, "
-            f"{gi.num_attention_heads} heads, {gi.num_kv_heads} KV heads)")
+        out(
+            f"  generator {s.generator_url:<22} model {gi.model} ({gi.num_layers} layers, "
+            f"{gi.num_attention_heads} heads, {gi.num_kv_heads} KV heads)"
+        )
         trained_default = not s.generator_model and (FACTS_MODEL / "model.safetensors").exists()
         if not s.generator_model:
             for line in (FACTS_MODEL_NOTICE if trained_default else RANDOM_MODEL_NOTICE).splitlines():
@@ -197,8 +244,10 @@ def run(s: Settings | None = None, out=print) -> dict:
         m, mem, mem_s = memorize_step(c)
         state = memory_pb2.MemoryState.Name(mem.state).removeprefix("MEMORY_STATE_")
         out(f"  '{_short(STORY, 60)}'")
-        out(f"  memory {m.memory_id}: {m.num_tokens} tokens, {mem.num_tokens} rows x {mem.layout.num_layers} layers, "
-            f"{mem.bytes / 1e6:.2f} MB, {state}  {_ms(mem_s)}")
+        out(
+            f"  memory {m.memory_id}: {m.num_tokens} tokens, {mem.num_tokens} rows x {mem.layout.num_layers} layers, "
+            f"{mem.bytes / 1e6:.2f} MB, {state}  {_ms(mem_s)}"
+        )
 
         out("\n3. Generate without and with the memory (greedy)")
         out(f"  prompt: {QUESTION}")
@@ -223,10 +272,21 @@ def run(s: Settings | None = None, out=print) -> dict:
                 out(f"  Q: {r['question']}  (expected {r['answer']})")
                 out(f"     without memory: {_printable(r['without'], 30)}   with memory: {_printable(r['with'], 30)}")
                 for ci in r["citations"][:2]:
-                    out(f"       cited tokens {ci.token_start}-{ci.token_end} hits {ci.hits}: {_printable(ci.text, 50)}")
+                    out(
+                        f"       cited tokens {ci.token_start}-{ci.token_end} hits {ci.hits}: {_printable(ci.text, 50)}"
+                    )
         out(f"\nextmind demo done: {sum(r.seconds for r in searches) + up_s + mem_s + plain_s + mind_s:.2f}s in calls")
-        return {"upsert": up, "searches": searches, "memorize": m, "memory": mem, "plain": plain,
-                "with_memory": mind, "embedder_info": ei, "generator_info": gi, "facts": fact_answers}
+        return {
+            "upsert": up,
+            "searches": searches,
+            "memorize": m,
+            "memory": mem,
+            "plain": plain,
+            "with_memory": mind,
+            "embedder_info": ei,
+            "generator_info": gi,
+            "facts": fact_answers,
+        }
     finally:
         c.close()
 
@@ -237,8 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run()
     except grpc.RpcError as e:
-        print(f"extmind demo: {e.code().name}: {e.details()} (is the cluster up? `make up` / `make status`)",
-              file=sys.stderr)
+        print(
+            f"extmind demo: {e.code().name}: {e.details()} (is the cluster up? `make up` / `make status`)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -31,8 +31,14 @@ In 1969 people walked on the moon. Water boils at one hundred degrees Celsius at
 def add(a, b): return a + b  # numbers 0 1 2 3 4 5 6 7 8 9 10 42 100 2024
 """
 
-LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>",
-                  "<|end_header_id|>", "<|pad|>"]
+LLAMA_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|eot_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|pad|>",
+]
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -67,68 +73,138 @@ def build_tokenizer(path, kind: str = "llama", vocab_size: int = 512) -> dict:
         tok.normalizer = normalizers.BertNormalizer(lowercase=True)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIALS,
-                                            initial_alphabet=list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"()-"))
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size,
+            special_tokens=BERT_SPECIALS,
+            initial_alphabet=list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"()-"),
+        )
         tok.train_from_iterator(corpus, trainer)
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+        )
         tok.save(str(path / "tokenizer.json"))
-        _write_json(path / "tokenizer_config.json", {
-            "tokenizer_class": "BertTokenizerFast", "do_lower_case": True, "model_max_length": 512,
-            "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]",
-            "mask_token": "[MASK]"})
-        _write_json(path / "special_tokens_map.json", {
-            "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]",
-            "mask_token": "[MASK]"})
+        _write_json(
+            path / "tokenizer_config.json",
+            {
+                "tokenizer_class": "BertTokenizerFast",
+                "do_lower_case": True,
+                "model_max_length": 512,
+                "cls_token": "[CLS]",
+                "sep_token": "[SEP]",
+                "pad_token": "[PAD]",
+                "unk_token": "[UNK]",
+                "mask_token": "[MASK]",
+            },
+        )
+        _write_json(
+            path / "special_tokens_map.json",
+            {
+                "cls_token": "[CLS]",
+                "sep_token": "[SEP]",
+                "pad_token": "[PAD]",
+                "unk_token": "[UNK]",
+                "mask_token": "[MASK]",
+            },
+        )
         return {"vocab_size": tok.get_vocab_size(), "pad": tok.token_to_id("[PAD]"), "cls": cls, "sep": sep}
 
     specials = LLAMA_SPECIALS if kind == "llama" else QWEN_SPECIALS
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus, trainer)
     ids = {t: tok.token_to_id(t) for t in specials}
     if kind == "llama":
         bos = "<|begin_of_text|>"
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
-                                                           special_tokens=[(bos, ids[bos])])
-        cfg = {"bos_token": bos, "eos_token": "<|eot_id|>", "pad_token": "<|pad|>",
-               "chat_template": LLAMA_CHAT_TEMPLATE}
-        info = {"bos": ids[bos], "eos": ids["<|eot_id|>"], "eos_ids": [ids["<|end_of_text|>"], ids["<|eot_id|>"]],
-                "pad": ids["<|pad|>"]}
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, ids[bos])]
+        )
+        cfg = {
+            "bos_token": bos,
+            "eos_token": "<|eot_id|>",
+            "pad_token": "<|pad|>",
+            "chat_template": LLAMA_CHAT_TEMPLATE,
+        }
+        info = {
+            "bos": ids[bos],
+            "eos": ids["<|eot_id|>"],
+            "eos_ids": [ids["<|end_of_text|>"], ids["<|eot_id|>"]],
+            "pad": ids["<|pad|>"],
+        }
     elif kind == "qwen3":
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
-        cfg = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-               "chat_template": QWEN_CHAT_TEMPLATE}
-        info = {"bos": None, "eos": ids["<|im_end|>"], "eos_ids": [ids["<|im_end|>"], ids["<|endoftext|>"]],
-                "pad": ids["<|endoftext|>"], "endoftext": ids["<|endoftext|>"]}
+        cfg = {
+            "bos_token": None,
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "chat_template": QWEN_CHAT_TEMPLATE,
+        }
+        info = {
+            "bos": None,
+            "eos": ids["<|im_end|>"],
+            "eos_ids": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+            "pad": ids["<|endoftext|>"],
+            "endoftext": ids["<|endoftext|>"],
+        }
     else:
         raise ValueError(f"unknown tokenizer kind {kind!r}: use llama, qwen3 or bert")
     tok.save(str(path / "tokenizer.json"))
-    _write_json(path / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 131072,
-        "added_tokens_decoder": {str(ids[t]): {"content": t, "special": True, "lstrip": False, "rstrip": False,
-                                               "normalized": False, "single_word": False} for t in specials},
-        **cfg})
+    _write_json(
+        path / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": 131072,
+            "added_tokens_decoder": {
+                str(ids[t]): {
+                    "content": t,
+                    "special": True,
+                    "lstrip": False,
+                    "rstrip": False,
+                    "normalized": False,
+                    "single_word": False,
+                }
+                for t in specials
+            },
+            **cfg,
+        },
+    )
     _write_json(path / "special_tokens_map.json", {k: v for k, v in cfg.items() if k.endswith("_token") and v})
     info["vocab_size"] = tok.get_vocab_size()
     return info
 
 
-def _decoder_weights(rng, *, prefix: str, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int,
-                     head_dim: int, intermediate: int, qk_norm: bool, std: float, dtype) -> dict:
+def _decoder_weights(
+    rng,
+    *,
+    prefix: str,
+    vocab: int,
+    hidden: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    intermediate: int,
+    qk_norm: bool,
+    std: float,
+    dtype,
+) -> dict:
     def lin(out_dim, in_dim):
         return (rng.standard_normal((out_dim, in_dim)) * std).astype(dtype)
 
     def norm(n):  # near 1 but not exactly, so a missed norm shows up in tests
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(dtype)
 
-    w = {f"{prefix}embed_tokens.weight": (rng.standard_normal((vocab, hidden)) * 0.5).astype(dtype),
-         f"{prefix}norm.weight": norm(hidden)}
+    w = {
+        f"{prefix}embed_tokens.weight": (rng.standard_normal((vocab, hidden)) * 0.5).astype(dtype),
+        f"{prefix}norm.weight": norm(hidden),
+    }
     for i in range(layers):
         p = f"{prefix}layers.{i}."
         w[p + "self_attn.q_proj.weight"] = lin(heads * head_dim, hidden)
@@ -152,11 +228,24 @@ def _np_dtype(dtype: str):
     return np.dtype(dtype)
 
 
-def build_llama(path, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                head_dim: int | None = None, intermediate: int | None = None, vocab_size: int = 512,
-                rope_scaling: str | None = "llama3", rope_theta: float = 10000.0, max_position: int = 4096,
-                tie_word_embeddings: bool = False, std: float = 0.08, seed: int = 0,
-                dtype: str = "float32") -> Path:
+def build_llama(
+    path,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int | None = None,
+    intermediate: int | None = None,
+    vocab_size: int = 512,
+    rope_scaling: str | None = "llama3",
+    rope_theta: float = 10000.0,
+    max_position: int = 4096,
+    tie_word_embeddings: bool = False,
+    std: float = 0.08,
+    seed: int = 0,
+    dtype: str = "float32",
+) -> Path:
     """A random LlamaForCausalLM. ``rope_scaling="llama3"`` uses Llama 3.1 scaling with a small
     original context so that it changes the frequencies of a tiny head_dim."""
     path = Path(path)
@@ -166,23 +255,52 @@ def build_llama(path, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_h
     intermediate = intermediate or 2 * hidden
     rng = np.random.default_rng(seed)
     dt = _np_dtype(dtype)
-    w = _decoder_weights(rng, prefix="model.", vocab=vocab, hidden=hidden, layers=layers, heads=heads,
-                         kv_heads=kv_heads, head_dim=head_dim, intermediate=intermediate, qk_norm=False,
-                         std=std, dtype=dt)
+    w = _decoder_weights(
+        rng,
+        prefix="model.",
+        vocab=vocab,
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate=intermediate,
+        qk_norm=False,
+        std=std,
+        dtype=dt,
+    )
     if not tie_word_embeddings:
         w["lm_head.weight"] = (rng.standard_normal((vocab, hidden)) * std).astype(dt)
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-        "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads, "head_dim": head_dim, "vocab_size": vocab,
-        "max_position_embeddings": max_position, "rms_norm_eps": 1e-5, "rope_theta": rope_theta,
-        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-        "tie_word_embeddings": tie_word_embeddings, "torch_dtype": dtype,
-        "bos_token_id": tok["bos"], "eos_token_id": tok["eos_ids"], "pad_token_id": tok["pad"],
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": vocab,
+        "max_position_embeddings": max_position,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": rope_theta,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": tie_word_embeddings,
+        "torch_dtype": dtype,
+        "bos_token_id": tok["bos"],
+        "eos_token_id": tok["eos_ids"],
+        "pad_token_id": tok["pad"],
     }
     if rope_scaling == "llama3":
-        config["rope_scaling"] = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
-                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        config["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": 4.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
     elif rope_scaling is not None:
         raise ValueError("rope_scaling is 'llama3' or None")
     _write_json(path / "config.json", config)
@@ -191,10 +309,24 @@ def build_llama(path, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_h
     return path
 
 
-def build_qwen3(path, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                head_dim: int = 16, intermediate: int | None = None, vocab_size: int = 512,
-                embedding_layout: bool = False, tie_word_embeddings: bool = True, rope_theta: float = 1000000.0,
-                max_position: int = 32768, std: float = 0.08, seed: int = 0, dtype: str = "float32") -> Path:
+def build_qwen3(
+    path,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 16,
+    intermediate: int | None = None,
+    vocab_size: int = 512,
+    embedding_layout: bool = False,
+    tie_word_embeddings: bool = True,
+    rope_theta: float = 1000000.0,
+    max_position: int = 32768,
+    std: float = 0.08,
+    seed: int = 0,
+    dtype: str = "float32",
+) -> Path:
     """A random Qwen3 checkpoint. ``embedding_layout=True`` writes it like the official
     Qwen3-Embedding releases: body weights without the ``model.`` prefix and no LM head."""
     path = Path(path)
@@ -203,28 +335,62 @@ def build_qwen3(path, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_h
     intermediate = intermediate or 2 * hidden
     rng = np.random.default_rng(seed)
     dt = _np_dtype(dtype)
-    w = _decoder_weights(rng, prefix="" if embedding_layout else "model.", vocab=vocab, hidden=hidden,
-                         layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                         intermediate=intermediate, qk_norm=True, std=std, dtype=dt)
+    w = _decoder_weights(
+        rng,
+        prefix="" if embedding_layout else "model.",
+        vocab=vocab,
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate=intermediate,
+        qk_norm=True,
+        std=std,
+        dtype=dt,
+    )
     if not tie_word_embeddings and not embedding_layout:
         w["lm_head.weight"] = (rng.standard_normal((vocab, hidden)) * std).astype(dt)
     config = {
-        "architectures": ["Qwen3Model" if embedding_layout else "Qwen3ForCausalLM"], "model_type": "qwen3",
-        "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
-        "vocab_size": vocab, "max_position_embeddings": max_position, "rms_norm_eps": 1e-6,
-        "rope_theta": rope_theta, "rope_scaling": None, "hidden_act": "silu", "attention_bias": False,
-        "tie_word_embeddings": tie_word_embeddings, "torch_dtype": dtype,
-        "bos_token_id": tok["pad"], "eos_token_id": tok["eos"], "pad_token_id": tok["pad"],
+        "architectures": ["Qwen3Model" if embedding_layout else "Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": vocab,
+        "max_position_embeddings": max_position,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": rope_theta,
+        "rope_scaling": None,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "tie_word_embeddings": tie_word_embeddings,
+        "torch_dtype": dtype,
+        "bos_token_id": tok["pad"],
+        "eos_token_id": tok["eos"],
+        "pad_token_id": tok["pad"],
     }
     _write_json(path / "config.json", config)
     save_file(w, str(path / "model.safetensors"), metadata={"format": "pt"})
     return path
 
 
-def build_bert(path, *, hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int | None = None,
-               vocab_size: int = 400, max_position: int = 128, std: float = 0.08, seed: int = 0,
-               dtype: str = "float32") -> Path:
+def build_bert(
+    path,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    intermediate: int | None = None,
+    vocab_size: int = 400,
+    max_position: int = 128,
+    std: float = 0.08,
+    seed: int = 0,
+    dtype: str = "float32",
+) -> Path:
     """A random BertModel with sentence-transformers files for mean pooling (like all-MiniLM-L6-v2)."""
     path = Path(path)
     tok = build_tokenizer(path, "bert", vocab_size)
@@ -234,17 +400,23 @@ def build_bert(path, *, hidden: int = 64, layers: int = 2, heads: int = 4, inter
     dt = _np_dtype(dtype)
 
     def lin(prefix, out_dim, in_dim):
-        return {f"{prefix}.weight": (rng.standard_normal((out_dim, in_dim)) * std).astype(dt),
-                f"{prefix}.bias": (rng.standard_normal(out_dim) * 0.02).astype(dt)}
+        return {
+            f"{prefix}.weight": (rng.standard_normal((out_dim, in_dim)) * std).astype(dt),
+            f"{prefix}.bias": (rng.standard_normal(out_dim) * 0.02).astype(dt),
+        }
 
     def ln(prefix):
-        return {f"{prefix}.weight": (1.0 + 0.1 * rng.standard_normal(hidden)).astype(dt),
-                f"{prefix}.bias": (0.02 * rng.standard_normal(hidden)).astype(dt)}
+        return {
+            f"{prefix}.weight": (1.0 + 0.1 * rng.standard_normal(hidden)).astype(dt),
+            f"{prefix}.bias": (0.02 * rng.standard_normal(hidden)).astype(dt),
+        }
 
-    w = {"embeddings.word_embeddings.weight": (rng.standard_normal((vocab, hidden)) * 0.5).astype(dt),
-         "embeddings.position_embeddings.weight": (rng.standard_normal((max_position, hidden)) * 0.1).astype(dt),
-         "embeddings.token_type_embeddings.weight": (rng.standard_normal((2, hidden)) * 0.1).astype(dt),
-         **ln("embeddings.LayerNorm")}
+    w = {
+        "embeddings.word_embeddings.weight": (rng.standard_normal((vocab, hidden)) * 0.5).astype(dt),
+        "embeddings.position_embeddings.weight": (rng.standard_normal((max_position, hidden)) * 0.1).astype(dt),
+        "embeddings.token_type_embeddings.weight": (rng.standard_normal((2, hidden)) * 0.1).astype(dt),
+        **ln("embeddings.LayerNorm"),
+    }
     for i in range(layers):
         p = f"encoder.layer.{i}."
         for name in ("query", "key", "value"):
@@ -255,28 +427,59 @@ def build_bert(path, *, hidden: int = 64, layers: int = 2, heads: int = 4, inter
         w.update(lin(p + "output.dense", hidden, intermediate))
         w.update(ln(p + "output.LayerNorm"))
     w.update(lin("pooler.dense", hidden, hidden))
-    _write_json(path / "config.json", {
-        "architectures": ["BertModel"], "model_type": "bert", "hidden_size": hidden,
-        "num_hidden_layers": layers, "num_attention_heads": heads, "intermediate_size": intermediate,
-        "hidden_act": "gelu", "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
-        "max_position_embeddings": max_position, "type_vocab_size": 2, "layer_norm_eps": 1e-12,
-        "vocab_size": vocab, "pad_token_id": tok["pad"], "torch_dtype": dtype})
-    _write_json(path / "modules.json", [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}])
+    _write_json(
+        path / "config.json",
+        {
+            "architectures": ["BertModel"],
+            "model_type": "bert",
+            "hidden_size": hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "intermediate_size": intermediate,
+            "hidden_act": "gelu",
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+            "max_position_embeddings": max_position,
+            "type_vocab_size": 2,
+            "layer_norm_eps": 1e-12,
+            "vocab_size": vocab,
+            "pad_token_id": tok["pad"],
+            "torch_dtype": dtype,
+        },
+    )
+    _write_json(
+        path / "modules.json",
+        [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+        ],
+    )
     _write_json(path / "sentence_bert_config.json", {"max_seq_length": max_position, "do_lower_case": False})
     (path / "1_Pooling").mkdir(exist_ok=True)
-    _write_json(path / "1_Pooling" / "config.json",
-                {"word_embedding_dimension": hidden, "pooling_mode_mean_tokens": True,
-                 "pooling_mode_cls_token": False, "pooling_mode_max_tokens": False})
+    _write_json(
+        path / "1_Pooling" / "config.json",
+        {
+            "word_embedding_dimension": hidden,
+            "pooling_mode_mean_tokens": True,
+            "pooling_mode_cls_token": False,
+            "pooling_mode_max_tokens": False,
+        },
+    )
     (path / "2_Normalize").mkdir(exist_ok=True)
     save_file(w, str(path / "model.safetensors"), metadata={"format": "pt"})
     return path
 
 
-def build_chain_llama(path, chain: dict[int, int], *, tokenizer: str = "llama", default: int | None = None,
-                      margin: float = 30.0, vocab_size: int = 512) -> Path:
+def build_chain_llama(
+    path,
+    chain: dict[int, int],
+    *,
+    tokenizer: str = "llama",
+    default: int | None = None,
+    margin: float = 30.0,
+    vocab_size: int = 512,
+) -> Path:
     """A LlamaForCausalLM whose next token is fixed by construction: after token ``t`` the
     logit of ``chain[t]`` is ``margin`` and every other logit 0 (``default``, the EOS token
     when None, follows tokens not in ``chain``). Greedy decoding from a prompt ending in ``t``
@@ -298,15 +501,21 @@ def build_chain_llama(path, chain: dict[int, int], *, tokenizer: str = "llama", 
         raise ValueError(f"token ids {bad} are outside the vocabulary [0, {vocab})")
     hidden, head_dim, intermediate = vocab, 8, 8
     rng = np.random.default_rng(0)
-    w = {"model.embed_tokens.weight": np.eye(vocab, hidden, dtype=np.float32),
-         "model.norm.weight": np.ones(hidden, np.float32),
-         "model.layers.0.input_layernorm.weight": np.ones(hidden, np.float32),
-         "model.layers.0.post_attention_layernorm.weight": np.ones(hidden, np.float32),
-         "model.layers.0.self_attn.o_proj.weight": np.zeros((hidden, head_dim), np.float32),
-         "model.layers.0.mlp.down_proj.weight": np.zeros((hidden, intermediate), np.float32)}
-    for name, shape in (("self_attn.q_proj", (head_dim, hidden)), ("self_attn.k_proj", (head_dim, hidden)),
-                        ("self_attn.v_proj", (head_dim, hidden)), ("mlp.gate_proj", (intermediate, hidden)),
-                        ("mlp.up_proj", (intermediate, hidden))):
+    w = {
+        "model.embed_tokens.weight": np.eye(vocab, hidden, dtype=np.float32),
+        "model.norm.weight": np.ones(hidden, np.float32),
+        "model.layers.0.input_layernorm.weight": np.ones(hidden, np.float32),
+        "model.layers.0.post_attention_layernorm.weight": np.ones(hidden, np.float32),
+        "model.layers.0.self_attn.o_proj.weight": np.zeros((hidden, head_dim), np.float32),
+        "model.layers.0.mlp.down_proj.weight": np.zeros((hidden, intermediate), np.float32),
+    }
+    for name, shape in (
+        ("self_attn.q_proj", (head_dim, hidden)),
+        ("self_attn.k_proj", (head_dim, hidden)),
+        ("self_attn.v_proj", (head_dim, hidden)),
+        ("mlp.gate_proj", (intermediate, hidden)),
+        ("mlp.up_proj", (intermediate, hidden)),
+    ):
         w[f"model.layers.0.{name}.weight"] = (rng.standard_normal(shape) * 0.1).astype(np.float32)
     follow = np.full(vocab, default)
     for t, nxt in chain.items():
@@ -316,12 +525,26 @@ def build_chain_llama(path, chain: dict[int, int], *, tokenizer: str = "llama", 
     head[follow, np.arange(vocab)] = margin / np.sqrt(hidden)
     w["lm_head.weight"] = head
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-        "intermediate_size": intermediate, "num_hidden_layers": 1, "num_attention_heads": 1,
-        "num_key_value_heads": 1, "head_dim": head_dim, "vocab_size": vocab, "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu", "attention_bias": False,
-        "mlp_bias": False, "tie_word_embeddings": False, "torch_dtype": "float32",
-        "bos_token_id": tok["bos"], "eos_token_id": tok["eos_ids"], "pad_token_id": tok["pad"],
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 1,
+        "num_key_value_heads": 1,
+        "head_dim": head_dim,
+        "vocab_size": vocab,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "bos_token_id": tok["bos"],
+        "eos_token_id": tok["eos_ids"],
+        "pad_token_id": tok["pad"],
     }
     _write_json(path / "config.json", config)
     save_file(w, str(path / "model.safetensors"), metadata={"format": "pt"})

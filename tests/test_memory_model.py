@@ -13,8 +13,9 @@ from bench.memory_qa import DEFAULT_MODEL, Cluster, answer_of
 from extmind.v1 import generator_pb2
 from training import facts
 
-pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL / "model.safetensors").exists(),
-                                reason="the committed checkpoint is missing")
+pytestmark = pytest.mark.skipif(
+    not (DEFAULT_MODEL / "model.safetensors").exists(), reason="the committed checkpoint is missing"
+)
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ class Bank:
     """One layer's memory: raw keys and values [KVH, N, d] (float32), shared by every question;
     or, with ``mask`` [B, N] (False = padding), one memory per question: [B, KVH, N, d], which
     is attended whole (no top-k)."""
+
     keys: mx.array
     values: mx.array
     mask: mx.array | None = None
@@ -47,22 +48,22 @@ def extended_attention(q: mx.array, k: mx.array, v: mx.array, bank: Bank, top_k:
     kk = min(top_k, n)
     qf = q.astype(mx.float32).reshape(B, kvh, rep, L, d)
     m = B * rep * L
-    qm = qf.transpose(1, 0, 2, 3, 4).reshape(kvh, m, d)                      # [KVH, M, d]
+    qm = qf.transpose(1, 0, 2, 3, 4).reshape(kvh, m, d)  # [KVH, M, d]
     if top_k >= n:
         # Every row is retrieved: plain attention over the whole memory (the order of the rows
         # does not matter inside the softmax).
-        mem_logits = (qm @ bank.keys.swapaxes(-1, -2)) * scale                # [KVH, M, N]
+        mem_logits = (qm @ bank.keys.swapaxes(-1, -2)) * scale  # [KVH, M, N]
         vsel = None
     else:
         # Retrieval: exact cosine, no gradient (the selection is discrete).
         qn = qm * mx.rsqrt(mx.maximum(mx.sum(qm * qm, axis=-1, keepdims=True), 1e-24))
         kn = bank.keys * mx.rsqrt(mx.maximum(mx.sum(bank.keys * bank.keys, axis=-1, keepdims=True), 1e-24))
-        sim = mx.stop_gradient(qn @ kn.swapaxes(-1, -2))                     # [KVH, M, N]
+        sim = mx.stop_gradient(qn @ kn.swapaxes(-1, -2))  # [KVH, M, N]
         idx = mx.argpartition(-sim, kth=kk - 1, axis=-1)[..., :kk]
         flat = (idx.astype(mx.int32) + (mx.arange(kvh, dtype=mx.int32) * n)[:, None, None]).reshape(-1)
         ksel = mx.take(bank.keys.reshape(kvh * n, d), flat, axis=0).reshape(kvh, m, kk, d)
         vsel = mx.take(bank.values.reshape(kvh * n, d), flat, axis=0).reshape(kvh, m, kk, d)
-        mem_logits = mx.sum(qm[:, :, None, :] * ksel, axis=-1) * scale      # raw dot, not the cosine
+        mem_logits = mx.sum(qm[:, :, None, :] * ksel, axis=-1) * scale  # raw dot, not the cosine
 
     def to_attn(x):  # [KVH, B * rep * L, ...] -> [B, KVH, rep, L, ...]
         x = x.reshape(kvh, B, rep, L, *x.shape[2:])
@@ -88,12 +89,14 @@ def _own_memory_attention(q, k, v, bank: Bank, scale: float) -> mx.array:
     rep = H // kvh
     n = bank.keys.shape[2]
     qf = q.astype(mx.float32).reshape(B, kvh, rep * L, d)
-    mem = (qf @ bank.keys.swapaxes(-1, -2)) * scale                            # [B, KVH, R*L, N]
+    mem = (qf @ bank.keys.swapaxes(-1, -2)) * scale  # [B, KVH, R*L, N]
     mem = mx.where(bank.mask[:, None, None, :], mem, _NEG).reshape(B, kvh, rep, L, n)
     local = (qf @ k.astype(mx.float32).swapaxes(-1, -2)) * scale
     local = mx.where(_local_mask(L), local.reshape(B, kvh, rep, L, L), _NEG)
     w = mx.softmax(mx.concatenate([mem, local], axis=-1), axis=-1)
-    out = w[..., :n].reshape(B, kvh, rep * L, n) @ bank.values + w[..., n:].reshape(B, kvh, rep * L, L) @ v.astype(mx.float32)
+    out = w[..., :n].reshape(B, kvh, rep * L, n) @ bank.values + w[..., n:].reshape(B, kvh, rep * L, L) @ v.astype(
+        mx.float32
+    )
     return out.reshape(B, H, L, d)
 
 
@@ -105,9 +108,11 @@ def own_banks(captured, valid: mx.array, groups: mx.array) -> list[Bank]:
     banks = []
     for k, v in captured:
         D, kvh, L, d = k.shape
-        def gather(x):
-            x = x[groups]                                                   # [B, G, KVH, L, d]
+
+        def gather(x, kvh=kvh, L=L, d=d):
+            x = x[groups]  # [B, G, KVH, L, d]
             return x.transpose(0, 2, 1, 3, 4).reshape(B, kvh, G * L, d).astype(mx.float32)
+
         banks.append(Bank(gather(k), gather(v), mask))
     return banks
 
@@ -148,6 +153,10 @@ def banks_from_capture(captured, rows: mx.array) -> list[Bank]:
     banks = []
     for k, v in captured:
         B, kvh, L, d = k.shape
-        banks.append(Bank(mx.take(k.transpose(1, 0, 2, 3).reshape(kvh, B * L, d), rows, axis=1).astype(mx.float32),
-                          mx.take(v.transpose(1, 0, 2, 3).reshape(kvh, B * L, d), rows, axis=1).astype(mx.float32)))
+        banks.append(
+            Bank(
+                mx.take(k.transpose(1, 0, 2, 3).reshape(kvh, B * L, d), rows, axis=1).astype(mx.float32),
+                mx.take(v.transpose(1, 0, 2, 3).reshape(kvh, B * L, d), rows, axis=1).astype(mx.float32),
+            )
+        )
     return banks

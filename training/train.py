@@ -56,6 +56,7 @@ EVAL_SEED = 987_654  # held-out people for the progress numbers (benchmarks use 
 
 # ------------------------------------------------------------------ tokenizer
 
+
 def build_tokenizer(path: Path, seed: int, vocab_size: int = 4096, n_people: int = 40_000):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -63,38 +64,76 @@ def build_tokenizer(path: Path, seed: int, vocab_size: int = 4096, n_people: int
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(facts.tokenizer_corpus(seed + 1, n_people), trainer)
     ids = {t: tok.token_to_id(t) for t in SPECIALS}
-    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
-                                                       special_tokens=[(BOS, ids[BOS])])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, ids[BOS])]
+    )
     tok.save(str(path / "tokenizer.json"))
     cfg = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 2048, "add_bos_token": True,
-        "added_tokens_decoder": {str(ids[t]): {"content": t, "special": True, "lstrip": False, "rstrip": False,
-                                               "normalized": False, "single_word": False} for t in SPECIALS},
-        **cfg}, indent=2) + "\n")
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "model_max_length": 2048,
+                "add_bos_token": True,
+                "added_tokens_decoder": {
+                    str(ids[t]): {
+                        "content": t,
+                        "special": True,
+                        "lstrip": False,
+                        "rstrip": False,
+                        "normalized": False,
+                        "single_word": False,
+                    }
+                    for t in SPECIALS
+                },
+                **cfg,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     (path / "special_tokens_map.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return tok
 
 
 def load_tokenizer(path: Path):
     from tokenizers import Tokenizer
+
     return Tokenizer.from_file(str(path / "tokenizer.json"))
 
 
 # ------------------------------------------------------------------ model
 
+
 def model_config(tok, a) -> dict:
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.hidden,
-        "intermediate_size": a.intermediate, "num_hidden_layers": a.layers, "num_attention_heads": a.heads,
-        "num_key_value_heads": a.kv_heads, "head_dim": a.hidden // a.heads, "vocab_size": tok.get_vocab_size(),
-        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
-        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": True, "torch_dtype": "float16",
-        "bos_token_id": tok.token_to_id(BOS), "eos_token_id": [tok.token_to_id(EOS), tok.token_to_id("<|end_of_text|>")],
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": a.hidden,
+        "intermediate_size": a.intermediate,
+        "num_hidden_layers": a.layers,
+        "num_attention_heads": a.heads,
+        "num_key_value_heads": a.kv_heads,
+        "head_dim": a.hidden // a.heads,
+        "vocab_size": tok.get_vocab_size(),
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float16",
+        "bos_token_id": tok.token_to_id(BOS),
+        "eos_token_id": [tok.token_to_id(EOS), tok.token_to_id("<|end_of_text|>")],
         "pad_token_id": tok.token_to_id(PAD),
     }
 
@@ -104,8 +143,9 @@ def save_checkpoint(model, config: dict, tok_dir: Path, out: Path) -> None:
     weights = {k: v.astype(mx.float16) for k, v in tree_flatten(model.parameters())}
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}, indent=2) + "\n")
+    (out / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}, indent=2) + "\n"
+    )
     if tok_dir.resolve() != out.resolve():
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             (out / name).write_bytes((tok_dir / name).read_bytes())
@@ -113,12 +153,13 @@ def save_checkpoint(model, config: dict, tok_dir: Path, out: Path) -> None:
 
 # ------------------------------------------------------------------ batches
 
+
 def _pad(rows: list[list[int]], pad: int, multiple: int = 8) -> np.ndarray:
     L = max(len(r) for r in rows)
     L = -(-L // multiple) * multiple
     out = np.full((len(rows), L), pad, dtype=np.int32)
     for i, r in enumerate(rows):
-        out[i, :len(r)] = r
+        out[i, : len(r)] = r
     return out
 
 
@@ -131,7 +172,7 @@ def qa_arrays(tok, prompts: list[str], answers: list[str], pad: int):
     y = _pad([s[1:] for s in seqs], pad)
     m = np.zeros_like(x, dtype=np.float32)
     for i, (p, a) in enumerate(zip(p_ids, a_ids)):
-        m[i, len(p) - 1:len(p) - 1 + len(a)] = 1.0
+        m[i, len(p) - 1 : len(p) - 1 + len(a)] = 1.0
     return x, y, m
 
 
@@ -156,11 +197,14 @@ def make_batch(tok, step_seed: int, n_mem: int, n_q: int, n_ctx: int, pad: int, 
     qx, qy, qm = qa_arrays(tok, [q.question for q in qas], [q.answer for q in qas], pad)
     ctx_picks = rng.sample(stated, min(n_ctx, len(stated)))
     cqas = [facts.question(rng, e, a) for e, a, _ in ctx_picks]
-    cx, cy, cm = qa_arrays(tok, [facts.context_prompt(docs[i], q) for (_, _, i), q in zip(ctx_picks, cqas)],
-                           [q.answer for q in cqas], pad)
+    cx, cy, cm = qa_arrays(
+        tok, [facts.context_prompt(docs[i], q) for (_, _, i), q in zip(ctx_picks, cqas)], [q.answer for q in cqas], pad
+    )
     rows = np.flatnonzero(valid.reshape(-1)).astype(np.int32)
     groups = (np.arange(n_mem)[:, None] + np.arange(max(own, 1))[None]) % n_mem
-    return dict(docs=d, valid=valid, rows=rows, groups=groups.astype(np.int32), qx=qx, qy=qy, qm=qm, cx=cx, cy=cy, cm=cm)
+    return dict(
+        docs=d, valid=valid, rows=rows, groups=groups.astype(np.int32), qx=qx, qy=qy, qm=qm, cx=cx, cy=cy, cm=cm
+    )
 
 
 def eval_batch(tok, seed: int, n: int, pad: int, bos: int):
@@ -169,10 +213,21 @@ def eval_batch(tok, seed: int, n: int, pad: int, bos: int):
     qx, qy, qm = qa_arrays(tok, [q.question for _, q in pairs], [q.answer for _, q in pairs], pad)
     cx, cy, cm = qa_arrays(tok, [facts.context_prompt(doc, q) for doc, q in pairs], [q.answer for _, q in pairs], pad)
     valid = (d != pad) & (d != bos)
-    return dict(docs=d, valid=valid, rows=np.flatnonzero(valid.reshape(-1)).astype(np.int32), qx=qx, qy=qy, qm=qm, cx=cx, cy=cy, cm=cm)
+    return dict(
+        docs=d,
+        valid=valid,
+        rows=np.flatnonzero(valid.reshape(-1)).astype(np.int32),
+        qx=qx,
+        qy=qy,
+        qm=qm,
+        cx=cx,
+        cy=cy,
+        cm=cm,
+    )
 
 
 # ------------------------------------------------------------------ loss
+
 
 def _ce(logits, y, m):
     """-> (mean masked cross-entropy, per-sequence exact match [B] (every masked token argmax-right))."""
@@ -205,7 +260,9 @@ def evaluate(model, b, top_k: int) -> dict:
     _, none_ok = _ce(ln, b["qy"], b["qm"])
     lc, _ = forward(model, b["cx"])
     _, ctx_ok = _ce(lc, b["cy"], b["cm"])
-    return {k: float(v.astype(mx.float32).mean()) for k, v in (("memory", mem_ok), ("none", none_ok), ("context", ctx_ok))}
+    return {
+        k: float(v.astype(mx.float32).mean()) for k, v in (("memory", mem_ok), ("none", none_ok), ("context", ctx_ok))
+    }
 
 
 def curriculum(progress: float, mem_docs: int) -> tuple[int, tuple[int, ...]]:
@@ -226,6 +283,7 @@ def to_mx(b: dict) -> dict:
 
 # ------------------------------------------------------------------ main
 
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path, help="checkpoint directory")
@@ -234,7 +292,9 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer-only", action="store_true")
     p.add_argument("--init", type=Path, help="start from this checkpoint's weights (same shape)")
     p.add_argument("--steps", type=int, default=100_000, help="at most; --time-budget usually ends it first")
-    p.add_argument("--time-budget", type=float, default=480, help="seconds of training; the lr schedule ends then (0 = by --steps)")
+    p.add_argument(
+        "--time-budget", type=float, default=480, help="seconds of training; the lr schedule ends then (0 = by --steps)"
+    )
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--heads", type=int, default=8)
@@ -279,8 +339,9 @@ def main(argv=None) -> int:
         n_mem, k_choices = curriculum(progress, a.mem_docs)
         k = random.Random(a.seed * 7919 + step).choice(k_choices)
         if n_mem == 0:
-            fut = pool.submit(make_batch, tok, a.seed * 1_000_003 + step, a.questions, a.questions,
-                              a.ctx_questions, pad, bos, 4)
+            fut = pool.submit(
+                make_batch, tok, a.seed * 1_000_003 + step, a.questions, a.questions, a.ctx_questions, pad, bos, 4
+            )
         else:
             fut = pool.submit(make_batch, tok, a.seed * 1_000_003 + step, n_mem, a.questions, a.ctx_questions, pad, bos)
         return fut, k, n_mem
@@ -306,19 +367,37 @@ def main(argv=None) -> int:
         vals = [float(loss)] + [float(x) for x in parts]
         avg = vals if avg is None else [0.95 * x + 0.05 * y for x, y in zip(avg, vals)]
         if step % 50 == 0 or step == 1:
-            print(f"step {step} {time.time() - t_start:.0f}s lr {lr:.2e} docs {n_mem} k {top_k} loss {avg[0]:.3f} "
-                  f"qa {avg[1]:.3f} lm {avg[2]:.3f} ctx {avg[3]:.3f} qa_acc {avg[4]:.2f} ctx_acc {avg[5]:.2f}", flush=True)
+            print(
+                f"step {step} {time.time() - t_start:.0f}s lr {lr:.2e} docs {n_mem} k {top_k} loss {avg[0]:.3f} "
+                f"qa {avg[1]:.3f} lm {avg[2]:.3f} ctx {avg[3]:.3f} qa_acc {avg[4]:.2f} ctx_acc {avg[5]:.2f}",
+                flush=True,
+            )
         if a.eval_every and step % a.eval_every == 0:
             print(f"eval step {step}: {evaluate(model, ev, 10)}", flush=True)
     train_s = time.time() - t_start
     final = evaluate(model, ev, 10)
-    print(f"final step {step} {train_s:.0f}s loss {avg[0]:.3f} qa {avg[1]:.3f} lm {avg[2]:.3f} ctx {avg[3]:.3f} "
-          f"eval {final}", flush=True)
+    print(
+        f"final step {step} {train_s:.0f}s loss {avg[0]:.3f} qa {avg[1]:.3f} lm {avg[2]:.3f} ctx {avg[3]:.3f} "
+        f"eval {final}",
+        flush=True,
+    )
     save_checkpoint(model, config, tok_dir, a.out)
-    (a.out / "training_log.json").write_text(json.dumps({
-        "seed": a.seed, "steps": step, "seconds": round(train_s), "device": str(mx.default_device()),
-        "parameters": n_params, "final_loss": {"total": avg[0], "qa": avg[1], "lm": avg[2], "ctx": avg[3]},
-        "eval_teacher_forced": final, "args": {k: str(v) for k, v in vars(a).items()}}, indent=2) + "\n")
+    (a.out / "training_log.json").write_text(
+        json.dumps(
+            {
+                "seed": a.seed,
+                "steps": step,
+                "seconds": round(train_s),
+                "device": str(mx.default_device()),
+                "parameters": n_params,
+                "final_loss": {"total": avg[0], "qa": avg[1], "lm": avg[2], "ctx": avg[3]},
+                "eval_teacher_forced": final,
+                "args": {k: str(v) for k, v in vars(a).items()},
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"saved {a.out}", flush=True)
     return 0
 

@@ -16,28 +16,73 @@ SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"].ful
 
 def parse_args(argv=None):
     # Defaults come from EngineConfig (and through it from request_types): defined once.
-    p = FlagParser(prog="python -m services.generator",
-                   description="Text generation with extended mind attention on mlx-lm.")
+    p = FlagParser(
+        prog="python -m services.generator", description="Text generation with extended mind attention on mlx-lm."
+    )
     add_server_flags(p, prefix="GENERATOR", port=50053)
-    p.flag("--model", env="GENERATOR_MODEL", default="",
-           help="Llama / Qwen2 / Qwen3 model: a local directory (HF or MLX layout) or a hub id")
+    p.flag(
+        "--model",
+        env="GENERATOR_MODEL",
+        default="",
+        help="Llama / Qwen2 / Qwen3 model: a local directory (HF or MLX layout) or a hub id",
+    )
     p.flag("--memory-url", env="MEMORY_URL", default="127.0.0.1:50052", help="memory service host:port")
-    p.flag("--bank-cache-mb", env="GENERATOR_BANK_CACHE_MB", default=EngineConfig.bank_cache_bytes >> 20, type=int,
-           help="LOCAL retrieval: MiB of memory banks kept on the device (LRU)")
-    p.flag("--max-batch-size", env="GENERATOR_MAX_BATCH_SIZE", default=EngineConfig.max_batch_size, type=int,
-           help="most sequences decoded together in one batch")
-    p.flag("--prefill-batch-size", env="GENERATOR_PREFILL_BATCH_SIZE", default=EngineConfig.prefill_batch_size,
-           type=int, help="most prompts prefilled together")
-    p.flag("--prefill-step-size", env="GENERATOR_PREFILL_STEP_SIZE", default=EngineConfig.prefill_step_size, type=int,
-           help="prompt tokens per prefill chunk")
-    p.flag("--max-queue", env="GENERATOR_MAX_QUEUE", default=EngineConfig.max_queue, type=int,
-           help="most requests in flight; more are RESOURCE_EXHAUSTED")
-    p.flag("--window", env="GENERATOR_WINDOW", default=EngineConfig.window, type=int,
-           help="memory-building window in tokens")
-    p.flag("--stride", env="GENERATOR_STRIDE", default=EngineConfig.stride, type=int,
-           help="memory-building stride in tokens")
-    p.flag("--memory-timeout", env="GENERATOR_MEMORY_TIMEOUT", default=EngineConfig.memory_timeout, type=float,
-           help="seconds allowed for one memory-service call")
+    p.flag(
+        "--bank-cache-mb",
+        env="GENERATOR_BANK_CACHE_MB",
+        default=EngineConfig.bank_cache_bytes >> 20,
+        type=int,
+        help="LOCAL retrieval: MiB of memory banks kept on the device (LRU)",
+    )
+    p.flag(
+        "--max-batch-size",
+        env="GENERATOR_MAX_BATCH_SIZE",
+        default=EngineConfig.max_batch_size,
+        type=int,
+        help="most sequences decoded together in one batch",
+    )
+    p.flag(
+        "--prefill-batch-size",
+        env="GENERATOR_PREFILL_BATCH_SIZE",
+        default=EngineConfig.prefill_batch_size,
+        type=int,
+        help="most prompts prefilled together",
+    )
+    p.flag(
+        "--prefill-step-size",
+        env="GENERATOR_PREFILL_STEP_SIZE",
+        default=EngineConfig.prefill_step_size,
+        type=int,
+        help="prompt tokens per prefill chunk",
+    )
+    p.flag(
+        "--max-queue",
+        env="GENERATOR_MAX_QUEUE",
+        default=EngineConfig.max_queue,
+        type=int,
+        help="most requests in flight; more are RESOURCE_EXHAUSTED",
+    )
+    p.flag(
+        "--window",
+        env="GENERATOR_WINDOW",
+        default=EngineConfig.window,
+        type=int,
+        help="memory-building window in tokens",
+    )
+    p.flag(
+        "--stride",
+        env="GENERATOR_STRIDE",
+        default=EngineConfig.stride,
+        type=int,
+        help="memory-building stride in tokens",
+    )
+    p.flag(
+        "--memory-timeout",
+        env="GENERATOR_MEMORY_TIMEOUT",
+        default=EngineConfig.memory_timeout,
+        type=float,
+        help="seconds allowed for one memory-service call",
+    )
     args = p.parse_args(argv)
     if not args.model:
         p.error("--model (or GENERATOR_MODEL) is required")
@@ -50,14 +95,24 @@ class GeneratorApp:
 
     def __init__(self, args):
         self.args = args
-        self.engine = GeneratorEngine(EngineConfig(
-            model=args.model, memory_url=args.memory_url, bank_cache_bytes=args.bank_cache_mb << 20,
-            max_batch_size=args.max_batch_size, prefill_batch_size=args.prefill_batch_size,
-            prefill_step_size=args.prefill_step_size, window=args.window, stride=args.stride,
-            max_queue=args.max_queue, memory_timeout=args.memory_timeout))
+        self.engine = GeneratorEngine(
+            EngineConfig(
+                model=args.model,
+                memory_url=args.memory_url,
+                bank_cache_bytes=args.bank_cache_mb << 20,
+                max_batch_size=args.max_batch_size,
+                prefill_batch_size=args.prefill_batch_size,
+                prefill_step_size=args.prefill_step_size,
+                window=args.window,
+                stride=args.stride,
+                max_queue=args.max_queue,
+                memory_timeout=args.memory_timeout,
+            )
+        )
         servicer = GeneratorServicer(self.engine, max_response_bytes=int(args.max_response_mb * (1 << 20)))
-        self.services = [Service(SERVICE_NAME,
-                                 lambda s: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(servicer, s))]
+        self.services = [
+            Service(SERVICE_NAME, lambda s: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(servicer, s))
+        ]
 
     def describe(self) -> dict:
         return {"blas": blas_in_use(), "model": self.args.model, "memory_url": self.args.memory_url}

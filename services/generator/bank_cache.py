@@ -21,9 +21,9 @@ from services.generator.extended_attention import Retrieved, local_top_k
 class Bank:
     memory_id: str
     version: str
-    keys: list[mx.array]        # per layer [KVH, N, d] float32
+    keys: list[mx.array]  # per layer [KVH, N, d] float32
     values: list[mx.array]
-    inv_norms: list[mx.array]   # per layer [KVH, N]
+    inv_norms: list[mx.array]  # per layer [KVH, N]
     rows: int
 
     @property

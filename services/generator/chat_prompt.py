@@ -22,8 +22,11 @@ _PLACEHOLDER_BASES = (0xF0000, 0x100000, 0xE000)
 
 def special_tokens(tokenizer) -> dict[str, int]:
     """{literal text: id} of every special token the tokenizer parses out of text."""
-    out = {t.content: int(i) for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
-           if getattr(t, "special", False)}
+    out = {
+        t.content: int(i)
+        for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
+        if getattr(t, "special", False)
+    }
     for t in getattr(tokenizer, "all_special_tokens", None) or []:
         i = tokenizer.convert_tokens_to_ids(t)
         if isinstance(i, int) and i >= 0:
@@ -49,18 +52,19 @@ def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
         return list(tokenizer.encode(text, add_special_tokens=False))
     literals = sorted(specials)
     used = set("".join(m["content"] for m in messages) + str(getattr(tokenizer, "chat_template", "") or ""))
-    base = next((b for b in _PLACEHOLDER_BASES
-                 if not any(chr(c) in used for c in range(b, b + len(literals)))), None)
+    base = next((b for b in _PLACEHOLDER_BASES if not any(chr(c) in used for c in range(b, b + len(literals)))), None)
     if base is None:
-        raise errors.InvalidArgument("messages: the content uses every block of private-use characters "
-                                     "that could stand in for special-token text while the template renders")
+        raise errors.InvalidArgument(
+            "messages: the content uses every block of private-use characters "
+            "that could stand in for special-token text while the template renders"
+        )
     placeholder = {t: chr(base + k) for k, t in enumerate(literals)}
     escaped = [{**m, "content": pattern.sub(lambda hit: placeholder[hit.group()], m["content"])} for m in messages]
     text = tokenizer.apply_chat_template(escaped, add_generation_prompt=True, tokenize=False)
     restore = str.maketrans({c: t for t, c in placeholder.items()})
     ids, pos = [], 0
     for hit in pattern.finditer(text):
-        ids += _literal_ids(tokenizer, text[pos:hit.start()].translate(restore))
+        ids += _literal_ids(tokenizer, text[pos : hit.start()].translate(restore))
         ids.append(specials[hit.group()])
         pos = hit.end()
     return ids + _literal_ids(tokenizer, text[pos:].translate(restore))

@@ -24,8 +24,8 @@ is not the one assumed here and ``decode_forwards`` raises instead of counting a
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -48,8 +48,9 @@ def new_counts(rows: int) -> mx.array:
     return mx.zeros(rows + 1, dtype=mx.int32)
 
 
-def decode_forwards(record: list, layers_per_forward: int, rows: int, generated: Sequence[int],
-                    started: Sequence[int]) -> list[tuple[list[int], mx.array]]:
+def decode_forwards(
+    record: list, layers_per_forward: int, rows: int, generated: Sequence[int], started: Sequence[int]
+) -> list[tuple[list[int], mx.array]]:
     """Splits one ``next()`` call's record into its decode forwards.
 
     record: (layer, indices [B, H, L, k]) in call order; generated: the uids of the generation
@@ -57,9 +58,10 @@ def decode_forwards(record: list, layers_per_forward: int, rows: int, generated:
     Returns (uids, rows [B, layers * H * k]) per decode forward, masked picks mapped to ``rows``.
     """
     if layers_per_forward <= 0 or len(record) % layers_per_forward:
-        raise errors.Internal(f"citations: {len(record)} recorded layers is not a whole number of forwards "
-                              f"of {layers_per_forward} layers")
-    forwards = [record[i:i + layers_per_forward] for i in range(0, len(record), layers_per_forward)]
+        raise errors.Internal(
+            f"citations: {len(record)} recorded layers is not a whole number of forwards of {layers_per_forward} layers"
+        )
+    forwards = [record[i : i + layers_per_forward] for i in range(0, len(record), layers_per_forward)]
     plan = [list(u) for u in (generated, started) if u]
     if len(forwards) < len(plan):
         raise errors.Internal(f"citations: expected {len(plan)} decode forwards, {len(forwards)} were recorded")
@@ -67,8 +69,10 @@ def decode_forwards(record: list, layers_per_forward: int, rows: int, generated:
     for uids, fwd in zip(plan, forwards):
         for _, a in fwd:
             if a.shape[0] != len(uids) or a.shape[2] != 1:
-                raise errors.Internal(f"citations: a decode forward of {len(uids)} sequences recorded indices of "
-                                      f"shape {tuple(a.shape)}; expected [{len(uids)}, H, 1, k]")
+                raise errors.Internal(
+                    f"citations: a decode forward of {len(uids)} sequences recorded indices of "
+                    f"shape {tuple(a.shape)}; expected [{len(uids)}, H, 1, k]"
+                )
         flat = mx.concatenate([a.reshape(len(uids), -1) for _, a in fwd], axis=1)
         out.append((uids, mx.where(flat >= 0, flat, rows)))
     return out
@@ -104,7 +108,7 @@ def spans(counts: np.ndarray, memories, decode: Callable[[list[int]], str], limi
     memories: objects with memory_id, rows, token_ids and positions (row -> token position)."""
     out, offset = [], 0
     for info in memories:
-        c = counts[offset:offset + info.rows]
+        c = counts[offset : offset + info.rows]
         offset += info.rows
         hit = hot_rows(c)
         if not len(hit):
@@ -112,8 +116,16 @@ def spans(counts: np.ndarray, memories, decode: Callable[[list[int]], str], limi
         breaks = np.flatnonzero(np.diff(hit) > MAX_GAP + 1) + 1
         for run in np.split(hit, breaks):
             a, b = int(run[0]), int(run[-1])
-            text = decode(info.token_ids[a:b + 1]) if info.token_ids else ""
-            out.append(Citation(info.memory_id, info.positions[a], info.positions[b] + 1, text,
-                                int(c[a:b + 1].sum()), [int(x) for x in c[a:b + 1]]))
+            text = decode(info.token_ids[a : b + 1]) if info.token_ids else ""
+            out.append(
+                Citation(
+                    info.memory_id,
+                    info.positions[a],
+                    info.positions[b] + 1,
+                    text,
+                    int(c[a : b + 1].sum()),
+                    [int(x) for x in c[a : b + 1]],
+                )
+            )
     out.sort(key=lambda s: (-s.hits, s.memory_id, s.token_start))
     return out[:limit]

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
 
 import mlx.core as mx
 from mlx_lm.utils import load
@@ -29,8 +29,7 @@ from services.generator.memory_builder import MemorizeProgress, MemoryBuilder
 from services.generator.memory_client import MemoryClient
 from services.generator.memory_resolution import MemoryResolver, ModelShape, ResolvedMemory
 from services.generator.remote_retrieval import RemoteRetriever
-from services.generator.request_types import (DEFAULT_STRIDE, DEFAULT_WINDOW, LOCAL, Chunk, Final,
-                                              GenerationRequest)
+from services.generator.request_types import DEFAULT_STRIDE, DEFAULT_WINDOW, LOCAL, Chunk, Final, GenerationRequest
 from services.generator.scheduler import RunningRequest, Scheduler
 from services.generator.stop_text import IncrementalDecoder
 
@@ -55,16 +54,18 @@ _NO_MEMORY_SERVICE = "this generator has no memory service configured (--memory-
 
 
 class GeneratorEngine:
-    def __init__(self, config: EngineConfig, *, memory_client: MemoryClient | None = None,
-                 mlx_thread: MLXThread | None = None):
+    def __init__(
+        self, config: EngineConfig, *, memory_client: MemoryClient | None = None, mlx_thread: MLXThread | None = None
+    ):
         self.config = config
-        self.memory = memory_client or (MemoryClient(config.memory_url, timeout=config.memory_timeout)
-                                        if config.memory_url else None)
+        self.memory = memory_client or (
+            MemoryClient(config.memory_url, timeout=config.memory_timeout) if config.memory_url else None
+        )
         self.mlx = mlx_thread or MLXThread("generator-mlx")
         self.bank_cache = BankCache(config.bank_cache_bytes)
         self.model = None
         self.tokenizer = None
-        self.resolver: MemoryResolver | None = None   # set by start() when a memory service is configured
+        self.resolver: MemoryResolver | None = None  # set by start() when a memory service is configured
         self._scheduler: Scheduler | None = None
         self._builder: MemoryBuilder | None = None
 
@@ -76,26 +77,43 @@ class GeneratorEngine:
         shape = ModelShape(self.fingerprint, self.num_layers, self.num_kv_heads, self.head_dim)
         if self.memory is not None:
             self.resolver = MemoryResolver(self.memory, shape)
-            self._builder = MemoryBuilder(self.model, self.state, self.memory, shape, self.dtype, self.special_ids,
-                                          chunk=self.config.prefill_step_size, run=self.mlx.call)
+            self._builder = MemoryBuilder(
+                self.model,
+                self.state,
+                self.memory,
+                shape,
+                self.dtype,
+                self.special_ids,
+                chunk=self.config.prefill_step_size,
+                run=self.mlx.call,
+            )
         c = self.config
-        self._scheduler = Scheduler(self.mlx, self.model, self.state, eos_ids=self.eos_ids,
-                                    decode=self.tokenizer.decode, max_batch_size=c.max_batch_size,
-                                    prefill_batch_size=c.prefill_batch_size, prefill_step_size=c.prefill_step_size,
-                                    max_queue=c.max_queue)
+        self._scheduler = Scheduler(
+            self.mlx,
+            self.model,
+            self.state,
+            eos_ids=self.eos_ids,
+            decode=self.tokenizer.decode,
+            max_batch_size=c.max_batch_size,
+            prefill_batch_size=c.prefill_batch_size,
+            prefill_step_size=c.prefill_step_size,
+            max_queue=c.max_queue,
+        )
         self._scheduler.start()
 
     def _load(self) -> None:
         path = Path(self.config.model).expanduser()
         if not path.is_dir():
             from mlx_lm.utils import hf_repo_to_path
+
             try:
                 path = hf_repo_to_path(self.config.model)
             except Exception as exc:  # noqa: BLE001 - hub errors come in many types
                 raise errors.NotFound(
                     f"generator model {self.config.model!r}: no local directory at {path.resolve()} and the "
                     f"hub could not provide it ({type(exc).__name__}: {exc}). Pass a directory with "
-                    "config.json, *.safetensors and tokenizer files, or a hub id available offline") from exc
+                    "config.json, *.safetensors and tokenizer files, or a hub id available offline"
+                ) from exc
         self.model, self.tokenizer, cfg = load(str(path), return_config=True)
         self.model_path = path
         self.state = install(self.model)
@@ -119,8 +137,15 @@ class GeneratorEngine:
                 specials.add(t)
         self.special_ids = specials | set(self.eos_ids)
         self.model_name = str(self.config.model)
-        log.info("model loaded", extra={"model": self.model_name, "fingerprint": self.fingerprint,
-                                        "layers": self.num_layers, "dtype": str(dtype)})
+        log.info(
+            "model loaded",
+            extra={
+                "model": self.model_name,
+                "fingerprint": self.fingerprint,
+                "layers": self.num_layers,
+                "dtype": str(dtype),
+            },
+        )
 
     def stop(self) -> None:
         if self._scheduler is None:
@@ -132,15 +157,25 @@ class GeneratorEngine:
             self.memory.close()
 
     def info(self) -> dict:
-        return dict(model=self.model_name, model_fingerprint=self.fingerprint, num_layers=self.num_layers,
-                    num_attention_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-                    vocab_size=self.vocab_size, max_context=self.max_context, dtype=self.dtype,
-                    max_batch_size=self.config.max_batch_size)
+        return dict(
+            model=self.model_name,
+            model_fingerprint=self.fingerprint,
+            num_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            vocab_size=self.vocab_size,
+            max_context=self.max_context,
+            dtype=self.dtype,
+            max_batch_size=self.config.max_batch_size,
+        )
 
     def stats(self) -> dict:
         """Sequences the batch generators hold right now (for tests and logs)."""
+
         def read():
             return dict(self._scheduler.stats(), cached_banks=len(self.bank_cache), cached_bytes=self.bank_cache.nbytes)
+
         return self.mlx.call(read)
 
     # ---------------------------------------------------------------- generation
@@ -148,8 +183,10 @@ class GeneratorEngine:
     def encode_prompt(self, *, prompt: str = "", messages=None, token_ids=None) -> list[int]:
         given = [bool(prompt), bool(messages), bool(token_ids)]
         if sum(given) != 1:
-            raise errors.InvalidArgument("give exactly one of prompt, messages or prompt_token_ids "
-                                         f"(got {sum(given)}); an empty prompt cannot be generated from")
+            raise errors.InvalidArgument(
+                "give exactly one of prompt, messages or prompt_token_ids "
+                f"(got {sum(given)}); an empty prompt cannot be generated from"
+            )
         if token_ids:
             self._check_vocab(token_ids, "prompt_token_ids")
             return list(token_ids)
@@ -172,24 +209,23 @@ class GeneratorEngine:
 
         Raises InvalidArgument (bad request), the memory errors of ``MemoryResolver.resolve``,
         ResourceExhausted (too many requests in flight)."""
-        max_tokens = req.validate(vocab_size=self.vocab_size, max_context=self.max_context,
-                                  num_layers=self.num_layers)
+        max_tokens = req.validate(vocab_size=self.vocab_size, max_context=self.max_context, num_layers=self.num_layers)
         m = req.memory
         if m is not None and m.memory_ids and self.resolver is None:
             raise errors.FailedPrecondition(_NO_MEMORY_SERVICE)
         memories, fetched, key = [], {}, None
         if m is not None and m.retrieves:
-            memories = await asyncio.to_thread(self.resolver.resolve, m.memory_ids,
-                                               include_tokens=m.return_citations)
+            memories = await asyncio.to_thread(self.resolver.resolve, m.memory_ids, include_tokens=m.return_citations)
             if m.mode == LOCAL:
                 for mem in await self.mlx.run(self._missing_banks, memories):
                     fetched[mem.memory_id] = await asyncio.to_thread(self.resolver.fetch, mem)
             layers = frozenset(m.layers) if m.layers else None
             key = (m.mode, tuple((i.memory_id, i.version) for i in memories), m.top_k, m.threshold, layers)
         r = RunningRequest(req, asyncio.get_running_loop(), IncrementalDecoder(self.tokenizer.decode), max_tokens)
-        await self.mlx.run(self._scheduler.admit, r, key, lambda: self._memory_context(req, memories, fetched),
-                           memories)
-        del fetched
+        await self.mlx.run(
+            self._scheduler.admit, r, key, lambda: self._memory_context(req, memories, fetched), memories
+        )
+        fetched.clear()  # cached on the device now; a later group refetches what was evicted meanwhile
         try:
             while True:
                 ev = await r.events.get()
@@ -223,13 +259,15 @@ class GeneratorEngine:
             retriever = LocalRetriever(banks)
         else:
             retriever = RemoteRetriever(self.memory, [i.memory_id for i in memories], sum(i.rows for i in memories))
-        return MemoryContext(retriever, top_k=m.top_k, threshold=m.threshold,
-                             layers=frozenset(m.layers) if m.layers else None)
+        return MemoryContext(
+            retriever, top_k=m.top_k, threshold=m.threshold, layers=frozenset(m.layers) if m.layers else None
+        )
 
     # ---------------------------------------------------------------- memorize
 
-    def memorize_blocking(self, token_ids: list[int], *, memory_id: str = "", labels=None,
-                          window: int = 0, stride: int = 0, progress=None) -> dict:
+    def memorize_blocking(
+        self, token_ids: list[int], *, memory_id: str = "", labels=None, window: int = 0, stride: int = 0, progress=None
+    ) -> dict:
         """Builds a memory window by window and streams it to the memory service (blocking; off
         the MLX thread). window / stride 0 = the configured ones. ``progress`` as for
         ``MemoryBuilder.build``. Returns dict(memory_id, num_tokens, num_rows, model_fingerprint)."""
@@ -238,9 +276,14 @@ class GeneratorEngine:
         if not token_ids:
             raise errors.InvalidArgument("nothing to memorize: send a non-empty text or token_ids")
         self._check_vocab(token_ids, "token_ids")
-        return self._builder.build(list(token_ids), memory_id=memory_id, labels=labels,
-                                   window=window or self.config.window, stride=stride or self.config.stride,
-                                   progress=progress)
+        return self._builder.build(
+            list(token_ids),
+            memory_id=memory_id,
+            labels=labels,
+            window=window or self.config.window,
+            stride=stride or self.config.stride,
+            progress=progress,
+        )
 
     async def memorize(self, token_ids, **kw) -> dict:
         return await asyncio.to_thread(self.memorize_blocking, list(token_ids), **kw)

@@ -35,9 +35,10 @@ _NEG = -1e30  # finite "masked" for local logits: exp() gives exactly 0 next to 
 class Retrieved:
     """Top-k memories of every query head and token of one layer, in the [B, KVH, n_rep, L, k]
     layout of the attention (query head h = kv_head * n_rep + r)."""
-    dots: mx.array     # raw q . k_mem (float32)
-    valid: mx.array | None   # bool; False = masked by the similarity threshold
-    values: mx.array   # [B, KVH, n_rep, L, k, d] float32
+
+    dots: mx.array  # raw q . k_mem (float32)
+    valid: mx.array | None  # bool; False = masked by the similarity threshold
+    values: mx.array  # [B, KVH, n_rep, L, k, d] float32
     indices: mx.array  # int rows into the memory set (for citations); -1 where masked
 
 
@@ -51,6 +52,7 @@ class Retriever(Protocol):
 @dataclass
 class MemoryContext:
     """What one forward call attends to: a retriever over the request's memories + settings."""
+
     retriever: Retriever
     top_k: int = DEFAULT_MEMORY_TOP_K
     threshold: float | None = None
@@ -70,8 +72,9 @@ class ExtendedMindState:
     modules: list = field(default_factory=list)
 
 
-def local_top_k(keys: mx.array, inv_key_norms: mx.array, values: mx.array, queries: mx.array,
-                top_k: int, threshold: float | None) -> Retrieved:
+def local_top_k(
+    keys: mx.array, inv_key_norms: mx.array, values: mx.array, queries: mx.array, top_k: int, threshold: float | None
+) -> Retrieved:
     """Exact cosine top-k on the device: keys/values [KVH, N, d], inv_key_norms [KVH, N],
     queries [B, KVH, n_rep, L, d] (float32). One [B * n_rep * L, d] x [d, N] product per KV head:
     a plain batched matmul, ~5x faster on the CPU than broadcasting the bank over the batch and
@@ -81,14 +84,14 @@ def local_top_k(keys: mx.array, inv_key_norms: mx.array, values: mx.array, queri
     m = B * rep * L
     k = min(top_k, n)
     q = queries.transpose(1, 0, 2, 3, 4).reshape(kvh, m, d)
-    dots = q @ keys.swapaxes(-1, -2)                                          # [KVH, M, N]
+    dots = q @ keys.swapaxes(-1, -2)  # [KVH, M, N]
     q_inv = mx.rsqrt(mx.maximum(mx.sum(q * q, axis=-1, keepdims=True), 1e-24))
     sim = dots * q_inv * inv_key_norms[:, None, :]
     if k < n:
         idx = mx.argpartition(-sim, kth=k - 1, axis=-1)[..., :k]
     else:
         idx = mx.broadcast_to(mx.arange(n, dtype=mx.uint32), sim.shape)
-    sel_dots = mx.take_along_axis(dots, idx, axis=-1)                         # [KVH, M, k]
+    sel_dots = mx.take_along_axis(dots, idx, axis=-1)  # [KVH, M, k]
     valid = None
     rows = idx.astype(mx.int32)
     if threshold is not None:
@@ -102,9 +105,12 @@ def local_top_k(keys: mx.array, inv_key_norms: mx.array, values: mx.array, queri
         x = x.reshape(kvh, B, rep, L, *x.shape[2:])
         return x.transpose(1, 0, 2, 3, *range(4, x.ndim))
 
-    return Retrieved(dots=to_attention_layout(sel_dots),
-                     valid=None if valid is None else to_attention_layout(valid),
-                     values=to_attention_layout(sel_values), indices=to_attention_layout(rows))
+    return Retrieved(
+        dots=to_attention_layout(sel_dots),
+        valid=None if valid is None else to_attention_layout(valid),
+        values=to_attention_layout(sel_values),
+        indices=to_attention_layout(rows),
+    )
 
 
 class ExtendedMindAttention(nn.Module):
@@ -163,14 +169,14 @@ class ExtendedMindAttention(nn.Module):
         # GQA as plain batched matmuls: the R query heads of a KV head are stacked as rows
         # (broadcasting K over the R axis is several times slower on the CPU).
         local = (qf.reshape(B, kvh, rep * L, d) @ k.astype(mx.float32).swapaxes(-1, -2)) * self.scale
-        local = _apply_mask(local.reshape(B, kvh, rep, L, S), mask, L, S)          # [B, KVH, R, L, S]
+        local = _apply_mask(local.reshape(B, kvh, rep, L, S), mask, L, S)  # [B, KVH, R, L, S]
         mem_logits = mem.dots * self.scale
         if mem.valid is not None:
             mem_logits = mx.where(mem.valid, mem_logits, -mx.inf)
         kmem = mem_logits.shape[-1]
         w = mx.softmax(mx.concatenate([mem_logits, local], axis=-1), axis=-1)
         # Each query's own k memories: a weighted sum (one tiny matmul per query would be slower).
-        out_mem = mx.sum(w[..., :kmem, None] * mem.values, axis=-2)                  # [B, KVH, R, L, d]
+        out_mem = mx.sum(w[..., :kmem, None] * mem.values, axis=-2)  # [B, KVH, R, L, d]
         out_local = w[..., kmem:].reshape(B, kvh, rep * L, S) @ v.astype(mx.float32)
         out = out_mem + out_local.reshape(B, kvh, rep, L, d)
         out = out.reshape(B, self.n_heads, L, d).transpose(0, 2, 1, 3).reshape(B, L, -1)
@@ -200,8 +206,9 @@ def install(model: nn.Module) -> ExtendedMindState:
         return existing
     model_type = getattr(model, "model_type", None) or getattr(getattr(model, "args", None), "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"extended mind supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; "
-                         f"this model is {model_type!r}")
+        raise ValueError(
+            f"extended mind supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; this model is {model_type!r}"
+        )
     state = ExtendedMindState(num_layers=len(model.layers))
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn

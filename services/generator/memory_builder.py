@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -34,8 +34,8 @@ log = logging.getLogger("extmind.generator")
 
 @dataclass(frozen=True)
 class Window:
-    start: int      # first token of the forward pass
-    end: int        # one past its last token
+    start: int  # first token of the forward pass
+    end: int  # one past its last token
     first_new: int  # first token whose rows this window contributes
 
 
@@ -68,6 +68,7 @@ class MemorizeProgress:
     furthest token any window reached), windows finished, seconds since ``build`` started and
     the estimated seconds left (0.0 = unknown yet; estimated from the forward work done, which
     counts the windows' overlap)."""
+
     tokens_done: int
     tokens_total: int
     windows_done: int
@@ -76,8 +77,16 @@ class MemorizeProgress:
     eta_seconds: float
 
 
-def window_rows(model: nn.Module, state: ExtendedMindState, token_ids, w: Window, special_ids,
-                chunk: int | None = None, run=None, on_chunk=None) -> list[tuple[np.ndarray, np.ndarray]]:
+def window_rows(
+    model: nn.Module,
+    state: ExtendedMindState,
+    token_ids,
+    w: Window,
+    special_ids,
+    chunk: int | None = None,
+    run=None,
+    on_chunk=None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Runs the plain model over one window and returns, per layer, the new non-special rows' raw
     keys and values as float32 numpy [KVH, n, d].
 
@@ -114,8 +123,10 @@ def window_rows(model: nn.Module, state: ExtendedMindState, token_ids, w: Window
         parts.append(run(step, lo, hi))
         if on_chunk is not None:
             on_chunk(hi)
-    return [(np.concatenate([p[i][0] for p in parts], axis=1), np.concatenate([p[i][1] for p in parts], axis=1))
-            for i in range(len(parts[0]))]
+    return [
+        (np.concatenate([p[i][0] for p in parts], axis=1), np.concatenate([p[i][1] for p in parts], axis=1))
+        for i in range(len(parts[0]))
+    ]
 
 
 class MemoryBuilder:
@@ -125,16 +136,34 @@ class MemoryBuilder:
     ``build`` itself blocks and must run off that thread.
     """
 
-    def __init__(self, model: nn.Module, state: ExtendedMindState, client: MemoryClient, shape: ModelShape,
-                 dtype: int, special_ids, *, chunk: int, run: Callable):
+    def __init__(
+        self,
+        model: nn.Module,
+        state: ExtendedMindState,
+        client: MemoryClient,
+        shape: ModelShape,
+        dtype: int,
+        special_ids,
+        *,
+        chunk: int,
+        run: Callable,
+    ):
         self.model, self.state, self.client, self.shape = model, state, client, shape
-        self.dtype = dtype          # extmind.tensor dtype the rows are stored in
+        self.dtype = dtype  # extmind.tensor dtype the rows are stored in
         self.special_ids = set(special_ids)
         self.chunk = chunk
         self.run = run
 
-    def build(self, token_ids: list[int], *, memory_id: str = "", labels=None, window: int = DEFAULT_WINDOW,
-              stride: int = DEFAULT_STRIDE, progress: Callable[[MemorizeProgress], None] | None = None) -> dict:
+    def build(
+        self,
+        token_ids: list[int],
+        *,
+        memory_id: str = "",
+        labels=None,
+        window: int = DEFAULT_WINDOW,
+        stride: int = DEFAULT_STRIDE,
+        progress: Callable[[MemorizeProgress], None] | None = None,
+    ) -> dict:
         """Creates the memory, appends every layer's rows window by window and returns
         dict(memory_id, num_tokens, num_rows, model_fingerprint). On any failure the half-built
         memory is deleted and the error re-raised (InvalidArgument for bad windows or a text of
@@ -148,10 +177,17 @@ class MemoryBuilder:
         if not row_tokens:
             raise errors.InvalidArgument("the text has only special tokens: nothing to memorize")
         s = self.shape
-        layout = memory_pb2.MemoryLayout(num_layers=s.num_layers, num_kv_heads=s.num_kv_heads,
-                                         head_dim=s.head_dim, dtype=self.dtype)
-        created = self.client.create_memory(memory_id=memory_id, layout=layout, fingerprint=s.fingerprint,
-                                            token_ids=row_tokens, positions=positions, labels=labels or {})
+        layout = memory_pb2.MemoryLayout(
+            num_layers=s.num_layers, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim, dtype=self.dtype
+        )
+        created = self.client.create_memory(
+            memory_id=memory_id,
+            layout=layout,
+            fingerprint=s.fingerprint,
+            token_ids=row_tokens,
+            positions=positions,
+            labels=labels or {},
+        )
         mid = created.memory_id
         try:
             resp = self.client.append(self._messages(mid, token_ids, windows, progress))
@@ -163,8 +199,7 @@ class MemoryBuilder:
             except errors.ExtmindError:
                 log.warning("could not delete the half-built memory", extra={"memory_id": mid})
             raise
-        return dict(memory_id=mid, num_tokens=len(token_ids), num_rows=len(row_tokens),
-                    model_fingerprint=s.fingerprint)
+        return dict(memory_id=mid, num_tokens=len(token_ids), num_rows=len(row_tokens), model_fingerprint=s.fingerprint)
 
     def _messages(self, mid: str, token_ids, windows, progress=None) -> Iterator[memory_pb2.AppendMemoryRequest]:
         """The append stream, computed lazily: the next window's forward runs only when gRPC
@@ -178,7 +213,7 @@ class MemoryBuilder:
                 return
             if w is not None:
                 done["tokens"] = max(done["tokens"], hi)
-                done["work"] = sum(x.end - x.start for x in windows[:done["windows"]]) + hi - w.start
+                done["work"] = sum(x.end - x.start for x in windows[: done["windows"]]) + hi - w.start
                 done["windows"] += hi == w.end
             elapsed = time.monotonic() - t0
             work = done["work"]
@@ -187,10 +222,19 @@ class MemoryBuilder:
 
         report()
         for w in windows:
-            layers = window_rows(self.model, self.state, token_ids, w, self.special_ids, chunk=self.chunk,
-                                 run=self.run, on_chunk=lambda hi, w=w: report(w, hi))
+            layers = window_rows(
+                self.model,
+                self.state,
+                token_ids,
+                w,
+                self.special_ids,
+                chunk=self.chunk,
+                run=self.run,
+                on_chunk=lambda hi, w=w: report(w, hi),
+            )
             for layer, (k, v) in enumerate(layers):
                 if k.shape[1] == 0:
                     continue
-                yield memory_pb2.AppendMemoryRequest(memory_id=mid, layer=layer, keys=tensor.encode(k, self.dtype),
-                                                     values=tensor.encode(v, self.dtype))
+                yield memory_pb2.AppendMemoryRequest(
+                    memory_id=mid, layer=layer, keys=tensor.encode(k, self.dtype), values=tensor.encode(v, self.dtype)
+                )

@@ -8,8 +8,8 @@ memory service that is down, slow or refuses our token is UNAVAILABLE naming its
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import grpc
 import numpy as np
@@ -25,9 +25,9 @@ SEARCH_ANSWER_BUDGET = 4 << 20
 
 @dataclass
 class SearchResult:
-    scores: np.ndarray   # [H, q, k] float32 cosine (-inf where masked)
+    scores: np.ndarray  # [H, q, k] float32 cosine (-inf where masked)
     indices: np.ndarray  # [H, q, k] int64 (-1 where masked)
-    keys: np.ndarray     # [H, q, k, d] float32
+    keys: np.ndarray  # [H, q, k, d] float32
     values: np.ndarray
 
 
@@ -43,8 +43,9 @@ class MemoryClient:
         self._channel.close()
 
     def _error(self, e: grpc.RpcError, what: str) -> errors.ExtmindError:
-        err = errors.from_rpc_error(e, peer=f"memory service at {self.url}", as_dependency=True,
-                                    hint="start it or point --memory-url at it")
+        err = errors.from_rpc_error(
+            e, peer=f"memory service at {self.url}", as_dependency=True, hint="start it or point --memory-url at it"
+        )
         # Say which call failed: "memory 'x': not found", "fetching memory 'x': ...".
         return type(err)(f"{what}: {err.message}")
 
@@ -55,23 +56,35 @@ class MemoryClient:
             raise self._error(e, what) from None
 
     def get_memory(self, memory_id: str, include_tokens: bool = False) -> memory_pb2.Memory:
-        return self._unary(self._stub.GetMemory,
-                           memory_pb2.GetMemoryRequest(memory_id=memory_id, include_tokens=include_tokens),
-                           f"memory {memory_id!r}").memory
+        return self._unary(
+            self._stub.GetMemory,
+            memory_pb2.GetMemoryRequest(memory_id=memory_id, include_tokens=include_tokens),
+            f"memory {memory_id!r}",
+        ).memory
 
-    def create_memory(self, *, memory_id: str, layout: memory_pb2.MemoryLayout, fingerprint: str,
-                      token_ids, positions, labels) -> memory_pb2.Memory:
-        req = memory_pb2.CreateMemoryRequest(memory_id=memory_id, layout=layout, model_fingerprint=fingerprint,
-                                             token_ids=list(token_ids), positions=list(positions),
-                                             labels=dict(labels))
+    def create_memory(
+        self, *, memory_id: str, layout: memory_pb2.MemoryLayout, fingerprint: str, token_ids, positions, labels
+    ) -> memory_pb2.Memory:
+        req = memory_pb2.CreateMemoryRequest(
+            memory_id=memory_id,
+            layout=layout,
+            model_fingerprint=fingerprint,
+            token_ids=list(token_ids),
+            positions=list(positions),
+            labels=dict(labels),
+        )
         return self._unary(self._stub.CreateMemory, req, "creating the memory").memory
 
     def delete_memory(self, memory_id: str) -> None:
-        self._unary(self._stub.DeleteMemory, memory_pb2.DeleteMemoryRequest(memory_id=memory_id),
-                    f"deleting memory {memory_id!r}")
+        self._unary(
+            self._stub.DeleteMemory,
+            memory_pb2.DeleteMemoryRequest(memory_id=memory_id),
+            f"deleting memory {memory_id!r}",
+        )
 
-    def append(self, requests: Iterable[memory_pb2.AppendMemoryRequest],
-               timeout: float | None = None) -> memory_pb2.AppendMemoryResponse:
+    def append(
+        self, requests: Iterable[memory_pb2.AppendMemoryRequest], timeout: float | None = None
+    ) -> memory_pb2.AppendMemoryResponse:
         """Streams ``requests`` in one AppendMemory call. gRPC pulls them one at a time as the
         stream can take them (on its own thread), so a generator that computes each message
         only holds one message at a time. An exception raised by ``requests`` aborts the stream
@@ -97,11 +110,15 @@ class MemoryClient:
         keys = [[] for _ in range(num_layers)]
         values = [[] for _ in range(num_layers)]
         try:
-            for chunk in self._stub.FetchMemory(memory_pb2.FetchMemoryRequest(memory_id=memory_id),
-                                                timeout=max(self.timeout, 300.0), metadata=self._metadata):
+            for chunk in self._stub.FetchMemory(
+                memory_pb2.FetchMemoryRequest(memory_id=memory_id),
+                timeout=max(self.timeout, 300.0),
+                metadata=self._metadata,
+            ):
                 if chunk.layer >= num_layers:
-                    raise errors.FailedPrecondition(f"memory {memory_id!r} has layer {chunk.layer}; "
-                                                    f"this model has {num_layers}")
+                    raise errors.FailedPrecondition(
+                        f"memory {memory_id!r} has layer {chunk.layer}; this model has {num_layers}"
+                    )
                 keys[chunk.layer].append(tensor.decode(chunk.keys, name="keys", ndim=3))
                 values[chunk.layer].append(tensor.decode(chunk.values, name="values", ndim=3))
         except grpc.RpcError as e:
@@ -109,27 +126,36 @@ class MemoryClient:
         cat = lambda parts: np.concatenate(parts, axis=1) if parts else None  # noqa: E731
         return [cat(k) for k in keys], [cat(v) for v in values]
 
-    def search(self, memory_ids, layer: int, queries: np.ndarray, top_k: int,
-               threshold: float | None) -> SearchResult:
+    def search(self, memory_ids, layer: int, queries: np.ndarray, top_k: int, threshold: float | None) -> SearchResult:
         """queries float32 [H, q, d] -> the top-k of each query token, [H, q, k, ...]. A prefill's
         answer can be far larger than the memory service's response budget (4 MiB by default):
         the query tokens go in as many calls as it takes to keep each answer inside it."""
         H, q, d = queries.shape
         per_token = H * top_k * (12 + 2 * d * 4)  # scores + indices + keys + values (float32 at most)
         step = max(1, (SEARCH_ANSWER_BUDGET - 4096) // max(per_token, 1))
-        parts = [self._search_once(memory_ids, layer, queries[:, i:i + step], top_k, threshold)
-                 for i in range(0, q, step)]
+        parts = [
+            self._search_once(memory_ids, layer, queries[:, i : i + step], top_k, threshold) for i in range(0, q, step)
+        ]
         if len(parts) == 1:
             return parts[0]
-        return SearchResult(*(np.concatenate([getattr(p, f) for p in parts], axis=1)
-                              for f in ("scores", "indices", "keys", "values")))
+        return SearchResult(
+            *(np.concatenate([getattr(p, f) for p in parts], axis=1) for f in ("scores", "indices", "keys", "values"))
+        )
 
     def _search_once(self, memory_ids, layer, queries, top_k, threshold) -> SearchResult:
-        req = memory_pb2.SearchMemoryRequest(memory_ids=list(memory_ids), layer=layer,
-                                             queries=tensor.encode(np.ascontiguousarray(queries, np.float32)),
-                                             top_k=top_k, return_vectors=True)
+        req = memory_pb2.SearchMemoryRequest(
+            memory_ids=list(memory_ids),
+            layer=layer,
+            queries=tensor.encode(np.ascontiguousarray(queries, np.float32)),
+            top_k=top_k,
+            return_vectors=True,
+        )
         if threshold is not None:
             req.sim_threshold = threshold
         r = self._unary(self._stub.SearchMemory, req, f"searching layer {layer}")
-        return SearchResult(tensor.decode(r.scores, name="scores"), tensor.decode(r.indices, name="indices"),
-                            tensor.decode(r.keys, name="keys"), tensor.decode(r.values, name="values"))
+        return SearchResult(
+            tensor.decode(r.scores, name="scores"),
+            tensor.decode(r.indices, name="indices"),
+            tensor.decode(r.keys, name="keys"),
+            tensor.decode(r.values, name="values"),
+        )

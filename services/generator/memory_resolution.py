@@ -18,6 +18,7 @@ from services.generator.memory_client import MemoryClient
 @dataclass(frozen=True)
 class ModelShape:
     """What a memory must have been built with to be usable by this model."""
+
     fingerprint: str
     num_layers: int
     num_kv_heads: int
@@ -27,10 +28,10 @@ class ModelShape:
 @dataclass
 class ResolvedMemory:
     memory_id: str
-    version: str            # the memory's create_time: a re-created memory gets a new one
+    version: str  # the memory's create_time: a re-created memory gets a new one
     rows: int
-    token_ids: list[int]    # per row (empty unless resolved with include_tokens)
-    positions: list[int]    # per row: the token's position in the memorized text
+    token_ids: list[int]  # per row (empty unless resolved with include_tokens)
+    positions: list[int]  # per row: the token's position in the memorized text
 
 
 class MemoryResolver:
@@ -50,12 +51,15 @@ class MemoryResolver:
             if mem.model_fingerprint != m.fingerprint:
                 raise errors.FailedPrecondition(
                     f"memory {mid!r} was built by another model (fingerprint {mem.model_fingerprint[:19]}…, "
-                    f"this generator is {m.fingerprint[:19]}…); memorize the text with this model")
+                    f"this generator is {m.fingerprint[:19]}…); memorize the text with this model"
+                )
             lay = mem.layout
             if (lay.num_layers, lay.num_kv_heads, lay.head_dim) != (m.num_layers, m.num_kv_heads, m.head_dim):
-                raise errors.FailedPrecondition(f"memory {mid!r} has layout {lay.num_layers}x{lay.num_kv_heads}x"
-                                                f"{lay.head_dim}; this model needs {m.num_layers}x"
-                                                f"{m.num_kv_heads}x{m.head_dim}")
+                raise errors.FailedPrecondition(
+                    f"memory {mid!r} has layout {lay.num_layers}x{lay.num_kv_heads}x"
+                    f"{lay.head_dim}; this model needs {m.num_layers}x"
+                    f"{m.num_kv_heads}x{m.head_dim}"
+                )
             if mem.state != memory_pb2.MEMORY_STATE_READY:
                 raise errors.FailedPrecondition(f"memory {mid!r} is still being built; retry when it is READY")
             version = f"{mem.create_time.seconds}.{mem.create_time.nanos}"

@@ -23,8 +23,8 @@ class RemoteRetriever:
 
     def retrieve(self, layer: int, queries: mx.array, top_k: int, threshold: float | None) -> Retrieved:
         B, kvh, rep, L, d = queries.shape
-        q = np.array(queries, dtype=np.float32)                       # evaluates on this (MLX) thread
-        q = q.transpose(1, 2, 0, 3, 4).reshape(kvh * rep, B * L, d)   # [H, q, d]; head h -> KV head h // rep
+        q = np.array(queries, dtype=np.float32)  # evaluates on this (MLX) thread
+        q = q.transpose(1, 2, 0, 3, 4).reshape(kvh * rep, B * L, d)  # [H, q, d]; head h -> KV head h // rep
         r = self.client.search(self.memory_ids, layer, q, top_k, threshold)
         self.calls += 1
         k = r.indices.shape[-1]
@@ -37,5 +37,9 @@ class RemoteRetriever:
         indices = back(r.indices)
         dots = mx.sum(queries[..., None, :] * keys, axis=-1)
         valid = mx.array(indices >= 0) if threshold is not None else None
-        return Retrieved(dots=dots, valid=valid, values=mx.array(back(r.values).astype(np.float32)),
-                         indices=mx.array(indices.astype(np.int32)))
+        return Retrieved(
+            dots=dots,
+            valid=valid,
+            values=mx.array(back(r.values).astype(np.float32)),
+            indices=mx.array(indices.astype(np.int32)),
+        )

@@ -20,34 +20,38 @@ LOCAL, REMOTE = "local", "remote"
 STOP, LENGTH, STOP_SEQUENCE = "stop", "length", "stop_sequence"
 
 DEFAULT_MAX_TOKENS = 256
-DEFAULT_MEMORY_TOP_K = 10      # memories each query token retrieves per layer and head
+DEFAULT_MEMORY_TOP_K = 10  # memories each query token retrieves per layer and head
 DEFAULT_MAX_CITATIONS = 5
 MAX_MEMORY_TOP_K = 1024
-DEFAULT_WINDOW = 3072          # memory building: tokens per forward window ...
-DEFAULT_STRIDE = 512           # ... and tokens between window starts (docs/extended-mind.md)
+DEFAULT_WINDOW = 3072  # memory building: tokens per forward window ...
+DEFAULT_STRIDE = 512  # ... and tokens between window starts (docs/extended-mind.md)
 
 
 @dataclass
 class Sampling:
-    temperature: float = 0.0        # 0 = greedy
-    top_p: float = 0.0              # 0 = off
-    top_k: int = 0                  # 0 = off
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 0.0  # 0 = off
+    top_k: int = 0  # 0 = off
     min_p: float = 0.0
     repetition_penalty: float = 0.0  # 0 or 1 = off
     seed: int | None = None
-    max_tokens: int = 0             # 0 = DEFAULT_MAX_TOKENS (always capped by the model's context)
+    max_tokens: int = 0  # 0 = DEFAULT_MAX_TOKENS (always capped by the model's context)
     stop: tuple[str, ...] = ()
 
     def validate(self, vocab_size: int) -> None:
         """Raises InvalidArgument naming the first field out of range."""
         checks = [
-            (math.isfinite(self.temperature) and self.temperature >= 0,
-             f"temperature {self.temperature} must be >= 0 (0 = greedy)"),
+            (
+                math.isfinite(self.temperature) and self.temperature >= 0,
+                f"temperature {self.temperature} must be >= 0 (0 = greedy)",
+            ),
             (math.isfinite(self.top_p) and 0 <= self.top_p <= 1, f"top_p {self.top_p} must be in [0, 1]"),
             (math.isfinite(self.min_p) and 0 <= self.min_p <= 1, f"min_p {self.min_p} must be in [0, 1]"),
             (0 <= self.top_k <= vocab_size, f"top_k {self.top_k} must be in [0, {vocab_size}]"),
-            (math.isfinite(self.repetition_penalty) and self.repetition_penalty >= 0,
-             f"repetition_penalty {self.repetition_penalty} must be >= 0 (0 or 1 = off)"),
+            (
+                math.isfinite(self.repetition_penalty) and self.repetition_penalty >= 0,
+                f"repetition_penalty {self.repetition_penalty} must be >= 0 (0 or 1 = off)",
+            ),
             (all(self.stop), "stop strings must not be empty"),
         ]
         for ok, msg in checks:
@@ -59,9 +63,9 @@ class Sampling:
 class MemoryOptions:
     memory_ids: tuple[str, ...] = ()
     top_k: int = DEFAULT_MEMORY_TOP_K  # 0 = generate without memories
-    threshold: float | None = None     # cosine; None = no threshold
+    threshold: float | None = None  # cosine; None = no threshold
     mode: str = LOCAL
-    layers: tuple[int, ...] = ()       # () = every layer
+    layers: tuple[int, ...] = ()  # () = every layer
     return_citations: bool = False
     max_citations: int = DEFAULT_MAX_CITATIONS  # 0 = DEFAULT_MAX_CITATIONS
 
@@ -114,6 +118,7 @@ class GenerationRequest:
 class Chunk:
     """Newly generated tokens and the text they complete (possibly empty: text that may still
     turn into a stop string is held back)."""
+
     text: str
     token_ids: list[int]
     logprobs: list[float]  # one per token when return_logprobs, else empty
@@ -122,7 +127,8 @@ class Chunk:
 @dataclass
 class Final:
     """The last event of a generation."""
-    finish_reason: str       # STOP, LENGTH or STOP_SEQUENCE
+
+    finish_reason: str  # STOP, LENGTH or STOP_SEQUENCE
     prompt_tokens: int
     completion_tokens: int
     citations: list[Citation] = field(default_factory=list)

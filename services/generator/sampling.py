@@ -32,6 +32,7 @@ def sampler_for(s: Sampling):
         for f in methods:
             logprobs = f(logprobs)
         return mx.random.categorical(logprobs * (1 / s.temperature), key=sub)
+
     return sampler
 
 

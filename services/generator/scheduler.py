@@ -41,10 +41,10 @@ class RunningRequest:
     def __init__(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop, detokenizer, max_tokens: int):
         self.req = req
         self.loop = loop
-        self.events: asyncio.Queue = asyncio.Queue()   # Chunk..., then a Final or an exception
+        self.events: asyncio.Queue = asyncio.Queue()  # Chunk..., then a Final or an exception
         self.text = StopText(detokenizer, tuple(req.sampling.stop))
         self.max_tokens = max_tokens
-        self.generated = 0                   # tokens the model produced (EOS included)
+        self.generated = 0  # tokens the model produced (EOS included)
         self.group: _Group | None = None
         self.uid: int | None = None
         self.done = False
@@ -71,13 +71,24 @@ class _Group:
 class Scheduler:
     """Owns the groups. ``admit``, ``cancel``, ``stats`` and ``close_all`` run on the MLX thread."""
 
-    def __init__(self, mlx: MLXThread, model, state: ExtendedMindState, *, eos_ids, decode, max_batch_size: int,
-                 prefill_batch_size: int, prefill_step_size: int, max_queue: int):
+    def __init__(
+        self,
+        mlx: MLXThread,
+        model,
+        state: ExtendedMindState,
+        *,
+        eos_ids,
+        decode,
+        max_batch_size: int,
+        prefill_batch_size: int,
+        prefill_step_size: int,
+        max_queue: int,
+    ):
         self._mlx = mlx
         self.model = model
         self.state = state
         self.eos_ids = list(eos_ids)
-        self.decode = decode                  # token ids -> text (citation spans)
+        self.decode = decode  # token ids -> text (citation spans)
         self.max_batch_size = max_batch_size
         self.prefill_batch_size = prefill_batch_size
         self.prefill_step_size = prefill_step_size
@@ -123,7 +134,7 @@ class Scheduler:
                 group.gen.close()
                 self._groups.pop(key, None)
         if not self._groups:
-            self._has_work.clear()   # on the MLX thread, so no admit can slip in between
+            self._has_work.clear()  # on the MLX thread, so no admit can slip in between
 
     # ---------------------------------------------------------------- on the MLX thread
 
@@ -135,20 +146,28 @@ class Scheduler:
         group with ``make_context() -> MemoryContext | None`` when it does not exist yet.
         Raises ResourceExhausted when max_queue requests are in flight."""
         if self._active >= self.max_queue:
-            raise errors.ResourceExhausted(f"{self._active} requests are in flight (limit {self.max_queue}); "
-                                           "retry later")
+            raise errors.ResourceExhausted(
+                f"{self._active} requests are in flight (limit {self.max_queue}); retry later"
+            )
         group = self._groups.get(key)
         if group is None:
             ctx = make_context() if key is not None else None
-            gen = BatchGenerator(self.model, stop_tokens=[[t] for t in self.eos_ids],
-                                 completion_batch_size=self.max_batch_size,
-                                 prefill_batch_size=self.prefill_batch_size,
-                                 prefill_step_size=self.prefill_step_size)
+            gen = BatchGenerator(
+                self.model,
+                stop_tokens=[[t] for t in self.eos_ids],
+                completion_batch_size=self.max_batch_size,
+                prefill_batch_size=self.prefill_batch_size,
+                prefill_step_size=self.prefill_step_size,
+            )
             group = _Group(key, gen, ctx, self.num_layers)
             self._groups[key] = group
         s = r.req.sampling
-        (uid,) = group.gen.insert([r.req.prompt_tokens], max_tokens=[r.max_tokens], samplers=[sampler_for(s)],
-                                  logits_processors=[logits_processors_for(s)])
+        (uid,) = group.gen.insert(
+            [r.req.prompt_tokens],
+            max_tokens=[r.max_tokens],
+            samplers=[sampler_for(s)],
+            logits_processors=[logits_processors_for(s)],
+        )
         r.uid, r.group, r.memories = uid, group, memories
         m = r.req.memory
         if m is not None and m.return_citations and group.ctx is not None:
@@ -213,9 +232,13 @@ class Scheduler:
 
     def _tally(self, group: _Group, record: list, prompt_responses, responses) -> None:
         try:
-            forwards = decode_forwards(record, group.layers_per_forward, group.ctx.retriever.rows,
-                                       [x.uid for x in responses],
-                                       [p.uid for p in prompt_responses if p.end_of_prompt])
+            forwards = decode_forwards(
+                record,
+                group.layers_per_forward,
+                group.ctx.retriever.rows,
+                [x.uid for x in responses],
+                [p.uid for p in prompt_responses if p.end_of_prompt],
+            )
         except errors.ExtmindError as e:  # never count approximately: fail the requests that asked
             log.error("citation counting failed", extra={"error": str(e)})
             for r in [r for r in group.requests.values() if r.counts is not None]:

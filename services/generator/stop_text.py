@@ -40,9 +40,9 @@ class IncrementalDecoder:
         self._decode = decode
         self.tokens: list[int] = []
         self.text = ""
-        self._prefix = 0          # first token of the window
-        self._read = 0            # tokens whose text is in self.text
-        self._prefix_text = ""    # decode(tokens[_prefix:_read])
+        self._prefix = 0  # first token of the window
+        self._read = 0  # tokens whose text is in self.text
+        self._prefix_text = ""  # decode(tokens[_prefix:_read])
 
     def add_token(self, token: int) -> None:
         self.tokens.append(int(token))
@@ -56,21 +56,23 @@ class IncrementalDecoder:
     def _release(self, final: bool) -> None:
         if self._read == len(self.tokens):
             return
-        window = self._decode(self.tokens[self._prefix:])
+        window = self._decode(self.tokens[self._prefix :])
         if not final and (window.endswith(_INCOMPLETE) or len(window) <= len(self._prefix_text)):
             return
         if window.startswith(self._prefix_text):
-            self.text += window[len(self._prefix_text):]
+            self.text += window[len(self._prefix_text) :]
         else:  # a decoder whose windows do not compose: fall back to decoding everything
             full = self._decode(self.tokens)
             if full.startswith(self.text):
                 self.text = full
             else:  # it rewrote text already released, which cannot be taken back: append the rest
-                same = next((i for i, (a, b) in enumerate(zip(window, self._prefix_text)) if a != b),
-                            min(len(window), len(self._prefix_text)))
+                same = next(
+                    (i for i, (a, b) in enumerate(zip(window, self._prefix_text)) if a != b),
+                    min(len(window), len(self._prefix_text)),
+                )
                 self.text += window[same:]
         self._prefix, self._read = self._read, len(self.tokens)
-        self._prefix_text = self._decode(self.tokens[self._prefix:self._read])
+        self._prefix_text = self._decode(self.tokens[self._prefix : self._read])
 
 
 def held_back(text: str, stops) -> int:
@@ -95,9 +97,9 @@ class StopText:
     def __init__(self, detokenizer, stops: tuple[str, ...]):
         self._detok = detokenizer
         self.stops = tuple(stops)
-        self._sent = 0            # characters of text already handed out
+        self._sent = 0  # characters of text already handed out
         self._finalized = False
-        self.stopped = False      # a stop string was hit: no more text is sent
+        self.stopped = False  # a stop string was hit: no more text is sent
 
     def push(self, token: int, last: bool) -> tuple[str, bool]:
         """Adds ``token`` (``last``: no token follows). Returns (text to send now, whether a stop
@@ -131,11 +133,11 @@ class StopText:
             found = [p for p in (text.find(s, max(0, self._sent - len(s))) for s in self.stops) if p >= 0]
             if found:
                 hit = min(found)
-                piece = text[self._sent:hit]
+                piece = text[self._sent : hit]
                 self._sent = max(self._sent, hit)
                 self.stopped = True
                 return piece, True
         safe = len(text) if self._finalized else len(text) - held_back(text, self.stops)
-        piece = text[self._sent:safe]
+        piece = text[self._sent : safe]
         self._sent = max(self._sent, safe)
         return piece, False

@@ -29,7 +29,7 @@ CHAINS = {
 # name -> stop-string sets to run it with (besides none): ones that hit and ones that do not.
 STOPS = {
     "leading_space": [(" the",), ("e l",), ("lazy",), ("zzz",)],
-    "emoji_bytes": [("\U0001F600",), ("\U0001F600 s",), (" s", "sea"), ("x",)],
+    "emoji_bytes": [("\U0001f600",), ("\U0001f600 s",), (" s", "sea"), ("x",)],
     "split_stop": [("al i",), ("is o", "capital"), ("s one",), ("one!",)],
     "trailing_space": [("moon ",), ("n ",), (" ",), ("moon  ",)],
     "incomplete_char": [("n\ufffd",), ("\ufffd",), ("rain",), ("rains",)],
@@ -76,7 +76,7 @@ def expect(tokenizer, vocab: dict[str, int], name: str, stops, max_tokens: int):
 
     def cut(text):
         hits = [text.find(s) for s in stops if s in text]
-        return text[:min(hits)] if hits else None
+        return text[: min(hits)] if hits else None
 
     for n in range(1, len(ids) + 1):
         text = tokenizer.decode(ids[:n])

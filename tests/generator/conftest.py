@@ -10,14 +10,14 @@ from extmind.tiny_models import build_llama, build_qwen3
 @pytest.fixture(scope="session")
 def llama_path(tmp_path_factory):
     # llama3 RoPE scaling, GQA (4 query heads over 2 KV heads), untied head.
-    return build_llama(tmp_path_factory.mktemp("llama"), hidden=64, layers=2, heads=4, kv_heads=2,
-                       rope_scaling="llama3", seed=1)
+    return build_llama(
+        tmp_path_factory.mktemp("llama"), hidden=64, layers=2, heads=4, kv_heads=2, rope_scaling="llama3", seed=1
+    )
 
 
 @pytest.fixture(scope="session")
 def qwen3_path(tmp_path_factory):
-    return build_qwen3(tmp_path_factory.mktemp("qwen3"), hidden=64, layers=2, heads=4, kv_heads=2,
-                       head_dim=16, seed=2)
+    return build_qwen3(tmp_path_factory.mktemp("qwen3"), hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, seed=2)
 
 
 @pytest.fixture(params=["llama", "qwen3"])

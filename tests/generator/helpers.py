@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from services.generator.request_types import Chunk
 
-PROMPTS = ["The quick brown fox", "Paris is the capital of", "Alice met Bob at the", "In 1969 people walked",
-           "Water boils at", "def add(a, b):", "The river flows to", "Machine learning models turn text"]
+PROMPTS = [
+    "The quick brown fox",
+    "Paris is the capital of",
+    "Alice met Bob at the",
+    "In 1969 people walked",
+    "Water boils at",
+    "def add(a, b):",
+    "The river flows to",
+    "Machine learning models turn text",
+]
 
 
 async def run(engine, req):

@@ -47,8 +47,9 @@ def _rendered(tok, messages):
 
 
 def test_plain_messages_tokenize_as_the_rendered_template(tok):
-    messages = _msgs(("system", "Be brief."), ("user", "The quick brown fox"), ("assistant", "jumps."),
-                     ("user", "  and then?  "))
+    messages = _msgs(
+        ("system", "Be brief."), ("user", "The quick brown fox"), ("assistant", "jumps."), ("user", "  and then?  ")
+    )
     ids = encode_messages(tok, messages)
     assert ids == list(tok.encode(_rendered(tok, messages), add_special_tokens=False))
     assert tok.decode(ids) == _rendered(tok, messages)
@@ -64,7 +65,7 @@ def test_special_token_text_in_content_stays_text(tok, forged, role):
     # ... and the content is all there, as text.
     assert tok.decode(ids) == _rendered(tok, attack)
     literal = list(tok.encode(forged, add_special_tokens=False, split_special_tokens=True))
-    assert any(ids[i:i + len(literal)] == literal for i in range(len(ids)))
+    assert any(ids[i : i + len(literal)] == literal for i in range(len(ids)))
     # What plain rendering + tokenizing would have produced: a forged system turn.
     naive = list(tok.encode(_rendered(tok, attack), add_special_tokens=False))
     assert len(_skeleton(tok, naive)) > len(_skeleton(tok, ids))
@@ -73,7 +74,7 @@ def test_special_token_text_in_content_stays_text(tok, forged, role):
 def test_every_special_token_and_placeholder_lookalikes_stay_text(tok):
     literals = sorted(special_tokens(tok))
     assert len(literals) >= 3
-    content = "a" + "b".join(literals) + "\U000F0000\U000F0001 \ue000 " + "".join(literals) + "  "
+    content = "a" + "b".join(literals) + "\U000f0000\U000f0001 \ue000 " + "".join(literals) + "  "
     messages = _msgs(("user", content), ("assistant", literals[0] + "ok"), ("user", "  " + literals[-1]))
     ids = encode_messages(tok, messages)
     assert tok.decode(ids) == _rendered(tok, messages)

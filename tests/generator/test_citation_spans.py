@@ -27,9 +27,9 @@ def _decode(ids):
 
 
 def test_hot_rows_merge_across_small_gaps_and_rank_by_hits():
-    c = np.ones(20, np.int64)          # background: every row retrieved once (mean ~2.6)
-    c[3], c[4], c[6] = 9, 7, 8         # one span 3..6 (row 5 is a cold gap of one row)
-    c[15] = 20                         # a single very hot row
+    c = np.ones(20, np.int64)  # background: every row retrieved once (mean ~2.6)
+    c[3], c[4], c[6] = 9, 7, 8  # one span 3..6 (row 5 is a cold gap of one row)
+    c[15] = 20  # a single very hot row
     out = spans(c, [_mem("m", 20)], _decode, limit=10)
     assert [(s.token_start, s.token_end) for s in out] == [(4, 8), (16, 17)]  # positions = row + 1
     assert [s.hits for s in out] == [9 + 7 + 1 + 8, 20]
@@ -38,14 +38,14 @@ def test_hot_rows_merge_across_small_gaps_and_rank_by_hits():
 
 def test_gaps_wider_than_two_rows_split_spans_and_limit_keeps_the_best():
     c = np.zeros(30, np.int64)
-    c[[2, 6, 20]] = [5, 6, 4]          # rows 2 and 6 are 3 cold rows apart: two spans
+    c[[2, 6, 20]] = [5, 6, 4]  # rows 2 and 6 are 3 cold rows apart: two spans
     out = spans(c, [_mem("m", 30)], _decode, limit=2)
     assert [(s.token_start, s.hits) for s in out] == [(7, 6), (3, 5)]
 
 
 def test_uniform_counts_cite_the_most_retrieved_rows_only():
     c = np.full(10, 3, np.int64)
-    c[7] = 4                           # no row reaches 2x the mean: fall back to the maximum
+    c[7] = 4  # no row reaches 2x the mean: fall back to the maximum
     out = spans(c, [_mem("m", 10)], _decode, limit=5)
     assert [(s.token_start, s.token_end, s.hits) for s in out] == [(8, 9, 4)]
 

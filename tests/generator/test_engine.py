@@ -12,7 +12,7 @@ from mlx_lm.utils import load
 
 from extmind import errors
 from services.generator.engine import EngineConfig, GeneratorEngine
-from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
+from services.generator.request_types import GenerationRequest, MemoryOptions, Sampling
 
 from .helpers import PROMPTS, run
 
@@ -81,14 +81,14 @@ async def test_stop_string_and_max_tokens(engines):
     stop = text[3:6]
     _, _, text2, final2 = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=20, stop=(stop,))))
     assert final2.finish_reason == "stop_sequence"
-    assert text2 == text[:text.find(stop)]
+    assert text2 == text[: text.find(stop)]
 
 
 async def test_cancellation_frees_the_slot(engines):
     engine = engines["llama"]
     gen = engine.generate(GenerationRequest(engine.tokenizer.encode("The sea"), Sampling(max_tokens=10_000)))
     got = 0
-    async for ev in gen:
+    async for _ in gen:
         got += 1
         if got == 3:
             break
@@ -104,15 +104,18 @@ async def test_cancellation_frees_the_slot(engines):
     assert len(tokens) == 3
 
 
-@pytest.mark.parametrize("sampling,prompt,match", [
-    (Sampling(temperature=-1), [5], "temperature"),
-    (Sampling(top_p=1.5), [5], "top_p"),
-    (Sampling(min_p=-0.1), [5], "min_p"),
-    (Sampling(repetition_penalty=-2), [5], "repetition_penalty"),
-    (Sampling(top_k=10**6), [5], "top_k"),
-    (Sampling(stop=("",)), [5], "stop"),
-    (Sampling(), [], "empty"),
-])
+@pytest.mark.parametrize(
+    "sampling,prompt,match",
+    [
+        (Sampling(temperature=-1), [5], "temperature"),
+        (Sampling(top_p=1.5), [5], "top_p"),
+        (Sampling(min_p=-0.1), [5], "min_p"),
+        (Sampling(repetition_penalty=-2), [5], "repetition_penalty"),
+        (Sampling(top_k=10**6), [5], "top_k"),
+        (Sampling(stop=("",)), [5], "stop"),
+        (Sampling(), [], "empty"),
+    ],
+)
 async def test_bad_requests_are_invalid_argument(engines, sampling, prompt, match):
     engine = engines["llama"]
     with pytest.raises(errors.InvalidArgument, match=match):

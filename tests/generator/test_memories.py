@@ -138,8 +138,9 @@ async def test_remote_prefill_splits_its_searches_to_fit_the_response_budget(eng
 
     mid, _ = memory
     prompt = engine.tokenizer.encode("Alice met Bob at the station at noon and they talked about music and books")
-    req = GenerationRequest(prompt, Sampling(max_tokens=6), MemoryOptions((mid,), top_k=5, mode="remote"),
-                            return_logprobs=True)
+    req = GenerationRequest(
+        prompt, Sampling(max_tokens=6), MemoryOptions((mid,), top_k=5, mode="remote"), return_logprobs=True
+    )
     whole = await run(engine, req)
     calls = []
     real = memory_client.MemoryClient._search_once

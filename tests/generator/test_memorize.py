@@ -18,13 +18,16 @@ def memory_address(module_memory_service):
 async def test_a_window_failing_mid_stream_deletes_the_memory(llama_path, memory_address):
     # window 8 / stride 4 over ~40 tokens: several windows, so rows of the first ones are already
     # streamed when the third window's forward fails.
-    engine = GeneratorEngine(EngineConfig(model=str(llama_path), memory_url=memory_address, window=8, stride=4,
-                                          prefill_step_size=4))
+    engine = GeneratorEngine(
+        EngineConfig(model=str(llama_path), memory_url=memory_address, window=8, stride=4, prefill_step_size=4)
+    )
     engine.start()
     client = MemoryClient(memory_address)
     try:
-        tokens = engine.tokenizer.encode("Paris is the capital of France. Berlin is the capital of Germany. "
-                                         "Rome is the capital of Italy. Madrid is the capital of Spain.")
+        tokens = engine.tokenizer.encode(
+            "Paris is the capital of France. Berlin is the capital of Germany. "
+            "Rome is the capital of Italy. Madrid is the capital of Spain."
+        )
         builder = engine._builder
         real_run, calls = builder.run, []
 

@@ -18,8 +18,10 @@ from extmind.v1 import generator_pb2 as g
 from extmind.v1 import generator_pb2_grpc, memory_pb2
 
 REPO = Path(__file__).resolve().parents[2]
-TEXT = " ".join(f"Fact {i}: the {w} river runs past town number {i}." for i, w in
-                enumerate(["red", "blue", "green", "grey", "long", "slow", "cold", "wide"] * 3))
+TEXT = " ".join(
+    f"Fact {i}: the {w} river runs past town number {i}."
+    for i, w in enumerate(["red", "blue", "green", "grey", "long", "slow", "cold", "wide"] * 3)
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +29,24 @@ def services(tmp_path_factory, llama_path, module_memory_service):
     d = tmp_path_factory.mktemp("progress")
     mem = module_memory_service
     # Small windows and prefill chunks: a short text takes several windows of several chunks.
-    gen = ServiceProcess("services.generator", ["--model", str(llama_path), "--log-format", "text",
-                                                "--window", "32", "--stride", "16", "--prefill-step-size", "8"],
-                         env={"EXTMIND_AUTH_TOKEN": "", "MEMORY_URL": mem.address}, log_dir=d / "logs",
-                         health_service="extmind.v1.GeneratorService").start()
+    gen = ServiceProcess(
+        "services.generator",
+        [
+            "--model",
+            str(llama_path),
+            "--log-format",
+            "text",
+            "--window",
+            "32",
+            "--stride",
+            "16",
+            "--prefill-step-size",
+            "8",
+        ],
+        env={"EXTMIND_AUTH_TOKEN": "", "MEMORY_URL": mem.address},
+        log_dir=d / "logs",
+        health_service="extmind.v1.GeneratorService",
+    ).start()
     yield gen, mem
     gen.stop()
 
@@ -69,17 +85,22 @@ def test_memorize_stream_reports_monotonic_progress_then_what_memorize_returns(s
     assert any(0 < p.tokens_done < n and p.eta_seconds > 0 for p in progress)
 
     plain = stub.Memorize(g.MemorizeRequest(text=TEXT, memory_id="plain", window=24, stride=8), timeout=120)
-    assert (done.num_tokens, done.num_rows, done.model_fingerprint) == (plain.num_tokens, plain.num_rows,
-                                                                        plain.model_fingerprint)
+    assert (done.num_tokens, done.num_rows, done.model_fingerprint) == (
+        plain.num_tokens,
+        plain.num_rows,
+        plain.model_fingerprint,
+    )
     assert done.memory_id == "streamed"
     assert _state(mem, "streamed") == memory_pb2.MEMORY_STATE_READY
 
 
 def test_memorize_stream_errors_as_memorize(stub):
-    for req, code in [(g.MemorizeRequest(), grpc.StatusCode.INVALID_ARGUMENT),
-                      (g.MemorizeRequest(text="x", token_ids=[1]), grpc.StatusCode.INVALID_ARGUMENT),
-                      (g.MemorizeRequest(text="Some text.", window=8, stride=16), grpc.StatusCode.INVALID_ARGUMENT),
-                      (g.MemorizeRequest(text="Some text.", memory_id="streamed"), grpc.StatusCode.ALREADY_EXISTS)]:
+    for req, code in [
+        (g.MemorizeRequest(), grpc.StatusCode.INVALID_ARGUMENT),
+        (g.MemorizeRequest(text="x", token_ids=[1]), grpc.StatusCode.INVALID_ARGUMENT),
+        (g.MemorizeRequest(text="Some text.", window=8, stride=16), grpc.StatusCode.INVALID_ARGUMENT),
+        (g.MemorizeRequest(text="Some text.", memory_id="streamed"), grpc.StatusCode.ALREADY_EXISTS),
+    ]:
         with pytest.raises(grpc.RpcError) as e:
             list(stub.MemorizeStream(g.MemorizeStreamRequest(request=req), timeout=60))
         assert e.value.code() == code, (req, e.value.details())
@@ -143,10 +164,17 @@ def test_cli_memorize_prints_a_line_per_tenth_when_not_a_tty(services, tmp_path)
     gen, mem = services
     f = tmp_path / "notes.txt"
     f.write_text(TEXT * 3)
-    env = dict(os.environ, GENERATOR_URL=gen.address, MEMORY_URL=mem.address, EXTMIND_AUTH_TOKEN="",
-               PYTHONPATH=str(REPO))
-    p = subprocess.run([sys.executable, "-m", "extmind.cli", "memorize", str(f), "--id", "from-cli"], env=env,
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ, GENERATOR_URL=gen.address, MEMORY_URL=mem.address, EXTMIND_AUTH_TOKEN="", PYTHONPATH=str(REPO)
+    )
+    p = subprocess.run(
+        [sys.executable, "-m", "extmind.cli", "memorize", str(f), "--id", "from-cli"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     lines = [x for x in p.stderr.splitlines() if x.startswith("memorize ")]
     assert 3 <= len(lines) <= 11, p.stderr

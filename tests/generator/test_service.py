@@ -8,18 +8,22 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
+from extmind.procs import ServiceProcess, health_status
 from extmind.v1 import generator_pb2 as g
 from extmind.v1 import generator_pb2_grpc
-from extmind.procs import ServiceProcess, health_status
 
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory, llama_path, module_memory_service):
     d = tmp_path_factory.mktemp("gensvc")
     mem = module_memory_service
-    gen = ServiceProcess("services.generator", ["--model", str(llama_path), "--log-format", "text"],
-                         env={"EXTMIND_AUTH_TOKEN": "", "MEMORY_URL": mem.address}, log_dir=d / "logs",
-                         health_service="extmind.v1.GeneratorService").start()
+    gen = ServiceProcess(
+        "services.generator",
+        ["--model", str(llama_path), "--log-format", "text"],
+        env={"EXTMIND_AUTH_TOKEN": "", "MEMORY_URL": mem.address},
+        log_dir=d / "logs",
+        health_service="extmind.v1.GeneratorService",
+    ).start()
     yield gen, mem
     gen.stop()
 
@@ -35,12 +39,18 @@ def test_info_memorize_generate_stream(stub, services):
     info = stub.GetInfo(g.GeneratorServiceGetInfoRequest(), timeout=10)
     assert info.num_layers == 2 and info.num_attention_heads == 4 and info.num_kv_heads == 2 and info.head_dim == 16
     assert info.model_fingerprint.startswith("sha256:")
-    m = stub.Memorize(g.MemorizeRequest(text="Paris is the capital of France. Alice met Bob at the station.",
-                                        labels={"src": "test"}), timeout=60)
+    m = stub.Memorize(
+        g.MemorizeRequest(text="Paris is the capital of France. Alice met Bob at the station.", labels={"src": "test"}),
+        timeout=60,
+    )
     assert m.num_rows == m.num_tokens - 1 and m.model_fingerprint == info.model_fingerprint
     em = g.ExtendedMind(memory_ids=[m.memory_id], top_k=3, return_citations=True)
-    req = dict(prompt="The capital of France is", sampling=g.SamplingParams(max_tokens=8), extended_mind=em,
-               return_logprobs=True)
+    req = dict(
+        prompt="The capital of France is",
+        sampling=g.SamplingParams(max_tokens=8),
+        extended_mind=em,
+        return_logprobs=True,
+    )
     r = stub.Generate(g.GenerateRequest(**req), timeout=60)
     assert len(r.token_ids) == len(r.logprobs) <= 8 and r.usage.prompt_tokens > 0
     assert r.finish_reason in (g.FINISH_REASON_LENGTH, g.FINISH_REASON_STOP)
@@ -49,20 +59,30 @@ def test_info_memorize_generate_stream(stub, services):
     assert [t for p in parts for t in p.token_ids] == list(r.token_ids)
     assert "".join(p.text for p in parts) == r.text
     assert parts[-1].finish_reason == r.finish_reason and list(parts[-1].citations) == list(r.citations)
-    chat = stub.Generate(g.GenerateRequest(messages=[g.ChatMessage(role="user", content="Hello")],
-                                           sampling=g.SamplingParams(max_tokens=3)), timeout=60)
+    chat = stub.Generate(
+        g.GenerateRequest(
+            messages=[g.ChatMessage(role="user", content="Hello")], sampling=g.SamplingParams(max_tokens=3)
+        ),
+        timeout=60,
+    )
     assert chat.usage.prompt_tokens > 3
 
 
-@pytest.mark.parametrize("request_kw,code", [
-    (dict(), grpc.StatusCode.INVALID_ARGUMENT),                                            # empty prompt
-    (dict(prompt="hi", sampling=g.SamplingParams(temperature=-1)), grpc.StatusCode.INVALID_ARGUMENT),
-    (dict(prompt="hi", sampling=g.SamplingParams(top_p=2)), grpc.StatusCode.INVALID_ARGUMENT),
-    (dict(prompt="hi", prompt_token_ids=[1]), grpc.StatusCode.INVALID_ARGUMENT),
-    (dict(prompt_token_ids=[10**7]), grpc.StatusCode.INVALID_ARGUMENT),
-    (dict(prompt="hi", extended_mind=g.ExtendedMind(memory_ids=["nope"])), grpc.StatusCode.NOT_FOUND),
-    (dict(prompt="hi", extended_mind=g.ExtendedMind(memory_ids=["x"], layers=[9])), grpc.StatusCode.INVALID_ARGUMENT),
-])
+@pytest.mark.parametrize(
+    "request_kw,code",
+    [
+        (dict(), grpc.StatusCode.INVALID_ARGUMENT),  # empty prompt
+        (dict(prompt="hi", sampling=g.SamplingParams(temperature=-1)), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(prompt="hi", sampling=g.SamplingParams(top_p=2)), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(prompt="hi", prompt_token_ids=[1]), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(prompt_token_ids=[10**7]), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(prompt="hi", extended_mind=g.ExtendedMind(memory_ids=["nope"])), grpc.StatusCode.NOT_FOUND),
+        (
+            dict(prompt="hi", extended_mind=g.ExtendedMind(memory_ids=["x"], layers=[9])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+    ],
+)
 def test_errors_have_the_right_codes_and_the_service_keeps_serving(stub, request_kw, code):
     with pytest.raises(grpc.RpcError) as e:
         stub.Generate(g.GenerateRequest(**request_kw), timeout=30)
@@ -86,8 +106,9 @@ def test_deadline_and_cancel_free_the_slot(stub, services):
     with pytest.raises(grpc.RpcError) as e:
         stub.Generate(g.GenerateRequest(prompt="The sea", sampling=g.SamplingParams(max_tokens=100_000)), timeout=1.0)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    call = stub.GenerateStream(g.GenerateStreamRequest(prompt="The sea", sampling=g.SamplingParams(max_tokens=100_000)),
-                               timeout=60)
+    call = stub.GenerateStream(
+        g.GenerateStreamRequest(prompt="The sea", sampling=g.SamplingParams(max_tokens=100_000)), timeout=60
+    )
     next(call)
     call.cancel()
     # The slot count itself is checked in test_engine.py::test_cancellation_frees_the_slot; here

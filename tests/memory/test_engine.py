@@ -114,7 +114,7 @@ async def test_a_stream_cancelled_while_its_last_batch_is_written_is_rolled_back
     for delay in (0, 0.001, 0.005):  # the cancel lands at different points of the write
         started = asyncio.Event()
 
-        async def send():
+        async def send(started=started):
             async with kv.append_stream() as stream:
                 await stream.target("cut")
                 for layer in range(2):
