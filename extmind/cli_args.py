@@ -16,7 +16,9 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _int_at_least(low: int):
+def _int_at_least(low: int, high: int = 2**32 - 1):
+    """Whole numbers from ``low`` up to ``high`` (the contract's uint32 fields by default)."""
+
     def parse(raw: str) -> int:
         try:
             value = int(raw)
@@ -25,6 +27,8 @@ def _int_at_least(low: int):
         if value < low:
             want = "a positive whole number" if low == 1 else f"a whole number >= {low}"
             raise argparse.ArgumentTypeError(f"must be {want}, got {value}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
         return value
 
     return parse
@@ -44,6 +48,7 @@ def _float_in(low: float, high: float | None = None):
 
 
 POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+SEED = _int_at_least(0, 2**64 - 1)  # uint64 in the contract
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=_float_in(0.0), default=0.0)
     s.add_argument("--top-p", type=_float_in(0.0, 1.0), default=0.0, help="nucleus mass (0 = off)")
     s.add_argument("--top-k", type=NON_NEGATIVE, default=0, help="sample among the k likeliest tokens (0 = off)")
-    s.add_argument("--seed", type=NON_NEGATIVE, default=None)
+    s.add_argument("--seed", type=SEED, default=None)
     s.add_argument("--stop", action="append")
     return p
 

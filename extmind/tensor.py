@@ -7,6 +7,8 @@ to bfloat16 with round-to-nearest-even, or takes a uint16 array of raw bf16 bits
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from extmind.errors import InvalidArgument
@@ -91,7 +93,7 @@ def _check(t: common_pb2.Tensor, name: str, dtypes, shape, ndim) -> np.dtype:
         for i, (got, want) in enumerate(zip(dims, shape)):
             if want is not None and got != want:
                 raise InvalidArgument(f"{name}.shape {dims}: dimension {i} must be {want}, got {got}")
-    n = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    n = math.prod(dims)  # exact: an int64 product of huge dimensions can wrap to the data's length
     want_bytes = n * ITEMSIZE[t.dtype]
     if len(t.data) != want_bytes:
         raise InvalidArgument(

@@ -127,6 +127,9 @@ def _t(dtype, shape, nbytes):
         (_t(T.FLOAT32, [2, 3], 24), {"shape": (2, 4)}, "dimension 1 must be 4"),
         (_t(T.FLOAT32, [2, 3, 4], 96), {"shape": (None, None)}, "2 dimensions"),
         (common_pb2.Tensor(), {}, "missing"),
+        # the int64 product of these dimensions wraps to 0: the data length must not match it
+        (_t(T.FLOAT32, [2**61, 4, 8], 0), {}, "bytes"),
+        (_t(T.FLOAT16, [2**62, 2**62], 0), {}, "bytes"),
     ],
 )
 def test_strict_validation(t, kw, fragment):

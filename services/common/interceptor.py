@@ -28,7 +28,24 @@ log = logging.getLogger("extmind.rpc")
 _OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
+# A status message travels in the trailers, which gRPC caps at 16 KiB: a message echoing a huge
+# input (a 100 000-character id) would turn into RESOURCE_EXHAUSTED on the client. Keep it short.
+MAX_STATUS_MESSAGE_CHARS = 2000
+
+
+def _shorten(message: str) -> str:
+    if len(message) <= MAX_STATUS_MESSAGE_CHARS:
+        return message
+    cut = len(message) - MAX_STATUS_MESSAGE_CHARS + 200
+    return message[:1000] + f" …[{cut} characters cut]… " + message[-800:]
+
+
 def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    code, message = _status_and_message(exc)
+    return code, _shorten(message)
+
+
+def _status_and_message(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, ExtmindError):
         return grpc.StatusCode[exc.code], exc.message
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):

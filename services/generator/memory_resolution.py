@@ -23,6 +23,7 @@ class ModelShape:
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    vocab_size: int = 0  # token ids of a usable memory are below it (0 = not checked)
 
 
 @dataclass
@@ -62,6 +63,11 @@ class MemoryResolver:
                 )
             if mem.state != memory_pb2.MEMORY_STATE_READY:
                 raise errors.FailedPrecondition(f"memory {mid!r} is still being built; retry when it is READY")
+            if m.vocab_size and mem.token_ids and not 0 <= min(mem.token_ids) <= max(mem.token_ids) < m.vocab_size:
+                raise errors.FailedPrecondition(
+                    f"memory {mid!r} holds token ids outside this model's vocabulary (0-{m.vocab_size - 1}): "
+                    "it was not memorized by this model's tokenizer; memorize the text again"
+                )
             version = f"{mem.create_time.seconds}.{mem.create_time.nanos}"
             positions = list(mem.positions) or list(range(mem.num_tokens))
             out.append(ResolvedMemory(mid, version, int(mem.num_tokens), list(mem.token_ids), positions))

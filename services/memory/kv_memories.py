@@ -122,6 +122,10 @@ class KVMemories:
         token_ids = [] if token_ids is None else list(token_ids)
         positions = [] if positions is None else list(positions)
         labels = {} if labels is None else dict(labels)
+        if token_ids and min(token_ids) < 0:
+            raise InvalidArgument(
+                f"token_ids holds a negative id ({min(token_ids)}): token ids are vocabulary indices (>= 0)"
+            )
         if positions and len(positions) != len(token_ids):
             raise InvalidArgument(
                 f"positions has {len(positions)} entries but token_ids has "

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from extmind import errors
+from extmind.channels import sync_channel as grpc_channel
 from extmind.procs import free_port
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.memory_builder import plan_windows
@@ -354,6 +355,20 @@ async def test_memory_errors_have_the_right_codes(engine, memory, qwen3_path, me
             await run(engine, GenerationRequest(prompt, Sampling(max_tokens=2), MemoryOptions((foreign,))))
     finally:
         qwen.stop()
+    # a memory whose token ids this model's tokenizer never made (another client wrote it with
+    # our fingerprint): its citations cannot be decoded, a clear FAILED_PRECONDITION, not INTERNAL
+    from extmind.v1 import memory_pb2_grpc
+    from tests.memory import helpers as mh
+
+    assert engine.vocab_size < 1000  # the helper's token ids start at 1000
+    K = np.zeros((engine.num_layers, engine.num_kv_heads, 4, engine.head_dim), np.float32)
+    with grpc_channel(memory_address) as ch:
+        mh.build(memory_pb2_grpc.MemoryServiceStub(ch), "foreign-ids", K, K, mh.FLOAT32, fingerprint=engine.fingerprint)
+    with pytest.raises(errors.FailedPrecondition, match="outside this model's vocabulary"):
+        await run(
+            engine,
+            GenerationRequest(prompt, Sampling(max_tokens=2), MemoryOptions(("foreign-ids",), return_citations=True)),
+        )
     # a deleted and re-created memory is never served from the stale cache
     tokens_a = engine.tokenizer.encode("Paris is the capital of France.")
     tokens_b = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog.")

@@ -131,6 +131,18 @@ TABLE = [
         C.INVALID_ARGUMENT,  # over the response budget: too large, not retryable
     ),
     # --- CreateMemory
+    (  # the message names the id, shortened: a 100 000-character echo would overflow gRPC's trailers
+        "create huge id",
+        "CreateMemory",
+        pb.CreateMemoryRequest(memory_id="x" * 100_000, layout=LAYOUT, model_fingerprint="fp"),
+        C.INVALID_ARGUMENT,
+    ),
+    (
+        "create negative token id",
+        "CreateMemory",
+        pb.CreateMemoryRequest(memory_id="neg", layout=LAYOUT, model_fingerprint="fp", token_ids=[3, -5, 7]),
+        C.INVALID_ARGUMENT,
+    ),
     (
         "create existing id",
         "CreateMemory",
@@ -298,7 +310,7 @@ def test_bad_input_table(svc, case, rpc, req, code):
         call(stub, rpc, req)
     assert e.value.code() == code, (e.value.code(), e.value.details())
     details = e.value.details()
-    assert details and len(details) > 15 and "Traceback" not in details
+    assert details and 15 < len(details) <= 2000 and "Traceback" not in details
     good_call(stub)
     # A failed append changed nothing.
     m = stub.GetMemory(pb.GetMemoryRequest(memory_id="building"), timeout=10).memory
