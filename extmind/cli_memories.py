@@ -118,13 +118,14 @@ ROWS_NOTE = "special tokens such as BOS are not stored"
 EXCERPT_CHARS = 200
 
 
-def _exists(t: Targets, memory_id: str) -> bool:
+def _state(t: Targets, memory_id: str) -> int | None:
+    """The memory's state (memory_pb2.MEMORY_STATE_*), or None when there is no such memory."""
     try:
-        t.memory.GetMemory(memory_pb2.GetMemoryRequest(memory_id=memory_id), timeout=TIMEOUT, metadata=_md())
-        return True
+        m = t.memory.GetMemory(memory_pb2.GetMemoryRequest(memory_id=memory_id), timeout=TIMEOUT, metadata=_md())
+        return m.memory.state
     except grpc.RpcError as e:
         if e.code() == grpc.StatusCode.NOT_FOUND:
-            return False
+            return None
         raise
 
 
@@ -158,7 +159,13 @@ def _memorize_one(t: Targets, mid: str, text: str, labels: dict, replace: bool, 
     """Memorizes ``text`` as ``mid`` (skipped when it exists, unless ``replace``), streaming its
     progress into ``bar`` -> the line to print."""
     skipped = f"{mid}: exists already, skipped (--replace memorizes it again)"
-    if _exists(t, mid):
+    state = _state(t, mid)
+    if state is not None:
+        if not replace and state != memory_pb2.MEMORY_STATE_READY:
+            raise CliError(
+                f"memory {mid} exists but is not READY (being built, or left half-built by an interrupted "
+                "memorize): `extmind memorize --replace` builds it again"
+            )
         if not replace:
             return skipped
         t.memory.DeleteMemory(memory_pb2.DeleteMemoryRequest(memory_id=mid), timeout=TIMEOUT, metadata=_md())

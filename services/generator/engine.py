@@ -286,7 +286,14 @@ class GeneratorEngine:
         )
 
     async def memorize(self, token_ids, **kw) -> dict:
-        return await asyncio.to_thread(self.memorize_blocking, list(token_ids), **kw)
+        """``memorize_blocking`` from the event loop. Cancelling the call (a client gone, a
+        deadline) stops the build at its next chunk and deletes the half-built memory, as for
+        ``memorize_stream``, instead of leaving a thread to finish a memory nobody waits for."""
+        result = None
+        async for ev in self.memorize_stream(token_ids, **kw):
+            if isinstance(ev, dict):
+                result = ev
+        return result
 
     async def memorize_stream(self, token_ids, **kw) -> AsyncIterator[MemorizeProgress | dict]:
         """``memorize`` with progress: yields MemorizeProgress reports, then the result dict.

@@ -50,3 +50,41 @@ async def test_a_window_failing_mid_stream_deletes_the_memory(llama_path, memory
     finally:
         client.close()
         engine.stop()
+
+
+async def test_a_cancelled_memorize_leaves_no_half_built_memory(llama_path, memory_address):
+    """A unary Memorize whose caller goes away (cancel, deadline) stops building and deletes what
+    it had stored: the id is free again, not stuck BUILDING behind ALREADY_EXISTS."""
+    import asyncio
+
+    engine = GeneratorEngine(
+        EngineConfig(model=str(llama_path), memory_url=memory_address, window=8, stride=4, prefill_step_size=4)
+    )
+    engine.start()
+    client = MemoryClient(memory_address)
+    try:
+        tokens = engine.tokenizer.encode(" ".join(["Paris is the capital of France."] * 60))
+        task = asyncio.ensure_future(engine.memorize(tokens, memory_id="cancelled"))
+        for _ in range(200):  # until its first rows are in the memory service
+            await asyncio.sleep(0.02)
+            try:
+                if client.get_memory("cancelled").state == memory_pb2.MEMORY_STATE_BUILDING:
+                    break
+            except errors.NotFound:
+                pass
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            try:
+                client.get_memory("cancelled")
+            except errors.NotFound:
+                break
+        with pytest.raises(errors.NotFound):
+            client.get_memory("cancelled")
+        out = await engine.memorize(tokens[:20], memory_id="cancelled")  # the id is free again
+        assert out["memory_id"] == "cancelled"
+    finally:
+        client.close()
+        engine.stop()
