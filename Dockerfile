@@ -40,6 +40,8 @@ COPY pyproject.toml ./
 COPY protos ./protos
 COPY extmind ./extmind
 COPY services ./services
+# The offline default generator model (models/extmind-facts-6m, 11.5 MB; see its README.md).
+COPY models ./models
 RUN pip install --no-deps . \
  && useradd --system --uid 10001 --home-dir /app extmind \
  && mkdir -p /models /data && chown extmind /models /data

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 
 from extmind.channels import sync_channel
+from extmind.cluster_config import FACTS_MODEL
 from extmind.healthcheck import check
 from extmind.procs import free_ports
-from extmind.v1 import embedder_pb2, embedder_pb2_grpc
+from extmind.v1 import embedder_pb2, embedder_pb2_grpc, generator_pb2, generator_pb2_grpc
 
 from .cluster import REPO
 
@@ -115,5 +116,11 @@ def test_compose_stack_comes_up_healthy_and_embeds(image, tmp_path):
             )
         v = np.frombuffer(r.embeddings.data, "<f4")
         assert r.dimensions == 384 and abs(np.linalg.norm(v) - 1) < 1e-3
+        with sync_channel(targets["generator"]) as ch:  # the image serves the committed facts model
+            info = generator_pb2_grpc.GeneratorServiceStub(ch).GetInfo(
+                generator_pb2.GeneratorServiceGetInfoRequest(), timeout=60
+            )
+        cfg = json.loads((FACTS_MODEL / "config.json").read_text())
+        assert (info.num_layers, info.head_dim) == (cfg["num_hidden_layers"], 32)
     finally:
         subprocess.run([*compose, "down", "-v"], capture_output=True, env=env, cwd=REPO, timeout=300)
