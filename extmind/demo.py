@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from extmind.channels import auth_metadata, sync_channel
-from extmind.cluster_config import FACTS_MODEL, FACTS_MODEL_NOTICE, RANDOM_MODEL_NOTICE, Settings
+from extmind.cluster_config import FACTS_MODEL, FACTS_MODEL_NOTICE, RANDOM_MODEL_NOTICE, Settings, find_run_dir
 from extmind.v1 import embedder_pb2, embedder_pb2_grpc, generator_pb2, generator_pb2_grpc, memory_pb2, memory_pb2_grpc
 
 COLLECTION = "extmind-demo"
@@ -214,7 +214,32 @@ def _printable(text: str, n: int = 70) -> str:
     return '"' + _short(clean, n) + '"'
 
 
-def run(s: Settings | None = None, out=print) -> dict:
+def cleanup(c: Clients) -> list[str]:
+    """Removes what the demo wrote (its own ids only: the collection and the memories named
+    extmind-demo*), so running it again never piles demo data into the user's store."""
+    removed = []
+    for memory_id in [MEMORY_ID, *(f[0] for f in FACTS)]:
+        try:
+            c.memory.DeleteMemory(
+                memory_pb2.DeleteMemoryRequest(memory_id=memory_id), timeout=TIMEOUT, metadata=auth_metadata()
+            )
+            removed.append(memory_id)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+    try:
+        c.memory.DeleteCollection(
+            memory_pb2.DeleteCollectionRequest(collection=COLLECTION), timeout=TIMEOUT, metadata=auth_metadata()
+        )
+        removed.append(COLLECTION)
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+    return removed
+
+
+def run(s: Settings | None = None, out=print, keep: bool = False) -> dict:
+    """Runs the demo against the cluster of ``s``; removes its data at the end unless ``keep``."""
     s = s or Settings.from_env()
     c = Clients.connect(s)
     try:
@@ -276,6 +301,11 @@ def run(s: Settings | None = None, out=print) -> dict:
                         f"       cited tokens {ci.token_start}-{ci.token_end} hits {ci.hits}: {_printable(ci.text, 50)}"
                     )
         out(f"\nextmind demo done: {sum(r.seconds for r in searches) + up_s + mem_s + plain_s + mind_s:.2f}s in calls")
+        if keep:
+            out(f"  kept its data: collection '{COLLECTION}', memories {MEMORY_ID} and extmind-demo-fact-*")
+        else:
+            cleanup(c)
+            out("  removed its data again (`python -m extmind.demo --keep` leaves it to explore with `extmind`)")
         return {
             "upsert": up,
             "searches": searches,
@@ -293,9 +323,10 @@ def run(s: Settings | None = None, out=print) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m extmind.demo", description=__doc__.splitlines()[0])
-    p.parse_args(argv)
+    p.add_argument("--keep", action="store_true", help="leave the demo's collection and memories in the store")
+    a = p.parse_args(argv)
     try:
-        run()
+        run(Settings.from_env(find_run_dir(), use_record=True), keep=a.keep)
     except grpc.RpcError as e:
         print(
             f"extmind demo: {e.code().name}: {e.details()} (is the cluster up? `make up` / `make status`)",

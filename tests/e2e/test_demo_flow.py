@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def result(cluster):
     lines: list[str] = []
-    res = demo.run(cluster.settings(), out=lines.append)
+    res = demo.run(cluster.settings(), out=lines.append, keep=True)
     res["lines"] = lines
     return res
 
@@ -102,3 +102,10 @@ def test_demo_module_runs(cluster):
     )
     assert r.returncode == 0, r.stderr
     assert "extmind demo done" in r.stdout and "Traceback" not in r.stderr
+    # `make up` runs the demo every time: it leaves none of its data in the user's store
+    assert "removed its data again" in r.stdout
+    with sync_channel(cluster.url("memory")) as ch:
+        stub = memory_pb2_grpc.MemoryServiceStub(ch)
+        ids = [m.memory_id for m in stub.ListMemories(memory_pb2.ListMemoriesRequest(), timeout=30).memories]
+        names = [c.name for c in stub.ListCollections(memory_pb2.ListCollectionsRequest(), timeout=30).collections]
+    assert not [i for i in ids if i.startswith("extmind-demo")] and demo.COLLECTION not in names, (ids, names)
