@@ -96,7 +96,10 @@ def mlx_throughput(texts: list[str], batch: int, rounds: int) -> dict:
 
     mlx = MLXThread("bench")
     m = mlx.call(registry.load, registry.resolve("all-minilm-l6-v2"))
-    ids = [recipe.fit(s, m.max_input_tokens, truncate=True, index=i) for i, s in enumerate(m.token_ids(texts))]
+    ids = [
+        recipe.truncate_keeping_end_token(s, m.max_input_tokens, truncate=True, index=i)
+        for i, s in enumerate(m.token_ids(texts))
+    ]
     ids.sort(key=len)
     tokens = sum(len(s) for s in ids)
 
@@ -176,7 +179,7 @@ def main() -> None:
         print(json.dumps(mlx_throughput(make_texts(a.texts, seed=1), a.batch, a.rounds)))
         return
 
-    from extmind.procs import ServiceProcess
+    from extmind.service_procs import ServiceProcess
     from services.common.blas import blas_in_use, ensure_openblas
 
     ensure_openblas()

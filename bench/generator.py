@@ -23,7 +23,7 @@ from mlx_lm.generate import generate_step  # noqa: E402
 from mlx_lm.utils import load  # noqa: E402
 
 from bench.common import add_record_flag, describe, machine, ratio, record, table  # noqa: E402
-from extmind.procs import memory_stack  # noqa: E402
+from extmind.service_procs import memory_stack  # noqa: E402
 from extmind.tiny_models import build_llama  # noqa: E402
 from services.common.blas import blas_in_use  # noqa: E402
 from services.generator.bank_cache import bank_from_numpy  # noqa: E402

@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 from extmind.channels import sync_channel
-from extmind.procs import RedisProcess, ServiceProcess
+from extmind.procs import RedisProcess
+from extmind.service_procs import ServiceProcess
 from extmind.v1 import generator_pb2, generator_pb2_grpc, memory_pb2, memory_pb2_grpc
 from training import facts
 

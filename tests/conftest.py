@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # process and in every service process the tests start (they inherit the environment).
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
-from extmind.procs import MemoryServiceProcess, RedisProcess, memory_stack  # noqa: E402
+from extmind.procs import RedisProcess  # noqa: E402
+from extmind.service_procs import MemoryServiceProcess, memory_stack  # noqa: E402
 from services.common.blas import scrub_preload  # noqa: E402
 
 # `make test` preloads OpenBLAS for the MLX work done inside pytest; the processes the tests start

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from extmind.procs import RedisProcess, ServiceProcess, free_ports
+from extmind.procs import RedisProcess, free_ports
+from extmind.service_procs import ServiceProcess
 from extmind.tiny_models import build_llama
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import time
 
-from extmind.procs import ServiceProcess
+from extmind.service_procs import ServiceProcess
 
 
 def _fresh(path, seconds: int) -> bool:

@@ -44,7 +44,10 @@ def prepare(m: ServedModel, inputs: list[str], input_type: str, instruction: str
         texts = [recipe.query_text(instruction or m.default_instruction, q) for q in inputs]
     else:
         texts = list(inputs)
-    return [recipe.fit(s, m.max_input_tokens, truncate=truncate, index=i) for i, s in enumerate(m.token_ids(texts))]
+    return [
+        recipe.truncate_keeping_end_token(s, m.max_input_tokens, truncate=truncate, index=i)
+        for i, s in enumerate(m.token_ids(texts))
+    ]
 
 
 def prepare_token_inputs(
@@ -76,7 +79,11 @@ def prepare_token_inputs(
                     f"token input {i}, position {j}: id {t} is outside {m.name}'s vocabulary "
                     f"[0, {m.vocab_size}); send ids of this model's tokenizer (Tokenize gives them)"
                 )
-        out.append(recipe.fit(m.with_special_tokens(ids), m.max_input_tokens, truncate=truncate, index=i))
+        out.append(
+            recipe.truncate_keeping_end_token(
+                m.with_special_tokens(ids), m.max_input_tokens, truncate=truncate, index=i
+            )
+        )
     return out
 
 

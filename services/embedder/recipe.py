@@ -19,7 +19,7 @@ def with_end_token(ids: list[int], end_id: int) -> list[int]:
     return ids if ids and ids[-1] == end_id else [*ids, end_id]
 
 
-def fit(ids: list[int], max_tokens: int, *, truncate: bool, index: int) -> list[int]:
+def truncate_keeping_end_token(ids: list[int], max_tokens: int, *, truncate: bool, index: int) -> list[int]:
     """Keeps the first ``max_tokens - 1`` tokens and the closing special token (EOT / [SEP]),
     which the pooling relies on; refuses over-long input when ``truncate`` is false."""
     if len(ids) <= max_tokens:

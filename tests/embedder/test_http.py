@@ -16,19 +16,7 @@ from extmind.v1 import embedder_pb2 as pb
 from extmind.v1 import embedder_pb2_grpc
 from services.embedder.http_face import HttpFace
 
-
-def request(port: int, method: str, path: str, body=None, raw: bytes | None = None):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
-    resp = conn.getresponse()
-    out = resp.status, json.loads(resp.read() or b"null")
-    conn.close()
-    return out
-
-
-async def call(port, method, path, body=None, raw=None):
-    return await asyncio.to_thread(request, port, method, path, body, raw)
+from .http_client import call
 
 
 async def test_health_is_503_while_loading_then_200(tiny_qwen3):

@@ -20,7 +20,7 @@ from extmind.v1 import embedder_pb2 as pb
 from extmind.v1 import embedder_pb2_grpc
 from services.embedder.servicer import response_bytes
 
-from .test_http import call
+from .http_client import call
 
 TEXTS = ["hello there", "general kenobi, you are a bold one", "42"]
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from extmind.tiny_models import build_chain_llama, build_tokenizer
+from extmind.tiny_models import build_chain_llama
+from extmind.tiny_tokenizers import build_tokenizer
 
 EOS = "<|eot_id|>"
 

@@ -5,6 +5,11 @@ from __future__ import annotations
 import pytest
 
 from extmind.tiny_models import build_llama, build_qwen3
+from services.generator.engine import EngineConfig, GeneratorEngine
+from services.generator.memory_client import MemoryClient
+
+from .memory_helpers import TEXT
+from .np_reference import Model
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +28,38 @@ def qwen3_path(tmp_path_factory):
 @pytest.fixture(params=["llama", "qwen3"])
 def model_path(request, llama_path, qwen3_path):
     return llama_path if request.param == "llama" else qwen3_path
+
+
+# ---- a generator engine on a real memory service, with the text memorized (the memory tests)
+
+
+@pytest.fixture(scope="module")
+def memory_address(module_memory_service):
+    return module_memory_service.address
+
+
+@pytest.fixture(scope="module")
+def engine(llama_path, memory_address):
+    e = GeneratorEngine(EngineConfig(model=str(llama_path), memory_url=memory_address, window=3072, stride=512))
+    e.start()
+    yield e
+    e.stop()
+
+
+@pytest.fixture(scope="module")
+def memory(engine):
+    tokens = engine.tokenizer.encode(TEXT)
+    out = engine.memorize_blocking(tokens, labels={"kind": "test"})
+    return out["memory_id"], tokens
+
+
+@pytest.fixture(scope="module")
+def client(memory_address):
+    c = MemoryClient(memory_address)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def ref(llama_path):
+    return Model(llama_path)

@@ -9,7 +9,7 @@ import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from extmind import errors
-from extmind.tiny_models import LLAMA_CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE, build_tokenizer
+from extmind.tiny_tokenizers import LLAMA_CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE, build_tokenizer
 from services.generator.chat_prompt import encode_messages, special_tokens
 
 # kind -> (a forged system turn written into content, the template the tokenizer carries)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from extmind.tiny_models import build_tokenizer
+from extmind.tiny_tokenizers import build_tokenizer
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.request_types import Chunk, GenerationRequest, Sampling
 from services.generator.stop_text import IncrementalDecoder, StopText
@@ -163,7 +163,7 @@ def test_a_sentencepiece_style_decoder_streams_to_its_decoded_text():
     from tokenizers import Tokenizer, decoders, models, normalizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from extmind.tiny_models import _CORPUS
+    from extmind.tiny_tokenizers import _CORPUS
 
     sp = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     sp.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])

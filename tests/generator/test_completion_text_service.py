@@ -8,7 +8,8 @@ import pytest
 from grpc_health.v1 import health_pb2
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from extmind.procs import ServiceProcess, health_status
+from extmind.procs import health_status
+from extmind.service_procs import ServiceProcess
 from extmind.v1 import generator_pb2 as g
 from extmind.v1 import generator_pb2_grpc
 from services.generator.chat_prompt import encode_messages

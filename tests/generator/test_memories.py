@@ -4,9 +4,6 @@ against the independent numpy model."""
 from __future__ import annotations
 
 import asyncio
-import re
-import time
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,63 +13,17 @@ from extmind.channels import sync_channel as grpc_channel
 from extmind.procs import free_port
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.memory_builder import plan_windows
-from services.generator.memory_client import MemoryClient
-from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
+from services.generator.request_types import GenerationRequest, MemoryOptions, Sampling
 
 from .helpers import PROMPTS, run
-from .np_reference import Model, Retrievals
-
-TEXT = (
-    "Paris is the capital of France. Berlin is the capital of Germany. Rome is the capital of Italy. "
-    "Alice met Bob at the station at noon. They talked about music, books, weather and trains. "
-    "Water boils at one hundred degrees Celsius at sea level."
-)
-
-
-@pytest.fixture(scope="module")
-def memory_address(module_memory_service):
-    return module_memory_service.address
-
-
-@pytest.fixture(scope="module")
-def engine(llama_path, memory_address):
-    e = GeneratorEngine(EngineConfig(model=str(llama_path), memory_url=memory_address, window=3072, stride=512))
-    e.start()
-    yield e
-    e.stop()
-
-
-@pytest.fixture(scope="module")
-def memory(engine):
-    tokens = engine.tokenizer.encode(TEXT)
-    out = engine.memorize_blocking(tokens, labels={"kind": "test"})
-    return out["memory_id"], tokens
-
-
-@pytest.fixture(scope="module")
-def client(memory_address):
-    c = MemoryClient(memory_address)
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
-def ref(llama_path):
-    return Model(llama_path)
-
-
-def _ref_memory(ref, tokens, special):
-    cap = []
-    ref.forward(tokens, capture=cap)
-    keep = [p for p, t in enumerate(tokens) if t not in special]
-    return [(k[:, keep], v[:, keep]) for k, v in cap], keep
+from .memory_helpers import assert_decidable, ref_memory
 
 
 def test_memorize_stores_raw_keys_without_special_rows(engine, memory, client, ref):
     mid, tokens = memory
     assert tokens[0] == engine.tokenizer.bos_token_id  # the tokenizer adds BOS; its row must go
     mem = client.get_memory(mid, include_tokens=True)
-    bank, keep = _ref_memory(ref, tokens, engine.special_ids)
+    bank, keep = ref_memory(ref, tokens, engine.special_ids)
     assert list(mem.positions) == keep == list(range(1, len(tokens)))
     assert list(mem.token_ids) == [tokens[p] for p in keep]
     assert mem.model_fingerprint == engine.fingerprint and mem.labels["kind"] == "test"
@@ -85,7 +36,7 @@ def test_memorize_stores_raw_keys_without_special_rows(engine, memory, client, r
 @pytest.mark.parametrize("top_k,threshold,layers", [(3, None, None), (20, 0.05, None), (5, None, (1,))])
 async def test_generation_with_memories_matches_numpy_model(engine, memory, ref, top_k, threshold, layers):
     mid, tokens = memory
-    bank, _ = _ref_memory(ref, tokens, engine.special_ids)
+    bank, _ = ref_memory(ref, tokens, engine.special_ids)
     prompt = engine.tokenizer.encode("The capital of France is")
     margins = []
     want, want_lp = ref.greedy(
@@ -177,168 +128,6 @@ async def test_eight_concurrent_requests_with_mixed_memories_equal_alone(engine,
     for a, b in zip(alone, together):
         assert a[0] == b[0]
     assert engine.stats()["active"] == 0
-
-
-# float32 vs float64 logits differ by ~1e-5 here; a greedy token is compared only where the
-# reference's best logit beats the second by far more than that.
-LOGIT_MARGIN = 1e-3
-
-
-def assert_decidable(margins):
-    worst = min(margins)
-    assert worst > LOGIT_MARGIN, (
-        f"the reference's two best logits are {worst:.2e} apart at step "
-        f"{margins.index(worst)}: too close to compare greedy tokens; pick another prompt"
-    )
-
-
-def assert_counts_match(got: dict, want: Retrievals):
-    """Per-row counts equal the reference's, except rows inside the tie slack (see Retrievals)."""
-    bad = want.mismatches(got)
-    assert not bad, "retrieval counts differ from the numpy model:\n" + "\n".join(bad)
-    assert want.ambiguous <= want.events // 4, f"{want.ambiguous} of {want.events} retrievals were ties"
-
-
-def _row_hits(final, tokens, tokenizer) -> dict[int, int]:
-    """The request's per-row retrieval counts (rows are the non-BOS tokens: row = position - 1),
-    after checking that its citation spans are made of them: each span's hits are the sum of its
-    rows' counts, its text decodes its tokens, spans do not overlap, every hot row (>= 2x the mean
-    count) and the most retrieved row are cited, and spans come most retrieved first."""
-    counts = final.row_counts
-    assert counts is not None and len(counts) == len(tokens) - 1
-    covered = set()
-    for c in final.citations:
-        assert 1 <= c.token_start < c.token_end <= len(tokens)
-        rows = range(c.token_start - 1, c.token_end - 1)
-        assert c.row_hits == [int(counts[r]) for r in rows] and c.hits == sum(c.row_hits)
-        assert c.text == tokenizer.decode(tokens[c.token_start : c.token_end])
-        assert covered.isdisjoint(rows)
-        covered.update(rows)
-    hot = {int(r) for r in np.flatnonzero(counts >= max(2 * counts.mean(), 1))} or {int(np.argmax(counts))}
-    assert hot <= covered and int(np.argmax(counts)) in covered
-    hits = [c.hits for c in final.citations]
-    assert hits == sorted(hits, reverse=True)
-    return {int(r): int(n) for r, n in enumerate(counts) if n}
-
-
-async def _timed(engine, req):
-    """run() plus the times of the first chunk and of the end (to prove two requests overlapped)."""
-    chunks, final, first = [], None, None
-    async for ev in engine.generate(req):
-        if isinstance(ev, Chunk):
-            first = first or time.monotonic()
-            chunks.append(ev)
-        else:
-            final = ev
-    return [t for c in chunks for t in c.token_ids], final, first, time.monotonic()
-
-
-@pytest.mark.parametrize(
-    "mode,top_k,threshold,layers",
-    [("local", 3, None, None), ("local", 20, 0.05, None), ("local", 5, None, (1,)), ("remote", 8, 0.3, None)],
-)
-async def test_citations_count_the_live_retrievals(engine, memory, ref, mode, top_k, threshold, layers):
-    """The counts are those of the request's own steps: equal, row by row, to the numpy model's
-    retrievals at every step that made a token (all layers and heads)."""
-    mid, tokens = memory
-    bank, _ = _ref_memory(ref, tokens, engine.special_ids)
-    prompt = engine.tokenizer.encode("Alice met Bob at")
-    n = 6
-    opts = MemoryOptions(
-        (mid,),
-        top_k=top_k,
-        threshold=threshold,
-        mode=mode,
-        layers=layers or (),
-        return_citations=True,
-        max_citations=1000,
-    )
-    got, _, _, final = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=n), opts))
-    want_hits, margins = Retrievals(), []
-    want, _ = ref.greedy(
-        prompt,
-        final.completion_tokens,
-        memory=bank,
-        top_k=top_k,
-        threshold=threshold,
-        layers=set(layers) if layers else None,
-        hits=want_hits,
-        margins=margins,
-    )
-    assert_decidable(margins)
-    assert got == want[: len(got)] and final.completion_tokens == n
-    cites = final.citations
-    assert cites and all(c.memory_id == mid for c in cites)
-    got_hits = _row_hits(final, tokens, engine.tokenizer)
-    # Exact ties (a repeated token's layer-0 keys are identical) and rounding may swap rows at the
-    # top-k boundary, LOCAL (MLX argpartition) and REMOTE (FAISS) alike; nothing else may differ.
-    assert_counts_match(got_hits, want_hits)
-    total = sum(got_hits.values())
-    per_step = (len(layers) if layers else engine.num_layers) * engine.num_heads
-    if threshold is None:  # every applied layer, head and generated step retrieved k rows
-        assert total == per_step * final.completion_tokens * top_k
-    else:
-        assert 0 < total < per_step * final.completion_tokens * min(top_k, len(bank[0][0][0]))
-    _, _, _, top = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=n), replace(opts, max_citations=2)))
-    assert top.citations == cites[:2]
-    # a request without citations returns none (and is not counted)
-    _, _, _, plain = await run(
-        engine, GenerationRequest(prompt, Sampling(max_tokens=n), replace(opts, return_citations=False))
-    )
-    assert plain.citations == []
-
-
-async def test_concurrent_requests_with_citations_each_count_their_own(engine, memory, ref):
-    """Two citing requests in one batch (different prompt lengths, one stopped by a stop string,
-    one by length), next to a non-citing request with the same memory and a plain one: each
-    request's citations equal its solo run and the numpy model's retrievals."""
-    mid, tokens = memory
-    bank, _ = _ref_memory(ref, tokens, engine.special_ids)
-    opts = MemoryOptions((mid,), top_k=3, return_citations=True, max_citations=1000)
-    a_prompt = engine.tokenizer.encode("Alice met Bob at the station and they talked about")
-    b_prompt = engine.tokenizer.encode("Water boils at")
-    # B stops on a stop string taken from its own greedy text (exercises the early removal path)
-    _, _, b_text, _ = await run(engine, GenerationRequest(b_prompt, Sampling(max_tokens=14), opts))
-    stop = re.search(r"[A-Za-z]{2,}", b_text[len(b_text) // 3 :]).group()
-    reqs = [
-        GenerationRequest(a_prompt, Sampling(max_tokens=12), opts),
-        GenerationRequest(b_prompt, Sampling(max_tokens=14, stop=(stop,)), opts),
-        GenerationRequest(a_prompt, Sampling(max_tokens=12), replace(opts, return_citations=False)),
-        GenerationRequest(b_prompt, Sampling(max_tokens=12)),
-    ]
-    solo = [await _timed(engine, r) for r in reqs]
-    together = await asyncio.gather(*(_timed(engine, r) for r in reqs))
-    (a_tok, a_fin, a_first, a_end), (b_tok, b_fin, b_first, b_end) = together[:2]
-    assert a_first < b_end and b_first < a_end, "the two citing requests did not share the batch"
-    assert b_fin.finish_reason == "stop_sequence" and b_fin.completion_tokens < 14
-    for s, t in zip(solo, together):
-        assert s[0] == t[0] and s[1].citations == t[1].citations and s[1].finish_reason == t[1].finish_reason
-    assert together[2][1].citations == [] and together[3][1].citations == []
-    for prompt, fin in ((a_prompt, a_fin), (b_prompt, b_fin)):
-        want_hits = Retrievals()
-        ref.greedy(prompt, fin.completion_tokens, memory=bank, top_k=3, hits=want_hits)
-        got = _row_hits(fin, tokens, engine.tokenizer)
-        assert_counts_match(got, want_hits)
-        assert sum(got.values()) == engine.num_layers * engine.num_heads * fin.completion_tokens * 3
-    assert engine.stats()["active"] == 0
-
-
-async def test_count_comparison_catches_a_wrong_row(engine, memory, ref):
-    """The tie-aware comparison is not a loose one: a top-k with an off-by-one bug, or one hit
-    moved to a row that was never retrieved, is rejected."""
-    mid, tokens = memory
-    bank, _ = _ref_memory(ref, tokens, engine.special_ids)
-    prompt = engine.tokenizer.encode("Alice met Bob at")
-    want = Retrievals()
-    ref.greedy(prompt, 4, memory=bank, top_k=3, hits=want)
-    assert not want.mismatches(want.exact)  # the reference's own choice passes
-    assert want.mismatches(want.off_by_one)
-    planted = dict(want.exact)
-    top = max(planted, key=planted.get)
-    never = next(r for r in range(len(tokens) - 1) if want.upper.get(r, 0) == 0)
-    planted[top] -= 1
-    planted[never] = 1
-    assert want.mismatches(planted) == [f"row {never}: 1 retrievals, the reference allows 0..0"]
 
 
 async def test_memory_errors_have_the_right_codes(engine, memory, qwen3_path, memory_address, client):

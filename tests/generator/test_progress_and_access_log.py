@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from extmind.procs import ServiceProcess
+from extmind.service_procs import ServiceProcess
 from extmind.v1 import generator_pb2 as g
 from extmind.v1 import generator_pb2_grpc, memory_pb2
 

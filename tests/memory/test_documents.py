@@ -11,7 +11,8 @@ import grpc
 import numpy as np
 import pytest
 
-from extmind.procs import ServiceProcess, free_port
+from extmind.procs import free_port
+from extmind.service_procs import ServiceProcess
 from extmind.tensor import encode
 from extmind.v1 import embedder_pb2, embedder_pb2_grpc
 from extmind.v1 import memory_pb2 as pb

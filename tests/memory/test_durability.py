@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from extmind.procs import ServiceProcess
+from extmind.service_procs import ServiceProcess
 from extmind.tensor import BFLOAT16, FLOAT16, FLOAT32, encode
 from extmind.v1 import memory_pb2 as pb
 from services.memory import kv_layout, kv_store

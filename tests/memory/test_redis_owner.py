@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from extmind import procs
-from extmind.procs import ServiceProcess, server_version
+from extmind.procs import server_version
+from extmind.service_procs import ServiceProcess
 from extmind.v1 import common_pb2, memory_pb2_grpc
 from services.memory import redis_server
 from services.memory.redis_server import check_owner, read_owner

@@ -1,0 +1,168 @@
+"""Tiny byte-level BPE tokenizers (``tokenizers``-made ``tokenizer.json`` + config) for the tiny
+checkpoints of ``extmind.tiny_models``: Llama 3 style, ChatML (Qwen) and BERT WordPiece-style
+special tokens, trained on a small English corpus so tokens stay readable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# A small English corpus so the BPE merges look like words (tokens stay readable in citations).
+_CORPUS = """\
+The quick brown fox jumps over the lazy dog. A memory is a record of what a model read.
+Extended mind attention lets every layer retrieve the keys and values it needs from a store.
+Paris is the capital of France. Berlin is the capital of Germany. Rome is the capital of Italy.
+The river flows to the sea, and the sea rises into clouds that rain on the mountains again.
+Machine learning models turn text into vectors; similar meanings land close to each other.
+Alice met Bob at the station at noon. They talked about music, books, weather and trains.
+In 1969 people walked on the moon. Water boils at one hundred degrees Celsius at sea level.
+def add(a, b): return a + b  # numbers 0 1 2 3 4 5 6 7 8 9 10 42 100 2024
+"""
+
+LLAMA_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|eot_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|pad|>",
+]
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+LLAMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def build_tokenizer(path, kind: str = "llama", vocab_size: int = 512) -> dict:
+    """Trains a deterministic tokenizer on the built-in corpus and writes HF tokenizer files.
+
+    kind: "llama" (byte-level BPE, BOS added), "qwen3" (byte-level BPE, no BOS) or "bert"
+    (uncased WordPiece, [CLS] ... [SEP]). Returns {"vocab_size", "bos", "eos", "pad", ...} ids.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    corpus = [line for line in _CORPUS.splitlines() if line] * 4
+    if kind == "bert":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size,
+            special_tokens=BERT_SPECIALS,
+            initial_alphabet=list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"()-"),
+        )
+        tok.train_from_iterator(corpus, trainer)
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+        )
+        tok.save(str(path / "tokenizer.json"))
+        _write_json(
+            path / "tokenizer_config.json",
+            {
+                "tokenizer_class": "BertTokenizerFast",
+                "do_lower_case": True,
+                "model_max_length": 512,
+                "cls_token": "[CLS]",
+                "sep_token": "[SEP]",
+                "pad_token": "[PAD]",
+                "unk_token": "[UNK]",
+                "mask_token": "[MASK]",
+            },
+        )
+        _write_json(
+            path / "special_tokens_map.json",
+            {
+                "cls_token": "[CLS]",
+                "sep_token": "[SEP]",
+                "pad_token": "[PAD]",
+                "unk_token": "[UNK]",
+                "mask_token": "[MASK]",
+            },
+        )
+        return {"vocab_size": tok.get_vocab_size(), "pad": tok.token_to_id("[PAD]"), "cls": cls, "sep": sep}
+
+    specials = LLAMA_SPECIALS if kind == "llama" else QWEN_SPECIALS
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    ids = {t: tok.token_to_id(t) for t in specials}
+    if kind == "llama":
+        bos = "<|begin_of_text|>"
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, ids[bos])]
+        )
+        cfg = {
+            "bos_token": bos,
+            "eos_token": "<|eot_id|>",
+            "pad_token": "<|pad|>",
+            "chat_template": LLAMA_CHAT_TEMPLATE,
+        }
+        info = {
+            "bos": ids[bos],
+            "eos": ids["<|eot_id|>"],
+            "eos_ids": [ids["<|end_of_text|>"], ids["<|eot_id|>"]],
+            "pad": ids["<|pad|>"],
+        }
+    elif kind == "qwen3":
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        cfg = {
+            "bos_token": None,
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "chat_template": QWEN_CHAT_TEMPLATE,
+        }
+        info = {
+            "bos": None,
+            "eos": ids["<|im_end|>"],
+            "eos_ids": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+            "pad": ids["<|endoftext|>"],
+            "endoftext": ids["<|endoftext|>"],
+        }
+    else:
+        raise ValueError(f"unknown tokenizer kind {kind!r}: use llama, qwen3 or bert")
+    tok.save(str(path / "tokenizer.json"))
+    _write_json(
+        path / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": 131072,
+            "added_tokens_decoder": {
+                str(ids[t]): {
+                    "content": t,
+                    "special": True,
+                    "lstrip": False,
+                    "rstrip": False,
+                    "normalized": False,
+                    "single_word": False,
+                }
+                for t in specials
+            },
+            **cfg,
+        },
+    )
+    _write_json(path / "special_tokens_map.json", {k: v for k, v in cfg.items() if k.endswith("_token") and v})
+    info["vocab_size"] = tok.get_vocab_size()
+    return info

@@ -1,0 +1,124 @@
+"""Live citations: each request's per-row retrieval counts equal the numpy model's retrievals,
+up to ties at the top-k boundary (and not one row more), alone and in a shared batch."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import replace
+
+import pytest
+
+from services.generator.request_types import GenerationRequest, MemoryOptions, Sampling
+
+from .helpers import run
+from .memory_helpers import assert_counts_match, assert_decidable, ref_memory, row_hits, timed
+from .np_reference import Retrievals
+
+
+@pytest.mark.parametrize(
+    "mode,top_k,threshold,layers",
+    [("local", 3, None, None), ("local", 20, 0.05, None), ("local", 5, None, (1,)), ("remote", 8, 0.3, None)],
+)
+async def test_citations_count_the_live_retrievals(engine, memory, ref, mode, top_k, threshold, layers):
+    """The counts are those of the request's own steps: equal, row by row, to the numpy model's
+    retrievals at every step that made a token (all layers and heads)."""
+    mid, tokens = memory
+    bank, _ = ref_memory(ref, tokens, engine.special_ids)
+    prompt = engine.tokenizer.encode("Alice met Bob at")
+    n = 6
+    opts = MemoryOptions(
+        (mid,),
+        top_k=top_k,
+        threshold=threshold,
+        mode=mode,
+        layers=layers or (),
+        return_citations=True,
+        max_citations=1000,
+    )
+    got, _, _, final = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=n), opts))
+    want_hits, margins = Retrievals(), []
+    want, _ = ref.greedy(
+        prompt,
+        final.completion_tokens,
+        memory=bank,
+        top_k=top_k,
+        threshold=threshold,
+        layers=set(layers) if layers else None,
+        hits=want_hits,
+        margins=margins,
+    )
+    assert_decidable(margins)
+    assert got == want[: len(got)] and final.completion_tokens == n
+    cites = final.citations
+    assert cites and all(c.memory_id == mid for c in cites)
+    got_hits = row_hits(final, tokens, engine.tokenizer)
+    # Exact ties (a repeated token's layer-0 keys are identical) and rounding may swap rows at the
+    # top-k boundary, LOCAL (MLX argpartition) and REMOTE (FAISS) alike; nothing else may differ.
+    assert_counts_match(got_hits, want_hits)
+    total = sum(got_hits.values())
+    per_step = (len(layers) if layers else engine.num_layers) * engine.num_heads
+    if threshold is None:  # every applied layer, head and generated step retrieved k rows
+        assert total == per_step * final.completion_tokens * top_k
+    else:
+        assert 0 < total < per_step * final.completion_tokens * min(top_k, len(bank[0][0][0]))
+    _, _, _, top = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=n), replace(opts, max_citations=2)))
+    assert top.citations == cites[:2]
+    # a request without citations returns none (and is not counted)
+    _, _, _, plain = await run(
+        engine, GenerationRequest(prompt, Sampling(max_tokens=n), replace(opts, return_citations=False))
+    )
+    assert plain.citations == []
+
+
+async def test_concurrent_requests_with_citations_each_count_their_own(engine, memory, ref):
+    """Two citing requests in one batch (different prompt lengths, one stopped by a stop string,
+    one by length), next to a non-citing request with the same memory and a plain one: each
+    request's citations equal its solo run and the numpy model's retrievals."""
+    mid, tokens = memory
+    bank, _ = ref_memory(ref, tokens, engine.special_ids)
+    opts = MemoryOptions((mid,), top_k=3, return_citations=True, max_citations=1000)
+    a_prompt = engine.tokenizer.encode("Alice met Bob at the station and they talked about")
+    b_prompt = engine.tokenizer.encode("Water boils at")
+    # B stops on a stop string taken from its own greedy text (exercises the early removal path)
+    _, _, b_text, _ = await run(engine, GenerationRequest(b_prompt, Sampling(max_tokens=14), opts))
+    stop = re.search(r"[A-Za-z]{2,}", b_text[len(b_text) // 3 :]).group()
+    reqs = [
+        GenerationRequest(a_prompt, Sampling(max_tokens=12), opts),
+        GenerationRequest(b_prompt, Sampling(max_tokens=14, stop=(stop,)), opts),
+        GenerationRequest(a_prompt, Sampling(max_tokens=12), replace(opts, return_citations=False)),
+        GenerationRequest(b_prompt, Sampling(max_tokens=12)),
+    ]
+    solo = [await timed(engine, r) for r in reqs]
+    together = await asyncio.gather(*(timed(engine, r) for r in reqs))
+    (a_tok, a_fin, a_first, a_end), (b_tok, b_fin, b_first, b_end) = together[:2]
+    assert a_first < b_end and b_first < a_end, "the two citing requests did not share the batch"
+    assert b_fin.finish_reason == "stop_sequence" and b_fin.completion_tokens < 14
+    for s, t in zip(solo, together):
+        assert s[0] == t[0] and s[1].citations == t[1].citations and s[1].finish_reason == t[1].finish_reason
+    assert together[2][1].citations == [] and together[3][1].citations == []
+    for prompt, fin in ((a_prompt, a_fin), (b_prompt, b_fin)):
+        want_hits = Retrievals()
+        ref.greedy(prompt, fin.completion_tokens, memory=bank, top_k=3, hits=want_hits)
+        got = row_hits(fin, tokens, engine.tokenizer)
+        assert_counts_match(got, want_hits)
+        assert sum(got.values()) == engine.num_layers * engine.num_heads * fin.completion_tokens * 3
+    assert engine.stats()["active"] == 0
+
+
+async def test_count_comparison_catches_a_wrong_row(engine, memory, ref):
+    """The tie-aware comparison is not a loose one: a top-k with an off-by-one bug, or one hit
+    moved to a row that was never retrieved, is rejected."""
+    mid, tokens = memory
+    bank, _ = ref_memory(ref, tokens, engine.special_ids)
+    prompt = engine.tokenizer.encode("Alice met Bob at")
+    want = Retrievals()
+    ref.greedy(prompt, 4, memory=bank, top_k=3, hits=want)
+    assert not want.mismatches(want.exact)  # the reference's own choice passes
+    assert want.mismatches(want.off_by_one)
+    planted = dict(want.exact)
+    top = max(planted, key=planted.get)
+    never = next(r for r in range(len(tokens) - 1) if want.upper.get(r, 0) == 0)
+    planted[top] -= 1
+    planted[never] = 1
+    assert want.mismatches(planted) == [f"row {never}: 1 retrievals, the reference allows 0..0"]
