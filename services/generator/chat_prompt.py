@@ -42,7 +42,13 @@ def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
     """``messages``: [{"role", "content"}] -> prompt token ids ending with the template's
     generation prompt. Special tokens come only from the template; a message's content is
     tokenized as the text it is, whatever it contains. Raises InvalidArgument if no block of
-    placeholder characters is free (content using thousands of private-use characters)."""
+    placeholder characters is free (content using thousands of private-use characters), and
+    FailedPrecondition when the model has no chat template (send a plain prompt instead)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise errors.FailedPrecondition(
+            "this model has no chat template, so `messages` cannot be rendered: send `prompt` with the text "
+            "the model expects (CLI: leave out --chat)"
+        )
     specials = special_tokens(tokenizer)
     # Longest first: the alternation then matches leftmost-longest, as tokenizers do.
     pattern = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True))) if specials else None

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from extmind import demo
 from extmind.channels import sync_channel
 from extmind.cluster_config import FACTS_MODEL
-from extmind.v1 import memory_pb2, memory_pb2_grpc
+from extmind.v1 import generator_pb2, memory_pb2, memory_pb2_grpc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -60,7 +60,9 @@ def test_generation_with_and_without_memory(cluster, result):
     plain, mind, mem = result["plain"], result["with_memory"], result["memory"]
     for r in (plain, mind):
         assert r.usage.completion_tokens > 0
-        assert len(r.token_ids) == r.usage.completion_tokens
+        # usage counts every token the model produced; an end token (STOP) is not returned
+        ended = r.finish_reason == generator_pb2.FINISH_REASON_STOP
+        assert len(r.token_ids) == r.usage.completion_tokens - (1 if ended else 0)
         assert r.usage.prompt_tokens > 0
     assert not plain.citations
     assert mind.citations, "generation with a memory and return_citations gave no citations"

@@ -86,3 +86,16 @@ def test_no_free_placeholder_block_is_invalid_argument(tok):
     crowded = "".join(chr(b + k) for b in (0xF0000, 0x100000, 0xE000) for k in range(8))
     with pytest.raises(errors.InvalidArgument, match="private-use"):
         encode_messages(tok, _msgs(("user", crowded + next(iter(special_tokens(tok))))))
+
+
+def test_a_model_without_a_chat_template_refuses_messages_clearly(tmp_path):
+    """The committed facts model has no chat template: messages are FAILED_PRECONDITION naming
+    what to send instead, not an INTERNAL error from deep inside the tokenizer."""
+    from extmind import errors
+    from extmind.cluster_config import FACTS_MODEL
+    from services.generator.chat_prompt import encode_messages
+
+    t = load_tokenizer(FACTS_MODEL)
+    assert not getattr(t, "chat_template", None)
+    with pytest.raises(errors.FailedPrecondition, match="no chat template.*send `prompt`"):
+        encode_messages(t, [{"role": "user", "content": "hello"}])
