@@ -71,7 +71,8 @@ def test_memory_down_generator_unavailable_then_recovers(cluster):
     plain = gen.Generate(
         generator_pb2.GenerateRequest(prompt="hello", sampling=generator_pb2.SamplingParams(max_tokens=3)), timeout=60
     )
-    assert plain.usage.completion_tokens == 3
+    # the default model may end its answer (a newline is one of its end tokens) before the limit
+    assert 1 <= plain.usage.completion_tokens <= 3
     assert check(cluster.url("generator")) == "SERVING"
 
     restart(cluster, "memory")
@@ -87,7 +88,7 @@ def test_memory_down_generator_unavailable_then_recovers(cluster):
     assert after.num_rows == before.num_rows
     for mid in ("fo-before", "fo-after"):
         r = eventually_ok(lambda mid=mid: gen.Generate(with_memory(mid), timeout=120), "generator Generate with memory")
-        assert r.usage.completion_tokens == 4
+        assert 1 <= r.usage.completion_tokens <= 4
     for mid in ("fo-before", "fo-after"):
         mem.DeleteMemory(memory_pb2.DeleteMemoryRequest(memory_id=mid), timeout=30)
     gen_ch.close()
