@@ -196,6 +196,25 @@ def server_version(binary: str) -> tuple[int, ...]:
     return (0, 0, 0)
 
 
+def redis_server_args(binary: str, socket_path: str, data_dir, *, fsync: str = "always", extra=()) -> list[str]:
+    """The command line of a redis-server with the memory service's settings: no TCP port, a unix
+    socket (mode 700), AOF with ``appendfsync`` ``fsync``, no RDB snapshots, logs in ``data_dir``."""
+    return [
+        binary,
+        "--port", "0",
+        "--unixsocket", str(socket_path),
+        "--unixsocketperm", "700",
+        "--dir", str(data_dir),
+        "--appendonly", "yes",
+        "--appendfsync", fsync,
+        "--save", "",
+        "--daemonize", "no",
+        "--loglevel", "warning",
+        "--logfile", os.path.join(str(data_dir), "redis.log"),
+        *extra,
+    ]  # fmt: skip
+
+
 class RedisProcess:
     """A real redis-server on a unix socket (no TCP port), AOF with appendfsync always (the memory
     service's settings), data under ``data_dir``. ``stop`` (SIGTERM) / ``kill`` (SIGKILL) /
@@ -227,29 +246,7 @@ class RedisProcess:
 
         if os.path.exists(self.socket):
             os.unlink(self.socket)
-        args = [
-            self.binary,
-            "--port",
-            "0",
-            "--unixsocket",
-            self.socket,
-            "--unixsocketperm",
-            "700",
-            "--dir",
-            str(self.data_dir),
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            self.fsync,
-            "--save",
-            "",
-            "--daemonize",
-            "no",
-            "--loglevel",
-            "warning",
-            "--logfile",
-            str(self.data_dir / "redis.log"),
-        ]
+        args = redis_server_args(self.binary, self.socket, self.data_dir, fsync=self.fsync)
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         c = self.client()

@@ -45,6 +45,21 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def added_tokens_decoder(ids: dict[str, int], specials) -> dict:
+    """``tokenizer_config.json``'s ``added_tokens_decoder``: each special token, matched whole."""
+    return {
+        str(ids[t]): {
+            "content": t,
+            "special": True,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "single_word": False,
+        }
+        for t in specials
+    }
+
+
 def build_tokenizer(path, kind: str = "llama", vocab_size: int = 512) -> dict:
     """Trains a deterministic tokenizer on the built-in corpus and writes HF tokenizer files.
 
@@ -149,17 +164,7 @@ def build_tokenizer(path, kind: str = "llama", vocab_size: int = 512) -> dict:
         {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "model_max_length": 131072,
-            "added_tokens_decoder": {
-                str(ids[t]): {
-                    "content": t,
-                    "special": True,
-                    "lstrip": False,
-                    "rstrip": False,
-                    "normalized": False,
-                    "single_word": False,
-                }
-                for t in specials
-            },
+            "added_tokens_decoder": added_tokens_decoder(ids, specials),
             **cfg,
         },
     )

@@ -46,6 +46,7 @@ from mlx_lm.models.llama import Model, ModelArgs
 
 if __package__ in (None, ""):  # run as a script (python training/train.py)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from extmind.tiny_tokenizers import added_tokens_decoder  # noqa: E402
 from training import facts  # noqa: E402
 from training.extended_forward import banks_from_capture, forward, own_banks  # noqa: E402
 
@@ -83,17 +84,7 @@ def build_tokenizer(path: Path, seed: int, vocab_size: int = 4096, n_people: int
                 "tokenizer_class": "PreTrainedTokenizerFast",
                 "model_max_length": 2048,
                 "add_bos_token": True,
-                "added_tokens_decoder": {
-                    str(ids[t]): {
-                        "content": t,
-                        "special": True,
-                        "lstrip": False,
-                        "rstrip": False,
-                        "normalized": False,
-                        "single_word": False,
-                    }
-                    for t in SPECIALS
-                },
+                "added_tokens_decoder": added_tokens_decoder(ids, SPECIALS),
                 **cfg,
             },
             indent=2,

@@ -31,7 +31,7 @@ import time
 import redis
 
 from extmind.errors import FailedPrecondition
-from extmind.procs import find_redis_server, server_version, stop_process
+from extmind.procs import find_redis_server, redis_server_args, server_version, stop_process
 
 log = logging.getLogger("extmind.memory.redis")
 
@@ -146,35 +146,12 @@ class EmbeddedRedis:
         self._stop_stale(pidfile)
         if os.path.exists(self.socket):
             os.unlink(self.socket)
-        args = [
+        args = redis_server_args(
             self.binary,
-            "--port",
-            "0",
-            "--bind",
-            "127.0.0.1",
-            "--unixsocket",
             self.socket,
-            "--unixsocketperm",
-            "700",
-            "--dir",
             self.data_dir,
-            "--pidfile",
-            pidfile,
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-            "--save",
-            "",
-            "--daemonize",
-            "no",
-            "--loglevel",
-            "warning",
-            "--logfile",
-            os.path.join(self.data_dir, "redis.log"),
-            "--protected-mode",
-            "yes",
-        ]
+            extra=["--bind", "127.0.0.1", "--pidfile", pidfile, "--protected-mode", "yes"],
+        )
         log.info(
             "starting embedded redis-server",
             extra={

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from extmind.service_procs import ServiceProcess
 from services.generator.request_types import Chunk
 
 PROMPTS = [
@@ -28,3 +29,14 @@ async def run(engine, req):
     lps = [x for c in chunks for x in c.logprobs]
     text = "".join(c.text for c in chunks) + final.remaining_text
     return tokens, lps, text, final
+
+
+def start_generator(log_dir, model, memory_address: str, *args: str) -> ServiceProcess:
+    """``python -m services.generator --model MODEL ARGS`` on a real memory service, SERVING."""
+    return ServiceProcess(
+        "services.generator",
+        ["--model", str(model), "--log-format", "text", *args],
+        env={"EXTMIND_AUTH_TOKEN": "", "MEMORY_URL": memory_address},
+        log_dir=log_dir,
+        health_service="extmind.v1.GeneratorService",
+    ).start()

@@ -17,6 +17,8 @@ from extmind.service_procs import ServiceProcess
 from extmind.v1 import generator_pb2 as g
 from extmind.v1 import generator_pb2_grpc, memory_pb2
 
+from .helpers import start_generator
+
 REPO = Path(__file__).resolve().parents[2]
 TEXT = " ".join(
     f"Fact {i}: the {w} river runs past town number {i}."
@@ -29,24 +31,9 @@ def services(tmp_path_factory, llama_path, module_memory_service):
     d = tmp_path_factory.mktemp("progress")
     mem = module_memory_service
     # Small windows and prefill chunks: a short text takes several windows of several chunks.
-    gen = ServiceProcess(
-        "services.generator",
-        [
-            "--model",
-            str(llama_path),
-            "--log-format",
-            "text",
-            "--window",
-            "32",
-            "--stride",
-            "16",
-            "--prefill-step-size",
-            "8",
-        ],
-        env={"EXTMIND_AUTH_TOKEN": "", "MEMORY_URL": mem.address},
-        log_dir=d / "logs",
-        health_service="extmind.v1.GeneratorService",
-    ).start()
+    gen = start_generator(
+        d / "logs", llama_path, mem.address, "--window", "32", "--stride", "16", "--prefill-step-size", "8"
+    )
     yield gen, mem
     gen.stop()
 

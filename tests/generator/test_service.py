@@ -9,22 +9,17 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from extmind.procs import health_status
-from extmind.service_procs import ServiceProcess
 from extmind.v1 import generator_pb2 as g
 from extmind.v1 import generator_pb2_grpc
+
+from .helpers import start_generator
 
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory, llama_path, module_memory_service):
     d = tmp_path_factory.mktemp("gensvc")
     mem = module_memory_service
-    gen = ServiceProcess(
-        "services.generator",
-        ["--model", str(llama_path), "--log-format", "text"],
-        env={"EXTMIND_AUTH_TOKEN": "", "MEMORY_URL": mem.address},
-        log_dir=d / "logs",
-        health_service="extmind.v1.GeneratorService",
-    ).start()
+    gen = start_generator(d / "logs", llama_path, mem.address)
     yield gen, mem
     gen.stop()
 
