@@ -147,15 +147,18 @@ def documents_step(c: Clients) -> tuple[memory_pb2.UpsertDocumentsResponse, floa
     return up, up_s, results
 
 
-def memorize_step(c: Clients, memory_id: str = MEMORY_ID, text: str = STORY):
-    # The demo is re-runnable: replace the memory of an earlier run.
+def _delete_if_present(rpc, request) -> None:
+    """Calls a Delete RPC; a thing already gone is fine."""
     try:
-        c.memory.DeleteMemory(
-            memory_pb2.DeleteMemoryRequest(memory_id=memory_id), timeout=TIMEOUT, metadata=auth_metadata()
-        )
+        rpc(request, timeout=TIMEOUT, metadata=auth_metadata())
     except grpc.RpcError as e:
         if e.code() != grpc.StatusCode.NOT_FOUND:
             raise
+
+
+def memorize_step(c: Clients, memory_id: str = MEMORY_ID, text: str = STORY):
+    # The demo is re-runnable: replace the memory of an earlier (interrupted) run.
+    _delete_if_present(c.memory.DeleteMemory, memory_pb2.DeleteMemoryRequest(memory_id=memory_id))
     m, sec = _call(
         c.generator.Memorize,
         generator_pb2.MemorizeRequest(text=text, memory_id=memory_id, labels={"source": "extmind.demo"}),
@@ -214,28 +217,12 @@ def _printable(text: str, n: int = 70) -> str:
     return '"' + _short(clean, n) + '"'
 
 
-def cleanup(c: Clients) -> list[str]:
+def cleanup(c: Clients) -> None:
     """Removes what the demo wrote (its own ids only: the collection and the memories named
     extmind-demo*), so running it again never piles demo data into the user's store."""
-    removed = []
     for memory_id in [MEMORY_ID, *(f[0] for f in FACTS)]:
-        try:
-            c.memory.DeleteMemory(
-                memory_pb2.DeleteMemoryRequest(memory_id=memory_id), timeout=TIMEOUT, metadata=auth_metadata()
-            )
-            removed.append(memory_id)
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.NOT_FOUND:
-                raise
-    try:
-        c.memory.DeleteCollection(
-            memory_pb2.DeleteCollectionRequest(collection=COLLECTION), timeout=TIMEOUT, metadata=auth_metadata()
-        )
-        removed.append(COLLECTION)
-    except grpc.RpcError as e:
-        if e.code() != grpc.StatusCode.NOT_FOUND:
-            raise
-    return removed
+        _delete_if_present(c.memory.DeleteMemory, memory_pb2.DeleteMemoryRequest(memory_id=memory_id))
+    _delete_if_present(c.memory.DeleteCollection, memory_pb2.DeleteCollectionRequest(collection=COLLECTION))
 
 
 def run(s: Settings | None = None, out=print, keep: bool = False) -> dict:

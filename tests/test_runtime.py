@@ -295,3 +295,37 @@ async def test_tls_from_certificate_files(tmp_path):
             assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
     finally:
         await server.stop(grace=0)
+
+
+def test_malformed_flags_and_environment_values_are_one_line_usage_errors(monkeypatch, capsys, tmp_path):
+    """A wrong value, given as a flag or through its environment variable, stops the start with
+    exit code 2 and one line naming it (a malformed environment value used to be a traceback)."""
+    from services.memory.app import parse_args
+
+    for argv, env, says in (
+        (["--max-response-mb", "0"], {}, "must be a finite number > 0"),
+        (["--max-response-mb", "-1"], {}, "must be a finite number > 0"),
+        ([], {"MEMORY_MAX_RESPONSE_MB": "lots"}, "MEMORY_MAX_RESPONSE_MB='lots' is not valid"),
+        ([], {"MEMORY_PORT": "abc"}, "MEMORY_PORT='abc' is not valid"),
+    ):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        with pytest.raises(SystemExit) as e:
+            parse_args(argv)
+        assert e.value.code == 2 and says in capsys.readouterr().err
+        for k in env:
+            monkeypatch.delenv(k)
+    assert parse_args(["--max-response-mb", "0.5"]).max_response_mb == 0.5
+
+
+def test_an_unwritable_health_file_stops_the_start_in_one_line(tmp_path):
+    from extmind.errors import InvalidArgument
+    from services.common.health_file import HealthFile
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(InvalidArgument, match="--health-file .* cannot be written"):
+        HealthFile(str(blocker / "serving")).check()  # its folder is a file
+    ok = HealthFile(str(tmp_path / "run" / "serving"))
+    ok.check()
+    assert (tmp_path / "run").is_dir() and not ok.path.exists()

@@ -34,13 +34,23 @@ class FlagParser(argparse.ArgumentParser):
             )
             return
         if repeated:
-            value = [type(x.strip()) for x in raw.split(",") if x.strip()] if raw else (default or [])
+            value = (
+                [self._from_env(env, x.strip(), type) for x in raw.split(",") if x.strip()] if raw else (default or [])
+            )
             self.add_argument(name, action="append", type=type, default=None, help=f"{help} [env {env}]", **kw)
             self._repeated_defaults = getattr(self, "_repeated_defaults", {})
             self._repeated_defaults[name.lstrip("-").replace("-", "_")] = value
             return
-        value = type(raw) if raw not in (None, "") else default
+        value = self._from_env(env, raw, type) if raw not in (None, "") else default
         self.add_argument(name, default=value, type=type, help=f"{help} [env {env}]", **kw)
+
+    def _from_env(self, env: str, raw: str, type):
+        """An environment value converted like the flag's; a malformed one is a usage error (exit
+        2, one line naming the variable), as a malformed flag is, not a traceback."""
+        try:
+            return type(raw)
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            self.error(f"environment variable {env}={raw!r} is not valid: {exc}")
 
     def parse_args(self, args=None, namespace=None):
         ns = super().parse_args(args, namespace)
@@ -48,6 +58,17 @@ class FlagParser(argparse.ArgumentParser):
             if getattr(ns, dest, None) is None:
                 setattr(ns, dest, list(value))
         return ns
+
+
+def positive_float(raw: str) -> float:
+    """A number > 0 (an argparse type)."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {raw!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {raw}")
+    return value
 
 
 def add_server_flags(p: FlagParser, *, prefix: str, port: int) -> None:
@@ -73,7 +94,7 @@ def add_server_flags(p: FlagParser, *, prefix: str, port: int) -> None:
         "--max-response-mb",
         env=f"{prefix}_MAX_RESPONSE_MB",
         default=DEFAULT_MAX_RESPONSE_MB,
-        type=float,
+        type=positive_float,
         help="largest unary response a request may ask for, in MiB; larger ones are refused up front with "
         "INVALID_ARGUMENT (stock gRPC clients receive at most 4 MiB)",
     )

@@ -14,12 +14,26 @@ import contextlib
 import os
 from pathlib import Path
 
+from extmind.errors import InvalidArgument
+
 
 class HealthFile:
     def __init__(self, path: str, interval: float = 5.0):
         self.path = Path(path)
         self.interval = interval
         self._task: asyncio.Task | None = None
+
+    def check(self) -> None:
+        """Before the server starts: the file can be written (creating its folder). Raises
+        InvalidArgument naming the flag, so a wrong path stops the start in one line instead of
+        leaving a container unhealthy with no reason given."""
+        try:
+            self._touch()
+            os.unlink(self.path)
+        except OSError as exc:
+            raise InvalidArgument(
+                f"--health-file {self.path} cannot be written ({exc.strerror}): give a path in a writable folder"
+            ) from None
 
     def _touch(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -97,6 +97,8 @@ class Server:
             await self.health.set(name, status)
 
     async def start(self) -> int:
+        if self.health_file is not None:
+            self.health_file.check()
         interceptors = [self.readiness, ErrorInterceptor()]
         if self.args.auth_token:
             interceptors.insert(0, AuthInterceptor(self.args.auth_token))
