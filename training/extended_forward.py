@@ -82,6 +82,29 @@ def extended_attention(q: mx.array, k: mx.array, v: mx.array, bank: Bank, top_k:
     return (out_mem + out_local.reshape(B, kvh, rep, L, d)).reshape(B, H, L, d)
 
 
+def retrieval_loss(q: mx.array, bank: Bank, sel: mx.array, pos: mx.array, tau: float) -> mx.array:
+    """Supervised retrieval (training only): for each selected query position and every query
+    head, a softmax over cosine(rotated query, raw key) / tau across the whole shared bank, and
+    the negative log of its mass on the positive rows (the sentence that states the answer).
+    The top-k selection itself gives no gradient to rows it does not pick; this loss is what
+    teaches queries and keys to find the right rows among thousands.
+
+    q [B, H, L, d]; bank keys [KVH, N, d]; sel int32 [P] (flat b * L + l); pos float32 [P, N].
+    -> scalar (mean over positions with at least one positive row, and heads)."""
+    B, H, L, d = q.shape
+    kvh = bank.keys.shape[0]
+    rep = H // kvh
+    qs = q.astype(mx.float32).transpose(1, 0, 2, 3).reshape(kvh, rep, B * L, d)
+    qs = mx.take(qs, sel, axis=2)  # [KVH, rep, P, d]
+    qn = qs * mx.rsqrt(mx.maximum(mx.sum(qs * qs, axis=-1, keepdims=True), 1e-24))
+    kn = bank.keys * mx.rsqrt(mx.maximum(mx.sum(bank.keys * bank.keys, axis=-1, keepdims=True), 1e-24))
+    logits = (qn @ kn[:, None].swapaxes(-1, -2)) / tau  # [KVH, rep, P, N]
+    lse_all = mx.logsumexp(logits, axis=-1)
+    lse_pos = mx.logsumexp(mx.where(pos > 0, logits, _NEG), axis=-1)
+    has = (pos.sum(axis=-1) > 0).astype(mx.float32)  # [P]
+    return ((lse_all - lse_pos) * has).sum() / (mx.maximum(has.sum(), 1.0) * kvh * rep)
+
+
 def _own_memory_attention(q, k, v, bank: Bank, scale: float) -> mx.array:
     """Every question attends to all rows of its own memory [B, KVH, N, d] and its local context."""
     B, H, L, d = q.shape
@@ -117,11 +140,21 @@ def own_banks(captured, valid: mx.array, groups: mx.array) -> list[Bank]:
     return banks
 
 
-def forward(model, tokens: mx.array, banks: list[Bank] | None = None, top_k: int = 10, capture: bool = False):
+def forward(
+    model,
+    tokens: mx.array,
+    banks: list[Bank] | None = None,
+    top_k: int = 10,
+    capture: bool = False,
+    ret: tuple[mx.array, mx.array, float] | None = None,
+    ret_losses: list | None = None,
+):
     """tokens [B, L] int32 (positions from 0) -> (logits [B, L, V], captured).
 
     ``banks`` (one per layer): attend to memories. ``capture``: also return, per layer, the raw
-    pre-RoPE keys and the values [B, KVH, L, d] (what Memorize stores)."""
+    pre-RoPE keys and the values [B, KVH, L, d] (what Memorize stores). ``ret`` = (sel, pos, tau)
+    with a shared bank: appends each layer's ``retrieval_loss`` (layers >= 1: layer 0's queries
+    see only their own token, so they cannot tell documents apart) to ``ret_losses``."""
     inner = model.model
     h = inner.embed_tokens(tokens)
     B, L = tokens.shape
@@ -139,6 +172,8 @@ def forward(model, tokens: mx.array, banks: list[Bank] | None = None, top_k: int
             o = mx.fast.scaled_dot_product_attention(q, k, v, scale=a.scale, mask="causal")
         else:
             o = extended_attention(q, k, v, banks[i], top_k, a.scale).astype(x.dtype)
+            if ret is not None and i > 0 and banks[i].mask is None:
+                ret_losses.append(retrieval_loss(q, banks[i], *ret))
         h = h + a.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     h = inner.norm(h)

@@ -286,6 +286,22 @@ def multi_document(rng: random.Random, entities: list[Entity]) -> tuple[str, lis
     return "\n".join(texts), list(attrs)
 
 
+def answer_span(doc: str, e: Entity, attr: str) -> tuple[int, int]:
+    """Character range [lo, hi) of the sentence of ``doc`` (from ``document``/``multi_document``)
+    that states ``e``'s ``attr``: searched in ``e``'s paragraph, whose first sentence names them
+    in full. -> (0, 0) when not found."""
+    start = 0
+    for para in doc.split("\n"):
+        if e.name in para:
+            at = 0
+            for sent in para.split(". "):
+                if e.attrs[attr] in sent:
+                    return start + at, start + at + len(sent) + 1
+                at += len(sent) + 2
+        start += len(para) + 1
+    return 0, 0
+
+
 def question(rng: random.Random, e: Entity, attr: str) -> QA:
     q = rng.choice(QUESTIONS[attr]).format(n=e.name)
     return QA(f"Question: {q}\nAnswer:", " " + e.attrs[attr], e, attr)

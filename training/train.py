@@ -124,7 +124,8 @@ def model_config(tok, a) -> dict:
         "tie_word_embeddings": True,
         "torch_dtype": "float16",
         "bos_token_id": tok.token_to_id(BOS),
-        "eos_token_id": [tok.token_to_id(EOS), tok.token_to_id("<|end_of_text|>")],
+        # The newline that ends every answer is an end token too, so generation stops after it.
+        "eos_token_id": [tok.token_to_id(EOS), tok.token_to_id("<|end_of_text|>"), tok.encode("\n", add_special_tokens=False).ids[0]],
         "pad_token_id": tok.token_to_id(PAD),
     }
 
@@ -177,8 +178,8 @@ def make_batch(tok, step_seed: int, n_mem: int, n_q: int, n_ctx: int, pad: int, 
         text, attrs = facts.multi_document(rng, people)
         docs.append(text)
         stated += [(e, a, i) for e, al in zip(people, attrs) for a in al]
-    d_ids = [e.ids for e in tok.encode_batch(docs)]
-    d = _pad(d_ids, pad, 16)
+    d_enc = tok.encode_batch(docs)
+    d = _pad([e.ids for e in d_enc], pad, 16)
     valid = (d != pad) & (d != bos)
     if own:  # question i is about document i; it sees documents i .. i + own - 1
         picks = [rng.choice([x for x in stated if x[2] == i]) for i in range(n_mem)]
@@ -193,9 +194,43 @@ def make_batch(tok, step_seed: int, n_mem: int, n_q: int, n_ctx: int, pad: int, 
     )
     rows = np.flatnonzero(valid.reshape(-1)).astype(np.int32)
     groups = (np.arange(n_mem)[:, None] + np.arange(max(own, 1))[None]) % n_mem
+    ret_sel, ret_pos = retrieval_targets(docs, d_enc, picks, rows, d.shape[1], qm)
     return dict(
-        docs=d, valid=valid, rows=rows, groups=groups.astype(np.int32), qx=qx, qy=qy, qm=qm, cx=cx, cy=cy, cm=cm
+        docs=d,
+        valid=valid,
+        rows=rows,
+        groups=groups.astype(np.int32),
+        qx=qx,
+        qy=qy,
+        qm=qm,
+        cx=cx,
+        cy=cy,
+        cm=cm,
+        ret_sel=ret_sel,
+        ret_pos=ret_pos,
     )
+
+
+def retrieval_targets(docs, d_enc, picks, rows, doc_len: int, qm: np.ndarray):
+    """Supervision for retrieval (the ``--w-ret`` loss): the memory rows that hold the sentence
+    stating each question's answer.
+
+    -> sel int32 [P]: flat indices (b * L + l) of the question positions that predict answer
+    tokens (qm's ones), and pos float32 [P, N]: 1 on the bank rows (``rows`` order) of the
+    answer sentence of that position's question."""
+    inv = np.full(len(docs) * doc_len, -1, dtype=np.int64)
+    inv[rows] = np.arange(len(rows))
+    per_q = []
+    for e, a, i in picks:
+        lo, hi = facts.answer_span(docs[i], e, a)
+        toks = [j for j, (s, t) in enumerate(d_enc[i].offsets) if t > lo and s < hi]
+        r = inv[i * doc_len + np.array(toks, dtype=np.int64)] if toks else np.empty(0, np.int64)
+        per_q.append(r[r >= 0])
+    sel = np.flatnonzero(qm.reshape(-1) > 0).astype(np.int32)
+    pos = np.zeros((len(sel), len(rows)), dtype=np.float32)
+    for p, flat in enumerate(sel):
+        pos[p, per_q[flat // qm.shape[1]]] = 1.0
+    return sel, pos
 
 
 def eval_batch(tok, seed: int, n: int, pad: int, bos: int):
@@ -228,18 +263,21 @@ def _ce(logits, y, m):
     return loss, (wrong == 0)
 
 
-def losses(model, b, top_k: int, w_lm: float, w_ctx: float, own: bool):
+def losses(model, b, top_k: int, w_lm: float, w_ctx: float, own: bool, w_ret: float = 0.0, tau: float = 0.1):
     docs = b["docs"]
     logits_d, cap = forward(model, docs, capture=True)
     lm_mask = b["valid"][:, 1:].astype(mx.float32)
     lm, _ = _ce(logits_d[:, :-1], docs[:, 1:], lm_mask)
     banks = own_banks(cap, b["valid"], b["groups"]) if own else banks_from_capture(cap, b["rows"])
-    logits_q, _ = forward(model, b["qx"], banks=banks, top_k=top_k)
+    ret_losses: list = []
+    ret = (b["ret_sel"], b["ret_pos"], tau) if (w_ret > 0 and not own) else None
+    logits_q, _ = forward(model, b["qx"], banks=banks, top_k=top_k, ret=ret, ret_losses=ret_losses)
     qa, qa_ok = _ce(logits_q, b["qy"], b["qm"])
     logits_c, _ = forward(model, b["cx"])
     ctx, ctx_ok = _ce(logits_c, b["cy"], b["cm"])
-    total = qa + w_lm * lm + w_ctx * ctx
-    return total, (qa, lm, ctx, qa_ok.astype(mx.float32).mean(), ctx_ok.astype(mx.float32).mean())
+    rl = sum(ret_losses) / len(ret_losses) if ret_losses else mx.array(0.0)
+    total = qa + w_lm * lm + w_ctx * ctx + w_ret * rl
+    return total, (qa, lm, ctx, qa_ok.astype(mx.float32).mean(), ctx_ok.astype(mx.float32).mean(), rl)
 
 
 def evaluate(model, b, top_k: int) -> dict:
@@ -256,14 +294,14 @@ def evaluate(model, b, top_k: int) -> dict:
     }
 
 
-def curriculum(progress: float, mem_docs: int) -> tuple[int, tuple[int, ...]]:
+def curriculum(progress: float, mem_docs: int, own_fraction: float = 0.5) -> tuple[int, tuple[int, ...]]:
     """-> (documents in the step's shared memory, top_k choices); 0 documents = each question
     gets its own small memory (its document and 3 distractors) attended whole, so every row gets
     gradient while retrieval is learned. Then shared memories with ever narrower top-k, ending
     at the inference setting (top_k 10 over thousands of rows)."""
-    if progress < 0.5:
+    if progress < own_fraction:
         return 0, (0,)  # each question: its own document + 3 others, attended whole
-    if progress < 0.75:
+    if (progress - own_fraction) / (1.0 - own_fraction) < 0.5:
         return mem_docs // 3, (16, 32, 64)
     return mem_docs, (10, 10, 16)
 
@@ -298,9 +336,22 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--w-lm", type=float, default=0.3)
     p.add_argument("--w-ctx", type=float, default=0.5)
+    p.add_argument(
+        "--w-ret", type=float, default=0.5, help="weight of the supervised retrieval loss (shared memories)"
+    )
+    p.add_argument("--tau", type=float, default=0.1, help="temperature of the retrieval loss's cosine softmax")
+    p.add_argument(
+        "--own-fraction", type=float, default=0.5, help="share of training on per-question memories, first"
+    )
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-n", type=int, default=256)
+    p.add_argument(
+        "--device-memory-gb", type=float, default=0, help="cap MLX's memory (and its buffer cache) at this; 0 = MLX default"
+    )
     a = p.parse_args(argv)
+    if a.device_memory_gb:  # several runs sharing one GPU: each would otherwise cache up to the whole device
+        mx.set_memory_limit(int(a.device_memory_gb * 1e9))
+        mx.set_cache_limit(int(a.device_memory_gb * 0.25e9))
 
     tok_dir = a.tokenizer or a.out
     if a.tokenizer is None:
@@ -327,7 +378,7 @@ def main(argv=None) -> int:
     pool = ThreadPoolExecutor(1)  # builds the next step's batch while the device runs this one
 
     def submit(step: int, progress: float):
-        n_mem, k_choices = curriculum(progress, a.mem_docs)
+        n_mem, k_choices = curriculum(progress, a.mem_docs, a.own_fraction)
         k = random.Random(a.seed * 7919 + step).choice(k_choices)
         if n_mem == 0:
             fut = pool.submit(
@@ -351,7 +402,7 @@ def main(argv=None) -> int:
         fut, top_k, n_mem = nxt
         b = to_mx(fut.result())
         nxt = submit(step + 1, progress)
-        (loss, parts), grads = grad_fn(model, b, top_k, a.w_lm, a.w_ctx, n_mem == 0)
+        (loss, parts), grads = grad_fn(model, b, top_k, a.w_lm, a.w_ctx, n_mem == 0, a.w_ret, a.tau)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         opt.update(model, grads)
         mx.eval(model.parameters(), opt.state, loss, parts)
@@ -360,7 +411,8 @@ def main(argv=None) -> int:
         if step % 50 == 0 or step == 1:
             print(
                 f"step {step} {time.time() - t_start:.0f}s lr {lr:.2e} docs {n_mem} k {top_k} loss {avg[0]:.3f} "
-                f"qa {avg[1]:.3f} lm {avg[2]:.3f} ctx {avg[3]:.3f} qa_acc {avg[4]:.2f} ctx_acc {avg[5]:.2f}",
+                f"qa {avg[1]:.3f} lm {avg[2]:.3f} ctx {avg[3]:.3f} qa_acc {avg[4]:.2f} ctx_acc {avg[5]:.2f} "
+                f"ret {avg[6]:.3f}",
                 flush=True,
             )
         if a.eval_every and step % a.eval_every == 0:
@@ -381,7 +433,7 @@ def main(argv=None) -> int:
                 "seconds": round(train_s),
                 "device": str(mx.default_device()),
                 "parameters": n_params,
-                "final_loss": {"total": avg[0], "qa": avg[1], "lm": avg[2], "ctx": avg[3]},
+                "final_loss": {"total": avg[0], "qa": avg[1], "lm": avg[2], "ctx": avg[3], "retrieval": avg[6]},
                 "eval_teacher_forced": final,
                 "args": {k: str(v) for k, v in vars(a).items()},
             },
