@@ -15,7 +15,7 @@ from mlx_lm.utils import load_model
 
 from extmind.errors import FailedPrecondition
 from services.embedder import recipe
-from services.embedder.models.base import ServedModel, cast, load_tokenizer, right_padded
+from services.embedder.models.base import ServedModel, cast, load_tokenizer, parameter_bytes, right_padded
 
 SYSTEM = (
     "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
@@ -73,6 +73,7 @@ class Qwen3Reranker(ServedModel):
             dtype=dtype,
             uses_instruction=True,
             default_instruction=DEFAULT_INSTRUCTION,
+            nbytes=parameter_bytes(self.body.parameters(), self.rows),
         )
 
     def pair_ids(self, instruction: str, query: str, documents: list[str]) -> list[list[int]]:
