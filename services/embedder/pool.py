@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from extmind.embedding_models import find as find_known
-from extmind.errors import InvalidArgument, NotFound, ResourceExhausted
+from extmind.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted
 from services.common.mlx_thread import MLXThread
 from services.embedder import registry
 from services.embedder.models.base import ServedModel
@@ -143,18 +143,28 @@ class ModelPool:
     async def use(self, entry: Entry, deadline: float | None = None) -> AsyncIterator[ServedModel]:
         """Holds ``entry`` for one request (never unloaded meanwhile), loading it first if needed.
 
-        ``deadline`` (event-loop time) bounds a wait for memory. Raises ResourceExhausted (the
-        budget is held by busy models, or the model alone is larger), NotFound or
-        FailedPrecondition (the checkpoint does not load)."""
+        ``deadline`` (event-loop time) bounds this request's wait for the load, not the load.
+        Raises ResourceExhausted (the budget stayed held by busy models for ``policy.wait_s``, or
+        the model alone is larger), DeadlineExceeded, NotFound or FailedPrecondition (the
+        checkpoint does not load)."""
+        loop = asyncio.get_running_loop()
         entry.in_flight += 1
         entry.last_used = next(self._clock)
         try:
             while entry.model is None:
                 if entry.loading is None:
-                    entry.loading = asyncio.get_running_loop().create_task(self._load(entry, deadline))
+                    entry.loading = loop.create_task(self._load(entry))
                     entry.loading.add_done_callback(_retrieve)
-                # Shielded: one waiter giving up must not cancel the load the others wait for.
-                await asyncio.shield(entry.loading)
+                try:
+                    # Shielded: one waiter giving up must not cancel the load the others wait for.
+                    await asyncio.wait_for(
+                        asyncio.shield(entry.loading), None if deadline is None else deadline - loop.time()
+                    )
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"the request's deadline passed while {entry.name} was loading; retry with a "
+                        "longer deadline (the load goes on)"
+                    ) from None
             yield entry.model
         finally:
             entry.in_flight -= 1
@@ -164,10 +174,10 @@ class ModelPool:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def _load(self, entry: Entry, deadline: float | None) -> None:
+    async def _load(self, entry: Entry) -> None:
         try:
             need = await asyncio.to_thread(registry.estimate_bytes, entry.resolved, self._dtype)
-            await self._make_room(entry, need, deadline)
+            await self._make_room(entry, need)
             model = await self.mlx.run(registry.load, entry.resolved, **self.policy.load_options)
             model.aliases = list(entry.aliases)
             entry.model, entry.reserved = model, 0
@@ -185,14 +195,12 @@ class ModelPool:
     def _dtype(self) -> str:
         return self.policy.load_options.get("dtype", "float32")
 
-    async def _make_room(self, entry: Entry, need: int, deadline: float | None) -> None:
+    async def _make_room(self, entry: Entry, need: int) -> None:
         """Unloads idle models, least recently used first, until ``need`` more bytes fit the budget,
         then reserves them for ``entry`` (no await between the check and the reservation)."""
         budget = self.policy.budget_bytes
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.policy.wait_s
-        if deadline is not None:
-            give_up = min(give_up, deadline)
         if budget and need > budget:
             raise ResourceExhausted(
                 f"model {entry.name} needs {_gb(need)} of parameters, more than the whole {BUDGET_FLAG} "

@@ -13,10 +13,11 @@ import logging
 import threading
 
 import grpc
+import mlx.core as mx
 import numpy as np
 import pytest
 
-from extmind.errors import NotFound, ResourceExhausted
+from extmind.errors import DeadlineExceeded, NotFound, ResourceExhausted
 from extmind.v1 import embedder_pb2 as pb
 from extmind.v1 import embedder_pb2_grpc
 from services.common.mlx_thread import MLXThread
@@ -110,8 +111,12 @@ async def test_least_recently_used_model_is_unloaded_first(engine_with):
     first = (await engine.embed(doc, model="qwen3-4b")).vectors
     assert loaded(engine) == [A, B]
     await engine.embed(doc)  # the default (A) is now more recent than B
+    two_models = engine.mlx.call(mx.get_active_memory)
     await engine.embed(doc, model="qwen3-8b")  # over budget: B, the least recently used, goes
     assert loaded(engine) == [A, C]
+    # B's arrays really went: MLX holds about what it held with two models, not three.
+    size = engine.models[0].nbytes
+    assert abs(engine.mlx.call(mx.get_active_memory) - two_models) < size / 2
     again = (await engine.embed(doc, model="Qwen/Qwen3-Embedding-4B")).vectors  # A is now the oldest
     assert loaded(engine) == [B, C]
     assert np.array_equal(first, again)  # a reloaded model answers as before
@@ -141,14 +146,17 @@ async def test_a_load_waits_for_busy_models_then_fails_naming_the_budget(engine_
     blocked = BlockedMLX(engine)
     on_a = asyncio.ensure_future(engine.embed(["held in flight"]))
     await until(lambda: engine.pool.lookup(A, None).in_flight == 1, "A's request to be in flight")
-    loop = asyncio.get_running_loop()
+    engine.pool.policy.wait_s = 0.3
     with pytest.raises(ResourceExhausted) as err:
-        await engine.embed(["y"], model="qwen3-4b", deadline=loop.time() + 0.3)
+        await engine.embed(["y"], model="qwen3-4b")
     assert "--model-memory-gb" in err.value.message and A in err.value.message
-    # Without a deadline the load waits for A's request to finish, then takes A's place.
+    # A request's own deadline ends its wait, not the load the others wait for.
+    engine.pool.policy.wait_s = 30
+    loop = asyncio.get_running_loop()
     on_b = asyncio.ensure_future(engine.embed(["y"], model="qwen3-4b"))
-    await asyncio.sleep(0.2)
-    assert not on_b.done() and loaded(engine) == [A]
+    with pytest.raises(DeadlineExceeded):
+        await engine.embed(["z"], model="qwen3-4b", deadline=loop.time() + 0.2)
+    assert not on_b.done() and loaded(engine) == [A]  # the load waits for A's request to finish
     blocked.release()
     assert (await on_a).model == A and (await on_b).model == B
     assert loaded(engine) == [B]
