@@ -198,6 +198,20 @@ REGISTRY: tuple[EnvVar, ...] = (
         "extra model names, comma-separated `name=served model` (e.g. `text-embedding-3-small=all-minilm-l6-v2`)",
     ),
     EnvVar(
+        "EMBEDDER_ALLOW_LOAD",
+        "",
+        "embedder `--allow-load`",
+        "models a request may load on demand, comma-separated aliases/hub ids/names under `MLX_MODELS_DIR`; "
+        "`*` = every known model found locally; unset = only the start models",
+    ),
+    EnvVar(
+        "EMBEDDER_MODEL_MEMORY_GB",
+        "0",
+        "embedder `--model-memory-gb`",
+        "GB of parameters loaded models may hold together; past it the least recently used idle one is "
+        "unloaded; 0 = no limit",
+    ),
+    EnvVar(
         "MLX_MODELS_DIR", "", "embedder model registry", "directory searched for aliased models by alias or hub name"
     ),
     EnvVar(

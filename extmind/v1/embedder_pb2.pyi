@@ -159,7 +159,7 @@ class EmbedderServiceGetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "aliases", "kind", "dimensions", "max_input_tokens", "dtype", "min_dimensions")
+    __slots__ = ("name", "aliases", "kind", "dimensions", "max_input_tokens", "dtype", "min_dimensions", "memory_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +167,7 @@ class ModelInfo(_message.Message):
     MAX_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MIN_DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
     kind: ModelKind
@@ -174,7 +175,8 @@ class ModelInfo(_message.Message):
     max_input_tokens: int
     dtype: _common_pb2.DType
     min_dimensions: int
-    def __init__(self, name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., dimensions: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., min_dimensions: _Optional[int] = ...) -> None: ...
+    memory_bytes: int
+    def __init__(self, name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., dimensions: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., min_dimensions: _Optional[int] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class BatchingLimits(_message.Message):
     __slots__ = ("max_batch_tokens", "max_batch_size", "max_queue", "max_inputs_per_request", "max_response_bytes")
@@ -191,11 +193,15 @@ class BatchingLimits(_message.Message):
     def __init__(self, max_batch_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_inputs_per_request: _Optional[int] = ..., max_response_bytes: _Optional[int] = ...) -> None: ...
 
 class EmbedderServiceGetInfoResponse(_message.Message):
-    __slots__ = ("models", "default_model", "batching")
+    __slots__ = ("models", "default_model", "batching", "available_models", "model_memory_budget_bytes")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_MODELS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     default_model: str
     batching: BatchingLimits
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., default_model: _Optional[str] = ..., batching: _Optional[_Union[BatchingLimits, _Mapping]] = ...) -> None: ...
+    available_models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    model_memory_budget_bytes: int
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., default_model: _Optional[str] = ..., batching: _Optional[_Union[BatchingLimits, _Mapping]] = ..., available_models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., model_memory_budget_bytes: _Optional[int] = ...) -> None: ...

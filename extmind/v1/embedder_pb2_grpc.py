@@ -95,7 +95,7 @@ class EmbedderServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetInfo(self, request, context):
-        """The served models and the batching limits.
+        """The served models (loaded, and loaded on demand) and the batching limits.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

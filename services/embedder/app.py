@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
@@ -18,6 +19,7 @@ from services.embedder import registry
 from services.embedder.batcher import Limits
 from services.embedder.engine import EmbedderEngine, parse_aliases
 from services.embedder.http_face import HttpFace
+from services.embedder.pool import LoadPolicy
 from services.embedder.servicer import EmbedderServicer
 
 log = logging.getLogger("extmind.embedder")
@@ -101,6 +103,22 @@ def _parser() -> FlagParser:
         help="an extra name for a served model, name=model (e.g. text-embedding-3-small=all-minilm-l6-v2 for "
         "clients that hard-code an OpenAI model name); repeatable",
     )
+    p.flag(
+        "--allow-load",
+        env="EMBEDDER_ALLOW_LOAD",
+        repeated=True,
+        help="models a request may load on demand besides --model/--reranker: aliases, hub ids or names "
+        "under MLX_MODELS_DIR, found locally at start (never downloaded); '*' = every known model found; "
+        "repeatable. None = only the models given at start",
+    )
+    p.flag(
+        "--model-memory-gb",
+        env="EMBEDDER_MODEL_MEMORY_GB",
+        default=0.0,
+        type=float,
+        help="most GB of parameters the loaded models hold together; a load past it first unloads the least "
+        "recently used idle model. 0 = no limit",
+    )
     return p
 
 
@@ -111,6 +129,8 @@ def parse_args(argv=None):
         args.model_alias = parse_aliases(args.model_alias)
     except InvalidArgument as exc:
         p.error(exc.message)
+    if args.model_memory_gb < 0:
+        p.error("--model-memory-gb must be >= 0 (0 = no limit)")
     # The singular variables are accepted too (older deployments set EMBEDDER_MODEL; docs/configuration.md).
     for flag, env in (("model", "EMBEDDER_MODEL"), ("reranker", "EMBEDDER_RERANKER")):
         if not getattr(args, flag) and os.environ.get(env):
@@ -153,6 +173,8 @@ class EmbedderApp:
             "rerankers": self.args.reranker,
             "http_port": self.args.http_port,
             "model_aliases": self.args.model_alias,
+            "allow_load": self.args.allow_load,
+            "model_memory_gb": self.args.model_memory_gb,
         }
 
     async def on_start(self) -> None:
@@ -161,9 +183,17 @@ class EmbedderApp:
         specs = [(s, None) for s in (self.args.model or ["all-minilm-l6-v2"])]
         specs += [(s, "reranker") for s in self.args.reranker or []]
         resolved = [registry.resolve(spec, kind) for spec, kind in specs]  # fail fast, before any loading
+        loadable, missing = await asyncio.to_thread(registry.loadable, self.args.allow_load, resolved)
+        if self.args.allow_load:
+            log.info(
+                "models loaded on demand",
+                extra={"loadable": [r.name for r in loadable], "allowed_but_not_found": sorted(missing)},
+            )
+        options = {"dtype": self.args.dtype, "max_input_tokens": self.args.max_input_tokens}
+        policy = LoadPolicy(loadable, missing, int(self.args.model_memory_gb * 1e9), options)
         models = []
         for r in resolved:
-            m = await self.mlx.run(registry.load, r, dtype=self.args.dtype, max_input_tokens=self.args.max_input_tokens)
+            m = await self.mlx.run(registry.load, r, **options)
             log.info(
                 "model loaded",
                 extra={
@@ -177,7 +207,7 @@ class EmbedderApp:
                 },
             )
             models.append(m)
-        engine = EmbedderEngine(models, self.mlx, self.limits(), aliases=self.args.model_alias)
+        engine = EmbedderEngine(models, self.mlx, self.limits(), aliases=self.args.model_alias, policy=policy)
         await engine.start()
         self.engine = self.servicer.engine = self.http.engine = engine
 

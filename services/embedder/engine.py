@@ -8,6 +8,7 @@ one MLX thread through the batcher.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ from services.common.mlx_thread import MLXThread
 from services.embedder import recipe
 from services.embedder.batcher import Batcher, Limits
 from services.embedder.models.base import ServedModel
+from services.embedder.pool import Entry, LoadPolicy, ModelPool
 
 DOCUMENT, QUERY = "document", "query"
 
@@ -108,31 +110,40 @@ class EmbedderEngine:
         mlx: MLXThread,
         limits: Limits | None = None,
         aliases: dict[str, str] | None = None,
+        policy: LoadPolicy | None = None,
     ):
-        """``aliases`` maps extra names (e.g. an OpenAI model name a client hard-codes) to served
-        models; raises InvalidArgument when a target is not served or an alias names a served model."""
+        """``models`` are loaded (the first embedder and reranker are the defaults); ``policy``
+        says what requests may load on demand and the memory budget (default: nothing more, no
+        budget). ``aliases`` maps extra names (e.g. an OpenAI model name a client hard-codes) to
+        served models; raises InvalidArgument when a target is not served or an alias names a
+        served model, ResourceExhausted when ``models`` exceed the budget."""
         if not models:
             raise ValueError("the engine needs at least one model")
-        self.models = models
         self.mlx = mlx
         self.limits = limits or Limits()
         self.batcher = Batcher(mlx, self.limits)
-        embedders = [m for m in models if m.kind == "embedding"]
-        rerankers = [m for m in models if m.kind == "reranker"]
-        self.default_embedder = embedders[0] if embedders else None
-        self.default_reranker = rerankers[0] if rerankers else None
+        self.pool = ModelPool(models, mlx, policy)
+        starts = self.pool.start_entries
+        self._default = {k: next((e for e in starts if e.kind == k), None) for k in ("embedding", "reranker")}
         for alias, target in (aliases or {}).items():
             try:
-                self.find(alias, None)
+                self.pool.lookup(alias, None)
             except NotFound:
                 pass
             else:
                 raise InvalidArgument(f"model alias {alias!r} already names a served model; pick another name")
             try:
-                m = self.find(target, None)
+                e = self.pool.lookup(target, None)
             except NotFound as exc:
                 raise InvalidArgument(f"model alias {alias}={target}: {exc.message}") from None
-            m.aliases = [*m.aliases, alias]
+            e.aliases.append(alias)
+            if e.model is not None:
+                e.model.aliases = list(e.aliases)
+
+    @property
+    def models(self) -> list[ServedModel]:
+        """The models in memory now."""
+        return self.pool.loaded
 
     async def start(self) -> None:
         self.batcher.start()
@@ -141,32 +152,34 @@ class EmbedderEngine:
         await self.batcher.stop()
 
     # --- lookup -------------------------------------------------------------------------------
-    def find(self, name: str, kind: str | None) -> ServedModel:
-        """The served model ``name`` means (full name, its last part or an alias; any case).
+    def _entry(self, name: str, kind: str | None) -> Entry:
+        """The served model ``name`` means (full name, its last part or an alias; any case),
+        loaded or loadable on demand.
 
         ``kind`` "embedding" or "reranker" is what the call needs (an empty name gives that kind's
         default); None accepts a named model of either kind (an empty name: the default embedder).
         Raises NotFound (not served) or InvalidArgument (served, but of the other kind)."""
-        key = (name or "").strip().lower()
-        if not key:
+        if not (name or "").strip():
             kind = kind or "embedding"
-            default = self.default_embedder if kind == "embedding" else self.default_reranker
-            if default is None:
+            if self._default[kind] is None:
                 raise NotFound(
                     f"this embedder serves no {kind} model; start it with "
                     + ("--model" if kind == "embedding" else "--reranker")
                 )
-            return default
-        for m in self.models:
-            names = {m.name.lower(), m.name.split("/")[-1].lower(), *(a.lower() for a in m.aliases)}
-            if key in names:
-                if kind is not None and m.kind != kind:
-                    raise InvalidArgument(f"model {name!r} is a {m.kind} model; this call needs an {kind} model")
-                return m
-        served = ", ".join(
-            f"{m.name} ({m.kind}{'; ' + ', '.join(m.aliases) if m.aliases else ''})" for m in self.models
-        )
-        raise NotFound(f"model {name!r} is not served here; served: {served}")
+            return self._default[kind]
+        return self.pool.lookup(name, kind)
+
+    def find(self, name: str, kind: str | None) -> ServedModel:
+        """The loaded model ``name`` means; raises like ``_entry``, and NotFound when it is not
+        in memory now (a request loads it: ``embed``, ``rerank``, ``tokenize``)."""
+        e = self._entry(name, kind)
+        if e.model is None:
+            raise NotFound(f"model {e.name} is not loaded now; it loads at its first request")
+        return e.model
+
+    def model_list(self) -> list[dict]:
+        """Every model served, loaded or loaded on demand: see ``ModelPool.listing``."""
+        return self.pool.listing()
 
     def _check_count(self, n: int, what: str) -> None:
         if not n:
@@ -187,12 +200,6 @@ class EmbedderEngine:
                 raise InvalidArgument(f"{what}[{i}] is empty: every text needs at least one non-space character")
 
     # --- RPCs ---------------------------------------------------------------------------------
-    def output_of(self, model: str, dimensions: int) -> tuple[str, int]:
-        """(canonical name, vector size) an embed call for ``model`` and ``dimensions`` answers
-        with, so a face can check the answer's size before any work; raises like ``embed``."""
-        m = self.find(model, "embedding")
-        return m.name, recipe.check_dimensions(int(dimensions), m.dimensions, m.min_dimensions, m.name)
-
     async def embed(
         self,
         inputs: list[str] | None = None,
@@ -205,23 +212,32 @@ class EmbedderEngine:
         normalize: bool = True,
         truncate: bool = True,
         deadline: float | None = None,
+        check_answer: Callable[[int, int, str], None] | None = None,
     ) -> Embeddings:
         """Texts (``inputs``) or token ids (``token_inputs``, not both) -> float32 [n, dims] vectors.
 
+        ``check_answer(n, dims, model name)`` runs once the answer's shape is known, before any
+        model work (a face refusing answers larger than it can send raises there).
         Raises InvalidArgument (bad input, over a limit), NotFound (model not served),
-        ResourceExhausted (queue full: retry), DeadlineExceeded, Internal (non-finite output)."""
-        m = self.find(model, "embedding")
+        ResourceExhausted (queue full or model memory budget held by busy models: retry),
+        DeadlineExceeded, Internal (non-finite output)."""
+        entry = self._entry(model, "embedding")
         if inputs and token_inputs:
             raise InvalidArgument("send inputs (texts) or token_inputs (token ids), not both")
-        dims = recipe.check_dimensions(int(dimensions), m.dimensions, m.min_dimensions, m.name)
         if token_inputs:
             self._check_count(len(token_inputs), "token inputs")
-            ids = prepare_token_inputs(m, token_inputs, input_type, truncate)
         else:
             inputs = list(inputs or [])
             self._check_inputs(inputs)
-            ids = await asyncio.to_thread(prepare, m, inputs, input_type, instruction, truncate)
-        pooled = await self.batcher.run(m, ids, deadline)
+        async with self.pool.use(entry, deadline) as m:
+            dims = recipe.check_dimensions(int(dimensions), m.dimensions, m.min_dimensions, m.name)
+            if check_answer is not None:
+                check_answer(len(token_inputs or inputs), dims, m.name)
+            if token_inputs:
+                ids = prepare_token_inputs(m, token_inputs, input_type, truncate)
+            else:
+                ids = await asyncio.to_thread(prepare, m, inputs, input_type, instruction, truncate)
+            pooled = await self.batcher.run(m, ids, deadline)
         return Embeddings(recipe.finish(pooled, dims, normalize), m.name, dims, [len(s) for s in ids])
 
     async def rerank(
@@ -234,12 +250,13 @@ class EmbedderEngine:
         top_n: int = 0,
         deadline: float | None = None,
     ) -> tuple[str, list[Ranked]]:
-        m = self.find(model, "reranker")
+        entry = self._entry(model, "reranker")
         if not query.strip():
             raise InvalidArgument("query is empty: send the text the documents are ranked against")
         self._check_inputs(documents, "documents")
-        ids = await asyncio.to_thread(m.pair_ids, instruction or m.default_instruction, query, documents)
-        scores = (await self.batcher.run(m, ids, deadline))[:, 0]
+        async with self.pool.use(entry, deadline) as m:
+            ids = await asyncio.to_thread(m.pair_ids, instruction or m.default_instruction, query, documents)
+            scores = (await self.batcher.run(m, ids, deadline))[:, 0]
         if not np.isfinite(scores).all():
             raise Internal("the reranker produced a non-finite score; nothing was returned (try dtype float32)")
         order = sorted(range(len(documents)), key=lambda i: (-float(scores[i]), i))
@@ -248,24 +265,20 @@ class EmbedderEngine:
         return m.name, [Ranked(i, float(scores[i]), documents[i]) for i in order]
 
     async def tokenize(self, inputs: list[str], model: str = "") -> tuple[str, list[list[int]]]:
-        m = self.find(model, None)  # any served model tokenizes
+        entry = self._entry(model, None)  # any served model tokenizes
         self._check_inputs(inputs)
-        return m.name, await asyncio.to_thread(m.token_ids, list(inputs))
+        async with self.pool.use(entry) as m:
+            return m.name, await asyncio.to_thread(m.token_ids, list(inputs))
 
     def info(self) -> dict:
+        """models (loaded) and available_models (loaded on demand) as ``model_list`` entries,
+        default_model, batching limits, model_memory_budget_bytes (0 = no limit)."""
+        listed = self.model_list()
+        default = self._default["embedding"]
         return {
-            "models": [
-                {
-                    "name": m.name,
-                    "aliases": list(m.aliases),
-                    "kind": m.kind,
-                    "dimensions": m.dimensions,
-                    "max_input_tokens": m.max_input_tokens,
-                    "dtype": m.dtype,
-                    "min_dimensions": m.min_dimensions,
-                }
-                for m in self.models
-            ],
-            "default_model": self.default_embedder.name if self.default_embedder else "",
+            "models": [m for m in listed if m["loaded"]],
+            "available_models": [m for m in listed if not m["loaded"]],
+            "default_model": default.name if default else "",
             "batching": vars(self.limits).copy(),
+            "model_memory_budget_bytes": self.pool.policy.budget_bytes,
         }

@@ -294,7 +294,10 @@ class HttpFace:
     async def _models(self, body: dict) -> dict:
         return {
             "object": "list",
-            "data": [{"id": m.name, "object": "model", "owned_by": "extmind"} for m in self.engine.models],
+            "data": [
+                {"id": m["name"], "object": "model", "owned_by": "extmind", "kind": m["kind"], "loaded": m["loaded"]}
+                for m in self.engine.model_list()
+            ],
         }
 
     async def _info(self, body: dict) -> dict:

@@ -8,7 +8,9 @@ Aliases try, in order: their ``MLX_MODEL_*_PATH`` variable, ``MLX_MODELS_DIR/<na
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,6 +134,58 @@ def resolve(spec: str, kind: str | None = None, *, download: bool = True) -> Res
         f"model {spec!r} was not found; tried: {'; '.join(tried)}. Pass a local model directory "
         "(config.json + *.safetensors + tokenizer), set the variable named above, or set MLX_MODELS_DIR"
     )
+
+
+def loadable(specs: list[str], served: list[Resolved]) -> tuple[list[Resolved], dict[str, str]]:
+    """The ``--allow-load`` list -> (models found locally that are not among ``served``, {name: why
+    not loadable} for the rest). ``*`` stands for every known model. Never downloads: a model loaded
+    on demand must already be on this machine. Names in the second map are lower case: the model's
+    alias, hub id and last part, so a request by any of them learns where it was looked for."""
+    wanted: list[str] = []
+    for spec in specs:
+        wanted += [m.aliases[0] for m in MODELS] if spec.strip() == "*" else [spec.strip()]
+    have = {r.name for r in served}
+    found: list[Resolved] = []
+    missing: dict[str, str] = {}
+    for spec in dict.fromkeys(w for w in wanted if w):
+        try:
+            r = resolve(spec, download=False)
+        except NotFound as exc:
+            known = _known(spec.lower())
+            names = {spec.lower()} | ({known.name.lower(), known.short.lower(), *known.aliases} if known else set())
+            missing.update(dict.fromkeys(names, exc.message))
+            continue
+        if r.name not in have:
+            have.add(r.name)
+            found.append(r)
+    return found, missing
+
+
+_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "I8": 1, "U8": 1}
+_FLOATS = {"F64", "F32", "F16", "BF16"}
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def estimate_bytes(resolved: Resolved, dtype: str = "float32") -> int:
+    """Bytes the checkpoint's parameters will hold once loaded as ``dtype``, read from the
+    safetensors headers (no weights read): floating tensors at ``dtype``'s size, others (packed
+    quantized weights) as stored; ``lm_head.*`` is left out (the served models drop it). An upper
+    bound within a few percent (BERT's unused pooler counts); the loaded model's own count
+    (``ServedModel.nbytes``) replaces it once loaded."""
+    total = 0
+    for f in sorted(resolved.path.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(length))
+        for name, t in header.items():
+            if name == "__metadata__" or name.startswith("lm_head."):
+                continue
+            n = 1
+            for d in t["shape"]:
+                n *= d
+            size = _DTYPE_BYTES.get(dtype, 4) if t["dtype"] in _FLOATS else _SAFETENSORS_BYTES.get(t["dtype"], 4)
+            total += n * size
+    return total
 
 
 def load(resolved: Resolved, *, dtype: str = "float32", max_input_tokens: int = 0) -> ServedModel:

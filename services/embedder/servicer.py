@@ -39,13 +39,9 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         self.engine = engine
         self.max_response_bytes = max_response_bytes  # --max-response-mb
 
-    def _check_response_size(self, request) -> None:
+    def _check_response_size(self, n: int, dims: int, model: str) -> None:
         """Refuses up front an answer larger than clients receive (a stock channel takes 4 MiB and
         fails with 'Received message larger than max' after all the work is done)."""
-        n = len(request.inputs) or len(request.token_inputs)
-        if not n:
-            return  # the engine says what is missing
-        model, dims = self.engine.output_of(request.model, request.dimensions)
         size = response_bytes(n, dims, model)
         if size <= self.max_response_bytes:
             return
@@ -69,7 +65,6 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
             raise InvalidArgument(
                 f"input_type {request.input_type} is unknown; use INPUT_TYPE_DOCUMENT or INPUT_TYPE_QUERY"
             )
-        self._check_response_size(request)
         return await self.engine.embed(
             list(request.inputs),
             token_inputs=[list(t.ids) for t in request.token_inputs],
@@ -80,6 +75,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
             normalize=request.normalize if request.HasField("normalize") else True,
             truncate=request.truncate if request.HasField("truncate") else True,
             deadline=_deadline(context),
+            check_answer=self._check_response_size,
         )
 
     async def Embed(self, request, context):
@@ -178,16 +174,20 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
                     if k in embedder_pb2.BatchingLimits.DESCRIPTOR.fields_by_name
                 },
             ),
-            models=[
-                embedder_pb2.ModelInfo(
-                    name=m["name"],
-                    aliases=m["aliases"],
-                    kind=_KINDS[m["kind"]],
-                    dimensions=m["dimensions"],
-                    max_input_tokens=m["max_input_tokens"],
-                    dtype=_DTYPES[m["dtype"]],
-                    min_dimensions=m["min_dimensions"],
-                )
-                for m in info["models"]
-            ],
+            models=[_model_info(m) for m in info["models"]],
+            available_models=[_model_info(m) for m in info["available_models"]],
+            model_memory_budget_bytes=info["model_memory_budget_bytes"],
         )
+
+
+def _model_info(m: dict) -> embedder_pb2.ModelInfo:
+    return embedder_pb2.ModelInfo(
+        name=m["name"],
+        aliases=m["aliases"],
+        kind=_KINDS[m["kind"]],
+        dimensions=m["dimensions"],
+        max_input_tokens=m["max_input_tokens"],
+        dtype=_DTYPES.get(m["dtype"], common_pb2.DTYPE_UNSPECIFIED),
+        min_dimensions=m["min_dimensions"],
+        memory_bytes=m["memory_bytes"],
+    )

@@ -48,22 +48,41 @@ def tiny_qwen3(models_root):
     return tiny_models.build_qwen3(models_root / "Qwen3-Embedding-tiny", embedding_layout=True, seed=1)
 
 
+def build_reranker(path, *, tied: bool, seed: int, **shape):
+    """A tiny Qwen3-Reranker: a Qwen3 causal LM whose tokenizer has whole 'yes'/'no' tokens,
+    with its LM head tied to the embeddings or a separate one covering the added rows."""
+    path = tiny_models.build_qwen3(path, embedding_layout=False, tie_word_embeddings=tied, seed=seed, **shape)
+    ids = add_words(path, ["yes", "no"])
+    assert ids["yes"] is not None and ids["no"] is not None
+    if not tied:
+        # An untied head that does not cover the added rows would break the check; keep it tied-size.
+        w = load_file(str(path / "model.safetensors"))
+        rng = np.random.default_rng(3)
+        head = w["lm_head.weight"]
+        grow = w["model.embed_tokens.weight"].shape[0] - head.shape[0]
+        extra = (rng.standard_normal((grow, head.shape[1])) * 0.3).astype(head.dtype)
+        w["lm_head.weight"] = np.concatenate([head, extra])
+        save_file(w, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_reranker(models_root):
-    path = tiny_models.build_qwen3(
-        models_root / "Qwen3-Reranker-tiny", embedding_layout=False, tie_word_embeddings=False, seed=2
-    )
-    # An untied head that does not cover the added rows would break the check; keep it tied-size.
-    ids = add_words(path, ["yes", "no"])
-    w = load_file(str(path / "model.safetensors"))
-    rng = np.random.default_rng(3)
-    grow = w["model.embed_tokens.weight"].shape[0] - w["lm_head.weight"].shape[0]
-    w["lm_head.weight"] = np.concatenate(
-        [w["lm_head.weight"], (rng.standard_normal((grow, w["lm_head.weight"].shape[1])) * 0.3).astype(np.float32)]
-    )
-    save_file(w, str(path / "model.safetensors"), metadata={"format": "pt"})
-    assert ids["yes"] is not None and ids["no"] is not None
-    return path
+    return build_reranker(models_root / "Qwen3-Reranker-tiny", tied=False, seed=2)
+
+
+# The Qwen3-Reranker-4B's shape in small: more query heads x head_dim than hidden units, grouped
+# KV heads, an intermediate size not a power-of-two multiple; every matrix a multiple of 64 wide
+# so mlx-lm quantizes all of them (the head included) at group size 64.
+RERANKER_4B_SHAPE = dict(hidden=64, heads=4, kv_heads=2, head_dim=32, intermediate=192, layers=2)
+
+
+@pytest.fixture(scope="session", params=[True, False], ids=["tied", "untied"])
+def tiny_reranker_4b(request, models_root):
+    """A 4B-shaped tiny reranker with a tied (as the 4B ships) or an untied head."""
+    tied = request.param
+    name = f"Qwen3-Reranker-4B-tiny-{'tied' if tied else 'untied'}"
+    return build_reranker(models_root / name, tied=tied, seed=5 if tied else 6, **RERANKER_4B_SHAPE)
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,7 @@ class ServedModel:
     default_instruction: str = ""
     aliases: list[str] = field(default_factory=list)
     vocab_size: int = 0  # token ids in [0, vocab_size) are valid input (0 = token input refused)
+    nbytes: int = 0  # bytes of the parameters held in memory (what --model-memory-gb counts)
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         raise NotImplementedError
@@ -79,6 +80,13 @@ def right_padded(batch: list[list[int]], pad_id: int) -> tuple[mx.array, mx.arra
     for i, s in enumerate(batch):
         ids[i, : len(s)] = s
     return mx.array(ids), mx.array(np.array([len(s) for s in batch], dtype=np.int32))
+
+
+def parameter_bytes(*trees) -> int:
+    """Bytes of every array in ``trees`` (module parameter trees or arrays)."""
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for t in trees for _, v in tree_flatten(t))
 
 
 def cast(module, dtype: str) -> None:

@@ -16,7 +16,15 @@ import numpy as np
 
 from extmind.errors import FailedPrecondition
 from services.embedder import recipe
-from services.embedder.models.base import ServedModel, cast, load_tokenizer, read_json, right_padded, vocabulary_size
+from services.embedder.models.base import (
+    ServedModel,
+    cast,
+    load_tokenizer,
+    parameter_bytes,
+    read_json,
+    right_padded,
+    vocabulary_size,
+)
 
 
 class BertInputEmbeddings(nn.Module):
@@ -125,6 +133,7 @@ class BertEmbedder(ServedModel):
             max_input_tokens=min(limit, max_input_tokens) if max_input_tokens else limit,
             dtype=dtype,
             vocab_size=vocabulary_size(self.tokenizer, int(config["vocab_size"])),
+            nbytes=parameter_bytes(module.parameters()),
         )
         # What the tokenizer wraps every text in ([CLS] and [SEP]), read from the tokenizer itself.
         wrap = self.tokenizer.encode("").ids

@@ -17,7 +17,14 @@ from mlx_lm.utils import load_model
 
 from extmind.errors import FailedPrecondition
 from services.embedder import recipe
-from services.embedder.models.base import ServedModel, cast, load_tokenizer, right_padded, vocabulary_size
+from services.embedder.models.base import (
+    ServedModel,
+    cast,
+    load_tokenizer,
+    parameter_bytes,
+    right_padded,
+    vocabulary_size,
+)
 
 END_OF_TEXT = "<|endoftext|>"
 
@@ -64,6 +71,7 @@ class Qwen3Embedder(ServedModel):
             uses_instruction=True,
             default_instruction=recipe.DEFAULT_TASK,
             vocab_size=vocabulary_size(self.tokenizer, int(config["vocab_size"])),
+            nbytes=parameter_bytes(module.parameters()),
         )
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:

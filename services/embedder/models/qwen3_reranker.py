@@ -15,7 +15,14 @@ from mlx_lm.utils import load_model
 
 from extmind.errors import FailedPrecondition
 from services.embedder import recipe
-from services.embedder.models.base import ServedModel, cast, load_tokenizer, right_padded
+from services.embedder.models.base import (
+    ServedModel,
+    cast,
+    load_tokenizer,
+    parameter_bytes,
+    read_json,
+    right_padded,
+)
 
 SYSTEM = (
     "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
@@ -47,7 +54,9 @@ def _head_rows(lm, ids: list[int]) -> mx.array:
 
 class Qwen3Reranker(ServedModel):
     def __init__(self, path: Path, *, name: str, dtype: str = "float32", max_input_tokens: int = 0):
-        lm, config = load_model(path)
+        # mlx-lm requires the key; Hugging Face's Qwen3 reads its absence as an untied head.
+        tied = bool((read_json(path / "config.json", {}) or {}).get("tie_word_embeddings", False))
+        lm, config = load_model(path, model_config={"tie_word_embeddings": tied})
         self.tokenizer = load_tokenizer(path)
         yes, no = self.tokenizer.token_to_id("yes"), self.tokenizer.token_to_id("no")
         if yes is None or no is None:
@@ -73,6 +82,7 @@ class Qwen3Reranker(ServedModel):
             dtype=dtype,
             uses_instruction=True,
             default_instruction=DEFAULT_INSTRUCTION,
+            nbytes=parameter_bytes(self.body.parameters(), self.rows),
         )
 
     def pair_ids(self, instruction: str, query: str, documents: list[str]) -> list[list[int]]:
