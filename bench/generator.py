@@ -23,10 +23,11 @@ from mlx_lm.generate import generate_step  # noqa: E402
 from mlx_lm.utils import load  # noqa: E402
 
 from bench.common import add_record_flag, describe, machine, ratio, record, table  # noqa: E402
+from extmind import tensor  # noqa: E402
 from extmind.service_procs import memory_stack  # noqa: E402
 from extmind.tiny_models import build_llama  # noqa: E402
 from services.common.blas import blas_in_use  # noqa: E402
-from services.generator.bank_cache import bank_from_numpy  # noqa: E402
+from services.generator.bank_cache import bank_from_stored  # noqa: E402
 from services.generator.engine import EngineConfig, GeneratorEngine  # noqa: E402
 from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling  # noqa: E402
 
@@ -116,14 +117,19 @@ async def measure(engine, path, args) -> tuple[int, dict]:
     # fetch + cache a bank, timed on its own (cold), then the bytes it takes on the device
     info = engine.resolver.resolve((memory_id,))[0]
     t0 = time.perf_counter()
-    keys, values = engine.resolver.fetch(info)
+    stored = engine.resolver.fetch(info)
     t_fetch = time.perf_counter() - t0
     t0 = time.perf_counter()
-    bank = engine.mlx.call(bank_from_numpy, memory_id, info.version, keys, values)
+    bank = engine.mlx.call(bank_from_stored, memory_id, info.version, stored)
     t_cache = time.perf_counter() - t0
-    rows[f"fetch {args.rows}-row bank (FetchMemory, all 8 layers)"] = f"{t_fetch * 1e3:.0f} ms"
-    rows["cache it on the device (MLX arrays + key norms)"] = f"{t_cache * 1e3:.0f} ms, {bank.nbytes / 2**20:.1f} MiB"
-    del bank, keys, values
+    dtype = tensor.dtype_name(stored.dtype).removeprefix("DTYPE_").lower()
+    rows[f"fetch {args.rows}-row bank (FetchMemory, all 8 layers, {dtype})"] = (
+        f"{t_fetch * 1e3:.0f} ms, {stored.nbytes / 2**20:.1f} MiB of keys + values"
+    )
+    rows["cache it on the device (MLX arrays + float32 key norms)"] = (
+        f"{t_cache * 1e3:.0f} ms, {bank.nbytes / 2**20:.1f} MiB"
+    )
+    del bank, stored
 
     prompt = [int(t) for t in rng.choice(ok, 32)]
     long_prompt = [int(t) for t in rng.choice(ok, 512)]

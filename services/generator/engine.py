@@ -21,7 +21,7 @@ from mlx_lm.utils import load
 
 from extmind import errors, tensor
 from services.common.mlx_thread import MLXThread
-from services.generator.bank_cache import BankCache, LocalRetriever, bank_from_numpy
+from services.generator.bank_cache import BankCache, LocalRetriever, bank_from_stored
 from services.generator.chat_prompt import encode_messages
 from services.generator.extended_attention import MemoryContext, install
 from services.generator.fingerprint import model_fingerprint
@@ -252,13 +252,13 @@ class GeneratorEngine:
             for i in memories:
                 bank = self.bank_cache.get(i.memory_id, i.version)
                 if bank is None:  # evicted since _missing_banks looked
-                    keys, values = fetched.get(i.memory_id) or self.resolver.fetch(i)
-                    bank = bank_from_numpy(i.memory_id, i.version, keys, values)
+                    stored = fetched.get(i.memory_id) or self.resolver.fetch(i)
+                    bank = bank_from_stored(i.memory_id, i.version, stored)
                     self.bank_cache.put(bank)
                 banks.append(bank)
             retriever = LocalRetriever(banks)
         else:
-            retriever = RemoteRetriever(self.memory, [i.memory_id for i in memories], sum(i.rows for i in memories))
+            retriever = RemoteRetriever(self.memory, memories)
         return MemoryContext(
             retriever, top_k=m.top_k, threshold=m.threshold, layers=frozenset(m.layers) if m.layers else None
         )
