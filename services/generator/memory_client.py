@@ -123,8 +123,8 @@ class MemoryClient:
 
     def fetch_stored(self, memory_id: str, num_layers: int) -> StoredRows:
         """Every layer's keys and values as stored, in the memory's dtype (no widening). A layer
-        without rows is None. Raises FailedPrecondition for a layer this model lacks or chunks of
-        different dtypes."""
+        without rows is None. Raises FailedPrecondition for a layer this model lacks, the memory
+        service's errors otherwise."""
         keys = [[] for _ in range(num_layers)]
         values = [[] for _ in range(num_layers)]
         dtype = None
@@ -144,8 +144,6 @@ class MemoryClient:
                 values[chunk.layer].append(tensor.decode_raw(chunk.values, name="values", dtypes=(dtype,), ndim=3))
         except grpc.RpcError as e:
             raise self._error(e, f"fetching memory {memory_id!r}") from None
-        except errors.InvalidArgument as e:  # the memory service sent chunks no memory can hold
-            raise errors.FailedPrecondition(f"fetching memory {memory_id!r}: {e.message}") from None
         cat = lambda parts: np.concatenate(parts, axis=1) if parts else None  # noqa: E731
         return StoredRows([cat(k) for k in keys], [cat(v) for v in values], tensor.FLOAT32 if dtype is None else dtype)
 
