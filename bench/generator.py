@@ -1,10 +1,12 @@
 """Generator benchmark: extended mind vs stock mlx-lm, side by side in one run.
 
-    python -m bench.generator [--tokens 128] [--rows 4096] [--quick] [--record]
+    python -m bench.generator [--tokens 128] [--rows 4096] [--dtype float32] [--quick] [--record]
 
 A ~50M-parameter random Llama (hidden 512, 8 layers, 8 heads, 2 KV heads) built with
 extmind.tiny_models, a real memory service (real Redis) and the generator engine in-process.
 Prints one markdown table of ratios to stock mlx-lm (``generate_step`` on an unmodified load).
+``--dtype float16`` / ``bfloat16`` builds the model in that dtype: its memory is stored, fetched and
+cached in it (half the bytes of float32; the bank rows say how much a float32 bank would take).
 """
 
 from services.common.blas import ensure_openblas
@@ -23,10 +25,11 @@ from mlx_lm.generate import generate_step  # noqa: E402
 from mlx_lm.utils import load  # noqa: E402
 
 from bench.common import add_record_flag, describe, machine, ratio, record, table  # noqa: E402
+from extmind import tensor  # noqa: E402
 from extmind.service_procs import memory_stack  # noqa: E402
 from extmind.tiny_models import build_llama  # noqa: E402
 from services.common.blas import blas_in_use  # noqa: E402
-from services.generator.bank_cache import bank_from_numpy  # noqa: E402
+from services.generator.bank_cache import bank_from_stored  # noqa: E402
 from services.generator.engine import EngineConfig, GeneratorEngine  # noqa: E402
 from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling  # noqa: E402
 
@@ -82,6 +85,7 @@ async def main_async(args):
         rope_scaling="llama3",
         max_position=8192,
         seed=0,
+        dtype=args.dtype,
     )
     with memory_stack(tmp) as mem:
         engine = GeneratorEngine(EngineConfig(model=str(path), memory_url=mem.address))
@@ -93,9 +97,9 @@ async def main_async(args):
 
     head = (
         f"{describe(machine(blas=blas_in_use()))}.\nModel: random Llama, {n_params / 1e6:.1f}M parameters "
-        f"(hidden 512, 8 layers, 8 heads, 2 KV heads, llama3 RoPE), float32; {args.tokens} new tokens after a "
+        f"(hidden 512, 8 layers, 8 heads, 2 KV heads, llama3 RoPE), {args.dtype}; {args.tokens} new tokens after a "
         f"32-token prompt; memory of {args.rows} rows; real memory service + Redis on loopback; "
-        f"`python -m bench.generator --tokens {args.tokens} --rows {args.rows}`."
+        f"`python -m bench.generator --tokens {args.tokens} --rows {args.rows} --dtype {args.dtype}`."
     )
     record("generator", head + "\n\n" + table(["measurement", "result"], rows.items()), write=args.record)
 
@@ -116,14 +120,22 @@ async def measure(engine, path, args) -> tuple[int, dict]:
     # fetch + cache a bank, timed on its own (cold), then the bytes it takes on the device
     info = engine.resolver.resolve((memory_id,))[0]
     t0 = time.perf_counter()
-    keys, values = engine.resolver.fetch(info)
+    stored = engine.resolver.fetch(info)
     t_fetch = time.perf_counter() - t0
     t0 = time.perf_counter()
-    bank = engine.mlx.call(bank_from_numpy, memory_id, info.version, keys, values)
+    bank = engine.mlx.call(bank_from_stored, memory_id, info.version, stored)
     t_cache = time.perf_counter() - t0
-    rows[f"fetch {args.rows}-row bank (FetchMemory, all 8 layers)"] = f"{t_fetch * 1e3:.0f} ms"
-    rows["cache it on the device (MLX arrays + key norms)"] = f"{t_cache * 1e3:.0f} ms, {bank.nbytes / 2**20:.1f} MiB"
-    del bank, keys, values
+    dtype = tensor.dtype_name(stored.dtype).removeprefix("DTYPE_").lower()
+    as_float32 = stored.nbytes * 4 // tensor.ITEMSIZE[stored.dtype]
+    rows[f"fetch {args.rows}-row bank (FetchMemory, all 8 layers, {dtype})"] = (
+        f"{t_fetch * 1e3:.0f} ms, {stored.nbytes / 2**20:.1f} MiB of keys + values "
+        f"(float32: {as_float32 / 2**20:.1f} MiB)"
+    )
+    norms = sum(a.nbytes for a in bank.inv_norms)
+    rows["cache it on the device (MLX arrays + float32 key norms)"] = (
+        f"{t_cache * 1e3:.0f} ms, {bank.nbytes / 2**20:.1f} MiB (float32: {(as_float32 + norms) / 2**20:.1f} MiB)"
+    )
+    del bank, stored
 
     prompt = [int(t) for t in rng.choice(ok, 32)]
     long_prompt = [int(t) for t in rng.choice(ok, 512)]
@@ -182,6 +194,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--rows", type=int, default=4096)
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="the model's dtype, hence its memory's (default float32)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 16 new tokens, a 1024-row memory")
     add_record_flag(p)
     args = p.parse_args()

@@ -10,16 +10,21 @@ transformers load the same directories as the independent reference.
     build_bert(path)                           # BertModel + sentence-transformers mean pooling
     build_chain_llama(path, {a: b, b: eos})    # LlamaForCausalLM whose greedy next token is chosen
 
-Their tokenizers come from extmind/tiny_tokenizers.py.
+Their tokenizers come from extmind/tiny_tokenizers.py. ``dtype="float16"`` or ``"bfloat16"`` writes
+the weights in that dtype (bfloat16: drawn in float32, rounded to nearest even); ``read_weights``
+reads any of them back into numpy.
 """
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
 
+from extmind.tensor import bf16_bits_to_float32, float32_to_bf16_bits
 from extmind.tiny_tokenizers import _write_json, build_tokenizer
 
 
@@ -66,9 +71,51 @@ def _decoder_weights(
 
 
 def _np_dtype(dtype: str):
-    if dtype not in ("float32", "float16"):
-        raise ValueError("tiny checkpoints are float32 or float16 (numpy has no bfloat16)")
-    return np.dtype(dtype)
+    """The numpy dtype weights are drawn in: bfloat16 ones are drawn in float32 and rounded to
+    bfloat16 when saved (numpy has no bfloat16)."""
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError("tiny checkpoints are float32, float16 or bfloat16")
+    return np.dtype("float32" if dtype == "bfloat16" else dtype)
+
+
+_SAFETENSORS_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+
+
+def _save_weights(w: dict, path: Path, dtype: str) -> None:
+    """``model.safetensors``; a bfloat16 checkpoint is written by hand (safetensors' numpy API has
+    no bfloat16): the format is an 8-byte little-endian header size, a JSON header, raw bytes."""
+    if dtype != "bfloat16":
+        save_file(w, str(path), metadata={"format": "pt"})
+        return
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name in sorted(w):
+        data = float32_to_bf16_bits(np.asarray(w[name], np.float32)).tobytes()
+        header[name] = {"dtype": "BF16", "shape": list(w[name].shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for data in blobs:
+            f.write(data)
+
+
+def read_weights(path) -> dict[str, np.ndarray]:
+    """A float32 / float16 / bfloat16 ``*.safetensors`` file -> {name: numpy array}; bfloat16
+    tensors come back as float32 (exactly: bfloat16 is the upper half of a float32)."""
+    raw = Path(path).read_bytes()
+    (size,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + size])
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        lo, hi = info["data_offsets"]
+        dt = _SAFETENSORS_DTYPES[info["dtype"]]
+        a = np.frombuffer(raw, dt, (hi - lo) // dt.itemsize, 8 + size + lo).reshape(info["shape"])
+        out[name] = bf16_bits_to_float32(a) if info["dtype"] == "BF16" else a
+    return out
 
 
 def build_llama(
@@ -148,7 +195,7 @@ def build_llama(
         raise ValueError("rope_scaling is 'llama3' or None")
     _write_json(path / "config.json", config)
     _write_json(path / "generation_config.json", {"bos_token_id": tok["bos"], "eos_token_id": tok["eos_ids"]})
-    save_file(w, str(path / "model.safetensors"), metadata={"format": "pt"})
+    _save_weights(w, path / "model.safetensors", dtype)
     return path
 
 
@@ -217,7 +264,7 @@ def build_qwen3(
         "pad_token_id": tok["pad"],
     }
     _write_json(path / "config.json", config)
-    save_file(w, str(path / "model.safetensors"), metadata={"format": "pt"})
+    _save_weights(w, path / "model.safetensors", dtype)
     return path
 
 
@@ -310,7 +357,7 @@ def build_bert(
         },
     )
     (path / "2_Normalize").mkdir(exist_ok=True)
-    save_file(w, str(path / "model.safetensors"), metadata={"format": "pt"})
+    _save_weights(w, path / "model.safetensors", dtype)
     return path
 
 
@@ -390,5 +437,5 @@ def build_chain_llama(
         "pad_token_id": tok["pad"],
     }
     _write_json(path / "config.json", config)
-    save_file(w, str(path / "model.safetensors"), metadata={"format": "pt"})
+    _save_weights(w, path / "model.safetensors", "float32")
     return path

@@ -1,7 +1,9 @@
 """LOCAL retrieval: memory banks as MLX arrays on the generator's device, in an LRU bounded in bytes.
 
-A bank is one memory's per-layer keys and values ([KVH, N, d], float32) plus the inverse key
-norms used for the cosine. Entries are keyed by memory id and remember the memory's version
+A bank is one memory's per-layer keys and values ([KVH, N, d]) in the dtype the memory is stored
+in — the model's own dtype for every memory Memorize wrote, so a float16 / bfloat16 model's banks
+take half the bytes of float32 ones — plus the float32 inverse key norms used for the cosine
+(docs/extended-mind.md, "Dtypes"). Entries are keyed by memory id and remember the memory's version
 (its create_time): a memory deleted and re-created under the same id has a new version, so the
 stale bank is dropped instead of served. Only the MLX thread touches this module's arrays.
 """
@@ -14,17 +16,21 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from extmind import tensor
 from services.generator.extended_attention import Retrieved, local_top_k
+from services.generator.kv_dtypes import from_storage
+from services.generator.memory_client import StoredRows
 
 
 @dataclass
 class Bank:
     memory_id: str
     version: str
-    keys: list[mx.array]  # per layer [KVH, N, d] float32
+    keys: list[mx.array]  # per layer [KVH, N, d] in the memory's dtype
     values: list[mx.array]
-    inv_norms: list[mx.array]  # per layer [KVH, N]
+    inv_norms: list[mx.array]  # per layer [KVH, N] float32
     rows: int
+    dtype: int = tensor.FLOAT32  # extmind.tensor code of keys and values
 
     @property
     def nbytes(self) -> int:
@@ -32,17 +38,29 @@ class Bank:
 
 
 def _inv_norms(keys: mx.array) -> mx.array:
-    return mx.rsqrt(mx.maximum(mx.sum(keys * keys, axis=-1), 1e-24))
+    k = keys.astype(mx.float32)  # squares summed in float32: exact cosine whatever the bank's dtype
+    return mx.rsqrt(mx.maximum(mx.sum(k * k, axis=-1), 1e-24))
 
 
-def bank_from_numpy(memory_id: str, version: str, keys: list[np.ndarray], values: list[np.ndarray]) -> Bank:
-    """Per-layer numpy [KVH, N, d] arrays -> a Bank on the device (float32)."""
-    k = [mx.array(np.asarray(x, dtype=np.float32)) for x in keys]
-    v = [mx.array(np.asarray(x, dtype=np.float32)) for x in values]
+def bank_from_numpy(
+    memory_id: str, version: str, keys: list[np.ndarray], values: list[np.ndarray], dtype: int | None = None
+) -> Bank:
+    """Per-layer numpy [KVH, N, d] storage arrays of ``dtype`` (``extmind.tensor.STORAGE``:
+    bfloat16 as uint16 bits; None = float32 or float16 read off the arrays) -> a Bank on the
+    device in that dtype, bit for bit."""
+    if dtype is None:
+        dtype = tensor.FLOAT16 if keys and np.asarray(keys[0]).dtype == np.float16 else tensor.FLOAT32
+    k = [from_storage(x, dtype) for x in keys]
+    v = [from_storage(x, dtype) for x in values]
     norms = [_inv_norms(x) for x in k]
     mx.eval(k, v, norms)
     rows = int(k[0].shape[1]) if k else 0
-    return Bank(memory_id, version, k, v, norms, rows)
+    return Bank(memory_id, version, k, v, norms, rows, dtype)
+
+
+def bank_from_stored(memory_id: str, version: str, stored: StoredRows) -> Bank:
+    """A memory's rows as ``MemoryResolver.fetch`` returns them -> a Bank in their dtype."""
+    return bank_from_numpy(memory_id, version, stored.keys, stored.values, stored.dtype)
 
 
 class LocalRetriever:
@@ -56,7 +74,11 @@ class LocalRetriever:
             b = banks[0]
             self.keys, self.values, self.inv_norms = b.keys, b.values, b.inv_norms
         else:
-            cat = lambda arrays: [mx.concatenate(layer, axis=1) for layer in zip(*arrays)]  # noqa: E731
+            # Banks of different dtypes (an old float32 memory next to a half-precision one) are
+            # joined in float32, which holds every float16 / bfloat16 value exactly.
+            wide = len({b.dtype for b in banks}) > 1
+            cast = (lambda a: a.astype(mx.float32)) if wide else (lambda a: a)  # noqa: E731
+            cat = lambda arrays: [mx.concatenate([cast(a) for a in layer], axis=1) for layer in zip(*arrays)]  # noqa: E731
             self.keys = cat([b.keys for b in banks])
             self.values = cat([b.values for b in banks])
             self.inv_norms = cat([b.inv_norms for b in banks])

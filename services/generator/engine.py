@@ -16,15 +16,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlx.core as mx
 from mlx_lm.utils import load
 
-from extmind import errors, tensor
+from extmind import errors
 from services.common.mlx_thread import MLXThread
-from services.generator.bank_cache import BankCache, LocalRetriever, bank_from_numpy
+from services.generator.bank_cache import BankCache, LocalRetriever, bank_from_stored
 from services.generator.chat_prompt import encode_messages
 from services.generator.extended_attention import MemoryContext, install
 from services.generator.fingerprint import model_fingerprint
+from services.generator.kv_dtypes import dtype_of
 from services.generator.memory_builder import MemorizeProgress, MemoryBuilder
 from services.generator.memory_client import MemoryClient
 from services.generator.memory_resolution import MemoryResolver, ModelShape, ResolvedMemory
@@ -127,7 +127,7 @@ class GeneratorEngine:
         self.max_context = int(cfg.get("max_position_embeddings") or 0) or 131072
         # The compute dtype: norm weights are never quantized (projection weights may be uint32).
         dtype = self.model.layers[0].input_layernorm.weight.dtype
-        self.dtype = {mx.float32: tensor.FLOAT32, mx.float16: tensor.FLOAT16}.get(dtype, tensor.BFLOAT16)
+        self.dtype = dtype_of(dtype)  # memories are stored in it (docs/extended-mind.md, "Dtypes")
         self.fingerprint = model_fingerprint(path, str(dtype))
         self.eos_ids = sorted(int(t) for t in self.tokenizer.eos_token_ids)
         specials = set(getattr(self.tokenizer, "all_special_ids", []) or [])
@@ -252,13 +252,13 @@ class GeneratorEngine:
             for i in memories:
                 bank = self.bank_cache.get(i.memory_id, i.version)
                 if bank is None:  # evicted since _missing_banks looked
-                    keys, values = fetched.get(i.memory_id) or self.resolver.fetch(i)
-                    bank = bank_from_numpy(i.memory_id, i.version, keys, values)
+                    stored = fetched.get(i.memory_id) or self.resolver.fetch(i)
+                    bank = bank_from_stored(i.memory_id, i.version, stored)
                     self.bank_cache.put(bank)
                 banks.append(bank)
             retriever = LocalRetriever(banks)
         else:
-            retriever = RemoteRetriever(self.memory, [i.memory_id for i in memories], sum(i.rows for i in memories))
+            retriever = RemoteRetriever(self.memory, memories)
         return MemoryContext(
             retriever, top_k=m.top_k, threshold=m.threshold, layers=frozenset(m.layers) if m.layers else None
         )

@@ -75,16 +75,18 @@ class ExtendedMindState:
 def local_top_k(
     keys: mx.array, inv_key_norms: mx.array, values: mx.array, queries: mx.array, top_k: int, threshold: float | None
 ) -> Retrieved:
-    """Exact cosine top-k on the device: keys/values [KVH, N, d], inv_key_norms [KVH, N],
-    queries [B, KVH, n_rep, L, d] (float32). One [B * n_rep * L, d] x [d, N] product per KV head:
-    a plain batched matmul, ~5x faster on the CPU than broadcasting the bank over the batch and
-    repeat axes."""
+    """Exact cosine top-k on the device: keys/values [KVH, N, d] in the bank's dtype (float32,
+    float16 or bfloat16), inv_key_norms [KVH, N] float32, queries [B, KVH, n_rep, L, d] float32.
+    One [B * n_rep * L, d] x [d, N] product per KV head: a plain batched matmul, ~5x faster on the
+    CPU than broadcasting the bank over the batch and repeat axes. The product is taken in float32
+    (a half-precision bank is widened exactly for it), so the ranking does not depend on the
+    bank's dtype; the picked values come back widened to float32."""
     kvh, n, d = keys.shape
     B, _, rep, L, _ = queries.shape
     m = B * rep * L
     k = min(top_k, n)
     q = queries.transpose(1, 0, 2, 3, 4).reshape(kvh, m, d)
-    dots = q @ keys.swapaxes(-1, -2)  # [KVH, M, N]
+    dots = q @ keys.astype(mx.float32).swapaxes(-1, -2)  # [KVH, M, N]
     q_inv = mx.rsqrt(mx.maximum(mx.sum(q * q, axis=-1, keepdims=True), 1e-24))
     sim = dots * q_inv * inv_key_norms[:, None, :]
     if k < n:
@@ -100,6 +102,7 @@ def local_top_k(
     # Gather the values through a flat [KVH * N, d] view: row j of KV head g sits at g * N + j.
     flat = idx.astype(mx.int32) + (mx.arange(kvh, dtype=mx.int32) * n)[:, None, None]
     sel_values = mx.take(values.reshape(kvh * n, d), flat.reshape(-1), axis=0).reshape(kvh, m, k, d)
+    sel_values = sel_values.astype(mx.float32)
 
     def to_attention_layout(x):  # [KVH, B * rep * L, ...] -> [B, KVH, rep, L, ...]
         x = x.reshape(kvh, B, rep, L, *x.shape[2:])

@@ -25,6 +25,7 @@ from extmind import errors, tensor
 from extmind.errors import InvalidArgument
 from extmind.v1 import memory_pb2
 from services.generator.extended_attention import ExtendedMindState
+from services.generator.kv_dtypes import to_storage
 from services.generator.memory_client import MemoryClient
 from services.generator.memory_resolution import ModelShape
 from services.generator.request_types import DEFAULT_STRIDE, DEFAULT_WINDOW
@@ -86,9 +87,11 @@ def window_rows(
     chunk: int | None = None,
     run=None,
     on_chunk=None,
+    dtype: int = tensor.FLOAT32,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Runs the plain model over one window and returns, per layer, the new non-special rows' raw
-    keys and values as float32 numpy [KVH, n, d].
+    keys and values as numpy [KVH, n, d] storage arrays of ``dtype`` (the model's compute dtype:
+    the rows as the model computed them; bfloat16 as uint16 bits, see ``kv_dtypes``).
 
     The window is prefilled in chunks of ``chunk`` tokens through a fresh mlx-lm KV cache
     (positions still start at 0 in every window); ``run(fn, *args)`` executes each chunk on the
@@ -114,7 +117,7 @@ def window_rows(
         finally:
             state.capture, state.memory = None, saved_memory
         rows = mx.array(keep, dtype=mx.int32)
-        out = [(k[0][:, rows].astype(mx.float32), v[0][:, rows].astype(mx.float32)) for _, k, v in captured]
+        out = [(to_storage(k[0][:, rows], dtype), to_storage(v[0][:, rows], dtype)) for _, k, v in captured]
         mx.eval(out, [c.state for c in cache])
         return [(np.array(k), np.array(v)) for k, v in out]
 
@@ -149,7 +152,7 @@ class MemoryBuilder:
         run: Callable,
     ):
         self.model, self.state, self.client, self.shape = model, state, client, shape
-        self.dtype = dtype  # extmind.tensor dtype the rows are stored in
+        self.dtype = dtype  # extmind.tensor dtype the rows are stored in: the model's compute dtype
         self.special_ids = set(special_ids)
         self.chunk = chunk
         self.run = run
@@ -231,6 +234,7 @@ class MemoryBuilder:
                 chunk=self.chunk,
                 run=self.run,
                 on_chunk=lambda hi, w=w: report(w, hi),
+                dtype=self.dtype,
             )
             for layer, (k, v) in enumerate(layers):
                 if k.shape[1] == 0:

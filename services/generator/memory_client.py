@@ -17,6 +17,7 @@ import numpy as np
 from extmind import errors, tensor
 from extmind.channels import auth_metadata, sync_channel
 from extmind.v1 import memory_pb2, memory_pb2_grpc
+from services.generator.kv_dtypes import KV_DTYPES, widen
 
 # The memory service's default response budget (--max-response-mb 4): REMOTE searches split their
 # query tokens so that every answer fits a memory service with default settings.
@@ -27,8 +28,23 @@ SEARCH_ANSWER_BUDGET = 4 << 20
 class SearchResult:
     scores: np.ndarray  # [H, q, k] float32 cosine (-inf where masked)
     indices: np.ndarray  # [H, q, k] int64 (-1 where masked)
-    keys: np.ndarray  # [H, q, k, d] float32
+    keys: np.ndarray  # [H, q, k, d] float32 (the memory's float16 / bfloat16 widened exactly)
     values: np.ndarray
+
+
+@dataclass
+class StoredRows:
+    """One memory's rows as stored (docs/extended-mind.md, "Dtypes"): per layer keys and values
+    [KVH, N, d] as numpy arrays of the memory's dtype storage (``extmind.tensor.STORAGE``: float32,
+    float16, or bfloat16 as its uint16 bits)."""
+
+    keys: list[np.ndarray]
+    values: list[np.ndarray]
+    dtype: int  # extmind.tensor dtype code
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (*self.keys, *self.values))
 
 
 class MemoryClient:
@@ -105,10 +121,13 @@ class MemoryClient:
                 raise failed[0] from None
             raise self._error(e, "appending rows") from None
 
-    def fetch(self, memory_id: str, num_layers: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Every layer's keys and values as float32 numpy [KVH, N, d]."""
+    def fetch_stored(self, memory_id: str, num_layers: int) -> StoredRows:
+        """Every layer's keys and values as stored, in the memory's dtype (no widening). A layer
+        without rows is None. Raises FailedPrecondition for a layer this model lacks, the memory
+        service's errors otherwise."""
         keys = [[] for _ in range(num_layers)]
         values = [[] for _ in range(num_layers)]
+        dtype = None
         try:
             for chunk in self._stub.FetchMemory(
                 memory_pb2.FetchMemoryRequest(memory_id=memory_id),
@@ -119,12 +138,20 @@ class MemoryClient:
                     raise errors.FailedPrecondition(
                         f"memory {memory_id!r} has layer {chunk.layer}; this model has {num_layers}"
                     )
-                keys[chunk.layer].append(tensor.decode(chunk.keys, name="keys", ndim=3))
-                values[chunk.layer].append(tensor.decode(chunk.values, name="values", ndim=3))
+                allowed = KV_DTYPES if dtype is None else (dtype,)  # one dtype for the whole memory
+                keys[chunk.layer].append(tensor.decode_raw(chunk.keys, name="keys", dtypes=allowed, ndim=3))
+                dtype = chunk.keys.dtype
+                values[chunk.layer].append(tensor.decode_raw(chunk.values, name="values", dtypes=(dtype,), ndim=3))
         except grpc.RpcError as e:
             raise self._error(e, f"fetching memory {memory_id!r}") from None
         cat = lambda parts: np.concatenate(parts, axis=1) if parts else None  # noqa: E731
-        return [cat(k) for k in keys], [cat(v) for v in values]
+        return StoredRows([cat(k) for k in keys], [cat(v) for v in values], tensor.FLOAT32 if dtype is None else dtype)
+
+    def fetch(self, memory_id: str, num_layers: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Every layer's keys and values as float32 numpy [KVH, N, d] (widened exactly)."""
+        rows = self.fetch_stored(memory_id, num_layers)
+        wide = lambda a: None if a is None else widen(a, rows.dtype)  # noqa: E731
+        return [wide(k) for k in rows.keys], [wide(v) for v in rows.values]
 
     def search(self, memory_ids, layer: int, queries: np.ndarray, top_k: int, threshold: float | None) -> SearchResult:
         """queries float32 [H, q, d] -> the top-k of each query token, [H, q, k, ...]. A prefill's
@@ -156,6 +183,6 @@ class MemoryClient:
         return SearchResult(
             tensor.decode(r.scores, name="scores"),
             tensor.decode(r.indices, name="indices"),
-            tensor.decode(r.keys, name="keys"),
-            tensor.decode(r.values, name="values"),
+            widen(tensor.decode_raw(r.keys, name="keys", dtypes=KV_DTYPES), r.keys.dtype),
+            widen(tensor.decode_raw(r.values, name="values", dtypes=KV_DTYPES), r.values.dtype),
         )

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
-from extmind import errors
+from extmind import errors, tensor
 from extmind.v1 import memory_pb2
-from services.generator.memory_client import MemoryClient
+from services.generator.memory_client import MemoryClient, StoredRows
 
 
 @dataclass(frozen=True)
@@ -33,6 +31,7 @@ class ResolvedMemory:
     rows: int
     token_ids: list[int]  # per row (empty unless resolved with include_tokens)
     positions: list[int]  # per row: the token's position in the memorized text
+    dtype: int = tensor.FLOAT32  # the rows' stored dtype (extmind.tensor code)
 
 
 class MemoryResolver:
@@ -70,14 +69,17 @@ class MemoryResolver:
                 )
             version = f"{mem.create_time.seconds}.{mem.create_time.nanos}"
             positions = list(mem.positions) or list(range(mem.num_tokens))
-            out.append(ResolvedMemory(mid, version, int(mem.num_tokens), list(mem.token_ids), positions))
+            out.append(
+                ResolvedMemory(mid, version, int(mem.num_tokens), list(mem.token_ids), positions, dtype=lay.dtype)
+            )
         return out
 
-    def fetch(self, memory: ResolvedMemory) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Every layer's keys and values of ``memory`` as float32 numpy [KVH, rows, head_dim].
+    def fetch(self, memory: ResolvedMemory) -> StoredRows:
+        """Every layer's keys and values of ``memory`` as stored, [KVH, rows, head_dim] in the
+        memory's dtype (never widened: a half-precision memory moves and sits in half the bytes).
 
         Raises FailedPrecondition when the memory changed since it was resolved."""
-        keys, values = self.client.fetch(memory.memory_id, self.model.num_layers)
-        if any(k is None or k.shape[1] != memory.rows for k in keys):
+        rows = self.client.fetch_stored(memory.memory_id, self.model.num_layers)
+        if rows.dtype != memory.dtype or any(k is None or k.shape[1] != memory.rows for k in rows.keys):
             raise errors.FailedPrecondition(f"memory {memory.memory_id!r} changed while it was fetched; retry")
-        return keys, values
+        return rows

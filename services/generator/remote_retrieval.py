@@ -3,6 +3,10 @@
 Runs inside the model forward on the MLX thread: the rotated queries are evaluated, sent to the
 memory service (FAISS there) and the top-k keys and values come back; the attention logits are
 then the raw dots of the queries with the returned keys, exactly as in LOCAL mode.
+
+The memory service searches memories of one layout, dtype included, per call. Memories of
+different dtypes in one request (an old float32 memory next to a float16 one) are searched one
+dtype at a time and the hits merged by cosine, with rows numbered in request order as always.
 """
 
 from __future__ import annotations
@@ -11,22 +15,56 @@ import mlx.core as mx
 import numpy as np
 
 from services.generator.extended_attention import Retrieved
-from services.generator.memory_client import MemoryClient
+from services.generator.memory_client import MemoryClient, SearchResult
+from services.generator.memory_resolution import ResolvedMemory
 
 
 class RemoteRetriever:
-    def __init__(self, client: MemoryClient, memory_ids: list[str], rows: int):
+    def __init__(self, client: MemoryClient, memories: list[ResolvedMemory]):
         self.client = client
-        self.memory_ids = list(memory_ids)
-        self.rows = rows
+        self.memory_ids = [m.memory_id for m in memories]
+        self.rows = sum(m.rows for m in memories)
         self.calls = 0
+        # dtype -> (memory ids, row offset of each in the request's concatenation, rows of each)
+        self.groups: dict[int, tuple[list[str], list[int], list[int]]] = {}
+        offset = 0
+        for m in memories:
+            ids, offsets, rows = self.groups.setdefault(m.dtype, ([], [], []))
+            ids.append(m.memory_id)
+            offsets.append(offset)
+            rows.append(m.rows)
+            offset += m.rows
+
+    def _search(self, layer: int, q: np.ndarray, top_k: int, threshold: float | None) -> SearchResult:
+        if len(self.groups) == 1:
+            r = self.client.search(self.memory_ids, layer, q, top_k, threshold)
+            self.calls += 1
+            return r
+        parts = []
+        for ids, offsets, rows in self.groups.values():
+            r = self.client.search(ids, layer, q, top_k, threshold)
+            self.calls += 1
+            # the group's row numbers (its memories concatenated) -> the request's
+            starts = np.cumsum([0] + rows[:-1])
+            which = np.searchsorted(starts, r.indices, side="right") - 1
+            shift = (np.asarray(offsets) - starts)[np.maximum(which, 0)]
+            parts.append(SearchResult(r.scores, np.where(r.indices >= 0, r.indices + shift, -1), r.keys, r.values))
+        k = min(top_k, self.rows)
+        scores = np.concatenate([p.scores for p in parts], axis=-1)
+        order = np.argsort(-scores, axis=-1, kind="stable")[..., :k]  # masked hits (-inf) go last
+
+        def merged(field: str) -> np.ndarray:
+            a = np.concatenate([getattr(p, field) for p in parts], axis=2)
+            idx = order if a.ndim == 3 else order[..., None]
+            return np.take_along_axis(a, idx, axis=2)
+
+        return SearchResult(*(merged(f) for f in ("scores", "indices", "keys", "values")))
 
     def retrieve(self, layer: int, queries: mx.array, top_k: int, threshold: float | None) -> Retrieved:
         B, kvh, rep, L, d = queries.shape
         q = np.array(queries, dtype=np.float32)  # evaluates on this (MLX) thread
         q = q.transpose(1, 2, 0, 3, 4).reshape(kvh * rep, B * L, d)  # [H, q, d]; head h -> KV head h // rep
-        r = self.client.search(self.memory_ids, layer, q, top_k, threshold)
-        self.calls += 1
+        r = self._search(layer, q, top_k, threshold)
         k = r.indices.shape[-1]
 
         def back(a):  # [H, B*L, k, ...] -> [B, KVH, R, L, k, ...]

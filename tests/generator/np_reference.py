@@ -13,7 +13,8 @@ import math
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
+
+from extmind.tiny_models import read_weights
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarray:
@@ -195,7 +196,7 @@ class Model:
     def __init__(self, path):
         path = Path(path)
         cfg = json.loads((path / "config.json").read_text())
-        w = {k: v.astype(np.float64) for k, v in load_file(str(path / "model.safetensors")).items()}
+        w = {k: v.astype(np.float64) for k, v in read_weights(path / "model.safetensors").items()}
         self.cfg = cfg
         self.eps = cfg["rms_norm_eps"]
         h, kvh = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
