@@ -21,6 +21,7 @@ from mlx_lm.utils import load
 
 from extmind import errors, tensor
 from services.common.mlx_thread import MLXThread
+from services.generator.attention_parts import compute_dtype
 from services.generator.bank_cache import BankCache, LocalRetriever, bank_from_numpy
 from services.generator.chat_prompt import encode_messages
 from services.generator.extended_attention import MemoryContext, install
@@ -116,17 +117,15 @@ class GeneratorEngine:
                 ) from exc
         self.model, self.tokenizer, cfg = load(str(path), return_config=True)
         self.model_path = path
-        self.state = install(self.model)
-        attn = self.state.modules[0]
-        self.num_layers = len(self.model.layers)
-        self.num_heads, self.num_kv_heads = attn.n_heads, attn.n_kv_heads
+        self.state = install(self.model, cfg)
         # Shapes come from the config, never from weight shapes: a quantized weight is packed
         # (a 4-bit o_proj of a 128-wide model is [128, 16] uint32).
-        self.head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"]))
+        shape = self.state.shape
+        self.num_layers, self.num_heads, self.num_kv_heads = shape.num_layers, shape.num_heads, shape.num_kv_heads
+        self.head_dim = shape.head_dim
         self.vocab_size = int(cfg["vocab_size"])
         self.max_context = int(cfg.get("max_position_embeddings") or 0) or 131072
-        # The compute dtype: norm weights are never quantized (projection weights may be uint32).
-        dtype = self.model.layers[0].input_layernorm.weight.dtype
+        dtype = compute_dtype(self.model)
         self.dtype = {mx.float32: tensor.FLOAT32, mx.float16: tensor.FLOAT16}.get(dtype, tensor.BFLOAT16)
         self.fingerprint = model_fingerprint(path, str(dtype))
         self.eos_ids = sorted(int(t) for t in self.tokenizer.eos_token_ids)
