@@ -41,6 +41,7 @@ def _decoder_weights(
     dtype,
     qkv_bias: bool = False,
     moe: dict | None = None,
+    embed_std: float = 0.5,
 ) -> dict:
     """Weights of a decoder in HF layout. ``moe`` (None = a dense SwiGLU MLP in every layer):
     dict(kind="qwen" | "qwen2" | "mixtral", experts, intermediate, shared_intermediate) for the
@@ -52,7 +53,7 @@ def _decoder_weights(
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(dtype)
 
     w = {
-        f"{prefix}embed_tokens.weight": (rng.standard_normal((vocab, hidden)) * 0.5).astype(dtype),
+        f"{prefix}embed_tokens.weight": (rng.standard_normal((vocab, hidden)) * embed_std).astype(dtype),
         f"{prefix}norm.weight": norm(hidden),
     }
     for i in range(layers):
@@ -79,17 +80,18 @@ def _decoder_weights(
 
 
 def _moe_weights(lin, p: str, hidden: int, *, kind: str, experts: int, intermediate: int, shared_intermediate=0):
-    # The router is scaled up so that its top-k choice has clear margins (a near tie between two
-    # experts would make a float32 run and a float64 reference route differently).
+    # The router is scaled up so that its logits spread over a few units: its top-k choices then
+    # have clear margins (a near tie between two experts could route a float32 run and a float64
+    # reference differently) without saturating the softmax.
     if kind == "mixtral":
-        w = {p + "block_sparse_moe.gate.weight": lin(experts, hidden) * 20}
+        w = {p + "block_sparse_moe.gate.weight": lin(experts, hidden) * 3}
         for e in range(experts):
             q = f"{p}block_sparse_moe.experts.{e}."
             w[q + "w1.weight"] = lin(intermediate, hidden)  # gate
             w[q + "w2.weight"] = lin(hidden, intermediate)  # down
             w[q + "w3.weight"] = lin(intermediate, hidden)  # up
         return w
-    w = {p + "mlp.gate.weight": lin(experts, hidden) * 20}
+    w = {p + "mlp.gate.weight": lin(experts, hidden) * 3}
     for e in range(experts):
         q = f"{p}mlp.experts.{e}."
         w[q + "gate_proj.weight"] = lin(intermediate, hidden)
@@ -455,6 +457,7 @@ def _build_decoder(
     std: float,
     seed: int,
     dtype: str,
+    embed_std: float = 0.5,
 ) -> Path:
     """A random decoder of ``model_type`` whose config.json has the keys of the official release
     (``config`` adds the architecture's own keys to the common ones)."""
@@ -478,6 +481,7 @@ def _build_decoder(
         dtype=dt,
         qkv_bias=qkv_bias,
         moe=moe,
+        embed_std=embed_std,
     )
     if not tie_word_embeddings:
         w["lm_head.weight"] = (rng.standard_normal((vocab, hidden)) * std).astype(dt)
@@ -508,9 +512,10 @@ def build_qwen2(
     path, *, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab_size=512, std=0.08, seed=0, dtype="float32"
 ) -> Path:
     """A random Qwen2ForCausalLM (the Qwen2.5 config keys): q/k/v biases, head_dim = hidden /
-    heads, tied embeddings, ChatML tokenizer."""
+    heads, tied embeddings (small, so the tied head's logits do not saturate), ChatML tokenizer."""
     return _build_decoder(
         path,
+        embed_std=0.15,
         model_type="qwen2",
         architecture="Qwen2ForCausalLM",
         tokenizer="qwen3",
