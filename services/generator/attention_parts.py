@@ -191,14 +191,21 @@ def probe(wrappers, shape: AttentionShape, dtype, tokens: int = 5, seed: int = 0
     # The wrapper softmaxes in float32, the stock module in the model dtype: allow its rounding.
     tol = 1e-4 if dtype == mx.float32 else 3e-2
     for w in wrappers:
-        _, k, _ = w._project(x)
+        try:
+            _, k, _ = w._project(x)
+            stock = w.inner(x, "causal", None).astype(mx.float32)
+            ours = w._with_memories(x, "causal", None, ctx).astype(mx.float32)
+            mx.eval(k, stock, ours)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise UnsupportedModel(
+                f"model type {shape.model_type!r}: layer {w.layer}'s attention ({type(w.inner).__name__}) does not "
+                f"project like Llama/Qwen, which extended mind needs ({type(exc).__name__}: {exc})"
+            ) from exc
         if k.shape[-1] != shape.head_dim or k.shape[1] != shape.num_kv_heads:
             raise UnsupportedModel(
                 f"model type {shape.model_type!r}: layer {w.layer} computes keys of {k.shape[1]} heads x "
                 f"{k.shape[-1]}; the config gives {shape.num_kv_heads} x {shape.head_dim}"
             )
-        stock = w.inner(x, "causal", None).astype(mx.float32)
-        ours = w._with_memories(x, "causal", None, ctx).astype(mx.float32)
         err = mx.max(mx.abs(stock - ours)).item()
         bound = tol * max(1.0, mx.max(mx.abs(stock)).item())
         if not err <= bound:
