@@ -46,6 +46,7 @@ def _decoder_weights(
     """Weights of a decoder in HF layout. ``moe`` (None = a dense SwiGLU MLP in every layer):
     dict(kind="qwen" | "qwen2" | "mixtral", experts, intermediate, shared_intermediate) for the
     Qwen3-MoE / Qwen2-MoE (plus a gated shared expert) / Mixtral expert layouts."""
+
     def lin(out_dim, in_dim):
         return (rng.standard_normal((out_dim, in_dim)) * std).astype(dtype)
 
@@ -509,7 +510,17 @@ def _build_decoder(
 
 
 def build_qwen2(
-    path, *, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab_size=512, std=0.08, seed=0, dtype="float32"
+    path,
+    *,
+    hidden=64,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    intermediate=128,
+    vocab_size=512,
+    std=0.08,
+    seed=0,
+    dtype="float32",
 ) -> Path:
     """A random Qwen2ForCausalLM (the Qwen2.5 config keys): q/k/v biases, head_dim = hidden /
     heads, tied embeddings (small, so the tied head's logits do not saturate), ChatML tokenizer."""
@@ -643,9 +654,7 @@ def build_qwen2_moe(
         qk_norm=False,
         qkv_bias=True,
         tie_word_embeddings=False,
-        moe=dict(
-            kind="qwen2", experts=experts, intermediate=moe_intermediate, shared_intermediate=shared_intermediate
-        ),
+        moe=dict(kind="qwen2", experts=experts, intermediate=moe_intermediate, shared_intermediate=shared_intermediate),
         config={
             "attention_dropout": 0.0,
             "decoder_sparse_step": 1,

@@ -179,13 +179,17 @@ class GeneratorEngine:
 
     # ---------------------------------------------------------------- generation
 
-    def encode_prompt(self, *, prompt: str = "", messages=None, token_ids=None) -> list[int]:
+    def encode_prompt(self, *, prompt: str = "", messages=None, token_ids=None, chat_options=None) -> list[int]:
+        """Token ids of a prompt, chat ``messages`` ([(role, content)], rendered by the model's
+        chat template with the variables ``chat_options``) or ``token_ids`` (exactly one)."""
         given = [bool(prompt), bool(messages), bool(token_ids)]
         if sum(given) != 1:
             raise errors.InvalidArgument(
                 "give exactly one of prompt, messages or prompt_token_ids "
                 f"(got {sum(given)}); an empty prompt cannot be generated from"
             )
+        if chat_options and not messages:
+            raise errors.InvalidArgument("chat_template_options apply to messages only")
         if token_ids:
             self._check_vocab(token_ids, "prompt_token_ids")
             return list(token_ids)
@@ -194,7 +198,7 @@ class GeneratorEngine:
                 if m[0] not in ("system", "user", "assistant"):
                     raise errors.InvalidArgument(f"message role {m[0]!r} must be system, user or assistant")
             # Content is literal text: special tokens come only from the template.
-            return encode_messages(self.tokenizer, [{"role": r, "content": c} for r, c in messages])
+            return encode_messages(self.tokenizer, [{"role": r, "content": c} for r, c in messages], chat_options)
         return list(self.tokenizer.encode(prompt))
 
     def _check_vocab(self, token_ids, name: str) -> None:
