@@ -127,7 +127,7 @@ class ExtendedMindAttention(nn.Module):
         self.n_kv_heads = n_kv_heads
         self.scale = inner.scale
 
-    # The pre-RoPE projections exactly as mlx-lm's Llama/Qwen2/Qwen3 attention computes them.
+    # The pre-RoPE projections exactly as mlx-lm's Llama/Qwen2/Qwen3 (and their MoE) attention computes them.
     def _project(self, x: mx.array):
         a = self.inner
         B, L, _ = x.shape
