@@ -22,7 +22,7 @@ packed) cross-check ``head_dim``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import mlx.core as mx
@@ -75,9 +75,15 @@ def _config_dict(model: nn.Module, config: dict | None) -> dict:
 
 
 def attention_shape(config: dict) -> AttentionShape:
-    """The attention shape from a model's ``config.json`` (dict), as mlx-lm's attention sizes it.
-    Raises UnsupportedModel when a needed key is missing."""
+    """The attention shape from a model's ``config.json`` (dict; a nested ``text_config`` when the
+    top level has no attention keys), as mlx-lm's attention sizes it. Raises UnsupportedModel
+    when a needed key is missing."""
     model_type = config.get("model_type")
+    text = config.get("text_config")
+    if isinstance(text, dict) and not config.get("num_attention_heads"):
+        # A multimodal checkpoint (Mistral 3, Qwen3-VL, ...): its decoder's config is nested.
+        inner = attention_shape({**text, "model_type": text.get("model_type") or model_type})
+        return replace(inner, model_type=str(model_type))
     missing = [k for k in ("num_hidden_layers", "num_attention_heads", "hidden_size") if not config.get(k)]
     if missing:
         raise UnsupportedModel(f"model type {model_type!r}: the config has no {', '.join(missing)}")

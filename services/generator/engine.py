@@ -123,8 +123,9 @@ class GeneratorEngine:
         shape = self.state.shape
         self.num_layers, self.num_heads, self.num_kv_heads = shape.num_layers, shape.num_heads, shape.num_kv_heads
         self.head_dim = shape.head_dim
-        self.vocab_size = int(cfg["vocab_size"])
-        self.max_context = int(cfg.get("max_position_embeddings") or 0) or 131072
+        text = cfg.get("text_config") or {}  # a multimodal checkpoint nests its decoder's config
+        self.vocab_size = int(cfg.get("vocab_size") or text["vocab_size"])
+        self.max_context = int(cfg.get("max_position_embeddings") or text.get("max_position_embeddings") or 0) or 131072
         dtype = compute_dtype(self.model)
         self.dtype = {mx.float32: tensor.FLOAT32, mx.float16: tensor.FLOAT16}.get(dtype, tensor.BFLOAT16)
         self.fingerprint = model_fingerprint(path, str(dtype))

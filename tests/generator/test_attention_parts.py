@@ -42,6 +42,16 @@ def test_an_untested_type_with_the_same_attention_is_accepted(model_type):
     assert len(state.modules) == 2
 
 
+def test_a_nested_text_config_gives_the_shape():
+    """Multimodal checkpoints (Mistral 3 here) keep the decoder's config under text_config."""
+    config = dict(model_type="mistral3", text_config=dict(BASE, model_type="llama", head_dim=None))
+    module = importlib.import_module("mlx_lm.models.mistral3")
+    model = module.Model(module.ModelArgs.from_dict(config))
+    mx.eval(model.parameters())
+    state = install(model, config)
+    assert (state.shape.model_type, state.shape.num_kv_heads, state.shape.head_dim) == ("mistral3", 2, 16)
+
+
 @pytest.mark.parametrize(
     "model_type,names",
     [
