@@ -194,8 +194,10 @@ def probe(wrappers, shape: AttentionShape, dtype, tokens: int = 5, seed: int = 0
 
     ctx = MemoryContext(_NoMemories(), top_k=1)
     x = (mx.random.normal((1, tokens, shape.hidden_size), key=mx.random.key(seed))).astype(dtype)
-    # The wrapper softmaxes in float32, the stock module in the model dtype: allow its rounding.
-    tol = 1e-4 if dtype == mx.float32 else 3e-2
+    # The wrapper softmaxes in float32, the stock module in the model dtype: allow its rounding
+    # (tiny models show ~1 bfloat16 ulp, 0.008 of the largest output; a structural difference,
+    # a missed norm or scale, is of the order of the output itself).
+    tol = {mx.float32: 1e-4, mx.float16: 2e-2}.get(dtype, 1e-1)
     for w in wrappers:
         try:
             _, k, _ = w._project(x)

@@ -8,8 +8,11 @@ import importlib
 
 import mlx.core as mx
 import pytest
+from mlx_lm import convert
+from mlx_lm.utils import load
 
-from services.generator.attention_parts import TESTED_MODEL_TYPES, UnsupportedModel, attention_shape
+from extmind.tiny_models import DECODER_BUILDERS
+from services.generator.attention_parts import TESTED_MODEL_TYPES, UnsupportedModel, attention_shape, compute_dtype
 from services.generator.extended_attention import install
 
 BASE = dict(
@@ -76,3 +79,18 @@ def test_shapes_follow_how_mlx_lm_sizes_a_head():
     assert (shape.head_dim, shape.num_kv_heads) == (16, 4)
     with pytest.raises(UnsupportedModel, match="no hidden_size"):
         attention_shape(dict(BASE, model_type="llama", hidden_size=None))
+
+
+@pytest.mark.parametrize("model_type", list(DECODER_BUILDERS))
+def test_bfloat16_4bit_checkpoints_pass_the_load_probe(model_type, tmp_path):
+    """The seed models compute in bfloat16: the probe allows the stock module's rounding there, and
+    the wrapped model without memories still gives the stock logits exactly."""
+    src = DECODER_BUILDERS[model_type](tmp_path / "float", seed=4)
+    out = tmp_path / "bf16-4bit"
+    convert(hf_path=str(src), mlx_path=str(out), quantize=True, q_bits=4, q_group_size=64, dtype="bfloat16")
+    model, _, cfg = load(str(out), return_config=True)
+    tokens = mx.array([[1, 2, 3, 4, 5, 6]])
+    stock = model(tokens)
+    state = install(model, cfg)
+    assert compute_dtype(model) == mx.bfloat16 and state.shape.model_type == model_type
+    assert mx.array_equal(model(tokens), stock).item()
