@@ -9,6 +9,8 @@ transformers load the same directories as the independent reference.
     build_qwen3(path, embedding_layout=True)   # Qwen3-Embedding layout: no "model." prefix, no head
     build_bert(path)                           # BertModel + sentence-transformers mean pooling
     build_chain_llama(path, {a: b, b: eos})    # LlamaForCausalLM whose greedy next token is chosen
+    build_qwen2 / build_qwen3_moe / build_qwen2_moe / build_mixtral(path)   # the other decoders
+    DECODER_BUILDERS[model_type](path, seed=1)  # any of them by mlx-lm model type
 
 Their tokenizers come from extmind/tiny_tokenizers.py. ``dtype="float16"`` or ``"bfloat16"`` writes
 the weights in that dtype (bfloat16: drawn in float32, rounded to nearest even); ``read_weights``
@@ -42,7 +44,14 @@ def _decoder_weights(
     qk_norm: bool,
     std: float,
     dtype,
+    qkv_bias: bool = False,
+    moe: dict | None = None,
+    embed_std: float = 0.5,
 ) -> dict:
+    """Weights of a decoder in HF layout. ``moe`` (None = a dense SwiGLU MLP in every layer):
+    dict(kind="qwen" | "qwen2" | "mixtral", experts, intermediate, shared_intermediate) for the
+    Qwen3-MoE / Qwen2-MoE (plus a gated shared expert) / Mixtral expert layouts."""
+
     def lin(out_dim, in_dim):
         return (rng.standard_normal((out_dim, in_dim)) * std).astype(dtype)
 
@@ -50,7 +59,7 @@ def _decoder_weights(
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(dtype)
 
     w = {
-        f"{prefix}embed_tokens.weight": (rng.standard_normal((vocab, hidden)) * 0.5).astype(dtype),
+        f"{prefix}embed_tokens.weight": (rng.standard_normal((vocab, hidden)) * embed_std).astype(dtype),
         f"{prefix}norm.weight": norm(hidden),
     }
     for i in range(layers):
@@ -59,14 +68,48 @@ def _decoder_weights(
         w[p + "self_attn.k_proj.weight"] = lin(kv_heads * head_dim, hidden)
         w[p + "self_attn.v_proj.weight"] = lin(kv_heads * head_dim, hidden)
         w[p + "self_attn.o_proj.weight"] = lin(hidden, heads * head_dim)
+        if qkv_bias:
+            for name, n in (("q_proj", heads), ("k_proj", kv_heads), ("v_proj", kv_heads)):
+                w[p + f"self_attn.{name}.bias"] = (rng.standard_normal(n * head_dim) * 0.1).astype(dtype)
         if qk_norm:
             w[p + "self_attn.q_norm.weight"] = norm(head_dim)
             w[p + "self_attn.k_norm.weight"] = norm(head_dim)
-        w[p + "mlp.gate_proj.weight"] = lin(intermediate, hidden)
-        w[p + "mlp.up_proj.weight"] = lin(intermediate, hidden)
-        w[p + "mlp.down_proj.weight"] = lin(hidden, intermediate)
+        if moe is None:
+            w[p + "mlp.gate_proj.weight"] = lin(intermediate, hidden)
+            w[p + "mlp.up_proj.weight"] = lin(intermediate, hidden)
+            w[p + "mlp.down_proj.weight"] = lin(hidden, intermediate)
+        else:
+            w.update(_moe_weights(lin, p, hidden, **moe))
         w[p + "input_layernorm.weight"] = norm(hidden)
         w[p + "post_attention_layernorm.weight"] = norm(hidden)
+    return w
+
+
+def _moe_weights(lin, p: str, hidden: int, *, kind: str, experts: int, intermediate: int, shared_intermediate=0):
+    # The router is scaled up so that its logits spread over a few units: its top-k choices then
+    # have clear margins (a near tie between two experts could route a float32 run and a float64
+    # reference differently) without saturating the softmax.
+    if kind == "mixtral":
+        w = {p + "block_sparse_moe.gate.weight": lin(experts, hidden) * 3}
+        for e in range(experts):
+            q = f"{p}block_sparse_moe.experts.{e}."
+            w[q + "w1.weight"] = lin(intermediate, hidden)  # gate
+            w[q + "w2.weight"] = lin(hidden, intermediate)  # down
+            w[q + "w3.weight"] = lin(intermediate, hidden)  # up
+        return w
+    w = {p + "mlp.gate.weight": lin(experts, hidden) * 3}
+    for e in range(experts):
+        q = f"{p}mlp.experts.{e}."
+        w[q + "gate_proj.weight"] = lin(intermediate, hidden)
+        w[q + "up_proj.weight"] = lin(intermediate, hidden)
+        w[q + "down_proj.weight"] = lin(hidden, intermediate)
+    if kind == "qwen2":
+        w[p + "mlp.shared_expert.gate_proj.weight"] = lin(shared_intermediate, hidden)
+        w[p + "mlp.shared_expert.up_proj.weight"] = lin(shared_intermediate, hidden)
+        w[p + "mlp.shared_expert.down_proj.weight"] = lin(hidden, shared_intermediate)
+        w[p + "mlp.shared_expert_gate.weight"] = lin(1, hidden) * 5
+    elif kind != "qwen":
+        raise ValueError(f"unknown MoE kind {kind!r}: qwen, qwen2 or mixtral")
     return w
 
 
@@ -439,3 +482,312 @@ def build_chain_llama(
     _write_json(path / "config.json", config)
     _save_weights(w, path / "model.safetensors", "float32")
     return path
+
+
+def _build_decoder(
+    path,
+    *,
+    model_type: str,
+    architecture: str,
+    tokenizer: str,
+    hidden: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    intermediate: int,
+    vocab_size: int,
+    qk_norm: bool,
+    qkv_bias: bool,
+    tie_word_embeddings: bool,
+    moe: dict | None,
+    config: dict,
+    std: float,
+    seed: int,
+    dtype: str,
+    embed_std: float = 0.5,
+) -> Path:
+    """A random decoder of ``model_type`` whose config.json has the keys of the official release
+    (``config`` adds the architecture's own keys to the common ones)."""
+    path = Path(path)
+    tok = build_tokenizer(path, tokenizer, vocab_size)
+    vocab = tok["vocab_size"]
+    rng = np.random.default_rng(seed)
+    dt = _np_dtype(dtype)
+    w = _decoder_weights(
+        rng,
+        prefix="model.",
+        vocab=vocab,
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate=intermediate,
+        qk_norm=qk_norm,
+        std=std,
+        dtype=dt,
+        qkv_bias=qkv_bias,
+        moe=moe,
+        embed_std=embed_std,
+    )
+    if not tie_word_embeddings:
+        w["lm_head.weight"] = (rng.standard_normal((vocab, hidden)) * std).astype(dt)
+    bos = tok["bos"] if tok["bos"] is not None else tok["pad"]
+    full = {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "hidden_act": "silu",
+        "tie_word_embeddings": tie_word_embeddings,
+        "torch_dtype": dtype,
+        "bos_token_id": bos,
+        "eos_token_id": tok["eos"],
+        **config,
+    }
+    _write_json(path / "config.json", full)
+    _write_json(path / "generation_config.json", {"bos_token_id": bos, "eos_token_id": tok["eos_ids"]})
+    save_file(w, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def build_qwen2(
+    path,
+    *,
+    hidden=64,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    intermediate=128,
+    vocab_size=512,
+    std=0.08,
+    seed=0,
+    dtype="float32",
+) -> Path:
+    """A random Qwen2ForCausalLM (the Qwen2.5 config keys): q/k/v biases, head_dim = hidden /
+    heads, tied embeddings (small, so the tied head's logits do not saturate), ChatML tokenizer."""
+    return _build_decoder(
+        path,
+        embed_std=0.15,
+        model_type="qwen2",
+        architecture="Qwen2ForCausalLM",
+        tokenizer="qwen3",
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=hidden // heads,
+        intermediate=intermediate,
+        vocab_size=vocab_size,
+        qk_norm=False,
+        qkv_bias=True,
+        tie_word_embeddings=True,
+        moe=None,
+        config={
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "max_position_embeddings": 32768,
+            "max_window_layers": layers,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "sliding_window": 32768,
+            "use_cache": True,
+            "use_sliding_window": False,
+        },
+        std=std,
+        seed=seed,
+        dtype=dtype,
+    )
+
+
+def build_qwen3_moe(
+    path,
+    *,
+    hidden=64,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    head_dim=16,
+    experts=4,
+    experts_per_token=2,
+    moe_intermediate=64,
+    vocab_size=512,
+    std=0.08,
+    seed=0,
+    dtype="float32",
+) -> Path:
+    """A random Qwen3MoeForCausalLM (the Qwen3-30B-A3B / Qwen3-Coder config keys): q/k norms, a
+    softmax router whose top-k gates are renormalized (``norm_topk_prob``), experts in every layer,
+    untied head. The tokenizer's chat template has Qwen3's thinking switch."""
+    return _build_decoder(
+        path,
+        model_type="qwen3_moe",
+        architecture="Qwen3MoeForCausalLM",
+        tokenizer="qwen3_thinking",
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate=2 * hidden,
+        vocab_size=vocab_size,
+        qk_norm=True,
+        qkv_bias=False,
+        tie_word_embeddings=False,
+        moe=dict(kind="qwen", experts=experts, intermediate=moe_intermediate),
+        config={
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "decoder_sparse_step": 1,
+            "head_dim": head_dim,
+            "initializer_range": 0.02,
+            "max_position_embeddings": 262144,
+            "max_window_layers": layers,
+            "mlp_only_layers": [],
+            "moe_intermediate_size": moe_intermediate,
+            "norm_topk_prob": True,
+            "num_experts": experts,
+            "num_experts_per_tok": experts_per_token,
+            "output_router_logits": False,
+            "rms_norm_eps": 1e-6,
+            "rope_scaling": None,
+            "rope_theta": 10000000.0,
+            "router_aux_loss_coef": 0.001,
+            "sliding_window": None,
+            "use_cache": True,
+            "use_sliding_window": False,
+        },
+        std=std,
+        seed=seed,
+        dtype=dtype,
+    )
+
+
+def build_qwen2_moe(
+    path,
+    *,
+    hidden=64,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    experts=4,
+    experts_per_token=2,
+    moe_intermediate=64,
+    shared_intermediate=128,
+    vocab_size=512,
+    std=0.08,
+    seed=0,
+    dtype="float32",
+) -> Path:
+    """A random Qwen2MoeForCausalLM (the Qwen1.5-MoE / Qwen2-57B-A14B config keys): q/k/v biases,
+    a softmax router without renormalization, and a shared expert behind a sigmoid gate."""
+    return _build_decoder(
+        path,
+        model_type="qwen2_moe",
+        architecture="Qwen2MoeForCausalLM",
+        tokenizer="qwen3",
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=hidden // heads,
+        intermediate=shared_intermediate,
+        vocab_size=vocab_size,
+        qk_norm=False,
+        qkv_bias=True,
+        tie_word_embeddings=False,
+        moe=dict(kind="qwen2", experts=experts, intermediate=moe_intermediate, shared_intermediate=shared_intermediate),
+        config={
+            "attention_dropout": 0.0,
+            "decoder_sparse_step": 1,
+            "initializer_range": 0.02,
+            "max_position_embeddings": 32768,
+            "max_window_layers": layers,
+            "mlp_only_layers": [],
+            "moe_intermediate_size": moe_intermediate,
+            "norm_topk_prob": False,
+            "num_experts": experts,
+            "num_experts_per_tok": experts_per_token,
+            "output_router_logits": False,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "router_aux_loss_coef": 0.001,
+            "shared_expert_intermediate_size": shared_intermediate,
+            "sliding_window": 32768,
+            "use_cache": True,
+            "use_sliding_window": False,
+        },
+        std=std,
+        seed=seed,
+        dtype=dtype,
+    )
+
+
+def build_mixtral(
+    path,
+    *,
+    hidden=64,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    experts=4,
+    experts_per_token=2,
+    intermediate=64,
+    vocab_size=512,
+    std=0.08,
+    seed=0,
+    dtype="float32",
+) -> Path:
+    """A random MixtralForCausalLM (the Mixtral-8x7B config keys): the router's top-k logits are
+    softmaxed among themselves; experts as w1 (gate) / w2 (down) / w3 (up); a Mistral ``[INST]``
+    tokenizer."""
+    return _build_decoder(
+        path,
+        model_type="mixtral",
+        architecture="MixtralForCausalLM",
+        tokenizer="mistral",
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=hidden // heads,
+        intermediate=intermediate,
+        vocab_size=vocab_size,
+        qk_norm=False,
+        qkv_bias=False,
+        tie_word_embeddings=False,
+        moe=dict(kind="mixtral", experts=experts, intermediate=intermediate),
+        config={
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "max_position_embeddings": 32768,
+            "num_experts_per_tok": experts_per_token,
+            "num_local_experts": experts,
+            "output_router_logits": False,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 1000000.0,
+            "router_aux_loss_coef": 0.02,
+            "sliding_window": None,
+            "use_cache": True,
+        },
+        std=std,
+        seed=seed,
+        dtype=dtype,
+    )
+
+
+# model type -> builder of a tiny random checkpoint of that architecture (keyword arguments: seed,
+# dtype, and each builder's own sizes).
+DECODER_BUILDERS = {
+    "llama": build_llama,
+    "qwen2": build_qwen2,
+    "qwen3": build_qwen3,
+    "qwen3_moe": build_qwen3_moe,
+    "qwen2_moe": build_qwen2_moe,
+    "mixtral": build_mixtral,
+}

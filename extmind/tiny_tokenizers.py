@@ -1,6 +1,7 @@
 """Tiny byte-level BPE tokenizers (``tokenizers``-made ``tokenizer.json`` + config) for the tiny
 checkpoints of ``extmind.tiny_models``: Llama 3 style, ChatML (Qwen) and BERT WordPiece-style
-special tokens, trained on a small English corpus so tokens stay readable."""
+special tokens, trained on a small English corpus so tokens stay readable. Chat templates:
+Llama 3 headers, ChatML (Qwen2), ChatML with Qwen3's ``enable_thinking`` switch, Mistral ``[INST]``."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ LLAMA_SPECIALS = [
     "<|pad|>",
 ]
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN3_SPECIALS = [*QWEN_SPECIALS, "<think>", "</think>"]
+MISTRAL_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"]
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 LLAMA_CHAT_TEMPLATE = (
@@ -38,6 +41,21 @@ LLAMA_CHAT_TEMPLATE = (
 QWEN_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Qwen3's: ChatML; with enable_thinking=False the generation prompt carries an empty think block.
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+# Mistral / Mixtral Instruct: a system message is folded into the next user turn; the
+# generation prompt is the closing [/INST] itself.
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(system='') %}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set ns.system = message['content'] + '\n\n' %}"
+    "{% elif message['role'] == 'user' %}[INST] {{ ns.system }}{{ message['content'] }} [/INST]"
+    "{% set ns.system = '' %}{% else %}{{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
 )
 
 
@@ -63,8 +81,10 @@ def added_tokens_decoder(ids: dict[str, int], specials) -> dict:
 def build_tokenizer(path, kind: str = "llama", vocab_size: int = 512) -> dict:
     """Trains a deterministic tokenizer on the built-in corpus and writes HF tokenizer files.
 
-    kind: "llama" (byte-level BPE, BOS added), "qwen3" (byte-level BPE, no BOS) or "bert"
-    (uncased WordPiece, [CLS] ... [SEP]). Returns {"vocab_size", "bos", "eos", "pad", ...} ids.
+    kind: "llama" (byte-level BPE, BOS added), "qwen3" (byte-level BPE, no BOS, ChatML),
+    "qwen3_thinking" (as qwen3, with <think> tokens and Qwen3's thinking switch in the template),
+    "mistral" (byte-level BPE, <s> added, [INST] template) or "bert" (uncased WordPiece,
+    [CLS] ... [SEP]). Returns {"vocab_size", "bos", "eos", "pad", ...} ids.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -112,7 +132,9 @@ def build_tokenizer(path, kind: str = "llama", vocab_size: int = 512) -> dict:
         )
         return {"vocab_size": tok.get_vocab_size(), "pad": tok.token_to_id("[PAD]"), "cls": cls, "sep": sep}
 
-    specials = LLAMA_SPECIALS if kind == "llama" else QWEN_SPECIALS
+    specials = {"llama": LLAMA_SPECIALS, "qwen3_thinking": QWEN3_SPECIALS, "mistral": MISTRAL_SPECIALS}.get(
+        kind, QWEN_SPECIALS
+    )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -141,13 +163,13 @@ def build_tokenizer(path, kind: str = "llama", vocab_size: int = 512) -> dict:
             "eos_ids": [ids["<|end_of_text|>"], ids["<|eot_id|>"]],
             "pad": ids["<|pad|>"],
         }
-    elif kind == "qwen3":
+    elif kind in ("qwen3", "qwen3_thinking"):
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
         cfg = {
             "bos_token": None,
             "eos_token": "<|im_end|>",
             "pad_token": "<|endoftext|>",
-            "chat_template": QWEN_CHAT_TEMPLATE,
+            "chat_template": QWEN_CHAT_TEMPLATE if kind == "qwen3" else QWEN3_CHAT_TEMPLATE,
         }
         info = {
             "bos": None,
@@ -156,8 +178,15 @@ def build_tokenizer(path, kind: str = "llama", vocab_size: int = 512) -> dict:
             "pad": ids["<|endoftext|>"],
             "endoftext": ids["<|endoftext|>"],
         }
+    elif kind == "mistral":
+        bos = "<s>"
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, ids[bos])]
+        )
+        cfg = {"bos_token": bos, "eos_token": "</s>", "unk_token": "<unk>", "chat_template": MISTRAL_CHAT_TEMPLATE}
+        info = {"bos": ids[bos], "eos": ids["</s>"], "eos_ids": [ids["</s>"]], "pad": ids["<unk>"]}
     else:
-        raise ValueError(f"unknown tokenizer kind {kind!r}: use llama, qwen3 or bert")
+        raise ValueError(f"unknown tokenizer kind {kind!r}: use llama, qwen3, qwen3_thinking, mistral or bert")
     tok.save(str(path / "tokenizer.json"))
     _write_json(
         path / "tokenizer_config.json",

@@ -125,7 +125,11 @@ def model_config(tok, a) -> dict:
         "torch_dtype": "float16",
         "bos_token_id": tok.token_to_id(BOS),
         # The newline that ends every answer is an end token too, so generation stops after it.
-        "eos_token_id": [tok.token_to_id(EOS), tok.token_to_id("<|end_of_text|>"), tok.encode("\n", add_special_tokens=False).ids[0]],
+        "eos_token_id": [
+            tok.token_to_id(EOS),
+            tok.token_to_id("<|end_of_text|>"),
+            tok.encode("\n", add_special_tokens=False).ids[0],
+        ],
         "pad_token_id": tok.token_to_id(PAD),
     }
 
@@ -336,17 +340,16 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--w-lm", type=float, default=0.3)
     p.add_argument("--w-ctx", type=float, default=0.5)
-    p.add_argument(
-        "--w-ret", type=float, default=0.5, help="weight of the supervised retrieval loss (shared memories)"
-    )
+    p.add_argument("--w-ret", type=float, default=0.5, help="weight of the supervised retrieval loss (shared memories)")
     p.add_argument("--tau", type=float, default=0.1, help="temperature of the retrieval loss's cosine softmax")
-    p.add_argument(
-        "--own-fraction", type=float, default=0.5, help="share of training on per-question memories, first"
-    )
+    p.add_argument("--own-fraction", type=float, default=0.5, help="share of training on per-question memories, first")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-n", type=int, default=256)
     p.add_argument(
-        "--device-memory-gb", type=float, default=0, help="cap MLX's memory (and its buffer cache) at this; 0 = MLX default"
+        "--device-memory-gb",
+        type=float,
+        default=0,
+        help="cap MLX's memory (and its buffer cache) at this; 0 = MLX default",
     )
     a = p.parse_args(argv)
     if a.device_memory_gb:  # several runs sharing one GPU: each would otherwise cache up to the whole device

@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from extmind.v1 import common_pb2 as extmind_dot_v1_dot_common__pb2
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65xtmind/v1/generator.proto\x12\nextmind.v1\x1a\x17\x65xtmind/v1/common.proto\"\xcd\x01\n\x0fMemorizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x11\n\tmemory_id\x18\x03 \x01(\t\x12\x37\n\x06labels\x18\x04 \x03(\x0b\x32\'.extmind.v1.MemorizeRequest.LabelsEntry\x12\x0e\n\x06window\x18\x05 \x01(\r\x12\x0e\n\x06stride\x18\x06 \x01(\r\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"f\n\x10MemorizeResponse\x12\x11\n\tmemory_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x10\n\x08num_rows\x18\x03 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\"E\n\x15MemorizeStreamRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.extmind.v1.MemorizeRequest\"\x98\x01\n\x10MemorizeProgress\x12\x13\n\x0btokens_done\x18\x01 \x01(\r\x12\x14\n\x0ctokens_total\x18\x02 \x01(\r\x12\x14\n\x0cwindows_done\x18\x03 \x01(\r\x12\x15\n\rwindows_total\x18\x04 \x01(\r\x12\x17\n\x0f\x65lapsed_seconds\x18\x05 \x01(\x02\x12\x13\n\x0b\x65ta_seconds\x18\x06 \x01(\x02\"\x81\x01\n\x16MemorizeStreamResponse\x12\x30\n\x08progress\x18\x01 \x01(\x0b\x32\x1c.extmind.v1.MemorizeProgressH\x00\x12,\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1c.extmind.v1.MemorizeResponseH\x00\x42\x07\n\x05\x65vent\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xac\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x07 \x01(\r\x12\x0c\n\x04stop\x18\x08 \x03(\tB\x07\n\x05_seed\"\xd8\x01\n\x0c\x45xtendedMind\x12\x12\n\nmemory_ids\x18\x01 \x03(\t\x12\x12\n\x05top_k\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x1a\n\rsim_threshold\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\'\n\x04mode\x18\x04 \x01(\x0e\x32\x19.extmind.v1.RetrievalMode\x12\x0e\n\x06layers\x18\x05 \x03(\r\x12\x18\n\x10return_citations\x18\x06 \x01(\x08\x12\x15\n\rmax_citations\x18\x07 \x01(\rB\x08\n\x06_top_kB\x10\n\x0e_sim_threshold\"\xde\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.extmind.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.extmind.v1.SamplingParams\x12/\n\rextended_mind\x18\x05 \x01(\x0b\x32\x18.extmind.v1.ExtendedMind\x12\x17\n\x0freturn_logprobs\x18\x06 \x01(\x08\"\xe4\x01\n\x15GenerateStreamRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.extmind.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.extmind.v1.SamplingParams\x12/\n\rextended_mind\x18\x05 \x01(\x0b\x32\x18.extmind.v1.ExtendedMind\x12\x17\n\x0freturn_logprobs\x18\x06 \x01(\x08\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"a\n\x08\x43itation\x12\x11\n\tmemory_id\x18\x01 \x01(\t\x12\x13\n\x0btoken_start\x18\x02 \x01(\r\x12\x11\n\ttoken_end\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x0c\n\x04hits\x18\x05 \x01(\r\"\xc1\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.extmind.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.extmind.v1.Usage\x12\'\n\tcitations\x18\x06 \x03(\x0b\x32\x14.extmind.v1.Citation\"\xc7\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.extmind.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.extmind.v1.Usage\x12\'\n\tcitations\x18\x06 \x03(\x0b\x32\x14.extmind.v1.Citation\" \n\x1eGeneratorServiceGetInfoRequest\"\x87\x02\n\x1fGeneratorServiceGetInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x1b\n\x13num_attention_heads\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x13\n\x0bmax_context\x18\x08 \x01(\r\x12 \n\x05\x64type\x18\t \x01(\x0e\x32\x11.extmind.v1.DType\x12\x16\n\x0emax_batch_size\x18\n \x01(\r*d\n\rRetrievalMode\x12\x1e\n\x1aRETRIEVAL_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14RETRIEVAL_MODE_LOCAL\x10\x01\x12\x19\n\x15RETRIEVAL_MODE_REMOTE\x10\x02*\x80\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x32\xba\x03\n\x10GeneratorService\x12\x45\n\x08Memorize\x12\x1b.extmind.v1.MemorizeRequest\x1a\x1c.extmind.v1.MemorizeResponse\x12Y\n\x0eMemorizeStream\x12!.extmind.v1.MemorizeStreamRequest\x1a\".extmind.v1.MemorizeStreamResponse0\x01\x12\x45\n\x08Generate\x12\x1b.extmind.v1.GenerateRequest\x1a\x1c.extmind.v1.GenerateResponse\x12Y\n\x0eGenerateStream\x12!.extmind.v1.GenerateStreamRequest\x1a\".extmind.v1.GenerateStreamResponse0\x01\x12\x62\n\x07GetInfo\x12*.extmind.v1.GeneratorServiceGetInfoRequest\x1a+.extmind.v1.GeneratorServiceGetInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65xtmind/v1/generator.proto\x12\nextmind.v1\x1a\x17\x65xtmind/v1/common.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xcd\x01\n\x0fMemorizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x11\n\tmemory_id\x18\x03 \x01(\t\x12\x37\n\x06labels\x18\x04 \x03(\x0b\x32\'.extmind.v1.MemorizeRequest.LabelsEntry\x12\x0e\n\x06window\x18\x05 \x01(\r\x12\x0e\n\x06stride\x18\x06 \x01(\r\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"f\n\x10MemorizeResponse\x12\x11\n\tmemory_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x10\n\x08num_rows\x18\x03 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\"E\n\x15MemorizeStreamRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.extmind.v1.MemorizeRequest\"\x98\x01\n\x10MemorizeProgress\x12\x13\n\x0btokens_done\x18\x01 \x01(\r\x12\x14\n\x0ctokens_total\x18\x02 \x01(\r\x12\x14\n\x0cwindows_done\x18\x03 \x01(\r\x12\x15\n\rwindows_total\x18\x04 \x01(\r\x12\x17\n\x0f\x65lapsed_seconds\x18\x05 \x01(\x02\x12\x13\n\x0b\x65ta_seconds\x18\x06 \x01(\x02\"\x81\x01\n\x16MemorizeStreamResponse\x12\x30\n\x08progress\x18\x01 \x01(\x0b\x32\x1c.extmind.v1.MemorizeProgressH\x00\x12,\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1c.extmind.v1.MemorizeResponseH\x00\x42\x07\n\x05\x65vent\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xac\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x07 \x01(\r\x12\x0c\n\x04stop\x18\x08 \x03(\tB\x07\n\x05_seed\"\xd8\x01\n\x0c\x45xtendedMind\x12\x12\n\nmemory_ids\x18\x01 \x03(\t\x12\x12\n\x05top_k\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x1a\n\rsim_threshold\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\'\n\x04mode\x18\x04 \x01(\x0e\x32\x19.extmind.v1.RetrievalMode\x12\x0e\n\x06layers\x18\x05 \x03(\r\x12\x18\n\x10return_citations\x18\x06 \x01(\x08\x12\x15\n\rmax_citations\x18\x07 \x01(\rB\x08\n\x06_top_kB\x10\n\x0e_sim_threshold\"\x96\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.extmind.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.extmind.v1.SamplingParams\x12/\n\rextended_mind\x18\x05 \x01(\x0b\x32\x18.extmind.v1.ExtendedMind\x12\x17\n\x0freturn_logprobs\x18\x06 \x01(\x08\x12\x36\n\x15\x63hat_template_options\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x9c\x02\n\x15GenerateStreamRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.extmind.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.extmind.v1.SamplingParams\x12/\n\rextended_mind\x18\x05 \x01(\x0b\x32\x18.extmind.v1.ExtendedMind\x12\x17\n\x0freturn_logprobs\x18\x06 \x01(\x08\x12\x36\n\x15\x63hat_template_options\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"a\n\x08\x43itation\x12\x11\n\tmemory_id\x18\x01 \x01(\t\x12\x13\n\x0btoken_start\x18\x02 \x01(\r\x12\x11\n\ttoken_end\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x0c\n\x04hits\x18\x05 \x01(\r\"\xc1\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.extmind.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.extmind.v1.Usage\x12\'\n\tcitations\x18\x06 \x03(\x0b\x32\x14.extmind.v1.Citation\"\xc7\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.extmind.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.extmind.v1.Usage\x12\'\n\tcitations\x18\x06 \x03(\x0b\x32\x14.extmind.v1.Citation\" \n\x1eGeneratorServiceGetInfoRequest\"\x87\x02\n\x1fGeneratorServiceGetInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x1b\n\x13num_attention_heads\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x13\n\x0bmax_context\x18\x08 \x01(\r\x12 \n\x05\x64type\x18\t \x01(\x0e\x32\x11.extmind.v1.DType\x12\x16\n\x0emax_batch_size\x18\n \x01(\r*d\n\rRetrievalMode\x12\x1e\n\x1aRETRIEVAL_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14RETRIEVAL_MODE_LOCAL\x10\x01\x12\x19\n\x15RETRIEVAL_MODE_REMOTE\x10\x02*\x80\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x32\xba\x03\n\x10GeneratorService\x12\x45\n\x08Memorize\x12\x1b.extmind.v1.MemorizeRequest\x1a\x1c.extmind.v1.MemorizeResponse\x12Y\n\x0eMemorizeStream\x12!.extmind.v1.MemorizeStreamRequest\x1a\".extmind.v1.MemorizeStreamResponse0\x01\x12\x45\n\x08Generate\x12\x1b.extmind.v1.GenerateRequest\x1a\x1c.extmind.v1.GenerateResponse\x12Y\n\x0eGenerateStream\x12!.extmind.v1.GenerateStreamRequest\x1a\".extmind.v1.GenerateStreamResponse0\x01\x12\x62\n\x07GetInfo\x12*.extmind.v1.GeneratorServiceGetInfoRequest\x1a+.extmind.v1.GeneratorServiceGetInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,44 +35,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MEMORIZEREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_MEMORIZEREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_RETRIEVALMODE']._serialized_start=2489
-  _globals['_RETRIEVALMODE']._serialized_end=2589
-  _globals['_FINISHREASON']._serialized_start=2592
-  _globals['_FINISHREASON']._serialized_end=2720
-  _globals['_MEMORIZEREQUEST']._serialized_start=68
-  _globals['_MEMORIZEREQUEST']._serialized_end=273
-  _globals['_MEMORIZEREQUEST_LABELSENTRY']._serialized_start=228
-  _globals['_MEMORIZEREQUEST_LABELSENTRY']._serialized_end=273
-  _globals['_MEMORIZERESPONSE']._serialized_start=275
-  _globals['_MEMORIZERESPONSE']._serialized_end=377
-  _globals['_MEMORIZESTREAMREQUEST']._serialized_start=379
-  _globals['_MEMORIZESTREAMREQUEST']._serialized_end=448
-  _globals['_MEMORIZEPROGRESS']._serialized_start=451
-  _globals['_MEMORIZEPROGRESS']._serialized_end=603
-  _globals['_MEMORIZESTREAMRESPONSE']._serialized_start=606
-  _globals['_MEMORIZESTREAMRESPONSE']._serialized_end=735
-  _globals['_CHATMESSAGE']._serialized_start=737
-  _globals['_CHATMESSAGE']._serialized_end=781
-  _globals['_SAMPLINGPARAMS']._serialized_start=784
-  _globals['_SAMPLINGPARAMS']._serialized_end=956
-  _globals['_EXTENDEDMIND']._serialized_start=959
-  _globals['_EXTENDEDMIND']._serialized_end=1175
-  _globals['_GENERATEREQUEST']._serialized_start=1178
-  _globals['_GENERATEREQUEST']._serialized_end=1400
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=1403
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=1631
-  _globals['_USAGE']._serialized_start=1633
-  _globals['_USAGE']._serialized_end=1690
-  _globals['_CITATION']._serialized_start=1692
-  _globals['_CITATION']._serialized_end=1789
-  _globals['_GENERATERESPONSE']._serialized_start=1792
-  _globals['_GENERATERESPONSE']._serialized_end=1985
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1988
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2187
-  _globals['_GENERATORSERVICEGETINFOREQUEST']._serialized_start=2189
-  _globals['_GENERATORSERVICEGETINFOREQUEST']._serialized_end=2221
-  _globals['_GENERATORSERVICEGETINFORESPONSE']._serialized_start=2224
-  _globals['_GENERATORSERVICEGETINFORESPONSE']._serialized_end=2487
-  _globals['_GENERATORSERVICE']._serialized_start=2723
-  _globals['_GENERATORSERVICE']._serialized_end=3165
+  _globals['_RETRIEVALMODE']._serialized_start=2631
+  _globals['_RETRIEVALMODE']._serialized_end=2731
+  _globals['_FINISHREASON']._serialized_start=2734
+  _globals['_FINISHREASON']._serialized_end=2862
+  _globals['_MEMORIZEREQUEST']._serialized_start=98
+  _globals['_MEMORIZEREQUEST']._serialized_end=303
+  _globals['_MEMORIZEREQUEST_LABELSENTRY']._serialized_start=258
+  _globals['_MEMORIZEREQUEST_LABELSENTRY']._serialized_end=303
+  _globals['_MEMORIZERESPONSE']._serialized_start=305
+  _globals['_MEMORIZERESPONSE']._serialized_end=407
+  _globals['_MEMORIZESTREAMREQUEST']._serialized_start=409
+  _globals['_MEMORIZESTREAMREQUEST']._serialized_end=478
+  _globals['_MEMORIZEPROGRESS']._serialized_start=481
+  _globals['_MEMORIZEPROGRESS']._serialized_end=633
+  _globals['_MEMORIZESTREAMRESPONSE']._serialized_start=636
+  _globals['_MEMORIZESTREAMRESPONSE']._serialized_end=765
+  _globals['_CHATMESSAGE']._serialized_start=767
+  _globals['_CHATMESSAGE']._serialized_end=811
+  _globals['_SAMPLINGPARAMS']._serialized_start=814
+  _globals['_SAMPLINGPARAMS']._serialized_end=986
+  _globals['_EXTENDEDMIND']._serialized_start=989
+  _globals['_EXTENDEDMIND']._serialized_end=1205
+  _globals['_GENERATEREQUEST']._serialized_start=1208
+  _globals['_GENERATEREQUEST']._serialized_end=1486
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=1489
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=1773
+  _globals['_USAGE']._serialized_start=1775
+  _globals['_USAGE']._serialized_end=1832
+  _globals['_CITATION']._serialized_start=1834
+  _globals['_CITATION']._serialized_end=1931
+  _globals['_GENERATERESPONSE']._serialized_start=1934
+  _globals['_GENERATERESPONSE']._serialized_end=2127
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=2130
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2329
+  _globals['_GENERATORSERVICEGETINFOREQUEST']._serialized_start=2331
+  _globals['_GENERATORSERVICEGETINFOREQUEST']._serialized_end=2363
+  _globals['_GENERATORSERVICEGETINFORESPONSE']._serialized_start=2366
+  _globals['_GENERATORSERVICEGETINFORESPONSE']._serialized_end=2629
+  _globals['_GENERATORSERVICE']._serialized_start=2865
+  _globals['_GENERATORSERVICE']._serialized_end=3307
 # @@protoc_insertion_point(module_scope)

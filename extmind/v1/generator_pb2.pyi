@@ -1,4 +1,5 @@
 from extmind.v1 import common_pb2 as _common_pb2
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -140,36 +141,40 @@ class ExtendedMind(_message.Message):
     def __init__(self, memory_ids: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., sim_threshold: _Optional[float] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., layers: _Optional[_Iterable[int]] = ..., return_citations: _Optional[bool] = ..., max_citations: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "messages", "prompt_token_ids", "sampling", "extended_mind", "return_logprobs")
+    __slots__ = ("prompt", "messages", "prompt_token_ids", "sampling", "extended_mind", "return_logprobs", "chat_template_options")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     EXTENDED_MIND_FIELD_NUMBER: _ClassVar[int]
     RETURN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     extended_mind: ExtendedMind
     return_logprobs: bool
-    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., extended_mind: _Optional[_Union[ExtendedMind, _Mapping]] = ..., return_logprobs: _Optional[bool] = ...) -> None: ...
+    chat_template_options: _struct_pb2.Struct
+    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., extended_mind: _Optional[_Union[ExtendedMind, _Mapping]] = ..., return_logprobs: _Optional[bool] = ..., chat_template_options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class GenerateStreamRequest(_message.Message):
-    __slots__ = ("prompt", "messages", "prompt_token_ids", "sampling", "extended_mind", "return_logprobs")
+    __slots__ = ("prompt", "messages", "prompt_token_ids", "sampling", "extended_mind", "return_logprobs", "chat_template_options")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     EXTENDED_MIND_FIELD_NUMBER: _ClassVar[int]
     RETURN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     extended_mind: ExtendedMind
     return_logprobs: bool
-    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., extended_mind: _Optional[_Union[ExtendedMind, _Mapping]] = ..., return_logprobs: _Optional[bool] = ...) -> None: ...
+    chat_template_options: _struct_pb2.Struct
+    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., extended_mind: _Optional[_Union[ExtendedMind, _Mapping]] = ..., return_logprobs: _Optional[bool] = ..., chat_template_options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")

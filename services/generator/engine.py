@@ -20,6 +20,7 @@ from mlx_lm.utils import load
 
 from extmind import errors
 from services.common.mlx_thread import MLXThread
+from services.generator.attention_parts import compute_dtype
 from services.generator.bank_cache import BankCache, LocalRetriever, bank_from_stored
 from services.generator.chat_prompt import encode_messages
 from services.generator.extended_attention import MemoryContext, install
@@ -116,17 +117,16 @@ class GeneratorEngine:
                 ) from exc
         self.model, self.tokenizer, cfg = load(str(path), return_config=True)
         self.model_path = path
-        self.state = install(self.model)
-        attn = self.state.modules[0]
-        self.num_layers = len(self.model.layers)
-        self.num_heads, self.num_kv_heads = attn.n_heads, attn.n_kv_heads
+        self.state = install(self.model, cfg)
         # Shapes come from the config, never from weight shapes: a quantized weight is packed
         # (a 4-bit o_proj of a 128-wide model is [128, 16] uint32).
-        self.head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"]))
-        self.vocab_size = int(cfg["vocab_size"])
-        self.max_context = int(cfg.get("max_position_embeddings") or 0) or 131072
-        # The compute dtype: norm weights are never quantized (projection weights may be uint32).
-        dtype = self.model.layers[0].input_layernorm.weight.dtype
+        shape = self.state.shape
+        self.num_layers, self.num_heads, self.num_kv_heads = shape.num_layers, shape.num_heads, shape.num_kv_heads
+        self.head_dim = shape.head_dim
+        text = cfg.get("text_config") or {}  # a multimodal checkpoint nests its decoder's config
+        self.vocab_size = int(cfg.get("vocab_size") or text["vocab_size"])
+        self.max_context = int(cfg.get("max_position_embeddings") or text.get("max_position_embeddings") or 0) or 131072
+        dtype = compute_dtype(self.model)
         self.dtype = dtype_of(dtype)  # memories are stored in it (docs/extended-mind.md, "Dtypes")
         self.fingerprint = model_fingerprint(path, str(dtype))
         self.eos_ids = sorted(int(t) for t in self.tokenizer.eos_token_ids)
@@ -180,13 +180,17 @@ class GeneratorEngine:
 
     # ---------------------------------------------------------------- generation
 
-    def encode_prompt(self, *, prompt: str = "", messages=None, token_ids=None) -> list[int]:
+    def encode_prompt(self, *, prompt: str = "", messages=None, token_ids=None, chat_options=None) -> list[int]:
+        """Token ids of a prompt, chat ``messages`` ([(role, content)], rendered by the model's
+        chat template with the variables ``chat_options``) or ``token_ids`` (exactly one)."""
         given = [bool(prompt), bool(messages), bool(token_ids)]
         if sum(given) != 1:
             raise errors.InvalidArgument(
                 "give exactly one of prompt, messages or prompt_token_ids "
                 f"(got {sum(given)}); an empty prompt cannot be generated from"
             )
+        if chat_options and not messages:
+            raise errors.InvalidArgument("chat_template_options apply to messages only")
         if token_ids:
             self._check_vocab(token_ids, "prompt_token_ids")
             return list(token_ids)
@@ -195,7 +199,7 @@ class GeneratorEngine:
                 if m[0] not in ("system", "user", "assistant"):
                     raise errors.InvalidArgument(f"message role {m[0]!r} must be system, user or assistant")
             # Content is literal text: special tokens come only from the template.
-            return encode_messages(self.tokenizer, [{"role": r, "content": c} for r, c in messages])
+            return encode_messages(self.tokenizer, [{"role": r, "content": c} for r, c in messages], chat_options)
         return list(self.tokenizer.encode(prompt))
 
     def _check_vocab(self, token_ids, name: str) -> None:

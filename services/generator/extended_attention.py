@@ -1,8 +1,10 @@
 """Extended mind attention (docs/extended-mind.md) plugged into mlx-lm's own attention modules.
 
-``install(model)`` replaces every ``layer.self_attn`` of an mlx-lm Llama / Qwen2 / Qwen3 model
+``install(model)`` replaces every ``layer.self_attn`` of an mlx-lm Llama / Mistral / Qwen2 / Qwen3
+model, or a mixture-of-experts one (Qwen2-MoE, Qwen3-MoE, Mixtral: the experts live in the MLP),
 with ``ExtendedMindAttention``, which holds the stock module and reuses its projections, its
-``rope`` (llama3 scaling included) and Qwen3's ``q_norm``/``k_norm``. What a forward call does
+``rope`` (llama3 scaling included) and Qwen3's ``q_norm``/``k_norm``. Which models qualify and
+their shapes: ``services/generator/attention_parts.py``. What a forward call does
 is decided by the shared ``ExtendedMindState``:
 
 The state is shared because mlx-lm's model ``__call__`` has no argument that could carry a
@@ -25,9 +27,9 @@ from typing import Any, Protocol
 import mlx.core as mx
 import mlx.nn as nn
 
+from services.generator import attention_parts
 from services.generator.request_types import DEFAULT_MEMORY_TOP_K
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 _NEG = -1e30  # finite "masked" for local logits: exp() gives exactly 0 next to any real logit
 
 
@@ -70,6 +72,7 @@ class ExtendedMindState:
     capture: list | None = None  # (layer, raw keys [B, KVH, L, d], values [B, KVH, L, d])
     num_layers: int = 0
     modules: list = field(default_factory=list)
+    shape: attention_parts.AttentionShape | None = None  # from the config (attention_parts.resolve)
 
 
 def local_top_k(
@@ -117,16 +120,17 @@ def local_top_k(
 
 
 class ExtendedMindAttention(nn.Module):
-    def __init__(self, inner: nn.Module, layer: int, state: ExtendedMindState):
+    def __init__(self, inner: nn.Module, layer: int, state: ExtendedMindState, n_heads: int, n_kv_heads: int):
         super().__init__()
         self.inner = inner
         self.layer = layer
         self._state = state
-        self.n_heads = inner.n_heads
-        self.n_kv_heads = inner.n_kv_heads
+        # From the config: the stock modules name them differently (n_heads, Mixtral's num_heads).
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
         self.scale = inner.scale
 
-    # The pre-RoPE projections exactly as mlx-lm's Llama/Qwen2/Qwen3 attention computes them.
+    # The pre-RoPE projections exactly as mlx-lm's Llama/Qwen2/Qwen3 (and their MoE) attention computes them.
     def _project(self, x: mx.array):
         a = self.inner
         B, L, _ = x.shape
@@ -202,24 +206,19 @@ def _apply_mask(logits: mx.array, mask: Any, L: int, S: int) -> mx.array:
     return logits + mask.astype(logits.dtype)
 
 
-def install(model: nn.Module) -> ExtendedMindState:
-    """Wraps every attention module of ``model`` (once); returns the shared state."""
+def install(model: nn.Module, config: dict | None = None) -> ExtendedMindState:
+    """Wraps every attention module of ``model`` (once); returns the shared state. ``config``: the
+    model's config.json (default: the model's own ``args``). Raises attention_parts.UnsupportedModel
+    (a ValueError naming what is missing) when extended mind cannot drive this model."""
     existing = getattr(model, "_extended_mind_state", None)
     if existing is not None:
         return existing
-    model_type = getattr(model, "model_type", None) or getattr(getattr(model, "args", None), "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"extended mind supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; this model is {model_type!r}"
-        )
-    state = ExtendedMindState(num_layers=len(model.layers))
+    shape = attention_parts.resolve(model, config)
+    state = ExtendedMindState(num_layers=shape.num_layers, shape=shape)
     for i, layer in enumerate(model.layers):
-        attn = layer.self_attn
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "rope"):
-            if name not in attn:
-                raise ValueError(f"layer {i} attention has no {name}: not a Llama/Qwen attention")
-        wrapper = ExtendedMindAttention(attn, i, state)
+        state.modules.append(ExtendedMindAttention(layer.self_attn, i, state, shape.num_heads, shape.num_kv_heads))
+    attention_parts.probe(state.modules, shape, attention_parts.compute_dtype(model))
+    for layer, wrapper in zip(model.layers, state.modules):
         layer.self_attn = wrapper
-        state.modules.append(wrapper)
     object.__setattr__(model, "_extended_mind_state", state)
     return state

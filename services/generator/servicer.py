@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from google.protobuf import json_format
+
 from extmind.errors import InvalidArgument
 from extmind.v1 import generator_pb2, generator_pb2_grpc
 from services.common.config import DEFAULT_MAX_RESPONSE_MB
@@ -76,7 +78,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
 
     def _request(self, r) -> GenerationRequest:
         tokens = self.engine.encode_prompt(
-            prompt=r.prompt, messages=[(m.role, m.content) for m in r.messages], token_ids=list(r.prompt_token_ids)
+            prompt=r.prompt,
+            messages=[(m.role, m.content) for m in r.messages],
+            token_ids=list(r.prompt_token_ids),
+            chat_options=json_format.MessageToDict(r.chat_template_options)
+            if r.HasField("chat_template_options")
+            else None,
         )
         s = r.sampling
         sampling = Sampling(

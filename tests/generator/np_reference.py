@@ -1,5 +1,6 @@
 """An independent plain-numpy extended mind transformer, written from docs/extended-mind.md and the
-Hugging Face Llama / Qwen3 definitions (not from the MLX code under test).
+Hugging Face Llama / Qwen2 / Qwen3 / Qwen2-MoE / Qwen3-MoE / Mixtral definitions (not from the MLX
+code under test). Quantized checkpoints run on their dequantized weights (``dequantized_weights``).
 
 Everything is float64 on one unbatched sequence, recomputed from scratch (no KV cache), with
 both formulations of memory attention: the reference's block-diagonal mask over the concatenated
@@ -190,35 +191,130 @@ class Layer:
         return o
 
 
-class Model:
-    """A whole Llama / Qwen2 / Qwen3 checkpoint directory in numpy."""
+def _silu_mlp(x, gate, up, down):
+    g = x @ gate.T
+    return ((g / (1 + np.exp(-g))) * (x @ up.T)) @ down.T
 
-    def __init__(self, path):
-        path = Path(path)
-        cfg = json.loads((path / "config.json").read_text())
-        w = {k: v.astype(np.float64) for k, v in read_weights(path / "model.safetensors").items()}
+
+class MoE:
+    """A mixture-of-experts MLP as the Hugging Face definitions route it: Qwen3-MoE / Qwen2-MoE
+    take the top-k of the softmaxed router logits (renormalized when ``norm_topk_prob``; Qwen2-MoE
+    adds a shared expert behind a sigmoid gate), Mixtral softmaxes its top-k logits among
+    themselves. ``gaps`` receives, per token, the distance between the k-th and the (k+1)-th
+    router logit: a route is only comparable across implementations when it is well above their
+    rounding."""
+
+    def __init__(self, w: dict, p: str, cfg: dict):
+        self.kind = cfg["model_type"]
+        if self.kind == "mixtral":
+            moe, names, self.k = p + "block_sparse_moe.", ("w1", "w3", "w2"), cfg["num_experts_per_tok"]
+        else:
+            moe, names, self.k = p + "mlp.", ("gate_proj", "up_proj", "down_proj"), cfg["num_experts_per_tok"]
+        self.router = w[moe + "gate.weight"]
+        n = self.router.shape[0]
+        if moe + "switch_mlp.gate_proj.weight" in w:  # mlx-lm's layout: experts stacked [E, out, in]
+            stacked = [w[moe + f"switch_mlp.{m}.weight"] for m in ("gate_proj", "up_proj", "down_proj")]
+            self.experts = [tuple(a[e] for a in stacked) for e in range(n)]
+        else:  # Hugging Face layout: one module per expert
+            self.experts = [tuple(w[f"{moe}experts.{e}.{m}.weight"] for m in names) for e in range(n)]
+        self.norm_topk = bool(cfg.get("norm_topk_prob", False))
+        self.shared = None
+        if moe + "shared_expert_gate.weight" in w:
+            self.shared = (
+                w[moe + "shared_expert_gate.weight"],
+                tuple(w[f"{moe}shared_expert.{m}.weight"] for m in ("gate_proj", "up_proj", "down_proj")),
+            )
+        self.gaps: list[float] = []
+
+    def __call__(self, x):
+        logits = x @ self.router.T  # [T, E]
+        score = logits if self.kind == "mixtral" else _softmax(logits)
+        order = np.argsort(-logits, axis=-1, kind="stable")  # softmax keeps the order of the logits
+        top = order[:, : self.k]
+        ranked = np.take_along_axis(logits, order, -1)
+        if ranked.shape[1] > self.k:
+            self.gaps.extend((ranked[:, self.k - 1] - ranked[:, self.k]).tolist())
+        picked = np.take_along_axis(score, top, -1)
+        if self.kind == "mixtral":
+            gates = _softmax(picked)
+        else:
+            gates = picked / picked.sum(-1, keepdims=True) if self.norm_topk else picked
+        out = np.zeros_like(x)
+        for t in range(x.shape[0]):
+            for j, e in enumerate(top[t]):
+                out[t] += gates[t, j] * _silu_mlp(x[t : t + 1], *self.experts[e])[0]
+        if self.shared is not None:
+            sg, mlp = self.shared
+            out += (1 / (1 + np.exp(-(x @ sg.T)))) * _silu_mlp(x, *mlp)
+        return out
+
+
+def dequantized_weights(path) -> tuple[dict, dict]:
+    """(weights by mlx-lm name as float64 numpy, config) of a checkpoint loaded by mlx-lm, every
+    quantized weight expanded with ``mx.dequantize`` (what the quantized model multiplies by)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load
+
+    model, _, cfg = load(str(path), return_config=True)
+    w = {}
+    for name, m in model.named_modules():
+        if "scales" in m:
+            full = mx.dequantize(
+                m["weight"], m["scales"], m.get("biases"), group_size=m.group_size, bits=m.bits, mode=m.mode
+            )
+            w[f"{name}.weight"] = np.array(full.astype(mx.float32)).astype(np.float64)
+    for name, a in tree_flatten(model.parameters()):
+        owner, leaf = name.rsplit(".", 1)
+        if f"{owner}.weight" in w and leaf in ("weight", "scales", "biases"):
+            continue  # a quantized module's parts: its dequantized weight is in already
+        w[name] = np.array(a.astype(mx.float32)).astype(np.float64)
+    return w, cfg
+
+
+class Model:
+    """A whole Llama / Qwen2 / Qwen3 / Qwen2-MoE / Qwen3-MoE / Mixtral checkpoint in numpy: a
+    directory of Hugging Face safetensors, or ``weights`` + ``config`` (``dequantized_weights``)."""
+
+    def __init__(self, path=None, *, weights: dict | None = None, config: dict | None = None):
+        if weights is None:
+            path = Path(path)
+            cfg = json.loads((path / "config.json").read_text())
+            w = {k: v.astype(np.float64) for k, v in read_weights(path / "model.safetensors").items()}
+        else:
+            cfg, w = config, weights
         self.cfg = cfg
         self.eps = cfg["rms_norm_eps"]
         h, kvh = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-        d = cfg.get("head_dim") or cfg["hidden_size"] // h
+        split = cfg["model_type"] in ("qwen2", "qwen2_moe", "mixtral")  # they ignore a config head_dim
+        d = cfg["hidden_size"] // h if split else cfg.get("head_dim") or cfg["hidden_size"] // h
         inv = rope_inv_freq(d, cfg.get("rope_theta", 10000.0), cfg.get("rope_scaling"))
         self.embed = w["model.embed_tokens.weight"]
         self.norm = w["model.norm.weight"]
         self.lm_head = w.get("lm_head.weight", self.embed) if not cfg.get("tie_word_embeddings") else self.embed
         self.layers = []
+        self.moes: list[MoE] = []
         for i in range(cfg["num_hidden_layers"]):
             p = f"model.layers.{i}."
             attn = {k[len(p + "self_attn.") :]: v for k, v in w.items() if k.startswith(p + "self_attn.")}
+            if p + "mlp.gate.weight" in w or p + "block_sparse_moe.gate.weight" in w:
+                self.moes.append(MoE(w, p, cfg))
+                mlp = self.moes[-1]
+            else:
+                dense = (w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"], w[p + "mlp.down_proj.weight"])
+                mlp = lambda x, dense=dense: _silu_mlp(x, *dense)  # noqa: E731
             self.layers.append(
                 {
                     "attn": Layer(attn, n_heads=h, n_kv_heads=kvh, head_dim=d, inv_freq=inv, eps=self.eps),
                     "in_norm": w[p + "input_layernorm.weight"],
                     "post_norm": w[p + "post_attention_layernorm.weight"],
-                    "gate": w[p + "mlp.gate_proj.weight"],
-                    "up": w[p + "mlp.up_proj.weight"],
-                    "down": w[p + "mlp.down_proj.weight"],
+                    "mlp": mlp,
                 }
             )
+
+    def route_gaps(self) -> list[float]:
+        """Every router decision's gap so far (see MoE); empty for a dense model."""
+        return [g for m in self.moes for g in m.gaps]
 
     def forward(self, tokens, memory=None, top_k=10, threshold=None, layers=None, capture=None, hits=None, hits_from=0):
         """tokens [T] -> logits [T, vocab]. memory: per layer (keys, values) raw [KVH, N, d].
@@ -232,9 +328,7 @@ class Model:
             use = memory is not None and (layers is None or i in layers)
             mk, mv = memory[i] if use else (None, None)
             x = x + L["attn"].forward(a, mk, mv, top_k, threshold, hits=hits, hits_from=hits_from)
-            m = rms_norm(x, L["post_norm"], self.eps)
-            g = m @ L["gate"].T
-            x = x + ((g / (1 + np.exp(-g))) * (m @ L["up"].T)) @ L["down"].T
+            x = x + L["mlp"](rms_norm(x, L["post_norm"], self.eps))
         return rms_norm(x, self.norm, self.eps) @ self.lm_head.T
 
     def greedy(self, prompt, max_tokens, hits=None, margins=None, **kw):
