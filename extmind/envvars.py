@@ -253,7 +253,7 @@ REGISTRY: tuple[EnvVar, ...] = (
     ),
     EnvVar(
         "MEMORY_HTTP_PORT",
-        "8002 (cluster launcher, compose); -1 for `python -m services.memory`",
+        "(8002 for the cluster launcher and compose; -1 for the service alone)",
         "memory `--http-port`; cluster launcher",
         "HTTP port for `GET /metrics` and `GET /health`; 0 = a free port, -1 = off",
     ),
