@@ -228,7 +228,7 @@ class Scheduler:
         if r.group.requests.pop(r.uid, None) is not None:
             self._active -= 1
             r.group.gen.remove([r.uid])
-            REQUEST_SECONDS.labels("cancelled").observe(time.monotonic() - r.arrived)
+            _observe_end(r, "cancelled")
             self._publish()
 
     def close_all(self, error: errors.ExtmindError | None = None) -> None:
@@ -237,6 +237,7 @@ class Scheduler:
         for g in self._groups.values():
             for r in g.requests.values():
                 r.done = True
+                _observe_end(r, "error")
                 r.post(error)
             g.gen.close()
         self._groups.clear()
@@ -262,6 +263,7 @@ class Scheduler:
             err = e if isinstance(e, errors.ExtmindError) else errors.Internal(f"generation failed: {e}")
             for r in list(group.requests.values()):
                 r.done = True
+                _observe_end(r, "error")
                 r.post(err)
             self._active -= len(group.requests)
             group.requests.clear()
@@ -374,7 +376,9 @@ class Scheduler:
         r.group.requests.pop(r.uid, None)
         self._active -= 1
         r.done = True
-        REQUEST_SECONDS.labels(last.finish_reason if isinstance(last, Final) else "error").observe(
-            time.monotonic() - r.arrived
-        )
+        _observe_end(r, last.finish_reason if isinstance(last, Final) else "error")
         r.post(last)
+
+
+def _observe_end(r: RunningRequest, how: str) -> None:
+    REQUEST_SECONDS.labels(how).observe(time.monotonic() - r.arrived)

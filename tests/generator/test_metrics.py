@@ -157,3 +157,17 @@ async def test_bank_cache_hits_misses_and_bytes(engine, memory):
     stats = engine.stats()
     assert sample("extmind_generator_bank_cache_bytes") == stats["cached_bytes"] > 0
     assert sample("extmind_generator_bank_cache_banks") == stats["cached_banks"] == 1
+
+
+async def test_a_cancelled_request_is_timed_as_cancelled(engine):
+    d = Delta(
+        key("extmind_generator_request_seconds_count", finish_reason="cancelled"),
+        key("extmind_generator_request_seconds_count", finish_reason="length"),
+    )
+    stream = engine.generate(GenerationRequest(engine.tokenizer.encode("The river"), Sampling(max_tokens=500)))
+    await anext(stream)  # the first chunk: the request is running
+    await stream.aclose()  # the caller went away
+    assert engine.stats()["active"] == 0  # stats runs on the MLX thread after the queued cancel
+    assert d("extmind_generator_request_seconds_count", finish_reason="cancelled") == 1
+    assert d("extmind_generator_request_seconds_count", finish_reason="length") == 0
+    assert sample("extmind_generator_running_requests") == 0
