@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from extmind.errors import FailedPrecondition
 from extmind.v1 import memory_pb2, memory_pb2_grpc
 from services.common.config import FlagParser, add_server_flags
 from services.common.http_server import HttpServer, start_http
@@ -149,8 +150,14 @@ class MemoryApp:
 
     async def on_start(self) -> None:
         if self.args.http_port >= 0:
-            app = build_app(self.http_status)
-            self.http = await start_http(app, self.args.host, self.args.http_port, label="memory")
+            host, port = self.args.host, self.args.http_port
+            try:
+                self.http = await start_http(build_app(self.http_status), host, port, label="memory")
+            except OSError as exc:  # one readable line, not a traceback (port taken, bad address)
+                raise FailedPrecondition(
+                    f"cannot serve HTTP on {host}:{port} ({exc.strerror or exc}); "
+                    "choose another --http-port / MEMORY_HTTP_PORT (-1 = off)"
+                ) from None
         url, mode = await self._connect()
         log.info("redis ready", extra={"url": _redact(url), "durability": mode, "embedded": self.embedded is not None})
         self.store = KVStore(url, durability=mode)

@@ -4,6 +4,7 @@ GET /health says 503 while the service loads and 200 once it serves."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -133,3 +134,16 @@ def test_health_is_503_while_loading(memory_service_factory):
         raise AssertionError("a loading memory service answered ListMemories")
     samples = scrape(port)
     assert value(samples, "extmind_grpc_requests_total", service=MEMORY, method="ListMemories", code="UNAVAILABLE") == 1
+
+
+def test_a_taken_http_port_is_one_readable_error(memory_service_factory):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        svc = memory_service_factory(args=["--http-port", str(port)], start=False)
+        proc = svc.spawn()
+        assert proc.wait(timeout=60) == 1
+    log = svc.log_tail()
+    assert f"cannot serve HTTP on 127.0.0.1:{port}" in log and "MEMORY_HTTP_PORT" in log, log
+    assert "Traceback" not in log, log
