@@ -213,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 "extmind: all services SERVING  "
                 f"(embedder {s.embedder_url}, memory {s.memory_url}, generator {s.generator_url}; "
-                f"HTTP http://127.0.0.1:{s.embedder_http_port})"
+                f"HTTP http://127.0.0.1:{s.embedder_http_port}"
+                + (f"; memory metrics http://127.0.0.1:{s.memory_http_port}/metrics" if s.memory_http_port > 0 else "")
+                + ")"
             )
         elif a.command == "down":
             print(f"extmind: stopping the cluster (run dir {s.run_dir})")

@@ -22,6 +22,7 @@ ENV_VARS = {
     "EMBEDDER_PORT": ("50051", "embedder gRPC port"),
     "EMBEDDER_HTTP_PORT": ("8000", "embedder HTTP face (/embed, /v1/embeddings, /health)"),
     "MEMORY_PORT": ("50052", "memory gRPC port"),
+    "MEMORY_HTTP_PORT": ("8002", "memory HTTP port (/metrics, /health); -1 = off"),
     "GENERATOR_PORT": ("50053", "generator gRPC port"),
     "EMBEDDER_MODEL": ("", "embedder model aliases or paths, comma-separated (empty = offline all-MiniLM-L6-v2)"),
     "EMBEDDER_RERANKER": ("", "reranker model alias or path (empty = no reranker)"),
@@ -91,6 +92,7 @@ class Settings:
     embedder_port: int
     embedder_http_port: int
     memory_port: int
+    memory_http_port: int
     generator_port: int
     embedder_model: str
     embedder_reranker: str
@@ -117,6 +119,7 @@ class Settings:
             embedder_port=ep,
             embedder_http_port=hp,
             memory_port=mp,
+            memory_http_port=_port("MEMORY_HTTP_PORT"),
             generator_port=gp,
             embedder_model=_env("EMBEDDER_MODEL"),
             embedder_reranker=_env("EMBEDDER_RERANKER"),
@@ -255,12 +258,14 @@ def service_specs(s: Settings, announce=print, names=ORDER) -> dict[str, Service
         ]
         if s.redis_url:
             argv += ["--redis-url", s.redis_url]
+        argv += ["--http-port", str(s.memory_http_port)]
+        extra = {"http": s.memory_http_port} if s.memory_http_port >= 0 else {}
         specs["memory"] = ServiceSpec(
             "memory",
             argv,
             s.memory_port,
             f"{probe_host('MEMORY')}:{s.memory_port}",
-            {"redis": s.redis_url or "embedded"},
+            extra | {"redis": s.redis_url or "embedded"},
         )
     if "generator" in names:
         argv = py + [

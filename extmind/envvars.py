@@ -265,6 +265,12 @@ REGISTRY: tuple[EnvVar, ...] = (
         "memory `--allow-volatile-redis`",
         "start even when Redis cannot be made durable (`appendfsync always`)",
     ),
+    EnvVar(
+        "MEMORY_HTTP_PORT",
+        "(8002 for the cluster launcher and compose; -1 for the service alone)",
+        "memory `--http-port`; cluster launcher",
+        "HTTP port for `GET /metrics` and `GET /health`; 0 = a free port, -1 = off",
+    ),
     EnvVar("MEMORY_EMBEDDER_TIMEOUT", "60", "memory `--embedder-timeout`", "seconds per embedder call"),
     EnvVar("MEMORY_MAX_TOP_K", "1024", "memory `--max-top-k`", "largest `SearchMemory` top_k"),
     EnvVar("MEMORY_SEARCH_THREADS", "2", "memory `--search-threads`", "threads for large searches and index builds"),

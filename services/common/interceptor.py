@@ -7,7 +7,8 @@ traceback), and the service keeps serving. Health and reflection pass every inte
 
 Every other call gets one access line (logger ``extmind.rpc``, message ``rpc``) when it ends:
 ``method``, ``code``, ``duration_ms`` and whatever the servicer added with ``note_access``
-(e.g. token counts).
+(e.g. token counts). The same place moves the gRPC metrics of services/common/metrics.py
+(calls by code, latency, in flight).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import grpc
 
 from extmind.errors import ExtmindError
 from services.common.auth import HOW_TO_AUTHENTICATE, check_bearer
+from services.common.metrics import GRPC_IN_FLIGHT, observe_grpc, split_method
 
 log = logging.getLogger("extmind.rpc")
 
@@ -78,10 +80,12 @@ def _log_access(
     error: str = "",
     exc: BaseException | None = None,
 ) -> None:
+    seconds = time.monotonic() - t0
+    observe_grpc(method, code.name, seconds)
     fields = {
         "method": method,
         "code": code.name,
-        "duration_ms": round((time.monotonic() - t0) * 1000, 1),
+        "duration_ms": round(seconds * 1000, 1),
         **(extra or {}),
     }
     if error:
@@ -100,6 +104,8 @@ def _code_of(context) -> grpc.StatusCode:
 
 
 def _wrap(behavior, method: str, response_streaming: bool):
+    in_flight = GRPC_IN_FLIGHT.labels(*split_method(method))
+
     async def _fail(context, exc, t0, extra):
         code, message = _status_of(exc)
         _log_access(method, code, t0, extra, message, exc)
@@ -110,6 +116,7 @@ def _wrap(behavior, method: str, response_streaming: bool):
         async def stream_wrapper(request, context):
             t0, extra = time.monotonic(), {}
             _ACCESS.set(extra)
+            in_flight.inc()
             try:
                 async for item in behavior(request, context):
                     yield item
@@ -123,12 +130,15 @@ def _wrap(behavior, method: str, response_streaming: bool):
                 await _fail(context, exc, t0, extra)
             else:
                 _log_access(method, grpc.StatusCode.OK, t0, extra)
+            finally:
+                in_flight.dec()
 
         return stream_wrapper
 
     async def unary_wrapper(request, context):
         t0, extra = time.monotonic(), {}
         _ACCESS.set(extra)
+        in_flight.inc()
         try:
             out = await behavior(request, context)
         except grpc.aio.AbortError:
@@ -142,6 +152,8 @@ def _wrap(behavior, method: str, response_streaming: bool):
         else:
             _log_access(method, grpc.StatusCode.OK, t0, extra)
             return out
+        finally:
+            in_flight.dec()
 
     return unary_wrapper
 

@@ -6,21 +6,34 @@ nearest neighbours by length (less padding), within a padded-token budget, a siz
 limit on the padding each added sequence brings --
 and runs it on the MLX thread. While a batch runs, new requests pile up and ride the next one.
 Sequences of cancelled or expired requests are dropped before they cost model time.
+The queue depth, batch sizes and tokens embedded are Prometheus metrics, per model
+(docs/architecture.md, "Metrics").
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 from dataclasses import dataclass
 
 import numpy as np
+from prometheus_client import Counter, Gauge, Histogram
 
 from extmind.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from services.common.mlx_thread import MLXThread
 
 log = logging.getLogger("extmind.embedder.batcher")
+
+QUEUED = Gauge("extmind_embedder_queued_sequences", "texts waiting for a forward, by model", ["model"])
+BATCH_SIZE = Histogram(
+    "extmind_embedder_batch_size",
+    "texts per forward, by model",
+    ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+TOKENS = Counter("extmind_embedder_tokens", "tokens embedded (padding excluded), by model", ["model"])
 
 
 @dataclass
@@ -76,6 +89,7 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self.batches_run = 0  # for tests and logs: how many forwards ran
         self.sequences_run = 0
+        self._queued_models: set[str] = set()  # every model the queue gauge has a value for
 
     @property
     def queued(self) -> int:
@@ -91,6 +105,14 @@ class Batcher:
         for s in self._pending:
             s.request.fail(Unavailable("the embedder is shutting down; retry on another instance"))
         self._pending.clear()
+        self._publish_queue()
+
+    def _publish_queue(self) -> None:
+        """Sets the queue-depth gauge of every model (0 for a model with nothing waiting)."""
+        counts = collections.Counter(s.request.model.name for s in self._pending)
+        self._queued_models |= counts.keys()
+        for name in self._queued_models:
+            QUEUED.labels(name).set(counts.get(name, 0))
 
     async def run(self, model, seqs: list[list[int]], deadline: float | None = None) -> np.ndarray:
         """Queues ``seqs`` for ``model`` and waits for their rows (in order). ``deadline`` is an
@@ -109,6 +131,7 @@ class Batcher:
             )
         req = _PendingCall(model, len(seqs), deadline)
         self._pending.extend(_Seq(next(self._counter), ids, req, i) for i, ids in enumerate(seqs))
+        self._publish_queue()
         self._wake.set()
         try:
             return await req.future
@@ -136,6 +159,7 @@ class Batcher:
         """The next batch: the oldest sequence plus same-model neighbours closest in length."""
         self._drop_dead()
         if not self._pending:
+            self._publish_queue()
             return []
         oldest = self._pending[0]
         same = sorted(
@@ -170,6 +194,7 @@ class Batcher:
         batch = same[lo : hi + 1]
         taken = {id(s) for s in batch}
         self._pending = [s for s in self._pending if id(s) not in taken]
+        self._publish_queue()
         return batch
 
     async def _loop(self) -> None:
@@ -191,6 +216,8 @@ class Batcher:
                     continue
                 self.batches_run += 1
                 self.sequences_run += len(batch)
+                BATCH_SIZE.labels(model.name).observe(len(batch))
+                TOKENS.labels(model.name).inc(sum(len(s.ids) for s in batch))
                 for row, s in zip(out, batch):
                     if not s.request.dead:
                         s.request.put(s.index, row)

@@ -15,11 +15,19 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
+from prometheus_client import Counter, Gauge
 
 from extmind import tensor
 from services.generator.extended_attention import Retrieved, local_top_k
 from services.generator.kv_dtypes import from_storage
 from services.generator.memory_client import StoredRows
+
+HITS = Counter("extmind_generator_bank_cache_hits", "LOCAL retrieval: memory banks found on the device")
+MISSES = Counter(
+    "extmind_generator_bank_cache_misses", "LOCAL retrieval: memory banks not cached (fetched from the memory service)"
+)
+CACHED_BYTES = Gauge("extmind_generator_bank_cache_bytes", "bytes of memory banks cached on the device")
+CACHED_BANKS = Gauge("extmind_generator_bank_cache_banks", "memory banks cached on the device")
 
 
 @dataclass
@@ -101,14 +109,17 @@ class BankCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, memory_id: str, version: str) -> Bank | None:
+    def get(self, memory_id: str, version: str, *, lookup: bool = True) -> Bank | None:
+        """The cached bank of this memory version, or None. ``lookup=False``: a second look for
+        the same request, not counted again in the hit / miss metrics."""
         bank = self._entries.get(memory_id)
-        if bank is None:
-            return None
-        if bank.version != version:  # deleted and re-created: never serve the old rows
+        if bank is not None and bank.version != version:  # deleted and re-created: never serve the old rows
             self.evict(memory_id)
-            return None
-        self._entries.move_to_end(memory_id)
+            bank = None
+        if lookup:
+            (MISSES if bank is None else HITS).inc()
+        if bank is not None:
+            self._entries.move_to_end(memory_id)
         return bank
 
     def put(self, bank: Bank) -> None:
@@ -121,8 +132,14 @@ class BankCache:
             self.nbytes -= old.nbytes
         self._entries[bank.memory_id] = bank
         self.nbytes += size
+        self._publish()
+
+    def _publish(self) -> None:
+        CACHED_BYTES.set(self.nbytes)
+        CACHED_BANKS.set(len(self._entries))
 
     def evict(self, memory_id: str) -> None:
         old = self._entries.pop(memory_id, None)
         if old is not None:
             self.nbytes -= old.nbytes
+            self._publish()

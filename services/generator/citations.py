@@ -48,32 +48,49 @@ def new_counts(rows: int) -> mx.array:
     return mx.zeros(rows + 1, dtype=mx.int32)
 
 
-def decode_forwards(
-    record: list, layers_per_forward: int, rows: int, generated: Sequence[int], started: Sequence[int]
-) -> list[tuple[list[int], mx.array]]:
-    """Splits one ``next()`` call's record into its decode forwards.
+def split_forwards(
+    record: list, layers_per_forward: int, generated: Sequence[int], started: Sequence[int], what: str = "citations"
+) -> list[tuple[list[int], list[mx.array]]]:
+    """Splits one ``next()`` call's per-layer record into its decode forwards.
 
-    record: (layer, indices [B, H, L, k]) in call order; generated: the uids of the generation
+    record: (layer, array [B, ...]) in call order; generated: the uids of the generation
     responses in order; started: the uids whose prompt ended in this call, in order.
-    Returns (uids, rows [B, layers * H * k]) per decode forward, masked picks mapped to ``rows``.
-    """
+    Returns (uids, the forward's arrays in layer order) per decode forward; raises Internal when
+    the record is not a whole number of forwards or a forward's batch is not its uids."""
     if layers_per_forward <= 0 or len(record) % layers_per_forward:
         raise errors.Internal(
-            f"citations: {len(record)} recorded layers is not a whole number of forwards of {layers_per_forward} layers"
+            f"{what}: {len(record)} recorded layers is not a whole number of forwards of {layers_per_forward} layers"
         )
     forwards = [record[i : i + layers_per_forward] for i in range(0, len(record), layers_per_forward)]
     plan = [list(u) for u in (generated, started) if u]
     if len(forwards) < len(plan):
-        raise errors.Internal(f"citations: expected {len(plan)} decode forwards, {len(forwards)} were recorded")
+        raise errors.Internal(f"{what}: expected {len(plan)} decode forwards, {len(forwards)} were recorded")
     out = []
     for uids, fwd in zip(plan, forwards):
         for _, a in fwd:
-            if a.shape[0] != len(uids) or a.shape[2] != 1:
+            if a.shape[0] != len(uids):
+                raise errors.Internal(
+                    f"{what}: a decode forward of {len(uids)} sequences recorded an array of shape {tuple(a.shape)}"
+                )
+        out.append((uids, [a for _, a in fwd]))
+    return out
+
+
+def decode_forwards(
+    record: list, layers_per_forward: int, rows: int, generated: Sequence[int], started: Sequence[int]
+) -> list[tuple[list[int], mx.array]]:
+    """``split_forwards`` of the citations record (layer, indices [B, H, L, k]).
+    Returns (uids, rows [B, layers * H * k]) per decode forward, masked picks mapped to ``rows``.
+    """
+    out = []
+    for uids, fwd in split_forwards(record, layers_per_forward, generated, started):
+        for a in fwd:
+            if a.shape[2] != 1:
                 raise errors.Internal(
                     f"citations: a decode forward of {len(uids)} sequences recorded indices of "
                     f"shape {tuple(a.shape)}; expected [{len(uids)}, H, 1, k]"
                 )
-        flat = mx.concatenate([a.reshape(len(uids), -1) for _, a in fwd], axis=1)
+        flat = mx.concatenate([a.reshape(len(uids), -1) for a in fwd], axis=1)
         out.append((uids, mx.where(flat >= 0, flat, rows)))
     return out
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,6 +214,7 @@ class GeneratorEngine:
 
         Raises InvalidArgument (bad request), the memory errors of ``MemoryResolver.resolve``,
         ResourceExhausted (too many requests in flight)."""
+        arrived = time.monotonic()
         max_tokens = req.validate(vocab_size=self.vocab_size, max_context=self.max_context, num_layers=self.num_layers)
         m = req.memory
         if m is not None and m.memory_ids and self.resolver is None:
@@ -225,7 +227,9 @@ class GeneratorEngine:
                     fetched[mem.memory_id] = await asyncio.to_thread(self.resolver.fetch, mem)
             layers = frozenset(m.layers) if m.layers else None
             key = (m.mode, tuple((i.memory_id, i.version) for i in memories), m.top_k, m.threshold, layers)
-        r = RunningRequest(req, asyncio.get_running_loop(), IncrementalDecoder(self.tokenizer.decode), max_tokens)
+        r = RunningRequest(
+            req, asyncio.get_running_loop(), IncrementalDecoder(self.tokenizer.decode), max_tokens, arrived
+        )
         await self.mlx.run(
             self._scheduler.admit, r, key, lambda: self._memory_context(req, memories, fetched), memories
         )
@@ -254,7 +258,7 @@ class GeneratorEngine:
         if m.mode == LOCAL:
             banks = []
             for i in memories:
-                bank = self.bank_cache.get(i.memory_id, i.version)
+                bank = self.bank_cache.get(i.memory_id, i.version, lookup=False)  # counted by _missing_banks
                 if bank is None:  # evicted since _missing_banks looked
                     stored = fetched.get(i.memory_id) or self.resolver.fetch(i)
                     bank = bank_from_stored(i.memory_id, i.version, stored)

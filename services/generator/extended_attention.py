@@ -61,6 +61,9 @@ class MemoryContext:
     layers: frozenset[int] | None = None  # None = all layers
     # When a list, every layer appends (layer, indices [B, H, L, k]) here (citations).
     record: list | None = None
+    # When a list, every layer appends (layer, share [B, L] float32) here: the attention weight
+    # on the memories, mean over query heads (services/generator/attention_mass.py).
+    mass: list | None = None
 
     def applies(self, layer: int) -> bool:
         return self.top_k > 0 and self.retriever.rows > 0 and (self.layers is None or layer in self.layers)
@@ -182,6 +185,8 @@ class ExtendedMindAttention(nn.Module):
             mem_logits = mx.where(mem.valid, mem_logits, -mx.inf)
         kmem = mem_logits.shape[-1]
         w = mx.softmax(mx.concatenate([mem_logits, local], axis=-1), axis=-1)
+        if ctx.mass is not None:  # lazy: computed only if the scheduler evaluates it
+            ctx.mass.append((self.layer, mx.mean(mx.sum(w[..., :kmem], axis=-1), axis=(1, 2))))
         # Each query's own k memories: a weighted sum (one tiny matmul per query would be slower).
         out_mem = mx.sum(w[..., :kmem, None] * mem.values, axis=-2)  # [B, KVH, R, L, d]
         out_local = w[..., kmem:].reshape(B, kvh, rep * L, S) @ v.astype(mx.float32)

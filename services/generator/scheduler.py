@@ -11,6 +11,9 @@ so everything else queued on the MLX thread (admitting a request, cancelling one
 window, ``stats``) runs between two steps, in arrival order. The scheduler thread sleeps on an
 event while no group has work. All scheduler state (groups, requests, counts) is only touched
 on the MLX thread; callers get plain Python events through their request's asyncio queue.
+
+Metrics (docs/architecture.md, "Metrics"): the counts below move on the MLX thread from host-side
+state only; the attention-mass sums stay on the device until a request ends (attention_mass.py).
 """
 
 from __future__ import annotations
@@ -18,13 +21,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import BatchGenerator
+from prometheus_client import Counter, Gauge, Histogram
 
 from extmind import errors
+from services.common.metrics import LATENCY_BUCKETS
 from services.common.mlx_thread import MLXThread
+from services.generator import attention_mass
 from services.generator.citations import decode_forwards, new_counts, spans, tally
 from services.generator.extended_attention import ExtendedMindState, MemoryContext
 from services.generator.memory_resolution import ResolvedMemory
@@ -34,12 +41,37 @@ from services.generator.stop_text import StopText
 
 log = logging.getLogger("extmind.generator")
 
+WAITING = Gauge("extmind_generator_waiting_requests", "admitted requests that have no token yet (queued or prefilling)")
+RUNNING = Gauge("extmind_generator_running_requests", "requests producing tokens: the running decode batch size")
+PROMPT_TOKENS = Counter("extmind_generator_prompt_tokens", "prompt tokens of admitted requests")
+GENERATED_TOKENS = Counter("extmind_generator_generated_tokens", "tokens generated (EOS included)")
+TIME_TO_FIRST_TOKEN = Histogram(
+    "extmind_generator_time_to_first_token_seconds",
+    "seconds from a request's arrival at the engine (memory resolution included) to its first token",
+    buckets=LATENCY_BUCKETS,
+)
+REQUEST_SECONDS = Histogram(
+    "extmind_generator_request_seconds",
+    "seconds from a request's arrival at the engine to its end, by how it ended "
+    "(stop, length, stop_sequence, error, cancelled)",
+    ["finish_reason"],
+    buckets=LATENCY_BUCKETS,
+)
+
 
 class RunningRequest:
     """One admitted generation: where its events go and how far it got."""
 
-    def __init__(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop, detokenizer, max_tokens: int):
+    def __init__(
+        self,
+        req: GenerationRequest,
+        loop: asyncio.AbstractEventLoop,
+        detokenizer,
+        max_tokens: int,
+        arrived: float | None = None,
+    ):
         self.req = req
+        self.arrived = time.monotonic() if arrived is None else arrived  # for the latency metrics
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()  # Chunk..., then a Final or an exception
         self.text = StopText(detokenizer, tuple(req.sampling.stop))
@@ -50,6 +82,7 @@ class RunningRequest:
         self.done = False
         self.memories: list[ResolvedMemory] = []
         self.counts: mx.array | None = None  # retrieval counts on the device (citations only)
+        self.mass: attention_mass.MassSum | None = None  # memory share sums (requests with memories)
 
     def post(self, event) -> None:
         try:
@@ -64,8 +97,9 @@ class _Group:
         self.gen = gen
         self.ctx = ctx
         self.requests: dict[int, RunningRequest] = {}
-        # Layers that retrieve: each forward records that many index arrays.
-        self.layers_per_forward = sum(ctx.applies(i) for i in range(num_layers)) if ctx is not None else 0
+        # Layers that retrieve: each forward records that many index (and mass) arrays.
+        self.layers = [i for i in range(num_layers) if ctx.applies(i)] if ctx is not None else []
+        self.layers_per_forward = len(self.layers)
 
 
 class Scheduler:
@@ -135,6 +169,13 @@ class Scheduler:
                 self._groups.pop(key, None)
         if not self._groups:
             self._has_work.clear()  # on the MLX thread, so no admit can slip in between
+        self._publish()
+
+    def _publish(self) -> None:
+        """Sets the waiting / running gauges from the groups (host state only)."""
+        waiting = sum(r.generated == 0 for g in self._groups.values() for r in g.requests.values())
+        WAITING.set(waiting)
+        RUNNING.set(self._active - waiting)
 
     # ---------------------------------------------------------------- on the MLX thread
 
@@ -172,8 +213,12 @@ class Scheduler:
         m = r.req.memory
         if m is not None and m.return_citations and group.ctx is not None:
             r.counts = new_counts(group.ctx.retriever.rows)
+        if group.layers:
+            r.mass = attention_mass.MassSum(group.layers)
         group.requests[uid] = r
         self._active += 1
+        PROMPT_TOKENS.inc(len(r.req.prompt_tokens))
+        self._publish()
         self._has_work.set()
 
     def cancel(self, r: RunningRequest) -> None:
@@ -183,6 +228,8 @@ class Scheduler:
         if r.group.requests.pop(r.uid, None) is not None:
             self._active -= 1
             r.group.gen.remove([r.uid])
+            _observe_end(r, "cancelled")
+            self._publish()
 
     def close_all(self, error: errors.ExtmindError | None = None) -> None:
         """Ends every running request with ``error`` (default: shutting down, UNAVAILABLE)."""
@@ -190,17 +237,20 @@ class Scheduler:
         for g in self._groups.values():
             for r in g.requests.values():
                 r.done = True
+                _observe_end(r, "error")
                 r.post(error)
             g.gen.close()
         self._groups.clear()
         self._active = 0
         self._has_work.clear()
+        self._publish()
 
     def _step(self, group: _Group) -> None:
         # Record retrievals only while someone in the group wants citations.
         record = [] if any(r.counts is not None for r in group.requests.values()) else None
+        mass = [] if group.layers else None
         if group.ctx is not None:
-            group.ctx.record = record
+            group.ctx.record, group.ctx.mass = record, mass
         # mlx-lm's model __call__ has no argument through which memories could reach the
         # attention layers, so the wrapped attention modules read them from the state they share
         # with this scheduler: point it at this group's memories for the length of its step.
@@ -213,6 +263,7 @@ class Scheduler:
             err = e if isinstance(e, errors.ExtmindError) else errors.Internal(f"generation failed: {e}")
             for r in list(group.requests.values()):
                 r.done = True
+                _observe_end(r, "error")
                 r.post(err)
             self._active -= len(group.requests)
             group.requests.clear()
@@ -220,7 +271,7 @@ class Scheduler:
         finally:
             self.state.memory = None
             if group.ctx is not None:
-                group.ctx.record = None
+                group.ctx.record = group.ctx.mass = None
         for resp in responses:
             r = group.requests.get(resp.uid)
             if r is not None:
@@ -229,6 +280,31 @@ class Scheduler:
         # last token (mlx-lm computes it ahead, but its output is never used).
         if record:
             self._tally(group, record, prompt_responses, responses)
+        if mass:
+            self._add_mass(group, mass, prompt_responses, responses)
+
+    def _add_mass(self, group: _Group, mass: list, prompt_responses, responses) -> None:
+        """Adds each decode forward's memory share to its requests' sums (lazily, on the device)."""
+        try:
+            forwards = attention_mass.forward_shares(
+                mass,
+                group.layers_per_forward,
+                [x.uid for x in responses],
+                [p.uid for p in prompt_responses if p.end_of_prompt],
+            )
+        except errors.ExtmindError as e:  # a metric never fails a request: stop measuring this group
+            log.warning("attention mass not measured", extra={"error": str(e)})
+            for r in group.requests.values():
+                r.mass = None
+            return
+        updated = []
+        for uids, share in forwards:
+            for b, uid in enumerate(uids):
+                r = group.requests.get(uid)
+                if r is not None and r.mass is not None:
+                    updated.append(r.mass.add(share[b]))
+        if updated:
+            mx.async_eval(updated)  # keeps each sum a one-step graph, as for the citation counts
 
     def _tally(self, group: _Group, record: list, prompt_responses, responses) -> None:
         try:
@@ -258,6 +334,9 @@ class Scheduler:
     def _on_token(self, r: RunningRequest, resp) -> None:
         tok = int(resp.token)
         r.generated += 1
+        GENERATED_TOKENS.inc()
+        if r.generated == 1:
+            TIME_TO_FIRST_TOKEN.observe(time.monotonic() - r.arrived)
         if resp.finish_reason == "stop":  # an EOS token (the only stop sequences given to mlx-lm)
             self._finish(r, STOP)
             return
@@ -281,6 +360,9 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001
                 self._end(r, e if isinstance(e, errors.ExtmindError) else errors.Internal(f"citations failed: {e}"))
                 return
+        if r.mass is not None:
+            attention_mass.observe(r.mass.means())  # the one read of the request's sums
+            r.mass = None
         rest = ""
         if reason != STOP_SEQUENCE:
             # The text released only now (held back, or flushed at the end) may complete a stop string.
@@ -294,4 +376,9 @@ class Scheduler:
         r.group.requests.pop(r.uid, None)
         self._active -= 1
         r.done = True
+        _observe_end(r, last.finish_reason if isinstance(last, Final) else "error")
         r.post(last)
+
+
+def _observe_end(r: RunningRequest, how: str) -> None:
+    REQUEST_SECONDS.labels(how).observe(time.monotonic() - r.arrived)

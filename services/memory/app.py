@@ -1,18 +1,22 @@
 """Wiring and lifecycle of the memory service: Redis (embedded or external) -> store -> indexes
 rebuilt from Redis -> engines attached to the servicer -> SERVING. Until then health is
-NOT_SERVING and the shared server answers UNAVAILABLE (see docs/architecture.md)."""
+NOT_SERVING and the shared server answers UNAVAILABLE (see docs/architecture.md). With
+``--http-port``, GET /metrics and GET /health are served from the start (health 503 while loading)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
+from extmind.errors import FailedPrecondition
 from extmind.v1 import memory_pb2, memory_pb2_grpc
 from services.common.config import FlagParser, add_server_flags
+from services.common.http_server import HttpServer, start_http
 from services.common.server import Service
-from services.memory import limits
+from services.memory import limits, metrics
 from services.memory.documents import Documents
 from services.memory.embedder_calls import DocumentEmbedder
+from services.memory.http_face import build_app
 from services.memory.kv_index import KVIndex
 from services.memory.kv_memories import KVMemories
 from services.memory.kv_store import KVStore
@@ -29,6 +33,14 @@ def parse_args(argv=None):
         description="extmind memory service: KV memories and documents in Redis, searched with FAISS",
     )
     add_server_flags(p, prefix="MEMORY", port=50052)
+    p.flag(
+        "--http-port",
+        env="MEMORY_HTTP_PORT",
+        default=-1,
+        type=int,
+        help="HTTP port for GET /metrics and GET /health; 0 = a free one, -1 = off (the cluster launcher "
+        "and docker-compose use 8002)",
+    )
     p.flag(
         "--redis-url",
         env="REDIS_URL",
@@ -98,6 +110,8 @@ class MemoryApp:
         self.kv: KVMemories | None = None
         self.docs: Documents | None = None
         self.rebuild_stats: dict = {}
+        self.http: HttpServer | None = None
+        self._stopping = False
         self.services = [
             Service(SERVICE_NAME, lambda s: memory_pb2_grpc.add_MemoryServiceServicer_to_server(self.servicer, s))
         ]
@@ -106,7 +120,14 @@ class MemoryApp:
         return {
             "redis": _redact(self.args.redis_url) if self.args.redis_url else f"embedded in {self.args.data_dir}",
             "embedder_url": self.args.embedder_url,
+            "http_port": self.args.http_port,
         }
+
+    def http_status(self) -> str:
+        """What GET /health says: ok (serving), loading, or draining."""
+        if self._stopping:
+            return "draining"
+        return "ok" if self.servicer.kv is not None else "loading"
 
     async def _connect(self) -> tuple[str, str]:
         if not self.args.redis_url:
@@ -128,6 +149,15 @@ class MemoryApp:
                 delay = min(delay * 2, 5.0)
 
     async def on_start(self) -> None:
+        if self.args.http_port >= 0:
+            host, port = self.args.host, self.args.http_port
+            try:
+                self.http = await start_http(build_app(self.http_status), host, port, label="memory")
+            except OSError as exc:  # one readable line, not a traceback (port taken, bad address)
+                raise FailedPrecondition(
+                    f"cannot serve HTTP on {host}:{port} ({exc.strerror or exc}); "
+                    "choose another --http-port / MEMORY_HTTP_PORT (-1 = off)"
+                ) from None
         url, mode = await self._connect()
         log.info("redis ready", extra={"url": _redact(url), "durability": mode, "embedded": self.embedded is not None})
         self.store = KVStore(url, durability=mode)
@@ -144,10 +174,14 @@ class MemoryApp:
         self.docs = Documents(self.store.r, embedder, max_top_k=self.args.max_top_k)
         self.rebuild_stats = await asyncio.to_thread(self.index.rebuild)
         await asyncio.to_thread(self.docs.rebuild, self.index.sync)
+        metrics.watch(self.index, self.docs)
         self.servicer.attach(self.kv, self.docs)
 
     async def on_stop(self) -> None:
-        # Order: background index loads finish, then the clients close, then the embedded Redis.
+        # Order: the HTTP port, background index loads, then the clients, then the embedded Redis.
+        self._stopping = True
+        if self.http is not None:
+            await self.http.stop()
         if self.index is not None:
             await asyncio.to_thread(self.index.close)
         if self.docs is not None:

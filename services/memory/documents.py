@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
 
 from extmind.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.memory import metrics
 from services.memory.embedder_calls import DocumentEmbedder
 from services.memory.kv_index import normalize_rows
 from services.memory.kv_layout import ID_RE, now_us
@@ -317,6 +319,7 @@ class Documents:
         return c
 
     async def search(self, name: str, query: str, query_embedding, top_k: int, filt: dict, instruction: str):
+        started = time.perf_counter()
         c = await self.get(name)
         if top_k > self.max_top_k:
             raise InvalidArgument(f"top_k {top_k} is too large; at most {self.max_top_k}")
@@ -343,7 +346,10 @@ class Documents:
                 )
             q = query_embedding
         q = normalize_rows(q.reshape(1, -1))
-        return c, c.search(q, top_k, dict(filt))
+        hits = c.search(q, top_k, dict(filt))
+        metrics.SEARCHES.labels(metrics.DOCUMENT).inc()
+        metrics.SEARCH_SECONDS.labels(metrics.DOCUMENT).observe(time.perf_counter() - started)
+        return c, hits
 
     async def delete(self, name: str, ids: list[str]) -> int:
         c = await self.get(name)

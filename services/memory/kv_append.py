@@ -16,7 +16,7 @@ import numpy as np
 
 from extmind.errors import FailedPrecondition, InvalidArgument
 from extmind.tensor import BFLOAT16, FLOAT16, STORAGE, dtype_name
-from services.memory import limits
+from services.memory import limits, metrics
 from services.memory.kv_index import KVIndex
 from services.memory.kv_layout import READY, MemoryMeta, check_id
 from services.memory.kv_store import KVStore
@@ -100,6 +100,7 @@ class AppendStream:
         self.rows: list[int] = []  # rows per layer, as they will be after our writes
         self.before: dict[int, int] = {}  # layer -> rows at stream start (layers this stream wrote)
         self.bytes = 0
+        self.appended_rows = 0  # over all layers (the metrics)
         self.claimed: str | None = None  # the memory whose one writer slot this stream holds
         self.waited = 0.0  # seconds spent waiting for Redis
         self.started = time.perf_counter()
@@ -179,6 +180,7 @@ class AppendStream:
             self.chunk_writer.add(m.memory_id, layer, kb, vb, min(step, n - start))
         self.rows[layer] += n
         self.bytes += 2 * keys.nbytes
+        self.appended_rows += n
         if self.chunk_writer.pending_bytes >= limits.FLUSH_BYTES:
             await self._drain()
             self.inflight = asyncio.ensure_future(self.chunk_writer.take())
@@ -209,6 +211,9 @@ class AppendStream:
         if meta.state == READY:
             self.index.preload(meta)
         self._release()
+        metrics.APPENDS.inc()
+        metrics.APPEND_ROWS.inc(self.appended_rows)
+        metrics.APPEND_BYTES.inc(self.bytes)
         log.info(
             "rows appended",
             extra={

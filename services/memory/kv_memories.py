@@ -18,7 +18,7 @@ import numpy as np
 
 from extmind.errors import InvalidArgument, NotFound
 from extmind.tensor import BFLOAT16, FLOAT16, FLOAT32, ITEMSIZE, dtype_name
-from services.memory import limits
+from services.memory import limits, metrics
 from services.memory.kv_append import AppendStream, WriterSlots
 from services.memory.kv_index import KVIndex, LoadedMemory
 from services.memory.kv_layout import (
@@ -265,6 +265,7 @@ class KVMemories:
         ``sim_threshold`` are masked. Raises InvalidArgument, NotFound, FailedPrecondition (not
         READY), InvalidArgument also when the answer would exceed ``max_answer_bytes`` (the response
         budget, --max-response-mb: a request too large is not retryable)."""
+        started = time.perf_counter()
         if not 1 <= top_k <= self.max_top_k:
             raise InvalidArgument(f"top_k is {top_k}; it must be between 1 and {self.max_top_k} (k = min(top_k, rows))")
         if sim_threshold is not None and math.isnan(sim_threshold):
@@ -314,4 +315,6 @@ class KVMemories:
                     "ms": round((time.perf_counter() - t0) * 1e3, 3),
                 },
             )
+        metrics.SEARCHES.labels(metrics.KV).inc()
+        metrics.SEARCH_SECONDS.labels(metrics.KV).observe(time.perf_counter() - started)
         return SearchHits(scores, indices, keys, values, m.dtype)

@@ -64,6 +64,21 @@ def test_healthcheck_module(cluster):
     assert bad.returncode == 1 and bad.stderr.strip() == f"127.0.0.1:{dead}: UNREACHABLE"
 
 
+def test_memory_http_port_serves_health_and_metrics(cluster):
+    """`up` starts the memory service with MEMORY_HTTP_PORT; `status` shows it."""
+    import urllib.request
+
+    s = cluster.settings()
+    base = f"http://127.0.0.1:{s.memory_http_port}"
+    with urllib.request.urlopen(f"{base}/health", timeout=10) as r:
+        assert r.status == 200 and r.read() == b'{"status":"ok"}'
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    assert "extmind_memory_memories " in text and "extmind_grpc_requests_total" in text
+    st = cluster.launcher("status")
+    assert f"http {s.memory_http_port}" in st.stdout, st.stdout
+
+
 def test_up_again_starts_nothing_new(cluster):
     before = {n: read_pid(cluster.settings(), n).pid for n in ORDER}
     r = cluster.launcher("up")
@@ -143,7 +158,7 @@ def test_down_leaves_nothing_running(own_cluster):
         time.sleep(0.1)
     assert not [p for p in pids if _alive(p)]
     assert not list((cluster.run_dir / "pids").glob("*.pid"))
-    for port in (s.embedder_port, s.embedder_http_port, s.memory_port, s.generator_port):
+    for port in (s.embedder_port, s.embedder_http_port, s.memory_port, s.memory_http_port, s.generator_port):
         assert not _port_open(port), port
     st = cluster.launcher("status")
     assert st.returncode == 1 and st.stdout.count("not started") == 3, st.stdout

@@ -143,10 +143,13 @@ class Layer:
             k = rms_norm(k, w["k_norm.weight"], self.eps)
         return q.transpose(1, 0, 2), k.transpose(1, 0, 2), v.transpose(1, 0, 2)
 
-    def forward(self, x, mem_k=None, mem_v=None, top_k=10, threshold=None, form="gather", hits=None, hits_from=0):
+    def forward(
+        self, x, mem_k=None, mem_v=None, top_k=10, threshold=None, form="gather", hits=None, hits_from=0, shares=None
+    ):
         """x [T, hidden] at positions 0..T-1 -> attention output [T, hidden]. mem_k/mem_v are raw
         [KVH, N, d]. ``hits`` (a :class:`Retrievals`) records the retrievals of the queries at
-        positions >= ``hits_from`` (citations)."""
+        positions >= ``hits_from`` (citations); ``shares`` (a list) receives, for the same queries
+        and every head, the softmax weight on the memories (the attention-mass metric)."""
         T = x.shape[0]
         q, k, v = self.qkv(x)
         pos = np.arange(T)
@@ -173,6 +176,8 @@ class Layer:
                 mem = np.einsum("td,tkd->tk", q[h], Km[idx]) * scale  # raw dot, not the cosine
                 mem = np.where(keep, mem, -np.inf)
                 w = _softmax(np.concatenate([mem, np.where(causal, local, -np.inf)], -1))
+                if shares is not None:
+                    shares.extend(float(w[t, :kk].sum()) for t in range(hits_from, T))
                 out[h] = np.einsum("tk,tkd->td", w[:, :kk], Vm[idx]) + w[:, kk:] @ v[g]
             elif form == "block":
                 # The reference: all retrieved memories concatenated in front of the local keys,
@@ -316,9 +321,21 @@ class Model:
         """Every router decision's gap so far (see MoE); empty for a dense model."""
         return [g for m in self.moes for g in m.gaps]
 
-    def forward(self, tokens, memory=None, top_k=10, threshold=None, layers=None, capture=None, hits=None, hits_from=0):
+    def forward(
+        self,
+        tokens,
+        memory=None,
+        top_k=10,
+        threshold=None,
+        layers=None,
+        capture=None,
+        hits=None,
+        hits_from=0,
+        shares=None,
+    ):
         """tokens [T] -> logits [T, vocab]. memory: per layer (keys, values) raw [KVH, N, d].
-        capture: a list that receives per layer (raw keys, values) [KVH, T, d]."""
+        capture: a list that receives per layer (raw keys, values) [KVH, T, d]. shares: a dict
+        layer -> list of memory shares (``Layer.forward``) of the layers that attend to memories."""
         x = self.embed[np.asarray(tokens)]
         for i, L in enumerate(self.layers):
             a = rms_norm(x, L["in_norm"], self.eps)
@@ -327,7 +344,8 @@ class Model:
                 capture.append((k, v))
             use = memory is not None and (layers is None or i in layers)
             mk, mv = memory[i] if use else (None, None)
-            x = x + L["attn"].forward(a, mk, mv, top_k, threshold, hits=hits, hits_from=hits_from)
+            s = shares.setdefault(i, []) if shares is not None and use else None
+            x = x + L["attn"].forward(a, mk, mv, top_k, threshold, hits=hits, hits_from=hits_from, shares=s)
             x = x + L["mlp"](rms_norm(x, L["post_norm"], self.eps))
         return rms_norm(x, self.norm, self.eps) @ self.lm_head.T
 

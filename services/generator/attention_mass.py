@@ -1,0 +1,82 @@
+"""How much attention goes to the memories: per request, the share of the softmax weight that
+falls on the retrieved memories rather than on the local context (docs/extended-mind.md).
+
+While a group has memories, every layer that retrieves appends the share of each query (mean over
+its query heads) to ``MemoryContext.mass`` (services/generator/extended_attention.py); the record
+is split into decode forwards exactly as citations are (``citations.split_forwards``: the forward
+of the last prompt token and of each generated token but the last), and each request adds its
+row to a per-layer sum on the device. The host reads the sum once, when the request ends, and
+observes two histograms: the request's mean share over its layers, heads and steps, and the mean
+share of each layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import mlx.core as mx
+import numpy as np
+from prometheus_client import Histogram
+
+from extmind import errors
+from services.generator.citations import split_forwards
+
+SHARE_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+MEMORY_SHARE = Histogram(
+    "extmind_generator_memory_attention_share",
+    "per request with memories: mean fraction (0..1) of attention weight on the memories vs the "
+    "local context, over its retrieving layers, query heads and generated steps",
+    buckets=SHARE_BUCKETS,
+)
+MEMORY_SHARE_BY_LAYER = Histogram(
+    "extmind_generator_memory_attention_share_by_layer",
+    "per request with memories and per retrieving layer: mean fraction (0..1) of that layer's "
+    "attention weight on the memories, over query heads and generated steps",
+    ["layer"],
+    buckets=SHARE_BUCKETS,
+)
+
+
+class MassSum:
+    """One request's per-layer sums of its memory share, on the device, and the steps summed."""
+
+    def __init__(self, layers: Sequence[int]):
+        self.layers = list(layers)  # the retrieving layers, in forward order
+        self.total = mx.zeros(len(self.layers), dtype=mx.float32)
+        self.steps = 0
+
+    def add(self, share: mx.array) -> mx.array:
+        """share [layers]: one decode forward's row. -> the new (lazy) total."""
+        self.total = self.total + share
+        self.steps += 1
+        return self.total
+
+    def means(self) -> dict[int, float]:
+        """layer -> the mean share over the steps (reads the device once); {} before any step."""
+        if not self.steps:
+            return {}
+        per_layer = np.array(self.total) / self.steps
+        return {layer: float(v) for layer, v in zip(self.layers, per_layer)}
+
+
+def forward_shares(
+    record: list, layers_per_forward: int, generated: Sequence[int], started: Sequence[int]
+) -> list[tuple[list[int], mx.array]]:
+    """The mass record of one ``next()`` call ((layer, share [B, L])) -> (uids, share [B, layers])
+    per decode forward. Raises Internal when the layout is not the one citations assume."""
+    out = []
+    for uids, fwd in split_forwards(record, layers_per_forward, generated, started, "attention mass"):
+        if any(a.ndim != 2 or a.shape[1] != 1 for a in fwd):
+            raise errors.Internal(f"attention mass: a decode forward recorded shapes {[tuple(a.shape) for a in fwd]}")
+        out.append((uids, mx.concatenate(fwd, axis=1)))
+    return out
+
+
+def observe(means: dict[int, float]) -> None:
+    """Observes one ended request's per-layer means (nothing when it had no step)."""
+    if not means:
+        return
+    MEMORY_SHARE.observe(sum(means.values()) / len(means))
+    for layer, v in means.items():
+        MEMORY_SHARE_BY_LAYER.labels(str(layer)).observe(v)
