@@ -36,9 +36,12 @@ def _local_mask(L: int) -> mx.array:
     return mx.arange(L)[:, None] >= mx.arange(L)[None]
 
 
-def extended_attention(q: mx.array, k: mx.array, v: mx.array, bank: Bank, top_k: int, scale: float) -> mx.array:
+def extended_attention(
+    q: mx.array, k: mx.array, v: mx.array, bank: Bank, top_k: int, scale: float, sims: list | None = None
+) -> mx.array:
     """q: rotated queries [B, H, L, d]; k, v: rotated local keys / values [B, KVH, L, d].
-    -> attention output [B, H, L, d] (float32)."""
+    -> attention output [B, H, L, d] (float32). ``sims``: receives the retrieval cosines
+    [KVH, B * rep * L, N] (tests check the top-k margin with it)."""
     B, H, L, d = q.shape
     kvh = k.shape[1]
     rep = H // kvh
@@ -59,6 +62,8 @@ def extended_attention(q: mx.array, k: mx.array, v: mx.array, bank: Bank, top_k:
         qn = qm * mx.rsqrt(mx.maximum(mx.sum(qm * qm, axis=-1, keepdims=True), 1e-24))
         kn = bank.keys * mx.rsqrt(mx.maximum(mx.sum(bank.keys * bank.keys, axis=-1, keepdims=True), 1e-24))
         sim = mx.stop_gradient(qn @ kn.swapaxes(-1, -2))  # [KVH, M, N]
+        if sims is not None:
+            sims.append(sim)
         idx = mx.argpartition(-sim, kth=kk - 1, axis=-1)[..., :kk]
         flat = (idx.astype(mx.int32) + (mx.arange(kvh, dtype=mx.int32) * n)[:, None, None]).reshape(-1)
         ksel = mx.take(bank.keys.reshape(kvh * n, d), flat, axis=0).reshape(kvh, m, kk, d)
@@ -148,6 +153,7 @@ def forward(
     capture: bool = False,
     ret: tuple[mx.array, mx.array, float] | None = None,
     ret_losses: list | None = None,
+    sims: list | None = None,
 ):
     """tokens [B, L] int32 (positions from 0) -> (logits [B, L, V], captured).
 
@@ -171,7 +177,7 @@ def forward(
         if banks is None:
             o = mx.fast.scaled_dot_product_attention(q, k, v, scale=a.scale, mask="causal")
         else:
-            o = extended_attention(q, k, v, banks[i], top_k, a.scale).astype(x.dtype)
+            o = extended_attention(q, k, v, banks[i], top_k, a.scale, sims).astype(x.dtype)
             if ret is not None and i > 0 and banks[i].mask is None:
                 ret_losses.append(retrieval_loss(q, banks[i], *ret))
         h = h + a.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))

@@ -1,0 +1,75 @@
+"""The training forward (training/extended_forward.py) computes what the generator computes.
+
+The fact model is trained through a differentiable re-implementation of extended attention; if it
+drifted from the generator's (services/generator/extended_attention.py), the model would be
+trained for a different function than the one it is served with. Both run here on one tiny random
+Llama: the memory captured by the training forward, attended with top-k by both, gives the same
+logits; and the captured rows are what the generator's own capture (Memorize) stores.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.utils import load
+
+from extmind.tiny_models import build_llama
+from services.generator.bank_cache import LocalRetriever, bank_from_numpy
+from services.generator.extended_attention import MemoryContext, install
+from training.extended_forward import banks_from_capture, forward
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    path = build_llama(tmp_path_factory.mktemp("tf") / "m", hidden=64, layers=3, heads=4, kv_heads=2, seed=3)
+    plain, _ = load(str(path))
+    served, _ = load(str(path))
+    return plain, served, install(served)
+
+
+def test_capture_equals_the_generators_capture(models):
+    plain, served, state = models
+    doc = mx.array(np.random.default_rng(0).integers(3, 500, (1, 24)), dtype=mx.int32)
+    _, captured = forward(plain, doc, capture=True)
+    state.capture = []
+    try:
+        served(doc)
+        mine = state.capture
+    finally:
+        state.capture = None
+    assert len(mine) == len(captured) == 3
+    for (layer, k_gen, v_gen), (k_tr, v_tr) in zip(mine, captured):
+        np.testing.assert_allclose(np.array(k_tr), np.array(k_gen), atol=1e-6, rtol=0)
+        np.testing.assert_allclose(np.array(v_tr), np.array(v_gen), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("top_k", [4, 100])  # a real selection, and the whole memory
+def test_extended_attention_logits_equal_the_generators(models, top_k):
+    plain, served, state = models
+    rng = np.random.default_rng(1)
+    docs = mx.array(rng.integers(3, 500, (2, 20)), dtype=mx.int32)
+    _, captured = forward(plain, docs, capture=True)
+    rows = mx.array(np.arange(40, dtype=np.int32))  # both documents, every position
+    banks = banks_from_capture(captured, rows)
+    question = mx.array(rng.integers(3, 500, (1, 9)), dtype=mx.int32)
+    sims: list = []
+    logits_tr, _ = forward(plain, question, banks=banks, top_k=top_k, sims=sims)
+    if top_k < 40:  # a discrete selection: both sides pick the same rows only with a clear margin
+        for sim in sims:
+            ranked = -np.sort(-np.array(sim), axis=-1)
+            gap = (ranked[..., top_k - 1] - ranked[..., top_k]).min()
+            assert gap > 1e-4, f"top-{top_k} boundary within {gap:.1e}: pick another seed"
+
+    keys = [np.array(b.keys) for b in banks]
+    values = [np.array(b.values) for b in banks]
+    bank = bank_from_numpy("m", "v1", keys, values)
+    state.memory = MemoryContext(LocalRetriever([bank]), top_k=top_k)
+    try:
+        logits_gen = served(question)
+    finally:
+        state.memory = None
+    a, b = np.array(logits_tr), np.array(logits_gen)
+    assert np.abs(a - b).max() < 1e-4, np.abs(a - b).max()
+    # and memories matter: without them the logits differ clearly
+    assert np.abs(np.array(plain(question)) - b).max() > 1e-2
