@@ -74,12 +74,13 @@ class ClusterHandle:
 
 def cluster_env(run_dir: Path, model_cache: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
-    ep, hp, mp, gp = free_ports(4)
+    ep, hp, mp, gp, ghp = free_ports(5)
     env.update(
         EMBEDDER_PORT=str(ep),
         EMBEDDER_HTTP_PORT=str(hp),
         MEMORY_PORT=str(mp),
         GENERATOR_PORT=str(gp),
+        GENERATOR_HTTP_PORT=str(ghp),
         EXTMIND_MODEL_CACHE=str(model_cache),
         EXTMIND_START_TIMEOUT="300",
         EXTMIND_STOP_GRACE="10",
