@@ -91,9 +91,14 @@ def test_image_is_small_and_has_no_torch(image):
 def test_compose_stack_comes_up_healthy_and_embeds(image, tmp_path):
     tag, _ = image
     project = f"extmindsmoke{uuid.uuid4().hex[:6]}"
-    ep, hp, mp, gp = free_ports(4)
+    ep, hp, mp, gp, ghp = free_ports(5)
     env = dict(
-        os.environ, EMBEDDER_PORT=str(ep), EMBEDDER_HTTP_PORT=str(hp), MEMORY_PORT=str(mp), GENERATOR_PORT=str(gp)
+        os.environ,
+        EMBEDDER_PORT=str(ep),
+        EMBEDDER_HTTP_PORT=str(hp),
+        MEMORY_PORT=str(mp),
+        GENERATOR_PORT=str(gp),
+        GENERATOR_HTTP_PORT=str(ghp),
     )
     # The stack runs the image built above, under the name compose expects.
     _run(DOCKER, "tag", tag, "extmind:latest")

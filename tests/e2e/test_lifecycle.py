@@ -143,7 +143,7 @@ def test_down_leaves_nothing_running(own_cluster):
         time.sleep(0.1)
     assert not [p for p in pids if _alive(p)]
     assert not list((cluster.run_dir / "pids").glob("*.pid"))
-    for port in (s.embedder_port, s.embedder_http_port, s.memory_port, s.generator_port):
+    for port in (s.embedder_port, s.embedder_http_port, s.memory_port, s.generator_port, s.generator_http_port):
         assert not _port_open(port), port
     st = cluster.launcher("status")
     assert st.returncode == 1 and st.stdout.count("not started") == 3, st.stdout
