@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from extmind.errors import ExtmindError, InvalidArgument, Unauthenticated, Unavailable
@@ -172,7 +172,8 @@ class JsonFace:
     def endpoint(self, fn: Endpoint, *, auth: bool = True, ready: bool = True):
         """Wraps ``fn(request) -> Response | JSON data``: bearer auth, the readiness guard, errors
         in OpenAI's shape (an ExtmindError with its status, anything else 500) and one access line
-        (logger ``extmind.http``: method, path, status, duration_ms and ``request.state.access``)."""
+        (logger ``extmind.http``: method, path, status, duration_ms and ``request.state.access``;
+        for a stream, when it ends)."""
 
         async def run(request: Request) -> Response:
             t0 = time.monotonic()
@@ -194,7 +195,10 @@ class JsonFace:
                 access_log.exception("http request failed", extra={"path": request.url.path})
                 message = f"internal error ({type(exc).__name__}: {exc}); the service is still up"
                 response = error_response(500, "internal", message)
-            _log(request.method, request.url.path, response.status_code, t0, extra)
+            if isinstance(response, StreamingResponse):  # logged when the stream ends (or the client leaves)
+                response.body_iterator = _logged(response.body_iterator, request, response.status_code, t0, extra)
+            else:
+                _log(request.method, request.url.path, response.status_code, t0, extra)
             return response
 
         return run
@@ -210,6 +214,14 @@ class JsonFace:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+
+
+async def _logged(body, request: Request, status: int, t0: float, extra: dict):
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        _log(request.method, request.url.path, status, t0, extra)
 
 
 def _log(method: str, path: str, status: int, t0: float, extra: dict) -> None:

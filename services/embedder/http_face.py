@@ -21,7 +21,6 @@ Errors have OpenAI's shape on every endpoint (``{"error": {"message", "type", "p
 from __future__ import annotations
 
 import base64
-import logging
 
 import numpy as np
 from starlette.requests import Request
@@ -30,8 +29,6 @@ from starlette.routing import Route
 from extmind.errors import ExtmindError, InvalidArgument, NotFound
 from services.common.http_common import JsonFace, read_json_object
 from services.embedder.engine import DOCUMENT, QUERY, EmbedderEngine
-
-log = logging.getLogger("extmind.embedder.http")
 
 
 def _model(body: dict) -> str:

@@ -20,7 +20,6 @@ is one ``data: {"error": ...}`` event (the status line is gone by then).
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -36,8 +35,6 @@ from services.generator.memory_builder import MemorizeProgress
 from services.generator.openai_protocol import BadField, parse_chat, parse_completion
 from services.generator.openai_responses import Answer
 from services.generator.request_types import Chunk
-
-log = logging.getLogger("extmind.generator.http")
 
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000  # the memory service's ListMemories limits
 
@@ -170,7 +167,7 @@ class GeneratorHttpFace(JsonFace):
                     yield data
                 yield sse("[DONE]")
             except ExtmindError as exc:  # after the status line: the error is the stream's last event
-                log.warning("stream failed", extra={"path": request.url.path, "error": exc.message})
+                request.state.access["error"] = exc.message
                 yield sse(error_body(exc.http_status, self.error_code(exc), exc.message))
             finally:
                 await events.aclose()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 from dataclasses import dataclass
 
 import openai
@@ -33,6 +34,7 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 @dataclass
 class Served:
     port: int
+    log_path: object
     grpc_address: str
     model_id: str
     memory_service: object
@@ -93,7 +95,7 @@ def served(tmp_path_factory, module_memory_service):
         "--auth-token",
         TOKEN,
     )
-    yield Served(port, svc.address, "chain-model", module_memory_service, tok)
+    yield Served(port, svc.log_path, svc.address, "chain-model", module_memory_service, tok)
     svc.stop()
 
 
@@ -411,6 +413,19 @@ def test_sse_framing_on_the_wire(served):
     chunks = [json.loads(e[6:]) for e in data.decode().split("\n\n")[:-2]]
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+
+
+def test_one_access_line_per_request_streams_when_they_end(served):
+    body = {"prompt": " and", "stream": True, "user": "access-line-check", "max_tokens": 3}
+    assert served.request("POST", "/v1/completions", body)[0] == 200
+    deadline = time.monotonic() + 10
+    want = "path=/v1/completions status=200"
+    while time.monotonic() < deadline:
+        lines = [x for x in served.log_path.read_text().splitlines() if want in x and "completion_tokens=3" in x]
+        if lines:
+            break
+        time.sleep(0.1)
+    assert lines and "method=POST" in lines[-1] and "duration_ms=" in lines[-1], served.log_path.read_text()[-2000:]
 
 
 def test_memory_service_down_is_503(served, memory_id):
