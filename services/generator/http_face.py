@@ -59,6 +59,11 @@ def memory_object(m: memory_pb2.Memory) -> dict:
     }
 
 
+class ModelNotFound(NotFound):
+    """A request for a model this generator does not serve: OpenAI's ``model_not_found``, which
+    clients match on (a missing memory stays ``not_found``)."""
+
+
 class GeneratorHttpFace(JsonFace):
     label = "generator-http"
     loading_message = "the generator is still loading its model; retry when GET /health is 200"
@@ -109,14 +114,12 @@ class GeneratorHttpFace(JsonFace):
     # --- completions --------------------------------------------------------------------------------
     def _check_model(self, model: str) -> None:
         if model and model not in (self.model_id, self.engine.model_name):
-            raise NotFound(
+            raise ModelNotFound(
                 f"model {model!r} is not served here; this generator serves {self.model_id!r} (GET /v1/models)"
             )
 
     def error_code(self, exc: ExtmindError) -> str:
-        if isinstance(exc, NotFound) and exc.message.startswith("model "):
-            return "model_not_found"  # OpenAI's code, which clients match on
-        return exc.code
+        return "model_not_found" if isinstance(exc, ModelNotFound) else exc.code
 
     async def _complete(self, request: Request, parse) -> Response | dict:
         req = parse(await read_json_object(request, self.max_body))

@@ -56,6 +56,7 @@ class Answer:
         self.fingerprint = fingerprint
         self.token_text = token_text
         self.text: list[str] = []
+        self.chars = 0  # characters in ``text`` (completions' logprobs text_offset)
         self.token_ids: list[int] = []
         self.logprobs: list[float] = []
         self.top: list[list[tuple[int, float]]] = []
@@ -63,6 +64,7 @@ class Answer:
 
     def add(self, chunk: Chunk) -> None:
         self.text.append(chunk.text)
+        self.chars += len(chunk.text)
         self.token_ids += chunk.token_ids
         self.logprobs += chunk.logprobs
         self.top += chunk.top_logprobs
@@ -158,7 +160,7 @@ class Answer:
 
     def stream_chunk(self, chunk: Chunk) -> dict | None:
         """The stream object of one Chunk (None when it carries nothing to send)."""
-        at = sum(len(t) for t in self.text)
+        at = self.chars
         self.add(chunk)
         lps = self._logprobs(chunk.token_ids, chunk.logprobs, chunk.top_logprobs, at)
         if not chunk.text and lps is None:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import signal
 import socket
@@ -62,6 +64,20 @@ def test_healthcheck_module(cluster):
         timeout=30,
     )
     assert bad.returncode == 1 and bad.stderr.strip() == f"127.0.0.1:{dead}: UNREACHABLE"
+
+
+def test_the_generator_http_face_is_up_and_in_status(cluster):
+    s = cluster.settings()
+    st = cluster.launcher("status")
+    assert st.returncode == 0 and f"http {s.generator_http_port}" in st.stdout, st.stdout
+    for path in ("/health", "/v1/models"):
+        conn = http.client.HTTPConnection("127.0.0.1", s.generator_http_port, timeout=30)
+        conn.request("GET", path)
+        r = conn.getresponse()
+        body = json.loads(r.read())
+        conn.close()
+        assert r.status == 200, (path, body)
+    assert body["data"][0]["id"] == "extmind-facts-6m" and body["data"][0]["model_fingerprint"]
 
 
 def test_up_again_starts_nothing_new(cluster):
