@@ -439,7 +439,12 @@ def test_memory_service_down_is_503(served, memory_id):
         )
         assert (got, body["code"], body["type"]) == (503, "unavailable", "service_unavailable")
         assert "memory service" in body["message"]
-        for method, path, b in [("GET", "/v1/memories", None), ("POST", "/v1/memories", {"text": "x"})]:
+        for method, path, b in [
+            ("GET", "/v1/memories", None),
+            ("POST", "/v1/memories", {"text": "x"}),
+            ("POST", "/v1/memories", {"text": "x", "stream": True}),  # refused before the first event
+            ("DELETE", f"/v1/memories/{memory_id}", None),
+        ]:
             status, err = served.json(method, path, b)
             assert (status, err["error"]["code"]) == (503, "unavailable"), path
         # Without memories the generator still answers.
