@@ -82,3 +82,26 @@ async def test_metrics_are_served(port):
 
     status, kind, text = await asyncio.to_thread(get)
     assert status == 200 and kind.startswith("text/plain") and "# TYPE" in text
+
+
+async def test_a_chunked_body_over_the_limit_is_413(start_app, tiny_qwen3):
+    app = await start_app("--model", str(tiny_qwen3), "--max-message-mb", "1")
+
+    def send_chunked() -> tuple[int | None, bytes]:
+        with socket.create_connection(("127.0.0.1", app.http.port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+            piece = b"a" * 65536
+            # 16 x 64 KiB fill the 1 MiB limit and one more byte crosses it (no Content-Length to refuse
+            # it by). Nothing more is sent: the server has read everything when it answers and closes
+            # (unread bytes would make its close a reset that can swallow the answer).
+            for _ in range(16):
+                sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+            sock.sendall(b"1\r\na\r\n")
+            got = b""
+            while chunk := sock.recv(65536):
+                got += chunk
+        return (int(got.split()[1]) if got.startswith(b"HTTP/1.1 ") else None), got
+
+    status, got = await asyncio.to_thread(send_chunked)
+    assert status == 413 and b"--max-message-mb" in got, got[:300]
+    assert (await call(app.http.port, "POST", "/v1/embeddings", {"input": "still serving"}))[0] == 200
