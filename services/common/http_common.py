@@ -167,7 +167,8 @@ class JsonFace:
     def error(self, exc: ExtmindError) -> JSONResponse:
         status = exc.http_status
         headers = {"connection": "close"} if isinstance(exc, BodyTooLarge) else {}  # its body was never read
-        return error_response(status, self.error_code(exc), exc.message, **headers)
+        # An error that names the offending field (``param``, e.g. a request field) says so, as OpenAI does.
+        return error_response(status, self.error_code(exc), exc.message, getattr(exc, "param", None), **headers)
 
     def endpoint(self, fn: Endpoint, *, auth: bool = True, ready: bool = True):
         """Wraps ``fn(request) -> Response | JSON data``: bearer auth, the readiness guard, errors

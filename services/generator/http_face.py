@@ -85,14 +85,6 @@ class GeneratorHttpFace(JsonFace):
     def health(self) -> dict:
         return {"status": "ok", "model": self.model_id, "model_fingerprint": self.engine.fingerprint}
 
-    def error(self, exc: ExtmindError):
-        response = super().error(exc)
-        if isinstance(exc, BadField):  # OpenAI names the offending field
-            response = type(response)(
-                error_body(exc.http_status, self.error_code(exc), exc.message, exc.param), status_code=exc.http_status
-            )
-        return response
-
     def unrouted(self, method: str, path: str) -> str:
         return (
             f"{method} {path} is not served; endpoints: POST /v1/chat/completions, POST /v1/completions, "
@@ -171,7 +163,7 @@ class GeneratorHttpFace(JsonFace):
                 yield sse("[DONE]")
             except ExtmindError as exc:  # after the status line: the error is the stream's last event
                 request.state.access["error"] = exc.message
-                yield sse(error_body(exc.http_status, self.error_code(exc), exc.message))
+                yield sse(error_body(exc.http_status, self.error_code(exc), exc.message, getattr(exc, "param", None)))
             finally:
                 await events.aclose()
 
