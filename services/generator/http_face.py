@@ -246,7 +246,7 @@ class GeneratorHttpFace(JsonFace):
         limit = q.get("limit", str(DEFAULT_PAGE_SIZE))
         if not limit.isdigit() or not 1 <= int(limit) <= MAX_PAGE_SIZE:
             raise BadField("limit", f"'limit' is {limit!r}; it must be an integer in [1, {MAX_PAGE_SIZE}]")
-        after = q.get("after", "")
+        after = q.get("after") or q.get("page_token", "")  # the gRPC name is understood too
         memories, next_token = await self.engine.list_memories(page_size=int(limit), page_token=after)
         return {
             "object": "list",
