@@ -48,7 +48,7 @@ RUN pip install --no-deps . \
 
 USER extmind
 VOLUME ["/models"]
-EXPOSE 50051 50052 50053 8000 8002
+EXPOSE 50051 50052 50053 8000 8001 8002
 
 # Every service listens on all interfaces inside its container.
 ENV EMBEDDER_HOST=0.0.0.0 MEMORY_HOST=0.0.0.0 GENERATOR_HOST=0.0.0.0 \

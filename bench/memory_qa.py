@@ -57,7 +57,7 @@ class Cluster:
         self.procs.append(mem.start())
         gen = ServiceProcess(
             "services.generator",
-            ["--model", str(model), "--memory-url", mem.address, "--log-format", "text"],
+            ["--model", str(model), "--memory-url", mem.address, "--log-format", "text", "--http-port", "-1"],
             env=env,
             log_dir=work / "logs",
             start_timeout=300,

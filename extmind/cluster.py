@@ -112,7 +112,7 @@ class Cluster:
 
         host, port = spec.probe.rsplit(":", 1)
         ports = [(int(port), f"{spec.name.upper()}_PORT")]
-        if "http" in spec.extra:
+        if int(spec.extra.get("http", -1)) > 0:  # -1 = off, 0 = any free port
             ports.append((int(spec.extra["http"]), f"{spec.name.upper()}_HTTP_PORT"))
         for number, var in ports:
             with socket.socket() as sock:
@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 "extmind: all services SERVING  "
                 f"(embedder {s.embedder_url}, memory {s.memory_url}, generator {s.generator_url}; "
-                f"HTTP http://127.0.0.1:{s.embedder_http_port}"
+                f"HTTP: embedder http://127.0.0.1:{s.embedder_http_port}, "
+                f"generator (OpenAI) http://127.0.0.1:{s.generator_http_port}/v1"
                 + (f"; memory metrics http://127.0.0.1:{s.memory_http_port}/metrics" if s.memory_http_port > 0 else "")
                 + ")"
             )

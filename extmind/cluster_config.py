@@ -24,6 +24,7 @@ ENV_VARS = {
     "MEMORY_PORT": ("50052", "memory gRPC port"),
     "MEMORY_HTTP_PORT": ("8002", "memory HTTP port (/metrics, /health); -1 = off"),
     "GENERATOR_PORT": ("50053", "generator gRPC port"),
+    "GENERATOR_HTTP_PORT": ("8001", "generator OpenAI-compatible HTTP face (/v1/chat/completions, /v1/memories, ...)"),
     "EMBEDDER_MODEL": ("", "embedder model aliases or paths, comma-separated (empty = offline all-MiniLM-L6-v2)"),
     "EMBEDDER_RERANKER": ("", "reranker model alias or path (empty = no reranker)"),
     "GENERATOR_MODEL": ("", "generator model path or hub id (empty = the committed models/extmind-facts-6m)"),
@@ -94,6 +95,7 @@ class Settings:
     memory_port: int
     memory_http_port: int
     generator_port: int
+    generator_http_port: int
     embedder_model: str
     embedder_reranker: str
     generator_model: str
@@ -121,6 +123,7 @@ class Settings:
             memory_port=mp,
             memory_http_port=_port("MEMORY_HTTP_PORT"),
             generator_port=gp,
+            generator_http_port=_port("GENERATOR_HTTP_PORT"),
             embedder_model=_env("EMBEDDER_MODEL"),
             embedder_reranker=_env("EMBEDDER_RERANKER"),
             generator_model=_env("GENERATOR_MODEL"),
@@ -188,6 +191,7 @@ def write_record(s: Settings, recs: dict) -> None:
         "memory_url": url("memory"),
         "generator_url": url("generator"),
         "embedder_http_url": f"http://127.0.0.1:{s.embedder_http_port}",
+        "generator_http_url": f"http://127.0.0.1:{s.generator_http_port}",
         "redis_url": s.redis_url,
         "memory_data_dir": str(s.memory_data_dir),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -276,9 +280,15 @@ def service_specs(s: Settings, announce=print, names=ORDER) -> dict[str, Service
             s.memory_url,
             "--port",
             str(s.generator_port),
+            "--http-port",
+            str(s.generator_http_port),
         ]
         specs["generator"] = ServiceSpec(
-            "generator", argv, s.generator_port, f"{probe_host('GENERATOR')}:{s.generator_port}"
+            "generator",
+            argv,
+            s.generator_port,
+            f"{probe_host('GENERATOR')}:{s.generator_port}",
+            {"http": s.generator_http_port},
         )
     return specs
 

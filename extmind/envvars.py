@@ -302,6 +302,13 @@ REGISTRY: tuple[EnvVar, ...] = (
     EnvVar(
         "GENERATOR_BANK_CACHE_MB", "2048", "generator `--bank-cache-mb`", "LOCAL retrieval: MiB of banks kept (LRU)"
     ),
+    EnvVar(
+        "GENERATOR_HTTP_PORT",
+        "8001",
+        "generator `--http-port`; cluster launcher",
+        "OpenAI-compatible HTTP face (`/v1/chat/completions`, `/v1/completions`, `/v1/memories`, `/health`); "
+        "0 = a free port, -1 = off",
+    ),
     EnvVar("GENERATOR_MAX_BATCH_SIZE", "32", "generator `--max-batch-size`", "most sequences decoded together"),
     EnvVar("GENERATOR_PREFILL_BATCH_SIZE", "8", "generator `--prefill-batch-size`", "most prompts prefilled together"),
     EnvVar("GENERATOR_PREFILL_STEP_SIZE", "2048", "generator `--prefill-step-size`", "prompt tokens per prefill chunk"),

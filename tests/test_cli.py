@@ -78,7 +78,7 @@ def services(tmp_path_factory):
     ).start()
     gen = ServiceProcess(
         "services.generator",
-        ["--model", str(model), "--log-format", "text"],
+        ["--model", str(model), "--log-format", "text", "--http-port", "-1"],
         env={"EXTMIND_AUTH_TOKEN": "", "MEMORY_URL": mem.address},
         log_dir=d / "logs",
         health_service="extmind.v1.GeneratorService",

@@ -39,7 +39,8 @@ def test_capture_equals_the_generators_capture(models):
     finally:
         state.capture = None
     assert len(mine) == len(captured) == 3
-    for (layer, k_gen, v_gen), (k_tr, v_tr) in zip(mine, captured):
+    for i, ((layer, k_gen, v_gen), (k_tr, v_tr)) in enumerate(zip(mine, captured)):
+        assert layer == i
         np.testing.assert_allclose(np.array(k_tr), np.array(k_gen), atol=1e-6, rtol=0)
         np.testing.assert_allclose(np.array(v_tr), np.array(v_gen), atol=1e-6, rtol=0)
 

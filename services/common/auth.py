@@ -1,4 +1,4 @@
-"""The one bearer-token check, shared by the gRPC interceptor and the embedder's HTTP face."""
+"""The one bearer-token check, shared by the gRPC interceptor and the HTTP faces (http_common.py)."""
 
 from __future__ import annotations
 

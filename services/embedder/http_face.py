@@ -9,62 +9,44 @@
     GET  /health          200 when ready, 503 while loading or draining
     GET  /info            the served models and batching limits
 
-A small HTTP/1.1 server on asyncio streams (keep-alive, Content-Length bodies): enough for these
-JSON endpoints without another dependency.
+Starlette routes served by uvicorn (services/common/http_server.py), sharing the engine's queue;
+errors, auth, body limits, the access line, /health and /metrics come from
+services/common/http_common.py.
 
-Errors have OpenAI's shape on every endpoint: ``{"error": {"message", "type", "param", "code"}}``
-with the status of extmind/errors.py's table; ``type`` is ``invalid_request_error`` for 4xx,
-``service_unavailable`` for 503 and ``server_error`` for other 5xx; ``code`` is the gRPC status name
-in lower case (``invalid_argument``, ``not_found``, ``resource_exhausted`` ...), except an unknown
-model, which is OpenAI's ``model_not_found``.
+Errors have OpenAI's shape on every endpoint (``{"error": {"message", "type", "param", "code"}}``);
+``code`` is the gRPC status name in lower case, except an unknown model, which is OpenAI's
+``model_not_found``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import json
-import logging
-import time
 
 import numpy as np
+from starlette.requests import Request
+from starlette.routing import Route
 
-from extmind.errors import ExtmindError, InvalidArgument, NotFound, Unauthenticated, Unavailable
-from services.common.auth import HOW_TO_AUTHENTICATE, check_bearer
+from extmind.errors import ExtmindError, InvalidArgument, NotFound
+from services.common.http_common import JsonFace, read_json_object
 from services.embedder.engine import DOCUMENT, QUERY, EmbedderEngine
 
-log = logging.getLogger("extmind.embedder.http")
 
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    409: "Conflict",
-    411: "Length Required",
-    413: "Payload Too Large",
-    429: "Too Many Requests",
-    499: "Client Closed Request",
-    500: "Internal Server Error",
-    501: "Not Implemented",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-}
+def _model(body: dict) -> str:
+    value = body.get("model")
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidArgument("'model' must be a string (a served model's name or alias)")
+    return value
 
 
-class _HttpError(Exception):
-    """A failure of the HTTP layer itself (not an engine error): its status and gRPC-style code."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
-def error_body(status: int, code: str, message: str) -> dict:
-    """OpenAI's error shape; ``code`` is a gRPC status name (any case) or one of OpenAI's codes."""
-    kind = "invalid_request_error" if status < 500 else "service_unavailable" if status == 503 else "server_error"
-    return {"error": {"message": message, "type": kind, "param": None, "code": code.lower()}}
+def _string(body: dict, key: str) -> str:
+    value = body.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"'{key}' must be a string")
+    return value
 
 
 def _openai_input(body: dict) -> tuple[list[str] | None, list[list[int]] | None]:
@@ -112,149 +94,63 @@ def _int(body: dict, key: str) -> int:
 
 
 def _input_type(body: dict) -> str:
-    value = (body.get("input_type") or DOCUMENT).lower()
+    value = (_string(body, "input_type") or DOCUMENT).lower()
     if value not in (DOCUMENT, QUERY):
         raise InvalidArgument("'input_type' is 'document' (default) or 'query'")
     return value
 
 
-class HttpFace:
+class HttpFace(JsonFace):
+    """The embedder's routes on the shared face (services/common/http_common.py); ``engine`` is
+    None while loading (/health answers 503, every endpoint 503 unavailable)."""
+
+    label = "embedder-http"
+    loading_message = "the embedder is still loading its models; retry when GET /health is 200"
+
     def __init__(self, *, auth_token: str = "", max_body_bytes: int = 64 * 1024 * 1024):
-        self.engine: EmbedderEngine | None = None  # None while loading: /health answers 503
-        self.draining = False
-        self.auth_token = auth_token
-        self.max_body = max_body_bytes
-        self._server: asyncio.AbstractServer | None = None
-        self.port: int | None = None
+        super().__init__(auth_token=auth_token, max_body_bytes=max_body_bytes)
+        self.engine: EmbedderEngine | None = None
 
-    async def start(self, host: str, port: int) -> int:
-        self._server = await asyncio.start_server(self._connection, host, port)
-        self.port = self._server.sockets[0].getsockname()[1]
-        log.info("http face listening", extra={"address": f"{host}:{self.port}"})
-        return self.port
+    def ready(self) -> bool:
+        return self.engine is not None
 
-    async def stop(self) -> None:
-        self.draining = True
-        if self._server:
-            self._server.close()
-            await self._server.wait_closed()
+    def health(self) -> dict:
+        return {"status": "ok", "models": [m.name for m in self.engine.models]}
 
-    # --- protocol -------------------------------------------------------------------------------
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                line = await reader.readline()
-                if not line:
-                    return
-                try:
-                    method, target, version = line.decode("latin-1").split()
-                except ValueError:
-                    await self._send(
-                        writer, 400, error_body(400, "invalid_argument", "malformed request line"), close=True
-                    )
-                    return
-                headers = {}
-                while (h := await reader.readline()) not in (b"\r\n", b"\n", b""):
-                    k, _, v = h.decode("latin-1").partition(":")
-                    headers[k.strip().lower()] = v.strip()
-                keep = (version == "HTTP/1.1" and headers.get("connection", "").lower() != "close") or headers.get(
-                    "connection", ""
-                ).lower() == "keep-alive"
-                if "chunked" in headers.get("transfer-encoding", "").lower():
-                    await self._send(
-                        writer, 411, error_body(411, "invalid_argument", "send a Content-Length body"), close=True
-                    )
-                    return
-                length = int(headers.get("content-length") or 0)
-                if length > self.max_body:
-                    # Too large is never retryable: 413, not 429.
-                    await self._send(
-                        writer,
-                        413,
-                        error_body(
-                            413,
-                            "invalid_argument",
-                            f"the body has {length} bytes; this server takes at most "
-                            f"{self.max_body} (--max-message-mb): send fewer inputs per request",
-                        ),
-                        close=True,
-                    )
-                    return
-                body = await reader.readexactly(length) if length else b""
-                status, payload = await self._handle(method, target.split("?")[0], headers, body)
-                await self._send(writer, status, payload, close=not keep)
-                if not keep:
-                    return
-        except (asyncio.IncompleteReadError, ConnectionError):
-            return
-        finally:
-            writer.close()
+    def error_code(self, exc: ExtmindError) -> str:
+        # The engine's only NotFound is an unknown model: OpenAI's own code, which clients match on.
+        return "model_not_found" if isinstance(exc, NotFound) else exc.code
 
-    async def _send(self, writer, status: int, payload, *, close: bool) -> None:
-        data = json.dumps(payload, separators=(",", ":")).encode()
-        head = (
-            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(data)}\r\nConnection: {'close' if close else 'keep-alive'}\r\n\r\n"
+    def unrouted(self, method: str, path: str) -> str:
+        return (
+            f"{method} {path} is not served; endpoints: POST /embed, POST /v1/embeddings, "
+            "GET /v1/models, GET /info, GET /health, GET /metrics"
         )
-        writer.write(head.encode() + data)
-        await writer.drain()
 
-    async def _handle(self, method: str, path: str, headers: dict, body: bytes):
-        started = time.perf_counter()
-        try:
-            if path == "/health":
-                if self.engine is None or self.draining:
-                    return 503, {"status": "draining" if self.draining else "loading"}
-                return 200, {"status": "ok", "models": [m.name for m in self.engine.models]}
-            if not check_bearer(headers.get("authorization", ""), self.auth_token):
-                raise Unauthenticated(HOW_TO_AUTHENTICATE)
-            routes = {
-                ("POST", "/embed"): self._embed,
-                ("POST", "/v1/embeddings"): self._openai,
-                ("GET", "/v1/models"): self._models,
-                ("GET", "/info"): self._info,
-            }
-            handler = routes.get((method, path))
-            if handler is None:
-                known = {p for _, p in routes} | {"/health"}
-                raise _HttpError(
-                    405 if path in known else 404,
-                    "unimplemented" if path in known else "not_found",
-                    f"{method} {path} is not served; endpoints: POST /embed, POST /v1/embeddings, "
-                    "GET /v1/models, GET /info, GET /health",
-                )
-            if self.engine is None:
-                raise Unavailable("the embedder is still loading its models; retry when GET /health is 200")
-            request = {}
-            if method == "POST":
-                try:
-                    request = json.loads(body or b"{}")
-                except json.JSONDecodeError as exc:
-                    raise InvalidArgument(f"the body is not valid JSON ({exc})") from None
-                if not isinstance(request, dict):
-                    raise InvalidArgument("the body must be a JSON object")
-            return 200, await handler(request)
-        except _HttpError as exc:
-            return exc.status, error_body(exc.status, exc.code, exc.message)
-        except ExtmindError as exc:
-            # The engine's only NotFound is an unknown model: OpenAI's own code, which clients match on.
-            code = "model_not_found" if isinstance(exc, NotFound) else exc.code
-            return exc.http_status, error_body(exc.http_status, code, exc.message)
-        except Exception as exc:  # noqa: BLE001 - the face keeps serving
-            log.exception("http request failed", extra={"path": path})
-            return 500, error_body(
-                500, "internal", f"internal error ({type(exc).__name__}: {exc}); the service is still up"
-            )
-        finally:
-            log.debug("http", extra={"method": method, "path": path, "ms": (time.perf_counter() - started) * 1e3})
+    def routes(self) -> list[Route]:
+        def post(handler):
+            async def run(request: Request):
+                return await handler(await read_json_object(request, self.max_body))
+
+            return self.endpoint(run)
+
+        def get(handler):
+            return self.endpoint(lambda request: handler({}))
+
+        return [
+            Route("/embed", post(self._embed), methods=["POST"]),
+            Route("/v1/embeddings", post(self._openai), methods=["POST"]),
+            Route("/v1/models", get(self._models), methods=["GET"]),
+            Route("/info", get(self._info), methods=["GET"]),
+        ]
 
     # --- endpoints ------------------------------------------------------------------------------
     async def _embed(self, body: dict) -> dict:
         r = await self.engine.embed(
             _texts(body, "texts", "input"),
-            model=body.get("model") or "",
+            model=_model(body),
             input_type=_input_type(body),
-            instruction=body.get("instruction") or "",
+            instruction=_string(body, "instruction"),
             dimensions=_int(body, "dimensions"),
             normalize=body.get("normalize", True) is not False,
             truncate=body.get("truncate", True) is not False,
@@ -267,16 +163,16 @@ class HttpFace:
         }
 
     async def _openai(self, body: dict) -> dict:
-        fmt = body.get("encoding_format") or "float"
+        fmt = _string(body, "encoding_format") or "float"
         if fmt not in ("float", "base64"):
             raise InvalidArgument("'encoding_format' is 'float' or 'base64'")
         texts, token_inputs = _openai_input(body)
         r = await self.engine.embed(
             texts,
             token_inputs=token_inputs,
-            model=body.get("model") or "",
+            model=_model(body),
             input_type=_input_type(body),
-            instruction=body.get("instruction") or "",
+            instruction=_string(body, "instruction"),
             dimensions=_int(body, "dimensions"),
         )
 

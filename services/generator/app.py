@@ -9,6 +9,7 @@ from services.common.blas import blas_in_use
 from services.common.config import FlagParser, add_server_flags
 from services.common.server import Service
 from services.generator.engine import EngineConfig, GeneratorEngine
+from services.generator.http_face import GeneratorHttpFace
 from services.generator.servicer import GeneratorServicer
 
 SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"].full_name
@@ -83,6 +84,14 @@ def parse_args(argv=None):
         type=float,
         help="seconds allowed for one memory-service call",
     )
+    p.flag(
+        "--http-port",
+        env="GENERATOR_HTTP_PORT",
+        default=8001,
+        type=int,
+        help="port of the OpenAI-compatible HTTP face (/v1/chat/completions, /v1/completions, /v1/memories, "
+        "/health); 0 = a free one, -1 = off",
+    )
     args = p.parse_args(argv)
     if not args.model:
         p.error("--model (or GENERATOR_MODEL) is required")
@@ -113,12 +122,20 @@ class GeneratorApp:
         self.services = [
             Service(SERVICE_NAME, lambda s: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(servicer, s))
         ]
+        self.http = GeneratorHttpFace(
+            self.engine, auth_token=args.auth_token, max_body_bytes=args.max_message_mb * 1024 * 1024
+        )
 
     def describe(self) -> dict:
-        return {"blas": blas_in_use(), "model": self.args.model, "memory_url": self.args.memory_url}
+        a = self.args
+        return {"blas": blas_in_use(), "model": a.model, "memory_url": a.memory_url, "http_port": a.http_port}
 
     async def on_start(self) -> None:
+        if self.args.http_port >= 0:
+            await self.http.start(self.args.host, self.args.http_port)  # /health says 503 while loading
         await asyncio.to_thread(self.engine.start)
+        self.http.loaded = True
 
     async def on_stop(self) -> None:
+        await self.http.stop()
         await asyncio.to_thread(self.engine.stop)

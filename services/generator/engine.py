@@ -273,6 +273,35 @@ class GeneratorEngine:
 
     # ---------------------------------------------------------------- memorize
 
+    def memorize_input(self, *, text: str = "", token_ids=()) -> list[int]:
+        """The tokens to memorize from ``text`` or ``token_ids`` (one of them, or neither: then
+        ``memorize`` says there is nothing). Raises InvalidArgument when both are given."""
+        if text and token_ids:
+            raise errors.InvalidArgument("give text or token_ids, not both")
+        return list(token_ids) or (self.tokenizer.encode(text) if text else [])
+
+    def _memory_service(self) -> MemoryClient:
+        if self.memory is None:
+            raise errors.FailedPrecondition(_NO_MEMORY_SERVICE)
+        return self.memory
+
+    async def list_memories(self, *, page_size: int = 0, page_token: str = "", every_model: bool = False):
+        """One page of the memories this model built (``every_model``: of any model) -> (memory_pb2
+        Memory list, next page token or ""). Raises what ``MemoryClient.list_memories`` raises."""
+        fingerprint = "" if every_model else self.fingerprint
+        client = self._memory_service()
+        return await asyncio.to_thread(
+            client.list_memories, fingerprint=fingerprint, page_size=page_size, page_token=page_token
+        )
+
+    async def get_memory(self, memory_id: str):
+        """The memory_pb2 Memory ``memory_id``. Raises NotFound, Unavailable."""
+        return await asyncio.to_thread(self._memory_service().get_memory, memory_id)
+
+    async def delete_memory(self, memory_id: str) -> None:
+        """Deletes ``memory_id`` from the memory service. Raises NotFound, Unavailable."""
+        await asyncio.to_thread(self._memory_service().delete_memory, memory_id)
+
     def memorize_blocking(
         self, token_ids: list[int], *, memory_id: str = "", labels=None, window: int = 0, stride: int = 0, progress=None
     ) -> dict:

@@ -78,6 +78,18 @@ class MemoryClient:
             f"memory {memory_id!r}",
         ).memory
 
+    def list_memories(
+        self, *, fingerprint: str = "", page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[memory_pb2.Memory], str]:
+        """One page of memories (of ``fingerprint``'s model; "" = all) -> (memories, next page token,
+        "" after the last page). ``page_size`` 0 = the memory service's default."""
+        r = self._unary(
+            self._stub.ListMemories,
+            memory_pb2.ListMemoriesRequest(model_fingerprint=fingerprint, page_size=page_size, page_token=page_token),
+            "listing memories",
+        )
+        return list(r.memories), r.next_page_token
+
     def create_memory(
         self, *, memory_id: str, layout: memory_pb2.MemoryLayout, fingerprint: str, token_ids, positions, labels
     ) -> memory_pb2.Memory:

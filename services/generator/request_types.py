@@ -22,6 +22,7 @@ STOP, LENGTH, STOP_SEQUENCE = "stop", "length", "stop_sequence"
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_MEMORY_TOP_K = 10  # memories each query token retrieves per layer and head
 DEFAULT_MAX_CITATIONS = 5
+MAX_TOP_LOGPROBS = 20  # most alternatives reported per generated token (OpenAI's limit too)
 MAX_MEMORY_TOP_K = 1024
 DEFAULT_WINDOW = 3072  # memory building: tokens per forward window ...
 DEFAULT_STRIDE = 512  # ... and tokens between window starts (docs/extended-mind.md)
@@ -99,6 +100,7 @@ class GenerationRequest:
     sampling: Sampling = field(default_factory=Sampling)
     memory: MemoryOptions | None = None
     return_logprobs: bool = False
+    top_logprobs: int = 0  # also report this many most likely tokens per step (needs return_logprobs)
 
     def validate(self, *, vocab_size: int, max_context: int, num_layers: int) -> int:
         """Raises InvalidArgument for a request the model cannot serve; returns the number of
@@ -106,6 +108,8 @@ class GenerationRequest:
         if not self.prompt_tokens:
             raise errors.InvalidArgument("the prompt is empty: send prompt, messages or prompt_token_ids")
         self.sampling.validate(vocab_size)
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise errors.InvalidArgument(f"top_logprobs {self.top_logprobs} must be in [0, {MAX_TOP_LOGPROBS}]")
         n = len(self.prompt_tokens)
         if n >= max_context:
             raise errors.InvalidArgument(f"the prompt has {n} tokens; the model's context is {max_context}")
@@ -122,6 +126,8 @@ class Chunk:
     text: str
     token_ids: list[int]
     logprobs: list[float]  # one per token when return_logprobs, else empty
+    # Per token when top_logprobs > 0: the (token id, logprob) of the most likely tokens, best first.
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 @dataclass

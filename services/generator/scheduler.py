@@ -59,6 +59,14 @@ REQUEST_SECONDS = Histogram(
 )
 
 
+def _top(logprobs: mx.array, k: int) -> list[tuple[int, float]]:
+    """The ``k`` most likely (token id, logprob) of one step's [vocab] logprobs, best first."""
+    ids = np.asarray(mx.argpartition(-logprobs, k - 1)[:k])
+    values = np.asarray(logprobs[mx.array(ids)], dtype=np.float32)
+    order = np.argsort(-values, kind="stable")
+    return [(int(ids[i]), float(values[i])) for i in order]
+
+
 class RunningRequest:
     """One admitted generation: where its events go and how far it got."""
 
@@ -341,9 +349,10 @@ class Scheduler:
             self._finish(r, STOP)
             return
         lp = [float(resp.logprobs[tok].item())] if r.req.return_logprobs else []
+        top = [_top(resp.logprobs, r.req.top_logprobs)] if r.req.return_logprobs and r.req.top_logprobs else []
         last = resp.finish_reason == "length"
         piece, stopped = r.text.push(tok, last)
-        r.post(Chunk(piece, [tok], lp))
+        r.post(Chunk(piece, [tok], lp, top))
         if stopped:
             r.group.gen.remove([r.uid])
             self._finish(r, STOP_SEQUENCE)

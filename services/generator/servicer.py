@@ -153,9 +153,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 )
 
     def _memorize_args(self, request) -> tuple[list[int], dict]:
-        if request.text and request.token_ids:
-            raise InvalidArgument("give text or token_ids, not both")
-        tokens = list(request.token_ids) or (self.engine.tokenizer.encode(request.text) if request.text else [])
+        tokens = self.engine.memorize_input(text=request.text, token_ids=request.token_ids)
         return tokens, dict(
             memory_id=request.memory_id, labels=dict(request.labels), window=request.window, stride=request.stride
         )

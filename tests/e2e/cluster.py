@@ -74,13 +74,14 @@ class ClusterHandle:
 
 def cluster_env(run_dir: Path, model_cache: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
-    ep, hp, mp, mhp, gp = free_ports(5)
+    ep, hp, mp, mhp, gp, ghp = free_ports(6)
     env.update(
         EMBEDDER_PORT=str(ep),
         EMBEDDER_HTTP_PORT=str(hp),
         MEMORY_PORT=str(mp),
         MEMORY_HTTP_PORT=str(mhp),
         GENERATOR_PORT=str(gp),
+        GENERATOR_HTTP_PORT=str(ghp),
         EXTMIND_MODEL_CACHE=str(model_cache),
         EXTMIND_START_TIMEOUT="300",
         EXTMIND_STOP_GRACE="10",

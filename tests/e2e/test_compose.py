@@ -71,13 +71,19 @@ def test_models_come_from_the_environment():
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PATH": "/usr/bin:/bin", "GENERATOR_MODEL": "/models/my-llama", "GENERATOR_PORT": "6000"},
+        env={
+            "PATH": "/usr/bin:/bin",
+            "GENERATOR_MODEL": "/models/my-llama",
+            "GENERATOR_PORT": "6000",
+            "GENERATOR_HTTP_PORT": "6001",
+        },
     )
     assert r.returncode == 0, r.stderr
     cfg = yaml.safe_load(r.stdout)
     gen = cfg["services"]["generator"]
     assert gen["environment"]["GENERATOR_MODEL"] == "/models/my-llama"
     assert any(str(p.get("published")) == "6000" and p["target"] == 50053 for p in gen["ports"])
+    assert any(str(p.get("published")) == "6001" and p["target"] == 8001 for p in gen["ports"])
 
 
 def test_dockerfile_entry_point_is_the_launcher():

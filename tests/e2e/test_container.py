@@ -91,7 +91,7 @@ def test_image_is_small_and_has_no_torch(image):
 def test_compose_stack_comes_up_healthy_and_embeds(image, tmp_path):
     tag, _ = image
     project = f"extmindsmoke{uuid.uuid4().hex[:6]}"
-    ep, hp, mp, mhp, gp = free_ports(5)
+    ep, hp, mp, mhp, gp, ghp = free_ports(6)
     env = dict(
         os.environ,
         EMBEDDER_PORT=str(ep),
@@ -99,6 +99,7 @@ def test_compose_stack_comes_up_healthy_and_embeds(image, tmp_path):
         MEMORY_PORT=str(mp),
         MEMORY_HTTP_PORT=str(mhp),
         GENERATOR_PORT=str(gp),
+        GENERATOR_HTTP_PORT=str(ghp),
     )
     # The stack runs the image built above, under the name compose expects.
     _run(DOCKER, "tag", tag, "extmind:latest")

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import signal
 import socket
@@ -77,6 +79,20 @@ def test_memory_http_port_serves_health_and_metrics(cluster):
     assert "extmind_memory_memories " in text and "extmind_grpc_requests_total" in text
     st = cluster.launcher("status")
     assert f"http {s.memory_http_port}" in st.stdout, st.stdout
+
+
+def test_the_generator_http_face_is_up_and_in_status(cluster):
+    s = cluster.settings()
+    st = cluster.launcher("status")
+    assert st.returncode == 0 and f"http {s.generator_http_port}" in st.stdout, st.stdout
+    for path in ("/health", "/v1/models"):
+        conn = http.client.HTTPConnection("127.0.0.1", s.generator_http_port, timeout=30)
+        conn.request("GET", path)
+        r = conn.getresponse()
+        body = json.loads(r.read())
+        conn.close()
+        assert r.status == 200, (path, body)
+    assert body["data"][0]["id"] == "extmind-facts-6m" and body["data"][0]["model_fingerprint"]
 
 
 def test_up_again_starts_nothing_new(cluster):
@@ -158,7 +174,14 @@ def test_down_leaves_nothing_running(own_cluster):
         time.sleep(0.1)
     assert not [p for p in pids if _alive(p)]
     assert not list((cluster.run_dir / "pids").glob("*.pid"))
-    for port in (s.embedder_port, s.embedder_http_port, s.memory_port, s.memory_http_port, s.generator_port):
+    for port in (
+        s.embedder_port,
+        s.embedder_http_port,
+        s.memory_port,
+        s.memory_http_port,
+        s.generator_port,
+        s.generator_http_port,
+    ):
         assert not _port_open(port), port
     st = cluster.launcher("status")
     assert st.returncode == 1 and st.stdout.count("not started") == 3, st.stdout

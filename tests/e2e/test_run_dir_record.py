@@ -13,7 +13,14 @@ from .cluster import _SCRUB, REPO
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-_PORTS = ("EMBEDDER_PORT", "EMBEDDER_HTTP_PORT", "MEMORY_PORT", "MEMORY_HTTP_PORT", "GENERATOR_PORT")
+_PORTS = (
+    "EMBEDDER_PORT",
+    "EMBEDDER_HTTP_PORT",
+    "MEMORY_PORT",
+    "MEMORY_HTTP_PORT",
+    "GENERATOR_PORT",
+    "GENERATOR_HTTP_PORT",
+)
 
 
 def bare_env(cluster, **extra) -> dict:

@@ -32,10 +32,11 @@ async def run(engine, req):
 
 
 def start_generator(log_dir, model, memory_address: str, *args: str) -> ServiceProcess:
-    """``python -m services.generator --model MODEL ARGS`` on a real memory service, SERVING."""
+    """``python -m services.generator --model MODEL ARGS`` on a real memory service, SERVING (its
+    HTTP face off unless ARGS give ``--http-port``: the default port may be taken)."""
     return ServiceProcess(
         "services.generator",
-        ["--model", str(model), "--log-format", "text", *args],
+        ["--model", str(model), "--log-format", "text", "--http-port", "-1", *args],
         env={"EXTMIND_AUTH_TOKEN": "", "MEMORY_URL": memory_address},
         log_dir=log_dir,
         health_service="extmind.v1.GeneratorService",

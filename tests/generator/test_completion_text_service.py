@@ -28,7 +28,7 @@ def served(tmp_path_factory):
     path, vocab = chains.build(tmp_path_factory.mktemp("chain-svc"))
     svc = ServiceProcess(
         "services.generator",
-        ["--model", str(path), "--memory-url", "", "--log-format", "text"],
+        ["--model", str(path), "--memory-url", "", "--log-format", "text", "--http-port", "-1"],
         env={"EXTMIND_AUTH_TOKEN": ""},
         log_dir=tmp_path_factory.mktemp("chain-logs"),
         health_service="extmind.v1.GeneratorService",

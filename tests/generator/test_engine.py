@@ -12,7 +12,7 @@ from mlx_lm.utils import load
 
 from extmind import errors
 from services.generator.engine import EngineConfig, GeneratorEngine
-from services.generator.request_types import GenerationRequest, MemoryOptions, Sampling
+from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
 
 from .helpers import PROMPTS, run
 
@@ -126,3 +126,23 @@ async def test_bad_requests_are_invalid_argument(engines, sampling, prompt, matc
         await run(engine, GenerationRequest([5], Sampling(), MemoryOptions(("m",), top_k=10**6)))
     tokens, *_ = await run(engine, GenerationRequest([5, 6], Sampling(max_tokens=2)))
     assert len(tokens) == 2
+
+
+async def test_top_logprobs_are_the_most_likely_tokens_of_each_step(engines):
+    engine = engines["llama"]
+    prompt = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog. Paris is")
+    chunks = []
+    req = GenerationRequest(prompt, Sampling(max_tokens=6), None, True, top_logprobs=5)
+    async for ev in engine.generate(req):
+        if isinstance(ev, Chunk):
+            chunks.append(ev)
+    plain, plain_lps, _, _ = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=6), None, True))
+    assert [t for c in chunks for t in c.token_ids] == plain and [x for c in chunks for x in c.logprobs] == plain_lps
+    for c in chunks:
+        (top,) = c.top_logprobs
+        ids, values = [t for t, _ in top], [v for _, v in top]
+        assert len(set(ids)) == 5 and values == sorted(values, reverse=True) and all(v <= 0 for v in values)
+        assert (ids[0], values[0]) == (c.token_ids[0], pytest.approx(c.logprobs[0], abs=1e-6))  # greedy: the best
+        assert sum(np.exp(values)) <= 1 + 1e-5
+    with pytest.raises(errors.InvalidArgument, match="top_logprobs 21"):
+        await run(engine, GenerationRequest(prompt, Sampling(max_tokens=2), None, True, top_logprobs=21))

@@ -1,0 +1,231 @@
+"""What every service's HTTP face shares: OpenAI-shaped errors, bearer auth, JSON bodies with a
+size limit, one access line per request, ``GET /health`` and ``GET /metrics``.
+
+A face subclasses :class:`JsonFace`, lists its routes in ``routes()`` (each endpoint wrapped by
+:meth:`JsonFace.endpoint`) and is started with ``start(host, port)`` on the service's event loop
+(uvicorn through services/common/http_server.py). docs/architecture.md, "HTTP faces".
+
+Errors have OpenAI's shape on every endpoint: ``{"error": {"message", "type", "param", "code"}}``
+with the status of extmind/errors.py's table; ``type`` is ``invalid_request_error`` for 4xx,
+``service_unavailable`` for 503 and ``server_error`` for other 5xx; ``code`` is the gRPC status
+name in lower case (``invalid_argument``, ``not_found``, ``resource_exhausted`` ...).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from extmind.errors import ExtmindError, InvalidArgument, Unauthenticated, Unavailable
+from services.common.auth import HOW_TO_AUTHENTICATE, check_bearer
+from services.common.http_server import HttpServer, start_http
+from services.common.metrics import metrics_endpoint
+
+access_log = logging.getLogger("extmind.http")
+
+
+class BodyTooLarge(InvalidArgument):
+    """A body over the face's limit: never retryable, so 413 with code invalid_argument (not 429)."""
+
+    http_status = 413
+
+
+def error_body(status: int, code: str, message: str, param: str | None = None) -> dict:
+    """OpenAI's error shape; ``code`` is a gRPC status name (any case) or one of OpenAI's codes."""
+    kind = "invalid_request_error" if status < 500 else "service_unavailable" if status == 503 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code.lower()}}
+
+
+def error_response(status: int, code: str, message: str, param: str | None = None, **headers) -> JSONResponse:
+    return JSONResponse(error_body(status, code, message, param), status_code=status, headers=headers or None)
+
+
+def no_lone_surrogates(value, where: str = "the body") -> None:
+    """Raises InvalidArgument when a string in ``value`` (JSON data) holds a lone surrogate
+    (``"\\ud800"`` is valid JSON but no text: tokenizers and UTF-8 encoders fail on it)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidArgument(f"{where} holds a lone UTF-16 surrogate (\\ud800-\\udfff): not text") from None
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+
+
+async def read_json_object(request: Request, max_bytes: int, limit_flag: str = "--max-message-mb") -> dict:
+    """The request's body as a JSON object (an empty body is ``{}``).
+
+    Raises BodyTooLarge (413: a Content-Length or a streamed body over ``max_bytes``; the body
+    is not read) and InvalidArgument (not UTF-8, not JSON, not an object, lone surrogates)."""
+
+    def too_large(size: str) -> BodyTooLarge:
+        return BodyTooLarge(
+            f"the body has {size} bytes; this server takes at most {max_bytes} ({limit_flag}): "
+            "send fewer inputs per request"
+        )
+
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise too_large(declared)
+    parts, size = [], 0
+    async for chunk in request.stream():  # chunked bodies have no Content-Length: count as they come
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large(f"more than {max_bytes}")
+        parts.append(chunk)
+    raw = b"".join(parts)
+    if not raw.strip():
+        return {}
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"the body is not UTF-8 ({exc})") from None
+    try:
+        body = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidArgument(f"the body is not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise InvalidArgument("the body must be a JSON object")
+    no_lone_surrogates(body)
+    return body
+
+
+Endpoint = Callable[[Request], Awaitable[Response | dict | list]]
+
+
+class JsonFace:
+    """Base of a service's HTTP face: subclasses give ``routes()``, ``ready()``, ``health()``.
+
+    ``auth_token`` empty = no auth; ``max_body_bytes`` caps request bodies (413 beyond).
+    ``draining`` (set by the app on shutdown) turns /health to 503."""
+
+    label = "http"
+    loading_message = "the service is still loading; retry when GET /health is 200"
+
+    def __init__(self, *, auth_token: str = "", max_body_bytes: int = 64 * 1024 * 1024):
+        self.draining = False
+        self.auth_token = auth_token
+        self.max_body = max_body_bytes
+        self.port: int | None = None
+        self._server: HttpServer | None = None
+
+    # --- what a face defines ----------------------------------------------------------------------
+    def routes(self) -> list[Route]:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def health(self) -> dict:
+        """The body of a 200 /health."""
+        return {"status": "ok"}
+
+    def error_code(self, exc: ExtmindError) -> str:
+        """The OpenAI ``code`` of an engine error (default: its gRPC status name)."""
+        return exc.code
+
+    def unrouted(self, method: str, path: str) -> str:
+        """The message of a 404 / 405 (say which endpoints exist)."""
+        return f"{method} {path} is not served"
+
+    # --- shared -------------------------------------------------------------------------------------
+    def app(self) -> Starlette:
+        routes = [
+            *self.routes(),
+            Route("/health", self.endpoint(self._health, auth=False, ready=False), methods=["GET"]),
+            Route("/metrics", self.endpoint(metrics_endpoint, auth=False, ready=False), methods=["GET"]),
+        ]
+
+        async def unrouted(request: Request, exc: HTTPException) -> Response:
+            status = exc.status_code
+            code = {404: "not_found", 405: "unimplemented"}.get(status, "invalid_argument")
+            message = self.unrouted(request.method, request.url.path) if status in (404, 405) else str(exc.detail)
+            _log(request.method, request.url.path, status, time.monotonic(), {})
+            return error_response(status, code, message)
+
+        return Starlette(routes=routes, exception_handlers={HTTPException: unrouted})
+
+    async def _health(self, request: Request) -> Response:
+        if not self.ready() or self.draining:
+            return JSONResponse({"status": "draining" if self.draining else "loading"}, status_code=503)
+        return JSONResponse(self.health())
+
+    def error(self, exc: ExtmindError) -> JSONResponse:
+        status = exc.http_status
+        headers = {"connection": "close"} if isinstance(exc, BodyTooLarge) else {}  # its body was never read
+        # An error that names the offending field (``param``, e.g. a request field) says so, as OpenAI does.
+        return error_response(status, self.error_code(exc), exc.message, getattr(exc, "param", None), **headers)
+
+    def endpoint(self, fn: Endpoint, *, auth: bool = True, ready: bool = True):
+        """Wraps ``fn(request) -> Response | JSON data``: bearer auth, the readiness guard, errors
+        in OpenAI's shape (an ExtmindError with its status, anything else 500) and one access line
+        (logger ``extmind.http``: method, path, status, duration_ms and ``request.state.access``;
+        for a stream, when it ends)."""
+
+        async def run(request: Request) -> Response:
+            t0 = time.monotonic()
+            request.state.access = extra = {}
+            try:
+                if auth and not check_bearer(request.headers.get("authorization", ""), self.auth_token):
+                    raise Unauthenticated(HOW_TO_AUTHENTICATE)
+                if ready and not self.ready():
+                    raise Unavailable(self.loading_message)
+                out = await fn(request)
+                response = out if isinstance(out, Response) else JSONResponse(out)
+            except ExtmindError as exc:
+                response = self.error(exc)
+                extra["error"] = exc.message
+            except ClientDisconnect:
+                _log(request.method, request.url.path, 499, t0, extra)
+                return Response(status_code=499)
+            except Exception as exc:  # noqa: BLE001 - the face keeps serving
+                access_log.exception("http request failed", extra={"path": request.url.path})
+                message = f"internal error ({type(exc).__name__}: {exc}); the service is still up"
+                response = error_response(500, "internal", message)
+            if isinstance(response, StreamingResponse):  # logged when the stream ends (or the client leaves)
+                response.body_iterator = _logged(response.body_iterator, request, response.status_code, t0, extra)
+            else:
+                _log(request.method, request.url.path, response.status_code, t0, extra)
+            return response
+
+        return run
+
+    async def start(self, host: str, port: int) -> int:
+        """Serves ``app()`` on ``host:port`` (0 = a free port); returns the bound port."""
+        self._server = await start_http(self.app(), host, port, label=self.label)
+        self.port = self._server.port
+        return self.port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        self.draining = True
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+
+
+async def _logged(body, request: Request, status: int, t0: float, extra: dict):
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        _log(request.method, request.url.path, status, t0, extra)
+
+
+def _log(method: str, path: str, status: int, t0: float, extra: dict) -> None:
+    level = logging.ERROR if status >= 500 and status != 503 else logging.INFO
+    fields = {"method": method, "path": path, "status": status, "duration_ms": round((time.monotonic() - t0) * 1e3, 1)}
+    access_log.log(level, "http", extra={**fields, **extra})
