@@ -71,6 +71,7 @@ class OpenAIRequest:
     prompt: str = ""
     prompt_token_ids: list[int] = field(default_factory=list)
     messages: list[tuple[str, str]] = field(default_factory=list)
+    chat_options: dict | None = None  # chat_template_kwargs (vLLM's name), e.g. {"enable_thinking": false}
     sampling: Sampling = field(default_factory=Sampling)
     stream: bool = False
     include_usage: bool = False
@@ -80,7 +81,9 @@ class OpenAIRequest:
 
     def to_generation(self, engine) -> GenerationRequest:
         """The engine's request (prompt tokenized by ``engine.encode_prompt``; raises InvalidArgument)."""
-        tokens = engine.encode_prompt(prompt=self.prompt, messages=self.messages, token_ids=self.prompt_token_ids)
+        tokens = engine.encode_prompt(
+            prompt=self.prompt, messages=self.messages, token_ids=self.prompt_token_ids, chat_options=self.chat_options
+        )
         return GenerationRequest(tokens, self.sampling, self.memory, self.logprobs, self.top_logprobs)
 
 
@@ -190,6 +193,7 @@ def parse_chat(body: dict) -> OpenAIRequest:
         content = m.get("content")
         r.messages.append((_ROLES[role], "" if content is None and role == "assistant" else _content(i, content)))
     r.sampling.max_tokens = _max_tokens(body, "max_completion_tokens", "max_tokens")
+    r.chat_options = _get(body, "chat_template_kwargs", "object") or None  # checked by the engine
     r.logprobs = _get(body, "logprobs", "boolean", False)
     top = _in_range(
         "top_logprobs", _get(body, "top_logprobs", "integer", 0), 0, MAX_TOP_LOGPROBS, f"in [0, {MAX_TOP_LOGPROBS}]"

@@ -452,3 +452,26 @@ def test_memory_service_down_is_503(served, memory_id):
         assert c.chat.completions.create(model=served.model_id, messages=MESSAGES).choices[0].message.content
     finally:
         served.memory_service.start()
+
+
+def test_chat_template_kwargs_reach_the_template(served):
+    """vLLM's ``chat_template_kwargs`` become the template's variables (Qwen3's enable_thinking);
+    the engine's rules for them apply (tests/generator/test_chat_families.py has their effect)."""
+    c = served.client()
+    r = c.chat.completions.create(
+        model=served.model_id, messages=MESSAGES, extra_body={"chat_template_kwargs": {"enable_thinking": False}}
+    )
+    assert r.choices[0].message.content == " Berlin is capital"  # the Llama 3 template ignores it
+    for kwargs, param, words in [
+        ([1], "chat_template_kwargs", "must be an object"),
+        ({"messages": "x"}, None, "cannot be set"),
+        ({"enable_thinking": {"nested": True}}, None, "must be a boolean, number, string or null"),
+    ]:
+        status, body = served.json(
+            "POST",
+            "/v1/chat/completions",
+            {"model": served.model_id, "messages": MESSAGES, "chat_template_kwargs": kwargs},
+        )
+        assert status == 400 and words in body["error"]["message"], (kwargs, body)
+        if param:
+            assert body["error"]["param"] == param
