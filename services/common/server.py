@@ -63,6 +63,8 @@ class App(Protocol):
 
     async def on_stop(self) -> None: ...  # runs after the drain
 
+    def on_drain(self) -> None: ...  # optional: runs when the drain starts (HTTP /health turns 503)
+
     def describe(self) -> dict: ...  # the fields of the "starting" log line
 
 
@@ -74,6 +76,7 @@ class Server:
         *,
         on_start: Callable[[], Awaitable[None]] | None = None,
         on_stop: Callable[[], Awaitable[None]] | None = None,
+        on_drain: Callable[[], None] | None = None,
         label: str = "",
         loading: str = "starting up",
     ):
@@ -81,6 +84,7 @@ class Server:
         self.services = services
         self.on_start = on_start
         self.on_stop = on_stop
+        self.on_drain = on_drain
         self.readiness = ReadinessInterceptor(label or " and ".join(s.name for s in services) or "the service", loading)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
@@ -90,7 +94,15 @@ class Server:
 
     @classmethod
     def of(cls, args, app: App) -> Server:
-        return cls(args, app.services, on_start=app.on_start, on_stop=app.on_stop, label=app.label, loading=app.loading)
+        return cls(
+            args,
+            app.services,
+            on_start=app.on_start,
+            on_stop=app.on_stop,
+            on_drain=getattr(app, "on_drain", None),
+            label=app.label,
+            loading=app.loading,
+        )
 
     async def _set_health(self, status) -> None:
         for name in ["", *(s.name for s in self.services)]:
@@ -148,6 +160,8 @@ class Server:
         self._stopped.set()
         grace = self.args.grace_seconds if grace is None else grace
         log.info("draining", extra={"grace_seconds": grace})
+        if self.on_drain is not None:
+            self.on_drain()
         if self.health_file is not None:
             await self.health_file.stop()
         await self.health.enter_graceful_shutdown()

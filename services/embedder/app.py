@@ -211,6 +211,9 @@ class EmbedderApp:
         await engine.start()
         self.engine = self.servicer.engine = self.http.engine = engine
 
+    def on_drain(self) -> None:
+        self.http.draining = True  # GET /health answers 503 while in-flight calls finish
+
     async def on_stop(self) -> None:
         await self.http.stop()
         if self.engine is not None:

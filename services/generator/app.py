@@ -136,6 +136,9 @@ class GeneratorApp:
         await asyncio.to_thread(self.engine.start)
         self.http.loaded = True
 
+    def on_drain(self) -> None:
+        self.http.draining = True  # GET /health answers 503 while in-flight calls finish
+
     async def on_stop(self) -> None:
         await self.http.stop()
         await asyncio.to_thread(self.engine.stop)

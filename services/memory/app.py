@@ -177,6 +177,9 @@ class MemoryApp:
         metrics.watch(self.index, self.docs)
         self.servicer.attach(self.kv, self.docs)
 
+    def on_drain(self) -> None:
+        self._stopping = True  # GET /health answers 503 while in-flight calls finish
+
     async def on_stop(self) -> None:
         # Order: the HTTP port, background index loads, then the clients, then the embedded Redis.
         self._stopping = True

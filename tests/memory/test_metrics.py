@@ -147,3 +147,38 @@ def test_a_taken_http_port_is_one_readable_error(memory_service_factory):
     log = svc.log_tail()
     assert f"cannot serve HTTP on 127.0.0.1:{port}" in log and "MEMORY_HTTP_PORT" in log, log
     assert "Traceback" not in log, log
+
+
+def test_health_is_503_while_draining(memory_service_factory):
+    """SIGTERM starts the drain: while an AppendMemory stream is still open, /health says draining
+    (so a load balancer stops sending), and the process ends once the stream is done."""
+    import signal
+    import threading
+
+    port = free_port()
+    svc = memory_service_factory(args=["--http-port", str(port), "--grace-seconds", "20"])
+    assert get(port, "/health")[0] == 200
+    release = threading.Event()
+
+    def requests():
+        release.wait(30)  # the stream stays open (no message yet) until the drain has been seen
+        return
+        yield
+
+    call = svc.stub().AppendMemory.future(requests(), timeout=60)
+    time.sleep(0.5)  # the call is in flight on the server
+    svc.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    seen = None
+    while time.monotonic() < deadline:
+        seen = get(port, "/health")
+        if seen[0] == 503:
+            break
+        time.sleep(0.05)
+    release.set()
+    assert seen == (503, json.dumps({"status": "draining"}, separators=(",", ":"))), seen
+    try:
+        call.result(timeout=30)
+    except grpc.RpcError:
+        pass  # an empty stream is refused: what matters is that the drain waited for it
+    assert svc.proc.wait(timeout=30) == 0, svc.log_tail()
