@@ -14,7 +14,7 @@ from mlx_lm import convert
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load
 
-from extmind.tiny_models import DECODER_BUILDERS
+from extmind.tiny_moe_models import DECODER_BUILDERS
 from services.generator.attention_parts import TESTED_MODEL_TYPES
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.memory_builder import plan_windows

@@ -11,7 +11,7 @@ import pytest
 from mlx_lm import convert
 from mlx_lm.utils import load
 
-from extmind.tiny_models import DECODER_BUILDERS
+from extmind.tiny_moe_models import DECODER_BUILDERS
 from services.generator.attention_parts import TESTED_MODEL_TYPES, UnsupportedModel, attention_shape, compute_dtype
 from services.generator.extended_attention import install
 

@@ -13,7 +13,7 @@ from google.protobuf import struct_pb2
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from extmind import errors
-from extmind.tiny_models import build_qwen3_moe
+from extmind.tiny_moe_models import build_qwen3_moe
 from extmind.tiny_tokenizers import build_tokenizer
 from extmind.v1 import generator_pb2 as g
 from extmind.v1 import generator_pb2_grpc
