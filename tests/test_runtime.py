@@ -307,6 +307,8 @@ def test_malformed_flags_and_environment_values_are_one_line_usage_errors(monkey
         (["--max-response-mb", "-1"], {}, "must be a finite number > 0"),
         ([], {"MEMORY_MAX_RESPONSE_MB": "lots"}, "MEMORY_MAX_RESPONSE_MB='lots' is not valid"),
         ([], {"MEMORY_PORT": "abc"}, "MEMORY_PORT='abc' is not valid"),
+        # a typo in a boolean must not silently mean false
+        ([], {"MEMORY_ALLOW_VOLATILE_REDIS": "ture"}, "MEMORY_ALLOW_VOLATILE_REDIS='ture' is not valid"),
     ):
         for k, v in env.items():
             monkeypatch.setenv(k, v)
@@ -316,6 +318,9 @@ def test_malformed_flags_and_environment_values_are_one_line_usage_errors(monkey
         for k in env:
             monkeypatch.delenv(k)
     assert parse_args(["--max-response-mb", "0.5"]).max_response_mb == 0.5
+    for word, value in (("Yes", True), ("on", True), ("1", True), ("OFF", False), ("0", False), ("false", False)):
+        monkeypatch.setenv("MEMORY_ALLOW_VOLATILE_REDIS", word)
+        assert parse_args([]).allow_volatile_redis is value, word
 
 
 def test_an_unwritable_health_file_stops_the_start_in_one_line(tmp_path):

@@ -10,12 +10,20 @@ import argparse
 import os
 
 _TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
 # What a default gRPC channel (Python, Node, Go, ...) accepts: answers are kept within it unless raised.
 DEFAULT_MAX_RESPONSE_MB = 4.0
 
 
 def _parse_bool(v: str) -> bool:
-    return str(v).strip().lower() in _TRUE
+    """1/true/yes/on or 0/false/no/off (any case); anything else raises ValueError (a typo such as
+    ``ture`` must not silently mean false)."""
+    word = str(v).strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ValueError(f"expected one of {', '.join(sorted(_TRUE | _FALSE))}")
 
 
 class FlagParser(argparse.ArgumentParser):
@@ -28,7 +36,7 @@ class FlagParser(argparse.ArgumentParser):
         comma-separated list from the environment."""
         raw = os.environ.get(env)
         if type is bool:
-            value = _parse_bool(raw) if raw not in (None, "") else bool(default)
+            value = self._from_env(env, raw, _parse_bool) if raw not in (None, "") else bool(default)
             self.add_argument(
                 name, default=value, action=argparse.BooleanOptionalAction, help=f"{help} [env {env}]", **kw
             )
