@@ -78,6 +78,9 @@ class MemoryOptions:
         """Raises InvalidArgument naming the first field out of range."""
         if any(not i for i in self.memory_ids):
             raise errors.InvalidArgument("memory_ids must not contain empty ids")
+        twice = sorted({i for i in self.memory_ids if self.memory_ids.count(i) > 1})
+        if twice:  # the same rows twice would count double in LOCAL retrieval and once in REMOTE
+            raise errors.InvalidArgument(f"memory_ids lists {twice} more than once; list each memory once")
         if not 0 <= self.top_k <= MAX_MEMORY_TOP_K:
             raise errors.InvalidArgument(f"extended_mind.top_k {self.top_k} must be in [0, {MAX_MEMORY_TOP_K}]")
         if self.threshold is not None and not (math.isfinite(self.threshold) and -1 <= self.threshold <= 1):

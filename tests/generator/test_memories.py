@@ -135,6 +135,9 @@ async def test_memory_errors_have_the_right_codes(engine, memory, qwen3_path, me
     prompt = engine.tokenizer.encode("Hello")
     with pytest.raises(errors.NotFound):
         await run(engine, GenerationRequest(prompt, Sampling(max_tokens=2), MemoryOptions(("no-such-memory",))))
+    for mode in ("local", "remote"):  # the same memory twice would count double in LOCAL only
+        with pytest.raises(errors.InvalidArgument, match="more than once"):
+            await run(engine, GenerationRequest(prompt, Sampling(max_tokens=2), MemoryOptions((mid, mid), mode=mode)))
     qwen = GeneratorEngine(EngineConfig(model=str(qwen3_path), memory_url=memory_address))
     qwen.start()
     try:
