@@ -22,12 +22,12 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from extmind.errors import ExtmindError, InvalidArgument, Unauthenticated, Unavailable
 from services.common.auth import HOW_TO_AUTHENTICATE, check_bearer
 from services.common.http_server import HttpServer, start_http
-from services.common.metrics import metrics_endpoint
+from services.common.metrics import metrics_endpoint, observe_http
 
 access_log = logging.getLogger("extmind.http")
 
@@ -154,7 +154,7 @@ class JsonFace:
             status = exc.status_code
             code = {404: "not_found", 405: "unimplemented"}.get(status, "invalid_argument")
             message = self.unrouted(request.method, request.url.path) if status in (404, 405) else str(exc.detail)
-            _log(request.method, request.url.path, status, time.monotonic(), {})
+            _log(request, status, time.monotonic(), {}, self.label, route="unmatched")
             return error_response(status, code, message)
 
         return Starlette(routes=routes, exception_handlers={HTTPException: unrouted})
@@ -190,16 +190,18 @@ class JsonFace:
                 response = self.error(exc)
                 extra["error"] = exc.message
             except ClientDisconnect:
-                _log(request.method, request.url.path, 499, t0, extra)
+                _log(request, 499, t0, extra, self.label)
                 return Response(status_code=499)
             except Exception as exc:  # noqa: BLE001 - the face keeps serving
                 access_log.exception("http request failed", extra={"path": request.url.path})
                 message = f"internal error ({type(exc).__name__}: {exc}); the service is still up"
                 response = error_response(500, "internal", message)
             if isinstance(response, StreamingResponse):  # logged when the stream ends (or the client leaves)
-                response.body_iterator = _logged(response.body_iterator, request, response.status_code, t0, extra)
+                response.body_iterator = _logged(
+                    response.body_iterator, request, response.status_code, t0, extra, self.label
+                )
             else:
-                _log(request.method, request.url.path, response.status_code, t0, extra)
+                _log(request, response.status_code, t0, extra, self.label)
             return response
 
         return run
@@ -217,15 +219,29 @@ class JsonFace:
             self._server = None
 
 
-async def _logged(body, request: Request, status: int, t0: float, extra: dict):
+async def _logged(body, request: Request, status: int, t0: float, extra: dict, label: str):
     try:
         async for chunk in body:
             yield chunk
     finally:
-        _log(request.method, request.url.path, status, t0, extra)
+        _log(request, status, t0, extra, label)
 
 
-def _log(method: str, path: str, status: int, t0: float, extra: dict) -> None:
+def route_template(request: Request) -> str:
+    """The matched route with its parameters as names (``/v1/memories/{memory_id}``): a metric
+    label per route, never one per id."""
+    for route in request.app.routes:
+        match, _ = route.matches(request.scope)
+        if match == Match.FULL:
+            return getattr(route, "path_format", route.path)
+    return "unmatched"
+
+
+def _log(request: Request, status: int, t0: float, extra: dict, label: str, route: str | None = None) -> None:
+    """The access line and the HTTP metrics of one answered request."""
+    seconds = time.monotonic() - t0
     level = logging.ERROR if status >= 500 and status != 503 else logging.INFO
-    fields = {"method": method, "path": path, "status": status, "duration_ms": round((time.monotonic() - t0) * 1e3, 1)}
+    path = request.url.path
+    fields = {"method": request.method, "path": path, "status": status, "duration_ms": round(seconds * 1e3, 1)}
     access_log.log(level, "http", extra={**fields, **extra})
+    observe_http(label.removesuffix("-http"), route or route_template(request), request.method, status, seconds)

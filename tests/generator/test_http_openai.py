@@ -429,6 +429,59 @@ def test_one_access_line_per_request_streams_when_they_end(served):
     assert lines and "method=POST" in lines[-1] and "duration_ms=" in lines[-1], served.log_path.read_text()[-2000:]
 
 
+def test_chat_template_kwargs_reach_the_template(served):
+    """vLLM's ``chat_template_kwargs`` become the template's variables (Qwen3's enable_thinking);
+    the engine's rules for them apply (tests/generator/test_chat_families.py has their effect)."""
+    c = served.client()
+    r = c.chat.completions.create(
+        model=served.model_id, messages=MESSAGES, extra_body={"chat_template_kwargs": {"enable_thinking": False}}
+    )
+    assert r.choices[0].message.content == " Berlin is capital"  # the Llama 3 template ignores it
+    for kwargs, param, words in [
+        ([1], "chat_template_kwargs", "must be an object"),
+        ({"messages": "x"}, None, "cannot be set"),
+        ({"enable_thinking": {"nested": True}}, None, "must be a boolean, number, string or null"),
+    ]:
+        status, body = served.json(
+            "POST",
+            "/v1/chat/completions",
+            {"model": served.model_id, "messages": MESSAGES, "chat_template_kwargs": kwargs},
+        )
+        assert status == 400 and words in body["error"]["message"], (kwargs, body)
+        if param:
+            assert body["error"]["param"] == param
+
+
+def test_http_metrics_count_requests_by_route_template(served):
+    """GET /metrics of the generator's face counts its own requests by route template (a memory id
+    never becomes a label)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def count(route: str, method: str, status: str) -> float:
+        _, _, data = served.request("GET", "/metrics")
+        for fam in text_string_to_metric_families(data.decode()):
+            for s in fam.samples:
+                if s.name == "extmind_http_requests_total" and s.labels == {
+                    "face": "generator",
+                    "route": route,
+                    "method": method,
+                    "status": status,
+                }:
+                    return s.value
+        return 0.0
+
+    status, body = served.json("POST", "/v1/memories", {"text": TEXT, "memory_id": "metrics-route"})
+    assert status == 200, body
+    memory_id = body["id"]
+    before = count("/v1/memories/{memory_id}", "GET", "200"), count("/v1/memories/{memory_id}", "GET", "404")
+    assert served.json("GET", f"/v1/memories/{memory_id}")[0] == 200
+    assert served.json("GET", "/v1/memories/v1")[0] == 404  # an id that looks like a path segment
+    after = count("/v1/memories/{memory_id}", "GET", "200"), count("/v1/memories/{memory_id}", "GET", "404")
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
+    _, _, data = served.request("GET", "/metrics")
+    assert memory_id not in data.decode().split("extmind_http_requests_total")[1].split("# HELP")[0]
+
+
 def test_memory_service_down_is_503(served, memory_id):
     c = served.client()
     served.memory_service.stop()
@@ -452,26 +505,3 @@ def test_memory_service_down_is_503(served, memory_id):
         assert c.chat.completions.create(model=served.model_id, messages=MESSAGES).choices[0].message.content
     finally:
         served.memory_service.start()
-
-
-def test_chat_template_kwargs_reach_the_template(served):
-    """vLLM's ``chat_template_kwargs`` become the template's variables (Qwen3's enable_thinking);
-    the engine's rules for them apply (tests/generator/test_chat_families.py has their effect)."""
-    c = served.client()
-    r = c.chat.completions.create(
-        model=served.model_id, messages=MESSAGES, extra_body={"chat_template_kwargs": {"enable_thinking": False}}
-    )
-    assert r.choices[0].message.content == " Berlin is capital"  # the Llama 3 template ignores it
-    for kwargs, param, words in [
-        ([1], "chat_template_kwargs", "must be an object"),
-        ({"messages": "x"}, None, "cannot be set"),
-        ({"enable_thinking": {"nested": True}}, None, "must be a boolean, number, string or null"),
-    ]:
-        status, body = served.json(
-            "POST",
-            "/v1/chat/completions",
-            {"model": served.model_id, "messages": MESSAGES, "chat_template_kwargs": kwargs},
-        )
-        assert status == 400 and words in body["error"]["message"], (kwargs, body)
-        if param:
-            assert body["error"]["param"] == param
