@@ -276,6 +276,10 @@ def run(s: Settings | None = None, out=print, keep: bool = False) -> dict:
             out("    (none)")
         if not s.generator_model and not trained_default:
             out("\n  (The generator is a random-weight model: the text above is meaningless by design.)")
+        elif trained_default:
+            out("\n  (The default model only answers 'Question: ...?\\nAnswer:' about people's facts, so this")
+            out("  free-form question gets no real answer; the citations still show where its attention went.")
+            out("  Step 4 asks in its format; for a real model set GENERATOR_MODEL, see the README.)")
         fact_answers = []
         if trained_default:
             out("\n4. Proof of memory: facts the model has only in its extended mind")

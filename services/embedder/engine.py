@@ -164,7 +164,7 @@ class EmbedderEngine:
             if self._default[kind] is None:
                 raise NotFound(
                     f"this embedder serves no {kind} model; start it with "
-                    + ("--model" if kind == "embedding" else "--reranker")
+                    + ("--model (EMBEDDER_MODEL)" if kind == "embedding" else "--reranker (EMBEDDER_RERANKER)")
                 )
             return self._default[kind]
         return self.pool.lookup(name, kind)

@@ -62,8 +62,8 @@ class MemoryClient:
         err = errors.from_rpc_error(
             e, peer=f"memory service at {self.url}", as_dependency=True, hint="start it or point --memory-url at it"
         )
-        # Say which call failed: "memory 'x': not found", "fetching memory 'x': ...".
-        return type(err)(f"{what}: {err.message}")
+        # Say which call failed: "fetching memory 'x': ...", unless the answer names it already.
+        return err if err.message.startswith(what) else type(err)(f"{what}: {err.message}")
 
     def _unary(self, method, request, what: str, timeout: float | None = None):
         try:
