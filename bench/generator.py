@@ -1,10 +1,13 @@
 """Generator benchmark: extended mind vs stock mlx-lm, side by side in one run.
 
-    python -m bench.generator [--tokens 128] [--rows 4096] [--quick] [--record]
+    python -m bench.generator [--shape 50m|1b|both] [--tokens 128] [--rows 4096]
+                              [--big-rows 65536] [--quick] [--record]
 
-A ~50M-parameter random Llama (hidden 512, 8 layers, 8 heads, 2 KV heads) built with
-extmind.tiny_models, a real memory service (real Redis) and the generator engine in-process.
-Prints one markdown table of ratios to stock mlx-lm (``generate_step`` on an unmodified load).
+A random Llama built with extmind.tiny_models (``--shape 50m``: ~50M parameters, hidden 512,
+8 layers, 8 heads, 2 KV heads, float32; ``1b``: ~1B, hidden 2048, 16 layers, 32 heads, 8 KV
+heads, float16), a real memory service (real Redis) and the generator engine in-process. Prints
+one markdown table per shape of ratios to stock mlx-lm (``generate_step`` on an unmodified load,
+and mlx-lm's ``BatchGenerator`` for 8 streams).
 """
 
 from services.common.blas import ensure_openblas
@@ -19,7 +22,7 @@ from pathlib import Path  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
-from mlx_lm.generate import generate_step  # noqa: E402
+from mlx_lm.generate import BatchGenerator, generate_step  # noqa: E402
 from mlx_lm.utils import load  # noqa: E402
 
 from bench.common import add_record_flag, describe, machine, ratio, record, table  # noqa: E402
@@ -30,10 +33,20 @@ from services.generator.bank_cache import bank_from_numpy  # noqa: E402
 from services.generator.engine import EngineConfig, GeneratorEngine  # noqa: E402
 from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling  # noqa: E402
 
+# Model shapes (extmind.tiny_models.build_llama arguments); vocabulary: the tiny tokenizer's.
+SHAPES = {
+    "50m": dict(hidden=512, layers=8, heads=8, kv_heads=2, intermediate=3584, dtype="float32"),
+    "1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, dtype="float16"),
+}
+# --quick per shape: (new tokens, memory rows); the 1B model on a small CPU is slow.
+QUICK = {"50m": (16, 1024), "1b": (4, 256)}
 
-def stock_decode(path, prompt, n):
-    """mlx-lm's own generate_step: (prefill seconds, decode tok/s)."""
-    model, _ = load(str(path))
+
+def stock_decode(model, prompt, n):
+    """mlx-lm's own generate_step on an unmodified load, after a warm-up call on the same prompt:
+    (prefill seconds, decode tok/s)."""
+    for _ in generate_step(mx.array(prompt), model, max_tokens=2):
+        pass
     t0 = time.perf_counter()
     first = None
     count = 0
@@ -42,7 +55,27 @@ def stock_decode(path, prompt, n):
         if first is None:
             first = time.perf_counter()
     end = time.perf_counter()
-    return first - t0, (count - 1) / (end - first)
+    return first - t0, (count - 1) / (end - first) if count > 1 else float("nan")
+
+
+def stock_batch(model, eos_ids, prompts, n):
+    """mlx-lm's own BatchGenerator (continuous batching) decoding all ``prompts`` at once, greedy,
+    stopping at the end tokens like the generator: aggregate tokens/s over the whole run (prefill
+    included, as ``aggregate`` counts it), after a warm-up run."""
+
+    def run(max_tokens):
+        gen = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=[[t] for t in eos_ids])
+        gen.insert(prompts)
+        count = 0
+        while responses := gen.next_generated():
+            count += sum(r.finish_reason != "stop" for r in responses)
+        gen.close()
+        return count
+
+    run(2)
+    t0 = time.perf_counter()
+    count = run(n)
+    return count / (time.perf_counter() - t0)
 
 
 async def engine_run(engine, prompt, n, memory=None, total=False):
@@ -71,18 +104,18 @@ async def aggregate(engine, prompts, n, memory=None):
 
 
 async def main_async(args):
+    for shape in ("50m", "1b") if args.shape == "both" else (args.shape,):
+        await bench_shape(args, shape)
+
+
+async def bench_shape(args, shape):
+    if args.quick:
+        args.tokens, args.rows = QUICK[shape]
+    dims = SHAPES[shape]
     tmp = Path(tempfile.mkdtemp(prefix="bench-gen-"))
-    path = build_llama(
-        tmp / "llama50m",
-        hidden=512,
-        layers=8,
-        heads=8,
-        kv_heads=2,
-        intermediate=3584,
-        rope_scaling="llama3",
-        max_position=8192,
-        seed=0,
-    )
+    t0 = time.perf_counter()
+    path = build_llama(tmp / f"llama{shape}", **dims, rope_scaling="llama3", max_position=8192, seed=0)
+    print(f"[{shape}] random checkpoint written in {time.perf_counter() - t0:.0f} s", flush=True)
     with memory_stack(tmp) as mem:
         engine = GeneratorEngine(EngineConfig(model=str(path), memory_url=mem.address))
         engine.start()
@@ -91,11 +124,14 @@ async def main_async(args):
         finally:
             engine.stop()
 
+    big = f" --big-rows {args.big_rows}" if args.big_rows else ""
     head = (
-        f"{describe(machine(blas=blas_in_use()))}.\nModel: random Llama, {n_params / 1e6:.1f}M parameters "
-        f"(hidden 512, 8 layers, 8 heads, 2 KV heads, llama3 RoPE), float32; {args.tokens} new tokens after a "
-        f"32-token prompt; memory of {args.rows} rows; real memory service + Redis on loopback; "
-        f"`python -m bench.generator --tokens {args.tokens} --rows {args.rows}`."
+        f"{describe(machine(blas=blas_in_use(), mlx_device=str(mx.default_device())))}.\n"
+        f"Model: random Llama, {n_params / 1e6:.1f}M parameters (hidden {dims['hidden']}, {dims['layers']} layers, "
+        f"{dims['heads']} heads, {dims['kv_heads']} KV heads, intermediate {dims['intermediate']}, llama3 RoPE), "
+        f"{dims['dtype']}; {args.tokens} new tokens after a 32-token prompt; memory of {args.rows} rows; real "
+        f"memory service + Redis on loopback; "
+        f"`python -m bench.generator --shape {shape} --tokens {args.tokens} --rows {args.rows}{big}`."
     )
     record("generator", head + "\n\n" + table(["measurement", "result"], rows.items()), write=args.record)
 
@@ -132,7 +168,8 @@ async def measure(engine, path, args) -> tuple[int, dict]:
     await engine_run(engine, prompt, 8, local)  # warm-up (+ bank into the cache)
     await engine_run(engine, prompt, 8)
 
-    stock_prefill, stock_rate = engine.mlx.call(stock_decode, path, prompt, args.tokens)
+    stock_model, stock_tokenizer = engine.mlx.call(load, str(path))
+    stock_prefill, stock_rate = engine.mlx.call(stock_decode, stock_model, prompt, args.tokens)
     _, plain_rate = await engine_run(engine, prompt, args.tokens)
     _, local_rate = await engine_run(engine, prompt, args.tokens, local)
     _, remote_rate = await engine_run(engine, prompt, min(args.tokens, 64), remote)
@@ -155,11 +192,14 @@ async def measure(engine, path, args) -> tuple[int, dict]:
         f"{remote_rate:.1f} tok/s ({ratio(remote_rate, stock_rate)}; target >= 0.25x)"
     )
 
-    stock_p512, _ = engine.mlx.call(stock_decode, path, long_prompt, 2)
+    stock_p512, _ = engine.mlx.call(stock_decode, stock_model, long_prompt, 2)
+    await engine_run(engine, long_prompt, 1)  # warm-up at this length, like the stock row
     p_plain, _ = await engine_run(engine, long_prompt, 1)
     p_local, _ = await engine_run(engine, long_prompt, 1, local)
-    rows["prefill 512 tokens, stock mlx-lm"] = f"{stock_p512 * 1e3:.0f} ms"
-    rows["prefill 512 tokens, generator, no memory"] = f"{p_plain * 1e3:.0f} ms"
+    rows["prefill 512 tokens, stock mlx-lm (warmed)"] = f"{stock_p512 * 1e3:.0f} ms"
+    rows["prefill 512 tokens, generator, no memory"] = (
+        f"{p_plain * 1e3:.0f} ms ({ratio(p_plain, stock_p512)} stock time)"
+    )
     rows[f"prefill 512 tokens, {args.rows}-row memory LOCAL"] = (
         f"{p_local * 1e3:.0f} ms ({ratio(p_local, p_plain)} no-memory time)"
     )
@@ -170,23 +210,51 @@ async def measure(engine, path, args) -> tuple[int, dict]:
     rows["8 concurrent streams vs 1, no memory (aggregate)"] = (
         f"{eight:.1f} vs {one:.1f} tok/s ({ratio(eight, one)}; target >= 3.5x)"
     )
+    eos_ids = sorted(int(t) for t in stock_tokenizer.eos_token_ids)
+    stock_eight = engine.mlx.call(stock_batch, stock_model, eos_ids, prompts, args.tokens)
+    rows["8 streams, stock mlx-lm BatchGenerator (aggregate)"] = f"{stock_eight:.1f} tok/s (1.00x)"
+    rows["8 concurrent streams, generator, no memory vs stock BatchGenerator"] = (
+        f"{eight:.1f} vs {stock_eight:.1f} tok/s ({ratio(eight, stock_eight)})"
+    )
+    del stock_model
     one_m, _ = await aggregate(engine, prompts[:1], args.tokens, local)
     eight_m, _ = await aggregate(engine, prompts, args.tokens, local)
     rows["8 concurrent streams vs 1, LOCAL memory (aggregate)"] = (
         f"{eight_m:.1f} vs {one_m:.1f} tok/s ({ratio(eight_m, one_m)})"
     )
+    if args.big_rows:
+        await big_memory_rows(engine, args, rng, ok, prompt, stock_rate, rows)
     return n_params, rows
+
+
+async def big_memory_rows(engine, args, rng, ok, prompt, stock_rate, rows):
+    """Memorize ``args.big_rows`` tokens and decode with them LOCAL (rows added to ``rows``)."""
+    t0 = time.perf_counter()
+    big_id = engine.memorize_blocking([int(t) for t in rng.choice(ok, args.big_rows)])["memory_id"]
+    rows[f"memorize {args.big_rows} tokens (windows of <= 3072, to Redis)"] = f"{time.perf_counter() - t0:.1f} s"
+    big = MemoryOptions((big_id,), top_k=10)
+    await engine_run(engine, prompt, 8, big)  # warm-up (+ bank into the cache)
+    _, big_rate = await engine_run(engine, prompt, args.tokens, big)
+    rows[f"decode, {args.big_rows}-row memory, LOCAL (top_k 10)"] = (
+        f"{big_rate:.1f} tok/s ({ratio(big_rate, stock_rate)} stock)"
+    )
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=("50m", "1b", "both"), default="50m", help="model shape(s) to measure")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--rows", type=int, default=4096)
-    p.add_argument("--quick", action="store_true", help="smoke run: 16 new tokens, a 1024-row memory")
+    p.add_argument("--big-rows", type=int, default=0, help="also decode LOCAL with a memory of this many rows")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 16 new tokens and a 1024-row memory (1b: 4 and 256), no --big-rows",
+    )
     add_record_flag(p)
     args = p.parse_args()
     if args.quick:
-        args.tokens, args.rows = 16, 1024
+        args.big_rows = 0
     asyncio.run(main_async(args))
 
 
