@@ -3,7 +3,7 @@
 # installed and preloaded by the services (~30x faster than the BLAS bundled with mlx).
 # CUDA variant (NVIDIA driver >= 580 on the host; docs/platform.md):
 #   docker build --build-arg MLX_BACKEND=cuda13 -t extmind:cuda .
-# (MLX_BACKEND=cuda12 for drivers 525-579). Run it with GPUs: docker-compose.gpu.yml.
+# (MLX_BACKEND=cuda12 for drivers 550-579). Run it with GPUs: docker-compose.gpu.yml.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 # The MLX build: cpu, cuda12 or cuda13 (scripts/mlx-backend.sh; the version is requirements.txt's).

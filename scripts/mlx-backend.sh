@@ -4,7 +4,7 @@
 # in requirements.txt (`mlx==X`); this script only picks the extra (docs/platform.md):
 #   macOS                                    -> metal (plain `mlx`: Metal and CPU in one wheel)
 #   Linux, NVIDIA driver >= 580              -> cuda13
-#   Linux, NVIDIA driver >= 525 (and < 580)  -> cuda12
+#   Linux, NVIDIA driver >= 550 (and < 580)  -> cuda12
 #   Linux otherwise (no nvidia-smi, no GPU)  -> cpu
 #   EXTMIND_MLX_BACKEND=cpu|cuda12|cuda13    overrides the detection (CUDA only on Linux).
 set -u
@@ -32,10 +32,10 @@ elif [ -z "$backend" ]; then
     driver="$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' ')"
     major="${driver%%.*}"
     if [[ "$major" =~ ^[0-9]+$ ]]; then
-      # CUDA 13 wheels need driver >= 580, CUDA 12 ones >= 525 (minor-version compatibility).
-      if [ "$major" -ge 580 ]; then backend=cuda13; elif [ "$major" -ge 525 ]; then backend=cuda12
+      # MLX's CUDA 13 wheels need a driver >= 580, its CUDA 12 ones >= 550.54.14.
+      if [ "$major" -ge 580 ]; then backend=cuda13; elif [ "$major" -ge 550 ]; then backend=cuda12
       elif [ "${1:-}" != "--name" ]; then
-        echo "mlx-backend: NVIDIA driver $driver is older than 525 (CUDA 12): using the CPU build" >&2
+        echo "mlx-backend: NVIDIA driver $driver is older than 550 (MLX's CUDA 12 build): using the CPU build" >&2
       fi
     fi
   fi

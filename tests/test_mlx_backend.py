@@ -51,8 +51,9 @@ def run(tmp_path, *, os_name="Linux", driver=None, smi_fails=False, override=Non
         ({"driver": "580.82.07"}, "cuda13"),
         ({"driver": "590.1"}, "cuda13"),
         ({"driver": "575.57.08"}, "cuda12"),
-        ({"driver": "525.60.13"}, "cuda12"),
-        ({"driver": "470.256.02"}, "cpu"),  # too old for either CUDA build
+        ({"driver": "550.54.14"}, "cuda12"),
+        ({"driver": "535.247.01"}, "cpu"),  # too old for either CUDA build
+        ({"driver": "470.256.02"}, "cpu"),
         ({"smi_fails": True}, "cpu"),  # nvidia-smi installed, no driver loaded
         ({}, "cpu"),  # no nvidia-smi
         ({"os_name": "Darwin"}, "metal"),
@@ -77,7 +78,9 @@ def test_decision(tmp_path, case, expected):
 def test_old_driver_says_why_it_falls_back_to_cpu(tmp_path):
     r = run(tmp_path, driver="470.256.02")
     assert r.stdout == f"mlx[cpu]=={VERSION}\n"
-    assert r.stderr.strip() == "mlx-backend: NVIDIA driver 470.256.02 is older than 525 (CUDA 12): using the CPU build"
+    assert r.stderr == (
+        "mlx-backend: NVIDIA driver 470.256.02 is older than 550 (MLX's CUDA 12 build): using the CPU build\n"
+    )
 
 
 @pytest.mark.parametrize("bad", ["gpu", "cuda", "CPU", "cuda11"])
