@@ -16,6 +16,8 @@ ensure_openblas()
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -38,8 +40,12 @@ SHAPES = {
     "50m": dict(hidden=512, layers=8, heads=8, kv_heads=2, intermediate=3584, dtype="float32"),
     "1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, dtype="float16"),
 }
-# --quick per shape: (new tokens, memory rows); the 1B model on a small CPU is slow.
-QUICK = {"50m": (16, 1024), "1b": (4, 256)}
+# --quick per shape. MLX's CPU build has no fast float16 matmul (~4 GFLOP/s on 2 cores): the 1B
+# model there takes ~15 s per 32 prompt tokens and ~2 s per new token, so its smoke run is tiny.
+QUICK = {
+    "50m": dict(tokens=16, rows=1024, prompt=32, prefill=512),
+    "1b": dict(tokens=4, rows=64, prompt=8, prefill=16),
+}
 
 
 def stock_decode(model, prompt, n):
@@ -103,6 +109,11 @@ async def aggregate(engine, prompts, n, memory=None):
     return sum(o[3] for o in outs) / (time.perf_counter() - t0), outs
 
 
+def progress(msg: str) -> None:
+    """A line on stderr while a long run goes on (stdout carries only the tables)."""
+    print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+
+
 async def main_async(args):
     for shape in ("50m", "1b") if args.shape == "both" else (args.shape,):
         await bench_shape(args, shape)
@@ -110,28 +121,32 @@ async def main_async(args):
 
 async def bench_shape(args, shape):
     if args.quick:
-        args.tokens, args.rows = QUICK[shape]
+        vars(args).update(QUICK[shape])
     dims = SHAPES[shape]
     tmp = Path(tempfile.mkdtemp(prefix="bench-gen-"))
     t0 = time.perf_counter()
     path = build_llama(tmp / f"llama{shape}", **dims, rope_scaling="llama3", max_position=8192, seed=0)
-    print(f"[{shape}] random checkpoint written in {time.perf_counter() - t0:.0f} s", flush=True)
-    with memory_stack(tmp) as mem:
-        engine = GeneratorEngine(EngineConfig(model=str(path), memory_url=mem.address))
-        engine.start()
-        try:
-            n_params, rows = await measure(engine, path, args)
-        finally:
-            engine.stop()
+    progress(f"[{shape}] random checkpoint written in {time.perf_counter() - t0:.0f} s")
+    try:
+        with memory_stack(tmp) as mem:
+            engine = GeneratorEngine(EngineConfig(model=str(path), memory_url=mem.address))
+            engine.start()
+            try:
+                n_params, rows = await measure(engine, path, args)
+            finally:
+                engine.stop()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the 1B checkpoint is 2 GB
 
     big = f" --big-rows {args.big_rows}" if args.big_rows else ""
     head = (
         f"{describe(machine(blas=blas_in_use(), mlx_device=str(mx.default_device())))}.\n"
         f"Model: random Llama, {n_params / 1e6:.1f}M parameters (hidden {dims['hidden']}, {dims['layers']} layers, "
         f"{dims['heads']} heads, {dims['kv_heads']} KV heads, intermediate {dims['intermediate']}, llama3 RoPE), "
-        f"{dims['dtype']}; {args.tokens} new tokens after a 32-token prompt; memory of {args.rows} rows; real "
-        f"memory service + Redis on loopback; "
-        f"`python -m bench.generator --shape {shape} --tokens {args.tokens} --rows {args.rows}{big}`."
+        f"{dims['dtype']}; {args.tokens} new tokens after a {args.prompt}-token prompt; memory of {args.rows} "
+        f"rows; real memory service + Redis on loopback; "
+        f"`python -m bench.generator --shape {shape} --tokens {args.tokens} --rows {args.rows} "
+        f"--prompt {args.prompt} --prefill {args.prefill}{big}`."
     )
     record("generator", head + "\n\n" + table(["measurement", "result"], rows.items()), write=args.record)
 
@@ -161,13 +176,14 @@ async def measure(engine, path, args) -> tuple[int, dict]:
     rows["cache it on the device (MLX arrays + key norms)"] = f"{t_cache * 1e3:.0f} ms, {bank.nbytes / 2**20:.1f} MiB"
     del bank, keys, values
 
-    prompt = [int(t) for t in rng.choice(ok, 32)]
-    long_prompt = [int(t) for t in rng.choice(ok, 512)]
+    prompt = [int(t) for t in rng.choice(ok, args.prompt)]
+    long_prompt = [int(t) for t in rng.choice(ok, args.prefill)]
     local = MemoryOptions((memory_id,), top_k=10)
     remote = MemoryOptions((memory_id,), top_k=10, mode="remote")
     await engine_run(engine, prompt, 8, local)  # warm-up (+ bank into the cache)
     await engine_run(engine, prompt, 8)
 
+    progress("memorized, bank fetched; decoding")
     stock_model, stock_tokenizer = engine.mlx.call(load, str(path))
     stock_prefill, stock_rate = engine.mlx.call(stock_decode, stock_model, prompt, args.tokens)
     _, plain_rate = await engine_run(engine, prompt, args.tokens)
@@ -192,19 +208,21 @@ async def measure(engine, path, args) -> tuple[int, dict]:
         f"{remote_rate:.1f} tok/s ({ratio(remote_rate, stock_rate)}; target >= 0.25x)"
     )
 
+    progress("prefill")
     stock_p512, _ = engine.mlx.call(stock_decode, stock_model, long_prompt, 2)
     await engine_run(engine, long_prompt, 1)  # warm-up at this length, like the stock row
     p_plain, _ = await engine_run(engine, long_prompt, 1)
     p_local, _ = await engine_run(engine, long_prompt, 1, local)
-    rows["prefill 512 tokens, stock mlx-lm (warmed)"] = f"{stock_p512 * 1e3:.0f} ms"
-    rows["prefill 512 tokens, generator, no memory"] = (
+    rows[f"prefill {args.prefill} tokens, stock mlx-lm (warmed)"] = f"{stock_p512 * 1e3:.0f} ms"
+    rows[f"prefill {args.prefill} tokens, generator, no memory"] = (
         f"{p_plain * 1e3:.0f} ms ({ratio(p_plain, stock_p512)} stock time)"
     )
-    rows[f"prefill 512 tokens, {args.rows}-row memory LOCAL"] = (
+    rows[f"prefill {args.prefill} tokens, {args.rows}-row memory LOCAL"] = (
         f"{p_local * 1e3:.0f} ms ({ratio(p_local, p_plain)} no-memory time)"
     )
 
-    prompts = [[int(t) for t in rng.choice(ok, 32)] for _ in range(8)]
+    progress("8 streams")
+    prompts = [[int(t) for t in rng.choice(ok, args.prompt)] for _ in range(8)]
     one, _ = await aggregate(engine, prompts[:1], args.tokens)
     eight, _ = await aggregate(engine, prompts, args.tokens)
     rows["8 concurrent streams vs 1, no memory (aggregate)"] = (
@@ -245,11 +263,13 @@ def main():
     p.add_argument("--shape", choices=("50m", "1b", "both"), default="50m", help="model shape(s) to measure")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--rows", type=int, default=4096)
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens before decoding")
+    p.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill rows")
     p.add_argument("--big-rows", type=int, default=0, help="also decode LOCAL with a memory of this many rows")
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: 16 new tokens and a 1024-row memory (1b: 4 and 256), no --big-rows",
+        help="smoke run: 16 new tokens, a 1024-row memory (1b: 4 tokens, 64 rows, prompts of 8 and 16), no --big-rows",
     )
     add_record_flag(p)
     args = p.parse_args()
