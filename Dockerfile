@@ -1,8 +1,13 @@
 # One image for all three extmind services (the command picks the service).
-# MLX runs on the CPU in Linux containers (Docker on a Mac cannot reach Metal); Debian's OpenBLAS
-# is installed and preloaded by the services (~30x faster than the BLAS bundled with mlx).
+# By default MLX runs on the CPU (Docker on a Mac cannot reach Metal); Debian's OpenBLAS is
+# installed and preloaded by the services (~30x faster than the BLAS bundled with mlx).
+# CUDA variant (NVIDIA driver >= 580 on the host; docs/platform.md):
+#   docker build --build-arg MLX_BACKEND=cuda13 -t extmind:cuda .
+# (MLX_BACKEND=cuda12 for drivers 550-579). Run it with GPUs: docker-compose.gpu.yml.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
+# The MLX build: cpu, cuda12 or cuda13 (scripts/mlx-backend.sh; the version is requirements.txt's).
+ARG MLX_BACKEND=cpu
 
 # pip settings for builds behind a proxy or a private index (all optional):
 #   docker build --build-arg PIP_INDEX_URL=https://pypi.example/simple \
@@ -29,10 +34,12 @@ WORKDIR /app
 # Dependencies first so that code changes do not rebuild this layer.
 # No PyTorch: the services never import it (requirements-nodeps.txt says why it is separate).
 COPY requirements.txt requirements-nodeps.txt ./
+COPY scripts/mlx-backend.sh ./scripts/
 COPY certs ./certs
 RUN export PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST PIP_CERT \
  && for v in PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST PIP_CERT; do [ -n "$(printenv $v)" ] || unset $v; done \
- && pip install -r requirements.txt \
+ && mlx_req="$(EXTMIND_MLX_BACKEND="$MLX_BACKEND" scripts/mlx-backend.sh)" \
+ && pip install -r requirements.txt "$mlx_req" \
  && pip install --no-deps -r requirements-nodeps.txt \
  && ! pip show torch >/dev/null 2>&1
 

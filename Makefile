@@ -6,30 +6,40 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# The MLX build for this machine: cpu, cuda12, cuda13 or metal (scripts/mlx-backend.sh;
+# EXTMIND_MLX_BACKEND overrides). The stamp names it, so a changed choice reinstalls.
+MLX_BACKEND := $(shell scripts/mlx-backend.sh --name 2>/dev/null)
+STAMP := $(VENV)/.installed-mlx-$(MLX_BACKEND)
 GEN := extmind/v1
 PROTOS := $(wildcard protos/extmind/v1/*.proto)
 # Run dir of up/down/status/logs: RUN_DIR, else $EXTMIND_RUN_DIR (the variable the CLI reads), else .run
 RUN_DIR ?= $(or $(EXTMIND_RUN_DIR),$(CURDIR)/.run)
 export PYTHONPATH := $(CURDIR)
-# MLX on Linux bundles the reference BLAS; Debian's OpenBLAS preloaded is ~30x faster (docs/platform.md).
-# Looked up when the recipe runs (make install may have just installed it).
-WITH_BLAS = LD_PRELOAD="$$(ls /usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3 2>/dev/null | head -n 1)"
+# MLX's CPU build on Linux bundles the reference BLAS; Debian's OpenBLAS preloaded is ~30x faster
+# (docs/platform.md). Looked up when the recipe runs (make install may have just installed it).
+# The CUDA and Metal builds do their matmuls on the GPU: no preload.
+WITH_BLAS = $(if $(filter cpu,$(MLX_BACKEND)),LD_PRELOAD="$$(ls /usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3 2>/dev/null | head -n 1)")
 
 .PHONY: install proto proto-check lint test test-fast up down status logs demo bench bench-memory bench-embedder bench-generator clean
 
 install: $(STAMP) node_modules/.installed
 
 # The venv is rebuilt only when the pinned requirements change (idempotent).
-$(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt pyproject.toml scripts/mlx-backend.sh
+	@scripts/mlx-backend.sh >/dev/null  # an invalid EXTMIND_MLX_BACKEND stops here, in one line
 	@scripts/install-system.sh
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip >/dev/null
 	@# torch first and exactly pinned, so nothing pulls a CUDA build.
 	$(PY) -m pip install -q $$(grep -E '^torch==' requirements-dev.txt)
-	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	@# One MLX backend package at a time (they install the same files under mlx/): drop the others.
+	@for p in mlx-cpu mlx-cuda-12 mlx-cuda-13; do \
+	  [ "$$p" = "mlx-$(subst cuda,cuda-,$(MLX_BACKEND))" ] || ! $(PY) -m pip show -q $$p 2>/dev/null \
+	    || $(PY) -m pip uninstall -q -y $$p; done
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt "$$(scripts/mlx-backend.sh)"
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps -e .
+	@rm -f $(VENV)/.installed $(VENV)/.installed-mlx-*
 	@touch $@
 
 node_modules/.installed: package.json

@@ -5,9 +5,11 @@
 1. Dynamic batching through gRPC: 16 concurrent clients sending one text each to
    ``python -m services.embedder`` vs one in-process batched forward over the same 16 texts
    (target >= 0.8x), and vs the same 16 requests sent one after another (target >= 4x).
-2. Tokens/s of the MLX encoder vs sentence-transformers (PyTorch, CPU) on the same
-   all-MiniLM-L6-v2 weights and texts, batch 32, with and without OpenBLAS (the MLX side runs in
-   subprocesses with and without the preload; aim >= 1.0 with OpenBLAS).
+2. Tokens/s of the MLX encoder vs sentence-transformers (PyTorch, on CUDA when torch has it,
+   else the CPU; ``--torch-device``) on the same all-MiniLM-L6-v2 weights and texts, batch 32.
+   MLX's CPU build runs in subprocesses with and without the OpenBLAS preload (aim >= 1.0 with
+   OpenBLAS); its CUDA build in one subprocess (no preload). Without sentence-transformers the
+   PyTorch row says it was skipped.
 """
 
 from __future__ import annotations
@@ -112,19 +114,29 @@ def mlx_throughput(texts: list[str], batch: int, rounds: int) -> dict:
     return {"tokens": tokens, "seconds": seconds, "blas": blas_in_use()}
 
 
-def torch_throughput(texts: list[str], batch: int, rounds: int) -> dict:
-    import torch
-    from sentence_transformers import SentenceTransformer
+def torch_throughput(texts: list[str], batch: int, rounds: int, device: str = "auto") -> dict:
+    """sentence-transformers tokens/s on ``device`` ('auto': cuda when torch has it, else cpu);
+    {'error': why} when PyTorch or sentence-transformers is missing."""
+    try:
+        import torch
+        from sentence_transformers import SentenceTransformer
+    except ImportError as e:
+        return {"error": f"skipped: {e.name} is not installed (pip install sentence-transformers)"}
 
     from services.embedder.registry import minilm_dir
 
-    model = SentenceTransformer(str(minilm_dir()), device="cpu")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = SentenceTransformer(str(minilm_dir()), device=device)
     tokens = sum(len(x) for x in model.tokenizer(texts, truncation=True, max_length=model.max_seq_length)["input_ids"])
+    # encode returns numpy arrays, so each timed call includes the wait for the GPU
     seconds = median_seconds(lambda: model.encode(texts, batch_size=batch, normalize_embeddings=True), rounds)
-    return {"tokens": tokens, "seconds": seconds, "threads": torch.get_num_threads()}
+    where = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    return {"tokens": tokens, "seconds": seconds, "where": where}
 
 
-def mlx_subprocess(openblas: bool, n: int, batch: int, rounds: int) -> dict:
+def mlx_subprocess(openblas: bool | None, n: int, batch: int, rounds: int) -> dict:
+    """openblas: True = preloaded, False = the bundled BLAS, None = whatever the build does."""
     from services.common.blas import find_openblas
 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -135,7 +147,7 @@ def mlx_subprocess(openblas: bool, n: int, batch: int, rounds: int) -> dict:
         if lib is None:
             return {"error": "OpenBLAS not installed (libopenblas0-pthread)"}
         env["LD_PRELOAD"] = lib
-    else:
+    elif openblas is False:
         env["EXTMIND_OPENBLAS"] = "0"
     out = subprocess.run(
         [
@@ -169,6 +181,7 @@ def main() -> None:
     p.add_argument("--texts", type=int, default=128, help="texts for the tokens/s part")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, 32 texts for the tokens/s part")
+    p.add_argument("--torch-device", default="auto", help="sentence-transformers device: auto (cuda if any), cpu, cuda")
     add_record_flag(p)
     p.add_argument("--mlx-throughput", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -180,7 +193,7 @@ def main() -> None:
         return
 
     from extmind.service_procs import ServiceProcess
-    from services.common.blas import blas_in_use, ensure_openblas
+    from services.common.blas import blas_in_use, ensure_openblas, mlx_build
 
     ensure_openblas()
     sys.path.insert(0, str(ROOT))
@@ -228,32 +241,36 @@ def main() -> None:
 
     n = a.texts
     tput_rounds = 1 if a.quick else 3
-    torch_r = torch_throughput(make_texts(n, seed=1), a.batch, tput_rounds)
-    st = torch_r["tokens"] / torch_r["seconds"]
-    what = f"tokens/s, {n} texts ({torch_r['tokens']} tokens), batch {a.batch}, median of {tput_rounds}:"
-    rows.append(
-        [
-            f"{what} sentence-transformers (PyTorch CPU, {torch_r['threads']} threads)",
-            f"{st:.0f} tok/s",
-            "1.00x",
-            "-",
-            "-",
-        ]
-    )
-    for openblas in (True, False):
-        r = mlx_subprocess(openblas, n, a.batch, tput_rounds if openblas else 1)
-        label = f"{what} MLX + OpenBLAS" if openblas else f"{what} MLX, bundled BLAS"
+    torch_r = torch_throughput(make_texts(n, seed=1), a.batch, tput_rounds, a.torch_device)
+    what = f"tokens/s, {n} texts, batch {a.batch}, median of {tput_rounds}:"
+    if "error" in torch_r:
+        st = None
+        print(f"sentence-transformers baseline {torch_r['error']}")
+        rows.append([f"{what} sentence-transformers (PyTorch)", torch_r["error"], "-", "-", "-"])
+    else:
+        st = torch_r["tokens"] / torch_r["seconds"]
+        what = f"tokens/s, {n} texts ({torch_r['tokens']} tokens), batch {a.batch}, median of {tput_rounds}:"
+        label = f"{what} sentence-transformers (PyTorch, {torch_r['where']})"
+        rows.append([label, f"{st:.0f} tok/s", "1.00x", "-", "-"])
+    build = mlx_build()
+    # The OpenBLAS preload matters only to MLX's CPU build; the CUDA build runs once, as it is.
+    variants = (None,) if build.startswith("cuda") else (True, False)
+    for openblas in variants:
+        r = mlx_subprocess(openblas, n, a.batch, tput_rounds if openblas is not False else 1)
+        label = {None: f"MLX ({build} build)", True: "MLX + OpenBLAS", False: "MLX, bundled BLAS"}[openblas]
+        label = f"{what} {label}"
         if "error" in r:
             rows.append([label, f"not measured ({r['error'].strip()[:200]})", "-", "-", "-"])
             continue
         tps = r["tokens"] / r["seconds"]
+        aim = openblas is not False and st is not None
         rows.append(
             [
                 label,
                 f"{tps:.0f} tok/s",
-                f"{ratio(tps, st)} of sentence-transformers",
-                ">= 1.0x (aim)" if openblas else "-",
-                verdict(tps / st >= 1.0) if openblas else "-",
+                f"{ratio(tps, st)} of sentence-transformers" if st else "-",
+                ">= 1.0x (aim)" if aim else "-",
+                verdict(tps / st >= 1.0) if aim else "-",
             ]
         )
     record(

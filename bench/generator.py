@@ -1,12 +1,13 @@
 """Generator benchmark: extended mind vs stock mlx-lm, side by side in one run.
 
-    python -m bench.generator [--tokens 128] [--rows 4096] [--dtype float32] [--quick] [--record]
+    python -m bench.generator [--shape 50m|1b|both] [--dtype float32|float16|bfloat16] [--tokens 128]
+                              [--rows 4096] [--big-rows 65536] [--quick] [--record]
 
-A ~50M-parameter random Llama (hidden 512, 8 layers, 8 heads, 2 KV heads) built with
-extmind.tiny_models, a real memory service (real Redis) and the generator engine in-process.
-Prints one markdown table of ratios to stock mlx-lm (``generate_step`` on an unmodified load).
-``--dtype float16`` / ``bfloat16`` builds the model in that dtype: its memory is stored, fetched and
-cached in it (half the bytes of float32; the bank rows say how much a float32 bank would take).
+A random Llama built with extmind.tiny_models (``--shape 50m``: ~50M parameters, hidden 512,
+8 layers, 8 heads, 2 KV heads, float32; ``1b``: ~1B, hidden 2048, 16 layers, 32 heads, 8 KV
+heads, float16), a real memory service (real Redis) and the generator engine in-process. Prints
+one markdown table per shape of ratios to stock mlx-lm (``generate_step`` on an unmodified load,
+and mlx-lm's ``BatchGenerator`` for 8 streams).
 """
 
 from services.common.blas import ensure_openblas
@@ -15,28 +16,44 @@ ensure_openblas()
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
-from mlx_lm.generate import generate_step  # noqa: E402
+from mlx_lm.generate import BatchGenerator, generate_step  # noqa: E402
 from mlx_lm.utils import load  # noqa: E402
 
 from bench.common import add_record_flag, describe, machine, ratio, record, table  # noqa: E402
-from extmind import tensor  # noqa: E402
 from extmind.service_procs import memory_stack  # noqa: E402
 from extmind.tiny_models import build_llama  # noqa: E402
 from services.common.blas import blas_in_use  # noqa: E402
+from extmind import tensor  # noqa: E402
 from services.generator.bank_cache import bank_from_stored  # noqa: E402
 from services.generator.engine import EngineConfig, GeneratorEngine  # noqa: E402
 from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling  # noqa: E402
 
+# Model shapes (extmind.tiny_models.build_llama arguments); vocabulary: the tiny tokenizer's.
+SHAPES = {
+    "50m": dict(hidden=512, layers=8, heads=8, kv_heads=2, intermediate=3584, dtype="float32"),
+    "1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, dtype="float16"),
+}
+# --quick per shape. MLX's CPU build has no fast float16 matmul (~4 GFLOP/s on 2 cores): the 1B
+# model there takes ~15 s per 32 prompt tokens and ~2 s per new token, so its smoke run is tiny.
+QUICK = {
+    "50m": dict(tokens=16, rows=1024, prompt=32, prefill=512),
+    "1b": dict(tokens=4, rows=64, prompt=8, prefill=16),
+}
 
-def stock_decode(path, prompt, n):
-    """mlx-lm's own generate_step: (prefill seconds, decode tok/s)."""
-    model, _ = load(str(path))
+
+def stock_decode(model, prompt, n):
+    """mlx-lm's own generate_step on an unmodified load, after a warm-up call on the same prompt:
+    (prefill seconds, decode tok/s)."""
+    for _ in generate_step(mx.array(prompt), model, max_tokens=2):
+        pass
     t0 = time.perf_counter()
     first = None
     count = 0
@@ -45,7 +62,27 @@ def stock_decode(path, prompt, n):
         if first is None:
             first = time.perf_counter()
     end = time.perf_counter()
-    return first - t0, (count - 1) / (end - first)
+    return first - t0, (count - 1) / (end - first) if count > 1 else float("nan")
+
+
+def stock_batch(model, eos_ids, prompts, n):
+    """mlx-lm's own BatchGenerator (continuous batching) decoding all ``prompts`` at once, greedy,
+    stopping at the end tokens like the generator: aggregate tokens/s over the whole run (prefill
+    included, as ``aggregate`` counts it), after a warm-up run."""
+
+    def run(max_tokens):
+        gen = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=[[t] for t in eos_ids])
+        gen.insert(prompts)
+        count = 0
+        while responses := gen.next_generated():
+            count += sum(r.finish_reason != "stop" for r in responses)
+        gen.close()
+        return count
+
+    run(2)
+    t0 = time.perf_counter()
+    count = run(n)
+    return count / (time.perf_counter() - t0)
 
 
 async def engine_run(engine, prompt, n, memory=None, total=False):
@@ -73,33 +110,44 @@ async def aggregate(engine, prompts, n, memory=None):
     return sum(o[3] for o in outs) / (time.perf_counter() - t0), outs
 
 
-async def main_async(args):
-    tmp = Path(tempfile.mkdtemp(prefix="bench-gen-"))
-    path = build_llama(
-        tmp / "llama50m",
-        hidden=512,
-        layers=8,
-        heads=8,
-        kv_heads=2,
-        intermediate=3584,
-        rope_scaling="llama3",
-        max_position=8192,
-        seed=0,
-        dtype=args.dtype,
-    )
-    with memory_stack(tmp) as mem:
-        engine = GeneratorEngine(EngineConfig(model=str(path), memory_url=mem.address))
-        engine.start()
-        try:
-            n_params, rows = await measure(engine, path, args)
-        finally:
-            engine.stop()
+def progress(msg: str) -> None:
+    """A line on stderr while a long run goes on (stdout carries only the tables)."""
+    print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
 
+
+async def main_async(args):
+    for shape in ("50m", "1b") if args.shape == "both" else (args.shape,):
+        await bench_shape(args, shape)
+
+
+async def bench_shape(args, shape):
+    if args.quick:
+        vars(args).update(QUICK[shape])
+    dims = dict(SHAPES[shape], dtype=args.dtype or SHAPES[shape]["dtype"])
+    tmp = Path(tempfile.mkdtemp(prefix="bench-gen-"))
+    t0 = time.perf_counter()
+    path = build_llama(tmp / f"llama{shape}", **dims, rope_scaling="llama3", max_position=8192, seed=0)
+    progress(f"[{shape}] random checkpoint written in {time.perf_counter() - t0:.0f} s")
+    try:
+        with memory_stack(tmp) as mem:
+            engine = GeneratorEngine(EngineConfig(model=str(path), memory_url=mem.address))
+            engine.start()
+            try:
+                n_params, rows = await measure(engine, path, args)
+            finally:
+                engine.stop()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the 1B checkpoint is 2 GB
+
+    big = f" --big-rows {args.big_rows}" if args.big_rows else ""
     head = (
-        f"{describe(machine(blas=blas_in_use()))}.\nModel: random Llama, {n_params / 1e6:.1f}M parameters "
-        f"(hidden 512, 8 layers, 8 heads, 2 KV heads, llama3 RoPE), {args.dtype}; {args.tokens} new tokens after a "
-        f"32-token prompt; memory of {args.rows} rows; real memory service + Redis on loopback; "
-        f"`python -m bench.generator --tokens {args.tokens} --rows {args.rows} --dtype {args.dtype}`."
+        f"{describe(machine(blas=blas_in_use(), mlx_device=str(mx.default_device())))}.\n"
+        f"Model: random Llama, {n_params / 1e6:.1f}M parameters (hidden {dims['hidden']}, {dims['layers']} layers, "
+        f"{dims['heads']} heads, {dims['kv_heads']} KV heads, intermediate {dims['intermediate']}, llama3 RoPE), "
+        f"{dims['dtype']}; {args.tokens} new tokens after a {args.prompt}-token prompt; memory of {args.rows} "
+        f"rows; real memory service + Redis on loopback; "
+        f"`python -m bench.generator --shape {shape} --tokens {args.tokens} --rows {args.rows} "
+        f"--prompt {args.prompt} --prefill {args.prefill}{big}{' --dtype ' + args.dtype if args.dtype else ''}`."
     )
     record("generator", head + "\n\n" + table(["measurement", "result"], rows.items()), write=args.record)
 
@@ -127,7 +175,7 @@ async def measure(engine, path, args) -> tuple[int, dict]:
     t_cache = time.perf_counter() - t0
     dtype = tensor.dtype_name(stored.dtype).removeprefix("DTYPE_").lower()
     as_float32 = stored.nbytes * 4 // tensor.ITEMSIZE[stored.dtype]
-    rows[f"fetch {args.rows}-row bank (FetchMemory, all 8 layers, {dtype})"] = (
+    rows[f"fetch {args.rows}-row bank (FetchMemory, all layers, {dtype})"] = (
         f"{t_fetch * 1e3:.0f} ms, {stored.nbytes / 2**20:.1f} MiB of keys + values "
         f"(float32: {as_float32 / 2**20:.1f} MiB)"
     )
@@ -137,14 +185,16 @@ async def measure(engine, path, args) -> tuple[int, dict]:
     )
     del bank, stored
 
-    prompt = [int(t) for t in rng.choice(ok, 32)]
-    long_prompt = [int(t) for t in rng.choice(ok, 512)]
+    prompt = [int(t) for t in rng.choice(ok, args.prompt)]
+    long_prompt = [int(t) for t in rng.choice(ok, args.prefill)]
     local = MemoryOptions((memory_id,), top_k=10)
     remote = MemoryOptions((memory_id,), top_k=10, mode="remote")
     await engine_run(engine, prompt, 8, local)  # warm-up (+ bank into the cache)
     await engine_run(engine, prompt, 8)
 
-    stock_prefill, stock_rate = engine.mlx.call(stock_decode, path, prompt, args.tokens)
+    progress("memorized, bank fetched; decoding")
+    stock_model, stock_tokenizer = engine.mlx.call(load, str(path))
+    stock_prefill, stock_rate = engine.mlx.call(stock_decode, stock_model, prompt, args.tokens)
     _, plain_rate = await engine_run(engine, prompt, args.tokens)
     _, local_rate = await engine_run(engine, prompt, args.tokens, local)
     _, remote_rate = await engine_run(engine, prompt, min(args.tokens, 64), remote)
@@ -167,44 +217,79 @@ async def measure(engine, path, args) -> tuple[int, dict]:
         f"{remote_rate:.1f} tok/s ({ratio(remote_rate, stock_rate)}; target >= 0.25x)"
     )
 
-    stock_p512, _ = engine.mlx.call(stock_decode, path, long_prompt, 2)
+    progress("prefill")
+    stock_p512, _ = engine.mlx.call(stock_decode, stock_model, long_prompt, 2)
+    await engine_run(engine, long_prompt, 1)  # warm-up at this length, like the stock row
     p_plain, _ = await engine_run(engine, long_prompt, 1)
     p_local, _ = await engine_run(engine, long_prompt, 1, local)
-    rows["prefill 512 tokens, stock mlx-lm"] = f"{stock_p512 * 1e3:.0f} ms"
-    rows["prefill 512 tokens, generator, no memory"] = f"{p_plain * 1e3:.0f} ms"
-    rows[f"prefill 512 tokens, {args.rows}-row memory LOCAL"] = (
+    rows[f"prefill {args.prefill} tokens, stock mlx-lm (warmed)"] = f"{stock_p512 * 1e3:.0f} ms"
+    rows[f"prefill {args.prefill} tokens, generator, no memory"] = (
+        f"{p_plain * 1e3:.0f} ms ({ratio(p_plain, stock_p512)} stock time)"
+    )
+    rows[f"prefill {args.prefill} tokens, {args.rows}-row memory LOCAL"] = (
         f"{p_local * 1e3:.0f} ms ({ratio(p_local, p_plain)} no-memory time)"
     )
 
-    prompts = [[int(t) for t in rng.choice(ok, 32)] for _ in range(8)]
+    progress("8 streams")
+    prompts = [[int(t) for t in rng.choice(ok, args.prompt)] for _ in range(8)]
     one, _ = await aggregate(engine, prompts[:1], args.tokens)
     eight, _ = await aggregate(engine, prompts, args.tokens)
     rows["8 concurrent streams vs 1, no memory (aggregate)"] = (
         f"{eight:.1f} vs {one:.1f} tok/s ({ratio(eight, one)}; target >= 3.5x)"
     )
+    eos_ids = sorted(int(t) for t in stock_tokenizer.eos_token_ids)
+    stock_eight = engine.mlx.call(stock_batch, stock_model, eos_ids, prompts, args.tokens)
+    rows["8 streams, stock mlx-lm BatchGenerator (aggregate)"] = f"{stock_eight:.1f} tok/s (1.00x)"
+    rows["8 concurrent streams, generator, no memory vs stock BatchGenerator"] = (
+        f"{eight:.1f} vs {stock_eight:.1f} tok/s ({ratio(eight, stock_eight)})"
+    )
+    del stock_model
     one_m, _ = await aggregate(engine, prompts[:1], args.tokens, local)
     eight_m, _ = await aggregate(engine, prompts, args.tokens, local)
     rows["8 concurrent streams vs 1, LOCAL memory (aggregate)"] = (
         f"{eight_m:.1f} vs {one_m:.1f} tok/s ({ratio(eight_m, one_m)})"
     )
+    if args.big_rows:
+        await big_memory_rows(engine, args, rng, ok, prompt, stock_rate, rows)
     return n_params, rows
+
+
+async def big_memory_rows(engine, args, rng, ok, prompt, stock_rate, rows):
+    """Memorize ``args.big_rows`` tokens and decode with them LOCAL (rows added to ``rows``)."""
+    t0 = time.perf_counter()
+    big_id = engine.memorize_blocking([int(t) for t in rng.choice(ok, args.big_rows)])["memory_id"]
+    rows[f"memorize {args.big_rows} tokens (windows of <= 3072, to Redis)"] = f"{time.perf_counter() - t0:.1f} s"
+    big = MemoryOptions((big_id,), top_k=10)
+    await engine_run(engine, prompt, 8, big)  # warm-up (+ bank into the cache)
+    _, big_rate = await engine_run(engine, prompt, args.tokens, big)
+    rows[f"decode, {args.big_rows}-row memory, LOCAL (top_k 10)"] = (
+        f"{big_rate:.1f} tok/s ({ratio(big_rate, stock_rate)} stock)"
+    )
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=("50m", "1b", "both"), default="50m", help="model shape(s) to measure")
     p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--rows", type=int, default=4096)
     p.add_argument(
         "--dtype",
         choices=("float32", "float16", "bfloat16"),
-        default="float32",
-        help="the model's dtype, hence its memory's (default float32)",
+        default=None,
+        help="the model's dtype, hence its memory's (default: the shape's, float32 for 50m, float16 for 1b)",
     )
-    p.add_argument("--quick", action="store_true", help="smoke run: 16 new tokens, a 1024-row memory")
+    p.add_argument("--rows", type=int, default=4096)
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens before decoding")
+    p.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill rows")
+    p.add_argument("--big-rows", type=int, default=0, help="also decode LOCAL with a memory of this many rows")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 16 new tokens, a 1024-row memory (1b: 4 tokens, 64 rows, prompts of 8 and 16), no --big-rows",
+    )
     add_record_flag(p)
     args = p.parse_args()
     if args.quick:
-        args.tokens, args.rows = 16, 1024
+        args.big_rows = 0
     asyncio.run(main_async(args))
 
 

@@ -131,10 +131,16 @@ REGISTRY: tuple[EnvVar, ...] = (
     ),
     # --- platform
     EnvVar(
+        "EXTMIND_MLX_BACKEND",
+        "(detected)",
+        "`make install` (`scripts/mlx-backend.sh`)",
+        "MLX build to install: `cpu`, `cuda12` or `cuda13` (Linux); unset = CUDA by NVIDIA driver, else CPU",
+    ),
+    EnvVar(
         "EXTMIND_OPENBLAS",
         "1",
         "every service, benchmarks (`services/common/blas.py`)",
-        "`0` = do not re-exec with Debian's OpenBLAS preloaded on Linux",
+        "`0` = do not re-exec with Debian's OpenBLAS preloaded on Linux (never preloaded with MLX's CUDA build)",
     ),
     EnvVar(
         "LD_PRELOAD",

@@ -3,7 +3,8 @@
 The mlx-cpu wheel bundles the reference Netlib BLAS (~6 GFLOP/s on a 2048² matmul); Debian's
 OpenBLAS preloaded runs ~30× faster. LD_PRELOAD must be set before the process starts, so
 ``ensure_openblas()`` re-executes the process once with it when the library is present.
-Set EXTMIND_OPENBLAS=0 to keep the bundled BLAS.
+Set EXTMIND_OPENBLAS=0 to keep the bundled BLAS. MLX's CUDA build does its matmuls on the GPU:
+with it nothing is preloaded (docs/platform.md).
 """
 
 from __future__ import annotations
@@ -21,6 +22,20 @@ def find_openblas() -> str | None:
         if hits:
             return hits[0]
     return None
+
+
+def mlx_build() -> str:
+    """Which MLX build is installed, from the package metadata (without importing MLX, which must
+    load after the preload): 'cuda13', 'cuda12', 'cpu' or 'metal' (macOS; also when unknown)."""
+    from importlib import metadata
+
+    for dist, name in (("mlx-cuda-13", "cuda13"), ("mlx-cuda-12", "cuda12"), ("mlx-cpu", "cpu")):
+        try:
+            metadata.version(dist)
+            return name
+        except metadata.PackageNotFoundError:
+            continue
+    return "metal"
 
 
 def scrub_preload() -> None:
@@ -42,6 +57,8 @@ def ensure_openblas() -> None:
     if "openblas" in os.environ.get("LD_PRELOAD", "") or os.environ.get("_EXTMIND_BLAS_REEXEC"):
         scrub_preload()  # loaded (or tried once): children need not inherit it
         return
+    if mlx_build().startswith("cuda"):
+        return
     lib = find_openblas()
     if lib is None:
         return
@@ -60,4 +77,6 @@ def blas_in_use() -> str:
     for line in maps.splitlines():
         if "openblas" in line and "libblas" in line:
             return f"openblas ({line.split()[-1]})"
+    if mlx_build().startswith("cuda"):
+        return f"bundled with mlx (MLX {mlx_build()} build: matmuls run on the GPU)"
     return "reference BLAS bundled with mlx (slow; install libopenblas0-pthread)"

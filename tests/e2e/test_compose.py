@@ -93,3 +93,22 @@ def test_dockerfile_entry_point_is_the_launcher():
     assert "libopenblas0-pthread" in text
     ignored = (REPO / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".run" in ignored and "node_modules" in ignored
+
+
+def test_gpu_override_gives_the_mlx_services_a_gpu():
+    r = subprocess.run(
+        [COMPOSE, "-f", "docker-compose.yml", "-f", "docker-compose.gpu.yml", "config"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert r.returncode == 0, r.stderr
+    services = yaml.safe_load(r.stdout)["services"]
+    for name in ("embedder", "generator"):
+        (device,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+        assert services[name]["image"] == "extmind:cuda"
+    assert services["embedder"]["build"]["args"]["MLX_BACKEND"] == "cuda13"
+    assert "deploy" not in services["memory"] and services["memory"]["image"] == "extmind:cuda"
