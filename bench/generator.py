@@ -28,10 +28,10 @@ from mlx_lm.generate import BatchGenerator, generate_step  # noqa: E402
 from mlx_lm.utils import load  # noqa: E402
 
 from bench.common import add_record_flag, describe, machine, ratio, record, table  # noqa: E402
+from extmind import tensor  # noqa: E402
 from extmind.service_procs import memory_stack  # noqa: E402
 from extmind.tiny_models import build_llama  # noqa: E402
 from services.common.blas import blas_in_use  # noqa: E402
-from extmind import tensor  # noqa: E402
 from services.generator.bank_cache import bank_from_stored  # noqa: E402
 from services.generator.engine import EngineConfig, GeneratorEngine  # noqa: E402
 from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling  # noqa: E402
