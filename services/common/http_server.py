@@ -10,6 +10,7 @@ logger config (docs/architecture.md, "HTTP faces").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 
@@ -61,7 +62,9 @@ async def start_http(
         server_header=False,
     )
     server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # the service owns SIGTERM/SIGINT
+    # The service owns SIGTERM/SIGINT (services/common/server.py drains, then stops this server);
+    # uvicorn would otherwise take them over and close the port at once, mid-drain.
+    server.capture_signals = contextlib.nullcontext
     task = asyncio.create_task(server.serve(sockets=[sock]), name=f"{label}-server")
     while not server.started:
         if task.done():

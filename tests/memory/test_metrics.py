@@ -175,8 +175,12 @@ def test_health_is_503_while_draining(memory_service_factory):
         if seen[0] == 503:
             break
         time.sleep(0.05)
-    release.set()
     assert seen == (503, json.dumps({"status": "draining"}, separators=(",", ":"))), seen
+    # and it keeps answering so for the whole drain (the port is not closed by the signal)
+    for _ in range(10):
+        time.sleep(0.1)
+        assert get(port, "/health")[0] == 503
+    release.set()
     try:
         call.result(timeout=30)
     except grpc.RpcError:
