@@ -13,6 +13,8 @@ name in lower case (``invalid_argument``, ``not_found``, ``resource_exhausted`` 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -74,8 +76,7 @@ async def read_json_object(request: Request, max_bytes: int, limit_flag: str = "
 
     def too_large(size: str) -> BodyTooLarge:
         return BodyTooLarge(
-            f"the body has {size} bytes; this server takes at most {max_bytes} ({limit_flag}): "
-            "send fewer inputs per request"
+            f"the body has {size} bytes; this server takes at most {max_bytes} ({limit_flag}): send a smaller request"
         )
 
     declared = request.headers.get("content-length")
@@ -98,10 +99,35 @@ async def read_json_object(request: Request, max_bytes: int, limit_flag: str = "
         body = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as exc:
         raise InvalidArgument(f"the body is not valid JSON ({exc})") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise InvalidArgument(f"the body has a value this server cannot read ({exc})") from None
     if not isinstance(body, dict):
         raise InvalidArgument("the body must be a JSON object")
     no_lone_surrogates(body)
     return body
+
+
+async def unless_disconnected(request: Request, work: Awaitable):
+    """Awaits ``work`` (a whole answer that is not streamed); if the client hangs up first, cancels
+    it (its ``finally`` blocks stop what it started) and raises ClientDisconnect (logged as 499).
+    Streamed answers need no such guard: the server cancels their body iterator itself."""
+
+    async def hung_up() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass  # the body has been read: the next message is the disconnect
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(hung_up())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise ClientDisconnect()
+    finally:
+        watcher.cancel()
 
 
 Endpoint = Callable[[Request], Awaitable[Response | dict | list]]

@@ -29,7 +29,7 @@ from starlette.routing import Route
 
 from extmind.errors import ExtmindError, InvalidArgument, NotFound
 from extmind.v1 import memory_pb2
-from services.common.http_common import JsonFace, error_body, read_json_object
+from services.common.http_common import JsonFace, error_body, read_json_object, unless_disconnected
 from services.generator.engine import GeneratorEngine
 from services.generator.memory_builder import MemorizeProgress
 from services.generator.openai_protocol import BadField, parse_chat, parse_completion
@@ -121,14 +121,21 @@ class GeneratorHttpFace(JsonFace):
         events = self.engine.generate(gen)
         first = await anext(events)  # request errors (bad fields, memories) answer with their status
         if not req.stream:
-            ev = first
-            while True:
-                if isinstance(ev, Chunk):
-                    answer.add(ev)
-                else:
-                    answer.end(ev)
-                    break
-                ev = await anext(events)
+
+            async def whole():
+                try:
+                    ev = first
+                    while True:
+                        if isinstance(ev, Chunk):
+                            answer.add(ev)
+                        else:
+                            answer.end(ev)
+                            return
+                        ev = await anext(events)
+                finally:
+                    await events.aclose()  # a client gone before the end frees its batch slot
+
+            await unless_disconnected(request, whole())
             self._note(request, answer)
             return answer.body()
         return self._stream(request, self._completion_events(request, answer, first, events))
@@ -203,9 +210,17 @@ class GeneratorHttpFace(JsonFace):
         events = self.engine.memorize_stream(tokens, memory_id=memory_id, labels=metadata)
         first = await anext(events)  # a bad request or an unreachable memory service answers with its status
         if not stream:
-            ev = first
-            while not isinstance(ev, dict):
-                ev = await anext(events)
+
+            async def whole() -> dict:
+                try:
+                    ev = first
+                    while not isinstance(ev, dict):
+                        ev = await anext(events)
+                    return ev
+                finally:
+                    await events.aclose()  # a client gone stops the build and deletes the half-built memory
+
+            ev = await unless_disconnected(request, whole())
             request.state.access.update(tokens=ev["num_tokens"])
             return await self._memory_of(ev)
         return self._stream(request, self._memorize_events(request, first, events))
@@ -244,7 +259,7 @@ class GeneratorHttpFace(JsonFace):
     async def _list_memories(self, request: Request) -> dict:
         q = request.query_params
         limit = q.get("limit", str(DEFAULT_PAGE_SIZE))
-        if not limit.isdigit() or not 1 <= int(limit) <= MAX_PAGE_SIZE:
+        if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= MAX_PAGE_SIZE:
             raise BadField("limit", f"'limit' is {limit!r}; it must be an integer in [1, {MAX_PAGE_SIZE}]")
         after = q.get("after") or q.get("page_token", "")  # the gRPC name is understood too
         memories, next_token = await self.engine.list_memories(page_size=int(limit), page_token=after)

@@ -65,6 +65,26 @@ async def test_health_while_loading_and_a_stream_left_midway_frees_its_slot(tmp_
                 break
             await asyncio.sleep(0.05)
         assert engine.stats()["active"] == 0
+
+        # The same for a whole (not streamed) answer: the client hangs up while it is generated.
+        payload = json.dumps({"prompt": " moon", "max_tokens": 4000}).encode()
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        for _ in range(100):
+            if engine.stats()["active"] == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert engine.stats()["active"] == 1  # being generated
+        sock.close()
+        for _ in range(40):  # cancelled once the hang-up is seen, long before its 4000 tokens
+            if engine.stats()["active"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert engine.stats()["active"] == 0
     finally:
         await face.stop()
         await asyncio.to_thread(engine.stop)
