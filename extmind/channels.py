@@ -16,6 +16,11 @@ OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # A peer that restarts is found again within ~2 s (gRPC's default backoff grows to 120 s, so a
+    # generator could answer UNAVAILABLE for a minute after its memory service was back).
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 1_000),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 
 
