@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from extmind.embedding_models import find as find_known
-from extmind.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted
+from extmind.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.common.mlx_thread import MLXThread
 from services.embedder import registry
 from services.embedder.models.base import ServedModel
@@ -58,6 +58,7 @@ class Entry:
     last_used: int = 0  # the pool's clock at its latest use: the smallest is unloaded first
     reserved: int = 0  # bytes held for it while it loads
     loading: asyncio.Task | None = None
+    loaded_bytes: int = 0  # its exact size once it has been loaded (a reload needs no estimate)
 
     @property
     def name(self) -> str:
@@ -86,7 +87,11 @@ class ModelPool:
         self._changed = asyncio.Event()
         self.entries: list[Entry] = []
         for m in models:
-            self.entries.append(Entry(Resolved(m.path, m.name, m.kind, list(m.aliases)), list(m.aliases), model=m))
+            self.entries.append(
+                Entry(
+                    Resolved(m.path, m.name, m.kind, list(m.aliases)), list(m.aliases), model=m, loaded_bytes=m.nbytes
+                )
+            )
         self.start_entries = list(self.entries)
         served = {e.name for e in self.entries}
         for r in self.policy.loadable:
@@ -176,11 +181,12 @@ class ModelPool:
 
     async def _load(self, entry: Entry) -> None:
         try:
-            need = await asyncio.to_thread(registry.estimate_bytes, entry.resolved, self._dtype)
+            need = entry.loaded_bytes or await asyncio.to_thread(registry.estimate_bytes, entry.resolved, self._dtype)
             await self._make_room(entry, need)
             model = await self.mlx.run(registry.load, entry.resolved, **self.policy.load_options)
             model.aliases = list(entry.aliases)
             entry.model, entry.reserved = model, 0
+            entry.loaded_bytes = model.nbytes
             self._trim(keep=entry)
             log.info(
                 "model loaded on demand",
@@ -201,8 +207,8 @@ class ModelPool:
         budget = self.policy.budget_bytes
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.policy.wait_s
-        if budget and need > budget:
-            raise ResourceExhausted(
+        if budget and need > budget:  # permanent until the flag changes: retrying cannot help
+            raise FailedPrecondition(
                 f"model {entry.name} needs {_gb(need)} of parameters, more than the whole {BUDGET_FLAG} "
                 f"of {_gb(budget)}: raise it"
             )

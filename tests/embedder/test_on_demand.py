@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from extmind.errors import DeadlineExceeded, NotFound, ResourceExhausted
+from extmind.errors import DeadlineExceeded, FailedPrecondition, NotFound, ResourceExhausted
 from extmind.v1 import embedder_pb2 as pb
 from extmind.v1 import embedder_pb2_grpc
 from services.common.mlx_thread import MLXThread
@@ -173,9 +173,22 @@ async def test_a_model_larger_than_the_whole_budget_is_refused(engine_with):
     engine = await engine_with(budget_models=1.0)
     await engine.embed(["x"])
     engine.pool.policy.budget_bytes //= 2  # the budget shrinks below one model
-    with pytest.raises(ResourceExhausted) as err:
+    with pytest.raises(FailedPrecondition) as err:  # retrying cannot help: not RESOURCE_EXHAUSTED
         await engine.embed(["x"], model="qwen3-8b")
     assert "more than the whole --model-memory-gb" in err.value.message
+
+
+async def test_an_evicted_start_model_loads_again_at_its_exact_size(engine_with):
+    """A start model unloaded for another comes back when asked for: its reload reserves the size
+    it had (an estimate from the file headers can be a little larger and exceed a tight budget)."""
+    engine = await engine_with(budget_models=1.0)
+    start = engine.pool.start_entries[0]
+    exact = start.nbytes
+    engine.pool.policy.budget_bytes = exact  # exactly one model fits
+    await engine.embed(["x"], model="qwen3-8b")  # evicts the start model
+    assert start.model is None
+    assert (await engine.embed(["x"])).model == start.name
+    assert start.nbytes == exact
 
 
 async def test_requests_during_a_load_wait_for_it_and_all_succeed(engine_with, caplog):
