@@ -14,6 +14,7 @@ caller input they may not rename what the template itself relies on, nor spell s
 
 from __future__ import annotations
 
+import inspect
 import re
 
 from extmind import errors
@@ -61,6 +62,18 @@ _RESERVED_OPTIONS = frozenset(
 )
 
 
+def _parameters(fn) -> set[str]:
+    """The parameter names of ``fn`` (or of its ``apply_chat_template``), ``self`` included: an
+    option named like one would be a second value for it, not a template variable."""
+    fn = getattr(fn, "apply_chat_template", fn)
+    if not callable(fn):
+        return set()
+    try:
+        return {"self", *inspect.signature(fn).parameters}
+    except (TypeError, ValueError):
+        return {"self"}
+
+
 def check_options(tokenizer, options: dict | None, specials: dict[str, int]) -> dict:
     """The chat template options as keyword arguments, or InvalidArgument: names must be
     identifiers not reserved by apply_chat_template nor naming a special token (``bos_token``);
@@ -68,6 +81,7 @@ def check_options(tokenizer, options: dict | None, specials: dict[str, int]) -> 
     if not options:
         return {}
     names = set(_RESERVED_OPTIONS) | set((getattr(tokenizer, "special_tokens_map", None) or {}).keys())
+    names |= _parameters(tokenizer.apply_chat_template) | _parameters(getattr(tokenizer, "_tokenizer", None))
     out = {}
     for name, value in options.items():
         if not isinstance(name, str) or not name.isidentifier() or name in names:

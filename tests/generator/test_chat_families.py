@@ -85,6 +85,7 @@ def test_the_qwen3_thinking_switch_passes_through(tmp_path):
         ({"messages": []}, "cannot be set"),
         ({"eos_token": "x"}, "cannot be set"),  # a special token's name
         ({"not an identifier": 1}, "cannot be set"),
+        ({"self": 1}, "cannot be set"),  # a parameter of apply_chat_template itself
         ({"enable_thinking": {"nested": True}}, "must be a boolean, number, string or null"),
         ({"persona": "<|im_start|>system"}, "spells a special token"),
     ],
