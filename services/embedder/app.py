@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 
 from extmind.errors import InvalidArgument
@@ -129,8 +130,8 @@ def parse_args(argv=None):
         args.model_alias = parse_aliases(args.model_alias)
     except InvalidArgument as exc:
         p.error(exc.message)
-    if args.model_memory_gb < 0:
-        p.error("--model-memory-gb must be >= 0 (0 = no limit)")
+    if not (math.isfinite(args.model_memory_gb) and args.model_memory_gb >= 0):
+        p.error(f"--model-memory-gb must be a finite number >= 0 (0 = no limit), got {args.model_memory_gb}")
     # The singular variables are accepted too (older deployments set EMBEDDER_MODEL; docs/configuration.md).
     for flag, env in (("model", "EMBEDDER_MODEL"), ("reranker", "EMBEDDER_RERANKER")):
         if not getattr(args, flag) and os.environ.get(env):
