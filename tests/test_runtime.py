@@ -219,6 +219,9 @@ def test_sigterm_is_graceful(memory_service):
 def test_bearer_check():
     assert check_bearer("Bearer s3cret", "s3cret") and check_bearer(b"Bearer s3cret", "s3cret")
     assert not check_bearer("Bearer wrong", "s3cret") and not check_bearer(None, "s3cret")
+    assert check_bearer("bearer s3cret", "s3cret") and check_bearer("BEARER s3cret", "s3cret")  # any case
+    for bad in ("Basic s3cret", "Bearer  s3cret", "Bearers3cret", "s3cret", "Bearer s3cret "):
+        assert not check_bearer(bad, "s3cret"), bad
     assert not check_bearer("s3cret", "s3cret")  # the scheme is part of the header
     assert check_bearer(None, "")  # no token configured: auth is off
 

@@ -12,10 +12,12 @@ HOW_TO_AUTHENTICATE = (
 
 
 def check_bearer(header_value: str | bytes | None, token: str) -> bool:
-    """Whether an ``authorization`` header (gRPC metadata or HTTP) is ``Bearer <token>``.
+    """Whether an ``authorization`` header (gRPC metadata or HTTP) is ``Bearer <token>``; the
+    scheme's case does not matter (``bearer``, as HTTP's auth schemes are case-insensitive).
 
-    Compares in constant time. An empty ``token`` means auth is off: every caller passes."""
+    Compares the token in constant time. An empty ``token`` means auth is off: every caller passes."""
     if not token:
         return True
     given = header_value.encode() if isinstance(header_value, str) else (header_value or b"")
-    return hmac.compare_digest(given, f"Bearer {token}".encode())
+    scheme, _, credentials = given.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(credentials, token.encode())
