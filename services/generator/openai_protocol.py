@@ -17,6 +17,7 @@ from extmind.errors import InvalidArgument
 from services.generator.request_types import (
     DEFAULT_MEMORY_TOP_K,
     LOCAL,
+    MAX_MEMORY_TOP_K,
     MAX_TOP_LOGPROBS,
     REMOTE,
     GenerationRequest,
@@ -136,14 +137,22 @@ def _memory(body: dict) -> MemoryOptions | None:
     ids = _get(em, "memory_ids", "array", [], where=w)
     if not all(isinstance(i, str) and i for i in ids):
         raise BadField(w + "memory_ids", "'extmind.memory_ids' must be a list of non-empty memory ids (strings)")
+    if len(set(ids)) != len(ids):
+        raise BadField(w + "memory_ids", "'extmind.memory_ids' lists a memory more than once; list each once")
     layers = _get(em, "layers", "array", [], where=w)
     if not all(_kind(x, "integer") for x in layers):
         raise BadField(w + "layers", "'extmind.layers' must be a list of layer numbers (integers)")
     mode = _get(em, "mode", "string", LOCAL, where=w)
     if mode not in (LOCAL, REMOTE):
         raise BadField(w + "mode", f"'extmind.mode' is {mode!r}; it must be 'local' or 'remote'")
-    threshold = _get(em, "threshold", "number", where=w)
-    top_k = _get(em, "top_k", "integer", DEFAULT_MEMORY_TOP_K, where=w)
+    threshold = _in_range(w + "threshold", _get(em, "threshold", "number", where=w), -1, 1, "a cosine in [-1, 1]")
+    top_k = _in_range(
+        w + "top_k",
+        _get(em, "top_k", "integer", DEFAULT_MEMORY_TOP_K, where=w),
+        0,
+        MAX_MEMORY_TOP_K,
+        f"in [0, {MAX_MEMORY_TOP_K}]",
+    )
     max_citations = _in_range(
         w + "max_citations", _get(em, "max_citations", "integer", 0, where=w), 0, 2**31 - 1, ">= 0"
     )

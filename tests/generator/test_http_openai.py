@@ -330,7 +330,27 @@ def test_every_error_status_has_openai_shape(served, memory_id):
             ),
             400,
             "invalid_argument",
-            None,
+            "extmind.top_k",
+        ),
+        (
+            lambda: chat(
+                model=served.model_id,
+                messages=MESSAGES,
+                extra_body={"extmind": {"memory_ids": [memory_id], "threshold": 1.5}},
+            ),
+            400,
+            "invalid_argument",
+            "extmind.threshold",
+        ),
+        (
+            lambda: chat(
+                model=served.model_id,
+                messages=MESSAGES,
+                extra_body={"extmind": {"memory_ids": [memory_id, memory_id]}},
+            ),
+            400,
+            "invalid_argument",
+            "extmind.memory_ids",
         ),
         (
             lambda: served.client("wrong").chat.completions.create(model=served.model_id, messages=MESSAGES),
