@@ -21,6 +21,7 @@ Errors have OpenAI's shape on every endpoint (``{"error": {"message", "type", "p
 from __future__ import annotations
 
 import base64
+import json
 
 import numpy as np
 from starlette.requests import Request
@@ -46,6 +47,15 @@ def _string(body: dict, key: str) -> str:
         return ""
     if not isinstance(value, str):
         raise InvalidArgument(f"'{key}' must be a string")
+    return value
+
+
+def _bool(body: dict, key: str, default: bool) -> bool:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"'{key}' must be true or false, not {json.dumps(value)}")
     return value
 
 
@@ -152,8 +162,8 @@ class HttpFace(JsonFace):
             input_type=_input_type(body),
             instruction=_string(body, "instruction"),
             dimensions=_int(body, "dimensions"),
-            normalize=body.get("normalize", True) is not False,
-            truncate=body.get("truncate", True) is not False,
+            normalize=_bool(body, "normalize", True),
+            truncate=_bool(body, "truncate", True),
         )
         return {
             "embeddings": r.vectors.tolist(),

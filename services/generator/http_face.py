@@ -197,10 +197,12 @@ class GeneratorHttpFace(JsonFace):
         text = body.get("text")
         if not isinstance(text, str) or not text:
             raise BadField("text", "'text' must be a non-empty string: the text to memorize")
-        memory_id = body.get("memory_id") or ""
+        memory_id = body.get("memory_id")
+        memory_id = "" if memory_id is None else memory_id
         if not isinstance(memory_id, str):
             raise BadField("memory_id", "'memory_id' must be a string (empty = the server picks one)")
-        metadata = body.get("metadata") or {}
+        metadata = body.get("metadata")
+        metadata = {} if metadata is None else metadata
         if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
             raise BadField("metadata", "'metadata' must be an object of string values")
         stream = body.get("stream", False)

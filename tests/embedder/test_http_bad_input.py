@@ -30,6 +30,9 @@ async def test_bodies_that_are_not_text_or_have_wrong_types_are_400(port):
         ("/embed", b'{"texts": ["x"], "input_type": 3}', "'input_type'"),
         ("/embed", b'{"texts": ["x"], "instruction": {}}', "'instruction'"),
         ("/embed", b"[" * 100_000 + b"]" * 100_000, "JSON"),
+        ("/embed", b'{"texts": ["x"], "normalize": "false"}', "'normalize' must be true or false"),  # not silently on
+        ("/embed", b'{"texts": ["x"], "truncate": 0}', "'truncate' must be true or false"),
+        ("/v1/embeddings", b'{"input": "x", "max_tokens": ' + b"9" * 5000 + b"}", "cannot read"),  # > 4300 digits
     ]
     for path, raw, words in cases:
         status, err = await call(port, "POST", path, raw=raw)

@@ -396,6 +396,11 @@ def test_every_error_status_has_openai_shape(served, memory_id):
     assert served.json("GET", "/v1/chat/completions")[1]["error"]["code"] == "unimplemented"
     assert served.json("GET", "/v1/memories?limit=0")[0] == 400
     assert served.json("POST", "/v1/memories", {"text": ""})[0] == 400
+    # wrong types are not read as "empty"
+    for field, value in (("memory_id", False), ("metadata", []), ("metadata", 0)):
+        status, body = served.json("POST", "/v1/memories", {"text": "x", field: value})
+        assert status == 400 and body["error"]["param"] == field, (field, value, body)
+    assert served.json("GET", "/v1/memories?limit=%C2%B2")[0] == 400  # a Unicode digit
     # Unknown fields are ignored, as OpenAI does.
     status, body = served.json("POST", "/v1/completions", {"prompt": " and", "user": "u1", "frequency_penalty": 0})
     assert status == 200 and body["choices"][0]["text"] == " the lazy fox"
