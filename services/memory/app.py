@@ -11,12 +11,11 @@ import logging
 from extmind.errors import FailedPrecondition
 from extmind.v1 import memory_pb2, memory_pb2_grpc
 from services.common.config import FlagParser, add_server_flags
-from services.common.http_server import HttpServer, start_http
 from services.common.server import Service
 from services.memory import limits, metrics
 from services.memory.documents import Documents
 from services.memory.embedder_calls import DocumentEmbedder
-from services.memory.http_face import build_app
+from services.memory.http_face import MemoryHttpFace
 from services.memory.kv_index import KVIndex
 from services.memory.kv_memories import KVMemories
 from services.memory.kv_store import KVStore
@@ -110,8 +109,7 @@ class MemoryApp:
         self.kv: KVMemories | None = None
         self.docs: Documents | None = None
         self.rebuild_stats: dict = {}
-        self.http: HttpServer | None = None
-        self._stopping = False
+        self.http = MemoryHttpFace(lambda: self.servicer.kv is not None)
         self.services = [
             Service(SERVICE_NAME, lambda s: memory_pb2_grpc.add_MemoryServiceServicer_to_server(self.servicer, s))
         ]
@@ -122,12 +120,6 @@ class MemoryApp:
             "embedder_url": self.args.embedder_url,
             "http_port": self.args.http_port,
         }
-
-    def http_status(self) -> str:
-        """What GET /health says: ok (serving), loading, or draining."""
-        if self._stopping:
-            return "draining"
-        return "ok" if self.servicer.kv is not None else "loading"
 
     async def _connect(self) -> tuple[str, str]:
         if not self.args.redis_url:
@@ -152,7 +144,7 @@ class MemoryApp:
         if self.args.http_port >= 0:
             host, port = self.args.host, self.args.http_port
             try:
-                self.http = await start_http(build_app(self.http_status), host, port, label="memory")
+                await self.http.start(host, port)
             except OSError as exc:  # one readable line, not a traceback (port taken, bad address)
                 raise FailedPrecondition(
                     f"cannot serve HTTP on {host}:{port} ({exc.strerror or exc}); "
@@ -178,13 +170,11 @@ class MemoryApp:
         self.servicer.attach(self.kv, self.docs)
 
     def on_drain(self) -> None:
-        self._stopping = True  # GET /health answers 503 while in-flight calls finish
+        self.http.draining = True  # GET /health answers 503 while in-flight calls finish
 
     async def on_stop(self) -> None:
         # Order: the HTTP port, background index loads, then the clients, then the embedded Redis.
-        self._stopping = True
-        if self.http is not None:
-            await self.http.stop()
+        await self.http.stop()
         if self.index is not None:
             await asyncio.to_thread(self.index.close)
         if self.docs is not None:

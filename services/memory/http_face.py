@@ -3,41 +3,26 @@
     GET /metrics   Prometheus text format (services/common/metrics.py)
     GET /health    200 {"status": "ok"} when serving; 503 {"status": "loading" | "draining"} otherwise
 
-Served by services/common/http_server.py on the service's own event loop.
+The same face as the embedder's and the generator's (services/common/http_common.py: health,
+metrics, the access line and the HTTP metrics), with no API routes of its own.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
-
-from services.common.metrics import metrics_endpoint, observe_http
+from services.common.http_common import JsonFace
 
 
-def build_app(status: Callable[[], str]) -> Starlette:
-    """``status()`` -> "ok", "loading" or "draining" (what /health reports)."""
+class MemoryHttpFace(JsonFace):
+    label = "memory-http"
 
-    def observed(route: str, handler):
-        async def endpoint(request: Request) -> Response:
-            t0 = time.monotonic()
-            response = await handler(request)
-            observe_http("memory", route, request.method, response.status_code, time.monotonic() - t0)
-            return response
+    def __init__(self, is_ready: Callable[[], bool]):
+        super().__init__()
+        self._is_ready = is_ready
 
-        return endpoint
+    def routes(self) -> list:
+        return []
 
-    async def health(request: Request) -> Response:
-        state = status()
-        return JSONResponse({"status": state}, status_code=200 if state == "ok" else 503)
-
-    return Starlette(
-        routes=[
-            Route("/metrics", observed("/metrics", metrics_endpoint), methods=["GET"]),
-            Route("/health", observed("/health", health), methods=["GET"]),
-        ]
-    )
+    def ready(self) -> bool:
+        return self._is_ready()
