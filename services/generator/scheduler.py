@@ -305,12 +305,7 @@ class Scheduler:
             for r in group.requests.values():
                 r.mass = None
             return
-        updated = []
-        for uids, share in forwards:
-            for b, uid in enumerate(uids):
-                r = group.requests.get(uid)
-                if r is not None and r.mass is not None:
-                    updated.append(r.mass.add(share[b]))
+        updated = [r.mass.add(share) for r, share in _rows_of(group, forwards, "mass")]
         if updated:
             mx.async_eval(updated)  # keeps each sum a one-step graph, as for the citation counts
 
@@ -330,12 +325,9 @@ class Scheduler:
                 self._end(r, e)
             return
         updated = []
-        for uids, picked in forwards:
-            for b, uid in enumerate(uids):
-                r = group.requests.get(uid)
-                if r is not None and r.counts is not None:
-                    r.counts = tally(r.counts, picked[b])
-                    updated.append(r.counts)
+        for r, picked in _rows_of(group, forwards, "counts"):
+            r.counts = tally(r.counts, picked)
+            updated.append(r.counts)
         if updated:
             mx.async_eval(updated)  # keeps each count a one-step graph
 
@@ -391,3 +383,14 @@ class Scheduler:
 
 def _observe_end(r: RunningRequest, how: str) -> None:
     REQUEST_SECONDS.labels(how).observe(time.monotonic() - r.arrived)
+
+
+def _rows_of(group: _Group, forwards, attr: str):
+    """(request, its row) of every decode forward's row whose request is still in ``group`` and
+    keeps ``attr`` (``counts``: asked for citations; ``mass``: has memories). forwards: (uids,
+    rows [B, ...]) as ``decode_forwards`` / ``attention_mass.forward_shares`` split them."""
+    for uids, rows in forwards:
+        for b, uid in enumerate(uids):
+            r = group.requests.get(uid)
+            if r is not None and getattr(r, attr) is not None:
+                yield r, rows[b]
