@@ -78,6 +78,24 @@ def added_tokens_decoder(ids: dict[str, int], specials) -> dict:
     }
 
 
+def train_byte_level_bpe(corpus, vocab_size: int, specials: list[str]):
+    """A byte-level BPE ``tokenizers.Tokenizer`` (GPT-2 / Llama 3 / Qwen style: no prefix space)
+    trained on ``corpus`` (an iterable of texts), ``specials`` first in its vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
 def build_tokenizer(path, kind: str = "llama", vocab_size: int = 512) -> dict:
     """Trains a deterministic tokenizer on the built-in corpus and writes HF tokenizer files.
 
@@ -135,16 +153,7 @@ def build_tokenizer(path, kind: str = "llama", vocab_size: int = 512) -> dict:
     specials = {"llama": LLAMA_SPECIALS, "qwen3_thinking": QWEN3_SPECIALS, "mistral": MISTRAL_SPECIALS}.get(
         kind, QWEN_SPECIALS
     )
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer)
+    tok = train_byte_level_bpe(corpus, vocab_size, specials)
     ids = {t: tok.token_to_id(t) for t in specials}
     if kind == "llama":
         bos = "<|begin_of_text|>"

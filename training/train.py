@@ -46,7 +46,7 @@ from mlx_lm.models.llama import Model, ModelArgs
 
 if __package__ in (None, ""):  # run as a script (python training/train.py)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from extmind.tiny_tokenizers import added_tokens_decoder  # noqa: E402
+from extmind.tiny_tokenizers import added_tokens_decoder, train_byte_level_bpe  # noqa: E402
 from training import facts  # noqa: E402
 from training.extended_forward import banks_from_capture, forward, own_banks  # noqa: E402
 
@@ -59,19 +59,10 @@ EVAL_SEED = 987_654  # held-out people for the progress numbers (benchmarks use 
 
 
 def build_tokenizer(path: Path, seed: int, vocab_size: int = 4096, n_people: int = 40_000):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
 
     path.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIALS,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(facts.tokenizer_corpus(seed + 1, n_people), trainer)
+    tok = train_byte_level_bpe(facts.tokenizer_corpus(seed + 1, n_people), vocab_size, SPECIALS)
     ids = {t: tok.token_to_id(t) for t in SPECIALS}
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, ids[BOS])]
