@@ -310,6 +310,8 @@ def test_malformed_flags_and_environment_values_are_one_line_usage_errors(monkey
         (["--max-response-mb", "-1"], {}, "must be a finite number > 0"),
         ([], {"MEMORY_MAX_RESPONSE_MB": "lots"}, "MEMORY_MAX_RESPONSE_MB='lots' is not valid"),
         ([], {"MEMORY_PORT": "abc"}, "MEMORY_PORT='abc' is not valid"),
+        (["--http-port", "70000"], {}, "must be -1 (off), 0 (a free port) or 1-65535"),
+        ([], {"MEMORY_HTTP_PORT": "-2"}, "MEMORY_HTTP_PORT='-2' is not valid"),
         # a typo in a boolean must not silently mean false
         ([], {"MEMORY_ALLOW_VOLATILE_REDIS": "ture"}, "MEMORY_ALLOW_VOLATILE_REDIS='ture' is not valid"),
     ):

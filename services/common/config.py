@@ -68,6 +68,17 @@ class FlagParser(argparse.ArgumentParser):
         return ns
 
 
+def http_port(raw: str) -> int:
+    """An HTTP port flag (an argparse type): -1 = off, 0 = a free port, else 1-65535."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {raw!r}") from None
+    if not -1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be -1 (off), 0 (a free port) or 1-65535, got {value}")
+    return value
+
+
 def positive_float(raw: str) -> float:
     """A number > 0 (an argparse type)."""
     try:

@@ -26,7 +26,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Match, Route
 
-from extmind.errors import ExtmindError, InvalidArgument, Unauthenticated, Unavailable
+from extmind.errors import ExtmindError, FailedPrecondition, InvalidArgument, Unauthenticated, Unavailable
 from services.common.auth import HOW_TO_AUTHENTICATE, check_bearer
 from services.common.http_server import HttpServer, start_http
 from services.common.metrics import metrics_endpoint, observe_http
@@ -233,8 +233,16 @@ class JsonFace:
         return run
 
     async def start(self, host: str, port: int) -> int:
-        """Serves ``app()`` on ``host:port`` (0 = a free port); returns the bound port."""
-        self._server = await start_http(self.app(), host, port, label=self.label)
+        """Serves ``app()`` on ``host:port`` (0 = a free port); returns the bound port. Raises
+        FailedPrecondition (one line naming the flag) when the port cannot be bound."""
+        try:
+            self._server = await start_http(self.app(), host, port, label=self.label)
+        except OSError as exc:  # port taken, bad address: a readable line, not a traceback
+            env = self.label.removesuffix("-http").upper() + "_HTTP_PORT"
+            raise FailedPrecondition(
+                f"cannot serve HTTP on {host}:{port} ({exc.strerror or exc}); "
+                f"choose another --http-port / {env} (-1 = off)"
+            ) from None
         self.port = self._server.port
         return self.port
 

@@ -13,7 +13,7 @@ import os
 
 from extmind.errors import InvalidArgument
 from services.common.blas import blas_in_use
-from services.common.config import FlagParser, add_server_flags
+from services.common.config import FlagParser, add_server_flags, http_port
 from services.common.mlx_thread import MLXThread
 from services.common.server import Server, Service
 from services.embedder import registry
@@ -48,7 +48,7 @@ def _parser() -> FlagParser:
         "--http-port",
         env="EMBEDDER_HTTP_PORT",
         default=8000,
-        type=int,
+        type=http_port,
         help="port of the HTTP face (/embed, /v1/embeddings, /health); 0 = a free one, -1 = off",
     )
     p.flag(

@@ -6,7 +6,7 @@ import asyncio
 
 from extmind.v1 import generator_pb2, generator_pb2_grpc
 from services.common.blas import blas_in_use
-from services.common.config import FlagParser, add_server_flags
+from services.common.config import FlagParser, add_server_flags, http_port
 from services.common.server import Service
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.http_face import GeneratorHttpFace
@@ -88,7 +88,7 @@ def parse_args(argv=None):
         "--http-port",
         env="GENERATOR_HTTP_PORT",
         default=8001,
-        type=int,
+        type=http_port,
         help="port of the OpenAI-compatible HTTP face (/v1/chat/completions, /v1/completions, /v1/memories, "
         "/health); 0 = a free one, -1 = off",
     )

@@ -8,9 +8,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from extmind.errors import FailedPrecondition
 from extmind.v1 import memory_pb2, memory_pb2_grpc
-from services.common.config import FlagParser, add_server_flags
+from services.common.config import FlagParser, add_server_flags, http_port
 from services.common.server import Service
 from services.memory import limits, metrics
 from services.memory.documents import Documents
@@ -36,7 +35,7 @@ def parse_args(argv=None):
         "--http-port",
         env="MEMORY_HTTP_PORT",
         default=-1,
-        type=int,
+        type=http_port,
         help="HTTP port for GET /metrics and GET /health; 0 = a free one, -1 = off (the cluster launcher "
         "and docker-compose use 8002)",
     )
@@ -142,14 +141,7 @@ class MemoryApp:
 
     async def on_start(self) -> None:
         if self.args.http_port >= 0:
-            host, port = self.args.host, self.args.http_port
-            try:
-                await self.http.start(host, port)
-            except OSError as exc:  # one readable line, not a traceback (port taken, bad address)
-                raise FailedPrecondition(
-                    f"cannot serve HTTP on {host}:{port} ({exc.strerror or exc}); "
-                    "choose another --http-port / MEMORY_HTTP_PORT (-1 = off)"
-                ) from None
+            await self.http.start(self.args.host, self.args.http_port)  # /health says 503 while loading
         url, mode = await self._connect()
         log.info("redis ready", extra={"url": _redact(url), "durability": mode, "embedded": self.embedded is not None})
         self.store = KVStore(url, durability=mode)
