@@ -343,6 +343,14 @@ def main(argv=None) -> int:
         help="cap MLX's memory (and its buffer cache) at this; 0 = MLX default",
     )
     a = p.parse_args(argv)
+    for ok, complaint in (
+        (a.w_ret >= 0, "--w-ret must be >= 0"),
+        (a.tau > 0, "--tau must be > 0"),
+        (0 <= a.own_fraction < 1, "--own-fraction must be in [0, 1)"),
+        (a.device_memory_gb >= 0, "--device-memory-gb must be >= 0 (0 = MLX's default)"),
+    ):
+        if not ok:
+            p.error(complaint)
     if a.device_memory_gb:  # several runs sharing one GPU: each would otherwise cache up to the whole device
         mx.set_memory_limit(int(a.device_memory_gb * 1e9))
         mx.set_cache_limit(int(a.device_memory_gb * 0.25e9))
