@@ -17,7 +17,7 @@ from mlx_lm.utils import load
 from extmind.tiny_models import build_llama
 from services.generator.bank_cache import LocalRetriever, bank_from_numpy
 from services.generator.extended_attention import MemoryContext, install
-from training.extended_forward import banks_from_capture, forward
+from training.extended_forward import Bank, banks_from_capture, forward, own_retrieval_loss, retrieval_loss
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +74,32 @@ def test_extended_attention_logits_equal_the_generators(models, top_k):
     assert np.abs(a - b).max() < 1e-4, np.abs(a - b).max()
     # and memories matter: without them the logits differ clearly
     assert np.abs(np.array(plain(question)) - b).max() > 1e-2
+
+
+def test_own_memory_retrieval_loss_is_the_shared_loss_per_question():
+    """own_retrieval_loss (per-question memories, padding masked) equals retrieval_loss run on
+    each question's own rows as a shared bank, averaged over the supervised positions."""
+    rng = np.random.default_rng(5)
+    B, H, kvh, L, d, n = 2, 4, 2, 5, 8, 6
+    q = mx.array(rng.standard_normal((B, H, L, d)).astype(np.float32))
+    keys = rng.standard_normal((B, kvh, n + 3, d)).astype(np.float32)
+    mask = np.zeros((B, n + 3), dtype=bool)
+    mask[0, :n] = True  # question 0: 6 real rows, 3 padding rows
+    mask[1, 2:] = True  # question 1: 7 real rows
+    sel = np.array([1, 3, L + 2], dtype=np.int32)  # two positions of question 0, one of question 1
+    pos = np.zeros((3, n + 3), dtype=np.float32)
+    pos[0, [1, 2]] = pos[1, [4]] = pos[2, [2, 8]] = 1.0
+    bank = Bank(mx.array(keys), mx.array(keys), mx.array(mask))
+    own = own_retrieval_loss(q, bank, mx.array(sel), mx.array(pos), 0.1)
+    parts = []
+    for b, rows in ((0, [0, 1]), (1, [2])):
+        keep = np.flatnonzero(mask[b])
+        shared = Bank(mx.array(keys[b][:, keep]), mx.array(keys[b][:, keep]))
+        local_sel = mx.array((sel[rows] - b * L).astype(np.int32))
+        loss = retrieval_loss(q[b : b + 1], shared, local_sel, mx.array(pos[rows][:, keep]), 0.1)
+        parts.append(float(loss) * len(rows))
+    assert float(own) == pytest.approx(sum(parts) / 3, rel=1e-5)
+    # a padding row marked positive must not count: question 0's row 8 is padding
+    pos[0, 8] = 1.0
+    again = own_retrieval_loss(q, bank, mx.array(sel), mx.array(pos), 0.1)
+    assert float(again) == pytest.approx(float(own), rel=1e-6)

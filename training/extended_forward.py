@@ -110,6 +110,29 @@ def retrieval_loss(q: mx.array, bank: Bank, sel: mx.array, pos: mx.array, tau: f
     return ((lse_all - lse_pos) * has).sum() / (mx.maximum(has.sum(), 1.0) * kvh * rep)
 
 
+def own_retrieval_loss(q: mx.array, bank: Bank, sel: mx.array, pos: mx.array, tau: float) -> mx.array:
+    """``retrieval_loss`` for per-question memories (``own_banks``): each selected position's
+    softmax runs over its own question's memory rows only.
+
+    q [B, H, L, d]; bank keys [B, KVH, N, d] with mask [B, N]; sel int32 [P] (flat b * L + l);
+    pos float32 [P, N] (1 on the rows of the answer's sentence). -> scalar."""
+    B, H, L, d = q.shape
+    kvh = bank.keys.shape[1]
+    rep = H // kvh
+    qs = q.astype(mx.float32).reshape(B, kvh, rep, L, d).transpose(0, 3, 1, 2, 4).reshape(B * L, kvh, rep, d)
+    qs = mx.take(qs, sel, axis=0)  # [P, KVH, rep, d]
+    b = sel // L
+    keys = mx.take(bank.keys, b, axis=0)  # [P, KVH, N, d]
+    qn = qs * mx.rsqrt(mx.maximum(mx.sum(qs * qs, axis=-1, keepdims=True), 1e-24))
+    kn = keys * mx.rsqrt(mx.maximum(mx.sum(keys * keys, axis=-1, keepdims=True), 1e-24))
+    logits = (qn @ kn.swapaxes(-1, -2)) / tau  # [P, KVH, rep, N]
+    logits = mx.where(mx.take(bank.mask, b, axis=0)[:, None, None, :], logits, _NEG)
+    lse_all = mx.logsumexp(logits, axis=-1)
+    lse_pos = mx.logsumexp(mx.where(pos[:, None, None, :] > 0, logits, _NEG), axis=-1)
+    has = (pos.sum(axis=-1) > 0).astype(mx.float32)  # [P]
+    return ((lse_all - lse_pos) * has[:, None, None]).sum() / (mx.maximum(has.sum(), 1.0) * kvh * rep)
+
+
 def _own_memory_attention(q, k, v, bank: Bank, scale: float) -> mx.array:
     """Every question attends to all rows of its own memory [B, KVH, N, d] and its local context."""
     B, H, L, d = q.shape
@@ -159,8 +182,9 @@ def forward(
 
     ``banks`` (one per layer): attend to memories. ``capture``: also return, per layer, the raw
     pre-RoPE keys and the values [B, KVH, L, d] (what Memorize stores). ``ret`` = (sel, pos, tau)
-    with a shared bank: appends each layer's ``retrieval_loss`` (layers >= 1: layer 0's queries
-    see only their own token, so they cannot tell documents apart) to ``ret_losses``."""
+    (pos over the shared bank's rows, or over each question's own memory rows): appends each
+    layer's retrieval loss (layers >= 1: layer 0's queries see only their own token, so they
+    cannot tell documents apart) to ``ret_losses``."""
     inner = model.model
     h = inner.embed_tokens(tokens)
     B, L = tokens.shape
@@ -178,8 +202,9 @@ def forward(
             o = mx.fast.scaled_dot_product_attention(q, k, v, scale=a.scale, mask="causal")
         else:
             o = extended_attention(q, k, v, banks[i], top_k, a.scale, sims).astype(x.dtype)
-            if ret is not None and i > 0 and banks[i].mask is None:
-                ret_losses.append(retrieval_loss(q, banks[i], *ret))
+            if ret is not None and i > 0:
+                loss_fn = retrieval_loss if banks[i].mask is None else own_retrieval_loss
+                ret_losses.append(loss_fn(q, banks[i], *ret))
         h = h + a.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     h = inner.norm(h)

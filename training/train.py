@@ -104,11 +104,11 @@ def model_config(tok, a) -> dict:
         "num_hidden_layers": a.layers,
         "num_attention_heads": a.heads,
         "num_key_value_heads": a.kv_heads,
-        "head_dim": a.hidden // a.heads,
+        "head_dim": a.head_dim or a.hidden // a.heads,
         "vocab_size": tok.get_vocab_size(),
         "max_position_embeddings": 2048,
         "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
+        "rope_theta": a.rope_theta,
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
@@ -163,13 +163,25 @@ def qa_arrays(tok, prompts: list[str], answers: list[str], pad: int):
     return x, y, m
 
 
-def make_batch(tok, step_seed: int, n_mem: int, n_q: int, n_ctx: int, pad: int, bos: int, own: int = 0):
-    """One step's data: memory documents (1 person, sometimes 2-3), questions about people in
-    them, and in-context questions."""
+def make_batch(
+    tok,
+    step_seed: int,
+    n_mem: int,
+    n_q: int,
+    n_ctx: int,
+    pad: int,
+    bos: int,
+    own: int = 0,
+    multi: float = 0.3,
+    max_people: int = 3,
+):
+    """One step's data: memory documents (1 person; with probability ``multi`` 2 to
+    ``max_people``), questions about people in them, and in-context questions. ``own`` > 0:
+    question i is about document i and sees documents i .. i + own - 1 (its own memory)."""
     rng = random.Random(step_seed)
     docs, stated = [], []  # stated: (entity, attribute, doc index)
     for i in range(n_mem):
-        people = facts.make_entities(rng, 1 if rng.random() < 0.7 else rng.randint(2, 3))
+        people = facts.make_entities(rng, 1 if rng.random() < 1.0 - multi else rng.randint(2, max_people))
         text, attrs = facts.multi_document(rng, people)
         docs.append(text)
         stated += [(e, a, i) for e, al in zip(people, attrs) for a in al]
@@ -189,7 +201,7 @@ def make_batch(tok, step_seed: int, n_mem: int, n_q: int, n_ctx: int, pad: int, 
     )
     rows = np.flatnonzero(valid.reshape(-1)).astype(np.int32)
     groups = (np.arange(n_mem)[:, None] + np.arange(max(own, 1))[None]) % n_mem
-    ret_sel, ret_pos = retrieval_targets(docs, d_enc, picks, rows, d.shape[1], qm)
+    ret_sel, ret_pos = retrieval_targets(docs, d_enc, picks, None if own else rows, d.shape[1], qm, max(own, 1))
     return dict(
         docs=d,
         valid=valid,
@@ -206,23 +218,26 @@ def make_batch(tok, step_seed: int, n_mem: int, n_q: int, n_ctx: int, pad: int, 
     )
 
 
-def retrieval_targets(docs, d_enc, picks, rows, doc_len: int, qm: np.ndarray):
+def retrieval_targets(docs, d_enc, picks, rows, doc_len: int, qm: np.ndarray, own: int = 1):
     """Supervision for retrieval (the ``--w-ret`` loss): the memory rows that hold the sentence
     stating each question's answer.
 
+    ``rows``: the shared bank's rows (flat document positions), or None for per-question
+    memories (``own`` documents each, the question's own first: its rows are its positions).
     -> sel int32 [P]: flat indices (b * L + l) of the question positions that predict answer
-    tokens (qm's ones), and pos float32 [P, N]: 1 on the bank rows (``rows`` order) of the
-    answer sentence of that position's question."""
-    inv = np.full(len(docs) * doc_len, -1, dtype=np.int64)
-    inv[rows] = np.arange(len(rows))
+    tokens (qm's ones), and pos float32 [P, N]: 1 on the bank rows of the answer sentence of
+    that position's question."""
+    if rows is not None:
+        inv = np.full(len(docs) * doc_len, -1, dtype=np.int64)
+        inv[rows] = np.arange(len(rows))
     per_q = []
     for e, a, i in picks:
         lo, hi = facts.answer_span(docs[i], e, a)
-        toks = [j for j, (s, t) in enumerate(d_enc[i].offsets) if t > lo and s < hi]
-        r = inv[i * doc_len + np.array(toks, dtype=np.int64)] if toks else np.empty(0, np.int64)
+        toks = np.array([j for j, (s, t) in enumerate(d_enc[i].offsets) if t > lo and s < hi], dtype=np.int64)
+        r = toks if rows is None else (inv[i * doc_len + toks] if len(toks) else toks)
         per_q.append(r[r >= 0])
     sel = np.flatnonzero(qm.reshape(-1) > 0).astype(np.int32)
-    pos = np.zeros((len(sel), len(rows)), dtype=np.float32)
+    pos = np.zeros((len(sel), own * doc_len if rows is None else len(rows)), dtype=np.float32)
     for p, flat in enumerate(sel):
         pos[p, per_q[flat // qm.shape[1]]] = 1.0
     return sel, pos
@@ -265,7 +280,7 @@ def losses(model, b, top_k: int, w_lm: float, w_ctx: float, own: bool, w_ret: fl
     lm, _ = _ce(logits_d[:, :-1], docs[:, 1:], lm_mask)
     banks = own_banks(cap, b["valid"], b["groups"]) if own else banks_from_capture(cap, b["rows"])
     ret_losses: list = []
-    ret = (b["ret_sel"], b["ret_pos"], tau) if (w_ret > 0 and not own) else None
+    ret = (b["ret_sel"], b["ret_pos"], tau) if w_ret > 0 else None
     logits_q, _ = forward(model, b["qx"], banks=banks, top_k=top_k, ret=ret, ret_losses=ret_losses)
     qa, qa_ok = _ce(logits_q, b["qy"], b["qm"])
     logits_c, _ = forward(model, b["cx"])
@@ -287,6 +302,19 @@ def evaluate(model, b, top_k: int) -> dict:
     return {
         k: float(v.astype(mx.float32).mean()) for k, v in (("memory", mem_ok), ("none", none_ok), ("context", ctx_ok))
     }
+
+
+def memory_curve(model, tok, pad: int, bos: int, sizes=(1, 4, 16, 64, 256), questions: int = 256) -> dict:
+    """Teacher-forced memory accuracy (top_k 10) with n held-out documents in one shared memory,
+    n in ``sizes``: ~1/n when the model retrieves by attribute and cannot tell people apart."""
+    out = {}
+    for n in sizes:
+        accs = [
+            evaluate(model, to_mx(eval_batch(tok, EVAL_SEED + 7 * n + g, n, pad, bos)), 10)["memory"]
+            for g in range(max(1, questions // n))
+        ]
+        out[n] = round(float(np.mean(accs)), 3)
+    return out
 
 
 def curriculum(progress: float, mem_docs: int, own_fraction: float = 0.5) -> tuple[int, tuple[int, ...]]:
@@ -324,6 +352,11 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--intermediate", type=int, default=768)
+    p.add_argument("--head-dim", type=int, default=0, help="attention head size; 0 = hidden / heads")
+    p.add_argument("--rope-theta", type=float, default=10000.0)
+    p.add_argument("--own-docs", type=int, default=4, help="documents in each question's own memory (first phase)")
+    p.add_argument("--multi", type=float, default=0.3, help="share of memory documents about several people")
+    p.add_argument("--max-people", type=int, default=3, help="people in a several-people document, at most")
     p.add_argument("--mem-docs", type=int, default=96, help="documents in each step's shared memory")
     p.add_argument("--questions", type=int, default=128, help="memory questions per step")
     p.add_argument("--ctx-questions", type=int, default=32, help="in-context questions per step")
@@ -348,6 +381,9 @@ def main(argv=None) -> int:
         (a.tau > 0, "--tau must be > 0"),
         (0 <= a.own_fraction < 1, "--own-fraction must be in [0, 1)"),
         (a.device_memory_gb >= 0, "--device-memory-gb must be >= 0 (0 = MLX's default)"),
+        (a.head_dim >= 0 and a.rope_theta > 0, "--head-dim must be >= 0 and --rope-theta > 0"),
+        (a.own_docs >= 1, "--own-docs must be >= 1"),
+        (0 <= a.multi <= 1 and a.max_people >= 2, "--multi must be in [0, 1] and --max-people >= 2"),
     ):
         if not ok:
             p.error(complaint)
@@ -384,10 +420,32 @@ def main(argv=None) -> int:
         k = random.Random(a.seed * 7919 + step).choice(k_choices)
         if n_mem == 0:
             fut = pool.submit(
-                make_batch, tok, a.seed * 1_000_003 + step, a.questions, a.questions, a.ctx_questions, pad, bos, 4
+                make_batch,
+                tok,
+                a.seed * 1_000_003 + step,
+                a.questions,
+                a.questions,
+                a.ctx_questions,
+                pad,
+                bos,
+                a.own_docs,
+                a.multi,
+                a.max_people,
             )
         else:
-            fut = pool.submit(make_batch, tok, a.seed * 1_000_003 + step, n_mem, a.questions, a.ctx_questions, pad, bos)
+            fut = pool.submit(
+                make_batch,
+                tok,
+                a.seed * 1_000_003 + step,
+                n_mem,
+                a.questions,
+                a.ctx_questions,
+                pad,
+                bos,
+                0,
+                a.multi,
+                a.max_people,
+            )
         return fut, k, n_mem
 
     t_start = time.time()
@@ -421,11 +479,13 @@ def main(argv=None) -> int:
             print(f"eval step {step}: {evaluate(model, ev, 10)}", flush=True)
     train_s = time.time() - t_start
     final = evaluate(model, ev, 10)
+    curve = memory_curve(model, tok, pad, bos)
     print(
         f"final step {step} {train_s:.0f}s loss {avg[0]:.3f} qa {avg[1]:.3f} lm {avg[2]:.3f} ctx {avg[3]:.3f} "
         f"eval {final}",
         flush=True,
     )
+    print(f"memory accuracy by documents in one shared memory (top_k 10): {curve}", flush=True)
     save_checkpoint(model, config, tok_dir, a.out)
     (a.out / "training_log.json").write_text(
         json.dumps(
@@ -437,6 +497,7 @@ def main(argv=None) -> int:
                 "parameters": n_params,
                 "final_loss": {"total": avg[0], "qa": avg[1], "lm": avg[2], "ctx": avg[3], "retrieval": avg[6]},
                 "eval_teacher_forced": final,
+                "memory_accuracy_by_documents": curve,
                 "args": {k: str(v) for k, v in vars(a).items()},
             },
             indent=2,
