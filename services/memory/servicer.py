@@ -7,6 +7,8 @@ start-up attached the engines, so every RPC here may use them.
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -166,6 +168,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             n += 1
             note_access(searches=n)
             yield memory_pb2.SearchMemoryStreamResponse(result=result)
+        if context.cancelled():  # the requests ended because the client went away, not half-closed
+            raise asyncio.CancelledError
 
     # ---------------------------------------------------------------- documents
 

@@ -30,13 +30,14 @@ def _access_lines(svc, method: str) -> list[str]:
 
 
 def _wait_for_line(svc, method: str, before: int, timeout: float = 10.0) -> str:
+    """The access line number ``before`` (0-based) of ``method``, once the service wrote it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         lines = _access_lines(svc, method)
         if len(lines) > before:
-            return lines[-1]
+            return lines[before]
         time.sleep(0.05)
-    raise AssertionError(f"no new access line for {method}:\n{svc.log_tail()}")
+    raise AssertionError(f"no access line {before} for {method}:\n{svc.log_tail()}")
 
 
 def _searches(line: str) -> int:
@@ -83,9 +84,10 @@ def _retrieve_all(engine, retriever, queries, top_k, threshold):
 
 @pytest.mark.parametrize("threshold", [None, 0.1])
 def test_the_stream_answers_exactly_as_unary_calls_and_an_older_service_falls_back(
-    engine, memory, memory_address, older_memory_service, threshold
+    engine, memory, memory_address, module_memory_service, older_memory_service, threshold
 ):
     mid, _ = memory
+    before = len(_access_lines(module_memory_service, STREAM))
     resolved = engine.resolver.resolve((mid,))
     rng = np.random.default_rng(0)
     kvh, rep, d = engine.num_kv_heads, engine.num_heads // engine.num_kv_heads, engine.head_dim
@@ -110,6 +112,8 @@ def test_the_stream_answers_exactly_as_unary_calls_and_an_older_service_falls_ba
                     assert (g is None) == (want is None), field
                     if want is not None:
                         assert g.dtype == want.dtype and np.array_equal(g, want), (other, layer, field)
+    # one stream per retriever that streamed (the older service's client never reached this one)
+    assert "code=OK" in _wait_for_line(module_memory_service, STREAM, before + 1)
 
 
 async def test_one_stream_serves_a_whole_generation_and_closes_when_it_ends(engine, memory, module_memory_service):

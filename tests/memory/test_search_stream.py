@@ -60,7 +60,9 @@ class Stream:
         return next(self.call).result
 
     def close(self) -> None:
+        """Half-closes the stream and waits for the server to end it (its access line is written)."""
         self._q.put(None)
+        assert list(self.call) == []
 
 
 def _access_lines(svc, method: str) -> list[str]:
@@ -157,7 +159,6 @@ def test_a_bad_request_ends_the_stream_with_its_status_and_the_service_stays_up(
     with pytest.raises(grpc.RpcError) as e:
         s.answer()
     assert e.value.code() == code and words in e.value.details(), e.value.details()
-    s.close()
     # the service is up: a new stream and a unary call both answer
     s2 = Stream(stub)
     s2.send(good)
