@@ -168,7 +168,10 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             n += 1
             note_access(searches=n)
             yield memory_pb2.SearchMemoryStreamResponse(result=result)
-        if context.cancelled():  # the requests ended because the client went away, not half-closed
+        # The requests also end when the client goes away; gRPC flags that cancellation from a
+        # task of its own, which a yield lets run first. Then the access line says CANCELLED.
+        await asyncio.sleep(0)
+        if context.cancelled():
             raise asyncio.CancelledError
 
     # ---------------------------------------------------------------- documents
