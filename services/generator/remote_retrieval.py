@@ -55,7 +55,9 @@ class RemoteRetriever:
         their requests go out together on the stream, else as unary calls."""
         self.calls += len(searches)
         if self.client.streams_search:
-            if self._stream is None or self._stream.closed:
+            if self._stream is None or self._stream.closed:  # the first search, or the last stream failed
+                if self._closer is not None:
+                    self._closer.detach()
                 self._stream = self.client.search_stream()
                 self._closer = weakref.finalize(self, self._stream.close)
             requests = [search_requests(ids, layer, q, top_k, threshold) for ids, q in searches]
