@@ -24,6 +24,9 @@ from extmind import errors
 from extmind.v1 import memory_pb2
 
 _END = object()  # queued after the last request: half-closes the stream
+# Half-closed calls until the server has ended them: a call object that is garbage-collected
+# earlier cancels its call, and the server would see a cancellation instead of the end.
+_ENDING: set = set()
 
 
 class StreamUnsupported(Exception):
@@ -103,6 +106,9 @@ class SearchStream:
         self._requests.put(_END)
         if self._failed is not None:
             self._call.cancel()
+        else:
+            _ENDING.add(self._call)
+            self._call.add_done_callback(_ENDING.discard)
 
     def _watch(self) -> None:
         # Wakes a few times per timeout: an answer late by up to a quarter of it is tolerated.

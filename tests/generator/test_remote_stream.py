@@ -91,19 +91,20 @@ def test_the_stream_answers_exactly_as_unary_calls_and_an_older_service_falls_ba
     resolved = engine.resolver.resolve((mid,))
     rng = np.random.default_rng(0)
     kvh, rep, d = engine.num_kv_heads, engine.num_heads // engine.num_kv_heads, engine.head_dim
+    clients = []
     for B, L in ((1, 1), (2, 3)):  # a decode step; a small batched prefill
         queries = rng.standard_normal((B, kvh, rep, L, d)).astype(np.float32)
         streamed = MemoryClient(memory_address)
         unary = MemoryClient(memory_address)
         unary.streams_search = False
         older = MemoryClient(older_memory_service)
+        clients += [streamed, unary, older]
         got = {}
         for name, client in (("stream", streamed), ("unary", unary), ("older", older)):
             retriever = RemoteRetriever(client, resolved)
             got[name] = _retrieve_all(engine, retriever, queries, 6, threshold)
             retriever.close()
             assert retriever.calls == engine.num_layers
-            client.close()
         assert streamed.streams_search and not older.streams_search  # the older service: unary from now on
         for layer in range(engine.num_layers):
             for field, want in got["unary"][layer].items():
@@ -112,8 +113,12 @@ def test_the_stream_answers_exactly_as_unary_calls_and_an_older_service_falls_ba
                     assert (g is None) == (want is None), field
                     if want is not None:
                         assert g.dtype == want.dtype and np.array_equal(g, want), (other, layer, field)
-    # one stream per retriever that streamed (the older service's client never reached this one)
-    assert "code=OK" in _wait_for_line(module_memory_service, STREAM, before + 1)
+    # one stream per retriever that streamed (the older service's client never reached this one),
+    # ended by the retriever's close
+    for i in (before, before + 1):
+        assert "code=OK" in _wait_for_line(module_memory_service, STREAM, i)
+    for c in clients:
+        c.close()
 
 
 async def test_one_stream_serves_a_whole_generation_and_closes_when_it_ends(engine, memory, module_memory_service):
