@@ -13,9 +13,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from extmind import errors
 from extmind.procs import free_port
 from extmind.v1 import memory_pb2_grpc
-from services.generator.memory_client import MemoryClient
+from services.generator.memory_client import MemoryClient, search_requests
 from services.generator.remote_retrieval import RemoteRetriever
 from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
 
@@ -58,15 +59,47 @@ class OlderMemoryService(memory_pb2_grpc.MemoryServiceServicer):
         return self._stub.SearchMemory(request, timeout=30)
 
 
-@pytest.fixture
-def older_memory_service(memory_address):
+class HungMemoryService(memory_pb2_grpc.MemoryServiceServicer):
+    """A memory service that takes search requests and never answers them (stuck)."""
+
+    def SearchMemoryStream(self, request_iterator, context):
+        for _ in request_iterator:  # reads on, answers nothing
+            pass
+        yield from ()
+
+
+def _serve(servicer):
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    memory_pb2_grpc.add_MemoryServiceServicer_to_server(OlderMemoryService(memory_address), server)
+    memory_pb2_grpc.add_MemoryServiceServicer_to_server(servicer, server)
     port = free_port()
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
-    yield f"127.0.0.1:{port}"
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+def older_memory_service(memory_address):
+    server, address = _serve(OlderMemoryService(memory_address))
+    yield address
     server.stop(None)
+
+
+def test_an_answer_that_never_comes_ends_the_stream_after_the_timeout():
+    server, address = _serve(HungMemoryService())
+    client = MemoryClient(address, timeout=0.5)
+    try:
+        stream = client.search_stream()
+        q = np.ones((4, 1, 16), np.float32)
+        t0 = time.monotonic()
+        with pytest.raises(errors.Unavailable, match="DEADLINE_EXCEEDED: no answer within 0.5 s, searching layer 1"):
+            stream.search(search_requests(["m"], 1, q, 3, None), "searching layer 1")
+        assert 0.5 <= time.monotonic() - t0 < 5
+        assert stream.closed
+        with pytest.raises(errors.Unavailable):  # the same error from then on
+            stream.search(search_requests(["m"], 0, q, 3, None), "searching layer 0")
+    finally:
+        client.close()
+        server.stop(None)
 
 
 def _retrieve_all(engine, retriever, queries, top_k, threshold):
