@@ -208,6 +208,18 @@ class SearchMemoryResponse(_message.Message):
     values: _common_pb2.Tensor
     def __init__(self, scores: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., indices: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., keys: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., values: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
+class SearchMemoryStreamRequest(_message.Message):
+    __slots__ = ("search",)
+    SEARCH_FIELD_NUMBER: _ClassVar[int]
+    search: SearchMemoryRequest
+    def __init__(self, search: _Optional[_Union[SearchMemoryRequest, _Mapping]] = ...) -> None: ...
+
+class SearchMemoryStreamResponse(_message.Message):
+    __slots__ = ("result",)
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    result: SearchMemoryResponse
+    def __init__(self, result: _Optional[_Union[SearchMemoryResponse, _Mapping]] = ...) -> None: ...
+
 class Document(_message.Message):
     __slots__ = ("id", "text", "metadata", "embedding")
     class MetadataEntry(_message.Message):

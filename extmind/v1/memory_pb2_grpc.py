@@ -71,6 +71,11 @@ class MemoryServiceStub:
                 request_serializer=extmind_dot_v1_dot_memory__pb2.SearchMemoryRequest.SerializeToString,
                 response_deserializer=extmind_dot_v1_dot_memory__pb2.SearchMemoryResponse.FromString,
                 _registered_method=True)
+        self.SearchMemoryStream = channel.stream_stream(
+                '/extmind.v1.MemoryService/SearchMemoryStream',
+                request_serializer=extmind_dot_v1_dot_memory__pb2.SearchMemoryStreamRequest.SerializeToString,
+                response_deserializer=extmind_dot_v1_dot_memory__pb2.SearchMemoryStreamResponse.FromString,
+                _registered_method=True)
         self.CreateCollection = channel.unary_unary(
                 '/extmind.v1.MemoryService/CreateCollection',
                 request_serializer=extmind_dot_v1_dot_memory__pb2.CreateCollectionRequest.SerializeToString,
@@ -160,6 +165,15 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchMemoryStream(self, request_iterator, context):
+        """Many SearchMemory searches on one stream (REMOTE retrieval: one message per layer per
+        forward step): each request is answered by one response, in order, exactly as SearchMemory
+        answers it. The first invalid request ends the stream with SearchMemory's status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateCollection(self, request, context):
         """Explicitly creates a document collection bound to one embedding model and size.
         (UpsertDocuments creates the collection on first use too.)
@@ -241,6 +255,11 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.SearchMemory,
                     request_deserializer=extmind_dot_v1_dot_memory__pb2.SearchMemoryRequest.FromString,
                     response_serializer=extmind_dot_v1_dot_memory__pb2.SearchMemoryResponse.SerializeToString,
+            ),
+            'SearchMemoryStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.SearchMemoryStream,
+                    request_deserializer=extmind_dot_v1_dot_memory__pb2.SearchMemoryStreamRequest.FromString,
+                    response_serializer=extmind_dot_v1_dot_memory__pb2.SearchMemoryStreamResponse.SerializeToString,
             ),
             'CreateCollection': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateCollection,
@@ -469,6 +488,33 @@ class MemoryService:
             '/extmind.v1.MemoryService/SearchMemory',
             extmind_dot_v1_dot_memory__pb2.SearchMemoryRequest.SerializeToString,
             extmind_dot_v1_dot_memory__pb2.SearchMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchMemoryStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/extmind.v1.MemoryService/SearchMemoryStream',
+            extmind_dot_v1_dot_memory__pb2.SearchMemoryStreamRequest.SerializeToString,
+            extmind_dot_v1_dot_memory__pb2.SearchMemoryStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -18,6 +18,7 @@ from extmind import errors, tensor
 from extmind.channels import auth_metadata, sync_channel
 from extmind.v1 import memory_pb2, memory_pb2_grpc
 from services.generator.kv_dtypes import KV_DTYPES, widen
+from services.generator.search_stream import SearchStream
 
 # The memory service's default response budget (--max-response-mb 4): REMOTE searches split their
 # query tokens so that every answer fits a memory service with default settings.
@@ -28,8 +29,15 @@ SEARCH_ANSWER_BUDGET = 4 << 20
 class SearchResult:
     scores: np.ndarray  # [H, q, k] float32 cosine (-inf where masked)
     indices: np.ndarray  # [H, q, k] int64 (-1 where masked)
-    keys: np.ndarray  # [H, q, k, d] float32 (the memory's float16 / bfloat16 widened exactly)
+    keys: np.ndarray  # [H, q, k, d] in ``dtype``'s storage (float32 once ``widened``)
     values: np.ndarray
+    dtype: int = tensor.FLOAT32  # extmind.tensor code of keys and values (bfloat16 as uint16 bits)
+
+    def widened(self) -> SearchResult:
+        """Keys and values as float32 (the memory's float16 / bfloat16 widened exactly)."""
+        if self.dtype == tensor.FLOAT32:
+            return self
+        return SearchResult(self.scores, self.indices, widen(self.keys, self.dtype), widen(self.values, self.dtype))
 
 
 @dataclass
@@ -54,6 +62,9 @@ class MemoryClient:
         self._channel = sync_channel(url)
         self._stub = memory_pb2_grpc.MemoryServiceStub(self._channel)
         self._metadata = auth_metadata(token)
+        # False once the memory service answered UNIMPLEMENTED to SearchMemoryStream (older than
+        # it): REMOTE retrieval then uses unary SearchMemory.
+        self.streams_search = True
 
     def close(self) -> None:
         self._channel.close()
@@ -166,35 +177,66 @@ class MemoryClient:
         return [wide(k) for k in rows.keys], [wide(v) for v in rows.values]
 
     def search(self, memory_ids, layer: int, queries: np.ndarray, top_k: int, threshold: float | None) -> SearchResult:
-        """queries float32 [H, q, d] -> the top-k of each query token, [H, q, k, ...]. A prefill's
-        answer can be far larger than the memory service's response budget (4 MiB by default):
-        the query tokens go in as many calls as it takes to keep each answer inside it."""
-        H, q, d = queries.shape
-        per_token = H * top_k * (12 + 2 * d * 4)  # scores + indices + keys + values (float32 at most)
-        step = max(1, (SEARCH_ANSWER_BUDGET - 4096) // max(per_token, 1))
-        parts = [
-            self._search_once(memory_ids, layer, queries[:, i : i + step], top_k, threshold) for i in range(0, q, step)
-        ]
-        if len(parts) == 1:
-            return parts[0]
-        return SearchResult(
-            *(np.concatenate([getattr(p, f) for p in parts], axis=1) for f in ("scores", "indices", "keys", "values"))
-        )
+        """queries float32 [H, q, d] -> the top-k of each query token, [H, q, k, ...], in unary
+        SearchMemory calls. A prefill's answer can be far larger than the memory service's
+        response budget (4 MiB by default): the query tokens go in as many calls as it takes to
+        keep each answer inside it (``search_requests``)."""
+        what = f"searching layer {layer}"
+        return concat_results(
+            [
+                search_result(self._unary(self._stub.SearchMemory, req, what))
+                for req in search_requests(memory_ids, layer, queries, top_k, threshold)
+            ]
+        ).widened()
 
-    def _search_once(self, memory_ids, layer, queries, top_k, threshold) -> SearchResult:
-        req = memory_pb2.SearchMemoryRequest(
-            memory_ids=list(memory_ids),
-            layer=layer,
-            queries=tensor.encode(np.ascontiguousarray(queries, np.float32)),
-            top_k=top_k,
-            return_vectors=True,
-        )
-        if threshold is not None:
-            req.sim_threshold = threshold
-        r = self._unary(self._stub.SearchMemory, req, f"searching layer {layer}")
-        return SearchResult(
-            tensor.decode(r.scores, name="scores"),
-            tensor.decode(r.indices, name="indices"),
-            widen(tensor.decode_raw(r.keys, name="keys", dtypes=KV_DTYPES), r.keys.dtype),
-            widen(tensor.decode_raw(r.values, name="values", dtypes=KV_DTYPES), r.values.dtype),
-        )
+    def search_stream(self) -> SearchStream:
+        """A SearchMemoryStream call for many searches (REMOTE retrieval: one per layer per step);
+        close it when done. See ``SearchStream``."""
+        return SearchStream(self._stub, self._metadata, self.url, self.timeout, self._error)
+
+
+def search_request(memory_ids, layer: int, queries: np.ndarray, top_k: int, threshold: float | None):
+    """One SearchMemoryRequest (vectors asked for) of float32 queries [H, q, d]."""
+    req = memory_pb2.SearchMemoryRequest(
+        memory_ids=memory_ids,
+        layer=layer,
+        queries=tensor.encode(queries, dtype=tensor.FLOAT32),
+        top_k=top_k,
+        return_vectors=True,
+    )
+    if threshold is not None:
+        req.sim_threshold = threshold
+    return req
+
+
+def search_requests(memory_ids, layer: int, queries: np.ndarray, top_k: int, threshold: float | None) -> list:
+    """The SearchMemoryRequests of one search of float32 queries [H, q, d]: the query tokens split
+    so that every answer fits the memory service's default response budget."""
+    H, q, d = queries.shape
+    per_token = H * top_k * (12 + 2 * d * 4)  # scores + indices + keys + values (float32 at most)
+    step = max(1, (SEARCH_ANSWER_BUDGET - 4096) // max(per_token, 1))
+    memory_ids = list(memory_ids)
+    return [search_request(memory_ids, layer, queries[:, i : i + step], top_k, threshold) for i in range(0, q, step)]
+
+
+def search_result(r: memory_pb2.SearchMemoryResponse) -> SearchResult:
+    """A SearchMemoryResponse with vectors -> SearchResult; keys and values stay in the memory's
+    dtype (views of the message's bytes)."""
+    keys = tensor.decode_raw(r.keys, name="keys", dtypes=KV_DTYPES)
+    return SearchResult(
+        tensor.decode(r.scores, name="scores"),
+        tensor.decode(r.indices, name="indices"),
+        keys,
+        tensor.decode_raw(r.values, name="values", dtypes=(r.keys.dtype,)),
+        r.keys.dtype,
+    )
+
+
+def concat_results(parts: list[SearchResult]) -> SearchResult:
+    """The answers to ``search_requests``' pieces, joined along the query tokens."""
+    if len(parts) == 1:
+        return parts[0]
+    return SearchResult(
+        *(np.concatenate([getattr(p, f) for p in parts], axis=1) for f in ("scores", "indices", "keys", "values")),
+        parts[0].dtype,
+    )

@@ -1,8 +1,12 @@
-"""REMOTE retrieval: one SearchMemory call per layer per forward step (docs/extended-mind.md).
+"""REMOTE retrieval: one search per layer per forward step (docs/extended-mind.md).
 
 Runs inside the model forward on the MLX thread: the rotated queries are evaluated, sent to the
 memory service (FAISS there) and the top-k keys and values come back; the attention logits are
 then the raw dots of the queries with the returned keys, exactly as in LOCAL mode.
+
+The searches of one retriever (one generation batch) go over one SearchMemoryStream, opened on
+the first search and closed with ``close`` or when the retriever is dropped; a memory service
+without that RPC is searched with unary SearchMemory calls instead, with the same answers.
 
 The memory service searches memories of one layout, dtype included, per call. Memories of
 different dtypes in one request (an old float32 memory next to a float16 one) are searched one
@@ -11,12 +15,16 @@ dtype at a time and the hits merged by cosine, with rows numbered in request ord
 
 from __future__ import annotations
 
+import weakref
+
 import mlx.core as mx
 import numpy as np
 
 from services.generator.extended_attention import Retrieved
-from services.generator.memory_client import MemoryClient, SearchResult
+from services.generator.kv_dtypes import from_storage
+from services.generator.memory_client import MemoryClient, SearchResult, concat_results, search_requests, search_result
 from services.generator.memory_resolution import ResolvedMemory
+from services.generator.search_stream import SearchStream, StreamUnsupported
 
 
 class RemoteRetriever:
@@ -34,16 +42,40 @@ class RemoteRetriever:
             offsets.append(offset)
             rows.append(m.rows)
             offset += m.rows
+        self._stream: SearchStream | None = None
+        self._closer = None
+
+    def close(self) -> None:
+        """Ends the search stream, if one is open (also done when the retriever is dropped)."""
+        if self._closer is not None:
+            self._closer()
+
+    def _searches(self, layer: int, searches: list[tuple[list[str], np.ndarray]], top_k, threshold):
+        """One SearchResult per (memory ids, queries [H, q, d]) of ``searches``, all on ``layer``:
+        their requests go out together on the stream, else as unary calls."""
+        self.calls += len(searches)
+        if self.client.streams_search:
+            if self._stream is None or self._stream.closed:  # the first search, or the last stream failed
+                if self._closer is not None:
+                    self._closer.detach()
+                self._stream = self.client.search_stream()
+                self._closer = weakref.finalize(self, self._stream.close)
+            requests = [search_requests(ids, layer, q, top_k, threshold) for ids, q in searches]
+            try:
+                answers = iter(self._stream.search([r for rs in requests for r in rs], f"searching layer {layer}"))
+            except StreamUnsupported:
+                self.client.streams_search = False  # an older memory service: unary from now on
+            else:
+                return [concat_results([search_result(next(answers)) for _ in rs]) for rs in requests]
+        return [self.client.search(ids, layer, q, top_k, threshold) for ids, q in searches]
 
     def _search(self, layer: int, q: np.ndarray, top_k: int, threshold: float | None) -> SearchResult:
         if len(self.groups) == 1:
-            r = self.client.search(self.memory_ids, layer, q, top_k, threshold)
-            self.calls += 1
-            return r
+            return self._searches(layer, [(self.memory_ids, q)], top_k, threshold)[0]
         parts = []
-        for ids, offsets, rows in self.groups.values():
-            r = self.client.search(ids, layer, q, top_k, threshold)
-            self.calls += 1
+        found = self._searches(layer, [(ids, q) for ids, _, _ in self.groups.values()], top_k, threshold)
+        for (_, offsets, rows), r in zip(self.groups.values(), found):
+            r = r.widened()  # mixed dtypes merge as float32
             # the group's row numbers (its memories concatenated) -> the request's
             starts = np.cumsum([0] + rows[:-1])
             which = np.searchsorted(starts, r.indices, side="right") - 1
@@ -71,13 +103,14 @@ class RemoteRetriever:
             a = a.reshape(kvh, rep, B, L, k, *a.shape[3:])
             return a.transpose(2, 0, 1, 3, 4, *range(5, a.ndim))
 
-        keys = mx.array(back(r.keys).astype(np.float32))
+        # Widened to float32 by MLX (exact, as numpy's widening; half the bytes to the device).
+        keys = from_storage(back(r.keys), r.dtype).astype(mx.float32)
         indices = back(r.indices)
         dots = mx.sum(queries[..., None, :] * keys, axis=-1)
         valid = mx.array(indices >= 0) if threshold is not None else None
         return Retrieved(
             dots=dots,
             valid=valid,
-            values=mx.array(back(r.values).astype(np.float32)),
+            values=from_storage(back(r.values), r.dtype).astype(mx.float32),
             indices=mx.array(indices.astype(np.int32)),
         )

@@ -7,12 +7,15 @@ start-up attached the engines, so every RPC here may use them.
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from extmind.errors import InvalidArgument
+from extmind.errors import ExtmindError, InvalidArgument
 from extmind.tensor import FLOAT32, decode, decode_raw, encode
 from extmind.v1 import common_pb2, memory_pb2, memory_pb2_grpc
+from services.common.interceptor import note_access
 from services.memory.documents import Collection, Documents, check_collection
 from services.memory.kv_layout import BUILDING, READY, Layout, MemoryMeta
 from services.memory.kv_memories import KV_DTYPES, KVMemories
@@ -130,7 +133,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
                 values=encode(piece.values, dtype=meta.dtype),
             )
 
-    async def SearchMemory(self, request, context):
+    async def _search(self, request: memory_pb2.SearchMemoryRequest) -> memory_pb2.SearchMemoryResponse:
         queries = decode(request.queries, name="queries", dtypes=KV_DTYPES, ndim=3)
         hits = await self.kv.search(
             list(request.memory_ids),
@@ -147,6 +150,29 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             out.keys.CopyFrom(encode(hits.keys, dtype=hits.dtype))
             out.values.CopyFrom(encode(hits.values, dtype=hits.dtype))
         return out
+
+    async def SearchMemory(self, request, context):
+        return await self._search(request)
+
+    async def SearchMemoryStream(self, request_iterator, context):
+        # One access line for the whole stream (``searches``: how many were answered); the first
+        # bad request ends it with its status, naming which request it was.
+        n = 0
+        async for msg in request_iterator:
+            if not msg.HasField("search"):
+                raise InvalidArgument(f"request {n} of the stream has no search; send a SearchMemoryRequest in it")
+            try:
+                result = await self._search(msg.search)
+            except ExtmindError as e:
+                raise type(e)(f"request {n} of the stream: {e.message}") from None
+            n += 1
+            note_access(searches=n)
+            yield memory_pb2.SearchMemoryStreamResponse(result=result)
+        # The requests also end when the client goes away; gRPC flags that cancellation from a
+        # task of its own, which a yield lets run first. Then the access line says CANCELLED.
+        await asyncio.sleep(0)
+        if context.cancelled():
+            raise asyncio.CancelledError
 
     # ---------------------------------------------------------------- documents
 

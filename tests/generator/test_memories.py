@@ -85,7 +85,8 @@ async def test_local_and_remote_give_the_same_tokens(engine, memory):
 
 async def test_remote_prefill_splits_its_searches_to_fit_the_response_budget(engine, memory, monkeypatch):
     """A prefill's REMOTE answer can exceed the memory service's response budget: the client
-    splits the query tokens over several SearchMemory calls, and nothing else changes."""
+    splits the query tokens over several searches (messages of the search stream), and nothing
+    else changes."""
     from services.generator import memory_client
 
     mid, _ = memory
@@ -95,14 +96,14 @@ async def test_remote_prefill_splits_its_searches_to_fit_the_response_budget(eng
     )
     whole = await run(engine, req)
     calls = []
-    real = memory_client.MemoryClient._search_once
+    real = memory_client.search_request
 
-    def counted(self, *a, **kw):
-        calls.append(a[2].shape[1])  # query tokens in this call
-        return real(self, *a, **kw)
+    def counted(*a, **kw):
+        calls.append(a[2].shape[1])  # query tokens in this search
+        return real(*a, **kw)
 
     monkeypatch.setattr(memory_client, "SEARCH_ANSWER_BUDGET", 4096 + 3 * 4 * 5 * (12 + 2 * 16 * 4))
-    monkeypatch.setattr(memory_client.MemoryClient, "_search_once", counted)
+    monkeypatch.setattr(memory_client, "search_request", counted)
     split = await run(engine, req)
     assert max(calls) == 3 and len(calls) > engine.num_layers  # the prefill went in pieces of 3 tokens
     assert split[0] == whole[0]

@@ -1,0 +1,196 @@
+"""REMOTE retrieval over SearchMemoryStream: one stream per generation batch, closed when the
+batch ends (its last request finished or cancelled), with exactly the answers of unary
+SearchMemory calls; a memory service without the stream RPC (an older one) is searched with
+unary calls instead."""
+
+from __future__ import annotations
+
+import time
+from concurrent import futures
+
+import grpc
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from extmind import errors
+from extmind.procs import free_port
+from extmind.v1 import memory_pb2_grpc
+from services.generator.memory_client import MemoryClient, search_requests
+from services.generator.remote_retrieval import RemoteRetriever
+from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
+
+from .helpers import run
+
+STREAM = "/extmind.v1.MemoryService/SearchMemoryStream"
+UNARY = "/extmind.v1.MemoryService/SearchMemory"
+
+
+def _access_lines(svc, method: str) -> list[str]:
+    return [x for x in svc.log_path.read_text().splitlines() if f"method={method} " in x]
+
+
+def _wait_for_line(svc, method: str, before: int, timeout: float = 10.0) -> str:
+    """The access line number ``before`` (0-based) of ``method``, once the service wrote it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = _access_lines(svc, method)
+        if len(lines) > before:
+            return lines[before]
+        time.sleep(0.05)
+    raise AssertionError(f"no access line {before} for {method}:\n{svc.log_tail()}")
+
+
+def _searches(line: str) -> int:
+    return int(line.split("searches=", 1)[1].split()[0])
+
+
+class OlderMemoryService(memory_pb2_grpc.MemoryServiceServicer):
+    """A memory service from before SearchMemoryStream: the real one's unary calls, passed on
+    as they are; the stream RPC answers UNIMPLEMENTED (the generated base class's answer)."""
+
+    def __init__(self, address: str):
+        self._stub = memory_pb2_grpc.MemoryServiceStub(grpc.insecure_channel(address))
+
+    def GetMemory(self, request, context):
+        return self._stub.GetMemory(request, timeout=30)
+
+    def SearchMemory(self, request, context):
+        return self._stub.SearchMemory(request, timeout=30)
+
+
+class HungMemoryService(memory_pb2_grpc.MemoryServiceServicer):
+    """A memory service that takes search requests and never answers them (stuck)."""
+
+    def SearchMemoryStream(self, request_iterator, context):
+        for _ in request_iterator:  # reads on, answers nothing
+            pass
+        yield from ()
+
+
+def _serve(servicer):
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    memory_pb2_grpc.add_MemoryServiceServicer_to_server(servicer, server)
+    port = free_port()
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+def older_memory_service(memory_address):
+    server, address = _serve(OlderMemoryService(memory_address))
+    yield address
+    server.stop(None)
+
+
+def test_an_answer_that_never_comes_ends_the_stream_after_the_timeout():
+    server, address = _serve(HungMemoryService())
+    client = MemoryClient(address, timeout=0.5)
+    try:
+        stream = client.search_stream()
+        q = np.ones((4, 1, 16), np.float32)
+        t0 = time.monotonic()
+        with pytest.raises(errors.Unavailable, match="DEADLINE_EXCEEDED: no answer within 0.5 s, searching layer 1"):
+            stream.search(search_requests(["m"], 1, q, 3, None), "searching layer 1")
+        assert 0.5 <= time.monotonic() - t0 < 5
+        assert stream.closed
+        with pytest.raises(errors.Unavailable):  # the same error from then on
+            stream.search(search_requests(["m"], 0, q, 3, None), "searching layer 0")
+    finally:
+        client.close()
+        server.stop(None)
+
+
+def _retrieve_all(engine, retriever, queries, top_k, threshold):
+    """Every layer's Retrieved for ``queries`` [B, KVH, R, L, d], as numpy (on the MLX thread)."""
+
+    def go():
+        out = []
+        for layer in range(engine.num_layers):
+            r = retriever.retrieve(layer, mx.array(queries), top_k, threshold)
+            out.append({k: None if v is None else np.array(v) for k, v in vars(r).items()})
+        return out
+
+    return engine.mlx.call(go)
+
+
+@pytest.mark.parametrize("threshold", [None, 0.1])
+def test_the_stream_answers_exactly_as_unary_calls_and_an_older_service_falls_back(
+    engine, memory, memory_address, module_memory_service, older_memory_service, threshold
+):
+    mid, _ = memory
+    before = len(_access_lines(module_memory_service, STREAM))
+    resolved = engine.resolver.resolve((mid,))
+    rng = np.random.default_rng(0)
+    kvh, rep, d = engine.num_kv_heads, engine.num_heads // engine.num_kv_heads, engine.head_dim
+    clients = []
+    for B, L in ((1, 1), (2, 3)):  # a decode step; a small batched prefill
+        queries = rng.standard_normal((B, kvh, rep, L, d)).astype(np.float32)
+        streamed = MemoryClient(memory_address)
+        unary = MemoryClient(memory_address)
+        unary.streams_search = False
+        older = MemoryClient(older_memory_service)
+        clients += [streamed, unary, older]
+        got = {}
+        for name, client in (("stream", streamed), ("unary", unary), ("older", older)):
+            retriever = RemoteRetriever(client, resolved)
+            got[name] = _retrieve_all(engine, retriever, queries, 6, threshold)
+            retriever.close()
+            assert retriever.calls == engine.num_layers
+        assert streamed.streams_search and not older.streams_search  # the older service: unary from now on
+        for layer in range(engine.num_layers):
+            for field, want in got["unary"][layer].items():
+                for other in ("stream", "older"):
+                    g = got[other][layer][field]
+                    assert (g is None) == (want is None), field
+                    if want is not None:
+                        assert g.dtype == want.dtype and np.array_equal(g, want), (other, layer, field)
+    # one stream per retriever that streamed (the older service's client never reached this one),
+    # ended by the retriever's close
+    for i in (before, before + 1):
+        assert "code=OK" in _wait_for_line(module_memory_service, STREAM, i)
+    for c in clients:
+        c.close()
+
+
+async def test_one_stream_serves_a_whole_generation_and_closes_when_it_ends(engine, memory, module_memory_service):
+    mid, _ = memory
+    svc = module_memory_service
+    before, unary_before = len(_access_lines(svc, STREAM)), len(_access_lines(svc, UNARY))
+    prompt = engine.tokenizer.encode("Alice met Bob at")
+    req = GenerationRequest(prompt, Sampling(max_tokens=40), MemoryOptions((mid,), top_k=4, mode="remote"))
+    tokens, _, _, _ = await run(engine, req)
+    assert len(tokens) >= 10
+    line = _wait_for_line(svc, STREAM, before)  # the batch ended: its stream is closed
+    assert "code=OK" in line, line
+    n = _searches(line)
+    assert n % engine.num_layers == 0 and n >= len(tokens) * engine.num_layers, line  # every layer of every step
+    assert len(_access_lines(svc, STREAM)) == before + 1  # one stream for the whole generation
+    assert len(_access_lines(svc, UNARY)) == unary_before  # and no unary search beside it
+
+
+async def test_a_cancelled_generation_closes_its_stream(engine, memory, module_memory_service):
+    mid, _ = memory
+    svc = module_memory_service
+    before = len(_access_lines(svc, STREAM))
+    prompt = engine.tokenizer.encode("Paris is the capital of")
+    req = GenerationRequest(prompt, Sampling(max_tokens=500), MemoryOptions((mid,), top_k=4, mode="remote"))
+    agen = engine.generate(req)
+    seen = 0
+    async for ev in agen:
+        seen += isinstance(ev, Chunk)
+        if seen == 3:
+            break
+    assert seen == 3
+    await agen.aclose()  # the client went away
+    line = _wait_for_line(svc, STREAM, before)
+    assert "code=OK" in line and _searches(line) < 100 * engine.num_layers, line
+    deadline = time.monotonic() + 5
+    while engine.stats()["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.stats()["active"] == 0
+    # the next REMOTE generation opens a stream of its own
+    tokens, _, _, _ = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=3), req.memory))
+    assert len(tokens) == 3
+    assert "code=OK" in _wait_for_line(svc, STREAM, before + 1)
