@@ -87,6 +87,7 @@ class LocalRetriever:
             # joined in float32, which holds every float16 / bfloat16 value exactly.
             wide = len({b.dtype for b in banks}) > 1
             cast = (lambda a: a.astype(mx.float32)) if wide else (lambda a: a)  # noqa: E731
+
             def cat(arrays, axis=1):
                 return [mx.concatenate([cast(a) for a in layer], axis=axis) for layer in zip(*arrays)]
 

@@ -93,8 +93,10 @@ def local_top_k(
 
     A decode step (L == 1) runs one compiled graph per (top_k, threshold, shapes): its dozen
     small element-wise ops fuse, which halves the retrieval's per-token cost."""
-    top = _compiled_top_k(top_k, threshold) if queries.shape[3] == 1 else functools.partial(
-        _top_k, top_k=top_k, threshold=threshold
+    top = (
+        _compiled_top_k(top_k, threshold)
+        if queries.shape[3] == 1
+        else functools.partial(_top_k, top_k=top_k, threshold=threshold)
     )
     dots, values, indices, *valid = top(keys_t, inv_key_norms, values, queries)
     return Retrieved(dots=dots, valid=valid[0] if valid else None, values=values, indices=indices)
