@@ -1,9 +1,10 @@
 """Generator benchmark: extended mind vs stock mlx-lm, side by side in one run.
 
-    python -m bench.generator [--shape 50m|1b|both] [--dtype float32|float16|bfloat16] [--tokens 128]
+    python -m bench.generator [--shape tiny|50m|1b|both] [--dtype float32|float16|bfloat16] [--tokens 128]
                               [--rows 4096] [--big-rows 65536] [--quick] [--record]
 
-A random Llama built with extmind.tiny_models (``--shape 50m``: ~50M parameters, hidden 512,
+A random Llama built with extmind.tiny_models (``--shape tiny``: hidden 64, 2 layers, where the
+arithmetic is negligible and the per-token host work shows as it would on a GPU; ``50m``: ~50M parameters, hidden 512,
 8 layers, 8 heads, 2 KV heads, float32; ``1b``: ~1B, hidden 2048, 16 layers, 32 heads, 8 KV
 heads, float16), a real memory service (real Redis) and the generator engine in-process. Prints
 one markdown table per shape of ratios to stock mlx-lm (``generate_step`` on an unmodified load,
@@ -38,12 +39,15 @@ from services.generator.request_types import Chunk, GenerationRequest, MemoryOpt
 
 # Model shapes (extmind.tiny_models.build_llama arguments); vocabulary: the tiny tokenizer's.
 SHAPES = {
+    # Arithmetic negligible next to the per-token host work: shows the overheads a GPU would.
+    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, dtype="float32"),
     "50m": dict(hidden=512, layers=8, heads=8, kv_heads=2, intermediate=3584, dtype="float32"),
     "1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, dtype="float16"),
 }
 # --quick per shape. MLX's CPU build has no fast float16 matmul (~4 GFLOP/s on 2 cores): the 1B
 # model there takes ~15 s per 32 prompt tokens and ~2 s per new token, so its smoke run is tiny.
 QUICK = {
+    "tiny": dict(tokens=64, rows=1024, prompt=32, prefill=512),
     "50m": dict(tokens=16, rows=1024, prompt=32, prefill=512),
     "1b": dict(tokens=4, rows=64, prompt=8, prefill=16),
 }
@@ -269,7 +273,12 @@ async def big_memory_rows(engine, args, rng, ok, prompt, stock_rate, rows):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=("50m", "1b", "both"), default="50m", help="model shape(s) to measure")
+    p.add_argument(
+        "--shape",
+        choices=("tiny", "50m", "1b", "both"),
+        default="50m",
+        help="model shape(s) to measure (tiny: hidden 64, 2 layers: the per-token host overheads; both: 50m, 1b)",
+    )
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument(
         "--dtype",

@@ -15,6 +15,8 @@ class MLXThread:
     def __init__(self, name: str = "mlx"):
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._ident: int | None = None
+        self._waiting = 0  # submitted, not started yet
+        self._lock = threading.Lock()
         self._pool.submit(self._remember).result()
 
     def _remember(self):
@@ -24,7 +26,19 @@ class MLXThread:
         return threading.get_ident() == self._ident
 
     def submit(self, fn, *args, **kwargs) -> concurrent.futures.Future:
-        return self._pool.submit(fn, *args, **kwargs)
+        with self._lock:
+            self._waiting += 1
+        return self._pool.submit(self._started, fn, args, kwargs)
+
+    def _started(self, fn, args, kwargs):
+        with self._lock:
+            self._waiting -= 1
+        return fn(*args, **kwargs)
+
+    def has_waiting(self) -> bool:
+        """Whether work submitted to the thread has not started yet (a loop running on the thread
+        yields to it)."""
+        return self._waiting > 0
 
     def call(self, fn, *args, **kwargs):
         """Runs ``fn`` on the MLX thread and waits (from any non-MLX thread)."""

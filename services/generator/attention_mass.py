@@ -1,13 +1,13 @@
 """How much attention goes to the memories: per request, the share of the softmax weight that
 falls on the retrieved memories rather than on the local context (docs/extended-mind.md).
 
-While a group has memories, every layer that retrieves appends the share of each query (mean over
-its query heads) to ``MemoryContext.mass`` (services/generator/extended_attention.py); the record
-is split into decode forwards exactly as citations are (``citations.split_forwards``: the forward
-of the last prompt token and of each generated token but the last), and each request adds its
-row to a per-layer sum on the device. The host reads the sum once, when the request ends, and
-observes two histograms: the request's mean share over its layers, heads and steps, and the mean
-share of each layer.
+While a group has memories, every layer that retrieves appends the share of each query (summed
+over its query heads) to ``MemoryContext.mass`` (services/generator/extended_attention.py); the
+record is split into decode forwards exactly as citations are (``citations.split_forwards``: the
+forward of the last prompt token and of each generated token but the last), evaluated with the
+step, and each request adds its row to a per-layer sum on the device every few steps. The host
+reads the sum once, when the request ends, and observes two histograms: the request's mean share
+over its layers, heads and steps, and the mean share of each layer.
 """
 
 from __future__ import annotations
@@ -39,37 +39,52 @@ MEMORY_SHARE_BY_LAYER = Histogram(
 
 
 class MassSum:
-    """One request's per-layer sums of its memory share, on the device, and the steps summed."""
+    """One request's per-layer sums of its memory share, on the device, and the steps summed.
 
-    def __init__(self, layers: Sequence[int]):
+    ``add`` only remembers a forward's (already evaluated) per-layer head sums and the request's
+    batch row in them; every FLUSH_STEPS forwards, and in ``means``, they are added up in one graph."""
+
+    FLUSH_STEPS = 32
+
+    def __init__(self, layers: Sequence[int], num_heads: int):
         self.layers = list(layers)  # the retrieving layers, in forward order
-        self.total = mx.zeros(len(self.layers), dtype=mx.float32)
+        self.num_heads = num_heads
+        self.total = mx.zeros(len(self.layers), dtype=mx.float32)  # sums over steps and query heads
         self.steps = 0
+        self._pending: list[mx.array] = []  # per forward [layers]
 
-    def add(self, share: mx.array) -> mx.array:
-        """share [layers]: one decode forward's row. -> the new (lazy) total."""
-        self.total = self.total + share
+    def add(self, sums: list[mx.array], b: int) -> None:
+        """sums: one decode forward's per-layer [B, 1] sums over query heads; b: the request's row."""
+        self._pending.append(mx.concatenate([a[b] for a in sums]))
         self.steps += 1
-        return self.total
+        if len(self._pending) >= self.FLUSH_STEPS:
+            self._flush()
+            mx.async_eval(self.total)  # keeps the sum a short graph
+
+    def _flush(self) -> None:
+        if self._pending:
+            self.total = self.total + mx.sum(mx.stack(self._pending), axis=0)
+            self._pending = []
 
     def means(self) -> dict[int, float]:
-        """layer -> the mean share over the steps (reads the device once); {} before any step."""
+        """layer -> the mean share over the steps and query heads (reads the device once); {}
+        before any step."""
         if not self.steps:
             return {}
-        per_layer = np.array(self.total) / self.steps
+        self._flush()
+        per_layer = np.array(self.total) / (self.steps * self.num_heads)
         return {layer: float(v) for layer, v in zip(self.layers, per_layer)}
 
 
 def forward_shares(
     record: list, layers_per_forward: int, generated: Sequence[int], started: Sequence[int]
-) -> list[tuple[list[int], mx.array]]:
-    """The mass record of one ``next()`` call ((layer, share [B, L])) -> (uids, share [B, layers])
-    per decode forward. Raises Internal when the layout is not the one citations assume."""
-    out = []
-    for uids, fwd in split_forwards(record, layers_per_forward, generated, started, "attention mass"):
+) -> list[tuple[list[int], list[mx.array]]]:
+    """The mass record of one ``next()`` call ((layer, head sums [B, L])) -> (uids, per-layer
+    [B, 1]) per decode forward. Raises Internal when the layout is not the one citations assume."""
+    out = split_forwards(record, layers_per_forward, generated, started, "attention mass")
+    for _, fwd in out:
         if any(a.ndim != 2 or a.shape[1] != 1 for a in fwd):
             raise errors.Internal(f"attention mass: a decode forward recorded shapes {[tuple(a.shape) for a in fwd]}")
-        out.append((uids, mx.concatenate(fwd, axis=1)))
     return out
 
 

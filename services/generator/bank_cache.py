@@ -34,7 +34,7 @@ CACHED_BANKS = Gauge("extmind_generator_bank_cache_banks", "memory banks cached 
 class Bank:
     memory_id: str
     version: str
-    keys: list[mx.array]  # per layer [KVH, N, d] in the memory's dtype
+    keys: list[mx.array]  # per layer [KVH, d, N] (transposed for the retrieval's matmul) in the memory's dtype
     values: list[mx.array]
     inv_norms: list[mx.array]  # per layer [KVH, N] float32
     rows: int
@@ -55,14 +55,15 @@ def bank_from_numpy(
 ) -> Bank:
     """Per-layer numpy [KVH, N, d] storage arrays of ``dtype`` (``extmind.tensor.STORAGE``:
     bfloat16 as uint16 bits; None = float32 or float16 read off the arrays) -> a Bank on the
-    device in that dtype, bit for bit."""
+    device in that dtype, bit for bit (the keys transposed to [KVH, d, N])."""
     if dtype is None:
         dtype = tensor.FLOAT16 if keys and np.asarray(keys[0]).dtype == np.float16 else tensor.FLOAT32
     k = [from_storage(x, dtype) for x in keys]
     v = [from_storage(x, dtype) for x in values]
     norms = [_inv_norms(x) for x in k]
+    k = [mx.contiguous(x.swapaxes(-1, -2)) for x in k]
     mx.eval(k, v, norms)
-    rows = int(k[0].shape[1]) if k else 0
+    rows = int(k[0].shape[2]) if k else 0
     return Bank(memory_id, version, k, v, norms, rows, dtype)
 
 
@@ -86,8 +87,11 @@ class LocalRetriever:
             # joined in float32, which holds every float16 / bfloat16 value exactly.
             wide = len({b.dtype for b in banks}) > 1
             cast = (lambda a: a.astype(mx.float32)) if wide else (lambda a: a)  # noqa: E731
-            cat = lambda arrays: [mx.concatenate([cast(a) for a in layer], axis=1) for layer in zip(*arrays)]  # noqa: E731
-            self.keys = cat([b.keys for b in banks])
+
+            def cat(arrays, axis=1):
+                return [mx.concatenate([cast(a) for a in layer], axis=axis) for layer in zip(*arrays)]
+
+            self.keys = cat([b.keys for b in banks], axis=2)  # [KVH, d, N]: rows on the last axis
             self.values = cat([b.values for b in banks])
             self.inv_norms = cat([b.inv_norms for b in banks])
             mx.eval(self.keys, self.values, self.inv_norms)

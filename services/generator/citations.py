@@ -5,8 +5,9 @@ generated step: the forward of the last prompt token (it produces the first toke
 forward of each generated token but the last (whose output is never used). Nothing is replayed:
 while a group has a request that wants citations, every layer with memories appends its top-k
 rows ``[B, H, L, k]`` (-1 = masked by the threshold) to ``MemoryContext.record``, and after each
-``BatchGenerator.next()`` the rows of each batch row are scatter-added, on the device, into that
-row's request's ``[rows + 1]`` counts (the last slot takes masked picks). Requests that did not
+``BatchGenerator.next()`` the scheduler evaluates them with the step (they are tiny) and hands
+each batch row's to its request's ``Counts``, which scatter-adds them, on the device, into its
+``[rows + 1]`` counts every few steps (the last slot takes masked picks). Requests that did not
 ask for citations are never tallied; the host sees one counts vector per request, at its end.
 
 Which forward is which comes from the order in which mlx-lm 0.32's ``BatchGenerator._next``
@@ -43,11 +44,6 @@ class Citation:
     row_hits: list[int] = field(default_factory=list)  # per memory row of the span (the proto sends the sum)
 
 
-def new_counts(rows: int) -> mx.array:
-    """A request's retrieval counts: one slot per memory row plus one for masked picks."""
-    return mx.zeros(rows + 1, dtype=mx.int32)
-
-
 def split_forwards(
     record: list, layers_per_forward: int, generated: Sequence[int], started: Sequence[int], what: str = "citations"
 ) -> list[tuple[list[int], list[mx.array]]]:
@@ -77,27 +73,55 @@ def split_forwards(
 
 
 def decode_forwards(
-    record: list, layers_per_forward: int, rows: int, generated: Sequence[int], started: Sequence[int]
-) -> list[tuple[list[int], mx.array]]:
-    """``split_forwards`` of the citations record (layer, indices [B, H, L, k]).
-    Returns (uids, rows [B, layers * H * k]) per decode forward, masked picks mapped to ``rows``.
-    """
-    out = []
-    for uids, fwd in split_forwards(record, layers_per_forward, generated, started):
+    record: list, layers_per_forward: int, generated: Sequence[int], started: Sequence[int]
+) -> list[tuple[list[int], list[mx.array]]]:
+    """``split_forwards`` of the citations record (layer, indices [B, H, L, k]), checking that
+    every decode forward has one query per row. Returns (uids, the forward's per-layer indices)."""
+    out = split_forwards(record, layers_per_forward, generated, started)
+    for uids, fwd in out:
         for a in fwd:
             if a.shape[2] != 1:
                 raise errors.Internal(
                     f"citations: a decode forward of {len(uids)} sequences recorded indices of "
                     f"shape {tuple(a.shape)}; expected [{len(uids)}, H, 1, k]"
                 )
-        flat = mx.concatenate([a.reshape(len(uids), -1) for a in fwd], axis=1)
-        out.append((uids, mx.where(flat >= 0, flat, rows)))
     return out
 
 
-def tally(counts: mx.array, picked: mx.array) -> mx.array:
-    """counts [rows + 1] plus one per entry of picked (duplicates accumulate)."""
-    return counts.at[picked].add(1)
+class Counts:
+    """One request's retrieval counts, kept on the device: one slot per memory row plus one for
+    masked picks (the last).
+
+    ``add`` only remembers a forward's (already evaluated) per-layer indices and the request's
+    batch row in them: nothing runs per step. Every FLUSH_STEPS forwards, and in ``read``, the
+    remembered picks are scatter-added into the counts in one graph."""
+
+    FLUSH_STEPS = 32
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self.counts = mx.zeros(rows + 1, dtype=mx.int32)
+        self._pending: list[mx.array] = []  # per layer [H, 1, k] int32, -1 = masked
+        self._steps = 0
+
+    def add(self, indices: list[mx.array], b: int) -> None:
+        """indices: one decode forward's per-layer [B, H, 1, k]; b: the request's row."""
+        self._pending.extend(a[b] for a in indices)
+        self._steps += 1
+        if self._steps >= self.FLUSH_STEPS:
+            self._flush()
+            mx.async_eval(self.counts)  # keeps the counts a short graph
+
+    def _flush(self) -> None:
+        if self._pending:
+            picked = mx.concatenate([a.reshape(-1) for a in self._pending])
+            self.counts = self.counts.at[mx.where(picked >= 0, picked, self.rows)].add(1)
+        self._pending, self._steps = [], 0
+
+    def read(self) -> np.ndarray:
+        """The per-row counts [rows] int32 (reads the device once)."""
+        self._flush()
+        return np.array(self.counts[:-1])
 
 
 # Retrieval spreads over the whole bank (every layer and head picks k rows at every step), so

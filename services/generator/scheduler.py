@@ -6,9 +6,10 @@ runs stock mlx-lm.
 
 Threads. MLX work runs on the process's one MLX thread, and there is one way to put work there:
 ``MLXThread.call`` / ``run`` / ``submit``. The scheduler is a plain thread of its own that
-submits one *step* (every group's ``next()``) at a time through that same door and waits for it,
+submits *steps* (every group's ``next()``) through that same door and waits for them,
 so everything else queued on the MLX thread (admitting a request, cancelling one, a memorize
-window, ``stats``) runs between two steps, in arrival order. The scheduler thread sleeps on an
+window, ``stats``) runs between two steps, in arrival order; while nothing is queued, one
+submission runs several steps back to back (``_steps``). The scheduler thread sleeps on an
 event while no group has work. All scheduler state (groups, requests, counts) is only touched
 on the MLX thread; callers get plain Python events through their request's asyncio queue.
 
@@ -19,6 +20,7 @@ state only; the attention-mass sums stay on the device until a request ends (att
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
 import time
@@ -32,7 +34,7 @@ from extmind import errors
 from services.common.metrics import LATENCY_BUCKETS
 from services.common.mlx_thread import MLXThread
 from services.generator import attention_mass
-from services.generator.citations import decode_forwards, new_counts, spans, tally
+from services.generator.citations import Counts, decode_forwards, spans
 from services.generator.extended_attention import ExtendedMindState, MemoryContext
 from services.generator.memory_resolution import ResolvedMemory
 from services.generator.request_types import LENGTH, STOP, STOP_SEQUENCE, Chunk, Final, GenerationRequest
@@ -82,6 +84,8 @@ class RunningRequest:
         self.arrived = time.monotonic() if arrived is None else arrived  # for the latency metrics
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()  # Chunk..., then a Final or an exception
+        self._outbox: collections.deque = collections.deque()  # posted, not yet in events
+        self._wake = False  # a _deliver is scheduled on the loop
         self.text = StopText(detokenizer, tuple(req.sampling.stop))
         self.max_tokens = max_tokens
         self.generated = 0  # tokens the model produced (EOS included)
@@ -89,14 +93,26 @@ class RunningRequest:
         self.uid: int | None = None
         self.done = False
         self.memories: list[ResolvedMemory] = []
-        self.counts: mx.array | None = None  # retrieval counts on the device (citations only)
+        self.counts: Counts | None = None  # retrieval counts on the device (citations only)
         self.mass: attention_mass.MassSum | None = None  # memory share sums (requests with memories)
 
     def post(self, event) -> None:
+        """Hands ``event`` to the caller's loop (from the MLX thread). Events posted while the
+        loop has not yet taken the previous ones travel with them: one wake-up of the loop per
+        batch of tokens, not per token."""
+        self._outbox.append(event)
+        if self._wake:
+            return
+        self._wake = True
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            self.loop.call_soon_threadsafe(self._deliver)
         except RuntimeError:  # the caller's loop is gone
             pass
+
+    def _deliver(self) -> None:  # on the caller's loop
+        self._wake = False  # first: an event posted from here on schedules another delivery
+        while self._outbox:
+            self.events.put_nowait(self._outbox.popleft())
 
 
 class _Group:
@@ -112,6 +128,8 @@ class _Group:
 
 class Scheduler:
     """Owns the groups. ``admit``, ``cancel``, ``stats`` and ``close_all`` run on the MLX thread."""
+
+    STEPS_PER_CALL = 32
 
     def __init__(
         self,
@@ -164,10 +182,19 @@ class Scheduler:
             if self._stopping:
                 return
             try:
-                self._mlx.call(self._step_all)
+                self._mlx.call(self._steps)
             except Exception as e:  # noqa: BLE001 - a bug here must not leave callers waiting forever
                 log.exception("scheduler step failed")
                 self._mlx.call(self.close_all, errors.Internal(f"generation failed: {e}"))
+
+    def _steps(self) -> None:
+        """Steps back to back while nothing else waits for the MLX thread: one hand-over between
+        the two threads per STEPS_PER_CALL steps at most rather than one per token, and whatever
+        is submitted meanwhile (an admit, a cancel) still runs after the current step."""
+        for _ in range(self.STEPS_PER_CALL):
+            self._step_all()
+            if not self._groups or self._stopping or self._mlx.has_waiting():
+                return
 
     def _step_all(self) -> None:
         for key, group in list(self._groups.items()):
@@ -220,9 +247,9 @@ class Scheduler:
         r.uid, r.group, r.memories = uid, group, memories
         m = r.req.memory
         if m is not None and m.return_citations and group.ctx is not None:
-            r.counts = new_counts(group.ctx.retriever.rows)
+            r.counts = Counts(group.ctx.retriever.rows)
         if group.layers:
-            r.mass = attention_mass.MassSum(group.layers)
+            r.mass = attention_mass.MassSum(group.layers, self.state.shape.num_heads)
         group.requests[uid] = r
         self._active += 1
         PROMPT_TOKENS.inc(len(r.req.prompt_tokens))
@@ -286,50 +313,47 @@ class Scheduler:
                 self._on_token(r, resp)
         # Tallied after the tokens: a request that just ended does not count the forward on its
         # last token (mlx-lm computes it ahead, but its output is never used).
+        generated = [x.uid for x in responses]
+        started = [p.uid for p in prompt_responses if p.end_of_prompt]
+        recorded = []
         if record:
-            self._tally(group, record, prompt_responses, responses)
+            recorded += self._tally(group, decode_forwards, record, generated, started)
         if mass:
-            self._add_mass(group, mass, prompt_responses, responses)
+            recorded += self._tally(group, attention_mass.forward_shares, mass, generated, started)
+        if recorded:
+            # The recorded rows and shares are tiny: evaluating them with the step frees the
+            # forward's arrays they hang on; the requests add them up every few steps.
+            mx.async_eval(recorded)
 
-    def _add_mass(self, group: _Group, mass: list, prompt_responses, responses) -> None:
-        """Adds each decode forward's memory share to its requests' sums (lazily, on the device)."""
+    def _tally(self, group: _Group, split, record: list, generated: list, started: list) -> list:
+        """Hands every decode forward's rows of ``record`` to their requests (``counts`` for the
+        citations record, ``mass`` for the attention-mass one). -> the arrays handed out."""
+        attr = "counts" if split is decode_forwards else "mass"
         try:
-            forwards = attention_mass.forward_shares(
-                mass,
-                group.layers_per_forward,
-                [x.uid for x in responses],
-                [p.uid for p in prompt_responses if p.end_of_prompt],
-            )
-        except errors.ExtmindError as e:  # a metric never fails a request: stop measuring this group
-            log.warning("attention mass not measured", extra={"error": str(e)})
-            for r in group.requests.values():
-                r.mass = None
-            return
-        updated = [r.mass.add(share) for r, share in _rows_of(group, forwards, "mass")]
-        if updated:
-            mx.async_eval(updated)  # keeps each sum a one-step graph, as for the citation counts
-
-    def _tally(self, group: _Group, record: list, prompt_responses, responses) -> None:
-        try:
-            forwards = decode_forwards(
-                record,
-                group.layers_per_forward,
-                group.ctx.retriever.rows,
-                [x.uid for x in responses],
-                [p.uid for p in prompt_responses if p.end_of_prompt],
-            )
-        except errors.ExtmindError as e:  # never count approximately: fail the requests that asked
-            log.error("citation counting failed", extra={"error": str(e)})
+            forwards = split(record, group.layers_per_forward, generated, started)
+        except errors.ExtmindError as e:
+            if attr == "mass":  # a metric never fails a request: stop measuring this group
+                log.warning("attention mass not measured", extra={"error": str(e)})
+                for r in group.requests.values():
+                    r.mass = None
+                return []
+            log.error("citation counting failed", extra={"error": str(e)})  # never count approximately
             for r in [r for r in group.requests.values() if r.counts is not None]:
                 group.gen.remove([r.uid])
                 self._end(r, e)
-            return
-        updated = []
-        for r, picked in _rows_of(group, forwards, "counts"):
-            r.counts = tally(r.counts, picked)
-            updated.append(r.counts)
-        if updated:
-            mx.async_eval(updated)  # keeps each count a one-step graph
+            return []
+        out = []
+        for uids, arrays in forwards:
+            used = False
+            for b, uid in enumerate(uids):
+                r = group.requests.get(uid)
+                acc = getattr(r, attr) if r is not None else None
+                if acc is not None:
+                    acc.add(arrays, b)
+                    used = True
+            if used:
+                out += arrays
+        return out
 
     def _on_token(self, r: RunningRequest, resp) -> None:
         tok = int(resp.token)
@@ -355,7 +379,7 @@ class Scheduler:
         citations, counts = [], None
         if r.counts is not None:
             try:
-                counts = np.array(r.counts[:-1])
+                counts = r.counts.read()
                 r.counts = None
                 citations = spans(counts, r.memories, self.decode, r.req.memory.max_citations)
             except Exception as e:  # noqa: BLE001
@@ -383,14 +407,3 @@ class Scheduler:
 
 def _observe_end(r: RunningRequest, how: str) -> None:
     REQUEST_SECONDS.labels(how).observe(time.monotonic() - r.arrived)
-
-
-def _rows_of(group: _Group, forwards, attr: str):
-    """(request, its row) of every decode forward's row whose request is still in ``group`` and
-    keeps ``attr`` (``counts``: asked for citations; ``mass``: has memories). forwards: (uids,
-    rows [B, ...]) as ``decode_forwards`` / ``attention_mass.forward_shares`` split them."""
-    for uids, rows in forwards:
-        for b, uid in enumerate(uids):
-            r = group.requests.get(uid)
-            if r is not None and getattr(r, attr) is not None:
-                yield r, rows[b]
