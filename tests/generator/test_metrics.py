@@ -70,8 +70,12 @@ async def test_running_and_waiting_gauges_follow_the_batch(engine):
     seen = []
 
     async def watch():
+        # The MLX thread moves the gauges while this reads them: read running first. A request's
+        # first token moves one from waiting to running, so reading waiting first could count it
+        # twice (seen on a GPU); in this order a read between two moves can only undercount.
         while True:
-            seen.append((sample("extmind_generator_waiting_requests"), sample("extmind_generator_running_requests")))
+            running = sample("extmind_generator_running_requests")
+            seen.append((sample("extmind_generator_waiting_requests"), running))
             await asyncio.sleep(0.002)
 
     watcher = asyncio.create_task(watch())
