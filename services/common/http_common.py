@@ -193,6 +193,8 @@ class JsonFace:
     def error(self, exc: ExtmindError) -> JSONResponse:
         status = exc.http_status
         headers = {"connection": "close"} if isinstance(exc, BodyTooLarge) else {}  # its body was never read
+        if status in (429, 503):  # the retryable answers (docs/contract.md) say when to try again
+            headers["retry-after"] = "1"
         # An error that names the offending field (``param``, e.g. a request field) says so, as OpenAI does.
         return error_response(status, self.error_code(exc), exc.message, getattr(exc, "param", None), **headers)
 

@@ -16,7 +16,7 @@ from extmind.v1 import embedder_pb2 as pb
 from extmind.v1 import embedder_pb2_grpc
 from services.embedder.http_face import HttpFace
 
-from .http_client import call
+from .http_client import call, request_with_headers
 
 
 async def test_health_is_503_while_loading_then_200(tiny_qwen3):
@@ -28,8 +28,9 @@ async def test_health_is_503_while_loading_then_200(tiny_qwen3):
     port = await face.start("127.0.0.1", 0)
     try:
         assert (await call(port, "GET", "/health"))[0] == 503
-        status, body = await call(port, "POST", "/embed", {"texts": ["x"]})
+        status, body, headers = await asyncio.to_thread(request_with_headers, port, "POST", "/embed", {"texts": ["x"]})
         assert status == 503 and "loading" in body["error"]["message"]
+        assert headers.get("retry-after") == "1"
         mlx = MLXThread("http-test")
         engine = EmbedderEngine([mlx.call(registry.load, registry.resolve(str(tiny_qwen3)))], mlx)
         await engine.start()

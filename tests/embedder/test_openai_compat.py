@@ -20,7 +20,7 @@ from extmind.v1 import embedder_pb2 as pb
 from extmind.v1 import embedder_pb2_grpc
 from services.embedder.servicer import response_bytes
 
-from .http_client import call
+from .http_client import call, request_with_headers
 
 TEXTS = ["hello there", "general kenobi, you are a bold one", "42"]
 
@@ -182,8 +182,11 @@ async def test_a_full_queue_is_the_only_429(both):
     queued = asyncio.ensure_future(stub.Embed(pb.EmbedRequest(inputs=TEXTS + ["x"]), timeout=30))  # 4 of 6 queued
     await asyncio.sleep(0.2)
     try:
-        status, err = await call(app.http.port, "POST", "/v1/embeddings", {"input": ["a", "b", "c"]})
+        status, err, headers = await asyncio.to_thread(
+            request_with_headers, app.http.port, "POST", "/v1/embeddings", {"input": ["a", "b", "c"]}
+        )
         assert status == 429 and err["error"]["code"] == "resource_exhausted", err
+        assert headers.get("retry-after") == "1"  # retryable: says when
         assert err["error"]["type"] == "invalid_request_error" and "retry" in err["error"]["message"]
     finally:
         gate.set()
