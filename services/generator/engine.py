@@ -295,11 +295,20 @@ class GeneratorEngine:
         )
 
     async def get_memory(self, memory_id: str):
-        """The memory_pb2 Memory ``memory_id``. Raises NotFound, Unavailable."""
-        return await asyncio.to_thread(self._memory_service().get_memory, memory_id)
+        """The memory_pb2 Memory ``memory_id``, one of this model's (``list_memories``' set).
+        Raises NotFound (also for another model's memory), Unavailable."""
+        m = await asyncio.to_thread(self._memory_service().get_memory, memory_id)
+        if m.model_fingerprint != self.fingerprint:
+            raise errors.NotFound(
+                f"memory {memory_id!r} was built by another model (fingerprint {m.model_fingerprint[:19]}…); "
+                "this generator lists and deletes its own model's memories only"
+            )
+        return m
 
     async def delete_memory(self, memory_id: str) -> None:
-        """Deletes ``memory_id`` from the memory service. Raises NotFound, Unavailable."""
+        """Deletes ``memory_id``, one of this model's memories, from the memory service. Raises
+        NotFound (also for another model's memory), Unavailable."""
+        await self.get_memory(memory_id)
         await asyncio.to_thread(self._memory_service().delete_memory, memory_id)
 
     def memorize_blocking(

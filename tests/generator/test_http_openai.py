@@ -286,6 +286,11 @@ def test_every_error_status_has_openai_shape(served, memory_id):
         model_fingerprint="sha256:" + "0" * 64,
     )
     served.memory_service.stub().CreateMemory(built_elsewhere, timeout=10)
+    # Another model's memory is not this generator's to show or delete (the list hides it too).
+    for method in ("GET", "DELETE"):
+        status, err = served.json(method, "/v1/memories/other-model")
+        assert status == 404 and "another model" in err["error"]["message"], (method, err)
+    assert served.memory_service.stub().GetMemory(memory_pb2.GetMemoryRequest(memory_id="other-model"), timeout=10)
     cases = [
         (lambda: chat(model=served.model_id, messages=MESSAGES, n=2), 400, "invalid_argument", "n"),
         (lambda: chat(model=served.model_id, messages=MESSAGES, temperature=3), 400, "invalid_argument", "temperature"),
