@@ -200,7 +200,7 @@ class Scheduler:
         for key, group in list(self._groups.items()):
             self._step(group)
             if not group.requests:
-                group.gen.close()
+                _close_group(group)
                 self._groups.pop(key, None)
         if not self._groups:
             self._has_work.clear()  # on the MLX thread, so no admit can slip in between
@@ -274,7 +274,7 @@ class Scheduler:
                 r.done = True
                 _observe_end(r, "error")
                 r.post(error)
-            g.gen.close()
+            _close_group(g)
         self._groups.clear()
         self._active = 0
         self._has_work.clear()
@@ -403,6 +403,15 @@ class Scheduler:
         r.done = True
         _observe_end(r, last.finish_reason if isinstance(last, Final) else "error")
         r.post(last)
+
+
+def _close_group(group: _Group) -> None:
+    """Ends a group: its BatchGenerator and, for REMOTE, its search stream (now, rather than
+    whenever the retriever is garbage-collected: the memory service holds the stream open)."""
+    group.gen.close()
+    close = getattr(group.ctx.retriever, "close", None) if group.ctx is not None else None
+    if close is not None:
+        close()
 
 
 def _observe_end(r: RunningRequest, how: str) -> None:

@@ -20,25 +20,11 @@ from services.generator.memory_client import MemoryClient, search_requests
 from services.generator.remote_retrieval import RemoteRetriever
 from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
 
+from ..helpers import access_lines, wait_for_access_line
 from .helpers import run
 
 STREAM = "/extmind.v1.MemoryService/SearchMemoryStream"
 UNARY = "/extmind.v1.MemoryService/SearchMemory"
-
-
-def _access_lines(svc, method: str) -> list[str]:
-    return [x for x in svc.log_path.read_text().splitlines() if f"method={method} " in x]
-
-
-def _wait_for_line(svc, method: str, before: int, timeout: float = 10.0) -> str:
-    """The access line number ``before`` (0-based) of ``method``, once the service wrote it."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        lines = _access_lines(svc, method)
-        if len(lines) > before:
-            return lines[before]
-        time.sleep(0.05)
-    raise AssertionError(f"no access line {before} for {method}:\n{svc.log_tail()}")
 
 
 def _searches(line: str) -> int:
@@ -120,7 +106,7 @@ def test_the_stream_answers_exactly_as_unary_calls_and_an_older_service_falls_ba
     engine, memory, memory_address, module_memory_service, older_memory_service, threshold
 ):
     mid, _ = memory
-    before = len(_access_lines(module_memory_service, STREAM))
+    before = len(access_lines(module_memory_service, STREAM))
     resolved = engine.resolver.resolve((mid,))
     rng = np.random.default_rng(0)
     kvh, rep, d = engine.num_kv_heads, engine.num_heads // engine.num_kv_heads, engine.head_dim
@@ -149,7 +135,7 @@ def test_the_stream_answers_exactly_as_unary_calls_and_an_older_service_falls_ba
     # one stream per retriever that streamed (the older service's client never reached this one),
     # ended by the retriever's close
     for i in (before, before + 1):
-        assert "code=OK" in _wait_for_line(module_memory_service, STREAM, i)
+        assert "code=OK" in wait_for_access_line(module_memory_service, STREAM, i)
     for c in clients:
         c.close()
 
@@ -157,23 +143,23 @@ def test_the_stream_answers_exactly_as_unary_calls_and_an_older_service_falls_ba
 async def test_one_stream_serves_a_whole_generation_and_closes_when_it_ends(engine, memory, module_memory_service):
     mid, _ = memory
     svc = module_memory_service
-    before, unary_before = len(_access_lines(svc, STREAM)), len(_access_lines(svc, UNARY))
+    before, unary_before = len(access_lines(svc, STREAM)), len(access_lines(svc, UNARY))
     prompt = engine.tokenizer.encode("Alice met Bob at")
     req = GenerationRequest(prompt, Sampling(max_tokens=40), MemoryOptions((mid,), top_k=4, mode="remote"))
     tokens, _, _, _ = await run(engine, req)
     assert len(tokens) >= 10
-    line = _wait_for_line(svc, STREAM, before)  # the batch ended: its stream is closed
+    line = wait_for_access_line(svc, STREAM, before)  # the batch ended: its stream is closed
     assert "code=OK" in line, line
     n = _searches(line)
     assert n % engine.num_layers == 0 and n >= len(tokens) * engine.num_layers, line  # every layer of every step
-    assert len(_access_lines(svc, STREAM)) == before + 1  # one stream for the whole generation
-    assert len(_access_lines(svc, UNARY)) == unary_before  # and no unary search beside it
+    assert len(access_lines(svc, STREAM)) == before + 1  # one stream for the whole generation
+    assert len(access_lines(svc, UNARY)) == unary_before  # and no unary search beside it
 
 
 async def test_a_cancelled_generation_closes_its_stream(engine, memory, module_memory_service):
     mid, _ = memory
     svc = module_memory_service
-    before = len(_access_lines(svc, STREAM))
+    before = len(access_lines(svc, STREAM))
     prompt = engine.tokenizer.encode("Paris is the capital of")
     req = GenerationRequest(prompt, Sampling(max_tokens=500), MemoryOptions((mid,), top_k=4, mode="remote"))
     agen = engine.generate(req)
@@ -184,7 +170,7 @@ async def test_a_cancelled_generation_closes_its_stream(engine, memory, module_m
             break
     assert seen == 3
     await agen.aclose()  # the client went away
-    line = _wait_for_line(svc, STREAM, before)
+    line = wait_for_access_line(svc, STREAM, before)
     assert "code=OK" in line and _searches(line) < 100 * engine.num_layers, line
     deadline = time.monotonic() + 5
     while engine.stats()["active"] and time.monotonic() < deadline:
@@ -193,4 +179,4 @@ async def test_a_cancelled_generation_closes_its_stream(engine, memory, module_m
     # the next REMOTE generation opens a stream of its own
     tokens, _, _, _ = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=3), req.memory))
     assert len(tokens) == 3
-    assert "code=OK" in _wait_for_line(svc, STREAM, before + 1)
+    assert "code=OK" in wait_for_access_line(svc, STREAM, before + 1)

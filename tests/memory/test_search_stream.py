@@ -5,7 +5,6 @@ goes away cancels the stream on the server."""
 from __future__ import annotations
 
 import queue
-import time
 
 import grpc
 import numpy as np
@@ -14,6 +13,8 @@ import pytest
 from extmind.tensor import BFLOAT16, FLOAT16, FLOAT32, encode
 from extmind.v1 import memory_pb2 as pb
 from tests.memory import helpers as h
+
+from ..helpers import access_lines, wait_for_access_line
 
 STREAM = "/extmind.v1.MemoryService/SearchMemoryStream"
 
@@ -65,20 +66,6 @@ class Stream:
         assert list(self.call) == []
 
 
-def _access_lines(svc, method: str) -> list[str]:
-    return [x for x in svc.log_path.read_text().splitlines() if f"method={method} " in x]
-
-
-def _wait_for_line(svc, method: str, before: int, timeout: float = 10.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        lines = _access_lines(svc, method)
-        if len(lines) > before:
-            return lines[-1]
-        time.sleep(0.05)
-    raise AssertionError(f"no new access line for {method}:\n{svc.log_tail()}")
-
-
 def test_every_answer_equals_unarys_in_order(svc, memories):
     rng = np.random.default_rng(1)
     stub = svc.stub()
@@ -108,8 +95,8 @@ def test_a_stream_survives_many_layers_and_steps_in_one_call(svc, memories):
     """A decode's pattern: a search per layer per step, each sent after the last answer."""
     rng = np.random.default_rng(2)
     stub = svc.stub()
-    before = len(_access_lines(svc, STREAM))
-    unary_before = len(_access_lines(svc, "/extmind.v1.MemoryService/SearchMemory"))
+    before = len(access_lines(svc, STREAM))
+    unary_before = len(access_lines(svc, "/extmind.v1.MemoryService/SearchMemory"))
     s = Stream(stub)
     n = 300
     reqs = [_request(rng, ["st-a", "st-b"], i % 2, H=4, q=1, top_k=10) for i in range(n)]
@@ -118,9 +105,9 @@ def test_a_stream_survives_many_layers_and_steps_in_one_call(svc, memories):
         s.send(r)
         got.append(s.answer())
     s.close()
-    line = _wait_for_line(svc, STREAM, before)
+    line = wait_for_access_line(svc, STREAM, before)
     assert "code=OK" in line and f"searches={n}" in line, line  # one access line for the whole stream
-    assert len(_access_lines(svc, "/extmind.v1.MemoryService/SearchMemory")) == unary_before
+    assert len(access_lines(svc, "/extmind.v1.MemoryService/SearchMemory")) == unary_before
     for i in (0, 1, 137, n - 1):
         assert got[i] == stub.SearchMemory(reqs[i], timeout=30)
 
@@ -170,13 +157,13 @@ def test_a_bad_request_ends_the_stream_with_its_status_and_the_service_stays_up(
 def test_a_client_that_goes_away_cancels_the_stream_on_the_server(svc, memories):
     rng = np.random.default_rng(4)
     stub = svc.stub()
-    before = len(_access_lines(svc, STREAM))
+    before = len(access_lines(svc, STREAM))
     s = Stream(stub)
     for _ in range(3):
         s.send(_request(rng, ["st-a"], 1))
         s.answer()
     s.call.cancel()  # as a client process that dies, or a generation that is abandoned
-    line = _wait_for_line(svc, STREAM, before)
+    line = wait_for_access_line(svc, STREAM, before)
     assert "code=CANCELLED" in line and "searches=3" in line, line
     s2 = Stream(stub)
     s2.send(_request(rng, ["st-b"], 0))
