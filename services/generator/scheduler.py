@@ -317,43 +317,28 @@ class Scheduler:
         started = [p.uid for p in prompt_responses if p.end_of_prompt]
         recorded = []
         if record:
-            recorded += self._tally(group, decode_forwards, record, generated, started)
+            try:
+                forwards = decode_forwards(record, group.layers_per_forward, generated, started)
+            except errors.ExtmindError as e:  # never count approximately: fail the requests that asked
+                log.error("citation counting failed", extra={"error": str(e)})
+                for r in [r for r in group.requests.values() if r.counts is not None]:
+                    group.gen.remove([r.uid])
+                    self._end(r, e)
+            else:
+                recorded += _hand_out(group, forwards, "counts")
         if mass:
-            recorded += self._tally(group, attention_mass.forward_shares, mass, generated, started)
+            try:
+                forwards = attention_mass.forward_shares(mass, group.layers_per_forward, generated, started)
+            except errors.ExtmindError as e:  # a metric never fails a request: stop measuring this group
+                log.warning("attention mass not measured", extra={"error": str(e)})
+                for r in group.requests.values():
+                    r.mass = None
+            else:
+                recorded += _hand_out(group, forwards, "mass")
         if recorded:
             # The recorded rows and shares are tiny: evaluating them with the step frees the
             # forward's arrays they hang on; the requests add them up every few steps.
             mx.async_eval(recorded)
-
-    def _tally(self, group: _Group, split, record: list, generated: list, started: list) -> list:
-        """Hands every decode forward's rows of ``record`` to their requests (``counts`` for the
-        citations record, ``mass`` for the attention-mass one). -> the arrays handed out."""
-        attr = "counts" if split is decode_forwards else "mass"
-        try:
-            forwards = split(record, group.layers_per_forward, generated, started)
-        except errors.ExtmindError as e:
-            if attr == "mass":  # a metric never fails a request: stop measuring this group
-                log.warning("attention mass not measured", extra={"error": str(e)})
-                for r in group.requests.values():
-                    r.mass = None
-                return []
-            log.error("citation counting failed", extra={"error": str(e)})  # never count approximately
-            for r in [r for r in group.requests.values() if r.counts is not None]:
-                group.gen.remove([r.uid])
-                self._end(r, e)
-            return []
-        out = []
-        for uids, arrays in forwards:
-            used = False
-            for b, uid in enumerate(uids):
-                r = group.requests.get(uid)
-                acc = getattr(r, attr) if r is not None else None
-                if acc is not None:
-                    acc.add(arrays, b)
-                    used = True
-            if used:
-                out += arrays
-        return out
 
     def _on_token(self, r: RunningRequest, resp) -> None:
         tok = int(resp.token)
@@ -403,6 +388,23 @@ class Scheduler:
         r.done = True
         _observe_end(r, last.finish_reason if isinstance(last, Final) else "error")
         r.post(last)
+
+
+def _hand_out(group: _Group, forwards: list, attr: str) -> list:
+    """Hands every decode forward's per-layer arrays to the accumulator ``attr`` ("counts" or
+    "mass") of each of its requests that keeps one. -> the arrays handed out."""
+    out = []
+    for uids, arrays in forwards:
+        used = False
+        for b, uid in enumerate(uids):
+            r = group.requests.get(uid)
+            acc = getattr(r, attr) if r is not None else None
+            if acc is not None:
+                acc.add(arrays, b)
+                used = True
+        if used:
+            out += arrays
+    return out
 
 
 def _close_group(group: _Group) -> None:
