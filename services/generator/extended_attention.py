@@ -78,6 +78,12 @@ class ExtendedMindState:
     num_layers: int = 0
     modules: list = field(default_factory=list)
     shape: attention_parts.AttentionShape | None = None  # from the config (attention_parts.resolve)
+    # id -> cache of the per-layer KV caches whose batch has no left padding (set by the scheduler
+    # around a decode step, docs/architecture.md "Decode without a mask"): a one-token forward on
+    # them attends to every cached position, so the all-true mask mlx-lm builds is dropped and
+    # attention takes the fused decode kernel (an array mask sends MLX CUDA to its unfused
+    # fallback). The dict holds the caches themselves so that no id is reused while it is set.
+    unpadded_caches: dict = field(default_factory=dict)
 
 
 def local_top_k(
@@ -196,6 +202,8 @@ class ExtendedMindAttention(nn.Module):
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
         state = self._state
         ctx = state.memory
+        if mask is not None and x.shape[1] == 1 and state.unpadded_caches.get(id(cache)) is cache:
+            mask = None
         if state.capture is not None:
             _, k, v = self._project(x)
             state.capture.append((self.layer, k, v))

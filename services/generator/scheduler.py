@@ -28,6 +28,7 @@ import time
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import BatchKVCache
 from prometheus_client import Counter, Gauge, Histogram
 
 from extmind import errors
@@ -124,6 +125,10 @@ class _Group:
         # Layers that retrieve: each forward records that many index (and mass) arrays.
         self.layers = [i for i in range(num_layers) if ctx.applies(i)] if ctx is not None else []
         self.layers_per_forward = len(self.layers)
+        # The decode batch's caches when none of its sequences is left-padded (see
+        # ExtendedMindState.unpadded_caches), found again whenever the batch changes.
+        self.unpadded_caches: dict = {}
+        self.batch_changed = True
 
 
 class Scheduler:
@@ -177,7 +182,9 @@ class Scheduler:
         self._mlx.call(self.close_all)
 
     def _run(self) -> None:
-        while True:
+        # _stopping is checked before every wait: the last step of a batch clears _has_work on the
+        # MLX thread, and may do so just after stop() set it.
+        while not self._stopping:
             self._has_work.wait()
             if self._stopping:
                 return
@@ -263,6 +270,7 @@ class Scheduler:
         if r.group.requests.pop(r.uid, None) is not None:
             self._active -= 1
             r.group.gen.remove([r.uid])
+            r.group.batch_changed = True
             _observe_end(r, "cancelled")
             self._publish()
 
@@ -290,7 +298,11 @@ class Scheduler:
         # attention layers, so the wrapped attention modules read them from the state they share
         # with this scheduler: point it at this group's memories for the length of its step.
         # Only the MLX thread reads or writes it, one step (or memorize chunk) at a time.
+        if group.batch_changed:
+            group.unpadded_caches = _unpadded_caches(group.gen)
+            group.batch_changed = False
         self.state.memory = group.ctx
+        self.state.unpadded_caches = group.unpadded_caches
         try:
             prompt_responses, responses = group.gen.next()
         except Exception as e:  # noqa: BLE001 - e.g. the memory service went away mid-step
@@ -305,8 +317,13 @@ class Scheduler:
             return
         finally:
             self.state.memory = None
+            self.state.unpadded_caches = {}
             if group.ctx is not None:
                 group.ctx.record = group.ctx.mass = None
+        # A sequence joined (its prompt is done) or left (finished, or removed below): the decode
+        # batch's padding may have changed.
+        if any(p.end_of_prompt for p in prompt_responses) or any(x.finish_reason is not None for x in responses):
+            group.batch_changed = True
         for resp in responses:
             r = group.requests.get(resp.uid)
             if r is not None:
@@ -323,6 +340,7 @@ class Scheduler:
                 log.error("citation counting failed", extra={"error": str(e)})
                 for r in [r for r in group.requests.values() if r.counts is not None]:
                     group.gen.remove([r.uid])
+                    group.batch_changed = True
                     self._end(r, e)
             else:
                 recorded += _hand_out(group, forwards, "counts")
@@ -356,6 +374,7 @@ class Scheduler:
         r.post(Chunk(piece, [tok], lp, top))
         if stopped:
             r.group.gen.remove([r.uid])
+            r.group.batch_changed = True
             self._finish(r, STOP_SEQUENCE)
         elif last:
             self._finish(r, LENGTH)
@@ -405,6 +424,18 @@ def _hand_out(group: _Group, forwards: list, attr: str) -> list:
         if used:
             out += arrays
     return out
+
+
+def _unpadded_caches(gen: BatchGenerator) -> dict:
+    """id -> cache of the decode batch's per-layer KV caches when no sequence in it is
+    left-padded, else {} (also for cache types other than mlx-lm's BatchKVCache). Reads the
+    padding from the device: called only when the batch changed (a sequence joined or left)."""
+    caches = getattr(getattr(gen, "_generation_batch", None), "prompt_cache", None) or []
+    if not caches or any(type(c) is not BatchKVCache for c in caches):
+        return {}
+    if mx.max(mx.concatenate([c.left_padding for c in caches])).item() != 0:
+        return {}
+    return {id(c): c for c in caches}
 
 
 def _close_group(group: _Group) -> None:
