@@ -103,3 +103,18 @@ def test_own_memory_retrieval_loss_is_the_shared_loss_per_question():
     pos[0, 8] = 1.0
     again = own_retrieval_loss(q, bank, mx.array(sel), mx.array(pos), 0.1)
     assert float(again) == pytest.approx(float(own), rel=1e-6)
+
+
+def test_named_documents_name_the_person_in_every_sentence(monkeypatch):
+    import random
+
+    from training import facts
+
+    monkeypatch.setattr(facts, "NAMING", "named")
+    rng = random.Random(5)
+    for e in facts.make_entities(rng, 20):
+        doc, attrs = facts.document(rng, e)
+        sentences = [s for s in doc.split(". ") if s]
+        stated = [s for s in sentences if any(e.attrs[a] in s for a in attrs)]
+        assert len(stated) == len(attrs)
+        assert all(e.name in s for s in stated), doc

@@ -259,10 +259,15 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
+# "varied": a paragraph names its person in full first, then by full name, first name or pronoun;
+# "named": every sentence names the person in full (the subject sits next to each fact).
+NAMING = "varied"
+
+
 def _sentence(rng: random.Random, e: Entity, attr: str, first: bool) -> str:
     template = rng.choice(STATEMENTS[attr])
     # The first mention is always the full name; later ones vary (full, first name, pronoun).
-    form = "full" if first else rng.choice(("full", "first", "pronoun"))
+    form = "full" if first or NAMING == "named" else rng.choice(("full", "first", "pronoun"))
     name = e.name if form == "full" else e.first
     subj = name if form != "pronoun" else e.gender.capitalize()
     poss = f"{name}'s" if form != "pronoun" else ("His" if e.gender == "he" else "Her")

@@ -356,6 +356,12 @@ def main(argv=None) -> int:
     p.add_argument("--intermediate", type=int, default=768)
     p.add_argument("--head-dim", type=int, default=0, help="attention head size; 0 = hidden / heads")
     p.add_argument("--rope-theta", type=float, default=10000.0)
+    p.add_argument(
+        "--naming",
+        choices=("varied", "named"),
+        default="varied",
+        help="how documents refer to their person after the first sentence (training/facts.py NAMING)",
+    )
     p.add_argument("--own-docs", type=int, default=4, help="documents in each question's own memory (first phase)")
     p.add_argument("--multi", type=float, default=0.3, help="share of memory documents about several people")
     p.add_argument("--max-people", type=int, default=3, help="people in a several-people document, at most")
@@ -389,6 +395,7 @@ def main(argv=None) -> int:
     ):
         if not ok:
             p.error(complaint)
+    facts.NAMING = a.naming  # the data of every step and of the progress numbers
     if a.device_memory_gb:  # several runs sharing one GPU: each would otherwise cache up to the whole device
         mx.set_memory_limit(int(a.device_memory_gb * 1e9))
         mx.set_cache_limit(int(a.device_memory_gb * 0.25e9))
