@@ -225,7 +225,8 @@ def cmd_memories(a, t: Targets) -> int:
         print(f"memory       {m.memory_id}")
         print(f"state        {memory_pb2.MemoryState.Name(m.state).removeprefix('MEMORY_STATE_')}")
         print(
-            f"rows         {m.num_tokens} (one per stored token; {ROWS_NOTE}, so `extmind memorize` counted one more)"
+            f"rows         {m.num_tokens} (one per stored token; {ROWS_NOTE}, "
+            "so `extmind memorize` counted more tokens)"
         )
         dtype = common_pb2.DType.Name(lay.dtype).removeprefix("DTYPE_").lower()
         print(f"layout       {lay.num_layers} layers x {lay.num_kv_heads} KV heads x {lay.head_dim} dims, {dtype}")
