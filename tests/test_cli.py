@@ -4,10 +4,13 @@ extmind/procs.py. Also the Makefile targets that take the run dir, and the run d
 
 from __future__ import annotations
 
+import argparse
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -127,6 +130,23 @@ def test_usage_errors_are_one_line_exit_2(args, says):
     assert r.stdout == ""
 
 
+def test_help_describes_every_argument_and_action():
+    from extmind.cli_args import build_parser
+
+    def walk(parser, prog):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                described = {c.dest for c in action._choices_actions if c.help}
+                assert described == set(action.choices), (prog, set(action.choices) - described)
+                for name, child in action.choices.items():
+                    yield from walk(child, f"{prog} {name}")
+            elif not isinstance(action, argparse._HelpAction):
+                yield prog, action
+
+    missing = [f"{prog} {a.dest}" for prog, a in walk(build_parser(), "extmind") if not a.help]
+    assert missing == [], missing
+
+
 def test_bad_values_are_one_line_exit_1():
     for args, says in (
         (["docs", "upsert", "c", "no-equals-sign"], "must be id=text, @file or @file.jsonl"),
@@ -175,6 +195,23 @@ def test_unreachable_service_is_one_line_saying_where_the_url_came_from(tmp_path
     (run / "cluster.json").write_text(json.dumps({"memory_url": f"127.0.0.1:{dead}"}))
     r = cli("memories", "list", env=clean_env(EXTMIND_RUN_DIR=str(run)))
     assert f"at 127.0.0.1:{dead} [{run}/cluster.json] (" in one_line(r)
+
+
+def test_an_http_port_given_as_a_grpc_url_says_so():
+    # A natural mistake: EMBEDDER_URL at the HTTP face (8000) instead of the gRPC port (50051).
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"127.0.0.1:{server.server_port}"
+    try:
+        r = cli("embed", "hi", env=clean_env(EMBEDDER_URL=url))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert r.returncode == 1 and r.stdout == ""
+    assert one_line(r) == (
+        f"extmind: UNAVAILABLE: {url} [EMBEDDER_URL] is not a gRPC server (it answers in HTTP/1, as the "
+        "services' HTTP ports do); the embedder's gRPC port is 50051 unless EMBEDDER_PORT says otherwise"
+    )
 
 
 # ------------------------------------------------------------------ against the services
