@@ -8,16 +8,21 @@ import argparse
 import http.server
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
+import grpc
 import pytest
 
+from extmind.channels import sync_channel
 from extmind.procs import RedisProcess, free_ports
 from extmind.service_procs import ServiceProcess
 from extmind.tiny_models import build_llama
+from extmind.v1 import memory_pb2, memory_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -354,3 +359,62 @@ def test_make_targets_take_EXTMIND_RUN_DIR(tmp_path):
     # RUN_DIR on the command line still wins.
     r = make("-n", "status", f"RUN_DIR={tmp_path}/other", EXTMIND_RUN_DIR=str(run))
     assert f"--run-dir {tmp_path}/other" in r.stdout, r.stdout
+
+
+def _long_text(path: Path, sentences: int) -> Path:
+    path.write_text(" ".join(f"Sentence {i} tells of the lighthouse keeper and the sea." for i in range(sentences)))
+    return path
+
+
+def test_memorize_outlasts_the_cli_timeout_while_progress_comes(env, tmp_path):
+    # EXTMIND_CLI_TIMEOUT bounds each wait for progress, not the whole memorize: a long text on a
+    # CPU takes many windows (minutes for a few pages with the default model).
+    f = _long_text(tmp_path / "cli-long.txt", 250)  # ~9 000 tokens: a dozen 3 072-token windows
+    t0 = time.monotonic()
+    r = cli("memorize", str(f), "--quiet", env=dict(env, EXTMIND_CLI_TIMEOUT="1.5"))
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 0 and r.stdout.startswith("cli-long: "), r.stderr
+    assert elapsed > 1.5, elapsed  # longer than one timeout, so a deadline on the whole call would have failed it
+    assert cli("memories", "delete", "cli-long", env=env).returncode == 0
+
+
+def test_memorize_gives_up_when_the_generator_falls_silent(services, env, tmp_path):
+    f = _long_text(tmp_path / "cli-silent.txt", 1000)  # minutes of work: still building when stopped
+    p = subprocess.Popen(
+        [sys.executable, "-m", "extmind.cli", "memorize", str(f), "--quiet"],
+        env=dict(env, EXTMIND_CLI_TIMEOUT="2"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    gen = services["generator"].pid
+    memory = memory_pb2_grpc.MemoryServiceStub(sync_channel(services["memory"].address))
+
+    def exists() -> bool:
+        try:
+            memory.GetMemory(memory_pb2.GetMemoryRequest(memory_id="cli-silent"), timeout=10)
+            return True
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.NOT_FOUND, e
+            return False
+
+    try:
+        deadline = time.monotonic() + 60
+        while not exists():  # building: stop the generator mid-way
+            assert time.monotonic() < deadline and p.poll() is None, p.communicate()
+            time.sleep(0.02)
+        os.kill(gen, signal.SIGSTOP)
+        out, err = p.communicate(timeout=30)
+    finally:
+        os.kill(gen, signal.SIGCONT)
+    assert p.returncode == 1 and out == "", (out, err)
+    assert err.strip() == (
+        "extmind: the generator sent no progress on cli-silent for 2s (EXTMIND_CLI_TIMEOUT), so the memorize "
+        "was cancelled and the generator drops what it had built"
+    )
+    # ... and it does: the half-built memory goes once the generator runs again.
+    deadline = time.monotonic() + 60
+    while exists():
+        assert time.monotonic() < deadline, "the cancelled memory stayed"
+        time.sleep(0.2)
