@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 
 from extmind.channels import auth_metadata, sync_channel
-from extmind.cluster_config import Settings, find_run_dir, read_record
+from extmind.cluster_config import ENV_VARS, Settings, find_run_dir, read_record
 from extmind.errors import from_rpc_error
 from extmind.v1 import embedder_pb2_grpc, generator_pb2_grpc, memory_pb2_grpc
 
@@ -150,8 +150,15 @@ def rpc_error_line(exc: grpc.RpcError, service: str, url: str, origin: str = "")
     peer = f"{service} service at {url}"
     err = from_rpc_error(exc, peer=peer, as_dependency=False)
     detail = _RPC_NAME.sub(lambda m: _RPC_COMMANDS[m.group(1)], _undouble(" ".join(err.message.split())))
-    if err.code == "UNAVAILABLE":
-        where = f" [{origin}]" if origin else ""
+    where = f" [{origin}]" if origin else ""
+    if err.code == "UNAVAILABLE" and "Failed parsing HTTP/2" in detail:
+        # Something listens there but speaks HTTP/1: most often a service's HTTP port (8000-8002).
+        port = f"{service.upper()}_PORT"
+        detail = (
+            f"{url}{where} is not a gRPC server (it answers in HTTP/1, as the services' HTTP ports do); "
+            f"the {service}'s gRPC port is {ENV_VARS[port][0]} unless {port} says otherwise"
+        )
+    elif err.code == "UNAVAILABLE":
         detail = f"cannot reach the {peer}{where} ({detail}); is the cluster up? `make up`, `extmind status`"
     elif err.code == "DEADLINE_EXCEEDED":
         detail = f"the {peer} did not answer within {TIMEOUT:g}s (EXTMIND_CLI_TIMEOUT)"

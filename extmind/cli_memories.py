@@ -118,6 +118,33 @@ ROWS_NOTE = "special tokens such as BOS are not stored"
 EXCERPT_CHARS = 200
 
 
+class IdleDeadline:
+    """Cancels a streaming ``call`` that sends nothing for ``seconds`` (``reset()`` after every
+    message); ``fired`` says whether it did."""
+
+    def __init__(self, call, seconds: float):
+        self.call, self.seconds, self.fired = call, seconds, False
+        self._timer: threading.Timer | None = None
+
+    def _fire(self) -> None:
+        self.fired = True
+        self.call.cancel()
+
+    def reset(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = threading.Timer(self.seconds, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def __enter__(self):
+        self.reset()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+
+
 def _state(t: Targets, memory_id: str) -> int | None:
     """The memory's state (memory_pb2.MEMORY_STATE_*), or None when there is no such memory."""
     try:
@@ -174,15 +201,24 @@ def _memorize_one(t: Targets, mid: str, text: str, labels: dict, replace: bool, 
     labels = {"excerpt": _short(text, EXCERPT_CHARS), **labels}
     req = generator_pb2.MemorizeRequest(text=text, memory_id=mid, labels=labels)
     r = None
+    # No deadline on the whole call: a long text takes many windows (minutes on a CPU). The
+    # progress messages show it is alive; silence for TIMEOUT seconds ends it.
+    call = t.generator.MemorizeStream(generator_pb2.MemorizeStreamRequest(request=req), metadata=_md())
+    idle = IdleDeadline(call, TIMEOUT)
     try:
-        for ev in t.generator.MemorizeStream(
-            generator_pb2.MemorizeStreamRequest(request=req), timeout=TIMEOUT, metadata=_md()
-        ):
-            if ev.HasField("progress"):
-                bar.update(ev.progress)
-            else:
-                r = ev.done
+        with idle:
+            for ev in call:
+                idle.reset()
+                if ev.HasField("progress"):
+                    bar.update(ev.progress)
+                else:
+                    r = ev.done
     except grpc.RpcError as e:
+        if idle.fired:
+            raise CliError(
+                f"the generator sent no progress on {mid} for {TIMEOUT:g}s (EXTMIND_CLI_TIMEOUT), so the "
+                "memorize was cancelled and the generator drops what it had built"
+            ) from None
         if e.code() != grpc.StatusCode.ALREADY_EXISTS:  # made meanwhile by someone else
             raise
         return skipped
@@ -225,7 +261,8 @@ def cmd_memories(a, t: Targets) -> int:
         print(f"memory       {m.memory_id}")
         print(f"state        {memory_pb2.MemoryState.Name(m.state).removeprefix('MEMORY_STATE_')}")
         print(
-            f"rows         {m.num_tokens} (one per stored token; {ROWS_NOTE}, so `extmind memorize` counted one more)"
+            f"rows         {m.num_tokens} (one per stored token; {ROWS_NOTE}, "
+            "so `extmind memorize` counted more tokens)"
         )
         dtype = common_pb2.DType.Name(lay.dtype).removeprefix("DTYPE_").lower()
         print(f"layout       {lay.num_layers} layers x {lay.num_kv_heads} KV heads x {lay.head_dim} dims, {dtype}")

@@ -271,7 +271,8 @@ def run(s: Settings | None = None, out=print, keep: bool = False) -> dict:
         out(f"                  {mind.usage.completion_tokens} tokens  {_ms(mind_s)}")
         out("  citations (spans of the memorized text the model retrieved most):")
         for ci in mind.citations:
-            out(f"    tokens {ci.token_start:>4}-{ci.token_end:<4} hits {ci.hits:>5}  {_printable(ci.text, 60)}")
+            span = f"[{ci.token_start}:{ci.token_end}]"  # half-open, as a Python slice of the tokens
+            out(f"    tokens {span:<11} hits {ci.hits:>5}  {_printable(ci.text, 60)}")
         if not mind.citations:
             out("    (none)")
         if not s.generator_model and not trained_default:
@@ -289,7 +290,8 @@ def run(s: Settings | None = None, out=print, keep: bool = False) -> dict:
                 out(f"     without memory: {_printable(r['without'], 30)}   with memory: {_printable(r['with'], 30)}")
                 for ci in r["citations"][:2]:
                     out(
-                        f"       cited tokens {ci.token_start}-{ci.token_end} hits {ci.hits}: {_printable(ci.text, 50)}"
+                        f"       cited tokens [{ci.token_start}:{ci.token_end}] hits {ci.hits}: "
+                        f"{_printable(ci.text, 50)}"
                     )
         out(f"\nextmind demo done: {sum(r.seconds for r in searches) + up_s + mem_s + plain_s + mind_s:.2f}s in calls")
         if keep:

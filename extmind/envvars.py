@@ -66,7 +66,12 @@ REGISTRY: tuple[EnvVar, ...] = (
         _CLUSTER,
         "where clients reach the generator",
     ),
-    EnvVar("EXTMIND_CLI_TIMEOUT", "600", "`extmind` CLI", "deadline in seconds of each CLI call"),
+    EnvVar(
+        "EXTMIND_CLI_TIMEOUT",
+        "600",
+        "`extmind` CLI",
+        "deadline in seconds of each CLI call (`memorize`: of each wait for progress, not of the whole text)",
+    ),
     EnvVar("EXTMIND_DEBUG", "", "`extmind` CLI", "`1` = print the traceback of an unexpected error"),
     # --- flags every service shares (services/common/config.py)
     EnvVar("EMBEDDER_HOST", "127.0.0.1", "embedder `--host`; cluster health probe", "address the embedder listens on"),

@@ -20,7 +20,10 @@ export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq >/dev/null 2>&1 || true
 $sudo apt-get install -y -qq --no-install-recommends $missing >/dev/null 2>&1 \
   || echo "install-system: apt-get could not install$missing; continuing without" >&2
-# Debian starts a system redis on :6379 after install; the project starts its own, so stop it.
-if command -v systemctl >/dev/null 2>&1; then $sudo systemctl disable --now redis-server >/dev/null 2>&1 || true; fi
-$sudo service redis-server stop >/dev/null 2>&1 || true
+# Debian starts a system redis on :6379 after install; the project starts its own, so stop the
+# one this script just installed (a redis-server that was here before is the user's: left alone).
+case " $missing " in *" redis-server "*)
+  if command -v systemctl >/dev/null 2>&1; then $sudo systemctl disable --now redis-server >/dev/null 2>&1 || true; fi
+  $sudo service redis-server stop >/dev/null 2>&1 || true ;;
+esac
 exit 0

@@ -4,17 +4,25 @@ extmind/procs.py. Also the Makefile targets that take the run dir, and the run d
 
 from __future__ import annotations
 
+import argparse
+import http.server
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import grpc
 import pytest
 
+from extmind.channels import sync_channel
 from extmind.procs import RedisProcess, free_ports
 from extmind.service_procs import ServiceProcess
 from extmind.tiny_models import build_llama
+from extmind.v1 import memory_pb2, memory_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -127,6 +135,23 @@ def test_usage_errors_are_one_line_exit_2(args, says):
     assert r.stdout == ""
 
 
+def test_help_describes_every_argument_and_action():
+    from extmind.cli_args import build_parser
+
+    def walk(parser, prog):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                described = {c.dest for c in action._choices_actions if c.help}
+                assert described == set(action.choices), (prog, set(action.choices) - described)
+                for name, child in action.choices.items():
+                    yield from walk(child, f"{prog} {name}")
+            elif not isinstance(action, argparse._HelpAction):
+                yield prog, action
+
+    missing = [f"{prog} {a.dest}" for prog, a in walk(build_parser(), "extmind") if not a.help]
+    assert missing == [], missing
+
+
 def test_bad_values_are_one_line_exit_1():
     for args, says in (
         (["docs", "upsert", "c", "no-equals-sign"], "must be id=text, @file or @file.jsonl"),
@@ -175,6 +200,23 @@ def test_unreachable_service_is_one_line_saying_where_the_url_came_from(tmp_path
     (run / "cluster.json").write_text(json.dumps({"memory_url": f"127.0.0.1:{dead}"}))
     r = cli("memories", "list", env=clean_env(EXTMIND_RUN_DIR=str(run)))
     assert f"at 127.0.0.1:{dead} [{run}/cluster.json] (" in one_line(r)
+
+
+def test_an_http_port_given_as_a_grpc_url_says_so():
+    # A natural mistake: EMBEDDER_URL at the HTTP face (8000) instead of the gRPC port (50051).
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"127.0.0.1:{server.server_port}"
+    try:
+        r = cli("embed", "hi", env=clean_env(EMBEDDER_URL=url))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert r.returncode == 1 and r.stdout == ""
+    assert one_line(r) == (
+        f"extmind: UNAVAILABLE: {url} [EMBEDDER_URL] is not a gRPC server (it answers in HTTP/1, as the "
+        "services' HTTP ports do); the embedder's gRPC port is 50051 unless EMBEDDER_PORT says otherwise"
+    )
 
 
 # ------------------------------------------------------------------ against the services
@@ -227,6 +269,8 @@ def test_memorize_skips_or_replaces_existing_ids(env, tmp_path):
     assert fields["labels"] == "round=2, source=cli-a.txt"  # the labels of the second memorize: replaced
     assert fields["excerpt"] == "The lighthouse keeper lit the lamp at dusk."
     assert fields["rows"].startswith(f"{int(tokens) - 1} (one per stored token; special tokens such as BOS")
+    # Not "one more": a model whose end tokens include the newline drops every newline too.
+    assert fields["rows"].endswith("so `extmind memorize` counted more tokens)"), fields["rows"]
     listed = cli("memories", "list", env=env)
     assert {line.split()[0] for line in listed.stdout.splitlines()[1:]} >= {"cli-a", "cli-b", "cli-c"}
 
@@ -315,3 +359,62 @@ def test_make_targets_take_EXTMIND_RUN_DIR(tmp_path):
     # RUN_DIR on the command line still wins.
     r = make("-n", "status", f"RUN_DIR={tmp_path}/other", EXTMIND_RUN_DIR=str(run))
     assert f"--run-dir {tmp_path}/other" in r.stdout, r.stdout
+
+
+def _long_text(path: Path, sentences: int) -> Path:
+    path.write_text(" ".join(f"Sentence {i} tells of the lighthouse keeper and the sea." for i in range(sentences)))
+    return path
+
+
+def test_memorize_outlasts_the_cli_timeout_while_progress_comes(env, tmp_path):
+    # EXTMIND_CLI_TIMEOUT bounds each wait for progress, not the whole memorize: a long text on a
+    # CPU takes many windows (minutes for a few pages with the default model).
+    f = _long_text(tmp_path / "cli-long.txt", 250)  # ~9 000 tokens: a dozen 3 072-token windows
+    t0 = time.monotonic()
+    r = cli("memorize", str(f), "--quiet", env=dict(env, EXTMIND_CLI_TIMEOUT="1.5"))
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 0 and r.stdout.startswith("cli-long: "), r.stderr
+    assert elapsed > 1.5, elapsed  # longer than one timeout, so a deadline on the whole call would have failed it
+    assert cli("memories", "delete", "cli-long", env=env).returncode == 0
+
+
+def test_memorize_gives_up_when_the_generator_falls_silent(services, env, tmp_path):
+    f = _long_text(tmp_path / "cli-silent.txt", 1000)  # minutes of work: still building when stopped
+    p = subprocess.Popen(
+        [sys.executable, "-m", "extmind.cli", "memorize", str(f), "--quiet"],
+        env=dict(env, EXTMIND_CLI_TIMEOUT="2"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    gen = services["generator"].pid
+    memory = memory_pb2_grpc.MemoryServiceStub(sync_channel(services["memory"].address))
+
+    def exists() -> bool:
+        try:
+            memory.GetMemory(memory_pb2.GetMemoryRequest(memory_id="cli-silent"), timeout=10)
+            return True
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.NOT_FOUND, e
+            return False
+
+    try:
+        deadline = time.monotonic() + 60
+        while not exists():  # building: stop the generator mid-way
+            assert time.monotonic() < deadline and p.poll() is None, p.communicate()
+            time.sleep(0.02)
+        os.kill(gen, signal.SIGSTOP)
+        out, err = p.communicate(timeout=30)
+    finally:
+        os.kill(gen, signal.SIGCONT)
+    assert p.returncode == 1 and out == "", (out, err)
+    assert err.strip() == (
+        "extmind: the generator sent no progress on cli-silent for 2s (EXTMIND_CLI_TIMEOUT), so the memorize "
+        "was cancelled and the generator drops what it had built"
+    )
+    # ... and it does: the half-built memory goes once the generator runs again.
+    deadline = time.monotonic() + 60
+    while exists():
+        assert time.monotonic() < deadline, "the cancelled memory stayed"
+        time.sleep(0.2)

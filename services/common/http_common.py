@@ -164,6 +164,10 @@ class JsonFace:
         """The OpenAI ``code`` of an engine error (default: its gRPC status name)."""
         return exc.code
 
+    def error_message(self, exc: ExtmindError) -> str:
+        """The message an HTTP caller reads (default: the engine's, which may name RPCs)."""
+        return exc.message
+
     def unrouted(self, method: str, path: str) -> str:
         """The message of a 404 / 405 (say which endpoints exist)."""
         return f"{method} {path} is not served"
@@ -196,7 +200,8 @@ class JsonFace:
         if status in (429, 503):  # the retryable answers (docs/contract.md) say when to try again
             headers["retry-after"] = "1"
         # An error that names the offending field (``param``, e.g. a request field) says so, as OpenAI does.
-        return error_response(status, self.error_code(exc), exc.message, getattr(exc, "param", None), **headers)
+        message = self.error_message(exc)
+        return error_response(status, self.error_code(exc), message, getattr(exc, "param", None), **headers)
 
     def endpoint(self, fn: Endpoint, *, auth: bool = True, ready: bool = True):
         """Wraps ``fn(request) -> Response | JSON data``: bearer auth, the readiness guard, errors

@@ -116,6 +116,14 @@ class GeneratorEngine:
                     f"hub could not provide it ({type(exc).__name__}: {exc}). Pass a directory with "
                     "config.json, *.safetensors and tokenizer files, or a hub id available offline"
                 ) from exc
+        # mlx-lm's own errors here are bare FileNotFoundErrors (a traceback at start-up).
+        lacks = [pattern for pattern in ("config.json", "model*.safetensors") if not any(path.glob(pattern))]
+        if lacks:
+            raise errors.NotFound(
+                f"generator model {self.config.model!r}: {path.resolve()} has no {' and no '.join(lacks)}; "
+                "pass a model directory with config.json, model*.safetensors and tokenizer files (such as "
+                "models/extmind-facts-6m), or a hub id"
+            )
         self.model, self.tokenizer, cfg = load(str(path), return_config=True)
         self.model_path = path
         self.state = install(self.model, cfg)

@@ -20,6 +20,7 @@ is one ``data: {"error": ...}`` event (the status line is gone by then).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -57,6 +58,10 @@ def memory_object(m: memory_pb2.Memory) -> dict:
         "metadata": dict(m.labels),
         "created_at": m.create_time.seconds,
     }
+
+
+_HTTP_TERMS = {"ListMemories": "GET /v1/memories", "page_token": "'after'"}
+_RPC_TERM = re.compile(r"\b(" + "|".join(_HTTP_TERMS) + r")\b")
 
 
 class ModelNotFound(NotFound):
@@ -112,6 +117,10 @@ class GeneratorHttpFace(JsonFace):
 
     def error_code(self, exc: ExtmindError) -> str:
         return "model_not_found" if isinstance(exc, ModelNotFound) else exc.code
+
+    def error_message(self, exc: ExtmindError) -> str:
+        # The memory service's messages name its RPCs and fields; an HTTP caller has endpoints.
+        return _RPC_TERM.sub(lambda m: _HTTP_TERMS[m.group(1)], exc.message)
 
     async def _complete(self, request: Request, parse) -> Response | dict:
         req = parse(await read_json_object(request, self.max_body))
@@ -170,7 +179,8 @@ class GeneratorHttpFace(JsonFace):
                 yield sse("[DONE]")
             except ExtmindError as exc:  # after the status line: the error is the stream's last event
                 request.state.access["error"] = exc.message
-                yield sse(error_body(exc.http_status, self.error_code(exc), exc.message, getattr(exc, "param", None)))
+                param = getattr(exc, "param", None)
+                yield sse(error_body(exc.http_status, self.error_code(exc), self.error_message(exc), param))
             finally:
                 await events.aclose()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -94,6 +95,9 @@ def test_demo_output_reads_at_a_glance(result):
     text = "\n".join(result["lines"])
     assert text.count("[ok]") == len(demo.QUERIES), text
     assert "READY" in text and "citations" in text and "meaningless" in text
+    # Spans are half-open: printed as slices ("tokens [8:9]" is one token), never "8-9".
+    spans = re.findall(r"tokens (\S+) +hits", text)
+    assert spans and all(re.fullmatch(r"\[\d+:\d+\]", s) for s in spans), spans
     for line in result["lines"]:
         assert len(line) <= 140, line
 

@@ -223,6 +223,14 @@ def test_memories_crud(served, memory_id):
             {"id": m["id"], "object": "memory.deleted", "deleted": True},
         )
     assert served.json("GET", "/v1/memories/note-0")[0] == 404
+    # The memory service's messages name its RPC and fields; an HTTP caller reads endpoints and parameters.
+    status, body = served.json("GET", "/v1/memories/note-0")
+    assert body["error"]["message"] == "memory 'note-0' does not exist; GET /v1/memories shows the stored ones"
+    status, body = served.json("GET", "/v1/memories?after=not-a-token")
+    assert status == 400 and body["error"]["code"] == "invalid_argument", body
+    message = body["error"]["message"]
+    assert "'after' is not one this service issued" in message and "previous GET /v1/memories response" in message
+    assert "ListMemories" not in message and " page_token" not in message, message
 
 
 def test_memorize_streams_progress(served):
