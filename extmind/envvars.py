@@ -326,7 +326,7 @@ REGISTRY: tuple[EnvVar, ...] = (
     EnvVar(
         "GENERATOR_MAX_QUEUE", "256", "generator `--max-queue`", "most requests in flight; beyond = RESOURCE_EXHAUSTED"
     ),
-    EnvVar("GENERATOR_WINDOW", "3072", "generator `--window`", "memory-building window, tokens"),
+    EnvVar("GENERATOR_WINDOW", "3072", "generator `--window`", "memory-building window, tokens (<= model context)"),
     EnvVar("GENERATOR_STRIDE", "512", "generator `--stride`", "memory-building stride, tokens"),
     EnvVar("GENERATOR_MEMORY_TIMEOUT", "30", "generator `--memory-timeout`", "seconds per memory-service call"),
     # --- the embedding client's fallback chain (extmind/embedder_client.py)

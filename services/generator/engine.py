@@ -330,12 +330,20 @@ class GeneratorEngine:
         if not token_ids:
             raise errors.InvalidArgument("nothing to memorize: send a non-empty text or token_ids")
         self._check_vocab(token_ids, "token_ids")
+        # The configured window is capped at the model's context (positions past it were never
+        # trained); a window asked for explicitly must fit in it.
+        if window > self.max_context:
+            raise errors.InvalidArgument(
+                f"window {window} exceeds the model's context of {self.max_context} positions; "
+                f"ask for a window of at most {self.max_context}, or 0 for the default"
+            )
+        window = window or min(self.config.window, self.max_context)
         return self._builder.build(
             list(token_ids),
             memory_id=memory_id,
             labels=labels,
-            window=window or self.config.window,
-            stride=stride or self.config.stride,
+            window=window,
+            stride=stride or min(self.config.stride, window),
             progress=progress,
         )
 

@@ -88,3 +88,27 @@ async def test_a_cancelled_memorize_leaves_no_half_built_memory(llama_path, memo
     finally:
         client.close()
         engine.stop()
+
+
+async def test_windows_fit_in_the_models_context(tmp_path, memory_address):
+    from extmind.tiny_models import build_llama
+
+    # A model of 32 positions under the default window (3072): the windows are capped at 32.
+    path = build_llama(
+        tmp_path / "short", hidden=64, layers=2, heads=4, kv_heads=2, rope_scaling=None, max_position=32, seed=3
+    )
+    engine = GeneratorEngine(EngineConfig(model=str(path), memory_url=memory_address))
+    engine.start()
+    try:
+        ok = [t for t in range(engine.vocab_size) if t not in engine.special_ids]
+        tokens = [ok[i % 50] for i in range(70)]
+        reports = []
+        out = engine.memorize_blocking(tokens, progress=reports.append)
+        assert reports and reports[-1].windows_total == 3  # [0, 32), [32, 64), [64, 70)
+        assert out["num_rows"] == 70
+        await engine.delete_memory(out["memory_id"])
+
+        with pytest.raises(errors.InvalidArgument, match="window 64 exceeds the model's context of 32"):
+            engine.memorize_blocking(tokens, window=64)
+    finally:
+        engine.stop()
