@@ -269,7 +269,7 @@ def test_memorize_skips_or_replaces_existing_ids(env, tmp_path):
     assert fields["labels"] == "round=2, source=cli-a.txt"  # the labels of the second memorize: replaced
     assert fields["excerpt"] == "The lighthouse keeper lit the lamp at dusk."
     assert fields["rows"].startswith(f"{int(tokens) - 1} (one per stored token; special tokens such as BOS")
-    # Not "one more": a model whose end tokens include the newline drops every newline too.
+    # Not "one more": every special token of a text is left out, not only the BOS.
     assert fields["rows"].endswith("so `extmind memorize` counted more tokens)"), fields["rows"]
     listed = cli("memories", "list", env=env)
     assert {line.split()[0] for line in listed.stdout.splitlines()[1:]} >= {"cli-a", "cli-b", "cli-c"}

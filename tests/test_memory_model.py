@@ -41,3 +41,16 @@ def test_memorized_rows_are_the_document_without_bos(cluster):
     doc, _ = facts.eval_set(3, 1)[0]
     reply = cluster.generator.Memorize(generator_pb2.MemorizeRequest(text=doc), timeout=60)
     assert reply.num_rows == reply.num_tokens - 1  # BOS dropped, every text token kept
+
+
+def test_newlines_are_memorized_and_cited_as_text(cluster):
+    # The model stops generating at a newline (an end token of its config), but a newline in a
+    # memorized text is text: its rows are kept and cited spans read as the document does.
+    doc, qa = facts.eval_set(4, 1)[0]
+    text = doc.replace(". ", ".\n")
+    reply = cluster.generator.Memorize(generator_pb2.MemorizeRequest(text=text), timeout=60)
+    assert "\n" in text and reply.num_rows == reply.num_tokens - 1
+    answer = cluster.ask(qa.question, [reply.memory_id], top_k=10, citations=True)
+    assert answer.citations
+    for c in answer.citations:
+        assert c.text in text, c.text  # newlines included, no words run together

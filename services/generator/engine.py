@@ -55,6 +55,21 @@ class EngineConfig:
 _NO_MEMORY_SERVICE = "this generator has no memory service configured (--memory-url)"
 
 
+def special_token_ids(tokenizer) -> set[int]:
+    """The ids of the tokenizer's special tokens: BOS, EOS, pad, and every added token marked
+    special. Memorize drops their rows (they carry no text; docs/extended-mind.md). An end token of
+    the model's config that is an ordinary vocabulary entry is not one of them: the committed
+    model stops generating at a newline, and a memorized text keeps its newlines."""
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        t = getattr(tokenizer, name, None)
+        if isinstance(t, int):
+            ids.add(t)
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids |= {int(i) for i, tok in added.items() if getattr(tok, "special", False)}
+    return ids
+
+
 class GeneratorEngine:
     def __init__(
         self, config: EngineConfig, *, memory_client: MemoryClient | None = None, mlx_thread: MLXThread | None = None
@@ -139,12 +154,7 @@ class GeneratorEngine:
         self.dtype = dtype_of(dtype)  # memories are stored in it (docs/extended-mind.md, "Dtypes")
         self.fingerprint = model_fingerprint(path, str(dtype))
         self.eos_ids = sorted(int(t) for t in self.tokenizer.eos_token_ids)
-        specials = set(getattr(self.tokenizer, "all_special_ids", []) or [])
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            t = getattr(self.tokenizer, name, None)
-            if isinstance(t, int):
-                specials.add(t)
-        self.special_ids = specials | set(self.eos_ids)
+        self.special_ids = special_token_ids(self.tokenizer)
         self.model_name = str(self.config.model)
         log.info(
             "model loaded",
