@@ -328,6 +328,12 @@ REGISTRY: tuple[EnvVar, ...] = (
     ),
     EnvVar("GENERATOR_WINDOW", "3072", "generator `--window`", "memory-building window, tokens (<= model context)"),
     EnvVar("GENERATOR_STRIDE", "512", "generator `--stride`", "memory-building stride, tokens"),
+    EnvVar(
+        "GENERATOR_WARMUP",
+        "auto",
+        "generator `--warmup`",
+        "auto / on / off: warm up (generate, Memorize, LOCAL + REMOTE) before SERVING; auto = on a GPU",
+    ),
     EnvVar("GENERATOR_MEMORY_TIMEOUT", "30", "generator `--memory-timeout`", "seconds per memory-service call"),
     # --- the embedding client's fallback chain (extmind/embedder_client.py)
     EnvVar(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from extmind.v1 import generator_pb2, generator_pb2_grpc
 from services.common.blas import blas_in_use
@@ -11,6 +12,9 @@ from services.common.server import Service
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.http_face import GeneratorHttpFace
 from services.generator.servicer import GeneratorServicer
+from services.generator.warmup import wanted, warm_up
+
+log = logging.getLogger("extmind.generator")
 
 SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"].full_name
 
@@ -92,7 +96,17 @@ def parse_args(argv=None):
         help="port of the OpenAI-compatible HTTP face (/v1/chat/completions, /v1/completions, /v1/memories, "
         "/health); 0 = a free one, -1 = off",
     )
+    p.flag(
+        "--warmup",
+        env="GENERATOR_WARMUP",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="before reporting SERVING, run a generation, a Memorize and LOCAL/REMOTE requests so that the first "
+        "requests do not pay MLX's first-use kernel compiles (auto: on when MLX computes on a GPU)",
+    )
     args = p.parse_args(argv)
+    if args.warmup not in ("auto", "on", "off"):  # from the environment: argparse checks only the flag
+        p.error(f"GENERATOR_WARMUP={args.warmup!r}: use auto, on or off")
     if not args.model:
         p.error("--model (or GENERATOR_MODEL) is required")
     return args
@@ -134,6 +148,9 @@ class GeneratorApp:
         if self.args.http_port >= 0:
             await self.http.start(self.args.host, self.args.http_port)  # /health says 503 while loading
         await asyncio.to_thread(self.engine.start)
+        if wanted(self.args.warmup):
+            took = await warm_up(self.engine, batch=min(8, self.args.max_batch_size))
+            log.info("warmed up", extra={"seconds": took})
         self.http.loaded = True
 
     def on_drain(self) -> None:

@@ -1,0 +1,88 @@
+"""Warming the generator up before it reports SERVING (docs/platform.md, "CUDA notes").
+
+On MLX's CUDA backend a kernel is compiled the first time an op / dtype / shape combination
+runs, and each decode batch size traces the compiled top-k again: without a warm-up the first
+Memorize, the first request with citations and the first batch of each size pay seconds. The
+warm-up runs the paths requests take, through the engine's public API (nothing here is a second
+implementation of them):
+
+1. a short generation without memories;
+2. when the memory service answers: Memorize of a short synthetic text, then generations with
+   that memory - LOCAL with citations alone and ``batch`` at once (the batch sizes up to it occur
+   as they join), and REMOTE - and the memory is deleted.
+
+A failure is logged and ends the warm-up: it never keeps the service from serving. The requests
+count in the metrics like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from extmind import errors
+from services.generator.request_types import REMOTE, GenerationRequest, MemoryOptions, Sampling
+
+log = logging.getLogger("extmind.generator")
+
+PROMPT_TOKENS = 16
+MEMORY_TOKENS = 256
+NEW_TOKENS = 4
+
+
+def wanted(mode: str) -> bool:
+    """``--warmup``: "on", "off", or "auto" = on when MLX computes on a GPU (CUDA or Metal)."""
+    if mode == "auto":
+        import mlx.core as mx
+
+        return mx.default_device() == mx.gpu
+    return mode == "on"
+
+
+async def _drain(engine, req: GenerationRequest) -> None:
+    async for _ in engine.generate(req):
+        pass
+
+
+async def warm_up(engine, batch: int = 8) -> dict:
+    """Runs the warm-up on a started ``engine``. -> seconds per stage ("plain", "memorize",
+    "local", "remote"; a stage that did not run is missing) and "skipped": why the memory stages
+    did not run, or ""."""
+    ok = [t for t in range(engine.vocab_size) if t not in engine.special_ids][:512]
+    prompt = ok[:PROMPT_TOKENS]
+    sampling = Sampling(max_tokens=NEW_TOKENS)
+    took: dict = {"skipped": ""}
+    t0 = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal t0
+        took[stage] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+
+    try:
+        await _drain(engine, GenerationRequest(prompt, sampling))
+        lap("plain")
+        if engine.memory is None:
+            took["skipped"] = "no memory service configured"
+            return took
+        text = [ok[i % len(ok)] for i in range(MEMORY_TOKENS)]
+        memory_id = (await engine.memorize(text, labels={"kind": "warm-up"}))["memory_id"]
+        lap("memorize")
+        try:
+            cited = MemoryOptions((memory_id,), return_citations=True)
+            await _drain(engine, GenerationRequest(prompt, sampling, cited))
+            await asyncio.gather(
+                *(_drain(engine, GenerationRequest(ok[i : i + PROMPT_TOKENS], sampling, cited)) for i in range(batch))
+            )
+            lap("local")
+            await _drain(engine, GenerationRequest(prompt, sampling, MemoryOptions((memory_id,), mode=REMOTE)))
+            lap("remote")
+        finally:
+            await engine.delete_memory(memory_id)
+    except errors.Unavailable as e:  # the memory service is not up (yet): serve anyway
+        took["skipped"] = f"memory service unavailable: {e.message}"
+    except Exception as e:  # noqa: BLE001 - a warm-up never keeps the service from serving
+        took["skipped"] = f"failed: {e}"
+        log.warning("warm-up failed; serving without it", extra={"error": str(e)})
+    return took

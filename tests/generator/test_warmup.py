@@ -1,0 +1,58 @@
+"""The start-up warm-up (services/generator/warmup.py): runs every request path through the real
+engine and memory service, leaves no memory behind, and never keeps the service from serving."""
+
+from __future__ import annotations
+
+import pytest
+
+from extmind.procs import free_port
+from services.generator.app import parse_args
+from services.generator.engine import EngineConfig, GeneratorEngine
+from services.generator.memory_client import MemoryClient
+from services.generator.request_types import GenerationRequest, Sampling
+from services.generator.warmup import wanted, warm_up
+
+from .helpers import run
+
+
+@pytest.fixture(scope="module")
+def memory_address(module_memory_service):
+    return module_memory_service.address
+
+
+async def test_warm_up_runs_every_path_and_leaves_no_memory(llama_path, memory_address):
+    engine = GeneratorEngine(EngineConfig(model=str(llama_path), memory_url=memory_address))
+    engine.start()
+    client = MemoryClient(memory_address)
+    try:
+        before = {m.memory_id for m in client.list_memories()[0]}
+        took = await warm_up(engine, batch=4)
+        assert took["skipped"] == "" and {"plain", "memorize", "local", "remote"} <= set(took)
+        assert {m.memory_id for m in client.list_memories()[0]} == before
+        assert engine.stats()["active"] == 0
+        tokens, _, _, final = await run(engine, GenerationRequest([5, 6, 7], Sampling(max_tokens=4)))
+        assert len(tokens) == final.completion_tokens > 0
+    finally:
+        client.close()
+        engine.stop()
+
+
+async def test_warm_up_without_a_memory_service_warms_what_it_can(llama_path):
+    nobody = f"127.0.0.1:{free_port()}"
+    engine = GeneratorEngine(EngineConfig(model=str(llama_path), memory_url=nobody, memory_timeout=2))
+    engine.start()
+    try:
+        took = await warm_up(engine)
+        assert "plain" in took and "memorize" not in took
+        assert took["skipped"].startswith("memory service unavailable")
+    finally:
+        engine.stop()
+
+
+def test_warmup_flag(monkeypatch):
+    assert parse_args(["--model", "m"]).warmup == "auto"
+    assert parse_args(["--model", "m", "--warmup", "off"]).warmup == "off"
+    monkeypatch.setenv("GENERATOR_WARMUP", "sometimes")
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m"])
+    assert wanted("on") and not wanted("off")
