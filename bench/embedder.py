@@ -18,9 +18,11 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 
 from bench.common import (
     ROOT,
@@ -90,14 +92,15 @@ def in_process_forward(model_spec: str, texts: list[str], rounds: int) -> float:
 
 
 # --- 2. tokens/s vs sentence-transformers ---------------------------------------------------------
-def mlx_throughput(texts: list[str], batch: int, rounds: int) -> dict:
-    """Runs in a subprocess so the BLAS can differ: tokens/s of the MLX MiniLM, length-sorted batches."""
+def mlx_throughput(texts: list[str], batch: int, rounds: int, model: str = "all-minilm-l6-v2") -> dict:
+    """Runs in a subprocess so the BLAS can differ: tokens/s of the MLX embedder ``model`` (MiniLM,
+    or a checkpoint directory), length-sorted batches."""
     from services.common.blas import blas_in_use
     from services.common.mlx_thread import MLXThread
     from services.embedder import recipe, registry
 
     mlx = MLXThread("bench")
-    m = mlx.call(registry.load, registry.resolve("all-minilm-l6-v2"))
+    m = mlx.call(registry.load, registry.resolve(model))
     ids = [
         recipe.truncate_keeping_end_token(s, m.max_input_tokens, truncate=True, index=i)
         for i, s in enumerate(m.token_ids(texts))
@@ -114,8 +117,9 @@ def mlx_throughput(texts: list[str], batch: int, rounds: int) -> dict:
     return {"tokens": tokens, "seconds": seconds, "blas": blas_in_use()}
 
 
-def torch_throughput(texts: list[str], batch: int, rounds: int, device: str = "auto") -> dict:
-    """sentence-transformers tokens/s on ``device`` ('auto': cuda when torch has it, else cpu);
+def torch_throughput(texts: list[str], batch: int, rounds: int, device: str = "auto", path=None) -> dict:
+    """sentence-transformers tokens/s on ``device`` ('auto': cuda when torch has it, else cpu) of
+    the MiniLM or the checkpoint directory ``path`` (loaded in its config's dtype);
     {'error': why} when PyTorch or sentence-transformers is missing."""
     try:
         import torch
@@ -127,7 +131,8 @@ def torch_throughput(texts: list[str], batch: int, rounds: int, device: str = "a
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = SentenceTransformer(str(minilm_dir()), device=device)
+    kwargs = {"model_kwargs": {"dtype": "auto"}} if path is not None else {}
+    model = SentenceTransformer(str(path or minilm_dir()), device=device, **kwargs)
     tokens = sum(len(x) for x in model.tokenizer(texts, truncation=True, max_length=model.max_seq_length)["input_ids"])
     # encode returns numpy arrays, so each timed call includes the wait for the GPU
     seconds = median_seconds(lambda: model.encode(texts, batch_size=batch, normalize_embeddings=True), rounds)
@@ -135,7 +140,42 @@ def torch_throughput(texts: list[str], batch: int, rounds: int, device: str = "a
     return {"tokens": tokens, "seconds": seconds, "where": where}
 
 
-def mlx_subprocess(openblas: bool | None, n: int, batch: int, rounds: int) -> dict:
+def qwen3_shaped(root) -> str:
+    """A random checkpoint of Qwen3-Embedding-0.6B's shape (hidden 1024, 28 layers, 16 heads over 8
+    KV heads of 128, MLP 3072; a small vocabulary), float16, in the official layout plus the
+    sentence-transformers files of the release (last-token pooling, normalisation). -> its path."""
+    from pathlib import Path
+
+    from extmind.tiny_models import build_qwen3
+
+    path = build_qwen3(
+        Path(root) / "Qwen3-Embedding-0.6B-shaped",
+        hidden=1024,
+        layers=28,
+        heads=16,
+        kv_heads=8,
+        head_dim=128,
+        intermediate=3072,
+        embedding_layout=True,
+        dtype="float16",
+        std=0.02,
+    )
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (path / "modules.json").write_text(json.dumps(modules))
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 8192, "do_lower_case": False}))
+    (path / "1_Pooling").mkdir(exist_ok=True)
+    (path / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 1024, "pooling_mode_lasttoken": True, "include_prompt": True})
+    )
+    (path / "2_Normalize").mkdir(exist_ok=True)
+    return str(path)
+
+
+def mlx_subprocess(openblas: bool | None, n: int, batch: int, rounds: int, model: str = "all-minilm-l6-v2") -> dict:
     """openblas: True = preloaded, False = the bundled BLAS, None = whatever the build does."""
     from services.common.blas import find_openblas
 
@@ -161,6 +201,8 @@ def mlx_subprocess(openblas: bool | None, n: int, batch: int, rounds: int) -> di
             str(batch),
             "--rounds",
             str(rounds),
+            "--throughput-model",
+            model,
         ],
         cwd=ROOT,
         env=env,
@@ -183,24 +225,56 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, 32 texts for the tokens/s part")
     p.add_argument("--torch-device", default="auto", help="sentence-transformers device: auto (cuda if any), cpu, cuda")
     add_record_flag(p)
+    p.add_argument(
+        "--throughput-shape",
+        choices=("minilm", "qwen3-0.6b"),
+        default="minilm",
+        help="model of the tokens/s part: the offline MiniLM, or a random float16 checkpoint of "
+        "Qwen3-Embedding-0.6B's shape (for GPUs: the CPU build has no fast float16)",
+    )
+    p.add_argument("--no-batching", action="store_true", help="skip part 1 (the gRPC batching rows)")
     p.add_argument("--mlx-throughput", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--throughput-model", default="all-minilm-l6-v2", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.quick:
         a.rounds, a.texts = 2, 32
 
     if a.mlx_throughput:  # child mode: BLAS chosen by the parent's environment
-        print(json.dumps(mlx_throughput(make_texts(a.texts, seed=1), a.batch, a.rounds)))
+        print(json.dumps(mlx_throughput(make_texts(a.texts, seed=1), a.batch, a.rounds, a.throughput_model)))
         return
 
-    from extmind.service_procs import ServiceProcess
-    from services.common.blas import blas_in_use, ensure_openblas, mlx_build
+    from services.common.blas import blas_in_use, ensure_openblas
 
     ensure_openblas()
     sys.path.insert(0, str(ROOT))
+    tmp = tempfile.mkdtemp(prefix="bench-embed-")
+    if a.throughput_shape == "minilm":
+        tput_model, tput_path, tput_name = "all-minilm-l6-v2", None, "all-MiniLM-L6-v2"
+    else:
+        tput_path = qwen3_shaped(tmp)
+        tput_model, tput_name = tput_path, "a random float16 Qwen3-Embedding-0.6B-shaped checkpoint"
+    flags = f" --throughput-shape {a.throughput_shape}" + (" --no-batching" if a.no_batching else "")
     head = (
-        f"{describe(machine(blas=blas_in_use()))}. `python -m bench.embedder --rounds {a.rounds}`; "
-        f"model {a.model} for batching (median of {a.rounds} rounds), all-MiniLM-L6-v2 for tokens/s."
+        f"{describe(machine(blas=blas_in_use()))}. `python -m bench.embedder --rounds {a.rounds}{flags}`; "
+        + ("" if a.no_batching else f"model {a.model} for batching (median of {a.rounds} rounds), ")
+        + f"{tput_name} for tokens/s."
     )
+    rows = []
+    try:
+        if not a.no_batching:
+            rows += batching_rows(a)
+        rows += throughput_rows(a, tput_model, tput_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    record(
+        "embedder", head + "\n\n" + table(["measurement", "result:", "ratio", "target", "met"], rows), write=a.record
+    )
+
+
+def batching_rows(a) -> list:
+    """Part 1: 16 concurrent clients of a real embedder service vs in-process and sequential."""
+    from extmind.service_procs import ServiceProcess
+
     rows = []
     # Sentences (compute-bound on a CPU) and short queries (per-call overhead matters more).
     workloads = {
@@ -239,9 +313,17 @@ def main() -> None:
             ],
         ]
 
+    return rows
+
+
+def throughput_rows(a, model: str, path) -> list:
+    """Part 2: tokens/s of the MLX embedder vs sentence-transformers on the same weights."""
+    from services.common.blas import mlx_build
+
+    rows = []
     n = a.texts
     tput_rounds = 1 if a.quick else 3
-    torch_r = torch_throughput(make_texts(n, seed=1), a.batch, tput_rounds, a.torch_device)
+    torch_r = torch_throughput(make_texts(n, seed=1), a.batch, tput_rounds, a.torch_device, path)
     what = f"tokens/s, {n} texts, batch {a.batch}, median of {tput_rounds}:"
     if "error" in torch_r:
         st = None
@@ -256,7 +338,7 @@ def main() -> None:
     # The OpenBLAS preload matters only to MLX's CPU build; the CUDA build runs once, as it is.
     variants = (None,) if build.startswith("cuda") else (True, False)
     for openblas in variants:
-        r = mlx_subprocess(openblas, n, a.batch, tput_rounds if openblas is not False else 1)
+        r = mlx_subprocess(openblas, n, a.batch, tput_rounds if openblas is not False else 1, model)
         label = {None: f"MLX ({build} build)", True: "MLX + OpenBLAS", False: "MLX, bundled BLAS"}[openblas]
         label = f"{what} {label}"
         if "error" in r:
@@ -273,9 +355,7 @@ def main() -> None:
                 verdict(tps / st >= 1.0) if aim else "-",
             ]
         )
-    record(
-        "embedder", head + "\n\n" + table(["measurement", "result:", "ratio", "target", "met"], rows), write=a.record
-    )
+    return rows
 
 
 if __name__ == "__main__":

@@ -165,6 +165,7 @@ def test_redis_down_is_unavailable_then_recovers(memory_service, redis_server):
     rng = np.random.default_rng(8)
     K, V = h.random_kv(rng, 1, 1, 10, 8, FLOAT32)
     h.build(stub, "up", K, V, FLOAT32)
+    h.search(stub, ["up"], 0, np.ones((1, 1, 8), np.float32), 2)  # in RAM now (READY loads it in the background)
     redis_server.stop()
     for call in (
         lambda: stub.GetMemory(pb.GetMemoryRequest(memory_id="up"), timeout=10),
