@@ -13,9 +13,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from extmind import errors
+from extmind import errors, tensor
 from extmind.procs import free_port
-from extmind.v1 import memory_pb2_grpc
+from extmind.v1 import memory_pb2, memory_pb2_grpc
 from services.generator.memory_client import MemoryClient, search_requests
 from services.generator.remote_retrieval import RemoteRetriever
 from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
@@ -54,6 +54,28 @@ class HungMemoryService(memory_pb2_grpc.MemoryServiceServicer):
         yield from ()
 
 
+class SlowMemoryService(memory_pb2_grpc.MemoryServiceServicer):
+    """A memory service that answers every search, each after ``delay`` seconds."""
+
+    def __init__(self, delay: float):
+        self.delay = delay
+
+    def SearchMemoryStream(self, request_iterator, context):
+        for msg in request_iterator:
+            time.sleep(self.delay)
+            H, q, _ = msg.search.queries.shape
+            k = msg.search.top_k
+            f32 = np.zeros((H, q, k), np.float32)
+            yield memory_pb2.SearchMemoryStreamResponse(
+                result=memory_pb2.SearchMemoryResponse(
+                    scores=tensor.encode(f32, dtype=tensor.FLOAT32),
+                    indices=tensor.encode(f32.astype(np.int64), dtype=tensor.INT64),
+                    keys=tensor.encode(np.zeros((H, q, k, 16), np.float32), dtype=tensor.FLOAT32),
+                    values=tensor.encode(np.zeros((H, q, k, 16), np.float32), dtype=tensor.FLOAT32),
+                )
+            )
+
+
 def _serve(servicer):
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     memory_pb2_grpc.add_MemoryServiceServicer_to_server(servicer, server)
@@ -83,6 +105,23 @@ def test_an_answer_that_never_comes_ends_the_stream_after_the_timeout():
         assert stream.closed
         with pytest.raises(errors.Unavailable):  # the same error from then on
             stream.search(search_requests(["m"], 0, q, 3, None), "searching layer 0")
+    finally:
+        client.close()
+        server.stop(None)
+
+
+def test_the_timeout_is_per_answer_not_per_batch_of_requests():
+    """A prefill's search goes out as several requests at once: each answer has the client's
+    timeout (as each unary call has), not all of them together."""
+    server, address = _serve(SlowMemoryService(0.2))
+    client = MemoryClient(address, timeout=0.6)
+    try:
+        stream = client.search_stream()
+        q = np.ones((4, 1, 16), np.float32)
+        requests = [r for _ in range(6) for r in search_requests(["m"], 0, q, 3, None)]  # ~1.2 s in all
+        answers = stream.search(requests, "searching layer 0")
+        assert len(answers) == 6 and stream.answered == 6 and not stream.closed
+        stream.close()
     finally:
         client.close()
         server.stop(None)
