@@ -82,6 +82,10 @@ class OpenAIRequest:
 
     def to_generation(self, engine) -> GenerationRequest:
         """The engine's request (prompt tokenized by ``engine.encode_prompt``; raises InvalidArgument)."""
+        layers = self.memory.layers if self.memory is not None else ()
+        bad = [x for x in layers if not 0 <= x < engine.num_layers]
+        if bad:  # only the engine knows its layers; the answer still names the field
+            raise BadField("extmind.layers", f"'extmind.layers' {bad} are outside [0, {engine.num_layers})")
         tokens = engine.encode_prompt(
             prompt=self.prompt, messages=self.messages, token_ids=self.prompt_token_ids, chat_options=self.chat_options
         )

@@ -331,6 +331,16 @@ def test_every_error_status_has_openai_shape(served, memory_id):
             lambda: chat(
                 model=served.model_id,
                 messages=MESSAGES,
+                extra_body={"extmind": {"memory_ids": [memory_id], "layers": [0, 99]}},
+            ),
+            400,
+            "invalid_argument",
+            "extmind.layers",
+        ),
+        (
+            lambda: chat(
+                model=served.model_id,
+                messages=MESSAGES,
                 extra_body={"extmind": {"memory_ids": [memory_id], "top_k": -1}},
             ),
             400,
