@@ -5,6 +5,8 @@ unary calls instead."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from concurrent import futures
 
@@ -219,3 +221,83 @@ async def test_a_cancelled_generation_closes_its_stream(engine, memory, module_m
     tokens, _, _, _ = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=3), req.memory))
     assert len(tokens) == 3
     assert "code=OK" in wait_for_access_line(svc, STREAM, before + 1)
+
+
+def _recreate_as_copy(client: MemoryClient, src: str, dst: str) -> None:
+    """Deletes memory ``dst`` and creates it again under the same id with ``src``'s rows (as a
+    client that rebuilds a memory under its old name), without the generator's MLX thread."""
+    m = client.get_memory(src, include_tokens=True)
+    client.delete_memory(dst)
+    client.create_memory(
+        memory_id=dst,
+        layout=m.layout,
+        fingerprint=m.model_fingerprint,
+        token_ids=m.token_ids,
+        positions=m.positions,
+        labels={},
+    )
+    rows = client.fetch_stored(src, m.layout.num_layers)
+    client.append(
+        memory_pb2.AppendMemoryRequest(
+            memory_id=dst,
+            layer=layer,
+            keys=tensor.encode(rows.keys[layer], dtype=rows.dtype),
+            values=tensor.encode(rows.values[layer], dtype=rows.dtype),
+        )
+        for layer in range(m.layout.num_layers)
+    )
+
+
+@pytest.mark.parametrize("streams", [True, False])
+def test_a_memory_created_again_with_more_rows_is_failed_precondition(engine, memory, memory_address, streams):
+    """Hits past the rows the retriever resolved (the memory was deleted and created again under
+    its id meanwhile) are refused, on the stream and in unary calls alike."""
+    mid, _ = memory
+    small = f"small-then-large-{streams}"
+    engine.memorize_blocking(engine.tokenizer.encode("A short text."), memory_id=small)
+    client = MemoryClient(memory_address)
+    client.streams_search = streams
+    try:
+        retriever = RemoteRetriever(client, engine.resolver.resolve((small,)))
+        q = np.ones((1, engine.num_kv_heads, engine.num_heads // engine.num_kv_heads, 1, engine.head_dim), np.float32)
+        engine.mlx.call(lambda: retriever.retrieve(0, mx.array(q), 4, None))  # as resolved: fine
+        _recreate_as_copy(client, mid, small)
+        with pytest.raises(errors.FailedPrecondition, match="changed while this generation searched them"):
+            engine.mlx.call(lambda: retriever.retrieve(0, mx.array(q), 4, None))
+        retriever.close()
+    finally:
+        client.delete_memory(small)
+        client.close()
+
+
+async def _hold(mlx) -> threading.Event:
+    """Holds the MLX thread (no generation step runs) until the returned event is set."""
+    gate, holding = threading.Event(), threading.Event()
+    mlx.submit(lambda: holding.set() or gate.wait(30))
+    assert await asyncio.to_thread(holding.wait, 30)
+    return gate
+
+
+async def test_a_remote_generation_with_citations_ends_cleanly_when_its_memory_is_created_again(engine, memory):
+    """The generator process used to crash (segmentation fault in the citation counts' scatter):
+    the request now ends with FAILED_PRECONDITION and the engine serves on."""
+    mid, _ = memory
+    changing = "changes-mid-generation"
+    await engine.memorize(engine.tokenizer.encode("A short text."), memory_id=changing)
+    options = MemoryOptions((changing,), top_k=4, mode="remote", return_citations=True)
+    req = GenerationRequest(engine.tokenizer.encode("Alice met"), Sampling(max_tokens=3000), options)
+    seen = 0
+    with pytest.raises(errors.FailedPrecondition, match="changed while this generation searched them"):
+        async for _ in engine.generate(req):
+            seen += 1
+            if seen == 3:
+                gate = await _hold(engine.mlx)  # no step runs while the memory is replaced
+                try:
+                    await asyncio.to_thread(_recreate_as_copy, engine.memory, mid, changing)
+                finally:
+                    gate.set()
+    assert engine.stats()["active"] == 0
+    # the engine serves on, and a new generation over the new memory works
+    tokens, _, _, final = await run(engine, GenerationRequest(req.prompt_tokens, Sampling(max_tokens=3), options))
+    assert len(tokens) == 3 and final.citations
+    await engine.delete_memory(changing)
