@@ -18,6 +18,7 @@ from services.generator.request_types import (
     DEFAULT_MEMORY_TOP_K,
     LOCAL,
     MAX_MEMORY_TOP_K,
+    MAX_STOP_STRINGS,
     MAX_TOP_LOGPROBS,
     REMOTE,
     GenerationRequest,
@@ -110,6 +111,8 @@ def _common(body: dict, obj: str) -> OpenAIRequest:
         raise BadField("stop", "'stop' must be a string or a list of strings")
     if any(not s for s in stop):
         raise BadField("stop", "'stop' strings must not be empty")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise BadField("stop", f"'stop' has {len(stop)} strings; send at most {MAX_STOP_STRINGS}")
     stream = _get(body, "stream", "boolean", False)
     options = _get(body, "stream_options", "object", {})
     include_usage = _get(options, "include_usage", "boolean", False, where="stream_options.")

@@ -141,6 +141,7 @@ async def test_a_caller_cancelled_while_its_admit_runs_frees_the_slot(engines):
         (Sampling(repetition_penalty=-2), [5], "repetition_penalty"),
         (Sampling(top_k=10**6), [5], "top_k"),
         (Sampling(stop=("",)), [5], "stop"),
+        (Sampling(stop=tuple(f"s{i}" for i in range(33))), [5], "33 stop strings; send at most 32"),
         (Sampling(), [], "empty"),
     ],
 )

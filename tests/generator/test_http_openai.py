@@ -310,6 +310,12 @@ def test_every_error_status_has_openai_shape(served, memory_id):
         (lambda: chat(model=served.model_id, messages=MESSAGES, max_tokens=0), 400, "invalid_argument", "max_tokens"),
         (lambda: chat(model=served.model_id, messages=MESSAGES, stop=[""]), 400, "invalid_argument", "stop"),
         (
+            lambda: chat(model=served.model_id, messages=MESSAGES, stop=[f"s{i}" for i in range(33)]),
+            400,
+            "invalid_argument",
+            "stop",
+        ),
+        (
             lambda: c.completions.create(model=served.model_id, prompt=" and", logprobs=6),
             400,
             "invalid_argument",
