@@ -20,6 +20,7 @@ from training import train
         (["--heads", "0"], "--heads must be a multiple of --kv-heads"),
         (["--rope-theta", "nan"], "--rope-theta > 0"),
         (["--rope-theta", "-1"], "--rope-theta > 0"),
+        (["--rope-theta", "inf"], "--rope-theta > 0"),  # RoPE would turn every query and key into NaN
         (["--multi", "nan"], "--multi must be in [0, 1]"),
         (["--multi", "1.5"], "--multi must be in [0, 1]"),
         (["--max-people", "1"], "--max-people >= 2"),

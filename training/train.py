@@ -383,7 +383,7 @@ def main(argv=None) -> int:
         (a.tau > 0, "--tau must be > 0"),
         (0 <= a.own_fraction < 1, "--own-fraction must be in [0, 1)"),
         (a.device_memory_gb >= 0, "--device-memory-gb must be >= 0 (0 = MLX's default)"),
-        (a.head_dim >= 0 and a.rope_theta > 0, "--head-dim must be >= 0 and --rope-theta > 0"),
+        (a.head_dim >= 0 and 0 < a.rope_theta < math.inf, "--head-dim must be >= 0 and --rope-theta > 0 (finite)"),
         (a.own_docs >= 1, "--own-docs must be >= 1"),
         # A question's own memory is its document and the next ones of the step's --questions:
         # more than there are would hold documents twice.
