@@ -24,6 +24,8 @@ from training import train
         (["--multi", "nan"], "--multi must be in [0, 1]"),
         (["--multi", "1.5"], "--multi must be in [0, 1]"),
         (["--max-people", "1"], "--max-people >= 2"),
+        (["--mem-docs", "2"], "--mem-docs must be >= 3"),
+        (["--questions", "0"], "--questions >= 1"),
     ],
 )
 def test_nonsense_flags_are_refused_naming_the_flag(tmp_path, capsys, flags, words):

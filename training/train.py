@@ -385,6 +385,9 @@ def main(argv=None) -> int:
         (a.device_memory_gb >= 0, "--device-memory-gb must be >= 0 (0 = MLX's default)"),
         (a.head_dim >= 0 and 0 < a.rope_theta < math.inf, "--head-dim must be >= 0 and --rope-theta > 0 (finite)"),
         (a.own_docs >= 1, "--own-docs must be >= 1"),
+        # The shared-memory phase starts at --mem-docs / 3 documents; 0 would silently train the
+        # per-question phase again instead.
+        (a.mem_docs >= 3 and a.questions >= 1, "--mem-docs must be >= 3 and --questions >= 1"),
         # A question's own memory is its document and the next ones of the step's --questions:
         # more than there are would hold documents twice.
         (a.own_fraction == 0 or a.own_docs <= a.questions, "--own-docs must be <= --questions"),
