@@ -389,8 +389,19 @@ def main(argv=None) -> int:
         (a.tau > 0, "--tau must be > 0"),
         (0 <= a.own_fraction < 1, "--own-fraction must be in [0, 1)"),
         (a.device_memory_gb >= 0, "--device-memory-gb must be >= 0 (0 = MLX's default)"),
-        (a.head_dim >= 0 and a.rope_theta > 0, "--head-dim must be >= 0 and --rope-theta > 0"),
+        (a.head_dim >= 0 and 0 < a.rope_theta < math.inf, "--head-dim must be >= 0 and --rope-theta > 0 (finite)"),
         (a.own_docs >= 1, "--own-docs must be >= 1"),
+        # The shared-memory phase starts at --mem-docs / 3 documents; 0 would silently train the
+        # per-question phase again instead.
+        (a.mem_docs >= 3 and a.questions >= 1, "--mem-docs must be >= 3 and --questions >= 1"),
+        # A question's own memory is its document and the next ones of the step's --questions:
+        # more than there are would hold documents twice.
+        (a.own_fraction == 0 or a.own_docs <= a.questions, "--own-docs must be <= --questions"),
+        (a.heads >= 1 and a.kv_heads >= 1 and a.heads % a.kv_heads == 0, "--heads must be a multiple of --kv-heads"),
+        (
+            (a.head_dim or a.hidden // max(a.heads, 1)) % 2 == 0 and (a.head_dim or a.hidden // max(a.heads, 1)) > 0,
+            "the head size (--head-dim, or --hidden / --heads) must be even and > 0 (RoPE rotates pairs)",
+        ),
         (0 <= a.multi <= 1 and a.max_people >= 2, "--multi must be in [0, 1] and --max-people >= 2"),
     ):
         if not ok:

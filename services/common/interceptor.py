@@ -19,6 +19,7 @@ import logging
 import time
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from extmind.errors import ExtmindError
 from services.common.auth import HOW_TO_AUTHENTICATE, check_bearer
@@ -54,6 +55,11 @@ def _status_and_message(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.DEADLINE_EXCEEDED, "the call took longer than its deadline"
     if isinstance(exc, NotImplementedError):  # the generated base servicer's default
         return grpc.StatusCode.UNIMPLEMENTED, "this RPC is not implemented by this server"
+    if isinstance(exc, DecodeError):  # a streamed request message is read inside the handler
+        return (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"a request message could not be parsed ({exc}); send the method's type",
+        )
     if isinstance(exc, MemoryError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "the server ran out of memory for this request; send less at once"
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}: {exc}); the service is still up"

@@ -28,11 +28,22 @@ class MLXThread:
     def submit(self, fn, *args, **kwargs) -> concurrent.futures.Future:
         with self._lock:
             self._waiting += 1
-        return self._pool.submit(self._started, fn, args, kwargs)
+        try:
+            future = self._pool.submit(self._started, fn, args, kwargs)
+        except BaseException:  # shut down: nothing was queued
+            self._not_waiting()
+            raise
+        # Work cancelled before it started never runs ``_started`` (an asyncio caller that went
+        # away cancels its queued call): it is not waiting any more either.
+        future.add_done_callback(lambda f: f.cancelled() and self._not_waiting())
+        return future
 
-    def _started(self, fn, args, kwargs):
+    def _not_waiting(self) -> None:
         with self._lock:
             self._waiting -= 1
+
+    def _started(self, fn, args, kwargs):
+        self._not_waiting()
         return fn(*args, **kwargs)
 
     def has_waiting(self) -> bool:

@@ -20,7 +20,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from extmind.embedding_models import find as find_known
-from extmind.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from extmind.errors import (
+    DeadlineExceeded,
+    ExtmindError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from services.common.mlx_thread import MLXThread
 from services.embedder import registry
 from services.embedder.models.base import ServedModel
@@ -181,9 +188,19 @@ class ModelPool:
 
     async def _load(self, entry: Entry) -> None:
         try:
-            need = entry.loaded_bytes or await asyncio.to_thread(registry.estimate_bytes, entry.resolved, self._dtype)
-            await self._make_room(entry, need)
-            model = await self.mlx.run(registry.load, entry.resolved, **self.policy.load_options)
+            try:
+                need = entry.loaded_bytes or await asyncio.to_thread(
+                    registry.estimate_bytes, entry.resolved, self._dtype
+                )
+                await self._make_room(entry, need)
+                model = await self.mlx.run(registry.load, entry.resolved, **self.policy.load_options)
+            except (ExtmindError, MemoryError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - a checkpoint that does not load (cut short, corrupt)
+                raise FailedPrecondition(
+                    f"model {entry.name} does not load from {entry.resolved.path} ({type(exc).__name__}: {exc}); "
+                    "its files are incomplete or corrupt: download the checkpoint again"
+                ) from exc
             model.aliases = list(entry.aliases)
             entry.model, entry.reserved = model, 0
             entry.loaded_bytes = model.nbytes

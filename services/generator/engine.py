@@ -248,11 +248,15 @@ class GeneratorEngine:
         r = RunningRequest(
             req, asyncio.get_running_loop(), IncrementalDecoder(self.tokenizer.decode), max_tokens, arrived
         )
-        await self.mlx.run(
-            self._scheduler.admit, r, key, lambda: self._memory_context(req, memories, fetched), memories
-        )
-        fetched.clear()  # cached on the device now; a later group refetches what was evicted meanwhile
-        try:
+        try:  # from the admit on: a caller gone while it ran must still cancel (cancel ignores unadmitted r)
+            try:
+                await self.mlx.run(
+                    self._scheduler.admit, r, key, lambda: self._memory_context(req, memories, fetched), memories
+                )
+            except errors.ExtmindError:
+                r.done = True  # refused (a full queue): nothing to cancel, no hop to the MLX thread
+                raise
+            fetched.clear()  # cached on the device now; a later group refetches what was evicted meanwhile
             while True:
                 ev = await r.events.get()
                 if isinstance(ev, BaseException):

@@ -128,7 +128,9 @@ class GeneratorHttpFace(JsonFace):
         gen = req.to_generation(self.engine)
         answer = Answer(req, self.model_id, self.engine.fingerprint, lambda t: self.engine.tokenizer.decode([t]))
         events = self.engine.generate(gen)
-        first = await anext(events)  # request errors (bad fields, memories) answer with their status
+        # Request errors (bad fields, memories) answer with their status. A client that hangs up
+        # while the request waits for its first token (queued, prefilling) cancels it there.
+        first = await unless_disconnected(request, anext(events))
         if not req.stream:
 
             async def whole():

@@ -18,6 +18,7 @@ from services.generator.request_types import (
     DEFAULT_MEMORY_TOP_K,
     LOCAL,
     MAX_MEMORY_TOP_K,
+    MAX_STOP_STRINGS,
     MAX_TOP_LOGPROBS,
     REMOTE,
     GenerationRequest,
@@ -82,6 +83,10 @@ class OpenAIRequest:
 
     def to_generation(self, engine) -> GenerationRequest:
         """The engine's request (prompt tokenized by ``engine.encode_prompt``; raises InvalidArgument)."""
+        layers = self.memory.layers if self.memory is not None else ()
+        bad = [x for x in layers if not 0 <= x < engine.num_layers]
+        if bad:  # only the engine knows its layers; the answer still names the field
+            raise BadField("extmind.layers", f"'extmind.layers' {bad} are outside [0, {engine.num_layers})")
         tokens = engine.encode_prompt(
             prompt=self.prompt, messages=self.messages, token_ids=self.prompt_token_ids, chat_options=self.chat_options
         )
@@ -106,6 +111,8 @@ def _common(body: dict, obj: str) -> OpenAIRequest:
         raise BadField("stop", "'stop' must be a string or a list of strings")
     if any(not s for s in stop):
         raise BadField("stop", "'stop' strings must not be empty")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise BadField("stop", f"'stop' has {len(stop)} strings; send at most {MAX_STOP_STRINGS}")
     stream = _get(body, "stream", "boolean", False)
     options = _get(body, "stream_options", "object", {})
     include_usage = _get(options, "include_usage", "boolean", False, where="stream_options.")

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from services.generator.openai_protocol import CHAT, OpenAIRequest
-from services.generator.request_types import LENGTH, Chunk, Final
+from services.generator.request_types import LENGTH, STOP_SEQUENCE, Chunk, Final
 
 # OpenAI's stand-in for a probability of zero (JSON has no -Infinity).
 _NO_CHANCE = -9999.0
@@ -57,21 +57,40 @@ class Answer:
         self.token_text = token_text
         self.text: list[str] = []
         self.chars = 0  # characters in ``text`` (completions' logprobs text_offset)
+        # The tokens shown in logprobs, with their logprobs and alternatives.
         self.token_ids: list[int] = []
         self.logprobs: list[float] = []
         self.top: list[list[tuple[int, float]]] = []
+        # Tokens whose text is held back (it may be the start of a stop string): their logprobs
+        # are shown with the text, or dropped with it when a stop string cuts it off.
+        self._held: tuple[list, list, list] = ([], [], [])
         self.final: Final | None = None
 
-    def add(self, chunk: Chunk) -> None:
+    def add(self, chunk: Chunk) -> tuple[list[int], list[float], list]:
+        """Takes one Chunk. -> the (token ids, logprobs, alternatives) to show now: none while
+        the chunk's text is held back, else the tokens held so far and the chunk's."""
         self.text.append(chunk.text)
         self.chars += len(chunk.text)
-        self.token_ids += chunk.token_ids
-        self.logprobs += chunk.logprobs
-        self.top += chunk.top_logprobs
+        for held, new in zip(self._held, (chunk.token_ids, chunk.logprobs, chunk.top_logprobs)):
+            held += new
+        return self._show() if chunk.text else ([], [], [])
 
-    def end(self, final: Final) -> None:
+    def _show(self) -> tuple[list[int], list[float], list]:
+        shown, self._held = self._held, ([], [], [])
+        self.token_ids += shown[0]
+        self.logprobs += shown[1]
+        self.top += shown[2]
+        return shown
+
+    def end(self, final: Final) -> tuple[list[int], list[float], list]:
+        """Takes the Final. -> the held tokens shown now: with the text released at the end; none
+        when a stop string cut that text off (the token that completed the stop string, and
+        those whose text began it, are not part of the answer; the usage still counts them)."""
         self.text.append(final.remaining_text)
         self.final = final
+        if final.finish_reason == STOP_SEQUENCE and not final.remaining_text:
+            self._held = ([], [], [])
+        return self._show()
 
     # --- pieces -----------------------------------------------------------------------------------
     def _head(self, obj: str) -> dict:
@@ -161,18 +180,19 @@ class Answer:
     def stream_chunk(self, chunk: Chunk) -> dict | None:
         """The stream object of one Chunk (None when it carries nothing to send)."""
         at = self.chars
-        self.add(chunk)
-        lps = self._logprobs(chunk.token_ids, chunk.logprobs, chunk.top_logprobs, at)
-        if not chunk.text and lps is None:
-            return None  # text held back for a possible stop string
-        return self._chunk(chunk.text, lps=lps)
+        shown = self.add(chunk)
+        if not chunk.text:
+            return None  # text held back for a possible stop string (its tokens with it)
+        return self._chunk(chunk.text, lps=self._logprobs(*shown, at))
 
     def last_chunks(self, final: Final) -> list[dict]:
         """The stream's closing objects: the finish reason (with the text held back until the end),
         then usage when asked for (``stream_options.include_usage``); the last one carries the
         ``extmind`` citations."""
-        self.end(final)
-        out = [self._chunk(final.remaining_text, reason=finish_reason(final))]
+        at = self.chars
+        shown = self.end(final)
+        lps = self._logprobs(*shown, at) if shown[0] else None
+        out = [self._chunk(final.remaining_text, lps=lps, reason=finish_reason(final))]
         if self.req.include_usage:
             out.append({**self._chunk(""), "choices": [], "usage": self._usage()})
         self._extmind(out[-1])

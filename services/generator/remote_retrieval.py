@@ -20,6 +20,7 @@ import weakref
 import mlx.core as mx
 import numpy as np
 
+from extmind import errors
 from services.generator.extended_attention import Retrieved
 from services.generator.kv_dtypes import from_storage
 from services.generator.memory_client import MemoryClient, SearchResult, concat_results, search_requests, search_result
@@ -32,6 +33,7 @@ class RemoteRetriever:
         self.client = client
         self.memory_ids = [m.memory_id for m in memories]
         self.rows = sum(m.rows for m in memories)
+        self._rows_of = {m.memory_id: m.rows for m in memories}  # as resolved when the generation began
         self.calls = 0
         # dtype -> (memory ids, row offset of each in the request's concatenation, rows of each)
         self.groups: dict[int, tuple[list[str], list[int], list[int]]] = {}
@@ -66,8 +68,22 @@ class RemoteRetriever:
             except StreamUnsupported:
                 self.client.streams_search = False  # an older memory service: unary from now on
             else:
-                return [concat_results([search_result(next(answers)) for _ in rs]) for rs in requests]
-        return [self.client.search(ids, layer, q, top_k, threshold) for ids, q in searches]
+                found = [concat_results([search_result(next(answers)) for _ in rs]) for rs in requests]
+                return [self._checked(ids, r, top_k) for (ids, _), r in zip(searches, found)]
+        return [self._checked(ids, self.client.search(ids, layer, q, top_k, threshold), top_k) for ids, q in searches]
+
+    def _checked(self, ids: list[str], r: SearchResult, top_k: int) -> SearchResult:
+        """``r`` when its hits are rows of the memories as resolved; raises FailedPrecondition when
+        they are not: a memory deleted and created again under its id while this generation ran
+        has other rows, and a row number past the resolved ones must never reach the citation
+        counts (a scatter out of bounds)."""
+        rows = sum(self._rows_of[i] for i in ids)
+        if r.indices.shape[-1] != min(top_k, rows) or (r.indices.size and int(r.indices.max()) >= rows):
+            raise errors.FailedPrecondition(
+                f"memories {ids} changed while this generation searched them (deleted and created again: "
+                f"no longer the {rows} rows it started with); retry the request"
+            )
+        return r
 
     def _search(self, layer: int, q: np.ndarray, top_k: int, threshold: float | None) -> SearchResult:
         if len(self.groups) == 1:

@@ -23,6 +23,9 @@ DEFAULT_MAX_TOKENS = 256
 DEFAULT_MEMORY_TOP_K = 10  # memories each query token retrieves per layer and head
 DEFAULT_MAX_CITATIONS = 5
 MAX_TOP_LOGPROBS = 20  # most alternatives reported per generated token (OpenAI's limit too)
+# Every stop string is looked for after every token, on the MLX thread that all requests share:
+# thousands of them would slow every request of the process (10 000: ~20 ms per token).
+MAX_STOP_STRINGS = 32
 MAX_MEMORY_TOP_K = 1024
 DEFAULT_WINDOW = 3072  # memory building: tokens per forward window ...
 DEFAULT_STRIDE = 512  # ... and tokens between window starts (docs/extended-mind.md)
@@ -54,6 +57,10 @@ class Sampling:
                 f"repetition_penalty {self.repetition_penalty} must be >= 0 (0 or 1 = off)",
             ),
             (all(self.stop), "stop strings must not be empty"),
+            (
+                len(self.stop) <= MAX_STOP_STRINGS,
+                f"{len(self.stop)} stop strings; send at most {MAX_STOP_STRINGS}",
+            ),
         ]
         for ok, msg in checks:
             if not ok:

@@ -74,6 +74,7 @@ class SearchStream:
             for _ in requests:
                 out.append(next(self._call).result)
                 self.answered += 1
+                self._waiting_since = time.monotonic()  # each answer has the whole timeout, as a unary call
         except grpc.RpcError as e:
             self._fail(self._converted(e, what))
         except StopIteration:

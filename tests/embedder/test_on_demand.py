@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import shutil
 import threading
 
 import grpc
@@ -176,6 +177,26 @@ async def test_a_model_larger_than_the_whole_budget_is_refused(engine_with):
     with pytest.raises(FailedPrecondition) as err:  # retrying cannot help: not RESOURCE_EXHAUSTED
         await engine.embed(["x"], model="qwen3-8b")
     assert "more than the whole --model-memory-gb" in err.value.message
+
+
+@pytest.mark.parametrize("damage", ["header", "weights"])
+async def test_a_corrupt_checkpoint_is_failed_precondition_naming_it(engine_with, models_dir, tiny_qwen3, damage):
+    """A checkpoint loaded on demand whose safetensors is cut short (a download that stopped):
+    the request gets FAILED_PRECONDITION naming the model and its folder, not INTERNAL; the embedder
+    serves on and a retry answers the same."""
+    copy = models_dir / "qwen3-8b"
+    copy.unlink()
+    shutil.copytree(tiny_qwen3, copy)
+    (f,) = copy.glob("*.safetensors")
+    data = f.read_bytes()
+    f.write_bytes(data[:5] if damage == "header" else data[: len(data) // 2])
+    engine = await engine_with()
+    for _ in range(2):
+        with pytest.raises(FailedPrecondition) as err:
+            await engine.embed(["x"], model="qwen3-8b")
+        assert C in err.value.message and str(copy) in err.value.message, err.value.message
+    assert (await engine.embed(["x"])).model == A and loaded(engine) == [A]
+    assert engine.pool.used_bytes == engine.pool.lookup(A, None).nbytes  # nothing stays reserved
 
 
 async def test_an_evicted_start_model_loads_again_at_its_exact_size(engine_with):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import mlx.core as mx
 import numpy as np
@@ -104,6 +105,33 @@ async def test_cancellation_frees_the_slot(engines):
     assert len(tokens) == 3
 
 
+async def test_a_caller_cancelled_while_its_admit_runs_frees_the_slot(engines):
+    """The caller goes away after its request was admitted on the MLX thread but before the
+    answer reached its loop: the request must still be cancelled, not generate on unread."""
+    engine = engines["llama"]
+    release = threading.Event()
+    engine.mlx.submit(release.wait, 10)  # the admit queues behind this
+    task = asyncio.ensure_future(
+        run(engine, GenerationRequest(engine.tokenizer.encode("The sea"), Sampling(max_tokens=10_000)))
+    )
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if engine.mlx.has_waiting():
+            break
+    assert engine.mlx.has_waiting()
+    release.set()
+    engine.mlx.call(lambda: None)  # blocks this loop until the admit ran: its answer is not delivered yet
+    assert engine.stats()["active"] == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(200):
+        if engine.stats()["active"] == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert engine.stats()["active"] == 0
+
+
 @pytest.mark.parametrize(
     "sampling,prompt,match",
     [
@@ -113,6 +141,7 @@ async def test_cancellation_frees_the_slot(engines):
         (Sampling(repetition_penalty=-2), [5], "repetition_penalty"),
         (Sampling(top_k=10**6), [5], "top_k"),
         (Sampling(stop=("",)), [5], "stop"),
+        (Sampling(stop=tuple(f"s{i}" for i in range(33))), [5], "33 stop strings; send at most 32"),
         (Sampling(), [], "empty"),
     ],
 )

@@ -195,6 +195,35 @@ def test_logprobs(served):
     assert [t for p in streamed if p.choices[0].logprobs for t in p.choices[0].logprobs.tokens] == lp.tokens
 
 
+def test_logprobs_stop_where_a_stop_string_cuts_the_text(served):
+    """The tokens in logprobs are those of the text returned: the token that completes a stop
+    string, and tokens whose text only began it, are left out (as EOS is), whole and streamed;
+    the usage still counts every generated token."""
+    c = served.client()
+    for stop, text, tokens in [
+        (" lazy", " the", [" the"]),  # the stop string is one token
+        (" lazy f", " the", [" the"]),  # " lazy" was held back, " fox" completed it
+        ("zy f", " the la", [" the", " lazy"]),  # " lazy" shows partly; " fox" completed it
+        (" the lazy fox", "", []),
+    ]:
+        r = c.completions.create(model=served.model_id, prompt=" and", logprobs=0, stop=stop, temperature=0)
+        lp = r.choices[0].logprobs
+        assert (r.choices[0].text, lp.tokens, r.choices[0].finish_reason) == (text, tokens, "stop"), stop
+        assert len(lp.token_logprobs) == len(tokens) and r.usage.completion_tokens > len(tokens)
+        streamed = list(
+            c.completions.create(
+                model=served.model_id, prompt=" and", logprobs=0, stop=stop, temperature=0, stream=True
+            )
+        )
+        assert "".join(p.choices[0].text for p in streamed) == text, stop
+        assert [t for p in streamed if p.choices[0].logprobs for t in p.choices[0].logprobs.tokens] == tokens, stop
+        chat = c.chat.completions.create(
+            model=served.model_id, messages=MESSAGES, logprobs=True, stop=" capital", temperature=0
+        )
+        assert chat.choices[0].message.content == " Berlin is"
+        assert [x.token for x in chat.choices[0].logprobs.content] == [" Berlin", " is"]
+
+
 # --- memories ----------------------------------------------------------------------------------
 
 
@@ -318,6 +347,12 @@ def test_every_error_status_has_openai_shape(served, memory_id):
         (lambda: chat(model=served.model_id, messages=MESSAGES, max_tokens=0), 400, "invalid_argument", "max_tokens"),
         (lambda: chat(model=served.model_id, messages=MESSAGES, stop=[""]), 400, "invalid_argument", "stop"),
         (
+            lambda: chat(model=served.model_id, messages=MESSAGES, stop=[f"s{i}" for i in range(33)]),
+            400,
+            "invalid_argument",
+            "stop",
+        ),
+        (
             lambda: c.completions.create(model=served.model_id, prompt=" and", logprobs=6),
             400,
             "invalid_argument",
@@ -334,6 +369,16 @@ def test_every_error_status_has_openai_shape(served, memory_id):
             400,
             "invalid_argument",
             "extmind.mode",
+        ),
+        (
+            lambda: chat(
+                model=served.model_id,
+                messages=MESSAGES,
+                extra_body={"extmind": {"memory_ids": [memory_id], "layers": [0, 99]}},
+            ),
+            400,
+            "invalid_argument",
+            "extmind.layers",
         ),
         (
             lambda: chat(

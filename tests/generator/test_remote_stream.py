@@ -5,6 +5,8 @@ unary calls instead."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from concurrent import futures
 
@@ -13,9 +15,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from extmind import errors
+from extmind import errors, tensor
 from extmind.procs import free_port
-from extmind.v1 import memory_pb2_grpc
+from extmind.v1 import memory_pb2, memory_pb2_grpc
 from services.generator.memory_client import MemoryClient, search_requests
 from services.generator.remote_retrieval import RemoteRetriever
 from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
@@ -54,6 +56,28 @@ class HungMemoryService(memory_pb2_grpc.MemoryServiceServicer):
         yield from ()
 
 
+class SlowMemoryService(memory_pb2_grpc.MemoryServiceServicer):
+    """A memory service that answers every search, each after ``delay`` seconds."""
+
+    def __init__(self, delay: float):
+        self.delay = delay
+
+    def SearchMemoryStream(self, request_iterator, context):
+        for msg in request_iterator:
+            time.sleep(self.delay)
+            H, q, _ = msg.search.queries.shape
+            k = msg.search.top_k
+            f32 = np.zeros((H, q, k), np.float32)
+            yield memory_pb2.SearchMemoryStreamResponse(
+                result=memory_pb2.SearchMemoryResponse(
+                    scores=tensor.encode(f32, dtype=tensor.FLOAT32),
+                    indices=tensor.encode(f32.astype(np.int64), dtype=tensor.INT64),
+                    keys=tensor.encode(np.zeros((H, q, k, 16), np.float32), dtype=tensor.FLOAT32),
+                    values=tensor.encode(np.zeros((H, q, k, 16), np.float32), dtype=tensor.FLOAT32),
+                )
+            )
+
+
 def _serve(servicer):
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     memory_pb2_grpc.add_MemoryServiceServicer_to_server(servicer, server)
@@ -83,6 +107,23 @@ def test_an_answer_that_never_comes_ends_the_stream_after_the_timeout():
         assert stream.closed
         with pytest.raises(errors.Unavailable):  # the same error from then on
             stream.search(search_requests(["m"], 0, q, 3, None), "searching layer 0")
+    finally:
+        client.close()
+        server.stop(None)
+
+
+def test_the_timeout_is_per_answer_not_per_batch_of_requests():
+    """A prefill's search goes out as several requests at once: each answer has the client's
+    timeout (as each unary call has), not all of them together."""
+    server, address = _serve(SlowMemoryService(0.2))
+    client = MemoryClient(address, timeout=0.6)
+    try:
+        stream = client.search_stream()
+        q = np.ones((4, 1, 16), np.float32)
+        requests = [r for _ in range(6) for r in search_requests(["m"], 0, q, 3, None)]  # ~1.2 s in all
+        answers = stream.search(requests, "searching layer 0")
+        assert len(answers) == 6 and stream.answered == 6 and not stream.closed
+        stream.close()
     finally:
         client.close()
         server.stop(None)
@@ -180,3 +221,83 @@ async def test_a_cancelled_generation_closes_its_stream(engine, memory, module_m
     tokens, _, _, _ = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=3), req.memory))
     assert len(tokens) == 3
     assert "code=OK" in wait_for_access_line(svc, STREAM, before + 1)
+
+
+def _recreate_as_copy(client: MemoryClient, src: str, dst: str) -> None:
+    """Deletes memory ``dst`` and creates it again under the same id with ``src``'s rows (as a
+    client that rebuilds a memory under its old name), without the generator's MLX thread."""
+    m = client.get_memory(src, include_tokens=True)
+    client.delete_memory(dst)
+    client.create_memory(
+        memory_id=dst,
+        layout=m.layout,
+        fingerprint=m.model_fingerprint,
+        token_ids=m.token_ids,
+        positions=m.positions,
+        labels={},
+    )
+    rows = client.fetch_stored(src, m.layout.num_layers)
+    client.append(
+        memory_pb2.AppendMemoryRequest(
+            memory_id=dst,
+            layer=layer,
+            keys=tensor.encode(rows.keys[layer], dtype=rows.dtype),
+            values=tensor.encode(rows.values[layer], dtype=rows.dtype),
+        )
+        for layer in range(m.layout.num_layers)
+    )
+
+
+@pytest.mark.parametrize("streams", [True, False])
+def test_a_memory_created_again_with_more_rows_is_failed_precondition(engine, memory, memory_address, streams):
+    """Hits past the rows the retriever resolved (the memory was deleted and created again under
+    its id meanwhile) are refused, on the stream and in unary calls alike."""
+    mid, _ = memory
+    small = f"small-then-large-{streams}"
+    engine.memorize_blocking(engine.tokenizer.encode("A short text."), memory_id=small)
+    client = MemoryClient(memory_address)
+    client.streams_search = streams
+    try:
+        retriever = RemoteRetriever(client, engine.resolver.resolve((small,)))
+        q = np.ones((1, engine.num_kv_heads, engine.num_heads // engine.num_kv_heads, 1, engine.head_dim), np.float32)
+        engine.mlx.call(lambda: retriever.retrieve(0, mx.array(q), 4, None))  # as resolved: fine
+        _recreate_as_copy(client, mid, small)
+        with pytest.raises(errors.FailedPrecondition, match="changed while this generation searched them"):
+            engine.mlx.call(lambda: retriever.retrieve(0, mx.array(q), 4, None))
+        retriever.close()
+    finally:
+        client.delete_memory(small)
+        client.close()
+
+
+async def _hold(mlx) -> threading.Event:
+    """Holds the MLX thread (no generation step runs) until the returned event is set."""
+    gate, holding = threading.Event(), threading.Event()
+    mlx.submit(lambda: holding.set() or gate.wait(30))
+    assert await asyncio.to_thread(holding.wait, 30)
+    return gate
+
+
+async def test_a_remote_generation_with_citations_ends_cleanly_when_its_memory_is_created_again(engine, memory):
+    """The generator process used to crash (segmentation fault in the citation counts' scatter):
+    the request now ends with FAILED_PRECONDITION and the engine serves on."""
+    mid, _ = memory
+    changing = "changes-mid-generation"
+    await engine.memorize(engine.tokenizer.encode("A short text."), memory_id=changing)
+    options = MemoryOptions((changing,), top_k=4, mode="remote", return_citations=True)
+    req = GenerationRequest(engine.tokenizer.encode("Alice met"), Sampling(max_tokens=3000), options)
+    seen = 0
+    with pytest.raises(errors.FailedPrecondition, match="changed while this generation searched them"):
+        async for _ in engine.generate(req):
+            seen += 1
+            if seen == 3:
+                gate = await _hold(engine.mlx)  # no step runs while the memory is replaced
+                try:
+                    await asyncio.to_thread(_recreate_as_copy, engine.memory, mid, changing)
+                finally:
+                    gate.set()
+    assert engine.stats()["active"] == 0
+    # the engine serves on, and a new generation over the new memory works
+    tokens, _, _, final = await run(engine, GenerationRequest(req.prompt_tokens, Sampling(max_tokens=3), options))
+    assert len(tokens) == 3 and final.citations
+    await engine.delete_memory(changing)
