@@ -24,6 +24,7 @@ from training import train
         (["--multi", "nan"], "--multi must be in [0, 1]"),
         (["--multi", "1.5"], "--multi must be in [0, 1]"),
         (["--max-people", "1"], "--max-people >= 2"),
+        (["--max-people", "500"], "--max-people must be <= 16"),
         (["--mem-docs", "2"], "--mem-docs must be >= 3"),
         (["--questions", "0"], "--questions >= 1"),
     ],

@@ -403,6 +403,8 @@ def main(argv=None) -> int:
             "the head size (--head-dim, or --hidden / --heads) must be even and > 0 (RoPE rotates pairs)",
         ),
         (0 <= a.multi <= 1 and a.max_people >= 2, "--multi must be in [0, 1] and --max-people >= 2"),
+        # ~70 tokens a person: a document of 16 stays well inside the model's 2048 positions
+        (a.max_people <= 16, "--max-people must be <= 16 (a document must fit in the model's context)"),
     ):
         if not ok:
             p.error(complaint)
