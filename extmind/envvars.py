@@ -329,6 +329,12 @@ REGISTRY: tuple[EnvVar, ...] = (
     EnvVar("GENERATOR_WINDOW", "3072", "generator `--window`", "memory-building window, tokens (<= model context)"),
     EnvVar("GENERATOR_STRIDE", "512", "generator `--stride`", "memory-building stride, tokens"),
     EnvVar(
+        "GENERATOR_DTYPE",
+        "auto",
+        "generator `--dtype`",
+        "auto / model / float32 / float16 / bfloat16; auto widens half precision to float32 on the CPU",
+    ),
+    EnvVar(
         "GENERATOR_WARMUP",
         "auto",
         "generator `--warmup`",

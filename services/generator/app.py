@@ -9,6 +9,7 @@ from extmind.v1 import generator_pb2, generator_pb2_grpc
 from services.common.blas import blas_in_use
 from services.common.config import FlagParser, add_server_flags, http_port
 from services.common.server import Service
+from services.generator import weights_dtype
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.http_face import GeneratorHttpFace
 from services.generator.servicer import GeneratorServicer
@@ -97,6 +98,15 @@ def parse_args(argv=None):
         "/health); 0 = a free one, -1 = off",
     )
     p.flag(
+        "--dtype",
+        env="GENERATOR_DTYPE",
+        default=EngineConfig.dtype,
+        choices=weights_dtype.CHOICES,
+        help="dtype the model computes in (and its memories are stored in): auto = the checkpoint's, "
+        "widened to float32 for a float16/bfloat16 checkpoint on MLX's CPU build (no fast half-precision "
+        "matmul there); model = always the checkpoint's",
+    )
+    p.flag(
         "--warmup",
         env="GENERATOR_WARMUP",
         default="auto",
@@ -105,8 +115,11 @@ def parse_args(argv=None):
         "requests do not pay MLX's first-use kernel compiles (auto: on when MLX computes on a GPU)",
     )
     args = p.parse_args(argv)
-    if args.warmup not in ("auto", "on", "off"):  # from the environment: argparse checks only the flag
+    # From the environment: argparse checks only a flag's choices.
+    if args.warmup not in ("auto", "on", "off"):
         p.error(f"GENERATOR_WARMUP={args.warmup!r}: use auto, on or off")
+    if args.dtype not in weights_dtype.CHOICES:
+        p.error(f"GENERATOR_DTYPE={args.dtype!r}: use one of {', '.join(weights_dtype.CHOICES)}")
     if not args.model:
         p.error("--model (or GENERATOR_MODEL) is required")
     return args
@@ -130,6 +143,7 @@ class GeneratorApp:
                 stride=args.stride,
                 max_queue=args.max_queue,
                 memory_timeout=args.memory_timeout,
+                dtype=args.dtype,
             )
         )
         servicer = GeneratorServicer(self.engine, max_response_bytes=int(args.max_response_mb * (1 << 20)))

@@ -17,10 +17,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlx.core as mx
 from mlx_lm.utils import load
 
 from extmind import errors
 from services.common.mlx_thread import MLXThread
+from services.generator import weights_dtype
 from services.generator.attention_parts import compute_dtype
 from services.generator.bank_cache import BankCache, LocalRetriever, bank_from_stored
 from services.generator.chat_prompt import encode_messages
@@ -50,6 +52,7 @@ class EngineConfig:
     stride: int = DEFAULT_STRIDE
     max_queue: int = 256
     memory_timeout: float = 30.0
+    dtype: str = "auto"  # weights_dtype.CHOICES: "auto" widens half precision on the CPU
 
 
 _NO_MEMORY_SERVICE = "this generator has no memory service configured (--memory-url)"
@@ -141,6 +144,12 @@ class GeneratorEngine:
             )
         self.model, self.tokenizer, cfg = load(str(path), return_config=True)
         self.model_path = path
+        try:
+            target = weights_dtype.choose(self.model, self.config.dtype, on_cpu=mx.default_device() == mx.cpu)
+        except ValueError as exc:
+            raise errors.InvalidArgument(f"generator model {self.config.model!r}: {exc}") from None
+        if target is not None:
+            weights_dtype.cast(self.model, target)
         self.state = install(self.model, cfg)
         # Shapes come from the config, never from weight shapes: a quantized weight is packed
         # (a 4-bit o_proj of a 128-wide model is [128, 16] uint32).
@@ -163,6 +172,7 @@ class GeneratorEngine:
                 "fingerprint": self.fingerprint,
                 "layers": self.num_layers,
                 "dtype": str(dtype),
+                "cast_from_checkpoint": target is not None,
             },
         )
 

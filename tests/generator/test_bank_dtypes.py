@@ -108,7 +108,7 @@ def half(request, tmp_path_factory, module_memory_service):
         seed=1,
         dtype=request.param,
     )
-    engine = GeneratorEngine(EngineConfig(model=str(path), memory_url=module_memory_service.address))
+    engine = GeneratorEngine(EngineConfig(model=str(path), memory_url=module_memory_service.address, dtype="model"))
     engine.start()
     client = MemoryClient(module_memory_service.address)
     tokens = engine.tokenizer.encode(TEXT)

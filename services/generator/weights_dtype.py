@@ -1,0 +1,50 @@
+"""The dtype the generator computes in (docs/platform.md, "Half precision on the CPU").
+
+MLX's CPU build has no fast float16 / bfloat16 matmul (~4.5 GFLOP/s on 2 cores against ~200 for
+float32 with OpenBLAS): a half-precision checkpoint served on the CPU as it is prefills the
+committed 6M model's 2 048 tokens in ~20 s instead of ~4 s. So by default (``auto``) a float16 /
+bfloat16 checkpoint is widened to float32 when MLX computes on the CPU, unless it is quantized or
+its float32 weights would exceed ``AUTO_FLOAT32_MAX_BYTES``. Memories are built and stored in
+the dtype the model computes in, and the model fingerprint names it, so memories built in one
+dtype are not used by a generator computing in another.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+CHOICES = ("auto", "model", "float32", "float16", "bfloat16")
+AUTO_FLOAT32_MAX_BYTES = 8 << 30
+
+
+def _quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for m in model.modules())
+
+
+def choose(model: nn.Module, wanted: str, on_cpu: bool) -> mx.Dtype | None:
+    """The dtype to cast ``model``'s floating-point weights to, or None to keep them.
+
+    ``wanted``: one of CHOICES ("model" keeps the checkpoint's). Raises ValueError for a
+    float dtype asked of a quantized model (its packed weights cannot change dtype)."""
+    if wanted not in CHOICES:
+        raise ValueError(f"dtype {wanted!r}: use one of {', '.join(CHOICES)}")
+    if wanted == "model":
+        return None
+    params = [a for _, a in tree_flatten(model.parameters()) if mx.issubdtype(a.dtype, mx.floating)]
+    current = {a.dtype for a in params}
+    if wanted != "auto":
+        if _quantized(model):
+            raise ValueError(f"dtype {wanted!r} cannot apply to a quantized model: use 'model' (or 'auto')")
+        target = getattr(mx, wanted)
+        return None if current == {target} else target
+    if not on_cpu or _quantized(model) or not current <= {mx.float16, mx.bfloat16}:
+        return None
+    return mx.float32 if sum(a.size for a in params) * 4 <= AUTO_FLOAT32_MAX_BYTES else None
+
+
+def cast(model: nn.Module, dtype: mx.Dtype) -> None:
+    """Casts every floating-point weight of ``model`` to ``dtype`` in place."""
+    model.update(tree_map(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters()))
+    mx.eval(model.parameters())

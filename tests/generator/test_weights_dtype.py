@@ -1,0 +1,65 @@
+"""The dtype the generator computes in (services/generator/weights_dtype.py): a half-precision
+checkpoint is widened to float32 on MLX's CPU build by default, kept with ``dtype="model"``, and
+its memories and fingerprint follow the dtype it computes in."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx_lm.utils import load
+
+from extmind import errors, tensor
+from extmind.tiny_models import build_llama
+from services.generator import weights_dtype
+from services.generator.engine import EngineConfig, GeneratorEngine
+from services.generator.request_types import GenerationRequest, MemoryOptions, Sampling
+
+from .helpers import run
+
+
+@pytest.fixture(scope="module")
+def half_path(tmp_path_factory):
+    return build_llama(tmp_path_factory.mktemp("half"), hidden=64, layers=2, heads=4, kv_heads=2, dtype="float16")
+
+
+def test_choose(half_path):
+    model, _ = load(str(half_path))
+    assert weights_dtype.choose(model, "auto", on_cpu=True) == mx.float32
+    assert weights_dtype.choose(model, "auto", on_cpu=False) is None  # a GPU computes half precision fast
+    assert weights_dtype.choose(model, "model", on_cpu=True) is None
+    assert weights_dtype.choose(model, "float16", on_cpu=True) is None  # already
+    assert weights_dtype.choose(model, "bfloat16", on_cpu=False) == mx.bfloat16
+    nn.quantize(model, group_size=32, bits=4)
+    assert weights_dtype.choose(model, "auto", on_cpu=True) is None  # packed weights stay
+    with pytest.raises(ValueError, match="quantized"):
+        weights_dtype.choose(model, "float32", on_cpu=True)
+    with pytest.raises(ValueError, match="use one of"):
+        weights_dtype.choose(model, "float64", on_cpu=True)
+
+
+async def test_a_half_precision_checkpoint_computes_and_memorizes_in_float32_on_the_cpu(
+    half_path, module_memory_service
+):
+    assert mx.default_device() == mx.cpu  # the suite runs on MLX's CPU build
+    engines = {
+        d: GeneratorEngine(EngineConfig(model=str(half_path), memory_url=module_memory_service.address, dtype=d))
+        for d in ("auto", "model")
+    }
+    try:
+        for e in engines.values():
+            e.start()
+        wide, half = engines["auto"], engines["model"]
+        assert (wide.dtype, half.dtype) == (tensor.FLOAT32, tensor.FLOAT16)
+        assert wide.fingerprint != half.fingerprint  # memories of one are refused by the other
+        prompt = GenerationRequest([5, 6, 7, 8], Sampling(max_tokens=6))
+        assert len((await run(wide, prompt))[0]) > 0
+        out = wide.memorize_blocking(list(range(5, 40)))
+        assert wide.memory.get_memory(out["memory_id"]).layout.dtype == tensor.FLOAT32
+        with pytest.raises(errors.FailedPrecondition):
+            await run(
+                half, GenerationRequest([5, 6], Sampling(max_tokens=2), memory=MemoryOptions((out["memory_id"],)))
+            )
+    finally:
+        for e in engines.values():
+            e.stop()
