@@ -134,7 +134,8 @@ async def bench_shape(args, shape):
     progress(f"[{shape}] random checkpoint written in {time.perf_counter() - t0:.0f} s")
     try:
         with memory_stack(tmp) as mem:
-            engine = GeneratorEngine(EngineConfig(model=str(path), memory_url=mem.address))
+            # dtype "model": the stock baselines compute in the checkpoint's dtype too.
+            engine = GeneratorEngine(EngineConfig(model=str(path), memory_url=mem.address, dtype="model"))
             engine.start()
             try:
                 n_params, rows = await measure(engine, path, args)
