@@ -294,7 +294,10 @@ class ChunkWriter:
             if isinstance(reply, Exception):
                 msg = str(reply)
                 if "EXTMIND_NOT_FOUND" in msg:
-                    raise NotFound("the memory was deleted while rows were being appended")
+                    raise NotFound(
+                        "the memory was deleted while rows were being appended (by DeleteMemory, or as "
+                        "abandoned: BUILDING and untouched for longer than MEMORY_BUILDING_TTL)"
+                    )
                 if "EXTMIND_NOT_BUILDING" in msg:
                     raise FailedPrecondition("the memory is READY already; a READY memory takes no more rows")
                 if "EXTMIND_OVERFLOW" in msg:
