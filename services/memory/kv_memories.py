@@ -1,4 +1,4 @@
-"""The KV memories engine: create, append, get, list, delete, fetch and search, over the store in
+"""The KV memories engine: create, append, get, list, delete (and reap), fetch and search, over the store in
 Redis (``KVStore``, the source of truth) and the indexes in RAM (``KVIndex``), kept in step here.
 
 Knows nothing of gRPC: it takes and returns numpy arrays, plain values and the small dataclasses

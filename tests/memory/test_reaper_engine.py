@@ -7,10 +7,10 @@ import asyncio
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from extmind.errors import NotFound
 from extmind.tensor import FLOAT32
-from services.memory import metrics
 from services.memory.kv_index import KVIndex
 from services.memory.kv_layout import BUILDING, READY, Layout
 from services.memory.kv_memories import KVMemories
@@ -63,10 +63,10 @@ async def test_idle_building_memories_are_deleted_ready_ones_kept(engines, redis
     assert meta.touch_us >= (await kv.get("never"))[0].touch_us > 0
 
     assert await reaper.sweep() == []  # all fresh
-    before = metrics.REAPED._value.get()
+    before = REGISTRY.get_sample_value("extmind_memory_reaped_memories_total")
     await asyncio.sleep(TTL + 0.1)
     assert sorted(await reaper.sweep()) == ["half", "never"]
-    assert metrics.REAPED._value.get() == before + 2
+    assert REGISTRY.get_sample_value("extmind_memory_reaped_memories_total") == before + 2
     for gone in ("never", "half"):
         assert _keys(redis_server, gone) == []
         with pytest.raises(NotFound):
