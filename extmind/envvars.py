@@ -286,6 +286,13 @@ REGISTRY: tuple[EnvVar, ...] = (
     EnvVar("MEMORY_MAX_TOP_K", "1024", "memory `--max-top-k`", "largest `SearchMemory` top_k"),
     EnvVar("MEMORY_SEARCH_THREADS", "2", "memory `--search-threads`", "threads for large searches and index builds"),
     EnvVar(
+        "MEMORY_BUILDING_TTL",
+        "600",
+        "memory `--building-ttl`",
+        "seconds a BUILDING memory may go untouched by `CreateMemory`/`AppendMemory` before it is deleted as "
+        "abandoned (a stream open on this service keeps it); 0 = never",
+    ),
+    EnvVar(
         "EXTMIND_FAISS_THREADS",
         "1",
         "memory (`services/memory/kv_index.py`)",

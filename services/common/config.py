@@ -90,6 +90,17 @@ def positive_float(raw: str) -> float:
     return value
 
 
+def non_negative_float(raw: str) -> float:
+    """A finite number >= 0 (an argparse type; 0 usually means off)."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {raw!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {raw}")
+    return value
+
+
 def add_server_flags(p: FlagParser, *, prefix: str, port: int) -> None:
     """The flags every service shares. ``prefix`` names the service's variables (MEMORY_PORT)."""
     p.flag("--host", env=f"{prefix}_HOST", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")

@@ -9,7 +9,7 @@ import asyncio
 import logging
 
 from extmind.v1 import memory_pb2, memory_pb2_grpc
-from services.common.config import FlagParser, add_server_flags, http_port
+from services.common.config import FlagParser, add_server_flags, http_port, non_negative_float
 from services.common.server import Service
 from services.memory import limits, metrics
 from services.memory.documents import Documents
@@ -17,6 +17,7 @@ from services.memory.embedder_calls import DocumentEmbedder
 from services.memory.http_face import MemoryHttpFace
 from services.memory.kv_index import KVIndex
 from services.memory.kv_memories import KVMemories
+from services.memory.kv_reaper import BuildingReaper
 from services.memory.kv_store import KVStore
 from services.memory.redis_server import EmbeddedRedis, ensure_durable
 from services.memory.servicer import MemoryServicer
@@ -86,6 +87,14 @@ def parse_args(argv=None):
         help="largest top_k SearchMemory and SearchDocuments accept",
     )
     p.flag(
+        "--building-ttl",
+        env="MEMORY_BUILDING_TTL",
+        default=limits.BUILDING_TTL_SECONDS,
+        type=non_negative_float,
+        help="seconds a BUILDING memory may go without CreateMemory or an AppendMemory stream touching "
+        "it before it is deleted as abandoned (an open stream of this service keeps it); 0 = never",
+    )
+    p.flag(
         "--search-threads",
         env="MEMORY_SEARCH_THREADS",
         default=limits.SEARCH_THREADS,
@@ -106,6 +115,7 @@ class MemoryApp:
         self.store: KVStore | None = None
         self.index: KVIndex | None = None
         self.kv: KVMemories | None = None
+        self.reaper: BuildingReaper | None = None
         self.docs: Documents | None = None
         self.rebuild_stats: dict = {}
         self.http = MemoryHttpFace(lambda: self.servicer.kv is not None)
@@ -160,12 +170,17 @@ class MemoryApp:
         await asyncio.to_thread(self.docs.rebuild, self.index.sync)
         metrics.watch(self.index, self.docs)
         self.servicer.attach(self.kv, self.docs)
+        if self.args.building_ttl > 0:
+            self.reaper = BuildingReaper(self.kv, self.args.building_ttl)
+            self.reaper.start()
 
     def on_drain(self) -> None:
         self.http.draining = True  # GET /health answers 503 while in-flight calls finish
 
     async def on_stop(self) -> None:
-        # Order: the HTTP port, background index loads, then the clients, then the embedded Redis.
+        # Order: the reaper, the HTTP port, background index loads, the clients, the embedded Redis.
+        if self.reaper is not None:
+            await self.reaper.stop()
         await self.http.stop()
         if self.index is not None:
             await asyncio.to_thread(self.index.close)

@@ -53,6 +53,10 @@ class WriterSlots:
     def release(self, memory_id: str) -> None:
         self._writing.discard(memory_id)
 
+    def held(self) -> set[str]:
+        """The ids with an open append stream (the reaper leaves them alone)."""
+        return self._writing
+
     def keep(self, cleanup) -> asyncio.Task:
         task = asyncio.ensure_future(cleanup)
         self._cleanups.add(task)
@@ -133,6 +137,8 @@ class AppendStream:
         check_id(memory_id)
         self.slots.claim(memory_id)
         self.claimed = memory_id  # released on every exit, also when the memory turns out missing
+        # Opening counts as activity for the reaper (kv_reaper); a memory it deleted is NOT_FOUND here.
+        await self.store.touch(memory_id)
         self.meta = await self.store.get(memory_id)
         if self.meta.state == READY:
             raise FailedPrecondition(

@@ -4,7 +4,8 @@ Every key of one memory carries the hash tag ``{mem:<id>}``, so a memory lives i
 Cluster slot; values are raw little-endian bytes:
 
     em:{mem:<id>}:meta              hash: layout, fingerprint, state, labels, counters:
-                                    r:<layer> rows, c:<layer> chunks, bytes, full (layers complete)
+                                    r:<layer> rows, c:<layer> chunks, bytes, full (layers complete),
+                                    touch_us (last create/append, Redis's clock; see kv_reaper)
     em:{mem:<id>}:tokens            int32 token ids of the rows (may be absent)
     em:{mem:<id>}:positions         uint32 positions of the rows (may be absent)
     em:{mem:<id>}:chunks:<layer>    list of the layer's chunk names, in row order
@@ -106,6 +107,7 @@ class MemoryMeta:
     bytes: int  # keys + values stored
     labels: dict
     create_us: int
+    touch_us: int = 0  # last create or append (Redis's clock, microseconds); 0 = not recorded
     rows: list = field(default_factory=list)  # per layer
     chunks: list = field(default_factory=list)  # per layer
 
@@ -166,6 +168,7 @@ class MemoryMeta:
             bytes=int(g.get("bytes", 0)),
             labels=json.loads(g.get("labels", "{}")),
             create_us=int(g["create_us"]),
+            touch_us=int(g.get("touch_us", 0)),
             rows=[int(g.get(f"r:{i}", 0)) for i in range(layers)],
             chunks=[int(g.get(f"c:{i}", 0)) for i in range(layers)],
         )

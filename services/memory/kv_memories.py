@@ -1,4 +1,4 @@
-"""The KV memories engine: create, append, get, list, delete, fetch and search, over the store in
+"""The KV memories engine: create, append, get, list, delete (and reap), fetch and search, over the store in
 Redis (``KVStore``, the source of truth) and the indexes in RAM (``KVIndex``), kept in step here.
 
 Knows nothing of gRPC: it takes and returns numpy arrays, plain values and the small dataclasses
@@ -183,11 +183,32 @@ class KVMemories:
     async def delete(self, memory_id: str) -> None:
         """Deletes the memory from Redis and RAM. NotFound if missing."""
         check_id(memory_id)
-        self.index.drop(memory_id)
-        if not await self.store.delete(memory_id):
+        if not await self._remove(memory_id):
             raise NotFound(f"memory {memory_id!r} does not exist; ListMemories shows the stored ones")
-        self.index.drop(memory_id)  # a load that started meanwhile must not bring it back
         log.info("memory deleted", extra={"memory_id": memory_id})
+
+    async def reap(self, memory_id: str, idle_us: int) -> bool:
+        """Deletes the memory, as ``delete`` does, only if it is BUILDING and no append touched it
+        for more than ``idle_us`` microseconds (checked atomically with the deletion), and no
+        append stream of this service holds it. -> whether it was deleted (``kv_reaper``)."""
+        if memory_id in self._writers.held():
+            return False
+        return await self._remove(memory_id, idle_us=idle_us)
+
+    def writing(self) -> set[str]:
+        """Ids of the memories an append stream of this service holds open now."""
+        return set(self._writers.held())
+
+    async def _remove(self, memory_id: str, idle_us: int | None = None) -> bool:
+        """The one delete path (DeleteMemory and the reaper): every Redis key and the RAM indexes.
+        The reaper's memory may have turned READY (and started loading) since it was picked: only
+        what is deleted is dropped."""
+        if idle_us is None:
+            self.index.drop(memory_id)
+        removed = await self.store.delete(memory_id, idle_us=idle_us)
+        if removed or idle_us is None:
+            self.index.drop(memory_id)  # a load that started meanwhile must not bring it back
+        return removed
 
     # ---------------------------------------------------------------- rows
 

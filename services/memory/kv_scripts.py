@@ -2,22 +2,39 @@
 
 Each script's KEYS and ARGV are described above it; errors are ``EXTMIND_*`` replies that
 ``kv_store`` turns into ``extmind.errors``.
+
+``touch_us`` in the meta hash is the last time (Redis's clock, microseconds) a BUILDING memory was
+created or written by an append stream; the reaper (``kv_reaper``) deletes a BUILDING memory idle
+for longer than MEMORY_BUILDING_TTL. It is Redis's clock so that every memory service on one Redis
+judges it alike, and written as a string: Lua prints a 16-digit number as 1.7e+15.
+"""
+
+# The caller's scripts begin with this: NOW_US, Redis's time in microseconds, as a string.
+_NOW = """
+local t = redis.call('TIME')
+local NOW_US = t[1] .. string.format('%06d', tonumber(t[2]))
 """
 
 # KEYS: meta, tokens, positions. ARGV: meta fields (JSON list), token bytes, position bytes
 # -> 1 created, 0 exists already
-CREATE = """
+CREATE = (
+    _NOW
+    + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], unpack(cjson.decode(ARGV[1])))
+redis.call('HSET', KEYS[1], 'touch_us', NOW_US)
 if #ARGV[2] > 0 then redis.call('SET', KEYS[2], ARGV[2]) end
 if #ARGV[3] > 0 then redis.call('SET', KEYS[3], ARGV[3]) end
 return 1
 """
+)
 
 # Runs inside the MULTI/EXEC right after the SETs of the chunk's two keys.
 # KEYS: meta, keys chunk, values chunk, the layer's chunk list. ARGV: layer, rows, bytes, chunk name
 # -> {rows after, ready}
-LINK_CHUNK = """
+LINK_CHUNK = (
+    _NOW
+    + """
 local meta = KEYS[1]
 local state = redis.call('HGET', meta, 'state')
 local function refuse(why)
@@ -35,6 +52,7 @@ redis.call('RPUSH', KEYS[4], ARGV[4])
 redis.call('HINCRBY', meta, 'c:' .. layer, 1)
 local after = redis.call('HINCRBY', meta, 'r:' .. layer, n)
 redis.call('HINCRBY', meta, 'bytes', tonumber(ARGV[3]))
+redis.call('HSET', meta, 'touch_us', NOW_US)
 local ready = 0
 if expected >= 0 and after == expected and n > 0 then
   local full = redis.call('HINCRBY', meta, 'full', 1)
@@ -45,6 +63,19 @@ if expected >= 0 and after == expected and n > 0 then
 end
 return {after, ready}
 """
+)
+
+# An append stream opened the memory, or this service holds a stream on it open: it is alive.
+# Only a BUILDING memory's hash is touched (HSET on a deleted one would recreate half of it).
+# KEYS: meta -> 1 touched, 0 missing or not BUILDING
+TOUCH = (
+    _NOW
+    + """
+if redis.call('HGET', KEYS[1], 'state') ~= 'BUILDING' then return 0 end
+redis.call('HSET', KEYS[1], 'touch_us', NOW_US)
+return 1
+"""
+)
 
 # Without token ids: READY when the stream closes and every layer holds the same rows (> 0).
 # KEYS: meta -> {state, rows of layer 0, equal}
@@ -93,11 +124,22 @@ redis.call('HINCRBY', meta, 'bytes', -freed)
 return 1
 """
 
-# KEYS: meta, base -> 1 deleted, 0 missing
-DELETE = """
+# DeleteMemory, and the reaper with ARGV[1]: then only a BUILDING memory untouched for more than
+# ARGV[1] microseconds (by Redis's clock) is deleted, decided in the same script that deletes it,
+# so an append landing just before wins and one landing after finds no memory (EXTMIND_NOT_FOUND).
+# A memory without touch_us (written before it existed) counts from create_us.
+# KEYS: meta, base. ARGV: [idle microseconds] -> 1 deleted, 0 missing, -1 kept (busy or READY)
+DELETE = (
+    _NOW
+    + """
 local meta = KEYS[1]
 local layers = tonumber(redis.call('HGET', meta, 'num_layers'))
 if not layers then return 0 end
+if ARGV[1] then
+  if redis.call('HGET', meta, 'state') ~= 'BUILDING' then return -1 end
+  local touched = redis.call('HGET', meta, 'touch_us') or redis.call('HGET', meta, 'create_us')
+  if tonumber(NOW_US) - tonumber(touched) <= tonumber(ARGV[1]) then return -1 end
+end
 for layer = 0, layers - 1 do
   local list = KEYS[2] .. ':chunks:' .. layer
   for _, name in ipairs(redis.call('LRANGE', list, 0, -1)) do
@@ -108,3 +150,4 @@ end
 redis.call('UNLINK', meta, KEYS[2] .. ':tokens', KEYS[2] .. ':positions')
 return 1
 """
+)

@@ -101,6 +101,7 @@ class KVStore:
         self._finish = self.r.register_script(kv_scripts.FINISH)
         self._rollback = self.r.register_script(kv_scripts.ROLLBACK)
         self._delete = self.r.register_script(kv_scripts.DELETE)
+        self._touch = self.r.register_script(kv_scripts.TOUCH)
         # Bulk writes (append batches) use a blocking client on worker threads.
         self.sync = sync_client(url)
         self._link_sync = self.sync.register_script(kv_scripts.LINK_CHUNK)
@@ -172,11 +173,48 @@ class KVStore:
             return out, _page_token(out[-1].memory_id, fingerprint)
         return out, ""
 
-    async def delete(self, memory_id: str) -> bool:
+    async def delete(self, memory_id: str, *, idle_us: int | None = None) -> bool:
+        """Deletes every key of the memory and unlists it. -> whether it was deleted (False: missing).
+        With ``idle_us`` (the reaper) only a BUILDING memory untouched for longer than that is
+        deleted, checked in the same script (see ``kv_scripts.DELETE``); False otherwise."""
+        args = [] if idle_us is None else [int(idle_us)]
         with redis_errors():
-            existed = await self._delete(keys=[meta_key(memory_id), key_prefix(memory_id)], args=[])
-            await self.r.zrem(MEMORY_IDS_KEY, memory_id)
-        return bool(existed)
+            done = await self._delete(keys=[meta_key(memory_id), key_prefix(memory_id)], args=args)
+            if done == 1 or idle_us is None:
+                await self.r.zrem(MEMORY_IDS_KEY, memory_id)
+        return done == 1
+
+    async def touch(self, memory_id: str) -> bool:
+        """Marks a BUILDING memory as written now (``touch_us``). -> False if missing or READY."""
+        with redis_errors():
+            return bool(await self._touch(keys=[meta_key(memory_id)], args=[]))
+
+    async def idle_building(self, idle_us: int, batch: int = 500) -> list[tuple[str, int, int]]:
+        """(memory id, microseconds idle, bytes) of every listed BUILDING memory untouched for
+        longer than ``idle_us`` by Redis's clock: the reaper's candidates (it re-checks each when
+        deleting). One pass over the listing, ``batch`` metas per round trip."""
+        out: list[tuple[str, int, int]] = []
+        with redis_errors():
+            secs, micros = await self.r.time()
+            now = secs * 1_000_000 + micros
+            lo = "-"
+            while True:
+                ids = await self.r.zrangebylex(MEMORY_IDS_KEY, lo, "+", start=0, num=batch)
+                if not ids:
+                    break
+                pipe = self.r.pipeline(transaction=False)
+                for i in ids:
+                    pipe.hmget(meta_key(i.decode()), ["state", "touch_us", "create_us", "bytes"])
+                for i, (state, touched, created, size) in zip(ids, await pipe.execute()):
+                    if state != BUILDING.encode():
+                        continue
+                    idle = now - int(touched or created or now)
+                    if idle > idle_us:
+                        out.append((i.decode(), idle, int(size or 0)))
+                lo = "(" + ids[-1].decode()
+                if len(ids) < batch:
+                    break
+        return out
 
     # ---------------------------------------------------------------- appends
 
@@ -256,7 +294,10 @@ class ChunkWriter:
             if isinstance(reply, Exception):
                 msg = str(reply)
                 if "EXTMIND_NOT_FOUND" in msg:
-                    raise NotFound("the memory was deleted while rows were being appended")
+                    raise NotFound(
+                        "the memory was deleted while rows were being appended (by DeleteMemory, or as "
+                        "abandoned: BUILDING and untouched for longer than MEMORY_BUILDING_TTL)"
+                    )
                 if "EXTMIND_NOT_BUILDING" in msg:
                     raise FailedPrecondition("the memory is READY already; a READY memory takes no more rows")
                 if "EXTMIND_OVERFLOW" in msg:

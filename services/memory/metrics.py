@@ -1,6 +1,6 @@
 """The memory service's Prometheus metrics (docs/architecture.md, "Metrics").
 
-Counters move where the work ends (kv_memories.py, documents.py, kv_append.py); the gauges are
+Counters move where the work ends (kv_memories.py, documents.py, kv_append.py, kv_reaper.py); the gauges are
 read from the engines' in-RAM state at scrape time (``watch``), so they can never drift from it.
 """
 
@@ -22,6 +22,10 @@ SEARCH_SECONDS = Histogram(
 APPENDS = Counter("extmind_memory_appends", "AppendMemory streams finished")
 APPEND_ROWS = Counter("extmind_memory_append_rows", "KV rows appended, counted once per layer")
 APPEND_BYTES = Counter("extmind_memory_append_bytes", "bytes of keys and values appended")
+REAPED = Counter(
+    "extmind_memory_reaped_memories",
+    "abandoned BUILDING memories deleted (untouched for longer than MEMORY_BUILDING_TTL)",
+)
 ROWS = Gauge(
     "extmind_memory_rows",
     "rows searchable in RAM, by kind (kv: token rows of READY memories, one per token; document: documents)",
