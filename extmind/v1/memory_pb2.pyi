@@ -181,20 +181,22 @@ class FetchMemoryResponse(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., row_offset: _Optional[int] = ..., keys: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., values: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., memory_id: _Optional[str] = ...) -> None: ...
 
 class SearchMemoryRequest(_message.Message):
-    __slots__ = ("memory_ids", "layer", "queries", "top_k", "sim_threshold", "return_vectors")
+    __slots__ = ("memory_ids", "layer", "queries", "top_k", "sim_threshold", "return_vectors", "create_times")
     MEMORY_IDS_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     SIM_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     RETURN_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIMES_FIELD_NUMBER: _ClassVar[int]
     memory_ids: _containers.RepeatedScalarFieldContainer[str]
     layer: int
     queries: _common_pb2.Tensor
     top_k: int
     sim_threshold: float
     return_vectors: bool
-    def __init__(self, memory_ids: _Optional[_Iterable[str]] = ..., layer: _Optional[int] = ..., queries: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., top_k: _Optional[int] = ..., sim_threshold: _Optional[float] = ..., return_vectors: _Optional[bool] = ...) -> None: ...
+    create_times: _containers.RepeatedCompositeFieldContainer[_timestamp_pb2.Timestamp]
+    def __init__(self, memory_ids: _Optional[_Iterable[str]] = ..., layer: _Optional[int] = ..., queries: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., top_k: _Optional[int] = ..., sim_threshold: _Optional[float] = ..., return_vectors: _Optional[bool] = ..., create_times: _Optional[_Iterable[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]]] = ...) -> None: ...
 
 class SearchMemoryResponse(_message.Message):
     __slots__ = ("scores", "indices", "keys", "values")

@@ -176,7 +176,9 @@ class MemoryClient:
         wide = lambda a: None if a is None else widen(a, rows.dtype)  # noqa: E731
         return [wide(k) for k in rows.keys], [wide(v) for v in rows.values]
 
-    def search(self, memory_ids, layer: int, queries: np.ndarray, top_k: int, threshold: float | None) -> SearchResult:
+    def search(
+        self, memory_ids, layer: int, queries: np.ndarray, top_k: int, threshold: float | None, create_times=()
+    ) -> SearchResult:
         """queries float32 [H, q, d] -> the top-k of each query token, [H, q, k, ...], in unary
         SearchMemory calls. A prefill's answer can be far larger than the memory service's
         response budget (4 MiB by default): the query tokens go in as many calls as it takes to
@@ -185,7 +187,7 @@ class MemoryClient:
         return concat_results(
             [
                 search_result(self._unary(self._stub.SearchMemory, req, what))
-                for req in search_requests(memory_ids, layer, queries, top_k, threshold)
+                for req in search_requests(memory_ids, layer, queries, top_k, threshold, create_times)
             ]
         ).widened()
 
@@ -195,28 +197,35 @@ class MemoryClient:
         return SearchStream(self._stub, self._metadata, self.url, self.timeout, self._error)
 
 
-def search_request(memory_ids, layer: int, queries: np.ndarray, top_k: int, threshold: float | None):
-    """One SearchMemoryRequest (vectors asked for) of float32 queries [H, q, d]."""
+def search_request(memory_ids, layer: int, queries: np.ndarray, top_k: int, threshold: float | None, create_times=()):
+    """One SearchMemoryRequest (vectors asked for) of float32 queries [H, q, d]. ``create_times``:
+    a Timestamp per memory id as resolved, or () (the memory service then does not check)."""
     req = memory_pb2.SearchMemoryRequest(
         memory_ids=memory_ids,
         layer=layer,
         queries=tensor.encode(queries, dtype=tensor.FLOAT32),
         top_k=top_k,
         return_vectors=True,
+        create_times=create_times,
     )
     if threshold is not None:
         req.sim_threshold = threshold
     return req
 
 
-def search_requests(memory_ids, layer: int, queries: np.ndarray, top_k: int, threshold: float | None) -> list:
+def search_requests(
+    memory_ids, layer: int, queries: np.ndarray, top_k: int, threshold: float | None, create_times=()
+) -> list:
     """The SearchMemoryRequests of one search of float32 queries [H, q, d]: the query tokens split
     so that every answer fits the memory service's default response budget."""
     H, q, d = queries.shape
     per_token = H * top_k * (12 + 2 * d * 4)  # scores + indices + keys + values (float32 at most)
     step = max(1, (SEARCH_ANSWER_BUDGET - 4096) // max(per_token, 1))
     memory_ids = list(memory_ids)
-    return [search_request(memory_ids, layer, queries[:, i : i + step], top_k, threshold) for i in range(0, q, step)]
+    return [
+        search_request(memory_ids, layer, queries[:, i : i + step], top_k, threshold, create_times)
+        for i in range(0, q, step)
+    ]
 
 
 def search_result(r: memory_pb2.SearchMemoryResponse) -> SearchResult:

@@ -19,6 +19,7 @@ import weakref
 
 import mlx.core as mx
 import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from extmind import errors
 from services.generator.extended_attention import Retrieved
@@ -34,6 +35,9 @@ class RemoteRetriever:
         self.memory_ids = [m.memory_id for m in memories]
         self.rows = sum(m.rows for m in memories)
         self._rows_of = {m.memory_id: m.rows for m in memories}  # as resolved when the generation began
+        # Sent with every search: the memory service refuses a memory created again since (a
+        # new memory under the same id, whose rows this generation never resolved).
+        self._created_of = {m.memory_id: _timestamp(m.version) for m in memories}
         self.calls = 0
         # dtype -> (memory ids, row offset of each in the request's concatenation, rows of each)
         self.groups: dict[int, tuple[list[str], list[int], list[int]]] = {}
@@ -62,7 +66,7 @@ class RemoteRetriever:
                     self._closer.detach()
                 self._stream = self.client.search_stream()
                 self._closer = weakref.finalize(self, self._stream.close)
-            requests = [search_requests(ids, layer, q, top_k, threshold) for ids, q in searches]
+            requests = [search_requests(ids, layer, q, top_k, threshold, self._created(ids)) for ids, q in searches]
             try:
                 answers = iter(self._stream.search([r for rs in requests for r in rs], f"searching layer {layer}"))
             except StreamUnsupported:
@@ -70,7 +74,13 @@ class RemoteRetriever:
             else:
                 found = [concat_results([search_result(next(answers)) for _ in rs]) for rs in requests]
                 return [self._checked(ids, r, top_k) for (ids, _), r in zip(searches, found)]
-        return [self._checked(ids, self.client.search(ids, layer, q, top_k, threshold), top_k) for ids, q in searches]
+        return [
+            self._checked(ids, self.client.search(ids, layer, q, top_k, threshold, self._created(ids)), top_k)
+            for ids, q in searches
+        ]
+
+    def _created(self, ids: list[str]) -> list[Timestamp]:
+        return [self._created_of[i] for i in ids]
 
     def _checked(self, ids: list[str], r: SearchResult, top_k: int) -> SearchResult:
         """``r`` when its hits are rows of the memories as resolved; raises FailedPrecondition when
@@ -130,3 +140,9 @@ class RemoteRetriever:
             values=from_storage(back(r.values), r.dtype).astype(mx.float32),
             indices=mx.array(indices.astype(np.int32)),
         )
+
+
+def _timestamp(version: str) -> Timestamp:
+    """A ResolvedMemory's version ("seconds.nanos" of its create_time) as a Timestamp."""
+    seconds, nanos = version.split(".")
+    return Timestamp(seconds=int(seconds), nanos=int(nanos))

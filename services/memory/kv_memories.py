@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from extmind.errors import InvalidArgument, NotFound
+from extmind.errors import FailedPrecondition, InvalidArgument, NotFound
 from extmind.tensor import BFLOAT16, FLOAT16, FLOAT32, ITEMSIZE, dtype_name
 from services.memory import limits, metrics
 from services.memory.kv_append import AppendStream, WriterSlots
@@ -246,7 +246,7 @@ class KVMemories:
 
     # ---------------------------------------------------------------- search
 
-    async def _loaded_for_search(self, memory_ids: list[str]) -> list[LoadedMemory]:
+    async def _loaded_for_search(self, memory_ids: list[str], create_us=()) -> list[LoadedMemory]:
         if not memory_ids:
             raise InvalidArgument("memory_ids is empty: name at least one memory to search")
         if len(set(memory_ids)) != len(memory_ids):
@@ -254,7 +254,18 @@ class KVMemories:
             raise InvalidArgument(f"memory_ids names {dup} more than once; name each memory once")
         for m in memory_ids:
             check_id(m)
+        if create_us and len(create_us) != len(memory_ids):
+            raise InvalidArgument(
+                f"create_times has {len(create_us)} entries for {len(memory_ids)} memory_ids: give one per memory "
+                "or none"
+            )
         found = [await self.index.get(m) for m in memory_ids]
+        for loaded, want in zip(found, create_us):
+            if loaded.meta.create_us != want:
+                raise FailedPrecondition(
+                    f"memory {loaded.meta.memory_id!r} was deleted and created again since it was resolved "
+                    "(its create_time differs); get it again and retry"
+                )
         first = found[0].meta
         for other in (x.meta for x in found[1:]):
             if other.fingerprint != first.fingerprint:
@@ -278,6 +289,7 @@ class KVMemories:
         *,
         sim_threshold: float | None = None,
         return_vectors: bool = False,
+        create_us=(),
     ) -> SearchHits:
         """Exact cosine top-k over one layer of READY memories (their rows concatenated in order).
 
@@ -285,7 +297,9 @@ class KVMemories:
         searches KV head h // (H / num_kv_heads)); k = min(top_k, rows). Hits scoring <=
         ``sim_threshold`` are masked. Raises InvalidArgument, NotFound, FailedPrecondition (not
         READY), InvalidArgument also when the answer would exceed ``max_answer_bytes`` (the response
-        budget, --max-response-mb: a request too large is not retryable)."""
+        budget, --max-response-mb: a request too large is not retryable). ``create_us``: the
+        creation time (microseconds) the caller resolved each memory at, or () not to check;
+        FailedPrecondition when a memory was created again since."""
         started = time.perf_counter()
         if not 1 <= top_k <= self.max_top_k:
             raise InvalidArgument(f"top_k is {top_k}; it must be between 1 and {self.max_top_k} (k = min(top_k, rows))")
@@ -298,7 +312,7 @@ class KVMemories:
             )
         if not np.isfinite(queries).all():
             raise InvalidArgument("queries holds NaN or infinite values")
-        found = await self._loaded_for_search(list(memory_ids))
+        found = await self._loaded_for_search(list(memory_ids), create_us)
         m = found[0].meta
         if not 0 <= layer < m.num_layers:
             raise InvalidArgument(

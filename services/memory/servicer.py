@@ -146,6 +146,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             request.top_k,
             sim_threshold=request.sim_threshold if request.HasField("sim_threshold") else None,
             return_vectors=request.return_vectors,
+            create_us=[t.seconds * 1_000_000 + t.nanos // 1000 for t in request.create_times],
         )
         out = memory_pb2.SearchMemoryResponse(
             scores=encode(hits.scores, dtype=FLOAT32), indices=encode(hits.indices, dtype=common_pb2.DTYPE_INT64)

@@ -262,11 +262,39 @@ def test_a_memory_created_again_with_more_rows_is_failed_precondition(engine, me
         q = np.ones((1, engine.num_kv_heads, engine.num_heads // engine.num_kv_heads, 1, engine.head_dim), np.float32)
         engine.mlx.call(lambda: retriever.retrieve(0, mx.array(q), 4, None))  # as resolved: fine
         _recreate_as_copy(client, mid, small)
-        with pytest.raises(errors.FailedPrecondition, match="changed while this generation searched them"):
+        with pytest.raises(errors.FailedPrecondition, match="created again"):
             engine.mlx.call(lambda: retriever.retrieve(0, mx.array(q), 4, None))
         retriever.close()
     finally:
         client.delete_memory(small)
+        client.close()
+
+
+@pytest.mark.parametrize("streams", [True, False])
+def test_a_memory_created_again_with_the_same_rows_is_failed_precondition(engine, memory_address, streams):
+    """The same number of rows would pass the row check: the memory's create_time, sent with
+    every search, tells the new memory from the one the generation resolved."""
+    same = f"created-again-{streams}"
+    engine.memorize_blocking(engine.tokenizer.encode("A short text."), memory_id=same)
+    client = MemoryClient(memory_address)
+    client.streams_search = streams
+    try:
+        retriever = RemoteRetriever(client, engine.resolver.resolve((same,)))
+        q = np.ones((1, engine.num_kv_heads, engine.num_heads // engine.num_kv_heads, 1, engine.head_dim), np.float32)
+        engine.mlx.call(lambda: retriever.retrieve(0, mx.array(q), 4, None))
+        copy = f"{same}-copy"
+        engine.memorize_blocking(engine.tokenizer.encode("A short text."), memory_id=copy)
+        _recreate_as_copy(client, copy, same)  # same rows, new create_time
+        client.delete_memory(copy)
+        with pytest.raises(errors.FailedPrecondition, match="created again"):
+            engine.mlx.call(lambda: retriever.retrieve(0, mx.array(q), 4, None))
+        retriever.close()
+        # resolved again, the new memory is searched
+        fresh = RemoteRetriever(client, engine.resolver.resolve((same,)))
+        engine.mlx.call(lambda: fresh.retrieve(0, mx.array(q), 4, None))
+        fresh.close()
+    finally:
+        client.delete_memory(same)
         client.close()
 
 
@@ -287,7 +315,7 @@ async def test_a_remote_generation_with_citations_ends_cleanly_when_its_memory_i
     options = MemoryOptions((changing,), top_k=4, mode="remote", return_citations=True)
     req = GenerationRequest(engine.tokenizer.encode("Alice met"), Sampling(max_tokens=3000), options)
     seen = 0
-    with pytest.raises(errors.FailedPrecondition, match="changed while this generation searched them"):
+    with pytest.raises(errors.FailedPrecondition, match="created again"):
         async for _ in engine.generate(req):
             seen += 1
             if seen == 3:

@@ -206,3 +206,26 @@ def test_delete_while_building_and_concurrent_streams(memory_service):
     )
     held.release()
     assert held.result().state == READY
+
+
+def test_search_with_create_times_refuses_a_memory_created_again(memory_service):
+    stub = memory_service.stub()
+    rng = np.random.default_rng(11)
+    K, V = h.random_kv(rng, 1, 1, 6, 8, FLOAT32)
+    h.build(stub, "again", K, V, FLOAT32)
+    first = stub.GetMemory(pb.GetMemoryRequest(memory_id="again"), timeout=10).memory.create_time
+    Q = rng.standard_normal((1, 1, 8)).astype(np.float32)
+
+    def search(create_times):
+        req = pb.SearchMemoryRequest(
+            memory_ids=["again"], layer=0, queries=encode(Q, dtype=FLOAT32), top_k=2, create_times=create_times
+        )
+        return stub.SearchMemory(req, timeout=10)
+
+    assert search([first]).indices.shape == search([]).indices.shape  # as resolved: answered
+    stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="again"), timeout=10)
+    h.build(stub, "again", K, V, FLOAT32)  # same rows, new memory
+    e = code_of(lambda: search([first]))
+    assert e.code == grpc.StatusCode.FAILED_PRECONDITION and "created again" in e.details
+    e = code_of(lambda: search([first, first]))
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT and "one per memory" in e.details
