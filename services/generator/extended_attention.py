@@ -202,7 +202,7 @@ class ExtendedMindAttention(nn.Module):
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
         state = self._state
         ctx = state.memory
-        if mask is not None and x.shape[1] == 1 and state.unpadded_caches.get(id(cache)) is cache:
+        if mask is not None and cache is not None and x.shape[1] == 1 and state.unpadded_caches.get(id(cache)) is cache:
             mask = None
         if state.capture is not None:
             _, k, v = self._project(x)
