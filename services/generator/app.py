@@ -73,7 +73,7 @@ def parse_args(argv=None):
         env="GENERATOR_WINDOW",
         default=EngineConfig.window,
         type=int,
-        help="memory-building window in tokens",
+        help="memory-building window in tokens (capped at the model's context)",
     )
     p.flag(
         "--stride",
@@ -104,7 +104,8 @@ def parse_args(argv=None):
         choices=weights_dtype.CHOICES,
         help="dtype the model computes in (and its memories are stored in): auto = the checkpoint's, "
         "widened to float32 for a float16/bfloat16 checkpoint on MLX's CPU build (no fast half-precision "
-        "matmul there); model = always the checkpoint's",
+        "matmul there) unless it is quantized or its float32 weights would exceed 8 GiB; model = always the "
+        "checkpoint's",
     )
     p.flag(
         "--warmup",
