@@ -333,7 +333,12 @@ REGISTRY: tuple[EnvVar, ...] = (
     EnvVar(
         "GENERATOR_MAX_QUEUE", "256", "generator `--max-queue`", "most requests in flight; beyond = RESOURCE_EXHAUSTED"
     ),
-    EnvVar("GENERATOR_WINDOW", "3072", "generator `--window`", "memory-building window, tokens (<= model context)"),
+    EnvVar(
+        "GENERATOR_WINDOW",
+        "3072",
+        "generator `--window`",
+        "memory-building window, tokens (capped at the model's context)",
+    ),
     EnvVar("GENERATOR_STRIDE", "512", "generator `--stride`", "memory-building stride, tokens"),
     EnvVar(
         "GENERATOR_DTYPE",

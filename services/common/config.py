@@ -79,6 +79,17 @@ def http_port(raw: str) -> int:
     return value
 
 
+def positive_int(raw: str) -> int:
+    """A whole number > 0 (an argparse type)."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {raw!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number > 0, got {value}")
+    return value
+
+
 def positive_float(raw: str) -> float:
     """A number > 0 (an argparse type)."""
     try:

@@ -7,7 +7,7 @@ import logging
 
 from extmind.v1 import generator_pb2, generator_pb2_grpc
 from services.common.blas import blas_in_use
-from services.common.config import FlagParser, add_server_flags, http_port
+from services.common.config import FlagParser, add_server_flags, http_port, positive_int
 from services.common.server import Service
 from services.generator import weights_dtype
 from services.generator.engine import EngineConfig, GeneratorEngine
@@ -72,14 +72,14 @@ def parse_args(argv=None):
         "--window",
         env="GENERATOR_WINDOW",
         default=EngineConfig.window,
-        type=int,
-        help="memory-building window in tokens",
+        type=positive_int,
+        help="memory-building window in tokens (capped at the model's context)",
     )
     p.flag(
         "--stride",
         env="GENERATOR_STRIDE",
         default=EngineConfig.stride,
-        type=int,
+        type=positive_int,
         help="memory-building stride in tokens",
     )
     p.flag(
@@ -104,7 +104,8 @@ def parse_args(argv=None):
         choices=weights_dtype.CHOICES,
         help="dtype the model computes in (and its memories are stored in): auto = the checkpoint's, "
         "widened to float32 for a float16/bfloat16 checkpoint on MLX's CPU build (no fast half-precision "
-        "matmul there); model = always the checkpoint's",
+        "matmul there) unless it is quantized or its float32 weights would exceed 8 GiB; model = always the "
+        "checkpoint's",
     )
     p.flag(
         "--warmup",

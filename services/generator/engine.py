@@ -332,8 +332,8 @@ class GeneratorEngine:
         m = await asyncio.to_thread(self._memory_service().get_memory, memory_id)
         if m.model_fingerprint != self.fingerprint:
             raise errors.NotFound(
-                f"memory {memory_id!r} was built by another model (fingerprint {m.model_fingerprint[:19]}…); "
-                "this generator lists and deletes its own model's memories only"
+                f"memory {memory_id!r} was built by another model or compute dtype (fingerprint "
+                f"{m.model_fingerprint[:19]}…); this generator lists and deletes its own memories only"
             )
         return m
 

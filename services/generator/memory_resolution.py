@@ -50,8 +50,9 @@ class MemoryResolver:
             mem = self.client.get_memory(mid, include_tokens=include_tokens)
             if mem.model_fingerprint != m.fingerprint:
                 raise errors.FailedPrecondition(
-                    f"memory {mid!r} was built by another model (fingerprint {mem.model_fingerprint[:19]}…, "
-                    f"this generator is {m.fingerprint[:19]}…); memorize the text with this model"
+                    f"memory {mid!r} was built by another model or compute dtype (fingerprint "
+                    f"{mem.model_fingerprint[:19]}…, this generator is {m.fingerprint[:19]}…); memorize the text "
+                    "with this generator"
                 )
             lay = mem.layout
             if (lay.num_layers, lay.num_kv_heads, lay.head_dim) != (m.num_layers, m.num_kv_heads, m.head_dim):
