@@ -94,7 +94,9 @@ class GeneratorEngine:
     def start(self) -> None:
         """Loads the model on the MLX thread and starts the scheduler (blocking)."""
         self.mlx.call(self._load)
-        shape = ModelShape(self.fingerprint, self.num_layers, self.num_kv_heads, self.head_dim, self.vocab_size)
+        shape = ModelShape(
+            self.fingerprint, self.num_layers, self.num_kv_heads, self.head_dim, self.vocab_size, self.dtype
+        )
         if self.memory is not None:
             self.resolver = MemoryResolver(self.memory, shape)
             self._builder = MemoryBuilder(

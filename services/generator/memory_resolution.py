@@ -22,6 +22,7 @@ class ModelShape:
     num_kv_heads: int
     head_dim: int
     vocab_size: int = 0  # token ids of a usable memory are below it (0 = not checked)
+    dtype: int = 0  # the extmind.tensor dtype the model computes in (0 = unknown)
 
 
 @dataclass
@@ -51,7 +52,7 @@ class MemoryResolver:
             if mem.model_fingerprint != m.fingerprint:
                 raise errors.FailedPrecondition(
                     f"memory {mid!r} was built by another model (fingerprint {mem.model_fingerprint[:19]}…, "
-                    f"this generator is {m.fingerprint[:19]}…); memorize the text with this model"
+                    f"this generator is {m.fingerprint[:19]}…); {_rebuild_hint(mem.layout.dtype, m.dtype)}"
                 )
             lay = mem.layout
             if (lay.num_layers, lay.num_kv_heads, lay.head_dim) != (m.num_layers, m.num_kv_heads, m.head_dim):
@@ -83,3 +84,16 @@ class MemoryResolver:
         if rows.dtype != memory.dtype or any(k is None or k.shape[1] != memory.rows for k in rows.keys):
             raise errors.FailedPrecondition(f"memory {memory.memory_id!r} changed while it was fetched; retry")
         return rows
+
+
+def _rebuild_hint(built: int, computes: int) -> str:
+    """What to do about a memory of another fingerprint. The dtype is part of the fingerprint
+    (docs/platform.md, "Half precision on the CPU"): a memory this same model built in another
+    dtype (e.g. float16, before ``--dtype auto`` widened the checkpoint) is named as such."""
+    if not built or not computes or built == computes:
+        return "memorize the text with this model"
+    was, now = (tensor.dtype_name(d).removeprefix("DTYPE_").lower() for d in (built, computes))
+    return (
+        f"it was built in {was} and this generator computes in {now}: if it is this model's memory, "
+        f"start the generator with --dtype {was} (GENERATOR_DTYPE), or memorize the text again"
+    )
