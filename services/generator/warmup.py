@@ -72,9 +72,19 @@ async def warm_up(engine, batch: int = 8) -> dict:
         try:
             cited = MemoryOptions((memory_id,), return_citations=True)
             await _drain(engine, GenerationRequest(prompt, sampling, cited))
-            await asyncio.gather(
-                *(_drain(engine, GenerationRequest(ok[i : i + PROMPT_TOKENS], sampling, cited)) for i in range(batch))
+            # No more at once than the queue admits (--max-queue below the batch failed the
+            # warm-up with RESOURCE_EXHAUSTED), and every one ended before the memory is deleted.
+            at_once = max(1, min(batch, engine.config.max_queue))
+            ends = await asyncio.gather(
+                *(
+                    _drain(engine, GenerationRequest(ok[i : i + PROMPT_TOKENS], sampling, cited))
+                    for i in range(at_once)
+                ),
+                return_exceptions=True,
             )
+            for end in ends:
+                if isinstance(end, BaseException):
+                    raise end
             lap("local")
             await _drain(engine, GenerationRequest(prompt, sampling, MemoryOptions((memory_id,), mode=REMOTE)))
             lap("remote")

@@ -37,6 +37,18 @@ async def test_warm_up_runs_every_path_and_leaves_no_memory(llama_path, memory_a
         engine.stop()
 
 
+async def test_warm_up_fits_a_queue_smaller_than_its_batch(llama_path, memory_address):
+    # --max-queue 2 with the default batch of 8: the batched stage ran into RESOURCE_EXHAUSTED.
+    engine = GeneratorEngine(EngineConfig(model=str(llama_path), memory_url=memory_address, max_queue=2))
+    engine.start()
+    try:
+        took = await warm_up(engine, batch=8)
+        assert took["skipped"] == "" and {"local", "remote"} <= set(took), took
+        assert engine.stats()["active"] == 0
+    finally:
+        engine.stop()
+
+
 async def test_warm_up_without_a_memory_service_warms_what_it_can(llama_path):
     nobody = f"127.0.0.1:{free_port()}"
     engine = GeneratorEngine(EngineConfig(model=str(llama_path), memory_url=nobody, memory_timeout=2))
