@@ -11,6 +11,7 @@ from mlx_lm.utils import load
 
 from extmind import errors, tensor
 from extmind.tiny_models import build_llama
+from extmind.tiny_moe_models import build_qwen3_moe
 from services.generator import weights_dtype
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.request_types import GenerationRequest, MemoryOptions, Sampling
@@ -36,6 +37,28 @@ def test_choose(half_path):
         weights_dtype.choose(model, "float32", on_cpu=True)
     with pytest.raises(ValueError, match="use one of"):
         weights_dtype.choose(model, "float64", on_cpu=True)
+
+
+@pytest.mark.parametrize("checkpoint", ["float16", "bfloat16"])
+def test_half_precision_experts_are_float32_on_the_cpu(tmp_path, monkeypatch, checkpoint):
+    # MLX's CPU build runs gather_mm (the experts) in float32 only: a half-precision MoE started
+    # with --dtype model / float16 / bfloat16 failed every request with INTERNAL, and auto kept
+    # half precision for a checkpoint over the float32 size cap.
+    path = build_qwen3_moe(tmp_path, dtype=checkpoint)
+    assert {v.dtype for v in mx.load(str(path / "model.safetensors")).values()} == {getattr(mx, checkpoint)}
+    model, _ = load(str(path))
+    for wanted in ("model", "float16", "bfloat16"):
+        with pytest.raises(ValueError, match="gather_mm"):
+            weights_dtype.choose(model, wanted, on_cpu=True)
+    assert weights_dtype.choose(model, "model", on_cpu=False) is None  # a GPU runs them
+    monkeypatch.setattr(weights_dtype, "AUTO_FLOAT32_MAX_BYTES", 0)
+    assert weights_dtype.choose(model, "auto", on_cpu=True) == mx.float32
+    engine = GeneratorEngine(EngineConfig(model=str(path), dtype="float16"))
+    try:
+        with pytest.raises(errors.InvalidArgument, match="gather_mm"):
+            engine.start()
+    finally:
+        engine.stop()
 
 
 async def test_a_half_precision_checkpoint_computes_and_memorizes_in_float32_on_the_cpu(
