@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from extmind.procs import free_port
+from services.generator import warmup
 from services.generator.app import parse_args
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.memory_client import MemoryClient
@@ -46,6 +47,26 @@ async def test_warm_up_fits_a_queue_smaller_than_its_batch(llama_path, memory_ad
         assert took["skipped"] == "" and {"local", "remote"} <= set(took), took
         assert engine.stats()["active"] == 0
     finally:
+        engine.stop()
+
+
+async def test_warm_up_deletes_a_warm_up_memory_left_behind(llama_path, memory_address, monkeypatch):
+    # A start killed mid-warm-up leaves its READY memory; no reaper deletes READY memories, and
+    # each crash-looping start added one more.
+    engine = GeneratorEngine(EngineConfig(model=str(llama_path), memory_url=memory_address))
+    engine.start()
+    client = MemoryClient(memory_address)
+    try:
+        left = engine.memorize_blocking(list(range(5, 40)), labels={"kind": "warm-up"})["memory_id"]
+        kept = engine.memorize_blocking(list(range(5, 40)), labels={"kind": "warm-up", "mine": "1"})["memory_id"]
+        took = await warm_up(engine, batch=2)
+        assert took["skipped"] == "" and left in {m.memory_id for m in client.list_memories()[0]}  # young
+        monkeypatch.setattr(warmup, "STALE_SECONDS", 0, raising=False)
+        took = await warm_up(engine, batch=2)
+        ids = {m.memory_id for m in client.list_memories()[0]}
+        assert took["skipped"] == "" and left not in ids and kept in ids
+    finally:
+        client.close()
         engine.stop()
 
 
