@@ -55,7 +55,9 @@ def choose(model: nn.Module, wanted: str, on_cpu: bool) -> mx.Dtype | None:
             raise ValueError(f"dtype {wanted!r} cannot apply to a quantized model: use 'model' (or 'auto')")
         target = getattr(mx, wanted)
         return None if current == {target} else target
-    if not on_cpu or _quantized(model) or not current <= {mx.float16, mx.bfloat16}:
+    # Any half-precision weight, not only all of them: a checkpoint that keeps its norms or
+    # router in float32 still runs its big matmuls (and experts) in half precision.
+    if not on_cpu or _quantized(model) or not current & {mx.float16, mx.bfloat16}:
         return None
     # Float32 experts on the CPU whatever their size: in half precision they cannot run at all.
     fits = sum(a.size for a in params) * 4 <= AUTO_FLOAT32_MAX_BYTES

@@ -31,6 +31,9 @@ def test_choose(half_path):
     assert weights_dtype.choose(model, "model", on_cpu=True) is None
     assert weights_dtype.choose(model, "float16", on_cpu=True) is None  # already
     assert weights_dtype.choose(model, "bfloat16", on_cpu=False) == mx.bfloat16
+    # Norms kept in float32 (as some conversions do): still a half-precision model.
+    model.model.norm.weight = model.model.norm.weight.astype(mx.float32)
+    assert weights_dtype.choose(model, "auto", on_cpu=True) == mx.float32
     nn.quantize(model, group_size=32, bits=4)
     assert weights_dtype.choose(model, "auto", on_cpu=True) is None  # packed weights stay
     with pytest.raises(ValueError, match="quantized"):
