@@ -31,7 +31,7 @@ from services.generator.fingerprint import model_fingerprint
 from services.generator.kv_dtypes import dtype_of
 from services.generator.memory_builder import MemorizeProgress, MemoryBuilder
 from services.generator.memory_client import MemoryClient
-from services.generator.memory_resolution import MemoryResolver, ModelShape, ResolvedMemory
+from services.generator.memory_resolution import MemoryResolver, ModelShape, ResolvedMemory, dtype_note
 from services.generator.remote_retrieval import RemoteRetriever
 from services.generator.request_types import DEFAULT_STRIDE, DEFAULT_WINDOW, LOCAL, Chunk, Final, GenerationRequest
 from services.generator.scheduler import RunningRequest, Scheduler
@@ -336,6 +336,7 @@ class GeneratorEngine:
             raise errors.NotFound(
                 f"memory {memory_id!r} was built by another model (fingerprint {m.model_fingerprint[:19]}…); "
                 "this generator lists and deletes its own model's memories only"
+                + (f" ({note})" if (note := dtype_note(m.layout.dtype, self.dtype)) else "")
             )
         return m
 

@@ -86,14 +86,20 @@ class MemoryResolver:
         return rows
 
 
-def _rebuild_hint(built: int, computes: int) -> str:
-    """What to do about a memory of another fingerprint. The dtype is part of the fingerprint
-    (docs/platform.md, "Half precision on the CPU"): a memory this same model built in another
-    dtype (e.g. float16, before ``--dtype auto`` widened the checkpoint) is named as such."""
+def dtype_note(built: int, computes: int) -> str:
+    """Why a memory of another fingerprint may still be this model's: the dtype is part of the
+    fingerprint (docs/platform.md, "Half precision on the CPU"), so one built in another dtype
+    (e.g. float16, before ``--dtype auto`` widened the checkpoint) is named as such; else ""."""
     if not built or not computes or built == computes:
-        return "memorize the text with this model"
+        return ""
     was, now = (tensor.dtype_name(d).removeprefix("DTYPE_").lower() for d in (built, computes))
     return (
         f"it was built in {was} and this generator computes in {now}: if it is this model's memory, "
-        f"start the generator with --dtype {was} (GENERATOR_DTYPE), or memorize the text again"
+        f"a generator started with --dtype {was} (GENERATOR_DTYPE) uses it"
     )
+
+
+def _rebuild_hint(built: int, computes: int) -> str:
+    """What to do about a memory of another fingerprint."""
+    note = dtype_note(built, computes)
+    return f"{note}; or memorize the text again" if note else "memorize the text with this model"

@@ -84,6 +84,8 @@ async def test_a_half_precision_checkpoint_computes_and_memorizes_in_float32_on_
         assert wide.memory.get_memory(out["memory_id"]).layout.dtype == tensor.FLOAT32
         # The refusal says why: same checkpoint, another dtype (e.g. memories built before the
         # auto default widened it), and which --dtype would use them.
+        with pytest.raises(errors.NotFound, match="built in float32 .* computes in float16.*--dtype float32"):
+            await half.get_memory(out["memory_id"])  # what deleting or reading it through this generator says
         with pytest.raises(errors.FailedPrecondition, match="built in float32 .* computes in float16.*--dtype float32"):
             await run(
                 half, GenerationRequest([5, 6], Sampling(max_tokens=2), memory=MemoryOptions((out["memory_id"],)))
