@@ -552,7 +552,7 @@ def _build_decoder(
     }
     _write_json(path / "config.json", full)
     _write_json(path / "generation_config.json", {"bos_token_id": bos, "eos_token_id": tok["eos_ids"]})
-    save_file(w, str(path / "model.safetensors"), metadata={"format": "pt"})
+    _save_weights(w, path / "model.safetensors", dtype)
     return path
 
 

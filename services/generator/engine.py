@@ -31,7 +31,7 @@ from services.generator.fingerprint import model_fingerprint
 from services.generator.kv_dtypes import dtype_of
 from services.generator.memory_builder import MemorizeProgress, MemoryBuilder
 from services.generator.memory_client import MemoryClient
-from services.generator.memory_resolution import MemoryResolver, ModelShape, ResolvedMemory
+from services.generator.memory_resolution import MemoryResolver, ModelShape, ResolvedMemory, dtype_note
 from services.generator.remote_retrieval import RemoteRetriever
 from services.generator.request_types import DEFAULT_STRIDE, DEFAULT_WINDOW, LOCAL, Chunk, Final, GenerationRequest
 from services.generator.scheduler import RunningRequest, Scheduler
@@ -94,7 +94,9 @@ class GeneratorEngine:
     def start(self) -> None:
         """Loads the model on the MLX thread and starts the scheduler (blocking)."""
         self.mlx.call(self._load)
-        shape = ModelShape(self.fingerprint, self.num_layers, self.num_kv_heads, self.head_dim, self.vocab_size)
+        shape = ModelShape(
+            self.fingerprint, self.num_layers, self.num_kv_heads, self.head_dim, self.vocab_size, self.dtype
+        )
         if self.memory is not None:
             self.resolver = MemoryResolver(self.memory, shape)
             self._builder = MemoryBuilder(
@@ -332,8 +334,9 @@ class GeneratorEngine:
         m = await asyncio.to_thread(self._memory_service().get_memory, memory_id)
         if m.model_fingerprint != self.fingerprint:
             raise errors.NotFound(
-                f"memory {memory_id!r} was built by another model or compute dtype (fingerprint "
-                f"{m.model_fingerprint[:19]}…); this generator lists and deletes its own memories only"
+                f"memory {memory_id!r} was built by another model (fingerprint {m.model_fingerprint[:19]}…); "
+                "this generator lists and deletes its own model's memories only"
+                + (f" ({note})" if (note := dtype_note(m.layout.dtype, self.dtype)) else "")
             )
         return m
 

@@ -223,6 +223,10 @@ class MemoryBuilder:
             eta = elapsed * (work_total - work) / work if work else 0.0
             progress(MemorizeProgress(done["tokens"], len(token_ids), done["windows"], len(windows), elapsed, eta))
 
+        # Named at once, before the first window's forward: from its first message the stream
+        # holds the memory, and the memory service's reaper of abandoned BUILDING memories
+        # (docs/contract.md, "KV memories") leaves it alone however slow the forwards are.
+        yield memory_pb2.AppendMemoryRequest(memory_id=mid)
         report()
         for w in windows:
             layers = window_rows(

@@ -22,6 +22,7 @@ class ModelShape:
     num_kv_heads: int
     head_dim: int
     vocab_size: int = 0  # token ids of a usable memory are below it (0 = not checked)
+    dtype: int = 0  # the extmind.tensor dtype the model computes in (0 = unknown)
 
 
 @dataclass
@@ -50,9 +51,8 @@ class MemoryResolver:
             mem = self.client.get_memory(mid, include_tokens=include_tokens)
             if mem.model_fingerprint != m.fingerprint:
                 raise errors.FailedPrecondition(
-                    f"memory {mid!r} was built by another model or compute dtype (fingerprint "
-                    f"{mem.model_fingerprint[:19]}…, this generator is {m.fingerprint[:19]}…); memorize the text "
-                    "with this generator"
+                    f"memory {mid!r} was built by another model (fingerprint {mem.model_fingerprint[:19]}…, "
+                    f"this generator is {m.fingerprint[:19]}…); {_rebuild_hint(mem.layout.dtype, m.dtype)}"
                 )
             lay = mem.layout
             if (lay.num_layers, lay.num_kv_heads, lay.head_dim) != (m.num_layers, m.num_kv_heads, m.head_dim):
@@ -84,3 +84,22 @@ class MemoryResolver:
         if rows.dtype != memory.dtype or any(k is None or k.shape[1] != memory.rows for k in rows.keys):
             raise errors.FailedPrecondition(f"memory {memory.memory_id!r} changed while it was fetched; retry")
         return rows
+
+
+def dtype_note(built: int, computes: int) -> str:
+    """Why a memory of another fingerprint may still be this model's: the dtype is part of the
+    fingerprint (docs/platform.md, "Half precision on the CPU"), so one built in another dtype
+    (e.g. float16, before ``--dtype auto`` widened the checkpoint) is named as such; else ""."""
+    if not built or not computes or built == computes:
+        return ""
+    was, now = (tensor.dtype_name(d).removeprefix("DTYPE_").lower() for d in (built, computes))
+    return (
+        f"it was built in {was} and this generator computes in {now}: if it is this model's memory, "
+        f"a generator started with --dtype {was} (GENERATOR_DTYPE) uses it"
+    )
+
+
+def _rebuild_hint(built: int, computes: int) -> str:
+    """What to do about a memory of another fingerprint."""
+    note = dtype_note(built, computes)
+    return f"{note}; or memorize the text again" if note else "memorize the text with this model"

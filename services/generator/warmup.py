@@ -12,12 +12,15 @@ implementation of them):
    as they join), and REMOTE - and the memory is deleted.
 
 A failure is logged and ends the warm-up: it never keeps the service from serving. The requests
-count in the metrics like any other.
+count in the metrics like any other. A warm-up memory left behind by an earlier start (the process
+killed mid-warm-up) is deleted once it is STALE_SECONDS old; a younger one may be another
+generator's, warming up now.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -29,6 +32,8 @@ log = logging.getLogger("extmind.generator")
 PROMPT_TOKENS = 16
 MEMORY_TOKENS = 256
 NEW_TOKENS = 4
+LABELS = {"kind": "warm-up"}
+STALE_SECONDS = 600
 
 
 def wanted(mode: str) -> bool:
@@ -43,6 +48,22 @@ def wanted(mode: str) -> bool:
 async def _drain(engine, req: GenerationRequest) -> None:
     async for _ in engine.generate(req):
         pass
+
+
+async def _delete_stale(engine) -> int:
+    """Deletes this model's warm-up memories created over STALE_SECONDS ago. -> how many."""
+    now, stale, token = time.time(), [], ""
+    while True:
+        page, token = await engine.list_memories(page_token=token)
+        stale += [
+            m.memory_id for m in page if dict(m.labels) == LABELS and now - m.create_time.ToSeconds() > STALE_SECONDS
+        ]
+        if not token:
+            break
+    for memory_id in stale:
+        with contextlib.suppress(errors.NotFound):  # another generator's sweep got it first
+            await engine.delete_memory(memory_id)
+    return len(stale)
 
 
 async def warm_up(engine, batch: int = 8) -> dict:
@@ -66,15 +87,27 @@ async def warm_up(engine, batch: int = 8) -> dict:
         if engine.memory is None:
             took["skipped"] = "no memory service configured"
             return took
+        if await _delete_stale(engine):
+            log.info("deleted warm-up memories left behind by an earlier start")
         text = [ok[i % len(ok)] for i in range(MEMORY_TOKENS)]
-        memory_id = (await engine.memorize(text, labels={"kind": "warm-up"}))["memory_id"]
+        memory_id = (await engine.memorize(text, labels=LABELS))["memory_id"]
         lap("memorize")
         try:
             cited = MemoryOptions((memory_id,), return_citations=True)
             await _drain(engine, GenerationRequest(prompt, sampling, cited))
-            await asyncio.gather(
-                *(_drain(engine, GenerationRequest(ok[i : i + PROMPT_TOKENS], sampling, cited)) for i in range(batch))
+            # No more at once than the queue admits (--max-queue below the batch failed the
+            # warm-up with RESOURCE_EXHAUSTED), and every one ended before the memory is deleted.
+            at_once = max(1, min(batch, engine.config.max_queue))
+            ends = await asyncio.gather(
+                *(
+                    _drain(engine, GenerationRequest(ok[i : i + PROMPT_TOKENS], sampling, cited))
+                    for i in range(at_once)
+                ),
+                return_exceptions=True,
             )
+            for end in ends:
+                if isinstance(end, BaseException):
+                    raise end
             lap("local")
             await _drain(engine, GenerationRequest(prompt, sampling, MemoryOptions((memory_id,), mode=REMOTE)))
             lap("remote")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from extmind import errors
@@ -110,5 +112,26 @@ async def test_windows_fit_in_the_models_context(tmp_path, memory_address):
 
         with pytest.raises(errors.InvalidArgument, match="window 64 exceeds the model's context of 32"):
             engine.memorize_blocking(tokens, window=64)
+    finally:
+        engine.stop()
+
+
+def test_a_slow_first_window_is_not_reaped(llama_path, memory_service_factory):
+    # The memory service reaps a BUILDING memory no stream holds after MEMORY_BUILDING_TTL; a
+    # stream holds it from its first message. The first rows come only after the first window's
+    # forward (seconds on a busy CPU): the stream must name the memory before that forward.
+    svc = memory_service_factory(env={"MEMORY_BUILDING_TTL": "0.3"})
+    engine = GeneratorEngine(EngineConfig(model=str(llama_path), memory_url=svc.address))
+    engine.start()
+    try:
+        run = engine._builder.run
+
+        def slow(fn, *args):  # every prefill chunk waits past the TTL and a few sweeps
+            time.sleep(1.0)
+            return run(fn, *args)
+
+        engine._builder.run = slow
+        out = engine.memorize_blocking(list(range(5, 45)))
+        assert engine.memory.get_memory(out["memory_id"]).state == memory_pb2.MEMORY_STATE_READY
     finally:
         engine.stop()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from extmind.procs import free_port
+from services.generator import warmup
 from services.generator.app import parse_args
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.memory_client import MemoryClient
@@ -32,6 +33,38 @@ async def test_warm_up_runs_every_path_and_leaves_no_memory(llama_path, memory_a
         assert engine.stats()["active"] == 0
         tokens, _, _, final = await run(engine, GenerationRequest([5, 6, 7], Sampling(max_tokens=4)))
         assert len(tokens) == final.completion_tokens > 0
+    finally:
+        client.close()
+        engine.stop()
+
+
+async def test_warm_up_fits_a_queue_smaller_than_its_batch(llama_path, memory_address):
+    # --max-queue 2 with the default batch of 8: the batched stage ran into RESOURCE_EXHAUSTED.
+    engine = GeneratorEngine(EngineConfig(model=str(llama_path), memory_url=memory_address, max_queue=2))
+    engine.start()
+    try:
+        took = await warm_up(engine, batch=8)
+        assert took["skipped"] == "" and {"local", "remote"} <= set(took), took
+        assert engine.stats()["active"] == 0
+    finally:
+        engine.stop()
+
+
+async def test_warm_up_deletes_a_warm_up_memory_left_behind(llama_path, memory_address, monkeypatch):
+    # A start killed mid-warm-up leaves its READY memory; no reaper deletes READY memories, and
+    # each crash-looping start added one more.
+    engine = GeneratorEngine(EngineConfig(model=str(llama_path), memory_url=memory_address))
+    engine.start()
+    client = MemoryClient(memory_address)
+    try:
+        left = engine.memorize_blocking(list(range(5, 40)), labels={"kind": "warm-up"})["memory_id"]
+        kept = engine.memorize_blocking(list(range(5, 40)), labels={"kind": "warm-up", "mine": "1"})["memory_id"]
+        took = await warm_up(engine, batch=2)
+        assert took["skipped"] == "" and left in {m.memory_id for m in client.list_memories()[0]}  # young
+        monkeypatch.setattr(warmup, "STALE_SECONDS", 0, raising=False)
+        took = await warm_up(engine, batch=2)
+        ids = {m.memory_id for m in client.list_memories()[0]}
+        assert took["skipped"] == "" and left not in ids and kept in ids
     finally:
         client.close()
         engine.stop()

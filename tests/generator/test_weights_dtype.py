@@ -11,6 +11,7 @@ from mlx_lm.utils import load
 
 from extmind import errors, tensor
 from extmind.tiny_models import build_llama
+from extmind.tiny_moe_models import build_qwen3_moe
 from services.generator import weights_dtype
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.request_types import GenerationRequest, MemoryOptions, Sampling
@@ -30,12 +31,37 @@ def test_choose(half_path):
     assert weights_dtype.choose(model, "model", on_cpu=True) is None
     assert weights_dtype.choose(model, "float16", on_cpu=True) is None  # already
     assert weights_dtype.choose(model, "bfloat16", on_cpu=False) == mx.bfloat16
+    # Norms kept in float32 (as some conversions do): still a half-precision model.
+    model.model.norm.weight = model.model.norm.weight.astype(mx.float32)
+    assert weights_dtype.choose(model, "auto", on_cpu=True) == mx.float32
     nn.quantize(model, group_size=32, bits=4)
     assert weights_dtype.choose(model, "auto", on_cpu=True) is None  # packed weights stay
     with pytest.raises(ValueError, match="quantized"):
         weights_dtype.choose(model, "float32", on_cpu=True)
     with pytest.raises(ValueError, match="use one of"):
         weights_dtype.choose(model, "float64", on_cpu=True)
+
+
+@pytest.mark.parametrize("checkpoint", ["float16", "bfloat16"])
+def test_half_precision_experts_are_float32_on_the_cpu(tmp_path, monkeypatch, checkpoint):
+    # MLX's CPU build runs gather_mm (the experts) in float32 only: a half-precision MoE started
+    # with --dtype model / float16 / bfloat16 failed every request with INTERNAL, and auto kept
+    # half precision for a checkpoint over the float32 size cap.
+    path = build_qwen3_moe(tmp_path, dtype=checkpoint)
+    assert {v.dtype for v in mx.load(str(path / "model.safetensors")).values()} == {getattr(mx, checkpoint)}
+    model, _ = load(str(path))
+    for wanted in ("model", "float16", "bfloat16"):
+        with pytest.raises(ValueError, match="gather_mm"):
+            weights_dtype.choose(model, wanted, on_cpu=True)
+    assert weights_dtype.choose(model, "model", on_cpu=False) is None  # a GPU runs them
+    monkeypatch.setattr(weights_dtype, "AUTO_FLOAT32_MAX_BYTES", 0)
+    assert weights_dtype.choose(model, "auto", on_cpu=True) == mx.float32
+    engine = GeneratorEngine(EngineConfig(model=str(path), dtype="float16"))
+    try:
+        with pytest.raises(errors.InvalidArgument, match="gather_mm"):
+            engine.start()
+    finally:
+        engine.stop()
 
 
 async def test_a_half_precision_checkpoint_computes_and_memorizes_in_float32_on_the_cpu(
@@ -56,7 +82,11 @@ async def test_a_half_precision_checkpoint_computes_and_memorizes_in_float32_on_
         assert len((await run(wide, prompt))[0]) > 0
         out = wide.memorize_blocking(list(range(5, 40)))
         assert wide.memory.get_memory(out["memory_id"]).layout.dtype == tensor.FLOAT32
-        with pytest.raises(errors.FailedPrecondition, match="another model or compute dtype"):
+        # The refusal says why: same checkpoint, another dtype (e.g. memories built before the
+        # auto default widened it), and which --dtype would use them.
+        with pytest.raises(errors.NotFound, match="built in float32 .* computes in float16.*--dtype float32"):
+            await half.get_memory(out["memory_id"])  # what deleting or reading it through this generator says
+        with pytest.raises(errors.FailedPrecondition, match="built in float32 .* computes in float16.*--dtype float32"):
             await run(
                 half, GenerationRequest([5, 6], Sampling(max_tokens=2), memory=MemoryOptions((out["memory_id"],)))
             )
