@@ -6,6 +6,7 @@ unary calls instead."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from concurrent import futures
@@ -18,7 +19,7 @@ import pytest
 from extmind import errors, tensor
 from extmind.procs import free_port
 from extmind.v1 import memory_pb2, memory_pb2_grpc
-from services.generator.memory_client import MemoryClient, search_requests
+from services.generator.memory_client import MemoryClient, SearchResult, search_requests
 from services.generator.remote_retrieval import RemoteRetriever
 from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
 
@@ -249,53 +250,50 @@ def _recreate_as_copy(client: MemoryClient, src: str, dst: str) -> None:
 
 
 @pytest.mark.parametrize("streams", [True, False])
-def test_a_memory_created_again_with_more_rows_is_failed_precondition(engine, memory, memory_address, streams):
-    """Hits past the rows the retriever resolved (the memory was deleted and created again under
-    its id meanwhile) are refused, on the stream and in unary calls alike."""
+@pytest.mark.parametrize("rows", ["more", "same"])
+def test_a_memory_created_again_is_failed_precondition(engine, memory, memory_address, streams, rows):
+    """A memory deleted and created again under its id while a retriever searches it is refused,
+    on the stream and in unary calls alike: with more rows (whose hits would point past the
+    resolved ones) and with the same number (which only the create_time sent with every search
+    tells apart). Resolved again, the new memory is searched."""
     mid, _ = memory
-    small = f"small-then-large-{streams}"
-    engine.memorize_blocking(engine.tokenizer.encode("A short text."), memory_id=small)
+    again = f"created-again-{rows}-{streams}"
+    engine.memorize_blocking(engine.tokenizer.encode("A short text."), memory_id=again)
     client = MemoryClient(memory_address)
     client.streams_search = streams
+    copy = f"{again}-copy"
     try:
-        retriever = RemoteRetriever(client, engine.resolver.resolve((small,)))
+        retriever = RemoteRetriever(client, engine.resolver.resolve((again,)))
         q = np.ones((1, engine.num_kv_heads, engine.num_heads // engine.num_kv_heads, 1, engine.head_dim), np.float32)
         engine.mlx.call(lambda: retriever.retrieve(0, mx.array(q), 4, None))  # as resolved: fine
-        _recreate_as_copy(client, mid, small)
+        if rows == "same":
+            engine.memorize_blocking(engine.tokenizer.encode("A short text."), memory_id=copy)
+        _recreate_as_copy(client, mid if rows == "more" else copy, again)
         with pytest.raises(errors.FailedPrecondition, match="created again"):
             engine.mlx.call(lambda: retriever.retrieve(0, mx.array(q), 4, None))
         retriever.close()
-    finally:
-        client.delete_memory(small)
-        client.close()
-
-
-@pytest.mark.parametrize("streams", [True, False])
-def test_a_memory_created_again_with_the_same_rows_is_failed_precondition(engine, memory_address, streams):
-    """The same number of rows would pass the row check: the memory's create_time, sent with
-    every search, tells the new memory from the one the generation resolved."""
-    same = f"created-again-{streams}"
-    engine.memorize_blocking(engine.tokenizer.encode("A short text."), memory_id=same)
-    client = MemoryClient(memory_address)
-    client.streams_search = streams
-    try:
-        retriever = RemoteRetriever(client, engine.resolver.resolve((same,)))
-        q = np.ones((1, engine.num_kv_heads, engine.num_heads // engine.num_kv_heads, 1, engine.head_dim), np.float32)
-        engine.mlx.call(lambda: retriever.retrieve(0, mx.array(q), 4, None))
-        copy = f"{same}-copy"
-        engine.memorize_blocking(engine.tokenizer.encode("A short text."), memory_id=copy)
-        _recreate_as_copy(client, copy, same)  # same rows, new create_time
-        client.delete_memory(copy)
-        with pytest.raises(errors.FailedPrecondition, match="created again"):
-            engine.mlx.call(lambda: retriever.retrieve(0, mx.array(q), 4, None))
-        retriever.close()
-        # resolved again, the new memory is searched
-        fresh = RemoteRetriever(client, engine.resolver.resolve((same,)))
+        fresh = RemoteRetriever(client, engine.resolver.resolve((again,)))
         engine.mlx.call(lambda: fresh.retrieve(0, mx.array(q), 4, None))
         fresh.close()
     finally:
-        client.delete_memory(same)
+        for i in (again, copy):
+            with contextlib.suppress(errors.NotFound):
+                client.delete_memory(i)
         client.close()
+
+
+def test_hits_past_the_resolved_rows_are_refused(engine, memory):
+    """The retriever's own check, for a memory service that ignores create_times (older than
+    them): a row number past the rows resolved never reaches the citation counts."""
+    mid, _ = memory
+    retriever = RemoteRetriever(MemoryClient("127.0.0.1:1"), engine.resolver.resolve((mid,)))
+    rows = retriever.rows
+    hit = SearchResult(np.zeros((1, 1, 2), np.float32), np.array([[[0, rows]]]), None, None, tensor.FLOAT32)
+    with pytest.raises(errors.FailedPrecondition, match="changed while this generation searched them"):
+        retriever._checked([mid], hit, 2)
+    ok = SearchResult(np.zeros((1, 1, 2), np.float32), np.array([[[0, rows - 1]]]), None, None, tensor.FLOAT32)
+    assert retriever._checked([mid], ok, 2) is ok
+    retriever.client.close()
 
 
 async def _hold(mlx) -> threading.Event:
