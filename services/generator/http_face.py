@@ -240,7 +240,10 @@ class GeneratorHttpFace(JsonFace):
         return self._stream(request, self._memorize_events(request, first, events))
 
     async def _memory_of(self, done: dict) -> dict:
-        return {**memory_object(await self.engine.get_memory(done["memory_id"])), "num_rows": done["num_rows"]}
+        # num_tokens, as in every memory object, counts what is stored (the rows); input_tokens is
+        # what gRPC Memorize calls num_tokens: the tokens of the text, special ones included.
+        memory = memory_object(await self.engine.get_memory(done["memory_id"]))
+        return {**memory, "num_rows": done["num_rows"], "input_tokens": done["num_tokens"]}
 
     async def _memorize_events(self, request: Request, first, events) -> AsyncIterator[bytes]:
         try:

@@ -103,6 +103,8 @@ def served(tmp_path_factory, module_memory_service):
 def memory_id(served):
     status, body = served.json("POST", "/v1/memories", {"text": TEXT, "memory_id": "facts", "metadata": {"k": "v"}})
     assert status == 200, body
+    # stored rows vs the text's tokens (the BOS is not stored), as gRPC Memorize counts them
+    assert body["num_tokens"] == body["num_rows"] == body["input_tokens"] - 1
     return body["id"]
 
 
