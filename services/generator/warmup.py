@@ -11,10 +11,10 @@ implementation of them):
    that memory - LOCAL with citations alone and ``batch`` at once (the batch sizes up to it occur
    as they join), and REMOTE - and the memory is deleted.
 
-A failure is logged and ends the warm-up: it never keeps the service from serving. The requests
-count in the metrics like any other. A warm-up memory left behind by an earlier start (the process
-killed mid-warm-up) is deleted once it is STALE_SECONDS old; a younger one may be another
-generator's, warming up now.
+A failure is logged and ends the warm-up, as does its time budget (BUDGET_SECONDS): it never
+keeps the service from serving. The requests count in the metrics like any other. A warm-up
+memory left behind by an earlier start (the process killed mid-warm-up) is deleted once it is
+STALE_SECONDS old; a younger one may be another generator's, warming up now.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ MEMORY_TOKENS = 256
 NEW_TOKENS = 4
 LABELS = {"kind": "warm-up"}
 STALE_SECONDS = 600
+# The whole warm-up, at most (on an H200 it took 7 s, nearly all of it MLX compiling kernels).
+BUDGET_SECONDS = 300.0
 
 
 def wanted(mode: str) -> bool:
@@ -66,14 +68,24 @@ async def _delete_stale(engine) -> int:
     return len(stale)
 
 
-async def warm_up(engine, batch: int = 8) -> dict:
-    """Runs the warm-up on a started ``engine``. -> seconds per stage ("plain", "memorize",
-    "local", "remote"; a stage that did not run is missing) and "skipped": why the memory stages
-    did not run, or ""."""
+async def warm_up(engine, batch: int = 8, budget: float = BUDGET_SECONDS) -> dict:
+    """Runs the warm-up on a started ``engine``, for at most ``budget`` seconds. -> seconds per
+    stage ("plain", "memorize", "local", "remote"; a stage that did not run is missing) and
+    "skipped": why the later stages did not run, or ""."""
+    took: dict = {"skipped": ""}
+    task = asyncio.ensure_future(_stages(engine, batch, took))
+    done, _ = await asyncio.wait({task}, timeout=budget)
+    if not done:  # e.g. a memory service that accepts calls and never answers
+        task.cancel()  # not awaited: its clean-up may wait on that same service
+        took["skipped"] = f"did not finish in {budget:g} s"
+        log.warning("warm-up did not finish in time; serving without the rest of it", extra={"seconds": budget})
+    return took
+
+
+async def _stages(engine, batch: int, took: dict) -> None:
     ok = [t for t in range(engine.vocab_size) if t not in engine.special_ids][:512]
     prompt = ok[:PROMPT_TOKENS]
     sampling = Sampling(max_tokens=NEW_TOKENS)
-    took: dict = {"skipped": ""}
     t0 = time.perf_counter()
 
     def lap(stage: str) -> None:
@@ -86,7 +98,7 @@ async def warm_up(engine, batch: int = 8) -> dict:
         lap("plain")
         if engine.memory is None:
             took["skipped"] = "no memory service configured"
-            return took
+            return
         if await _delete_stale(engine):
             log.info("deleted warm-up memories left behind by an earlier start")
         text = [ok[i % len(ok)] for i in range(MEMORY_TOKENS)]
@@ -118,4 +130,3 @@ async def warm_up(engine, batch: int = 8) -> dict:
     except Exception as e:  # noqa: BLE001 - a warm-up never keeps the service from serving
         took["skipped"] = f"failed: {e}"
         log.warning("warm-up failed; serving without it", extra={"error": str(e)})
-    return took

@@ -3,6 +3,8 @@ engine and memory service, leaves no memory behind, and never keeps the service 
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from extmind.procs import free_port
@@ -89,3 +91,23 @@ def test_warmup_flag(monkeypatch):
     with pytest.raises(SystemExit):
         parse_args(["--model", "m"])
     assert wanted("on") and not wanted("off")
+
+
+async def test_warm_up_ends_at_its_budget(llama_path, memory_address):
+    engine = GeneratorEngine(EngineConfig(model=str(llama_path), memory_url=memory_address))
+    engine.start()
+    client = MemoryClient(memory_address)
+    try:
+        took = await warm_up(engine, budget=0.0)  # no stage can finish in no time
+        assert took["skipped"] == "did not finish in 0 s"
+        # what was cut off cleans up behind it: no warm-up memory stays, the engine serves
+        for _ in range(100):
+            if not [m for m in client.list_memories()[0] if dict(m.labels) == {"kind": "warm-up"}]:
+                break
+            await asyncio.sleep(0.1)
+        assert not [m for m in client.list_memories()[0] if dict(m.labels) == {"kind": "warm-up"}]
+        tokens, _, _, _ = await run(engine, GenerationRequest([5, 6, 7], Sampling(max_tokens=3)))
+        assert len(tokens) == 3
+    finally:
+        client.close()
+        engine.stop()
