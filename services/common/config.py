@@ -50,6 +50,9 @@ class FlagParser(argparse.ArgumentParser):
             self._repeated_defaults[name.lstrip("-").replace("-", "_")] = value
             return
         value = self._from_env(env, raw, type) if raw not in (None, "") else default
+        choices = kw.get("choices")
+        if choices is not None and value not in choices:  # argparse checks only a flag's value
+            self.error(f"environment variable {env}={raw!r} is not valid: use one of {', '.join(map(str, choices))}")
         self.add_argument(name, default=value, type=type, help=f"{help} [env {env}]", **kw)
 
     def _from_env(self, env: str, raw: str, type):

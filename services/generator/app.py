@@ -13,7 +13,7 @@ from services.generator import weights_dtype
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.http_face import GeneratorHttpFace
 from services.generator.servicer import GeneratorServicer
-from services.generator.warmup import wanted, warm_up
+from services.generator.warmup import WARMUP_MODES, wanted, warm_up
 
 log = logging.getLogger("extmind.generator")
 
@@ -111,16 +111,11 @@ def parse_args(argv=None):
         "--warmup",
         env="GENERATOR_WARMUP",
         default="auto",
-        choices=("auto", "on", "off"),
+        choices=WARMUP_MODES,
         help="before reporting SERVING, run a generation, a Memorize and LOCAL/REMOTE requests so that the first "
         "requests do not pay MLX's first-use kernel compiles (auto: on when MLX computes on a GPU)",
     )
     args = p.parse_args(argv)
-    # From the environment: argparse checks only a flag's choices.
-    if args.warmup not in ("auto", "on", "off"):
-        p.error(f"GENERATOR_WARMUP={args.warmup!r}: use auto, on or off")
-    if args.dtype not in weights_dtype.CHOICES:
-        p.error(f"GENERATOR_DTYPE={args.dtype!r}: use one of {', '.join(weights_dtype.CHOICES)}")
     if not args.model:
         p.error("--model (or GENERATOR_MODEL) is required")
     return args

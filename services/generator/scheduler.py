@@ -130,6 +130,11 @@ class _Group:
         self.unpadded_caches: dict = {}
         self.batch_changed = True
 
+    def remove(self, uid: int) -> None:
+        """Takes sequence ``uid`` out of the BatchGenerator (the decode batch changes)."""
+        self.gen.remove([uid])
+        self.batch_changed = True
+
 
 class Scheduler:
     """Owns the groups. ``admit``, ``cancel``, ``stats`` and ``close_all`` run on the MLX thread."""
@@ -269,8 +274,7 @@ class Scheduler:
         r.done = True
         if r.group.requests.pop(r.uid, None) is not None:
             self._active -= 1
-            r.group.gen.remove([r.uid])
-            r.group.batch_changed = True
+            r.group.remove(r.uid)
             _observe_end(r, "cancelled")
             self._publish()
 
@@ -339,8 +343,7 @@ class Scheduler:
             except errors.ExtmindError as e:  # never count approximately: fail the requests that asked
                 log.error("citation counting failed", extra={"error": str(e)})
                 for r in [r for r in group.requests.values() if r.counts is not None]:
-                    group.gen.remove([r.uid])
-                    group.batch_changed = True
+                    group.remove(r.uid)
                     self._end(r, e)
             else:
                 recorded += _hand_out(group, forwards, "counts")
@@ -373,8 +376,7 @@ class Scheduler:
         piece, stopped = r.text.push(tok, last)
         r.post(Chunk(piece, [tok], lp, top))
         if stopped:
-            r.group.gen.remove([r.uid])
-            r.group.batch_changed = True
+            r.group.remove(r.uid)
             self._finish(r, STOP_SEQUENCE)
         elif last:
             self._finish(r, LENGTH)

@@ -32,6 +32,7 @@ log = logging.getLogger("extmind.generator")
 PROMPT_TOKENS = 16
 MEMORY_TOKENS = 256
 NEW_TOKENS = 4
+WARMUP_MODES = ("auto", "on", "off")  # --warmup
 LABELS = {"kind": "warm-up"}
 STALE_SECONDS = 600
 # The whole warm-up, at most (on an H200 it took 7 s, nearly all of it MLX compiling kernels).

@@ -84,13 +84,20 @@ async def test_warm_up_without_a_memory_service_warms_what_it_can(llama_path):
         engine.stop()
 
 
-def test_warmup_flag(monkeypatch):
+def test_warmup_flag(monkeypatch, capsys):
     assert parse_args(["--model", "m"]).warmup == "auto"
     assert parse_args(["--model", "m", "--warmup", "off"]).warmup == "off"
-    monkeypatch.setenv("GENERATOR_WARMUP", "sometimes")
-    with pytest.raises(SystemExit):
-        parse_args(["--model", "m"])
     assert wanted("on") and not wanted("off")
+    # From the environment, a value outside the flag's choices stops the start in one line.
+    for env, raw, says in (
+        ("GENERATOR_WARMUP", "sometimes", "use one of auto, on, off"),
+        ("GENERATOR_DTYPE", "float64", "use one of auto, model, float32, float16, bfloat16"),
+    ):
+        monkeypatch.setenv(env, raw)
+        with pytest.raises(SystemExit) as e:
+            parse_args(["--model", "m"])
+        assert e.value.code == 2 and f"{env}={raw!r} is not valid: {says}" in capsys.readouterr().err
+        monkeypatch.delenv(env)
 
 
 async def test_warm_up_ends_at_its_budget(llama_path, memory_address):
