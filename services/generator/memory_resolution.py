@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from extmind import errors, tensor
 from extmind.v1 import memory_pb2
 from services.generator.memory_client import MemoryClient, StoredRows
@@ -28,11 +30,16 @@ class ModelShape:
 @dataclass
 class ResolvedMemory:
     memory_id: str
-    version: str  # the memory's create_time: a re-created memory gets a new one
+    create_time: Timestamp  # as resolved: a memory deleted and created again gets a new one
     rows: int
     token_ids: list[int]  # per row (empty unless resolved with include_tokens)
     positions: list[int]  # per row: the token's position in the memorized text
     dtype: int = tensor.FLOAT32  # the rows' stored dtype (extmind.tensor code)
+
+    @property
+    def version(self) -> str:
+        """``create_time`` as a string (bank cache keys, group keys)."""
+        return f"{self.create_time.seconds}.{self.create_time.nanos}"
 
 
 class MemoryResolver:
@@ -68,10 +75,11 @@ class MemoryResolver:
                     f"memory {mid!r} holds token ids outside this model's vocabulary (0-{m.vocab_size - 1}): "
                     "it was not memorized by this model's tokenizer; memorize the text again"
                 )
-            version = f"{mem.create_time.seconds}.{mem.create_time.nanos}"
             positions = list(mem.positions) or list(range(mem.num_tokens))
             out.append(
-                ResolvedMemory(mid, version, int(mem.num_tokens), list(mem.token_ids), positions, dtype=lay.dtype)
+                ResolvedMemory(
+                    mid, mem.create_time, int(mem.num_tokens), list(mem.token_ids), positions, dtype=lay.dtype
+                )
             )
         return out
 

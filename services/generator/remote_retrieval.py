@@ -37,7 +37,7 @@ class RemoteRetriever:
         self._rows_of = {m.memory_id: m.rows for m in memories}  # as resolved when the generation began
         # Sent with every search: the memory service refuses a memory created again since (a
         # new memory under the same id, whose rows this generation never resolved).
-        self._created_of = {m.memory_id: _timestamp(m.version) for m in memories}
+        self._created_of = {m.memory_id: m.create_time for m in memories}
         self.calls = 0
         # dtype -> (memory ids, row offset of each in the request's concatenation, rows of each)
         self.groups: dict[int, tuple[list[str], list[int], list[int]]] = {}
@@ -140,9 +140,3 @@ class RemoteRetriever:
             values=from_storage(back(r.values), r.dtype).astype(mx.float32),
             indices=mx.array(indices.astype(np.int32)),
         )
-
-
-def _timestamp(version: str) -> Timestamp:
-    """A ResolvedMemory's version ("seconds.nanos" of its create_time) as a Timestamp."""
-    seconds, nanos = version.split(".")
-    return Timestamp(seconds=int(seconds), nanos=int(nanos))
