@@ -15,13 +15,14 @@ import os
 from pathlib import Path
 
 from extmind.errors import InvalidArgument
+from services.common.background import BackgroundTask
 
 
 class HealthFile:
     def __init__(self, path: str, interval: float = 5.0):
         self.path = Path(path)
         self.interval = interval
-        self._task: asyncio.Task | None = None
+        self._task = BackgroundTask(self._beat, "health-file")
 
     def check(self) -> None:
         """Before the server starts: the file can be written (creating its folder). Raises
@@ -46,15 +47,10 @@ class HealthFile:
 
     def start(self) -> None:
         """Starts touching the file (call once the server is SERVING)."""
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._beat())
+        self._task.start()
 
     async def stop(self) -> None:
         """Stops touching and removes the file (call when draining starts)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._task.stop()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)

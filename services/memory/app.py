@@ -172,7 +172,7 @@ class MemoryApp:
         self.servicer.attach(self.kv, self.docs)
         if self.args.building_ttl > 0:
             self.reaper = BuildingReaper(self.kv, self.args.building_ttl)
-            self.reaper.start()
+            self.reaper.task.start()
 
     def on_drain(self) -> None:
         self.http.draining = True  # GET /health answers 503 while in-flight calls finish
@@ -180,7 +180,7 @@ class MemoryApp:
     async def on_stop(self) -> None:
         # Order: the reaper, the HTTP port, background index loads, the clients, the embedded Redis.
         if self.reaper is not None:
-            await self.reaper.stop()
+            await self.reaper.task.stop()
         await self.http.stop()
         if self.index is not None:
             await asyncio.to_thread(self.index.close)

@@ -18,9 +18,9 @@ the memory and one that comes after finds it gone (NOT_FOUND) and stores nothing
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
+from services.common.background import BackgroundTask
 from services.memory import metrics
 from services.memory.kv_memories import KVMemories
 
@@ -32,7 +32,7 @@ MIN_INTERVAL_SECONDS = 0.05
 
 class BuildingReaper:
     """The sweep of one memory service. ``ttl`` seconds > 0; ``interval`` seconds between sweeps
-    (default ttl / 4, within 0.05-60). ``start()`` runs it as an asyncio task, ``stop()`` ends it;
+    (default ttl / 4, within 0.05-60). ``task.start()`` runs it as an asyncio task, ``task.stop()`` ends it;
     ``sweep()`` is one pass (tests call it directly)."""
 
     def __init__(self, kv: KVMemories, ttl: float, interval: float | None = None):
@@ -41,7 +41,7 @@ class BuildingReaper:
         self.kv = kv
         self.ttl = ttl
         self.interval = interval or min(max(ttl / 4, MIN_INTERVAL_SECONDS), MAX_INTERVAL_SECONDS)
-        self._task: asyncio.Task | None = None
+        self.task = BackgroundTask(self._run, "building-reaper")  # start() / stop() run the sweeps
 
     async def sweep(self) -> list[str]:
         """One pass. -> the ids deleted. Raises Unavailable when Redis is unreachable."""
@@ -64,17 +64,6 @@ class BuildingReaper:
                 },
             )
         return reaped
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="building-reaper")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     async def _run(self) -> None:
         while True:

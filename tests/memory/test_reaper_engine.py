@@ -151,7 +151,8 @@ async def test_reaper_task_runs_and_stops(engines, redis_server):
     with pytest.raises(ValueError):
         BuildingReaper(kv, 0)
     await kv.create("bg", LAYOUT, "fp")
-    reaper.start()
+    reaper.task.start()
+    assert reaper.task.running
     try:
         for _ in range(50):
             await asyncio.sleep(0.05)
@@ -159,5 +160,5 @@ async def test_reaper_task_runs_and_stops(engines, redis_server):
                 break
         assert _keys(redis_server, "bg") == []
     finally:
-        await reaper.stop()
-    assert reaper._task is None
+        await reaper.task.stop()
+    assert not reaper.task.running
