@@ -347,6 +347,12 @@ REGISTRY: tuple[EnvVar, ...] = (
         "auto / model / float32 / float16 / bfloat16; auto widens half precision to float32 on the CPU",
     ),
     EnvVar(
+        "GENERATOR_FUSED_ATTENTION",
+        "auto",
+        "generator `--fused-attention`",
+        "auto / off: LOCAL retrieval and extended attention in two fused kernels per layer; auto = on MLX CUDA",
+    ),
+    EnvVar(
         "GENERATOR_WARMUP",
         "auto",
         "generator `--warmup`",

@@ -9,7 +9,7 @@ from extmind.v1 import generator_pb2, generator_pb2_grpc
 from services.common.blas import blas_in_use
 from services.common.config import FlagParser, add_server_flags, http_port, positive_int
 from services.common.server import Service
-from services.generator import weights_dtype
+from services.generator import fused_attention, weights_dtype
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.http_face import GeneratorHttpFace
 from services.generator.servicer import GeneratorServicer
@@ -115,6 +115,14 @@ def parse_args(argv=None):
         help="before reporting SERVING, run a generation, a Memorize and LOCAL/REMOTE requests so that the first "
         "requests do not pay MLX's first-use kernel compiles (auto: on when MLX computes on a GPU)",
     )
+    p.flag(
+        "--fused-attention",
+        env="GENERATOR_FUSED_ATTENTION",
+        default=EngineConfig.fused_attention,
+        choices=fused_attention.MODES,
+        help="LOCAL retrieval and extended attention in two fused kernels per layer (auto: on MLX's CUDA "
+        "backend; off: the portable path everywhere)",
+    )
     args = p.parse_args(argv)
     if not args.model:
         p.error("--model (or GENERATOR_MODEL) is required")
@@ -140,6 +148,7 @@ class GeneratorApp:
                 max_queue=args.max_queue,
                 memory_timeout=args.memory_timeout,
                 dtype=args.dtype,
+                fused_attention=args.fused_attention,
             )
         )
         servicer = GeneratorServicer(self.engine, max_response_bytes=int(args.max_response_mb * (1 << 20)))

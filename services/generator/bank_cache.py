@@ -97,6 +97,11 @@ class LocalRetriever:
             mx.eval(self.keys, self.values, self.inv_norms)
         self.rows = sum(b.rows for b in banks)
 
+    def layer_bank(self, layer: int) -> tuple[mx.array, mx.array, mx.array]:
+        """One layer's (keys [KVH, d, N], inverse key norms [KVH, N] float32, values [KVH, N, d])
+        for the fused kernels (services/generator/fused_attention.py)."""
+        return self.keys[layer], self.inv_norms[layer], self.values[layer]
+
     def retrieve(self, layer: int, queries: mx.array, top_k: int, threshold: float | None) -> Retrieved:
         return local_top_k(self.keys[layer], self.inv_norms[layer], self.values[layer], queries, top_k, threshold)
 

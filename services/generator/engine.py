@@ -53,6 +53,7 @@ class EngineConfig:
     max_queue: int = 256
     memory_timeout: float = 30.0
     dtype: str = "auto"  # weights_dtype.CHOICES: "auto" widens half precision on the CPU
+    fused_attention: str = "auto"  # fused_attention.MODES: "auto" = fused LOCAL kernels on CUDA
 
 
 _NO_MEMORY_SERVICE = "this generator has no memory service configured (--memory-url)"
@@ -152,7 +153,7 @@ class GeneratorEngine:
             raise errors.InvalidArgument(f"generator model {self.config.model!r}: {exc}") from None
         if target is not None:
             weights_dtype.cast(self.model, target)
-        self.state = install(self.model, cfg)
+        self.state = install(self.model, cfg, fused=self.config.fused_attention)
         # Shapes come from the config, never from weight shapes: a quantized weight is packed
         # (a 4-bit o_proj of a 128-wide model is [128, 16] uint32).
         shape = self.state.shape

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import mlx.core as mx
 import mlx.nn as nn
 
-from services.generator import attention_parts
+from services.generator import attention_parts, fused_attention
 from services.generator.request_types import DEFAULT_MEMORY_TOP_K
 
 _NEG = -1e30  # finite "masked" for local logits: exp() gives exactly 0 next to any real logit
@@ -84,6 +84,9 @@ class ExtendedMindState:
     # attention takes the fused decode kernel (an array mask sends MLX CUDA to its unfused
     # fallback). The dict holds the caches themselves so that no id is reused while it is set.
     unpadded_caches: dict = field(default_factory=dict)
+    # LOCAL retrieval and attention in two fused kernels (services/generator/fused_attention.py):
+    # set at install from ``fused_attention.enabled()`` (on the CUDA backend, unless turned off).
+    fused: bool = False
 
 
 def local_top_k(
@@ -225,6 +228,10 @@ class ExtendedMindAttention(nn.Module):
         kvh, rep = self.n_kv_heads, self.n_heads // self.n_kv_heads
         d = q.shape[-1]
         S = k.shape[2]
+        if self._state.fused:
+            fused_out = self._fused(q, k, v, mask, ctx, x.dtype)
+            if fused_out is not None:
+                return a.o_proj(fused_out)
         qf = q.astype(mx.float32).reshape(B, kvh, rep, L, d)
 
         mem = ctx.retriever.retrieve(self.layer, qf, ctx.top_k, ctx.threshold)
@@ -249,6 +256,32 @@ class ExtendedMindAttention(nn.Module):
         out = out.reshape(B, self.n_heads, L, d).transpose(0, 2, 1, 3).reshape(B, L, -1)
         return a.o_proj(out.astype(x.dtype))
 
+    def _fused(self, q, k, v, mask, ctx: MemoryContext, dtype):
+        """The layer's attention output [B, L, H * d] from the fused kernels, or None when this
+        call is not one they take (REMOTE retrieval, a quantized KV cache, an additive mask, a
+        head size or top-k past their limits, a context longer than a block's shared memory)."""
+        bank = getattr(ctx.retriever, "layer_bank", None)
+        B, H, L, d = q.shape
+        if bank is None or not isinstance(k, mx.array) or d > fused_attention.MAX_HEAD_DIM:
+            return None
+        if ctx.top_k > fused_attention.MAX_TOP_K:
+            return None
+        S = k.shape[2]
+        keys_t, inv_norms, values = bank(self.layer)
+        kk = min(ctx.top_k, keys_t.shape[2])
+        if kk + S > fused_attention.max_local_positions():
+            return None
+        mask = fused_attention.mask_mode(mask, B, L, S)
+        if mask is None:
+            return None
+        rows, dots = fused_attention.top_k_rows(q, keys_t, inv_norms, ctx.top_k, ctx.threshold)
+        if ctx.record is not None:
+            ctx.record.append((self.layer, rows))
+        out, mass = fused_attention.attend(q, k, v, mask, rows, dots, values, self.scale, dtype)
+        if ctx.mass is not None:
+            ctx.mass.append((self.layer, mx.sum(mass, axis=1)))
+        return out
+
 
 def _apply_mask(logits: mx.array, mask: Any, L: int, S: int) -> mx.array:
     """Applies an mlx-lm attention mask (None, "causal", bool or additive array) to
@@ -266,15 +299,16 @@ def _apply_mask(logits: mx.array, mask: Any, L: int, S: int) -> mx.array:
     return logits + mask.astype(logits.dtype)
 
 
-def install(model: nn.Module, config: dict | None = None) -> ExtendedMindState:
+def install(model: nn.Module, config: dict | None = None, fused: str = "auto") -> ExtendedMindState:
     """Wraps every attention module of ``model`` (once); returns the shared state. ``config``: the
-    model's config.json (default: the model's own ``args``). Raises attention_parts.UnsupportedModel
-    (a ValueError naming what is missing) when extended mind cannot drive this model."""
+    model's config.json (default: the model's own ``args``); ``fused``: ``fused_attention.MODES``.
+    Raises attention_parts.UnsupportedModel (a ValueError naming what is missing) when extended
+    mind cannot drive this model."""
     existing = getattr(model, "_extended_mind_state", None)
     if existing is not None:
         return existing
     shape = attention_parts.resolve(model, config)
-    state = ExtendedMindState(num_layers=shape.num_layers, shape=shape)
+    state = ExtendedMindState(num_layers=shape.num_layers, shape=shape, fused=fused_attention.enabled(fused))
     for i, layer in enumerate(model.layers):
         state.modules.append(ExtendedMindAttention(layer.self_attn, i, state, shape.num_heads, shape.num_kv_heads))
     attention_parts.probe(state.modules, shape, attention_parts.compute_dtype(model))

@@ -1,0 +1,569 @@
+"""Extended mind attention of one layer in two fused kernels, on MLX's CUDA backend.
+
+The portable path (``ExtendedMindAttention._with_memories`` over ``local_top_k``) runs about twenty
+small kernels per layer: the cosine matmul, norms, a two-stage partition, gathers, the local
+logits, the mask, a concatenation, the softmax and two weighted sums. On a fast GPU each costs
+more in launch and latency than in arithmetic, so LOCAL decode spent most of its step waiting on
+them (docs/architecture.md, "Fused extended attention"). Here the same computation is two kernels:
+
+- ``top_k_rows``: per query head and token, the exact cosine top-k over the bank's rows (each
+  thread scans a stripe of rows and keeps its own sorted top-k; the block merges them), the raw
+  dot products of the winners and the threshold;
+- ``attend``: per query head and token, one softmax over [memory logits | local logits] (causal,
+  array-masked or unmasked) and the weighted sum of the memory values (read from the bank by row)
+  and the local values (read from the KV cache in place, strides and all), written straight in the
+  [B, L, H * d] layout ``o_proj`` takes, plus the attention mass on the memories.
+
+Both compute in float32 from inputs in their own dtypes, as the portable path does, and are
+checked against it and against the numpy reference (tests/generator/test_fused_attention.py and
+every extended-attention test when run on CUDA). Metal has no port yet: there the portable path
+runs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import mlx.core as mx
+
+MODES = ("auto", "off")
+MAX_TOP_K = 32
+MAX_HEAD_DIM = 256
+_TOPK_THREADS = 128
+_ROWS_PER_THREAD = 4  # bank rows each scan thread takes at least, when a row's scan is split
+_FILL_BLOCKS = 512  # scan blocks that keep an H100/H200 (132 SMs) busy
+_MATMUL_ROWS = 2048  # query rows (B * H * L) from which the cosines come from one matmul
+_ATTEND_THREADS = 256
+_NO_MASK, _CAUSAL, _ARRAY_MASK = 0, 1, 2
+
+_HEADER = """
+#define EM_NEG_INF __int_as_float(0xff800000)
+
+template <int T>
+__device__ float em_block_sum(float v, float* red) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float r = 0.f;
+  for (int i = 0; i < T / 32; ++i) r += red[i];
+  return r;
+}
+
+template <int T>
+__device__ float em_block_max(float v, float* red) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float r = EM_NEG_INF;
+  for (int i = 0; i < T / 32; ++i) r = fmaxf(r, red[i]);
+  return r;
+}
+"""
+
+# The top-k: a scan kernel, one block per (query row, chunk of the bank's rows): each thread keeps
+# the sorted top-k of its stripe in registers, the block merges its threads' lists. With one chunk
+# it writes the result; with several (a short batch over a long bank: more blocks than query
+# rows keep the GPU busy) each chunk writes its candidates and a merge kernel, one block per
+# query row, takes the top-k of them.
+_TOPK_HEADER = r"""
+template <int K>
+__device__ __forceinline__ void em_insert(float (&s)[K], int (&ix)[K], float v, int n) {
+  // s sorted descending; ties keep the earlier entry.
+  if (v > s[K - 1]) {
+#pragma unroll
+    for (int j = K - 1; j > 0; --j) {
+      if (v > s[j - 1]) { s[j] = s[j - 1]; ix[j] = ix[j - 1]; }
+      else if (v > s[j]) { s[j] = v; ix[j] = n; }
+    }
+    if (v > s[0]) { s[0] = v; ix[0] = n; }
+  }
+}
+
+// The block's top-k of its threads' sorted lists, into win_s / win_i (shared), in K rounds of a
+// block-wide argmax (ties: the lower thread). Every thread must call it.
+template <int T, int K>
+__device__ __forceinline__ void em_block_top_k(
+    const float (&s)[K], const int (&ix)[K], float* sh_s, int* sh_i, float* win_s, int* win_i,
+    float* wv, int* wt) {
+  const int tid = threadIdx.x;
+#pragma unroll
+  for (int j = 0; j < K; ++j) { sh_s[tid * K + j] = s[j]; sh_i[tid * K + j] = ix[j]; }
+  __syncthreads();
+  int ptr = 0;
+  for (int r = 0; r < K; ++r) {
+    float v = ptr < K ? sh_s[tid * K + ptr] : EM_NEG_INF;
+    int who = tid;
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffff, v, o);
+      const int ow = __shfl_xor_sync(0xffffffff, who, o);
+      if (ov > v || (ov == v && ow < who)) { v = ov; who = ow; }
+    }
+    if ((tid & 31) == 0) { wv[tid >> 5] = v; wt[tid >> 5] = who; }
+    __syncthreads();
+    float bv = wv[0];
+    int bw = wt[0];
+    for (int i = 1; i < T / 32; ++i) {
+      if (wv[i] > bv || (wv[i] == bv && wt[i] < bw)) { bv = wv[i]; bw = wt[i]; }
+    }
+    if (tid == bw) {
+      win_s[r] = ptr < K ? sh_s[tid * K + ptr] : EM_NEG_INF;
+      win_i[r] = ptr < K ? sh_i[tid * K + ptr] : -1;
+      ++ptr;
+    }
+    __syncthreads();
+  }
+}
+
+template <int D, typename Tk>
+__device__ __forceinline__ float em_dot_t(const float* qs, const Tk* kg, int N, int n) {
+  // Fully unrolled: the D loads of a row are all in flight at once (a rolled loop waits on each).
+  float dot = 0.f;
+#pragma unroll
+  for (int e = 0; e < D; ++e) dot += qs[e] * static_cast<float>(kg[(size_t)e * N + n]);
+  return dot;
+}
+"""
+
+# inputs: q [B, H, L, D] (contiguous), keys_t [KVH, D, N], inv_norms [KVH, N] float32, threshold
+# [1] float32, chunks [1] int32 (C). outputs, C == 1: rows [B, H, L, K] int32 (-1 where the
+# cosine is not above the threshold) and dots [B, H, L, K] float32 (raw q . k); C > 1: the
+# candidates' cosines [B * H * L, C, K] float32 and rows [B * H * L, C, K] int32.
+_TOPK_SCAN_SOURCE = """
+  const int H = q_shape[1];
+  const int L = q_shape[2];
+  const int KVH = keys_t_shape[0];
+  const int N = keys_t_shape[2];
+  const int C = chunks[0];
+  const int row = blockIdx.x / C;
+  const int c = blockIdx.x % C;
+  const int tid = threadIdx.x;
+  const int h = (row / L) % H;
+  const int g = h / (H / KVH);
+  const int per = (N + C - 1) / C;
+  const int lo = c * per;
+  const int hi = min(N, lo + per);
+
+  __shared__ float qs[D];
+  __shared__ float red[32];
+  __shared__ float sh_s[T * K];
+  __shared__ int sh_i[T * K];
+  __shared__ float win_s[K];
+  __shared__ int win_i[K];
+  __shared__ float wv[T / 32];
+  __shared__ int wt[T / 32];
+
+  for (int e = tid; e < D; e += T) qs[e] = static_cast<float>(q[(size_t)row * D + e]);
+  __syncthreads();
+  float part = 0.f;
+  for (int e = tid; e < D; e += T) part += qs[e] * qs[e];
+  const float q_inv = rsqrtf(fmaxf(em_block_sum<T>(part, red), 1e-24f));
+
+  float s[K];
+  int ix[K];
+#pragma unroll
+  for (int j = 0; j < K; ++j) { s[j] = EM_NEG_INF; ix[j] = -1; }
+  const Tk* kg = keys_t + (size_t)g * D * N;
+  const float* ng = inv_norms + (size_t)g * N;
+  for (int n = lo + tid; n < hi; n += T) em_insert<K>(s, ix, em_dot_t<D, Tk>(qs, kg, N, n) * q_inv * ng[n], n);
+  em_block_top_k<T, K>(s, ix, sh_s, sh_i, win_s, win_i, wv, wt);
+
+"""
+_TOPK_SCAN_FINAL = """
+  if (tid < K) {
+    const int n = win_i[tid];
+    const bool ok = n >= 0 && (!HAS_THRESHOLD || win_s[tid] > threshold[0]);
+    rows[(size_t)row * K + tid] = ok ? n : -1;
+    dots[(size_t)row * K + tid] = n >= 0 ? em_dot_t<D, Tk>(qs, kg, N, n) : 0.f;
+  }
+"""
+_TOPK_SCAN_CHUNK = """
+  if (tid < K) {
+    cand_s[((size_t)row * C + c) * K + tid] = win_s[tid];
+    cand_i[((size_t)row * C + c) * K + tid] = win_i[tid];
+  }
+"""
+
+# A long batch (prefill): the raw dots come from one matmul ([KVH, M, d] x [KVH, d, N], float32,
+# M = B * rep * L in (b, r, l) order as in ``extended_attention._top_k``), and this kernel, one
+# block per (b, h, l), ranks its row of them. inputs: q [B, H, L, D] (for its norm), dots
+# [KVH, M, N] float32, inv_norms [KVH, N], threshold [1]. outputs: rows, dots_out [B, H, L, K].
+_TOPK_DOTS_SOURCE = """
+  const int B = q_shape[0];
+  const int H = q_shape[1];
+  const int L = q_shape[2];
+  const int KVH = dots_shape[0];
+  const int M = dots_shape[1];
+  const int N = dots_shape[2];
+  const int rep = H / KVH;
+  const int row = blockIdx.x;
+  const int tid = threadIdx.x;
+  const int b = row / (H * L);
+  const int h = (row / L) % H;
+  const int l = row % L;
+  const int g = h / rep;
+  const int m = (b * rep + h % rep) * L + l;
+
+  __shared__ float red[32];
+  __shared__ float sh_s[T * K];
+  __shared__ int sh_i[T * K];
+  __shared__ float win_s[K];
+  __shared__ int win_i[K];
+  __shared__ float wv[T / 32];
+  __shared__ int wt[T / 32];
+
+  float part = 0.f;
+  for (int e = tid; e < D; e += T) {
+    const float x = static_cast<float>(q[(size_t)row * D + e]);
+    part += x * x;
+  }
+  const float q_inv = rsqrtf(fmaxf(em_block_sum<T>(part, red), 1e-24f));
+  float s[K];
+  int ix[K];
+#pragma unroll
+  for (int j = 0; j < K; ++j) { s[j] = EM_NEG_INF; ix[j] = -1; }
+  const float* dr = dots + ((size_t)g * M + m) * N;
+  const float* ng = inv_norms + (size_t)g * N;
+#pragma unroll 4
+  for (int n = tid; n < N; n += T) em_insert<K>(s, ix, dr[n] * q_inv * ng[n], n);
+  em_block_top_k<T, K>(s, ix, sh_s, sh_i, win_s, win_i, wv, wt);
+  if (tid < K) {
+    const int n = win_i[tid];
+    const bool ok = n >= 0 && (!HAS_THRESHOLD || win_s[tid] > threshold[0]);
+    rows[(size_t)row * K + tid] = ok ? n : -1;
+    dots_out[(size_t)row * K + tid] = n >= 0 ? dr[n] : 0.f;
+  }
+"""
+
+# inputs: q, keys_t, threshold as above; cand_s / cand_i [B * H * L, C, K] from the scan. outputs:
+# rows, dots [B, H, L, K] as the one-chunk scan writes them.
+_TOPK_MERGE_SOURCE = """
+  const int H = q_shape[1];
+  const int L = q_shape[2];
+  const int KVH = keys_t_shape[0];
+  const int N = keys_t_shape[2];
+  const int CK = cand_s_shape[1] * K;
+  const int row = blockIdx.x;
+  const int tid = threadIdx.x;
+  const int h = (row / L) % H;
+  const int g = h / (H / KVH);
+
+  __shared__ float qs[D];
+  __shared__ float sh_s[T * K];
+  __shared__ int sh_i[T * K];
+  __shared__ float win_s[K];
+  __shared__ int win_i[K];
+  __shared__ float wv[T / 32];
+  __shared__ int wt[T / 32];
+
+  for (int e = tid; e < D; e += T) qs[e] = static_cast<float>(q[(size_t)row * D + e]);
+  float s[K];
+  int ix[K];
+#pragma unroll
+  for (int j = 0; j < K; ++j) { s[j] = EM_NEG_INF; ix[j] = -1; }
+  for (int j = tid; j < CK; j += T) {
+    const int n = cand_i[(size_t)row * CK + j];
+    if (n >= 0) em_insert<K>(s, ix, cand_s[(size_t)row * CK + j], n);
+  }
+  em_block_top_k<T, K>(s, ix, sh_s, sh_i, win_s, win_i, wv, wt);
+  if (tid < K) {
+    const Tk* kg = keys_t + (size_t)g * D * N;
+    const int n = win_i[tid];
+    const bool ok = n >= 0 && (!HAS_THRESHOLD || win_s[tid] > threshold[0]);
+    rows[(size_t)row * K + tid] = ok ? n : -1;
+    dots[(size_t)row * K + tid] = n >= 0 ? em_dot_t<D, Tk>(qs, kg, N, n) : 0.f;
+  }
+"""
+
+# One block per (b, h, l) query row; dynamic shared memory holds its K + S logits. inputs: q
+# [B, H, L, D] (contiguous), k / v [B, KVH, S, D] (any strides: the KV cache in place), mask
+# [B, L, S] bool (MASK == 2; else unused), mem_rows / mem_dots [B, H, L, K], bank_values [KVH, N, D]
+# (contiguous), scale [1] float32. outputs: out [B, L, H * D], mass [B, H, L] float32.
+_ATTEND_SOURCE = """
+  extern __shared__ float lg[];
+  const int H = q_shape[1];
+  const int L = q_shape[2];
+  const int KVH = k_shape[1];
+  const int S = k_shape[2];
+  const int N = bank_values_shape[1];
+  const int row = blockIdx.x;
+  const int tid = threadIdx.x;
+  const int b = row / (H * L);
+  const int h = (row / L) % H;
+  const int l = row % L;
+  const int g = h / (H / KVH);
+  const int total = K + S;
+  const float sc = scale[0];
+
+  __shared__ float qs[D];
+  __shared__ float red[32];
+  __shared__ float part[(T / 32) * D];
+
+  for (int e = tid; e < D; e += T) qs[e] = static_cast<float>(q[(size_t)row * D + e]);
+  __syncthreads();
+
+  // Logits: the memories first (-inf where masked by the threshold), then the local positions
+  // (-1e30 where masked, as the portable path: exp() gives exactly 0 next to any real logit).
+  const size_t kb = (size_t)b * k_strides[0] + (size_t)g * k_strides[1];
+  float mx_local = EM_NEG_INF;
+  for (int j = tid; j < total; j += T) {
+    float x;
+    if (j < K) {
+      x = mem_rows[(size_t)row * K + j] >= 0 ? mem_dots[(size_t)row * K + j] * sc : EM_NEG_INF;
+    } else {
+      const int pos = j - K;
+      bool ok = true;
+      if (MASK == 1) ok = pos <= S - L + l;
+      if (MASK == 2) ok = mask[((size_t)b * L + l) * S + pos];
+      if (ok) {
+        const Tkv* kr = k + kb + (size_t)pos * k_strides[2];
+        float dot = 0.f;
+#pragma unroll
+        for (int e = 0; e < D; ++e) dot += qs[e] * static_cast<float>(kr[(size_t)e * k_strides[3]]);
+        x = dot * sc;
+      } else {
+        x = -1e30f;
+      }
+    }
+    lg[j] = x;
+    mx_local = fmaxf(mx_local, x);
+  }
+  const float m = em_block_max<T>(mx_local, red);
+  float sum_local = 0.f;
+  float mem_local = 0.f;
+  for (int j = tid; j < total; j += T) {
+    const float p = expf(lg[j] - m);
+    lg[j] = p;
+    sum_local += p;
+    if (j < K) mem_local += p;
+  }
+  const float denom = em_block_sum<T>(sum_local, red);
+  const float mem_sum = em_block_sum<T>(mem_local, red);
+
+  // Weighted sum: warp w takes every W-th row (memories, then local positions), lane i the
+  // columns i, i + 32, ... (coalesced); the rows' loads are unrolled so several are in flight.
+  constexpr int W = T / 32;
+  constexpr int E = (D + 31) / 32;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  float acc[E];
+#pragma unroll
+  for (int i = 0; i < E; ++i) acc[i] = 0.f;
+  for (int j = warp; j < K; j += W) {
+    const float p = lg[j];
+    const int r = max(mem_rows[(size_t)row * K + j], 0);  // a masked row has p == 0
+    const Tv* vr = bank_values + ((size_t)g * N + r) * D;
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      const int e = lane + 32 * i;
+      if (e < D) acc[i] += p * static_cast<float>(vr[e]);
+    }
+  }
+  const size_t vb = (size_t)b * v_strides[0] + (size_t)g * v_strides[1];
+#pragma unroll 4
+  for (int j = K + warp; j < total; j += W) {
+    const float p = lg[j];
+    const Tkv* vr = v + vb + (size_t)(j - K) * v_strides[2];
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      const int e = lane + 32 * i;
+      if (e < D) acc[i] += p * static_cast<float>(vr[(size_t)e * v_strides[3]]);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < E; ++i) {
+    const int e = lane + 32 * i;
+    if (e < D) part[warp * D + e] = acc[i];
+  }
+  __syncthreads();
+  if (tid < D) {
+    float o = 0.f;
+    for (int i = 0; i < W; ++i) o += part[i * D + tid];
+    out[(((size_t)b * L + l) * H + h) * D + tid] = static_cast<To>(o / denom);
+  }
+  if (tid == 0) mass[row] = mem_sum / denom;
+"""
+
+
+@functools.cache
+def _topk_scan_kernel(final: bool):
+    outputs = ["rows", "dots"] if final else ["cand_s", "cand_i"]
+    return mx.fast.cuda_kernel(
+        name="extmind_topk_scan" if final else "extmind_topk_chunks",
+        input_names=["q", "keys_t", "inv_norms", "threshold", "chunks"],
+        output_names=outputs,
+        source=_TOPK_SCAN_SOURCE + (_TOPK_SCAN_FINAL if final else _TOPK_SCAN_CHUNK),
+        header=_HEADER + _TOPK_HEADER,
+    )
+
+
+@functools.cache
+def _topk_merge_kernel():
+    return mx.fast.cuda_kernel(
+        name="extmind_topk_merge",
+        input_names=["q", "keys_t", "threshold", "cand_s", "cand_i"],
+        output_names=["rows", "dots"],
+        source=_TOPK_MERGE_SOURCE,
+        header=_HEADER + _TOPK_HEADER,
+    )
+
+
+@functools.cache
+def _topk_dots_kernel():
+    return mx.fast.cuda_kernel(
+        name="extmind_topk_dots",
+        input_names=["q", "dots", "inv_norms", "threshold"],
+        output_names=["rows", "dots_out"],
+        source=_TOPK_DOTS_SOURCE,
+        header=_HEADER + _TOPK_HEADER,
+    )
+
+
+@functools.cache
+def _scalar(value: float | int, dtype) -> mx.array:
+    """A one-element constant input (scale, threshold, chunk count), made once per value: a new
+    array per call would be a host-to-device copy per layer and step."""
+    a = mx.array([value], dtype)
+    mx.eval(a)
+    return a
+
+
+@functools.cache
+def _attend_kernel(shared_floats: int):
+    return mx.fast.cuda_kernel(
+        name="extmind_attend",
+        input_names=["q", "k", "v", "mask", "mem_rows", "mem_dots", "bank_values", "scale"],
+        output_names=["out", "mass"],
+        source=_ATTEND_SOURCE,
+        header=_HEADER,
+        ensure_row_contiguous=False,
+        shared_memory=4 * shared_floats,
+    )
+
+
+def enabled(mode: str = "auto") -> bool:
+    """``--fused-attention``: "auto" = on when MLX computes on its CUDA backend, "off" = never."""
+    if mode == "off":
+        return False
+    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+
+
+def mask_mode(mask, B: int, L: int, S: int):
+    """The kernel's mask mode and array for an mlx-lm attention mask, or None when the kernel
+    cannot take it (an additive float mask): (mode, bool array [B, L, S] or a placeholder)."""
+    if mask is None:
+        return _NO_MASK, _scalar(False, mx.bool_)
+    if isinstance(mask, str):
+        return (_CAUSAL, _scalar(False, mx.bool_)) if mask == "causal" else None
+    if mask.dtype != mx.bool_:
+        return None
+    if mask.ndim == 4:
+        if mask.shape[1] != 1:
+            return None
+        mask = mask[:, 0]
+    return _ARRAY_MASK, mx.contiguous(mx.broadcast_to(mask, (B, L, S)))
+
+
+def _shared_bucket(floats: int) -> int:
+    """Dynamic shared memory is fixed per kernel object: round up to a power of two (>= 1 024)."""
+    return max(1024, 1 << (floats - 1).bit_length())
+
+
+def max_local_positions() -> int:
+    """Most K + S logits one block holds in shared memory (48 KiB without opting in; H100/H200
+    allow 227 KiB per block): longer contexts take the portable path."""
+    return 32768
+
+
+def chunks_for(rows: int, n: int) -> int:
+    """How many blocks share one query row's scan of an ``n``-row bank: enough blocks to fill the
+    GPU (a decode step has only B * H query rows), at least ``_ROWS_PER_THREAD`` rows per thread."""
+    if rows >= _FILL_BLOCKS:
+        return 1
+    most = max(1, n // (_TOPK_THREADS * _ROWS_PER_THREAD))
+    return max(1, min(most, -(-_FILL_BLOCKS // rows)))
+
+
+def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, top_k: int, threshold: float | None):
+    """Exact cosine top-k of every query head and token over one layer's bank.
+
+    q [B, H, L, d] (rotated queries, any float dtype); keys_t [KVH, d, N] and inv_norms [KVH, N]
+    float32 as ``bank_cache.Bank`` holds them. Returns (rows [B, H, L, k] int32, -1 where the
+    cosine is not above ``threshold``; dots [B, H, L, k] float32, the raw q . k), k = min(top_k, N),
+    rows in descending cosine. Ties at the k-th place may pick either row."""
+    B, H, L, d = q.shape
+    n = keys_t.shape[2]
+    k = min(top_k, n)
+    q = mx.contiguous(q)
+    thr = _scalar(float(threshold if threshold is not None else 0.0), mx.float32)
+    rows = B * H * L
+    has_threshold = ("HAS_THRESHOLD", threshold is not None)
+    if rows >= _MATMUL_ROWS:
+        # Many query rows (prefill): each scan block would read the whole bank once per row;
+        # one matmul reads it once, as the portable path's, so the ranking is the same.
+        kvh = keys_t.shape[0]
+        rep = H // kvh
+        qm = q.astype(mx.float32).reshape(B, kvh, rep, L, d).transpose(1, 0, 2, 3, 4).reshape(kvh, -1, d)
+        dots = qm @ keys_t.astype(mx.float32)
+        out = _topk_dots_kernel()(
+            inputs=[q, dots, inv_norms, thr],
+            template=[("D", d), ("K", k), ("T", _TOPK_THREADS), has_threshold],
+            grid=(rows * _TOPK_THREADS, 1, 1),
+            threadgroup=(_TOPK_THREADS, 1, 1),
+            output_shapes=[(B, H, L, k), (B, H, L, k)],
+            output_dtypes=[mx.int32, mx.float32],
+        )
+        return out[0], out[1]
+    c = chunks_for(rows, n)
+    template = [("Tk", keys_t.dtype), ("D", d), ("K", k)]
+    scan = _topk_scan_kernel(c == 1)(
+        inputs=[q, keys_t, inv_norms, thr, _scalar(c, mx.int32)],
+        template=[*template, ("T", _TOPK_THREADS), has_threshold],
+        grid=(rows * c * _TOPK_THREADS, 1, 1),
+        threadgroup=(_TOPK_THREADS, 1, 1),
+        output_shapes=[(B, H, L, k), (B, H, L, k)] if c == 1 else [(rows, c, k), (rows, c, k)],
+        output_dtypes=[mx.int32, mx.float32] if c == 1 else [mx.float32, mx.int32],
+    )
+    if c == 1:
+        return scan[0], scan[1]
+    rows_out, dots = _topk_merge_kernel()(
+        inputs=[q, keys_t, thr, scan[0], scan[1]],
+        template=[*template, ("T", 32), has_threshold],
+        grid=(rows * 32, 1, 1),
+        threadgroup=(32, 1, 1),
+        output_shapes=[(B, H, L, k), (B, H, L, k)],
+        output_dtypes=[mx.int32, mx.float32],
+    )
+    return rows_out, dots
+
+
+def attend(q, k, v, mask, mem_rows, mem_dots, bank_values, scale: float, out_dtype):
+    """One softmax over [memories | local context] for every query head and token.
+
+    q [B, H, L, d] rotated queries; k, v [B, KVH, S, d] the local keys (rotated) and values, any
+    strides; ``mask`` as ``mask_mode`` returns it; mem_rows / mem_dots [B, H, L, k] from
+    ``top_k_rows``; bank_values [KVH, N, d] the bank's values. Returns (out [B, L, H * d] in
+    ``out_dtype``, mass [B, H, L] float32: each head's attention weight on its memories)."""
+    B, H, L, d = q.shape
+    S = k.shape[2]
+    kk = mem_rows.shape[-1]
+    mode, mask_arr = mask
+    floats = _shared_bucket(kk + S)
+    out, mass = _attend_kernel(floats)(
+        inputs=[mx.contiguous(q), k, v, mask_arr, mem_rows, mem_dots, bank_values, _scalar(float(scale), mx.float32)],
+        template=[
+            ("Tkv", k.dtype),
+            ("Tv", bank_values.dtype),
+            ("To", out_dtype),
+            ("D", d),
+            ("K", kk),
+            ("T", _ATTEND_THREADS),
+            ("MASK", mode),
+        ],
+        grid=(B * H * L * _ATTEND_THREADS, 1, 1),
+        threadgroup=(_ATTEND_THREADS, 1, 1),
+        output_shapes=[(B, L, H * d), (B, H, L)],
+        output_dtypes=[out_dtype, mx.float32],
+    )
+    return out, mass

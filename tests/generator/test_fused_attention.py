@@ -1,0 +1,229 @@
+"""The fused CUDA kernels of extended attention (services/generator/fused_attention.py) against an
+exact float64 numpy top-k and against the portable MLX path on the same layer.
+
+The kernels exist on MLX's CUDA backend only: their tests run there (tests/generator on the GPU
+machine, docs/platform.md); on other backends the one test below checks that the portable path is
+the one installed. Every other extended-attention test (test_attention.py against the numpy
+reference, citations, memories) also runs through the kernels on CUDA, since ``install`` turns
+them on there.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import KVCache
+from mlx_lm.utils import load
+
+from extmind.tiny_models import build_llama
+from services.generator import fused_attention
+from services.generator.bank_cache import LocalRetriever, bank_from_numpy
+from services.generator.extended_attention import MemoryContext, install
+
+CUDA = fused_attention.enabled("auto")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="the fused kernels run on MLX's CUDA backend only")
+SLACK = 1e-5  # cosines this close to the k-th best may be swapped by float32 rounding
+
+
+def test_the_portable_path_is_installed_off_cuda(tmp_path):
+    build_llama(tmp_path, seed=3)
+    model, _ = load(str(tmp_path))
+    assert install(model).fused is CUDA
+    assert fused_attention.enabled("off") is False
+
+
+def _np_cosines(q, keys):
+    """q [B, H, L, d], keys [KVH, N, d] -> cosines [B, H, L, N] and raw dots (float64)."""
+    H, kvh = q.shape[1], keys.shape[0]
+    kg = np.repeat(keys, H // kvh, axis=0)  # [H, N, d]
+    dots = np.einsum("bhld,hnd->bhln", q, kg)
+    qn = np.sqrt(np.maximum((q * q).sum(-1, keepdims=True), 1e-24))
+    kn = np.sqrt(np.maximum((kg * kg).sum(-1), 1e-24))[None, :, None, :]
+    return dots / qn / kn, dots
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+@pytest.mark.parametrize(
+    "n,top_k,d,threshold,L",
+    [
+        (5, 10, 16, None, 3),  # top_k > rows
+        (25, 3, 16, None, 3),
+        (1000, 10, 64, None, 3),
+        (5000, 32, 80, None, 3),  # each query row's scan split over chunks, then merged
+        (700, 8, 64, 0.1, 3),
+        (3000, 8, 64, 0.1, 3),  # chunks and a threshold
+        (1000, 10, 64, 0.1, 130),  # a prefill-sized batch: the cosines from one matmul
+    ],
+)
+def test_top_k_rows_is_the_exact_cosine_top_k(dtype, n, top_k, d, threshold, L):
+    rng = np.random.default_rng(n + d)
+    B, H, KVH = 2, 8, 2
+    keys = rng.standard_normal((KVH, n, d)).astype(np.float32)
+    q = rng.standard_normal((B, H, L, d)).astype(np.float32)
+    keys_mx = mx.array(keys).astype(dtype)
+    keys = np.array(keys_mx.astype(mx.float32)).astype(np.float64)  # what the kernel sees
+    inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx.astype(mx.float32) ** 2, axis=-1), 1e-24))
+    rows, dots = fused_attention.top_k_rows(mx.array(q), mx.contiguous(keys_mx.swapaxes(-1, -2)), inv, top_k, threshold)
+    rows, dots = np.array(rows), np.array(dots)
+    k = min(top_k, n)
+    assert (fused_attention.chunks_for(B * H * L, n) > 1) == (n >= 3000)  # both kernels' paths run
+    assert rows.shape == dots.shape == (B, H, L, k) and rows.dtype == np.int32
+    cos, raw = _np_cosines(q.astype(np.float64), keys)
+    kth = -np.sort(-cos, axis=-1)[..., k - 1]
+    checked = 0
+    for idx in np.ndindex(B, H, L):
+        got = rows[idx]
+        if threshold is None:
+            picked = got
+            assert (picked >= 0).all()
+        else:
+            # A row is reported (not -1) exactly when its cosine is above the threshold; rows
+            # within the slack of the threshold may go either way.
+            cand = -np.sort(-cos[idx])[:k]
+            above = cand > threshold + SLACK
+            below = cand <= threshold - SLACK
+            assert (got >= 0).sum() >= above.sum() and (got < 0).sum() >= below.sum()
+            picked = got[got >= 0]
+        assert len(set(picked.tolist())) == len(picked)
+        # Tie-aware: every picked row is within the slack of the k-th best cosine.
+        assert (cos[idx][picked] >= kth[idx] - SLACK).all()
+        sel = got >= 0
+        np.testing.assert_allclose(dots[idx][sel], raw[idx][got[sel]], rtol=1e-4, atol=1e-4)
+        checked += 1
+    assert checked == B * H * L
+
+
+def _layer(path, head_dim=None):
+    build_llama(path, hidden=128, heads=8, kv_heads=2, head_dim=head_dim, seed=5)
+    model, _ = load(str(path))
+    state = install(model)
+    return state, model.layers[1].self_attn
+
+
+def _run(state, attn, x, chunks, fused, mask_fn=None, **ctx):
+    """x [B, T, hidden] through one layer in chunks (an mlx-lm KVCache), fused or portable;
+    returns (outputs [B, T, hidden], the recorded rows per chunk, the attention mass per chunk)."""
+    state.fused = fused
+    record, mass = [], []
+    state.memory = MemoryContext(ctx.pop("retriever"), record=record, mass=mass, **ctx)
+    cache = KVCache()
+    outs, start = [], 0
+    for n in chunks:
+        h = x[:, start : start + n]
+        mask = mask_fn(h, cache) if mask_fn else create_attention_mask(h, cache)
+        outs.append(attn(h, mask, cache))
+        start += n
+    state.memory = None
+    out = mx.concatenate(outs, axis=1)
+    mx.eval(out, [r for _, r in record], [m for _, m in mass])
+    return np.array(out), [np.array(r) for _, r in record], [np.array(m) for _, m in mass]
+
+
+class _Recording(LocalRetriever):
+    """The portable path's retriever, keeping the rotated queries it is asked with."""
+
+    def __init__(self, banks):
+        super().__init__(banks)
+        self.queries = []
+
+    def retrieve(self, layer, queries, top_k, threshold):
+        self.queries.append(np.array(queries))
+        return super().retrieve(layer, queries, top_k, threshold)
+
+
+def _retriever(cfg_kvh, d, n, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    keys = [rng.standard_normal((cfg_kvh, n, d)).astype(np.float32) for _ in range(2)]
+    values = [rng.standard_normal((cfg_kvh, n, d)).astype(np.float32) for _ in range(2)]
+    if dtype != np.float32:
+        keys = [k.astype(dtype) for k in keys]
+        values = [v.astype(dtype) for v in values]
+    return _Recording([bank_from_numpy("m", "1", keys, values)]), keys[1].astype(np.float64)
+
+
+def _has_margin(queries, keys, top_k, threshold, margin=1e-4) -> bool:
+    """No query's k-th best cosine lies within ``margin`` of the next one or of the threshold:
+    the retrieved sets then cannot depend on float32 rounding."""
+    for q in queries:  # [B, KVH, rep, L, d]
+        B, kvh, rep, L, d = q.shape
+        cos, _ = _np_cosines(q.reshape(B, kvh * rep, L, d).astype(np.float64), keys)
+        top = -np.sort(-cos, axis=-1)
+        k = min(top_k, top.shape[-1])
+        if k < top.shape[-1] and (top[..., k - 1] - top[..., k]).min() <= margin:
+            return False
+        if threshold is not None and np.abs(top[..., :k] - threshold).min() <= margin:
+            return False
+    return True
+
+
+def _compare(state, attn, chunks, n, d, bank_dtype, **kw):
+    """Portable vs fused on inputs drawn (seeds in order) so that every top-k has a margin."""
+    for seed in range(1, 30):
+        x = mx.random.normal((2, sum(chunks), 128), key=mx.random.key(seed))
+        retriever, keys = _retriever(2, d, n, bank_dtype)
+        want = _run(state, attn, x, chunks, False, retriever=retriever, **kw)
+        if _has_margin(retriever.queries, keys, kw["top_k"], kw["threshold"]):
+            got = _run(state, attn, x, chunks, True, retriever=_retriever(2, d, n, bank_dtype)[0], **kw)
+            return got, want
+    raise AssertionError("no seed gave inputs with a margin at the top-k boundary")
+
+
+def _same_sets(a, b):
+    """Recorded rows of the two paths hold the same row sets per query head and token (their
+    order within a top-k is free)."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.shape == y.shape
+        np.testing.assert_array_equal(np.sort(x, axis=-1), np.sort(y, axis=-1))
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "chunks,top_k,threshold,n,bank_dtype,head_dim",
+    [
+        ([9], 3, None, 25, np.float32, None),  # prefill, causal
+        ([5, 3, 1, 1, 1], 4, None, 300, np.float32, None),  # chunked prefill, then decode (no mask)
+        ([6, 1, 1], 40, None, 25, np.float32, None),  # top_k > rows: every row
+        ([7, 2, 1], 4, 0.05, 300, np.float32, None),  # threshold
+        ([4, 1, 1], 10, None, 2000, np.float16, None),  # half-precision bank
+        ([4, 1, 1], 5, None, 500, np.float32, 48),  # head size not a multiple of 32
+        ([12, 1], 6, None, 700, np.float16, "matmul"),  # prefill: the cosines from one matmul
+    ],
+)
+def test_fused_layer_matches_the_portable_path(
+    tmp_path, monkeypatch, chunks, top_k, threshold, n, bank_dtype, head_dim
+):
+    if head_dim == "matmul":  # the prefill's 2 x 8 x 12 query rows take the matmul path
+        monkeypatch.setattr(fused_attention, "_MATMUL_ROWS", 100)
+        head_dim = None
+    state, attn = _layer(tmp_path, head_dim)
+    d = head_dim or 16
+    (got, got_rows, got_mass), (want, want_rows, want_mass) = _compare(
+        state, attn, chunks, n, d, bank_dtype, top_k=top_k, threshold=threshold
+    )
+    _same_sets(got_rows, want_rows)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    for g, w in zip(got_mass, want_mass):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+@needs_cuda
+def test_fused_layer_takes_a_boolean_padding_mask(tmp_path):
+    """A left-padded batch (as mlx-lm's BatchKVCache masks it): row 0 has 3 padding positions."""
+    state, attn = _layer(tmp_path)
+
+    def padded(h, cache):
+        L, S = h.shape[1], cache.offset + h.shape[1]
+        causal = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]
+        pad = mx.array([[False] * 3 + [True] * (S - 3), [True] * S])[:, None, None, :]
+        return mx.logical_and(causal[None, None], pad)
+
+    (got, got_rows, _), (want, want_rows, _) = _compare(
+        state, attn, [6, 1, 1], 200, 16, np.float32, top_k=4, threshold=None, mask_fn=padded
+    )
+    _same_sets(got_rows, want_rows)
+    # Padding positions attend to their memories only, on both paths.
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
