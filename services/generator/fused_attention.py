@@ -23,6 +23,7 @@ runs.
 from __future__ import annotations
 
 import functools
+import math
 
 import mlx.core as mx
 
@@ -81,18 +82,18 @@ __device__ __forceinline__ void em_insert(float (&s)[K], int (&ix)[K], float v, 
   }
 }
 
-// The block's top-k of its threads' sorted lists, into win_s / win_i (shared), in K rounds of a
-// block-wide argmax (ties: the lower thread). Every thread must call it.
+// The block's top-k (k <= K) of its threads' sorted lists, into win_s / win_i (shared), in k
+// rounds of a block-wide argmax (ties: the lower thread). Every thread must call it.
 template <int T, int K>
 __device__ __forceinline__ void em_block_top_k(
-    const float (&s)[K], const int (&ix)[K], float* sh_s, int* sh_i, float* win_s, int* win_i,
+    const float (&s)[K], const int (&ix)[K], int k, float* sh_s, int* sh_i, float* win_s, int* win_i,
     float* wv, int* wt) {
   const int tid = threadIdx.x;
 #pragma unroll
   for (int j = 0; j < K; ++j) { sh_s[tid * K + j] = s[j]; sh_i[tid * K + j] = ix[j]; }
   __syncthreads();
   int ptr = 0;
-  for (int r = 0; r < K; ++r) {
+  for (int r = 0; r < k; ++r) {
     float v = ptr < K ? sh_s[tid * K + ptr] : EM_NEG_INF;
     int who = tid;
     for (int o = 16; o > 0; o >>= 1) {
@@ -126,16 +127,20 @@ __device__ __forceinline__ float em_dot_t(const float* qs, const Tk* kg, int N, 
 }
 """
 
+# Template K is the size of the per-thread lists (8, 16 or 32: one compiled kernel serves every
+# top_k up to it, since the top k of a list are the first k of its top K); k <= K comes at run
+# time, as does the threshold (-inf for none).
 # inputs: q [B, H, L, D] (contiguous), keys_t [KVH, D, N], inv_norms [KVH, N] float32, threshold
-# [1] float32, chunks [1] int32 (C). outputs, C == 1: rows [B, H, L, K] int32 (-1 where the
-# cosine is not above the threshold) and dots [B, H, L, K] float32 (raw q . k); C > 1: the
-# candidates' cosines [B * H * L, C, K] float32 and rows [B * H * L, C, K] int32.
+# [1] float32, topk [1] int32 (k), chunks [1] int32 (C). outputs, C == 1: rows [B, H, L, k] int32
+# (-1 where the cosine is not above the threshold) and dots [B, H, L, k] float32 (raw q . k);
+# C > 1: the candidates' cosines [B * H * L, C, k] float32 and rows [B * H * L, C, k] int32.
 _TOPK_SCAN_SOURCE = """
   const int H = q_shape[1];
   const int L = q_shape[2];
   const int KVH = keys_t_shape[0];
   const int N = keys_t_shape[2];
   const int C = chunks[0];
+  const int k = topk[0];
   const int row = blockIdx.x / C;
   const int c = blockIdx.x % C;
   const int tid = threadIdx.x;
@@ -167,28 +172,29 @@ _TOPK_SCAN_SOURCE = """
   const Tk* kg = keys_t + (size_t)g * D * N;
   const float* ng = inv_norms + (size_t)g * N;
   for (int n = lo + tid; n < hi; n += T) em_insert<K>(s, ix, em_dot_t<D, Tk>(qs, kg, N, n) * q_inv * ng[n], n);
-  em_block_top_k<T, K>(s, ix, sh_s, sh_i, win_s, win_i, wv, wt);
+  em_block_top_k<T, K>(s, ix, k, sh_s, sh_i, win_s, win_i, wv, wt);
 
 """
 _TOPK_SCAN_FINAL = """
-  if (tid < K) {
+  if (tid < k) {
     const int n = win_i[tid];
-    const bool ok = n >= 0 && (!HAS_THRESHOLD || win_s[tid] > threshold[0]);
-    rows[(size_t)row * K + tid] = ok ? n : -1;
-    dots[(size_t)row * K + tid] = n >= 0 ? em_dot_t<D, Tk>(qs, kg, N, n) : 0.f;
+    const bool ok = n >= 0 && win_s[tid] > threshold[0];
+    rows[(size_t)row * k + tid] = ok ? n : -1;
+    dots[(size_t)row * k + tid] = n >= 0 ? em_dot_t<D, Tk>(qs, kg, N, n) : 0.f;
   }
 """
 _TOPK_SCAN_CHUNK = """
-  if (tid < K) {
-    cand_s[((size_t)row * C + c) * K + tid] = win_s[tid];
-    cand_i[((size_t)row * C + c) * K + tid] = win_i[tid];
+  if (tid < k) {
+    cand_s[((size_t)row * C + c) * k + tid] = win_s[tid];
+    cand_i[((size_t)row * C + c) * k + tid] = win_i[tid];
   }
 """
 
 # A long batch (prefill): the raw dots come from one matmul ([KVH, M, d] x [KVH, d, N], float32,
 # M = B * rep * L in (b, r, l) order as in ``extended_attention._top_k``), and this kernel, one
 # block per (b, h, l), ranks its row of them. inputs: q [B, H, L, D] (for its norm), dots
-# [KVH, M, N] float32, inv_norms [KVH, N], threshold [1]. outputs: rows, dots_out [B, H, L, K].
+# [KVH, M, N] float32, inv_norms [KVH, N], threshold [1], topk [1]. outputs: rows, dots_out
+# [B, H, L, k].
 _TOPK_DOTS_SOURCE = """
   const int B = q_shape[0];
   const int H = q_shape[1];
@@ -197,6 +203,7 @@ _TOPK_DOTS_SOURCE = """
   const int M = dots_shape[1];
   const int N = dots_shape[2];
   const int rep = H / KVH;
+  const int k = topk[0];
   const int row = blockIdx.x;
   const int tid = threadIdx.x;
   const int b = row / (H * L);
@@ -227,23 +234,24 @@ _TOPK_DOTS_SOURCE = """
   const float* ng = inv_norms + (size_t)g * N;
 #pragma unroll 4
   for (int n = tid; n < N; n += T) em_insert<K>(s, ix, dr[n] * q_inv * ng[n], n);
-  em_block_top_k<T, K>(s, ix, sh_s, sh_i, win_s, win_i, wv, wt);
-  if (tid < K) {
+  em_block_top_k<T, K>(s, ix, k, sh_s, sh_i, win_s, win_i, wv, wt);
+  if (tid < k) {
     const int n = win_i[tid];
-    const bool ok = n >= 0 && (!HAS_THRESHOLD || win_s[tid] > threshold[0]);
-    rows[(size_t)row * K + tid] = ok ? n : -1;
-    dots_out[(size_t)row * K + tid] = n >= 0 ? dr[n] : 0.f;
+    const bool ok = n >= 0 && win_s[tid] > threshold[0];
+    rows[(size_t)row * k + tid] = ok ? n : -1;
+    dots_out[(size_t)row * k + tid] = n >= 0 ? dr[n] : 0.f;
   }
 """
 
-# inputs: q, keys_t, threshold as above; cand_s / cand_i [B * H * L, C, K] from the scan. outputs:
-# rows, dots [B, H, L, K] as the one-chunk scan writes them.
+# inputs: q, keys_t, threshold, topk as above; cand_s / cand_i [B * H * L, C, k] from the scan.
+# outputs: rows, dots [B, H, L, k] as the one-chunk scan writes them.
 _TOPK_MERGE_SOURCE = """
   const int H = q_shape[1];
   const int L = q_shape[2];
   const int KVH = keys_t_shape[0];
   const int N = keys_t_shape[2];
-  const int CK = cand_s_shape[1] * K;
+  const int k = topk[0];
+  const int CK = cand_s_shape[1] * k;
   const int row = blockIdx.x;
   const int tid = threadIdx.x;
   const int h = (row / L) % H;
@@ -266,13 +274,13 @@ _TOPK_MERGE_SOURCE = """
     const int n = cand_i[(size_t)row * CK + j];
     if (n >= 0) em_insert<K>(s, ix, cand_s[(size_t)row * CK + j], n);
   }
-  em_block_top_k<T, K>(s, ix, sh_s, sh_i, win_s, win_i, wv, wt);
-  if (tid < K) {
+  em_block_top_k<T, K>(s, ix, k, sh_s, sh_i, win_s, win_i, wv, wt);
+  if (tid < k) {
     const Tk* kg = keys_t + (size_t)g * D * N;
     const int n = win_i[tid];
-    const bool ok = n >= 0 && (!HAS_THRESHOLD || win_s[tid] > threshold[0]);
-    rows[(size_t)row * K + tid] = ok ? n : -1;
-    dots[(size_t)row * K + tid] = n >= 0 ? em_dot_t<D, Tk>(qs, kg, N, n) : 0.f;
+    const bool ok = n >= 0 && win_s[tid] > threshold[0];
+    rows[(size_t)row * k + tid] = ok ? n : -1;
+    dots[(size_t)row * k + tid] = n >= 0 ? em_dot_t<D, Tk>(qs, kg, N, n) : 0.f;
   }
 """
 
@@ -282,6 +290,7 @@ _TOPK_MERGE_SOURCE = """
 # (contiguous), scale [1] float32. outputs: out [B, L, H * D], mass [B, H, L] float32.
 _ATTEND_SOURCE = """
   extern __shared__ float lg[];
+  const int K = mem_rows_shape[3];
   const int H = q_shape[1];
   const int L = q_shape[2];
   const int KVH = k_shape[1];
@@ -391,7 +400,7 @@ def _topk_scan_kernel(final: bool):
     outputs = ["rows", "dots"] if final else ["cand_s", "cand_i"]
     return mx.fast.cuda_kernel(
         name="extmind_topk_scan" if final else "extmind_topk_chunks",
-        input_names=["q", "keys_t", "inv_norms", "threshold", "chunks"],
+        input_names=["q", "keys_t", "inv_norms", "threshold", "topk", "chunks"],
         output_names=outputs,
         source=_TOPK_SCAN_SOURCE + (_TOPK_SCAN_FINAL if final else _TOPK_SCAN_CHUNK),
         header=_HEADER + _TOPK_HEADER,
@@ -402,7 +411,7 @@ def _topk_scan_kernel(final: bool):
 def _topk_merge_kernel():
     return mx.fast.cuda_kernel(
         name="extmind_topk_merge",
-        input_names=["q", "keys_t", "threshold", "cand_s", "cand_i"],
+        input_names=["q", "keys_t", "threshold", "topk", "cand_s", "cand_i"],
         output_names=["rows", "dots"],
         source=_TOPK_MERGE_SOURCE,
         header=_HEADER + _TOPK_HEADER,
@@ -413,7 +422,7 @@ def _topk_merge_kernel():
 def _topk_dots_kernel():
     return mx.fast.cuda_kernel(
         name="extmind_topk_dots",
-        input_names=["q", "dots", "inv_norms", "threshold"],
+        input_names=["q", "dots", "inv_norms", "threshold", "topk"],
         output_names=["rows", "dots_out"],
         source=_TOPK_DOTS_SOURCE,
         header=_HEADER + _TOPK_HEADER,
@@ -496,9 +505,10 @@ def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, top_k: int, t
     n = keys_t.shape[2]
     k = min(top_k, n)
     q = mx.contiguous(q)
-    thr = _scalar(float(threshold if threshold is not None else 0.0), mx.float32)
+    thr = _scalar(float(threshold) if threshold is not None else -math.inf, mx.float32)
+    kk = _scalar(k, mx.int32)
+    lists = ("K", list_size(k))
     rows = B * H * L
-    has_threshold = ("HAS_THRESHOLD", threshold is not None)
     if rows >= _MATMUL_ROWS:
         # Many query rows (prefill): each scan block would read the whole bank once per row;
         # one matmul reads it once, as the portable path's, so the ranking is the same.
@@ -507,8 +517,8 @@ def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, top_k: int, t
         qm = q.astype(mx.float32).reshape(B, kvh, rep, L, d).transpose(1, 0, 2, 3, 4).reshape(kvh, -1, d)
         dots = qm @ keys_t.astype(mx.float32)
         out = _topk_dots_kernel()(
-            inputs=[q, dots, inv_norms, thr],
-            template=[("D", d), ("K", k), ("T", _TOPK_THREADS), has_threshold],
+            inputs=[q, dots, inv_norms, thr, kk],
+            template=[("D", d), lists, ("T", _TOPK_THREADS)],
             grid=(rows * _TOPK_THREADS, 1, 1),
             threadgroup=(_TOPK_THREADS, 1, 1),
             output_shapes=[(B, H, L, k), (B, H, L, k)],
@@ -516,10 +526,10 @@ def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, top_k: int, t
         )
         return out[0], out[1]
     c = chunks_for(rows, n)
-    template = [("Tk", keys_t.dtype), ("D", d), ("K", k)]
+    template = [("Tk", keys_t.dtype), ("D", d), lists]
     scan = _topk_scan_kernel(c == 1)(
-        inputs=[q, keys_t, inv_norms, thr, _scalar(c, mx.int32)],
-        template=[*template, ("T", _TOPK_THREADS), has_threshold],
+        inputs=[q, keys_t, inv_norms, thr, kk, _scalar(c, mx.int32)],
+        template=[*template, ("T", _TOPK_THREADS)],
         grid=(rows * c * _TOPK_THREADS, 1, 1),
         threadgroup=(_TOPK_THREADS, 1, 1),
         output_shapes=[(B, H, L, k), (B, H, L, k)] if c == 1 else [(rows, c, k), (rows, c, k)],
@@ -528,14 +538,19 @@ def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, top_k: int, t
     if c == 1:
         return scan[0], scan[1]
     rows_out, dots = _topk_merge_kernel()(
-        inputs=[q, keys_t, thr, scan[0], scan[1]],
-        template=[*template, ("T", 32), has_threshold],
+        inputs=[q, keys_t, thr, kk, scan[0], scan[1]],
+        template=[*template, ("T", 32)],
         grid=(rows * 32, 1, 1),
         threadgroup=(32, 1, 1),
         output_shapes=[(B, H, L, k), (B, H, L, k)],
         output_dtypes=[mx.int32, mx.float32],
     )
     return rows_out, dots
+
+
+def list_size(k: int) -> int:
+    """The compiled list size serving a top-k of ``k`` (<= MAX_TOP_K): 8, 16 or 32."""
+    return 8 if k <= 8 else 16 if k <= 16 else 32
 
 
 def attend(q, k, v, mask, mem_rows, mem_dots, bank_values, scale: float, out_dtype):
@@ -557,7 +572,6 @@ def attend(q, k, v, mask, mem_rows, mem_dots, bank_values, scale: float, out_dty
             ("Tv", bank_values.dtype),
             ("To", out_dtype),
             ("D", d),
-            ("K", kk),
             ("T", _ATTEND_THREADS),
             ("MASK", mode),
         ],
