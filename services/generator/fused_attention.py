@@ -33,7 +33,7 @@ MAX_HEAD_DIM = 256
 _TOPK_THREADS = 128
 _ROWS_PER_THREAD = 4  # bank rows each scan thread takes at least, when a row's scan is split
 _FILL_BLOCKS = 512  # scan blocks that keep an H100/H200 (132 SMs) busy
-_MATMUL_ROWS = 2048  # query rows (B * H * L) from which the cosines come from one matmul
+MATMUL_ROWS = 2048  # query rows (B * H * L) from which the cosines come from one matmul
 _ATTEND_THREADS = 256
 _NO_MASK, _CAUSAL, _ARRAY_MASK = 0, 1, 2
 
@@ -509,7 +509,7 @@ def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, top_k: int, t
     kk = _scalar(k, mx.int32)
     lists = ("K", list_size(k))
     rows = B * H * L
-    if rows >= _MATMUL_ROWS:
+    if rows >= MATMUL_ROWS:
         # Many query rows (prefill): each scan block would read the whole bank once per row;
         # one matmul reads it once, as the portable path's, so the ranking is the same.
         kvh = keys_t.shape[0]

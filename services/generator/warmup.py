@@ -25,6 +25,7 @@ import logging
 import time
 
 from extmind import errors
+from services.generator import fused_attention
 from services.generator.request_types import REMOTE, GenerationRequest, MemoryOptions, Sampling
 
 log = logging.getLogger("extmind.generator")
@@ -108,6 +109,10 @@ async def _stages(engine, batch: int, took: dict) -> None:
         try:
             cited = MemoryOptions((memory_id,), return_citations=True)
             await _drain(engine, GenerationRequest(prompt, sampling, cited))
+            if engine.state.fused:  # a prefill long enough for the fused top-k's matmul path
+                heads = engine.state.shape.num_heads
+                long_prompt = ok[: max(PROMPT_TOKENS, -(-fused_attention.MATMUL_ROWS // heads))]
+                await _drain(engine, GenerationRequest(long_prompt, sampling, cited))
             # No more at once than the queue admits (--max-queue below the batch failed the
             # warm-up with RESOURCE_EXHAUSTED), and every one ended before the memory is deleted.
             at_once = max(1, min(batch, engine.config.max_queue))

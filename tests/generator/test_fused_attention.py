@@ -197,7 +197,7 @@ def test_fused_layer_matches_the_portable_path(
     tmp_path, monkeypatch, chunks, top_k, threshold, n, bank_dtype, head_dim
 ):
     if head_dim == "matmul":  # the prefill's 2 x 8 x 12 query rows take the matmul path
-        monkeypatch.setattr(fused_attention, "_MATMUL_ROWS", 100)
+        monkeypatch.setattr(fused_attention, "MATMUL_ROWS", 100)
         head_dim = None
     state, attn = _layer(tmp_path, head_dim)
     d = head_dim or 16
