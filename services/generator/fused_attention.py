@@ -479,10 +479,17 @@ def _shared_bucket(floats: int) -> int:
     return max(1024, 1 << (floats - 1).bit_length())
 
 
+@functools.cache
 def max_local_positions() -> int:
-    """Most K + S logits one block holds in shared memory (48 KiB without opting in; H100/H200
-    allow 227 KiB per block): longer contexts take the portable path."""
-    return 32768
+    """Most memory + local positions (K + S logits) one attend block holds in shared memory on
+    this GPU: a power of two within its per-block limit (opt-in: 227 KiB on compute capability
+    9.x / 10.x, 163 KiB on 8.0 / 8.7, 99 KiB on other 8.x / 12.x, 64 KiB on 7.5) less room for
+    the kernel's static shared memory. Longer contexts take the portable path."""
+    info = mx.device_info()
+    cc = (int(info.get("compute_capability_major", 7)), int(info.get("compute_capability_minor", 5)))
+    kib = 227 if cc[0] in (9, 10) else 163 if cc in ((8, 0), (8, 7)) else 99 if cc[0] >= 8 else 64
+    floats = (kib - 16) * 1024 // 4
+    return 1 << (floats.bit_length() - 1)
 
 
 def chunks_for(rows: int, n: int) -> int:
