@@ -264,12 +264,10 @@ class ExtendedMindAttention(nn.Module):
         B, H, L, d = q.shape
         if bank is None or not isinstance(k, mx.array) or d > fused_attention.MAX_HEAD_DIM:
             return None
-        if ctx.top_k > fused_attention.MAX_TOP_K:
-            return None
         S = k.shape[2]
         keys_t, inv_norms, values = bank(self.layer)
         kk = min(ctx.top_k, keys_t.shape[2])
-        if kk + S > fused_attention.max_local_positions():
+        if kk > fused_attention.MAX_TOP_K or kk + S > fused_attention.max_local_positions():
             return None
         mask = fused_attention.mask_mode(mask, B, L, S)
         if mask is None:

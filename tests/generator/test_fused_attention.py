@@ -182,28 +182,32 @@ def _same_sets(a, b):
 
 @needs_cuda
 @pytest.mark.parametrize(
-    "chunks,top_k,threshold,n,bank_dtype,head_dim",
+    "chunks,top_k,threshold,n,bank_dtype,head_dim,matmul_rows",
     [
-        ([9], 3, None, 25, np.float32, None),  # prefill, causal
-        ([5, 3, 1, 1, 1], 4, None, 300, np.float32, None),  # chunked prefill, then decode (no mask)
-        ([6, 1, 1], 40, None, 25, np.float32, None),  # top_k > rows: every row
-        ([7, 2, 1], 4, 0.05, 300, np.float32, None),  # threshold
-        ([4, 1, 1], 10, None, 2000, np.float16, None),  # half-precision bank
-        ([4, 1, 1], 5, None, 500, np.float32, 48),  # head size not a multiple of 32
-        ([12, 1], 6, None, 700, np.float16, "matmul"),  # prefill: the cosines from one matmul
+        ([9], 3, None, 25, np.float32, None, None),  # prefill, causal
+        ([5, 3, 1, 1, 1], 4, None, 300, np.float32, None, None),  # chunked prefill, then decode (no mask)
+        ([6, 1, 1], 40, None, 25, np.float32, None, None),  # top_k > rows: every row
+        ([7, 2, 1], 4, 0.05, 300, np.float32, None, None),  # threshold
+        ([4, 1, 1], 10, None, 2000, np.float16, None, None),  # half-precision bank
+        ([4, 1, 1], 5, None, 500, np.float32, 48, None),  # head size not a multiple of 32
+        # prefill: the 2 x 8 x 12 query rows take the matmul path (rows >= 100 here)
+        ([12, 1], 6, None, 700, np.float16, None, 100),
     ],
 )
 def test_fused_layer_matches_the_portable_path(
-    tmp_path, monkeypatch, chunks, top_k, threshold, n, bank_dtype, head_dim
+    tmp_path, monkeypatch, chunks, top_k, threshold, n, bank_dtype, head_dim, matmul_rows
 ):
-    if head_dim == "matmul":  # the prefill's 2 x 8 x 12 query rows take the matmul path
-        monkeypatch.setattr(fused_attention, "MATMUL_ROWS", 100)
-        head_dim = None
+    if matmul_rows is not None:
+        monkeypatch.setattr(fused_attention, "MATMUL_ROWS", matmul_rows)
+    calls = []
+    attend = fused_attention.attend
+    monkeypatch.setattr(fused_attention, "attend", lambda *a, **kw: calls.append(1) or attend(*a, **kw))
     state, attn = _layer(tmp_path, head_dim)
     d = head_dim or 16
     (got, got_rows, got_mass), (want, want_rows, want_mass) = _compare(
         state, attn, chunks, n, d, bank_dtype, top_k=top_k, threshold=threshold
     )
+    assert len(calls) == len(chunks)  # every forward of the fused run took the kernels
     _same_sets(got_rows, want_rows)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     for g, w in zip(got_mass, want_mass):
