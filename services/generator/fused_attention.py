@@ -119,9 +119,10 @@ __device__ __forceinline__ void em_block_top_k(
 
 template <int D, typename Tk>
 __device__ __forceinline__ float em_dot_t(const float* qs, const Tk* kg, int N, int n) {
-  // Fully unrolled: the D loads of a row are all in flight at once (a rolled loop waits on each).
+  // Unrolled: a row's loads are in flight together (a rolled loop waits on each); fully up to
+  // D = 128, 16 at a time beyond (a fully unrolled D = 256 spills registers).
   float dot = 0.f;
-#pragma unroll
+#pragma unroll(D <= 128 ? D : 16)
   for (int e = 0; e < D; ++e) dot += qs[e] * static_cast<float>(kg[(size_t)e * N + n]);
   return dot;
 }
@@ -328,7 +329,7 @@ _ATTEND_SOURCE = """
       if (ok) {
         const Tkv* kr = k + kb + (size_t)pos * k_strides[2];
         float dot = 0.f;
-#pragma unroll
+#pragma unroll(D <= 128 ? D : 16)
         for (int e = 0; e < D; ++e) dot += qs[e] * static_cast<float>(kr[(size_t)e * k_strides[3]]);
         x = dot * sc;
       } else {
@@ -509,6 +510,8 @@ def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, top_k: int, t
     cosine is not above ``threshold``; dots [B, H, L, k] float32, the raw q . k), k = min(top_k, N),
     rows in descending cosine. Ties at the k-th place may pick either row."""
     B, H, L, d = q.shape
+    if min(top_k, keys_t.shape[2]) > MAX_TOP_K or d > MAX_HEAD_DIM:
+        raise ValueError(f"the fused top-k takes k <= {MAX_TOP_K} and head size <= {MAX_HEAD_DIM}")
     n = keys_t.shape[2]
     k = min(top_k, n)
     q = mx.contiguous(q)
@@ -568,6 +571,8 @@ def attend(q, k, v, mask, mem_rows, mem_dots, bank_values, scale: float, out_dty
     ``top_k_rows``; bank_values [KVH, N, d] the bank's values. Returns (out [B, L, H * d] in
     ``out_dtype``, mass [B, H, L] float32: each head's attention weight on its memories)."""
     B, H, L, d = q.shape
+    if mem_rows.shape[-1] > MAX_TOP_K or d > MAX_HEAD_DIM:
+        raise ValueError(f"the fused attention takes k <= {MAX_TOP_K} and head size <= {MAX_HEAD_DIM}")
     S = k.shape[2]
     kk = mem_rows.shape[-1]
     mode, mask_arr = mask
@@ -581,6 +586,9 @@ def attend(q, k, v, mask, mem_rows, mem_dots, bank_values, scale: float, out_dty
             ("D", d),
             ("T", _ATTEND_THREADS),
             ("MASK", mode),
+            # One compiled kernel per shared-memory size: MLX opts a kernel in to more than 48 KiB
+            # only at its first launch, so sizes must not share one.
+            ("LG", floats),
         ],
         grid=(B * H * L * _ATTEND_THREADS, 1, 1),
         threadgroup=(_ATTEND_THREADS, 1, 1),
