@@ -231,3 +231,43 @@ def test_fused_layer_takes_a_boolean_padding_mask(tmp_path):
     _same_sets(got_rows, want_rows)
     # Padding positions attend to their memories only, on both paths.
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _np_attend(q, k, v, rows, dots, bank_values, scale):
+    """float64 reference of ``attend`` without a mask: q [B, H, 1, d], k / v [B, KVH, S, d]."""
+    B, H, L, d = q.shape
+    rep = H // k.shape[1]
+    out = np.zeros((B, L, H * d))
+    for b, h in np.ndindex(B, H):
+        g = h // rep
+        mem = np.where(rows[b, h, 0] >= 0, dots[b, h, 0] * scale, -np.inf)
+        local = k[b, g] @ q[b, h, 0] * scale
+        logits = np.concatenate([mem, local])
+        w = np.exp(logits - logits.max())
+        w /= w.sum()
+        vals = np.concatenate([bank_values[g, np.maximum(rows[b, h, 0], 0)], v[b, g]])
+        out[b, 0, h * d : (h + 1) * d] = w @ vals
+    return out
+
+
+@needs_cuda
+def test_attend_takes_a_long_context_after_a_short_one():
+    """Each shared-memory size is its own compiled kernel: MLX opts a kernel in to more than
+    48 KiB of shared memory only at its first launch, so a long context after a short one failed
+    while they shared one."""
+    rng = np.random.default_rng(4)
+    B, H, KVH, d, n = 1, 4, 2, 64, 300
+    keys = mx.array(rng.standard_normal((KVH, n, d)).astype(np.float32))
+    bank_values = rng.standard_normal((KVH, n, d)).astype(np.float32)
+    inv = mx.rsqrt(mx.sum(keys * keys, axis=-1))
+    for S in (100, 20000 if fused_attention.max_local_positions() > 16384 else 12000):
+        q = rng.standard_normal((B, H, 1, d)).astype(np.float32)
+        k = rng.standard_normal((B, KVH, S, d)).astype(np.float32) * 0.2
+        v = rng.standard_normal((B, KVH, S, d)).astype(np.float32)
+        rows, dots = fused_attention.top_k_rows(mx.array(q), mx.contiguous(keys.swapaxes(-1, -2)), inv, 8, None)
+        mask = fused_attention.mask_mode(None, B, 1, S)
+        out, _ = fused_attention.attend(
+            mx.array(q), mx.array(k), mx.array(v), mask, rows, dots, mx.array(bank_values), 0.125, mx.float32
+        )
+        want = _np_attend(q, k, v, np.array(rows), np.array(dots), bank_values, 0.125)
+        np.testing.assert_allclose(np.array(out), want, rtol=1e-4, atol=1e-5)
