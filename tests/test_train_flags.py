@@ -42,3 +42,25 @@ def test_own_docs_beyond_questions_is_fine_without_the_own_memory_phase(tmp_path
     out = tmp_path / "out"
     assert train.main(["--out", str(out), "--own-fraction", "0", "--own-docs", "500", "--tokenizer-only"]) == 0
     assert (out / "tokenizer.json").exists()
+
+
+def test_naming_after_states_each_value_before_the_full_name():
+    """--naming after: every sentence gives the value and ends with the person's full name, and
+    answer_span still finds the sentence that states each attribute."""
+    import random
+
+    from training import facts
+
+    old = facts.NAMING
+    facts.NAMING = "after"
+    try:
+        rng = random.Random(3)
+        for e in facts.make_entities(rng, 20):
+            doc, attrs = facts.document(rng, e)
+            for attr in attrs:
+                lo, hi = facts.answer_span(doc, e, attr)
+                sentence = doc[lo:hi]
+                assert sentence.endswith(f"{e.name}.") and e.attrs[attr] in sentence
+                assert sentence.index(e.attrs[attr]) < sentence.index(e.name)
+    finally:
+        facts.NAMING = old

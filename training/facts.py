@@ -197,6 +197,39 @@ STATEMENTS = {
         "{s} walks a dog called {v} every morning.",
     ],
 }
+# NAMING "after": every sentence gives the value first (as the answer spells it: lower-case words
+# never start a sentence) and ends with the person's full name, so
+# the memory rows of the name (whose keys carry who, from the tokens themselves) come after the
+# fact they can carry in their values, which a causal forward over the document lets them read.
+STATEMENTS_AFTER = {
+    "city": [
+        "{v} is the home town of {n}.",
+        "The town of {v} is home to {n}.",
+        "A house in {v} belongs to {n}.",
+    ],
+    "job": [
+        "Working as {a} {v} is the trade of {n}.",
+        "The profession of {a} {v} is that of {n}.",
+        "The job of {a} {v} is done by {n}.",
+    ],
+    "year": [
+        "{v} is the birth year of {n}.",
+        "The year {v} saw the birth of {n}.",
+        "In {v} was born {n}.",
+    ],
+    "colour": [
+        "The colour {v} is liked best by {n}.",
+        "Of all colours, {v} is the favourite of {n}.",
+    ],
+    "number": [
+        "{v} is the lucky number of {n}.",
+        "The number {v} brings luck to {n}.",
+    ],
+    "pet": [
+        "{v} is the dog of {n}.",
+        "A dog called {v} is walked every morning by {n}.",
+    ],
+}
 QUESTIONS = {
     "city": ["What city does {n} live in?", "Where does {n} live?", "In which town does {n} live?"],
     "job": ["What is the profession of {n}?", "What does {n} do for a living?", "What job does {n} have?"],
@@ -260,11 +293,17 @@ def _article(word: str) -> str:
 
 
 # "varied": a paragraph names its person in full first, then by full name, first name or pronoun;
-# "named": every sentence names the person in full (the subject sits next to each fact).
+# "named": every sentence names the person in full (the subject sits next to each fact);
+# "after": every sentence states the value, then names the person in full (STATEMENTS_AFTER).
 NAMING = "varied"
+NAMINGS = ("varied", "named", "after")
 
 
 def _sentence(rng: random.Random, e: Entity, attr: str, first: bool) -> str:
+    if NAMING == "after":
+        v = e.attrs[attr]
+        template = rng.choice(STATEMENTS_AFTER[attr])
+        return template.format(n=e.name, v=v, a=_article(v))
     template = rng.choice(STATEMENTS[attr])
     # The first mention is always the full name; later ones vary (full, first name, pronoun).
     form = "full" if first or NAMING == "named" else rng.choice(("full", "first", "pronoun"))

@@ -358,9 +358,11 @@ def main(argv=None) -> int:
     p.add_argument("--rope-theta", type=float, default=10000.0)
     p.add_argument(
         "--naming",
-        choices=("varied", "named"),
+        choices=facts.NAMINGS,
         default="varied",
-        help="how documents refer to their person after the first sentence (training/facts.py NAMING)",
+        help="how documents refer to their person: varied (full name first, then name or pronoun), named "
+        "(full name in every sentence), after (each sentence gives the value, then the full name); "
+        "training/facts.py NAMING",
     )
     p.add_argument("--own-docs", type=int, default=4, help="documents in each question's own memory (first phase)")
     p.add_argument("--multi", type=float, default=0.3, help="share of memory documents about several people")
