@@ -135,10 +135,15 @@ async def bench_shape(args, shape):
     try:
         with memory_stack(tmp) as mem:
             # dtype "model": the stock baselines compute in the checkpoint's dtype too.
-            engine = GeneratorEngine(EngineConfig(model=str(path), memory_url=mem.address, dtype="model"))
+            engine = GeneratorEngine(
+                EngineConfig(
+                    model=str(path), memory_url=mem.address, dtype="model", fused_attention=args.fused_attention
+                )
+            )
             engine.start()
             try:
                 n_params, rows = await measure(engine, path, args)
+                fused = "on" if engine.state.fused else "off"
             finally:
                 engine.stop()
     finally:
@@ -152,7 +157,8 @@ async def bench_shape(args, shape):
         f"{dims['dtype']}; {args.tokens} new tokens after a {args.prompt}-token prompt; memory of {args.rows} "
         f"rows; real memory service + Redis on loopback; "
         f"`python -m bench.generator --shape {shape} --tokens {args.tokens} --rows {args.rows} "
-        f"--prompt {args.prompt} --prefill {args.prefill}{big}{' --dtype ' + args.dtype if args.dtype else ''}`."
+        f"--prompt {args.prompt} --prefill {args.prefill}{big}{' --dtype ' + args.dtype if args.dtype else ''}"
+        f"{' --fused-attention off' if args.fused_attention == 'off' else ''}`; fused LOCAL kernels: {fused}."
     )
     record("generator", head + "\n\n" + table(["measurement", "result"], rows.items()), write=args.record)
 
@@ -297,6 +303,12 @@ def main():
         choices=("tiny", "50m", "1b", "both"),
         default="50m",
         help="model shape(s) to measure (tiny: hidden 64, 2 layers: the per-token host overheads; both: 50m, 1b)",
+    )
+    p.add_argument(
+        "--fused-attention",
+        choices=("auto", "off"),
+        default="auto",
+        help="the generator's --fused-attention (auto: fused LOCAL kernels on MLX CUDA)",
     )
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument(
