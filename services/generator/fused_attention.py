@@ -24,12 +24,16 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import mlx.core as mx
 
 MODES = ("auto", "off")
 MAX_TOP_K = 32
 MAX_HEAD_DIM = 256
+# How the attend kernel computes the local logits: "warp" (a warp per position) or "rows" (a
+# thread per position, as first measured); EXTMIND_ATTEND_LOGITS picks one for comparisons.
+ATTEND_LOGITS = os.environ.get("EXTMIND_ATTEND_LOGITS", "warp")
 _TOPK_THREADS = 128
 _ROWS_PER_THREAD = 4  # bank rows each scan thread takes at least, when a row's scan is split
 _FILL_BLOCKS = 512  # scan blocks that keep an H100/H200 (132 SMs) busy
@@ -289,7 +293,7 @@ _TOPK_MERGE_SOURCE = """
 # [B, H, L, D] (contiguous), k / v [B, KVH, S, D] (any strides: the KV cache in place), mask
 # [B, L, S] bool (MASK == 2; else unused), mem_rows / mem_dots [B, H, L, K], bank_values [KVH, N, D]
 # (contiguous), scale [1] float32. outputs: out [B, L, H * D], mass [B, H, L] float32.
-_ATTEND_SOURCE = """
+_ATTEND_HEAD = """
   extern __shared__ float lg[];
   const int K = mem_rows_shape[3];
   const int H = q_shape[1];
@@ -305,6 +309,12 @@ _ATTEND_SOURCE = """
   const int g = h / (H / KVH);
   const int total = K + S;
   const float sc = scale[0];
+  constexpr int W = T / 32;
+  constexpr int E = (D + 31) / 32;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  // Causal: query l sees local positions <= S - L + l; the later ones get weight 0 exactly.
+  const int local_end = MASK == 1 ? min(S, S - L + l + 1) : S;
 
   __shared__ float qs[D];
   __shared__ float red[32];
@@ -313,6 +323,10 @@ _ATTEND_SOURCE = """
   for (int e = tid; e < D; e += T) qs[e] = static_cast<float>(q[(size_t)row * D + e]);
   __syncthreads();
 
+"""
+
+# One thread per local position: the attend kernel as first measured (kept to compare).
+_ATTEND_LOGITS_ROWS = """
   // Logits: the memories first (-inf where masked by the threshold), then the local positions
   // (-1e30 where masked, as the portable path: exp() gives exactly 0 next to any real logit).
   const size_t kb = (size_t)b * k_strides[0] + (size_t)g * k_strides[1];
@@ -324,7 +338,7 @@ _ATTEND_SOURCE = """
     } else {
       const int pos = j - K;
       bool ok = true;
-      if (MASK == 1) ok = pos <= S - L + l;
+      if (MASK == 1) ok = pos < local_end;
       if (MASK == 2) ok = mask[((size_t)b * L + l) * S + pos];
       if (ok) {
         const Tkv* kr = k + kb + (size_t)pos * k_strides[2];
@@ -339,6 +353,55 @@ _ATTEND_SOURCE = """
     lg[j] = x;
     mx_local = fmaxf(mx_local, x);
   }
+"""
+
+# One warp per local position, four at a time: lane i multiplies columns i, i + 32, ... (a row is
+# one coalesced read, where a thread per position reads a line per column), four rows' loads are
+# in flight before the shuffles sum them.
+_ATTEND_LOGITS_WARP = """
+  const size_t kb = (size_t)b * k_strides[0] + (size_t)g * k_strides[1];
+  float mx_local = EM_NEG_INF;
+  for (int j = tid; j < K; j += T) {
+    const float x = mem_rows[(size_t)row * K + j] >= 0 ? mem_dots[(size_t)row * K + j] * sc : EM_NEG_INF;
+    lg[j] = x;
+    mx_local = fmaxf(mx_local, x);
+  }
+  for (int p0 = warp * 4; p0 < S; p0 += W * 4) {
+    float acc4[4];
+    bool ok4[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int pos = p0 + u;
+      bool ok = pos < local_end;
+      if (MASK == 2 && ok) ok = mask[((size_t)b * L + l) * S + pos];
+      ok4[u] = ok;
+      acc4[u] = 0.f;
+      if (ok) {
+        const Tkv* kr = k + kb + (size_t)pos * k_strides[2];
+#pragma unroll
+        for (int i = 0; i < E; ++i) {
+          const int e = lane + 32 * i;
+          if (e < D) acc4[u] += qs[e] * static_cast<float>(kr[(size_t)e * k_strides[3]]);
+        }
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) acc4[u] += __shfl_xor_sync(0xffffffff, acc4[u], o);
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      if (p0 + u < S) {
+        const float x = ok4[u] ? acc4[u] * sc : -1e30f;
+        if (lane == 0) lg[K + p0 + u] = x;
+        mx_local = fmaxf(mx_local, x);
+      }
+    }
+  }
+"""
+
+_ATTEND_TAIL = """
   const float m = em_block_max<T>(mx_local, red);
   float sum_local = 0.f;
   float mem_local = 0.f;
@@ -353,10 +416,6 @@ _ATTEND_SOURCE = """
 
   // Weighted sum: warp w takes every W-th row (memories, then local positions), lane i the
   // columns i, i + 32, ... (coalesced); the rows' loads are unrolled so several are in flight.
-  constexpr int W = T / 32;
-  constexpr int E = (D + 31) / 32;
-  const int lane = tid & 31;
-  const int warp = tid >> 5;
   float acc[E];
 #pragma unroll
   for (int i = 0; i < E; ++i) acc[i] = 0.f;
@@ -372,7 +431,7 @@ _ATTEND_SOURCE = """
   }
   const size_t vb = (size_t)b * v_strides[0] + (size_t)g * v_strides[1];
 #pragma unroll 4
-  for (int j = K + warp; j < total; j += W) {
+  for (int j = K + warp; j < K + local_end; j += W) {
     const float p = lg[j];
     const Tkv* vr = v + vb + (size_t)(j - K) * v_strides[2];
 #pragma unroll
@@ -445,7 +504,7 @@ def _attend_kernel(shared_floats: int):
         name="extmind_attend",
         input_names=["q", "k", "v", "mask", "mem_rows", "mem_dots", "bank_values", "scale"],
         output_names=["out", "mass"],
-        source=_ATTEND_SOURCE,
+        source=_ATTEND_HEAD + (_ATTEND_LOGITS_ROWS if ATTEND_LOGITS == "rows" else _ATTEND_LOGITS_WARP) + _ATTEND_TAIL,
         header=_HEADER,
         ensure_row_contiguous=False,
         shared_memory=4 * shared_floats,
