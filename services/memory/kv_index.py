@@ -204,14 +204,32 @@ class KVIndex:
 
     # ---------------------------------------------------------------- loading
 
-    def _load_layer(self, meta: MemoryMeta, layer: int) -> tuple:
+    def _load_layer(self, meta: MemoryMeta, layer: int, times: list | None = None) -> tuple:
+        t0 = time.perf_counter()
         with kv_store.redis_errors():
             keys, values = kv_store.read_layer(self.sync, meta, STORAGE[meta.dtype], layer)
-        return build_layer(meta, keys, values)
+        t1 = time.perf_counter()
+        built = build_layer(meta, keys, values)
+        if times is not None:
+            times[0] += t1 - t0
+            times[1] += time.perf_counter() - t1
+        return built
 
     def load(self, meta: MemoryMeta) -> LoadedMemory:
         """Reads a READY memory from Redis and builds its indexes (blocking; any thread)."""
-        return LoadedMemory.build(meta, [self._load_layer(meta, layer) for layer in range(meta.num_layers)])
+        t0 = time.perf_counter()
+        times = [0.0, 0.0]  # reading Redis, building the indexes
+        loaded = LoadedMemory.build(meta, [self._load_layer(meta, layer, times) for layer in range(meta.num_layers)])
+        log.info(
+            "memory loaded",
+            extra={
+                "memory_id": meta.memory_id,
+                "seconds": round(time.perf_counter() - t0, 3),
+                "read_seconds": round(times[0], 3),
+                "index_seconds": round(times[1], 3),
+            },
+        )
+        return loaded
 
     def rebuild(self) -> dict:
         """Start-up: every READY memory from Redis into RAM (blocking). -> stats."""
