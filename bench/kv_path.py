@@ -122,12 +122,15 @@ def service_log_seconds(log: Path, since: int) -> dict:
         ("append stream (service)", r"rows appended.*?seconds=([0-9.]+)"),
         ("  of which waiting for Redis", r"rows appended.*?redis_wait_seconds=([0-9.]+)"),
         ("background load (service)", r"memory loaded.*?seconds=([0-9.]+)"),
-        ("  of which reading Redis", r"memory loaded.*?read_seconds=([0-9.]+)"),
+        ("  of which getting the rows", r"memory loaded.*?read_seconds=([0-9.]+)"),
         ("  of which index build", r"memory loaded.*?index_seconds=([0-9.]+)"),
     ):
         found = re.findall(pattern, text)
         if found:
             out[key] = float(found[-1])
+    sources = re.findall(r"memory loaded.*?source=([a-z]+)", text)
+    if sources:
+        out["source: " + sources[-1]] = 0.0
     return out
 
 
@@ -197,7 +200,7 @@ def run(args) -> list[tuple[str, str]]:
         "fetch + cache",
         "fetch (cold, right after Memorize)",
         "background load (service)",
-        "  of which reading Redis",
+        "  of which getting the rows",
         "  of which index build",
         "FetchMemory (gRPC, decode, concat)",
         "fetch again (loaded: no load to wait for)",

@@ -223,7 +223,7 @@ class KVMemories:
         slices of at most ``chunk_bytes`` of keys + values (at least one row; an empty layer gives
         one empty slice). Raises NotFound, FailedPrecondition (not READY), InvalidArgument."""
         check_id(memory_id)
-        loaded = await self.index.get(memory_id)
+        loaded = await self.index.rows(memory_id)  # no need to wait for a load's index build
         m = loaded.meta
         layers = list(layers or range(m.num_layers))
         bad = [x for x in layers if not 0 <= x < m.num_layers]

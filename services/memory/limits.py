@@ -30,6 +30,9 @@ FETCH_CHUNK_BYTES = 4 * 1024 * 1024 - ANSWER_ENVELOPE_BYTES
 # Redis in batches of about FLUSH_BYTES (one batch in flight while the next arrives).
 STORAGE_CHUNK_BYTES = 8 * 1024 * 1024
 FLUSH_BYTES = 16 * 1024 * 1024
+# An append stream into an empty memory keeps the rows it stored (up to this many bytes of keys +
+# values): the memory, once READY, loads into RAM from them instead of reading Redis back.
+KEEP_APPENDED_BYTES = 1024 * 1024 * 1024
 # A BUILDING memory untouched by CreateMemory or an append this long is abandoned and deleted
 # (--building-ttl; kv_reaper). Long enough for a generator's pause between windows of a Memorize.
 BUILDING_TTL_SECONDS = 600.0
