@@ -55,6 +55,40 @@ class StoredRows:
         return sum(a.nbytes for a in (*self.keys, *self.values))
 
 
+class _LayerRows:
+    """One layer's row slices as FetchMemory streams them, joined: written into arrays of
+    ``rows`` rows as they arrive when ``rows`` is known, else kept and concatenated at the end."""
+
+    def __init__(self, rows: int | None):
+        self.rows = rows
+        self.parts: list[tuple[np.ndarray, np.ndarray]] = []
+        self.keys = self.values = None
+        self.filled = 0
+
+    def add(self, keys: np.ndarray, values: np.ndarray) -> bool:
+        """-> False when the slice does not fit (more rows than ``rows``, another shape)."""
+        if self.rows is None:
+            self.parts.append((keys, values))
+            return True
+        n = keys.shape[1]
+        if self.keys is None:
+            shape = (keys.shape[0], self.rows, keys.shape[2])
+            self.keys, self.values = np.empty(shape, keys.dtype), np.empty(shape, keys.dtype)
+        lo, hi = self.filled, self.filled + n
+        if hi > self.rows or keys.shape[::2] != self.keys.shape[::2] or values.shape != keys.shape:
+            return False
+        self.keys[:, lo:hi], self.values[:, lo:hi] = keys, values
+        self.filled = hi
+        return True
+
+    def result(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        if self.keys is not None:
+            return self.keys[:, : self.filled], self.values[:, : self.filled]
+        if not self.parts:
+            return None, None
+        return tuple(np.concatenate([p[i] for p in self.parts], axis=1) for i in (0, 1))
+
+
 class MemoryClient:
     def __init__(self, url: str, *, timeout: float = 30.0, token: str | None = None):
         self.url = url
@@ -144,12 +178,14 @@ class MemoryClient:
                 raise failed[0] from None
             raise self._error(e, "appending rows") from None
 
-    def fetch_stored(self, memory_id: str, num_layers: int) -> StoredRows:
+    def fetch_stored(self, memory_id: str, num_layers: int, rows: int | None = None) -> StoredRows:
         """Every layer's keys and values as stored, in the memory's dtype (no widening). A layer
-        without rows is None. Raises FailedPrecondition for a layer this model lacks, the memory
-        service's errors otherwise."""
-        keys = [[] for _ in range(num_layers)]
-        values = [[] for _ in range(num_layers)]
+        without rows is None. With ``rows`` (the memory's rows per layer, as resolved) each layer
+        is written into one array as its slices arrive instead of joined at the end (one copy
+        less); a layer that would hold more is FailedPrecondition (the memory changed), one that
+        ends with fewer comes back shorter. Raises FailedPrecondition for a layer this model
+        lacks, the memory service's errors otherwise."""
+        layers = [_LayerRows(rows) for _ in range(num_layers)]
         dtype = None
         try:
             for chunk in self._stub.FetchMemory(
@@ -162,13 +198,15 @@ class MemoryClient:
                         f"memory {memory_id!r} has layer {chunk.layer}; this model has {num_layers}"
                     )
                 allowed = KV_DTYPES if dtype is None else (dtype,)  # one dtype for the whole memory
-                keys[chunk.layer].append(tensor.decode_raw(chunk.keys, name="keys", dtypes=allowed, ndim=3))
+                keys = tensor.decode_raw(chunk.keys, name="keys", dtypes=allowed, ndim=3)
                 dtype = chunk.keys.dtype
-                values[chunk.layer].append(tensor.decode_raw(chunk.values, name="values", dtypes=(dtype,), ndim=3))
+                values = tensor.decode_raw(chunk.values, name="values", dtypes=(dtype,), ndim=3)
+                if not layers[chunk.layer].add(keys, values):
+                    raise errors.FailedPrecondition(f"memory {memory_id!r} changed while it was fetched; retry")
         except grpc.RpcError as e:
             raise self._error(e, f"fetching memory {memory_id!r}") from None
-        cat = lambda parts: np.concatenate(parts, axis=1) if parts else None  # noqa: E731
-        return StoredRows([cat(k) for k in keys], [cat(v) for v in values], tensor.FLOAT32 if dtype is None else dtype)
+        done = [x.result() for x in layers]
+        return StoredRows([k for k, _ in done], [v for _, v in done], tensor.FLOAT32 if dtype is None else dtype)
 
     def fetch(self, memory_id: str, num_layers: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Every layer's keys and values as float32 numpy [KVH, N, d] (widened exactly)."""

@@ -88,7 +88,7 @@ class MemoryResolver:
         memory's dtype (never widened: a half-precision memory moves and sits in half the bytes).
 
         Raises FailedPrecondition when the memory changed since it was resolved."""
-        rows = self.client.fetch_stored(memory.memory_id, self.model.num_layers)
+        rows = self.client.fetch_stored(memory.memory_id, self.model.num_layers, memory.rows)
         if rows.dtype != memory.dtype or any(k is None or k.shape[1] != memory.rows for k in rows.keys):
             raise errors.FailedPrecondition(f"memory {memory.memory_id!r} changed while it was fetched; retry")
         return rows

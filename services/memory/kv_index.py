@@ -16,7 +16,6 @@ import asyncio
 import concurrent.futures
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass
 
@@ -202,15 +201,6 @@ def search_loaded(
     return scores.reshape(H, q, k), indices.reshape(H, q, k), keys, values
 
 
-def _background_thread() -> None:
-    """A loader thread: all cores for FAISS, and a nice value 10 above the process's."""
-    faiss.omp_set_num_threads(LARGE_THREADS)
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + 10)
-    except (AttributeError, OSError):  # not Linux: per-thread priorities are not available
-        pass
-
-
 class KVIndex:
     """The in-RAM side of the KV memories, kept in step with a ``KVStore``."""
 
@@ -227,16 +217,9 @@ class KVIndex:
             initargs=(LARGE_THREADS,),
         )
         self.inline_search = threads == 0  # 0 = search on the event loop thread
-        # Loads into RAM run on a thread of their own at a lower CPU priority: building a new
-        # memory's indexes must not slow down the requests being answered meanwhile (a
-        # FetchMemory of the same memory right after its Memorize, measured on 2 cores).
-        self.loader = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="kv-load", initializer=_background_thread
-        )
 
     def close(self) -> None:
         """Waits for running loads and searches; drops queued ones."""
-        self.loader.shutdown(wait=True, cancel_futures=True)
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     # ---------------------------------------------------------------- loading
@@ -353,9 +336,7 @@ class KVIndex:
             if not rows.done():
                 (rows.set_exception if isinstance(value, BaseException) else rows.set_result)(value)
 
-        fut = loop.run_in_executor(
-            self.loader, self.load, meta, appended, lambda r: loop.call_soon_threadsafe(settle, r)
-        )
+        fut = loop.run_in_executor(self.pool, self.load, meta, appended, lambda r: loop.call_soon_threadsafe(settle, r))
         job = self._loading[mid] = _Load(rows, fut)
 
         def done(f: asyncio.Future) -> None:
