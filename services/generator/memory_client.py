@@ -64,6 +64,11 @@ class _LayerRows:
         self.parts: list[tuple[np.ndarray, np.ndarray]] = []
         self.keys = self.values = None
         self.filled = 0
+        self.handed = False  # given to an on_layer callback already
+
+    @property
+    def complete(self) -> bool:
+        return self.keys is not None and self.filled == self.rows
 
     def add(self, keys: np.ndarray, values: np.ndarray) -> bool:
         """-> False when the slice does not fit (more rows than ``rows``, another shape)."""
@@ -178,13 +183,15 @@ class MemoryClient:
                 raise failed[0] from None
             raise self._error(e, "appending rows") from None
 
-    def fetch_stored(self, memory_id: str, num_layers: int, rows: int | None = None) -> StoredRows:
+    def fetch_stored(self, memory_id: str, num_layers: int, rows: int | None = None, on_layer=None) -> StoredRows:
         """Every layer's keys and values as stored, in the memory's dtype (no widening). A layer
         without rows is None. With ``rows`` (the memory's rows per layer, as resolved) each layer
         is written into one array as its slices arrive instead of joined at the end (one copy
         less); a layer that would hold more is FailedPrecondition (the memory changed), one that
-        ends with fewer comes back shorter. Raises FailedPrecondition for a layer this model
-        lacks, the memory service's errors otherwise."""
+        ends with fewer comes back shorter; ``on_layer(layer, keys, values, dtype)`` (optional)
+        is called, on this thread, with each layer as soon as it holds ``rows`` rows (the arrays
+        then are final: the same ones come back). Raises FailedPrecondition for a layer this
+        model lacks, the memory service's errors otherwise."""
         layers = [_LayerRows(rows) for _ in range(num_layers)]
         dtype = None
         try:
@@ -201,8 +208,12 @@ class MemoryClient:
                 keys = tensor.decode_raw(chunk.keys, name="keys", dtypes=allowed, ndim=3)
                 dtype = chunk.keys.dtype
                 values = tensor.decode_raw(chunk.values, name="values", dtypes=(dtype,), ndim=3)
-                if not layers[chunk.layer].add(keys, values):
+                layer = layers[chunk.layer]
+                if not layer.add(keys, values):
                     raise errors.FailedPrecondition(f"memory {memory_id!r} changed while it was fetched; retry")
+                if on_layer is not None and layer.complete and not layer.handed:
+                    layer.handed = True
+                    on_layer(chunk.layer, *layer.result(), dtype)
         except grpc.RpcError as e:
             raise self._error(e, f"fetching memory {memory_id!r}") from None
         done = [x.result() for x in layers]

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -27,7 +29,7 @@ from extmind.tensor import BFLOAT16, STORAGE, bf16_bits_to_float32
 from services.memory import kv_store
 from services.memory.kv_layout import READY, Layout, MemoryMeta
 from services.memory.kv_store import KVStore
-from services.memory.limits import SEARCH_THREADS
+from services.memory.limits import FETCH_YIELD_SECONDS, SEARCH_THREADS
 
 log = logging.getLogger("extmind.memory.index")
 
@@ -217,6 +219,8 @@ class KVIndex:
             initargs=(LARGE_THREADS,),
         )
         self.inline_search = threads == 0  # 0 = search on the event loop thread
+        self._fetching: dict[str, int] = {}  # memory id -> FetchMemory streams sending its rows now
+        self._fetches_done = threading.Condition()
 
     def close(self) -> None:
         """Waits for running loads and searches; drops queued ones."""
@@ -246,7 +250,11 @@ class KVIndex:
         t1 = time.perf_counter()
         if on_rows is not None:
             on_rows(rows)
-        loaded = LoadedMemory.build(meta, [build_layer(meta, k, v) for k, v in layers])
+        built, paused = [], 0.0
+        for k, v in layers:
+            paused += self._yield_to_fetches(meta.memory_id, t1 + FETCH_YIELD_SECONDS)
+            built.append(build_layer(meta, k, v))
+        loaded = LoadedMemory.build(meta, built)
         log.info(
             "memory loaded",
             extra={
@@ -254,10 +262,39 @@ class KVIndex:
                 "source": "redis" if appended is None else "append stream",
                 "seconds": round(time.perf_counter() - t0, 3),
                 "read_seconds": round(t1 - t0, 3),
-                "index_seconds": round(time.perf_counter() - t1, 3),
+                "index_seconds": round(time.perf_counter() - t1 - paused, 3),
+                "paused_for_fetch_seconds": round(paused, 3),
             },
         )
         return loaded
+
+    @contextlib.contextmanager
+    def fetching(self, memory_id: str):
+        """Marks a FetchMemory stream sending ``memory_id``'s rows while inside: a load of that
+        memory pauses its index build meanwhile (``_yield_to_fetches``)."""
+        with self._fetches_done:
+            self._fetching[memory_id] = self._fetching.get(memory_id, 0) + 1
+        try:
+            yield
+        finally:
+            with self._fetches_done:
+                left = self._fetching.pop(memory_id) - 1
+                if left:
+                    self._fetching[memory_id] = left
+                else:
+                    self._fetches_done.notify_all()
+
+    def _yield_to_fetches(self, memory_id: str, until: float) -> float:
+        """Waits while a FetchMemory stream sends ``memory_id``'s rows, until ``until``
+        (perf_counter) at the latest. The generator that just memorized the memory is waiting
+        for those rows, while only searches need the index: on few cores, building it at the
+        same time slowed the fetch by more than the build takes. -> seconds waited."""
+        t0 = time.perf_counter()
+        with self._fetches_done:
+            self._fetches_done.wait_for(
+                lambda: memory_id not in self._fetching, timeout=max(0.0, until - time.perf_counter())
+            )
+        return time.perf_counter() - t0
 
     def rebuild(self) -> dict:
         """Start-up: every READY memory from Redis into RAM (blocking). -> stats."""

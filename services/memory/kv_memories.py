@@ -237,10 +237,11 @@ class KVMemories:
         step = max(1, chunk_bytes // (2 * m.num_kv_heads * m.head_dim * ITEMSIZE[m.dtype]))
 
         def slices() -> Iterator[RowSlice]:
-            for layer in layers:
-                keys, values = loaded.keys[layer], loaded.values[layer]
-                for start in range(0, max(loaded.rows, 1), step):
-                    yield RowSlice(layer, start, keys[:, start : start + step], values[:, start : start + step])
+            with self.index.fetching(memory_id):  # a load of this memory builds its indexes after
+                for layer in layers:
+                    keys, values = loaded.keys[layer], loaded.values[layer]
+                    for start in range(0, max(loaded.rows, 1), step):
+                        yield RowSlice(layer, start, keys[:, start : start + step], values[:, start : start + step])
 
         return m, slices()
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 MAX_TOP_K = 1024  # largest top_k of SearchMemory and SearchDocuments (--max-top-k)
 DEFAULT_DOCUMENT_TOP_K = 10  # SearchDocuments with top_k 0
 SEARCH_THREADS = 2  # FAISS searches and index builds (--search-threads)
+# A memory loading into RAM pauses its index build for at most this long while FetchMemory streams
+# send its rows (the generator that memorized it waits for them; a 128 MiB fetch takes < 1 s).
+FETCH_YIELD_SECONDS = 5.0
 ANSWER_ENVELOPE_BYTES = 4096  # room left in a message for everything but the tensors
 
 # ---------------------------------------------------------------- KV memory layouts
