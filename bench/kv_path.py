@@ -169,7 +169,7 @@ def run(args) -> list[tuple[str, str]]:
             for i in range(args.repeat + 1):  # the first round is a warm-up
                 st.s = {}
                 undo = [
-                    st.wrap(memory_builder.tensor, "encode", "encode messages"),
+                    st.wrap(memory_builder, "append_request", "encode messages"),
                     st.wrap(memory_client.MemoryClient, "fetch_stored", "FetchMemory (gRPC, decode, join)"),
                 ]
                 since = log.stat().st_size

@@ -26,6 +26,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from extmind import errors, tensor
 from extmind.errors import InvalidArgument
 from extmind.v1 import memory_pb2
+from services.generator.append_wire import append_request
 from services.generator.extended_attention import ExtendedMindState
 from services.generator.kv_dtypes import to_storage
 from services.generator.memory_client import MemoryClient
@@ -232,9 +233,11 @@ class MemoryBuilder:
             raise
         return dict(memory_id=mid, num_tokens=len(token_ids), num_rows=len(row_tokens), model_fingerprint=s.fingerprint)
 
-    def _messages(self, mid: str, token_ids, windows, progress=None) -> Iterator[memory_pb2.AppendMemoryRequest]:
-        """The append stream, computed lazily: the next window's forward runs only when gRPC
-        asks for its first message."""
+    def _messages(
+        self, mid: str, token_ids, windows, progress=None
+    ) -> Iterator[memory_pb2.AppendMemoryRequest | bytes]:
+        """The append stream (rows serialized by ``append_wire``), computed lazily: a chunk's
+        forward runs one chunk ahead of the messages gRPC has asked for (``read_ahead``)."""
         t0 = time.monotonic()
         work_total = sum(w.end - w.start for w in windows)  # tokens run through the model, overlap included
         done = dict(tokens=0, windows=0, work=0)
@@ -269,6 +272,4 @@ class MemoryBuilder:
             for layer, (k, v) in enumerate(layers):
                 if k.shape[1] == 0:
                     continue
-                yield memory_pb2.AppendMemoryRequest(
-                    memory_id=mid, layer=layer, keys=tensor.encode(k, self.dtype), values=tensor.encode(v, self.dtype)
-                )
+                yield append_request(mid, layer, k, v, self.dtype)

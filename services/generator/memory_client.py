@@ -55,6 +55,10 @@ class StoredRows:
         return sum(a.nbytes for a in (*self.keys, *self.values))
 
 
+def _serialized(message) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
 class _LayerRows:
     """One layer's row slices as FetchMemory streams them, joined: written into arrays of
     ``rows`` rows as they arrive when ``rows`` is known, else kept and concatenated at the end."""
@@ -100,6 +104,12 @@ class MemoryClient:
         self.timeout = timeout
         self._channel = sync_channel(url)
         self._stub = memory_pb2_grpc.MemoryServiceStub(self._channel)
+        # AppendMemory as the stub has it, but taking serialized requests as they are too.
+        self._append = self._channel.stream_unary(
+            "/extmind.v1.MemoryService/AppendMemory",
+            request_serializer=_serialized,
+            response_deserializer=memory_pb2.AppendMemoryResponse.FromString,
+        )
         self._metadata = auth_metadata(token)
         # False once the memory service answered UNIMPLEMENTED to SearchMemoryStream (older than
         # it): REMOTE retrieval then uses unary SearchMemory.
@@ -161,9 +171,10 @@ class MemoryClient:
         )
 
     def append(
-        self, requests: Iterable[memory_pb2.AppendMemoryRequest], timeout: float | None = None
+        self, requests: Iterable[memory_pb2.AppendMemoryRequest | bytes], timeout: float | None = None
     ) -> memory_pb2.AppendMemoryResponse:
-        """Streams ``requests`` in one AppendMemory call. gRPC pulls them one at a time as the
+        """Streams ``requests`` in one AppendMemory call: messages, or serialized messages
+        (``append_wire.append_request``) sent as they are. gRPC pulls them one at a time as the
         stream can take them (on its own thread), so a generator that computes each message
         only holds one message at a time. An exception raised by ``requests`` aborts the stream
         (the memory service commits nothing) and is re-raised here."""
@@ -177,7 +188,7 @@ class MemoryClient:
                 raise
 
         try:
-            return self._stub.AppendMemory(remembering(), timeout=timeout, metadata=self._metadata)
+            return self._append(remembering(), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             if failed:
                 raise failed[0] from None

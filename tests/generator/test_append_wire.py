@@ -1,0 +1,38 @@
+"""AppendMemoryRequest bytes built by hand are the message protobuf builds, for any rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from extmind import tensor
+from extmind.v1 import memory_pb2
+from services.generator.append_wire import append_request
+
+
+@pytest.mark.parametrize("dtype", [tensor.FLOAT16, tensor.BFLOAT16, tensor.FLOAT32])
+def test_hand_built_requests_parse_as_the_protobuf_built_ones(dtype):
+    rng = np.random.default_rng(0)
+    storage = tensor.STORAGE[dtype]
+    big = (rng.standard_normal((8, 300, 64)) * 1000).astype(np.float32)
+    rows = big.view(np.uint16)[:, :, ::2].copy() if dtype == tensor.BFLOAT16 else big.astype(storage)
+    cases = {
+        "contiguous": rows,
+        "a slice of rows (strided)": rows[:, 17:230],
+        "every other dim (no contiguous head)": rows[:, :5, ::2],
+        "one row": rows[:, 3:4],
+        "no rows": rows[:, :0],
+    }
+    for name, keys in cases.items():
+        values = keys[::-1]  # another strided view
+        got = memory_pb2.AppendMemoryRequest.FromString(append_request("mem-1", 130, keys, values, dtype))
+        want = memory_pb2.AppendMemoryRequest(
+            memory_id="mem-1", layer=130, keys=tensor.encode(keys, dtype), values=tensor.encode(values, dtype)
+        )
+        assert got == want, name
+        assert np.array_equal(tensor.decode_raw(got.keys), keys), name
+
+
+def test_rows_of_another_dtype_are_refused():
+    with pytest.raises(TypeError, match="float16"):
+        append_request("m", 0, np.zeros((1, 1, 2), np.float32), np.zeros((1, 1, 2), np.float32), tensor.FLOAT16)
