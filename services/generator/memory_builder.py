@@ -25,8 +25,8 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from extmind import errors, tensor
 from extmind.errors import InvalidArgument
+from extmind.row_wire import append_request
 from extmind.v1 import memory_pb2
-from services.generator.append_wire import append_request
 from services.generator.extended_attention import ExtendedMindState
 from services.generator.kv_dtypes import to_storage
 from services.generator.memory_client import MemoryClient
@@ -236,7 +236,7 @@ class MemoryBuilder:
     def _messages(
         self, mid: str, token_ids, windows, progress=None
     ) -> Iterator[memory_pb2.AppendMemoryRequest | bytes]:
-        """The append stream (rows serialized by ``append_wire``), computed lazily: a chunk's
+        """The append stream (rows serialized by ``row_wire``), computed lazily: a chunk's
         forward runs one chunk ahead of the messages gRPC has asked for (``read_ahead``)."""
         t0 = time.monotonic()
         work_total = sum(w.end - w.start for w in windows)  # tokens run through the model, overlap included

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from extmind import errors, tensor
+from extmind import errors, row_wire, tensor
 from extmind.channels import auth_metadata, sync_channel
 from extmind.v1 import memory_pb2, memory_pb2_grpc
 from services.generator.kv_dtypes import KV_DTYPES, widen
@@ -53,10 +53,6 @@ class StoredRows:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (*self.keys, *self.values))
-
-
-def _serialized(message) -> bytes:
-    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 class _LayerRows:
@@ -107,7 +103,7 @@ class MemoryClient:
         # AppendMemory as the stub has it, but taking serialized requests as they are too.
         self._append = self._channel.stream_unary(
             "/extmind.v1.MemoryService/AppendMemory",
-            request_serializer=_serialized,
+            request_serializer=row_wire.as_is,
             response_deserializer=memory_pb2.AppendMemoryResponse.FromString,
         )
         self._metadata = auth_metadata(token)
@@ -174,7 +170,7 @@ class MemoryClient:
         self, requests: Iterable[memory_pb2.AppendMemoryRequest | bytes], timeout: float | None = None
     ) -> memory_pb2.AppendMemoryResponse:
         """Streams ``requests`` in one AppendMemory call: messages, or serialized messages
-        (``append_wire.append_request``) sent as they are. gRPC pulls them one at a time as the
+        (``row_wire.append_request``) sent as they are. gRPC pulls them one at a time as the
         stream can take them (on its own thread), so a generator that computes each message
         only holds one message at a time. An exception raised by ``requests`` aborts the stream
         (the memory service commits nothing) and is re-raised here."""

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from extmind import row_wire
 from extmind.errors import ExtmindError, InvalidArgument
 from extmind.tensor import FLOAT32, decode, decode_raw, encode
 from extmind.v1 import common_pb2, memory_pb2, memory_pb2_grpc
@@ -66,6 +68,18 @@ def _embedding(t: common_pb2.Tensor, name: str) -> np.ndarray:
     if emb.shape[0] == 0 or not np.isfinite(emb).all():
         raise InvalidArgument(f"{name} must be non-empty and finite")
     return emb
+
+
+def register(servicer: MemoryServicer, server: grpc.aio.Server) -> None:
+    """Adds the MemoryService to ``server``, FetchMemory with a serializer that sends the
+    servicer's serialized answers as they are (registered handlers replace the generated one)."""
+    memory_pb2_grpc.add_MemoryServiceServicer_to_server(servicer, server)
+    fetch = grpc.unary_stream_rpc_method_handler(
+        servicer.FetchMemory,
+        request_deserializer=memory_pb2.FetchMemoryRequest.FromString,
+        response_serializer=row_wire.as_is,
+    )
+    server.add_registered_method_handlers("extmind.v1.MemoryService", {"FetchMemory": fetch})
 
 
 class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
@@ -127,14 +141,11 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         return memory_pb2.DeleteMemoryResponse()
 
     async def FetchMemory(self, request, context):
+        # Serialized here (row_wire: one copy of the rows); ``register`` sends them as they are.
         meta, slices = await self.kv.fetch(request.memory_id, list(request.layers))
         for piece in slices:
-            yield memory_pb2.FetchMemoryResponse(
-                memory_id=meta.memory_id,
-                layer=piece.layer,
-                row_offset=piece.row_offset,
-                keys=encode(piece.keys, dtype=meta.dtype),
-                values=encode(piece.values, dtype=meta.dtype),
+            yield row_wire.fetch_response(
+                meta.memory_id, piece.layer, piece.row_offset, piece.keys, piece.values, meta.dtype
             )
 
     async def _search(self, request: memory_pb2.SearchMemoryRequest) -> memory_pb2.SearchMemoryResponse:

@@ -1,4 +1,5 @@
-"""AppendMemoryRequest bytes built by hand are the message protobuf builds, for any rows."""
+"""AppendMemoryRequest and FetchMemoryResponse bytes built by hand are the messages protobuf
+builds, for any rows."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import numpy as np
 import pytest
 
 from extmind import tensor
+from extmind.row_wire import append_request, fetch_response
 from extmind.v1 import memory_pb2
-from services.generator.append_wire import append_request
 
 
 @pytest.mark.parametrize("dtype", [tensor.FLOAT16, tensor.BFLOAT16, tensor.FLOAT32])
@@ -31,8 +32,20 @@ def test_hand_built_requests_parse_as_the_protobuf_built_ones(dtype):
         )
         assert got == want, name
         assert np.array_equal(tensor.decode_raw(got.keys), keys), name
+        got = memory_pb2.FetchMemoryResponse.FromString(fetch_response("mem-1", 3, 4096, keys, values, dtype))
+        want = memory_pb2.FetchMemoryResponse(
+            memory_id="mem-1",
+            layer=3,
+            row_offset=4096,
+            keys=tensor.encode(keys, dtype),
+            values=tensor.encode(values, dtype),
+        )
+        assert got == want, name
 
 
 def test_rows_of_another_dtype_are_refused():
+    wide = np.zeros((1, 1, 2), np.float32)
     with pytest.raises(TypeError, match="float16"):
-        append_request("m", 0, np.zeros((1, 1, 2), np.float32), np.zeros((1, 1, 2), np.float32), tensor.FLOAT16)
+        append_request("m", 0, wide, wide, tensor.FLOAT16)
+    with pytest.raises(TypeError, match="float16"):
+        fetch_response("m", 0, 0, wide, wide, tensor.FLOAT16)
