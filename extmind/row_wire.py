@@ -7,9 +7,13 @@ to gRPC (``tobytes``, the Tensor field, the message field, ``SerializeToString``
 fields are serialized by protobuf and the row bytes are joined in behind them with one copy: the
 same messages on the wire (docs/contract.md), parsed by any protobuf reader. The senders pass
 these bytes to gRPC as they are (``MemoryClient.append``; the memory service's FetchMemory handler).
+The generator reads FetchMemoryResponse with ``read_fetch_response``: the rows stay views of the
+received bytes instead of being copied out of the message.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -81,3 +85,111 @@ def fetch_response(
 def as_is(message) -> bytes:
     """gRPC serializer for a stream of messages some of which are serialized already."""
     return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+# ---------------------------------------------------------------- reading FetchMemoryResponse
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """A Tensor field read without copying: ``data`` is a view of the received bytes
+    (``tensor.decode_raw`` takes it like a Tensor message)."""
+
+    dtype: int
+    shape: tuple
+    data: memoryview
+
+
+@dataclass(frozen=True)
+class FetchedSlice:
+    """A FetchMemoryResponse read without copying its rows (see ``read_fetch_response``)."""
+
+    memory_id: str
+    layer: int
+    row_offset: int
+    keys: RawTensor
+    values: RawTensor
+
+
+class _Unexpected(Exception):
+    """Bytes this reader leaves to protobuf."""
+
+
+def _read_varint(buf: memoryview, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= len(buf) or shift > 63:
+            raise _Unexpected
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
+def _fields(buf: memoryview):
+    """(field number, value) of every field: an int for varints, a memoryview for
+    length-delimited fields; fixed-width fields are skipped, anything else is _Unexpected."""
+    i = 0
+    while i < len(buf):
+        key, i = _read_varint(buf, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _read_varint(buf, i)
+        elif wire == _LEN:
+            n, i = _read_varint(buf, i)
+            if i + n > len(buf):
+                raise _Unexpected
+            value, i = buf[i : i + n], i + n
+        elif wire in (1, 5):  # fixed64 / fixed32: no such field here, skipped like unknown ones
+            i += 8 if wire == 1 else 4
+            continue
+        else:
+            raise _Unexpected
+        yield field, value
+
+
+def _tensor(buf: memoryview) -> RawTensor:
+    dtype, shape, data = 0, [], buf[:0]
+    for field, value in _fields(buf):
+        if field == 1 and isinstance(value, int):
+            dtype = value
+        elif field == 2:  # packed, or one element per field
+            if isinstance(value, int):
+                shape.append(value)
+            else:
+                j = 0
+                while j < len(value):
+                    dim, j = _read_varint(value, j)
+                    shape.append(dim)
+        elif field == _DATA and not isinstance(value, int):
+            data = value
+        elif field in (1, _DATA):
+            raise _Unexpected
+    return RawTensor(dtype, tuple(shape), data)
+
+
+def read_fetch_response(data: bytes):
+    """A serialized FetchMemoryResponse -> FetchedSlice whose tensors' ``data`` are views of
+    ``data`` (the rows are not copied), or the protobuf message for bytes this reader does not
+    expect (a tensor field sent twice, which protobuf merges; malformed bytes: protobuf's
+    errors). gRPC deserializer of FetchMemory in ``MemoryClient``."""
+    try:
+        buf = memoryview(data)
+        memory_id, layer, offset, tensors = "", 0, 0, {}
+        for field, value in _fields(buf):
+            if field == 1 and isinstance(value, int):
+                layer = value
+            elif field == 2 and isinstance(value, int):
+                offset = value
+            elif field in (_KEYS, _VALUES) and not isinstance(value, int) and field not in tensors:
+                tensors[field] = _tensor(value)
+            elif field == 5 and not isinstance(value, int):
+                memory_id = str(value, "utf-8")
+            elif field in (1, 2, _KEYS, _VALUES, 5):
+                raise _Unexpected
+        empty = RawTensor(0, (), buf[:0])
+        return FetchedSlice(memory_id, layer, offset, tensors.get(_KEYS, empty), tensors.get(_VALUES, empty))
+    except (_Unexpected, UnicodeDecodeError):
+        return memory_pb2.FetchMemoryResponse.FromString(data)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from extmind import tensor
-from extmind.row_wire import append_request, fetch_response
+from extmind.row_wire import FetchedSlice, append_request, fetch_response, read_fetch_response
 from extmind.v1 import memory_pb2
 
 
@@ -41,6 +41,11 @@ def test_hand_built_requests_parse_as_the_protobuf_built_ones(dtype):
             values=tensor.encode(values, dtype),
         )
         assert got == want, name
+        read = read_fetch_response(want.SerializeToString())
+        assert isinstance(read, FetchedSlice) and (read.memory_id, read.layer, read.row_offset) == ("mem-1", 3, 4096)
+        for raw, sent in ((read.keys, keys), (read.values, values)):
+            assert (raw.dtype, raw.shape) == (dtype, sent.shape)
+            assert np.array_equal(tensor.decode_raw(raw, dtypes=(dtype,), ndim=3), sent), name
 
 
 def test_rows_of_another_dtype_are_refused():
@@ -49,3 +54,21 @@ def test_rows_of_another_dtype_are_refused():
         append_request("m", 0, wide, wide, tensor.FLOAT16)
     with pytest.raises(TypeError, match="float16"):
         fetch_response("m", 0, 0, wide, wide, tensor.FLOAT16)
+
+
+def test_reading_a_fetch_response_leaves_what_it_does_not_expect_to_protobuf():
+    """Unpacked shapes and unknown fields are read; a tensor sent twice (protobuf merges the two)
+    goes to protobuf, and so do malformed bytes, which protobuf refuses."""
+    from google.protobuf.message import DecodeError
+
+    rows = np.arange(12, dtype=np.float16).reshape(1, 3, 4)
+    t = tensor.encode(rows, tensor.FLOAT16)
+    unpacked = b"\x08\x02" + b"".join(b"\x10" + bytes([d]) for d in rows.shape) + b"\x1a\x18" + rows.tobytes()
+    msg = b"\x08\x05" + b"\x1a" + bytes([len(unpacked)]) + unpacked + b"\x30\x07" + b"\x3a\x02hi"  # + unknown 6, 7
+    read = read_fetch_response(msg)
+    assert isinstance(read, FetchedSlice) and read.layer == 5 and read.keys.shape == (1, 3, 4)
+    assert np.array_equal(tensor.decode_raw(read.keys), rows) and read.values.dtype == 0
+    twice = memory_pb2.FetchMemoryResponse(keys=t).SerializeToString() * 2
+    assert read_fetch_response(twice) == memory_pb2.FetchMemoryResponse.FromString(twice)
+    with pytest.raises(DecodeError):
+        read_fetch_response(b"\x1a\x7f\x00")

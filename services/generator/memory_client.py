@@ -100,11 +100,17 @@ class MemoryClient:
         self.timeout = timeout
         self._channel = sync_channel(url)
         self._stub = memory_pb2_grpc.MemoryServiceStub(self._channel)
-        # AppendMemory as the stub has it, but taking serialized requests as they are too.
+        # AppendMemory as the stub has it, but sending serialized requests as they are too.
         self._append = self._channel.stream_unary(
             "/extmind.v1.MemoryService/AppendMemory",
             request_serializer=row_wire.as_is,
             response_deserializer=memory_pb2.AppendMemoryResponse.FromString,
+        )
+        # FetchMemory read with the rows left in the received bytes (row_wire.read_fetch_response).
+        self._fetch = self._channel.unary_stream(
+            "/extmind.v1.MemoryService/FetchMemory",
+            request_serializer=memory_pb2.FetchMemoryRequest.SerializeToString,
+            response_deserializer=row_wire.read_fetch_response,
         )
         self._metadata = auth_metadata(token)
         # False once the memory service answered UNIMPLEMENTED to SearchMemoryStream (older than
@@ -202,7 +208,7 @@ class MemoryClient:
         layers = [_LayerRows(rows) for _ in range(num_layers)]
         dtype = None
         try:
-            for chunk in self._stub.FetchMemory(
+            for chunk in self._fetch(
                 memory_pb2.FetchMemoryRequest(memory_id=memory_id),
                 timeout=max(self.timeout, 300.0),
                 metadata=self._metadata,
