@@ -87,7 +87,7 @@ def as_is(message) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
-# ---------------------------------------------------------------- reading FetchMemoryResponse
+# ---------------------------------------------------------------- reading
 
 
 @dataclass(frozen=True)
@@ -102,13 +102,28 @@ class RawTensor:
 
 @dataclass(frozen=True)
 class FetchedSlice:
-    """A FetchMemoryResponse read without copying its rows (see ``read_fetch_response``)."""
+    """A FetchMemoryResponse read without copying its rows (``read_fetch_response``); a missing
+    tensor reads as an empty one, as in the message."""
 
     memory_id: str
     layer: int
     row_offset: int
     keys: RawTensor
     values: RawTensor
+
+
+@dataclass(frozen=True)
+class AppendedRows:
+    """An AppendMemoryRequest read without copying its rows (``read_append_request``); a missing
+    tensor is None. ``HasField`` answers as the message's does."""
+
+    memory_id: str
+    layer: int
+    keys: RawTensor | None
+    values: RawTensor | None
+
+    def HasField(self, name: str) -> bool:  # noqa: N802 - the protobuf message's name
+        return getattr(self, name) is not None
 
 
 class _Unexpected(Exception):
@@ -170,26 +185,57 @@ def _tensor(buf: memoryview) -> RawTensor:
     return RawTensor(dtype, tuple(shape), data)
 
 
+def _read(data: bytes, fields: dict) -> dict:
+    """Reads a message of string / integer / Tensor fields (``fields``: number -> (name, type))
+    without copying the tensors' data. Raises _Unexpected for what protobuf must read instead: a
+    field of another wire type, a tensor sent twice (protobuf merges the two), malformed bytes."""
+    buf = memoryview(data)
+    out = {}
+    for number, value in _fields(buf):
+        if number not in fields:
+            continue  # unknown fields are skipped, as protobuf does
+        name, kind = fields[number]
+        if (kind is int) != isinstance(value, int) or (kind is RawTensor and name in out):
+            raise _Unexpected
+        out[name] = str(value, "utf-8") if kind is str else _tensor(value) if kind is RawTensor else value
+    return out
+
+
+_FETCH_FIELDS = {
+    1: ("layer", int),
+    2: ("row_offset", int),
+    _KEYS: ("keys", RawTensor),
+    _VALUES: ("values", RawTensor),
+    5: ("memory_id", str),
+}
+_APPEND_FIELDS = {1: ("memory_id", str), 2: ("layer", int), _KEYS: ("keys", RawTensor), _VALUES: ("values", RawTensor)}
+
+
 def read_fetch_response(data: bytes):
     """A serialized FetchMemoryResponse -> FetchedSlice whose tensors' ``data`` are views of
-    ``data`` (the rows are not copied), or the protobuf message for bytes this reader does not
-    expect (a tensor field sent twice, which protobuf merges; malformed bytes: protobuf's
-    errors). gRPC deserializer of FetchMemory in ``MemoryClient``."""
+    ``data`` (the rows are not copied), or the protobuf message for bytes this reader leaves to
+    protobuf (see ``_read``; malformed bytes raise protobuf's DecodeError). FetchMemory's gRPC
+    deserializer in ``MemoryClient``."""
     try:
-        buf = memoryview(data)
-        memory_id, layer, offset, tensors = "", 0, 0, {}
-        for field, value in _fields(buf):
-            if field == 1 and isinstance(value, int):
-                layer = value
-            elif field == 2 and isinstance(value, int):
-                offset = value
-            elif field in (_KEYS, _VALUES) and not isinstance(value, int) and field not in tensors:
-                tensors[field] = _tensor(value)
-            elif field == 5 and not isinstance(value, int):
-                memory_id = str(value, "utf-8")
-            elif field in (1, 2, _KEYS, _VALUES, 5):
-                raise _Unexpected
-        empty = RawTensor(0, (), buf[:0])
-        return FetchedSlice(memory_id, layer, offset, tensors.get(_KEYS, empty), tensors.get(_VALUES, empty))
+        got = _read(data, _FETCH_FIELDS)
     except (_Unexpected, UnicodeDecodeError):
         return memory_pb2.FetchMemoryResponse.FromString(data)
+    empty = RawTensor(0, (), memoryview(b""))
+    return FetchedSlice(
+        got.get("memory_id", ""),
+        got.get("layer", 0),
+        got.get("row_offset", 0),
+        got.get("keys", empty),
+        got.get("values", empty),
+    )
+
+
+def read_append_request(data: bytes):
+    """A serialized AppendMemoryRequest -> AppendedRows whose tensors' ``data`` are views of
+    ``data``, or the protobuf message (as ``read_fetch_response``). AppendMemory's gRPC
+    deserializer in the memory service."""
+    try:
+        got = _read(data, _APPEND_FIELDS)
+    except (_Unexpected, UnicodeDecodeError):
+        return memory_pb2.AppendMemoryRequest.FromString(data)
+    return AppendedRows(got.get("memory_id", ""), got.get("layer", 0), got.get("keys"), got.get("values"))

@@ -5,9 +5,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from google.protobuf.message import DecodeError
 
 from extmind import tensor
-from extmind.row_wire import FetchedSlice, append_request, fetch_response, read_fetch_response
+from extmind.errors import InvalidArgument
+from extmind.row_wire import (
+    AppendedRows,
+    FetchedSlice,
+    append_request,
+    fetch_response,
+    read_append_request,
+    read_fetch_response,
+)
 from extmind.v1 import memory_pb2
 
 
@@ -32,6 +41,10 @@ def test_hand_built_requests_parse_as_the_protobuf_built_ones(dtype):
         )
         assert got == want, name
         assert np.array_equal(tensor.decode_raw(got.keys), keys), name
+        read = read_append_request(want.SerializeToString())
+        assert isinstance(read, AppendedRows) and (read.memory_id, read.layer) == ("mem-1", 130)
+        assert read.HasField("keys") and read.HasField("values")
+        assert np.array_equal(tensor.decode_raw(read.values, dtypes=(dtype,), ndim=3), values), name
         got = memory_pb2.FetchMemoryResponse.FromString(fetch_response("mem-1", 3, 4096, keys, values, dtype))
         want = memory_pb2.FetchMemoryResponse(
             memory_id="mem-1",
@@ -59,8 +72,6 @@ def test_rows_of_another_dtype_are_refused():
 def test_reading_a_fetch_response_leaves_what_it_does_not_expect_to_protobuf():
     """Unpacked shapes and unknown fields are read; a tensor sent twice (protobuf merges the two)
     goes to protobuf, and so do malformed bytes, which protobuf refuses."""
-    from google.protobuf.message import DecodeError
-
     rows = np.arange(12, dtype=np.float16).reshape(1, 3, 4)
     t = tensor.encode(rows, tensor.FLOAT16)
     unpacked = b"\x08\x02" + b"".join(b"\x10" + bytes([d]) for d in rows.shape) + b"\x1a\x18" + rows.tobytes()
@@ -72,3 +83,15 @@ def test_reading_a_fetch_response_leaves_what_it_does_not_expect_to_protobuf():
     assert read_fetch_response(twice) == memory_pb2.FetchMemoryResponse.FromString(twice)
     with pytest.raises(DecodeError):
         read_fetch_response(b"\x1a\x7f\x00")
+
+
+def test_an_append_request_without_rows_reads_as_protobuf_reads_it():
+    only_id = memory_pb2.AppendMemoryRequest(memory_id="m").SerializeToString()
+    read = read_append_request(only_id)
+    assert isinstance(read, AppendedRows) and read.memory_id == "m" and read.layer == 0
+    assert not read.HasField("keys") and not read.HasField("values")
+    with pytest.raises(InvalidArgument, match="keys is missing"):
+        tensor.decode_raw(read.keys, name="keys")
+    bad_utf8 = b"\x0a\x02\xff\xfe"  # protobuf refuses a string that is not UTF-8
+    with pytest.raises(DecodeError):
+        read_append_request(bad_utf8)

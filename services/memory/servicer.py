@@ -71,15 +71,22 @@ def _embedding(t: common_pb2.Tensor, name: str) -> np.ndarray:
 
 
 def register(servicer: MemoryServicer, server: grpc.aio.Server) -> None:
-    """Adds the MemoryService to ``server``, FetchMemory with a serializer that sends the
-    servicer's serialized answers as they are (registered handlers replace the generated one)."""
+    """Adds the MemoryService to ``server``, with the two bulk row streams read and written by
+    ``extmind.row_wire`` (rows are not copied in and out of protobuf messages): AppendMemory's
+    requests are read by ``read_append_request``, FetchMemory's answers, serialized by the
+    servicer, are sent as they are. Registered handlers replace the generated ones."""
     memory_pb2_grpc.add_MemoryServiceServicer_to_server(servicer, server)
+    append = grpc.stream_unary_rpc_method_handler(
+        servicer.AppendMemory,
+        request_deserializer=row_wire.read_append_request,
+        response_serializer=memory_pb2.AppendMemoryResponse.SerializeToString,
+    )
     fetch = grpc.unary_stream_rpc_method_handler(
         servicer.FetchMemory,
         request_deserializer=memory_pb2.FetchMemoryRequest.FromString,
         response_serializer=row_wire.as_is,
     )
-    server.add_registered_method_handlers("extmind.v1.MemoryService", {"FetchMemory": fetch})
+    server.add_registered_method_handlers("extmind.v1.MemoryService", {"AppendMemory": append, "FetchMemory": fetch})
 
 
 class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
@@ -116,7 +123,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
                 if not msg.HasField("keys") and not msg.HasField("values"):
                     continue  # a message that only names the memory (e.g. to read rows_per_layer)
                 shape = (meta.num_kv_heads, None, meta.head_dim)
-                # Views of the message's bytes (each access to msg.keys.data would copy).
+                # Views of the received bytes (row_wire; of a protobuf message's, each access to
+                # msg.keys.data would copy).
                 keys = decode_raw(msg.keys, name="keys", dtypes=(meta.dtype,), shape=shape)
                 values = decode_raw(msg.values, name="values", dtypes=(meta.dtype,), shape=shape)
                 await stream.add(msg.layer, keys, values)
