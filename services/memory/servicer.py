@@ -151,10 +151,13 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     async def FetchMemory(self, request, context):
         # Serialized here (row_wire: one copy of the rows); ``register`` sends them as they are.
         meta, slices = await self.kv.fetch(request.memory_id, list(request.layers))
-        for piece in slices:
-            yield row_wire.fetch_response(
-                meta.memory_id, piece.layer, piece.row_offset, piece.keys, piece.values, meta.dtype
-            )
+        try:
+            for piece in slices:
+                yield row_wire.fetch_response(
+                    meta.memory_id, piece.layer, piece.row_offset, piece.keys, piece.values, meta.dtype
+                )
+        finally:
+            slices.close()  # a client gone mid-stream: the memory's load stops waiting for it now
 
     async def _search(self, request: memory_pb2.SearchMemoryRequest) -> memory_pb2.SearchMemoryResponse:
         queries = decode(request.queries, name="queries", dtypes=KV_DTYPES, ndim=3)

@@ -209,3 +209,37 @@ def test_a_load_hands_over_the_rows_before_it_builds_the_indexes(kv):
     for layer in range(2):
         assert np.array_equal(handed[0][1][layer], K[layer]) and np.array_equal(handed[0][2][layer], V[layer])
         assert np.array_equal(mem.keys[layer], K[layer])
+
+
+def test_a_load_builds_its_indexes_after_the_fetches_of_its_rows(kv, monkeypatch):
+    """While a FetchMemory stream sends a memory's rows, a load of that memory has handed its
+    rows over and waits to build the indexes (the fetch gets the CPU); at most
+    FETCH_YIELD_SECONDS."""
+    import threading
+    import time
+
+    from services.memory import kv_index
+    from services.memory.kv_layout import MemoryMeta
+
+    K, V = h.random_kv(np.random.default_rng(9), 2, 2, 6, 8, FLOAT16)
+    meta = MemoryMeta("m", 2, 2, 8, FLOAT16, "fp", 6, READY, K.nbytes + V.nbytes, {}, 1, rows=[6, 6], chunks=[1, 1])
+    appended = [[(K[x], V[x])] for x in range(2)]
+    rows, loaded = [], []
+    with kv.index.fetching("m"), kv.index.fetching("m"):  # two streams of it
+        job = threading.Thread(target=lambda: loaded.append(kv.index.load(meta, appended, on_rows=rows.append)))
+        job.start()
+        for _ in range(500):
+            if rows:
+                break
+            time.sleep(0.01)
+        assert rows and np.array_equal(rows[0].keys[1], K[1])
+        time.sleep(0.2)
+        assert not loaded  # both streams still send
+    job.join(10)
+    assert loaded and len(loaded[0].indexes) == 2
+
+    monkeypatch.setattr(kv_index, "FETCH_YIELD_SECONDS", 0.2)
+    with kv.index.fetching("m"):  # a stream that never ends delays the indexes only so long
+        t0 = time.monotonic()
+        assert len(kv.index.load(meta, appended).indexes) == 2
+        assert 0.15 < time.monotonic() - t0 < 5  # waited 0.2 s in all, then built
