@@ -5,7 +5,8 @@ in — the model's own dtype for every memory Memorize wrote, so a float16 / bfl
 take half the bytes of float32 ones — plus the float32 inverse key norms used for the cosine
 (docs/extended-mind.md, "Dtypes"). Entries are keyed by memory id and remember the memory's version
 (its create_time): a memory deleted and re-created under the same id has a new version, so the
-stale bank is dropped instead of served. Only the MLX thread touches this module's arrays.
+stale bank is dropped instead of served. Only the MLX thread touches this module's arrays
+(``fetch_bank`` runs off it and hands it each layer to convert).
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ def window_chunks(
     """Runs the plain model over one window, a prefill chunk of ``chunk`` tokens at a time
     through a fresh mlx-lm KV cache (positions start at 0 in every window), and yields per chunk
     (one past its last token, per layer the chunk's new non-special rows' raw keys and values as
-    numpy [KVH, n, d] storage arrays of ``dtype``). ``dtype`` is the model's compute dtype: the
+    numpy [KVH, n, d] storage arrays of ``dtype``; no layers for a chunk without new rows). ``dtype`` is the model's compute dtype: the
     rows as the model computed them (bfloat16 as uint16 bits, see ``kv_dtypes``). The arrays are
     read-only views of evaluated MLX arrays (no copy on the host).
 
@@ -126,10 +126,11 @@ def window_chunks(
         finally:
             state.capture, state.memory = None, saved_memory
         # One run of rows (the usual case) is a slice; only special tokens inside need a gather.
+        # A chunk of context only (an earlier window covered its tokens) contributes no rows.
         rows = _kept_span(keep) or mx.array(keep, dtype=mx.int32)
         out = [
             (mx.contiguous(to_storage(k[0][:, rows], dtype)), mx.contiguous(to_storage(v[0][:, rows], dtype)))
-            for _, k, v in captured
+            for _, k, v in (captured if keep else ())
         ]
         # The cache is only read by the window's next chunk.
         mx.eval(out, [c.state for c in cache] if hi < w.end else [])
