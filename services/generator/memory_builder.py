@@ -102,9 +102,10 @@ def window_chunks(
     """Runs the plain model over one window, a prefill chunk of ``chunk`` tokens at a time
     through a fresh mlx-lm KV cache (positions start at 0 in every window), and yields per chunk
     (one past its last token, per layer the chunk's new non-special rows' raw keys and values as
-    numpy [KVH, n, d] storage arrays of ``dtype``; no layers for a chunk without new rows). ``dtype`` is the model's compute dtype: the
-    rows as the model computed them (bfloat16 as uint16 bits, see ``kv_dtypes``). The arrays are
-    read-only views of evaluated MLX arrays (no copy on the host).
+    numpy [KVH, n, d] storage arrays of ``dtype``; no layers for a chunk without new rows).
+    ``dtype`` is the model's compute dtype: the rows as the model computed them (bfloat16 as
+    uint16 bits, see ``kv_dtypes``). The arrays are views of evaluated MLX arrays (no copy on
+    the host): read them, never write them.
 
     ``run(fn, *args)`` executes each chunk on the MLX thread, so a caller off that thread lets
     decode steps of other requests run between chunks instead of stalling them for a whole window.
