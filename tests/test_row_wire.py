@@ -95,3 +95,46 @@ def test_an_append_request_without_rows_reads_as_protobuf_reads_it():
     bad_utf8 = b"\x0a\x02\xff\xfe"  # protobuf refuses a string that is not UTF-8
     with pytest.raises(DecodeError):
         read_append_request(bad_utf8)
+
+
+async def test_the_memory_service_reads_appends_and_sends_fetches_through_row_wire():
+    """``register`` replaces the generated AppendMemory / FetchMemory handlers: requests arrive
+    as AppendedRows, answers go out as the servicer's bytes; the other calls are the generated."""
+    import grpc
+
+    from extmind.v1 import memory_pb2_grpc
+    from services.memory.servicer import MemoryServicer, register
+
+    seen = []
+
+    class Recording(MemoryServicer):
+        async def AppendMemory(self, request_iterator, context):  # noqa: N802 - the RPC's name
+            async for msg in request_iterator:
+                seen.append(type(msg))
+            return memory_pb2.AppendMemoryResponse(memory_id="a")
+
+        async def FetchMemory(self, request, context):  # noqa: N802
+            rows = np.ones((1, 2, 4), np.float16)
+            yield fetch_response(request.memory_id, 0, 0, rows, rows, tensor.FLOAT16)
+
+        async def GetMemory(self, request, context):  # noqa: N802
+            return memory_pb2.GetMemoryResponse(memory=memory_pb2.Memory(memory_id=request.memory_id))
+
+    server = grpc.aio.server()
+    register(Recording(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = memory_pb2_grpc.MemoryServiceStub(channel)
+            rows = np.zeros((1, 2, 4), np.float16)
+            done = await stub.AppendMemory(
+                iter([memory_pb2.AppendMemoryRequest.FromString(append_request("a", 0, rows, rows, tensor.FLOAT16))])
+            )
+            fetched = [m async for m in stub.FetchMemory(memory_pb2.FetchMemoryRequest(memory_id="f"))]
+            got = await stub.GetMemory(memory_pb2.GetMemoryRequest(memory_id="g"))
+    finally:
+        await server.stop(None)
+    assert seen == [AppendedRows] and done.memory_id == "a" and got.memory.memory_id == "g"
+    assert len(fetched) == 1 and fetched[0].memory_id == "f"
+    assert np.array_equal(tensor.decode_raw(fetched[0].keys), np.ones((1, 2, 4), np.float16))
