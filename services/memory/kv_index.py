@@ -219,11 +219,20 @@ class KVIndex:
             initargs=(LARGE_THREADS,),
         )
         self.inline_search = threads == 0  # 0 = search on the event loop thread
+        # Loads into RAM on threads of their own: a load that waits for fetches of its memory
+        # (``_yield_to_fetches``) must not hold a thread that searches wait for.
+        self.loader = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, threads),
+            thread_name_prefix="kv-load",
+            initializer=faiss.omp_set_num_threads,
+            initargs=(LARGE_THREADS,),
+        )
         self._fetching: dict[str, int] = {}  # memory id -> FetchMemory streams sending its rows now
         self._fetches_done = threading.Condition()
 
     def close(self) -> None:
         """Waits for running loads and searches; drops queued ones."""
+        self.loader.shutdown(wait=True, cancel_futures=True)
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     # ---------------------------------------------------------------- loading
@@ -373,7 +382,9 @@ class KVIndex:
             if not rows.done():
                 (rows.set_exception if isinstance(value, BaseException) else rows.set_result)(value)
 
-        fut = loop.run_in_executor(self.pool, self.load, meta, appended, lambda r: loop.call_soon_threadsafe(settle, r))
+        fut = loop.run_in_executor(
+            self.loader, self.load, meta, appended, lambda r: loop.call_soon_threadsafe(settle, r)
+        )
         job = self._loading[mid] = _Load(rows, fut)
 
         def done(f: asyncio.Future) -> None:
