@@ -66,10 +66,11 @@ def encode(array, dtype: int | None = None) -> common_pb2.Tensor:
     if dtype == BFLOAT16:
         data = a.astype("<u2", copy=False) if a.dtype == np.uint16 else float32_to_bf16_bits(a)
     elif dtype in STORAGE:
-        data = np.ascontiguousarray(a, dtype=STORAGE[dtype])
+        data = a.astype(STORAGE[dtype], copy=False)
     else:
         raise TypeError(f"cannot encode to {dtype_name(dtype)}")
-    return common_pb2.Tensor(dtype=dtype, shape=list(a.shape), data=np.ascontiguousarray(data).tobytes())
+    # tobytes writes row-major order itself: one copy, also for a strided view (a slice of rows)
+    return common_pb2.Tensor(dtype=dtype, shape=list(a.shape), data=data.tobytes())
 
 
 def _check(t: common_pb2.Tensor, name: str, dtypes, shape, ndim) -> np.dtype:

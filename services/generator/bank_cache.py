@@ -5,11 +5,13 @@ in — the model's own dtype for every memory Memorize wrote, so a float16 / bfl
 take half the bytes of float32 ones — plus the float32 inverse key norms used for the cosine
 (docs/extended-mind.md, "Dtypes"). Entries are keyed by memory id and remember the memory's version
 (its create_time): a memory deleted and re-created under the same id has a new version, so the
-stale bank is dropped instead of served. Only the MLX thread touches this module's arrays.
+stale bank is dropped instead of served. Only the MLX thread touches this module's arrays
+(``fetch_bank`` runs off it and hands it each layer to convert).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -18,9 +20,11 @@ import numpy as np
 from prometheus_client import Counter, Gauge
 
 from extmind import tensor
+from services.common.mlx_thread import MLXThread
 from services.generator.extended_attention import Retrieved, local_top_k
 from services.generator.kv_dtypes import from_storage
 from services.generator.memory_client import StoredRows
+from services.generator.memory_resolution import MemoryResolver, ResolvedMemory
 
 HITS = Counter("extmind_generator_bank_cache_hits", "LOCAL retrieval: memory banks found on the device")
 MISSES = Counter(
@@ -50,6 +54,22 @@ def _inv_norms(keys: mx.array) -> mx.array:
     return mx.rsqrt(mx.maximum(mx.sum(k * k, axis=-1), 1e-24))
 
 
+def bank_layer(keys: np.ndarray, values: np.ndarray, dtype: int) -> tuple[mx.array, mx.array, mx.array]:
+    """One layer's numpy [KVH, N, d] storage arrays of ``dtype`` -> (keys [KVH, d, N], values
+    [KVH, N, d], float32 inverse key norms [KVH, N]) on the device, evaluated, bit for bit."""
+    k, v = from_storage(keys, dtype), from_storage(values, dtype)
+    norms = _inv_norms(k)
+    k = mx.contiguous(k.swapaxes(-1, -2))
+    mx.eval(k, v, norms)
+    return k, v, norms
+
+
+def bank_of_layers(memory_id: str, version: str, layers: list[tuple], dtype: int) -> Bank:
+    """A Bank from the per-layer results of ``bank_layer``."""
+    rows = int(layers[0][0].shape[2]) if layers else 0
+    return Bank(memory_id, version, [x[0] for x in layers], [x[1] for x in layers], [x[2] for x in layers], rows, dtype)
+
+
 def bank_from_numpy(
     memory_id: str, version: str, keys: list[np.ndarray], values: list[np.ndarray], dtype: int | None = None
 ) -> Bank:
@@ -58,18 +78,35 @@ def bank_from_numpy(
     device in that dtype, bit for bit (the keys transposed to [KVH, d, N])."""
     if dtype is None:
         dtype = tensor.FLOAT16 if keys and np.asarray(keys[0]).dtype == np.float16 else tensor.FLOAT32
-    k = [from_storage(x, dtype) for x in keys]
-    v = [from_storage(x, dtype) for x in values]
-    norms = [_inv_norms(x) for x in k]
-    k = [mx.contiguous(x.swapaxes(-1, -2)) for x in k]
-    mx.eval(k, v, norms)
-    rows = int(k[0].shape[2]) if k else 0
-    return Bank(memory_id, version, k, v, norms, rows, dtype)
+    return bank_of_layers(memory_id, version, [bank_layer(k, v, dtype) for k, v in zip(keys, values)], dtype)
 
 
 def bank_from_stored(memory_id: str, version: str, stored: StoredRows) -> Bank:
     """A memory's rows as ``MemoryResolver.fetch`` returns them -> a Bank in their dtype."""
     return bank_from_numpy(memory_id, version, stored.keys, stored.values, stored.dtype)
+
+
+def fetch_bank(resolver: MemoryResolver, memory: ResolvedMemory, mlx: MLXThread) -> Bank:
+    """Fetches ``memory`` (``MemoryResolver.fetch``) and caches it on the device as it streams
+    in: each layer goes to the MLX thread as soon as its last slice has arrived, while the next
+    layers are still on the wire. Blocking; call it off the MLX thread. Raises what the fetch
+    raises."""
+    pending: dict[int, concurrent.futures.Future] = {}
+
+    def on_layer(layer: int, keys: np.ndarray, values: np.ndarray, dtype: int) -> None:
+        pending[layer] = mlx.submit(bank_layer, keys, values, dtype)
+
+    try:
+        stored = resolver.fetch(memory, on_layer=on_layer)
+    except BaseException:
+        for f in pending.values():
+            f.cancel()
+        raise
+    for layer, (k, v) in enumerate(zip(stored.keys, stored.values)):
+        if layer not in pending:  # every layer arrives complete; kept for a layer that did not
+            pending[layer] = mlx.submit(bank_layer, k, v, stored.dtype)
+    layers = [pending[layer].result() for layer in range(len(stored.keys))]
+    return bank_of_layers(memory.memory_id, memory.version, layers, stored.dtype)
 
 
 class LocalRetriever:

@@ -24,7 +24,7 @@ from extmind import errors
 from services.common.mlx_thread import MLXThread
 from services.generator import weights_dtype
 from services.generator.attention_parts import compute_dtype
-from services.generator.bank_cache import BankCache, LocalRetriever, bank_from_stored
+from services.generator.bank_cache import BankCache, LocalRetriever, bank_from_stored, fetch_bank
 from services.generator.chat_prompt import encode_messages
 from services.generator.extended_attention import MemoryContext, install
 from services.generator.fingerprint import model_fingerprint
@@ -255,7 +255,7 @@ class GeneratorEngine:
             memories = await asyncio.to_thread(self.resolver.resolve, m.memory_ids, include_tokens=m.return_citations)
             if m.mode == LOCAL:
                 for mem in await self.mlx.run(self._missing_banks, memories):
-                    fetched[mem.memory_id] = await asyncio.to_thread(self.resolver.fetch, mem)
+                    fetched[mem.memory_id] = await asyncio.to_thread(fetch_bank, self.resolver, mem, self.mlx)
             layers = frozenset(m.layers) if m.layers else None
             key = (m.mode, tuple((i.memory_id, i.version) for i in memories), m.top_k, m.threshold, layers)
         r = RunningRequest(
@@ -294,9 +294,8 @@ class GeneratorEngine:
             banks = []
             for i in memories:
                 bank = self.bank_cache.get(i.memory_id, i.version, lookup=False)  # counted by _missing_banks
-                if bank is None:  # evicted since _missing_banks looked
-                    stored = fetched.get(i.memory_id) or self.resolver.fetch(i)
-                    bank = bank_from_stored(i.memory_id, i.version, stored)
+                if bank is None:  # fetched for this request, or evicted since _missing_banks looked
+                    bank = fetched.get(i.memory_id) or bank_from_stored(i.memory_id, i.version, self.resolver.fetch(i))
                     self.bank_cache.put(bank)
                 banks.append(bank)
             retriever = LocalRetriever(banks)

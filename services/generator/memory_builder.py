@@ -5,12 +5,14 @@ Window i covers tokens [i*stride, min(i*stride + window, N)) with positions rest
 first window contributes all its rows, every later window only its newest ones (those no earlier
 window covered), so each row after the first window saw at least window - stride tokens of left
 context. Rows of special tokens (pad, BOS, EOS, ...) are dropped; ``positions`` maps each kept row
-back to its token's position in the text. ``MemoryBuilder.build`` streams each window's rows to
-the memory service before computing the next window, so only one window is ever held.
+back to its token's position in the text. ``MemoryBuilder.build`` streams the rows of each
+prefill chunk of a window to the memory service while the next chunk's forward runs, so at most
+two chunks' rows are held at once.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +25,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from extmind import errors, tensor
 from extmind.errors import InvalidArgument
+from extmind.row_wire import append_request
 from extmind.v1 import memory_pb2
 from services.generator.extended_attention import ExtendedMindState
 from services.generator.kv_dtypes import to_storage
@@ -78,7 +81,15 @@ class MemorizeProgress:
     eta_seconds: float
 
 
-def window_rows(
+def _kept_span(keep: list[int]) -> slice | None:
+    """``keep`` (increasing offsets) as a slice when it is one run of offsets (no special token
+    inside), else None."""
+    if keep and keep[-1] - keep[0] == len(keep) - 1:
+        return slice(keep[0], keep[-1] + 1)
+    return None
+
+
+def window_chunks(
     model: nn.Module,
     state: ExtendedMindState,
     token_ids,
@@ -86,24 +97,23 @@ def window_rows(
     special_ids,
     chunk: int | None = None,
     run=None,
-    on_chunk=None,
     dtype: int = tensor.FLOAT32,
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Runs the plain model over one window and returns, per layer, the new non-special rows' raw
-    keys and values as numpy [KVH, n, d] storage arrays of ``dtype`` (the model's compute dtype:
-    the rows as the model computed them; bfloat16 as uint16 bits, see ``kv_dtypes``).
+) -> Iterator[tuple[int, list[tuple[np.ndarray, np.ndarray]]]]:
+    """Runs the plain model over one window, a prefill chunk of ``chunk`` tokens at a time
+    through a fresh mlx-lm KV cache (positions start at 0 in every window), and yields per chunk
+    (one past its last token, per layer the chunk's new non-special rows' raw keys and values as
+    numpy [KVH, n, d] storage arrays of ``dtype``; no layers for a chunk without new rows).
+    ``dtype`` is the model's compute dtype: the rows as the model computed them (bfloat16 as
+    uint16 bits, see ``kv_dtypes``). The arrays are views of evaluated MLX arrays (no copy on
+    the host): read them, never write them.
 
-    The window is prefilled in chunks of ``chunk`` tokens through a fresh mlx-lm KV cache
-    (positions still start at 0 in every window); ``run(fn, *args)`` executes each chunk on the
-    MLX thread, so a caller off that thread lets decode steps of other requests run between
-    chunks instead of stalling them for a whole window. ``on_chunk(hi)`` is called (on the
-    caller's thread) after each chunk with one past its last token.
+    ``run(fn, *args)`` executes each chunk on the MLX thread, so a caller off that thread lets
+    decode steps of other requests run between chunks instead of stalling them for a whole window.
     """
     special = set(special_ids)
     run = run or (lambda fn, *a: fn(*a))
     cache = run(make_prompt_cache, model)
     chunk = chunk or (w.end - w.start)
-    parts: list[list[tuple[np.ndarray, np.ndarray]]] = []
 
     def step(lo: int, hi: int):
         keep = [p - lo for p in range(max(lo, w.first_new), hi) if token_ids[p] not in special]
@@ -116,20 +126,41 @@ def window_rows(
             captured = sorted(state.capture, key=lambda c: c[0])
         finally:
             state.capture, state.memory = None, saved_memory
-        rows = mx.array(keep, dtype=mx.int32)
-        out = [(to_storage(k[0][:, rows], dtype), to_storage(v[0][:, rows], dtype)) for _, k, v in captured]
-        mx.eval(out, [c.state for c in cache])
-        return [(np.array(k), np.array(v)) for k, v in out]
+        # One run of rows (the usual case) is a slice; only special tokens inside need a gather.
+        # A chunk of context only (an earlier window covered its tokens) contributes no rows.
+        rows = _kept_span(keep) or mx.array(keep, dtype=mx.int32)
+        out = [
+            (mx.contiguous(to_storage(k[0][:, rows], dtype)), mx.contiguous(to_storage(v[0][:, rows], dtype)))
+            for _, k, v in (captured if keep else ())
+        ]
+        # The cache is only read by the window's next chunk.
+        mx.eval(out, [c.state for c in cache] if hi < w.end else [])
+        # Views, not copies: the message's encoding is the one host copy (np.asarray keeps the
+        # MLX array alive).
+        return [(np.asarray(k), np.asarray(v)) for k, v in out]
 
     for lo in range(w.start, w.end, chunk):
         hi = min(lo + chunk, w.end)
-        parts.append(run(step, lo, hi))
-        if on_chunk is not None:
-            on_chunk(hi)
-    return [
-        (np.concatenate([p[i][0] for p in parts], axis=1), np.concatenate([p[i][1] for p in parts], axis=1))
-        for i in range(len(parts[0]))
-    ]
+        yield hi, run(step, lo, hi)
+
+
+_END = object()
+
+
+def read_ahead(items: Iterator) -> Iterator:
+    """Yields the items of ``items``, computing the next one on a worker thread while the caller
+    handles the current one (the next window chunk's forward runs while this chunk's rows are
+    sent). Exceptions of ``items`` are raised here; closing this iterator waits for the item in
+    progress and closes ``items``."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="memorize-ahead") as pool:
+        pending = pool.submit(next, items, _END)
+        try:
+            while (item := pending.result()) is not _END:
+                pending = pool.submit(next, items, _END)
+                yield item
+        finally:
+            concurrent.futures.wait([pending])
+            items.close()
 
 
 class MemoryBuilder:
@@ -204,9 +235,11 @@ class MemoryBuilder:
             raise
         return dict(memory_id=mid, num_tokens=len(token_ids), num_rows=len(row_tokens), model_fingerprint=s.fingerprint)
 
-    def _messages(self, mid: str, token_ids, windows, progress=None) -> Iterator[memory_pb2.AppendMemoryRequest]:
-        """The append stream, computed lazily: the next window's forward runs only when gRPC
-        asks for its first message."""
+    def _messages(
+        self, mid: str, token_ids, windows, progress=None
+    ) -> Iterator[memory_pb2.AppendMemoryRequest | bytes]:
+        """The append stream (rows serialized by ``row_wire``), computed lazily: a chunk's
+        forward runs one chunk ahead of the messages gRPC has asked for (``read_ahead``)."""
         t0 = time.monotonic()
         work_total = sum(w.end - w.start for w in windows)  # tokens run through the model, overlap included
         done = dict(tokens=0, windows=0, work=0)
@@ -228,21 +261,17 @@ class MemoryBuilder:
         # (docs/contract.md, "KV memories") leaves it alone however slow the forwards are.
         yield memory_pb2.AppendMemoryRequest(memory_id=mid)
         report()
-        for w in windows:
-            layers = window_rows(
-                self.model,
-                self.state,
-                token_ids,
-                w,
-                self.special_ids,
-                chunk=self.chunk,
-                run=self.run,
-                on_chunk=lambda hi, w=w: report(w, hi),
-                dtype=self.dtype,
-            )
+
+        def chunks():
+            for w in windows:
+                for hi, layers in window_chunks(
+                    self.model, self.state, token_ids, w, self.special_ids, self.chunk, self.run, self.dtype
+                ):
+                    yield w, hi, layers
+
+        for w, hi, layers in read_ahead(chunks()):
+            report(w, hi)
             for layer, (k, v) in enumerate(layers):
                 if k.shape[1] == 0:
                     continue
-                yield memory_pb2.AppendMemoryRequest(
-                    memory_id=mid, layer=layer, keys=tensor.encode(k, self.dtype), values=tensor.encode(v, self.dtype)
-                )
+                yield append_request(mid, layer, k, v, self.dtype)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from extmind import errors, tensor
+from extmind import errors, row_wire, tensor
 from extmind.channels import auth_metadata, sync_channel
 from extmind.v1 import memory_pb2, memory_pb2_grpc
 from services.generator.kv_dtypes import KV_DTYPES, widen
@@ -55,12 +55,63 @@ class StoredRows:
         return sum(a.nbytes for a in (*self.keys, *self.values))
 
 
+class _LayerRows:
+    """One layer's row slices as FetchMemory streams them, joined: written into arrays of
+    ``rows`` rows as they arrive when ``rows`` is known, else kept and concatenated at the end."""
+
+    def __init__(self, rows: int | None):
+        self.rows = rows
+        self.parts: list[tuple[np.ndarray, np.ndarray]] = []
+        self.keys = self.values = None
+        self.filled = 0
+        self.handed = False  # given to an on_layer callback already
+
+    @property
+    def complete(self) -> bool:
+        return self.keys is not None and self.filled == self.rows
+
+    def add(self, keys: np.ndarray, values: np.ndarray) -> bool:
+        """-> False when the slice does not fit (more rows than ``rows``, another shape)."""
+        if self.rows is None:
+            self.parts.append((keys, values))
+            return True
+        n = keys.shape[1]
+        if self.keys is None:
+            shape = (keys.shape[0], self.rows, keys.shape[2])
+            self.keys, self.values = np.empty(shape, keys.dtype), np.empty(shape, keys.dtype)
+        lo, hi = self.filled, self.filled + n
+        if hi > self.rows or keys.shape[::2] != self.keys.shape[::2] or values.shape != keys.shape:
+            return False
+        self.keys[:, lo:hi], self.values[:, lo:hi] = keys, values
+        self.filled = hi
+        return True
+
+    def result(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        if self.keys is not None:
+            return self.keys[:, : self.filled], self.values[:, : self.filled]
+        if not self.parts:
+            return None, None
+        return tuple(np.concatenate([p[i] for p in self.parts], axis=1) for i in (0, 1))
+
+
 class MemoryClient:
     def __init__(self, url: str, *, timeout: float = 30.0, token: str | None = None):
         self.url = url
         self.timeout = timeout
         self._channel = sync_channel(url)
         self._stub = memory_pb2_grpc.MemoryServiceStub(self._channel)
+        # AppendMemory as the stub has it, but sending serialized requests as they are too.
+        self._append = self._channel.stream_unary(
+            "/extmind.v1.MemoryService/AppendMemory",
+            request_serializer=row_wire.as_is,
+            response_deserializer=memory_pb2.AppendMemoryResponse.FromString,
+        )
+        # FetchMemory read with the rows left in the received bytes (row_wire.read_fetch_response).
+        self._fetch = self._channel.unary_stream(
+            "/extmind.v1.MemoryService/FetchMemory",
+            request_serializer=memory_pb2.FetchMemoryRequest.SerializeToString,
+            response_deserializer=row_wire.read_fetch_response,
+        )
         self._metadata = auth_metadata(token)
         # False once the memory service answered UNIMPLEMENTED to SearchMemoryStream (older than
         # it): REMOTE retrieval then uses unary SearchMemory.
@@ -122,9 +173,10 @@ class MemoryClient:
         )
 
     def append(
-        self, requests: Iterable[memory_pb2.AppendMemoryRequest], timeout: float | None = None
+        self, requests: Iterable[memory_pb2.AppendMemoryRequest | bytes], timeout: float | None = None
     ) -> memory_pb2.AppendMemoryResponse:
-        """Streams ``requests`` in one AppendMemory call. gRPC pulls them one at a time as the
+        """Streams ``requests`` in one AppendMemory call: messages, or serialized messages
+        (``row_wire.append_request``) sent as they are. gRPC pulls them one at a time as the
         stream can take them (on its own thread), so a generator that computes each message
         only holds one message at a time. An exception raised by ``requests`` aborts the stream
         (the memory service commits nothing) and is re-raised here."""
@@ -138,21 +190,25 @@ class MemoryClient:
                 raise
 
         try:
-            return self._stub.AppendMemory(remembering(), timeout=timeout, metadata=self._metadata)
+            return self._append(remembering(), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             if failed:
                 raise failed[0] from None
             raise self._error(e, "appending rows") from None
 
-    def fetch_stored(self, memory_id: str, num_layers: int) -> StoredRows:
+    def fetch_stored(self, memory_id: str, num_layers: int, rows: int | None = None, on_layer=None) -> StoredRows:
         """Every layer's keys and values as stored, in the memory's dtype (no widening). A layer
-        without rows is None. Raises FailedPrecondition for a layer this model lacks, the memory
-        service's errors otherwise."""
-        keys = [[] for _ in range(num_layers)]
-        values = [[] for _ in range(num_layers)]
+        without rows is None. With ``rows`` (the memory's rows per layer, as resolved) each layer
+        is written into one array as its slices arrive instead of joined at the end (one copy
+        less); a layer that would hold more is FailedPrecondition (the memory changed), one that
+        ends with fewer comes back shorter; ``on_layer(layer, keys, values, dtype)`` (optional)
+        is called, on this thread, with each layer as soon as it holds ``rows`` rows (the arrays
+        then are final: the same ones come back). Raises FailedPrecondition for a layer this
+        model lacks, the memory service's errors otherwise."""
+        layers = [_LayerRows(rows) for _ in range(num_layers)]
         dtype = None
         try:
-            for chunk in self._stub.FetchMemory(
+            for chunk in self._fetch(
                 memory_pb2.FetchMemoryRequest(memory_id=memory_id),
                 timeout=max(self.timeout, 300.0),
                 metadata=self._metadata,
@@ -162,13 +218,19 @@ class MemoryClient:
                         f"memory {memory_id!r} has layer {chunk.layer}; this model has {num_layers}"
                     )
                 allowed = KV_DTYPES if dtype is None else (dtype,)  # one dtype for the whole memory
-                keys[chunk.layer].append(tensor.decode_raw(chunk.keys, name="keys", dtypes=allowed, ndim=3))
+                keys = tensor.decode_raw(chunk.keys, name="keys", dtypes=allowed, ndim=3)
                 dtype = chunk.keys.dtype
-                values[chunk.layer].append(tensor.decode_raw(chunk.values, name="values", dtypes=(dtype,), ndim=3))
+                values = tensor.decode_raw(chunk.values, name="values", dtypes=(dtype,), ndim=3)
+                layer = layers[chunk.layer]
+                if not layer.add(keys, values):
+                    raise errors.FailedPrecondition(f"memory {memory_id!r} changed while it was fetched; retry")
+                if on_layer is not None and layer.complete and not layer.handed:
+                    layer.handed = True
+                    on_layer(chunk.layer, *layer.result(), dtype)
         except grpc.RpcError as e:
             raise self._error(e, f"fetching memory {memory_id!r}") from None
-        cat = lambda parts: np.concatenate(parts, axis=1) if parts else None  # noqa: E731
-        return StoredRows([cat(k) for k in keys], [cat(v) for v in values], tensor.FLOAT32 if dtype is None else dtype)
+        done = [x.result() for x in layers]
+        return StoredRows([k for k, _ in done], [v for _, v in done], tensor.FLOAT32 if dtype is None else dtype)
 
     def fetch(self, memory_id: str, num_layers: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Every layer's keys and values as float32 numpy [KVH, N, d] (widened exactly)."""

@@ -83,12 +83,14 @@ class MemoryResolver:
             )
         return out
 
-    def fetch(self, memory: ResolvedMemory) -> StoredRows:
+    def fetch(self, memory: ResolvedMemory, on_layer=None) -> StoredRows:
         """Every layer's keys and values of ``memory`` as stored, [KVH, rows, head_dim] in the
         memory's dtype (never widened: a half-precision memory moves and sits in half the bytes).
+        ``on_layer(layer, keys, values, dtype)`` (optional) gets each layer as soon as its last
+        slice has arrived (``MemoryClient.fetch_stored``).
 
         Raises FailedPrecondition when the memory changed since it was resolved."""
-        rows = self.client.fetch_stored(memory.memory_id, self.model.num_layers)
+        rows = self.client.fetch_stored(memory.memory_id, self.model.num_layers, memory.rows, on_layer=on_layer)
         if rows.dtype != memory.dtype or any(k is None or k.shape[1] != memory.rows for k in rows.keys):
             raise errors.FailedPrecondition(f"memory {memory.memory_id!r} changed while it was fetched; retry")
         return rows

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from extmind.v1 import memory_pb2, memory_pb2_grpc
+from extmind.v1 import memory_pb2
 from services.common.config import FlagParser, add_server_flags, http_port, non_negative_float
 from services.common.server import Service
 from services.memory import limits, metrics
@@ -20,7 +20,7 @@ from services.memory.kv_memories import KVMemories
 from services.memory.kv_reaper import BuildingReaper
 from services.memory.kv_store import KVStore
 from services.memory.redis_server import EmbeddedRedis, ensure_durable
-from services.memory.servicer import MemoryServicer
+from services.memory.servicer import MemoryServicer, register
 
 log = logging.getLogger("extmind.memory")
 SERVICE_NAME = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name
@@ -119,9 +119,7 @@ class MemoryApp:
         self.docs: Documents | None = None
         self.rebuild_stats: dict = {}
         self.http = MemoryHttpFace(lambda: self.servicer.kv is not None)
-        self.services = [
-            Service(SERVICE_NAME, lambda s: memory_pb2_grpc.add_MemoryServiceServicer_to_server(self.servicer, s))
-        ]
+        self.services = [Service(SERVICE_NAME, lambda s: register(self.servicer, s))]
 
     def describe(self) -> dict:
         return {

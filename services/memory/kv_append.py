@@ -104,6 +104,9 @@ class AppendStream:
         self.rows: list[int] = []  # rows per layer, as they will be after our writes
         self.before: dict[int, int] = {}  # layer -> rows at stream start (layers this stream wrote)
         self.bytes = 0
+        # Per layer the batches this stream stored, while they are all the memory's rows (it
+        # started empty) and fit limits.KEEP_APPENDED_BYTES: a READY memory loads from them.
+        self.kept: list[list[tuple[np.ndarray, np.ndarray]]] | None = None
         self.appended_rows = 0  # over all layers (the metrics)
         self.claimed: str | None = None  # the memory whose one writer slot this stream holds
         self.waited = 0.0  # seconds spent waiting for Redis
@@ -145,6 +148,8 @@ class AppendStream:
                 f"memory {memory_id!r} is READY; a READY memory takes no more rows (create a new memory instead)"
             )
         self.rows = list(self.meta.rows)
+        if not any(self.rows):
+            self.kept = [[] for _ in range(self.meta.num_layers)]
 
     async def add(self, layer: int, keys: np.ndarray, values: np.ndarray) -> None:
         """Appends rows to ``layer``: keys and values [num_kv_heads, n, head_dim] in the memory's
@@ -184,12 +189,34 @@ class AppendStream:
             else:
                 kb, vb = keys[:, start : start + step].tobytes(), values[:, start : start + step].tobytes()
             self.chunk_writer.add(m.memory_id, layer, kb, vb, min(step, n - start))
+        self._keep(layer, keys, values)
         self.rows[layer] += n
         self.bytes += 2 * keys.nbytes
         self.appended_rows += n
         if self.chunk_writer.pending_bytes >= limits.FLUSH_BYTES:
             await self._drain()
             self.inflight = asyncio.ensure_future(self.chunk_writer.take())
+
+    def _keep(self, layer: int, keys: np.ndarray, values: np.ndarray) -> None:
+        if self.kept is None:
+            return
+        if self.bytes + 2 * keys.nbytes > limits.KEEP_APPENDED_BYTES:
+            self.kept = None  # too large to hold twice: the memory loads from Redis
+            return
+        # Arrays decoded from a message are read-only views of its bytes; a caller's own arrays
+        # are copied, so that changing them later cannot change the memory.
+        own = lambda a: a if not a.flags.writeable else a.copy()  # noqa: E731
+        self.kept[layer].append((own(keys), own(values)))
+
+    def _appended(self, meta: MemoryMeta) -> list | None:
+        """The kept batches if they hold every row of the READY ``meta``, else None."""
+        kept, self.kept = self.kept, None
+        if kept is None:
+            return None
+        for parts, rows in zip(kept, meta.rows):
+            if not parts or sum(k.shape[1] for k, _ in parts) != rows:
+                return None
+        return kept
 
     async def _drain(self) -> None:
         """Waits for the batch in flight. It stays ``inflight`` until it has landed: a stream
@@ -215,7 +242,7 @@ class AppendStream:
             await self.store.finish(m.memory_id)
         meta = await self.store.get(m.memory_id)
         if meta.state == READY:
-            self.index.preload(meta)
+            self.index.preload(meta, self._appended(meta))
         self._release()
         metrics.APPENDS.inc()
         metrics.APPEND_ROWS.inc(self.appended_rows)

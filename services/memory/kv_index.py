@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -27,7 +29,7 @@ from extmind.tensor import BFLOAT16, STORAGE, bf16_bits_to_float32
 from services.memory import kv_store
 from services.memory.kv_layout import READY, Layout, MemoryMeta
 from services.memory.kv_store import KVStore
-from services.memory.limits import SEARCH_THREADS
+from services.memory.limits import FETCH_YIELD_SECONDS, SEARCH_THREADS
 
 log = logging.getLogger("extmind.memory.index")
 
@@ -75,18 +77,24 @@ def normalize_rows(x: np.ndarray, *, inplace: bool = False) -> np.ndarray:
 
 
 @dataclass
-class LoadedMemory:
-    """One READY memory in RAM: its rows and their per-head search indexes."""
+class MemoryRows:
+    """One READY memory's rows in RAM: what FetchMemory needs (no indexes)."""
 
     meta: MemoryMeta
     rows: int
     keys: list  # per layer: [num_kv_heads, rows, head_dim] raw (memory dtype)
     values: list
-    indexes: list  # per layer: [faiss.IndexFlatIP] per KV head
 
     @property
     def layout(self) -> Layout:
         return self.meta.layout
+
+
+@dataclass
+class LoadedMemory(MemoryRows):
+    """One READY memory in RAM: its rows and their per-head search indexes."""
+
+    indexes: list  # per layer: [faiss.IndexFlatIP] per KV head
 
     @staticmethod
     def build(meta: MemoryMeta, layers: list) -> LoadedMemory:
@@ -99,6 +107,20 @@ class LoadedMemory:
             values=[x[1] for x in layers],
             indexes=[x[2] for x in layers],
         )
+
+
+@dataclass
+class _Load:
+    """A load in progress: ``rows`` is set once the rows are in RAM, ``loaded`` once the indexes
+    are built too."""
+
+    rows: asyncio.Future
+    loaded: asyncio.Future
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    """Row batches [H, n_i, D] of one layer, in order -> [H, sum n_i, D] (no copy for one batch)."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
 
 def build_layer(meta: MemoryMeta, keys: np.ndarray, values: np.ndarray) -> tuple:
@@ -188,7 +210,7 @@ class KVIndex:
         self.store = store
         self.sync = store.sync
         self.loaded: dict[str, LoadedMemory] = {}  # memory id -> its READY rows in RAM
-        self._loading: dict[str, asyncio.Future] = {}
+        self._loading: dict[str, _Load] = {}
         self._gen: dict[str, int] = {}
         self.pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, threads),
@@ -197,9 +219,20 @@ class KVIndex:
             initargs=(LARGE_THREADS,),
         )
         self.inline_search = threads == 0  # 0 = search on the event loop thread
+        # Loads into RAM on threads of their own: a load that waits for fetches of its memory
+        # (``_yield_to_fetches``) must not hold a thread that searches wait for.
+        self.loader = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, threads),
+            thread_name_prefix="kv-load",
+            initializer=faiss.omp_set_num_threads,
+            initargs=(LARGE_THREADS,),
+        )
+        self._fetching: dict[str, int] = {}  # memory id -> FetchMemory streams sending its rows now
+        self._fetches_done = threading.Condition()
 
     def close(self) -> None:
         """Waits for running loads and searches; drops queued ones."""
+        self.loader.shutdown(wait=True, cancel_futures=True)
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     # ---------------------------------------------------------------- loading
@@ -209,9 +242,68 @@ class KVIndex:
             keys, values = kv_store.read_layer(self.sync, meta, STORAGE[meta.dtype], layer)
         return build_layer(meta, keys, values)
 
-    def load(self, meta: MemoryMeta) -> LoadedMemory:
-        """Reads a READY memory from Redis and builds its indexes (blocking; any thread)."""
-        return LoadedMemory.build(meta, [self._load_layer(meta, layer) for layer in range(meta.num_layers)])
+    def load(self, meta: MemoryMeta, appended: list | None = None, on_rows=None) -> LoadedMemory:
+        """A READY memory into RAM (blocking; any thread): its rows, then its indexes. The rows
+        come from ``appended`` when given (per layer, the [H, n, D] batches of the append stream
+        that wrote every row, in order: they are what Redis holds), else from Redis.
+        ``on_rows(MemoryRows)`` is called as soon as the rows are in RAM, before the indexes are
+        built (FetchMemory needs no index)."""
+        t0 = time.perf_counter()
+        if appended is None:
+            with kv_store.redis_errors():
+                storage = STORAGE[meta.dtype]
+                layers = [kv_store.read_layer(self.sync, meta, storage, x) for x in range(meta.num_layers)]
+        else:
+            layers = [(_joined([k for k, _ in parts]), _joined([v for _, v in parts])) for parts in appended]
+        rows = MemoryRows(meta, meta.rows[0] if meta.rows else 0, [k for k, _ in layers], [v for _, v in layers])
+        t1 = time.perf_counter()
+        if on_rows is not None:
+            on_rows(rows)
+        built, paused = [], 0.0
+        for k, v in layers:
+            paused += self._yield_to_fetches(meta.memory_id, t1 + FETCH_YIELD_SECONDS)
+            built.append(build_layer(meta, k, v))
+        loaded = LoadedMemory.build(meta, built)
+        log.info(
+            "memory loaded",
+            extra={
+                "memory_id": meta.memory_id,
+                "source": "redis" if appended is None else "append stream",
+                "seconds": round(time.perf_counter() - t0, 3),
+                "read_seconds": round(t1 - t0, 3),
+                "index_seconds": round(time.perf_counter() - t1 - paused, 3),
+                "paused_for_fetch_seconds": round(paused, 3),
+            },
+        )
+        return loaded
+
+    @contextlib.contextmanager
+    def fetching(self, memory_id: str):
+        """Marks a FetchMemory stream sending ``memory_id``'s rows while inside: a load of that
+        memory pauses its index build meanwhile (``_yield_to_fetches``)."""
+        with self._fetches_done:
+            self._fetching[memory_id] = self._fetching.get(memory_id, 0) + 1
+        try:
+            yield
+        finally:
+            with self._fetches_done:
+                left = self._fetching.pop(memory_id) - 1
+                if left:
+                    self._fetching[memory_id] = left
+                else:
+                    self._fetches_done.notify_all()
+
+    def _yield_to_fetches(self, memory_id: str, until: float) -> float:
+        """Waits while a FetchMemory stream sends ``memory_id``'s rows, until ``until``
+        (perf_counter) at the latest. The generator that just memorized the memory is waiting
+        for those rows, while only searches need the index: on few cores, building it at the
+        same time slowed the fetch by more than the build takes. -> seconds waited."""
+        t0 = time.perf_counter()
+        with self._fetches_done:
+            self._fetches_done.wait_for(
+                lambda: memory_id not in self._fetching, timeout=max(0.0, until - time.perf_counter())
+            )
+        return time.perf_counter() - t0
 
     def rebuild(self) -> dict:
         """Start-up: every READY memory from Redis into RAM (blocking). -> stats."""
@@ -252,46 +344,71 @@ class KVIndex:
         found = self.loaded.get(memory_id)
         if found is not None:
             return found
-        fut = self._loading.get(memory_id)
-        if fut is None:
-            meta = await self.store.get(memory_id)
-            if meta.state != READY:
-                raise FailedPrecondition(
-                    f"memory {memory_id!r} is {meta.state}, not READY: every layer needs "
-                    f"{meta.expected if meta.expected >= 0 else 'the same number of'} rows "
-                    f"(now {meta.rows}); finish appending first"
-                )
-            found = self.loaded.get(memory_id)
-            if found is not None:
-                return found
-            fut = self._loading.get(memory_id)
-            if fut is None:
-                fut = self._start_load(meta)
-        return await asyncio.shield(fut)
+        job = await self._load_of(memory_id)
+        return job if isinstance(job, LoadedMemory) else await asyncio.shield(job.loaded)
 
-    def _start_load(self, meta: MemoryMeta) -> asyncio.Future:
+    async def rows(self, memory_id: str) -> MemoryRows:
+        """The READY memory's rows in RAM, as ``get`` but without waiting for a load in progress
+        to build its indexes (FetchMemory right after a Memorize)."""
+        found = self.loaded.get(memory_id)
+        if found is not None:
+            return found
+        job = await self._load_of(memory_id)
+        return job if isinstance(job, LoadedMemory) else await asyncio.shield(job.rows)
+
+    async def _load_of(self, memory_id: str) -> LoadedMemory | _Load:
+        """The memory in RAM or its load in progress, started if none is (after checking the
+        memory exists and is READY)."""
+        job = self._loading.get(memory_id)
+        if job is not None:
+            return job
+        meta = await self.store.get(memory_id)
+        if meta.state != READY:
+            raise FailedPrecondition(
+                f"memory {memory_id!r} is {meta.state}, not READY: every layer needs "
+                f"{meta.expected if meta.expected >= 0 else 'the same number of'} rows "
+                f"(now {meta.rows}); finish appending first"
+            )
+        return self.loaded.get(memory_id) or self._loading.get(memory_id) or self._start_load(meta)
+
+    def _start_load(self, meta: MemoryMeta, appended: list | None = None) -> _Load:
         loop = asyncio.get_running_loop()
-        gen = self._gen.get(meta.memory_id, 0)
-        fut = loop.run_in_executor(self.pool, self.load, meta)
-        self._loading[meta.memory_id] = fut
+        mid = meta.memory_id
+        gen = self._gen.get(mid, 0)
+        rows = loop.create_future()
+        rows.add_done_callback(lambda f: f.cancelled() or f.exception())  # waiters get it; none may wait
+
+        def settle(value: MemoryRows | BaseException) -> None:
+            if not rows.done():
+                (rows.set_exception if isinstance(value, BaseException) else rows.set_result)(value)
+
+        fut = loop.run_in_executor(
+            self.loader, self.load, meta, appended, lambda r: loop.call_soon_threadsafe(settle, r)
+        )
+        job = self._loading[mid] = _Load(rows, fut)
 
         def done(f: asyncio.Future) -> None:
-            self._loading.pop(meta.memory_id, None)
-            if f.cancelled() or f.exception() is not None:
-                if not f.cancelled():
-                    log.error("loading a memory failed", extra={"memory_id": meta.memory_id}, exc_info=f.exception())
+            if self._loading.get(mid) is job:
+                del self._loading[mid]
+            if f.cancelled():
+                rows.cancel()
                 return
-            if self._gen.get(meta.memory_id, 0) == gen:  # not deleted meanwhile
-                self.loaded[meta.memory_id] = f.result()
+            if f.exception() is not None:
+                settle(f.exception())
+                log.error("loading a memory failed", extra={"memory_id": mid}, exc_info=f.exception())
+                return
+            if self._gen.get(mid, 0) == gen:  # not deleted meanwhile
+                self.loaded[mid] = f.result()
 
         fut.add_done_callback(done)
-        return fut
+        return job
 
-    def preload(self, meta: MemoryMeta) -> None:
-        """A memory just turned READY: build its indexes in the background."""
+    def preload(self, meta: MemoryMeta, appended: list | None = None) -> None:
+        """A memory just turned READY: loads it into RAM in the background (from ``appended``,
+        see ``load``, when given)."""
         if meta.memory_id not in self.loaded and meta.memory_id not in self._loading:
-            fut = self._start_load(meta)
-            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # consumed by ``done``
+            job = self._start_load(meta, appended)
+            job.loaded.add_done_callback(lambda f: f.cancelled() or f.exception())  # consumed by ``done``
 
     def drop(self, memory_id: str) -> None:
         self._gen[memory_id] = self._gen.get(memory_id, 0) + 1

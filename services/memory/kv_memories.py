@@ -223,7 +223,7 @@ class KVMemories:
         slices of at most ``chunk_bytes`` of keys + values (at least one row; an empty layer gives
         one empty slice). Raises NotFound, FailedPrecondition (not READY), InvalidArgument."""
         check_id(memory_id)
-        loaded = await self.index.get(memory_id)
+        loaded = await self.index.rows(memory_id)  # no need to wait for a load's index build
         m = loaded.meta
         layers = list(layers or range(m.num_layers))
         bad = [x for x in layers if not 0 <= x < m.num_layers]
@@ -237,10 +237,11 @@ class KVMemories:
         step = max(1, chunk_bytes // (2 * m.num_kv_heads * m.head_dim * ITEMSIZE[m.dtype]))
 
         def slices() -> Iterator[RowSlice]:
-            for layer in layers:
-                keys, values = loaded.keys[layer], loaded.values[layer]
-                for start in range(0, max(loaded.rows, 1), step):
-                    yield RowSlice(layer, start, keys[:, start : start + step], values[:, start : start + step])
+            with self.index.fetching(memory_id):  # a load of this memory builds its indexes after
+                for layer in layers:
+                    keys, values = loaded.keys[layer], loaded.values[layer]
+                    for start in range(0, max(loaded.rows, 1), step):
+                        yield RowSlice(layer, start, keys[:, start : start + step], values[:, start : start + step])
 
         return m, slices()
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 MAX_TOP_K = 1024  # largest top_k of SearchMemory and SearchDocuments (--max-top-k)
 DEFAULT_DOCUMENT_TOP_K = 10  # SearchDocuments with top_k 0
 SEARCH_THREADS = 2  # FAISS searches and index builds (--search-threads)
+# A memory loading into RAM pauses its index build for at most this long while FetchMemory streams
+# send its rows (the generator that memorized it waits for them; a 128 MiB fetch takes < 1 s).
+FETCH_YIELD_SECONDS = 5.0
 ANSWER_ENVELOPE_BYTES = 4096  # room left in a message for everything but the tensors
 
 # ---------------------------------------------------------------- KV memory layouts
@@ -30,6 +33,9 @@ FETCH_CHUNK_BYTES = 4 * 1024 * 1024 - ANSWER_ENVELOPE_BYTES
 # Redis in batches of about FLUSH_BYTES (one batch in flight while the next arrives).
 STORAGE_CHUNK_BYTES = 8 * 1024 * 1024
 FLUSH_BYTES = 16 * 1024 * 1024
+# An append stream into an empty memory keeps the rows it stored (up to this many bytes of keys +
+# values): the memory, once READY, loads into RAM from them instead of reading Redis back.
+KEEP_APPENDED_BYTES = 1024 * 1024 * 1024
 # A BUILDING memory untouched by CreateMemory or an append this long is abandoned and deleted
 # (--building-ttl; kv_reaper). Long enough for a generator's pause between windows of a Memorize.
 BUILDING_TTL_SECONDS = 600.0

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from extmind import row_wire
 from extmind.errors import ExtmindError, InvalidArgument
 from extmind.tensor import FLOAT32, decode, decode_raw, encode
 from extmind.v1 import common_pb2, memory_pb2, memory_pb2_grpc
@@ -68,6 +70,25 @@ def _embedding(t: common_pb2.Tensor, name: str) -> np.ndarray:
     return emb
 
 
+def register(servicer: MemoryServicer, server: grpc.aio.Server) -> None:
+    """Adds the MemoryService to ``server``, with the two bulk row streams read and written by
+    ``extmind.row_wire`` (rows are not copied in and out of protobuf messages): AppendMemory's
+    requests are read by ``read_append_request``, FetchMemory's answers, serialized by the
+    servicer, are sent as they are. Registered handlers replace the generated ones."""
+    memory_pb2_grpc.add_MemoryServiceServicer_to_server(servicer, server)
+    append = grpc.stream_unary_rpc_method_handler(
+        servicer.AppendMemory,
+        request_deserializer=row_wire.read_append_request,
+        response_serializer=memory_pb2.AppendMemoryResponse.SerializeToString,
+    )
+    fetch = grpc.unary_stream_rpc_method_handler(
+        servicer.FetchMemory,
+        request_deserializer=memory_pb2.FetchMemoryRequest.FromString,
+        response_serializer=row_wire.as_is,
+    )
+    server.add_registered_method_handlers("extmind.v1.MemoryService", {"AppendMemory": append, "FetchMemory": fetch})
+
+
 class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     """Registered before the server starts; ``attach`` gives it the engines once they are built."""
 
@@ -102,7 +123,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
                 if not msg.HasField("keys") and not msg.HasField("values"):
                     continue  # a message that only names the memory (e.g. to read rows_per_layer)
                 shape = (meta.num_kv_heads, None, meta.head_dim)
-                # Views of the message's bytes (each access to msg.keys.data would copy).
+                # Views of the received bytes (row_wire; of a protobuf message's, each access to
+                # msg.keys.data would copy).
                 keys = decode_raw(msg.keys, name="keys", dtypes=(meta.dtype,), shape=shape)
                 values = decode_raw(msg.values, name="values", dtypes=(meta.dtype,), shape=shape)
                 await stream.add(msg.layer, keys, values)
@@ -127,15 +149,15 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         return memory_pb2.DeleteMemoryResponse()
 
     async def FetchMemory(self, request, context):
+        # Serialized here (row_wire: one copy of the rows); ``register`` sends them as they are.
         meta, slices = await self.kv.fetch(request.memory_id, list(request.layers))
-        for piece in slices:
-            yield memory_pb2.FetchMemoryResponse(
-                memory_id=meta.memory_id,
-                layer=piece.layer,
-                row_offset=piece.row_offset,
-                keys=encode(piece.keys, dtype=meta.dtype),
-                values=encode(piece.values, dtype=meta.dtype),
-            )
+        try:
+            for piece in slices:
+                yield row_wire.fetch_response(
+                    meta.memory_id, piece.layer, piece.row_offset, piece.keys, piece.values, meta.dtype
+                )
+        finally:
+            slices.close()  # a client gone mid-stream: the memory's load stops waiting for it now
 
     async def _search(self, request: memory_pb2.SearchMemoryRequest) -> memory_pb2.SearchMemoryResponse:
         queries = decode(request.queries, name="queries", dtypes=KV_DTYPES, ndim=3)

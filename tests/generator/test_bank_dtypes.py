@@ -14,7 +14,7 @@ import pytest
 from extmind import tensor
 from extmind.tiny_models import build_llama
 from extmind.v1 import memory_pb2
-from services.generator.bank_cache import LocalRetriever, bank_from_numpy
+from services.generator.bank_cache import LocalRetriever, bank_from_numpy, bank_from_stored, fetch_bank
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.kv_dtypes import MX_DTYPES, widen
 from services.generator.memory_client import MemoryClient
@@ -202,6 +202,38 @@ async def test_the_bank_cache_holds_half_the_bytes(half):
     assert norms == sum(a.nbytes for a in big.inv_norms) == e.num_layers * e.num_kv_heads * small.rows * 4
     assert small.nbytes - norms == (big.nbytes - norms) // 2 == h.client.get_memory(h.mid).bytes
     assert cached >= small.nbytes + big.nbytes
+
+
+def test_a_bank_fetched_layer_by_layer_is_the_stored_rows_bit_for_bit(half):
+    """fetch_bank (each layer to the device as soon as it arrived) gives the bank that fetching
+    everything first and caching it then gives; FetchMemory hands every layer over once, in
+    order, complete, and the arrays it hands over are the ones it returns."""
+    h, e = half, half.engine
+    for mid in (h.mid, h.mid32):
+        info = e.resolver.resolve((mid,))[0]
+        handed: list[tuple] = []
+        stored = e.resolver.fetch(info, on_layer=lambda *a, out=handed: out.append(a))
+        assert [a[0] for a in handed] == list(range(e.num_layers))
+        for layer, keys, values, dtype in handed:
+            assert dtype == stored.dtype and keys.shape[1] == values.shape[1] == info.rows
+            assert np.shares_memory(keys, stored.keys[layer]) and np.shares_memory(values, stored.values[layer])
+        piped = fetch_bank(e.resolver, info, e.mlx)
+        whole = e.mlx.call(bank_from_stored, mid, info.version, stored)
+        assert (
+            (piped.rows, piped.dtype, piped.version)
+            == (whole.rows, whole.dtype, whole.version)
+            == (
+                info.rows,
+                stored.dtype,
+                info.version,
+            )
+        )
+
+        def same(a, b):
+            return e.mlx.call(lambda: all(mx.array_equal(x, y).item() for x, y in zip(a, b)) and len(a) == len(b))
+
+        assert same(piped.keys, whole.keys) and same(piped.values, whole.values)
+        assert same(piped.inv_norms, whole.inv_norms)
 
 
 async def test_local_and_remote_equal_the_numpy_model_on_the_stored_rows(half):

@@ -12,7 +12,7 @@ from extmind import errors
 from extmind.channels import sync_channel as grpc_channel
 from extmind.procs import free_port
 from services.generator.engine import EngineConfig, GeneratorEngine
-from services.generator.memory_builder import plan_windows
+from services.generator.memory_builder import _kept_span, plan_windows, read_ahead
 from services.generator.request_types import GenerationRequest, MemoryOptions, Sampling
 
 from .helpers import PROMPTS, run
@@ -211,6 +211,47 @@ def test_window_plan_covers_every_token_once():
         assert covered == list(range(n)) and plan[-1].end == n
     with pytest.raises(errors.InvalidArgument):
         plan_windows(10, 4, 5)
+
+
+def test_kept_rows_of_one_run_are_a_slice():
+    assert _kept_span([0, 1, 2]) == slice(0, 3) and _kept_span([5]) == slice(5, 6)
+    assert _kept_span([0, 2, 3]) is None and _kept_span([]) is None
+
+
+def test_read_ahead_computes_the_next_item_while_the_caller_holds_one():
+    import threading
+
+    second_started = threading.Event()
+    closed = threading.Event()
+
+    def items():
+        try:
+            yield 1
+            second_started.set()
+            yield 2
+            yield 3
+        finally:
+            closed.set()
+
+    it = read_ahead(items())
+    assert next(it) == 1
+    assert second_started.wait(5)  # computed while the caller still holds item 1
+    assert list(it) == [2, 3] and closed.is_set()
+
+    def failing():
+        yield 1
+        raise errors.Internal("the device fell over")
+
+    it = read_ahead(failing())
+    assert next(it) == 1
+    with pytest.raises(errors.Internal, match="fell over"):
+        next(it)
+
+    closed.clear()
+    it = read_ahead(items())
+    assert next(it) == 1
+    it.close()  # a caller that stops early: the item in progress ends, the source is closed
+    assert closed.is_set()
 
 
 def test_memory_building_on_7000_tokens(engine, client, ref):

@@ -139,3 +139,107 @@ async def test_a_stream_cancelled_while_its_last_batch_is_written_is_rolled_back
             for layer in range(2):
                 await stream.add(layer, K[layer], V[layer])
             assert (await stream.finish()).state == READY
+
+
+async def test_a_memory_loads_from_the_stream_that_wrote_all_its_rows_else_from_redis(kv, caplog):
+    """A READY memory loads into RAM from the rows its one append stream stored (no read back
+    from Redis; the caller's arrays are copied, so changing them later changes nothing); a memory
+    whose rows came from two streams loads from Redis. Either way RAM holds exactly the rows."""
+    import asyncio
+    import logging
+
+    caplog.set_level(logging.INFO, logger="extmind.memory.index")
+    K, V = h.random_kv(np.random.default_rng(7), 2, 2, 10, 8, FLOAT16)
+    layout = Layout(2, 2, 8, FLOAT16)
+
+    async def loaded(memory_id):
+        for _ in range(200):
+            if memory_id in kv.index.loaded:
+                return kv.index.loaded[memory_id]
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{memory_id} was not loaded")
+
+    def source(memory_id):
+        return [r.source for r in caplog.records if r.getMessage() == "memory loaded" and r.memory_id == memory_id]
+
+    await kv.create("one-stream", layout, "fp-engine", token_ids=list(range(10)))
+    sent = K.copy(), V.copy()
+    async with kv.append_stream() as stream:
+        await stream.target("one-stream")
+        for layer in range(2):
+            for lo, hi in ((0, 3), (3, 10)):
+                await stream.add(layer, sent[0][layer][:, lo:hi], sent[1][layer][:, lo:hi])
+        assert (await stream.finish()).state == READY
+    sent[0][:] = 0  # the caller reuses its buffers
+    sent[1][:] = 0
+    mem = await loaded("one-stream")
+    assert source("one-stream") == ["append stream"]
+    for layer in range(2):
+        assert np.array_equal(mem.keys[layer], K[layer]) and np.array_equal(mem.values[layer], V[layer])
+
+    await kv.create("two-streams", layout, "fp-engine", token_ids=list(range(10)))
+    for lo, hi in ((0, 4), (4, 10)):
+        async with kv.append_stream() as stream:
+            await stream.target("two-streams")
+            for layer in range(2):
+                await stream.add(layer, K[layer][:, lo:hi], V[layer][:, lo:hi])
+            done = await stream.finish()
+    assert done.state == READY
+    mem = await loaded("two-streams")
+    assert source("two-streams") == ["redis"]
+    for layer in range(2):
+        assert np.array_equal(mem.keys[layer], K[layer]) and np.array_equal(mem.values[layer], V[layer])
+    meta, slices = await kv.fetch("two-streams", [1])
+    assert np.array_equal(np.concatenate([s.keys for s in slices], 1), K[1])
+
+
+def test_a_load_hands_over_the_rows_before_it_builds_the_indexes(kv):
+    """FetchMemory waits only for the rows: ``load`` passes them to ``on_rows`` before any
+    index exists, then returns the memory with its indexes."""
+    from services.memory.kv_index import LoadedMemory, MemoryRows
+    from services.memory.kv_layout import MemoryMeta
+
+    K, V = h.random_kv(np.random.default_rng(8), 2, 2, 6, 8, FLOAT16)
+    meta = MemoryMeta("m", 2, 2, 8, FLOAT16, "fp", 6, READY, K.nbytes + V.nbytes, {}, 1, rows=[6, 6], chunks=[2, 2])
+    handed = []
+    appended = [[(K[x][:, :2], V[x][:, :2]), (K[x][:, 2:], V[x][:, 2:])] for x in range(2)]
+    mem = kv.index.load(meta, appended, on_rows=lambda rows: handed.append((type(rows), rows.keys, rows.values)))
+    assert len(handed) == 1 and handed[0][0] is MemoryRows
+    assert isinstance(mem, LoadedMemory) and len(mem.indexes) == 2 and mem.rows == 6
+    for layer in range(2):
+        assert np.array_equal(handed[0][1][layer], K[layer]) and np.array_equal(handed[0][2][layer], V[layer])
+        assert np.array_equal(mem.keys[layer], K[layer])
+
+
+def test_a_load_builds_its_indexes_after_the_fetches_of_its_rows(kv, monkeypatch):
+    """While a FetchMemory stream sends a memory's rows, a load of that memory has handed its
+    rows over and waits to build the indexes (the fetch gets the CPU); at most
+    FETCH_YIELD_SECONDS."""
+    import threading
+    import time
+
+    from services.memory import kv_index
+    from services.memory.kv_layout import MemoryMeta
+
+    K, V = h.random_kv(np.random.default_rng(9), 2, 2, 6, 8, FLOAT16)
+    meta = MemoryMeta("m", 2, 2, 8, FLOAT16, "fp", 6, READY, K.nbytes + V.nbytes, {}, 1, rows=[6, 6], chunks=[1, 1])
+    appended = [[(K[x], V[x])] for x in range(2)]
+    rows, loaded = [], []
+    with kv.index.fetching("m"), kv.index.fetching("m"):  # two streams of it
+        job = threading.Thread(target=lambda: loaded.append(kv.index.load(meta, appended, on_rows=rows.append)))
+        job.start()
+        for _ in range(500):
+            if rows:
+                break
+            time.sleep(0.01)
+        assert rows and np.array_equal(rows[0].keys[1], K[1])
+        time.sleep(0.2)
+        assert not loaded  # both streams still send
+    job.join(10)
+    assert loaded and len(loaded[0].indexes) == 2
+
+    monkeypatch.setattr(kv_index, "FETCH_YIELD_SECONDS", 0.2)
+    with kv.index.fetching("m"):  # a stream that never ends delays the indexes only so long
+        t0 = time.monotonic()
+        assert len(kv.index.load(meta, appended).indexes) == 2
+        assert 0.15 < time.monotonic() - t0 < 5  # waited 0.2 s in all, then built

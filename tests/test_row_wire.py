@@ -1,0 +1,140 @@
+"""AppendMemoryRequest and FetchMemoryResponse bytes built by hand are the messages protobuf
+builds, for any rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from google.protobuf.message import DecodeError
+
+from extmind import tensor
+from extmind.errors import InvalidArgument
+from extmind.row_wire import (
+    AppendedRows,
+    FetchedSlice,
+    append_request,
+    fetch_response,
+    read_append_request,
+    read_fetch_response,
+)
+from extmind.v1 import memory_pb2
+
+
+@pytest.mark.parametrize("dtype", [tensor.FLOAT16, tensor.BFLOAT16, tensor.FLOAT32])
+def test_hand_built_requests_parse_as_the_protobuf_built_ones(dtype):
+    rng = np.random.default_rng(0)
+    storage = tensor.STORAGE[dtype]
+    big = (rng.standard_normal((8, 300, 64)) * 1000).astype(np.float32)
+    rows = big.view(np.uint16)[:, :, ::2].copy() if dtype == tensor.BFLOAT16 else big.astype(storage)
+    cases = {
+        "contiguous": rows,
+        "a slice of rows (strided)": rows[:, 17:230],
+        "every other dim (no contiguous head)": rows[:, :5, ::2],
+        "one row": rows[:, 3:4],
+        "no rows": rows[:, :0],
+    }
+    for name, keys in cases.items():
+        values = keys[::-1]  # another strided view
+        got = memory_pb2.AppendMemoryRequest.FromString(append_request("mem-1", 130, keys, values, dtype))
+        want = memory_pb2.AppendMemoryRequest(
+            memory_id="mem-1", layer=130, keys=tensor.encode(keys, dtype), values=tensor.encode(values, dtype)
+        )
+        assert got == want, name
+        assert np.array_equal(tensor.decode_raw(got.keys), keys), name
+        read = read_append_request(want.SerializeToString())
+        assert isinstance(read, AppendedRows) and (read.memory_id, read.layer) == ("mem-1", 130)
+        assert read.HasField("keys") and read.HasField("values")
+        assert np.array_equal(tensor.decode_raw(read.values, dtypes=(dtype,), ndim=3), values), name
+        got = memory_pb2.FetchMemoryResponse.FromString(fetch_response("mem-1", 3, 4096, keys, values, dtype))
+        want = memory_pb2.FetchMemoryResponse(
+            memory_id="mem-1",
+            layer=3,
+            row_offset=4096,
+            keys=tensor.encode(keys, dtype),
+            values=tensor.encode(values, dtype),
+        )
+        assert got == want, name
+        read = read_fetch_response(want.SerializeToString())
+        assert isinstance(read, FetchedSlice) and (read.memory_id, read.layer, read.row_offset) == ("mem-1", 3, 4096)
+        for raw, sent in ((read.keys, keys), (read.values, values)):
+            assert (raw.dtype, raw.shape) == (dtype, sent.shape)
+            assert np.array_equal(tensor.decode_raw(raw, dtypes=(dtype,), ndim=3), sent), name
+
+
+def test_rows_of_another_dtype_are_refused():
+    wide = np.zeros((1, 1, 2), np.float32)
+    with pytest.raises(TypeError, match="float16"):
+        append_request("m", 0, wide, wide, tensor.FLOAT16)
+    with pytest.raises(TypeError, match="float16"):
+        fetch_response("m", 0, 0, wide, wide, tensor.FLOAT16)
+
+
+def test_reading_a_fetch_response_leaves_what_it_does_not_expect_to_protobuf():
+    """Unpacked shapes and unknown fields are read; a tensor sent twice (protobuf merges the two)
+    goes to protobuf, and so do malformed bytes, which protobuf refuses."""
+    rows = np.arange(12, dtype=np.float16).reshape(1, 3, 4)
+    t = tensor.encode(rows, tensor.FLOAT16)
+    unpacked = b"\x08\x02" + b"".join(b"\x10" + bytes([d]) for d in rows.shape) + b"\x1a\x18" + rows.tobytes()
+    msg = b"\x08\x05" + b"\x1a" + bytes([len(unpacked)]) + unpacked + b"\x30\x07" + b"\x3a\x02hi"  # + unknown 6, 7
+    read = read_fetch_response(msg)
+    assert isinstance(read, FetchedSlice) and read.layer == 5 and read.keys.shape == (1, 3, 4)
+    assert np.array_equal(tensor.decode_raw(read.keys), rows) and read.values.dtype == 0
+    twice = memory_pb2.FetchMemoryResponse(keys=t).SerializeToString() * 2
+    assert read_fetch_response(twice) == memory_pb2.FetchMemoryResponse.FromString(twice)
+    with pytest.raises(DecodeError):
+        read_fetch_response(b"\x1a\x7f\x00")
+
+
+def test_an_append_request_without_rows_reads_as_protobuf_reads_it():
+    only_id = memory_pb2.AppendMemoryRequest(memory_id="m").SerializeToString()
+    read = read_append_request(only_id)
+    assert isinstance(read, AppendedRows) and read.memory_id == "m" and read.layer == 0
+    assert not read.HasField("keys") and not read.HasField("values")
+    with pytest.raises(InvalidArgument, match="keys is missing"):
+        tensor.decode_raw(read.keys, name="keys")
+    bad_utf8 = b"\x0a\x02\xff\xfe"  # protobuf refuses a string that is not UTF-8
+    with pytest.raises(DecodeError):
+        read_append_request(bad_utf8)
+
+
+async def test_the_memory_service_reads_appends_and_sends_fetches_through_row_wire():
+    """``register`` replaces the generated AppendMemory / FetchMemory handlers: requests arrive
+    as AppendedRows, answers go out as the servicer's bytes; the other calls are the generated."""
+    import grpc
+
+    from extmind.v1 import memory_pb2_grpc
+    from services.memory.servicer import MemoryServicer, register
+
+    seen = []
+
+    class Recording(MemoryServicer):
+        async def AppendMemory(self, request_iterator, context):  # noqa: N802 - the RPC's name
+            async for msg in request_iterator:
+                seen.append(type(msg))
+            return memory_pb2.AppendMemoryResponse(memory_id="a")
+
+        async def FetchMemory(self, request, context):  # noqa: N802
+            rows = np.ones((1, 2, 4), np.float16)
+            yield fetch_response(request.memory_id, 0, 0, rows, rows, tensor.FLOAT16)
+
+        async def GetMemory(self, request, context):  # noqa: N802
+            return memory_pb2.GetMemoryResponse(memory=memory_pb2.Memory(memory_id=request.memory_id))
+
+    server = grpc.aio.server()
+    register(Recording(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = memory_pb2_grpc.MemoryServiceStub(channel)
+            rows = np.zeros((1, 2, 4), np.float16)
+            done = await stub.AppendMemory(
+                iter([memory_pb2.AppendMemoryRequest.FromString(append_request("a", 0, rows, rows, tensor.FLOAT16))])
+            )
+            fetched = [m async for m in stub.FetchMemory(memory_pb2.FetchMemoryRequest(memory_id="f"))]
+            got = await stub.GetMemory(memory_pb2.GetMemoryRequest(memory_id="g"))
+    finally:
+        await server.stop(None)
+    assert seen == [AppendedRows] and done.memory_id == "a" and got.memory.memory_id == "g"
+    assert len(fetched) == 1 and fetched[0].memory_id == "f"
+    assert np.array_equal(tensor.decode_raw(fetched[0].keys), np.ones((1, 2, 4), np.float16))
