@@ -327,10 +327,11 @@ class Scheduler:
         self._hand_over()
 
     def _step(self, group: _Group) -> None:
-        # Record retrievals only while someone in the group wants citations.
-        record = [] if any(r.counts is not None for r in group.requests.values()) else None
-        mass = [] if group.layers else None
+        # Record retrievals only while someone in the group wants citations (only memories cite).
+        record = mass = None
         if group.ctx is not None:
+            record = [] if any(r.counts is not None for r in group.requests.values()) else None
+            mass = [] if group.layers else None
             group.ctx.record, group.ctx.mass = record, mass
         # mlx-lm's model __call__ has no argument through which memories could reach the
         # attention layers, so the wrapped attention modules read them from the state they share
