@@ -1,11 +1,13 @@
 """Host cost per decode step: the generator without memory against stock mlx-lm, in µs per token.
 
-    python -m bench.generator_steps [--tokens 256] [--repeat 5] [--streams 8] [--profile PATH] [--record]
+    python -m bench.generator_steps [--shape tiny|50m|1b] [--tokens 256] [--repeat 5] [--streams 8]
+                                    [--profile PATH] [--record]
 
 On a tiny random Llama (hidden 64, 2 layers, vocabulary 512: ``bench.generator``'s ``tiny``
 shape) the model's arithmetic is negligible, so what a step costs here is host work: Python per
 token, host syncs, the hop to the caller's event loop, per-token bookkeeping. On a fast GPU that
-work is what separates the generator from ``generate_step``; this CPU run is its proxy. Rows,
+work is what separates the generator from ``generate_step``; this CPU run is its proxy (on a GPU,
+``--shape 50m`` / ``1b`` give the same rows for ``bench.generator``'s models). Rows,
 interleaved ``--repeat`` times; each cell is the fastest run (the one least disturbed by other
 work on the machine: a shared 2-core CPU moves medians by 2x between runs) and the median:
 
@@ -42,12 +44,11 @@ from mlx_lm.generate import BatchGenerator, generate_step  # noqa: E402
 from mlx_lm.utils import load  # noqa: E402
 
 from bench.common import add_record_flag, describe, machine, ratio, record, table  # noqa: E402
+from bench.generator import SHAPES  # noqa: E402
 from extmind.tiny_models import build_llama  # noqa: E402
 from services.common.blas import blas_in_use  # noqa: E402
 from services.generator.engine import EngineConfig, GeneratorEngine  # noqa: E402
 from services.generator.request_types import Chunk, GenerationRequest, Sampling  # noqa: E402
-
-TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, dtype="float32")
 
 
 class Clock:
@@ -197,9 +198,10 @@ async def measure(engine, path, args) -> list[tuple]:
 
 
 async def main_async(args):
+    dims = SHAPES[args.shape]
     tmp = Path(tempfile.mkdtemp(prefix="bench-steps-"))
     try:
-        path = build_llama(tmp / "tiny", **TINY, rope_scaling="llama3", max_position=8192, seed=0)
+        path = build_llama(tmp / args.shape, **dims, rope_scaling="llama3", max_position=8192, seed=0)
         engine = GeneratorEngine(EngineConfig(model=str(path), dtype="model"))
         engine.start()
         try:
@@ -210,10 +212,11 @@ async def main_async(args):
         shutil.rmtree(tmp, ignore_errors=True)
     head = (
         f"{describe(machine(blas=blas_in_use(), mlx_device=str(mx.default_device())))}.\n"
-        f"Host-overhead proxy: random Llama, hidden {TINY['hidden']}, {TINY['layers']} layers, float32 (arithmetic "
-        f"negligible); {args.tokens} greedy tokens after a 16-token prompt, no end token; µs per decode step, "
+        f"{'Host-overhead proxy: ' if args.shape == 'tiny' else ''}random Llama, hidden {dims['hidden']}, "
+        f"{dims['layers']} layers, {dims['dtype']}; {args.tokens} greedy tokens after a 16-token prompt, no end "
+        "token; µs per decode step, "
         f"fastest / median of {args.repeat} interleaved runs, ratios of the fastest; "
-        f"`python -m bench.generator_steps --tokens {args.tokens} "
+        f"`python -m bench.generator_steps --shape {args.shape} --tokens {args.tokens} "
         f"--repeat {args.repeat} --streams {args.streams}`."
     )
     body = table(
@@ -233,6 +236,9 @@ async def main_async(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--shape", choices=tuple(SHAPES), default="tiny", help="model (bench.generator's shapes; tiny: host costs)"
+    )
     p.add_argument("--tokens", type=int, default=256, help="tokens per stream")
     p.add_argument("--repeat", type=int, default=5, help="interleaved runs of every row (fastest and median)")
     p.add_argument("--streams", type=int, default=8, help="streams of the batched rows")
