@@ -122,13 +122,15 @@ async def engine_steps(engine, prompts, n) -> dict:
 
 def no_eos_prompts(model, eos_ids, rng, ok, count, length, n) -> list[list[int]]:
     """``count`` random prompts whose greedy continuation runs ``n`` tokens without an end token,
-    so that every row decodes the same number of steps."""
+    so that every row decodes the same number of steps. Raises SystemExit after 50 tries per prompt."""
     found = []
-    while len(found) < count:
+    for _ in range(50 * count):
         prompt = [int(t) for t in rng.choice(ok, length)]
         if not any(tok in eos_ids for tok, _ in generate_step(mx.array(prompt), model, max_tokens=n)):
             found.append(prompt)
-    return found
+            if len(found) == count:
+                return found
+    raise SystemExit(f"only {len(found)} of {count} prompts run {n} tokens without an end token; try fewer --tokens")
 
 
 ROWS = {
