@@ -11,7 +11,8 @@ so everything else queued on the MLX thread (admitting a request, cancelling one
 window, ``stats``) runs between two steps, in arrival order; while nothing is queued, one
 submission runs several steps back to back (``_steps``). The scheduler thread sleeps on an
 event while no group has work. All scheduler state (groups, requests, counts) is only touched
-on the MLX thread; callers get plain Python events through their request's asyncio queue.
+on the MLX thread; callers get plain Python events through their request's asyncio queue,
+handed over after each step with one wake-up per event loop for all of its requests.
 
 Metrics (docs/architecture.md, "Metrics"): the counts below move on the MLX thread from host-side
 state only; the attention-mass sums stay on the device until a request ends (attention_mass.py).
