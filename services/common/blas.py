@@ -50,12 +50,18 @@ def scrub_preload() -> None:
     os.environ.pop("_EXTMIND_BLAS_REEXEC", None)
 
 
+_settled = False  # ensure_openblas ran in this process (its environment no longer says so)
+
+
 def ensure_openblas() -> None:
-    """Re-exec this process with OpenBLAS preloaded (Linux only, once, when available)."""
-    if not sys.platform.startswith("linux") or os.environ.get("EXTMIND_OPENBLAS", "1") == "0":
+    """Re-exec this process with OpenBLAS preloaded (Linux only, once, when available). Later
+    calls in the same process (a module importing another that calls it too) do nothing."""
+    global _settled
+    if _settled or not sys.platform.startswith("linux") or os.environ.get("EXTMIND_OPENBLAS", "1") == "0":
         return
     if "openblas" in os.environ.get("LD_PRELOAD", "") or os.environ.get("_EXTMIND_BLAS_REEXEC"):
         scrub_preload()  # loaded (or tried once): children need not inherit it
+        _settled = True
         return
     if mlx_build().startswith("cuda"):
         return

@@ -35,7 +35,7 @@ from services.generator.memory_resolution import MemoryResolver, ModelShape, Res
 from services.generator.remote_retrieval import RemoteRetriever
 from services.generator.request_types import DEFAULT_STRIDE, DEFAULT_WINDOW, LOCAL, Chunk, Final, GenerationRequest
 from services.generator.scheduler import RunningRequest, Scheduler
-from services.generator.stop_text import IncrementalDecoder
+from services.generator.stop_text import IncrementalDecoder, remember_single_tokens
 
 log = logging.getLogger("extmind.generator")
 
@@ -167,6 +167,7 @@ class GeneratorEngine:
         self.fingerprint = model_fingerprint(path, str(dtype))
         self.eos_ids = sorted(int(t) for t in self.tokenizer.eos_token_ids)
         self.special_ids = special_token_ids(self.tokenizer)
+        self._stream_decode = remember_single_tokens(self.tokenizer.decode)  # the requests' detokenizers
         self.model_name = str(self.config.model)
         log.info(
             "model loaded",
@@ -259,7 +260,7 @@ class GeneratorEngine:
             layers = frozenset(m.layers) if m.layers else None
             key = (m.mode, tuple((i.memory_id, i.version) for i in memories), m.top_k, m.threshold, layers)
         r = RunningRequest(
-            req, asyncio.get_running_loop(), IncrementalDecoder(self.tokenizer.decode), max_tokens, arrived
+            req, asyncio.get_running_loop(), IncrementalDecoder(self._stream_decode), max_tokens, arrived
         )
         try:  # from the admit on: a caller gone while it ran must still cancel (cancel ignores unadmitted r)
             try:

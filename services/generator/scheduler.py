@@ -11,7 +11,8 @@ so everything else queued on the MLX thread (admitting a request, cancelling one
 window, ``stats``) runs between two steps, in arrival order; while nothing is queued, one
 submission runs several steps back to back (``_steps``). The scheduler thread sleeps on an
 event while no group has work. All scheduler state (groups, requests, counts) is only touched
-on the MLX thread; callers get plain Python events through their request's asyncio queue.
+on the MLX thread; callers get plain Python events through their request's asyncio queue,
+handed over after each step with one wake-up per event loop for all of its requests.
 
 Metrics (docs/architecture.md, "Metrics"): the counts below move on the MLX thread from host-side
 state only; the attention-mass sums stay on the device until a request ends (attention_mass.py).
@@ -86,7 +87,7 @@ class RunningRequest:
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()  # Chunk..., then a Final or an exception
         self._outbox: collections.deque = collections.deque()  # posted, not yet in events
-        self._wake = False  # a _deliver is scheduled on the loop
+        self._wake = False  # a delivery to events is due: handed to the scheduler, not yet run
         self.text = StopText(detokenizer, tuple(req.sampling.stop))
         self.max_tokens = max_tokens
         self.generated = 0  # tokens the model produced (EOS included)
@@ -97,23 +98,39 @@ class RunningRequest:
         self.counts: Counts | None = None  # retrieval counts on the device (citations only)
         self.mass: attention_mass.MassSum | None = None  # memory share sums (requests with memories)
 
-    def post(self, event) -> None:
-        """Hands ``event`` to the caller's loop (from the MLX thread). Events posted while the
-        loop has not yet taken the previous ones travel with them: one wake-up of the loop per
-        batch of tokens, not per token."""
+    def post(self, event) -> bool:
+        """Queues ``event`` for the caller (on the MLX thread). -> whether the caller's loop must
+        be woken for it (``wake_loops``); False while an earlier wake-up has not been handled:
+        events posted meanwhile travel with the earlier ones."""
         self._outbox.append(event)
         if self._wake:
-            return
+            return False
         self._wake = True
+        return True
+
+    def _deliver(self) -> None:  # on the caller's loop
+        self._wake = False  # first: an event posted from here on asks for another wake-up
+        while self._outbox:
+            self.events.put_nowait(self._outbox.popleft())
+
+
+def wake_loops(requests: list[RunningRequest]) -> None:
+    """Hands the events posted to ``requests`` to their callers (from the MLX thread): one
+    wake-up per event loop for all of its requests (after a decode step, every stream has a new
+    token), not one per request."""
+    by_loop: dict = {}
+    for r in requests:
+        by_loop.setdefault(r.loop, []).append(r)
+    for loop, rs in by_loop.items():
         try:
-            self.loop.call_soon_threadsafe(self._deliver)
+            loop.call_soon_threadsafe(_deliver_all, rs)
         except RuntimeError:  # the caller's loop is gone
             pass
 
-    def _deliver(self) -> None:  # on the caller's loop
-        self._wake = False  # first: an event posted from here on schedules another delivery
-        while self._outbox:
-            self.events.put_nowait(self._outbox.popleft())
+
+def _deliver_all(requests: list[RunningRequest]) -> None:  # on the callers' loop
+    for r in requests:
+        r._deliver()
 
 
 class _Group:
@@ -166,6 +183,8 @@ class Scheduler:
         self.num_layers = len(model.layers)
         self._groups: dict = {}
         self._active = 0
+        self._posted: list[RunningRequest] = []  # requests with events for their loop since the last wake_loops
+        self._gauges_moved = False  # a request started or ended during the step: _publish after it
         self._has_work = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -216,13 +235,28 @@ class Scheduler:
                 self._groups.pop(key, None)
         if not self._groups:
             self._has_work.clear()  # on the MLX thread, so no admit can slip in between
-        self._publish()
+        if self._gauges_moved:
+            self._publish()
+        self._hand_over()  # after the gauges: a caller that got its Final reads them settled
 
     def _publish(self) -> None:
         """Sets the waiting / running gauges from the groups (host state only)."""
         waiting = sum(r.generated == 0 for g in self._groups.values() for r in g.requests.values())
         WAITING.set(waiting)
         RUNNING.set(self._active - waiting)
+        self._gauges_moved = False
+
+    def _post(self, r: RunningRequest, event) -> None:
+        """Queues ``event`` for ``r``'s caller; it leaves at the next ``_hand_over``."""
+        if r.post(event):
+            self._posted.append(r)
+
+    def _hand_over(self) -> None:
+        """Wakes the callers' loops for what was posted since the last hand-over (after every
+        step, and after ``close_all``): one wake-up per loop and step."""
+        if self._posted:
+            posted, self._posted = self._posted, []
+            wake_loops(posted)
 
     # ---------------------------------------------------------------- on the MLX thread
 
@@ -285,18 +319,20 @@ class Scheduler:
             for r in g.requests.values():
                 r.done = True
                 _observe_end(r, "error")
-                r.post(error)
+                self._post(r, error)
             _close_group(g)
         self._groups.clear()
         self._active = 0
         self._has_work.clear()
         self._publish()
+        self._hand_over()
 
     def _step(self, group: _Group) -> None:
-        # Record retrievals only while someone in the group wants citations.
-        record = [] if any(r.counts is not None for r in group.requests.values()) else None
-        mass = [] if group.layers else None
+        # Record retrievals only while someone in the group wants citations (only memories cite).
+        record = mass = None
         if group.ctx is not None:
+            record = [] if any(r.counts is not None for r in group.requests.values()) else None
+            mass = [] if group.layers else None
             group.ctx.record, group.ctx.mass = record, mass
         # mlx-lm's model __call__ has no argument through which memories could reach the
         # attention layers, so the wrapped attention modules read them from the state they share
@@ -315,9 +351,10 @@ class Scheduler:
             for r in list(group.requests.values()):
                 r.done = True
                 _observe_end(r, "error")
-                r.post(err)
+                self._post(r, err)
             self._active -= len(group.requests)
             group.requests.clear()
+            self._gauges_moved = True
             return
         finally:
             self.state.memory = None
@@ -328,10 +365,16 @@ class Scheduler:
         # batch's padding may have changed.
         if any(p.end_of_prompt for p in prompt_responses) or any(x.finish_reason is not None for x in responses):
             group.batch_changed = True
+        tokens = 0
         for resp in responses:
             r = group.requests.get(resp.uid)
             if r is not None:
                 self._on_token(r, resp)
+                tokens += 1
+        if tokens:
+            GENERATED_TOKENS.inc(tokens)  # once per step: the counter takes a lock
+        if not (record or mass):
+            return
         # Tallied after the tokens: a request that just ended does not count the forward on its
         # last token (mlx-lm computes it ahead, but its output is never used).
         generated = [x.uid for x in responses]
@@ -364,9 +407,9 @@ class Scheduler:
     def _on_token(self, r: RunningRequest, resp) -> None:
         tok = int(resp.token)
         r.generated += 1
-        GENERATED_TOKENS.inc()
         if r.generated == 1:
             TIME_TO_FIRST_TOKEN.observe(time.monotonic() - r.arrived)
+            self._gauges_moved = True  # from waiting to running
         if resp.finish_reason == "stop":  # an EOS token (the only stop sequences given to mlx-lm)
             self._finish(r, STOP)
             return
@@ -374,7 +417,7 @@ class Scheduler:
         top = [_top(resp.logprobs, r.req.top_logprobs)] if r.req.return_logprobs and r.req.top_logprobs else []
         last = resp.finish_reason == "length"
         piece, stopped = r.text.push(tok, last)
-        r.post(Chunk(piece, [tok], lp, top))
+        self._post(r, Chunk(piece, [tok], lp, top))
         if stopped:
             r.group.remove(r.uid)
             self._finish(r, STOP_SEQUENCE)
@@ -407,8 +450,9 @@ class Scheduler:
         r.group.requests.pop(r.uid, None)
         self._active -= 1
         r.done = True
+        self._gauges_moved = True
         _observe_end(r, last.finish_reason if isinstance(last, Final) else "error")
-        r.post(last)
+        self._post(r, last)
 
 
 def _hand_out(group: _Group, forwards: list, attr: str) -> list:

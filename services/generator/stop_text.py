@@ -75,6 +75,24 @@ class IncrementalDecoder:
         self._prefix_text = self._decode(self.tokens[self._prefix : self._read])
 
 
+def remember_single_tokens(decode: Callable[[Sequence[int]], str]) -> Callable[[Sequence[int]], str]:
+    """``decode`` that keeps the text of every single token it decoded. ``IncrementalDecoder``
+    decodes each new token once in its window and once alone (the next window's prefix); shared by
+    a model's requests, the second decode becomes a dict lookup. At most one entry per token id of
+    the vocabulary; the text is ``decode``'s own, so every result is unchanged."""
+    texts: dict[int, str] = {}
+
+    def cached(ids: Sequence[int]) -> str:
+        if len(ids) != 1:
+            return decode(ids)
+        text = texts.get(ids[0])
+        if text is None:
+            text = texts[ids[0]] = decode(ids)
+        return text
+
+    return cached
+
+
 def held_back(text: str, stops) -> int:
     """Length of the longest tail of ``text`` that could still grow into one of ``stops``."""
     best = 0

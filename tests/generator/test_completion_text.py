@@ -13,7 +13,7 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 from extmind.tiny_tokenizers import build_tokenizer
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.request_types import Chunk, GenerationRequest, Sampling
-from services.generator.stop_text import IncrementalDecoder, StopText
+from services.generator.stop_text import IncrementalDecoder, StopText, remember_single_tokens
 
 from . import chains
 from .helpers import run
@@ -128,6 +128,27 @@ def test_random_tokens_stream_to_their_decoded_text(tokenizers, kind):
         else:
             assert got == full
     assert stops_hit > 50
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_remembered_single_token_texts_stream_the_same_text(tokenizers, kind):
+    """The engine's detokenizers share one decode that remembers single tokens' texts: every
+    stream's text, token by token, is the one the tokenizer's own decode gives."""
+    tok = tokenizers[kind]
+    rng = random.Random(11)
+    byte_ids = [i for t, i in tok.get_vocab().items() if len(t) == 1]
+    remembered = remember_single_tokens(tok.decode)  # shared by all the streams below
+    for _ in range(200):
+        n = rng.randint(1, 24)
+        ids = [rng.choice(byte_ids) if rng.random() < 0.5 else rng.randrange(len(tok)) for _ in range(n)]
+        plain, cached = IncrementalDecoder(tok.decode), IncrementalDecoder(remembered)
+        for t in ids:
+            plain.add_token(t)
+            cached.add_token(t)
+            assert cached.text == plain.text, ids
+        plain.finalize()
+        cached.finalize()
+        assert cached.text == plain.text, ids
 
 
 def test_a_detokenizer_that_holds_text_to_the_end_still_meets_the_stop_check(tokenizers):

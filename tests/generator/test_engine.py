@@ -61,6 +61,24 @@ async def test_eight_concurrent_greedy_equal_alone(engines):
         assert a[0] == b[0] and len(a[0]) > 0
 
 
+async def test_concurrent_streams_wake_their_loop_once_per_step(engines, monkeypatch):
+    """A decode step's tokens for all the requests of one event loop reach it in one wake-up of
+    the loop, not one per request (each wake-up is a syscall and a trade of the GIL)."""
+    engine = engines["llama"]
+    loop = asyncio.get_running_loop()
+    wakes, steps = [], []
+    plain = loop.call_soon_threadsafe
+    monkeypatch.setattr(loop, "call_soon_threadsafe", lambda *a, **k: wakes.append(a) or plain(*a, **k))
+    step_all = engine._scheduler._step_all
+    monkeypatch.setattr(engine._scheduler, "_step_all", lambda: steps.append(1) or step_all())
+    reqs = [GenerationRequest(engine.tokenizer.encode(p), Sampling(max_tokens=12)) for p in PROMPTS]
+    outs = await asyncio.gather(*(run(engine, r) for r in reqs))
+    tokens = sum(len(o[0]) for o in outs)
+    admits = len(reqs)  # each admit's result comes back to the loop too
+    assert tokens > 2 * len(steps)  # requests shared steps
+    assert len(wakes) <= len(steps) + admits, (len(wakes), len(steps), tokens)
+
+
 async def test_seeded_sampling_is_reproducible_in_a_batch(engines):
     engine = engines["llama"]
     s = Sampling(temperature=1.0, top_p=0.9, top_k=50, min_p=0.01, repetition_penalty=1.2, seed=1234, max_tokens=10)
