@@ -242,6 +242,7 @@ async def measure(engine, path, args) -> tuple[int, dict]:
     progress("prefill")
     stock_p512, _ = engine.mlx.call(stock_decode, stock_model, long_prompt, 2)
     await engine_run(engine, long_prompt, 1)  # warm-up at this length, like the stock row
+    await engine_run(engine, long_prompt, 1, local)  # and with the memory (CUDA: first-use kernel compiles)
     p_plain, _ = await engine_run(engine, long_prompt, 1)
     p_local, _ = await engine_run(engine, long_prompt, 1, local)
     rows[f"prefill {args.prefill} tokens, stock mlx-lm (warmed)"] = f"{stock_p512 * 1e3:.0f} ms"
