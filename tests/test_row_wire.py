@@ -191,7 +191,8 @@ def test_odd_bytes_read_as_protobuf_reads_them():
         "fixed32 cut short": _len_field(1, b"m") + _varint(9 << 3 | 5) + b"\0",
         "fixed64 whole": _len_field(1, b"m") + _len_field(3, good) + _varint(9 << 3 | 1) + b"\0" * 8,
     }
-    readers = (read_append_request, memory_pb2.AppendMemoryRequest), (read_fetch_response, memory_pb2.FetchMemoryResponse)
+    pb = memory_pb2
+    readers = (read_append_request, pb.AppendMemoryRequest), (read_fetch_response, pb.FetchMemoryResponse)
     for name, data in cases.items():
         for read, cls in readers:
             try:
