@@ -512,7 +512,11 @@ def _attend_kernel(shared_floats: int):
 
 
 def enabled(mode: str = "auto") -> bool:
-    """``--fused-attention``: "auto" = on when MLX computes on its CUDA backend, "off" = never."""
+    """``--fused-attention``: "auto" = on when MLX computes on its CUDA backend, "off" = never.
+    Raises ValueError for another mode (an engine configured in code, past the flag's check,
+    would otherwise run as "auto")."""
+    if mode not in MODES:
+        raise ValueError(f"fused attention mode {mode!r}: use one of {', '.join(MODES)}")
     if mode == "off":
         return False
     return mx.default_device() == mx.gpu and mx.cuda.is_available()

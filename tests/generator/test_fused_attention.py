@@ -34,6 +34,18 @@ def test_the_portable_path_is_installed_off_cuda(tmp_path):
     assert fused_attention.enabled("off") is False
 
 
+@pytest.mark.parametrize("mode", ["on", "OFF", " off", ""])
+def test_an_unknown_mode_is_refused_not_taken_for_auto(tmp_path, mode):
+    """The flag checks its choices; an engine configured in code gets the same answer from
+    ``install`` instead of the fused kernels on CUDA for a mode that meant "off"."""
+    with pytest.raises(ValueError, match="use one of auto, off"):
+        fused_attention.enabled(mode)
+    build_llama(tmp_path, seed=3)
+    model, _ = load(str(tmp_path))
+    with pytest.raises(ValueError, match="fused attention mode"):
+        install(model, fused=mode)
+
+
 def _np_cosines(q, keys):
     """q [B, H, L, d], keys [KVH, N, d] -> cosines [B, H, L, N] and raw dots (float64)."""
     H, kvh = q.shape[1], keys.shape[0]
