@@ -89,6 +89,24 @@ async def test_failed_stream_changes_nothing(kv):
         assert (await stream.finish()).state == READY
 
 
+async def test_a_stream_failing_before_any_of_its_rows_landed_rolls_back_cleanly(kv, caplog):
+    """Rows queued, none sent yet (a batch goes to Redis at limits.FLUSH_BYTES): the rollback frees
+    nothing, and must still answer (its script passed -0 to HINCRBY, which Redis refuses, and the
+    stream logged that its rows could not be rolled back)."""
+    K, V = h.random_kv(np.random.default_rng(6), 2, 2, 4, 8, FLOAT16)
+    await kv.create("eng-3", Layout(2, 2, 8, FLOAT16), "fp-engine", token_ids=list(range(4)))
+    with caplog.at_level("INFO", logger="extmind.memory"), pytest.raises(InvalidArgument, match="out of range"):
+        async with kv.append_stream() as stream:
+            await stream.target("eng-3")
+            await stream.add(0, K[0], V[0])
+            await stream.add(2, K[1], V[1])
+    assert "could not be rolled back" not in caplog.text
+    assert "rolled back this stream's rows" in caplog.text
+    assert await kv.store.rollback("eng-3", "no-such-stream", {0: 0, 1: 0}) is True
+    meta, _, _ = await kv.get("eng-3")
+    assert meta.state == BUILDING and meta.rows == [0, 0] and meta.bytes == 0
+
+
 async def test_a_missing_memory_does_not_keep_its_writer_slot(kv):
     """A stream that names a memory that does not exist fails NotFound and holds nothing: the id
     can be created and written right after (it used to stay 'being written' until a restart)."""
