@@ -353,6 +353,13 @@ REGISTRY: tuple[EnvVar, ...] = (
         "auto / off: LOCAL retrieval and extended attention in two fused kernels per layer; auto = on MLX CUDA",
     ),
     EnvVar(
+        "EXTMIND_ATTEND_LOGITS",
+        "warp",
+        "generator (`services/generator/fused_attention.py`)",
+        "warp / rows: how the fused attend kernel computes the local logits (a warp or a thread per position); "
+        "for comparing the two on CUDA",
+    ),
+    EnvVar(
         "GENERATOR_WARMUP",
         "auto",
         "generator `--warmup`",

@@ -143,13 +143,23 @@ def _read_varint(buf: memoryview, i: int) -> tuple[int, int]:
         shift += 7
 
 
+def _signed(value: int, bits: int) -> int:
+    """A varint's value as protobuf reads a field of ``bits``-bit signed integers (int32 enums,
+    int64): the low bits, two's complement."""
+    value &= (1 << bits) - 1
+    return value - (1 << bits) if value >> (bits - 1) else value
+
+
 def _fields(buf: memoryview):
     """(field number, value) of every field: an int for varints, a memoryview for
-    length-delimited fields; fixed-width fields are skipped, anything else is _Unexpected."""
+    length-delimited fields; fixed-width fields are skipped, anything else (field number 0, a
+    field cut short, groups) is _Unexpected."""
     i = 0
     while i < len(buf):
         key, i = _read_varint(buf, i)
         field, wire = key >> 3, key & 7
+        if field == 0:
+            raise _Unexpected
         if wire == 0:
             value, i = _read_varint(buf, i)
         elif wire == _LEN:
@@ -159,6 +169,8 @@ def _fields(buf: memoryview):
             value, i = buf[i : i + n], i + n
         elif wire in (1, 5):  # fixed64 / fixed32: no such field here, skipped like unknown ones
             i += 8 if wire == 1 else 4
+            if i > len(buf):
+                raise _Unexpected
             continue
         else:
             raise _Unexpected
@@ -168,16 +180,18 @@ def _fields(buf: memoryview):
 def _tensor(buf: memoryview) -> RawTensor:
     dtype, shape, data = 0, [], buf[:0]
     for field, value in _fields(buf):
+        # Read as protobuf reads them: dtype an int32 enum, shape int64 (a huge varint is a
+        # negative dimension, which the tensor's checks name as such).
         if field == 1 and isinstance(value, int):
-            dtype = value
+            dtype = _signed(value, 32)
         elif field == 2:  # packed, or one element per field
             if isinstance(value, int):
-                shape.append(value)
+                shape.append(_signed(value, 64))
             else:
                 j = 0
                 while j < len(value):
                     dim, j = _read_varint(value, j)
-                    shape.append(dim)
+                    shape.append(_signed(dim, 64))
         elif field == _DATA and not isinstance(value, int):
             data = value
         elif field in (1, _DATA):
@@ -197,6 +211,8 @@ def _read(data: bytes, fields: dict) -> dict:
         name, kind = fields[number]
         if (kind is int) != isinstance(value, int) or (kind is RawTensor and name in out):
             raise _Unexpected
+        if kind is int:
+            value &= 0xFFFFFFFF  # every integer field here is a uint32: protobuf keeps the low 32 bits
         out[name] = str(value, "utf-8") if kind is str else _tensor(value) if kind is RawTensor else value
     return out
 

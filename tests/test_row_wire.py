@@ -138,3 +138,71 @@ async def test_the_memory_service_reads_appends_and_sends_fetches_through_row_wi
     assert seen == [AppendedRows] and done.memory_id == "a" and got.memory.memory_id == "g"
     assert len(fetched) == 1 and fetched[0].memory_id == "f"
     assert np.array_equal(tensor.decode_raw(fetched[0].keys), np.ones((1, 2, 4), np.float16))
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _len_field(field: int, body: bytes) -> bytes:
+    return _varint(field << 3 | 2) + _varint(len(body)) + body
+
+
+def _as_message(read, cls):
+    """What ``read_*`` returned, as the protobuf message (to compare with protobuf's reading)."""
+    if not isinstance(read, (AppendedRows, FetchedSlice)):  # left to protobuf
+        read.DiscardUnknownFields()
+        return read
+    out = cls(memory_id=read.memory_id, layer=read.layer)
+    if isinstance(read, FetchedSlice):
+        out.row_offset = read.row_offset
+    for name in ("keys", "values"):
+        raw = getattr(read, name)
+        if raw is not None and (raw.dtype or raw.shape or len(raw.data)):
+            t = tensor.common_pb2.Tensor(dtype=raw.dtype, shape=raw.shape, data=bytes(raw.data))
+            getattr(out, name).CopyFrom(t)
+    return out
+
+
+def test_odd_bytes_read_as_protobuf_reads_them():
+    """Integers past their field's width, a huge varint for a dimension, field number 0 and a
+    fixed-width field cut short: the readers answer what protobuf answers (or refuse as it does),
+    so a raw client gets the same status from the memory service as with the generated code."""
+    rows = np.arange(16, dtype=np.float16).reshape(1, 2, 8).tobytes()
+
+    def tensor_bytes(dtype: int, dims, data=rows) -> bytes:
+        return b"\x08" + _varint(dtype) + _len_field(2, b"".join(_varint(d) for d in dims)) + _len_field(3, data)
+
+    good = tensor_bytes(2, [1, 2, 8])
+    cases = {
+        "layer past 32 bits": _len_field(1, b"m") + b"\x10" + _varint(2**32 + 1) + _len_field(3, good),
+        "layer of 64 one bits": b"\x10" + _varint(2**64 - 1),
+        "dtype past 32 bits": _len_field(3, tensor_bytes(2**40 + 2, [1, 2, 8])),
+        "dtype -1": _len_field(3, tensor_bytes(2**64 - 1, [1, 2, 8])),
+        "dimension -1": _len_field(3, tensor_bytes(2, [1, 2**64 - 1, 8], b"")),
+        "dimension -2**63": _len_field(4, tensor_bytes(2, [1, 0, 2**63], b"")),
+        "field number 0": _len_field(1, b"m") + b"\x00\x05",
+        "fixed64 cut short": _len_field(1, b"m") + _len_field(3, good) + _varint(9 << 3 | 1) + b"\0\0",
+        "fixed32 cut short": _len_field(1, b"m") + _varint(9 << 3 | 5) + b"\0",
+        "fixed64 whole": _len_field(1, b"m") + _len_field(3, good) + _varint(9 << 3 | 1) + b"\0" * 8,
+    }
+    pb = memory_pb2
+    readers = (read_append_request, pb.AppendMemoryRequest), (read_fetch_response, pb.FetchMemoryResponse)
+    for name, data in cases.items():
+        for read, cls in readers:
+            try:
+                want = cls.FromString(data)
+            except DecodeError:
+                with pytest.raises(DecodeError):
+                    read(data)
+                continue
+            want.DiscardUnknownFields()  # kept by protobuf, skipped by the readers
+            assert _as_message(read(data), cls) == want, (name, cls.__name__)
+    dim = read_append_request(cases["dimension -1"]).keys
+    with pytest.raises(InvalidArgument, match="negative dimension"):
+        tensor.decode_raw(dim, name="keys")

@@ -34,6 +34,8 @@ MAX_HEAD_DIM = 256
 # How the attend kernel computes the local logits: "warp" (a warp per position) or "rows" (a
 # thread per position, as first measured); EXTMIND_ATTEND_LOGITS picks one for comparisons.
 ATTEND_LOGITS = os.environ.get("EXTMIND_ATTEND_LOGITS", "warp")
+if ATTEND_LOGITS not in ("warp", "rows"):  # a typo would silently measure "warp" twice
+    raise ValueError(f"EXTMIND_ATTEND_LOGITS={ATTEND_LOGITS!r}: use warp or rows")
 _TOPK_THREADS = 128
 _ROWS_PER_THREAD = 4  # bank rows each scan thread takes at least, when a row's scan is split
 _FILL_BLOCKS = 512  # scan blocks that keep an H100/H200 (132 SMs) busy
@@ -512,7 +514,11 @@ def _attend_kernel(shared_floats: int):
 
 
 def enabled(mode: str = "auto") -> bool:
-    """``--fused-attention``: "auto" = on when MLX computes on its CUDA backend, "off" = never."""
+    """``--fused-attention``: "auto" = on when MLX computes on its CUDA backend, "off" = never.
+    Raises ValueError for another mode (an engine configured in code, past the flag's check,
+    would otherwise run as "auto")."""
+    if mode not in MODES:
+        raise ValueError(f"fused attention mode {mode!r}: use one of {', '.join(MODES)}")
     if mode == "off":
         return False
     return mx.default_device() == mx.gpu and mx.cuda.is_available()

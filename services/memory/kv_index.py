@@ -27,7 +27,7 @@ import numpy as np
 from extmind.errors import FailedPrecondition
 from extmind.tensor import BFLOAT16, STORAGE, bf16_bits_to_float32
 from services.memory import kv_store
-from services.memory.kv_layout import READY, Layout, MemoryMeta
+from services.memory.kv_layout import READY, Layout, MemoryMeta, meta_key
 from services.memory.kv_store import KVStore
 from services.memory.limits import FETCH_YIELD_SECONDS, SEARCH_THREADS
 
@@ -247,12 +247,16 @@ class KVIndex:
         come from ``appended`` when given (per layer, the [H, n, D] batches of the append stream
         that wrote every row, in order: they are what Redis holds), else from Redis.
         ``on_rows(MemoryRows)`` is called as soon as the rows are in RAM, before the indexes are
-        built (FetchMemory needs no index)."""
+        built (FetchMemory needs no index). Raises FailedPrecondition when the memory was deleted
+        (or created again) while its rows were read from Redis."""
         t0 = time.perf_counter()
         if appended is None:
             with kv_store.redis_errors():
                 storage = STORAGE[meta.dtype]
                 layers = [kv_store.read_layer(self.sync, meta, storage, x) for x in range(meta.num_layers)]
+                now = self.sync.hget(meta_key(meta.memory_id), "create_us")
+            if now is None or int(now) != meta.create_us:  # deleted (and created again) while read
+                raise FailedPrecondition(f"memory {meta.memory_id!r} was deleted while it loaded; retry")
         else:
             layers = [(_joined([k for k, _ in parts]), _joined([v for _, v in parts])) for parts in appended]
         rows = MemoryRows(meta, meta.rows[0] if meta.rows else 0, [k for k, _ in layers], [v for _, v in layers])
@@ -359,10 +363,16 @@ class KVIndex:
     async def _load_of(self, memory_id: str) -> LoadedMemory | _Load:
         """The memory in RAM or its load in progress, started if none is (after checking the
         memory exists and is READY)."""
-        job = self._loading.get(memory_id)
-        if job is not None:
-            return job
-        meta = await self.store.get(memory_id)
+        while True:
+            job = self._loading.get(memory_id)
+            if job is not None:
+                return job
+            gen = self._gen.get(memory_id, 0)
+            meta = await self.store.get(memory_id)
+            # Deleted or created again while its meta was read (``drop``): that meta may describe
+            # a memory that is gone, whose id now holds other rows; read it again.
+            if self._gen.get(memory_id, 0) == gen:
+                break
         if meta.state != READY:
             raise FailedPrecondition(
                 f"memory {memory_id!r} is {meta.state}, not READY: every layer needs "

@@ -120,7 +120,9 @@ for i = 2, #ARGV, 2 do
   if expected >= 0 and r1 == expected and r0 < expected then redis.call('HINCRBY', meta, 'full', -1) end
   redis.call('HSET', meta, 'c:' .. layer, redis.call('LLEN', list), 'r:' .. layer, r0)
 end
-redis.call('HINCRBY', meta, 'bytes', -freed)
+-- Only when something was freed: Lua's -0 reaches Redis as "-0", which HINCRBY refuses (a stream
+-- failing before any of its chunks landed).
+if freed > 0 then redis.call('HINCRBY', meta, 'bytes', -freed) end
 return 1
 """
 

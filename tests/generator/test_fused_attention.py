@@ -34,6 +34,18 @@ def test_the_portable_path_is_installed_off_cuda(tmp_path):
     assert fused_attention.enabled("off") is False
 
 
+@pytest.mark.parametrize("mode", ["on", "OFF", " off", ""])
+def test_an_unknown_mode_is_refused_not_taken_for_auto(tmp_path, mode):
+    """The flag checks its choices; an engine configured in code gets the same answer from
+    ``install`` instead of the fused kernels on CUDA for a mode that meant "off"."""
+    with pytest.raises(ValueError, match="use one of auto, off"):
+        fused_attention.enabled(mode)
+    build_llama(tmp_path, seed=3)
+    model, _ = load(str(tmp_path))
+    with pytest.raises(ValueError, match="fused attention mode"):
+        install(model, fused=mode)
+
+
 def _np_cosines(q, keys):
     """q [B, H, L, d], keys [KVH, N, d] -> cosines [B, H, L, N] and raw dots (float64)."""
     H, kvh = q.shape[1], keys.shape[0]
@@ -271,3 +283,22 @@ def test_attend_takes_a_long_context_after_a_short_one():
         )
         want = _np_attend(q, k, v, np.array(rows), np.array(dots), bank_values, 0.125)
         np.testing.assert_allclose(np.array(out), want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_misspelt_attend_logits_variable_is_refused():
+    """EXTMIND_ATTEND_LOGITS picks one of two kernels to compare: a misspelt value would have
+    compared "warp" with itself."""
+    import functools
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import services.generator.fused_attention as f; print(f.ATTEND_LOGITS)"
+    env = {**os.environ, "EXTMIND_ATTEND_LOGITS": "row"}
+    run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2])
+    bad = run([sys.executable, "-c", code], env=env)
+    assert bad.returncode != 0 and "EXTMIND_ATTEND_LOGITS='row': use warp or rows" in bad.stderr
+    env["EXTMIND_ATTEND_LOGITS"] = "rows"
+    good = run([sys.executable, "-c", code], env=env)
+    assert good.returncode == 0 and good.stdout.strip() == "rows", good.stderr

@@ -336,3 +336,54 @@ def test_auth_on_and_off(memory_service_factory, memory_service):
     assert health_status(secured.address, "extmind.v1.MemoryService") == 1  # probes need no token
     # Auth off: no token needed.
     memory_service.stub().ListMemories(req, timeout=10)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(number: int, body: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(body)) + body
+
+
+def test_raw_append_bytes_get_the_answer_protobuf_reading_gives(svc):
+    """AppendMemory's requests are read by hand (extmind.row_wire): bytes a client's protobuf
+    library may send (a dimension of -1 is a 10-byte varint, a uint32 past 32 bits keeps its
+    low bits) get what the generated reader would answer, and a message protobuf refuses
+    changes nothing."""
+    raw = svc.channel().stream_unary(
+        "/extmind.v1.MemoryService/AppendMemory",
+        request_serializer=lambda b: b,
+        response_deserializer=pb.AppendMemoryResponse.FromString,
+    )
+
+    def rows(dims, data: bytes) -> bytes:
+        return b"\x08" + _varint(FLOAT16) + _field(2, b"".join(_varint(d) for d in dims)) + _field(3, data)
+
+    k, v = K[0][:, :2], V[0][:, :2]
+    negative = (
+        _field(1, b"building") + _field(3, rows([2, 2**64 - 1, 8], b"")) + _field(4, rows([2, 2**64 - 1, 8], b""))
+    )
+    with pytest.raises(grpc.RpcError) as e:
+        raw(iter([negative]), timeout=20)
+    assert e.value.code() == C.INVALID_ARGUMENT and "negative dimension" in e.value.details()
+    cut_short = _field(1, b"building") + _field(3, rows([2, 2, 8], k.tobytes())) + _varint(9 << 3 | 1) + b"\0\0"
+    with pytest.raises(grpc.RpcError):
+        raw(iter([cut_short]), timeout=20)
+    m = svc.stub().GetMemory(pb.GetMemoryRequest(memory_id="building"), timeout=10).memory
+    assert m.state == pb.MEMORY_STATE_BUILDING and m.bytes == 0
+    h.create(svc.stub(), "raw-layer", K[:, :, :2], FLOAT16)
+    layer_past_32_bits = (
+        _field(1, b"raw-layer") + b"\x10" + _varint(2**32 + 1) + _field(3, rows([2, 2, 8], K[1][:, :2].tobytes()))
+    )
+    layer_past_32_bits += _field(4, rows([2, 2, 8], V[1][:, :2].tobytes()))
+    first = _field(1, b"raw-layer") + _field(3, rows([2, 2, 8], k.tobytes())) + _field(4, rows([2, 2, 8], v.tobytes()))
+    done = raw(iter([first, layer_past_32_bits]), timeout=20)
+    assert done.state == pb.MEMORY_STATE_READY and list(done.rows_per_layer) == [2, 2]
+    got = h.fetch(svc.stub(), "raw-layer")
+    assert np.array_equal(got[1][0], K[1][:, :2]) and np.array_equal(got[1][1], V[1][:, :2])

@@ -89,6 +89,24 @@ async def test_failed_stream_changes_nothing(kv):
         assert (await stream.finish()).state == READY
 
 
+async def test_a_stream_failing_before_any_of_its_rows_landed_rolls_back_cleanly(kv, caplog):
+    """Rows queued, none sent yet (a batch goes to Redis at limits.FLUSH_BYTES): the rollback frees
+    nothing, and must still answer (its script passed -0 to HINCRBY, which Redis refuses, and the
+    stream logged that its rows could not be rolled back)."""
+    K, V = h.random_kv(np.random.default_rng(6), 2, 2, 4, 8, FLOAT16)
+    await kv.create("eng-3", Layout(2, 2, 8, FLOAT16), "fp-engine", token_ids=list(range(4)))
+    with caplog.at_level("INFO", logger="extmind.memory"), pytest.raises(InvalidArgument, match="out of range"):
+        async with kv.append_stream() as stream:
+            await stream.target("eng-3")
+            await stream.add(0, K[0], V[0])
+            await stream.add(2, K[1], V[1])
+    assert "could not be rolled back" not in caplog.text
+    assert "rolled back this stream's rows" in caplog.text
+    assert await kv.store.rollback("eng-3", "no-such-stream", {0: 0, 1: 0}) is True
+    meta, _, _ = await kv.get("eng-3")
+    assert meta.state == BUILDING and meta.rows == [0, 0] and meta.bytes == 0
+
+
 async def test_a_missing_memory_does_not_keep_its_writer_slot(kv):
     """A stream that names a memory that does not exist fails NotFound and holds nothing: the id
     can be created and written right after (it used to stay 'being written' until a restart)."""
@@ -243,3 +261,85 @@ def test_a_load_builds_its_indexes_after_the_fetches_of_its_rows(kv, monkeypatch
         t0 = time.monotonic()
         assert len(kv.index.load(meta, appended).indexes) == 2
         assert 0.15 < time.monotonic() - t0 < 5  # waited 0.2 s in all, then built
+
+
+async def test_a_memory_created_again_while_its_meta_is_read_is_not_loaded_with_the_old_meta(kv):
+    """A search starts loading a READY memory that is not in RAM; while its meta is read, the
+    memory is deleted, created again and partly written. The load must not read the new
+    memory's rows under the old meta (same rows per layer: the read succeeds) and keep that in
+    RAM: the new memory would then be served while BUILDING, and never loaded once READY."""
+    import asyncio
+
+    from extmind.errors import FailedPrecondition
+
+    K, V = h.random_kv(np.random.default_rng(8), 1, 2, 6, 8, FLOAT16)
+    layout = Layout(1, 2, 8, FLOAT16)
+
+    async def write(memory_id, lo, hi):
+        async with kv.append_stream() as stream:
+            await stream.target(memory_id)
+            await stream.add(0, K[0][:, lo:hi], V[0][:, lo:hi])
+            return await stream.finish()
+
+    await kv.create("again", layout, "fp-engine")
+    assert (await write("again", 0, 3)).state == READY  # 3 rows, READY without token ids
+    for _ in range(200):
+        if "again" in kv.index.loaded:
+            break
+        await asyncio.sleep(0.01)
+    kv.index.drop("again")  # out of RAM, as a memory made READY by another process is
+    plain_get, injected = kv.store.get, []
+
+    async def get_then_recreate(memory_id):
+        meta = await plain_get(memory_id)
+        if not injected:
+            injected.append(meta)
+            await kv.delete("again")
+            await kv.create("again", layout, "fp-engine", token_ids=list(range(6)))
+            assert (await write("again", 0, 3)).state == BUILDING  # 3 of 6 rows: as many as before
+        return meta
+
+    kv.store.get = get_then_recreate
+    Q = np.ones((2, 1, 8), np.float32)
+    with pytest.raises(FailedPrecondition, match="BUILDING"):
+        await kv.search(["again"], 0, Q, 2)
+    assert injected and "again" not in kv.index.loaded
+    kv.store.get = plain_get
+    assert (await write("again", 3, 6)).state == READY
+    meta, slices = await kv.fetch("again")
+    rows = np.concatenate([s.keys for s in slices], axis=1)
+    assert meta.num_tokens == 6 and np.array_equal(rows, K[0])
+
+
+async def test_a_memory_created_again_while_its_rows_are_read_is_not_served(kv, monkeypatch):
+    """The same, a moment later: the memory is created again while the load reads its rows from
+    Redis (here: its meta gets another create_us mid-read). The load fails FAILED_PRECONDITION
+    instead of answering with rows that may be the new memory's under the old meta."""
+    import asyncio
+
+    from extmind.errors import FailedPrecondition
+    from services.memory import kv_store
+    from services.memory.kv_layout import meta_key
+
+    K, V = h.random_kv(np.random.default_rng(9), 1, 2, 4, 8, FLOAT16)
+    await kv.create("reread", Layout(1, 2, 8, FLOAT16), "fp-engine", token_ids=list(range(4)))
+    async with kv.append_stream() as stream:
+        await stream.target("reread")
+        await stream.add(0, K[0], V[0])
+        assert (await stream.finish()).state == READY
+    while "reread" not in kv.index.loaded:
+        await asyncio.sleep(0.01)
+    kv.index.drop("reread")
+    plain = kv_store.read_layer
+
+    def read_then_recreate(client, meta, storage, layer):
+        out = plain(client, meta, storage, layer)
+        client.hset(meta_key(meta.memory_id), "create_us", meta.create_us + 1)
+        return out
+
+    monkeypatch.setattr(kv_store, "read_layer", read_then_recreate)
+    with pytest.raises(FailedPrecondition, match="deleted while it loaded"):
+        await kv.search(["reread"], 0, np.ones((2, 1, 8), np.float32), 2)
+    assert "reread" not in kv.index.loaded
+    monkeypatch.setattr(kv_store, "read_layer", plain)
+    assert (await kv.search(["reread"], 0, np.ones((2, 1, 8), np.float32), 2)).indices.shape == (2, 1, 2)
