@@ -350,7 +350,15 @@ REGISTRY: tuple[EnvVar, ...] = (
         "GENERATOR_FUSED_ATTENTION",
         "auto",
         "generator `--fused-attention`",
-        "auto / off: LOCAL retrieval and extended attention in two fused kernels per layer; auto = on MLX CUDA",
+        "auto / off: LOCAL retrieval and extended attention in fused custom kernels; auto = on MLX CUDA, "
+        "the portable path elsewhere",
+    ),
+    EnvVar(
+        "EXTMIND_ATTEND_LOGITS",
+        "warp",
+        "generator (`services/generator/fused_attention.py`)",
+        "how the fused attend kernel computes local logits: `warp` (a warp per position) or `rows` "
+        "(a thread per position, its first version), for comparisons on CUDA",
     ),
     EnvVar(
         "GENERATOR_WARMUP",

@@ -120,8 +120,8 @@ def parse_args(argv=None):
         env="GENERATOR_FUSED_ATTENTION",
         default=EngineConfig.fused_attention,
         choices=fused_attention.MODES,
-        help="LOCAL retrieval and extended attention in two fused kernels per layer (auto: on MLX's CUDA "
-        "backend; off: the portable path everywhere)",
+        help="LOCAL retrieval and extended attention in fused custom kernels, CUDA only (auto: on when MLX "
+        "computes on CUDA, the portable path elsewhere; off: the portable path everywhere)",
     )
     args = p.parse_args(argv)
     if not args.model:
