@@ -298,7 +298,10 @@ def run(s: Settings | None = None, out=print, keep: bool = False) -> dict:
             out(f"  kept its data: collection '{COLLECTION}', memories {MEMORY_ID} and extmind-demo-fact-*")
         else:
             cleanup(c)
-            out("  removed its data again (`python -m extmind.demo --keep` leaves it to explore with `extmind`)")
+            out(
+                "  removed its data again (`.venv/bin/python -m extmind.demo --keep` leaves it to explore "
+                "with `extmind`)"
+            )
         return {
             "upsert": up,
             "searches": searches,

@@ -315,7 +315,8 @@ REGISTRY: tuple[EnvVar, ...] = (
         "GENERATOR_MODEL",
         "(cluster: the committed models/extmind-facts-6m)",
         "generator `--model` (required); cluster launcher",
-        "Llama / Qwen2 / Qwen3 model: local directory (HF or MLX layout) or hub id",
+        'mlx-lm model (llama, mistral, qwen2, qwen3, their MoE types; README "Model types"): local directory '
+        "(HF or MLX layout) or hub id",
     ),
     EnvVar(
         "GENERATOR_BANK_CACHE_MB", "2048", "generator `--bank-cache-mb`", "LOCAL retrieval: MiB of banks kept (LRU)"
