@@ -315,7 +315,8 @@ REGISTRY: tuple[EnvVar, ...] = (
         "GENERATOR_MODEL",
         "(cluster: the committed models/extmind-facts-6m)",
         "generator `--model` (required); cluster launcher",
-        "Llama / Qwen2 / Qwen3 model: local directory (HF or MLX layout) or hub id",
+        'mlx-lm model (llama, mistral, qwen2, qwen3, their MoE types; README "Model types"): local directory '
+        "(HF or MLX layout) or hub id",
     ),
     EnvVar(
         "GENERATOR_BANK_CACHE_MB", "2048", "generator `--bank-cache-mb`", "LOCAL retrieval: MiB of banks kept (LRU)"
@@ -350,14 +351,15 @@ REGISTRY: tuple[EnvVar, ...] = (
         "GENERATOR_FUSED_ATTENTION",
         "auto",
         "generator `--fused-attention`",
-        "auto / off: LOCAL retrieval and extended attention in two fused kernels per layer; auto = on MLX CUDA",
+        "auto / off: LOCAL retrieval and extended attention in fused custom kernels; auto = on MLX CUDA, "
+        "the portable path elsewhere",
     ),
     EnvVar(
         "EXTMIND_ATTEND_LOGITS",
         "warp",
         "generator (`services/generator/fused_attention.py`)",
-        "warp / rows: how the fused attend kernel computes the local logits (a warp or a thread per position); "
-        "for comparing the two on CUDA",
+        "how the fused attend kernel computes local logits: `warp` (a warp per position) or `rows` "
+        "(a thread per position, its first version), for comparisons on CUDA",
     ),
     EnvVar(
         "GENERATOR_WARMUP",

@@ -328,6 +328,33 @@ def test_malformed_flags_and_environment_values_are_one_line_usage_errors(monkey
         assert parse_args([]).allow_volatile_redis is value, word
 
 
+def test_a_wrong_environment_value_gives_way_to_the_flag_and_to_help(monkeypatch, capsys):
+    """A wrong variable is a usage error only when its flag is not given: the flag wins over the
+    variable, and --help still shows the whole help (it used to stop at the wrong variable, with a
+    usage line that lacked that flag and every later one)."""
+    from services.generator.app import parse_args
+
+    monkeypatch.setenv("GENERATOR_FUSED_ATTENTION", "on")
+    monkeypatch.setenv("GENERATOR_WINDOW", "abc")
+    monkeypatch.setenv("EXTMIND_AUTH_TOKEN", "tok")
+    args = parse_args(["--model", "m", "--fused-attention", "off", "--window", "1024"])
+    assert (args.fused_attention, args.window, args.auth_token) == ("off", 1024, "tok")
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--model", "m", "--window", "1024"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "GENERATOR_FUSED_ATTENTION='on' is not valid: use one of auto, off" in err
+    assert "[--fused-attention {auto,off}]" in err  # the usage line names every flag
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--model", "m", "--fused-attention", "auto"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "GENERATOR_WINDOW='abc' is not valid: expected a whole number" in err
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0 and "--fused-attention {auto,off}" in out
+    assert "(default: GENERATOR_FUSED_ATTENTION='on', not valid)" in out
+
+
 def test_an_unwritable_health_file_stops_the_start_in_one_line(tmp_path):
     from extmind.errors import InvalidArgument
     from services.common.health_file import HealthFile

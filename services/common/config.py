@@ -26,48 +26,75 @@ def _parse_bool(v: str) -> bool:
     raise ValueError(f"expected one of {', '.join(sorted(_TRUE | _FALSE))}")
 
 
+class _InvalidEnv:
+    """The default of a flag whose variable holds a wrong value. The usage error waits for
+    ``parse_args``, so that the flag given on the command line still wins and ``--help`` still
+    shows the whole help (this object stands in for the default there)."""
+
+    def __init__(self, message: str, env: str, raw: str):
+        self.message, self.env, self.raw = message, env, raw
+
+    def __str__(self) -> str:
+        return f"{self.env}={self.raw!r}, not valid"
+
+
 class FlagParser(argparse.ArgumentParser):
     def __init__(self, *a, **kw):
         kw.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*a, **kw)
+        self._invalid_env: dict[str, _InvalidEnv] = {}  # dest -> the variable's error
 
     def flag(self, name: str, *, env: str, default=None, type=str, help: str = "", repeated=False, **kw):
         """Adds ``name`` reading ``env`` when the flag is absent. ``repeated`` flags take a
         comma-separated list from the environment."""
         raw = os.environ.get(env)
+        dest = kw.get("dest") or name.lstrip("-").replace("-", "_")
         if type is bool:
-            value = self._from_env(env, raw, _parse_bool) if raw not in (None, "") else bool(default)
+            value = self._from_env(dest, env, raw, _parse_bool) if raw not in (None, "") else bool(default)
             self.add_argument(
                 name, default=value, action=argparse.BooleanOptionalAction, help=f"{help} [env {env}]", **kw
             )
             return
         if repeated:
             value = (
-                [self._from_env(env, x.strip(), type) for x in raw.split(",") if x.strip()] if raw else (default or [])
+                [self._from_env(dest, env, x.strip(), type) for x in raw.split(",") if x.strip()]
+                if raw
+                else (default or [])
             )
             self.add_argument(name, action="append", type=type, default=None, help=f"{help} [env {env}]", **kw)
             self._repeated_defaults = getattr(self, "_repeated_defaults", {})
-            self._repeated_defaults[name.lstrip("-").replace("-", "_")] = value
+            self._repeated_defaults[dest] = value
             return
-        value = self._from_env(env, raw, type) if raw not in (None, "") else default
+        value = self._from_env(dest, env, raw, type) if raw not in (None, "") else default
         choices = kw.get("choices")
-        if choices is not None and value not in choices:  # argparse checks only a flag's value
-            self.error(f"environment variable {env}={raw!r} is not valid: use one of {', '.join(map(str, choices))}")
+        if choices is not None and not isinstance(value, _InvalidEnv) and value not in choices:
+            # argparse checks only a flag's value
+            value = self._invalid(dest, env, raw, f"use one of {', '.join(map(str, choices))}")
         self.add_argument(name, default=value, type=type, help=f"{help} [env {env}]", **kw)
 
-    def _from_env(self, env: str, raw: str, type):
+    def _from_env(self, dest: str, env: str, raw: str, type):
         """An environment value converted like the flag's; a malformed one is a usage error (exit
-        2, one line naming the variable), as a malformed flag is, not a traceback."""
+        2, one line naming the variable) at ``parse_args`` unless the flag is given, as a
+        malformed flag is, not a traceback."""
         try:
             return type(raw)
         except (ValueError, argparse.ArgumentTypeError) as exc:
-            self.error(f"environment variable {env}={raw!r} is not valid: {exc}")
+            return self._invalid(dest, env, raw, str(exc))
+
+    def _invalid(self, dest: str, env: str, raw: str, why: str) -> _InvalidEnv:
+        bad = _InvalidEnv(f"environment variable {env}={raw!r} is not valid: {why}", env, raw)
+        self._invalid_env.setdefault(dest, bad)
+        return bad
 
     def parse_args(self, args=None, namespace=None):
-        ns = super().parse_args(args, namespace)
+        ns = super().parse_args(args, namespace)  # --help exits here, whatever the environment holds
         for dest, value in getattr(self, "_repeated_defaults", {}).items():
             if getattr(ns, dest, None) is None:
                 setattr(ns, dest, list(value))
+        for dest, bad in self._invalid_env.items():
+            value = getattr(ns, dest, None)
+            if value is bad or (isinstance(value, list) and any(v is bad for v in value)):
+                self.error(bad.message)  # the flag was not given: the variable's value counts
         return ns
 
 

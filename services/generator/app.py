@@ -30,7 +30,8 @@ def parse_args(argv=None):
         "--model",
         env="GENERATOR_MODEL",
         default="",
-        help="Llama / Qwen2 / Qwen3 model: a local directory (HF or MLX layout) or a hub id",
+        help='mlx-lm model (llama, mistral, qwen2, qwen3 and their MoE types; README, "Model types"): a local '
+        "directory (HF or MLX layout) or a hub id",
     )
     p.flag("--memory-url", env="MEMORY_URL", default="127.0.0.1:50052", help="memory service host:port")
     p.flag(
@@ -120,8 +121,8 @@ def parse_args(argv=None):
         env="GENERATOR_FUSED_ATTENTION",
         default=EngineConfig.fused_attention,
         choices=fused_attention.MODES,
-        help="LOCAL retrieval and extended attention in two fused kernels per layer (auto: on MLX's CUDA "
-        "backend; off: the portable path everywhere)",
+        help="LOCAL retrieval and extended attention in fused custom kernels, CUDA only (auto: on when MLX "
+        "computes on CUDA, the portable path elsewhere; off: the portable path everywhere)",
     )
     args = p.parse_args(argv)
     if not args.model:

@@ -177,6 +177,8 @@ class GeneratorEngine:
                 "layers": self.num_layers,
                 "dtype": str(dtype),
                 "cast_from_checkpoint": target is not None,
+                # --fused-attention auto turns the CUDA kernels on by itself: say which path runs
+                "fused_attention": self.state.fused,
             },
         )
 

@@ -84,7 +84,7 @@ class ExtendedMindState:
     # attention takes the fused decode kernel (an array mask sends MLX CUDA to its unfused
     # fallback). The dict holds the caches themselves so that no id is reused while it is set.
     unpadded_caches: dict = field(default_factory=dict)
-    # LOCAL retrieval and attention in two fused kernels (services/generator/fused_attention.py):
+    # LOCAL retrieval and attention in fused kernels (services/generator/fused_attention.py):
     # set at install from ``fused_attention.enabled()`` (on the CUDA backend, unless turned off).
     fused: bool = False
 

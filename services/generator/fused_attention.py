@@ -1,14 +1,16 @@
-"""Extended mind attention of one layer in two fused kernels, on MLX's CUDA backend.
+"""Extended mind attention of one layer in two fused steps (two or three kernels), on MLX's CUDA backend.
 
 The portable path (``ExtendedMindAttention._with_memories`` over ``local_top_k``) runs about twenty
 small kernels per layer: the cosine matmul, norms, a two-stage partition, gathers, the local
 logits, the mask, a concatenation, the softmax and two weighted sums. On a fast GPU each costs
 more in launch and latency than in arithmetic, so LOCAL decode spent most of its step waiting on
-them (docs/architecture.md, "Fused extended attention"). Here the same computation is two kernels:
+them (docs/architecture.md, "Fused extended attention"). Here the same computation is two steps:
 
 - ``top_k_rows``: per query head and token, the exact cosine top-k over the bank's rows (each
-  thread scans a stripe of rows and keeps its own sorted top-k; the block merges them), the raw
-  dot products of the winners and the threshold;
+  thread scans a stripe of rows and keeps its own sorted top-k; the block merges them, and a
+  second kernel merges the blocks' lists when a decode row's scan is split over several; a
+  prefill's dots come from one matmul instead), the raw dot products of the winners and the
+  threshold;
 - ``attend``: per query head and token, one softmax over [memory logits | local logits] (causal,
   array-masked or unmasked) and the weighted sum of the memory values (read from the bank by row)
   and the local values (read from the KV cache in place, strides and all), written straight in the

@@ -102,6 +102,19 @@ def test_demo_output_reads_at_a_glance(result):
         assert len(line) <= 140, line
 
 
+def test_the_printed_total_counts_every_step(result):
+    """ "done: N s in calls" sums every call the demo timed, step 4 (the facts) included: it used
+    to stop at step 3 and print about half of what the calls took."""
+    facts = result["facts"]
+    assert facts and all(f["calls_seconds"] > f["seconds"] > 0 for f in facts)
+    parts = (
+        sum(r.seconds for r in result["searches"]) + sum(f["calls_seconds"] for f in facts),
+        result["calls_seconds"],
+    )
+    assert parts[1] > parts[0] > 0
+    assert f"extmind demo done: {result['calls_seconds']:.2f}s in calls" in "\n".join(result["lines"])
+
+
 def test_demo_module_runs(cluster):
     r = subprocess.run(
         [sys.executable, "-m", "extmind.demo"], env=cluster.env, capture_output=True, text=True, timeout=300

@@ -26,3 +26,24 @@ def test_window_and_stride_flags_must_be_positive(monkeypatch, capsys):
         assert e.value.code == 2 and says in capsys.readouterr().err
         for k in env:
             monkeypatch.delenv(k)
+
+
+def test_fused_attention_flag(monkeypatch, capsys):
+    """--fused-attention takes auto (the default: the CUDA kernels where MLX computes on CUDA) or
+    off; another value, from the flag or GENERATOR_FUSED_ATTENTION, stops the start in one line."""
+    assert parse_args(["--model", "m"]).fused_attention == "auto"
+    assert parse_args(["--model", "m", "--fused-attention", "off"]).fused_attention == "off"
+    monkeypatch.setenv("GENERATOR_FUSED_ATTENTION", "off")
+    assert parse_args(["--model", "m"]).fused_attention == "off"
+    assert parse_args(["--model", "m", "--fused-attention", "auto"]).fused_attention == "auto"  # the flag wins
+    for argv, env, says in (
+        (["--fused-attention", "on"], {}, "argument --fused-attention: invalid choice: 'on' (choose from"),
+        ([], {"GENERATOR_FUSED_ATTENTION": "on"}, "GENERATOR_FUSED_ATTENTION='on' is not valid: use one of auto, off"),
+    ):
+        monkeypatch.delenv("GENERATOR_FUSED_ATTENTION")
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        with pytest.raises(SystemExit) as e:
+            parse_args(["--model", "m", *argv])
+        assert e.value.code == 2 and says in capsys.readouterr().err
+        monkeypatch.setenv("GENERATOR_FUSED_ATTENTION", "auto")

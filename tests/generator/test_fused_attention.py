@@ -10,6 +10,8 @@ them on there.
 
 from __future__ import annotations
 
+import logging
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from mlx_lm.utils import load
 from extmind.tiny_models import build_llama
 from services.generator import fused_attention
 from services.generator.bank_cache import LocalRetriever, bank_from_numpy
+from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.extended_attention import MemoryContext, install
 
 CUDA = fused_attention.enabled("auto")
@@ -44,6 +47,23 @@ def test_an_unknown_mode_is_refused_not_taken_for_auto(tmp_path, mode):
     model, _ = load(str(tmp_path))
     with pytest.raises(ValueError, match="fused attention mode"):
         install(model, fused=mode)
+
+
+def test_the_engine_logs_which_attention_path_it_installed(llama_path, caplog):
+    """--fused-attention auto picks the path by itself (the kernels on CUDA, silently the portable
+    path elsewhere): the start's "model loaded" line says which one runs."""
+    caplog.set_level(logging.INFO, logger="extmind.generator")
+    for mode, fused in (("auto", CUDA), ("off", False)):
+        caplog.clear()
+        engine = GeneratorEngine(EngineConfig(model=str(llama_path), fused_attention=mode))
+        engine.start()
+        try:
+            loaded = [r for r in caplog.records if r.getMessage() == "model loaded"]
+            assert len(loaded) == 1 and loaded[0].fused_attention is fused
+            assert engine.state.fused is fused
+            assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        finally:
+            engine.stop()
 
 
 def _np_cosines(q, keys):
