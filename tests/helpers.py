@@ -42,3 +42,25 @@ def wait_for_access_line(svc, method: str, index: int, timeout: float = 10.0) ->
             return lines[index]
         time.sleep(0.05)
     raise AssertionError(f"no access line {index} for {method}:\n{svc.log_tail()}")
+
+
+# Raw protobuf bytes, written here independently of extmind/row_wire.py (which the tests that use
+# them check against protobuf): a client's library may send what the generated code never does.
+def pb_varint(n: int) -> bytes:
+    """``n`` (>= 0; a negative int64 is passed as n + 2**64) as a protobuf varint."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def pb_len_field(number: int, body: bytes) -> bytes:
+    """A length-delimited field (wire type 2): tag, length, ``body``."""
+    return pb_varint(number << 3 | 2) + pb_varint(len(body)) + body
+
+
+def pb_tensor(dtype: int, dims, data: bytes) -> bytes:
+    """An extmind.v1.Tensor: dtype (field 1), packed shape (2), data (3)."""
+    return b"\x08" + pb_varint(dtype) + pb_len_field(2, b"".join(pb_varint(d) for d in dims)) + pb_len_field(3, data)

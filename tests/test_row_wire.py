@@ -18,6 +18,7 @@ from extmind.row_wire import (
     read_fetch_response,
 )
 from extmind.v1 import memory_pb2
+from tests.helpers import pb_len_field, pb_tensor, pb_varint
 
 
 @pytest.mark.parametrize("dtype", [tensor.FLOAT16, tensor.BFLOAT16, tensor.FLOAT32])
@@ -140,19 +141,6 @@ async def test_the_memory_service_reads_appends_and_sends_fetches_through_row_wi
     assert np.array_equal(tensor.decode_raw(fetched[0].keys), np.ones((1, 2, 4), np.float16))
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _len_field(field: int, body: bytes) -> bytes:
-    return _varint(field << 3 | 2) + _varint(len(body)) + body
-
-
 def _as_message(read, cls):
     """What ``read_*`` returned, as the protobuf message (to compare with protobuf's reading)."""
     if not isinstance(read, (AppendedRows, FetchedSlice)):  # left to protobuf
@@ -176,20 +164,20 @@ def test_odd_bytes_read_as_protobuf_reads_them():
     rows = np.arange(16, dtype=np.float16).reshape(1, 2, 8).tobytes()
 
     def tensor_bytes(dtype: int, dims, data=rows) -> bytes:
-        return b"\x08" + _varint(dtype) + _len_field(2, b"".join(_varint(d) for d in dims)) + _len_field(3, data)
+        return pb_tensor(dtype, dims, data)
 
     good = tensor_bytes(2, [1, 2, 8])
     cases = {
-        "layer past 32 bits": _len_field(1, b"m") + b"\x10" + _varint(2**32 + 1) + _len_field(3, good),
-        "layer of 64 one bits": b"\x10" + _varint(2**64 - 1),
-        "dtype past 32 bits": _len_field(3, tensor_bytes(2**40 + 2, [1, 2, 8])),
-        "dtype -1": _len_field(3, tensor_bytes(2**64 - 1, [1, 2, 8])),
-        "dimension -1": _len_field(3, tensor_bytes(2, [1, 2**64 - 1, 8], b"")),
-        "dimension -2**63": _len_field(4, tensor_bytes(2, [1, 0, 2**63], b"")),
-        "field number 0": _len_field(1, b"m") + b"\x00\x05",
-        "fixed64 cut short": _len_field(1, b"m") + _len_field(3, good) + _varint(9 << 3 | 1) + b"\0\0",
-        "fixed32 cut short": _len_field(1, b"m") + _varint(9 << 3 | 5) + b"\0",
-        "fixed64 whole": _len_field(1, b"m") + _len_field(3, good) + _varint(9 << 3 | 1) + b"\0" * 8,
+        "layer past 32 bits": pb_len_field(1, b"m") + b"\x10" + pb_varint(2**32 + 1) + pb_len_field(3, good),
+        "layer of 64 one bits": b"\x10" + pb_varint(2**64 - 1),
+        "dtype past 32 bits": pb_len_field(3, tensor_bytes(2**40 + 2, [1, 2, 8])),
+        "dtype -1": pb_len_field(3, tensor_bytes(2**64 - 1, [1, 2, 8])),
+        "dimension -1": pb_len_field(3, tensor_bytes(2, [1, 2**64 - 1, 8], b"")),
+        "dimension -2**63": pb_len_field(4, tensor_bytes(2, [1, 0, 2**63], b"")),
+        "field number 0": pb_len_field(1, b"m") + b"\x00\x05",
+        "fixed64 cut short": pb_len_field(1, b"m") + pb_len_field(3, good) + pb_varint(9 << 3 | 1) + b"\0\0",
+        "fixed32 cut short": pb_len_field(1, b"m") + pb_varint(9 << 3 | 5) + b"\0",
+        "fixed64 whole": pb_len_field(1, b"m") + pb_len_field(3, good) + pb_varint(9 << 3 | 1) + b"\0" * 8,
     }
     pb = memory_pb2
     readers = (read_append_request, pb.AppendMemoryRequest), (read_fetch_response, pb.FetchMemoryResponse)

@@ -10,6 +10,9 @@ import pytest
 from extmind.tensor import BFLOAT16, FLOAT16, FLOAT32, INT32, encode
 from extmind.v1 import common_pb2
 from extmind.v1 import memory_pb2 as pb
+from tests.helpers import pb_len_field as _field
+from tests.helpers import pb_tensor
+from tests.helpers import pb_varint as _varint
 from tests.memory import helpers as h
 
 C = grpc.StatusCode
@@ -338,19 +341,6 @@ def test_auth_on_and_off(memory_service_factory, memory_service):
     memory_service.stub().ListMemories(req, timeout=10)
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _field(number: int, body: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(body)) + body
-
-
 def test_raw_append_bytes_get_the_answer_protobuf_reading_gives(svc):
     """AppendMemory's requests are read by hand (extmind.row_wire): bytes a client's protobuf
     library may send (a dimension of -1 is a 10-byte varint, a uint32 past 32 bits keeps its
@@ -363,7 +353,7 @@ def test_raw_append_bytes_get_the_answer_protobuf_reading_gives(svc):
     )
 
     def rows(dims, data: bytes) -> bytes:
-        return b"\x08" + _varint(FLOAT16) + _field(2, b"".join(_varint(d) for d in dims)) + _field(3, data)
+        return pb_tensor(FLOAT16, dims, data)
 
     k, v = K[0][:, :2], V[0][:, :2]
     negative = (
