@@ -177,6 +177,7 @@ def forward(
     ret: tuple[mx.array, mx.array, float] | None = None,
     ret_losses: list | None = None,
     sims: list | None = None,
+    normed: list | None = None,
 ):
     """tokens [B, L] int32 (positions from 0) -> (logits [B, L, V], captured).
 
@@ -184,7 +185,9 @@ def forward(
     pre-RoPE keys and the values [B, KVH, L, d] (what Memorize stores). ``ret`` = (sel, pos, tau)
     (pos over the shared bank's rows, or over each question's own memory rows): appends each
     layer's retrieval loss (layers >= 1: layer 0's queries see only their own token, so they
-    cannot tell documents apart) to ``ret_losses``."""
+    cannot tell documents apart) to ``ret_losses``. ``normed``: receives each layer's normalized
+    attention input [B, L, hidden] (what its queries, keys and values are projected from), for
+    the subject loss of training/train.py."""
     inner = model.model
     h = inner.embed_tokens(tokens)
     B, L = tokens.shape
@@ -192,6 +195,8 @@ def forward(
     for i, layer in enumerate(inner.layers):
         a = layer.self_attn
         x = layer.input_layernorm(h)
+        if normed is not None:
+            normed.append(x)
         q = a.q_proj(x).reshape(B, L, a.n_heads, -1).transpose(0, 2, 1, 3)
         k = a.k_proj(x).reshape(B, L, a.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = a.v_proj(x).reshape(B, L, a.n_kv_heads, -1).transpose(0, 2, 1, 3)

@@ -181,15 +181,17 @@ def make_batch(
     ``max_people``), questions about people in them, and in-context questions. ``own`` > 0:
     question i is about document i and sees documents i .. i + own - 1 (its own memory)."""
     rng = random.Random(step_seed)
-    docs, stated = [], []  # stated: (entity, attribute, doc index)
+    docs, stated, doc_people = [], [], []  # stated: (entity, attribute, doc index)
     for i in range(n_mem):
         people = facts.make_entities(rng, 1 if rng.random() < 1.0 - multi else rng.randint(2, max_people))
         text, attrs = facts.multi_document(rng, people)
         docs.append(text)
+        doc_people.append(people)
         stated += [(e, a, i) for e, al in zip(people, attrs) for a in al]
     d_enc = tok.encode_batch(docs)
     d = _pad([e.ids for e in d_enc], pad, 16)
     valid = (d != pad) & (d != bos)
+    subj_pos, subj_doc = subject_targets(tok, docs, d_enc, doc_people, d.shape[1], valid)
     if own:  # question i is about document i; it sees documents i .. i + own - 1
         picks = [rng.choice([x for x in stated if x[2] == i]) for i in range(n_mem)]
     else:
@@ -204,7 +206,11 @@ def make_batch(
     rows = np.flatnonzero(valid.reshape(-1)).astype(np.int32)
     groups = (np.arange(n_mem)[:, None] + np.arange(max(own, 1))[None]) % n_mem
     ret_sel, ret_pos = retrieval_targets(docs, d_enc, picks, None if own else rows, d.shape[1], qm, max(own, 1))
+    subj_q = _name_ids(tok, [e for e, _, _ in picks])[ret_sel // qm.shape[1]]  # ret_sel: the answer positions
     return dict(
+        subj_pos=subj_pos,
+        subj_doc=subj_doc,
+        subj_q=subj_q,
         docs=d,
         valid=valid,
         rows=rows,
@@ -218,6 +224,36 @@ def make_batch(
         ret_sel=ret_sel,
         ret_pos=ret_pos,
     )
+
+
+_NAME_TOKENS = 8  # a full name is 2-6 tokens of the trained tokenizer; -1 pads
+
+
+def _name_ids(tok, people) -> np.ndarray:
+    """-> int32 [len(people), _NAME_TOKENS]: the tokens of " First Last" (as a question spells
+    it), -1 padded."""
+    out = np.full((len(people), _NAME_TOKENS), -1, dtype=np.int32)
+    for i, e in enumerate(people):
+        ids = tok.encode(" " + e.name, add_special_tokens=False).ids[:_NAME_TOKENS]
+        out[i, : len(ids)] = ids
+    return out
+
+
+def subject_targets(tok, docs, d_enc, doc_people, doc_len: int, valid: np.ndarray):
+    """Supervision for the subject loss (``--w-subj``): every document token is labelled with
+    the name of the person its paragraph is about (paragraphs are newline-separated, one person
+    each, in ``doc_people`` order).
+
+    -> pos int32 [P] (flat d * doc_len + t, the valid tokens) and names int32 [P, _NAME_TOKENS]."""
+    pos, names = [], []
+    for i, (doc, people) in enumerate(zip(docs, doc_people)):
+        ends = np.cumsum([len(p) + 1 for p in doc.split("\n")])  # paragraph j: chars < ends[j]
+        ids = _name_ids(tok, people)
+        for t, (s, _) in enumerate(d_enc[i].offsets):
+            if t < doc_len and valid[i, t]:
+                pos.append(i * doc_len + t)
+                names.append(ids[min(int(np.searchsorted(ends, s, side="right")), len(people) - 1)])
+    return np.array(pos, dtype=np.int32), np.array(names, dtype=np.int32).reshape(-1, _NAME_TOKENS)
 
 
 def retrieval_targets(docs, d_enc, picks, rows, doc_len: int, qm: np.ndarray, own: int = 1):
@@ -275,21 +311,58 @@ def _ce(logits, y, m):
     return loss, (wrong == 0)
 
 
-def losses(model, b, top_k: int, w_lm: float, w_ctx: float, own: bool, w_ret: float = 0.0, tau: float = 0.1):
+def subject_loss(model, normed: list, pos: mx.array, names: mx.array) -> mx.array:
+    """Asks the normalized attention input of layers >= 1 at ``pos`` (flat b * L + t) for the
+    person it is about: cross-entropy of ``x @ E^T`` (E: the tied token embeddings, a logit lens
+    with no extra weights) against the person's name tokens ``names`` [P, T] (-1 padded; uniform
+    over them). Keys and values are projected from that input, so a fact's memory rows can then
+    say whose fact they hold; the LM loss alone never asks for it, the facts being random.
+    -> scalar (mean over positions and layers)."""
+    emb = model.model.embed_tokens.weight
+    ok = (names >= 0).astype(mx.float32)
+    total = mx.array(0.0)
+    for x in normed[1:]:
+        xs = mx.take(x.reshape(-1, x.shape[-1]), pos, axis=0).astype(mx.float32)
+        logits = xs @ emb.astype(mx.float32).T
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        picked = mx.take_along_axis(logp, mx.maximum(names, 0), axis=-1)
+        total = total - ((picked * ok).sum(-1) / mx.maximum(ok.sum(-1), 1.0)).mean()
+    return total / max(len(normed) - 1, 1)
+
+
+def losses(
+    model,
+    b,
+    top_k: int,
+    w_lm: float,
+    w_ctx: float,
+    own: bool,
+    w_ret: float = 0.0,
+    tau: float = 0.1,
+    w_subj: float = 0.0,
+):
     docs = b["docs"]
-    logits_d, cap = forward(model, docs, capture=True)
+    normed_d: list | None = [] if w_subj > 0 else None
+    logits_d, cap = forward(model, docs, capture=True, normed=normed_d)
     lm_mask = b["valid"][:, 1:].astype(mx.float32)
     lm, _ = _ce(logits_d[:, :-1], docs[:, 1:], lm_mask)
     banks = own_banks(cap, b["valid"], b["groups"]) if own else banks_from_capture(cap, b["rows"])
     ret_losses: list = []
     ret = (b["ret_sel"], b["ret_pos"], tau) if w_ret > 0 else None
-    logits_q, _ = forward(model, b["qx"], banks=banks, top_k=top_k, ret=ret, ret_losses=ret_losses)
+    normed_q: list | None = [] if w_subj > 0 else None
+    logits_q, _ = forward(model, b["qx"], banks=banks, top_k=top_k, ret=ret, ret_losses=ret_losses, normed=normed_q)
     qa, qa_ok = _ce(logits_q, b["qy"], b["qm"])
     logits_c, _ = forward(model, b["cx"])
     ctx, ctx_ok = _ce(logits_c, b["cy"], b["cm"])
     rl = sum(ret_losses) / len(ret_losses) if ret_losses else mx.array(0.0)
-    total = qa + w_lm * lm + w_ctx * ctx + w_ret * rl
-    return total, (qa, lm, ctx, qa_ok.astype(mx.float32).mean(), ctx_ok.astype(mx.float32).mean(), rl)
+    subj = mx.array(0.0)
+    if w_subj > 0:
+        subj = 0.5 * (
+            subject_loss(model, normed_d, b["subj_pos"], b["subj_doc"])
+            + subject_loss(model, normed_q, b["ret_sel"], b["subj_q"])
+        )
+    total = qa + w_lm * lm + w_ctx * ctx + w_ret * rl + w_subj * subj
+    return total, (qa, lm, ctx, qa_ok.astype(mx.float32).mean(), ctx_ok.astype(mx.float32).mean(), rl, subj)
 
 
 def evaluate(model, b, top_k: int) -> dict:
@@ -375,6 +448,12 @@ def main(argv=None) -> int:
     p.add_argument("--w-lm", type=float, default=0.3)
     p.add_argument("--w-ctx", type=float, default=0.5)
     p.add_argument("--w-ret", type=float, default=0.5, help="weight of the supervised retrieval loss (shared memories)")
+    p.add_argument(
+        "--w-subj",
+        type=float,
+        default=0.0,
+        help="weight of the subject loss: each layer's attention input names the person its paragraph is about",
+    )
     p.add_argument("--tau", type=float, default=0.1, help="temperature of the retrieval loss's cosine softmax")
     p.add_argument("--own-fraction", type=float, default=0.5, help="share of training on per-question memories, first")
     p.add_argument("--eval-every", type=int, default=500)
@@ -387,7 +466,7 @@ def main(argv=None) -> int:
     )
     a = p.parse_args(argv)
     for ok, complaint in (
-        (a.w_ret >= 0, "--w-ret must be >= 0"),
+        (a.w_ret >= 0 and a.w_subj >= 0, "--w-ret and --w-subj must be >= 0"),
         (a.tau > 0, "--tau must be > 0"),
         (0 <= a.own_fraction < 1, "--own-fraction must be in [0, 1)"),
         (a.device_memory_gb >= 0, "--device-memory-gb must be >= 0 (0 = MLX's default)"),
@@ -486,7 +565,7 @@ def main(argv=None) -> int:
         fut, top_k, n_mem = nxt
         b = to_mx(fut.result())
         nxt = submit(step + 1, progress)
-        (loss, parts), grads = grad_fn(model, b, top_k, a.w_lm, a.w_ctx, n_mem == 0, a.w_ret, a.tau)
+        (loss, parts), grads = grad_fn(model, b, top_k, a.w_lm, a.w_ctx, n_mem == 0, a.w_ret, a.tau, a.w_subj)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         opt.update(model, grads)
         mx.eval(model.parameters(), opt.state, loss, parts)
@@ -496,7 +575,7 @@ def main(argv=None) -> int:
             print(
                 f"step {step} {time.time() - t_start:.0f}s lr {lr:.2e} docs {n_mem} k {top_k} loss {avg[0]:.3f} "
                 f"qa {avg[1]:.3f} lm {avg[2]:.3f} ctx {avg[3]:.3f} qa_acc {avg[4]:.2f} ctx_acc {avg[5]:.2f} "
-                f"ret {avg[6]:.3f}",
+                f"ret {avg[6]:.3f} subj {avg[7]:.3f}",
                 flush=True,
             )
         if a.eval_every and step % a.eval_every == 0:
@@ -519,7 +598,7 @@ def main(argv=None) -> int:
                 "seconds": round(train_s),
                 "device": str(mx.default_device()),
                 "parameters": n_params,
-                "final_loss": {"total": avg[0], "qa": avg[1], "lm": avg[2], "ctx": avg[3], "retrieval": avg[6]},
+                "final_loss": {"total": avg[0], "qa": avg[1], "lm": avg[2], "ctx": avg[3], "retrieval": avg[6], "subject": avg[7]},
                 "eval_teacher_forced": final,
                 "memory_accuracy_by_documents": curve,
                 "args": {k: str(v) for k, v in vars(a).items()},
