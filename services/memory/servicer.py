@@ -63,10 +63,17 @@ def _collection_message(c: Collection) -> memory_pb2.Collection:
 
 
 def _embedding(t: common_pb2.Tensor, name: str) -> np.ndarray:
-    """A float32 vector sent by the client: decoded, non-empty and finite."""
+    """A float32 vector sent by the client: decoded, non-empty and finite (a NaN or infinity
+    would make every cosine against it NaN). Raises InvalidArgument naming the first bad element."""
     emb = decode(t, name=name, dtypes=(FLOAT32,), ndim=1)
-    if emb.shape[0] == 0 or not np.isfinite(emb).all():
-        raise InvalidArgument(f"{name} must be non-empty and finite")
+    if emb.shape[0] == 0:
+        raise InvalidArgument(f"{name} is empty; send the embedding's values (or leave {name} unset)")
+    bad = np.flatnonzero(~np.isfinite(emb))
+    if bad.size:
+        raise InvalidArgument(
+            f"{name} holds {bad.size} NaN or infinite values, the first at element {int(bad[0])} "
+            f"({float(emb[bad[0]])}); send a finite embedding"
+        )
     return emb
 
 
