@@ -158,10 +158,13 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     async def FetchMemory(self, request, context):
         # Serialized here (row_wire: one copy of the rows); ``register`` sends them as they are.
         meta, slices = await self.kv.fetch(request.memory_id, list(request.layers))
+        # The rows' memory, in every message: the caller tells a memory created again from the
+        # one it resolved, even with as many rows (the meta and rows of one loaded memory).
+        created = _timestamp(meta.create_us)
         try:
             for piece in slices:
                 yield row_wire.fetch_response(
-                    meta.memory_id, piece.layer, piece.row_offset, piece.keys, piece.values, meta.dtype
+                    meta.memory_id, piece.layer, piece.row_offset, piece.keys, piece.values, meta.dtype, created
                 )
         finally:
             slices.close()  # a client gone mid-stream: the memory's load stops waiting for it now

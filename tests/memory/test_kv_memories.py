@@ -304,3 +304,33 @@ def test_non_finite_values_after_flushed_batches_leave_nothing_in_redis(memory_s
     got = stub.GetMemory(pb.GetMemoryRequest(memory_id="poison-big"), timeout=10).memory
     assert got.state == BUILDING and got.bytes == 0
     assert stub.AppendMemory(iter(good), timeout=60).state == READY
+
+
+def test_fetch_names_the_create_time_of_the_rows_it_sends(memory_service):
+    """Every FetchMemory message carries the memory's create_time (GetMemory's), so a memory
+    deleted and created again with exactly the same rows is told apart from the first."""
+    from extmind import row_wire
+
+    stub = memory_service.stub()
+    rng = np.random.default_rng(12)
+    K, V = h.random_kv(rng, 2, 2, 300, 64, FLOAT16)
+
+    def fetched_create_times(mid):
+        got = stub.GetMemory(pb.GetMemoryRequest(memory_id=mid), timeout=10).memory.create_time
+        messages = list(stub.FetchMemory(pb.FetchMemoryRequest(memory_id=mid), timeout=10))
+        raw = memory_service.channel().unary_stream(
+            "/extmind.v1.MemoryService/FetchMemory",
+            request_serializer=pb.FetchMemoryRequest.SerializeToString,
+            response_deserializer=row_wire.read_fetch_response,
+        )
+        read = list(raw(pb.FetchMemoryRequest(memory_id=mid), timeout=10))  # as the generator reads them
+        assert len(messages) == len(read) == 2
+        assert all(m.HasField("create_time") and m.create_time == got for m in messages)
+        assert all(isinstance(r, row_wire.FetchedSlice) and r.create_time == got for r in read)
+        return got
+
+    h.build(stub, "incarnation", K, V, FLOAT16)
+    first = fetched_create_times("incarnation")
+    stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="incarnation"), timeout=10)
+    h.build(stub, "incarnation", K, V, FLOAT16)  # same id, same rows, a new memory
+    assert fetched_create_times("incarnation") != first
