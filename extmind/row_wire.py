@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from google.protobuf.message import DecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from extmind import tensor
 from extmind.v1 import common_pb2, memory_pb2
@@ -73,12 +75,21 @@ def append_request(memory_id: str, layer: int, keys: np.ndarray, values: np.ndar
 
 
 def fetch_response(
-    memory_id: str, layer: int, row_offset: int, keys: np.ndarray, values: np.ndarray, dtype: int
+    memory_id: str,
+    layer: int,
+    row_offset: int,
+    keys: np.ndarray,
+    values: np.ndarray,
+    dtype: int,
+    create_time: Timestamp | None = None,
 ) -> bytes:
     """The serialized FetchMemoryResponse of a slice of ``layer``'s rows starting at ``row_offset``
-    (``keys``, ``values`` as for ``append_request``)."""
+    (``keys``, ``values`` as for ``append_request``), naming the memory's ``create_time``
+    (None = left unset)."""
     _check(keys, values, dtype)
-    head = memory_pb2.FetchMemoryResponse(memory_id=memory_id, layer=layer, row_offset=row_offset).SerializeToString()
+    head = memory_pb2.FetchMemoryResponse(
+        memory_id=memory_id, layer=layer, row_offset=row_offset, create_time=create_time
+    ).SerializeToString()
     return b"".join([head, *_tensor_field(_KEYS, keys, dtype), *_tensor_field(_VALUES, values, dtype)])
 
 
@@ -103,13 +114,20 @@ class RawTensor:
 @dataclass(frozen=True)
 class FetchedSlice:
     """A FetchMemoryResponse read without copying its rows (``read_fetch_response``); a missing
-    tensor reads as an empty one, as in the message."""
+    tensor reads as an empty one, as in the message; a missing create_time is None, and
+    ``HasField("create_time")`` answers as the message's does."""
 
     memory_id: str
     layer: int
     row_offset: int
     keys: RawTensor
     values: RawTensor
+    create_time: Timestamp | None = None
+
+    def HasField(self, name: str) -> bool:  # noqa: N802 - the protobuf message's name
+        if name != "create_time":
+            raise ValueError(f"FetchedSlice answers HasField for create_time only, not {name!r}")
+        return self.create_time is not None
 
 
 @dataclass(frozen=True)
@@ -199,21 +217,36 @@ def _tensor(buf: memoryview) -> RawTensor:
     return RawTensor(dtype, tuple(shape), data)
 
 
+def _timestamp(buf: memoryview) -> Timestamp:
+    """A Timestamp field's bytes, read by protobuf (a few bytes: nothing to save by hand)."""
+    try:
+        return Timestamp.FromString(bytes(buf))
+    except DecodeError:
+        raise _Unexpected from None
+
+
 def _read(data: bytes, fields: dict) -> dict:
-    """Reads a message of string / integer / Tensor fields (``fields``: number -> (name, type))
-    without copying the tensors' data. Raises _Unexpected for what protobuf must read instead: a
-    field of another wire type, a tensor sent twice (protobuf merges the two), malformed bytes."""
+    """Reads a message of string / integer / Tensor / Timestamp fields (``fields``: number ->
+    (name, type)) without copying the tensors' data. Raises _Unexpected for what protobuf must
+    read instead: a field of another wire type, a message field sent twice (protobuf merges the
+    two), malformed bytes."""
     buf = memoryview(data)
     out = {}
     for number, value in _fields(buf):
         if number not in fields:
             continue  # unknown fields are skipped, as protobuf does
         name, kind = fields[number]
-        if (kind is int) != isinstance(value, int) or (kind is RawTensor and name in out):
+        if (kind is int) != isinstance(value, int) or (kind in (RawTensor, Timestamp) and name in out):
             raise _Unexpected
         if kind is int:
             value &= 0xFFFFFFFF  # every integer field here is a uint32: protobuf keeps the low 32 bits
-        out[name] = str(value, "utf-8") if kind is str else _tensor(value) if kind is RawTensor else value
+        elif kind is str:
+            value = str(value, "utf-8")
+        elif kind is RawTensor:
+            value = _tensor(value)
+        elif kind is Timestamp:
+            value = _timestamp(value)
+        out[name] = value
     return out
 
 
@@ -223,6 +256,7 @@ _FETCH_FIELDS = {
     _KEYS: ("keys", RawTensor),
     _VALUES: ("values", RawTensor),
     5: ("memory_id", str),
+    6: ("create_time", Timestamp),
 }
 _APPEND_FIELDS = {1: ("memory_id", str), 2: ("layer", int), _KEYS: ("keys", RawTensor), _VALUES: ("values", RawTensor)}
 
@@ -243,6 +277,7 @@ def read_fetch_response(data: bytes):
         got.get("row_offset", 0),
         got.get("keys", empty),
         got.get("values", empty),
+        got.get("create_time"),
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from google.protobuf.message import DecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from extmind import tensor
 from extmind.errors import InvalidArgument
@@ -19,6 +20,9 @@ from extmind.row_wire import (
 )
 from extmind.v1 import memory_pb2
 from tests.helpers import pb_len_field, pb_tensor, pb_varint
+
+# A create_time as the memory service sets it (microseconds), past 2**31 seconds as from 2038 on.
+CREATED = Timestamp(seconds=2**31 + 5, nanos=206_143_000)
 
 
 @pytest.mark.parametrize("dtype", [tensor.FLOAT16, tensor.BFLOAT16, tensor.FLOAT32])
@@ -46,20 +50,27 @@ def test_hand_built_requests_parse_as_the_protobuf_built_ones(dtype):
         assert isinstance(read, AppendedRows) and (read.memory_id, read.layer) == ("mem-1", 130)
         assert read.HasField("keys") and read.HasField("values")
         assert np.array_equal(tensor.decode_raw(read.values, dtypes=(dtype,), ndim=3), values), name
-        got = memory_pb2.FetchMemoryResponse.FromString(fetch_response("mem-1", 3, 4096, keys, values, dtype))
-        want = memory_pb2.FetchMemoryResponse(
-            memory_id="mem-1",
-            layer=3,
-            row_offset=4096,
-            keys=tensor.encode(keys, dtype),
-            values=tensor.encode(values, dtype),
-        )
-        assert got == want, name
-        read = read_fetch_response(want.SerializeToString())
-        assert isinstance(read, FetchedSlice) and (read.memory_id, read.layer, read.row_offset) == ("mem-1", 3, 4096)
-        for raw, sent in ((read.keys, keys), (read.values, values)):
-            assert (raw.dtype, raw.shape) == (dtype, sent.shape)
-            assert np.array_equal(tensor.decode_raw(raw, dtypes=(dtype,), ndim=3), sent), name
+        for created in (CREATED, None):  # None: a memory service older than create_time
+            hand = fetch_response("mem-1", 3, 4096, keys, values, dtype, create_time=created)
+            got = memory_pb2.FetchMemoryResponse.FromString(hand)
+            want = memory_pb2.FetchMemoryResponse(
+                memory_id="mem-1",
+                layer=3,
+                row_offset=4096,
+                keys=tensor.encode(keys, dtype),
+                values=tensor.encode(values, dtype),
+                create_time=created,
+            )
+            assert got == want and got.HasField("create_time") == (created is not None), name
+            for data in (want.SerializeToString(), hand):
+                read = read_fetch_response(data)
+                assert isinstance(read, FetchedSlice)
+                assert (read.memory_id, read.layer, read.row_offset) == ("mem-1", 3, 4096)
+                assert read.HasField("create_time") == (created is not None), name
+                assert (read.create_time or Timestamp()) == got.create_time, name
+                for raw, sent in ((read.keys, keys), (read.values, values)):
+                    assert (raw.dtype, raw.shape) == (dtype, sent.shape)
+                    assert np.array_equal(tensor.decode_raw(raw, dtypes=(dtype,), ndim=3), sent), name
 
 
 def test_rows_of_another_dtype_are_refused():
@@ -76,7 +87,7 @@ def test_reading_a_fetch_response_leaves_what_it_does_not_expect_to_protobuf():
     rows = np.arange(12, dtype=np.float16).reshape(1, 3, 4)
     t = tensor.encode(rows, tensor.FLOAT16)
     unpacked = b"\x08\x02" + b"".join(b"\x10" + bytes([d]) for d in rows.shape) + b"\x1a\x18" + rows.tobytes()
-    msg = b"\x08\x05" + b"\x1a" + bytes([len(unpacked)]) + unpacked + b"\x30\x07" + b"\x3a\x02hi"  # + unknown 6, 7
+    msg = b"\x08\x05" + b"\x1a" + bytes([len(unpacked)]) + unpacked + b"\x70\x07" + b"\x7a\x02hi"  # + unknown 14, 15
     read = read_fetch_response(msg)
     assert isinstance(read, FetchedSlice) and read.layer == 5 and read.keys.shape == (1, 3, 4)
     assert np.array_equal(tensor.decode_raw(read.keys), rows) and read.values.dtype == 0
@@ -149,6 +160,8 @@ def _as_message(read, cls):
     out = cls(memory_id=read.memory_id, layer=read.layer)
     if isinstance(read, FetchedSlice):
         out.row_offset = read.row_offset
+        if read.HasField("create_time"):
+            out.create_time.CopyFrom(read.create_time)
     for name in ("keys", "values"):
         raw = getattr(read, name)
         if raw is not None and (raw.dtype or raw.shape or len(raw.data)):
@@ -178,6 +191,12 @@ def test_odd_bytes_read_as_protobuf_reads_them():
         "fixed64 cut short": pb_len_field(1, b"m") + pb_len_field(3, good) + pb_varint(9 << 3 | 1) + b"\0\0",
         "fixed32 cut short": pb_len_field(1, b"m") + pb_varint(9 << 3 | 5) + b"\0",
         "fixed64 whole": pb_len_field(1, b"m") + pb_len_field(3, good) + pb_varint(9 << 3 | 1) + b"\0" * 8,
+        "create_time": pb_len_field(3, good) + pb_len_field(6, CREATED.SerializeToString()),
+        "create_time empty": pb_len_field(6, b""),
+        "create_time twice (merged)": pb_len_field(6, CREATED.SerializeToString()) + pb_len_field(6, b"\x10\x01"),
+        "create_time negative": pb_len_field(6, Timestamp(seconds=-3).SerializeToString()),
+        "create_time a varint": pb_len_field(3, good) + b"\x30\x07",
+        "create_time cut short": pb_len_field(6, b"\x08"),
     }
     pb = memory_pb2
     readers = (read_append_request, pb.AppendMemoryRequest), (read_fetch_response, pb.FetchMemoryResponse)

@@ -167,18 +167,20 @@ class FetchMemoryRequest(_message.Message):
     def __init__(self, memory_id: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FetchMemoryResponse(_message.Message):
-    __slots__ = ("layer", "row_offset", "keys", "values", "memory_id")
+    __slots__ = ("layer", "row_offset", "keys", "values", "memory_id", "create_time")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     ROW_OFFSET_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     layer: int
     row_offset: int
     keys: _common_pb2.Tensor
     values: _common_pb2.Tensor
     memory_id: str
-    def __init__(self, layer: _Optional[int] = ..., row_offset: _Optional[int] = ..., keys: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., values: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., memory_id: _Optional[str] = ...) -> None: ...
+    create_time: _timestamp_pb2.Timestamp
+    def __init__(self, layer: _Optional[int] = ..., row_offset: _Optional[int] = ..., keys: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., values: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., memory_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class SearchMemoryRequest(_message.Message):
     __slots__ = ("memory_ids", "layer", "queries", "top_k", "sim_threshold", "return_vectors", "create_times")

@@ -30,7 +30,7 @@ from services.generator.extended_attention import MemoryContext, install
 from services.generator.fingerprint import model_fingerprint
 from services.generator.kv_dtypes import dtype_of
 from services.generator.memory_builder import MemorizeProgress, MemoryBuilder
-from services.generator.memory_client import MemoryClient
+from services.generator.memory_client import MemoryChanged, MemoryClient
 from services.generator.memory_resolution import MemoryResolver, ModelShape, ResolvedMemory, dtype_note
 from services.generator.remote_retrieval import RemoteRetriever
 from services.generator.request_types import DEFAULT_STRIDE, DEFAULT_WINDOW, LOCAL, Chunk, Final, GenerationRequest
@@ -255,10 +255,7 @@ class GeneratorEngine:
             raise errors.FailedPrecondition(_NO_MEMORY_SERVICE)
         memories, fetched, key = [], {}, None
         if m is not None and m.retrieves:
-            memories = await asyncio.to_thread(self.resolver.resolve, m.memory_ids, include_tokens=m.return_citations)
-            if m.mode == LOCAL:
-                for mem in await self.mlx.run(self._missing_banks, memories):
-                    fetched[mem.memory_id] = await asyncio.to_thread(fetch_bank, self.resolver, mem, self.mlx)
+            memories, fetched = await self._resolve_and_fetch(m)
             layers = frozenset(m.layers) if m.layers else None
             key = (m.mode, tuple((i.memory_id, i.version) for i in memories), m.top_k, m.threshold, layers)
         r = RunningRequest(
@@ -286,6 +283,25 @@ class GeneratorEngine:
                     self.mlx.submit(self._scheduler.cancel, r)
                 except RuntimeError:  # the engine stopped meanwhile: nothing left to cancel
                     pass
+
+    async def _resolve_and_fetch(self, m) -> tuple[list[ResolvedMemory], dict]:
+        """The request's memories resolved and, for LOCAL retrieval, the banks the cache lacks
+        fetched (memory id -> Bank). A memory deleted and created again between the two
+        (MemoryChanged) is resolved again, once: the request then reads what the id names now,
+        as it would have a moment later; changed again, it is FAILED_PRECONDITION."""
+        try:
+            return await self._resolve_and_fetch_once(m)
+        except MemoryChanged as e:
+            log.info("a memory changed while it was fetched; resolving again", extra={"error": e.message})
+            return await self._resolve_and_fetch_once(m)
+
+    async def _resolve_and_fetch_once(self, m) -> tuple[list[ResolvedMemory], dict]:
+        memories = await asyncio.to_thread(self.resolver.resolve, m.memory_ids, include_tokens=m.return_citations)
+        fetched = {}
+        if m.mode == LOCAL:
+            for mem in await self.mlx.run(self._missing_banks, memories):
+                fetched[mem.memory_id] = await asyncio.to_thread(fetch_bank, self.resolver, mem, self.mlx)
+        return memories, fetched
 
     def _missing_banks(self, memories: list[ResolvedMemory]) -> list[ResolvedMemory]:
         return [i for i in memories if self.bank_cache.get(i.memory_id, i.version) is None]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from extmind import errors, row_wire, tensor
 from extmind.channels import auth_metadata, sync_channel
@@ -23,6 +24,27 @@ from services.generator.search_stream import SearchStream
 # The memory service's default response budget (--max-response-mb 4): REMOTE searches split their
 # query tokens so that every answer fits a memory service with default settings.
 SEARCH_ANSWER_BUDGET = 4 << 20
+
+
+class MemoryChanged(errors.FailedPrecondition):
+    """A memory changed between resolving it (GetMemory) and fetching its rows: deleted and
+    created again under its id (another create_time, however many rows it has), or rows that do
+    not fit what was resolved. FAILED_PRECONDITION to the caller; resolving it again can help
+    (``GeneratorEngine`` does so once)."""
+
+
+def check_incarnation(memory_id: str, want: Timestamp | None, chunk) -> None:
+    """MemoryChanged when FetchMemory message ``chunk`` (a ``row_wire.FetchedSlice`` or the
+    protobuf message) carries another create_time than ``want``, the memory's as resolved. A
+    message without one (a memory service older than the field) or no ``want`` is not checked."""
+    if want is None or not chunk.HasField("create_time"):
+        return
+    got = chunk.create_time
+    if (got.seconds, got.nanos) != (want.seconds, want.nanos):
+        raise MemoryChanged(
+            f"memory {memory_id!r} was deleted and created again since this request resolved it "
+            "(its create_time differs); send the request again"
+        )
 
 
 @dataclass
@@ -196,15 +218,24 @@ class MemoryClient:
                 raise failed[0] from None
             raise self._error(e, "appending rows") from None
 
-    def fetch_stored(self, memory_id: str, num_layers: int, rows: int | None = None, on_layer=None) -> StoredRows:
+    def fetch_stored(
+        self,
+        memory_id: str,
+        num_layers: int,
+        rows: int | None = None,
+        on_layer=None,
+        create_time: Timestamp | None = None,
+    ) -> StoredRows:
         """Every layer's keys and values as stored, in the memory's dtype (no widening). A layer
         without rows is None. With ``rows`` (the memory's rows per layer, as resolved) each layer
         is written into one array as its slices arrive instead of joined at the end (one copy
-        less); a layer that would hold more is FailedPrecondition (the memory changed), one that
-        ends with fewer comes back shorter; ``on_layer(layer, keys, values, dtype)`` (optional)
-        is called, on this thread, with each layer as soon as it holds ``rows`` rows (the arrays
-        then are final: the same ones come back). Raises FailedPrecondition for a layer this
-        model lacks, the memory service's errors otherwise."""
+        less); a layer that would hold more is MemoryChanged, one that ends with fewer comes back
+        shorter. With ``create_time`` (the memory's as resolved) every message must carry it:
+        the rows of a memory deleted and created again since are MemoryChanged, checked before
+        any of them is used. ``on_layer(layer, keys, values, dtype)`` (optional) is called, on
+        this thread, with each layer as soon as it holds ``rows`` rows (the arrays then are
+        final: the same ones come back). Raises FailedPrecondition for a layer this model lacks,
+        the memory service's errors otherwise."""
         layers = [_LayerRows(rows) for _ in range(num_layers)]
         dtype = None
         try:
@@ -213,6 +244,7 @@ class MemoryClient:
                 timeout=max(self.timeout, 300.0),
                 metadata=self._metadata,
             ):
+                check_incarnation(memory_id, create_time, chunk)
                 if chunk.layer >= num_layers:
                     raise errors.FailedPrecondition(
                         f"memory {memory_id!r} has layer {chunk.layer}; this model has {num_layers}"
@@ -223,7 +255,7 @@ class MemoryClient:
                 values = tensor.decode_raw(chunk.values, name="values", dtypes=(dtype,), ndim=3)
                 layer = layers[chunk.layer]
                 if not layer.add(keys, values):
-                    raise errors.FailedPrecondition(f"memory {memory_id!r} changed while it was fetched; retry")
+                    raise MemoryChanged(f"memory {memory_id!r} changed while it was fetched; send the request again")
                 if on_layer is not None and layer.complete and not layer.handed:
                     layer.handed = True
                     on_layer(chunk.layer, *layer.result(), dtype)

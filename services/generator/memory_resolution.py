@@ -12,7 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from extmind import errors, tensor
 from extmind.v1 import memory_pb2
-from services.generator.memory_client import MemoryClient, StoredRows
+from services.generator.memory_client import MemoryChanged, MemoryClient, StoredRows
 
 
 @dataclass(frozen=True)
@@ -89,10 +89,13 @@ class MemoryResolver:
         ``on_layer(layer, keys, values, dtype)`` (optional) gets each layer as soon as its last
         slice has arrived (``MemoryClient.fetch_stored``).
 
-        Raises FailedPrecondition when the memory changed since it was resolved."""
-        rows = self.client.fetch_stored(memory.memory_id, self.model.num_layers, memory.rows, on_layer=on_layer)
+        Raises MemoryChanged (FAILED_PRECONDITION) when the memory changed since it was resolved:
+        deleted and created again (another create_time, even with as many rows), or other rows."""
+        rows = self.client.fetch_stored(
+            memory.memory_id, self.model.num_layers, memory.rows, on_layer=on_layer, create_time=memory.create_time
+        )
         if rows.dtype != memory.dtype or any(k is None or k.shape[1] != memory.rows for k in rows.keys):
-            raise errors.FailedPrecondition(f"memory {memory.memory_id!r} changed while it was fetched; retry")
+            raise MemoryChanged(f"memory {memory.memory_id!r} changed while it was fetched; send the request again")
         return rows
 
 

@@ -269,6 +269,14 @@ class Documents:
             raise FailedPrecondition(
                 f"collection {name!r} holds vectors of model {c.model!r}, not {model!r}; use a collection of that model"
             )
+        for doc_id, _, _, e in docs:
+            # Also checked by the gRPC face; here for every caller: a NaN / inf stored would make
+            # every cosine against it NaN, ranking the collection's searches at random.
+            if e is not None and not np.isfinite(e).all():
+                raise InvalidArgument(
+                    f"the embedding of document {doc_id!r} holds NaN or infinite values; send a finite "
+                    "embedding (nothing was stored)"
+                )
         given = [e for _, _, _, e in docs if e is not None]
         if given:
             dims = sorted({e.shape[0] for e in given})

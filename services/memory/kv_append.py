@@ -82,6 +82,33 @@ def _finite_kv(a: np.ndarray, dtype: int) -> bool:
     return bool(np.isfinite(a).all())
 
 
+def _first_non_finite(a: np.ndarray, dtype: int) -> tuple[int, int, int]:
+    """(head, row, dim) of the first NaN or infinity of a [KVH, n, d] storage array that
+    ``_finite_kv`` refused (only then: it scans the whole array)."""
+    if dtype == BFLOAT16:
+        bad = (a & 0x7F80) == 0x7F80  # exponent all ones: inf or NaN
+    elif dtype == FLOAT16:
+        bad = (a.view("<u2") & 0x7C00) == 0x7C00
+    else:
+        bad = ~np.isfinite(a)
+    return tuple(int(i) for i in np.argwhere(bad)[0])
+
+
+def _check_finite(name: str, a: np.ndarray, m: MemoryMeta, layer: int, rows_before: int) -> None:
+    """InvalidArgument naming the first non-finite element of keys or values ``a`` of ``layer``
+    (whose rows start at the layer's row ``rows_before``): stored, it would poison every cosine
+    (keys) or every attention output (values) that retrieves its row."""
+    if _finite_kv(a, m.dtype):
+        return
+    head, row, dim = _first_non_finite(a, m.dtype)
+    hint = " (float16 overflows past 65504: a model computing in bfloat16 or float32 stores finite rows)"
+    raise InvalidArgument(
+        f"{name} of layer {layer} hold NaN or infinite values, the first at head {head}, row {row} of "
+        f"this message (row {rows_before + row} of the layer), element {dim}; send finite {name}"
+        + (hint if m.dtype == FLOAT16 else "")
+    )
+
+
 class AppendStream:
     """One stream of rows into one BUILDING memory: validates each batch against the memory,
     splits rows into storage chunks, and keeps one batch of chunks in flight to Redis while the
@@ -170,8 +197,10 @@ class AppendStream:
         n = keys.shape[1]
         if values.shape[1] != n:
             raise InvalidArgument(f"keys hold {n} rows but values hold {values.shape[1]}; send the same rows of both")
-        if not _finite_kv(keys, m.dtype):
-            raise InvalidArgument(f"keys of layer {layer} hold NaN or infinite values")
+        # Checked before anything of this batch is queued: a refused batch stores nothing, and
+        # the stream's earlier rows are rolled back on the way out (__aexit__).
+        _check_finite("keys", keys, m, layer, self.rows[layer])
+        _check_finite("values", values, m, layer, self.rows[layer])
         if m.expected >= 0 and self.rows[layer] + n > m.expected:
             raise InvalidArgument(
                 f"layer {layer} would hold {self.rows[layer] + n} rows but the memory has "

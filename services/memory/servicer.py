@@ -63,10 +63,17 @@ def _collection_message(c: Collection) -> memory_pb2.Collection:
 
 
 def _embedding(t: common_pb2.Tensor, name: str) -> np.ndarray:
-    """A float32 vector sent by the client: decoded, non-empty and finite."""
+    """A float32 vector sent by the client: decoded, non-empty and finite (a NaN or infinity
+    would make every cosine against it NaN). Raises InvalidArgument naming the first bad element."""
     emb = decode(t, name=name, dtypes=(FLOAT32,), ndim=1)
-    if emb.shape[0] == 0 or not np.isfinite(emb).all():
-        raise InvalidArgument(f"{name} must be non-empty and finite")
+    if emb.shape[0] == 0:
+        raise InvalidArgument(f"{name} is empty; send the embedding's values (or leave {name} unset)")
+    bad = np.flatnonzero(~np.isfinite(emb))
+    if bad.size:
+        raise InvalidArgument(
+            f"{name} holds {bad.size} NaN or infinite values, the first at element {int(bad[0])} "
+            f"({float(emb[bad[0]])}); send a finite embedding"
+        )
     return emb
 
 
@@ -151,10 +158,13 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     async def FetchMemory(self, request, context):
         # Serialized here (row_wire: one copy of the rows); ``register`` sends them as they are.
         meta, slices = await self.kv.fetch(request.memory_id, list(request.layers))
+        # The rows' memory, in every message: the caller tells a memory created again from the
+        # one it resolved, even with as many rows (the meta and rows of one loaded memory).
+        created = _timestamp(meta.create_us)
         try:
             for piece in slices:
                 yield row_wire.fetch_response(
-                    meta.memory_id, piece.layer, piece.row_offset, piece.keys, piece.values, meta.dtype
+                    meta.memory_id, piece.layer, piece.row_offset, piece.keys, piece.values, meta.dtype, created
                 )
         finally:
             slices.close()  # a client gone mid-stream: the memory's load stops waiting for it now

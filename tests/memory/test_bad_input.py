@@ -250,6 +250,24 @@ TABLE = [
         [append(keys=encode(np.full((2, 2, 8), np.nan, np.float16)))],
         C.INVALID_ARGUMENT,
     ),
+    (
+        "append NaN values",
+        "AppendMemory",
+        [append(values=encode(np.full((2, 2, 8), np.nan, np.float16)))],
+        C.INVALID_ARGUMENT,
+    ),
+    (
+        "append +inf values",
+        "AppendMemory",
+        [append(values=encode(np.full((2, 2, 8), np.inf, np.float16)))],
+        C.INVALID_ARGUMENT,
+    ),
+    (
+        "append -inf values after good rows",
+        "AppendMemory",
+        [append(), append(values=encode(np.full((2, 2, 8), -np.inf, np.float16)))],
+        C.INVALID_ARGUMENT,
+    ),
     ("append layer out of range", "AppendMemory", [append(layer=2)], C.INVALID_ARGUMENT),
     (
         "append too many rows",

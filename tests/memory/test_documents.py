@@ -145,6 +145,16 @@ def test_collections_and_model_binding(memory_service):
     assert code_of(lambda: up(collection="bound", documents=[]))[0] == C.INVALID_ARGUMENT
     assert code_of(lambda: up(collection="bad name!", documents=[doc(1, v8)], model="x"))[0] == C.INVALID_ARGUMENT
     search = lambda **kw: stub.SearchDocuments(pb.SearchDocumentsRequest(**kw), timeout=10)  # noqa: E731
+    for value in (np.inf, -np.inf, np.nan):  # one bad element, after a good document: nothing stored
+        e = v8.copy()
+        e[5] = value
+        bad.embedding.CopyFrom(encode(e))
+        code, msg = code_of(lambda: up(collection="bound", documents=[doc(7, v8), bad]))
+        assert code == C.INVALID_ARGUMENT and "documents[1].embedding" in msg and "element 5" in msg, msg
+        assert "send a finite embedding" in msg
+        e_query = code_of(lambda: search(collection="bound", query_embedding=encode(e)))  # noqa: B023
+        assert e_query.code == C.INVALID_ARGUMENT and "query_embedding" in e_query.details
+    assert not [h for h in search(collection="bound", query_embedding=encode(v8)).hits if h.id in ("4", "7")]
     assert code_of(lambda: search(collection="nope", query_embedding=encode(v8)))[0] == C.NOT_FOUND
     assert code_of(lambda: search(collection="bound"))[0] == C.INVALID_ARGUMENT  # empty query
     assert (
@@ -173,6 +183,27 @@ def test_collections_and_model_binding(memory_service):
     memory_service.start()
     stub = memory_service.stub()
     assert [c.name for c in stub.ListCollections(pb.ListCollectionsRequest(), timeout=10).collections] == ["second"]
+
+
+async def test_the_documents_engine_refuses_non_finite_embeddings(redis_server):
+    """The engine checks too (not only the gRPC face): a NaN / inf stored would turn every cosine
+    against it NaN. Nothing of the request is stored, not even its collection."""
+    from extmind.errors import InvalidArgument
+    from services.memory.documents import Documents
+    from services.memory.embedder_calls import DocumentEmbedder
+    from services.memory.kv_store import KVStore
+
+    store = KVStore(redis_server.url)
+    try:
+        docs = Documents(store.r, DocumentEmbedder(""))
+        for value in (np.nan, np.inf, -np.inf):
+            e = np.ones(4, np.float32)
+            e[2] = value
+            with pytest.raises(InvalidArgument, match="document 'b' holds NaN or infinite"):
+                await docs.upsert("eng", [("a", "t", {}, np.ones(4, np.float32)), ("b", "t", {}, e)], "m", 0)
+            assert await docs.find("eng") is None
+    finally:
+        await store.close()
 
 
 def test_no_embedder_is_unavailable(memory_service_factory, memory_service):

@@ -229,3 +229,108 @@ def test_search_with_create_times_refuses_a_memory_created_again(memory_service)
     assert e.code == grpc.StatusCode.FAILED_PRECONDITION and "created again" in e.details
     e = code_of(lambda: search([first, first]))
     assert e.code == grpc.StatusCode.INVALID_ARGUMENT and "one per memory" in e.details
+
+
+def _poisoned(a: np.ndarray, dtype, where: tuple, bad: float) -> pb.Tensor:
+    """``a`` (float32 [heads, rows, dim]) encoded in ``dtype`` with ``bad`` at ``where``."""
+    a = a.copy()
+    a[where] = bad
+    return encode(a, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [FLOAT32, FLOAT16, BFLOAT16], ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("tensor", ["values", "keys"])
+def test_non_finite_rows_are_refused_naming_where_and_nothing_stays(memory_service, dtype, bad, tensor):
+    """NaN / +-inf in values (a retrieved row would turn the attention output NaN) or keys (every
+    cosine against them NaN): INVALID_ARGUMENT naming the layer, head and row, after good batches
+    that the refusal rolls back; the service keeps serving and the memory is built afterwards."""
+    stub = memory_service.stub()
+    rng = np.random.default_rng(21)
+    K = rng.standard_normal((2, 2, 10, 8)).astype(np.float32)
+    V = rng.standard_normal((2, 2, 10, 8)).astype(np.float32)
+    mid = f"poison-{tensor}-{dtype}-{bad}"
+    h.create(stub, mid, K, dtype)
+    good = list(h.append_messages(mid, K, V, dtype, chunk_rows=3))[:5]  # layer 0, then rows 0-2 of layer 1
+    rows = {"keys": K[1][:, 3:6], "values": V[1][:, 3:6]}
+    poisoned = pb.AppendMemoryRequest(
+        layer=1,
+        keys=encode(rows["keys"], dtype=dtype),
+        values=encode(rows["values"], dtype=dtype),
+    )
+    getattr(poisoned, tensor).CopyFrom(_poisoned(rows[tensor], dtype, (1, 2, 5), bad))
+    e = code_of(lambda: stub.AppendMemory(iter(good + [poisoned]), timeout=20))
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT, e
+    assert f"{tensor} of layer 1 hold NaN or infinite values" in e.details, e.details
+    assert "head 1, row 2 of this message (row 5 of the layer), element 5" in e.details, e.details
+    assert f"send finite {tensor}" in e.details and "Traceback" not in e.details
+    got = stub.GetMemory(pb.GetMemoryRequest(memory_id=mid), timeout=10).memory
+    assert got.state == BUILDING and got.bytes == 0
+    assert list(stub.AppendMemory(iter([pb.AppendMemoryRequest(memory_id=mid)]), timeout=10).rows_per_layer) == [0, 0]
+    assert stub.AppendMemory(h.append_messages(mid, K, V, dtype), timeout=20).state == READY
+    fetched = h.fetch(stub, mid)
+    for layer in range(2):
+        assert np.array_equal(h.as_float32(fetched[layer][1], dtype), h.as_sent(V[layer], dtype))
+
+
+def test_non_finite_values_after_flushed_batches_leave_nothing_in_redis(memory_service, redis_server):
+    """A refused batch after rows already sent to Redis (more than one flush of
+    ``limits.FLUSH_BYTES``): the stream's rows are rolled back there, no chunk key stays behind."""
+    from services.memory import kv_store, limits
+    from services.memory.kv_layout import key_prefix
+
+    stub = memory_service.stub()
+    rng = np.random.default_rng(22)
+    K, V = h.random_kv(rng, 2, 8, 4096, 128, FLOAT16)  # 16 MiB of keys + values per layer
+    assert K[0].nbytes + V[0].nbytes >= limits.FLUSH_BYTES  # layer 0 is in flight before layer 1 comes
+    h.create(stub, "poison-big", K, FLOAT16)
+    good = list(h.append_messages("poison-big", K, V, FLOAT16, chunk_rows=1024))
+    bad_values = V[1][:, :1024].copy()
+    bad_values[7, 1000, 100] = np.inf
+    poisoned = pb.AppendMemoryRequest(layer=1, keys=encode(K[1][:, :1024]), values=encode(bad_values))
+    e = code_of(lambda: stub.AppendMemory(iter(good[:4] + [poisoned] + good[5:]), timeout=60))
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT and "head 7, row 1000" in e.details, e
+    r = kv_store.sync_client(redis_server.url)
+    try:
+        left = sorted(k.decode() for k in r.scan_iter(match=key_prefix("poison-big") + ":*"))
+        prefix = key_prefix("poison-big")
+        assert left == [f"{prefix}:meta", f"{prefix}:tokens"], left  # no chunk, no chunk list
+        meta = r.hgetall(f"{prefix}:meta")
+        counters = {k: v for k, v in meta.items() if k.startswith((b"r:", b"c:"))}
+        assert b"r:0" in counters, meta  # layer 0 reached Redis before the refusal: it was rolled back
+        assert set(counters.values()) == {b"0"} and meta[b"bytes"] == b"0", meta
+    finally:
+        r.close()
+    got = stub.GetMemory(pb.GetMemoryRequest(memory_id="poison-big"), timeout=10).memory
+    assert got.state == BUILDING and got.bytes == 0
+    assert stub.AppendMemory(iter(good), timeout=60).state == READY
+
+
+def test_fetch_names_the_create_time_of_the_rows_it_sends(memory_service):
+    """Every FetchMemory message carries the memory's create_time (GetMemory's), so a memory
+    deleted and created again with exactly the same rows is told apart from the first."""
+    from extmind import row_wire
+
+    stub = memory_service.stub()
+    rng = np.random.default_rng(12)
+    K, V = h.random_kv(rng, 2, 2, 300, 64, FLOAT16)
+
+    def fetched_create_times(mid):
+        got = stub.GetMemory(pb.GetMemoryRequest(memory_id=mid), timeout=10).memory.create_time
+        messages = list(stub.FetchMemory(pb.FetchMemoryRequest(memory_id=mid), timeout=10))
+        raw = memory_service.channel().unary_stream(
+            "/extmind.v1.MemoryService/FetchMemory",
+            request_serializer=pb.FetchMemoryRequest.SerializeToString,
+            response_deserializer=row_wire.read_fetch_response,
+        )
+        read = list(raw(pb.FetchMemoryRequest(memory_id=mid), timeout=10))  # as the generator reads them
+        assert len(messages) == len(read) == 2
+        assert all(m.HasField("create_time") and m.create_time == got for m in messages)
+        assert all(isinstance(r, row_wire.FetchedSlice) and r.create_time == got for r in read)
+        return got
+
+    h.build(stub, "incarnation", K, V, FLOAT16)
+    first = fetched_create_times("incarnation")
+    stub.DeleteMemory(pb.DeleteMemoryRequest(memory_id="incarnation"), timeout=10)
+    h.build(stub, "incarnation", K, V, FLOAT16)  # same id, same rows, a new memory
+    assert fetched_create_times("incarnation") != first
