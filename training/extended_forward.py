@@ -87,7 +87,9 @@ def extended_attention(
     return (out_mem + out_local.reshape(B, kvh, rep, L, d)).reshape(B, H, L, d)
 
 
-def retrieval_loss(q: mx.array, bank: Bank, sel: mx.array, pos: mx.array, tau: float) -> mx.array:
+def retrieval_loss(
+    q: mx.array, bank: Bank, sel: mx.array, pos: mx.array, tau: float, within: mx.array | None = None, w_within=0.0
+) -> mx.array:
     """Supervised retrieval (training only): for each selected query position and every query
     head, a softmax over cosine(rotated query, raw key) / tau across the whole shared bank, and
     the negative log of its mass on the positive rows (the sentence that states the answer).
@@ -95,6 +97,10 @@ def retrieval_loss(q: mx.array, bank: Bank, sel: mx.array, pos: mx.array, tau: f
     teaches queries and keys to find the right rows among thousands.
 
     q [B, H, L, d]; bank keys [KVH, N, d]; sel int32 [P] (flat b * L + l); pos float32 [P, N].
+    ``within`` float32 [P, N] (1 on the rows of the question's own document), weighted by
+    ``w_within``: adds the same loss with the softmax over those rows only, which asks for the
+    answer's sentence among its person's other facts (the whole-bank loss is mostly won by
+    finding the right document).
     -> scalar (mean over positions with at least one positive row, and heads)."""
     B, H, L, d = q.shape
     kvh = bank.keys.shape[0]
@@ -107,10 +113,14 @@ def retrieval_loss(q: mx.array, bank: Bank, sel: mx.array, pos: mx.array, tau: f
     lse_all = mx.logsumexp(logits, axis=-1)
     lse_pos = mx.logsumexp(mx.where(pos > 0, logits, _NEG), axis=-1)
     has = (pos.sum(axis=-1) > 0).astype(mx.float32)  # [P]
-    return ((lse_all - lse_pos) * has).sum() / (mx.maximum(has.sum(), 1.0) * kvh * rep)
+    loss = ((lse_all - lse_pos) * has).sum() / (mx.maximum(has.sum(), 1.0) * kvh * rep)
+    if within is not None and w_within > 0:
+        lse_doc = mx.logsumexp(mx.where(within > 0, logits, _NEG), axis=-1)
+        loss = loss + w_within * ((lse_doc - lse_pos) * has).sum() / (mx.maximum(has.sum(), 1.0) * kvh * rep)
+    return loss
 
 
-def own_retrieval_loss(q: mx.array, bank: Bank, sel: mx.array, pos: mx.array, tau: float) -> mx.array:
+def own_retrieval_loss(q: mx.array, bank: Bank, sel: mx.array, pos: mx.array, tau: float, *_) -> mx.array:
     """``retrieval_loss`` for per-question memories (``own_banks``): each selected position's
     softmax runs over its own question's memory rows only.
 

@@ -206,6 +206,11 @@ def make_batch(
     rows = np.flatnonzero(valid.reshape(-1)).astype(np.int32)
     groups = (np.arange(n_mem)[:, None] + np.arange(max(own, 1))[None]) % n_mem
     ret_sel, ret_pos = retrieval_targets(docs, d_enc, picks, None if own else rows, d.shape[1], qm, max(own, 1))
+    ret_doc = np.zeros((1, 1), dtype=np.float32)  # the shared bank's rows of each position's document
+    if not own:
+        row_doc = rows // d.shape[1]
+        q_doc = np.array([i for _, _, i in picks])[ret_sel // qm.shape[1]]
+        ret_doc = (row_doc[None, :] == q_doc[:, None]).astype(np.float32)
     subj_q = _name_ids(tok, [e for e, _, _ in picks])[ret_sel // qm.shape[1]]  # ret_sel: the answer positions
     return dict(
         subj_pos=subj_pos,
@@ -223,6 +228,7 @@ def make_batch(
         cm=cm,
         ret_sel=ret_sel,
         ret_pos=ret_pos,
+        ret_doc=ret_doc,
     )
 
 
@@ -340,6 +346,7 @@ def losses(
     w_ret: float = 0.0,
     tau: float = 0.1,
     w_subj: float = 0.0,
+    w_ret_doc: float = 0.0,
 ):
     docs = b["docs"]
     normed_d: list | None = [] if w_subj > 0 else None
@@ -348,7 +355,7 @@ def losses(
     lm, _ = _ce(logits_d[:, :-1], docs[:, 1:], lm_mask)
     banks = own_banks(cap, b["valid"], b["groups"]) if own else banks_from_capture(cap, b["rows"])
     ret_losses: list = []
-    ret = (b["ret_sel"], b["ret_pos"], tau) if w_ret > 0 else None
+    ret = (b["ret_sel"], b["ret_pos"], tau, b["ret_doc"], w_ret_doc / max(w_ret, 1e-9)) if w_ret > 0 else None
     normed_q: list | None = [] if w_subj > 0 else None
     logits_q, _ = forward(model, b["qx"], banks=banks, top_k=top_k, ret=ret, ret_losses=ret_losses, normed=normed_q)
     qa, qa_ok = _ce(logits_q, b["qy"], b["qm"])
@@ -454,6 +461,13 @@ def main(argv=None) -> int:
         default=0.0,
         help="weight of the subject loss: each layer's attention input names the person its paragraph is about",
     )
+    p.add_argument(
+        "--w-ret-doc",
+        type=float,
+        default=0.0,
+        help="weight of the retrieval loss within the question's own document (the answer's sentence "
+        "among its person's other facts; shared memories, needs --w-ret > 0)",
+    )
     p.add_argument("--tau", type=float, default=0.1, help="temperature of the retrieval loss's cosine softmax")
     p.add_argument("--own-fraction", type=float, default=0.5, help="share of training on per-question memories, first")
     p.add_argument("--eval-every", type=int, default=500)
@@ -466,7 +480,8 @@ def main(argv=None) -> int:
     )
     a = p.parse_args(argv)
     for ok, complaint in (
-        (a.w_ret >= 0 and a.w_subj >= 0, "--w-ret and --w-subj must be >= 0"),
+        (a.w_ret >= 0 and a.w_subj >= 0 and a.w_ret_doc >= 0, "--w-ret, --w-subj and --w-ret-doc must be >= 0"),
+        (a.w_ret_doc == 0 or a.w_ret > 0, "--w-ret-doc needs --w-ret > 0"),
         (a.tau > 0, "--tau must be > 0"),
         (0 <= a.own_fraction < 1, "--own-fraction must be in [0, 1)"),
         (a.device_memory_gb >= 0, "--device-memory-gb must be >= 0 (0 = MLX's default)"),
@@ -565,7 +580,7 @@ def main(argv=None) -> int:
         fut, top_k, n_mem = nxt
         b = to_mx(fut.result())
         nxt = submit(step + 1, progress)
-        (loss, parts), grads = grad_fn(model, b, top_k, a.w_lm, a.w_ctx, n_mem == 0, a.w_ret, a.tau, a.w_subj)
+        (loss, parts), grads = grad_fn(model, b, top_k, a.w_lm, a.w_ctx, n_mem == 0, a.w_ret, a.tau, a.w_subj, a.w_ret_doc)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         opt.update(model, grads)
         mx.eval(model.parameters(), opt.state, loss, parts)
