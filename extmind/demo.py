@@ -70,7 +70,8 @@ STORY = (
 )
 QUESTION = "What colour was the lighthouse door, and who kept the light after Ingrid?"
 # Proof of memory for the default model (models/extmind-facts-6m): facts it can only know from a
-# memory. (memory id, text, [(question, answer)]); each question is asked with its own memory.
+# memory. (memory id, text, [(question, answer)]); every question is asked with all three memories,
+# so the model must also find the right person's facts among the others.
 FACTS = [
     (
         "extmind-demo-fact-velmar",
@@ -167,27 +168,30 @@ def memorize_step(c: Clients, memory_id: str = MEMORY_ID, text: str = STORY):
     return m, got.memory, sec
 
 
-def generate_step(c: Clients, memory_id: str | None, prompt: str = QUESTION, max_tokens: int = 24):
+def generate_step(c: Clients, memory_id: str | list[str] | None, prompt: str = QUESTION, max_tokens: int = 24):
     req = generator_pb2.GenerateRequest(
         prompt=prompt, sampling=generator_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens)
     )
     if memory_id:
-        req.extended_mind.memory_ids.append(memory_id)
+        req.extended_mind.memory_ids.extend([memory_id] if isinstance(memory_id, str) else memory_id)
         req.extended_mind.return_citations = True
     return _call(c.generator.Generate, req)
 
 
 def facts_step(c: Clients) -> list[dict]:
-    """Memorizes the FACTS documents and asks each question without and with its memory.
-    ``seconds``: the answer with memory; ``calls_seconds``: every call of the question (the first
-    question of a document also carries its Memorize)."""
-    out = []
-    for memory_id, text, questions in FACTS:
-        m, _, memorize_s = memorize_step(c, memory_id, text)
+    """Memorizes the FACTS documents, then asks each question without memory and with all of
+    them. ``seconds``: the answer with memory; ``calls_seconds``: every call of the question (the
+    first question also carries the Memorize calls)."""
+    out, ids, memorize_s = [], [], 0.0
+    for memory_id, text, _ in FACTS:
+        m, _, sec = memorize_step(c, memory_id, text)
+        ids.append(m.memory_id)
+        memorize_s += sec
+    for _, _, questions in FACTS:
         for q, answer in questions:
             prompt = f"Question: {q}\nAnswer:"
             plain, plain_s = generate_step(c, None, prompt, max_tokens=8)
-            mind, sec = generate_step(c, m.memory_id, prompt, max_tokens=8)
+            mind, sec = generate_step(c, ids, prompt, max_tokens=8)
             out.append(
                 {
                     "question": q,
@@ -287,15 +291,15 @@ def run(s: Settings | None = None, out=print, keep: bool = False) -> dict:
             out("  Step 4 asks in its format; for a real model set GENERATOR_MODEL, see the README.)")
         fact_answers = []
         if trained_default:
-            out("\n4. Proof of memory: facts the model has only in its extended mind")
+            out("\n4. Proof of memory: facts the model has only in its extended mind (all three memories attached)")
             fact_answers = facts_step(c)
             for r in fact_answers:
                 out(f"  Q: {r['question']}  (expected {r['answer']})")
                 out(f"     without memory: {_printable(r['without'], 30)}   with memory: {_printable(r['with'], 30)}")
                 for ci in r["citations"][:2]:
                     out(
-                        f"       cited tokens [{ci.token_start}:{ci.token_end}] hits {ci.hits}: "
-                        f"{_printable(ci.text, 50)}"
+                        f"       {ci.memory_id.removeprefix('extmind-demo-fact-')}: cited tokens "
+                        f"[{ci.token_start}:{ci.token_end}] hits {ci.hits}: {_printable(ci.text, 50)}"
                     )
         calls_s = sum(r.seconds for r in searches) + up_s + mem_s + plain_s + mind_s
         calls_s += sum(r["calls_seconds"] for r in fact_answers)  # step 4 too

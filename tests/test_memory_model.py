@@ -2,7 +2,8 @@
 
 20 held-out people (seed 2; training used seed 0): each document is memorized through the
 generator (Memorize -> memory service), then the question alone is asked with and without that
-memory. With memory the model must know at least 17 answers; without, at most 4 (guessing).
+memory, and with all 20 memories at once. With memory (its own, or all 20) the model must know at
+least 17 answers; without, at most 4 (guessing).
 """
 
 from __future__ import annotations
@@ -27,13 +28,17 @@ def cluster(tmp_path_factory):
 
 def test_answers_come_from_memory(cluster):
     pairs = facts.eval_set(2, 20)
-    with_memory = without = 0
-    for doc, qa in pairs:
+    ids = [cluster.memorize(doc) for doc, _ in pairs]
+    with_memory = among_all = without = 0
+    for mid, (_, qa) in zip(ids, pairs):
         want = qa.answer.strip()
-        mid = cluster.memorize(doc)
         with_memory += answer_of(cluster.ask(qa.question, [mid], top_k=10).text) == want
+        # All 20 people's memories at once (~800 rows per layer): the right person's fact must be
+        # found among the others'.
+        among_all += answer_of(cluster.ask(qa.question, ids, top_k=10).text) == want
         without += answer_of(cluster.ask(qa.question).text) == want
     assert with_memory >= 17, f"{with_memory}/20 answered from memory"
+    assert among_all >= 17, f"{among_all}/20 answered with all 20 memories attached"
     assert without <= 4, f"{without}/20 answered without memory"
 
 

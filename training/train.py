@@ -580,7 +580,9 @@ def main(argv=None) -> int:
         fut, top_k, n_mem = nxt
         b = to_mx(fut.result())
         nxt = submit(step + 1, progress)
-        (loss, parts), grads = grad_fn(model, b, top_k, a.w_lm, a.w_ctx, n_mem == 0, a.w_ret, a.tau, a.w_subj, a.w_ret_doc)
+        (loss, parts), grads = grad_fn(
+            model, b, top_k, a.w_lm, a.w_ctx, n_mem == 0, a.w_ret, a.tau, a.w_subj, a.w_ret_doc
+        )
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         opt.update(model, grads)
         mx.eval(model.parameters(), opt.state, loss, parts)
@@ -613,7 +615,14 @@ def main(argv=None) -> int:
                 "seconds": round(train_s),
                 "device": str(mx.default_device()),
                 "parameters": n_params,
-                "final_loss": {"total": avg[0], "qa": avg[1], "lm": avg[2], "ctx": avg[3], "retrieval": avg[6], "subject": avg[7]},
+                "final_loss": {
+                    "total": avg[0],
+                    "qa": avg[1],
+                    "lm": avg[2],
+                    "ctx": avg[3],
+                    "retrieval": avg[6],
+                    "subject": avg[7],
+                },
                 "eval_teacher_forced": final,
                 "memory_accuracy_by_documents": curve,
                 "args": {k: str(v) for k, v in vars(a).items()},

@@ -123,7 +123,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExtendedMind(_message.Message):
-    __slots__ = ("memory_ids", "top_k", "sim_threshold", "mode", "layers", "return_citations", "max_citations")
+    __slots__ = ("memory_ids", "top_k", "sim_threshold", "mode", "layers", "return_citations", "max_citations", "citation_min_weight")
     MEMORY_IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     SIM_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,7 @@ class ExtendedMind(_message.Message):
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     RETURN_CITATIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_CITATIONS_FIELD_NUMBER: _ClassVar[int]
+    CITATION_MIN_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     memory_ids: _containers.RepeatedScalarFieldContainer[str]
     top_k: int
     sim_threshold: float
@@ -138,7 +139,8 @@ class ExtendedMind(_message.Message):
     layers: _containers.RepeatedScalarFieldContainer[int]
     return_citations: bool
     max_citations: int
-    def __init__(self, memory_ids: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., sim_threshold: _Optional[float] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., layers: _Optional[_Iterable[int]] = ..., return_citations: _Optional[bool] = ..., max_citations: _Optional[int] = ...) -> None: ...
+    citation_min_weight: float
+    def __init__(self, memory_ids: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., sim_threshold: _Optional[float] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., layers: _Optional[_Iterable[int]] = ..., return_citations: _Optional[bool] = ..., max_citations: _Optional[int] = ..., citation_min_weight: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "messages", "prompt_token_ids", "sampling", "extended_mind", "return_logprobs", "chat_template_options")

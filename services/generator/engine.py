@@ -257,7 +257,14 @@ class GeneratorEngine:
         if m is not None and m.retrieves:
             memories, fetched = await self._resolve_and_fetch(m)
             layers = frozenset(m.layers) if m.layers else None
-            key = (m.mode, tuple((i.memory_id, i.version) for i in memories), m.top_k, m.threshold, layers)
+            key = (
+                m.mode,
+                tuple((i.memory_id, i.version) for i in memories),
+                m.top_k,
+                m.threshold,
+                layers,
+                m.citation_min_weight,
+            )
         r = RunningRequest(
             req, asyncio.get_running_loop(), IncrementalDecoder(self._stream_decode), max_tokens, arrived
         )
@@ -321,7 +328,11 @@ class GeneratorEngine:
         else:
             retriever = RemoteRetriever(self.memory, memories)
         return MemoryContext(
-            retriever, top_k=m.top_k, threshold=m.threshold, layers=frozenset(m.layers) if m.layers else None
+            retriever,
+            top_k=m.top_k,
+            threshold=m.threshold,
+            layers=frozenset(m.layers) if m.layers else None,
+            cite_min_weight=m.citation_min_weight,
         )
 
     # ---------------------------------------------------------------- memorize

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from extmind.errors import InvalidArgument
 from services.generator.request_types import (
+    DEFAULT_CITATION_MIN_WEIGHT,
     DEFAULT_MEMORY_TOP_K,
     LOCAL,
     MAX_MEMORY_TOP_K,
@@ -163,6 +164,13 @@ def _memory(body: dict) -> MemoryOptions | None:
     max_citations = _in_range(
         w + "max_citations", _get(em, "max_citations", "integer", 0, where=w), 0, 2**31 - 1, ">= 0"
     )
+    min_weight = _in_range(
+        w + "citation_min_weight",
+        _get(em, "citation_min_weight", "number", DEFAULT_CITATION_MIN_WEIGHT, where=w),
+        0,
+        1,
+        "an attention share in [0, 1]",
+    )
     if not ids:
         return None
     return MemoryOptions(
@@ -173,6 +181,7 @@ def _memory(body: dict) -> MemoryOptions | None:
         layers=tuple(layers),
         return_citations=_get(em, "return_citations", "boolean", True, where=w),
         max_citations=max_citations,
+        citation_min_weight=float(min_weight),
     )
 
 

@@ -27,6 +27,7 @@ MAX_TOP_LOGPROBS = 20  # most alternatives reported per generated token (OpenAI'
 # thousands of them would slow every request of the process (10 000: ~20 ms per token).
 MAX_STOP_STRINGS = 32
 MAX_MEMORY_TOP_K = 1024
+DEFAULT_CITATION_MIN_WEIGHT = 0.02  # share of a query head's attention (softmax weight)
 DEFAULT_WINDOW = 3072  # memory building: tokens per forward window ...
 DEFAULT_STRIDE = 512  # ... and tokens between window starts (docs/extended-mind.md)
 
@@ -76,6 +77,9 @@ class MemoryOptions:
     layers: tuple[int, ...] = ()  # () = every layer
     return_citations: bool = False
     max_citations: int = DEFAULT_MAX_CITATIONS  # 0 = DEFAULT_MAX_CITATIONS
+    # A retrieval counts towards citations only when the memory got at least this share of its
+    # query head's attention (docs/extended-mind.md "Citations"); 0 = every top-k pick counts.
+    citation_min_weight: float = DEFAULT_CITATION_MIN_WEIGHT
 
     def __post_init__(self) -> None:
         if not self.max_citations:
@@ -95,6 +99,10 @@ class MemoryOptions:
         bad = [layer for layer in self.layers if not 0 <= layer < num_layers]
         if bad:
             raise errors.InvalidArgument(f"extended_mind.layers {bad} outside [0, {num_layers})")
+        if not (math.isfinite(self.citation_min_weight) and 0 <= self.citation_min_weight <= 1):
+            raise errors.InvalidArgument(
+                f"citation_min_weight {self.citation_min_weight} must be an attention share in [0, 1]"
+            )
         if self.mode not in (LOCAL, REMOTE):
             raise errors.InvalidArgument(f"unknown retrieval mode {self.mode!r}")
 

@@ -103,6 +103,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 raise InvalidArgument(f"extended_mind.mode {em.mode} is not a RetrievalMode")
             # Fields left unset keep MemoryOptions' defaults (max_citations 0 = its default too).
             top_k = {"top_k": em.top_k} if em.HasField("top_k") else {}
+            if em.HasField("citation_min_weight"):
+                top_k["citation_min_weight"] = em.citation_min_weight
             memory = MemoryOptions(
                 memory_ids=tuple(em.memory_ids),
                 **top_k,

@@ -115,6 +115,18 @@ def test_the_printed_total_counts_every_step(result):
     assert f"extmind demo done: {result['calls_seconds']:.2f}s in calls" in "\n".join(result["lines"])
 
 
+def test_the_facts_come_from_memory(result):
+    """Step 4 attaches all three fact memories to every question: the trained default model must
+    find the asked person's fact among the others, and must not know it without memory."""
+    facts = result["facts"]
+    right = sum(f["with"] == f["answer"] for f in facts)
+    guessed = sum(f["without"] == f["answer"] for f in facts)
+    assert right >= len(facts) - 1, facts
+    assert guessed <= 1, facts
+    for f in facts:
+        assert f["citations"] and {c.memory_id for c in f["citations"]} <= {m for m, _, _ in demo.FACTS}
+
+
 def test_demo_module_runs(cluster):
     r = subprocess.run(
         [sys.executable, "-m", "extmind.demo"], env=cluster.env, capture_output=True, text=True, timeout=300

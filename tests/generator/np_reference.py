@@ -144,12 +144,24 @@ class Layer:
         return q.transpose(1, 0, 2), k.transpose(1, 0, 2), v.transpose(1, 0, 2)
 
     def forward(
-        self, x, mem_k=None, mem_v=None, top_k=10, threshold=None, form="gather", hits=None, hits_from=0, shares=None
+        self,
+        x,
+        mem_k=None,
+        mem_v=None,
+        top_k=10,
+        threshold=None,
+        form="gather",
+        hits=None,
+        hits_from=0,
+        shares=None,
+        picks=None,
     ):
         """x [T, hidden] at positions 0..T-1 -> attention output [T, hidden]. mem_k/mem_v are raw
         [KVH, N, d]. ``hits`` (a :class:`Retrievals`) records the retrievals of the queries at
         positions >= ``hits_from`` (citations); ``shares`` (a list) receives, for the same queries
-        and every head, the softmax weight on the memories (the attention-mass metric)."""
+        and every head, the softmax weight on the memories (the attention-mass metric); ``picks``
+        (a list) receives, for the same queries and every head, (rows, their softmax weights) of
+        the retrieved memories that the threshold kept."""
         T = x.shape[0]
         q, k, v = self.qkv(x)
         pos = np.arange(T)
@@ -178,6 +190,8 @@ class Layer:
                 w = _softmax(np.concatenate([mem, np.where(causal, local, -np.inf)], -1))
                 if shares is not None:
                     shares.extend(float(w[t, :kk].sum()) for t in range(hits_from, T))
+                if picks is not None:
+                    picks.extend((idx[t][keep[t]], w[t, :kk][keep[t]]) for t in range(hits_from, T))
                 out[h] = np.einsum("tk,tkd->td", w[:, :kk], Vm[idx]) + w[:, kk:] @ v[g]
             elif form == "block":
                 # The reference: all retrieved memories concatenated in front of the local keys,
@@ -332,6 +346,7 @@ class Model:
         hits=None,
         hits_from=0,
         shares=None,
+        picks=None,
     ):
         """tokens [T] -> logits [T, vocab]. memory: per layer (keys, values) raw [KVH, N, d].
         capture: a list that receives per layer (raw keys, values) [KVH, T, d]. shares: a dict
@@ -345,7 +360,8 @@ class Model:
             use = memory is not None and (layers is None or i in layers)
             mk, mv = memory[i] if use else (None, None)
             s = shares.setdefault(i, []) if shares is not None and use else None
-            x = x + L["attn"].forward(a, mk, mv, top_k, threshold, hits=hits, hits_from=hits_from, shares=s)
+            p = picks if use else None
+            x = x + L["attn"].forward(a, mk, mv, top_k, threshold, hits=hits, hits_from=hits_from, shares=s, picks=p)
             x = x + L["mlp"](rms_norm(x, L["post_norm"], self.eps))
         return rms_norm(x, self.norm, self.eps) @ self.lm_head.T
 

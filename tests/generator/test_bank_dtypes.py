@@ -283,7 +283,10 @@ async def test_float32_memories_alone_or_mixed_give_what_the_half_ones_give(half
                 r = GenerationRequest(
                     prompt,
                     Sampling(max_tokens=6),
-                    MemoryOptions(ids, top_k=4, threshold=threshold, mode=mode, return_citations=True),
+                    # every pick counts: a weight floor could tip differently for half and float32 banks
+                    MemoryOptions(
+                        ids, top_k=4, threshold=threshold, mode=mode, return_citations=True, citation_min_weight=0.0
+                    ),
                     return_logprobs=True,
                 )
                 tokens, lps, _, final = await run(e, r)

@@ -7,9 +7,12 @@ import asyncio
 import re
 from dataclasses import replace
 
+import mlx.core as mx
+import numpy as np
 import pytest
 
-from services.generator.request_types import GenerationRequest, MemoryOptions, Sampling
+from services.generator.extended_attention import memory_weights
+from services.generator.request_types import DEFAULT_CITATION_MIN_WEIGHT, GenerationRequest, MemoryOptions, Sampling
 
 from .helpers import run
 from .memory_helpers import assert_counts_match, assert_decidable, ref_memory, row_hits, timed
@@ -35,6 +38,7 @@ async def test_citations_count_the_live_retrievals(engine, memory, ref, mode, to
         layers=layers or (),
         return_citations=True,
         max_citations=1000,
+        citation_min_weight=0.0,  # every top-k pick counts: compared with the reference's retrievals
     )
     got, _, _, final = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=n), opts))
     want_hits, margins = Retrievals(), []
@@ -77,7 +81,7 @@ async def test_concurrent_requests_with_citations_each_count_their_own(engine, m
     request's citations equal its solo run and the numpy model's retrievals."""
     mid, tokens = memory
     bank, _ = ref_memory(ref, tokens, engine.special_ids)
-    opts = MemoryOptions((mid,), top_k=3, return_citations=True, max_citations=1000)
+    opts = MemoryOptions((mid,), top_k=3, return_citations=True, max_citations=1000, citation_min_weight=0.0)
     a_prompt = engine.tokenizer.encode("Alice met Bob at the station and they talked about")
     b_prompt = engine.tokenizer.encode("Water boils at")
     # B stops on a stop string taken from its own greedy text (exercises the early removal path)
@@ -122,3 +126,68 @@ async def test_count_comparison_catches_a_wrong_row(engine, memory, ref):
     planted[top] -= 1
     planted[never] = 1
     assert want.mismatches(planted) == [f"row {never}: 1 retrievals, the reference allows 0..0"]
+
+
+@pytest.mark.parametrize("mode", ["local", "remote"])
+async def test_citations_count_only_the_memories_attention_used(engine, memory, ref, mode):
+    """With ``citation_min_weight`` a retrieval counts only when the memory got at least that share
+    of its head's attention: the counts equal the numpy model's retrievals whose softmax weight
+    reaches it. The floor is put in the widest gap between the reference's middle weights (checked to be
+    far wider than float32 rounding), and every top-k set is decidable, so the counts are exact
+    (layer 1 retrieves: layer 0's keys of a repeated token are identical, a tie)."""
+    mid, tokens = memory
+    bank, _ = ref_memory(ref, tokens, engine.special_ids)
+    prompt = engine.tokenizer.encode("Alice met Bob at")
+    n, top_k = 6, 4
+    picks, margins, hits = [], [], Retrievals()
+    want_tokens, _ = ref.greedy(
+        prompt, n, memory=bank, top_k=top_k, layers={1}, hits=hits, margins=margins, picks=picks
+    )
+    assert_decidable(margins)
+    assert hits.ambiguous == 0, f"{hits.ambiguous} retrievals had a tie at the top-k boundary; pick another prompt"
+    weights = np.sort(np.concatenate([w for _, w in picks]))
+    inside = weights[len(weights) // 5 : len(weights) * 4 // 5]  # a floor that drops some and keeps many
+    gaps = np.diff(inside)
+    i = int(np.argmax(gaps))
+    floor = float(inside[i] + inside[i + 1]) / 2
+    assert gaps[i] > 1e-4, f"the reference's memory weights leave no clear gap ({gaps[i]:.1e})"
+    counted = sum(int((w >= floor).sum()) for _, w in picks)
+    assert len(weights) // 5 <= counted <= len(weights) * 4 // 5
+    want: dict[int, int] = {}
+    for rows, w in picks:
+        for r in rows[w >= floor]:
+            want[int(r)] = want.get(int(r), 0) + 1
+    opts = MemoryOptions(
+        (mid,),
+        top_k=top_k,
+        mode=mode,
+        layers=(1,),
+        return_citations=True,
+        max_citations=1000,
+        citation_min_weight=floor,
+    )
+    got_tokens, _, _, final = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=n), opts))
+    assert got_tokens == want_tokens
+    got = row_hits(final, tokens, engine.tokenizer)
+    assert {r: c for r, c in got.items() if c} == want
+    # the default floor applies when the request sets none
+    assert MemoryOptions((mid,)).citation_min_weight == DEFAULT_CITATION_MIN_WEIGHT > 0
+
+
+def test_memory_weights_from_the_fused_outputs_are_the_softmax_weights():
+    """``memory_weights`` rebuilds each retrieved memory's softmax weight from what the fused
+    kernels return (rows, raw dots, the head's memory mass); checked against one softmax over
+    [memories | local] computed directly, with masked picks (-1) weighing nothing."""
+    rng = np.random.default_rng(0)
+    B, H, L, k, S, scale = 2, 3, 4, 5, 7, 0.25
+    dots = rng.normal(size=(B, H, L, k)).astype(np.float32) * 4
+    local = rng.normal(size=(B, H, L, S)).astype(np.float32) * 4
+    rows = rng.integers(0, 50, size=(B, H, L, k)).astype(np.int32)
+    rows[0, 1, 2, 3:] = -1  # masked by the threshold
+    rows[1, 0, 0, :] = -1  # nothing kept
+    logits = np.concatenate([np.where(rows >= 0, dots * scale, -np.inf), local * scale], -1).astype(np.float64)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    mass = w[..., :k].sum(-1)
+    got = memory_weights(mx.array(rows), mx.array(dots), mx.array(mass.astype(np.float32)), scale)
+    np.testing.assert_allclose(np.array(got), w[..., :k], rtol=1e-5, atol=1e-7)

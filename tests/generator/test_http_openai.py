@@ -406,6 +406,16 @@ def test_every_error_status_has_openai_shape(served, memory_id):
             lambda: chat(
                 model=served.model_id,
                 messages=MESSAGES,
+                extra_body={"extmind": {"memory_ids": [memory_id], "citation_min_weight": 2}},
+            ),
+            400,
+            "invalid_argument",
+            "extmind.citation_min_weight",
+        ),
+        (
+            lambda: chat(
+                model=served.model_id,
+                messages=MESSAGES,
                 extra_body={"extmind": {"memory_ids": [memory_id, memory_id]}},
             ),
             400,

@@ -77,6 +77,14 @@ def test_info_memorize_generate_stream(stub, services):
             dict(prompt="hi", extended_mind=g.ExtendedMind(memory_ids=["x"], layers=[9])),
             grpc.StatusCode.INVALID_ARGUMENT,
         ),
+        (
+            dict(prompt="hi", extended_mind=g.ExtendedMind(memory_ids=["x"], citation_min_weight=1.5)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            dict(prompt="hi", extended_mind=g.ExtendedMind(memory_ids=["x"], citation_min_weight=float("nan"))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
     ],
 )
 def test_errors_have_the_right_codes_and_the_service_keeps_serving(stub, request_kw, code):
