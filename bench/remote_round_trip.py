@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import tempfile
@@ -35,6 +36,7 @@ from google.protobuf.timestamp_pb2 import Timestamp  # noqa: E402
 
 from bench.common import add_record_flag, describe, machine, record, table, timed_rounds  # noqa: E402
 from extmind import row_wire, search_wire, tensor  # noqa: E402
+from extmind.procs import ROOT  # noqa: E402
 from extmind.service_procs import memory_stack  # noqa: E402
 from extmind.v1 import memory_pb2  # noqa: E402
 from services.generator.memory_client import MemoryClient  # noqa: E402
@@ -51,6 +53,21 @@ PARTS = ("client build", "server parse", "search", "server answer", "client pars
 
 def p50_ms(xs) -> float:
     return statistics.median(xs) * 1e3
+
+
+def shuffled_rounds(fns, rounds: int, warmup: int) -> list[list[float]]:
+    """``timed_rounds`` with the functions in a new random order each round: on 2 cores a call
+    still pays for the one before it (the other service writing its access line, say), so a
+    fixed order favours some over others."""
+    order = np.random.default_rng(1)
+    times = [[] for _ in fns]
+    for i in range(warmup + rounds):
+        for j in order.permutation(len(fns)):
+            t0 = time.perf_counter()
+            fns[j]()
+            if i >= warmup:
+                times[j].append(time.perf_counter() - t0)
+    return times
 
 
 def _store(client: MemoryClient, rng) -> ResolvedMemory:
@@ -111,26 +128,40 @@ class InProcess:
         return self.loop.run_until_complete(run())
 
 
-def measure(client: MemoryClient, resolved: ResolvedMemory, server: InProcess, batch: int, rounds: int, rng) -> dict:
+def measure(targets: dict, server: InProcess, batch: int, rounds: int, rng) -> dict:
+    """``targets``: name -> (client, resolved memory) of a memory service ("this" first). Their
+    stream and unary searches run in turn within each round, so that load from elsewhere on the
+    machine hits them alike; the parts are this checkout's."""
     queries = rng.standard_normal((Q_HEADS, batch, HEAD_DIM), dtype=np.float32)
-    streamed = RemoteRetriever(client, [resolved])
-    unary = RemoteRetriever(MemoryClient(client.url), [resolved])
-    unary.client.streams_search = False
-    answers = {}
+    answers, fns, names = {}, [], []
+    retrievers = []
+    for name, (client, resolved) in targets.items():
+        streamed = RemoteRetriever(client, [resolved])
+        unary = RemoteRetriever(MemoryClient(client.url), [resolved])
+        unary.client.streams_search = False
+        retrievers += [streamed, unary]
+        for how, retriever in (("stream", streamed), ("unary", unary)):
 
-    def on(retriever, name):
-        def search():
-            answers[name] = retriever._search(0, queries, TOP_K, None)
+            def search(retriever=retriever, key=(name, how)):
+                answers[key] = retriever._search(0, queries, TOP_K, None)
 
-        return search
-
-    stream_s, unary_s = timed_rounds([on(streamed, "stream"), on(unary, "unary")], rounds, warmup=10)
-    a, b = answers["stream"], answers["unary"]
-    assert np.array_equal(a.indices, b.indices) and np.array_equal(a.scores, b.scores)
-    assert np.array_equal(a.keys, b.keys) and np.array_equal(a.values, b.values)
+            fns.append(search)
+            names.append((name, how))
+    times = dict(zip(names, shuffled_rounds(fns, rounds, warmup=10)))
+    # Every service and way finds the same rows (keys and values bit for bit). Scores may differ
+    # in the last bits between services: FAISS's BLAS kernel rounds by how many OpenMP threads
+    # share it (today: a search of 8 sequences ran on the CPU count, now on one per KV head).
+    first = answers[names[0]]
+    score_diff = 0.0
+    for key, a in answers.items():
+        for f in ("indices", "keys", "values"):
+            assert np.array_equal(getattr(a, f), getattr(first, f)), (key, f)
+        score_diff = max(score_diff, float(np.abs(a.scores - first.scores).max()))
+    assert score_diff <= 1e-6, score_diff
 
     # The parts, on the bytes this search sends and gets.
-    ids, created = streamed.memory_ids, streamed._created(streamed.memory_ids)
+    this = retrievers[0]
+    ids, created = this.memory_ids, this._created(this.memory_ids)
     build = timed_rounds(
         [lambda: search_wire.client_stream_requests(ids, 0, queries, TOP_K, None, created)], rounds, warmup=5
     )[0]
@@ -138,21 +169,23 @@ def measure(client: MemoryClient, resolved: ResolvedMemory, server: InProcess, b
     (parse_s, search_s, answer_s), answer = server.parts(request, rounds)
     parse = timed_rounds([lambda: search_wire.client_result(answer)], rounds, warmup=5)[0]
     got = search_wire.client_result(answer)
-    assert np.array_equal(got.indices, a.indices) and np.array_equal(got.keys, a.keys)
-    streamed.close()
-    unary.client.close()
+    assert np.array_equal(got.indices, first.indices) and np.array_equal(got.keys, first.keys)
+    for r in retrievers:
+        r.close()
+        if not r.client.streams_search:
+            r.client.close()
     parts = dict(zip(PARTS, (statistics.median(build), parse_s, search_s, answer_s, statistics.median(parse))))
     return {
         "batch": batch,
-        "stream_ms": p50_ms(stream_s),
-        "unary_ms": p50_ms(unary_s),
+        "ms": {f"{name} {how}": p50_ms(xs) for (name, how), xs in times.items()},
         "parts_ms": {k: v * 1e3 for k, v in parts.items()},
+        "score_diff": score_diff,
         "request_bytes": len(request),
         "answer_bytes": len(answer),
     }
 
 
-def report(results: list[dict], m: dict, rounds: int) -> str:
+def report(results: list[dict], m: dict, rounds: int, baseline: str | None) -> str:
     lines = [
         describe(m),
         "",
@@ -163,18 +196,17 @@ def report(results: list[dict], m: dict, rounds: int) -> str:
     ]
     rows = []
     for r in results:
-        parts = r["parts_ms"]
-        transit = r["stream_ms"] - sum(parts.values())
-        cells = [f"{v:.3f} ({v / r['stream_ms']:.0%})" for v in parts.values()]
+        parts, stream = r["parts_ms"], r["ms"]["this stream"]
+        transit = stream - sum(parts.values())
         rows.append(
             [
                 r["batch"],
                 f"{r['request_bytes']:,} / {r['answer_bytes']:,}",
-                *cells,
-                f"{transit:.3f} ({transit / r['stream_ms']:.0%})",
-                f"{r['stream_ms']:.3f}",
-                f"{r['unary_ms']:.3f}",
-                f"{r['unary_ms'] / r['stream_ms']:.2f}x",
+                *(f"{v:.3f} ({v / stream:.0%})" for v in parts.values()),
+                f"{transit:.3f} ({transit / stream:.0%})",
+                f"{stream:.3f}",
+                f"{r['ms']['this unary']:.3f}",
+                f"{r['ms']['this unary'] / stream:.2f}x",
             ]
         )
     header = [
@@ -187,6 +219,37 @@ def report(results: list[dict], m: dict, rounds: int) -> str:
         "unary / stream:",
     ]
     lines.append(table(header, rows))
+    if baseline:
+        lines += [
+            "",
+            f"Side by side, rounds interleaved: this checkout vs the memory service of `{baseline}` "
+            "(same client code, same data).",
+            "",
+        ]
+        rows = [
+            [
+                r["batch"],
+                f"{r['ms']['baseline stream']:.3f}",
+                f"{r['ms']['this stream']:.3f}",
+                f"{r['ms']['this stream'] / r['ms']['baseline stream']:.2f}x",
+                f"{r['ms']['baseline unary']:.3f}",
+                f"{r['ms']['this unary']:.3f}",
+                f"{r['ms']['this unary'] / r['ms']['baseline unary']:.2f}x",
+            ]
+            for r in results
+        ]
+        header = [
+            "sequences:",
+            "stream, baseline ms:",
+            "stream, this ms:",
+            "ratio:",
+            "unary, baseline ms:",
+            "unary, this ms:",
+            "ratio:",
+        ]
+        lines.append(table(header, rows))
+        diffs = ", ".join(f"{r['score_diff']:.2g}" for r in results)
+        lines += ["", f"Same rows, keys and values from both; largest score difference per batch: {diffs}."]
     return "\n".join(lines)
 
 
@@ -194,21 +257,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--batches", default="1,8", help="sequences per decode step, comma-separated")
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="another checkout (e.g. `git worktree add /tmp/base main`): its memory service runs too, "
+        "on its own Redis, and is searched in turn with this one's",
+    )
     add_record_flag(parser)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     m = machine()
-    with tempfile.TemporaryDirectory() as work, memory_stack(work) as svc:
-        client = MemoryClient(svc.address)
-        resolved = _store(client, rng)
-        server = InProcess(svc.redis.url)
-        try:
-            results = [measure(client, resolved, server, int(b), args.rounds, rng) for b in args.batches.split(",")]
-        finally:
-            server.close()
-            client.close()
+    with contextlib.ExitStack() as stack:
+        targets = {}
+        for name, root in (("this", ROOT), ("baseline", args.baseline)):
+            if root is None:
+                continue
+            svc = stack.enter_context(memory_stack(stack.enter_context(tempfile.TemporaryDirectory()), root=root))
+            client = MemoryClient(svc.address)
+            stack.callback(client.close)
+            targets[name] = (client, _store(client, np.random.default_rng(0)))
+            if name == "this":
+                server = InProcess(svc.redis.url)
+                stack.callback(server.close)
+        results = [measure(targets, server, int(b), args.rounds, rng) for b in args.batches.split(",")]
     m["load_after"] = round(os.getloadavg()[0], 2)
-    record("remote_round_trip", report(results, m, args.rounds), write=args.record)
+    record("remote_round_trip", report(results, m, args.rounds, args.baseline), write=args.record)
 
 
 if __name__ == "__main__":

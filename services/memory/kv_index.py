@@ -45,9 +45,16 @@ faiss.omp_set_num_threads(SMALL_THREADS)
 # two threads racing on the global only ever pick the slower kernel, never a wrong answer.
 BLAS_FROM_QUERIES = 16
 _BLAS_ALWAYS, _BLAS_NEVER = 1, 1 << 30
-# Searches smaller than this (rows x query heads x query tokens) run on the event loop thread:
-# a thread hand-off costs more than the search.
-INLINE_SEARCH_WORK = 1 << 19
+# Searches up to this much work (rows x query heads x query tokens) run on the event loop thread:
+# a thread hand-off costs more than the search. It takes in a decode step of 8 sequences of a
+# 1 B model (32 query heads) over 4 096 rows, which REMOTE retrieval sends once per layer: inline
+# with its heads split (below) 1.2 ms, on a worker thread with 2 OpenMP threads 3.7 ms (2 cores).
+INLINE_SEARCH_WORK = 1 << 20
+# Those small searches split their KV heads over this many threads (the event loop's and
+# HEAD_THREADS - 1 of a pool, one OpenMP thread each; FAISS releases the GIL): the 1 B model's
+# 8 KV heads x 4 096 rows, q = 1 took 0.49 ms on one thread, 0.32 ms on two (2-core x86_64,
+# in-process; bench/remote_round_trip.py). 1 = every head on the event loop thread.
+HEAD_THREADS = int(os.environ.get("EXTMIND_FAISS_HEAD_THREADS", str(min(os.cpu_count() or 1, 8))))
 
 
 def to_float32(a: np.ndarray, dtype: int) -> np.ndarray:
@@ -142,10 +149,16 @@ def search_loaded(
     top_k: int,
     sim_threshold: float | None = None,
     return_vectors: bool = False,
+    heads_pool: concurrent.futures.Executor | None = None,
+    head_groups: int = 1,
 ):
     """Exact cosine top-k of every query head and query token over one layer of ``memories``
     (their rows concatenated in order). ``queries`` float32 [H, q, D], H a multiple of the KV
-    heads. -> (scores f32 [H,q,k], indices i64 [H,q,k], keys, values [H,q,k,D] or None)."""
+    heads. -> (scores f32 [H,q,k], indices i64 [H,q,k], keys, values [H,q,k,D] or None).
+
+    With ``heads_pool`` the KV heads are split into ``head_groups`` runs of consecutive heads:
+    this thread searches the first, the pool's threads the others at the same time (FAISS
+    releases the GIL). Every head's answer is the same either way."""
     first = memories[0].meta
     G, D = first.num_kv_heads, first.head_dim
     H, q, _ = queries.shape
@@ -157,50 +170,66 @@ def search_loaded(
     scores = np.empty((G, rep * q, k), np.float32)
     indices = np.empty((G, rep * q, k), np.int64)
     offsets = np.cumsum([0] + [b.rows for b in memories])
-    for g in range(G):
-        x = qn[g]
-        if len(memories) == 1:
-            s, i = memories[0].indexes[layer][g].search(x, k)
-        else:
-            parts_s, parts_i = [], []
-            for b, off in zip(memories, offsets):
-                kb = min(k, b.rows)
-                if kb == 0:
-                    continue
-                s_b, i_b = b.indexes[layer][g].search(x, kb)
-                parts_s.append(s_b)
-                parts_i.append(i_b + off)
-            s, i = np.concatenate(parts_s, axis=1), np.concatenate(parts_i, axis=1)
-            order = np.argsort(-s, axis=1, kind="stable")[:, :k]
-            s, i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
-        scores[g], indices[g] = s, i
-    np.clip(scores, -1.0, 1.0, out=scores)
-    masked = None
-    if sim_threshold is not None:
-        masked = scores <= np.float32(sim_threshold)
-        scores[masked] = -np.inf
-        indices[masked] = -1
     keys = values = None
     if return_vectors:
         storage = STORAGE[first.dtype]
         keys = np.zeros((G, rep * q, k, D), storage)
         values = np.zeros((G, rep * q, k, D), storage)
-        for g in range(G):
-            idx = indices[g]
-            for b, off in zip(memories, offsets):
-                sel = (idx >= off) & (idx < off + b.rows)
-                if not sel.any():
-                    continue
-                local = np.where(sel, idx - off, 0)
-                kg = b.keys[layer][g][local]
-                vg = b.values[layer][g][local]
-                if sel.all():
-                    keys[g], values[g] = kg, vg
-                else:
-                    keys[g][sel], values[g][sel] = kg[sel], vg[sel]
+
+    def search_heads(heads: range) -> None:
+        for g in heads:
+            x = qn[g]
+            if len(memories) == 1:
+                s, i = memories[0].indexes[layer][g].search(x, k)
+            else:
+                parts_s, parts_i = [], []
+                for b, off in zip(memories, offsets):
+                    kb = min(k, b.rows)
+                    if kb == 0:
+                        continue
+                    s_b, i_b = b.indexes[layer][g].search(x, kb)
+                    parts_s.append(s_b)
+                    parts_i.append(i_b + off)
+                s, i = np.concatenate(parts_s, axis=1), np.concatenate(parts_i, axis=1)
+                order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+                s, i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+            np.clip(s, -1.0, 1.0, out=s)
+            if sim_threshold is not None:
+                masked = s <= np.float32(sim_threshold)
+                s[masked] = -np.inf
+                i[masked] = -1
+            scores[g], indices[g] = s, i
+            if return_vectors:
+                _gather(memories, offsets, layer, g, i, keys[g], values[g])
+
+    groups = min(head_groups, G) if heads_pool is not None else 1
+    cuts = [G * j // groups for j in range(groups + 1)]
+    others = [heads_pool.submit(search_heads, range(a, b)) for a, b in zip(cuts[1:-1], cuts[2:])]
+    try:
+        search_heads(range(cuts[0], cuts[1]))
+    finally:
+        for f in others:
+            f.result()
+    if return_vectors:
         keys = keys.reshape(H, q, k, D)
         values = values.reshape(H, q, k, D)
     return scores.reshape(H, q, k), indices.reshape(H, q, k), keys, values
+
+
+def _gather(memories: list[LoadedMemory], offsets, layer: int, g: int, idx: np.ndarray, keys, values) -> None:
+    """Copies KV head ``g``'s rows numbered ``idx`` [n, k] (-1: none, left zero) into ``keys``
+    and ``values`` [n, k, D]."""
+    for b, off in zip(memories, offsets):
+        sel = (idx >= off) & (idx < off + b.rows)
+        if not sel.any():
+            continue
+        local = np.where(sel, idx - off, 0)
+        kg = b.keys[layer][g][local]
+        vg = b.values[layer][g][local]
+        if sel.all():
+            keys[...], values[...] = kg, vg
+        else:
+            keys[sel], values[sel] = kg[sel], vg[sel]
 
 
 class KVIndex:
@@ -219,6 +248,17 @@ class KVIndex:
             initargs=(LARGE_THREADS,),
         )
         self.inline_search = threads == 0  # 0 = search on the event loop thread
+        self.head_groups = max(1, HEAD_THREADS)
+        self.heads = (
+            concurrent.futures.ThreadPoolExecutor(
+                max_workers=self.head_groups - 1,
+                thread_name_prefix="kv-heads",
+                initializer=faiss.omp_set_num_threads,
+                initargs=(SMALL_THREADS,),
+            )
+            if self.head_groups > 1
+            else None
+        )
         # Loads into RAM on threads of their own: a load that waits for fetches of its memory
         # (``_yield_to_fetches``) must not hold a thread that searches wait for.
         self.loader = concurrent.futures.ThreadPoolExecutor(
@@ -234,6 +274,8 @@ class KVIndex:
         """Waits for running loads and searches; drops queued ones."""
         self.loader.shutdown(wait=True, cancel_futures=True)
         self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.heads is not None:
+            self.heads.shutdown(wait=True)
 
     # ---------------------------------------------------------------- loading
 
@@ -431,6 +473,11 @@ class KVIndex:
         work = sum(m.rows for m in memories) * queries.shape[0] * queries.shape[1]
         return self.inline_search or work <= INLINE_SEARCH_WORK
 
+    def _search_inline(self, memories, layer, queries, top_k, sim_threshold, return_vectors):
+        return search_loaded(
+            memories, layer, queries, top_k, sim_threshold, return_vectors, self.heads, self.head_groups
+        )
+
     async def search(
         self,
         memories: list[LoadedMemory],
@@ -440,9 +487,10 @@ class KVIndex:
         sim_threshold: float | None,
         return_vectors: bool,
     ):
-        """``search_loaded``: small searches inline on the event loop thread, large ones on a worker thread."""
+        """``search_loaded``: small searches inline on the event loop thread (their KV heads split
+        over ``heads``), large ones on a worker thread."""
         if self._inline(memories, queries):
-            return search_loaded(memories, layer, queries, top_k, sim_threshold, return_vectors)
+            return self._search_inline(memories, layer, queries, top_k, sim_threshold, return_vectors)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self.pool, search_loaded, memories, layer, queries, top_k, sim_threshold, return_vectors
@@ -460,5 +508,5 @@ class KVIndex:
         """``search`` for callers without an event loop (in-process use, the benchmark); call it
         from the thread that imported this module, as the service's event loop does."""
         if self._inline(memories, queries):
-            return search_loaded(memories, layer, queries, top_k, sim_threshold, return_vectors)
+            return self._search_inline(memories, layer, queries, top_k, sim_threshold, return_vectors)
         return self.pool.submit(search_loaded, memories, layer, queries, top_k, sim_threshold, return_vectors).result()
