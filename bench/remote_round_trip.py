@@ -1,22 +1,25 @@
-"""REMOTE retrieval's per-layer round trip, taken apart, one run, side by side with unary calls.
+"""REMOTE retrieval's per-layer round trip, taken apart, stream vs unary, optionally side by side
+with another checkout's memory service.
 
-    python -m bench.remote_round_trip [--rounds 300] [--record]
+    python -m bench.remote_round_trip [--rounds 300] [--batches 1,8] [--baseline DIR] [--record]
 
 The 1 B model's KV shape: 8 KV heads, head_dim 64, a float16 memory of 4 096 rows, 32 query
 heads (4 per KV head), top_k 10, keys and values returned; decode steps of 1 and of 8 sequences
 (q = 1 and q = 8 query tokens per head). A real memory service runs as a subprocess on a
-redis-server started here; the generator's own client (``RemoteRetriever``'s search, the same
-code a decode step runs, less the MLX conversions) searches it over loopback:
+redis-server started here; the generator's own client (``RemoteRetriever``'s search: the code a
+decode step runs for each layer, less the MLX conversions) searches it over loopback:
 
 - stream: one message of an open SearchMemoryStream (what REMOTE retrieval does per layer);
 - unary: one SearchMemory call.
 
-The parts are the same code timed alone in this process on the same bytes: the client's request
-build (numpy -> serialized message, as gRPC sends it), the server's parse, the search (the memory
-service's engine over indexes built from the same Redis, on this thread as the service's event
-loop runs small searches), the server's answer build (-> serialized) and the client's parse
-(serialized -> the numpy arrays retrieval uses). "transit" is the round trip less those parts:
-gRPC on both sides, loopback, thread hand-offs and the server's per-message handling.
+Each round runs every (service, way) once, in a new random order, so that load from elsewhere on
+the machine hits them alike. "search in service" is the engine's search (validation, FAISS, the
+keys and values gathered) as the service's own metric (``extmind_memory_search_seconds``) timed
+it over the same rounds: a mean, not a median. The parts are the same code timed alone in this
+process on the same bytes: the client's request build (numpy -> serialized, as gRPC sends it),
+the server's parse, the search, the server's answer (-> serialized) and the client's parse
+(serialized -> the numpy arrays retrieval uses); "rest" is the round trip less them: gRPC on
+both sides, loopback, thread hand-offs, and the search running slower in the service than here.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import statistics
 import tempfile
 import time
+import urllib.request
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -36,14 +41,16 @@ from google.protobuf.timestamp_pb2 import Timestamp  # noqa: E402
 
 from bench.common import add_record_flag, describe, machine, record, table, timed_rounds  # noqa: E402
 from extmind import row_wire, search_wire, tensor  # noqa: E402
-from extmind.procs import ROOT  # noqa: E402
+from extmind.procs import ROOT, free_port  # noqa: E402
 from extmind.service_procs import memory_stack  # noqa: E402
+from extmind.tensor import decode  # noqa: E402
 from extmind.v1 import memory_pb2  # noqa: E402
-from services.generator.memory_client import MemoryClient  # noqa: E402
+from services.common.heap import keep_message_buffers  # noqa: E402
+from services.generator.memory_client import MemoryClient, search_requests, search_result  # noqa: E402
 from services.generator.memory_resolution import ResolvedMemory  # noqa: E402
 from services.generator.remote_retrieval import RemoteRetriever  # noqa: E402
 from services.memory.kv_index import KVIndex  # noqa: E402
-from services.memory.kv_memories import KVMemories  # noqa: E402
+from services.memory.kv_memories import KV_DTYPES, KVMemories  # noqa: E402
 from services.memory.kv_store import KVStore  # noqa: E402
 
 KV_HEADS, HEAD_DIM, Q_HEADS, ROWS, TOP_K = 8, 64, 32, 4096, 10
@@ -70,21 +77,49 @@ def shuffled_rounds(fns, rounds: int, warmup: int) -> list[list[float]]:
     return times
 
 
-def _store(client: MemoryClient, rng) -> ResolvedMemory:
-    layout = memory_pb2.MemoryLayout(num_layers=1, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype=tensor.FLOAT16)
-    created = client.create_memory(
-        memory_id=MEMORY, layout=layout, fingerprint="bench", token_ids=[0] * ROWS, positions=range(ROWS), labels={}
-    )
-    keys, values = (rng.standard_normal((KV_HEADS, ROWS, HEAD_DIM), dtype=np.float32).astype(np.float16) for _ in "kv")
-    client.append([row_wire.append_request(MEMORY, 0, keys, values, tensor.FLOAT16)])
-    return ResolvedMemory(
-        MEMORY,
-        Timestamp(seconds=created.create_time.seconds, nanos=created.create_time.nanos),
-        ROWS,
-        [],
-        [],
-        tensor.FLOAT16,
-    )
+class Service:
+    """A memory service holding the benchmark's memory, its client and its search metric."""
+
+    def __init__(self, stack: contextlib.ExitStack, root):
+        self.http_port = free_port()
+        work = stack.enter_context(tempfile.TemporaryDirectory())
+        self.svc = stack.enter_context(memory_stack(work, root=root, args=["--http-port", str(self.http_port)]))
+        self.client = MemoryClient(self.svc.address)
+        stack.callback(self.client.close)
+        self.memory = self._store(np.random.default_rng(0))
+
+    def _store(self, rng) -> ResolvedMemory:
+        layout = memory_pb2.MemoryLayout(num_layers=1, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype=tensor.FLOAT16)
+        created = self.client.create_memory(
+            memory_id=MEMORY, layout=layout, fingerprint="bench", token_ids=[0] * ROWS, positions=range(ROWS), labels={}
+        )
+        keys, values = (
+            rng.standard_normal((KV_HEADS, ROWS, HEAD_DIM), dtype=np.float32).astype(np.float16) for _ in "kv"
+        )
+        self.client.append([row_wire.append_request(MEMORY, 0, keys, values, tensor.FLOAT16)])
+        when = Timestamp(seconds=created.create_time.seconds, nanos=created.create_time.nanos)
+        return ResolvedMemory(MEMORY, when, ROWS, [], [], tensor.FLOAT16)
+
+    def searched(self) -> tuple[float, int]:
+        """(seconds, searches) the service's search metric has counted so far."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+
+        def value(name: str) -> float:
+            m = re.search(rf'^extmind_memory_search_seconds_{name}{{kind="kv"}} (\S+)$', text, re.M)
+            return float(m.group(1)) if m else 0.0
+
+        return value("sum"), int(value("count"))
+
+
+def _client_requests(*args) -> list[bytes]:
+    """REMOTE retrieval's requests for one search, serialized as gRPC sends them."""
+    return [memory_pb2.SearchMemoryStreamRequest(search=r).SerializeToString() for r in search_requests(*args)]
+
+
+def _client_result(answer: bytes):
+    """A serialized stream answer -> the arrays REMOTE retrieval uses."""
+    return search_result(memory_pb2.SearchMemoryStreamResponse.FromString(answer).result)
 
 
 class InProcess:
@@ -106,8 +141,8 @@ class InProcess:
             times = ([], [], [])
             for i in range(rounds + 5):
                 t0 = time.perf_counter()
-                search = search_wire.read_stream_request(request).search
-                queries = search_wire.queries(search)
+                search = memory_pb2.SearchMemoryStreamRequest.FromString(request).search
+                queries = decode(search.queries, name="queries", dtypes=KV_DTYPES, ndim=3)
                 t1 = time.perf_counter()
                 hits = await self.kv.search(
                     list(search.memory_ids),
@@ -115,10 +150,10 @@ class InProcess:
                     queries,
                     search.top_k,
                     return_vectors=search.return_vectors,
-                    create_us=search_wire.create_us(search),
+                    create_us=[t.seconds * 1_000_000 + t.nanos // 1000 for t in search.create_times],
                 )
                 t2 = time.perf_counter()
-                answer = search_wire.stream_response(hits, search.return_vectors)
+                answer = search_wire.stream_response(hits.scores, hits.indices, hits.keys, hits.values, hits.dtype)
                 t3 = time.perf_counter()
                 if i >= 5:
                     for out, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
@@ -128,16 +163,14 @@ class InProcess:
         return self.loop.run_until_complete(run())
 
 
-def measure(targets: dict, server: InProcess, batch: int, rounds: int, rng) -> dict:
-    """``targets``: name -> (client, resolved memory) of a memory service ("this" first). Their
-    stream and unary searches run in turn within each round, so that load from elsewhere on the
-    machine hits them alike; the parts are this checkout's."""
+def measure(services: dict, server: InProcess, batch: int, rounds: int, rng) -> dict:
+    """``services``: name -> Service ("this" first). -> the batch's round trips, each service's
+    mean search time in the service, and this checkout's parts."""
     queries = rng.standard_normal((Q_HEADS, batch, HEAD_DIM), dtype=np.float32)
-    answers, fns, names = {}, [], []
-    retrievers = []
-    for name, (client, resolved) in targets.items():
-        streamed = RemoteRetriever(client, [resolved])
-        unary = RemoteRetriever(MemoryClient(client.url), [resolved])
+    answers, fns, names, retrievers = {}, [], [], []
+    for name, s in services.items():
+        streamed = RemoteRetriever(s.client, [s.memory])
+        unary = RemoteRetriever(MemoryClient(s.client.url), [s.memory])
         unary.client.streams_search = False
         retrievers += [streamed, unary]
         for how, retriever in (("stream", streamed), ("unary", unary)):
@@ -147,10 +180,17 @@ def measure(targets: dict, server: InProcess, batch: int, rounds: int, rng) -> d
 
             fns.append(search)
             names.append((name, how))
-    times = dict(zip(names, shuffled_rounds(fns, rounds, warmup=10)))
+    searched = {name: s.searched() for name, s in services.items()}
+    warmup = 10
+    times = dict(zip(names, shuffled_rounds(fns, rounds, warmup)))
+    in_service = {}
+    for name, s in services.items():
+        seconds, count = (b - a for a, b in zip(searched[name], s.searched()))
+        assert count == 2 * (rounds + warmup), count
+        in_service[name] = seconds / count * 1e3
     # Every service and way finds the same rows (keys and values bit for bit). Scores may differ
     # in the last bits between services: FAISS's BLAS kernel rounds by how many OpenMP threads
-    # share it (today: a search of 8 sequences ran on the CPU count, now on one per KV head).
+    # share it (docs/platform.md, "FAISS").
     first = answers[names[0]]
     score_diff = 0.0
     for key, a in answers.items():
@@ -162,23 +202,22 @@ def measure(targets: dict, server: InProcess, batch: int, rounds: int, rng) -> d
     # The parts, on the bytes this search sends and gets.
     this = retrievers[0]
     ids, created = this.memory_ids, this._created(this.memory_ids)
-    build = timed_rounds(
-        [lambda: search_wire.client_stream_requests(ids, 0, queries, TOP_K, None, created)], rounds, warmup=5
-    )[0]
-    (request,) = search_wire.client_stream_requests(ids, 0, queries, TOP_K, None, created)
+    build = timed_rounds([lambda: _client_requests(ids, 0, queries, TOP_K, None, created)], rounds, warmup=5)[0]
+    (request,) = _client_requests(ids, 0, queries, TOP_K, None, created)
     (parse_s, search_s, answer_s), answer = server.parts(request, rounds)
-    parse = timed_rounds([lambda: search_wire.client_result(answer)], rounds, warmup=5)[0]
-    got = search_wire.client_result(answer)
+    parse = timed_rounds([lambda: _client_result(answer)], rounds, warmup=5)[0]
+    got = _client_result(answer)
     assert np.array_equal(got.indices, first.indices) and np.array_equal(got.keys, first.keys)
     for r in retrievers:
         r.close()
         if not r.client.streams_search:
             r.client.close()
-    parts = dict(zip(PARTS, (statistics.median(build), parse_s, search_s, answer_s, statistics.median(parse))))
+    parts = (statistics.median(build), parse_s, search_s, answer_s, statistics.median(parse))
     return {
         "batch": batch,
         "ms": {f"{name} {how}": p50_ms(xs) for (name, how), xs in times.items()},
-        "parts_ms": {k: v * 1e3 for k, v in parts.items()},
+        "in_service_ms": in_service,
+        "parts_ms": {k: v * 1e3 for k, v in zip(PARTS, parts)},
         "score_diff": score_diff,
         "request_bytes": len(request),
         "answer_bytes": len(answer),
@@ -190,66 +229,55 @@ def report(results: list[dict], m: dict, rounds: int, baseline: str | None) -> s
         describe(m),
         "",
         f"One float16 memory of {ROWS} rows, {KV_HEADS} KV heads, head_dim {HEAD_DIM}; {Q_HEADS} query heads, "
-        f"top_k {TOP_K}, keys and values returned; p50 of {rounds} rounds. Parts timed alone in-process on "
-        "the same bytes; transit = stream round trip - parts.",
+        f"top_k {TOP_K}, keys and values returned; p50 of {rounds} rounds (search in service: mean).",
         "",
     ]
     rows = []
     for r in results:
+        for name in ("this", "baseline") if baseline else ("this",):
+            stream, unary, searched = r["ms"][f"{name} stream"], r["ms"][f"{name} unary"], r["in_service_ms"][name]
+            rows.append(
+                [
+                    r["batch"],
+                    name if name == "this" else f"baseline (`{baseline}`)",
+                    f"{stream:.3f}",
+                    f"{unary:.3f}",
+                    f"{unary / stream:.2f}x",
+                    f"{searched:.3f} ({searched / stream:.0%})",
+                    f"{stream - searched:.3f} ({(stream - searched) / stream:.0%})",
+                    f"{stream / r['ms']['baseline stream']:.2f}x" if baseline else "",
+                ]
+            )
+    header = [
+        "sequences:",
+        "memory service",
+        "stream ms:",
+        "unary ms:",
+        "unary / stream:",
+        "search in service ms:",
+        "rest of the stream ms:",
+        "stream vs baseline:",
+    ]
+    lines.append(table(header, rows))
+    if baseline:
+        diffs = ", ".join(f"{r['score_diff']:.2g}" for r in results)
+        lines += ["", f"Same rows, keys and values from both; largest score difference per batch: {diffs}."]
+    lines += ["", "This checkout's stream round trip, part by part (parts timed alone in-process):", ""]
+    rows = []
+    for r in results:
         parts, stream = r["parts_ms"], r["ms"]["this stream"]
-        transit = stream - sum(parts.values())
+        rest = stream - sum(parts.values())
         rows.append(
             [
                 r["batch"],
                 f"{r['request_bytes']:,} / {r['answer_bytes']:,}",
                 *(f"{v:.3f} ({v / stream:.0%})" for v in parts.values()),
-                f"{transit:.3f} ({transit / stream:.0%})",
+                f"{rest:.3f} ({rest / stream:.0%})",
                 f"{stream:.3f}",
-                f"{r['ms']['this unary']:.3f}",
-                f"{r['ms']['this unary'] / stream:.2f}x",
             ]
         )
-    header = [
-        "sequences:",
-        "request / answer bytes:",
-        *(f"{p} ms:" for p in PARTS),
-        "transit ms:",
-        "stream ms:",
-        "unary ms:",
-        "unary / stream:",
-    ]
+    header = ["sequences:", "request / answer bytes:", *(f"{p} ms:" for p in PARTS), "rest ms:", "stream ms:"]
     lines.append(table(header, rows))
-    if baseline:
-        lines += [
-            "",
-            f"Side by side, rounds interleaved: this checkout vs the memory service of `{baseline}` "
-            "(same client code, same data).",
-            "",
-        ]
-        rows = [
-            [
-                r["batch"],
-                f"{r['ms']['baseline stream']:.3f}",
-                f"{r['ms']['this stream']:.3f}",
-                f"{r['ms']['this stream'] / r['ms']['baseline stream']:.2f}x",
-                f"{r['ms']['baseline unary']:.3f}",
-                f"{r['ms']['this unary']:.3f}",
-                f"{r['ms']['this unary'] / r['ms']['baseline unary']:.2f}x",
-            ]
-            for r in results
-        ]
-        header = [
-            "sequences:",
-            "stream, baseline ms:",
-            "stream, this ms:",
-            "ratio:",
-            "unary, baseline ms:",
-            "unary, this ms:",
-            "ratio:",
-        ]
-        lines.append(table(header, rows))
-        diffs = ", ".join(f"{r['score_diff']:.2g}" for r in results)
-        lines += ["", f"Same rows, keys and values from both; largest score difference per batch: {diffs}."]
     return "\n".join(lines)
 
 
@@ -266,20 +294,15 @@ def main() -> None:
     add_record_flag(parser)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
+    keep_message_buffers()  # as the memory service does: the in-process parts run as they do there
     m = machine()
     with contextlib.ExitStack() as stack:
-        targets = {}
-        for name, root in (("this", ROOT), ("baseline", args.baseline)):
-            if root is None:
-                continue
-            svc = stack.enter_context(memory_stack(stack.enter_context(tempfile.TemporaryDirectory()), root=root))
-            client = MemoryClient(svc.address)
-            stack.callback(client.close)
-            targets[name] = (client, _store(client, np.random.default_rng(0)))
-            if name == "this":
-                server = InProcess(svc.redis.url)
-                stack.callback(server.close)
-        results = [measure(targets, server, int(b), args.rounds, rng) for b in args.batches.split(",")]
+        services = {"this": Service(stack, ROOT)}
+        if args.baseline:
+            services["baseline"] = Service(stack, args.baseline)
+        server = InProcess(services["this"].svc.redis.url)
+        stack.callback(server.close)
+        results = [measure(services, server, int(b), args.rounds, rng) for b in args.batches.split(",")]
     m["load_after"] = round(os.getloadavg()[0], 2)
     record("remote_round_trip", report(results, m, args.rounds, args.baseline), write=args.record)
 
