@@ -3,9 +3,11 @@ with another checkout's memory service.
 
     python -m bench.remote_round_trip [--rounds 300] [--batches 1,8] [--baseline DIR] [--record]
 
-The 1 B model's KV shape: 8 KV heads, head_dim 64, a float16 memory of 4 096 rows, 32 query
-heads (4 per KV head), top_k 10, keys and values returned; decode steps of 1 and of 8 sequences
-(q = 1 and q = 8 query tokens per head). A real memory service runs as a subprocess on a
+The 1 B model's KV shape: 16 layers, 8 KV heads, head_dim 64, a float16 memory of 4 096 rows,
+32 query heads (4 per KV head), top_k 10, keys and values returned; decode steps of 1 and of 8
+sequences (q = 1 and q = 8 query tokens per head). Each search is of the next layer, as decode
+steps go through them: a layer's indexes (8 MiB of float32 keys) are not all in the CPU's cache
+when searched again, as in a real generation. A real memory service runs as a subprocess on a
 redis-server started here; the generator's own client (``RemoteRetriever``'s search: the code a
 decode step runs for each layer, less the MLX conversions) searches it over loopback:
 
@@ -53,7 +55,7 @@ from services.memory.kv_index import KVIndex  # noqa: E402
 from services.memory.kv_memories import KV_DTYPES, KVMemories  # noqa: E402
 from services.memory.kv_store import KVStore  # noqa: E402
 
-KV_HEADS, HEAD_DIM, Q_HEADS, ROWS, TOP_K = 8, 64, 32, 4096, 10
+LAYERS, KV_HEADS, HEAD_DIM, Q_HEADS, ROWS, TOP_K = 16, 8, 64, 32, 4096, 10
 MEMORY = "round-trip"
 PARTS = ("client build", "server parse", "search", "server answer", "client parse")
 
@@ -89,14 +91,17 @@ class Service:
         self.memory = self._store(np.random.default_rng(0))
 
     def _store(self, rng) -> ResolvedMemory:
-        layout = memory_pb2.MemoryLayout(num_layers=1, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype=tensor.FLOAT16)
+        layout = memory_pb2.MemoryLayout(
+            num_layers=LAYERS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype=tensor.FLOAT16
+        )
         created = self.client.create_memory(
             memory_id=MEMORY, layout=layout, fingerprint="bench", token_ids=[0] * ROWS, positions=range(ROWS), labels={}
         )
-        keys, values = (
-            rng.standard_normal((KV_HEADS, ROWS, HEAD_DIM), dtype=np.float32).astype(np.float16) for _ in "kv"
+        shape = (LAYERS, KV_HEADS, ROWS, HEAD_DIM)
+        keys, values = (rng.standard_normal(shape, dtype=np.float32).astype(np.float16) for _ in "kv")
+        self.client.append(
+            [row_wire.append_request(MEMORY, x, keys[x], values[x], tensor.FLOAT16) for x in range(LAYERS)]
         )
-        self.client.append([row_wire.append_request(MEMORY, 0, keys, values, tensor.FLOAT16)])
         when = Timestamp(seconds=created.create_time.seconds, nanos=created.create_time.nanos)
         return ResolvedMemory(MEMORY, when, ROWS, [], [], tensor.FLOAT16)
 
@@ -134,14 +139,15 @@ class InProcess:
         self.index.close()
         self.loop.close()
 
-    def parts(self, request: bytes, rounds: int):
-        """-> (p50 seconds of parse, search, answer; the serialized answer)."""
+    def parts(self, requests: list[bytes], rounds: int):
+        """``requests``: one per layer. -> (p50 seconds of parse, search, answer; the serialized
+        answers)."""
 
         async def run():
-            times = ([], [], [])
+            times, answers = ([], [], []), []
             for i in range(rounds + 5):
                 t0 = time.perf_counter()
-                search = memory_pb2.SearchMemoryStreamRequest.FromString(request).search
+                search = memory_pb2.SearchMemoryStreamRequest.FromString(requests[i % LAYERS]).search
                 queries = decode(search.queries, name="queries", dtypes=KV_DTYPES, ndim=3)
                 t1 = time.perf_counter()
                 hits = await self.kv.search(
@@ -158,7 +164,9 @@ class InProcess:
                 if i >= 5:
                     for out, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
                         out.append(dt)
-            return [statistics.median(t) for t in times], answer
+                if len(answers) < LAYERS:
+                    answers.append(answer)
+            return [statistics.median(t) for t in times], answers
 
         return self.loop.run_until_complete(run())
 
@@ -174,28 +182,30 @@ def measure(services: dict, server: InProcess, batch: int, rounds: int, rng) -> 
         unary.client.streams_search = False
         retrievers += [streamed, unary]
         for how, retriever in (("stream", streamed), ("unary", unary)):
+            searched = iter(range(1 << 62))
 
-            def search(retriever=retriever, key=(name, how)):
-                answers[key] = retriever._search(0, queries, TOP_K, None)
+            def search(retriever=retriever, key=(name, how), searched=searched):
+                layer = next(searched) % LAYERS
+                answers[(*key, layer)] = retriever._search(layer, queries, TOP_K, None)
 
             fns.append(search)
             names.append((name, how))
-    searched = {name: s.searched() for name, s in services.items()}
-    warmup = 10
+    before = {name: s.searched() for name, s in services.items()}
+    warmup = LAYERS
     times = dict(zip(names, shuffled_rounds(fns, rounds, warmup)))
     in_service = {}
     for name, s in services.items():
-        seconds, count = (b - a for a, b in zip(searched[name], s.searched()))
+        seconds, count = (b - a for a, b in zip(before[name], s.searched()))
         assert count == 2 * (rounds + warmup), count
         in_service[name] = seconds / count * 1e3
     # Every service and way finds the same rows (keys and values bit for bit). Scores may differ
     # in the last bits between services: FAISS's BLAS kernel rounds by how many OpenMP threads
     # share it (docs/platform.md, "FAISS").
-    first = answers[names[0]]
     score_diff = 0.0
-    for key, a in answers.items():
+    for (*_, layer), a in answers.items():
+        first = answers[(*names[0], layer)]
         for f in ("indices", "keys", "values"):
-            assert np.array_equal(getattr(a, f), getattr(first, f)), (key, f)
+            assert np.array_equal(getattr(a, f), getattr(first, f)), (layer, f)
         score_diff = max(score_diff, float(np.abs(a.scores - first.scores).max()))
     assert score_diff <= 1e-6, score_diff
 
@@ -203,11 +213,13 @@ def measure(services: dict, server: InProcess, batch: int, rounds: int, rng) -> 
     this = retrievers[0]
     ids, created = this.memory_ids, this._created(this.memory_ids)
     build = timed_rounds([lambda: _client_requests(ids, 0, queries, TOP_K, None, created)], rounds, warmup=5)[0]
-    (request,) = _client_requests(ids, 0, queries, TOP_K, None, created)
-    (parse_s, search_s, answer_s), answer = server.parts(request, rounds)
-    parse = timed_rounds([lambda: _client_result(answer)], rounds, warmup=5)[0]
-    got = _client_result(answer)
-    assert np.array_equal(got.indices, first.indices) and np.array_equal(got.keys, first.keys)
+    requests = [_client_requests(ids, x, queries, TOP_K, None, created)[0] for x in range(LAYERS)]
+    (parse_s, search_s, answer_s), answers_here = server.parts(requests, rounds)
+    parse = timed_rounds([lambda: _client_result(answers_here[0])], rounds, warmup=5)[0]
+    for layer, answer in enumerate(answers_here):
+        got, want = _client_result(answer), answers[(*names[0], layer)]
+        assert np.array_equal(got.indices, want.indices) and np.array_equal(got.keys, want.keys)
+    request, answer = requests[0], answers_here[0]
     for r in retrievers:
         r.close()
         if not r.client.streams_search:
@@ -228,8 +240,9 @@ def report(results: list[dict], m: dict, rounds: int, baseline: str | None) -> s
     lines = [
         describe(m),
         "",
-        f"One float16 memory of {ROWS} rows, {KV_HEADS} KV heads, head_dim {HEAD_DIM}; {Q_HEADS} query heads, "
-        f"top_k {TOP_K}, keys and values returned; p50 of {rounds} rounds (search in service: mean).",
+        f"One float16 memory of {LAYERS} layers x {ROWS} rows, {KV_HEADS} KV heads, head_dim {HEAD_DIM}; "
+        f"{Q_HEADS} query heads, top_k {TOP_K}, keys and values returned; each search of the next layer; p50 of "
+        f"{rounds} rounds (search in service: mean).",
         "",
     ]
     rows = []

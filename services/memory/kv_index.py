@@ -55,6 +55,9 @@ INLINE_SEARCH_WORK = 1 << 20
 # 8 KV heads x 4 096 rows, q = 1 took 0.49 ms on one thread, 0.32 ms on two (2-core x86_64,
 # in-process; bench/remote_round_trip.py). 1 = every head on the event loop thread.
 HEAD_THREADS = int(os.environ.get("EXTMIND_FAISS_HEAD_THREADS", str(min(os.cpu_count() or 1, 8))))
+# ... when they have at least this much work: handing heads to the pool's threads costs ~0.1 ms in
+# the service (2 cores), what searching 2 048 rows for 32 query heads saves.
+HEAD_SPLIT_WORK = 1 << 16
 
 
 def to_float32(a: np.ndarray, dtype: int) -> np.ndarray:
@@ -170,37 +173,24 @@ def search_loaded(
     scores = np.empty((G, rep * q, k), np.float32)
     indices = np.empty((G, rep * q, k), np.int64)
     offsets = np.cumsum([0] + [b.rows for b in memories])
-    keys = values = None
-    if return_vectors:
-        storage = STORAGE[first.dtype]
-        keys = np.zeros((G, rep * q, k, D), storage)
-        values = np.zeros((G, rep * q, k, D), storage)
 
     def search_heads(heads: range) -> None:
         for g in heads:
             x = qn[g]
             if len(memories) == 1:
-                s, i = memories[0].indexes[layer][g].search(x, k)
-            else:
-                parts_s, parts_i = [], []
-                for b, off in zip(memories, offsets):
-                    kb = min(k, b.rows)
-                    if kb == 0:
-                        continue
-                    s_b, i_b = b.indexes[layer][g].search(x, kb)
-                    parts_s.append(s_b)
-                    parts_i.append(i_b + off)
-                s, i = np.concatenate(parts_s, axis=1), np.concatenate(parts_i, axis=1)
-                order = np.argsort(-s, axis=1, kind="stable")[:, :k]
-                s, i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
-            np.clip(s, -1.0, 1.0, out=s)
-            if sim_threshold is not None:
-                masked = s <= np.float32(sim_threshold)
-                s[masked] = -np.inf
-                i[masked] = -1
-            scores[g], indices[g] = s, i
-            if return_vectors:
-                _gather(memories, offsets, layer, g, i, keys[g], values[g])
+                scores[g], indices[g] = memories[0].indexes[layer][g].search(x, k)
+                continue
+            parts_s, parts_i = [], []
+            for b, off in zip(memories, offsets):
+                kb = min(k, b.rows)
+                if kb == 0:
+                    continue
+                s_b, i_b = b.indexes[layer][g].search(x, kb)
+                parts_s.append(s_b)
+                parts_i.append(i_b + off)
+            s, i = np.concatenate(parts_s, axis=1), np.concatenate(parts_i, axis=1)
+            order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+            scores[g], indices[g] = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
 
     groups = min(head_groups, G) if heads_pool is not None else 1
     cuts = [G * j // groups for j in range(groups + 1)]
@@ -210,26 +200,32 @@ def search_loaded(
     finally:
         for f in others:
             f.result()
+    np.clip(scores, -1.0, 1.0, out=scores)
+    if sim_threshold is not None:
+        masked = scores <= np.float32(sim_threshold)
+        scores[masked] = -np.inf
+        indices[masked] = -1
+    keys = values = None
     if return_vectors:
-        keys = keys.reshape(H, q, k, D)
-        values = values.reshape(H, q, k, D)
+        keys, values = (x.reshape(H, q, k, D) for x in _gather(memories, offsets, layer, indices))
     return scores.reshape(H, q, k), indices.reshape(H, q, k), keys, values
 
 
-def _gather(memories: list[LoadedMemory], offsets, layer: int, g: int, idx: np.ndarray, keys, values) -> None:
-    """Copies KV head ``g``'s rows numbered ``idx`` [n, k] (-1: none, left zero) into ``keys``
-    and ``values`` [n, k, D]."""
+def _gather(memories: list[LoadedMemory], offsets, layer: int, indices: np.ndarray) -> tuple:
+    """The keys and values [G, n, k, D] of the rows ``indices`` [G, n, k] names in the KV head
+    of its first axis (rows of ``memories`` concatenated; -1: none, zero vectors)."""
+    heads = np.arange(indices.shape[0])[:, None, None]
+    if len(memories) == 1 and indices.size and indices.min() >= 0:  # the common case: one fancy index
+        b = memories[0]
+        return b.keys[layer][heads, indices], b.values[layer][heads, indices]
+    b = memories[0]
+    shape = (*indices.shape, b.meta.head_dim)
+    keys, values = np.zeros(shape, b.keys[layer].dtype), np.zeros(shape, b.values[layer].dtype)
     for b, off in zip(memories, offsets):
-        sel = (idx >= off) & (idx < off + b.rows)
-        if not sel.any():
-            continue
-        local = np.where(sel, idx - off, 0)
-        kg = b.keys[layer][g][local]
-        vg = b.values[layer][g][local]
-        if sel.all():
-            keys[...], values[...] = kg, vg
-        else:
-            keys[sel], values[sel] = kg[sel], vg[sel]
+        g, n, j = np.nonzero((indices >= off) & (indices < off + b.rows))
+        rows = indices[g, n, j] - off
+        keys[g, n, j], values[g, n, j] = b.keys[layer][g, rows], b.values[layer][g, rows]
+    return keys, values
 
 
 class KVIndex:
@@ -469,14 +465,16 @@ class KVIndex:
 
     # ---------------------------------------------------------------- search
 
+    @staticmethod
+    def _work(memories: list[LoadedMemory], queries: np.ndarray) -> int:
+        return sum(m.rows for m in memories) * queries.shape[0] * queries.shape[1]
+
     def _inline(self, memories: list[LoadedMemory], queries: np.ndarray) -> bool:
-        work = sum(m.rows for m in memories) * queries.shape[0] * queries.shape[1]
-        return self.inline_search or work <= INLINE_SEARCH_WORK
+        return self.inline_search or self._work(memories, queries) <= INLINE_SEARCH_WORK
 
     def _search_inline(self, memories, layer, queries, top_k, sim_threshold, return_vectors):
-        return search_loaded(
-            memories, layer, queries, top_k, sim_threshold, return_vectors, self.heads, self.head_groups
-        )
+        pool = self.heads if self._work(memories, queries) >= HEAD_SPLIT_WORK else None
+        return search_loaded(memories, layer, queries, top_k, sim_threshold, return_vectors, pool, self.head_groups)
 
     async def search(
         self,
