@@ -1,7 +1,7 @@
 """REMOTE retrieval's per-layer round trip, taken apart, stream vs unary, optionally side by side
 with another checkout's memory service.
 
-    python -m bench.remote_round_trip [--rounds 300] [--batches 1,8] [--baseline DIR] [--record]
+    python -m bench.remote_round_trip [--rounds 300] [--batches 1,8] [--baseline DIR | --alone DIR] [--record]
 
 The 1 B model's KV shape: 16 layers, 8 KV heads, head_dim 64, a float16 memory of 4 096 rows,
 32 query heads (4 per KV head), top_k 10, keys and values returned; decode steps of 1 and of 8
@@ -236,7 +236,7 @@ def measure(services: dict, server: InProcess, batch: int, rounds: int, rng) -> 
     }
 
 
-def report(results: list[dict], m: dict, rounds: int, baseline: str | None) -> str:
+def report(results: list[dict], m: dict, rounds: int, baseline: str | None, alone: str | None) -> str:
     lines = [
         describe(m),
         "",
@@ -252,7 +252,7 @@ def report(results: list[dict], m: dict, rounds: int, baseline: str | None) -> s
             rows.append(
                 [
                     r["batch"],
-                    name if name == "this" else f"baseline (`{baseline}`)",
+                    (f"`{alone}` alone" if alone else name) if name == "this" else f"baseline (`{baseline}`)",
                     f"{stream:.3f}",
                     f"{unary:.3f}",
                     f"{unary / stream:.2f}x",
@@ -275,6 +275,8 @@ def report(results: list[dict], m: dict, rounds: int, baseline: str | None) -> s
     if baseline:
         diffs = ", ".join(f"{r['score_diff']:.2g}" for r in results)
         lines += ["", f"Same rows, keys and values from both; largest score difference per batch: {diffs}."]
+    if alone:  # the parts would be this checkout's code, not that of the service measured
+        return "\n".join(lines)
     lines += ["", "This checkout's stream round trip, part by part (parts timed alone in-process):", ""]
     rows = []
     for r in results:
@@ -304,20 +306,27 @@ def main() -> None:
         help="another checkout (e.g. `git worktree add /tmp/base main`): its memory service runs too, "
         "on its own Redis, and is searched in turn with this one's",
     )
+    parser.add_argument(
+        "--alone",
+        metavar="DIR",
+        help="measure another checkout's memory service instead of this one's, alone (no parts): on 2 cores "
+        "a second service's background work (access lines, call clean-up) takes the core that a search split "
+        "over threads needs, so --baseline understates what the split gains",
+    )
     add_record_flag(parser)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     keep_message_buffers()  # as the memory service does: the in-process parts run as they do there
     m = machine()
     with contextlib.ExitStack() as stack:
-        services = {"this": Service(stack, ROOT)}
+        services = {"this": Service(stack, args.alone or ROOT)}
         if args.baseline:
             services["baseline"] = Service(stack, args.baseline)
         server = InProcess(services["this"].svc.redis.url)
         stack.callback(server.close)
         results = [measure(services, server, int(b), args.rounds, rng) for b in args.batches.split(",")]
     m["load_after"] = round(os.getloadavg()[0], 2)
-    record("remote_round_trip", report(results, m, args.rounds, args.baseline), write=args.record)
+    record("remote_round_trip", report(results, m, args.rounds, args.baseline, args.alone), write=args.record)
 
 
 if __name__ == "__main__":
