@@ -42,18 +42,18 @@ import numpy as np  # noqa: E402
 from google.protobuf.timestamp_pb2 import Timestamp  # noqa: E402
 
 from bench.common import add_record_flag, describe, machine, record, table, timed_rounds  # noqa: E402
-from extmind import row_wire, search_wire, tensor  # noqa: E402
+from extmind import row_wire, tensor  # noqa: E402
 from extmind.procs import ROOT, free_port  # noqa: E402
 from extmind.service_procs import memory_stack  # noqa: E402
 from extmind.tensor import decode  # noqa: E402
 from extmind.v1 import memory_pb2  # noqa: E402
-from services.common.heap import keep_message_buffers  # noqa: E402
 from services.generator.memory_client import MemoryClient, search_requests, search_result  # noqa: E402
 from services.generator.memory_resolution import ResolvedMemory  # noqa: E402
 from services.generator.remote_retrieval import RemoteRetriever  # noqa: E402
 from services.memory.kv_index import KVIndex  # noqa: E402
 from services.memory.kv_memories import KV_DTYPES, KVMemories  # noqa: E402
 from services.memory.kv_store import KVStore  # noqa: E402
+from services.memory.servicer import search_response  # noqa: E402
 
 LAYERS, KV_HEADS, HEAD_DIM, Q_HEADS, ROWS, TOP_K = 16, 8, 64, 32, 4096, 10
 MEMORY = "round-trip"
@@ -159,7 +159,7 @@ class InProcess:
                     create_us=[t.seconds * 1_000_000 + t.nanos // 1000 for t in search.create_times],
                 )
                 t2 = time.perf_counter()
-                answer = search_wire.stream_response(hits.scores, hits.indices, hits.keys, hits.values, hits.dtype)
+                answer = memory_pb2.SearchMemoryStreamResponse(result=search_response(hits)).SerializeToString()
                 t3 = time.perf_counter()
                 if i >= 5:
                     for out, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
@@ -316,7 +316,6 @@ def main() -> None:
     add_record_flag(parser)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    keep_message_buffers()  # as the memory service does: the in-process parts run as they do there
     m = machine()
     with contextlib.ExitStack() as stack:
         services = {"this": Service(stack, args.alone or ROOT)}

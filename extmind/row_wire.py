@@ -48,18 +48,12 @@ def _row_bytes(a: np.ndarray) -> list:
     return [a.tobytes()]
 
 
-def tensor_field(field: int, a: np.ndarray, dtype: int) -> list:
-    """The buffers of one Tensor field of ``a`` (numpy storage of ``dtype``, see ``tensor.STORAGE``)
-    whose concatenation is the field as protobuf serializes it."""
+def _tensor_field(field: int, a: np.ndarray, dtype: int) -> list:
+    """The buffers of one Tensor field of ``a`` (numpy storage of ``dtype``, see ``tensor.STORAGE``)."""
     header = common_pb2.Tensor(dtype=dtype, shape=list(a.shape)).SerializeToString()
     data_head = _tag(_DATA) + _varint(a.nbytes) if a.nbytes else b""
     body = len(header) + len(data_head) + a.nbytes
     return [_tag(field) + _varint(body), header, data_head, *_row_bytes(a)]
-
-
-def message_field(field: int, parts: list) -> list:
-    """The buffers of one message field whose serialized message is the concatenation of ``parts``."""
-    return [_tag(field) + _varint(sum(len(p) for p in parts)), *parts]
 
 
 def _check(keys: np.ndarray, values: np.ndarray, dtype: int) -> None:
@@ -75,7 +69,7 @@ def append_request(memory_id: str, layer: int, keys: np.ndarray, values: np.ndar
     for an array that is not ``dtype``'s storage."""
     _check(keys, values, dtype)
     head = memory_pb2.AppendMemoryRequest(memory_id=memory_id, layer=layer).SerializeToString()
-    return b"".join([head, *tensor_field(_KEYS, keys, dtype), *tensor_field(_VALUES, values, dtype)])
+    return b"".join([head, *_tensor_field(_KEYS, keys, dtype), *_tensor_field(_VALUES, values, dtype)])
 
 
 def fetch_response(
@@ -85,7 +79,7 @@ def fetch_response(
     (``keys``, ``values`` as for ``append_request``)."""
     _check(keys, values, dtype)
     head = memory_pb2.FetchMemoryResponse(memory_id=memory_id, layer=layer, row_offset=row_offset).SerializeToString()
-    return b"".join([head, *tensor_field(_KEYS, keys, dtype), *tensor_field(_VALUES, values, dtype)])
+    return b"".join([head, *_tensor_field(_KEYS, keys, dtype), *_tensor_field(_VALUES, values, dtype)])
 
 
 def as_is(message) -> bytes:

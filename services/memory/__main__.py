@@ -9,10 +9,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # No MLX here: an inherited OpenBLAS preload must not reach the embedded redis-server.
 scrub_preload()
 
-from services.common.heap import keep_message_buffers  # noqa: E402
 from services.common.server import main  # noqa: E402
 from services.memory.app import MemoryApp, parse_args  # noqa: E402
 
 if __name__ == "__main__":
-    keep_message_buffers()  # search answers of hundreds of KiB per call (services/common/heap.py)
     main(MemoryApp, parse_args)

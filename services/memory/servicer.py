@@ -13,14 +13,14 @@ import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from extmind import row_wire, search_wire
+from extmind import row_wire
 from extmind.errors import ExtmindError, InvalidArgument
-from extmind.tensor import FLOAT32, decode, decode_raw
+from extmind.tensor import FLOAT32, decode, decode_raw, encode
 from extmind.v1 import common_pb2, memory_pb2, memory_pb2_grpc
 from services.common.interceptor import note_access
 from services.memory.documents import Collection, Documents, check_collection
 from services.memory.kv_layout import BUILDING, READY, Layout, MemoryMeta
-from services.memory.kv_memories import KV_DTYPES, KVMemories
+from services.memory.kv_memories import KV_DTYPES, KVMemories, SearchHits
 
 # How long a SearchMemoryStream whose requests ended waits for gRPC's cancellation, if the client
 # went away rather than half-closing (see SearchMemoryStream).
@@ -70,12 +70,22 @@ def _embedding(t: common_pb2.Tensor, name: str) -> np.ndarray:
     return emb
 
 
+def search_response(hits: SearchHits) -> memory_pb2.SearchMemoryResponse:
+    """The SearchMemoryResponse of ``hits`` (keys and values when the search returned them)."""
+    out = memory_pb2.SearchMemoryResponse(
+        scores=encode(hits.scores, dtype=FLOAT32), indices=encode(hits.indices, dtype=common_pb2.DTYPE_INT64)
+    )
+    if hits.keys is not None:
+        out.keys.CopyFrom(encode(hits.keys, dtype=hits.dtype))
+        out.values.CopyFrom(encode(hits.values, dtype=hits.dtype))
+    return out
+
+
 def register(servicer: MemoryServicer, server: grpc.aio.Server) -> None:
     """Adds the MemoryService to ``server``, with the two bulk row streams read and written by
     ``extmind.row_wire`` (rows are not copied in and out of protobuf messages): AppendMemory's
     requests are read by ``read_append_request``, FetchMemory's answers, serialized by the
-    servicer, are sent as they are; so are the searches' answers (``extmind.search_wire``).
-    Registered handlers replace the generated ones."""
+    servicer, are sent as they are. Registered handlers replace the generated ones."""
     memory_pb2_grpc.add_MemoryServiceServicer_to_server(servicer, server)
     append = grpc.stream_unary_rpc_method_handler(
         servicer.AppendMemory,
@@ -87,20 +97,7 @@ def register(servicer: MemoryServicer, server: grpc.aio.Server) -> None:
         request_deserializer=memory_pb2.FetchMemoryRequest.FromString,
         response_serializer=row_wire.as_is,
     )
-    search = grpc.unary_unary_rpc_method_handler(
-        servicer.SearchMemory,
-        request_deserializer=memory_pb2.SearchMemoryRequest.FromString,
-        response_serializer=row_wire.as_is,
-    )
-    search_stream = grpc.stream_stream_rpc_method_handler(
-        servicer.SearchMemoryStream,
-        request_deserializer=memory_pb2.SearchMemoryStreamRequest.FromString,
-        response_serializer=row_wire.as_is,
-    )
-    server.add_registered_method_handlers(
-        "extmind.v1.MemoryService",
-        {"AppendMemory": append, "FetchMemory": fetch, "SearchMemory": search, "SearchMemoryStream": search_stream},
-    )
+    server.add_registered_method_handlers("extmind.v1.MemoryService", {"AppendMemory": append, "FetchMemory": fetch})
 
 
 class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
@@ -173,9 +170,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         finally:
             slices.close()  # a client gone mid-stream: the memory's load stops waiting for it now
 
-    async def _search(self, request: memory_pb2.SearchMemoryRequest, *, streamed: bool) -> bytes:
-        """The serialized SearchMemoryResponse (``streamed``: the SearchMemoryStreamResponse
-        holding it) of ``request``."""
+    async def _search(self, request: memory_pb2.SearchMemoryRequest) -> memory_pb2.SearchMemoryResponse:
         queries = decode(request.queries, name="queries", dtypes=KV_DTYPES, ndim=3)
         hits = await self.kv.search(
             list(request.memory_ids),
@@ -186,11 +181,10 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             return_vectors=request.return_vectors,
             create_us=[t.seconds * 1_000_000 + t.nanos // 1000 for t in request.create_times],
         )
-        answer = search_wire.stream_response if streamed else search_wire.search_response
-        return answer(hits.scores, hits.indices, hits.keys, hits.values, hits.dtype)
+        return search_response(hits)
 
     async def SearchMemory(self, request, context):
-        return await self._search(request, streamed=False)
+        return await self._search(request)
 
     async def SearchMemoryStream(self, request_iterator, context):
         # One access line for the whole stream (``searches``: how many were answered); the first
@@ -200,12 +194,12 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             if not msg.HasField("search"):
                 raise InvalidArgument(f"request {n} of the stream has no search; send a SearchMemoryRequest in it")
             try:
-                answer = await self._search(msg.search, streamed=True)
+                result = await self._search(msg.search)
             except ExtmindError as e:
                 raise type(e)(f"request {n} of the stream: {e.message}") from None
             n += 1
             note_access(searches=n)
-            yield answer
+            yield memory_pb2.SearchMemoryStreamResponse(result=result)
         # The requests also end when the client goes away; gRPC then cancels this handler from a
         # task of its own, which may run a few milliseconds later (measured: up to ~3 ms on a
         # busy 2-core machine). Waiting a little lets that cancellation land here, so that the

@@ -1,13 +1,9 @@
-"""A search whose KV heads are split over threads answers bit for bit as one thread does (and as
-the search did before the split, whose code is kept here as the reference), and the memory
-service's malloc thresholds are set where glibc allows (services/common/heap.py)."""
+"""A search whose KV heads are split over threads answers bit for bit as one thread does, and as
+the search did before the split (its code is kept here as the reference)."""
 
 from __future__ import annotations
 
 import concurrent.futures
-import os
-import subprocess
-import sys
 
 import faiss
 import numpy as np
@@ -101,18 +97,3 @@ def test_a_failing_head_group_fails_the_search(pool):
     memory.indexes[1][3] = None  # a head of the last group (searched on the pool) is broken
     with pytest.raises(AttributeError):
         search_loaded([memory], 1, np.ones((4, 1, 16), np.float32), 5, None, False, pool, 2)
-
-
-def _heap_check(env: dict) -> str:
-    code = "from services.common.heap import keep_message_buffers; print(keep_message_buffers())"
-    base = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")}
-    out = subprocess.run(
-        [sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, check=True, timeout=60
-    )
-    return out.stdout.strip()
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_malloc_thresholds_are_set_unless_the_environment_sets_them():
-    assert _heap_check({}) == "True"
-    assert _heap_check({"MALLOC_MMAP_THRESHOLD_": "131072"}) == "False"
