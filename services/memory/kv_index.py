@@ -47,13 +47,14 @@ BLAS_FROM_QUERIES = 16
 _BLAS_ALWAYS, _BLAS_NEVER = 1, 1 << 30
 # Searches up to this much work (rows x query heads x query tokens) run on the event loop thread:
 # a thread hand-off costs more than the search. It takes in a decode step of 8 sequences of a
-# 1 B model (32 query heads) over 4 096 rows, which REMOTE retrieval sends once per layer: inline
-# with its heads split (below) 1.2 ms, on a worker thread with 2 OpenMP threads 3.7 ms (2 cores).
+# 1 B model (32 query heads) over 4 096 rows, which REMOTE retrieval sends once per layer: in the
+# service 1.7 ms inline with its heads split (below), 3.5 ms on a worker thread with 2 OpenMP
+# threads (2 cores; bench/RESULTS.md, remote_round_trip).
 INLINE_SEARCH_WORK = 1 << 20
 # Those small searches split their KV heads over this many threads (the event loop's and
 # HEAD_THREADS - 1 of a pool, one OpenMP thread each; FAISS releases the GIL): the 1 B model's
-# 8 KV heads x 4 096 rows, q = 1 took 0.49 ms on one thread, 0.32 ms on two (2-core x86_64,
-# in-process; bench/remote_round_trip.py). 1 = every head on the event loop thread.
+# 8 KV heads x 4 096 rows, q = 1 took 0.79 ms on one thread, 0.58 ms on two (2-core x86_64,
+# in-process, cache-cold; bench/remote_round_trip.py). 1 = every head on the event loop thread.
 HEAD_THREADS = int(os.environ.get("EXTMIND_FAISS_HEAD_THREADS", str(min(os.cpu_count() or 1, 8))))
 # ... when they have at least this much work: handing heads to the pool's threads costs ~0.1 ms in
 # the service (2 cores), what searching 2 048 rows for 32 query heads saves.
