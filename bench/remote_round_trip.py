@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
 import re
 import statistics
@@ -182,7 +183,7 @@ def measure(services: dict, server: InProcess, batch: int, rounds: int, rng) -> 
         unary.client.streams_search = False
         retrievers += [streamed, unary]
         for how, retriever in (("stream", streamed), ("unary", unary)):
-            searched = iter(range(1 << 62))
+            searched = itertools.count()  # this (service, way)'s searches so far
 
             def search(retriever=retriever, key=(name, how), searched=searched):
                 layer = next(searched) % LAYERS
