@@ -39,12 +39,14 @@ class ServiceProcess:
         health_service: str = "",
         start_timeout: float = 60.0,
         host: str = "127.0.0.1",
+        root=ROOT,
     ):
         self.module = module
+        self.root = Path(root)  # the checkout the module runs from (a benchmark's baseline: another one)
         self.args = list(args)
         self.port = port or free_port()
         self.host = host
-        self.env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **(env or {}))
+        self.env = dict(os.environ, PYTHONPATH=str(self.root), PYTHONUNBUFFERED="1", **(env or {}))
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="svc-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.log_dir / f"{module.rsplit('.', 1)[-1]}-{self.port}.log"
@@ -75,7 +77,7 @@ class ServiceProcess:
         log.flush()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", self.module, *self.args, "--port", str(self.port)],
-            cwd=str(ROOT),
+            cwd=str(self.root),
             env=self.env,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -126,7 +128,7 @@ class ServiceProcess:
 class MemoryServiceProcess(ServiceProcess):
     """``python -m services.memory --redis-url <redis_url>``; ``stub()`` -> MemoryServiceStub."""
 
-    def __init__(self, redis_url: str, *, log_dir=None, args=(), env=None, start_timeout: float = 60.0):
+    def __init__(self, redis_url: str, *, log_dir=None, args=(), env=None, start_timeout: float = 60.0, root=ROOT):
         super().__init__(
             "services.memory",
             ["--redis-url", redis_url, "--log-format", "text", *args],
@@ -134,6 +136,7 @@ class MemoryServiceProcess(ServiceProcess):
             log_dir=log_dir,
             health_service="extmind.v1.MemoryService",
             start_timeout=start_timeout,
+            root=root,
         )
         self._channels = []
         self.redis: RedisProcess | None = None  # set by memory_stack
@@ -155,11 +158,12 @@ class MemoryServiceProcess(ServiceProcess):
 
 @contextlib.contextmanager
 def memory_stack(
-    work_dir, *, args=(), env: dict | None = None, start_timeout: float = 60.0
+    work_dir, *, args=(), env: dict | None = None, start_timeout: float = 60.0, root=ROOT
 ) -> Iterator[MemoryServiceProcess]:
     """A redis-server (``work_dir/redis``) and a memory service on it (logs in ``work_dir/logs``,
     no auth token unless ``env`` sets one), both stopped on exit. Yields the service; its Redis is
-    ``.redis``. Raises RuntimeError (with the log's tail) when either does not start."""
+    ``.redis``. Raises RuntimeError (with the log's tail) when either does not start. ``root``:
+    the checkout the memory service runs from (this one unless a benchmark compares another)."""
     work_dir = Path(work_dir)
     redis = RedisProcess(work_dir / "redis").start()
     try:
@@ -169,6 +173,7 @@ def memory_stack(
             args=args,
             env={"EXTMIND_AUTH_TOKEN": "", **(env or {})},
             start_timeout=start_timeout,
+            root=root,
         )
         svc.redis = redis
         try:

@@ -45,9 +45,20 @@ faiss.omp_set_num_threads(SMALL_THREADS)
 # two threads racing on the global only ever pick the slower kernel, never a wrong answer.
 BLAS_FROM_QUERIES = 16
 _BLAS_ALWAYS, _BLAS_NEVER = 1, 1 << 30
-# Searches smaller than this (rows x query heads x query tokens) run on the event loop thread:
-# a thread hand-off costs more than the search.
-INLINE_SEARCH_WORK = 1 << 19
+# Searches up to this much work (rows x query heads x query tokens) run on the event loop thread:
+# a thread hand-off costs more than the search. It takes in a decode step of 8 sequences of a
+# 1 B model (32 query heads) over 4 096 rows, which REMOTE retrieval sends once per layer: in the
+# service 1.7 ms inline with its heads split (below), 3.5 ms on a worker thread with 2 OpenMP
+# threads (2 cores; bench/RESULTS.md, remote_round_trip).
+INLINE_SEARCH_WORK = 1 << 20
+# Those small searches split their KV heads over this many threads (the event loop's and
+# HEAD_THREADS - 1 of a pool, one OpenMP thread each; FAISS releases the GIL): the 1 B model's
+# 8 KV heads x 4 096 rows, q = 1 took 0.79 ms on one thread, 0.58 ms on two (2-core x86_64,
+# in-process, cache-cold; bench/remote_round_trip.py). 1 = every head on the event loop thread.
+HEAD_THREADS = int(os.environ.get("EXTMIND_FAISS_HEAD_THREADS", str(min(os.cpu_count() or 1, 8))))
+# ... when they have at least this much work: handing heads to the pool's threads costs ~0.1 ms in
+# the service (2 cores), what searching 2 048 rows for 32 query heads saves.
+HEAD_SPLIT_WORK = 1 << 16
 
 
 def to_float32(a: np.ndarray, dtype: int) -> np.ndarray:
@@ -142,10 +153,16 @@ def search_loaded(
     top_k: int,
     sim_threshold: float | None = None,
     return_vectors: bool = False,
+    heads_pool: concurrent.futures.Executor | None = None,
+    head_groups: int = 1,
 ):
     """Exact cosine top-k of every query head and query token over one layer of ``memories``
     (their rows concatenated in order). ``queries`` float32 [H, q, D], H a multiple of the KV
-    heads. -> (scores f32 [H,q,k], indices i64 [H,q,k], keys, values [H,q,k,D] or None)."""
+    heads. -> (scores f32 [H,q,k], indices i64 [H,q,k], keys, values [H,q,k,D] or None).
+
+    With ``heads_pool`` the KV heads are split into ``head_groups`` runs of consecutive heads:
+    this thread searches the first, the pool's threads the others at the same time (FAISS
+    releases the GIL). Every head's answer is the same either way."""
     first = memories[0].meta
     G, D = first.num_kv_heads, first.head_dim
     H, q, _ = queries.shape
@@ -157,11 +174,13 @@ def search_loaded(
     scores = np.empty((G, rep * q, k), np.float32)
     indices = np.empty((G, rep * q, k), np.int64)
     offsets = np.cumsum([0] + [b.rows for b in memories])
-    for g in range(G):
-        x = qn[g]
-        if len(memories) == 1:
-            s, i = memories[0].indexes[layer][g].search(x, k)
-        else:
+
+    def search_heads(heads: range) -> None:
+        for g in heads:
+            x = qn[g]
+            if len(memories) == 1:
+                scores[g], indices[g] = memories[0].indexes[layer][g].search(x, k)
+                continue
             parts_s, parts_i = [], []
             for b, off in zip(memories, offsets):
                 kb = min(k, b.rows)
@@ -172,35 +191,42 @@ def search_loaded(
                 parts_i.append(i_b + off)
             s, i = np.concatenate(parts_s, axis=1), np.concatenate(parts_i, axis=1)
             order = np.argsort(-s, axis=1, kind="stable")[:, :k]
-            s, i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
-        scores[g], indices[g] = s, i
+            scores[g], indices[g] = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+
+    groups = min(head_groups, G) if heads_pool is not None else 1
+    cuts = [G * j // groups for j in range(groups + 1)]
+    others = [heads_pool.submit(search_heads, range(a, b)) for a, b in zip(cuts[1:-1], cuts[2:])]
+    try:
+        search_heads(range(cuts[0], cuts[1]))
+    finally:
+        for f in others:
+            f.result()
     np.clip(scores, -1.0, 1.0, out=scores)
-    masked = None
     if sim_threshold is not None:
         masked = scores <= np.float32(sim_threshold)
         scores[masked] = -np.inf
         indices[masked] = -1
     keys = values = None
     if return_vectors:
-        storage = STORAGE[first.dtype]
-        keys = np.zeros((G, rep * q, k, D), storage)
-        values = np.zeros((G, rep * q, k, D), storage)
-        for g in range(G):
-            idx = indices[g]
-            for b, off in zip(memories, offsets):
-                sel = (idx >= off) & (idx < off + b.rows)
-                if not sel.any():
-                    continue
-                local = np.where(sel, idx - off, 0)
-                kg = b.keys[layer][g][local]
-                vg = b.values[layer][g][local]
-                if sel.all():
-                    keys[g], values[g] = kg, vg
-                else:
-                    keys[g][sel], values[g][sel] = kg[sel], vg[sel]
-        keys = keys.reshape(H, q, k, D)
-        values = values.reshape(H, q, k, D)
+        keys, values = (x.reshape(H, q, k, D) for x in _gather(memories, offsets, layer, indices))
     return scores.reshape(H, q, k), indices.reshape(H, q, k), keys, values
+
+
+def _gather(memories: list[LoadedMemory], offsets, layer: int, indices: np.ndarray) -> tuple:
+    """The keys and values [G, n, k, D] of the rows ``indices`` [G, n, k] names in the KV head
+    of its first axis (rows of ``memories`` concatenated; -1: none, zero vectors)."""
+    heads = np.arange(indices.shape[0])[:, None, None]
+    if len(memories) == 1 and indices.size and indices.min() >= 0:  # the common case: one fancy index
+        b = memories[0]
+        return b.keys[layer][heads, indices], b.values[layer][heads, indices]
+    b = memories[0]
+    shape = (*indices.shape, b.meta.head_dim)
+    keys, values = np.zeros(shape, b.keys[layer].dtype), np.zeros(shape, b.values[layer].dtype)
+    for b, off in zip(memories, offsets):
+        g, n, j = np.nonzero((indices >= off) & (indices < off + b.rows))
+        rows = indices[g, n, j] - off
+        keys[g, n, j], values[g, n, j] = b.keys[layer][g, rows], b.values[layer][g, rows]
+    return keys, values
 
 
 class KVIndex:
@@ -219,6 +245,17 @@ class KVIndex:
             initargs=(LARGE_THREADS,),
         )
         self.inline_search = threads == 0  # 0 = search on the event loop thread
+        self.head_groups = max(1, HEAD_THREADS)
+        self.heads = (
+            concurrent.futures.ThreadPoolExecutor(
+                max_workers=self.head_groups - 1,
+                thread_name_prefix="kv-heads",
+                initializer=faiss.omp_set_num_threads,
+                initargs=(SMALL_THREADS,),
+            )
+            if self.head_groups > 1
+            else None
+        )
         # Loads into RAM on threads of their own: a load that waits for fetches of its memory
         # (``_yield_to_fetches``) must not hold a thread that searches wait for.
         self.loader = concurrent.futures.ThreadPoolExecutor(
@@ -234,6 +271,8 @@ class KVIndex:
         """Waits for running loads and searches; drops queued ones."""
         self.loader.shutdown(wait=True, cancel_futures=True)
         self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.heads is not None:
+            self.heads.shutdown(wait=True)
 
     # ---------------------------------------------------------------- loading
 
@@ -427,9 +466,16 @@ class KVIndex:
 
     # ---------------------------------------------------------------- search
 
+    @staticmethod
+    def _work(memories: list[LoadedMemory], queries: np.ndarray) -> int:
+        return sum(m.rows for m in memories) * queries.shape[0] * queries.shape[1]
+
     def _inline(self, memories: list[LoadedMemory], queries: np.ndarray) -> bool:
-        work = sum(m.rows for m in memories) * queries.shape[0] * queries.shape[1]
-        return self.inline_search or work <= INLINE_SEARCH_WORK
+        return self.inline_search or self._work(memories, queries) <= INLINE_SEARCH_WORK
+
+    def _search_inline(self, memories, layer, queries, top_k, sim_threshold, return_vectors):
+        pool = self.heads if self._work(memories, queries) >= HEAD_SPLIT_WORK else None
+        return search_loaded(memories, layer, queries, top_k, sim_threshold, return_vectors, pool, self.head_groups)
 
     async def search(
         self,
@@ -440,9 +486,10 @@ class KVIndex:
         sim_threshold: float | None,
         return_vectors: bool,
     ):
-        """``search_loaded``: small searches inline on the event loop thread, large ones on a worker thread."""
+        """``search_loaded``: small searches inline on the event loop thread (their KV heads split
+        over ``heads``), large ones on a worker thread."""
         if self._inline(memories, queries):
-            return search_loaded(memories, layer, queries, top_k, sim_threshold, return_vectors)
+            return self._search_inline(memories, layer, queries, top_k, sim_threshold, return_vectors)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self.pool, search_loaded, memories, layer, queries, top_k, sim_threshold, return_vectors
@@ -460,5 +507,5 @@ class KVIndex:
         """``search`` for callers without an event loop (in-process use, the benchmark); call it
         from the thread that imported this module, as the service's event loop does."""
         if self._inline(memories, queries):
-            return search_loaded(memories, layer, queries, top_k, sim_threshold, return_vectors)
+            return self._search_inline(memories, layer, queries, top_k, sim_threshold, return_vectors)
         return self.pool.submit(search_loaded, memories, layer, queries, top_k, sim_threshold, return_vectors).result()

@@ -20,7 +20,7 @@ from extmind.v1 import common_pb2, memory_pb2, memory_pb2_grpc
 from services.common.interceptor import note_access
 from services.memory.documents import Collection, Documents, check_collection
 from services.memory.kv_layout import BUILDING, READY, Layout, MemoryMeta
-from services.memory.kv_memories import KV_DTYPES, KVMemories
+from services.memory.kv_memories import KV_DTYPES, KVMemories, SearchHits
 
 # How long a SearchMemoryStream whose requests ended waits for gRPC's cancellation, if the client
 # went away rather than half-closing (see SearchMemoryStream).
@@ -75,6 +75,17 @@ def _embedding(t: common_pb2.Tensor, name: str) -> np.ndarray:
             f"({float(emb[bad[0]])}); send a finite embedding"
         )
     return emb
+
+
+def search_response(hits: SearchHits) -> memory_pb2.SearchMemoryResponse:
+    """The SearchMemoryResponse of ``hits`` (keys and values when the search returned them)."""
+    out = memory_pb2.SearchMemoryResponse(
+        scores=encode(hits.scores, dtype=FLOAT32), indices=encode(hits.indices, dtype=common_pb2.DTYPE_INT64)
+    )
+    if hits.keys is not None:
+        out.keys.CopyFrom(encode(hits.keys, dtype=hits.dtype))
+        out.values.CopyFrom(encode(hits.values, dtype=hits.dtype))
+    return out
 
 
 def register(servicer: MemoryServicer, server: grpc.aio.Server) -> None:
@@ -180,13 +191,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             return_vectors=request.return_vectors,
             create_us=[t.seconds * 1_000_000 + t.nanos // 1000 for t in request.create_times],
         )
-        out = memory_pb2.SearchMemoryResponse(
-            scores=encode(hits.scores, dtype=FLOAT32), indices=encode(hits.indices, dtype=common_pb2.DTYPE_INT64)
-        )
-        if request.return_vectors:
-            out.keys.CopyFrom(encode(hits.keys, dtype=hits.dtype))
-            out.values.CopyFrom(encode(hits.values, dtype=hits.dtype))
-        return out
+        return search_response(hits)
 
     async def SearchMemory(self, request, context):
         return await self._search(request)
