@@ -4,7 +4,7 @@
     python -m training.train --out DIR --tokenizer-only               # only the tokenizer files
     python -m training.train --out DIR --tokenizer T --init CKPT      # continue from a checkpoint
 
-The committed checkpoint came from two runs on one NVIDIA H200 (MLX CUDA), 480 s + 420 s
+The committed checkpoint came from five runs on one NVIDIA H200 (MLX CUDA), 1 815 s in all
 (``--time-budget``; the lr schedule follows elapsed time, so slower machines make fewer steps):
 the exact commands are in models/extmind-facts-6m/README.md. Every run ends by printing the
 memory accuracy with 1 to 256 documents in one memory (``memory_curve``).
@@ -22,7 +22,12 @@ fictional people. One step:
    own small memory (its document + 3 others), then to memories shared by the whole batch with
    top-k retrieval, ending at the inference setting (top_k 10);
 3. adds a language-model loss on the documents and a loss on questions asked with their
-   document in the prompt (plain attention), so the model also reads facts in context.
+   document in the prompt (plain attention), so the model also reads facts in context;
+4. optionally: a supervised retrieval loss (``--w-ret``; ``--w-ret-doc`` within the asked
+   person's document) that asks query heads for the rows of the answer's sentence, and a subject
+   loss (``--w-subj``) that asks every layer's attention input for the person its paragraph or
+   question is about - without it the memorized rows do not say whose fact they hold, and a
+   shared memory of many people's documents defeats retrieval (model card).
 
 The checkpoint is an ordinary mlx-lm / Hugging Face Llama directory (config.json,
 model.safetensors in float16, tokenizer files): ``mlx_lm.load`` and the generator load it as is.
