@@ -27,6 +27,8 @@ from training import train
         (["--max-people", "500"], "--max-people must be <= 16"),
         (["--mem-docs", "2"], "--mem-docs must be >= 3"),
         (["--questions", "0"], "--questions >= 1"),
+        (["--w-subj", "-1"], "--w-subj and --w-ret-doc must be >= 0"),
+        (["--w-ret", "0", "--w-ret-doc", "1"], "--w-ret-doc needs --w-ret > 0"),
     ],
 )
 def test_nonsense_flags_are_refused_naming_the_flag(tmp_path, capsys, flags, words):
@@ -64,3 +66,37 @@ def test_naming_after_states_each_value_before_the_full_name():
                 assert sentence.index(e.attrs[attr]) < sentence.index(e.name)
     finally:
         facts.NAMING = old
+
+
+def test_subject_and_document_targets_follow_the_paragraphs():
+    """The subject loss labels every document token with the full name of the person its paragraph
+    is about (documents of several people: newline-separated paragraphs): the runs of equal labels
+    are the paragraphs, each naming its labelled person. The within-document retrieval mask covers
+    exactly the rows of each question's own document."""
+    from pathlib import Path
+
+    import numpy as np
+
+    tok = train.load_tokenizer(Path("models/extmind-facts-6m"))
+    pad, bos = tok.token_to_id(train.PAD), tok.token_to_id(train.BOS)
+    b = train.make_batch(tok, 7, n_mem=6, n_q=8, n_ctx=2, pad=pad, bos=bos, multi=1.0, max_people=3)
+    docs, L = b["docs"], b["docs"].shape[1]
+    assert len(b["subj_pos"]) == int(b["valid"].sum())  # every stored row is labelled
+    for d in range(len(docs)):
+        at = b["subj_pos"] // L == d
+        pos, names = b["subj_pos"][at] % L, b["subj_doc"][at]
+        runs, start = [], 0
+        for i in range(1, len(pos) + 1):
+            if i == len(pos) or not np.array_equal(names[i], names[start]):
+                runs.append((tok.decode([int(t) for t in docs[d][pos[start:i]]]), names[start]))
+                start = i
+        text = tok.decode([int(t) for t in docs[d] if t not in (pad, bos)])
+        assert len(runs) == text.count("\n") + 1 >= 2  # one run per paragraph
+        for segment, name in runs:
+            who = tok.decode([int(t) for t in name if t >= 0]).strip()
+            assert who in segment, (who, segment)
+    rows = b["rows"]
+    for doc_mask in b["ret_doc"]:
+        own = set((rows[doc_mask > 0] // L).tolist())
+        assert len(own) == 1  # the rows of one document ...
+        assert int(doc_mask.sum()) == int(b["valid"][own.pop()].sum())  # ... all of them
