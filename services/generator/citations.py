@@ -35,6 +35,44 @@ from extmind import errors
 
 
 @dataclass
+class Picks:
+    """One layer's retrievals in one forward, as recorded for citations: rows [B, H, L, k] int32
+    (-1 = masked by the threshold). With a citation floor, also the picks' raw q . k ``dots``
+    [B, H, L, k] float32, each head's total softmax ``mass`` on its memories [B, H, L] float32 and
+    the layer's ``scale``: the picks' weights are computed from them only when counted
+    (``memory_weights``), in one graph for many steps, so a step launches nothing for them."""
+
+    rows: mx.array
+    dots: mx.array | None = None
+    mass: mx.array | None = None
+    scale: float = 1.0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.rows.shape)
+
+    def __getitem__(self, b: int) -> Picks:
+        """Batch row ``b``."""
+        if self.dots is None:
+            return Picks(self.rows[b])
+        return Picks(self.rows[b], self.dots[b], self.mass[b], self.scale)
+
+    def arrays(self) -> list[mx.array]:
+        return [a for a in (self.rows, self.dots, self.mass) if a is not None]
+
+
+def memory_weights(rows: mx.array, dots: mx.array, mass: mx.array, scale: float) -> mx.array:
+    """Each retrieved memory's softmax weight [..., k] float32 from rows / raw dots [..., k] (-1 =
+    masked) and ``mass`` [...] (the head's total weight on its memories). One softmax covers
+    memories and local positions, so a memory's weight is its share among the memories times
+    their total: exp(s_i) / Z = softmax_memories(s)_i * mass (docs/extended-mind.md "Citations")."""
+    logits = mx.where(rows >= 0, dots * scale, -mx.inf)
+    top = mx.max(logits, axis=-1, keepdims=True)
+    e = mx.where(rows >= 0, mx.exp(logits - mx.where(mx.isfinite(top), top, 0.0)), 0.0)
+    return e / mx.maximum(mx.sum(e, axis=-1, keepdims=True), 1e-30) * mass[..., None]
+
+
+@dataclass
 class Citation:
     memory_id: str
     token_start: int
@@ -49,7 +87,7 @@ def split_forwards(
 ) -> list[tuple[list[int], list[mx.array]]]:
     """Splits one ``next()`` call's per-layer record into its decode forwards.
 
-    record: (layer, array [B, ...]) in call order; generated: the uids of the generation
+    record: (layer, array or Picks [B, ...]) in call order; generated: the uids of the generation
     responses in order; started: the uids whose prompt ended in this call, in order.
     Returns (uids, the forward's arrays in layer order) per decode forward; raises Internal when
     the record is not a whole number of forwards or a forward's batch is not its uids."""
@@ -75,8 +113,8 @@ def split_forwards(
 def decode_forwards(
     record: list, layers_per_forward: int, generated: Sequence[int], started: Sequence[int]
 ) -> list[tuple[list[int], list[mx.array]]]:
-    """``split_forwards`` of the citations record (layer, indices [B, H, L, k]), checking that
-    every decode forward has one query per row. Returns (uids, the forward's per-layer indices)."""
+    """``split_forwards`` of the citations record (layer, Picks [B, H, L, k]), checking that
+    every decode forward has one query per row. Returns (uids, the forward's per-layer Picks)."""
     out = split_forwards(record, layers_per_forward, generated, started)
     for uids, fwd in out:
         for a in fwd:
@@ -92,21 +130,23 @@ class Counts:
     """One request's retrieval counts, kept on the device: one slot per memory row plus one for
     masked picks (the last).
 
-    ``add`` only remembers a forward's (already evaluated) per-layer indices and the request's
+    ``add`` only remembers a forward's (already evaluated) per-layer picks and the request's
     batch row in them: nothing runs per step. Every FLUSH_STEPS forwards, and in ``read``, the
-    remembered picks are scatter-added into the counts in one graph."""
+    remembered picks are scatter-added into the counts in one graph. With ``min_weight`` > 0 a pick
+    counts only when its softmax weight reaches it (``memory_weights``, computed at the flush)."""
 
     FLUSH_STEPS = 32
 
-    def __init__(self, rows: int):
+    def __init__(self, rows: int, min_weight: float = 0.0):
         self.rows = rows
+        self.min_weight = min_weight
         self.counts = mx.zeros(rows + 1, dtype=mx.int32)
-        self._pending: list[mx.array] = []  # per layer [H, 1, k] int32, -1 = masked
+        self._pending: list[Picks] = []  # per layer [H, 1, k], rows -1 = masked
         self._steps = 0
 
-    def add(self, indices: list[mx.array], b: int) -> None:
-        """indices: one decode forward's per-layer [B, H, 1, k]; b: the request's row."""
-        self._pending.extend(a[b] for a in indices)
+    def add(self, picks: list[Picks], b: int) -> None:
+        """picks: one decode forward's per-layer Picks [B, H, 1, k]; b: the request's row."""
+        self._pending.extend(p[b] for p in picks)
         self._steps += 1
         if self._steps >= self.FLUSH_STEPS:
             self._flush()
@@ -114,9 +154,26 @@ class Counts:
 
     def _flush(self) -> None:
         if self._pending:
-            picked = mx.concatenate([a.reshape(-1) for a in self._pending])
+            if self.min_weight > 0:
+                picked = mx.concatenate(
+                    [
+                        self._weighed(s, [p for p in self._pending if p.scale == s])
+                        for s in dict.fromkeys(p.scale for p in self._pending)
+                    ]
+                )
+            else:
+                picked = mx.concatenate([p.rows.reshape(-1) for p in self._pending])
             self.counts = self.counts.at[mx.where(picked >= 0, picked, self.rows)].add(1)
         self._pending, self._steps = [], 0
+
+    def _weighed(self, scale: float, picks: list[Picks]) -> mx.array:
+        """The rows of ``picks`` (one layer scale) whose weight reaches min_weight, others -1."""
+        k = picks[0].rows.shape[-1]
+        rows = mx.concatenate([p.rows.reshape(-1, k) for p in picks])
+        dots = mx.concatenate([p.dots.reshape(-1, k) for p in picks])
+        mass = mx.concatenate([p.mass.reshape(-1) for p in picks])
+        w = memory_weights(rows, dots.astype(mx.float32), mass.astype(mx.float32), scale)
+        return mx.where(w >= self.min_weight, rows, -1).reshape(-1)
 
     def read(self) -> np.ndarray:
         """The per-row counts [rows] int32 (reads the device once)."""

@@ -30,6 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from services.generator import attention_parts, fused_attention
+from services.generator.citations import Picks
 from services.generator.request_types import DEFAULT_MEMORY_TOP_K
 
 _NEG = -1e30  # finite "masked" for local logits: exp() gives exactly 0 next to any real logit
@@ -61,9 +62,9 @@ class MemoryContext:
     top_k: int = DEFAULT_MEMORY_TOP_K
     threshold: float | None = None
     layers: frozenset[int] | None = None  # None = all layers
-    # When a list, every layer appends (layer, indices [B, H, L, k]) here (citations): the rows
-    # each query head retrieved, -1 where masked by the threshold or, when ``cite_min_weight`` > 0,
-    # where the row got less than that share of the head's attention.
+    # When a list, every layer appends (layer, citations.Picks) here (citations): the rows each
+    # query head retrieved [B, H, L, k] (-1 = masked by the threshold) and, when
+    # ``cite_min_weight`` > 0, what their softmax weights are computed from when counted.
     record: list | None = None
     cite_min_weight: float = 0.0
     # When a list, every layer appends (layer, share [B, L] float32) here: the attention weight
@@ -249,10 +250,13 @@ class ExtendedMindAttention(nn.Module):
         kmem = mem_logits.shape[-1]
         w = mx.softmax(mx.concatenate([mem_logits, local], axis=-1), axis=-1)
         if ctx.record is not None:
-            rows = mem.indices.reshape(w[..., :kmem].shape)
-            if ctx.cite_min_weight > 0:
-                rows = mx.where(w[..., :kmem] >= ctx.cite_min_weight, rows, -1)
-            ctx.record.append((self.layer, rows.reshape(B, self.n_heads, L, -1)))
+            rows = mem.indices.reshape(B, self.n_heads, L, -1)
+            if ctx.cite_min_weight > 0:  # weights rebuilt when counted, as for the fused path
+                mass = mx.sum(w[..., :kmem], axis=-1).reshape(B, self.n_heads, L)
+                picks = Picks(rows, mem.dots.reshape(rows.shape), mass, self.scale)
+            else:
+                picks = Picks(rows)
+            ctx.record.append((self.layer, picks))
         if ctx.mass is not None:  # lazy: computed only if the scheduler evaluates it
             ctx.mass.append((self.layer, mx.sum(w[..., :kmem], axis=(1, 2, 4))))
         # Each query's own k memories: a weighted sum (one tiny matmul per query would be slower).
@@ -281,23 +285,11 @@ class ExtendedMindAttention(nn.Module):
         rows, dots = fused_attention.top_k_rows(q, keys_t, inv_norms, ctx.top_k, ctx.threshold)
         out, mass = fused_attention.attend(q, k, v, mask, rows, dots, values, self.scale, dtype)
         if ctx.record is not None:
-            if ctx.cite_min_weight > 0:
-                rows = mx.where(memory_weights(rows, dots, mass, self.scale) >= ctx.cite_min_weight, rows, -1)
-            ctx.record.append((self.layer, rows))
+            weighed = ctx.cite_min_weight > 0
+            ctx.record.append((self.layer, Picks(rows, dots, mass, self.scale) if weighed else Picks(rows)))
         if ctx.mass is not None:
             ctx.mass.append((self.layer, mx.sum(mass, axis=1)))
         return out
-
-
-def memory_weights(rows: mx.array, dots: mx.array, mass: mx.array, scale: float) -> mx.array:
-    """Each retrieved memory's softmax weight [B, H, L, k] float32 from what the fused kernels
-    return: rows / dots [B, H, L, k] (-1 = masked), mass [B, H, L] (the head's total weight on its
-    memories). One softmax covers memories and local positions, so a memory's weight is its share
-    among the memories times their total: exp(s_i) / Z = softmax_memories(s)_i * mass."""
-    logits = mx.where(rows >= 0, dots * scale, -mx.inf)
-    top = mx.max(logits, axis=-1, keepdims=True)
-    e = mx.where(rows >= 0, mx.exp(logits - mx.where(mx.isfinite(top), top, 0.0)), 0.0)
-    return e / mx.maximum(mx.sum(e, axis=-1, keepdims=True), 1e-30) * mass[..., None]
 
 
 def _apply_mask(logits: mx.array, mask: Any, L: int, S: int) -> mx.array:

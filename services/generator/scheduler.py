@@ -36,7 +36,7 @@ from extmind import errors
 from services.common.metrics import LATENCY_BUCKETS
 from services.common.mlx_thread import MLXThread
 from services.generator import attention_mass
-from services.generator.citations import Counts, decode_forwards, spans
+from services.generator.citations import Counts, Picks, decode_forwards, spans
 from services.generator.extended_attention import ExtendedMindState, MemoryContext
 from services.generator.memory_resolution import ResolvedMemory
 from services.generator.request_types import LENGTH, STOP, STOP_SEQUENCE, Chunk, Final, GenerationRequest
@@ -293,7 +293,7 @@ class Scheduler:
         r.uid, r.group, r.memories = uid, group, memories
         m = r.req.memory
         if m is not None and m.return_citations and group.ctx is not None:
-            r.counts = Counts(group.ctx.retriever.rows)
+            r.counts = Counts(group.ctx.retriever.rows, group.ctx.cite_min_weight)
         if group.layers:
             r.mass = attention_mass.MassSum(group.layers, self.state.shape.num_heads)
         group.requests[uid] = r
@@ -468,7 +468,7 @@ def _hand_out(group: _Group, forwards: list, attr: str) -> list:
                 acc.add(arrays, b)
                 used = True
         if used:
-            out += arrays
+            out += [x for a in arrays for x in (a.arrays() if isinstance(a, Picks) else [a])]
     return out
 
 

@@ -142,7 +142,7 @@ def test_parallel_key_is_retrieved_first(model_path):
     state.memory = MemoryContext(LocalRetriever([bank_from_numpy("m", "1", keys, values)]), top_k=1, record=record)
     attn(mx.array(x[None]), "causal", None)
     ((layer, idx),) = record
-    idx = np.array(idx)  # [B, H, L, k]
+    idx = np.array(idx.rows)  # [B, H, L, k]
     assert layer == 1
     for g in range(ref.kvh):
         assert idx[0, g * rep, -1, 0] == 17

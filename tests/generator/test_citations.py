@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from services.generator.extended_attention import memory_weights
+from services.generator.citations import memory_weights
 from services.generator.request_types import DEFAULT_CITATION_MIN_WEIGHT, GenerationRequest, MemoryOptions, Sampling
 
 from .helpers import run

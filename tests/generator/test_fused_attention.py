@@ -150,8 +150,8 @@ def _run(state, attn, x, chunks, fused, mask_fn=None, **ctx):
         start += n
     state.memory = None
     out = mx.concatenate(outs, axis=1)
-    mx.eval(out, [r for _, r in record], [m for _, m in mass])
-    return np.array(out), [np.array(r) for _, r in record], [np.array(m) for _, m in mass]
+    mx.eval(out, [r.rows for _, r in record], [m for _, m in mass])
+    return np.array(out), [np.array(r.rows) for _, r in record], [np.array(m) for _, m in mass]
 
 
 class _Recording(LocalRetriever):
