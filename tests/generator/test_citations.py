@@ -191,3 +191,44 @@ def test_memory_weights_from_the_fused_outputs_are_the_softmax_weights():
     mass = w[..., :k].sum(-1)
     got = memory_weights(mx.array(rows), mx.array(dots), mx.array(mass.astype(np.float32)), scale)
     np.testing.assert_allclose(np.array(got), w[..., :k], rtol=1e-5, atol=1e-7)
+
+
+async def test_requests_whose_floors_cannot_differ_share_one_batch_group(engine, memory):
+    """The floor is part of the batch group key, as the group records with one floor. A gRPC
+    float 0.02 (float32) and the default 0.02 are one floor (the attention compares in float32),
+    and a request that returns no citations batches whatever floor it names: three such requests
+    queued together run in one group, and the citing one counts as it does alone."""
+    import threading
+
+    mid, _ = memory
+    prompt = engine.tokenizer.encode("Alice met Bob at")
+    base = MemoryOptions((mid,), top_k=4, mode="remote", max_citations=1000)
+    grpc_floor = float(np.float32(DEFAULT_CITATION_MIN_WEIGHT))  # what the servicer reads from the proto
+    assert grpc_floor != DEFAULT_CITATION_MIN_WEIGHT
+    citing = replace(base, return_citations=True, citation_min_weight=grpc_floor)
+    others = [replace(base, citation_min_weight=0.0), replace(base, citation_min_weight=0.5), base]
+    reqs = [GenerationRequest(prompt, Sampling(max_tokens=8), o) for o in (citing, *others)]
+    solo = replace(citing, citation_min_weight=DEFAULT_CITATION_MIN_WEIGHT)
+    alone = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=8), solo))
+    assert any(c.hits for c in alone[3].citations), "the solo run cites nothing: the comparison below would be empty"
+
+    # Hold the MLX thread until all four admits wait behind it; a probe queued after them reads
+    # the groups before any decode step (one worker thread: first in, first run).
+    gate, holding = threading.Event(), threading.Event()
+    engine.mlx.submit(lambda: holding.set() or gate.wait(60))
+    assert await asyncio.to_thread(holding.wait, 30)
+    try:
+        tasks = [asyncio.create_task(run(engine, r)) for r in reqs]
+        for _ in range(1500):  # REMOTE: after resolving, each request's next MLX call is its admit
+            if engine.mlx._waiting >= len(reqs):
+                break
+            await asyncio.sleep(0.02)
+        assert engine.mlx._waiting == len(reqs)
+        probe = engine.mlx.submit(engine._scheduler.stats)
+    finally:
+        gate.set()
+    stats = await asyncio.wrap_future(probe)
+    results = await asyncio.gather(*tasks)
+    assert stats == dict(stats, active=len(reqs), groups=1)
+    assert results[0][0] == alone[0]
+    assert results[0][3].citations == alone[3].citations  # row_hits too
