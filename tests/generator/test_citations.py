@@ -128,8 +128,8 @@ async def test_count_comparison_catches_a_wrong_row(engine, memory, ref):
     assert want.mismatches(planted) == [f"row {never}: 1 retrievals, the reference allows 0..0"]
 
 
-@pytest.mark.parametrize("mode", ["local", "remote"])
-async def test_citations_count_only_the_memories_attention_used(engine, memory, ref, mode):
+@pytest.mark.parametrize("mode,threshold", [("local", None), ("remote", None), ("local", 0.5), ("remote", 0.5)])
+async def test_citations_count_only_the_memories_attention_used(engine, memory, ref, mode, threshold):
     """With ``citation_min_weight`` a retrieval counts only when the memory got at least that share
     of its head's attention: the counts equal the numpy model's retrievals whose softmax weight
     reaches it. The floor is put in the widest gap between the reference's middle weights (checked to be
@@ -141,11 +141,13 @@ async def test_citations_count_only_the_memories_attention_used(engine, memory, 
     n, top_k = 6, 4
     picks, margins, hits = [], [], Retrievals()
     want_tokens, _ = ref.greedy(
-        prompt, n, memory=bank, top_k=top_k, layers={1}, hits=hits, margins=margins, picks=picks
+        prompt, n, memory=bank, top_k=top_k, threshold=threshold, layers={1}, hits=hits, margins=margins, picks=picks
     )
     assert_decidable(margins)
     assert hits.ambiguous == 0, f"{hits.ambiguous} retrievals had a tie at the top-k boundary; pick another prompt"
     weights = np.sort(np.concatenate([w for _, w in picks]))
+    if threshold is not None:  # the threshold masks many picks (here 71 of 96): those must never count
+        assert 0 < len(weights) < len(picks) * top_k // 2
     inside = weights[len(weights) // 5 : len(weights) * 4 // 5]  # a floor that drops some and keeps many
     gaps = np.diff(inside)
     i = int(np.argmax(gaps))
@@ -160,6 +162,7 @@ async def test_citations_count_only_the_memories_attention_used(engine, memory, 
     opts = MemoryOptions(
         (mid,),
         top_k=top_k,
+        threshold=threshold,  # picks it masks weigh nothing: never counted, whatever the floor
         mode=mode,
         layers=(1,),
         return_citations=True,
