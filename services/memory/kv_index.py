@@ -55,8 +55,12 @@ LARGE_THREADS = _threads_env("EXTMIND_FAISS_LARGE_THREADS", os.cpu_count() or 1)
 faiss.omp_set_num_threads(SMALL_THREADS)
 # faiss picks its kernel with a global threshold. Measured here (1 thread, d = 128): the SIMD
 # scan wins for a handful of queries per call (q = 1: 4 query heads per KV head), BLAS (sgemm)
-# from ~16 queries on (q = 64: 3-6x faster). ``search_loaded`` sets it per call; both are exact, so
-# two threads racing on the global only ever pick the slower kernel, never a wrong answer.
+# from ~16 queries on (q = 64: 3-6x faster). ``search_loaded`` sets it per call. Two searches
+# racing on the global (an inline search and a worker's large one) can run the other kernel: the
+# same rows ranked by the same cosines, but summed in another order, so the scores may differ in
+# the last bit (measured: up to 2e-7) from a search run alone, and a near-tie or a cosine within
+# that of ``sim_threshold`` can go either way. Not made per call: a lock would make the event
+# loop's small searches wait for a large one (tens of ms).
 BLAS_FROM_QUERIES = 16
 _BLAS_ALWAYS, _BLAS_NEVER = 1, 1 << 30
 # Searches up to this much work (rows x query heads x query tokens) run on the event loop thread:
