@@ -217,6 +217,10 @@ async def test_requests_whose_floors_cannot_differ_share_one_batch_group(engine,
 
     # Hold the MLX thread until all four admits wait behind it; a probe queued after them reads
     # the groups before any decode step (one worker thread: first in, first run).
+    for _ in range(500):  # the solo run's group is gone and no step of it is queued any more
+        if engine.stats()["groups"] == 0 and not engine.mlx.has_waiting():
+            break
+        await asyncio.sleep(0.02)
     gate, holding = threading.Event(), threading.Event()
     engine.mlx.submit(lambda: holding.set() or gate.wait(60))
     assert await asyncio.to_thread(holding.wait, 30)
