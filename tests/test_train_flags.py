@@ -28,6 +28,13 @@ from training import train
         (["--mem-docs", "2"], "--mem-docs must be >= 3"),
         (["--questions", "0"], "--questions >= 1"),
         (["--w-subj", "-1"], "--w-subj and --w-ret-doc must be >= 0"),
+        (["--w-subj", "inf"], "--w-subj and --w-ret-doc must be >= 0 (finite)"),
+        (["--w-ret-doc", "inf"], "--w-subj and --w-ret-doc must be >= 0 (finite)"),
+        (["--w-ret-doc", "nan"], "--w-subj and --w-ret-doc must be >= 0 (finite)"),
+        (["--w-lm", "-0.5"], "--w-lm, --w-ctx, --w-ret"),
+        (["--w-ctx", "inf"], "--w-lm, --w-ctx, --w-ret"),
+        (["--tau", "inf"], "--tau must be > 0 (finite)"),
+        (["--tau", "0"], "--tau must be > 0"),
         (["--w-ret", "0", "--w-ret-doc", "1"], "--w-ret-doc needs --w-ret > 0"),
     ],
 )

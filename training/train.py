@@ -485,9 +485,13 @@ def main(argv=None) -> int:
     )
     a = p.parse_args(argv)
     for ok, complaint in (
-        (a.w_ret >= 0 and a.w_subj >= 0 and a.w_ret_doc >= 0, "--w-ret, --w-subj and --w-ret-doc must be >= 0"),
+        # A loss weight of inf (or NaN) makes the total loss, and every update after it, NaN.
+        (
+            all(0 <= w < math.inf for w in (a.w_lm, a.w_ctx, a.w_ret, a.w_subj, a.w_ret_doc)),
+            "--w-lm, --w-ctx, --w-ret, --w-subj and --w-ret-doc must be >= 0 (finite)",
+        ),
         (a.w_ret_doc == 0 or a.w_ret > 0, "--w-ret-doc needs --w-ret > 0"),
-        (a.tau > 0, "--tau must be > 0"),
+        (0 < a.tau < math.inf, "--tau must be > 0 (finite)"),
         (0 <= a.own_fraction < 1, "--own-fraction must be in [0, 1)"),
         (a.device_memory_gb >= 0, "--device-memory-gb must be >= 0 (0 = MLX's default)"),
         (a.head_dim >= 0 and 0 < a.rope_theta < math.inf, "--head-dim must be >= 0 and --rope-theta > 0 (finite)"),

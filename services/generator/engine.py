@@ -263,7 +263,7 @@ class GeneratorEngine:
                 m.top_k,
                 m.threshold,
                 layers,
-                m.citation_min_weight,
+                m.cite_floor,  # the group's MemoryContext records with it (_memory_context)
             )
         r = RunningRequest(
             req, asyncio.get_running_loop(), IncrementalDecoder(self._stream_decode), max_tokens, arrived
@@ -332,7 +332,7 @@ class GeneratorEngine:
             top_k=m.top_k,
             threshold=m.threshold,
             layers=frozenset(m.layers) if m.layers else None,
-            cite_min_weight=m.citation_min_weight,
+            cite_min_weight=m.cite_floor,  # in the group key: every citing request of the group asked for it
         )
 
     # ---------------------------------------------------------------- memorize

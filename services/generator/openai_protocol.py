@@ -45,7 +45,12 @@ def _kind(value, kind: str) -> bool:
     if kind == "integer":
         return isinstance(value, int) and not isinstance(value, bool)
     if kind == "number":
-        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        try:
+            return math.isfinite(value)
+        except OverflowError:  # a JSON integer past float's range (1e309 written out): not a number we take
+            return False
     return isinstance(value, {"boolean": bool, "string": str, "array": list, "object": dict}[kind])
 
 

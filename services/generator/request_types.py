@@ -107,6 +107,17 @@ class MemoryOptions:
             raise errors.InvalidArgument(f"unknown retrieval mode {self.mode!r}")
 
     @property
+    def cite_floor(self) -> float:
+        """The ``citation_min_weight`` the request's batch group records citations with (part of
+        the group key). Rounded to float32, the precision the attention compares weights in, so
+        a gRPC float 0.02 and a JSON 0.02 are one floor and one group; a request that returns no
+        citations takes the default (its floor changes nothing it gets back, so it batches with
+        the requests that set none)."""
+        if not self.return_citations:
+            return float(np.float32(DEFAULT_CITATION_MIN_WEIGHT))
+        return float(np.float32(self.citation_min_weight))
+
+    @property
     def retrieves(self) -> bool:
         """Whether generation attends to memories at all."""
         return bool(self.memory_ids) and self.top_k > 0

@@ -33,16 +33,34 @@ from services.memory.limits import FETCH_YIELD_SECONDS, SEARCH_THREADS
 
 log = logging.getLogger("extmind.memory.index")
 
+
+def _threads_env(name: str, default: int) -> int:
+    """A thread count from environment variable ``name`` (unset or empty = ``default``). A value
+    that is not a whole number stops the import with a ValueError naming the variable (the
+    service then fails to start with that line, not a bare int() message); below 1 counts as 1."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return max(1, int(raw))
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} must be a whole number of threads (>= 1)") from None
+
+
 # OpenMP thread counts are per thread. Small searches run on the event loop thread with one
 # OpenMP thread (docs/platform.md: faster for small queries on 2 cores); large ones on the worker
 # threads with every core (measured: 65 536 rows, q = 1: 29 ms vs 59 ms with one thread).
-SMALL_THREADS = int(os.environ.get("EXTMIND_FAISS_THREADS", "1"))
-LARGE_THREADS = int(os.environ.get("EXTMIND_FAISS_LARGE_THREADS", str(os.cpu_count() or 1)))
+SMALL_THREADS = _threads_env("EXTMIND_FAISS_THREADS", 1)
+LARGE_THREADS = _threads_env("EXTMIND_FAISS_LARGE_THREADS", os.cpu_count() or 1)
 faiss.omp_set_num_threads(SMALL_THREADS)
 # faiss picks its kernel with a global threshold. Measured here (1 thread, d = 128): the SIMD
 # scan wins for a handful of queries per call (q = 1: 4 query heads per KV head), BLAS (sgemm)
-# from ~16 queries on (q = 64: 3-6x faster). ``search_loaded`` sets it per call; both are exact, so
-# two threads racing on the global only ever pick the slower kernel, never a wrong answer.
+# from ~16 queries on (q = 64: 3-6x faster). ``search_loaded`` sets it per call. Two searches
+# racing on the global (an inline search and a worker's large one) can run the other kernel: the
+# same rows ranked by the same cosines, but summed in another order, so the scores may differ in
+# the last bit (measured: up to 2e-7) from a search run alone, and a near-tie or a cosine within
+# that of ``sim_threshold`` can go either way. Not made per call: a lock would make the event
+# loop's small searches wait for a large one (tens of ms).
 BLAS_FROM_QUERIES = 16
 _BLAS_ALWAYS, _BLAS_NEVER = 1, 1 << 30
 # Searches up to this much work (rows x query heads x query tokens) run on the event loop thread:
@@ -55,7 +73,7 @@ INLINE_SEARCH_WORK = 1 << 20
 # HEAD_THREADS - 1 of a pool, one OpenMP thread each; FAISS releases the GIL): the 1 B model's
 # 8 KV heads x 4 096 rows, q = 1 took 0.79 ms on one thread, 0.58 ms on two (2-core x86_64,
 # in-process, cache-cold; bench/remote_round_trip.py). 1 = every head on the event loop thread.
-HEAD_THREADS = int(os.environ.get("EXTMIND_FAISS_HEAD_THREADS", str(min(os.cpu_count() or 1, 8))))
+HEAD_THREADS = _threads_env("EXTMIND_FAISS_HEAD_THREADS", min(os.cpu_count() or 1, 8))
 # ... when they have at least this much work: handing heads to the pool's threads costs ~0.1 ms in
 # the service (2 cores), what searching 2 048 rows for 32 query heads saves.
 HEAD_SPLIT_WORK = 1 << 16

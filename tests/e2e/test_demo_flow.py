@@ -127,6 +127,20 @@ def test_the_facts_come_from_memory(result):
         assert f["citations"] and {c.memory_id for c in f["citations"]} <= {m for m, _, _ in demo.FACTS}
 
 
+def test_each_question_cites_its_own_persons_memory_first(result):
+    """Citations count only the memories the attention used (citation_min_weight): with all three
+    fact memories attached, the most cited memory of each question is the asked person's (a
+    memory only retrieved, not read, would not be cited)."""
+    asked = [mid for mid, _, questions in demo.FACTS for _ in questions]
+    facts = result["facts"]
+    assert len(asked) == len(facts)
+    for mid, f in zip(asked, facts):
+        hits: dict[str, int] = {}
+        for c in f["citations"]:
+            hits[c.memory_id] = hits.get(c.memory_id, 0) + c.hits
+        assert max(hits, key=hits.get) == mid, (f["question"], hits)
+
+
 def test_demo_module_runs(cluster):
     r = subprocess.run(
         [sys.executable, "-m", "extmind.demo"], env=cluster.env, capture_output=True, text=True, timeout=300

@@ -128,8 +128,8 @@ async def test_count_comparison_catches_a_wrong_row(engine, memory, ref):
     assert want.mismatches(planted) == [f"row {never}: 1 retrievals, the reference allows 0..0"]
 
 
-@pytest.mark.parametrize("mode", ["local", "remote"])
-async def test_citations_count_only_the_memories_attention_used(engine, memory, ref, mode):
+@pytest.mark.parametrize("mode,threshold", [("local", None), ("remote", None), ("local", 0.5), ("remote", 0.5)])
+async def test_citations_count_only_the_memories_attention_used(engine, memory, ref, mode, threshold):
     """With ``citation_min_weight`` a retrieval counts only when the memory got at least that share
     of its head's attention: the counts equal the numpy model's retrievals whose softmax weight
     reaches it. The floor is put in the widest gap between the reference's middle weights (checked to be
@@ -141,11 +141,13 @@ async def test_citations_count_only_the_memories_attention_used(engine, memory, 
     n, top_k = 6, 4
     picks, margins, hits = [], [], Retrievals()
     want_tokens, _ = ref.greedy(
-        prompt, n, memory=bank, top_k=top_k, layers={1}, hits=hits, margins=margins, picks=picks
+        prompt, n, memory=bank, top_k=top_k, threshold=threshold, layers={1}, hits=hits, margins=margins, picks=picks
     )
     assert_decidable(margins)
     assert hits.ambiguous == 0, f"{hits.ambiguous} retrievals had a tie at the top-k boundary; pick another prompt"
     weights = np.sort(np.concatenate([w for _, w in picks]))
+    if threshold is not None:  # the threshold masks many picks (here 71 of 96): those must never count
+        assert 0 < len(weights) < len(picks) * top_k // 2
     inside = weights[len(weights) // 5 : len(weights) * 4 // 5]  # a floor that drops some and keeps many
     gaps = np.diff(inside)
     i = int(np.argmax(gaps))
@@ -160,6 +162,7 @@ async def test_citations_count_only_the_memories_attention_used(engine, memory, 
     opts = MemoryOptions(
         (mid,),
         top_k=top_k,
+        threshold=threshold,  # picks it masks weigh nothing: never counted, whatever the floor
         mode=mode,
         layers=(1,),
         return_citations=True,
@@ -191,3 +194,48 @@ def test_memory_weights_from_the_fused_outputs_are_the_softmax_weights():
     mass = w[..., :k].sum(-1)
     got = memory_weights(mx.array(rows), mx.array(dots), mx.array(mass.astype(np.float32)), scale)
     np.testing.assert_allclose(np.array(got), w[..., :k], rtol=1e-5, atol=1e-7)
+
+
+async def test_requests_whose_floors_cannot_differ_share_one_batch_group(engine, memory):
+    """The floor is part of the batch group key, as the group records with one floor. A gRPC
+    float 0.02 (float32) and the default 0.02 are one floor (the attention compares in float32),
+    and a request that returns no citations batches whatever floor it names: three such requests
+    queued together run in one group, and the citing one counts as it does alone."""
+    import threading
+
+    mid, _ = memory
+    prompt = engine.tokenizer.encode("Alice met Bob at")
+    base = MemoryOptions((mid,), top_k=4, mode="remote", max_citations=1000)
+    grpc_floor = float(np.float32(DEFAULT_CITATION_MIN_WEIGHT))  # what the servicer reads from the proto
+    assert grpc_floor != DEFAULT_CITATION_MIN_WEIGHT
+    citing = replace(base, return_citations=True, citation_min_weight=grpc_floor)
+    others = [replace(base, citation_min_weight=0.0), replace(base, citation_min_weight=0.5), base]
+    reqs = [GenerationRequest(prompt, Sampling(max_tokens=8), o) for o in (citing, *others)]
+    solo = replace(citing, citation_min_weight=DEFAULT_CITATION_MIN_WEIGHT)
+    alone = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=8), solo))
+    assert any(c.hits for c in alone[3].citations), "the solo run cites nothing: the comparison below would be empty"
+
+    # Hold the MLX thread until all four admits wait behind it; a probe queued after them reads
+    # the groups before any decode step (one worker thread: first in, first run).
+    for _ in range(500):  # the solo run's group is gone and no step of it is queued any more
+        if engine.stats()["groups"] == 0 and not engine.mlx.has_waiting():
+            break
+        await asyncio.sleep(0.02)
+    gate, holding = threading.Event(), threading.Event()
+    engine.mlx.submit(lambda: holding.set() or gate.wait(60))
+    assert await asyncio.to_thread(holding.wait, 30)
+    try:
+        tasks = [asyncio.create_task(run(engine, r)) for r in reqs]
+        for _ in range(1500):  # REMOTE: after resolving, each request's next MLX call is its admit
+            if engine.mlx._waiting >= len(reqs):
+                break
+            await asyncio.sleep(0.02)
+        assert engine.mlx._waiting == len(reqs)
+        probe = engine.mlx.submit(engine._scheduler.stats)
+    finally:
+        gate.set()
+    stats = await asyncio.wrap_future(probe)
+    results = await asyncio.gather(*tasks)
+    assert stats == dict(stats, active=len(reqs), groups=1)
+    assert results[0][0] == alone[0]
+    assert results[0][3].citations == alone[3].citations  # row_hits too

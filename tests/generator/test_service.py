@@ -55,6 +55,18 @@ def test_info_memorize_generate_stream(stub, services):
     assert [t for p in parts for t in p.token_ids] == list(r.token_ids)
     assert "".join(p.text for p in parts) == r.text
     assert parts[-1].finish_reason == r.finish_reason and list(parts[-1].citations) == list(r.citations)
+    # citation_min_weight only filters what is counted: the same tokens whatever the floor, and
+    # fewer hits the higher it is (0 set = every pick; unset = the default 0.02), streamed too.
+    hits = []
+    for floor in (0.0, None, 0.3, 1.0):
+        fem = g.ExtendedMind(memory_ids=[m.memory_id], top_k=3, return_citations=True, max_citations=1000)
+        if floor is not None:
+            fem.citation_min_weight = floor
+        last = list(stub.GenerateStream(g.GenerateStreamRequest(**dict(req, extended_mind=fem)), timeout=60))
+        assert [t for p in last for t in p.token_ids] == list(r.token_ids)
+        hits.append(sum(c.hits for c in last[-1].citations))
+    assert hits == sorted(hits, reverse=True) and hits[0] > 0, hits
+    assert hits[1] > hits[2], hits  # a floor that is set is applied (here 25 hits at 0.02, none at 0.3)
     chat = stub.Generate(
         g.GenerateRequest(
             messages=[g.ChatMessage(role="user", content="Hello")], sampling=g.SamplingParams(max_tokens=3)

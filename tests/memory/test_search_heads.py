@@ -97,3 +97,33 @@ def test_a_failing_head_group_fails_the_search(pool):
     memory.indexes[1][3] = None  # a head of the last group (searched on the pool) is broken
     with pytest.raises(AttributeError):
         search_loaded([memory], 1, np.ones((4, 1, 16), np.float32), 5, None, False, pool, 2)
+
+
+def test_thread_count_variables(monkeypatch):
+    """EXTMIND_FAISS_*THREADS: unset or empty = the default, below 1 = 1, not a whole number = a
+    ValueError naming the variable (the memory service then stops at import with that line)."""
+    import os
+    import subprocess
+    import sys
+
+    from services.memory.kv_index import _threads_env
+
+    name = "EXTMIND_FAISS_HEAD_THREADS"
+    for raw, want in ((None, 5), ("", 5), (" 3 ", 3), ("0", 1), ("-2", 1)):
+        if raw is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, raw)
+        assert _threads_env(name, 5) == want
+    monkeypatch.setenv(name, "2.5")
+    with pytest.raises(ValueError, match=r"EXTMIND_FAISS_HEAD_THREADS='2.5' must be a whole number"):
+        _threads_env(name, 5)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, EXTMIND_FAISS_HEAD_THREADS="abc", PYTHONPATH=root)
+    out = subprocess.run(
+        [sys.executable, "-c", "import services.memory.kv_index"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1] == (
+        "ValueError: EXTMIND_FAISS_HEAD_THREADS='abc' must be a whole number of threads (>= 1)"
+    )
