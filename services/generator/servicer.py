@@ -98,7 +98,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         )
         memory = None
         em = r.extended_mind
-        if em.memory_ids:
+        if r.HasField("extended_mind"):
             if em.mode not in _MODES:
                 raise InvalidArgument(f"extended_mind.mode {em.mode} is not a RetrievalMode")
             # Fields left unset keep MemoryOptions' defaults (max_citations 0 = its default too).
@@ -114,6 +114,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 return_citations=em.return_citations,
                 max_citations=em.max_citations,
             )
+            if not memory.memory_ids:  # checked like the HTTP face does, then nothing to attend to
+                memory.validate(self.engine.num_layers)
+                memory = None
         return GenerationRequest(tokens, sampling, memory, r.return_logprobs)
 
     async def Generate(self, request, context):

@@ -93,6 +93,11 @@ def test_info_memorize_generate_stream(stub, services):
             dict(prompt="hi", extended_mind=g.ExtendedMind(memory_ids=["x"], citation_min_weight=1.5)),
             grpc.StatusCode.INVALID_ARGUMENT,
         ),
+        (  # checked without memories too, as the HTTP face does
+            dict(prompt="hi", extended_mind=g.ExtendedMind(citation_min_weight=1.5)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (dict(prompt="hi", extended_mind=g.ExtendedMind(layers=[9])), grpc.StatusCode.INVALID_ARGUMENT),
         (
             dict(prompt="hi", extended_mind=g.ExtendedMind(memory_ids=["x"], citation_min_weight=float("nan"))),
             grpc.StatusCode.INVALID_ARGUMENT,
