@@ -10,6 +10,7 @@
     extmind memorize FILE... [--id ID] [--label k=v] [--split-chars N] [--replace]
     extmind memories list | show ID [--tokens] | delete ID
     extmind generate "prompt" [--memory ID]... [--max-tokens 128] [--temperature 0.7] [--citations]
+                     [--max-citations N] [--citation-min-weight W]
 
 Targets: EMBEDDER_URL / MEMORY_URL / GENERATOR_URL when set, else the URLs ``make up`` recorded in
 the run dir's cluster.json (--run-dir, $EXTMIND_RUN_DIR or .run), else 127.0.0.1 with the *_PORT
@@ -112,6 +113,10 @@ def cmd_generate(a, t: Targets) -> int:
         em.return_citations = a.citations
         if a.memory_top_k is not None:
             em.top_k = a.memory_top_k
+        if a.max_citations is not None:
+            em.max_citations = a.max_citations
+        if a.citation_min_weight is not None:  # unset keeps the service's default (0.02)
+            em.citation_min_weight = a.citation_min_weight
         if a.remote:
             em.mode = generator_pb2.RETRIEVAL_MODE_REMOTE
     last = None

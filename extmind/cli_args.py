@@ -137,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--memory-top-k", type=POSITIVE, default=None, help="memory rows retrieved per head and token (default: 10)"
     )
+    s.add_argument("--max-citations", type=POSITIVE, default=None, help="most spans --citations prints (default: 5)")
+    s.add_argument(
+        "--citation-min-weight",
+        type=_float_in(0.0, 1.0),
+        default=None,
+        help="a retrieval counts for --citations only when its memory got at least this share of the "
+        "head's attention (default: 0.02; 0 = every top-k pick)",
+    )
     s.add_argument("--remote", action="store_true", help="search memories on the memory service every step")
     s.add_argument("--chat", action="store_true", help="apply the model's chat template")
     s.add_argument("--max-tokens", type=POSITIVE, default=128, help="most tokens to generate (default: 128)")
@@ -156,6 +164,8 @@ def check_combinations(a) -> None:
             for f, on in (
                 ("--citations", a.citations),
                 ("--memory-top-k", a.memory_top_k is not None),
+                ("--max-citations", a.max_citations is not None),
+                ("--citation-min-weight", a.citation_min_weight is not None),
                 ("--remote", a.remote),
             )
             if on
@@ -163,6 +173,15 @@ def check_combinations(a) -> None:
         if needs:
             sys.stderr.write(
                 f"extmind generate: {', '.join(needs)} needs --memory ID (the memories to attend to) "
+                "(see `extmind generate --help`)\n"
+            )
+            sys.exit(2)
+    if a.cmd == "generate" and not a.citations:
+        given = (("--max-citations", a.max_citations), ("--citation-min-weight", a.citation_min_weight))
+        shaping = [f for f, v in given if v is not None]
+        if shaping:
+            sys.stderr.write(
+                f"extmind generate: {', '.join(shaping)} only shapes what --citations prints: add --citations "
                 "(see `extmind generate --help`)\n"
             )
             sys.exit(2)

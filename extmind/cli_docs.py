@@ -57,7 +57,7 @@ def cmd_docs(a, t: Targets) -> int:
         )
         for h in r.hits:
             meta = " ".join(f"{k}={v}" for k, v in sorted(h.metadata.items()))
-            print(f"  {h.score:.4f}  {h.id:<20} {_short(h.text, 60)}  {meta}")
+            print(f"  {h.score:7.4f}  {h.id:<20} {_short(h.text, 60)}  {meta}")
         if not r.hits:
             print("  (no hits)")
     elif a.docs_cmd == "delete":

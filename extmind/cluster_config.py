@@ -47,8 +47,9 @@ FACTS_MODEL = REPO / "models" / "extmind-facts-6m"
 FACTS_MODEL_NOTICE = (
     "NOTE: GENERATOR_MODEL is not set, so the generator serves models/extmind-facts-6m, a tiny Llama\n"
     "      trained only to answer 'Question: ...?\\nAnswer:' about facts of fictional people that it\n"
-    "      has in its prompt or in its memory; other prompts give meaningless text. Set GENERATOR_MODEL\n"
-    "      to a model directory or hub id for general text."
+    '      has in its prompt or in its memory (names made of its training syllables: README, "Your own\n'
+    '      facts"); other prompts give meaningless text. Set GENERATOR_MODEL to a model directory or\n'
+    "      hub id for general text."
 )
 RANDOM_MODEL_NOTICE = (
     "NOTE: GENERATOR_MODEL is not set, so the generator serves a tiny RANDOM-WEIGHT Llama built locally.\n"

@@ -7,7 +7,9 @@ import logging
 import sys
 import time
 
-_RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+# Record attributes that are not extra fields. uvicorn adds ``color_message``, its message again with
+# ANSI colour codes for its own console formatter: in ours it only put escape codes into the logs.
+_RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):

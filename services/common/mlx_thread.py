@@ -2,6 +2,12 @@
 
 MLX streams are thread-local (mlx >= 0.31.2): arrays must be evaluated on the thread that made
 the stream. Engines run all MLX work here; gRPC handlers await plain results.
+
+MLX (0.32) also wants ``mx.clear_streams()`` called on a thread before it ends: left to MLX's own
+teardown, a process that ran a model on this thread aborted at exit ("terminate called without
+an active exception", exit code 134) in about half the runs of a short client script. The thread
+clears its streams as it ends (``_ClearStreamsOnExit``), however it ends: ``shutdown``, or the
+interpreter joining it at exit when nobody called ``shutdown``.
 """
 
 from __future__ import annotations
@@ -10,10 +16,34 @@ import asyncio
 import concurrent.futures
 import threading
 
+_THREAD_STATE = threading.local()
+
+
+class _ClearStreamsOnExit:
+    """Lives in the MLX thread's thread-local state, so Python drops it on that thread as the
+    thread ends (before the thread's C++ thread-locals go): it clears the thread's MLX streams."""
+
+    def __init__(self):
+        import mlx.core as mx  # here, not at import: a module that never starts the thread needs no MLX
+
+        self._mx = mx
+
+    def __del__(self):
+        try:
+            self._mx.clear_streams()
+        except Exception:  # noqa: BLE001 - nothing to report to at thread exit; MLX tears down itself
+            pass
+
+
+def _on_thread_start() -> None:
+    _THREAD_STATE.clear_streams = _ClearStreamsOnExit()
+
 
 class MLXThread:
     def __init__(self, name: str = "mlx"):
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=name, initializer=_on_thread_start
+        )
         self._ident: int | None = None
         self._waiting = 0  # submitted, not started yet
         self._lock = threading.Lock()

@@ -137,6 +137,16 @@ def test_cli_memorize_list_show_generate_delete(cluster, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "[6 tokens" in r.stderr or "tokens, stop" in r.stderr, r.stderr
     assert "cited cli-notes[" in r.stderr
+    # 0 counts every top-k pick, so there are spans to cite; --max-citations caps them at one.
+    r = cli(
+        cluster,
+        "generate",
+        "When did the observatory open?",
+        *("--memory", "cli-notes", "--citations", "--max-tokens", "6"),
+        *("--citation-min-weight", "0", "--max-citations", "1"),
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("cited cli-notes[") == 1, r.stderr
 
     for mid in ("cli-notes", "cli-split.000", "cli-split.001"):
         r = cli(cluster, "memories", "delete", mid)
