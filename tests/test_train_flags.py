@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from training import train
+from training import batches, train
 
 
 @pytest.mark.parametrize(
@@ -86,7 +86,7 @@ def test_subject_and_document_targets_follow_the_paragraphs():
 
     tok = train.load_tokenizer(Path("models/extmind-facts-6m"))
     pad, bos = tok.token_to_id(train.PAD), tok.token_to_id(train.BOS)
-    b = train.make_batch(tok, 7, n_mem=6, n_q=8, n_ctx=2, pad=pad, bos=bos, multi=1.0, max_people=3)
+    b = batches.make_batch(tok, 7, n_mem=6, n_q=8, n_ctx=2, pad=pad, bos=bos, multi=1.0, max_people=3)
     docs, L = b["docs"], b["docs"].shape[1]
     assert len(b["subj_pos"]) == int(b["valid"].sum())  # every stored row is labelled
     for d in range(len(docs)):

@@ -197,7 +197,7 @@ def forward(
     layer's retrieval loss (layers >= 1: layer 0's queries see only their own token, so they
     cannot tell documents apart) to ``ret_losses``. ``normed``: receives each layer's normalized
     attention input [B, L, hidden] (what its queries, keys and values are projected from), for
-    the subject loss of training/train.py."""
+    the subject loss of training/objectives.py."""
     inner = model.model
     h = inner.embed_tokens(tokens)
     B, L = tokens.shape
