@@ -295,19 +295,19 @@ REGISTRY: tuple[EnvVar, ...] = (
     EnvVar(
         "EXTMIND_FAISS_THREADS",
         "1",
-        "memory (`services/memory/kv_index.py`)",
+        "memory (`services/memory/kv_search.py`)",
         "OpenMP threads FAISS uses for small searches",
     ),
     EnvVar(
         "EXTMIND_FAISS_HEAD_THREADS",
         "(CPU count, at most 8)",
-        "memory (`services/memory/kv_index.py`)",
+        "memory (`services/memory/kv_search.py`)",
         "threads a small search's KV heads are split over (one OpenMP thread each); 1 = all on the event loop",
     ),
     EnvVar(
         "EXTMIND_FAISS_LARGE_THREADS",
         "(CPU count)",
-        "memory (`services/memory/kv_index.py`)",
+        "memory (`services/memory/kv_search.py`)",
         "OpenMP threads FAISS uses for large searches and index builds",
     ),
     EnvVar(

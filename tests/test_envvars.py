@@ -21,7 +21,7 @@ LITERAL_READS = [
         r"os\.environ\[\s*" + NAME + r"\s*\]",
         r"\benv\s*=\s*" + NAME,  # FlagParser.flag(..., env="X") fallbacks
         r"\b_env\(\s*" + NAME,  # the cluster launcher's reader
-        r"\b_threads_env\(\s*" + NAME,  # the memory service's thread counts (kv_index.py)
+        r"\b_threads_env\(\s*" + NAME,  # the memory service's thread counts (kv_search.py)
     )
 ]
 # env=f"{prefix}_HOST" (the shared server flags) and _env(f"{prefix}_HOST"): one per service.

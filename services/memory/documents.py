@@ -27,8 +27,8 @@ import numpy as np
 from extmind.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.memory import metrics
 from services.memory.embedder_calls import DocumentEmbedder
-from services.memory.kv_index import normalize_rows
 from services.memory.kv_layout import ID_RE, now_us
+from services.memory.kv_search import normalize_rows
 from services.memory.kv_store import redis_errors
 from services.memory.limits import (
     DEFAULT_DOCUMENT_TOP_K,

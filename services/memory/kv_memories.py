@@ -20,7 +20,7 @@ from extmind.errors import FailedPrecondition, InvalidArgument, NotFound
 from extmind.tensor import BFLOAT16, FLOAT16, FLOAT32, ITEMSIZE, dtype_name
 from services.memory import limits, metrics
 from services.memory.kv_append import AppendStream, WriterSlots
-from services.memory.kv_index import KVIndex, LoadedMemory
+from services.memory.kv_index import KVIndex
 from services.memory.kv_layout import (
     BUILDING,
     Layout,
@@ -29,6 +29,7 @@ from services.memory.kv_layout import (
     new_memory_id,
     now_us,
 )
+from services.memory.kv_search import LoadedMemory
 from services.memory.kv_store import KVStore
 
 log = logging.getLogger("extmind.memory")

@@ -214,8 +214,8 @@ async def test_a_memory_loads_from_the_stream_that_wrote_all_its_rows_else_from_
 def test_a_load_hands_over_the_rows_before_it_builds_the_indexes(kv):
     """FetchMemory waits only for the rows: ``load`` passes them to ``on_rows`` before any
     index exists, then returns the memory with its indexes."""
-    from services.memory.kv_index import LoadedMemory, MemoryRows
     from services.memory.kv_layout import MemoryMeta
+    from services.memory.kv_search import LoadedMemory, MemoryRows
 
     K, V = h.random_kv(np.random.default_rng(8), 2, 2, 6, 8, FLOAT16)
     meta = MemoryMeta("m", 2, 2, 8, FLOAT16, "fp", 6, READY, K.nbytes + V.nbytes, {}, 1, rows=[6, 6], chunks=[2, 2])

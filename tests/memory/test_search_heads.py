@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from extmind.tensor import BFLOAT16, FLOAT16, FLOAT32
-from services.memory.kv_index import BLAS_FROM_QUERIES, LoadedMemory, build_layer, normalize_rows, search_loaded
 from services.memory.kv_layout import READY, MemoryMeta
+from services.memory.kv_search import BLAS_FROM_QUERIES, LoadedMemory, build_layer, normalize_rows, search_loaded
 from tests.memory import helpers as h
 
 
@@ -106,7 +106,7 @@ def test_thread_count_variables(monkeypatch):
     import subprocess
     import sys
 
-    from services.memory.kv_index import _threads_env
+    from services.memory.kv_search import _threads_env
 
     name = "EXTMIND_FAISS_HEAD_THREADS"
     for raw, want in ((None, 5), ("", 5), (" 3 ", 3), ("0", 1), ("-2", 1)):
@@ -121,7 +121,7 @@ def test_thread_count_variables(monkeypatch):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, EXTMIND_FAISS_HEAD_THREADS="abc", PYTHONPATH=root)
     out = subprocess.run(
-        [sys.executable, "-c", "import services.memory.kv_index"], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", "import services.memory.kv_search"], env=env, capture_output=True, text=True, timeout=120
     )
     assert out.returncode != 0
     assert out.stderr.strip().splitlines()[-1] == (
