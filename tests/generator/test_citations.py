@@ -15,7 +15,7 @@ from services.generator.citations import memory_weights
 from services.generator.request_types import DEFAULT_CITATION_MIN_WEIGHT, GenerationRequest, MemoryOptions, Sampling
 
 from .helpers import run
-from .memory_helpers import assert_counts_match, assert_decidable, ref_memory, row_hits, timed
+from .memory_helpers import LOGIT_MARGIN, assert_counts_match, assert_decidable, ref_memory, row_hits, timed
 from .np_reference import Retrievals
 
 
@@ -239,3 +239,55 @@ async def test_requests_whose_floors_cannot_differ_share_one_batch_group(engine,
     assert stats == dict(stats, active=len(reqs), groups=1)
     assert results[0][0] == alone[0]
     assert results[0][3].citations == alone[3].citations  # row_hits too
+
+
+async def test_floored_citations_of_requests_that_join_and_leave_a_batch_across_flushes(
+    engine, memory, ref, monkeypatch
+):
+    """Two citing requests with one floor share a batch (different prompt lengths and token
+    counts, so one joins after the other started and leaves first) while their counts flush every
+    3 steps: each request's counts equal the numpy model's retrievals whose softmax weight reaches
+    the floor. A flush mid-batch must take each request's own batch row, whatever the batch's size
+    at the step the picks were recorded."""
+    from services.generator.citations import Counts
+
+    monkeypatch.setattr(Counts, "FLUSH_STEPS", 3)
+    mid, tokens = memory
+    bank, _ = ref_memory(ref, tokens, engine.special_ids)
+    top_k = 4
+    lengths = [11, 7]
+    # The first two prompts whose reference runs are decidable (greedy margins, no top-k ties).
+    prompts, picks_of, want_tokens = [], [], []
+    for text in ("Alice met Bob at", "Water boils at", "The station", "Bob said", "Alice and Bob talked about"):
+        prompt, n = engine.tokenizer.encode(text), lengths[len(prompts)]
+        picks, hits, margins = [], Retrievals(), []
+        toks, _ = ref.greedy(prompt, n, memory=bank, top_k=top_k, layers={1}, hits=hits, margins=margins, picks=picks)
+        if hits.ambiguous == 0 and min(margins) > LOGIT_MARGIN:
+            prompts.append(prompt)
+            want_tokens.append(toks)
+            picks_of.append(picks)
+            if len(prompts) == 2:
+                break
+    assert len(prompts) == 2, "too few decidable prompts"
+    assert len(prompts[0]) != len(prompts[1])
+    weights = np.sort(np.concatenate([w for picks in picks_of for _, w in picks]))
+    inside = weights[len(weights) // 5 : len(weights) * 4 // 5]
+    gaps = np.diff(inside)
+    i = int(np.argmax(gaps))
+    floor = float(np.float32((inside[i] + inside[i + 1]) / 2))
+    assert gaps[i] > 1e-4, f"the reference's memory weights leave no clear gap ({gaps[i]:.1e})"
+    opts = MemoryOptions(
+        (mid,), top_k=top_k, layers=(1,), return_citations=True, max_citations=1000, citation_min_weight=floor
+    )
+    reqs = [GenerationRequest(p, Sampling(max_tokens=n), opts) for p, n in zip(prompts, lengths)]
+    together = await asyncio.gather(*(timed(engine, r) for r in reqs))
+    (_, a_fin, a_first, a_end), (_, b_fin, b_first, b_end) = together
+    assert a_first < b_end and b_first < a_end, "the two citing requests did not share the batch"
+    for (got_tokens, fin, _, _), picks, toks in zip(together, picks_of, want_tokens):
+        assert got_tokens == toks
+        want: dict[int, int] = {}
+        for rows, w in picks:
+            for r in rows[w >= floor]:
+                want[int(r)] = want.get(int(r), 0) + 1
+        got = row_hits(fin, tokens, engine.tokenizer)
+        assert {r: c for r, c in got.items() if c} == want
