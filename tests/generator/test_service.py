@@ -67,6 +67,19 @@ def test_info_memorize_generate_stream(stub, services):
         hits.append(sum(c.hits for c in last[-1].citations))
     assert hits == sorted(hits, reverse=True) and hits[0] > 0, hits
     assert hits[1] > hits[2], hits  # a floor that is set is applied (here 25 hits at 0.02, none at 0.3)
+    # An ExtendedMind without memories (valid fields, now checked) generates as a plain request
+    # does: the same greedy tokens, no citations, unary and streamed.
+    plain = stub.Generate(g.GenerateRequest(prompt=req["prompt"], sampling=req["sampling"]), timeout=60)
+    for bare in (
+        g.ExtendedMind(),
+        g.ExtendedMind(top_k=5, return_citations=True, citation_min_weight=0.5, layers=[1], sim_threshold=0.2),
+        g.ExtendedMind(mode=g.RETRIEVAL_MODE_REMOTE, top_k=0, max_citations=3),
+    ):
+        kw = dict(prompt=req["prompt"], sampling=req["sampling"], extended_mind=bare)
+        got = stub.Generate(g.GenerateRequest(**kw), timeout=60)
+        assert list(got.token_ids) == list(plain.token_ids) and not got.citations
+        streamed = list(stub.GenerateStream(g.GenerateStreamRequest(**kw), timeout=60))
+        assert [t for p in streamed for t in p.token_ids] == list(plain.token_ids) and not streamed[-1].citations
     chat = stub.Generate(
         g.GenerateRequest(
             messages=[g.ChatMessage(role="user", content="Hello")], sampling=g.SamplingParams(max_tokens=3)
