@@ -241,8 +241,9 @@ async def test_requests_whose_floors_cannot_differ_share_one_batch_group(engine,
     assert results[0][3].citations == alone[3].citations  # row_hits too
 
 
+@pytest.mark.parametrize("mode", ["local", "remote"])
 async def test_floored_citations_of_requests_that_join_and_leave_a_batch_across_flushes(
-    engine, memory, ref, monkeypatch
+    engine, memory, ref, monkeypatch, mode
 ):
     """Two citing requests with one floor share a batch (different prompt lengths and token
     counts, so one joins after the other started and leaves first) while their counts flush every
@@ -277,7 +278,13 @@ async def test_floored_citations_of_requests_that_join_and_leave_a_batch_across_
     floor = float(np.float32((inside[i] + inside[i + 1]) / 2))
     assert gaps[i] > 1e-4, f"the reference's memory weights leave no clear gap ({gaps[i]:.1e})"
     opts = MemoryOptions(
-        (mid,), top_k=top_k, layers=(1,), return_citations=True, max_citations=1000, citation_min_weight=floor
+        (mid,),
+        top_k=top_k,
+        mode=mode,
+        layers=(1,),
+        return_citations=True,
+        max_citations=1000,
+        citation_min_weight=floor,
     )
     reqs = [GenerationRequest(p, Sampling(max_tokens=n), opts) for p, n in zip(prompts, lengths)]
     together = await asyncio.gather(*(timed(engine, r) for r in reqs))
