@@ -133,9 +133,18 @@ class Counts:
     ``add`` only remembers a forward's (already evaluated) per-layer picks and the request's
     batch row in them: nothing runs per step. Every FLUSH_STEPS forwards, and in ``read``, the
     remembered picks are scatter-added into the counts in one graph. With ``min_weight`` > 0 a pick
-    counts only when its softmax weight reaches it (``memory_weights``, computed at the flush)."""
+    counts only when its softmax weight reaches it (``memory_weights``, computed at the flush).
+
+    A remembered row is a lazy slice of its forward's whole-batch arrays, which it keeps alive
+    until the flush: [B, H, 1, k] rows (and, with a floor, dots of the same size) per layer and
+    step. With a large top-k that is much memory (B 32, H 32, k 1024, 16 layers: 8 MiB per layer
+    and step, 4 GiB over 32 steps), so the counts also flush once the steps remembered since the
+    last flush hold FLUSH_PICKS picks of the whole batch (at most 64 MiB of rows and dots). At the
+    default top-k 10 a 16-layer, 32-head model in a batch of 32 makes 5.2 M picks in 32 steps:
+    under it, the flushes stay every FLUSH_STEPS."""
 
     FLUSH_STEPS = 32
+    FLUSH_PICKS = 1 << 23  # picks of the whole batch (rows [B, H, 1, k] summed over layers and steps)
 
     def __init__(self, rows: int, min_weight: float = 0.0):
         self.rows = rows
@@ -143,12 +152,14 @@ class Counts:
         self.counts = mx.zeros(rows + 1, dtype=mx.int32)
         self._pending: list[Picks] = []  # per layer [H, 1, k], rows -1 = masked
         self._steps = 0
+        self._held = 0  # picks of the whole batch the pending slices keep alive
 
     def add(self, picks: list[Picks], b: int) -> None:
         """picks: one decode forward's per-layer Picks [B, H, 1, k]; b: the request's row."""
         self._pending.extend(p[b] for p in picks)
         self._steps += 1
-        if self._steps >= self.FLUSH_STEPS:
+        self._held += sum(p.rows.size for p in picks)
+        if self._steps >= self.FLUSH_STEPS or self._held >= self.FLUSH_PICKS:
             self._flush()
             mx.async_eval(self.counts)  # keeps the counts a short graph
 
@@ -164,7 +175,7 @@ class Counts:
             else:
                 picked = mx.concatenate([p.rows.reshape(-1) for p in self._pending])
             self.counts = self.counts.at[mx.where(picked >= 0, picked, self.rows)].add(1)
-        self._pending, self._steps = [], 0
+        self._pending, self._steps, self._held = [], 0, 0
 
     def _weighed(self, scale: float, picks: list[Picks]) -> mx.array:
         """The rows of ``picks`` (one layer scale) whose weight reaches min_weight, others -1."""

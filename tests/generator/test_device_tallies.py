@@ -70,3 +70,24 @@ def test_mass_means_equal_the_host_mean_over_every_step_and_head():
     got = mass.means()
     assert list(got) == layers
     np.testing.assert_allclose([got[i] for i in layers], sums / (steps * heads), rtol=1e-5)
+
+
+def test_counts_flush_early_when_the_pending_picks_hold_much_memory(monkeypatch):
+    """The pending picks are slices that keep their forwards' whole-batch arrays alive until the
+    flush: past FLUSH_PICKS picks of those arrays the counts flush before FLUSH_STEPS steps (a
+    large top-k would otherwise hold gigabytes), and count the same as a host-side bincount."""
+    monkeypatch.setattr(Counts, "FLUSH_PICKS", 500)
+    rng = np.random.default_rng(3)
+    rows, layers, B, H, k = 60, 2, 4, 2, 16  # 128 picks of the batch per layer, 256 per step
+    counts = Counts(rows)
+    want = np.zeros(rows, np.int64)
+    pending = []
+    for _ in range(9):
+        fwd = rng.integers(-1, rows, (layers, B, H, 1, k)).astype(np.int32)
+        b = int(rng.integers(B))
+        counts.add([Picks(mx.array(a)) for a in fwd], b)
+        picked = fwd[:, b].reshape(-1)
+        want += np.bincount(picked[picked >= 0], minlength=rows)
+        pending.append(len(counts._pending) // layers)
+    assert pending == [1, 0, 1, 0, 1, 0, 1, 0, 1]  # 512 picks in 2 steps: a flush every 2nd step
+    np.testing.assert_array_equal(counts.read(), want)
