@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 from services.generator.citations import memory_weights
-from services.generator.request_types import DEFAULT_CITATION_MIN_WEIGHT, GenerationRequest, MemoryOptions, Sampling
+from services.generator.request_types import (
+    DEFAULT_CITATION_MIN_WEIGHT,
+    Chunk,
+    GenerationRequest,
+    MemoryOptions,
+    Sampling,
+)
 
 from .helpers import run
 from .memory_helpers import LOGIT_MARGIN, assert_counts_match, assert_decidable, ref_memory, row_hits, timed
@@ -298,3 +304,52 @@ async def test_floored_citations_of_requests_that_join_and_leave_a_batch_across_
                 want[int(r)] = want.get(int(r), 0) + 1
         got = row_hits(fin, tokens, engine.tokenizer)
         assert {r: c for r, c in got.items() if c} == want
+
+
+async def test_a_citing_request_cancelled_mid_batch_leaves_the_others_counts_exact(engine, memory, ref, monkeypatch):
+    """Two citing requests with a floor share a batch; one is cancelled (its stream closed) after
+    a few tokens, between flushes (every 3 steps). The other's counts still equal the numpy
+    model's picks whose weight reaches the floor, and the cancelled one leaves no request behind."""
+    from services.generator.citations import Counts
+
+    monkeypatch.setattr(Counts, "FLUSH_STEPS", 3)
+    mid, tokens = memory
+    bank, _ = ref_memory(ref, tokens, engine.special_ids)
+    top_k, n, floor = 4, 10, 0.05
+    prompt = engine.tokenizer.encode("Alice met Bob at")
+    picks, hits, margins = [], Retrievals(), []
+    want_tokens, _ = ref.greedy(
+        prompt, n, memory=bank, top_k=top_k, layers={1}, hits=hits, margins=margins, picks=picks
+    )
+    assert_decidable(margins)
+    assert hits.ambiguous == 0
+    weights = np.concatenate([w for _, w in picks])
+    assert np.abs(weights - floor).min() > 1e-4, "a weight within rounding of the floor; pick another"
+    want: dict[int, int] = {}
+    for rows, w in picks:
+        for r in rows[w >= floor]:
+            want[int(r)] = want.get(int(r), 0) + 1
+    assert want, "nothing reaches the floor: the comparison would be empty"
+    opts = MemoryOptions(
+        (mid,), top_k=top_k, layers=(1,), return_citations=True, max_citations=1000, citation_min_weight=floor
+    )
+    victim = engine.generate(
+        GenerationRequest(engine.tokenizer.encode("Water boils at"), Sampling(max_tokens=40), opts)
+    )
+    assert isinstance(await victim.__anext__(), Chunk)  # admitted and generating
+    kept = engine.generate(GenerationRequest(prompt, Sampling(max_tokens=n), opts))
+    events = [await kept.__anext__()]  # the kept request generates while the victim still runs
+    assert isinstance(events[0], Chunk)
+    assert isinstance(await victim.__anext__(), Chunk)  # not ended by itself (max_tokens 40)
+    await victim.aclose()
+    events += [ev async for ev in kept]
+    got_tokens = [t for ev in events[:-1] for t in ev.token_ids]
+    fin = events[-1]
+    assert got_tokens == want_tokens
+    got = row_hits(fin, tokens, engine.tokenizer)
+    assert {r: c for r, c in got.items() if c} == want
+    for _ in range(200):
+        if engine.stats()["active"] == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert engine.stats()["active"] == 0
