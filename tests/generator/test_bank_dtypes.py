@@ -302,3 +302,49 @@ async def test_float32_memories_alone_or_mixed_give_what_the_half_ones_give(half
         for mid in (h.mid, copy)
     ]
     assert alone[0] == alone[1]
+
+
+async def test_a_half_precision_model_counts_the_picks_above_the_floor(half):
+    """citation_min_weight on a float16 / bfloat16 model (its half-precision queries and stored
+    rows): the counts equal the numpy model's picks whose softmax weight reaches the floor, LOCAL
+    and REMOTE. A short memory and a top-k over all its rows leave no top-k choice to the half
+    model's rounding; the floor sits in a gap between the reference's weights far wider (relative)
+    than that rounding moves a weight (a weight moves by about its logit's error, TOLERANCE)."""
+    h, e = half, half.engine
+    rel = 4 * TOLERANCE[h.dtype]["logprob_atol"]
+    mid = e.memorize_blocking(e.tokenizer.encode("Alice met Bob at the old station by the river."))["memory_id"]
+    keys, values = h.client.fetch(mid, e.num_layers)
+    rows = keys[0].shape[1]
+    bank = list(zip(keys, values))
+    n, top_k = 4, 64
+    assert rows < top_k
+    found = None
+    for text in ("Water boils at", "Alice met Bob at", "The station", "Bob said that"):
+        prompt = e.tokenizer.encode(text)
+        margins, picks = [], []
+        want_tokens, _ = Model(h.path).greedy(
+            prompt, n, memory=bank, top_k=top_k, layers={1}, margins=margins, picks=picks
+        )
+        if min(margins) <= TOLERANCE[h.dtype]["margin"]:
+            continue
+        weights = np.sort(np.concatenate([w for _, w in picks]))
+        ratio = weights[1:] / weights[:-1]  # the floor drops some picks and keeps the others
+        i = int(np.argmax(ratio))
+        if ratio[i] > 1 + rel:
+            found = prompt, want_tokens, picks, float(np.sqrt(weights[i] * weights[i + 1]))
+            break
+    assert found, "no prompt whose greedy tokens and floor are decidable at this dtype"
+    prompt, want_tokens, picks, floor = found
+    want: dict[int, int] = {}
+    for r_, w in picks:
+        for r in r_[w >= floor]:
+            want[int(r)] = want.get(int(r), 0) + 1
+    assert 0 < sum(want.values()) < sum(len(r_) for r_, _ in picks)  # the floor drops some, keeps some
+    for mode in ("local", "remote"):
+        opts = MemoryOptions(
+            (mid,), top_k=top_k, mode=mode, layers=(1,), return_citations=True, citation_min_weight=floor
+        )
+        tokens, _, _, final = await run(e, GenerationRequest(prompt, Sampling(max_tokens=n), opts))
+        assert tokens == want_tokens, mode
+        got = {r: int(c) for r, c in enumerate(final.row_counts) if c}
+        assert got == want, mode
