@@ -318,13 +318,11 @@ async def test_a_half_precision_model_counts_the_picks_above_the_floor(half):
     bank = list(zip(keys, values))
     n, top_k = 4, 64
     assert rows < top_k
-    found = None
+    ref, found = Model(h.path), None
     for text in ("Water boils at", "Alice met Bob at", "The station", "Bob said that"):
         prompt = e.tokenizer.encode(text)
         margins, picks = [], []
-        want_tokens, _ = Model(h.path).greedy(
-            prompt, n, memory=bank, top_k=top_k, layers={1}, margins=margins, picks=picks
-        )
+        want_tokens, _ = ref.greedy(prompt, n, memory=bank, top_k=top_k, layers={1}, margins=margins, picks=picks)
         if min(margins) <= TOLERANCE[h.dtype]["margin"]:
             continue
         weights = np.sort(np.concatenate([w for _, w in picks]))
