@@ -71,24 +71,26 @@ def _bytes_of(a: np.ndarray):
     return memoryview(np.ascontiguousarray(a)).cast("B")
 
 
+# The exponent bits of the 16-bit storage dtypes: all ones = inf or NaN.
+_EXPONENT_BITS = {BFLOAT16: 0x7F80, FLOAT16: 0x7C00}
+
+
 def _finite_kv(a: np.ndarray, dtype: int) -> bool:
     """No inf/NaN. For 16-bit types on the exponent bits: 30x faster than np.isfinite on fp16."""
     if a.size == 0:
         return True
-    if dtype == BFLOAT16:
-        return int((a & 0x7F80).max()) != 0x7F80
-    if dtype == FLOAT16:
-        return int((a.view("<u2") & 0x7C00).max()) != 0x7C00
+    if dtype in _EXPONENT_BITS:
+        e = _EXPONENT_BITS[dtype]
+        return int((a.view("<u2") & e).max()) != e
     return bool(np.isfinite(a).all())
 
 
 def _first_non_finite(a: np.ndarray, dtype: int) -> tuple[int, int, int]:
     """(head, row, dim) of the first NaN or infinity of a [KVH, n, d] storage array that
     ``_finite_kv`` refused (only then: it scans the whole array)."""
-    if dtype == BFLOAT16:
-        bad = (a & 0x7F80) == 0x7F80  # exponent all ones: inf or NaN
-    elif dtype == FLOAT16:
-        bad = (a.view("<u2") & 0x7C00) == 0x7C00
+    if dtype in _EXPONENT_BITS:
+        e = _EXPONENT_BITS[dtype]
+        bad = (a.view("<u2") & e) == e
     else:
         bad = ~np.isfinite(a)
     return tuple(int(i) for i in np.argwhere(bad)[0])
