@@ -102,12 +102,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             if em.mode not in _MODES:
                 raise InvalidArgument(f"extended_mind.mode {em.mode} is not a RetrievalMode")
             # Fields left unset keep MemoryOptions' defaults (max_citations 0 = its default too).
-            top_k = {"top_k": em.top_k} if em.HasField("top_k") else {}
-            if em.HasField("citation_min_weight"):
-                top_k["citation_min_weight"] = em.citation_min_weight
+            optional = {f: getattr(em, f) for f in ("top_k", "citation_min_weight") if em.HasField(f)}
             memory = MemoryOptions(
                 memory_ids=tuple(em.memory_ids),
-                **top_k,
+                **optional,
                 threshold=em.sim_threshold if em.HasField("sim_threshold") else None,
                 mode=_MODES[em.mode],
                 layers=tuple(em.layers),
