@@ -249,16 +249,15 @@ class ExtendedMindAttention(nn.Module):
             mem_logits = mx.where(mem.valid, mem_logits, -mx.inf)
         kmem = mem_logits.shape[-1]
         w = mx.softmax(mx.concatenate([mem_logits, local], axis=-1), axis=-1)
-        if ctx.record is not None:
+        weighed = ctx.record is not None and ctx.cite_min_weight > 0
+        if weighed or ctx.mass is not None:  # each head's weight on its memories [B, H, L]
+            mass = mx.sum(w[..., :kmem], axis=-1).reshape(B, self.n_heads, L)
+        if ctx.record is not None:  # weights rebuilt when counted, as for the fused path
             rows = mem.indices.reshape(B, self.n_heads, L, -1)
-            if ctx.cite_min_weight > 0:  # weights rebuilt when counted, as for the fused path
-                mass = mx.sum(w[..., :kmem], axis=-1).reshape(B, self.n_heads, L)
-                picks = Picks(rows, mem.dots.reshape(rows.shape), mass, self.scale)
-            else:
-                picks = Picks(rows)
+            picks = Picks(rows, mem.dots.reshape(rows.shape), mass, self.scale) if weighed else Picks(rows)
             ctx.record.append((self.layer, picks))
         if ctx.mass is not None:  # lazy: computed only if the scheduler evaluates it
-            ctx.mass.append((self.layer, mx.sum(w[..., :kmem], axis=(1, 2, 4))))
+            ctx.mass.append((self.layer, mx.sum(mass, axis=1)))
         # Each query's own k memories: a weighted sum (one tiny matmul per query would be slower).
         out_mem = mx.sum(w[..., :kmem, None] * mem.values, axis=-2)  # [B, KVH, R, L, d]
         out_local = w[..., kmem:].reshape(B, kvh, rep * L, S) @ v.astype(mx.float32)
