@@ -1,11 +1,12 @@
 """How much attention goes to the memories: per request, the share of the softmax weight that
 falls on the retrieved memories rather than on the local context (docs/extended-mind.md).
 
-While a group has memories, every layer that retrieves appends the share of each query (summed
-over its query heads) to ``MemoryContext.mass`` (services/generator/extended_attention.py); the
-record is split into decode forwards exactly as citations are (``citations.split_forwards``: the
-forward of the last prompt token and of each generated token but the last), evaluated with the
-step, and each request adds its row to a per-layer sum on the device every few steps. The host
+While a group has memories, every layer that retrieves appends the share of each query head
+[B, H, L] to ``MemoryContext.mass`` (services/generator/extended_attention.py); the record is
+split into decode forwards exactly as citations are (``citations.split_forwards``: the forward of
+the last prompt token and of each generated token but the last), evaluated with the step, and the
+group's ``batch_tally.BatchTally`` adds every few steps each batch row's shares, summed over heads
+and forwards, to its request's per-layer sum on the device, for the whole batch in one graph. The host
 reads the sum once, when the request ends, and observes two histograms: the request's mean share
 over its layers, heads and steps, and the mean share of each layer.
 """
@@ -40,50 +41,44 @@ MEMORY_SHARE_BY_LAYER = Histogram(
 
 class MassSum:
     """One request's per-layer sums of its memory share, on the device, and the steps summed.
-
-    ``add`` only remembers a forward's (already evaluated) per-layer head sums and the request's
-    batch row in them; every FLUSH_STEPS forwards, and in ``means``, they are added up in one graph."""
-
-    FLUSH_STEPS = 32
+    Its group's ``batch_tally.BatchTally`` hands it many forwards' sums at once (``add_row``)."""
 
     def __init__(self, layers: Sequence[int], num_heads: int):
         self.layers = list(layers)  # the retrieving layers, in forward order
         self.num_heads = num_heads
         self.total = mx.zeros(len(self.layers), dtype=mx.float32)  # sums over steps and query heads
         self.steps = 0
-        self._pending: list[mx.array] = []  # per forward [layers]
 
-    def add(self, sums: list[mx.array], b: int) -> None:
-        """sums: one decode forward's per-layer [B, 1] sums over query heads; b: the request's row."""
-        self._pending.append(mx.concatenate([a[b] for a in sums]))
-        self.steps += 1
-        if len(self._pending) >= self.FLUSH_STEPS:
-            self._flush()
-            mx.async_eval(self.total)  # keeps the sum a short graph
-
-    def _flush(self) -> None:
-        if self._pending:
-            self.total = self.total + mx.sum(mx.stack(self._pending), axis=0)
-            self._pending = []
+    def add_row(self, sums: mx.array, steps: int) -> None:
+        """sums [layers]: this request's shares summed over ``steps`` forwards and the query heads."""
+        self.total = self.total + sums
+        self.steps += steps
 
     def means(self) -> dict[int, float]:
         """layer -> the mean share over the steps and query heads (reads the device once); {}
         before any step."""
         if not self.steps:
             return {}
-        self._flush()
         per_layer = np.array(self.total) / (self.steps * self.num_heads)
         return {layer: float(v) for layer, v in zip(self.layers, per_layer)}
+
+
+def summed_shares(forwards: list[list[mx.array]]) -> mx.array:
+    """The ``BatchTally`` combine of the attention mass: forwards of one batch, each its per-layer
+    shares [B, H, 1] (one per query head) -> [B, layers] float32, summed over forwards and heads."""
+    steps = mx.stack([mx.concatenate(fwd, axis=-1) for fwd in forwards])  # [forwards, B, H, layers]
+    return mx.sum(steps.astype(mx.float32), axis=(0, 2))
 
 
 def forward_shares(
     record: list, layers_per_forward: int, generated: Sequence[int], started: Sequence[int]
 ) -> list[tuple[list[int], list[mx.array]]]:
-    """The mass record of one ``next()`` call ((layer, head sums [B, L])) -> (uids, per-layer
-    [B, 1]) per decode forward. Raises Internal when the layout is not the one citations assume."""
+    """The mass record of one ``next()`` call ((layer, per-head shares [B, H, L])) -> (uids,
+    per-layer [B, H, 1]) per decode forward. Raises Internal when the layout is not the one
+    citations assume."""
     out = split_forwards(record, layers_per_forward, generated, started, "attention mass")
     for _, fwd in out:
-        if any(a.ndim != 2 or a.shape[1] != 1 for a in fwd):
+        if any(a.ndim != 3 or a.shape[2] != 1 for a in fwd):
             raise errors.Internal(f"attention mass: a decode forward recorded shapes {[tuple(a.shape) for a in fwd]}")
     return out
 

@@ -4,10 +4,11 @@ A request's citations count, per memory row, the retrievals of every layer and h
 generated step: the forward of the last prompt token (it produces the first token) and the
 forward of each generated token but the last (whose output is never used). Nothing is replayed:
 while a group has a request that wants citations, every layer with memories appends its top-k
-rows ``[B, H, L, k]`` (-1 = masked by the threshold) to ``MemoryContext.record``, and after each
-``BatchGenerator.next()`` the scheduler evaluates them with the step (they are tiny) and hands
-each batch row's to its request's ``Counts``, which scatter-adds them, on the device, into its
-``[rows + 1]`` counts every few steps (the last slot takes masked picks). Requests that did not
+rows ``[B, H, L, k]`` (-1 = masked by the threshold)
+to ``MemoryContext.record``, and after each ``BatchGenerator.next()`` the scheduler evaluates them
+with the step (they are tiny) and hands them to its group's ``batch_tally.BatchTally``, which
+every few steps scatter-adds each batch row's picks, on the device, into its request's ``Counts``
+(``[rows + 1]``, the last slot takes masked picks), for the whole batch in one graph. Requests that did not
 ask for citations are never tallied; the host sees one counts vector per request, at its end.
 
 Which forward is which comes from the order in which mlx-lm 0.32's ``BatchGenerator._next``
@@ -51,11 +52,10 @@ class Picks:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.rows.shape)
 
-    def __getitem__(self, b: int) -> Picks:
-        """Batch row ``b``."""
-        if self.dots is None:
-            return Picks(self.rows[b])
-        return Picks(self.rows[b], self.dots[b], self.mass[b], self.scale)
+    @property
+    def size(self) -> int:
+        """Picks of the whole batch (``BatchTally`` bounds what its pending forwards hold)."""
+        return self.rows.size
 
     def arrays(self) -> list[mx.array]:
         return [a for a in (self.rows, self.dots, self.mass) if a is not None]
@@ -128,68 +128,40 @@ def decode_forwards(
 
 class Counts:
     """One request's retrieval counts, kept on the device: one slot per memory row plus one for
-    masked picks (the last).
+    masked picks (the last). Its group's ``batch_tally.BatchTally`` hands it the picks of many
+    forwards at once (``add_row``); the host reads the counts once (``read``)."""
 
-    ``add`` only remembers a forward's (already evaluated) per-layer picks and the request's
-    batch row in them: nothing runs per step. Every FLUSH_STEPS forwards, and in ``read``, the
-    remembered picks are scatter-added into the counts in one graph. With ``min_weight`` > 0 a pick
-    counts only when its softmax weight reaches it (``memory_weights``, computed at the flush).
-
-    A remembered row is a lazy slice of its forward's whole-batch arrays, which it keeps alive
-    until the flush: [B, H, 1, k] rows (and, with a floor, dots of the same size) per layer and
-    step. With a large top-k that is much memory (B 32, H 32, k 1024, 16 layers: 8 MiB per layer
-    and step, 4 GiB over 32 steps), so the counts also flush once the steps remembered since the
-    last flush hold FLUSH_PICKS picks of the whole batch (at most 64 MiB of rows and dots). At the
-    default top-k 10 a 16-layer, 32-head model in a batch of 32 makes 5.2 M picks in 32 steps:
-    under it, the flushes stay every FLUSH_STEPS."""
-
-    FLUSH_STEPS = 32
-    FLUSH_PICKS = 1 << 23  # picks of the whole batch (rows [B, H, 1, k] summed over layers and steps)
-
-    def __init__(self, rows: int, min_weight: float = 0.0):
+    def __init__(self, rows: int):
         self.rows = rows
-        self.min_weight = min_weight
-        self.counts = mx.zeros(rows + 1, dtype=mx.int32)
-        self._pending: list[Picks] = []  # per layer [H, 1, k], rows -1 = masked
-        self._steps = 0
-        self._held = 0  # picks of the whole batch the pending slices keep alive
+        self.total = mx.zeros(rows + 1, dtype=mx.int32)
 
-    def add(self, picks: list[Picks], b: int) -> None:
-        """picks: one decode forward's per-layer Picks [B, H, 1, k]; b: the request's row."""
-        self._pending.extend(p[b] for p in picks)
-        self._steps += 1
-        self._held += sum(p.rows.size for p in picks)
-        if self._steps >= self.FLUSH_STEPS or self._held >= self.FLUSH_PICKS:
-            self._flush()
-            mx.async_eval(self.counts)  # keeps the counts a short graph
-
-    def _flush(self) -> None:
-        if self._pending:
-            if self.min_weight > 0:
-                picked = mx.concatenate(
-                    [
-                        self._weighed(s, [p for p in self._pending if p.scale == s])
-                        for s in dict.fromkeys(p.scale for p in self._pending)
-                    ]
-                )
-            else:
-                picked = mx.concatenate([p.rows.reshape(-1) for p in self._pending])
-            self.counts = self.counts.at[mx.where(picked >= 0, picked, self.rows)].add(1)
-        self._pending, self._steps, self._held = [], 0, 0
-
-    def _weighed(self, scale: float, picks: list[Picks]) -> mx.array:
-        """The rows of ``picks`` (one layer scale) whose weight reaches min_weight, others -1."""
-        k = picks[0].rows.shape[-1]
-        rows = mx.concatenate([p.rows.reshape(-1, k) for p in picks])
-        dots = mx.concatenate([p.dots.reshape(-1, k) for p in picks])
-        mass = mx.concatenate([p.mass.reshape(-1) for p in picks])
-        w = memory_weights(rows, dots.astype(mx.float32), mass.astype(mx.float32), scale)
-        return mx.where(w >= self.min_weight, rows, -1).reshape(-1)
+    def add_row(self, picked: mx.array, steps: int) -> None:
+        """picked: this request's picks of ``steps`` forwards, flat int32 rows (-1 = not counted)."""
+        self.total = self.total.at[mx.where(picked >= 0, picked, self.rows)].add(1)
 
     def read(self) -> np.ndarray:
         """The per-row counts [rows] int32 (reads the device once)."""
-        self._flush()
-        return np.array(self.counts[:-1])
+        return np.array(self.total[:-1])
+
+
+def picked_rows(forwards: list[list[Picks]], min_weight: float = 0.0) -> mx.array:
+    """The ``BatchTally`` combine of citations: forwards of one batch, each its per-layer Picks
+    [B, H, 1, k] -> [B, M] int32 rows, the picks of every forward and layer, -1 where masked by
+    the threshold or, with ``min_weight`` > 0, where the pick's softmax weight
+    (``memory_weights``, from the recorded dots, memory mass and layer scale) is below it."""
+    picks = [p for fwd in forwards for p in fwd]
+    B, k = picks[0].rows.shape[0], picks[0].rows.shape[-1]
+    if min_weight <= 0:
+        return mx.concatenate([p.rows.reshape(B, -1) for p in picks], axis=1)
+    out = []
+    for scale in dict.fromkeys(p.scale for p in picks):  # layers of one scale in one graph
+        same = [p for p in picks if p.scale == scale]
+        rows = mx.concatenate([p.rows.reshape(B, -1, k) for p in same], axis=1)
+        dots = mx.concatenate([p.dots.reshape(B, -1, k) for p in same], axis=1).astype(mx.float32)
+        mass = mx.concatenate([p.mass.reshape(B, -1) for p in same], axis=1).astype(mx.float32)
+        w = memory_weights(rows, dots, mass, scale)
+        out.append(mx.where(w >= min_weight, rows, -1).reshape(B, -1))
+    return mx.concatenate(out, axis=1)
 
 
 # Retrieval spreads over the whole bank (every layer and head picks k rows at every step), so

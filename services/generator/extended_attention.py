@@ -67,8 +67,8 @@ class MemoryContext:
     # ``cite_min_weight`` > 0, what their softmax weights are computed from when counted.
     record: list | None = None
     cite_min_weight: float = 0.0
-    # When a list, every layer appends (layer, share [B, L] float32) here: the attention weight
-    # on the memories, summed over query heads (services/generator/attention_mass.py).
+    # When a list, every layer appends (layer, share [B, H, L] float32) here: each query head's
+    # attention weight on the memories (services/generator/attention_mass.py).
     mass: list | None = None
 
     def applies(self, layer: int) -> bool:
@@ -257,7 +257,7 @@ class ExtendedMindAttention(nn.Module):
             picks = Picks(rows, mem.dots.reshape(rows.shape), mass, self.scale) if weighed else Picks(rows)
             ctx.record.append((self.layer, picks))
         if ctx.mass is not None:  # lazy: computed only if the scheduler evaluates it
-            ctx.mass.append((self.layer, mx.sum(mass, axis=1)))
+            ctx.mass.append((self.layer, mass))
         # Each query's own k memories: a weighted sum (one tiny matmul per query would be slower).
         out_mem = mx.sum(w[..., :kmem, None] * mem.values, axis=-2)  # [B, KVH, R, L, d]
         out_local = w[..., kmem:].reshape(B, kvh, rep * L, S) @ v.astype(mx.float32)
@@ -287,7 +287,7 @@ class ExtendedMindAttention(nn.Module):
             weighed = ctx.cite_min_weight > 0
             ctx.record.append((self.layer, Picks(rows, dots, mass, self.scale) if weighed else Picks(rows)))
         if ctx.mass is not None:
-            ctx.mass.append((self.layer, mx.sum(mass, axis=1)))
+            ctx.mass.append((self.layer, mass))
         return out
 
 

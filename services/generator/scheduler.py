@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import threading
 import time
@@ -36,7 +37,8 @@ from extmind import errors
 from services.common.metrics import LATENCY_BUCKETS
 from services.common.mlx_thread import MLXThread
 from services.generator import attention_mass
-from services.generator.citations import Counts, Picks, decode_forwards, spans
+from services.generator.batch_tally import BatchTally
+from services.generator.citations import Counts, Picks, decode_forwards, picked_rows, spans
 from services.generator.extended_attention import ExtendedMindState, MemoryContext
 from services.generator.memory_resolution import ResolvedMemory
 from services.generator.request_types import LENGTH, STOP, STOP_SEQUENCE, Chunk, Final, GenerationRequest
@@ -146,6 +148,13 @@ class _Group:
         # ExtendedMindState.unpadded_caches), found again whenever the batch changes.
         self.unpadded_caches: dict = {}
         self.batch_changed = True
+        # Citation counts and attention mass of the decode batch, handed to its requests every
+        # few steps for the whole batch at once (batch_tally.py).
+        self.counts = self.mass = None
+        if ctx is not None:
+            floor = ctx.cite_min_weight
+            self.counts = BatchTally("counts", self.requests.get, functools.partial(picked_rows, min_weight=floor))
+            self.mass = BatchTally("mass", self.requests.get, attention_mass.summed_shares)
 
     def remove(self, uid: int) -> None:
         """Takes sequence ``uid`` out of the BatchGenerator (the decode batch changes)."""
@@ -293,7 +302,7 @@ class Scheduler:
         r.uid, r.group, r.memories = uid, group, memories
         m = r.req.memory
         if m is not None and m.return_citations and group.ctx is not None:
-            r.counts = Counts(group.ctx.retriever.rows, group.ctx.cite_min_weight)
+            r.counts = Counts(group.ctx.retriever.rows)
         if group.layers:
             r.mass = attention_mass.MassSum(group.layers, self.state.shape.num_heads)
         group.requests[uid] = r
@@ -389,7 +398,7 @@ class Scheduler:
                     group.remove(r.uid)
                     self._end(r, e)
             else:
-                recorded += _hand_out(group, forwards, "counts")
+                recorded += _hand_out(group.counts, forwards)
         if mass:
             try:
                 forwards = attention_mass.forward_shares(mass, group.layers_per_forward, generated, started)
@@ -398,7 +407,7 @@ class Scheduler:
                 for r in group.requests.values():
                     r.mass = None
             else:
-                recorded += _hand_out(group, forwards, "mass")
+                recorded += _hand_out(group.mass, forwards)
         if recorded:
             # The recorded rows and shares are tiny: evaluating them with the step frees the
             # forward's arrays they hang on; the requests add them up every few steps.
@@ -428,6 +437,7 @@ class Scheduler:
         citations, counts = [], None
         if r.counts is not None:
             try:
+                r.group.counts.flush()
                 counts = r.counts.read()
                 r.counts = None
                 citations = spans(counts, r.memories, self.decode, r.req.memory.max_citations)
@@ -435,6 +445,7 @@ class Scheduler:
                 self._end(r, e if isinstance(e, errors.ExtmindError) else errors.Internal(f"citations failed: {e}"))
                 return
         if r.mass is not None:
+            r.group.mass.flush()
             attention_mass.observe(r.mass.means())  # the one read of the request's sums
             r.mass = None
         rest = ""
@@ -455,20 +466,13 @@ class Scheduler:
         self._post(r, last)
 
 
-def _hand_out(group: _Group, forwards: list, attr: str) -> list:
-    """Hands every decode forward's per-layer arrays to the accumulator ``attr`` ("counts" or
-    "mass") of each of its requests that keeps one. -> the arrays handed out."""
+def _hand_out(tally: BatchTally, forwards: list) -> list:
+    """Adds every decode forward's per-layer records to the group's ``tally``. -> the arrays
+    recorded (to evaluate with the step)."""
     out = []
-    for uids, arrays in forwards:
-        used = False
-        for b, uid in enumerate(uids):
-            r = group.requests.get(uid)
-            acc = getattr(r, attr) if r is not None else None
-            if acc is not None:
-                acc.add(arrays, b)
-                used = True
-        if used:
-            out += [x for a in arrays for x in (a.arrays() if isinstance(a, Picks) else [a])]
+    for uids, records in forwards:
+        tally.add(uids, records)
+        out += [x for a in records for x in (a.arrays() if isinstance(a, Picks) else [a])]
     return out
 
 

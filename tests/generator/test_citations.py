@@ -256,9 +256,9 @@ async def test_floored_citations_of_requests_that_join_and_leave_a_batch_across_
     3 steps: each request's counts equal the numpy model's retrievals whose softmax weight reaches
     the floor. A flush mid-batch must take each request's own batch row, whatever the batch's size
     at the step the picks were recorded."""
-    from services.generator.citations import Counts
+    from services.generator.batch_tally import BatchTally
 
-    monkeypatch.setattr(Counts, "FLUSH_STEPS", 3)
+    monkeypatch.setattr(BatchTally, "FLUSH_STEPS", 3)
     mid, tokens = memory
     bank, _ = ref_memory(ref, tokens, engine.special_ids)
     top_k = 4
@@ -310,9 +310,9 @@ async def test_a_citing_request_cancelled_mid_batch_leaves_the_others_counts_exa
     """Two citing requests with a floor share a batch; one is cancelled (its stream closed) after
     a few tokens, between flushes (every 3 steps). The other's counts still equal the numpy
     model's picks whose weight reaches the floor, and the cancelled one leaves no request behind."""
-    from services.generator.citations import Counts
+    from services.generator.batch_tally import BatchTally
 
-    monkeypatch.setattr(Counts, "FLUSH_STEPS", 3)
+    monkeypatch.setattr(BatchTally, "FLUSH_STEPS", 3)
     mid, tokens = memory
     bank, _ = ref_memory(ref, tokens, engine.special_ids)
     top_k, n, floor = 4, 10, 0.05

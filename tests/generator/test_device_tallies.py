@@ -1,42 +1,89 @@
-"""The per-request tallies kept on the device (citations.Counts, attention_mass.MassSum) equal a
-host-side count over every step, across their every-few-steps flushes and any batch row."""
+"""The per-request tallies kept on the device (citations.Counts, attention_mass.MassSum), fed by
+their group's batch_tally.BatchTally, equal a host-side count over every step: across flushes,
+batches that change (sequences joining and leaving), requests that keep no tally, and requests
+that leave."""
+
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
 
+from services.generator import attention_mass
 from services.generator.attention_mass import MassSum
-from services.generator.citations import Counts, Picks
+from services.generator.batch_tally import BatchTally
+from services.generator.citations import Counts, Picks, picked_rows
 
 
-def test_counts_equal_a_bincount_over_every_step_and_flush():
-    rng = np.random.default_rng(0)
-    rows, layers, B, H, k = 50, 3, 4, 2, 5
-    steps = 2 * Counts.FLUSH_STEPS + 7  # two flushes and a remainder read at the end
-    counts = Counts(rows)
-    want = np.zeros(rows, np.int64)
+def _batches(rng, steps, uids_pool=6, most=4):
+    """A decode batch per step: mostly the previous one, sometimes a sequence joins or leaves."""
+    batch = [0, 1]
+    out = []
     for _ in range(steps):
-        fwd = rng.integers(-1, rows, (layers, B, H, 1, k)).astype(np.int32)  # -1 = masked
-        b = int(rng.integers(B))
-        counts.add([Picks(mx.array(a)) for a in fwd], b)
-        picked = fwd[:, b].reshape(-1)
-        want += np.bincount(picked[picked >= 0], minlength=rows)
-    got = counts.read()
-    assert got.dtype == np.int32 and got.shape == (rows,)
-    np.testing.assert_array_equal(got, want)
+        r = rng.random()
+        if r < 0.1 and len(batch) < most:
+            batch = batch + [int(rng.choice([u for u in range(uids_pool) if u not in batch]))]
+        elif r < 0.2 and len(batch) > 1:
+            batch = [u for u in batch if u != batch[int(rng.integers(len(batch)))]]
+        out.append(list(batch))
+    return out
+
+
+def _requests(n, make):
+    return {uid: SimpleNamespace(counts=make(uid), mass=None) for uid in range(n)}
+
+
+def test_counts_equal_a_bincount_over_every_step_flush_and_batch_change():
+    rng = np.random.default_rng(0)
+    rows, layers, H, k = 50, 3, 2, 5
+    steps = 2 * BatchTally.FLUSH_STEPS + 7  # flushes by steps, by batch changes, and a remainder
+    # Request 3 keeps no counts (it did not ask for citations): its rows are skipped.
+    requests = _requests(6, lambda uid: None if uid == 3 else Counts(rows))
+    tally = BatchTally("counts", requests.get, picked_rows)
+    want = {uid: np.zeros(rows, np.int64) for uid in requests}
+    batches = _batches(rng, steps)
+    assert len({tuple(b) for b in batches}) > 2, "the draw never changed the batch"
+    for uids in batches:
+        fwd = rng.integers(-1, rows, (layers, len(uids), H, 1, k)).astype(np.int32)  # -1 = masked
+        tally.add(uids, [Picks(mx.array(a)) for a in fwd])
+        for b, uid in enumerate(uids):
+            picked = fwd[:, b].reshape(-1)
+            want[uid] += np.bincount(picked[picked >= 0], minlength=rows)
+    tally.flush()
+    for uid, r in requests.items():
+        if r.counts is None:
+            continue
+        got = r.counts.read()
+        assert got.dtype == np.int32 and got.shape == (rows,)
+        np.testing.assert_array_equal(got, want[uid])
+    assert sum(w.sum() for u, w in want.items() if u != 3) > 0
+
+
+def test_a_request_that_left_is_skipped_and_the_others_still_count():
+    rows, H, k = 20, 2, 3
+    requests = _requests(2, lambda uid: Counts(rows))
+    tally = BatchTally("counts", requests.get, picked_rows)
+    fwd = np.arange(2 * H * k, dtype=np.int32).reshape(1, 2, H, 1, k) % rows
+    tally.add([0, 1], [Picks(mx.array(a)) for a in fwd])
+    gone = requests.pop(0)  # cancelled before the flush
+    tally.flush()
+    np.testing.assert_array_equal(gone.counts.read(), np.zeros(rows, np.int32))
+    want = np.bincount(fwd[:, 1].reshape(-1), minlength=rows)
+    np.testing.assert_array_equal(requests[1].counts.read(), want)
 
 
 def test_weighed_counts_keep_only_picks_with_enough_attention_across_flushes():
     """With a floor, a pick counts only when its softmax weight (rebuilt at the flush from the raw
-    dots, the head's memory mass and the layer's scale; two scales in one request) reaches it:
+    dots, the head's memory mass and the layer's scale; two scales in one forward) reaches it:
     equal to a host-side count of a direct softmax over [memories | local], weights near the floor
     left out of the draw."""
     rng = np.random.default_rng(2)
     rows, B, H, k, S, floor = 40, 3, 2, 4, 6, 0.1
     scales = (0.25, 0.5)
-    counts = Counts(rows, floor)
-    want = np.zeros(rows, np.int64)
-    for _ in range(Counts.FLUSH_STEPS + 5):
-        fwd, b = [], int(rng.integers(B))
+    requests = _requests(B, lambda uid: Counts(rows))
+    tally = BatchTally("counts", requests.get, lambda fwds: picked_rows(fwds, floor))
+    want = {uid: np.zeros(rows, np.int64) for uid in requests}
+    for _ in range(BatchTally.FLUSH_STEPS + 5):
+        fwd = []
         for scale in scales:
             while True:
                 r = rng.integers(-1, rows, (B, H, 1, k)).astype(np.int32)
@@ -48,46 +95,60 @@ def test_weighed_counts_keep_only_picks_with_enough_attention_across_flushes():
                 if np.abs(w[..., :k] - floor).min() > 1e-3:  # no weight within rounding of the floor
                     break
             fwd.append(Picks(mx.array(r), mx.array(dots), mx.array(w[..., :k].sum(-1).astype(np.float32)), scale))
-            kept = r[b][(w[b, ..., :k] >= floor) & (r[b] >= 0)]
-            want += np.bincount(kept, minlength=rows)
-        counts.add(fwd, b)
-    assert want.sum() > 0
-    np.testing.assert_array_equal(counts.read(), want)
+            for b in range(B):
+                kept = r[b][(w[b, ..., :k] >= floor) & (r[b] >= 0)]
+                want[b] += np.bincount(kept, minlength=rows)
+        tally.add(list(range(B)), fwd)
+    tally.flush()
+    assert all(w.sum() > 0 for w in want.values())
+    for uid, r in requests.items():
+        np.testing.assert_array_equal(r.counts.read(), want[uid])
 
 
 def test_mass_means_equal_the_host_mean_over_every_step_and_head():
     rng = np.random.default_rng(1)
-    layers, heads, B = [0, 2, 5], 4, 3
-    steps = MassSum.FLUSH_STEPS + 9
-    mass = MassSum(layers, heads)
-    assert mass.means() == {}
-    sums = np.zeros(len(layers))
-    for _ in range(steps):
-        fwd = rng.uniform(0, heads, (len(layers), B, 1)).astype(np.float32)  # sums over heads
-        b = int(rng.integers(B))
-        mass.add([mx.array(a) for a in fwd], b)
-        sums += fwd[:, b, 0]
-    got = mass.means()
-    assert list(got) == layers
-    np.testing.assert_allclose([got[i] for i in layers], sums / (steps * heads), rtol=1e-5)
+    layers, heads = [0, 2, 5], 4
+    steps = BatchTally.FLUSH_STEPS + 9
+    requests = {uid: SimpleNamespace(counts=None, mass=MassSum(layers, heads)) for uid in range(6)}
+    tally = BatchTally("mass", requests.get, attention_mass.summed_shares)
+    assert requests[0].mass.means() == {}
+    sums = {uid: np.zeros(len(layers)) for uid in requests}
+    n = dict.fromkeys(requests, 0)
+    for uids in _batches(rng, steps):
+        fwd = rng.uniform(0, 1, (len(layers), len(uids), heads, 1)).astype(np.float32)  # per head
+        tally.add(uids, [mx.array(a) for a in fwd])
+        for b, uid in enumerate(uids):
+            sums[uid] += fwd[:, b, :, 0].sum(-1)
+            n[uid] += 1
+    tally.flush()
+    for uid, r in requests.items():
+        got = r.mass.means()
+        if not n[uid]:
+            assert got == {}
+            continue
+        assert list(got) == layers
+        np.testing.assert_allclose([got[i] for i in layers], sums[uid] / (n[uid] * heads), rtol=1e-5)
 
 
-def test_counts_flush_early_when_the_pending_picks_hold_much_memory(monkeypatch):
-    """The pending picks are slices that keep their forwards' whole-batch arrays alive until the
-    flush: past FLUSH_PICKS picks of those arrays the counts flush before FLUSH_STEPS steps (a
-    large top-k would otherwise hold gigabytes), and count the same as a host-side bincount."""
-    monkeypatch.setattr(Counts, "FLUSH_PICKS", 500)
+def test_the_tally_flushes_early_when_the_pending_picks_hold_much_memory(monkeypatch):
+    """The pending records keep their forwards' whole-batch arrays alive until the flush: past
+    FLUSH_ITEMS picks the tally flushes before FLUSH_STEPS steps (a large top-k would otherwise
+    hold gigabytes), and counts the same as a host-side bincount."""
+    monkeypatch.setattr(BatchTally, "FLUSH_ITEMS", 500)
     rng = np.random.default_rng(3)
     rows, layers, B, H, k = 60, 2, 4, 2, 16  # 128 picks of the batch per layer, 256 per step
-    counts = Counts(rows)
-    want = np.zeros(rows, np.int64)
+    requests = _requests(B, lambda uid: Counts(rows))
+    tally = BatchTally("counts", requests.get, picked_rows)
+    want = {uid: np.zeros(rows, np.int64) for uid in requests}
     pending = []
     for _ in range(9):
         fwd = rng.integers(-1, rows, (layers, B, H, 1, k)).astype(np.int32)
-        b = int(rng.integers(B))
-        counts.add([Picks(mx.array(a)) for a in fwd], b)
-        picked = fwd[:, b].reshape(-1)
-        want += np.bincount(picked[picked >= 0], minlength=rows)
-        pending.append(len(counts._pending) // layers)
+        tally.add(list(range(B)), [Picks(mx.array(a)) for a in fwd])
+        for b in range(B):
+            picked = fwd[:, b].reshape(-1)
+            want[b] += np.bincount(picked[picked >= 0], minlength=rows)
+        pending.append(len(tally._pending))
     assert pending == [1, 0, 1, 0, 1, 0, 1, 0, 1]  # 512 picks in 2 steps: a flush every 2nd step
-    np.testing.assert_array_equal(counts.read(), want)
+    tally.flush()
+    for uid, r in requests.items():
+        np.testing.assert_array_equal(r.counts.read(), want[uid])
