@@ -29,11 +29,10 @@ from typing import Any, Protocol
 import mlx.core as mx
 import mlx.nn as nn
 
-from services.generator import attention_parts, fused_attention
+from services.generator import attention_parts, fused_attention, prefill_attention
 from services.generator.citations import Picks
+from services.generator.prefill_attention import apply_mask
 from services.generator.request_types import DEFAULT_MEMORY_TOP_K
-
-_NEG = -1e30  # finite "masked" for local logits: exp() gives exactly 0 next to any real logit
 
 
 @dataclass
@@ -243,7 +242,7 @@ class ExtendedMindAttention(nn.Module):
         # GQA as plain batched matmuls: the R query heads of a KV head are stacked as rows
         # (broadcasting K over the R axis is several times slower on the CPU).
         local = (qf.reshape(B, kvh, rep * L, d) @ k.astype(mx.float32).swapaxes(-1, -2)) * self.scale
-        local = _apply_mask(local.reshape(B, kvh, rep, L, S), mask, L, S)  # [B, KVH, R, L, S]
+        local = apply_mask(local.reshape(B, kvh, rep, L, S), mask, L, S)  # [B, KVH, R, L, S]
         mem_logits = mem.dots * self.scale
         if mem.valid is not None:
             mem_logits = mx.where(mem.valid, mem_logits, -mx.inf)
@@ -268,7 +267,9 @@ class ExtendedMindAttention(nn.Module):
     def _fused(self, q, k, v, mask, ctx: MemoryContext, dtype):
         """The layer's attention output [B, L, H * d] from the fused kernels, or None when this
         call is not one they take (REMOTE retrieval, a quantized KV cache, an additive mask, a
-        head size or top-k past their limits, a context longer than a block's shared memory)."""
+        head size or top-k past their limits, a context longer than a block's shared memory when
+        not a prefill). A prefill (``prefill_attention.fits``) takes the local part from MLX's
+        fused attention and merges the memories by log-sum-exp (prefill_attention.py)."""
         bank = getattr(ctx.retriever, "layer_bank", None)
         B, H, L, d = q.shape
         if bank is None or not isinstance(k, mx.array) or d > fused_attention.MAX_HEAD_DIM:
@@ -276,35 +277,25 @@ class ExtendedMindAttention(nn.Module):
         S = k.shape[2]
         keys_t, inv_norms, values = bank(self.layer)
         kk = min(ctx.top_k, keys_t.shape[2])
-        if kk > fused_attention.MAX_TOP_K or kk + S > fused_attention.max_local_positions():
+        if kk > fused_attention.MAX_TOP_K:
             return None
-        mask = fused_attention.mask_mode(mask, B, L, S)
-        if mask is None:
+        kernel_mask = fused_attention.mask_mode(mask, B, L, S)
+        if kernel_mask is None:
             return None
-        rows, dots = fused_attention.top_k_rows(q, keys_t, inv_norms, ctx.top_k, ctx.threshold)
-        out, mass = fused_attention.attend(q, k, v, mask, rows, dots, values, self.scale, dtype)
+        if prefill_attention.fits(B, H, L, S):  # a prefill: local part by MLX's fused attention
+            rows, dots = fused_attention.top_k_rows(q, keys_t, inv_norms, ctx.top_k, ctx.threshold)
+            out, mass = prefill_attention.attend(q, k, v, mask, rows, dots, values, self.scale, dtype)
+        elif kk + S <= fused_attention.max_local_positions():
+            rows, dots = fused_attention.top_k_rows(q, keys_t, inv_norms, ctx.top_k, ctx.threshold)
+            out, mass = fused_attention.attend(q, k, v, kernel_mask, rows, dots, values, self.scale, dtype)
+        else:
+            return None
         if ctx.record is not None:
             weighed = ctx.cite_min_weight > 0
             ctx.record.append((self.layer, Picks(rows, dots, mass, self.scale) if weighed else Picks(rows)))
         if ctx.mass is not None:
             ctx.mass.append((self.layer, mass))
         return out
-
-
-def _apply_mask(logits: mx.array, mask: Any, L: int, S: int) -> mx.array:
-    """Applies an mlx-lm attention mask (None, "causal", bool or additive array) to
-    [B, KVH, R, L, S] logits."""
-    if mask is None:
-        return logits
-    if isinstance(mask, str):
-        if mask != "causal":
-            raise ValueError(f"unsupported attention mask {mask!r}")
-        mask = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]
-    if mask.ndim == 4:  # [B, 1 or H, L, S] -> broadcast over the n_rep axis
-        mask = mx.expand_dims(mask, 2)
-    if mask.dtype == mx.bool_:
-        return mx.where(mask, logits, _NEG)
-    return logits + mask.astype(logits.dtype)
 
 
 def install(model: nn.Module, config: dict | None = None, fused: str = "auto") -> ExtendedMindState:

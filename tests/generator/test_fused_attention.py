@@ -20,7 +20,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import load
 
 from extmind.tiny_models import build_llama
-from services.generator import fused_attention
+from services.generator import fused_attention, prefill_attention
 from services.generator.bank_cache import LocalRetriever, bank_from_numpy
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.extended_attention import MemoryContext, install
@@ -240,6 +240,45 @@ def test_fused_layer_matches_the_portable_path(
         state, attn, chunks, n, d, bank_dtype, top_k=top_k, threshold=threshold
     )
     assert len(calls) == len(chunks)  # every forward of the fused run took the kernels
+    _same_sets(got_rows, want_rows)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    for g, w in zip(got_mass, want_mass):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "chunks,top_k,threshold,n,bank_dtype,padded",
+    [
+        ([9], 3, None, 25, np.float32, False),  # prefill, causal
+        ([7, 6, 1], 4, 0.05, 300, np.float32, False),  # a chunk after a cached one, threshold, decode
+        ([12, 1], 6, None, 700, np.float16, False),  # half-precision bank
+        ([6, 5, 1], 4, None, 200, np.float32, True),  # left padding (a boolean mask)
+    ],
+)
+def test_fused_prefill_by_log_sum_exp_matches_the_portable_path(
+    tmp_path, monkeypatch, chunks, top_k, threshold, n, bank_dtype, padded
+):
+    """Prefill chunks take prefill_attention (MLX's fused attention merged with the memories);
+    the decode steps the attend kernel; every output, retrieved set and attention mass equals the
+    portable path's."""
+    monkeypatch.setattr(prefill_attention, "MIN_QUERIES", 4)
+    calls = []
+    split = prefill_attention.attend
+    monkeypatch.setattr(prefill_attention, "attend", lambda *a, **kw: calls.append(1) or split(*a, **kw))
+
+    def pad_mask(h, cache):
+        L, S = h.shape[1], cache.offset + h.shape[1]
+        causal = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]
+        pad = mx.array([[False] * 3 + [True] * (S - 3), [True] * S])[:, None, None, :]
+        return mx.logical_and(causal[None, None], pad)
+
+    state, attn = _layer(tmp_path)
+    extra = {"mask_fn": pad_mask} if padded else {}
+    (got, got_rows, got_mass), (want, want_rows, want_mass) = _compare(
+        state, attn, chunks, n, 16, bank_dtype, top_k=top_k, threshold=threshold, **extra
+    )
+    assert len(calls) == sum(c >= 4 for c in chunks)
     _same_sets(got_rows, want_rows)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     for g, w in zip(got_mass, want_mass):

@@ -1,0 +1,115 @@
+"""prefill_attention.attend (a prefill's local attention by MLX's fused attention, merged with the
+memories by log-sum-exp) against a float64 numpy softmax over [memories | local context]: causal
+masks with a cached prefix, a left-padding mask, thresholded (masked) memories, GQA, float32 and
+float16 inputs. Runs on any backend (on CUDA it is the fused path's prefill)."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from services.generator import prefill_attention
+
+
+def _np_attend(q, k, v, allowed, rows, dots, bank_values, scale):
+    """float64: one softmax per query head and token over its memories and allowed positions."""
+    B, H, L, d = q.shape
+    rep = H // k.shape[1]
+    out = np.zeros((B, L, H * d))
+    mass = np.zeros((B, H, L))
+    for b, h, t in np.ndindex(B, H, L):
+        g = h // rep
+        mem = np.where(rows[b, h, t] >= 0, dots[b, h, t] * scale, -np.inf)
+        local = np.where(allowed[b, t], k[b, g] @ q[b, h, t] * scale, -np.inf)
+        logits = np.concatenate([mem, local])
+        w = np.exp(logits - logits.max())
+        w /= w.sum()
+        vals = np.concatenate([bank_values[g, np.maximum(rows[b, h, t], 0)], v[b, g]])
+        out[b, t, h * d : (h + 1) * d] = w @ vals
+        mass[b, h, t] = w[: len(mem)].sum()
+    return out, mass
+
+
+@pytest.mark.parametrize(
+    "dtype,mask_kind,prefix",
+    [
+        (np.float32, "causal", 0),
+        (np.float32, "causal", 7),  # a chunk after 7 cached positions
+        (np.float32, "padding", 0),  # row 0 left-padded by 3 positions (bool mask, as BatchKVCache)
+        (np.float16, "causal", 5),
+    ],
+)
+def test_matches_one_softmax_over_memories_and_context(dtype, mask_kind, prefix):
+    rng = np.random.default_rng(0)
+    B, H, KVH, L, d, n, k = 2, 4, 2, 9, 16, 30, 5
+    S = prefix + L
+    scale = d**-0.5
+    q = rng.standard_normal((B, H, L, d)).astype(dtype)
+    kk = rng.standard_normal((B, KVH, S, d)).astype(dtype)
+    v = rng.standard_normal((B, KVH, S, d)).astype(dtype)
+    bank_values = rng.standard_normal((KVH, n, d)).astype(dtype)
+    rows = rng.integers(-1, n, (B, H, L, k)).astype(np.int32)  # -1: masked by a threshold
+    rows[1, 0, 0] = -1  # one query with every memory masked: local attention only
+    dots = (rng.standard_normal((B, H, L, k)) * 4).astype(np.float32)
+    causal = np.arange(S - L, S)[:, None] >= np.arange(S)[None]
+    if mask_kind == "causal":
+        mask, allowed = "causal", np.broadcast_to(causal, (B, L, S))
+    else:
+        pad = np.ones((B, S), bool)
+        pad[0, :3] = False
+        allowed = causal[None] & pad[:, None, :]
+        mask = mx.array(allowed[:, None])  # [B, 1, L, S]
+    out, mass = prefill_attention.attend(
+        mx.array(q),
+        mx.array(kk),
+        mx.array(v),
+        mask,
+        mx.array(rows),
+        mx.array(dots),
+        mx.array(bank_values),
+        scale,
+        mx.float32,
+    )
+    want, want_mass = _np_attend(
+        *(a.astype(np.float64) for a in (q, kk, v)), allowed, rows, dots, bank_values.astype(np.float64), scale
+    )
+    # Rows of queries that attend nothing (left padding) and have memories read the memories only.
+    tol = 1e-5 if dtype == np.float32 else 2e-3  # float16: the fused attention's output is rounded to float16
+    assert out.dtype == mx.float32 and out.shape == (B, L, H * d) and mass.shape == (B, H, L)
+    np.testing.assert_allclose(np.array(out), want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.array(mass), want_mass, rtol=1e-5, atol=1e-6)
+    assert np.array(mass)[1, 0, 0] == 0.0
+
+
+def test_a_padded_query_with_memories_reads_only_them():
+    """A left-padding position (no local position allowed) puts all its weight on its memories,
+    whatever the fused attention returns for a row it masks entirely."""
+    rng = np.random.default_rng(1)
+    B, H, L, d, n, k = 1, 2, 4, 8, 10, 3
+    q = rng.standard_normal((B, H, L, d)).astype(np.float32)
+    kv = rng.standard_normal((B, 1, L, d)).astype(np.float32)
+    bank_values = rng.standard_normal((1, n, d)).astype(np.float32)
+    rows = rng.integers(0, n, (B, H, L, k)).astype(np.int32)
+    dots = rng.standard_normal((B, H, L, k)).astype(np.float32)
+    allowed = np.tril(np.ones((L, L), bool))
+    allowed[:, :2] = False  # positions 0 and 1 are padding
+    out, mass = prefill_attention.attend(
+        mx.array(q),
+        mx.array(kv),
+        mx.array(kv),
+        mx.array(allowed[None, None]),
+        mx.array(rows),
+        mx.array(dots),
+        mx.array(bank_values),
+        d**-0.5,
+        mx.float32,
+    )
+    want, _ = _np_attend(q.astype(np.float64), kv, kv, allowed[None], rows, dots, bank_values, d**-0.5)
+    assert np.isfinite(np.array(out)).all()
+    np.testing.assert_allclose(np.array(mass)[0, :, :2], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(np.array(out), want, rtol=1e-5, atol=1e-5)
+
+
+def test_fits_takes_long_batches_of_queries_within_the_logits_bound():
+    assert not prefill_attention.fits(1, 32, 1, 4096)  # a decode step: the attend kernel
+    assert prefill_attention.fits(1, 32, prefill_attention.MIN_QUERIES, 4096)
+    assert not prefill_attention.fits(8, 32, 2048, 8192)  # 4 G logits: too many to materialize
