@@ -528,18 +528,30 @@ def enabled(mode: str = "auto") -> bool:
 
 def mask_mode(mask, B: int, L: int, S: int):
     """The kernel's mask mode and array for an mlx-lm attention mask, or None when the kernel
-    cannot take it (an additive float mask): (mode, bool array [B, L, S] or a placeholder)."""
+    cannot take it (an additive float mask): (mode, bool array [B, L, S] or a placeholder).
+    mlx-lm builds one mask per forward and hands every layer the same array, so the last one
+    converted is remembered: a padded batch's decode step makes one contiguous copy, not one per
+    layer."""
+    global _last_mask
     if mask is None:
         return _NO_MASK, _scalar(False, mx.bool_)
     if isinstance(mask, str):
         return (_CAUSAL, _scalar(False, mx.bool_)) if mask == "causal" else None
     if mask.dtype != mx.bool_:
         return None
-    if mask.ndim == 4:
-        if mask.shape[1] != 1:
+    if _last_mask[0] is mask and _last_mask[1] == (B, L, S):
+        return _last_mask[2]
+    arr = mask
+    if arr.ndim == 4:
+        if arr.shape[1] != 1:
             return None
-        mask = mask[:, 0]
-    return _ARRAY_MASK, mx.contiguous(mx.broadcast_to(mask, (B, L, S)))
+        arr = arr[:, 0]
+    out = _ARRAY_MASK, mx.contiguous(mx.broadcast_to(arr, (B, L, S)))
+    _last_mask = (mask, (B, L, S), out)  # holds the mask: its id is not reused while remembered
+    return out
+
+
+_last_mask: tuple = (None, None, None)
 
 
 def _shared_bucket(floats: int) -> int:

@@ -361,3 +361,20 @@ def test_a_misspelt_attend_logits_variable_is_refused():
     env["EXTMIND_ATTEND_LOGITS"] = "rows"
     good = run([sys.executable, "-c", code], env=env)
     assert good.returncode == 0 and good.stdout.strip() == "rows", good.stderr
+
+
+def test_mask_mode_converts_one_forward_mask_once():
+    """mlx-lm hands every layer of a forward the same mask array: the kernel's [B, L, S] copy is
+    made once per forward and equals the mask broadcast; another mask (even an equal one) or
+    other sizes are converted anew. Plain MLX ops: runs on any backend."""
+    mask = mx.array(np.tril(np.ones((3, 5), bool), 2)[None, None].repeat(2, 0))  # [2, 1, 3, 5]
+    mode, first = fused_attention.mask_mode(mask, 2, 3, 5)
+    assert mode == fused_attention._ARRAY_MASK
+    assert fused_attention.mask_mode(mask, 2, 3, 5)[1] is first  # the next layer: no new copy
+    np.testing.assert_array_equal(np.array(first), np.array(mask)[:, 0])
+    other = mx.array(np.array(mask))
+    assert fused_attention.mask_mode(other, 2, 3, 5)[1] is not first
+    row = mx.array(np.ones((2, 1, 1, 5), bool))  # a decode step's [B, 1, 1, S] broadcast to [B, L, S]
+    _, wide = fused_attention.mask_mode(row, 2, 1, 5)
+    assert wide.shape == (2, 1, 5) and np.array(wide).all()
+    assert fused_attention.mask_mode(mx.zeros((2, 1, 3, 5)), 2, 3, 5) is None  # additive: portable path
