@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 from bench.common import (
     ROOT,
@@ -92,15 +93,18 @@ def in_process_forward(model_spec: str, texts: list[str], rounds: int) -> float:
 
 
 # --- 2. tokens/s vs sentence-transformers ---------------------------------------------------------
-def mlx_throughput(texts: list[str], batch: int, rounds: int, model: str = "all-minilm-l6-v2") -> dict:
+def mlx_throughput(
+    texts: list[str], batch: int, rounds: int, model: str = "all-minilm-l6-v2", dtype: str = "float32"
+) -> dict:
     """Runs in a subprocess so the BLAS can differ: tokens/s of the MLX embedder ``model`` (MiniLM,
-    or a checkpoint directory), length-sorted batches."""
+    or a checkpoint directory) computing in ``dtype`` (the embedder's ``--dtype``), length-sorted
+    batches."""
     from services.common.blas import blas_in_use
     from services.common.mlx_thread import MLXThread
     from services.embedder import recipe, registry
 
     mlx = MLXThread("bench")
-    m = mlx.call(registry.load, registry.resolve(model))
+    m = mlx.call(lambda: registry.load(registry.resolve(model), dtype=dtype))
     ids = [
         recipe.truncate_keeping_end_token(s, m.max_input_tokens, truncate=True, index=i)
         for i, s in enumerate(m.token_ids(texts))
@@ -175,7 +179,9 @@ def qwen3_shaped(root) -> str:
     return str(path)
 
 
-def mlx_subprocess(openblas: bool | None, n: int, batch: int, rounds: int, model: str = "all-minilm-l6-v2") -> dict:
+def mlx_subprocess(
+    openblas: bool | None, n: int, batch: int, rounds: int, model: str = "all-minilm-l6-v2", dtype: str = "float32"
+) -> dict:
     """openblas: True = preloaded, False = the bundled BLAS, None = whatever the build does."""
     from services.common.blas import find_openblas
 
@@ -203,6 +209,8 @@ def mlx_subprocess(openblas: bool | None, n: int, batch: int, rounds: int, model
             str(rounds),
             "--throughput-model",
             model,
+            "--throughput-dtype",
+            dtype,
         ],
         cwd=ROOT,
         env=env,
@@ -235,12 +243,14 @@ def main() -> None:
     p.add_argument("--no-batching", action="store_true", help="skip part 1 (the gRPC batching rows)")
     p.add_argument("--mlx-throughput", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--throughput-model", default="all-minilm-l6-v2", help=argparse.SUPPRESS)
+    p.add_argument("--throughput-dtype", default="float32", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.quick:
         a.rounds, a.texts = 2, 32
 
     if a.mlx_throughput:  # child mode: BLAS chosen by the parent's environment
-        print(json.dumps(mlx_throughput(make_texts(a.texts, seed=1), a.batch, a.rounds, a.throughput_model)))
+        texts = make_texts(a.texts, seed=1)
+        print(json.dumps(mlx_throughput(texts, a.batch, a.rounds, a.throughput_model, a.throughput_dtype)))
         return
 
     from services.common.blas import blas_in_use, ensure_openblas
@@ -316,10 +326,21 @@ def batching_rows(a) -> list:
     return rows
 
 
+def checkpoint_dtype(path) -> str:
+    """The dtype sentence-transformers computes in for ``path`` (None: the MiniLM, float32): a
+    checkpoint's config dtype, as ``model_kwargs={"dtype": "auto"}`` loads it."""
+    if path is None:
+        return "float32"
+    config = json.loads((Path(path) / "config.json").read_text())
+    return str(config.get("torch_dtype") or config.get("dtype") or "float32")
+
+
 def throughput_rows(a, model: str, path) -> list:
-    """Part 2: tokens/s of the MLX embedder vs sentence-transformers on the same weights."""
+    """Part 2: tokens/s of the MLX embedder vs sentence-transformers on the same weights, both
+    computing in the checkpoint's dtype (the MLX embedder's ``--dtype`` set to it)."""
     from services.common.blas import mlx_build
 
+    dtype = checkpoint_dtype(path)
     rows = []
     n = a.texts
     tput_rounds = 1 if a.quick else 3
@@ -332,14 +353,15 @@ def throughput_rows(a, model: str, path) -> list:
     else:
         st = torch_r["tokens"] / torch_r["seconds"]
         what = f"tokens/s, {n} texts ({torch_r['tokens']} tokens), batch {a.batch}, median of {tput_rounds}:"
-        label = f"{what} sentence-transformers (PyTorch, {torch_r['where']})"
+        label = f"{what} sentence-transformers (PyTorch, {torch_r['where']}, {dtype})"
         rows.append([label, f"{st:.0f} tok/s", "1.00x", "-", "-"])
     build = mlx_build()
     # The OpenBLAS preload matters only to MLX's CPU build; the CUDA build runs once, as it is.
     variants = (None,) if build.startswith("cuda") else (True, False)
     for openblas in variants:
-        r = mlx_subprocess(openblas, n, a.batch, tput_rounds if openblas is not False else 1, model)
+        r = mlx_subprocess(openblas, n, a.batch, tput_rounds if openblas is not False else 1, model, dtype)
         label = {None: f"MLX ({build} build)", True: "MLX + OpenBLAS", False: "MLX, bundled BLAS"}[openblas]
+        label += f", {dtype}"
         label = f"{what} {label}"
         if "error" in r:
             rows.append([label, f"not measured ({r['error'].strip()[:200]})", "-", "-", "-"])
