@@ -12,6 +12,7 @@ stale bank is dropped instead of served. Only the MLX thread touches this module
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -145,27 +146,43 @@ class LocalRetriever:
 
 class BankCache:
     """LRU of Banks bounded in bytes. A bank larger than the bound is still returned to the
-    caller (the request needs it) but not kept."""
+    caller (the request needs it) but not kept.
+
+    The MLX thread gets, puts and evicts; ``contains`` may run on any thread (a request checks
+    for its banks right after resolving its memories, without waiting for the MLX thread, which
+    may be in the middle of decode steps), so the index is guarded by a lock. Banks are only
+    dropped on the MLX thread."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = int(max_bytes)
         self._entries: OrderedDict[str, Bank] = OrderedDict()
         self.nbytes = 0
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    def contains(self, memory_id: str, version: str) -> bool:
+        """Whether this memory version's bank is cached (any thread; counted in the hit / miss
+        metrics). A stale version is left for the MLX thread to evict."""
+        with self._lock:
+            bank = self._entries.get(memory_id)
+            hit = bank is not None and bank.version == version
+        (HITS if hit else MISSES).inc()
+        return hit
+
     def get(self, memory_id: str, version: str, *, lookup: bool = True) -> Bank | None:
         """The cached bank of this memory version, or None. ``lookup=False``: a second look for
         the same request, not counted again in the hit / miss metrics."""
-        bank = self._entries.get(memory_id)
+        with self._lock:
+            bank = self._entries.get(memory_id)
+            if bank is not None and bank.version == version:
+                self._entries.move_to_end(memory_id)
         if bank is not None and bank.version != version:  # deleted and re-created: never serve the old rows
             self.evict(memory_id)
             bank = None
         if lookup:
             (MISSES if bank is None else HITS).inc()
-        if bank is not None:
-            self._entries.move_to_end(memory_id)
         return bank
 
     def put(self, bank: Bank) -> None:
@@ -173,11 +190,12 @@ class BankCache:
         size = bank.nbytes
         if size > self.max_bytes:
             return
-        while self._entries and self.nbytes + size > self.max_bytes:
-            _, old = self._entries.popitem(last=False)
-            self.nbytes -= old.nbytes
-        self._entries[bank.memory_id] = bank
-        self.nbytes += size
+        with self._lock:
+            while self._entries and self.nbytes + size > self.max_bytes:
+                _, old = self._entries.popitem(last=False)
+                self.nbytes -= old.nbytes
+            self._entries[bank.memory_id] = bank
+            self.nbytes += size
         self._publish()
 
     def _publish(self) -> None:
@@ -185,7 +203,9 @@ class BankCache:
         CACHED_BANKS.set(len(self._entries))
 
     def evict(self, memory_id: str) -> None:
-        old = self._entries.pop(memory_id, None)
+        with self._lock:
+            old = self._entries.pop(memory_id, None)
+            if old is not None:
+                self.nbytes -= old.nbytes
         if old is not None:
-            self.nbytes -= old.nbytes
             self._publish()

@@ -303,15 +303,21 @@ class GeneratorEngine:
             return await self._resolve_and_fetch_once(m)
 
     async def _resolve_and_fetch_once(self, m) -> tuple[list[ResolvedMemory], dict]:
-        memories = await asyncio.to_thread(self.resolver.resolve, m.memory_ids, include_tokens=m.return_citations)
+        memories, missing = await asyncio.to_thread(self._resolve, m)
         fetched = {}
-        if m.mode == LOCAL:
-            for mem in await self.mlx.run(self._missing_banks, memories):
-                fetched[mem.memory_id] = await asyncio.to_thread(fetch_bank, self.resolver, mem, self.mlx)
+        for mem in missing:
+            fetched[mem.memory_id] = await asyncio.to_thread(fetch_bank, self.resolver, mem, self.mlx)
         return memories, fetched
 
-    def _missing_banks(self, memories: list[ResolvedMemory]) -> list[ResolvedMemory]:
-        return [i for i in memories if self.bank_cache.get(i.memory_id, i.version) is None]
+    def _resolve(self, m) -> tuple[list[ResolvedMemory], list[ResolvedMemory]]:
+        """(the request's memories, for LOCAL those whose banks are not cached), off the MLX
+        thread: a request with cached banks reaches its admission without a hop to the MLX thread
+        in between, which would wait for the end of a decode step (docs/architecture.md,
+        "Request flows")."""
+        memories = self.resolver.resolve(m.memory_ids, include_tokens=m.return_citations)
+        if m.mode != LOCAL:
+            return memories, []
+        return memories, [i for i in memories if not self.bank_cache.contains(i.memory_id, i.version)]
 
     def _memory_context(self, req: GenerationRequest, memories: list[ResolvedMemory], fetched: dict) -> MemoryContext:
         """On the MLX thread, for a new group: the retriever over ``memories`` and the settings."""
@@ -319,8 +325,8 @@ class GeneratorEngine:
         if m.mode == LOCAL:
             banks = []
             for i in memories:
-                bank = self.bank_cache.get(i.memory_id, i.version, lookup=False)  # counted by _missing_banks
-                if bank is None:  # fetched for this request, or evicted since _missing_banks looked
+                bank = self.bank_cache.get(i.memory_id, i.version, lookup=False)  # counted by _resolve
+                if bank is None:  # fetched for this request, or evicted since _resolve looked
                     bank = fetched.get(i.memory_id) or bank_from_stored(i.memory_id, i.version, self.resolver.fetch(i))
                     self.bank_cache.put(bank)
                 banks.append(bank)
