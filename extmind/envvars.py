@@ -361,13 +361,6 @@ REGISTRY: tuple[EnvVar, ...] = (
         "the portable path elsewhere",
     ),
     EnvVar(
-        "EXTMIND_ATTEND_LOGITS",
-        "warp",
-        "generator (`services/generator/fused_attention.py`)",
-        "how the fused attend kernel computes local logits: `warp` (a warp per position) or `rows` "
-        "(a thread per position, its first version), for comparisons on CUDA",
-    ),
-    EnvVar(
         "GENERATOR_WARMUP",
         "auto",
         "generator `--warmup`",

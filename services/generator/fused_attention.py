@@ -26,18 +26,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import mlx.core as mx
 
 MODES = ("auto", "off")
 MAX_TOP_K = 32
 MAX_HEAD_DIM = 256
-# How the attend kernel computes the local logits: "warp" (a warp per position) or "rows" (a
-# thread per position, as first measured); EXTMIND_ATTEND_LOGITS picks one for comparisons.
-ATTEND_LOGITS = os.environ.get("EXTMIND_ATTEND_LOGITS", "warp")
-if ATTEND_LOGITS not in ("warp", "rows"):  # a typo would silently measure "warp" twice
-    raise ValueError(f"EXTMIND_ATTEND_LOGITS={ATTEND_LOGITS!r}: use warp or rows")
 _TOPK_THREADS = 128
 _ROWS_PER_THREAD = 4  # bank rows each scan thread takes at least, when a row's scan is split
 _FILL_BLOCKS = 512  # scan blocks that keep an H100/H200 (132 SMs) busy
@@ -329,36 +323,6 @@ _ATTEND_HEAD = """
 
 """
 
-# One thread per local position: the attend kernel as first measured (kept to compare).
-_ATTEND_LOGITS_ROWS = """
-  // Logits: the memories first (-inf where masked by the threshold), then the local positions
-  // (-1e30 where masked, as the portable path: exp() gives exactly 0 next to any real logit).
-  const size_t kb = (size_t)b * k_strides[0] + (size_t)g * k_strides[1];
-  float mx_local = EM_NEG_INF;
-  for (int j = tid; j < total; j += T) {
-    float x;
-    if (j < K) {
-      x = mem_rows[(size_t)row * K + j] >= 0 ? mem_dots[(size_t)row * K + j] * sc : EM_NEG_INF;
-    } else {
-      const int pos = j - K;
-      bool ok = true;
-      if (MASK == 1) ok = pos < local_end;
-      if (MASK == 2) ok = mask[((size_t)b * L + l) * S + pos];
-      if (ok) {
-        const Tkv* kr = k + kb + (size_t)pos * k_strides[2];
-        float dot = 0.f;
-#pragma unroll(D <= 128 ? D : 16)
-        for (int e = 0; e < D; ++e) dot += qs[e] * static_cast<float>(kr[(size_t)e * k_strides[3]]);
-        x = dot * sc;
-      } else {
-        x = -1e30f;
-      }
-    }
-    lg[j] = x;
-    mx_local = fmaxf(mx_local, x);
-  }
-"""
-
 # One warp per local position, four at a time: lane i multiplies columns i, i + 32, ... (a row is
 # one coalesced read, where a thread per position reads a line per column), four rows' loads are
 # in flight before the shuffles sum them.
@@ -508,7 +472,7 @@ def _attend_kernel(shared_floats: int):
         name="extmind_attend",
         input_names=["q", "k", "v", "mask", "mem_rows", "mem_dots", "bank_values", "scale"],
         output_names=["out", "mass"],
-        source=_ATTEND_HEAD + (_ATTEND_LOGITS_ROWS if ATTEND_LOGITS == "rows" else _ATTEND_LOGITS_WARP) + _ATTEND_TAIL,
+        source=_ATTEND_HEAD + _ATTEND_LOGITS_WARP + _ATTEND_TAIL,
         header=_HEADER,
         ensure_row_contiguous=False,
         shared_memory=4 * shared_floats,
