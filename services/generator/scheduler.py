@@ -341,6 +341,11 @@ class Scheduler:
         record = mass = None
         if group.ctx is not None:
             record = [] if any(r.counts is not None for r in group.requests.values()) else None
+            if record is None:
+                # The last citing request left: nothing is recorded any more, so no batch change
+                # would flush what its tally still holds (whole-batch picks, up to FLUSH_ITEMS)
+                # while the group serves others. No request takes it: flush() only drops it.
+                group.counts.flush()
             mass = [] if group.layers else None
             group.ctx.record, group.ctx.mass = record, mass
         # mlx-lm's model __call__ has no argument through which memories could reach the
