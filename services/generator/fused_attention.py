@@ -518,6 +518,15 @@ def mask_mode(mask, B: int, L: int, S: int):
 _last_mask: tuple = (None, None, None)
 
 
+def forget_mask() -> None:
+    """Drops the remembered mask and its conversion (the scheduler calls it after each step): a
+    forward's mask is not held past it (a long context's prefill chunk, which takes the portable
+    path after ``mask_mode``, has a [B, 1, L, S] mask of hundreds of MiB; an unpadded decode batch
+    passes no mask that would replace it, nor does an idle generator)."""
+    global _last_mask
+    _last_mask = (None, None, None)
+
+
 def _shared_bucket(floats: int) -> int:
     """Dynamic shared memory is fixed per kernel object: round up to a power of two (>= 1 024)."""
     return max(1024, 1 << (floats - 1).bit_length())

@@ -36,7 +36,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from extmind import errors
 from services.common.metrics import LATENCY_BUCKETS
 from services.common.mlx_thread import MLXThread
-from services.generator import attention_mass
+from services.generator import attention_mass, fused_attention
 from services.generator.batch_tally import BatchTally
 from services.generator.citations import Counts, Picks, decode_forwards, picked_rows, spans
 from services.generator.extended_attention import ExtendedMindState, MemoryContext
@@ -341,6 +341,11 @@ class Scheduler:
         record = mass = None
         if group.ctx is not None:
             record = [] if any(r.counts is not None for r in group.requests.values()) else None
+            if record is None:
+                # The last citing request left: nothing is recorded any more, so no batch change
+                # would flush what its tally still holds (whole-batch picks, up to FLUSH_ITEMS)
+                # while the group serves others. No request takes it: flush() only drops it.
+                group.counts.flush()
             mass = [] if group.layers else None
             group.ctx.record, group.ctx.mass = record, mass
         # mlx-lm's model __call__ has no argument through which memories could reach the
@@ -368,6 +373,7 @@ class Scheduler:
         finally:
             self.state.memory = None
             self.state.unpadded_caches = {}
+            fused_attention.forget_mask()  # its forwards' masks are not held past the step
             if group.ctx is not None:
                 group.ctx.record = group.ctx.mass = None
         # A sequence joined (its prompt is done) or left (finished, or removed below): the decode

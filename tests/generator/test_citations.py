@@ -353,3 +353,63 @@ async def test_a_citing_request_cancelled_mid_batch_leaves_the_others_counts_exa
             break
         await asyncio.sleep(0.02)
     assert engine.stats()["active"] == 0
+
+
+@pytest.mark.parametrize("how", ["cancelled", "length"])
+async def test_a_group_drops_its_pending_picks_once_no_request_cites(engine, memory, monkeypatch, how):
+    """The group's counts tally keeps the forwards recorded since its last flush, each holding its
+    whole-batch picks (with a large top-k, tens of MiB). When the last citing request leaves
+    (cancelled mid-window, or ended by length) while a non-citing request goes on in the same
+    group, nothing is recorded any more and no flush would come: what is pending is dropped at the
+    next step, not held for as long as the group lives."""
+    import threading
+
+    from services.generator.batch_tally import BatchTally
+    from services.generator.scheduler import Scheduler
+
+    monkeypatch.setattr(BatchTally, "FLUSH_STEPS", 10_000)  # no flush by steps: only leaving can clear
+    seen = {}
+    finish = Scheduler._finish
+
+    def spy(self, r, reason):  # what the group's tally holds when each request ends
+        seen[r.counts is not None] = (len(r.group.requests), len(r.group.counts._pending))
+        finish(self, r, reason)
+
+    monkeypatch.setattr(Scheduler, "_finish", spy)
+    mid, _ = memory
+    opts = MemoryOptions((mid,), top_k=4, return_citations=True, max_citations=1000)  # the default floor
+    plain = replace(opts, return_citations=False)  # the same group (its floor is the default)
+    # Both admitted before either steps (the MLX thread held meanwhile); the non-citing request
+    # runs 69 tokens (greedy, ends by EOS), the citing one leaves after 2 (cancelled) or 6 (length).
+    gate, holding = threading.Event(), threading.Event()
+    engine.mlx.submit(lambda: holding.set() or gate.wait(60))
+    assert await asyncio.to_thread(holding.wait, 30)
+    try:
+        other = engine.generate(
+            GenerationRequest(engine.tokenizer.encode("Alice met Bob at"), Sampling(max_tokens=200), plain)
+        )
+        citing = engine.generate(
+            GenerationRequest(
+                engine.tokenizer.encode("Water boils at"), Sampling(max_tokens=200 if how == "cancelled" else 6), opts
+            )
+        )
+        first = [asyncio.create_task(anext(s)) for s in (other, citing)]
+        for _ in range(1500):  # each request's next MLX call, after resolving, is its admit
+            if engine.mlx._waiting >= 2:
+                break
+            await asyncio.sleep(0.02)
+        assert engine.mlx._waiting == 2
+    finally:
+        gate.set()
+    events = [await first[0]]
+    assert isinstance(await first[1], Chunk)  # admitted and generating
+    if how == "cancelled":
+        assert isinstance(await citing.__anext__(), Chunk)
+        await citing.aclose()
+    else:
+        rest = [ev async for ev in citing]
+        assert rest[-1].finish_reason == "length" and rest[-1].citations
+    events += [ev async for ev in other]
+    assert events[-1].completion_tokens > 20  # it went on well past the citing request
+    assert seen[True][0] == 2 if how == "length" else True not in seen
+    assert seen[False] == (1, 0), "the group still held the forwards of a citing request that left"

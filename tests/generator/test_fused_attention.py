@@ -11,6 +11,7 @@ them on there.
 from __future__ import annotations
 
 import logging
+import weakref
 
 import mlx.core as mx
 import numpy as np
@@ -359,3 +360,30 @@ def test_mask_mode_converts_one_forward_mask_once():
     _, wide = fused_attention.mask_mode(row, 2, 1, 5)
     assert wide.shape == (2, 1, 5) and np.array(wide).all()
     assert fused_attention.mask_mode(mx.zeros((2, 1, 3, 5)), 2, 3, 5) is None  # additive: portable path
+
+
+async def test_a_scheduler_step_leaves_no_mask_remembered(llama_path):
+    """mask_mode remembers the last mask it converted, for the next layers of the same forward;
+    after a scheduler step nothing is remembered, so a forward's mask (a long prefill chunk's
+    [B, 1, L, S]: hundreds of MiB) is not held while the group decodes without a mask (an unpadded
+    batch) or the generator sits idle. Runs on any backend (the mask is remembered by hand here:
+    off CUDA no layer converts one)."""
+    from services.generator.request_types import GenerationRequest, Sampling
+
+    from .helpers import run
+
+    mask = mx.array(np.ones((1, 1, 4, 8), bool))
+    assert fused_attention.mask_mode(mask, 1, 4, 8) is not None
+    held = weakref.ref(mask)
+    del mask
+    assert held() is not None  # remembered: the next layer of its forward takes the same copy
+    engine = GeneratorEngine(EngineConfig(model=str(llama_path)))
+    engine.start()
+    try:
+        _, _, _, final = await run(
+            engine, GenerationRequest(engine.tokenizer.encode("Water boils at"), Sampling(max_tokens=2))
+        )
+    finally:
+        engine.stop()
+    assert final.completion_tokens >= 1
+    assert held() is None, "the mask of a forward is still held after the step"
