@@ -54,7 +54,7 @@ class BatchTally:
 
     def flush(self) -> None:
         """Hands every pending forward's rows to the requests that keep this tally."""
-        pending, self._pending, self._items = self._pending, [], 0
+        pending = self._pending
         if not pending:
             return
         takers = []
@@ -62,9 +62,11 @@ class BatchTally:
             acc = getattr(self.lookup(uid), self.attr, None)
             if acc is not None:
                 takers.append((b, acc))
-        if not takers:
-            return
-        batch = self.combine(pending)
+        # Combined before the records are let go: should it raise, they stay, and every request
+        # that reads this tally fails too rather than counting without them.
+        batch = self.combine(pending) if takers else None
+        self._pending, self._items = [], 0
         for b, acc in takers:
             acc.add_row(batch[b], len(pending))
-        mx.async_eval([acc.total for _, acc in takers])  # keeps each tally a short graph
+        if takers:
+            mx.async_eval([acc.total for _, acc in takers])  # keeps each tally a short graph

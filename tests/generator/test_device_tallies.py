@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
+import pytest
 
 from services.generator import attention_mass
 from services.generator.attention_mass import MassSum
@@ -152,3 +153,26 @@ def test_the_tally_flushes_early_when_the_pending_picks_hold_much_memory(monkeyp
     tally.flush()
     for uid, r in requests.items():
         np.testing.assert_array_equal(r.counts.read(), want[uid])
+
+
+def test_a_flush_that_fails_keeps_its_records_for_the_next_reader():
+    """Should combining the records raise, they are not dropped: the next flush (another request
+    reading its tally) raises too instead of counting without them."""
+    rows, H, k = 20, 2, 3
+    requests = _requests(2, lambda uid: Counts(rows))
+    calls = []
+
+    def combine(forwards):
+        calls.append(len(forwards))
+        if len(calls) == 1:
+            raise RuntimeError("combine failed")
+        return picked_rows(forwards)
+
+    tally = BatchTally("counts", requests.get, combine)
+    fwd = np.arange(2 * H * k, dtype=np.int32).reshape(1, 2, H, 1, k) % rows
+    tally.add([0, 1], [Picks(mx.array(a)) for a in fwd])
+    with pytest.raises(RuntimeError, match="combine failed"):
+        tally.flush()
+    tally.flush()  # the same record, combined this time
+    assert calls == [1, 1]
+    np.testing.assert_array_equal(requests[1].counts.read(), np.bincount(fwd[:, 1].reshape(-1), minlength=rows))
