@@ -11,6 +11,7 @@ scheduler's docstring for how decode steps and other MLX work take turns there.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from services.generator import weights_dtype
 from services.generator.attention_parts import compute_dtype
 from services.generator.bank_cache import BankCache, LocalRetriever, bank_from_stored, fetch_bank
 from services.generator.chat_prompt import encode_messages
+from services.generator.coalesce import Coalescer
 from services.generator.extended_attention import MemoryContext, install
 from services.generator.fingerprint import model_fingerprint
 from services.generator.kv_dtypes import dtype_of
@@ -84,6 +86,7 @@ class GeneratorEngine:
         )
         self.mlx = mlx_thread or MLXThread("generator-mlx")
         self.bank_cache = BankCache(config.bank_cache_bytes)
+        self._lookups = Coalescer()  # memory lookups shared by requests arriving together
         self.model = None
         self.tokenizer = None
         self.resolver: MemoryResolver | None = None  # set by start() when a memory service is configured
@@ -303,21 +306,22 @@ class GeneratorEngine:
             return await self._resolve_and_fetch_once(m)
 
     async def _resolve_and_fetch_once(self, m) -> tuple[list[ResolvedMemory], dict]:
-        memories, missing = await asyncio.to_thread(self._resolve, m)
-        fetched = {}
-        for mem in missing:
-            fetched[mem.memory_id] = await asyncio.to_thread(fetch_bank, self.resolver, mem, self.mlx)
-        return memories, fetched
+        # Shared with the requests that arrive in the same loop iteration with the same memories
+        # (coalesce.py): they join the batch together. Each gets its own dict of fetched banks.
+        key = (tuple(m.memory_ids), m.return_citations, m.mode)
+        memories, fetched = await self._lookups.run(key, functools.partial(self._resolve, m))
+        return memories, dict(fetched)
 
-    def _resolve(self, m) -> tuple[list[ResolvedMemory], list[ResolvedMemory]]:
-        """(the request's memories, for LOCAL those whose banks are not cached), off the MLX
-        thread: a request with cached banks reaches its admission without a hop to the MLX thread
-        in between, which would wait for the end of a decode step (docs/architecture.md,
-        "Request flows")."""
+    def _resolve(self, m) -> tuple[list[ResolvedMemory], dict]:
+        """(the request's memories, for LOCAL the banks the cache lacked, fetched: memory id ->
+        Bank), in a worker thread: a request with cached banks reaches its admission without a
+        hop to the MLX thread in between, which would wait for the end of a decode step
+        (docs/architecture.md, "Request flows")."""
         memories = self.resolver.resolve(m.memory_ids, include_tokens=m.return_citations)
         if m.mode != LOCAL:
-            return memories, []
-        return memories, [i for i in memories if not self.bank_cache.contains(i.memory_id, i.version)]
+            return memories, {}
+        missing = [i for i in memories if not self.bank_cache.contains(i.memory_id, i.version)]
+        return memories, {i.memory_id: fetch_bank(self.resolver, i, self.mlx) for i in missing}
 
     def _memory_context(self, req: GenerationRequest, memories: list[ResolvedMemory], fetched: dict) -> MemoryContext:
         """On the MLX thread, for a new group: the retriever over ``memories`` and the settings."""
