@@ -171,6 +171,11 @@ class BankCache:
         (HITS if hit else MISSES).inc()
         return hit
 
+    def count_hits(self, n: int) -> None:
+        """Counts ``n`` hits without a lookup (any thread): the banks of a request that shared
+        another request's lookup, which counted them once (services/generator/engine.py)."""
+        HITS.inc(n)
+
     def get(self, memory_id: str, version: str, *, lookup: bool = True) -> Bank | None:
         """The cached bank of this memory version, or None. ``lookup=False``: a second look for
         the same request, not counted again in the hit / miss metrics."""
