@@ -164,12 +164,21 @@ class BankCache:
 
     def contains(self, memory_id: str, version: str) -> bool:
         """Whether this memory version's bank is cached (any thread; counted in the hit / miss
-        metrics). A stale version is left for the MLX thread to evict."""
+        metrics), which makes it the most recently used: a request that joins its memory's
+        running group uses the bank without another lookup. A stale version is left for the MLX
+        thread to evict."""
         with self._lock:
             bank = self._entries.get(memory_id)
             hit = bank is not None and bank.version == version
+            if hit:
+                self._entries.move_to_end(memory_id)
         (HITS if hit else MISSES).inc()
         return hit
+
+    def count_hits(self, n: int) -> None:
+        """Counts ``n`` hits without a lookup (any thread): the banks of a request that shared
+        another request's lookup, which counted them once (services/generator/engine.py)."""
+        HITS.inc(n)
 
     def get(self, memory_id: str, version: str, *, lookup: bool = True) -> Bank | None:
         """The cached bank of this memory version, or None. ``lookup=False``: a second look for

@@ -31,6 +31,12 @@ class Coalescer:
         self._lock = threading.Lock()  # callers may run on several event loops (threads)
         self._tasks: set[asyncio.Task] = set()  # started lookups, referenced until they end
 
+    def pending(self, key: Hashable) -> bool:
+        """Whether ``run(key, ...)``, called now on the running event loop, would share a lookup
+        that another caller asked for (it has not started yet)."""
+        with self._lock:
+            return (id(asyncio.get_running_loop()), key) in self._waiting
+
     async def run(self, key: Hashable, fn: Callable[[], Any]) -> Any:
         """Raises whatever ``fn`` raised (each sharing caller gets the same exception). A caller
         cancelled while it waits leaves the lookup running for the others."""

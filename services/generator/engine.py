@@ -309,7 +309,13 @@ class GeneratorEngine:
         # Shared with the requests that arrive in the same loop iteration with the same memories
         # (coalesce.py): they join the batch together. Each gets its own dict of fetched banks.
         key = (tuple(m.memory_ids), m.return_citations, m.mode)
+        joined = self._lookups.pending(key)
         memories, fetched = await self._lookups.run(key, functools.partial(self._resolve, m))
+        if joined and m.mode == LOCAL:
+            # The lookup counted each bank once (a hit, or a miss and its one fetch) for the
+            # request that asked first; those that joined it got every bank without a fetch of
+            # their own: hits (a lookup per memory per request, docs/architecture.md "Metrics").
+            self.bank_cache.count_hits(len(memories))
         return memories, dict(fetched)
 
     def _resolve(self, m) -> tuple[list[ResolvedMemory], dict]:

@@ -1,5 +1,5 @@
 """BankCache.contains: the lookup a request makes off the MLX thread right after resolving its
-memories (services/generator/engine.py ``_resolve``)."""
+memories (services/generator/engine.py ``_resolve``); through the engine, the LRU's order."""
 
 import threading
 
@@ -7,6 +7,9 @@ import numpy as np
 from prometheus_client import REGISTRY
 
 from services.generator.bank_cache import BankCache, bank_from_numpy
+from services.generator.request_types import GenerationRequest, MemoryOptions, Sampling
+
+from .helpers import run
 
 
 def _bank(memory_id: str, version: str, rows: int = 8):
@@ -59,3 +62,44 @@ def test_contains_from_another_thread_while_banks_come_and_go():
         t.join()
     assert not errors
     assert len(cache) <= 2 and cache.nbytes == sum(b.nbytes for b in cache._entries.values())
+
+
+async def test_a_request_joining_its_banks_live_group_keeps_the_bank_recent(engine, client, monkeypatch):
+    """The bank cache is an LRU: a bank that requests keep using stays, one not used since goes
+    first. A request that joins the running group of its memory (no new retriever is made) uses
+    the bank as much as the one that made the group."""
+    text = engine.tokenizer.encode("Bob likes trains and Alice likes boats.")
+    a, b, c = (engine.memorize_blocking(text, memory_id=f"lru-{n}")["memory_id"] for n in "abc")
+    prompt = engine.tokenizer.encode("Alice met")
+
+    def req(mid, n):
+        return GenerationRequest(prompt, Sampling(max_tokens=n), MemoryOptions((mid,), top_k=2))
+
+    try:
+        monkeypatch.setattr(engine, "bank_cache", BankCache(1 << 30))
+        await run(engine, req(a, 1))
+        size = engine.bank_cache.nbytes
+        cache = BankCache(size * 5 // 2)  # room for two of the three banks
+        monkeypatch.setattr(engine, "bank_cache", cache)
+
+        long_a = engine.generate(req(a, 3000))
+        await anext(long_a)  # its group runs, over bank a
+        await run(engine, req(b, 1))  # bank b, used after a
+        admit, seen = engine._scheduler.admit, []
+
+        def admitted(*args):  # on the MLX thread: the groups right after the admission
+            admit(*args)
+            seen.append(engine._scheduler.stats())
+
+        monkeypatch.setattr(engine._scheduler, "admit", admitted)
+        await run(engine, req(a, 1))  # uses bank a: now a is the most recently used
+        assert seen == [dict(active=2, groups=1)]  # it joined the running group of a
+        await long_a.aclose()
+
+        await run(engine, req(c, 1))  # a third bank: the least recently used one goes
+        versions = [(m.memory_id, m.version) for m in engine.resolver.resolve((a, b, c))]
+        kept = engine.mlx.call(lambda: [m for m, v in versions if cache.get(m, v, lookup=False)])
+        assert kept == [a, c]
+    finally:
+        for m in (a, b, c):
+            client.delete_memory(m)

@@ -3,10 +3,12 @@ through the engine: eight LOCAL requests with one memory make one lookup, join t
 together (no left padding) and generate what each generates alone."""
 
 import asyncio
+import contextlib
 import threading
 
 import pytest
 
+from extmind import errors
 from services.generator import scheduler
 from services.generator.coalesce import Coalescer
 from services.generator.request_types import GenerationRequest, MemoryOptions, Sampling
@@ -102,3 +104,69 @@ async def test_eight_local_requests_look_up_once_and_join_one_unpadded_batch(eng
     assert [t[0] for t in together] == alone
     assert len(lookups) == 1
     assert padded and not any(padded), padded
+
+
+async def _until(condition, what: str) -> None:
+    for _ in range(20_000):  # a bound only so that a fault fails instead of hanging
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"never: {what}")
+
+
+@contextlib.asynccontextmanager
+async def _held_after_get_memory(engine, monkeypatch):
+    """The next memory lookup pauses right after its GetMemory answers, until the block ends.
+    Yields (that event, a list with an item per lookup begun)."""
+    resolve = engine.resolver.resolve
+    looked, release, begun = threading.Event(), threading.Event(), []
+
+    def slow(*a, **kw):
+        begun.append(1)
+        try:
+            return resolve(*a, **kw)
+        finally:
+            if not looked.is_set():
+                looked.set()
+                release.wait(20)
+
+    monkeypatch.setattr(engine.resolver, "resolve", slow)
+    try:
+        yield looked, begun
+    finally:
+        release.set()
+
+
+async def test_a_request_after_a_delete_does_not_share_the_lookup_that_read_before_it(engine, client, monkeypatch):
+    """Through the engine and the memory service: a lookup that read the memory before it was
+    deleted answers for its own request only; one arriving after the delete is NOT_FOUND."""
+    mid = engine.memorize_blocking(engine.tokenizer.encode("Bob likes trains."), memory_id="coalesce-del")["memory_id"]
+    opts = MemoryOptions((mid,), top_k=2)
+    prompt = engine.tokenizer.encode("Bob likes")
+    await run(engine, GenerationRequest(prompt, Sampling(max_tokens=2), opts))  # cached
+    async with _held_after_get_memory(engine, monkeypatch) as (looked, begun):
+        first = asyncio.ensure_future(run(engine, GenerationRequest(prompt, Sampling(max_tokens=2), opts)))
+        await _until(looked.is_set, "the first lookup read the memory")
+        await asyncio.to_thread(client.delete_memory, mid)
+        late = asyncio.ensure_future(run(engine, GenerationRequest(prompt, Sampling(max_tokens=2), opts)))
+        await _until(lambda: len(begun) == 2, "the late request began its own lookup while the first is held")
+    assert (await first)[3].completion_tokens == 2  # resolved before the delete: served from the cache
+    with pytest.raises(errors.NotFound):
+        await late
+
+
+async def test_a_request_after_a_create_does_not_share_the_lookup_that_read_before_it(engine, client, monkeypatch):
+    """The same for a memory created while a lookup that did not find it still runs."""
+    mid = "coalesce-create"
+    opts = MemoryOptions((mid,), top_k=2)
+    prompt = engine.tokenizer.encode("Bob likes")
+    async with _held_after_get_memory(engine, monkeypatch) as (looked, begun):
+        first = asyncio.ensure_future(run(engine, GenerationRequest(prompt, Sampling(max_tokens=2), opts)))
+        await _until(looked.is_set, "the first lookup read the memory")
+        await asyncio.to_thread(engine.memorize_blocking, engine.tokenizer.encode("Bob likes trains."), memory_id=mid)
+        late = asyncio.ensure_future(run(engine, GenerationRequest(prompt, Sampling(max_tokens=2), opts)))
+        await _until(lambda: len(begun) == 2, "the late request began its own lookup while the first is held")
+    with pytest.raises(errors.NotFound):
+        await first
+    assert (await late)[3].completion_tokens == 2
+    client.delete_memory(mid)

@@ -169,6 +169,26 @@ async def test_bank_cache_hits_misses_and_bytes(engine, memory):
     assert sample("extmind_generator_bank_cache_banks") == stats["cached_banks"] == 1
 
 
+async def test_bank_cache_counts_every_request_of_a_shared_lookup(engine, memory):
+    """Requests that arrive together share one memory lookup (services/generator/coalesce.py):
+    the bank is fetched once (one miss), and every memory of every request is still one lookup
+    (the others are hits), as when they arrive one after another (docs/architecture.md,
+    "Metrics")."""
+    mid, tokens = memory
+    hits, misses = key("extmind_generator_bank_cache_hits_total"), key("extmind_generator_bank_cache_misses_total")
+    reqs = [
+        GenerationRequest(tokens[i * 7 : i * 7 + 6], Sampling(max_tokens=2), MemoryOptions((mid,))) for i in range(4)
+    ]
+    await run(engine, reqs[0])  # the bank is cached
+    d = Delta(hits, misses)
+    await asyncio.gather(*(run(engine, r) for r in reqs))
+    assert (d(hits[0]), d(misses[0])) == (4, 0)
+    engine.mlx.call(engine.bank_cache.evict, mid)
+    d = Delta(hits, misses)
+    await asyncio.gather(*(run(engine, r) for r in reqs))
+    assert (d(hits[0]), d(misses[0])) == (3, 1)
+
+
 async def test_a_cancelled_request_is_timed_as_cancelled(engine):
     d = Delta(
         key("extmind_generator_request_seconds_count", finish_reason="cancelled"),
