@@ -1,5 +1,6 @@
 """Shared pieces of the memory tests (tests/generator/test_memories.py, test_citations.py): the
-memorized text, the numpy model's memory, and the tie-aware comparisons of discrete outcomes."""
+memorized text, the numpy model's memory, the tie-aware comparisons of discrete outcomes, and a
+memory deleted and created again under its id (test_memory_incarnation.py, test_remote_stream.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import time
 
 import numpy as np
 
+from extmind import tensor
+from extmind.v1 import memory_pb2
+from services.generator.memory_client import MemoryClient
 from services.generator.request_types import Chunk
 
 from .np_reference import Retrievals
@@ -77,3 +81,30 @@ async def timed(engine, req):
         else:
             final = ev
     return [t for c in chunks for t in c.token_ids], final, first, time.monotonic()
+
+
+def recreate_memory(client: MemoryClient, src: str, dst: str, *, reverse: bool = False) -> None:
+    """Deletes memory ``dst`` and creates it again under its id with ``src``'s token ids, layout
+    and rows (as a client that rebuilds a memory under its old name), through the memory service
+    alone; ``reverse``: each layer's rows in reverse order (another memory of the same size)."""
+    m = client.get_memory(src, include_tokens=True)
+    rows = client.fetch_stored(src, m.layout.num_layers)
+    client.delete_memory(dst)
+    client.create_memory(
+        memory_id=dst,
+        layout=m.layout,
+        fingerprint=m.model_fingerprint,
+        token_ids=m.token_ids,
+        positions=m.positions,
+        labels={},
+    )
+    order = slice(None, None, -1 if reverse else 1)
+    client.append(
+        memory_pb2.AppendMemoryRequest(
+            memory_id=dst,
+            layer=layer,
+            keys=tensor.encode(np.ascontiguousarray(rows.keys[layer][:, order]), dtype=rows.dtype),
+            values=tensor.encode(np.ascontiguousarray(rows.values[layer][:, order]), dtype=rows.dtype),
+        )
+        for layer in range(m.layout.num_layers)
+    )

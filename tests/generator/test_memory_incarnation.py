@@ -11,40 +11,16 @@ import contextlib
 import numpy as np
 import pytest
 
-from extmind import errors, tensor
+from extmind import errors
 from extmind.v1 import memory_pb2
 from services.generator.bank_cache import fetch_bank
-from services.generator.memory_client import MemoryChanged, MemoryClient
+from services.generator.memory_client import MemoryChanged
 from services.generator.request_types import GenerationRequest, MemoryOptions, Sampling
 
 from .helpers import run
+from .memory_helpers import recreate_memory
 
 TEXT = "Alice met Bob at the station at noon. They talked about music and trains."
-
-
-def _recreate_reversed(client: MemoryClient, mid: str) -> None:
-    """Deletes memory ``mid`` and creates it again under its id with the same token ids, layout
-    and number of rows, but each layer's rows in reverse order: another memory of the same size."""
-    m = client.get_memory(mid, include_tokens=True)
-    rows = client.fetch_stored(mid, m.layout.num_layers)
-    client.delete_memory(mid)
-    client.create_memory(
-        memory_id=mid,
-        layout=m.layout,
-        fingerprint=m.model_fingerprint,
-        token_ids=m.token_ids,
-        positions=m.positions,
-        labels={},
-    )
-    client.append(
-        memory_pb2.AppendMemoryRequest(
-            memory_id=mid,
-            layer=layer,
-            keys=tensor.encode(np.ascontiguousarray(rows.keys[layer][:, ::-1]), dtype=rows.dtype),
-            values=tensor.encode(np.ascontiguousarray(rows.values[layer][:, ::-1]), dtype=rows.dtype),
-        )
-        for layer in range(m.layout.num_layers)
-    )
 
 
 @pytest.fixture
@@ -67,7 +43,7 @@ def test_fetch_refuses_the_rows_of_a_memory_created_again_with_as_many_rows(engi
     mid = fresh("inc-same-size")
     before = client.fetch_stored(mid, engine.num_layers)
     resolved = engine.resolver.resolve((mid,))[0]
-    _recreate_reversed(client, mid)
+    recreate_memory(client, mid, mid, reverse=True)
     again = engine.resolver.resolve((mid,))[0]
     assert again.rows == resolved.rows and again.dtype == resolved.dtype  # only create_time differs
     assert again.version != resolved.version
@@ -92,7 +68,7 @@ async def test_a_generation_resolves_a_memory_created_again_once_more(engine, cl
     another create_time, resolves again, and the answer is exactly that of the new rows (a twin
     memory holding them); the bank cache holds the new memory under its own version only."""
     mid, twin = fresh("inc-retry"), fresh("inc-retry-twin")
-    _recreate_reversed(client, twin)  # the rows the memory will hold after its re-creation
+    recreate_memory(client, twin, twin, reverse=True)  # the rows the memory will hold after its re-creation
     prompt = engine.tokenizer.encode("Who met Bob?")
 
     def request(i: str) -> GenerationRequest:
@@ -105,7 +81,7 @@ async def test_a_generation_resolves_a_memory_created_again_once_more(engine, cl
         out = real(ids, **kw)
         calls.append(out[0].version)
         if len(calls) == 1:
-            _recreate_reversed(client, mid)
+            recreate_memory(client, mid, mid, reverse=True)
         return out
 
     monkeypatch.setattr(engine.resolver, "resolve", resolve_then_recreate)
@@ -126,7 +102,7 @@ async def test_a_memory_that_keeps_changing_is_failed_precondition(engine, clien
 
     def resolve_then_recreate(ids, **kw):
         out = real(ids, **kw)
-        _recreate_reversed(client, mid)
+        recreate_memory(client, mid, mid, reverse=True)
         return out
 
     monkeypatch.setattr(engine.resolver, "resolve", resolve_then_recreate)

@@ -25,6 +25,7 @@ from services.generator.request_types import Chunk, GenerationRequest, MemoryOpt
 
 from ..helpers import access_lines, wait_for_access_line
 from .helpers import run
+from .memory_helpers import recreate_memory
 
 STREAM = "/extmind.v1.MemoryService/SearchMemoryStream"
 UNARY = "/extmind.v1.MemoryService/SearchMemory"
@@ -224,31 +225,6 @@ async def test_a_cancelled_generation_closes_its_stream(engine, memory, module_m
     assert "code=OK" in wait_for_access_line(svc, STREAM, before + 1)
 
 
-def _recreate_as_copy(client: MemoryClient, src: str, dst: str) -> None:
-    """Deletes memory ``dst`` and creates it again under the same id with ``src``'s rows (as a
-    client that rebuilds a memory under its old name), without the generator's MLX thread."""
-    m = client.get_memory(src, include_tokens=True)
-    client.delete_memory(dst)
-    client.create_memory(
-        memory_id=dst,
-        layout=m.layout,
-        fingerprint=m.model_fingerprint,
-        token_ids=m.token_ids,
-        positions=m.positions,
-        labels={},
-    )
-    rows = client.fetch_stored(src, m.layout.num_layers)
-    client.append(
-        memory_pb2.AppendMemoryRequest(
-            memory_id=dst,
-            layer=layer,
-            keys=tensor.encode(rows.keys[layer], dtype=rows.dtype),
-            values=tensor.encode(rows.values[layer], dtype=rows.dtype),
-        )
-        for layer in range(m.layout.num_layers)
-    )
-
-
 @pytest.mark.parametrize("streams", [True, False])
 @pytest.mark.parametrize("rows", ["more", "same"])
 def test_a_memory_created_again_is_failed_precondition(engine, memory, memory_address, streams, rows):
@@ -268,7 +244,7 @@ def test_a_memory_created_again_is_failed_precondition(engine, memory, memory_ad
         engine.mlx.call(lambda: retriever.retrieve(0, mx.array(q), 4, None))  # as resolved: fine
         if rows == "same":
             engine.memorize_blocking(engine.tokenizer.encode("A short text."), memory_id=copy)
-        _recreate_as_copy(client, mid if rows == "more" else copy, again)
+        recreate_memory(client, mid if rows == "more" else copy, again)
         with pytest.raises(errors.FailedPrecondition, match="created again"):
             engine.mlx.call(lambda: retriever.retrieve(0, mx.array(q), 4, None))
         retriever.close()
@@ -319,7 +295,7 @@ async def test_a_remote_generation_with_citations_ends_cleanly_when_its_memory_i
             if seen == 3:
                 gate = await _hold(engine.mlx)  # no step runs while the memory is replaced
                 try:
-                    await asyncio.to_thread(_recreate_as_copy, engine.memory, mid, changing)
+                    await asyncio.to_thread(recreate_memory, engine.memory, mid, changing)
                 finally:
                     gate.set()
     assert engine.stats()["active"] == 0
