@@ -62,6 +62,28 @@ def _normalize(a):
     return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
 
 
+def attend_over_picks(q, k, v, allowed, rows, dots, bank_values, scale):
+    """float64 reference of one attention layer's core given each query's retrieved memories: one
+    softmax per query head and token over its memories (rows [B, H, L, k], -1 = masked; raw q . k
+    ``dots``) and the local positions ``allowed`` [B, L, S] bool. q [B, H, L, d], k / v
+    [B, KVH, S, d], bank_values [KVH, N, d]. -> (out [B, L, H * d], each head's weight on its
+    memories [B, H, L]), as ``fused_attention.attend`` / ``prefill_attention.attend`` return them."""
+    q, k, v, bank_values = (np.asarray(a, dtype=np.float64) for a in (q, k, v, bank_values))
+    B, H, L, d = q.shape
+    rep = H // k.shape[1]
+    out = np.zeros((B, L, H * d))
+    mass = np.zeros((B, H, L))
+    for b, h, t in np.ndindex(B, H, L):
+        g = h // rep
+        mem = np.where(rows[b, h, t] >= 0, dots[b, h, t] * scale, -np.inf)
+        local = np.where(allowed[b, t], k[b, g] @ q[b, h, t] * scale, -np.inf)
+        w = _softmax(np.concatenate([mem, local]))
+        vals = np.concatenate([bank_values[g, np.maximum(rows[b, h, t], 0)], v[b, g]])
+        out[b, t, h * d : (h + 1) * d] = w @ vals
+        mass[b, h, t] = w[: len(mem)].sum()
+    return out, mass
+
+
 class Retrievals:
     """Per-row retrieval counts of the reference, with the slack a float32 implementation may take.
 

@@ -26,6 +26,8 @@ from services.generator.bank_cache import LocalRetriever, bank_from_numpy
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.extended_attention import MemoryContext, install
 
+from .np_reference import attend_over_picks
+
 CUDA = fused_attention.enabled("auto")
 needs_cuda = pytest.mark.skipif(not CUDA, reason="the fused kernels run on MLX's CUDA backend only")
 SLACK = 1e-5  # cosines this close to the k-th best may be swapped by float32 rounding
@@ -305,23 +307,6 @@ def test_fused_layer_takes_a_boolean_padding_mask(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def _np_attend(q, k, v, rows, dots, bank_values, scale):
-    """float64 reference of ``attend`` without a mask: q [B, H, 1, d], k / v [B, KVH, S, d]."""
-    B, H, L, d = q.shape
-    rep = H // k.shape[1]
-    out = np.zeros((B, L, H * d))
-    for b, h in np.ndindex(B, H):
-        g = h // rep
-        mem = np.where(rows[b, h, 0] >= 0, dots[b, h, 0] * scale, -np.inf)
-        local = k[b, g] @ q[b, h, 0] * scale
-        logits = np.concatenate([mem, local])
-        w = np.exp(logits - logits.max())
-        w /= w.sum()
-        vals = np.concatenate([bank_values[g, np.maximum(rows[b, h, 0], 0)], v[b, g]])
-        out[b, 0, h * d : (h + 1) * d] = w @ vals
-    return out
-
-
 @needs_cuda
 def test_attend_takes_a_long_context_after_a_short_one():
     """Each shared-memory size is its own compiled kernel: MLX opts a kernel in to more than
@@ -341,7 +326,8 @@ def test_attend_takes_a_long_context_after_a_short_one():
         out, _ = fused_attention.attend(
             mx.array(q), mx.array(k), mx.array(v), mask, rows, dots, mx.array(bank_values), 0.125, mx.float32
         )
-        want = _np_attend(q, k, v, np.array(rows), np.array(dots), bank_values, 0.125)
+        unmasked = np.ones((B, 1, S), bool)
+        want, _ = attend_over_picks(q, k, v, unmasked, np.array(rows), np.array(dots), bank_values, 0.125)
         np.testing.assert_allclose(np.array(out), want, rtol=1e-4, atol=1e-5)
 
 

@@ -9,24 +9,7 @@ import pytest
 
 from services.generator import prefill_attention
 
-
-def _np_attend(q, k, v, allowed, rows, dots, bank_values, scale):
-    """float64: one softmax per query head and token over its memories and allowed positions."""
-    B, H, L, d = q.shape
-    rep = H // k.shape[1]
-    out = np.zeros((B, L, H * d))
-    mass = np.zeros((B, H, L))
-    for b, h, t in np.ndindex(B, H, L):
-        g = h // rep
-        mem = np.where(rows[b, h, t] >= 0, dots[b, h, t] * scale, -np.inf)
-        local = np.where(allowed[b, t], k[b, g] @ q[b, h, t] * scale, -np.inf)
-        logits = np.concatenate([mem, local])
-        w = np.exp(logits - logits.max())
-        w /= w.sum()
-        vals = np.concatenate([bank_values[g, np.maximum(rows[b, h, t], 0)], v[b, g]])
-        out[b, t, h * d : (h + 1) * d] = w @ vals
-        mass[b, h, t] = w[: len(mem)].sum()
-    return out, mass
+from .np_reference import attend_over_picks
 
 
 @pytest.mark.parametrize(
@@ -69,7 +52,7 @@ def test_matches_one_softmax_over_memories_and_context(dtype, mask_kind, prefix)
         scale,
         mx.float32,
     )
-    want, want_mass = _np_attend(
+    want, want_mass = attend_over_picks(
         *(a.astype(np.float64) for a in (q, kk, v)), allowed, rows, dots, bank_values.astype(np.float64), scale
     )
     # Rows of queries that attend nothing (left padding) and have memories read the memories only.
@@ -103,7 +86,7 @@ def test_a_padded_query_with_memories_reads_only_them():
         d**-0.5,
         mx.float32,
     )
-    want, _ = _np_attend(q.astype(np.float64), kv, kv, allowed[None], rows, dots, bank_values, d**-0.5)
+    want, _ = attend_over_picks(q.astype(np.float64), kv, kv, allowed[None], rows, dots, bank_values, d**-0.5)
     assert np.isfinite(np.array(out)).all()
     np.testing.assert_allclose(np.array(mass)[0, :, :2], 1.0, rtol=1e-6)
     np.testing.assert_allclose(np.array(out), want, rtol=1e-5, atol=1e-5)
