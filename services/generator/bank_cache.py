@@ -162,16 +162,22 @@ class BankCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def contains(self, memory_id: str, version: str) -> bool:
-        """Whether this memory version's bank is cached (any thread; counted in the hit / miss
-        metrics), which makes it the most recently used: a request that joins its memory's
-        running group uses the bank without another lookup. A stale version is left for the MLX
-        thread to evict."""
+    def _find(self, memory_id: str, version: str) -> tuple[Bank | None, bool]:
+        """(the cached bank of ``memory_id`` or None, whether it is this version); a hit becomes
+        the most recently used."""
         with self._lock:
             bank = self._entries.get(memory_id)
             hit = bank is not None and bank.version == version
             if hit:
                 self._entries.move_to_end(memory_id)
+        return bank, hit
+
+    def contains(self, memory_id: str, version: str) -> bool:
+        """Whether this memory version's bank is cached (any thread; counted in the hit / miss
+        metrics), which makes it the most recently used: a request that joins its memory's
+        running group uses the bank without another lookup. A stale version is left for the MLX
+        thread to evict."""
+        hit = self._find(memory_id, version)[1]
         (HITS if hit else MISSES).inc()
         return hit
 
@@ -183,11 +189,8 @@ class BankCache:
     def get(self, memory_id: str, version: str, *, lookup: bool = True) -> Bank | None:
         """The cached bank of this memory version, or None. ``lookup=False``: a second look for
         the same request, not counted again in the hit / miss metrics."""
-        with self._lock:
-            bank = self._entries.get(memory_id)
-            if bank is not None and bank.version == version:
-                self._entries.move_to_end(memory_id)
-        if bank is not None and bank.version != version:  # deleted and re-created: never serve the old rows
+        bank, hit = self._find(memory_id, version)
+        if bank is not None and not hit:  # deleted and re-created: never serve the old rows
             self.evict(memory_id)
             bank = None
         if lookup:
