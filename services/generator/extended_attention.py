@@ -210,6 +210,8 @@ class ExtendedMindAttention(nn.Module):
         ctx = state.memory
         if mask is not None and cache is not None and x.shape[1] == 1 and state.unpadded_caches.get(id(cache)) is cache:
             mask = None
+        elif mask is not None and x.shape[1] > 1:
+            mask = prefill_attention.causal_when_equal(mask)
         if state.capture is not None:
             _, k, v = self._project(x)
             state.capture.append((self.layer, k, v))

@@ -194,10 +194,12 @@ _TOPK_SCAN_CHUNK = """
 """
 
 # A long batch (prefill): the raw dots come from one matmul ([KVH, M, d] x [KVH, d, N], float32,
-# M = B * rep * L in (b, r, l) order as in ``extended_attention._top_k``), and this kernel, one
-# block per (b, h, l), ranks its row of them. inputs: q [B, H, L, D] (for its norm), dots
-# [KVH, M, N] float32, inv_norms [KVH, N], threshold [1], topk [1]. outputs: rows, dots_out
-# [B, H, L, k].
+# M = B * rep * L in (b, r, l) order as in ``extended_attention._top_k``), and this kernel ranks
+# them, one warp per (b, h, l) row (T / 32 rows per block): each lane keeps the sorted top-k of
+# its stripe in registers, then k rounds of a warp-wide argmax (shuffles, no block barrier; ties:
+# the lower lane) take the winners, the winning lane shifting its list. inputs: q [B, H, L, D]
+# (for its norm), dots [KVH, M, N] float32, inv_norms [KVH, N], threshold [1], topk [1].
+# outputs: rows, dots_out [B, H, L, k].
 _TOPK_DOTS_SOURCE = """
   const int B = q_shape[0];
   const int H = q_shape[1];
@@ -207,28 +209,22 @@ _TOPK_DOTS_SOURCE = """
   const int N = dots_shape[2];
   const int rep = H / KVH;
   const int k = topk[0];
-  const int row = blockIdx.x;
-  const int tid = threadIdx.x;
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * (T / 32) + (threadIdx.x >> 5);
+  if (row >= B * H * L) return;  // whole warps only: no block barrier below
   const int b = row / (H * L);
   const int h = (row / L) % H;
   const int l = row % L;
   const int g = h / rep;
   const int m = (b * rep + h % rep) * L + l;
 
-  __shared__ float red[32];
-  __shared__ float sh_s[T * K];
-  __shared__ int sh_i[T * K];
-  __shared__ float win_s[K];
-  __shared__ int win_i[K];
-  __shared__ float wv[T / 32];
-  __shared__ int wt[T / 32];
-
   float part = 0.f;
-  for (int e = tid; e < D; e += T) {
+  for (int e = lane; e < D; e += 32) {
     const float x = static_cast<float>(q[(size_t)row * D + e]);
     part += x * x;
   }
-  const float q_inv = rsqrtf(fmaxf(em_block_sum<T>(part, red), 1e-24f));
+  for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffff, part, o);
+  const float q_inv = rsqrtf(fmaxf(part, 1e-24f));
   float s[K];
   int ix[K];
 #pragma unroll
@@ -236,13 +232,27 @@ _TOPK_DOTS_SOURCE = """
   const float* dr = dots + ((size_t)g * M + m) * N;
   const float* ng = inv_norms + (size_t)g * N;
 #pragma unroll 4
-  for (int n = tid; n < N; n += T) em_insert<K>(s, ix, dr[n] * q_inv * ng[n], n);
-  em_block_top_k<T, K>(s, ix, k, sh_s, sh_i, win_s, win_i, wv, wt);
-  if (tid < k) {
-    const int n = win_i[tid];
-    const bool ok = n >= 0 && win_s[tid] > threshold[0];
-    rows[(size_t)row * k + tid] = ok ? n : -1;
-    dots_out[(size_t)row * k + tid] = n >= 0 ? dr[n] : 0.f;
+  for (int n = lane; n < N; n += 32) em_insert<K>(s, ix, dr[n] * q_inv * ng[n], n);
+  for (int r = 0; r < k; ++r) {
+    float v = s[0];
+    int who = lane;
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffff, v, o);
+      const int ow = __shfl_xor_sync(0xffffffff, who, o);
+      if (ov > v || (ov == v && ow < who)) { v = ov; who = ow; }
+    }
+    const int n = __shfl_sync(0xffffffff, ix[0], who);
+    if (lane == who) {
+#pragma unroll
+      for (int j = 0; j < K - 1; ++j) { s[j] = s[j + 1]; ix[j] = ix[j + 1]; }
+      s[K - 1] = EM_NEG_INF;
+      ix[K - 1] = -1;
+    }
+    if (lane == 0) {
+      const bool ok = n >= 0 && v > threshold[0];
+      rows[(size_t)row * k + r] = ok ? n : -1;
+      dots_out[(size_t)row * k + r] = n >= 0 ? dr[n] : 0.f;
+    }
   }
 """
 
@@ -458,7 +468,7 @@ def _topk_dots_kernel():
 
 
 @functools.cache
-def _scalar(value: float | int, dtype) -> mx.array:
+def scalar(value: float | int, dtype) -> mx.array:
     """A one-element constant input (scale, threshold, chunk count), made once per value: a new
     array per call would be a host-to-device copy per layer and step."""
     a = mx.array([value], dtype)
@@ -498,9 +508,9 @@ def mask_mode(mask, B: int, L: int, S: int):
     layer."""
     global _last_mask
     if mask is None:
-        return _NO_MASK, _scalar(False, mx.bool_)
+        return _NO_MASK, scalar(False, mx.bool_)
     if isinstance(mask, str):
-        return (_CAUSAL, _scalar(False, mx.bool_)) if mask == "causal" else None
+        return (_CAUSAL, scalar(False, mx.bool_)) if mask == "causal" else None
     if mask.dtype != mx.bool_:
         return None
     if _last_mask[0] is mask and _last_mask[1] == (B, L, S):
@@ -567,8 +577,8 @@ def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, top_k: int, t
     n = keys_t.shape[2]
     k = min(top_k, n)
     q = mx.contiguous(q)
-    thr = _scalar(float(threshold) if threshold is not None else -math.inf, mx.float32)
-    kk = _scalar(k, mx.int32)
+    thr = scalar(float(threshold) if threshold is not None else -math.inf, mx.float32)
+    kk = scalar(k, mx.int32)
     lists = ("K", list_size(k))
     rows = B * H * L
     if rows >= MATMUL_ROWS:
@@ -578,10 +588,11 @@ def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, top_k: int, t
         rep = H // kvh
         qm = q.astype(mx.float32).reshape(B, kvh, rep, L, d).transpose(1, 0, 2, 3, 4).reshape(kvh, -1, d)
         dots = qm @ keys_t.astype(mx.float32)
+        per_block = _TOPK_THREADS // 32  # one warp per query row
         out = _topk_dots_kernel()(
             inputs=[q, dots, inv_norms, thr, kk],
             template=[("D", d), lists, ("T", _TOPK_THREADS)],
-            grid=(rows * _TOPK_THREADS, 1, 1),
+            grid=(-(-rows // per_block) * _TOPK_THREADS, 1, 1),
             threadgroup=(_TOPK_THREADS, 1, 1),
             output_shapes=[(B, H, L, k), (B, H, L, k)],
             output_dtypes=[mx.int32, mx.float32],
@@ -590,7 +601,7 @@ def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, top_k: int, t
     c = chunks_for(rows, n)
     template = [("Tk", keys_t.dtype), ("D", d), lists]
     scan = _topk_scan_kernel(c == 1)(
-        inputs=[q, keys_t, inv_norms, thr, kk, _scalar(c, mx.int32)],
+        inputs=[q, keys_t, inv_norms, thr, kk, scalar(c, mx.int32)],
         template=[*template, ("T", _TOPK_THREADS)],
         grid=(rows * c * _TOPK_THREADS, 1, 1),
         threadgroup=(_TOPK_THREADS, 1, 1),
@@ -630,7 +641,7 @@ def attend(q, k, v, mask, mem_rows, mem_dots, bank_values, scale: float, out_dty
     mode, mask_arr = mask
     floats = _shared_bucket(kk + S)
     out, mass = _attend_kernel(floats)(
-        inputs=[mx.contiguous(q), k, v, mask_arr, mem_rows, mem_dots, bank_values, _scalar(float(scale), mx.float32)],
+        inputs=[mx.contiguous(q), k, v, mask_arr, mem_rows, mem_dots, bank_values, scalar(float(scale), mx.float32)],
         template=[
             ("Tkv", k.dtype),
             ("Tv", bank_values.dtype),

@@ -1,6 +1,7 @@
 """Decode without a mask (docs/architecture.md, "Decode without a mask"): a one-token forward over
 a batch with no left padding drops mlx-lm's all-true mask, a padded batch keeps it, and the
-tokens are the same either way."""
+tokens are the same either way. A prompt chunk whose boolean mask is the causal one runs with
+"causal" (prefill_attention.causal_when_equal)."""
 
 from __future__ import annotations
 
@@ -53,12 +54,14 @@ def test_unpadded_caches_follow_the_batch(llama_path):
 @pytest.fixture()
 def masks_seen(monkeypatch):
     """Counts the one-token attention calls (decode) by whether they got a mask."""
-    seen = {"masked": 0, "unmasked": 0}
+    seen = {"masked": 0, "unmasked": 0, "prefill causal": 0, "prefill array": 0}
     sdpa = mx.fast.scaled_dot_product_attention
 
     def counting(q, k, v, *args, mask=None, **kwargs):
         if q.shape[2] == 1:
             seen["masked" if mask is not None else "unmasked"] += 1
+        else:
+            seen["prefill causal" if isinstance(mask, str) and mask == "causal" else "prefill array"] += 1
         return sdpa(q, k, v, *args, mask=mask, **kwargs)
 
     monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", counting)
@@ -76,11 +79,15 @@ async def test_one_stream_decodes_without_a_mask_a_padded_batch_with_one(llama_p
         # Masked: only a sequence's first decode forward (mlx-lm runs it when the prompt ends,
         # before the scheduler looks at the new batch) and a one-token prompt chunk (short).
         assert masks_seen["masked"] <= 3 * layers and masks_seen["unmasked"] >= 16 * layers
+        # Each prompt alone (not padded): its chunk's boolean mask is the causal one.
+        assert masks_seen["prefill causal"] == 2 * layers and masks_seen["prefill array"] == 0
 
-        masks_seen.update(masked=0, unmasked=0)
+        masks_seen.update({k: 0 for k in masks_seen})
         together = await asyncio.gather(run(engine, short), run(engine, long_))
         # Different lengths in one batch: the shorter is padded and every shared step is masked.
         assert masks_seen["masked"] >= 8 * layers
+        # Prefilled together, right-padded then shifted: the chunk's mask is still causal.
+        assert masks_seen["prefill causal"] >= layers
         for a, b in zip(alone, together):
             assert len(a[0]) > 0 and a[0] == b[0]
     finally:

@@ -363,6 +363,11 @@ async def test_a_scheduler_step_leaves_no_mask_remembered(llama_path):
     held = weakref.ref(mask)
     del mask
     assert held() is not None  # remembered: the next layer of its forward takes the same copy
+    chunk_mask = mx.array(np.tril(np.ones((4, 8), bool), 4)[None, None])  # a prompt chunk's causal mask
+    assert prefill_attention.causal_when_equal(chunk_mask) == "causal"
+    held_chunk = weakref.ref(chunk_mask)
+    del chunk_mask
+    assert held_chunk() is not None
     engine = GeneratorEngine(EngineConfig(model=str(llama_path)))
     engine.start()
     try:
@@ -373,3 +378,4 @@ async def test_a_scheduler_step_leaves_no_mask_remembered(llama_path):
         engine.stop()
     assert final.completion_tokens >= 1
     assert held() is None, "the mask of a forward is still held after the step"
+    assert held_chunk() is None, "a prompt chunk's mask is still held after the step"

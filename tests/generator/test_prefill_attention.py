@@ -13,17 +13,19 @@ from .np_reference import attend_over_picks
 
 
 @pytest.mark.parametrize(
-    "dtype,mask_kind,prefix",
+    "dtype,mask_kind,prefix,d,k",
     [
-        (np.float32, "causal", 0),
-        (np.float32, "causal", 7),  # a chunk after 7 cached positions
-        (np.float32, "padding", 0),  # row 0 left-padded by 3 positions (bool mask, as BatchKVCache)
-        (np.float16, "causal", 5),
+        (np.float32, "causal", 0, 16, 5),
+        (np.float32, "causal", 7, 16, 5),  # a chunk after 7 cached positions
+        (np.float32, "padding", 0, 16, 5),  # row 0 left-padded by 3 positions (bool mask, as BatchKVCache)
+        (np.float16, "causal", 5, 16, 5),
+        (np.float32, "none", 40, 80, 32),  # no mask; a head size past one warp's 32 lanes; 32 memories
+        (np.float16, "padding", 3, 128, 10),
     ],
 )
-def test_matches_one_softmax_over_memories_and_context(dtype, mask_kind, prefix):
+def test_matches_one_softmax_over_memories_and_context(dtype, mask_kind, prefix, d, k):
     rng = np.random.default_rng(0)
-    B, H, KVH, L, d, n, k = 2, 4, 2, 9, 16, 30, 5
+    B, H, KVH, L, n = 2, 4, 2, 9, 30
     S = prefix + L
     scale = d**-0.5
     q = rng.standard_normal((B, H, L, d)).astype(dtype)
@@ -36,6 +38,8 @@ def test_matches_one_softmax_over_memories_and_context(dtype, mask_kind, prefix)
     causal = np.arange(S - L, S)[:, None] >= np.arange(S)[None]
     if mask_kind == "causal":
         mask, allowed = "causal", np.broadcast_to(causal, (B, L, S))
+    elif mask_kind == "none":
+        mask, allowed = None, np.ones((B, L, S), bool)
     else:
         pad = np.ones((B, S), bool)
         pad[0, :3] = False
@@ -96,3 +100,42 @@ def test_fits_takes_long_batches_of_queries_within_the_logits_bound():
     assert not prefill_attention.fits(1, 32, 1, 4096)  # a decode step: the attend kernel
     assert prefill_attention.fits(1, 32, prefill_attention.MIN_QUERIES, 4096)
     assert not prefill_attention.fits(8, 32, 2048, 8192)  # 4 G logits: too many to materialize
+
+
+def test_causal_when_equal_recognizes_mlx_lms_batch_masks():
+    """mlx-lm's batch KV cache masks: unpadded ones (fresh or after a cached prefix) become
+    "causal"; a left-padded one, a sliding window that bites, a query-length-1 mask and
+    non-boolean masks stay as they are."""
+    from mlx_lm.models.base import create_causal_mask
+
+    prefill_attention.forget_mask()
+    for L, offset in ((6, 0), (4, 5)):
+        mask = create_causal_mask(L, offset=offset, left_padding=mx.zeros((3,), mx.int32))
+        assert mask.shape == (3, 1, L, L + offset)
+        assert prefill_attention.causal_when_equal(mask) == "causal"
+        assert prefill_attention.causal_when_equal(create_causal_mask(L, offset=offset)) == "causal"  # [L, S]
+    padded = create_causal_mask(6, offset=0, left_padding=mx.array([0, 2]))
+    window = create_causal_mask(6, offset=4, window_size=3)
+    additive = mx.where(create_causal_mask(6), 0.0, -1e9)
+    per_head = mx.broadcast_to(create_causal_mask(6)[None, None], (1, 2, 6, 6))
+    one_query = create_causal_mask(1, offset=5)
+    for mask in (padded, window, additive, per_head, one_query):
+        assert prefill_attention.causal_when_equal(mask) is mask
+    assert prefill_attention.causal_when_equal(None) is None
+    assert prefill_attention.causal_when_equal("causal") == "causal"
+
+
+def test_causal_when_equal_remembers_per_mask_object_until_forgotten():
+    """One read per mask object: a remembered answer is reused for the same object (every layer
+    of a forward), a different object is checked on its own, and forget_mask drops them all."""
+    from mlx_lm.models.base import create_causal_mask
+
+    prefill_attention.forget_mask()
+    causal = create_causal_mask(5, offset=2, left_padding=mx.zeros((1,), mx.int32))
+    padded = create_causal_mask(5, offset=2, left_padding=mx.array([1]))
+    assert prefill_attention.causal_when_equal(causal) == "causal"
+    assert prefill_attention.causal_when_equal(padded) is padded  # alternating objects: both kept
+    assert len(prefill_attention._causal_answers) == 2
+    assert prefill_attention.causal_when_equal(causal) == "causal"
+    prefill_attention.forget_mask()
+    assert prefill_attention._causal_answers == {}
