@@ -20,6 +20,7 @@ import numpy as np
 from prometheus_client import Histogram
 
 from extmind import errors
+from services.generator import device_stack
 from services.generator.citations import split_forwards
 
 SHARE_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
@@ -66,8 +67,21 @@ class MassSum:
 def summed_shares(forwards: list[list[mx.array]]) -> mx.array:
     """The ``BatchTally`` combine of the attention mass: forwards of one batch, each its per-layer
     shares [B, H, 1] (one per query head) -> [B, layers] float32, summed over forwards and heads."""
-    steps = mx.stack([mx.concatenate(fwd, axis=-1) for fwd in forwards])  # [forwards, B, H, layers]
-    return mx.sum(steps.astype(mx.float32), axis=(0, 2))
+    steps = [fwd[0] if len(fwd) == 1 else mx.concatenate(fwd, axis=-1) for fwd in forwards]  # [B, H, layers]
+    if len({a.shape for a in steps}) == 1:
+        stacked = device_stack.stack(steps, axis=1)  # [B, forwards, H, layers]: one launch on CUDA
+    else:
+        stacked = mx.stack(steps, axis=1)
+    return mx.sum(stacked.astype(mx.float32), axis=(1, 2))
+
+
+def stack_shares(shares: list[mx.array]) -> list[mx.array]:
+    """``BatchTally``'s compact for the attention mass: one forward's per-layer shares [B, H, 1]
+    -> [[B, H, layers]], what ``summed_shares`` concatenates them to, in one kernel launch on CUDA
+    (``device_stack``)."""
+    if len(shares) < 2 or len({a.shape for a in shares}) != 1:
+        return shares
+    return [device_stack.stack([a.reshape(a.shape[0], -1) for a in shares], axis=-1)]
 
 
 def forward_shares(

@@ -28,29 +28,42 @@ class BatchTally:
     attr: the request attribute that takes a batch row ("counts" or "mass": an object with
     ``add_row(row, steps)``, or None when the request keeps no such tally); lookup: uid -> the
     request or None (it left); combine: the pending forwards (each a list of per-layer records
-    of [B, ...]) -> one array [B, ...] whose row b is request b's share of them."""
+    of [B, ...]) -> one array [B, ...] whose row b is request b's share of them; compact: a
+    forward's per-layer records -> the records kept for it (its layers stacked into one, so a
+    flush combines one record per forward, not one per layer; None = the records as given)."""
 
     FLUSH_STEPS = 32
     FLUSH_ITEMS = 1 << 23  # elements of the whole batch's pending records (picks, shares)
 
-    def __init__(self, attr: str, lookup: Callable, combine: Callable[[list[list]], mx.array]):
+    def __init__(
+        self,
+        attr: str,
+        lookup: Callable,
+        combine: Callable[[list[list]], mx.array],
+        compact: Callable[[list], list] | None = None,
+    ):
         self.attr = attr
         self.lookup = lookup
         self.combine = combine
+        self.compact = compact
         self._uids: tuple[int, ...] | None = None
         self._pending: list[list] = []
         self._items = 0
 
-    def add(self, uids: Sequence[int], records: list) -> None:
-        """One decode forward's per-layer records [B, ...]; uids: the sequence in each batch row."""
+    def add(self, uids: Sequence[int], records: list) -> list:
+        """One decode forward's per-layer records [B, ...]; uids: the sequence in each batch row.
+        Returns what is kept for the forward (the records, or ``compact(records)``): the caller
+        evaluates it with the step."""
         uids = tuple(uids)
         if uids != self._uids:
             self.flush()
             self._uids = uids
-        self._pending.append(records)
+        kept = self.compact(records) if self.compact is not None else records
+        self._pending.append(kept)
         self._items += sum(r.size for r in records)
         if len(self._pending) >= self.FLUSH_STEPS or self._items >= self.FLUSH_ITEMS:
             self.flush()
+        return kept
 
     def flush(self) -> None:
         """Hands every pending forward's rows to the requests that keep this tally."""

@@ -33,6 +33,7 @@ import mlx.core as mx
 import numpy as np
 
 from extmind import errors
+from services.generator import device_stack
 
 
 @dataclass
@@ -59,6 +60,21 @@ class Picks:
 
     def arrays(self) -> list[mx.array]:
         return [a for a in (self.rows, self.dots, self.mass) if a is not None]
+
+
+def stack_picks(picks: list[Picks]) -> list[Picks]:
+    """``BatchTally``'s compact for citations: one forward's per-layer Picks [B, H, 1, k] -> [one
+    Picks [B, layers, H, 1, k]] (mass [B, layers, H, 1]), which ``picked_rows`` takes as it takes
+    the layers one by one; stacked in one kernel launch per array on CUDA (``device_stack``).
+    Layers of different scales, or some with and some without weights, stay as they are."""
+    if len(picks) < 2 or len({(p.scale, p.dots is None, p.shape) for p in picks}) != 1:
+        return picks
+    rows = device_stack.stack([p.rows for p in picks], axis=1)
+    if picks[0].dots is None:
+        return [Picks(rows)]
+    dots = device_stack.stack([p.dots for p in picks], axis=1)
+    mass = device_stack.stack([p.mass for p in picks], axis=1)
+    return [Picks(rows, dots, mass, picks[0].scale)]
 
 
 def memory_weights(rows: mx.array, dots: mx.array, mass: mx.array, scale: float) -> mx.array:
@@ -152,16 +168,24 @@ def picked_rows(forwards: list[list[Picks]], min_weight: float = 0.0) -> mx.arra
     picks = [p for fwd in forwards for p in fwd]
     B, k = picks[0].rows.shape[0], picks[0].rows.shape[-1]
     if min_weight <= 0:
-        return mx.concatenate([p.rows.reshape(B, -1) for p in picks], axis=1)
+        return _joined([p.rows for p in picks], (B, -1))
     out = []
     for scale in dict.fromkeys(p.scale for p in picks):  # layers of one scale in one graph
         same = [p for p in picks if p.scale == scale]
-        rows = mx.concatenate([p.rows.reshape(B, -1, k) for p in same], axis=1)
-        dots = mx.concatenate([p.dots.reshape(B, -1, k) for p in same], axis=1).astype(mx.float32)
-        mass = mx.concatenate([p.mass.reshape(B, -1) for p in same], axis=1).astype(mx.float32)
+        rows = _joined([p.rows for p in same], (B, -1, k))
+        dots = _joined([p.dots for p in same], (B, -1, k)).astype(mx.float32)
+        mass = _joined([p.mass for p in same], (B, -1)).astype(mx.float32)
         w = memory_weights(rows, dots, mass, scale)
         out.append(mx.where(w >= min_weight, rows, -1).reshape(B, -1))
     return mx.concatenate(out, axis=1)
+
+
+def _joined(arrays: list[mx.array], shape: tuple) -> mx.array:
+    """The arrays [B, ...] reshaped to ``shape`` and joined along axis 1: stacked in one kernel
+    launch (``device_stack``) when they have one shape, else concatenated."""
+    if len({a.shape for a in arrays}) == 1:
+        return device_stack.stack(arrays, axis=1).reshape(shape)
+    return mx.concatenate([a.reshape(shape) for a in arrays], axis=1)
 
 
 # Retrieval spreads over the whole bank (every layer and head picks k rows at every step), so

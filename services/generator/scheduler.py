@@ -38,7 +38,7 @@ from services.common.metrics import LATENCY_BUCKETS
 from services.common.mlx_thread import MLXThread
 from services.generator import attention_mass, fused_attention, prefill_attention
 from services.generator.batch_tally import BatchTally
-from services.generator.citations import Counts, Picks, decode_forwards, picked_rows, spans
+from services.generator.citations import Counts, Picks, decode_forwards, picked_rows, spans, stack_picks
 from services.generator.extended_attention import ExtendedMindState, MemoryContext
 from services.generator.memory_resolution import ResolvedMemory
 from services.generator.request_types import LENGTH, STOP, STOP_SEQUENCE, Chunk, Final, GenerationRequest
@@ -153,8 +153,10 @@ class _Group:
         self.counts = self.mass = None
         if ctx is not None:
             floor = ctx.cite_min_weight
-            self.counts = BatchTally("counts", self.requests.get, functools.partial(picked_rows, min_weight=floor))
-            self.mass = BatchTally("mass", self.requests.get, attention_mass.summed_shares)
+            self.counts = BatchTally(
+                "counts", self.requests.get, functools.partial(picked_rows, min_weight=floor), stack_picks
+            )
+            self.mass = BatchTally("mass", self.requests.get, attention_mass.summed_shares, attention_mass.stack_shares)
 
     def remove(self, uid: int) -> None:
         """Takes sequence ``uid`` out of the BatchGenerator (the decode batch changes)."""
@@ -474,12 +476,12 @@ class Scheduler:
 
 
 def _hand_out(tally: BatchTally, forwards: list) -> list:
-    """Adds every decode forward's per-layer records to the group's ``tally``. -> the arrays
-    recorded (to evaluate with the step)."""
+    """Adds every decode forward's per-layer records to the group's ``tally``. -> the arrays it
+    keeps (to evaluate with the step: a forward's layers stacked into one record)."""
     out = []
     for uids, records in forwards:
-        tally.add(uids, records)
-        out += [x for a in records for x in (a.arrays() if isinstance(a, Picks) else [a])]
+        kept = tally.add(uids, records)
+        out += [x for a in kept for x in (a.arrays() if isinstance(a, Picks) else [a])]
     return out
 
 

@@ -1,7 +1,8 @@
 """The per-request tallies kept on the device (citations.Counts, attention_mass.MassSum), fed by
 their group's batch_tally.BatchTally, equal a host-side count over every step: across flushes,
 batches that change (sequences joining and leaving), requests that keep no tally, and requests
-that leave."""
+that leave; with each forward's layers kept as they are or stacked into one record (the
+scheduler's ``stack_picks`` / ``stack_shares``: one kernel launch on CUDA)."""
 
 from types import SimpleNamespace
 
@@ -12,7 +13,7 @@ import pytest
 from services.generator import attention_mass
 from services.generator.attention_mass import MassSum
 from services.generator.batch_tally import BatchTally
-from services.generator.citations import Counts, Picks, picked_rows
+from services.generator.citations import Counts, Picks, picked_rows, stack_picks
 
 
 def _batches(rng, steps, uids_pool=6, most=4):
@@ -33,19 +34,21 @@ def _requests(n, make):
     return {uid: SimpleNamespace(counts=make(uid), mass=None) for uid in range(n)}
 
 
-def test_counts_equal_a_bincount_over_every_step_flush_and_batch_change():
+@pytest.mark.parametrize("compact", [None, stack_picks])
+def test_counts_equal_a_bincount_over_every_step_flush_and_batch_change(compact):
     rng = np.random.default_rng(0)
     rows, layers, H, k = 50, 3, 2, 5
     steps = 2 * BatchTally.FLUSH_STEPS + 7  # flushes by steps, by batch changes, and a remainder
     # Request 3 keeps no counts (it did not ask for citations): its rows are skipped.
     requests = _requests(6, lambda uid: None if uid == 3 else Counts(rows))
-    tally = BatchTally("counts", requests.get, picked_rows)
+    tally = BatchTally("counts", requests.get, picked_rows, compact)
     want = {uid: np.zeros(rows, np.int64) for uid in requests}
     batches = _batches(rng, steps)
     assert len({tuple(b) for b in batches}) > 2, "the draw never changed the batch"
     for uids in batches:
         fwd = rng.integers(-1, rows, (layers, len(uids), H, 1, k)).astype(np.int32)  # -1 = masked
-        tally.add(uids, [Picks(mx.array(a)) for a in fwd])
+        kept = tally.add(uids, [Picks(mx.array(a)) for a in fwd])
+        assert len(kept) == (1 if compact else layers)
         for b, uid in enumerate(uids):
             picked = fwd[:, b].reshape(-1)
             want[uid] += np.bincount(picked[picked >= 0], minlength=rows)
@@ -72,16 +75,16 @@ def test_a_request_that_left_is_skipped_and_the_others_still_count():
     np.testing.assert_array_equal(requests[1].counts.read(), want)
 
 
-def test_weighed_counts_keep_only_picks_with_enough_attention_across_flushes():
+@pytest.mark.parametrize("scales,compact", [((0.25, 0.5), None), ((0.25, 0.5), stack_picks), ((0.5,) * 3, stack_picks)])
+def test_weighed_counts_keep_only_picks_with_enough_attention_across_flushes(scales, compact):
     """With a floor, a pick counts only when its softmax weight (rebuilt at the flush from the raw
-    dots, the head's memory mass and the layer's scale; two scales in one forward) reaches it:
-    equal to a host-side count of a direct softmax over [memories | local], weights near the floor
-    left out of the draw."""
+    dots, the head's memory mass and the layer's scale; two scales in one forward, which
+    ``stack_picks`` leaves unstacked) reaches it: equal to a host-side count of a direct softmax
+    over [memories | local], weights near the floor left out of the draw."""
     rng = np.random.default_rng(2)
     rows, B, H, k, S, floor = 40, 3, 2, 4, 6, 0.1
-    scales = (0.25, 0.5)
     requests = _requests(B, lambda uid: Counts(rows))
-    tally = BatchTally("counts", requests.get, lambda fwds: picked_rows(fwds, floor))
+    tally = BatchTally("counts", requests.get, lambda fwds: picked_rows(fwds, floor), compact)
     want = {uid: np.zeros(rows, np.int64) for uid in requests}
     for _ in range(BatchTally.FLUSH_STEPS + 5):
         fwd = []
@@ -99,19 +102,21 @@ def test_weighed_counts_keep_only_picks_with_enough_attention_across_flushes():
             for b in range(B):
                 kept = r[b][(w[b, ..., :k] >= floor) & (r[b] >= 0)]
                 want[b] += np.bincount(kept, minlength=rows)
-        tally.add(list(range(B)), fwd)
+        kept = tally.add(list(range(B)), fwd)
+        assert len(kept) == (1 if compact and len(set(scales)) == 1 else len(scales))
     tally.flush()
     assert all(w.sum() > 0 for w in want.values())
     for uid, r in requests.items():
         np.testing.assert_array_equal(r.counts.read(), want[uid])
 
 
-def test_mass_means_equal_the_host_mean_over_every_step_and_head():
+@pytest.mark.parametrize("compact", [None, attention_mass.stack_shares])
+def test_mass_means_equal_the_host_mean_over_every_step_and_head(compact):
     rng = np.random.default_rng(1)
     layers, heads = [0, 2, 5], 4
     steps = BatchTally.FLUSH_STEPS + 9
     requests = {uid: SimpleNamespace(counts=None, mass=MassSum(layers, heads)) for uid in range(6)}
-    tally = BatchTally("mass", requests.get, attention_mass.summed_shares)
+    tally = BatchTally("mass", requests.get, attention_mass.summed_shares, compact)
     assert requests[0].mass.means() == {}
     sums = {uid: np.zeros(len(layers)) for uid in requests}
     n = dict.fromkeys(requests, 0)

@@ -1,0 +1,98 @@
+"""Stacks many same-shaped arrays with one kernel launch on MLX's CUDA backend.
+
+A decode forward's tallies are one small array per retrieving layer (citation picks, attention
+mass). ``mx.stack`` / ``mx.concatenate`` copy each input with its own kernel, and on MLX CUDA every
+launch costs the host ~10 us: stacking a step's records in a flush of 32-64 steps launched over a
+thousand copies, most of the citations' cost per step on an H200 (docs/architecture.md, "Tallies
+of a decode batch"). Here one generated kernel (one per power of two of inputs) copies them all; off CUDA
+it is ``mx.stack``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import mlx.core as mx
+
+_THREADS = 256
+
+
+MAX_INPUTS = 64  # inputs per launch (kernel parameters stay small); more are stacked in chunks
+
+
+@functools.cache
+def _kernel(slots: int, last: bool):
+    # out [B, N, X] (last=False) or [B, X, N]; input i < N is a_i [B, X] (row-contiguous). One
+    # kernel per power-of-two number of input slots (the N in use comes at run time, unused
+    # slots repeat an input), so a new count does not mean a new compile.
+    cases = "\n".join(f"    case {i}: v = a{i}[src]; break;" for i in range(slots))
+    out_index = "((size_t)b * X + x) * N + i" if last else "gid"
+    order = (
+        "const int i = gid % N; const int x = (gid / N) % X; const int b = gid / ((size_t)N * X);"
+        if last
+        else "const int x = gid % X; const int i = (gid / X) % N; const int b = gid / ((size_t)X * N);"
+    )
+    source = f"""
+  const int B = dims[0];
+  const int X = dims[1];
+  const int N = dims[2];
+  const size_t gid = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (gid >= (size_t)B * N * X) return;
+  {order}
+  const size_t src = (size_t)b * X + x;
+  T v;
+  switch (i) {{
+{cases}
+  }}
+  out[{out_index}] = v;
+"""
+    return mx.fast.cuda_kernel(
+        name=f"extmind_stack{slots}{'_last' if last else ''}",
+        input_names=[f"a{i}" for i in range(slots)] + ["dims"],
+        output_names=["out"],
+        source=source,
+    )
+
+
+@functools.cache
+def _dims(B: int, X: int, n: int) -> mx.array:
+    """[B, X, n] on the device, made once per shape (not a host-to-device copy per call)."""
+    a = mx.array([B, X, n], dtype=mx.int32)
+    mx.eval(a)
+    return a
+
+
+def on_device() -> bool:
+    """Whether ``stack`` launches its own kernel (MLX computes on its CUDA backend)."""
+    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+
+
+def stack(arrays: list[mx.array], axis: int) -> mx.array:
+    """``mx.stack(arrays, axis)`` for ``axis`` 1 ([B, n, ...]) or -1 ([..., n]) of n >= 1 arrays of
+    one shape [B, ...] (B >= 1) and dtype, in one kernel launch on CUDA. Raises ValueError for
+    another axis or mismatched inputs."""
+    if axis not in (1, -1):
+        raise ValueError(f"stack takes axis 1 or -1, not {axis}")
+    first = arrays[0]
+    if any(a.shape != first.shape or a.dtype != first.dtype for a in arrays):
+        raise ValueError("stack takes arrays of one shape and dtype")
+    if first.ndim < 1 or not on_device() or len(arrays) == 1 or first.size == 0:
+        return mx.stack(arrays, axis=axis)
+    if len(arrays) > MAX_INPUTS:
+        parts = [stack(arrays[i : i + MAX_INPUTS], axis) for i in range(0, len(arrays), MAX_INPUTS)]
+        return mx.concatenate(parts, axis=axis)
+    n, B = len(arrays), first.shape[0]
+    X = first.size // B
+    slots = 1 << (n - 1).bit_length()
+    last = axis == -1
+    flat = [a.reshape(B, X) for a in arrays]
+    total = B * n * X
+    (out,) = _kernel(slots, last)(
+        inputs=flat + [flat[0]] * (slots - n) + [_dims(B, X, n)],
+        template=[("T", first.dtype)],
+        grid=(-(-total // _THREADS) * _THREADS, 1, 1),
+        threadgroup=(_THREADS, 1, 1),
+        output_shapes=[(B, X, n) if last else (B, n, X)],
+        output_dtypes=[first.dtype],
+    )
+    return out.reshape(*first.shape, n) if last else out.reshape(B, n, *first.shape[1:])
