@@ -9,8 +9,8 @@ them (docs/architecture.md, "Fused extended attention"). Here the same computati
 - ``top_k_rows``: per query head and token, the exact cosine top-k over the bank's rows (each
   thread scans a stripe of rows and keeps its own sorted top-k; the block merges them, and a
   second kernel merges the blocks' lists when a decode row's scan is split over several; a
-  prefill's dots come from one matmul instead), the raw dot products of the winners and the
-  threshold;
+  prefill's scores come from one matmul instead, ranked in ``prefill_top_k``), the raw dot
+  products of the winners and the threshold;
 - ``attend``: per query head and token, one softmax over [memory logits | local logits] (causal,
   array-masked or unmasked) and the weighted sum of the memory values (read from the bank by row)
   and the local values (read from the KV cache in place, strides and all), written straight in the
@@ -29,6 +29,8 @@ import math
 
 import mlx.core as mx
 
+from services.generator import kernel_parts, prefill_top_k
+
 MODES = ("auto", "off")
 MAX_TOP_K = 32
 MAX_HEAD_DIM = 256
@@ -39,96 +41,12 @@ MATMUL_ROWS = 2048  # query rows (B * H * L) from which the cosines come from on
 _ATTEND_THREADS = 256
 _NO_MASK, _CAUSAL, _ARRAY_MASK = 0, 1, 2
 
-_HEADER = """
-#define EM_NEG_INF __int_as_float(0xff800000)
-
-template <int T>
-__device__ float em_block_sum(float v, float* red) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-  __syncthreads();
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-  __syncthreads();
-  float r = 0.f;
-  for (int i = 0; i < T / 32; ++i) r += red[i];
-  return r;
-}
-
-template <int T>
-__device__ float em_block_max(float v, float* red) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
-  __syncthreads();
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-  __syncthreads();
-  float r = EM_NEG_INF;
-  for (int i = 0; i < T / 32; ++i) r = fmaxf(r, red[i]);
-  return r;
-}
-"""
 
 # The top-k: a scan kernel, one block per (query row, chunk of the bank's rows): each thread keeps
 # the sorted top-k of its stripe in registers, the block merges its threads' lists. With one chunk
 # it writes the result; with several (a short batch over a long bank: more blocks than query
 # rows keep the GPU busy) each chunk writes its candidates and a merge kernel, one block per
 # query row, takes the top-k of them.
-_TOPK_HEADER = r"""
-template <int K>
-__device__ __forceinline__ void em_insert(float (&s)[K], int (&ix)[K], float v, int n) {
-  // s sorted descending; ties keep the earlier entry.
-  if (v > s[K - 1]) {
-#pragma unroll
-    for (int j = K - 1; j > 0; --j) {
-      if (v > s[j - 1]) { s[j] = s[j - 1]; ix[j] = ix[j - 1]; }
-      else if (v > s[j]) { s[j] = v; ix[j] = n; }
-    }
-    if (v > s[0]) { s[0] = v; ix[0] = n; }
-  }
-}
-
-// The block's top-k (k <= K) of its threads' sorted lists, into win_s / win_i (shared), in k
-// rounds of a block-wide argmax (ties: the lower thread). Every thread must call it.
-template <int T, int K>
-__device__ __forceinline__ void em_block_top_k(
-    const float (&s)[K], const int (&ix)[K], int k, float* sh_s, int* sh_i, float* win_s, int* win_i,
-    float* wv, int* wt) {
-  const int tid = threadIdx.x;
-#pragma unroll
-  for (int j = 0; j < K; ++j) { sh_s[tid * K + j] = s[j]; sh_i[tid * K + j] = ix[j]; }
-  __syncthreads();
-  int ptr = 0;
-  for (int r = 0; r < k; ++r) {
-    float v = ptr < K ? sh_s[tid * K + ptr] : EM_NEG_INF;
-    int who = tid;
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffff, v, o);
-      const int ow = __shfl_xor_sync(0xffffffff, who, o);
-      if (ov > v || (ov == v && ow < who)) { v = ov; who = ow; }
-    }
-    if ((tid & 31) == 0) { wv[tid >> 5] = v; wt[tid >> 5] = who; }
-    __syncthreads();
-    float bv = wv[0];
-    int bw = wt[0];
-    for (int i = 1; i < T / 32; ++i) {
-      if (wv[i] > bv || (wv[i] == bv && wt[i] < bw)) { bv = wv[i]; bw = wt[i]; }
-    }
-    if (tid == bw) {
-      win_s[r] = ptr < K ? sh_s[tid * K + ptr] : EM_NEG_INF;
-      win_i[r] = ptr < K ? sh_i[tid * K + ptr] : -1;
-      ++ptr;
-    }
-    __syncthreads();
-  }
-}
-
-template <int D, typename Tk>
-__device__ __forceinline__ float em_dot_t(const float* qs, const Tk* kg, int N, int n) {
-  // Unrolled: a row's loads are in flight together (a rolled loop waits on each); fully up to
-  // D = 128, 16 at a time beyond (a fully unrolled D = 256 spills registers).
-  float dot = 0.f;
-#pragma unroll(D <= 128 ? D : 16)
-  for (int e = 0; e < D; ++e) dot += qs[e] * static_cast<float>(kg[(size_t)e * N + n]);
-  return dot;
-}
-"""
 
 # Template K is the size of the per-thread lists (8, 16 or 32: one compiled kernel serves every
 # top_k up to it, since the top k of a list are the first k of its top K); k <= K comes at run
@@ -190,69 +108,6 @@ _TOPK_SCAN_CHUNK = """
   if (tid < k) {
     cand_s[((size_t)row * C + c) * k + tid] = win_s[tid];
     cand_i[((size_t)row * C + c) * k + tid] = win_i[tid];
-  }
-"""
-
-# A long batch (prefill): the raw dots come from one matmul ([KVH, M, d] x [KVH, d, N], float32,
-# M = B * rep * L in (b, r, l) order as in ``extended_attention._top_k``), and this kernel ranks
-# them, one warp per (b, h, l) row (T / 32 rows per block): each lane keeps the sorted top-k of
-# its stripe in registers, then k rounds of a warp-wide argmax (shuffles, no block barrier; ties:
-# the lower lane) take the winners, the winning lane shifting its list. inputs: q [B, H, L, D]
-# (for its norm), dots [KVH, M, N] float32, inv_norms [KVH, N], threshold [1], topk [1].
-# outputs: rows, dots_out [B, H, L, k].
-_TOPK_DOTS_SOURCE = """
-  const int B = q_shape[0];
-  const int H = q_shape[1];
-  const int L = q_shape[2];
-  const int KVH = dots_shape[0];
-  const int M = dots_shape[1];
-  const int N = dots_shape[2];
-  const int rep = H / KVH;
-  const int k = topk[0];
-  const int lane = threadIdx.x & 31;
-  const int row = blockIdx.x * (T / 32) + (threadIdx.x >> 5);
-  if (row >= B * H * L) return;  // whole warps only: no block barrier below
-  const int b = row / (H * L);
-  const int h = (row / L) % H;
-  const int l = row % L;
-  const int g = h / rep;
-  const int m = (b * rep + h % rep) * L + l;
-
-  float part = 0.f;
-  for (int e = lane; e < D; e += 32) {
-    const float x = static_cast<float>(q[(size_t)row * D + e]);
-    part += x * x;
-  }
-  for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffff, part, o);
-  const float q_inv = rsqrtf(fmaxf(part, 1e-24f));
-  float s[K];
-  int ix[K];
-#pragma unroll
-  for (int j = 0; j < K; ++j) { s[j] = EM_NEG_INF; ix[j] = -1; }
-  const float* dr = dots + ((size_t)g * M + m) * N;
-  const float* ng = inv_norms + (size_t)g * N;
-#pragma unroll 4
-  for (int n = lane; n < N; n += 32) em_insert<K>(s, ix, dr[n] * q_inv * ng[n], n);
-  for (int r = 0; r < k; ++r) {
-    float v = s[0];
-    int who = lane;
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffff, v, o);
-      const int ow = __shfl_xor_sync(0xffffffff, who, o);
-      if (ov > v || (ov == v && ow < who)) { v = ov; who = ow; }
-    }
-    const int n = __shfl_sync(0xffffffff, ix[0], who);
-    if (lane == who) {
-#pragma unroll
-      for (int j = 0; j < K - 1; ++j) { s[j] = s[j + 1]; ix[j] = ix[j + 1]; }
-      s[K - 1] = EM_NEG_INF;
-      ix[K - 1] = -1;
-    }
-    if (lane == 0) {
-      const bool ok = n >= 0 && v > threshold[0];
-      rows[(size_t)row * k + r] = ok ? n : -1;
-      dots_out[(size_t)row * k + r] = n >= 0 ? dr[n] : 0.f;
-    }
   }
 """
 
@@ -441,7 +296,7 @@ def _topk_scan_kernel(final: bool):
         input_names=["q", "keys_t", "inv_norms", "threshold", "topk", "chunks"],
         output_names=outputs,
         source=_TOPK_SCAN_SOURCE + (_TOPK_SCAN_FINAL if final else _TOPK_SCAN_CHUNK),
-        header=_HEADER + _TOPK_HEADER,
+        header=kernel_parts.HEADER + kernel_parts.TOPK_HEADER,
     )
 
 
@@ -452,28 +307,8 @@ def _topk_merge_kernel():
         input_names=["q", "keys_t", "threshold", "topk", "cand_s", "cand_i"],
         output_names=["rows", "dots"],
         source=_TOPK_MERGE_SOURCE,
-        header=_HEADER + _TOPK_HEADER,
+        header=kernel_parts.HEADER + kernel_parts.TOPK_HEADER,
     )
-
-
-@functools.cache
-def _topk_dots_kernel():
-    return mx.fast.cuda_kernel(
-        name="extmind_topk_dots",
-        input_names=["q", "dots", "inv_norms", "threshold", "topk"],
-        output_names=["rows", "dots_out"],
-        source=_TOPK_DOTS_SOURCE,
-        header=_HEADER + _TOPK_HEADER,
-    )
-
-
-@functools.cache
-def scalar(value: float | int, dtype) -> mx.array:
-    """A one-element constant input (scale, threshold, chunk count), made once per value: a new
-    array per call would be a host-to-device copy per layer and step."""
-    a = mx.array([value], dtype)
-    mx.eval(a)
-    return a
 
 
 @functools.cache
@@ -483,7 +318,7 @@ def _attend_kernel(shared_floats: int):
         input_names=["q", "k", "v", "mask", "mem_rows", "mem_dots", "bank_values", "scale"],
         output_names=["out", "mass"],
         source=_ATTEND_HEAD + _ATTEND_LOGITS_WARP + _ATTEND_TAIL,
-        header=_HEADER,
+        header=kernel_parts.HEADER,
         ensure_row_contiguous=False,
         shared_memory=4 * shared_floats,
     )
@@ -508,9 +343,9 @@ def mask_mode(mask, B: int, L: int, S: int):
     layer."""
     global _last_mask
     if mask is None:
-        return _NO_MASK, scalar(False, mx.bool_)
+        return _NO_MASK, kernel_parts.scalar(False, mx.bool_)
     if isinstance(mask, str):
-        return (_CAUSAL, scalar(False, mx.bool_)) if mask == "causal" else None
+        return (_CAUSAL, kernel_parts.scalar(False, mx.bool_)) if mask == "causal" else None
     if mask.dtype != mx.bool_:
         return None
     if _last_mask[0] is mask and _last_mask[1] == (B, L, S):
@@ -577,31 +412,18 @@ def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, top_k: int, t
     n = keys_t.shape[2]
     k = min(top_k, n)
     q = mx.contiguous(q)
-    thr = scalar(float(threshold) if threshold is not None else -math.inf, mx.float32)
-    kk = scalar(k, mx.int32)
+    thr = kernel_parts.scalar(float(threshold) if threshold is not None else -math.inf, mx.float32)
+    kk = kernel_parts.scalar(k, mx.int32)
     lists = ("K", list_size(k))
     rows = B * H * L
     if rows >= MATMUL_ROWS:
         # Many query rows (prefill): each scan block would read the whole bank once per row;
-        # one matmul reads it once, as the portable path's, so the ranking is the same.
-        kvh = keys_t.shape[0]
-        rep = H // kvh
-        qm = q.astype(mx.float32).reshape(B, kvh, rep, L, d).transpose(1, 0, 2, 3, 4).reshape(kvh, -1, d)
-        dots = qm @ keys_t.astype(mx.float32)
-        per_block = _TOPK_THREADS // 32  # one warp per query row
-        out = _topk_dots_kernel()(
-            inputs=[q, dots, inv_norms, thr, kk],
-            template=[("D", d), lists, ("T", _TOPK_THREADS)],
-            grid=(-(-rows // per_block) * _TOPK_THREADS, 1, 1),
-            threadgroup=(_TOPK_THREADS, 1, 1),
-            output_shapes=[(B, H, L, k), (B, H, L, k)],
-            output_dtypes=[mx.int32, mx.float32],
-        )
-        return out[0], out[1]
+        # one matmul reads it once, and prefill_top_k ranks its scores.
+        return prefill_top_k.top_k_rows(q, keys_t, inv_norms, k, lists[1], thr)
     c = chunks_for(rows, n)
     template = [("Tk", keys_t.dtype), ("D", d), lists]
     scan = _topk_scan_kernel(c == 1)(
-        inputs=[q, keys_t, inv_norms, thr, kk, scalar(c, mx.int32)],
+        inputs=[q, keys_t, inv_norms, thr, kk, kernel_parts.scalar(c, mx.int32)],
         template=[*template, ("T", _TOPK_THREADS)],
         grid=(rows * c * _TOPK_THREADS, 1, 1),
         threadgroup=(_TOPK_THREADS, 1, 1),
@@ -641,7 +463,16 @@ def attend(q, k, v, mask, mem_rows, mem_dots, bank_values, scale: float, out_dty
     mode, mask_arr = mask
     floats = _shared_bucket(kk + S)
     out, mass = _attend_kernel(floats)(
-        inputs=[mx.contiguous(q), k, v, mask_arr, mem_rows, mem_dots, bank_values, scalar(float(scale), mx.float32)],
+        inputs=[
+            mx.contiguous(q),
+            k,
+            v,
+            mask_arr,
+            mem_rows,
+            mem_dots,
+            bank_values,
+            kernel_parts.scalar(float(scale), mx.float32),
+        ],
         template=[
             ("Tkv", k.dtype),
             ("Tv", bank_values.dtype),

@@ -26,7 +26,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from services.generator import fused_attention
+from services.generator import fused_attention, kernel_parts
 
 NEG = -1e30  # finite "masked" for local logits: exp() gives exactly 0 next to any real logit
 # Queries per sequence (L) from which a fused prefill takes this path instead of the attend kernel.
@@ -219,7 +219,7 @@ def attend(q, k, v, mask, mem_rows, mem_dots, bank_values, scale: float, out_dty
             mem_rows,
             mem_dots,
             bank_values,
-            fused_attention.scalar(float(scale), mx.float32),
+            kernel_parts.scalar(float(scale), mx.float32),
         ],
         template=[("Tv", bank_values.dtype), ("To", out_dtype), ("D", d), ("T", _MERGE_THREADS), ("MASK", mode)],
         grid=(-(-(B * H * L) // per_block) * _MERGE_THREADS, 1, 1),

@@ -131,6 +131,52 @@ def test_top_k_rows_is_the_exact_cosine_top_k(dtype, n, top_k, d, threshold, L):
     assert checked == B * H * L
 
 
+@needs_cuda
+@pytest.mark.parametrize("dtype", [mx.float16, mx.float32])
+def test_prefill_top_k_is_exact_where_float16_cannot_tell_rows_apart(dtype):
+    """prefill_top_k ranks float16 banks by approximate cosines (a float16 matmul) and re-ranks
+    candidates exactly. Here 120 rows sit within ~1e-3 of each other around every query's
+    direction (the float16 scores cannot order them), two rows have norms whose float16 scores
+    overflow (one parallel to the queries: the true top-1; one anti-parallel), the rest is noise:
+    the picks must still be the exact float32 top-k (tie-aware within SLACK) with exact raw dots."""
+    rng = np.random.default_rng(7)
+    B, H, KVH, L, d, n, k = 1, 4, 2, 520, 64, 4096, 16  # 2 080 query rows: the prefill path
+    assert B * H * L >= fused_attention.MATMUL_ROWS
+    u = rng.standard_normal(d)
+    u /= np.linalg.norm(u)
+    keys = rng.standard_normal((KVH, n, d))
+    for g in range(KVH):
+        w = rng.standard_normal((120, d))
+        w -= np.outer(w @ u, u)
+        w /= np.linalg.norm(w, axis=1, keepdims=True)
+        c = 0.99 + rng.uniform(0, 1e-3, 120)  # cosines to u
+        keys[g, :120] = (c[:, None] * u + np.sqrt(1 - c**2)[:, None] * w) * rng.uniform(0.5, 3, (120, 1))
+        keys[g, 200] = u * 70000.0  # q . k / |q| > 65 504: inf in float16
+        keys[g, 201] = -u * 70000.0
+    q = (u * 5 + rng.standard_normal((B, H, L, d)) * 0.01).astype(np.float32)
+    keys_mx = mx.array(keys.astype(np.float32)).astype(dtype)
+    keys64 = np.array(keys_mx.astype(mx.float32)).astype(np.float64)  # what the kernel sees
+    inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx.astype(mx.float32) ** 2, axis=-1), 1e-24))
+    rows, dots = fused_attention.top_k_rows(mx.array(q), mx.contiguous(keys_mx.swapaxes(-1, -2)), inv, k, None)
+    rows, dots = np.array(rows), np.array(dots)
+    cos, raw = _np_cosines(q.astype(np.float64), keys64)
+    kth = -np.sort(-cos, axis=-1)[..., k - 1]
+    for idx in np.ndindex(B, H, L):
+        got = rows[idx]
+        assert (got >= 0).all() and len(set(got.tolist())) == k
+        assert got[0] == 200  # the overflowing parallel row is the top-1
+        assert (cos[idx][got] >= kth[idx] - SLACK).all()
+        np.testing.assert_allclose(dots[idx], raw[idx][got], rtol=1e-5, atol=1e-3)
+    if dtype == mx.float16:  # the draw is hard: ranking by the float16 scores alone would fail
+        unit = (q / np.linalg.norm(q, axis=-1, keepdims=True)).astype(np.float16).astype(np.float64)
+        with np.errstate(over="ignore"):  # the two long rows overflow, as on the GPU
+            approx = _np_cosines(unit, keys64)[1].astype(np.float16).astype(np.float64)
+        approx *= 1 / np.linalg.norm(np.repeat(keys64, H // KVH, axis=0), axis=-1)[None, :, None, :]
+        by_approx = np.argsort(-approx, axis=-1, kind="stable")[..., :k]
+        wrong = (np.take_along_axis(cos, by_approx, -1) < kth[..., None] - SLACK).any(-1)
+        assert wrong.mean() > 0.5
+
+
 def _layer(path, head_dim=None):
     build_llama(path, hidden=128, heads=8, kv_heads=2, head_dim=head_dim, seed=5)
     model, _ = load(str(path))

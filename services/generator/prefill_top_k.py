@@ -1,0 +1,203 @@
+"""The exact cosine top-k of a long batch of queries (a prefill) over one layer's bank, on CUDA.
+
+A prefill of L tokens asks for the top-k of B * H * L query rows, each over the bank's N rows.
+The decode scan (``fused_attention.top_k_rows``) would read the whole bank once per query row; one
+matmul reads it once. Then each query row's N scores are ranked here, one warp per row
+(docs/architecture.md, "Prefill with memories"):
+
+1. Approximate cosines. For a float16 bank the matmul takes the queries normalized to unit length
+   in float16 and runs on the tensor cores (float32 accumulation in cuBLAS, float16 result): a_n =
+   (q / |q|) . k_n * inv_norm_n is within ``E + F * inv_norm_n`` of the exact float32 cosine c_n
+   (the float16 rounding of the normalized query and of the result, 2^-11 each relative to a
+   cosine <= 1, plus float32 accumulation; F covers float16 subnormal results). For other banks
+   the matmul is float32 and its dots are taken as exact (E = F = 0).
+2. A lower bound on the k-th best exact cosine: each lane's best lower bound a_n - e_n over its
+   stripe names one row whose cosine is at least that; the k-th largest of the 32 lanes' bounds
+   is a cosine that k distinct rows reach.
+3. Candidates: the rows whose upper bound a_n + e_n reaches it (and any non-finite a_n), so every
+   row of the exact top-k is one. Only they get their exact float32 cosine (q . k from the bank's
+   keys in the kernel, as the decode scan computes it) and enter the lane's sorted list; k rounds
+   of a warp-wide argmax take the winners.
+
+Stage 2 is what makes it fast: a lane inserting into its list whenever a new row beats its worst
+entry (most rows early in a stripe do) kept every lane of the warp waiting on the slowest.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import mlx.core as mx
+
+from services.generator import kernel_parts
+
+# Bounds of |a_n - c_n| for float16 approximate cosines: 2^-11 for the normalized query's float16
+# rounding, 2^-11 for the result's, float32 accumulation in the matmul and in the exact dot over
+# <= 256 products (~2 * 1.5e-5) and the two inverse norms (~1e-6), with margin; F: an absolute
+# 2^-25 error of a subnormal float16 result, scaled by the key's inverse norm.
+APPROX_E = 2.0**-10 + 2.0**-13
+APPROX_F = 2.0**-24
+_THREADS = 128  # four query rows (warps) per block
+
+# inputs: q [B, H, L, D] (contiguous), approx [KVH, M, N] (M = B * rep * L in (b, r, l) order:
+# q . k / |q| in float16 when EXACT == 0, q . k in float32 when EXACT == 1), keys_t [KVH, D, N],
+# inv_norms [KVH, N] float32, threshold [1] float32, topk [1] int32, bound [2] float32 (E, F).
+# outputs: rows [B, H, L, k] int32 (-1 where the cosine is not above the threshold), dots
+# [B, H, L, k] float32 (raw q . k).
+_SOURCE = """
+  const int B = q_shape[0];
+  const int H = q_shape[1];
+  const int L = q_shape[2];
+  const int KVH = approx_shape[0];
+  const int M = approx_shape[1];
+  const int N = approx_shape[2];
+  const int rep = H / KVH;
+  const int k = topk[0];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int row = blockIdx.x * (T / 32) + warp;
+  if (row >= B * H * L) return;  // whole warps only: no block barrier below
+  const int b = row / (H * L);
+  const int h = (row / L) % H;
+  const int l = row % L;
+  const int g = h / rep;
+  const int m = (b * rep + h % rep) * L + l;
+  const float E = bound[0];
+  const float F = bound[1];
+
+  __shared__ float qs_all[(T / 32) * D];
+  __shared__ int win_all[(T / 32) * K];
+  float* qs = qs_all + warp * D;
+  int* win = win_all + warp * K;
+  float part = 0.f;
+  for (int e = lane; e < D; e += 32) {
+    const float x = static_cast<float>(q[(size_t)row * D + e]);
+    qs[e] = x;
+    part += x * x;
+  }
+  for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffff, part, o);
+  const float q_inv = rsqrtf(fmaxf(part, 1e-24f));
+  __syncwarp();
+
+  const Ta* ar = approx + ((size_t)g * M + m) * N;
+  const float* ng = inv_norms + (size_t)g * N;
+  const Tk* kg = keys_t + (size_t)g * D * N;
+  const float a_scale = EXACT ? q_inv : 1.f;  // exact dots are raw q . k
+
+  // 2. Each lane's best lower bound, then the k-th largest over the lanes.
+  float lo = EM_NEG_INF;
+#pragma unroll 4
+  for (int n = lane; n < N; n += 32) {
+    const float a = static_cast<float>(ar[n]) * a_scale * ng[n];
+    const float low = a - (E + F * ng[n]);
+    if (low > lo) lo = low;  // NaN never wins; +-inf are not bounds of anything
+  }
+  if (!(lo > EM_NEG_INF && lo < -EM_NEG_INF)) lo = EM_NEG_INF;
+  float cut = EM_NEG_INF;
+  for (int r = 0; r < k; ++r) {
+    float v = lo;
+    int who = lane;
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffff, v, o);
+      const int ow = __shfl_xor_sync(0xffffffff, who, o);
+      if (ov > v || (ov == v && ow < who)) { v = ov; who = ow; }
+    }
+    cut = v;
+    if (lane == who) lo = EM_NEG_INF;
+  }
+
+  // 3. Candidates get their exact cosine and enter the lane's list.
+  float s[K];
+  int ix[K];
+#pragma unroll
+  for (int j = 0; j < K; ++j) { s[j] = EM_NEG_INF; ix[j] = -1; }
+  for (int n = lane; n < N; n += 32) {
+    const float a = static_cast<float>(ar[n]) * a_scale * ng[n];
+    if (a + (E + F * ng[n]) < cut && a > EM_NEG_INF) continue;
+    const float c = EXACT ? a : em_dot_t<D, Tk>(qs, kg, N, n) * q_inv * ng[n];
+    em_insert<K>(s, ix, c, n);
+  }
+  for (int r = 0; r < k; ++r) {
+    float v = s[0];
+    int who = lane;
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffff, v, o);
+      const int ow = __shfl_xor_sync(0xffffffff, who, o);
+      if (ov > v || (ov == v && ow < who)) { v = ov; who = ow; }
+    }
+    const int n = __shfl_sync(0xffffffff, ix[0], who);
+    if (lane == who) {
+#pragma unroll
+      for (int j = 0; j < K - 1; ++j) { s[j] = s[j + 1]; ix[j] = ix[j + 1]; }
+      s[K - 1] = EM_NEG_INF;
+      ix[K - 1] = -1;
+    }
+    if (lane == 0) {
+      rows[(size_t)row * k + r] = n >= 0 && v > threshold[0] ? n : -1;
+      win[r] = n;
+    }
+  }
+  __syncwarp();
+  if (lane < k) {
+    const int n = win[lane];
+    float dot = 0.f;
+    if (n >= 0) dot = EXACT ? static_cast<float>(ar[n]) : em_dot_t<D, Tk>(qs, kg, N, n);
+    dots[(size_t)row * k + lane] = dot;
+  }
+"""
+
+
+@functools.cache
+def _kernel():
+    return mx.fast.cuda_kernel(
+        name="extmind_prefill_top_k",
+        input_names=["q", "approx", "keys_t", "inv_norms", "threshold", "topk", "bound"],
+        output_names=["rows", "dots"],
+        source=_SOURCE,
+        header=kernel_parts.HEADER + kernel_parts.TOPK_HEADER,
+    )
+
+
+def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, k: int, list_size: int, threshold: mx.array):
+    """``fused_attention.top_k_rows`` for a long batch of query rows (B * H * L >= its
+    MATMUL_ROWS): the same contract (q [B, H, L, d] contiguous; keys_t [KVH, d, N]; inv_norms
+    [KVH, N] float32; k <= N and <= list_size, the compiled list size; threshold [1] float32) ->
+    (rows [B, H, L, k] int32, -1 where the cosine is not above the threshold; dots [B, H, L, k]
+    float32, raw q . k), rows in descending exact cosine, ties at the k-th place either way."""
+    B, H, L, d = q.shape
+    kvh = keys_t.shape[0]
+    rep = H // kvh
+    to_rows = (kvh, -1, d)  # [KVH, B * rep * L, d]: a KV head's query rows for one matmul
+    if keys_t.dtype == mx.float16:
+        qf = q.astype(mx.float32)
+        unit = qf * mx.rsqrt(mx.maximum(mx.sum(qf * qf, axis=-1, keepdims=True), 1e-24))
+        qm = unit.astype(mx.float16).reshape(B, kvh, rep, L, d).transpose(1, 0, 2, 3, 4).reshape(to_rows)
+        approx, exact, bound = qm @ keys_t, False, _bound(APPROX_E, APPROX_F)
+    else:
+        qm = q.astype(mx.float32).reshape(B, kvh, rep, L, d).transpose(1, 0, 2, 3, 4).reshape(to_rows)
+        approx, exact, bound = qm @ keys_t.astype(mx.float32), True, _bound(0.0, 0.0)
+    rows = B * H * L
+    per_block = _THREADS // 32
+    out = _kernel()(
+        inputs=[q, approx, keys_t, inv_norms, threshold, kernel_parts.scalar(k, mx.int32), bound],
+        template=[
+            ("Ta", approx.dtype),
+            ("Tk", keys_t.dtype),
+            ("D", d),
+            ("K", list_size),
+            ("T", _THREADS),
+            ("EXACT", int(exact)),
+        ],
+        grid=(-(-rows // per_block) * _THREADS, 1, 1),
+        threadgroup=(_THREADS, 1, 1),
+        output_shapes=[(B, H, L, k), (B, H, L, k)],
+        output_dtypes=[mx.int32, mx.float32],
+    )
+    return out[0], out[1]
+
+
+@functools.cache
+def _bound(e: float, f: float) -> mx.array:
+    a = mx.array([e, f], dtype=mx.float32)
+    mx.eval(a)
+    return a
