@@ -84,13 +84,32 @@ _SOURCE = """
   const Tk* kg = keys_t + (size_t)g * D * N;
   const float a_scale = EXACT ? q_inv : 1.f;  // exact dots are raw q . k
 
+  // Rows are read 16 bytes per lane at a time (V of them), several loads in flight: one row at
+  // a time per lane kept too few bytes in flight to use the memory bandwidth. A bank whose row
+  // count is not a multiple of V takes the row-at-a-time loops.
+  constexpr int V = 16 / sizeof(Ta);
+  const bool vec = N % V == 0;
+
   // 2. Each lane's best lower bound, then the k-th largest over the lanes.
   float lo = EM_NEG_INF;
+  if (vec) {
+#pragma unroll 2
+    for (int base = lane * V; base < N; base += 32 * V) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(ar + base);
+      const Ta* av = reinterpret_cast<const Ta*>(&raw);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const float w = ng[base + j];
+        const float low = static_cast<float>(av[j]) * a_scale * w - (E + F * w);
+        if (low > lo) lo = low;  // NaN never wins; +-inf are not bounds of anything
+      }
+    }
+  } else {
 #pragma unroll 4
-  for (int n = lane; n < N; n += 32) {
-    const float a = static_cast<float>(ar[n]) * a_scale * ng[n];
-    const float low = a - (E + F * ng[n]);
-    if (low > lo) lo = low;  // NaN never wins; +-inf are not bounds of anything
+    for (int n = lane; n < N; n += 32) {
+      const float low = static_cast<float>(ar[n]) * a_scale * ng[n] - (E + F * ng[n]);
+      if (low > lo) lo = low;
+    }
   }
   if (!(lo > EM_NEG_INF && lo < -EM_NEG_INF)) lo = EM_NEG_INF;
   float cut = EM_NEG_INF;
@@ -111,11 +130,31 @@ _SOURCE = """
   int ix[K];
 #pragma unroll
   for (int j = 0; j < K; ++j) { s[j] = EM_NEG_INF; ix[j] = -1; }
-  for (int n = lane; n < N; n += 32) {
-    const float a = static_cast<float>(ar[n]) * a_scale * ng[n];
-    if (a + (E + F * ng[n]) < cut && a > EM_NEG_INF) continue;
-    const float c = EXACT ? a : em_dot_t<D, Tk>(qs, kg, N, n) * q_inv * ng[n];
-    em_insert<K>(s, ix, c, n);
+  if (vec) {
+#pragma unroll 2
+    for (int base = lane * V; base < N; base += 32 * V) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(ar + base);
+      const Ta* av = reinterpret_cast<const Ta*>(&raw);
+      unsigned cand = 0;  // which of the V rows are candidates (few: one exact cosine each below)
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const float w = ng[base + j];
+        const float a = static_cast<float>(av[j]) * a_scale * w;
+        if (!(a + (E + F * w) < cut && a > EM_NEG_INF)) cand |= 1u << j;
+      }
+      while (cand) {
+        const int n = base + __ffs(cand) - 1;
+        cand &= cand - 1;
+        const float c = EXACT ? static_cast<float>(ar[n]) * a_scale * ng[n] : em_dot_t<D, Tk>(qs, kg, N, n) * q_inv * ng[n];
+        em_insert<K>(s, ix, c, n);
+      }
+    }
+  } else {
+    for (int n = lane; n < N; n += 32) {
+      const float a = static_cast<float>(ar[n]) * a_scale * ng[n];
+      if (a + (E + F * ng[n]) < cut && a > EM_NEG_INF) continue;
+      em_insert<K>(s, ix, EXACT ? a : em_dot_t<D, Tk>(qs, kg, N, n) * q_inv * ng[n], n);
+    }
   }
   for (int r = 0; r < k; ++r) {
     float v = s[0];
