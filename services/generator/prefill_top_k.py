@@ -145,8 +145,8 @@ _SOURCE = """
       while (cand) {
         const int n = base + __ffs(cand) - 1;
         cand &= cand - 1;
-        const float c = EXACT ? static_cast<float>(ar[n]) * a_scale * ng[n] : em_dot_t<D, Tk>(qs, kg, N, n) * q_inv * ng[n];
-        em_insert<K>(s, ix, c, n);
+        const float w = ng[n];
+        em_insert<K>(s, ix, EXACT ? static_cast<float>(ar[n]) * a_scale * w : em_dot_t<D, Tk>(qs, kg, N, n) * q_inv * w, n);
       }
     }
   } else {
