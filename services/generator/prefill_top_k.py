@@ -146,7 +146,8 @@ _SOURCE = """
         const int n = base + __ffs(cand) - 1;
         cand &= cand - 1;
         const float w = ng[n];
-        em_insert<K>(s, ix, EXACT ? static_cast<float>(ar[n]) * a_scale * w : em_dot_t<D, Tk>(qs, kg, N, n) * q_inv * w, n);
+        const float c = EXACT ? static_cast<float>(ar[n]) * a_scale * w : em_dot_t<D, Tk>(qs, kg, N, n) * q_inv * w;
+        em_insert<K>(s, ix, c, n);
       }
     }
   } else {
