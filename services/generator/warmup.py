@@ -8,8 +8,9 @@ implementation of them):
 
 1. a short generation without memories;
 2. when the memory service answers: Memorize of a short synthetic text, then generations with
-   that memory - LOCAL with citations alone and ``batch`` at once (the batch sizes up to it occur
-   as they join), and REMOTE - and the memory is deleted.
+   that memory - LOCAL with citations alone (long enough to flush its tallies once), a prompt
+   long enough for the prefill top-k, and ``batch`` at once (the batch sizes up to it occur as
+   they join), and REMOTE - and the memory is deleted.
 
 A failure is logged and ends the warm-up, as does its time budget (BUDGET_SECONDS): it never
 keeps the service from serving. The requests count in the metrics like any other. A warm-up
@@ -26,6 +27,7 @@ import time
 
 from extmind import errors
 from services.generator import fused_attention
+from services.generator.batch_tally import BatchTally
 from services.generator.request_types import REMOTE, GenerationRequest, MemoryOptions, Sampling
 
 log = logging.getLogger("extmind.generator")
@@ -108,7 +110,10 @@ async def _stages(engine, batch: int, took: dict) -> None:
         lap("memorize")
         try:
             cited = MemoryOptions((memory_id,), return_citations=True)
-            await _drain(engine, GenerationRequest(prompt, sampling, cited))
+            # Long enough for a flush of the tallies by count (their stacking kernels compile
+            # per power of two of records: docs/architecture.md, "Tallies of a decode batch").
+            flushed = Sampling(max_tokens=BatchTally.FLUSH_STEPS + 1)
+            await _drain(engine, GenerationRequest(prompt, flushed, cited))
             if engine.state.fused:  # a prefill long enough for the fused top-k's matmul path
                 heads = engine.state.shape.num_heads
                 long_prompt = ok[: max(PROMPT_TOKENS, -(-fused_attention.MATMUL_ROWS // heads))]
