@@ -20,8 +20,7 @@ _THREADS = 256
 MAX_INPUTS = 64  # inputs per launch (kernel parameters stay small); more are stacked in chunks
 
 
-@functools.cache
-def _kernel(slots: int, last: bool):
+def _source(slots: int, last: bool) -> str:
     # out [B, N, X] (last=False) or [B, X, N]; input i < N is a_i [B, X] (row-contiguous). One
     # kernel per power-of-two number of input slots (the N in use comes at run time, unused
     # slots repeat an input), so a new count does not mean a new compile.
@@ -46,11 +45,16 @@ def _kernel(slots: int, last: bool):
   }}
   out[{out_index}] = v;
 """
+    return source
+
+
+@functools.cache
+def _kernel(slots: int, last: bool):
     return mx.fast.cuda_kernel(
         name=f"extmind_stack{slots}{'_last' if last else ''}",
         input_names=[f"a{i}" for i in range(slots)] + ["dims"],
         output_names=["out"],
-        source=source,
+        source=_source(slots, last),
     )
 
 

@@ -39,6 +39,15 @@ __device__ float em_block_max(float v, float* red) {
 # rows keep the GPU busy) each chunk writes its candidates and a merge kernel, one block per
 # query row, takes the top-k of them.
 TOPK_HEADER = r"""
+// The warp's largest v and who holds it (ties: the lower who), in every lane.
+__device__ __forceinline__ void em_warp_argmax(float& v, int& who) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffff, v, o);
+    const int ow = __shfl_xor_sync(0xffffffff, who, o);
+    if (ov > v || (ov == v && ow < who)) { v = ov; who = ow; }
+  }
+}
+
 template <int K>
 __device__ __forceinline__ void em_insert(float (&s)[K], int (&ix)[K], float v, int n) {
   // s sorted descending; ties keep the earlier entry.
@@ -66,11 +75,7 @@ __device__ __forceinline__ void em_block_top_k(
   for (int r = 0; r < k; ++r) {
     float v = ptr < K ? sh_s[tid * K + ptr] : EM_NEG_INF;
     int who = tid;
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffff, v, o);
-      const int ow = __shfl_xor_sync(0xffffffff, who, o);
-      if (ov > v || (ov == v && ow < who)) { v = ov; who = ow; }
-    }
+    em_warp_argmax(v, who);
     if ((tid & 31) == 0) { wv[tid >> 5] = v; wt[tid >> 5] = who; }
     __syncthreads();
     float bv = wv[0];

@@ -116,11 +116,7 @@ _SOURCE = """
   for (int r = 0; r < k; ++r) {
     float v = lo;
     int who = lane;
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffff, v, o);
-      const int ow = __shfl_xor_sync(0xffffffff, who, o);
-      if (ov > v || (ov == v && ow < who)) { v = ov; who = ow; }
-    }
+    em_warp_argmax(v, who);
     cut = v;
     if (lane == who) lo = EM_NEG_INF;
   }
@@ -160,11 +156,7 @@ _SOURCE = """
   for (int r = 0; r < k; ++r) {
     float v = s[0];
     int who = lane;
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffff, v, o);
-      const int ow = __shfl_xor_sync(0xffffffff, who, o);
-      if (ov > v || (ov == v && ow < who)) { v = ov; who = ow; }
-    }
+    em_warp_argmax(v, who);
     const int n = __shfl_sync(0xffffffff, ix[0], who);
     if (lane == who) {
 #pragma unroll

@@ -1,0 +1,210 @@
+"""The CUDA kernels' sources compile as C++ on any machine: each kernel body (as MLX's
+``mx.fast.cuda_kernel`` wraps it: inputs, outputs, ``<name>_shape`` / ``_strides`` / ``_ndim``,
+template parameters) is compiled by the host C++ compiler against stand-ins for the CUDA
+built-ins (``threadIdx``, warp shuffles, ``__half``, ...) and instantiated with the template
+arguments the Python side passes. A typo, an undeclared name or a type error in a kernel then fails
+here, on a CPU-only CI run, and not first on a GPU. What the kernels compute is tested on CUDA
+(test_fused_attention.py, test_prefill_attention.py, test_device_stack.py)."""
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from services.generator import device_stack, kernel_parts, prefill_attention, prefill_top_k
+from services.generator import fused_attention as fa
+
+CXX = shutil.which("g++") or shutil.which("clang++")
+
+# Host stand-ins for what NVRTC provides: enough for the compiler to check names and types.
+STUBS = r"""
+#include <cmath>
+#include <cstddef>
+using std::max;
+using std::min;
+struct uint4 { unsigned x, y, z, w; };
+struct dim3 { unsigned x, y, z; };
+static dim3 threadIdx, blockIdx, blockDim;
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+struct __half {
+  unsigned short bits;
+  __half() {}
+  __half(float) {}
+  operator float() const { return 0.f; }
+};
+inline float __int_as_float(int) { return 0.f; }
+inline float __shfl_xor_sync(unsigned, float v, int) { return v; }
+inline int __shfl_xor_sync(unsigned, int v, int) { return v; }
+inline float __shfl_sync(unsigned, float v, int) { return v; }
+inline int __shfl_sync(unsigned, int v, int) { return v; }
+inline void __syncthreads() {}
+inline void __syncwarp() {}
+inline int __ffs(int x) { return x ? __builtin_ctz(x) + 1 : 0; }
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+inline float fmaxf(float a, float b) { return a > b ? a : b; }
+inline float expf(float x) { return std::exp(x); }
+inline float logf(float x) { return std::log(x); }
+"""
+
+
+def _arrays(*names: str) -> list[str]:
+    """The shape, strides and ndim parameters MLX passes for each named input."""
+    return [p for n in names for p in (f"const int* {n}_shape", f"const long* {n}_strides", f"int {n}_ndim")]
+
+
+TOPK = kernel_parts.HEADER + kernel_parts.TOPK_HEADER
+SCAN_PARAMS = [
+    "const float* q",
+    "const Tk* keys_t",
+    "const float* inv_norms",
+    "const float* threshold",
+    "const int* topk",
+    "const int* chunks",
+    "int* rows",
+    "float* dots",
+    "float* cand_s",
+    "int* cand_i",
+    *_arrays("q", "keys_t"),
+]
+# name: (header, body, parameters, template parameters, instantiations as the Python side makes them)
+KERNELS = {
+    "prefill_top_k": (
+        TOPK,
+        prefill_top_k._SOURCE,
+        [
+            "const __half* q",
+            "const Ta* approx",
+            "const Tk* keys_t",
+            "const float* inv_norms",
+            "const float* threshold",
+            "const int* topk",
+            "const float* bound",
+            "int* rows",
+            "float* dots",
+            *_arrays("q", "approx"),
+        ],
+        ["typename Ta", "typename Tk", "int D", "int K", "int T", "int EXACT"],
+        ["<__half, __half, 64, 16, 128, 0>", "<float, float, 128, 32, 128, 1>", "<float, __half, 80, 8, 128, 1>"],
+    ),
+    "prefill_merge": (
+        "",
+        prefill_attention._MERGE_SOURCE,
+        [
+            "const float* logits",
+            "const bool* mask",
+            "const __half* local",
+            "const int* mem_rows",
+            "const float* mem_dots",
+            "const Tv* bank_values",
+            "const float* scale",
+            "To* out",
+            "float* mass",
+            *_arrays("logits", "local", "mem_rows", "bank_values"),
+        ],
+        ["typename Tv", "typename To", "int D", "int T", "int MASK"],
+        ["<__half, __half, 64, 128, 1>", "<float, float, 80, 128, 2>", "<__half, float, 256, 128, 0>"],
+    ),
+    "topk_scan": (
+        TOPK,
+        fa._TOPK_SCAN_SOURCE + fa._TOPK_SCAN_FINAL,
+        SCAN_PARAMS,
+        ["typename Tk", "int D", "int K", "int T"],
+        ["<__half, 64, 16, 128>", "<float, 256, 32, 128>"],
+    ),
+    "topk_chunks": (
+        TOPK,
+        fa._TOPK_SCAN_SOURCE + fa._TOPK_SCAN_CHUNK,
+        SCAN_PARAMS,
+        ["typename Tk", "int D", "int K", "int T"],
+        ["<__half, 64, 8, 128>"],
+    ),
+    "topk_merge": (
+        TOPK,
+        fa._TOPK_MERGE_SOURCE,
+        [
+            "const float* q",
+            "const Tk* keys_t",
+            "const float* threshold",
+            "const int* topk",
+            "const float* cand_s",
+            "const int* cand_i",
+            "int* rows",
+            "float* dots",
+            *_arrays("q", "keys_t", "cand_s"),
+        ],
+        ["typename Tk", "int D", "int K", "int T"],
+        ["<__half, 64, 16, 32>"],
+    ),
+    "attend": (
+        # The dynamic shared-memory array becomes a static one: the host has no ``extern __shared__``.
+        kernel_parts.HEADER + "static float lg[1];\n",
+        (fa._ATTEND_HEAD + fa._ATTEND_LOGITS_WARP + fa._ATTEND_TAIL).replace("extern __shared__ float lg[];", ""),
+        [
+            "const __half* q",
+            "const Tkv* k",
+            "const Tkv* v",
+            "const bool* mask",
+            "const int* mem_rows",
+            "const float* mem_dots",
+            "const Tv* bank_values",
+            "const float* scale",
+            "To* out",
+            "float* mass",
+            *_arrays("q", "k", "v", "mem_rows", "bank_values"),
+        ],
+        ["typename Tkv", "typename Tv", "typename To", "int D", "int T", "int MASK", "int LG"],
+        ["<__half, __half, __half, 64, 256, 1, 1024>", "<float, float, float, 80, 256, 2, 2048>"],
+    ),
+    **{
+        f"stack{slots}{'_last' if last else ''}": (
+            "",
+            device_stack._source(slots, last),
+            [f"const T* a{i}" for i in range(slots)] + ["const int* dims", "T* out"],
+            ["typename T"],
+            ["<int>", "<float>", "<__half>", "<bool>"],
+        )
+        for slots in (1, 8)
+        for last in (False, True)
+    },
+}
+
+
+@pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++ or clang++) on this machine")
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_kernel_source_compiles(name, tmp_path):
+    header, body, params, templates, instances = KERNELS[name]
+    args = ", ".join("0" if p.startswith("int ") else "nullptr" for p in params)
+    code = "\n".join(
+        [
+            STUBS,
+            header,
+            f"template <{', '.join(templates)}>",
+            f"void {name}({', '.join(params)}) {{",
+            body,
+            "}",
+            "void instantiate() {",
+            *(f"  {name}{inst}({args});" for inst in instances),
+            "}",
+        ]
+    )
+    src = tmp_path / f"{name}.cpp"
+    src.write_text(code)
+    done = subprocess.run([CXX, "-std=c++17", "-fsyntax-only", str(src)], capture_output=True, text=True)
+    assert done.returncode == 0, f"{name} does not compile:\n{done.stderr[:4000]}"
+
+
+def test_a_broken_kernel_fails_the_check(tmp_path):
+    """The check is not vacuous: a kernel calling an undeclared function fails it."""
+    if CXX is None:
+        pytest.skip("no C++ compiler (g++ or clang++) on this machine")
+    body = re.sub(r"em_warp_argmax\(", "em_warp_argmx(", prefill_top_k._SOURCE)
+    assert body != prefill_top_k._SOURCE
+    KERNELS["broken"] = (TOPK, body, *KERNELS["prefill_top_k"][2:])
+    try:
+        with pytest.raises(AssertionError, match="does not compile"):
+            test_kernel_source_compiles("broken", tmp_path)
+    finally:
+        del KERNELS["broken"]
