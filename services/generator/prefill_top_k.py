@@ -5,12 +5,13 @@ The decode scan (``fused_attention.top_k_rows``) would read the whole bank once 
 matmul reads it once. Then each query row's N scores are ranked here, one warp per row
 (docs/architecture.md, "Prefill with memories"):
 
-1. Approximate cosines. For a float16 bank the matmul takes the queries normalized to unit length
-   in float16 and runs on the tensor cores (float32 accumulation in cuBLAS, float16 result): a_n =
-   (q / |q|) . k_n * inv_norm_n is within ``E + F * inv_norm_n`` of the exact float32 cosine c_n
-   (the float16 rounding of the normalized query and of the result, 2^-11 each relative to a
-   cosine <= 1, plus float32 accumulation; F covers float16 subnormal results). For other banks
-   the matmul is float32 and its dots are taken as exact (E = F = 0).
+1. Approximate cosines from the queries normalized to unit length: a_n = (q / |q|) . k_n *
+   inv_norm_n is within ``e_n = E + F * inv_norm_n`` of the exact float32 cosine c_n. For a
+   float16 bank the matmul is float16 on the tensor cores (float32 accumulation in cuBLAS, float16
+   result): the float16 roundings of the unit query and of the result cost at most 2^-11 each,
+   relative to a cosine <= 1, plus float32 accumulation; F covers float16 subnormal results. For
+   other banks it is float32, which MLX may run in TF32 (its default on CUDA): TF32 inputs carry
+   float16's 11-bit significand, so the same bound holds, and the ranking stays exact either way.
 2. A lower bound on the k-th best exact cosine: each lane's best lower bound a_n - e_n over its
    stripe names one row whose cosine is at least that; the k-th largest of the 32 lanes' bounds
    is a cosine that k distinct rows reach.
@@ -31,8 +32,8 @@ import mlx.core as mx
 
 from services.generator import kernel_parts
 
-# Bounds of |a_n - c_n| for float16 approximate cosines: 2^-11 for the normalized query's float16
-# rounding, 2^-11 for the result's, float32 accumulation in the matmul and in the exact dot over
+# Bounds of |a_n - c_n|: 2^-11 for the unit query's rounding (float16 or TF32), 2^-11 for the
+# float16 result's (or a TF32 key's), float32 accumulation in the matmul and in the exact dot over
 # <= 256 products (~2 * 1.5e-5) and the two inverse norms (~1e-6), with margin; F: an absolute
 # 2^-25 error of a subnormal float16 result, scaled by the key's inverse norm.
 APPROX_E = 2.0**-10 + 2.0**-13
@@ -40,7 +41,7 @@ APPROX_F = 2.0**-24
 _THREADS = 128  # four query rows (warps) per block
 
 # inputs: q [B, H, L, D] (contiguous), approx [KVH, M, N] (M = B * rep * L in (b, r, l) order:
-# q . k / |q| in float16 when EXACT == 0, q . k in float32 when EXACT == 1), keys_t [KVH, D, N],
+# q . k / |q|, float16 or float32), keys_t [KVH, D, N],
 # inv_norms [KVH, N] float32, threshold [1] float32, topk [1] int32, bound [2] float32 (E, F).
 # outputs: rows [B, H, L, k] int32 (-1 where the cosine is not above the threshold), dots
 # [B, H, L, k] float32 (raw q . k).
@@ -82,7 +83,6 @@ _SOURCE = """
   const Ta* ar = approx + ((size_t)g * M + m) * N;
   const float* ng = inv_norms + (size_t)g * N;
   const Tk* kg = keys_t + (size_t)g * D * N;
-  const float a_scale = EXACT ? q_inv : 1.f;  // exact dots are raw q . k
 
   // Rows are read 16 bytes per lane at a time (V of them), several loads in flight: one row at
   // a time per lane kept too few bytes in flight to use the memory bandwidth. A bank whose row
@@ -100,14 +100,14 @@ _SOURCE = """
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         const float w = ng[base + j];
-        const float low = static_cast<float>(av[j]) * a_scale * w - (E + F * w);
+        const float low = static_cast<float>(av[j]) * w - (E + F * w);
         if (low > lo) lo = low;  // NaN never wins; +-inf are not bounds of anything
       }
     }
   } else {
 #pragma unroll 4
     for (int n = lane; n < N; n += 32) {
-      const float low = static_cast<float>(ar[n]) * a_scale * ng[n] - (E + F * ng[n]);
+      const float low = static_cast<float>(ar[n]) * ng[n] - (E + F * ng[n]);
       if (low > lo) lo = low;
     }
   }
@@ -135,22 +135,20 @@ _SOURCE = """
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         const float w = ng[base + j];
-        const float a = static_cast<float>(av[j]) * a_scale * w;
+        const float a = static_cast<float>(av[j]) * w;
         if (!(a + (E + F * w) < cut && a > EM_NEG_INF)) cand |= 1u << j;
       }
       while (cand) {
         const int n = base + __ffs(cand) - 1;
         cand &= cand - 1;
-        const float w = ng[n];
-        const float c = EXACT ? static_cast<float>(ar[n]) * a_scale * w : em_dot_t<D, Tk>(qs, kg, N, n) * q_inv * w;
-        em_insert<K>(s, ix, c, n);
+        em_insert<K>(s, ix, em_dot_t<D, Tk>(qs, kg, N, n) * q_inv * ng[n], n);
       }
     }
   } else {
     for (int n = lane; n < N; n += 32) {
-      const float a = static_cast<float>(ar[n]) * a_scale * ng[n];
+      const float a = static_cast<float>(ar[n]) * ng[n];
       if (a + (E + F * ng[n]) < cut && a > EM_NEG_INF) continue;
-      em_insert<K>(s, ix, EXACT ? a : em_dot_t<D, Tk>(qs, kg, N, n) * q_inv * ng[n], n);
+      em_insert<K>(s, ix, em_dot_t<D, Tk>(qs, kg, N, n) * q_inv * ng[n], n);
     }
   }
   for (int r = 0; r < k; ++r) {
@@ -173,7 +171,7 @@ _SOURCE = """
   if (lane < k) {
     const int n = win[lane];
     float dot = 0.f;
-    if (n >= 0) dot = EXACT ? static_cast<float>(ar[n]) : em_dot_t<D, Tk>(qs, kg, N, n);
+    if (n >= 0) dot = em_dot_t<D, Tk>(qs, kg, N, n);
     dots[(size_t)row * k + lane] = dot;
   }
 """
@@ -200,25 +198,25 @@ def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, k: int, list_
     kvh = keys_t.shape[0]
     rep = H // kvh
     to_rows = (kvh, -1, d)  # [KVH, B * rep * L, d]: a KV head's query rows for one matmul
-    if keys_t.dtype == mx.float16:
-        qf = q.astype(mx.float32)
-        unit = qf * mx.rsqrt(mx.maximum(mx.sum(qf * qf, axis=-1, keepdims=True), 1e-24))
-        qm = unit.astype(mx.float16).reshape(B, kvh, rep, L, d).transpose(1, 0, 2, 3, 4).reshape(to_rows)
-        approx, exact, bound = qm @ keys_t, False, _bound(APPROX_E, APPROX_F)
-    else:
-        qm = q.astype(mx.float32).reshape(B, kvh, rep, L, d).transpose(1, 0, 2, 3, 4).reshape(to_rows)
-        approx, exact, bound = qm @ keys_t.astype(mx.float32), True, _bound(0.0, 0.0)
+    # Unit queries: the scores are approximate cosines, whatever the bank's dtype. A float16 bank
+    # takes a float16 matmul (tensor cores, float16 scores); others a float32 one (bfloat16 keys
+    # are exact in float32), which MLX may run in TF32: its inputs then carry float16's 11-bit
+    # significand, the same bound covers it.
+    qf = q.astype(mx.float32)
+    unit = qf * mx.rsqrt(mx.maximum(mx.sum(qf * qf, axis=-1, keepdims=True), 1e-24))
+    dtype = mx.float16 if keys_t.dtype == mx.float16 else mx.float32
+    qm = unit.astype(dtype).reshape(B, kvh, rep, L, d).transpose(1, 0, 2, 3, 4).reshape(to_rows)
+    approx = qm @ keys_t.astype(dtype)
     rows = B * H * L
     per_block = _THREADS // 32
     out = _kernel()(
-        inputs=[q, approx, keys_t, inv_norms, threshold, kernel_parts.scalar(k, mx.int32), bound],
+        inputs=[q, approx, keys_t, inv_norms, threshold, kernel_parts.scalar(k, mx.int32), _bound()],
         template=[
             ("Ta", approx.dtype),
             ("Tk", keys_t.dtype),
             ("D", d),
             ("K", list_size),
             ("T", _THREADS),
-            ("EXACT", int(exact)),
         ],
         grid=(-(-rows // per_block) * _THREADS, 1, 1),
         threadgroup=(_THREADS, 1, 1),
@@ -229,7 +227,8 @@ def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, k: int, list_
 
 
 @functools.cache
-def _bound(e: float, f: float) -> mx.array:
-    a = mx.array([e, f], dtype=mx.float32)
+def _bound() -> mx.array:
+    """[APPROX_E, APPROX_F] on the device, made once."""
+    a = mx.array([APPROX_E, APPROX_F], dtype=mx.float32)
     mx.eval(a)
     return a

@@ -86,8 +86,8 @@ KERNELS = {
             "float* dots",
             *_arrays("q", "approx"),
         ],
-        ["typename Ta", "typename Tk", "int D", "int K", "int T", "int EXACT"],
-        ["<__half, __half, 64, 16, 128, 0>", "<float, float, 128, 32, 128, 1>", "<float, __half, 80, 8, 128, 1>"],
+        ["typename Ta", "typename Tk", "int D", "int K", "int T"],
+        ["<__half, __half, 64, 16, 128>", "<float, float, 128, 32, 128>", "<float, __half, 80, 8, 128>"],
     ),
     "prefill_merge": (
         "",
