@@ -44,8 +44,22 @@ def machine(**extra) -> dict:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "load": round(os.getloadavg()[0], 2),
+        **_tf32(),
         **extra,
     }
+
+
+def _tf32() -> dict:
+    """On MLX's CUDA backend, whether float32 matmuls run in TF32 (MLX_ENABLE_TF32, default on):
+    it moves float32 timings and results, so a report says which it measured."""
+    try:
+        import mlx.core as mx
+
+        if not mx.cuda.is_available():
+            return {}
+    except (ImportError, AttributeError):
+        return {}
+    return {"tf32": "off" if os.environ.get("MLX_ENABLE_TF32", "1") == "0" else "on"}
 
 
 def describe(m: dict) -> str:
