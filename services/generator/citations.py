@@ -66,8 +66,9 @@ def stack_picks(picks: list[Picks]) -> list[Picks]:
     """``BatchTally``'s compact for citations: one forward's per-layer Picks [B, H, 1, k] -> [one
     Picks [B, layers, H, 1, k]] (mass [B, layers, H, 1]), which ``picked_rows`` takes as it takes
     the layers one by one; stacked in one kernel launch per array on CUDA (``device_stack``).
-    Layers of different scales, or some with and some without weights, stay as they are."""
-    if len(picks) < 2 or len({(p.scale, p.dots is None, p.shape) for p in picks}) != 1:
+    Layers of different scales, some with and some without weights, or arrays of different dtypes
+    (which ``device_stack`` does not promote) stay as they are."""
+    if len(picks) < 2 or len({(p.scale, p.shape, *(a.dtype for a in p.arrays())) for p in picks}) != 1:
         return picks
     rows = device_stack.stack([p.rows for p in picks], axis=1)
     if picks[0].dots is None:
@@ -182,8 +183,9 @@ def picked_rows(forwards: list[list[Picks]], min_weight: float = 0.0) -> mx.arra
 
 def _joined(arrays: list[mx.array], shape: tuple) -> mx.array:
     """The arrays [B, ...] reshaped to ``shape`` and joined along axis 1: stacked in one kernel
-    launch (``device_stack``) when they have one shape, else concatenated."""
-    if len({a.shape for a in arrays}) == 1:
+    launch (``device_stack``) when they have one shape and dtype, else concatenated (which
+    promotes mixed dtypes)."""
+    if len({(a.shape, a.dtype) for a in arrays}) == 1:
         return device_stack.stack(arrays, axis=1).reshape(shape)
     return mx.concatenate([a.reshape(shape) for a in arrays], axis=1)
 

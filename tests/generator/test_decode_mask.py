@@ -6,17 +6,21 @@ tokens are the same either way. A prompt chunk whose boolean mask is the causal 
 from __future__ import annotations
 
 import asyncio
+import json
 
 import mlx.core as mx
 import pytest
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.utils import load
 
+from extmind.tiny_models import build_llama
+from services.generator import prefill_attention
 from services.generator.engine import EngineConfig, GeneratorEngine
-from services.generator.request_types import GenerationRequest, Sampling
+from services.generator.request_types import GenerationRequest, MemoryOptions, Sampling
 from services.generator.scheduler import _unpadded_caches
 
 from .helpers import run
+from .memory_helpers import TEXT
 
 
 def _decode_until_started(gen: BatchGenerator, uids: set) -> None:
@@ -92,3 +96,62 @@ async def test_one_stream_decodes_without_a_mask_a_padded_batch_with_one(llama_p
             assert len(a[0]) > 0 and a[0] == b[0]
     finally:
         engine.stop()
+
+
+@pytest.fixture(scope="module")
+def sliding_llama(tmp_path_factory):
+    """A Llama whose layers alternate a 7-token sliding window (mlx-lm's RotatingKVCache, its
+    batch mask a window once the context passes it) with full attention."""
+    path = build_llama(tmp_path_factory.mktemp("sliding"), hidden=64, layers=4, heads=4, kv_heads=2, seed=3)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(sliding_window=7, layer_types=["sliding_attention", "full_attention"] * 2)
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+async def _alone_then_together(engine, reqs):
+    """-> (tokens, logprobs, citations' spans and row hits) of each request run alone, then of
+    all of them batched."""
+    out = [await run(engine, r) for r in reqs] + list(await asyncio.gather(*(run(engine, r) for r in reqs)))
+    return [(t, lps, [(c.token_start, c.token_end, c.row_hits) for c in final.citations]) for t, lps, _, final in out]
+
+
+@pytest.mark.parametrize("step", [2048, 6])
+def test_causal_chunks_generate_exactly_what_their_boolean_masks_do(
+    sliding_llama, module_memory_service, monkeypatch, step
+):
+    """Tokens, logprobs and citations (memories on every layer or some, with and without a floor)
+    are identical with and without ``causal_when_equal``, for prompts alone and batched, prefilled
+    whole and in 6-token chunks after a cached prefix, on a model whose sliding-window layers get
+    masks of their own (some causal, some not)."""
+    prompts = [list(range(5, 5 + n)) for n in (3, 40, 9, 33)]
+    floors_layers = ((0.0, ()), (0.05, ()), (0.0, (1, 2)), (0.02, ()))
+    checked, answers, results = prefill_attention.causal_when_equal, [], {}
+
+    def answering(mask):  # what it answered: both kinds must occur for the comparison to mean anything
+        answers.append(checked(mask))
+        return answers[-1]
+
+    for substituted in (True, False):
+        monkeypatch.setattr(prefill_attention, "causal_when_equal", answering if substituted else lambda m: m)
+        engine = GeneratorEngine(
+            EngineConfig(model=str(sliding_llama), memory_url=module_memory_service.address, prefill_step_size=step)
+        )
+        engine.start()
+        try:
+            mid = engine.memorize_blocking(engine.tokenizer.encode(TEXT[:600]))["memory_id"]
+            reqs = [
+                GenerationRequest(
+                    p,
+                    Sampling(max_tokens=12),
+                    MemoryOptions((mid,), top_k=4, layers=layers, return_citations=True, citation_min_weight=floor),
+                    return_logprobs=True,
+                )
+                for p, (floor, layers) in zip(prompts, floors_layers)
+            ]
+            results[substituted] = asyncio.run(_alone_then_together(engine, reqs))
+        finally:
+            engine.stop()
+    assert all(tokens and cites for tokens, _, cites in results[True])
+    assert "causal" in answers and any(isinstance(a, mx.array) for a in answers)  # window masks that bite
+    assert results[True] == results[False]

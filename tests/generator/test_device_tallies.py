@@ -13,7 +13,7 @@ import pytest
 from services.generator import attention_mass
 from services.generator.attention_mass import MassSum
 from services.generator.batch_tally import BatchTally
-from services.generator.citations import Counts, Picks, picked_rows, stack_picks
+from services.generator.citations import Counts, Picks, memory_weights, picked_rows, stack_picks
 
 
 def _batches(rng, steps, uids_pool=6, most=4):
@@ -181,3 +181,40 @@ def test_a_flush_that_fails_keeps_its_records_for_the_next_reader():
     tally.flush()  # the same record, combined this time
     assert calls == [1, 1]
     np.testing.assert_array_equal(requests[1].counts.read(), np.bincount(fwd[:, 1].reshape(-1), minlength=rows))
+
+
+@pytest.mark.parametrize("compact", [None, "stack"])
+def test_records_of_mixed_dtypes_are_promoted_not_refused(compact):
+    """``device_stack`` takes arrays of one dtype only; the tallies join records of mixed dtypes
+    (a half-precision mass or dots next to float32 ones, which ``mx.concatenate`` promotes) as
+    they did before stacking, and count the same as the host."""
+    rng = np.random.default_rng(4)
+    rows, B, H, k, floor, scale = 30, 2, 2, 4, 0.05, 0.5
+    counts = _requests(B, lambda uid: Counts(rows))
+    masses = {uid: SimpleNamespace(counts=None, mass=MassSum([0, 1], H)) for uid in range(B)}
+    picks_tally = BatchTally("counts", counts.get, lambda f: picked_rows(f, floor), compact and stack_picks)
+    mass_tally = BatchTally("mass", masses.get, attention_mass.summed_shares, compact and attention_mass.stack_shares)
+    want = {uid: np.zeros(rows, np.int64) for uid in range(B)}
+    mass_sum = np.zeros((B, 2))
+    steps = 5
+    for step in range(steps):
+        fwd, shares = [], []
+        for layer, dtype in enumerate((mx.float32, mx.float16) if step % 2 else (mx.float16, mx.float32)):
+            r = rng.integers(-1, rows, (B, H, 1, k)).astype(np.int32)
+            dots = rng.uniform(-4, 4, (B, H, 1, k)).astype(np.float16).astype(np.float32)
+            mass = rng.uniform(0, 1, (B, H, 1)).astype(np.float16).astype(np.float32)
+            fwd.append(Picks(mx.array(r), mx.array(dots).astype(dtype), mx.array(mass).astype(dtype), scale))
+            shares.append(mx.array(mass).astype(dtype))
+            w = np.array(memory_weights(mx.array(r), mx.array(dots), mx.array(mass), scale))
+            for b in range(B):
+                kept = r[b][(w[b] >= floor) & (r[b] >= 0)]
+                want[b] += np.bincount(kept, minlength=rows)
+                mass_sum[b, layer] += mass[b].sum()
+        picks_tally.add(list(range(B)), fwd)
+        mass_tally.add(list(range(B)), shares)
+    picks_tally.flush()
+    mass_tally.flush()
+    for b in range(B):
+        np.testing.assert_array_equal(counts[b].counts.read(), want[b])
+        got = masses[b].mass.means()
+        np.testing.assert_allclose([got[0], got[1]], mass_sum[b] / (steps * H), rtol=1e-5)

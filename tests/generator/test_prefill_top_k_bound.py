@@ -1,0 +1,129 @@
+"""The arithmetic of prefill_top_k's float16 path, emulated in numpy (its CUDA kernel runs on a GPU
+only; the bound it relies on is checked here on any machine): the approximate cosine a_n of a
+float16 matmul of the unit query (float16 rounding of the unit query and of the result, float32
+accumulation rounded to nearest or truncated as tensor cores do) is within APPROX_E + APPROX_F *
+inv_norm_n of the kernel's exact float32 cosine c_n, and the kernel's candidate rule (lanes' best
+lower bounds -> a cut; rows whose upper bound reaches it) keeps a row of every exact top-k place.
+Draws: rows clustered within 1e-3 of the query's direction, norms over many decades (float16
+subnormal and overflowing results, zero keys), queries with subnormal float16 components, keys
+along the query's own rounding error, head sizes 64 to 256, k 1 to 32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.generator.prefill_top_k import APPROX_E, APPROX_F
+
+f16, f32, f64 = np.float16, np.float32, np.float64
+V = 8  # float16 scores per 16-byte load
+
+
+def _accumulate(products: np.ndarray, truncate: bool) -> np.ndarray:
+    """Sequential float32 sums of products [N, d] (each exact in float32), rounded to nearest or
+    toward zero."""
+    s = np.zeros(products.shape[0], f32)
+    for i in range(products.shape[1]):
+        t = s + products[:, i]
+        if truncate:
+            exact = s.astype(f64) + products[:, i].astype(f64)
+            t = np.where(np.abs(t.astype(f64)) > np.abs(exact), np.nextafter(t, f32(0)), t)
+        s = t
+    return s
+
+
+def _scores(q: np.ndarray, keys: np.ndarray, truncate: bool):
+    """(a, c, inv_norm) [N] float32 as the kernel sees them: q [d] float32, keys [N, d] float16."""
+    ss = np.sum(q * q, dtype=f32)
+    q_inv = f32(1 / np.sqrt(max(f64(ss), 1e-24)))
+    unit = (q * q_inv).astype(f16).astype(f32)
+    k = keys.astype(f32)
+    with np.errstate(over="ignore"):
+        approx = _accumulate(unit[None] * k, truncate).astype(f16).astype(f32)  # inf past 65 504
+    w = (1 / np.sqrt(np.maximum(np.sum(k.astype(f64) ** 2, axis=-1), 1e-24))).astype(f32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        a = approx * w
+    dot = _accumulate((q[None].astype(f64) * k).astype(f32), truncate=False)  # fused multiply-adds
+    return a, dot * q_inv * w, w
+
+
+def _kernel_picks(a: np.ndarray, c: np.ndarray, w: np.ndarray, k: int) -> np.ndarray:
+    """The rows the kernel ranks exactly (its candidates), by its rule, in its lane layout."""
+    n = np.arange(len(a))
+    lane = (n // V) % 32 if len(a) % V == 0 else n % 32
+    e = (APPROX_E + APPROX_F * w.astype(f64)).astype(f32)
+    with np.errstate(invalid="ignore"):
+        low = np.where(np.isnan(a), -np.inf, a - e)
+    lo = np.full(32, -np.inf, f32)
+    np.maximum.at(lo, lane, low.astype(f32))
+    lo[~np.isfinite(lo)] = -np.inf  # a lane whose best is +inf bounds nothing
+    cut = np.sort(lo)[::-1][k - 1]
+    with np.errstate(invalid="ignore"):
+        skipped = (a + e < cut) & (a > -np.inf)
+    return n[~skipped]
+
+
+def _draw(rng, kind: int, d: int, N: int):
+    u = rng.standard_normal(d)
+    un = u / np.linalg.norm(u)
+    if kind == 0:  # rows within 1e-3 of the query's direction, norms over four decades
+        side = rng.standard_normal((N, d))
+        side -= np.outer(side @ un, un)
+        side /= np.linalg.norm(side, axis=1, keepdims=True)
+        cos = 0.99 + rng.uniform(0, 1e-3, N)
+        keys = (cos[:, None] * un + np.sqrt(1 - cos**2)[:, None] * side) * rng.lognormal(0, 2, (N, 1))
+    elif kind == 1:  # tiny keys (subnormal float16 scores) and zero keys (inverse norm 1e12)
+        keys = rng.standard_normal((N, d)) * 10.0 ** rng.uniform(-7, -3, (N, 1))
+        keys[rng.integers(0, N, 5)] = 0
+    elif kind == 2:  # a query with subnormal float16 components
+        u = rng.standard_normal(d) * 10.0 ** rng.uniform(-9, 0, d)
+        un = u / np.linalg.norm(u)
+        keys = rng.standard_normal((N, d)) + np.outer(rng.uniform(0, 3, N), un)
+    elif kind == 3:  # keys along the unit query's float16 rounding error (the bound's worst case)
+        err = un.astype(f16).astype(f64) - un
+        err /= np.linalg.norm(err)
+        keys = rng.uniform(-1, 1, (N, 1)) * un + rng.uniform(0, 1, (N, 1)) * err
+        keys = (keys + 1e-3 * rng.standard_normal((N, d))) * rng.uniform(0.5, 50, (N, 1))
+    else:  # scores that overflow float16 (inf), next to ordinary rows
+        keys = rng.standard_normal((N, d))
+        keys[:3] = np.outer([1.0, -1.0, 0.5], un) * 8e4
+    q = (u + 1e-3 * np.linalg.norm(u) / np.sqrt(d) * rng.standard_normal(d)).astype(f32)
+    return q, np.clip(keys, -65504, 65504).astype(f16)
+
+
+@pytest.mark.parametrize("truncate", [False, True], ids=["round", "truncate"])
+def test_the_float16_bound_holds_and_no_top_k_row_is_skipped(truncate):
+    rng = np.random.default_rng(5 + truncate)
+    worst = 0.0
+    for trial in range(40):
+        d = int(rng.choice([64, 80, 128, 256]))
+        N = int(rng.choice([96, 300, 512]))  # 300: not a multiple of V (row-at-a-time lanes)
+        k = int(rng.integers(1, 33))
+        q, keys = _draw(rng, trial % 5, d, N)
+        a, c, w = _scores(q, keys, truncate)
+        finite = np.isfinite(a)
+        err = np.abs(a[finite].astype(f64) - c[finite]) / (APPROX_E + APPROX_F * w[finite].astype(f64))
+        worst = max(worst, float(err.max(initial=0.0)))
+        assert (err <= 1).all(), f"draw {trial}: |a - c| past the bound"
+        cand = _kernel_picks(a, c, w, k)
+        kth = np.sort(c)[::-1][k - 1]
+        assert (c >= kth).sum() >= k
+        assert np.isin(np.flatnonzero(c >= kth), cand).all(), f"draw {trial}: a row of the exact top-k was skipped"
+    assert worst > 0.4
+
+
+@pytest.mark.parametrize("d", [64, 256])
+def test_the_bound_needs_both_float16_roundings(d):
+    """The worst case: every component of the unit query just above a float16 midpoint (rounded
+    up by nearly 2^-11 of itself), keys along the query on the float16 grid, scores just above a
+    midpoint: a - c reaches nearly two roundings (2 * 2^-11), within the bound, and a bound that
+    left either rounding out (2^-11 plus the accumulation margin) would fail."""
+    rng = np.random.default_rng(d)
+    u = np.full(d, 2.0 ** -(3 if d == 64 else 4) * (1 + 2.0**-11 + 2.0**-17))
+    u[d - (1 if d == 64 else 16) :] = 0  # room for one free component that makes |u| = 1
+    u[0] = np.sqrt(1 - np.sum(u[1:] ** 2))
+    keys = rng.uniform(0.5, 1, (8192, 1)) * u * (1 + rng.integers(-3, 4, (8192, d)) * 2.0**-11)
+    a, c, w = _scores(u.astype(f32), keys.astype(f16), truncate=False)
+    err = a.astype(f64) - c
+    assert (np.abs(err) <= APPROX_E + APPROX_F * w).all()
+    assert err.max() > 2.0**-11 + (APPROX_E - 2.0**-10)
