@@ -155,3 +155,32 @@ def test_causal_chunks_generate_exactly_what_their_boolean_masks_do(
     assert all(tokens and cites for tokens, _, cites in results[True])
     assert "causal" in answers and any(isinstance(a, mx.array) for a in answers)  # window masks that bite
     assert results[True] == results[False]
+
+
+def test_a_memorize_chunk_leaves_no_mask_remembered(sliding_llama):
+    """Memorize's forwards run outside the scheduler's steps: their masks (a sliding window's
+    array masks, which ``causal_when_equal`` remembers with its answer) are dropped after each
+    chunk, not held by an idle generator until the next step."""
+    from services.generator import prefill_attention
+    from services.generator.extended_attention import install
+    from services.generator.memory_builder import plan_windows, window_chunks
+
+    model, _ = load(str(sliding_llama))
+    state = install(model)
+    tokens = list(range(5, 45))
+    (window,) = plan_windows(len(tokens), window=64, stride=64)
+    seen = []
+    remember = prefill_attention.causal_when_equal
+
+    def spying(mask):
+        out = remember(mask)
+        seen.append(len(prefill_attention._causal_answers))
+        return out
+
+    prefill_attention.causal_when_equal = spying
+    try:
+        chunks = list(window_chunks(model, state, tokens, window, special_ids=(), chunk=12))
+    finally:
+        prefill_attention.causal_when_equal = remember
+    assert len(chunks) == 4 and max(seen) > 0  # window masks were remembered during a chunk
+    assert prefill_attention._causal_answers == {}
