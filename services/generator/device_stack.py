@@ -2,7 +2,7 @@
 
 A decode forward's tallies are one small array per retrieving layer (citation picks, attention
 mass). ``mx.stack`` / ``mx.concatenate`` copy each input with its own kernel, and on MLX CUDA every
-launch costs the host ~10 us: stacking a step's records in a flush of 32-64 steps launched over a
+launch costs the host ~10 us: stacking a step's records in a flush of 32 steps launched over a
 thousand copies, most of the citations' cost per step on an H200 (docs/architecture.md, "Tallies
 of a decode batch"). Here one generated kernel (one per power of two of inputs) copies them all; off CUDA
 it is ``mx.stack``.

@@ -11,9 +11,10 @@ l the local ones, lse = log sum_j exp(l_j) and o_local = softmax(l) @ V (what
 for any M (the larger of lse and max m, so nothing overflows). The fused attend kernel
 (``fused_attention.attend``) computes the local part itself, one thread block per query row over
 every local position: right for a decode step (one query per sequence), slow for a prefill, where
-MLX's flash attention does the same work several times faster. Here only the local logits'
-log-sum-exp is computed apart (one float32 matmul and a reduction), and the memories (k per
-query head and token) are a few element-wise ops.
+MLX's flash attention does the same work several times faster. Here only the local logits are
+computed apart (one float32 matmul); on CUDA one kernel takes their log-sum-exp and merges the
+memories (k per query head and token), elsewhere a few MLX operations do. Queries are taken in
+chunks of rows when their logits would pass MAX_LOGITS.
 
 Also here: mlx-lm's attention masks: ``apply_mask`` (to logits, shared with the portable path) and
 ``causal_when_equal`` (a boolean mask that is the causal one becomes "causal").
@@ -31,8 +32,9 @@ from services.generator import fused_attention, kernel_parts
 NEG = -1e30  # finite "masked" for local logits: exp() gives exactly 0 next to any real logit
 # Queries per sequence (L) from which a fused prefill takes this path instead of the attend kernel.
 MIN_QUERIES = 32
-# Most float32 local logits ([B, H, L, S]) one call materializes for the log-sum-exp; past it the
-# attend kernel (or the portable path) runs.
+# Most float32 local logits ([B, H, L, S]) materialized at once for the log-sum-exp (256 MiB): a
+# longer batch of queries is merged in chunks of query rows; a context so long that MIN_QUERIES
+# rows exceed it takes the attend kernel (or the portable path).
 MAX_LOGITS = 1 << 26
 
 
@@ -58,7 +60,7 @@ def causal_when_equal(mask: Any) -> Any:
 
     mlx-lm's batch KV cache builds a boolean mask for every prompt chunk, padded or not, where its
     single-sequence cache passes "causal"; MLX's fused attention takes an array mask only on a
-    slower path (on CUDA ~3x per prefill layer: docs/architecture.md, "Prefill with memories").
+    slower path (on CUDA 2-3x per prefill layer: docs/architecture.md, "Prefill with memories").
     Deciding needs one small read from the device: the same mask objects reach every layer of a
     forward (two where sliding-window layers alternate with global ones), so the answers are
     remembered until ``forget_mask``."""
@@ -87,9 +89,9 @@ def forget_mask() -> None:
 
 
 def fits(B: int, H: int, L: int, S: int) -> bool:
-    """Whether a call of these sizes takes this path: a long batch of queries whose local logits
-    stay under MAX_LOGITS."""
-    return L >= MIN_QUERIES and B * H * L * S <= MAX_LOGITS
+    """Whether a call of these sizes takes this path: a long batch of queries (L >= MIN_QUERIES)
+    whose local logits stay under MAX_LOGITS for chunks of at least MIN_QUERIES query rows."""
+    return L >= MIN_QUERIES and B * H * MIN_QUERIES * S <= MAX_LOGITS
 
 
 # The merge of a prefill on CUDA, one warp per (b, h, l) query row (T / 32 rows per block): the
@@ -199,7 +201,33 @@ def attend(q, k, v, mask, mem_rows, mem_dots, bank_values, scale: float, out_dty
     in ``out_dtype``, mass [B, H, L] float32: each head's attention weight on its memories), as
     ``fused_attention.attend`` does. The local output comes back from the fused attention in q's
     dtype (a half-precision model's output is rounded there, before the merge). On CUDA the
-    merge is one kernel (a boolean or causal mask; an additive one takes the element-wise path)."""
+    merge is one kernel (a boolean or causal mask; an additive one takes the element-wise path).
+
+    Queries are taken in chunks whose local logits stay under MAX_LOGITS: a causal chunk sees only
+    the keys up to its last query, so with the keys cut there it is causal again ("causal" to the
+    fused attention); an array mask is cut to the chunk's rows."""
+    B, H, L, d = q.shape
+    S = k.shape[2]
+    step = max(MIN_QUERIES, MAX_LOGITS // (B * H * S))
+    if L <= step:
+        return _attend(q, k, v, mask, mem_rows, mem_dots, bank_values, scale, out_dtype)
+    outs, masses = [], []
+    for lo in range(0, L, step):
+        hi = min(L, lo + step)
+        kc, vc, mc = k, v, mask
+        if isinstance(mask, str):  # "causal": query l sees the keys up to S - L + l
+            kc, vc = k[:, :, : S - L + hi], v[:, :, : S - L + hi]
+        elif mask is not None:
+            mc = mask[..., lo:hi, :]
+        rows = (slice(None), slice(None), slice(lo, hi))
+        out, mass = _attend(q[rows], kc, vc, mc, mem_rows[rows], mem_dots[rows], bank_values, scale, out_dtype)
+        outs.append(out)
+        masses.append(mass)
+    return mx.concatenate(outs, axis=1), mx.concatenate(masses, axis=2)
+
+
+def _attend(q, k, v, mask, mem_rows, mem_dots, bank_values, scale: float, out_dtype):
+    """``attend`` for one chunk of queries (all of them when their logits fit MAX_LOGITS)."""
     B, H, L, d = q.shape
     kvh, S = k.shape[1], k.shape[2]
     rep = H // kvh

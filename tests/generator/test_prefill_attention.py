@@ -23,10 +23,19 @@ from .np_reference import attend_over_picks
         (np.float16, "padding", 3, 128, 10),
     ],
 )
-def test_matches_one_softmax_over_memories_and_context(dtype, mask_kind, prefix, d, k):
+@pytest.mark.parametrize("chunk_rows", [None, 4])  # 4: the queries merged 4 rows at a time (4, 4, 1)
+def test_matches_one_softmax_over_memories_and_context(dtype, mask_kind, prefix, d, k, chunk_rows, monkeypatch):
     rng = np.random.default_rng(0)
     B, H, KVH, L, n = 2, 4, 2, 9, 30
     S = prefix + L
+    if chunk_rows:
+        monkeypatch.setattr(prefill_attention, "MIN_QUERIES", 1)
+        monkeypatch.setattr(prefill_attention, "MAX_LOGITS", B * H * chunk_rows * S)
+        chunks = []
+        split = prefill_attention._attend
+        monkeypatch.setattr(
+            prefill_attention, "_attend", lambda *a, **kw: chunks.append(a[0].shape[2]) or split(*a, **kw)
+        )
     scale = d**-0.5
     q = rng.standard_normal((B, H, L, d)).astype(dtype)
     kk = rng.standard_normal((B, KVH, S, d)).astype(dtype)
@@ -62,6 +71,8 @@ def test_matches_one_softmax_over_memories_and_context(dtype, mask_kind, prefix,
     # Rows of queries that attend nothing (left padding) and have memories read the memories only.
     tol = 1e-5 if dtype == np.float32 else 2e-3  # float16: the fused attention's output is rounded to float16
     assert out.dtype == mx.float32 and out.shape == (B, L, H * d) and mass.shape == (B, H, L)
+    if chunk_rows:
+        assert chunks == [4, 4, 1]
     np.testing.assert_allclose(np.array(out), want, rtol=tol, atol=tol)
     np.testing.assert_allclose(np.array(mass), want_mass, rtol=1e-5, atol=1e-6)
     assert np.array(mass)[1, 0, 0] == 0.0
@@ -99,7 +110,8 @@ def test_a_padded_query_with_memories_reads_only_them():
 def test_fits_takes_long_batches_of_queries_within_the_logits_bound():
     assert not prefill_attention.fits(1, 32, 1, 4096)  # a decode step: the attend kernel
     assert prefill_attention.fits(1, 32, prefill_attention.MIN_QUERIES, 4096)
-    assert not prefill_attention.fits(8, 32, 2048, 8192)  # 4 G logits: too many to materialize
+    assert prefill_attention.fits(1, 32, 2048, 2048)  # a whole default prefill chunk: merged in chunks of rows
+    assert not prefill_attention.fits(8, 32, 2048, 16384)  # even MIN_QUERIES rows hold too many logits
 
 
 def test_causal_when_equal_recognizes_mlx_lms_batch_masks():
