@@ -27,7 +27,7 @@ from extmind import errors, tensor
 from extmind.errors import InvalidArgument
 from extmind.row_wire import append_request
 from extmind.v1 import memory_pb2
-from services.generator import fused_attention, prefill_attention
+from services.generator import prefill_attention
 from services.generator.extended_attention import ExtendedMindState
 from services.generator.kv_dtypes import to_storage
 from services.generator.memory_client import MemoryClient
@@ -128,8 +128,7 @@ def window_chunks(
         finally:
             state.capture, state.memory = None, saved_memory
             # Its masks (a sliding window's array masks) are not held past the chunk, as after a step.
-            fused_attention.forget_mask()
-            prefill_attention.forget_mask()
+            prefill_attention.forget_masks()
         # One run of rows (the usual case) is a slice; only special tokens inside need a gather.
         # A chunk of context only (an earlier window covered its tokens) contributes no rows.
         rows = _kept_span(keep) or mx.array(keep, dtype=mx.int32)

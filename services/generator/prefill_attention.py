@@ -63,7 +63,7 @@ def causal_when_equal(mask: Any) -> Any:
     slower path (on CUDA 2-3x per prefill layer: docs/architecture.md, "Prefill with memories").
     Deciding needs one small read from the device: the same mask objects reach every layer of a
     forward (two where sliding-window layers alternate with global ones), so the answers are
-    remembered until ``forget_mask``."""
+    remembered until ``forget_masks``."""
     if mask is None or isinstance(mask, str) or mask.dtype != mx.bool_ or mask.ndim not in (2, 4):
         return mask
     L, S = mask.shape[-2:]
@@ -82,10 +82,12 @@ def causal_when_equal(mask: Any) -> Any:
 _causal_answers: dict = {}
 
 
-def forget_mask() -> None:
-    """Drops ``causal_when_equal``'s answers and the masks they hold (the scheduler calls it after
-    each step, as ``fused_attention.forget_mask``: a long prefill chunk's mask is not held past it)."""
+def forget_masks() -> None:
+    """Drops the masks remembered for a forward's layers: ``causal_when_equal``'s answers and
+    ``fused_attention.mask_mode``'s conversion. Called after each scheduler step and Memorize
+    chunk, so a long prompt chunk's mask is not held past its forward."""
     _causal_answers.clear()
+    fused_attention.forget_mask()
 
 
 def fits(B: int, H: int, L: int, S: int) -> bool:

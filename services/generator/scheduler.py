@@ -36,7 +36,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from extmind import errors
 from services.common.metrics import LATENCY_BUCKETS
 from services.common.mlx_thread import MLXThread
-from services.generator import attention_mass, fused_attention, prefill_attention
+from services.generator import attention_mass, prefill_attention
 from services.generator.batch_tally import BatchTally
 from services.generator.citations import Counts, Picks, decode_forwards, picked_rows, spans, stack_picks
 from services.generator.extended_attention import ExtendedMindState, MemoryContext
@@ -375,8 +375,7 @@ class Scheduler:
         finally:
             self.state.memory = None
             self.state.unpadded_caches = {}
-            fused_attention.forget_mask()  # its forwards' masks are not held past the step
-            prefill_attention.forget_mask()
+            prefill_attention.forget_masks()  # its forwards' masks are not held past the step
             if group.ctx is not None:
                 group.ctx.record = group.ctx.mass = None
         # A sequence joined (its prompt is done) or left (finished, or removed below): the decode

@@ -120,7 +120,7 @@ def test_causal_when_equal_recognizes_mlx_lms_batch_masks():
     non-boolean masks stay as they are."""
     from mlx_lm.models.base import create_causal_mask
 
-    prefill_attention.forget_mask()
+    prefill_attention.forget_masks()
     for L, offset in ((6, 0), (4, 5)):
         mask = create_causal_mask(L, offset=offset, left_padding=mx.zeros((3,), mx.int32))
         assert mask.shape == (3, 1, L, L + offset)
@@ -139,15 +139,15 @@ def test_causal_when_equal_recognizes_mlx_lms_batch_masks():
 
 def test_causal_when_equal_remembers_per_mask_object_until_forgotten():
     """One read per mask object: a remembered answer is reused for the same object (every layer
-    of a forward), a different object is checked on its own, and forget_mask drops them all."""
+    of a forward), a different object is checked on its own, and forget_masks drops them all."""
     from mlx_lm.models.base import create_causal_mask
 
-    prefill_attention.forget_mask()
+    prefill_attention.forget_masks()
     causal = create_causal_mask(5, offset=2, left_padding=mx.zeros((1,), mx.int32))
     padded = create_causal_mask(5, offset=2, left_padding=mx.array([1]))
     assert prefill_attention.causal_when_equal(causal) == "causal"
     assert prefill_attention.causal_when_equal(padded) is padded  # alternating objects: both kept
     assert len(prefill_attention._causal_answers) == 2
     assert prefill_attention.causal_when_equal(causal) == "causal"
-    prefill_attention.forget_mask()
+    prefill_attention.forget_masks()
     assert prefill_attention._causal_answers == {}
