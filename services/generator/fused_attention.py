@@ -365,10 +365,10 @@ _last_mask: tuple = (None, None, None)
 
 def forget_mask() -> None:
     """Drops the remembered mask and its conversion (``prefill_attention.forget_masks`` calls it
-    after each scheduler step and Memorize chunk): a
-    forward's mask is not held past it (a long context's prefill chunk, which takes the portable
-    path after ``mask_mode``, has a [B, 1, L, S] mask of hundreds of MiB; an unpadded decode batch
-    passes no mask that would replace it, nor does an idle generator)."""
+    after each scheduler step and Memorize chunk): a forward's mask is not held past it (a long
+    context's prefill chunk, which takes the portable path after ``mask_mode``, has a
+    [B, 1, L, S] mask of hundreds of MiB; an unpadded decode batch passes no mask that would
+    replace it, nor does an idle generator)."""
     global _last_mask
     _last_mask = (None, None, None)
 
