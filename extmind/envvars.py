@@ -311,6 +311,13 @@ REGISTRY: tuple[EnvVar, ...] = (
         "OpenMP threads FAISS uses for large searches and index builds",
     ),
     EnvVar(
+        "MLX_ENABLE_TF32",
+        "1",
+        "MLX's CUDA backend (every service); benchmark reports; `tests/conftest.py` sets 0",
+        "float32 matmuls in TF32 on CUDA (MLX's own switch): faster, ~1e-3 relative error; "
+        "0 = full float32 (docs/platform.md)",
+    ),
+    EnvVar(
         "OMP_WAIT_POLICY",
         "PASSIVE",
         "OpenMP inside FAISS (memory, memory benchmark)",
