@@ -31,7 +31,7 @@ import mlx.nn as nn
 
 from services.generator import attention_parts, fused_attention, prefill_attention
 from services.generator.citations import Picks
-from services.generator.prefill_attention import apply_mask
+from services.generator.prefill_attention import apply_mask, take_rows
 from services.generator.request_types import DEFAULT_MEMORY_TOP_K
 
 
@@ -135,11 +135,8 @@ def _top_k(keys_t, inv_key_norms, values, queries, top_k: int, threshold: float 
     if threshold is not None:
         valid = mx.take_along_axis(sim, idx, axis=-1) > threshold
         rows = mx.where(valid, rows, -1)
-    # Gather the values through a flat [KVH * N, d] view: row j of KV head g sits at g * N + j.
-    flat = rows if threshold is None else idx.astype(mx.int32)
-    flat = flat + (mx.arange(kvh, dtype=mx.int32) * n)[:, None, None]
-    sel_values = mx.take(values.reshape(kvh * n, d), flat.reshape(-1), axis=0).reshape(kvh, m, k, d)
-    sel_values = sel_values.astype(mx.float32)
+    picked = rows if threshold is None else idx.astype(mx.int32)
+    sel_values = take_rows(values, picked, mx.arange(kvh, dtype=mx.int32)[:, None, None]).astype(mx.float32)
 
     def to_attention_layout(x):  # [KVH, B * rep * L, ...] -> [B, KVH, rep, L, ...]
         x = x.reshape(kvh, B, rep, L, *x.shape[2:])

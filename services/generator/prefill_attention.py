@@ -16,8 +16,9 @@ computed apart (one float32 matmul); on CUDA one kernel takes their log-sum-exp 
 memories (k per query head and token), elsewhere a few MLX operations do. Queries are taken in
 chunks of rows when their logits would pass MAX_LOGITS.
 
-Also here: mlx-lm's attention masks: ``apply_mask`` (to logits, shared with the portable path) and
-``causal_when_equal`` (a boolean mask that is the causal one becomes "causal").
+Also here, shared with the portable path: ``apply_mask`` (mlx-lm's attention masks applied to
+logits), ``take_rows`` (a bank's rows per KV head in one gather); and ``causal_when_equal`` (a
+boolean mask that is the causal one becomes "causal").
 """
 
 from __future__ import annotations
@@ -52,6 +53,15 @@ def apply_mask(logits: mx.array, mask: Any, L: int, S: int) -> mx.array:
     if mask.dtype == mx.bool_:
         return mx.where(mask, logits, NEG)
     return logits + mask.astype(logits.dtype)
+
+
+def take_rows(bank: mx.array, rows: mx.array, kv_head: mx.array) -> mx.array:
+    """bank [KVH, N, d]; rows (int32, >= 0) and kv_head (int32, broadcastable to rows) -> the rows
+    ``bank[kv_head, rows]`` [*shape, d] in the bank's dtype, gathered through a flat [KVH * N, d]
+    view (row j of KV head g sits at g * N + j): one gather for every head."""
+    kvh, n, d = bank.shape
+    flat = rows + kv_head * n
+    return mx.take(bank.reshape(kvh * n, d), flat.reshape(-1), axis=0).reshape(*flat.shape, d)
 
 
 def causal_when_equal(mask: Any) -> Any:
@@ -266,7 +276,6 @@ def _merge(logits, mask, local, mem_rows, mem_dots, bank_values, scale: float, o
     B, H, L, d = local.shape
     kvh, S = logits.shape[1], logits.shape[3]
     rep = H // kvh
-    n = bank_values.shape[1]
     logits = apply_mask(logits.reshape(B, kvh, rep, L, S), mask, L, S)
     lse = mx.logsumexp(logits, axis=-1).reshape(B, H, L)
     valid = mem_rows >= 0
@@ -275,9 +284,9 @@ def _merge(logits, mask, local, mem_rows, mem_dots, bank_values, scale: float, o
     w_local = mx.exp(lse - top)
     e = mx.exp(mem - top[..., None])  # 0 where masked
     z = w_local + mx.sum(e, axis=-1)  # >= 1: one of the terms is exp(0)
-    # Each head's memories from its KV head's bank, through a flat [KVH * N, d] view.
-    flat = mx.where(valid, mem_rows, 0) + (mx.arange(H, dtype=mx.int32) // rep * n)[None, :, None, None]
-    values = mx.take(bank_values.reshape(kvh * n, d), flat.reshape(-1), axis=0).reshape(*mem_rows.shape, d)
+    # Each head's memories from its KV head's bank.
+    kv_head = (mx.arange(H, dtype=mx.int32) // rep)[None, :, None, None]
+    values = take_rows(bank_values, mx.where(valid, mem_rows, 0), kv_head)
     out_mem = (e[..., None, :] @ values.astype(mx.float32))[..., 0, :]  # [B, H, L, d]
     # A query with no local position to attend (left padding) and memories weighs its local
     # output 0: whatever the fused attention returned for it must not reach the sum.
