@@ -68,7 +68,7 @@ def summed_shares(forwards: list[list[mx.array]]) -> mx.array:
     """The ``BatchTally`` combine of the attention mass: forwards of one batch, each its per-layer
     shares [B, H, 1] (one per query head) -> [B, layers] float32, summed over forwards and heads."""
     steps = [fwd[0] if len(fwd) == 1 else mx.concatenate(fwd, axis=-1) for fwd in forwards]  # [B, H, layers]
-    if len({(a.shape, a.dtype) for a in steps}) == 1:
+    if device_stack.uniform(steps):
         stacked = device_stack.stack(steps, axis=1)  # [B, forwards, H, layers]: one launch on CUDA
     else:
         stacked = mx.stack(steps, axis=1)
@@ -79,7 +79,7 @@ def stack_shares(shares: list[mx.array]) -> list[mx.array]:
     """``BatchTally``'s compact for the attention mass: one forward's per-layer shares [B, H, 1]
     -> [[B, H, layers]], what ``summed_shares`` concatenates them to, in one kernel launch on CUDA
     (``device_stack``); shares of different shapes or dtypes stay as they are."""
-    if len(shares) < 2 or len({(a.shape, a.dtype) for a in shares}) != 1:
+    if len(shares) < 2 or not device_stack.uniform(shares):
         return shares
     return [device_stack.stack([a.reshape(a.shape[0], -1) for a in shares], axis=-1)]
 

@@ -68,14 +68,15 @@ def stack_picks(picks: list[Picks]) -> list[Picks]:
     the layers one by one; stacked in one kernel launch per array on CUDA (``device_stack``).
     Layers of different scales, some with and some without weights, or arrays of different dtypes
     (which ``device_stack`` does not promote) stay as they are."""
-    if len(picks) < 2 or len({(p.scale, p.shape, *(a.dtype for a in p.arrays())) for p in picks}) != 1:
+    fields = list(zip(*(p.arrays() for p in picks)))  # rows[, dots, mass], each over the layers
+    if (
+        len(picks) < 2
+        or len({(p.scale, p.dots is None) for p in picks}) != 1
+        or not all(map(device_stack.uniform, fields))
+    ):
         return picks
-    rows = device_stack.stack([p.rows for p in picks], axis=1)
-    if picks[0].dots is None:
-        return [Picks(rows)]
-    dots = device_stack.stack([p.dots for p in picks], axis=1)
-    mass = device_stack.stack([p.mass for p in picks], axis=1)
-    return [Picks(rows, dots, mass, picks[0].scale)]
+    stacked = [device_stack.stack(list(arrays), axis=1) for arrays in fields]
+    return [Picks(*stacked, scale=picks[0].scale) if len(stacked) == 3 else Picks(stacked[0])]
 
 
 def memory_weights(rows: mx.array, dots: mx.array, mass: mx.array, scale: float) -> mx.array:
@@ -185,7 +186,7 @@ def _joined(arrays: list[mx.array], shape: tuple) -> mx.array:
     """The arrays [B, ...] reshaped to ``shape`` and joined along axis 1: stacked in one kernel
     launch (``device_stack``) when they have one shape and dtype, else concatenated (which
     promotes mixed dtypes)."""
-    if len({(a.shape, a.dtype) for a in arrays}) == 1:
+    if device_stack.uniform(arrays):
         return device_stack.stack(arrays, axis=1).reshape(shape)
     return mx.concatenate([a.reshape(shape) for a in arrays], axis=1)
 

@@ -71,15 +71,21 @@ def on_device() -> bool:
     return mx.default_device() == mx.gpu and mx.cuda.is_available()
 
 
+def uniform(arrays: list[mx.array]) -> bool:
+    """Whether ``stack`` takes these arrays: all of one shape and dtype (callers with records
+    that may differ join those with MLX's concatenate or stack, which promote dtypes)."""
+    return len({(a.shape, a.dtype) for a in arrays}) == 1
+
+
 def stack(arrays: list[mx.array], axis: int) -> mx.array:
     """``mx.stack(arrays, axis)`` for ``axis`` 1 ([B, n, ...]) or -1 ([..., n]) of n >= 1 arrays of
     one shape [B, ...] (B >= 1) and dtype, in one kernel launch on CUDA. Raises ValueError for
     another axis or mismatched inputs."""
     if axis not in (1, -1):
         raise ValueError(f"stack takes axis 1 or -1, not {axis}")
-    first = arrays[0]
-    if any(a.shape != first.shape or a.dtype != first.dtype for a in arrays):
+    if not uniform(arrays):
         raise ValueError("stack takes arrays of one shape and dtype")
+    first = arrays[0]
     if first.ndim < 1 or not on_device() or len(arrays) == 1 or first.size == 0:
         return mx.stack(arrays, axis=axis)
     if len(arrays) > MAX_INPUTS:
