@@ -14,6 +14,8 @@ import functools
 
 import mlx.core as mx
 
+from services.generator import kernel_parts
+
 _THREADS = 256
 
 
@@ -58,14 +60,6 @@ def _kernel(slots: int, last: bool):
     )
 
 
-@functools.cache
-def _dims(B: int, X: int, n: int) -> mx.array:
-    """[B, X, n] on the device, made once per shape (not a host-to-device copy per call)."""
-    a = mx.array([B, X, n], dtype=mx.int32)
-    mx.eval(a)
-    return a
-
-
 def on_device() -> bool:
     """Whether ``stack`` launches its own kernel (MLX computes on its CUDA backend)."""
     return mx.default_device() == mx.gpu and mx.cuda.is_available()
@@ -98,7 +92,7 @@ def stack(arrays: list[mx.array], axis: int) -> mx.array:
     flat = [a.reshape(B, X) for a in arrays]
     total = B * n * X
     (out,) = _kernel(slots, last)(
-        inputs=flat + [flat[0]] * (slots - n) + [_dims(B, X, n)],
+        inputs=flat + [flat[0]] * (slots - n) + [kernel_parts.constant((B, X, n), mx.int32)],
         template=[("T", first.dtype)],
         grid=(-(-total // _THREADS) * _THREADS, 1, 1),
         threadgroup=(_THREADS, 1, 1),

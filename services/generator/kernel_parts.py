@@ -105,9 +105,14 @@ __device__ __forceinline__ float em_dot_t(const float* qs, const Tk* kg, int N, 
 
 
 @functools.cache
-def scalar(value: float | int, dtype) -> mx.array:
-    """A one-element constant input (scale, threshold, chunk count), made once per value: a new
-    array per call would be a host-to-device copy per layer and step."""
-    a = mx.array([value], dtype)
+def constant(values: tuple, dtype) -> mx.array:
+    """A small constant kernel input (a scale, a threshold, a shape, a bound) [len(values)], made
+    once per value: a new array per call would be a host-to-device copy per layer and step."""
+    a = mx.array(list(values), dtype)
     mx.eval(a)
     return a
+
+
+def scalar(value: float | int, dtype) -> mx.array:
+    """``constant`` of one element."""
+    return constant((value,), dtype)

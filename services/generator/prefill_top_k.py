@@ -210,7 +210,15 @@ def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, k: int, list_
     rows = B * H * L
     per_block = _THREADS // 32
     out = _kernel()(
-        inputs=[q, approx, keys_t, inv_norms, threshold, kernel_parts.scalar(k, mx.int32), _bound()],
+        inputs=[
+            q,
+            approx,
+            keys_t,
+            inv_norms,
+            threshold,
+            kernel_parts.scalar(k, mx.int32),
+            kernel_parts.constant((APPROX_E, APPROX_F), mx.float32),
+        ],
         template=[
             ("Ta", approx.dtype),
             ("Tk", keys_t.dtype),
@@ -224,11 +232,3 @@ def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, k: int, list_
         output_dtypes=[mx.int32, mx.float32],
     )
     return out[0], out[1]
-
-
-@functools.cache
-def _bound() -> mx.array:
-    """[APPROX_E, APPROX_F] on the device, made once."""
-    a = mx.array([APPROX_E, APPROX_F], dtype=mx.float32)
-    mx.eval(a)
-    return a
