@@ -7,7 +7,8 @@ more in launch and latency than in arithmetic, so LOCAL decode spent most of its
 them (docs/architecture.md, "Fused extended attention"). Here the same computation is two steps:
 
 - ``top_k_rows``: per query head and token, the exact cosine top-k over the bank's rows (each
-  thread scans a stripe of rows and keeps its own sorted top-k; the block merges them, and a
+  lane of a warp scans a stripe of rows, for the query heads of one KV head at once, and keeps
+  each head's sorted top-k; the warp merges them by shuffles, and a
   second kernel merges the blocks' lists when a decode row's scan is split over several; a
   prefill's scores come from one matmul instead, ranked in ``prefill_top_k``), the raw dot
   products of the winners and the threshold;
@@ -34,23 +35,28 @@ from services.generator import kernel_parts, prefill_top_k
 MODES = ("auto", "off")
 MAX_TOP_K = 32
 MAX_HEAD_DIM = 256
-_TOPK_THREADS = 128
-_ROWS_PER_THREAD = 4  # bank rows each scan thread takes at least, when a row's scan is split
-_FILL_BLOCKS = 512  # scan blocks that keep an H100/H200 (132 SMs) busy
+_TOPK_THREADS = 128  # four independent warps per block
+_ROWS_PER_LANE = 4  # bank rows each scan lane takes at least, when a tile's scan is split
+_FILL_WARPS = 4096  # scan warps that keep an H100/H200 (132 SMs) busy
+_MERGE_CANDIDATES = 1024  # most candidates per query row the merge warp takes (32 per lane)
 MATMUL_ROWS = 2048  # query rows (B * H * L) from which the cosines come from one matmul
 _ATTEND_THREADS = 256
 _NO_MASK, _CAUSAL, _ARRAY_MASK = 0, 1, 2
 
 
-# The top-k: a scan kernel, one block per (query row, chunk of the bank's rows): each thread keeps
-# the sorted top-k of its stripe in registers, the block merges its threads' lists. With one chunk
-# it writes the result; with several (a short batch over a long bank: more blocks than query
-# rows keep the GPU busy) each chunk writes its candidates and a merge kernel, one block per
-# query row, takes the top-k of them.
+# The top-k: a scan kernel, one warp per (tile of query heads, token, chunk of the bank's rows):
+# each lane keeps, for each of the tile's GT query heads, the sorted top-k of its stripe of rows in
+# registers, and the warp merges its lanes' lists head by head with shuffles (no block barrier:
+# the H200 profile showed a block-wide merge, two barriers per pick, costing most of a layer's
+# retrieval). The GT heads of a tile share one KV head (GQA), so each key column is read once for
+# all of them, not once per query head. With one chunk the warp writes the result; with several
+# (a decode step has only B * H query rows: chunks keep the GPU busy) each chunk writes its
+# candidates and a merge kernel, one warp per query row, takes the top-k of them.
 
-# Template K is the size of the per-thread lists (8, 16 or 32: one compiled kernel serves every
+# Template K is the size of the per-lane lists (8, 16 or 32: one compiled kernel serves every
 # top_k up to it, since the top k of a list are the first k of its top K); k <= K comes at run
-# time, as does the threshold (-inf for none).
+# time, as does the threshold (-inf for none). GT (head_tile) divides H / KVH; T threads per block
+# are T / 32 independent warps.
 # inputs: q [B, H, L, D] (contiguous), keys_t [KVH, D, N], inv_norms [KVH, N] float32, threshold
 # [1] float32, topk [1] int32 (k), chunks [1] int32 (C). outputs, C == 1: rows [B, H, L, k] int32
 # (-1 where the cosine is not above the threshold) and dots [B, H, L, k] float32 (raw q . k);
@@ -62,57 +68,75 @@ _TOPK_SCAN_SOURCE = """
   const int N = keys_t_shape[2];
   const int C = chunks[0];
   const int k = topk[0];
-  const int row = blockIdx.x / C;
-  const int c = blockIdx.x % C;
-  const int tid = threadIdx.x;
-  const int h = (row / L) % H;
-  const int g = h / (H / KVH);
+  const int lane = threadIdx.x & 31;
+  const int w = threadIdx.x >> 5;
+  const int unit = blockIdx.x * (T / 32) + w;  // (b, head tile, l, chunk)
+  if (unit >= q_shape[0] * (H / GT) * L * C) return;  // a whole warp: no barrier follows
+  const int tile = unit / C;
+  const int c = unit % C;
+  const int b = tile / ((H / GT) * L);
+  const int h0 = ((tile / L) % (H / GT)) * GT;
+  const int l = tile % L;
+  const int g = h0 / (H / KVH);
   const int per = (N + C - 1) / C;
   const int lo = c * per;
   const int hi = min(N, lo + per);
 
-  __shared__ float qs[D];
-  __shared__ float red[32];
-  __shared__ float sh_s[T * K];
-  __shared__ int sh_i[T * K];
-  __shared__ float win_s[K];
-  __shared__ int win_i[K];
-  __shared__ float wv[T / 32];
-  __shared__ int wt[T / 32];
-
-  for (int e = tid; e < D; e += T) qs[e] = static_cast<float>(q[(size_t)row * D + e]);
-  __syncthreads();
-  float part = 0.f;
-  for (int e = tid; e < D; e += T) part += qs[e] * qs[e];
-  const float q_inv = rsqrtf(fmaxf(em_block_sum<T>(part, red), 1e-24f));
-
-  float s[K];
-  int ix[K];
+  __shared__ float qs_warps[T / 32][GT][D];
+  float (*qs)[D] = qs_warps[w];
+  for (int e = lane; e < GT * D; e += 32) {
+    qs[e / D][e % D] = static_cast<float>(q[(((size_t)b * H + h0 + e / D) * L + l) * D + e % D]);
+  }
+  __syncwarp();
+  float q_inv[GT];
 #pragma unroll
-  for (int j = 0; j < K; ++j) { s[j] = EM_NEG_INF; ix[j] = -1; }
+  for (int j = 0; j < GT; ++j) {
+    float part = 0.f;
+    for (int e = lane; e < D; e += 32) part += qs[j][e] * qs[j][e];
+    q_inv[j] = rsqrtf(fmaxf(em_warp_sum(part), 1e-24f));
+  }
+
+  float s[GT][K];
+  int ix[GT][K];
+#pragma unroll
+  for (int j = 0; j < GT; ++j) {
+#pragma unroll
+    for (int i = 0; i < K; ++i) { s[j][i] = EM_NEG_INF; ix[j][i] = -1; }
+  }
   const Tk* kg = keys_t + (size_t)g * D * N;
   const float* ng = inv_norms + (size_t)g * N;
-  for (int n = lo + tid; n < hi; n += T) em_insert<K>(s, ix, em_dot_t<D, Tk>(qs, kg, N, n) * q_inv * ng[n], n);
-  em_block_top_k<T, K>(s, ix, k, sh_s, sh_i, win_s, win_i, wv, wt);
-
+  for (int n = lo + lane; n < hi; n += 32) {
+    float dot[GT];
+    em_dots_t<GT, D, Tk>(qs, kg, N, n, dot);
+    const float kn = ng[n];
+#pragma unroll
+    for (int j = 0; j < GT; ++j) em_insert<K>(s[j], ix[j], dot[j] * q_inv[j] * kn, n);
+  }
+  float best_s[GT];
+  int best_i[GT];
+  em_warp_top_k<GT, K>(s, ix, k, best_s, best_i);
+#pragma unroll
+  for (int j = 0; j < GT; ++j) {
+    const size_t row = ((size_t)b * H + h0 + j) * L + l;
 """
 _TOPK_SCAN_FINAL = """
-  if (tid < k) {
-    const int n = win_i[tid];
-    const bool ok = n >= 0 && win_s[tid] > threshold[0];
-    rows[(size_t)row * k + tid] = ok ? n : -1;
-    dots[(size_t)row * k + tid] = n >= 0 ? em_dot_t<D, Tk>(qs, kg, N, n) : 0.f;
+    if (lane < k) {
+      const bool ok = best_i[j] >= 0 && best_s[j] > threshold[0];
+      rows[row * k + lane] = ok ? best_i[j] : -1;
+      dots[row * k + lane] = best_i[j] >= 0 ? em_dot_t<D, Tk>(qs[j], kg, N, best_i[j]) : 0.f;
+    }
   }
 """
 _TOPK_SCAN_CHUNK = """
-  if (tid < k) {
-    cand_s[((size_t)row * C + c) * k + tid] = win_s[tid];
-    cand_i[((size_t)row * C + c) * k + tid] = win_i[tid];
+    if (lane < k) {
+      cand_s[(row * C + c) * k + lane] = best_s[j];
+      cand_i[(row * C + c) * k + lane] = best_i[j];
+    }
   }
 """
 
 # inputs: q, keys_t, threshold, topk as above; cand_s / cand_i [B * H * L, C, k] from the scan.
-# outputs: rows, dots [B, H, L, k] as the one-chunk scan writes them.
+# outputs: rows, dots [B, H, L, k] as the one-chunk scan writes them. One warp per query row.
 _TOPK_MERGE_SOURCE = """
   const int H = q_shape[1];
   const int L = q_shape[2];
@@ -120,35 +144,33 @@ _TOPK_MERGE_SOURCE = """
   const int N = keys_t_shape[2];
   const int k = topk[0];
   const int CK = cand_s_shape[1] * k;
-  const int row = blockIdx.x;
-  const int tid = threadIdx.x;
+  const int lane = threadIdx.x & 31;
+  const int w = threadIdx.x >> 5;
+  const int row = blockIdx.x * (T / 32) + w;
+  if (row >= q_shape[0] * H * L) return;  // a whole warp: no barrier follows
   const int h = (row / L) % H;
   const int g = h / (H / KVH);
 
-  __shared__ float qs[D];
-  __shared__ float sh_s[T * K];
-  __shared__ int sh_i[T * K];
-  __shared__ float win_s[K];
-  __shared__ int win_i[K];
-  __shared__ float wv[T / 32];
-  __shared__ int wt[T / 32];
-
-  for (int e = tid; e < D; e += T) qs[e] = static_cast<float>(q[(size_t)row * D + e]);
-  float s[K];
-  int ix[K];
+  __shared__ float qs_warps[T / 32][D];
+  float* qs = qs_warps[w];
+  for (int e = lane; e < D; e += 32) qs[e] = static_cast<float>(q[(size_t)row * D + e]);
+  __syncwarp();
+  float s[1][K];
+  int ix[1][K];
 #pragma unroll
-  for (int j = 0; j < K; ++j) { s[j] = EM_NEG_INF; ix[j] = -1; }
-  for (int j = tid; j < CK; j += T) {
+  for (int j = 0; j < K; ++j) { s[0][j] = EM_NEG_INF; ix[0][j] = -1; }
+  for (int j = lane; j < CK; j += 32) {
     const int n = cand_i[(size_t)row * CK + j];
-    if (n >= 0) em_insert<K>(s, ix, cand_s[(size_t)row * CK + j], n);
+    if (n >= 0) em_insert<K>(s[0], ix[0], cand_s[(size_t)row * CK + j], n);
   }
-  em_block_top_k<T, K>(s, ix, k, sh_s, sh_i, win_s, win_i, wv, wt);
-  if (tid < k) {
+  float best_s[1];
+  int best_i[1];
+  em_warp_top_k<1, K>(s, ix, k, best_s, best_i);
+  if (lane < k) {
     const Tk* kg = keys_t + (size_t)g * D * N;
-    const int n = win_i[tid];
-    const bool ok = n >= 0 && win_s[tid] > threshold[0];
-    rows[(size_t)row * k + tid] = ok ? n : -1;
-    dots[(size_t)row * k + tid] = n >= 0 ? em_dot_t<D, Tk>(qs, kg, N, n) : 0.f;
+    const bool ok = best_i[0] >= 0 && best_s[0] > threshold[0];
+    rows[(size_t)row * k + lane] = ok ? best_i[0] : -1;
+    dots[(size_t)row * k + lane] = best_i[0] >= 0 ? em_dot_t<D, Tk>(qs, kg, N, best_i[0]) : 0.f;
   }
 """
 
@@ -391,13 +413,24 @@ def max_local_positions() -> int:
     return 1 << (floats.bit_length() - 1)
 
 
-def chunks_for(rows: int, n: int) -> int:
-    """How many blocks share one query row's scan of an ``n``-row bank: enough blocks to fill the
-    GPU (a decode step has only B * H query rows), at least ``_ROWS_PER_THREAD`` rows per thread."""
-    if rows >= _FILL_BLOCKS:
+def chunks_for(tiles: int, n: int, k: int) -> int:
+    """How many warps share one tile's scan of an ``n``-row bank (a tile: ``head_tile`` query
+    heads of one token): enough warps to fill the GPU (a decode step has only B * H query rows),
+    at least ``_ROWS_PER_LANE`` rows per lane, and at most ``_MERGE_CANDIDATES`` candidates
+    (chunks * k) for the merge's one warp per query row to read (the H200 profile: 5 120
+    candidates per row took the merge longer than the scan)."""
+    if tiles >= _FILL_WARPS:
         return 1
-    most = max(1, n // (_TOPK_THREADS * _ROWS_PER_THREAD))
-    return max(1, min(most, -(-_FILL_BLOCKS // rows)))
+    most = max(1, min(n // (32 * _ROWS_PER_LANE), _MERGE_CANDIDATES // k))
+    return max(1, min(most, -(-_FILL_WARPS // tiles)))
+
+
+def head_tile(n_heads: int, n_kv_heads: int, list_size: int) -> int:
+    """How many query heads of one KV head a scan warp ranks together (GQA: they read each key
+    column once): the largest divisor of ``n_heads // n_kv_heads`` whose per-lane lists
+    (tile * list_size scores and rows in registers) stay within 64 entries."""
+    group = n_heads // n_kv_heads
+    return max(t for t in range(1, group + 1) if group % t == 0 and t * list_size <= 64)
 
 
 def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, top_k: int, threshold: float | None):
@@ -421,12 +454,15 @@ def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, top_k: int, t
         # Many query rows (prefill): each scan block would read the whole bank once per row;
         # one matmul reads it once, and prefill_top_k ranks its scores.
         return prefill_top_k.top_k_rows(q, keys_t, inv_norms, k, lists[1], thr)
-    c = chunks_for(rows, n)
-    template = [("Tk", keys_t.dtype), ("D", d), lists]
+    gt = head_tile(H, keys_t.shape[0], lists[1])
+    c = chunks_for(rows // gt, n, k)
+    template = [("Tk", keys_t.dtype), ("D", d), lists, ("T", _TOPK_THREADS)]
+    warps = _TOPK_THREADS // 32
+    units = rows // gt * c  # one warp each
     scan = _topk_scan_kernel(c == 1)(
         inputs=[q, keys_t, inv_norms, thr, kk, kernel_parts.scalar(c, mx.int32)],
-        template=[*template, ("T", _TOPK_THREADS)],
-        grid=(rows * c * _TOPK_THREADS, 1, 1),
+        template=[*template, ("GT", gt)],
+        grid=(-(-units // warps) * _TOPK_THREADS, 1, 1),
         threadgroup=(_TOPK_THREADS, 1, 1),
         output_shapes=[(B, H, L, k), (B, H, L, k)] if c == 1 else [(rows, c, k), (rows, c, k)],
         output_dtypes=[mx.int32, mx.float32] if c == 1 else [mx.float32, mx.int32],
@@ -435,9 +471,9 @@ def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, top_k: int, t
         return scan[0], scan[1]
     rows_out, dots = _topk_merge_kernel()(
         inputs=[q, keys_t, thr, kk, scan[0], scan[1]],
-        template=[*template, ("T", 32)],
-        grid=(rows * 32, 1, 1),
-        threadgroup=(32, 1, 1),
+        template=template,
+        grid=(-(-rows // warps) * _TOPK_THREADS, 1, 1),
+        threadgroup=(_TOPK_THREADS, 1, 1),
         output_shapes=[(B, H, L, k), (B, H, L, k)],
         output_dtypes=[mx.int32, mx.float32],
     )

@@ -33,11 +33,7 @@ __device__ float em_block_max(float v, float* red) {
 }
 """
 
-# The top-k: a scan kernel, one block per (query row, chunk of the bank's rows): each thread keeps
-# the sorted top-k of its stripe in registers, the block merges its threads' lists. With one chunk
-# it writes the result; with several (a short batch over a long bank: more blocks than query
-# rows keep the GPU busy) each chunk writes its candidates and a merge kernel, one block per
-# query row, takes the top-k of them.
+# Pieces of the top-k kernels (fused_attention.py's decode scan and merge, prefill_top_k.py).
 TOPK_HEADER = r"""
 // The warp's largest v and who holds it (ties: the lower who), in every lane.
 __device__ __forceinline__ void em_warp_argmax(float& v, int& who) {
@@ -61,34 +57,65 @@ __device__ __forceinline__ void em_insert(float (&s)[K], int (&ix)[K], float v, 
   }
 }
 
-// The block's top-k (k <= K) of its threads' sorted lists, into win_s / win_i (shared), in k
-// rounds of a block-wide argmax (ties: the lower thread). Every thread must call it.
-template <int T, int K>
-__device__ __forceinline__ void em_block_top_k(
-    const float (&s)[K], const int (&ix)[K], int k, float* sh_s, int* sh_i, float* win_s, int* win_i,
-    float* wv, int* wt) {
-  const int tid = threadIdx.x;
+__device__ __forceinline__ float em_warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  return v;
+}
+
+// The warp's top-k (k <= K, k <= 32) of each of G sets of its lanes' sorted lists: in round r
+// each set's best list head (ties: the lower lane) is popped and lane r keeps it in best_s[j] /
+// best_i[j] (-inf / -1 when the lists ran out). The G sets' shuffles are interleaved, so that G
+// heads' merges take about the time of one. Shuffles only; every lane of the warp must call it.
+// The lists are consumed.
+template <int G, int K>
+__device__ __forceinline__ void em_warp_top_k(
+    float (&s)[G][K], int (&ix)[G][K], int k, float (&best_s)[G], int (&best_i)[G]) {
+  const int lane = threadIdx.x & 31;
 #pragma unroll
-  for (int j = 0; j < K; ++j) { sh_s[tid * K + j] = s[j]; sh_i[tid * K + j] = ix[j]; }
-  __syncthreads();
-  int ptr = 0;
+  for (int j = 0; j < G; ++j) { best_s[j] = EM_NEG_INF; best_i[j] = -1; }
   for (int r = 0; r < k; ++r) {
-    float v = ptr < K ? sh_s[tid * K + ptr] : EM_NEG_INF;
-    int who = tid;
-    em_warp_argmax(v, who);
-    if ((tid & 31) == 0) { wv[tid >> 5] = v; wt[tid >> 5] = who; }
-    __syncthreads();
-    float bv = wv[0];
-    int bw = wt[0];
-    for (int i = 1; i < T / 32; ++i) {
-      if (wv[i] > bv || (wv[i] == bv && wt[i] < bw)) { bv = wv[i]; bw = wt[i]; }
+    float v[G];
+    int who[G];
+#pragma unroll
+    for (int j = 0; j < G; ++j) { v[j] = s[j][0]; who[j] = lane; }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+      for (int j = 0; j < G; ++j) {
+        const float ov = __shfl_xor_sync(0xffffffff, v[j], o);
+        const int ow = __shfl_xor_sync(0xffffffff, who[j], o);
+        if (ov > v[j] || (ov == v[j] && ow < who[j])) { v[j] = ov; who[j] = ow; }
+      }
     }
-    if (tid == bw) {
-      win_s[r] = ptr < K ? sh_s[tid * K + ptr] : EM_NEG_INF;
-      win_i[r] = ptr < K ? sh_i[tid * K + ptr] : -1;
-      ++ptr;
+#pragma unroll
+    for (int j = 0; j < G; ++j) {
+      const int n = __shfl_sync(0xffffffff, ix[j][0], who[j]);
+      if (lane == r) { best_s[j] = v[j]; best_i[j] = n; }
+      if (lane == who[j]) {  // shift, so that the list's head stays in a register
+#pragma unroll
+        for (int i = 0; i + 1 < K; ++i) { s[j][i] = s[j][i + 1]; ix[j][i] = ix[j][i + 1]; }
+        s[j][K - 1] = EM_NEG_INF;
+        ix[j][K - 1] = -1;
+      }
     }
-    __syncthreads();
+  }
+}
+
+// The dots of G query heads (qs [G][D]) with bank row n, each key element read once for all of
+// them: 16 loads in flight at a time (a rolled loop would wait on each).
+template <int G, int D, typename Tk>
+__device__ __forceinline__ void em_dots_t(const float (*qs)[D], const Tk* kg, int N, int n, float (&dot)[G]) {
+#pragma unroll
+  for (int j = 0; j < G; ++j) dot[j] = 0.f;
+  for (int e0 = 0; e0 < D; e0 += 16) {
+    float x[16];
+#pragma unroll
+    for (int u = 0; u < 16; ++u) x[u] = e0 + u < D ? static_cast<float>(kg[(size_t)(e0 + u) * N + n]) : 0.f;
+#pragma unroll
+    for (int u = 0; u < 16; ++u) {
+#pragma unroll
+      for (int j = 0; j < G; ++j) dot[j] += e0 + u < D ? qs[j][e0 + u] * x[u] : 0.f;
+    }
   }
 }
 
@@ -106,9 +133,18 @@ __device__ __forceinline__ float em_dot_t(const float* qs, const Tk* kg, int N, 
 
 @functools.cache
 def constant(values: tuple, dtype) -> mx.array:
-    """A small constant kernel input (a scale, a threshold, a shape, a bound) [len(values)], made
-    once per value: a new array per call would be a host-to-device copy per layer and step."""
-    a = mx.array(list(values), dtype)
+    """A small constant kernel input (a scale, a threshold, a shape, a bound) [n >= len(values)]:
+    ``values``, padded with the last one to at least 16 bytes, made once per value (a new array
+    per call would be a host-to-device copy per layer and step) and kept in device memory.
+
+    Why the padding and the device op: MLX's CUDA allocator puts every array made on the host, and
+    every array of 8 bytes or less, in managed (unified) memory, which a kernel reads across the
+    bus; each launch that read such a scalar cost tens of microseconds on the H200
+    (docs/architecture.md, "Kernel constants"). An element-wise op's output of more than 8 bytes
+    is allocated in device memory. Kernels read only the first ``len(values)`` elements."""
+    pad = max(0, -(-16 // dtype.size) - len(values))
+    a = mx.array(list(values) + [values[-1]] * pad, dtype)
+    a = mx.logical_and(a, True) if dtype == mx.bool_ else a * mx.array(1, dtype)  # bit for bit
     mx.eval(a)
     return a
 

@@ -82,18 +82,21 @@ def _np_cosines(q, keys):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
 @pytest.mark.parametrize(
-    "n,top_k,d,threshold,L",
+    "n,top_k,d,threshold,L,one_chunk",
     [
-        (5, 10, 16, None, 3),  # top_k > rows
-        (25, 3, 16, None, 3),
-        (1000, 10, 64, None, 3),
-        (5000, 32, 80, None, 3),  # each query row's scan split over chunks, then merged
-        (700, 8, 64, 0.1, 3),
-        (3000, 8, 64, 0.1, 3),  # chunks and a threshold
-        (1000, 10, 64, 0.1, 130),  # a prefill-sized batch: the cosines from one matmul
+        (5, 10, 16, None, 3, False),  # top_k > rows
+        (25, 3, 16, None, 3, False),
+        (1000, 10, 64, None, 3, False),  # each tile's scan split over chunks, then merged
+        (1000, 10, 64, None, 3, True),  # one warp scans a tile's whole bank
+        (5000, 32, 80, None, 3, False),
+        (700, 8, 64, 0.1, 3, True),
+        (3000, 8, 64, 0.1, 3, False),  # chunks and a threshold
+        (1000, 10, 64, 0.1, 130, False),  # a prefill-sized batch: the cosines from one matmul
     ],
 )
-def test_top_k_rows_is_the_exact_cosine_top_k(dtype, n, top_k, d, threshold, L):
+def test_top_k_rows_is_the_exact_cosine_top_k(dtype, n, top_k, d, threshold, L, one_chunk, monkeypatch):
+    if one_chunk:
+        monkeypatch.setattr(fused_attention, "_FILL_WARPS", 1)
     rng = np.random.default_rng(n + d)
     B, H, KVH = 2, 8, 2
     keys = rng.standard_normal((KVH, n, d)).astype(np.float32)
@@ -104,7 +107,10 @@ def test_top_k_rows_is_the_exact_cosine_top_k(dtype, n, top_k, d, threshold, L):
     rows, dots = fused_attention.top_k_rows(mx.array(q), mx.contiguous(keys_mx.swapaxes(-1, -2)), inv, top_k, threshold)
     rows, dots = np.array(rows), np.array(dots)
     k = min(top_k, n)
-    assert (fused_attention.chunks_for(B * H * L, n) > 1) == (n >= 3000)  # both kernels' paths run
+    tiles = B * H * L // fused_attention.head_tile(H, KVH, fused_attention.list_size(min(top_k, n)))
+    assert (fused_attention.chunks_for(tiles, n, min(top_k, n)) > 1) == (
+        n >= 256 and not one_chunk
+    )  # both kernels' paths run
     assert rows.shape == dots.shape == (B, H, L, k) and rows.dtype == np.int32
     cos, raw = _np_cosines(q.astype(np.float64), keys)
     kth = -np.sort(-cos, axis=-1)[..., k - 1]

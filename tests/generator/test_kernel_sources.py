@@ -29,6 +29,7 @@ static dim3 threadIdx, blockIdx, blockDim;
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 struct __half {
   unsigned short bits;
   __half() {}
@@ -111,15 +112,15 @@ KERNELS = {
         TOPK,
         fa._TOPK_SCAN_SOURCE + fa._TOPK_SCAN_FINAL,
         SCAN_PARAMS,
-        ["typename Tk", "int D", "int K", "int T"],
-        ["<__half, 64, 16, 128>", "<float, 256, 32, 128>"],
+        ["typename Tk", "int D", "int K", "int T", "int GT"],
+        ["<__half, 64, 16, 128, 4>", "<float, 256, 32, 128, 2>", "<float, 80, 8, 128, 1>"],
     ),
     "topk_chunks": (
         TOPK,
         fa._TOPK_SCAN_SOURCE + fa._TOPK_SCAN_CHUNK,
         SCAN_PARAMS,
-        ["typename Tk", "int D", "int K", "int T"],
-        ["<__half, 64, 8, 128>"],
+        ["typename Tk", "int D", "int K", "int T", "int GT"],
+        ["<__half, 64, 8, 128, 8>", "<float, 64, 16, 128, 1>"],
     ),
     "topk_merge": (
         TOPK,
@@ -136,7 +137,7 @@ KERNELS = {
             *_arrays("q", "keys_t", "cand_s"),
         ],
         ["typename Tk", "int D", "int K", "int T"],
-        ["<__half, 64, 16, 32>"],
+        ["<__half, 64, 16, 128>", "<float, 80, 32, 128>"],
     ),
     "attend": (
         # The dynamic shared-memory array becomes a static one: the host has no ``extern __shared__``.
