@@ -1,0 +1,148 @@
+"""Where a decode step's GPU time goes, kernel by kernel, on MLX's CUDA backend.
+
+    python -m bench.gpu_kernel_times [--shape 1b] [--rows 4096 65536] [--steps 30] [--top-k 10]
+
+MLX has no kernel timer; PyTorch's profiler reads CUPTI, which records every kernel the process
+launches, MLX's included. For a random Llama of ``--shape`` (bench.generator's shapes) driven by
+mlx-lm's ``BatchGenerator`` at one stream, with no memory and with a LOCAL bank of each ``--rows``,
+it prints the wall time per decode step, the GPU kernel time per step (wall well above it: the
+host is the bottleneck) and the kernels that took it; first, the fused extended-attention kernels
+of one layer against MLX's fused attention (``sdpa``). Needs MLX computing on CUDA and PyTorch
+with CUDA in the same environment (the device machine has both); refuses otherwise.
+"""
+
+import argparse
+import functools
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+
+def kernel_table(prof, per: int, n: int) -> list[str]:
+    """The ``n`` kernels with the most GPU time, as lines: us per ``per`` calls, launches, name."""
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if t > 0:
+            rows.append((t, e.count, e.key))
+    return [f"  {t / per:9.1f} us  x{c / per:5.1f}  {key[:100]}" for t, c, key in sorted(rows, reverse=True)[:n]]
+
+
+def one_layer(fa, q, k, v, bank, top_k: int) -> None:
+    """Layer 0's fused top-k + attend over ``bank``, then MLX's fused attention, each evaluated."""
+    d = q.shape[-1]
+    rows, dots = fa.top_k_rows(q, bank.keys[0], bank.inv_norms[0], top_k, None)
+    mask = fa.mask_mode(None, q.shape[0], 1, k.shape[2])
+    mx.eval(fa.attend(q, k, v, mask, rows, dots, bank.values[0], d**-0.5, q.dtype))
+    mx.eval(mx.fast.scaled_dot_product_attention(q, k, v, scale=d**-0.5, mask=None))
+
+
+def decode_step(gen, state, ctx) -> None:
+    """One ``BatchGenerator`` step with ``ctx`` (a MemoryContext or None) set around it."""
+    state.memory = ctx
+    try:
+        gen.next()
+    finally:
+        state.memory = None
+
+
+def main() -> int:
+    from bench.generator import SHAPES
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    parser.add_argument("--rows", type=int, nargs="+", default=[4096, 65536], help="LOCAL bank sizes")
+    parser.add_argument("--steps", type=int, default=30, help="decode steps timed and profiled")
+    parser.add_argument("--top-k", type=int, default=10)
+    args = parser.parse_args()
+    try:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:
+        print("needs PyTorch (its profiler reads the kernels' times through CUPTI)", file=sys.stderr)
+        return 2
+    if not (mx.default_device() == mx.gpu and mx.cuda.is_available() and torch.cuda.is_available()):
+        print("needs MLX computing on CUDA and PyTorch with CUDA (run it on the device machine)", file=sys.stderr)
+        return 2
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.utils import load
+
+    from extmind.tiny_models import build_llama
+    from services.generator import fused_attention as fa
+    from services.generator.bank_cache import LocalRetriever, bank_from_numpy
+    from services.generator.extended_attention import MemoryContext, install
+    from services.generator.scheduler import _unpadded_caches
+
+    dims = SHAPES[args.shape]
+    H, KVH, nl = dims["heads"], dims["kv_heads"], dims["layers"]
+    D = dims["hidden"] // H
+    dt = getattr(mx, dims["dtype"])
+    np_dt = np.float16 if dt == mx.float16 else np.float32
+    torch.zeros(1, device="cuda")  # CUPTI and the CUDA context up before the first profile
+    rng = np.random.default_rng(0)
+    banks = {
+        n: bank_from_numpy(
+            "m",
+            "v",
+            [rng.standard_normal((KVH, n, D)).astype(np_dt) for _ in range(nl)],
+            [rng.standard_normal((KVH, n, D)).astype(np_dt) for _ in range(nl)],
+        )
+        for n in args.rows
+    }
+
+    q = mx.random.normal((1, H, 1, D)).astype(dt)
+    k = mx.random.normal((1, KVH, 96, D)).astype(dt)
+    v = mx.random.normal((1, KVH, 96, D)).astype(dt)
+    mx.eval(q, k, v)
+    for n, bank in banks.items():
+        layer = functools.partial(one_layer, fa, q, k, v, bank, args.top_k)
+        for _ in range(3):
+            layer()
+        mx.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                layer()
+            mx.synchronize()
+        print(f"== one layer, {n}-row bank, 1 query token, 96 local positions (per call)")
+        print("\n".join(kernel_table(prof, 20, 6)))
+
+    path = build_llama(Path(tempfile.mkdtemp()) / "m", **dims, rope_scaling="llama3", max_position=8192, seed=0)
+    model, _ = load(str(path))
+    state = install(model)
+    prompt = [int(t) for t in rng.integers(50, 500, 32)]
+    for n in [None, *args.rows]:
+        ctx = MemoryContext(LocalRetriever([banks[n]]), top_k=args.top_k) if n else None
+        gen = BatchGenerator(model, max_tokens=3 * args.steps + 20, stop_tokens=[])
+        gen.insert([prompt])
+        step = functools.partial(decode_step, gen, state, ctx)
+        for _ in range(3):
+            step()
+        state.unpadded_caches = _unpadded_caches(gen)  # as the scheduler does after the prompt
+        for _ in range(10):
+            step()
+        mx.synchronize()
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        mx.synchronize()
+        wall = (time.perf_counter() - t) / args.steps
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                step()
+            mx.synchronize()
+        lines = kernel_table(prof, args.steps, 14)
+        gpu = sum(float(x.split("us")[0]) for x in kernel_table(prof, args.steps, 10**6)) / 1e3
+        name = "no memory" if n is None else f"LOCAL {n}-row bank"
+        print(f"== decode step, {name}: wall {wall * 1e3:.2f} ms, GPU kernels {gpu:.2f} ms (per step)")
+        print("\n".join(lines))
+        gen.close()
+        state.unpadded_caches = {}
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
