@@ -113,7 +113,7 @@ def encode_messages(tokenizer, messages: list[dict], options: dict | None = None
     if not getattr(tokenizer, "chat_template", None):
         raise errors.FailedPrecondition(
             "this model has no chat template, so `messages` cannot be rendered: send `prompt` with the text "
-            "the model expects (CLI: leave out --chat)"
+            "the model expects (HTTP: POST /v1/completions; CLI: leave out --chat)"
         )
     specials = special_tokens(tokenizer)
     kwargs = check_options(tokenizer, options, specials)
