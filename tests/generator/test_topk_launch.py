@@ -37,4 +37,4 @@ def test_chunks_for_caps_the_merge_and_keeps_rows_per_lane():
             assert per >= 32 * fa._ROWS_PER_LANE, (tiles, n, k, c)  # >= 4 rows a lane
             assert c <= -(-fa._FILL_WARPS // tiles)  # no more warps than fill the GPU
             # (a chunk may start past the bank's end, per = ceil(n / c): the scan writes it no
-            # candidates; test_topk_kernels_emulated.py's empty_chunks case)
+            # candidates; test_kernels_emulated.py's empty_chunks case)

@@ -4,7 +4,8 @@ warp shuffles exchanged among the 32 lanes), through ``fused_attention.top_k_row
 that its grid, head tiles and chunking are the ones the GPU gets. Each case is checked against an
 exact float64 cosine top-k, tie-aware: inputs with many exactly tied rows, chunks holding fewer
 rows than k or none, fewer rows than lanes, GQA groups of 1, 4, 7 and 8, thresholds, B and L > 1.
-test_fused_attention.py checks the same on CUDA; this runs on any machine with a C++ compiler."""
+device_stack's kernel runs the same way against mx.stack. test_fused_attention.py and
+test_device_stack.py check the same on CUDA; this runs on any machine with a C++ compiler."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from services.generator import device_stack
 from services.generator import fused_attention as fa
 
 from . import cuda_emulator
@@ -128,3 +130,20 @@ def test_the_emulation_catches_a_wrong_kernel(emulated, monkeypatch):
     monkeypatch.setattr(fa, "_TOPK_SCAN_SOURCE", fa._TOPK_SCAN_SOURCE.replace(early, "if (lane == 5) return;"))
     with pytest.raises(RuntimeError, match="lanes which returned never reach"):
         fa.top_k_rows(*args, 8, None)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.int32, mx.bool_, mx.float16, mx.bfloat16])
+def test_device_stack_kernel_is_mx_stack(dtype, monkeypatch):
+    """device_stack's kernel, its dims a padded kernel_parts.constant (B, X, n), against mx.stack:
+    one input, a power of two of slots with some unused, chunks of MAX_INPUTS, both axes."""
+    monkeypatch.setattr(mx.fast, "cuda_kernel", cuda_emulator.cuda_kernel)
+    monkeypatch.setattr(device_stack, "on_device", lambda: True)
+    device_stack._kernel.cache_clear()
+    rng = np.random.default_rng(1)
+    try:
+        for shape, n, axis in [((2, 3), 5, 1), ((1,), 3, -1), ((3, 2, 4), 9, 1), ((2, 5), 70, -1), ((4,), 1, 1)]:
+            arrays = [mx.array(rng.standard_normal(shape) * 3).astype(dtype) for _ in range(n)]
+            got, want = device_stack.stack(arrays, axis), mx.stack(arrays, axis=axis)
+            assert got.shape == want.shape and got.dtype == dtype and mx.array_equal(got, want).item()
+    finally:
+        device_stack._kernel.cache_clear()
