@@ -143,9 +143,12 @@ def constant(values: tuple, dtype) -> mx.array:
     (docs/architecture.md, "Kernel constants"). An element-wise op's output of more than 8 bytes
     is allocated in device memory. Kernels read only the first ``len(values)`` elements."""
     pad = max(0, -(-16 // dtype.size) - len(values))
-    a = mx.array(list(values) + [values[-1]] * pad, dtype)
-    a = mx.logical_and(a, True) if dtype == mx.bool_ else a * mx.array(1, dtype)  # bit for bit
+    host = mx.array(list(values) + [values[-1]] * pad, dtype)
+    a = mx.logical_and(host, True) if dtype == mx.bool_ else host * mx.array(1, dtype)  # bit for bit
+    # ``host`` stays referenced through the eval: an input MLX holds the only reference to is
+    # donated, and the op's output would then be the host-made (managed) buffer itself.
     mx.eval(a)
+    del host
     return a
 
 

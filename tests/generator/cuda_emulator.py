@@ -1,0 +1,306 @@
+"""Runs the project's CUDA kernel sources on the CPU, so that what they compute (not only that they
+compile: test_kernel_sources.py) is tested on a machine without a GPU.
+
+``cuda_kernel`` stands in for ``mx.fast.cuda_kernel``: it wraps a kernel body as MLX does (inputs,
+outputs, ``<name>_shape`` / ``_strides`` / ``_ndim``, template parameters), compiles it with the
+host C++ compiler against an emulation of the CUDA built-ins, and runs the grid block by block.
+Each thread of a block is a ucontext coroutine; a thread runs until it reaches a warp shuffle,
+``__syncwarp`` or ``__syncthreads``, and the scheduler resumes the threads once every thread that
+op needs has reached it (all 32 lanes of the warp for a shuffle with the full mask, all live
+threads of the block for ``__syncthreads``). So the kernels' lane arithmetic, shuffles, early
+returns and shared memory run as written; a shuffle that some lanes of a warp never reach (they
+returned, or wait at another op), or a deadlock, is an error, not a hang. Outputs start filled with
+a poison pattern (NaN / -2**31 + 1), so an element a kernel never writes shows.
+
+Not emulated: dynamic (``extern __shared__``) shared memory, atomics, and the timing or
+interleaving of threads between barriers (the scheduler runs them one after another), so a data
+race between warps goes unseen. ``rsqrtf`` is exact here (approximate on the GPU).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+CXX = shutil.which("g++") or shutil.which("clang++")
+
+RUNTIME = r"""
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ucontext.h>
+#include <algorithm>
+using std::max;
+using std::min;
+struct uint4 { unsigned x, y, z, w; };
+struct dim3 { unsigned x, y, z; };
+static dim3 threadIdx, blockIdx, blockDim, gridDim;
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+struct __half {
+  _Float16 h;
+  __half() {}
+  __half(float f) : h((_Float16)f) {}
+  operator float() const { return (float)h; }
+};
+struct __nv_bfloat16 {
+  uint16_t bits;
+  __nv_bfloat16() {}
+  __nv_bfloat16(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    u += 0x7fff + ((u >> 16) & 1);  // round to nearest even (no NaN inputs here)
+    bits = (uint16_t)(u >> 16);
+  }
+  operator float() const { uint32_t u = (uint32_t)bits << 16; float f; memcpy(&f, &u, 4); return f; }
+};
+inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
+inline int __float_as_int(float f) { int i; memcpy(&i, &f, 4); return i; }
+inline int __ffs(int x) { return x ? __builtin_ctz(x) + 1 : 0; }
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+inline float fmaxf(float a, float b) { return std::fmax(a, b); }
+inline float fminf(float a, float b) { return std::fmin(a, b); }
+inline float expf(float x) { return std::exp(x); }
+inline float logf(float x) { return std::log(x); }
+inline float sqrtf(float x) { return std::sqrt(x); }
+
+namespace em {
+enum Op { RUN, SHFL, SYNCWARP, SYNCTHREADS, DONE };
+struct Thread { ucontext_t ctx; int op; uint32_t val, out; int src; unsigned mask; };
+const size_t STACK = 1 << 17;
+static ucontext_t sched;
+static Thread* th = nullptr;
+static char* stacks = nullptr;
+static int cap = 0, cur = 0;
+static void (*entry)() = nullptr;
+static char msg[512];
+
+inline void wait(int op) { th[cur].op = op; swapcontext(&th[cur].ctx, &sched); }
+static void trampoline() { entry(); th[cur].op = DONE; }  // then on to uc_link: the scheduler
+
+template <typename V>
+inline V shfl(unsigned mask, V v, int src) {
+  static_assert(sizeof(V) == 4, "32-bit shuffles only");
+  memcpy(&th[cur].val, &v, 4);
+  th[cur].src = src;
+  th[cur].mask = mask;
+  wait(SHFL);
+  V r;
+  memcpy(&r, &th[cur].out, 4);
+  return r;
+}
+
+static int fail(const char* what, unsigned b, int w) {
+  snprintf(msg, sizeof msg, "%s (block %u, warp %d)", what, b, w);
+  return 1;
+}
+
+// One block of T threads; 0 when it ran to its end, else 1 and msg says why.
+static int run_block(unsigned b, int T) {
+  for (int t = 0; t < T; ++t) {
+    getcontext(&th[t].ctx);
+    th[t].ctx.uc_stack.ss_sp = stacks + (size_t)t * STACK;
+    th[t].ctx.uc_stack.ss_size = STACK;
+    th[t].ctx.uc_link = &sched;
+    makecontext(&th[t].ctx, trampoline, 0);
+    th[t].op = RUN;
+  }
+  for (;;) {
+    for (int t = 0; t < T; ++t) {
+      if (th[t].op != RUN) continue;
+      cur = t;
+      threadIdx = {(unsigned)t, 0, 0};
+      blockIdx = {b, 0, 0};
+      swapcontext(&sched, &th[t].ctx);
+    }
+    int done = 0, bar = 0;
+    for (int t = 0; t < T; ++t) { done += th[t].op == DONE; bar += th[t].op == SYNCTHREADS; }
+    if (done == T) return 0;
+    bool moved = false;
+    for (int w = 0; w < T / 32; ++w) {
+      int n[5] = {0, 0, 0, 0, 0};
+      for (int l = 0; l < 32; ++l) ++n[th[w * 32 + l].op];
+      if (n[SHFL] + n[SYNCWARP] == 0) continue;
+      if (n[SHFL] && n[SYNCWARP]) return fail("lanes of a warp wait at different warp ops", b, w);
+      if (n[SHFL] + n[SYNCWARP] < 32) {
+        if (n[DONE]) return fail("a warp op that lanes which returned never reach", b, w);
+        continue;  // the others wait at __syncthreads: a deadlock unless that resolves
+      }
+      for (int l = 0; l < 32; ++l) {
+        Thread& x = th[w * 32 + l];
+        if (x.op == SHFL) {
+          if (x.mask != 0xffffffffu) return fail("a shuffle with a partial mask (not emulated)", b, w);
+          x.out = th[w * 32 + (x.src & 31)].val;
+        }
+      }
+      for (int l = 0; l < 32; ++l) th[w * 32 + l].op = RUN;
+      moved = true;
+    }
+    if (!moved && bar > 0 && bar + done == T) {
+      for (int t = 0; t < T; ++t) if (th[t].op == SYNCTHREADS) th[t].op = RUN;
+      moved = true;
+    }
+    if (!moved) return fail("deadlock: no warp op or barrier can complete", b, -1);
+  }
+}
+
+static int launch(int blocks, int T) {
+  if (T % 32 != 0 || T <= 0 || T > 1024) { snprintf(msg, sizeof msg, "block of %d threads", T); return 1; }
+  if (T > cap) {
+    free(th); free(stacks);
+    th = (Thread*)calloc(T, sizeof(Thread));
+    stacks = (char*)malloc((size_t)T * STACK);
+    cap = T;
+  }
+  blockDim = {(unsigned)T, 1, 1};
+  gridDim = {(unsigned)blocks, 1, 1};
+  for (int b = 0; b < blocks; ++b) if (run_block(b, T)) return 1;
+  return 0;
+}
+}  // namespace em
+
+inline float __shfl_xor_sync(unsigned m, float v, int o) { return em::shfl(m, v, (int)(threadIdx.x & 31) ^ o); }
+inline int __shfl_xor_sync(unsigned m, int v, int o) { return em::shfl(m, v, (int)(threadIdx.x & 31) ^ o); }
+inline float __shfl_sync(unsigned m, float v, int s) { return em::shfl(m, v, s); }
+inline int __shfl_sync(unsigned m, int v, int s) { return em::shfl(m, v, s); }
+inline void __syncwarp(unsigned = 0xffffffffu) { em::wait(em::SYNCWARP); }
+inline void __syncthreads() { em::wait(em::SYNCTHREADS); }
+
+extern "C" const char* em_message() { return em::msg; }
+"""
+
+_CTYPES = {
+    mx.float32: "float",
+    mx.float16: "__half",
+    mx.bfloat16: "__nv_bfloat16",
+    mx.int32: "int",
+    mx.uint32: "uint32_t",
+    mx.int64: "int64_t",
+    mx.bool_: "bool",
+}
+_NUMPY = {
+    mx.float32: np.float32,
+    mx.float16: np.float16,
+    mx.bfloat16: np.uint16,  # the bits
+    mx.int32: np.int32,
+    mx.uint32: np.uint32,
+    mx.int64: np.int64,
+    mx.bool_: np.bool_,
+}
+_POISON = {np.float32: np.nan, np.float16: np.nan, np.int32: -(2**31) + 1, np.uint16: 0x7FC1}
+_BUILD = Path(tempfile.mkdtemp(prefix="cuda_emulator_"))
+_LIBS: dict[str, ctypes.CDLL] = {}
+
+
+def _to_numpy(a: mx.array) -> np.ndarray:
+    if a.dtype == mx.bfloat16:
+        a = a.view(mx.uint16)
+    return np.ascontiguousarray(np.array(a))
+
+
+def _from_numpy(a: np.ndarray, dtype) -> mx.array:
+    out = mx.array(a)
+    return out.view(mx.bfloat16) if dtype == mx.bfloat16 else out
+
+
+def _template_arg(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    return _CTYPES[v]
+
+
+class EmulatedKernel:
+    """What ``mx.fast.cuda_kernel`` returns: call it with inputs, template, grid, threadgroup,
+    output_shapes and output_dtypes; it returns the outputs (mx arrays)."""
+
+    def __init__(self, name, input_names, output_names, source, header="", ensure_row_contiguous=True, **kw):
+        if kw.get("shared_memory"):
+            raise NotImplementedError("dynamic shared memory is not emulated")
+        self.name, self.inputs, self.outputs = name, list(input_names), list(output_names)
+        self.source, self.header = source, header
+
+    def _library(self, in_dtypes, out_dtypes, template) -> ctypes.CDLL:
+        params = [f"const {_CTYPES[dt]}* {n}" for n, dt in zip(self.inputs, in_dtypes)]
+        params += [f"{_CTYPES[dt]}* {n}" for n, dt in zip(self.outputs, out_dtypes)]
+        for n in self.inputs:
+            params += [f"const int* {n}_shape", f"const int64_t* {n}_strides", f"int {n}_ndim"]
+        casts = []
+        for i, p in enumerate(params):
+            typ = p.rsplit(" ", 1)[0]
+            casts.append(f"*(const int*)em_args[{i}]" if typ == "int" else f"({typ})em_args[{i}]")
+        tparams = ", ".join(("typename " if not isinstance(v, int) else "int ") + n for n, v in template)
+        targs = ", ".join(_template_arg(v) for _, v in template)
+        code = "\n".join(
+            [
+                RUNTIME,
+                self.header,
+                *([f"template <{tparams}>"] if template else []),
+                f"void {self.name}({', '.join(params)}) {{",
+                self.source,
+                "}",
+                "static void** em_args;",
+                f"static void em_call() {{ {self.name}{f'<{targs}>' if template else ''}({', '.join(casts)}); }}",
+                'extern "C" int em_run(int blocks, int threads, void** args) {',
+                "  em_args = args;",
+                "  em::entry = em_call;",
+                "  return em::launch(blocks, threads);",
+                "}",
+            ]
+        )
+        key = hashlib.sha256(code.encode()).hexdigest()[:24]
+        if key not in _LIBS:
+            src, lib = _BUILD / f"{key}.cpp", _BUILD / f"{key}.so"
+            src.write_text(code)
+            done = subprocess.run(
+                [CXX, "-std=c++17", "-O1", "-shared", "-fPIC", "-w", "-o", str(lib), str(src)],
+                capture_output=True,
+                text=True,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"{self.name} does not compile:\n{done.stderr[:4000]}")
+            _LIBS[key] = ctypes.CDLL(str(lib))
+            _LIBS[key].em_message.restype = ctypes.c_char_p
+        return _LIBS[key]
+
+    def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes, init_value=None, **kw):
+        ins = [mx.array(x) if not isinstance(x, mx.array) else x for x in inputs]
+        lib = self._library([a.dtype for a in ins], list(output_dtypes), list(template or []))
+        arrays = [_to_numpy(a) for a in ins]
+        outs = []
+        for shape, dt in zip(output_shapes, output_dtypes):
+            np_dt = _NUMPY[dt]
+            fill = init_value if init_value is not None else _POISON.get(np_dt, 0)
+            outs.append(np.full(tuple(shape), fill, np_dt))
+        keep = []  # the ctypes buffers stay alive for the call
+        args = [a.ctypes.data_as(ctypes.c_void_p) for a in arrays + outs]
+        for a in arrays:
+            shape = np.array(a.shape or (1,), np.int32)
+            strides = np.array([s // a.itemsize for s in a.strides] or [1], np.int64)
+            ndim = np.array([a.ndim], np.int32)
+            keep += [shape, strides, ndim]
+            args += [x.ctypes.data_as(ctypes.c_void_p) for x in (shape, strides, ndim)]
+        threads = threadgroup[0]
+        if grid[1:] != (1, 1) or threadgroup[1:] != (1, 1) or grid[0] % threads:
+            raise NotImplementedError(f"grid {grid} / threadgroup {threadgroup}: 1-D grids of whole blocks only")
+        argv = (ctypes.c_void_p * len(args))(*[a.value for a in args])
+        if lib.em_run(grid[0] // threads, threads, argv):
+            raise RuntimeError(f"{self.name}: {lib.em_message().decode()}")
+        return [_from_numpy(o, dt) for o, dt in zip(outs, output_dtypes)]
+
+
+def cuda_kernel(name, input_names, output_names, source, header="", **kw) -> EmulatedKernel:
+    """Drop-in for ``mx.fast.cuda_kernel`` (monkeypatch it) that runs on the CPU."""
+    return EmulatedKernel(name, input_names, output_names, source, header, **kw)

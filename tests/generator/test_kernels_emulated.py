@@ -1,0 +1,149 @@
+"""The decode top-k kernels (fused_attention._TOPK_SCAN_SOURCE / _TOPK_MERGE_SOURCE and
+kernel_parts.TOPK_HEADER) run as written on the CPU (cuda_emulator.py: every thread a coroutine,
+warp shuffles exchanged among the 32 lanes), through ``fused_attention.top_k_rows`` itself, so
+that its grid, head tiles and chunking are the ones the GPU gets. Each case is checked against an
+exact float64 cosine top-k, tie-aware: inputs with many exactly tied rows, chunks holding fewer
+rows than k or none, fewer rows than lanes, GQA groups of 1, 4, 7 and 8, thresholds, B and L > 1.
+device_stack's kernel runs the same way against mx.stack. test_fused_attention.py and
+test_device_stack.py check the same on CUDA; this runs on any machine with a C++ compiler."""
+
+from __future__ import annotations
+
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from services.generator import device_stack
+from services.generator import fused_attention as fa
+
+from . import cuda_emulator
+
+pytestmark = pytest.mark.skipif(
+    cuda_emulator.CXX is None or sys.platform != "linux", reason="the emulator needs a C++ compiler and glibc ucontext"
+)
+SLACK = 1e-5  # cosines this close may be ordered either way by float32 rounding
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """``mx.fast.cuda_kernel`` replaced by the emulator for the duration of a test."""
+    monkeypatch.setattr(mx.fast, "cuda_kernel", cuda_emulator.cuda_kernel)
+    fa._topk_scan_kernel.cache_clear()
+    fa._topk_merge_kernel.cache_clear()
+    yield
+    fa._topk_scan_kernel.cache_clear()
+    fa._topk_merge_kernel.cache_clear()
+
+
+def _inputs(rng, B, H, KVH, L, d, n, mode):
+    keys = rng.standard_normal((KVH, n, d))
+    q = rng.standard_normal((B, H, L, d))
+    if mode == "ties":  # every row one of three directions, at three lengths: exact ties everywhere
+        base = rng.standard_normal((KVH, 3, d))
+        keys = base[:, rng.integers(0, 3, n)] * 2.0 ** rng.integers(-1, 2, (1, n, 1))
+    elif mode == "zeros":  # zero keys (cosine 0) among the rows; zero queries (every cosine 0)
+        keys[:, ::3] = 0
+        q[:, ::2] = 0
+    return q.astype(np.float32), keys.astype(np.float32)
+
+
+def _check(q, keys, rows, dots, top_k, threshold):
+    """rows / dots from top_k_rows against the exact cosines of q [B, H, L, d], keys [KVH, N, d]."""
+    B, H, L, _ = q.shape
+    k = min(top_k, keys.shape[1])
+    assert rows.shape == dots.shape == (B, H, L, k) and rows.dtype == np.int32
+    kg = np.repeat(keys.astype(np.float64), H // keys.shape[0], axis=0)
+    q64 = q.astype(np.float64)
+    raw = np.einsum("bhld,hnd->bhln", q64, kg)
+    qn = np.sqrt(np.maximum((q64 * q64).sum(-1, keepdims=True), 1e-24))
+    kn = np.sqrt(np.maximum((kg * kg).sum(-1), 1e-24))[None, :, None, :]
+    cos = raw / qn / kn
+    kth = -np.sort(-cos, axis=-1)[..., k - 1]
+    for idx in np.ndindex(B, H, L):
+        got, c = rows[idx], cos[idx]
+        assert ((got >= -1) & (got < keys.shape[1])).all(), (idx, got)  # no unwritten or stray entry
+        picked = got[got >= 0]
+        if threshold is None:
+            assert len(picked) == k, (idx, got)
+        else:
+            best = -np.sort(-c)[:k]
+            assert len(picked) >= (best > threshold + SLACK).sum(), (idx, got, best)
+            assert k - len(picked) >= (best <= threshold - SLACK).sum(), (idx, got, best)
+            assert (got[len(picked) :] == -1).all(), (idx, got)  # the reported rows first
+            assert (c[picked] > threshold - SLACK).all()
+        assert len(set(picked.tolist())) == len(picked), (idx, got)
+        assert (c[picked] >= kth[idx] - SLACK).all(), (idx, got, c[picked], kth[idx])  # tie-aware top-k
+        assert (np.diff(c[picked]) <= SLACK).all(), (idx, got, c[picked])  # descending
+        np.testing.assert_allclose(dots[idx][: len(picked)], raw[idx][picked], rtol=1e-4, atol=1e-4)
+
+
+CASES = {
+    # name: (B, H, KVH, L, d, n, top_k, threshold, keys dtype, mode, chunks (None: chunks_for's))
+    "gqa4_chunked_by_chunks_for": (2, 8, 2, 3, 64, 1000, 10, None, mx.float32, "random", None),
+    "gqa8_tile8_float16": (1, 16, 2, 1, 80, 3000, 8, None, mx.float16, "random", None),
+    "gqa7_odd_group": (2, 14, 2, 1, 64, 700, 8, None, mx.float32, "random", None),
+    "mha_k32_bfloat16": (1, 4, 4, 2, 128, 600, 32, None, mx.bfloat16, "random", None),
+    "fewer_rows_than_lanes": (2, 8, 2, 2, 24, 5, 10, None, mx.float32, "random", None),
+    "one_row": (1, 8, 2, 1, 16, 1, 3, None, mx.float32, "random", None),
+    "ties_everywhere_one_chunk": (2, 8, 2, 2, 16, 200, 9, None, mx.float32, "ties", 1),
+    "ties_across_chunks": (1, 8, 2, 1, 16, 1000, 17, None, mx.float32, "ties", 6),
+    "ties_and_threshold": (1, 8, 2, 2, 16, 300, 8, 0.0, mx.float16, "ties", 3),
+    "chunks_fewer_rows_than_k": (1, 8, 2, 1, 64, 40, 8, None, mx.float32, "random", 8),
+    "empty_chunks": (1, 8, 2, 1, 64, 10, 4, None, mx.float32, "random", 13),
+    "threshold_over_chunks": (2, 8, 2, 1, 64, 3000, 8, 0.1, mx.float32, "random", None),
+    "zero_keys_and_queries": (1, 8, 2, 2, 256, 300, 16, None, mx.float32, "zeros", 2),
+    "zero_queries_threshold_zero": (1, 8, 2, 1, 64, 100, 8, 0.0, mx.float32, "zeros", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_decode_top_k_kernels_are_the_exact_top_k(case, emulated, monkeypatch):
+    B, H, KVH, L, d, n, top_k, threshold, dtype, mode, chunks = CASES[case]
+    assert B * H * L < fa.MATMUL_ROWS  # the decode kernels, not prefill_top_k
+    if chunks is not None:
+        monkeypatch.setattr(fa, "chunks_for", lambda tiles, n, k: chunks)
+    q, keys = _inputs(np.random.default_rng(sorted(CASES).index(case)), B, H, KVH, L, d, n, mode)
+    keys_mx = mx.array(keys).astype(dtype)
+    keys = np.array(keys_mx.astype(mx.float32))  # what the kernel sees
+    inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx.astype(mx.float32) ** 2, axis=-1), 1e-24))
+    rows, dots = fa.top_k_rows(mx.array(q), mx.contiguous(keys_mx.swapaxes(-1, -2)), inv, top_k, threshold)
+    _check(q, keys, np.array(rows), np.array(dots), top_k, threshold)
+
+
+def test_the_emulation_catches_a_wrong_kernel(emulated, monkeypatch):
+    """Not vacuous: round r's winner kept by lane r + 1 gives wrong rows; a warp whose lanes
+    return unevenly before a shuffle is an error, not a hang."""
+    q, keys = _inputs(np.random.default_rng(0), 1, 8, 2, 1, 64, 300, "random")
+    args = (mx.array(q), mx.contiguous(mx.array(keys).swapaxes(-1, -2)), mx.array(1 / np.linalg.norm(keys, axis=-1)))
+    header = fa.kernel_parts.TOPK_HEADER
+    monkeypatch.setattr(fa.kernel_parts, "TOPK_HEADER", header.replace("if (lane == r) {", "if (lane == r + 1) {"))
+    rows, dots = fa.top_k_rows(*args, 8, None)
+    with pytest.raises(AssertionError):
+        _check(q, keys, np.array(rows), np.array(dots), 8, None)
+    monkeypatch.setattr(fa.kernel_parts, "TOPK_HEADER", header)
+    fa._topk_scan_kernel.cache_clear()
+    fa._topk_merge_kernel.cache_clear()
+    early = "if (unit >= q_shape[0] * (H / GT) * L * C) return;"
+    assert early in fa._TOPK_SCAN_SOURCE
+    monkeypatch.setattr(fa, "_TOPK_SCAN_SOURCE", fa._TOPK_SCAN_SOURCE.replace(early, "if (lane == 5) return;"))
+    with pytest.raises(RuntimeError, match="lanes which returned never reach"):
+        fa.top_k_rows(*args, 8, None)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.int32, mx.bool_, mx.float16, mx.bfloat16])
+def test_device_stack_kernel_is_mx_stack(dtype, monkeypatch):
+    """device_stack's kernel, its dims a padded kernel_parts.constant (B, X, n), against mx.stack:
+    one input, a power of two of slots with some unused, chunks of MAX_INPUTS, both axes."""
+    monkeypatch.setattr(mx.fast, "cuda_kernel", cuda_emulator.cuda_kernel)
+    monkeypatch.setattr(device_stack, "on_device", lambda: True)
+    device_stack._kernel.cache_clear()
+    rng = np.random.default_rng(1)
+    try:
+        for shape, n, axis in [((2, 3), 5, 1), ((1,), 3, -1), ((3, 2, 4), 9, 1), ((2, 5), 70, -1), ((4,), 1, 1)]:
+            arrays = [mx.array(rng.standard_normal(shape) * 3).astype(dtype) for _ in range(n)]
+            got, want = device_stack.stack(arrays, axis), mx.stack(arrays, axis=axis)
+            assert got.shape == want.shape and got.dtype == dtype and mx.array_equal(got, want).item()
+    finally:
+        device_stack._kernel.cache_clear()
