@@ -421,7 +421,7 @@ def chunks_for(tiles: int, n: int, k: int) -> int:
     candidates per row took the merge longer than the scan)."""
     if tiles >= _FILL_WARPS:
         return 1
-    most = max(1, min(n // (32 * _ROWS_PER_LANE), _MERGE_CANDIDATES // k))
+    most = max(1, min(n // (32 * _ROWS_PER_LANE), _MERGE_CANDIDATES // max(k, 1)))
     return max(1, min(most, -(-_FILL_WARPS // tiles)))
 
 

@@ -38,3 +38,8 @@ def test_chunks_for_caps_the_merge_and_keeps_rows_per_lane():
             assert c <= -(-fa._FILL_WARPS // tiles)  # no more warps than fill the GPU
             # (a chunk may start past the bank's end, per = ceil(n / c): the scan writes it no
             # candidates; test_kernels_emulated.py's empty_chunks case)
+
+
+def test_chunks_for_takes_an_empty_top_k():
+    """k = min(top_k, rows) is 0 for an empty bank: one chunk, no division by zero."""
+    assert fa.chunks_for(8, 0, 0) == 1 and fa.chunks_for(8, 4096, 0) >= 1
