@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from services.generator import device_stack
+from services.generator import device_stack, prefill_top_k
 from services.generator import fused_attention as fa
 
 from . import cuda_emulator
@@ -30,11 +30,12 @@ SLACK = 1e-5  # cosines this close may be ordered either way by float32 rounding
 def emulated(monkeypatch):
     """``mx.fast.cuda_kernel`` replaced by the emulator for the duration of a test."""
     monkeypatch.setattr(mx.fast, "cuda_kernel", cuda_emulator.cuda_kernel)
-    fa._topk_scan_kernel.cache_clear()
-    fa._topk_merge_kernel.cache_clear()
+    kernels = (fa._topk_scan_kernel, fa._topk_merge_kernel, prefill_top_k._kernel)
+    for k in kernels:
+        k.cache_clear()
     yield
-    fa._topk_scan_kernel.cache_clear()
-    fa._topk_merge_kernel.cache_clear()
+    for k in kernels:
+        k.cache_clear()
 
 
 def _inputs(rng, B, H, KVH, L, d, n, mode):
@@ -107,6 +108,31 @@ def test_decode_top_k_kernels_are_the_exact_top_k(case, emulated, monkeypatch):
     q, keys = _inputs(np.random.default_rng(sorted(CASES).index(case)), B, H, KVH, L, d, n, mode)
     keys_mx = mx.array(keys).astype(dtype)
     keys = np.array(keys_mx.astype(mx.float32))  # what the kernel sees
+    inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx.astype(mx.float32) ** 2, axis=-1), 1e-24))
+    rows, dots = fa.top_k_rows(mx.array(q), mx.contiguous(keys_mx.swapaxes(-1, -2)), inv, top_k, threshold)
+    _check(q, keys, np.array(rows), np.array(dots), top_k, threshold)
+
+
+PREFILL_CASES = {
+    # name: (B, H, KVH, L, d, n, top_k, threshold, keys dtype, mode); n % 8 != 0 takes the
+    # row-at-a-time loops, n % 8 == 0 the 16-byte loads
+    "random_float32_vector_loads": (1, 8, 2, 6, 64, 512, 10, None, mx.float32, "random"),
+    "random_float16_rows_one_at_a_time": (1, 8, 2, 5, 80, 301, 8, None, mx.float16, "random"),
+    "ties_and_threshold": (2, 4, 2, 4, 16, 256, 9, 0.0, mx.float32, "ties"),
+    "fewer_rows_than_k_list": (1, 8, 8, 4, 32, 20, 20, None, mx.float32, "random"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PREFILL_CASES))
+def test_prefill_top_k_kernel_is_the_exact_top_k(case, emulated, monkeypatch):
+    """prefill_top_k's kernel (approximate scores, a bound, exact re-ranking), reached through
+    top_k_rows with MATMUL_ROWS lowered so that these small batches count as a prefill."""
+    B, H, KVH, L, d, n, top_k, threshold, dtype, mode = PREFILL_CASES[case]
+    monkeypatch.setattr(fa, "MATMUL_ROWS", 16)
+    assert B * H * L >= fa.MATMUL_ROWS
+    q, keys = _inputs(np.random.default_rng(sorted(PREFILL_CASES).index(case)), B, H, KVH, L, d, n, mode)
+    keys_mx = mx.array(keys).astype(dtype)
+    keys = np.array(keys_mx.astype(mx.float32))
     inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx.astype(mx.float32) ** 2, axis=-1), 1e-24))
     rows, dots = fa.top_k_rows(mx.array(q), mx.contiguous(keys_mx.swapaxes(-1, -2)), inv, top_k, threshold)
     _check(q, keys, np.array(rows), np.array(dots), top_k, threshold)
