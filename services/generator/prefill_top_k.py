@@ -18,7 +18,7 @@ matmul reads it once. Then each query row's N scores are ranked here, one warp p
 3. Candidates: the rows whose upper bound a_n + e_n reaches it (and any non-finite a_n), so every
    row of the exact top-k is one. Only they get their exact float32 cosine (q . k from the bank's
    keys in the kernel, as the decode scan computes it) and enter the lane's sorted list; k rounds
-   of a warp-wide argmax take the winners.
+   of a warp-wide argmax take the winners (kernel_parts' ``em_warp_top_k``, as the decode scan).
 
 Stage 2 is what makes it fast: a lane inserting into its list whenever a new row beats its worst
 entry (most rows early in a stripe do) kept every lane of the warp waiting on the slowest.
@@ -67,9 +67,7 @@ _SOURCE = """
   const float F = bound[1];
 
   __shared__ float qs_all[(T / 32) * D];
-  __shared__ int win_all[(T / 32) * K];
   float* qs = qs_all + warp * D;
-  int* win = win_all + warp * K;
   float part = 0.f;
   for (int e = lane; e < D; e += 32) {
     const float x = static_cast<float>(q[(size_t)row * D + e]);
@@ -122,10 +120,10 @@ _SOURCE = """
   }
 
   // 3. Candidates get their exact cosine and enter the lane's list.
-  float s[K];
-  int ix[K];
+  float s[1][K];  // one list: em_warp_top_k takes sets of lists
+  int ix[1][K];
 #pragma unroll
-  for (int j = 0; j < K; ++j) { s[j] = EM_NEG_INF; ix[j] = -1; }
+  for (int j = 0; j < K; ++j) { s[0][j] = EM_NEG_INF; ix[0][j] = -1; }
   if (vec) {
 #pragma unroll 2
     for (int base = lane * V; base < N; base += 32 * V) {
@@ -141,38 +139,23 @@ _SOURCE = """
       while (cand) {
         const int n = base + __ffs(cand) - 1;
         cand &= cand - 1;
-        em_insert<K>(s, ix, em_dot_t<D, Tk>(qs, kg, N, n) * q_inv * ng[n], n);
+        em_insert<K>(s[0], ix[0], em_dot_t<D, Tk>(qs, kg, N, n) * q_inv * ng[n], n);
       }
     }
   } else {
     for (int n = lane; n < N; n += 32) {
       const float a = static_cast<float>(ar[n]) * ng[n];
       if (a + (E + F * ng[n]) < cut && a > EM_NEG_INF) continue;
-      em_insert<K>(s, ix, em_dot_t<D, Tk>(qs, kg, N, n) * q_inv * ng[n], n);
+      em_insert<K>(s[0], ix[0], em_dot_t<D, Tk>(qs, kg, N, n) * q_inv * ng[n], n);
     }
   }
-  for (int r = 0; r < k; ++r) {
-    float v = s[0];
-    int who = lane;
-    em_warp_argmax(v, who);
-    const int n = __shfl_sync(0xffffffff, ix[0], who);
-    if (lane == who) {
-#pragma unroll
-      for (int j = 0; j < K - 1; ++j) { s[j] = s[j + 1]; ix[j] = ix[j + 1]; }
-      s[K - 1] = EM_NEG_INF;
-      ix[K - 1] = -1;
-    }
-    if (lane == 0) {
-      rows[(size_t)row * k + r] = n >= 0 && v > threshold[0] ? n : -1;
-      win[r] = n;
-    }
-  }
-  __syncwarp();
+  float best_s[1];
+  int best_i[1];
+  em_warp_top_k<1, K>(s, ix, k, best_s, best_i);
   if (lane < k) {
-    const int n = win[lane];
-    float dot = 0.f;
-    if (n >= 0) dot = em_dot_t<D, Tk>(qs, kg, N, n);
-    dots[(size_t)row * k + lane] = dot;
+    const int n = best_i[0];
+    rows[(size_t)row * k + lane] = n >= 0 && best_s[0] > threshold[0] ? n : -1;
+    dots[(size_t)row * k + lane] = n >= 0 ? em_dot_t<D, Tk>(qs, kg, N, n) : 0.f;
   }
 """
 
