@@ -52,12 +52,15 @@ def decode_step(gen, state, ctx) -> None:
 
 def main() -> int:
     from bench.generator import SHAPES
+    from services.common.config import positive_int
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
-    parser.add_argument("--rows", type=int, nargs="+", default=[4096, 65536], help="LOCAL bank sizes")
-    parser.add_argument("--steps", type=int, default=30, help="decode steps timed and profiled")
-    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--rows", type=positive_int, nargs="+", default=[4096, 65536], help="LOCAL bank sizes")
+    parser.add_argument("--steps", type=positive_int, default=30, help="decode steps timed and profiled")
+    parser.add_argument(
+        "--top-k", type=positive_int, default=10, help="memories per query head (the fused kernels take <= 32)"
+    )
     args = parser.parse_args()
     try:
         import torch
