@@ -22,14 +22,19 @@ import mlx.core as mx
 import numpy as np
 
 
-def kernel_table(prof, per: int, n: int) -> list[str]:
-    """The ``n`` kernels with the most GPU time, as lines: us per ``per`` calls, launches, name."""
+def kernel_times(prof) -> list[tuple[float, int, str]]:
+    """(GPU us in total, launches, name) of every kernel the profile saw, most time first."""
     rows = []
     for e in prof.key_averages():
         t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
         if t > 0:
             rows.append((t, e.count, e.key))
-    return [f"  {t / per:9.1f} us  x{c / per:5.1f}  {key[:100]}" for t, c, key in sorted(rows, reverse=True)[:n]]
+    return sorted(rows, reverse=True)
+
+
+def kernel_table(times: list, per: int, n: int) -> str:
+    """The first ``n`` of ``kernel_times`` as lines: us per ``per`` calls, launches, name."""
+    return "\n".join(f"  {t / per:9.1f} us  x{c / per:5.1f}  {key[:100]}" for t, c, key in times[:n])
 
 
 def one_layer(fa, q, k, v, bank, top_k: int) -> None:
@@ -111,7 +116,7 @@ def main() -> int:
                 layer()
             mx.synchronize()
         print(f"== one layer, {n}-row bank, 1 query token, 96 local positions (per call)")
-        print("\n".join(kernel_table(prof, 20, 6)))
+        print(kernel_table(kernel_times(prof), 20, 6))
 
     path = build_llama(Path(tempfile.mkdtemp()) / "m", **dims, rope_scaling="llama3", max_position=8192, seed=0)
     model, _ = load(str(path))
@@ -137,11 +142,11 @@ def main() -> int:
             for _ in range(args.steps):
                 step()
             mx.synchronize()
-        lines = kernel_table(prof, args.steps, 14)
-        gpu = sum(float(x.split("us")[0]) for x in kernel_table(prof, args.steps, 10**6)) / 1e3
+        times = kernel_times(prof)
+        gpu = sum(t for t, _, _ in times) / args.steps / 1e3
         name = "no memory" if n is None else f"LOCAL {n}-row bank"
         print(f"== decode step, {name}: wall {wall * 1e3:.2f} ms, GPU kernels {gpu:.2f} ms (per step)")
-        print("\n".join(lines))
+        print(kernel_table(times, args.steps, 14))
         gen.close()
         state.unpadded_caches = {}
     return 0
