@@ -285,8 +285,9 @@ class ExtendedMindAttention(nn.Module):
             rows, dots = fused_attention.top_k_rows(q, keys_t, inv_norms, ctx.top_k, ctx.threshold)
             out, mass = prefill_attention.attend(q, k, v, mask, rows, dots, values, self.scale, dtype)
         elif kk + S <= fused_attention.max_local_positions():
-            rows, dots = fused_attention.top_k_rows(q, keys_t, inv_norms, ctx.top_k, ctx.threshold)
-            out, mass = fused_attention.attend(q, k, v, kernel_mask, rows, dots, values, self.scale, dtype)
+            out, mass, rows, dots = fused_attention.attend_top_k(
+                q, k, v, kernel_mask, keys_t, inv_norms, values, ctx.top_k, ctx.threshold, self.scale, dtype
+            )
         else:
             return None
         if ctx.record is not None:

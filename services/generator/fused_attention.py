@@ -1,4 +1,4 @@
-"""Extended mind attention of one layer in two fused steps (two or three kernels), on MLX's CUDA backend.
+"""Extended mind attention of one layer in two kernels, on MLX's CUDA backend.
 
 The portable path (``ExtendedMindAttention._with_memories`` over ``local_top_k``) runs about twenty
 small kernels per layer: the cosine matmul, norms, a two-stage partition, gathers, the local
@@ -6,17 +6,18 @@ logits, the mask, a concatenation, the softmax and two weighted sums. On a fast 
 more in launch and latency than in arithmetic, so LOCAL decode spent most of its step waiting on
 them (docs/architecture.md, "Fused extended attention"). Here the same computation is two steps:
 
-- ``top_k_rows``: per query head and token, the exact cosine top-k over the bank's rows (each
-  lane of a warp scans a stripe of rows, for the query heads of one KV head at once, and keeps
-  each head's sorted top-k; the warp merges them by shuffles, and a
-  second kernel merges the blocks' lists when a decode row's scan is split over several; a
-  prefill's scores come from one matmul instead, ranked in ``prefill_top_k``), the raw dot
-  products of the winners and the threshold;
+- the top-k: per query head and token, the exact cosine top-k over the bank's rows (each lane of a
+  warp scans a stripe of rows, for the query heads of one KV head at once, and keeps each head's
+  sorted top-k; the warp merges them by shuffles; a decode row's scan is split in chunks, whose
+  candidates one warp merges; a prefill's scores come from one matmul instead, ranked in
+  ``prefill_top_k``), the raw dot products of the winners and the threshold (``top_k_rows``);
 - ``attend``: per query head and token, one softmax over [memory logits | local logits] (causal,
   array-masked or unmasked) and the weighted sum of the memory values (read from the bank by row)
   and the local values (read from the KV cache in place, strides and all), written straight in the
   [B, L, H * d] layout ``o_proj`` takes, plus the attention mass on the memories.
 
+``attend_top_k`` runs both for a layer: for a decode step the attend kernel merges the scan's
+candidates itself, so a layer is two launches (a launch costs the host more than the GPU here).
 Both compute in float32 from inputs in their own dtypes, as the portable path does, and are
 checked against it and against the numpy reference (tests/generator/test_fused_attention.py and
 every extended-attention test when run on CUDA). Metal has no port yet: there the portable path
@@ -49,18 +50,19 @@ _NO_MASK, _CAUSAL, _ARRAY_MASK = 0, 1, 2
 # registers, and the warp merges its lanes' lists head by head with shuffles (no block barrier:
 # the H200 profile showed a block-wide merge, two barriers per pick, costing most of a layer's
 # retrieval). The GT heads of a tile share one KV head (GQA), so each key column is read once for
-# all of them, not once per query head. With one chunk the warp writes the result; with several
-# (a decode step has only B * H query rows: chunks keep the GPU busy) each chunk writes its
-# candidates and a merge kernel, one warp per query row, takes the top-k of them.
+# all of them, not once per query head. A decode step has only B * H query rows, so a tile's rows
+# are split in chunks that keep the GPU busy; each chunk writes its candidates (its top-k), and the
+# top-k of a query row's candidates is taken by one warp: in the attend kernel when the layer's
+# attention follows (``attend_top_k``: one launch less per layer), else in a merge kernel
+# (``top_k_rows``).
 
 # Template K is the size of the per-lane lists (8, 16 or 32: one compiled kernel serves every
 # top_k up to it, since the top k of a list are the first k of its top K); k <= K comes at run
-# time, as does the threshold (-inf for none). GT (head_tile) divides H / KVH; T threads per block
-# are T / 32 independent warps.
-# inputs: q [B, H, L, D] (contiguous), keys_t [KVH, D, N], inv_norms [KVH, N] float32, threshold
-# [1] float32, topk [1] int32 (k), chunks [1] int32 (C). outputs, C == 1: rows [B, H, L, k] int32
-# (-1 where the cosine is not above the threshold) and dots [B, H, L, k] float32 (raw q . k);
-# C > 1: the candidates' cosines [B * H * L, C, k] float32 and rows [B * H * L, C, k] int32.
+# time. GT (head_tile) divides H / KVH; T threads per block are T / 32 independent warps.
+# inputs: q [B, H, L, D] (contiguous), keys_t [KVH, D, N], inv_norms [KVH, N] float32, topk [1]
+# int32 (k), chunks [1] int32 (C). outputs: each chunk's candidates for each query row, sorted by
+# cosine: cand_s [B * H * L, C, k] float32 (the cosines; -inf where the chunk had fewer rows),
+# cand_i int32 (rows; -1 there) and cand_d float32 (the raw q . k; 0 there).
 _TOPK_SCAN_SOURCE = """
   const int H = q_shape[1];
   const int L = q_shape[2];
@@ -118,69 +120,46 @@ _TOPK_SCAN_SOURCE = """
 #pragma unroll
   for (int j = 0; j < GT; ++j) {
     const size_t row = ((size_t)b * H + h0 + j) * L + l;
-"""
-_TOPK_SCAN_FINAL = """
     if (lane < k) {
-      const bool ok = best_i[j] >= 0 && best_s[j] > threshold[0];
-      rows[row * k + lane] = ok ? best_i[j] : -1;
-      dots[row * k + lane] = best_i[j] >= 0 ? em_dot_t<D, Tk>(qs[j], kg, N, best_i[j]) : 0.f;
-    }
-  }
-"""
-_TOPK_SCAN_CHUNK = """
-    if (lane < k) {
-      cand_s[(row * C + c) * k + lane] = best_s[j];
-      cand_i[(row * C + c) * k + lane] = best_i[j];
+      const size_t at = (row * C + c) * k + lane;
+      cand_s[at] = best_s[j];
+      cand_i[at] = best_i[j];
+      cand_d[at] = best_i[j] >= 0 ? em_dot_t<D, Tk>(qs[j], kg, N, best_i[j]) : 0.f;
     }
   }
 """
 
-# inputs: q, keys_t, threshold, topk as above; cand_s / cand_i [B * H * L, C, k] from the scan.
-# outputs: rows, dots [B, H, L, k] as the one-chunk scan writes them. One warp per query row.
+# inputs: threshold [1] float32 and the scan's candidates cand_s / cand_i / cand_d [R, C, k]
+# (R = B * H * L query rows). outputs: rows [B, H, L, k] int32 (-1 where the cosine is not above
+# the threshold) and dots [B, H, L, k] float32 (raw q . k). One warp per query row.
 _TOPK_MERGE_SOURCE = """
-  const int H = q_shape[1];
-  const int L = q_shape[2];
-  const int KVH = keys_t_shape[0];
-  const int N = keys_t_shape[2];
-  const int k = topk[0];
+  const int k = cand_s_shape[2];
   const int CK = cand_s_shape[1] * k;
+  const int row = blockIdx.x * (T / 32) + (threadIdx.x >> 5);
+  if (row >= cand_s_shape[0]) return;  // a whole warp: no barrier follows
+  const size_t at = (size_t)row * CK;
+  int r;
+  float dot;
+  em_merge_candidates<K>(cand_s + at, cand_i + at, cand_d + at, CK, k, threshold[0], r, dot);
   const int lane = threadIdx.x & 31;
-  const int w = threadIdx.x >> 5;
-  const int row = blockIdx.x * (T / 32) + w;
-  if (row >= q_shape[0] * H * L) return;  // a whole warp: no barrier follows
-  const int h = (row / L) % H;
-  const int g = h / (H / KVH);
-
-  __shared__ float qs_warps[T / 32][D];
-  float* qs = qs_warps[w];
-  for (int e = lane; e < D; e += 32) qs[e] = static_cast<float>(q[(size_t)row * D + e]);
-  __syncwarp();
-  float s[1][K];
-  int ix[1][K];
-#pragma unroll
-  for (int j = 0; j < K; ++j) { s[0][j] = EM_NEG_INF; ix[0][j] = -1; }
-  for (int j = lane; j < CK; j += 32) {
-    const int n = cand_i[(size_t)row * CK + j];
-    if (n >= 0) em_insert<K>(s[0], ix[0], cand_s[(size_t)row * CK + j], n);
-  }
-  float best_s[1];
-  int best_i[1];
-  em_warp_top_k<1, K>(s, ix, k, best_s, best_i);
   if (lane < k) {
-    const Tk* kg = keys_t + (size_t)g * D * N;
-    const bool ok = best_i[0] >= 0 && best_s[0] > threshold[0];
-    rows[(size_t)row * k + lane] = ok ? best_i[0] : -1;
-    dots[(size_t)row * k + lane] = best_i[0] >= 0 ? em_dot_t<D, Tk>(qs, kg, N, best_i[0]) : 0.f;
+    rows[(size_t)row * k + lane] = r;
+    dots[(size_t)row * k + lane] = dot;
   }
 """
 
 # One block per (b, h, l) query row; dynamic shared memory holds its K + S logits. inputs: q
 # [B, H, L, D] (contiguous), k / v [B, KVH, S, D] (any strides: the KV cache in place), mask
-# [B, L, S] bool (MASK == 2; else unused), mem_rows / mem_dots [B, H, L, K], bank_values [KVH, N, D]
-# (contiguous), scale [1] float32. outputs: out [B, L, H * D], mass [B, H, L] float32.
+# [B, L, S] bool (MASK == 2; else unused), bank_values [KVH, N, D] (contiguous), scale [1] float32,
+# and the memories, one of two ways:
+# - MERGE == 0: mem_rows / mem_dots [B, H, L, K] (``top_k_rows``);
+# - MERGE == 1: the decode scan's candidates cand_s / cand_i / cand_d [B * H * L, C, K] and
+#   threshold [1] float32: warp 0 takes the row's top-K of them (template KL: the list size) while
+#   the other warps start on the local logits, and writes them to the outputs rows / dots
+#   [B, H, L, K] as ``top_k_rows`` would.
+# outputs: out [B, L, H * D], mass [B, H, L] float32 (and rows, dots when MERGE == 1).
 _ATTEND_HEAD = """
   extern __shared__ float lg[];
-  const int K = mem_rows_shape[3];
   const int H = q_shape[1];
   const int L = q_shape[2];
   const int KVH = k_shape[1];
@@ -192,7 +171,6 @@ _ATTEND_HEAD = """
   const int h = (row / L) % H;
   const int l = row % L;
   const int g = h / (H / KVH);
-  const int total = K + S;
   const float sc = scale[0];
   constexpr int W = T / 32;
   constexpr int E = (D + 31) / 32;
@@ -204,23 +182,48 @@ _ATTEND_HEAD = """
   __shared__ float qs[D];
   __shared__ float red[32];
   __shared__ float part[(T / 32) * D];
+  __shared__ int mrow[32];  // the row's memories: bank rows (-1: masked) and raw dots
+  __shared__ float mdot[32];
 
   for (int e = tid; e < D; e += T) qs[e] = static_cast<float>(q[(size_t)row * D + e]);
-  __syncthreads();
+"""
 
+_ATTEND_ROWS = """
+  const int K = mem_rows_shape[3];
+  const int total = K + S;
+  for (int j = tid; j < K; j += T) {
+    mrow[j] = mem_rows[(size_t)row * K + j];
+    mdot[j] = mem_dots[(size_t)row * K + j];
+  }
+  __syncthreads();
+"""
+
+_ATTEND_MERGE = """
+  const int K = cand_s_shape[2];
+  const int total = K + S;
+  __syncthreads();
+  if (warp == 0) {
+    const int CK = cand_s_shape[1] * K;
+    const size_t at = (size_t)row * CK;
+    int r;
+    float dot;
+    em_merge_candidates<KL>(cand_s + at, cand_i + at, cand_d + at, CK, K, threshold[0], r, dot);
+    if (lane < K) {
+      mrow[lane] = r;
+      mdot[lane] = dot;
+      rows[(size_t)row * K + lane] = r;
+      dots[(size_t)row * K + lane] = dot;
+    }
+  }
 """
 
 # One warp per local position, four at a time: lane i multiplies columns i, i + 32, ... (a row is
 # one coalesced read, where a thread per position reads a line per column), four rows' loads are
-# in flight before the shuffles sum them.
+# in flight before the shuffles sum them. Then (after a barrier: warp 0 may have been merging) the
+# memories' logits.
 _ATTEND_LOGITS_WARP = """
   const size_t kb = (size_t)b * k_strides[0] + (size_t)g * k_strides[1];
   float mx_local = EM_NEG_INF;
-  for (int j = tid; j < K; j += T) {
-    const float x = mem_rows[(size_t)row * K + j] >= 0 ? mem_dots[(size_t)row * K + j] * sc : EM_NEG_INF;
-    lg[j] = x;
-    mx_local = fmaxf(mx_local, x);
-  }
   for (int p0 = warp * 4; p0 < S; p0 += W * 4) {
     float acc4[4];
     bool ok4[4];
@@ -254,6 +257,12 @@ _ATTEND_LOGITS_WARP = """
       }
     }
   }
+  __syncthreads();
+  for (int j = tid; j < K; j += T) {
+    const float x = mrow[j] >= 0 ? mdot[j] * sc : EM_NEG_INF;
+    lg[j] = x;
+    mx_local = fmaxf(mx_local, x);
+  }
 """
 
 _ATTEND_TAIL = """
@@ -276,7 +285,7 @@ _ATTEND_TAIL = """
   for (int i = 0; i < E; ++i) acc[i] = 0.f;
   for (int j = warp; j < K; j += W) {
     const float p = lg[j];
-    const int r = max(mem_rows[(size_t)row * K + j], 0);  // a masked row has p == 0
+    const int r = max(mrow[j], 0);  // a masked row has p == 0
     const Tv* vr = bank_values + ((size_t)g * N + r) * D;
 #pragma unroll
     for (int i = 0; i < E; ++i) {
@@ -311,13 +320,12 @@ _ATTEND_TAIL = """
 
 
 @functools.cache
-def _topk_scan_kernel(final: bool):
-    outputs = ["rows", "dots"] if final else ["cand_s", "cand_i"]
+def _topk_scan_kernel():
     return mx.fast.cuda_kernel(
-        name="extmind_topk_scan" if final else "extmind_topk_chunks",
-        input_names=["q", "keys_t", "inv_norms", "threshold", "topk", "chunks"],
-        output_names=outputs,
-        source=_TOPK_SCAN_SOURCE + (_TOPK_SCAN_FINAL if final else _TOPK_SCAN_CHUNK),
+        name="extmind_topk_chunks",
+        input_names=["q", "keys_t", "inv_norms", "topk", "chunks"],
+        output_names=["cand_s", "cand_i", "cand_d"],
+        source=_TOPK_SCAN_SOURCE,
         header=kernel_parts.HEADER + kernel_parts.TOPK_HEADER,
     )
 
@@ -326,7 +334,7 @@ def _topk_scan_kernel(final: bool):
 def _topk_merge_kernel():
     return mx.fast.cuda_kernel(
         name="extmind_topk_merge",
-        input_names=["q", "keys_t", "threshold", "topk", "cand_s", "cand_i"],
+        input_names=["threshold", "cand_s", "cand_i", "cand_d"],
         output_names=["rows", "dots"],
         source=_TOPK_MERGE_SOURCE,
         header=kernel_parts.HEADER + kernel_parts.TOPK_HEADER,
@@ -334,13 +342,14 @@ def _topk_merge_kernel():
 
 
 @functools.cache
-def _attend_kernel(shared_floats: int):
+def _attend_kernel(shared_floats: int, merge: bool = False):
+    memories = ["cand_s", "cand_i", "cand_d"] if merge else ["mem_rows", "mem_dots"]
     return mx.fast.cuda_kernel(
-        name="extmind_attend",
-        input_names=["q", "k", "v", "mask", "mem_rows", "mem_dots", "bank_values", "scale"],
-        output_names=["out", "mass"],
-        source=_ATTEND_HEAD + _ATTEND_LOGITS_WARP + _ATTEND_TAIL,
-        header=kernel_parts.HEADER,
+        name="extmind_attend_top_k" if merge else "extmind_attend",
+        input_names=["q", "k", "v", "mask", *memories, "bank_values", "scale", *(["threshold"] if merge else [])],
+        output_names=["out", "mass", *(["rows", "dots"] if merge else [])],
+        source=_ATTEND_HEAD + (_ATTEND_MERGE if merge else _ATTEND_ROWS) + _ATTEND_LOGITS_WARP + _ATTEND_TAIL,
+        header=kernel_parts.HEADER + (kernel_parts.TOPK_HEADER if merge else ""),
         ensure_row_contiguous=False,
         shared_memory=4 * shared_floats,
     )
@@ -433,46 +442,67 @@ def head_tile(n_heads: int, n_kv_heads: int, list_size: int) -> int:
     return max(t for t in range(1, group + 1) if group % t == 0 and t * list_size <= 64)
 
 
+def _threshold(threshold: float | None) -> mx.array:
+    return kernel_parts.scalar(float(threshold) if threshold is not None else -math.inf, mx.float32)
+
+
+def _check(k: int, d: int) -> None:
+    if k > MAX_TOP_K or d > MAX_HEAD_DIM:
+        raise ValueError(f"the fused kernels take k <= {MAX_TOP_K} and head size <= {MAX_HEAD_DIM}")
+
+
+@functools.lru_cache(maxsize=256)
+def _scan_call(B: int, H: int, L: int, kvh: int, d: int, n: int, top_k: int, dtype) -> tuple:
+    """The decode scan's launch for these shapes, made once (a decode step repeats it for every
+    layer, and the host's time per layer is what a fast GPU waits on): (its call's keyword
+    arguments, its constant inputs, k, list size)."""
+    k = min(top_k, n)
+    _check(k, d)
+    size = list_size(k)
+    rows = B * H * L
+    gt = head_tile(H, kvh, size)
+    c = chunks_for(rows // gt, n, k)
+    units = rows // gt * c  # one warp each
+    call = dict(
+        template=[("Tk", dtype), ("D", d), ("K", size), ("T", _TOPK_THREADS), ("GT", gt)],
+        grid=(-(-units // (_TOPK_THREADS // 32)) * _TOPK_THREADS, 1, 1),
+        threadgroup=(_TOPK_THREADS, 1, 1),
+        output_shapes=[(rows, c, k)] * 3,
+        output_dtypes=[mx.float32, mx.int32, mx.float32],
+    )
+    return call, (kernel_parts.scalar(k, mx.int32), kernel_parts.scalar(c, mx.int32)), k, size
+
+
+def _scan(q: mx.array, keys_t: mx.array, inv_norms: mx.array, top_k: int):
+    """(the scan's candidates cand_s, cand_i, cand_d [B * H * L, C, k], k, list size); q contiguous."""
+    B, H, L, d = q.shape
+    call, consts, k, size = _scan_call(B, H, L, keys_t.shape[0], d, keys_t.shape[2], top_k, keys_t.dtype)
+    return _topk_scan_kernel()(inputs=[q, keys_t, inv_norms, *consts], **call), k, size
+
+
 def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, top_k: int, threshold: float | None):
     """Exact cosine top-k of every query head and token over one layer's bank.
 
     q [B, H, L, d] (rotated queries, any float dtype); keys_t [KVH, d, N] and inv_norms [KVH, N]
     float32 as ``bank_cache.Bank`` holds them. Returns (rows [B, H, L, k] int32, -1 where the
     cosine is not above ``threshold``; dots [B, H, L, k] float32, the raw q . k), k = min(top_k, N),
-    rows in descending cosine. Ties at the k-th place may pick either row."""
+    rows in descending cosine. Ties at the k-th place may pick either row. Raises ValueError for
+    k > MAX_TOP_K or d > MAX_HEAD_DIM."""
     B, H, L, d = q.shape
-    if min(top_k, keys_t.shape[2]) > MAX_TOP_K or d > MAX_HEAD_DIM:
-        raise ValueError(f"the fused top-k takes k <= {MAX_TOP_K} and head size <= {MAX_HEAD_DIM}")
-    n = keys_t.shape[2]
-    k = min(top_k, n)
+    k = min(top_k, keys_t.shape[2])
+    _check(k, d)
     q = mx.contiguous(q)
-    thr = kernel_parts.scalar(float(threshold) if threshold is not None else -math.inf, mx.float32)
-    kk = kernel_parts.scalar(k, mx.int32)
-    lists = ("K", list_size(k))
-    rows = B * H * L
-    if rows >= MATMUL_ROWS:
-        # Many query rows (prefill): each scan block would read the whole bank once per row;
+    thr = _threshold(threshold)
+    if B * H * L >= MATMUL_ROWS:
+        # Many query rows (prefill): each scan warp would read the whole bank once per row;
         # one matmul reads it once, and prefill_top_k ranks its scores.
-        return prefill_top_k.top_k_rows(q, keys_t, inv_norms, k, lists[1], thr)
-    gt = head_tile(H, keys_t.shape[0], lists[1])
-    c = chunks_for(rows // gt, n, k)
-    template = [("Tk", keys_t.dtype), ("D", d), lists, ("T", _TOPK_THREADS)]
-    warps = _TOPK_THREADS // 32
-    units = rows // gt * c  # one warp each
-    scan = _topk_scan_kernel(c == 1)(
-        inputs=[q, keys_t, inv_norms, thr, kk, kernel_parts.scalar(c, mx.int32)],
-        template=[*template, ("GT", gt)],
-        grid=(-(-units // warps) * _TOPK_THREADS, 1, 1),
-        threadgroup=(_TOPK_THREADS, 1, 1),
-        output_shapes=[(B, H, L, k), (B, H, L, k)] if c == 1 else [(rows, c, k), (rows, c, k)],
-        output_dtypes=[mx.int32, mx.float32] if c == 1 else [mx.float32, mx.int32],
-    )
-    if c == 1:
-        return scan[0], scan[1]
+        return prefill_top_k.top_k_rows(q, keys_t, inv_norms, k, list_size(k), thr)
+    cand, k, size = _scan(q, keys_t, inv_norms, top_k)
+    rows = B * H * L
     rows_out, dots = _topk_merge_kernel()(
-        inputs=[q, keys_t, thr, kk, scan[0], scan[1]],
-        template=template,
-        grid=(-(-rows // warps) * _TOPK_THREADS, 1, 1),
+        inputs=[thr, *cand],
+        template=[("K", size), ("T", _TOPK_THREADS)],
+        grid=(-(-rows // (_TOPK_THREADS // 32)) * _TOPK_THREADS, 1, 1),
         threadgroup=(_TOPK_THREADS, 1, 1),
         output_shapes=[(B, H, L, k), (B, H, L, k)],
         output_dtypes=[mx.int32, mx.float32],
@@ -485,45 +515,61 @@ def list_size(k: int) -> int:
     return 8 if k <= 8 else 16 if k <= 16 else 32
 
 
+@functools.lru_cache(maxsize=256)
+def _attend_call(B, H, L, d, floats, mode, kv_dtype, values_dtype, out_dtype, size: int = 0, k: int = 0) -> tuple:
+    """The attend kernel's launch for these shapes (``size``: the merge's list size and ``k`` the
+    memories per query, 0 when the memories come as rows and dots), made once: its call's
+    keyword arguments."""
+    merge = size > 0
+    template = [("Tkv", kv_dtype), ("Tv", values_dtype), ("To", out_dtype), ("D", d), ("T", _ATTEND_THREADS)]
+    # One compiled kernel per shared-memory size: MLX opts a kernel in to more than 48 KiB of
+    # shared memory only at its first launch, so sizes must not share one.
+    template += [("MASK", mode), ("LG", floats), *([("KL", size)] if merge else [])]
+    return dict(
+        template=template,
+        grid=(B * H * L * _ATTEND_THREADS, 1, 1),
+        threadgroup=(_ATTEND_THREADS, 1, 1),
+        output_shapes=[(B, L, H * d), (B, H, L), *([(B, H, L, k)] * 2 if merge else [])],
+        output_dtypes=[out_dtype, mx.float32, *([mx.int32, mx.float32] if merge else [])],
+    )
+
+
 def attend(q, k, v, mask, mem_rows, mem_dots, bank_values, scale: float, out_dtype):
     """One softmax over [memories | local context] for every query head and token.
 
     q [B, H, L, d] rotated queries; k, v [B, KVH, S, d] the local keys (rotated) and values, any
     strides; ``mask`` as ``mask_mode`` returns it; mem_rows / mem_dots [B, H, L, k] from
     ``top_k_rows``; bank_values [KVH, N, d] the bank's values. Returns (out [B, L, H * d] in
-    ``out_dtype``, mass [B, H, L] float32: each head's attention weight on its memories)."""
+    ``out_dtype``, mass [B, H, L] float32: each head's attention weight on its memories).
+    Raises ValueError for k > MAX_TOP_K or d > MAX_HEAD_DIM."""
     B, H, L, d = q.shape
-    if mem_rows.shape[-1] > MAX_TOP_K or d > MAX_HEAD_DIM:
-        raise ValueError(f"the fused attention takes k <= {MAX_TOP_K} and head size <= {MAX_HEAD_DIM}")
-    S = k.shape[2]
-    kk = mem_rows.shape[-1]
+    _check(mem_rows.shape[-1], d)
     mode, mask_arr = mask
-    floats = _shared_bucket(kk + S)
-    out, mass = _attend_kernel(floats)(
-        inputs=[
-            mx.contiguous(q),
-            k,
-            v,
-            mask_arr,
-            mem_rows,
-            mem_dots,
-            bank_values,
-            kernel_parts.scalar(float(scale), mx.float32),
-        ],
-        template=[
-            ("Tkv", k.dtype),
-            ("Tv", bank_values.dtype),
-            ("To", out_dtype),
-            ("D", d),
-            ("T", _ATTEND_THREADS),
-            ("MASK", mode),
-            # One compiled kernel per shared-memory size: MLX opts a kernel in to more than 48 KiB
-            # only at its first launch, so sizes must not share one.
-            ("LG", floats),
-        ],
-        grid=(B * H * L * _ATTEND_THREADS, 1, 1),
-        threadgroup=(_ATTEND_THREADS, 1, 1),
-        output_shapes=[(B, L, H * d), (B, H, L)],
-        output_dtypes=[out_dtype, mx.float32],
-    )
+    floats = _shared_bucket(mem_rows.shape[-1] + k.shape[2])
+    call = _attend_call(B, H, L, d, floats, mode, k.dtype, bank_values.dtype, out_dtype)
+    scale_c = kernel_parts.scalar(float(scale), mx.float32)
+    inputs = [mx.contiguous(q), k, v, mask_arr, mem_rows, mem_dots, bank_values, scale_c]
+    out, mass = _attend_kernel(floats)(inputs=inputs, **call)
     return out, mass
+
+
+def attend_top_k(q, k, v, mask, keys_t, inv_norms, bank_values, top_k: int, threshold, scale: float, out_dtype):
+    """Retrieval and attention of one layer: ``top_k_rows`` then ``attend``, as two kernels for a
+    decode step (the attend kernel takes the top-k of the scan's candidates itself) and by
+    ``top_k_rows`` + ``attend`` for a batch of query rows past MATMUL_ROWS.
+
+    Arguments as ``top_k_rows`` and ``attend`` take them. Returns (out [B, L, H * d] in
+    ``out_dtype``, mass [B, H, L] float32, rows [B, H, L, k] int32, dots [B, H, L, k] float32),
+    each as those two return it. Raises ValueError for k > MAX_TOP_K or d > MAX_HEAD_DIM."""
+    B, H, L, d = q.shape
+    if B * H * L >= MATMUL_ROWS:
+        rows, dots = top_k_rows(q, keys_t, inv_norms, top_k, threshold)
+        return (*attend(q, k, v, mask, rows, dots, bank_values, scale, out_dtype), rows, dots)
+    q = mx.contiguous(q)
+    cand, kk, size = _scan(q, keys_t, inv_norms, top_k)
+    mode, mask_arr = mask
+    floats = _shared_bucket(kk + k.shape[2])
+    call = _attend_call(B, H, L, d, floats, mode, k.dtype, bank_values.dtype, out_dtype, size, kk)
+    scale_c = kernel_parts.scalar(float(scale), mx.float32)
+    inputs = [q, k, v, mask_arr, *cand, bank_values, scale_c, _threshold(threshold)]
+    return _attend_kernel(floats, True)(inputs=inputs, **call)

@@ -119,6 +119,44 @@ __device__ __forceinline__ void em_dots_t(const float (*qs)[D], const Tk* kg, in
   }
 }
 
+// The top-k (k <= K) of one query row's candidates as the decode scan's chunks wrote them: cosines
+// cand_s, rows cand_i (-1: none) and raw dots cand_d, CK of each. Lane r < k gets the r-th best's
+// row (-1 where its cosine is not above thr, or fewer than r + 1 candidates exist) and raw dot (0
+// where there is none); other lanes get -1 and 0. Each lane loads 8 candidates at a time before
+// inserting them (loads in flight together). Every lane of the warp must call it.
+template <int K>
+__device__ __forceinline__ void em_merge_candidates(
+    const float* cand_s, const int* cand_i, const float* cand_d, int CK, int k, float thr, int& row, float& dot) {
+  const int lane = threadIdx.x & 31;
+  float s[1][K];
+  int ix[1][K];
+#pragma unroll
+  for (int i = 0; i < K; ++i) { s[0][i] = EM_NEG_INF; ix[0][i] = -1; }
+  for (int j0 = 0; j0 < CK; j0 += 32 * 8) {
+    float v[8];
+    int n[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const int j = j0 + 32 * u + lane;
+      n[u] = j < CK ? cand_i[j] : -1;
+      v[u] = j < CK ? cand_s[j] : EM_NEG_INF;
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      if (n[u] >= 0) em_insert<K>(s[0], ix[0], v[u], j0 + 32 * u + lane);  // the payload: where it is
+    }
+  }
+  float best_s[1];
+  int best_i[1];
+  em_warp_top_k<1, K>(s, ix, k, best_s, best_i);
+  row = -1;
+  dot = 0.f;
+  if (lane < k && best_i[0] >= 0) {
+    row = best_s[0] > thr ? cand_i[best_i[0]] : -1;
+    dot = cand_d[best_i[0]];
+  }
+}
+
 template <int D, typename Tk>
 __device__ __forceinline__ float em_dot_t(const float* qs, const Tk* kg, int N, int n) {
   // Unrolled: a row's loads are in flight together (a rolled loop waits on each); fully up to

@@ -12,7 +12,8 @@ returns and shared memory run as written; a shuffle that some lanes of a warp ne
 returned, or wait at another op), or a deadlock, is an error, not a hang. Outputs start filled with
 a poison pattern (NaN / -2**31 + 1), so an element a kernel never writes shows.
 
-Not emulated: dynamic (``extern __shared__``) shared memory, atomics, and the timing or
+Dynamic shared memory (``extern __shared__ T name[];``) becomes a static array of the kernel's
+``shared_memory`` bytes. Not emulated: atomics, and the timing or
 interleaving of threads between barriers (the scheduler runs them one after another), so a data
 race between warps goes unseen. ``rsqrtf`` is exact here (approximate on the GPU).
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import re
 import shutil
 import subprocess
 import tempfile
@@ -214,6 +216,19 @@ def _from_numpy(a: np.ndarray, dtype) -> mx.array:
     return out.view(mx.bfloat16) if dtype == mx.bfloat16 else out
 
 
+def _dynamic_shared(source: str, nbytes: int) -> str:
+    """``extern __shared__ float lg[];`` -> a static array of ``nbytes`` (4-byte elements)."""
+
+    def sized(m: re.Match) -> str:
+        if m.group(1) not in ("float", "int", "unsigned"):
+            raise NotImplementedError(f"dynamic shared memory of {m.group(1)}")
+        if nbytes <= 0:
+            raise RuntimeError("the kernel declares dynamic shared memory but its launch gives it none")
+        return f"static {m.group(1)} {m.group(2)}[{nbytes // 4}];"
+
+    return re.sub(r"extern\s+__shared__\s+(\w+)\s+(\w+)\[\];", sized, source)
+
+
 def _template_arg(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -227,10 +242,8 @@ class EmulatedKernel:
     output_shapes and output_dtypes; it returns the outputs (mx arrays)."""
 
     def __init__(self, name, input_names, output_names, source, header="", ensure_row_contiguous=True, **kw):
-        if kw.get("shared_memory"):
-            raise NotImplementedError("dynamic shared memory is not emulated")
         self.name, self.inputs, self.outputs = name, list(input_names), list(output_names)
-        self.source, self.header = source, header
+        self.source, self.header = _dynamic_shared(source, kw.get("shared_memory", 0)), header
 
     def _library(self, in_dtypes, out_dtypes, template) -> ctypes.CDLL:
         params = [f"const {_CTYPES[dt]}* {n}" for n, dt in zip(self.inputs, in_dtypes)]

@@ -10,6 +10,7 @@ them on there.
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 
@@ -97,6 +98,9 @@ def _np_cosines(q, keys):
 def test_top_k_rows_is_the_exact_cosine_top_k(dtype, n, top_k, d, threshold, L, one_chunk, monkeypatch):
     if one_chunk:
         monkeypatch.setattr(fused_attention, "_FILL_WARPS", 1)
+        # A fresh memo of the scan's launches, which chunks_for (reading _FILL_WARPS) made.
+        fresh = functools.lru_cache(maxsize=None)(fused_attention._scan_call.__wrapped__)
+        monkeypatch.setattr(fused_attention, "_scan_call", fresh)
     rng = np.random.default_rng(n + d)
     B, H, KVH = 2, 8, 2
     keys = rng.standard_normal((KVH, n, d)).astype(np.float32)
@@ -287,8 +291,8 @@ def test_fused_layer_matches_the_portable_path(
     if matmul_rows is not None:
         monkeypatch.setattr(fused_attention, "MATMUL_ROWS", matmul_rows)
     calls = []
-    attend = fused_attention.attend
-    monkeypatch.setattr(fused_attention, "attend", lambda *a, **kw: calls.append(1) or attend(*a, **kw))
+    attend = fused_attention.attend_top_k
+    monkeypatch.setattr(fused_attention, "attend_top_k", lambda *a, **kw: calls.append(1) or attend(*a, **kw))
     state, attn = _layer(tmp_path, head_dim)
     d = head_dim or 16
     (got, got_rows, got_mass), (want, want_rows, want_mass) = _compare(

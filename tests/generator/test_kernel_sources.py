@@ -57,18 +57,16 @@ def _arrays(*names: str) -> list[str]:
 
 
 TOPK = kernel_parts.HEADER + kernel_parts.TOPK_HEADER
-SCAN_PARAMS = [
-    "const float* q",
-    "const Tk* keys_t",
-    "const float* inv_norms",
-    "const float* threshold",
-    "const int* topk",
-    "const int* chunks",
-    "int* rows",
-    "float* dots",
-    "float* cand_s",
-    "int* cand_i",
-    *_arrays("q", "keys_t"),
+ATTEND_PARAMS = [
+    "const __half* q",
+    "const Tkv* k",
+    "const Tkv* v",
+    "const bool* mask",
+    "const Tv* bank_values",
+    "const float* scale",
+    "To* out",
+    "float* mass",
+    *_arrays("q", "k", "v", "bank_values"),
 ]
 # name: (header, body, parameters, template parameters, instantiations as the Python side makes them)
 KERNELS = {
@@ -108,56 +106,65 @@ KERNELS = {
         ["typename Tv", "typename To", "int D", "int T", "int MASK"],
         ["<__half, __half, 64, 128, 1>", "<float, float, 80, 128, 2>", "<__half, float, 256, 128, 0>"],
     ),
-    "topk_scan": (
-        TOPK,
-        fa._TOPK_SCAN_SOURCE + fa._TOPK_SCAN_FINAL,
-        SCAN_PARAMS,
-        ["typename Tk", "int D", "int K", "int T", "int GT"],
-        ["<__half, 64, 16, 128, 4>", "<float, 256, 32, 128, 2>", "<float, 80, 8, 128, 1>"],
-    ),
     "topk_chunks": (
         TOPK,
-        fa._TOPK_SCAN_SOURCE + fa._TOPK_SCAN_CHUNK,
-        SCAN_PARAMS,
+        fa._TOPK_SCAN_SOURCE,
+        [
+            "const float* q",
+            "const Tk* keys_t",
+            "const float* inv_norms",
+            "const int* topk",
+            "const int* chunks",
+            "float* cand_s",
+            "int* cand_i",
+            "float* cand_d",
+            *_arrays("q", "keys_t"),
+        ],
         ["typename Tk", "int D", "int K", "int T", "int GT"],
-        ["<__half, 64, 8, 128, 8>", "<float, 64, 16, 128, 1>"],
+        ["<__half, 64, 16, 128, 4>", "<float, 256, 32, 128, 2>", "<float, 80, 8, 128, 1>", "<__half, 64, 8, 128, 8>"],
     ),
     "topk_merge": (
         TOPK,
         fa._TOPK_MERGE_SOURCE,
         [
-            "const float* q",
-            "const Tk* keys_t",
             "const float* threshold",
-            "const int* topk",
             "const float* cand_s",
             "const int* cand_i",
+            "const float* cand_d",
             "int* rows",
             "float* dots",
-            *_arrays("q", "keys_t", "cand_s"),
+            *_arrays("cand_s"),
         ],
-        ["typename Tk", "int D", "int K", "int T"],
-        ["<__half, 64, 16, 128>", "<float, 80, 32, 128>"],
+        ["int K", "int T"],
+        ["<16, 128>", "<32, 128>", "<8, 128>"],
     ),
+    # The dynamic shared-memory array becomes a static one: the host has no ``extern __shared__``.
     "attend": (
-        # The dynamic shared-memory array becomes a static one: the host has no ``extern __shared__``.
         kernel_parts.HEADER + "static float lg[1];\n",
-        (fa._ATTEND_HEAD + fa._ATTEND_LOGITS_WARP + fa._ATTEND_TAIL).replace("extern __shared__ float lg[];", ""),
-        [
-            "const __half* q",
-            "const Tkv* k",
-            "const Tkv* v",
-            "const bool* mask",
-            "const int* mem_rows",
-            "const float* mem_dots",
-            "const Tv* bank_values",
-            "const float* scale",
-            "To* out",
-            "float* mass",
-            *_arrays("q", "k", "v", "mem_rows", "bank_values"),
-        ],
+        (fa._ATTEND_HEAD + fa._ATTEND_ROWS + fa._ATTEND_LOGITS_WARP + fa._ATTEND_TAIL).replace(
+            "extern __shared__ float lg[];", ""
+        ),
+        [*ATTEND_PARAMS, "const int* mem_rows", "const float* mem_dots", *_arrays("mem_rows")],
         ["typename Tkv", "typename Tv", "typename To", "int D", "int T", "int MASK", "int LG"],
         ["<__half, __half, __half, 64, 256, 1, 1024>", "<float, float, float, 80, 256, 2, 2048>"],
+    ),
+    "attend_top_k": (
+        TOPK + "static float lg[1];\n",
+        (fa._ATTEND_HEAD + fa._ATTEND_MERGE + fa._ATTEND_LOGITS_WARP + fa._ATTEND_TAIL).replace(
+            "extern __shared__ float lg[];", ""
+        ),
+        [
+            *ATTEND_PARAMS,
+            "const float* cand_s",
+            "const int* cand_i",
+            "const float* cand_d",
+            "const float* threshold",
+            "int* rows",
+            "float* dots",
+            *_arrays("cand_s"),
+        ],
+        ["typename Tkv", "typename Tv", "typename To", "int D", "int T", "int MASK", "int LG", "int KL"],
+        ["<__half, __half, __half, 64, 256, 0, 1024, 16>", "<float, float, float, 80, 256, 2, 2048, 32>"],
     ),
     **{
         f"stack{slots}{'_last' if last else ''}": (

@@ -1,14 +1,17 @@
-"""The decode top-k kernels (fused_attention._TOPK_SCAN_SOURCE / _TOPK_MERGE_SOURCE and
-kernel_parts.TOPK_HEADER) run as written on the CPU (cuda_emulator.py: every thread a coroutine,
+"""The decode top-k and attend kernels (fused_attention's sources and kernel_parts.TOPK_HEADER)
+run as written on the CPU (cuda_emulator.py: every thread a coroutine,
 warp shuffles exchanged among the 32 lanes), through ``fused_attention.top_k_rows`` itself, so
 that its grid, head tiles and chunking are the ones the GPU gets. Each case is checked against an
 exact float64 cosine top-k, tie-aware: inputs with many exactly tied rows, chunks holding fewer
 rows than k or none, fewer rows than lanes, GQA groups of 1, 4, 7 and 8, thresholds, B and L > 1.
-device_stack's kernel runs the same way against mx.stack. test_fused_attention.py and
+``attend_top_k`` (the attend kernel merging the scan's candidates itself) is checked against the
+same top-k and the float64 attention over the rows it picked. device_stack's kernel runs the same
+way against mx.stack. test_fused_attention.py and
 test_device_stack.py check the same on CUDA; this runs on any machine with a C++ compiler."""
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import mlx.core as mx
@@ -19,6 +22,7 @@ from services.generator import device_stack, prefill_top_k
 from services.generator import fused_attention as fa
 
 from . import cuda_emulator
+from .np_reference import attend_over_picks
 
 pytestmark = pytest.mark.skipif(
     cuda_emulator.CXX is None or sys.platform != "linux", reason="the emulator needs a C++ compiler and glibc ucontext"
@@ -30,7 +34,9 @@ SLACK = 1e-5  # cosines this close may be ordered either way by float32 rounding
 def emulated(monkeypatch):
     """``mx.fast.cuda_kernel`` replaced by the emulator for the duration of a test."""
     monkeypatch.setattr(mx.fast, "cuda_kernel", cuda_emulator.cuda_kernel)
-    kernels = (fa._topk_scan_kernel, fa._topk_merge_kernel, prefill_top_k._kernel)
+    # A fresh memo of the scan's launches: tests change chunks_for.
+    monkeypatch.setattr(fa, "_scan_call", functools.lru_cache(maxsize=None)(fa._scan_call.__wrapped__))
+    kernels = (fa._topk_scan_kernel, fa._topk_merge_kernel, fa._attend_kernel, prefill_top_k._kernel)
     for k in kernels:
         k.cache_clear()
     yield
@@ -136,6 +142,57 @@ def test_prefill_top_k_kernel_is_the_exact_top_k(case, emulated, monkeypatch):
     inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx.astype(mx.float32) ** 2, axis=-1), 1e-24))
     rows, dots = fa.top_k_rows(mx.array(q), mx.contiguous(keys_mx.swapaxes(-1, -2)), inv, top_k, threshold)
     _check(q, keys, np.array(rows), np.array(dots), top_k, threshold)
+
+
+ATTEND_CASES = {
+    # name: (B, H, KVH, L, S, d, n, top_k, threshold, mask, KV cache dtype, chunks (None: chunks_for's))
+    "decode_unmasked_chunked": (2, 8, 2, 1, 40, 64, 1000, 10, None, "none", mx.float32, None),
+    "decode_padded_float16": (2, 8, 2, 1, 37, 64, 700, 8, None, "array", mx.float16, None),
+    "causal_three_tokens_threshold": (1, 8, 2, 3, 20, 32, 300, 6, 0.05, "causal", mx.float32, 3),
+    "fewer_rows_than_k_one_chunk": (1, 4, 4, 1, 9, 16, 5, 10, None, "none", mx.float32, 1),
+    "k32_992_candidates": (1, 4, 1, 1, 50, 48, 2000, 32, None, "none", mx.bfloat16, 31),
+    "threshold_masks_every_memory": (1, 8, 2, 1, 10, 16, 200, 4, 0.99, "none", mx.float32, 2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ATTEND_CASES))
+def test_attend_top_k_merges_the_candidates_and_attends(case, emulated, monkeypatch):
+    """The decode layer as two kernels: the scan's candidates merged in the attend kernel give
+    top_k_rows' rows and dots exactly (the same merge), the exact top-k (tie-aware), and the
+    float64 attention over those rows and the local context (mask kinds, GQA, threshold)."""
+    B, H, KVH, L, S, d, n, top_k, threshold, mask_kind, kv_dtype, chunks = ATTEND_CASES[case]
+    if chunks is not None:
+        monkeypatch.setattr(fa, "chunks_for", lambda tiles, n, k: chunks)
+    rng = np.random.default_rng(10 + sorted(ATTEND_CASES).index(case))
+    q, keys = _inputs(rng, B, H, KVH, L, d, n, "random")
+    values = rng.standard_normal((KVH, n, d)).astype(np.float32)
+    k_mx = mx.array(rng.standard_normal((B, KVH, S, d)).astype(np.float32) * 0.3).astype(kv_dtype)
+    v_mx = mx.array(rng.standard_normal((B, KVH, S, d)).astype(np.float32)).astype(kv_dtype)
+    allowed = np.ones((B, L, S), bool)
+    mask = None
+    if mask_kind == "causal":
+        allowed = np.arange(S)[None, None, :] <= (S - L + np.arange(L))[None, :, None]
+        mask = "causal"
+    elif mask_kind == "array":
+        allowed[0, :, :3] = False  # row 0 left-padded by 3
+        mask = mx.array(allowed[:, None])
+    kernel_mask = fa.mask_mode(mask, B, L, S)
+    keys_t = mx.contiguous(mx.array(keys).swapaxes(-1, -2))
+    inv = mx.rsqrt(mx.maximum(mx.sum(mx.array(keys) ** 2, axis=-1), 1e-24))
+    out, mass, rows, dots = fa.attend_top_k(
+        mx.array(q), k_mx, v_mx, kernel_mask, keys_t, inv, mx.array(values), top_k, threshold, 0.125, mx.float32
+    )
+    want_rows, want_dots = fa.top_k_rows(mx.array(q), keys_t, inv, top_k, threshold)
+    rows, dots = np.array(rows), np.array(dots)
+    np.testing.assert_array_equal(rows, np.array(want_rows))
+    np.testing.assert_array_equal(dots, np.array(want_dots))
+    _check(q, keys, rows, dots, top_k, threshold)
+    if threshold == 0.99:
+        assert (rows == -1).all() and float(np.array(mass).max()) == 0.0
+    k_np, v_np = (np.array(a.astype(mx.float32)) for a in (k_mx, v_mx))
+    want, want_mass = attend_over_picks(q, k_np, v_np, allowed, rows, dots, values, 0.125)
+    np.testing.assert_allclose(np.array(out), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.array(mass), want_mass, rtol=1e-4, atol=1e-6)
 
 
 def test_the_emulation_catches_a_wrong_kernel(emulated, monkeypatch):
