@@ -38,6 +38,7 @@ MAX_TOP_K = 32
 MAX_HEAD_DIM = 256
 _TOPK_THREADS = 128  # four independent warps per block
 _ROWS_PER_LANE = 4  # bank rows each scan lane takes at least, when a tile's scan is split
+_RUN = 4  # adjacent bank rows a scan lane takes at a time (R)
 _FILL_WARPS = 4096  # scan warps that keep an H100/H200 (132 SMs) busy
 _MERGE_CANDIDATES = 1024  # most candidates per query row the merge warp takes (32 per lane)
 MATMUL_ROWS = 2048  # query rows (B * H * L) from which the cosines come from one matmul
@@ -58,7 +59,10 @@ _NO_MASK, _CAUSAL, _ARRAY_MASK = 0, 1, 2
 
 # Template K is the size of the per-lane lists (8, 16 or 32: one compiled kernel serves every
 # top_k up to it, since the top k of a list are the first k of its top K); k <= K comes at run
-# time. GT (head_tile) divides H / KVH; T threads per block are T / 32 independent warps.
+# time. GT (head_tile) divides H / KVH; T threads per block are T / 32 independent warps. A lane
+# scans R adjacent rows at a time, each key column's R elements in one load when VEC (N % R == 0:
+# every run is aligned), which puts R times the bytes in flight per load (the 65 536-row scan
+# waited on load latency, not on DRAM bandwidth).
 # inputs: q [B, H, L, D] (contiguous), keys_t [KVH, D, N], inv_norms [KVH, N] float32, topk [1]
 # int32 (k), chunks [1] int32 (C). outputs: each chunk's candidates for each query row, sorted by
 # cosine: cand_s [B * H * L, C, k] float32 (the cosines; -inf where the chunk had fewer rows),
@@ -80,7 +84,8 @@ _TOPK_SCAN_SOURCE = """
   const int h0 = ((tile / L) % (H / GT)) * GT;
   const int l = tile % L;
   const int g = h0 / (H / KVH);
-  const int per = (N + C - 1) / C;
+  // Chunks of whole runs of R rows (a lane takes R adjacent rows at a time).
+  const int per = ((N + R - 1) / R + C - 1) / C * R;
   const int lo = c * per;
   const int hi = min(N, lo + per);
 
@@ -107,12 +112,18 @@ _TOPK_SCAN_SOURCE = """
   }
   const Tk* kg = keys_t + (size_t)g * D * N;
   const float* ng = inv_norms + (size_t)g * N;
-  for (int n = lo + lane; n < hi; n += 32) {
-    float dot[GT];
-    em_dots_t<GT, D, Tk>(qs, kg, N, n, dot);
-    const float kn = ng[n];
+  for (int n = lo + lane * R; n < hi; n += 32 * R) {
+    float dot[GT][R];
+    em_dots_rows_t<GT, R, D, VEC, Tk>(qs, kg, N, n, dot);
+    float kn[R];
+    em_load_run<R, VEC>(ng, n, N, kn);
 #pragma unroll
-    for (int j = 0; j < GT; ++j) em_insert<K>(s[j], ix[j], dot[j] * q_inv[j] * kn, n);
+    for (int r = 0; r < R; ++r) {
+      if (n + r < hi) {
+#pragma unroll
+        for (int j = 0; j < GT; ++j) em_insert<K>(s[j], ix[j], dot[j][r] * q_inv[j] * kn[r], n + r);
+      }
+    }
   }
   float best_s[GT];
   int best_i[GT];
@@ -464,7 +475,8 @@ def _scan_call(B: int, H: int, L: int, kvh: int, d: int, n: int, top_k: int, dty
     c = chunks_for(rows // gt, n, k)
     units = rows // gt * c  # one warp each
     call = dict(
-        template=[("Tk", dtype), ("D", d), ("K", size), ("T", _TOPK_THREADS), ("GT", gt)],
+        template=[("Tk", dtype), ("D", d), ("K", size), ("T", _TOPK_THREADS), ("GT", gt)]
+        + [("R", _RUN), ("VEC", n % _RUN == 0)],
         grid=(-(-units // (_TOPK_THREADS // 32)) * _TOPK_THREADS, 1, 1),
         threadgroup=(_TOPK_THREADS, 1, 1),
         output_shapes=[(rows, c, k)] * 3,

@@ -101,24 +101,6 @@ __device__ __forceinline__ void em_warp_top_k(
   }
 }
 
-// The dots of G query heads (qs [G][D]) with bank row n, each key element read once for all of
-// them: 16 loads in flight at a time (a rolled loop would wait on each).
-template <int G, int D, typename Tk>
-__device__ __forceinline__ void em_dots_t(const float (*qs)[D], const Tk* kg, int N, int n, float (&dot)[G]) {
-#pragma unroll
-  for (int j = 0; j < G; ++j) dot[j] = 0.f;
-  for (int e0 = 0; e0 < D; e0 += 16) {
-    float x[16];
-#pragma unroll
-    for (int u = 0; u < 16; ++u) x[u] = e0 + u < D ? static_cast<float>(kg[(size_t)(e0 + u) * N + n]) : 0.f;
-#pragma unroll
-    for (int u = 0; u < 16; ++u) {
-#pragma unroll
-      for (int j = 0; j < G; ++j) dot[j] += e0 + u < D ? qs[j][e0 + u] * x[u] : 0.f;
-    }
-  }
-}
-
 // The top-k (k <= K) of one query row's candidates as the decode scan's chunks wrote them: cosines
 // cand_s, rows cand_i (-1: none) and raw dots cand_d, CK of each. Lane r < k gets the r-th best's
 // row (-1 where its cosine is not above thr, or fewer than r + 1 candidates exist) and raw dot (0
@@ -154,6 +136,54 @@ __device__ __forceinline__ void em_merge_candidates(
   if (lane < k && best_i[0] >= 0) {
     row = best_s[0] > thr ? cand_i[best_i[0]] : -1;
     dot = cand_d[best_i[0]];
+  }
+}
+
+// x = p[n .. n + R - 1] as float (0 past N). VEC: one load of R elements (n and N multiples of R,
+// so the run is aligned and inside the array).
+template <int R, bool VEC, typename Tp>
+__device__ __forceinline__ void em_load_run(const Tp* p, int n, int N, float (&x)[R]) {
+  if (VEC) {
+    struct alignas(sizeof(Tp) * R) Run { Tp v[R]; };
+    const Run run = *reinterpret_cast<const Run*>(p + n);
+#pragma unroll
+    for (int r = 0; r < R; ++r) x[r] = static_cast<float>(run.v[r]);
+  } else {
+#pragma unroll
+    for (int r = 0; r < R; ++r) x[r] = n + r < N ? static_cast<float>(p[n + r]) : 0.f;
+  }
+}
+
+// The dots of G query heads (qs [G][D]) with the R adjacent bank rows n .. n + R - 1 (0 past N):
+// a column's R keys come in one load (em_load_run), 8 columns' loads in flight at a time.
+template <int G, int R, int D, bool VEC, typename Tk>
+__device__ __forceinline__ void em_dots_rows_t(
+    const float (*qs)[D], const Tk* kg, int N, int n, float (&dot)[G][R]) {
+#pragma unroll
+  for (int j = 0; j < G; ++j) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) dot[j][r] = 0.f;
+  }
+  for (int e0 = 0; e0 < D; e0 += 8) {
+    float x[8][R];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      if (e0 + u < D) {
+        em_load_run<R, VEC>(kg + (size_t)(e0 + u) * N, n, N, x[u]);
+      } else {
+#pragma unroll
+        for (int r = 0; r < R; ++r) x[u][r] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+#pragma unroll
+      for (int j = 0; j < G; ++j) {
+        const float qv = e0 + u < D ? qs[j][e0 + u] : 0.f;
+#pragma unroll
+        for (int r = 0; r < R; ++r) dot[j][r] += qv * x[u][r];
+      }
+    }
   }
 }
 

@@ -120,8 +120,13 @@ KERNELS = {
             "float* cand_d",
             *_arrays("q", "keys_t"),
         ],
-        ["typename Tk", "int D", "int K", "int T", "int GT"],
-        ["<__half, 64, 16, 128, 4>", "<float, 256, 32, 128, 2>", "<float, 80, 8, 128, 1>", "<__half, 64, 8, 128, 8>"],
+        ["typename Tk", "int D", "int K", "int T", "int GT", "int R", "bool VEC"],
+        [
+            "<__half, 64, 16, 128, 4, 4, true>",
+            "<float, 256, 32, 128, 2, 4, false>",
+            "<float, 80, 8, 128, 1, 4, true>",
+            "<__half, 64, 8, 128, 8, 1, false>",
+        ],
     ),
     "topk_merge": (
         TOPK,
