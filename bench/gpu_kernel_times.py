@@ -38,11 +38,13 @@ def kernel_table(times: list, per: int, n: int) -> str:
 
 
 def one_layer(fa, q, k, v, bank, top_k: int) -> None:
-    """Layer 0's fused top-k + attend over ``bank``, then MLX's fused attention, each evaluated."""
+    """Layer 0's fused retrieval + attention over ``bank`` as a decode step runs it (the scan,
+    then the attend kernel that merges its candidates), then MLX's fused attention, each
+    evaluated."""
     d = q.shape[-1]
-    rows, dots = fa.top_k_rows(q, bank.keys[0], bank.inv_norms[0], top_k, None)
     mask = fa.mask_mode(None, q.shape[0], 1, k.shape[2])
-    mx.eval(fa.attend(q, k, v, mask, rows, dots, bank.values[0], d**-0.5, q.dtype))
+    keys_t, inv_norms, values = bank.keys[0], bank.inv_norms[0], bank.values[0]
+    mx.eval(fa.attend_top_k(q, k, v, mask, keys_t, inv_norms, values, top_k, None, d**-0.5, q.dtype))
     mx.eval(mx.fast.scaled_dot_product_attention(q, k, v, scale=d**-0.5, mask=None))
 
 
