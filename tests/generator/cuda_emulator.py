@@ -13,7 +13,8 @@ returned, or wait at another op), or a deadlock, is an error, not a hang. Output
 a poison pattern (NaN / -2**31 + 1), so an element a kernel never writes shows.
 
 Dynamic shared memory (``extern __shared__ T name[];``) becomes a static array of the kernel's
-``shared_memory`` bytes. Not emulated: atomics, and the timing or
+``shared_memory`` bytes. A kernel made with ``ensure_row_contiguous=False`` gets its inputs as MLX
+holds them (a KV cache's slice with the cache's strides), as on the GPU. Not emulated: atomics, and the timing or
 interleaving of threads between barriers (the scheduler runs them one after another), so a data
 race between warps goes unseen. ``rsqrtf`` is exact here (approximate on the GPU).
 """
@@ -205,10 +206,13 @@ _BUILD = Path(tempfile.mkdtemp(prefix="cuda_emulator_"))
 _LIBS: dict[str, ctypes.CDLL] = {}
 
 
-def _to_numpy(a: mx.array) -> np.ndarray:
+def _to_numpy(a: mx.array, contiguous: bool = True) -> np.ndarray:
+    """``a`` for the kernel: a row-contiguous copy (what MLX passes with ensure_row_contiguous), or
+    else MLX's own buffer with its strides (a slice or a transposed view as it lies in memory,
+    through the buffer protocol), so that a kernel's ``_strides`` arithmetic is what is tested."""
     if a.dtype == mx.bfloat16:
         a = a.view(mx.uint16)
-    return np.ascontiguousarray(np.array(a))
+    return np.ascontiguousarray(np.array(a)) if contiguous else np.asarray(a)
 
 
 def _from_numpy(a: np.ndarray, dtype) -> mx.array:
@@ -244,6 +248,7 @@ class EmulatedKernel:
     def __init__(self, name, input_names, output_names, source, header="", ensure_row_contiguous=True, **kw):
         self.name, self.inputs, self.outputs = name, list(input_names), list(output_names)
         self.source, self.header = _dynamic_shared(source, kw.get("shared_memory", 0)), header
+        self.contiguous = ensure_row_contiguous
 
     def _library(self, in_dtypes, out_dtypes, template) -> ctypes.CDLL:
         params = [f"const {_CTYPES[dt]}* {n}" for n, dt in zip(self.inputs, in_dtypes)]
@@ -291,7 +296,7 @@ class EmulatedKernel:
     def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes, init_value=None, **kw):
         ins = [mx.array(x) if not isinstance(x, mx.array) else x for x in inputs]
         lib = self._library([a.dtype for a in ins], list(output_dtypes), list(template or []))
-        arrays = [_to_numpy(a) for a in ins]
+        arrays = [_to_numpy(a, self.contiguous) for a in ins]
         outs = []
         for shape, dt in zip(output_shapes, output_dtypes):
             np_dt = _NUMPY[dt]
@@ -301,6 +306,7 @@ class EmulatedKernel:
         args = [a.ctypes.data_as(ctypes.c_void_p) for a in arrays + outs]
         for a in arrays:
             shape = np.array(a.shape or (1,), np.int32)
+            assert all(s >= 0 and s % a.itemsize == 0 for s in a.strides), a.strides  # MLX's are elements
             strides = np.array([s // a.itemsize for s in a.strides] or [1], np.int64)
             ndim = np.array([a.ndim], np.int32)
             keep += [shape, strides, ndim]

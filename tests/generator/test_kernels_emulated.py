@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from services.generator import device_stack, prefill_top_k
+from services.generator import device_stack, prefill_attention, prefill_top_k
 from services.generator import fused_attention as fa
 
 from . import cuda_emulator
@@ -230,3 +230,50 @@ def test_device_stack_kernel_is_mx_stack(dtype, monkeypatch):
             assert got.shape == want.shape and got.dtype == dtype and mx.array_equal(got, want).item()
     finally:
         device_stack._kernel.cache_clear()
+
+
+LAYER_CASES = {
+    # name: (chunks, top_k, threshold, n, bank dtype, head_dim (None: 16), left-padded)
+    "causal_chunks_then_decode": ([5, 3, 1, 1], 4, None, 300, np.float32, None, False),
+    "top_k_past_the_rows": ([4, 1], 40, None, 25, np.float32, None, False),
+    "threshold_half_bank_head_dim_48": ([3, 1, 1], 6, 0.05, 500, np.float16, 48, False),
+    "left_padded_boolean_mask": ([6, 1, 1], 4, None, 200, np.float32, None, True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAYER_CASES))
+def test_the_layer_through_the_emulated_kernels_is_the_portable_path(case, emulated, monkeypatch, tmp_path):
+    """ExtendedMindAttention's fused branch as a decode step reaches it: an mlx-lm KVCache hands
+    attend_top_k slices of its preallocated buffers (strided k / v, which the emulator passes
+    with their strides, as MLX does on the GPU), a chunk of L > 1 tokens after cached ones takes
+    the causal mask, a left-padded batch a boolean one. The output, the recorded rows and the
+    attention mass equal the portable path's (inputs drawn with a margin at every top-k
+    boundary, so that the retrieved sets cannot depend on rounding)."""
+    from .test_fused_attention import _compare, _layer, _same_sets
+
+    chunks, top_k, threshold, n, bank_dtype, head_dim, padded = LAYER_CASES[case]
+    assert max(chunks) < prefill_attention.MIN_QUERIES  # every chunk: attend_top_k, not prefill_attention
+    calls = []
+    attend = fa.attend_top_k
+
+    def counted(*a, **kw):
+        calls.append([np.asarray(x).flags["C_CONTIGUOUS"] for x in a[1:3]])  # k, v as the cache gives them
+        return attend(*a, **kw)
+
+    def pad_mask(h, cache):
+        L, S = h.shape[1], cache.offset + h.shape[1]
+        causal = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]
+        pad = mx.array([[False] * 3 + [True] * (S - 3), [True] * S])[:, None, None, :]
+        return mx.logical_and(causal[None, None], pad)
+
+    monkeypatch.setattr(fa, "attend_top_k", counted)
+    state, attn = _layer(tmp_path, head_dim)
+    extra = {"mask_fn": pad_mask} if padded else {}
+    (got, got_rows, got_mass), (want, want_rows, want_mass) = _compare(
+        state, attn, chunks, n, head_dim or 16, bank_dtype, top_k=top_k, threshold=threshold, **extra
+    )
+    assert calls == [[False, False]] * len(chunks)  # every chunk took the kernels, on strided k / v
+    _same_sets(got_rows, want_rows)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    for g, w in zip(got_mass, want_mass):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
