@@ -13,9 +13,14 @@ returned, or wait at another op), or a deadlock, is an error, not a hang. Output
 a poison pattern (NaN / -2**31 + 1), so an element a kernel never writes shows.
 
 Dynamic shared memory (``extern __shared__ T name[];``) becomes a static array of the kernel's
-``shared_memory`` bytes. Not emulated: atomics, and the timing or
+``shared_memory`` bytes. Shared arrays start each block filled with 0xff bytes (NaN floats, -1
+ints), and odd blocks run their threads in reverse order, so that a read of shared memory that no
+barrier orders after its write is likely to read the poison, not a value the scheduler's order
+happened to leave there. A kernel made with ``ensure_row_contiguous=False`` gets its inputs as MLX
+holds them (a KV cache's slice with the cache's strides), as on the GPU. Not emulated: atomics, and the timing or
 interleaving of threads between barriers (the scheduler runs them one after another), so a data
-race between warps goes unseen. ``rsqrtf`` is exact here (approximate on the GPU).
+race between warps that both orders get right (a write after another warp's read, say) goes
+unseen. ``rsqrtf`` is exact here (approximate on the GPU).
 """
 
 from __future__ import annotations
@@ -88,6 +93,21 @@ static int cap = 0, cur = 0;
 static void (*entry)() = nullptr;
 static char msg[512];
 
+// Shared memory: every array registers itself where it is declared (filled with 0xff bytes, a
+// NaN float or -1 int), and is filled again before each block, so that a read that no barrier
+// orders after its write shows, not an earlier block's value (the arrays are statics here).
+static void* shared_at[64];
+static size_t shared_bytes[64];
+static int shared_n = 0;
+struct Shared {
+  Shared(void* p, size_t n) {
+    if (shared_n == 64) abort();
+    memset(p, 0xff, n);
+    shared_at[shared_n] = p;
+    shared_bytes[shared_n++] = n;
+  }
+};
+
 inline void wait(int op) { th[cur].op = op; swapcontext(&th[cur].ctx, &sched); }
 static void trampoline() { entry(); th[cur].op = DONE; }  // then on to uc_link: the scheduler
 
@@ -110,6 +130,7 @@ static int fail(const char* what, unsigned b, int w) {
 
 // One block of T threads; 0 when it ran to its end, else 1 and msg says why.
 static int run_block(unsigned b, int T) {
+  for (int i = 0; i < shared_n; ++i) memset(shared_at[i], 0xff, shared_bytes[i]);
   for (int t = 0; t < T; ++t) {
     getcontext(&th[t].ctx);
     th[t].ctx.uc_stack.ss_sp = stacks + (size_t)t * STACK;
@@ -119,7 +140,10 @@ static int run_block(unsigned b, int T) {
     th[t].op = RUN;
   }
   for (;;) {
-    for (int t = 0; t < T; ++t) {
+    // Odd blocks run their threads last to first: a read of shared memory that only the order
+    // of the threads between barriers made right (thread 0 first) fails in one of the two.
+    for (int i = 0; i < T; ++i) {
+      const int t = (b & 1) ? T - 1 - i : i;
       if (th[t].op != RUN) continue;
       cur = t;
       threadIdx = {(unsigned)t, 0, 0};
@@ -205,10 +229,13 @@ _BUILD = Path(tempfile.mkdtemp(prefix="cuda_emulator_"))
 _LIBS: dict[str, ctypes.CDLL] = {}
 
 
-def _to_numpy(a: mx.array) -> np.ndarray:
+def _to_numpy(a: mx.array, contiguous: bool = True) -> np.ndarray:
+    """``a`` for the kernel: a row-contiguous copy (what MLX passes with ensure_row_contiguous), or
+    else MLX's own buffer with its strides (a slice or a transposed view as it lies in memory,
+    through the buffer protocol), so that a kernel's ``_strides`` arithmetic is what is tested."""
     if a.dtype == mx.bfloat16:
         a = a.view(mx.uint16)
-    return np.ascontiguousarray(np.array(a))
+    return np.ascontiguousarray(np.array(a)) if contiguous else np.asarray(a)
 
 
 def _from_numpy(a: np.ndarray, dtype) -> mx.array:
@@ -216,17 +243,21 @@ def _from_numpy(a: np.ndarray, dtype) -> mx.array:
     return out.view(mx.bfloat16) if dtype == mx.bfloat16 else out
 
 
-def _dynamic_shared(source: str, nbytes: int) -> str:
-    """``extern __shared__ float lg[];`` -> a static array of ``nbytes`` (4-byte elements)."""
+def _shared(source: str, nbytes: int) -> str:
+    """Shared arrays -> statics registered with em::Shared (poisoned before each block);
+    ``extern __shared__ float lg[];`` -> a static array of ``nbytes`` (4-byte elements)."""
 
     def sized(m: re.Match) -> str:
         if m.group(1) not in ("float", "int", "unsigned"):
             raise NotImplementedError(f"dynamic shared memory of {m.group(1)}")
         if nbytes <= 0:
             raise RuntimeError("the kernel declares dynamic shared memory but its launch gives it none")
-        return f"static {m.group(1)} {m.group(2)}[{nbytes // 4}];"
+        typ, name = m.group(1), m.group(2)
+        return f"static {typ} {name}[{nbytes // 4}]; static em::Shared {name}_em({name}, {nbytes // 4 * 4});"
 
-    return re.sub(r"extern\s+__shared__\s+(\w+)\s+(\w+)\[\];", sized, source)
+    source = re.sub(r"extern\s+__shared__\s+(\w+)\s+(\w+)\[\];", sized, source)
+    fixed = r"__shared__\s+(\w+)\s+(\w+)((?:\[[^\]]+\])+);"
+    return re.sub(fixed, r"static \1 \2\3; static em::Shared \2_em(\2, sizeof(\2));", source)
 
 
 def _template_arg(v) -> str:
@@ -243,7 +274,8 @@ class EmulatedKernel:
 
     def __init__(self, name, input_names, output_names, source, header="", ensure_row_contiguous=True, **kw):
         self.name, self.inputs, self.outputs = name, list(input_names), list(output_names)
-        self.source, self.header = _dynamic_shared(source, kw.get("shared_memory", 0)), header
+        self.source, self.header = _shared(source, kw.get("shared_memory", 0)), header
+        self.contiguous = ensure_row_contiguous
 
     def _library(self, in_dtypes, out_dtypes, template) -> ctypes.CDLL:
         params = [f"const {_CTYPES[dt]}* {n}" for n, dt in zip(self.inputs, in_dtypes)]
@@ -291,7 +323,7 @@ class EmulatedKernel:
     def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes, init_value=None, **kw):
         ins = [mx.array(x) if not isinstance(x, mx.array) else x for x in inputs]
         lib = self._library([a.dtype for a in ins], list(output_dtypes), list(template or []))
-        arrays = [_to_numpy(a) for a in ins]
+        arrays = [_to_numpy(a, self.contiguous) for a in ins]
         outs = []
         for shape, dt in zip(output_shapes, output_dtypes):
             np_dt = _NUMPY[dt]
@@ -301,6 +333,7 @@ class EmulatedKernel:
         args = [a.ctypes.data_as(ctypes.c_void_p) for a in arrays + outs]
         for a in arrays:
             shape = np.array(a.shape or (1,), np.int32)
+            assert all(s % a.itemsize == 0 for s in a.strides), a.strides  # in elements, as MLX gives them (any sign)
             strides = np.array([s // a.itemsize for s in a.strides] or [1], np.int64)
             ndim = np.array([a.ndim], np.int32)
             keep += [shape, strides, ndim]

@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from services.generator import device_stack, prefill_top_k
+from services.generator import device_stack, prefill_attention, prefill_top_k
 from services.generator import fused_attention as fa
 
 from . import cuda_emulator
@@ -54,6 +54,11 @@ def _inputs(rng, B, H, KVH, L, d, n, mode):
         keys[:, ::3] = 0
         q[:, ::2] = 0
     return q.astype(np.float32), keys.astype(np.float32)
+
+
+def _row_contiguous(a: mx.array) -> bool:
+    """Whether MLX holds ``a`` row-contiguous (its buffer's strides, through the buffer protocol)."""
+    return bool(np.asarray(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a).flags["C_CONTIGUOUS"])
 
 
 def _check(q, keys, rows, dots, top_k, threshold):
@@ -145,13 +150,20 @@ def test_prefill_top_k_kernel_is_the_exact_top_k(case, emulated, monkeypatch):
 
 
 ATTEND_CASES = {
-    # name: (B, H, KVH, L, S, d, n, top_k, threshold, mask, KV cache dtype, chunks (None: chunks_for's))
-    "decode_unmasked_chunked": (2, 8, 2, 1, 40, 64, 1000, 10, None, "none", mx.float32, None),
-    "decode_padded_float16": (2, 8, 2, 1, 37, 64, 700, 8, None, "array", mx.float16, None),
-    "causal_three_tokens_threshold": (1, 8, 2, 3, 20, 32, 300, 6, 0.05, "causal", mx.float32, 3),
-    "fewer_rows_than_k_one_chunk": (1, 4, 4, 1, 9, 16, 5, 10, None, "none", mx.float32, 1),
-    "k32_992_candidates": (1, 4, 1, 1, 50, 48, 2000, 32, None, "none", mx.bfloat16, 31),
-    "threshold_masks_every_memory": (1, 8, 2, 1, 10, 16, 200, 4, 0.99, "none", mx.float32, 2),
+    # name: (B, H, KVH, L, S, d, n, top_k, threshold, mask, KV cache dtype, chunks (None: chunks_for's),
+    # bank dtype (keys and values), KV cache as a slice of a longer buffer (strided, as mlx-lm's))
+    "decode_unmasked_chunked": (2, 8, 2, 1, 40, 64, 1000, 10, None, "none", mx.float32, None, mx.float32, False),
+    "decode_padded_float16": (2, 8, 2, 1, 37, 64, 700, 8, None, "array", mx.float16, None, mx.float32, False),
+    "causal_three_tokens_threshold": (1, 8, 2, 3, 20, 32, 300, 6, 0.05, "causal", mx.float32, 3, mx.float32, False),
+    "fewer_rows_than_k_one_chunk": (1, 4, 4, 1, 9, 16, 5, 10, None, "none", mx.float32, 1, mx.float32, False),
+    "k32_992_candidates": (1, 4, 1, 1, 50, 48, 2000, 32, None, "none", mx.bfloat16, 31, mx.float32, False),
+    "threshold_masks_every_memory": (1, 8, 2, 1, 10, 16, 200, 4, 0.99, "none", mx.float32, 2, mx.float32, False),
+    "head_dim_24_gqa3_k1_cache_slice": (2, 6, 2, 1, 33, 24, 500, 1, None, "none", mx.float16, None, mx.float32, True),
+    "head_dim_256_gqa7_bfloat16": (2, 7, 1, 1, 19, 256, 300, 9, None, "array", mx.bfloat16, None, mx.bfloat16, True),
+    "k_past_rows_under_a_warp_b3": (3, 4, 2, 1, 5, 80, 20, 32, None, "none", mx.float32, None, mx.float16, False),
+    # row 0 padded by L + 2: its first queries see no local position, only their memories
+    "padded_chunk_queries_see_nothing": (2, 4, 2, 4, 9, 48, 300, 5, None, "padded", mx.float32, 4, mx.float32, True),
+    "empty_chunks_threshold_causal": (1, 8, 2, 2, 12, 16, 10, 4, 0.0, "causal", mx.float32, 13, mx.float16, False),
 }
 
 
@@ -159,15 +171,21 @@ ATTEND_CASES = {
 def test_attend_top_k_merges_the_candidates_and_attends(case, emulated, monkeypatch):
     """The decode layer as two kernels: the scan's candidates merged in the attend kernel give
     top_k_rows' rows and dots exactly (the same merge), the exact top-k (tie-aware), and the
-    float64 attention over those rows and the local context (mask kinds, GQA, threshold)."""
-    B, H, KVH, L, S, d, n, top_k, threshold, mask_kind, kv_dtype, chunks = ATTEND_CASES[case]
+    float64 attention over those rows and the local context (mask kinds, GQA, threshold, head
+    sizes not a multiple of 32, half-precision banks, the KV cache as a strided slice); ``attend``
+    given those rows and dots gives the same output and mass."""
+    B, H, KVH, L, S, d, n, top_k, threshold, mask_kind, kv_dtype, chunks, bank_dtype, sliced = ATTEND_CASES[case]
     if chunks is not None:
         monkeypatch.setattr(fa, "chunks_for", lambda tiles, n, k: chunks)
     rng = np.random.default_rng(10 + sorted(ATTEND_CASES).index(case))
     q, keys = _inputs(rng, B, H, KVH, L, d, n, "random")
-    values = rng.standard_normal((KVH, n, d)).astype(np.float32)
-    k_mx = mx.array(rng.standard_normal((B, KVH, S, d)).astype(np.float32) * 0.3).astype(kv_dtype)
-    v_mx = mx.array(rng.standard_normal((B, KVH, S, d)).astype(np.float32)).astype(kv_dtype)
+    keys_mx = mx.array(keys).astype(bank_dtype)
+    values_mx = mx.array(rng.standard_normal((KVH, n, d)).astype(np.float32)).astype(bank_dtype)
+    keys, values = (np.array(a.astype(mx.float32)) for a in (keys_mx, values_mx))  # what the kernels see
+    room = S + 7 if sliced else S  # a cache's buffer is longer than its filled part
+    k_mx = mx.array(rng.standard_normal((B, KVH, room, d)).astype(np.float32) * 0.3).astype(kv_dtype)[..., :S, :]
+    v_mx = mx.array(rng.standard_normal((B, KVH, room, d)).astype(np.float32)).astype(kv_dtype)[..., :S, :]
+    assert _row_contiguous(k_mx) is not sliced  # the kernel reads the slice in place
     allowed = np.ones((B, L, S), bool)
     mask = None
     if mask_kind == "causal":
@@ -176,12 +194,18 @@ def test_attend_top_k_merges_the_candidates_and_attends(case, emulated, monkeypa
     elif mask_kind == "array":
         allowed[0, :, :3] = False  # row 0 left-padded by 3
         mask = mx.array(allowed[:, None])
+    elif mask_kind == "padded":
+        allowed = np.arange(S)[None, None, :] <= (S - L + np.arange(L))[None, :, None] & allowed
+        allowed[0, :, : L + 2] = False
+        assert not allowed[0, 0].any()
+        mask = mx.array(allowed[:, None])
     kernel_mask = fa.mask_mode(mask, B, L, S)
-    keys_t = mx.contiguous(mx.array(keys).swapaxes(-1, -2))
-    inv = mx.rsqrt(mx.maximum(mx.sum(mx.array(keys) ** 2, axis=-1), 1e-24))
+    keys_t = mx.contiguous(keys_mx.swapaxes(-1, -2))
+    inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx.astype(mx.float32) ** 2, axis=-1), 1e-24))
     out, mass, rows, dots = fa.attend_top_k(
-        mx.array(q), k_mx, v_mx, kernel_mask, keys_t, inv, mx.array(values), top_k, threshold, 0.125, mx.float32
+        mx.array(q), k_mx, v_mx, kernel_mask, keys_t, inv, values_mx, top_k, threshold, 0.125, mx.float32
     )
+    assert out.shape == (B, L, H * d) and out.dtype == mx.float32 and mass.shape == (B, H, L)
     want_rows, want_dots = fa.top_k_rows(mx.array(q), keys_t, inv, top_k, threshold)
     rows, dots = np.array(rows), np.array(dots)
     np.testing.assert_array_equal(rows, np.array(want_rows))
@@ -193,6 +217,38 @@ def test_attend_top_k_merges_the_candidates_and_attends(case, emulated, monkeypa
     want, want_mass = attend_over_picks(q, k_np, v_np, allowed, rows, dots, values, 0.125)
     np.testing.assert_allclose(np.array(out), want, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.array(mass), want_mass, rtol=1e-4, atol=1e-6)
+    # The same kernel given the rows (``attend``: a prefill-sized batch's path) computes the same.
+    out2, mass2 = fa.attend(mx.array(q), k_mx, v_mx, kernel_mask, want_rows, want_dots, values_mx, 0.125, mx.float32)
+    np.testing.assert_array_equal(np.array(out2), np.array(out))
+    np.testing.assert_array_equal(np.array(mass2), np.array(mass))
+
+
+def test_the_fused_kernels_refuse_a_top_k_or_head_size_past_their_limits():
+    """k = min(top_k, N) > MAX_TOP_K or d > MAX_HEAD_DIM is a ValueError from each entry point,
+    decode or prefill sized, before any kernel is made; top_k past the limit over a bank of no
+    more rows than it is not (k is min(top_k, N))."""
+    rng = np.random.default_rng(3)
+
+    def args(d, n, L=1):
+        keys = mx.array(rng.standard_normal((2, n, d)).astype(np.float32))
+        inv = mx.rsqrt(mx.sum(keys * keys, axis=-1))
+        q = mx.array(rng.standard_normal((1, 4, L, d)).astype(np.float32))
+        kv = mx.zeros((1, 2, 8, d))
+        return q, kv, keys, inv
+
+    for d, n, top_k, L in ((64, 100, fa.MAX_TOP_K + 1, 1), (fa.MAX_HEAD_DIM + 8, 100, 8, 1), (64, 100, 40, 600)):
+        q, kv, keys, inv = args(d, n, L)
+        assert (q.shape[0] * q.shape[1] * L >= fa.MATMUL_ROWS) == (L == 600)
+        keys_t = mx.contiguous(keys.swapaxes(-1, -2))
+        mask = fa.mask_mode(None, 1, L, 8)
+        with pytest.raises(ValueError, match="fused kernels take k <= 32 and head size <= 256"):
+            fa.top_k_rows(q, keys_t, inv, top_k, None)
+        with pytest.raises(ValueError, match="fused kernels take"):
+            fa.attend_top_k(q, kv, kv, mask, keys_t, inv, keys, top_k, None, 0.125, mx.float32)
+        rows = mx.zeros((1, 4, L, min(top_k, n)), mx.int32)
+        with pytest.raises(ValueError, match="fused kernels take"):
+            fa.attend(q, kv, kv, mask, rows, rows.astype(mx.float32), keys, 0.125, mx.float32)
+    assert fa._scan_call(1, 4, 1, 2, 64, 20, 100, mx.float32)[2] == 20  # top_k 100 over 20 rows: k = 20
 
 
 def test_the_emulation_catches_a_wrong_kernel(emulated, monkeypatch):
@@ -230,3 +286,50 @@ def test_device_stack_kernel_is_mx_stack(dtype, monkeypatch):
             assert got.shape == want.shape and got.dtype == dtype and mx.array_equal(got, want).item()
     finally:
         device_stack._kernel.cache_clear()
+
+
+LAYER_CASES = {
+    # name: (chunks, top_k, threshold, n, bank dtype, head_dim (None: 16), left-padded)
+    "causal_chunks_then_decode": ([5, 3, 1, 1], 4, None, 300, np.float32, None, False),
+    "top_k_past_the_rows": ([4, 1], 40, None, 25, np.float32, None, False),
+    "threshold_half_bank_head_dim_48": ([3, 1, 1], 6, 0.05, 500, np.float16, 48, False),
+    "left_padded_boolean_mask": ([6, 1, 1], 4, None, 200, np.float32, None, True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAYER_CASES))
+def test_the_layer_through_the_emulated_kernels_is_the_portable_path(case, emulated, monkeypatch, tmp_path):
+    """ExtendedMindAttention's fused branch as a decode step reaches it: an mlx-lm KVCache hands
+    attend_top_k slices of its preallocated buffers (strided k / v, which the emulator passes
+    with their strides, as MLX does on the GPU), a chunk of L > 1 tokens after cached ones takes
+    the causal mask, a left-padded batch a boolean one. The output, the recorded rows and the
+    attention mass equal the portable path's (inputs drawn with a margin at every top-k
+    boundary, so that the retrieved sets cannot depend on rounding)."""
+    from .test_fused_attention import _compare, _layer, _same_sets
+
+    chunks, top_k, threshold, n, bank_dtype, head_dim, padded = LAYER_CASES[case]
+    assert max(chunks) < prefill_attention.MIN_QUERIES  # every chunk: attend_top_k, not prefill_attention
+    calls = []
+    attend = fa.attend_top_k
+
+    def counted(*a, **kw):
+        calls.append([_row_contiguous(x) for x in a[1:3]])  # k, v as the cache gives them
+        return attend(*a, **kw)
+
+    def pad_mask(h, cache):
+        L, S = h.shape[1], cache.offset + h.shape[1]
+        causal = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]
+        pad = mx.array([[False] * 3 + [True] * (S - 3), [True] * S])[:, None, None, :]
+        return mx.logical_and(causal[None, None], pad)
+
+    monkeypatch.setattr(fa, "attend_top_k", counted)
+    state, attn = _layer(tmp_path, head_dim)
+    extra = {"mask_fn": pad_mask} if padded else {}
+    (got, got_rows, got_mass), (want, want_rows, want_mass) = _compare(
+        state, attn, chunks, n, head_dim or 16, bank_dtype, top_k=top_k, threshold=threshold, **extra
+    )
+    assert calls == [[False, False]] * len(chunks)  # every chunk took the kernels, on strided k / v
+    _same_sets(got_rows, want_rows)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    for g, w in zip(got_mass, want_mass):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
