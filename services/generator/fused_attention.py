@@ -551,8 +551,9 @@ def attend(q, k, v, mask, mem_rows, mem_dots, bank_values, scale: float, out_dty
 
     q [B, H, L, d] rotated queries; k, v [B, KVH, S, d] the local keys (rotated) and values, any
     strides; ``mask`` as ``mask_mode`` returns it; mem_rows / mem_dots [B, H, L, k] from
-    ``top_k_rows``; bank_values [KVH, N, d] the bank's values. Returns (out [B, L, H * d] in
-    ``out_dtype``, mass [B, H, L] float32: each head's attention weight on its memories).
+    ``top_k_rows``; bank_values [KVH, N, d] the bank's values, contiguous (as bank_cache holds
+    them: the kernel indexes them so). Returns (out [B, L, H * d] in ``out_dtype``, mass
+    [B, H, L] float32: each head's attention weight on its memories).
     Raises ValueError for k > MAX_TOP_K or d > MAX_HEAD_DIM."""
     B, H, L, d = q.shape
     _check(mem_rows.shape[-1], d)
