@@ -38,7 +38,8 @@ $(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt pyprojec
 	    || $(PY) -m pip uninstall -q -y $$p; done
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt "$$(scripts/mlx-backend.sh)"
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
-	$(PY) -m pip install -q --no-deps -e .
+	@# setuptools boxes a notice about editable installs on every run; only that message is hidden
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q --no-deps -e .
 	@rm -f $(VENV)/.installed $(VENV)/.installed-mlx-*
 	@touch $@
 
