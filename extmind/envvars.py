@@ -323,6 +323,13 @@ REGISTRY: tuple[EnvVar, ...] = (
         "OpenMP inside FAISS (memory, memory benchmark)",
         "idle OpenMP threads sleep instead of spinning (the memory service sets PASSIVE when unset)",
     ),
+    EnvVar(
+        "GRPC_VERBOSITY",
+        "ERROR",
+        "gRPC's C core in every process that imports `extmind` (CLI, launcher, clients)",
+        "gRPC's own log level (gRPC's switch): ERROR keeps its INFO lines out of the CLI's and "
+        "launcher's one-line errors; `extmind` sets ERROR when unset",
+    ),
     # --- generator
     EnvVar(
         "GENERATOR_MODEL",
