@@ -38,15 +38,13 @@ import numpy as np
 
 CXX = shutil.which("g++") or shutil.which("clang++")
 
-RUNTIME = r"""
+# Host stand-ins for the CUDA built-ins the kernels use that need no thread scheduling (types,
+# qualifiers, bit casts, math); test_kernel_sources.py compiles against them too.
+STAND_INS = r"""
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <cstring>
-#include <ucontext.h>
-#include <algorithm>
 using std::max;
 using std::min;
 struct uint4 { unsigned x, y, z, w; };
@@ -56,6 +54,24 @@ static dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define __forceinline__ inline
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
+inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
+inline int __float_as_int(float f) { int i; memcpy(&i, &f, 4); return i; }
+inline int __ffs(int x) { return x ? __builtin_ctz(x) + 1 : 0; }
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+inline float fmaxf(float a, float b) { return std::fmax(a, b); }
+inline float fminf(float a, float b) { return std::fmin(a, b); }
+inline float expf(float x) { return std::exp(x); }
+inline float logf(float x) { return std::log(x); }
+inline float sqrtf(float x) { return std::sqrt(x); }
+"""
+
+RUNTIME = (
+    STAND_INS
+    + r"""
+#include <cstdio>
+#include <cstdlib>
+#include <ucontext.h>
+#include <algorithm>
 struct __half {
   _Float16 h;
   __half() {}
@@ -72,15 +88,6 @@ struct __nv_bfloat16 {
   }
   operator float() const { uint32_t u = (uint32_t)bits << 16; float f; memcpy(&f, &u, 4); return f; }
 };
-inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
-inline int __float_as_int(float f) { int i; memcpy(&i, &f, 4); return i; }
-inline int __ffs(int x) { return x ? __builtin_ctz(x) + 1 : 0; }
-inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
-inline float fmaxf(float a, float b) { return std::fmax(a, b); }
-inline float fminf(float a, float b) { return std::fmin(a, b); }
-inline float expf(float x) { return std::exp(x); }
-inline float logf(float x) { return std::log(x); }
-inline float sqrtf(float x) { return std::sqrt(x); }
 
 namespace em {
 enum Op { RUN, SHFL, SYNCWARP, SYNCTHREADS, DONE };
@@ -205,6 +212,7 @@ inline void __syncthreads() { em::wait(em::SYNCTHREADS); }
 
 extern "C" const char* em_message() { return em::msg; }
 """
+)
 
 _CTYPES = {
     mx.float32: "float",

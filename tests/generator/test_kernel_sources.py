@@ -4,10 +4,10 @@ template parameters) is compiled by the host C++ compiler against stand-ins for 
 built-ins (``threadIdx``, warp shuffles, ``__half``, ...) and instantiated with the template
 arguments the Python side passes. A typo, an undeclared name or a type error in a kernel then fails
 here, on a CPU-only CI run, and not first on a GPU. What the kernels compute is tested on CUDA
-(test_fused_attention.py, test_prefill_attention.py, test_device_stack.py)."""
+(test_fused_attention.py, test_prefill_attention.py, test_device_stack.py) and, on Linux, on the
+CPU emulator (test_kernels_emulated.py); this check needs only a C++ compiler."""
 
 import re
-import shutil
 import subprocess
 
 import pytest
@@ -15,40 +15,29 @@ import pytest
 from services.generator import device_stack, kernel_parts, prefill_attention, prefill_top_k
 from services.generator import fused_attention as fa
 
-CXX = shutil.which("g++") or shutil.which("clang++")
+from . import cuda_emulator
 
-# Host stand-ins for what NVRTC provides: enough for the compiler to check names and types.
-STUBS = r"""
-#include <cmath>
-#include <cstddef>
-using std::max;
-using std::min;
-struct uint4 { unsigned x, y, z, w; };
-struct dim3 { unsigned x, y, z; };
-static dim3 threadIdx, blockIdx, blockDim;
-#define __device__
-#define __forceinline__ inline
-#define __shared__ static
-#define __align__(n) __attribute__((aligned(n)))
+CXX = cuda_emulator.CXX
+
+# Host stand-ins for what NVRTC provides: the emulator's type and math stand-ins, a half type that
+# needs no compiler support for _Float16, and shuffles / barriers that only have to type-check.
+STUBS = (
+    cuda_emulator.STAND_INS
+    + r"""
 struct __half {
   unsigned short bits;
   __half() {}
   __half(float) {}
   operator float() const { return 0.f; }
 };
-inline float __int_as_float(int) { return 0.f; }
 inline float __shfl_xor_sync(unsigned, float v, int) { return v; }
 inline int __shfl_xor_sync(unsigned, int v, int) { return v; }
 inline float __shfl_sync(unsigned, float v, int) { return v; }
 inline int __shfl_sync(unsigned, int v, int) { return v; }
 inline void __syncthreads() {}
 inline void __syncwarp() {}
-inline int __ffs(int x) { return x ? __builtin_ctz(x) + 1 : 0; }
-inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
-inline float fmaxf(float a, float b) { return a > b ? a : b; }
-inline float expf(float x) { return std::exp(x); }
-inline float logf(float x) { return std::log(x); }
 """
+)
 
 
 def _arrays(*names: str) -> list[str]:
