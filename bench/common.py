@@ -114,6 +114,12 @@ def ratio(value: float, baseline: float) -> str:
     return f"{value / baseline:.2f}x"
 
 
+def median_ratio(values, baselines) -> str:
+    """The median of the pairs' ratios ``values[i] / baselines[i]`` as ``"1.23x"``: runs measured
+    in pairs (side by side) cancel a host's speed drifting over the rounds."""
+    return f"{statistics.median(v / b for v, b in zip(values, baselines, strict=True)):.2f}x"
+
+
 def verdict(ok: bool | None) -> str:
     """A target's outcome for a table cell: met / missed / - (no target)."""
     return "-" if ok is None else ("met" if ok else "missed")

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from mlx_lm.generate import BatchGenerator, generate_step  # noqa: E402
 from mlx_lm.utils import load  # noqa: E402
 
-from bench.common import add_record_flag, describe, machine, ratio, record, table  # noqa: E402
+from bench.common import add_record_flag, describe, machine, median_ratio, ratio, record, table  # noqa: E402
 from extmind import tensor  # noqa: E402
 from extmind.service_procs import memory_stack  # noqa: E402
 from extmind.tiny_models import build_llama  # noqa: E402
@@ -229,9 +229,9 @@ async def measure(engine, path, args) -> tuple[int, dict]:
         # least disturbed).
         if args.repeat == 1:
             return f"{rate:.1f} tok/s ({ratio(rate, stock_rate)})"
-        rounds = float(np.median([r / s for r, s in zip(rates, stock_rates)]))
         return (
-            f"{rate:.1f} tok/s ({ratio(rate, stock_rate)}; rounds' ratios, median: {rounds:.2f}x; "
+            f"{rate:.1f} tok/s ({ratio(rate, stock_rate)}; "
+            f"rounds' ratios, median: {median_ratio(rates, stock_rates)}; "
             f"fastest of {args.repeat}: {ratio(max(rates), max(stock_rates))})"
         )
 
@@ -258,13 +258,12 @@ async def measure(engine, path, args) -> tuple[int, dict]:
                 plain_reqs.append(t)
                 n_plain = n
     t_plain_req, t_cite_req, cite_rate = (float(np.median(r)) for r in (plain_reqs, cite_reqs, cite_rates))
-    pair_ratio = float(np.median([c / p for c, p in zip(cite_reqs, plain_reqs)]))
     rows[f"decode, {args.rows}-row memory, LOCAL + return_citations"] = (
         f"{cite_rate:.1f} tok/s ({ratio(cite_rate, stock_rate)} stock)"
     )
     rows["whole request until Final, LOCAL, with vs without citations"] = (
-        f"{t_cite_req:.2f} vs {t_plain_req:.2f} s ({pair_ratio:.2f}x, median of {pairs} pairs' ratios; "
-        f"{n_cite} vs {n_plain} tokens)"
+        f"{t_cite_req:.2f} vs {t_plain_req:.2f} s ({median_ratio(cite_reqs, plain_reqs)}, "
+        f"median of {pairs} pairs' ratios; {n_cite} vs {n_plain} tokens)"
     )
     rows[f"decode, {args.rows}-row memory, REMOTE (top_k 10)"] = (
         f"{remote_rate:.1f} tok/s ({ratio(remote_rate, stock_rate)}; target >= 0.25x)"
@@ -334,10 +333,9 @@ async def big_memory_rows(engine, args, rng, ok, prompt, stock_model, rows):
         stock_rates.append(engine.mlx.call(stock_decode, stock_model, prompt, args.tokens)[1])
         rates.append((await engine_run(engine, prompt, args.tokens, big))[1])
     big_rate, stock_rate = float(np.median(rates)), float(np.median(stock_rates))
-    rounds = float(np.median([r / s for r, s in zip(rates, stock_rates)]))
     rows[f"decode, {args.big_rows}-row memory, LOCAL (top_k 10)"] = (
         f"{big_rate:.1f} tok/s ({ratio(big_rate, stock_rate)} the stock runs beside it, {stock_rate:.1f} tok/s; "
-        f"rounds' ratios, median: {rounds:.2f}x; median of {args.repeat})"
+        f"rounds' ratios, median: {median_ratio(rates, stock_rates)}; median of {args.repeat})"
     )
 
 
