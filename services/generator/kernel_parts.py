@@ -196,6 +196,16 @@ __device__ __forceinline__ float em_dot_t(const float* qs, const Tk* kg, int N, 
   for (int e = 0; e < D; ++e) dot += qs[e] * static_cast<float>(kg[(size_t)e * N + n]);
   return dot;
 }
+
+// em_dot_t over a row-major key (kr [D], contiguous): the same products summed in the same
+// order, so the same float32 result, from a few wide loads instead of D scattered ones.
+template <int D, typename Tk>
+__device__ __forceinline__ float em_dot_r(const float* qs, const Tk* kr) {
+  float dot = 0.f;
+#pragma unroll(D <= 128 ? D : 16)
+  for (int e = 0; e < D; ++e) dot += qs[e] * static_cast<float>(kr[e]);
+  return dot;
+}
 """
 
 

@@ -5,20 +5,24 @@ The decode scan (``fused_attention.top_k_rows``) would read the whole bank once 
 matmul reads it once. Then each query row's N scores are ranked here, one warp per row
 (docs/architecture.md, "Prefill with memories"):
 
-1. Approximate cosines from the queries normalized to unit length: a_n = (q / |q|) . k_n *
-   inv_norm_n is within ``e_n = E + F * inv_norm_n`` of the exact float32 cosine c_n. For a
-   float16 bank the matmul is float16 on the tensor cores (float32 accumulation in cuBLAS, float16
-   result): the float16 roundings of the unit query and of the result cost at most 2^-11 each,
-   relative to a cosine <= 1, plus float32 accumulation; F covers float16 subnormal results. For
-   other banks it is float32, which MLX may run in TF32 (its default on CUDA): TF32 inputs carry
+1. Approximate cosines from a matmul of unit vectors: a_n = (q / |q|) . (k_n * inv_norm_n) is
+   within ``E`` of the exact float32 cosine c_n. For a float16 bank the matmul is float16 on the
+   tensor cores (float32 accumulation in cuBLAS, float16 result): the float16 roundings of the unit
+   query, of the unit key and of the result cost at most 2^-11 each, relative to a cosine <= 1,
+   plus float32 accumulation and subnormal components (absolute, far below the margin). For other
+   banks it is float32, which MLX may run in TF32 (its default on CUDA): TF32 inputs carry
    float16's 11-bit significand, so the same bound holds, and the ranking stays exact either way.
-2. A lower bound on the k-th best exact cosine: each lane's best lower bound a_n - e_n over its
+   The unit keys are made per call (one fused op per layer): with the norms folded into the
+   scores, the kernel reads nothing but the scores for every row.
+2. A lower bound on the k-th best exact cosine: each lane's best lower bound a_n - E over its
    stripe names one row whose cosine is at least that; the k-th largest of the 32 lanes' bounds
    is a cosine that k distinct rows reach.
-3. Candidates: the rows whose upper bound a_n + e_n reaches it (and any non-finite a_n), so every
+3. Candidates: the rows whose upper bound a_n + E reaches it (and any non-finite a_n), so every
    row of the exact top-k is one. Only they get their exact float32 cosine (q . k from the bank's
-   keys in the kernel, as the decode scan computes it) and enter the lane's sorted list; k rounds
-   of a warp-wide argmax take the winners (kernel_parts' ``em_warp_top_k``, as the decode scan).
+   keys: the products of the decode scan summed in its order, read from a row-major copy of the
+   keys made per call, where a key column would cost D scattered loads) and enter the lane's
+   sorted list; k rounds of a warp-wide argmax take the winners (kernel_parts' ``em_warp_top_k``,
+   as the decode scan).
 
 Stage 2 is what makes it fast: a lane inserting into its list whenever a new row beats its worst
 entry (most rows early in a stripe do) kept every lane of the warp waiting on the slowest.
@@ -32,17 +36,16 @@ import mlx.core as mx
 
 from services.generator import kernel_parts
 
-# Bounds of |a_n - c_n|: 2^-11 for the unit query's rounding (float16 or TF32), 2^-11 for the
-# float16 result's (or a TF32 key's), float32 accumulation in the matmul and in the exact dot over
-# <= 256 products (~2 * 1.5e-5) and the two inverse norms (~1e-6), with margin; F: an absolute
-# 2^-25 error of a subnormal float16 result, scaled by the key's inverse norm.
-APPROX_E = 2.0**-10 + 2.0**-13
-APPROX_F = 2.0**-24
+# The bound of |a_n - c_n|: 2^-11 each for the roundings of the unit query, the unit key (float16
+# or TF32) and the float16 result, float32 accumulation in the matmul and in the exact dot over
+# <= 256 products (~2 * 1.5e-5), the two inverse norms (~1e-6) and subnormal float16 components
+# (absolute 2^-25 each: < 2^-20 over 256 of them), with margin.
+APPROX_E = 2.0**-10 + 2.0**-11 + 2.0**-13
 _THREADS = 128  # four query rows (warps) per block
 
 # inputs: q [B, H, L, D] (contiguous), approx [KVH, M, N] (M = B * rep * L in (b, r, l) order:
-# q . k / |q|, float16 or float32), keys_t [KVH, D, N],
-# inv_norms [KVH, N] float32, threshold [1] float32, topk [1] int32, bound [2] float32 (E, F).
+# approximate cosines, float16 or float32), keys [KVH, N, D] (row-major, contiguous),
+# inv_norms [KVH, N] float32, threshold [1] float32, topk [1] int32, bound [1] float32 (E).
 # outputs: rows [B, H, L, k] int32 (-1 where the cosine is not above the threshold), dots
 # [B, H, L, k] float32 (raw q . k).
 _SOURCE = """
@@ -64,7 +67,6 @@ _SOURCE = """
   const int g = h / rep;
   const int m = (b * rep + h % rep) * L + l;
   const float E = bound[0];
-  const float F = bound[1];
 
   __shared__ float qs_all[(T / 32) * D];
   float* qs = qs_all + warp * D;
@@ -80,7 +82,7 @@ _SOURCE = """
 
   const Ta* ar = approx + ((size_t)g * M + m) * N;
   const float* ng = inv_norms + (size_t)g * N;
-  const Tk* kg = keys_t + (size_t)g * D * N;
+  const Tk* kg = keys + (size_t)g * N * D;
 
   // Rows are read 16 bytes per lane at a time (V of them), several loads in flight: one row at
   // a time per lane kept too few bytes in flight to use the memory bandwidth. A bank whose row
@@ -97,15 +99,14 @@ _SOURCE = """
       const Ta* av = reinterpret_cast<const Ta*>(&raw);
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        const float w = ng[base + j];
-        const float low = static_cast<float>(av[j]) * w - (E + F * w);
+        const float low = static_cast<float>(av[j]) - E;
         if (low > lo) lo = low;  // NaN never wins; +-inf are not bounds of anything
       }
     }
   } else {
 #pragma unroll 4
     for (int n = lane; n < N; n += 32) {
-      const float low = static_cast<float>(ar[n]) * ng[n] - (E + F * ng[n]);
+      const float low = static_cast<float>(ar[n]) - E;
       if (low > lo) lo = low;
     }
   }
@@ -132,21 +133,20 @@ _SOURCE = """
       unsigned cand = 0;  // which of the V rows are candidates (few: one exact cosine each below)
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        const float w = ng[base + j];
-        const float a = static_cast<float>(av[j]) * w;
-        if (!(a + (E + F * w) < cut && a > EM_NEG_INF)) cand |= 1u << j;
+        const float a = static_cast<float>(av[j]);
+        if (!(a + E < cut && a > EM_NEG_INF)) cand |= 1u << j;
       }
       while (cand) {
         const int n = base + __ffs(cand) - 1;
         cand &= cand - 1;
-        em_insert<K>(s[0], ix[0], em_dot_t<D, Tk>(qs, kg, N, n) * q_inv * ng[n], n);
+        em_insert<K>(s[0], ix[0], em_dot_r<D, Tk>(qs, kg + (size_t)n * D) * q_inv * ng[n], n);
       }
     }
   } else {
     for (int n = lane; n < N; n += 32) {
-      const float a = static_cast<float>(ar[n]) * ng[n];
-      if (a + (E + F * ng[n]) < cut && a > EM_NEG_INF) continue;
-      em_insert<K>(s[0], ix[0], em_dot_t<D, Tk>(qs, kg, N, n) * q_inv * ng[n], n);
+      const float a = static_cast<float>(ar[n]);
+      if (a + E < cut && a > EM_NEG_INF) continue;
+      em_insert<K>(s[0], ix[0], em_dot_r<D, Tk>(qs, kg + (size_t)n * D) * q_inv * ng[n], n);
     }
   }
   float best_s[1];
@@ -155,7 +155,7 @@ _SOURCE = """
   if (lane < k) {
     const int n = best_i[0];
     rows[(size_t)row * k + lane] = n >= 0 && best_s[0] > threshold[0] ? n : -1;
-    dots[(size_t)row * k + lane] = n >= 0 ? em_dot_t<D, Tk>(qs, kg, N, n) : 0.f;
+    dots[(size_t)row * k + lane] = n >= 0 ? em_dot_r<D, Tk>(qs, kg + (size_t)n * D) : 0.f;
   }
 """
 
@@ -164,11 +164,18 @@ _SOURCE = """
 def _kernel():
     return mx.fast.cuda_kernel(
         name="extmind_prefill_top_k",
-        input_names=["q", "approx", "keys_t", "inv_norms", "threshold", "topk", "bound"],
+        input_names=["q", "approx", "keys", "inv_norms", "threshold", "topk", "bound"],
         output_names=["rows", "dots"],
         source=_SOURCE,
         header=kernel_parts.HEADER + kernel_parts.TOPK_HEADER,
     )
+
+
+@functools.cache
+def _unit_keys(dtype):
+    """keys_t [KVH, d, N], inv_norms [KVH, N] float32 -> the unit keys [KVH, d, N] in ``dtype``:
+    one fused op (compiled) rather than a cast, a product and a cast."""
+    return mx.compile(lambda keys_t, inv_norms: (keys_t.astype(mx.float32) * inv_norms[:, None, :]).astype(dtype))
 
 
 def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, k: int, list_size: int, threshold: mx.array):
@@ -181,30 +188,31 @@ def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, k: int, list_
     kvh = keys_t.shape[0]
     rep = H // kvh
     to_rows = (kvh, -1, d)  # [KVH, B * rep * L, d]: a KV head's query rows for one matmul
-    # Unit queries: the scores are approximate cosines, whatever the bank's dtype. A float16 bank
-    # takes a float16 matmul (tensor cores, float16 scores); others a float32 one (bfloat16 keys
-    # are exact in float32), which MLX may run in TF32: its inputs then carry float16's 11-bit
-    # significand, the same bound covers it.
+    # Unit queries and unit keys: the scores are approximate cosines, whatever the bank's dtype. A
+    # float16 bank takes a float16 matmul (tensor cores, float16 scores); others a float32 one
+    # (bfloat16 keys are exact in float32), which MLX may run in TF32: its inputs then carry
+    # float16's 11-bit significand, the same bound covers it.
     qf = q.astype(mx.float32)
     unit = qf * mx.rsqrt(mx.maximum(mx.sum(qf * qf, axis=-1, keepdims=True), 1e-24))
     dtype = mx.float16 if keys_t.dtype == mx.float16 else mx.float32
     qm = unit.astype(dtype).reshape(B, kvh, rep, L, d).transpose(1, 0, 2, 3, 4).reshape(to_rows)
-    approx = qm @ keys_t.astype(dtype)
+    approx = qm @ _unit_keys(dtype)(keys_t, inv_norms)
+    keys = mx.contiguous(keys_t.swapaxes(1, 2))  # [KVH, N, d]: a candidate's key in a few loads
     rows = B * H * L
     per_block = _THREADS // 32
     out = _kernel()(
         inputs=[
             q,
             approx,
-            keys_t,
+            keys,
             inv_norms,
             threshold,
             kernel_parts.scalar(k, mx.int32),
-            kernel_parts.constant((APPROX_E, APPROX_F), mx.float32),
+            kernel_parts.scalar(APPROX_E, mx.float32),
         ],
         template=[
             ("Ta", approx.dtype),
-            ("Tk", keys_t.dtype),
+            ("Tk", keys.dtype),
             ("D", d),
             ("K", list_size),
             ("T", _THREADS),

@@ -65,7 +65,7 @@ KERNELS = {
         [
             "const __half* q",
             "const Ta* approx",
-            "const Tk* keys_t",
+            "const Tk* keys",
             "const float* inv_norms",
             "const float* threshold",
             "const int* topk",
