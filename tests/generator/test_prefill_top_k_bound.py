@@ -5,8 +5,9 @@ float32 accumulation rounded to nearest or truncated as tensor cores do) is with
 the kernel's exact float32 cosine c_n, and the kernel's candidate rule (lanes' best lower bounds
 -> a cut; rows whose upper bound reaches it) keeps a row of every exact top-k place.
 Draws: rows clustered within 1e-3 of the query's direction, norms over many decades (tiny keys
-with subnormal float16 components, keys at float16's largest values, zero keys), queries with subnormal float16 components, keys
-along the query's own rounding error, head sizes 64 to 256, k 1 to 32."""
+with subnormal float16 components, keys at float16's largest values, zero keys), queries with
+subnormal float16 components, keys along the query's own rounding error, head sizes 64 to 256,
+k 1 to 32."""
 
 from __future__ import annotations
 
