@@ -67,6 +67,13 @@ class MassSum:
 def summed_shares(forwards: list[list[mx.array]]) -> mx.array:
     """The ``BatchTally`` combine of the attention mass: forwards of one batch, each its per-layer
     shares [B, H, 1] (one per query head) -> [B, layers] float32, summed over forwards and heads."""
+    flat = [a for fwd in forwards for a in fwd]
+    layers = len(forwards[0])
+    if layers > 1 and flat[0].ndim == 3 and all(len(f) == layers for f in forwards) and device_stack.uniform(flat):
+        # Forwards kept layer by layer (not compacted, BatchTally.add): all of them in one stack.
+        B, H = flat[0].shape[:2]
+        stacked = device_stack.stack(flat, axis=-1)  # [B, H, 1, forwards * layers]
+        return mx.sum(stacked.reshape(B, H, len(forwards), layers).astype(mx.float32), axis=(1, 2))
     steps = [fwd[0] if len(fwd) == 1 else mx.concatenate(fwd, axis=-1) for fwd in forwards]  # [B, H, layers]
     if device_stack.uniform(steps):
         stacked = device_stack.stack(steps, axis=1)  # [B, forwards, H, layers]: one launch on CUDA

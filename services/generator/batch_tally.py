@@ -50,15 +50,17 @@ class BatchTally:
         self._pending: list[list] = []
         self._items = 0
 
-    def add(self, uids: Sequence[int], records: list) -> list:
-        """One decode forward's per-layer records [B, ...]; uids: the sequence in each batch row.
-        Returns what is kept for the forward (the records, or ``compact(records)``): the caller
-        evaluates it with the step."""
+    def add(self, uids: Sequence[int], records: list, compact: bool = True) -> list:
+        """One decode forward's per-layer records [B, ...]; uids: the sequence in each batch row;
+        compact: whether to compact them now (records that are graphs, evaluated with the step:
+        compacted, one array to evaluate; records the step's kernels wrote keep their layers until
+        the flush combines them, so a step launches nothing for them). Returns what is kept for
+        the forward (the records, or ``compact(records)``)."""
         uids = tuple(uids)
         if uids != self._uids:
             self.flush()
             self._uids = uids
-        kept = self.compact(records) if self.compact is not None else records
+        kept = self.compact(records) if self.compact is not None and compact else records
         self._pending.append(kept)
         self._items += sum(r.size for r in records)
         if len(self._pending) >= self.FLUSH_STEPS or self._items >= self.FLUSH_ITEMS:

@@ -23,7 +23,7 @@ MAX_INPUTS = 64  # inputs per launch (kernel parameters stay small); more are st
 
 
 def _source(slots: int, last: bool) -> str:
-    # out [B, N, X] (last=False) or [B, X, N]; input i < N is a_i [B, X] (row-contiguous). One
+    # out [B, N, X] (last=False) or [B, X, N]; input i < N is a_i [B, ...] read as [B, X] (row-contiguous). One
     # kernel per power-of-two number of input slots (the N in use comes at run time, unused
     # slots repeat an input), so a new count does not mean a new compile.
     cases = "\n".join(f"    case {i}: v = a{i}[src]; break;" for i in range(slots))
@@ -89,10 +89,11 @@ def stack(arrays: list[mx.array], axis: int) -> mx.array:
     X = first.size // B
     slots = 1 << (n - 1).bit_length()
     last = axis == -1
-    flat = [a.reshape(B, X) for a in arrays]
     total = B * n * X
+    # The kernel reads each input as [B, X] row-contiguous memory (MLX hands it so): no reshape
+    # op per input, which cost the host more than the launch for a step's records.
     (out,) = _kernel(slots, last)(
-        inputs=flat + [flat[0]] * (slots - n) + [kernel_parts.constant((B, X, n), mx.int32)],
+        inputs=[*arrays, *[first] * (slots - n), kernel_parts.constant((B, X, n), mx.int32)],
         template=[("T", first.dtype)],
         grid=(-(-total // _THREADS) * _THREADS, 1, 1),
         threadgroup=(_THREADS, 1, 1),

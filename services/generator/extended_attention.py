@@ -69,6 +69,10 @@ class MemoryContext:
     # When a list, every layer appends (layer, share [B, H, L] float32) here: each query head's
     # attention weight on the memories (services/generator/attention_mass.py).
     mass: list | None = None
+    # Set when a layer recorded through the portable path: its records are graphs over the
+    # forward's arrays until evaluated (the fused kernels' records are outputs of the kernels that
+    # compute the step, evaluated with it). The scheduler resets it around each step.
+    records_lazy: bool = False
 
     def applies(self, layer: int) -> bool:
         return self.top_k > 0 and self.retriever.rows > 0 and (self.layers is None or layer in self.layers)
@@ -248,6 +252,7 @@ class ExtendedMindAttention(nn.Module):
         kmem = mem_logits.shape[-1]
         w = mx.softmax(mx.concatenate([mem_logits, local], axis=-1), axis=-1)
         weighed = ctx.record is not None and ctx.cite_min_weight > 0
+        ctx.records_lazy = ctx.records_lazy or ctx.record is not None or ctx.mass is not None
         if weighed or ctx.mass is not None:  # each head's weight on its memories [B, H, L]
             mass = mx.sum(w[..., :kmem], axis=-1).reshape(B, self.n_heads, L)
         if ctx.record is not None:  # weights rebuilt when counted, as for the fused path

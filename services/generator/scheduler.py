@@ -350,6 +350,7 @@ class Scheduler:
                 group.counts.flush()
             mass = [] if group.layers else None
             group.ctx.record, group.ctx.mass = record, mass
+            group.ctx.records_lazy = False
         # mlx-lm's model __call__ has no argument through which memories could reach the
         # attention layers, so the wrapped attention modules read them from the state they share
         # with this scheduler: point it at this group's memories for the length of its step.
@@ -397,6 +398,7 @@ class Scheduler:
         generated = [x.uid for x in responses]
         started = [p.uid for p in prompt_responses if p.end_of_prompt]
         recorded = []
+        lazy = group.ctx.records_lazy
         if record:
             try:
                 forwards = decode_forwards(record, group.layers_per_forward, generated, started)
@@ -406,7 +408,7 @@ class Scheduler:
                     group.remove(r.uid)
                     self._end(r, e)
             else:
-                recorded += _hand_out(group.counts, forwards)
+                recorded += _hand_out(group.counts, forwards, lazy)
         if mass:
             try:
                 forwards = attention_mass.forward_shares(mass, group.layers_per_forward, generated, started)
@@ -415,8 +417,8 @@ class Scheduler:
                 for r in group.requests.values():
                     r.mass = None
             else:
-                recorded += _hand_out(group.mass, forwards)
-        if recorded:
+                recorded += _hand_out(group.mass, forwards, lazy)
+        if recorded and lazy:
             # The recorded rows and shares are tiny: evaluating them with the step frees the
             # forward's arrays they hang on; the requests add them up every few steps.
             mx.async_eval(recorded)
@@ -474,12 +476,13 @@ class Scheduler:
         self._post(r, last)
 
 
-def _hand_out(tally: BatchTally, forwards: list) -> list:
-    """Adds every decode forward's per-layer records to the group's ``tally``. -> the arrays it
-    keeps (to evaluate with the step: a forward's layers stacked into one record)."""
+def _hand_out(tally: BatchTally, forwards: list, compact: bool) -> list:
+    """Adds every decode forward's per-layer records to the group's ``tally`` (compacted when
+    ``compact``: ``BatchTally.add``). -> the arrays it keeps (to evaluate with the step when they
+    are graphs: a forward's layers stacked into one record)."""
     out = []
     for uids, records in forwards:
-        kept = tally.add(uids, records)
+        kept = tally.add(uids, records, compact)
         out += [x for a in kept for x in (a.arrays() if isinstance(a, Picks) else [a])]
     return out
 
