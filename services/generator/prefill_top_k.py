@@ -84,7 +84,7 @@ _SOURCE = """
   const float* ng = inv_norms + (size_t)g * N;
   const Tk* kg = keys + (size_t)g * N * D;
 
-  // Rows are read 16 bytes per lane at a time (V of them), several loads in flight: one row at
+  // Rows are read 16 bytes per lane at a time (V of them), up to 8 loads in flight: one row at
   // a time per lane kept too few bytes in flight to use the memory bandwidth. A bank whose row
   // count is not a multiple of V takes the row-at-a-time loops.
   constexpr int V = 16 / sizeof(Ta);
@@ -93,7 +93,7 @@ _SOURCE = """
   // 2. Each lane's best lower bound, then the k-th largest over the lanes.
   float lo = EM_NEG_INF;
   if (vec) {
-#pragma unroll 2
+#pragma unroll 8
     for (int base = lane * V; base < N; base += 32 * V) {
       const uint4 raw = *reinterpret_cast<const uint4*>(ar + base);
       const Ta* av = reinterpret_cast<const Ta*>(&raw);
@@ -126,7 +126,7 @@ _SOURCE = """
 #pragma unroll
   for (int j = 0; j < K; ++j) { s[0][j] = EM_NEG_INF; ix[0][j] = -1; }
   if (vec) {
-#pragma unroll 2
+#pragma unroll 4
     for (int base = lane * V; base < N; base += 32 * V) {
       const uint4 raw = *reinterpret_cast<const uint4*>(ar + base);
       const Ta* av = reinterpret_cast<const Ta*>(&raw);

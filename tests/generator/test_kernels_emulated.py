@@ -131,6 +131,7 @@ PREFILL_CASES = {
     "random_float16_rows_one_at_a_time": (1, 8, 2, 5, 80, 301, 8, None, mx.float16, "random"),
     "ties_and_threshold": (2, 4, 2, 4, 16, 256, 9, 0.0, mx.float32, "ties"),
     "fewer_rows_than_k_list": (1, 8, 8, 4, 32, 20, 20, None, mx.float32, "random"),
+    "head_dim_20_keys_read_one_at_a_time": (1, 8, 2, 5, 20, 300, 7, None, mx.float16, "random"),
 }
 
 
