@@ -26,11 +26,12 @@ import functools
 import logging
 import threading
 import time
+from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import BatchKVCache
+from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 from prometheus_client import Counter, Gauge, Histogram
 
 from extmind import errors
@@ -43,6 +44,7 @@ from services.generator.extended_attention import ExtendedMindState, MemoryConte
 from services.generator.memory_resolution import ResolvedMemory
 from services.generator.request_types import LENGTH, STOP, STOP_SEQUENCE, Chunk, Final, GenerationRequest
 from services.generator.sampling import logits_processors_for, sampler_for
+from services.generator.solo import Solo
 from services.generator.stop_text import StopText
 
 log = logging.getLogger("extmind.generator")
@@ -99,6 +101,8 @@ class RunningRequest:
         self.memories: list[ResolvedMemory] = []
         self.counts: Counts | None = None  # retrieval counts on the device (citations only)
         self.mass: attention_mass.MassSum | None = None  # memory share sums (requests with memories)
+        self.sampler = None  # as given to the BatchGenerator, kept for decoding solo (solo.py)
+        self.processors: list = []
 
     def post(self, event) -> bool:
         """Queues ``event`` for the caller (on the MLX thread). -> whether the caller's loop must
@@ -148,6 +152,10 @@ class _Group:
         # ExtendedMindState.unpadded_caches), found again whenever the batch changes.
         self.unpadded_caches: dict = {}
         self.batch_changed = True
+        # The one sequence decoding alone, out of the BatchGenerator (solo.py), and the uids put
+        # back into it whose first forward repeats one already counted.
+        self.solo: Solo | None = None
+        self.resumed: set[int] = set()
         # Citation counts and attention mass of the decode batch, handed to its requests every
         # few steps for the whole batch at once (batch_tally.py).
         self.counts = self.mass = None
@@ -159,9 +167,17 @@ class _Group:
             self.mass = BatchTally("mass", self.requests.get, attention_mass.summed_shares, attention_mass.stack_shares)
 
     def remove(self, uid: int) -> None:
-        """Takes sequence ``uid`` out of the BatchGenerator (the decode batch changes)."""
-        self.gen.remove([uid])
+        """Takes sequence ``uid`` out of the BatchGenerator or ends it solo (the decode batch changes)."""
+        if self.solo is not None and self.solo.request.uid == uid:
+            self.end_solo()
+        else:
+            self.gen.remove([uid])
+        self.resumed.discard(uid)
         self.batch_changed = True
+
+    def end_solo(self) -> None:
+        self.solo.close()
+        self.solo = None
 
 
 class Scheduler:
@@ -192,6 +208,10 @@ class Scheduler:
         self.prefill_step_size = prefill_step_size
         self.max_queue = max_queue
         self.num_layers = len(model.layers)
+        self._eos = frozenset(self.eos_ids)
+        # Solo decode (solo.py) hands a KVCache over and trims it: only for models whose caches are
+        # plain KVCaches (what the BatchGenerator's BatchKVCache gives back).
+        self._solo_ok = all(type(c) is KVCache for c in make_prompt_cache(model))
         self._groups: dict = {}
         self._active = 0
         self._posted: list[RunningRequest] = []  # requests with events for their loop since the last wake_loops
@@ -294,12 +314,15 @@ class Scheduler:
             )
             group = _Group(key, gen, ctx, self.num_layers)
             self._groups[key] = group
+        if group.solo is not None:  # a batch again: first, so it keeps its turn ahead of r
+            _resume(group)
         s = r.req.sampling
+        r.sampler, r.processors = sampler_for(s), logits_processors_for(s)
         (uid,) = group.gen.insert(
             [r.req.prompt_tokens],
             max_tokens=[r.max_tokens],
-            samplers=[sampler_for(s)],
-            logits_processors=[logits_processors_for(s)],
+            samplers=[r.sampler],
+            logits_processors=[r.processors],
         )
         r.uid, r.group, r.memories = uid, group, memories
         m = r.req.memory
@@ -339,18 +362,14 @@ class Scheduler:
         self._hand_over()
 
     def _step(self, group: _Group) -> None:
-        # Record retrievals only while someone in the group wants citations (only memories cite).
-        record = mass = None
-        if group.ctx is not None:
-            record = [] if any(r.counts is not None for r in group.requests.values()) else None
-            if record is None:
-                # The last citing request left: nothing is recorded any more, so no batch change
-                # would flush what its tally still holds (whole-batch picks, up to FLUSH_ITEMS)
-                # while the group serves others. No request takes it: flush() only drops it.
-                group.counts.flush()
-            mass = [] if group.layers else None
-            group.ctx.record, group.ctx.mass = record, mass
-            group.ctx.records_lazy = False
+        if group.solo is None and self._solo_ok:
+            r = _alone(group)
+            if r is not None:
+                self._go_solo(group, r)
+        if group.solo is not None:
+            self._step_solo(group)
+            return
+        record, mass = _recording(group)
         # mlx-lm's model __call__ has no argument through which memories could reach the
         # attention layers, so the wrapped attention modules read them from the state they share
         # with this scheduler: point it at this group's memories for the length of its step.
@@ -363,15 +382,7 @@ class Scheduler:
         try:
             prompt_responses, responses = group.gen.next()
         except Exception as e:  # noqa: BLE001 - e.g. the memory service went away mid-step
-            log.warning("generation step failed", extra={"error": str(e)})
-            err = e if isinstance(e, errors.ExtmindError) else errors.Internal(f"generation failed: {e}")
-            for r in list(group.requests.values()):
-                r.done = True
-                _observe_end(r, "error")
-                self._post(r, err)
-            self._active -= len(group.requests)
-            group.requests.clear()
-            self._gauges_moved = True
+            self._fail(group, e)
             return
         finally:
             self.state.memory = None
@@ -391,12 +402,67 @@ class Scheduler:
                 tokens += 1
         if tokens:
             GENERATED_TOKENS.inc(tokens)  # once per step: the counter takes a lock
+        started = [p.uid for p in prompt_responses if p.end_of_prompt]
+        if group.resumed and started:
+            # A sequence back from solo ran its last token's forward again, which the solo step
+            # that made the token counted: its row of that forward goes to no one (uid None).
+            started, resumed = [None if u in group.resumed else u for u in started], started
+            group.resumed.difference_update(resumed)
+        self._tally(group, record, mass, [x.uid for x in responses], started)
+
+    def _go_solo(self, group: _Group, r: RunningRequest) -> None:
+        """Takes ``r``, decoding alone in ``group``, out of the BatchGenerator to step it solo."""
+        ((cache, tokens),) = group.gen.remove([r.uid], return_prompt_caches=True).values()
+        group.batch_changed = True
+        group.solo = Solo(self.model, r, cache, list(tokens), r.sampler, r.processors, r.max_tokens - r.generated)
+
+    def _step_solo(self, group: _Group) -> None:
+        """One token of the group's solo sequence: as ``_step`` does for a batch of one."""
+        solo = group.solo
+        r = solo.request
+        record, mass = _recording(group)
+        self.state.memory = group.ctx
+        try:
+            token, logprobs = solo.step()
+        except Exception as e:  # noqa: BLE001 - as in _step
+            self._fail(group, e)
+            return
+        finally:
+            self.state.memory = None
+            if group.ctx is not None:
+                group.ctx.record = group.ctx.mass = None
+        if solo.repeated:  # the first forward is the batch's last one again, already counted
+            solo.repeated = False
+            n = group.layers_per_forward
+            record, mass = record and record[n:], mass and mass[n:]
+        # mlx-lm's order: a length cut, unless the token is EOS.
+        finish = "stop" if token in self._eos else "length" if r.generated + 1 >= r.max_tokens else None
+        self._on_token(r, _SoloToken(token, logprobs, finish))
+        GENERATED_TOKENS.inc()
+        if r.done and group.solo is solo:
+            group.end_solo()
+        self._tally(group, record, mass, [r.uid], [])
+
+    def _fail(self, group: _Group, e: Exception) -> None:
+        """Ends every request of ``group`` with the error a step raised."""
+        log.warning("generation step failed", extra={"error": str(e)})
+        err = e if isinstance(e, errors.ExtmindError) else errors.Internal(f"generation failed: {e}")
+        if group.solo is not None:
+            group.end_solo()
+        for r in list(group.requests.values()):
+            r.done = True
+            _observe_end(r, "error")
+            self._post(r, err)
+        self._active -= len(group.requests)
+        group.requests.clear()
+        self._gauges_moved = True
+
+    def _tally(self, group: _Group, record: list | None, mass: list | None, generated: list, started: list) -> None:
+        """Hands one step's recorded forwards to the group's tallies. Called after the step's
+        tokens: a request that just ended does not count the forward on its last token (computed
+        ahead, its output never used)."""
         if not (record or mass):
             return
-        # Tallied after the tokens: a request that just ended does not count the forward on its
-        # last token (mlx-lm computes it ahead, but its output is never used).
-        generated = [x.uid for x in responses]
-        started = [p.uid for p in prompt_responses if p.end_of_prompt]
         recorded = []
         lazy = group.ctx.records_lazy
         if record:
@@ -476,6 +542,67 @@ class Scheduler:
         self._post(r, last)
 
 
+def _recording(group: _Group) -> tuple[list | None, list | None]:
+    """Points the group's memory context at fresh records for one step. -> (citations record,
+    attention-mass record), each None when not recorded."""
+    if group.ctx is None:
+        return None, None
+    # Record retrievals only while someone in the group wants citations (only memories cite).
+    record = [] if any(r.counts is not None for r in group.requests.values()) else None
+    if record is None:
+        # The last citing request left: nothing is recorded any more, so no batch change
+        # would flush what its tally still holds (whole-batch picks, up to FLUSH_ITEMS)
+        # while the group serves others. No request takes it: flush() only drops it.
+        group.counts.flush()
+    mass = [] if group.layers else None
+    group.ctx.record, group.ctx.mass = record, mass
+    group.ctx.records_lazy = False
+    return record, mass
+
+
+class _SoloToken(NamedTuple):
+    """A solo step's token, shaped as the BatchGenerator's response ``_on_token`` reads."""
+
+    token: int
+    logprobs: mx.array
+    finish_reason: str | None
+
+
+def _alone(group: _Group) -> RunningRequest | None:
+    """The group's request when it is the only one and decoding (so nothing of the group is
+    queued or prefilling), else None. A sequence just put back from solo is not decoding again
+    until its first batch forward ran (``resumed``)."""
+    if len(group.requests) != 1:
+        return None
+    (r,) = group.requests.values()
+    return r if r.generated and not r.done and r.uid not in group.resumed else None
+
+
+def _resume(group: _Group) -> None:
+    """Puts the group's solo sequence back into its BatchGenerator (another request joins): its
+    cache without the last token, which the BatchGenerator's first forward runs again, and its
+    history for the logits processors. The sequence gets a new uid."""
+    solo, group.solo = group.solo, None
+    r = solo.request
+    cache, tokens = solo.end()
+    for tally in (group.counts, group.mass):
+        if tally is not None:
+            tally.flush()  # its pending forwards are r's under the uid r leaves
+    (uid,) = group.gen.insert(
+        [tokens[-1:]],
+        max_tokens=[r.max_tokens - r.generated],
+        caches=[cache],
+        all_tokens=[tokens[:-1]],
+        samplers=[r.sampler],
+        logits_processors=[r.processors],
+    )
+    del group.requests[r.uid]
+    r.uid = uid
+    group.requests[uid] = r
+    group.resumed.add(uid)
+    group.batch_changed = True
+
+
 def _hand_out(tally: BatchTally, forwards: list, compact: bool) -> list:
     """Adds every decode forward's per-layer records to the group's ``tally`` (compacted when
     ``compact``: ``BatchTally.add``). -> the arrays it keeps (to evaluate with the step when they
@@ -502,6 +629,8 @@ def _unpadded_caches(gen: BatchGenerator) -> dict:
 def _close_group(group: _Group) -> None:
     """Ends a group: its BatchGenerator and, for REMOTE, its search stream (now, rather than
     whenever the retriever is garbage-collected: the memory service holds the stream open)."""
+    if group.solo is not None:
+        group.end_solo()
     group.gen.close()
     close = getattr(group.ctx.retriever, "close", None) if group.ctx is not None else None
     if close is not None:

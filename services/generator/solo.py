@@ -1,0 +1,99 @@
+"""One sequence decoding alone: mlx-lm's ``generate_step`` on a plain ``KVCache``.
+
+At one stream mlx-lm's ``BatchGenerator`` costs the host more per token than its
+``generate_step`` (``BatchKVCache`` adds an op per layer and builds a batch mask every forward,
+logprobs are split per row, more Python per step), and a decode step on a fast GPU is host-bound.
+So while a group's decode batch holds a single sequence and nothing else of the group is queued
+or prefilling, the scheduler takes it out of the BatchGenerator
+(``remove(..., return_prompt_caches=True)``: a ``KVCache`` per layer and the token history) and
+steps it here; when another request joins the group it goes back (``insert`` with its cache and
+history). Prompts are always prefilled by the BatchGenerator.
+
+Both generators run a token's forward as they emit it (the next token is computed ahead), so the
+cache handed over holds the last emitted token's keys and values and a drawn next token nobody
+saw. The receiving side trims that token off the cache and runs its forward again from the same
+cache and history, so the same next token follows. Two things must not see that forward twice:
+a seeded sampler's key (``SeededSampler.rewind``) and the per-forward tallies (citations,
+attention mass: the scheduler skips the repeated forward, ``Solo.repeated``).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step, generation_stream
+from mlx_lm.models.cache import TokenBuffer, trim_prompt_cache
+
+
+class Solo:
+    """A request's sequence stepped by ``generate_step``.
+
+    cache: its per-layer KVCache holding ``tokens`` (prompt and generated token ids), the last
+    one's forward already run (its output dropped); sampler / processors: the request's, as given
+    to the BatchGenerator; max_tokens: the tokens it may still generate (> 0)."""
+
+    def __init__(self, model, request, cache: list, tokens: list[int], sampler, processors: list, max_tokens: int):
+        self.request = request
+        self.cache = cache
+        self.tokens = tokens
+        self.sampler = sampler
+        trim_prompt_cache(cache, 1)
+        _rewind(sampler)
+        # The first step's first forward (on tokens[-1]) repeats the one the batch ran and counted.
+        self.repeated = True
+        self._ran = False
+        self._steps = generate_step(
+            mx.array(tokens[-1:]),
+            model,
+            prompt_cache=cache,
+            sampler=sampler,
+            logits_processors=_with_history(processors, tokens[:-1]),
+            max_tokens=max_tokens,
+        )
+
+    def step(self) -> tuple[int, mx.array]:
+        """-> the next token and its logprobs [vocab]. The step's forwards (two on the first
+        step, see ``repeated``; then one, on the token returned) run on mlx-lm's generation
+        stream, set only for the call: the suspended generator would otherwise leave it the MLX
+        thread's default."""
+        self._ran = True
+        with mx.stream(generation_stream):
+            token, logprobs = next(self._steps)
+        self.tokens.append(token)
+        return token, logprobs
+
+    def end(self) -> tuple[list, list[int]]:
+        """Stops stepping. -> (cache, tokens) for ``BatchGenerator.insert``: the cache without
+        the last token (``insert([tokens[-1:]], caches=[cache], all_tokens=[tokens[:-1]])``
+        recomputes its forward)."""
+        self.close()
+        if self._ran:
+            trim_prompt_cache(self.cache, 1)
+            _rewind(self.sampler)
+        return self.cache, self.tokens
+
+    def close(self) -> None:
+        with mx.stream(generation_stream):  # the generator's own stream context exits here
+            self._steps.close()
+
+
+def _rewind(sampler) -> None:
+    """Undoes a seeded sampler's last draw (greedy and unseeded samplers keep no state)."""
+    rewind = getattr(sampler, "rewind", None)
+    if rewind is not None:
+        rewind()
+
+
+def _with_history(processors: list, history: list[int]) -> list | None:
+    """The request's logits processors seeing its whole token history, as the BatchGenerator's
+    do (``generate_step`` hands them only the tokens it ran). None without processors."""
+    if not processors:
+        return None
+    seen = TokenBuffer(history)
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        context = seen.update_and_fetch(tokens[-1:])  # generate_step runs one token per forward here
+        for p in processors:
+            logits = p(context, logits)
+        return logits
+
+    return [process]

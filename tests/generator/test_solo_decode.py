@@ -1,0 +1,248 @@
+"""Solo decode (services/generator/solo.py): a request decoding alone in its group is stepped by
+mlx-lm's generate_step, and goes back into the group's BatchGenerator when another request joins.
+Whatever a request asks, it gets the same tokens, logprobs, stops, citations and counted forwards
+as when it is batched throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from extmind import errors
+from services.generator import attention_mass
+from services.generator import scheduler as sched
+from services.generator.engine import EngineConfig, GeneratorEngine
+from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
+
+from .helpers import run as run_to_end
+from .memory_helpers import assert_counts_match, assert_decidable, ref_memory, row_hits
+from .np_reference import Retrievals
+
+ALONG = "Water boils at"  # the prompt of the other request
+
+
+async def run(engine, req):
+    """-> (token ids, logprobs, text, Final, the top logprobs' token ids per step)."""
+    tops = []
+
+    def keep(ev):
+        if isinstance(ev, Chunk):
+            tops.extend([t for t, _ in step] for step in ev.top_logprobs)
+        return ev
+
+    class Tapped:
+        def generate(self, r):
+            return (keep(ev) async for ev in engine.generate(r))
+
+    return (*await run_to_end(Tapped(), req), tops)
+
+
+@pytest.fixture(scope="module")
+def plain(llama_path):
+    e = GeneratorEngine(EngineConfig(model=str(llama_path)))
+    e.start()
+    yield e
+    e.stop()
+
+
+@pytest.fixture
+def handovers(monkeypatch):
+    """Counts the scheduler's hand-overs: to solo ("solo") and back into a batch ("resume")."""
+    seen = {"solo": 0, "resume": 0}
+    go_solo, resume = sched.Scheduler._go_solo, sched._resume
+
+    def counted_go_solo(self, group, r):
+        seen["solo"] += 1
+        go_solo(self, group, r)
+
+    def counted_resume(group):
+        seen["resume"] += 1
+        resume(group)
+
+    monkeypatch.setattr(sched.Scheduler, "_go_solo", counted_go_solo)
+    monkeypatch.setattr(sched, "_resume", counted_resume)
+    return seen
+
+
+async def joined(engine, req, other, monkeypatch, at: int = 4):
+    """Runs ``req``; once it has made ``at`` tokens (decoding solo), ``other`` joins it. Until
+    ``other`` is admitted, ``req`` makes no token while nothing else waits for the MLX thread,
+    so it cannot finish first. -> (run(req), run(other))."""
+    reached, admitted = threading.Event(), threading.Event()
+    on_token, admit = sched.Scheduler._on_token, sched.Scheduler.admit
+
+    def holding(self, r, resp):
+        on_token(self, r, resp)
+        if r.req is req and r.generated >= at and not admitted.is_set():
+            reached.set()
+            deadline = time.monotonic() + 30
+            while not self._mlx.has_waiting() and time.monotonic() < deadline:
+                time.sleep(0.002)
+
+    def admitting(self, r, *args):
+        admit(self, r, *args)
+        if r.req is other:
+            admitted.set()
+
+    monkeypatch.setattr(sched.Scheduler, "_on_token", holding)
+    monkeypatch.setattr(sched.Scheduler, "admit", admitting)
+    first = asyncio.create_task(run(engine, req))
+    assert await asyncio.to_thread(reached.wait, 30)
+    second = asyncio.create_task(run(engine, other))
+    out = await first, await second
+    assert admitted.is_set()
+    monkeypatch.setattr(sched.Scheduler, "_on_token", on_token)
+    monkeypatch.setattr(sched.Scheduler, "admit", admit)
+    return out
+
+
+async def batched(engine, req, other):
+    """Runs ``req`` next to ``other`` (admitted together, ``other`` longer): batched throughout."""
+    return await asyncio.gather(run(engine, req), run(engine, other))
+
+
+def same_steps(a, b):
+    """Two runs' tokens are equal and their logprobs agree to rounding (a batch of two and a
+    single sequence may round differently)."""
+    assert a[0] == b[0]
+    np.testing.assert_allclose(a[1], b[1], rtol=0, atol=1e-4)
+    assert a[2] == b[2] and a[3].finish_reason == b[3].finish_reason and a[4] == b[4]
+    assert a[3].completion_tokens == b[3].completion_tokens
+
+
+SAMPLINGS = {
+    "greedy": Sampling(max_tokens=24),
+    "repetition_penalty": Sampling(max_tokens=24, repetition_penalty=1.5),
+    "seeded": Sampling(temperature=1.0, top_p=0.9, top_k=50, repetition_penalty=1.3, seed=7, max_tokens=24),
+}
+
+
+@pytest.mark.parametrize("name", list(SAMPLINGS))
+async def test_solo_joined_and_batched_give_the_same_tokens(plain, handovers, monkeypatch, name):
+    """The same request alone (solo from its second token), joined mid-stream by another (back to
+    a batch, then solo again once that one ends) and batched throughout: the same tokens,
+    logprobs and top logprobs. A seeded sampler draws the same tokens (the forward recomputed at
+    a hand-over does not draw twice), and the repetition penalty sees the whole history."""
+    engine = plain
+    req = GenerationRequest(
+        engine.tokenizer.encode("Alice met Bob at the"), SAMPLINGS[name], return_logprobs=True, top_logprobs=3
+    )
+    short = GenerationRequest(engine.tokenizer.encode(ALONG), Sampling(max_tokens=5))
+    long = GenerationRequest(engine.tokenizer.encode(ALONG), Sampling(max_tokens=40))
+
+    alone = await run(engine, req)
+    assert handovers == {"solo": 1, "resume": 0}
+    assert len(alone[0]) >= 12  # long enough to be joined at its 4th token and outlive the other
+
+    a, b = await joined(engine, req, short, monkeypatch)
+    assert handovers["resume"] == 1 and handovers["solo"] >= 3  # left when joined, solo again after
+    assert b[3].completion_tokens == 5
+    same_steps(alone, a)
+
+    before = dict(handovers)
+    c, _ = await batched(engine, req, long)
+    assert handovers["resume"] == before["resume"]  # the long one outlives req: req never went solo
+    same_steps(alone, c)
+
+    assert engine.stats()["active"] == 0
+
+
+async def test_stop_string_and_length_while_solo_and_after_rejoining(plain, handovers, monkeypatch):
+    """A stop string met while decoding solo ends the request as it does batched (same text, same
+    reason); so does max_tokens."""
+    engine = plain
+    prompt = engine.tokenizer.encode("The river flows to")
+    _, _, text, _, _ = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=30)))
+    tail = text[len(text) * 2 // 3 :]
+    stop = next(tail[i : i + 3] for i in range(len(tail)) if tail[i : i + 3].strip() == tail[i : i + 3])
+    req = GenerationRequest(prompt, Sampling(max_tokens=30, stop=(stop,)))
+    alone = await run(engine, req)
+    assert alone[3].finish_reason == "stop_sequence" and alone[2] == text[: text.find(stop)]
+    short = GenerationRequest(engine.tokenizer.encode(ALONG), Sampling(max_tokens=4))
+    a, _ = await joined(engine, req, short, monkeypatch)
+    assert handovers["resume"] == 1
+    assert (a[0], a[2], a[3].finish_reason) == (alone[0], alone[2], alone[3].finish_reason)
+    b, _ = await batched(engine, req, GenerationRequest(engine.tokenizer.encode(ALONG), Sampling(max_tokens=40)))
+    assert (b[0], b[2], b[3].finish_reason) == (alone[0], alone[2], alone[3].finish_reason)
+    assert engine.stats()["active"] == 0
+
+
+async def test_cancelled_while_solo(plain, handovers):
+    """A request cancelled (its stream closed) while decoding solo frees its slot; the next
+    request of the group decodes as it does alone."""
+    engine = plain
+    req = GenerationRequest(engine.tokenizer.encode("The sea"), Sampling(max_tokens=10_000))
+    gen = engine.generate(req)
+    got = 0
+    async for _ in gen:
+        got += 1
+        if got == 5:
+            break
+    await gen.aclose()
+    for _ in range(200):  # the empty group goes at the scheduler's next pass
+        if engine.stats() == dict(engine.stats(), active=0, groups=0):
+            break
+        await asyncio.sleep(0.01)
+    assert engine.stats() == dict(engine.stats(), active=0, groups=0)
+    assert handovers["solo"] == 1
+    again = GenerationRequest(engine.tokenizer.encode("The sea"), Sampling(max_tokens=8))
+    long = replace(again, sampling=Sampling(max_tokens=30))
+    assert (await run(engine, again))[0] == (await batched(engine, again, long))[0][0]
+
+
+async def test_stopping_the_engine_fails_a_solo_request(llama_path, handovers):
+    """close_all while a request decodes solo: the request gets UNAVAILABLE."""
+    engine = GeneratorEngine(EngineConfig(model=str(llama_path)))
+    engine.start()
+    try:
+        gen = engine.generate(GenerationRequest(engine.tokenizer.encode("The sea"), Sampling(max_tokens=100_000)))
+        for _ in range(3):
+            assert isinstance(await gen.__anext__(), Chunk)
+        assert handovers["solo"] == 1
+        await asyncio.to_thread(engine.stop)
+        with pytest.raises(errors.Unavailable):
+            async for _ in gen:
+                pass
+    finally:
+        engine.stop()
+
+
+async def test_citations_and_counted_forwards_are_the_same_solo_and_joined(engine, memory, ref, handovers, monkeypatch):
+    """A citing request run alone (solo from its second token) and joined mid-stream by another
+    of its group (back to a batch, solo again after): the same tokens, per-row counts equal to
+    the numpy model's retrievals at its steps (tie-aware: a batch of two and a single sequence
+    may round a top-k boundary tie either way), and every forward counted once - layers x heads x
+    top_k picks per generated token (the forward of the last prompt token and of every token but
+    the last) - with as many attention mass steps as tokens. A forward recomputed at a hand-over
+    is not counted twice, nor one left out in its place."""
+    mid, tokens = memory
+    bank, _ = ref_memory(ref, tokens, engine.special_ids)
+    top_k, n = 3, 16
+    opts = MemoryOptions((mid,), top_k=top_k, return_citations=True, max_citations=1000, citation_min_weight=0.0)
+    steps = []
+    means = attention_mass.MassSum.means
+    monkeypatch.setattr(attention_mass.MassSum, "means", lambda self: steps.append(self.steps) or means(self))
+    prompt = engine.tokenizer.encode("Alice met Bob at")
+    req = GenerationRequest(prompt, Sampling(max_tokens=n), opts)
+    other = GenerationRequest(engine.tokenizer.encode(ALONG), Sampling(max_tokens=5), opts)
+    want_hits, margins = Retrievals(), []
+    want, _ = ref.greedy(prompt, n, memory=bank, top_k=top_k, hits=want_hits, margins=margins)
+    assert_decidable(margins)
+
+    alone = await run(engine, req)
+    assert handovers == {"solo": 1, "resume": 0}
+    a, b = await joined(engine, req, other, monkeypatch)
+    assert handovers["resume"] == 1 and handovers["solo"] >= 3
+    per_token = engine.num_layers * engine.num_heads * top_k
+    for got, fin in (alone[0], alone[3]), (a[0], a[3]):
+        assert got == want and fin.completion_tokens == n
+        assert int(fin.row_counts.sum()) == per_token * n
+        assert_counts_match(row_hits(fin, tokens, engine.tokenizer), want_hits)
+    assert int(b[3].row_counts.sum()) == per_token * b[3].completion_tokens
+    # alone, then the joined pair in the order they ended (the other one first)
+    assert steps == [n, 5, n]
