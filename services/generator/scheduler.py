@@ -2,7 +2,9 @@
 
 Requests are grouped by what they attend to (memory set + top_k + threshold + layers + mode):
 each group is one ``BatchGenerator``, and requests without memories form their own group, which
-runs stock mlx-lm.
+runs stock mlx-lm. While a group's decode batch is a single sequence and nothing else of the group
+is queued or prefilling, that sequence is stepped solo by mlx-lm's ``generate_step`` (solo.py,
+cheaper per token), and goes back into the BatchGenerator when another request joins.
 
 Threads. MLX work runs on the process's one MLX thread, and there is one way to put work there:
 ``MLXThread.call`` / ``run`` / ``submit``. The scheduler is a plain thread of its own that
