@@ -158,6 +158,7 @@ class _Group:
         # back into it whose first forward repeats one already counted.
         self.solo: Solo | None = None
         self.resumed: set[int] = set()
+        self.alone_steps = 0  # batch steps its one request has decoded alone in a row
         # Citation counts and attention mass of the decode batch, handed to its requests every
         # few steps for the whole batch at once (batch_tally.py).
         self.counts = self.mass = None
@@ -186,6 +187,11 @@ class Scheduler:
     """Owns the groups. ``admit``, ``cancel``, ``stats`` and ``close_all`` run on the MLX thread."""
 
     STEPS_PER_CALL = 32
+    # A hand-over to solo costs about one forward (solo.py) and saves a fraction of each step
+    # after it, so a sequence goes solo once it has decoded alone for this many batch steps and
+    # may still make this many tokens: a short request, or one that is joined again soon, stays
+    # batched (and a group whose requests come and go does not switch at every change).
+    SOLO_AFTER = 8
 
     def __init__(
         self,
@@ -366,7 +372,8 @@ class Scheduler:
     def _step(self, group: _Group) -> None:
         if group.solo is None and self._solo_ok:
             r = _alone(group)
-            if r is not None:
+            group.alone_steps = group.alone_steps + 1 if r is not None else 0
+            if r is not None and group.alone_steps > self.SOLO_AFTER and r.max_tokens - r.generated >= self.SOLO_AFTER:
                 self._go_solo(group, r)
         if group.solo is not None:
             self._step_solo(group)
@@ -416,6 +423,7 @@ class Scheduler:
         """Takes ``r``, decoding alone in ``group``, out of the BatchGenerator to step it solo."""
         ((cache, tokens),) = group.gen.remove([r.uid], return_prompt_caches=True).values()
         group.batch_changed = True
+        group.alone_steps = 0
         group.solo = Solo(self.model, r, cache, list(tokens), r.sampler, r.processors, r.max_tokens - r.generated)
 
     def _step_solo(self, group: _Group) -> None:

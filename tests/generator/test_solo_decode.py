@@ -50,14 +50,20 @@ def plain(llama_path):
     e.stop()
 
 
+SOLO_AFTER = 2  # the tests' Scheduler.SOLO_AFTER: a request goes solo at its 4th token
+
+
 @pytest.fixture
 def handovers(monkeypatch):
-    """Counts the scheduler's hand-overs: to solo ("solo") and back into a batch ("resume")."""
-    seen = {"solo": 0, "resume": 0}
+    """Counts the scheduler's hand-overs: to solo ("solo", and the tokens the request had made
+    then: "at") and back into a batch ("resume"). Sequences go solo after SOLO_AFTER steps alone."""
+    monkeypatch.setattr(sched.Scheduler, "SOLO_AFTER", SOLO_AFTER)
+    seen = {"solo": 0, "resume": 0, "at": []}
     go_solo, resume = sched.Scheduler._go_solo, sched._resume
 
     def counted_go_solo(self, group, r):
         seen["solo"] += 1
+        seen["at"].append(r.generated)
         go_solo(self, group, r)
 
     def counted_resume(group):
@@ -69,7 +75,7 @@ def handovers(monkeypatch):
     return seen
 
 
-async def joined(engine, req, other, monkeypatch, at: int = 4):
+async def joined(engine, req, other, monkeypatch, at: int = 6):
     """Runs ``req``; once it has made ``at`` tokens (decoding solo), ``other`` joins it. Until
     ``other`` is admitted, ``req`` makes no token while nothing else waits for the MLX thread,
     so it cannot finish first. -> (run(req), run(other))."""
@@ -136,8 +142,8 @@ async def test_solo_joined_and_batched_give_the_same_tokens(plain, handovers, mo
     long = GenerationRequest(engine.tokenizer.encode(ALONG), Sampling(max_tokens=40))
 
     alone = await run(engine, req)
-    assert handovers == {"solo": 1, "resume": 0}
-    assert len(alone[0]) >= 12  # long enough to be joined at its 4th token and outlive the other
+    assert handovers == {"solo": 1, "resume": 0, "at": [SOLO_AFTER + 1]}
+    assert len(alone[0]) >= 12  # long enough to be joined at its 6th token and outlive the other
 
     a, b = await joined(engine, req, short, monkeypatch)
     assert handovers["resume"] == 1 and handovers["solo"] >= 3  # left when joined, solo again after
@@ -172,6 +178,20 @@ async def test_stop_string_and_length_while_solo_and_after_rejoining(plain, hand
     assert engine.stats()["active"] == 0
 
 
+async def test_a_request_goes_solo_after_decoding_alone_for_a_while(plain, monkeypatch):
+    """With the default SOLO_AFTER, a request goes solo once it has decoded alone for SOLO_AFTER
+    batch steps and may still make SOLO_AFTER tokens: one that may make fewer never does."""
+    after = sched.Scheduler.SOLO_AFTER
+    at = []
+    go_solo = sched.Scheduler._go_solo
+    monkeypatch.setattr(sched.Scheduler, "_go_solo", lambda self, g, r: at.append(r.generated) or go_solo(self, g, r))
+    prompt = plain.tokenizer.encode("Alice met Bob at the")
+    short = await run(plain, GenerationRequest(prompt, Sampling(max_tokens=2 * after)))
+    assert at == [] and len(short[0]) == 2 * after
+    long = await run(plain, GenerationRequest(prompt, Sampling(max_tokens=2 * after + 1)))
+    assert at == [after + 1] and long[0][: 2 * after] == short[0]
+
+
 async def test_cancelled_while_solo(plain, handovers):
     """A request cancelled (its stream closed) while decoding solo frees its slot; the next
     request of the group decodes as it does alone."""
@@ -201,7 +221,7 @@ async def test_stopping_the_engine_fails_a_solo_request(llama_path, handovers):
     engine.start()
     try:
         gen = engine.generate(GenerationRequest(engine.tokenizer.encode("The sea"), Sampling(max_tokens=100_000)))
-        for _ in range(3):
+        for _ in range(5):  # the 4th token is a solo step's
             assert isinstance(await gen.__anext__(), Chunk)
         assert handovers["solo"] == 1
         await asyncio.to_thread(engine.stop)
@@ -222,7 +242,7 @@ async def test_citations_and_counted_forwards_are_the_same_solo_and_joined(engin
     is not counted twice, nor one left out in its place."""
     mid, tokens = memory
     bank, _ = ref_memory(ref, tokens, engine.special_ids)
-    top_k, n = 3, 16
+    top_k, n = 3, 20
     opts = MemoryOptions((mid,), top_k=top_k, return_citations=True, max_citations=1000, citation_min_weight=0.0)
     steps = []
     means = attention_mass.MassSum.means
@@ -235,7 +255,7 @@ async def test_citations_and_counted_forwards_are_the_same_solo_and_joined(engin
     assert_decidable(margins)
 
     alone = await run(engine, req)
-    assert handovers == {"solo": 1, "resume": 0}
+    assert handovers == {"solo": 1, "resume": 0, "at": [SOLO_AFTER + 1]}
     a, b = await joined(engine, req, other, monkeypatch)
     assert handovers["resume"] == 1 and handovers["solo"] >= 3
     per_token = engine.num_layers * engine.num_heads * top_k
