@@ -84,8 +84,8 @@ def main() -> int:
     from extmind.tiny_models import build_llama
     from services.generator import fused_attention as fa
     from services.generator.bank_cache import LocalRetriever, bank_from_numpy
+    from services.generator.decode_group import unpadded_caches
     from services.generator.extended_attention import MemoryContext, install
-    from services.generator.scheduler import _unpadded_caches
 
     dims = SHAPES[args.shape]
     H, KVH, nl = dims["heads"], dims["kv_heads"], dims["layers"]
@@ -131,7 +131,7 @@ def main() -> int:
         step = functools.partial(decode_step, gen, state, ctx)
         for _ in range(3):
             step()
-        state.unpadded_caches = _unpadded_caches(gen)  # as the scheduler does after the prompt
+        state.unpadded_caches = unpadded_caches(gen)  # as the scheduler does after the prompt
         for _ in range(10):
             step()
         mx.synchronize()

@@ -36,7 +36,8 @@ from services.generator.memory_client import MemoryChanged, MemoryClient
 from services.generator.memory_resolution import MemoryResolver, ModelShape, ResolvedMemory, dtype_note
 from services.generator.remote_retrieval import RemoteRetriever
 from services.generator.request_types import DEFAULT_STRIDE, DEFAULT_WINDOW, LOCAL, Chunk, Final, GenerationRequest
-from services.generator.scheduler import RunningRequest, Scheduler
+from services.generator.running_request import RunningRequest
+from services.generator.scheduler import Scheduler
 from services.generator.stop_text import IncrementalDecoder, remember_single_tokens
 
 log = logging.getLogger("extmind.generator")

@@ -22,9 +22,6 @@ state only; the attention-mass sums stay on the device until a request ends (att
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import functools
 import logging
 import threading
 import time
@@ -33,21 +30,21 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 from prometheus_client import Counter, Gauge, Histogram
 
 from extmind import errors
 from services.common.metrics import LATENCY_BUCKETS
 from services.common.mlx_thread import MLXThread
 from services.generator import attention_mass, prefill_attention
-from services.generator.batch_tally import BatchTally
-from services.generator.citations import Counts, Picks, decode_forwards, picked_rows, spans, stack_picks
-from services.generator.extended_attention import ExtendedMindState, MemoryContext
+from services.generator.citations import Counts, decode_forwards, spans
+from services.generator.decode_group import DecodeGroup, hand_out, unpadded_caches
+from services.generator.extended_attention import ExtendedMindState
 from services.generator.memory_resolution import ResolvedMemory
-from services.generator.request_types import LENGTH, STOP, STOP_SEQUENCE, Chunk, Final, GenerationRequest
+from services.generator.request_types import LENGTH, STOP, STOP_SEQUENCE, Chunk, Final
+from services.generator.running_request import RunningRequest, wake_loops
 from services.generator.sampling import logits_processors_for, sampler_for
 from services.generator.solo import Solo
-from services.generator.stop_text import StopText
 
 log = logging.getLogger("extmind.generator")
 
@@ -75,112 +72,6 @@ def _top(logprobs: mx.array, k: int) -> list[tuple[int, float]]:
     values = np.asarray(logprobs[mx.array(ids)], dtype=np.float32)
     order = np.argsort(-values, kind="stable")
     return [(int(ids[i]), float(values[i])) for i in order]
-
-
-class RunningRequest:
-    """One admitted generation: where its events go and how far it got."""
-
-    def __init__(
-        self,
-        req: GenerationRequest,
-        loop: asyncio.AbstractEventLoop,
-        detokenizer,
-        max_tokens: int,
-        arrived: float | None = None,
-    ):
-        self.req = req
-        self.arrived = time.monotonic() if arrived is None else arrived  # for the latency metrics
-        self.loop = loop
-        self.events: asyncio.Queue = asyncio.Queue()  # Chunk..., then a Final or an exception
-        self._outbox: collections.deque = collections.deque()  # posted, not yet in events
-        self._wake = False  # a delivery to events is due: handed to the scheduler, not yet run
-        self.text = StopText(detokenizer, tuple(req.sampling.stop))
-        self.max_tokens = max_tokens
-        self.generated = 0  # tokens the model produced (EOS included)
-        self.group: _Group | None = None
-        self.uid: int | None = None
-        self.done = False
-        self.memories: list[ResolvedMemory] = []
-        self.counts: Counts | None = None  # retrieval counts on the device (citations only)
-        self.mass: attention_mass.MassSum | None = None  # memory share sums (requests with memories)
-        self.sampler = None  # as given to the BatchGenerator, kept for decoding solo (solo.py)
-        self.processors: list = []
-
-    def post(self, event) -> bool:
-        """Queues ``event`` for the caller (on the MLX thread). -> whether the caller's loop must
-        be woken for it (``wake_loops``); False while an earlier wake-up has not been handled:
-        events posted meanwhile travel with the earlier ones."""
-        self._outbox.append(event)
-        if self._wake:
-            return False
-        self._wake = True
-        return True
-
-    def _deliver(self) -> None:  # on the caller's loop
-        self._wake = False  # first: an event posted from here on asks for another wake-up
-        while self._outbox:
-            self.events.put_nowait(self._outbox.popleft())
-
-
-def wake_loops(requests: list[RunningRequest]) -> None:
-    """Hands the events posted to ``requests`` to their callers (from the MLX thread): one
-    wake-up per event loop for all of its requests (after a decode step, every stream has a new
-    token), not one per request."""
-    by_loop: dict = {}
-    for r in requests:
-        by_loop.setdefault(r.loop, []).append(r)
-    for loop, rs in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_deliver_all, rs)
-        except RuntimeError:  # the caller's loop is gone
-            pass
-
-
-def _deliver_all(requests: list[RunningRequest]) -> None:  # on the callers' loop
-    for r in requests:
-        r._deliver()
-
-
-class _Group:
-    def __init__(self, key, gen: BatchGenerator, ctx: MemoryContext | None, num_layers: int):
-        self.key = key
-        self.gen = gen
-        self.ctx = ctx
-        self.requests: dict[int, RunningRequest] = {}
-        # Layers that retrieve: each forward records that many index (and mass) arrays.
-        self.layers = [i for i in range(num_layers) if ctx.applies(i)] if ctx is not None else []
-        self.layers_per_forward = len(self.layers)
-        # The decode batch's caches when none of its sequences is left-padded (see
-        # ExtendedMindState.unpadded_caches), found again whenever the batch changes.
-        self.unpadded_caches: dict = {}
-        self.batch_changed = True
-        # The one sequence decoding alone, out of the BatchGenerator (solo.py), and the uids put
-        # back into it whose first forward repeats one already counted.
-        self.solo: Solo | None = None
-        self.resumed: set[int] = set()
-        self.alone_steps = 0  # batch steps its one request has decoded alone in a row
-        # Citation counts and attention mass of the decode batch, handed to its requests every
-        # few steps for the whole batch at once (batch_tally.py).
-        self.counts = self.mass = None
-        if ctx is not None:
-            floor = ctx.cite_min_weight
-            self.counts = BatchTally(
-                "counts", self.requests.get, functools.partial(picked_rows, min_weight=floor), stack_picks
-            )
-            self.mass = BatchTally("mass", self.requests.get, attention_mass.summed_shares, attention_mass.stack_shares)
-
-    def remove(self, uid: int) -> None:
-        """Takes sequence ``uid`` out of the BatchGenerator or ends it solo (the decode batch changes)."""
-        if self.solo is not None and self.solo.request.uid == uid:
-            self.end_solo()
-        else:
-            self.gen.remove([uid])
-        self.resumed.discard(uid)
-        self.batch_changed = True
-
-    def end_solo(self) -> None:
-        self.solo.close()
-        self.solo = None
 
 
 class Scheduler:
@@ -270,7 +161,7 @@ class Scheduler:
         for key, group in list(self._groups.items()):
             self._step(group)
             if not group.requests:
-                _close_group(group)
+                group.close()
                 self._groups.pop(key, None)
         if not self._groups:
             self._has_work.clear()  # on the MLX thread, so no admit can slip in between
@@ -320,10 +211,10 @@ class Scheduler:
                 prefill_batch_size=self.prefill_batch_size,
                 prefill_step_size=self.prefill_step_size,
             )
-            group = _Group(key, gen, ctx, self.num_layers)
+            group = DecodeGroup(key, gen, ctx, self.num_layers)
             self._groups[key] = group
         if group.solo is not None:  # a batch again: first, so it keeps its turn ahead of r
-            _resume(group)
+            group.resume()
         s = r.req.sampling
         r.sampler, r.processors = sampler_for(s), logits_processors_for(s)
         (uid,) = group.gen.insert(
@@ -362,29 +253,29 @@ class Scheduler:
                 r.done = True
                 _observe_end(r, "error")
                 self._post(r, error)
-            _close_group(g)
+            g.close()
         self._groups.clear()
         self._active = 0
         self._has_work.clear()
         self._publish()
         self._hand_over()
 
-    def _step(self, group: _Group) -> None:
+    def _step(self, group: DecodeGroup) -> None:
         if group.solo is None and self._solo_ok:
-            r = _alone(group)
+            r = group.alone()
             group.alone_steps = group.alone_steps + 1 if r is not None else 0
             if r is not None and group.alone_steps > self.SOLO_AFTER and r.max_tokens - r.generated >= self.SOLO_AFTER:
                 self._go_solo(group, r)
         if group.solo is not None:
             self._step_solo(group)
             return
-        record, mass = _recording(group)
+        record, mass = group.recording()
         # mlx-lm's model __call__ has no argument through which memories could reach the
         # attention layers, so the wrapped attention modules read them from the state they share
         # with this scheduler: point it at this group's memories for the length of its step.
         # Only the MLX thread reads or writes it, one step (or memorize chunk) at a time.
         if group.batch_changed:
-            group.unpadded_caches = _unpadded_caches(group.gen)
+            group.unpadded_caches = unpadded_caches(group.gen)
             group.batch_changed = False
         self.state.memory = group.ctx
         self.state.unpadded_caches = group.unpadded_caches
@@ -419,18 +310,18 @@ class Scheduler:
             group.resumed.difference_update(resumed)
         self._tally(group, record, mass, [x.uid for x in responses], started)
 
-    def _go_solo(self, group: _Group, r: RunningRequest) -> None:
+    def _go_solo(self, group: DecodeGroup, r: RunningRequest) -> None:
         """Takes ``r``, decoding alone in ``group``, out of the BatchGenerator to step it solo."""
         ((cache, tokens),) = group.gen.remove([r.uid], return_prompt_caches=True).values()
         group.batch_changed = True
         group.alone_steps = 0
         group.solo = Solo(self.model, r, cache, list(tokens), r.sampler, r.processors, r.max_tokens - r.generated)
 
-    def _step_solo(self, group: _Group) -> None:
+    def _step_solo(self, group: DecodeGroup) -> None:
         """One token of the group's solo sequence: as ``_step`` does for a batch of one."""
         solo = group.solo
         r = solo.request
-        record, mass = _recording(group)
+        record, mass = group.recording()
         self.state.memory = group.ctx
         try:
             token, logprobs = solo.step()
@@ -453,7 +344,7 @@ class Scheduler:
             group.end_solo()
         self._tally(group, record, mass, [r.uid], [])
 
-    def _fail(self, group: _Group, e: Exception) -> None:
+    def _fail(self, group: DecodeGroup, e: Exception) -> None:
         """Ends every request of ``group`` with the error a step raised."""
         log.warning("generation step failed", extra={"error": str(e)})
         err = e if isinstance(e, errors.ExtmindError) else errors.Internal(f"generation failed: {e}")
@@ -467,7 +358,9 @@ class Scheduler:
         group.requests.clear()
         self._gauges_moved = True
 
-    def _tally(self, group: _Group, record: list | None, mass: list | None, generated: list, started: list) -> None:
+    def _tally(
+        self, group: DecodeGroup, record: list | None, mass: list | None, generated: list, started: list
+    ) -> None:
         """Hands one step's recorded forwards to the group's tallies. Called after the step's
         tokens: a request that just ended does not count the forward on its last token (computed
         ahead, its output never used)."""
@@ -484,7 +377,7 @@ class Scheduler:
                     group.remove(r.uid)
                     self._end(r, e)
             else:
-                recorded += _hand_out(group.counts, forwards, lazy)
+                recorded += hand_out(group.counts, forwards, lazy)
         if mass:
             try:
                 forwards = attention_mass.forward_shares(mass, group.layers_per_forward, generated, started)
@@ -493,7 +386,7 @@ class Scheduler:
                 for r in group.requests.values():
                     r.mass = None
             else:
-                recorded += _hand_out(group.mass, forwards, lazy)
+                recorded += hand_out(group.mass, forwards, lazy)
         if recorded and lazy:
             # The recorded rows and shares are tiny: evaluating them with the step frees the
             # forward's arrays they hang on; the requests add them up every few steps.
@@ -552,99 +445,12 @@ class Scheduler:
         self._post(r, last)
 
 
-def _recording(group: _Group) -> tuple[list | None, list | None]:
-    """Points the group's memory context at fresh records for one step. -> (citations record,
-    attention-mass record), each None when not recorded."""
-    if group.ctx is None:
-        return None, None
-    # Record retrievals only while someone in the group wants citations (only memories cite).
-    record = [] if any(r.counts is not None for r in group.requests.values()) else None
-    if record is None:
-        # The last citing request left: nothing is recorded any more, so no batch change
-        # would flush what its tally still holds (whole-batch picks, up to FLUSH_ITEMS)
-        # while the group serves others. No request takes it: flush() only drops it.
-        group.counts.flush()
-    mass = [] if group.layers else None
-    group.ctx.record, group.ctx.mass = record, mass
-    group.ctx.records_lazy = False
-    return record, mass
-
-
 class _SoloToken(NamedTuple):
     """A solo step's token, shaped as the BatchGenerator's response ``_on_token`` reads."""
 
     token: int
     logprobs: mx.array
     finish_reason: str | None
-
-
-def _alone(group: _Group) -> RunningRequest | None:
-    """The group's request when it is the only one and decoding (so nothing of the group is
-    queued or prefilling), else None. A sequence just put back from solo is not decoding again
-    until its first batch forward ran (``resumed``)."""
-    if len(group.requests) != 1:
-        return None
-    (r,) = group.requests.values()
-    return r if r.generated and not r.done and r.uid not in group.resumed else None
-
-
-def _resume(group: _Group) -> None:
-    """Puts the group's solo sequence back into its BatchGenerator (another request joins): its
-    cache without the last token, which the BatchGenerator's first forward runs again, and its
-    history for the logits processors. The sequence gets a new uid."""
-    solo, group.solo = group.solo, None
-    r = solo.request
-    cache, tokens = solo.end()
-    for tally in (group.counts, group.mass):
-        if tally is not None:
-            tally.flush()  # its pending forwards are r's under the uid r leaves
-    (uid,) = group.gen.insert(
-        [tokens[-1:]],
-        max_tokens=[r.max_tokens - r.generated],
-        caches=[cache],
-        all_tokens=[tokens[:-1]],
-        samplers=[r.sampler],
-        logits_processors=[r.processors],
-    )
-    del group.requests[r.uid]
-    r.uid = uid
-    group.requests[uid] = r
-    group.resumed.add(uid)
-    group.batch_changed = True
-
-
-def _hand_out(tally: BatchTally, forwards: list, compact: bool) -> list:
-    """Adds every decode forward's per-layer records to the group's ``tally`` (compacted when
-    ``compact``: ``BatchTally.add``). -> the arrays it keeps (to evaluate with the step when they
-    are graphs: a forward's layers stacked into one record)."""
-    out = []
-    for uids, records in forwards:
-        kept = tally.add(uids, records, compact)
-        out += [x for a in kept for x in (a.arrays() if isinstance(a, Picks) else [a])]
-    return out
-
-
-def _unpadded_caches(gen: BatchGenerator) -> dict:
-    """id -> cache of the decode batch's per-layer KV caches when no sequence in it is
-    left-padded, else {} (also for cache types other than mlx-lm's BatchKVCache). Reads the
-    padding from the device: called only when the batch changed (a sequence joined or left)."""
-    caches = getattr(getattr(gen, "_generation_batch", None), "prompt_cache", None) or []
-    if not caches or any(type(c) is not BatchKVCache for c in caches):
-        return {}
-    if mx.max(mx.concatenate([c.left_padding for c in caches])).item() != 0:
-        return {}
-    return {id(c): c for c in caches}
-
-
-def _close_group(group: _Group) -> None:
-    """Ends a group: its BatchGenerator and, for REMOTE, its search stream (now, rather than
-    whenever the retriever is garbage-collected: the memory service holds the stream open)."""
-    if group.solo is not None:
-        group.end_solo()
-    group.gen.close()
-    close = getattr(group.ctx.retriever, "close", None) if group.ctx is not None else None
-    if close is not None:
-        close()
 
 
 def _observe_end(r: RunningRequest, how: str) -> None:

@@ -91,7 +91,7 @@ async def test_eight_local_requests_look_up_once_and_join_one_unpadded_batch(eng
     lookups, padded = [], []
     resolve = engine.resolver.resolve
     monkeypatch.setattr(engine.resolver, "resolve", lambda *a, **kw: lookups.append(1) or resolve(*a, **kw))
-    unpadded = scheduler._unpadded_caches
+    unpadded = scheduler.unpadded_caches
 
     def spy(gen):  # a decode batch (not an empty one, before any sequence joined) was padded
         caches = unpadded(gen)
@@ -99,7 +99,7 @@ async def test_eight_local_requests_look_up_once_and_join_one_unpadded_batch(eng
             padded.append(not caches)
         return caches
 
-    monkeypatch.setattr(scheduler, "_unpadded_caches", spy)
+    monkeypatch.setattr(scheduler, "unpadded_caches", spy)
     together = await asyncio.gather(*(run(engine, GenerationRequest(p, Sampling(max_tokens=6), opts)) for p in prompts))
     assert [t[0] for t in together] == alone
     assert len(lookups) == 1

@@ -15,9 +15,9 @@ from mlx_lm.utils import load
 
 from extmind.tiny_models import build_llama
 from services.generator import prefill_attention
+from services.generator.decode_group import unpadded_caches
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.request_types import GenerationRequest, MemoryOptions, Sampling
-from services.generator.scheduler import _unpadded_caches
 
 from .helpers import run
 from .memory_helpers import TEXT
@@ -40,18 +40,18 @@ def test_unpadded_caches_follow_the_batch(llama_path):
 
     (alone,) = gen.insert([[5, 6, 7, 8]])
     _decode_until_started(gen, {alone})
-    caches = _unpadded_caches(gen)
+    caches = unpadded_caches(gen)
     assert len(caches) == len(model.layers) and all(c is caches[id(c)] for c in caches.values())
 
     # Two prompts of different lengths share one decode batch: the shorter is left-padded.
     short, long_ = gen.insert([[9, 10], [11, 12, 13, 14, 15, 16, 17]])
     _decode_until_started(gen, {short, long_})
-    assert _unpadded_caches(gen) == {}
+    assert unpadded_caches(gen) == {}
 
     # Once only the longest remains, mlx-lm shifts the padding away.
     gen.remove([alone, short])
     gen.next()
-    assert len(_unpadded_caches(gen)) == len(model.layers)
+    assert len(unpadded_caches(gen)) == len(model.layers)
     gen.close()
 
 

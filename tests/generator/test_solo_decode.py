@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from extmind import errors
-from services.generator import attention_mass
+from services.generator import attention_mass, decode_group
 from services.generator import scheduler as sched
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
@@ -59,7 +59,7 @@ def handovers(monkeypatch):
     then: "at") and back into a batch ("resume"). Sequences go solo after SOLO_AFTER steps alone."""
     monkeypatch.setattr(sched.Scheduler, "SOLO_AFTER", SOLO_AFTER)
     seen = {"solo": 0, "resume": 0, "at": []}
-    go_solo, resume = sched.Scheduler._go_solo, sched._resume
+    go_solo, resume = sched.Scheduler._go_solo, decode_group.DecodeGroup.resume
 
     def counted_go_solo(self, group, r):
         seen["solo"] += 1
@@ -71,7 +71,7 @@ def handovers(monkeypatch):
         resume(group)
 
     monkeypatch.setattr(sched.Scheduler, "_go_solo", counted_go_solo)
-    monkeypatch.setattr(sched, "_resume", counted_resume)
+    monkeypatch.setattr(decode_group.DecodeGroup, "resume", counted_resume)
     return seen
 
 

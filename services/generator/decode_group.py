@@ -1,0 +1,149 @@
+"""A group of the scheduler: the requests that attend to the same memories with the same settings.
+
+Each group is one mlx-lm ``BatchGenerator`` (services/generator/scheduler.py steps it), plus what
+the group keeps between steps: the memory context its forwards read, the solo sequence (solo.py),
+the per-request tallies of its decode batch (batch_tally.py) and the decode batch's unpadded caches.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import BatchKVCache
+
+from services.generator import attention_mass
+from services.generator.batch_tally import BatchTally
+from services.generator.citations import Picks, picked_rows, stack_picks
+from services.generator.extended_attention import MemoryContext
+from services.generator.solo import Solo
+
+
+class DecodeGroup:
+    """One group of requests that attend to the same memories with the same settings (or to
+    none): its BatchGenerator, its memory context, its requests by uid, the sequence it steps
+    solo (solo.py) and its per-request tallies (batch_tally.py)."""
+
+    def __init__(self, key, gen: BatchGenerator, ctx: MemoryContext | None, num_layers: int):
+        self.key = key
+        self.gen = gen
+        self.ctx = ctx
+        self.requests: dict = {}  # uid -> running_request.RunningRequest
+        # Layers that retrieve: each forward records that many index (and mass) arrays.
+        self.layers = [i for i in range(num_layers) if ctx.applies(i)] if ctx is not None else []
+        self.layers_per_forward = len(self.layers)
+        # The decode batch's caches when none of its sequences is left-padded (see
+        # ExtendedMindState.unpadded_caches), found again whenever the batch changes.
+        self.unpadded_caches: dict = {}
+        self.batch_changed = True
+        # The one sequence decoding alone, out of the BatchGenerator (solo.py), and the uids put
+        # back into it whose first forward repeats one already counted.
+        self.solo: Solo | None = None
+        self.resumed: set[int] = set()
+        self.alone_steps = 0  # batch steps its one request has decoded alone in a row
+        # Citation counts and attention mass of the decode batch, handed to its requests every
+        # few steps for the whole batch at once (batch_tally.py).
+        self.counts = self.mass = None
+        if ctx is not None:
+            floor = ctx.cite_min_weight
+            self.counts = BatchTally(
+                "counts", self.requests.get, functools.partial(picked_rows, min_weight=floor), stack_picks
+            )
+            self.mass = BatchTally("mass", self.requests.get, attention_mass.summed_shares, attention_mass.stack_shares)
+
+    def remove(self, uid: int) -> None:
+        """Takes sequence ``uid`` out of the BatchGenerator or ends it solo (the decode batch changes)."""
+        if self.solo is not None and self.solo.request.uid == uid:
+            self.end_solo()
+        else:
+            self.gen.remove([uid])
+        self.resumed.discard(uid)
+        self.batch_changed = True
+
+    def end_solo(self) -> None:
+        self.solo.close()
+        self.solo = None
+
+    def recording(self) -> tuple[list | None, list | None]:
+        """Points the group's memory context at fresh records for one step. -> (citations record,
+        attention-mass record), each None when not recorded."""
+        if self.ctx is None:
+            return None, None
+        # Record retrievals only while someone in the group wants citations (only memories cite).
+        record = [] if any(r.counts is not None for r in self.requests.values()) else None
+        if record is None:
+            # The last citing request left: nothing is recorded any more, so no batch change
+            # would flush what its tally still holds (whole-batch picks, up to FLUSH_ITEMS)
+            # while the group serves others. No request takes it: flush() only drops it.
+            self.counts.flush()
+        mass = [] if self.layers else None
+        self.ctx.record, self.ctx.mass = record, mass
+        self.ctx.records_lazy = False
+        return record, mass
+
+    def alone(self):
+        """-> the group's request when it is the only one and decoding (so nothing of the group is
+        queued or prefilling), else None. A sequence just put back from solo is not decoding again
+        until its first batch forward ran (``resumed``)."""
+        if len(self.requests) != 1:
+            return None
+        (r,) = self.requests.values()
+        return r if r.generated and not r.done and r.uid not in self.resumed else None
+
+    def resume(self) -> None:
+        """Puts the group's solo sequence back into its BatchGenerator (another request joins): its
+        cache without the last token, which the BatchGenerator's first forward runs again, and its
+        history for the logits processors. The sequence gets a new uid."""
+        solo, self.solo = self.solo, None
+        r = solo.request
+        cache, tokens = solo.end()
+        for tally in (self.counts, self.mass):
+            if tally is not None:
+                tally.flush()  # its pending forwards are r's under the uid r leaves
+        (uid,) = self.gen.insert(
+            [tokens[-1:]],
+            max_tokens=[r.max_tokens - r.generated],
+            caches=[cache],
+            all_tokens=[tokens[:-1]],
+            samplers=[r.sampler],
+            logits_processors=[r.processors],
+        )
+        del self.requests[r.uid]
+        r.uid = uid
+        self.requests[uid] = r
+        self.resumed.add(uid)
+        self.batch_changed = True
+
+    def close(self) -> None:
+        """Ends the group: its BatchGenerator and, for REMOTE, its search stream (now, rather than
+        whenever the retriever is garbage-collected: the memory service holds the stream open)."""
+        if self.solo is not None:
+            self.end_solo()
+        self.gen.close()
+        close = getattr(self.ctx.retriever, "close", None) if self.ctx is not None else None
+        if close is not None:
+            close()
+
+
+def hand_out(tally: BatchTally, forwards: list, compact: bool) -> list:
+    """Adds every decode forward's per-layer records to the group's ``tally`` (compacted when
+    ``compact``: ``BatchTally.add``). -> the arrays it keeps (to evaluate with the step when they
+    are graphs: a forward's layers stacked into one record)."""
+    out = []
+    for uids, records in forwards:
+        kept = tally.add(uids, records, compact)
+        out += [x for a in kept for x in (a.arrays() if isinstance(a, Picks) else [a])]
+    return out
+
+
+def unpadded_caches(gen: BatchGenerator) -> dict:
+    """id -> cache of the decode batch's per-layer KV caches when no sequence in it is
+    left-padded, else {} (also for cache types other than mlx-lm's BatchKVCache). Reads the
+    padding from the device: called only when the batch changed (a sequence joined or left)."""
+    caches = getattr(getattr(gen, "_generation_batch", None), "prompt_cache", None) or []
+    if not caches or any(type(c) is not BatchKVCache for c in caches):
+        return {}
+    if mx.max(mx.concatenate([c.left_padding for c in caches])).item() != 0:
+        return {}
+    return {id(c): c for c in caches}

@@ -1,0 +1,77 @@
+"""A request admitted to the scheduler, and how its events reach the caller's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+
+from services.generator import attention_mass
+from services.generator.citations import Counts
+from services.generator.memory_resolution import ResolvedMemory
+from services.generator.request_types import GenerationRequest
+from services.generator.stop_text import StopText
+
+
+class RunningRequest:
+    """One admitted generation: where its events go and how far it got."""
+
+    def __init__(
+        self,
+        req: GenerationRequest,
+        loop: asyncio.AbstractEventLoop,
+        detokenizer,
+        max_tokens: int,
+        arrived: float | None = None,
+    ):
+        self.req = req
+        self.arrived = time.monotonic() if arrived is None else arrived  # for the latency metrics
+        self.loop = loop
+        self.events: asyncio.Queue = asyncio.Queue()  # Chunk..., then a Final or an exception
+        self._outbox: collections.deque = collections.deque()  # posted, not yet in events
+        self._wake = False  # a delivery to events is due: handed to the scheduler, not yet run
+        self.text = StopText(detokenizer, tuple(req.sampling.stop))
+        self.max_tokens = max_tokens
+        self.generated = 0  # tokens the model produced (EOS included)
+        self.group = None  # its decode_group.DecodeGroup
+        self.uid: int | None = None
+        self.done = False
+        self.memories: list[ResolvedMemory] = []
+        self.counts: Counts | None = None  # retrieval counts on the device (citations only)
+        self.mass: attention_mass.MassSum | None = None  # memory share sums (requests with memories)
+        self.sampler = None  # as given to the BatchGenerator, kept for decoding solo (solo.py)
+        self.processors: list = []
+
+    def post(self, event) -> bool:
+        """Queues ``event`` for the caller (on the MLX thread). -> whether the caller's loop must
+        be woken for it (``wake_loops``); False while an earlier wake-up has not been handled:
+        events posted meanwhile travel with the earlier ones."""
+        self._outbox.append(event)
+        if self._wake:
+            return False
+        self._wake = True
+        return True
+
+    def _deliver(self) -> None:  # on the caller's loop
+        self._wake = False  # first: an event posted from here on asks for another wake-up
+        while self._outbox:
+            self.events.put_nowait(self._outbox.popleft())
+
+
+def wake_loops(requests: list[RunningRequest]) -> None:
+    """Hands the events posted to ``requests`` to their callers (from the MLX thread): one
+    wake-up per event loop for all of its requests (after a decode step, every stream has a new
+    token), not one per request."""
+    by_loop: dict = {}
+    for r in requests:
+        by_loop.setdefault(r.loop, []).append(r)
+    for loop, rs in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_deliver_all, rs)
+        except RuntimeError:  # the caller's loop is gone
+            pass
+
+
+def _deliver_all(requests: list[RunningRequest]) -> None:  # on the callers' loop
+    for r in requests:
+        r._deliver()
