@@ -143,12 +143,24 @@ def _undouble(message: str) -> str:
         message = rest
 
 
+# How gRPC's own transport describes a call that never reached a server (or lost it): its
+# UNAVAILABLE details start so. A service's own UNAVAILABLE (a peer behind it is down) starts with
+# the service's words, which may quote such a failure further on.
+_TRANSPORT_FAILURE = re.compile(
+    r"(failed to connect|connections to all backends failing|DNS resolution failed|Socket closed|"
+    r"Connection reset|Connection refused|Broken pipe|Ssl handshake|GOAWAY|Stream removed|recvmsg|sendmsg|"
+    r"Endpoint read failed|Transport closed|Cancelling all calls|Failed parsing HTTP/2|empty address list)",
+    re.IGNORECASE,
+)
+
+
 def rpc_error_line(exc: grpc.RpcError, service: str, url: str, origin: str = "") -> str:
     """The one line (without "extmind: ") that a failed call to ``service`` at ``url`` prints:
     "CODE: what happened; what to do", the code as :func:`extmind.errors.from_rpc_error` names it.
     ``origin`` says where ``url`` came from (shown when the service cannot be reached)."""
     peer = f"{service} service at {url}"
     err = from_rpc_error(exc, peer=peer, as_dependency=False)
+    raw = (exc.details() if hasattr(exc, "details") else "") or ""
     detail = _RPC_NAME.sub(lambda m: _RPC_COMMANDS[m.group(1)], _undouble(" ".join(err.message.split())))
     where = f" [{origin}]" if origin else ""
     if err.code == "UNAVAILABLE" and "Failed parsing HTTP/2" in detail:
@@ -158,6 +170,9 @@ def rpc_error_line(exc: grpc.RpcError, service: str, url: str, origin: str = "")
             f"{url}{where} is not a gRPC server (it answers in HTTP/1, as the services' HTTP ports do); "
             f"the {service}'s gRPC port is {ENV_VARS[port][0]} unless {port} says otherwise"
         )
+    elif err.code == "UNAVAILABLE" and not _TRANSPORT_FAILURE.match(raw):
+        # The service answered: what it lacks is behind it (a peer it calls), and its message says what.
+        detail = f"the {peer}{where} answered: {detail}"
     elif err.code == "UNAVAILABLE":
         detail = f"cannot reach the {peer}{where} ({detail}); is the cluster up? `make up`, `extmind status`"
     elif err.code == "DEADLINE_EXCEEDED":

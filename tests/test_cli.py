@@ -5,6 +5,7 @@ extmind/procs.py. Also the Makefile targets that take the run dir, and the run d
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import http.server
 import json
 import os
@@ -204,6 +205,39 @@ def test_unreachable_service_is_one_line_saying_where_the_url_came_from(tmp_path
     (run / "cluster.json").write_text(json.dumps({"memory_url": f"127.0.0.1:{dead}"}))
     r = cli("memories", "list", env=clean_env(EXTMIND_RUN_DIR=str(run)))
     assert f"at 127.0.0.1:{dead} [{run}/cluster.json] (" in one_line(r)
+
+
+def test_a_service_that_answers_unavailable_is_not_called_unreachable():
+    # The generator is up; the memory service behind it is not: the line must not send the user
+    # looking for the generator (it quotes the dead peer's own transport error further on).
+    said = (
+        "memory 'renmi': memory service at 127.0.0.1:1 is unavailable (UNAVAILABLE: failed to connect "
+        "to all addresses); start it or point --memory-url at it"
+    )
+
+    def list_memories(request, context):
+        context.abort(grpc.StatusCode.UNAVAILABLE, said)
+
+    handler = grpc.method_handlers_generic_handler(
+        "extmind.v1.MemoryService",
+        {
+            "ListMemories": grpc.unary_unary_rpc_method_handler(
+                list_memories,
+                request_deserializer=memory_pb2.ListMemoriesRequest.FromString,
+                response_serializer=memory_pb2.ListMemoriesResponse.SerializeToString,
+            )
+        },
+    )
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        r = cli("memories", "list", env=clean_env(MEMORY_URL=f"127.0.0.1:{port}"))
+    finally:
+        server.stop(None)
+    assert r.returncode == 1
+    assert one_line(r) == f"extmind: UNAVAILABLE: the memory service at 127.0.0.1:{port} [MEMORY_URL] answered: {said}"
 
 
 def test_an_http_port_given_as_a_grpc_url_says_so():
