@@ -314,6 +314,9 @@ class Scheduler:
         """Takes ``r``, decoding alone in ``group``, out of the BatchGenerator to step it solo."""
         ((cache, tokens),) = group.gen.remove([r.uid], return_prompt_caches=True).values()
         group.batch_changed = True
+        # The decode batch's caches it left (BatchKVCaches: r's keys and values, which ``cache``
+        # copied) would otherwise stay referenced here for as long as r decodes solo.
+        group.unpadded_caches = {}
         group.alone_steps = 0
         group.solo = Solo(self.model, r, cache, list(tokens), r.sampler, r.processors, r.max_tokens - r.generated)
 

@@ -6,8 +6,10 @@ as when it is batched throughout."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 from dataclasses import replace
 
 import numpy as np
@@ -190,6 +192,30 @@ async def test_a_request_goes_solo_after_decoding_alone_for_a_while(plain, monke
     assert at == [] and len(short[0]) == 2 * after
     long = await run(plain, GenerationRequest(prompt, Sampling(max_tokens=2 * after + 1)))
     assert at == [after + 1] and long[0][: 2 * after] == short[0]
+
+
+async def test_the_batch_caches_a_sequence_left_are_freed_while_it_decodes_solo(plain, monkeypatch):
+    """Going solo copies the sequence's keys and values out of the decode batch's BatchKVCaches
+    (one per layer): those are dropped, not kept alive next to the copy for as long as the
+    sequence decodes solo (a long context's cache held twice)."""
+    monkeypatch.setattr(sched.Scheduler, "SOLO_AFTER", SOLO_AFTER)
+    left, alive = [], []
+    go_solo, step_solo = sched.Scheduler._go_solo, sched.Scheduler._step_solo
+
+    def going(self, group, r):
+        left.extend(weakref.ref(c) for c in group.gen._generation_batch.prompt_cache)
+        go_solo(self, group, r)
+
+    def stepping(self, group):
+        step_solo(self, group)
+        gc.collect()
+        alive.append(sum(c() is not None for c in left))
+
+    monkeypatch.setattr(sched.Scheduler, "_go_solo", going)
+    monkeypatch.setattr(sched.Scheduler, "_step_solo", stepping)
+    got = await run(plain, GenerationRequest(plain.tokenizer.encode("The sea"), Sampling(max_tokens=12)))
+    assert len(got[0]) == 12 and len(left) == plain.num_layers
+    assert alive == [0] * (12 - SOLO_AFTER - 1)  # solo from its 4th token on
 
 
 async def test_cancelled_while_solo(plain, handovers):
