@@ -292,3 +292,54 @@ async def test_citations_and_counted_forwards_are_the_same_solo_and_joined(engin
     assert int(b[3].row_counts.sum()) == per_token * b[3].completion_tokens
     # alone, then the joined pair in the order they ended (the other one first)
     assert steps == [n, 5, n]
+
+
+async def test_a_tally_that_fails_as_a_solo_request_goes_back_ends_that_request_alone(
+    engine, memory, handovers, monkeypatch
+):
+    """Going back into the batch first hands the solo request's pending forwards to its tallies.
+    Should that raise (BatchTally.flush keeps the records), that request ends with INTERNAL (its
+    counts would be short) and nothing else does: the request that joined runs, as does one of
+    another group; the request is not left out of both the solo and the batch (waiting forever,
+    or crashing the scheduler, which fails every request of every group)."""
+    mid, _ = memory
+    opts = MemoryOptions((mid,), top_k=3, return_citations=True, citation_min_weight=0.0)
+    req = GenerationRequest(engine.tokenizer.encode("Alice met Bob at"), Sampling(max_tokens=20), opts)
+    other = GenerationRequest(engine.tokenizer.encode(ALONG), Sampling(max_tokens=5), opts)
+    bystander = GenerationRequest(engine.tokenizer.encode("The sea"), Sampling(max_tokens=60))
+    resume = decode_group.DecodeGroup.resume
+
+    def failing(group):
+        combine = group.counts.combine
+
+        def once(forwards):
+            group.counts.combine = combine
+            raise RuntimeError("combine failed")
+
+        group.counts.combine = once
+        resume(group)
+
+    monkeypatch.setattr(decode_group.DecodeGroup, "resume", failing)
+    reached, on_token = threading.Event(), sched.Scheduler._on_token
+
+    def holding(self, r, resp):  # as joined() does: req makes no token more until other is admitted
+        on_token(self, r, resp)
+        if r.req is req and r.generated == 6:
+            reached.set()
+            deadline = time.monotonic() + 30
+            while not self._mlx.has_waiting() and time.monotonic() < deadline:
+                time.sleep(0.002)
+
+    monkeypatch.setattr(sched.Scheduler, "_on_token", holding)
+    aside = asyncio.create_task(run(engine, bystander))
+    first = asyncio.create_task(run(engine, req))
+    assert await asyncio.to_thread(reached.wait, 30)
+    second = asyncio.create_task(run(engine, other))
+    with pytest.raises(errors.Internal, match="combine failed"):
+        await asyncio.wait_for(first, 60)
+    assert handovers["resume"] == 1
+    assert (await asyncio.wait_for(second, 60))[3].completion_tokens == 5
+    assert (await asyncio.wait_for(aside, 60))[3].completion_tokens == 60
+    assert engine.stats()["active"] == 0
+    monkeypatch.setattr(sched.Scheduler, "_on_token", on_token)
+    assert (await run(engine, req))[3].completion_tokens == 20
