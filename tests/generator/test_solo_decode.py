@@ -19,7 +19,7 @@ from extmind import errors
 from services.generator import attention_mass, decode_group
 from services.generator import scheduler as sched
 from services.generator.engine import EngineConfig, GeneratorEngine
-from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
+from services.generator.request_types import LOCAL, REMOTE, Chunk, GenerationRequest, MemoryOptions, Sampling
 
 from .helpers import run as run_to_end
 from .memory_helpers import assert_counts_match, assert_decidable, ref_memory, row_hits
@@ -343,3 +343,28 @@ async def test_a_tally_that_fails_as_a_solo_request_goes_back_ends_that_request_
     assert engine.stats()["active"] == 0
     monkeypatch.setattr(sched.Scheduler, "_on_token", on_token)
     assert (await run(engine, req))[3].completion_tokens == 20
+
+
+@pytest.mark.parametrize(("mode", "layers"), [(REMOTE, ()), (LOCAL, (1,)), (REMOTE, (0,))])
+async def test_remote_retrieval_and_a_layer_subset_solo_and_joined(
+    engine, memory, handovers, monkeypatch, mode, layers
+):
+    """REMOTE retrieval (one search per layer and forward, the repeated forward's too) and a
+    subset of retrieving layers (fewer records per forward): alone (solo from its 4th token) and
+    joined mid-stream, the same tokens and every forward counted once, in both requests."""
+    mid, _ = memory
+    top_k, n = 3, 16
+    opts = MemoryOptions((mid,), top_k=top_k, mode=mode, layers=layers, return_citations=True, citation_min_weight=0.0)
+    steps = []
+    means = attention_mass.MassSum.means
+    monkeypatch.setattr(attention_mass.MassSum, "means", lambda self: steps.append(self.steps) or means(self))
+    req = GenerationRequest(engine.tokenizer.encode("Alice met Bob at"), Sampling(max_tokens=n), opts)
+    other = GenerationRequest(engine.tokenizer.encode(ALONG), Sampling(max_tokens=5), opts)
+    alone = await run(engine, req)
+    a, b = await joined(engine, req, other, monkeypatch)
+    assert handovers["solo"] >= 3 and handovers["resume"] == 1
+    per_token = len(layers or range(engine.num_layers)) * engine.num_heads * top_k
+    assert a[0] == alone[0] and len(a[0]) == n
+    for fin in alone[3], a[3], b[3]:
+        assert int(fin.row_counts.sum()) == per_token * fin.completion_tokens
+    assert steps == [n, 5, n]
