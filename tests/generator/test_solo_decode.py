@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from extmind import errors
-from services.generator import attention_mass, decode_group
+from services.generator import attention_mass, decode_group, solo
 from services.generator import scheduler as sched
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.request_types import LOCAL, REMOTE, Chunk, GenerationRequest, MemoryOptions, Sampling
@@ -368,3 +368,28 @@ async def test_remote_retrieval_and_a_layer_subset_solo_and_joined(
     for fin in alone[3], a[3], b[3]:
         assert int(fin.row_counts.sum()) == per_token * fin.completion_tokens
     assert steps == [n, 5, n]
+
+
+async def test_a_solo_step_that_raises_fails_its_request_only(plain, handovers, monkeypatch):
+    """A solo step that raises (as a REMOTE search whose memory service went away would) ends its
+    request with INTERNAL, as a failing batch step does, and the next request decodes as it does
+    alone."""
+    engine = plain
+    step = solo.Solo.step
+    calls = []
+
+    def failing(self):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("search failed")
+        return step(self)
+
+    req = GenerationRequest(engine.tokenizer.encode("The sea"), Sampling(max_tokens=20))
+    alone = await run(engine, req)
+    monkeypatch.setattr(solo.Solo, "step", failing)
+    with pytest.raises(errors.Internal, match="search failed"):
+        await run(engine, req)
+    assert handovers["solo"] == 2
+    monkeypatch.setattr(solo.Solo, "step", step)
+    assert (await run(engine, req))[0] == alone[0]
+    assert engine.stats()["active"] == 0
