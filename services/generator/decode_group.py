@@ -94,13 +94,17 @@ class DecodeGroup:
     def resume(self) -> None:
         """Puts the group's solo sequence back into its BatchGenerator (another request joins): its
         cache without the last token, which the BatchGenerator's first forward runs again, and its
-        history for the logits processors. The sequence gets a new uid."""
-        solo, self.solo = self.solo, None
+        history for the logits processors. The sequence gets a new uid. Raises what flushing its
+        tallies raises, the sequence still solo."""
+        solo = self.solo
         r = solo.request
-        cache, tokens = solo.end()
         for tally in (self.counts, self.mass):
             if tally is not None:
-                tally.flush()  # its pending forwards are r's under the uid r leaves
+                # Its pending forwards are r's under the uid r leaves. First: should this raise
+                # (the tally keeps them), r is still solo and the caller can end it.
+                tally.flush()
+        self.solo = None
+        cache, tokens = solo.end()
         (uid,) = self.gen.insert(
             [tokens[-1:]],
             max_tokens=[r.max_tokens - r.generated],

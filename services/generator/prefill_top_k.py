@@ -10,8 +10,10 @@ matmul reads it once. Then each query row's N scores are ranked here, one warp p
    tensor cores (float32 accumulation in cuBLAS, float16 result): the float16 roundings of the unit
    query, of the unit key and of the result cost at most 2^-11 each, relative to a cosine <= 1,
    plus float32 accumulation and subnormal components (absolute, far below the margin). For other
-   banks it is float32, which MLX may run in TF32 (its default on CUDA): TF32 inputs carry
-   float16's 11-bit significand, so the same bound holds, and the ranking stays exact either way.
+   banks it is float32, which MLX may run in TF32 (its default on CUDA): TF32 inputs rounded to
+   nearest carry float16's 11-bit significand, so the same bound holds; truncated, a score may be
+   off by up to 2^-9, but only towards zero product by product, which cannot skip a top-k row
+   (test_prefill_top_k_bound.py): the ranking stays exact either way.
    The unit keys are made per call (one fused op per layer): with the norms folded into the
    scores, the kernel reads nothing but the scores for every row.
 2. A lower bound on the k-th best exact cosine: each lane's best lower bound a_n - E over its
@@ -190,8 +192,8 @@ def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, k: int, list_
     to_rows = (kvh, -1, d)  # [KVH, B * rep * L, d]: a KV head's query rows for one matmul
     # Unit queries and unit keys: the scores are approximate cosines, whatever the bank's dtype. A
     # float16 bank takes a float16 matmul (tensor cores, float16 scores); others a float32 one
-    # (bfloat16 keys are exact in float32), which MLX may run in TF32: its inputs then carry
-    # float16's 11-bit significand, the same bound covers it.
+    # (bfloat16 keys are exact in float32), which MLX may run in TF32: the ranking stays exact
+    # (module docstring).
     qf = q.astype(mx.float32)
     unit = qf * mx.rsqrt(mx.maximum(mx.sum(qf * qf, axis=-1, keepdims=True), 1e-24))
     dtype = mx.float16 if keys_t.dtype == mx.float16 else mx.float32

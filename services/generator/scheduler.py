@@ -214,7 +214,7 @@ class Scheduler:
             group = DecodeGroup(key, gen, ctx, self.num_layers)
             self._groups[key] = group
         if group.solo is not None:  # a batch again: first, so it keeps its turn ahead of r
-            group.resume()
+            self._resume(group)
         s = r.req.sampling
         r.sampler, r.processors = sampler_for(s), logits_processors_for(s)
         (uid,) = group.gen.insert(
@@ -314,8 +314,25 @@ class Scheduler:
         """Takes ``r``, decoding alone in ``group``, out of the BatchGenerator to step it solo."""
         ((cache, tokens),) = group.gen.remove([r.uid], return_prompt_caches=True).values()
         group.batch_changed = True
+        # The decode batch's caches it left (BatchKVCaches: r's keys and values, which ``cache``
+        # copied) would otherwise stay referenced here for as long as r decodes solo.
+        group.unpadded_caches = {}
         group.alone_steps = 0
         group.solo = Solo(self.model, r, cache, list(tokens), r.sampler, r.processors, r.max_tokens - r.generated)
+
+    def _resume(self, group: DecodeGroup) -> None:
+        """Puts the group's solo sequence back into its BatchGenerator (``DecodeGroup.resume``).
+        Should that raise (its tallies could not take its pending forwards), the solo request
+        ends with the error, as a request whose tally fails at its end does, and nothing else:
+        left out of both the solo and the batch, it would wait forever."""
+        r = group.solo.request
+        try:
+            group.resume()
+        except Exception as e:  # noqa: BLE001
+            log.error("a solo sequence could not go back into its batch", extra={"error": str(e)})
+            if group.requests.get(r.uid) is r:
+                group.remove(r.uid)
+                self._end(r, e if isinstance(e, errors.ExtmindError) else errors.Internal(f"generation failed: {e}"))
 
     def _step_solo(self, group: DecodeGroup) -> None:
         """One token of the group's solo sequence: as ``_step`` does for a batch of one."""

@@ -10,10 +10,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from services.generator import attention_mass
+from services.generator import attention_mass, device_stack
 from services.generator.attention_mass import MassSum
 from services.generator.batch_tally import BatchTally
 from services.generator.citations import Counts, Picks, memory_weights, picked_rows, stack_picks
+
+from . import cuda_emulator
 
 
 def _batches(rng, steps, uids_pool=6, most=4):
@@ -218,3 +220,48 @@ def test_records_of_mixed_dtypes_are_promoted_not_refused(compact):
         np.testing.assert_array_equal(counts[b].counts.read(), want[b])
         got = masses[b].mass.means()
         np.testing.assert_allclose([got[0], got[1]], mass_sum[b] / (steps * H), rtol=1e-5)
+
+
+@pytest.fixture(params=["mlx", "emulated_kernel"])
+def stacking(request, monkeypatch):
+    """device_stack as off CUDA (mx.stack) or through its CUDA kernel, emulated (cuda_emulator.py)."""
+    if request.param == "emulated_kernel":
+        if cuda_emulator.CXX is None:
+            pytest.skip("the emulator needs a C++ compiler")
+        monkeypatch.setattr(mx.fast, "cuda_kernel", cuda_emulator.cuda_kernel)
+        monkeypatch.setattr(device_stack, "on_device", lambda: True)
+    device_stack._kernel.cache_clear()
+    yield
+    device_stack._kernel.cache_clear()
+
+
+@pytest.mark.parametrize("layers", [[4], [0, 2, 5]])
+@pytest.mark.parametrize("every", [2, 7, 1000])  # 1000: later flushes hold no compacted forward
+def test_forwards_compacted_or_kept_by_layer_mix_in_one_flush(stacking, layers, every):
+    """The scheduler compacts a forward's records only when they are graphs (the portable path;
+    BatchTally.add(compact=...)), so one flush may hold forwards of both kinds (a context that
+    outgrows the fused kernels mid-window), also past device_stack's MAX_INPUTS per launch, and
+    shares read through strides (not row-contiguous views): the sums are the host's."""
+    rng = np.random.default_rng(len(layers) * every)
+    heads, uids, steps = 4, [0, 2], 2 * BatchTally.FLUSH_STEPS + 5
+    requests = {u: SimpleNamespace(counts=Counts(30), mass=MassSum(layers, heads)) for u in range(3)}
+    mass = BatchTally("mass", requests.get, attention_mass.summed_shares, attention_mass.stack_shares)
+    counts = BatchTally("counts", requests.get, picked_rows, stack_picks)
+    sums = {u: np.zeros(len(layers)) for u in uids}
+    hits = {u: np.zeros(30, np.int64) for u in uids}
+    for step in range(steps):
+        shares = rng.uniform(0, 1, (len(layers), len(uids), heads, 1)).astype(np.float32)
+        picks = rng.integers(-1, 30, (len(layers), len(uids), heads, 1, 3)).astype(np.int32)
+        strided = [mx.array(a.transpose(2, 1, 0)).transpose(2, 1, 0) for a in shares]  # [B, H, 1] views
+        mass.add(uids, strided, step % every == 0)
+        counts.add(uids, [Picks(mx.array(a)) for a in picks], step % every == 1)
+        for b, u in enumerate(uids):
+            sums[u] += shares[:, b, :, 0].sum(-1)
+            p = picks[:, b].reshape(-1)
+            hits[u] += np.bincount(p[p >= 0], minlength=30)
+    mass.flush()
+    counts.flush()
+    for u in uids:
+        got = requests[u].mass.means()
+        np.testing.assert_allclose([got[i] for i in layers], sums[u] / (steps * heads), rtol=1e-5)
+        np.testing.assert_array_equal(requests[u].counts.read(), hits[u])

@@ -53,6 +53,11 @@ def _inputs(rng, B, H, KVH, L, d, n, mode):
     elif mode == "zeros":  # zero keys (cosine 0) among the rows; zero queries (every cosine 0)
         keys[:, ::3] = 0
         q[:, ::2] = 0
+    elif mode == "near":  # every row and query within ~1e-4 of one direction: cosines closer than
+        # the prefill kernel's bound, so many candidates, ranked by their exact cosines only
+        base = rng.standard_normal(d)
+        keys = base + 0.01 * rng.standard_normal((KVH, n, d))
+        q = base + 0.003 * rng.standard_normal((B, H, L, d))
     return q.astype(np.float32), keys.astype(np.float32)
 
 
@@ -132,6 +137,13 @@ PREFILL_CASES = {
     "ties_and_threshold": (2, 4, 2, 4, 16, 256, 9, 0.0, mx.float32, "ties"),
     "fewer_rows_than_k_list": (1, 8, 8, 4, 32, 20, 20, None, mx.float32, "random"),
     "head_dim_20_keys_read_one_at_a_time": (1, 8, 2, 5, 20, 300, 7, None, mx.float16, "random"),
+    # float32 scores (4 per load) of a row count that is not a multiple of 4; bfloat16 keys of head
+    # size 24 in 16-byte loads (8 per load)
+    "bfloat16_head_dim_24_float32_scores_rows_one_at_a_time": (1, 8, 2, 5, 24, 301, 8, None, mx.bfloat16, "random"),
+    "float32_head_dim_96_vector_loads": (1, 8, 2, 4, 96, 512, 10, None, mx.float32, "random"),
+    "float16_head_dim_256_k32": (1, 4, 1, 4, 256, 1000, 32, None, mx.float16, "random"),
+    "near_ties_float16": (1, 8, 2, 4, 64, 800, 16, None, mx.float16, "near"),
+    "near_ties_bfloat16_head_dim_24": (1, 8, 2, 4, 24, 803, 16, None, mx.bfloat16, "near"),
 }
 
 
@@ -148,6 +160,45 @@ def test_prefill_top_k_kernel_is_the_exact_top_k(case, emulated, monkeypatch):
     inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx.astype(mx.float32) ** 2, axis=-1), 1e-24))
     rows, dots = fa.top_k_rows(mx.array(q), mx.contiguous(keys_mx.swapaxes(-1, -2)), inv, top_k, threshold)
     _check(q, keys, np.array(rows), np.array(dots), top_k, threshold)
+
+
+@pytest.mark.parametrize("n", [33, 300, 512])
+@pytest.mark.parametrize("errors", ["against_the_top_k", "random_signs"])
+def test_prefill_top_k_kernel_keeps_the_top_k_whatever_scores_within_its_bound(n, errors, emulated, monkeypatch):
+    """The kernel's rule given approximate cosines off by just under APPROX_E each (whatever the
+    matmul did within the bound): the exact top-k rows scored E too low and every other row E too
+    high, or each off by E either way: it still returns the exact top-k (and misses it with
+    errors past the bound: the check has teeth)."""
+    monkeypatch.setattr(fa, "MATMUL_ROWS", 16)
+    B, H, KVH, L, d, top_k = 1, 8, 2, 4, 32, 8
+    rng = np.random.default_rng(n)
+    q, keys = _inputs(rng, B, H, KVH, L, d, n, "near")
+    keys_mx = mx.array(keys)
+    inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx**2, axis=-1), 1e-24))
+    kernel = prefill_top_k._kernel()
+
+    def with_errors(scale):
+        def call(inputs, **kw):
+            qm = q.astype(np.float64).reshape(B, KVH, H // KVH, L, d).transpose(1, 0, 2, 3, 4).reshape(KVH, -1, d)
+            k64 = keys.astype(np.float64)
+            cos = np.einsum("gmd,gnd->gmn", qm, k64)
+            cos /= np.linalg.norm(qm, axis=-1)[..., None] * np.linalg.norm(k64, axis=-1)[:, None, :]
+            top = cos >= -np.sort(-cos, axis=-1)[..., top_k - 1 : top_k]
+            sign = np.where(top, -1.0, 1.0) if errors == "against_the_top_k" else rng.choice([-1.0, 1.0], cos.shape)
+            approx = mx.array((cos + sign * scale * prefill_top_k.APPROX_E).astype(np.float32))
+            return kernel(inputs=[inputs[0], approx, *inputs[2:]], **kw)
+
+        return call
+
+    args = (mx.array(q), mx.contiguous(keys_mx.swapaxes(-1, -2)), inv, top_k, None)
+    monkeypatch.setattr(prefill_top_k, "_kernel", lambda: with_errors(0.999))
+    rows, dots = fa.top_k_rows(*args)
+    _check(q, keys, np.array(rows), np.array(dots), top_k, None)
+    if errors == "against_the_top_k" and n == 33:
+        monkeypatch.setattr(prefill_top_k, "_kernel", lambda: with_errors(1.5))
+        rows, dots = fa.top_k_rows(*args)
+        with pytest.raises(AssertionError):
+            _check(q, keys, np.array(rows), np.array(dots), top_k, None)
 
 
 ATTEND_CASES = {

@@ -127,3 +127,44 @@ def test_the_bound_is_reached_within_its_margin(d):
     err = a.astype(f64) - c
     assert (np.abs(err) <= APPROX_E).all()
     assert err.max() > 2.0**-10
+
+
+def _tf32(x: np.ndarray, truncate: bool) -> np.ndarray:
+    """float32 -> TF32 (10 explicit significand bits), rounded to nearest (ties away) or truncated
+    as tensor cores fed unrounded float32 do."""
+    bits = x.astype(f32).view(np.uint32)
+    if not truncate:
+        bits = bits + np.uint32(0x1000)
+    return (bits & np.uint32(0xFFFFE000)).view(f32)
+
+
+@pytest.mark.parametrize("truncate", [False, True], ids=["round", "truncate"])
+def test_a_tf32_matmul_of_a_float32_bank_skips_no_top_k_row(truncate):
+    """A float32 (or bfloat16) bank takes a float32 matmul, which MLX may run in TF32 on CUDA: the
+    unit query and unit keys in TF32, float32 accumulation and result. Rounded to nearest, that is
+    two roundings of 2^-11: within the bound. Truncated, a row's error may pass E (its bound is 2^-9),
+    but truncation only shrinks each product, so a row's score is lowered by its positive products
+    and raised by its negative ones; a top-k row lowered and a lesser row raised still differ by
+    less than 2E, and the candidate rule skips no top-k row (checked here, full significands)."""
+    rng = np.random.default_rng(11 + truncate)
+    worst = 0.0
+    for trial in range(60):
+        d = int(rng.choice([64, 80, 128, 256]))
+        N = int(rng.choice([96, 300, 512]))
+        k = int(rng.integers(1, 33))
+        q, keys16 = _draw(rng, trial % 4, d, N)
+        keys = keys16.astype(f32) * (1 + rng.uniform(0, 2.0**-11, keys16.shape)).astype(f32)  # all bits in use
+        ss = np.sum(q * q, dtype=f32)
+        q_inv = f32(1 / np.sqrt(max(f64(ss), 1e-24)))
+        w = (1 / np.sqrt(np.maximum(np.sum(keys.astype(f64) ** 2, axis=-1), 1e-24))).astype(f32)
+        unit, unit_keys = _tf32(q * q_inv, truncate), _tf32(keys * w[:, None], truncate)
+        a = _accumulate((unit[None].astype(f64) * unit_keys).astype(f32), truncate=False)
+        c = _accumulate((q[None].astype(f64) * keys).astype(f32), truncate=False) * q_inv * w
+        err = np.abs(a.astype(f64) - c) / APPROX_E
+        worst = max(worst, float(err.max()))
+        if not truncate:
+            assert (err <= 1).all(), f"draw {trial}: |a - c| past the bound"
+        cand = _kernel_picks(a, c, k)
+        kth = np.sort(c)[::-1][k - 1]
+        assert np.isin(np.flatnonzero(c >= kth), cand).all(), f"draw {trial}: a row of the exact top-k was skipped"
+    assert worst > 0.1

@@ -6,18 +6,20 @@ as when it is batched throughout."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from extmind import errors
-from services.generator import attention_mass, decode_group
+from services.generator import attention_mass, decode_group, solo
 from services.generator import scheduler as sched
 from services.generator.engine import EngineConfig, GeneratorEngine
-from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
+from services.generator.request_types import LOCAL, REMOTE, Chunk, GenerationRequest, MemoryOptions, Sampling
 
 from .helpers import run as run_to_end
 from .memory_helpers import assert_counts_match, assert_decidable, ref_memory, row_hits
@@ -192,6 +194,30 @@ async def test_a_request_goes_solo_after_decoding_alone_for_a_while(plain, monke
     assert at == [after + 1] and long[0][: 2 * after] == short[0]
 
 
+async def test_the_batch_caches_a_sequence_left_are_freed_while_it_decodes_solo(plain, monkeypatch):
+    """Going solo copies the sequence's keys and values out of the decode batch's BatchKVCaches
+    (one per layer): those are dropped, not kept alive next to the copy for as long as the
+    sequence decodes solo (a long context's cache held twice)."""
+    monkeypatch.setattr(sched.Scheduler, "SOLO_AFTER", SOLO_AFTER)
+    left, alive = [], []
+    go_solo, step_solo = sched.Scheduler._go_solo, sched.Scheduler._step_solo
+
+    def going(self, group, r):
+        left.extend(weakref.ref(c) for c in group.gen._generation_batch.prompt_cache)
+        go_solo(self, group, r)
+
+    def stepping(self, group):
+        step_solo(self, group)
+        gc.collect()
+        alive.append(sum(c() is not None for c in left))
+
+    monkeypatch.setattr(sched.Scheduler, "_go_solo", going)
+    monkeypatch.setattr(sched.Scheduler, "_step_solo", stepping)
+    got = await run(plain, GenerationRequest(plain.tokenizer.encode("The sea"), Sampling(max_tokens=12)))
+    assert len(got[0]) == 12 and len(left) == plain.num_layers
+    assert alive == [0] * (12 - SOLO_AFTER - 1)  # solo from its 4th token on
+
+
 async def test_cancelled_while_solo(plain, handovers):
     """A request cancelled (its stream closed) while decoding solo frees its slot; the next
     request of the group decodes as it does alone."""
@@ -266,3 +292,104 @@ async def test_citations_and_counted_forwards_are_the_same_solo_and_joined(engin
     assert int(b[3].row_counts.sum()) == per_token * b[3].completion_tokens
     # alone, then the joined pair in the order they ended (the other one first)
     assert steps == [n, 5, n]
+
+
+async def test_a_tally_that_fails_as_a_solo_request_goes_back_ends_that_request_alone(
+    engine, memory, handovers, monkeypatch
+):
+    """Going back into the batch first hands the solo request's pending forwards to its tallies.
+    Should that raise (BatchTally.flush keeps the records), that request ends with INTERNAL (its
+    counts would be short) and nothing else does: the request that joined runs, as does one of
+    another group; the request is not left out of both the solo and the batch (waiting forever,
+    or crashing the scheduler, which fails every request of every group)."""
+    mid, _ = memory
+    opts = MemoryOptions((mid,), top_k=3, return_citations=True, citation_min_weight=0.0)
+    req = GenerationRequest(engine.tokenizer.encode("Alice met Bob at"), Sampling(max_tokens=20), opts)
+    other = GenerationRequest(engine.tokenizer.encode(ALONG), Sampling(max_tokens=5), opts)
+    bystander = GenerationRequest(engine.tokenizer.encode("The sea"), Sampling(max_tokens=60))
+    resume = decode_group.DecodeGroup.resume
+
+    def failing(group):
+        combine = group.counts.combine
+
+        def once(forwards):
+            group.counts.combine = combine
+            raise RuntimeError("combine failed")
+
+        group.counts.combine = once
+        resume(group)
+
+    monkeypatch.setattr(decode_group.DecodeGroup, "resume", failing)
+    reached, on_token = threading.Event(), sched.Scheduler._on_token
+
+    def holding(self, r, resp):  # as joined() does: req makes no token more until other is admitted
+        on_token(self, r, resp)
+        if r.req is req and r.generated == 6:
+            reached.set()
+            deadline = time.monotonic() + 30
+            while not self._mlx.has_waiting() and time.monotonic() < deadline:
+                time.sleep(0.002)
+
+    monkeypatch.setattr(sched.Scheduler, "_on_token", holding)
+    aside = asyncio.create_task(run(engine, bystander))
+    first = asyncio.create_task(run(engine, req))
+    assert await asyncio.to_thread(reached.wait, 30)
+    second = asyncio.create_task(run(engine, other))
+    with pytest.raises(errors.Internal, match="combine failed"):
+        await asyncio.wait_for(first, 60)
+    assert handovers["resume"] == 1
+    assert (await asyncio.wait_for(second, 60))[3].completion_tokens == 5
+    assert (await asyncio.wait_for(aside, 60))[3].completion_tokens == 60
+    assert engine.stats()["active"] == 0
+    monkeypatch.setattr(sched.Scheduler, "_on_token", on_token)
+    assert (await run(engine, req))[3].completion_tokens == 20
+
+
+@pytest.mark.parametrize(("mode", "layers"), [(REMOTE, ()), (LOCAL, (1,)), (REMOTE, (0,))])
+async def test_remote_retrieval_and_a_layer_subset_solo_and_joined(
+    engine, memory, handovers, monkeypatch, mode, layers
+):
+    """REMOTE retrieval (one search per layer and forward, the repeated forward's too) and a
+    subset of retrieving layers (fewer records per forward): alone (solo from its 4th token) and
+    joined mid-stream, the same tokens and every forward counted once, in both requests."""
+    mid, _ = memory
+    top_k, n = 3, 16
+    opts = MemoryOptions((mid,), top_k=top_k, mode=mode, layers=layers, return_citations=True, citation_min_weight=0.0)
+    steps = []
+    means = attention_mass.MassSum.means
+    monkeypatch.setattr(attention_mass.MassSum, "means", lambda self: steps.append(self.steps) or means(self))
+    req = GenerationRequest(engine.tokenizer.encode("Alice met Bob at"), Sampling(max_tokens=n), opts)
+    other = GenerationRequest(engine.tokenizer.encode(ALONG), Sampling(max_tokens=5), opts)
+    alone = await run(engine, req)
+    a, b = await joined(engine, req, other, monkeypatch)
+    assert handovers["solo"] >= 3 and handovers["resume"] == 1
+    per_token = len(layers or range(engine.num_layers)) * engine.num_heads * top_k
+    assert a[0] == alone[0] and len(a[0]) == n
+    for fin in alone[3], a[3], b[3]:
+        assert int(fin.row_counts.sum()) == per_token * fin.completion_tokens
+    assert steps == [n, 5, n]
+
+
+async def test_a_solo_step_that_raises_fails_its_request_only(plain, handovers, monkeypatch):
+    """A solo step that raises (as a REMOTE search whose memory service went away would) ends its
+    request with INTERNAL, as a failing batch step does, and the next request decodes as it does
+    alone."""
+    engine = plain
+    step = solo.Solo.step
+    calls = []
+
+    def failing(self):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("search failed")
+        return step(self)
+
+    req = GenerationRequest(engine.tokenizer.encode("The sea"), Sampling(max_tokens=20))
+    alone = await run(engine, req)
+    monkeypatch.setattr(solo.Solo, "step", failing)
+    with pytest.raises(errors.Internal, match="search failed"):
+        await run(engine, req)
+    assert handovers["solo"] == 2
+    monkeypatch.setattr(solo.Solo, "step", step)
+    assert (await run(engine, req))[0] == alone[0]
+    assert engine.stats()["active"] == 0
