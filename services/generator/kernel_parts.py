@@ -205,14 +205,22 @@ __device__ __forceinline__ float em_dot_r(const float* qs, const Tk* kr) {
   constexpr int VK = 16 / sizeof(Tk);
   float dot = 0.f;
   if constexpr (D % VK == 0) {
-    uint4 raw[D / VK];
+    // At most 8 loads (128 bytes) in flight: a whole float32 key of 256 would take 256 registers.
+    constexpr int C = D / VK;
+    constexpr int W = C < 8 ? C : 8;
 #pragma unroll
-    for (int c = 0; c < D / VK; ++c) raw[c] = reinterpret_cast<const uint4*>(kr)[c];
+    for (int c0 = 0; c0 < C; c0 += W) {
+      uint4 raw[W];
 #pragma unroll
-    for (int c = 0; c < D / VK; ++c) {
-      const Tk* kv = reinterpret_cast<const Tk*>(&raw[c]);
+      for (int c = 0; c < W; ++c) raw[c] = c0 + c < C ? reinterpret_cast<const uint4*>(kr)[c0 + c] : uint4{};
 #pragma unroll
-      for (int j = 0; j < VK; ++j) dot += qs[c * VK + j] * static_cast<float>(kv[j]);
+      for (int c = 0; c < W; ++c) {
+        const Tk* kv = reinterpret_cast<const Tk*>(&raw[c]);
+#pragma unroll
+        for (int j = 0; j < VK; ++j) {
+          if (c0 + c < C) dot += qs[(c0 + c) * VK + j] * static_cast<float>(kv[j]);
+        }
+      }
     }
   } else {
 #pragma unroll(D <= 128 ? D : 16)
