@@ -40,6 +40,15 @@ class BodyTooLarge(InvalidArgument):
     http_status = 413
 
 
+class BadField(InvalidArgument):
+    """A request field of the wrong type or out of range; ``param`` names it (OpenAI's ``param``,
+    which every face's error body carries)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 def error_body(status: int, code: str, message: str, param: str | None = None) -> dict:
     """OpenAI's error shape; ``code`` is a gRPC status name (any case) or one of OpenAI's codes."""
     kind = "invalid_request_error" if status < 500 else "service_unavailable" if status == 503 else "server_error"

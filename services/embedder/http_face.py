@@ -27,8 +27,8 @@ import numpy as np
 from starlette.requests import Request
 from starlette.routing import Route
 
-from extmind.errors import ExtmindError, InvalidArgument, NotFound
-from services.common.http_common import JsonFace, read_json_object
+from extmind.errors import ExtmindError, NotFound
+from services.common.http_common import BadField, JsonFace, read_json_object
 from services.embedder.engine import DOCUMENT, QUERY, EmbedderEngine
 
 
@@ -37,7 +37,7 @@ def _model(body: dict) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise InvalidArgument("'model' must be a string (a served model's name or alias)")
+        raise BadField("model", "'model' must be a string (a served model's name or alias)")
     return value
 
 
@@ -46,7 +46,7 @@ def _string(body: dict, key: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise InvalidArgument(f"'{key}' must be a string")
+        raise BadField(key, f"'{key}' must be a string")
     return value
 
 
@@ -55,7 +55,7 @@ def _bool(body: dict, key: str, default: bool) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise InvalidArgument(f"'{key}' must be true or false, not {json.dumps(value)}")
+        raise BadField(key, f"'{key}' must be true or false, not {json.dumps(value)}")
     return value
 
 
@@ -73,13 +73,15 @@ def _openai_input(body: dict) -> tuple[list[str] | None, list[list[int]] | None]
             for i, ids in enumerate(value):
                 bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool)), None)
                 if bad is not None or not ids:
-                    raise InvalidArgument(
+                    raise BadField(
+                        "input",
                         f"'input'[{i}] must be a non-empty list of integer token ids"
-                        + (f" ({bad!r} is not one)" if bad is not None else "")
+                        + (f" ({bad!r} is not one)" if bad is not None else ""),
                     )
             return None, value
-    raise InvalidArgument(
-        "'input' must be a non-empty string, a list of strings, a list of token ids or a list of lists of token ids"
+    raise BadField(
+        "input",
+        "'input' must be a non-empty string, a list of strings, a list of token ids or a list of lists of token ids",
     )
 
 
@@ -92,21 +94,21 @@ def _texts(body: dict, *keys: str) -> list[str]:
             return [value]
         if isinstance(value, list) and all(isinstance(t, str) for t in value):
             return value
-        raise InvalidArgument(f"'{key}' must be a string or a list of strings (token ids: POST /v1/embeddings)")
-    raise InvalidArgument(f"send the texts in {' or '.join(repr(k) for k in keys)} as a non-empty list of strings")
+        raise BadField(key, f"'{key}' must be a string or a list of strings (token ids: POST /v1/embeddings)")
+    raise BadField(keys[0], f"send the texts in {' or '.join(repr(k) for k in keys)} as a non-empty list of strings")
 
 
 def _int(body: dict, key: str) -> int:
     value = body.get(key) or 0
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise InvalidArgument(f"'{key}' must be a non-negative integer")
+        raise BadField(key, f"'{key}' must be a non-negative integer")
     return value
 
 
 def _input_type(body: dict) -> str:
     value = (_string(body, "input_type") or DOCUMENT).lower()
     if value not in (DOCUMENT, QUERY):
-        raise InvalidArgument("'input_type' is 'document' (default) or 'query'")
+        raise BadField("input_type", "'input_type' is 'document' (default) or 'query'")
     return value
 
 
@@ -175,7 +177,7 @@ class HttpFace(JsonFace):
     async def _openai(self, body: dict) -> dict:
         fmt = _string(body, "encoding_format") or "float"
         if fmt not in ("float", "base64"):
-            raise InvalidArgument("'encoding_format' is 'float' or 'base64'")
+            raise BadField("encoding_format", "'encoding_format' is 'float' or 'base64'")
         texts, token_inputs = _openai_input(body)
         r = await self.engine.embed(
             texts,

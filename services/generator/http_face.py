@@ -30,10 +30,10 @@ from starlette.routing import Route
 
 from extmind.errors import ExtmindError, InvalidArgument, NotFound
 from extmind.v1 import memory_pb2
-from services.common.http_common import JsonFace, error_body, read_json_object, unless_disconnected
+from services.common.http_common import BadField, JsonFace, error_body, read_json_object, unless_disconnected
 from services.generator.engine import GeneratorEngine
 from services.generator.memory_builder import MemorizeProgress
-from services.generator.openai_protocol import BadField, parse_chat, parse_completion
+from services.generator.openai_protocol import parse_chat, parse_completion
 from services.generator.openai_responses import Answer
 from services.generator.request_types import Chunk
 

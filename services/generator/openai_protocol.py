@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from extmind.errors import InvalidArgument
+from services.common.http_common import BadField
 from services.generator.request_types import (
     DEFAULT_CITATION_MIN_WEIGHT,
     DEFAULT_MEMORY_TOP_K,
@@ -31,14 +31,6 @@ CHAT, COMPLETION = "chat.completion", "text_completion"
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions' integer logprobs
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-
-class BadField(InvalidArgument):
-    """A request field of the wrong type or out of range; ``param`` names it (OpenAI's ``param``)."""
-
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
 
 
 def _kind(value, kind: str) -> bool:

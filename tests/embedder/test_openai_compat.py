@@ -274,6 +274,28 @@ async def test_model_aliases(both):
     assert "text-embedding-3-small" in err["error"]["message"]  # served names and aliases listed
 
 
+async def test_a_bad_field_is_named_in_param(both):
+    # OpenAI's error body names the offending field, as the generator's face does.
+    app, _ = both
+    cases = [
+        ("/v1/embeddings", {"input": 5}, "input"),
+        ("/v1/embeddings", {"input": [[1, "a"]]}, "input"),
+        ("/v1/embeddings", {"input": "x", "model": 3}, "model"),
+        ("/v1/embeddings", {"input": "x", "encoding_format": "hex"}, "encoding_format"),
+        ("/embed", {"texts": 5}, "texts"),
+        ("/embed", {}, "texts"),
+        ("/embed", {"texts": ["x"], "dimensions": -1}, "dimensions"),
+        ("/embed", {"texts": ["x"], "normalize": "yes"}, "normalize"),
+        ("/embed", {"texts": ["x"], "input_type": "passage"}, "input_type"),
+        ("/embed", {"texts": ["x"], "instruction": 7}, "instruction"),
+    ]
+    for path, body, param in cases:
+        status, err = await call(app.http.port, "POST", path, body)
+        assert status == 400 and err["error"]["code"] == "invalid_argument", (path, body, err)
+        assert err["error"]["param"] == param, (path, body, err)
+        assert f"'{param}'" in err["error"]["message"], (path, body, err)
+
+
 def test_aliases_from_the_environment_and_bad_ones(monkeypatch):
     from services.embedder.app import parse_args
 
