@@ -21,7 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.utils import load
 
-from extmind import errors
+from extmind import errors, tensor
 from services.common.mlx_thread import MLXThread
 from services.generator import weights_dtype
 from services.generator.attention_parts import compute_dtype
@@ -100,7 +100,13 @@ class GeneratorEngine:
         """Loads the model on the MLX thread and starts the scheduler (blocking)."""
         self.mlx.call(self._load)
         shape = ModelShape(
-            self.fingerprint, self.num_layers, self.num_kv_heads, self.head_dim, self.vocab_size, self.dtype
+            self.fingerprint,
+            self.num_layers,
+            self.num_kv_heads,
+            self.head_dim,
+            self.vocab_size,
+            self.dtype,
+            self.fingerprint_as,
         )
         if self.memory is not None:
             self.resolver = MemoryResolver(self.memory, shape)
@@ -185,6 +191,21 @@ class GeneratorEngine:
                 "fused_attention": self.state.fused,
             },
         )
+
+    @functools.cache  # noqa: B019 - one engine per process; a few dtypes
+    def fingerprint_as(self, dtype: int) -> str:
+        """This model's fingerprint when computing in ``dtype`` (an extmind.tensor dtype): tells
+        a memory of this model built in another dtype from another model's (reads the weights'
+        headers and samples again: asked only when a memory is refused)."""
+        name = tensor.dtype_name(dtype).removeprefix("DTYPE_").lower()
+        return model_fingerprint(self.model_path, str(getattr(mx, name)))
+
+    def _dtype_note(self, m) -> str:
+        """``dtype_note`` for the memory_pb2 Memory ``m`` of another fingerprint."""
+        same = None
+        if m.layout.dtype and m.layout.dtype != self.dtype:
+            same = self.fingerprint_as(m.layout.dtype) == m.model_fingerprint
+        return dtype_note(m.layout.dtype, self.dtype, same)
 
     def stop(self) -> None:
         if self._scheduler is None:
@@ -383,7 +404,7 @@ class GeneratorEngine:
             raise errors.NotFound(
                 f"memory {memory_id!r} was built by another model (fingerprint {m.model_fingerprint[:19]}…); "
                 "this generator lists and deletes its own model's memories only"
-                + (f" ({note})" if (note := dtype_note(m.layout.dtype, self.dtype)) else "")
+                + (f" ({note})" if (note := self._dtype_note(m)) else "")
             )
         return m
 

@@ -6,6 +6,7 @@ thread; the benchmark calls them directly).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -25,6 +26,16 @@ class ModelShape:
     head_dim: int
     vocab_size: int = 0  # token ids of a usable memory are below it (0 = not checked)
     dtype: int = 0  # the extmind.tensor dtype the model computes in (0 = unknown)
+    # extmind.tensor dtype -> this model's fingerprint when computing in it (None = unknown): tells
+    # a memory of this model built in another dtype from another model's.
+    fingerprint_as: Callable[[int], str] | None = None
+
+    def same_model(self, fingerprint: str, built: int) -> bool | None:
+        """Whether a memory of another ``fingerprint`` built in dtype ``built`` is this model's
+        (in another dtype); None when that cannot be told."""
+        if self.fingerprint_as is None or not built or built == self.dtype:
+            return None
+        return self.fingerprint_as(built) == fingerprint
 
 
 @dataclass
@@ -59,7 +70,8 @@ class MemoryResolver:
             if mem.model_fingerprint != m.fingerprint:
                 raise errors.FailedPrecondition(
                     f"memory {mid!r} was built by another model (fingerprint {mem.model_fingerprint[:19]}…, "
-                    f"this generator is {m.fingerprint[:19]}…); {_rebuild_hint(mem.layout.dtype, m.dtype)}"
+                    f"this generator is {m.fingerprint[:19]}…); "
+                    + _rebuild_hint(mem.layout.dtype, m.dtype, m.same_model(mem.model_fingerprint, mem.layout.dtype))
                 )
             lay = mem.layout
             if (lay.num_layers, lay.num_kv_heads, lay.head_dim) != (m.num_layers, m.num_kv_heads, m.head_dim):
@@ -99,20 +111,27 @@ class MemoryResolver:
         return rows
 
 
-def dtype_note(built: int, computes: int) -> str:
-    """Why a memory of another fingerprint may still be this model's: the dtype is part of the
+def dtype_note(built: int, computes: int, same_model: bool | None = None) -> str:
+    """Why a memory of another fingerprint may be this model's: the dtype is part of the
     fingerprint (docs/platform.md, "Half precision on the CPU"), so one built in another dtype
-    (e.g. float16, before ``--dtype auto`` widened the checkpoint) is named as such; else ""."""
-    if not built or not computes or built == computes:
+    (e.g. float16, before ``--dtype auto`` widened the checkpoint) is named as such. same_model:
+    whether it is this model's (``ModelShape.same_model``; None = cannot tell). -> "" when the
+    dtypes agree or it is another model's."""
+    if not built or not computes or built == computes or same_model is False:
         return ""
     was, now = (tensor.dtype_name(d).removeprefix("DTYPE_").lower() for d in (built, computes))
+    if same_model:
+        return (
+            f"it is this model's memory, built in {was}, and this generator computes in {now}: "
+            f"a generator started with --dtype {was} (GENERATOR_DTYPE) uses it"
+        )
     return (
         f"it was built in {was} and this generator computes in {now}: if it is this model's memory, "
         f"a generator started with --dtype {was} (GENERATOR_DTYPE) uses it"
     )
 
 
-def _rebuild_hint(built: int, computes: int) -> str:
+def _rebuild_hint(built: int, computes: int, same_model: bool | None = None) -> str:
     """What to do about a memory of another fingerprint."""
-    note = dtype_note(built, computes)
+    note = dtype_note(built, computes, same_model)
     return f"{note}; or memorize the text again" if note else "memorize the text with this model"

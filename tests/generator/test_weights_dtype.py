@@ -94,12 +94,37 @@ async def test_a_half_precision_checkpoint_computes_and_memorizes_in_float32_on_
         assert wide.memory.get_memory(out["memory_id"]).layout.dtype == tensor.FLOAT32
         # The refusal says why: same checkpoint, another dtype (e.g. memories built before the
         # auto default widened it), and which --dtype would use them.
-        with pytest.raises(errors.NotFound, match="built in float32 .* computes in float16.*--dtype float32"):
+        same = "it is this model's memory, built in float32, and this generator computes in float16.*--dtype float32"
+        with pytest.raises(errors.NotFound, match=same):
             await half.get_memory(out["memory_id"])  # what deleting or reading it through this generator says
-        with pytest.raises(errors.FailedPrecondition, match="built in float32 .* computes in float16.*--dtype float32"):
+        with pytest.raises(errors.FailedPrecondition, match=same):
             await run(
                 half, GenerationRequest([5, 6], Sampling(max_tokens=2), memory=MemoryOptions((out["memory_id"],)))
             )
     finally:
         for e in engines.values():
             e.stop()
+
+
+@cpu_only
+async def test_another_models_memory_in_another_dtype_gets_no_dtype_hint(tmp_path, half_path, module_memory_service):
+    # Another checkpoint of the same shape (other weights), computing in float32, memorizes; this
+    # float16 generator must not suggest --dtype float32 for it (that would not make it usable).
+    other = build_llama(tmp_path / "other", hidden=64, layers=2, heads=4, kv_heads=2, dtype="float16", seed=7)
+    url = module_memory_service.address
+    theirs = GeneratorEngine(EngineConfig(model=str(other), memory_url=url, dtype="auto"))
+    ours = GeneratorEngine(EngineConfig(model=str(half_path), memory_url=url, dtype="model"))
+    try:
+        theirs.start()
+        ours.start()
+        assert (theirs.dtype, ours.dtype) == (tensor.FLOAT32, tensor.FLOAT16)
+        mid = theirs.memorize_blocking(list(range(5, 30)))["memory_id"]
+        with pytest.raises(errors.NotFound) as e:
+            await ours.get_memory(mid)
+        assert "--dtype" not in e.value.message and "built by another model" in e.value.message
+        with pytest.raises(errors.FailedPrecondition) as e:
+            await run(ours, GenerationRequest([5, 6], Sampling(max_tokens=2), memory=MemoryOptions((mid,))))
+        assert "--dtype" not in e.value.message and e.value.message.endswith("memorize the text with this model")
+    finally:
+        theirs.stop()
+        ours.stop()
