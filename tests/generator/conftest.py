@@ -39,6 +39,15 @@ def memory_address(module_memory_service):
 
 
 @pytest.fixture(scope="module")
+def plain_engine(llama_path):
+    """The tiny Llama's engine without a memory service."""
+    e = GeneratorEngine(EngineConfig(model=str(llama_path)))
+    e.start()
+    yield e
+    e.stop()
+
+
+@pytest.fixture(scope="module")
 def engine(llama_path, memory_address):
     e = GeneratorEngine(EngineConfig(model=str(llama_path), memory_url=memory_address, window=3072, stride=512))
     e.start()

@@ -7,20 +7,11 @@ import pytest
 
 from extmind.errors import InvalidArgument
 from extmind.v1 import generator_pb2 as g
-from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.servicer import GeneratorServicer
 
 
-@pytest.fixture(scope="module")
-def engine(llama_path):
-    e = GeneratorEngine(EngineConfig(model=str(llama_path)))
-    e.start()
-    yield e
-    e.stop()
-
-
-async def test_generate_over_the_response_budget_is_refused_up_front(engine):
-    servicer = GeneratorServicer(engine, max_response_bytes=1000)  # 58 tokens with logprobs (17 bytes each)
+async def test_generate_over_the_response_budget_is_refused_up_front(plain_engine):
+    servicer = GeneratorServicer(plain_engine, max_response_bytes=1000)  # 58 tokens with logprobs (17 bytes each)
     with pytest.raises(InvalidArgument) as info:
         await servicer.Generate(
             g.GenerateRequest(
@@ -50,8 +41,8 @@ async def test_generate_over_the_response_budget_is_refused_up_front(engine):
     assert all(p.ByteSize() <= 1000 for p in parts) and sum(len(p.token_ids) for p in parts) > 40
 
 
-async def test_the_default_budget_is_what_stock_clients_receive(engine):
-    servicer = GeneratorServicer(engine)
+async def test_the_default_budget_is_what_stock_clients_receive(plain_engine):
+    servicer = GeneratorServicer(plain_engine)
     assert servicer.max_response_bytes == 4 << 20
     r = await servicer.Generate(
         g.GenerateRequest(prompt="The river flows to", return_logprobs=True, sampling=g.SamplingParams(max_tokens=8)),

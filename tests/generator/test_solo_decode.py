@@ -44,14 +44,6 @@ async def run(engine, req):
     return (*await run_to_end(Tapped(), req), tops)
 
 
-@pytest.fixture(scope="module")
-def plain(llama_path):
-    e = GeneratorEngine(EngineConfig(model=str(llama_path)))
-    e.start()
-    yield e
-    e.stop()
-
-
 SOLO_AFTER = 2  # the tests' Scheduler.SOLO_AFTER: a request goes solo at its 4th token
 
 
@@ -131,12 +123,12 @@ SAMPLINGS = {
 
 
 @pytest.mark.parametrize("name", list(SAMPLINGS))
-async def test_solo_joined_and_batched_give_the_same_tokens(plain, handovers, monkeypatch, name):
+async def test_solo_joined_and_batched_give_the_same_tokens(plain_engine, handovers, monkeypatch, name):
     """The same request alone (solo from its second token), joined mid-stream by another (back to
     a batch, then solo again once that one ends) and batched throughout: the same tokens,
     logprobs and top logprobs. A seeded sampler draws the same tokens (the forward recomputed at
     a hand-over does not draw twice), and the repetition penalty sees the whole history."""
-    engine = plain
+    engine = plain_engine
     req = GenerationRequest(
         engine.tokenizer.encode("Alice met Bob at the"), SAMPLINGS[name], return_logprobs=True, top_logprobs=3
     )
@@ -160,10 +152,10 @@ async def test_solo_joined_and_batched_give_the_same_tokens(plain, handovers, mo
     assert engine.stats()["active"] == 0
 
 
-async def test_stop_string_and_length_while_solo_and_after_rejoining(plain, handovers, monkeypatch):
+async def test_stop_string_and_length_while_solo_and_after_rejoining(plain_engine, handovers, monkeypatch):
     """A stop string met while decoding solo ends the request as it does batched (same text, same
     reason); so does max_tokens."""
-    engine = plain
+    engine = plain_engine
     prompt = engine.tokenizer.encode("The river flows to")
     _, _, text, _, _ = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=30)))
     tail = text[len(text) * 2 // 3 :]
@@ -180,21 +172,21 @@ async def test_stop_string_and_length_while_solo_and_after_rejoining(plain, hand
     assert engine.stats()["active"] == 0
 
 
-async def test_a_request_goes_solo_after_decoding_alone_for_a_while(plain, monkeypatch):
+async def test_a_request_goes_solo_after_decoding_alone_for_a_while(plain_engine, monkeypatch):
     """With the default SOLO_AFTER, a request goes solo once it has decoded alone for SOLO_AFTER
     batch steps and may still make SOLO_AFTER tokens: one that may make fewer never does."""
     after = sched.Scheduler.SOLO_AFTER
     at = []
     go_solo = sched.Scheduler._go_solo
     monkeypatch.setattr(sched.Scheduler, "_go_solo", lambda self, g, r: at.append(r.generated) or go_solo(self, g, r))
-    prompt = plain.tokenizer.encode("Alice met Bob at the")
-    short = await run(plain, GenerationRequest(prompt, Sampling(max_tokens=2 * after)))
+    prompt = plain_engine.tokenizer.encode("Alice met Bob at the")
+    short = await run(plain_engine, GenerationRequest(prompt, Sampling(max_tokens=2 * after)))
     assert at == [] and len(short[0]) == 2 * after
-    long = await run(plain, GenerationRequest(prompt, Sampling(max_tokens=2 * after + 1)))
+    long = await run(plain_engine, GenerationRequest(prompt, Sampling(max_tokens=2 * after + 1)))
     assert at == [after + 1] and long[0][: 2 * after] == short[0]
 
 
-async def test_the_batch_caches_a_sequence_left_are_freed_while_it_decodes_solo(plain, monkeypatch):
+async def test_the_batch_caches_a_sequence_left_are_freed_while_it_decodes_solo(plain_engine, monkeypatch):
     """Going solo copies the sequence's keys and values out of the decode batch's BatchKVCaches
     (one per layer): those are dropped, not kept alive next to the copy for as long as the
     sequence decodes solo (a long context's cache held twice)."""
@@ -213,15 +205,15 @@ async def test_the_batch_caches_a_sequence_left_are_freed_while_it_decodes_solo(
 
     monkeypatch.setattr(sched.Scheduler, "_go_solo", going)
     monkeypatch.setattr(sched.Scheduler, "_step_solo", stepping)
-    got = await run(plain, GenerationRequest(plain.tokenizer.encode("The sea"), Sampling(max_tokens=12)))
-    assert len(got[0]) == 12 and len(left) == plain.num_layers
+    got = await run(plain_engine, GenerationRequest(plain_engine.tokenizer.encode("The sea"), Sampling(max_tokens=12)))
+    assert len(got[0]) == 12 and len(left) == plain_engine.num_layers
     assert alive == [0] * (12 - SOLO_AFTER - 1)  # solo from its 4th token on
 
 
-async def test_cancelled_while_solo(plain, handovers):
+async def test_cancelled_while_solo(plain_engine, handovers):
     """A request cancelled (its stream closed) while decoding solo frees its slot; the next
     request of the group decodes as it does alone."""
-    engine = plain
+    engine = plain_engine
     req = GenerationRequest(engine.tokenizer.encode("The sea"), Sampling(max_tokens=10_000))
     gen = engine.generate(req)
     got = 0
@@ -370,11 +362,11 @@ async def test_remote_retrieval_and_a_layer_subset_solo_and_joined(
     assert steps == [n, 5, n]
 
 
-async def test_a_solo_step_that_raises_fails_its_request_only(plain, handovers, monkeypatch):
+async def test_a_solo_step_that_raises_fails_its_request_only(plain_engine, handovers, monkeypatch):
     """A solo step that raises (as a REMOTE search whose memory service went away would) ends its
     request with INTERNAL, as a failing batch step does, and the next request decodes as it does
     alone."""
-    engine = plain
+    engine = plain_engine
     step = solo.Solo.step
     calls = []
 
