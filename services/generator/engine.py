@@ -91,6 +91,7 @@ class GeneratorEngine:
         self.model = None
         self.tokenizer = None
         self.resolver: MemoryResolver | None = None  # set by start() when a memory service is configured
+        self.model_shape: ModelShape | None = None  # set by start(): what a usable memory was built with
         self._scheduler: Scheduler | None = None
         self._builder: MemoryBuilder | None = None
 
@@ -99,7 +100,7 @@ class GeneratorEngine:
     def start(self) -> None:
         """Loads the model on the MLX thread and starts the scheduler (blocking)."""
         self.mlx.call(self._load)
-        shape = ModelShape(
+        self.model_shape = shape = ModelShape(
             self.fingerprint,
             self.num_layers,
             self.num_kv_heads,
@@ -199,13 +200,6 @@ class GeneratorEngine:
         headers and samples again: asked only when a memory is refused)."""
         name = tensor.dtype_name(dtype).removeprefix("DTYPE_").lower()
         return model_fingerprint(self.model_path, str(getattr(mx, name)))
-
-    def _dtype_note(self, m) -> str:
-        """``dtype_note`` for the memory_pb2 Memory ``m`` of another fingerprint."""
-        same = None
-        if m.layout.dtype and m.layout.dtype != self.dtype:
-            same = self.fingerprint_as(m.layout.dtype) == m.model_fingerprint
-        return dtype_note(m.layout.dtype, self.dtype, same)
 
     def stop(self) -> None:
         if self._scheduler is None:
@@ -401,10 +395,11 @@ class GeneratorEngine:
         Raises NotFound (also for another model's memory), Unavailable."""
         m = await asyncio.to_thread(self._memory_service().get_memory, memory_id)
         if m.model_fingerprint != self.fingerprint:
+            same = self.model_shape.same_model(m.model_fingerprint, m.layout.dtype)
+            note = dtype_note(m.layout.dtype, self.dtype, same)
             raise errors.NotFound(
                 f"memory {memory_id!r} was built by another model (fingerprint {m.model_fingerprint[:19]}…); "
-                "this generator lists and deletes its own model's memories only"
-                + (f" ({note})" if (note := self._dtype_note(m)) else "")
+                "this generator lists and deletes its own model's memories only" + (f" ({note})" if note else "")
             )
         return m
 
