@@ -22,6 +22,7 @@ state only; the attention-mass sums stay on the device until a request ends (att
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -270,26 +271,15 @@ class Scheduler:
             self._step_solo(group)
             return
         record, mass = group.recording()
-        # mlx-lm's model __call__ has no argument through which memories could reach the
-        # attention layers, so the wrapped attention modules read them from the state they share
-        # with this scheduler: point it at this group's memories for the length of its step.
-        # Only the MLX thread reads or writes it, one step (or memorize chunk) at a time.
         if group.batch_changed:
             group.unpadded_caches = unpadded_caches(group.gen)
             group.batch_changed = False
-        self.state.memory = group.ctx
-        self.state.unpadded_caches = group.unpadded_caches
         try:
-            prompt_responses, responses = group.gen.next()
+            with self._attending(group, group.unpadded_caches):
+                prompt_responses, responses = group.gen.next()
         except Exception as e:  # noqa: BLE001 - e.g. the memory service went away mid-step
             self._fail(group, e)
             return
-        finally:
-            self.state.memory = None
-            self.state.unpadded_caches = {}
-            prefill_attention.forget_masks()  # its forwards' masks are not held past the step
-            if group.ctx is not None:
-                group.ctx.record = group.ctx.mass = None
         # A sequence joined (its prompt is done) or left (finished, or removed below): the decode
         # batch's padding may have changed.
         if any(p.end_of_prompt for p in prompt_responses) or any(x.finish_reason is not None for x in responses):
@@ -309,6 +299,24 @@ class Scheduler:
             started, resumed = [None if u in group.resumed else u for u in started], started
             group.resumed.difference_update(resumed)
         self._tally(group, record, mass, [x.uid for x in responses], started)
+
+    @contextlib.contextmanager
+    def _attending(self, group: DecodeGroup, unpadded: dict | None = None):
+        """Points the attention state shared with the model at ``group``'s memories (and, for a
+        batch, its unpadded caches) for one step's forwards, and clears it after, raising or not.
+        mlx-lm's model __call__ has no argument through which memories could reach the attention
+        layers, so the wrapped attention modules read them from that state; only the MLX thread
+        reads or writes it, one step (or memorize chunk) at a time."""
+        self.state.memory = group.ctx
+        self.state.unpadded_caches = unpadded or {}
+        try:
+            yield
+        finally:
+            self.state.memory = None
+            self.state.unpadded_caches = {}
+            prefill_attention.forget_masks()  # the forwards' masks are not held past the step
+            if group.ctx is not None:
+                group.ctx.record = group.ctx.mass = None
 
     def _go_solo(self, group: DecodeGroup, r: RunningRequest) -> None:
         """Takes ``r``, decoding alone in ``group``, out of the BatchGenerator to step it solo."""
@@ -339,16 +347,12 @@ class Scheduler:
         solo = group.solo
         r = solo.request
         record, mass = group.recording()
-        self.state.memory = group.ctx
         try:
-            token, logprobs = solo.step()
+            with self._attending(group):
+                token, logprobs = solo.step()
         except Exception as e:  # noqa: BLE001 - as in _step
             self._fail(group, e)
             return
-        finally:
-            self.state.memory = None
-            if group.ctx is not None:
-                group.ctx.record = group.ctx.mass = None
         if solo.repeated:  # the first forward is the batch's last one again, already counted
             solo.repeated = False
             n = group.layers_per_forward
