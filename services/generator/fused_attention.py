@@ -42,6 +42,12 @@ _RUN = 4  # adjacent bank rows a scan lane takes at a time (R)
 _FILL_WARPS = 4096  # scan warps that keep an H100/H200 (132 SMs) busy
 _MERGE_CANDIDATES = 1024  # most candidates per query row the merge warp takes (32 per lane)
 MATMUL_ROWS = 2048  # query rows (B * H * L) from which the cosines come from one matmul
+# Bank rows up to which a decode layer is one launch: the attend kernel's block scans the whole bank
+# for its query row. Its GPU time grows with the rows one block scans (H200, 1 B shape: 30 us per
+# layer at 4 096 rows, 46 at 8 192, 77 at 16 384, against 28-42 us for the scan kernel, whose warps
+# share key columns among a KV head's query heads and split a row's scan over many blocks), while a
+# launch less saves the host 10-20 us per layer (bench/RESULTS.md, 2026-12-01 20:35).
+SCAN_IN_ATTEND = 8192
 _ATTEND_THREADS = 256
 _NO_MASK, _CAUSAL, _ARRAY_MASK = 0, 1, 2
 
@@ -228,6 +234,67 @@ _ATTEND_MERGE = """
   }
 """
 
+# - SCAN: the block takes the row's top-K itself (no scan launch before it, for a bank small
+#   enough that every query row may read all of it): inputs keys_t [KVH, D, N] (Tk), inv_norms
+#   [KVH, N] float32, topk [1] int32 (K = min(top_k, N)), threshold [1] float32; warp w scans the
+#   w-th chunk of the bank's rows as the scan kernel's warps do (same cosines, same lists of size KL,
+#   runs of R rows, VEC loads), writes its top-K to shared memory, and after a barrier warp 0
+#   merges the W * K candidates while the other warps start on the local logits; rows / dots as
+#   for MERGE.
+_ATTEND_SCAN = """
+  const int K = topk[0];
+  const int total = K + S;
+  __shared__ float scan_s[W * KL];
+  __shared__ int scan_i[W * KL];
+  __shared__ float scan_d[W * KL];
+  __syncthreads();
+  {
+    float part = 0.f;
+    for (int e = lane; e < D; e += 32) part += qs[e] * qs[e];
+    const float q_inv = rsqrtf(fmaxf(em_warp_sum(part), 1e-24f));
+    const int per = ((N + R - 1) / R + W - 1) / W * R;  // whole runs of R rows per warp
+    const int lo = warp * per;
+    const int hi = min(N, lo + per);
+    float s[1][KL];
+    int ix[1][KL];
+#pragma unroll
+    for (int i = 0; i < KL; ++i) { s[0][i] = EM_NEG_INF; ix[0][i] = -1; }
+    const Tk* kg = keys_t + (size_t)g * D * N;
+    const float* ng = inv_norms + (size_t)g * N;
+    const float (*q1)[D] = reinterpret_cast<const float (*)[D]>(qs);
+    for (int n = lo + lane * R; n < hi; n += 32 * R) {
+      float dot[1][R];
+      em_dots_rows_t<1, R, D, VEC, Tk>(q1, kg, N, n, dot);
+      float kn[R];
+      em_load_run<R, VEC>(ng, n, N, kn);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (n + r < hi) em_insert<KL>(s[0], ix[0], dot[0][r] * q_inv * kn[r], n + r);
+      }
+    }
+    float best_s[1];
+    int best_i[1];
+    em_warp_top_k<1, KL>(s, ix, K, best_s, best_i);
+    if (lane < K) {
+      scan_s[warp * K + lane] = best_s[0];
+      scan_i[warp * K + lane] = best_i[0];
+      scan_d[warp * K + lane] = best_i[0] >= 0 ? em_dot_t<D, Tk>(qs, kg, N, best_i[0]) : 0.f;
+    }
+  }
+  __syncthreads();
+  if (warp == 0) {
+    int r;
+    float dot;
+    em_merge_candidates<KL>(scan_s, scan_i, scan_d, W * K, K, threshold[0], r, dot);
+    if (lane < K) {
+      mrow[lane] = r;
+      mdot[lane] = dot;
+      rows[(size_t)row * K + lane] = r;
+      dots[(size_t)row * K + lane] = dot;
+    }
+  }
+"""
+
 # One warp per local position, four at a time: lane i multiplies columns i, i + 32, ... (a row is
 # one coalesced read, where a thread per position reads a line per column), four rows' loads are
 # in flight before the shuffles sum them. Then (after a barrier: warp 0 may have been merging) the
@@ -352,15 +419,25 @@ def _topk_merge_kernel():
     )
 
 
+# How the attend kernel gets a row's memories: "rows" (given), "merge" (the scan's candidates),
+# "scan" (it scans the bank itself): (name, memory inputs, source of that part).
+_ATTEND_MEMORIES = {
+    "rows": ("extmind_attend", ["mem_rows", "mem_dots"], _ATTEND_ROWS),
+    "merge": ("extmind_attend_top_k", ["cand_s", "cand_i", "cand_d"], _ATTEND_MERGE),
+    "scan": ("extmind_attend_scan", ["keys_t", "inv_norms", "topk"], _ATTEND_SCAN),
+}
+
+
 @functools.cache
-def _attend_kernel(shared_floats: int, merge: bool = False):
-    memories = ["cand_s", "cand_i", "cand_d"] if merge else ["mem_rows", "mem_dots"]
+def _attend_kernel(shared_floats: int, memories: str = "rows"):
+    name, inputs, part = _ATTEND_MEMORIES[memories]
+    picks = memories != "rows"  # takes the top-k itself: writes rows / dots, reads the threshold
     return mx.fast.cuda_kernel(
-        name="extmind_attend_top_k" if merge else "extmind_attend",
-        input_names=["q", "k", "v", "mask", *memories, "bank_values", "scale", *(["threshold"] if merge else [])],
-        output_names=["out", "mass", *(["rows", "dots"] if merge else [])],
-        source=_ATTEND_HEAD + (_ATTEND_MERGE if merge else _ATTEND_ROWS) + _ATTEND_LOGITS_WARP + _ATTEND_TAIL,
-        header=kernel_parts.HEADER + (kernel_parts.TOPK_HEADER if merge else ""),
+        name=name,
+        input_names=["q", "k", "v", "mask", *inputs, "bank_values", "scale", *(["threshold"] if picks else [])],
+        output_names=["out", "mass", *(["rows", "dots"] if picks else [])],
+        source=_ATTEND_HEAD + part + _ATTEND_LOGITS_WARP + _ATTEND_TAIL,
+        header=kernel_parts.HEADER + (kernel_parts.TOPK_HEADER if picks else ""),
         ensure_row_contiguous=False,
         shared_memory=4 * shared_floats,
     )
@@ -528,15 +605,20 @@ def list_size(k: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _attend_call(B, H, L, d, floats, mode, kv_dtype, values_dtype, out_dtype, size: int = 0, k: int = 0) -> tuple:
-    """The attend kernel's launch for these shapes (``size``: the merge's list size and ``k`` the
-    memories per query, 0 when the memories come as rows and dots), made once: its call's
+def _attend_call(
+    B, H, L, d, floats, mode, kv_dtype, values_dtype, out_dtype, size: int = 0, k: int = 0, scan: tuple = ()
+) -> dict:
+    """The attend kernel's launch for these shapes (``size``: the list size of the top-k it takes
+    and ``k`` the memories per query, 0 when the memories come as rows and dots; ``scan``: (the
+    bank keys' dtype, whether N % _RUN == 0) when it scans the bank itself), made once: its call's
     keyword arguments."""
     merge = size > 0
     template = [("Tkv", kv_dtype), ("Tv", values_dtype), ("To", out_dtype), ("D", d), ("T", _ATTEND_THREADS)]
     # One compiled kernel per shared-memory size: MLX opts a kernel in to more than 48 KiB of
     # shared memory only at its first launch, so sizes must not share one.
     template += [("MASK", mode), ("LG", floats), *([("KL", size)] if merge else [])]
+    if scan:
+        template += [("Tk", scan[0]), ("R", _RUN), ("VEC", scan[1])]
     return dict(
         template=template,
         grid=(B * H * L * _ATTEND_THREADS, 1, 1),
@@ -567,9 +649,11 @@ def attend(q, k, v, mask, mem_rows, mem_dots, bank_values, scale: float, out_dty
 
 
 def attend_top_k(q, k, v, mask, keys_t, inv_norms, bank_values, top_k: int, threshold, scale: float, out_dtype):
-    """Retrieval and attention of one layer: ``top_k_rows`` then ``attend``, as two kernels for a
-    decode step (the attend kernel takes the top-k of the scan's candidates itself) and by
-    ``top_k_rows`` + ``attend`` for a batch of query rows past MATMUL_ROWS.
+    """Retrieval and attention of one layer: for a decode step one kernel (the attend kernel's
+    block scans the bank for its query row: N <= SCAN_IN_ATTEND) or two (the scan, then
+    the attend kernel takes the top-k of the scan's candidates itself); ``top_k_rows`` +
+    ``attend`` for a batch of query rows past MATMUL_ROWS. The top-k is exact on every path (ties
+    at the k-th place may pick either row).
 
     Arguments as ``top_k_rows`` and ``attend`` take them. Returns (out [B, L, H * d] in
     ``out_dtype``, mass [B, H, L] float32, rows [B, H, L, k] int32, dots [B, H, L, k] float32),
@@ -579,10 +663,20 @@ def attend_top_k(q, k, v, mask, keys_t, inv_norms, bank_values, top_k: int, thre
         rows, dots = top_k_rows(q, keys_t, inv_norms, top_k, threshold)
         return (*attend(q, k, v, mask, rows, dots, bank_values, scale, out_dtype), rows, dots)
     q = mx.contiguous(q)
-    cand, kk, size = _scan(q, keys_t, inv_norms, top_k)
     mode, mask_arr = mask
+    scale_c = kernel_parts.scalar(float(scale), mx.float32)
+    n = keys_t.shape[2]
+    if n <= SCAN_IN_ATTEND:
+        kk = min(top_k, n)
+        _check(kk, d)
+        floats = _shared_bucket(kk + k.shape[2])
+        scan = (keys_t.dtype, n % _RUN == 0)
+        call = _attend_call(B, H, L, d, floats, mode, k.dtype, bank_values.dtype, out_dtype, list_size(kk), kk, scan)
+        topk = kernel_parts.scalar(kk, mx.int32)
+        inputs = [q, k, v, mask_arr, keys_t, inv_norms, topk, bank_values, scale_c, _threshold(threshold)]
+        return _attend_kernel(floats, "scan")(inputs=inputs, **call)
+    cand, kk, size = _scan(q, keys_t, inv_norms, top_k)
     floats = _shared_bucket(kk + k.shape[2])
     call = _attend_call(B, H, L, d, floats, mode, k.dtype, bank_values.dtype, out_dtype, size, kk)
-    scale_c = kernel_parts.scalar(float(scale), mx.float32)
     inputs = [q, k, v, mask_arr, *cand, bank_values, scale_c, _threshold(threshold)]
-    return _attend_kernel(floats, True)(inputs=inputs, **call)
+    return _attend_kernel(floats, "merge")(inputs=inputs, **call)

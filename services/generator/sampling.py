@@ -1,10 +1,13 @@
 """A request's Sampling as mlx-lm's per-sequence sampler and logits processors.
 
-Both run on the MLX thread inside ``BatchGenerator.next()``, one per sequence of the batch, or
-inside a solo sequence's ``generate_step`` (solo.py).
+Both run on the MLX thread inside ``BatchGenerator.next()`` (a sampler shared by the whole batch in
+one call, else one call per sequence; logits processors per sequence), or inside a solo
+sequence's ``generate_step`` (solo.py).
 """
 
 from __future__ import annotations
+
+import functools
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
@@ -13,10 +16,20 @@ from services.generator.request_types import Sampling
 
 
 def sampler_for(s: Sampling):
-    """-> ``sampler(logprobs [1, V]) -> token [1]`` for ``BatchGenerator.insert(samplers=...)``."""
-    if s.temperature == 0 or s.seed is None:
-        return make_sampler(s.temperature, s.top_p, s.min_p, 1, s.top_k)
+    """-> ``sampler(logprobs [B, V]) -> tokens [B]`` for ``BatchGenerator.insert(samplers=...)``.
+    Greedy and unseeded sampling keep no state, so requests with the same settings get the same
+    object: the BatchGenerator samples a decode batch that shares one sampler in one call, and
+    gives each row its own call (a slice and an op per row, then a concatenation) otherwise."""
+    if s.temperature == 0:
+        return _shared_sampler(0.0, 0.0, 0.0, 0)
+    if s.seed is None:
+        return _shared_sampler(s.temperature, s.top_p, s.min_p, s.top_k)
     return SeededSampler(s)
+
+
+@functools.lru_cache(maxsize=256)
+def _shared_sampler(temperature: float, top_p: float, min_p: float, top_k: int):
+    return make_sampler(temperature, top_p, min_p, 1, top_k)
 
 
 class SeededSampler:

@@ -14,6 +14,7 @@ from mlx_lm.utils import load
 from extmind import errors
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
+from services.generator.sampling import sampler_for
 
 from .helpers import PROMPTS, run
 
@@ -89,6 +90,28 @@ async def test_seeded_sampling_is_reproducible_in_a_batch(engines):
     assert a[0] == b[0]
     c = await run(engine, GenerationRequest(prompt, Sampling(**{**s.__dict__, "seed": 99})))
     assert c[0] != a[0]
+
+
+def test_stateless_samplers_are_shared_so_a_batch_samples_in_one_call():
+    # mlx-lm's BatchGenerator samples a batch in one call only when every row has the same sampler
+    # object; otherwise it slices the logprobs and calls each row's sampler (ops per row and step).
+    greedy = sampler_for(Sampling(max_tokens=4))
+    assert sampler_for(Sampling(max_tokens=9, top_p=0.5, top_k=3)) is greedy  # greedy ignores them
+    hot = sampler_for(Sampling(temperature=0.7, top_p=0.9))
+    assert sampler_for(Sampling(temperature=0.7, top_p=0.9, max_tokens=3, stop=("x",))) is hot
+    assert hot is not greedy and sampler_for(Sampling(temperature=0.7, top_p=0.8)) is not hot
+    seeded = [sampler_for(Sampling(temperature=0.7, seed=1)) for _ in range(2)]
+    assert seeded[0] is not seeded[1]  # each seeded request draws from its own key
+
+
+async def test_a_batch_sharing_an_unseeded_sampler_samples_every_row(engines):
+    engine = engines["llama"]
+    s = Sampling(temperature=0.9, top_p=0.95, top_k=40, min_p=0.02, max_tokens=8)
+    reqs = [GenerationRequest(engine.tokenizer.encode(p), s) for p in PROMPTS[:4]]
+    outs = await asyncio.gather(*(run(engine, r) for r in reqs))
+    for tokens, *_, final in outs:
+        assert 1 <= final.completion_tokens <= 8 and len(tokens) <= final.completion_tokens
+        assert all(0 <= t < engine.vocab_size for t in tokens)
 
 
 async def test_stop_string_and_max_tokens(engines):

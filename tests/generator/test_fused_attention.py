@@ -285,9 +285,11 @@ def _same_sets(a, b):
         ([12, 1], 6, None, 700, np.float16, None, 100),
     ],
 )
+@pytest.mark.parametrize("launches", [1, 2])  # a decode layer: one kernel, or the scan + attend
 def test_fused_layer_matches_the_portable_path(
-    tmp_path, monkeypatch, chunks, top_k, threshold, n, bank_dtype, head_dim, matmul_rows
+    tmp_path, monkeypatch, chunks, top_k, threshold, n, bank_dtype, head_dim, matmul_rows, launches
 ):
+    monkeypatch.setattr(fused_attention, "SCAN_IN_ATTEND", 1 << 30 if launches == 1 else 0)
     if matmul_rows is not None:
         monkeypatch.setattr(fused_attention, "MATMUL_ROWS", matmul_rows)
     calls = []

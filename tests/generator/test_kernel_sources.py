@@ -160,6 +160,31 @@ KERNELS = {
         ["typename Tkv", "typename Tv", "typename To", "int D", "int T", "int MASK", "int LG", "int KL"],
         ["<__half, __half, __half, 64, 256, 0, 1024, 16>", "<float, float, float, 80, 256, 2, 2048, 32>"],
     ),
+    "attend_scan": (
+        TOPK + "static float lg[1];\n",
+        (fa._ATTEND_HEAD + fa._ATTEND_SCAN + fa._ATTEND_LOGITS_WARP + fa._ATTEND_TAIL).replace(
+            "extern __shared__ float lg[];", ""
+        ),
+        [
+            *ATTEND_PARAMS,
+            "const Tk* keys_t",
+            "const float* inv_norms",
+            "const int* topk",
+            "const float* threshold",
+            "int* rows",
+            "float* dots",
+            *_arrays("keys_t"),
+        ],
+        [
+            *("typename Tkv", "typename Tv", "typename To", "int D", "int T", "int MASK", "int LG", "int KL"),
+            *("typename Tk", "int R", "bool VEC"),
+        ],
+        [
+            "<__half, __half, __half, 64, 256, 0, 1024, 16, __half, 4, true>",
+            "<float, float, float, 80, 256, 2, 2048, 32, float, 4, false>",
+            "<__half, float, float, 256, 256, 1, 1024, 8, float, 4, true>",
+        ],
+    ),
     **{
         f"stack{slots}{'_last' if last else ''}": (
             "",

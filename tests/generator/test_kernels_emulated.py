@@ -219,16 +219,23 @@ ATTEND_CASES = {
 }
 
 
+@pytest.mark.parametrize("launches", [1, 2])
 @pytest.mark.parametrize("case", sorted(ATTEND_CASES))
-def test_attend_top_k_merges_the_candidates_and_attends(case, emulated, monkeypatch):
-    """The decode layer as two kernels: the scan's candidates merged in the attend kernel give
-    top_k_rows' rows and dots exactly (the same merge), the exact top-k (tie-aware), and the
-    float64 attention over those rows and the local context (mask kinds, GQA, threshold, head
-    sizes not a multiple of 32, half-precision banks, the KV cache as a strided slice); ``attend``
-    given those rows and dots gives the same output and mass."""
+def test_attend_top_k_merges_the_candidates_and_attends(case, launches, emulated, monkeypatch):
+    """The decode layer as one kernel (the attend kernel scans the bank itself) and as two (the
+    scan's candidates merged in the attend kernel): both give top_k_rows' rows and dots exactly
+    (random inputs: no ties), the exact top-k (tie-aware), and the float64 attention over those
+    rows and the local context (mask kinds, GQA, threshold, head sizes not a multiple of 32,
+    half-precision banks, the KV cache as a strided slice, banks of fewer rows than the block's
+    warps or than k); ``attend`` given those rows and dots gives the same output and mass."""
     B, H, KVH, L, S, d, n, top_k, threshold, mask_kind, kv_dtype, chunks, bank_dtype, sliced = ATTEND_CASES[case]
+    monkeypatch.setattr(fa, "SCAN_IN_ATTEND", 1 << 30 if launches == 1 else 0)
     if chunks is not None:
         monkeypatch.setattr(fa, "chunks_for", lambda tiles, n, k: chunks)
+    kernels = []
+    monkeypatch.setattr(
+        mx.fast, "cuda_kernel", lambda name, *a, **kw: kernels.append(name) or cuda_emulator.cuda_kernel(name, *a, **kw)
+    )
     rng = np.random.default_rng(10 + sorted(ATTEND_CASES).index(case))
     q, keys = _inputs(rng, B, H, KVH, L, d, n, "random")
     keys_mx = mx.array(keys).astype(bank_dtype)
@@ -258,6 +265,8 @@ def test_attend_top_k_merges_the_candidates_and_attends(case, emulated, monkeypa
         mx.array(q), k_mx, v_mx, kernel_mask, keys_t, inv, values_mx, top_k, threshold, 0.125, mx.float32
     )
     assert out.shape == (B, L, H * d) and out.dtype == mx.float32 and mass.shape == (B, H, L)
+    want_kernels = ["extmind_attend_scan"] if launches == 1 else ["extmind_topk_chunks", "extmind_attend_top_k"]
+    assert kernels == want_kernels
     want_rows, want_dots = fa.top_k_rows(mx.array(q), keys_t, inv, top_k, threshold)
     rows, dots = np.array(rows), np.array(dots)
     np.testing.assert_array_equal(rows, np.array(want_rows))
