@@ -92,17 +92,21 @@ def stock_batch(model, eos_ids, prompts, n):
 
 
 async def engine_run(engine, prompt, n, memory=None, total=False):
-    """-> (time to first token, decode tok/s after the first token[, seconds until the Final, tokens])."""
+    """-> (time to first token, decode tok/s after the first token[, seconds until the Final, tokens]).
+    A Chunk may carry the tokens of several steps (handed over together, --stream-interval-ms);
+    the first token always comes alone."""
     t0 = time.perf_counter()
     first = last = None
-    count = 0
+    count = after_first = 0
     async for ev in engine.generate(GenerationRequest(prompt, Sampling(max_tokens=n), memory)):
-        if isinstance(ev, Chunk):
-            count += 1
+        if isinstance(ev, Chunk) and ev.token_ids:
+            count += len(ev.token_ids)
             last = time.perf_counter()
             if first is None:
                 first = last
-    rate = (count - 1) / (last - first) if count > 1 else float("nan")
+            else:
+                after_first += len(ev.token_ids)
+    rate = after_first / (last - first) if after_first else float("nan")
     if total:
         return first - t0, rate, time.perf_counter() - t0, count
     return first - t0, rate

@@ -355,6 +355,13 @@ REGISTRY: tuple[EnvVar, ...] = (
         "GENERATOR_MAX_QUEUE", "256", "generator `--max-queue`", "most requests in flight; beyond = RESOURCE_EXHAUSTED"
     ),
     EnvVar(
+        "GENERATOR_STREAM_INTERVAL_MS",
+        "5",
+        "generator `--stream-interval-ms`",
+        "ms between hand-overs of streamed tokens to the callers (the first token, the end and errors at "
+        "once); 0 = after every decode step",
+    ),
+    EnvVar(
         "GENERATOR_WINDOW",
         "3072",
         "generator `--window`",

@@ -7,7 +7,7 @@ import logging
 
 from extmind.v1 import generator_pb2, generator_pb2_grpc
 from services.common.blas import blas_in_use
-from services.common.config import FlagParser, add_server_flags, http_port, positive_int
+from services.common.config import FlagParser, add_server_flags, http_port, non_negative_float, positive_int
 from services.common.server import Service
 from services.generator import fused_attention, weights_dtype
 from services.generator.engine import EngineConfig, GeneratorEngine
@@ -68,6 +68,13 @@ def parse_args(argv=None):
         default=EngineConfig.max_queue,
         type=int,
         help="most requests in flight; more are RESOURCE_EXHAUSTED",
+    )
+    p.flag(
+        "--stream-interval-ms",
+        env="GENERATOR_STREAM_INTERVAL_MS",
+        default=EngineConfig.stream_interval_ms,
+        type=non_negative_float,
+        help="ms between hand-overs of streamed tokens (first token, end and errors at once); 0 = every step",
     )
     p.flag(
         "--window",
@@ -147,6 +154,7 @@ class GeneratorApp:
                 window=args.window,
                 stride=args.stride,
                 max_queue=args.max_queue,
+                stream_interval_ms=args.stream_interval_ms,
                 memory_timeout=args.memory_timeout,
                 dtype=args.dtype,
                 fused_attention=args.fused_attention,

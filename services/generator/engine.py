@@ -57,6 +57,9 @@ class EngineConfig:
     memory_timeout: float = 30.0
     dtype: str = "auto"  # weights_dtype.CHOICES: "auto" widens half precision on the CPU
     fused_attention: str = "auto"  # fused_attention.MODES: "auto" = fused LOCAL kernels on CUDA
+    # Milliseconds between two hand-overs of streamed tokens to the callers (the first token, the
+    # last event and errors go at once): docs/architecture.md, "Handing tokens to the callers".
+    stream_interval_ms: float = 5.0
 
 
 _NO_MEMORY_SERVICE = "this generator has no memory service configured (--memory-url)"
@@ -132,6 +135,7 @@ class GeneratorEngine:
             prefill_batch_size=c.prefill_batch_size,
             prefill_step_size=c.prefill_step_size,
             max_queue=c.max_queue,
+            stream_interval=c.stream_interval_ms / 1000,
         )
         self._scheduler.start()
 

@@ -158,6 +158,18 @@ class Chunk:
     # Per token when top_logprobs > 0: the (token id, logprob) of the most likely tokens, best first.
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
+    @staticmethod
+    def joined(chunks: list[Chunk]) -> Chunk:
+        """One Chunk of consecutive ``chunks`` (their text, tokens and per-token lists in order)."""
+        if len(chunks) == 1:
+            return chunks[0]
+        return Chunk(
+            "".join(c.text for c in chunks),
+            [t for c in chunks for t in c.token_ids],
+            [x for c in chunks for x in c.logprobs],
+            [x for c in chunks for x in c.top_logprobs],
+        )
+
 
 @dataclass
 class Final:

@@ -9,7 +9,7 @@ import time
 from services.generator import attention_mass
 from services.generator.citations import Counts
 from services.generator.memory_resolution import ResolvedMemory
-from services.generator.request_types import GenerationRequest
+from services.generator.request_types import Chunk, GenerationRequest
 from services.generator.stop_text import StopText
 
 
@@ -53,9 +53,25 @@ class RunningRequest:
         return True
 
     def _deliver(self) -> None:  # on the caller's loop
+        """Moves the posted events to ``events``, consecutive Chunks joined: the caller handles
+        (sends, renders) one message for the tokens of several steps when they came together,
+        not one per token. Chunks without text after the last one with text stay a Chunk of
+        their own: their tokens' text is held back (a stop string may still cut it off), and a
+        caller showing tokens with their text (openai_responses.Answer) holds them too."""
         self._wake = False  # first: an event posted from here on asks for another wake-up
-        while self._outbox:
-            self.events.put_nowait(self._outbox.popleft())
+        out = self._outbox
+        while out:
+            ev = out.popleft()
+            if not (isinstance(ev, Chunk) and out and isinstance(out[0], Chunk)):
+                self.events.put_nowait(ev)
+                continue
+            run = [ev]
+            while out and isinstance(out[0], Chunk):
+                run.append(out.popleft())
+            cut = max((i + 1 for i, c in enumerate(run) if c.text), default=0)
+            for part in (run[:cut], run[cut:]):
+                if part:
+                    self.events.put_nowait(Chunk.joined(part))
 
 
 def wake_loops(requests: list[RunningRequest]) -> None:

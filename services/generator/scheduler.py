@@ -97,6 +97,7 @@ class Scheduler:
         prefill_batch_size: int,
         prefill_step_size: int,
         max_queue: int,
+        stream_interval: float = 0.0,
     ):
         self._mlx = mlx
         self.model = model
@@ -107,6 +108,12 @@ class Scheduler:
         self.prefill_batch_size = prefill_batch_size
         self.prefill_step_size = prefill_step_size
         self.max_queue = max_queue
+        # Seconds between two wake-ups of the callers' loops for tokens (docs/architecture.md,
+        # "Handing tokens to the callers"): the tokens of the steps between travel together. A
+        # first token, a last event and an error leave at once.
+        self.stream_interval = stream_interval
+        self._last_wake = 0.0
+        self._urgent = False  # a posted event must not wait for the interval
         self.num_layers = len(model.layers)
         self._eos = frozenset(self.eos_ids)
         # Solo decode (solo.py) hands a KVCache over and trims it: only for models whose caches are
@@ -152,11 +159,15 @@ class Scheduler:
     def _steps(self) -> None:
         """Steps back to back while nothing else waits for the MLX thread: one hand-over between
         the two threads per STEPS_PER_CALL steps at most rather than one per token, and whatever
-        is submitted meanwhile (an admit, a cancel) still runs after the current step."""
-        for _ in range(self.STEPS_PER_CALL):
-            self._step_all()
-            if not self._groups or self._stopping or self._mlx.has_waiting():
-                return
+        is submitted meanwhile (an admit, a cancel) still runs after the current step. The tokens
+        held for the stream interval leave before the thread turns to other work."""
+        try:
+            for _ in range(self.STEPS_PER_CALL):
+                self._step_all()
+                if not self._groups or self._stopping or self._mlx.has_waiting():
+                    return
+        finally:
+            self._hand_over(flush=True)
 
     def _step_all(self) -> None:
         for key, group in list(self._groups.items()):
@@ -177,17 +188,27 @@ class Scheduler:
         RUNNING.set(self._active - waiting)
         self._gauges_moved = False
 
-    def _post(self, r: RunningRequest, event) -> None:
-        """Queues ``event`` for ``r``'s caller; it leaves at the next ``_hand_over``."""
+    def _post(self, r: RunningRequest, event, urgent: bool = True) -> None:
+        """Queues ``event`` for ``r``'s caller; it leaves at the next ``_hand_over`` that wakes
+        the loops (at once when ``urgent``, else once the stream interval has passed)."""
+        self._urgent = self._urgent or urgent
         if r.post(event):
             self._posted.append(r)
 
-    def _hand_over(self) -> None:
-        """Wakes the callers' loops for what was posted since the last hand-over (after every
-        step, and after ``close_all``): one wake-up per loop and step."""
-        if self._posted:
-            posted, self._posted = self._posted, []
-            wake_loops(posted)
+    def _hand_over(self, flush: bool = False) -> None:
+        """Wakes the callers' loops for what was posted since the last wake-up (after every step,
+        after ``close_all`` and before the MLX thread turns to other work): one wake-up per loop,
+        at most one per stream interval while only tokens wait. Each wake-up is a syscall and a
+        trade of the GIL between the MLX thread and the loop's thread, which cost a token's
+        decode on a fast GPU more than the model's Python does."""
+        if not self._posted:
+            return
+        now = time.monotonic()
+        if not (flush or self._urgent or now - self._last_wake >= self.stream_interval):
+            return
+        posted, self._posted = self._posted, []
+        self._last_wake, self._urgent = now, False
+        wake_loops(posted)
 
     # ---------------------------------------------------------------- on the MLX thread
 
@@ -259,7 +280,7 @@ class Scheduler:
         self._active = 0
         self._has_work.clear()
         self._publish()
-        self._hand_over()
+        self._hand_over(flush=True)
 
     def _step(self, group: DecodeGroup) -> None:
         if group.solo is None and self._solo_ok:
@@ -426,7 +447,7 @@ class Scheduler:
         top = [_top(resp.logprobs, r.req.top_logprobs)] if r.req.return_logprobs and r.req.top_logprobs else []
         last = resp.finish_reason == "length"
         piece, stopped = r.text.push(tok, last)
-        self._post(r, Chunk(piece, [tok], lp, top))
+        self._post(r, Chunk(piece, [tok], lp, top), urgent=r.generated == 1)
         if stopped:
             r.group.remove(r.uid)
             self._finish(r, STOP_SEQUENCE)

@@ -208,11 +208,12 @@ async def test_top_logprobs_are_the_most_likely_tokens_of_each_step(engines):
             chunks.append(ev)
     plain, plain_lps, _, _ = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=6), None, True))
     assert [t for c in chunks for t in c.token_ids] == plain and [x for c in chunks for x in c.logprobs] == plain_lps
-    for c in chunks:
-        (top,) = c.top_logprobs
+    steps = [s for c in chunks for s in zip(c.token_ids, c.logprobs, c.top_logprobs, strict=True)]
+    assert len(steps) == len(plain)  # one list per token, however the tokens were grouped in Chunks
+    for token, lp, top in steps:
         ids, values = [t for t, _ in top], [v for _, v in top]
         assert len(set(ids)) == 5 and values == sorted(values, reverse=True) and all(v <= 0 for v in values)
-        assert (ids[0], values[0]) == (c.token_ids[0], pytest.approx(c.logprobs[0], abs=1e-6))  # greedy: the best
+        assert (ids[0], values[0]) == (token, pytest.approx(lp, abs=1e-6))  # greedy: the best
         assert sum(np.exp(values)) <= 1 + 1e-5
     with pytest.raises(errors.InvalidArgument, match="top_logprobs 21"):
         await run(engine, GenerationRequest(prompt, Sampling(max_tokens=2), None, True, top_logprobs=21))
