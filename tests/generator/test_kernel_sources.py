@@ -12,8 +12,8 @@ import subprocess
 
 import pytest
 
+from services.generator import decode_kernels as dk
 from services.generator import device_stack, kernel_parts, prefill_attention, prefill_top_k
-from services.generator import fused_attention as fa
 
 from . import cuda_emulator
 
@@ -97,7 +97,7 @@ KERNELS = {
     ),
     "topk_chunks": (
         TOPK,
-        fa._TOPK_SCAN_SOURCE,
+        dk.TOPK_SCAN_SOURCE,
         [
             "const float* q",
             "const Tk* keys_t",
@@ -119,7 +119,7 @@ KERNELS = {
     ),
     "topk_merge": (
         TOPK,
-        fa._TOPK_MERGE_SOURCE,
+        dk.TOPK_MERGE_SOURCE,
         [
             "const float* threshold",
             "const float* cand_s",
@@ -135,7 +135,7 @@ KERNELS = {
     # The dynamic shared-memory array becomes a static one: the host has no ``extern __shared__``.
     "attend": (
         kernel_parts.HEADER + "static float lg[1];\n",
-        (fa._ATTEND_HEAD + fa._ATTEND_ROWS + fa._ATTEND_LOGITS_WARP + fa._ATTEND_TAIL).replace(
+        (dk.ATTEND_HEAD + dk.ATTEND_ROWS + dk.ATTEND_LOGITS_WARP + dk.ATTEND_TAIL).replace(
             "extern __shared__ float lg[];", ""
         ),
         [*ATTEND_PARAMS, "const int* mem_rows", "const float* mem_dots", *_arrays("mem_rows")],
@@ -144,7 +144,7 @@ KERNELS = {
     ),
     "attend_top_k": (
         TOPK + "static float lg[1];\n",
-        (fa._ATTEND_HEAD + fa._ATTEND_MERGE + fa._ATTEND_LOGITS_WARP + fa._ATTEND_TAIL).replace(
+        (dk.ATTEND_HEAD + dk.ATTEND_MERGE + dk.ATTEND_LOGITS_WARP + dk.ATTEND_TAIL).replace(
             "extern __shared__ float lg[];", ""
         ),
         [
@@ -162,7 +162,7 @@ KERNELS = {
     ),
     "attend_scan": (
         TOPK + "static float lg[1];\n",
-        (fa._ATTEND_HEAD + fa._ATTEND_SCAN + fa._ATTEND_LOGITS_WARP + fa._ATTEND_TAIL).replace(
+        (dk.ATTEND_HEAD + dk.ATTEND_SCAN + dk.ATTEND_LOGITS_WARP + dk.ATTEND_TAIL).replace(
             "extern __shared__ float lg[];", ""
         ),
         [

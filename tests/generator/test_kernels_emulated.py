@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from services.generator import decode_kernels as dk
 from services.generator import device_stack, prefill_attention, prefill_top_k
 from services.generator import fused_attention as fa
 
@@ -36,7 +37,7 @@ def emulated(monkeypatch):
     monkeypatch.setattr(mx.fast, "cuda_kernel", cuda_emulator.cuda_kernel)
     # A fresh memo of the scan's launches: tests change chunks_for.
     monkeypatch.setattr(fa, "_scan_call", functools.lru_cache(maxsize=None)(fa._scan_call.__wrapped__))
-    kernels = (fa._topk_scan_kernel, fa._topk_merge_kernel, fa._attend_kernel, prefill_top_k._kernel)
+    kernels = (dk.topk_scan_kernel, dk.topk_merge_kernel, dk.attend_kernel, prefill_top_k._kernel)
     for k in kernels:
         k.cache_clear()
     yield
@@ -323,11 +324,11 @@ def test_the_emulation_catches_a_wrong_kernel(emulated, monkeypatch):
     with pytest.raises(AssertionError):
         _check(q, keys, np.array(rows), np.array(dots), 8, None)
     monkeypatch.setattr(fa.kernel_parts, "TOPK_HEADER", header)
-    fa._topk_scan_kernel.cache_clear()
-    fa._topk_merge_kernel.cache_clear()
+    dk.topk_scan_kernel.cache_clear()
+    dk.topk_merge_kernel.cache_clear()
     early = "if (unit >= q_shape[0] * (H / GT) * L * C) return;"
-    assert early in fa._TOPK_SCAN_SOURCE
-    monkeypatch.setattr(fa, "_TOPK_SCAN_SOURCE", fa._TOPK_SCAN_SOURCE.replace(early, "if (lane == 5) return;"))
+    assert early in dk.TOPK_SCAN_SOURCE
+    monkeypatch.setattr(dk, "TOPK_SCAN_SOURCE", dk.TOPK_SCAN_SOURCE.replace(early, "if (lane == 5) return;"))
     with pytest.raises(RuntimeError, match="lanes which returned never reach"):
         fa.top_k_rows(*args, 8, None)
 
