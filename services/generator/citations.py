@@ -213,8 +213,10 @@ def spans(counts: np.ndarray, memories, decode: Callable[[list[int]], str], limi
     hot rows (``hot_rows``) merged into spans across gaps of at most MAX_GAP rows, ranked by
     their hits (the sum of their rows' counts).
 
-    memories: objects with memory_id, rows, token_ids and positions (row -> token position)."""
-    out, offset = [], 0
+    memories: objects with memory_id, rows, token_ids and positions (row -> token position).
+    Only the ``limit`` spans returned are decoded (a long request over a large memory may have
+    hundreds of spans, and a decode costs tens of microseconds)."""
+    found, offset = [], 0  # (hits, memory id, token start, memory, its counts, first row, last row)
     for info in memories:
         c = counts[offset : offset + info.rows]
         offset += info.rows
@@ -224,16 +226,16 @@ def spans(counts: np.ndarray, memories, decode: Callable[[list[int]], str], limi
         breaks = np.flatnonzero(np.diff(hit) > MAX_GAP + 1) + 1
         for run in np.split(hit, breaks):
             a, b = int(run[0]), int(run[-1])
-            text = decode(info.token_ids[a : b + 1]) if info.token_ids else ""
-            out.append(
-                Citation(
-                    info.memory_id,
-                    info.positions[a],
-                    info.positions[b] + 1,
-                    text,
-                    int(c[a : b + 1].sum()),
-                    [int(x) for x in c[a : b + 1]],
-                )
-            )
-    out.sort(key=lambda s: (-s.hits, s.memory_id, s.token_start))
-    return out[:limit]
+            found.append((int(c[a : b + 1].sum()), info.memory_id, info.positions[a], info, c, a, b))
+    found.sort(key=lambda f: (-f[0], f[1], f[2]))
+    return [
+        Citation(
+            info.memory_id,
+            start,
+            info.positions[b] + 1,
+            decode(info.token_ids[a : b + 1]) if info.token_ids else "",
+            hits,
+            [int(x) for x in c[a : b + 1]],
+        )
+        for hits, _, start, info, c, a, b in found[:limit]
+    ]

@@ -43,6 +43,15 @@ def test_gaps_wider_than_two_rows_split_spans_and_limit_keeps_the_best():
     assert [(s.token_start, s.hits) for s in out] == [(7, 6), (3, 5)]
 
 
+def test_only_the_spans_returned_are_decoded():
+    c = np.zeros(400, np.int64)
+    c[::4] = np.arange(100) + 1  # 100 single-row spans, 3 cold rows apart, hits 1..100
+    decoded = []
+    out = spans(c, [_mem("m", 400)], lambda ids: decoded.append(list(ids)) or _decode(ids), limit=3)
+    assert [s.hits for s in out] == [100, 99, 98] and [s.text for s in out] == ["496", "492", "488"]
+    assert decoded == [[496], [492], [488]]
+
+
 def test_uniform_counts_cite_the_most_retrieved_rows_only():
     c = np.full(10, 3, np.int64)
     c[7] = 4  # no row reaches 2x the mean: fall back to the maximum
