@@ -104,19 +104,25 @@ class DecodeGroup:
                 # (the tally keeps them), r is still solo and the caller can end it.
                 tally.flush()
         self.solo = None
-        cache, tokens = solo.end()
-        (uid,) = self.gen.insert(
-            [tokens[-1:]],
-            max_tokens=[r.max_tokens - r.generated],
-            caches=[cache],
-            all_tokens=[tokens[:-1]],
-            samplers=[r.sampler],
-            logits_processors=[r.processors],
-        )
+        if solo.started:
+            cache, tokens = solo.end()
+            (uid,) = self.gen.insert(
+                [tokens[-1:]],
+                max_tokens=[r.max_tokens - r.generated],
+                caches=[cache],
+                all_tokens=[tokens[:-1]],
+                samplers=[r.sampler],
+                logits_processors=[r.processors],
+            )
+            self.resumed.add(uid)
+        else:  # started solo from its prompt and joined before its first step: a prompt like any
+            solo.close()
+            (uid,) = self.gen.insert(
+                [solo.tokens], max_tokens=[r.max_tokens], samplers=[r.sampler], logits_processors=[r.processors]
+            )
         del self.requests[r.uid]
         r.uid = uid
         self.requests[uid] = r
-        self.resumed.add(uid)
         self.batch_changed = True
 
     def close(self) -> None:

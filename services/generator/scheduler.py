@@ -23,6 +23,7 @@ state only; the attention-mass sums stay on the device until a request ends (att
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -84,6 +85,8 @@ class Scheduler:
     # may still make this many tokens: a short request, or one that is joined again soon, stays
     # batched (and a group whose requests come and go does not switch at every change).
     SOLO_AFTER = 8
+    # A request without memories admitted to an empty group starts solo from its prompt.
+    SOLO_FROM_PROMPT = True
 
     def __init__(
         self,
@@ -119,6 +122,7 @@ class Scheduler:
         # Solo decode (solo.py) hands a KVCache over and trims it: only for models whose caches are
         # plain KVCaches (what the BatchGenerator's BatchKVCache gives back).
         self._solo_ok = all(type(c) is KVCache for c in make_prompt_cache(model))
+        self._solo_uids = itertools.count(-1, -1)  # requests that start solo: uids no BatchGenerator gives
         self._groups: dict = {}
         self._active = 0
         self._posted: list[RunningRequest] = []  # requests with events for their loop since the last wake_loops
@@ -239,12 +243,19 @@ class Scheduler:
             self._resume(group)
         s = r.req.sampling
         r.sampler, r.processors = sampler_for(s), logits_processors_for(s)
-        (uid,) = group.gen.insert(
-            [r.req.prompt_tokens],
-            max_tokens=[r.max_tokens],
-            samplers=[r.sampler],
-            logits_processors=[r.processors],
-        )
+        if key is None and not group.requests and self._solo_ok and self.SOLO_FROM_PROMPT:
+            # Alone and without memories: solo from the prompt (solo.py), no batch steps first.
+            uid = next(self._solo_uids)
+            group.solo = Solo.from_prompt(
+                self.model, r, r.req.prompt_tokens, r.sampler, r.processors, r.max_tokens, self.prefill_step_size
+            )
+        else:
+            (uid,) = group.gen.insert(
+                [r.req.prompt_tokens],
+                max_tokens=[r.max_tokens],
+                samplers=[r.sampler],
+                logits_processors=[r.processors],
+            )
         r.uid, r.group, r.memories = uid, group, memories
         m = r.req.memory
         if m is not None and m.return_citations and group.ctx is not None:
@@ -347,7 +358,9 @@ class Scheduler:
         # copied) would otherwise stay referenced here for as long as r decodes solo.
         group.unpadded_caches = {}
         group.alone_steps = 0
-        group.solo = Solo(self.model, r, cache, list(tokens), r.sampler, r.processors, r.max_tokens - r.generated)
+        group.solo = Solo.handed_over(
+            self.model, r, cache, list(tokens), r.sampler, r.processors, r.max_tokens - r.generated
+        )
 
     def _resume(self, group: DecodeGroup) -> None:
         """Puts the group's solo sequence back into its BatchGenerator (``DecodeGroup.resume``).

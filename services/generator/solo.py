@@ -7,7 +7,9 @@ So while a group's decode batch holds a single sequence and nothing else of the 
 or prefilling, the scheduler takes it out of the BatchGenerator
 (``remove(..., return_prompt_caches=True)``: a ``KVCache`` per layer and the token history) and
 steps it here; when another request joins the group it goes back (``insert`` with its cache and
-history). Prompts are always prefilled by the BatchGenerator.
+history). A request without memories that arrives to find nothing else running starts here from its
+prompt (``Solo.from_prompt``: ``generate_step`` prefills it), so a lone stream never pays the batch
+steps and the hand-over; one that is joined before its first step goes into the batch as a prompt.
 
 Both generators run a token's forward as they emit it (the next token is computed ahead), so the
 cache handed over holds the last emitted token's keys and values and a drawn next token nobody
@@ -21,27 +23,33 @@ from __future__ import annotations
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step, generation_stream
-from mlx_lm.models.cache import TokenBuffer, trim_prompt_cache
+from mlx_lm.models.cache import TokenBuffer, make_prompt_cache, trim_prompt_cache
 
 
 class Solo:
-    """A request's sequence stepped by ``generate_step``.
+    """A request's sequence stepped by ``generate_step`` (made by ``handed_over`` or ``from_prompt``).
 
-    cache: its per-layer KVCache holding ``tokens`` (prompt and generated token ids), the last
-    one's forward already run (its output dropped); sampler / processors: the request's, as given
-    to the BatchGenerator; max_tokens: the tokens it may still generate (> 0)."""
+    cache: its per-layer KVCaches; tokens: its prompt and generated token ids; steps: the
+    ``generate_step`` generator; repeated: whether the first step's first forward repeats one
+    the batch ran and counted."""
 
-    def __init__(self, model, request, cache: list, tokens: list[int], sampler, processors: list, max_tokens: int):
+    def __init__(self, request, cache: list, tokens: list[int], sampler, steps, repeated: bool):
         self.request = request
         self.cache = cache
         self.tokens = tokens
         self.sampler = sampler
+        self.repeated = repeated
+        self._ran = False
+        self._steps = steps
+
+    @classmethod
+    def handed_over(cls, model, request, cache: list, tokens: list[int], sampler, processors: list, max_tokens: int):
+        """A sequence out of the BatchGenerator. cache: its per-layer KVCache holding ``tokens``,
+        the last one's forward already run (its output dropped); sampler / processors: the
+        request's, as given to the BatchGenerator; max_tokens: the tokens it may still generate (> 0)."""
         trim_prompt_cache(cache, 1)
         _rewind(sampler)
-        # The first step's first forward (on tokens[-1]) repeats the one the batch ran and counted.
-        self.repeated = True
-        self._ran = False
-        self._steps = generate_step(
+        steps = generate_step(
             mx.array(tokens[-1:]),
             model,
             prompt_cache=cache,
@@ -49,6 +57,29 @@ class Solo:
             logits_processors=_with_history(processors, tokens[:-1]),
             max_tokens=max_tokens,
         )
+        return cls(request, cache, tokens, sampler, steps, repeated=True)
+
+    @classmethod
+    def from_prompt(cls, model, request, prompt: list[int], sampler, processors: list, max_tokens: int, step_size: int):
+        """A request that starts solo: ``generate_step`` prefills ``prompt`` in chunks of
+        ``step_size`` tokens (as the BatchGenerator would) at the first step. Its logits
+        processors see the prompt and the generated tokens, as ``generate_step`` hands them."""
+        cache = make_prompt_cache(model)
+        steps = generate_step(
+            mx.array(prompt),
+            model,
+            prompt_cache=cache,
+            sampler=sampler,
+            logits_processors=processors or None,
+            max_tokens=max_tokens,
+            prefill_step_size=step_size,
+        )
+        return cls(request, cache, list(prompt), sampler, steps, repeated=False)
+
+    @property
+    def started(self) -> bool:
+        """Whether a step ran (before it, a solo made from its prompt has nothing in its cache)."""
+        return self._ran
 
     def step(self) -> tuple[int, mx.array]:
         """-> the next token and its logprobs [vocab]. The step's forwards (two on the first

@@ -50,8 +50,10 @@ SOLO_AFTER = 2  # the tests' Scheduler.SOLO_AFTER: a request goes solo at its 4t
 @pytest.fixture
 def handovers(monkeypatch):
     """Counts the scheduler's hand-overs: to solo ("solo", and the tokens the request had made
-    then: "at") and back into a batch ("resume"). Sequences go solo after SOLO_AFTER steps alone."""
+    then: "at") and back into a batch ("resume"). Sequences go solo after SOLO_AFTER steps alone;
+    none starts solo from its prompt (test_solo_from_prompt.py), so plain requests take the hand-over."""
     monkeypatch.setattr(sched.Scheduler, "SOLO_AFTER", SOLO_AFTER)
+    monkeypatch.setattr(sched.Scheduler, "SOLO_FROM_PROMPT", False)
     seen = {"solo": 0, "resume": 0, "at": []}
     go_solo, resume = sched.Scheduler._go_solo, decode_group.DecodeGroup.resume
 
@@ -176,6 +178,7 @@ async def test_a_request_goes_solo_after_decoding_alone_for_a_while(plain_engine
     """With the default SOLO_AFTER, a request goes solo once it has decoded alone for SOLO_AFTER
     batch steps and may still make SOLO_AFTER tokens: one that may make fewer never does."""
     after = sched.Scheduler.SOLO_AFTER
+    monkeypatch.setattr(sched.Scheduler, "SOLO_FROM_PROMPT", False)
     at = []
     go_solo = sched.Scheduler._go_solo
     monkeypatch.setattr(sched.Scheduler, "_go_solo", lambda self, g, r: at.append(r.generated) or go_solo(self, g, r))
@@ -191,6 +194,7 @@ async def test_the_batch_caches_a_sequence_left_are_freed_while_it_decodes_solo(
     (one per layer): those are dropped, not kept alive next to the copy for as long as the
     sequence decodes solo (a long context's cache held twice)."""
     monkeypatch.setattr(sched.Scheduler, "SOLO_AFTER", SOLO_AFTER)
+    monkeypatch.setattr(sched.Scheduler, "SOLO_FROM_PROMPT", False)
     left, alive = [], []
     go_solo, step_solo = sched.Scheduler._go_solo, sched.Scheduler._step_solo
 
