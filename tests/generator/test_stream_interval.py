@@ -92,3 +92,149 @@ async def test_a_joined_chunk_keeps_tokens_whose_text_is_held_back_apart():
     r._deliver()
     got = [r.events.get_nowait() for _ in range(r.events.qsize())]
     assert got == [Chunk(" is", [1, 2], [-1.0, -2.0]), Chunk("", [3, 4], [-3.0, -4.0]), Final("stop_sequence", 1, 4)]
+
+
+# --- breaker3: joined Chunks against step-by-step ones, through every consumer -------------------
+
+
+def _answers(engine_events, req_obj, tokenizer):
+    """(streamed text, streamed logprobs entries, finish reasons, whole body) of one generation's
+    events rendered by openai_responses.Answer, both ways (stream and whole)."""
+    from services.generator.openai_responses import Answer
+
+    stream = Answer(req_obj, "m", "fp", lambda t: tokenizer.decode([t]))
+    whole = Answer(req_obj, "m", "fp", lambda t: tokenizer.decode([t]))
+    objs = [o for o in [stream.first_chunk()] if o is not None]
+    for ev in engine_events:
+        if isinstance(ev, Chunk):
+            whole.add(ev)
+            if (o := stream.stream_chunk(ev)) is not None:
+                objs.append(o)
+        else:
+            whole.end(ev)
+            objs += stream.last_chunks(ev)
+    chat = stream.chat
+    text, entries, reasons, offsets = "", [], [], []
+    for o in objs:
+        for ch in o["choices"]:
+            text += ch["delta"].get("content", "") if chat else ch["text"]
+            lp = ch["logprobs"]
+            if lp is not None:
+                if chat:
+                    entries += lp["content"]
+                else:
+                    entries += list(zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"] or [None] * 99))
+                    offsets += lp["text_offset"]
+            reasons.append(ch["finish_reason"])
+    body = whole.body()
+    for key in ("id", "created"):
+        body.pop(key)
+    return text, entries, [r for r in reasons if r], offsets, body
+
+
+@pytest.mark.parametrize("stop", [(), ("ntion b",), ("ind",), ("le", "xyz"), ("\ufffd_ b",)])
+@pytest.mark.parametrize("obj", ["chat.completion", "text_completion"])
+async def test_joined_chunks_render_as_step_by_step_ones_in_the_openai_answers(engines, stop, obj):
+    """Stop strings whose start is held back (Chunks without text) across joined Chunks: the
+    OpenAI face's text, logprobs (tokens, top alternatives, text offsets) and finish reason are
+    those of the step-by-step stream."""
+    from services.generator.openai_protocol import OpenAIRequest
+
+    quick, slow = engines[0.0], engines[60_000.0]
+    req = GenerationRequest(quick.tokenizer.encode(PROMPT), Sampling(max_tokens=60, stop=stop), None, True, 3)
+    out = {}
+    for name, e in (("quick", quick), ("slow", slow)):
+        events = [ev async for ev in e.generate(req)]
+        out[name] = events
+    assert len(out["slow"]) < len(out["quick"])  # tokens were joined
+    oreq = OpenAIRequest(obj, logprobs=True, top_logprobs=3, stream=True)
+    want = _answers(out["quick"], oreq, quick.tokenizer)
+    got = _answers(out["slow"], oreq, quick.tokenizer)
+    assert got == want
+    assert want[0] == want[4]["choices"][0].get("text", want[4]["choices"][0].get("message", {}).get("content"))
+
+
+async def test_streams_of_two_event_loops_get_every_token(engines):
+    """Requests from two threads, each with its own event loop, on an engine that holds tokens
+    for the interval: each loop gets its own requests' tokens, all of them, in order."""
+    import threading
+
+    quick, slow = engines[0.0], engines[60_000.0]
+    prompts = [PROMPT, "Alice met Bob at the", "One two three four"]
+    reqs = [GenerationRequest(quick.tokenizer.encode(p), Sampling(max_tokens=50), None, True) for p in prompts]
+    want = [await _events(quick, r) for r in reqs]
+    results: dict = {}
+
+    def in_thread(i):
+        async def both():
+            return await asyncio.gather(*(_events(slow, r) for r in reqs))
+
+        results[i] = asyncio.run(both())
+
+    threads = [threading.Thread(target=in_thread, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(results) == [0, 1]
+    for got in results.values():  # six in a batch: logprobs within rounding of the lone runs'
+        for (chunks, final), (want_chunks, want_final) in zip(got, want):
+            g, w = Chunk.joined(chunks), Chunk.joined(want_chunks)
+            assert (g.text, g.token_ids, final) == (w.text, w.token_ids, want_final)
+            assert len(g.logprobs) == len(w.logprobs) and len(chunks[0].token_ids) == 1
+
+
+async def test_a_cancelled_stream_leaves_the_others_flowing(engines):
+    """One stream closed early (its request cancelled) while others of its batch and another group
+    run on: the others get every token and their Final; nothing waits for an end."""
+    quick, slow = engines[0.0], engines[60_000.0]
+    reqs = [
+        GenerationRequest(quick.tokenizer.encode(p), Sampling(max_tokens=n))
+        for p, n in ((PROMPT, 80), ("Alice met Bob at the", 300), ("One two", 5))
+    ]
+    want = [await _events(quick, r) for r in reqs[:1] + reqs[2:]]
+
+    async def cancelled():
+        stream = slow.generate(reqs[1])
+        got = 0
+        async for ev in stream:
+            got += len(ev.token_ids)
+            if got >= 3:
+                break
+        await stream.aclose()
+        return got
+
+    outs = await asyncio.wait_for(
+        asyncio.gather(_events(slow, reqs[0]), cancelled(), _events(slow, reqs[2])), timeout=120
+    )
+    for (chunks, final), (want_chunks, want_final) in zip([outs[0], outs[2]], want):
+        g, w = Chunk.joined(chunks), Chunk.joined(want_chunks)
+        assert (g.text, g.token_ids, final) == (w.text, w.token_ids, want_final)
+    assert outs[1] >= 3
+    assert slow.mlx.call(slow._scheduler.stats) == {"active": 0, "groups": 0}
+
+
+@pytest.mark.parametrize("interval", [0.0, 60_000.0])
+async def test_the_first_token_comes_alone_even_when_the_loop_is_late(engines, interval):
+    """GenerateStream's contract (generator.proto) and the bench's time to first token: the first
+    Chunk carries the first token only, also when the caller's loop runs its delivery after the
+    MLX thread has posted more tokens (a busy loop: here blocked until 3 tokens exist)."""
+    engine = engines[interval]
+    req = GenerationRequest(engine.tokenizer.encode(PROMPT), Sampling(max_tokens=30), None, True)
+    want, want_final = await _events(engines[0.0], req)
+    stream = engine.generate(req)
+    first = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)  # the generation runs up to its admit, submitted to the MLX thread
+
+    def generated():
+        return sum(r.generated for g in engine._scheduler._groups.values() for r in g.requests.values())
+
+    deadline = time.monotonic() + 60
+    while engine.mlx.call(generated) < 3 and time.monotonic() < deadline:  # the loop blocked meanwhile
+        time.sleep(0.005)
+    chunks = [await first]
+    async for ev in stream:
+        chunks.append(ev)
+    final = chunks.pop()
+    assert len(chunks[0].token_ids) == 1, chunks[0]
+    assert Chunk.joined(chunks) == Chunk.joined(want) and final == want_final

@@ -1,0 +1,75 @@
+"""Breaker's cases for the one-launch decode layer (the attend kernel scanning the bank itself,
+``decode_kernels.ATTEND_SCAN``) on the emulator: exact ties across the block's warps, banks of
+fewer rows than the block's warps or lanes, row counts that are not a multiple of the run (VEC
+false), k = 1 and k = 32 (256 candidates), a threshold that masks every memory, GQA groups, head
+sizes 24 / 80 / 256, half-precision banks, L > 1 and B > 1, and the largest bank that takes this
+path (SCAN_IN_ATTEND rows). Each against the float64 top-k (tie-aware) and attention, and (inputs
+without ties) against the two-kernel path exactly."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from services.generator import fused_attention as fa
+
+from . import cuda_emulator
+from .np_reference import attend_over_picks
+from .test_kernels_emulated import _check, _inputs, emulated  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.skipif(cuda_emulator.CXX is None, reason="the emulator needs a C++ compiler")
+
+CASES = {
+    # name: (B, H, KVH, L, S, d, n, top_k, threshold, mask, bank dtype, input mode)
+    "ties_across_warps_k9": (1, 4, 2, 1, 7, 16, 600, 9, None, "none", mx.float32, "ties"),
+    "ties_k32_256_candidates": (1, 2, 1, 1, 5, 16, 300, 32, None, "none", mx.float32, "ties"),
+    "zeros_threshold_zero_causal_l2": (1, 4, 2, 2, 6, 24, 101, 8, 0.0, "causal", mx.float16, "zeros"),
+    "five_rows_k32": (2, 4, 2, 1, 3, 80, 5, 32, None, "none", mx.bfloat16, "random"),
+    "rows_not_a_multiple_of_four_k1": (1, 7, 1, 1, 9, 24, 1023, 1, None, "none", mx.float32, "random"),
+    "head_dim_256_k32_gqa4": (1, 8, 2, 1, 4, 256, 259, 32, None, "causal", mx.bfloat16, "random"),
+    "threshold_masks_all_b2_l3": (2, 4, 2, 3, 8, 32, 200, 4, 0.999, "causal", mx.float32, "random"),
+    "near_ties_float16": (1, 4, 1, 1, 4, 64, 777, 16, None, "none", mx.float16, "near"),
+    "largest_bank_in_one_launch": (1, 2, 1, 1, 3, 16, fa.SCAN_IN_ATTEND, 8, None, "none", mx.float32, "random"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_attend_scan_takes_the_exact_top_k_and_attends(case, emulated, monkeypatch):  # noqa: F811
+    B, H, KVH, L, S, d, n, top_k, threshold, mask_kind, bank_dtype, mode = CASES[case]
+    assert n <= fa.SCAN_IN_ATTEND and B * H * L < fa.MATMUL_ROWS
+    kernels = []
+    monkeypatch.setattr(
+        mx.fast, "cuda_kernel", lambda name, *a, **kw: kernels.append(name) or cuda_emulator.cuda_kernel(name, *a, **kw)
+    )
+    rng = np.random.default_rng(100 + sorted(CASES).index(case))
+    q, keys = _inputs(rng, B, H, KVH, L, d, n, mode)
+    keys_mx = mx.array(keys).astype(bank_dtype)
+    values_mx = mx.array(rng.standard_normal((KVH, n, d)).astype(np.float32)).astype(bank_dtype)
+    keys, values = (np.array(a.astype(mx.float32)) for a in (keys_mx, values_mx))
+    k_mx = mx.array(rng.standard_normal((B, KVH, S, d)).astype(np.float32) * 0.3)
+    v_mx = mx.array(rng.standard_normal((B, KVH, S, d)).astype(np.float32))
+    allowed = np.ones((B, L, S), bool)
+    mask = None
+    if mask_kind == "causal":
+        allowed = np.arange(S)[None, None, :] <= (S - L + np.arange(L))[None, :, None]
+        allowed = np.broadcast_to(allowed, (B, L, S))
+        mask = "causal"
+    kernel_mask = fa.mask_mode(mask, B, L, S)
+    keys_t = mx.contiguous(keys_mx.swapaxes(-1, -2))
+    inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx.astype(mx.float32) ** 2, axis=-1), 1e-24))
+    out, mass, rows, dots = fa.attend_top_k(
+        mx.array(q), k_mx, v_mx, kernel_mask, keys_t, inv, values_mx, top_k, threshold, 0.125, mx.float32
+    )
+    assert kernels == ["extmind_attend_scan"]
+    rows, dots = np.array(rows), np.array(dots)
+    _check(q, keys, rows, dots, top_k, threshold)
+    if mode == "random":
+        want_rows, want_dots = fa.top_k_rows(mx.array(q), keys_t, inv, top_k, threshold)
+        np.testing.assert_array_equal(rows, np.array(want_rows))
+        np.testing.assert_array_equal(dots, np.array(want_dots))
+    if threshold == 0.999:
+        assert (rows == -1).all() and float(np.array(mass).max()) == 0.0
+    want, want_mass = attend_over_picks(q, np.array(k_mx), np.array(v_mx), allowed, rows, dots, values, 0.125)
+    np.testing.assert_allclose(np.array(out), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.array(mass), want_mass, rtol=1e-4, atol=1e-6)
