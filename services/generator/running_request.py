@@ -30,6 +30,7 @@ class RunningRequest:
         self.events: asyncio.Queue = asyncio.Queue()  # Chunk..., then a Final or an exception
         self._outbox: collections.deque = collections.deque()  # posted, not yet in events
         self._wake = False  # a delivery to events is due: handed to the scheduler, not yet run
+        self._first = True  # no Chunk delivered yet: the first one goes alone (time to first token)
         self.text = StopText(detokenizer, tuple(req.sampling.stop))
         self.max_tokens = max_tokens
         self.generated = 0  # tokens the model produced (EOS included)
@@ -57,12 +58,16 @@ class RunningRequest:
         (sends, renders) one message for the tokens of several steps when they came together,
         not one per token. Chunks without text after the last one with text stay a Chunk of
         their own: their tokens' text is held back (a stop string may still cut it off), and a
-        caller showing tokens with their text (openai_responses.Answer) holds them too."""
+        caller showing tokens with their text (openai_responses.Answer) holds them too. The
+        request's first Chunk is never joined: its first token is its own message (generator.proto,
+        GenerateStream), even when this runs after later tokens were posted (a busy loop)."""
         self._wake = False  # first: an event posted from here on asks for another wake-up
         out = self._outbox
         while out:
             ev = out.popleft()
-            if not (isinstance(ev, Chunk) and out and isinstance(out[0], Chunk)):
+            first = self._first and isinstance(ev, Chunk)
+            self._first = self._first and not first
+            if first or not (isinstance(ev, Chunk) and out and isinstance(out[0], Chunk)):
                 self.events.put_nowait(ev)
                 continue
             run = [ev]

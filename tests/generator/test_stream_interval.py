@@ -73,10 +73,21 @@ async def test_tokens_held_for_the_interval_leave_when_the_mlx_thread_turns_to_o
     stream = slow.generate(req)
     first = await anext(stream)
     assert isinstance(first, Chunk) and len(first.token_ids) == 1
-    busy = asyncio.ensure_future(slow.mlx.run(time.sleep, 1.5))  # other work on the MLX thread
+    # Tokens held (read from here, not through the MLX thread: a call there flushes them); the
+    # work below is queued only then, so that the step it interrupts has something to flush.
+    deadline = time.monotonic() + 60
+    while not slow._scheduler._posted and time.monotonic() < deadline:
+        await asyncio.sleep(0.001)
+
+    def work():  # other work on the MLX thread: nothing is held while it runs
+        held = list(slow._scheduler._posted)
+        time.sleep(1.5)
+        return held
+
+    busy = asyncio.ensure_future(slow.mlx.run(work))
     nxt = await asyncio.wait_for(anext(stream), timeout=60)
     assert isinstance(nxt, Chunk) and nxt.token_ids and not busy.done()  # flushed before the work ran
-    await busy
+    assert await busy == []
     await stream.aclose()
 
 
@@ -85,6 +96,9 @@ async def test_a_joined_chunk_keeps_tokens_whose_text_is_held_back_apart():
     after text, they would be shown with it (openai_responses.Answer shows a Chunk's tokens with
     its text). So they stay a Chunk of their own, and runs with text in them are joined."""
     r = RunningRequest(GenerationRequest([1]), asyncio.get_running_loop(), None, 8)
+    r.post(Chunk("", [9], [-9.0]))  # the first token: a Chunk of its own, whatever follows it
+    r._deliver()
+    assert r.events.get_nowait() == Chunk("", [9], [-9.0])
     posted = [Chunk("", [1], [-1.0]), Chunk(" is", [2], [-2.0]), Chunk("", [3], [-3.0]), Chunk("", [4], [-4.0])]
     for c in posted:
         r.post(c)
