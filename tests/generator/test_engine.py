@@ -217,3 +217,21 @@ async def test_top_logprobs_are_the_most_likely_tokens_of_each_step(engines):
         assert sum(np.exp(values)) <= 1 + 1e-5
     with pytest.raises(errors.InvalidArgument, match="top_logprobs 21"):
         await run(engine, GenerationRequest(prompt, Sampling(max_tokens=2), None, True, top_logprobs=21))
+
+
+@pytest.mark.parametrize("seed", [None, 7])
+async def test_top_k_of_the_whole_vocabulary_keeps_every_token_and_fails_no_one(engines, seed):
+    """Sampling.validate takes top_k up to the vocabulary's size; mlx-lm's apply_top_k raises for
+    top_k >= the logits' width, on the MLX thread, which failed the step of the whole group: the
+    request and every request batched with it ended INTERNAL. top_k = vocabulary keeps every
+    token: the same tokens as top_k 0 (seeded), and the greedy request beside it is unharmed."""
+    engine = engines["llama"]
+    prompt = engine.tokenizer.encode("The quick brown fox")
+    s = Sampling(temperature=0.8, top_k=engine.vocab_size, max_tokens=12, seed=seed)
+    greedy = GenerationRequest(prompt, Sampling(max_tokens=12))
+    alone = await run(engine, greedy)
+    beside, whole = await asyncio.gather(run(engine, greedy), run(engine, GenerationRequest(prompt, s)))
+    assert beside[0] == alone[0] and whole[3].completion_tokens >= 1
+    if seed is not None:
+        off = await run(engine, GenerationRequest(prompt, Sampling(**{**s.__dict__, "top_k": 0})))
+        assert whole[0] == off[0]
