@@ -136,6 +136,7 @@ class GeneratorEngine:
             prefill_step_size=c.prefill_step_size,
             max_queue=c.max_queue,
             stream_interval=c.stream_interval_ms / 1000,
+            vocab_size=self.vocab_size,
         )
         self._scheduler.start()
 

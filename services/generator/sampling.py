@@ -15,16 +15,19 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logi
 from services.generator.request_types import Sampling
 
 
-def sampler_for(s: Sampling):
+def sampler_for(s: Sampling, vocab_size: int | None = None):
     """-> ``sampler(logprobs [B, V]) -> tokens [B]`` for ``BatchGenerator.insert(samplers=...)``.
     Greedy and unseeded sampling keep no state, so requests with the same settings get the same
     object: the BatchGenerator samples a decode batch that shares one sampler in one call, and
-    gives each row its own call (a slice and an op per row, then a concatenation) otherwise."""
+    gives each row its own call (a slice and an op per row, then a concatenation) otherwise.
+    ``vocab_size`` (the logits' width V): a top_k of V or more keeps every token, so it is off
+    (mlx-lm's apply_top_k raises for it, inside the step of the whole batch)."""
+    top_k = 0 if vocab_size is not None and s.top_k >= vocab_size else s.top_k
     if s.temperature == 0:
         return _shared_sampler(0.0, 0.0, 0.0, 0)
     if s.seed is None:
-        return _shared_sampler(s.temperature, s.top_p, s.min_p, s.top_k)
-    return SeededSampler(s)
+        return _shared_sampler(s.temperature, s.top_p, s.min_p, top_k)
+    return SeededSampler(s, top_k)
 
 
 @functools.lru_cache(maxsize=256)
@@ -37,7 +40,8 @@ class SeededSampler:
     request samples the same tokens whatever it is batched with (mlx-lm's own sampler draws from
     the global key, shared by the batch). The key advances one split per draw."""
 
-    def __init__(self, s: Sampling):
+    def __init__(self, s: Sampling, top_k: int | None = None):
+        top_k = s.top_k if top_k is None else top_k  # sampler_for's: 0 for one of the whole vocabulary
         self._key = mx.random.key(s.seed)
         self._before = self._key  # the key of the last draw (``rewind``)
         self._temperature = s.temperature
@@ -46,8 +50,8 @@ class SeededSampler:
             self._methods.append(lambda x: apply_top_p(x, s.top_p))
         if s.min_p:
             self._methods.append(lambda x: apply_min_p(x, s.min_p, 1))
-        if s.top_k:
-            self._methods.append(lambda x: apply_top_k(x, s.top_k))
+        if top_k:
+            self._methods.append(lambda x: apply_top_k(x, top_k))
 
     def __call__(self, logprobs: mx.array) -> mx.array:
         self._before = self._key

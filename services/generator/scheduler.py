@@ -101,6 +101,7 @@ class Scheduler:
         prefill_step_size: int,
         max_queue: int,
         stream_interval: float = 0.0,
+        vocab_size: int | None = None,
     ):
         self._mlx = mlx
         self.model = model
@@ -111,6 +112,7 @@ class Scheduler:
         self.prefill_batch_size = prefill_batch_size
         self.prefill_step_size = prefill_step_size
         self.max_queue = max_queue
+        self.vocab_size = vocab_size  # the logits' width: a top_k of it or more keeps every token
         # Seconds between two wake-ups of the callers' loops for tokens (docs/architecture.md,
         # "Handing tokens to the callers"): the tokens of the steps between travel together. A
         # first token, a last event and an error leave at once.
@@ -242,7 +244,7 @@ class Scheduler:
         if group.solo is not None:  # a batch again: first, so it keeps its turn ahead of r
             self._resume(group)
         s = r.req.sampling
-        r.sampler, r.processors = sampler_for(s), logits_processors_for(s)
+        r.sampler, r.processors = sampler_for(s, self.vocab_size), logits_processors_for(s)
         if key is None and not group.requests and self._solo_ok and self.SOLO_FROM_PROMPT:
             # Alone and without memories: solo from the prompt (solo.py), no batch steps first.
             uid = next(self._solo_uids)
