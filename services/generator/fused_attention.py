@@ -266,7 +266,10 @@ def attend_top_k(q, k, v, mask, keys_t, inv_norms, bank_values, top_k: int, thre
     ``attend`` for a batch of query rows past MATMUL_ROWS. The top-k is exact on every path (ties
     at the k-th place may pick either row).
 
-    Arguments as ``top_k_rows`` and ``attend`` take them. Returns (out [B, L, H * d] in
+    Arguments as ``top_k_rows`` and ``attend`` take them, except that keys_t and inv_norms must
+    be row-contiguous here, as bank_cache holds them (bank_values too, as for ``attend``): the
+    one-launch kernel reads them in place (it takes every input as MLX holds it, for the KV
+    cache's strides), where the scan kernel of ``top_k_rows`` gets contiguous copies. Returns (out [B, L, H * d] in
     ``out_dtype``, mass [B, H, L] float32, rows [B, H, L, k] int32, dots [B, H, L, k] float32),
     each as those two return it. Raises ValueError for k > MAX_TOP_K or d > MAX_HEAD_DIM."""
     B, H, L, d = q.shape

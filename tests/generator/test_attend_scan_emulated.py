@@ -73,3 +73,29 @@ def test_attend_scan_takes_the_exact_top_k_and_attends(case, emulated, monkeypat
     want, want_mass = attend_over_picks(q, np.array(k_mx), np.array(v_mx), allowed, rows, dots, values, 0.125)
     np.testing.assert_allclose(np.array(out), want, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.array(mass), want_mass, rtol=1e-4, atol=1e-6)
+
+
+def test_the_banks_the_one_launch_kernel_reads_in_place_are_row_contiguous():
+    """The attend kernel is made with ensure_row_contiguous=False (it reads the KV cache with its
+    strides) but indexes keys_t, inv_norms and the values as row-contiguous arrays; the scan
+    kernel of the two-launch path gets copies from MLX instead. So what LocalRetriever.layer_bank
+    hands the fused path must be row-contiguous: one bank, banks of one dtype, banks of two."""
+    from extmind import tensor
+    from services.generator.bank_cache import LocalRetriever, bank_from_numpy
+
+    from .test_kernels_emulated import _row_contiguous
+
+    rng = np.random.default_rng(0)
+
+    def bank(name, n, dtype):
+        arrays = [rng.standard_normal((2, n, 16)).astype(np.float16 if dtype == tensor.FLOAT16 else np.float32)]
+        return bank_from_numpy(name, "v1", arrays, [a.copy() for a in arrays], dtype)
+
+    for banks in (
+        [bank("a", 7, tensor.FLOAT32)],
+        [bank("a", 7, tensor.FLOAT16), bank("b", 5, tensor.FLOAT16)],
+        [bank("a", 7, tensor.FLOAT32), bank("b", 5, tensor.FLOAT16)],
+    ):
+        keys_t, inv_norms, values = LocalRetriever(banks).layer_bank(0)
+        assert keys_t.shape == (2, 16, sum(b.rows for b in banks))
+        assert all(_row_contiguous(a) for a in (keys_t, inv_norms, values))
