@@ -99,3 +99,25 @@ def test_the_banks_the_one_launch_kernel_reads_in_place_are_row_contiguous():
         keys_t, inv_norms, values = LocalRetriever(banks).layer_bank(0)
         assert keys_t.shape == (2, 16, sum(b.rows for b in banks))
         assert all(_row_contiguous(a) for a in (keys_t, inv_norms, values))
+
+
+@pytest.mark.parametrize("form", ["ROWS", "MERGE", "SCAN"])
+def test_the_attend_kernels_static_shared_memory_fits_the_room_max_local_positions_leaves(form):
+    """max_local_positions gives the logits all of a block's shared memory but 16 KiB, which the
+    attend kernel's static arrays must fit in: checked for each form at its largest (head size
+    256, lists of 32), from the sources' own declarations."""
+    import re
+
+    from services.generator import decode_kernels as dk
+
+    source = dk.ATTEND_HEAD + getattr(dk, f"ATTEND_{form}") + dk.ATTEND_LOGITS_WARP + dk.ATTEND_TAIL
+    values = {"D": fa.MAX_HEAD_DIM, "T": fa._ATTEND_THREADS, "W": fa._ATTEND_THREADS // 32, "KL": fa.MAX_TOP_K}
+    total = 0
+    found = re.findall(r"__shared__\s+(float|int)\s+\w+((?:\[[^\]]+\])+);", source)
+    assert found
+    for _typ, dims in found:
+        n = 1
+        for expr in re.findall(r"\[([^\]]+)\]", dims):
+            n *= eval(expr, {}, dict(values))  # noqa: S307 - the kernel's own constant expressions
+        total += 4 * n
+    assert total <= 16 * 1024, total
