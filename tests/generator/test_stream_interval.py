@@ -252,3 +252,29 @@ async def test_the_first_token_comes_alone_even_when_the_loop_is_late(engines, i
     final = chunks.pop()
     assert len(chunks[0].token_ids) == 1, chunks[0]
     assert Chunk.joined(chunks) == Chunk.joined(want) and final == want_final
+
+
+async def test_stopping_the_engine_hands_over_the_held_tokens_then_unavailable(engines, llama_path):
+    """engine.stop() while tokens are held for the interval: the caller gets them (a prefix of the
+    step-by-step stream, past the first token), then UNAVAILABLE; nothing is lost or left waiting."""
+    from extmind import errors
+
+    quick = engines[0.0]
+    req = GenerationRequest(quick.tokenizer.encode(PROMPT), Sampling(max_tokens=300))
+    want, _ = await _events(quick, req)
+    engine = GeneratorEngine(EngineConfig(model=str(llama_path), stream_interval_ms=60_000.0))
+    engine.start()
+    try:
+        stream = engine.generate(req)
+        got = [await anext(stream)]
+        deadline = time.monotonic() + 60
+        while not engine._scheduler._posted and time.monotonic() < deadline:  # tokens held
+            await asyncio.sleep(0.001)
+        await asyncio.to_thread(engine.stop)
+        with pytest.raises(errors.Unavailable):
+            async for ev in stream:
+                got.append(ev)
+        tokens = Chunk.joined(got).token_ids
+        assert len(tokens) >= 2 and tokens == Chunk.joined(want).token_ids[: len(tokens)]
+    finally:
+        engine.stop()
