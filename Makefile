@@ -64,10 +64,10 @@ lint: proto-check
 	$(PY) -m ruff format --check .
 
 test: install lint
-	$(WITH_BLAS) $(PY) -m pytest -q tests
+	$(WITH_BLAS) $(PY) -m pytest -q -rs tests
 
 test-fast: install
-	$(WITH_BLAS) $(PY) -m pytest -q -x tests -m "not slow"
+	$(WITH_BLAS) $(PY) -m pytest -q -rs -x tests -m "not slow"
 
 up: install
 	$(PY) -m extmind.cluster up --run-dir $(RUN_DIR)

@@ -92,8 +92,8 @@ class GeneratorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GenerateStream(self, request, context):
-        """Same as Generate, streamed step by step; the last message carries finish_reason, usage and
-        citations.
+        """Same as Generate, streamed as the tokens come (see GenerateStreamResponse); the last message
+        carries finish_reason, usage and citations.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
