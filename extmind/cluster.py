@@ -47,6 +47,11 @@ from extmind.cluster_status import format_table, status_ok, status_rows
 from extmind.healthcheck import check
 
 
+def _flags(argv) -> dict[str, str]:
+    """``--flag value`` pairs of a service command line (a flag without a value maps to "")."""
+    return {a: (b if not b.startswith("--") else "") for a, b in zip(argv, [*argv[1:], "--"]) if a.startswith("--")}
+
+
 class Cluster:
     """``up``, ``down`` and ``status`` of the services of one run dir (``settings.run_dir``);
     ``out`` gets one line per step."""
@@ -63,8 +68,11 @@ class Cluster:
         s.memory_data_dir.mkdir(parents=True, exist_ok=True)
         running = {n: r for n in names if (r := read_pid(s, n)) is not None and r.alive()}
         to_start = [n for n in names if n not in running]
+        changed = self._changed_settings(running)
         for n, r in running.items():
-            self.out(f"  {n:<10} already running (pid {r.pid})")
+            why = changed.get(n)
+            note = f"; started with other settings ({why}): `make down` first to apply them" if why else ""
+            self.out(f"  {n:<10} already running (pid {r.pid}){note}")
         specs = service_specs(s, self.out, to_start)
         started: dict[str, tuple[subprocess.Popen, PidRecord]] = {}
         env = child_env()
@@ -106,6 +114,23 @@ class Cluster:
         recs = {n: rec for n, (_, rec) in started.items()} | running
         write_record(s, recs)
         return recs
+
+    def _changed_settings(self, running: dict[str, PidRecord]) -> dict[str, str]:
+        """name -> the flags a running service was started with that differ from what this ``up``
+        would start it with: ``GENERATOR_MODEL=... make up`` on a running cluster would otherwise
+        keep the old model without a word. Only the command line is compared (a service variable
+        passed through the environment is not recorded)."""
+        try:
+            want = service_specs(self.s, lambda *a, **k: None, list(running))
+        except LaunchError:
+            return {}
+        changed = {}
+        for n, r in running.items():
+            if n in want and list(r.argv[1:]) != want[n].argv[1:]:
+                was = _flags(r.argv)
+                now = [f"{k} {v}".strip() for k, v in _flags(want[n].argv).items() if was.get(k) != v]
+                changed[n] = "this up would pass " + ", ".join(now) if now else "other flags"
+        return changed
 
     def _check_port_free(self, spec: ServiceSpec) -> None:
         import socket

@@ -99,7 +99,27 @@ def test_up_again_starts_nothing_new(cluster):
     before = {n: read_pid(cluster.settings(), n).pid for n in ORDER}
     r = cluster.launcher("up")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("already running") == 3, r.stdout
+    assert r.stdout.count("already running") == 3 and "other settings" not in r.stdout, r.stdout
+    assert {n: read_pid(cluster.settings(), n).pid for n in ORDER} == before
+
+
+def test_up_again_with_other_settings_says_so(cluster, tmp_path):
+    """`GENERATOR_MODEL=... make up` on a running cluster keeps the running generator: it says so
+    and names the flag, instead of silently serving the old model."""
+    before = {n: read_pid(cluster.settings(), n).pid for n in ORDER}
+    saved = cluster.env.get("GENERATOR_MODEL")
+    cluster.env["GENERATOR_MODEL"] = str(tmp_path / "another-model")
+    try:
+        r = cluster.launcher("up")
+    finally:
+        if saved is None:
+            cluster.env.pop("GENERATOR_MODEL")
+        else:
+            cluster.env["GENERATOR_MODEL"] = saved
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if "other settings" in ln]
+    assert len(lines) == 1 and "generator" in lines[0], r.stdout
+    assert f"--model {tmp_path / 'another-model'}" in lines[0] and "make down" in lines[0], lines
     assert {n: read_pid(cluster.settings(), n).pid for n in ORDER} == before
 
 
