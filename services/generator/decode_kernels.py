@@ -175,24 +175,32 @@ ATTEND_ROWS = """
   __syncthreads();
 """
 
-ATTEND_MERGE = """
-  const int K = cand_s_shape[2];
-  const int total = K + S;
-  __syncthreads();
-  if (warp == 0) {
-    const int CK = cand_s_shape[1] * K;
-    const size_t at = (size_t)row * CK;
+
+def _merge_to_rows(candidates: str, count: str) -> str:
+    """Source: warp 0 takes the row's top-K of ``count`` candidates (``candidates``: their cosines,
+    rows and raw dots, as em_merge_candidates takes them) into mrow / mdot and the outputs rows / dots."""
+    return f"""
+  if (warp == 0) {{
     int r;
     float dot;
-    em_merge_candidates<KL>(cand_s + at, cand_i + at, cand_d + at, CK, K, threshold[0], r, dot);
-    if (lane < K) {
+    em_merge_candidates<KL>({candidates}, {count}, K, threshold[0], r, dot);
+    if (lane < K) {{
       mrow[lane] = r;
       mdot[lane] = dot;
       rows[(size_t)row * K + lane] = r;
       dots[(size_t)row * K + lane] = dot;
-    }
-  }
+    }}
+  }}
 """
+
+
+ATTEND_MERGE = """
+  const int K = cand_s_shape[2];
+  const int total = K + S;
+  const int CK = cand_s_shape[1] * K;
+  const size_t at = (size_t)row * CK;
+  __syncthreads();
+""" + _merge_to_rows("cand_s + at, cand_i + at, cand_d + at", "CK")
 
 # - SCAN: the block takes the row's top-K itself (no scan launch before it, for a bank small
 #   enough that every query row may read all of it): inputs keys_t [KVH, D, N] (Tk), inv_norms
@@ -242,18 +250,7 @@ ATTEND_SCAN = """
     }
   }
   __syncthreads();
-  if (warp == 0) {
-    int r;
-    float dot;
-    em_merge_candidates<KL>(scan_s, scan_i, scan_d, W * K, K, threshold[0], r, dot);
-    if (lane < K) {
-      mrow[lane] = r;
-      mdot[lane] = dot;
-      rows[(size_t)row * K + lane] = r;
-      dots[(size_t)row * K + lane] = dot;
-    }
-  }
-"""
+""" + _merge_to_rows("scan_s, scan_i, scan_d", "W * K")
 
 # One warp per local position, four at a time: lane i multiplies columns i, i + 32, ... (a row is
 # one coalesced read, where a thread per position reads a line per column), four rows' loads are

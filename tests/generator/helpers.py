@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from extmind.service_procs import ServiceProcess
-from services.generator.request_types import Chunk
+from services.generator.request_types import Chunk, Final
 
 PROMPTS = [
     "The quick brown fox",
@@ -17,14 +17,20 @@ PROMPTS = [
 ]
 
 
-async def run(engine, req):
-    """-> (token ids, logprobs, text, Final) of one request run to its end."""
+async def events(engine, req) -> tuple[list[Chunk], Final]:
+    """-> (the Chunks, the Final) of one request run to its end."""
     chunks, final = [], None
     async for ev in engine.generate(req):
         if isinstance(ev, Chunk):
             chunks.append(ev)
         else:
             final = ev
+    return chunks, final
+
+
+async def run(engine, req):
+    """-> (token ids, logprobs, text, Final) of one request run to its end."""
+    chunks, final = await events(engine, req)
     tokens = [t for c in chunks for t in c.token_ids]
     lps = [x for c in chunks for x in c.logprobs]
     text = "".join(c.text for c in chunks) + final.remaining_text

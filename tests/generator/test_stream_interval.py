@@ -13,6 +13,8 @@ from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.request_types import Chunk, Final, GenerationRequest, Sampling
 from services.generator.running_request import RunningRequest
 
+from .helpers import events
+
 PROMPT = "The quick brown fox jumps over the lazy dog. Paris is"
 
 
@@ -38,25 +40,15 @@ def test_joined_chunks_keep_every_token_in_order():
     )
 
 
-async def _events(engine, req) -> tuple[list[Chunk], Final]:
-    chunks, final = [], None
-    async for ev in engine.generate(req):
-        if isinstance(ev, Chunk):
-            chunks.append(ev)
-        else:
-            final = ev
-    return chunks, final
-
-
 async def test_a_long_interval_wakes_the_loop_for_urgent_events_only_and_loses_nothing(engines, monkeypatch):
     quick, slow = engines[0.0], engines[60_000.0]
     req = GenerationRequest(quick.tokenizer.encode(PROMPT), Sampling(max_tokens=40), None, True, 2)
-    want, want_final = await _events(quick, req)
+    want, want_final = await events(quick, req)
     loop = asyncio.get_running_loop()
     wakes = []
     plain = loop.call_soon_threadsafe
     monkeypatch.setattr(loop, "call_soon_threadsafe", lambda *a, **k: wakes.append(a) or plain(*a, **k))
-    chunks, final = await _events(slow, req)
+    chunks, final = await events(slow, req)
     # The first token alone and at once, the rest joined: the same tokens, logprobs, top
     # logprobs and text as handed over step by step.
     assert len(chunks[0].token_ids) == 1 and len(chunks) <= 4
@@ -176,12 +168,12 @@ async def test_streams_of_two_event_loops_get_every_token(engines):
     quick, slow = engines[0.0], engines[60_000.0]
     prompts = [PROMPT, "Alice met Bob at the", "One two three four"]
     reqs = [GenerationRequest(quick.tokenizer.encode(p), Sampling(max_tokens=50), None, True) for p in prompts]
-    want = [await _events(quick, r) for r in reqs]
+    want = [await events(quick, r) for r in reqs]
     results: dict = {}
 
     def in_thread(i):
         async def both():
-            return await asyncio.gather(*(_events(slow, r) for r in reqs))
+            return await asyncio.gather(*(events(slow, r) for r in reqs))
 
         results[i] = asyncio.run(both())
 
@@ -206,7 +198,7 @@ async def test_a_cancelled_stream_leaves_the_others_flowing(engines):
         GenerationRequest(quick.tokenizer.encode(p), Sampling(max_tokens=n))
         for p, n in ((PROMPT, 80), ("Alice met Bob at the", 300), ("One two", 5))
     ]
-    want = [await _events(quick, r) for r in reqs[:1] + reqs[2:]]
+    want = [await events(quick, r) for r in reqs[:1] + reqs[2:]]
 
     async def cancelled():
         stream = slow.generate(reqs[1])
@@ -219,7 +211,7 @@ async def test_a_cancelled_stream_leaves_the_others_flowing(engines):
         return got
 
     outs = await asyncio.wait_for(
-        asyncio.gather(_events(slow, reqs[0]), cancelled(), _events(slow, reqs[2])), timeout=120
+        asyncio.gather(events(slow, reqs[0]), cancelled(), events(slow, reqs[2])), timeout=120
     )
     for (chunks, final), (want_chunks, want_final) in zip([outs[0], outs[2]], want):
         g, w = Chunk.joined(chunks), Chunk.joined(want_chunks)
@@ -235,7 +227,7 @@ async def test_the_first_token_comes_alone_even_when_the_loop_is_late(engines, i
     MLX thread has posted more tokens (a busy loop: here blocked until 3 tokens exist)."""
     engine = engines[interval]
     req = GenerationRequest(engine.tokenizer.encode(PROMPT), Sampling(max_tokens=30), None, True)
-    want, want_final = await _events(engines[0.0], req)
+    want, want_final = await events(engines[0.0], req)
     stream = engine.generate(req)
     first = asyncio.ensure_future(anext(stream))
     await asyncio.sleep(0)  # the generation runs up to its admit, submitted to the MLX thread
@@ -261,7 +253,7 @@ async def test_stopping_the_engine_hands_over_the_held_tokens_then_unavailable(e
 
     quick = engines[0.0]
     req = GenerationRequest(quick.tokenizer.encode(PROMPT), Sampling(max_tokens=300))
-    want, _ = await _events(quick, req)
+    want, _ = await events(quick, req)
     engine = GeneratorEngine(EngineConfig(model=str(llama_path), stream_interval_ms=60_000.0))
     engine.start()
     try:
