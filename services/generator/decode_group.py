@@ -8,16 +8,20 @@ the per-request tallies of its decode batch (batch_tally.py) and the decode batc
 from __future__ import annotations
 
 import functools
+import logging
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import BatchKVCache
 
+from extmind import errors
 from services.generator import attention_mass
 from services.generator.batch_tally import BatchTally
-from services.generator.citations import Picks, picked_rows, stack_picks
+from services.generator.citations import Picks, decode_forwards, picked_rows, stack_picks
 from services.generator.extended_attention import MemoryContext
 from services.generator.solo import Solo
+
+log = logging.getLogger("extmind.generator")
 
 
 class DecodeGroup:
@@ -124,6 +128,40 @@ class DecodeGroup:
         r.uid = uid
         self.requests[uid] = r
         self.batch_changed = True
+
+    def tally(self, record: list | None, mass: list | None, generated: list, started: list) -> list:
+        """Hands one step's recorded forwards (``recording``'s lists after the step) to the
+        tallies; ``generated``: the uids of the step's tokens, ``started``: those whose prompt
+        ended. Called after the step's tokens: a request that just ended does not count the
+        forward on its last token (computed ahead, its output never used). -> (request, error) for
+        each citing request taken out because its forwards could not be counted (never counted
+        approximately); attention mass that cannot be measured stops being measured."""
+        failed, recorded = [], []
+        lazy = self.ctx.records_lazy
+        if record:
+            try:
+                forwards = decode_forwards(record, self.layers_per_forward, generated, started)
+            except errors.ExtmindError as e:
+                log.error("citation counting failed", extra={"error": str(e)})
+                for r in [r for r in self.requests.values() if r.counts is not None]:
+                    self.remove(r.uid)
+                    failed.append((r, e))
+            else:
+                recorded += hand_out(self.counts, forwards, lazy)
+        if mass:
+            try:
+                forwards = attention_mass.forward_shares(mass, self.layers_per_forward, generated, started)
+            except errors.ExtmindError as e:  # a metric never fails a request
+                log.warning("attention mass not measured", extra={"error": str(e)})
+                for r in self.requests.values():
+                    r.mass = None
+            else:
+                recorded += hand_out(self.mass, forwards, lazy)
+        if recorded and lazy:
+            # The recorded rows and shares are tiny: evaluating them with the step frees the
+            # forward's arrays they hang on; the requests add them up every few steps.
+            mx.async_eval(recorded)
+        return failed
 
     def close(self) -> None:
         """Ends the group: its BatchGenerator and, for REMOTE, its search stream (now, rather than

@@ -79,6 +79,38 @@ class RunningRequest:
                     self.events.put_nowait(Chunk.joined(part))
 
 
+class Handover:
+    """The events posted on the MLX thread and when they leave for the callers' loops
+    (docs/architecture.md, "Handing tokens to the callers"): at most one wake-up per loop per
+    ``interval`` seconds while only tokens wait; an urgent event (a first token, a last event, an
+    error) and a flush take everything at once."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self.posted: list[RunningRequest] = []  # requests with events since the last wake-up
+        self._last = 0.0
+        self._urgent = False  # a posted event must not wait for the interval
+
+    def post(self, r: RunningRequest, event, urgent: bool = True) -> None:
+        """Queues ``event`` for ``r``'s caller (on the MLX thread)."""
+        self._urgent = self._urgent or urgent
+        if r.post(event):
+            self.posted.append(r)
+
+    def hand_over(self, flush: bool = False) -> None:
+        """Wakes the callers' loops for what was posted, when due (or ``flush``). Each wake-up is
+        a syscall and a trade of the GIL between the MLX thread and the loop's thread, which on a
+        fast GPU cost a token's decode more than the model's Python does."""
+        if not self.posted:
+            return
+        now = time.monotonic()
+        if not (flush or self._urgent or now - self._last >= self.interval):
+            return
+        posted, self.posted = self.posted, []
+        self._last, self._urgent = now, False
+        wake_loops(posted)
+
+
 def wake_loops(requests: list[RunningRequest]) -> None:
     """Hands the events posted to ``requests`` to their callers (from the MLX thread): one
     wake-up per event loop for all of its requests (after a decode step, every stream has a new

@@ -39,12 +39,12 @@ from extmind import errors
 from services.common.metrics import LATENCY_BUCKETS
 from services.common.mlx_thread import MLXThread
 from services.generator import attention_mass, prefill_attention
-from services.generator.citations import Counts, decode_forwards, spans
-from services.generator.decode_group import DecodeGroup, hand_out, unpadded_caches
+from services.generator.citations import Counts, spans
+from services.generator.decode_group import DecodeGroup, unpadded_caches
 from services.generator.extended_attention import ExtendedMindState
 from services.generator.memory_resolution import ResolvedMemory
 from services.generator.request_types import LENGTH, STOP, STOP_SEQUENCE, Chunk, Final
-from services.generator.running_request import RunningRequest, wake_loops
+from services.generator.running_request import Handover, RunningRequest
 from services.generator.sampling import logits_processors_for, sampler_for
 from services.generator.solo import Solo
 
@@ -113,12 +113,8 @@ class Scheduler:
         self.prefill_step_size = prefill_step_size
         self.max_queue = max_queue
         self.vocab_size = vocab_size  # the logits' width: a top_k of it or more keeps every token
-        # Seconds between two wake-ups of the callers' loops for tokens (docs/architecture.md,
-        # "Handing tokens to the callers"): the tokens of the steps between travel together. A
-        # first token, a last event and an error leave at once.
-        self.stream_interval = stream_interval
-        self._last_wake = 0.0
-        self._urgent = False  # a posted event must not wait for the interval
+        # Events for the callers' loops: tokens leave at most once per stream_interval seconds.
+        self._handover = Handover(stream_interval)
         self.num_layers = len(model.layers)
         self._eos = frozenset(self.eos_ids)
         # Solo decode (solo.py) hands a KVCache over and trims it: only for models whose caches are
@@ -127,7 +123,6 @@ class Scheduler:
         self._solo_uids = itertools.count(-1, -1)  # requests that start solo: uids no BatchGenerator gives
         self._groups: dict = {}
         self._active = 0
-        self._posted: list[RunningRequest] = []  # requests with events for their loop since the last wake_loops
         self._gauges_moved = False  # a request started or ended during the step: _publish after it
         self._has_work = threading.Event()
         self._stopping = False
@@ -195,26 +190,14 @@ class Scheduler:
         self._gauges_moved = False
 
     def _post(self, r: RunningRequest, event, urgent: bool = True) -> None:
-        """Queues ``event`` for ``r``'s caller; it leaves at the next ``_hand_over`` that wakes
-        the loops (at once when ``urgent``, else once the stream interval has passed)."""
-        self._urgent = self._urgent or urgent
-        if r.post(event):
-            self._posted.append(r)
+        """Queues ``event`` for ``r``'s caller (``Handover.post``): urgent events leave at the next
+        ``_hand_over``, tokens once the stream interval has passed."""
+        self._handover.post(r, event, urgent)
 
     def _hand_over(self, flush: bool = False) -> None:
-        """Wakes the callers' loops for what was posted since the last wake-up (after every step,
-        after ``close_all`` and before the MLX thread turns to other work): one wake-up per loop,
-        at most one per stream interval while only tokens wait. Each wake-up is a syscall and a
-        trade of the GIL between the MLX thread and the loop's thread, which cost a token's
-        decode on a fast GPU more than the model's Python does."""
-        if not self._posted:
-            return
-        now = time.monotonic()
-        if not (flush or self._urgent or now - self._last_wake >= self.stream_interval):
-            return
-        posted, self._posted = self._posted, []
-        self._last_wake, self._urgent = now, False
-        wake_loops(posted)
+        """Wakes the callers' loops for what is due (after every step, after ``close_all``, and
+        with ``flush`` before the MLX thread turns to other work): ``Handover.hand_over``."""
+        self._handover.hand_over(flush)
 
     # ---------------------------------------------------------------- on the MLX thread
 
@@ -296,6 +279,13 @@ class Scheduler:
         self._hand_over(flush=True)
 
     def _step(self, group: DecodeGroup) -> None:
+        solo = group.solo
+        if solo is not None and not solo.started and not solo.deferred and self._mlx.has_waiting():
+            # Started solo from its prompt, and requests admitted with it may be queued behind this
+            # step: its prefill waits one pass for them, so that they share one batch prefill
+            # (once: work that keeps coming must not hold it back).
+            solo.deferred = True
+            return
         if group.solo is None and self._solo_ok:
             r = group.alone()
             group.alone_steps = group.alone_steps + 1 if r is not None else 0
@@ -418,36 +408,11 @@ class Scheduler:
     def _tally(
         self, group: DecodeGroup, record: list | None, mass: list | None, generated: list, started: list
     ) -> None:
-        """Hands one step's recorded forwards to the group's tallies. Called after the step's
-        tokens: a request that just ended does not count the forward on its last token (computed
-        ahead, its output never used)."""
-        if not (record or mass):
-            return
-        recorded = []
-        lazy = group.ctx.records_lazy
-        if record:
-            try:
-                forwards = decode_forwards(record, group.layers_per_forward, generated, started)
-            except errors.ExtmindError as e:  # never count approximately: fail the requests that asked
-                log.error("citation counting failed", extra={"error": str(e)})
-                for r in [r for r in group.requests.values() if r.counts is not None]:
-                    group.remove(r.uid)
-                    self._end(r, e)
-            else:
-                recorded += hand_out(group.counts, forwards, lazy)
-        if mass:
-            try:
-                forwards = attention_mass.forward_shares(mass, group.layers_per_forward, generated, started)
-            except errors.ExtmindError as e:  # a metric never fails a request: stop measuring this group
-                log.warning("attention mass not measured", extra={"error": str(e)})
-                for r in group.requests.values():
-                    r.mass = None
-            else:
-                recorded += hand_out(group.mass, forwards, lazy)
-        if recorded and lazy:
-            # The recorded rows and shares are tiny: evaluating them with the step frees the
-            # forward's arrays they hang on; the requests add them up every few steps.
-            mx.async_eval(recorded)
+        """Hands one step's recorded forwards to the group's tallies (``DecodeGroup.tally``) and
+        ends the citing requests whose forwards could not be counted."""
+        if record or mass:
+            for r, error in group.tally(record, mass, generated, started):
+                self._end(r, error)
 
     def _on_token(self, r: RunningRequest, resp) -> None:
         tok = int(resp.token)

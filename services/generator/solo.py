@@ -39,6 +39,7 @@ class Solo:
         self.tokens = tokens
         self.sampler = sampler
         self.repeated = repeated
+        self.deferred = False  # its first step was put off once for work waiting on the MLX thread
         self._ran = False
         self._steps = steps
 

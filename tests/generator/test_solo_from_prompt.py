@@ -122,3 +122,40 @@ async def test_a_request_with_memories_is_prefilled_in_its_batch_first(engine, m
     )
     got = await run(engine, req)
     assert len(got[0]) == 8 and seen["fresh"] == 0 and seen["solo"] == 1
+
+
+async def test_requests_admitted_while_its_first_step_is_queued_share_the_batch_prefill(plain_engine, seen):
+    """A request started solo whose first step comes before the admits of requests that arrived
+    with it (the scheduler's run of steps was queued between them) puts that step off once: the
+    others join before its prefill and all are prefilled as one batch (no started solo to resume)."""
+    engine = plain_engine
+    hold1, hold2, holding2 = threading.Event(), threading.Event(), threading.Event()
+
+    def second_hold():
+        holding2.set()
+        hold2.wait(30)
+
+    h1 = engine.mlx.submit(hold1.wait, 30)
+    a = asyncio.create_task(run(engine, GenerationRequest(engine.tokenizer.encode("The sea"), Sampling(max_tokens=12))))
+    for _ in range(3000):  # a's admit queued behind the first hold
+        if engine.mlx._waiting >= 1:
+            break
+        await asyncio.sleep(0.001)
+    h2 = engine.mlx.submit(second_hold)
+    hold1.set()  # a's admit runs, then the second hold; the scheduler queues its run of steps
+    assert await asyncio.to_thread(holding2.wait, 30)
+    for _ in range(3000):
+        if engine.mlx._waiting >= 1:  # the scheduler's steps, queued behind the second hold
+            break
+        await asyncio.sleep(0.001)
+    b = asyncio.create_task(run(engine, GenerationRequest(engine.tokenizer.encode(ALONG), Sampling(max_tokens=12))))
+    for _ in range(3000):
+        if engine.mlx._waiting >= 2:  # and b's admit behind them
+            break
+        await asyncio.sleep(0.001)
+    hold2.set()
+    await asyncio.wrap_future(h1)
+    await asyncio.wrap_future(h2)
+    got_a, got_b = await a, await b
+    assert len(got_a[0]) == len(got_b[0]) == 12
+    assert seen["fresh"] == 1 and seen["unstarted"] == 1 and seen["resume"] == 0
