@@ -1,0 +1,48 @@
+"""A group whose step's retrievals cannot be counted (``decode_forwards`` raises) ends its citing
+requests with that error and nothing else: the group's other requests go on to their end, and the
+engine keeps serving citing requests once counting works again (DecodeGroup.tally)."""
+
+from __future__ import annotations
+
+import pytest
+
+from extmind import errors
+from services.generator import decode_group
+from services.generator.request_types import Chunk, Final, GenerationRequest, MemoryOptions, Sampling
+
+from .helpers import run
+
+
+async def test_a_failed_count_ends_only_the_citing_requests(engine, memory, monkeypatch):
+    mid, _ = memory
+    opts = MemoryOptions((mid,), top_k=4, return_citations=True, max_citations=1000)
+    plain = MemoryOptions((mid,), top_k=4)  # the same group: the default floor, no citations
+    broken = {"on": False}
+    real = decode_group.decode_forwards
+
+    def forwards(*a, **kw):
+        if broken["on"]:
+            raise errors.Internal("the counts could not be read")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(decode_group, "decode_forwards", forwards)
+    citing = engine.generate(
+        GenerationRequest(engine.tokenizer.encode("Water boils at"), Sampling(max_tokens=100_000), opts)
+    )
+    assert isinstance(await citing.__anext__(), Chunk)
+    other = engine.generate(
+        GenerationRequest(engine.tokenizer.encode("Alice met Bob at"), Sampling(max_tokens=30), plain)
+    )
+    assert isinstance(await other.__anext__(), Chunk)  # both in the group's batch
+    broken["on"] = True
+    with pytest.raises(errors.Internal, match="the counts could not be read"):
+        async for _ in citing:
+            pass
+    rest = [ev async for ev in other]
+    assert isinstance(rest[-1], Final) and rest[-1].completion_tokens >= 2
+    broken["on"] = False
+    tokens, _, _, final = await run(
+        engine, GenerationRequest(engine.tokenizer.encode("Alice met Bob at"), Sampling(max_tokens=6), opts)
+    )
+    assert len(tokens) == 6 and final.citations
+    assert engine.stats()["active"] == 0
