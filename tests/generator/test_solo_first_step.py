@@ -1,0 +1,72 @@
+"""A request started solo from its prompt at the edges of its first step: one token allowed, a
+stop string in its first token, a long prompt prefilled in several chunks, and a first step that
+raises (only its own group fails; the engine keeps serving)."""
+
+from __future__ import annotations
+
+import pytest
+
+from extmind import errors
+from services.generator import scheduler as sched
+from services.generator.request_types import GenerationRequest, Sampling
+
+from .test_solo_decode import ALONG, run, same_steps
+from .test_solo_from_prompt import seen, together  # noqa: F401 - the fixture
+
+PROMPT = "Alice met Bob at the"
+
+
+async def test_one_token_and_a_first_token_stop_string_alone_as_batched(plain_engine, seen):  # noqa: F811
+    engine = plain_engine
+    prompt = engine.tokenizer.encode(PROMPT)
+    one = GenerationRequest(prompt, Sampling(max_tokens=1), return_logprobs=True, top_logprobs=3)
+    alone = await run(engine, one)
+    assert seen["fresh"] == 1 and alone[3].finish_reason == "length" and alone[3].completion_tokens == 1
+    batched, _ = await together(engine, one, GenerationRequest(engine.tokenizer.encode(ALONG), Sampling(max_tokens=8)))
+    same_steps(alone, batched)
+    first = (await run(engine, GenerationRequest(prompt, Sampling(max_tokens=8))))[2]
+    stop = first.strip()[:2]
+    assert stop, "the first tokens have no text to stop at"
+    req = GenerationRequest(prompt, Sampling(max_tokens=8, stop=(stop,)), return_logprobs=True, top_logprobs=3)
+    alone = await run(engine, req)
+    assert alone[3].finish_reason == "stop_sequence" and stop not in alone[2]
+    batched, _ = await together(engine, req, GenerationRequest(engine.tokenizer.encode(ALONG), Sampling(max_tokens=8)))
+    same_steps(alone, batched)
+    assert engine.stats()["active"] == 0
+
+
+@pytest.mark.parametrize("name", ["greedy", "repetition_penalty"])
+async def test_a_prompt_longer_than_a_prefill_step_alone_as_batched(plain_engine, seen, monkeypatch, name):  # noqa: F811
+    engine = plain_engine
+    step = 64  # the prompt is prefilled in three chunks, the last one short
+    monkeypatch.setattr(engine._scheduler, "prefill_step_size", step)
+    long = engine.tokenizer.encode(" ".join([ALONG] * 40))[: step * 2 + 37]
+    assert len(long) == step * 2 + 37
+    s = Sampling(max_tokens=10, repetition_penalty=1.5 if name != "greedy" else 1.0)
+    req = GenerationRequest(long, s, return_logprobs=True)
+    alone = await run(engine, req)
+    assert seen["fresh"] == 1
+    batched, _ = await together(engine, req, GenerationRequest(engine.tokenizer.encode(ALONG), Sampling(max_tokens=12)))
+    assert seen["unstarted"] == 1
+    assert alone[0] == batched[0]
+    assert alone[3].completion_tokens == batched[3].completion_tokens
+
+
+async def test_a_first_step_that_raises_fails_only_its_request(plain_engine, seen, monkeypatch):  # noqa: F811
+    engine = plain_engine
+    real = sched.logits_processors_for
+
+    def boom(tokens, logits):
+        raise RuntimeError("processor broke")
+
+    def processors(s):
+        return [boom] if s.repetition_penalty == 1.25 else real(s)
+
+    monkeypatch.setattr(sched, "logits_processors_for", processors)
+    bad = GenerationRequest(engine.tokenizer.encode(PROMPT), Sampling(max_tokens=5, repetition_penalty=1.25))
+    with pytest.raises(errors.Internal, match="processor broke"):
+        await run(engine, bad)
+    assert seen["fresh"] == 1 and engine.stats()["active"] == 0
+    assert sched.WAITING._value.get() == 0 and sched.RUNNING._value.get() == 0
+    got = await run(engine, GenerationRequest(engine.tokenizer.encode(PROMPT), Sampling(max_tokens=5)))
+    assert got[3].completion_tokens == 5 and seen["fresh"] == 2
