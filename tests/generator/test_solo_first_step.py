@@ -70,3 +70,52 @@ async def test_a_first_step_that_raises_fails_only_its_request(plain_engine, see
     assert sched.WAITING._value.get() == 0 and sched.RUNNING._value.get() == 0
     got = await run(engine, GenerationRequest(engine.tokenizer.encode(PROMPT), Sampling(max_tokens=5)))
     assert got[3].completion_tokens == 5 and seen["fresh"] == 2
+
+
+async def test_a_solo_cancelled_before_its_first_step_leaves_nothing(plain_engine, seen, monkeypatch):  # noqa: F811
+    """Cancelled while its first step is put off (the cancel waits on the MLX thread): it never
+    steps, the group goes, the gauges come back to 0 and the next request starts solo again."""
+    import asyncio
+    import threading
+
+    from services.generator import solo
+
+    engine = plain_engine
+    steps = []
+    step = solo.Solo.step
+    monkeypatch.setattr(solo.Solo, "step", lambda self: steps.append(self.request.req) or step(self))
+
+    async def queued(n):
+        for _ in range(3000):
+            if engine.mlx._waiting >= n:
+                return
+            await asyncio.sleep(0.001)
+        raise AssertionError("nothing queued")
+
+    hold1, holding1, hold2, holding2 = (threading.Event() for _ in range(4))
+    h1 = engine.mlx.submit(lambda: holding1.set() or hold1.wait(30))
+    assert await asyncio.to_thread(holding1.wait, 30)
+    req = GenerationRequest(engine.tokenizer.encode(PROMPT), Sampling(max_tokens=50))
+    gen = engine.generate(req)
+    first = asyncio.create_task(anext(gen))
+    await queued(1)  # its admit
+    h2 = engine.mlx.submit(lambda: holding2.set() or hold2.wait(30))
+    hold1.set()
+    assert await asyncio.to_thread(holding2.wait, 30)
+    await queued(1)  # the scheduler's steps, behind the second hold
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await gen.aclose()  # its cancel, queued behind the steps
+    hold2.set()
+    await asyncio.wrap_future(h1)
+    await asyncio.wrap_future(h2)
+    for _ in range(500):
+        if (engine.stats()["active"], engine.stats()["groups"]) == (0, 0):
+            break
+        await asyncio.sleep(0.01)
+    assert (engine.stats()["active"], engine.stats()["groups"]) == (0, 0)
+    assert seen["fresh"] == 1 and req not in steps
+    assert sched.WAITING._value.get() == 0 and sched.RUNNING._value.get() == 0
+    got = await run(engine, GenerationRequest(engine.tokenizer.encode(PROMPT), Sampling(max_tokens=5)))
+    assert got[3].completion_tokens == 5 and seen["fresh"] == 2
