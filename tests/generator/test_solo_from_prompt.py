@@ -48,8 +48,10 @@ def seen(monkeypatch):
 async def together(engine, *reqs):
     """Runs ``reqs`` admitted back to back before any step: the MLX thread is held until every
     admit waits for it."""
-    gate = threading.Event()
-    held = engine.mlx.submit(gate.wait, 30)
+    gate, holding = threading.Event(), threading.Event()
+    held = engine.mlx.submit(lambda: holding.set() or gate.wait(30))
+    # Started, not waiting: until the MLX thread takes it, the hold itself counts in _waiting.
+    assert await asyncio.to_thread(holding.wait, 30)
     tasks = [asyncio.create_task(run(engine, r)) for r in reqs]
     for _ in range(3000):
         if engine.mlx._waiting >= len(reqs):  # the admits, queued behind the held call
@@ -129,13 +131,14 @@ async def test_requests_admitted_while_its_first_step_is_queued_share_the_batch_
     with it (the scheduler's run of steps was queued between them) puts that step off once: the
     others join before its prefill and all are prefilled as one batch (no started solo to resume)."""
     engine = plain_engine
-    hold1, hold2, holding2 = threading.Event(), threading.Event(), threading.Event()
+    hold1, holding1, hold2, holding2 = (threading.Event() for _ in range(4))
 
     def second_hold():
         holding2.set()
         hold2.wait(30)
 
-    h1 = engine.mlx.submit(hold1.wait, 30)
+    h1 = engine.mlx.submit(lambda: holding1.set() or hold1.wait(30))
+    assert await asyncio.to_thread(holding1.wait, 30)  # started: no longer counted in _waiting
     a = asyncio.create_task(run(engine, GenerationRequest(engine.tokenizer.encode("The sea"), Sampling(max_tokens=12))))
     for _ in range(3000):  # a's admit queued behind the first hold
         if engine.mlx._waiting >= 1:
