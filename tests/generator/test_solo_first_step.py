@@ -10,6 +10,7 @@ from extmind import errors
 from services.generator import scheduler as sched
 from services.generator.request_types import GenerationRequest, Sampling
 
+from .test_decode_mask import sliding_llama  # noqa: F401 - the fixture
 from .test_solo_decode import ALONG, run, same_steps
 from .test_solo_from_prompt import seen, together  # noqa: F401 - the fixture
 
@@ -119,3 +120,21 @@ async def test_a_solo_cancelled_before_its_first_step_leaves_nothing(plain_engin
     assert sched.WAITING._value.get() == 0 and sched.RUNNING._value.get() == 0
     got = await run(engine, GenerationRequest(engine.tokenizer.encode(PROMPT), Sampling(max_tokens=5)))
     assert got[3].completion_tokens == 5 and seen["fresh"] == 2
+
+
+async def test_a_model_with_rotating_caches_never_goes_solo(sliding_llama, seen):  # noqa: F811
+    """Solo decode hands plain KVCaches over (and trims them): a model with sliding-window layers
+    (RotatingKVCache) keeps every request in its BatchGenerator, alone or not, and still serves."""
+    from services.generator.engine import EngineConfig, GeneratorEngine
+
+    engine = GeneratorEngine(EngineConfig(model=str(sliding_llama)))
+    engine.start()
+    try:
+        assert engine._scheduler._solo_ok is False
+        req = GenerationRequest(list(range(5, 45)), Sampling(max_tokens=20), return_logprobs=True)
+        alone = await run(engine, req)
+        both, _ = await together(engine, req, GenerationRequest(list(range(7, 16)), Sampling(max_tokens=30)))
+        assert len(alone[0]) > 0 and alone[0] == both[0]
+        assert seen == {"fresh": 0, "solo": 0, "resume": 0, "unstarted": 0}
+    finally:
+        engine.stop()
