@@ -46,3 +46,29 @@ async def test_a_failed_count_ends_only_the_citing_requests(engine, memory, monk
     )
     assert len(tokens) == 6 and final.citations
     assert engine.stats()["active"] == 0
+
+
+async def test_an_unmeasurable_attention_mass_fails_no_request(engine, memory, monkeypatch):
+    """Attention mass is a metric: when a step's shares cannot be split per request
+    (``forward_shares`` raises), the group's requests stop being measured (no observation) and
+    finish with their citations as if nothing happened."""
+    from services.generator import attention_mass
+
+    mid, _ = memory
+    opts = MemoryOptions((mid,), top_k=4, return_citations=True, max_citations=1000)
+    req = GenerationRequest(engine.tokenizer.encode("Alice met Bob at"), Sampling(max_tokens=6), opts)
+    observed = lambda: attention_mass.MEMORY_SHARE._sum.get()  # noqa: E731
+    start = observed()
+    want = await run(engine, req)
+    assert observed() > start  # measured while the shares split
+
+    def forward_shares(*a, **kw):
+        raise errors.Internal("the shares could not be split")
+
+    monkeypatch.setattr(attention_mass, "forward_shares", forward_shares)
+    before = observed()
+    got = await run(engine, req)
+    assert got[0] == want[0] and got[3].finish_reason == want[3].finish_reason
+    assert got[3].citations == want[3].citations and want[3].citations
+    assert observed() == before  # not observed
+    assert engine.stats()["active"] == 0
