@@ -138,3 +138,20 @@ async def test_a_model_with_rotating_caches_never_goes_solo(sliding_llama, seen)
         assert seen == {"fresh": 0, "solo": 0, "resume": 0, "unstarted": 0}
     finally:
         engine.stop()
+
+
+async def test_a_prompt_at_the_context_limit_alone_as_batched(plain_engine, seen):  # noqa: F811
+    """A prompt one token short of the context: one token left, made solo from the prompt (its
+    prefill in two chunks) as in a batch."""
+    engine = plain_engine
+    prompt = (engine.tokenizer.encode(" ".join([ALONG] * 600)) * 2)[: engine.max_context - 1]
+    assert len(prompt) == engine.max_context - 1 > engine.config.prefill_step_size
+    req = GenerationRequest(prompt, Sampling(max_tokens=50), return_logprobs=True, top_logprobs=2)
+    alone = await run(engine, req)
+    assert seen["fresh"] == 1 and alone[3].finish_reason == "length" and alone[3].completion_tokens == 1
+    batched, _ = await together(engine, req, GenerationRequest(engine.tokenizer.encode(ALONG), Sampling(max_tokens=4)))
+    assert seen["unstarted"] == 1
+    same_steps(alone, batched)
+    with pytest.raises(errors.InvalidArgument):
+        await run(engine, GenerationRequest(prompt + prompt[:1], Sampling(max_tokens=5)))
+    assert engine.stats()["active"] == 0
