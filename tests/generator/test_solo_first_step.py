@@ -155,3 +155,50 @@ async def test_a_prompt_at_the_context_limit_alone_as_batched(plain_engine, seen
     with pytest.raises(errors.InvalidArgument):
         await run(engine, GenerationRequest(prompt + prompt[:1], Sampling(max_tokens=5)))
     assert engine.stats()["active"] == 0
+
+
+async def test_stopping_the_engine_while_a_solo_waits_for_its_first_step(llama_path, seen, monkeypatch):  # noqa: F811
+    """The engine stops while a request started solo has put its first step off: the request
+    ends UNAVAILABLE without stepping, and the stop completes (the unstarted generator closes)."""
+    import asyncio
+    import threading
+
+    from services.generator import solo
+    from services.generator.engine import EngineConfig, GeneratorEngine
+
+    engine = GeneratorEngine(EngineConfig(model=str(llama_path)))
+    engine.start()
+    steps = []
+    step = solo.Solo.step
+    monkeypatch.setattr(solo.Solo, "step", lambda self: steps.append(self.request.req) or step(self))
+
+    async def queued(n):
+        for _ in range(3000):
+            if engine.mlx._waiting >= n:
+                return
+            await asyncio.sleep(0.001)
+        raise AssertionError("nothing queued")
+
+    hold1, holding1, hold2, holding2 = (threading.Event() for _ in range(4))
+    h1 = engine.mlx.submit(lambda: holding1.set() or hold1.wait(30))
+    assert await asyncio.to_thread(holding1.wait, 30)
+    req = GenerationRequest(engine.tokenizer.encode(PROMPT), Sampling(max_tokens=50))
+    task = asyncio.create_task(run(engine, req))
+    await queued(1)  # its admit
+    h2 = engine.mlx.submit(lambda: holding2.set() or hold2.wait(30))
+    hold1.set()
+    assert await asyncio.to_thread(holding2.wait, 30)
+    await queued(1)  # the scheduler's steps, behind the second hold
+    engine.mlx.submit(lambda: None)  # work behind the steps: the first step is put off
+    stopping = asyncio.create_task(asyncio.to_thread(engine.stop))
+    for _ in range(3000):  # stop() has begun (it waits for the scheduler thread)
+        if engine._scheduler is None or engine._scheduler._stopping:
+            break
+        await asyncio.sleep(0.001)
+    hold2.set()
+    await asyncio.wait_for(stopping, 30)
+    await asyncio.wrap_future(h1)
+    await asyncio.wrap_future(h2)
+    with pytest.raises(errors.Unavailable):
+        await asyncio.wait_for(task, 10)
+    assert seen["fresh"] == 1 and req not in steps
