@@ -120,6 +120,7 @@ class DecodeGroup:
             )
             self.resumed.add(uid)
         else:  # started solo from its prompt and joined before its first step: a prompt like any
+            # (the prompt chunks it may have prefilled are dropped: joined within its prefill)
             solo.close()
             (uid,) = self.gen.insert(
                 [solo.tokens], max_tokens=[r.max_tokens], samplers=[r.sampler], logits_processors=[r.processors]

@@ -280,7 +280,7 @@ class Scheduler:
 
     def _step(self, group: DecodeGroup) -> None:
         solo = group.solo
-        if solo is not None and not solo.started and not solo.deferred and self._mlx.has_waiting():
+        if solo is not None and solo.untouched and not solo.deferred and self._mlx.has_waiting():
             # Started solo from its prompt, and requests admitted with it may be queued behind this
             # step: its prefill waits one pass for them, so that they share one batch prefill
             # (once: work that keeps coming must not hold it back).
@@ -372,6 +372,13 @@ class Scheduler:
         """One token of the group's solo sequence: as ``_step`` does for a batch of one."""
         solo = group.solo
         r = solo.request
+        if solo.prefilling:  # started from its prompt: one prompt chunk per pass, as a batch would
+            try:
+                with self._attending(group):
+                    solo.prefill()
+            except Exception as e:  # noqa: BLE001 - as in _step
+                self._fail(group, e)
+            return
         record, mass = group.recording()
         try:
             with self._attending(group):

@@ -8,8 +8,9 @@ or prefilling, the scheduler takes it out of the BatchGenerator
 (``remove(..., return_prompt_caches=True)``: a ``KVCache`` per layer and the token history) and
 steps it here; when another request joins the group it goes back (``insert`` with its cache and
 history). A request without memories that arrives to find nothing else running starts here from its
-prompt (``Solo.from_prompt``: ``generate_step`` prefills it), so a lone stream never pays the batch
-steps and the hand-over; one that is joined before its first step goes into the batch as a prompt.
+prompt (``Solo.from_prompt``: its prompt prefilled one chunk per scheduler pass, as the
+BatchGenerator would, then ``generate_step``), so a lone stream never pays the batch steps and the
+hand-over; one that is joined before its first step goes into the batch as a prompt.
 
 Both generators run a token's forward as they emit it (the next token is computed ahead), so the
 cache handed over holds the last emitted token's keys and values and a drawn next token nobody
@@ -42,6 +43,11 @@ class Solo:
         self.deferred = False  # its first step was put off once for work waiting on the MLX thread
         self._ran = False
         self._steps = steps
+        # from_prompt's: the prompt chunks not prefilled yet, how many prompt tokens were, and
+        # what its generate_step is made with once they are (at the first step).
+        self._chunks: list = []
+        self._prefilled = 0
+        self._model = self._processors = self._max_tokens = None
 
     @classmethod
     def handed_over(cls, model, request, cache: list, tokens: list[int], sampler, processors: list, max_tokens: int):
@@ -62,31 +68,64 @@ class Solo:
 
     @classmethod
     def from_prompt(cls, model, request, prompt: list[int], sampler, processors: list, max_tokens: int, step_size: int):
-        """A request that starts solo: ``generate_step`` prefills ``prompt`` in chunks of
-        ``step_size`` tokens (as the BatchGenerator would) at the first step. Its logits
+        """A request that starts solo: its prompt but the last token is prefilled in chunks of
+        ``step_size`` tokens, one per ``prefill`` call (the scheduler runs one per pass, as a
+        BatchGenerator prefills one chunk per step: a long prompt does not hold the MLX thread
+        for its whole prefill), then ``generate_step`` runs from the last token. The chunks and
+        their forwards are ``generate_step``'s own (the same cache, to the bit). Its logits
         processors see the prompt and the generated tokens, as ``generate_step`` hands them."""
         cache = make_prompt_cache(model)
-        steps = generate_step(
-            mx.array(prompt),
-            model,
-            prompt_cache=cache,
-            sampler=sampler,
-            logits_processors=processors or None,
-            max_tokens=max_tokens,
-            prefill_step_size=step_size,
+        solo = cls(request, cache, list(prompt), sampler, None, repeated=False)
+        solo._model, solo._processors, solo._max_tokens = model, processors, max_tokens
+        head = prompt[:-1]  # generate_step's prefill: every token but the last, in chunks
+        solo._chunks = [head[i : i + step_size] for i in range(0, len(head), step_size)]
+        return solo
+
+    @property
+    def prefilling(self) -> bool:
+        """Whether prompt chunks are left to ``prefill`` before the first ``step``."""
+        return bool(self._chunks)
+
+    def prefill(self) -> None:
+        """Runs the next prompt chunk's forward into the cache (as ``generate_step``'s prefill loop)."""
+        chunk = self._chunks.pop(0)
+        self._prefilled += len(chunk)
+        with mx.stream(generation_stream):
+            self._model(mx.array(chunk)[None], cache=self.cache)
+            mx.eval([c.state for c in self.cache])
+        mx.clear_cache()
+
+    def _first_steps(self):
+        """``generate_step`` from the prompt's last token, on the prefilled cache."""
+        prompt = self.tokens
+        return generate_step(
+            mx.array(prompt[-1:]),
+            self._model,
+            prompt_cache=self.cache,
+            sampler=self.sampler,
+            logits_processors=_with_history(self._processors, prompt[:-1]),
+            max_tokens=self._max_tokens,
         )
-        return cls(request, cache, list(prompt), sampler, steps, repeated=False)
 
     @property
     def started(self) -> bool:
-        """Whether a step ran (before it, a solo made from its prompt has nothing in its cache)."""
+        """Whether a step ran (before it, a solo made from its prompt has at most part of its
+        prompt in its cache: nothing a BatchGenerator insert could take)."""
         return self._ran
+
+    @property
+    def untouched(self) -> bool:
+        """Whether nothing ran yet (no prompt chunk, no step)."""
+        return not self._ran and self._prefilled == 0
 
     def step(self) -> tuple[int, mx.array]:
         """-> the next token and its logprobs [vocab]. The step's forwards (two on the first
         step, see ``repeated``; then one, on the token returned) run on mlx-lm's generation
         stream, set only for the call: the suspended generator would otherwise leave it the MLX
         thread's default."""
+        if self._steps is None:  # made from its prompt, prefilled: generate_step from its last token
+            assert not self._chunks, "prefill first"
+            self._steps = self._first_steps()
         self._ran = True
         with mx.stream(generation_stream):
             token, logprobs = next(self._steps)
@@ -104,6 +143,8 @@ class Solo:
         return self.cache, self.tokens
 
     def close(self) -> None:
+        if self._steps is None:
+            return
         with mx.stream(generation_stream):  # the generator's own stream context exits here
             self._steps.close()
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
+
 from services.generator import scheduler as sched
 from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
 
@@ -60,3 +62,66 @@ async def test_other_groups_decode_between_the_chunks_of_a_solo_prefill(engine, 
         if engine.stats()["active"] == 0:
             break
         await asyncio.sleep(0.01)
+
+
+async def test_a_prompt_of_several_chunks_alone_is_generate_step_bit_for_bit(plain_engine, seen, monkeypatch):  # noqa: F811
+    """Prefilled chunk by chunk across passes, a lone request is still mlx-lm's generate_step
+    with the same prefill step: the same tokens and logprobs to the bit."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm.generate import generate_step
+
+    engine = plain_engine
+    step = 16
+    monkeypatch.setattr(engine._scheduler, "prefill_step_size", step)
+    prompt = engine.tokenizer.encode(" ".join([ALONG] * 40))[: step * 5 + 3]
+    tokens, lps, _, final, _ = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=12), None, True))
+    assert seen["fresh"] == 1
+
+    def stock():
+        out = []
+        for t, lp in generate_step(mx.array(prompt), engine.model, max_tokens=12, prefill_step_size=step):
+            if t in engine.eos_ids:
+                break
+            out.append((t, float(np.array(lp)[t])))
+        return out
+
+    want = engine.mlx.call(stock)
+    assert len(tokens) >= 4 and tokens == [t for t, _ in want] and lps == [lp for _, lp in want]
+
+
+async def test_joined_within_its_prefill_it_is_batched_from_its_prompt(plain_engine, seen, monkeypatch):  # noqa: F811
+    """Another request joins after some of a solo's prompt chunks ran, before its first token:
+    the solo goes into the batch as a prompt (what it prefilled is dropped) and makes the tokens
+    it makes alone."""
+    import threading
+    import time
+
+    from services.generator import solo
+
+    engine = plain_engine
+    step = 16
+    monkeypatch.setattr(engine._scheduler, "prefill_step_size", step)
+    prompt = engine.tokenizer.encode(" ".join([ALONG] * 40))[: step * 6 + 3]
+    req = GenerationRequest(prompt, Sampling(max_tokens=10), return_logprobs=True, top_logprobs=2)
+    alone = await run(engine, req)
+    reached, calls = threading.Event(), []
+    prefill = solo.Solo.prefill
+
+    def holding(self):
+        prefill(self)
+        calls.append(1)
+        if len(calls) == 3:  # three chunks in: wait here until the other's admit is queued
+            reached.set()
+            deadline = time.monotonic() + 30
+            while not engine.mlx.has_waiting() and time.monotonic() < deadline:
+                time.sleep(0.001)
+
+    monkeypatch.setattr(solo.Solo, "prefill", holding)
+    task = asyncio.create_task(run(engine, req))
+    assert await asyncio.to_thread(reached.wait, 30)
+    other = await run(engine, GenerationRequest(engine.tokenizer.encode(ALONG), Sampling(max_tokens=4)))
+    got = await task
+    assert seen["unstarted"] == 1 and seen["resume"] == 0 and len(calls) == 3
+    assert got[0] == alone[0] and other[3].completion_tokens == 4
+    np.testing.assert_allclose(got[1], alone[1], rtol=0, atol=1e-4)
