@@ -50,12 +50,15 @@ async def test_other_groups_decode_between_the_chunks_of_a_solo_prefill(engine, 
         counting(self, r, resp)
         if r.req is req and "first" not in first_at:
             first_at["first"] = dict(tokens_of)
+            # the other still decoding then (had it ended, it could not make tokens in between)
+            first_at["other running"] = any(x.req is other for g in self._groups.values() for x in g.requests.values())
 
     monkeypatch.setattr(sched.Scheduler, "_on_token", first)
     req = GenerationRequest(long, Sampling(max_tokens=3))
     got = await run(engine, req)
     await stream.aclose()
     assert got[3].completion_tokens == 3 and seen["fresh"] == 1
+    assert first_at["other running"]
     between = first_at["first"][id(other)] - marks["admitted"][id(other)]
     assert between >= chunks - 2, f"the other group made {between} tokens during a {chunks}-chunk prefill"
     for _ in range(200):
