@@ -4,7 +4,8 @@ Requests are grouped by what they attend to (memory set + top_k + threshold + la
 each group is one ``BatchGenerator``, and requests without memories form their own group, which
 runs stock mlx-lm. While a group's decode batch is a single sequence and nothing else of the group
 is queued or prefilling, that sequence is stepped solo by mlx-lm's ``generate_step`` (solo.py,
-cheaper per token), and goes back into the BatchGenerator when another request joins.
+cheaper per token), and goes back into the BatchGenerator when another request joins; a request
+without memories that finds its group empty starts solo from its prompt.
 
 Threads. MLX work runs on the process's one MLX thread, and there is one way to put work there:
 ``MLXThread.call`` / ``run`` / ``submit``. The scheduler is a plain thread of its own that
@@ -14,7 +15,8 @@ window, ``stats``) runs between two steps, in arrival order; while nothing is qu
 submission runs several steps back to back (``_steps``). The scheduler thread sleeps on an
 event while no group has work. All scheduler state (groups, requests, counts) is only touched
 on the MLX thread; callers get plain Python events through their request's asyncio queue,
-handed over after each step with one wake-up per event loop for all of its requests.
+handed over with one wake-up per event loop for all of its requests, at most once per stream
+interval while only tokens wait (running_request.Handover).
 
 Metrics (docs/architecture.md, "Metrics"): the counts below move on the MLX thread from host-side
 state only; the attention-mass sums stay on the device until a request ends (attention_mass.py).
