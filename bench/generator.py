@@ -125,6 +125,15 @@ def progress(msg: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
 
 
+class Rows(dict):
+    """The run's rows (measurement -> result), each also a progress line as it is measured: a run
+    cut short (a lent GPU's time running out) keeps what it measured."""
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        progress(f"| {key} | {value} |")
+
+
 async def main_async(args):
     for shape in ("50m", "1b") if args.shape == "both" else (args.shape,):
         await bench_shape(args, shape)
@@ -171,7 +180,7 @@ async def bench_shape(args, shape):
 
 async def measure(engine, path, args) -> tuple[int, dict]:
     """-> (parameters of the model, {measurement: result with its ratio to stock mlx-lm})."""
-    rows = {}
+    rows = Rows()
     n_params = engine.mlx.call(
         lambda: sum(v.size for _, v in __import__("mlx.utils").utils.tree_flatten(engine.model.parameters()))
     )
