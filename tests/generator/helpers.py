@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+
 from extmind.service_procs import ServiceProcess
 from services.generator.request_types import Chunk, Final
 
@@ -47,3 +51,62 @@ def start_generator(log_dir, model, memory_address: str, *args: str) -> ServiceP
         log_dir=log_dir,
         health_service="extmind.v1.GeneratorService",
     ).start()
+
+
+# ---- ordering work on an engine's MLX thread (admits, scheduler steps, commands)
+
+
+class MlxHold:
+    """A call that occupies an engine's MLX thread from when it starts until ``release()``: work
+    submitted after it queues behind it, in order."""
+
+    def __init__(self, engine, seconds: float = 30):
+        self._started, self._release = threading.Event(), threading.Event()
+        self.future = engine.mlx.submit(lambda: self._started.set() or self._release.wait(seconds))
+
+    async def started(self) -> None:
+        """Returns once the thread runs the hold (from then on it no longer counts as waiting)."""
+        assert await asyncio.to_thread(self._started.wait, 30)
+
+    def release(self) -> None:
+        self._release.set()
+
+    async def done(self) -> None:
+        await asyncio.wrap_future(self.future)
+
+
+async def queued(engine, n: int, seconds: float = 3) -> None:
+    """Returns once ``n`` calls wait for the engine's MLX thread (submitted, not started)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if engine.mlx._waiting >= n:
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"fewer than {n} calls ever waited for the MLX thread")
+
+
+def until_work_waits(mlx, seconds: float = 30) -> None:
+    """On the MLX thread: blocks until other work is submitted to it (or ``seconds`` pass)."""
+    deadline = time.monotonic() + seconds
+    while not mlx.has_waiting() and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def stock_steps(engine, prompt: list[int], max_tokens: int, prefill_step_size: int) -> list[tuple[int, float]]:
+    """mlx-lm's ``generate_step`` on the engine's own model, on its MLX thread: (token, its
+    logprob) of each step until an end-of-sequence token."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm.generate import generate_step
+
+    def steps():
+        out = []
+        for t, lp in generate_step(
+            mx.array(prompt), engine.model, max_tokens=max_tokens, prefill_step_size=prefill_step_size
+        ):
+            if t in engine.eos_ids:
+                break
+            out.append((t, float(np.array(lp)[t])))
+        return out
+
+    return engine.mlx.call(steps)

@@ -20,7 +20,7 @@ from services.generator.request_types import (
     Sampling,
 )
 
-from .helpers import run
+from .helpers import MlxHold, queued, run
 from .memory_helpers import LOGIT_MARGIN, assert_counts_match, assert_decidable, ref_memory, row_hits, timed
 from .np_reference import Retrievals
 
@@ -207,7 +207,6 @@ async def test_requests_whose_floors_cannot_differ_share_one_batch_group(engine,
     float 0.02 (float32) and the default 0.02 are one floor (the attention compares in float32),
     and a request that returns no citations batches whatever floor it names: three such requests
     queued together run in one group, and the citing one counts as it does alone."""
-    import threading
 
     mid, _ = memory
     prompt = engine.tokenizer.encode("Alice met Bob at")
@@ -227,19 +226,16 @@ async def test_requests_whose_floors_cannot_differ_share_one_batch_group(engine,
         if engine.stats()["groups"] == 0 and not engine.mlx.has_waiting():
             break
         await asyncio.sleep(0.02)
-    gate, holding = threading.Event(), threading.Event()
-    engine.mlx.submit(lambda: holding.set() or gate.wait(60))
-    assert await asyncio.to_thread(holding.wait, 30)
+    hold = MlxHold(engine, seconds=60)
+    await hold.started()
     try:
         tasks = [asyncio.create_task(run(engine, r)) for r in reqs]
-        for _ in range(1500):  # REMOTE: after resolving, each request's next MLX call is its admit
-            if engine.mlx._waiting >= len(reqs):
-                break
-            await asyncio.sleep(0.02)
+        # REMOTE: after resolving, each request's next MLX call is its admit
+        await queued(engine, len(reqs), seconds=30)
         assert engine.mlx._waiting == len(reqs)
         probe = engine.mlx.submit(engine._scheduler.stats)
     finally:
-        gate.set()
+        hold.release()
     stats = await asyncio.wrap_future(probe)
     results = await asyncio.gather(*tasks)
     assert stats == dict(stats, active=len(reqs), groups=1)
@@ -363,7 +359,6 @@ async def test_a_group_drops_its_pending_picks_once_no_request_cites(engine, mem
     (cancelled mid-window, or ended by length) while a non-citing request goes on in the same
     group, nothing is recorded any more and no flush would come: what is pending is dropped at the
     next step, not held for as long as the group lives."""
-    import threading
 
     from services.generator.batch_tally import BatchTally
     from services.generator.scheduler import Scheduler
@@ -382,9 +377,8 @@ async def test_a_group_drops_its_pending_picks_once_no_request_cites(engine, mem
     plain = replace(opts, return_citations=False)  # the same group (its floor is the default)
     # Both admitted before either steps (the MLX thread held meanwhile); the non-citing request
     # runs 69 tokens (greedy, ends by EOS), the citing one leaves after 2 (cancelled) or 6 (length).
-    gate, holding = threading.Event(), threading.Event()
-    engine.mlx.submit(lambda: holding.set() or gate.wait(60))
-    assert await asyncio.to_thread(holding.wait, 30)
+    hold = MlxHold(engine, seconds=60)
+    await hold.started()
     try:
         other = engine.generate(
             GenerationRequest(engine.tokenizer.encode("Alice met Bob at"), Sampling(max_tokens=200), plain)
@@ -395,13 +389,10 @@ async def test_a_group_drops_its_pending_picks_once_no_request_cites(engine, mem
             )
         )
         first = [asyncio.create_task(anext(s)) for s in (other, citing)]
-        for _ in range(1500):  # each request's next MLX call, after resolving, is its admit
-            if engine.mlx._waiting >= 2:
-                break
-            await asyncio.sleep(0.02)
+        await queued(engine, 2, seconds=30)  # each request's next MLX call, after resolving, is its admit
         assert engine.mlx._waiting == 2
     finally:
-        gate.set()
+        hold.release()
     events = [await first[0]]
     assert isinstance(await first[1], Chunk)  # admitted and generating
     if how == "cancelled":

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
-import time
 import weakref
 from dataclasses import replace
 
@@ -22,6 +21,7 @@ from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.request_types import LOCAL, REMOTE, Chunk, GenerationRequest, MemoryOptions, Sampling
 
 from .helpers import run as run_to_end
+from .helpers import until_work_waits
 from .memory_helpers import assert_counts_match, assert_decidable, ref_memory, row_hits
 from .np_reference import Retrievals
 
@@ -82,9 +82,7 @@ async def joined(engine, req, other, monkeypatch, at: int = 6):
         on_token(self, r, resp)
         if r.req is req and r.generated >= at and not admitted.is_set():
             reached.set()
-            deadline = time.monotonic() + 30
-            while not self._mlx.has_waiting() and time.monotonic() < deadline:
-                time.sleep(0.002)
+            until_work_waits(self._mlx)
 
     def admitting(self, r, *args):
         admit(self, r, *args)
@@ -322,9 +320,7 @@ async def test_a_tally_that_fails_as_a_solo_request_goes_back_ends_that_request_
         on_token(self, r, resp)
         if r.req is req and r.generated == 6:
             reached.set()
-            deadline = time.monotonic() + 30
-            while not self._mlx.has_waiting() and time.monotonic() < deadline:
-                time.sleep(0.002)
+            until_work_waits(self._mlx)
 
     monkeypatch.setattr(sched.Scheduler, "_on_token", holding)
     aside = asyncio.create_task(run(engine, bystander))

@@ -10,6 +10,7 @@ from extmind import errors
 from services.generator import scheduler as sched
 from services.generator.request_types import GenerationRequest, Sampling
 
+from .helpers import MlxHold, queued
 from .test_decode_mask import sliding_llama  # noqa: F401 - the fixture
 from .test_solo_decode import ALONG, run, same_steps
 from .test_solo_from_prompt import seen, together  # noqa: F401 - the fixture
@@ -77,7 +78,6 @@ async def test_a_solo_cancelled_before_its_first_step_leaves_nothing(plain_engin
     """Cancelled while its first step is put off (the cancel waits on the MLX thread): it never
     steps, the group goes, the gauges come back to 0 and the next request starts solo again."""
     import asyncio
-    import threading
 
     from services.generator import solo
 
@@ -86,31 +86,23 @@ async def test_a_solo_cancelled_before_its_first_step_leaves_nothing(plain_engin
     step = solo.Solo.step
     monkeypatch.setattr(solo.Solo, "step", lambda self: steps.append(self.request.req) or step(self))
 
-    async def queued(n):
-        for _ in range(3000):
-            if engine.mlx._waiting >= n:
-                return
-            await asyncio.sleep(0.001)
-        raise AssertionError("nothing queued")
-
-    hold1, holding1, hold2, holding2 = (threading.Event() for _ in range(4))
-    h1 = engine.mlx.submit(lambda: holding1.set() or hold1.wait(30))
-    assert await asyncio.to_thread(holding1.wait, 30)
+    hold1 = MlxHold(engine)
+    await hold1.started()
     req = GenerationRequest(engine.tokenizer.encode(PROMPT), Sampling(max_tokens=50))
     gen = engine.generate(req)
     first = asyncio.create_task(anext(gen))
-    await queued(1)  # its admit
-    h2 = engine.mlx.submit(lambda: holding2.set() or hold2.wait(30))
-    hold1.set()
-    assert await asyncio.to_thread(holding2.wait, 30)
-    await queued(1)  # the scheduler's steps, behind the second hold
+    await queued(engine, 1)  # its admit
+    hold2 = MlxHold(engine)
+    hold1.release()
+    await hold2.started()
+    await queued(engine, 1)  # the scheduler's steps, behind the second hold
     first.cancel()
     with pytest.raises(asyncio.CancelledError):
         await first
     await gen.aclose()  # its cancel, queued behind the steps
-    hold2.set()
-    await asyncio.wrap_future(h1)
-    await asyncio.wrap_future(h2)
+    hold2.release()
+    await hold1.done()
+    await hold2.done()
     for _ in range(500):
         if (engine.stats()["active"], engine.stats()["groups"]) == (0, 0):
             break
@@ -161,7 +153,6 @@ async def test_stopping_the_engine_while_a_solo_waits_for_its_first_step(llama_p
     """The engine stops while a request started solo has put its first step off: the request
     ends UNAVAILABLE without stepping, and the stop completes (the unstarted generator closes)."""
     import asyncio
-    import threading
 
     from services.generator import solo
     from services.generator.engine import EngineConfig, GeneratorEngine
@@ -172,33 +163,25 @@ async def test_stopping_the_engine_while_a_solo_waits_for_its_first_step(llama_p
     step = solo.Solo.step
     monkeypatch.setattr(solo.Solo, "step", lambda self: steps.append(self.request.req) or step(self))
 
-    async def queued(n):
-        for _ in range(3000):
-            if engine.mlx._waiting >= n:
-                return
-            await asyncio.sleep(0.001)
-        raise AssertionError("nothing queued")
-
-    hold1, holding1, hold2, holding2 = (threading.Event() for _ in range(4))
-    h1 = engine.mlx.submit(lambda: holding1.set() or hold1.wait(30))
-    assert await asyncio.to_thread(holding1.wait, 30)
+    hold1 = MlxHold(engine)
+    await hold1.started()
     req = GenerationRequest(engine.tokenizer.encode(PROMPT), Sampling(max_tokens=50))
     task = asyncio.create_task(run(engine, req))
-    await queued(1)  # its admit
-    h2 = engine.mlx.submit(lambda: holding2.set() or hold2.wait(30))
-    hold1.set()
-    assert await asyncio.to_thread(holding2.wait, 30)
-    await queued(1)  # the scheduler's steps, behind the second hold
+    await queued(engine, 1)  # its admit
+    hold2 = MlxHold(engine)
+    hold1.release()
+    await hold2.started()
+    await queued(engine, 1)  # the scheduler's steps, behind the second hold
     engine.mlx.submit(lambda: None)  # work behind the steps: the first step is put off
     stopping = asyncio.create_task(asyncio.to_thread(engine.stop))
     for _ in range(3000):  # stop() has begun (it waits for the scheduler thread)
         if engine._scheduler is None or engine._scheduler._stopping:
             break
         await asyncio.sleep(0.001)
-    hold2.set()
+    hold2.release()
     await asyncio.wait_for(stopping, 30)
-    await asyncio.wrap_future(h1)
-    await asyncio.wrap_future(h2)
+    await hold1.done()
+    await hold2.done()
     with pytest.raises(errors.Unavailable):
         await asyncio.wait_for(task, 10)
     assert seen["fresh"] == 1 and req not in steps

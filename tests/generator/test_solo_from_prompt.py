@@ -7,15 +7,14 @@ tokens, logprobs and top logprobs it gets batched throughout."""
 from __future__ import annotations
 
 import asyncio
-import threading
 
-import numpy as np
 import pytest
 
 from services.generator import decode_group, solo
 from services.generator import scheduler as sched
 from services.generator.request_types import GenerationRequest, MemoryOptions, Sampling
 
+from .helpers import MlxHold, queued, stock_steps
 from .test_solo_decode import ALONG, SAMPLINGS, joined, run, same_steps
 
 
@@ -48,17 +47,12 @@ def seen(monkeypatch):
 async def together(engine, *reqs):
     """Runs ``reqs`` admitted back to back before any step: the MLX thread is held until every
     admit waits for it."""
-    gate, holding = threading.Event(), threading.Event()
-    held = engine.mlx.submit(lambda: holding.set() or gate.wait(30))
-    # Started, not waiting: until the MLX thread takes it, the hold itself counts in _waiting.
-    assert await asyncio.to_thread(holding.wait, 30)
+    hold = MlxHold(engine)
+    await hold.started()  # until the thread takes it, the hold itself counts as waiting
     tasks = [asyncio.create_task(run(engine, r)) for r in reqs]
-    for _ in range(3000):
-        if engine.mlx._waiting >= len(reqs):  # the admits, queued behind the held call
-            break
-        await asyncio.sleep(0.001)
-    gate.set()
-    await asyncio.wrap_future(held)
+    await queued(engine, len(reqs))  # the admits, queued behind the hold
+    hold.release()
+    await hold.done()
     return await asyncio.gather(*tasks)
 
 
@@ -91,25 +85,11 @@ async def test_from_prompt_alone_joined_and_batched_give_the_same_tokens(plain_e
 async def test_a_lone_greedy_request_is_stock_generate_step_bit_for_bit(plain_engine, seen):
     """Solo from its prompt, a request is mlx-lm's generate_step on the same model: the same
     tokens and the same logprobs to the bit (batched, logprobs may round differently)."""
-    import mlx.core as mx
-    from mlx_lm.generate import generate_step
-
     engine = plain_engine
     prompt = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog. Paris is")
     tokens, lps, _, final, _ = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=16), None, True))
     assert seen["fresh"] == 1
-
-    def stock():
-        out = []
-        for t, lp in generate_step(
-            mx.array(prompt), engine.model, max_tokens=16, prefill_step_size=engine.config.prefill_step_size
-        ):
-            if t in engine.eos_ids:
-                break
-            out.append((t, float(np.array(lp)[t])))
-        return out
-
-    want = engine.mlx.call(stock)
+    want = stock_steps(engine, prompt, 16, engine.config.prefill_step_size)
     assert len(tokens) >= 8 and tokens == [t for t, _ in want] and lps == [lp for _, lp in want]
     assert final.completion_tokens >= len(tokens)
 
@@ -131,34 +111,19 @@ async def test_requests_admitted_while_its_first_step_is_queued_share_the_batch_
     with it (the scheduler's run of steps was queued between them) puts that step off once: the
     others join before its prefill and all are prefilled as one batch (no started solo to resume)."""
     engine = plain_engine
-    hold1, holding1, hold2, holding2 = (threading.Event() for _ in range(4))
-
-    def second_hold():
-        holding2.set()
-        hold2.wait(30)
-
-    h1 = engine.mlx.submit(lambda: holding1.set() or hold1.wait(30))
-    assert await asyncio.to_thread(holding1.wait, 30)  # started: no longer counted in _waiting
+    first = MlxHold(engine)
+    await first.started()
     a = asyncio.create_task(run(engine, GenerationRequest(engine.tokenizer.encode("The sea"), Sampling(max_tokens=12))))
-    for _ in range(3000):  # a's admit queued behind the first hold
-        if engine.mlx._waiting >= 1:
-            break
-        await asyncio.sleep(0.001)
-    h2 = engine.mlx.submit(second_hold)
-    hold1.set()  # a's admit runs, then the second hold; the scheduler queues its run of steps
-    assert await asyncio.to_thread(holding2.wait, 30)
-    for _ in range(3000):
-        if engine.mlx._waiting >= 1:  # the scheduler's steps, queued behind the second hold
-            break
-        await asyncio.sleep(0.001)
+    await queued(engine, 1)  # a's admit, behind the first hold
+    second = MlxHold(engine)
+    first.release()  # a's admit runs, then the second hold; the scheduler queues its run of steps
+    await second.started()
+    await queued(engine, 1)  # the scheduler's steps, behind the second hold
     b = asyncio.create_task(run(engine, GenerationRequest(engine.tokenizer.encode(ALONG), Sampling(max_tokens=12))))
-    for _ in range(3000):
-        if engine.mlx._waiting >= 2:  # and b's admit behind them
-            break
-        await asyncio.sleep(0.001)
-    hold2.set()
-    await asyncio.wrap_future(h1)
-    await asyncio.wrap_future(h2)
+    await queued(engine, 2)  # and b's admit behind them
+    second.release()
+    await first.done()
+    await second.done()
     got_a, got_b = await a, await b
     assert len(got_a[0]) == len(got_b[0]) == 12
     assert seen["fresh"] == 1 and seen["unstarted"] == 1 and seen["resume"] == 0

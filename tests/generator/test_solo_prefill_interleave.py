@@ -12,6 +12,7 @@ import numpy as np
 from services.generator import scheduler as sched
 from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
 
+from .helpers import stock_steps, until_work_waits
 from .test_solo_decode import ALONG, run
 from .test_solo_from_prompt import seen  # noqa: F401 - the fixture
 
@@ -70,10 +71,6 @@ async def test_other_groups_decode_between_the_chunks_of_a_solo_prefill(engine, 
 async def test_a_prompt_of_several_chunks_alone_is_generate_step_bit_for_bit(plain_engine, seen, monkeypatch):  # noqa: F811
     """Prefilled chunk by chunk across passes, a lone request is still mlx-lm's generate_step
     with the same prefill step: the same tokens and logprobs to the bit."""
-    import mlx.core as mx
-    import numpy as np
-    from mlx_lm.generate import generate_step
-
     engine = plain_engine
     step = 16
     monkeypatch.setattr(engine._scheduler, "prefill_step_size", step)
@@ -81,15 +78,7 @@ async def test_a_prompt_of_several_chunks_alone_is_generate_step_bit_for_bit(pla
     tokens, lps, _, final, _ = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=12), None, True))
     assert seen["fresh"] == 1
 
-    def stock():
-        out = []
-        for t, lp in generate_step(mx.array(prompt), engine.model, max_tokens=12, prefill_step_size=step):
-            if t in engine.eos_ids:
-                break
-            out.append((t, float(np.array(lp)[t])))
-        return out
-
-    want = engine.mlx.call(stock)
+    want = stock_steps(engine, prompt, 12, step)
     assert len(tokens) >= 4 and tokens == [t for t, _ in want] and lps == [lp for _, lp in want]
 
 
@@ -98,7 +87,6 @@ async def test_joined_within_its_prefill_it_is_batched_from_its_prompt(plain_eng
     the solo goes into the batch as a prompt (what it prefilled is dropped) and makes the tokens
     it makes alone."""
     import threading
-    import time
 
     from services.generator import solo
 
@@ -116,9 +104,7 @@ async def test_joined_within_its_prefill_it_is_batched_from_its_prompt(plain_eng
         calls.append(1)
         if len(calls) == 3:  # three chunks in: wait here until the other's admit is queued
             reached.set()
-            deadline = time.monotonic() + 30
-            while not engine.mlx.has_waiting() and time.monotonic() < deadline:
-                time.sleep(0.001)
+            until_work_waits(engine.mlx)
 
     monkeypatch.setattr(solo.Solo, "prefill", holding)
     task = asyncio.create_task(run(engine, req))
