@@ -106,11 +106,16 @@ async def test_a_request_with_memories_is_prefilled_in_its_batch_first(engine, m
     assert len(got[0]) == 8 and seen["fresh"] == 0 and seen["solo"] == 1
 
 
-async def test_requests_admitted_while_its_first_step_is_queued_share_the_batch_prefill(plain_engine, seen):
+async def test_requests_admitted_while_its_first_step_is_queued_share_the_batch_prefill(
+    plain_engine, seen, monkeypatch
+):
     """A request started solo whose first step comes before the admits of requests that arrived
     with it (the scheduler's run of steps was queued between them) puts that step off once: the
-    others join before its prefill and all are prefilled as one batch (no started solo to resume)."""
+    others join before its prefill and all are prefilled as one batch (no started solo to resume,
+    and no prompt chunk of it run solo only to be computed again in the batch)."""
     engine = plain_engine
+    chunks, prefill = [], solo.Solo.prefill
+    monkeypatch.setattr(solo.Solo, "prefill", lambda self: chunks.append(1) or prefill(self))
     first = MlxHold(engine)
     await first.started()
     a = asyncio.create_task(run(engine, GenerationRequest(engine.tokenizer.encode("The sea"), Sampling(max_tokens=12))))
@@ -126,4 +131,4 @@ async def test_requests_admitted_while_its_first_step_is_queued_share_the_batch_
     await second.done()
     got_a, got_b = await a, await b
     assert len(got_a[0]) == len(got_b[0]) == 12
-    assert seen["fresh"] == 1 and seen["unstarted"] == 1 and seen["resume"] == 0
+    assert seen["fresh"] == 1 and seen["unstarted"] == 1 and seen["resume"] == 0 and chunks == []
