@@ -22,6 +22,8 @@ attention mass: the scheduler skips the repeated forward, ``Solo.repeated``).
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 from mlx_lm.generate import generate_step, generation_stream
 from mlx_lm.models.cache import TokenBuffer, make_prompt_cache, trim_prompt_cache
@@ -43,11 +45,11 @@ class Solo:
         self.deferred = False  # its first step was put off once for work waiting on the MLX thread
         self._ran = False
         self._steps = steps
-        # from_prompt's: the prompt chunks not prefilled yet, how many prompt tokens were, and
-        # what its generate_step is made with once they are (at the first step).
+        # from_prompt's: its model, the prompt chunks not prefilled yet, how many prompt tokens
+        # were, and what makes its generate_step once they are (at the first step).
         self._chunks: list = []
         self._prefilled = 0
-        self._model = self._processors = self._max_tokens = None
+        self._model = self._start = None
 
     @classmethod
     def handed_over(cls, model, request, cache: list, tokens: list[int], sampler, processors: list, max_tokens: int):
@@ -56,14 +58,7 @@ class Solo:
         request's, as given to the BatchGenerator; max_tokens: the tokens it may still generate (> 0)."""
         trim_prompt_cache(cache, 1)
         _rewind(sampler)
-        steps = generate_step(
-            mx.array(tokens[-1:]),
-            model,
-            prompt_cache=cache,
-            sampler=sampler,
-            logits_processors=_with_history(processors, tokens[:-1]),
-            max_tokens=max_tokens,
-        )
+        steps = _from_last_token(model, cache, tokens, sampler, processors, max_tokens)
         return cls(request, cache, tokens, sampler, steps, repeated=True)
 
     @classmethod
@@ -76,7 +71,8 @@ class Solo:
         processors see the prompt and the generated tokens, as ``generate_step`` hands them."""
         cache = make_prompt_cache(model)
         solo = cls(request, cache, list(prompt), sampler, None, repeated=False)
-        solo._model, solo._processors, solo._max_tokens = model, processors, max_tokens
+        solo._model = model
+        solo._start = functools.partial(_from_last_token, model, cache, list(prompt), sampler, processors, max_tokens)
         head = prompt[:-1]  # generate_step's prefill: every token but the last, in chunks
         solo._chunks = [head[i : i + step_size] for i in range(0, len(head), step_size)]
         return solo
@@ -94,18 +90,6 @@ class Solo:
             self._model(mx.array(chunk)[None], cache=self.cache)
             mx.eval([c.state for c in self.cache])
         mx.clear_cache()
-
-    def _first_steps(self):
-        """``generate_step`` from the prompt's last token, on the prefilled cache."""
-        prompt = self.tokens
-        return generate_step(
-            mx.array(prompt[-1:]),
-            self._model,
-            prompt_cache=self.cache,
-            sampler=self.sampler,
-            logits_processors=_with_history(self._processors, prompt[:-1]),
-            max_tokens=self._max_tokens,
-        )
 
     @property
     def started(self) -> bool:
@@ -125,7 +109,7 @@ class Solo:
         thread's default."""
         if self._steps is None:  # made from its prompt, prefilled: generate_step from its last token
             assert not self._chunks, "prefill first"
-            self._steps = self._first_steps()
+            self._steps = self._start()
         self._ran = True
         with mx.stream(generation_stream):
             token, logprobs = next(self._steps)
@@ -147,6 +131,19 @@ class Solo:
             return
         with mx.stream(generation_stream):  # the generator's own stream context exits here
             self._steps.close()
+
+
+def _from_last_token(model, cache: list, tokens: list[int], sampler, processors: list, max_tokens: int):
+    """``generate_step`` from ``tokens[-1]`` on ``cache``, which holds ``tokens[:-1]`` (the logits
+    processors see them too)."""
+    return generate_step(
+        mx.array(tokens[-1:]),
+        model,
+        prompt_cache=cache,
+        sampler=sampler,
+        logits_processors=_with_history(processors, tokens[:-1]),
+        max_tokens=max_tokens,
+    )
 
 
 def _rewind(sampler) -> None:
