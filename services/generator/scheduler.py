@@ -170,7 +170,7 @@ class Scheduler:
                 if not self._groups or self._stopping or self._mlx.has_waiting():
                     return
         finally:
-            self._hand_over(flush=True)
+            self._handover.hand_over(flush=True)
 
     def _step_all(self) -> None:
         for key, group in list(self._groups.items()):
@@ -182,7 +182,7 @@ class Scheduler:
             self._has_work.clear()  # on the MLX thread, so no admit can slip in between
         if self._gauges_moved:
             self._publish()
-        self._hand_over()  # after the gauges: a caller that got its Final reads them settled
+        self._handover.hand_over()  # after the gauges: a caller that got its Final reads them settled
 
     def _publish(self) -> None:
         """Sets the waiting / running gauges from the groups (host state only)."""
@@ -190,16 +190,6 @@ class Scheduler:
         WAITING.set(waiting)
         RUNNING.set(self._active - waiting)
         self._gauges_moved = False
-
-    def _post(self, r: RunningRequest, event, urgent: bool = True) -> None:
-        """Queues ``event`` for ``r``'s caller (``Handover.post``): urgent events leave at the next
-        ``_hand_over``, tokens once the stream interval has passed."""
-        self._handover.post(r, event, urgent)
-
-    def _hand_over(self, flush: bool = False) -> None:
-        """Wakes the callers' loops for what is due (after every step, after ``close_all``, and
-        with ``flush`` before the MLX thread turns to other work): ``Handover.hand_over``."""
-        self._handover.hand_over(flush)
 
     # ---------------------------------------------------------------- on the MLX thread
 
@@ -272,13 +262,13 @@ class Scheduler:
             for r in g.requests.values():
                 r.done = True
                 _observe_end(r, "error")
-                self._post(r, error)
+                self._handover.post(r, error)
             g.close()
         self._groups.clear()
         self._active = 0
         self._has_work.clear()
         self._publish()
-        self._hand_over(flush=True)
+        self._handover.hand_over(flush=True)
 
     def _step(self, group: DecodeGroup) -> None:
         solo = group.solo
@@ -368,7 +358,7 @@ class Scheduler:
             log.error("a solo sequence could not go back into its batch", extra={"error": str(e)})
             if group.requests.get(r.uid) is r:
                 group.remove(r.uid)
-                self._end(r, e if isinstance(e, errors.ExtmindError) else errors.Internal(f"generation failed: {e}"))
+                self._end(r, _as_error(e, "generation failed"))
 
     def _step_solo(self, group: DecodeGroup) -> None:
         """One token of the group's solo sequence: as ``_step`` does for a batch of one."""
@@ -403,13 +393,13 @@ class Scheduler:
     def _fail(self, group: DecodeGroup, e: Exception) -> None:
         """Ends every request of ``group`` with the error a step raised."""
         log.warning("generation step failed", extra={"error": str(e)})
-        err = e if isinstance(e, errors.ExtmindError) else errors.Internal(f"generation failed: {e}")
+        err = _as_error(e, "generation failed")
         if group.solo is not None:
             group.end_solo()
         for r in list(group.requests.values()):
             r.done = True
             _observe_end(r, "error")
-            self._post(r, err)
+            self._handover.post(r, err)
         self._active -= len(group.requests)
         group.requests.clear()
         self._gauges_moved = True
@@ -436,7 +426,7 @@ class Scheduler:
         top = [_top(resp.logprobs, r.req.top_logprobs)] if r.req.return_logprobs and r.req.top_logprobs else []
         last = resp.finish_reason == "length"
         piece, stopped = r.text.push(tok, last)
-        self._post(r, Chunk(piece, [tok], lp, top), urgent=r.generated == 1)
+        self._handover.post(r, Chunk(piece, [tok], lp, top), urgent=r.generated == 1)
         if stopped:
             r.group.remove(r.uid)
             self._finish(r, STOP_SEQUENCE)
@@ -452,7 +442,7 @@ class Scheduler:
                 r.counts = None
                 citations = spans(counts, r.memories, self.decode, r.req.memory.max_citations)
             except Exception as e:  # noqa: BLE001
-                self._end(r, e if isinstance(e, errors.ExtmindError) else errors.Internal(f"citations failed: {e}"))
+                self._end(r, _as_error(e, "citations failed"))
                 return
         if r.mass is not None:
             r.group.mass.flush()
@@ -473,7 +463,7 @@ class Scheduler:
         r.done = True
         self._gauges_moved = True
         _observe_end(r, last.finish_reason if isinstance(last, Final) else "error")
-        self._post(r, last)
+        self._handover.post(r, last)
 
 
 class _SoloToken(NamedTuple):
@@ -482,6 +472,11 @@ class _SoloToken(NamedTuple):
     token: int
     logprobs: mx.array
     finish_reason: str | None
+
+
+def _as_error(e: Exception, what: str) -> errors.ExtmindError:
+    """``e`` as the error a request ends with: ours as it is, anything else INTERNAL."""
+    return e if isinstance(e, errors.ExtmindError) else errors.Internal(f"{what}: {e}")
 
 
 def _observe_end(r: RunningRequest, how: str) -> None:
