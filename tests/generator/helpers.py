@@ -85,6 +85,23 @@ async def queued(engine, n: int, seconds: float = 3) -> None:
     raise AssertionError(f"fewer than {n} calls ever waited for the MLX thread")
 
 
+async def first_steps_queued(engine, start):
+    """Calls ``start()`` (which makes a request submit its admit) with the MLX thread held, lets
+    the admit run, and holds the thread again once the scheduler has queued its run of steps
+    behind: work submitted now comes after those steps. -> (what ``start()`` returned, the hold;
+    release it and await its ``done()``)."""
+    first = MlxHold(engine)
+    await first.started()
+    out = start()
+    await queued(engine, 1)  # the admit, behind the first hold
+    second = MlxHold(engine)
+    first.release()  # the admit runs, then the second hold; the scheduler queues its run of steps
+    await second.started()
+    await first.done()
+    await queued(engine, 1)  # the scheduler's steps, behind the second hold
+    return out, second
+
+
 def until_work_waits(mlx, seconds: float = 30) -> None:
     """On the MLX thread: blocks until other work is submitted to it (or ``seconds`` pass)."""
     deadline = time.monotonic() + seconds

@@ -10,7 +10,7 @@ from extmind import errors
 from services.generator import scheduler as sched
 from services.generator.request_types import GenerationRequest, Sampling
 
-from .helpers import MlxHold, queued
+from .helpers import first_steps_queued
 from .test_decode_mask import sliding_llama  # noqa: F401 - the fixture
 from .test_solo_decode import ALONG, run, same_steps
 from .test_solo_from_prompt import seen, together  # noqa: F401 - the fixture
@@ -86,23 +86,15 @@ async def test_a_solo_cancelled_before_its_first_step_leaves_nothing(plain_engin
     step = solo.Solo.step
     monkeypatch.setattr(solo.Solo, "step", lambda self: steps.append(self.request.req) or step(self))
 
-    hold1 = MlxHold(engine)
-    await hold1.started()
     req = GenerationRequest(engine.tokenizer.encode(PROMPT), Sampling(max_tokens=50))
     gen = engine.generate(req)
-    first = asyncio.create_task(anext(gen))
-    await queued(engine, 1)  # its admit
-    hold2 = MlxHold(engine)
-    hold1.release()
-    await hold2.started()
-    await queued(engine, 1)  # the scheduler's steps, behind the second hold
+    first, hold = await first_steps_queued(engine, lambda: asyncio.create_task(anext(gen)))
     first.cancel()
     with pytest.raises(asyncio.CancelledError):
         await first
     await gen.aclose()  # its cancel, queued behind the steps
-    hold2.release()
-    await hold1.done()
-    await hold2.done()
+    hold.release()
+    await hold.done()
     for _ in range(500):
         if (engine.stats()["active"], engine.stats()["groups"]) == (0, 0):
             break
@@ -163,25 +155,17 @@ async def test_stopping_the_engine_while_a_solo_waits_for_its_first_step(llama_p
     step = solo.Solo.step
     monkeypatch.setattr(solo.Solo, "step", lambda self: steps.append(self.request.req) or step(self))
 
-    hold1 = MlxHold(engine)
-    await hold1.started()
     req = GenerationRequest(engine.tokenizer.encode(PROMPT), Sampling(max_tokens=50))
-    task = asyncio.create_task(run(engine, req))
-    await queued(engine, 1)  # its admit
-    hold2 = MlxHold(engine)
-    hold1.release()
-    await hold2.started()
-    await queued(engine, 1)  # the scheduler's steps, behind the second hold
+    task, hold = await first_steps_queued(engine, lambda: asyncio.create_task(run(engine, req)))
     engine.mlx.submit(lambda: None)  # work behind the steps: the first step is put off
     stopping = asyncio.create_task(asyncio.to_thread(engine.stop))
     for _ in range(3000):  # stop() has begun (it waits for the scheduler thread)
         if engine._scheduler is None or engine._scheduler._stopping:
             break
         await asyncio.sleep(0.001)
-    hold2.release()
+    hold.release()
     await asyncio.wait_for(stopping, 30)
-    await hold1.done()
-    await hold2.done()
+    await hold.done()
     with pytest.raises(errors.Unavailable):
         await asyncio.wait_for(task, 10)
     assert seen["fresh"] == 1 and req not in steps

@@ -14,7 +14,7 @@ from services.generator import decode_group, solo
 from services.generator import scheduler as sched
 from services.generator.request_types import GenerationRequest, MemoryOptions, Sampling
 
-from .helpers import MlxHold, queued, stock_steps
+from .helpers import MlxHold, first_steps_queued, queued, stock_steps
 from .test_solo_decode import ALONG, SAMPLINGS, joined, run, same_steps
 
 
@@ -116,19 +116,12 @@ async def test_requests_admitted_while_its_first_step_is_queued_share_the_batch_
     engine = plain_engine
     chunks, prefill = [], solo.Solo.prefill
     monkeypatch.setattr(solo.Solo, "prefill", lambda self: chunks.append(1) or prefill(self))
-    first = MlxHold(engine)
-    await first.started()
-    a = asyncio.create_task(run(engine, GenerationRequest(engine.tokenizer.encode("The sea"), Sampling(max_tokens=12))))
-    await queued(engine, 1)  # a's admit, behind the first hold
-    second = MlxHold(engine)
-    first.release()  # a's admit runs, then the second hold; the scheduler queues its run of steps
-    await second.started()
-    await queued(engine, 1)  # the scheduler's steps, behind the second hold
+    a_req = GenerationRequest(engine.tokenizer.encode("The sea"), Sampling(max_tokens=12))
+    a, hold = await first_steps_queued(engine, lambda: asyncio.create_task(run(engine, a_req)))
     b = asyncio.create_task(run(engine, GenerationRequest(engine.tokenizer.encode(ALONG), Sampling(max_tokens=12))))
     await queued(engine, 2)  # and b's admit behind them
-    second.release()
-    await first.done()
-    await second.done()
+    hold.release()
+    await hold.done()
     got_a, got_b = await a, await b
     assert len(got_a[0]) == len(got_b[0]) == 12
     assert seen["fresh"] == 1 and seen["unstarted"] == 1 and seen["resume"] == 0 and chunks == []
