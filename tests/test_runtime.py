@@ -366,3 +366,29 @@ def test_an_unwritable_health_file_stops_the_start_in_one_line(tmp_path):
     ok = HealthFile(str(tmp_path / "run" / "serving"))
     ok.check()
     assert (tmp_path / "run").is_dir() and not ok.path.exists()
+
+
+def test_the_stream_interval_takes_a_finite_number_of_milliseconds_or_says_what_to_change(monkeypatch, capsys):
+    """--stream-interval-ms / GENERATOR_STREAM_INTERVAL_MS: 0 and fractions are fine; a negative,
+    infinite, NaN or non-numeric value stops the start with exit code 2 naming it."""
+    from services.generator.app import parse_args
+
+    assert parse_args(["--model", "m"]).stream_interval_ms == 5.0
+    assert parse_args(["--model", "m", "--stream-interval-ms", "0"]).stream_interval_ms == 0.0
+    assert parse_args(["--model", "m", "--stream-interval-ms", "2.5"]).stream_interval_ms == 2.5
+    for raw, says in (
+        ("-1", "must be a finite number >= 0"),
+        ("inf", "must be a finite number >= 0"),
+        ("nan", "must be a finite number >= 0"),
+        ("abc", "expected a number"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            parse_args(["--model", "m", "--stream-interval-ms", raw])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "--stream-interval-ms" in err and says in err, err
+        monkeypatch.setenv("GENERATOR_STREAM_INTERVAL_MS", raw)
+        with pytest.raises(SystemExit) as e:
+            parse_args(["--model", "m"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"GENERATOR_STREAM_INTERVAL_MS={raw!r} is not valid" in err and says in err, err
+        monkeypatch.delenv("GENERATOR_STREAM_INTERVAL_MS")
