@@ -5,7 +5,7 @@ each group is one ``BatchGenerator``, and requests without memories form their o
 runs stock mlx-lm. While a group's decode batch is a single sequence and nothing else of the group
 is queued or prefilling, that sequence is stepped solo by mlx-lm's ``generate_step`` (solo.py,
 cheaper per token), and goes back into the BatchGenerator when another request joins; a request
-without memories that finds its group empty starts solo from its prompt.
+that finds its group empty starts solo from its prompt.
 
 Threads. MLX work runs on the process's one MLX thread, and there is one way to put work there:
 ``MLXThread.call`` / ``run`` / ``submit``. The scheduler is a plain thread of its own that
@@ -87,7 +87,7 @@ class Scheduler:
     # may still make this many tokens: a short request, or one that is joined again soon, stays
     # batched (and a group whose requests come and go does not switch at every change).
     SOLO_AFTER = 8
-    # A request without memories admitted to an empty group starts solo from its prompt.
+    # A request admitted to an empty group starts solo from its prompt.
     SOLO_FROM_PROMPT = True
 
     def __init__(
@@ -220,8 +220,8 @@ class Scheduler:
             self._resume(group)
         s = r.req.sampling
         r.sampler, r.processors = sampler_for(s, self.vocab_size), logits_processors_for(s)
-        if key is None and not group.requests and self._solo_ok and self.SOLO_FROM_PROMPT:
-            # Alone and without memories: solo from the prompt (solo.py), no batch steps first.
+        if not group.requests and self._solo_ok and self.SOLO_FROM_PROMPT:
+            # Alone in its group: solo from the prompt (solo.py), no batch steps first.
             uid = next(self._solo_uids)
             group.solo = Solo.from_prompt(
                 self.model, r, r.req.prompt_tokens, r.sampler, r.processors, r.max_tokens, self.prefill_step_size
@@ -372,15 +372,23 @@ class Scheduler:
                 self._fail(group, e)
             return
         record, mass = group.recording()
+        fresh = not solo.started and not solo.repeated  # the first step of a solo made from its prompt
         try:
             with self._attending(group):
                 token, logprobs = solo.step()
         except Exception as e:  # noqa: BLE001 - as in _step
             self._fail(group, e)
             return
+        n = group.layers_per_forward
         if solo.repeated:  # the first forward is the batch's last one again, already counted
             solo.repeated = False
-            n = group.layers_per_forward
+            record, mass = record and record[n:], mass and mass[n:]
+        elif fresh and (record or mass):
+            # Its first forward is the last prompt token's, which made this token: counted now,
+            # whatever the token ends, as a batch counts it in the step that ends the prompt.
+            self._tally(group, record and record[:n], mass and mass[:n], [r.uid], [])
+            if r.done:  # its forwards could not be counted: ended with that error
+                return
             record, mass = record and record[n:], mass and mass[n:]
         # mlx-lm's order: a length cut, unless the token is EOS.
         finish = "stop" if token in self._eos else "length" if r.generated + 1 >= r.max_tokens else None

@@ -7,7 +7,7 @@ So while a group's decode batch holds a single sequence and nothing else of the 
 or prefilling, the scheduler takes it out of the BatchGenerator
 (``remove(..., return_prompt_caches=True)``: a ``KVCache`` per layer and the token history) and
 steps it here; when another request joins the group it goes back (``insert`` with its cache and
-history). A request without memories that arrives to find nothing else running starts here from its
+history). A request that arrives to find nothing else of its group running starts here from its
 prompt (``Solo.from_prompt``: its prompt prefilled one chunk per scheduler pass, as the
 BatchGenerator would, then ``generate_step``), so a lone stream never pays the batch steps and the
 hand-over; one that is joined before its first step goes into the batch as a prompt.

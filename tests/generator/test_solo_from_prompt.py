@@ -1,20 +1,25 @@
-"""A request without memories that finds its group empty starts solo from its prompt
-(``Solo.from_prompt``: mlx-lm's ``generate_step`` prefills it), so a lone stream never pays the
-batch steps and the hand-over. Whether it stays alone, is joined mid-stream (back into a batch
+"""A request that finds its group empty starts solo from its prompt (``Solo.from_prompt``:
+mlx-lm's ``generate_step`` prefills it), so a lone stream never pays the batch steps and the
+hand-over. Whether it stays alone, is joined mid-stream (back into a batch
 with its cache) or is joined before its first step (into the batch as a prompt), it gets the
 tokens, logprobs and top logprobs it gets batched throughout."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
+import numpy as np
 import pytest
 
-from services.generator import decode_group, solo
+from extmind import errors
+from services.generator import attention_mass, decode_group, solo
 from services.generator import scheduler as sched
-from services.generator.request_types import GenerationRequest, MemoryOptions, Sampling
+from services.generator.request_types import LOCAL, REMOTE, GenerationRequest, MemoryOptions, Sampling
 
 from .helpers import MlxHold, first_steps_queued, queued, stock_steps
+from .memory_helpers import assert_counts_match, assert_decidable, ref_memory, row_hits
+from .np_reference import Retrievals
 from .test_solo_decode import ALONG, SAMPLINGS, joined, run, same_steps
 
 
@@ -94,16 +99,118 @@ async def test_a_lone_greedy_request_is_stock_generate_step_bit_for_bit(plain_en
     assert final.completion_tokens >= len(tokens)
 
 
-async def test_a_request_with_memories_is_prefilled_in_its_batch_first(engine, memory, seen):
-    """Only a group without memories starts a request solo from its prompt: a request with
-    memories is prefilled by its group's BatchGenerator (whose prefill forwards the memory
-    context and tallies follow) and goes solo after SOLO_AFTER steps alone."""
+def counted_steps(monkeypatch) -> list:
+    """The attention-mass steps of every request that ends, in the order they end."""
+    steps, means = [], attention_mass.MassSum.means
+    monkeypatch.setattr(attention_mass.MassSum, "means", lambda self: steps.append(self.steps) or means(self))
+    return steps
+
+
+@pytest.mark.parametrize("n", [1, 2, 20])
+async def test_a_citing_request_with_memories_starts_solo_and_counts_every_forward_once(
+    engine, memory, ref, seen, monkeypatch, n
+):
+    """A request with memories that finds its group empty starts solo from its prompt too: the
+    numpy model's tokens, its retrievals counted per row (tie-aware), and every forward counted
+    once - the last prompt token's (counted even when its token is the last: a batch counts it in
+    the step that ends the prompt) and every generated token's but the last - so n forwards of
+    layers x heads x top_k picks for n tokens, and n attention-mass steps."""
+    mid, tokens = memory
+    bank, _ = ref_memory(ref, tokens, engine.special_ids)
+    top_k = 3
+    opts = MemoryOptions((mid,), top_k=top_k, return_citations=True, max_citations=1000, citation_min_weight=0.0)
+    steps = counted_steps(monkeypatch)
+    prompt = engine.tokenizer.encode("Alice met Bob at")
+    want_hits, margins = Retrievals(), []
+    want, _ = ref.greedy(prompt, n, memory=bank, top_k=top_k, hits=want_hits, margins=margins)
+    assert_decidable(margins)
+    got = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=n), opts))
+    assert seen == {"fresh": 1, "solo": 0, "resume": 0, "unstarted": 0}
+    assert got[0] == want and got[3].completion_tokens == n
+    assert int(got[3].row_counts.sum()) == engine.num_layers * engine.num_heads * top_k * n
+    assert_counts_match(row_hits(got[3], tokens, engine.tokenizer), want_hits)
+    assert steps == [n]
+
+
+async def test_a_request_with_memories_started_solo_and_joined_counts_every_forward_once(
+    engine, memory, ref, seen, monkeypatch
+):
+    """Started solo from its prompt and joined mid-stream by another request of its group (back
+    into the batch with its cache, solo again once alone): the same tokens and counts as alone,
+    each forward counted once in both requests."""
+    mid, tokens = memory
+    bank, _ = ref_memory(ref, tokens, engine.special_ids)
+    top_k, n = 3, 20
+    opts = MemoryOptions((mid,), top_k=top_k, return_citations=True, max_citations=1000, citation_min_weight=0.0)
+    steps = counted_steps(monkeypatch)
+    prompt = engine.tokenizer.encode("Alice met Bob at")
+    want_hits, margins = Retrievals(), []
+    want, _ = ref.greedy(prompt, n, memory=bank, top_k=top_k, hits=want_hits, margins=margins)
+    assert_decidable(margins)
+    req = GenerationRequest(prompt, Sampling(max_tokens=n), opts)
+    other = GenerationRequest(engine.tokenizer.encode(ALONG), Sampling(max_tokens=5), opts)
+    a, b = await joined(engine, req, other, monkeypatch)
+    assert seen["fresh"] == 1 and seen["resume"] == 1 and seen["solo"] >= 1
+    per_token = engine.num_layers * engine.num_heads * top_k
+    assert a[0] == want and a[3].completion_tokens == n
+    assert int(a[3].row_counts.sum()) == per_token * n
+    assert_counts_match(row_hits(a[3], tokens, engine.tokenizer), want_hits)
+    assert int(b[3].row_counts.sum()) == per_token * b[3].completion_tokens == per_token * 5
+    assert steps == [5, n]
+
+
+@pytest.mark.parametrize(("mode", "layers"), [(REMOTE, ()), (LOCAL, (1,)), (REMOTE, (0,))])
+async def test_remote_retrieval_and_a_layer_subset_started_solo(engine, memory, seen, monkeypatch, mode, layers):
+    """REMOTE retrieval (a search per layer and forward) and a subset of retrieving layers (fewer
+    records per forward), started solo from the prompt: the tokens a batch makes, every forward
+    counted once."""
     mid, _ = memory
-    req = GenerationRequest(
-        engine.tokenizer.encode("Alice met Bob at"), Sampling(max_tokens=8), MemoryOptions((mid,), top_k=3)
-    )
+    top_k, n = 3, 16
+    opts = MemoryOptions((mid,), top_k=top_k, mode=mode, layers=layers, return_citations=True, citation_min_weight=0.0)
+    steps = counted_steps(monkeypatch)
+    req = GenerationRequest(engine.tokenizer.encode("Alice met Bob at"), Sampling(max_tokens=n), opts)
+    alone = await run(engine, req)
+    assert seen["fresh"] == 1 and seen["solo"] == 0
+    monkeypatch.setattr(sched.Scheduler, "SOLO_FROM_PROMPT", False)
+    monkeypatch.setattr(sched.Scheduler, "SOLO_AFTER", 10_000)
+    batched = await run(engine, req)
+    assert seen["fresh"] == 1 and seen["solo"] == 0
+    assert alone[0] == batched[0] and len(alone[0]) == n
+    per_token = len(layers or range(engine.num_layers)) * engine.num_heads * top_k
+    for fin in alone[3], batched[3]:
+        assert int(fin.row_counts.sum()) == per_token * n
+    np.testing.assert_array_equal(alone[3].row_counts, batched[3].row_counts)
+    assert steps == [n, n]
+
+
+async def test_a_first_step_whose_forwards_cannot_be_counted_ends_that_request(engine, memory, seen, monkeypatch):
+    """The last prompt token's forward is counted right after the first solo step: when that
+    count fails, the request ends with the error (no token of it is sent) and the engine serves
+    the next request."""
+    mid, _ = memory
+    opts = MemoryOptions((mid,), top_k=3, return_citations=True)
+    real, broken = decode_group.decode_forwards, {"on": True}
+
+    def forwards(*a, **kw):
+        if broken["on"]:
+            raise errors.Internal("the counts could not be read")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(decode_group, "decode_forwards", forwards)
+    # one token: its first step would also end it, which must not end it a second time
+    req = GenerationRequest(engine.tokenizer.encode("Alice met Bob at"), Sampling(max_tokens=1), opts)
+    events = []
+    with pytest.raises(errors.Internal, match="the counts could not be read"):
+        async for ev in engine.generate(req):
+            events.append(ev)
+    assert events == [] and seen["fresh"] == 1
+    # ended once: its slot of --max-queue freed once (a second end would free another's)
+    assert engine.stats()["active"] == 0 and engine.mlx.call(lambda: engine._scheduler._active) == 0
+    broken["on"] = False
+    req = replace(req, sampling=Sampling(max_tokens=6))
     got = await run(engine, req)
-    assert len(got[0]) == 8 and seen["fresh"] == 0 and seen["solo"] == 1
+    assert len(got[0]) == 6 and got[3].citations and seen["fresh"] == 2
+    assert engine.stats()["active"] == 0
 
 
 async def test_requests_admitted_while_its_first_step_is_queued_share_the_batch_prefill(

@@ -58,7 +58,7 @@ async def test_other_groups_decode_between_the_chunks_of_a_solo_prefill(engine, 
     req = GenerationRequest(long, Sampling(max_tokens=3))
     got = await run(engine, req)
     await stream.aclose()
-    assert got[3].completion_tokens == 3 and seen["fresh"] == 1
+    assert got[3].completion_tokens == 3 and seen["fresh"] == 2  # the other started solo too
     assert first_at["other running"]
     between = first_at["first"][id(other)] - marks["admitted"][id(other)]
     assert between >= chunks - 2, f"the other group made {between} tokens during a {chunks}-chunk prefill"
