@@ -72,11 +72,11 @@ def summed_shares(forwards: list[list[mx.array]]) -> mx.array:
     if layers > 1 and flat[0].ndim == 3 and all(len(f) == layers for f in forwards) and device_stack.uniform(flat):
         # Forwards kept layer by layer (not compacted, BatchTally.add): all of them in one stack.
         B, H = flat[0].shape[:2]
-        stacked = device_stack.stack(flat, axis=-1)  # [B, H, 1, forwards * layers]
+        stacked = device_stack.stack(flat, axis=-1, checked=True)  # [B, H, 1, forwards * layers]
         return mx.sum(stacked.reshape(B, H, len(forwards), layers).astype(mx.float32), axis=(1, 2))
     steps = [fwd[0] if len(fwd) == 1 else mx.concatenate(fwd, axis=-1) for fwd in forwards]  # [B, H, layers]
     if device_stack.uniform(steps):
-        stacked = device_stack.stack(steps, axis=1)  # [B, forwards, H, layers]: one launch on CUDA
+        stacked = device_stack.stack(steps, axis=1, checked=True)  # [B, forwards, H, layers]: one launch on CUDA
     else:
         stacked = mx.stack(steps, axis=1)
     return mx.sum(stacked.astype(mx.float32), axis=(1, 2))
@@ -88,7 +88,7 @@ def stack_shares(shares: list[mx.array]) -> list[mx.array]:
     (``device_stack``); shares of different shapes or dtypes stay as they are."""
     if len(shares) < 2 or not device_stack.uniform(shares):
         return shares
-    return [device_stack.stack([a.reshape(a.shape[0], -1) for a in shares], axis=-1)]
+    return [device_stack.stack([a.reshape(a.shape[0], -1) for a in shares], axis=-1, checked=True)]
 
 
 def forward_shares(

@@ -75,7 +75,7 @@ def stack_picks(picks: list[Picks]) -> list[Picks]:
         or not all(map(device_stack.uniform, fields))
     ):
         return picks
-    stacked = [device_stack.stack(list(arrays), axis=1) for arrays in fields]
+    stacked = [device_stack.stack(list(arrays), axis=1, checked=True) for arrays in fields]
     return [Picks(*stacked, scale=picks[0].scale) if len(stacked) == 3 else Picks(stacked[0])]
 
 
@@ -187,7 +187,7 @@ def _joined(arrays: list[mx.array], shape: tuple) -> mx.array:
     launch (``device_stack``) when they have one shape and dtype, else concatenated (which
     promotes mixed dtypes)."""
     if device_stack.uniform(arrays):
-        return device_stack.stack(arrays, axis=1).reshape(shape)
+        return device_stack.stack(arrays, axis=1, checked=True).reshape(shape)
     return mx.concatenate([a.reshape(shape) for a in arrays], axis=1)
 
 

@@ -177,12 +177,13 @@ class DecodeGroup:
 
 def hand_out(tally: BatchTally, forwards: list, compact: bool) -> list:
     """Adds every decode forward's per-layer records to the group's ``tally`` (compacted when
-    ``compact``: ``BatchTally.add``). -> the arrays it keeps (to evaluate with the step when they
-    are graphs: a forward's layers stacked into one record)."""
+    ``compact``: ``BatchTally.add``). -> the arrays it keeps when compacted (graphs, to evaluate
+    with the step: a forward's layers stacked into one record), else []."""
     out = []
     for uids, records in forwards:
         kept = tally.add(uids, records, compact)
-        out += [x for a in kept for x in (a.arrays() if isinstance(a, Picks) else [a])]
+        if compact:  # else the step's kernels wrote them: nothing to evaluate
+            out += [x for a in kept for x in (a.arrays() if isinstance(a, Picks) else [a])]
     return out
 
 

@@ -1,6 +1,6 @@
 """device_stack.stack (one kernel launch on CUDA, mx.stack elsewhere) equals mx.stack for the
 shapes and dtypes the tallies stack: picks [B, H, 1, k] int32 along axis 1, dots / mass float32 and
-float16 along either axis, batches of one and several rows, one to 130 inputs (past one launch's
+float16 along either axis, batches of one and several rows, one to 300 inputs (past one launch's
 MAX_INPUTS); bad calls raise."""
 
 import mlx.core as mx
@@ -10,7 +10,7 @@ import pytest
 from services.generator import device_stack
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 16, 48, 130])
+@pytest.mark.parametrize("n", [1, 2, 3, 16, 48, 130, 300])
 @pytest.mark.parametrize("shape", [(1, 4, 1, 3), (3, 8, 1, 10), (2, 5, 1)])
 @pytest.mark.parametrize("dtype", [mx.int32, mx.float32, mx.float16, mx.bool_])
 @pytest.mark.parametrize("axis", [1, -1])

@@ -342,7 +342,8 @@ def test_device_stack_kernel_is_mx_stack(dtype, monkeypatch):
     device_stack._kernel.cache_clear()
     rng = np.random.default_rng(1)
     try:
-        for shape, n, axis in [((2, 3), 5, 1), ((1,), 3, -1), ((3, 2, 4), 9, 1), ((2, 5), 70, -1), ((4,), 1, 1)]:
+        cases = [((2, 3), 5, 1), ((1,), 3, -1), ((3, 2, 4), 9, 1), ((2, 5), 70, -1), ((4,), 1, 1), ((1, 2), 300, 1)]
+        for shape, n, axis in cases:
             arrays = [mx.array(rng.standard_normal(shape) * 3).astype(dtype) for _ in range(n)]
             got, want = device_stack.stack(arrays, axis), mx.stack(arrays, axis=axis)
             assert got.shape == want.shape and got.dtype == dtype and mx.array_equal(got, want).item()
