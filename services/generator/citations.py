@@ -39,7 +39,8 @@ from services.generator import device_stack
 @dataclass
 class Picks:
     """One layer's retrievals in one forward, as recorded for citations: rows [B, H, L, k] int32
-    (-1 = masked by the threshold). With a citation floor, also the picks' raw q . k ``dots``
+    (-1 = masked by the threshold; from the fused decode kernel, also by the citation floor,
+    which it applies itself). With a citation floor otherwise, also the picks' raw q . k ``dots``
     [B, H, L, k] float32, each head's total softmax ``mass`` on its memories [B, H, L] float32 and
     the layer's ``scale``: the picks' weights are computed from them only when counted
     (``memory_weights``), in one graph for many steps, so a step launches nothing for them."""
@@ -166,12 +167,17 @@ def picked_rows(forwards: list[list[Picks]], min_weight: float = 0.0) -> mx.arra
     """The ``BatchTally`` combine of citations: forwards of one batch, each its per-layer Picks
     [B, H, 1, k] -> [B, M] int32 rows, the picks of every forward and layer, -1 where masked by
     the threshold or, with ``min_weight`` > 0, where the pick's softmax weight
-    (``memory_weights``, from the recorded dots, memory mass and layer scale) is below it."""
+    (``memory_weights``, from the recorded dots, memory mass and layer scale) is below it. Picks
+    without dots count as recorded (with a floor: rows the fused decode kernel floored itself)."""
     picks = [p for fwd in forwards for p in fwd]
     B, k = picks[0].rows.shape[0], picks[0].rows.shape[-1]
-    if min_weight <= 0:
+    if min_weight <= 0 or all(p.dots is None for p in picks):
         return _joined([p.rows for p in picks], (B, -1))
     out = []
+    final = [p.rows for p in picks if p.dots is None]
+    if final:
+        out.append(_joined(final, (B, -1)))
+    picks = [p for p in picks if p.dots is not None]
     for scale in dict.fromkeys(p.scale for p in picks):  # layers of one scale in one graph
         same = [p for p in picks if p.scale == scale]
         rows = _joined([p.rows for p in same], (B, -1, k))

@@ -132,8 +132,9 @@ TOPK_MERGE_SOURCE = """
 # - MERGE == 0: mem_rows / mem_dots [B, H, L, K] (``top_k_rows``);
 # - MERGE == 1: the decode scan's candidates cand_s / cand_i / cand_d [B * H * L, C, K] and
 #   threshold [1] float32: warp 0 takes the row's top-K of them (template KL: the list size) while
-#   the other warps start on the local logits, and writes them to the outputs rows / dots
-#   [B, H, L, K] as ``top_k_rows`` would.
+#   the other warps start on the local logits; after the softmax the outputs rows / dots
+#   [B, H, L, K] get them as ``top_k_rows`` would, with one more input, min_weight [1] float32:
+#   a row whose softmax weight is below it is -1 in ``rows`` (ATTEND_PICKS).
 # outputs: out [B, L, H * D], mass [B, H, L] float32 (and rows, dots when MERGE == 1).
 ATTEND_HEAD = """
   extern __shared__ float lg[];
@@ -178,7 +179,8 @@ ATTEND_ROWS = """
 
 def _merge_to_rows(candidates: str, count: str) -> str:
     """Source: warp 0 takes the row's top-K of ``count`` candidates (``candidates``: their cosines,
-    rows and raw dots, as em_merge_candidates takes them) into mrow / mdot and the outputs rows / dots."""
+    rows and raw dots, as em_merge_candidates takes them) into mrow / mdot (ATTEND_PICKS writes
+    them out after the softmax)."""
     return f"""
   if (warp == 0) {{
     int r;
@@ -187,8 +189,6 @@ def _merge_to_rows(candidates: str, count: str) -> str:
     if (lane < K) {{
       mrow[lane] = r;
       mdot[lane] = dot;
-      rows[(size_t)row * K + lane] = r;
-      dots[(size_t)row * K + lane] = dot;
     }}
   }}
 """
@@ -353,6 +353,17 @@ ATTEND_TAIL = """
   if (tid == 0) mass[row] = mem_sum / denom;
 """
 
+# The kernel that took the row's top-K writes it out (MERGE == 1 and SCAN): the raw dots, and the
+# rows the citations count: -1 where the threshold masked the memory or its softmax weight
+# (lg[j] / denom, as ``citations.memory_weights`` rebuilds it) is below min_weight (0: none
+# is), so a flush joins rows alone, not rows, dots and mass and their weights.
+ATTEND_PICKS = """
+  for (int j = tid; j < K; j += T) {
+    rows[(size_t)row * K + j] = mrow[j] >= 0 && lg[j] >= min_weight[0] * denom ? mrow[j] : -1;
+    dots[(size_t)row * K + j] = mdot[j];
+  }
+"""
+
 
 @functools.cache
 def topk_scan_kernel():
@@ -388,12 +399,15 @@ ATTEND_MEMORIES = {
 @functools.cache
 def attend_kernel(shared_floats: int, memories: str = "rows"):
     name, inputs, part = ATTEND_MEMORIES[memories]
-    picks = memories != "rows"  # takes the top-k itself: writes rows / dots, reads the threshold
+    picks = memories != "rows"  # takes the top-k itself: writes rows / dots, reads the threshold and floor
     return mx.fast.cuda_kernel(
         name=name,
-        input_names=["q", "k", "v", "mask", *inputs, "bank_values", "scale", *(["threshold"] if picks else [])],
+        input_names=[
+            *["q", "k", "v", "mask", *inputs, "bank_values", "scale"],
+            *(["threshold", "min_weight"] if picks else []),
+        ],
         output_names=["out", "mass", *(["rows", "dots"] if picks else [])],
-        source=ATTEND_HEAD + part + ATTEND_LOGITS_WARP + ATTEND_TAIL,
+        source=ATTEND_HEAD + part + ATTEND_LOGITS_WARP + ATTEND_TAIL + (ATTEND_PICKS if picks else ""),
         header=kernel_parts.HEADER + (kernel_parts.TOPK_HEADER if picks else ""),
         ensure_row_contiguous=False,
         shared_memory=4 * shared_floats,

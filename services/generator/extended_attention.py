@@ -286,17 +286,20 @@ class ExtendedMindAttention(nn.Module):
         kernel_mask = fused_attention.mask_mode(mask, B, L, S)
         if kernel_mask is None:
             return None
+        weighed = ctx.record is not None and ctx.cite_min_weight > 0
         if prefill_attention.fits(B, H, L, S):  # a prefill: local part by MLX's fused attention
             rows, dots = fused_attention.top_k_rows(q, keys_t, inv_norms, ctx.top_k, ctx.threshold)
             out, mass = prefill_attention.attend(q, k, v, mask, rows, dots, values, self.scale, dtype)
         elif kk + S <= fused_attention.max_local_positions():
+            # The kernel floors the rows the citations count itself: a flush then joins rows alone.
+            floor = ctx.cite_min_weight if weighed else 0.0
             out, mass, rows, dots = fused_attention.attend_top_k(
-                q, k, v, kernel_mask, keys_t, inv_norms, values, ctx.top_k, ctx.threshold, self.scale, dtype
+                q, k, v, kernel_mask, keys_t, inv_norms, values, ctx.top_k, ctx.threshold, self.scale, dtype, floor
             )
+            weighed = False
         else:
             return None
         if ctx.record is not None:
-            weighed = ctx.cite_min_weight > 0
             ctx.record.append((self.layer, Picks(rows, dots, mass, self.scale) if weighed else Picks(rows)))
         if ctx.mass is not None:
             ctx.mass.append((self.layer, mass))

@@ -34,6 +34,7 @@ import math
 import mlx.core as mx
 
 from services.generator import decode_kernels, kernel_parts, prefill_top_k
+from services.generator.citations import memory_weights
 
 MODES = ("auto", "off")
 MAX_TOP_K = 32
@@ -259,7 +260,9 @@ def attend(q, k, v, mask, mem_rows, mem_dots, bank_values, scale: float, out_dty
     return out, mass
 
 
-def attend_top_k(q, k, v, mask, keys_t, inv_norms, bank_values, top_k: int, threshold, scale: float, out_dtype):
+def attend_top_k(
+    q, k, v, mask, keys_t, inv_norms, bank_values, top_k: int, threshold, scale: float, out_dtype, min_weight=0.0
+):
     """Retrieval and attention of one layer: for a decode step one kernel (the attend kernel's
     block scans the bank for its query row: N <= SCAN_IN_ATTEND) or two (the scan, then
     the attend kernel takes the top-k of the scan's candidates itself); ``top_k_rows`` +
@@ -271,14 +274,20 @@ def attend_top_k(q, k, v, mask, keys_t, inv_norms, bank_values, top_k: int, thre
     one-launch kernel reads them in place (it takes every input as MLX holds it, for the KV
     cache's strides), where the scan kernel of ``top_k_rows`` gets contiguous copies. Returns (out [B, L, H * d] in
     ``out_dtype``, mass [B, H, L] float32, rows [B, H, L, k] int32, dots [B, H, L, k] float32),
-    each as those two return it. Raises ValueError for k > MAX_TOP_K or d > MAX_HEAD_DIM."""
+    each as those two return it, except that ``rows`` is also -1 where the memory's softmax weight
+    is below ``min_weight`` (the citations' floor, docs/extended-mind.md "Citations"; 0: none is).
+    Raises ValueError for k > MAX_TOP_K or d > MAX_HEAD_DIM."""
     B, H, L, d = q.shape
     if B * H * L >= MATMUL_ROWS:
         rows, dots = top_k_rows(q, keys_t, inv_norms, top_k, threshold)
-        return (*attend(q, k, v, mask, rows, dots, bank_values, scale, out_dtype), rows, dots)
+        out, mass = attend(q, k, v, mask, rows, dots, bank_values, scale, out_dtype)
+        if min_weight > 0:
+            rows = mx.where(memory_weights(rows, dots, mass, scale) >= min_weight, rows, -1)
+        return out, mass, rows, dots
     q = mx.contiguous(q)
     mode, mask_arr = mask
     scale_c = kernel_parts.scalar(float(scale), mx.float32)
+    floor = kernel_parts.scalar(float(min_weight), mx.float32)
     n = keys_t.shape[2]
     if n <= SCAN_IN_ATTEND:
         kk = min(top_k, n)
@@ -287,10 +296,10 @@ def attend_top_k(q, k, v, mask, keys_t, inv_norms, bank_values, top_k: int, thre
         scan = (keys_t.dtype, n % _RUN == 0)
         call = _attend_call(B, H, L, d, floats, mode, k.dtype, bank_values.dtype, out_dtype, list_size(kk), kk, scan)
         topk = kernel_parts.scalar(kk, mx.int32)
-        inputs = [q, k, v, mask_arr, keys_t, inv_norms, topk, bank_values, scale_c, _threshold(threshold)]
+        inputs = [q, k, v, mask_arr, keys_t, inv_norms, topk, bank_values, scale_c, _threshold(threshold), floor]
         return decode_kernels.attend_kernel(floats, "scan")(inputs=inputs, **call)
     cand, kk, size = _scan(q, keys_t, inv_norms, top_k)
     floats = _shared_bucket(kk + k.shape[2])
     call = _attend_call(B, H, L, d, floats, mode, k.dtype, bank_values.dtype, out_dtype, size, kk)
-    inputs = [q, k, v, mask_arr, *cand, bank_values, scale_c, _threshold(threshold)]
+    inputs = [q, k, v, mask_arr, *cand, bank_values, scale_c, _threshold(threshold), floor]
     return decode_kernels.attend_kernel(floats, "merge")(inputs=inputs, **call)

@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from services.generator.citations import memory_weights
+from services.generator.citations import Picks, memory_weights, picked_rows
 from services.generator.request_types import (
     DEFAULT_CITATION_MIN_WEIGHT,
     Chunk,
@@ -405,3 +405,25 @@ async def test_a_group_drops_its_pending_picks_once_no_request_cites(engine, mem
     assert events[-1].completion_tokens > 20  # it went on well past the citing request
     assert seen[True][0] == 2 if how == "length" else True not in seen
     assert seen[False] == (1, 0), "the group still held the forwards of a citing request that left"
+
+
+def test_a_flush_counts_floored_rows_as_recorded_and_weighs_the_others():
+    """One flush may join forwards whose picks the fused decode kernel floored itself (rows only)
+    with picks recorded with their dots and mass (the portable path: a context past the kernel's
+    shared memory, say): the first count as recorded, the second by their softmax weights."""
+    rng = np.random.default_rng(4)
+    B, H, k, scale, floor = 2, 3, 4, 0.25, 0.05
+    floored = rng.integers(-1, 40, size=(B, H, 1, k)).astype(np.int32)
+    rows = rng.integers(0, 40, size=(B, H, 1, k)).astype(np.int32)
+    dots = (rng.normal(size=(B, H, 1, k)) * 4).astype(np.float32)
+    mass = rng.uniform(0.2, 0.9, size=(B, H, 1)).astype(np.float32)
+    w = np.array(memory_weights(mx.array(rows), mx.array(dots), mx.array(mass), scale))
+    assert 0 < (w >= floor).sum() < w.size and np.abs(w - floor).min() > 1e-4
+    weighed = Picks(mx.array(rows), mx.array(dots), mx.array(mass), scale)
+    got = np.array(picked_rows([[Picks(mx.array(floored))], [weighed]], min_weight=floor))
+    want = np.concatenate([floored.reshape(B, -1), np.where(w >= floor, rows, -1).reshape(B, -1)], axis=1)
+    np.testing.assert_array_equal(np.sort(got, axis=1), np.sort(want, axis=1))
+    # without a floor every pick counts as recorded
+    got = np.array(picked_rows([[Picks(mx.array(floored))], [Picks(mx.array(rows))]]))
+    want = np.concatenate([floored.reshape(B, -1), rows.reshape(B, -1)], axis=1)
+    np.testing.assert_array_equal(np.sort(got, axis=1), np.sort(want, axis=1))

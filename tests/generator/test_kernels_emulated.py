@@ -396,3 +396,79 @@ def test_the_layer_through_the_emulated_kernels_is_the_portable_path(case, emula
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     for g, w in zip(got_mass, want_mass):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def _memory_weights64(q, k, allowed, rows, dots, scale):
+    """float64 softmax weight of every pick [B, H, L, k] (0 where masked): one softmax per query
+    head and token over its memories and the local positions ``allowed``."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    B, H, L, _ = q.shape
+    rep = H // k.shape[1]
+    w = np.zeros(rows.shape)
+    for b, h, t in np.ndindex(B, H, L):
+        mem = np.where(rows[b, h, t] >= 0, dots[b, h, t].astype(np.float64) * scale, -np.inf)
+        local = np.where(allowed[b, t], k[b, h // rep] @ q[b, h, t] * scale, -np.inf)
+        logits = np.concatenate([mem, local])
+        e = np.exp(logits - logits.max())
+        w[b, h, t] = e[: len(mem)] / e.sum()
+    return w
+
+
+@pytest.mark.parametrize("launches", [1, 2, "matmul"])
+@pytest.mark.parametrize("case", ["b1_gqa4_none_k10", "causal_threshold"])
+def test_attend_top_k_floors_the_rows_it_returns_by_their_softmax_weight(case, launches, emulated, monkeypatch):
+    """With ``min_weight`` (the citations' floor) the kernel that took the top-k returns -1 for
+    every pick whose softmax weight is below it, and only for those (the float64 weights of the
+    same picks; the floor sits in the widest gap between the middle weights, checked far wider
+    than float32 rounding); the output, the mass and the dots are those of no floor. A batch of
+    query rows past MATMUL_ROWS ("matmul": top_k_rows, then ``attend`` given the rows) floors
+    them from the weights ``citations.memory_weights`` rebuilds, with the same result."""
+    monkeypatch.setattr(fa, "SCAN_IN_ATTEND", 1 << 30 if launches == 1 else 0)
+    if launches == "matmul":
+        monkeypatch.setattr(fa, "MATMUL_ROWS", 1)
+    B, H, KVH, L, S, d, n, top_k, threshold = {
+        "b1_gqa4_none_k10": (1, 8, 2, 1, 40, 32, 300, 10, None),
+        "causal_threshold": (2, 4, 2, 3, 12, 16, 200, 6, 0.0),
+    }[case]
+    rng = np.random.default_rng(7)
+    q, keys = _inputs(rng, B, H, KVH, L, d, n, "random")
+    keys_mx = mx.array(keys)
+    values_mx = mx.array(rng.standard_normal((KVH, n, d)).astype(np.float32))
+    k_mx = mx.array(rng.standard_normal((B, KVH, S, d)).astype(np.float32) * 0.3)
+    v_mx = mx.array(rng.standard_normal((B, KVH, S, d)).astype(np.float32))
+    mask = "causal" if L > 1 else None
+    allowed = np.arange(S)[None, None, :] <= (S - L + np.arange(L))[None, :, None]
+    allowed = np.broadcast_to(allowed, (B, L, S))
+    keys_t = mx.contiguous(keys_mx.swapaxes(-1, -2))
+    inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx * keys_mx, axis=-1), 1e-24))
+
+    def attend(floor):
+        got = fa.attend_top_k(
+            mx.array(q),
+            k_mx,
+            v_mx,
+            fa.mask_mode(mask, B, L, S),
+            keys_t,
+            inv,
+            values_mx,
+            top_k,
+            threshold,
+            0.125,
+            mx.float32,
+            min_weight=floor,
+        )
+        return [np.array(a) for a in got]
+
+    out, mass, rows, dots = attend(0.0)
+    w = _memory_weights64(q, np.array(k_mx), allowed, rows, dots, 0.125)
+    kept = np.sort(w[rows >= 0])
+    inside = kept[len(kept) // 5 : len(kept) * 4 // 5]
+    i = int(np.argmax(np.diff(inside)))
+    floor = float(inside[i] + inside[i + 1]) / 2
+    assert inside[i + 1] - inside[i] > 1e-4 * floor, "no clear gap between the weights"
+    out2, mass2, rows2, dots2 = attend(floor)
+    want = np.where((rows >= 0) & (w >= floor), rows, -1)
+    np.testing.assert_array_equal(rows2, want)
+    assert 0 < (want >= 0).sum() < (rows >= 0).sum()  # some picks dropped, some kept
+    for a, b in (out2, out), (mass2, mass), (dots2, dots):
+        np.testing.assert_array_equal(a, b)
