@@ -472,3 +472,51 @@ def test_attend_top_k_floors_the_rows_it_returns_by_their_softmax_weight(case, l
     assert 0 < (want >= 0).sum() < (rows >= 0).sum()  # some picks dropped, some kept
     for a, b in (out2, out), (mass2, mass), (dots2, dots):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("launches", [1, 2, "matmul"])
+@pytest.mark.parametrize("edge", ["zero", "tiny", "above_all", "all_masked"])
+def test_attend_top_k_floor_edges(edge, launches, emulated, monkeypatch):
+    """The floor's edges: ``min_weight`` 0 (and a tiny one, under every weight) keeps every pick
+    the threshold kept, bit for bit the rows of no floor; one above every weight drops them all;
+    with every pick masked by the threshold the rows are all -1 whatever the floor, and the output
+    is the attention over the local positions alone (mass 0). Output, mass and dots never change."""
+    monkeypatch.setattr(fa, "SCAN_IN_ATTEND", 1 << 30 if launches == 1 else 0)
+    if launches == "matmul":
+        monkeypatch.setattr(fa, "MATMUL_ROWS", 1)
+    B, H, KVH, L, S, d, n, top_k = 2, 4, 2, 1, 9, 16, 120, 5
+    rng = np.random.default_rng(11)
+    q, keys = _inputs(rng, B, H, KVH, L, d, n, "random")
+    keys_mx = mx.array(keys)
+    values_mx = mx.array(rng.standard_normal((KVH, n, d)).astype(np.float32))
+    k_mx = mx.array(rng.standard_normal((B, KVH, S, d)).astype(np.float32) * 0.3)
+    v_mx = mx.array(rng.standard_normal((B, KVH, S, d)).astype(np.float32))
+    keys_t = mx.contiguous(keys_mx.swapaxes(-1, -2))
+    inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx * keys_mx, axis=-1), 1e-24))
+    threshold = 1.5 if edge == "all_masked" else None  # no cosine reaches it
+
+    def attend(floor):
+        got = fa.attend_top_k(
+            mx.array(q), k_mx, v_mx, fa.mask_mode(None, B, L, S), keys_t, inv, values_mx,
+            top_k, threshold, 0.125, mx.float32, min_weight=floor,
+        )  # fmt: skip
+        return [np.array(a) for a in got]
+
+    out, mass, rows, dots = attend(0.0)
+    allowed = np.ones((B, L, S), bool)
+    w = _memory_weights64(q, np.array(k_mx), allowed, rows, dots, 0.125)
+    floor = {"zero": 0.0, "tiny": 1e-30, "above_all": 0.5, "all_masked": 1e-3}[edge]
+    if edge == "above_all":
+        assert w.max() < 0.45, "a pick weighs about the floor: pick another"
+    if edge == "tiny":
+        assert w[rows >= 0].min() > 1e-20
+    out2, mass2, rows2, dots2 = attend(floor)
+    if edge in ("zero", "tiny"):
+        assert (rows >= 0).all()
+        np.testing.assert_array_equal(rows2, rows)
+    else:
+        np.testing.assert_array_equal(rows2, np.full_like(rows, -1))
+    if edge == "all_masked":
+        assert (rows == -1).all() and not mass.any()
+    for a, b in (out2, out), (mass2, mass), (dots2, dots):
+        np.testing.assert_array_equal(a, b)
