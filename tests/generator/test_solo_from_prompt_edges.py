@@ -12,11 +12,13 @@ import time
 import numpy as np
 import pytest
 
-from services.generator import attention_mass, solo
+from services.generator import attention_mass, decode_group, solo
 from services.generator import scheduler as sched
 from services.generator.request_types import STOP_SEQUENCE, GenerationRequest, MemoryOptions, Sampling
 
 from .helpers import until_work_waits
+from .memory_helpers import assert_counts_match, assert_decidable, ref_memory, row_hits
+from .np_reference import Retrievals
 from .test_solo_decode import ALONG, joined, run
 from .test_solo_from_prompt import together
 
@@ -198,4 +200,43 @@ async def test_cancelled_between_its_prefill_chunks(engine, memory, monkeypatch)
     alone = await run(engine, req)
     batched_throughout(monkeypatch)
     same_counts(alone, await run(engine, req))
+    idle(engine)
+
+
+async def test_joined_between_its_prefill_chunks(engine, memory, ref, monkeypatch):
+    """Another request of its group joins while its prompt is prefilled solo, chunk by chunk:
+    into the batch as a prompt (the chunks prefilled solo computed again there, recording
+    nothing), it gets the numpy model's tokens and retrievals, every forward counted once in
+    both requests."""
+    mid, tokens = memory
+    bank, _ = ref_memory(ref, tokens, engine.special_ids)
+    monkeypatch.setattr(engine._scheduler, "prefill_step_size", 2)
+    chunked, prefill = threading.Event(), solo.Solo.prefill
+    resumed, resume = [], decode_group.DecodeGroup.resume
+
+    def prefilling(self):
+        prefill(self)
+        if not chunked.is_set():
+            chunked.set()
+            until_work_waits(engine.mlx)
+
+    monkeypatch.setattr(solo.Solo, "prefill", prefilling)
+    monkeypatch.setattr(decode_group.DecodeGroup, "resume", lambda g: resumed.append(g.solo.started) or resume(g))
+    n = 12
+    prompt = engine.tokenizer.encode(PROMPT)
+    assert len(prompt) > 2 * 2  # chunks left after the first
+    want_hits, margins = Retrievals(), []
+    want, _ = ref.greedy(prompt, n, memory=bank, top_k=3, hits=want_hits, margins=margins)
+    assert_decidable(margins)
+    steps = counted_steps(monkeypatch)
+    first = asyncio.create_task(run(engine, GenerationRequest(prompt, Sampling(max_tokens=n), opts(mid))))
+    assert await asyncio.to_thread(chunked.wait, 30)
+    other = GenerationRequest(engine.tokenizer.encode(ALONG), Sampling(max_tokens=5), opts(mid))
+    second = asyncio.create_task(run(engine, other))
+    a, b = await first, await second
+    assert resumed == [False]  # joined before its first step
+    per_token = engine.num_layers * engine.num_heads * 3
+    assert a[0] == want and int(a[3].row_counts.sum()) == per_token * n
+    assert_counts_match(row_hits(a[3], tokens, engine.tokenizer), want_hits)
+    assert int(b[3].row_counts.sum()) == per_token * 5 and sorted(steps) == [5, n]
     idle(engine)
