@@ -14,7 +14,7 @@ import pytest
 
 from services.generator import attention_mass, decode_group, solo
 from services.generator import scheduler as sched
-from services.generator.request_types import STOP_SEQUENCE, GenerationRequest, MemoryOptions, Sampling
+from services.generator.request_types import REMOTE, STOP_SEQUENCE, GenerationRequest, MemoryOptions, Sampling
 
 from .helpers import until_work_waits
 from .memory_helpers import assert_counts_match, assert_decidable, ref_memory, row_hits
@@ -54,13 +54,17 @@ def opts(mid, **kw) -> MemoryOptions:
 
 @pytest.mark.parametrize(
     "case",
-    ["one", "two", "stop_first", "stop_second", "seeded", "floor", "floor_subset", "masked", "masked_floor"],
+    [
+        *["one", "two", "stop_first", "stop_second", "seeded", "floor", "floor_subset", "masked", "masked_floor"],
+        *["remote_one", "remote_floor_subset"],
+    ],
 )
 async def test_solo_from_prompt_counts_what_a_batch_counts(engine, memory, monkeypatch, case):
     """Started solo from its prompt, a citing request counts the citations and attention-mass
     steps it counts batched throughout, to the row: one or two tokens, a stop string on its first
     or second token (its first token's forward counted before the stop ends it), seeded sampling,
-    a citation floor (all layers or one), a threshold that masks every pick (with a floor too)."""
+    a citation floor (all layers or one), a threshold that masks every pick (with a floor too),
+    REMOTE retrieval."""
     mid, _ = memory
     prompt = engine.tokenizer.encode(PROMPT)
     sampling, mem = Sampling(max_tokens=8), opts(mid)
@@ -78,6 +82,10 @@ async def test_solo_from_prompt_counts_what_a_batch_counts(engine, memory, monke
         mem = opts(mid, threshold=0.9999)
     elif case == "masked_floor":
         mem = opts(mid, threshold=0.9999, citation_min_weight=0.1)
+    elif case == "remote_one":
+        sampling, mem = Sampling(max_tokens=1), opts(mid, mode=REMOTE)
+    elif case == "remote_floor_subset":
+        mem = opts(mid, mode=REMOTE, citation_min_weight=0.1, layers=(0,))
     if case.startswith("stop"):
         first = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=2), mem))
         at = 0 if case == "stop_first" else 1
@@ -97,7 +105,7 @@ async def test_solo_from_prompt_counts_what_a_batch_counts(engine, memory, monke
     total = int(alone[3].row_counts.sum())
     if case.startswith("masked"):
         assert total == 0
-    elif case.startswith("floor"):
+    elif "floor" in case:
         assert 0 < total < per_token * steps[0]
     else:
         assert total == per_token * steps[0] == per_token * alone[3].completion_tokens
