@@ -164,7 +164,10 @@ async def test_joined_right_after_its_first_step(engine, memory, monkeypatch, n,
     req = GenerationRequest(engine.tokenizer.encode(PROMPT), sampling, opts(mid))
     other = GenerationRequest(engine.tokenizer.encode(ALONG), Sampling(max_tokens=4), opts(mid))
     steps = counted_steps(monkeypatch)
+    resumed, resume = [], decode_group.DecodeGroup.resume
+    monkeypatch.setattr(decode_group.DecodeGroup, "resume", lambda g: resumed.append(g.solo.started) or resume(g))
     a, b = await joined(engine, req, other, monkeypatch, at=1)
+    assert resumed[0] is True  # joined a solo that made its first token, not one still in its prompt
     idle(engine)
     batched_throughout(monkeypatch)
     want = await run(engine, req)
