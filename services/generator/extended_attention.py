@@ -292,11 +292,15 @@ class ExtendedMindAttention(nn.Module):
             out, mass = prefill_attention.attend(q, k, v, mask, rows, dots, values, self.scale, dtype)
         elif kk + S <= fused_attention.max_local_positions():
             # The kernel floors the rows the citations count itself: a flush then joins rows alone.
-            floor = ctx.cite_min_weight if weighed else 0.0
+            # Past MATMUL_ROWS query rows no kernel has the weights at hand (top_k_rows, then
+            # attend): flooring there would be a weights graph per layer and forward, evaluated
+            # one by one at the flush; weighed at the flush instead, in one graph.
+            floored = weighed and B * H * L < fused_attention.MATMUL_ROWS
+            floor = ctx.cite_min_weight if floored else 0.0
             out, mass, rows, dots = fused_attention.attend_top_k(
                 q, k, v, kernel_mask, keys_t, inv_norms, values, ctx.top_k, ctx.threshold, self.scale, dtype, floor
             )
-            weighed = False
+            weighed = weighed and not floored
         else:
             return None
         if ctx.record is not None:

@@ -427,3 +427,56 @@ def test_a_flush_counts_floored_rows_as_recorded_and_weighs_the_others():
     got = np.array(picked_rows([[Picks(mx.array(floored))], [Picks(mx.array(rows))]]))
     want = np.concatenate([floored.reshape(B, -1), rows.reshape(B, -1)], axis=1)
     np.testing.assert_array_equal(np.sort(got, axis=1), np.sort(want, axis=1))
+
+
+def test_a_flush_mixing_floored_stacked_and_weighed_picks_of_two_scales_and_dtypes():
+    """A flush's forwards as a group may record them: picks the fused decode kernel floored
+    (rows only, layer by layer), picks of the portable path compacted by ``stack_picks`` (one
+    record of every layer), weighed picks of two scales, float16 dots and mass next to float32
+    ones. Each batch row counts, per memory row, the floored picks as recorded and the weighed
+    ones whose float64 softmax weight (of the values as stored) reaches the floor."""
+    from services.generator.citations import stack_picks
+
+    rng = np.random.default_rng(9)
+    B, H, k, rows_n, floor = 3, 4, 5, 30, 0.08
+
+    def weighed(scale, dtype):
+        rows = rng.integers(-1, rows_n, size=(B, H, 1, k)).astype(np.int32)
+        dots = (rng.normal(size=(B, H, 1, k)) * 6).astype(dtype)
+        mass = rng.uniform(0.1, 0.9, size=(B, H, 1)).astype(dtype)
+        d64, m64 = dots.astype(np.float64), mass.astype(np.float64)
+        logits = np.where(rows >= 0, d64 * scale, -np.inf)
+        e = np.where(rows >= 0, np.exp(logits - logits.max(-1, keepdims=True)), 0.0)
+        w = e / e.sum(-1, keepdims=True) * m64[..., None]
+        p = Picks(mx.array(rows), mx.array(dots), mx.array(mass), scale)
+        return p, rows, w
+
+    forwards, want = [], [[] for _ in range(B)]
+    close, kept = [], []
+    for step in range(4):
+        fwd = []
+        if step % 2 == 0:  # the fused kernel's: floored rows, layer by layer
+            for _ in range(3):
+                rows = rng.integers(-1, rows_n, size=(B, H, 1, k)).astype(np.int32)
+                fwd.append(Picks(mx.array(rows)))
+                for b in range(B):
+                    want[b] += list(rows[b].ravel())
+        else:  # the portable path's: weighed, two scales, compacted or not, float16 or float32
+            layers = [weighed(0.25, np.float32), weighed(0.25, np.float32), weighed(0.5, np.float16)]
+            for _, rows, w in layers:
+                close.append(np.abs(w[rows >= 0] - floor).min())
+                kept.append((w[rows >= 0] >= floor).mean())
+                for b in range(B):
+                    want[b] += list(np.where(w[b] >= floor, rows[b], -1).ravel())
+            picks = [p for p, _, _ in layers]
+            fwd = stack_picks(picks[:2]) + picks[2:] if step == 1 else picks
+        forwards.append(fwd)
+    assert min(close) > 1e-5, "a weight lies at the floor: draw others"  # float32 rounds ~1e-7
+    assert 0 < min(kept) and max(kept) < 1  # every layer keeps some picks and drops some
+    assert len(forwards[1]) == 2 and forwards[1][0].rows.ndim == 5  # the first two layers stacked
+    got = np.array(picked_rows(forwards, min_weight=floor))
+    assert got.shape == (B, len(want[0]))
+    for b in range(B):
+        np.testing.assert_array_equal(
+            np.bincount(got[b] + 1, minlength=rows_n + 1), np.bincount(np.array(want[b]) + 1, minlength=rows_n + 1)
+        )

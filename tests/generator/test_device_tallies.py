@@ -185,11 +185,25 @@ def test_a_flush_that_fails_keeps_its_records_for_the_next_reader():
     np.testing.assert_array_equal(requests[1].counts.read(), np.bincount(fwd[:, 1].reshape(-1), minlength=rows))
 
 
+@pytest.fixture
+def strict_stack(monkeypatch):
+    """device_stack.stack refusing a caller that says ``checked`` of arrays that are not all of
+    one shape and dtype (on CUDA its kernel would read them as the first one's shape, unchecked)."""
+    stack = device_stack.stack
+
+    def strict(arrays, axis, *, checked=False):
+        assert not checked or device_stack.uniform(arrays), [(a.shape, a.dtype) for a in arrays]
+        return stack(arrays, axis, checked=checked)
+
+    monkeypatch.setattr(device_stack, "stack", strict)
+
+
 @pytest.mark.parametrize("compact", [None, "stack"])
-def test_records_of_mixed_dtypes_are_promoted_not_refused(compact):
+def test_records_of_mixed_dtypes_are_promoted_not_refused(compact, strict_stack):
     """``device_stack`` takes arrays of one dtype only; the tallies join records of mixed dtypes
     (a half-precision mass or dots next to float32 ones, which ``mx.concatenate`` promotes) as
-    they did before stacking, and count the same as the host."""
+    they did before stacking (no caller hands the stack mixed arrays as checked: ``strict_stack``),
+    and count the same as the host."""
     rng = np.random.default_rng(4)
     rows, B, H, k, floor, scale = 30, 2, 2, 4, 0.05, 0.5
     counts = _requests(B, lambda uid: Counts(rows))
@@ -237,7 +251,7 @@ def stacking(request, monkeypatch):
 
 @pytest.mark.parametrize("layers", [[4], [0, 2, 5]])
 @pytest.mark.parametrize("every", [2, 7, 1000])  # 1000: later flushes hold no compacted forward
-def test_forwards_compacted_or_kept_by_layer_mix_in_one_flush(stacking, layers, every):
+def test_forwards_compacted_or_kept_by_layer_mix_in_one_flush(stacking, strict_stack, layers, every):
     """The scheduler compacts a forward's records only when they are graphs (the portable path;
     BatchTally.add(compact=...)), so one flush may hold forwards of both kinds (a context that
     outgrows the fused kernels mid-window), also past device_stack's MAX_INPUTS per launch, and

@@ -472,3 +472,137 @@ def test_attend_top_k_floors_the_rows_it_returns_by_their_softmax_weight(case, l
     assert 0 < (want >= 0).sum() < (rows >= 0).sum()  # some picks dropped, some kept
     for a, b in (out2, out), (mass2, mass), (dots2, dots):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("launches", [1, 2, "matmul"])
+@pytest.mark.parametrize("edge", ["zero", "tiny", "above_all", "all_masked"])
+def test_attend_top_k_floor_edges(edge, launches, emulated, monkeypatch):
+    """The floor's edges: ``min_weight`` 0 (and a tiny one, under every weight) keeps every pick
+    the threshold kept, bit for bit the rows of no floor; one above every weight drops them all;
+    with every pick masked by the threshold the rows are all -1 whatever the floor, and the output
+    is the attention over the local positions alone (mass 0). Output, mass and dots never change."""
+    monkeypatch.setattr(fa, "SCAN_IN_ATTEND", 1 << 30 if launches == 1 else 0)
+    if launches == "matmul":
+        monkeypatch.setattr(fa, "MATMUL_ROWS", 1)
+    B, H, KVH, L, S, d, n, top_k = 2, 4, 2, 1, 9, 16, 120, 5
+    rng = np.random.default_rng(11)
+    q, keys = _inputs(rng, B, H, KVH, L, d, n, "random")
+    keys_mx = mx.array(keys)
+    values_mx = mx.array(rng.standard_normal((KVH, n, d)).astype(np.float32))
+    k_mx = mx.array(rng.standard_normal((B, KVH, S, d)).astype(np.float32) * 0.3)
+    v_mx = mx.array(rng.standard_normal((B, KVH, S, d)).astype(np.float32))
+    keys_t = mx.contiguous(keys_mx.swapaxes(-1, -2))
+    inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx * keys_mx, axis=-1), 1e-24))
+    threshold = 1.5 if edge == "all_masked" else None  # no cosine reaches it
+
+    def attend(floor):
+        got = fa.attend_top_k(
+            mx.array(q), k_mx, v_mx, fa.mask_mode(None, B, L, S), keys_t, inv, values_mx,
+            top_k, threshold, 0.125, mx.float32, min_weight=floor,
+        )  # fmt: skip
+        return [np.array(a) for a in got]
+
+    out, mass, rows, dots = attend(0.0)
+    allowed = np.ones((B, L, S), bool)
+    w = _memory_weights64(q, np.array(k_mx), allowed, rows, dots, 0.125)
+    floor = {"zero": 0.0, "tiny": 1e-30, "above_all": 0.5, "all_masked": 1e-3}[edge]
+    if edge == "above_all":
+        assert w.max() < 0.45, "a pick weighs about the floor: pick another"
+    if edge == "tiny":
+        assert w[rows >= 0].min() > 1e-20
+    out2, mass2, rows2, dots2 = attend(floor)
+    if edge in ("zero", "tiny"):
+        assert (rows >= 0).all()
+        np.testing.assert_array_equal(rows2, rows)
+    else:
+        np.testing.assert_array_equal(rows2, np.full_like(rows, -1))
+    if edge == "all_masked":
+        assert (rows == -1).all() and not mass.any()
+    for a, b in (out2, out), (mass2, mass), (dots2, dots):
+        np.testing.assert_array_equal(a, b)
+
+
+def _recorded(state, attn, x, chunks, fused, retriever, **ctx):
+    """x through one layer in chunks (an mlx-lm KVCache), fused or portable, recording citations
+    with ``ctx``'s floor. -> the Picks each chunk recorded, evaluated."""
+    from mlx_lm.models.base import create_attention_mask
+    from mlx_lm.models.cache import KVCache
+
+    from services.generator.extended_attention import MemoryContext
+
+    state.fused = fused
+    record = []
+    state.memory = MemoryContext(retriever, record=record, **ctx)
+    cache, start = KVCache(), 0
+    try:
+        for n in chunks:
+            h = x[:, start : start + n]
+            mx.eval(attn(h, create_attention_mask(h, cache), cache))
+            start += n
+    finally:
+        state.memory = None
+    picks = [p for _, p in record]
+    mx.eval([p.arrays() for p in picks])
+    return picks
+
+
+@pytest.mark.parametrize("path", ["one_launch", "two_launches", "matmul"])
+def test_the_layer_floors_through_the_emulated_kernels_as_the_portable_path_counts(
+    path, emulated, monkeypatch, tmp_path
+):
+    """With a citation floor, the fused decode kernel records rows it floored itself (no dots: a
+    flush joins them as they are) where the portable path records weighed picks: counted
+    (``picked_rows``, the two paths' forwards in one flush, as when a context outgrows the
+    kernel's shared memory), each query head keeps the same rows on both paths (the floor in the
+    widest gap of the weights, far wider than float32 rounding). A batch of query rows past
+    MATMUL_ROWS (top_k_rows, then ``attend``: no kernel has the weights at hand) records weighed
+    picks as the portable path does: no forward builds a weights graph of its own, which a flush
+    would evaluate layer by layer and forward by forward, a dozen launches each."""
+    from services.generator.citations import Picks, memory_weights, picked_rows
+
+    from .test_fused_attention import _has_margin, _layer, _retriever
+
+    monkeypatch.setattr(fa, "SCAN_IN_ATTEND", 1 << 30 if path == "one_launch" else 0)
+    if path == "matmul":
+        monkeypatch.setattr(fa, "MATMUL_ROWS", 1)
+    chunks, n, top_k, d = [4, 1, 1], 120, 5, 16
+    state, attn = _layer(tmp_path)
+    for seed in range(1, 30):
+        x = mx.random.normal((2, sum(chunks), 128), key=mx.random.key(seed))
+        retriever, keys = _retriever(2, d, n, np.float32)
+        portable = _recorded(state, attn, x, chunks, False, retriever, top_k=top_k, cite_min_weight=1e-9)
+        if _has_margin(retriever.queries, keys, top_k, None):
+            break
+    else:
+        raise AssertionError("no seed gave inputs with a margin at the top-k boundary")
+    # the floor: in the widest gap between the middle weights of the decode forwards' picks
+    weights = [np.array(memory_weights(p.rows, p.dots, p.mass, p.scale)) for p in portable[1:]]
+    kept = np.sort(np.concatenate([w.ravel() for w in weights]))
+    inside = kept[len(kept) // 5 : len(kept) * 4 // 5]
+    i = int(np.argmax(np.diff(inside)))
+    floor = float(inside[i] + inside[i + 1]) / 2
+    assert inside[i + 1] - inside[i] > 1e-3 * floor, "no clear gap between the weights"
+    portable = _recorded(
+        state, attn, x, chunks, False, _retriever(2, d, n, np.float32)[0], top_k=top_k, cite_min_weight=floor
+    )
+    weighing, weights_of = [], fa.memory_weights
+    monkeypatch.setattr(fa, "memory_weights", lambda *a: weighing.append(1) or weights_of(*a))
+    fused = _recorded(
+        state, attn, x, chunks, True, _retriever(2, d, n, np.float32)[0], top_k=top_k, cite_min_weight=floor
+    )
+    assert weighing == [], "a forward built a weights graph of its own"
+    assert all(p.dots is not None for p in portable)
+    if path == "matmul":
+        assert all(p.dots is not None for p in fused), "past MATMUL_ROWS the picks are weighed at the flush"
+        fused = [Picks(mx.where(memory_weights(*p.arrays(), p.scale) >= floor, p.rows, -1)) for p in fused]
+    else:
+        assert all(p.dots is None for p in fused), "the fused decode kernel records the rows it floored"
+    for f, p, w in zip(fused[1:], portable[1:], weights):
+        want = np.where(w >= floor, np.array(p.rows), -1)
+        assert 0 < (want >= 0).sum() < want.size
+        np.testing.assert_array_equal(np.sort(np.array(f.rows), -1), np.sort(want, -1))
+    # one flush of decode forwards, fused and portable mixed: each batch row counts the same rows
+    mixed = np.array(picked_rows([[fused[1]], [portable[2]]], min_weight=floor))
+    alone = np.array(picked_rows([[portable[1]], [portable[2]]], min_weight=floor))
+    for b in range(2):
+        np.testing.assert_array_equal(np.sort(mixed[b]), np.sort(alone[b]))
