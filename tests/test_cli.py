@@ -130,6 +130,10 @@ def env(services):
         (["generate", "hi", "--citation-min-weight", "1.5"], "--citation-min-weight: must be in [0, 1], got 1.5"),
         (["generate", "hi", "--citation-min-weight", "nan"], "--citation-min-weight: must be in [0, 1], got nan"),
         (["memorize", "a.txt", "b.txt", "--id", "x"], "--id names one memory"),
+        # unknown words name the subcommand whose usage they broke, not the top level's
+        (["memories", "delete", "a", "b"], "memories delete: unrecognized arguments: b (see `extmind memories delete"),
+        (["generate", "hi", "--mode", "remote"], "unrecognized arguments: --mode remote (see `extmind generate"),
+        (["status", "x"], "extmind status: unrecognized arguments: x (see `extmind status --help`)"),
     ],
 )
 def test_usage_errors_are_one_line_exit_2(args, says):
