@@ -11,9 +11,26 @@ import sys
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit code 2) that point at --help instead of the usage block."""
 
-    def error(self, message: str):
-        sys.stderr.write(f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+    def error(self, message: str, prog: str | None = None):
+        prog = prog or self.prog
+        sys.stderr.write(f"{prog}: {message} (see `{prog} --help`)\n")
         sys.exit(2)
+
+    # Words no parser takes are reported by the top-level parser, after every subcommand has
+    # parsed: record the deepest subcommand that ran (it returns first), so the error names its
+    # usage (`extmind memories delete --help`: one id) rather than the top level's.
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extras = super().parse_known_args(args, namespace)
+        if not hasattr(ns, "_prog"):
+            ns._prog = self.prog
+        return ns, extras
+
+    def parse_args(self, args=None, namespace=None):
+        ns, extras = self.parse_known_args(args, namespace)
+        prog = vars(ns).pop("_prog", self.prog)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}", prog)
+        return ns
 
 
 def _int_at_least(low: int, high: int = 2**32 - 1):

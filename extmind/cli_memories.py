@@ -260,10 +260,10 @@ def cmd_memories(a, t: Targets) -> int:
         excerpt = labels.pop("excerpt", "")
         print(f"memory       {m.memory_id}")
         print(f"state        {memory_pb2.MemoryState.Name(m.state).removeprefix('MEMORY_STATE_')}")
-        print(
-            f"rows         {m.num_tokens} (one per stored token; {ROWS_NOTE}, "
-            "so `extmind memorize` counted more tokens)"
-        )
+        # The note about memorize's count only where memorize made it (it keeps the excerpt): a
+        # memory written from token ids by another client has a row for every id it was given.
+        note = f"; {ROWS_NOTE}, so `extmind memorize` counted more tokens" if excerpt else ""
+        print(f"rows         {m.num_tokens} (one per stored token{note})")
         dtype = common_pb2.DType.Name(lay.dtype).removeprefix("DTYPE_").lower()
         print(f"layout       {lay.num_layers} layers x {lay.num_kv_heads} KV heads x {lay.head_dim} dims, {dtype}")
         print(f"bytes        {m.bytes}")

@@ -17,11 +17,13 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 
 from extmind.channels import sync_channel
 from extmind.procs import RedisProcess, free_ports
 from extmind.service_procs import ServiceProcess
+from extmind.tensor import FLOAT32, encode
 from extmind.tiny_models import build_llama
 from extmind.v1 import memory_pb2, memory_pb2_grpc
 
@@ -130,6 +132,10 @@ def env(services):
         (["generate", "hi", "--citation-min-weight", "1.5"], "--citation-min-weight: must be in [0, 1], got 1.5"),
         (["generate", "hi", "--citation-min-weight", "nan"], "--citation-min-weight: must be in [0, 1], got nan"),
         (["memorize", "a.txt", "b.txt", "--id", "x"], "--id names one memory"),
+        # unknown words name the subcommand whose usage they broke, not the top level's
+        (["memories", "delete", "a", "b"], "memories delete: unrecognized arguments: b (see `extmind memories delete"),
+        (["generate", "hi", "--mode", "remote"], "unrecognized arguments: --mode remote (see `extmind generate"),
+        (["status", "x"], "extmind status: unrecognized arguments: x (see `extmind status --help`)"),
     ],
 )
 def test_usage_errors_are_one_line_exit_2(args, says):
@@ -311,6 +317,28 @@ def test_memorize_skips_or_replaces_existing_ids(env, tmp_path):
     assert fields["rows"].endswith("so `extmind memorize` counted more tokens)"), fields["rows"]
     listed = cli("memories", "list", env=env)
     assert {line.split()[0] for line in listed.stdout.splitlines()[1:]} >= {"cli-a", "cli-b", "cli-c"}
+
+
+def test_show_of_a_memory_written_from_token_ids_says_nothing_of_memorize(services, env):
+    # As README's memory example writes one: token ids given, no text, another model's fingerprint.
+    stub = memory_pb2_grpc.MemoryServiceStub(sync_channel(services["memory"].address))
+    keys = encode(np.zeros((1, 3, 4), np.float32))  # [kv heads, rows, head_dim]
+    stub.CreateMemory(
+        memory_pb2.CreateMemoryRequest(
+            memory_id="cli-raw",
+            model_fingerprint="another-model",
+            token_ids=[5, 6, 7],
+            layout=memory_pb2.MemoryLayout(num_layers=1, num_kv_heads=1, head_dim=4, dtype=FLOAT32),
+        ),
+        timeout=10,
+    )
+    append = memory_pb2.AppendMemoryRequest(memory_id="cli-raw", layer=0, keys=keys, values=keys)
+    stub.AppendMemory(iter([append]), timeout=10)
+    show = cli("memories", "show", "cli-raw", env=env)
+    assert show.returncode == 0, show.stderr
+    fields = dict(line.split(None, 1) for line in show.stdout.splitlines())
+    assert fields["rows"] == "3 (one per stored token)", fields["rows"]
+    assert fields["excerpt"].startswith("- (not memorized by this CLI"), fields["excerpt"]
 
 
 def test_not_found_names_the_memory_once(env):
