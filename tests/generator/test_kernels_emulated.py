@@ -414,6 +414,31 @@ def _memory_weights64(q, k, allowed, rows, dots, scale):
     return w
 
 
+def _floored_layer(monkeypatch, launches, seed, B, H, KVH, L, S, d, n, top_k, threshold, mask):
+    """One layer's decode inputs (random, float32) through ``launches`` (1, 2 or "matmul": past
+    MATMUL_ROWS) -> (q, k [B, KVH, S, d] as numpy, attend(floor) -> [out, mass, rows, dots] numpy)."""
+    monkeypatch.setattr(fa, "SCAN_IN_ATTEND", 1 << 30 if launches == 1 else 0)
+    if launches == "matmul":
+        monkeypatch.setattr(fa, "MATMUL_ROWS", 1)
+    rng = np.random.default_rng(seed)
+    q, keys = _inputs(rng, B, H, KVH, L, d, n, "random")
+    keys_mx = mx.array(keys)
+    values_mx = mx.array(rng.standard_normal((KVH, n, d)).astype(np.float32))
+    k_mx = mx.array(rng.standard_normal((B, KVH, S, d)).astype(np.float32) * 0.3)
+    v_mx = mx.array(rng.standard_normal((B, KVH, S, d)).astype(np.float32))
+    keys_t = mx.contiguous(keys_mx.swapaxes(-1, -2))
+    inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx * keys_mx, axis=-1), 1e-24))
+
+    def attend(floor):
+        got = fa.attend_top_k(
+            mx.array(q), k_mx, v_mx, fa.mask_mode(mask, B, L, S), keys_t, inv, values_mx,
+            top_k, threshold, 0.125, mx.float32, min_weight=floor,
+        )  # fmt: skip
+        return [np.array(a) for a in got]
+
+    return q, np.array(k_mx), attend
+
+
 @pytest.mark.parametrize("launches", [1, 2, "matmul"])
 @pytest.mark.parametrize("case", ["b1_gqa4_none_k10", "causal_threshold"])
 def test_attend_top_k_floors_the_rows_it_returns_by_their_softmax_weight(case, launches, emulated, monkeypatch):
@@ -423,44 +448,17 @@ def test_attend_top_k_floors_the_rows_it_returns_by_their_softmax_weight(case, l
     than float32 rounding); the output, the mass and the dots are those of no floor. A batch of
     query rows past MATMUL_ROWS ("matmul": top_k_rows, then ``attend`` given the rows) floors
     them from the weights ``citations.memory_weights`` rebuilds, with the same result."""
-    monkeypatch.setattr(fa, "SCAN_IN_ATTEND", 1 << 30 if launches == 1 else 0)
-    if launches == "matmul":
-        monkeypatch.setattr(fa, "MATMUL_ROWS", 1)
     B, H, KVH, L, S, d, n, top_k, threshold = {
         "b1_gqa4_none_k10": (1, 8, 2, 1, 40, 32, 300, 10, None),
         "causal_threshold": (2, 4, 2, 3, 12, 16, 200, 6, 0.0),
     }[case]
-    rng = np.random.default_rng(7)
-    q, keys = _inputs(rng, B, H, KVH, L, d, n, "random")
-    keys_mx = mx.array(keys)
-    values_mx = mx.array(rng.standard_normal((KVH, n, d)).astype(np.float32))
-    k_mx = mx.array(rng.standard_normal((B, KVH, S, d)).astype(np.float32) * 0.3)
-    v_mx = mx.array(rng.standard_normal((B, KVH, S, d)).astype(np.float32))
     mask = "causal" if L > 1 else None
+    q, k, attend = _floored_layer(monkeypatch, launches, 7, B, H, KVH, L, S, d, n, top_k, threshold, mask)
     allowed = np.arange(S)[None, None, :] <= (S - L + np.arange(L))[None, :, None]
     allowed = np.broadcast_to(allowed, (B, L, S))
-    keys_t = mx.contiguous(keys_mx.swapaxes(-1, -2))
-    inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx * keys_mx, axis=-1), 1e-24))
-
-    def attend(floor):
-        got = fa.attend_top_k(
-            mx.array(q),
-            k_mx,
-            v_mx,
-            fa.mask_mode(mask, B, L, S),
-            keys_t,
-            inv,
-            values_mx,
-            top_k,
-            threshold,
-            0.125,
-            mx.float32,
-            min_weight=floor,
-        )
-        return [np.array(a) for a in got]
 
     out, mass, rows, dots = attend(0.0)
-    w = _memory_weights64(q, np.array(k_mx), allowed, rows, dots, 0.125)
+    w = _memory_weights64(q, k, allowed, rows, dots, 0.125)
     kept = np.sort(w[rows >= 0])
     inside = kept[len(kept) // 5 : len(kept) * 4 // 5]
     i = int(np.argmax(np.diff(inside)))
@@ -481,30 +479,13 @@ def test_attend_top_k_floor_edges(edge, launches, emulated, monkeypatch):
     the threshold kept, bit for bit the rows of no floor; one above every weight drops them all;
     with every pick masked by the threshold the rows are all -1 whatever the floor, and the output
     is the attention over the local positions alone (mass 0). Output, mass and dots never change."""
-    monkeypatch.setattr(fa, "SCAN_IN_ATTEND", 1 << 30 if launches == 1 else 0)
-    if launches == "matmul":
-        monkeypatch.setattr(fa, "MATMUL_ROWS", 1)
     B, H, KVH, L, S, d, n, top_k = 2, 4, 2, 1, 9, 16, 120, 5
-    rng = np.random.default_rng(11)
-    q, keys = _inputs(rng, B, H, KVH, L, d, n, "random")
-    keys_mx = mx.array(keys)
-    values_mx = mx.array(rng.standard_normal((KVH, n, d)).astype(np.float32))
-    k_mx = mx.array(rng.standard_normal((B, KVH, S, d)).astype(np.float32) * 0.3)
-    v_mx = mx.array(rng.standard_normal((B, KVH, S, d)).astype(np.float32))
-    keys_t = mx.contiguous(keys_mx.swapaxes(-1, -2))
-    inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx * keys_mx, axis=-1), 1e-24))
     threshold = 1.5 if edge == "all_masked" else None  # no cosine reaches it
-
-    def attend(floor):
-        got = fa.attend_top_k(
-            mx.array(q), k_mx, v_mx, fa.mask_mode(None, B, L, S), keys_t, inv, values_mx,
-            top_k, threshold, 0.125, mx.float32, min_weight=floor,
-        )  # fmt: skip
-        return [np.array(a) for a in got]
+    q, k, attend = _floored_layer(monkeypatch, launches, 11, B, H, KVH, L, S, d, n, top_k, threshold, None)
 
     out, mass, rows, dots = attend(0.0)
     allowed = np.ones((B, L, S), bool)
-    w = _memory_weights64(q, np.array(k_mx), allowed, rows, dots, 0.125)
+    w = _memory_weights64(q, k, allowed, rows, dots, 0.125)
     floor = {"zero": 0.0, "tiny": 1e-30, "above_all": 0.5, "all_masked": 1e-3}[edge]
     if edge == "above_all":
         assert w.max() < 0.45, "a pick weighs about the floor: pick another"

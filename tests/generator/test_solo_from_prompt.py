@@ -106,6 +106,20 @@ def counted_steps(monkeypatch) -> list:
     return steps
 
 
+def counted_reference(engine, memory, ref, n: int, top_k: int):
+    """A citing request's options (every pick counts) and the numpy model's greedy tokens and
+    retrievals for its prompt, every top-k set decidable. -> (prompt, options, tokens, Retrievals,
+    the memory's tokens)."""
+    mid, tokens = memory
+    bank, _ = ref_memory(ref, tokens, engine.special_ids)
+    opts = MemoryOptions((mid,), top_k=top_k, return_citations=True, max_citations=1000, citation_min_weight=0.0)
+    prompt = engine.tokenizer.encode("Alice met Bob at")
+    want_hits, margins = Retrievals(), []
+    want, _ = ref.greedy(prompt, n, memory=bank, top_k=top_k, hits=want_hits, margins=margins)
+    assert_decidable(margins)
+    return prompt, opts, want, want_hits, tokens
+
+
 @pytest.mark.parametrize("n", [1, 2, 20])
 async def test_a_citing_request_with_memories_starts_solo_and_counts_every_forward_once(
     engine, memory, ref, seen, monkeypatch, n
@@ -115,15 +129,9 @@ async def test_a_citing_request_with_memories_starts_solo_and_counts_every_forwa
     once - the last prompt token's (counted even when its token is the last: a batch counts it in
     the step that ends the prompt) and every generated token's but the last - so n forwards of
     layers x heads x top_k picks for n tokens, and n attention-mass steps."""
-    mid, tokens = memory
-    bank, _ = ref_memory(ref, tokens, engine.special_ids)
     top_k = 3
-    opts = MemoryOptions((mid,), top_k=top_k, return_citations=True, max_citations=1000, citation_min_weight=0.0)
     steps = counted_steps(monkeypatch)
-    prompt = engine.tokenizer.encode("Alice met Bob at")
-    want_hits, margins = Retrievals(), []
-    want, _ = ref.greedy(prompt, n, memory=bank, top_k=top_k, hits=want_hits, margins=margins)
-    assert_decidable(margins)
+    prompt, opts, want, want_hits, tokens = counted_reference(engine, memory, ref, n, top_k)
     got = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=n), opts))
     assert seen == {"fresh": 1, "solo": 0, "resume": 0, "unstarted": 0}
     assert got[0] == want and got[3].completion_tokens == n
@@ -138,15 +146,9 @@ async def test_a_request_with_memories_started_solo_and_joined_counts_every_forw
     """Started solo from its prompt and joined mid-stream by another request of its group (back
     into the batch with its cache, solo again once alone): the same tokens and counts as alone,
     each forward counted once in both requests."""
-    mid, tokens = memory
-    bank, _ = ref_memory(ref, tokens, engine.special_ids)
     top_k, n = 3, 20
-    opts = MemoryOptions((mid,), top_k=top_k, return_citations=True, max_citations=1000, citation_min_weight=0.0)
     steps = counted_steps(monkeypatch)
-    prompt = engine.tokenizer.encode("Alice met Bob at")
-    want_hits, margins = Retrievals(), []
-    want, _ = ref.greedy(prompt, n, memory=bank, top_k=top_k, hits=want_hits, margins=margins)
-    assert_decidable(margins)
+    prompt, opts, want, want_hits, tokens = counted_reference(engine, memory, ref, n, top_k)
     req = GenerationRequest(prompt, Sampling(max_tokens=n), opts)
     other = GenerationRequest(engine.tokenizer.encode(ALONG), Sampling(max_tokens=5), opts)
     a, b = await joined(engine, req, other, monkeypatch)
