@@ -67,6 +67,10 @@ class BatchTally:
             self.flush()
         return kept
 
+    def drop(self) -> None:
+        """Forgets the pending forwards unhanded (their requests ended: a flush that failed)."""
+        self._pending, self._items, self._uids = [], 0, None
+
     def flush(self) -> None:
         """Hands every pending forward's rows to the requests that keep this tally."""
         pending = self._pending

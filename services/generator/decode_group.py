@@ -141,23 +141,26 @@ class DecodeGroup:
         lazy = self.ctx.records_lazy
         if record:
             try:
+                # A flush the add makes may raise too (its graph failed): the pending counts stay
+                # short for good, so the citing requests end, and the rest of the group goes on.
                 forwards = decode_forwards(record, self.layers_per_forward, generated, started)
-            except errors.ExtmindError as e:
+                recorded += hand_out(self.counts, forwards, lazy)
+            except Exception as e:  # noqa: BLE001
                 log.error("citation counting failed", extra={"error": str(e)})
+                self.counts.drop()
+                err = e if isinstance(e, errors.ExtmindError) else errors.Internal(f"citation counting failed: {e}")
                 for r in [r for r in self.requests.values() if r.counts is not None]:
                     self.remove(r.uid)
-                    failed.append((r, e))
-            else:
-                recorded += hand_out(self.counts, forwards, lazy)
+                    failed.append((r, err))
         if mass:
             try:
                 forwards = attention_mass.forward_shares(mass, self.layers_per_forward, generated, started)
-            except errors.ExtmindError as e:  # a metric never fails a request
+                recorded += hand_out(self.mass, forwards, lazy)
+            except Exception as e:  # noqa: BLE001 - a metric never fails a request
                 log.warning("attention mass not measured", extra={"error": str(e)})
+                self.mass.drop()
                 for r in self.requests.values():
                     r.mass = None
-            else:
-                recorded += hand_out(self.mass, forwards, lazy)
         if recorded and lazy:
             # The recorded rows and shares are tiny: evaluating them with the step frees the
             # forward's arrays they hang on; the requests add them up every few steps.

@@ -1,5 +1,5 @@
-"""A group whose step's retrievals cannot be counted (``decode_forwards`` raises) ends its citing
-requests with that error and nothing else: the group's other requests go on to their end, and the
+"""A group whose step's retrievals cannot be counted (``decode_forwards`` raises, or a tally's flush
+fails) ends its citing requests with that error and nothing else: the group's other requests go on to their end, and the
 engine keeps serving citing requests once counting works again (DecodeGroup.tally)."""
 
 from __future__ import annotations
@@ -72,3 +72,56 @@ async def test_an_unmeasurable_attention_mass_fails_no_request(engine, memory, m
     assert got[3].citations == want[3].citations and want[3].citations
     assert observed() == before  # not observed
     assert engine.stats()["active"] == 0
+
+
+@pytest.mark.parametrize("tally", ["counts", "mass"])
+async def test_a_flush_that_keeps_failing_ends_only_what_needs_it(engine, memory, monkeypatch, tally):
+    """A tally's flush whose graph fails (a device error, say) keeps its pending forwards, and every
+    later flush of the group would fail the same way. A citation-count flush ends the group's
+    citing requests with INTERNAL and nothing else; an attention-mass flush stops measuring the
+    mass; either way the group's other requests and another group's run to their end, and the
+    engine serves citing requests again once flushes work (not every running request failed by
+    the step's error)."""
+    from services.generator import attention_mass, batch_tally
+
+    mid, _ = memory
+    monkeypatch.setattr(batch_tally.BatchTally, "FLUSH_STEPS", 3)
+    broken = {"on": False}
+    real = {"counts": decode_group.picked_rows, "mass": attention_mass.summed_shares}[tally]
+
+    def combine(*a, **kw):
+        if broken["on"]:
+            raise RuntimeError("device lost")
+        return real(*a, **kw)
+
+    if tally == "counts":
+        monkeypatch.setattr(decode_group, "picked_rows", combine)
+    else:
+        monkeypatch.setattr(attention_mass, "summed_shares", combine)
+    opts = MemoryOptions((mid,), top_k=4, return_citations=True, max_citations=1000)
+    plain = MemoryOptions((mid,), top_k=4)  # the same group: no citations
+    citing = engine.generate(
+        GenerationRequest(engine.tokenizer.encode("Water boils at"), Sampling(max_tokens=100_000), opts)
+    )
+    assert isinstance(await citing.__anext__(), Chunk)
+    other = engine.generate(
+        GenerationRequest(engine.tokenizer.encode("Alice met Bob at"), Sampling(max_tokens=40), plain)
+    )
+    elsewhere = engine.generate(GenerationRequest(engine.tokenizer.encode("The sea"), Sampling(max_tokens=40)))
+    assert isinstance(await other.__anext__(), Chunk) and isinstance(await elsewhere.__anext__(), Chunk)
+    broken["on"] = True
+    if tally == "counts":
+        with pytest.raises(errors.Internal, match="device lost"):
+            async for _ in citing:
+                pass
+    for stream in (other, elsewhere):
+        rest = [ev async for ev in stream]
+        assert isinstance(rest[-1], Final) and rest[-1].completion_tokens == 40
+    if tally == "mass":  # the citing request was never touched: it is still running
+        await citing.aclose()
+    broken["on"] = False
+    tokens, _, _, final = await run(
+        engine, GenerationRequest(engine.tokenizer.encode("Alice met Bob at"), Sampling(max_tokens=6), opts)
+    )
+    assert len(tokens) == 6 and final.citations
+    assert engine.stats()["active"] == 0 and engine.mlx.call(lambda: engine._scheduler._active) == 0
