@@ -61,6 +61,13 @@ TIME_TO_FIRST_TOKEN = Histogram(
     "seconds from a request's arrival at the engine (memory resolution included) to its first token",
     buckets=LATENCY_BUCKETS,
 )
+SOLO = Counter(
+    "extmind_generator_solo_sequences",
+    "sequences decoded solo on mlx-lm's generate_step (docs/architecture.md, 'One stream decodes solo'), "
+    "by how they got there: from_prompt (alone in their group on arrival), handed_over (out of the "
+    "batch after decoding alone), or back to the batch (resumed: another request joined)",
+    ["how"],
+)
 REQUEST_SECONDS = Histogram(
     "extmind_generator_request_seconds",
     "seconds from a request's arrival at the engine to its end, by how it ended "
@@ -223,6 +230,7 @@ class Scheduler:
         if not group.requests and self._solo_ok and self.SOLO_FROM_PROMPT:
             # Alone in its group: solo from the prompt (solo.py), no batch steps first.
             uid = next(self._solo_uids)
+            SOLO.labels("from_prompt").inc()
             group.solo = Solo.from_prompt(
                 self.model, r, r.req.prompt_tokens, r.sampler, r.processors, r.max_tokens, self.prefill_step_size
             )
@@ -342,6 +350,7 @@ class Scheduler:
         # copied) would otherwise stay referenced here for as long as r decodes solo.
         group.unpadded_caches = {}
         group.alone_steps = 0
+        SOLO.labels("handed_over").inc()
         group.solo = Solo.handed_over(
             self.model, r, cache, list(tokens), r.sampler, r.processors, r.max_tokens - r.generated
         )
@@ -352,6 +361,7 @@ class Scheduler:
         ends with the error, as a request whose tally fails at its end does, and nothing else:
         left out of both the solo and the batch, it would wait forever."""
         r = group.solo.request
+        SOLO.labels("resumed").inc()
         try:
             group.resume()
         except Exception as e:  # noqa: BLE001

@@ -201,3 +201,20 @@ async def test_a_cancelled_request_is_timed_as_cancelled(engine):
     assert d("extmind_generator_request_seconds_count", finish_reason="cancelled") == 1
     assert d("extmind_generator_request_seconds_count", finish_reason="length") == 0
     assert sample("extmind_generator_running_requests") == 0
+
+
+async def test_solo_sequences_are_counted_by_how_they_went_solo(engine, monkeypatch):
+    """A lone request starts solo from its prompt; a second one joining sends it back into the
+    batch (resumed); alone again after SOLO_AFTER steps it is handed over to solo once more."""
+    from services.generator import scheduler as sched
+
+    from .test_solo_decode import joined
+
+    monkeypatch.setattr(sched.Scheduler, "SOLO_AFTER", 2)
+    solo = "extmind_generator_solo_sequences_total"
+    d = Delta(key(solo, how="from_prompt"), key(solo, how="handed_over"), key(solo, how="resumed"))
+    req = GenerationRequest(engine.tokenizer.encode("Alice met Bob at the"), Sampling(max_tokens=16))
+    other = GenerationRequest(engine.tokenizer.encode("Water boils at"), Sampling(max_tokens=3))
+    a, b = await joined(engine, req, other, monkeypatch)
+    assert len(a[0]) == 16 and len(b[0]) == 3
+    assert d(solo, how="from_prompt") == 1 and d(solo, how="resumed") == 1 and d(solo, how="handed_over") >= 1
