@@ -18,8 +18,8 @@ on the MLX thread; callers get plain Python events through their request's async
 handed over with one wake-up per event loop for all of its requests, at most once per stream
 interval while only tokens wait (running_request.Handover).
 
-Metrics (docs/architecture.md, "Metrics"): the counts below move on the MLX thread from host-side
-state only; the attention-mass sums stay on the device until a request ends (attention_mass.py).
+Metrics (docs/architecture.md, "Metrics"; scheduler_metrics.py): the counts move on the MLX thread
+from host-side state only; the attention-mass sums stay on the device until a request ends (attention_mass.py).
 """
 
 from __future__ import annotations
@@ -35,10 +35,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import KVCache, make_prompt_cache
-from prometheus_client import Counter, Gauge, Histogram
 
 from extmind import errors
-from services.common.metrics import LATENCY_BUCKETS
 from services.common.mlx_thread import MLXThread
 from services.generator import attention_mass, prefill_attention
 from services.generator.citations import Counts, spans
@@ -48,33 +46,18 @@ from services.generator.memory_resolution import ResolvedMemory
 from services.generator.request_types import LENGTH, STOP, STOP_SEQUENCE, Chunk, Final
 from services.generator.running_request import Handover, RunningRequest
 from services.generator.sampling import logits_processors_for, sampler_for
+from services.generator.scheduler_metrics import (
+    GENERATED_TOKENS,
+    PROMPT_TOKENS,
+    REQUEST_SECONDS,
+    RUNNING,
+    SOLO,
+    TIME_TO_FIRST_TOKEN,
+    WAITING,
+)
 from services.generator.solo import Solo
 
 log = logging.getLogger("extmind.generator")
-
-WAITING = Gauge("extmind_generator_waiting_requests", "admitted requests that have no token yet (queued or prefilling)")
-RUNNING = Gauge("extmind_generator_running_requests", "requests producing tokens: the running decode batch size")
-PROMPT_TOKENS = Counter("extmind_generator_prompt_tokens", "prompt tokens of admitted requests")
-GENERATED_TOKENS = Counter("extmind_generator_generated_tokens", "tokens generated (EOS included)")
-TIME_TO_FIRST_TOKEN = Histogram(
-    "extmind_generator_time_to_first_token_seconds",
-    "seconds from a request's arrival at the engine (memory resolution included) to its first token",
-    buckets=LATENCY_BUCKETS,
-)
-SOLO = Counter(
-    "extmind_generator_solo_sequences",
-    "sequences decoded solo on mlx-lm's generate_step (docs/architecture.md, 'One stream decodes solo'), "
-    "by how they got there: from_prompt (alone in their group on arrival), handed_over (out of the "
-    "batch after decoding alone), or back to the batch (resumed: another request joined)",
-    ["how"],
-)
-REQUEST_SECONDS = Histogram(
-    "extmind_generator_request_seconds",
-    "seconds from a request's arrival at the engine to its end, by how it ended "
-    "(stop, length, stop_sequence, error, cancelled)",
-    ["finish_reason"],
-    buckets=LATENCY_BUCKETS,
-)
 
 
 def _top(logprobs: mx.array, k: int) -> list[tuple[int, float]]:
