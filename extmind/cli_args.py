@@ -66,6 +66,7 @@ def _float_in(low: float, high: float | None = None):
 
 POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
 SEED = _int_at_least(0, 2**64 - 1)  # uint64 in the contract
+MEMORY_TOP_K = _int_at_least(1, 1024)  # the generator's largest ExtendedMind.top_k (0 there: no retrieval)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,7 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--memory", action="append", help="memory id to attend to (repeatable)")
     s.add_argument("--citations", action="store_true", help="print the memory spans retrieved most (needs --memory)")
     s.add_argument(
-        "--memory-top-k", type=POSITIVE, default=None, help="memory rows retrieved per head and token (default: 10)"
+        "--memory-top-k",
+        type=MEMORY_TOP_K,
+        default=None,
+        help="memory rows retrieved per head and token (1-1024; default: 10)",
     )
     s.add_argument("--max-citations", type=POSITIVE, default=None, help="most spans --citations prints (default: 5)")
     s.add_argument(

@@ -127,6 +127,11 @@ def env(services):
         (["docs", "search", "c", "q", "--top-k", "99999999999"], "argument --top-k: must be at most 4294967295"),
         (["generate", "hi", "--citations"], "--citations needs --memory ID"),
         (["generate", "hi", "--memory-top-k", "3"], "--memory-top-k needs --memory ID"),
+        (
+            ["generate", "hi", "--memory", "m", "--memory-top-k", "5000"],
+            "argument --memory-top-k: must be at most 1024",
+        ),
+        (["generate", "hi", "--memory", "m", "--memory-top-k", "0"], "argument --memory-top-k: must be a positive"),
         (["generate", "hi", "--memory", "m", "--citation-min-weight", "0.1"], "only shapes what --citations prints"),
         (["generate", "hi", "--memory", "m", "--max-citations", "2"], "--max-citations only shapes what --citations"),
         (["generate", "hi", "--citation-min-weight", "1.5"], "--citation-min-weight: must be in [0, 1], got 1.5"),
