@@ -95,6 +95,11 @@ _PASS_THROUGH = {
 }
 
 
+def ours_or_internal(e: Exception, what: str) -> ExtmindError:
+    """``e`` as the error a request ends with: ours as it is, anything else Internal ("what: e")."""
+    return e if isinstance(e, ExtmindError) else Internal(f"{what}: {e}")
+
+
 def from_code(code: str, message: str) -> ExtmindError:
     """The error of gRPC status name ``code`` (e.g. ``"NOT_FOUND"``); unknown names give Internal."""
     return _BY_CODE.get(code, Internal)(message)

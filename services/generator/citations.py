@@ -171,13 +171,12 @@ def picked_rows(forwards: list[list[Picks]], min_weight: float = 0.0) -> mx.arra
     without dots count as recorded (with a floor: rows the fused decode kernel floored itself)."""
     picks = [p for fwd in forwards for p in fwd]
     B, k = picks[0].rows.shape[0], picks[0].rows.shape[-1]
-    if min_weight <= 0 or all(p.dots is None for p in picks):
-        return _joined([p.rows for p in picks], (B, -1))
-    out = []
-    final = [p.rows for p in picks if p.dots is None]
-    if final:
-        out.append(_joined(final, (B, -1)))
-    picks = [p for p in picks if p.dots is not None]
+    weigh = min_weight > 0
+    final = [p.rows for p in picks if not (weigh and p.dots is not None)]
+    picks = [p for p in picks if weigh and p.dots is not None]
+    if not picks:
+        return _joined(final, (B, -1))
+    out = [_joined(final, (B, -1))] if final else []
     for scale in dict.fromkeys(p.scale for p in picks):  # layers of one scale in one graph
         same = [p for p in picks if p.scale == scale]
         rows = _joined([p.rows for p in same], (B, -1, k))

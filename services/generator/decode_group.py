@@ -148,7 +148,7 @@ class DecodeGroup:
             except Exception as e:  # noqa: BLE001
                 log.error("citation counting failed", extra={"error": str(e)})
                 self.counts.drop()
-                err = e if isinstance(e, errors.ExtmindError) else errors.Internal(f"citation counting failed: {e}")
+                err = errors.ours_or_internal(e, "citation counting failed")
                 for r in [r for r in self.requests.values() if r.counts is not None]:
                     self.remove(r.uid)
                     failed.append((r, err))

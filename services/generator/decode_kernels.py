@@ -402,10 +402,8 @@ def attend_kernel(shared_floats: int, memories: str = "rows"):
     picks = memories != "rows"  # takes the top-k itself: writes rows / dots, reads the threshold and floor
     return mx.fast.cuda_kernel(
         name=name,
-        input_names=[
-            *["q", "k", "v", "mask", *inputs, "bank_values", "scale"],
-            *(["threshold", "min_weight"] if picks else []),
-        ],
+        input_names=["q", "k", "v", "mask", *inputs, "bank_values", "scale"]
+        + (["threshold", "min_weight"] if picks else []),
         output_names=["out", "mass", *(["rows", "dots"] if picks else [])],
         source=ATTEND_HEAD + part + ATTEND_LOGITS_WARP + ATTEND_TAIL + (ATTEND_PICKS if picks else ""),
         header=kernel_parts.HEADER + (kernel_parts.TOPK_HEADER if picks else ""),

@@ -351,7 +351,7 @@ class Scheduler:
             log.error("a solo sequence could not go back into its batch", extra={"error": str(e)})
             if group.requests.get(r.uid) is r:
                 group.remove(r.uid)
-                self._end(r, _as_error(e, "generation failed"))
+                self._end(r, errors.ours_or_internal(e, "generation failed"))
 
     def _step_solo(self, group: DecodeGroup) -> None:
         """One token of the group's solo sequence: as ``_step`` does for a batch of one."""
@@ -394,7 +394,7 @@ class Scheduler:
     def _fail(self, group: DecodeGroup, e: Exception) -> None:
         """Ends every request of ``group`` with the error a step raised."""
         log.warning("generation step failed", extra={"error": str(e)})
-        err = _as_error(e, "generation failed")
+        err = errors.ours_or_internal(e, "generation failed")
         if group.solo is not None:
             group.end_solo()
         for r in list(group.requests.values()):
@@ -443,7 +443,7 @@ class Scheduler:
                 r.counts = None
                 citations = spans(counts, r.memories, self.decode, r.req.memory.max_citations)
             except Exception as e:  # noqa: BLE001
-                self._end(r, _as_error(e, "citations failed"))
+                self._end(r, errors.ours_or_internal(e, "citations failed"))
                 return
         if r.mass is not None:
             r.group.mass.flush()
@@ -473,11 +473,6 @@ class _SoloToken(NamedTuple):
     token: int
     logprobs: mx.array
     finish_reason: str | None
-
-
-def _as_error(e: Exception, what: str) -> errors.ExtmindError:
-    """``e`` as the error a request ends with: ours as it is, anything else INTERNAL."""
-    return e if isinstance(e, errors.ExtmindError) else errors.Internal(f"{what}: {e}")
 
 
 def _observe_end(r: RunningRequest, how: str) -> None:
