@@ -181,6 +181,13 @@ class BankCache:
         (HITS if hit else MISSES).inc()
         return hit
 
+    def holds(self, memory_id: str, version: str) -> bool:
+        """Whether this memory version's bank is cached (any thread; not counted, not reordered:
+        a look ahead of the request's own lookup, which counts)."""
+        with self._lock:
+            bank = self._entries.get(memory_id)
+            return bank is not None and bank.version == version
+
     def count_hits(self, n: int) -> None:
         """Counts ``n`` hits without a lookup (any thread): the banks of a request that shared
         another request's lookup, which counted them once (services/generator/engine.py)."""

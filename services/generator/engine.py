@@ -11,6 +11,7 @@ scheduler's docstring for how decode steps and other MLX work take turns there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -23,16 +24,16 @@ from mlx_lm.utils import load
 
 from extmind import errors, tensor
 from services.common.mlx_thread import MLXThread
-from services.generator import weights_dtype
+from services.generator import memory_lookup, weights_dtype
 from services.generator.attention_parts import compute_dtype
-from services.generator.bank_cache import BankCache, LocalRetriever, bank_from_stored, fetch_bank
+from services.generator.bank_cache import BankCache, LocalRetriever, bank_from_stored
 from services.generator.chat_prompt import encode_messages
-from services.generator.coalesce import Coalescer
 from services.generator.extended_attention import MemoryContext, install
 from services.generator.fingerprint import model_fingerprint
 from services.generator.kv_dtypes import dtype_of
 from services.generator.memory_builder import MemorizeProgress, MemoryBuilder
-from services.generator.memory_client import MemoryChanged, MemoryClient
+from services.generator.memory_client import MemoryClient
+from services.generator.memory_lookup import MemoryLookup
 from services.generator.memory_resolution import MemoryResolver, ModelShape, ResolvedMemory, dtype_note
 from services.generator.remote_retrieval import RemoteRetriever
 from services.generator.request_types import DEFAULT_STRIDE, DEFAULT_WINDOW, LOCAL, Chunk, Final, GenerationRequest
@@ -90,10 +91,10 @@ class GeneratorEngine:
         )
         self.mlx = mlx_thread or MLXThread("generator-mlx")
         self.bank_cache = BankCache(config.bank_cache_bytes)
-        self._lookups = Coalescer()  # memory lookups shared by requests arriving together
         self.model = None
         self.tokenizer = None
         self.resolver: MemoryResolver | None = None  # set by start() when a memory service is configured
+        self.lookups: MemoryLookup | None = None  # the requests' memory lookups (same)
         self.model_shape: ModelShape | None = None  # set by start(): what a usable memory was built with
         self._scheduler: Scheduler | None = None
         self._builder: MemoryBuilder | None = None
@@ -114,6 +115,7 @@ class GeneratorEngine:
         )
         if self.memory is not None:
             self.resolver = MemoryResolver(self.memory, shape)
+            self.lookups = MemoryLookup(self.resolver, self.bank_cache, self.mlx)
             self._builder = MemoryBuilder(
                 self.model,
                 self.state,
@@ -277,16 +279,43 @@ class GeneratorEngine:
         m = req.memory
         if m is not None and m.memory_ids and self.resolver is None:
             raise errors.FailedPrecondition(_NO_MEMORY_SERVICE)
-        memories, fetched, key = [], {}, None
+        memories, fetched, lookup = [], {}, None
         if m is not None and m.retrieves:
-            memories, fetched = await self._resolve_and_fetch(m)
-            layers = frozenset(m.layers) if m.layers else None
+            guess = self.lookups.guess(m)
+            if guess is None:
+                memories, fetched = await self.lookups.resolve_and_fetch(m)
+            else:  # admitted on the last resolution while its own lookup runs (memory_lookup.py)
+                memories, lookup = guess, asyncio.ensure_future(self.lookups.resolve_and_fetch(m))
+                lookup.add_done_callback(_retrieve)
+        try:
+            while True:
+                try:
+                    # Closed with this generator: a caller gone cancels its request at once.
+                    async with contextlib.aclosing(
+                        self._admitted(req, arrived, max_tokens, memories, fetched, lookup)
+                    ) as events:
+                        async for ev in events:
+                            yield ev
+                    return
+                except memory_lookup.Stale as stale:  # runs again on what its lookup found
+                    (memories, fetched), lookup = stale.fresh, None
+        finally:
+            if lookup is not None:
+                lookup.cancel()  # a no-op once it returned; the lookup goes on for those sharing it
+
+    async def _admitted(self, req, arrived: float, max_tokens: int, memories: list, fetched: dict, lookup=None):
+        """``generate`` once the request's memories are known (or guessed: ``lookup`` is then the
+        request's own lookup, awaited before any event leaves; memory_lookup.Stale when it names
+        other memories)."""
+        m = req.memory
+        key = None
+        if memories:
             key = (
                 m.mode,
                 tuple((i.memory_id, i.version) for i in memories),
                 m.top_k,
                 m.threshold,
-                layers,
+                frozenset(m.layers) if m.layers else None,
                 m.cite_floor,  # the group's MemoryContext records with it (_memory_context)
             )
         r = RunningRequest(
@@ -301,6 +330,8 @@ class GeneratorEngine:
                 r.done = True  # refused (a full queue): nothing to cancel, no hop to the MLX thread
                 raise
             fetched.clear()  # cached on the device now; a later group refetches what was evicted meanwhile
+            if lookup is not None:
+                await memory_lookup.confirm(lookup, memories)
             while True:
                 ev = await r.events.get()
                 if isinstance(ev, BaseException):
@@ -315,49 +346,14 @@ class GeneratorEngine:
                 except RuntimeError:  # the engine stopped meanwhile: nothing left to cancel
                     pass
 
-    async def _resolve_and_fetch(self, m) -> tuple[list[ResolvedMemory], dict]:
-        """The request's memories resolved and, for LOCAL retrieval, the banks the cache lacks
-        fetched (memory id -> Bank). A memory deleted and created again between the two
-        (MemoryChanged) is resolved again, once: the request then reads what the id names now,
-        as it would have a moment later; changed again, it is FAILED_PRECONDITION."""
-        try:
-            return await self._resolve_and_fetch_once(m)
-        except MemoryChanged as e:
-            log.info("a memory changed while it was fetched; resolving again", extra={"error": e.message})
-            return await self._resolve_and_fetch_once(m)
-
-    async def _resolve_and_fetch_once(self, m) -> tuple[list[ResolvedMemory], dict]:
-        # Shared with the requests that arrive in the same loop iteration with the same memories
-        # (coalesce.py): they join the batch together. Each gets its own dict of fetched banks.
-        key = (tuple(m.memory_ids), m.return_citations, m.mode)
-        joined = self._lookups.pending(key)
-        memories, fetched = await self._lookups.run(key, functools.partial(self._resolve, m))
-        if joined and m.mode == LOCAL:
-            # The lookup counted each bank once (a hit, or a miss and its one fetch) for the
-            # request that asked first; those that joined it got every bank without a fetch of
-            # their own: hits (a lookup per memory per request, docs/architecture.md "Metrics").
-            self.bank_cache.count_hits(len(memories))
-        return memories, dict(fetched)
-
-    def _resolve(self, m) -> tuple[list[ResolvedMemory], dict]:
-        """(the request's memories, for LOCAL the banks the cache lacked, fetched: memory id ->
-        Bank), in a worker thread: a request with cached banks reaches its admission without a
-        hop to the MLX thread in between, which would wait for the end of a decode step
-        (docs/architecture.md, "Request flows")."""
-        memories = self.resolver.resolve(m.memory_ids, include_tokens=m.return_citations)
-        if m.mode != LOCAL:
-            return memories, {}
-        missing = [i for i in memories if not self.bank_cache.contains(i.memory_id, i.version)]
-        return memories, {i.memory_id: fetch_bank(self.resolver, i, self.mlx) for i in missing}
-
     def _memory_context(self, req: GenerationRequest, memories: list[ResolvedMemory], fetched: dict) -> MemoryContext:
         """On the MLX thread, for a new group: the retriever over ``memories`` and the settings."""
         m = req.memory
         if m.mode == LOCAL:
             banks = []
             for i in memories:
-                bank = self.bank_cache.get(i.memory_id, i.version, lookup=False)  # counted by _resolve
-                if bank is None:  # fetched for this request, or evicted since _resolve looked
+                bank = self.bank_cache.get(i.memory_id, i.version, lookup=False)  # counted by the lookup
+                if bank is None:  # fetched for this request, or evicted since the lookup
                     bank = fetched.get(i.memory_id) or bank_from_stored(i.memory_id, i.version, self.resolver.fetch(i))
                     self.bank_cache.put(bank)
                 banks.append(bank)
@@ -477,3 +473,10 @@ class GeneratorEngine:
         finally:
             closed = True
             job.add_done_callback(lambda j: j.cancelled() or j.exception())  # retrieved: no "never retrieved" warning
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    """Retrieves a lookup's outcome nobody awaited (its caller gone or refused): no "never
+    retrieved" warning."""
+    if not task.cancelled():
+        task.exception()

@@ -1,5 +1,5 @@
 """BankCache.contains: the lookup a request makes off the MLX thread right after resolving its
-memories (services/generator/engine.py ``_resolve``); through the engine, the LRU's order."""
+memories (services/generator/memory_lookup.py ``MemoryLookup._resolve``); through the engine, the LRU's order."""
 
 import threading
 
@@ -76,11 +76,14 @@ async def test_a_request_joining_its_banks_live_group_keeps_the_bank_recent(engi
         return GenerationRequest(prompt, Sampling(max_tokens=n), MemoryOptions((mid,), top_k=2))
 
     try:
-        monkeypatch.setattr(engine, "bank_cache", BankCache(1 << 30))
+        big = BankCache(1 << 30)
+        for owner in (engine, engine.lookups):  # the engine's and its memory lookups' one cache
+            monkeypatch.setattr(owner, "bank_cache", big)
         await run(engine, req(a, 1))
         size = engine.bank_cache.nbytes
         cache = BankCache(size * 5 // 2)  # room for two of the three banks
-        monkeypatch.setattr(engine, "bank_cache", cache)
+        for owner in (engine, engine.lookups):
+            monkeypatch.setattr(owner, "bank_cache", cache)
 
         long_a = engine.generate(req(a, 3000))
         await anext(long_a)  # its group runs, over bank a

@@ -1,0 +1,195 @@
+"""A request whose memories an earlier request resolved is admitted on that resolution while its
+own lookup runs (services/generator/memory_lookup.py): nothing reaches its caller before the
+lookup returns; the same memories let its events flow, other memories run it again on them, an
+error ends it with that error alone. Real memory service, real Redis, real gRPC, tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+
+import pytest
+
+from extmind import errors
+from services.generator.memory_lookup import LOOKUPS_AHEAD
+from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
+from services.generator.scheduler_metrics import GENERATED_TOKENS
+
+from .helpers import run
+
+TEXT = "Alice met Bob at the station at noon. They talked about music and trains."
+OTHER = "The lighthouse keeper counted ships every night and wrote their names in a red book."
+
+
+def _outcomes() -> dict[str, float]:
+    return {o: LOOKUPS_AHEAD.labels(o)._value.get() for o in ("confirmed", "stale", "failed")}
+
+
+def _moved(before: dict) -> dict[str, float]:
+    return {o: v - before[o] for o, v in _outcomes().items() if v != before[o]}
+
+
+@pytest.fixture
+def fresh(engine, client):
+    """Memories memorized under new ids, deleted after the test."""
+    made = []
+
+    def make(mid: str, text: str = TEXT) -> str:
+        engine.memorize_blocking(engine.tokenizer.encode(text), memory_id=mid)
+        made.append(mid)
+        return mid
+
+    yield make
+    for mid in made:
+        with contextlib.suppress(errors.NotFound):
+            client.delete_memory(mid)
+
+
+@contextlib.contextmanager
+def held_lookups(engine, monkeypatch):
+    """Every memory lookup waits after its GetMemory answered until the block ends (or
+    ``release`` is set). Yields (release, the number of lookups that answered, as a list)."""
+    resolve = engine.resolver.resolve
+    release, answered = threading.Event(), []
+
+    def slow(*a, **kw):
+        try:
+            return resolve(*a, **kw)
+        finally:
+            answered.append(1)
+            release.wait(20)
+
+    monkeypatch.setattr(engine.resolver, "resolve", slow)
+    try:
+        yield release, answered
+    finally:
+        release.set()
+
+
+async def _until(condition, what: str, seconds: float = 20) -> None:
+    for _ in range(int(seconds * 1000)):
+        if await condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"never: {what}")
+
+
+async def _idle(engine) -> bool:
+    return (await asyncio.to_thread(engine.stats))["active"] == 0
+
+
+def _generated() -> float:
+    return GENERATED_TOKENS._value.get()
+
+
+async def _made(engine, start: float, n: int) -> bool:
+    """Whether ``n`` tokens were generated since the count was ``start`` and the scheduler is idle."""
+    return _generated() - start >= n and await _idle(engine)
+
+
+async def _collect(engine, req, into: list):
+    async for ev in engine.generate(req):
+        into.append(ev)
+
+
+def _prompt(engine) -> list[int]:
+    return engine.tokenizer.encode("Bob likes")
+
+
+async def test_a_known_memory_is_generated_before_its_lookup_returns_and_held_until_it_does(engine, fresh, monkeypatch):
+    mid = fresh("ahead-known")
+    req = GenerationRequest(_prompt(engine), Sampling(max_tokens=4), MemoryOptions((mid,), top_k=2))
+    waited = await run(engine, req)  # no resolution known yet: looked up first, then admitted
+    before, start = _outcomes(), _generated()
+    got: list = []
+    with held_lookups(engine, monkeypatch) as (release, answered):
+        task = asyncio.ensure_future(_collect(engine, req, got))
+        await _until(lambda: asyncio.sleep(0, bool(answered)), "the lookup answered GetMemory")
+        # Its 4 tokens are made while the lookup is held (the request ended in the scheduler),
+        # and none of them reached the caller.
+        await _until(lambda: _made(engine, start, 4), "the request generated while its lookup was held")
+        assert got == []
+        release.set()
+        await task
+    tokens = [t for ev in got if isinstance(ev, Chunk) for t in ev.token_ids]
+    lps = [x for ev in got if isinstance(ev, Chunk) for x in ev.logprobs]
+    assert (tokens, lps) == (waited[0], waited[1])
+    assert got[-1].completion_tokens == 4
+    assert _moved(before) == {"confirmed": 1}
+
+
+async def test_a_memory_deleted_since_its_last_resolution_is_not_found_and_nothing_else(
+    engine, client, fresh, monkeypatch
+):
+    mid = fresh("ahead-deleted")
+    req = GenerationRequest(_prompt(engine), Sampling(max_tokens=4), MemoryOptions((mid,), top_k=2))
+    await run(engine, req)
+    client.delete_memory(mid)
+    before, start = _outcomes(), _generated()
+    got: list = []
+    with held_lookups(engine, monkeypatch) as (release, answered):
+        task = asyncio.ensure_future(_collect(engine, req, got))
+        await _until(lambda: asyncio.sleep(0, bool(answered)), "the lookup answered GetMemory")
+        await _until(lambda: _made(engine, start, 4), "the request ran on the last resolution")
+        release.set()
+        with pytest.raises(errors.NotFound, match=mid):
+            await task
+    assert got == []
+    assert _moved(before) == {"failed": 1}
+    # The failed lookup forgot the resolution: the next request waits for its own lookup.
+    with pytest.raises(errors.NotFound):
+        await run(engine, req)
+    assert _moved(before) == {"failed": 1}
+
+
+async def test_a_memory_created_again_runs_the_request_again_on_its_new_rows(engine, client, fresh):
+    mid = fresh("ahead-recreated")
+    req = GenerationRequest(_prompt(engine), Sampling(max_tokens=8), MemoryOptions((mid,), top_k=4))
+    old = await run(engine, req)
+    client.delete_memory(mid)
+    fresh(mid, OTHER)  # the same id, other rows; the old bank and resolution are still cached
+    before = _outcomes()
+    again = await run(engine, req)
+    assert _moved(before) == {"stale": 1}
+    waited = await run(engine, req)  # the next request, admitted on the new resolution: confirmed
+    assert _moved(before) == {"stale": 1, "confirmed": 1}
+    engine.lookups.last.drop(((mid,), False))
+    looked_up_first = await run(engine, req)  # no guess: the lookup, then the admission
+    assert again[:2] == waited[:2] == looked_up_first[:2]
+    assert again[0] != old[0], "the two memories must lead to different tokens, or this test shows nothing"
+    assert again[3].completion_tokens == 8
+
+
+async def test_a_caller_gone_while_the_lookup_runs_frees_its_slot(engine, fresh, monkeypatch):
+    mid = fresh("ahead-gone")
+    req = GenerationRequest(_prompt(engine), Sampling(max_tokens=200), MemoryOptions((mid,), top_k=2))
+    await run(engine, GenerationRequest(_prompt(engine), Sampling(max_tokens=1), req.memory))
+    start = _generated()
+    with held_lookups(engine, monkeypatch) as (release, answered):
+        got: list = []
+        task = asyncio.ensure_future(_collect(engine, req, got))
+        await _until(lambda: asyncio.sleep(0, bool(answered)), "the lookup answered GetMemory")
+        await _until(lambda: asyncio.sleep(0, _generated() > start), "the request began generating")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await _until(lambda: _idle(engine), "the cancelled request left the scheduler")
+        release.set()
+    assert got == []
+
+
+async def test_citations_are_guessed_with_the_memory_tokens(engine, fresh):
+    mid = fresh("ahead-cited")
+    plain = MemoryOptions((mid,), top_k=4)
+    cited = MemoryOptions((mid,), top_k=4, return_citations=True, citation_min_weight=0.0)
+    prompt = _prompt(engine)
+    await run(engine, GenerationRequest(prompt, Sampling(max_tokens=6), plain))
+    before = _outcomes()
+    first = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=6), cited))
+    assert _moved(before) == {}, "a resolution without the memory's tokens is no guess for a citing request"
+    second = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=6), cited))
+    assert _moved(before) == {"confirmed": 1}
+    assert first[3].citations and second[:3] == first[:3]
+    assert second[3].citations == first[3].citations
+    assert (second[3].row_counts == first[3].row_counts).all()
