@@ -5,20 +5,26 @@ The decode scan (``fused_attention.top_k_rows``) would read the whole bank once 
 matmul reads it once. Then each query row's N scores are ranked here, one warp per row
 (docs/architecture.md, "Prefill with memories"):
 
-1. Approximate cosines from a matmul of unit vectors: a_n = (q / |q|) . (k_n * inv_norm_n) is
-   within ``E`` of the exact float32 cosine c_n. For a float16 bank the matmul is float16 on the
-   tensor cores (float32 accumulation in cuBLAS, float16 result): the float16 roundings of the unit
-   query, of the unit key and of the result cost at most 2^-11 each, relative to a cosine <= 1,
-   plus float32 accumulation and subnormal components (absolute, far below the margin). For other
-   banks it is float32, which MLX may run in TF32 (its default on CUDA): TF32 inputs rounded to
-   nearest carry float16's 11-bit significand, so the same bound holds; truncated, a score may be
-   off by up to 2^-9, but only towards zero product by product, which cannot skip a top-k row
+1. Approximate scores from a matmul against unit keys: a_n = q . (k_n * inv_norm_n) is within
+   ``E * |q|`` of |q| c_n, c_n the exact float32 cosine (``E`` when the queries are made unit
+   first, below). For a float16 bank the matmul is float16 on the tensor cores (float32
+   accumulation in cuBLAS, float16 result): the roundings of the unit key and of the result cost
+   at most 2^-11 of |q| each, plus float32 accumulation and subnormal components (relative to |q|,
+   far below the margin) and, for the result, an absolute 2^-25 where it is subnormal (the kernel
+   adds 2^-24). The queries go in as they are when the matmul's dtype holds them exactly (float16
+   queries and bank; any query for the float32 matmul): no normalizing ops per layer, the kernel
+   scales the bound by each row's |q|. Float32 queries with a float16 bank are made unit first
+   (a float16 rounding of a raw float32 query could underflow): one more rounding of 2^-11, which
+   ``E`` counts either way. For banks other than float16 the matmul is float32, which MLX may run
+   in TF32 (its default on CUDA): TF32 inputs rounded to nearest carry float16's 11-bit
+   significand, so the same bound holds; truncated, a score may be off by up to 2^-9 of |q|, but
+   only towards zero product by product, which cannot skip a top-k row
    (test_prefill_top_k_bound.py): the ranking stays exact either way.
    The unit keys are made per call (one fused op per layer): with the norms folded into the
    scores, the kernel reads nothing but the scores for every row.
-2. A lower bound on the k-th best exact cosine: each lane's best lower bound a_n - E over its
-   stripe names one row whose cosine is at least that; the k-th largest of the 32 lanes' bounds
-   is a cosine that k distinct rows reach.
+2. A lower bound on the k-th best exact cosine (times |q|): each lane's best lower bound a_n - E
+   over its stripe names one row whose cosine is at least that; the k-th largest of the 32
+   lanes' bounds is a cosine that k distinct rows reach.
 3. Candidates: the rows whose upper bound a_n + E reaches it (and any non-finite a_n), so every
    row of the exact top-k is one. Only they get their exact float32 cosine (q . k from the bank's
    keys: the products of the decode scan summed in its order, read from a row-major copy of the
@@ -38,7 +44,8 @@ import mlx.core as mx
 
 from services.generator import kernel_parts
 
-# The bound of |a_n - c_n|: 2^-11 each for the roundings of the unit query, the unit key (float16
+# The bound of |a_n - c_n| for unit queries (of |a_n - |q| c_n| / |q| for raw ones, which do not
+# take the query's rounding): 2^-11 each for the roundings of the unit query, the unit key (float16
 # or TF32) and the float16 result, float32 accumulation in the matmul and in the exact dot over
 # <= 256 products (~2 * 1.5e-5), the two inverse norms (~1e-6) and subnormal float16 components
 # (absolute 2^-25 each: < 2^-20 over 256 of them), with margin.
@@ -46,8 +53,8 @@ APPROX_E = 2.0**-10 + 2.0**-11 + 2.0**-13
 _THREADS = 128  # four query rows (warps) per block
 
 # inputs: q [B, H, L, D] (contiguous), approx [KVH, M, N] (M = B * rep * L in (b, r, l) order:
-# approximate cosines, float16 or float32), keys [KVH, N, D] (row-major, contiguous),
-# inv_norms [KVH, N] float32, threshold [1] float32, topk [1] int32, bound [1] float32 (E).
+# approximate cosines, or with RAW approximate q . unit key, float16 or float32), keys [KVH, N, D]
+# (row-major, contiguous), inv_norms [KVH, N] float32, threshold [1] float32, topk [1] int32, bound [1] float32 (E).
 # outputs: rows [B, H, L, k] int32 (-1 where the cosine is not above the threshold), dots
 # [B, H, L, k] float32 (raw q . k).
 _SOURCE = """
@@ -68,7 +75,6 @@ _SOURCE = """
   const int l = row % L;
   const int g = h / rep;
   const int m = (b * rep + h % rep) * L + l;
-  const float E = bound[0];
 
   __shared__ float qs_all[(T / 32) * D];
   float* qs = qs_all + warp * D;
@@ -80,6 +86,9 @@ _SOURCE = """
   }
   for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffff, part, o);
   const float q_inv = rsqrtf(fmaxf(part, 1e-24f));
+  // Raw queries' scores are |q| times a cosine: so is their bound, plus a float16 result's
+  // absolute rounding where it is subnormal (module docstring).
+  const float E = RAW ? bound[0] / q_inv + 5.9604645e-8f : bound[0];
   __syncwarp();
 
   const Ta* ar = approx + ((size_t)g * M + m) * N;
@@ -190,14 +199,18 @@ def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, k: int, list_
     kvh = keys_t.shape[0]
     rep = H // kvh
     to_rows = (kvh, -1, d)  # [KVH, B * rep * L, d]: a KV head's query rows for one matmul
-    # Unit queries and unit keys: the scores are approximate cosines, whatever the bank's dtype. A
-    # float16 bank takes a float16 matmul (tensor cores, float16 scores); others a float32 one
-    # (bfloat16 keys are exact in float32), which MLX may run in TF32: the ranking stays exact
-    # (module docstring).
-    qf = q.astype(mx.float32)
-    unit = qf * mx.rsqrt(mx.maximum(mx.sum(qf * qf, axis=-1, keepdims=True), 1e-24))
+    # Unit keys, and the queries as they are (scores: |q| times approximate cosines) or made unit
+    # (module docstring, step 1). A float16 bank takes a float16 matmul (tensor cores, float16
+    # scores); others a float32 one (bfloat16 keys are exact in float32), which MLX may run in
+    # TF32: the ranking stays exact.
     dtype = mx.float16 if keys_t.dtype == mx.float16 else mx.float32
-    qm = unit.astype(dtype).reshape(B, kvh, rep, L, d).transpose(1, 0, 2, 3, 4).reshape(to_rows)
+    raw = q.dtype == dtype or dtype == mx.float32  # held exactly in the matmul's dtype
+    if raw:
+        qm = q.astype(dtype)
+    else:
+        qf = q.astype(mx.float32)
+        qm = (qf * mx.rsqrt(mx.maximum(mx.sum(qf * qf, axis=-1, keepdims=True), 1e-24))).astype(dtype)
+    qm = qm.reshape(B, kvh, rep, L, d).transpose(1, 0, 2, 3, 4).reshape(to_rows)  # no copy for B = 1
     approx = qm @ _unit_keys(dtype)(keys_t, inv_norms)
     keys = mx.contiguous(keys_t.swapaxes(1, 2))  # [KVH, N, d]: a candidate's key in a few loads
     rows = B * H * L
@@ -218,6 +231,7 @@ def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, k: int, list_
             ("D", d),
             ("K", list_size),
             ("T", _THREADS),
+            ("RAW", int(raw)),
         ],
         grid=(-(-rows // per_block) * _THREADS, 1, 1),
         threadgroup=(_THREADS, 1, 1),

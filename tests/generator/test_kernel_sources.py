@@ -74,8 +74,13 @@ KERNELS = {
             "float* dots",
             *_arrays("q", "approx"),
         ],
-        ["typename Ta", "typename Tk", "int D", "int K", "int T"],
-        ["<__half, __half, 64, 16, 128>", "<float, float, 128, 32, 128>", "<float, __half, 80, 8, 128>"],
+        ["typename Ta", "typename Tk", "int D", "int K", "int T", "int RAW"],
+        [
+            "<__half, __half, 64, 16, 128, 1>",
+            "<float, float, 128, 32, 128, 1>",
+            "<float, __half, 80, 8, 128, 0>",
+            "<__half, __half, 80, 8, 128, 0>",
+        ],
     ),
     "prefill_merge": (
         "",

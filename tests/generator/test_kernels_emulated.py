@@ -163,13 +163,40 @@ def test_prefill_top_k_kernel_is_the_exact_top_k(case, emulated, monkeypatch):
     _check(q, keys, np.array(rows), np.array(dots), top_k, threshold)
 
 
+# name: (B, H, KVH, L, d, n, top_k, threshold, mode): float16 queries with a float16 bank, which
+# the matmul takes as they are (the kernel scales its bound by each row's |q|: prefill_top_k.py)
+RAW_HALF_CASES = {
+    "random_vector_loads": (1, 8, 2, 6, 64, 512, 10, None, "random"),
+    "random_rows_one_at_a_time_threshold": (1, 8, 2, 5, 80, 301, 8, 0.05, "random"),
+    "near_ties": (1, 8, 2, 4, 64, 800, 16, None, "near"),
+    "zero_queries_and_keys": (2, 4, 2, 4, 32, 256, 9, None, "zeros"),
+    "ties_k32_head_dim_256": (1, 4, 1, 4, 256, 1000, 32, 0.0, "ties"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RAW_HALF_CASES))
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 300.0], ids=["unit_size", "small", "large"])
+def test_prefill_top_k_kernel_ranks_float16_queries_as_they_are(case, scale, emulated, monkeypatch):
+    """Queries in the bank's float16 go into the matmul unnormalized: the picks are the exact top-k
+    of those float16 queries, whatever their norm."""
+    B, H, KVH, L, d, n, top_k, threshold, mode = RAW_HALF_CASES[case]
+    monkeypatch.setattr(fa, "MATMUL_ROWS", 16)
+    q, keys = _inputs(np.random.default_rng(sorted(RAW_HALF_CASES).index(case)), B, H, KVH, L, d, n, mode)
+    q16 = mx.array(q * np.float32(scale)).astype(mx.float16)
+    keys_mx = mx.array(keys).astype(mx.float16)
+    inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx.astype(mx.float32) ** 2, axis=-1), 1e-24))
+    rows, dots = fa.top_k_rows(q16, mx.contiguous(keys_mx.swapaxes(-1, -2)), inv, top_k, threshold)
+    q_seen, keys_seen = np.array(q16.astype(mx.float32)), np.array(keys_mx.astype(mx.float32))
+    _check(q_seen, keys_seen, np.array(rows), np.array(dots), top_k, threshold)
+
+
 @pytest.mark.parametrize("n", [33, 300, 512])
 @pytest.mark.parametrize("errors", ["against_the_top_k", "random_signs"])
 def test_prefill_top_k_kernel_keeps_the_top_k_whatever_scores_within_its_bound(n, errors, emulated, monkeypatch):
-    """The kernel's rule given approximate cosines off by just under APPROX_E each (whatever the
-    matmul did within the bound): the exact top-k rows scored E too low and every other row E too
-    high, or each off by E either way: it still returns the exact top-k (and misses it with
-    errors past the bound: the check has teeth)."""
+    """The kernel's rule given approximate scores off by just under their bound each (whatever the
+    matmul did within it; float32 queries and bank: the raw scores |q| c_n, bound APPROX_E * |q|):
+    the exact top-k rows scored too low and every other row too high, or each off either way: it
+    still returns the exact top-k (and misses it with errors past the bound: the check has teeth)."""
     monkeypatch.setattr(fa, "MATMUL_ROWS", 16)
     B, H, KVH, L, d, top_k = 1, 8, 2, 4, 32, 8
     rng = np.random.default_rng(n)
@@ -186,7 +213,8 @@ def test_prefill_top_k_kernel_keeps_the_top_k_whatever_scores_within_its_bound(n
             cos /= np.linalg.norm(qm, axis=-1)[..., None] * np.linalg.norm(k64, axis=-1)[:, None, :]
             top = cos >= -np.sort(-cos, axis=-1)[..., top_k - 1 : top_k]
             sign = np.where(top, -1.0, 1.0) if errors == "against_the_top_k" else rng.choice([-1.0, 1.0], cos.shape)
-            approx = mx.array((cos + sign * scale * prefill_top_k.APPROX_E).astype(np.float32))
+            qn = np.linalg.norm(qm, axis=-1)[..., None]  # raw queries: scores and bound times |q|
+            approx = mx.array((qn * (cos + sign * scale * prefill_top_k.APPROX_E)).astype(np.float32))
             return kernel(inputs=[inputs[0], approx, *inputs[2:]], **kw)
 
         return call

@@ -46,11 +46,12 @@ def _scores(q: np.ndarray, keys: np.ndarray, truncate: bool):
     return a, dot * q_inv * w, w
 
 
-def _kernel_picks(a: np.ndarray, c: np.ndarray, k: int) -> np.ndarray:
-    """The rows the kernel ranks exactly (its candidates), by its rule, in its lane layout."""
+def _kernel_picks(a: np.ndarray, c: np.ndarray, k: int, e: float = APPROX_E) -> np.ndarray:
+    """The rows the kernel ranks exactly (its candidates), by its rule with bound ``e``, in its lane
+    layout."""
     n = np.arange(len(a))
     lane = (n // V) % 32 if len(a) % V == 0 else n % 32
-    e = f32(APPROX_E)
+    e = f32(e)
     with np.errstate(invalid="ignore"):
         low = np.where(np.isnan(a), -np.inf, a - e)
     lo = np.full(32, -np.inf, f32)
@@ -168,3 +169,46 @@ def test_a_tf32_matmul_of_a_float32_bank_skips_no_top_k_row(truncate):
         kth = np.sort(c)[::-1][k - 1]
         assert np.isin(np.flatnonzero(c >= kth), cand).all(), f"draw {trial}: a row of the exact top-k was skipped"
     assert worst > 0.1
+
+
+def _raw_scores(q16: np.ndarray, keys: np.ndarray, truncate: bool):
+    """(a, |q| c, the kernel's bound for the row) [N] for a float16 query taken as it is: the
+    float16 matmul of q and the unit keys (float32 accumulation, float16 result)."""
+    q = q16.astype(f32)
+    q_inv = f32(1 / np.sqrt(max(f64(np.sum(q * q, dtype=f32)), 1e-24)))
+    k = keys.astype(f32)
+    w = (1 / np.sqrt(np.maximum(np.sum(k.astype(f64) ** 2, axis=-1), 1e-24))).astype(f32)
+    unit_keys = (k * w[:, None]).astype(f16).astype(f32)
+    with np.errstate(over="ignore"):
+        a = _accumulate(q[None] * unit_keys, truncate).astype(f16).astype(f32)
+    dot = _accumulate((q[None].astype(f64) * k).astype(f32), truncate=False)
+    return a, dot * w, f32(APPROX_E) / q_inv + f32(5.9604645e-8)
+
+
+@pytest.mark.parametrize("truncate", [False, True], ids=["round", "truncate"])
+def test_float16_queries_taken_as_they_are_keep_within_the_scaled_bound(truncate):
+    """prefill_top_k's RAW path: a float16 query goes into the matmul unnormalized; the score is
+    within APPROX_E * |q| + 2^-24 of |q| times the exact cosine (the kernel's per-row bound), for
+    queries of any norm (subnormal float16 components, norms from 1e-4 to 1e3), and the candidate
+    rule with that bound skips no top-k row."""
+    rng = np.random.default_rng(21 + truncate)
+    worst = 0.0
+    for trial in range(40):
+        d = int(rng.choice([64, 80, 128, 256]))
+        N = int(rng.choice([96, 300, 512]))
+        k = int(rng.integers(1, 33))
+        q, keys = _draw(rng, trial % 5, d, N)
+        q16 = (q * 10.0 ** rng.uniform(-4, 3)).astype(f16)
+        if not np.any(q16):
+            continue
+        a, qc, e = _raw_scores(q16, keys, truncate)
+        finite = np.isfinite(a)
+        err = np.abs(a[finite].astype(f64) - qc[finite]) / e
+        worst = max(worst, float(err.max(initial=0.0)))
+        assert (err <= 1).all(), f"draw {trial}: |a - |q| c| past the bound"
+        cand = _kernel_picks(a, qc, k, e)
+        kth = np.sort(qc)[::-1][k - 1]
+        assert np.isin(np.flatnonzero(qc >= kth), cand).all(), f"draw {trial}: a row of the exact top-k was skipped"
+    assert (
+        worst > 0.3
+    )  # the draws come within a rounding of the two roundings (~0.6 of the bound) that raw queries take
