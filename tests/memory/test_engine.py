@@ -382,3 +382,24 @@ async def test_a_memory_deleted_while_its_rows_are_read_is_failed_precondition_n
     with pytest.raises(RuntimeError, match="a chunk is missing or damaged"):
         await kv.search(["damaged"], 0, Q, 2)
     assert "gone" not in kv.index.loaded and "damaged" not in kv.index.loaded
+
+
+async def test_a_memory_and_its_tokens_are_read_as_one_snapshot(kv, monkeypatch):
+    """GetMemory with include_tokens (a generator resolving memories for citations) while another
+    client deletes the memory: the answer is the memory with its tokens or NOT_FOUND, never its
+    meta with no tokens (citations of empty text) or with the tokens of a memory created again.
+    Here the delete lands right after the meta is read, where the two reads used to be split."""
+    await kv.create("snap", Layout(1, 2, 8, FLOAT16), "fp-engine", token_ids=[5, 6, 7, 8])
+    plain = kv.store.r.hgetall
+
+    async def hgetall_then_delete(name):
+        h = await plain(name)
+        await kv.store.delete("snap")
+        return h
+
+    monkeypatch.setattr(kv.store.r, "hgetall", hgetall_then_delete)
+    try:
+        meta, tokens, positions = await kv.get("snap", include_tokens=True)
+    except NotFound:
+        return
+    assert list(tokens) == [5, 6, 7, 8] and meta.memory_id == "snap"
