@@ -149,7 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("memory_id", help="memory id (`extmind memories list`)")
 
     s = sub.add_parser("generate", help="generate text, streamed ('-' reads the prompt from stdin)")
-    s.add_argument("prompt", help="the prompt text, or '-' to read it from stdin")
+    s.add_argument(
+        "prompt",
+        help="the prompt text, or '-' to read it from stdin, verbatim: a trailing newline stays in "
+        "the prompt (`printf`, not `echo`, for a prompt ending in 'Answer:')",
+    )
     s.add_argument("--memory", action="append", help="memory id to attend to (repeatable)")
     s.add_argument("--citations", action="store_true", help="print the memory spans retrieved most (needs --memory)")
     s.add_argument(
@@ -194,6 +198,15 @@ def check_combinations(a) -> None:
         if needs:
             sys.stderr.write(
                 f"extmind generate: {', '.join(needs)} needs --memory ID (the memories to attend to) "
+                "(see `extmind generate --help`)\n"
+            )
+            sys.exit(2)
+    if a.cmd == "generate" and a.memory:
+        # The generator refuses a repeated memory id in its own terms (memory_ids); say it in the CLI's.
+        twice = sorted({m for m in a.memory if a.memory.count(m) > 1})
+        if twice:
+            sys.stderr.write(
+                f"extmind generate: --memory {', '.join(twice)} given more than once: name each memory once "
                 "(see `extmind generate --help`)\n"
             )
             sys.exit(2)

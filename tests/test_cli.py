@@ -136,6 +136,7 @@ def env(services):
         (["generate", "hi", "--memory", "m", "--max-citations", "2"], "--max-citations only shapes what --citations"),
         (["generate", "hi", "--citation-min-weight", "1.5"], "--citation-min-weight: must be in [0, 1], got 1.5"),
         (["generate", "hi", "--citation-min-weight", "nan"], "--citation-min-weight: must be in [0, 1], got nan"),
+        (["generate", "hi", "--memory", "m", "--memory", "n", "--memory", "m"], "--memory m given more than once"),
         (["memorize", "a.txt", "b.txt", "--id", "x"], "--id names one memory"),
         # unknown words name the subcommand whose usage they broke, not the top level's
         (["memories", "delete", "a", "b"], "memories delete: unrecognized arguments: b (see `extmind memories delete"),

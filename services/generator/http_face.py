@@ -47,12 +47,15 @@ def sse(data) -> bytes:
 
 
 def memory_object(m: memory_pb2.Memory) -> dict:
-    """A stored memory as the HTTP face shows it."""
+    """A stored memory as the HTTP face shows it. ``num_tokens`` and ``num_rows`` are both the
+    rows stored (the memory service's ``num_tokens``): every memory object carries ``num_rows``, so
+    a client reading it from ``POST`` also finds it in ``GET``."""
     return {
         "id": m.memory_id,
         "object": "memory",
         "model_fingerprint": m.model_fingerprint,
         "num_tokens": m.num_tokens,
+        "num_rows": m.num_tokens,
         "bytes": m.bytes,
         "state": "ready" if m.state == memory_pb2.MEMORY_STATE_READY else "building",
         "metadata": dict(m.labels),
@@ -240,10 +243,10 @@ class GeneratorHttpFace(JsonFace):
         return self._stream(request, self._memorize_events(request, first, events))
 
     async def _memory_of(self, done: dict) -> dict:
-        # num_tokens, as in every memory object, counts what is stored (the rows); input_tokens is
-        # what gRPC Memorize calls num_tokens: the tokens of the text, special ones included.
+        # num_tokens and num_rows, as in every memory object, count what is stored (the rows);
+        # input_tokens is what gRPC Memorize calls num_tokens: the tokens of the text, special ones included.
         memory = memory_object(await self.engine.get_memory(done["memory_id"]))
-        return {**memory, "num_rows": done["num_rows"], "input_tokens": done["num_tokens"]}
+        return {**memory, "input_tokens": done["num_tokens"]}
 
     async def _memorize_events(self, request: Request, first, events) -> AsyncIterator[bytes]:
         try:

@@ -116,12 +116,18 @@ class KVIndex:
         (or created again) while its rows were read from Redis."""
         t0 = time.perf_counter()
         if appended is None:
+            damaged = None
             with kv_store.redis_errors():
                 storage = STORAGE[meta.dtype]
-                layers = [kv_store.read_layer(self.sync, meta, storage, x) for x in range(meta.num_layers)]
+                try:
+                    layers = [kv_store.read_layer(self.sync, meta, storage, x) for x in range(meta.num_layers)]
+                except RuntimeError as e:  # a chunk gone: deleted meanwhile (checked next) or damaged
+                    damaged = e
                 now = self.sync.hget(meta_key(meta.memory_id), "create_us")
             if now is None or int(now) != meta.create_us:  # deleted (and created again) while read
                 raise FailedPrecondition(f"memory {meta.memory_id!r} was deleted while it loaded; retry")
+            if damaged is not None:  # the memory is still there: its rows really are damaged
+                raise damaged
         else:
             layers = [(_joined([k for k, _ in parts]), _joined([v for _, v in parts])) for parts in appended]
         rows = MemoryRows(meta, meta.rows[0] if meta.rows else 0, [k for k, _ in layers], [v for _, v in layers])
@@ -270,7 +276,10 @@ class KVIndex:
                 return
             if f.exception() is not None:
                 settle(f.exception())
-                log.error("loading a memory failed", extra={"memory_id": mid}, exc_info=f.exception())
+                if isinstance(f.exception(), FailedPrecondition):  # deleted while it loaded: the callers' error
+                    log.info("a memory was deleted while it loaded", extra={"memory_id": mid})
+                else:
+                    log.error("loading a memory failed", extra={"memory_id": mid}, exc_info=f.exception())
                 return
             if self._gen.get(mid, 0) == gen:  # not deleted meanwhile
                 self.loaded[mid] = f.result()

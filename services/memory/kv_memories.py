@@ -167,11 +167,9 @@ class KVMemories:
     ) -> tuple[MemoryMeta, np.ndarray | None, np.ndarray | None]:
         """-> (meta, token ids int32 [n] or None, positions uint32 [n] or None). NotFound if missing."""
         check_id(memory_id)
-        meta = await self.store.get(memory_id)
         if not include_tokens:
-            return meta, None, None
-        tokens, positions = await self.store.tokens(memory_id)
-        return meta, tokens, positions
+            return await self.store.get(memory_id), None, None
+        return await self.store.get_with_tokens(memory_id)  # one snapshot of meta and tokens
 
     async def list(
         self, fingerprint: str = "", page_size: int = 0, page_token: str = ""

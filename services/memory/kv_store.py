@@ -142,10 +142,20 @@ class KVStore:
             raise NotFound(f"memory {memory_id!r} does not exist; ListMemories shows the stored ones")
         return MemoryMeta.from_hash(h)
 
-    async def tokens(self, memory_id: str) -> tuple[np.ndarray, np.ndarray]:
+    async def get_with_tokens(self, memory_id: str) -> tuple[MemoryMeta, np.ndarray, np.ndarray]:
+        """``get`` and the memory's token ids (int32) and positions (uint32), read in one
+        MULTI/EXEC (one slot: the keys share the hash tag): a delete, or a delete and create
+        again, lands before or after both reads, never between. Read one after the other, a
+        memory deleted in between answered with its meta and no tokens (citations of empty
+        text), created again with another memory's tokens."""
         with redis_errors():
-            tok, pos = await self.r.mget([tokens_key(memory_id), positions_key(memory_id)])
-        return (np.frombuffer(tok or b"", "<i4"), np.frombuffer(pos or b"", "<u4"))
+            pipe = self.r.pipeline(transaction=True)
+            pipe.hgetall(meta_key(memory_id))
+            pipe.mget([tokens_key(memory_id), positions_key(memory_id)])
+            h, (tok, pos) = await pipe.execute()
+        if not h:
+            raise NotFound(f"memory {memory_id!r} does not exist; ListMemories shows the stored ones")
+        return MemoryMeta.from_hash(h), np.frombuffer(tok or b"", "<i4"), np.frombuffer(pos or b"", "<u4")
 
     async def list(self, fingerprint: str, page_size: int, page_token: str) -> tuple[list[MemoryMeta], str]:
         after = _parse_page_token(page_token, fingerprint) if page_token else ""

@@ -343,3 +343,63 @@ async def test_a_memory_created_again_while_its_rows_are_read_is_not_served(kv, 
     assert "reread" not in kv.index.loaded
     monkeypatch.setattr(kv_store, "read_layer", plain)
     assert (await kv.search(["reread"], 0, np.ones((2, 1, 8), np.float32), 2)).indices.shape == (2, 1, 2)
+
+
+async def test_a_memory_deleted_while_its_rows_are_read_is_failed_precondition_not_internal(kv, monkeypatch):
+    """A delete that lands between a load's listing of a layer's chunks and its reads of them (a
+    search racing ``DeleteMemory``) leaves the load with chunks gone: that is the memory deleted
+    while it loaded (FAILED_PRECONDITION), not a damaged memory (INTERNAL). A chunk missing from a
+    memory that is still there stays an error of its own."""
+    import asyncio
+
+    from extmind.errors import FailedPrecondition
+    from services.memory import kv_store
+    from services.memory.kv_layout import chunk_key, chunk_list_key, meta_key
+
+    K, V = h.random_kv(np.random.default_rng(10), 1, 2, 4, 8, FLOAT16)
+    Q = np.ones((2, 1, 8), np.float32)
+    for mid in ("gone", "damaged"):
+        await kv.create(mid, Layout(1, 2, 8, FLOAT16), "fp-engine", token_ids=list(range(4)))
+        async with kv.append_stream() as stream:
+            await stream.target(mid)
+            await stream.add(0, K[0], V[0])
+            assert (await stream.finish()).state == READY
+        while mid not in kv.index.loaded:
+            await asyncio.sleep(0.01)
+        kv.index.drop(mid)
+    plain = kv_store.read_layer
+
+    def chunks_gone_then_read(client, meta, storage, layer):
+        names = [x.decode() for x in client.lrange(chunk_list_key(meta.memory_id, layer), 0, -1)]
+        client.delete(*[chunk_key(meta.memory_id, kind, layer, n) for n in names for kind in "kv"])
+        if meta.memory_id == "gone":  # deleted meanwhile: its meta goes too
+            client.delete(meta_key(meta.memory_id))
+        return plain(client, meta, storage, layer)
+
+    monkeypatch.setattr(kv_store, "read_layer", chunks_gone_then_read)
+    with pytest.raises(FailedPrecondition, match="deleted while it loaded"):
+        await kv.search(["gone"], 0, Q, 2)
+    with pytest.raises(RuntimeError, match="a chunk is missing or damaged"):
+        await kv.search(["damaged"], 0, Q, 2)
+    assert "gone" not in kv.index.loaded and "damaged" not in kv.index.loaded
+
+
+async def test_a_memory_and_its_tokens_are_read_as_one_snapshot(kv, monkeypatch):
+    """GetMemory with include_tokens (a generator resolving memories for citations) while another
+    client deletes the memory: the answer is the memory with its tokens or NOT_FOUND, never its
+    meta with no tokens (citations of empty text) or with the tokens of a memory created again.
+    Here the delete lands right after the meta is read, where the two reads used to be split."""
+    await kv.create("snap", Layout(1, 2, 8, FLOAT16), "fp-engine", token_ids=[5, 6, 7, 8])
+    plain = kv.store.r.hgetall
+
+    async def hgetall_then_delete(name):
+        h = await plain(name)
+        await kv.store.delete("snap")
+        return h
+
+    monkeypatch.setattr(kv.store.r, "hgetall", hgetall_then_delete)
+    try:
+        meta, tokens, positions = await kv.get("snap", include_tokens=True)
+    except NotFound:
+        return
+    assert list(tokens) == [5, 6, 7, 8] and meta.memory_id == "snap"
