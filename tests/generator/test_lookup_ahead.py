@@ -193,3 +193,15 @@ async def test_citations_are_guessed_with_the_memory_tokens(engine, fresh):
     assert first[3].citations and second[:3] == first[:3]
     assert second[3].citations == first[3].citations
     assert (second[3].row_counts == first[3].row_counts).all()
+
+
+async def test_a_remote_request_waits_for_its_own_lookup(engine, fresh):
+    """REMOTE retrieval searches the memory service at every layer, where a stale guess would fail
+    a step: REMOTE requests are never admitted ahead of their lookup."""
+    mid = fresh("ahead-remote")
+    req = GenerationRequest(_prompt(engine), Sampling(max_tokens=3), MemoryOptions((mid,), top_k=2, mode="remote"))
+    first = await run(engine, req)
+    before = _outcomes()
+    assert engine.lookups.guess(req.memory) is None
+    assert (await run(engine, req))[:2] == first[:2]
+    assert _moved(before) == {}
