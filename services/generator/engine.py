@@ -328,6 +328,11 @@ class GeneratorEngine:
                 )
             except errors.ExtmindError:
                 r.done = True  # refused (a full queue): nothing to cancel, no hop to the MLX thread
+                if lookup is not None:
+                    # On a guess, the request's own lookup answers first, as it would have before
+                    # the admission: its error (a memory deleted), or Stale (created again: a bank
+                    # evicted since the guess was fetched here, the old incarnation's, and failed).
+                    await memory_lookup.confirm(lookup, memories)
                 raise
             fetched.clear()  # cached on the device now; a later group refetches what was evicted meanwhile
             if lookup is not None:

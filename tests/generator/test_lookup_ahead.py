@@ -16,7 +16,7 @@ from services.generator.memory_lookup import LOOKUPS_AHEAD
 from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
 from services.generator.scheduler_metrics import GENERATED_TOKENS
 
-from .helpers import run
+from .helpers import MlxHold, queued, run
 
 TEXT = "Alice met Bob at the station at noon. They talked about music and trains."
 OTHER = "The lighthouse keeper counted ships every night and wrote their names in a red book."
@@ -193,3 +193,46 @@ async def test_citations_are_guessed_with_the_memory_tokens(engine, fresh):
     assert first[3].citations and second[:3] == first[:3]
     assert second[3].citations == first[3].citations
     assert (second[3].row_counts == first[3].row_counts).all()
+
+
+async def test_a_request_refused_on_a_guess_gets_its_lookups_error_first(engine, client, fresh):
+    # Without the lookup ahead the lookup comes first: a deleted memory is NOT_FOUND whether or not
+    # the queue is full. On a guess the admission comes first; its refusal must not answer before
+    # the lookup has (nothing reaches the caller before its own lookup returns).
+    mid = fresh("ahead-refused")
+    req = GenerationRequest(_prompt(engine), Sampling(max_tokens=2), MemoryOptions((mid,), top_k=2))
+    await run(engine, req)
+    client.delete_memory(mid)
+    limit, engine._scheduler.max_queue = engine._scheduler.max_queue, 0  # every admission refused
+    try:
+        with pytest.raises(errors.NotFound, match=mid):
+            await run(engine, req)
+    finally:
+        engine._scheduler.max_queue = limit
+    assert await _idle(engine)
+
+
+async def test_a_bank_evicted_before_an_admission_on_a_guess_of_a_memory_created_again_runs_on_the_new_one(
+    engine, client, fresh
+):
+    # The guess saw the old bank cached; evicted before the admission, the admission fetches the
+    # old incarnation on the MLX thread, which is gone (created again): the request must run on
+    # the new memory, as its own lookup says, not fail with the stale guess's error.
+    mid = fresh("ahead-evicted")
+    req = GenerationRequest(_prompt(engine), Sampling(max_tokens=8), MemoryOptions((mid,), top_k=4))
+    await run(engine, req)
+    client.delete_memory(mid)
+    fresh(mid, OTHER)
+    before = _outcomes()
+    hold = MlxHold(engine)
+    await hold.started()
+    task = asyncio.ensure_future(run(engine, req))
+    await queued(engine, 1)  # its admission, on the guess (the old bank was cached)
+    engine.bank_cache.evict(mid)
+    hold.release()
+    await hold.done()
+    again = await task
+    assert _moved(before) == {"stale": 1}
+    engine.lookups.last.drop(((mid,), False))
+    assert again[:2] == (await run(engine, req))[:2]
+    assert again[3].completion_tokens == 8
