@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import threading
 
+import prometheus_client
 import pytest
 
 from extmind import errors
@@ -236,3 +237,60 @@ async def test_a_bank_evicted_before_an_admission_on_a_guess_of_a_memory_created
     engine.lookups.last.drop(((mid,), False))
     assert again[:2] == (await run(engine, req))[:2]
     assert again[3].completion_tokens == 8
+
+
+def _observed() -> dict[str, float]:
+    """Per-request observations so far: time to first token, and request seconds by finish reason."""
+    reg = prometheus_client.REGISTRY
+    out = {"ttft": reg.get_sample_value("extmind_generator_time_to_first_token_seconds_count") or 0.0}
+    for how in ("stop", "length", "stop_sequence", "error", "cancelled"):
+        out[how] = reg.get_sample_value("extmind_generator_request_seconds_count", {"finish_reason": how}) or 0.0
+    return out
+
+
+def _observed_since(before: dict) -> dict[str, float]:
+    return {k: v - before[k] for k, v in _observed().items() if v != before[k]}
+
+
+async def test_a_request_run_again_is_observed_once(engine, client, fresh):
+    # The dropped run's first token and end are no request's: the metrics count each request once,
+    # as a request that looked up first would be.
+    mid = fresh("ahead-observed-stale")
+    req = GenerationRequest(_prompt(engine), Sampling(max_tokens=8), MemoryOptions((mid,), top_k=4))
+    await run(engine, req)
+    client.delete_memory(mid)
+    fresh(mid, OTHER)
+    before, seen = _outcomes(), _observed()
+    again = await run(engine, req)
+    assert _moved(before) == {"stale": 1}
+    assert again[3].completion_tokens == 8
+    assert _observed_since(seen) == {"ttft": 1, "length": 1}
+
+
+async def test_a_request_whose_lookup_failed_is_not_observed_as_generated(engine, client, fresh, monkeypatch):
+    # It ran to its end while its lookup was held, then ended with NOT_FOUND: no first token, no
+    # "length" end reached its caller (a request whose lookup failed before admission is not
+    # observed at all).
+    mid = fresh("ahead-observed-failed")
+    req = GenerationRequest(_prompt(engine), Sampling(max_tokens=4), MemoryOptions((mid,), top_k=2))
+    await run(engine, req)
+    client.delete_memory(mid)
+    seen, start = _observed(), _generated()
+    with held_lookups(engine, monkeypatch) as (release, answered):
+        task = asyncio.ensure_future(run(engine, req))
+        await _until(lambda: asyncio.sleep(0, bool(answered)), "the lookup answered GetMemory")
+        await _until(lambda: _made(engine, start, 4), "the request ran on the last resolution")
+        release.set()
+        with pytest.raises(errors.NotFound):
+            await task
+    assert _observed_since(seen) == {}
+
+
+async def test_a_request_confirmed_is_observed_once(engine, fresh):
+    mid = fresh("ahead-observed-confirmed")
+    req = GenerationRequest(_prompt(engine), Sampling(max_tokens=4), MemoryOptions((mid,), top_k=2))
+    await run(engine, req)
+    before, seen = _outcomes(), _observed()
+    await run(engine, req)
+    assert _moved(before) == {"confirmed": 1}
+    assert _observed_since(seen) == {"ttft": 1, "length": 1}
