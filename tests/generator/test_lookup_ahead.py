@@ -14,8 +14,8 @@ import pytest
 
 from extmind import errors
 from services.generator.memory_lookup import LOOKUPS_AHEAD
-from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
-from services.generator.scheduler_metrics import GENERATED_TOKENS
+from services.generator.request_types import REMOTE, Chunk, GenerationRequest, MemoryOptions, Sampling
+from services.generator.scheduler_metrics import GENERATED_TOKENS, PROMPT_TOKENS
 
 from .helpers import MlxHold, queued, run
 
@@ -294,3 +294,117 @@ async def test_a_request_confirmed_is_observed_once(engine, fresh):
     await run(engine, req)
     assert _moved(before) == {"confirmed": 1}
     assert _observed_since(seen) == {"ttft": 1, "length": 1}
+
+
+def _forget(engine, m: MemoryOptions) -> None:
+    engine.lookups.last.drop(((*m.memory_ids,), m.return_citations))
+
+
+async def test_remote_a_memory_deleted_since_its_last_resolution_is_not_found_and_nothing_else(
+    engine, client, fresh, monkeypatch
+):
+    # The guessed run searches the deleted memory on the memory service (its group fails there);
+    # the caller still gets only its lookup's NOT_FOUND, and the scheduler is left empty.
+    mid = fresh("ahead-remote-deleted")
+    req = GenerationRequest(_prompt(engine), Sampling(max_tokens=4), MemoryOptions((mid,), top_k=2, mode=REMOTE))
+    await run(engine, req)
+    client.delete_memory(mid)
+    before, prompts = _outcomes(), PROMPT_TOKENS._value.get()
+    got: list = []
+    with held_lookups(engine, monkeypatch) as (release, answered):
+        task = asyncio.ensure_future(_collect(engine, req, got))
+        await _until(lambda: asyncio.sleep(0, bool(answered)), "the lookup answered GetMemory")
+        await _until(lambda: asyncio.sleep(0, PROMPT_TOKENS._value.get() > prompts), "the guessed run was admitted")
+        await _until(lambda: _idle(engine), "the guessed run ended in the scheduler")
+        release.set()
+        with pytest.raises(errors.NotFound, match=mid):
+            await task
+    assert got == []
+    assert _moved(before) == {"failed": 1}
+    assert await _idle(engine)
+
+
+async def test_remote_a_memory_created_again_runs_the_request_again(engine, client, fresh):
+    mid = fresh("ahead-remote-recreated")
+    m = MemoryOptions((mid,), top_k=4, mode=REMOTE)
+    req = GenerationRequest(_prompt(engine), Sampling(max_tokens=8), m)
+    await run(engine, req)
+    client.delete_memory(mid)
+    fresh(mid, OTHER)
+    before = _outcomes()
+    again = await run(engine, req)
+    assert _moved(before) == {"stale": 1}
+    _forget(engine, m)
+    assert again[:2] == (await run(engine, req))[:2]
+    assert await _idle(engine)
+
+
+async def test_requests_held_together_on_a_memory_created_again_all_run_again(engine, client, fresh, monkeypatch):
+    mid = fresh("ahead-several")
+    m = MemoryOptions((mid,), top_k=4)
+    reqs = [GenerationRequest(_prompt(engine), Sampling(max_tokens=n), m) for n in (3, 6, 9)]
+    await run(engine, reqs[0])
+    client.delete_memory(mid)
+    fresh(mid, OTHER)
+    before = _outcomes()
+    with held_lookups(engine, monkeypatch) as (release, answered):
+        tasks = [asyncio.ensure_future(run(engine, r)) for r in reqs]
+        await _until(lambda: asyncio.sleep(0, bool(answered)), "the shared lookup answered GetMemory")
+        release.set()
+        again = await asyncio.gather(*tasks)
+    assert _moved(before) == {"stale": 3}
+    _forget(engine, m)
+    for r, got in zip(reqs, again, strict=True):
+        assert got[:2] == (await run(engine, r))[:2]
+    assert await _idle(engine)
+
+
+async def test_a_seeded_request_run_again_draws_as_one_that_looked_up_first(engine, client, fresh):
+    mid = fresh("ahead-seeded")
+    m = MemoryOptions((mid,), top_k=4)
+    req = GenerationRequest(_prompt(engine), Sampling(max_tokens=12, temperature=1.5, seed=7), m)
+    await run(engine, req)
+    client.delete_memory(mid)
+    fresh(mid, OTHER)
+    before = _outcomes()
+    again = await run(engine, req)
+    assert _moved(before) == {"stale": 1}
+    _forget(engine, m)
+    assert again[:2] == (await run(engine, req))[:2]
+
+
+async def test_citations_of_a_request_run_again_are_the_new_memorys(engine, client, fresh):
+    mid = fresh("ahead-cited-again")
+    m = MemoryOptions((mid,), top_k=4, return_citations=True, citation_min_weight=0.0)
+    req = GenerationRequest(_prompt(engine), Sampling(max_tokens=6), m)
+    await run(engine, req)
+    client.delete_memory(mid)
+    fresh(mid, OTHER)
+    before = _outcomes()
+    again = await run(engine, req)
+    assert _moved(before) == {"stale": 1}
+    _forget(engine, m)
+    first = await run(engine, req)
+    assert again[:3] == first[:3]
+    assert again[3].citations == first[3].citations and first[3].citations
+    assert (again[3].row_counts == first[3].row_counts).all()
+
+
+async def test_a_caller_gone_during_the_run_again_frees_its_slot(engine, client, fresh, monkeypatch):
+    mid = fresh("ahead-gone-again")
+    req = GenerationRequest(_prompt(engine), Sampling(max_tokens=400), MemoryOptions((mid,), top_k=2))
+    await run(engine, GenerationRequest(_prompt(engine), Sampling(max_tokens=1), req.memory))
+    client.delete_memory(mid)
+    fresh(mid, OTHER)
+    before = _outcomes()
+    got: list = []
+    with held_lookups(engine, monkeypatch) as (release, answered):
+        task = asyncio.ensure_future(_collect(engine, req, got))
+        await _until(lambda: asyncio.sleep(0, bool(answered)), "the lookup answered GetMemory")
+        release.set()
+        await _until(lambda: asyncio.sleep(0, _moved(before) == {"stale": 1}), "the lookup found other memories")
+    await _until(lambda: asyncio.sleep(0, bool(got)), "the run again streamed its first tokens")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await _until(lambda: _idle(engine), "the cancelled request left the scheduler")
