@@ -12,7 +12,8 @@ import threading
 import prometheus_client
 import pytest
 
-from extmind import errors
+from extmind import errors, tensor
+from extmind.v1 import memory_pb2
 from services.generator.memory_lookup import LOOKUPS_AHEAD
 from services.generator.request_types import REMOTE, Chunk, GenerationRequest, MemoryOptions, Sampling
 from services.generator.scheduler_metrics import GENERATED_TOKENS, PROMPT_TOKENS
@@ -408,3 +409,39 @@ async def test_a_caller_gone_during_the_run_again_frees_its_slot(engine, client,
     with pytest.raises(asyncio.CancelledError):
         await task
     await _until(lambda: _idle(engine), "the cancelled request left the scheduler")
+
+
+async def test_a_memory_created_again_by_another_model_is_that_error_alone(engine, client, fresh):
+    # Deleted and created again under its id by another model (same layout, same rows): the guess
+    # runs on the old bank, the lookup refuses the new memory; the caller gets that refusal only.
+    mid = fresh("ahead-other-model")
+    req = GenerationRequest(_prompt(engine), Sampling(max_tokens=4), MemoryOptions((mid,), top_k=2))
+    await run(engine, req)
+    m = client.get_memory(mid, include_tokens=True)
+    rows = client.fetch_stored(mid, m.layout.num_layers)
+    client.delete_memory(mid)
+    client.create_memory(
+        memory_id=mid,
+        layout=m.layout,
+        fingerprint="sha256:" + "0" * 64,
+        token_ids=m.token_ids,
+        positions=m.positions,
+        labels={},
+    )
+    client.append(
+        memory_pb2.AppendMemoryRequest(
+            memory_id=mid,
+            layer=layer,
+            keys=tensor.encode(rows.keys[layer], dtype=rows.dtype),
+            values=tensor.encode(rows.values[layer], dtype=rows.dtype),
+        )
+        for layer in range(m.layout.num_layers)
+    )
+    before, prompts = _outcomes(), PROMPT_TOKENS._value.get()
+    got: list = []
+    with pytest.raises(errors.FailedPrecondition, match="another model"):
+        await _collect(engine, req, got)
+    assert got == []
+    assert _moved(before) == {"failed": 1}
+    assert PROMPT_TOKENS._value.get() > prompts, "it ran on the guess, or this test shows nothing"
+    assert await _idle(engine)
