@@ -445,3 +445,22 @@ async def test_a_memory_created_again_by_another_model_is_that_error_alone(engin
     assert _moved(before) == {"failed": 1}
     assert PROMPT_TOKENS._value.get() > prompts, "it ran on the guess, or this test shows nothing"
     assert await _idle(engine)
+
+
+async def test_requests_held_together_on_a_deleted_memory_all_get_not_found_alone(engine, client, fresh, monkeypatch):
+    mid = fresh("ahead-several-deleted")
+    m = MemoryOptions((mid,), top_k=4)
+    reqs = [GenerationRequest(_prompt(engine), Sampling(max_tokens=n), m) for n in (3, 6, 9)]
+    await run(engine, reqs[0])
+    client.delete_memory(mid)
+    before = _outcomes()
+    got: list = [[], [], []]
+    with held_lookups(engine, monkeypatch) as (release, answered):
+        tasks = [asyncio.ensure_future(_collect(engine, r, g)) for r, g in zip(reqs, got, strict=True)]
+        await _until(lambda: asyncio.sleep(0, bool(answered)), "the shared lookup answered GetMemory")
+        release.set()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(o, errors.NotFound) for o in outcomes), outcomes
+    assert got == [[], [], []]
+    assert _moved(before) == {"failed": 3}
+    await _until(lambda: _idle(engine), "the guessed runs left the scheduler")
