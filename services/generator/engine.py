@@ -321,6 +321,9 @@ class GeneratorEngine:
         r = RunningRequest(
             req, asyncio.get_running_loop(), IncrementalDecoder(self._stream_decode), max_tokens, arrived
         )
+        confirmed = lookup is None
+        if lookup is not None:
+            r.hold_observations()  # its metrics wait for the lookup, as its events do
         try:  # from the admit on: a caller gone while it ran must still cancel (cancel ignores unadmitted r)
             try:
                 await self.mlx.run(
@@ -328,10 +331,17 @@ class GeneratorEngine:
                 )
             except errors.ExtmindError:
                 r.done = True  # refused (a full queue): nothing to cancel, no hop to the MLX thread
+                if lookup is not None:
+                    # On a guess, the request's own lookup answers first, as it would have before
+                    # the admission: its error (a memory deleted), or Stale (created again: a bank
+                    # evicted since the guess was fetched here, the old incarnation's, and failed).
+                    await memory_lookup.confirm(lookup, memories)
                 raise
             fetched.clear()  # cached on the device now; a later group refetches what was evicted meanwhile
             if lookup is not None:
                 await memory_lookup.confirm(lookup, memories)
+                confirmed = True
+                r.settle(keep=True)
             while True:
                 ev = await r.events.get()
                 if isinstance(ev, BaseException):
@@ -340,6 +350,8 @@ class GeneratorEngine:
                 if isinstance(ev, Final):
                     return
         finally:
+            if not confirmed:
+                r.settle(keep=False)  # this run's metrics are no request's
             if not r.done:
                 try:
                     self.mlx.submit(self._scheduler.cancel, r)

@@ -55,11 +55,17 @@ LOOKUPS_AHEAD = Counter(
 
 class LastResolutions:
     """The last resolution of each (memory ids, with tokens) a request asked for: the guess for
-    the next request that names them. Bounded (least recently used dropped first); any thread."""
+    the next request that names them. Bounded in resolutions (``size``) and in the per-row
+    entries they hold (``max_rows``: a position per memory row, and a token id with citations;
+    a Python int each, ~36 bytes), least recently used dropped first: a resolution is as large as
+    its memories, and the guesses outlive the requests. One larger than ``max_rows`` is no guess
+    (its requests look up first). Any thread."""
 
-    def __init__(self, size: int = 1024):
+    def __init__(self, size: int = 1024, max_rows: int = 1 << 22):
         self.size = size
-        self._last: collections.OrderedDict = collections.OrderedDict()
+        self.max_rows = max_rows
+        self._last: collections.OrderedDict = collections.OrderedDict()  # key -> (memories, rows held)
+        self._rows = 0
         self._lock = threading.Lock()
 
     @staticmethod
@@ -68,22 +74,32 @@ class LastResolutions:
 
     def get(self, key: tuple) -> list[ResolvedMemory] | None:
         with self._lock:
-            memories = self._last.get(key)
-            if memories is not None:
-                self._last.move_to_end(key)
-            return memories
+            found = self._last.get(key)
+            if found is None:
+                return None
+            self._last.move_to_end(key)
+            return found[0]
 
     def put(self, key: tuple, memories: list[ResolvedMemory]) -> None:
+        rows = sum(len(i.positions) + len(i.token_ids) for i in memories)
         with self._lock:
-            self._last[key] = list(memories)
-            self._last.move_to_end(key)
-            while len(self._last) > self.size:
-                self._last.popitem(last=False)
+            self._pop(key)
+            if rows > self.max_rows:
+                return
+            self._last[key] = (list(memories), rows)
+            self._rows += rows
+            while len(self._last) > self.size or self._rows > self.max_rows:
+                self._pop(next(iter(self._last)))
 
     def drop(self, key: tuple) -> None:
         """Forgets ``key``'s resolution (its lookup failed: the next request waits for its own)."""
         with self._lock:
-            self._last.pop(key, None)
+            self._pop(key)
+
+    def _pop(self, key: tuple) -> None:
+        found = self._last.pop(key, None)
+        if found is not None:
+            self._rows -= found[1]
 
 
 async def confirm(lookup: asyncio.Future, guess: list[ResolvedMemory]) -> None:

@@ -12,8 +12,9 @@ matmul reads it once. Then each query row's N scores are ranked here, one warp p
    at most 2^-11 of |q| each, plus float32 accumulation and subnormal components (relative to |q|,
    far below the margin) and, for the result, an absolute 2^-25 where it is subnormal (the kernel
    adds 2^-24). The queries go in as they are when the matmul's dtype holds them exactly (float16
-   queries and bank; any query for the float32 matmul): no normalizing ops per layer, the kernel
-   scales the bound by each row's |q|. Float32 queries with a float16 bank are made unit first
+   queries and bank; any query for the float32 matmul, though TF32 rounds a float32 query once
+   more, 2^-11 of |q|, within E): no normalizing ops per layer, the kernel scales the bound by
+   each row's |q|. Float32 queries with a float16 bank are made unit first
    (a float16 rounding of a raw float32 query could underflow): one more rounding of 2^-11, which
    ``E`` counts either way. For banks other than float16 the matmul is float32, which MLX may run
    in TF32 (its default on CUDA): TF32 inputs rounded to nearest carry float16's 11-bit
@@ -204,7 +205,7 @@ def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, k: int, list_
     # scores); others a float32 one (bfloat16 keys are exact in float32), which MLX may run in
     # TF32: the ranking stays exact.
     dtype = mx.float16 if keys_t.dtype == mx.float16 else mx.float32
-    raw = q.dtype == dtype or dtype == mx.float32  # held exactly in the matmul's dtype
+    raw = q.dtype == dtype or dtype == mx.float32  # held exactly in the matmul's dtype (TF32: within E)
     if raw:
         qm = q.astype(dtype)
     else:

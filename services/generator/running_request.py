@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import threading
 import time
 
 from services.generator import attention_mass
@@ -42,6 +43,36 @@ class RunningRequest:
         self.mass: attention_mass.MassSum | None = None  # memory share sums (requests with memories)
         self.sampler = None  # as given to the BatchGenerator, kept for decoding solo (solo.py)
         self.processors: list = []
+        # The request's own metric observations (time to first token, its end, its memory share)
+        # while it runs on a guess of its memories (memory_lookup.py): held until its lookup
+        # confirms the guess, dropped otherwise (a run dropped for Stale, a failed lookup, a caller
+        # gone first), so each request is observed once, as one that looked up first. None: at once.
+        self._held: list | None = None
+        self._dropped = False
+        self._held_lock = threading.Lock()  # the scheduler observes on the MLX thread
+
+    def hold_observations(self) -> None:
+        """From now on ``observe`` holds its observations until ``settle`` (before the admission)."""
+        self._held = []
+
+    def observe(self, fn, *args) -> None:
+        """``fn(*args)`` (a metric's observation) now, or when ``settle`` keeps the held ones (any thread)."""
+        with self._held_lock:
+            if self._dropped:
+                return
+            if self._held is not None:
+                self._held.append((fn, args))
+                return
+        fn(*args)
+
+    def settle(self, keep: bool) -> None:
+        """Makes the held observations (``keep``) and observes at once from now on, or drops them
+        and every later one (the caller never saw this run). No-op unless held."""
+        with self._held_lock:
+            held, self._held = self._held, None
+            self._dropped = self._dropped or (held is not None and not keep)
+        for fn, args in held if keep and held else ():
+            fn(*args)
 
     def post(self, event) -> bool:
         """Queues ``event`` for the caller (on the MLX thread). -> whether the caller's loop must

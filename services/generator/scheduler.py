@@ -418,7 +418,7 @@ class Scheduler:
         tok = int(resp.token)
         r.generated += 1
         if r.generated == 1:
-            TIME_TO_FIRST_TOKEN.observe(time.monotonic() - r.arrived)
+            r.observe(TIME_TO_FIRST_TOKEN.observe, time.monotonic() - r.arrived)
             self._gauges_moved = True  # from waiting to running
         if resp.finish_reason == "stop":  # an EOS token (the only stop sequences given to mlx-lm)
             self._finish(r, STOP)
@@ -447,7 +447,7 @@ class Scheduler:
                 return
         if r.mass is not None:
             r.group.mass.flush()
-            attention_mass.observe(r.mass.means())  # the one read of the request's sums
+            r.observe(attention_mass.observe, r.mass.means())  # the one read of the request's sums
             r.mass = None
         rest = ""
         if reason != STOP_SEQUENCE:
@@ -476,4 +476,4 @@ class _SoloToken(NamedTuple):
 
 
 def _observe_end(r: RunningRequest, how: str) -> None:
-    REQUEST_SECONDS.labels(how).observe(time.monotonic() - r.arrived)
+    r.observe(REQUEST_SECONDS.labels(how).observe, time.monotonic() - r.arrived)

@@ -175,7 +175,13 @@ RAW_HALF_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(RAW_HALF_CASES))
-@pytest.mark.parametrize("scale", [1.0, 1e-3, 300.0], ids=["unit_size", "small", "large"])
+@pytest.mark.parametrize(
+    "scale",
+    [1.0, 1e-3, 300.0, 1e-6, 1e4],
+    # subnormal: every component a float16 subnormal (a few bits each, scores subnormal); overflowing:
+    # |q| near 1e5, so near rows' float16 scores are inf (candidates, ranked by their exact cosines)
+    ids=["unit_size", "small", "large", "subnormal", "overflowing"],
+)
 def test_prefill_top_k_kernel_ranks_float16_queries_as_they_are(case, scale, emulated, monkeypatch):
     """Queries in the bank's float16 go into the matmul unnormalized: the picks are the exact top-k
     of those float16 queries, whatever their norm."""

@@ -9,14 +9,16 @@ import asyncio
 import contextlib
 import threading
 
+import prometheus_client
 import pytest
 
-from extmind import errors
+from extmind import errors, tensor
+from extmind.v1 import memory_pb2
 from services.generator.memory_lookup import LOOKUPS_AHEAD
 from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
-from services.generator.scheduler_metrics import GENERATED_TOKENS
+from services.generator.scheduler_metrics import GENERATED_TOKENS, PROMPT_TOKENS
 
-from .helpers import run
+from .helpers import MlxHold, queued, run
 
 TEXT = "Alice met Bob at the station at noon. They talked about music and trains."
 OTHER = "The lighthouse keeper counted ships every night and wrote their names in a red book."
@@ -205,3 +207,233 @@ async def test_a_remote_request_waits_for_its_own_lookup(engine, fresh):
     assert engine.lookups.guess(req.memory) is None
     assert (await run(engine, req))[:2] == first[:2]
     assert _moved(before) == {}
+
+
+async def test_a_request_refused_on_a_guess_gets_its_lookups_error_first(engine, client, fresh):
+    # Without the lookup ahead the lookup comes first: a deleted memory is NOT_FOUND whether or not
+    # the queue is full. On a guess the admission comes first; its refusal must not answer before
+    # the lookup has (nothing reaches the caller before its own lookup returns).
+    mid = fresh("ahead-refused")
+    req = GenerationRequest(_prompt(engine), Sampling(max_tokens=2), MemoryOptions((mid,), top_k=2))
+    await run(engine, req)
+    client.delete_memory(mid)
+    limit, engine._scheduler.max_queue = engine._scheduler.max_queue, 0  # every admission refused
+    try:
+        with pytest.raises(errors.NotFound, match=mid):
+            await run(engine, req)
+    finally:
+        engine._scheduler.max_queue = limit
+    assert await _idle(engine)
+
+
+async def test_a_bank_evicted_before_an_admission_on_a_guess_of_a_memory_created_again_runs_on_the_new_one(
+    engine, client, fresh
+):
+    # The guess saw the old bank cached; evicted before the admission, the admission fetches the
+    # old incarnation on the MLX thread, which is gone (created again): the request must run on
+    # the new memory, as its own lookup says, not fail with the stale guess's error.
+    mid = fresh("ahead-evicted")
+    req = GenerationRequest(_prompt(engine), Sampling(max_tokens=8), MemoryOptions((mid,), top_k=4))
+    await run(engine, req)
+    client.delete_memory(mid)
+    fresh(mid, OTHER)
+    before = _outcomes()
+    hold = MlxHold(engine)
+    await hold.started()
+    task = asyncio.ensure_future(run(engine, req))
+    await queued(engine, 1)  # its admission, on the guess (the old bank was cached)
+    engine.bank_cache.evict(mid)
+    hold.release()
+    await hold.done()
+    again = await task
+    assert _moved(before) == {"stale": 1}
+    engine.lookups.last.drop(((mid,), False))
+    assert again[:2] == (await run(engine, req))[:2]
+    assert again[3].completion_tokens == 8
+
+
+def _observed() -> dict[str, float]:
+    """Per-request observations so far: time to first token, and request seconds by finish reason."""
+    reg = prometheus_client.REGISTRY
+    out = {"ttft": reg.get_sample_value("extmind_generator_time_to_first_token_seconds_count") or 0.0}
+    for how in ("stop", "length", "stop_sequence", "error", "cancelled"):
+        out[how] = reg.get_sample_value("extmind_generator_request_seconds_count", {"finish_reason": how}) or 0.0
+    return out
+
+
+def _observed_since(before: dict) -> dict[str, float]:
+    return {k: v - before[k] for k, v in _observed().items() if v != before[k]}
+
+
+async def test_a_request_run_again_is_observed_once(engine, client, fresh):
+    # The dropped run's first token and end are no request's: the metrics count each request once,
+    # as a request that looked up first would be.
+    mid = fresh("ahead-observed-stale")
+    req = GenerationRequest(_prompt(engine), Sampling(max_tokens=8), MemoryOptions((mid,), top_k=4))
+    await run(engine, req)
+    client.delete_memory(mid)
+    fresh(mid, OTHER)
+    before, seen = _outcomes(), _observed()
+    again = await run(engine, req)
+    assert _moved(before) == {"stale": 1}
+    assert again[3].completion_tokens == 8
+    assert _observed_since(seen) == {"ttft": 1, "length": 1}
+
+
+async def test_a_request_whose_lookup_failed_is_not_observed_as_generated(engine, client, fresh, monkeypatch):
+    # It ran to its end while its lookup was held, then ended with NOT_FOUND: no first token, no
+    # "length" end reached its caller (a request whose lookup failed before admission is not
+    # observed at all).
+    mid = fresh("ahead-observed-failed")
+    req = GenerationRequest(_prompt(engine), Sampling(max_tokens=4), MemoryOptions((mid,), top_k=2))
+    await run(engine, req)
+    client.delete_memory(mid)
+    seen, start = _observed(), _generated()
+    with held_lookups(engine, monkeypatch) as (release, answered):
+        task = asyncio.ensure_future(run(engine, req))
+        await _until(lambda: asyncio.sleep(0, bool(answered)), "the lookup answered GetMemory")
+        await _until(lambda: _made(engine, start, 4), "the request ran on the last resolution")
+        release.set()
+        with pytest.raises(errors.NotFound):
+            await task
+    assert _observed_since(seen) == {}
+
+
+async def test_a_request_confirmed_is_observed_once(engine, fresh):
+    mid = fresh("ahead-observed-confirmed")
+    req = GenerationRequest(_prompt(engine), Sampling(max_tokens=4), MemoryOptions((mid,), top_k=2))
+    await run(engine, req)
+    before, seen = _outcomes(), _observed()
+    await run(engine, req)
+    assert _moved(before) == {"confirmed": 1}
+    assert _observed_since(seen) == {"ttft": 1, "length": 1}
+
+
+def _forget(engine, m: MemoryOptions) -> None:
+    engine.lookups.last.drop(((*m.memory_ids,), m.return_citations))
+
+
+async def test_requests_held_together_on_a_memory_created_again_all_run_again(engine, client, fresh, monkeypatch):
+    mid = fresh("ahead-several")
+    m = MemoryOptions((mid,), top_k=4)
+    reqs = [GenerationRequest(_prompt(engine), Sampling(max_tokens=n), m) for n in (3, 6, 9)]
+    await run(engine, reqs[0])
+    client.delete_memory(mid)
+    fresh(mid, OTHER)
+    before = _outcomes()
+    with held_lookups(engine, monkeypatch) as (release, answered):
+        tasks = [asyncio.ensure_future(run(engine, r)) for r in reqs]
+        await _until(lambda: asyncio.sleep(0, bool(answered)), "the shared lookup answered GetMemory")
+        release.set()
+        again = await asyncio.gather(*tasks)
+    assert _moved(before) == {"stale": 3}
+    _forget(engine, m)
+    for r, got in zip(reqs, again, strict=True):
+        assert got[:2] == (await run(engine, r))[:2]
+    assert await _idle(engine)
+
+
+async def test_a_seeded_request_run_again_draws_as_one_that_looked_up_first(engine, client, fresh):
+    mid = fresh("ahead-seeded")
+    m = MemoryOptions((mid,), top_k=4)
+    req = GenerationRequest(_prompt(engine), Sampling(max_tokens=12, temperature=1.5, seed=7), m)
+    await run(engine, req)
+    client.delete_memory(mid)
+    fresh(mid, OTHER)
+    before = _outcomes()
+    again = await run(engine, req)
+    assert _moved(before) == {"stale": 1}
+    _forget(engine, m)
+    assert again[:2] == (await run(engine, req))[:2]
+
+
+async def test_citations_of_a_request_run_again_are_the_new_memorys(engine, client, fresh):
+    mid = fresh("ahead-cited-again")
+    m = MemoryOptions((mid,), top_k=4, return_citations=True, citation_min_weight=0.0)
+    req = GenerationRequest(_prompt(engine), Sampling(max_tokens=6), m)
+    await run(engine, req)
+    client.delete_memory(mid)
+    fresh(mid, OTHER)
+    before = _outcomes()
+    again = await run(engine, req)
+    assert _moved(before) == {"stale": 1}
+    _forget(engine, m)
+    first = await run(engine, req)
+    assert again[:3] == first[:3]
+    assert again[3].citations == first[3].citations and first[3].citations
+    assert (again[3].row_counts == first[3].row_counts).all()
+
+
+async def test_a_caller_gone_during_the_run_again_frees_its_slot(engine, client, fresh, monkeypatch):
+    mid = fresh("ahead-gone-again")
+    req = GenerationRequest(_prompt(engine), Sampling(max_tokens=400), MemoryOptions((mid,), top_k=2))
+    await run(engine, GenerationRequest(_prompt(engine), Sampling(max_tokens=1), req.memory))
+    client.delete_memory(mid)
+    fresh(mid, OTHER)
+    before = _outcomes()
+    got: list = []
+    with held_lookups(engine, monkeypatch) as (release, answered):
+        task = asyncio.ensure_future(_collect(engine, req, got))
+        await _until(lambda: asyncio.sleep(0, bool(answered)), "the lookup answered GetMemory")
+        release.set()
+        await _until(lambda: asyncio.sleep(0, _moved(before) == {"stale": 1}), "the lookup found other memories")
+    await _until(lambda: asyncio.sleep(0, bool(got)), "the run again streamed its first tokens")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await _until(lambda: _idle(engine), "the cancelled request left the scheduler")
+
+
+async def test_a_memory_created_again_by_another_model_is_that_error_alone(engine, client, fresh):
+    # Deleted and created again under its id by another model (same layout, same rows): the guess
+    # runs on the old bank, the lookup refuses the new memory; the caller gets that refusal only.
+    mid = fresh("ahead-other-model")
+    req = GenerationRequest(_prompt(engine), Sampling(max_tokens=4), MemoryOptions((mid,), top_k=2))
+    await run(engine, req)
+    m = client.get_memory(mid, include_tokens=True)
+    rows = client.fetch_stored(mid, m.layout.num_layers)
+    client.delete_memory(mid)
+    client.create_memory(
+        memory_id=mid,
+        layout=m.layout,
+        fingerprint="sha256:" + "0" * 64,
+        token_ids=m.token_ids,
+        positions=m.positions,
+        labels={},
+    )
+    client.append(
+        memory_pb2.AppendMemoryRequest(
+            memory_id=mid,
+            layer=layer,
+            keys=tensor.encode(rows.keys[layer], dtype=rows.dtype),
+            values=tensor.encode(rows.values[layer], dtype=rows.dtype),
+        )
+        for layer in range(m.layout.num_layers)
+    )
+    before, prompts = _outcomes(), PROMPT_TOKENS._value.get()
+    got: list = []
+    with pytest.raises(errors.FailedPrecondition, match="another model"):
+        await _collect(engine, req, got)
+    assert got == []
+    assert _moved(before) == {"failed": 1}
+    assert PROMPT_TOKENS._value.get() > prompts, "it ran on the guess, or this test shows nothing"
+    assert await _idle(engine)
+
+
+async def test_requests_held_together_on_a_deleted_memory_all_get_not_found_alone(engine, client, fresh, monkeypatch):
+    mid = fresh("ahead-several-deleted")
+    m = MemoryOptions((mid,), top_k=4)
+    reqs = [GenerationRequest(_prompt(engine), Sampling(max_tokens=n), m) for n in (3, 6, 9)]
+    await run(engine, reqs[0])
+    client.delete_memory(mid)
+    before = _outcomes()
+    got: list = [[], [], []]
+    with held_lookups(engine, monkeypatch) as (release, answered):
+        tasks = [asyncio.ensure_future(_collect(engine, r, g)) for r, g in zip(reqs, got, strict=True)]
+        await _until(lambda: asyncio.sleep(0, bool(answered)), "the shared lookup answered GetMemory")
+        release.set()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(o, errors.NotFound) for o in outcomes), outcomes
+    assert got == [[], [], []]
+    assert _moved(before) == {"failed": 3}
+    await _until(lambda: _idle(engine), "the guessed runs left the scheduler")

@@ -212,3 +212,34 @@ def test_float16_queries_taken_as_they_are_keep_within_the_scaled_bound(truncate
     assert (
         worst > 0.3
     )  # the draws come within a rounding of the two roundings (~0.6 of the bound) that raw queries take
+
+
+@pytest.mark.parametrize("truncate", [False, True], ids=["round", "truncate"])
+def test_raw_float32_queries_in_a_tf32_matmul_keep_within_the_scaled_bound(truncate):
+    """prefill_top_k's RAW path for a float32 or bfloat16 bank: the query goes into the float32
+    matmul as it is, which MLX may run in TF32, so a float32 query is rounded (or truncated) to
+    TF32 there after all (a bfloat16 one is exact): with the unit key's rounding, two roundings of
+    2^-11 of |q| rounded to nearest, within the kernel's per-row bound; truncated, products only
+    shrink and the candidate rule with that bound still skips no top-k row."""
+    rng = np.random.default_rng(31 + truncate)
+    worst = 0.0
+    for trial in range(60):
+        d = int(rng.choice([64, 80, 128, 256]))
+        N = int(rng.choice([96, 300, 512]))
+        k = int(rng.integers(1, 33))
+        q, keys16 = _draw(rng, trial % 4, d, N)
+        keys = keys16.astype(f32) * (1 + rng.uniform(0, 2.0**-11, keys16.shape)).astype(f32)  # all bits in use
+        q = (q * 10.0 ** rng.uniform(-6, 6)).astype(f32) * (1 + rng.uniform(0, 2.0**-11, q.shape)).astype(f32)
+        q_inv = f32(1 / np.sqrt(max(f64(np.sum(q * q, dtype=f32)), 1e-24)))
+        w = (1 / np.sqrt(np.maximum(np.sum(keys.astype(f64) ** 2, axis=-1), 1e-24))).astype(f32)
+        a = _accumulate((_tf32(q, truncate)[None].astype(f64) * _tf32(keys * w[:, None], truncate)).astype(f32), False)
+        qc = _accumulate((q[None].astype(f64) * keys).astype(f32), truncate=False) * w  # |q| c
+        e = f32(APPROX_E) / q_inv + f32(5.9604645e-8)
+        err = np.abs(a.astype(f64) - qc) / e
+        worst = max(worst, float(err.max()))
+        if not truncate:
+            assert (err <= 1).all(), f"draw {trial}: |a - |q| c| past the bound"
+        cand = _kernel_picks(a, qc, k, e)
+        kth = np.sort(qc)[::-1][k - 1]
+        assert np.isin(np.flatnonzero(qc >= kth), cand).all(), f"draw {trial}: a row of the exact top-k was skipped"
+    assert worst > 0.1
