@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
+from extmind import errors
 from extmind.tiny_models import build_llama, build_qwen3
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.memory_client import MemoryClient
 
-from .memory_helpers import TEXT
+from .memory_helpers import SHORT_TEXT, TEXT
 from .np_reference import Model
 
 
@@ -72,3 +75,20 @@ def client(memory_address):
 @pytest.fixture(scope="module")
 def ref(llama_path):
     return Model(llama_path)
+
+
+@pytest.fixture
+def fresh(engine, client):
+    """A factory of memories under new ids (``make(memory_id, text=SHORT_TEXT)`` memorizes the
+    text with the module's engine), deleted after the test."""
+    made = []
+
+    def make(mid: str, text: str = SHORT_TEXT) -> str:
+        engine.memorize_blocking(engine.tokenizer.encode(text), memory_id=mid)
+        made.append(mid)
+        return mid
+
+    yield make
+    for mid in made:
+        with contextlib.suppress(errors.NotFound):
+            client.delete_memory(mid)

@@ -20,6 +20,7 @@ TEXT = (
     "Alice met Bob at the station at noon. They talked about music, books, weather and trains. "
     "Water boils at one hundred degrees Celsius at sea level."
 )
+SHORT_TEXT = "Alice met Bob at the station at noon. They talked about music and trains."
 
 
 def ref_memory(ref, tokens, special):

@@ -20,7 +20,6 @@ from services.generator.scheduler_metrics import GENERATED_TOKENS, PROMPT_TOKENS
 
 from .helpers import MlxHold, queued, run
 
-TEXT = "Alice met Bob at the station at noon. They talked about music and trains."
 OTHER = "The lighthouse keeper counted ships every night and wrote their names in a red book."
 
 
@@ -30,22 +29,6 @@ def _outcomes() -> dict[str, float]:
 
 def _moved(before: dict) -> dict[str, float]:
     return {o: v - before[o] for o, v in _outcomes().items() if v != before[o]}
-
-
-@pytest.fixture
-def fresh(engine, client):
-    """Memories memorized under new ids, deleted after the test."""
-    made = []
-
-    def make(mid: str, text: str = TEXT) -> str:
-        engine.memorize_blocking(engine.tokenizer.encode(text), memory_id=mid)
-        made.append(mid)
-        return mid
-
-    yield make
-    for mid in made:
-        with contextlib.suppress(errors.NotFound):
-            client.delete_memory(mid)
 
 
 @contextlib.contextmanager

@@ -6,8 +6,6 @@ FAILED_PRECONDITION. Real memory service, real Redis, real gRPC, real tiny model
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 
@@ -19,24 +17,6 @@ from services.generator.request_types import GenerationRequest, MemoryOptions, S
 
 from .helpers import run
 from .memory_helpers import recreate_memory
-
-TEXT = "Alice met Bob at the station at noon. They talked about music and trains."
-
-
-@pytest.fixture
-def fresh(engine, client):
-    """A factory of memories of TEXT under new ids, deleted after the test."""
-    made = []
-
-    def make(mid: str) -> str:
-        engine.memorize_blocking(engine.tokenizer.encode(TEXT), memory_id=mid)
-        made.append(mid)
-        return mid
-
-    yield make
-    for mid in made:
-        with contextlib.suppress(errors.NotFound):
-            client.delete_memory(mid)
 
 
 def test_fetch_refuses_the_rows_of_a_memory_created_again_with_as_many_rows(engine, client, fresh):
