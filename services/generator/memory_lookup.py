@@ -51,6 +51,8 @@ LOOKUPS_AHEAD = Counter(
     "or an error (failed)",
     ["outcome"],
 )
+for _outcome in ("confirmed", "stale", "failed"):  # every series from the start: a query finds 0, not nothing
+    LOOKUPS_AHEAD.labels(_outcome)
 
 
 class LastResolutions:

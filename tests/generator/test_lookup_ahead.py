@@ -11,6 +11,7 @@ import threading
 
 import prometheus_client
 import pytest
+from prometheus_client import generate_latest
 
 from extmind import errors, tensor
 from extmind.v1 import memory_pb2
@@ -420,3 +421,9 @@ async def test_requests_held_together_on_a_deleted_memory_all_get_not_found_alon
     assert got == [[], [], []]
     assert _moved(before) == {"failed": 3}
     await _until(lambda: _idle(engine), "the guessed runs left the scheduler")
+
+
+def test_every_outcome_is_exported_from_the_start():
+    text = generate_latest().decode()
+    for outcome in ("confirmed", "stale", "failed"):
+        assert f'extmind_generator_memory_lookups_ahead_total{{outcome="{outcome}"}}' in text
