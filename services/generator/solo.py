@@ -32,7 +32,8 @@ from mlx_lm.models.cache import TokenBuffer, make_prompt_cache, trim_prompt_cach
 # after every prompt chunk (memory back to the system, on a Mac the unified memory); the next
 # prefill then allocates its temporaries afresh, which on CUDA cost a 512-token prefill with a
 # 4 096-row memory ~5 ms of its ~27 (the top-k's scores alone are 128 MiB per layer). Kept up to
-# this much, a server's prefills reuse them; past it, emptied as generate_step does.
+# this much for the next chunk or prefill (generate_step itself still empties the cache after each
+# sequence's first token: docs/architecture.md, "Solo from the prompt"); past it, emptied.
 KEEP_CACHED_BYTES = 1 << 30
 
 
