@@ -26,17 +26,16 @@ from extmind import errors, tensor
 from services.common.mlx_thread import MLXThread
 from services.generator import memory_lookup, weights_dtype
 from services.generator.attention_parts import compute_dtype
-from services.generator.bank_cache import BankCache, LocalRetriever, bank_from_stored
+from services.generator.bank_cache import BankCache
 from services.generator.chat_prompt import encode_messages
-from services.generator.extended_attention import MemoryContext, install
+from services.generator.extended_attention import install
 from services.generator.fingerprint import model_fingerprint
 from services.generator.kv_dtypes import dtype_of
 from services.generator.memory_builder import MemorizeProgress, MemoryBuilder
 from services.generator.memory_client import MemoryClient
 from services.generator.memory_lookup import MemoryLookup
-from services.generator.memory_resolution import MemoryResolver, ModelShape, ResolvedMemory, dtype_note
-from services.generator.remote_retrieval import RemoteRetriever
-from services.generator.request_types import DEFAULT_STRIDE, DEFAULT_WINDOW, LOCAL, Chunk, Final, GenerationRequest
+from services.generator.memory_resolution import MemoryResolver, ModelShape, dtype_note
+from services.generator.request_types import DEFAULT_STRIDE, DEFAULT_WINDOW, Chunk, Final, GenerationRequest
 from services.generator.running_request import RunningRequest
 from services.generator.scheduler import Scheduler
 from services.generator.stop_text import IncrementalDecoder, remember_single_tokens
@@ -316,7 +315,7 @@ class GeneratorEngine:
                 m.top_k,
                 m.threshold,
                 frozenset(m.layers) if m.layers else None,
-                m.cite_floor,  # the group's MemoryContext records with it (_memory_context)
+                m.cite_floor,  # the group's MemoryContext records with it (MemoryLookup.context)
             )
         r = RunningRequest(
             req, asyncio.get_running_loop(), IncrementalDecoder(self._stream_decode), max_tokens, arrived
@@ -327,7 +326,7 @@ class GeneratorEngine:
         try:  # from the admit on: a caller gone while it ran must still cancel (cancel ignores unadmitted r)
             try:
                 await self.mlx.run(
-                    self._scheduler.admit, r, key, lambda: self._memory_context(req, memories, fetched), memories
+                    self._scheduler.admit, r, key, lambda: self.lookups.context(m, memories, fetched), memories
                 )
             except errors.ExtmindError:
                 r.done = True  # refused (a full queue): nothing to cancel, no hop to the MLX thread
@@ -357,28 +356,6 @@ class GeneratorEngine:
                     self.mlx.submit(self._scheduler.cancel, r)
                 except RuntimeError:  # the engine stopped meanwhile: nothing left to cancel
                     pass
-
-    def _memory_context(self, req: GenerationRequest, memories: list[ResolvedMemory], fetched: dict) -> MemoryContext:
-        """On the MLX thread, for a new group: the retriever over ``memories`` and the settings."""
-        m = req.memory
-        if m.mode == LOCAL:
-            banks = []
-            for i in memories:
-                bank = self.bank_cache.get(i.memory_id, i.version, lookup=False)  # counted by the lookup
-                if bank is None:  # fetched for this request, or evicted since the lookup
-                    bank = fetched.get(i.memory_id) or bank_from_stored(i.memory_id, i.version, self.resolver.fetch(i))
-                    self.bank_cache.put(bank)
-                banks.append(bank)
-            retriever = LocalRetriever(banks)
-        else:
-            retriever = RemoteRetriever(self.memory, memories)
-        return MemoryContext(
-            retriever,
-            top_k=m.top_k,
-            threshold=m.threshold,
-            layers=frozenset(m.layers) if m.layers else None,
-            cite_min_weight=m.cite_floor,  # in the group key: every citing request of the group asked for it
-        )
 
     # ---------------------------------------------------------------- memorize
 

@@ -36,10 +36,12 @@ from prometheus_client import Counter
 
 from extmind import errors
 from services.common.mlx_thread import MLXThread
-from services.generator.bank_cache import BankCache, fetch_bank
+from services.generator.bank_cache import BankCache, LocalRetriever, bank_from_stored, fetch_bank
 from services.generator.coalesce import Coalescer
+from services.generator.extended_attention import MemoryContext
 from services.generator.memory_client import MemoryChanged
 from services.generator.memory_resolution import MemoryResolver, ResolvedMemory
+from services.generator.remote_retrieval import RemoteRetriever
 from services.generator.request_types import LOCAL
 
 log = logging.getLogger("extmind.generator")
@@ -196,3 +198,26 @@ class MemoryLookup:
             return memories, {}
         missing = [i for i in memories if not self.bank_cache.contains(i.memory_id, i.version)]
         return memories, {i.memory_id: fetch_bank(self.resolver, i, self.mlx) for i in missing}
+
+    def context(self, m, memories: list[ResolvedMemory], fetched: dict) -> MemoryContext:
+        """On the MLX thread, for a new group: the retriever over ``memories`` (LOCAL: their cached
+        banks, those ``fetched`` for the request, or fetched now when evicted since the lookup;
+        REMOTE: searches on the memory service) with ``m``'s (request_types.MemoryOptions) settings."""
+        if m.mode == LOCAL:
+            banks = []
+            for i in memories:
+                bank = self.bank_cache.get(i.memory_id, i.version, lookup=False)  # counted by the lookup
+                if bank is None:  # fetched for this request, or evicted since the lookup
+                    bank = fetched.get(i.memory_id) or bank_from_stored(i.memory_id, i.version, self.resolver.fetch(i))
+                    self.bank_cache.put(bank)
+                banks.append(bank)
+            retriever = LocalRetriever(banks)
+        else:
+            retriever = RemoteRetriever(self.resolver.client, memories)
+        return MemoryContext(
+            retriever,
+            top_k=m.top_k,
+            threshold=m.threshold,
+            layers=frozenset(m.layers) if m.layers else None,
+            cite_min_weight=m.cite_floor,  # in the group key: every citing request of the group asked for it
+        )
