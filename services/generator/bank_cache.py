@@ -162,13 +162,13 @@ class BankCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _find(self, memory_id: str, version: str) -> tuple[Bank | None, bool]:
+    def _find(self, memory_id: str, version: str, touch: bool = True) -> tuple[Bank | None, bool]:
         """(the cached bank of ``memory_id`` or None, whether it is this version); a hit becomes
-        the most recently used."""
+        the most recently used when ``touch``."""
         with self._lock:
             bank = self._entries.get(memory_id)
             hit = bank is not None and bank.version == version
-            if hit:
+            if hit and touch:
                 self._entries.move_to_end(memory_id)
         return bank, hit
 
@@ -184,13 +184,11 @@ class BankCache:
     def holds(self, memory_id: str, version: str) -> bool:
         """Whether this memory version's bank is cached (any thread; not counted, not reordered:
         a look ahead of the request's own lookup, which counts)."""
-        with self._lock:
-            bank = self._entries.get(memory_id)
-            return bank is not None and bank.version == version
+        return self._find(memory_id, version, touch=False)[1]
 
     def count_hits(self, n: int) -> None:
         """Counts ``n`` hits without a lookup (any thread): the banks of a request that shared
-        another request's lookup, which counted them once (services/generator/engine.py)."""
+        another request's lookup, which counted them once (services/generator/memory_lookup.py)."""
         HITS.inc(n)
 
     def get(self, memory_id: str, version: str, *, lookup: bool = True) -> Bank | None:

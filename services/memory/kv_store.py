@@ -138,9 +138,7 @@ class KVStore:
     async def get(self, memory_id: str) -> MemoryMeta:
         with redis_errors():
             h = await self.r.hgetall(meta_key(memory_id))
-        if not h:
-            raise NotFound(f"memory {memory_id!r} does not exist; ListMemories shows the stored ones")
-        return MemoryMeta.from_hash(h)
+        return _found(memory_id, h)
 
     async def get_with_tokens(self, memory_id: str) -> tuple[MemoryMeta, np.ndarray, np.ndarray]:
         """``get`` and the memory's token ids (int32) and positions (uint32), read in one
@@ -153,9 +151,7 @@ class KVStore:
             pipe.hgetall(meta_key(memory_id))
             pipe.mget([tokens_key(memory_id), positions_key(memory_id)])
             h, (tok, pos) = await pipe.execute()
-        if not h:
-            raise NotFound(f"memory {memory_id!r} does not exist; ListMemories shows the stored ones")
-        return MemoryMeta.from_hash(h), np.frombuffer(tok or b"", "<i4"), np.frombuffer(pos or b"", "<u4")
+        return _found(memory_id, h), np.frombuffer(tok or b"", "<i4"), np.frombuffer(pos or b"", "<u4")
 
     async def list(self, fingerprint: str, page_size: int, page_token: str) -> tuple[list[MemoryMeta], str]:
         after = _parse_page_token(page_token, fingerprint) if page_token else ""
@@ -383,3 +379,10 @@ def read_layers(
     """-> {layer: (keys, values)} (see ``read_layer``)."""
     layers = range(meta.num_layers) if layers is None else layers
     return {layer: read_layer(client, meta, storage, layer) for layer in layers}
+
+
+def _found(memory_id: str, h: dict) -> MemoryMeta:
+    """The memory of meta hash ``h`` (as read from Redis); NotFound when it is empty."""
+    if not h:
+        raise NotFound(f"memory {memory_id!r} does not exist; ListMemories shows the stored ones")
+    return MemoryMeta.from_hash(h)
