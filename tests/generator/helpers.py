@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 import time
 
@@ -100,6 +101,17 @@ async def first_steps_queued(engine, start):
     await first.done()
     await queued(engine, 1)  # the scheduler's steps, behind the second hold
     return out, second
+
+
+async def until(condition, what: str, seconds: float = 20) -> None:
+    """Waits until ``condition()`` (a bool, or an awaitable of one) holds, polling every ms; fails
+    naming ``what`` after ``seconds`` (a bound only, so that a fault fails instead of hanging)."""
+    for _ in range(int(seconds * 1000)):
+        ok = condition()
+        if await ok if inspect.isawaitable(ok) else ok:
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"never: {what}")
 
 
 def until_work_waits(mlx, seconds: float = 30) -> None:

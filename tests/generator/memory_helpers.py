@@ -1,9 +1,12 @@
 """Shared pieces of the memory tests (tests/generator/test_memories.py, test_citations.py): the
 memorized text, the numpy model's memory, the tie-aware comparisons of discrete outcomes, and a
-memory deleted and created again under its id (test_memory_incarnation.py, test_remote_stream.py)."""
+memory deleted and created again under its id (test_memory_incarnation.py, test_remote_stream.py),
+memory lookups held in their worker thread (test_coalesce.py, test_lookup_ahead.py)."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 
 import numpy as np
@@ -84,17 +87,20 @@ async def timed(engine, req):
     return [t for c in chunks for t in c.token_ids], final, first, time.monotonic()
 
 
-def recreate_memory(client: MemoryClient, src: str, dst: str, *, reverse: bool = False) -> None:
+def recreate_memory(
+    client: MemoryClient, src: str, dst: str, *, reverse: bool = False, fingerprint: str | None = None
+) -> None:
     """Deletes memory ``dst`` and creates it again under its id with ``src``'s token ids, layout
     and rows (as a client that rebuilds a memory under its old name), through the memory service
-    alone; ``reverse``: each layer's rows in reverse order (another memory of the same size)."""
+    alone; ``reverse``: each layer's rows in reverse order (another memory of the same size);
+    ``fingerprint``: another model's (default: ``src``'s)."""
     m = client.get_memory(src, include_tokens=True)
     rows = client.fetch_stored(src, m.layout.num_layers)
     client.delete_memory(dst)
     client.create_memory(
         memory_id=dst,
         layout=m.layout,
-        fingerprint=m.model_fingerprint,
+        fingerprint=fingerprint or m.model_fingerprint,
         token_ids=m.token_ids,
         positions=m.positions,
         labels={},
@@ -109,3 +115,27 @@ def recreate_memory(client: MemoryClient, src: str, dst: str, *, reverse: bool =
         )
         for layer in range(m.layout.num_layers)
     )
+
+
+@contextlib.contextmanager
+def held_lookups(engine, monkeypatch, *, first_only: bool = False):
+    """The engine's memory lookups (every one, or only the first) pause right after their
+    GetMemory answered, until the block ends or ``release`` is set. Yields (release, begun,
+    answered): that event, and lists with an item per lookup begun / answered."""
+    resolve = engine.resolver.resolve
+    release, begun, answered = threading.Event(), [], []
+
+    def slow(*a, **kw):
+        begun.append(1)
+        try:
+            return resolve(*a, **kw)
+        finally:
+            answered.append(1)
+            if not first_only or len(answered) == 1:
+                release.wait(20)
+
+    monkeypatch.setattr(engine.resolver, "resolve", slow)
+    try:
+        yield release, begun, answered
+    finally:
+        release.set()

@@ -3,7 +3,6 @@ through the engine: eight LOCAL requests with one memory make one lookup, join t
 together (no left padding) and generate what each generates alone."""
 
 import asyncio
-import contextlib
 import threading
 
 import pytest
@@ -13,7 +12,8 @@ from services.generator import scheduler
 from services.generator.coalesce import Coalescer
 from services.generator.request_types import GenerationRequest, MemoryOptions, Sampling
 
-from .helpers import run
+from .helpers import run, until
+from .memory_helpers import held_lookups
 
 
 async def test_callers_of_one_iteration_share_one_call_per_key():
@@ -106,37 +106,6 @@ async def test_eight_local_requests_look_up_once_and_join_one_unpadded_batch(eng
     assert padded and not any(padded), padded
 
 
-async def _until(condition, what: str) -> None:
-    for _ in range(20_000):  # a bound only so that a fault fails instead of hanging
-        if condition():
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError(f"never: {what}")
-
-
-@contextlib.asynccontextmanager
-async def _held_after_get_memory(engine, monkeypatch):
-    """The next memory lookup pauses right after its GetMemory answers, until the block ends.
-    Yields (that event, a list with an item per lookup begun)."""
-    resolve = engine.resolver.resolve
-    looked, release, begun = threading.Event(), threading.Event(), []
-
-    def slow(*a, **kw):
-        begun.append(1)
-        try:
-            return resolve(*a, **kw)
-        finally:
-            if not looked.is_set():
-                looked.set()
-                release.wait(20)
-
-    monkeypatch.setattr(engine.resolver, "resolve", slow)
-    try:
-        yield looked, begun
-    finally:
-        release.set()
-
-
 async def test_a_request_after_a_delete_does_not_share_the_lookup_that_read_before_it(engine, client, monkeypatch):
     """Through the engine and the memory service: a lookup that read the memory before it was
     deleted answers for its own request only; one arriving after the delete is NOT_FOUND."""
@@ -144,12 +113,12 @@ async def test_a_request_after_a_delete_does_not_share_the_lookup_that_read_befo
     opts = MemoryOptions((mid,), top_k=2)
     prompt = engine.tokenizer.encode("Bob likes")
     await run(engine, GenerationRequest(prompt, Sampling(max_tokens=2), opts))  # cached
-    async with _held_after_get_memory(engine, monkeypatch) as (looked, begun):
+    with held_lookups(engine, monkeypatch, first_only=True) as (_, begun, looked):
         first = asyncio.ensure_future(run(engine, GenerationRequest(prompt, Sampling(max_tokens=2), opts)))
-        await _until(looked.is_set, "the first lookup read the memory")
+        await until(lambda: bool(looked), "the first lookup read the memory")
         await asyncio.to_thread(client.delete_memory, mid)
         late = asyncio.ensure_future(run(engine, GenerationRequest(prompt, Sampling(max_tokens=2), opts)))
-        await _until(lambda: len(begun) == 2, "the late request began its own lookup while the first is held")
+        await until(lambda: len(begun) == 2, "the late request began its own lookup while the first is held")
     assert (await first)[3].completion_tokens == 2  # resolved before the delete: served from the cache
     with pytest.raises(errors.NotFound):
         await late
@@ -160,12 +129,12 @@ async def test_a_request_after_a_create_does_not_share_the_lookup_that_read_befo
     mid = "coalesce-create"
     opts = MemoryOptions((mid,), top_k=2)
     prompt = engine.tokenizer.encode("Bob likes")
-    async with _held_after_get_memory(engine, monkeypatch) as (looked, begun):
+    with held_lookups(engine, monkeypatch, first_only=True) as (_, begun, looked):
         first = asyncio.ensure_future(run(engine, GenerationRequest(prompt, Sampling(max_tokens=2), opts)))
-        await _until(looked.is_set, "the first lookup read the memory")
+        await until(lambda: bool(looked), "the first lookup read the memory")
         await asyncio.to_thread(engine.memorize_blocking, engine.tokenizer.encode("Bob likes trains."), memory_id=mid)
         late = asyncio.ensure_future(run(engine, GenerationRequest(prompt, Sampling(max_tokens=2), opts)))
-        await _until(lambda: len(begun) == 2, "the late request began its own lookup while the first is held")
+        await until(lambda: len(begun) == 2, "the late request began its own lookup while the first is held")
     with pytest.raises(errors.NotFound):
         await first
     assert (await late)[3].completion_tokens == 2

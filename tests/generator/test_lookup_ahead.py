@@ -6,20 +6,17 @@ error ends it with that error alone. Real memory service, real Redis, real gRPC,
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import threading
 
 import prometheus_client
 import pytest
-from prometheus_client import generate_latest
 
-from extmind import errors, tensor
-from extmind.v1 import memory_pb2
+from extmind import errors
 from services.generator.memory_lookup import LOOKUPS_AHEAD
 from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
 from services.generator.scheduler_metrics import GENERATED_TOKENS, PROMPT_TOKENS
 
-from .helpers import MlxHold, queued, run
+from .helpers import MlxHold, queued, run, until
+from .memory_helpers import held_lookups, recreate_memory
 
 OTHER = "The lighthouse keeper counted ships every night and wrote their names in a red book."
 
@@ -30,35 +27,6 @@ def _outcomes() -> dict[str, float]:
 
 def _moved(before: dict) -> dict[str, float]:
     return {o: v - before[o] for o, v in _outcomes().items() if v != before[o]}
-
-
-@contextlib.contextmanager
-def held_lookups(engine, monkeypatch):
-    """Every memory lookup waits after its GetMemory answered until the block ends (or
-    ``release`` is set). Yields (release, the number of lookups that answered, as a list)."""
-    resolve = engine.resolver.resolve
-    release, answered = threading.Event(), []
-
-    def slow(*a, **kw):
-        try:
-            return resolve(*a, **kw)
-        finally:
-            answered.append(1)
-            release.wait(20)
-
-    monkeypatch.setattr(engine.resolver, "resolve", slow)
-    try:
-        yield release, answered
-    finally:
-        release.set()
-
-
-async def _until(condition, what: str, seconds: float = 20) -> None:
-    for _ in range(int(seconds * 1000)):
-        if await condition():
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError(f"never: {what}")
 
 
 async def _idle(engine) -> bool:
@@ -89,12 +57,12 @@ async def test_a_known_memory_is_generated_before_its_lookup_returns_and_held_un
     waited = await run(engine, req)  # no resolution known yet: looked up first, then admitted
     before, start = _outcomes(), _generated()
     got: list = []
-    with held_lookups(engine, monkeypatch) as (release, answered):
+    with held_lookups(engine, monkeypatch) as (release, _, answered):
         task = asyncio.ensure_future(_collect(engine, req, got))
-        await _until(lambda: asyncio.sleep(0, bool(answered)), "the lookup answered GetMemory")
+        await until(lambda: bool(answered), "the lookup answered GetMemory")
         # Its 4 tokens are made while the lookup is held (the request ended in the scheduler),
         # and none of them reached the caller.
-        await _until(lambda: _made(engine, start, 4), "the request generated while its lookup was held")
+        await until(lambda: _made(engine, start, 4), "the request generated while its lookup was held")
         assert got == []
         release.set()
         await task
@@ -114,10 +82,10 @@ async def test_a_memory_deleted_since_its_last_resolution_is_not_found_and_nothi
     client.delete_memory(mid)
     before, start = _outcomes(), _generated()
     got: list = []
-    with held_lookups(engine, monkeypatch) as (release, answered):
+    with held_lookups(engine, monkeypatch) as (release, _, answered):
         task = asyncio.ensure_future(_collect(engine, req, got))
-        await _until(lambda: asyncio.sleep(0, bool(answered)), "the lookup answered GetMemory")
-        await _until(lambda: _made(engine, start, 4), "the request ran on the last resolution")
+        await until(lambda: bool(answered), "the lookup answered GetMemory")
+        await until(lambda: _made(engine, start, 4), "the request ran on the last resolution")
         release.set()
         with pytest.raises(errors.NotFound, match=mid):
             await task
@@ -152,15 +120,15 @@ async def test_a_caller_gone_while_the_lookup_runs_frees_its_slot(engine, fresh,
     req = GenerationRequest(_prompt(engine), Sampling(max_tokens=200), MemoryOptions((mid,), top_k=2))
     await run(engine, GenerationRequest(_prompt(engine), Sampling(max_tokens=1), req.memory))
     start = _generated()
-    with held_lookups(engine, monkeypatch) as (release, answered):
+    with held_lookups(engine, monkeypatch) as (release, _, answered):
         got: list = []
         task = asyncio.ensure_future(_collect(engine, req, got))
-        await _until(lambda: asyncio.sleep(0, bool(answered)), "the lookup answered GetMemory")
-        await _until(lambda: asyncio.sleep(0, _generated() > start), "the request began generating")
+        await until(lambda: bool(answered), "the lookup answered GetMemory")
+        await until(lambda: _generated() > start, "the request began generating")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await _until(lambda: _idle(engine), "the cancelled request left the scheduler")
+        await until(lambda: _idle(engine), "the cancelled request left the scheduler")
         release.set()
     assert got == []
 
@@ -273,10 +241,10 @@ async def test_a_request_whose_lookup_failed_is_not_observed_as_generated(engine
     await run(engine, req)
     client.delete_memory(mid)
     seen, start = _observed(), _generated()
-    with held_lookups(engine, monkeypatch) as (release, answered):
+    with held_lookups(engine, monkeypatch) as (release, _, answered):
         task = asyncio.ensure_future(run(engine, req))
-        await _until(lambda: asyncio.sleep(0, bool(answered)), "the lookup answered GetMemory")
-        await _until(lambda: _made(engine, start, 4), "the request ran on the last resolution")
+        await until(lambda: bool(answered), "the lookup answered GetMemory")
+        await until(lambda: _made(engine, start, 4), "the request ran on the last resolution")
         release.set()
         with pytest.raises(errors.NotFound):
             await task
@@ -305,9 +273,9 @@ async def test_requests_held_together_on_a_memory_created_again_all_run_again(en
     client.delete_memory(mid)
     fresh(mid, OTHER)
     before = _outcomes()
-    with held_lookups(engine, monkeypatch) as (release, answered):
+    with held_lookups(engine, monkeypatch) as (release, _, answered):
         tasks = [asyncio.ensure_future(run(engine, r)) for r in reqs]
-        await _until(lambda: asyncio.sleep(0, bool(answered)), "the shared lookup answered GetMemory")
+        await until(lambda: bool(answered), "the shared lookup answered GetMemory")
         release.set()
         again = await asyncio.gather(*tasks)
     assert _moved(before) == {"stale": 3}
@@ -356,16 +324,16 @@ async def test_a_caller_gone_during_the_run_again_frees_its_slot(engine, client,
     fresh(mid, OTHER)
     before = _outcomes()
     got: list = []
-    with held_lookups(engine, monkeypatch) as (release, answered):
+    with held_lookups(engine, monkeypatch) as (release, _, answered):
         task = asyncio.ensure_future(_collect(engine, req, got))
-        await _until(lambda: asyncio.sleep(0, bool(answered)), "the lookup answered GetMemory")
+        await until(lambda: bool(answered), "the lookup answered GetMemory")
         release.set()
-        await _until(lambda: asyncio.sleep(0, _moved(before) == {"stale": 1}), "the lookup found other memories")
-    await _until(lambda: asyncio.sleep(0, bool(got)), "the run again streamed its first tokens")
+        await until(lambda: _moved(before) == {"stale": 1}, "the lookup found other memories")
+    await until(lambda: bool(got), "the run again streamed its first tokens")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await _until(lambda: _idle(engine), "the cancelled request left the scheduler")
+    await until(lambda: _idle(engine), "the cancelled request left the scheduler")
 
 
 async def test_a_memory_created_again_by_another_model_is_that_error_alone(engine, client, fresh):
@@ -374,26 +342,7 @@ async def test_a_memory_created_again_by_another_model_is_that_error_alone(engin
     mid = fresh("ahead-other-model")
     req = GenerationRequest(_prompt(engine), Sampling(max_tokens=4), MemoryOptions((mid,), top_k=2))
     await run(engine, req)
-    m = client.get_memory(mid, include_tokens=True)
-    rows = client.fetch_stored(mid, m.layout.num_layers)
-    client.delete_memory(mid)
-    client.create_memory(
-        memory_id=mid,
-        layout=m.layout,
-        fingerprint="sha256:" + "0" * 64,
-        token_ids=m.token_ids,
-        positions=m.positions,
-        labels={},
-    )
-    client.append(
-        memory_pb2.AppendMemoryRequest(
-            memory_id=mid,
-            layer=layer,
-            keys=tensor.encode(rows.keys[layer], dtype=rows.dtype),
-            values=tensor.encode(rows.values[layer], dtype=rows.dtype),
-        )
-        for layer in range(m.layout.num_layers)
-    )
+    recreate_memory(client, mid, mid, fingerprint="sha256:" + "0" * 64)
     before, prompts = _outcomes(), PROMPT_TOKENS._value.get()
     got: list = []
     with pytest.raises(errors.FailedPrecondition, match="another model"):
@@ -412,18 +361,18 @@ async def test_requests_held_together_on_a_deleted_memory_all_get_not_found_alon
     client.delete_memory(mid)
     before = _outcomes()
     got: list = [[], [], []]
-    with held_lookups(engine, monkeypatch) as (release, answered):
+    with held_lookups(engine, monkeypatch) as (release, _, answered):
         tasks = [asyncio.ensure_future(_collect(engine, r, g)) for r, g in zip(reqs, got, strict=True)]
-        await _until(lambda: asyncio.sleep(0, bool(answered)), "the shared lookup answered GetMemory")
+        await until(lambda: bool(answered), "the shared lookup answered GetMemory")
         release.set()
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
     assert all(isinstance(o, errors.NotFound) for o in outcomes), outcomes
     assert got == [[], [], []]
     assert _moved(before) == {"failed": 3}
-    await _until(lambda: _idle(engine), "the guessed runs left the scheduler")
+    await until(lambda: _idle(engine), "the guessed runs left the scheduler")
 
 
 def test_every_outcome_is_exported_from_the_start():
-    text = generate_latest().decode()
+    text = prometheus_client.generate_latest().decode()
     for outcome in ("confirmed", "stale", "failed"):
         assert f'extmind_generator_memory_lookups_ahead_total{{outcome="{outcome}"}}' in text
