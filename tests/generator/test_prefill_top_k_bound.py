@@ -91,15 +91,25 @@ def _draw(rng, kind: int, d: int, N: int):
     return q, np.clip(keys, -65504, 65504).astype(f16)
 
 
+def _case(rng, kind: int, full_keys: bool = False):
+    """One draw of the bound tests: (k, q float32 [d], keys [N, d]) for a head size d in 64-256, N
+    rows (300: not a multiple of V, the row-at-a-time lanes) and k in 1-32; the keys float16, or
+    with ``full_keys`` float32 with every significand bit in use (a float32 bank)."""
+    d = int(rng.choice([64, 80, 128, 256]))
+    N = int(rng.choice([96, 300, 512]))
+    k = int(rng.integers(1, 33))
+    q, keys = _draw(rng, kind, d, N)
+    if full_keys:
+        keys = keys.astype(f32) * (1 + rng.uniform(0, 2.0**-11, keys.shape)).astype(f32)
+    return k, q, keys
+
+
 @pytest.mark.parametrize("truncate", [False, True], ids=["round", "truncate"])
 def test_the_float16_bound_holds_and_no_top_k_row_is_skipped(truncate):
     rng = np.random.default_rng(5 + truncate)
     worst = 0.0
     for trial in range(40):
-        d = int(rng.choice([64, 80, 128, 256]))
-        N = int(rng.choice([96, 300, 512]))  # 300: not a multiple of V (row-at-a-time lanes)
-        k = int(rng.integers(1, 33))
-        q, keys = _draw(rng, trial % 5, d, N)
+        k, q, keys = _case(rng, trial % 5)
         a, c, w = _scores(q, keys, truncate)
         finite = np.isfinite(a)
         err = np.abs(a[finite].astype(f64) - c[finite]) / APPROX_E
@@ -150,11 +160,7 @@ def test_a_tf32_matmul_of_a_float32_bank_skips_no_top_k_row(truncate):
     rng = np.random.default_rng(11 + truncate)
     worst = 0.0
     for trial in range(60):
-        d = int(rng.choice([64, 80, 128, 256]))
-        N = int(rng.choice([96, 300, 512]))
-        k = int(rng.integers(1, 33))
-        q, keys16 = _draw(rng, trial % 4, d, N)
-        keys = keys16.astype(f32) * (1 + rng.uniform(0, 2.0**-11, keys16.shape)).astype(f32)  # all bits in use
+        k, q, keys = _case(rng, trial % 4, full_keys=True)
         ss = np.sum(q * q, dtype=f32)
         q_inv = f32(1 / np.sqrt(max(f64(ss), 1e-24)))
         w = (1 / np.sqrt(np.maximum(np.sum(keys.astype(f64) ** 2, axis=-1), 1e-24))).astype(f32)
@@ -194,10 +200,7 @@ def test_float16_queries_taken_as_they_are_keep_within_the_scaled_bound(truncate
     rng = np.random.default_rng(21 + truncate)
     worst = 0.0
     for trial in range(40):
-        d = int(rng.choice([64, 80, 128, 256]))
-        N = int(rng.choice([96, 300, 512]))
-        k = int(rng.integers(1, 33))
-        q, keys = _draw(rng, trial % 5, d, N)
+        k, q, keys = _case(rng, trial % 5)
         q16 = (q * 10.0 ** rng.uniform(-4, 3)).astype(f16)
         if not np.any(q16):
             continue
@@ -224,11 +227,7 @@ def test_raw_float32_queries_in_a_tf32_matmul_keep_within_the_scaled_bound(trunc
     rng = np.random.default_rng(31 + truncate)
     worst = 0.0
     for trial in range(60):
-        d = int(rng.choice([64, 80, 128, 256]))
-        N = int(rng.choice([96, 300, 512]))
-        k = int(rng.integers(1, 33))
-        q, keys16 = _draw(rng, trial % 4, d, N)
-        keys = keys16.astype(f32) * (1 + rng.uniform(0, 2.0**-11, keys16.shape)).astype(f32)  # all bits in use
+        k, q, keys = _case(rng, trial % 4, full_keys=True)
         q = (q * 10.0 ** rng.uniform(-6, 6)).astype(f32) * (1 + rng.uniform(0, 2.0**-11, q.shape)).astype(f32)
         q_inv = f32(1 / np.sqrt(max(f64(np.sum(q * q, dtype=f32)), 1e-24)))
         w = (1 / np.sqrt(np.maximum(np.sum(keys.astype(f64) ** 2, axis=-1), 1e-24))).astype(f32)
