@@ -1,9 +1,11 @@
 """One asyncio task a service runs in the background until it stops (a health file's beat, the
-memory service's reaper): started once, cancelled and awaited on stop."""
+memory service's reaper): started once, cancelled and awaited on stop. And ``retrieved``, for
+futures whose outcome nobody may be left to await."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 from collections.abc import Awaitable, Callable
 
@@ -31,3 +33,11 @@ class BackgroundTask:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+
+def retrieved(fut: asyncio.Future | concurrent.futures.Future) -> None:
+    """A done callback (asyncio or concurrent.futures): marks ``fut``'s exception as seen, so that
+    a future every awaiter left (a caller gone, a shared load or lookup nobody waits for any more)
+    logs no "exception was never retrieved"; its awaiters, if any, still get it."""
+    if not fut.cancelled():
+        fut.exception()

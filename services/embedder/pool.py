@@ -28,6 +28,7 @@ from extmind.errors import (
     NotFound,
     ResourceExhausted,
 )
+from services.common.background import retrieved
 from services.common.mlx_thread import MLXThread
 from services.embedder import registry
 from services.embedder.models.base import ServedModel
@@ -166,7 +167,7 @@ class ModelPool:
             while entry.model is None:
                 if entry.loading is None:
                     entry.loading = loop.create_task(self._load(entry))
-                    entry.loading.add_done_callback(_retrieve)
+                    entry.loading.add_done_callback(retrieved)
                 try:
                     # Shielded: one waiter giving up must not cancel the load the others wait for.
                     await asyncio.wait_for(
@@ -298,9 +299,3 @@ def _release(holder: list) -> None:
     import mlx.core as mx
 
     mx.clear_cache()
-
-
-def _retrieve(task: asyncio.Task) -> None:
-    """Marks a failed load's exception as seen when every waiter has gone (no asyncio warning)."""
-    if not task.cancelled():
-        task.exception()

@@ -21,6 +21,8 @@ import threading
 from collections.abc import Callable, Hashable
 from typing import Any
 
+from services.common.background import retrieved
+
 
 class Coalescer:
     """``run(key, fn)``: the result of ``fn()`` (run in a worker thread), shared with the callers of
@@ -46,7 +48,7 @@ class Coalescer:
             fut = self._waiting.get(k)
             if fut is None:
                 fut = loop.create_future()
-                fut.add_done_callback(_retrieved)  # every caller may have gone: no "never retrieved" log
+                fut.add_done_callback(retrieved)  # every caller may have gone: no "never retrieved" log
                 self._waiting[k] = fut
                 loop.call_soon(self._start, k, fut, fn)
         return await asyncio.shield(fut)
@@ -69,8 +71,3 @@ class Coalescer:
                 fut.set_result(t.result())
 
         task.add_done_callback(done)
-
-
-def _retrieved(fut: asyncio.Future) -> None:
-    if not fut.cancelled():
-        fut.exception()

@@ -23,6 +23,7 @@ import mlx.core as mx
 from mlx_lm.utils import load
 
 from extmind import errors, tensor
+from services.common.background import retrieved
 from services.common.mlx_thread import MLXThread
 from services.generator import memory_lookup, weights_dtype
 from services.generator.attention_parts import compute_dtype
@@ -285,7 +286,7 @@ class GeneratorEngine:
                 memories, fetched = await self.lookups.resolve_and_fetch(m)
             else:  # admitted on the last resolution while its own lookup runs (memory_lookup.py)
                 memories, lookup = guess, asyncio.ensure_future(self.lookups.resolve_and_fetch(m))
-                lookup.add_done_callback(_retrieve)
+                lookup.add_done_callback(retrieved)
         try:
             while True:
                 try:
@@ -461,11 +462,4 @@ class GeneratorEngine:
             yield job.result()  # reports and the job's end reach the loop in order: none is left behind
         finally:
             closed = True
-            job.add_done_callback(lambda j: j.cancelled() or j.exception())  # retrieved: no "never retrieved" warning
-
-
-def _retrieve(task: asyncio.Future) -> None:
-    """Retrieves a lookup's outcome nobody awaited (its caller gone or refused): no "never
-    retrieved" warning."""
-    if not task.cancelled():
-        task.exception()
+            job.add_done_callback(retrieved)

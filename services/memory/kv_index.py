@@ -22,6 +22,7 @@ import numpy as np
 
 from extmind.errors import FailedPrecondition
 from extmind.tensor import STORAGE
+from services.common.background import retrieved
 from services.memory import kv_store
 from services.memory.kv_layout import READY, MemoryMeta, meta_key
 from services.memory.kv_search import (
@@ -257,7 +258,7 @@ class KVIndex:
         mid = meta.memory_id
         gen = self._gen.get(mid, 0)
         rows = loop.create_future()
-        rows.add_done_callback(lambda f: f.cancelled() or f.exception())  # waiters get it; none may wait
+        rows.add_done_callback(retrieved)  # waiters get it; none may wait
 
         def settle(value: MemoryRows | BaseException) -> None:
             if not rows.done():
@@ -292,7 +293,7 @@ class KVIndex:
         see ``load``, when given)."""
         if meta.memory_id not in self.loaded and meta.memory_id not in self._loading:
             job = self._start_load(meta, appended)
-            job.loaded.add_done_callback(lambda f: f.cancelled() or f.exception())  # consumed by ``done``
+            job.loaded.add_done_callback(retrieved)  # consumed by ``done``
 
     def drop(self, memory_id: str) -> None:
         self._gen[memory_id] = self._gen.get(memory_id, 0) + 1
