@@ -114,16 +114,31 @@ async def engine_run(engine, prompt, n, memory=None, total=False):
 
 async def whole_budget_prompts(engine, rng, ok, args, memory, n=8, tries=64) -> list[list[int]]:
     """``n`` random prompts of ``args.prompt`` tokens whose greedy runs make all ``args.tokens``
-    tokens (no end token) with and without ``memory``; raises after ``tries`` prompts."""
-    found = []
-    for _ in range(tries):
-        p = [int(t) for t in rng.choice(ok, args.prompt)]
-        runs = [await engine_run(engine, p, args.tokens, m, total=True) for m in (None, memory)]
-        if all(r[3] == args.tokens for r in runs):
-            found.append(p)
-            if len(found) == n:
-                return found
-    raise RuntimeError(f"only {len(found)} of {tries} random prompts ran {args.tokens} tokens without an end token")
+    tokens (no end token) with and without ``memory``, each alone and the ``n`` together (a batch
+    computes in other shapes than one sequence does, so a random model may end a prompt early in
+    one and not in the other); raises after ``tries`` prompts."""
+    drawn = 0
+
+    async def runs_whole() -> list[int]:
+        nonlocal drawn
+        while drawn < tries:
+            drawn += 1
+            p = [int(t) for t in rng.choice(ok, args.prompt)]
+            runs = [await engine_run(engine, p, args.tokens, m, total=True) for m in (None, memory)]
+            if all(r[3] == args.tokens for r in runs):
+                return p
+        raise RuntimeError(f"{tries} random prompts did not give {n} that run {args.tokens} tokens without an end")
+
+    found = [await runs_whole() for _ in range(n)]
+    while True:  # together: a prompt ended early in the batch is replaced, the others kept
+        short = set()
+        for m in (None, memory):
+            _, outs = await aggregate(engine, found, args.tokens, m)
+            short.update(i for i, o in enumerate(outs) if o[3] != args.tokens)
+        if not short:
+            return found
+        for i in short:
+            found[i] = await runs_whole()
 
 
 async def aggregate(engine, prompts, n, memory=None):

@@ -13,7 +13,7 @@ from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.request_types import Chunk, Final, GenerationRequest, Sampling
 from services.generator.running_request import RunningRequest
 
-from .helpers import events
+from .helpers import events, until
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Paris is"
 
@@ -270,3 +270,60 @@ async def test_stopping_the_engine_hands_over_the_held_tokens_then_unavailable(e
         assert len(tokens) >= 2 and tokens == Chunk.joined(want).token_ids[: len(tokens)]
     finally:
         engine.stop()
+
+
+async def test_an_urgent_hand_over_returns_once_the_caller_has_the_event(engines, monkeypatch):
+    """After waking a loop for a first token (or an end), the MLX thread waits until the caller's
+    task ran with it (Handover.URGENT_WAIT; here long enough to be sure), so the loop does not
+    queue for the GIL behind the next steps' graph building: the caller has its first token before
+    the scheduler steps on."""
+    from services.generator import running_request
+
+    engine = engines[60_000.0]
+    monkeypatch.setattr(running_request.Handover, "URGENT_WAIT", 30.0)
+    order = []
+    plain = running_request.wake_loops
+
+    def wake_loops(requests, wait=0.0):
+        plain(requests, wait)
+        order.append(("returned", wait > 0))
+
+    monkeypatch.setattr(running_request, "wake_loops", wake_loops)
+    req = GenerationRequest(engine.tokenizer.encode(PROMPT), Sampling(max_tokens=20), None, True)
+    async for ev in engine.generate(req):
+        order.append(("received", type(ev).__name__))
+    # two wake-ups (the first token; the Final): the long interval holds the tokens in between
+    await until(lambda: sum(o[0] == "returned" for o in order) == 2, "the Final's hand-over returned")
+    # the first token's hand-over and the Final's (the last one) returned after the caller had them
+    assert order[0] == ("received", "Chunk") and order[1] == ("returned", True), order
+    assert order[-2:] == [("received", "Final"), ("returned", True)], order
+
+
+async def test_an_urgent_hand_over_waits_for_a_busy_loop_at_most_urgent_wait(monkeypatch):
+    """A caller's loop that does not run (blocked here for a second) holds the MLX thread no longer
+    than URGENT_WAIT after an urgent event, and not at all after tokens handed over by the
+    interval; the events reach the caller once its loop runs."""
+    import threading
+
+    from services.generator.running_request import Handover
+
+    monkeypatch.setattr(Handover, "URGENT_WAIT", 0.1)
+    loop = asyncio.get_running_loop()
+    for urgent in (True, False):
+        r = RunningRequest(GenerationRequest([1, 2], Sampling(max_tokens=4)), loop, None, 4)
+        handover = Handover(interval=0.0)
+        chunk = Chunk("a", [1], [-0.5], [])
+        handover.post(r, chunk, urgent=urgent)
+        took = []
+
+        def mlx_side(h=handover, took=took):
+            t0 = time.monotonic()
+            h.hand_over()
+            took.append(time.monotonic() - t0)
+
+        side = threading.Thread(target=mlx_side)
+        side.start()
+        time.sleep(1.0)  # the loop's thread is busy: the wake-up cannot run meanwhile
+        side.join(timeout=30)
+        assert took and took[0] < 0.8, (urgent, took)  # waited 0.1 s at most, not for the loop
+        assert await asyncio.wait_for(r.events.get(), 10) is chunk
