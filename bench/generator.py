@@ -107,9 +107,10 @@ async def engine_run(engine, prompt, n, memory=None, total=False):
             else:
                 after_first += len(ev.token_ids)
     rate = after_first / (last - first) if after_first else float("nan")
+    ttft = first - t0 if first is not None else float("nan")  # none: an end token first
     if total:
-        return first - t0, rate, time.perf_counter() - t0, count
-    return first - t0, rate
+        return ttft, rate, time.perf_counter() - t0, count
+    return ttft, rate
 
 
 async def whole_budget_prompts(engine, rng, ok, args, memory, n=8, tries=64) -> list[list[int]]:

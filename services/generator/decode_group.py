@@ -97,9 +97,10 @@ class DecodeGroup:
 
     def resume(self) -> None:
         """Puts the group's solo sequence back into its BatchGenerator (another request joins): its
-        cache without the last token, which the BatchGenerator's first forward runs again, and its
-        history for the logits processors. The sequence gets a new uid. Raises what flushing its
-        tallies raises, the sequence still solo."""
+        cache without the last token, whose forward the BatchGenerator runs first (again, unless
+        the solo's first token was its last: solo.py), and its history for the logits
+        processors. The sequence gets a new uid. Raises what flushing its tallies raises, the
+        sequence still solo."""
         solo = self.solo
         r = solo.request
         for tally in (self.counts, self.mass):
@@ -109,6 +110,7 @@ class DecodeGroup:
                 tally.flush()
         self.solo = None
         if solo.started:
+            ahead = solo.ahead  # its last token's forward ran (and was counted): the batch runs it again
             cache, tokens = solo.end()
             (uid,) = self.gen.insert(
                 [tokens[-1:]],
@@ -118,7 +120,8 @@ class DecodeGroup:
                 samplers=[r.sampler],
                 logits_processors=[r.processors],
             )
-            self.resumed.add(uid)
+            if ahead:
+                self.resumed.add(uid)
         else:  # started solo from its prompt and joined before its first step: a prompt like any
             # (the prompt chunks it may have prefilled are dropped: joined within its prefill)
             solo.close()

@@ -365,7 +365,6 @@ class Scheduler:
                 self._fail(group, e)
             return
         record, mass = group.recording()
-        fresh = not solo.started and not solo.repeated  # the first step of a solo made from its prompt
         try:
             with self._attending(group):
                 token, logprobs = solo.step()
@@ -376,13 +375,15 @@ class Scheduler:
         if solo.repeated:  # the first forward is the batch's last one again, already counted
             solo.repeated = False
             record, mass = record and record[n:], mass and mass[n:]
-        elif fresh and (record or mass):
-            # Its first forward is the last prompt token's, which made this token: counted now,
-            # whatever the token ends, as a batch counts it in the step that ends the prompt.
-            self._tally(group, record and record[:n], mass and mass[:n], [r.uid], [])
+        # The forwards that made this token (the last prompt token's; the first token's at the
+        # step after it, solo.py) are counted now, whatever the token ends, as a batch counts the
+        # forward that ends a prompt in that step; the one run ahead for the next token after it.
+        made = len(record or mass or ()) - (n if solo.ahead else 0)
+        if made > 0:
+            self._tally(group, record and record[:made], mass and mass[:made], [r.uid], [])
             if r.done:  # its forwards could not be counted: ended with that error
                 return
-            record, mass = record and record[n:], mass and mass[n:]
+            record, mass = record and record[made:], mass and mass[made:]
         # mlx-lm's order: a length cut, unless the token is EOS.
         finish = "stop" if token in self._eos else "length" if r.generated + 1 >= r.max_tokens else None
         self._on_token(r, _SoloToken(token, logprobs, finish))

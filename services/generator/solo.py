@@ -18,11 +18,17 @@ saw. The receiving side trims that token off the cache and runs its forward agai
 cache and history, so the same next token follows. Two things must not see that forward twice:
 a seeded sampler's key (``SeededSampler.rewind``) and the per-forward tallies (citations,
 attention mass: the scheduler skips the repeated forward, ``Solo.repeated``).
+
+One exception: the first token of a solo made from its prompt comes from the last prompt token's
+forward alone (``_first_token``, the same operations as ``generate_step``'s step), and
+``generate_step`` starts from that token at the next step. ``generate_step`` would build the next
+token's whole forward before reading the first token, which on a host-bound GPU delayed every lone
+request's first token by that build (docs/architecture.md, "Solo from the prompt"). Until the next
+step the cache holds the prompt only (``Solo.ahead`` is False): handed back then, nothing is
+trimmed or rewound.
 """
 
 from __future__ import annotations
-
-import functools
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step, generation_stream
@@ -50,14 +56,20 @@ class Solo:
         self.tokens = tokens
         self.sampler = sampler
         self.repeated = repeated
+        # Whether the cache holds the last emitted token's forward, run ahead with a next token
+        # drawn (after every generate_step step; not after a from_prompt solo's first token).
+        self.ahead = False
         self.deferred = False  # its first step was put off once for work waiting on the MLX thread
         self._ran = False
         self._steps = steps
         # from_prompt's: its model, the prompt chunks not prefilled yet, how many prompt tokens
-        # were, and what makes its generate_step once they are (at the first step).
+        # were, and its logits processors and token budget (its generate_step starts at its
+        # second step, after _first_token).
         self._chunks: list = []
         self._prefilled = 0
-        self._model = self._start = None
+        self._model = None
+        self._processors: list = []
+        self._max_tokens = 0
 
     @classmethod
     def handed_over(cls, model, request, cache: list, tokens: list[int], sampler, processors: list, max_tokens: int):
@@ -79,8 +91,7 @@ class Solo:
         processors see the prompt and the generated tokens, as ``generate_step`` hands them."""
         cache = make_prompt_cache(model)
         solo = cls(request, cache, list(prompt), sampler, None, repeated=False)
-        solo._model = model
-        solo._start = functools.partial(_from_last_token, model, cache, list(prompt), sampler, processors, max_tokens)
+        solo._model, solo._processors, solo._max_tokens = model, processors, max_tokens
         head = prompt[:-1]  # generate_step's prefill: every token but the last, in chunks
         solo._chunks = [head[i : i + step_size] for i in range(0, len(head), step_size)]
         return solo
@@ -92,12 +103,16 @@ class Solo:
 
     def prefill(self) -> None:
         """Runs the next prompt chunk's forward into the cache (as ``generate_step``'s prefill loop,
-        which empties MLX's buffer cache after each chunk; here only past KEEP_CACHED_BYTES)."""
+        which empties MLX's buffer cache after each chunk; here only past KEEP_CACHED_BYTES). The
+        last chunk is only started: the first step's forward is built while it runs."""
         chunk = self._chunks.pop(0)
         self._prefilled += len(chunk)
         with mx.stream(generation_stream):
             self._model(mx.array(chunk)[None], cache=self.cache)
-            mx.eval([c.state for c in self.cache])
+            if self._chunks:
+                mx.eval([c.state for c in self.cache])
+            else:  # the last chunk runs while the first token's forward is built (the next step)
+                mx.async_eval([c.state for c in self.cache])
         if mx.get_cache_memory() > KEEP_CACHED_BYTES:
             mx.clear_cache()
 
@@ -113,16 +128,26 @@ class Solo:
         return not self._ran and self._prefilled == 0
 
     def step(self) -> tuple[int, mx.array]:
-        """-> the next token and its logprobs [vocab]. The step's forwards (two on the first
-        step, see ``repeated``; then one, on the token returned) run on mlx-lm's generation
-        stream, set only for the call: the suspended generator would otherwise leave it the MLX
-        thread's default."""
-        if self._steps is None:  # made from its prompt, prefilled: generate_step from its last token
-            assert not self._chunks, "prefill first"
-            self._steps = self._start()
-        self._ran = True
+        """-> the next token and its logprobs [vocab]. The step's forwards run on mlx-lm's
+        generation stream, set only for the call: the suspended generator would otherwise leave it
+        the MLX thread's default. Made from its prompt: the first step runs the last prompt
+        token's forward alone, the second starts generate_step (two forwards: the first token's,
+        and the next one's ahead). Handed over: two on the first step (see ``repeated``). Then
+        one, on the token returned, ahead (``ahead``)."""
         with mx.stream(generation_stream):
+            if self._steps is None:  # made from its prompt, prefilled
+                assert not self._chunks, "prefill first"
+                if not self._ran:
+                    self._ran = True
+                    token, logprobs = _first_token(self._model, self.cache, self.tokens, self.sampler, self._processors)
+                    self.tokens.append(token)
+                    return token, logprobs
+                self._steps = _from_last_token(
+                    self._model, self.cache, self.tokens, self.sampler, self._processors, self._max_tokens - 1
+                )
+            self._ran = True
             token, logprobs = next(self._steps)
+        self.ahead = True
         self.tokens.append(token)
         return token, logprobs
 
@@ -131,7 +156,7 @@ class Solo:
         the last token (``insert([tokens[-1:]], caches=[cache], all_tokens=[tokens[:-1]])``
         recomputes its forward)."""
         self.close()
-        if self._ran:
+        if self.ahead:
             trim_prompt_cache(self.cache, 1)
             _rewind(self.sampler)
         return self.cache, self.tokens
@@ -141,6 +166,20 @@ class Solo:
             return
         with mx.stream(generation_stream):  # the generator's own stream context exits here
             self._steps.close()
+
+
+def _first_token(model, cache: list, tokens: list[int], sampler, processors: list) -> tuple[int, mx.array]:
+    """The token after ``tokens`` and its logprobs [vocab], by the last token's forward on
+    ``cache`` (which holds ``tokens[:-1]``): ``generate_step``'s step, the same operations in the
+    same order (so the same bits), read before any other forward is built."""
+    y = mx.array(tokens[-1:])
+    logits = model(y[None], cache=cache)[:, -1, :]
+    for process in _with_history(processors, tokens[:-1]) or ():
+        logits = process(y, logits)
+    logprobs = logits - mx.logsumexp(logits, keepdims=True)
+    sampled = sampler(logprobs)
+    mx.async_eval(sampled, logprobs)
+    return sampled.item(), logprobs.squeeze(0)
 
 
 def _from_last_token(model, cache: list, tokens: list[int], sampler, processors: list, max_tokens: int):

@@ -99,6 +99,34 @@ async def test_a_lone_greedy_request_is_stock_generate_step_bit_for_bit(plain_en
     assert final.completion_tokens >= len(tokens)
 
 
+async def test_the_first_token_is_read_before_the_next_forward_is_built(plain_engine, seen, monkeypatch):
+    """A solo from its prompt reads its first token after the last prompt token's forward alone;
+    generate_step, started at the second step, runs the first token's forward and the next one's
+    ahead, then one per step (solo.py): the forwards built per step are 1, 2, 1, 1, ..., and the
+    tokens are still generate_step's to the bit (the test above)."""
+    engine = plain_engine
+    model_type, step = type(engine.model), solo.Solo.step
+    built, per_step = [0], []
+    forward = model_type.__call__
+
+    def counting(self, *a, **kw):
+        built[0] += 1
+        return forward(self, *a, **kw)
+
+    def counted_step(self):
+        built[0] = 0
+        out = step(self)
+        per_step.append(built[0])
+        return out
+
+    monkeypatch.setattr(model_type, "__call__", counting)
+    monkeypatch.setattr(solo.Solo, "step", counted_step)
+    prompt = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog. Paris is")
+    tokens, *_ = await run(engine, GenerationRequest(prompt, Sampling(max_tokens=6)))
+    assert seen["fresh"] == 1 and len(per_step) == len(tokens) >= 3
+    assert per_step == [1, 2] + [1] * (len(tokens) - 2), per_step
+
+
 def counted_steps(monkeypatch) -> list:
     """The attention-mass steps of every request that ends, in the order they end."""
     steps, means = [], attention_mass.MassSum.means
