@@ -140,6 +140,9 @@ class Handover:
         a syscall and a trade of the GIL between the MLX thread and the loop's thread, which on a
         fast GPU cost a token's decode more than the model's Python does."""
         if not self.posted:
+            # Every event posted since rides on a wake-up already sent: an urgent one among them
+            # must not make the next tokens' hand-over urgent (nor wait).
+            self._urgent = False
             return
         now = time.monotonic()
         urgent = self._urgent

@@ -262,3 +262,49 @@ async def test_requests_admitted_while_its_first_step_is_queued_share_the_batch_
     got_a, got_b = await a, await b
     assert len(got_a[0]) == len(got_b[0]) == 12
     assert seen["fresh"] == 1 and seen["unstarted"] == 1 and seen["resume"] == 0 and chunks == []
+
+
+@pytest.mark.parametrize("length", [1, 2, 4, 5, 7])
+@pytest.mark.parametrize("kind", ["greedy", "seeded_penalty"])
+async def test_solo_from_prompt_is_stock_generate_step_at_every_prompt_length(
+    plain_engine, seen, monkeypatch, length, kind
+):
+    """Prompts of 1 token (no prefill), of one chunk + 1 (the whole head one async-evaluated
+    chunk), of several chunks and between: the first token by the last prompt token's forward
+    alone and generate_step from it are stock generate_step over the whole prompt (same sampler,
+    same repetition penalty), tokens and logprobs to the bit."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    from services.generator.sampling import logits_processors_for, sampler_for
+
+    engine, step = plain_engine, 3
+    monkeypatch.setattr(engine._scheduler, "prefill_step_size", step)
+    if kind == "greedy":
+        s = Sampling(max_tokens=7)
+    else:
+        s = Sampling(temperature=1.0, top_p=0.95, seed=3, repetition_penalty=1.3, max_tokens=7)
+    prompt = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog. Paris is")[-length:]
+    assert len(prompt) == length
+    tokens, lps, *_ = await run(engine, GenerationRequest(prompt, s, None, True))
+    assert seen["fresh"] == 1
+
+    def stock():
+        out = []
+        steps = generate_step(
+            mx.array(prompt),
+            engine.model,
+            max_tokens=s.max_tokens,
+            prefill_step_size=step,
+            sampler=sampler_for(s, engine.vocab_size),
+            logits_processors=logits_processors_for(s),
+        )
+        for t, lp in steps:
+            if t in engine.eos_ids:
+                break
+            out.append((t, float(np.array(lp)[t])))
+        return out
+
+    want = engine.mlx.call(stock)
+    assert len(tokens) >= 2
+    assert tokens == [t for t, _ in want] and lps == [lp for _, lp in want]

@@ -251,3 +251,59 @@ async def test_joined_between_its_prefill_chunks(engine, memory, ref, monkeypatc
     assert_counts_match(row_hits(a[3], tokens, engine.tokenizer), want_hits)
     assert int(b[3].row_counts.sum()) == per_token * 5 and sorted(steps) == [5, n]
     idle(engine)
+
+
+@pytest.mark.parametrize("at", [1, 2, 3])
+async def test_joined_after_its_first_steps_seeded_with_a_penalty(engine, memory, monkeypatch, at):
+    """Joined once it made ``at`` tokens solo from its prompt (after the first token's forward
+    alone, after generate_step's first step with its forward ahead, after a steady step), seeded
+    with a repetition penalty: the tokens of a request alone, and every forward counted once."""
+    mid, _ = memory
+    n = 6
+    sampling = Sampling(temperature=1.0, top_p=0.9, seed=7, repetition_penalty=1.5, max_tokens=n)
+    req = GenerationRequest(engine.tokenizer.encode(PROMPT), sampling, opts(mid))
+    other = GenerationRequest(engine.tokenizer.encode(ALONG), Sampling(max_tokens=4), opts(mid))
+    alone = await run(engine, req)
+    idle(engine)
+    resumed, resume = [], decode_group.DecodeGroup.resume
+    monkeypatch.setattr(
+        decode_group.DecodeGroup, "resume", lambda g: resumed.append((g.solo.started, g.solo.ahead)) or resume(g)
+    )
+    a, b = await joined(engine, req, other, monkeypatch, at=at)
+    assert resumed[0] == (True, at > 1)
+    idle(engine)
+    assert a[0] == alone[0]
+    batched_throughout(monkeypatch)
+    same_counts(a, await run(engine, req))
+    per_token = engine.num_layers * engine.num_heads * 3
+    assert int(a[3].row_counts.sum()) == per_token * a[3].completion_tokens
+    assert int(b[3].row_counts.sum()) == per_token * 4
+    idle(engine)
+
+
+@pytest.mark.parametrize("at", [0, 1, 2])
+async def test_an_end_token_as_its_first_second_or_third_token(engine, memory, monkeypatch, at):
+    """Its ``at``-th token made an end token (the scheduler's and the BatchGenerator's): solo from
+    its prompt it ends there and counts the citations and attention-mass steps it counts batched
+    throughout."""
+    mid, _ = memory
+    prompt = engine.tokenizer.encode(PROMPT)
+    req = GenerationRequest(prompt, Sampling(max_tokens=8), opts(mid))
+    first = await run(engine, req)
+    idle(engine)
+    end = first[0][at]
+    assert end not in first[0][:at]
+    s = engine._scheduler
+    monkeypatch.setattr(s, "eos_ids", [*s.eos_ids, end])
+    monkeypatch.setattr(s, "_eos", frozenset([*s._eos, end]))
+    steps = counted_steps(monkeypatch)
+    alone = await run(engine, req)
+    idle(engine)
+    batched_throughout(monkeypatch)
+    batched = await run(engine, req)
+    idle(engine)
+    same_counts(alone, batched)
+    assert alone[3].finish_reason == "stop" and alone[3].completion_tokens == at + 1
+    assert steps[0] == steps[1] == at + 1
+    per_token = engine.num_layers * engine.num_heads * 3
+    assert int(alone[3].row_counts.sum()) == per_token * (at + 1)

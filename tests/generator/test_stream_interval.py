@@ -327,3 +327,30 @@ async def test_an_urgent_hand_over_waits_for_a_busy_loop_at_most_urgent_wait(mon
         side.join(timeout=30)
         assert took and took[0] < 0.8, (urgent, took)  # waited 0.1 s at most, not for the loop
         assert await asyncio.wait_for(r.events.get(), 10) is chunk
+
+
+async def test_an_urgent_event_behind_a_pending_wake_up_leaves_no_urgency_behind(monkeypatch):
+    """An urgent event (an end) posted to a request whose loop has a wake-up pending travels with
+    that wake-up: no other wake-up is due for it. The tokens of another request posted later
+    still wait for the interval, and the MLX thread does not wait on their hand-over."""
+    from services.generator import running_request
+    from services.generator.running_request import Handover
+
+    monkeypatch.setattr(Handover, "URGENT_WAIT", 0.0)  # the loop is this test's: it cannot run meanwhile
+    waits = []
+    plain = running_request.wake_loops
+    monkeypatch.setattr(running_request, "wake_loops", lambda rs, wait=0.0: waits.append(wait) or plain(rs, wait))
+    loop = asyncio.get_running_loop()
+    a, b = (RunningRequest(GenerationRequest([1, 2], Sampling(max_tokens=4)), loop, None, 4) for _ in range(2))
+    handover = Handover(interval=3600.0)
+    first, final = Chunk("a", [1], [-0.5], []), Final("stop", 2, 1, [], "", None)
+    handover.post(a, first)  # urgent: a's loop is woken (its wake-up pending until this test awaits)
+    handover.hand_over()
+    assert handover.posted == [] and len(waits) == 1
+    handover.post(a, final)  # urgent, but a's wake-up is still pending: it takes the Final along
+    handover.hand_over()
+    handover.post(b, Chunk("b", [3], [-0.5], []), urgent=False)  # a token within the interval
+    handover.hand_over()
+    assert handover.posted == [b] and len(waits) == 1, waits  # held for the interval
+    assert await asyncio.wait_for(a.events.get(), 10) is first
+    assert await asyncio.wait_for(a.events.get(), 10) is final
