@@ -14,7 +14,7 @@ import pytest
 
 from services.generator import attention_mass, decode_group, solo
 from services.generator import scheduler as sched
-from services.generator.request_types import REMOTE, STOP_SEQUENCE, GenerationRequest, MemoryOptions, Sampling
+from services.generator.request_types import LOCAL, REMOTE, STOP_SEQUENCE, GenerationRequest, MemoryOptions, Sampling
 
 from .helpers import until_work_waits
 from .memory_helpers import assert_counts_match, assert_decidable, ref_memory, row_hits
@@ -253,16 +253,17 @@ async def test_joined_between_its_prefill_chunks(engine, memory, ref, monkeypatc
     idle(engine)
 
 
-@pytest.mark.parametrize("at", [1, 2, 3])
-async def test_joined_after_its_first_steps_seeded_with_a_penalty(engine, memory, monkeypatch, at):
+@pytest.mark.parametrize(("at", "mode"), [(1, LOCAL), (2, LOCAL), (3, LOCAL), (1, REMOTE), (2, REMOTE)])
+async def test_joined_after_its_first_steps_seeded_with_a_penalty(engine, memory, monkeypatch, at, mode):
     """Joined once it made ``at`` tokens solo from its prompt (after the first token's forward
     alone, after generate_step's first step with its forward ahead, after a steady step), seeded
-    with a repetition penalty: the tokens of a request alone, and every forward counted once."""
+    with a repetition penalty, LOCAL or REMOTE: the tokens of a request alone, and every forward
+    counted once."""
     mid, _ = memory
     n = 6
     sampling = Sampling(temperature=1.0, top_p=0.9, seed=7, repetition_penalty=1.5, max_tokens=n)
-    req = GenerationRequest(engine.tokenizer.encode(PROMPT), sampling, opts(mid))
-    other = GenerationRequest(engine.tokenizer.encode(ALONG), Sampling(max_tokens=4), opts(mid))
+    req = GenerationRequest(engine.tokenizer.encode(PROMPT), sampling, opts(mid, mode=mode))
+    other = GenerationRequest(engine.tokenizer.encode(ALONG), Sampling(max_tokens=4), opts(mid, mode=mode))
     alone = await run(engine, req)
     idle(engine)
     resumed, resume = [], decode_group.DecodeGroup.resume
