@@ -308,3 +308,37 @@ async def test_an_end_token_as_its_first_second_or_third_token(engine, memory, m
     assert steps[0] == steps[1] == at + 1
     per_token = engine.num_layers * engine.num_heads * 3
     assert int(alone[3].row_counts.sum()) == per_token * (at + 1)
+
+
+async def test_cancelled_between_its_first_and_second_step(engine, memory, monkeypatch):
+    """A citing request cancelled once its first token is made solo from its prompt (before
+    generate_step starts): it ends once, no second step runs, and the next request of its group
+    counts what it counts batched throughout."""
+    mid, _ = memory
+    made, on_token = threading.Event(), sched.Scheduler._on_token
+    stepped, step = [], solo.Solo.step
+
+    def holding(self, r, resp):
+        on_token(self, r, resp)
+        if r.req is long and r.generated == 1:
+            made.set()
+            until_work_waits(self._mlx)  # the cancel
+
+    monkeypatch.setattr(sched.Scheduler, "_on_token", holding)
+    monkeypatch.setattr(solo.Solo, "step", lambda self: stepped.append(self.request.req) or step(self))
+    long = GenerationRequest(engine.tokenizer.encode(PROMPT), Sampling(max_tokens=8), opts(mid))
+    task = asyncio.create_task(run(engine, long))
+    assert await asyncio.to_thread(made.wait, 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    deadline = time.monotonic() + 30  # the cancel is submitted as the stream closes
+    while engine.mlx.call(lambda: engine._scheduler._active) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    idle(engine)
+    assert stepped.count(long) == 1  # the first step only
+    req = GenerationRequest(engine.tokenizer.encode(PROMPT), Sampling(max_tokens=6), opts(mid))
+    alone = await run(engine, req)
+    batched_throughout(monkeypatch)
+    same_counts(alone, await run(engine, req))
+    idle(engine)
