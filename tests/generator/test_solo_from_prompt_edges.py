@@ -47,6 +47,28 @@ def same_counts(a, b) -> None:
     np.testing.assert_array_equal(a[3].row_counts, b[3].row_counts)
 
 
+async def cancelled(engine, task) -> None:
+    """Cancels ``task`` (a request's run) and waits until the engine has no request left: the
+    cancel is submitted to the MLX thread as the stream closes."""
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    deadline = time.monotonic() + 30
+    while engine.mlx.call(lambda: engine._scheduler._active) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    idle(engine)
+
+
+async def counts_as_batched(engine, mid, monkeypatch) -> None:
+    """The next request of the group, alone, counts what it counts batched throughout: nothing of
+    an earlier one was left over in the group's tallies."""
+    req = GenerationRequest(engine.tokenizer.encode(PROMPT), Sampling(max_tokens=6), opts(mid))
+    alone = await run(engine, req)
+    batched_throughout(monkeypatch)
+    same_counts(alone, await run(engine, req))
+    idle(engine)
+
+
 def opts(mid, **kw) -> MemoryOptions:
     kw = {"top_k": 3, "return_citations": True, "max_citations": 1000, "citation_min_weight": 0.0, **kw}
     return MemoryOptions((mid,), **kw)
@@ -199,19 +221,9 @@ async def test_cancelled_between_its_prefill_chunks(engine, memory, monkeypatch)
     assert len(long.prompt_tokens) > 3 * 3  # chunks left after the first
     task = asyncio.create_task(run(engine, long))
     assert await asyncio.to_thread(chunked.wait, 30)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    deadline = time.monotonic() + 30  # the cancel is submitted as the stream closes
-    while engine.mlx.call(lambda: engine._scheduler._active) and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    idle(engine)
+    await cancelled(engine, task)
     assert long not in stepped  # cancelled within its prefill
-    req = GenerationRequest(engine.tokenizer.encode(PROMPT), Sampling(max_tokens=6), opts(mid))
-    alone = await run(engine, req)
-    batched_throughout(monkeypatch)
-    same_counts(alone, await run(engine, req))
-    idle(engine)
+    await counts_as_batched(engine, mid, monkeypatch)
 
 
 async def test_joined_between_its_prefill_chunks(engine, memory, ref, monkeypatch):
@@ -329,16 +341,6 @@ async def test_cancelled_between_its_first_and_second_step(engine, memory, monke
     long = GenerationRequest(engine.tokenizer.encode(PROMPT), Sampling(max_tokens=8), opts(mid))
     task = asyncio.create_task(run(engine, long))
     assert await asyncio.to_thread(made.wait, 30)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    deadline = time.monotonic() + 30  # the cancel is submitted as the stream closes
-    while engine.mlx.call(lambda: engine._scheduler._active) and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    idle(engine)
+    await cancelled(engine, task)
     assert stepped.count(long) == 1  # the first step only
-    req = GenerationRequest(engine.tokenizer.encode(PROMPT), Sampling(max_tokens=6), opts(mid))
-    alone = await run(engine, req)
-    batched_throughout(monkeypatch)
-    same_counts(alone, await run(engine, req))
-    idle(engine)
+    await counts_as_batched(engine, mid, monkeypatch)
