@@ -69,6 +69,19 @@ async def counts_as_batched(engine, mid, monkeypatch) -> None:
     idle(engine)
 
 
+async def alone_then_batched(engine, req, monkeypatch):
+    """Runs ``req`` alone, then batched throughout, and checks they count the same (tokens, end,
+    row counts). -> (the alone run, the attention-mass steps of both runs in order)."""
+    steps = counted_steps(monkeypatch)
+    alone = await run(engine, req)
+    idle(engine)
+    batched_throughout(monkeypatch)
+    batched = await run(engine, req)
+    idle(engine)
+    same_counts(alone, batched)
+    return alone, steps
+
+
 def opts(mid, **kw) -> MemoryOptions:
     kw = {"top_k": 3, "return_citations": True, "max_citations": 1000, "citation_min_weight": 0.0, **kw}
     return MemoryOptions((mid,), **kw)
@@ -115,13 +128,7 @@ async def test_solo_from_prompt_counts_what_a_batch_counts(engine, memory, monke
         assert text, "the token is blank: no stop string to make of it"
         sampling = Sampling(max_tokens=8, stop=(text,))
     req = GenerationRequest(prompt, sampling, mem)
-    steps = counted_steps(monkeypatch)
-    alone = await run(engine, req)
-    idle(engine)
-    batched_throughout(monkeypatch)
-    batched = await run(engine, req)
-    idle(engine)
-    same_counts(alone, batched)
+    alone, steps = await alone_then_batched(engine, req, monkeypatch)
     assert steps[0] == steps[1] >= 1
     per_token = len(mem.layers or range(engine.num_layers)) * engine.num_heads * mem.top_k
     total = int(alone[3].row_counts.sum())
@@ -309,13 +316,7 @@ async def test_an_end_token_as_its_first_second_or_third_token(engine, memory, m
     s = engine._scheduler
     monkeypatch.setattr(s, "eos_ids", [*s.eos_ids, end])
     monkeypatch.setattr(s, "_eos", frozenset([*s._eos, end]))
-    steps = counted_steps(monkeypatch)
-    alone = await run(engine, req)
-    idle(engine)
-    batched_throughout(monkeypatch)
-    batched = await run(engine, req)
-    idle(engine)
-    same_counts(alone, batched)
+    alone, steps = await alone_then_batched(engine, req, monkeypatch)
     assert alone[3].finish_reason == "stop" and alone[3].completion_tokens == at + 1
     assert steps[0] == steps[1] == at + 1
     per_token = engine.num_layers * engine.num_heads * 3
