@@ -448,6 +448,11 @@ def test_make_targets_take_EXTMIND_RUN_DIR(tmp_path):
     # RUN_DIR on the command line still wins.
     r = make("-n", "status", f"RUN_DIR={tmp_path}/other", EXTMIND_RUN_DIR=str(run))
     assert f"--run-dir {tmp_path}/other" in r.stdout, r.stdout
+    # `up` ends by naming the command that stops the cluster, with the run dir when not the default.
+    r = make("-n", "up", EXTMIND_RUN_DIR=str(run))
+    assert f"'make down RUN_DIR={run}' stops it" in r.stdout, r.stdout
+    r = make("-n", "up")
+    assert "'make down' stops it" in r.stdout, r.stdout
 
 
 def _long_text(path: Path, sentences: int) -> Path:
