@@ -69,9 +69,14 @@ test: install lint
 test-fast: install
 	$(WITH_BLAS) $(PY) -m pytest -q -rs -x tests -m "not slow"
 
+# What stops what `up` started: named at the end of `up`, the demo's outcome whatever it was.
+DOWN := make down$(if $(filter-out $(CURDIR)/.run,$(RUN_DIR)), RUN_DIR=$(RUN_DIR))
+
 up: install
 	$(PY) -m extmind.cluster up --run-dir $(RUN_DIR)
-	$(PY) -m extmind.demo
+	@echo "$(PY) -m extmind.demo"; $(PY) -m extmind.demo; rc=$$?; echo; \
+	  echo "extmind: the cluster keeps running: make status, make logs; extmind ... (after source .venv/bin/activate);"; \
+	  echo "         '$(DOWN)' stops it"; exit $$rc
 
 down:
 	@if [ -x $(PY) ]; then $(PY) -m extmind.cluster down --run-dir $(RUN_DIR); else echo "nothing to stop (no $(VENV))"; fi

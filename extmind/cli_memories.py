@@ -161,40 +161,55 @@ def cmd_memorize(a, t: Targets) -> int:
     if a.id and len(a.files) > 1:
         raise UsageError("--id names one memory; give one file (or use --split-chars for numbered parts)")
     labels = _kv(a.label, "--label")
+    sources: dict[str, str] = {}  # memory id -> the file that gave it
     for f in a.files:  # every file is read (and checked) before the first one is memorized
         text = _read_text(f)
         if not text.strip():
             raise CliError(f"{f} is empty: nothing to memorize")
         source = "stdin" if f == "-" else Path(f).name
         base = a.id or _memory_id(Path(f).stem if f != "-" else "stdin")
+        if base in sources:  # a/notes.txt and b/notes.txt: the second would be skipped or replace the first
+            raise UsageError(f"{sources[base]} and {f} both give the memory id {base}: rename one")
+        sources[base] = f
         parts = _chunks(text, a.split_chars)
         jobs += [(base if len(parts) == 1 else f"{base}.{i:03d}", p, source) for i, p in enumerate(parts)]
-    results = []  # lines, printed after the progress bar (also those done before a failure)
-    try:
-        with Progress(sum(len(p) for _, p, _ in jobs), enabled=not a.quiet) as bar:
-            for mid, text, source in jobs:
-                bar.label, bar.current = mid, len(text)
-                results.append(_memorize_one(t, mid, text, {"source": source, **labels}, a.replace, bar))
-                bar.finish_text()
-    finally:
-        for line in results:
-            print(line)
-    return 0
-
-
-def _memorize_one(t: Targets, mid: str, text: str, labels: dict, replace: bool, bar: Progress) -> str:
-    """Memorizes ``text`` as ``mid`` (skipped when it exists, unless ``replace``), streaming its
-    progress into ``bar`` -> the line to print."""
-    skipped = f"{mid}: exists already, skipped (--replace memorizes it again)"
-    state = _state(t, mid)
-    if state is not None:
-        if not replace and state != memory_pb2.MEMORY_STATE_READY:
+    # Existing ids are looked up before anything is memorized: one that is skipped costs no work,
+    # so it is left out of the progress bar (which is not drawn at all when every id exists), and
+    # one that cannot be skipped stops the command before the others are memorized.
+    results = {}  # memory id -> the line to print, printed in the files' order after the bar
+    todo = []  # (memory_id, text, source, exists)
+    for mid, text, source in jobs:
+        state = _state(t, mid)
+        if state is None or a.replace:
+            todo.append((mid, text, source, state is not None))
+        elif state != memory_pb2.MEMORY_STATE_READY:
             raise CliError(
                 f"memory {mid} exists but is not READY (being built, or left half-built by an interrupted "
                 "memorize): `extmind memorize --replace` builds it again"
             )
-        if not replace:
-            return skipped
+        else:
+            results[mid] = _skipped(mid)
+    try:
+        with Progress(sum(len(p) for _, p, _, _ in todo), enabled=bool(todo) and not a.quiet) as bar:
+            for mid, text, source, exists in todo:
+                bar.label, bar.current = mid, len(text)
+                results[mid] = _memorize_one(t, mid, text, {"source": source, **labels}, exists, bar)
+                bar.finish_text()
+    finally:  # also the lines of those done before a failure
+        for mid, _, _ in jobs:
+            if mid in results:
+                print(results[mid])
+    return 0
+
+
+def _skipped(mid: str) -> str:
+    return f"{mid}: exists already, skipped (--replace memorizes it again)"
+
+
+def _memorize_one(t: Targets, mid: str, text: str, labels: dict, exists: bool, bar: Progress) -> str:
+    """Memorizes ``text`` as ``mid`` (deleting it first when it ``exists``: --replace), streaming
+    its progress into ``bar`` -> the line to print."""
+    if exists:
         t.memory.DeleteMemory(memory_pb2.DeleteMemoryRequest(memory_id=mid), timeout=TIMEOUT, metadata=_md())
     # The text itself is not stored (only token ids, and no service detokenizes): keep how it
     # starts, for `extmind memories show`.
@@ -221,7 +236,7 @@ def _memorize_one(t: Targets, mid: str, text: str, labels: dict, replace: bool, 
             ) from None
         if e.code() != grpc.StatusCode.ALREADY_EXISTS:  # made meanwhile by someone else
             raise
-        return skipped
+        return _skipped(mid)
     if r is None:
         raise CliError(f"the generator ended memorizing {mid} without a result; see its log")
     return f"{r.memory_id}: {r.num_tokens} tokens, {r.num_rows} memory rows ({ROWS_NOTE})"

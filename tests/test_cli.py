@@ -306,11 +306,28 @@ def test_memorize_skips_or_replaces_existing_ids(env, tmp_path):
     # The count the generator tokenized and the rows stored differ by the BOS, and the line says so.
     assert rows == f"{int(tokens) - 1} memory rows (special tokens such as BOS are not stored)", made
 
-    r = cli("memorize", str(a), str(c), "--quiet", env=env)
+    # With the progress shown (a pipe: a line per 10%): a skipped id costs no work, so the bar
+    # counts only the text memorized, and with every id skipped there is no bar at all.
+    r = cli("memorize", str(a), str(c), env=env)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0] == "cli-a: exists already, skipped (--replace memorizes it again)"
     assert lines[1].startswith("cli-c: ") and "memory rows" in lines[1]
+    progress = r.stderr.splitlines()
+    n = len(c.read_text())
+    assert progress and all(f"/{n} chars" in p and p.endswith(" cli-c") for p in progress), r.stderr
+    r = cli("memorize", str(a), str(b), env=env)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.splitlines() == [f"cli-{x}: exists already, skipped (--replace memorizes it again)" for x in "ab"]
+    # Two files giving one id: refused before anything is memorized (the second would be skipped).
+    other = tmp_path / "sub"
+    other.mkdir()
+    (other / "cli-d.txt").write_text("Owls turn their heads.\n")
+    (tmp_path / "cli-d.txt").write_text("Otters hold hands.\n")
+    r = cli("memorize", str(tmp_path / "cli-d.txt"), str(other / "cli-d.txt"), env=env)
+    assert r.returncode == 2 and r.stdout == "", r.stdout
+    assert one_line(r).endswith("both give the memory id cli-d: rename one"), r.stderr
+    assert cli("memories", "show", "cli-d", env=env).returncode == 1
 
     r = cli("memorize", str(a), "--replace", "--quiet", "--label", "round=2", env=env)
     assert r.returncode == 0 and r.stdout.startswith("cli-a: ") and "memory rows" in r.stdout, r.stderr
@@ -431,6 +448,11 @@ def test_make_targets_take_EXTMIND_RUN_DIR(tmp_path):
     # RUN_DIR on the command line still wins.
     r = make("-n", "status", f"RUN_DIR={tmp_path}/other", EXTMIND_RUN_DIR=str(run))
     assert f"--run-dir {tmp_path}/other" in r.stdout, r.stdout
+    # `up` ends by naming the command that stops the cluster, with the run dir when not the default.
+    r = make("-n", "up", EXTMIND_RUN_DIR=str(run))
+    assert f"'make down RUN_DIR={run}' stops it" in r.stdout, r.stdout
+    r = make("-n", "up")
+    assert "'make down' stops it" in r.stdout, r.stdout
 
 
 def _long_text(path: Path, sentences: int) -> Path:

@@ -46,7 +46,11 @@ async def start_http(
     """Binds ``host:port`` (0 = any free port) and serves ``app`` (any ASGI app) in a task of the
     running loop. Raises OSError when the port cannot be bound (before anything is served)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, not 0: asyncio turns Nagle off (TCP_NODELAY) only on accepted sockets
+    # whose proto says TCP (base_events._set_nodelay). With Nagle on, a stream's events after the
+    # response headers waited for the client's delayed ACK (~40 ms on Linux) on every keep-alive
+    # connection's second and later requests: the first token came with the last.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(512)
