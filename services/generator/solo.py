@@ -86,8 +86,9 @@ class Solo:
         """A request that starts solo: its prompt but the last token is prefilled in chunks of
         ``step_size`` tokens, one per ``prefill`` call (the scheduler runs one per pass, as a
         BatchGenerator prefills one chunk per step: a long prompt does not hold the MLX thread
-        for its whole prefill), then ``generate_step`` runs from the last token. The chunks and
-        their forwards are ``generate_step``'s own (the same cache, to the bit). Its logits
+        for its whole prefill), then the last token's forward makes the first token
+        (``_first_token``) and ``generate_step`` runs from that one. The chunks and their
+        forwards are ``generate_step``'s own (the same cache, to the bit). Its logits
         processors see the prompt and the generated tokens, as ``generate_step`` hands them."""
         cache = make_prompt_cache(model)
         solo = cls(request, cache, list(prompt), sampler, None, repeated=False)
