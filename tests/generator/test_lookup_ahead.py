@@ -29,6 +29,14 @@ def _moved(before: dict) -> dict[str, float]:
     return {o: v - before[o] for o, v in _outcomes().items() if v != before[o]}
 
 
+async def _start_held(engine, req, got: list, answered) -> asyncio.Future:
+    """Starts ``req`` (its events into ``got``) inside ``held_lookups`` and waits until its lookup
+    answered GetMemory (held before it returns). -> the request's task."""
+    task = asyncio.ensure_future(_collect(engine, req, got))
+    await until(lambda: bool(answered), "the lookup answered GetMemory")
+    return task
+
+
 async def _idle(engine) -> bool:
     return (await asyncio.to_thread(engine.stats))["active"] == 0
 
@@ -58,8 +66,7 @@ async def test_a_known_memory_is_generated_before_its_lookup_returns_and_held_un
     before, start = _outcomes(), _generated()
     got: list = []
     with held_lookups(engine, monkeypatch) as (release, _, answered):
-        task = asyncio.ensure_future(_collect(engine, req, got))
-        await until(lambda: bool(answered), "the lookup answered GetMemory")
+        task = await _start_held(engine, req, got, answered)
         # Its 4 tokens are made while the lookup is held (the request ended in the scheduler),
         # and none of them reached the caller.
         await until(lambda: _made(engine, start, 4), "the request generated while its lookup was held")
@@ -83,8 +90,7 @@ async def test_a_memory_deleted_since_its_last_resolution_is_not_found_and_nothi
     before, start = _outcomes(), _generated()
     got: list = []
     with held_lookups(engine, monkeypatch) as (release, _, answered):
-        task = asyncio.ensure_future(_collect(engine, req, got))
-        await until(lambda: bool(answered), "the lookup answered GetMemory")
+        task = await _start_held(engine, req, got, answered)
         await until(lambda: _made(engine, start, 4), "the request ran on the last resolution")
         release.set()
         with pytest.raises(errors.NotFound, match=mid):
@@ -122,8 +128,7 @@ async def test_a_caller_gone_while_the_lookup_runs_frees_its_slot(engine, fresh,
     start = _generated()
     with held_lookups(engine, monkeypatch) as (release, _, answered):
         got: list = []
-        task = asyncio.ensure_future(_collect(engine, req, got))
-        await until(lambda: bool(answered), "the lookup answered GetMemory")
+        task = await _start_held(engine, req, got, answered)
         await until(lambda: _generated() > start, "the request began generating")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -325,8 +330,7 @@ async def test_a_caller_gone_during_the_run_again_frees_its_slot(engine, client,
     before = _outcomes()
     got: list = []
     with held_lookups(engine, monkeypatch) as (release, _, answered):
-        task = asyncio.ensure_future(_collect(engine, req, got))
-        await until(lambda: bool(answered), "the lookup answered GetMemory")
+        task = await _start_held(engine, req, got, answered)
         release.set()
         await until(lambda: _moved(before) == {"stale": 1}, "the lookup found other memories")
     await until(lambda: bool(got), "the run again streamed its first tokens")
