@@ -72,6 +72,19 @@ class ClusterHandle:
         return getattr(self.settings(), f"{name}_url")
 
 
+def cli(cluster, *args, env=None, input=None, timeout=300) -> subprocess.CompletedProcess:
+    """``extmind *args`` (the CLI) against ``cluster`` (its environment, or ``env``), text captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "extmind.cli", *args],
+        env=env or cluster.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        input=input,
+        timeout=timeout,
+    )
+
+
 def cluster_env(run_dir: Path, model_cache: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
     ep, hp, mp, mhp, gp, ghp = free_ports(6)

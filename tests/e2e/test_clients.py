@@ -14,21 +14,9 @@ from extmind.channels import sync_channel
 from extmind.procs import free_ports
 from extmind.v1 import embedder_pb2, embedder_pb2_grpc
 
-from .cluster import REPO
+from .cluster import REPO, cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-def cli(cluster, *args, env=None, input=None, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "extmind.cli", *args],
-        env=env or cluster.env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        input=input,
-        timeout=timeout,
-    )
 
 
 def reference_embeddings(cluster, texts):

@@ -16,8 +16,6 @@ import io
 import json
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -26,7 +24,7 @@ import pytest
 from extmind.channels import sync_channel
 from extmind.v1 import memory_pb2, memory_pb2_grpc
 
-from .cluster import REPO
+from .cluster import REPO, cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -206,14 +204,7 @@ def test_generate_example_run_twice_is_already_exists_until_the_memory_is_delete
     env = dict(
         cluster.env, MEMORY_URL=urls["memory"], GENERATOR_URL=urls["generator"], EXTMIND_RUN_DIR=str(cluster.run_dir)
     )
-    r = subprocess.run(
-        [str(Path(sys.executable).parent / "extmind"), "memories", "delete", "velmar-grpc"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = cli(cluster, "memories", "delete", "velmar-grpc", env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     again = run(code, {})
     assert again.splitlines()[0] == first_printed.splitlines()[0]
