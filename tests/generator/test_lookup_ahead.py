@@ -290,32 +290,34 @@ async def test_requests_held_together_on_a_memory_created_again_all_run_again(en
     assert await _idle(engine)
 
 
-async def test_a_seeded_request_run_again_draws_as_one_that_looked_up_first(engine, client, fresh):
-    mid = fresh("ahead-seeded")
-    m = MemoryOptions((mid,), top_k=4)
-    req = GenerationRequest(_prompt(engine), Sampling(max_tokens=12, temperature=1.5, seed=7), m)
+async def _run_again_and_first(engine, client, fresh, req) -> tuple:
+    """``req`` run on its memory, the memory created again with OTHER's text under the same id,
+    ``req`` run again (its guess stale: one "stale" outcome), the resolution forgotten, and ``req``
+    run once more, looked up first. -> (the run again, the run looked up first)."""
+    mid = req.memory.memory_ids[0]
     await run(engine, req)
     client.delete_memory(mid)
     fresh(mid, OTHER)
     before = _outcomes()
     again = await run(engine, req)
     assert _moved(before) == {"stale": 1}
-    _forget(engine, m)
-    assert again[:2] == (await run(engine, req))[:2]
+    _forget(engine, req.memory)
+    return again, await run(engine, req)
+
+
+async def test_a_seeded_request_run_again_draws_as_one_that_looked_up_first(engine, client, fresh):
+    mid = fresh("ahead-seeded")
+    m = MemoryOptions((mid,), top_k=4)
+    req = GenerationRequest(_prompt(engine), Sampling(max_tokens=12, temperature=1.5, seed=7), m)
+    again, first = await _run_again_and_first(engine, client, fresh, req)
+    assert again[:2] == first[:2]
 
 
 async def test_citations_of_a_request_run_again_are_the_new_memorys(engine, client, fresh):
     mid = fresh("ahead-cited-again")
     m = MemoryOptions((mid,), top_k=4, return_citations=True, citation_min_weight=0.0)
     req = GenerationRequest(_prompt(engine), Sampling(max_tokens=6), m)
-    await run(engine, req)
-    client.delete_memory(mid)
-    fresh(mid, OTHER)
-    before = _outcomes()
-    again = await run(engine, req)
-    assert _moved(before) == {"stale": 1}
-    _forget(engine, m)
-    first = await run(engine, req)
+    again, first = await _run_again_and_first(engine, client, fresh, req)
     assert again[:3] == first[:3]
     assert again[3].citations == first[3].citations and first[3].citations
     assert (again[3].row_counts == first[3].row_counts).all()
