@@ -56,9 +56,6 @@ class Solo:
         self.tokens = tokens
         self.sampler = sampler
         self.repeated = repeated
-        # Whether the cache holds the last emitted token's forward, run ahead with a next token
-        # drawn (after every generate_step step; not after a from_prompt solo's first token).
-        self.ahead = False
         self.deferred = False  # its first step was put off once for work waiting on the MLX thread
         self._ran = False
         self._steps = steps
@@ -124,6 +121,12 @@ class Solo:
         return self._ran
 
     @property
+    def ahead(self) -> bool:
+        """Whether the cache holds the last emitted token's forward, run ahead with a next token
+        drawn: after every ``generate_step`` step, not after a from_prompt solo's first token."""
+        return self._ran and self._steps is not None
+
+    @property
     def untouched(self) -> bool:
         """Whether nothing ran yet (no prompt chunk, no step)."""
         return not self._ran and self._prefilled == 0
@@ -148,7 +151,6 @@ class Solo:
                 )
             self._ran = True
             token, logprobs = next(self._steps)
-        self.ahead = True
         self.tokens.append(token)
         return token, logprobs
 
