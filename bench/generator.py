@@ -345,12 +345,15 @@ async def measure(engine, path, args) -> tuple[int, dict]:
         eights.append((await aggregate(engine, prompts, args.tokens))[0])
         stock_eights.append(engine.mlx.call(stock_batch, stock_model, eos_ids, prompts, args.tokens))
     one, eight, stock_eight = (float(np.median(r)) for r in (ones, eights, stock_eights))
+    # With --repeat > 1 also the median of the rounds' ratios: the two sides of a round ran
+    # seconds apart, where a lent host's speed may move by 2x between rounds.
+    rounds = (lambda a, b: f"; rounds' ratios, median: {median_ratio(a, b)}") if args.repeat > 1 else lambda a, b: ""
     rows["8 concurrent streams vs 1, no memory (aggregate)"] = (
-        f"{eight:.1f} vs {one:.1f} tok/s ({ratio(eight, one)}; target >= 3.5x)"
+        f"{eight:.1f} vs {one:.1f} tok/s ({ratio(eight, one)}{rounds(eights, ones)}; target >= 3.5x)"
     )
     rows["8 streams, stock mlx-lm BatchGenerator (aggregate)"] = f"{stock_eight:.1f} tok/s (1.00x; {rep}interleaved)"
     rows["8 concurrent streams, generator, no memory vs stock BatchGenerator"] = (
-        f"{eight:.1f} vs {stock_eight:.1f} tok/s ({ratio(eight, stock_eight)})"
+        f"{eight:.1f} vs {stock_eight:.1f} tok/s ({ratio(eight, stock_eight)}{rounds(eights, stock_eights)})"
     )
     ones_m, eights_m, firsts, rates, eight_firsts, eight_rates = [], [], [], [], [], []
     for _ in range(args.repeat):  # interleaved, median of each
@@ -365,7 +368,8 @@ async def measure(engine, path, args) -> tuple[int, dict]:
     one_m, eight_m = float(np.median(ones_m)), float(np.median(eights_m))
     # Each side's time to first token and per-stream decode rate after it: where the ratio goes.
     rows["8 concurrent streams vs 1, LOCAL memory (aggregate)"] = (
-        f"{eight_m:.1f} vs {one_m:.1f} tok/s ({ratio(eight_m, one_m)}; the one stream: first token after "
+        f"{eight_m:.1f} vs {one_m:.1f} tok/s ({ratio(eight_m, one_m)}{rounds(eights_m, ones_m)}; "
+        f"the one stream: first token after "
         f"{np.median(firsts) * 1e3:.1f} ms, then {np.median(rates):.1f} tok/s; the eight: first tokens after "
         f"{np.nanmedian(eight_firsts) * 1e3:.1f} ms, then {np.nanmedian(eight_rates):.1f} tok/s each)"
     )
