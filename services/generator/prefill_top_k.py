@@ -24,9 +24,8 @@ matmul reads it once. Then each query row's N scores are ranked here, one warp p
    The unit keys are made per call (one fused op per layer): with the norms folded into the
    scores, the kernel reads nothing but the scores for every row.
 2. A lower bound on the k-th best exact cosine (times |q|): each lane's best lower bound a_n - E
-   over its stripe of the first 1 / CUT_SAMPLE of the rows names one row whose cosine is at least
-   that; the k-th largest of the 32 lanes' bounds is a cosine that k distinct rows reach. Any rows
-   would do: a quarter of the rows reads a quarter as much here, for a few more candidates in step 3.
+   over its stripe names one row whose cosine is at least that; the k-th largest of the 32
+   lanes' bounds is a cosine that k distinct rows reach.
 3. Candidates: the rows whose upper bound a_n + E reaches it (and any non-finite a_n), so every
    row of the exact top-k is one. Only they get their exact float32 cosine (q . k from the bank's
    keys: the products of the decode scan summed in its order, read from a row-major copy of the
@@ -53,12 +52,6 @@ from services.generator import kernel_parts
 # (absolute 2^-25 each: < 2^-20 over 256 of them), with margin.
 APPROX_E = 2.0**-10 + 2.0**-11 + 2.0**-13
 _THREADS = 128  # four query rows (warps) per block
-# Step 2 reads the first 1 / CUT_SAMPLE of each row's scores (rounded up to whole loads of all 32
-# lanes): the scores are written by the matmul and read by the kernel in full once more (step 3),
-# so step 2 is a third of the traffic with 1 and a ninth with 4. The k-th of 32 lane maxima over a
-# quarter of the rows is a looser cut: a few times k candidates per row instead of ~k, each one
-# exact dot (docs/architecture.md, "The top-k of a prefill").
-CUT_SAMPLE = 4
 
 # inputs: q [B, H, L, D] (contiguous), approx [KVH, M, N] (M = B * rep * L in (b, r, l) order:
 # approximate cosines, or with RAW approximate q . unit key, float16 or float32), keys [KVH, N, D]
@@ -109,13 +102,11 @@ _SOURCE = """
   constexpr int V = 16 / sizeof(Ta);
   const bool vec = N % V == 0;
 
-  // 2. Each lane's best lower bound over the first S rows, then the k-th largest over the lanes.
-  const int stride = vec ? 32 * V : 32;
-  const int S = min(N, (N / CS + stride - 1) / stride * stride);
+  // 2. Each lane's best lower bound, then the k-th largest over the lanes.
   float lo = EM_NEG_INF;
   if (vec) {
 #pragma unroll 8
-    for (int base = lane * V; base < S; base += 32 * V) {
+    for (int base = lane * V; base < N; base += 32 * V) {
       const uint4 raw = *reinterpret_cast<const uint4*>(ar + base);
       const Ta* av = reinterpret_cast<const Ta*>(&raw);
 #pragma unroll
@@ -126,7 +117,7 @@ _SOURCE = """
     }
   } else {
 #pragma unroll 4
-    for (int n = lane; n < S; n += 32) {
+    for (int n = lane; n < N; n += 32) {
       const float low = static_cast<float>(ar[n]) - E;
       if (low > lo) lo = low;
     }
@@ -242,7 +233,6 @@ def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, k: int, list_
             ("K", list_size),
             ("T", _THREADS),
             ("RAW", int(raw)),
-            ("CS", CUT_SAMPLE),
         ],
         grid=(-(-rows // per_block) * _THREADS, 1, 1),
         threadgroup=(_THREADS, 1, 1),

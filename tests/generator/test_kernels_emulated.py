@@ -163,33 +163,6 @@ def test_prefill_top_k_kernel_is_the_exact_top_k(case, emulated, monkeypatch):
     _check(q, keys, np.array(rows), np.array(dots), top_k, threshold)
 
 
-@pytest.mark.parametrize("n, dtype", [(1024, mx.float16), (1003, mx.float16), (512, mx.float32)])
-def test_prefill_top_k_finds_a_top_k_that_lies_past_the_rows_its_cut_reads(n, dtype, emulated, monkeypatch):
-    """The kernel's cut comes from the first 1 / CUT_SAMPLE of the rows only; the candidates from all
-    of them: every query's exact top-k placed in the bank's last rows (clusters of near copies of
-    each query, past the sample) is still found, in order."""
-    monkeypatch.setattr(fa, "MATMUL_ROWS", 16)
-    B, H, KVH, L, d, top_k = 1, 8, 2, 4, 32, 8
-    rng = np.random.default_rng(n)
-    q, keys = _inputs(rng, B, H, KVH, L, d, n, "random")
-    rep = H // KVH
-    per_head = q.reshape(B, KVH, rep, L, d).transpose(1, 0, 2, 3, 4).reshape(KVH, rep * L, d)
-    near = per_head[:, :, None, :] + 0.05 * rng.standard_normal((KVH, rep * L, top_k, d))
-    tail = near.reshape(KVH, -1, d)  # each query's top_k near copies, in the last rows
-    keys[:, n - tail.shape[1] :] = tail
-    stride = 32 * (16 // np.dtype(np.float16 if dtype == mx.float16 else np.float32).itemsize)
-    stride = stride if n % (stride // 32) == 0 else 32
-    sampled = min(n, -(-(n // prefill_top_k.CUT_SAMPLE) // stride) * stride)
-    assert prefill_top_k.CUT_SAMPLE > 1 and sampled <= n - tail.shape[1]  # the top-k lies past the sample
-    keys_mx = mx.array(keys).astype(dtype)
-    keys = np.array(keys_mx.astype(mx.float32))
-    inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx.astype(mx.float32) ** 2, axis=-1), 1e-24))
-    rows, dots = fa.top_k_rows(mx.array(q), mx.contiguous(keys_mx.swapaxes(-1, -2)), inv, top_k, None)
-    rows = np.array(rows)
-    assert (rows >= n - tail.shape[1]).all()
-    _check(q, keys, rows, np.array(dots), top_k, None)
-
-
 # name: (B, H, KVH, L, d, n, top_k, threshold, mode): float16 queries with a float16 bank, which
 # the matmul takes as they are (the kernel scales its bound by each row's |q|: prefill_top_k.py)
 RAW_HALF_CASES = {
