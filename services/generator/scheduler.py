@@ -437,6 +437,10 @@ class Scheduler:
 
     def _finish(self, r: RunningRequest, reason: str) -> None:
         citations, counts = [], None
+        if r.counts is not None or r.mass is not None:
+            # Its last token leaves before the reads from the device below: a one-token request's
+            # first token would otherwise wait for them (docs/architecture.md, "Handing tokens to the callers").
+            self._handover.hand_over()
         if r.counts is not None:
             try:
                 r.group.counts.flush()

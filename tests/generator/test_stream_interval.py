@@ -354,3 +354,33 @@ async def test_an_urgent_event_behind_a_pending_wake_up_leaves_no_urgency_behind
     assert handover.posted == [b] and len(waits) == 1, waits  # held for the interval
     assert await asyncio.wait_for(a.events.get(), 10) is first
     assert await asyncio.wait_for(a.events.get(), 10) is final
+
+
+@pytest.mark.parametrize("cite", [False, True])
+async def test_a_request_with_memories_gets_its_last_token_before_its_end_reads_the_device(
+    engine, memory, monkeypatch, cite
+):
+    """A request with memories ends by reading its attention mass (and citation counts) from the
+    device: its last token is handed over before those reads, so a one-token request's only token
+    (a prefill's time to first token) does not wait for them; the Final follows with the counts."""
+    from services.generator import attention_mass, running_request
+    from services.generator.request_types import MemoryOptions
+
+    monkeypatch.setattr(running_request.Handover, "URGENT_WAIT", 30.0)  # the caller surely ran
+    order = []
+    means = attention_mass.MassSum.means
+
+    def read(self):
+        order.append("mass read")
+        return means(self)
+
+    monkeypatch.setattr(attention_mass.MassSum, "means", read)
+    mid, _ = memory
+    req = GenerationRequest(
+        engine.tokenizer.encode(PROMPT), Sampling(max_tokens=1), MemoryOptions((mid,), return_citations=cite)
+    )
+    async for ev in engine.generate(req):
+        order.append(type(ev).__name__)
+    assert order == ["Chunk", "mass read", "Final"], order
+    if cite:
+        assert ev.row_counts is not None and ev.row_counts.sum() > 0  # counted and read after the token left
