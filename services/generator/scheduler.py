@@ -116,6 +116,7 @@ class Scheduler:
         self._groups: dict = {}
         self._active = 0
         self._gauges_moved = False  # a request started or ended during the step: _publish after it
+        self._ends: list[tuple[RunningRequest, str]] = []  # (request, reason) its last token came in the step
         self._has_work = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -256,6 +257,7 @@ class Scheduler:
                 self._handover.post(r, error)
             g.close()
         self._groups.clear()
+        self._ends.clear()  # a step that raised may have left some: ended here, not again
         self._active = 0
         self._has_work.clear()
         self._publish()
@@ -299,6 +301,7 @@ class Scheduler:
                 tokens += 1
         if tokens:
             GENERATED_TOKENS.inc(tokens)  # once per step: the counter takes a lock
+        self._finish_ends()
         started = [p.uid for p in prompt_responses if p.end_of_prompt]
         if group.resumed and started:
             # A sequence back from solo ran its last token's forward again, which the solo step
@@ -388,6 +391,7 @@ class Scheduler:
         finish = "stop" if token in self._eos else "length" if r.generated + 1 >= r.max_tokens else None
         self._on_token(r, _SoloToken(token, logprobs, finish))
         GENERATED_TOKENS.inc()
+        self._finish_ends()
         if r.done and group.solo is solo:
             group.end_solo()
         self._tally(group, record, mass, [r.uid], [])
@@ -416,13 +420,15 @@ class Scheduler:
                 self._end(r, error)
 
     def _on_token(self, r: RunningRequest, resp) -> None:
+        """Posts ``r``'s token (a Chunk, unless it is EOS); its last one queues its end for
+        ``_finish_ends``, once the step's tokens are all posted."""
         tok = int(resp.token)
         r.generated += 1
         if r.generated == 1:
             r.observe(TIME_TO_FIRST_TOKEN.observe, time.monotonic() - r.arrived)
             self._gauges_moved = True  # from waiting to running
         if resp.finish_reason == "stop":  # an EOS token (the only stop sequences given to mlx-lm)
-            self._finish(r, STOP)
+            self._ends.append((r, STOP))
             return
         lp = [float(resp.logprobs[tok].item())] if r.req.return_logprobs else []
         top = [_top(resp.logprobs, r.req.top_logprobs)] if r.req.return_logprobs and r.req.top_logprobs else []
@@ -431,16 +437,29 @@ class Scheduler:
         self._handover.post(r, Chunk(piece, [tok], lp, top), urgent=r.generated == 1)
         if stopped:
             r.group.remove(r.uid)
-            self._finish(r, STOP_SEQUENCE)
+            self._ends.append((r, STOP_SEQUENCE))
         elif last:
-            self._finish(r, LENGTH)
+            self._ends.append((r, LENGTH))
+
+    def _finish_ends(self) -> None:
+        """Ends the requests whose last token the step made (``_finish``). Those with
+        memories read the device at their end (citation counts, attention mass): the tokens posted
+        so far leave before those reads (when due: a first token always, else by the stream
+        interval), so that a one-token request's only token (a prefill's time to first token) does
+        not wait for them (docs/architecture.md, "Handing tokens to the callers"). One hand-over
+        for all of the step's ends, not one each (an urgent one waits for the callers' loops), and
+        after the step's token count and the gauges moved: it may carry the Finals of requests
+        that ended earlier in this pass, whose callers read those settled."""
+        ends, self._ends = self._ends, []
+        if any(r.counts is not None or r.mass is not None for r, _ in ends):
+            if self._gauges_moved:
+                self._publish()
+            self._handover.hand_over()
+        for r, reason in ends:
+            self._finish(r, reason)
 
     def _finish(self, r: RunningRequest, reason: str) -> None:
         citations, counts = [], None
-        if r.counts is not None or r.mass is not None:
-            # Its last token leaves before the reads from the device below: a one-token request's
-            # first token would otherwise wait for them (docs/architecture.md, "Handing tokens to the callers").
-            self._handover.hand_over()
         if r.counts is not None:
             try:
                 r.group.counts.flush()
