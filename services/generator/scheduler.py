@@ -470,8 +470,16 @@ class Scheduler:
                 self._end(r, errors.ours_or_internal(e, "citations failed"))
                 return
         if r.mass is not None:
-            r.group.mass.flush()
-            r.observe(attention_mass.observe, r.mass.means())  # the one read of the request's sums
+            try:
+                r.group.mass.flush()
+                means = r.mass.means()  # the one read of the request's sums
+            except Exception as e:  # noqa: BLE001 - a metric never fails a request (DecodeGroup.tally)
+                log.warning("attention mass not measured", extra={"error": str(e)})
+                r.group.mass.drop()  # its pending forwards would fail every later flush
+                for x in r.group.requests.values():
+                    x.mass = None
+            else:
+                r.observe(attention_mass.observe, means)
             r.mass = None
         rest = ""
         if reason != STOP_SEQUENCE:

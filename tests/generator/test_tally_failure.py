@@ -125,3 +125,40 @@ async def test_a_flush_that_keeps_failing_ends_only_what_needs_it(engine, memory
     )
     assert len(tokens) == 6 and final.citations
     assert engine.stats()["active"] == 0 and engine.mlx.call(lambda: engine._scheduler._active) == 0
+
+
+@pytest.mark.parametrize("cite", [False, True])
+async def test_an_attention_mass_that_cannot_be_read_at_a_request_end_fails_no_request(
+    engine, memory, monkeypatch, cite
+):
+    """The attention mass of a short request is first combined at its end (its one flush, before
+    the read): should that fail, the request still ends with its tokens and citations, unmeasured,
+    and the requests running beside it (another group) go on; nothing fails the engine's step."""
+    from services.generator import attention_mass
+
+    mid, _ = memory
+    from prometheus_client import REGISTRY
+
+    observed = lambda: REGISTRY.get_sample_value("extmind_generator_memory_attention_share_count") or 0.0  # noqa: E731
+    opts = MemoryOptions((mid,), top_k=4, return_citations=cite, max_citations=1000)
+    req = GenerationRequest(engine.tokenizer.encode("Alice met Bob at"), Sampling(max_tokens=4), opts)
+    want = await run(engine, req)
+    elsewhere = engine.generate(GenerationRequest(engine.tokenizer.encode("The sea"), Sampling(max_tokens=60)))
+    assert isinstance(await elsewhere.__anext__(), Chunk)
+
+    def summed_shares(*a, **kw):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(attention_mass, "summed_shares", summed_shares)
+    before = observed()
+    got = await run(engine, req)
+    assert got[0] == want[0] and got[3].finish_reason == want[3].finish_reason == "length"
+    assert got[3].citations == want[3].citations and bool(want[3].citations) == cite
+    assert observed() == before  # not measured
+    rest = [ev async for ev in elsewhere]
+    assert isinstance(rest[-1], Final) and rest[-1].completion_tokens == 60
+    monkeypatch.undo()
+    d = observed()
+    await run(engine, req)
+    assert observed() == d + 1  # measured again once the flush works
+    assert engine.stats()["active"] == 0
