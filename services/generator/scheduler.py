@@ -450,6 +450,8 @@ class Scheduler:
         for all of the step's ends, not one each (an urgent one waits for the callers' loops), and
         after the step's token count and the gauges moved: it may carry the Finals of requests
         that ended earlier in this pass, whose callers read those settled."""
+        if not self._ends:  # most steps
+            return
         ends, self._ends = self._ends, []
         if any(r.counts is not None or r.mass is not None for r, _ in ends):
             if self._gauges_moved:

@@ -341,3 +341,32 @@ async def test_callers_on_two_loops_ending_in_one_step_get_every_token(engines, 
             assert tokens_of(evs) == tokens_of(w)
             assert final_fields(evs[-1])[:3] == final_fields(w[-1])[:3] and evs[-1].citations
     await idle(slow)
+
+
+@pytest.mark.parametrize("max_tokens", [1, 3])
+async def test_citations_that_cannot_be_read_at_the_end_give_the_tokens_then_the_error(
+    engines, mid, monkeypatch, max_tokens
+):
+    """The citing request's counts fail at its end (after its last token left): its caller gets
+    every token, then INTERNAL and nothing else; a request of its batch without citations ends
+    with its Final, and the engine is idle after."""
+    from services.generator import citations, running_request
+
+    engine = engines[60_000.0]
+    monkeypatch.setattr(running_request.Handover, "URGENT_WAIT", 30.0)
+
+    def read(self):
+        raise RuntimeError("the counts could not be read")
+
+    monkeypatch.setattr(citations.Counts, "read", read)
+    reqs = [
+        GenerationRequest(engine.tokenizer.encode(p), Sampling(max_tokens=max_tokens), opts(mid, cite, "local"))
+        for p, cite in (("Water boils at", True), ("Alice met Bob at", False))
+    ]
+    citing, plain = await _together(engine, reqs)
+    for evs in (citing, plain):
+        assert_well_formed(evs)
+        assert len(tokens_of(evs)) == max_tokens
+    assert isinstance(citing[-1], errors.Internal) and "could not be read" in str(citing[-1])
+    assert isinstance(plain[-1], Final) and plain[-1].finish_reason == "length"
+    await idle(engine)
