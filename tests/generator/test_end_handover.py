@@ -176,10 +176,11 @@ async def _together(engine, reqs, on_final=None):
     return [out[i] for i in range(len(reqs))]
 
 
+@pytest.mark.parametrize("mode", ["local", "remote"])
 @pytest.mark.parametrize("interval", [0.0, 60_000.0])
 @pytest.mark.parametrize("max_tokens", [1, 3])
 async def test_requests_ending_in_one_step_get_their_final_with_the_metrics_settled(
-    engines, mid, monkeypatch, interval, max_tokens
+    engines, mid, monkeypatch, interval, max_tokens, mode
 ):
     """Citing requests of one batch end in the same step. The one whose end comes first in the step
     must not get its Final before the step's gauges and token count moved (the scheduler hands
@@ -190,7 +191,7 @@ async def test_requests_ending_in_one_step_get_their_final_with_the_metrics_sett
     monkeypatch.setattr(running_request.Handover, "URGENT_WAIT", 30.0)  # the callers surely ran
     prompts = ["Water boils at", "Alice met Bob at", "The capital of", "Rome is the"]
     reqs = [
-        GenerationRequest(engine.tokenizer.encode(p), Sampling(max_tokens=max_tokens), opts(mid, True, "local"))
+        GenerationRequest(engine.tokenizer.encode(p), Sampling(max_tokens=max_tokens), opts(mid, True, mode))
         for p in prompts
     ]
     start = sample(GENERATED)
