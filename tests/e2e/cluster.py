@@ -99,6 +99,9 @@ def cluster_env(run_dir: Path, model_cache: Path) -> dict:
         EXTMIND_START_TIMEOUT="300",
         EXTMIND_STOP_GRACE="10",
         PYTHONPATH=str(REPO),
+        # The CLI and the demo run in this env find their cluster through the run dir's record;
+        # unset, they would fall back to the checkout's .run, i.e. the developer's own `make up`.
+        EXTMIND_RUN_DIR=str(run_dir),
     )
     return env
 

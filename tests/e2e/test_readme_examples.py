@@ -231,6 +231,17 @@ def test_openai_examples_memorize_over_curl_and_answer_through_the_openai_packag
         assert (memorized["id"], memorized["state"]) == ("velmar-http", "ready"), memorized
         assert "Tirnorbury" in completion["choices"][0]["text"], completion
 
+        # The streamed one: server-sent events, the text in pieces, the citations in the last chunk.
+        streamed = with_addresses(readme_block("bash", '"stream": true'), {"localhost:8001": http})
+        r = subprocess.run(["bash", "-e", "-c", streamed], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        events = [line.removeprefix("data: ") for line in r.stdout.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]", r.stdout
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == completion["choices"][0]["text"], r.stdout
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop", r.stdout
+        assert "Tirnorbury" in chunks[-1]["extmind"]["citations"][0]["text"], r.stdout
+
         printed = run(code, {}).splitlines()
         assert printed[0] == promised(code, "print(r.choices[0].text)"), printed  # " Tirnorbury"
         cited = [re.fullmatch(r"(\d+) (.+)", line) for line in printed[1:]]

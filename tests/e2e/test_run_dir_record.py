@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-from .cluster import _SCRUB, REPO
+from extmind.cluster_config import find_run_dir
+
+from .cluster import _SCRUB, REPO, cluster_env, patched_environ
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -71,3 +73,11 @@ def test_up_records_its_urls_and_a_bare_shell_finds_them(cluster, tmp_path):
         timeout=120,
     )
     assert st.returncode == 0, st.stdout + st.stderr
+
+
+def test_the_test_clusters_clients_find_its_run_dir_not_the_checkouts(tmp_path):
+    # With a `make up` of the developer's running in this checkout (REPO/.run/cluster.json), a
+    # client started in the test cluster's env (the demo, the CLI) used that cluster instead.
+    env = cluster_env(tmp_path / "run", tmp_path / "models")
+    with patched_environ(env):
+        assert find_run_dir() == (tmp_path / "run").resolve()

@@ -363,24 +363,27 @@ async def test_a_request_with_memories_gets_its_last_token_before_its_end_reads_
     """A request with memories ends by reading its attention mass (and citation counts) from the
     device: its last token is handed over before those reads, so a one-token request's only token
     (a prefill's time to first token) does not wait for them; the Final follows with the counts."""
-    from services.generator import attention_mass, running_request
+    from services.generator import attention_mass, citations, running_request
     from services.generator.request_types import MemoryOptions
 
     monkeypatch.setattr(running_request.Handover, "URGENT_WAIT", 30.0)  # the caller surely ran
     order = []
-    means = attention_mass.MassSum.means
 
-    def read(self):
-        order.append("mass read")
-        return means(self)
+    def recorded(name, read):
+        def call(self):
+            order.append(name)
+            return read(self)
 
-    monkeypatch.setattr(attention_mass.MassSum, "means", read)
+        return call
+
+    monkeypatch.setattr(attention_mass.MassSum, "means", recorded("mass read", attention_mass.MassSum.means))
+    monkeypatch.setattr(citations.Counts, "read", recorded("counts read", citations.Counts.read))
     mid, _ = memory
     req = GenerationRequest(
         engine.tokenizer.encode(PROMPT), Sampling(max_tokens=1), MemoryOptions((mid,), return_citations=cite)
     )
     async for ev in engine.generate(req):
         order.append(type(ev).__name__)
-    assert order == ["Chunk", "mass read", "Final"], order
+    assert order == ["Chunk", *(["counts read"] if cite else []), "mass read", "Final"], order
     if cite:
         assert ev.row_counts is not None and ev.row_counts.sum() > 0  # counted and read after the token left
