@@ -103,6 +103,26 @@ async def first_steps_queued(engine, start):
     return out, second
 
 
+def on_two_loops(call, items) -> list[list]:
+    """``call(item)`` (a coroutine function) for every item at once on each of two threads, each
+    with its own event loop, both threads at the same time: -> each thread's results, in item order."""
+    results: dict = {}
+
+    def in_thread(i):
+        async def all_of_them():
+            return await asyncio.gather(*(call(x) for x in items))
+
+        results[i] = asyncio.run(all_of_them())
+
+    threads = [threading.Thread(target=in_thread, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(results) == [0, 1]
+    return [results[0], results[1]]
+
+
 async def until(condition, what: str, seconds: float = 20) -> None:
     """Waits until ``condition()`` (a bool, or an awaitable of one) holds, polling every ms; fails
     naming ``what`` after ``seconds`` (a bound only, so that a fault fails instead of hanging)."""

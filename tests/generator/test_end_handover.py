@@ -7,7 +7,6 @@ one error, with the metrics of its end settled; the engine is idle afterwards.""
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
 from prometheus_client import REGISTRY
@@ -16,7 +15,7 @@ from extmind import errors
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.request_types import Chunk, Final, GenerationRequest, MemoryOptions, Sampling
 
-from .helpers import MlxHold, queued, until
+from .helpers import MlxHold, on_two_loops, queued, until
 from .memory_helpers import TEXT
 
 PROMPT = "Alice met Bob at"
@@ -322,21 +321,7 @@ async def test_callers_on_two_loops_ending_in_one_step_get_every_token(engines, 
         for p, n in (("Water boils at", 1), ("Alice met Bob at", 5), ("Rome is the", 5), ("Paris is", 1))
     ]
     want = [await stream(quick, r) for r in reqs]
-    results: dict = {}
-
-    def in_thread(i):
-        async def all_of_them():
-            return await asyncio.gather(*(stream(slow, r) for r in reqs))
-
-        results[i] = asyncio.run(all_of_them())
-
-    threads = [threading.Thread(target=in_thread, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert sorted(results) == [0, 1]
-    for got in results.values():
+    for got in on_two_loops(lambda r: stream(slow, r), reqs):
         for evs, w in zip(got, want):
             assert_well_formed(evs)
             assert tokens_of(evs) == tokens_of(w)

@@ -13,7 +13,7 @@ from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.request_types import Chunk, Final, GenerationRequest, Sampling
 from services.generator.running_request import RunningRequest
 
-from .helpers import events, until
+from .helpers import events, on_two_loops, until
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Paris is"
 
@@ -163,27 +163,12 @@ async def test_joined_chunks_render_as_step_by_step_ones_in_the_openai_answers(e
 async def test_streams_of_two_event_loops_get_every_token(engines):
     """Requests from two threads, each with its own event loop, on an engine that holds tokens
     for the interval: each loop gets its own requests' tokens, all of them, in order."""
-    import threading
-
     quick, slow = engines[0.0], engines[60_000.0]
     prompts = [PROMPT, "Alice met Bob at the", "One two three four"]
     reqs = [GenerationRequest(quick.tokenizer.encode(p), Sampling(max_tokens=50), None, True) for p in prompts]
     want = [await events(quick, r) for r in reqs]
-    results: dict = {}
-
-    def in_thread(i):
-        async def both():
-            return await asyncio.gather(*(events(slow, r) for r in reqs))
-
-        results[i] = asyncio.run(both())
-
-    threads = [threading.Thread(target=in_thread, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert sorted(results) == [0, 1]
-    for got in results.values():  # six in a batch: logprobs within rounding of the lone runs'
+    # six in a batch: logprobs within rounding of the lone runs'
+    for got in on_two_loops(lambda r: events(slow, r), reqs):
         for (chunks, final), (want_chunks, want_final) in zip(got, want):
             g, w = Chunk.joined(chunks), Chunk.joined(want_chunks)
             assert (g.text, g.token_ids, final) == (w.text, w.token_ids, want_final)
