@@ -160,15 +160,21 @@ class DecodeGroup:
                 forwards = attention_mass.forward_shares(mass, self.layers_per_forward, generated, started)
                 recorded += hand_out(self.mass, forwards, lazy)
             except Exception as e:  # noqa: BLE001 - a metric never fails a request
-                log.warning("attention mass not measured", extra={"error": str(e)})
-                self.mass.drop()
-                for r in self.requests.values():
-                    r.mass = None
+                self.stop_measuring_mass(e)
         if recorded and lazy:
             # The recorded rows and shares are tiny: evaluating them with the step frees the
             # forward's arrays they hang on; the requests add them up every few steps.
             mx.async_eval(recorded)
         return failed
+
+    def stop_measuring_mass(self, error: Exception) -> None:
+        """After a failed flush or read of the attention mass: the group's pending shares are
+        dropped (they would fail every later flush) and none of its requests measures any more (a
+        metric never fails a request)."""
+        log.warning("attention mass not measured", extra={"error": str(error)})
+        self.mass.drop()
+        for r in self.requests.values():
+            r.mass = None
 
     def close(self) -> None:
         """Ends the group: its BatchGenerator and, for REMOTE, its search stream (now, rather than

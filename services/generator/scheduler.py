@@ -475,11 +475,8 @@ class Scheduler:
             try:
                 r.group.mass.flush()
                 means = r.mass.means()  # the one read of the request's sums
-            except Exception as e:  # noqa: BLE001 - a metric never fails a request (DecodeGroup.tally)
-                log.warning("attention mass not measured", extra={"error": str(e)})
-                r.group.mass.drop()  # its pending forwards would fail every later flush
-                for x in r.group.requests.values():
-                    x.mass = None
+            except Exception as e:  # noqa: BLE001 - a metric never fails a request
+                r.group.stop_measuring_mass(e)
             else:
                 r.observe(attention_mass.observe, means)
             r.mass = None
