@@ -345,9 +345,12 @@ async def measure(engine, path, args) -> tuple[int, dict]:
         eights.append((await aggregate(engine, prompts, args.tokens))[0])
         stock_eights.append(engine.mlx.call(stock_batch, stock_model, eos_ids, prompts, args.tokens))
     one, eight, stock_eight = (float(np.median(r)) for r in (ones, eights, stock_eights))
+
     # With --repeat > 1 also the median of the rounds' ratios: the two sides of a round ran
     # seconds apart, where a lent host's speed may move by 2x between rounds.
-    rounds = (lambda a, b: f"; rounds' ratios, median: {median_ratio(a, b)}") if args.repeat > 1 else lambda a, b: ""
+    def rounds(values: list, baselines: list) -> str:
+        return f"; rounds' ratios, median: {median_ratio(values, baselines)}" if args.repeat > 1 else ""
+
     rows["8 concurrent streams vs 1, no memory (aggregate)"] = (
         f"{eight:.1f} vs {one:.1f} tok/s ({ratio(eight, one)}{rounds(eights, ones)}; target >= 3.5x)"
     )
