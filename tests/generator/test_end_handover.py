@@ -1,4 +1,4 @@
-"""The end of a request with memories (scheduler._finish): its last token is handed over before
+"""The end of a request with memories (Scheduler._finish_ends): its last token is handed over before
 its end reads the device (citation counts, attention mass). Whatever way it ends (length, EOS,
 stop string, a failed count, its caller gone), alone or with others of a batch, with tokens held
 for the stream interval or not, its caller gets every token once, in order, then one Final or
