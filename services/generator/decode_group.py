@@ -15,7 +15,7 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import BatchKVCache
 
 from extmind import errors
-from services.generator import attention_mass
+from services.generator import attention_mass, batch_cache
 from services.generator.batch_tally import BatchTally
 from services.generator.citations import Picks, decode_forwards, picked_rows, stack_picks
 from services.generator.extended_attention import MemoryContext
@@ -29,10 +29,16 @@ class DecodeGroup:
     none): its BatchGenerator, its memory context, its requests by uid, the sequence it steps
     solo (solo.py) and its per-request tallies (batch_tally.py)."""
 
-    def __init__(self, key, gen: BatchGenerator, ctx: MemoryContext | None, num_layers: int):
+    def __init__(
+        self, key, gen: BatchGenerator, ctx: MemoryContext | None, num_layers: int, host_padded: bool = False
+    ):
         self.key = key
         self.gen = gen
         self.ctx = ctx
+        # Sequences go into the BatchGenerator with batch_cache's caches (padding known on the
+        # host): for models whose caches are plain KVCaches.
+        self.host_padded = host_padded
+        self.num_layers = num_layers
         self.requests: dict = {}  # uid -> running_request.RunningRequest
         # Layers that retrieve: each forward records that many index (and mass) arrays.
         self.layers = [i for i in range(num_layers) if ctx.applies(i)] if ctx is not None else []
@@ -64,6 +70,10 @@ class DecodeGroup:
             self.gen.remove([uid])
         self.resumed.discard(uid)
         self.batch_changed = True
+
+    def new_cache(self) -> list | None:
+        """A prompt's cache for ``BatchGenerator.insert(caches=[...])`` (None: mlx-lm makes one)."""
+        return batch_cache.prompt_cache(self.num_layers) if self.host_padded else None
 
     def end_solo(self) -> None:
         self.solo.close()
@@ -115,7 +125,7 @@ class DecodeGroup:
             (uid,) = self.gen.insert(
                 [tokens[-1:]],
                 max_tokens=[r.max_tokens - r.generated],
-                caches=[cache],
+                caches=[batch_cache.host_padded(cache) if self.host_padded else cache],
                 all_tokens=[tokens[:-1]],
                 samplers=[r.sampler],
                 logits_processors=[r.processors],
@@ -126,7 +136,11 @@ class DecodeGroup:
             # (the prompt chunks it may have prefilled are dropped: joined within its prefill)
             solo.close()
             (uid,) = self.gen.insert(
-                [solo.tokens], max_tokens=[r.max_tokens], samplers=[r.sampler], logits_processors=[r.processors]
+                [solo.tokens],
+                max_tokens=[r.max_tokens],
+                caches=[self.new_cache()],
+                samplers=[r.sampler],
+                logits_processors=[r.processors],
             )
         del self.requests[r.uid]
         r.uid = uid
@@ -201,11 +215,14 @@ def hand_out(tally: BatchTally, forwards: list, compact: bool) -> list:
 
 def unpadded_caches(gen: BatchGenerator) -> dict:
     """id -> cache of the decode batch's per-layer KV caches when no sequence in it is
-    left-padded, else {} (also for cache types other than mlx-lm's BatchKVCache). Reads the
-    padding from the device: called only when the batch changed (a sequence joined or left)."""
+    left-padded, else {} (also for cache types other than mlx-lm's BatchKVCache and
+    batch_cache's). Called only when the batch changed (a sequence joined or left); reads the
+    padding from the device only for mlx-lm's own class."""
     caches = getattr(getattr(gen, "_generation_batch", None), "prompt_cache", None) or []
-    if not caches or any(type(c) is not BatchKVCache for c in caches):
+    if not caches or any(type(c) not in (BatchKVCache, batch_cache.HostPaddedBatchKVCache) for c in caches):
         return {}
-    if mx.max(mx.concatenate([c.left_padding for c in caches])).item() != 0:
-        return {}
-    return {id(c): c for c in caches}
+    if all(type(c) is batch_cache.HostPaddedBatchKVCache for c in caches):
+        padded = any(max(c.host_padding) for c in caches)
+    else:
+        padded = mx.max(mx.concatenate([c.left_padding for c in caches])).item() != 0
+    return {} if padded else {id(c): c for c in caches}

@@ -205,7 +205,7 @@ class Scheduler:
                 prefill_batch_size=self.prefill_batch_size,
                 prefill_step_size=self.prefill_step_size,
             )
-            group = DecodeGroup(key, gen, ctx, self.num_layers)
+            group = DecodeGroup(key, gen, ctx, self.num_layers, host_padded=self._solo_ok)
             self._groups[key] = group
         if group.solo is not None:  # a batch again: first, so it keeps its turn ahead of r
             self._resume(group)
@@ -222,6 +222,7 @@ class Scheduler:
             (uid,) = group.gen.insert(
                 [r.req.prompt_tokens],
                 max_tokens=[r.max_tokens],
+                caches=[group.new_cache()],
                 samplers=[r.sampler],
                 logits_processors=[r.processors],
             )
