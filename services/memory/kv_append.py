@@ -36,13 +36,19 @@ class AppendResult:
 
 class WriterSlots:
     """One append stream per memory at a time, and the clean-ups of failed streams kept alive
-    until they end (asyncio holds tasks weakly)."""
+    until they end (asyncio holds tasks weakly). A stream that failed keeps its memory's slot
+    until its clean-up (the rollback of its rows) ends; a writer opening the same memory
+    meanwhile (a client retrying at once) waits for that clean-up instead of being refused."""
 
     def __init__(self):
         self._writing: set[str] = set()  # ids with an open append stream
         self._cleanups: set[asyncio.Task] = set()
+        self._aborting: dict[str, asyncio.Task] = {}  # id -> the clean-up of its failed stream
 
-    def claim(self, memory_id: str) -> None:
+    async def claim(self, memory_id: str) -> None:
+        cleanup = self._aborting.get(memory_id)
+        if cleanup is not None:
+            await asyncio.wait([cleanup])  # its outcome is the failed stream's, not ours
         if memory_id in self._writing:
             raise FailedPrecondition(
                 f"another AppendMemory stream is writing memory {memory_id!r}; "
@@ -57,10 +63,17 @@ class WriterSlots:
         """The ids with an open append stream (the reaper leaves them alone)."""
         return self._writing
 
-    def keep(self, cleanup) -> asyncio.Task:
+    def keep(self, cleanup, memory_id: str | None = None) -> asyncio.Task:
+        """Runs ``cleanup`` (a failed stream's, which releases ``memory_id``'s slot at its end) to
+        its end whatever happens to the stream's task."""
         task = asyncio.ensure_future(cleanup)
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
+        if memory_id is not None:
+            self._aborting[memory_id] = task
+            task.add_done_callback(
+                lambda t: self._aborting.pop(memory_id, None) if self._aborting.get(memory_id) is t else None
+            )
         return task
 
 
@@ -149,7 +162,7 @@ class AppendStream:
             self._release()
             return False
         # Shielded, so a client cancel cannot interrupt the clean-up.
-        await asyncio.shield(self.slots.keep(self._abort(exc)))
+        await asyncio.shield(self.slots.keep(self._abort(exc), self.claimed))
         return False
 
     async def target(self, memory_id: str) -> MemoryMeta:
@@ -167,7 +180,7 @@ class AppendStream:
 
     async def _open(self, memory_id: str) -> None:
         check_id(memory_id)
-        self.slots.claim(memory_id)
+        await self.slots.claim(memory_id)
         self.claimed = memory_id  # released on every exit, also when the memory turns out missing
         # Opening counts as activity for the reaper (kv_reaper); a memory it deleted is NOT_FOUND here.
         await self.store.touch(memory_id)
