@@ -29,9 +29,7 @@ class DecodeGroup:
     none): its BatchGenerator, its memory context, its requests by uid, the sequence it steps
     solo (solo.py) and its per-request tallies (batch_tally.py)."""
 
-    def __init__(
-        self, key, gen: BatchGenerator, ctx: MemoryContext | None, num_layers: int, host_padded: bool = False
-    ):
+    def __init__(self, key, gen: BatchGenerator, ctx: MemoryContext | None, num_layers: int, host_padded: bool = False):
         self.key = key
         self.gen = gen
         self.ctx = ctx
