@@ -1,12 +1,13 @@
 """Where a decode step's GPU time goes, kernel by kernel, on MLX's CUDA backend.
 
-    python -m bench.gpu_kernel_times [--shape 1b] [--rows 4096 65536] [--steps 30] [--top-k 10]
+    python -m bench.gpu_kernel_times [--shape 1b] [--rows 4096 65536] [--streams 1 8] [--steps 30] [--top-k 10]
 
 MLX has no kernel timer; PyTorch's profiler reads CUPTI, which records every kernel the process
 launches, MLX's included. For a random Llama of ``--shape`` (bench.generator's shapes) driven by
-mlx-lm's ``BatchGenerator`` at one stream, with no memory and with a LOCAL bank of each ``--rows``,
+mlx-lm's ``BatchGenerator``, with no memory and with a LOCAL bank of each ``--rows``,
 it prints the wall time per decode step, the GPU kernel time per step (wall well above it: the
-host is the bottleneck) and the kernels that took it; first, the fused extended-attention kernels
+host is the bottleneck) and the kernels that took it, for each ``--streams`` (sequences decoding
+together, the same prompt: an unpadded batch); first, the fused extended-attention kernels
 of one layer against MLX's fused attention (``sdpa``). Needs MLX computing on CUDA and PyTorch
 with CUDA in the same environment (the device machine has both); refuses otherwise.
 """
@@ -66,6 +67,9 @@ def main() -> int:
     parser.add_argument("--rows", type=positive_int, nargs="+", default=[4096, 65536], help="LOCAL bank sizes")
     parser.add_argument("--steps", type=positive_int, default=30, help="decode steps timed and profiled")
     parser.add_argument(
+        "--streams", type=positive_int, nargs="+", default=[1], help="sequences decoding together (each a run)"
+    )
+    parser.add_argument(
         "--top-k", type=positive_int, default=10, help="memories per query head (the fused kernels take <= 32)"
     )
     args = parser.parse_args()
@@ -124,10 +128,10 @@ def main() -> int:
     model, _ = load(str(path))
     state = install(model)
     prompt = [int(t) for t in rng.integers(50, 500, 32)]
-    for n in [None, *args.rows]:
+    for streams, n in [(b, n) for b in args.streams for n in [None, *args.rows]]:
         ctx = MemoryContext(LocalRetriever([banks[n]]), top_k=args.top_k) if n else None
-        gen = BatchGenerator(model, max_tokens=3 * args.steps + 20, stop_tokens=[])
-        gen.insert([prompt])
+        gen = BatchGenerator(model, max_tokens=3 * args.steps + 20, stop_tokens=[], completion_batch_size=streams)
+        gen.insert([prompt] * streams)
         step = functools.partial(decode_step, gen, state, ctx)
         for _ in range(3):
             step()
@@ -146,7 +150,7 @@ def main() -> int:
             mx.synchronize()
         times = kernel_times(prof)
         gpu = sum(t for t, _, _ in times) / args.steps / 1e3
-        name = "no memory" if n is None else f"LOCAL {n}-row bank"
+        name = f"{streams} stream(s), " + ("no memory" if n is None else f"LOCAL {n}-row bank")
         print(f"== decode step, {name}: wall {wall * 1e3:.2f} ms, GPU kernels {gpu:.2f} ms (per step)")
         print(kernel_table(times, args.steps, 14))
         gen.close()
