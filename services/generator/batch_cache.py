@@ -62,11 +62,12 @@ class HostPaddedBatchKVCache(BatchKVCache):
     def filter(self, batch_indices):
         """mlx-lm's ``filter``: keeps ``batch_indices`` and drops the left columns that every
         kept sequence pads, the shift taken from the host padding."""
+        keep = mx.array(batch_indices, dtype=mx.int32)  # one index array for the four gathers, not one each
         if self.keys is not None:
-            self.keys = self.keys[batch_indices]
-            self.values = self.values[batch_indices]
-        self.offset = self.offset[batch_indices]
-        self.left_padding = self.left_padding[batch_indices]
+            self.keys = self.keys[keep]
+            self.values = self.values[keep]
+        self.offset = self.offset[keep]
+        self.left_padding = self.left_padding[keep]
         padding = [self.host_padding[i] for i in batch_indices]
         shift = min(padding)
         if shift > 0:
