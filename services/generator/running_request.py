@@ -30,7 +30,12 @@ class RunningRequest:
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()  # Chunk..., then a Final or an exception
         self._outbox: collections.deque = collections.deque()  # posted, not yet in events
-        self._wake = False  # a delivery to events is due: handed to the scheduler, not yet run
+        # Counts of events posted, released by a hand-over (the loop moves only those: an event
+        # posted after a hand-over waits for the next one, even when a wake-up is still pending)
+        # and moved to events. Posted and released are the MLX thread's, delivered the loop's.
+        self._posted = self._released = self._delivered = 0
+        self._in_handover = False  # in Handover.posted: events wait for its next hand-over
+        self._wake = False  # a wake-up was sent and its delivery has not run yet
         self._first = True  # no Chunk delivered yet: the first one goes alone (time to first token)
         self.text = StopText(detokenizer, tuple(req.sampling.stop))
         self.max_tokens = max_tokens
@@ -75,25 +80,40 @@ class RunningRequest:
             fn(*args)
 
     def post(self, event) -> bool:
-        """Queues ``event`` for the caller (on the MLX thread). -> whether the caller's loop must
-        be woken for it (``wake_loops``); False while an earlier wake-up has not been handled:
-        events posted meanwhile travel with the earlier ones."""
+        """Queues ``event`` for the caller (on the MLX thread). -> whether the request must join
+        the next hand-over's list (``Handover.posted``): False when it is in it already."""
         self._outbox.append(event)
+        self._posted += 1
+        if self._in_handover:
+            return False
+        self._in_handover = True
+        return True
+
+    def release(self) -> bool:
+        """Hands over every event posted so far (on the MLX thread, ``Handover.hand_over``).
+        -> whether the caller's loop must be woken for them (``wake_loops``); False while an
+        earlier wake-up has not run: its delivery takes them, as it moves what is released when
+        it runs. Events posted after this wait for the next hand-over, so a Final posted after
+        the step's tokens never rides on their wake-up before the gauges it follows are set."""
+        self._in_handover = False
+        self._released = self._posted
         if self._wake:
             return False
         self._wake = True
         return True
 
     def _deliver(self) -> None:  # on the caller's loop
-        """Moves the posted events to ``events``, consecutive Chunks joined: the caller handles
+        """Moves the released events (``release``) to ``events``, consecutive Chunks joined: the caller handles
         (sends, renders) one message for the tokens of several steps when they came together,
         not one per token. Chunks without text after the last one with text stay a Chunk of
         their own: their tokens' text is held back (a stop string may still cut it off), and a
         caller showing tokens with their text (openai_responses.Answer) holds them too. The
         request's first Chunk is never joined: its first token is its own message (generator.proto,
         GenerateStream), even when this runs after later tokens were posted (a busy loop)."""
-        self._wake = False  # first: an event posted from here on asks for another wake-up
-        out = self._outbox
+        self._wake = False  # first: an event released from here on asks for another wake-up
+        n = self._released - self._delivered
+        self._delivered += n
+        out = collections.deque(self._outbox.popleft() for _ in range(n))
         while out:
             ev = out.popleft()
             first = self._first and isinstance(ev, Chunk)
@@ -136,12 +156,12 @@ class Handover:
             self.posted.append(r)
 
     def hand_over(self, flush: bool = False) -> None:
-        """Wakes the callers' loops for what was posted, when due (or ``flush``). Each wake-up is
-        a syscall and a trade of the GIL between the MLX thread and the loop's thread, which on a
-        fast GPU cost a token's decode more than the model's Python does."""
+        """Releases what was posted to the callers and wakes their loops, when due (or
+        ``flush``). Each wake-up is a syscall and a trade of the GIL between the MLX thread and
+        the loop's thread, which on a fast GPU cost a token's decode more than the model's Python
+        does: a request whose last wake-up has not run yet gets none (that one delivers what is
+        released now), and the MLX thread does not wait for it."""
         if not self.posted:
-            # Every event posted since rides on a wake-up already sent: an urgent one among them
-            # must not make the next tokens' hand-over urgent (nor wait).
             self._urgent = False
             return
         now = time.monotonic()
@@ -150,7 +170,9 @@ class Handover:
             return
         posted, self.posted = self.posted, []
         self._last, self._urgent = now, False
-        wake_loops(posted, wait=self.URGENT_WAIT if urgent else 0.0)
+        wake = [r for r in posted if r.release()]
+        if wake:
+            wake_loops(wake, wait=self.URGENT_WAIT if urgent else 0.0)
 
 
 def wake_loops(requests: list[RunningRequest], wait: float = 0.0) -> None:

@@ -89,12 +89,14 @@ async def test_a_joined_chunk_keeps_tokens_whose_text_is_held_back_apart():
     its text). So they stay a Chunk of their own, and runs with text in them are joined."""
     r = RunningRequest(GenerationRequest([1]), asyncio.get_running_loop(), None, 8)
     r.post(Chunk("", [9], [-9.0]))  # the first token: a Chunk of its own, whatever follows it
+    r.release()
     r._deliver()
     assert r.events.get_nowait() == Chunk("", [9], [-9.0])
     posted = [Chunk("", [1], [-1.0]), Chunk(" is", [2], [-2.0]), Chunk("", [3], [-3.0]), Chunk("", [4], [-4.0])]
     for c in posted:
         r.post(c)
     r.post(Final("stop_sequence", 1, 4))
+    r.release()
     r._deliver()
     got = [r.events.get_nowait() for _ in range(r.events.qsize())]
     assert got == [Chunk(" is", [1, 2], [-1.0, -2.0]), Chunk("", [3, 4], [-3.0, -4.0]), Final("stop_sequence", 1, 4)]
@@ -372,3 +374,24 @@ async def test_a_request_with_memories_gets_its_last_token_before_its_end_reads_
     assert order == ["Chunk", *(["counts read"] if cite else []), "mass read", "Final"], order
     if cite:
         assert ev.row_counts is not None and ev.row_counts.sum() > 0  # counted and read after the token left
+
+
+async def test_an_event_posted_after_a_hand_over_waits_for_the_next_one(monkeypatch):
+    """A wake-up already sent delivers only what its hand-over released: an event posted after it
+    (a Final posted after the step's tokens left, before the step's gauges were set) waits for
+    the next hand-over, however late the loop runs the pending wake-up."""
+    from services.generator.running_request import Handover
+
+    monkeypatch.setattr(Handover, "URGENT_WAIT", 0.0)  # the loop is this test's: it cannot run meanwhile
+    r = RunningRequest(GenerationRequest([1, 2], Sampling(max_tokens=4)), asyncio.get_running_loop(), None, 4)
+    handover = Handover(interval=0.0)
+    first, final = Chunk("a", [1], [-0.5], []), Final("length", 2, 1, [], "", None)
+    handover.post(r, first)
+    handover.hand_over()  # a wake-up sent; the loop has not run it yet
+    handover.post(r, final)  # posted after that hand-over
+    for _ in range(5):
+        await asyncio.sleep(0)  # the pending wake-up runs
+    assert r.events.get_nowait() is first
+    assert r.events.empty()  # the Final was not released with it
+    handover.hand_over()
+    assert await asyncio.wait_for(r.events.get(), 10) is final
