@@ -232,7 +232,7 @@ class AppendStream:
                 kb, vb = _bytes_of(keys), _bytes_of(values)
             else:
                 kb, vb = keys[:, start : start + step].tobytes(), values[:, start : start + step].tobytes()
-            self.chunk_writer.add(m.memory_id, layer, kb, vb, min(step, n - start))
+            self.chunk_writer.add(m.memory_id, m.create_us, layer, kb, vb, min(step, n - start))
         self._keep(layer, keys, values)
         self.rows[layer] += n
         self.bytes += 2 * keys.nbytes
@@ -318,7 +318,9 @@ class AppendStream:
                     pass
             if self.meta is not None and self.before:
                 try:
-                    rolled = await self.store.rollback(self.meta.memory_id, self.chunk_writer.stream, self.before)
+                    rolled = await self.store.rollback(
+                        self.meta.memory_id, self.meta.create_us, self.chunk_writer.stream, self.before
+                    )
                     log.info(
                         "append failed; rolled back this stream's rows"
                         if rolled

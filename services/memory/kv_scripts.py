@@ -30,8 +30,9 @@ return 1
 )
 
 # Runs inside the MULTI/EXEC right after the SETs of the chunk's two keys.
-# KEYS: meta, keys chunk, values chunk, the layer's chunk list. ARGV: layer, rows, bytes, chunk name
-# -> {rows after, ready}
+# KEYS: meta, keys chunk, values chunk, the layer's chunk list. ARGV: layer, rows, bytes, chunk name,
+# the create_us of the memory the stream opened (one deleted and created again under the same id is
+# another memory: NOT_FOUND) -> {rows after, ready}
 LINK_CHUNK = (
     _NOW
     + """
@@ -41,7 +42,7 @@ local function refuse(why)
   redis.call('UNLINK', KEYS[2], KEYS[3])
   return redis.error_reply(why)
 end
-if not state then return refuse('EXTMIND_NOT_FOUND') end
+if not state or redis.call('HGET', meta, 'create_us') ~= ARGV[5] then return refuse('EXTMIND_NOT_FOUND') end
 if state ~= 'BUILDING' then return refuse('EXTMIND_NOT_BUILDING ' .. state) end
 local layer = ARGV[1]
 local n = tonumber(ARGV[2])
@@ -96,15 +97,17 @@ end
 return {state, first, equal}
 """
 
-# Undo one failed stream's chunks while the memory is still BUILDING.
-# KEYS: meta, base. ARGV: stream name, then layer, rows before, ... -> 1 rolled back, 0 not
+# Undo one failed stream's chunks while the memory is still BUILDING, and still the memory the
+# stream opened (same create_us: one created again under its id since holds none of its rows).
+# KEYS: meta, base. ARGV: stream name, create_us, then layer, rows before, ... -> 1 rolled back, 0 not
 ROLLBACK = """
 local meta = KEYS[1]
 if redis.call('HGET', meta, 'state') ~= 'BUILDING' then return 0 end
+if redis.call('HGET', meta, 'create_us') ~= ARGV[2] then return 0 end
 local expected = tonumber(redis.call('HGET', meta, 'expected'))
 local prefix = ARGV[1] .. '.'
 local freed = 0
-for i = 2, #ARGV, 2 do
+for i = 3, #ARGV, 2 do
   local layer, r0 = ARGV[i], tonumber(ARGV[i + 1])
   local list = KEYS[2] .. ':chunks:' .. layer
   local r1 = tonumber(redis.call('HGET', meta, 'r:' .. layer) or '0')

@@ -232,11 +232,12 @@ class KVStore:
             state, rows, equal = await self._finish(keys=[meta_key(memory_id)], args=[])
         return state.decode(), int(rows), bool(equal)
 
-    async def rollback(self, memory_id: str, stream: str, rows_before: dict[int, int]) -> bool:
-        """Removes the chunks of append stream ``stream`` (while the memory is BUILDING)."""
+    async def rollback(self, memory_id: str, create_us: int, stream: str, rows_before: dict[int, int]) -> bool:
+        """Removes the chunks of append stream ``stream`` (while the memory is BUILDING and still
+        the one created at ``create_us``)."""
         if not rows_before:
             return False
-        args = [stream]
+        args = [stream, str(create_us)]
         for layer, rows in rows_before.items():
             args += [layer, rows]
         with redis_errors():
@@ -259,8 +260,9 @@ class ChunkWriter:
         self.pending: list[int] = []  # layer of each queued chunk
         self.pending_bytes = 0
 
-    def add(self, memory_id: str, layer: int, keys, values, rows: int) -> None:
-        """Queues one chunk (sent by the next ``take``'s awaitable)."""
+    def add(self, memory_id: str, create_us: int, layer: int, keys, values, rows: int) -> None:
+        """Queues one chunk (sent by the next ``take``'s awaitable) for the memory created at
+        ``create_us`` (NOT_FOUND if it was deleted, also when created again since)."""
         name = f"{self.stream}.{self.seq}"
         self.seq += 1
         k, v = chunk_key(memory_id, "k", layer, name), chunk_key(memory_id, "v", layer, name)
@@ -271,7 +273,7 @@ class ChunkWriter:
         self.pipe.set(v, values)
         self.store._link_sync(
             keys=[meta_key(memory_id), k, v, chunk_list_key(memory_id, layer)],
-            args=[layer, rows, len(keys) + len(values), name],
+            args=[layer, rows, len(keys) + len(values), name, str(create_us)],
             client=self.pipe,
         )
         self.pipe.execute_command("EXEC")

@@ -102,7 +102,8 @@ async def test_a_stream_failing_before_any_of_its_rows_landed_rolls_back_cleanly
             await stream.add(2, K[1], V[1])
     assert "could not be rolled back" not in caplog.text
     assert "rolled back this stream's rows" in caplog.text
-    assert await kv.store.rollback("eng-3", "no-such-stream", {0: 0, 1: 0}) is True
+    meta, _, _ = await kv.get("eng-3")
+    assert await kv.store.rollback("eng-3", meta.create_us, "no-such-stream", {0: 0, 1: 0}) is True
     meta, _, _ = await kv.get("eng-3")
     assert meta.state == BUILDING and meta.rows == [0, 0] and meta.bytes == 0
 
