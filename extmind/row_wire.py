@@ -139,6 +139,7 @@ class AppendedRows:
     layer: int
     keys: RawTensor | None
     values: RawTensor | None
+    abort: bool = False
 
     def HasField(self, name: str) -> bool:  # noqa: N802 - the protobuf message's name
         return getattr(self, name) is not None
@@ -236,10 +237,12 @@ def _read(data: bytes, fields: dict) -> dict:
         if number not in fields:
             continue  # unknown fields are skipped, as protobuf does
         name, kind = fields[number]
-        if (kind is int) != isinstance(value, int) or (kind in (RawTensor, Timestamp) and name in out):
+        if (kind in (int, bool)) != isinstance(value, int) or (kind in (RawTensor, Timestamp) and name in out):
             raise _Unexpected
         if kind is int:
             value &= 0xFFFFFFFF  # every integer field here is a uint32: protobuf keeps the low 32 bits
+        elif kind is bool:
+            value = value != 0  # as protobuf reads a bool's varint
         elif kind is str:
             value = str(value, "utf-8")
         elif kind is RawTensor:
@@ -258,7 +261,13 @@ _FETCH_FIELDS = {
     5: ("memory_id", str),
     6: ("create_time", Timestamp),
 }
-_APPEND_FIELDS = {1: ("memory_id", str), 2: ("layer", int), _KEYS: ("keys", RawTensor), _VALUES: ("values", RawTensor)}
+_APPEND_FIELDS = {
+    1: ("memory_id", str),
+    2: ("layer", int),
+    _KEYS: ("keys", RawTensor),
+    _VALUES: ("values", RawTensor),
+    5: ("abort", bool),
+}
 
 
 def read_fetch_response(data: bytes):
@@ -289,4 +298,6 @@ def read_append_request(data: bytes):
         got = _read(data, _APPEND_FIELDS)
     except (_Unexpected, UnicodeDecodeError):
         return memory_pb2.AppendMemoryRequest.FromString(data)
-    return AppendedRows(got.get("memory_id", ""), got.get("layer", 0), got.get("keys"), got.get("values"))
+    return AppendedRows(
+        got.get("memory_id", ""), got.get("layer", 0), got.get("keys"), got.get("values"), got.get("abort", False)
+    )

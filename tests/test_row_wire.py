@@ -213,3 +213,17 @@ def test_odd_bytes_read_as_protobuf_reads_them():
     dim = read_append_request(cases["dimension -1"]).keys
     with pytest.raises(InvalidArgument, match="negative dimension"):
         tensor.decode_raw(dim, name="keys")
+
+
+def test_an_abort_reads_as_protobuf_reads_it():
+    """``abort`` (AppendMemoryRequest field 5, a bool): set, unset, and a varint past one byte
+    (protobuf reads any nonzero varint as true)."""
+    for msg in (
+        memory_pb2.AppendMemoryRequest(abort=True),
+        memory_pb2.AppendMemoryRequest(memory_id="m", layer=2),
+        memory_pb2.AppendMemoryRequest(memory_id="m", abort=False),
+    ):
+        data = msg.SerializeToString()
+        assert read_append_request(data).abort is memory_pb2.AppendMemoryRequest.FromString(data).abort
+    wide = b"\x28\x80\x01"  # field 5, varint 128
+    assert read_append_request(wide).abort is True is memory_pb2.AppendMemoryRequest.FromString(wide).abort

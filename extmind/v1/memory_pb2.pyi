@@ -93,16 +93,18 @@ class CreateMemoryResponse(_message.Message):
     def __init__(self, memory: _Optional[_Union[Memory, _Mapping]] = ...) -> None: ...
 
 class AppendMemoryRequest(_message.Message):
-    __slots__ = ("memory_id", "layer", "keys", "values")
+    __slots__ = ("memory_id", "layer", "keys", "values", "abort")
     MEMORY_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
     memory_id: str
     layer: int
     keys: _common_pb2.Tensor
     values: _common_pb2.Tensor
-    def __init__(self, memory_id: _Optional[str] = ..., layer: _Optional[int] = ..., keys: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., values: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    abort: bool
+    def __init__(self, memory_id: _Optional[str] = ..., layer: _Optional[int] = ..., keys: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., values: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., abort: _Optional[bool] = ...) -> None: ...
 
 class AppendMemoryResponse(_message.Message):
     __slots__ = ("memory_id", "rows_per_layer", "bytes_stored", "state")

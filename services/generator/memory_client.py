@@ -21,6 +21,9 @@ from extmind.v1 import memory_pb2, memory_pb2_grpc
 from services.generator.kv_dtypes import KV_DTYPES, widen
 from services.generator.search_stream import SearchStream
 
+# Ends an AppendMemory stream whose messages failed (``MemoryClient.append``).
+_ABORT = memory_pb2.AppendMemoryRequest(abort=True).SerializeToString()
+
 # The memory service's default response budget (--max-response-mb 4): REMOTE searches split their
 # query tokens so that every answer fits a memory service with default settings.
 SEARCH_ANSWER_BUDGET = 4 << 20
@@ -201,22 +204,31 @@ class MemoryClient:
         (``row_wire.append_request``) sent as they are. gRPC pulls them one at a time as the
         stream can take them (on its own thread), so a generator that computes each message
         only holds one message at a time. An exception raised by ``requests`` aborts the stream
-        (the memory service commits nothing) and is re-raised here."""
+        (an ``abort`` message: the memory service removes the rows it got before it answers) and
+        is re-raised here."""
         failed: list[BaseException] = []
 
         def remembering():
             try:
                 yield from requests
-            except BaseException as e:  # gRPC only logs it and cancels the call
+            except Exception as e:  # noqa: BLE001 - any failure of the messages aborts
+                # Not raised on into gRPC, which would cancel the call: the memory service may
+                # see a cancel as the stream's end and keep the rows (docs/contract.md).
+                failed.append(e)
+                yield _ABORT
+            except BaseException as e:  # gRPC closing the iterator (the call ended): nothing to send
                 failed.append(e)
                 raise
 
         try:
-            return self._append(remembering(), timeout=timeout, metadata=self._metadata)
+            resp = self._append(remembering(), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             if failed:
                 raise failed[0] from None
             raise self._error(e, "appending rows") from None
+        if failed:  # a service that took the abort as a message (none does: CANCELLED above)
+            raise failed[0]
+        return resp
 
     def fetch_stored(
         self,

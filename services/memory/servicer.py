@@ -14,7 +14,7 @@ import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from extmind import row_wire
-from extmind.errors import ExtmindError, InvalidArgument
+from extmind.errors import Cancelled, ExtmindError, InvalidArgument
 from extmind.tensor import FLOAT32, decode, decode_raw, encode
 from extmind.v1 import common_pb2, memory_pb2, memory_pb2_grpc
 from services.common.interceptor import note_access
@@ -137,6 +137,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     async def AppendMemory(self, request_iterator, context):
         async with self.kv.append_stream() as stream:
             async for msg in request_iterator:
+                if msg.abort:  # the exception rolls back what the stream stored (kv_append)
+                    raise Cancelled("the client aborted the AppendMemory stream: none of its rows are stored")
                 meta = await stream.target(msg.memory_id)
                 if not msg.HasField("keys") and not msg.HasField("values"):
                     continue  # a message that only names the memory (e.g. to read rows_per_layer)
@@ -146,6 +148,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
                 keys = decode_raw(msg.keys, name="keys", dtypes=(meta.dtype,), shape=shape)
                 values = decode_raw(msg.values, name="values", dtypes=(meta.dtype,), shape=shape)
                 await stream.add(msg.layer, keys, values)
+            if context.cancelled():  # seen here only sometimes (grpc.aio may end the iterator first): `abort`
+                raise Cancelled("the client cancelled the AppendMemory stream: none of its rows are stored")
             done = await stream.finish()
         return memory_pb2.AppendMemoryResponse(
             memory_id=done.memory_id,
