@@ -103,9 +103,9 @@ class RunningRequest:
         return True
 
     def _deliver(self) -> None:  # on the caller's loop
-        """Moves the released events (``release``) to ``events``, consecutive Chunks joined: the caller handles
-        (sends, renders) one message for the tokens of several steps when they came together,
-        not one per token. Chunks without text after the last one with text stay a Chunk of
+        """Moves the released events (``release``) to ``events``, consecutive Chunks joined: the
+        caller handles (sends, renders) one message for the tokens of several steps when they came
+        together, not one per token. Chunks without text after the last one with text stay a Chunk of
         their own: their tokens' text is held back (a stop string may still cut it off), and a
         caller showing tokens with their text (openai_responses.Answer) holds them too. The
         request's first Chunk is never joined: its first token is its own message (generator.proto,

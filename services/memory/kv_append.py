@@ -71,9 +71,12 @@ class WriterSlots:
         task.add_done_callback(self._cleanups.discard)
         if memory_id is not None:
             self._aborting[memory_id] = task
-            task.add_done_callback(
-                lambda t: self._aborting.pop(memory_id, None) if self._aborting.get(memory_id) is t else None
-            )
+
+            def done(t: asyncio.Task) -> None:  # a later stream's clean-up may have replaced it
+                if self._aborting.get(memory_id) is t:
+                    del self._aborting[memory_id]
+
+            task.add_done_callback(done)
         return task
 
 
