@@ -184,8 +184,9 @@ def cmd_memorize(a, t: Targets) -> int:
             todo.append((mid, text, source, state is not None))
         elif state != memory_pb2.MEMORY_STATE_READY:
             raise CliError(
-                f"memory {mid} exists but is not READY (being built, or left half-built by an interrupted "
-                "memorize): `extmind memorize --replace` builds it again"
+                f"memory {mid} exists but is not READY: being built, or an interrupted memorize still "
+                "stopping (it deletes the memory within seconds: run this again then), or left half-built "
+                "by a generator that died: `extmind memorize --replace` builds it again"
             )
         else:
             results[mid] = _skipped(mid)

@@ -327,7 +327,8 @@ class AppendStream:
                     log.info(
                         "append failed; rolled back this stream's rows"
                         if rolled
-                        else "append failed after the memory became READY; kept it",
+                        # ROLLBACK does nothing unless the memory is still BUILDING and the same one
+                        else "append failed; nothing rolled back: the memory is READY, deleted or created again",
                         extra={"memory_id": self.meta.memory_id, "error": repr(exc)},
                     )
                 except Exception as e:  # noqa: BLE001 - Redis down: the memory stays BUILDING
