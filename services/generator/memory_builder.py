@@ -231,8 +231,8 @@ class MemoryBuilder:
             if resp.state != memory_pb2.MEMORY_STATE_READY:
                 raise errors.Internal(f"memory {mid!r} is not READY after all rows were appended")
         except BaseException:
-            try:  # nothing half-built stays behind
-                self.client.delete_memory(mid)
+            try:  # nothing half-built stays behind; a memory created again under the id meanwhile stays
+                self.client.delete_memory(mid, created.create_time)
             except errors.ExtmindError:
                 log.warning("could not delete the half-built memory", extra={"memory_id": mid})
             raise

@@ -190,10 +190,12 @@ class MemoryClient:
         )
         return self._unary(self._stub.CreateMemory, req, "creating the memory").memory
 
-    def delete_memory(self, memory_id: str) -> None:
+    def delete_memory(self, memory_id: str, create_time: Timestamp | None = None) -> None:
+        """Deletes the memory; with ``create_time``, only the one created then (FailedPrecondition
+        when the id names a memory created again since: kept)."""
         self._unary(
             self._stub.DeleteMemory,
-            memory_pb2.DeleteMemoryRequest(memory_id=memory_id),
+            memory_pb2.DeleteMemoryRequest(memory_id=memory_id, create_time=create_time),
             f"deleting memory {memory_id!r}",
         )
 

@@ -179,11 +179,18 @@ class KVMemories:
         size = min(page_size or limits.DEFAULT_PAGE_SIZE, limits.MAX_PAGE_SIZE)
         return await self.store.list(fingerprint, size, page_token)
 
-    async def delete(self, memory_id: str) -> None:
-        """Deletes the memory from Redis and RAM. NotFound if missing."""
+    async def delete(self, memory_id: str, create_us: int | None = None) -> None:
+        """Deletes the memory from Redis and RAM. NotFound if missing; with ``create_us``,
+        FailedPrecondition when the memory under the id was created at another time (kept)."""
         check_id(memory_id)
-        if not await self._remove(memory_id):
+        done = await self._remove(memory_id, create_us=create_us)
+        if done == 0:
             raise NotFound(f"memory {memory_id!r} does not exist; ListMemories shows the stored ones")
+        if done == -2:
+            raise FailedPrecondition(
+                f"memory {memory_id!r} was deleted and created again since the create_time given; not deleted "
+                "(GetMemory shows the current one)"
+            )
         log.info("memory deleted", extra={"memory_id": memory_id})
 
     async def reap(self, memory_id: str, idle_us: int) -> bool:
@@ -192,22 +199,24 @@ class KVMemories:
         append stream of this service holds it. -> whether it was deleted (``kv_reaper``)."""
         if memory_id in self._writers.held():
             return False
-        return await self._remove(memory_id, idle_us=idle_us)
+        return await self._remove(memory_id, idle_us=idle_us) == 1
 
     def writing(self) -> set[str]:
         """Ids of the memories an append stream of this service holds open now."""
         return set(self._writers.held())
 
-    async def _remove(self, memory_id: str, idle_us: int | None = None) -> bool:
+    async def _remove(self, memory_id: str, idle_us: int | None = None, create_us: int | None = None) -> int:
         """The one delete path (DeleteMemory and the reaper): every Redis key and the RAM indexes.
-        The reaper's memory may have turned READY (and started loading) since it was picked: only
+        -> ``KVStore.delete``'s code. The reaper's memory may have turned READY (and started
+        loading) since it was picked, and a conditional delete may find another incarnation: only
         what is deleted is dropped."""
-        if idle_us is None:
+        unconditional = idle_us is None and create_us is None
+        if unconditional:
             self.index.drop(memory_id)
-        removed = await self.store.delete(memory_id, idle_us=idle_us)
-        if removed or idle_us is None:
+        done = await self.store.delete(memory_id, idle_us=idle_us, create_us=create_us)
+        if done == 1 or unconditional:
             self.index.drop(memory_id)  # a load that started meanwhile must not bring it back
-        return removed
+        return done
 
     # ---------------------------------------------------------------- rows
 

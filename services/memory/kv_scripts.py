@@ -140,7 +140,8 @@ DELETE = (
 local meta = KEYS[1]
 local layers = tonumber(redis.call('HGET', meta, 'num_layers'))
 if not layers then return 0 end
-if ARGV[1] then
+if ARGV[2] and ARGV[2] ~= '' and redis.call('HGET', meta, 'create_us') ~= ARGV[2] then return -2 end
+if ARGV[1] and ARGV[1] ~= '' then
   if redis.call('HGET', meta, 'state') ~= 'BUILDING' then return -1 end
   local touched = redis.call('HGET', meta, 'touch_us') or redis.call('HGET', meta, 'create_us')
   if tonumber(NOW_US) - tonumber(touched) <= tonumber(ARGV[1]) then return -1 end

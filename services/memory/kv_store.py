@@ -179,16 +179,17 @@ class KVStore:
             return out, _page_token(out[-1].memory_id, fingerprint)
         return out, ""
 
-    async def delete(self, memory_id: str, *, idle_us: int | None = None) -> bool:
-        """Deletes every key of the memory and unlists it. -> whether it was deleted (False: missing).
-        With ``idle_us`` (the reaper) only a BUILDING memory untouched for longer than that is
-        deleted, checked in the same script (see ``kv_scripts.DELETE``); False otherwise."""
-        args = [] if idle_us is None else [int(idle_us)]
+    async def delete(self, memory_id: str, *, idle_us: int | None = None, create_us: int | None = None) -> int:
+        """Deletes every key of the memory and unlists it. -> 1 deleted, 0 missing, -1 kept (the
+        reaper's ``idle_us``: only a BUILDING memory untouched for longer than that is deleted),
+        -2 kept (``create_us``: the memory under the id was created at another time), each checked
+        in the same script (see ``kv_scripts.DELETE``)."""
+        args = ["" if idle_us is None else int(idle_us), "" if create_us is None else int(create_us)]
         with redis_errors():
             done = await self._delete(keys=[meta_key(memory_id), key_prefix(memory_id)], args=args)
-            if done == 1 or idle_us is None:
+            if done == 1 or (done == 0 and idle_us is None):  # a listing entry without a meta goes too
                 await self.r.zrem(MEMORY_IDS_KEY, memory_id)
-        return done == 1
+        return done
 
     async def touch(self, memory_id: str) -> bool:
         """Marks a BUILDING memory as written now (``touch_us``). -> False if missing or READY."""

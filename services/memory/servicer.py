@@ -167,7 +167,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         return memory_pb2.ListMemoriesResponse(memories=[_memory_message(m) for m in metas], next_page_token=token)
 
     async def DeleteMemory(self, request, context):
-        await self.kv.delete(request.memory_id)
+        t = request.create_time if request.HasField("create_time") else None
+        await self.kv.delete(request.memory_id, None if t is None else t.seconds * 1_000_000 + t.nanos // 1000)
         return memory_pb2.DeleteMemoryResponse()
 
     async def FetchMemory(self, request, context):

@@ -135,3 +135,41 @@ def test_a_slow_first_window_is_not_reaped(llama_path, memory_service_factory):
         assert engine.memory.get_memory(out["memory_id"]).state == memory_pb2.MEMORY_STATE_READY
     finally:
         engine.stop()
+
+
+async def test_a_failed_memorizes_clean_up_spares_a_memory_created_again_under_its_id(llama_path, memory_address):
+    """Another client deletes the half-built memory and creates its own under the same id while
+    the Memorize fails: the failed Memorize's clean-up deletes only the memory it created (by its
+    create_time), so the other client's memory stays."""
+    engine = GeneratorEngine(EngineConfig(model=str(llama_path), memory_url=memory_address, window=8, stride=4))
+    engine.start()
+    other = MemoryClient(memory_address)
+    try:
+        tokens = engine.tokenizer.encode("Paris is the capital of France. Berlin is the capital of Germany.")
+        builder = engine._builder
+        real_append = builder.client.append
+
+        def append_then_lose_the_id(requests, timeout=None):
+            mine = other.get_memory("contested")
+            other.delete_memory("contested")
+            theirs = other.create_memory(
+                memory_id="contested",
+                layout=mine.layout,
+                fingerprint="another-model",
+                token_ids=[1, 2],
+                positions=[],
+                labels={},
+            )
+            append_then_lose_the_id.theirs = theirs
+            raise errors.Internal("the device fell over")
+
+        builder.client.append = append_then_lose_the_id
+        with pytest.raises(errors.Internal, match="the device fell over"):
+            await engine.memorize(tokens, memory_id="contested")
+        builder.client.append = real_append
+        kept = other.get_memory("contested")
+        assert kept.model_fingerprint == "another-model"
+        assert kept.create_time == append_then_lose_the_id.theirs.create_time
+    finally:
+        other.close()
+        engine.stop()
