@@ -14,22 +14,10 @@ import pytest
 from extmind.errors import InvalidArgument
 from extmind.tensor import FLOAT16
 from services.memory import limits
-from services.memory.kv_index import KVIndex
 from services.memory.kv_layout import BUILDING, READY, Layout
-from services.memory.kv_memories import KVMemories
-from services.memory.kv_store import KVStore
 from tests.memory import helpers as h
 
 LAYOUT = Layout(2, 2, 8, FLOAT16)
-
-
-@pytest.fixture
-async def kv(redis_server):
-    store = KVStore(redis_server.url)
-    index = KVIndex(store)
-    yield KVMemories(store, index, max_answer_bytes=64 * 1024 * 1024)
-    index.close()
-    await store.close()
 
 
 def _occupy(pool, workers: int = 4) -> threading.Event:

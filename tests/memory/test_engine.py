@@ -8,20 +8,8 @@ import pytest
 
 from extmind.errors import InvalidArgument, NotFound
 from extmind.tensor import FLOAT16
-from services.memory.kv_index import KVIndex
 from services.memory.kv_layout import BUILDING, READY, Layout
-from services.memory.kv_memories import KVMemories
-from services.memory.kv_store import KVStore
 from tests.memory import helpers as h
-
-
-@pytest.fixture
-async def kv(redis_server):
-    store = KVStore(redis_server.url)
-    index = KVIndex(store)
-    yield KVMemories(store, index, max_answer_bytes=64 * 1024 * 1024)
-    index.close()
-    await store.close()
 
 
 async def test_create_append_finish_search_delete(kv, redis_server):
