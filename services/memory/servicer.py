@@ -33,6 +33,11 @@ def _timestamp(us: int) -> Timestamp:
     return Timestamp(seconds=us // 1_000_000, nanos=(us % 1_000_000) * 1000)
 
 
+def _micros(t: Timestamp) -> int:
+    """A create_time as the microseconds the store keeps (``_timestamp``'s inverse)."""
+    return t.seconds * 1_000_000 + t.nanos // 1000
+
+
 def _memory_message(m: MemoryMeta, token_ids=None, positions=None) -> memory_pb2.Memory:
     out = memory_pb2.Memory(
         memory_id=m.memory_id,
@@ -167,8 +172,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         return memory_pb2.ListMemoriesResponse(memories=[_memory_message(m) for m in metas], next_page_token=token)
 
     async def DeleteMemory(self, request, context):
-        t = request.create_time if request.HasField("create_time") else None
-        await self.kv.delete(request.memory_id, None if t is None else t.seconds * 1_000_000 + t.nanos // 1000)
+        create_us = _micros(request.create_time) if request.HasField("create_time") else None
+        await self.kv.delete(request.memory_id, create_us)
         return memory_pb2.DeleteMemoryResponse()
 
     async def FetchMemory(self, request, context):
@@ -194,7 +199,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             request.top_k,
             sim_threshold=request.sim_threshold if request.HasField("sim_threshold") else None,
             return_vectors=request.return_vectors,
-            create_us=[t.seconds * 1_000_000 + t.nanos // 1000 for t in request.create_times],
+            create_us=[_micros(t) for t in request.create_times],
         )
         return search_response(hits)
 
