@@ -30,7 +30,7 @@ from services.memory.kv_layout import (
     now_us,
 )
 from services.memory.kv_search import LoadedMemory
-from services.memory.kv_store import KVStore
+from services.memory.kv_store import DELETED, KEPT_OTHER_INCARNATION, MISSING, KVStore
 
 log = logging.getLogger("extmind.memory")
 
@@ -184,9 +184,9 @@ class KVMemories:
         FailedPrecondition when the memory under the id was created at another time (kept)."""
         check_id(memory_id)
         done = await self._remove(memory_id, create_us=create_us)
-        if done == 0:
+        if done == MISSING:
             raise NotFound(f"memory {memory_id!r} does not exist; ListMemories shows the stored ones")
-        if done == -2:
+        if done == KEPT_OTHER_INCARNATION:
             raise FailedPrecondition(
                 f"memory {memory_id!r} was deleted and created again since the create_time given; not deleted "
                 "(GetMemory shows the current one)"
@@ -199,7 +199,7 @@ class KVMemories:
         append stream of this service holds it. -> whether it was deleted (``kv_reaper``)."""
         if memory_id in self._writers.held():
             return False
-        return await self._remove(memory_id, idle_us=idle_us) == 1
+        return await self._remove(memory_id, idle_us=idle_us) == DELETED
 
     def writing(self) -> set[str]:
         """Ids of the memories an append stream of this service holds open now."""
@@ -214,7 +214,7 @@ class KVMemories:
         if unconditional:
             self.index.drop(memory_id)
         done = await self.store.delete(memory_id, idle_us=idle_us, create_us=create_us)
-        if done == 1 or unconditional:
+        if done == DELETED or unconditional:
             self.index.drop(memory_id)  # a load that started meanwhile must not bring it back
         return done
 

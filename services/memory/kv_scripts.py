@@ -132,8 +132,10 @@ return 1
 # DeleteMemory, and the reaper with ARGV[1]: then only a BUILDING memory untouched for more than
 # ARGV[1] microseconds (by Redis's clock) is deleted, decided in the same script that deletes it,
 # so an append landing just before wins and one landing after finds no memory (EXTMIND_NOT_FOUND).
-# A memory without touch_us (written before it existed) counts from create_us.
-# KEYS: meta, base. ARGV: [idle microseconds] -> 1 deleted, 0 missing, -1 kept (busy or READY)
+# A memory without touch_us (written before it existed) counts from create_us. With ARGV[2] (a
+# create_us) only the memory created then is deleted.
+# KEYS: meta, base. ARGV: idle microseconds or '', create_us or '' -> 1 deleted, 0 missing, -1 kept
+# (busy or READY), -2 kept (created at another time): kv_store's DELETED ... KEPT_OTHER_INCARNATION
 DELETE = (
     _NOW
     + """

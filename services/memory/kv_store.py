@@ -88,6 +88,10 @@ def _parse_page_token(token: str, fingerprint: str) -> str:
     return after
 
 
+# What KVStore.delete did (the DELETE script's answer).
+DELETED, MISSING, KEPT_NOT_IDLE, KEPT_OTHER_INCARNATION = 1, 0, -1, -2
+
+
 class KVStore:
     """Async access to the memories in Redis (one client, pooled connections)."""
 
@@ -180,14 +184,14 @@ class KVStore:
         return out, ""
 
     async def delete(self, memory_id: str, *, idle_us: int | None = None, create_us: int | None = None) -> int:
-        """Deletes every key of the memory and unlists it. -> 1 deleted, 0 missing, -1 kept (the
-        reaper's ``idle_us``: only a BUILDING memory untouched for longer than that is deleted),
-        -2 kept (``create_us``: the memory under the id was created at another time), each checked
-        in the same script (see ``kv_scripts.DELETE``)."""
+        """Deletes every key of the memory and unlists it. -> DELETED, MISSING, KEPT_NOT_IDLE (the
+        reaper's ``idle_us``: only a BUILDING memory untouched for longer than that is deleted) or
+        KEPT_OTHER_INCARNATION (``create_us``: the memory under the id was created at another
+        time), each checked in the same script (see ``kv_scripts.DELETE``)."""
         args = ["" if idle_us is None else int(idle_us), "" if create_us is None else int(create_us)]
         with redis_errors():
             done = await self._delete(keys=[meta_key(memory_id), key_prefix(memory_id)], args=args)
-            if done == 1 or (done == 0 and idle_us is None):  # a listing entry without a meta goes too
+            if done == DELETED or (done == MISSING and idle_us is None):  # a listing entry without a meta goes too
                 await self.r.zrem(MEMORY_IDS_KEY, memory_id)
         return done
 
