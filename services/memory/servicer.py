@@ -33,8 +33,14 @@ def _timestamp(us: int) -> Timestamp:
     return Timestamp(seconds=us // 1_000_000, nanos=(us % 1_000_000) * 1000)
 
 
-def _micros(t: Timestamp) -> int:
-    """A create_time as the microseconds the store keeps (``_timestamp``'s inverse)."""
+def _micros(t: Timestamp, name: str = "create_time") -> int:
+    """A create_time as the microseconds the store keeps (``_timestamp``'s inverse). Raises
+    InvalidArgument for a timestamp no memory can have (before 1970, nanos outside 0..999 999 999)."""
+    if t.seconds < 0 or not 0 <= t.nanos < 1_000_000_000:
+        raise InvalidArgument(
+            f"{name} {t.seconds} s + {t.nanos} ns is not a memory's create_time (seconds >= 0, nanos in "
+            "0..999999999): pass the one CreateMemory or GetMemory returned"
+        )
     return t.seconds * 1_000_000 + t.nanos // 1000
 
 
@@ -199,7 +205,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             request.top_k,
             sim_threshold=request.sim_threshold if request.HasField("sim_threshold") else None,
             return_vectors=request.return_vectors,
-            create_us=[_micros(t) for t in request.create_times],
+            create_us=[_micros(t, "create_times entry") for t in request.create_times],
         )
         return search_response(hits)
 

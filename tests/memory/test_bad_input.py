@@ -6,6 +6,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from extmind.tensor import BFLOAT16, FLOAT16, FLOAT32, INT32, encode
 from extmind.v1 import common_pb2
@@ -127,6 +128,12 @@ TABLE = [
     ("search huge top_k", "SearchMemory", search_req(top_k=10**9), C.INVALID_ARGUMENT),
     ("search top_k 0", "SearchMemory", search_req(top_k=0), C.INVALID_ARGUMENT),
     ("search NaN threshold", "SearchMemory", search_req(sim_threshold=float("nan")), C.INVALID_ARGUMENT),
+    (
+        "search create_time nanos negative",
+        "SearchMemory",
+        search_req(create_times=[Timestamp(seconds=1, nanos=-1)]),
+        C.INVALID_ARGUMENT,
+    ),
     (
         "search answer too large",
         "SearchMemory",
@@ -284,6 +291,24 @@ TABLE = [
     ("get unknown", "GetMemory", pb.GetMemoryRequest(memory_id="nope"), C.NOT_FOUND),
     ("get empty id", "GetMemory", pb.GetMemoryRequest(), C.INVALID_ARGUMENT),
     ("delete unknown", "DeleteMemory", pb.DeleteMemoryRequest(memory_id="nope"), C.NOT_FOUND),
+    (
+        "delete create_time nanos out of range",
+        "DeleteMemory",
+        pb.DeleteMemoryRequest(memory_id="good", create_time=Timestamp(seconds=1, nanos=1_000_000_000)),
+        C.INVALID_ARGUMENT,
+    ),
+    (
+        "delete create_time before 1970",
+        "DeleteMemory",
+        pb.DeleteMemoryRequest(memory_id="good", create_time=Timestamp(seconds=-1)),
+        C.INVALID_ARGUMENT,
+    ),
+    (
+        "delete another incarnation",
+        "DeleteMemory",
+        pb.DeleteMemoryRequest(memory_id="good", create_time=Timestamp(seconds=1)),
+        C.FAILED_PRECONDITION,
+    ),
     ("list garbage page token", "ListMemories", pb.ListMemoriesRequest(page_token="garbage"), C.INVALID_ARGUMENT),
     ("list forged page token", "ListMemories", pb.ListMemoriesRequest(page_token="m1.!!!"), C.INVALID_ARGUMENT),
     ("list token of another filter", "ListMemories", None, C.INVALID_ARGUMENT),  # built in the test
