@@ -35,12 +35,37 @@ __device__ float em_block_max(float v, float* red) {
 
 # Pieces of the top-k kernels (fused_attention.py's decode scan and merge, prefill_top_k.py).
 TOPK_HEADER = r"""
-// The warp's largest v and who holds it (ties: the lower who), in every lane.
-__device__ __forceinline__ void em_warp_argmax(float& v, int& who) {
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffff, v, o);
-    const int ow = __shfl_xor_sync(0xffffffff, who, o);
-    if (ov > v || (ov == v && ow < who)) { v = ov; who = ow; }
+// The warp's 32 values sorted in descending order across its lanes (lane 0 the largest): a
+// bitonic network of 15 shuffles. No NaN among them (fmaxf / fminf would drop it).
+__device__ __forceinline__ float em_warp_sort_desc(float v) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int size = 2; size <= 32; size <<= 1) {
+#pragma unroll
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      const float o = __shfl_xor_sync(0xffffffff, v, stride);
+      // Blocks of `size` lanes alternate direction, the last one descending; the lower lane of a
+      // pair keeps the larger value in a descending block.
+      v = (((lane & size) == 0) == ((lane & stride) == 0)) ? fmaxf(v, o) : fminf(v, o);
+    }
+  }
+  return v;
+}
+
+// The warp's 32 (s, i) pairs sorted across its lanes, best first: the larger s, between equal s
+// the lower i. The same network as em_warp_sort_desc; no NaN s.
+__device__ __forceinline__ void em_warp_sort_pairs_desc(float& s, int& i) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int size = 2; size <= 32; size <<= 1) {
+#pragma unroll
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      const float os = __shfl_xor_sync(0xffffffff, s, stride);
+      const int oi = __shfl_xor_sync(0xffffffff, i, stride);
+      const bool other_better = os > s || (os == s && oi < i);
+      const bool keep_better = ((lane & size) == 0) == ((lane & stride) == 0);
+      if (keep_better == other_better) { s = os; i = oi; }
+    }
   }
 }
 

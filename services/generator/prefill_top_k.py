@@ -25,16 +25,21 @@ matmul reads it once. Then each query row's N scores are ranked here, one warp p
    scores, the kernel reads nothing but the scores for every row.
 2. A lower bound on the k-th best exact cosine (times |q|): each lane's best lower bound a_n - E
    over its stripe names one row whose cosine is at least that; the k-th largest of the 32
-   lanes' bounds is a cosine that k distinct rows reach.
+   lanes' bounds (one bitonic sort across the warp) is a cosine that k distinct rows reach.
 3. Candidates: the rows whose upper bound a_n + E reaches it (and any non-finite a_n), so every
    row of the exact top-k is one. Only they get their exact float32 cosine (q . k from the bank's
    keys: the products of the decode scan summed in its order, read from a row-major copy of the
-   keys made per call, where a key column would cost D scattered loads) and enter the lane's
-   sorted list; k rounds of a warp-wide argmax take the winners (kernel_parts' ``em_warp_top_k``,
-   as the decode scan).
+   keys made per call, where a key column would cost D scattered loads). The warp gathers them
+   into a shared list (ballots) and scores them 32 at a time, one per lane, so that their keys'
+   loads are in flight together. Up to 32 candidates in all (random banks give about 2k): one
+   bitonic sort of the lanes' (cosine, row) pairs takes the top-k. More (near-identical rows):
+   each group of 32 enters the lanes' sorted lists, and k rounds of a warp-wide argmax take the
+   winners (kernel_parts' ``em_warp_top_k``, as the decode scan).
 
 Stage 2 is what makes it fast: a lane inserting into its list whenever a new row beats its worst
-entry (most rows early in a stripe do) kept every lane of the warp waiting on the slowest.
+entry (most rows early in a stripe do) kept every lane of the warp waiting on the slowest. The
+sorts and the gathering replaced k rounds of shuffles for the bound and a lane-by-lane scoring of
+each stripe's candidates (bench/RESULTS.md, 2026-12-02 afternoon).
 """
 
 from __future__ import annotations
@@ -123,47 +128,84 @@ _SOURCE = """
     }
   }
   if (!(lo > EM_NEG_INF && lo < -EM_NEG_INF)) lo = EM_NEG_INF;
-  float cut = EM_NEG_INF;
-  for (int r = 0; r < k; ++r) {
-    float v = lo;
-    int who = lane;
-    em_warp_argmax(v, who);
-    cut = v;
-    if (lane == who) lo = EM_NEG_INF;
-  }
+  // The lanes' bounds sorted across the warp (one bitonic network, not k rounds of an argmax).
+  const float cut = __shfl_sync(0xffffffff, em_warp_sort_desc(lo), k - 1);
 
-  // 3. Candidates get their exact cosine and enter the lane's list.
+  // 3. Candidates: gathered in the warp's order into a shared list (ballots, only for runs where
+  // a lane has one), then scored 32 at a time, one per lane, so that their keys' loads are in
+  // flight together (a lane scoring its own stripe's candidates one by one waited on each key's
+  // load in turn, while the other lanes waited on it). At most 32 in all (the usual case): one
+  // bitonic sort of the lanes' (cosine, row) takes the top-k. More: each group of 32 enters the
+  // lanes' sorted lists, and k rounds of a warp-wide argmax take the winners.
   float s[1][K];  // one list: em_warp_top_k takes sets of lists
   int ix[1][K];
 #pragma unroll
   for (int j = 0; j < K; ++j) { s[0][j] = EM_NEG_INF; ix[0][j] = -1; }
-  if (vec) {
-#pragma unroll 4
-    for (int base = lane * V; base < N; base += 32 * V) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(ar + base);
-      const Ta* av = reinterpret_cast<const Ta*>(&raw);
-      unsigned cand = 0;  // which of the V rows are candidates (few: one exact cosine each below)
+  __shared__ int found_all[(T / 32) * 32 * (V + 1)];  // < 32 left over + 32 * V new per run
+  int* found = found_all + warp * 32 * (V + 1);
+  int count = 0;  // the same in every lane
+  bool listed = false;
+  for (int base0 = 0; base0 < N; base0 += 32 * V) {
+    // This lane's V rows of the run: adjacent (one 16-byte load) or strided by 32.
+    unsigned cand = 0;
+    if (vec) {
+      if (base0 + lane * V < N) {  // N % V == 0
+        const uint4 raw = *reinterpret_cast<const uint4*>(ar + base0 + lane * V);
+        const Ta* av = reinterpret_cast<const Ta*>(&raw);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const float a = static_cast<float>(av[j]);
+          if (!(a + E < cut && a > EM_NEG_INF)) cand |= 1u << j;
+        }
+      }
+    } else {
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        const float a = static_cast<float>(av[j]);
-        if (!(a + E < cut && a > EM_NEG_INF)) cand |= 1u << j;
-      }
-      while (cand) {
-        const int n = base + __ffs(cand) - 1;
-        cand &= cand - 1;
-        em_insert<K>(s[0], ix[0], em_dot_r<D, Tk>(qs, kg + (size_t)n * D) * q_inv * ng[n], n);
+        const int n = base0 + j * 32 + lane;
+        const float a = n < N ? static_cast<float>(ar[n]) : 0.f;
+        if (n < N && !(a + E < cut && a > EM_NEG_INF)) cand |= 1u << j;
       }
     }
-  } else {
-    for (int n = lane; n < N; n += 32) {
-      const float a = static_cast<float>(ar[n]);
-      if (a + E < cut && a > EM_NEG_INF) continue;
+    if (__ballot_sync(0xffffffff, cand != 0u) == 0u) continue;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const bool hit = (cand >> j) & 1u;
+      const unsigned votes = __ballot_sync(0xffffffff, hit);
+      if (hit) found[count + __popc(votes & ((1u << lane) - 1u))] = vec ? base0 + lane * V + j : base0 + j * 32 + lane;
+      count += __popc(votes);
+    }
+    if (count < 32) continue;
+    __syncwarp();
+    int done = 0;
+    for (; count - done >= 32; done += 32) {
+      const int n = found[done + lane];
       em_insert<K>(s[0], ix[0], em_dot_r<D, Tk>(qs, kg + (size_t)n * D) * q_inv * ng[n], n);
     }
+    listed = true;
+    const int left = count - done;  // < 32: moved to the front
+    const int keep = lane < left ? found[done + lane] : 0;
+    __syncwarp();
+    if (lane < left) found[lane] = keep;
+    count = left;
+    __syncwarp();
   }
+  __syncwarp();
   float best_s[1];
   int best_i[1];
-  em_warp_top_k<1, K>(s, ix, k, best_s, best_i);
+  if (listed) {
+    if (lane < count) {
+      const int n = found[lane];
+      em_insert<K>(s[0], ix[0], em_dot_r<D, Tk>(qs, kg + (size_t)n * D) * q_inv * ng[n], n);
+    }
+    em_warp_top_k<1, K>(s, ix, k, best_s, best_i);
+  } else {
+    int n = lane < count ? found[lane] : -1;
+    float c = n >= 0 ? em_dot_r<D, Tk>(qs, kg + (size_t)n * D) * q_inv * ng[n] : EM_NEG_INF;
+    if (!(c > EM_NEG_INF)) { c = EM_NEG_INF; n = -1; }  // a NaN cosine is never picked (as em_insert)
+    em_warp_sort_pairs_desc(c, n);
+    best_s[0] = c;
+    best_i[0] = n;
+  }
   if (lane < k) {
     const int n = best_i[0];
     rows[(size_t)row * k + lane] = n >= 0 && best_s[0] > threshold[0] ? n : -1;

@@ -57,6 +57,7 @@ static dim3 threadIdx, blockIdx, blockDim, gridDim;
 inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
 inline int __float_as_int(float f) { int i; memcpy(&i, &f, 4); return i; }
 inline int __ffs(int x) { return x ? __builtin_ctz(x) + 1 : 0; }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 inline float fmaxf(float a, float b) { return std::fmax(a, b); }
 inline float fminf(float a, float b) { return std::fmin(a, b); }
@@ -208,6 +209,12 @@ inline int __shfl_xor_sync(unsigned m, int v, int o) { return em::shfl(m, v, (in
 inline float __shfl_sync(unsigned m, float v, int s) { return em::shfl(m, v, s); }
 inline int __shfl_sync(unsigned m, int v, int s) { return em::shfl(m, v, s); }
 inline void __syncwarp(unsigned = 0xffffffffu) { em::wait(em::SYNCWARP); }
+// A ballot as 32 shuffles: every lane of the warp must reach it, as on the GPU (full mask only).
+inline unsigned __ballot_sync(unsigned m, int pred) {
+  unsigned votes = 0;
+  for (int i = 0; i < 32; ++i) votes |= (unsigned)(em::shfl(m, (int)(pred != 0), i) != 0) << i;
+  return votes;
+}
 inline void __syncthreads() { em::wait(em::SYNCTHREADS); }
 
 extern "C" const char* em_message() { return em::msg; }

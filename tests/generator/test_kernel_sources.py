@@ -36,6 +36,7 @@ inline float __shfl_sync(unsigned, float v, int) { return v; }
 inline int __shfl_sync(unsigned, int v, int) { return v; }
 inline void __syncthreads() {}
 inline void __syncwarp() {}
+inline unsigned __ballot_sync(unsigned, int p) { return p ? 1u : 0u; }
 """
 )
 
@@ -232,7 +233,7 @@ def test_a_broken_kernel_fails_the_check(tmp_path):
     """The check is not vacuous: a kernel calling an undeclared function fails it."""
     if CXX is None:
         pytest.skip("no C++ compiler (g++ or clang++) on this machine")
-    body = re.sub(r"em_warp_argmax\(", "em_warp_argmx(", prefill_top_k._SOURCE)
+    body = re.sub(r"em_warp_sort_desc\(", "em_warp_sort_dsc(", prefill_top_k._SOURCE)
     assert body != prefill_top_k._SOURCE
     KERNELS["broken"] = (TOPK, body, *KERNELS["prefill_top_k"][2:])
     try:
