@@ -317,7 +317,7 @@ async def measure(engine, path, args) -> tuple[int, dict]:
     await engine_run(engine, long_prompt, 1)  # warm-up at this length, like the stock row
     await engine_run(engine, long_prompt, 1, local)  # and with the memory (CUDA: first-use kernel compiles)
     stock_ps, plain_ps, local_ps = [stock_p512], [], []
-    for i in range(args.repeat):  # interleaved, median of each
+    for i in range(3 * args.repeat):  # interleaved, median of each (a prefill is ~10-30 ms: more rounds)
         if i:
             stock_ps.append(engine.mlx.call(stock_decode, stock_model, long_prompt, 2)[0])
         plain_ps.append((await engine_run(engine, long_prompt, 1))[0])
@@ -328,7 +328,7 @@ async def measure(engine, path, args) -> tuple[int, dict]:
         f"{p_plain * 1e3:.0f} ms ({ratio(p_plain, stock_p512)} stock time)"
     )
     rows[f"prefill {args.prefill} tokens, {args.rows}-row memory LOCAL"] = (
-        f"{p_local * 1e3:.0f} ms ({ratio(p_local, p_plain)} no-memory time)"
+        f"{p_local * 1e3:.0f} ms ({ratio(p_local, p_plain)} no-memory time; rounds {median_ratio(local_ps, plain_ps)})"
     )
 
     progress("8 streams")
