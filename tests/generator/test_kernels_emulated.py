@@ -59,6 +59,13 @@ def _inputs(rng, B, H, KVH, L, d, n, mode):
         base = rng.standard_normal(d)
         keys = base + 0.01 * rng.standard_normal((KVH, n, d))
         q = base + 0.003 * rng.standard_normal((B, H, L, d))
+    elif mode.startswith("group_"):  # group_<c>: c rows scattered over the bank within ~1e-3 of the
+        # queries' cosine 1 (gaps between them well past SLACK), the rest random (cosines below
+        # 0.9): the prefill kernel's candidates are those c rows (when k <= the lanes holding one)
+        c = int(mode.removeprefix("group_"))
+        base = rng.standard_normal(d)
+        keys[:, rng.choice(n, c, replace=False)] = base + 0.03 * rng.standard_normal((KVH, c, d))
+        q = base + 0.01 * rng.standard_normal((B, H, L, d))
     return q.astype(np.float32), keys.astype(np.float32)
 
 
@@ -152,10 +159,38 @@ PREFILL_CASES = {
 def test_prefill_top_k_kernel_is_the_exact_top_k(case, emulated, monkeypatch):
     """prefill_top_k's kernel (approximate scores, a bound, exact re-ranking), reached through
     top_k_rows with MATMUL_ROWS lowered so that these small batches count as a prefill."""
-    B, H, KVH, L, d, n, top_k, threshold, dtype, mode = PREFILL_CASES[case]
+    _prefill_case(PREFILL_CASES[case], sorted(PREFILL_CASES).index(case), monkeypatch)
+
+
+# name: PREFILL_CASES' fields. The candidates in a group of c rows (mode group_<c>): gathered 32 at
+# a time across runs of rows (32 * V: V = 8 float16 scores, 4 float32), the rest moved to the front
+# of the list and then more appended; 31 take the one sort across the warp, 32 exactly one group.
+GROUP_CASES = {
+    "31_candidates_one_sort_float16_rows_one_at_a_time": (1, 8, 2, 2, 32, 601, 8, None, mx.float16, "group_31"),
+    "32_candidates_one_group_float32_vector_loads": (1, 8, 2, 2, 32, 1000, 16, None, mx.float32, "group_32"),
+    "40_candidates_over_eight_runs_float32_threshold": (1, 8, 2, 2, 32, 1000, 16, 0.9996, mx.float32, "group_40"),
+    "40_candidates_bfloat16_rows_one_at_a_time": (1, 8, 2, 2, 24, 515, 16, None, mx.bfloat16, "group_40"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GROUP_CASES))
+def test_prefill_top_k_kernel_ranks_a_group_of_candidates_across_runs(case, emulated, monkeypatch):
+    """Near 32 candidates in all, scattered over the bank: the warp's list of them in shared memory
+    flushed 32 at a time, its rest kept for the next runs (or the one sort when under 32)."""
+    B, H, KVH, L, d, n, top_k, threshold, dtype, mode = GROUP_CASES[case]
+    q, keys = _inputs(np.random.default_rng(sorted(GROUP_CASES).index(case)), B, H, KVH, L, d, n, mode)
+    qn = q / np.linalg.norm(q, axis=-1, keepdims=True)
+    cos = np.einsum("bhld,hnd->bhln", qn, np.repeat(keys / np.linalg.norm(keys, axis=-1, keepdims=True), H // KVH, 0))
+    c = int(mode.removeprefix("group_"))
+    assert ((cos > 0.99).sum(-1) == c).all() and (np.sort(cos, -1)[..., -c - 1] < 0.9).all()  # the group apart
+    _prefill_case(GROUP_CASES[case], sorted(GROUP_CASES).index(case), monkeypatch)
+
+
+def _prefill_case(case, seed, monkeypatch):
+    B, H, KVH, L, d, n, top_k, threshold, dtype, mode = case
     monkeypatch.setattr(fa, "MATMUL_ROWS", 16)
     assert B * H * L >= fa.MATMUL_ROWS
-    q, keys = _inputs(np.random.default_rng(sorted(PREFILL_CASES).index(case)), B, H, KVH, L, d, n, mode)
+    q, keys = _inputs(np.random.default_rng(seed), B, H, KVH, L, d, n, mode)
     keys_mx = mx.array(keys).astype(dtype)
     keys = np.array(keys_mx.astype(mx.float32))
     inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx.astype(mx.float32) ** 2, axis=-1), 1e-24))
