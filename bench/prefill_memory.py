@@ -1,0 +1,184 @@
+"""Where a prefill with memories goes: one forward of a prompt with and without a LOCAL memory,
+and (on MLX's CUDA backend) the memory path's parts, in one process.
+
+    python -m bench.prefill_memory [--shape 1b|50m|tiny] [--rows 4096] [--tokens 511] [--rounds 15] [--record]
+
+A random Llama of ``--shape`` (bench.generator's shapes; the weights are made in memory, no
+checkpoint) with extended mind installed, and a random bank of ``--rows`` rows per layer in the
+model's dtype, top_k 10. Prints:
+
+1. the forward of a ``--tokens``-token prompt (what a request's prefill runs; its last position's
+   logits read back): no memory and LOCAL, interleaved over ``--rounds`` rounds, the medians and
+   the median of the rounds' ratios (issue 14's goal: a 512-token prefill with a 4 096-row memory
+   <= 1.3x the prefill without; ``bench.generator`` measures it through the engine);
+2. on CUDA, the fused prefill path of one layer (``fused_attention.top_k_rows`` and
+   ``prefill_attention.attend``, docs/architecture.md "Prefill with memories") against MLX's
+   fused attention alone, each evaluated alone (so each includes a launch and a sync), and all
+   layers of each chained in one evaluation as a forward runs them, with the time it took the
+   host to build those graphs. A memory path whose chained time is well above the forward's extra
+   time is not what the forward waits on: the host is.
+
+Default shape: 1b on CUDA, tiny elsewhere (MLX's CPU build has no fast float16 attention).
+"""
+
+from services.common.blas import ensure_openblas
+
+ensure_openblas()
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx_lm.models import llama  # noqa: E402
+from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
+
+from bench.common import add_record_flag, describe, machine, median_ratio, record, table, timed_rounds  # noqa: E402
+from bench.generator import SHAPES  # noqa: E402
+from services.generator import extended_attention, fused_attention, prefill_attention  # noqa: E402
+from services.generator.bank_cache import LocalRetriever, bank_from_numpy  # noqa: E402
+from services.generator.extended_attention import MemoryContext  # noqa: E402
+
+TOP_K = 10
+VOCAB = 32000
+
+
+def random_llama(dims: dict):
+    """A random mlx-lm Llama of bench.generator's shape ``dims``, in its dtype, evaluated."""
+    args = llama.ModelArgs(
+        model_type="llama",
+        hidden_size=dims["hidden"],
+        num_hidden_layers=dims["layers"],
+        intermediate_size=dims["intermediate"],
+        num_attention_heads=dims["heads"],
+        num_key_value_heads=dims["kv_heads"],
+        rms_norm_eps=1e-5,
+        vocab_size=VOCAB,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    )
+    model = llama.Model(args)
+    model.set_dtype(getattr(mx, dims["dtype"]))
+    mx.eval(model.parameters())
+    return model
+
+
+def forwards(model, state, ctx, tokens: mx.array, rounds: int) -> tuple[list[float], list[float]]:
+    """Seconds of the prompt's forward without and with the memory, ``rounds`` interleaved rounds."""
+
+    def run(memory):
+        def go():
+            state.memory = memory
+            try:
+                out = model(tokens, cache=make_prompt_cache(model))
+                mx.eval(out[:, -1])
+            finally:
+                state.memory = None
+
+        return go
+
+    return timed_rounds([run(None), run(ctx)], rounds, warmup=3)
+
+
+def parts(state, bank, layers: int, tokens: int, dtype, rounds: int) -> dict:
+    """CUDA: one layer's fused prefill path, its parts, and all layers chained -> {row: result}."""
+    shape = state.shape
+    H, KVH, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
+    mx.random.seed(0)
+    q = mx.random.normal((1, H, tokens, d)).astype(dtype)
+    k = mx.random.normal((1, KVH, tokens, d)).astype(dtype)
+    v = mx.random.normal((1, KVH, tokens, d)).astype(dtype)
+    mx.eval(q, k, v)
+    keys_t, inv_norms, values = bank.keys[0], bank.inv_norms[0], bank.values[0]
+    scale = d**-0.5
+    rows, dots = fused_attention.top_k_rows(q, keys_t, inv_norms, TOP_K, None)
+    mx.eval(rows, dots)
+
+    def sdpa():
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
+
+    def top_k():
+        return fused_attention.top_k_rows(q, keys_t, inv_norms, TOP_K, None)
+
+    def attend():
+        return prefill_attention.attend(q, k, v, "causal", rows, dots, values, scale, dtype)
+
+    def memory_layer():
+        r, dd = fused_attention.top_k_rows(q, keys_t, inv_norms, TOP_K, None)
+        return prefill_attention.attend(q, k, v, "causal", r, dd, values, scale, dtype)
+
+    def evaluated(fn):
+        return lambda: mx.eval(fn())
+
+    def chained(fn):
+        return lambda: mx.eval([fn() for _ in range(layers)])
+
+    out = {}
+    one = timed_rounds([evaluated(f) for f in (sdpa, top_k, attend, memory_layer)], rounds, warmup=3)
+    names = (
+        "MLX's fused attention, causal (the stock layer's attention)",
+        "`fused_attention.top_k_rows` (scores' matmul + top-k kernel)",
+        "`prefill_attention.attend` (fused attention + local logits + merge)",
+        "the memory path of one layer (the two above)",
+    )
+    for name, ts in zip(names, one):
+        out[f"one layer, evaluated alone: {name}"] = f"{statistics.median(ts) * 1e3:.3f} ms"
+    many = timed_rounds([chained(sdpa), chained(memory_layer)], rounds, warmup=2)
+    builds = []
+    for fn in (sdpa, memory_layer):  # the host's part: building the graphs, no evaluation
+        t0 = time.perf_counter()
+        graphs = [fn() for _ in range(layers)]
+        builds.append(time.perf_counter() - t0)
+        mx.eval(graphs)
+    for name, ts, b in zip(("MLX's fused attention alone", "the memory path"), many, builds):
+        out[f"{layers} layers chained: {name}"] = (
+            f"{statistics.median(ts) * 1e3:.3f} ms (building the graphs: {b * 1e3:.2f} ms)"
+        )
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: 1b on CUDA, tiny elsewhere")
+    p.add_argument("--rows", type=int, default=4096, help="bank rows per layer")
+    p.add_argument("--tokens", type=int, default=511, help="prompt tokens of the forward")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (medians)")
+    add_record_flag(p)
+    args = p.parse_args()
+    cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
+    shape = args.shape or ("1b" if cuda else "tiny")
+    dims = SHAPES[shape]
+    model = random_llama(dims)
+    state = extended_attention.install(model)
+    rng = np.random.default_rng(0)
+    n_kv, d = state.shape.num_kv_heads, state.shape.head_dim
+    np_dtype = np.float16 if dims["dtype"] == "float16" else np.float32
+    keys = [rng.standard_normal((n_kv, args.rows, d)).astype(np_dtype) for _ in range(dims["layers"])]
+    values = [rng.standard_normal((n_kv, args.rows, d)).astype(np_dtype) for _ in range(dims["layers"])]
+    bank = bank_from_numpy("bench", "1", keys, values)
+    ctx = MemoryContext(LocalRetriever([bank]), top_k=TOP_K)
+    tokens = mx.array([rng.integers(0, VOCAB, args.tokens).tolist()])
+
+    plain, local = forwards(model, state, ctx, tokens, args.rounds)
+    rows = {
+        f"forward of {args.tokens} tokens, no memory": f"{statistics.median(plain) * 1e3:.2f} ms",
+        f"forward of {args.tokens} tokens, {args.rows}-row memory LOCAL (top_k {TOP_K})": (
+            f"{statistics.median(local) * 1e3:.2f} ms (rounds' ratios, median: {median_ratio(local, plain)}; "
+            "the goal, 1 B shape on a GPU: <= 1.3x)"
+        ),
+    }
+    if state.fused:
+        rows.update(parts(state, bank, dims["layers"], args.tokens, getattr(mx, dims["dtype"]), args.rounds))
+    head = (
+        f"{describe(machine(mlx=mx.__version__, device=str(mx.default_device())))}\n\n"
+        f"Random Llama, shape {shape} ({dims['layers']} layers, {dims['heads']} heads, {dims['kv_heads']} KV heads, "
+        f"{dims['dtype']}); a random bank of {args.rows} rows; fused kernels: {'on' if state.fused else 'off'}; "
+        f"medians of {args.rounds} interleaved rounds; `python -m bench.prefill_memory --shape {shape} "
+        f"--rows {args.rows} --tokens {args.tokens} --rounds {args.rounds}`."
+    )
+    record("prefill_memory", head + "\n\n" + table(["measurement", "result"], rows.items()), write=args.record)
+
+
+if __name__ == "__main__":
+    main()
