@@ -39,7 +39,8 @@ matmul reads it once. Then each query row's N scores are ranked here, one warp p
 Stage 2 is what makes it fast: a lane inserting into its list whenever a new row beats its worst
 entry (most rows early in a stripe do) kept every lane of the warp waiting on the slowest. The
 sorts and the gathering replaced k rounds of shuffles for the bound and a lane-by-lane scoring of
-each stripe's candidates: 0.73-0.81x the time at 4 096 rows, 1.05x at 65 536 (bench/RESULTS.md, H200 2026-12-02 12:44).
+each stripe's candidates: 0.73-0.81x the time at 4 096 rows, 1.05-1.06x at 65 536 (bench/RESULTS.md,
+H200 2026-12-02 12:44).
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ _SOURCE = """
   // 3. Candidates: gathered in the warp's order into a shared list (ballots, only for runs where
   // a lane has one), then scored 32 at a time, one per lane, so that their keys' loads are in
   // flight together (a lane scoring its own stripe's candidates one by one waited on each key's
-  // load in turn, while the other lanes waited on it). At most 32 in all (the usual case): one
+  // load in turn, while the other lanes waited on it). At most 32 in all: one
   // bitonic sort of the lanes' (cosine, row) takes the top-k. More: each group of 32 enters the
   // lanes' sorted lists, and k rounds of a warp-wide argmax take the winners.
   float s[1][K];  // one list: em_warp_top_k takes sets of lists
