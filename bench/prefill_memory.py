@@ -3,8 +3,8 @@ and (on MLX's CUDA backend) the memory path's parts, in one process.
 
     python -m bench.prefill_memory [--shape 1b|50m|tiny] [--rows 4096] [--tokens 511] [--rounds 15] [--record]
 
-A random Llama of ``--shape`` (bench.generator's shapes; the weights are made in memory, no
-checkpoint) with extended mind installed, and a random bank of ``--rows`` rows per layer in the
+bench.generator's random Llama of ``--shape`` (its checkpoint written to a temporary folder and
+loaded) with extended mind installed, and a random bank of ``--rows`` rows per layer in the
 model's dtype, top_k 10. Prints:
 
 1. the forward of a ``--tokens``-token prompt (what a request's prefill runs; its last position's
@@ -26,42 +26,32 @@ from services.common.blas import ensure_openblas
 ensure_openblas()
 
 import argparse  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
-from mlx_lm.models import llama  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
+from mlx_lm.utils import load  # noqa: E402
 
 from bench.common import add_record_flag, describe, machine, median_ratio, record, table, timed_rounds  # noqa: E402
 from bench.generator import SHAPES  # noqa: E402
+from extmind.tiny_models import build_llama  # noqa: E402
 from services.generator import extended_attention, fused_attention, prefill_attention  # noqa: E402
 from services.generator.bank_cache import LocalRetriever, bank_from_numpy  # noqa: E402
 from services.generator.extended_attention import MemoryContext  # noqa: E402
 
 TOP_K = 10
-VOCAB = 32000
 
 
-def random_llama(dims: dict):
-    """A random mlx-lm Llama of bench.generator's shape ``dims``, in its dtype, evaluated."""
-    args = llama.ModelArgs(
-        model_type="llama",
-        hidden_size=dims["hidden"],
-        num_hidden_layers=dims["layers"],
-        intermediate_size=dims["intermediate"],
-        num_attention_heads=dims["heads"],
-        num_key_value_heads=dims["kv_heads"],
-        rms_norm_eps=1e-5,
-        vocab_size=VOCAB,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-    )
-    model = llama.Model(args)
-    model.set_dtype(getattr(mx, dims["dtype"]))
-    mx.eval(model.parameters())
-    return model
+def random_llama(dims: dict, tmp: Path):
+    """bench.generator's random Llama of shape ``dims`` (``extmind.tiny_models.build_llama``, seed
+    0, llama3 RoPE), written under ``tmp`` and loaded through mlx-lm as a real checkpoint is."""
+    path = build_llama(tmp / "m", **dims, rope_scaling="llama3", max_position=8192, seed=0)
+    return load(str(path))[0]
 
 
 def forwards(model, state, ctx, tokens: mx.array, rounds: int) -> tuple[list[float], list[float]]:
@@ -149,7 +139,11 @@ def main():
     cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
     shape = args.shape or ("1b" if cuda else "tiny")
     dims = SHAPES[shape]
-    model = random_llama(dims)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-prefill-"))
+    try:
+        model = random_llama(dims, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # loaded: the 1 B checkpoint's 2 GB are not needed
     state = extended_attention.install(model)
     rng = np.random.default_rng(0)
     n_kv, d = state.shape.num_kv_heads, state.shape.head_dim
@@ -158,7 +152,7 @@ def main():
     values = [rng.standard_normal((n_kv, args.rows, d)).astype(np_dtype) for _ in range(dims["layers"])]
     bank = bank_from_numpy("bench", "1", keys, values)
     ctx = MemoryContext(LocalRetriever([bank]), top_k=TOP_K)
-    tokens = mx.array([rng.integers(0, VOCAB, args.tokens).tolist()])
+    tokens = mx.array([rng.integers(0, model.args.vocab_size, args.tokens).tolist()])
 
     plain, local = forwards(model, state, ctx, tokens, args.rounds)
     rows = {
@@ -172,7 +166,8 @@ def main():
         rows.update(parts(state, bank, dims["layers"], args.tokens, getattr(mx, dims["dtype"]), args.rounds))
     head = (
         f"{describe(machine(mlx=mx.__version__, device=str(mx.default_device())))}\n\n"
-        f"Random Llama, shape {shape} ({dims['layers']} layers, {dims['heads']} heads, {dims['kv_heads']} KV heads, "
+        f"Random Llama (bench.generator's), "
+        f"shape {shape} ({dims['layers']} layers, {dims['heads']} heads, {dims['kv_heads']} KV heads, "
         f"{dims['dtype']}); a random bank of {args.rows} rows; fused kernels: {'on' if state.fused else 'off'}; "
         f"medians of {args.rounds} interleaved rounds; `python -m bench.prefill_memory --shape {shape} "
         f"--rows {args.rows} --tokens {args.tokens} --rounds {args.rounds}`."
