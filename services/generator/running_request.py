@@ -33,8 +33,8 @@ class RunningRequest:
         # Counts of events posted, released by a hand-over (the loop moves only those: an event
         # posted after a hand-over waits for the next one, even when a wake-up is still pending)
         # and moved to events. Posted and released are the MLX thread's, delivered the loop's.
+        # While more are posted than released, the request waits in Handover.posted.
         self._posted = self._released = self._delivered = 0
-        self._in_handover = False  # in Handover.posted: events wait for its next hand-over
         self._wake = False  # a wake-up was sent and its delivery has not run yet
         self._first = True  # no Chunk delivered yet: the first one goes alone (time to first token)
         self.text = StopText(detokenizer, tuple(req.sampling.stop))
@@ -83,11 +83,9 @@ class RunningRequest:
         """Queues ``event`` for the caller (on the MLX thread). -> whether the request must join
         the next hand-over's list (``Handover.posted``): False when it is in it already."""
         self._outbox.append(event)
+        listed = self._posted > self._released  # events of it wait for a hand-over already
         self._posted += 1
-        if self._in_handover:
-            return False
-        self._in_handover = True
-        return True
+        return not listed
 
     def release(self) -> bool:
         """Hands over every event posted so far (on the MLX thread, ``Handover.hand_over``).
@@ -95,7 +93,6 @@ class RunningRequest:
         earlier wake-up has not run: its delivery takes them, as it moves what is released when
         it runs. Events posted after this wait for the next hand-over, so a Final posted after
         the step's tokens never rides on their wake-up before the gauges it follows are set."""
-        self._in_handover = False
         self._released = self._posted
         if self._wake:
             return False
