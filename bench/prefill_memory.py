@@ -40,6 +40,7 @@ from mlx_lm.utils import load  # noqa: E402
 from bench.common import add_record_flag, describe, machine, median_ratio, record, table, timed_rounds  # noqa: E402
 from bench.generator import SHAPES  # noqa: E402
 from extmind.tiny_models import build_llama  # noqa: E402
+from services.common.config import positive_int  # noqa: E402
 from services.generator import extended_attention, fused_attention, prefill_attention  # noqa: E402
 from services.generator.bank_cache import LocalRetriever, bank_from_numpy  # noqa: E402
 from services.generator.extended_attention import MemoryContext  # noqa: E402
@@ -131,9 +132,9 @@ def parts(state, bank, layers: int, tokens: int, dtype, rounds: int) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: 1b on CUDA, tiny elsewhere")
-    p.add_argument("--rows", type=int, default=4096, help="bank rows per layer")
-    p.add_argument("--tokens", type=int, default=511, help="prompt tokens of the forward")
-    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (medians)")
+    p.add_argument("--rows", type=positive_int, default=4096, help="bank rows per layer")
+    p.add_argument("--tokens", type=positive_int, default=511, help="prompt tokens of the forward")
+    p.add_argument("--rounds", type=positive_int, default=15, help="interleaved rounds (medians)")
     add_record_flag(p)
     args = p.parse_args()
     cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
