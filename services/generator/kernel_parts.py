@@ -256,6 +256,79 @@ __device__ __forceinline__ float em_dot_r(const float* qs, const Tk* kr) {
 """
 
 
+# A warp's tensor-core product, for kernels that score a tile of 16 query rows against 8 keys at
+# once (prefill_attention.py's merge). Fragments as PTX lays out mma.m16n8k16 (16-bit inputs,
+# float32 accumulators; gid = lane / 4, tig = lane % 4): a[0..3] hold A (16 x 16, rows x k)
+# elements (gid, 2 tig + {0,1}), (gid + 8, 2 tig + {0,1}), (gid, 8 + 2 tig + {0,1}),
+# (gid + 8, 8 + 2 tig + {0,1}), two 16-bit values per register, the lower index in the low half;
+# b[0..1] hold B (16 x 8, k x columns) elements (2 tig + {0,1}, gid), (8 + 2 tig + {0,1}, gid);
+# c[0..3] the products (gid, 2 tig + {0,1}), (gid + 8, 2 tig + {0,1}). BF: bfloat16 inputs, else
+# float16. Products of 16-bit values are exact in float32; the accumulation order is the
+# hardware's. With EM_PORTABLE_MMA (the CPU emulator) the same product is computed from the
+# warp's registers by shuffles: every lane gathers its rows' and columns' elements.
+MMA_HEADER = r"""
+template <typename Tx>
+__device__ __forceinline__ unsigned em_pack2(Tx lo, Tx hi) {
+  const unsigned short a = *reinterpret_cast<const unsigned short*>(&lo);
+  const unsigned short b = *reinterpret_cast<const unsigned short*>(&hi);
+  return (unsigned)a | ((unsigned)b << 16);
+}
+
+#ifdef EM_PORTABLE_MMA
+template <int BF>
+__device__ __forceinline__ float em_half_of(unsigned r, int hi) {
+  const unsigned short u = (unsigned short)(hi ? r >> 16 : r & 0xffffu);
+  if (BF) {
+    const unsigned w = (unsigned)u << 16;
+    float f;
+    memcpy(&f, &w, 4);
+    return f;
+  }
+  __half x;
+  memcpy(&x, &u, 2);
+  return static_cast<float>(x);
+}
+
+template <int BF>
+__device__ __forceinline__ void em_mma_16816(float* c, const unsigned* a, const unsigned* b) {
+  const int lane = threadIdx.x & 31;
+  const int gid = lane >> 2, tig = lane & 3;
+  for (int t = 0; t < 4; ++t) {  // k = 2t, 2t + 1 (a[0], a[1] with b[0]) and 8 + 2t, 9 + 2t (a[2], a[3] with b[1])
+    unsigned ar[4], br[2][2];
+    for (int r = 0; r < 4; ++r) ar[r] = (unsigned)__shfl_sync(0xffffffff, (int)a[r], gid * 4 + t);
+    for (int j = 0; j < 2; ++j)
+      for (int r = 0; r < 2; ++r) br[j][r] = (unsigned)__shfl_sync(0xffffffff, (int)b[r], (tig * 2 + j) * 4 + t);
+    for (int j = 0; j < 2; ++j) {
+      for (int i = 0; i < 2; ++i) {  // row gid + 8 i
+        float acc = c[2 * i + j];
+        for (int r = 0; r < 2; ++r) {  // k block r (0: 2t.., 1: 8 + 2t..)
+          const unsigned x = ar[2 * r + i], y = br[j][r];
+          acc += em_half_of<BF>(x, 0) * em_half_of<BF>(y, 0) + em_half_of<BF>(x, 1) * em_half_of<BF>(y, 1);
+        }
+        c[2 * i + j] = acc;
+      }
+    }
+  }
+}
+#else
+template <int BF>
+__device__ __forceinline__ void em_mma_16816(float* c, const unsigned* a, const unsigned* b) {
+  if (BF) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+#endif
+"""
+
+
 @functools.cache
 def constant(values: tuple, dtype) -> mx.array:
     """A small constant kernel input (a scale, a threshold, a shape, a bound) [n >= len(values)]:

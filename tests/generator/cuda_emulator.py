@@ -41,6 +41,7 @@ CXX = shutil.which("g++") or shutil.which("clang++")
 # Host stand-ins for the CUDA built-ins the kernels use that need no thread scheduling (types,
 # qualifiers, bit casts, math); test_kernel_sources.py compiles against them too.
 STAND_INS = r"""
+#define EM_PORTABLE_MMA  // kernel_parts.MMA_HEADER: the tensor-core product by shuffles
 #include <cmath>
 #include <cstddef>
 #include <cstdint>

@@ -85,7 +85,7 @@ KERNELS = {
     ),
     "prefill_merge": (
         "",
-        prefill_attention._MERGE_SOURCE,
+        prefill_attention._MERGE_LOGITS + prefill_attention._MERGE_ROW,
         [
             "const float* logits",
             "const bool* mask",
@@ -96,10 +96,33 @@ KERNELS = {
             "const float* scale",
             "To* out",
             "float* mass",
-            *_arrays("logits", "local", "mem_rows", "bank_values"),
+            *_arrays("logits", "local", "mem_rows", "mem_dots", "bank_values"),
         ],
         ["typename Tv", "typename To", "int D", "int T", "int MASK"],
         ["<__half, __half, 64, 128, 1>", "<float, float, 80, 128, 2>", "<__half, float, 256, 128, 0>"],
+    ),
+    "prefill_merge_mma": (
+        kernel_parts.MMA_HEADER,
+        prefill_attention._MERGE_MMA + prefill_attention._MERGE_ROW,
+        [
+            "const Tq* q",
+            "const Tq* k",
+            "const bool* mask",
+            "const Tq* local",
+            "const int* mem_rows",
+            "const float* mem_dots",
+            "const Tv* bank_values",
+            "const float* scale",
+            "To* out",
+            "float* mass",
+            *_arrays("q", "k", "local", "mem_rows", "mem_dots", "bank_values"),
+        ],
+        ["typename Tv", "typename To", "int D", "int T", "int MASK", "typename Tq", "int BF"],
+        [
+            "<__half, __half, 64, 128, 1, __half, 0>",
+            "<__half, float, 128, 128, 2, __half, 0>",
+            "<__half, __half, 256, 128, 0, __half, 1>",
+        ],
     ),
     "topk_chunks": (
         TOPK,

@@ -1,0 +1,106 @@
+"""The prefill merge kernels (prefill_attention.py: _MERGE_MMA, whose warps compute the local logits
+of 16 query rows by tensor-core products, and _MERGE_LOGITS, which reads a float32 matmul's) run on
+the CPU emulator (cuda_emulator.py; the tensor-core product by shuffles, kernel_parts.MMA_HEADER)
+through ``prefill_attention.attend`` itself, against a float64 softmax over [memories | local
+context] of the same (rounded) inputs: float16 and bfloat16 queries take _MERGE_MMA, float32 ones
+_MERGE_LOGITS. The inputs lie as a model's do: queries a transposed view, keys and values a slice of
+a longer cache buffer, and, merged in chunks of query rows, the memories' rows and dots slices of
+the whole arrays, so that the kernels' stride arithmetic is what is tested. Query counts leave the
+last 16-row tile part-filled. test_prefill_attention.py checks the same on CUDA."""
+
+from __future__ import annotations
+
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from services.generator import fused_attention, prefill_attention
+
+from . import cuda_emulator
+from .np_reference import attend_over_picks
+
+pytestmark = pytest.mark.skipif(
+    cuda_emulator.CXX is None or sys.platform != "linux", reason="the emulator needs a C++ compiler and glibc ucontext"
+)
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """The merge kernels on the emulator, taken as on a CUDA machine; which kernel each call got."""
+    monkeypatch.setattr(mx.fast, "cuda_kernel", cuda_emulator.cuda_kernel)
+    monkeypatch.setattr(fused_attention, "enabled", lambda mode="auto": True)
+    prefill_attention._merge_kernel.cache_clear()
+    made = []
+    kernel = prefill_attention._merge_kernel
+
+    def spy(mma=False):
+        made.append(mma)
+        return kernel(mma)
+
+    monkeypatch.setattr(prefill_attention, "_merge_kernel", spy)
+    yield made
+    kernel.cache_clear()
+
+
+def _rounded(a: np.ndarray, dtype) -> tuple[mx.array, np.ndarray]:
+    """(``a`` in ``dtype`` on MLX, the same values as float64)."""
+    x = mx.array(a.astype(np.float32)).astype(dtype)
+    return x, np.array(x.astype(mx.float32)).astype(np.float64)
+
+
+@pytest.mark.parametrize(
+    "dtype,mask_kind,prefix,d,k,L",
+    [
+        (mx.float16, "causal", 0, 64, 10, 19),
+        (mx.float16, "causal", 7, 16, 5, 35),  # a chunk after 7 cached positions; 3 tiles, the last of 3 rows
+        (mx.bfloat16, "causal", 3, 64, 8, 16),
+        (mx.float16, "padding", 2, 32, 5, 17),  # row 0 left-padded by 3 positions (bool mask)
+        (mx.bfloat16, "none", 12, 80, 32, 9),  # no mask; a head size past a warp's 32 lanes; 32 memories
+        (mx.float32, "causal", 4, 16, 5, 18),  # float32: the logits kernel
+    ],
+)
+@pytest.mark.parametrize("chunk_rows", [None, 8])
+def test_merge_kernels_match_one_softmax_over_memories_and_context(
+    emulated, dtype, mask_kind, prefix, d, k, L, chunk_rows, monkeypatch
+):
+    rng = np.random.default_rng(L + d)
+    B, H, KVH, n = 2, 4, 2, 30
+    S = prefix + L
+    if chunk_rows:
+        monkeypatch.setattr(prefill_attention, "MIN_QUERIES", 1)
+        monkeypatch.setattr(prefill_attention, "MAX_LOGITS", B * H * chunk_rows * S)
+    scale = d**-0.5
+    # Queries as a model's projection makes them ([B, L, H, d] transposed); keys and values the
+    # first S positions of a cache buffer of S + 5.
+    q, q64 = _rounded(rng.standard_normal((B, L, H, d)), dtype)
+    q, q64 = q.transpose(0, 2, 1, 3), q64.transpose(0, 2, 1, 3)
+    kbuf, k64 = _rounded(rng.standard_normal((B, KVH, S + 5, d)), dtype)
+    vbuf, v64 = _rounded(rng.standard_normal((B, KVH, S + 5, d)), dtype)
+    kk, vv, k64, v64 = kbuf[:, :, :S], vbuf[:, :, :S], k64[:, :, :S], v64[:, :, :S]
+    bank, bank64 = _rounded(rng.standard_normal((KVH, n, d)), dtype)
+    rows = rng.integers(-1, n, (B, H, L, k)).astype(np.int32)  # -1: masked by a threshold
+    rows[1, 0, 0] = -1  # one query with every memory masked: local attention only
+    dots = (rng.standard_normal((B, H, L, k)) * 4).astype(np.float32)
+    causal = np.arange(S - L, S)[:, None] >= np.arange(S)[None]
+    if mask_kind == "causal":
+        mask, allowed = "causal", np.broadcast_to(causal, (B, L, S))
+    elif mask_kind == "none":
+        mask, allowed = None, np.ones((B, L, S), bool)
+    else:
+        pad = np.ones((B, S), bool)
+        pad[0, :3] = False
+        allowed = causal[None] & pad[:, None, :]
+        mask = mx.array(allowed[:, None])  # [B, 1, L, S]
+    out, mass = prefill_attention.attend(q, kk, vv, mask, mx.array(rows), mx.array(dots), bank, scale, mx.float32)
+    want, want_mass = attend_over_picks(q64, k64, v64, allowed, rows, dots, bank64, scale)
+    mma = dtype != mx.float32
+    assert emulated and all(m == mma for m in emulated)  # the kernel the dtype takes
+    assert len(emulated) == (-(-L // chunk_rows) if chunk_rows else 1)
+    # The fused attention's local output is rounded to the queries' dtype before the merge.
+    tol = {mx.float16: 2e-3, mx.bfloat16: 1.6e-2, mx.float32: 1e-5}[dtype]
+    assert out.dtype == mx.float32 and out.shape == (B, L, H * d) and mass.shape == (B, H, L)
+    np.testing.assert_allclose(np.array(out), want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.array(mass), want_mass, rtol=2e-5, atol=1e-6)
+    assert np.array(mass)[1, 0, 0] == 0.0
