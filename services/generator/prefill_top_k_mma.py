@@ -168,10 +168,7 @@ _SOURCE = """
   float* qs = qs_all + warp * D;
   __syncwarp();
 
-  // 4. Each row: exact cosines of its candidates, the top-k. A key's exact dot from the bank's
-  // column, or (ROWS) from a row-major copy in a few 16-byte loads.
-#define KEY_DOT(n) \
-  (ROWS ? em_dot_r<D, Tk>(qs, keys + ((size_t)g * N + (n)) * D) : em_dot_col<D, Tk>(qs, kt + (n), N))
+  // 4. Each row: exact cosines of its candidates, the top-k.
   for (int i = 0; i < 16 && l0 + i < L; ++i) {  // the same bound in every lane
     const int l = l0 + i;
     const int row = (b * H + h) * L + l;
@@ -190,7 +187,7 @@ _SOURCE = """
     int best_i[1];
     if (total <= 32) {
       int n = lane < total ? found[lane] : -1;
-      float c = n >= 0 ? KEY_DOT(n) * q_inv * ng[n] : EM_NEG_INF;
+      float c = n >= 0 ? em_dot_col<D, Tk>(qs, kt + n, N) * q_inv * ng[n] : EM_NEG_INF;
       if (!(c > EM_NEG_INF)) { c = EM_NEG_INF; n = -1; }  // a NaN cosine is never picked (as em_insert)
       em_warp_sort_pairs_desc(c, n);
       best_s[0] = c;
@@ -204,28 +201,25 @@ _SOURCE = """
       const int m = total <= CAP ? total : N;
       for (int j = lane; j < m; j += 32) {
         const int n = total <= CAP ? found[j] : j;
-        em_insert<K>(s[0], ix[0], KEY_DOT(n) * q_inv * ng[n], n);
+        em_insert<K>(s[0], ix[0], em_dot_col<D, Tk>(qs, kt + n, N) * q_inv * ng[n], n);
       }
       em_warp_top_k<1, K>(s, ix, k, best_s, best_i);
     }
     if (lane < k) {
       const int n = best_i[0];
       rows[(size_t)row * k + lane] = n >= 0 && best_s[0] > threshold[0] ? n : -1;
-      dots[(size_t)row * k + lane] = n >= 0 ? KEY_DOT(n) : 0.f;
+      dots[(size_t)row * k + lane] = n >= 0 ? em_dot_col<D, Tk>(qs, kt + n, N) : 0.f;
     }
     __syncwarp();  // qs is the next row's
   }
 """
 
 
-ROW_MAJOR = False  # exact dots from a row-major copy of the keys (one more launch per layer)
-
-
 @functools.cache
 def _kernel():
     return mx.fast.cuda_kernel(
         name="extmind_prefill_top_k_mma",
-        input_names=["q", "keys_t", "keys", "inv_norms", "threshold", "topk", "bound"],
+        input_names=["q", "keys_t", "inv_norms", "threshold", "topk", "bound"],
         output_names=["rows", "dots"],
         source=_SOURCE,
         header=kernel_parts.HEADER + kernel_parts.TOPK_HEADER + kernel_parts.MMA_HEADER,
@@ -246,14 +240,12 @@ def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, k: int, list_
     above the threshold; dots [B, H, L, k] float32, raw q . k), rows in descending exact cosine,
     ties at the k-th place either way."""
     B, H, L, d = q.shape
-    keys = mx.contiguous(keys_t.swapaxes(1, 2)) if ROW_MAJOR else keys_t  # unread without ROWS
     warps = B * H * -(-L // 16)
     per_block = _THREADS // 32
     rows, dots = _kernel()(
         inputs=[
             q,
             keys_t,
-            keys,
             inv_norms,
             threshold,
             kernel_parts.scalar(k, mx.int32),
@@ -266,7 +258,6 @@ def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, k: int, list_
             ("T", _THREADS),
             ("CAP", CAPACITY),
             ("BF", int(keys_t.dtype == mx.bfloat16)),
-            ("ROWS", int(ROW_MAJOR)),
         ],
         grid=(-(-warps // per_block) * _THREADS, 1, 1),
         threadgroup=(_THREADS, 1, 1),

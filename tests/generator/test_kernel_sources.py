@@ -89,7 +89,6 @@ KERNELS = {
         [
             "const Tk* q",
             "const Tk* keys_t",
-            "const Tk* keys",
             "const float* inv_norms",
             "const float* threshold",
             "const int* topk",
@@ -98,8 +97,8 @@ KERNELS = {
             "float* dots",
             *_arrays("q", "keys_t"),
         ],
-        ["typename Tk", "int D", "int K", "int T", "int CAP", "int BF", "int ROWS"],
-        ["<__half, 64, 16, 128, 64, 0, 0>", "<__half, 256, 32, 128, 64, 1, 1>", "<__half, 16, 8, 128, 64, 0, 1>"],
+        ["typename Tk", "int D", "int K", "int T", "int CAP", "int BF"],
+        ["<__half, 64, 16, 128, 64, 0>", "<__half, 256, 32, 128, 64, 1>", "<__half, 16, 8, 128, 64, 0>"],
     ),
     "prefill_merge": (
         "",
