@@ -33,7 +33,7 @@ import math
 
 import mlx.core as mx
 
-from services.generator import decode_kernels, kernel_parts, prefill_top_k, prefill_top_k_mma
+from services.generator import decode_kernels, kernel_parts, prefill_top_k
 from services.generator.citations import memory_weights
 
 MODES = ("auto", "off")
@@ -192,15 +192,12 @@ def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, top_k: int, t
     B, H, L, d = q.shape
     k = min(top_k, keys_t.shape[2])
     _check(k, d)
+    q = mx.contiguous(q)
     thr = _threshold(threshold)
     if B * H * L >= MATMUL_ROWS:
-        # Many query rows (prefill): each scan warp would read the whole bank once per row. 16-bit
-        # queries of the bank's dtype: one kernel scores them on tensor cores (prefill_top_k_mma);
-        # others: one matmul reads the bank once, and prefill_top_k ranks its scores.
-        if prefill_top_k_mma.takes(q, keys_t):
-            return prefill_top_k_mma.top_k_rows(q, keys_t, inv_norms, k, list_size(k), thr)
-        return prefill_top_k.top_k_rows(mx.contiguous(q), keys_t, inv_norms, k, list_size(k), thr)
-    q = mx.contiguous(q)
+        # Many query rows (prefill): each scan warp would read the whole bank once per row;
+        # one matmul reads it once, and prefill_top_k ranks its scores.
+        return prefill_top_k.top_k_rows(q, keys_t, inv_norms, k, list_size(k), thr)
     cand, k, size = _scan(q, keys_t, inv_norms, top_k)
     rows = B * H * L
     rows_out, dots = decode_kernels.topk_merge_kernel()(

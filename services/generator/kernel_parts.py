@@ -253,16 +253,6 @@ __device__ __forceinline__ float em_dot_r(const float* qs, const Tk* kr) {
   }
   return dot;
 }
-
-// em_dot_r over a key stored as a column of a [D, N] array (kt: its first element; N: the row
-// stride): the same products summed in the same order, so the same float32 result.
-template <int D, typename Tk>
-__device__ __forceinline__ float em_dot_col(const float* qs, const Tk* kt, int N) {
-  float dot = 0.f;
-#pragma unroll(D <= 128 ? D : 16)
-  for (int e = 0; e < D; ++e) dot += qs[e] * static_cast<float>(kt[(size_t)e * N]);
-  return dot;
-}
 """
 
 

@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from services.generator import decode_kernels as dk
-from services.generator import device_stack, kernel_parts, prefill_attention, prefill_top_k, prefill_top_k_mma
+from services.generator import device_stack, kernel_parts, prefill_attention, prefill_top_k
 
 from . import cuda_emulator
 
@@ -82,23 +82,6 @@ KERNELS = {
             "<float, __half, 80, 8, 128, 0>",
             "<__half, __half, 80, 8, 128, 0>",
         ],
-    ),
-    "prefill_top_k_mma": (
-        TOPK + kernel_parts.MMA_HEADER,
-        prefill_top_k_mma._SOURCE,
-        [
-            "const Tk* q",
-            "const Tk* keys_t",
-            "const float* inv_norms",
-            "const float* threshold",
-            "const int* topk",
-            "const float* bound",
-            "int* rows",
-            "float* dots",
-            *_arrays("q", "keys_t"),
-        ],
-        ["typename Tk", "int D", "int K", "int T", "int CAP", "int BF"],
-        ["<__half, 64, 16, 128, 64, 0>", "<__half, 256, 32, 128, 64, 1>", "<__half, 16, 8, 128, 64, 0>"],
     ),
     "prefill_merge": (
         "",

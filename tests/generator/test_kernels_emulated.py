@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from services.generator import decode_kernels as dk
-from services.generator import device_stack, prefill_attention, prefill_top_k, prefill_top_k_mma
+from services.generator import device_stack, prefill_attention, prefill_top_k
 from services.generator import fused_attention as fa
 
 from . import cuda_emulator
@@ -37,13 +37,7 @@ def emulated(monkeypatch):
     monkeypatch.setattr(mx.fast, "cuda_kernel", cuda_emulator.cuda_kernel)
     # A fresh memo of the scan's launches: tests change chunks_for.
     monkeypatch.setattr(fa, "_scan_call", functools.lru_cache(maxsize=None)(fa._scan_call.__wrapped__))
-    kernels = (
-        dk.topk_scan_kernel,
-        dk.topk_merge_kernel,
-        dk.attend_kernel,
-        prefill_top_k._kernel,
-        prefill_top_k_mma._kernel,
-    )
+    kernels = (dk.topk_scan_kernel, dk.topk_merge_kernel, dk.attend_kernel, prefill_top_k._kernel)
     for k in kernels:
         k.cache_clear()
     yield
@@ -223,58 +217,17 @@ RAW_HALF_CASES = {
     # |q| near 1e5, so near rows' float16 scores are inf (candidates, ranked by their exact cosines)
     ids=["unit_size", "small", "large", "subnormal", "overflowing"],
 )
-@pytest.mark.parametrize("kernel", ["mma", "matmul"])
-def test_prefill_top_k_kernel_ranks_float16_queries_as_they_are(case, scale, kernel, emulated, monkeypatch):
-    """Queries in the bank's float16 go into the products unnormalized (prefill_top_k_mma's tensor
-    cores, or prefill_top_k's matmul): the picks are the exact top-k of those float16 queries,
-    whatever their norm."""
+def test_prefill_top_k_kernel_ranks_float16_queries_as_they_are(case, scale, emulated, monkeypatch):
+    """Queries in the bank's float16 go into the matmul unnormalized: the picks are the exact top-k
+    of those float16 queries, whatever their norm."""
     B, H, KVH, L, d, n, top_k, threshold, mode = RAW_HALF_CASES[case]
     monkeypatch.setattr(fa, "MATMUL_ROWS", 16)
-    if kernel == "matmul":
-        monkeypatch.setattr(prefill_top_k_mma, "takes", lambda q, keys_t: False)
     q, keys = _inputs(np.random.default_rng(sorted(RAW_HALF_CASES).index(case)), B, H, KVH, L, d, n, mode)
     q16 = mx.array(q * np.float32(scale)).astype(mx.float16)
     keys_mx = mx.array(keys).astype(mx.float16)
     inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx.astype(mx.float32) ** 2, axis=-1), 1e-24))
     rows, dots = fa.top_k_rows(q16, mx.contiguous(keys_mx.swapaxes(-1, -2)), inv, top_k, threshold)
     q_seen, keys_seen = np.array(q16.astype(mx.float32)), np.array(keys_mx.astype(mx.float32))
-    _check(q_seen, keys_seen, np.array(rows), np.array(dots), top_k, threshold)
-
-
-# name: (B, H, KVH, L, d, n, top_k, threshold, dtype, mode) for prefill_top_k_mma: queries in the
-# bank's 16-bit dtype. L of 19 and 35 leave a warp's last 16-row tile part-filled; n not a multiple
-# of 32 leaves the last groups short; group_70 overflows a row's candidate list (CAPACITY 64).
-MMA_CASES = {
-    "random_float16_tiles_part_filled": (1, 4, 2, 19, 64, 512, 10, None, mx.float16, "random"),
-    "random_bfloat16_threshold_b2": (2, 4, 2, 5, 16, 301, 8, 0.05, mx.bfloat16, "random"),
-    "near_ties_float16": (1, 4, 2, 4, 64, 800, 16, None, mx.float16, "near"),
-    "ties_threshold_zero_bfloat16": (2, 4, 2, 4, 16, 256, 9, 0.0, mx.bfloat16, "ties"),
-    "zero_queries_and_keys": (2, 4, 2, 35, 32, 256, 9, None, mx.float16, "zeros"),
-    "group_31_one_sort": (1, 4, 2, 2, 32, 601, 8, None, mx.float16, "group_31"),
-    "group_40_lanes_lists": (1, 4, 2, 2, 32, 1000, 16, None, mx.bfloat16, "group_40"),
-    "group_70_overflow_ranks_every_key": (1, 4, 2, 2, 32, 515, 16, None, mx.float16, "group_70"),
-    "head_dim_256_k32": (1, 4, 1, 3, 256, 300, 32, None, mx.float16, "random"),
-    "fewer_rows_than_k": (1, 8, 8, 3, 32, 20, 20, None, mx.float16, "random"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(MMA_CASES))
-def test_prefill_top_k_mma_kernel_is_the_exact_top_k(case, emulated, monkeypatch):
-    """prefill_top_k_mma (scores by the warp's tensor-core product, a bound per row from 32 groups of
-    keys, candidate lists, exact re-ranking) through top_k_rows, with queries that are a slice of a
-    longer buffer (the kernel reads their strides)."""
-    B, H, KVH, L, d, n, top_k, threshold, dtype, mode = MMA_CASES[case]
-    monkeypatch.setattr(fa, "MATMUL_ROWS", 16)
-    q, keys = _inputs(np.random.default_rng(sorted(MMA_CASES).index(case)), B, H, KVH, L, d, n, mode)
-    # [B, H, L, d] as a slice of a longer buffer (positions 1 ... L of L + 2): strided
-    qx = mx.array(np.pad(q, ((0, 0), (0, 0), (1, 1), (0, 0)))).astype(dtype)[:, :, 1 : L + 1]
-    assert not _row_contiguous(qx)
-    keys_mx = mx.array(keys).astype(dtype)
-    inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx.astype(mx.float32) ** 2, axis=-1), 1e-24))
-    keys_t = mx.contiguous(keys_mx.swapaxes(-1, -2))
-    assert prefill_top_k_mma.takes(qx, keys_t)
-    rows, dots = fa.top_k_rows(qx, keys_t, inv, top_k, threshold)
-    q_seen, keys_seen = np.array(qx.astype(mx.float32)), np.array(keys_mx.astype(mx.float32))
     _check(q_seen, keys_seen, np.array(rows), np.array(dots), top_k, threshold)
 
 
