@@ -3,9 +3,9 @@ of 16 query rows by tensor-core products, and _MERGE_LOGITS, which reads a float
 the CPU emulator (cuda_emulator.py; the tensor-core product by shuffles, kernel_parts.MMA_HEADER)
 through ``prefill_attention.attend`` itself, against a float64 softmax over [memories | local
 context] of the same (rounded) inputs: float16 and bfloat16 queries take _MERGE_MMA, float32 ones
-_MERGE_LOGITS. The inputs lie as a model's do: queries a transposed view, keys and values a slice of
-a longer cache buffer, and, merged in chunks of query rows, the memories' rows and dots slices of
-the whole arrays, so that the kernels' stride arithmetic is what is tested. Query counts leave the
+_MERGE_LOGITS. The inputs are slices of longer buffers (queries, and keys and values as a cache holds
+them) and, merged in chunks of query rows, the memories' rows and dots slices of the whole arrays,
+so that the kernels' stride arithmetic is what is tested. Query counts leave the
 last 16-row tile part-filled. test_prefill_attention.py checks the same on CUDA."""
 
 from __future__ import annotations
@@ -72,10 +72,10 @@ def test_merge_kernels_match_one_softmax_over_memories_and_context(
         monkeypatch.setattr(prefill_attention, "MIN_QUERIES", 1)
         monkeypatch.setattr(prefill_attention, "MAX_LOGITS", B * H * chunk_rows * S)
     scale = d**-0.5
-    # Queries as a model's projection makes them ([B, L, H, d] transposed); keys and values the
-    # first S positions of a cache buffer of S + 5.
-    q, q64 = _rounded(rng.standard_normal((B, L, H, d)), dtype)
-    q, q64 = q.transpose(0, 2, 1, 3), q64.transpose(0, 2, 1, 3)
+    # Queries positions 2 ... L + 1 of a longer buffer; keys and values the first S positions of a
+    # cache buffer of S + 5: the kernels read their strides.
+    q, q64 = _rounded(rng.standard_normal((B, H, L + 3, d)), dtype)
+    q, q64 = q[:, :, 2 : L + 2], q64[:, :, 2 : L + 2]
     kbuf, k64 = _rounded(rng.standard_normal((B, KVH, S + 5, d)), dtype)
     vbuf, v64 = _rounded(rng.standard_normal((B, KVH, S + 5, d)), dtype)
     kk, vv, k64, v64 = kbuf[:, :, :S], vbuf[:, :, :S], k64[:, :, :S], v64[:, :, :S]
