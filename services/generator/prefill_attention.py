@@ -12,9 +12,11 @@ for any M (the larger of lse and max m, so nothing overflows). The fused attend 
 (``fused_attention.attend``) computes the local part itself, one thread block per query row over
 every local position: right for a decode step (one query per sequence), slow for a prefill, where
 MLX's flash attention does the same work several times faster. Here only the local logits are
-computed apart (one float32 matmul); on CUDA one kernel takes their log-sum-exp and merges the
-memories (k per query head and token), elsewhere a few MLX operations do. Queries are taken in
-chunks of rows when their logits would pass MAX_LOGITS.
+computed apart: on CUDA, for 16-bit queries and keys, by the merge kernel itself (tensor-core
+products, 16 query rows per warp: _MERGE_MMA), else by one float32 matmul whose logits a merge
+kernel reads (_MERGE_LOGITS); either kernel then takes their log-sum-exp and merges the memories
+(k per query head and token). Off CUDA a float32 matmul and a few MLX operations do. Queries are
+taken in chunks of rows when their logits would pass MAX_LOGITS.
 
 Also here, shared with the portable path: ``apply_mask`` (mlx-lm's attention masks applied to
 logits), ``take_rows`` (a bank's rows per KV head in one gather); and ``causal_when_equal`` (a
@@ -35,7 +37,8 @@ NEG = -1e30  # finite "masked" for local logits: exp() gives exactly 0 next to a
 MIN_QUERIES = 32
 # Most float32 local logits ([B, H, L, S]) materialized at once for the log-sum-exp (256 MiB): a
 # longer batch of queries is merged in chunks of query rows; a context so long that MIN_QUERIES
-# rows exceed it takes the attend kernel (or the portable path).
+# rows exceed it takes the attend kernel (or the portable path). _MERGE_MMA materializes none but
+# takes the same chunks (one rule for both kernels).
 MAX_LOGITS = 1 << 26
 # Query and key dtypes whose local logits the CUDA merge kernel computes itself (_MERGE_MMA).
 MMA_DTYPES = (mx.float16, mx.bfloat16)
