@@ -1,7 +1,8 @@
 """Where a prefill with memories goes: one forward of a prompt with and without a LOCAL memory,
 and (on MLX's CUDA backend) the memory path's parts, in one process.
 
-    python -m bench.prefill_memory [--shape 1b|50m|tiny] [--rows 4096] [--tokens 511] [--rounds 15] [--record]
+    python -m bench.prefill_memory [--shape 1b|50m|tiny] [--rows 4096] [--tokens 511] [--rounds 15] [--kernels]
+                                   [--record]
 
 bench.generator's random Llama of ``--shape`` (its checkpoint written to a temporary folder and
 loaded) with extended mind installed, and a random bank of ``--rows`` rows per layer in the
@@ -11,12 +12,17 @@ model's dtype, top_k 10. Prints:
    logits read back): no memory and LOCAL, interleaved over ``--rounds`` rounds, the medians and
    the median of the rounds' ratios (issue 14's goal: a 512-token prefill with a 4 096-row memory
    <= 1.3x the prefill without; ``bench.generator`` measures it through the engine);
+   on CUDA with a 16-bit model also LOCAL with the merge reading float32 logits, as every dtype did
+   before the tensor-core merge (``prefill_attention._MERGE_MMA``): its before and after in one run;
 2. on CUDA, the fused prefill path of one layer (``fused_attention.top_k_rows`` and
    ``prefill_attention.attend``, docs/architecture.md "Prefill with memories") against MLX's
    fused attention alone, each evaluated alone (so each includes a launch and a sync), and all
    layers of each chained in one evaluation as a forward runs them, with the time it took the
    host to build those graphs. A memory path whose chained time is well above the forward's extra
-   time is not what the forward waits on: the host is.
+   time is not what the forward waits on: the host is;
+3. with ``--kernels`` (CUDA and PyTorch with CUDA), the GPU kernel time and launches per forward
+   without and with the memory (CUPTI, as ``bench.gpu_kernel_times``) and the memory forward's
+   kernels, most time first.
 
 Default shape: 1b on CUDA, tiny elsewhere (MLX's CPU build has no fast float16 attention).
 """
@@ -55,21 +61,54 @@ def random_llama(dims: dict, tmp: Path):
     return load(str(path))[0]
 
 
-def forwards(model, state, ctx, tokens: mx.array, rounds: int) -> tuple[list[float], list[float]]:
-    """Seconds of the prompt's forward without and with the memory, ``rounds`` interleaved rounds."""
+def forward(model, state, tokens: mx.array, memory, mma: bool = True) -> None:
+    """One forward of ``tokens`` with ``memory`` (a MemoryContext or None), its last position's
+    logits evaluated. ``mma`` False: a 16-bit model's CUDA merge reads a float32 matmul's local
+    logits (``prefill_attention._MERGE_LOGITS``, what every dtype took before ``_MERGE_MMA``)."""
+    kept = prefill_attention.MMA_DTYPES
+    prefill_attention.MMA_DTYPES = kept if mma else ()
+    state.memory = memory
+    try:
+        out = model(tokens, cache=make_prompt_cache(model))
+        mx.eval(out[:, -1])
+    finally:
+        state.memory = None
+        prefill_attention.MMA_DTYPES = kept
 
-    def run(memory):
-        def go():
-            state.memory = memory
-            try:
-                out = model(tokens, cache=make_prompt_cache(model))
-                mx.eval(out[:, -1])
-            finally:
-                state.memory = None
 
-        return go
+def forwards(model, state, ctx, tokens: mx.array, rounds: int, logits_merge: bool) -> list[list[float]]:
+    """Seconds of the prompt's forward without and with the memory (and, ``logits_merge``, with the
+    memory merged from float32 logits), ``rounds`` interleaved rounds."""
+    runs = [lambda: forward(model, state, tokens, None), lambda: forward(model, state, tokens, ctx)]
+    if logits_merge:
+        runs.append(lambda: forward(model, state, tokens, ctx, mma=False))
+    return timed_rounds(runs, rounds, warmup=3)
 
-    return timed_rounds([run(None), run(ctx)], rounds, warmup=3)
+
+def kernels(model, state, ctx, tokens: mx.array, runs: int = 10) -> tuple[dict, str]:
+    """CUDA, with PyTorch's profiler (CUPTI; bench.gpu_kernel_times): GPU kernel time and launches
+    per forward without and with the memory -> ({row: result}, the memory forward's kernel table)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.gpu_kernel_times import kernel_table, kernel_times
+
+    torch.zeros(1, device="cuda")  # CUPTI and the CUDA context up before the first profile
+    rows, listing = {}, ""
+    for name, memory in (("no memory", None), ("LOCAL", ctx)):
+        forward(model, state, tokens, memory)
+        mx.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(runs):
+                forward(model, state, tokens, memory)
+            mx.synchronize()
+        times = kernel_times(prof)
+        total, launches = sum(t for t, _, _ in times) / runs, sum(c for _, c, _ in times) / runs
+        rows[f"GPU kernel time per forward, {name} (CUPTI, {runs} forwards)"] = (
+            f"{total / 1e3:.2f} ms in {launches:.0f} launches"
+        )
+        listing = kernel_table(times, runs, 12)
+    return rows, listing
 
 
 def parts(state, bank, layers: int, tokens: int, dtype, rounds: int) -> dict:
@@ -135,9 +174,16 @@ def main():
     p.add_argument("--rows", type=positive_int, default=4096, help="bank rows per layer")
     p.add_argument("--tokens", type=positive_int, default=511, help="prompt tokens of the forward")
     p.add_argument("--rounds", type=positive_int, default=15, help="interleaved rounds (medians)")
+    p.add_argument(
+        "--kernels",
+        action="store_true",
+        help="also the GPU kernel time and launches per forward (CUDA, needs PyTorch with CUDA: CUPTI)",
+    )
     add_record_flag(p)
     args = p.parse_args()
     cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
+    if args.kernels and not cuda:
+        p.error("--kernels profiles CUDA kernels: it needs MLX computing on its CUDA backend")
     shape = args.shape or ("1b" if cuda else "tiny")
     dims = SHAPES[shape]
     tmp = Path(tempfile.mkdtemp(prefix="bench-prefill-"))
@@ -155,16 +201,28 @@ def main():
     ctx = MemoryContext(LocalRetriever([bank]), top_k=TOP_K)
     tokens = mx.array([rng.integers(0, model.args.vocab_size, args.tokens).tolist()])
 
-    plain, local = forwards(model, state, ctx, tokens, args.rounds)
+    dtype = getattr(mx, dims["dtype"])
+    logits_merge = state.fused and dtype in prefill_attention.MMA_DTYPES
+    plain, local, *before = forwards(model, state, ctx, tokens, args.rounds, logits_merge)
+    memory = f"{args.rows}-row memory LOCAL (top_k {TOP_K})"
     rows = {
         f"forward of {args.tokens} tokens, no memory": f"{statistics.median(plain) * 1e3:.2f} ms",
-        f"forward of {args.tokens} tokens, {args.rows}-row memory LOCAL (top_k {TOP_K})": (
+        f"forward of {args.tokens} tokens, {memory}": (
             f"{statistics.median(local) * 1e3:.2f} ms (rounds' ratios, median: {median_ratio(local, plain)}; "
             "the goal, 1 B shape on a GPU: <= 1.3x)"
         ),
     }
+    if before:
+        rows[f"forward of {args.tokens} tokens, {memory}, merged from float32 logits (as before _MERGE_MMA)"] = (
+            f"{statistics.median(before[0]) * 1e3:.2f} ms (rounds' ratios, median: "
+            f"{median_ratio(before[0], plain)}; the tensor-core merge's: {median_ratio(local, before[0])} of it)"
+        )
     if state.fused:
-        rows.update(parts(state, bank, dims["layers"], args.tokens, getattr(mx, dims["dtype"]), args.rounds))
+        rows.update(parts(state, bank, dims["layers"], args.tokens, dtype, args.rounds))
+    listing = ""
+    if args.kernels:
+        more, listing = kernels(model, state, ctx, tokens)
+        rows.update(more)
     head = (
         f"{describe(machine(mlx=mx.__version__, device=str(mx.default_device())))}\n\n"
         f"Random Llama (bench.generator's), "
@@ -173,7 +231,10 @@ def main():
         f"medians of {args.rounds} interleaved rounds; `python -m bench.prefill_memory --shape {shape} "
         f"--rows {args.rows} --tokens {args.tokens} --rounds {args.rounds}`."
     )
-    record("prefill_memory", head + "\n\n" + table(["measurement", "result"], rows.items()), write=args.record)
+    body = table(["measurement", "result"], rows.items())
+    if listing:
+        body += f"\n\nThe LOCAL forward's kernels (GPU us per forward, launches per forward):\n\n```\n{listing}\n```"
+    record("prefill_memory", head + "\n\n" + body, write=args.record)
 
 
 if __name__ == "__main__":
