@@ -159,3 +159,27 @@ def stock_steps(engine, prompt: list[int], max_tokens: int, prefill_step_size: i
         return out
 
     return engine.mlx.call(steps)
+
+
+def prefill_picks(rng, B: int, H: int, L: int, S: int, n: int, k: int, mask_kind: str):
+    """A prefill merge's test inputs besides q, k, v: each query's k memories (rows [B, H, L, k]
+    int32 into an n-row bank, -1 = masked by a threshold; query (1, 0, 0) with every memory masked)
+    and raw dots [B, H, L, k] float32, and the local mask for ``mask_kind`` ("causal" over the last
+    L of S positions, "none", or "padding": the causal mask with sequence 0's first 3 positions
+    padding, as a boolean [B, 1, L, S] array) -> (rows, dots, the mask as ``attend`` takes it,
+    allowed [B, L, S] bool)."""
+    import mlx.core as mx
+    import numpy as np
+
+    rows = rng.integers(-1, n, (B, H, L, k)).astype(np.int32)
+    rows[1, 0, 0] = -1
+    dots = (rng.standard_normal((B, H, L, k)) * 4).astype(np.float32)
+    causal = np.arange(S - L, S)[:, None] >= np.arange(S)[None]
+    if mask_kind == "causal":
+        return rows, dots, "causal", np.broadcast_to(causal, (B, L, S))
+    if mask_kind == "none":
+        return rows, dots, None, np.ones((B, L, S), bool)
+    pad = np.ones((B, S), bool)
+    pad[0, :3] = False
+    allowed = causal[None] & pad[:, None, :]
+    return rows, dots, mx.array(allowed[:, None]), allowed

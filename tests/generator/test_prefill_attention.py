@@ -9,6 +9,7 @@ import pytest
 
 from services.generator import prefill_attention
 
+from .helpers import prefill_picks
 from .np_reference import attend_over_picks
 
 
@@ -41,19 +42,7 @@ def test_matches_one_softmax_over_memories_and_context(dtype, mask_kind, prefix,
     kk = rng.standard_normal((B, KVH, S, d)).astype(dtype)
     v = rng.standard_normal((B, KVH, S, d)).astype(dtype)
     bank_values = rng.standard_normal((KVH, n, d)).astype(dtype)
-    rows = rng.integers(-1, n, (B, H, L, k)).astype(np.int32)  # -1: masked by a threshold
-    rows[1, 0, 0] = -1  # one query with every memory masked: local attention only
-    dots = (rng.standard_normal((B, H, L, k)) * 4).astype(np.float32)
-    causal = np.arange(S - L, S)[:, None] >= np.arange(S)[None]
-    if mask_kind == "causal":
-        mask, allowed = "causal", np.broadcast_to(causal, (B, L, S))
-    elif mask_kind == "none":
-        mask, allowed = None, np.ones((B, L, S), bool)
-    else:
-        pad = np.ones((B, S), bool)
-        pad[0, :3] = False
-        allowed = causal[None] & pad[:, None, :]
-        mask = mx.array(allowed[:, None])  # [B, 1, L, S]
+    rows, dots, mask, allowed = prefill_picks(rng, B, H, L, S, n, k, mask_kind)
     out, mass = prefill_attention.attend(
         mx.array(q),
         mx.array(kk),

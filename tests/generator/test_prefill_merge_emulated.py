@@ -19,6 +19,7 @@ import pytest
 from services.generator import fused_attention, prefill_attention
 
 from . import cuda_emulator
+from .helpers import prefill_picks
 from .np_reference import attend_over_picks
 
 pytestmark = pytest.mark.skipif(
@@ -80,19 +81,7 @@ def test_merge_kernels_match_one_softmax_over_memories_and_context(
     vbuf, v64 = _rounded(rng.standard_normal((B, KVH, S + 5, d)), dtype)
     kk, vv, k64, v64 = kbuf[:, :, :S], vbuf[:, :, :S], k64[:, :, :S], v64[:, :, :S]
     bank, bank64 = _rounded(rng.standard_normal((KVH, n, d)), dtype)
-    rows = rng.integers(-1, n, (B, H, L, k)).astype(np.int32)  # -1: masked by a threshold
-    rows[1, 0, 0] = -1  # one query with every memory masked: local attention only
-    dots = (rng.standard_normal((B, H, L, k)) * 4).astype(np.float32)
-    causal = np.arange(S - L, S)[:, None] >= np.arange(S)[None]
-    if mask_kind == "causal":
-        mask, allowed = "causal", np.broadcast_to(causal, (B, L, S))
-    elif mask_kind == "none":
-        mask, allowed = None, np.ones((B, L, S), bool)
-    else:
-        pad = np.ones((B, S), bool)
-        pad[0, :3] = False
-        allowed = causal[None] & pad[:, None, :]
-        mask = mx.array(allowed[:, None])  # [B, 1, L, S]
+    rows, dots, mask, allowed = prefill_picks(rng, B, H, L, S, n, k, mask_kind)
     out, mass = prefill_attention.attend(q, kk, vv, mask, mx.array(rows), mx.array(dots), bank, scale, mx.float32)
     want, want_mass = attend_over_picks(q64, k64, v64, allowed, rows, dots, bank64, scale)
     mma = dtype != mx.float32
