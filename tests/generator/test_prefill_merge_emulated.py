@@ -93,3 +93,27 @@ def test_merge_kernels_match_one_softmax_over_memories_and_context(
     np.testing.assert_allclose(np.array(out), want, rtol=tol, atol=tol)
     np.testing.assert_allclose(np.array(mass), want_mass, rtol=2e-5, atol=1e-6)
     assert np.array(mass)[1, 0, 0] == 0.0
+
+
+@pytest.mark.parametrize("cc,mma", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_merge_takes_the_tensor_core_kernel_only_where_the_gpu_has_mma_m16n8k16(emulated, cc, mma, monkeypatch):
+    """mma.sync.m16n8k16 (.f16 and .bf16 alike) needs sm_80: ptxas refuses _MERGE_MMA for sm_75
+    ("Feature '.m16n8k16' requires .target sm_80 or higher"; `nvcc -arch=sm_75 -cubin` on its
+    source), and a Turing GPU (compute capability 7.5) is a platform docs/platform.md supports. There
+    a float16 prefill must take the float32 logits kernel, not fail to compile."""
+    info = {"compute_capability_major": cc[0], "compute_capability_minor": cc[1], "device_name": "emulated"}
+    monkeypatch.setattr(mx, "device_info", lambda: info)
+    rng = np.random.default_rng(3)
+    B, H, KVH, L, S, d, k, n = 1, 2, 1, 17, 20, 32, 4, 10
+    q, q64 = _rounded(rng.standard_normal((B, H, L, d)), mx.float16)
+    kk, k64 = _rounded(rng.standard_normal((B, KVH, S, d)), mx.float16)
+    vv, v64 = _rounded(rng.standard_normal((B, KVH, S, d)), mx.float16)
+    bank, bank64 = _rounded(rng.standard_normal((KVH, n, d)), mx.float16)
+    rows = rng.integers(0, n, (B, H, L, k)).astype(np.int32)
+    dots = rng.standard_normal((B, H, L, k)).astype(np.float32)
+    out, mass = prefill_attention.attend(q, kk, vv, "causal", mx.array(rows), mx.array(dots), bank, d**-0.5, mx.float32)
+    allowed = np.broadcast_to(np.arange(S - L, S)[:, None] >= np.arange(S)[None], (B, L, S))
+    want, want_mass = attend_over_picks(q64, k64, v64, allowed, rows, dots, bank64, d**-0.5)
+    assert emulated == [mma]
+    np.testing.assert_allclose(np.array(out), want, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(np.array(mass), want_mass, rtol=2e-5, atol=1e-6)
