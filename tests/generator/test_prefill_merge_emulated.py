@@ -29,10 +29,13 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def emulated(monkeypatch):
-    """The merge kernels on the emulator, taken as on a CUDA machine; which kernel each call got."""
+    """The merge kernels on the emulator, taken as on a CUDA machine (compute capability 9.0); which
+    kernel each call got."""
     monkeypatch.setattr(mx.fast, "cuda_kernel", cuda_emulator.cuda_kernel)
     monkeypatch.setattr(fused_attention, "enabled", lambda mode="auto": True)
+    monkeypatch.setattr(mx, "device_info", lambda: {"compute_capability_major": 9, "compute_capability_minor": 0})
     prefill_attention._merge_kernel.cache_clear()
+    prefill_attention.tensor_cores.cache_clear()
     made = []
     kernel = prefill_attention._merge_kernel
 
@@ -43,6 +46,7 @@ def emulated(monkeypatch):
     monkeypatch.setattr(prefill_attention, "_merge_kernel", spy)
     yield made
     kernel.cache_clear()
+    prefill_attention.tensor_cores.cache_clear()
 
 
 def _rounded(a: np.ndarray, dtype) -> tuple[mx.array, np.ndarray]:
@@ -103,6 +107,7 @@ def test_merge_takes_the_tensor_core_kernel_only_where_the_gpu_has_mma_m16n8k16(
     a float16 prefill must take the float32 logits kernel, not fail to compile."""
     info = {"compute_capability_major": cc[0], "compute_capability_minor": cc[1], "device_name": "emulated"}
     monkeypatch.setattr(mx, "device_info", lambda: info)
+    prefill_attention.tensor_cores.cache_clear()
     rng = np.random.default_rng(3)
     B, H, KVH, L, S, d, k, n = 1, 2, 1, 17, 20, 32, 4, 10
     q, q64 = _rounded(rng.standard_normal((B, H, L, d)), mx.float16)
