@@ -264,8 +264,9 @@ __device__ __forceinline__ float em_dot_r(const float* qs, const Tk* kr) {
 # b[0..1] hold B (16 x 8, k x columns) elements (2 tig + {0,1}, gid), (8 + 2 tig + {0,1}, gid);
 # c[0..3] the products (gid, 2 tig + {0,1}), (gid + 8, 2 tig + {0,1}). BF: bfloat16 inputs, else
 # float16. Products of 16-bit values are exact in float32; the accumulation order is the
-# hardware's. With EM_PORTABLE_MMA (the CPU emulator) the same product is computed from the
-# warp's registers by shuffles: every lane gathers its rows' and columns' elements.
+# hardware's; mma.sync's m16n8k16 shape with 16-bit inputs needs compute capability 8.0 or later.
+# With EM_PORTABLE_MMA (the CPU emulator) the same product is computed from the warp's registers
+# by shuffles: every lane gathers its rows' and columns' elements.
 MMA_HEADER = r"""
 template <typename Tx>
 __device__ __forceinline__ unsigned em_pack2(Tx lo, Tx hi) {

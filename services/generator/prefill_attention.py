@@ -12,11 +12,15 @@ for any M (the larger of lse and max m, so nothing overflows). The fused attend 
 (``fused_attention.attend``) computes the local part itself, one thread block per query row over
 every local position: right for a decode step (one query per sequence), slow for a prefill, where
 MLX's flash attention does the same work several times faster. Here only the local logits are
-computed apart: on CUDA, for 16-bit queries and keys, by the merge kernel itself (tensor-core
-products, 16 query rows per warp: _MERGE_MMA), else by one float32 matmul whose logits a merge
-kernel reads (_MERGE_LOGITS); either kernel then takes their log-sum-exp and merges the memories
-(k per query head and token). Off CUDA a float32 matmul and a few MLX operations do. Queries are
-taken in chunks of rows when their logits would pass MAX_LOGITS.
+computed a second time, for their log-sum-exp (the fused attention does not return it): on CUDA,
+for queries and keys of one 16-bit dtype (head size a multiple of 16; compute capability >= 8.0),
+by the merge kernel itself
+(tensor-core products, 16 query rows per warp: _MERGE_MMA), else by one float32 matmul whose logits
+a merge kernel reads (one warp per query row: _MERGE_LOGITS); either kernel then takes their
+log-sum-exp and merges the memories (k per query head and token). Without the kernels (off CUDA,
+where the generator takes the portable path and only tests call this; an additive mask) a float32
+matmul and a few MLX operations do. Queries are taken in chunks of rows when their logits would
+pass MAX_LOGITS.
 
 Also here, shared with the portable path: ``apply_mask`` (mlx-lm's attention masks applied to
 logits), ``take_rows`` (a bank's rows per KV head in one gather); and ``causal_when_equal`` (a
@@ -131,7 +135,8 @@ def fits(B: int, H: int, L: int, S: int) -> bool:
 # and k [B, KVH, S, D] (_MERGE_MMA, any strides), mask [B, L, S] bool (MASK == 2; else
 # unused), local [B, H, L, D] (the fused attention's output), mem_rows / mem_dots [B, H, L, K],
 # bank_values [KVH, N, D] (contiguous), scale [1] float32. outputs: out [B, L, H * D], mass
-# [B, H, L] float32. Inputs other than the bank's are read through their strides.
+# [B, H, L] float32. Inputs other than the bank's values and the mask (fused_attention.mask_mode
+# makes it contiguous) are read through their strides.
 _MERGE_LOGITS = """
   const int H = local_shape[1];
   const int L = local_shape[2];
@@ -336,7 +341,9 @@ def attend(q, k, v, mask, mem_rows, mem_dots, bank_values, scale: float, out_dty
     in ``out_dtype``, mass [B, H, L] float32: each head's attention weight on its memories), as
     ``fused_attention.attend`` does. The local output comes back from the fused attention in q's
     dtype (a half-precision model's output is rounded there, before the merge). On CUDA the
-    merge is one kernel (a boolean or causal mask; an additive one takes the element-wise path).
+    merge is one kernel (_MERGE_MMA for q and k of one 16-bit dtype on compute capability >= 8.0,
+    else _MERGE_LOGITS; no mask,
+    a boolean or causal one; an additive one takes the element-wise path).
 
     Queries are taken in chunks whose local logits stay under MAX_LOGITS: a causal chunk sees only
     the keys up to its last query, so with the keys cut there it is causal again ("causal" to the

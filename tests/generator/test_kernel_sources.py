@@ -5,7 +5,9 @@ built-ins (``threadIdx``, warp shuffles, ``__half``, ...) and instantiated with 
 arguments the Python side passes. A typo, an undeclared name or a type error in a kernel then fails
 here, on a CPU-only CI run, and not first on a GPU. What the kernels compute is tested on CUDA
 (test_fused_attention.py, test_prefill_attention.py, test_device_stack.py) and, on Linux, on the
-CPU emulator (test_kernels_emulated.py); this check needs only a C++ compiler."""
+CPU emulator (test_kernels_emulated.py, test_prefill_merge_emulated.py); this check needs only a C++
+compiler. The stand-ins define EM_PORTABLE_MMA, so kernel_parts.MMA_HEADER's inline PTX (mma.sync)
+is compiled only on CUDA."""
 
 import re
 import subprocess

@@ -6,7 +6,8 @@ context] of the same (rounded) inputs: float16 and bfloat16 queries take _MERGE_
 _MERGE_LOGITS. The inputs are slices of longer buffers (queries, and keys and values as a cache holds
 them) and, merged in chunks of query rows, the memories' rows and dots slices of the whole arrays,
 so that the kernels' stride arithmetic is what is tested. Query counts leave the
-last 16-row tile part-filled. test_prefill_attention.py checks the same on CUDA."""
+last 16-row tile part-filled. On CUDA, test_prefill_attention.py runs the real kernels on
+contiguous float32 and float16 inputs (no bfloat16 case, no strided inputs)."""
 
 from __future__ import annotations
 
