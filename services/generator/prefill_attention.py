@@ -14,9 +14,8 @@ every local position: right for a decode step (one query per sequence), slow for
 MLX's flash attention does the same work several times faster. Here only the local logits are
 computed a second time, for their log-sum-exp (the fused attention does not return it): on CUDA,
 for queries and keys of one 16-bit dtype (head size a multiple of 16; compute capability >= 8.0),
-by the merge kernel itself
-(tensor-core products, 16 query rows per warp: _MERGE_MMA), else by one float32 matmul whose logits
-a merge kernel reads (one warp per query row: _MERGE_LOGITS); either kernel then takes their
+by the merge kernel itself (tensor-core products, 16 query rows per warp: _MERGE_MMA), else by one
+float32 matmul whose logits a merge kernel reads (one warp per query row: _MERGE_LOGITS); either kernel then takes their
 log-sum-exp and merges the memories (k per query head and token). Without the kernels (off CUDA,
 where the generator takes the portable path and only tests call this; an additive mask) a float32
 matmul and a few MLX operations do. Queries are taken in chunks of rows when their logits would

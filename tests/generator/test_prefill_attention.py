@@ -67,6 +67,36 @@ def test_matches_one_softmax_over_memories_and_context(dtype, mask_kind, prefix,
     assert np.array(mass)[1, 0, 0] == 0.0
 
 
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_strided_16_bit_inputs_match_one_softmax(dtype):
+    """Queries, keys and values as a model's cache holds them (slices of longer buffers) in a 16-bit
+    dtype, two 16-row tiles of queries (the second part-filled): on CUDA (compute capability >= 8.0)
+    the tensor-core merge, which reads their strides."""
+    rng = np.random.default_rng(2)
+    B, H, KVH, L, prefix, d, k, n = 2, 4, 2, 19, 5, 64, 8, 30
+    S = prefix + L
+
+    def rounded(shape):
+        x = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
+        return x, np.array(x.astype(mx.float32)).astype(np.float64)
+
+    q, q64 = rounded((B, H, L + 3, d))
+    kbuf, k64 = rounded((B, KVH, S + 5, d))
+    vbuf, v64 = rounded((B, KVH, S + 5, d))
+    bank, bank64 = rounded((KVH, n, d))
+    rows, dots, mask, allowed = prefill_picks(rng, B, H, L, S, n, k, "padding")
+    out, mass = prefill_attention.attend(
+        q[:, :, 2 : L + 2], kbuf[:, :, :S], vbuf[:, :, :S], mask, mx.array(rows), mx.array(dots), bank, d**-0.5, dtype
+    )
+    want, want_mass = attend_over_picks(
+        q64[:, :, 2 : L + 2], k64[:, :, :S], v64[:, :, :S], allowed, rows, dots, bank64, d**-0.5
+    )
+    tol = 2e-2 if dtype == mx.bfloat16 else 3e-3  # the local output and the result rounded to the dtype
+    assert out.dtype == dtype
+    np.testing.assert_allclose(np.array(out.astype(mx.float32)), want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.array(mass), want_mass, rtol=2e-5, atol=1e-6)
+
+
 def test_a_padded_query_with_memories_reads_only_them():
     """A left-padding position (no local position allowed) puts all its weight on its memories,
     whatever the fused attention returns for a row it masks entirely."""
