@@ -13,7 +13,7 @@ model's dtype, top_k 10. Prints:
    the median of the rounds' ratios (issue 14's goal: a 512-token prefill with a 4 096-row memory
    <= 1.3x the prefill without; ``bench.generator`` measures it through the engine);
    on CUDA with a 16-bit model also LOCAL with the merge reading float32 logits, as every dtype did
-   before the tensor-core merge (``prefill_attention._MERGE_MMA``): its before and after in one run;
+   before the tensor-core merge (``prefill_merge_kernels.MERGE_MMA``): its before and after in one run;
 2. on CUDA, the fused prefill path of one layer (``fused_attention.top_k_rows`` and
    ``prefill_attention.attend``, docs/architecture.md "Prefill with memories") against MLX's
    fused attention alone, each evaluated alone (so each includes a launch and a sync), and all
@@ -64,7 +64,7 @@ def random_llama(dims: dict, tmp: Path):
 def forward(model, state, tokens: mx.array, memory, mma: bool = True) -> None:
     """One forward of ``tokens`` with ``memory`` (a MemoryContext or None), its last position's
     logits evaluated. ``mma`` False: a 16-bit model's CUDA merge reads a float32 matmul's local
-    logits (``prefill_attention._MERGE_LOGITS``, what every dtype took before ``_MERGE_MMA``)."""
+    logits (``prefill_merge_kernels.MERGE_LOGITS``, what every dtype took before ``MERGE_MMA``)."""
     kept = prefill_attention.MMA_DTYPES
     prefill_attention.MMA_DTYPES = kept if mma else ()
     state.memory = memory
@@ -213,7 +213,9 @@ def main():
         ),
     }
     if before:
-        rows[f"forward of {args.tokens} tokens, {memory}, merged from float32 logits (as before _MERGE_MMA)"] = (
+        rows[
+            f"forward of {args.tokens} tokens, {memory}, merged from float32 logits (as before the tensor-core merge)"
+        ] = (
             f"{statistics.median(before[0]) * 1e3:.2f} ms (rounds' ratios, median: "
             f"{median_ratio(before[0], plain)}; the tensor-core merge's: {median_ratio(local, before[0])} of it)"
         )

@@ -257,7 +257,7 @@ __device__ __forceinline__ float em_dot_r(const float* qs, const Tk* kr) {
 
 
 # A warp's tensor-core product, for kernels that score a tile of 16 query rows against 8 keys at
-# once (prefill_attention.py's merge). Fragments as PTX lays out mma.m16n8k16 (16-bit inputs,
+# once (prefill_merge_kernels.py). Fragments as PTX lays out mma.m16n8k16 (16-bit inputs,
 # float32 accumulators; gid = lane / 4, tig = lane % 4): a[0..3] hold A (16 x 16, rows x k)
 # elements (gid, 2 tig + {0,1}), (gid + 8, 2 tig + {0,1}), (gid, 8 + 2 tig + {0,1}),
 # (gid + 8, 8 + 2 tig + {0,1}), two 16-bit values per register, the lower index in the low half;

@@ -15,7 +15,7 @@ import subprocess
 import pytest
 
 from services.generator import decode_kernels as dk
-from services.generator import device_stack, kernel_parts, prefill_attention, prefill_top_k
+from services.generator import device_stack, kernel_parts, prefill_merge_kernels, prefill_top_k
 
 from . import cuda_emulator
 
@@ -87,7 +87,7 @@ KERNELS = {
     ),
     "prefill_merge": (
         "",
-        prefill_attention._MERGE_LOGITS + prefill_attention._MERGE_ROW,
+        prefill_merge_kernels.MERGE_LOGITS + prefill_merge_kernels.MERGE_ROW,
         [
             "const float* logits",
             "const bool* mask",
@@ -105,7 +105,7 @@ KERNELS = {
     ),
     "prefill_merge_mma": (
         kernel_parts.MMA_HEADER,
-        prefill_attention._MERGE_MMA + prefill_attention._MERGE_ROW,
+        prefill_merge_kernels.MERGE_MMA + prefill_merge_kernels.MERGE_ROW,
         [
             "const Tq* q",
             "const Tq* k",

@@ -1,9 +1,9 @@
-"""The prefill merge kernels (prefill_attention.py: _MERGE_MMA, whose warps compute the local logits
-of 16 query rows by tensor-core products, and _MERGE_LOGITS, which reads a float32 matmul's) run on
+"""The prefill merge kernels (prefill_merge_kernels.py: MERGE_MMA, whose warps compute the local logits
+of 16 query rows by tensor-core products, and MERGE_LOGITS, which reads a float32 matmul's) run on
 the CPU emulator (cuda_emulator.py; the tensor-core product by shuffles, kernel_parts.MMA_HEADER)
 through ``prefill_attention.attend`` itself, against a float64 softmax over [memories | local
-context] of the same (rounded) inputs: float16 and bfloat16 queries take _MERGE_MMA, float32 ones
-_MERGE_LOGITS. The inputs are slices of longer buffers (queries, and keys and values as a cache holds
+context] of the same (rounded) inputs: float16 and bfloat16 queries take MERGE_MMA, float32 ones
+MERGE_LOGITS. The inputs are slices of longer buffers (queries, and keys and values as a cache holds
 them) and, merged in chunks of query rows, the memories' rows and dots slices of the whole arrays,
 so that the kernels' stride arithmetic is what is tested. Query counts leave the
 last 16-row tile part-filled. On CUDA, test_prefill_attention.py runs the real kernels on
@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from services.generator import fused_attention, prefill_attention
+from services.generator import fused_attention, prefill_attention, prefill_merge_kernels
 
 from . import cuda_emulator
 from .helpers import prefill_picks
@@ -35,16 +35,16 @@ def emulated(monkeypatch):
     monkeypatch.setattr(mx.fast, "cuda_kernel", cuda_emulator.cuda_kernel)
     monkeypatch.setattr(fused_attention, "enabled", lambda mode="auto": True)
     monkeypatch.setattr(mx, "device_info", lambda: {"compute_capability_major": 9, "compute_capability_minor": 0})
-    prefill_attention._merge_kernel.cache_clear()
+    prefill_merge_kernels.merge_kernel.cache_clear()
     prefill_attention.tensor_cores.cache_clear()
     made = []
-    kernel = prefill_attention._merge_kernel
+    kernel = prefill_merge_kernels.merge_kernel
 
     def spy(mma=False):
         made.append(mma)
         return kernel(mma)
 
-    monkeypatch.setattr(prefill_attention, "_merge_kernel", spy)
+    monkeypatch.setattr(prefill_merge_kernels, "merge_kernel", spy)
     yield made
     kernel.cache_clear()
     prefill_attention.tensor_cores.cache_clear()
@@ -102,7 +102,7 @@ def test_merge_kernels_match_one_softmax_over_memories_and_context(
 
 @pytest.mark.parametrize("cc,mma", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
 def test_merge_takes_the_tensor_core_kernel_only_where_the_gpu_has_mma_m16n8k16(emulated, cc, mma, monkeypatch):
-    """mma.sync.m16n8k16 (.f16 and .bf16 alike) needs sm_80: ptxas refuses _MERGE_MMA for sm_75
+    """mma.sync.m16n8k16 (.f16 and .bf16 alike) needs sm_80: ptxas refuses MERGE_MMA for sm_75
     ("Feature '.m16n8k16' requires .target sm_80 or higher"; `nvcc -arch=sm_75 -cubin` on its
     source), and a Turing GPU (compute capability 7.5) is a platform docs/platform.md supports. There
     a float16 prefill must take the float32 logits kernel, not fail to compile."""
