@@ -114,7 +114,7 @@ def tensor_cores() -> bool:
     """Whether this GPU runs ``mma.sync.m16n8k16`` on 16-bit inputs (prefill_merge_kernels.MERGE_MMA): compute
     capability 8.0 and later; ptxas refuses the instruction for 7.5 (Turing), which keeps the
     float32 logits kernel."""
-    return int(mx.device_info().get("compute_capability_major", 0)) >= 8
+    return fused_attention.compute_capability() >= (8, 0)
 
 
 def fits(B: int, H: int, L: int, S: int) -> bool:
