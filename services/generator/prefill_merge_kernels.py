@@ -26,6 +26,28 @@ from services.generator import kernel_parts
 # bank_values [KVH, N, D] (contiguous), scale [1] float32. outputs: out [B, L, H * D], mass
 # [B, H, L] float32. Inputs other than the bank's values and the mask (fused_attention.mask_mode
 # makes it contiguous) are read through their strides.
+# An online log-sum-exp (m, s): s = sum exp(x - m) over the values added, m = -inf while none.
+LSE_HEADER = r"""
+__device__ __forceinline__ void em_lse_add(float& m, float& s, float x) {
+  if (x > m) { s = s * expf(m - x) + 1.f; m = x; }
+  else s += expf(x - m);
+}
+
+// (m, s) joined with another lane's (om, os).
+__device__ __forceinline__ void em_lse_merge(float& m, float& s, float om, float os) {
+  const float neg_inf = __int_as_float(0xff800000);
+  const float top = fmaxf(m, om);
+  s = (m == neg_inf ? 0.f : s * expf(m - top)) + (om == neg_inf ? 0.f : os * expf(om - top));
+  m = top;
+}
+
+// The log-sum-exp; with nothing added (no allowed local position) a finite "log 0", as the
+// element-wise path's masked logits give.
+__device__ __forceinline__ float em_lse(float m, float s) {
+  return m == __int_as_float(0xff800000) ? -1e30f : m + logf(s);
+}
+"""
+
 MERGE_LOGITS = """
   const int H = local_shape[1];
   const int L = local_shape[2];
@@ -52,19 +74,11 @@ MERGE_LOGITS = """
   float m = NEG_INF, sum = 0.f;
   for (int p = lane; p < local_end; p += 32) {
     if (MASK == 2 && !mask[((size_t)b * L + l) * S + p]) continue;
-    const float x = lr[(size_t)p * logits_strides[3]] * sc;
-    if (x > m) { sum = sum * expf(m - x) + 1.f; m = x; }
-    else sum += expf(x - m);
+    em_lse_add(m, sum, lr[(size_t)p * logits_strides[3]] * sc);
   }
-  for (int o = 16; o > 0; o >>= 1) {
-    const float om = __shfl_xor_sync(0xffffffff, m, o);
-    const float os = __shfl_xor_sync(0xffffffff, sum, o);
-    const float top = fmaxf(m, om);
-    sum = (m == NEG_INF ? 0.f : sum * expf(m - top)) + (om == NEG_INF ? 0.f : os * expf(om - top));
-    m = top;
-  }
-  // No allowed local position: a finite "log 0", as the element-wise path's masked logits give.
-  const float lse = m == NEG_INF ? -1e30f : m + logf(sum);
+  for (int o = 16; o > 0; o >>= 1)
+    em_lse_merge(m, sum, __shfl_xor_sync(0xffffffff, m, o), __shfl_xor_sync(0xffffffff, sum, o));
+  const float lse = em_lse(m, sum);
   {
 """
 
@@ -129,25 +143,16 @@ MERGE_MMA = """
       bool ok = lq < L && p < S;
       if (MASK == 1) ok = ok && p <= S - L + lq;
       if (MASK == 2) ok = ok && mask[((size_t)b * L + lq) * S + p];
-      if (!ok) continue;
-      const float x = c[j] * sc;
-      if (x > m[i]) { s[i] = s[i] * expf(m[i] - x) + 1.f; m[i] = x; }
-      else s[i] += expf(x - m[i]);
+      if (ok) em_lse_add(m[i], s[i], c[j] * sc);
     }
   }
   __shared__ float lse_all[(T / 32) * 16];
   float* lse_w = lse_all + warp * 16;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    for (int o = 1; o < 4; o <<= 1) {
-      const float om = __shfl_xor_sync(0xffffffff, m[i], o);
-      const float os = __shfl_xor_sync(0xffffffff, s[i], o);
-      const float top = fmaxf(m[i], om);
-      s[i] = (m[i] == NEG_INF ? 0.f : s[i] * expf(m[i] - top)) + (om == NEG_INF ? 0.f : os * expf(om - top));
-      m[i] = top;
-    }
-    // No allowed local position: a finite "log 0", as the element-wise path's masked logits give.
-    if (tig == 0) lse_w[gid + i * 8] = m[i] == NEG_INF ? -1e30f : m[i] + logf(s[i]);
+    for (int o = 1; o < 4; o <<= 1)
+      em_lse_merge(m[i], s[i], __shfl_xor_sync(0xffffffff, m[i], o), __shfl_xor_sync(0xffffffff, s[i], o));
+    if (tig == 0) lse_w[gid + i * 8] = em_lse(m[i], s[i]);
   }
   __syncwarp();
   for (int i = 0; i < 16 && l0 + i < L; ++i) {  // the same bound in every lane
@@ -214,6 +219,6 @@ def merge_kernel(mma: bool = False):
         input_names=[*first, "mask", "local", "mem_rows", "mem_dots", "bank_values", "scale"],
         output_names=["out", "mass"],
         source=(MERGE_MMA if mma else MERGE_LOGITS) + MERGE_ROW,
-        header=kernel_parts.MMA_HEADER if mma else "",
+        header=(kernel_parts.MMA_HEADER if mma else "") + LSE_HEADER,
         ensure_row_contiguous=False,
     )

@@ -86,7 +86,7 @@ KERNELS = {
         ],
     ),
     "prefill_merge": (
-        "",
+        prefill_merge_kernels.LSE_HEADER,
         prefill_merge_kernels.MERGE_LOGITS + prefill_merge_kernels.MERGE_ROW,
         [
             "const float* logits",
@@ -104,7 +104,7 @@ KERNELS = {
         ["<__half, __half, 64, 128, 1>", "<float, float, 80, 128, 2>", "<__half, float, 256, 128, 0>"],
     ),
     "prefill_merge_mma": (
-        kernel_parts.MMA_HEADER,
+        kernel_parts.MMA_HEADER + prefill_merge_kernels.LSE_HEADER,
         prefill_merge_kernels.MERGE_MMA + prefill_merge_kernels.MERGE_ROW,
         [
             "const Tq* q",
