@@ -101,6 +101,8 @@ _SOURCE = """
   const Ta* ar = approx + ((size_t)g * M + m) * N;
   const float* ng = inv_norms + (size_t)g * N;
   const Tk* kg = keys + (size_t)g * N * D;
+  // Row n's exact float32 cosine: the decode scan's products in its order, times both inverse norms.
+  auto cosine = [&](int n) { return em_dot_r<D, Tk>(qs, kg + (size_t)n * D) * q_inv * ng[n]; };
 
   // Rows are read 16 bytes per lane at a time (V of them), up to 8 loads in flight: one row at
   // a time per lane kept too few bytes in flight to use the memory bandwidth. A bank whose row
@@ -180,7 +182,7 @@ _SOURCE = """
     int done = 0;
     for (; count - done >= 32; done += 32) {
       const int n = found[done + lane];
-      em_insert<K>(s[0], ix[0], em_dot_r<D, Tk>(qs, kg + (size_t)n * D) * q_inv * ng[n], n);
+      em_insert<K>(s[0], ix[0], cosine(n), n);
     }
     listed = true;
     const int left = count - done;  // < 32: moved to the front
@@ -196,12 +198,12 @@ _SOURCE = """
   if (listed) {
     if (lane < count) {
       const int n = found[lane];
-      em_insert<K>(s[0], ix[0], em_dot_r<D, Tk>(qs, kg + (size_t)n * D) * q_inv * ng[n], n);
+      em_insert<K>(s[0], ix[0], cosine(n), n);
     }
     em_warp_top_k<1, K>(s, ix, k, best_s, best_i);
   } else {
     int n = lane < count ? found[lane] : -1;
-    float c = n >= 0 ? em_dot_r<D, Tk>(qs, kg + (size_t)n * D) * q_inv * ng[n] : EM_NEG_INF;
+    float c = n >= 0 ? cosine(n) : EM_NEG_INF;
     if (!(c > EM_NEG_INF)) { c = EM_NEG_INF; n = -1; }  // a NaN cosine is never picked (as em_insert)
     em_warp_sort_pairs_desc(c, n);
     best_s[0] = c;
