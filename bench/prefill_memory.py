@@ -107,7 +107,8 @@ def kernels(model, state, ctx, tokens: mx.array, runs: int = 10) -> tuple[dict, 
         rows[f"GPU kernel time per forward, {name} (CUPTI, {runs} forwards)"] = (
             f"{total / 1e3:.2f} ms in {launches:.0f} launches"
         )
-        listing = kernel_table(times, runs, 12)
+        if memory is not None:
+            listing = kernel_table(times, runs, 12)
     return rows, listing
 
 
