@@ -183,3 +183,16 @@ def prefill_picks(rng, B: int, H: int, L: int, S: int, n: int, k: int, mask_kind
     pad[0, :3] = False
     allowed = causal[None] & pad[:, None, :]
     return rows, dots, mx.array(allowed[:, None]), allowed
+
+
+LAST_AXIS_LAYOUTS = ("cache", "odd", "every_other")
+
+
+def last_axis_layout(layout: str, d: int) -> tuple[int, slice]:
+    """How a kernel input of head size ``d`` lies in its buffer's last axis, for the tensor-core
+    merge's load paths: (the buffer's width, the slice taking the d elements). "cache": the whole
+    axis, as a KV cache's rows (aligned pairs); "odd": one element in from a buffer one wider (odd
+    offsets and row strides); "every_other": stride 2 in a buffer twice as wide."""
+    return {"cache": (d, slice(0, d)), "odd": (d + 1, slice(1, d + 1)), "every_other": (2 * d, slice(0, None, 2))}[
+        layout
+    ]

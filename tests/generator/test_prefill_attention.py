@@ -9,7 +9,7 @@ import pytest
 
 from services.generator import prefill_attention
 
-from .helpers import prefill_picks
+from .helpers import LAST_AXIS_LAYOUTS, prefill_picks
 from .np_reference import attend_over_picks
 
 
@@ -67,29 +67,46 @@ def test_matches_one_softmax_over_memories_and_context(dtype, mask_kind, prefix,
     assert np.array(mass)[1, 0, 0] == 0.0
 
 
+@pytest.mark.parametrize("layout", LAST_AXIS_LAYOUTS)
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-def test_strided_16_bit_inputs_match_one_softmax(dtype):
+def test_strided_16_bit_inputs_match_one_softmax(dtype, layout):
     """Queries, keys and values as a model's cache holds them (slices of longer buffers) in a 16-bit
     dtype, two 16-row tiles of queries (the second part-filled): on CUDA (compute capability >= 8.0)
-    the tensor-core merge, which reads their strides."""
+    the tensor-core merge, which reads their strides, pairs of elements in one 4-byte load where they
+    are aligned ("cache"), else one by one: queries and keys cut from a buffer one element wider
+    (odd offsets and row strides: a 4-byte load there would fault) or every other element of one
+    twice as wide."""
     rng = np.random.default_rng(2)
     B, H, KVH, L, prefix, d, k, n = 2, 4, 2, 19, 5, 64, 8, 30
     S = prefix + L
+    width, cut = {
+        "cache": (d, slice(0, d)),
+        "odd": (d + 1, slice(1, d + 1)),
+        "every_other": (2 * d, slice(0, None, 2)),
+    }[layout]
 
     def rounded(shape):
         x = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
         return x, np.array(x.astype(mx.float32)).astype(np.float64)
 
-    q, q64 = rounded((B, H, L + 3, d))
-    kbuf, k64 = rounded((B, KVH, S + 5, d))
+    q, q64 = rounded((B, H, L + 3, width))
+    kbuf, k64 = rounded((B, KVH, S + 5, width))
     vbuf, v64 = rounded((B, KVH, S + 5, d))
     bank, bank64 = rounded((KVH, n, d))
     rows, dots, mask, allowed = prefill_picks(rng, B, H, L, S, n, k, "padding")
     out, mass = prefill_attention.attend(
-        q[:, :, 2 : L + 2], kbuf[:, :, :S], vbuf[:, :, :S], mask, mx.array(rows), mx.array(dots), bank, d**-0.5, dtype
+        q[:, :, 2 : L + 2, cut],
+        kbuf[:, :, :S, cut],
+        vbuf[:, :, :S],
+        mask,
+        mx.array(rows),
+        mx.array(dots),
+        bank,
+        d**-0.5,
+        dtype,
     )
     want, want_mass = attend_over_picks(
-        q64[:, :, 2 : L + 2], k64[:, :, :S], v64[:, :, :S], allowed, rows, dots, bank64, d**-0.5
+        q64[:, :, 2 : L + 2, cut], k64[:, :, :S, cut], v64[:, :, :S], allowed, rows, dots, bank64, d**-0.5
     )
     tol = 2e-2 if dtype == mx.bfloat16 else 3e-3  # the local output and the result rounded to the dtype
     assert out.dtype == dtype

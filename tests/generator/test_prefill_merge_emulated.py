@@ -6,8 +6,8 @@ context] of the same (rounded) inputs: float16 and bfloat16 queries take MERGE_M
 MERGE_LOGITS. The inputs are slices of longer buffers (queries, and keys and values as a cache holds
 them) and, merged in chunks of query rows, the memories' rows and dots slices of the whole arrays,
 so that the kernels' stride arithmetic is what is tested. Query counts leave the
-last 16-row tile part-filled. On CUDA, test_prefill_attention.py runs the real kernels on
-contiguous float32 and float16 inputs (no bfloat16 case, no strided inputs)."""
+last 16-row tile part-filled. On CUDA, test_prefill_attention.py runs the real kernels (also on
+strided float16 and bfloat16 inputs of every ``helpers.LAST_AXIS_LAYOUTS``)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import pytest
 from services.generator import fused_attention, prefill_attention, prefill_merge_kernels
 
 from . import cuda_emulator
-from .helpers import prefill_picks
+from .helpers import LAST_AXIS_LAYOUTS, prefill_picks
 from .np_reference import attend_over_picks
 
 pytestmark = pytest.mark.skipif(
@@ -122,4 +122,34 @@ def test_merge_takes_the_tensor_core_kernel_only_where_the_gpu_has_mma_m16n8k16(
     want, want_mass = attend_over_picks(q64, k64, v64, allowed, rows, dots, bank64, d**-0.5)
     assert emulated == [mma]
     np.testing.assert_allclose(np.array(out), want, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(np.array(mass), want_mass, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", LAST_AXIS_LAYOUTS)
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_tensor_core_merge_reads_queries_and_keys_of_any_layout(emulated, layout, dtype):
+    """MERGE_MMA loads a pair of adjacent 16-bit elements in one 4-byte load where the last axis is
+    contiguous and the pairs are 4-byte aligned, else element by element: queries and keys as slices
+    of a cache buffer (aligned pairs), of a buffer one element wider (odd row strides and offsets)
+    and every other element of a buffer twice as wide (last stride 2) give the same softmax."""
+    rng = np.random.default_rng(11)
+    B, H, KVH, L, prefix, d, k, n = 2, 4, 2, 21, 6, 32, 6, 25
+    S = prefix + L
+    width, cut = {
+        "cache": (d, slice(0, d)),
+        "odd": (d + 1, slice(1, d + 1)),
+        "every_other": (2 * d, slice(0, None, 2)),
+    }[layout]
+    qbuf, q64 = _rounded(rng.standard_normal((B, H, L + 1, width)), dtype)
+    kbuf, k64 = _rounded(rng.standard_normal((B, KVH, S + 3, width)), dtype)
+    vv, v64 = _rounded(rng.standard_normal((B, KVH, S, d)), dtype)
+    q, q64 = qbuf[:, :, 1:, cut], q64[:, :, 1:, cut]
+    kk, k64 = kbuf[:, :, :S, cut], k64[:, :, :S, cut]
+    bank, bank64 = _rounded(rng.standard_normal((KVH, n, d)), dtype)
+    rows, dots, mask, allowed = prefill_picks(rng, B, H, L, S, n, k, "causal")
+    out, mass = prefill_attention.attend(q, kk, vv, mask, mx.array(rows), mx.array(dots), bank, d**-0.5, mx.float32)
+    want, want_mass = attend_over_picks(q64, k64, v64, allowed, rows, dots, bank64, d**-0.5)
+    assert emulated == [True]
+    tol = 2e-3 if dtype == mx.float16 else 1.6e-2
+    np.testing.assert_allclose(np.array(out), want, rtol=tol, atol=tol)
     np.testing.assert_allclose(np.array(mass), want_mass, rtol=2e-5, atol=1e-6)
