@@ -14,7 +14,8 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
@@ -22,6 +23,7 @@ from prometheus_client import Counter, Gauge
 
 from extmind import tensor
 from services.common.mlx_thread import MLXThread
+from services.generator import prefill_top_k
 from services.generator.extended_attention import Retrieved, local_top_k
 from services.generator.kv_dtypes import from_storage
 from services.generator.memory_client import StoredRows
@@ -44,10 +46,27 @@ class Bank:
     inv_norms: list[mx.array]  # per layer [KVH, N] float32
     rows: int
     dtype: int = tensor.FLOAT32  # extmind.tensor code of keys and values
+    # layer -> prefill_top_k.prefill_keys of that layer, made at the bank's first prefill
+    prefill: dict[int, tuple[mx.array, mx.array]] = field(default_factory=dict, repr=False)
+    # called with the bytes the bank grew by (BankCache.put sets it: the cache counts them)
+    grown: Callable[[Bank, int], None] | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (*self.keys, *self.values, *self.inv_norms))
+        kept = (a for pair in self.prefill.values() for a in pair)
+        return sum(a.nbytes for a in (*self.keys, *self.values, *self.inv_norms, *kept))
+
+    def prefill_keys(self, layer: int) -> tuple[mx.array, mx.array]:
+        """``prefill_top_k.prefill_keys`` of one layer (MLX thread): made at the first prefill that
+        reads it (lazy arrays, evaluated with that forward), then kept with the bank, so that a
+        prompt's forward does not convert the bank again (two launches per layer; about as many
+        bytes as the keys, counted in the cache's bound)."""
+        kept = self.prefill.get(layer)
+        if kept is None:
+            kept = self.prefill[layer] = prefill_top_k.prefill_keys(self.keys[layer], self.inv_norms[layer])
+            if self.grown is not None:
+                self.grown(self, sum(a.nbytes for a in kept))
+        return kept
 
 
 def _inv_norms(keys: mx.array) -> mx.array:
@@ -134,6 +153,17 @@ class LocalRetriever:
             self.inv_norms = cat([b.inv_norms for b in banks])
             mx.eval(self.keys, self.values, self.inv_norms)
         self.rows = sum(b.rows for b in banks)
+        self._prefill: dict[int, tuple[mx.array, mx.array]] = {}  # several banks: kept per retriever
+
+    def prefill_keys(self, layer: int) -> tuple[mx.array, mx.array]:
+        """``prefill_top_k.prefill_keys`` of one layer's (concatenated) bank: one bank's are kept
+        with it (``Bank.prefill_keys``), several banks' with this retriever."""
+        if len(self.banks) == 1:
+            return self.banks[0].prefill_keys(layer)
+        kept = self._prefill.get(layer)
+        if kept is None:
+            kept = self._prefill[layer] = prefill_top_k.prefill_keys(self.keys[layer], self.inv_norms[layer])
+        return kept
 
     def layer_bank(self, layer: int) -> tuple[mx.array, mx.array, mx.array]:
         """One layer's (keys [KVH, d, N], inverse key norms [KVH, N] float32, values [KVH, N, d])
@@ -208,11 +238,27 @@ class BankCache:
         if size > self.max_bytes:
             return
         with self._lock:
-            while self._entries and self.nbytes + size > self.max_bytes:
-                _, old = self._entries.popitem(last=False)
-                self.nbytes -= old.nbytes
+            self._shrink(size)
             self._entries[bank.memory_id] = bank
             self.nbytes += size
+        bank.grown = self._grown
+        self._publish()
+
+    def _shrink(self, room: int) -> None:
+        """Evicts the least recently used banks until ``room`` more bytes fit (lock held)."""
+        while self._entries and self.nbytes + room > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.nbytes -= old.nbytes
+
+    def _grown(self, bank: Bank, size: int) -> None:
+        """A cached bank grew by ``size`` bytes (its prefill keys): counted, and the least
+        recently used banks evicted past the bound, this one too if it alone is over (whoever
+        holds it still uses it)."""
+        with self._lock:
+            if self._entries.get(bank.memory_id) is not bank:  # evicted or replaced meanwhile
+                return
+            self.nbytes += size
+            self._shrink(0)
         self._publish()
 
     def _publish(self) -> None:

@@ -288,7 +288,10 @@ class ExtendedMindAttention(nn.Module):
             return None
         weighed = ctx.record is not None and ctx.cite_min_weight > 0
         if prefill_attention.fits(B, H, L, S):  # a prefill: local part by MLX's fused attention
-            rows, dots = fused_attention.top_k_rows(q, keys_t, inv_norms, ctx.top_k, ctx.threshold)
+            kept = getattr(ctx.retriever, "prefill_keys", None)  # the bank's, made at its first prefill
+            rows, dots = fused_attention.top_k_rows(
+                q, keys_t, inv_norms, ctx.top_k, ctx.threshold, kept(self.layer) if kept else None
+            )
             out, mass = prefill_attention.attend(q, k, v, mask, rows, dots, values, self.scale, dtype)
         elif kk + S <= fused_attention.max_local_positions():
             # The kernel floors the rows the citations count itself: a flush then joins rows alone.

@@ -188,11 +188,15 @@ def _scan(q: mx.array, keys_t: mx.array, inv_norms: mx.array, top_k: int):
     return decode_kernels.topk_scan_kernel()(inputs=[q, keys_t, inv_norms, *consts], **call), k, size
 
 
-def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, top_k: int, threshold: float | None):
+def top_k_rows(
+    q: mx.array, keys_t: mx.array, inv_norms: mx.array, top_k: int, threshold: float | None, prefill_keys=None
+):
     """Exact cosine top-k of every query head and token over one layer's bank.
 
     q [B, H, L, d] (rotated queries, any float dtype); keys_t [KVH, d, N] and inv_norms [KVH, N]
-    float32 as ``bank_cache.Bank`` holds them. Returns (rows [B, H, L, k] int32, -1 where the
+    float32 as ``bank_cache.Bank`` holds them; ``prefill_keys``: the bank's
+    ``prefill_top_k.prefill_keys`` when it keeps them (a batch of MATMUL_ROWS query rows or more
+    reads them; made per call when None). Returns (rows [B, H, L, k] int32, -1 where the
     cosine is not above ``threshold``; dots [B, H, L, k] float32, the raw q . k), k = min(top_k, N),
     rows in descending cosine. Ties at the k-th place may pick either row. Raises ValueError for
     k > MAX_TOP_K or d > MAX_HEAD_DIM."""
@@ -204,7 +208,7 @@ def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, top_k: int, t
     if B * H * L >= MATMUL_ROWS:
         # Many query rows (prefill): each scan warp would read the whole bank once per row;
         # one matmul reads it once, and prefill_top_k ranks its scores.
-        return prefill_top_k.top_k_rows(q, keys_t, inv_norms, k, list_size(k), thr)
+        return prefill_top_k.top_k_rows(q, keys_t, inv_norms, k, list_size(k), thr, prefill_keys)
     cand, k, size = _scan(q, keys_t, inv_norms, top_k)
     rows = B * H * L
     rows_out, dots = decode_kernels.topk_merge_kernel()(

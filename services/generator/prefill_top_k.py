@@ -21,8 +21,10 @@ matmul reads it once. Then each query row's N scores are ranked here, one warp p
    significand, so the same bound holds; truncated, a score may be off by up to 2^-9 of |q|, but
    only towards zero product by product, which cannot skip a top-k row
    (test_prefill_top_k_bound.py): the ranking stays exact either way.
-   The unit keys are made per call (one fused op per layer): with the norms folded into the
-   scores, the kernel reads nothing but the scores for every row.
+   With the norms folded into the unit keys, the kernel reads nothing but the scores for every
+   row. The unit keys (one fused op per layer) and the row-major copy of step 3 are
+   ``prefill_keys``, which a cached bank makes at its first prefill and keeps
+   (``bank_cache.Bank.prefill_keys``: two launches per layer fewer for every later prompt).
 2. A lower bound on the k-th best exact cosine (times |q|): each lane's best lower bound a_n - E
    over its stripe names one row whose cosine is at least that; the k-th largest of the 32
    lanes' bounds (one bitonic sort across the warp) is a cosine that k distinct rows reach.
@@ -235,12 +237,34 @@ def _unit_keys(dtype):
     return mx.compile(lambda keys_t, inv_norms: (keys_t.astype(mx.float32) * inv_norms[:, None, :]).astype(dtype))
 
 
-def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, k: int, list_size: int, threshold: mx.array):
+def _matmul_dtype(keys_dtype) -> mx.Dtype:
+    """The scores' matmul dtype for a bank of ``keys_dtype`` (module docstring, step 1)."""
+    return mx.float16 if keys_dtype == mx.float16 else mx.float32
+
+
+def prefill_keys(keys_t: mx.array, inv_norms: mx.array) -> tuple[mx.array, mx.array]:
+    """What ``top_k_rows`` reads of one layer's bank besides ``keys_t`` and ``inv_norms``, made
+    from them (lazily, two launches): (the unit keys [KVH, d, N] in the scores' matmul dtype,
+    float16 for a float16 bank else float32; the keys row-major [KVH, N, d] in their dtype, for
+    the candidates' exact dots). ``bank_cache.Bank`` keeps them from a bank's first prefill on."""
+    return _unit_keys(_matmul_dtype(keys_t.dtype))(keys_t, inv_norms), mx.contiguous(keys_t.swapaxes(1, 2))
+
+
+def top_k_rows(
+    q: mx.array,
+    keys_t: mx.array,
+    inv_norms: mx.array,
+    k: int,
+    list_size: int,
+    threshold: mx.array,
+    prepared: tuple[mx.array, mx.array] | None = None,
+):
     """``fused_attention.top_k_rows`` for a long batch of query rows (B * H * L >= its
     MATMUL_ROWS): the same contract (q [B, H, L, d] contiguous; keys_t [KVH, d, N]; inv_norms
-    [KVH, N] float32; k <= N and <= list_size, the compiled list size; threshold [1] float32) ->
-    (rows [B, H, L, k] int32, -1 where the cosine is not above the threshold; dots [B, H, L, k]
-    float32, raw q . k), rows in descending exact cosine, ties at the k-th place either way."""
+    [KVH, N] float32; k <= N and <= list_size, the compiled list size; threshold [1] float32;
+    ``prepared``: ``prefill_keys`` of this bank, made here when None) -> (rows [B, H, L, k] int32,
+    -1 where the cosine is not above the threshold; dots [B, H, L, k] float32, raw q . k), rows
+    in descending exact cosine, ties at the k-th place either way."""
     B, H, L, d = q.shape
     kvh = keys_t.shape[0]
     rep = H // kvh
@@ -249,7 +273,7 @@ def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, k: int, list_
     # (module docstring, step 1). A float16 bank takes a float16 matmul (tensor cores, float16
     # scores); others a float32 one (bfloat16 keys are exact in float32), which MLX may run in
     # TF32: the ranking stays exact.
-    dtype = mx.float16 if keys_t.dtype == mx.float16 else mx.float32
+    dtype = _matmul_dtype(keys_t.dtype)
     raw = q.dtype == dtype or dtype == mx.float32  # held exactly in the matmul's dtype (TF32: within E)
     if raw:
         qm = q.astype(dtype)
@@ -257,8 +281,8 @@ def top_k_rows(q: mx.array, keys_t: mx.array, inv_norms: mx.array, k: int, list_
         qf = q.astype(mx.float32)
         qm = (qf * mx.rsqrt(mx.maximum(mx.sum(qf * qf, axis=-1, keepdims=True), 1e-24))).astype(dtype)
     qm = qm.reshape(B, kvh, rep, L, d).transpose(1, 0, 2, 3, 4).reshape(to_rows)  # no copy for B = 1
-    approx = qm @ _unit_keys(dtype)(keys_t, inv_norms)
-    keys = mx.contiguous(keys_t.swapaxes(1, 2))  # [KVH, N, d]: a candidate's key in a few loads
+    unit, keys = prepared if prepared is not None else prefill_keys(keys_t, inv_norms)
+    approx = qm @ unit
     rows = B * H * L
     per_block = _THREADS // 32
     out = _kernel()(

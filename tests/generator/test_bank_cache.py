@@ -106,3 +106,42 @@ async def test_a_request_joining_its_banks_live_group_keeps_the_bank_recent(engi
     finally:
         for m in (a, b, c):
             client.delete_memory(m)
+
+
+def test_a_banks_prefill_keys_are_made_once_and_counted_in_the_bound():
+    """Bank.prefill_keys: the unit keys and row-major keys of a prefill's top-k
+    (prefill_top_k.prefill_keys), made at the first call per layer and kept; the cache counts
+    their bytes and evicts the least recently used banks when they push it past its bound."""
+    import mlx.core as mx
+
+    a, b = _bank("a", "1", rows=64), _bank("b", "1", rows=64)
+    base = a.nbytes
+    cache = BankCache(3 * base)  # two banks, one of them with its prefill keys (about as many bytes as a bank's)
+    cache.put(a)
+    cache.put(b)
+    unit, rows_major = a.prefill_keys(0)
+    assert a.prefill_keys(0)[0] is unit and a.prefill_keys(0)[1] is rows_major  # made once
+    keys_t, inv = a.keys[0], a.inv_norms[0]
+    np.testing.assert_array_equal(np.array(rows_major), np.array(keys_t).swapaxes(1, 2))
+    np.testing.assert_allclose(np.array(unit), np.array(keys_t) * np.array(inv)[:, None, :], rtol=1e-6)
+    grown = unit.nbytes + rows_major.nbytes
+    assert a.nbytes == base + grown and cache.nbytes == 2 * base + grown  # fits: both stay
+    assert len(cache) == 2
+    cache.get("b", "1")  # b the most recently used: its growth past the bound evicts a
+    b.prefill_keys(0)
+    assert cache.get("a", "1") is None and cache.nbytes == b.nbytes and len(cache) == 1
+    a.prefill_keys(0)  # an evicted bank keeps its keys for whoever holds it; the cache does not count them
+    assert cache.nbytes == b.nbytes
+    assert mx.array_equal(a.prefill_keys(0)[1], rows_major)
+
+
+def test_a_retriever_of_several_banks_keeps_their_joined_prefill_keys():
+    from services.generator.bank_cache import LocalRetriever
+
+    a, b = _bank("a", "1", rows=8), _bank("b", "1", rows=5)
+    r = LocalRetriever([a, b])
+    unit, rows_major = r.prefill_keys(0)
+    assert r.prefill_keys(0)[0] is unit and not a.prefill and not b.prefill  # the banks' own are not made
+    want = np.concatenate([np.array(a.keys[0]), np.array(b.keys[0])], axis=2).swapaxes(1, 2)
+    np.testing.assert_array_equal(np.array(rows_major), want)
+    assert unit.shape == (2, 4, 13)

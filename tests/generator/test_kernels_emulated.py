@@ -133,8 +133,12 @@ def test_decode_top_k_kernels_are_the_exact_top_k(case, emulated, monkeypatch):
     keys_mx = mx.array(keys).astype(dtype)
     keys = np.array(keys_mx.astype(mx.float32))  # what the kernel sees
     inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx.astype(mx.float32) ** 2, axis=-1), 1e-24))
-    rows, dots = fa.top_k_rows(mx.array(q), mx.contiguous(keys_mx.swapaxes(-1, -2)), inv, top_k, threshold)
+    keys_t = mx.contiguous(keys_mx.swapaxes(-1, -2))
+    rows, dots = fa.top_k_rows(mx.array(q), keys_t, inv, top_k, threshold)
     _check(q, keys, np.array(rows), np.array(dots), top_k, threshold)
+    # The same from the unit and row-major keys a cached bank keeps (bank_cache.Bank.prefill_keys).
+    kept = fa.top_k_rows(mx.array(q), keys_t, inv, top_k, threshold, prefill_top_k.prefill_keys(keys_t, inv))
+    assert np.array_equal(np.array(kept[0]), np.array(rows)) and np.array_equal(np.array(kept[1]), np.array(dots))
 
 
 PREFILL_CASES = {
@@ -194,8 +198,12 @@ def _prefill_case(case, seed, monkeypatch):
     keys_mx = mx.array(keys).astype(dtype)
     keys = np.array(keys_mx.astype(mx.float32))
     inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx.astype(mx.float32) ** 2, axis=-1), 1e-24))
-    rows, dots = fa.top_k_rows(mx.array(q), mx.contiguous(keys_mx.swapaxes(-1, -2)), inv, top_k, threshold)
+    keys_t = mx.contiguous(keys_mx.swapaxes(-1, -2))
+    rows, dots = fa.top_k_rows(mx.array(q), keys_t, inv, top_k, threshold)
     _check(q, keys, np.array(rows), np.array(dots), top_k, threshold)
+    # The same from the unit and row-major keys a cached bank keeps (bank_cache.Bank.prefill_keys).
+    kept = fa.top_k_rows(mx.array(q), keys_t, inv, top_k, threshold, prefill_top_k.prefill_keys(keys_t, inv))
+    assert np.array_equal(np.array(kept[0]), np.array(rows)) and np.array_equal(np.array(kept[1]), np.array(dots))
 
 
 # name: (B, H, KVH, L, d, n, top_k, threshold, mode): float16 queries with a float16 bank, which
