@@ -59,8 +59,8 @@ class Bank:
     def prefill_keys(self, layer: int) -> tuple[mx.array, mx.array]:
         """``prefill_top_k.prefill_keys`` of one layer (MLX thread): made at the first prefill that
         reads it (lazy arrays, evaluated with that forward), then kept with the bank, so that a
-        prompt's forward does not convert the bank again (two launches per layer; about as many
-        bytes as the keys, counted in the cache's bound)."""
+        prompt's forward does not convert the bank again (two launches per layer; twice the keys'
+        bytes, three times for bfloat16 keys, counted in the cache's bound)."""
         kept = self.prefill.get(layer)
         if kept is None:
             kept = self.prefill[layer] = prefill_top_k.prefill_keys(self.keys[layer], self.inv_norms[layer])
