@@ -1,0 +1,99 @@
+"""Faults in the prefill keys a cached bank keeps (bank_cache.Bank.prefill_keys, commit 674c766):
+what the cache counts for them must be what a prefill actually reads, and keeping them must not
+cost the bank its place in the cache."""
+
+from __future__ import annotations
+
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import KVCache
+from mlx_lm.utils import load
+
+from extmind.tiny_models import build_llama
+from services.generator import decode_kernels, fused_attention, prefill_attention, prefill_merge_kernels
+from services.generator.bank_cache import BankCache, LocalRetriever, bank_from_numpy
+from services.generator.extended_attention import MemoryContext, install
+
+from . import cuda_emulator
+
+
+def _bank(memory_id: str, rows: int, layers: int = 2, d: int = 16, dtype=np.float16):
+    rng = np.random.default_rng(0)
+    keys = [rng.standard_normal((2, rows, d)).astype(dtype) for _ in range(layers)]
+    return bank_from_numpy(memory_id, "1", keys, [k.copy() for k in keys])
+
+
+def test_a_bank_that_fits_the_bound_stays_cached_after_its_first_prefill():
+    """A bank of 2/3 of the bound was a hit for every later request before its prefill keys were
+    kept; now its first prefill grows it past the bound and ``BankCache._grown`` evicts the bank
+    itself. The next request misses and fetches the whole bank from the memory service again, its
+    prefill evicts it again: every prompt over this memory refetches it (a gRPC read of every
+    layer's keys and values) to save two launches per layer."""
+    a = _bank("a", rows=64)
+    cache = BankCache(a.nbytes * 3 // 2)
+    for _ in range(2):  # two requests over memory "a", each with a prefill
+        bank = cache.get("a", "1", lookup=False)
+        if bank is None:  # a miss: fetched again (memory_lookup.MemoryLookup.context)
+            bank = _bank("a", rows=64)
+            cache.put(bank)
+        retriever = LocalRetriever([bank])
+        for layer in range(len(bank.keys)):  # the forward's layers (extended_attention._fused)
+            retriever.prefill_keys(layer)
+    assert cache.get("a", "1", lookup=False) is not None, "the bank's own prefill keys evicted it"
+
+
+@pytest.mark.skipif(
+    cuda_emulator.CXX is None or sys.platform != "linux", reason="the emulator needs a C++ compiler and glibc ucontext"
+)
+def test_a_prefill_that_does_not_read_the_prefill_keys_does_not_make_or_count_them(tmp_path, monkeypatch):
+    """extended_attention._fused asks the retriever for the bank's prefill keys on every call that
+    ``prefill_attention.fits`` (L >= MIN_QUERIES = 32), but ``fused_attention.top_k_rows`` reads
+    them only from MATMUL_ROWS (2048) query rows on; below that it takes the scan kernels and
+    drops them. Such a prefill (here 1 x 8 heads x 32 tokens = 256 rows; a 32-head model's
+    prompts of 32 ... 63 tokens) still makes them, keeps them in the bank unevaluated (never read
+    by that forward, against Bank.prefill_keys' docstring) and counts their bytes (twice the
+    keys') in the cache's bound, where they evict other banks."""
+    monkeypatch.setattr(mx.fast, "cuda_kernel", cuda_emulator.cuda_kernel)
+    monkeypatch.setattr(fused_attention, "enabled", lambda mode="auto": True)
+    monkeypatch.setattr(mx, "device_info", lambda: {"compute_capability_major": 9, "compute_capability_minor": 0})
+    for made in (
+        decode_kernels.topk_scan_kernel,
+        decode_kernels.topk_merge_kernel,
+        prefill_merge_kernels.merge_kernel,
+        prefill_attention.tensor_cores,
+    ):
+        made.cache_clear()
+    build_llama(tmp_path, hidden=128, heads=8, kv_heads=2, seed=5)
+    model, _ = load(str(tmp_path))
+    state = install(model)
+    state.fused = True
+    attn = model.layers[1].self_attn
+    bank = _bank("m", rows=300, dtype=np.float32)
+    cache = BankCache(1 << 30)
+    cache.put(bank)
+    before = cache.nbytes
+    scanned = []
+    scan = fused_attention._scan
+    monkeypatch.setattr(fused_attention, "_scan", lambda *a, **kw: scanned.append(1) or scan(*a, **kw))
+    B, L = 1, prefill_attention.MIN_QUERIES
+    assert prefill_attention.fits(B, 8, L, L) and B * 8 * L < fused_attention.MATMUL_ROWS
+    state.memory = MemoryContext(LocalRetriever([bank]), top_k=4)
+    h = mx.random.normal((B, L, 128), key=mx.random.key(1))
+    kv = KVCache()
+    try:
+        out = attn(h, create_attention_mask(h, kv), kv)
+        mx.eval(out)
+    finally:
+        state.memory = None
+        for made in (decode_kernels.topk_scan_kernel, decode_kernels.topk_merge_kernel):
+            made.cache_clear()
+        prefill_merge_kernels.merge_kernel.cache_clear()
+        prefill_attention.tensor_cores.cache_clear()
+    assert scanned == [1]  # the fused prefill ran, its top-k by the scan kernels
+    made = sorted(bank.prefill)
+    assert made == [], f"layer {made}'s prefill keys made for a prefill that did not read them"
+    assert cache.nbytes == before, f"{cache.nbytes - before} bytes counted that this prefill never allocated"
