@@ -46,6 +46,23 @@ def test_a_bank_that_fits_the_bound_stays_cached_after_its_first_prefill():
     assert cache.get("a", "1", lookup=False) is not None, "the bank's own prefill keys evicted it"
 
 
+def test_a_prefill_whose_keys_cannot_fit_does_not_empty_the_cache():
+    """Layer by layer, the growth of a bank past the bound first evicts every other bank (least
+    recently used first), then, once it alone is over, the bank itself: one prefill over a large
+    memory leaves the cache empty, though the two banks fit together before it and it kept
+    nothing (its keys are not kept either)."""
+    small = _bank("small", rows=16)
+    big = _bank("big", rows=64)
+    cache = BankCache((small.nbytes + big.nbytes) * 5 // 4)  # both fit, with room to spare
+    cache.put(small)
+    cache.put(big)
+    retriever = LocalRetriever([big])
+    for layer in range(len(big.keys)):
+        retriever.prefill_keys(layer)
+    kept = [m for m in ("small", "big") if cache.get(m, "1", lookup=False) is not None]
+    assert kept, "one prefill over the big bank emptied the cache"
+
+
 @pytest.mark.skipif(
     cuda_emulator.CXX is None or sys.platform != "linux", reason="the emulator needs a C++ compiler and glibc ucontext"
 )
