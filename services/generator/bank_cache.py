@@ -46,10 +46,11 @@ class Bank:
     inv_norms: list[mx.array]  # per layer [KVH, N] float32
     rows: int
     dtype: int = tensor.FLOAT32  # extmind.tensor code of keys and values
-    # layer -> prefill_top_k.prefill_keys of that layer, made at the bank's first prefill
+    # layer -> prefill_top_k.prefill_keys of that layer, kept from the bank's first prefill
     prefill: dict[int, tuple[mx.array, mx.array]] = field(default_factory=dict, repr=False)
-    # called with the bytes the bank grew by (BankCache.put sets it: the cache counts them)
-    grown: Callable[[Bank, int], None] | None = field(default=None, repr=False)
+    # asked whether the bank may grow by so many bytes (BankCache.put sets it: the cache counts
+    # them, and keeps them only in room it has free); None: no bound
+    may_grow: Callable[[Bank, int], bool] | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -57,16 +58,24 @@ class Bank:
         return sum(a.nbytes for a in (*self.keys, *self.values, *self.inv_norms, *kept))
 
     def prefill_keys(self, layer: int) -> tuple[mx.array, mx.array]:
-        """``prefill_top_k.prefill_keys`` of one layer (MLX thread): made at the first prefill that
-        reads it (lazy arrays, evaluated with that forward), then kept with the bank, so that a
-        prompt's forward does not convert the bank again (two launches per layer; twice the keys'
-        bytes, three times for bfloat16 keys, counted in the cache's bound)."""
+        """``prefill_top_k.prefill_keys`` of one layer (MLX thread; lazy arrays, evaluated with the
+        forward that asked): kept with the bank where its cache has the room free, so that later
+        prompts' forwards do not convert the bank again (two launches per layer; twice the keys'
+        bytes, three times for bfloat16 keys). They never cost a bank its place: a cache short
+        of room makes them per call, and drops kept ones before it evicts any bank."""
         kept = self.prefill.get(layer)
         if kept is None:
-            kept = self.prefill[layer] = prefill_top_k.prefill_keys(self.keys[layer], self.inv_norms[layer])
-            if self.grown is not None:
-                self.grown(self, sum(a.nbytes for a in kept))
+            kept = prefill_top_k.prefill_keys(self.keys[layer], self.inv_norms[layer])
+            if self.may_grow is None or self.may_grow(self, sum(a.nbytes for a in kept)):
+                self.prefill[layer] = kept
         return kept
+
+    def drop_prefill_keys(self) -> int:
+        """Forgets the kept prefill keys (a forward holding them keeps its own references) -> the
+        bytes they took."""
+        size = sum(a.nbytes for pair in self.prefill.values() for a in pair)
+        self.prefill.clear()
+        return size
 
 
 def _inv_norms(keys: mx.array) -> mx.array:
@@ -241,25 +250,30 @@ class BankCache:
             self._shrink(size)
             self._entries[bank.memory_id] = bank
             self.nbytes += size
-        bank.grown = self._grown
+        bank.may_grow = self._may_grow
         self._publish()
 
     def _shrink(self, room: int) -> None:
-        """Evicts the least recently used banks until ``room`` more bytes fit (lock held)."""
+        """Makes room for ``room`` more bytes (lock held): first the kept prefill keys go, least
+        recently used banks' first (a prefill can make them again), then whole banks."""
+        for bank in self._entries.values():
+            if self.nbytes + room <= self.max_bytes:
+                return
+            self.nbytes -= bank.drop_prefill_keys()
         while self._entries and self.nbytes + room > self.max_bytes:
             _, old = self._entries.popitem(last=False)
             self.nbytes -= old.nbytes
 
-    def _grown(self, bank: Bank, size: int) -> None:
-        """A cached bank grew by ``size`` bytes (its prefill keys): counted, and the least
-        recently used banks evicted past the bound, this one too if it alone is over (whoever
-        holds it still uses it)."""
+    def _may_grow(self, bank: Bank, size: int) -> bool:
+        """Whether cached ``bank`` may keep ``size`` more bytes (its prefill keys): only in room the
+        bound has free, counted then; never by evicting a bank. A bank no longer cached keeps
+        nothing more (nothing would count it)."""
         with self._lock:
-            if self._entries.get(bank.memory_id) is not bank:  # evicted or replaced meanwhile
-                return
+            if self._entries.get(bank.memory_id) is not bank or self.nbytes + size > self.max_bytes:
+                return False
             self.nbytes += size
-            self._shrink(0)
         self._publish()
+        return True
 
     def _publish(self) -> None:
         CACHED_BYTES.set(self.nbytes)

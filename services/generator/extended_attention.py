@@ -287,11 +287,10 @@ class ExtendedMindAttention(nn.Module):
         if kernel_mask is None:
             return None
         weighed = ctx.record is not None and ctx.cite_min_weight > 0
+        kept = getattr(ctx.retriever, "prefill_keys", None)  # the bank's, kept from its first prefill
+        prefill_keys = functools.partial(kept, self.layer) if kept is not None else None
         if prefill_attention.fits(B, H, L, S):  # a prefill: local part by MLX's fused attention
-            kept = getattr(ctx.retriever, "prefill_keys", None)  # the bank's, made at its first prefill
-            rows, dots = fused_attention.top_k_rows(
-                q, keys_t, inv_norms, ctx.top_k, ctx.threshold, kept(self.layer) if kept else None
-            )
+            rows, dots = fused_attention.top_k_rows(q, keys_t, inv_norms, ctx.top_k, ctx.threshold, prefill_keys)
             out, mass = prefill_attention.attend(q, k, v, mask, rows, dots, values, self.scale, dtype)
         elif kk + S <= fused_attention.max_local_positions():
             # The kernel floors the rows the citations count itself: a flush then joins rows alone.
@@ -301,7 +300,19 @@ class ExtendedMindAttention(nn.Module):
             floored = weighed and B * H * L < fused_attention.MATMUL_ROWS
             floor = ctx.cite_min_weight if floored else 0.0
             out, mass, rows, dots = fused_attention.attend_top_k(
-                q, k, v, kernel_mask, keys_t, inv_norms, values, ctx.top_k, ctx.threshold, self.scale, dtype, floor
+                q,
+                k,
+                v,
+                kernel_mask,
+                keys_t,
+                inv_norms,
+                values,
+                ctx.top_k,
+                ctx.threshold,
+                self.scale,
+                dtype,
+                floor,
+                prefill_keys,
             )
             weighed = weighed and not floored
         else:

@@ -194,12 +194,12 @@ def top_k_rows(
     """Exact cosine top-k of every query head and token over one layer's bank.
 
     q [B, H, L, d] (rotated queries, any float dtype); keys_t [KVH, d, N] and inv_norms [KVH, N]
-    float32 as ``bank_cache.Bank`` holds them; ``prefill_keys``: the bank's
-    ``prefill_top_k.prefill_keys`` when it keeps them (a batch of MATMUL_ROWS query rows or more
-    reads them; made per call when None). Returns (rows [B, H, L, k] int32, -1 where the
-    cosine is not above ``threshold``; dots [B, H, L, k] float32, the raw q . k), k = min(top_k, N),
-    rows in descending cosine. Ties at the k-th place may pick either row. Raises ValueError for
-    k > MAX_TOP_K or d > MAX_HEAD_DIM."""
+    float32 as ``bank_cache.Bank`` holds them; ``prefill_keys``: None, or a function returning
+    the bank's ``prefill_top_k.prefill_keys`` (a cached bank keeps them), called only by a batch of
+    MATMUL_ROWS query rows or more, the one path that reads them (made per call when None).
+    Returns (rows [B, H, L, k] int32, -1 where the cosine is not above ``threshold``; dots
+    [B, H, L, k] float32, the raw q . k), k = min(top_k, N), rows in descending cosine. Ties at
+    the k-th place may pick either row. Raises ValueError for k > MAX_TOP_K or d > MAX_HEAD_DIM."""
     B, H, L, d = q.shape
     k = min(top_k, keys_t.shape[2])
     _check(k, d)
@@ -208,7 +208,8 @@ def top_k_rows(
     if B * H * L >= MATMUL_ROWS:
         # Many query rows (prefill): each scan warp would read the whole bank once per row;
         # one matmul reads it once, and prefill_top_k ranks its scores.
-        return prefill_top_k.top_k_rows(q, keys_t, inv_norms, k, list_size(k), thr, prefill_keys)
+        prepared = prefill_keys() if prefill_keys is not None else None
+        return prefill_top_k.top_k_rows(q, keys_t, inv_norms, k, list_size(k), thr, prepared)
     cand, k, size = _scan(q, keys_t, inv_norms, top_k)
     rows = B * H * L
     rows_out, dots = decode_kernels.topk_merge_kernel()(
@@ -272,7 +273,19 @@ def attend(q, k, v, mask, mem_rows, mem_dots, bank_values, scale: float, out_dty
 
 
 def attend_top_k(
-    q, k, v, mask, keys_t, inv_norms, bank_values, top_k: int, threshold, scale: float, out_dtype, min_weight=0.0
+    q,
+    k,
+    v,
+    mask,
+    keys_t,
+    inv_norms,
+    bank_values,
+    top_k: int,
+    threshold,
+    scale: float,
+    out_dtype,
+    min_weight=0.0,
+    prefill_keys=None,
 ):
     """Retrieval and attention of one layer: for a decode step one kernel (the attend kernel's
     block scans the bank for its query row: N <= SCAN_IN_ATTEND) or two (the scan, then
@@ -283,14 +296,15 @@ def attend_top_k(
     Arguments as ``top_k_rows`` and ``attend`` take them, except that keys_t and inv_norms must
     be row-contiguous here, as bank_cache holds them (bank_values too, as for ``attend``): the
     one-launch kernel reads them in place (it takes every input as MLX holds it, for the KV
-    cache's strides), where the scan kernel of ``top_k_rows`` gets contiguous copies. Returns (out [B, L, H * d] in
+    cache's strides), where the scan kernel of ``top_k_rows`` gets contiguous copies;
+    ``prefill_keys`` as ``top_k_rows`` takes it. Returns (out [B, L, H * d] in
     ``out_dtype``, mass [B, H, L] float32, rows [B, H, L, k] int32, dots [B, H, L, k] float32),
     each as those two return it, except that ``rows`` is also -1 where the memory's softmax weight
     is below ``min_weight`` (the citations' floor, docs/extended-mind.md "Citations"; 0: none is).
     Raises ValueError for k > MAX_TOP_K or d > MAX_HEAD_DIM."""
     B, H, L, d = q.shape
     if B * H * L >= MATMUL_ROWS:
-        rows, dots = top_k_rows(q, keys_t, inv_norms, top_k, threshold)
+        rows, dots = top_k_rows(q, keys_t, inv_norms, top_k, threshold, prefill_keys)
         out, mass = attend(q, k, v, mask, rows, dots, bank_values, scale, out_dtype)
         if min_weight > 0:
             rows = mx.where(memory_weights(rows, dots, mass, scale) >= min_weight, rows, -1)

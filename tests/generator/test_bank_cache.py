@@ -108,30 +108,33 @@ async def test_a_request_joining_its_banks_live_group_keeps_the_bank_recent(engi
             client.delete_memory(m)
 
 
-def test_a_banks_prefill_keys_are_made_once_and_counted_in_the_bound():
+def test_a_banks_prefill_keys_are_kept_in_free_room_only_and_go_before_any_bank():
     """Bank.prefill_keys: the unit keys and row-major keys of a prefill's top-k
-    (prefill_top_k.prefill_keys), made at the first call per layer and kept; the cache counts
-    their bytes and evicts the least recently used banks when they push it past its bound."""
+    (prefill_top_k.prefill_keys), kept after the first call per layer where the cache has the room
+    free, counted there; never by evicting a bank; dropped first when a bank needs the room."""
     import mlx.core as mx
 
-    a, b = _bank("a", "1", rows=64), _bank("b", "1", rows=64)
+    a, b, c = (_bank(m, "1", rows=64) for m in "abc")
     base = a.nbytes
-    cache = BankCache(3 * base)  # two banks, one of them with its prefill keys (about as many bytes as a bank's)
+    cache = BankCache(3 * base)  # three banks, or two and one bank's prefill keys
     cache.put(a)
     cache.put(b)
     unit, rows_major = a.prefill_keys(0)
-    assert a.prefill_keys(0)[0] is unit and a.prefill_keys(0)[1] is rows_major  # made once
+    assert a.prefill_keys(0)[0] is unit and a.prefill_keys(0)[1] is rows_major  # kept
     keys_t, inv = a.keys[0], a.inv_norms[0]
     np.testing.assert_array_equal(np.array(rows_major), np.array(keys_t).swapaxes(1, 2))
     np.testing.assert_allclose(np.array(unit), np.array(keys_t) * np.array(inv)[:, None, :], rtol=1e-6)
     grown = unit.nbytes + rows_major.nbytes
-    assert a.nbytes == base + grown and cache.nbytes == 2 * base + grown  # fits: both stay
-    assert len(cache) == 2
-    cache.get("b", "1")  # b the most recently used: its growth past the bound evicts a
-    b.prefill_keys(0)
-    assert cache.get("a", "1") is None and cache.nbytes == b.nbytes and len(cache) == 1
-    a.prefill_keys(0)  # an evicted bank keeps its keys for whoever holds it; the cache does not count them
-    assert cache.nbytes == b.nbytes
+    assert 0 < grown < base  # the test's bound leaves room for one bank's keys, not two
+    assert a.nbytes == base + grown and cache.nbytes == 2 * base + grown
+    b_keys = b.prefill_keys(0)  # no room left: made for the caller, not kept, nothing evicted
+    assert not b.prefill and b.prefill_keys(0)[0] is not b_keys[0]
+    assert cache.nbytes == 2 * base + grown and len(cache) == 2
+    cache.put(c)  # a third bank: a's prefill keys go, no bank does
+    assert not a.prefill and a.nbytes == base and cache.nbytes == 3 * base and len(cache) == 3
+    cache.evict("a")
+    a.prefill_keys(0)  # a bank no longer cached keeps none (nothing would count them)
+    assert not a.prefill and cache.nbytes == 2 * base
     assert mx.array_equal(a.prefill_keys(0)[1], rows_major)
 
 

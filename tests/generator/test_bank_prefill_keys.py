@@ -1,6 +1,7 @@
-"""Faults in the prefill keys a cached bank keeps (bank_cache.Bank.prefill_keys, commit 674c766):
-what the cache counts for them must be what a prefill actually reads, and keeping them must not
-cost the bank its place in the cache."""
+"""The prefill keys a cached bank keeps (bank_cache.Bank.prefill_keys): what the cache counts for
+them must be what a prefill actually reads, and keeping them must never cost a bank its place in
+the cache (a breaker's cases against the first form, which kept them by evicting banks, the bank
+itself included, and made them for prefills that never read them)."""
 
 from __future__ import annotations
 
@@ -28,11 +29,9 @@ def _bank(memory_id: str, rows: int, layers: int = 2, d: int = 16, dtype=np.floa
 
 
 def test_a_bank_that_fits_the_bound_stays_cached_after_its_first_prefill():
-    """A bank of 2/3 of the bound was a hit for every later request before its prefill keys were
-    kept; now its first prefill grows it past the bound and ``BankCache._grown`` evicts the bank
-    itself. The next request misses and fetches the whole bank from the memory service again, its
-    prefill evicts it again: every prompt over this memory refetches it (a gRPC read of every
-    layer's keys and values) to save two launches per layer."""
+    """A bank of 2/3 of the bound stays a hit for every later request: its prefill keys, which do
+    not fit beside it, are not kept (the first form grew the bank past the bound and evicted it,
+    so every prompt over the memory fetched it again over gRPC to save two launches per layer)."""
     a = _bank("a", rows=64)
     cache = BankCache(a.nbytes * 3 // 2)
     for _ in range(2):  # two requests over memory "a", each with a prefill
@@ -47,10 +46,9 @@ def test_a_bank_that_fits_the_bound_stays_cached_after_its_first_prefill():
 
 
 def test_a_prefill_whose_keys_cannot_fit_does_not_empty_the_cache():
-    """Layer by layer, the growth of a bank past the bound first evicts every other bank (least
-    recently used first), then, once it alone is over, the bank itself: one prefill over a large
-    memory leaves the cache empty, though the two banks fit together before it and it kept
-    nothing (its keys are not kept either)."""
+    """A prefill over the larger of two cached banks whose keys do not fit evicts neither (the
+    first form, layer by layer, evicted the other bank, then the bank itself: the cache ended
+    empty)."""
     small = _bank("small", rows=16)
     big = _bank("big", rows=64)
     cache = BankCache((small.nbytes + big.nbytes) * 5 // 4)  # both fit, with room to spare
@@ -67,13 +65,11 @@ def test_a_prefill_whose_keys_cannot_fit_does_not_empty_the_cache():
     cuda_emulator.CXX is None or sys.platform != "linux", reason="the emulator needs a C++ compiler and glibc ucontext"
 )
 def test_a_prefill_that_does_not_read_the_prefill_keys_does_not_make_or_count_them(tmp_path, monkeypatch):
-    """extended_attention._fused asks the retriever for the bank's prefill keys on every call that
-    ``prefill_attention.fits`` (L >= MIN_QUERIES = 32), but ``fused_attention.top_k_rows`` reads
-    them only from MATMUL_ROWS (2048) query rows on; below that it takes the scan kernels and
-    drops them. Such a prefill (here 1 x 8 heads x 32 tokens = 256 rows; a 32-head model's
-    prompts of 32 ... 63 tokens) still makes them, keeps them in the bank unevaluated (never read
-    by that forward, against Bank.prefill_keys' docstring) and counts their bytes (twice the
-    keys') in the cache's bound, where they evict other banks."""
+    """``fused_attention.top_k_rows`` reads a bank's prefill keys only from MATMUL_ROWS (2048) query
+    rows on; below that it takes the scan kernels. A fused prefill below it (here 1 x 8 heads x 32
+    tokens = 256 rows; a 32-head model's prompts of 32 ... 63 tokens) must neither make them nor
+    count their bytes (the first form made them for every call ``prefill_attention.fits`` took,
+    left them unevaluated in the bank and counted them in the cache's bound)."""
     monkeypatch.setattr(mx.fast, "cuda_kernel", cuda_emulator.cuda_kernel)
     monkeypatch.setattr(fused_attention, "enabled", lambda mode="auto": True)
     monkeypatch.setattr(mx, "device_info", lambda: {"compute_capability_major": 9, "compute_capability_minor": 0})

@@ -137,7 +137,8 @@ def test_decode_top_k_kernels_are_the_exact_top_k(case, emulated, monkeypatch):
     rows, dots = fa.top_k_rows(mx.array(q), keys_t, inv, top_k, threshold)
     _check(q, keys, np.array(rows), np.array(dots), top_k, threshold)
     # The same from the unit and row-major keys a cached bank keeps (bank_cache.Bank.prefill_keys).
-    kept = fa.top_k_rows(mx.array(q), keys_t, inv, top_k, threshold, prefill_top_k.prefill_keys(keys_t, inv))
+    made = prefill_top_k.prefill_keys(keys_t, inv)
+    kept = fa.top_k_rows(mx.array(q), keys_t, inv, top_k, threshold, lambda: made)
     assert np.array_equal(np.array(kept[0]), np.array(rows)) and np.array_equal(np.array(kept[1]), np.array(dots))
 
 
@@ -202,7 +203,8 @@ def _prefill_case(case, seed, monkeypatch):
     rows, dots = fa.top_k_rows(mx.array(q), keys_t, inv, top_k, threshold)
     _check(q, keys, np.array(rows), np.array(dots), top_k, threshold)
     # The same from the unit and row-major keys a cached bank keeps (bank_cache.Bank.prefill_keys).
-    kept = fa.top_k_rows(mx.array(q), keys_t, inv, top_k, threshold, prefill_top_k.prefill_keys(keys_t, inv))
+    made = prefill_top_k.prefill_keys(keys_t, inv)
+    kept = fa.top_k_rows(mx.array(q), keys_t, inv, top_k, threshold, lambda: made)
     assert np.array_equal(np.array(kept[0]), np.array(rows)) and np.array_equal(np.array(kept[1]), np.array(dots))
 
 
