@@ -14,6 +14,8 @@ model's dtype, top_k 10. Prints:
    <= 1.3x the prefill without; ``bench.generator`` measures it through the engine);
    on CUDA with a 16-bit model also LOCAL with the merge reading float32 logits, as every dtype did
    before the tensor-core merge (``prefill_merge_kernels.MERGE_MMA``): its before and after in one run;
+   on CUDA also LOCAL with the bank's prefill keys made per forward, as before cached banks kept
+   them (``bank_cache.Bank.prefill_keys``);
 2. on CUDA, the fused prefill path of one layer (``fused_attention.top_k_rows`` and
    ``prefill_attention.attend``, docs/architecture.md "Prefill with memories") against MLX's
    fused attention alone, each evaluated alone (so each includes a launch and a sync), and all
@@ -32,10 +34,12 @@ from services.common.blas import ensure_openblas
 ensure_openblas()
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
@@ -76,12 +80,15 @@ def forward(model, state, tokens: mx.array, memory, mma: bool = True) -> None:
         prefill_attention.MMA_DTYPES = kept
 
 
-def forwards(model, state, ctx, tokens: mx.array, rounds: int, logits_merge: bool) -> list[list[float]]:
+def forwards(model, state, ctx, tokens: mx.array, rounds: int, logits_merge: bool, per_call=None) -> list[list[float]]:
     """Seconds of the prompt's forward without and with the memory (and, ``logits_merge``, with the
-    memory merged from float32 logits), ``rounds`` interleaved rounds."""
+    memory merged from float32 logits; ``per_call``, a MemoryContext whose bank keeps no prefill
+    keys, with that one), ``rounds`` interleaved rounds, in that order."""
     runs = [lambda: forward(model, state, tokens, None), lambda: forward(model, state, tokens, ctx)]
     if logits_merge:
         runs.append(lambda: forward(model, state, tokens, ctx, mma=False))
+    if per_call is not None:
+        runs.append(lambda: forward(model, state, tokens, per_call))
     return timed_rounds(runs, rounds, warmup=3)
 
 
@@ -123,20 +130,21 @@ def parts(state, bank, layers: int, tokens: int, dtype, rounds: int) -> dict:
     mx.eval(q, k, v)
     keys_t, inv_norms, values = bank.keys[0], bank.inv_norms[0], bank.values[0]
     scale = d**-0.5
-    rows, dots = fused_attention.top_k_rows(q, keys_t, inv_norms, TOP_K, None)
+    kept = functools.partial(bank.prefill_keys, 0)  # the bank's, as a cached bank keeps them
+    rows, dots = fused_attention.top_k_rows(q, keys_t, inv_norms, TOP_K, None, kept)
     mx.eval(rows, dots)
 
     def sdpa():
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
 
     def top_k():
-        return fused_attention.top_k_rows(q, keys_t, inv_norms, TOP_K, None)
+        return fused_attention.top_k_rows(q, keys_t, inv_norms, TOP_K, None, kept)
 
     def attend():
         return prefill_attention.attend(q, k, v, "causal", rows, dots, values, scale, dtype)
 
     def memory_layer():
-        r, dd = fused_attention.top_k_rows(q, keys_t, inv_norms, TOP_K, None)
+        r, dd = fused_attention.top_k_rows(q, keys_t, inv_norms, TOP_K, None, kept)
         return prefill_attention.attend(q, k, v, "causal", r, dd, values, scale, dtype)
 
     def evaluated(fn):
@@ -204,7 +212,12 @@ def main():
 
     dtype = getattr(mx, dims["dtype"])
     logits_merge = state.fused and dtype in prefill_attention.MMA_DTYPES
-    plain, local, *before = forwards(model, state, ctx, tokens, args.rounds, logits_merge)
+    # The same bank in a cache with no room for its prefill keys: made per forward, as before banks kept them.
+    per_call = MemoryContext(LocalRetriever([replace(bank, prefill={}, may_grow=lambda *_: False)]), top_k=TOP_K)
+    timed = forwards(model, state, ctx, tokens, args.rounds, logits_merge, per_call if state.fused else None)
+    plain, local = timed[:2]
+    before = timed[2:3] if logits_merge else []
+    made_per_call = timed[-1] if state.fused else None
     memory = f"{args.rows}-row memory LOCAL (top_k {TOP_K})"
     rows = {
         f"forward of {args.tokens} tokens, no memory": f"{statistics.median(plain) * 1e3:.2f} ms",
@@ -219,6 +232,12 @@ def main():
         ] = (
             f"{statistics.median(before[0]) * 1e3:.2f} ms (rounds' ratios, median: "
             f"{median_ratio(before[0], plain)}; the tensor-core merge's: {median_ratio(local, before[0])} of it)"
+        )
+    if made_per_call is not None:
+        per_forward = "the bank's prefill keys made per forward (as before banks kept them)"
+        rows[f"forward of {args.tokens} tokens, {memory}, {per_forward}"] = (
+            f"{statistics.median(made_per_call) * 1e3:.2f} ms (rounds' ratios, median: "
+            f"{median_ratio(made_per_call, plain)}; kept keys': {median_ratio(local, made_per_call)} of it)"
         )
     if state.fused:
         rows.update(parts(state, bank, dims["layers"], args.tokens, dtype, args.rounds))
