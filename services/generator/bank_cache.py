@@ -1,11 +1,13 @@
 """LOCAL retrieval: memory banks as MLX arrays on the generator's device, in an LRU bounded in bytes.
 
-A bank is one memory's per-layer keys and values ([KVH, N, d]) in the dtype the memory is stored
-in — the model's own dtype for every memory Memorize wrote, so a float16 / bfloat16 model's banks
-take half the bytes of float32 ones — plus the float32 inverse key norms used for the cosine
-(docs/extended-mind.md, "Dtypes"). Entries are keyed by memory id and remember the memory's version
-(its create_time): a memory deleted and re-created under the same id has a new version, so the
-stale bank is dropped instead of served. Only the MLX thread touches this module's arrays
+A bank is one memory's per-layer keys ([KVH, d, N]: transposed) and values ([KVH, N, d]) in the
+dtype the memory is stored in — the model's own dtype for every memory Memorize wrote, so a
+float16 / bfloat16 model's banks take half the bytes of float32 ones — plus the float32 inverse key
+norms used for the cosine (docs/extended-mind.md, "Dtypes"), and, where the cache has room free,
+the keys a large prefill's top-k reads (``Bank.prefill_keys``), counted in the same bound.
+Entries are keyed by memory id and remember the memory's version (its create_time): a memory
+deleted and re-created under the same id has a new version, so the stale bank is dropped instead
+of served. Only the MLX thread touches this module's arrays
 (``fetch_bank`` runs off it and hands it each layer to convert).
 """
 
@@ -46,7 +48,8 @@ class Bank:
     inv_norms: list[mx.array]  # per layer [KVH, N] float32
     rows: int
     dtype: int = tensor.FLOAT32  # extmind.tensor code of keys and values
-    # layer -> prefill_top_k.prefill_keys of that layer, kept from the bank's first prefill
+    # layer -> prefill_top_k.prefill_keys of that layer, kept from the bank's first prefill that
+    # reads them (fused_attention.MATMUL_ROWS query rows or more)
     prefill: dict[int, tuple[mx.array, mx.array]] = field(default_factory=dict, repr=False)
     # asked whether the bank may grow by so many bytes (BankCache.put sets it: the cache counts
     # them, and keeps them only in room it has free); None: no bound

@@ -287,7 +287,7 @@ class ExtendedMindAttention(nn.Module):
         if kernel_mask is None:
             return None
         weighed = ctx.record is not None and ctx.cite_min_weight > 0
-        kept = getattr(ctx.retriever, "prefill_keys", None)  # the bank's, kept from its first prefill
+        kept = getattr(ctx.retriever, "prefill_keys", None)  # LocalRetriever's: kept (bank_cache)
         prefill_keys = functools.partial(kept, self.layer) if kept is not None else None
         if prefill_attention.fits(B, H, L, S):  # a prefill: local part by MLX's fused attention
             rows, dots = fused_attention.top_k_rows(q, keys_t, inv_norms, ctx.top_k, ctx.threshold, prefill_keys)

@@ -30,8 +30,8 @@ matmul reads it once. Then each query row's N scores are ranked here, one warp p
    lanes' bounds (one bitonic sort across the warp) is a cosine that k distinct rows reach.
 3. Candidates: the rows whose upper bound a_n + E reaches it (and any non-finite a_n), so every
    row of the exact top-k is one. Only they get their exact float32 cosine (q . k from the bank's
-   keys: the products of the decode scan summed in its order, read from a row-major copy of the
-   keys made per call, where a key column would cost D scattered loads). The warp gathers them
+   keys: the products of the decode scan summed in its order, read from the row-major copy of
+   the keys in ``prefill_keys`` (step 1), where a key column would cost D scattered loads). The warp gathers them
    into a shared list (ballots) and scores them 32 at a time, one per lane, so that their keys'
    loads are in flight together. Up to 32 candidates in all: one
    bitonic sort of the lanes' (cosine, row) pairs takes the top-k. More (near-identical rows):
