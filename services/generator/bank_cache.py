@@ -52,7 +52,8 @@ class Bank:
     # reads them (fused_attention.MATMUL_ROWS query rows or more)
     prefill: dict[int, tuple[mx.array, mx.array]] = field(default_factory=dict, repr=False)
     # asked whether the bank may grow by so many bytes (BankCache.put sets it: the cache counts
-    # them, and keeps them only in room it has free); None: no bound
+    # them, and keeps them only in room it has free; a bank it does not hold keeps none); None: a
+    # bank outside any cache (tests, benches), no bound
     may_grow: Callable[[Bank, int], bool] | None = field(default=None, repr=False)
 
     @property
@@ -165,17 +166,14 @@ class LocalRetriever:
             self.inv_norms = cat([b.inv_norms for b in banks])
             mx.eval(self.keys, self.values, self.inv_norms)
         self.rows = sum(b.rows for b in banks)
-        self._prefill: dict[int, tuple[mx.array, mx.array]] = {}  # several banks: kept per retriever
 
     def prefill_keys(self, layer: int) -> tuple[mx.array, mx.array]:
-        """``prefill_top_k.prefill_keys`` of one layer's (concatenated) bank: one bank's are kept
-        with it (``Bank.prefill_keys``), several banks' with this retriever."""
+        """``prefill_top_k.prefill_keys`` of one layer's (concatenated) bank: one bank's as it keeps
+        them (``Bank.prefill_keys``); several banks' made per forward (kept, nothing would count
+        them against the cache's bound)."""
         if len(self.banks) == 1:
             return self.banks[0].prefill_keys(layer)
-        kept = self._prefill.get(layer)
-        if kept is None:
-            kept = self._prefill[layer] = prefill_top_k.prefill_keys(self.keys[layer], self.inv_norms[layer])
-        return kept
+        return prefill_top_k.prefill_keys(self.keys[layer], self.inv_norms[layer])
 
     def layer_bank(self, layer: int) -> tuple[mx.array, mx.array, mx.array]:
         """One layer's (keys [KVH, d, N], inverse key norms [KVH, N] float32, values [KVH, N, d])
@@ -184,6 +182,10 @@ class LocalRetriever:
 
     def retrieve(self, layer: int, queries: mx.array, top_k: int, threshold: float | None) -> Retrieved:
         return local_top_k(self.keys[layer], self.inv_norms[layer], self.values[layer], queries, top_k, threshold)
+
+
+def _never(bank: Bank, size: int) -> bool:
+    return False
 
 
 class BankCache:
@@ -246,6 +248,8 @@ class BankCache:
 
     def put(self, bank: Bank) -> None:
         self.evict(bank.memory_id)
+        bank.may_grow = _never  # until cached: a bank the cache does not hold keeps no prefill keys
+        bank.drop_prefill_keys()
         size = bank.nbytes
         if size > self.max_bytes:
             return
@@ -266,6 +270,7 @@ class BankCache:
         while self._entries and self.nbytes + room > self.max_bytes:
             _, old = self._entries.popitem(last=False)
             self.nbytes -= old.nbytes
+            old.drop_prefill_keys()
 
     def _may_grow(self, bank: Bank, size: int) -> bool:
         """Whether cached ``bank`` may keep ``size`` more bytes (its prefill keys): only in room the
@@ -288,4 +293,5 @@ class BankCache:
             if old is not None:
                 self.nbytes -= old.nbytes
         if old is not None:
+            old.drop_prefill_keys()  # whoever still holds the bank makes them per forward
             self._publish()

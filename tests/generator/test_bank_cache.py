@@ -138,13 +138,32 @@ def test_a_banks_prefill_keys_are_kept_in_free_room_only_and_go_before_any_bank(
     assert mx.array_equal(a.prefill_keys(0)[1], rows_major)
 
 
-def test_a_retriever_of_several_banks_keeps_their_joined_prefill_keys():
+def test_only_a_cached_bank_keeps_prefill_keys():
+    """Kept prefill keys are counted in the cache's bound, so only a bank the cache holds keeps
+    them: a bank too large for it (returned, not cached), an evicted one and a retriever of several
+    banks make them per forward (the same values each time)."""
     from services.generator.bank_cache import LocalRetriever
 
     a, b = _bank("a", "1", rows=8), _bank("b", "1", rows=5)
     r = LocalRetriever([a, b])
     unit, rows_major = r.prefill_keys(0)
-    assert r.prefill_keys(0)[0] is unit and not a.prefill and not b.prefill  # the banks' own are not made
+    assert r.prefill_keys(0)[0] is not unit and not a.prefill and not b.prefill  # several banks: per forward
     want = np.concatenate([np.array(a.keys[0]), np.array(b.keys[0])], axis=2).swapaxes(1, 2)
     np.testing.assert_array_equal(np.array(rows_major), want)
     assert unit.shape == (2, 4, 13)
+
+    big = _bank("big", "1", rows=64)
+    a.prefill_keys(0)  # outside any cache (tests, benches): kept, no bound
+    assert a.prefill
+    cache = BankCache(big.nbytes - 1)
+    cache.put(big)  # too large: returned to its request, not cached
+    big.prefill_keys(0)
+    assert not big.prefill and cache.nbytes == 0
+    cache.put(a)  # put drops what it kept before, then counts what it keeps
+    assert not a.prefill and cache.nbytes == a.nbytes
+    a.prefill_keys(0)
+    assert a.prefill and cache.nbytes == a.nbytes
+    cache.evict("a")  # evicted: its kept keys go with it
+    assert not a.prefill and cache.nbytes == 0
+    a.prefill_keys(0)
+    assert not a.prefill
