@@ -9,7 +9,7 @@ import pytest
 
 from services.generator import prefill_attention
 
-from .helpers import LAST_AXIS_LAYOUTS, prefill_picks
+from .helpers import LAST_AXIS_LAYOUTS, last_axis_layout, prefill_picks
 from .np_reference import attend_over_picks
 
 
@@ -79,11 +79,7 @@ def test_strided_16_bit_inputs_match_one_softmax(dtype, layout):
     rng = np.random.default_rng(2)
     B, H, KVH, L, prefix, d, k, n = 2, 4, 2, 19, 5, 64, 8, 30
     S = prefix + L
-    width, cut = {
-        "cache": (d, slice(0, d)),
-        "odd": (d + 1, slice(1, d + 1)),
-        "every_other": (2 * d, slice(0, None, 2)),
-    }[layout]
+    width, cut = last_axis_layout(layout, d)
 
     def rounded(shape):
         x = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)

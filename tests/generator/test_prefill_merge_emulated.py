@@ -20,7 +20,7 @@ import pytest
 from services.generator import fused_attention, prefill_attention, prefill_merge_kernels
 
 from . import cuda_emulator
-from .helpers import LAST_AXIS_LAYOUTS, prefill_picks
+from .helpers import LAST_AXIS_LAYOUTS, last_axis_layout, prefill_picks
 from .np_reference import attend_over_picks
 
 pytestmark = pytest.mark.skipif(
@@ -135,11 +135,7 @@ def test_tensor_core_merge_reads_queries_and_keys_of_any_layout(emulated, layout
     rng = np.random.default_rng(11)
     B, H, KVH, L, prefix, d, k, n = 2, 4, 2, 21, 6, 32, 6, 25
     S = prefix + L
-    width, cut = {
-        "cache": (d, slice(0, d)),
-        "odd": (d + 1, slice(1, d + 1)),
-        "every_other": (2 * d, slice(0, None, 2)),
-    }[layout]
+    width, cut = last_axis_layout(layout, d)
     qbuf, q64 = _rounded(rng.standard_normal((B, H, L + 1, width)), dtype)
     kbuf, k64 = _rounded(rng.standard_normal((B, KVH, S + 3, width)), dtype)
     vv, v64 = _rounded(rng.standard_normal((B, KVH, S, d)), dtype)
