@@ -15,7 +15,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import load
 
 from extmind.tiny_models import build_llama
-from services.generator import decode_kernels, fused_attention, prefill_attention, prefill_merge_kernels
+from services.generator import decode_kernels, fused_attention, prefill_attention, prefill_merge_kernels, prefill_top_k
 from services.generator.bank_cache import BankCache, LocalRetriever, bank_from_numpy
 from services.generator.extended_attention import MemoryContext, install
 
@@ -61,24 +61,27 @@ def test_a_prefill_whose_keys_cannot_fit_does_not_empty_the_cache():
     assert kept, "one prefill over the big bank emptied the cache"
 
 
-@pytest.mark.skipif(
+needs_emulator = pytest.mark.skipif(
     cuda_emulator.CXX is None or sys.platform != "linux", reason="the emulator needs a C++ compiler and glibc ucontext"
 )
-def test_a_prefill_that_does_not_read_the_prefill_keys_does_not_make_or_count_them(tmp_path, monkeypatch):
-    """``fused_attention.top_k_rows`` reads a bank's prefill keys only from MATMUL_ROWS (2048) query
-    rows on; below that it takes the scan kernels. A fused prefill below it (here 1 x 8 heads x 32
-    tokens = 256 rows; a 32-head model's prompts of 32 ... 63 tokens) must neither make them nor
-    count their bytes (the first form made them for every call ``prefill_attention.fits`` took,
-    left them unevaluated in the bank and counted them in the cache's bound)."""
+
+
+def _fused_prefill(tmp_path, monkeypatch, matmul_rows: int):
+    """One fused prefill of 32 tokens through a tiny llama layer on the CUDA emulator (1 x 8 heads x
+    32 tokens = 256 query rows; ``fused_attention.MATMUL_ROWS`` set to ``matmul_rows``) over a
+    cached bank -> (the bank, the cache, its bytes before, whether the scan kernels took the top-k)."""
     monkeypatch.setattr(mx.fast, "cuda_kernel", cuda_emulator.cuda_kernel)
     monkeypatch.setattr(fused_attention, "enabled", lambda mode="auto": True)
     monkeypatch.setattr(mx, "device_info", lambda: {"compute_capability_major": 9, "compute_capability_minor": 0})
-    for made in (
+    monkeypatch.setattr(fused_attention, "MATMUL_ROWS", matmul_rows)
+    made_kernels = (
         decode_kernels.topk_scan_kernel,
         decode_kernels.topk_merge_kernel,
         prefill_merge_kernels.merge_kernel,
         prefill_attention.tensor_cores,
-    ):
+        prefill_top_k._kernel,
+    )
+    for made in made_kernels:
         made.cache_clear()
     build_llama(tmp_path, hidden=128, heads=8, kv_heads=2, seed=5)
     model, _ = load(str(tmp_path))
@@ -93,7 +96,7 @@ def test_a_prefill_that_does_not_read_the_prefill_keys_does_not_make_or_count_th
     scan = fused_attention._scan
     monkeypatch.setattr(fused_attention, "_scan", lambda *a, **kw: scanned.append(1) or scan(*a, **kw))
     B, L = 1, prefill_attention.MIN_QUERIES
-    assert prefill_attention.fits(B, 8, L, L) and B * 8 * L < fused_attention.MATMUL_ROWS
+    assert prefill_attention.fits(B, 8, L, L)
     state.memory = MemoryContext(LocalRetriever([bank]), top_k=4)
     h = mx.random.normal((B, L, 128), key=mx.random.key(1))
     kv = KVCache()
@@ -102,11 +105,31 @@ def test_a_prefill_that_does_not_read_the_prefill_keys_does_not_make_or_count_th
         mx.eval(out)
     finally:
         state.memory = None
-        for made in (decode_kernels.topk_scan_kernel, decode_kernels.topk_merge_kernel):
+        for made in made_kernels:
             made.cache_clear()
-        prefill_merge_kernels.merge_kernel.cache_clear()
-        prefill_attention.tensor_cores.cache_clear()
-    assert scanned == [1]  # the fused prefill ran, its top-k by the scan kernels
+    return bank, cache, before, bool(scanned)
+
+
+@needs_emulator
+def test_a_prefill_that_does_not_read_the_prefill_keys_does_not_make_or_count_them(tmp_path, monkeypatch):
+    """``fused_attention.top_k_rows`` reads a bank's prefill keys only from MATMUL_ROWS (2048) query
+    rows on; below that it takes the scan kernels. A fused prefill below it (here 1 x 8 heads x 32
+    tokens = 256 rows; a 32-head model's prompts of 32 ... 63 tokens) must neither make them nor
+    count their bytes (the first form made them for every call ``prefill_attention.fits`` took,
+    left them unevaluated in the bank and counted them in the cache's bound)."""
+    bank, cache, before, scanned = _fused_prefill(tmp_path, monkeypatch, fused_attention.MATMUL_ROWS)
+    assert scanned  # the fused prefill ran, its top-k by the scan kernels
     made = sorted(bank.prefill)
     assert made == [], f"layer {made}'s prefill keys made for a prefill that did not read them"
     assert cache.nbytes == before, f"{cache.nbytes - before} bytes counted that this prefill never allocated"
+
+
+@needs_emulator
+def test_a_prefill_that_reads_the_prefill_keys_keeps_and_counts_them(tmp_path, monkeypatch):
+    """The same prefill taking the matmul path (MATMUL_ROWS lowered below its 256 rows): the layer's
+    keys are made, evaluated with the forward, kept with the cached bank and counted."""
+    bank, cache, before, scanned = _fused_prefill(tmp_path, monkeypatch, 64)
+    assert not scanned and sorted(bank.prefill) == [1]
+    unit, rows_major = bank.prefill[1]
+    np.testing.assert_array_equal(np.array(rows_major), np.array(bank.keys[1]).swapaxes(1, 2))
+    assert cache.nbytes == before + unit.nbytes + rows_major.nbytes == bank.nbytes
