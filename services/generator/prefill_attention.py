@@ -14,7 +14,7 @@ every local position: right for a decode step (one query per sequence), slow for
 MLX's flash attention does the same work several times faster. Here only the local logits are
 computed a second time, for their log-sum-exp (the fused attention does not return it): on CUDA,
 for queries and keys of one 16-bit dtype (head size a multiple of 16; compute capability >= 8.0),
-by the merge kernel itself (tensor-core products, 16 query rows per warp), else by one float32
+by the merge kernel itself (tensor-core products, 16 query rows per thread block), else by one float32
 matmul whose logits a merge kernel reads (one warp per query row); either kernel
 (prefill_merge_kernels.py) then takes their log-sum-exp and merges the memories (k per query head
 and token). Without the kernels (off CUDA,
@@ -176,9 +176,9 @@ def _attend(q, k, v, mask, mem_rows, mem_dots, bank_values, scale: float, out_dt
     if kernel_mask is None:
         return _merge(dots * scale, mask, local, mem_rows, mem_dots, bank_values, scale, out_dtype)
     mode, mask_arr = kernel_mask
+    # MERGE_MMA: a block per 16 query rows of one head; MERGE_LOGITS: a warp per query row.
     per_block = prefill_merge_kernels.THREADS // 32
-    # MERGE_MMA: a warp per 16 query rows of one head; MERGE_LOGITS: a warp per query row.
-    warps = B * H * -(-L // 16) if mma else B * H * L
+    blocks = B * H * -(-L // 16) if mma else -(-(B * H * L) // per_block)
     template = [
         ("Tv", bank_values.dtype),
         ("To", out_dtype),
@@ -199,7 +199,7 @@ def _attend(q, k, v, mask, mem_rows, mem_dots, bank_values, scale: float, out_dt
             kernel_parts.scalar(float(scale), mx.float32),
         ],
         template=template,
-        grid=(-(-warps // per_block) * prefill_merge_kernels.THREADS, 1, 1),
+        grid=(blocks * prefill_merge_kernels.THREADS, 1, 1),
         threadgroup=(prefill_merge_kernels.THREADS, 1, 1),
         output_shapes=[(B, L, H * d), (B, H, L)],
         output_dtypes=[out_dtype, mx.float32],

@@ -16,8 +16,9 @@ from services.generator import kernel_parts
 # (masked: causal by position, or the [B, L, S] bool array), then the softmax weights of the
 # memories against it and the weighted sum. Two kernels differ in where the log-sum-exp comes
 # from: MERGE_LOGITS reads the float32 logits of a matmul (one warp per query row, lane i taking
-# columns i, i + 32, ...); MERGE_MMA computes them itself, 16 query rows of one head per warp
-# by tensor-core products of 16-bit queries and keys (kernel_parts.MMA_HEADER), so that a
+# columns i, i + 32, ...); MERGE_MMA computes them itself, 16 query rows of one head per block
+# (its T / 32 warps split the key positions, then the rows' merges) by tensor-core products of
+# 16-bit queries and keys (kernel_parts.MMA_HEADER), so that a
 # 16-bit model's prefill needs no float32 copies of q and k and no logits in memory
 # (docs/architecture.md, "Prefill with memories"). Both then take MERGE_ROW per query row.
 # inputs: logits [B, KVH, rep * L, S] float32 (q . k, unscaled; MERGE_LOGITS) or q [B, H, L, D]
@@ -91,21 +92,26 @@ MERGE_MMA = """
   const int K = mem_rows_shape[3];
   const int N = bank_values_shape[1];
   const int rep = H / KVH;
+  constexpr int W = T / 32;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int tiles = (L + 15) / 16;
-  const int wid = blockIdx.x * (T / 32) + warp;
-  if (wid >= B * H * tiles) return;  // whole warps only: no block barrier below
-  const int b = wid / (H * tiles);
-  const int h = (wid / tiles) % H;
-  const int l0 = (wid % tiles) * 16;
+  const int b = blockIdx.x / (H * tiles);  // the grid has exactly B * H * tiles blocks
+  const int h = (blockIdx.x / tiles) % H;
+  const int l0 = (blockIdx.x % tiles) * 16;
   const int g = h / rep;
   const int gid = lane >> 2, tig = lane & 3;
   const float sc = scale[0];
   const float NEG_INF = __int_as_float(0xff800000);
 
-  // The warp's query rows l0 ... l0 + 15 as the product's A tiles (rows past L are zeros).
+  // Pairs of adjacent elements in one 4-byte load where the last axis is contiguous and every
+  // pair starts 4-byte aligned (even offsets and row strides); else two 2-byte loads.
   const Tq* qb = q + (size_t)b * q_strides[0] + (size_t)h * q_strides[1];
+  const Tq* kb = k + (size_t)b * k_strides[0] + (size_t)g * k_strides[1];
+  const bool q4 = q_strides[3] == 1 && q_strides[2] % 2 == 0 && reinterpret_cast<size_t>(qb) % 4 == 0;
+  const bool k4 = k_strides[3] == 1 && k_strides[2] % 2 == 0 && reinterpret_cast<size_t>(kb) % 4 == 0;
+  // The block's query rows l0 ... l0 + 15 as the product's A tiles (rows past L are zeros); every
+  // warp holds them all.
   unsigned a[D / 16][4];
 #pragma unroll
   for (int ks = 0; ks < D / 16; ++ks) {
@@ -113,16 +119,16 @@ MERGE_MMA = """
     for (int r = 0; r < 4; ++r) {
       const int lq = l0 + gid + (r & 1) * 8;
       const Tq* qe = qb + (size_t)lq * q_strides[2] + (size_t)(ks * 16 + tig * 2 + (r >> 1) * 8) * q_strides[3];
-      a[ks][r] = lq < L ? em_pack2(qe[0], qe[q_strides[3]]) : 0u;
+      a[ks][r] = lq >= L ? 0u : q4 ? *reinterpret_cast<const unsigned*>(qe) : em_pack2(qe[0], qe[q_strides[3]]);
     }
   }
-  // Logits of 8 local positions at a time; this lane keeps the online log-sum-exp (m, s) of its
-  // two rows (l0 + gid, l0 + gid + 8) over its columns, then the row's 4 lanes combine theirs.
-  const Tq* kb = k + (size_t)b * k_strides[0] + (size_t)g * k_strides[1];
+  // Logits of 8 local positions at a time, warp w taking the positions 8 w ... 8 w + 7, then every
+  // W-th group of 8 after them: this lane keeps the online log-sum-exp (m, s) of its two rows
+  // (l0 + gid, l0 + gid + 8) over its columns; the row's 4 lanes combine theirs, then the W warps.
   const int last = min(L, l0 + 16) - 1;
   const int end = MASK == 1 ? min(S, S - L + last + 1) : S;
   float m[2] = {NEG_INF, NEG_INF}, s[2] = {0.f, 0.f};
-  for (int n0 = 0; n0 < end; n0 += 8) {
+  for (int n0 = warp * 8; n0 < end; n0 += 8 * W) {
     float c[4] = {0.f, 0.f, 0.f, 0.f};
     const int n = n0 + gid;
 #pragma unroll
@@ -131,7 +137,7 @@ MERGE_MMA = """
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const Tq* ke = kb + (size_t)n * k_strides[2] + (size_t)(ks * 16 + tig * 2 + r * 8) * k_strides[3];
-        kf[r] = n < S ? em_pack2(ke[0], ke[k_strides[3]]) : 0u;
+        kf[r] = n >= S ? 0u : k4 ? *reinterpret_cast<const unsigned*>(ke) : em_pack2(ke[0], ke[k_strides[3]]);
       }
       em_mma_16816<BF>(c, a[ks], kf);
     }
@@ -146,19 +152,25 @@ MERGE_MMA = """
       if (ok) em_lse_add(m[i], s[i], c[j] * sc);
     }
   }
-  __shared__ float lse_all[(T / 32) * 16];
-  float* lse_w = lse_all + warp * 16;
+  __shared__ float part_m[W][16];
+  __shared__ float part_s[W][16];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     for (int o = 1; o < 4; o <<= 1)
       em_lse_merge(m[i], s[i], __shfl_xor_sync(0xffffffff, m[i], o), __shfl_xor_sync(0xffffffff, s[i], o));
-    if (tig == 0) lse_w[gid + i * 8] = em_lse(m[i], s[i]);
+    if (tig == 0) {
+      part_m[warp][gid + i * 8] = m[i];
+      part_s[warp][gid + i * 8] = s[i];
+    }
   }
-  __syncwarp();
-  for (int i = 0; i < 16 && l0 + i < L; ++i) {  // the same bound in every lane
+  __syncthreads();
+  // Warp w merges the memories of rows w, w + W, ...: the block's 16 rows spread over its warps.
+  for (int i = warp; i < 16 && l0 + i < L; i += W) {  // the same bound in every lane
     const int l = l0 + i;
     const int row = (b * H + h) * L + l;
-    const float lse = lse_w[i];
+    float rm = NEG_INF, rs = 0.f;
+    for (int w = 0; w < W; ++w) em_lse_merge(rm, rs, part_m[w][i], part_s[w][i]);
+    const float lse = em_lse(rm, rs);
 """
 
 # One query row (b, h, l) = row of [B, H, L], its KV head g and local log-sum-exp lse: the

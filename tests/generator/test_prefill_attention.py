@@ -72,9 +72,10 @@ def test_matches_one_softmax_over_memories_and_context(dtype, mask_kind, prefix,
 def test_strided_16_bit_inputs_match_one_softmax(dtype, layout):
     """Queries, keys and values as a model's cache holds them (slices of longer buffers) in a 16-bit
     dtype, two 16-row tiles of queries (the second part-filled): on CUDA (compute capability >= 8.0)
-    the tensor-core merge, which reads their strides: queries and keys as a cache's rows ("cache"),
-    cut from a buffer one element wider (odd offsets and row strides: a 4-byte load of an element
-    pair there would fault) or every other element of one twice as wide."""
+    the tensor-core merge, which reads their strides, pairs of elements in one 4-byte load where they
+    are aligned ("cache"), else one by one: queries and keys cut from a buffer one element wider
+    (odd offsets and row strides: a 4-byte load there would fault) or every other element of one
+    twice as wide."""
     rng = np.random.default_rng(2)
     B, H, KVH, L, prefix, d, k, n = 2, 4, 2, 19, 5, 64, 8, 30
     S = prefix + L

@@ -128,11 +128,10 @@ def test_merge_takes_the_tensor_core_kernel_only_where_the_gpu_has_mma_m16n8k16(
 @pytest.mark.parametrize("layout", LAST_AXIS_LAYOUTS)
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
 def test_tensor_core_merge_reads_queries_and_keys_of_any_layout(emulated, layout, dtype):
-    """MERGE_MMA reads queries and keys through their strides, whatever their last axis: slices of
-    a cache buffer (aligned element pairs), of a buffer one element wider (odd row strides and
-    offsets) and every other element of a buffer twice as wide (last stride 2) give the same
-    softmax (a kernel that loads element pairs at once must take that path only where they are
-    contiguous and aligned: branch merge-mma-blocks)."""
+    """MERGE_MMA loads a pair of adjacent 16-bit elements in one 4-byte load where the last axis is
+    contiguous and the pairs are 4-byte aligned, else element by element: queries and keys as slices
+    of a cache buffer (aligned pairs), of a buffer one element wider (odd row strides and offsets)
+    and every other element of a buffer twice as wide (last stride 2) give the same softmax."""
     rng = np.random.default_rng(11)
     B, H, KVH, L, prefix, d, k, n = 2, 4, 2, 21, 6, 32, 6, 25
     S = prefix + L
