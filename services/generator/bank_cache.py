@@ -169,7 +169,7 @@ class LocalRetriever:
 
     def prefill_keys(self, layer: int) -> tuple[mx.array, mx.array]:
         """``prefill_top_k.prefill_keys`` of one layer's (concatenated) bank: one bank's as it keeps
-        them (``Bank.prefill_keys``); several banks' made per forward (kept, nothing would count
+        them (``Bank.prefill_keys``); several banks' made per forward (not kept: nothing would count
         them against the cache's bound)."""
         if len(self.banks) == 1:
             return self.banks[0].prefill_keys(layer)
