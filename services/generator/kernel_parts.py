@@ -275,6 +275,21 @@ __device__ __forceinline__ unsigned em_pack2(Tx lo, Tx hi) {
   return (unsigned)a | ((unsigned)b << 16);
 }
 
+// Whether every pair (row r, elements 2j, 2j + 1) of a [.., rows, D] array's matrix at ``base``
+// (``strides`` as MLX passes them: [-2] rows, [-1] elements) is one aligned 4-byte word: the
+// last axis contiguous, rows of even length, the matrix 4-byte aligned.
+template <typename Tx, typename Ts>
+__device__ __forceinline__ bool em_whole_pairs(const Tx* base, const Ts* strides, int ndim) {
+  return strides[ndim - 1] == 1 && strides[ndim - 2] % 2 == 0 && reinterpret_cast<size_t>(base) % 4 == 0;
+}
+
+// The pair (p[0], p[stride]) packed as em_pack2 packs it: one 4-byte load where ``whole``
+// (em_whole_pairs held for the matrix p is in, p an even element of its row), else two.
+template <typename Tx>
+__device__ __forceinline__ unsigned em_load_pair(const Tx* p, int64_t stride, bool whole) {
+  return whole ? *reinterpret_cast<const unsigned*>(p) : em_pack2(p[0], p[stride]);
+}
+
 #ifdef EM_PORTABLE_MMA
 template <int BF>
 __device__ __forceinline__ float em_half_of(unsigned r, int hi) {

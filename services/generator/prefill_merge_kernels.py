@@ -104,12 +104,11 @@ MERGE_MMA = """
   const float sc = scale[0];
   const float NEG_INF = __int_as_float(0xff800000);
 
-  // Pairs of adjacent elements in one 4-byte load where the last axis is contiguous and every
-  // pair starts 4-byte aligned (even offsets and row strides); else two 2-byte loads.
+  // Pairs of adjacent elements in one 4-byte load where they are aligned words, else two loads.
   const Tq* qb = q + (size_t)b * q_strides[0] + (size_t)h * q_strides[1];
   const Tq* kb = k + (size_t)b * k_strides[0] + (size_t)g * k_strides[1];
-  const bool q4 = q_strides[3] == 1 && q_strides[2] % 2 == 0 && reinterpret_cast<size_t>(qb) % 4 == 0;
-  const bool k4 = k_strides[3] == 1 && k_strides[2] % 2 == 0 && reinterpret_cast<size_t>(kb) % 4 == 0;
+  const bool q4 = em_whole_pairs(qb, q_strides, 4);
+  const bool k4 = em_whole_pairs(kb, k_strides, 4);
   // The block's query rows l0 ... l0 + 15 as the product's A tiles (rows past L are zeros); every
   // warp holds them all.
   unsigned a[D / 16][4];
@@ -119,7 +118,7 @@ MERGE_MMA = """
     for (int r = 0; r < 4; ++r) {
       const int lq = l0 + gid + (r & 1) * 8;
       const Tq* qe = qb + (size_t)lq * q_strides[2] + (size_t)(ks * 16 + tig * 2 + (r >> 1) * 8) * q_strides[3];
-      a[ks][r] = lq >= L ? 0u : q4 ? *reinterpret_cast<const unsigned*>(qe) : em_pack2(qe[0], qe[q_strides[3]]);
+      a[ks][r] = lq < L ? em_load_pair(qe, q_strides[3], q4) : 0u;
     }
   }
   // Logits of 8 local positions at a time, warp w taking the positions 8 w ... 8 w + 7, then every
@@ -137,7 +136,7 @@ MERGE_MMA = """
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const Tq* ke = kb + (size_t)n * k_strides[2] + (size_t)(ks * 16 + tig * 2 + r * 8) * k_strides[3];
-        kf[r] = n >= S ? 0u : k4 ? *reinterpret_cast<const unsigned*>(ke) : em_pack2(ke[0], ke[k_strides[3]]);
+        kf[r] = n < S ? em_load_pair(ke, k_strides[3], k4) : 0u;
       }
       em_mma_16816<BF>(c, a[ks], kf);
     }
