@@ -80,16 +80,11 @@ def forward(model, state, tokens: mx.array, memory, mma: bool = True) -> None:
         prefill_attention.MMA_DTYPES = kept
 
 
-def forwards(model, state, ctx, tokens: mx.array, rounds: int, logits_merge: bool, per_call=None) -> list[list[float]]:
-    """Seconds of the prompt's forward without and with the memory (and, ``logits_merge``, with the
-    memory merged from float32 logits; ``per_call``, a MemoryContext whose bank keeps no prefill
-    keys, with that one), ``rounds`` interleaved rounds, in that order."""
-    runs = [lambda: forward(model, state, tokens, None), lambda: forward(model, state, tokens, ctx)]
-    if logits_merge:
-        runs.append(lambda: forward(model, state, tokens, ctx, mma=False))
-    if per_call is not None:
-        runs.append(lambda: forward(model, state, tokens, per_call))
-    return timed_rounds(runs, rounds, warmup=3)
+def forwards(model, state, tokens: mx.array, rounds: int, variants: dict) -> dict[str, list[float]]:
+    """Seconds of the prompt's forward for each of ``variants`` (name -> (a MemoryContext or None,
+    ``forward``'s ``mma``)), ``rounds`` interleaved rounds -> name -> seconds per round."""
+    runs = [functools.partial(forward, model, state, tokens, memory, mma) for memory, mma in variants.values()]
+    return dict(zip(variants, timed_rounds(runs, rounds, warmup=3)))
 
 
 def kernels(model, state, ctx, tokens: mx.array, runs: int = 10) -> tuple[dict, str]:
@@ -211,13 +206,14 @@ def main():
     tokens = mx.array([rng.integers(0, model.args.vocab_size, args.tokens).tolist()])
 
     dtype = getattr(mx, dims["dtype"])
-    logits_merge = state.fused and dtype in prefill_attention.MMA_DTYPES
-    # The same bank in a cache with no room for its prefill keys: made per forward, as before banks kept them.
-    per_call = MemoryContext(LocalRetriever([replace(bank, prefill={}, may_grow=lambda *_: False)]), top_k=TOP_K)
-    timed = forwards(model, state, ctx, tokens, args.rounds, logits_merge, per_call if state.fused else None)
-    plain, local = timed[:2]
-    before = timed[2:3] if logits_merge else []
-    made_per_call = timed[-1] if state.fused else None
+    variants = {"plain": (None, True), "local": (ctx, True)}
+    if state.fused and dtype in prefill_attention.MMA_DTYPES:  # the merge from float32 logits
+        variants["logits"] = (ctx, False)
+    if state.fused:  # the same bank in a cache with no room for its prefill keys: made per forward
+        per_call = replace(bank, prefill={}, may_grow=lambda *_: False)
+        variants["per_call"] = (MemoryContext(LocalRetriever([per_call]), top_k=TOP_K), True)
+    timed = forwards(model, state, tokens, args.rounds, variants)
+    plain, local = timed["plain"], timed["local"]
     memory = f"{args.rows}-row memory LOCAL (top_k {TOP_K})"
     rows = {
         f"forward of {args.tokens} tokens, no memory": f"{statistics.median(plain) * 1e3:.2f} ms",
@@ -226,19 +222,17 @@ def main():
             "the goal, 1 B shape on a GPU: <= 1.3x)"
         ),
     }
-    if before:
-        rows[
-            f"forward of {args.tokens} tokens, {memory}, merged from float32 logits (as before the tensor-core merge)"
-        ] = (
-            f"{statistics.median(before[0]) * 1e3:.2f} ms (rounds' ratios, median: "
-            f"{median_ratio(before[0], plain)}; the tensor-core merge's: {median_ratio(local, before[0])} of it)"
-        )
-    if made_per_call is not None:
-        per_forward = "the bank's prefill keys made per forward (as before banks kept them)"
-        rows[f"forward of {args.tokens} tokens, {memory}, {per_forward}"] = (
-            f"{statistics.median(made_per_call) * 1e3:.2f} ms (rounds' ratios, median: "
-            f"{median_ratio(made_per_call, plain)}; kept keys': {median_ratio(local, made_per_call)} of it)"
-        )
+    before = {
+        "logits": ("merged from float32 logits (as before the tensor-core merge)", "the tensor-core merge's"),
+        "per_call": ("the bank's prefill keys made per forward (as before banks kept them)", "kept keys'"),
+    }
+    for name, (what, after) in before.items():
+        if name in timed:
+            t = timed[name]
+            rows[f"forward of {args.tokens} tokens, {memory}, {what}"] = (
+                f"{statistics.median(t) * 1e3:.2f} ms (rounds' ratios, median: {median_ratio(t, plain)}; "
+                f"{after}: {median_ratio(local, t)} of it)"
+            )
     if state.fused:
         rows.update(parts(state, bank, dims["layers"], args.tokens, dtype, args.rounds))
     listing = ""
