@@ -14,9 +14,10 @@ so everything else queued on the MLX thread (admitting a request, cancelling one
 window, ``stats``) runs between two steps, in arrival order; while nothing is queued, one
 submission runs several steps back to back (``_steps``). The scheduler thread sleeps on an
 event while no group has work. All scheduler state (groups, requests, counts) is only touched
-on the MLX thread; callers get plain Python events through their request's asyncio queue,
-handed over with one wake-up per event loop for all of its requests, at most once per stream
-interval while only tokens wait (running_request.Handover).
+on the MLX thread; callers get plain Python events through their request's asyncio queue
+(in_flight.py posts a request's tokens and ends it), handed over with one wake-up per event loop
+for all of its requests, at most once per stream interval while only tokens wait
+(running_request.Handover).
 
 Metrics (docs/architecture.md, "Metrics"; scheduler_metrics.py): the counts move on the MLX thread
 from host-side state only; the attention-mass sums stay on the device until a request ends (attention_mass.py).
@@ -28,44 +29,30 @@ import contextlib
 import itertools
 import logging
 import threading
-import time
-from typing import NamedTuple
 
-import mlx.core as mx
-import numpy as np
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from extmind import errors
 from services.common.mlx_thread import MLXThread
 from services.generator import attention_mass, prefill_attention
-from services.generator.citations import Counts, spans
+from services.generator.citations import Counts
 from services.generator.decode_group import DecodeGroup, unpadded_caches
 from services.generator.extended_attention import ExtendedMindState
+from services.generator.in_flight import InFlight, SoloToken, observe_end
 from services.generator.memory_resolution import ResolvedMemory
-from services.generator.request_types import LENGTH, STOP, STOP_SEQUENCE, Chunk, Final
 from services.generator.running_request import Handover, RunningRequest
 from services.generator.sampling import logits_processors_for, sampler_for
 from services.generator.scheduler_metrics import (
     GENERATED_TOKENS,
     PROMPT_TOKENS,
-    REQUEST_SECONDS,
     RUNNING,
     SOLO,
-    TIME_TO_FIRST_TOKEN,
     WAITING,
 )
 from services.generator.solo import Solo
 
 log = logging.getLogger("extmind.generator")
-
-
-def _top(logprobs: mx.array, k: int) -> list[tuple[int, float]]:
-    """The ``k`` most likely (token id, logprob) of one step's [vocab] logprobs, best first."""
-    ids = np.asarray(mx.argpartition(-logprobs, k - 1)[:k])
-    values = np.asarray(logprobs[mx.array(ids)], dtype=np.float32)
-    order = np.argsort(-values, kind="stable")
-    return [(int(ids[i]), float(values[i])) for i in order]
 
 
 class Scheduler:
@@ -99,14 +86,11 @@ class Scheduler:
         self.model = model
         self.state = state
         self.eos_ids = list(eos_ids)
-        self.decode = decode  # token ids -> text (citation spans)
         self.max_batch_size = max_batch_size
         self.prefill_batch_size = prefill_batch_size
         self.prefill_step_size = prefill_step_size
         self.max_queue = max_queue
         self.vocab_size = vocab_size  # the logits' width: a top_k of it or more keeps every token
-        # Events for the callers' loops: tokens leave at most once per stream_interval seconds.
-        self._handover = Handover(stream_interval)
         self.num_layers = len(model.layers)
         self._eos = frozenset(self.eos_ids)
         # Solo decode (solo.py) hands a KVCache over and trims it: only for models whose caches are
@@ -114,9 +98,9 @@ class Scheduler:
         self._solo_ok = all(type(c) is KVCache for c in make_prompt_cache(model))
         self._solo_uids = itertools.count(-1, -1)  # requests that start solo: uids no BatchGenerator gives
         self._groups: dict = {}
-        self._active = 0
-        self._gauges_moved = False  # a request started or ended during the step: _publish after it
-        self._ends: list[tuple[RunningRequest, str]] = []  # (request, reason) its last token came in the step
+        # Tokens and ends to the callers (tokens leave at most once per stream_interval seconds),
+        # the count of requests in flight and whether the gauges moved.
+        self._flight = InFlight(Handover(stream_interval), decode, self._publish)
         self._has_work = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -161,7 +145,7 @@ class Scheduler:
                 if not self._groups or self._stopping or self._mlx.has_waiting():
                     return
         finally:
-            self._handover.hand_over(flush=True)
+            self._flight.handover.hand_over(flush=True)
 
     def _step_all(self) -> None:
         for key, group in list(self._groups.items()):
@@ -171,16 +155,16 @@ class Scheduler:
                 self._groups.pop(key, None)
         if not self._groups:
             self._has_work.clear()  # on the MLX thread, so no admit can slip in between
-        if self._gauges_moved:
+        if self._flight.gauges_moved:
             self._publish()
-        self._handover.hand_over()  # after the gauges: a caller that got its Final reads them settled
+        self._flight.handover.hand_over()  # after the gauges: a caller that got its Final reads them settled
 
     def _publish(self) -> None:
         """Sets the waiting / running gauges from the groups (host state only)."""
         waiting = sum(r.generated == 0 for g in self._groups.values() for r in g.requests.values())
         WAITING.set(waiting)
-        RUNNING.set(self._active - waiting)
-        self._gauges_moved = False
+        RUNNING.set(self._flight.active - waiting)
+        self._flight.gauges_moved = False
 
     # ---------------------------------------------------------------- on the MLX thread
 
@@ -191,9 +175,9 @@ class Scheduler:
         """Inserts ``r`` into the BatchGenerator of group ``key`` (None = no memories), making the
         group with ``make_context() -> MemoryContext | None`` when it does not exist yet.
         Raises ResourceExhausted when max_queue requests are in flight."""
-        if self._active >= self.max_queue:
+        if self._flight.active >= self.max_queue:
             raise errors.ResourceExhausted(
-                f"{self._active} requests are in flight (limit {self.max_queue}); retry later"
+                f"{self._flight.active} requests are in flight (limit {self.max_queue}); retry later"
             )
         group = self._groups.get(key)
         if group is None:
@@ -233,7 +217,7 @@ class Scheduler:
         if group.layers:
             r.mass = attention_mass.MassSum(group.layers, self.state.shape.num_heads)
         group.requests[uid] = r
-        self._active += 1
+        self._flight.active += 1
         PROMPT_TOKENS.inc(len(r.req.prompt_tokens))
         self._publish()
         self._has_work.set()
@@ -243,9 +227,9 @@ class Scheduler:
             return
         r.done = True
         if r.group.requests.pop(r.uid, None) is not None:
-            self._active -= 1
+            self._flight.active -= 1
             r.group.remove(r.uid)
-            _observe_end(r, "cancelled")
+            observe_end(r, "cancelled")
             self._publish()
 
     def close_all(self, error: errors.ExtmindError | None = None) -> None:
@@ -254,15 +238,15 @@ class Scheduler:
         for g in self._groups.values():
             for r in g.requests.values():
                 r.done = True
-                _observe_end(r, "error")
-                self._handover.post(r, error)
+                observe_end(r, "error")
+                self._flight.handover.post(r, error)
             g.close()
         self._groups.clear()
-        self._ends.clear()  # a step that raised may have left some: ended here, not again
-        self._active = 0
+        self._flight.ends.clear()  # a step that raised may have left some: ended here, not again
+        self._flight.active = 0
         self._has_work.clear()
         self._publish()
-        self._handover.hand_over(flush=True)
+        self._flight.handover.hand_over(flush=True)
 
     def _step(self, group: DecodeGroup) -> None:
         solo = group.solo
@@ -298,11 +282,11 @@ class Scheduler:
         for resp in responses:
             r = group.requests.get(resp.uid)
             if r is not None:
-                self._on_token(r, resp)
+                self._flight.on_token(r, resp)
                 tokens += 1
         if tokens:
             GENERATED_TOKENS.inc(tokens)  # once per step: the counter takes a lock
-        self._finish_ends()
+        self._flight.finish_ends()
         started = [p.uid for p in prompt_responses if p.end_of_prompt]
         if group.resumed and started:
             # A sequence back from solo ran its last token's forward again, which the solo step
@@ -355,7 +339,7 @@ class Scheduler:
             log.error("a solo sequence could not go back into its batch", extra={"error": str(e)})
             if group.requests.get(r.uid) is r:
                 group.remove(r.uid)
-                self._end(r, errors.ours_or_internal(e, "generation failed"))
+                self._flight.end(r, errors.ours_or_internal(e, "generation failed"))
 
     def _step_solo(self, group: DecodeGroup) -> None:
         """One token of the group's solo sequence: as ``_step`` does for a batch of one."""
@@ -390,9 +374,9 @@ class Scheduler:
             record, mass = record and record[made:], mass and mass[made:]
         # mlx-lm's order: a length cut, unless the token is EOS.
         finish = "stop" if token in self._eos else "length" if r.generated + 1 >= r.max_tokens else None
-        self._on_token(r, _SoloToken(token, logprobs, finish))
+        self._flight.on_token(r, SoloToken(token, logprobs, finish))
         GENERATED_TOKENS.inc()
-        self._finish_ends()
+        self._flight.finish_ends()
         if r.done and group.solo is solo:
             group.end_solo()
         self._tally(group, record, mass, [r.uid], [])
@@ -405,11 +389,11 @@ class Scheduler:
             group.end_solo()
         for r in list(group.requests.values()):
             r.done = True
-            _observe_end(r, "error")
-            self._handover.post(r, err)
-        self._active -= len(group.requests)
+            observe_end(r, "error")
+            self._flight.handover.post(r, err)
+        self._flight.active -= len(group.requests)
         group.requests.clear()
-        self._gauges_moved = True
+        self._flight.gauges_moved = True
 
     def _tally(
         self, group: DecodeGroup, record: list | None, mass: list | None, generated: list, started: list
@@ -418,94 +402,4 @@ class Scheduler:
         ends the citing requests whose forwards could not be counted."""
         if record or mass:
             for r, error in group.tally(record, mass, generated, started):
-                self._end(r, error)
-
-    def _on_token(self, r: RunningRequest, resp) -> None:
-        """Posts ``r``'s token (a Chunk, unless it is EOS); its last one queues its end for
-        ``_finish_ends``, once the step's tokens are all posted."""
-        tok = int(resp.token)
-        r.generated += 1
-        if r.generated == 1:
-            r.observe(TIME_TO_FIRST_TOKEN.observe, time.monotonic() - r.arrived)
-            self._gauges_moved = True  # from waiting to running
-        if resp.finish_reason == "stop":  # an EOS token (the only stop sequences given to mlx-lm)
-            self._ends.append((r, STOP))
-            return
-        lp = [float(resp.logprobs[tok].item())] if r.req.return_logprobs else []
-        top = [_top(resp.logprobs, r.req.top_logprobs)] if r.req.return_logprobs and r.req.top_logprobs else []
-        last = resp.finish_reason == "length"
-        piece, stopped = r.text.push(tok, last)
-        self._handover.post(r, Chunk(piece, [tok], lp, top), urgent=r.generated == 1)
-        if stopped:
-            r.group.remove(r.uid)
-            self._ends.append((r, STOP_SEQUENCE))
-        elif last:
-            self._ends.append((r, LENGTH))
-
-    def _finish_ends(self) -> None:
-        """Ends the requests whose last token the step made (``_finish``). Those with
-        memories read the device at their end (citation counts, attention mass): the tokens posted
-        so far leave before those reads (when due: a first token always, else by the stream
-        interval), so that a one-token request's only token (a prefill's time to first token) does
-        not wait for them (docs/architecture.md, "Handing tokens to the callers"). One hand-over
-        for all of the step's ends, not one each (an urgent one waits for the callers' loops), and
-        after the step's token count and the gauges moved: it may carry the Finals of requests
-        that ended earlier in this pass, whose callers read those settled."""
-        if not self._ends:  # most steps
-            return
-        ends, self._ends = self._ends, []
-        if any(r.counts is not None or r.mass is not None for r, _ in ends):
-            if self._gauges_moved:
-                self._publish()
-            self._handover.hand_over()
-        for r, reason in ends:
-            self._finish(r, reason)
-
-    def _finish(self, r: RunningRequest, reason: str) -> None:
-        citations, counts = [], None
-        if r.counts is not None:
-            try:
-                r.group.counts.flush()
-                counts = r.counts.read()
-                r.counts = None
-                citations = spans(counts, r.memories, self.decode, r.req.memory.max_citations)
-            except Exception as e:  # noqa: BLE001
-                self._end(r, errors.ours_or_internal(e, "citations failed"))
-                return
-        if r.mass is not None:
-            try:
-                r.group.mass.flush()
-                means = r.mass.means()  # the one read of the request's sums
-            except Exception as e:  # noqa: BLE001 - a metric never fails a request
-                r.group.stop_measuring_mass(e)
-            else:
-                r.observe(attention_mass.observe, means)
-            r.mass = None
-        rest = ""
-        if reason != STOP_SEQUENCE:
-            # The text released only now (held back, or flushed at the end) may complete a stop string.
-            rest, stopped = r.text.finish()
-            if stopped:
-                reason = STOP_SEQUENCE
-        self._end(r, Final(reason, len(r.req.prompt_tokens), r.generated, citations, rest, counts))
-
-    def _end(self, r: RunningRequest, last) -> None:
-        """Takes ``r`` out of its group and hands its caller the last event (a Final or an error)."""
-        r.group.requests.pop(r.uid, None)
-        self._active -= 1
-        r.done = True
-        self._gauges_moved = True
-        _observe_end(r, last.finish_reason if isinstance(last, Final) else "error")
-        self._handover.post(r, last)
-
-
-class _SoloToken(NamedTuple):
-    """A solo step's token, shaped as the BatchGenerator's response ``_on_token`` reads."""
-
-    token: int
-    logprobs: mx.array
-    finish_reason: str | None
-
-
-def _observe_end(r: RunningRequest, how: str) -> None:
-    r.observe(REQUEST_SECONDS.labels(how).observe, time.monotonic() - r.arrived)
+                self._flight.end(r, error)

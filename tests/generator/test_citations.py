@@ -361,17 +361,17 @@ async def test_a_group_drops_its_pending_picks_once_no_request_cites(engine, mem
     next step, not held for as long as the group lives."""
 
     from services.generator.batch_tally import BatchTally
-    from services.generator.scheduler import Scheduler
+    from services.generator.in_flight import InFlight
 
     monkeypatch.setattr(BatchTally, "FLUSH_STEPS", 10_000)  # no flush by steps: only leaving can clear
     seen = {}
-    finish = Scheduler._finish
+    finish = InFlight._finish
 
     def spy(self, r, reason):  # what the group's tally holds when each request ends
         seen[r.counts is not None] = (len(r.group.requests), len(r.group.counts._pending))
         finish(self, r, reason)
 
-    monkeypatch.setattr(Scheduler, "_finish", spy)
+    monkeypatch.setattr(InFlight, "_finish", spy)
     mid, _ = memory
     opts = MemoryOptions((mid,), top_k=4, return_citations=True, max_citations=1000)  # the default floor
     plain = replace(opts, return_citations=False)  # the same group (its floor is the default)

@@ -1,4 +1,4 @@
-"""The end of a request with memories (Scheduler._finish_ends): its last token is handed over before
+"""The end of a request with memories (InFlight.finish_ends, in_flight.py): its last token is handed over before
 its end reads the device (citation counts, attention mass). Whatever way it ends (length, EOS,
 stop string, a failed count, its caller gone), alone or with others of a batch, with tokens held
 for the stream interval or not, its caller gets every token once, in order, then one Final or
@@ -223,7 +223,7 @@ async def test_a_request_ending_in_the_pass_of_another_groups_end_gets_its_final
     plain = GenerationRequest(engine.tokenizer.encode("Water boils at"), Sampling(max_tokens=10_000))
     citing = GenerationRequest(engine.tokenizer.encode(PROMPT), Sampling(max_tokens=10_000), opts(mid, True, "local"))
     seen, ends, passes = {}, [], [0]
-    finish, step_all = s._finish, s._step_all
+    finish, step_all = s._flight._finish, s._step_all
 
     def counting():
         passes[0] += 1
@@ -233,7 +233,7 @@ async def test_a_request_ending_in_the_pass_of_another_groups_end_gets_its_final
         ends.append((r.req is plain, passes[0]))
         finish(r, reason)
 
-    monkeypatch.setattr(s, "_finish", spy)
+    monkeypatch.setattr(s._flight, "_finish", spy)
     monkeypatch.setattr(s, "_step_all", counting)
     out = {}
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from extmind import errors
-from services.generator import attention_mass, decode_group, solo
+from services.generator import attention_mass, decode_group, in_flight, solo
 from services.generator import scheduler as sched
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.request_types import LOCAL, REMOTE, Chunk, GenerationRequest, MemoryOptions, Sampling
@@ -76,27 +76,27 @@ async def joined(engine, req, other, monkeypatch, at: int = 6):
     ``other`` is admitted, ``req`` makes no token while nothing else waits for the MLX thread,
     so it cannot finish first. -> (run(req), run(other))."""
     reached, admitted = threading.Event(), threading.Event()
-    on_token, admit = sched.Scheduler._on_token, sched.Scheduler.admit
+    on_token, admit = in_flight.InFlight.on_token, sched.Scheduler.admit
 
     def holding(self, r, resp):
         on_token(self, r, resp)
         if r.req is req and r.generated >= at and not admitted.is_set():
             reached.set()
-            until_work_waits(self._mlx)
+            until_work_waits(engine.mlx)
 
     def admitting(self, r, *args):
         admit(self, r, *args)
         if r.req is other:
             admitted.set()
 
-    monkeypatch.setattr(sched.Scheduler, "_on_token", holding)
+    monkeypatch.setattr(in_flight.InFlight, "on_token", holding)
     monkeypatch.setattr(sched.Scheduler, "admit", admitting)
     first = asyncio.create_task(run(engine, req))
     assert await asyncio.to_thread(reached.wait, 30)
     second = asyncio.create_task(run(engine, other))
     out = await first, await second
     assert admitted.is_set()
-    monkeypatch.setattr(sched.Scheduler, "_on_token", on_token)
+    monkeypatch.setattr(in_flight.InFlight, "on_token", on_token)
     monkeypatch.setattr(sched.Scheduler, "admit", admit)
     return out
 
@@ -314,15 +314,15 @@ async def test_a_tally_that_fails_as_a_solo_request_goes_back_ends_that_request_
         resume(group)
 
     monkeypatch.setattr(decode_group.DecodeGroup, "resume", failing)
-    reached, on_token = threading.Event(), sched.Scheduler._on_token
+    reached, on_token = threading.Event(), in_flight.InFlight.on_token
 
     def holding(self, r, resp):  # as joined() does: req makes no token more until other is admitted
         on_token(self, r, resp)
         if r.req is req and r.generated == 6:
             reached.set()
-            until_work_waits(self._mlx)
+            until_work_waits(engine.mlx)
 
-    monkeypatch.setattr(sched.Scheduler, "_on_token", holding)
+    monkeypatch.setattr(in_flight.InFlight, "on_token", holding)
     aside = asyncio.create_task(run(engine, bystander))
     first = asyncio.create_task(run(engine, req))
     assert await asyncio.to_thread(reached.wait, 30)
@@ -333,7 +333,7 @@ async def test_a_tally_that_fails_as_a_solo_request_goes_back_ends_that_request_
     assert (await asyncio.wait_for(second, 60))[3].completion_tokens == 5
     assert (await asyncio.wait_for(aside, 60))[3].completion_tokens == 60
     assert engine.stats()["active"] == 0
-    monkeypatch.setattr(sched.Scheduler, "_on_token", on_token)
+    monkeypatch.setattr(in_flight.InFlight, "on_token", on_token)
     assert (await run(engine, req))[3].completion_tokens == 20
 
 

@@ -235,7 +235,7 @@ async def test_a_first_step_whose_forwards_cannot_be_counted_ends_that_request(e
             events.append(ev)
     assert events == [] and seen["fresh"] == 1
     # ended once: its slot of --max-queue freed once (a second end would free another's)
-    assert engine.stats()["active"] == 0 and engine.mlx.call(lambda: engine._scheduler._active) == 0
+    assert engine.stats()["active"] == 0 and engine.mlx.call(lambda: engine._scheduler._flight.active) == 0
     broken["on"] = False
     req = replace(req, sampling=Sampling(max_tokens=6))
     got = await run(engine, req)

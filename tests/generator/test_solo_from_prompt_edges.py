@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from services.generator import attention_mass, decode_group, solo
+from services.generator import attention_mass, decode_group, in_flight, solo
 from services.generator import scheduler as sched
 from services.generator.request_types import LOCAL, REMOTE, STOP_SEQUENCE, GenerationRequest, MemoryOptions, Sampling
 
@@ -38,7 +38,7 @@ def batched_throughout(monkeypatch) -> None:
 
 
 def idle(engine) -> None:
-    assert engine.stats()["active"] == 0 and engine.mlx.call(lambda: engine._scheduler._active) == 0
+    assert engine.stats()["active"] == 0 and engine.mlx.call(lambda: engine._scheduler._flight.active) == 0
 
 
 def same_counts(a, b) -> None:
@@ -54,7 +54,7 @@ async def cancelled(engine, task) -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     deadline = time.monotonic() + 30
-    while engine.mlx.call(lambda: engine._scheduler._active) and time.monotonic() < deadline:
+    while engine.mlx.call(lambda: engine._scheduler._flight.active) and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     idle(engine)
 
@@ -328,16 +328,16 @@ async def test_cancelled_between_its_first_and_second_step(engine, memory, monke
     generate_step starts): it ends once, no second step runs, and the next request of its group
     counts what it counts batched throughout."""
     mid, _ = memory
-    made, on_token = threading.Event(), sched.Scheduler._on_token
+    made, on_token = threading.Event(), in_flight.InFlight.on_token
     stepped, step = [], solo.Solo.step
 
     def holding(self, r, resp):
         on_token(self, r, resp)
         if r.req is long and r.generated == 1:
             made.set()
-            until_work_waits(self._mlx)  # the cancel
+            until_work_waits(engine.mlx)  # the cancel
 
-    monkeypatch.setattr(sched.Scheduler, "_on_token", holding)
+    monkeypatch.setattr(in_flight.InFlight, "on_token", holding)
     monkeypatch.setattr(solo.Solo, "step", lambda self: stepped.append(self.request.req) or step(self))
     long = GenerationRequest(engine.tokenizer.encode(PROMPT), Sampling(max_tokens=8), opts(mid))
     task = asyncio.create_task(run(engine, long))

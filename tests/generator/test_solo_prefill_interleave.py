@@ -9,6 +9,7 @@ import asyncio
 
 import numpy as np
 
+from services.generator import in_flight
 from services.generator import scheduler as sched
 from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
 
@@ -22,7 +23,7 @@ async def test_other_groups_decode_between_the_chunks_of_a_solo_prefill(engine, 
     monkeypatch.setattr(engine._scheduler, "prefill_step_size", step)
     mid, _ = memory
     tokens_of, marks = {}, {}
-    on_token = sched.Scheduler._on_token
+    on_token = in_flight.InFlight.on_token
 
     def counting(self, r, resp):
         tokens_of[id(r.req)] = tokens_of.get(id(r.req), 0) + 1
@@ -34,7 +35,7 @@ async def test_other_groups_decode_between_the_chunks_of_a_solo_prefill(engine, 
         admit(self, r, *a, **kw)
         marks["admitted"] = dict(tokens_of)
 
-    monkeypatch.setattr(sched.Scheduler, "_on_token", counting)
+    monkeypatch.setattr(in_flight.InFlight, "on_token", counting)
     monkeypatch.setattr(sched.Scheduler, "admit", admitting)
     other = GenerationRequest(
         engine.tokenizer.encode("Water boils at"), Sampling(max_tokens=100_000), MemoryOptions((mid,), top_k=3)
@@ -52,9 +53,10 @@ async def test_other_groups_decode_between_the_chunks_of_a_solo_prefill(engine, 
         if r.req is req and "first" not in first_at:
             first_at["first"] = dict(tokens_of)
             # the other still decoding then (had it ended, it could not make tokens in between)
-            first_at["other running"] = any(x.req is other for g in self._groups.values() for x in g.requests.values())
+            groups = engine._scheduler._groups.values()
+            first_at["other running"] = any(x.req is other for g in groups for x in g.requests.values())
 
-    monkeypatch.setattr(sched.Scheduler, "_on_token", first)
+    monkeypatch.setattr(in_flight.InFlight, "on_token", first)
     req = GenerationRequest(long, Sampling(max_tokens=3))
     got = await run(engine, req)
     await stream.aclose()

@@ -68,11 +68,11 @@ async def test_tokens_held_for_the_interval_leave_when_the_mlx_thread_turns_to_o
     # Tokens held (read from here, not through the MLX thread: a call there flushes them); the
     # work below is queued only then, so that the step it interrupts has something to flush.
     deadline = time.monotonic() + 60
-    while not slow._scheduler._handover.posted and time.monotonic() < deadline:
+    while not slow._scheduler._flight.handover.posted and time.monotonic() < deadline:
         await asyncio.sleep(0.001)
 
     def work():  # other work on the MLX thread: nothing is held while it runs
-        held = list(slow._scheduler._handover.posted)
+        held = list(slow._scheduler._flight.handover.posted)
         time.sleep(1.5)
         return held
 
@@ -247,7 +247,7 @@ async def test_stopping_the_engine_hands_over_the_held_tokens_then_unavailable(e
         stream = engine.generate(req)
         got = [await anext(stream)]
         deadline = time.monotonic() + 60
-        while not engine._scheduler._handover.posted and time.monotonic() < deadline:  # tokens held
+        while not engine._scheduler._flight.handover.posted and time.monotonic() < deadline:  # tokens held
             await asyncio.sleep(0.001)
         await asyncio.to_thread(engine.stop)
         with pytest.raises(errors.Unavailable):

@@ -124,7 +124,7 @@ async def test_a_flush_that_keeps_failing_ends_only_what_needs_it(engine, memory
         engine, GenerationRequest(engine.tokenizer.encode("Alice met Bob at"), Sampling(max_tokens=6), opts)
     )
     assert len(tokens) == 6 and final.citations
-    assert engine.stats()["active"] == 0 and engine.mlx.call(lambda: engine._scheduler._active) == 0
+    assert engine.stats()["active"] == 0 and engine.mlx.call(lambda: engine._scheduler._flight.active) == 0
 
 
 @pytest.mark.parametrize("cite", [False, True])
