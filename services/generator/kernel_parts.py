@@ -277,9 +277,10 @@ __device__ __forceinline__ unsigned em_pack2(Tx lo, Tx hi) {
 
 // Whether every pair (row r, elements 2j, 2j + 1) of a [.., rows, D] array's matrix at ``base``
 // (``strides`` as MLX passes them: [-2] rows, [-1] elements) is one aligned 4-byte word: the
-// last axis contiguous, rows of even length, the matrix 4-byte aligned.
+// last axis contiguous, rows of even length, the matrix 4-byte aligned. MLX passes strides as an
+// array object (mlx::core::cu::Strides), not a pointer: taken as any indexable type.
 template <typename Tx, typename Ts>
-__device__ __forceinline__ bool em_whole_pairs(const Tx* base, const Ts* strides, int ndim) {
+__device__ __forceinline__ bool em_whole_pairs(const Tx* base, const Ts& strides, int ndim) {
   return strides[ndim - 1] == 1 && strides[ndim - 2] % 2 == 0 && reinterpret_cast<size_t>(base) % 4 == 0;
 }
 

@@ -65,6 +65,15 @@ inline float fminf(float a, float b) { return std::fmin(a, b); }
 inline float expf(float x) { return std::exp(x); }
 inline float logf(float x) { return std::log(x); }
 inline float sqrtf(float x) { return std::sqrt(x); }
+// MLX passes each input's shape and strides as array objects (mlx::core::cu::Shape / Strides),
+// indexable but not pointers: the same here, so that a kernel taking them as pointers fails to
+// compile on the CPU as it does on the GPU.
+template <typename T> struct EmDims {
+  const T* p;
+  const T& operator[](int i) const { return p[i]; }
+};
+using EmShape = EmDims<int>;
+using EmStrides = EmDims<int64_t>;
 """
 
 RUNTIME = (
@@ -297,11 +306,18 @@ class EmulatedKernel:
         params = [f"const {_CTYPES[dt]}* {n}" for n, dt in zip(self.inputs, in_dtypes)]
         params += [f"{_CTYPES[dt]}* {n}" for n, dt in zip(self.outputs, out_dtypes)]
         for n in self.inputs:
-            params += [f"const int* {n}_shape", f"const int64_t* {n}_strides", f"int {n}_ndim"]
+            params += [f"const EmShape {n}_shape", f"const EmStrides {n}_strides", f"int {n}_ndim"]
         casts = []
         for i, p in enumerate(params):
             typ = p.rsplit(" ", 1)[0]
-            casts.append(f"*(const int*)em_args[{i}]" if typ == "int" else f"({typ})em_args[{i}]")
+            if typ == "int":
+                casts.append(f"*(const int*)em_args[{i}]")
+            elif typ in ("const EmShape", "const EmStrides"):
+                casts.append(
+                    f"{typ.removeprefix('const ')}{{(const {'int' if 'Shape' in typ else 'int64_t'}*)em_args[{i}]}}"
+                )
+            else:
+                casts.append(f"({typ})em_args[{i}]")
         tparams = ", ".join(("typename " if not isinstance(v, int) else "int ") + n for n, v in template)
         targs = ", ".join(_template_arg(v) for _, v in template)
         code = "\n".join(

@@ -45,7 +45,7 @@ inline unsigned __ballot_sync(unsigned, int p) { return p ? 1u : 0u; }
 
 def _arrays(*names: str) -> list[str]:
     """The shape, strides and ndim parameters MLX passes for each named input."""
-    return [p for n in names for p in (f"const int* {n}_shape", f"const long* {n}_strides", f"int {n}_ndim")]
+    return [p for n in names for p in (f"const EmShape {n}_shape", f"const EmStrides {n}_strides", f"int {n}_ndim")]
 
 
 TOPK = kernel_parts.HEADER + kernel_parts.TOPK_HEADER
@@ -234,7 +234,7 @@ KERNELS = {
 @pytest.mark.parametrize("name", sorted(KERNELS))
 def test_kernel_source_compiles(name, tmp_path):
     header, body, params, templates, instances = KERNELS[name]
-    args = ", ".join("0" if p.startswith("int ") else "nullptr" for p in params)
+    args = ", ".join("0" if p.startswith("int ") else "{}" if p.startswith("const Em") else "nullptr" for p in params)
     code = "\n".join(
         [
             STUBS,
