@@ -1,8 +1,9 @@
 """Runs the project's CUDA kernel sources on the CPU, so that what they compute (not only that they
 compile: test_kernel_sources.py) is tested on a machine without a GPU.
 
-``cuda_kernel`` stands in for ``mx.fast.cuda_kernel``: it wraps a kernel body as MLX does (inputs,
-outputs, ``<name>_shape`` / ``_strides`` / ``_ndim``, template parameters), compiles it with the
+``cuda_kernel`` stands in for ``mx.fast.cuda_kernel``: it wraps a kernel body as MLX's build_kernel
+does (inputs, outputs, ``<name>_shape`` / ``_strides`` / ``_ndim`` where the body names them and the
+input is not 0-d, the template arguments as constants at the body's top), compiles it with the
 host C++ compiler against an emulation of the CUDA built-ins, and runs the grid block by block.
 Each thread of a block is a ucontext coroutine; a thread runs until it reaches a warp shuffle,
 ``__syncwarp`` or ``__syncthreads``, and the scheduler resumes the threads once every thread that
@@ -285,12 +286,13 @@ def _shared(source: str, nbytes: int) -> str:
     return re.sub(fixed, r"static \1 \2\3; static em::Shared \2_em(\2, sizeof(\2));", source)
 
 
-def _template_arg(v) -> str:
+def _constant(name: str, v) -> str:
+    """A template argument as MLX declares it at the top of the kernel's body."""
     if isinstance(v, bool):
-        return "true" if v else "false"
+        return f"constexpr bool {name} = {'true' if v else 'false'};"
     if isinstance(v, int):
-        return str(v)
-    return _CTYPES[v]
+        return f"constexpr int {name} = {v};"
+    return f"using {name} = {_CTYPES[v]};"
 
 
 class EmulatedKernel:
@@ -300,15 +302,26 @@ class EmulatedKernel:
     def __init__(self, name, input_names, output_names, source, header="", ensure_row_contiguous=True, **kw):
         self.name, self.inputs, self.outputs = name, list(input_names), list(output_names)
         self.source, self.header = _shared(source, kw.get("shared_memory", 0)), header
+        self.raw_source = source  # where MLX looks for ``<input>_shape`` / ``_strides`` / ``_ndim``
         self.contiguous = ensure_row_contiguous
 
-    def _library(self, in_dtypes, out_dtypes, template) -> ctypes.CDLL:
-        params = [f"const {_CTYPES[dt]}* {n}" for n, dt in zip(self.inputs, in_dtypes)]
-        params += [f"{_CTYPES[dt]}* {n}" for n, dt in zip(self.outputs, out_dtypes)]
-        for n in self.inputs:
-            params += [f"const EmShape {n}_shape", f"const EmStrides {n}_strides", f"int {n}_ndim"]
+    def _library(self, in_dtypes, out_dtypes, template, in_ndims) -> ctypes.CDLL:
+        # As MLX's build_kernel wraps the body: a plain function (not a template) whose template
+        # arguments are constants declared at its top (``constexpr int D = 64;``, ``using T =
+        # float;``), so that a branch ``if constexpr`` discards is compiled here as on the GPU;
+        # an input's shape / strides / ndim are parameters only where the body names them and the
+        # input is not 0-d. em_args holds them all; em_call passes those declared.
+        params = [(f"const {_CTYPES[dt]}* {n}", i) for i, (n, dt) in enumerate(zip(self.inputs, in_dtypes))]
+        at = len(self.inputs)
+        params += [(f"{_CTYPES[dt]}* {n}", at + i) for i, (n, dt) in enumerate(zip(self.outputs, out_dtypes))]
+        at += len(self.outputs)
+        for n, ndim in zip(self.inputs, in_ndims):
+            for j, p in enumerate((f"const EmShape {n}_shape", f"const EmStrides {n}_strides", f"int {n}_ndim")):
+                if ndim > 0 and p.rsplit(" ", 1)[1] in self.raw_source:
+                    params.append((p, at + j))
+            at += 3
         casts = []
-        for i, p in enumerate(params):
+        for p, i in params:
             typ = p.rsplit(" ", 1)[0]
             if typ == "int":
                 casts.append(f"*(const int*)em_args[{i}]")
@@ -318,18 +331,17 @@ class EmulatedKernel:
                 )
             else:
                 casts.append(f"({typ})em_args[{i}]")
-        tparams = ", ".join(("typename " if not isinstance(v, int) else "int ") + n for n, v in template)
-        targs = ", ".join(_template_arg(v) for _, v in template)
+        constants = [f"  {_constant(n, v)}" for n, v in template]
         code = "\n".join(
             [
                 RUNTIME,
                 self.header,
-                *([f"template <{tparams}>"] if template else []),
-                f"void {self.name}({', '.join(params)}) {{",
+                f"void {self.name}({', '.join(p for p, _ in params)}) {{",
+                *constants,
                 self.source,
                 "}",
                 "static void** em_args;",
-                f"static void em_call() {{ {self.name}{f'<{targs}>' if template else ''}({', '.join(casts)}); }}",
+                f"static void em_call() {{ {self.name}({', '.join(casts)}); }}",
                 'extern "C" int em_run(int blocks, int threads, void** args) {',
                 "  em_args = args;",
                 "  em::entry = em_call;",
@@ -354,7 +366,7 @@ class EmulatedKernel:
 
     def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes, init_value=None, **kw):
         ins = [mx.array(x) if not isinstance(x, mx.array) else x for x in inputs]
-        lib = self._library([a.dtype for a in ins], list(output_dtypes), list(template or []))
+        lib = self._library([a.dtype for a in ins], list(output_dtypes), list(template or []), [a.ndim for a in ins])
         arrays = [_to_numpy(a, self.contiguous) for a in ins]
         outs = []
         for shape, dt in zip(output_shapes, output_dtypes):

@@ -1,8 +1,9 @@
 """The CUDA kernels' sources compile as C++ on any machine: each kernel body (as MLX's
 ``mx.fast.cuda_kernel`` wraps it: inputs, outputs, ``<name>_shape`` / ``_strides`` / ``_ndim``,
-template parameters) is compiled by the host C++ compiler against stand-ins for the CUDA
-built-ins (``threadIdx``, warp shuffles, ``__half``, ...) and instantiated with the template
-arguments the Python side passes. A typo, an undeclared name or a type error in a kernel then fails
+the template arguments as constants at the top of a plain function) is compiled by the host C++
+compiler against stand-ins for the CUDA built-ins (``threadIdx``, warp shuffles, ``__half``, ...),
+once per set of template arguments the Python side passes. A typo, an undeclared name or a type
+error in a kernel then fails
 here, on a CPU-only CI run, and not first on a GPU. What the kernels compute is tested on CUDA
 (test_fused_attention.py, test_prefill_attention.py, test_device_stack.py) and, on Linux, on the
 CPU emulator (test_kernels_emulated.py, test_prefill_merge_emulated.py); this check needs only a C++
@@ -234,17 +235,30 @@ KERNELS = {
 @pytest.mark.parametrize("name", sorted(KERNELS))
 def test_kernel_source_compiles(name, tmp_path):
     header, body, params, templates, instances = KERNELS[name]
+    # As MLX's build_kernel wraps a body: one plain function per instance, its template arguments
+    # constants at the body's top (so a branch ``if constexpr`` discards is compiled too), the
+    # parameters in concrete types, an input's shape / strides / ndim where the body names them.
+    params = [p for p in params if not p.startswith(("const Em", "int ")) or p.rsplit(" ", 1)[1] in body]
     args = ", ".join("0" if p.startswith("int ") else "{}" if p.startswith("const Em") else "nullptr" for p in params)
+    functions = []
+    for i, inst in enumerate(instances):
+        values = [v.strip() for v in inst.strip("<>").split(",")]
+        concrete, constants = list(params), []
+        for t, v in zip(templates, values, strict=True):
+            kind, tname = t.split()
+            if kind == "typename":
+                constants.append(f"  using {tname} = {v};")
+                concrete = [re.sub(rf"\b{tname}\b", v, p) for p in concrete]
+            else:
+                constants.append(f"  constexpr {kind} {tname} = {v};")
+        functions += [f"void {name}_{i}({', '.join(concrete)}) {{", *constants, body, "}"]
     code = "\n".join(
         [
             STUBS,
             header,
-            f"template <{', '.join(templates)}>",
-            f"void {name}({', '.join(params)}) {{",
-            body,
-            "}",
+            *functions,
             "void instantiate() {",
-            *(f"  {name}{inst}({args});" for inst in instances),
+            *(f"  {name}_{i}({args});" for i in range(len(instances))),
             "}",
         ]
     )
@@ -266,3 +280,17 @@ def test_a_broken_kernel_fails_the_check(tmp_path):
             test_kernel_source_compiles("broken", tmp_path)
     finally:
         del KERNELS["broken"]
+
+
+def test_a_branch_if_constexpr_discards_is_compiled(tmp_path):
+    """As MLX compiles a body (no template): code that a template argument's ``if constexpr``
+    discards must still compile, here as on the GPU."""
+    if CXX is None:
+        pytest.skip("no C++ compiler (g++ or clang++) on this machine")
+    header, body, *rest = KERNELS["stack1"]
+    KERNELS["discarded"] = (header, body + "  if constexpr (sizeof(T) == 3) { out[0].no_such_member(); }\n", *rest)
+    try:
+        with pytest.raises(AssertionError, match="does not compile"):
+            test_kernel_source_compiles("discarded", tmp_path)
+    finally:
+        del KERNELS["discarded"]

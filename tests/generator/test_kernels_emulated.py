@@ -407,6 +407,37 @@ def test_the_emulation_catches_a_wrong_kernel(emulated, monkeypatch):
         fa.top_k_rows(*args, 8, None)
 
 
+# A body as MLX's CUDA backend builds it (mlx/backend/cuda/custom_kernel.cpp, build_kernel): a plain
+# function, its template arguments constants declared at its top; ``x_shape`` a parameter only
+# where the body names it and x is not 0-d.
+_IF_CONSTEXPR = """
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= x_shape[0]) return;
+  if constexpr (HALF) {
+    out[i] = static_cast<float>(x[i].h);  // only the emulator's __half has .h: ill-formed for float
+  } else {
+    out[i] = 2.f * static_cast<float>(x[i]);
+  }
+"""
+
+
+def test_the_emulator_wraps_a_kernel_body_as_mlx_does():
+    """A body compiles on the CPU only if it would in MLX's wrapping: a branch that ``if constexpr``
+    discards for these template arguments is still compiled (MLX's body is no template), and a
+    0-d input has no ``_shape`` (MLX passes none). Before, the emulator made the body a C++
+    template and passed every input's shape, so both compiled here and would fail on the GPU."""
+    x = mx.arange(64, dtype=mx.float32)
+    kernel = cuda_emulator.cuda_kernel("em_if_constexpr", ["x"], ["out"], _IF_CONSTEXPR)
+    launch = dict(grid=(64, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(64,)], output_dtypes=[mx.float32])
+    with pytest.raises(RuntimeError, match="does not compile"):
+        kernel(inputs=[x], template=[("HALF", False)], **launch)
+    copy = _IF_CONSTEXPR.split("if constexpr")[0] + "out[i] = x[i];"
+    plain = cuda_emulator.cuda_kernel("em_plain", ["x"], ["out"], copy)
+    assert mx.array_equal(plain(inputs=[x], template=[], **launch)[0], x).item()
+    with pytest.raises(RuntimeError, match="does not compile"):
+        plain(inputs=[mx.array(1.0)], template=[], **launch)
+
+
 @pytest.mark.parametrize("dtype", [mx.float32, mx.int32, mx.bool_, mx.float16, mx.bfloat16])
 def test_device_stack_kernel_is_mx_stack(dtype, monkeypatch):
     """device_stack's kernel, its dims a padded kernel_parts.constant (B, X, n), against mx.stack:
