@@ -286,6 +286,10 @@ def _shared(source: str, nbytes: int) -> str:
     return re.sub(fixed, r"static \1 \2\3; static em::Shared \2_em(\2, sizeof(\2));", source)
 
 
+# An input's shape and strides parameter types (STAND_INS' EmDims) -> their element type.
+_DIMS = {"const EmShape": "int", "const EmStrides": "int64_t"}
+
+
 def _constant(name: str, v) -> str:
     """A template argument as MLX declares it at the top of the kernel's body."""
     if isinstance(v, bool):
@@ -325,10 +329,8 @@ class EmulatedKernel:
             typ = p.rsplit(" ", 1)[0]
             if typ == "int":
                 casts.append(f"*(const int*)em_args[{i}]")
-            elif typ in ("const EmShape", "const EmStrides"):
-                casts.append(
-                    f"{typ.removeprefix('const ')}{{(const {'int' if 'Shape' in typ else 'int64_t'}*)em_args[{i}]}}"
-                )
+            elif typ in _DIMS:  # the object MLX passes, over the pointer em_args holds
+                casts.append(f"{typ.removeprefix('const ')}{{(const {_DIMS[typ]}*)em_args[{i}]}}")
             else:
                 casts.append(f"({typ})em_args[{i}]")
         constants = [f"  {_constant(n, v)}" for n, v in template]
