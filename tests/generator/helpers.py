@@ -196,3 +196,19 @@ def last_axis_layout(layout: str, d: int) -> tuple[int, slice]:
     return {"cache": (d, slice(0, d)), "odd": (d + 1, slice(1, d + 1)), "every_other": (2 * d, slice(0, None, 2))}[
         layout
     ]
+
+
+# Sizes of the tiny checkpoints that the tests quantize (DECODER_BUILDERS keyword arguments):
+# every quantized matmul's input width (hidden, heads x head_dim, each MLP's intermediate) at least
+# 128, as in real models. MLX 0.32.4's CUDA quantized matmul is wrong when that width is a single
+# group of 64 and more than one row is multiplied (measured on an H200: errors of ~30 against
+# ~0.01; one row, and the CPU build, are right): docs/platform.md.
+_WIDE = dict(hidden=128)
+QUANTIZED_SIZES = {
+    "llama": _WIDE,  # head_dim 128 / 4, intermediate 2 x hidden
+    "qwen2": _WIDE,  # intermediate 128
+    "qwen3": dict(_WIDE, head_dim=32),
+    "qwen3_moe": dict(_WIDE, head_dim=32, moe_intermediate=128),
+    "qwen2_moe": dict(_WIDE, moe_intermediate=128),  # shared expert 128
+    "mixtral": dict(_WIDE, intermediate=128),
+}

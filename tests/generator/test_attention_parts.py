@@ -15,6 +15,8 @@ from extmind.tiny_moe_models import DECODER_BUILDERS
 from services.generator.attention_parts import TESTED_MODEL_TYPES, UnsupportedModel, attention_shape, compute_dtype
 from services.generator.extended_attention import install
 
+from .helpers import QUANTIZED_SIZES
+
 BASE = dict(
     hidden_size=64,
     num_hidden_layers=2,
@@ -85,7 +87,7 @@ def test_shapes_follow_how_mlx_lm_sizes_a_head():
 def test_bfloat16_4bit_checkpoints_pass_the_load_probe(model_type, tmp_path):
     """The seed models compute in bfloat16: the probe allows the stock module's rounding there, and
     the wrapped model without memories still gives the stock logits exactly."""
-    src = DECODER_BUILDERS[model_type](tmp_path / "float", seed=4)
+    src = DECODER_BUILDERS[model_type](tmp_path / "float", seed=4, **QUANTIZED_SIZES[model_type])
     out = tmp_path / "bf16-4bit"
     convert(hf_path=str(src), mlx_path=str(out), quantize=True, q_bits=4, q_group_size=64, dtype="bfloat16")
     model, _, cfg = load(str(out), return_config=True)
