@@ -39,7 +39,7 @@ COPY certs ./certs
 RUN export PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST PIP_CERT \
  && for v in PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST PIP_CERT; do [ -n "$(printenv $v)" ] || unset $v; done \
  && mlx_req="$(EXTMIND_MLX_BACKEND="$MLX_BACKEND" scripts/mlx-backend.sh)" \
- && set -f && pip install -r requirements.txt $mlx_req && set +f \
+ && pip install -r requirements.txt "$mlx_req" \
  && pip install --no-deps -r requirements-nodeps.txt \
  && ! pip show torch >/dev/null 2>&1
 

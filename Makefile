@@ -36,8 +36,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt pyprojec
 	@for p in mlx-cpu mlx-cuda-12 mlx-cuda-13; do \
 	  [ "$$p" = "mlx-$(subst cuda,cuda-,$(MLX_BACKEND))" ] || ! $(PY) -m pip show -q $$p 2>/dev/null \
 	    || $(PY) -m pip uninstall -q -y $$p; done
-	@# The script prints one or more requirements (word-split here, never globbed: mlx[...] is a pattern).
-	set -f; $(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt $$(scripts/mlx-backend.sh)
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt "$$(scripts/mlx-backend.sh)"
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	@# setuptools boxes a notice about editable installs on every run; only that message is hidden
 	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q --no-deps -e .

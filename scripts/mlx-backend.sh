@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prints the pip requirements of the MLX build for this machine, e.g. `mlx[cpu]==0.32.4`
+# Prints the pip requirement of the MLX build for this machine, e.g. `mlx[cuda13]==0.32.4`
 # (with --name: only the backend: cpu, cuda12, cuda13 or metal). The version is the one pinned
 # in requirements.txt (`mlx==X`); this script only picks the extra (docs/platform.md):
 #   macOS                                    -> metal (plain `mlx`: Metal and CPU in one wheel)
@@ -8,11 +8,6 @@
 #   Linux otherwise (no nvidia-smi, no GPU)  -> cpu
 #   EXTMIND_MLX_BACKEND=cpu|cuda12|cuda13    overrides the detection (CUDA only on Linux).
 set -u
-# The CUDA 13 build also gets the CUDA headers it compiles kernels against at run time (NVRTC):
-# MLX reads those of the nvidia-cuda-runtime wheel, which since CUDA 13 lacks crt/ (crt/mma.h, that
-# quantized matmuls include), shipped apart as nvidia-cuda-crt; MLX does not ask for it. Pinned to
-# CUDA 13.0 (what a >= 580 driver runs), the set the tests passed with on an H200 (docs/platform.md).
-cuda13_headers="nvidia-cuda-runtime==13.0.96 nvidia-cuda-crt==13.0.88 nvidia-cuda-nvrtc==13.0.88"
 valid="cpu, cuda12, cuda13"
 root="$(cd "$(dirname "$0")/.." && pwd)"
 version="$(sed -n 's/^mlx==\([^ ;#]*\).*/\1/p' "$root/requirements.txt" | head -n 1)"
@@ -49,8 +44,6 @@ if [ "${1:-}" = "--name" ]; then
   echo "$backend"
 elif [ "$backend" = metal ]; then
   echo "mlx==$version"
-elif [ "$backend" = cuda13 ]; then
-  echo "mlx[$backend]==$version $cuda13_headers"
 else
   echo "mlx[$backend]==$version"
 fi

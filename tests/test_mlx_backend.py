@@ -72,30 +72,7 @@ def test_decision(tmp_path, case, expected):
     req = run(tmp_path, **case)
     assert req.returncode == 0, req.stderr
     want = f"mlx=={VERSION}" if expected == "metal" else f"mlx[{expected}]=={VERSION}"
-    assert req.stdout.split()[0] == want and (len(req.stdout.split()) == 1) == (expected != "cuda13")
-
-
-def test_cuda13_also_installs_the_headers_mlx_compiles_against(tmp_path):
-    """MLX's CUDA 13 build compiles quantized matmuls at run time against the nvidia-cuda-runtime
-    wheel's headers, which lack crt/ (its own wheel since CUDA 13): the script adds it, pinned
-    with the runtime and NVRTC to one CUDA release so the headers agree."""
-    reqs = run(tmp_path, driver="580.82.07").stdout.split()
-    pins = dict(r.split("==") for r in reqs[1:])
-    assert reqs[0] == f"mlx[cuda13]=={VERSION}"
-    assert set(pins) == {"nvidia-cuda-runtime", "nvidia-cuda-crt", "nvidia-cuda-nvrtc"}
-    assert len({v.rsplit(".", 1)[0] for v in pins.values()}) == 1  # one CUDA release: 13.0.x
-    assert all(v.startswith("13.") for v in pins.values())
-
-
-def test_installs_pass_every_requirement_unglobbed():
-    """make install and the image take the script's words as separate requirements, with
-    globbing off (``mlx[cuda13]`` is a shell pattern)."""
-    make = (REPO / "Makefile").read_text()
-    assert (
-        "set -f; $(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt $$(scripts/mlx-backend.sh)" in make
-    )
-    docker = (REPO / "Dockerfile").read_text()
-    assert "set -f && pip install -r requirements.txt $mlx_req && set +f" in docker
+    assert req.stdout == want + "\n"
 
 
 def test_old_driver_says_why_it_falls_back_to_cpu(tmp_path):

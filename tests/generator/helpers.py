@@ -200,9 +200,9 @@ def last_axis_layout(layout: str, d: int) -> tuple[int, slice]:
 
 # Sizes of the tiny checkpoints that the tests quantize (DECODER_BUILDERS keyword arguments):
 # every quantized matmul's input width (hidden, heads x head_dim, each MLP's intermediate) at least
-# 128, as in real models. MLX 0.32.4's CUDA quantized matmul is wrong when that width is a single
-# group of 64 and more than one row is multiplied (measured on an H200: errors of ~30 against
-# ~0.01; one row, and the CPU build, are right): docs/platform.md.
+# 128, as in real models. On an H200, MLX 0.32.4 takes a kernel of its own for a width of one
+# group (64), which is wrong for more than one row (errors ~30 against ~0.01; the CPU build is
+# right) and needs CUDA headers the pip wheels lack; real checkpoints never take it (docs/platform.md).
 _WIDE = dict(hidden=128)
 QUANTIZED_SIZES = {
     "llama": _WIDE,  # head_dim 128 / 4, intermediate 2 x hidden
