@@ -100,7 +100,8 @@ async def test_float_head_tied_or_untied_matches_transformers(tiny_reranker_4b, 
     # Also as logits (log-odds of yes over no), which a saturated probability would not show.
     # float32 against float32 in another summation order: relative to the logit's size (~8 here).
     np.testing.assert_allclose(logit(got), logit(ref), rtol=3e-5, atol=1e-4)
-    assert model.nbytes == registry.estimate_bytes(registry.resolve(str(tiny_reranker_4b), "reranker")) + 2 * config["hidden_size"] * 4
+    estimate = registry.estimate_bytes(registry.resolve(str(tiny_reranker_4b), "reranker"))
+    assert model.nbytes == estimate + 2 * config["hidden_size"] * 4
 
 
 async def test_4bit_checkpoint_with_quantized_head_matches_its_dequantized_weights(
