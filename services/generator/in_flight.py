@@ -35,6 +35,29 @@ class InFlight:
         self.gauges_moved = False  # a request started or ended during the step: publish after it
         self.ends: list[tuple[RunningRequest, str]] = []  # (request, reason) its last token came in the step
 
+    def admitted(self) -> None:
+        """Counts in a request the scheduler just put in a group."""
+        self.active += 1
+
+    def cancelled(self, r: RunningRequest) -> None:
+        """Counts out ``r``, taken out of its group because its caller went away (no event to post)."""
+        self.active -= 1
+        observe_end(r, "cancelled")
+
+    def fail(self, requests: list[RunningRequest], err: Exception) -> None:
+        """Ends ``requests`` (already out of their group's step) with ``err`` as their callers' last event."""
+        for r in requests:
+            r.done = True
+            observe_end(r, "error")
+            self.handover.post(r, err)
+        self.active -= len(requests)
+        self.gauges_moved = True
+
+    def clear(self) -> None:
+        """Forgets every request (the scheduler ended them all): no pending end is ended again."""
+        self.ends.clear()
+        self.active = 0
+
     def on_token(self, r: RunningRequest, resp) -> None:
         """Posts ``r``'s token (a Chunk, unless it is EOS); its last one queues its end for
         ``finish_ends``, once the step's tokens are all posted."""

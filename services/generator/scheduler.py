@@ -39,7 +39,7 @@ from services.generator import attention_mass, prefill_attention
 from services.generator.citations import Counts
 from services.generator.decode_group import DecodeGroup, unpadded_caches
 from services.generator.extended_attention import ExtendedMindState
-from services.generator.in_flight import InFlight, SoloToken, observe_end
+from services.generator.in_flight import InFlight, SoloToken
 from services.generator.memory_resolution import ResolvedMemory
 from services.generator.running_request import Handover, RunningRequest
 from services.generator.sampling import logits_processors_for, sampler_for
@@ -217,7 +217,7 @@ class Scheduler:
         if group.layers:
             r.mass = attention_mass.MassSum(group.layers, self.state.shape.num_heads)
         group.requests[uid] = r
-        self._flight.active += 1
+        self._flight.admitted()
         PROMPT_TOKENS.inc(len(r.req.prompt_tokens))
         self._publish()
         self._has_work.set()
@@ -227,23 +227,18 @@ class Scheduler:
             return
         r.done = True
         if r.group.requests.pop(r.uid, None) is not None:
-            self._flight.active -= 1
+            self._flight.cancelled(r)
             r.group.remove(r.uid)
-            observe_end(r, "cancelled")
             self._publish()
 
     def close_all(self, error: errors.ExtmindError | None = None) -> None:
         """Ends every running request with ``error`` (default: shutting down, UNAVAILABLE)."""
         error = error or errors.Unavailable("the generator is shutting down; retry")
         for g in self._groups.values():
-            for r in g.requests.values():
-                r.done = True
-                observe_end(r, "error")
-                self._flight.handover.post(r, error)
+            self._flight.fail(list(g.requests.values()), error)
             g.close()
         self._groups.clear()
-        self._flight.ends.clear()  # a step that raised may have left some: ended here, not again
-        self._flight.active = 0
+        self._flight.clear()  # a step that raised may have left ends: ended here, not again
         self._has_work.clear()
         self._publish()
         self._flight.handover.hand_over(flush=True)
@@ -387,13 +382,8 @@ class Scheduler:
         err = errors.ours_or_internal(e, "generation failed")
         if group.solo is not None:
             group.end_solo()
-        for r in list(group.requests.values()):
-            r.done = True
-            observe_end(r, "error")
-            self._flight.handover.post(r, err)
-        self._flight.active -= len(group.requests)
+        self._flight.fail(list(group.requests.values()), err)
         group.requests.clear()
-        self._flight.gauges_moved = True
 
     def _tally(
         self, group: DecodeGroup, record: list | None, mass: list | None, generated: list, started: list
