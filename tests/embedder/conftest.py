@@ -75,8 +75,8 @@ def tiny_reranker(models_root):
 # KV heads, an intermediate size not a power-of-two multiple; every matrix a multiple of 64 wide
 # so mlx-lm quantizes all of them (the head included) at group size 64.
 # 128 wide, not 64: MLX 0.32.4's CUDA quantized matmul is wrong for an input one group (64) wide
-# (docs/platform.md), and the 4-bit tests quantize this model.
-RERANKER_4B_SHAPE = dict(hidden=128, heads=4, kv_heads=2, head_dim=32, intermediate=192, layers=2)
+# (docs/platform.md), and the 4-bit tests quantize this model. 8 x 32 query columns > 128 hidden.
+RERANKER_4B_SHAPE = dict(hidden=128, heads=8, kv_heads=2, head_dim=32, intermediate=192, layers=2)
 
 
 @pytest.fixture(scope="session", params=[True, False], ids=["tied", "untied"])
