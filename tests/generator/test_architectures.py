@@ -19,7 +19,7 @@ from services.generator.attention_parts import TESTED_MODEL_TYPES
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.memory_builder import plan_windows
 from services.generator.memory_client import MemoryClient
-from services.generator.request_types import GenerationRequest, MemoryOptions, Sampling
+from services.generator.request_types import STOP, GenerationRequest, MemoryOptions, Sampling
 
 from .helpers import PROMPTS, QUANTIZED_SIZES, events, run
 from .memory_helpers import LOGIT_MARGIN, TEXT, ref_memory
@@ -134,11 +134,18 @@ async def test_memories_match_the_numpy_model_on_dequantized_weights(engine, mem
     first = {}
     for name, memory in (("with", MemoryOptions((mid,), top_k=3)), ("without", None)):
         req = GenerationRequest(prompt, Sampling(max_tokens=1), memory, return_logprobs=True, top_logprobs=5)
-        chunks, _ = await events(engine, req)
+        chunks, final = await events(engine, req)
         first[name] = dict(chunks[0].top_logprobs[0]) if chunks else {}
-    with_m, without = first["with"], first["without"]
-    assert with_m and without
-    assert set(with_m) != set(without) or max(abs(with_m[t] - without[t]) for t in with_m) > 1e-3
+        assert chunks or (name, final.finish_reason, final.completion_tokens) == ("without", STOP, 1)
+    with_m, without = first["with"], first["without"]  # (without: {} if its first token is the end)
+    assert with_m and (not without or moved(with_m, without) or moved(without, with_m))
+
+
+def moved(a: dict, b: dict) -> bool:
+    """Whether a token of top list ``a`` has a logprob more than LOGIT_MARGIN from its own in top
+    list ``b``, or, where ``b`` lacks it, above ``b``'s last by more (a near tie at the fifth place
+    that float noise flips is no change)."""
+    return any(abs(lp - b[t]) > LOGIT_MARGIN if t in b else lp > min(b.values()) + LOGIT_MARGIN for t, lp in a.items())
 
 
 async def test_local_equals_remote(engine, memory):
