@@ -30,6 +30,7 @@ from extmind.cluster_config import (
     LaunchError,
     ServiceSpec,
     Settings,
+    addresses,
     child_env,
     service_specs,
     write_record,
@@ -234,13 +235,16 @@ def main(argv: list[str] | None = None) -> int:
         c = Cluster(s)
         if a.command == "up":
             print(f"extmind: starting the cluster (run dir {s.run_dir})")
-            c.up()
+            at = addresses(s, c.up())  # the running services' own ports, not the environment's
             print(
                 "extmind: all services SERVING  "
-                f"(embedder {s.embedder_url}, memory {s.memory_url}, generator {s.generator_url}; "
-                f"HTTP: embedder http://127.0.0.1:{s.embedder_http_port}, "
-                f"generator (OpenAI) http://127.0.0.1:{s.generator_http_port}/v1"
-                + (f"; memory metrics http://127.0.0.1:{s.memory_http_port}/metrics" if s.memory_http_port > 0 else "")
+                f"(embedder {at['embedder_url']}, memory {at['memory_url']}, generator {at['generator_url']}; "
+                f"HTTP: embedder {at['embedder_http_url']}, generator (OpenAI) {at['generator_http_url']}/v1"
+                + (
+                    f"; memory metrics http://127.0.0.1:{at['memory_http_port']}/metrics"
+                    if at["memory_http_port"] > 0
+                    else ""
+                )
                 + ")"
             )
         elif a.command == "down":

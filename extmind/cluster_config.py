@@ -177,9 +177,11 @@ def find_run_dir(explicit: str | os.PathLike | None = None) -> Path:
     return here
 
 
-def write_record(s: Settings, recs: dict) -> None:
-    """Writes the run dir's ``cluster.json`` (atomically): the URLs of the services ``recs``
-    (name -> a record with ``.port``) started, Redis and the memory data dir."""
+def addresses(s: Settings, recs: dict) -> dict:
+    """The cluster's addresses as ``up`` left it: the gRPC URLs and the HTTP ports of the services
+    ``recs`` (name -> a pid record with ``.port`` and ``.extra``) started or found running. A
+    service already running keeps the ports it was started with, whatever the environment asks now
+    (``up`` warns that those settings wait for a ``make down``)."""
 
     def url(name: str) -> str:
         if _env(f"{name.upper()}_URL"):
@@ -187,12 +189,26 @@ def write_record(s: Settings, recs: dict) -> None:
         port = recs[name].port if name in recs else getattr(s, f"{name}_port")
         return f"127.0.0.1:{port}"
 
-    data = {
+    def http(name: str) -> int:
+        rec = recs.get(name)  # a record without one: started with its HTTP face off
+        return int(rec.extra.get("http", -1)) if rec is not None else getattr(s, f"{name}_http_port")
+
+    return {
         "embedder_url": url("embedder"),
         "memory_url": url("memory"),
         "generator_url": url("generator"),
-        "embedder_http_url": f"http://127.0.0.1:{s.embedder_http_port}",
-        "generator_http_url": f"http://127.0.0.1:{s.generator_http_port}",
+        "embedder_http_url": f"http://127.0.0.1:{http('embedder')}",
+        "generator_http_url": f"http://127.0.0.1:{http('generator')}",
+        "memory_http_port": http("memory"),  # -1: off
+    }
+
+
+def write_record(s: Settings, recs: dict) -> None:
+    """Writes the run dir's ``cluster.json`` (atomically): ``addresses`` of the services ``recs``,
+    Redis and the memory data dir."""
+    a = addresses(s, recs)
+    data = {k: a[k] for k in ("embedder_url", "memory_url", "generator_url", "embedder_http_url", "generator_http_url")}
+    data |= {
         "redis_url": s.redis_url,
         "memory_data_dir": str(s.memory_data_dir),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -123,6 +123,35 @@ def test_up_again_with_other_settings_says_so(cluster, tmp_path):
     assert {n: read_pid(cluster.settings(), n).pid for n in ORDER} == before
 
 
+def test_up_again_reports_the_running_ports_not_the_new_ones(cluster):
+    """Ports changed in the environment of a second `up` wait for a `make down`: its summary line
+    and cluster.json name where the running services listen, not the ports they were not given."""
+    emb = read_pid(cluster.settings(), "embedder")
+    gen = read_pid(cluster.settings(), "generator")
+    new = {"EMBEDDER_PORT": str(free_port()), "EMBEDDER_HTTP_PORT": str(free_port())}
+    saved = {k: cluster.env.get(k) for k in new}
+    cluster.env.update(new)
+    try:
+        r = cluster.launcher("up")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                cluster.env.pop(k)
+            else:
+                cluster.env[k] = v
+    assert r.returncode == 0, r.stderr
+    assert "embedder" in next(ln for ln in r.stdout.splitlines() if "other settings" in ln), r.stdout
+    summary = next(ln for ln in r.stdout.splitlines() if "all services SERVING" in ln)
+    assert f"embedder 127.0.0.1:{emb.port}," in summary, summary
+    assert f"HTTP: embedder http://127.0.0.1:{emb.extra['http']}," in summary, summary
+    assert f"generator (OpenAI) http://127.0.0.1:{gen.extra['http']}/v1" in summary, summary
+    assert not any(port in summary for port in new.values()), summary
+    record = json.loads((cluster.run_dir / "cluster.json").read_text())
+    assert record["embedder_url"] == f"127.0.0.1:{emb.port}", record
+    assert record["embedder_http_url"] == f"http://127.0.0.1:{emb.extra['http']}", record
+    assert record["generator_http_url"] == f"http://127.0.0.1:{gen.extra['http']}", record
+
+
 def test_failed_start_is_one_readable_error_and_cleans_up(tmp_path, model_cache):
     h = ClusterHandle(tmp_path / "run", cluster_env(tmp_path / "run", model_cache))
     h.env["GENERATOR_MODEL"] = str(tmp_path / "no-such-model")
