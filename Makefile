@@ -102,5 +102,9 @@ bench-embedder: install
 bench-generator: install
 	$(WITH_BLAS) $(PY) -m bench.generator
 
+# What `make clean` deletes (variables, so that a test can point them elsewhere).
+NODE_MODULES := node_modules
 clean:
-	rm -rf $(VENV) node_modules $(RUN_DIR)
+	@# First stops what `up` started from this run dir: its services and Redis keep their files there.
+	-@if [ -x $(PY) ]; then $(PY) -m extmind.cluster down --run-dir $(RUN_DIR); fi
+	rm -rf $(VENV) $(NODE_MODULES) $(RUN_DIR)

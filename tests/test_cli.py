@@ -21,7 +21,9 @@ import numpy as np
 import pytest
 
 from extmind.channels import sync_channel
-from extmind.procs import RedisProcess, free_ports
+from extmind.cluster_config import Settings
+from extmind.cluster_pids import PidRecord, write_pid
+from extmind.procs import RedisProcess, free_ports, start_time
 from extmind.service_procs import ServiceProcess
 from extmind.tensor import FLOAT32, encode
 from extmind.tiny_models import build_llama
@@ -453,6 +455,31 @@ def test_make_targets_take_EXTMIND_RUN_DIR(tmp_path):
     assert f"'make down RUN_DIR={run}' stops it" in r.stdout, r.stdout
     r = make("-n", "up")
     assert "'make down' stops it" in r.stdout, r.stdout
+
+
+def test_make_clean_stops_the_cluster_before_deleting_its_run_dir(tmp_path):
+    """`make clean` deletes the run dir, where a running cluster's Redis and pid records live: what
+    `up` started from it is stopped first (here a real process recorded as a service)."""
+    run, venv, nm = tmp_path / "run", tmp_path / "venv", tmp_path / "node_modules"
+    venv.mkdir()
+    nm.mkdir()
+    sleeper = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        s = Settings.from_env(str(run))
+        s.pids.mkdir(parents=True)
+        write_pid(s, PidRecord("sleeper", sleeper.pid, start_time(sleeper.pid), 0, ["sleep", "300"], {}))
+        args = ("clean", f"PY={sys.executable}", f"VENV={venv}", f"NODE_MODULES={nm}", f"RUN_DIR={run}")
+        # Dry run first: a recipe deleting anything but these temporary paths must not run here.
+        rm = [ln for ln in make("-n", *args).stdout.splitlines() if ln.startswith("rm ")]
+        assert rm == [f"rm -rf {venv} {nm} {run}"], rm
+        r = make(*args)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "sleeper" in r.stdout and f"(pid {sleeper.pid})" in r.stdout, r.stdout
+        assert sleeper.wait(timeout=30) is not None  # stopped by `make clean`, not by this test
+        assert not run.exists() and not venv.exists() and not nm.exists()
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
 
 
 def _long_text(path: Path, sentences: int) -> Path:
