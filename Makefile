@@ -106,5 +106,10 @@ bench-generator: install
 NODE_MODULES := node_modules
 clean:
 	@# First stops what `up` started from this run dir: its services and Redis keep their files there.
-	-@if [ -x $(PY) ]; then $(PY) -m extmind.cluster down --run-dir $(RUN_DIR); fi
+	@# `down` needs only the standard library: $(PYTHON) does it when the venv is broken or gone. The
+	@# run dir (its pid records) is kept when neither can: else nothing could stop those processes.
+	@if [ -d $(RUN_DIR)/pids ]; then \
+	  { [ -x $(PY) ] && $(PY) -c 'import extmind.cluster' 2>/dev/null && $(PY) -m extmind.cluster down --run-dir $(RUN_DIR); } \
+	  || $(PYTHON) -m extmind.cluster down --run-dir $(RUN_DIR) \
+	  || { echo "make clean: could not stop the cluster of $(RUN_DIR) (above): nothing deleted"; exit 1; }; fi
 	rm -rf $(VENV) $(NODE_MODULES) $(RUN_DIR)

@@ -44,8 +44,9 @@ from extmind.cluster_pids import (
     stop_service,
     write_pid,
 )
-from extmind.cluster_status import format_table, status_ok, status_rows
-from extmind.healthcheck import check
+
+# grpc (healthcheck, cluster_status) is imported where `up` and `status` need it: `down` runs on the
+# standard library alone, so that `make clean` can stop a cluster whose venv is broken or gone.
 
 
 def _flags(argv) -> dict[str, str]:
@@ -150,6 +151,8 @@ class Cluster:
                     )
 
     def _wait_serving(self, names, started) -> None:
+        from extmind.healthcheck import check
+
         s = self.s
         probes = {n: service_specs_probe(s, n) for n in names}
         t0 = time.monotonic()
@@ -209,6 +212,8 @@ class Cluster:
     # -- status
     def status(self) -> list[dict]:
         """One row per part: see ``extmind.cluster_status.status_rows``."""
+        from extmind.cluster_status import status_rows
+
         return status_rows(self.s)
 
 
@@ -251,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"extmind: stopping the cluster (run dir {s.run_dir})")
             c.down()
         elif a.command == "status":
+            from extmind.cluster_status import format_table, status_ok
+
             rows = c.status()
             print(format_table(rows))
             return 0 if status_ok(rows) else 1

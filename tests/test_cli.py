@@ -457,26 +457,95 @@ def test_make_targets_take_EXTMIND_RUN_DIR(tmp_path):
     assert "'make down' stops it" in r.stdout, r.stdout
 
 
-def test_make_clean_stops_the_cluster_before_deleting_its_run_dir(tmp_path):
-    """`make clean` deletes the run dir, where a running cluster's Redis and pid records live: what
-    `up` started from it is stopped first (here a real process recorded as a service)."""
+def _clean_args(tmp_path, venv_python: str | None, **more) -> tuple[tuple, Path, Path, Path]:
+    """`make clean` arguments pointing everything it deletes at ``tmp_path`` (checked by a dry
+    run first: a recipe deleting anything else must not run here). ``venv_python``: the content
+    of the venv's bin/python (a shell script), None for no venv at all."""
     run, venv, nm = tmp_path / "run", tmp_path / "venv", tmp_path / "node_modules"
-    venv.mkdir()
     nm.mkdir()
+    venv.mkdir()
+    if venv_python is not None:
+        (venv / "bin").mkdir()
+        (venv / "bin" / "python").write_text(venv_python)
+        (venv / "bin" / "python").chmod(0o755)
+    args = ("clean", f"VENV={venv}", f"NODE_MODULES={nm}", f"RUN_DIR={run}", *(f"{k}={v}" for k, v in more.items()))
+    rm = [ln for ln in make("-n", *args).stdout.splitlines() if ln.startswith("rm ")]
+    assert rm == [f"rm -rf {venv} {nm} {run}"], rm
+    return args, run, venv, nm
+
+
+def _recorded_sleeper(run: Path) -> subprocess.Popen:
+    """A real process recorded in ``run`` as a service `up` started."""
     sleeper = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    s = Settings.from_env(str(run))
+    s.pids.mkdir(parents=True)
+    write_pid(s, PidRecord("sleeper", sleeper.pid, start_time(sleeper.pid), 0, ["sleep", "300"], {}))
+    return sleeper
+
+
+# A venv whose python is there but broken (e.g. its base interpreter was upgraded away).
+BROKEN_PY = "#!/bin/sh\necho 'python: error while loading shared libraries' >&2\nexit 127\n"
+
+
+@pytest.mark.parametrize(
+    "venv_python",
+    [f'#!/bin/sh\nexec {sys.executable} "$@"\n', BROKEN_PY, None],
+    ids=["venv", "broken-venv", "no-venv"],
+)
+def test_make_clean_stops_the_cluster_before_deleting_its_run_dir(tmp_path, venv_python):
+    """`make clean` deletes the run dir, where a running cluster's Redis and pid records live: what
+    `up` started from it is stopped first (here a real process recorded as a service), also when
+    the venv is broken or gone (then with $(PYTHON): `down` needs only the standard library)."""
+    args, run, venv, nm = _clean_args(tmp_path, venv_python, PYTHON=sys.executable)
+    sleeper = _recorded_sleeper(run)
     try:
-        s = Settings.from_env(str(run))
-        s.pids.mkdir(parents=True)
-        write_pid(s, PidRecord("sleeper", sleeper.pid, start_time(sleeper.pid), 0, ["sleep", "300"], {}))
-        args = ("clean", f"PY={sys.executable}", f"VENV={venv}", f"NODE_MODULES={nm}", f"RUN_DIR={run}")
-        # Dry run first: a recipe deleting anything but these temporary paths must not run here.
-        rm = [ln for ln in make("-n", *args).stdout.splitlines() if ln.startswith("rm ")]
-        assert rm == [f"rm -rf {venv} {nm} {run}"], rm
         r = make(*args)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "sleeper" in r.stdout and f"(pid {sleeper.pid})" in r.stdout, r.stdout
         assert sleeper.wait(timeout=30) is not None  # stopped by `make clean`, not by this test
         assert not run.exists() and not venv.exists() and not nm.exists()
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+
+
+def test_make_clean_keeps_the_run_dir_when_it_cannot_stop_the_cluster(tmp_path):
+    """Deleting the pid records of services it could not stop would leave them (and their Redis)
+    running with no `make down` to find them: clean fails, says so and keeps the run dir."""
+    args, run, venv, nm = _clean_args(tmp_path, BROKEN_PY, PYTHON="false")
+    sleeper = _recorded_sleeper(run)
+    try:
+        r = make(*args)
+        assert r.returncode != 0, r.stdout + r.stderr
+        assert f"could not stop the cluster of {run}" in r.stdout + r.stderr, r.stdout + r.stderr
+        assert (run / "pids" / "sleeper.pid").exists() and sleeper.poll() is None
+    finally:
+        sleeper.kill()
+
+
+def test_make_clean_without_a_run_dir_needs_no_python(tmp_path):
+    args, run, venv, nm = _clean_args(tmp_path, None, PYTHON="false")
+    r = make(*args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not venv.exists() and not nm.exists()
+
+
+def test_cluster_down_needs_only_the_standard_library(tmp_path):
+    """`make clean` falls back to the system Python (no grpc) when the venv is broken."""
+    run = tmp_path / "run"
+    sleeper = _recorded_sleeper(run)
+    code = (
+        "import sys\n"
+        "for m in ('grpc', 'grpc_health', 'numpy', 'redis', 'mlx'):\n"
+        "    sys.modules[m] = None  # importing them fails\n"
+        "from extmind.cluster import main\n"
+        f"sys.exit(main(['down', '--run-dir', {str(run)!r}]))\n"
+    )
+    try:
+        r = subprocess.run([sys.executable, "-c", code], env=clean_env(), capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"sleeper    stopped (pid {sleeper.pid})" in r.stdout, r.stdout
+        assert sleeper.wait(timeout=30) is not None
     finally:
         if sleeper.poll() is None:
             sleeper.kill()
