@@ -16,6 +16,7 @@ stopping live in ``extmind.cluster_pids``, the ``status`` rows and table in ``ex
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -75,7 +76,7 @@ class Cluster:
             why = changed.get(n)
             note = f"; started with other settings ({why}): `make down` first to apply them" if why else ""
             self.out(f"  {n:<10} already running (pid {r.pid}){note}")
-        specs = service_specs(s, self.out, to_start)
+        specs = service_specs(self._settings_for_new(running), self.out, to_start)
         started: dict[str, tuple[subprocess.Popen, PidRecord]] = {}
         env = child_env()
         try:
@@ -116,6 +117,17 @@ class Cluster:
         recs = {n: rec for n, (_, rec) in started.items()} | running
         write_record(s, recs)
         return recs
+
+    def _settings_for_new(self, running: dict[str, PidRecord]) -> Settings:
+        """The settings of the services this ``up`` starts: one that calls a running service (memory
+        the embedder, the generator memory) reaches it where it listens (its pid record), not at a
+        port of this ``up``'s environment that waits for a ``make down``. ``*_URL`` set still wins."""
+        moved = {
+            f"{n}_url": f"127.0.0.1:{running[n].port}"
+            for n in ("embedder", "memory")
+            if n in running and not os.environ.get(f"{n.upper()}_URL", "").strip()
+        }
+        return dataclasses.replace(self.s, **moved)
 
     def _changed_settings(self, running: dict[str, PidRecord]) -> dict[str, str]:
         """name -> the flags a running service was started with that differ from what this ``up``
@@ -241,15 +253,16 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "up":
             print(f"extmind: starting the cluster (run dir {s.run_dir})")
             at = addresses(s, c.up())  # the running services' own ports, not the environment's
+
+            def face(name: str, path: str = "") -> str:
+                port = at[f"{name}_http_port"]
+                return f"http://127.0.0.1:{port}{path}" if port > 0 else ("off" if port < 0 else "a free port")
+
             print(
                 "extmind: all services SERVING  "
                 f"(embedder {at['embedder_url']}, memory {at['memory_url']}, generator {at['generator_url']}; "
-                f"HTTP: embedder {at['embedder_http_url']}, generator (OpenAI) {at['generator_http_url']}/v1"
-                + (
-                    f"; memory metrics http://127.0.0.1:{at['memory_http_port']}/metrics"
-                    if at["memory_http_port"] > 0
-                    else ""
-                )
+                f"HTTP: embedder {face('embedder')}, generator (OpenAI) {face('generator', '/v1')}"
+                + (f"; memory metrics {face('memory', '/metrics')}" if at["memory_http_port"] >= 0 else "")
                 + ")"
             )
         elif a.command == "down":

@@ -177,11 +177,17 @@ def find_run_dir(explicit: str | os.PathLike | None = None) -> Path:
     return here
 
 
+def _flag(argv: list[str], name: str) -> str | None:
+    """The value of ``name`` in a recorded command line, None when it was not passed."""
+    return argv[argv.index(name) + 1] if name in argv[:-1] else None
+
+
 def addresses(s: Settings, recs: dict) -> dict:
     """The cluster's addresses as ``up`` left it: the gRPC URLs and the HTTP ports of the services
-    ``recs`` (name -> a pid record with ``.port`` and ``.extra``) started or found running. A
-    service already running keeps the ports it was started with, whatever the environment asks now
-    (``up`` warns that those settings wait for a ``make down``)."""
+    ``recs`` (name -> a pid record with ``.port``, ``.argv`` and ``.extra``) started or found
+    running, and the memory service's Redis and data dir. A service already running keeps what it
+    was started with, whatever the environment asks now (``up`` warns that those settings wait for
+    a ``make down``)."""
 
     def url(name: str) -> str:
         if _env(f"{name.upper()}_URL"):
@@ -193,26 +199,31 @@ def addresses(s: Settings, recs: dict) -> dict:
         rec = recs.get(name)  # a record without one: started with its HTTP face off
         return int(rec.extra.get("http", -1)) if rec is not None else getattr(s, f"{name}_http_port")
 
+    def http_url(name: str) -> str:  # "" when off (-1) or on a port the service picked (0)
+        return f"http://127.0.0.1:{http(name)}" if http(name) > 0 else ""
+
+    memory = recs.get("memory")
+    argv = list(memory.argv) if memory is not None else []
     return {
         "embedder_url": url("embedder"),
         "memory_url": url("memory"),
         "generator_url": url("generator"),
-        "embedder_http_url": f"http://127.0.0.1:{http('embedder')}",
-        "generator_http_url": f"http://127.0.0.1:{http('generator')}",
-        "memory_http_port": http("memory"),  # -1: off
+        "embedder_http_port": http("embedder"),  # -1: off, 0: a port the service picked
+        "generator_http_port": http("generator"),
+        "memory_http_port": http("memory"),
+        "embedder_http_url": http_url("embedder"),
+        "generator_http_url": http_url("generator"),
+        "redis_url": _flag(argv, "--redis-url") or ("" if argv else s.redis_url),
+        "memory_data_dir": _flag(argv, "--data-dir") or str(s.memory_data_dir),
     }
 
 
 def write_record(s: Settings, recs: dict) -> None:
-    """Writes the run dir's ``cluster.json`` (atomically): ``addresses`` of the services ``recs``,
-    Redis and the memory data dir."""
+    """Writes the run dir's ``cluster.json`` (atomically): ``addresses`` of the services ``recs``."""
     a = addresses(s, recs)
-    data = {k: a[k] for k in ("embedder_url", "memory_url", "generator_url", "embedder_http_url", "generator_http_url")}
-    data |= {
-        "redis_url": s.redis_url,
-        "memory_data_dir": str(s.memory_data_dir),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    keys = ("embedder_url", "memory_url", "generator_url", "embedder_http_url", "generator_http_url")
+    data = {k: a[k] for k in (*keys, "redis_url", "memory_data_dir")}
+    data["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     tmp = s.record_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, s.record_file)

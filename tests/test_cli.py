@@ -9,6 +9,7 @@ import concurrent.futures
 import http.server
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +22,8 @@ import numpy as np
 import pytest
 
 from extmind.channels import sync_channel
-from extmind.cluster_config import Settings
+from extmind.cluster import Cluster
+from extmind.cluster_config import Settings, addresses, service_specs, write_record
 from extmind.cluster_pids import PidRecord, write_pid
 from extmind.procs import RedisProcess, free_ports, start_time
 from extmind.service_procs import ServiceProcess
@@ -469,8 +471,10 @@ def _clean_args(tmp_path, venv_python: str | None, **more) -> tuple[tuple, Path,
         (venv / "bin" / "python").write_text(venv_python)
         (venv / "bin" / "python").chmod(0o755)
     args = ("clean", f"VENV={venv}", f"NODE_MODULES={nm}", f"RUN_DIR={run}", *(f"{k}={v}" for k, v in more.items()))
-    rm = [ln for ln in make("-n", *args).stdout.splitlines() if ln.startswith("rm ")]
-    assert rm == [f"rm -rf {venv} {nm} {run}"], rm
+    dry = make("-n", *args).stdout.splitlines()
+    # Any line that could delete: a leading rm, one inside an if or after &&, find -delete, git clean.
+    deleting = [ln for ln in dry if re.search(r"\brm\b|-delete\b|\bgit\b.*\bclean\b|rmtree", ln)]
+    assert deleting == [f"rm -rf {venv} {nm} {run}"], dry
     return args, run, venv, nm
 
 
@@ -549,6 +553,76 @@ def test_cluster_down_needs_only_the_standard_library(tmp_path):
     finally:
         if sleeper.poll() is None:
             sleeper.kill()
+
+
+def _flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def _pid(name: str, port: int, argv: list[str], extra: dict) -> PidRecord:
+    """A pid record as `up` writes it (read back by write_record and addresses only)."""
+    return PidRecord(name, 1, "?", port, [sys.executable, "-m", f"services.{name}", *argv], extra)
+
+
+@pytest.fixture
+def launcher_env(monkeypatch):
+    for k in (*_SCRUB, "REDIS_URL", "MEMORY_DATA_DIR", "EMBEDDER_HTTP_PORT", "GENERATOR_HTTP_PORT", "MEMORY_HTTP_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    return monkeypatch
+
+
+def test_cluster_json_names_the_redis_and_data_dir_of_the_running_memory_service(tmp_path, launcher_env):
+    """`up` again with another MEMORY_DATA_DIR or REDIS_URL keeps the running memory service on its
+    own: cluster.json (what `status` and clients read) names those, not this environment's."""
+    old = tmp_path / "old-data"
+    launcher_env.setenv("MEMORY_DATA_DIR", str(tmp_path / "new-data"))
+    launcher_env.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    s = Settings.from_env(str(tmp_path / "run"))
+    s.run_dir.mkdir()
+    embedded = _pid("memory", 5052, ["--port", "5052", "--data-dir", str(old), "--http-port", "-1"], {})
+    write_record(s, {"memory": embedded})
+    record = json.loads(s.record_file.read_text())
+    assert (record["memory_data_dir"], record["redis_url"]) == (str(old), ""), record
+    launcher_env.delenv("REDIS_URL")
+    external = _pid("memory", 5052, ["--data-dir", str(old), "--redis-url", "redis://127.0.0.1:7/0"], {})
+    write_record(s, {"memory": external})
+    assert json.loads(s.record_file.read_text())["redis_url"] == "redis://127.0.0.1:7/0"
+    write_record(s, {})  # no memory service recorded: the environment's
+    assert json.loads(s.record_file.read_text())["memory_data_dir"] == str(tmp_path / "new-data")
+
+
+def test_addresses_of_http_faces_off_or_on_a_picked_port(tmp_path, launcher_env):
+    """-1 (off) and 0 (a port the service picks) are no URL: not "http://127.0.0.1:-1"."""
+    s = Settings.from_env(str(tmp_path / "run"))
+    recs = {
+        "embedder": _pid("embedder", 1, [], {"http": -1}),
+        "memory": _pid("memory", 2, [], {"http": 0, "redis": "embedded"}),
+        "generator": _pid("generator", 3, [], {"http": 0}),
+    }
+    a = addresses(s, recs)
+    assert (a["embedder_http_url"], a["generator_http_url"]) == ("", ""), a
+    assert (a["embedder_http_port"], a["memory_http_port"], a["generator_http_port"]) == (-1, 0, 0), a
+    recs["memory"] = _pid("memory", 2, [], {"redis": "embedded"})  # started with MEMORY_HTTP_PORT=-1
+    assert addresses(s, recs)["memory_http_port"] == -1
+
+
+def test_a_service_started_beside_running_ones_reaches_them_where_they_listen(tmp_path, launcher_env):
+    """`up` with EMBEDDER_PORT/MEMORY_PORT changed restarts a stopped memory service or generator
+    beside the running embedder/memory service: it must call them on their ports, not on the new
+    ones (nothing listens there until a `make down`). An explicit *_URL still wins."""
+    launcher_env.setenv("EMBEDDER_PORT", "6001")
+    launcher_env.setenv("MEMORY_PORT", "6002")
+    launcher_env.setenv("GENERATOR_MODEL", str(tmp_path / "model"))
+    c = Cluster(Settings.from_env(str(tmp_path / "run")), out=lambda *a: None)
+    running = {"embedder": _pid("embedder", 5001, [], {}), "memory": _pid("memory", 5002, [], {})}
+    specs = service_specs(c._settings_for_new(running), lambda *a: None)
+    assert _flag(specs["memory"].argv, "--embedder-url") == "127.0.0.1:5001", specs["memory"].argv
+    assert _flag(specs["generator"].argv, "--memory-url") == "127.0.0.1:5002", specs["generator"].argv
+    assert specs["memory"].port == 6002  # the service started now takes this environment's port
+    launcher_env.setenv("EMBEDDER_URL", "emb.example:443")
+    c = Cluster(Settings.from_env(str(tmp_path / "run")), out=lambda *a: None)
+    specs = service_specs(c._settings_for_new(running), lambda *a: None, ["memory"])
+    assert _flag(specs["memory"].argv, "--embedder-url") == "emb.example:443"
 
 
 def _long_text(path: Path, sentences: int) -> Path:

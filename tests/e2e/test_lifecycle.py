@@ -15,11 +15,11 @@ import time
 import pytest
 
 from extmind.cluster_config import ORDER
-from extmind.cluster_pids import embedded_redis_pid, read_pid
+from extmind.cluster_pids import embedded_redis_pid, read_pid, stop_service
 from extmind.healthcheck import check
 from extmind.procs import free_port, stop_process
 
-from .cluster import REPO, ClusterHandle, cluster_env, started_cluster
+from .cluster import REPO, ClusterHandle, cli, cluster_env, started_cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -150,6 +150,33 @@ def test_up_again_reports_the_running_ports_not_the_new_ones(cluster):
     assert record["embedder_url"] == f"127.0.0.1:{emb.port}", record
     assert record["embedder_http_url"] == f"http://127.0.0.1:{emb.extra['http']}", record
     assert record["generator_http_url"] == f"http://127.0.0.1:{gen.extra['http']}", record
+
+
+def test_up_restarting_a_service_points_it_at_the_running_ones(cluster):
+    """A memory service that `up` restarts beside the running embedder, in an environment whose
+    EMBEDDER_PORT changed, calls the embedder where it runs (nothing listens on the new port until
+    a `make down`): documents still get embedded."""
+    emb = read_pid(cluster.settings(), "embedder")
+    mem = read_pid(cluster.settings(), "memory")
+    assert stop_service(mem, 10) == "stopped"
+    new = {"EMBEDDER_PORT": str(free_port()), "EMBEDDER_HTTP_PORT": str(free_port())}
+    saved = {k: cluster.env.get(k) for k in new}
+    cluster.env.update(new)
+    try:
+        r = cluster.launcher("up")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                cluster.env.pop(k)
+            else:
+                cluster.env[k] = v
+    assert r.returncode == 0, r.stdout + r.stderr
+    restarted = read_pid(cluster.settings(), "memory")
+    assert restarted.pid != mem.pid and f"memory     started (pid {restarted.pid}" in r.stdout, r.stdout
+    argv = restarted.argv
+    assert argv[argv.index("--embedder-url") + 1] == f"127.0.0.1:{emb.port}", argv
+    up = cli(cluster, "docs", "upsert", "restarted-memory", "cats=Cats purr and chase mice.")
+    assert up.returncode == 0 and "upserted 1" in up.stdout, up.stdout + up.stderr
 
 
 def test_failed_start_is_one_readable_error_and_cleans_up(tmp_path, model_cache):
