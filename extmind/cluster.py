@@ -34,6 +34,7 @@ from extmind.cluster_config import (
     addresses,
     child_env,
     service_specs,
+    url_given,
     write_record,
 )
 from extmind.cluster_pids import (
@@ -125,7 +126,7 @@ class Cluster:
         moved = {
             f"{n}_url": f"127.0.0.1:{running[n].port}"
             for n in ("embedder", "memory")
-            if n in running and not os.environ.get(f"{n.upper()}_URL", "").strip()
+            if n in running and not url_given(n)
         }
         return dataclasses.replace(self.s, **moved)
 

@@ -182,6 +182,11 @@ def _flag(argv: list[str], name: str) -> str | None:
     return argv[argv.index(name) + 1] if name in argv[:-1] else None
 
 
+def url_given(name: str) -> str:
+    """``<NAME>_URL`` from the environment (a service run elsewhere), "" when unset."""
+    return _env(f"{name.upper()}_URL")
+
+
 def addresses(s: Settings, recs: dict) -> dict:
     """The cluster's addresses as ``up`` left it: the gRPC URLs and the HTTP ports of the services
     ``recs`` (name -> a pid record with ``.port``, ``.argv`` and ``.extra``) started or found
@@ -190,8 +195,8 @@ def addresses(s: Settings, recs: dict) -> dict:
     a ``make down``)."""
 
     def url(name: str) -> str:
-        if _env(f"{name.upper()}_URL"):
-            return _env(f"{name.upper()}_URL")
+        if url_given(name):
+            return url_given(name)
         port = recs[name].port if name in recs else getattr(s, f"{name}_port")
         return f"127.0.0.1:{port}"
 
