@@ -95,6 +95,20 @@ def test_the_generator_http_face_is_up_and_in_status(cluster):
     assert body["data"][0]["id"] == "extmind-facts-6m" and body["data"][0]["model_fingerprint"]
 
 
+def up_with(cluster, **env: str):
+    """`up` with ``env`` on top of the cluster's environment, restored afterwards."""
+    saved = {k: cluster.env.get(k) for k in env}
+    cluster.env.update(env)
+    try:
+        return cluster.launcher("up")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                cluster.env.pop(k)
+            else:
+                cluster.env[k] = v
+
+
 def test_up_again_starts_nothing_new(cluster):
     before = {n: read_pid(cluster.settings(), n).pid for n in ORDER}
     r = cluster.launcher("up")
@@ -107,15 +121,7 @@ def test_up_again_with_other_settings_says_so(cluster, tmp_path):
     """`GENERATOR_MODEL=... make up` on a running cluster keeps the running generator: it says so
     and names the flag, instead of silently serving the old model."""
     before = {n: read_pid(cluster.settings(), n).pid for n in ORDER}
-    saved = cluster.env.get("GENERATOR_MODEL")
-    cluster.env["GENERATOR_MODEL"] = str(tmp_path / "another-model")
-    try:
-        r = cluster.launcher("up")
-    finally:
-        if saved is None:
-            cluster.env.pop("GENERATOR_MODEL")
-        else:
-            cluster.env["GENERATOR_MODEL"] = saved
+    r = up_with(cluster, GENERATOR_MODEL=str(tmp_path / "another-model"))
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stdout.splitlines() if "other settings" in ln]
     assert len(lines) == 1 and "generator" in lines[0], r.stdout
@@ -129,16 +135,7 @@ def test_up_again_reports_the_running_ports_not_the_new_ones(cluster):
     emb = read_pid(cluster.settings(), "embedder")
     gen = read_pid(cluster.settings(), "generator")
     new = {"EMBEDDER_PORT": str(free_port()), "EMBEDDER_HTTP_PORT": str(free_port())}
-    saved = {k: cluster.env.get(k) for k in new}
-    cluster.env.update(new)
-    try:
-        r = cluster.launcher("up")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                cluster.env.pop(k)
-            else:
-                cluster.env[k] = v
+    r = up_with(cluster, **new)
     assert r.returncode == 0, r.stderr
     assert "embedder" in next(ln for ln in r.stdout.splitlines() if "other settings" in ln), r.stdout
     summary = next(ln for ln in r.stdout.splitlines() if "all services SERVING" in ln)
@@ -160,16 +157,7 @@ def test_up_restarting_a_service_points_it_at_the_running_ones(cluster):
     mem = read_pid(cluster.settings(), "memory")
     assert stop_service(mem, 10) == "stopped"
     new = {"EMBEDDER_PORT": str(free_port()), "EMBEDDER_HTTP_PORT": str(free_port())}
-    saved = {k: cluster.env.get(k) for k in new}
-    cluster.env.update(new)
-    try:
-        r = cluster.launcher("up")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                cluster.env.pop(k)
-            else:
-                cluster.env[k] = v
+    r = up_with(cluster, **new)
     assert r.returncode == 0, r.stdout + r.stderr
     restarted = read_pid(cluster.settings(), "memory")
     assert restarted.pid != mem.pid and f"memory     started (pid {restarted.pid}" in r.stdout, r.stdout
