@@ -32,6 +32,7 @@ from extmind.cluster_config import (
     ServiceSpec,
     Settings,
     addresses,
+    as_started,
     child_env,
     service_specs,
     url_given,
@@ -204,18 +205,18 @@ class Cluster:
             s.pid_file(n).unlink(missing_ok=True)
             done.append((n, how))
             self.out(f"  {n:<10} {how} (pid {rec.pid})")
-            if n == "memory":
-                self._stop_embedded_redis()
+            if n == "memory":  # its Redis is where it was started, whatever the environment says now
+                self._stop_embedded_redis(as_started(s, rec.argv))
         if not done:
             self.out(f"  nothing to stop (no pid files under {s.pids})")
         s.record_file.unlink(missing_ok=True)  # no cluster to find here any more
         return done
 
-    def _stop_embedded_redis(self) -> None:
+    def _stop_embedded_redis(self, s: Settings) -> None:
         # The memory service stops its Redis on exit (and Linux SIGTERMs it when the service dies),
         # so this only acts when that did not happen: e.g. the service was SIGKILLed on macOS.
         deadline = time.monotonic() + 5.0
-        while (pid := embedded_redis_pid(self.s)) is not None and time.monotonic() < deadline:
+        while (pid := embedded_redis_pid(s)) is not None and time.monotonic() < deadline:
             time.sleep(0.1)
         if pid is None:
             return

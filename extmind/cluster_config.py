@@ -7,6 +7,7 @@ See docs/configuration.md for the variables.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -187,6 +188,20 @@ def url_given(name: str) -> str:
     return _env(f"{name.upper()}_URL")
 
 
+def as_started(s: Settings, memory_argv: list[str] | None) -> Settings:
+    """``s`` with the Redis URL and data dir of a memory service started with ``memory_argv`` (its
+    pid record's command line; None: none recorded, ``s`` as it is): where its Redis runs, whatever
+    the environment says now."""
+    if not memory_argv:
+        return s
+    data_dir = _flag(memory_argv, "--data-dir")
+    return dataclasses.replace(
+        s,
+        redis_url=_flag(memory_argv, "--redis-url") or "",
+        memory_data_dir=Path(data_dir) if data_dir else s.memory_data_dir,
+    )
+
+
 def addresses(s: Settings, recs: dict) -> dict:
     """The cluster's addresses as ``up`` left it: the gRPC URLs and the HTTP ports of the services
     ``recs`` (name -> a pid record with ``.port``, ``.argv`` and ``.extra``) started or found
@@ -207,8 +222,7 @@ def addresses(s: Settings, recs: dict) -> dict:
     def http_url(name: str) -> str:  # "" when off (-1) or on a port the service picked (0)
         return f"http://127.0.0.1:{http(name)}" if http(name) > 0 else ""
 
-    memory = recs.get("memory")
-    argv = list(memory.argv) if memory is not None else []
+    memory = as_started(s, recs["memory"].argv if "memory" in recs else None)
     return {
         "embedder_url": url("embedder"),
         "memory_url": url("memory"),
@@ -218,8 +232,8 @@ def addresses(s: Settings, recs: dict) -> dict:
         "memory_http_port": http("memory"),
         "embedder_http_url": http_url("embedder"),
         "generator_http_url": http_url("generator"),
-        "redis_url": _flag(argv, "--redis-url") or ("" if argv else s.redis_url),
-        "memory_data_dir": _flag(argv, "--data-dir") or str(s.memory_data_dir),
+        "redis_url": memory.redis_url,
+        "memory_data_dir": str(memory.memory_data_dir),
     }
 
 

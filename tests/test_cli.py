@@ -625,6 +625,30 @@ def test_a_service_started_beside_running_ones_reaches_them_where_they_listen(tm
     assert _flag(specs["memory"].argv, "--embedder-url") == "emb.example:443"
 
 
+def test_down_stops_a_redis_left_in_the_memory_services_own_data_dir(tmp_path, launcher_env):
+    """A memory service killed before it could stop its Redis (SIGKILL on macOS) leaves that Redis
+    running: `down` finds it through the data dir the service was started with (its pid record),
+    even when MEMORY_DATA_DIR changed since. A real redis-server; a real process as the service."""
+    old = tmp_path / "old-data"
+    redis = RedisProcess(old).start()
+    service = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        (old / "redis.pid").write_text(f"{redis.proc.pid}\n")
+        launcher_env.setenv("MEMORY_DATA_DIR", str(tmp_path / "new-data"))
+        s = Settings.from_env(str(tmp_path / "run"))
+        s.pids.mkdir(parents=True)
+        argv = [sys.executable, "-m", "services.memory", "--port", "5052", "--data-dir", str(old)]
+        write_pid(s, PidRecord("memory", service.pid, start_time(service.pid), 5052, argv, {}))
+        out = []
+        Cluster(s, out=out.append).down()
+        assert any(f"redis      stopped (pid {redis.proc.pid}" in ln for ln in out), out
+        assert redis.proc.wait(timeout=30) is not None and service.wait(timeout=30) is not None
+    finally:
+        if service.poll() is None:
+            service.kill()
+        redis.close()
+
+
 def _long_text(path: Path, sentences: int) -> Path:
     path.write_text(" ".join(f"Sentence {i} tells of the lighthouse keeper and the sea." for i in range(sentences)))
     return path
