@@ -346,6 +346,22 @@ __device__ __forceinline__ void em_mma_16816(float* c, const unsigned* a, const 
 """
 
 
+def compute_capability() -> tuple[int, int]:
+    """This GPU's CUDA compute capability (major, minor) from ``mx.device_info()``; (7, 5), the
+    oldest the kernels support, where MLX does not say (the limits and instructions it picks are
+    then the safe ones)."""
+    info = mx.device_info()
+    return int(info.get("compute_capability_major", 7)), int(info.get("compute_capability_minor", 5))
+
+
+@functools.cache
+def tensor_cores() -> bool:
+    """Whether this GPU runs ``mma.sync.m16n8k16`` on 16-bit inputs (``em_mma_16816``: the prefill
+    merge's and the prefill top-k's tensor-core kernels): compute capability 8.0 and later; ptxas
+    refuses the instruction for 7.5 (Turing), which keeps the kernels without it."""
+    return compute_capability() >= (8, 0)
+
+
 @functools.cache
 def constant(values: tuple, dtype) -> mx.array:
     """A small constant kernel input (a scale, a threshold, a shape, a bound) [n >= len(values)]:
