@@ -237,9 +237,14 @@ def _unit_keys(dtype):
     return mx.compile(lambda keys, inv_norms: (keys.astype(mx.float32) * inv_norms[..., None]).astype(dtype))
 
 
+# Whether prefills rank on tensor cores where prefill_top_k_mma applies (bench.prefill_memory
+# turns it off to time this module's matmul path beside it).
+MMA = True
+
+
 def _tensor_cores(d: int) -> bool:
     """Whether a prefill of head size ``d`` ranks on tensor cores (prefill_top_k_mma)."""
-    return prefill_top_k_mma.applies(d, kernel_parts.tensor_cores())
+    return MMA and prefill_top_k_mma.applies(d, kernel_parts.tensor_cores())
 
 
 def _matmul_dtype(keys_dtype, d: int) -> mx.Dtype:
