@@ -46,6 +46,56 @@ def keys_per_tile(d: int) -> int:
     return 64 if d <= 64 else 32
 
 
+# The tile loop's pieces, force-inlined so that the register arrays they take stay in registers.
+TILE_HEADER = r"""
+// Tile it of the unit keys ug [N, D] (NT keys): this thread's 16-byte chunks (zeros past N).
+template <int D, int NT, int T, int U>
+__device__ __forceinline__ void em_fetch_keys(uint4 (&pre)[U], const __half* ug, int it, int N) {
+  constexpr int CH = D / 8;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int idx = threadIdx.x + u * T;
+    const int n = it * NT + idx / CH;
+    pre[u] = idx < NT * CH && n < N ? *reinterpret_cast<const uint4*>(ug + (size_t)n * D + (idx % CH) * 8)
+                                    : uint4{0u, 0u, 0u, 0u};
+  }
+}
+
+// The chunks into a shared buffer of NT keys, D + 8 halves apart (B fragments conflict-free).
+template <int D, int NT, int T, int U>
+__device__ __forceinline__ void em_put_keys(const uint4 (&pre)[U], __half* buf) {
+  constexpr int CH = D / 8;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int idx = threadIdx.x + u * T;
+    if (idx < NT * CH) *reinterpret_cast<uint4*>(buf + (idx / CH) * (D + 8) + (idx % CH) * 8) = pre[u];
+  }
+}
+
+// A tile's scores: c[mt][t][j] = the warp's row (mt, j / 2) against the tile's key 8 t + 2 tig + j % 2.
+template <int D, int NT, int MT>
+__device__ __forceinline__ void em_tile_scores(
+    const __half* kt, const unsigned (&a)[MT][D / 16][4], float (&c)[MT][NT / 8][4]) {
+  const int lane = threadIdx.x & 31;
+  const int gid = lane >> 2, tig = lane & 3;
+#pragma unroll
+  for (int t = 0; t < NT / 8; ++t) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) c[mt][t][j] = 0.f;
+    }
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const __half* kp = kt + (t * 8 + gid) * (D + 8) + ks * 16 + tig * 2;
+      const unsigned bf[2] = {*reinterpret_cast<const unsigned*>(kp), *reinterpret_cast<const unsigned*>(kp + 8)};
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) em_mma_16816<0>(c[mt][t], a[mt][ks], bf);
+    }
+  }
+}
+"""
+
 # inputs: q [B, H, L, D] (contiguous, Tq), unit [KVH, N, D] float16 (row-major unit keys,
 # contiguous), topk [1] int32, bound [1] float32 (E). outputs: cand [B * H * L, C] int32 (the
 # first min(count, C) written), counts [B * H * L] int32. Template: D (a multiple of 16), K (the
@@ -124,10 +174,9 @@ CANDIDATES = """
     }
   }
 
-  constexpr int SK = D + 8;  // a key's halves in shared memory: padded, so B fragments are conflict-free
+  constexpr int SK = D + 8;  // a key's halves in shared memory (em_put_keys)
   constexpr int TILE = NT * SK;
-  constexpr int CH = D / 8;  // 16-byte chunks per key
-  constexpr int U = (NT * CH + T - 1) / T;  // chunks per thread per tile
+  constexpr int U = (NT * (D / 8) + T - 1) / T;  // 16-byte chunks per thread per tile
   constexpr int RS = 33;  // a row's 32 stripe maxima in shared memory, padded
   constexpr int KEY_BYTES = 2 * TILE * 2;
   constexpr int RED_BYTES = RB * RS * 4;
@@ -137,44 +186,8 @@ CANDIDATES = """
   __half* kbuf = reinterpret_cast<__half*>(smem);
   const __half* ug = unit + (size_t)g * N * D;
   const int tiles = (N + NT - 1) / NT;
-
-  // Tile it's keys go global -> registers (fetch, one tile ahead) -> shared buffer it % 2 (put).
+  // Tile it's keys go global -> registers (one tile ahead) -> shared buffer it % 2.
   uint4 pre[U];
-  auto fetch = [&](int it) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int idx = threadIdx.x + u * T;
-      const int n = it * NT + idx / CH;
-      pre[u] = idx < NT * CH && n < N ? *reinterpret_cast<const uint4*>(ug + (size_t)n * D + (idx % CH) * 8)
-                                      : uint4{0u, 0u, 0u, 0u};
-    }
-  };
-  auto put = [&](int it) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int idx = threadIdx.x + u * T;
-      if (idx < NT * CH) *reinterpret_cast<uint4*>(kbuf + (it & 1) * TILE + (idx / CH) * SK + (idx % CH) * 8) = pre[u];
-    }
-  };
-  // The tile's scores: c[mt][t][j] = row (mt, j / 2) against key it * NT + 8 t + 2 tig + j % 2.
-  auto scores = [&](int it, float (&c)[MT][NT / 8][4]) {
-    const __half* kt = kbuf + (it & 1) * TILE;
-#pragma unroll
-    for (int t = 0; t < NT / 8; ++t) {
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) c[mt][t][j] = 0.f;
-      }
-#pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) {
-        const __half* kp = kt + (t * 8 + gid) * SK + ks * 16 + tig * 2;
-        const unsigned bf[2] = {*reinterpret_cast<const unsigned*>(kp), *reinterpret_cast<const unsigned*>(kp + 8)};
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) em_mma_16816<0>(c[mt][t], a[mt][ks], bf);
-      }
-    }
-  };
 
   // Pass 1: each row's best score per stripe (slot (2 t + j % 2) % 8 of lane tig: 32 disjoint
   // stripes of the bank per row). Scores of keys past N are none; NaN never wins (fmaxf).
@@ -187,13 +200,13 @@ CANDIDATES = """
       for (int s = 0; s < 8; ++s) best[mt][i][s] = EM_NEG_INF;
     }
   }
-  fetch(0);
-  put(0);
+  em_fetch_keys<D, NT, T>(pre, ug, 0, N);
+  em_put_keys<D, NT, T>(pre, kbuf);
   __syncthreads();
   for (int it = 0; it < tiles; ++it) {
-    if (it + 1 < tiles) fetch(it + 1);
+    if (it + 1 < tiles) em_fetch_keys<D, NT, T>(pre, ug, it + 1, N);
     float c[MT][NT / 8][4];
-    scores(it, c);
+    em_tile_scores<D, NT, MT>(kbuf + (it & 1) * TILE, a, c);
     const int lim = N - it * NT;  // columns below lim are keys
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
@@ -207,7 +220,7 @@ CANDIDATES = """
         }
       }
     }
-    if (it + 1 < tiles) put(it + 1);
+    if (it + 1 < tiles) em_put_keys<D, NT, T>(pre, kbuf + ((it + 1) & 1) * TILE);
     __syncthreads();
   }
 
@@ -257,13 +270,13 @@ CANDIDATES = """
 
   // Pass 2: the scores again; a row's candidates (not below its cut, or NaN) listed in order of
   // tile, lane (tig) and column: a lane's place after the quad's lower lanes' (shuffles).
-  fetch(0);
-  put(0);
+  em_fetch_keys<D, NT, T>(pre, ug, 0, N);
+  em_put_keys<D, NT, T>(pre, kbuf);
   __syncthreads();
   for (int it = 0; it < tiles; ++it) {
-    if (it + 1 < tiles) fetch(it + 1);
+    if (it + 1 < tiles) em_fetch_keys<D, NT, T>(pre, ug, it + 1, N);
     float c[MT][NT / 8][4];
-    scores(it, c);
+    em_tile_scores<D, NT, MT>(kbuf + (it & 1) * TILE, a, c);
     const int lim = N - it * NT;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
@@ -299,7 +312,7 @@ CANDIDATES = """
         count[mt][i] += all;
       }
     }
-    if (it + 1 < tiles) put(it + 1);
+    if (it + 1 < tiles) em_put_keys<D, NT, T>(pre, kbuf + ((it + 1) & 1) * TILE);
     __syncthreads();
   }
 #pragma unroll
@@ -383,7 +396,7 @@ def candidates_kernel():
         input_names=["q", "unit", "topk", "bound"],
         output_names=["cand", "counts"],
         source=CANDIDATES,
-        header=kernel_parts.HEADER + kernel_parts.TOPK_HEADER + kernel_parts.MMA_HEADER,
+        header=kernel_parts.HEADER + kernel_parts.TOPK_HEADER + kernel_parts.MMA_HEADER + TILE_HEADER,
     )
 
 

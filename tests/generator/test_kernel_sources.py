@@ -128,7 +128,7 @@ KERNELS = {
         ],
     ),
     "prefill_candidates": (
-        TOPK + kernel_parts.MMA_HEADER,
+        TOPK + kernel_parts.MMA_HEADER + prefill_top_k_mma.TILE_HEADER,
         prefill_top_k_mma.CANDIDATES,
         ["const Tq* q", "const __half* unit", "const int* topk", "const float* bound", "int* cand", "int* counts"]
         + _arrays("q", "unit"),
