@@ -73,6 +73,10 @@ __device__ __forceinline__ void em_put_keys(const uint4 (&pre)[U], __half* buf) 
 }
 
 // A tile's scores: c[mt][t][j] = the warp's row (mt, j / 2) against the tile's key 8 t + 2 tig + j % 2.
+// By k-step, every column group's product in turn: the 8 x MT products of a step are independent (a
+// step's product waits on the same accumulator's previous step only), and the next step's B
+// fragments are loaded before this step's products, so neither the loads' nor the products'
+// latencies hold the tensor cores up.
 template <int D, int NT, int MT>
 __device__ __forceinline__ void em_tile_scores(
     const __half* kt, const unsigned (&a)[MT][D / 16][4], float (&c)[MT][NT / 8][4]) {
@@ -85,12 +89,28 @@ __device__ __forceinline__ void em_tile_scores(
 #pragma unroll
       for (int j = 0; j < 4; ++j) c[mt][t][j] = 0.f;
     }
+  }
+  const __half* kp = kt + gid * (D + 8) + tig * 2;
+  unsigned bf[2][NT / 8][2];
 #pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      const __half* kp = kt + (t * 8 + gid) * (D + 8) + ks * 16 + tig * 2;
-      const unsigned bf[2] = {*reinterpret_cast<const unsigned*>(kp), *reinterpret_cast<const unsigned*>(kp + 8)};
+  for (int t = 0; t < NT / 8; ++t) {
+    bf[0][t][0] = *reinterpret_cast<const unsigned*>(kp + t * 8 * (D + 8));
+    bf[0][t][1] = *reinterpret_cast<const unsigned*>(kp + t * 8 * (D + 8) + 8);
+  }
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) em_mma_16816<0>(c[mt][t], a[mt][ks], bf);
+  for (int ks = 0; ks < D / 16; ++ks) {
+    if (ks + 1 < D / 16) {
+#pragma unroll
+      for (int t = 0; t < NT / 8; ++t) {
+        const __half* p = kp + t * 8 * (D + 8) + (ks + 1) * 16;
+        bf[(ks + 1) & 1][t][0] = *reinterpret_cast<const unsigned*>(p);
+        bf[(ks + 1) & 1][t][1] = *reinterpret_cast<const unsigned*>(p + 8);
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < NT / 8; ++t) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) em_mma_16816<0>(c[mt][t], a[mt][ks], bf[ks & 1][t]);
     }
   }
 }
