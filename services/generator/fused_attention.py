@@ -109,13 +109,21 @@ def _shared_bucket(floats: int) -> int:
     return max(1024, 1 << (floats - 1).bit_length())
 
 
+def compute_capability() -> tuple[int, int]:
+    """This GPU's CUDA compute capability (major, minor) from ``mx.device_info()``; (7, 5), the
+    oldest the kernels support, where MLX does not say (the limits and instructions it picks are
+    then the safe ones)."""
+    info = mx.device_info()
+    return int(info.get("compute_capability_major", 7)), int(info.get("compute_capability_minor", 5))
+
+
 @functools.cache
 def max_local_positions() -> int:
     """Most memory + local positions (K + S logits) one attend block holds in shared memory on
     this GPU: a power of two within its per-block limit (opt-in: 227 KiB on compute capability
     9.x / 10.x, 163 KiB on 8.0 / 8.7, 99 KiB on other 8.x / 12.x, 64 KiB on 7.5) less room for
     the kernel's static shared memory. Longer contexts take the portable path."""
-    cc = kernel_parts.compute_capability()
+    cc = compute_capability()
     kib = 227 if cc[0] in (9, 10) else 163 if cc in ((8, 0), (8, 7)) else 99 if cc[0] >= 8 else 64
     floats = (kib - 16) * 1024 // 4
     return 1 << (floats.bit_length() - 1)

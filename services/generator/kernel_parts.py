@@ -265,7 +265,6 @@ __device__ __forceinline__ float em_dot_r(const float* qs, const Tk* kr) {
 # c[0..3] the products (gid, 2 tig + {0,1}), (gid + 8, 2 tig + {0,1}). BF: bfloat16 inputs, else
 # float16. Products of 16-bit values are exact in float32; the accumulation order is the
 # hardware's; mma.sync's m16n8k16 shape with 16-bit inputs needs compute capability 8.0 or later.
-# The asm is not volatile: a pure product, which the compiler may schedule among the loads.
 # With EM_PORTABLE_MMA (the CPU emulator) the same product is computed from the warp's registers
 # by shuffles: every lane gathers its rows' and columns' elements.
 MMA_HEADER = r"""
@@ -332,12 +331,12 @@ __device__ __forceinline__ void em_mma_16816(float* c, const unsigned* a, const 
 template <int BF>
 __device__ __forceinline__ void em_mma_16816(float* c, const unsigned* a, const unsigned* b) {
   if (BF) {
-    asm(
+    asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   } else {
-    asm(
+    asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
@@ -345,22 +344,6 @@ __device__ __forceinline__ void em_mma_16816(float* c, const unsigned* a, const 
 }
 #endif
 """
-
-
-def compute_capability() -> tuple[int, int]:
-    """This GPU's CUDA compute capability (major, minor) from ``mx.device_info()``; (7, 5), the
-    oldest the kernels support, where MLX does not say (the limits and instructions it picks are
-    then the safe ones)."""
-    info = mx.device_info()
-    return int(info.get("compute_capability_major", 7)), int(info.get("compute_capability_minor", 5))
-
-
-@functools.cache
-def tensor_cores() -> bool:
-    """Whether this GPU runs ``mma.sync.m16n8k16`` on 16-bit inputs (``em_mma_16816``: the prefill
-    merge's and the prefill top-k's tensor-core kernels): compute capability 8.0 and later; ptxas
-    refuses the instruction for 7.5 (Turing), which keeps the kernels without it."""
-    return compute_capability() >= (8, 0)
 
 
 @functools.cache

@@ -29,6 +29,7 @@ boolean mask that is the causal one becomes "causal").
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import mlx.core as mx
@@ -108,6 +109,14 @@ def forget_masks() -> None:
     fused_attention.forget_mask()
 
 
+@functools.cache
+def tensor_cores() -> bool:
+    """Whether this GPU runs ``mma.sync.m16n8k16`` on 16-bit inputs (prefill_merge_kernels.MERGE_MMA): compute
+    capability 8.0 and later; ptxas refuses the instruction for 7.5 (Turing), which keeps the
+    float32 logits kernel."""
+    return fused_attention.compute_capability() >= (8, 0)
+
+
 def fits(B: int, H: int, L: int, S: int) -> bool:
     """Whether a call of these sizes takes this path: a long batch of queries (L >= MIN_QUERIES)
     whose local logits stay under MAX_LOGITS for chunks of at least MIN_QUERIES query rows."""
@@ -160,13 +169,7 @@ def _attend(q, k, v, mask, mem_rows, mem_dots, bank_values, scale: float, out_dt
     local = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)  # [B, H, L, d]
     kernel_mask = fused_attention.mask_mode(mask, B, L, S) if fused_attention.enabled() else None
     # 16-bit queries and keys: the merge kernel computes their logits itself (tensor cores).
-    mma = (
-        kernel_mask is not None
-        and q.dtype in MMA_DTYPES
-        and k.dtype == q.dtype
-        and d % 16 == 0
-        and kernel_parts.tensor_cores()
-    )
+    mma = kernel_mask is not None and q.dtype in MMA_DTYPES and k.dtype == q.dtype and d % 16 == 0 and tensor_cores()
     if not mma:
         # GQA as a plain batched matmul: a KV head's R query heads stacked as rows.
         dots = q.astype(mx.float32).reshape(B, kvh, rep * L, d) @ k.astype(mx.float32).swapaxes(-1, -2)

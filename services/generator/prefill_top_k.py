@@ -51,7 +51,7 @@ import functools
 
 import mlx.core as mx
 
-from services.generator import kernel_parts, prefill_top_k_mma
+from services.generator import kernel_parts
 
 # The bound of |a_n - c_n| for unit queries (of |a_n - |q| c_n| / |q| for raw ones, which do not
 # take the query's rounding): 2^-11 each for the roundings of the unit query, the unit key (float16
@@ -232,35 +232,22 @@ def _kernel():
 
 @functools.cache
 def _unit_keys(dtype):
-    """keys [KVH, N, d] (row-major), inv_norms [KVH, N] float32 -> the unit keys [KVH, N, d] in
-    ``dtype``: one fused op (compiled) rather than a cast, a product and a cast."""
-    return mx.compile(lambda keys, inv_norms: (keys.astype(mx.float32) * inv_norms[..., None]).astype(dtype))
+    """keys_t [KVH, d, N], inv_norms [KVH, N] float32 -> the unit keys [KVH, d, N] in ``dtype``:
+    one fused op (compiled) rather than a cast, a product and a cast."""
+    return mx.compile(lambda keys_t, inv_norms: (keys_t.astype(mx.float32) * inv_norms[:, None, :]).astype(dtype))
 
 
-# Whether prefills rank on tensor cores where prefill_top_k_mma applies (bench.prefill_memory
-# turns it off to time this module's matmul path beside it).
-MMA = True
-
-
-def _tensor_cores(d: int) -> bool:
-    """Whether a prefill of head size ``d`` ranks on tensor cores (prefill_top_k_mma)."""
-    return MMA and prefill_top_k_mma.applies(d, kernel_parts.tensor_cores())
-
-
-def _matmul_dtype(keys_dtype, d: int) -> mx.Dtype:
-    """The unit keys' dtype for a bank of ``keys_dtype`` and head size ``d``: float16 for the
-    tensor-core kernels and for a float16 bank's matmul, else float32 (module docstring, step 1)."""
-    return mx.float16 if keys_dtype == mx.float16 or _tensor_cores(d) else mx.float32
+def _matmul_dtype(keys_dtype) -> mx.Dtype:
+    """The scores' matmul dtype for a bank of ``keys_dtype`` (module docstring, step 1)."""
+    return mx.float16 if keys_dtype == mx.float16 else mx.float32
 
 
 def prefill_keys(keys_t: mx.array, inv_norms: mx.array) -> tuple[mx.array, mx.array]:
-    """What ``top_k_rows`` reads of one layer's bank besides ``inv_norms``, made from ``keys_t``
-    [KVH, d, N] (lazily, two launches): (the unit keys [KVH, N, d], float16 where
-    ``_matmul_dtype`` says so, else float32; the keys [KVH, N, d] in their dtype, for the
-    candidates' exact dots), both row-major. ``bank_cache.Bank`` keeps them from a bank's first
-    prefill on."""
-    keys = mx.contiguous(keys_t.swapaxes(1, 2))
-    return _unit_keys(_matmul_dtype(keys_t.dtype, keys_t.shape[1]))(keys, inv_norms), keys
+    """What ``top_k_rows`` reads of one layer's bank besides ``keys_t`` and ``inv_norms``, made
+    from them (lazily, two launches): (the unit keys [KVH, d, N] in the scores' matmul dtype,
+    float16 for a float16 bank else float32; the keys row-major [KVH, N, d] in their dtype, for
+    the candidates' exact dots). ``bank_cache.Bank`` keeps them from a bank's first prefill on."""
+    return _unit_keys(_matmul_dtype(keys_t.dtype))(keys_t, inv_norms), mx.contiguous(keys_t.swapaxes(1, 2))
 
 
 def top_k_rows(
@@ -279,9 +266,6 @@ def top_k_rows(
     -1 where the cosine is not above the threshold; dots [B, H, L, k] float32, raw q . k), rows
     in descending exact cosine, ties at the k-th place either way."""
     B, H, L, d = q.shape
-    unit, keys = prepared if prepared is not None else prefill_keys(keys_t, inv_norms)
-    if _tensor_cores(d):
-        return prefill_top_k_mma.top_k_rows(q, unit, keys, inv_norms, k, list_size, threshold, APPROX_E)
     kvh = keys_t.shape[0]
     rep = H // kvh
     to_rows = (kvh, -1, d)  # [KVH, B * rep * L, d]: a KV head's query rows for one matmul
@@ -289,7 +273,7 @@ def top_k_rows(
     # (module docstring, step 1). A float16 bank takes a float16 matmul (tensor cores, float16
     # scores); others a float32 one (bfloat16 keys are exact in float32), which MLX may run in
     # TF32: the ranking stays exact.
-    dtype = _matmul_dtype(keys_t.dtype, d)
+    dtype = _matmul_dtype(keys_t.dtype)
     raw = q.dtype == dtype or dtype == mx.float32  # held exactly in the matmul's dtype (TF32: within E)
     if raw:
         qm = q.astype(dtype)
@@ -297,7 +281,8 @@ def top_k_rows(
         qf = q.astype(mx.float32)
         qm = (qf * mx.rsqrt(mx.maximum(mx.sum(qf * qf, axis=-1, keepdims=True), 1e-24))).astype(dtype)
     qm = qm.reshape(B, kvh, rep, L, d).transpose(1, 0, 2, 3, 4).reshape(to_rows)  # no copy for B = 1
-    approx = qm @ unit.swapaxes(1, 2)  # cuBLAS reads the row-major keys transposed: no copy
+    unit, keys = prepared if prepared is not None else prefill_keys(keys_t, inv_norms)
+    approx = qm @ unit
     rows = B * H * L
     per_block = _THREADS // 32
     out = _kernel()(

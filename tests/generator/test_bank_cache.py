@@ -123,7 +123,7 @@ def test_a_banks_prefill_keys_are_kept_in_free_room_only_and_go_before_any_bank(
     assert a.prefill_keys(0)[0] is unit and a.prefill_keys(0)[1] is rows_major  # kept
     keys_t, inv = a.keys[0], a.inv_norms[0]
     np.testing.assert_array_equal(np.array(rows_major), np.array(keys_t).swapaxes(1, 2))
-    np.testing.assert_allclose(np.array(unit), (np.array(keys_t) * np.array(inv)[:, None, :]).swapaxes(1, 2), rtol=1e-6)
+    np.testing.assert_allclose(np.array(unit), np.array(keys_t) * np.array(inv)[:, None, :], rtol=1e-6)
     grown = unit.nbytes + rows_major.nbytes
     assert 0 < grown < base  # the test's bound leaves room for one bank's keys, not two
     assert a.nbytes == base + grown and cache.nbytes == 2 * base + grown
@@ -150,7 +150,7 @@ def test_only_a_cached_bank_keeps_prefill_keys():
     assert r.prefill_keys(0)[0] is not unit and not a.prefill and not b.prefill  # several banks: per forward
     want = np.concatenate([np.array(a.keys[0]), np.array(b.keys[0])], axis=2).swapaxes(1, 2)
     np.testing.assert_array_equal(np.array(rows_major), want)
-    assert unit.shape == (2, 13, 4)
+    assert unit.shape == (2, 4, 13)
 
     big = _bank("big", "1", rows=64)
     a.prefill_keys(0)  # outside any cache (tests, benches): kept, no bound

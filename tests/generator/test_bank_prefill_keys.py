@@ -15,15 +15,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import load
 
 from extmind.tiny_models import build_llama
-from services.generator import (
-    decode_kernels,
-    fused_attention,
-    kernel_parts,
-    prefill_attention,
-    prefill_merge_kernels,
-    prefill_top_k,
-    prefill_top_k_mma,
-)
+from services.generator import decode_kernels, fused_attention, prefill_attention, prefill_merge_kernels, prefill_top_k
 from services.generator.bank_cache import BankCache, LocalRetriever, bank_from_numpy
 from services.generator.extended_attention import MemoryContext, install
 
@@ -86,10 +78,8 @@ def _fused_prefill(tmp_path, monkeypatch, matmul_rows: int):
         decode_kernels.topk_scan_kernel,
         decode_kernels.topk_merge_kernel,
         prefill_merge_kernels.merge_kernel,
-        kernel_parts.tensor_cores,
+        prefill_attention.tensor_cores,
         prefill_top_k._kernel,
-        prefill_top_k_mma.candidates_kernel,
-        prefill_top_k_mma.rerank_kernel,
     )
     for made in made_kernels:
         made.cache_clear()

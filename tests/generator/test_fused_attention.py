@@ -187,47 +187,6 @@ def test_prefill_top_k_is_exact_where_float16_cannot_tell_rows_apart(dtype):
         assert wrong.mean() > 0.5
 
 
-@needs_cuda
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("mode", ["random", "clustered"])
-def test_tensor_core_prefill_top_k_with_float16_queries(d, mode, monkeypatch):
-    """A 16-bit model's prefill (float16 queries and bank, as they are) through the tensor-core top-k
-    (prefill_top_k_mma) on this GPU: the exact cosine top-k, tie-aware, exact raw dots; the same picks
-    as the matmul path's (prefill_top_k.MMA off) wherever the k-th best is not within the slack of a tie.
-    Clustered: keys and queries around 32 directions, so many rows score alike."""
-    from services.generator import prefill_top_k
-
-    assert prefill_top_k._tensor_cores(d), "this GPU should rank on tensor cores"
-    rng = np.random.default_rng(d)
-    B, H, KVH, L, n, k = 1, 8, 2, 300, 4096, 10
-    keys = rng.standard_normal((KVH, n, d))
-    q = rng.standard_normal((B, H, L, d))
-    if mode == "clustered":
-        centers = rng.standard_normal((32, d))
-        keys = centers[rng.integers(0, 32, (KVH, n))] + 0.3 * keys
-        q = centers[rng.integers(0, 32, (B, H, L))] + 0.3 * q
-    q16, keys_mx = mx.array(q.astype(np.float16)), mx.array(keys.astype(np.float16))
-    inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx.astype(mx.float32) ** 2, axis=-1), 1e-24))
-    keys_t = mx.contiguous(keys_mx.swapaxes(-1, -2))
-    rows, dots = (np.array(a) for a in fused_attention.top_k_rows(q16, keys_t, inv, k, None))
-    monkeypatch.setattr(prefill_top_k, "MMA", False)
-    old_rows = np.array(fused_attention.top_k_rows(q16, keys_t, inv, k, None)[0])
-    cos, raw = _np_cosines(
-        np.array(q16.astype(mx.float32)).astype(np.float64), keys.astype(np.float16).astype(np.float64)
-    )
-    ordered = -np.sort(-cos, axis=-1)
-    kth = ordered[..., k - 1]
-    clear = ordered[..., k - 1] - ordered[..., k] > SLACK  # no tie within the slack at the k-th place
-    assert clear.mean() > 0.5
-    for idx in np.ndindex(B, H, L):
-        got = rows[idx]
-        assert (got >= 0).all() and len(set(got.tolist())) == k
-        assert (cos[idx][got] >= kth[idx] - SLACK).all()
-        np.testing.assert_allclose(dots[idx], raw[idx][got], rtol=1e-4, atol=1e-3)
-        if clear[idx]:
-            assert set(got.tolist()) == set(old_rows[idx].tolist())
-
-
 def _layer(path, head_dim=None):
     build_llama(path, hidden=128, heads=8, kv_heads=2, head_dim=head_dim, seed=5)
     model, _ = load(str(path))

@@ -16,7 +16,7 @@ import subprocess
 import pytest
 
 from services.generator import decode_kernels as dk
-from services.generator import device_stack, kernel_parts, prefill_merge_kernels, prefill_top_k, prefill_top_k_mma
+from services.generator import device_stack, kernel_parts, prefill_merge_kernels, prefill_top_k
 
 from . import cuda_emulator
 
@@ -126,36 +126,6 @@ KERNELS = {
             "<__half, float, 128, 128, 2, __half, 0>",
             "<__half, __half, 256, 128, 0, __half, 1>",
         ],
-    ),
-    "prefill_candidates": (
-        TOPK + kernel_parts.MMA_HEADER + prefill_top_k_mma.TILE_HEADER,
-        prefill_top_k_mma.CANDIDATES,
-        ["const Tq* q", "const __half* unit", "const int* topk", "const float* bound", "int* cand", "int* counts"]
-        + _arrays("q", "unit"),
-        ["typename Tq", "int D", "int K", "int MT", "int NT", "int C", "int T", "int RAW"],
-        [
-            "<__half, 64, 16, 2, 64, 64, 128, 1>",
-            "<float, 128, 32, 2, 32, 64, 128, 0>",
-            "<float, 80, 8, 1, 32, 64, 128, 0>",
-        ],
-    ),
-    "prefill_rerank": (
-        TOPK,
-        prefill_top_k_mma.RERANK,
-        [
-            "const __half* q",
-            "const Tk* keys",
-            "const float* inv_norms",
-            "const int* cand",
-            "const int* counts",
-            "const float* threshold",
-            "const int* topk",
-            "int* rows",
-            "float* dots",
-            *_arrays("q", "keys"),
-        ],
-        ["typename Tk", "int D", "int K", "int C", "int T"],
-        ["<__half, 64, 16, 64, 128>", "<float, 128, 32, 64, 128>", "<__half, 96, 8, 64, 128>"],
     ),
     "topk_chunks": (
         TOPK,

@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from services.generator import fused_attention, kernel_parts, prefill_attention, prefill_merge_kernels
+from services.generator import fused_attention, prefill_attention, prefill_merge_kernels
 
 from . import cuda_emulator
 from .helpers import LAST_AXIS_LAYOUTS, last_axis_layout, prefill_picks
@@ -36,7 +36,7 @@ def emulated(monkeypatch):
     monkeypatch.setattr(fused_attention, "enabled", lambda mode="auto": True)
     monkeypatch.setattr(mx, "device_info", lambda: {"compute_capability_major": 9, "compute_capability_minor": 0})
     prefill_merge_kernels.merge_kernel.cache_clear()
-    kernel_parts.tensor_cores.cache_clear()
+    prefill_attention.tensor_cores.cache_clear()
     made = []
     kernel = prefill_merge_kernels.merge_kernel
 
@@ -47,7 +47,7 @@ def emulated(monkeypatch):
     monkeypatch.setattr(prefill_merge_kernels, "merge_kernel", spy)
     yield made
     kernel.cache_clear()
-    kernel_parts.tensor_cores.cache_clear()
+    prefill_attention.tensor_cores.cache_clear()
 
 
 def _rounded(a: np.ndarray, dtype) -> tuple[mx.array, np.ndarray]:
@@ -108,7 +108,7 @@ def test_merge_takes_the_tensor_core_kernel_only_where_the_gpu_has_mma_m16n8k16(
     a float16 prefill must take the float32 logits kernel, not fail to compile."""
     info = {"compute_capability_major": cc[0], "compute_capability_minor": cc[1], "device_name": "emulated"}
     monkeypatch.setattr(mx, "device_info", lambda: info)
-    kernel_parts.tensor_cores.cache_clear()
+    prefill_attention.tensor_cores.cache_clear()
     rng = np.random.default_rng(3)
     B, H, KVH, L, S, d, k, n = 1, 2, 1, 17, 20, 32, 4, 10
     q, q64 = _rounded(rng.standard_normal((B, H, L, d)), mx.float16)
