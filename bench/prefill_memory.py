@@ -15,7 +15,8 @@ model's dtype, top_k 10. Prints:
    on CUDA with a 16-bit model also LOCAL with the merge reading float32 logits, as every dtype did
    before the tensor-core merge (``prefill_merge_kernels.MERGE_MMA``): its before and after in one run;
    on CUDA also LOCAL with the bank's prefill keys made per forward, as before cached banks kept
-   them (``bank_cache.Bank.prefill_keys``);
+   them (``bank_cache.Bank.prefill_keys``), and LOCAL with the prefill top-k reading each row's
+   scores twice, as before it held them in shared memory (``prefill_top_k.HOLD_SCORES``);
 2. on CUDA, the fused prefill path of one layer (``fused_attention.top_k_rows`` and
    ``prefill_attention.attend``, docs/architecture.md "Prefill with memories") against MLX's
    fused attention alone, each evaluated alone (so each includes a launch and a sync), and all
@@ -51,7 +52,7 @@ from bench.common import add_record_flag, describe, machine, median_ratio, recor
 from bench.generator import SHAPES  # noqa: E402
 from extmind.tiny_models import build_llama  # noqa: E402
 from services.common.config import positive_int  # noqa: E402
-from services.generator import extended_attention, fused_attention, prefill_attention  # noqa: E402
+from services.generator import extended_attention, fused_attention, prefill_attention, prefill_top_k  # noqa: E402
 from services.generator.bank_cache import LocalRetriever, bank_from_numpy  # noqa: E402
 from services.generator.extended_attention import MemoryContext  # noqa: E402
 
@@ -65,25 +66,28 @@ def random_llama(dims: dict, tmp: Path):
     return load(str(path))[0]
 
 
-def forward(model, state, tokens: mx.array, memory, mma: bool = True) -> None:
+def forward(model, state, tokens: mx.array, memory, mma: bool = True, hold: bool = True) -> None:
     """One forward of ``tokens`` with ``memory`` (a MemoryContext or None), its last position's
     logits evaluated. ``mma`` False: a 16-bit model's CUDA merge reads a float32 matmul's local
-    logits (``prefill_merge_kernels.MERGE_LOGITS``, what every dtype took before ``MERGE_MMA``)."""
-    kept = prefill_attention.MMA_DTYPES
+    logits (``prefill_merge_kernels.MERGE_LOGITS``, what every dtype took before ``MERGE_MMA``).
+    ``hold`` False: the CUDA prefill top-k reads each row's scores twice from global memory
+    (``prefill_top_k.HOLD_SCORES`` off, as before it held them in shared memory)."""
+    kept, held = prefill_attention.MMA_DTYPES, prefill_top_k.HOLD_SCORES
     prefill_attention.MMA_DTYPES = kept if mma else ()
+    prefill_top_k.HOLD_SCORES = hold
     state.memory = memory
     try:
         out = model(tokens, cache=make_prompt_cache(model))
         mx.eval(out[:, -1])
     finally:
         state.memory = None
-        prefill_attention.MMA_DTYPES = kept
+        prefill_attention.MMA_DTYPES, prefill_top_k.HOLD_SCORES = kept, held
 
 
 def forwards(model, state, tokens: mx.array, rounds: int, variants: dict) -> dict[str, list[float]]:
     """Seconds of the prompt's forward for each of ``variants`` (name -> (a MemoryContext or None,
-    ``forward``'s ``mma``)), ``rounds`` interleaved rounds -> name -> seconds per round."""
-    runs = [functools.partial(forward, model, state, tokens, memory, mma) for memory, mma in variants.values()]
+    ``forward``'s ``mma`` and ``hold``)), ``rounds`` interleaved rounds -> name -> seconds per round."""
+    runs = [functools.partial(forward, model, state, tokens, *variant) for variant in variants.values()]
     return dict(zip(variants, timed_rounds(runs, rounds, warmup=3)))
 
 
@@ -135,6 +139,13 @@ def parts(state, bank, layers: int, tokens: int, dtype, rounds: int) -> dict:
     def top_k():
         return fused_attention.top_k_rows(q, keys_t, inv_norms, TOP_K, None, kept)
 
+    def top_k_twice():  # the scores read twice (prefill_top_k.HOLD_SCORES off)
+        prefill_top_k.HOLD_SCORES = False
+        try:
+            return fused_attention.top_k_rows(q, keys_t, inv_norms, TOP_K, None, kept)
+        finally:
+            prefill_top_k.HOLD_SCORES = True
+
     def attend():
         return prefill_attention.attend(q, k, v, "causal", rows, dots, values, scale, dtype)
 
@@ -149,10 +160,11 @@ def parts(state, bank, layers: int, tokens: int, dtype, rounds: int) -> dict:
         return lambda: mx.eval([fn() for _ in range(layers)])
 
     out = {}
-    one = timed_rounds([evaluated(f) for f in (sdpa, top_k, attend, memory_layer)], rounds, warmup=3)
+    one = timed_rounds([evaluated(f) for f in (sdpa, top_k, top_k_twice, attend, memory_layer)], rounds, warmup=3)
     names = (
         "MLX's fused attention, causal (the stock layer's attention)",
         "`fused_attention.top_k_rows` (scores' matmul + top-k kernel)",
+        "the same, the top-k kernel reading each row's scores twice",
         "`prefill_attention.attend` (fused attention + local logits + merge)",
         "the memory path of one layer (the two above)",
     )
@@ -206,12 +218,13 @@ def main():
     tokens = mx.array([rng.integers(0, model.args.vocab_size, args.tokens).tolist()])
 
     dtype = getattr(mx, dims["dtype"])
-    variants = {"plain": (None, True), "local": (ctx, True)}
+    variants = {"plain": (None, True, True), "local": (ctx, True, True)}
     if state.fused and dtype in prefill_attention.MMA_DTYPES:  # the merge from float32 logits
-        variants["logits"] = (ctx, False)
+        variants["logits"] = (ctx, False, True)
     if state.fused:  # the same bank in a cache with no room for its prefill keys: made per forward
         per_call = replace(bank, prefill={}, may_grow=lambda *_: False)
-        variants["per_call"] = (MemoryContext(LocalRetriever([per_call]), top_k=TOP_K), True)
+        variants["per_call"] = (MemoryContext(LocalRetriever([per_call]), top_k=TOP_K), True, True)
+        variants["twice"] = (ctx, True, False)  # the top-k reading each row's scores twice
     timed = forwards(model, state, tokens, args.rounds, variants)
     plain, local = timed["plain"], timed["local"]
     memory = f"{args.rows}-row memory LOCAL (top_k {TOP_K})"
@@ -225,6 +238,7 @@ def main():
     before = {
         "logits": ("merged from float32 logits (as before the tensor-core merge)", "the tensor-core merge's"),
         "per_call": ("the bank's prefill keys made per forward (as before banks kept them)", "kept keys'"),
+        "twice": ("the top-k reading each row's scores twice (as before it held them)", "held scores'"),
     }
     for name, (what, after) in before.items():
         if name in timed:

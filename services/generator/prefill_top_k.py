@@ -60,6 +60,10 @@ from services.generator import kernel_parts
 # (absolute 2^-25 each: < 2^-20 over 256 of them), with margin.
 APPROX_E = 2.0**-10 + 2.0**-11 + 2.0**-13
 _THREADS = 128  # four query rows (warps) per block
+# A row's scores held in shared memory between the bound and the candidates (the kernel's HOLD):
+# up to 8 KiB a warp (4 096 float16 scores, 2 048 float32), 32 KiB a block of four warps.
+HELD_BYTES = 8192
+HOLD_SCORES = True  # off: both steps read the scores from global memory (bench A/B)
 
 # inputs: q [B, H, L, D] (contiguous), approx [KVH, M, N] (M = B * rep * L in (b, r, l) order:
 # approximate cosines, or with RAW approximate q . unit key, float16 or float32), keys [KVH, N, D]
@@ -111,13 +115,19 @@ _SOURCE = """
   // count is not a multiple of V takes the row-at-a-time loops.
   constexpr int V = 16 / sizeof(Ta);
   const bool vec = N % V == 0;
+  // HOLD: the row's scores fit HELD_RUNS runs (vec, N * sizeof(Ta) <= HELD_BYTES): step 2 keeps
+  // each lane's 16-byte loads in shared memory (lane-major per run: conflict-free) and step 3
+  // reads them there, so the row is read from global memory once.
+  __shared__ uint4 held_all[HOLD ? (T / 32) * HELD_RUNS * 32 : 1];
+  uint4* held = held_all + (HOLD ? warp * HELD_RUNS * 32 : 0);
 
   // 2. Each lane's best lower bound, then the k-th largest over the lanes.
   float lo = EM_NEG_INF;
   if (vec) {
 #pragma unroll 8
-    for (int base = lane * V; base < N; base += 32 * V) {
+    for (int base = lane * V, run = 0; base < N; base += 32 * V, ++run) {
       const uint4 raw = *reinterpret_cast<const uint4*>(ar + base);
+      if (HOLD) held[run * 32 + lane] = raw;
       const Ta* av = reinterpret_cast<const Ta*>(&raw);
 #pragma unroll
       for (int j = 0; j < V; ++j) {
@@ -155,7 +165,8 @@ _SOURCE = """
     unsigned cand = 0;
     if (vec) {
       if (base0 + lane * V < N) {  // N % V == 0
-        const uint4 raw = *reinterpret_cast<const uint4*>(ar + base0 + lane * V);
+        const uint4 raw = HOLD ? held[base0 / (32 * V) * 32 + lane]
+                               : *reinterpret_cast<const uint4*>(ar + base0 + lane * V);
         const Ta* av = reinterpret_cast<const Ta*>(&raw);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
@@ -250,6 +261,13 @@ def prefill_keys(keys_t: mx.array, inv_norms: mx.array) -> tuple[mx.array, mx.ar
     return _unit_keys(_matmul_dtype(keys_t.dtype))(keys_t, inv_norms), mx.contiguous(keys_t.swapaxes(1, 2))
 
 
+def _holds(approx: mx.array) -> bool:
+    """Whether the kernel keeps each row's scores in shared memory (``HOLD``): vector loads
+    (N a multiple of 16 bytes' scores) and the row within ``HELD_BYTES``."""
+    n, size = approx.shape[-1], approx.dtype.size
+    return HOLD_SCORES and (n * size) % 16 == 0 and n * size <= HELD_BYTES
+
+
 def top_k_rows(
     q: mx.array,
     keys_t: mx.array,
@@ -302,6 +320,8 @@ def top_k_rows(
             ("K", list_size),
             ("T", _THREADS),
             ("RAW", int(raw)),
+            ("HOLD", int(_holds(approx))),
+            ("HELD_RUNS", HELD_BYTES // (32 * 16)),
         ],
         grid=(-(-rows // per_block) * _THREADS, 1, 1),
         threadgroup=(_THREADS, 1, 1),

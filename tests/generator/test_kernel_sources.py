@@ -78,12 +78,12 @@ KERNELS = {
             "float* dots",
             *_arrays("q", "approx"),
         ],
-        ["typename Ta", "typename Tk", "int D", "int K", "int T", "int RAW"],
+        ["typename Ta", "typename Tk", "int D", "int K", "int T", "int RAW", "int HOLD", "int HELD_RUNS"],
         [
-            "<__half, __half, 64, 16, 128, 1>",
-            "<float, float, 128, 32, 128, 1>",
-            "<float, __half, 80, 8, 128, 0>",
-            "<__half, __half, 80, 8, 128, 0>",
+            "<__half, __half, 64, 16, 128, 1, 1, 16>",
+            "<float, float, 128, 32, 128, 1, 0, 16>",
+            "<float, __half, 80, 8, 128, 0, 1, 16>",
+            "<__half, __half, 80, 8, 128, 0, 0, 16>",
         ],
     ),
     "prefill_merge": (

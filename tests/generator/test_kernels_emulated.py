@@ -150,6 +150,8 @@ PREFILL_CASES = {
     "bfloat16_head_dim_24_float32_scores_rows_one_at_a_time": (1, 8, 2, 5, 24, 301, 8, None, mx.bfloat16, "random"),
     "float32_head_dim_96_vector_loads": (1, 8, 2, 4, 96, 512, 10, None, mx.float32, "random"),
     "float16_head_dim_256_k32": (1, 4, 1, 4, 256, 1000, 32, None, mx.float16, "random"),
+    # float32 scores in 16-byte loads past prefill_top_k.HELD_BYTES a row: read twice, none held
+    "float32_vector_loads_not_held": (1, 4, 2, 4, 32, 2052, 10, None, mx.float32, "random"),
     "near_ties_float16": (1, 8, 2, 4, 64, 800, 16, None, mx.float16, "near"),
     "near_ties_bfloat16_head_dim_24": (1, 8, 2, 4, 24, 803, 16, None, mx.bfloat16, "near"),
 }
@@ -201,6 +203,30 @@ def _prefill_case(case, seed, monkeypatch):
     made = prefill_top_k.prefill_keys(keys_t, inv)
     kept = fa.top_k_rows(mx.array(q), keys_t, inv, top_k, threshold, lambda: made)
     assert np.array_equal(np.array(kept[0]), np.array(rows)) and np.array_equal(np.array(kept[1]), np.array(dots))
+    # Scores held in shared memory between the bound and the candidates, or read twice: the same.
+    monkeypatch.setattr(prefill_top_k, "HOLD_SCORES", False)
+    twice = fa.top_k_rows(mx.array(q), keys_t, inv, top_k, threshold)
+    assert np.array_equal(np.array(twice[0]), np.array(rows)) and np.array_equal(np.array(twice[1]), np.array(dots))
+
+
+@pytest.mark.parametrize(
+    "n, dtype, held",
+    [
+        (4096, mx.float16, True),
+        (4104, mx.float16, False),
+        (2048, mx.float32, True),
+        (2052, mx.float32, False),
+        (301, mx.float16, False),
+        (512, mx.float32, True),
+    ],
+)
+def test_prefill_top_k_holds_rows_of_scores_within_its_shared_memory(n, dtype, held, monkeypatch):
+    """Rows of up to HELD_BYTES of scores in 16-byte loads are held; longer or unaligned ones are
+    read twice; HOLD_SCORES off holds none."""
+    approx = mx.zeros((2, 3, n), dtype=dtype)
+    assert prefill_top_k._holds(approx) is held
+    monkeypatch.setattr(prefill_top_k, "HOLD_SCORES", False)
+    assert prefill_top_k._holds(approx) is False
 
 
 # name: (B, H, KVH, L, d, n, top_k, threshold, mode): float16 queries with a float16 bank, which
