@@ -28,6 +28,8 @@ matmul reads it once. Then each query row's N scores are ranked here, one warp p
 2. A lower bound on the k-th best exact cosine (times |q|): each lane's best lower bound a_n - E
    over its stripe names one row whose cosine is at least that; the k-th largest of the 32
    lanes' bounds (one bitonic sort across the warp) is a cosine that k distinct rows reach.
+   Where a row's scores fit ``HELD_BYTES`` the lanes keep their loads in shared memory for
+   step 3, which then reads nothing but keys from global memory.
 3. Candidates: the rows whose upper bound a_n + E reaches it (and any non-finite a_n), so every
    row of the exact top-k is one. Only they get their exact float32 cosine (q . k from the bank's
    keys: the products of the decode scan summed in its order, read from the row-major copy of
