@@ -107,11 +107,12 @@ def encode_messages(tokenizer, messages: list[dict], options: dict | None = None
     generation prompt. Special tokens come only from the template; a message's content is
     tokenized as the text it is, whatever it contains. ``options``: extra template variables
     (``{"enable_thinking": False}`` for Qwen3), checked by ``check_options``. Raises
-    InvalidArgument for a bad option or if no block of placeholder characters is free (content
-    using thousands of private-use characters), and FailedPrecondition when the model has no
-    chat template (send a plain prompt instead)."""
+    InvalidArgument for a bad option, if no block of placeholder characters is free (content
+    using thousands of private-use characters), or when the model has no chat template (send a
+    plain prompt instead: a request this model can never take, so not a status clients retry,
+    as OpenAI's SDKs do HTTP 409)."""
     if not getattr(tokenizer, "chat_template", None):
-        raise errors.FailedPrecondition(
+        raise errors.InvalidArgument(
             "this model has no chat template, so `messages` cannot be rendered: send `prompt` with the text "
             "the model expects (HTTP: POST /v1/completions; CLI: leave out --chat)"
         )

@@ -89,13 +89,14 @@ def test_no_free_placeholder_block_is_invalid_argument(tok):
 
 
 def test_a_model_without_a_chat_template_refuses_messages_clearly(tmp_path):
-    """The committed facts model has no chat template: messages are FAILED_PRECONDITION naming
-    what to send instead, not an INTERNAL error from deep inside the tokenizer."""
+    """The committed facts model has no chat template: messages are INVALID_ARGUMENT (HTTP 400,
+    which clients do not retry) naming what to send instead, not an INTERNAL error from deep
+    inside the tokenizer."""
     from extmind import errors
     from extmind.cluster_config import FACTS_MODEL
     from services.generator.chat_prompt import encode_messages
 
     t = load_tokenizer(FACTS_MODEL)
     assert not getattr(t, "chat_template", None)
-    with pytest.raises(errors.FailedPrecondition, match="no chat template.*send `prompt`"):
+    with pytest.raises(errors.InvalidArgument, match="no chat template.*send `prompt`"):
         encode_messages(t, [{"role": "user", "content": "hello"}])
