@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         s = Settings.from_env(a.run_dir, use_record=a.command == "status")
         c = Cluster(s)
         if a.command == "up":
-            print(f"extmind: starting the cluster (run dir {s.run_dir})")
+            print(f"extmind: up: starting what is not running (run dir {s.run_dir})")
             at = addresses(s, c.up())  # the running services' own ports, not the environment's
 
             def face(name: str, path: str = "") -> str:
