@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,6 +36,10 @@ from services.generator.memory_resolution import ModelShape
 from services.generator.request_types import DEFAULT_STRIDE, DEFAULT_WINDOW
 
 log = logging.getLogger("extmind.generator")
+
+# How long a failed Memorize's clean-up waits for a memory service that is down to come back (a
+# restart takes seconds); past it the service's reaper deletes the memory (MEMORY_BUILDING_TTL).
+CLEANUP_WAIT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -231,12 +236,36 @@ class MemoryBuilder:
             if resp.state != memory_pb2.MEMORY_STATE_READY:
                 raise errors.Internal(f"memory {mid!r} is not READY after all rows were appended")
         except BaseException:
-            try:  # nothing half-built stays behind; a memory created again under the id meanwhile stays
-                self.client.delete_memory(mid, created.create_time)
-            except errors.ExtmindError:
-                log.warning("could not delete the half-built memory", extra={"memory_id": mid})
+            self._delete_half_built(mid, created.create_time)
             raise
         return dict(memory_id=mid, num_tokens=len(token_ids), num_rows=len(row_tokens), model_fingerprint=s.fingerprint)
+
+    def _delete_half_built(self, mid: str, create_time) -> None:
+        """Nothing half-built stays behind (a memory created again under the id meanwhile stays:
+        the delete names ``create_time``). A memory service that is down (the likely reason the
+        build failed) is waited for on a thread of its own, up to CLEANUP_WAIT_S, so that the
+        caller's retry finds the id free once the service is back, not BUILDING until the
+        service's reaper (MEMORY_BUILDING_TTL); the caller gets its error at once."""
+        try:
+            self.client.delete_memory(mid, create_time)
+            return
+        except (errors.Unavailable, errors.DeadlineExceeded):
+            pass
+        except errors.ExtmindError as e:
+            log.warning("could not delete the half-built memory", extra={"memory_id": mid, "error": str(e)})
+            return
+
+        def when_back() -> None:
+            try:
+                self.client.delete_memory(mid, create_time, wait=CLEANUP_WAIT_S)
+                log.info("deleted the half-built memory once the memory service answered", extra={"memory_id": mid})
+            except errors.ExtmindError as e:
+                log.warning(
+                    "could not delete the half-built memory; the memory service deletes it after MEMORY_BUILDING_TTL",
+                    extra={"memory_id": mid, "error": str(e)},
+                )
+
+        threading.Thread(target=when_back, name="memorize-cleanup", daemon=True).start()
 
     def _messages(
         self, mid: str, token_ids, windows, progress=None

@@ -152,9 +152,11 @@ class MemoryClient:
         # Say which call failed: "fetching memory 'x': ...", unless the answer names it already.
         return err if err.message.startswith(what) else type(err)(f"{what}: {err.message}")
 
-    def _unary(self, method, request, what: str, timeout: float | None = None):
+    def _unary(self, method, request, what: str, timeout: float | None = None, wait_for_ready: bool = False):
         try:
-            return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            return method(
+                request, timeout=timeout or self.timeout, metadata=self._metadata, wait_for_ready=wait_for_ready
+            )
         except grpc.RpcError as e:
             raise self._error(e, what) from None
 
@@ -190,13 +192,17 @@ class MemoryClient:
         )
         return self._unary(self._stub.CreateMemory, req, "creating the memory").memory
 
-    def delete_memory(self, memory_id: str, create_time: Timestamp | None = None) -> None:
+    def delete_memory(self, memory_id: str, create_time: Timestamp | None = None, *, wait: float | None = None) -> None:
         """Deletes the memory; with ``create_time``, only the one created then (FailedPrecondition
-        when the id names a memory created again since: kept)."""
+        when the id names a memory created again since: kept). ``wait``: seconds to wait for an
+        unreachable memory service to come back (gRPC's wait-for-ready) before Unavailable /
+        DeadlineExceeded; None fails at once, as every other call."""
         self._unary(
             self._stub.DeleteMemory,
             memory_pb2.DeleteMemoryRequest(memory_id=memory_id, create_time=create_time),
             f"deleting memory {memory_id!r}",
+            timeout=wait,
+            wait_for_ready=wait is not None,
         )
 
     def append(

@@ -173,3 +173,53 @@ async def test_a_failed_memorizes_clean_up_spares_a_memory_created_again_under_i
     finally:
         other.close()
         engine.stop()
+
+
+def test_a_memorize_cut_off_by_the_memory_service_is_deleted_once_it_is_back(llama_path, memory_service_factory):
+    """The memory service dies mid-append: the caller gets UNAVAILABLE at once, and the half-built
+    memory (BUILDING, in Redis) is deleted once the service is back, so that the retry the status
+    invites finds the id free, not ALREADY_EXISTS until the reaper's MEMORY_BUILDING_TTL."""
+    svc = memory_service_factory()
+    engine = GeneratorEngine(
+        EngineConfig(model=str(llama_path), memory_url=svc.address, window=8, stride=4, prefill_step_size=4)
+    )
+    engine.start()
+    client = MemoryClient(svc.address)
+    try:
+        tokens = engine.tokenizer.encode(
+            "Paris is the capital of France. Berlin is the capital of Germany. "
+            "Rome is the capital of Italy. Madrid is the capital of Spain."
+        )
+        builder = engine._builder
+        real_run, calls = builder.run, []
+
+        def crash_mid_stream(fn, *args):
+            calls.append(fn)
+            if len(calls) == 7:  # a chunk of the third window: the first windows' rows are stored
+                assert client.get_memory("cut-off").state == memory_pb2.MEMORY_STATE_BUILDING
+                svc.kill()
+            return real_run(fn, *args)
+
+        builder.run = crash_mid_stream
+        t0 = time.monotonic()
+        with pytest.raises(errors.Unavailable):
+            engine.memorize_blocking(tokens, memory_id="cut-off")
+        assert time.monotonic() - t0 < 30  # not held until the service is back
+        builder.run = real_run
+        svc.start()  # the same port and Redis: the half-built memory is still there, BUILDING
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                state = client.get_memory("cut-off").state
+            except errors.NotFound:
+                break
+            except errors.Unavailable:  # the client's channel reconnecting
+                state = None
+            assert time.monotonic() < deadline, f"the half-built memory is still there ({state})"
+            time.sleep(0.1)
+        out = engine.memorize_blocking(tokens, memory_id="cut-off")  # the id is free again
+        assert out["num_rows"] == len(tokens) - 1
+        assert client.get_memory("cut-off").state == memory_pb2.MEMORY_STATE_READY
+    finally:
+        client.close()
+        engine.stop()
