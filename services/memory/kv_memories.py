@@ -76,6 +76,26 @@ def _check_layout(layout: Layout | None) -> Layout:
     return layout
 
 
+def _check_positions(positions: list[int]) -> None:
+    """Row -> token position in the memorized text: strictly increasing, below 2**32 - 1 (a
+    citation's end, one past its last position, is a uint32 too). InvalidArgument otherwise."""
+    if not positions:
+        return
+    p = np.asarray(positions, dtype=np.int64)
+    if p.max() >= 2**32 - 1:
+        raise InvalidArgument(
+            f"positions holds {int(p.max())}: a token position must be below {2**32 - 1} "
+            "(a citation's end is the last position + 1)"
+        )
+    down = np.flatnonzero(np.diff(p) <= 0)
+    if down.size:
+        i = int(down[0]) + 1
+        raise InvalidArgument(
+            "positions must be strictly increasing (each row's token position in the text, in order): "
+            f"positions[{i}] = {int(p[i])} follows {int(p[i - 1])}"
+        )
+
+
 def _check_labels(labels: dict[str, str]) -> None:
     if len(labels) > limits.MAX_LABELS or any(
         not k or len(k) > limits.MAX_LABEL_KEY_CHARS or len(v) > limits.MAX_LABEL_VALUE_CHARS for k, v in labels.items()
@@ -111,8 +131,9 @@ class KVMemories:
     ) -> MemoryMeta:
         """A new BUILDING memory. ``memory_id`` "" picks one; ``token_ids`` (int32) fix the rows per
         layer (READY once every layer holds them all), else the memory is READY when an append
-        stream ends with every layer equally long. ``positions`` (uint32): one per token or none.
-        Raises InvalidArgument, AlreadyExists, Unavailable (Redis)."""
+        stream ends with every layer equally long. ``positions`` (uint32): one per token or none,
+        strictly increasing (each row's token position in the text; a citation spans [first,
+        last + 1), so the largest uint32 is out). Raises InvalidArgument, AlreadyExists, Unavailable (Redis)."""
         memory_id = check_id(memory_id) if memory_id else new_memory_id()
         layout = _check_layout(layout)
         if not fingerprint or len(fingerprint) > limits.MAX_FINGERPRINT_CHARS:
@@ -132,6 +153,7 @@ class KVMemories:
                 f"positions has {len(positions)} entries but token_ids has "
                 f"{len(token_ids)}; give one position per token or none"
             )
+        _check_positions(positions)
         _check_labels(labels)
         meta = MemoryMeta(
             memory_id=memory_id,

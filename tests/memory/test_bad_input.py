@@ -207,6 +207,22 @@ TABLE = [
         pb.CreateMemoryRequest(memory_id="n6", layout=LAYOUT, model_fingerprint="fp", token_ids=[1, 2], positions=[0]),
         C.INVALID_ARGUMENT,
     ),
+    (  # a citation's end (last position + 1) would not fit a uint32
+        "create position 2**32 - 1",
+        "CreateMemory",
+        pb.CreateMemoryRequest(
+            memory_id="n6b", layout=LAYOUT, model_fingerprint="fp", token_ids=[1, 2], positions=[0, 2**32 - 1]
+        ),
+        C.INVALID_ARGUMENT,
+    ),
+    (
+        "create positions not increasing",
+        "CreateMemory",
+        pb.CreateMemoryRequest(
+            memory_id="n6c", layout=LAYOUT, model_fingerprint="fp", token_ids=[1, 2, 3], positions=[0, 4, 4]
+        ),
+        C.INVALID_ARGUMENT,
+    ),
     # --- AppendMemory (streams)
     ("append truncated keys", "AppendMemory", [append(keys=tensor(K[0][:, :2], cut=2))], C.INVALID_ARGUMENT),
     (
