@@ -62,6 +62,12 @@ def _in_range(param: str, value, low, high, text: str):
     return value
 
 
+def _at_least(param: str, value, low: int):
+    """An integer count with no upper bound of its own (the engine caps it, as the gRPC fields):
+    ``low`` or more, taken at most 2**31 - 1."""
+    return None if value is None else min(_in_range(param, value, low, math.inf, f">= {low}"), 2**31 - 1)
+
+
 @dataclass
 class OpenAIRequest:
     """One completion request as the HTTP face serves it (n is always 1)."""
@@ -128,7 +134,7 @@ def _common(body: dict, obj: str) -> OpenAIRequest:
 
 def _max_tokens(body: dict, *keys: str) -> int:
     for key in keys:  # the first one given wins (max_completion_tokens replaces max_tokens in chat)
-        value = _in_range(key, _get(body, key, "integer"), 1, 2**31 - 1, ">= 1")
+        value = _at_least(key, _get(body, key, "integer"), 1)
         if value is not None:
             return value
     return 0
@@ -158,9 +164,7 @@ def _memory(body: dict) -> MemoryOptions | None:
         MAX_MEMORY_TOP_K,
         f"in [0, {MAX_MEMORY_TOP_K}]",
     )
-    max_citations = _in_range(
-        w + "max_citations", _get(em, "max_citations", "integer", 0, where=w), 0, 2**31 - 1, ">= 0"
-    )
+    max_citations = _at_least(w + "max_citations", _get(em, "max_citations", "integer", 0, where=w), 0)
     min_weight = _in_range(
         w + "citation_min_weight",
         _get(em, "citation_min_weight", "number", DEFAULT_CITATION_MIN_WEIGHT, where=w),

@@ -99,6 +99,9 @@ class MemoryOptions:
         bad = [layer for layer in self.layers if not 0 <= layer < num_layers]
         if bad:
             raise errors.InvalidArgument(f"extended_mind.layers {bad} outside [0, {num_layers})")
+        twice = sorted({layer for layer in self.layers if self.layers.count(layer) > 1})
+        if twice:
+            raise errors.InvalidArgument(f"extended_mind.layers lists {twice} more than once; list each layer once")
         if not (math.isfinite(self.citation_min_weight) and 0 <= self.citation_min_weight <= 1):
             raise errors.InvalidArgument(
                 f"citation_min_weight {self.citation_min_weight} must be an attention share in [0, 1]"
