@@ -213,6 +213,12 @@ def hot_rows(c: np.ndarray) -> np.ndarray:
     return hot if len(hot) else np.flatnonzero(c == c.max())
 
 
+def _excerpt(decode: Callable[[list[int]], str], token_ids) -> str:
+    """A span's text. A span of byte-level tokens may start or end inside a character (its other
+    bytes in the tokens around it), which decodes to U+FFFD: those halves are left out."""
+    return decode(token_ids).strip("\ufffd")
+
+
 def spans(counts: np.ndarray, memories, decode: Callable[[list[int]], str], limit: int) -> list[Citation]:
     """Per-row counts over the request's concatenated memories -> the most retrieved spans:
     hot rows (``hot_rows``) merged into spans across gaps of at most MAX_GAP rows, ranked by
@@ -238,7 +244,7 @@ def spans(counts: np.ndarray, memories, decode: Callable[[list[int]], str], limi
             info.memory_id,
             start,
             info.positions[b] + 1,
-            decode(info.token_ids[a : b + 1]) if info.token_ids else "",
+            _excerpt(decode, info.token_ids[a : b + 1]) if info.token_ids else "",
             hits,
             [int(x) for x in c[a : b + 1]],
         )

@@ -64,3 +64,28 @@ def test_several_memories_are_cited_separately_and_unretrieved_ones_not_at_all()
     counts = np.array([0, 0, 6, 0, 0] + [1, 1, 1, 12] + [0, 0, 0])
     out = spans(counts, [a, b, z], _decode, limit=5)
     assert [(s.memory_id, s.token_start, s.token_end, s.hits) for s in out] == [("b", 13, 14, 12), ("a", 3, 4, 6)]
+
+
+def test_a_span_cut_inside_a_character_leaves_out_its_half():
+    """Byte-level tokens split a multi-byte character; a span that starts or ends between its bytes
+    decodes to U+FFFD at that edge: the citation's text leaves the half character out."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from extmind.cluster_config import FACTS_MODEL
+
+    tok = load_tokenizer(FACTS_MODEL)
+    ids = tok.encode("🦄💥 日本語のテキスト and more", add_special_tokens=False)
+    cut = [
+        (a, b)
+        for a in range(len(ids))
+        for b in range(a + 1, len(ids))
+        if tok.decode(ids[a : b + 1]).startswith("\ufffd") and tok.decode(ids[a : b + 1]).strip("\ufffd")
+    ]
+    assert cut, "no span of these tokens starts inside a character: the test needs byte-level tokens"
+    a, b = cut[0]
+    c = np.zeros(len(ids), np.int64)
+    c[a : b + 1] = 10
+    mem = Mem("m", len(ids), ids, list(range(len(ids))))
+    (s,) = spans(c, [mem], tok.decode, limit=5)
+    assert (s.token_start, s.token_end) == (a, b + 1)
+    assert s.text == tok.decode(ids[a : b + 1]).strip("\ufffd") and "\ufffd" not in s.text
