@@ -122,6 +122,12 @@ class RemoteRetriever:
         B, kvh, rep, L, d = queries.shape
         q = np.array(queries, dtype=np.float32)  # evaluates on this (MLX) thread
         q = q.transpose(1, 2, 0, 3, 4).reshape(kvh * rep, B * L, d)  # [H, q, d]; head h -> KV head h // rep
+        if not np.isfinite(q).all():  # the memory service would refuse them as a bad request
+            raise errors.FailedPrecondition(
+                f"this generation's queries at layer {layer} are not finite (NaN or inf): the model's "
+                f"arithmetic overflowed, e.g. on memories whose keys or values are far larger than a model "
+                f"produces (memories {self.memory_ids}); check what wrote them"
+            )
         r = self._search(layer, q, top_k, threshold)
         k = r.indices.shape[-1]
 

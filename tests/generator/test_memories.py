@@ -162,6 +162,18 @@ async def test_memory_errors_have_the_right_codes(engine, memory, qwen3_path, me
             engine,
             GenerationRequest(prompt, Sampling(max_tokens=2), MemoryOptions(("foreign-ids",), return_citations=True)),
         )
+    # keys and values no model produces (finite, 3e38): REMOTE's queries overflow at the next layer,
+    # a FAILED_PRECONDITION naming the memory, not the memory service's INVALID_ARGUMENT about
+    # queries the caller never sent
+    huge = np.full((engine.num_layers, engine.num_kv_heads, 4, engine.head_dim), 3e38, np.float32)
+    with grpc_channel(memory_address) as ch:
+        mh.build(
+            memory_pb2_grpc.MemoryServiceStub(ch), "huge-rows", huge, huge, mh.FLOAT32, fingerprint=engine.fingerprint
+        )
+    with pytest.raises(errors.FailedPrecondition, match=r"not finite.*huge-rows"):
+        await run(
+            engine, GenerationRequest(prompt, Sampling(max_tokens=2), MemoryOptions(("huge-rows",), mode="remote"))
+        )
     # a deleted and re-created memory is never served from the stale cache
     tokens_a = engine.tokenizer.encode("Paris is the capital of France.")
     tokens_b = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog.")
