@@ -16,16 +16,17 @@ Redis layout (hash tag ``{col:<name>}``, one Cluster slot per collection):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+import weakref
 
-import faiss
 import numpy as np
 
 from extmind.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.memory import metrics
+from services.memory.document_index import Collection
 from services.memory.embedder_calls import DocumentEmbedder
 from services.memory.kv_layout import ID_RE, now_us
 from services.memory.kv_search import normalize_rows
@@ -46,100 +47,44 @@ def _key(name: str, part: str) -> str:
     return f"em:{{col:{name}}}:{part}"
 
 
+def _not_found(name: str) -> NotFound:
+    return NotFound(f"collection {name!r} does not exist; create it with CreateCollection or UpsertDocuments")
+
+
 def check_collection(name: str) -> str:
-    if not ID_RE.match(name or ""):
+    if not ID_RE.fullmatch(name or ""):
         raise InvalidArgument(
             f"collection {name!r} is not a valid name: use 1-128 letters, digits, '-', '_', '.' or ':'"
         )
     return name
 
 
-# ---------------------------------------------------------------- in-RAM index of one collection
-
-
-@dataclass
-class Collection:
-    name: str
-    model: str
-    dimensions: int
-    create_us: int
-    slot_of: dict = field(default_factory=dict)  # doc id -> slot
-    docs: dict = field(default_factory=dict)  # slot -> (doc id, text, metadata)
-    postings: dict = field(default_factory=dict)  # (key, value) -> set of slots
-    next_slot: int = 0
-    index: faiss.IndexIDMap2 = None
-
-    def __post_init__(self):
-        if self.index is None:
-            self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dimensions))
-
-    def _unpost(self, slot: int) -> None:
-        _, _, md = self.docs.pop(slot)
-        for kv in md.items():
-            s = self.postings.get(kv)
-            if s is not None:
-                s.discard(slot)
-                if not s:
-                    del self.postings[kv]
-
-    def put(self, ids: list[str], texts: list[str], metadata: list[dict], vectors: np.ndarray) -> None:
-        """Inserts or replaces documents (vectors already normalised)."""
-        old = [self.slot_of[i] for i in ids if i in self.slot_of]
-        if old:
-            self.index.remove_ids(np.asarray(old, np.int64))
-            for s in old:
-                self._unpost(s)
-        slots = np.arange(self.next_slot, self.next_slot + len(ids), dtype=np.int64)
-        self.next_slot += len(ids)
-        self.index.add_with_ids(np.ascontiguousarray(vectors, np.float32), slots)
-        for i, t, md, s in zip(ids, texts, metadata, slots.tolist()):
-            self.slot_of[i] = s
-            self.docs[s] = (i, t, md)
-            for kv in md.items():
-                self.postings.setdefault(kv, set()).add(s)
-
-    def remove(self, ids: list[str]) -> int:
-        slots = [self.slot_of.pop(i) for i in ids if i in self.slot_of]
-        if slots:
-            self.index.remove_ids(np.asarray(slots, np.int64))
-            for s in slots:
-                self._unpost(s)
-        return len(slots)
-
-    def search(self, query: np.ndarray, top_k: int, filt: dict) -> list[tuple[str, float, str, dict]]:
-        params = None
-        candidates = len(self.docs)
-        if filt:
-            sets = [self.postings.get(kv, set()) for kv in filt.items()]
-            allowed = set.intersection(*sets) if sets else set()
-            if not allowed:
-                return []
-            candidates = len(allowed)
-            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(np.fromiter(allowed, np.int64)))
-        k = min(top_k, candidates)
-        if k == 0:
-            return []
-        scores, slots = self.index.search(query.reshape(1, -1), k, params=params)
-        hits = []
-        for s, slot in zip(scores[0].tolist(), slots[0].tolist()):
-            if slot < 0:
-                continue
-            doc_id, text, md = self.docs[slot]
-            hits.append((doc_id, max(-1.0, min(1.0, s)), text, md))
-        return hits
-
-
 # ---------------------------------------------------------------- the engine
 
 
 class Documents:
-    """The document collections: durable in Redis (``redis_client``, async), indexed in RAM."""
+    """The document collections: durable in Redis (``redis_client``, async), indexed in RAM.
+
+    Every change to one collection (creating or dropping it, writing or deleting documents) runs
+    under that collection's lock, from its check of the collection through its Redis write to
+    its RAM update: requests that await in between (the embedder, Redis) would otherwise
+    interleave, and RAM could disagree with Redis (a collection made twice, documents written
+    into one dropped meanwhile, deletes and writes of an id applied in another order). Embedding
+    runs before the lock; the collection is checked again under it."""
 
     def __init__(self, redis_client, embedder: DocumentEmbedder, *, max_top_k: int = MAX_TOP_K):
         self.r = redis_client
         self.embedder = embedder
         self.max_top_k = max_top_k
         self.collections: dict[str, Collection] = {}
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        """The collection's lock (kept while anyone holds or waits for it)."""
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
 
     # ------------------------------------------------ start-up
 
@@ -147,7 +92,12 @@ class Documents:
     def _collection(name: str, meta: dict, texts: dict, mds: dict, embs: dict) -> Collection:
         h = {k.decode(): v.decode() for k, v in meta.items()}
         c = Collection(name=name, model=h["model"], dimensions=int(h["dimensions"]), create_us=int(h["create_us"]))
-        ids = [i.decode() for i in embs]
+        ids = [i.decode() for i in embs if len(embs[i]) == 4 * c.dimensions]
+        if len(ids) < len(embs):  # never written since writes are checked under the lock
+            log.warning(
+                "documents skipped: embeddings of another size than their collection's",
+                extra={"collection": name, "skipped": len(embs) - len(ids), "dimensions": c.dimensions},
+            )
         if ids:
             vectors = np.stack([np.frombuffer(embs[i.encode()], "<f4") for i in ids])
             c.put(
@@ -194,6 +144,14 @@ class Documents:
         c = self.collections.get(name)
         if c is not None:
             return c
+        async with self._lock(name):  # not loaded while a drop of it is under way
+            return await self._find(name)
+
+    async def _find(self, name: str) -> Collection | None:
+        """``find`` for a holder of the collection's lock."""
+        c = self.collections.get(name)
+        if c is not None:
+            return c
         with redis_errors():
             pipe = self.r.pipeline(transaction=False)
             self._queue_load(pipe, name)
@@ -207,21 +165,19 @@ class Documents:
     async def get(self, name: str) -> Collection:
         c = await self.find(name)
         if c is None:
-            raise NotFound(f"collection {name!r} does not exist; create it with CreateCollection or UpsertDocuments")
+            raise _not_found(name)
         return c
 
     def list(self) -> list[Collection]:
         """Every collection this process knows, by name."""
         return [c for _, c in sorted(self.collections.items())]
 
-    async def create(self, name: str, model: str, dimensions: int, *, exist_ok: bool = False) -> Collection:
+    async def create(self, name: str, model: str, dimensions: int) -> Collection:
+        """A new empty collection of ``model`` and ``dimensions`` (either unset: the embedder's
+        default model, its size). Raises AlreadyExists, InvalidArgument, Unavailable."""
         existing = await self.find(name)
         if existing is not None:
-            if exist_ok:
-                return existing
-            raise AlreadyExists(
-                f"collection {name!r} exists already (model {existing.model!r}); delete it first or use another name"
-            )
+            raise self._exists(existing)
         if not model or not dimensions:
             if not self.embedder.url:
                 raise InvalidArgument(
@@ -232,23 +188,46 @@ class Documents:
             dimensions = probe.shape[1]
         if dimensions > MAX_DIMENSIONS:
             raise InvalidArgument(f"dimensions {dimensions} is too large (at most {MAX_DIMENSIONS})")
+        async with self._lock(name):
+            existing = await self._find(name)  # made by another request while the embedder answered
+            if existing is not None:
+                raise self._exists(existing)
+            return await self._create(name, model, dimensions)
+
+    @staticmethod
+    def _exists(c: Collection) -> AlreadyExists:
+        return AlreadyExists(
+            f"collection {c.name!r} exists already (model {c.model!r}); delete it first or use another name"
+        )
+
+    async def _create(self, name: str, model: str, dimensions: int) -> Collection:
+        """Makes the collection, for a holder of its lock that found none."""
         c = Collection(name=name, model=model, dimensions=int(dimensions), create_us=now_us())
         with redis_errors():
-            # One HSET: a collection exists in Redis once its meta hash has a model.
-            await self.r.hset(
+            # One transaction: documents left by an older replica's race are dropped, and the
+            # collection exists in Redis once its meta hash has a model.
+            pipe = self.r.pipeline(transaction=True)
+            pipe.unlink(*(_key(name, p) for p in ("text", "md", "emb")))
+            pipe.hset(
                 _key(name, "meta"),
                 mapping={"name": name, "model": model, "dimensions": c.dimensions, "create_us": c.create_us},
             )
-            await self.r.zadd(COLLECTION_NAMES_KEY, {name: 0})
+            pipe.zadd(COLLECTION_NAMES_KEY, {name: 0})
+            await pipe.execute()
         self.collections[name] = c
         return c
 
     async def delete_collection(self, name: str) -> None:
-        await self.get(name)
-        with redis_errors():
-            await self.r.unlink(*(_key(name, p) for p in ("meta", "text", "md", "emb")))
-            await self.r.zrem(COLLECTION_NAMES_KEY, name)
-        self.collections.pop(name, None)
+        check_collection(name)
+        async with self._lock(name):
+            if await self._find(name) is None:
+                raise _not_found(name)
+            with redis_errors():
+                pipe = self.r.pipeline(transaction=True)
+                pipe.unlink(*(_key(name, p) for p in ("meta", "text", "md", "emb")))
+                pipe.zrem(COLLECTION_NAMES_KEY, name)
+                await pipe.execute()
+            self.collections.pop(name, None)
 
     # ------------------------------------------------ documents
 
@@ -310,21 +289,29 @@ class Documents:
             if c is None and not model:
                 model = got_model  # a new collection is bound to the embedder's canonical model name
             computed = dict(zip(missing, vectors))
-        if c is None:
-            dim = given[0].shape[0] if given else next(iter(computed.values())).shape[0]
-            c = await self.create(name, model, dim, exist_ok=True)
         vectors = normalize_rows(np.stack([d[3] if d[3] is not None else computed[i] for i, d in enumerate(docs)]))
+        # The model these vectors are of: the collection's, else the request's or the embedder's.
+        model = c.model if c is not None else model
         ids = [d[0] for d in docs]
         texts = [d[1] for d in docs]
         mds = [dict(d[2]) for d in docs]
-        with redis_errors():
-            pipe = self.r.pipeline(transaction=True)
-            pipe.hset(_key(name, "text"), mapping=dict(zip(ids, texts)))
-            pipe.hset(_key(name, "md"), mapping={i: json.dumps(m, sort_keys=True) for i, m in zip(ids, mds)})
-            pipe.hset(_key(name, "emb"), mapping={i: v.astype("<f4").tobytes() for i, v in zip(ids, vectors)})
-            await pipe.execute()
-        c.put(ids, texts, mds, vectors)
-        return c
+        async with self._lock(name):
+            now = await self._find(name)  # dropped, or made by another request, while embedding?
+            if now is None:
+                now = await self._create(name, model, vectors.shape[1])
+            elif now.model != model or now.dimensions != vectors.shape[1]:
+                raise FailedPrecondition(
+                    f"collection {name!r} was made meanwhile by another request, for model {now.model!r} "
+                    f"({now.dimensions} dimensions), not {model!r} ({vectors.shape[1]}); nothing was stored"
+                )
+            with redis_errors():
+                pipe = self.r.pipeline(transaction=True)
+                pipe.hset(_key(name, "text"), mapping=dict(zip(ids, texts)))
+                pipe.hset(_key(name, "md"), mapping={i: json.dumps(m, sort_keys=True) for i, m in zip(ids, mds)})
+                pipe.hset(_key(name, "emb"), mapping={i: v.astype("<f4").tobytes() for i, v in zip(ids, vectors)})
+                await pipe.execute()
+            now.put(ids, texts, mds, vectors)
+        return now
 
     async def search(self, name: str, query: str, query_embedding, top_k: int, filt: dict, instruction: str):
         started = time.perf_counter()
@@ -360,12 +347,16 @@ class Documents:
         return c, hits
 
     async def delete(self, name: str, ids: list[str]) -> int:
-        c = await self.get(name)
+        await self.get(name)
         if not ids:
             raise InvalidArgument("ids is empty: name the documents to delete")
-        with redis_errors():
-            pipe = self.r.pipeline(transaction=True)
-            for part in ("text", "md", "emb"):
-                pipe.hdel(_key(name, part), *ids)
-            await pipe.execute()
-        return c.remove(list(dict.fromkeys(ids)))
+        async with self._lock(name):
+            c = await self._find(name)
+            if c is None:  # dropped meanwhile
+                raise _not_found(name)
+            with redis_errors():
+                pipe = self.r.pipeline(transaction=True)
+                for part in ("text", "md", "emb"):
+                    pipe.hdel(_key(name, part), *ids)
+                await pipe.execute()
+            return c.remove(list(dict.fromkeys(ids)))

@@ -29,7 +29,7 @@ from extmind.errors import InvalidArgument
 from extmind.tensor import dtype_name
 
 MEMORY_IDS_KEY = "em:memories"
-ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")  # whole names: fullmatch (a "$" also matches before a final newline)
 BUILDING, READY = "BUILDING", "READY"
 
 
@@ -61,7 +61,7 @@ def chunk_list_key(memory_id: str, layer: int) -> str:
 
 def check_id(memory_id: str, what: str = "memory_id") -> str:
     """``memory_id`` itself; InvalidArgument unless it is 1-128 of [A-Za-z0-9._:-]."""
-    if not ID_RE.match(memory_id or ""):
+    if not ID_RE.fullmatch(memory_id or ""):
         raise InvalidArgument(f"{what} {memory_id!r} is not valid: use 1-128 letters, digits, '-', '_', '.' or ':'")
     return memory_id
 
