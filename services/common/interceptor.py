@@ -164,16 +164,40 @@ def _wrap(behavior, method: str, response_streaming: bool):
     return unary_wrapper
 
 
+def _parsing(behavior, deserialize, response_streaming: bool):
+    """``behavior`` taking the request's bytes and parsing them itself: gRPC parses a unary
+    request before any handler runs and answers a message it cannot parse with UNKNOWN; parsed
+    here, inside the wrapper, a DecodeError is INVALID_ARGUMENT as in a streamed request."""
+    if deserialize is None:
+        return behavior
+    if response_streaming:
+
+        async def parse_then_stream(raw, context):
+            async for item in behavior(deserialize(raw), context):
+                yield item
+
+        return parse_then_stream
+
+    async def parse_then_call(raw, context):
+        return await behavior(deserialize(raw), context)
+
+    return parse_then_call
+
+
 def _rewrap(handler: grpc.RpcMethodHandler, wrap) -> grpc.RpcMethodHandler:
     if handler is None:
         return None
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
-            wrap(handler.unary_unary, False), handler.request_deserializer, handler.response_serializer
+            wrap(_parsing(handler.unary_unary, handler.request_deserializer, False), False),
+            None,
+            handler.response_serializer,
         )
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
-            wrap(handler.unary_stream, True), handler.request_deserializer, handler.response_serializer
+            wrap(_parsing(handler.unary_stream, handler.request_deserializer, True), True),
+            None,
+            handler.response_serializer,
         )
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(

@@ -436,3 +436,23 @@ def test_raw_append_bytes_get_the_answer_protobuf_reading_gives(svc):
     assert done.state == pb.MEMORY_STATE_READY and list(done.rows_per_layer) == [2, 2]
     got = h.fetch(svc.stub(), "raw-layer")
     assert np.array_equal(got[1][0], K[1][:, :2]) and np.array_equal(got[1][1], V[1][:, :2])
+
+
+@pytest.mark.parametrize(
+    "method, streaming",
+    [("/extmind.v1.MemoryService/GetMemory", False), ("/extmind.v1.MemoryService/FetchMemory", True)],
+)
+@pytest.mark.parametrize("body", [b"\xff\xff\xff\xff", b"\x0a\x05ab"], ids=["bad_tag", "truncated_string"])
+def test_a_unary_request_that_does_not_parse_is_invalid_argument(svc, method, streaming, body):
+    """gRPC parses a unary request before any handler runs (it answered UNKNOWN); the service
+    parses it inside its error mapping, so bytes that are not the method's message are the
+    caller's fault, as in a streamed request. The service stays up."""
+    with grpc.insecure_channel(svc.address) as channel:
+        kind = channel.unary_stream if streaming else channel.unary_unary
+        call = kind(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as e:
+            out = call(body, timeout=10)
+            if streaming:
+                list(out)
+    assert e.value.code() == C.INVALID_ARGUMENT and "could not be parsed" in e.value.details(), e.value.details()
+    assert svc.stub().GetMemory(pb.GetMemoryRequest(memory_id="good"), timeout=10).memory.memory_id == "good"
