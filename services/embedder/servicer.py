@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from extmind import tensor
 from extmind.errors import InvalidArgument
@@ -85,13 +86,27 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         )
 
     async def EmbedStream(self, request_iterator, context):
-        # Every request starts at once (so they share batches); answers leave in request order.
+        # Requests start as they arrive (so they share batches) while the stream's texts in flight
+        # fit its window, a quarter of the engine's queue: a stream of many requests waits for its
+        # answers rather than filling the queue that every client shares (RESOURCE_EXHAUSTED for
+        # itself and the others). Answers leave in request order.
         pending: asyncio.Queue = asyncio.Queue()
+        window = max(1, self.engine.limits.max_queue // 4)
+        room = asyncio.Condition()
+        in_flight = 0
+
+        def has_room(n: int) -> bool:  # a request over the window alone goes when nothing is in flight
+            return in_flight == 0 or in_flight + n <= window
 
         async def read():
+            nonlocal in_flight
             try:
                 async for req in request_iterator:
-                    pending.put_nowait(asyncio.ensure_future(self._embed(req, context)))
+                    n = max(1, len(req.inputs) + len(req.token_inputs))
+                    async with room:
+                        await room.wait_for(functools.partial(has_room, n))
+                        in_flight += n
+                    pending.put_nowait((n, asyncio.ensure_future(self._embed(req, context))))
             except Exception as exc:  # noqa: BLE001 - handed to the writer below
                 pending.put_nowait(exc)
             pending.put_nowait(None)
@@ -103,8 +118,14 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
             while (item := await pending.get()) is not None:
                 if isinstance(item, Exception):
                     raise item
+                n, item = item
                 started.append(item)
-                r = await item
+                try:
+                    r = await item
+                finally:
+                    async with room:
+                        in_flight -= n
+                        room.notify_all()
                 yield embedder_pb2.EmbedStreamResponse(
                     embeddings=tensor.encode(r.vectors),
                     model=r.model,
@@ -117,8 +138,8 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
             reader.cancel()
             while not pending.empty():
                 item = pending.get_nowait()
-                if isinstance(item, asyncio.Future):
-                    started.append(item)
+                if isinstance(item, tuple):
+                    started.append(item[1])
             for t in started:
                 t.cancel()
 

@@ -107,6 +107,29 @@ async def test_embed_stream_answers_in_order(roomy):
         assert np.abs(tensor.decode(resp.embeddings) - tensor.decode(one.embeddings)).max() < 1e-5
 
 
+async def test_a_long_embed_stream_waits_for_room_instead_of_filling_the_queue(service):
+    """A stream of many requests, far more texts than the queue holds (6 here): it waits for its
+    answers (its window, a quarter of the queue) rather than starting them all and failing with
+    RESOURCE_EXHAUSTED; a unary call alongside it is served."""
+    app, stub, _ = service
+    assert app.engine.limits.max_queue == 6
+    requests = [pb.EmbedStreamRequest(inputs=[f"text {i} {j}" for j in range(3)]) for i in range(20)]
+
+    async def gen():
+        for r in requests:
+            yield r
+
+    stream = asyncio.ensure_future(_collect(stub.EmbedStream(gen(), timeout=120)))
+    alongside = await stub.Embed(pb.EmbedRequest(inputs=["alongside"]), timeout=60)
+    got = await stream
+    assert [r.sequence for r in got] == list(range(20)) and tensor.decode(alongside.embeddings).shape[0] == 1
+    assert all(tensor.decode(r.embeddings).shape[0] == 3 for r in got)
+
+
+async def _collect(call) -> list:
+    return [r async for r in call]
+
+
 async def test_concurrent_calls_share_batches(service):
     app, stub, _ = service
     engine = app.engine
