@@ -26,6 +26,8 @@ that model and size.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import importlib
 import json
 import os
@@ -112,6 +114,11 @@ class EmbedderClient:
             raise InvalidArgument("send a non-empty list of non-empty texts")
         if input_type not in ("document", "query"):
             raise InvalidArgument("input_type is 'document' or 'query'")
+        for i, t in enumerate(texts):
+            try:
+                t.encode()
+            except UnicodeEncodeError as exc:  # a lone surrogate: no backend can send it
+                raise InvalidArgument(f"text {i} is not valid Unicode ({exc.reason} at {exc.start})") from None
         tried = []
         for backend in self.backends:
             try:
@@ -210,9 +217,13 @@ class EmbedderClient:
             body = {"texts": texts, "input_type": input_type, "instruction": instruction, "dimensions": dimensions}
             if model:
                 body["model"] = model
-            out = self._http_json(f"{self.url.rstrip('/')}/embed", body, self._bearer(), "remote")
-            vectors = np.asarray(out["embeddings"], dtype=np.float32)
-            r = EmbedResult(vectors, "remote-http", out["model"], int(out["dimensions"]), out.get("token_counts", []))
+            url = f"{self.url.rstrip('/')}/embed"
+            out = self._http_json(url, body, self._bearer(), "remote")
+            with _answer_of(url):
+                vectors = np.asarray(out["embeddings"], dtype=np.float32)
+                r = EmbedResult(
+                    vectors, "remote-http", out["model"], int(out["dimensions"]), out.get("token_counts", [])
+                )
         else:
             import grpc
 
@@ -266,7 +277,8 @@ class EmbedderClient:
         if dimensions:
             body["dimensions"] = dimensions
         out = self._http_json(f"{self.ollama_url}/api/embed", body, {}, "ollama")
-        vectors = _normalized(np.asarray(out["embeddings"], dtype=np.float32))
+        with _answer_of(self.ollama_url):
+            vectors = _normalized(np.asarray(out["embeddings"], dtype=np.float32))
         return EmbedResult(vectors, "ollama", name if other else self._wanted(), vectors.shape[1], [])
 
     def _embed_openai(self, texts, input_type, instruction, dimensions) -> EmbedResult:
@@ -287,8 +299,9 @@ class EmbedderClient:
         out = self._http_json(
             f"{self.openai_url}/embeddings", body, {"Authorization": f"Bearer {self.openai_key}"}, "openai"
         )
-        rows = sorted(out["data"], key=lambda d: d["index"])
-        vectors = _normalized(np.asarray([d["embedding"] for d in rows], dtype=np.float32))
+        with _answer_of(self.openai_url):
+            rows = sorted(out["data"], key=lambda d: d["index"])
+            vectors = _normalized(np.asarray([d["embedding"] for d in rows], dtype=np.float32))
         return EmbedResult(vectors, "openai", name if other else self._wanted(), vectors.shape[1], [])
 
     def _first_name(self, backend: str, call) -> EmbedResult:
@@ -364,6 +377,8 @@ class EmbedderClient:
             raise _Skip(f"{url}: HTTP {exc.code}") from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise _Skip(f"{url}: {exc}") from None
+        except http.client.HTTPException as exc:  # not HTTP (a gRPC port, say): its bytes say nothing
+            raise _Skip(f"{url}: not an HTTP answer ({type(exc).__name__})") from None
 
     def _http_json(self, url: str, body: dict, headers: dict, backend: str) -> dict:
         req = urllib.request.Request(
@@ -371,7 +386,7 @@ class EmbedderClient:
         )
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                return json.loads(r.read())
+                out = json.loads(r.read())
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:300]
             if exc.code == 400:  # the input is wrong: another backend will not fix it
@@ -379,6 +394,21 @@ class EmbedderClient:
             raise _Skip(f"{url}: HTTP {exc.code} {detail}") from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise _Skip(f"{url}: {exc}") from None
+        except http.client.HTTPException as exc:  # not HTTP (a gRPC port, say): its bytes say nothing
+            raise _Skip(f"{url}: not an HTTP answer ({type(exc).__name__})") from None
+        if not isinstance(out, dict):
+            raise _Skip(f"{url}: answered {type(out).__name__}, not a JSON object")
+        return out
+
+
+@contextlib.contextmanager
+def _answer_of(url: str):
+    """Reading a backend's JSON answer: one without the fields of its API (another server on that
+    address) is a reason to try the next backend, not a KeyError for the caller."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise _Skip(f"{url}: an answer without the API's fields ({type(exc).__name__}: {exc})"[:300]) from None
 
 
 def _normalized(v: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from extmind.embedder_client import EmbedderClient
-from extmind.errors import Unavailable
+from extmind.errors import InvalidArgument, Unavailable
 from extmind.procs import free_port
 
 
@@ -278,3 +278,57 @@ async def test_the_readme_client_example_works_against_the_default_embedder(star
     assert r.backend == "remote-grpc" and r.model == "sentence-transformers/all-MiniLM-L6-v2"
     assert r.vectors.shape == (1, 384)
     scope["c"].close()
+
+
+def _junk_server(answer: bytes):
+    """A TCP server at 127.0.0.1 that answers every connection with ``answer`` and closes."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+
+    def serve():
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return sock, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"\x00\x00\x18\x04\x00\x00\x00\x00\x00\x00\x04\x00@\x00\x00",  # an HTTP/2 SETTINGS frame (a gRPC port)
+        b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 16\r\n\r\n{"status": "ok"}',
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 9\r\n\r\n[1, 2, 3]",
+    ],
+    ids=["not_http", "json_without_embeddings", "json_not_an_object"],
+)
+def test_a_foreign_server_at_the_remote_url_falls_back(fakes, monkeypatch, answer):
+    """MLX_SERVICE_URL naming a server that is not an extmind embedder: the client says why and
+    tries the next backend, instead of raising the HTTP library's or a KeyError."""
+    monkeypatch.delenv("MLX_MODEL_QWEN3_0_6B_PATH", raising=False)
+    monkeypatch.delenv("MLX_MODELS_DIR", raising=False)
+    ollama = fakes("ollama", {"qwen3-embedding:0.6b": 1024})
+    sock, url = _junk_server(answer)
+    try:
+        client = EmbedderClient("qwen3-0.6b", url=url, ollama_url=ollama.url, openai_api_key="", timeout=5)
+        assert client.embed(["a document"]).backend == "ollama"
+        client.backends = ["remote"]
+        with pytest.raises(Unavailable, match=r"remote: .*127\.0\.0\.1"):
+            client.embed(["a document"])
+    finally:
+        sock.close()
+
+
+def test_a_lone_surrogate_is_invalid_argument_on_every_transport():
+    for url in ("grpc://127.0.0.1:1", "http://127.0.0.1:1"):
+        with pytest.raises(InvalidArgument, match="text 1 is not valid Unicode"):
+            EmbedderClient(url=url, timeout=1).embed(["fine", "bad \ud800"])
