@@ -163,7 +163,12 @@ class MemoryApp:
         embedder = DocumentEmbedder(
             self.args.embedder_url, token=self.args.auth_token, timeout=self.args.embedder_timeout
         )
-        self.docs = Documents(self.store.r, embedder, max_top_k=self.args.max_top_k)
+        self.docs = Documents(
+            self.store.r,
+            embedder,
+            max_top_k=self.args.max_top_k,
+            max_answer_bytes=int(self.args.max_response_mb * 1024 * 1024),
+        )
         self.rebuild_stats = await asyncio.to_thread(self.index.rebuild)
         await asyncio.to_thread(self.docs.rebuild, self.index.sync)
         metrics.watch(self.index, self.docs)

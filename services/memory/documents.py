@@ -32,6 +32,7 @@ from services.memory.kv_layout import ID_RE, now_us
 from services.memory.kv_search import normalize_rows
 from services.memory.kv_store import redis_errors
 from services.memory.limits import (
+    ANSWER_ENVELOPE_BYTES,
     DEFAULT_DOCUMENT_TOP_K,
     MAX_DIMENSIONS,
     MAX_DOCUMENT_ID_CHARS,
@@ -45,6 +46,12 @@ COLLECTION_NAMES_KEY = "em:collections"
 
 def _key(name: str, part: str) -> str:
     return f"em:{{col:{name}}}:{part}"
+
+
+def _hit_bytes(doc_id: str, text: str, metadata: dict) -> int:
+    """About the bytes a document takes in a SearchDocuments answer (UTF-8, a few per field)."""
+    md = sum(len(k.encode()) + len(v.encode()) + 8 for k, v in metadata.items())
+    return len(doc_id.encode()) + len(text.encode()) + md + 16
 
 
 def _not_found(name: str) -> NotFound:
@@ -72,10 +79,20 @@ class Documents:
     into one dropped meanwhile, deletes and writes of an id applied in another order). Embedding
     runs before the lock; the collection is checked again under it."""
 
-    def __init__(self, redis_client, embedder: DocumentEmbedder, *, max_top_k: int = MAX_TOP_K):
+    def __init__(
+        self,
+        redis_client,
+        embedder: DocumentEmbedder,
+        *,
+        max_top_k: int = MAX_TOP_K,
+        max_answer_bytes: int = 4 * 1024 * 1024,
+    ):
         self.r = redis_client
         self.embedder = embedder
         self.max_top_k = max_top_k
+        # The response budget (--max-response-mb), less the envelope: a search answer of more hits
+        # than fit is INVALID_ARGUMENT, and a document that could never be returned is refused.
+        self.answer_room = max_answer_bytes - ANSWER_ENVELOPE_BYTES
         self.collections: dict[str, Collection] = {}
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
@@ -243,6 +260,14 @@ class Documents:
             if doc_id in seen:
                 raise InvalidArgument(f"document id {doc_id!r} appears twice in one request")
             seen.add(doc_id)
+        for doc_id, text, md, _ in docs:
+            size = _hit_bytes(doc_id, text, md)
+            if size > self.answer_room:
+                raise InvalidArgument(
+                    f"document {doc_id!r} is {size / 2**20:.1f} MiB of id, text and metadata: a search could "
+                    f"never return it within the {self.answer_room / 2**20:.3g} MiB response budget "
+                    "(--max-response-mb); store less of it here (nothing was stored)"
+                )
         c = await self.find(name)
         if c is not None and model and model != c.model:
             raise FailedPrecondition(
@@ -342,6 +367,14 @@ class Documents:
             q = query_embedding
         q = normalize_rows(q.reshape(1, -1))
         hits = c.search(q, top_k, dict(filt))
+        sizes = np.cumsum([_hit_bytes(i, t, md) + 16 for i, _, t, md in hits])
+        if len(sizes) and sizes[-1] > self.answer_room:
+            fit = int(np.searchsorted(sizes, self.answer_room, side="right"))
+            raise InvalidArgument(
+                f"the {len(hits)} hits' texts and metadata make {sizes[-1] / 2**20:.1f} MiB, over the "
+                f"{self.answer_room / 2**20:.3g} MiB response budget (--max-response-mb): ask for top_k {max(fit, 1)} "
+                "or fewer"
+            )
         metrics.SEARCHES.labels(metrics.DOCUMENT).inc()
         metrics.SEARCH_SECONDS.labels(metrics.DOCUMENT).observe(time.perf_counter() - started)
         return c, hits

@@ -350,3 +350,31 @@ def test_upsert_without_embeddings_on_the_real_embedder(memory_service_factory, 
         assert hits[0].id == "cat" and len(hits) == 3
     finally:
         emb.stop()
+
+
+def test_search_answers_stay_within_the_response_budget(memory_service_factory):
+    """Texts and metadata are the client's, of any size: a search whose hits would pass the
+    response budget is INVALID_ARGUMENT saying how many fit (a stock client would get a
+    RESOURCE_EXHAUSTED that looks retryable), and a document no search could return is refused."""
+    svc = memory_service_factory(args=["--max-response-mb", "0.1"])  # 104 857 bytes
+    stub = svc.stub()
+    rng = np.random.default_rng(0)
+    docs = [doc(i, rng.standard_normal(8), blob="x" * 20_000) for i in range(10)]
+    stub.UpsertDocuments(pb.UpsertDocumentsRequest(collection="big", model="m", documents=docs), timeout=10)
+    q = encode(np.ones(8, np.float32))
+    code, msg = code_of(
+        lambda: stub.SearchDocuments(
+            pb.SearchDocumentsRequest(collection="big", query_embedding=q, top_k=10), timeout=10
+        )
+    )
+    assert code == C.INVALID_ARGUMENT and "ask for top_k 5 or fewer" in msg, msg
+    hits = stub.SearchDocuments(pb.SearchDocumentsRequest(collection="big", query_embedding=q, top_k=5), timeout=10)
+    assert len(hits.hits) == 5 and hits.ByteSize() <= 0.1 * 2**20
+    huge = doc("huge", np.ones(8), blob="y" * 120_000)
+    code, msg = code_of(
+        lambda: stub.UpsertDocuments(
+            pb.UpsertDocumentsRequest(collection="big", model="m", documents=[huge]), timeout=10
+        )
+    )
+    assert code == C.INVALID_ARGUMENT and "could never return it" in msg, msg
+    assert stub.GetCollection(pb.GetCollectionRequest(collection="big"), timeout=10).collection.num_documents == 10
