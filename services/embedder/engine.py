@@ -8,6 +8,7 @@ one MLX thread through the batcher.
 from __future__ import annotations
 
 import asyncio
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +22,12 @@ from services.embedder.models.base import ServedModel
 from services.embedder.pool import Entry, LoadPolicy, ModelPool
 
 DOCUMENT, QUERY = "document", "query"
+
+
+def _visible(text: str) -> bool:
+    """Whether ``text`` has a character other than spaces, controls (NUL, ...) and format
+    characters (zero-width space, BOM): a text of only those embeds as the empty text would."""
+    return any(not c.isspace() and unicodedata.category(c) not in ("Cc", "Cf") for c in text)
 
 
 @dataclass
@@ -196,8 +203,11 @@ class EmbedderEngine:
         for i, t in enumerate(inputs):
             if not isinstance(t, str):
                 raise InvalidArgument(f"{what}[{i}] is not a string")
-            if not t.strip():
-                raise InvalidArgument(f"{what}[{i}] is empty: every text needs at least one non-space character")
+            if not _visible(t):
+                raise InvalidArgument(
+                    f"{what}[{i}] is empty: every text needs at least one character that is not a space, "
+                    "a control or a format character (zero-width space, BOM)"
+                )
 
     # --- RPCs ---------------------------------------------------------------------------------
     async def embed(
@@ -251,7 +261,7 @@ class EmbedderEngine:
         deadline: float | None = None,
     ) -> tuple[str, list[Ranked]]:
         entry = self._entry(model, "reranker")
-        if not query.strip():
+        if not _visible(query):
             raise InvalidArgument("query is empty: send the text the documents are ranked against")
         self._check_inputs(documents, "documents")
         async with self.pool.use(entry, deadline) as m:

@@ -281,6 +281,11 @@ class Documents:
                     f"the embedding of document {doc_id!r} holds NaN or infinite values; send a finite "
                     "embedding (nothing was stored)"
                 )
+            if e is not None and not e.any():
+                raise InvalidArgument(
+                    f"the embedding of document {doc_id!r} is all zeros: it has no direction to rank by "
+                    "(nothing was stored)"
+                )
         given = [e for _, _, _, e in docs if e is not None]
         if given:
             dims = sorted({e.shape[0] for e in given})
@@ -364,6 +369,8 @@ class Documents:
                     f"query_embedding has {query_embedding.shape[0]} dimensions; collection "
                     f"{name!r} holds {c.dimensions} (model {c.model!r})"
                 )
+            if not query_embedding.any():
+                raise InvalidArgument("query_embedding is all zeros: it has no direction to rank by")
             q = query_embedding
         q = normalize_rows(q.reshape(1, -1))
         hits = c.search(q, top_k, dict(filt))

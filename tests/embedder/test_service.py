@@ -157,6 +157,9 @@ async def _code(call) -> grpc.StatusCode:
 BAD = [
     ("empty list", pb.EmbedRequest(inputs=[]), grpc.StatusCode.INVALID_ARGUMENT),
     ("empty string", pb.EmbedRequest(inputs=["ok", "  "]), grpc.StatusCode.INVALID_ARGUMENT),
+    # only controls or format characters: each embedded as the empty text would be
+    ("only a NUL", pb.EmbedRequest(inputs=["ok", "\x00"]), grpc.StatusCode.INVALID_ARGUMENT),
+    ("only zero-width", pb.EmbedRequest(inputs=["\u200b\ufeff \x01"]), grpc.StatusCode.INVALID_ARGUMENT),
     (
         "over-long, truncate=false",
         pb.EmbedRequest(inputs=["word " * 200], truncate=False),

@@ -202,6 +202,14 @@ async def test_the_documents_engine_refuses_non_finite_embeddings(redis_server):
             with pytest.raises(InvalidArgument, match="document 'b' holds NaN or infinite"):
                 await docs.upsert("eng", [("a", "t", {}, np.ones(4, np.float32)), ("b", "t", {}, e)], "m", 0)
             assert await docs.find("eng") is None
+        # all zeros: no direction (a cosine of 0 with everything, ranked at random)
+        zero = np.zeros(4, np.float32)
+        with pytest.raises(InvalidArgument, match="document 'b' is all zeros"):
+            await docs.upsert("eng", [("a", "t", {}, np.ones(4, np.float32)), ("b", "t", {}, zero)], "m", 0)
+        assert await docs.find("eng") is None
+        await docs.upsert("eng", [("a", "t", {}, np.ones(4, np.float32))], "m", 0)
+        with pytest.raises(InvalidArgument, match="query_embedding is all zeros"):
+            await docs.search("eng", "", zero, 1, {}, "")
     finally:
         await store.close()
 
