@@ -79,6 +79,10 @@ class _Seq:
     index: int
 
 
+class QueueFull(ResourceExhausted):
+    """The queue has no room for a request now (retryable; ``Batcher.wait_for_room``)."""
+
+
 class Batcher:
     def __init__(self, mlx: MLXThread, limits: Limits):
         self.mlx = mlx
@@ -86,6 +90,7 @@ class Batcher:
         self._pending: list[_Seq] = []
         self._counter = itertools.count()
         self._wake = asyncio.Event()
+        self._freed = asyncio.Event()  # set whenever sequences leave the queue
         self._task: asyncio.Task | None = None
         self.batches_run = 0  # for tests and logs: how many forwards ran
         self.sequences_run = 0
@@ -94,6 +99,13 @@ class Batcher:
     @property
     def queued(self) -> int:
         return len(self._pending)
+
+    async def wait_for_room(self, n: int) -> None:
+        """Returns once ``n`` more sequences fit the queue (another caller may still take the room
+        first: ``run`` then raises QueueFull again)."""
+        while self.queued + n > self.limits.max_queue:
+            self._freed.clear()
+            await self._freed.wait()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="embedder-batcher")
@@ -108,7 +120,9 @@ class Batcher:
         self._publish_queue()
 
     def _publish_queue(self) -> None:
-        """Sets the queue-depth gauge of every model (0 for a model with nothing waiting)."""
+        """Sets the queue-depth gauge of every model (0 for a model with nothing waiting); the
+        queue changed, so waiters for room look again."""
+        self._freed.set()
         counts = collections.Counter(s.request.model.name for s in self._pending)
         self._queued_models |= counts.keys()
         for name in self._queued_models:
@@ -125,7 +139,7 @@ class Batcher:
                 "(--max-queue): send fewer texts at once"
             )
         if self.queued + len(seqs) > self.limits.max_queue:
-            raise ResourceExhausted(
+            raise QueueFull(
                 f"the queue holds {self.queued} texts and takes at most {self.limits.max_queue}; "
                 "retry shortly or send fewer texts at once"
             )

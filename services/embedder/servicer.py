@@ -8,6 +8,7 @@ import functools
 from extmind import tensor
 from extmind.errors import InvalidArgument
 from extmind.v1 import common_pb2, embedder_pb2, embedder_pb2_grpc
+from services.embedder.batcher import QueueFull
 from services.embedder.engine import DOCUMENT, QUERY, EmbedderEngine
 
 _INPUT_TYPES = {
@@ -85,11 +86,20 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
             embeddings=tensor.encode(r.vectors), model=r.model, dimensions=r.dimensions, token_counts=r.token_counts
         )
 
+    async def _embed_when_room(self, request, n: int, context):
+        """A stream's request waits for room in the shared queue rather than failing the stream
+        (a unary caller gets RESOURCE_EXHAUSTED and retries; a stream would lose its place)."""
+        while True:
+            try:
+                return await self._embed(request, context)
+            except QueueFull:
+                await self.engine.batcher.wait_for_room(n)
+
     async def EmbedStream(self, request_iterator, context):
         # Requests start as they arrive (so they share batches) while the stream's texts in flight
         # fit its window, a quarter of the engine's queue: a stream of many requests waits for its
         # answers rather than filling the queue that every client shares (RESOURCE_EXHAUSTED for
-        # itself and the others). Answers leave in request order.
+        # the others); a request that finds the queue full waits for room. Answers leave in order.
         pending: asyncio.Queue = asyncio.Queue()
         window = max(1, self.engine.limits.max_queue // 4)
         room = asyncio.Condition()
@@ -106,7 +116,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
                     async with room:
                         await room.wait_for(functools.partial(has_room, n))
                         in_flight += n
-                    pending.put_nowait((n, asyncio.ensure_future(self._embed(req, context))))
+                    pending.put_nowait((n, asyncio.ensure_future(self._embed_when_room(req, n, context))))
             except Exception as exc:  # noqa: BLE001 - handed to the writer below
                 pending.put_nowait(exc)
             pending.put_nowait(None)

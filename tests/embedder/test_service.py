@@ -107,23 +107,26 @@ async def test_embed_stream_answers_in_order(roomy):
         assert np.abs(tensor.decode(resp.embeddings) - tensor.decode(one.embeddings)).max() < 1e-5
 
 
-async def test_a_long_embed_stream_waits_for_room_instead_of_filling_the_queue(service):
-    """A stream of many requests, far more texts than the queue holds (6 here): it waits for its
-    answers (its window, a quarter of the queue) rather than starting them all and failing with
-    RESOURCE_EXHAUSTED; a unary call alongside it is served."""
+async def test_long_embed_streams_wait_for_room_instead_of_failing(service):
+    """Streams of many requests, far more texts than the queue holds (6 here), four at once: each
+    keeps its texts in flight within its window (a quarter of the queue) and, when the queue is
+    full all the same, waits for room, rather than failing with RESOURCE_EXHAUSTED and losing its
+    place; the answers are the unary ones."""
     app, stub, _ = service
     assert app.engine.limits.max_queue == 6
-    requests = [pb.EmbedStreamRequest(inputs=[f"text {i} {j}" for j in range(3)]) for i in range(20)]
 
-    async def gen():
-        for r in requests:
+    def requests(k):
+        return [pb.EmbedStreamRequest(inputs=[f"text {k} {i} {j}" for j in range(3)]) for i in range(8)]
+
+    async def gen(k):
+        for r in requests(k):
             yield r
 
-    stream = asyncio.ensure_future(_collect(stub.EmbedStream(gen(), timeout=120)))
-    alongside = await stub.Embed(pb.EmbedRequest(inputs=["alongside"]), timeout=60)
-    got = await stream
-    assert [r.sequence for r in got] == list(range(20)) and tensor.decode(alongside.embeddings).shape[0] == 1
-    assert all(tensor.decode(r.embeddings).shape[0] == 3 for r in got)
+    got = await asyncio.gather(*(_collect(stub.EmbedStream(gen(k), timeout=120)) for k in range(4)))
+    for k, answers in enumerate(got):
+        assert [r.sequence for r in answers] == list(range(8))
+        one = await stub.Embed(pb.EmbedRequest(inputs=list(requests(k)[5].inputs)), timeout=60)
+        assert np.abs(tensor.decode(answers[5].embeddings) - tensor.decode(one.embeddings)).max() < 1e-5
 
 
 async def _collect(call) -> list:
