@@ -256,14 +256,24 @@ class MemoryBuilder:
             return
 
         def when_back() -> None:
-            try:
-                self.client.delete_memory(mid, create_time, wait=CLEANUP_WAIT_S)
-                log.info("deleted the half-built memory once the memory service answered", extra={"memory_id": mid})
-            except errors.ExtmindError as e:
+            deadline = time.monotonic() + CLEANUP_WAIT_S
+            while True:
+                try:  # wait-for-ready covers a closed port; a service still loading answers UNAVAILABLE
+                    self.client.delete_memory(mid, create_time, wait=max(0.1, deadline - time.monotonic()))
+                    log.info("deleted the half-built memory once the memory service answered", extra={"memory_id": mid})
+                    return
+                except (errors.Unavailable, errors.DeadlineExceeded) as e:
+                    if time.monotonic() + 1.0 < deadline:
+                        time.sleep(1.0)
+                        continue
+                    error = e
+                except errors.ExtmindError as e:
+                    error = e
                 log.warning(
                     "could not delete the half-built memory; the memory service deletes it after MEMORY_BUILDING_TTL",
-                    extra={"memory_id": mid, "error": str(e)},
+                    extra={"memory_id": mid, "error": str(error)},
                 )
+                return
 
         threading.Thread(target=when_back, name="memorize-cleanup", daemon=True).start()
 

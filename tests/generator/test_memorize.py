@@ -175,10 +175,15 @@ async def test_a_failed_memorizes_clean_up_spares_a_memory_created_again_under_i
         engine.stop()
 
 
-def test_a_memorize_cut_off_by_the_memory_service_is_deleted_once_it_is_back(llama_path, memory_service_factory):
+@pytest.mark.parametrize("loading", [False, True], ids=["back_at_once", "back_after_loading"])
+def test_a_memorize_cut_off_by_the_memory_service_is_deleted_once_it_is_back(
+    llama_path, memory_service_factory, redis_server, loading
+):
     """The memory service dies mid-append: the caller gets UNAVAILABLE at once, and the half-built
     memory (BUILDING, in Redis) is deleted once the service is back, so that the retry the status
-    invites finds the id free, not ALREADY_EXISTS until the reaper's MEMORY_BUILDING_TTL."""
+    invites finds the id free, not ALREADY_EXISTS until the reaper's MEMORY_BUILDING_TTL. ``loading``:
+    the service comes back while Redis is still down, its port open but every call UNAVAILABLE
+    ("loading") for a while: the clean-up keeps trying."""
     svc = memory_service_factory()
     engine = GeneratorEngine(
         EngineConfig(model=str(llama_path), memory_url=svc.address, window=8, stride=4, prefill_step_size=4)
@@ -198,6 +203,8 @@ def test_a_memorize_cut_off_by_the_memory_service_is_deleted_once_it_is_back(lla
             if len(calls) == 7:  # a chunk of the third window: the first windows' rows are stored
                 assert client.get_memory("cut-off").state == memory_pb2.MEMORY_STATE_BUILDING
                 svc.kill()
+                if loading:
+                    redis_server.stop()
             return real_run(fn, *args)
 
         builder.run = crash_mid_stream
@@ -206,7 +213,13 @@ def test_a_memorize_cut_off_by_the_memory_service_is_deleted_once_it_is_back(lla
             engine.memorize_blocking(tokens, memory_id="cut-off")
         assert time.monotonic() - t0 < 30  # not held until the service is back
         builder.run = real_run
-        svc.start()  # the same port and Redis: the half-built memory is still there, BUILDING
+        if loading:
+            svc.spawn()  # the same port: open, answering "loading" while it waits for Redis
+            time.sleep(3.0)  # the clean-up meets the loading service (the old code gave up here)
+            redis_server.start()
+            svc.wait_ready()
+        else:
+            svc.start()  # the same port and Redis: the half-built memory is still there, BUILDING
         deadline = time.monotonic() + 60
         while True:
             try:
