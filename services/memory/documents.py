@@ -51,7 +51,7 @@ def _key(name: str, part: str) -> str:
 def _hit_bytes(doc_id: str, text: str, metadata: dict) -> int:
     """About the bytes a document takes in a SearchDocuments answer (UTF-8, a few per field)."""
     md = sum(len(k.encode()) + len(v.encode()) + 8 for k, v in metadata.items())
-    return len(doc_id.encode()) + len(text.encode()) + md + 16
+    return len(doc_id.encode()) + len(text.encode()) + md + 32
 
 
 def _not_found(name: str) -> NotFound:
@@ -374,7 +374,7 @@ class Documents:
             q = query_embedding
         q = normalize_rows(q.reshape(1, -1))
         hits = c.search(q, top_k, dict(filt))
-        sizes = np.cumsum([_hit_bytes(i, t, md) + 16 for i, _, t, md in hits])
+        sizes = np.cumsum([_hit_bytes(i, t, md) for i, _, t, md in hits])
         if len(sizes) and sizes[-1] > self.answer_room:
             fit = int(np.searchsorted(sizes, self.answer_room, side="right"))
             raise InvalidArgument(

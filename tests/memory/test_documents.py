@@ -386,3 +386,18 @@ def test_search_answers_stay_within_the_response_budget(memory_service_factory):
     )
     assert code == C.INVALID_ARGUMENT and "could never return it" in msg, msg
     assert stub.GetCollection(pb.GetCollectionRequest(collection="big"), timeout=10).collection.num_documents == 10
+    # At the budget exactly (the search's own count of a hit: id, text, metadata, 32 for the rest):
+    # stored, and a search returns it; a byte more is refused.
+    room = int(0.1 * 2**20) - 4096
+    for extra, stored in ((0, True), (1, False)):
+        edge = pb.Document(
+            id="e", text="t", metadata={"blob": "z" * (room - 46 + extra)}, embedding=encode(np.ones(8, np.float32))
+        )
+        code, _ = code_of(
+            lambda edge=edge: stub.UpsertDocuments(
+                pb.UpsertDocumentsRequest(collection="edge", model="m", documents=[edge]), timeout=10
+            )
+        )
+        assert code == (C.OK if stored else C.INVALID_ARGUMENT)
+    one = stub.SearchDocuments(pb.SearchDocumentsRequest(collection="edge", query_embedding=q, top_k=1), timeout=10)
+    assert [h.id for h in one.hits] == ["e"] and one.ByteSize() <= 0.1 * 2**20
