@@ -11,6 +11,21 @@ from extmind.v1 import memory_pb2
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.memory_client import MemoryClient
 
+# ~40 tokens: with window 8 / stride 4, several windows, so rows of the first ones are already
+# streamed when a later window fails (make_cache + 2 prefill chunks per window).
+CAPITALS = (
+    "Paris is the capital of France. Berlin is the capital of Germany. "
+    "Rome is the capital of Italy. Madrid is the capital of Spain."
+)
+
+
+def _windowed_engine(llama_path, memory_address) -> GeneratorEngine:
+    engine = GeneratorEngine(
+        EngineConfig(model=str(llama_path), memory_url=memory_address, window=8, stride=4, prefill_step_size=4)
+    )
+    engine.start()
+    return engine
+
 
 @pytest.fixture(scope="module")
 def memory_address(module_memory_service):
@@ -20,16 +35,10 @@ def memory_address(module_memory_service):
 async def test_a_window_failing_mid_stream_deletes_the_memory(llama_path, memory_address):
     # window 8 / stride 4 over ~40 tokens: several windows, so rows of the first ones are already
     # streamed when the third window's forward fails.
-    engine = GeneratorEngine(
-        EngineConfig(model=str(llama_path), memory_url=memory_address, window=8, stride=4, prefill_step_size=4)
-    )
-    engine.start()
+    engine = _windowed_engine(llama_path, memory_address)
     client = MemoryClient(memory_address)
     try:
-        tokens = engine.tokenizer.encode(
-            "Paris is the capital of France. Berlin is the capital of Germany. "
-            "Rome is the capital of Italy. Madrid is the capital of Spain."
-        )
+        tokens = engine.tokenizer.encode(CAPITALS)
         builder = engine._builder
         real_run, calls = builder.run, []
 
@@ -185,16 +194,10 @@ def test_a_memorize_cut_off_by_the_memory_service_is_deleted_once_it_is_back(
     the service comes back while Redis is still down, its port open but every call UNAVAILABLE
     ("loading") for a while: the clean-up keeps trying."""
     svc = memory_service_factory()
-    engine = GeneratorEngine(
-        EngineConfig(model=str(llama_path), memory_url=svc.address, window=8, stride=4, prefill_step_size=4)
-    )
-    engine.start()
+    engine = _windowed_engine(llama_path, svc.address)
     client = MemoryClient(svc.address)
     try:
-        tokens = engine.tokenizer.encode(
-            "Paris is the capital of France. Berlin is the capital of Germany. "
-            "Rome is the capital of Italy. Madrid is the capital of Spain."
-        )
+        tokens = engine.tokenizer.encode(CAPITALS)
         builder = engine._builder
         real_run, calls = builder.run, []
 
