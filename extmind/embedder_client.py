@@ -325,7 +325,10 @@ class EmbedderClient:
         if not self.url:
             raise _Skip("MLX_SERVICE_URL is not set")
         if self.url.startswith(("http://", "https://")):
-            self._http_get(f"{self.url.rstrip('/')}/health", self._bearer())
+            url = f"{self.url.rstrip('/')}/health"
+            body = self._http_get(url, self._bearer())
+            if body.get("status") != "ok" or not isinstance(body.get("models"), list):  # the embedder's own answer
+                raise _Skip(f"{url}: answered {str(body)[:100]}, not an extmind embedder's health")
             return f"{self.url} healthy"
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -145,6 +145,17 @@ async def test_health_probe(start_app, tiny_qwen3, fakes):
     assert h["remote"]["ok"] and h["ollama"]["ok"]
     assert not h["openai"]["ok"] and "OPENAI_API_KEY" in h["openai"]["detail"]
     assert not h["local"]["ok"] and "MLX_MODEL_QWEN3_0_6B_PATH" in h["local"]["detail"]
+    # Over HTTP: the embedder's own /health, and another server's 200 that is not it
+    http = EmbedderClient("qwen3-0.6b", url=f"http://127.0.0.1:{app.http.port}", backends=("remote",), timeout=5)
+    assert (await asyncio.to_thread(http.health))["remote"]["ok"]
+    ok = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 16\r\n\r\n{"status": "ok"}'
+    sock, url = _junk_server(ok)
+    try:
+        other = EmbedderClient("qwen3-0.6b", url=url, backends=("remote",), timeout=5)
+        h = await asyncio.to_thread(other.health)
+        assert not h["remote"]["ok"] and "not an extmind embedder" in h["remote"]["detail"]
+    finally:
+        sock.close()
 
 
 def test_falls_back_to_ollama_serving_the_same_model(fakes, monkeypatch):
