@@ -19,6 +19,26 @@ CAPITALS = (
 )
 
 
+# The builder's MLX call that runs a prefill chunk of the third window (make_cache + 2 chunks per
+# window): the first windows' rows are streamed by then.
+THIRD_WINDOW_CALL = 7
+
+
+def _before_call(builder, n: int, action):
+    """Makes ``builder`` run ``action()`` before its ``n``-th call on the MLX thread (an exception
+    of ``action`` is that call's). -> (the real ``run``, to put back; the calls so far)."""
+    real_run, calls = builder.run, []
+
+    def run(fn, *args):
+        calls.append(fn)
+        if len(calls) == n:
+            action()
+        return real_run(fn, *args)
+
+    builder.run = run
+    return real_run, calls
+
+
 def _windowed_engine(llama_path, memory_address) -> GeneratorEngine:
     engine = GeneratorEngine(
         EngineConfig(model=str(llama_path), memory_url=memory_address, window=8, stride=4, prefill_step_size=4)
@@ -33,25 +53,19 @@ def memory_address(module_memory_service):
 
 
 async def test_a_window_failing_mid_stream_deletes_the_memory(llama_path, memory_address):
-    # window 8 / stride 4 over ~40 tokens: several windows, so rows of the first ones are already
-    # streamed when the third window's forward fails.
     engine = _windowed_engine(llama_path, memory_address)
     client = MemoryClient(memory_address)
     try:
         tokens = engine.tokenizer.encode(CAPITALS)
         builder = engine._builder
-        real_run, calls = builder.run, []
 
-        def failing_run(fn, *args):
-            calls.append(fn)
-            if len(calls) == 7:  # a chunk of the third window (make_cache + 2 chunks per window)
-                raise errors.Internal("the device fell over")
-            return real_run(fn, *args)
+        def fall_over():
+            raise errors.Internal("the device fell over")
 
-        builder.run = failing_run
+        real_run, calls = _before_call(builder, THIRD_WINDOW_CALL, fall_over)
         with pytest.raises(errors.Internal, match="the device fell over"):
             await engine.memorize(tokens, memory_id="half-built")
-        assert len(calls) == 7
+        assert len(calls) == THIRD_WINDOW_CALL
         with pytest.raises(errors.NotFound):
             client.get_memory("half-built")
         builder.run = real_run
@@ -199,18 +213,14 @@ def test_a_memorize_cut_off_by_the_memory_service_is_deleted_once_it_is_back(
     try:
         tokens = engine.tokenizer.encode(CAPITALS)
         builder = engine._builder
-        real_run, calls = builder.run, []
 
-        def crash_mid_stream(fn, *args):
-            calls.append(fn)
-            if len(calls) == 7:  # a chunk of the third window: the first windows' rows are stored
-                assert client.get_memory("cut-off").state == memory_pb2.MEMORY_STATE_BUILDING
-                svc.kill()
-                if loading:
-                    redis_server.stop()
-            return real_run(fn, *args)
+        def crash_mid_stream():  # the first windows' rows are stored
+            assert client.get_memory("cut-off").state == memory_pb2.MEMORY_STATE_BUILDING
+            svc.kill()
+            if loading:
+                redis_server.stop()
 
-        builder.run = crash_mid_stream
+        real_run, _ = _before_call(builder, THIRD_WINDOW_CALL, crash_mid_stream)
         t0 = time.monotonic()
         with pytest.raises(errors.Unavailable):
             engine.memorize_blocking(tokens, memory_id="cut-off")
