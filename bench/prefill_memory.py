@@ -35,6 +35,7 @@ from services.common.blas import ensure_openblas
 ensure_openblas()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import functools  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
@@ -66,22 +67,31 @@ def random_llama(dims: dict, tmp: Path):
     return load(str(path))[0]
 
 
-def forward(model, state, tokens: mx.array, memory, mma: bool = True, hold: bool = True) -> None:
-    """One forward of ``tokens`` with ``memory`` (a MemoryContext or None), its last position's
-    logits evaluated. ``mma`` False: a 16-bit model's CUDA merge reads a float32 matmul's local
-    logits (``prefill_merge_kernels.MERGE_LOGITS``, what every dtype took before ``MERGE_MMA``).
-    ``hold`` False: the CUDA prefill top-k reads each row's scores twice from global memory
-    (``prefill_top_k.HOLD_SCORES`` off, as before it held them in shared memory)."""
+@contextlib.contextmanager
+def earlier_kernels(mma: bool = True, hold: bool = True):
+    """While inside, the CUDA prefill path as it was before two of its changes: ``mma`` False, a
+    16-bit model's merge reads a float32 matmul's local logits (``prefill_merge_kernels.MERGE_LOGITS``,
+    what every dtype took before ``MERGE_MMA``); ``hold`` False, the prefill top-k reads each row's
+    scores twice from global memory (``prefill_top_k.HOLD_SCORES`` off)."""
     kept, held = prefill_attention.MMA_DTYPES, prefill_top_k.HOLD_SCORES
     prefill_attention.MMA_DTYPES = kept if mma else ()
     prefill_top_k.HOLD_SCORES = hold
+    try:
+        yield
+    finally:
+        prefill_attention.MMA_DTYPES, prefill_top_k.HOLD_SCORES = kept, held
+
+
+def forward(model, state, tokens: mx.array, memory, mma: bool = True, hold: bool = True) -> None:
+    """One forward of ``tokens`` with ``memory`` (a MemoryContext or None), its last position's
+    logits evaluated; ``mma`` / ``hold`` False: as ``earlier_kernels``."""
     state.memory = memory
     try:
-        out = model(tokens, cache=make_prompt_cache(model))
-        mx.eval(out[:, -1])
+        with earlier_kernels(mma, hold):
+            out = model(tokens, cache=make_prompt_cache(model))
+            mx.eval(out[:, -1])
     finally:
         state.memory = None
-        prefill_attention.MMA_DTYPES, prefill_top_k.HOLD_SCORES = kept, held
 
 
 def forwards(model, state, tokens: mx.array, rounds: int, variants: dict) -> dict[str, list[float]]:
@@ -139,12 +149,9 @@ def parts(state, bank, layers: int, tokens: int, dtype, rounds: int) -> dict:
     def top_k():
         return fused_attention.top_k_rows(q, keys_t, inv_norms, TOP_K, None, kept)
 
-    def top_k_twice():  # the scores read twice (prefill_top_k.HOLD_SCORES off)
-        prefill_top_k.HOLD_SCORES = False
-        try:
+    def top_k_twice():  # the scores read twice (the kernel is chosen when the graph is built)
+        with earlier_kernels(hold=False):
             return fused_attention.top_k_rows(q, keys_t, inv_norms, TOP_K, None, kept)
-        finally:
-            prefill_top_k.HOLD_SCORES = True
 
     def attend():
         return prefill_attention.attend(q, k, v, "causal", rows, dots, values, scale, dtype)
