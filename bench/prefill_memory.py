@@ -16,7 +16,9 @@ model's dtype, top_k 10. Prints:
    before the tensor-core merge (``prefill_merge_kernels.MERGE_MMA``): its before and after in one run;
    on CUDA also LOCAL with the bank's prefill keys made per forward, as before cached banks kept
    them (``bank_cache.Bank.prefill_keys``), and LOCAL with the prefill top-k reading each row's
-   scores twice, as before it held them in shared memory (``prefill_top_k.HOLD_SCORES``);
+   scores twice, as before it held them in shared memory (``prefill_top_k.HOLD_SCORES``), testing
+   float16 scores one by one (``PACK_SCORES``), with the merge loading one memory's values at a
+   time (``prefill_merge_kernels.MERGE_GROUP``);
 2. on CUDA, the fused prefill path of one layer (``fused_attention.top_k_rows`` and
    ``prefill_attention.attend``, docs/architecture.md "Prefill with memories") against MLX's
    fused attention alone, each evaluated alone (so each includes a launch and a sync), and all
@@ -53,7 +55,13 @@ from bench.common import add_record_flag, describe, machine, median_ratio, recor
 from bench.generator import SHAPES  # noqa: E402
 from extmind.tiny_models import build_llama  # noqa: E402
 from services.common.config import positive_int  # noqa: E402
-from services.generator import extended_attention, fused_attention, prefill_attention, prefill_top_k  # noqa: E402
+from services.generator import (  # noqa: E402
+    extended_attention,
+    fused_attention,
+    prefill_attention,
+    prefill_merge_kernels,
+    prefill_top_k,
+)
 from services.generator.bank_cache import LocalRetriever, bank_from_numpy  # noqa: E402
 from services.generator.extended_attention import MemoryContext  # noqa: E402
 
@@ -67,27 +75,40 @@ def random_llama(dims: dict, tmp: Path):
     return load(str(path))[0]
 
 
+# The CUDA prefill path's switches (module, attribute) -> what a variant sets them to.
+FLAGS = {
+    "mma": (prefill_attention, "MMA_DTYPES"),
+    "hold": (prefill_top_k, "HOLD_SCORES"),
+    "pack": (prefill_top_k, "PACK_SCORES"),
+    "group": (prefill_merge_kernels, "MERGE_GROUP"),
+}
+
+
 @contextlib.contextmanager
-def earlier_kernels(mma: bool = True, hold: bool = True):
-    """While inside, the CUDA prefill path as it was before two of its changes: ``mma`` False, a
-    16-bit model's merge reads a float32 matmul's local logits (``prefill_merge_kernels.MERGE_LOGITS``,
-    what every dtype took before ``MERGE_MMA``); ``hold`` False, the prefill top-k reads each row's
-    scores twice from global memory (``prefill_top_k.HOLD_SCORES`` off)."""
-    kept, held = prefill_attention.MMA_DTYPES, prefill_top_k.HOLD_SCORES
-    prefill_attention.MMA_DTYPES = kept if mma else ()
-    prefill_top_k.HOLD_SCORES = hold
+def kernel_flags(**values):
+    """While inside, the CUDA prefill path with some of its switches set (``FLAGS``' names):
+    ``mma=False``, a 16-bit model's merge reads a float32 matmul's local logits
+    (``prefill_merge_kernels.MERGE_LOGITS``, what every dtype took before ``MERGE_MMA``);
+    ``hold=False``, the prefill top-k reads each row's scores twice from global memory;
+    ``pack=False``, it tests float16 scores one by one; ``group=1``, the merge loads one memory's
+    values at a time."""
+    kept = {name: getattr(*FLAGS[name]) for name in values}
+    for name, value in values.items():
+        module, attr = FLAGS[name]
+        setattr(module, attr, (kept[name] if value else ()) if name == "mma" else value)
     try:
         yield
     finally:
-        prefill_attention.MMA_DTYPES, prefill_top_k.HOLD_SCORES = kept, held
+        for name, value in kept.items():
+            setattr(*FLAGS[name], value)
 
 
-def forward(model, state, tokens: mx.array, memory, mma: bool = True, hold: bool = True) -> None:
+def forward(model, state, tokens: mx.array, memory, flags: dict | None = None) -> None:
     """One forward of ``tokens`` with ``memory`` (a MemoryContext or None), its last position's
-    logits evaluated; ``mma`` / ``hold`` False: as ``earlier_kernels``."""
+    logits evaluated, under ``kernel_flags(**flags)``."""
     state.memory = memory
     try:
-        with earlier_kernels(mma, hold):
+        with kernel_flags(**(flags or {})):
             out = model(tokens, cache=make_prompt_cache(model))
             mx.eval(out[:, -1])
     finally:
@@ -96,7 +117,7 @@ def forward(model, state, tokens: mx.array, memory, mma: bool = True, hold: bool
 
 def forwards(model, state, tokens: mx.array, rounds: int, variants: dict) -> dict[str, list[float]]:
     """Seconds of the prompt's forward for each of ``variants`` (name -> (a MemoryContext or None,
-    ``forward``'s ``mma`` and ``hold``)), ``rounds`` interleaved rounds -> name -> seconds per round."""
+    ``forward``'s flags)), ``rounds`` interleaved rounds -> name -> seconds per round."""
     runs = [functools.partial(forward, model, state, tokens, *variant) for variant in variants.values()]
     return dict(zip(variants, timed_rounds(runs, rounds, warmup=3)))
 
@@ -149,9 +170,16 @@ def parts(state, bank, layers: int, tokens: int, dtype, rounds: int) -> dict:
     def top_k():
         return fused_attention.top_k_rows(q, keys_t, inv_norms, TOP_K, None, kept)
 
-    def top_k_twice():  # the scores read twice (the kernel is chosen when the graph is built)
-        with earlier_kernels(hold=False):
-            return fused_attention.top_k_rows(q, keys_t, inv_norms, TOP_K, None, kept)
+    def top_k_with(**flags):  # the kernel is chosen when the graph is built
+        def run():
+            with kernel_flags(**flags):
+                return fused_attention.top_k_rows(q, keys_t, inv_norms, TOP_K, None, kept)
+
+        return run
+
+    def attend_one_by_one():
+        with kernel_flags(group=1):
+            return attend()
 
     def attend():
         return prefill_attention.attend(q, k, v, "causal", rows, dots, values, scale, dtype)
@@ -167,14 +195,17 @@ def parts(state, bank, layers: int, tokens: int, dtype, rounds: int) -> dict:
         return lambda: mx.eval([fn() for _ in range(layers)])
 
     out = {}
-    one = timed_rounds([evaluated(f) for f in (sdpa, top_k, top_k_twice, attend, memory_layer)], rounds, warmup=3)
-    names = (
-        "MLX's fused attention, causal (the stock layer's attention)",
-        "`fused_attention.top_k_rows` (scores' matmul + top-k kernel)",
-        "the same, the top-k kernel reading each row's scores twice",
-        "`prefill_attention.attend` (fused attention + local logits + merge)",
-        "the memory path of one layer (the two above)",
-    )
+    fns = {
+        "MLX's fused attention, causal (the stock layer's attention)": sdpa,
+        "`fused_attention.top_k_rows` (scores' matmul + top-k kernel)": top_k,
+        "the same, the top-k kernel reading each row's scores twice": top_k_with(hold=False),
+        "the same, the top-k kernel testing float16 scores one by one": top_k_with(pack=False),
+        "`prefill_attention.attend` (fused attention + local logits + merge)": attend,
+        "the same, the merge loading one memory's values at a time": attend_one_by_one,
+        "the memory path of one layer (top_k_rows + attend)": memory_layer,
+    }
+    one = timed_rounds([evaluated(f) for f in fns.values()], rounds, warmup=3)
+    names = list(fns)
     for name, ts in zip(names, one):
         out[f"one layer, evaluated alone: {name}"] = f"{statistics.median(ts) * 1e3:.3f} ms"
     many = timed_rounds([chained(sdpa), chained(memory_layer)], rounds, warmup=2)
@@ -225,13 +256,15 @@ def main():
     tokens = mx.array([rng.integers(0, model.args.vocab_size, args.tokens).tolist()])
 
     dtype = getattr(mx, dims["dtype"])
-    variants = {"plain": (None, True, True), "local": (ctx, True, True)}
+    variants = {"plain": (None, {}), "local": (ctx, {})}
     if state.fused and dtype in prefill_attention.MMA_DTYPES:  # the merge from float32 logits
-        variants["logits"] = (ctx, False, True)
+        variants["logits"] = (ctx, {"mma": False})
     if state.fused:  # the same bank in a cache with no room for its prefill keys: made per forward
         per_call = replace(bank, prefill={}, may_grow=lambda *_: False)
-        variants["per_call"] = (MemoryContext(LocalRetriever([per_call]), top_k=TOP_K), True, True)
-        variants["twice"] = (ctx, True, False)  # the top-k reading each row's scores twice
+        variants["per_call"] = (MemoryContext(LocalRetriever([per_call]), top_k=TOP_K), {})
+        variants["twice"] = (ctx, {"hold": False})
+        variants["unpacked"] = (ctx, {"pack": False})
+        variants["one_by_one"] = (ctx, {"group": 1})
     timed = forwards(model, state, tokens, args.rounds, variants)
     plain, local = timed["plain"], timed["local"]
     memory = f"{args.rows}-row memory LOCAL (top_k {TOP_K})"
@@ -246,6 +279,8 @@ def main():
         "logits": ("merged from float32 logits (as before the tensor-core merge)", "the tensor-core merge's"),
         "per_call": ("the bank's prefill keys made per forward (as before banks kept them)", "kept keys'"),
         "twice": ("the top-k reading each row's scores twice (as before it held them)", "held scores'"),
+        "unpacked": ("the top-k testing float16 scores one by one (as before packed maxima)", "packed screen's"),
+        "one_by_one": ("the merge loading one memory's values at a time (as before groups)", "grouped loads'"),
     }
     for name, (what, after) in before.items():
         if name in timed:

@@ -185,6 +185,7 @@ def _attend(q, k, v, mask, mem_rows, mem_dots, bank_values, scale: float, out_dt
         ("D", d),
         ("T", prefill_merge_kernels.THREADS),
         ("MASK", mode),
+        ("G", prefill_merge_kernels.MERGE_GROUP),
     ]
     if mma:
         template += [("Tq", q.dtype), ("BF", int(q.dtype == mx.bfloat16))]

@@ -198,15 +198,32 @@ MERGE_ROW = """
       // A row with no allowed local position weighs the local output 0, whatever it holds.
       acc[u] = (e < D && w_local > 0.f) ? w_local * static_cast<float>(local[li + (size_t)e * local_strides[3]]) : 0.f;
     }
-    for (int j = 0; j < K; ++j) {
-      const float w = __shfl_sync(0xffffffff, e_j, j);
-      const int n = __shfl_sync(0xffffffff, n_j, j);
-      if (n < 0) continue;
-      const Tv* vr = bank_values + ((size_t)g * N + n) * D;
+    // G memories' values at a time: their loads in flight together, then added in order (one
+    // memory at a time, each load was waited on in turn).
+    for (int j0 = 0; j0 < K; j0 += G) {
+      float w[G], x[G][E];
+      bool use[G];
 #pragma unroll
-      for (int u = 0; u < E; ++u) {
-        const int e = lane + 32 * u;
-        if (e < D) acc[u] += w * static_cast<float>(vr[e]);
+      for (int t = 0; t < G; ++t) {
+        const int j = min(j0 + t, 31);  // K <= 32: the lanes hold the memories
+        w[t] = __shfl_sync(0xffffffff, e_j, j);
+        const int n = __shfl_sync(0xffffffff, n_j, j);
+        use[t] = j0 + t < K && n >= 0;
+        const Tv* vr = bank_values + ((size_t)g * N + (use[t] ? n : 0)) * D;
+#pragma unroll
+        for (int u = 0; u < E; ++u) {
+          const int e = lane + 32 * u;
+          x[t][u] = use[t] && e < D ? static_cast<float>(vr[e]) : 0.f;
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < G; ++t) {
+        if (!use[t]) continue;
+#pragma unroll
+        for (int u = 0; u < E; ++u) {
+          const int e = lane + 32 * u;
+          if (e < D) acc[u] += w[t] * x[t][u];
+        }
       }
     }
 #pragma unroll
@@ -219,6 +236,9 @@ MERGE_ROW = """
 """
 
 THREADS = 128
+# Memories whose values a warp loads together in the merge (the kernels' G); 1: one at a time
+# (bench A/B).
+MERGE_GROUP = 4
 
 
 @functools.cache

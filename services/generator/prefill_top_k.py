@@ -40,6 +40,11 @@ matmul reads it once. Then each query row's N scores are ranked here, one warp p
    each group of 32 enters the lanes' sorted lists, and k rounds of a warp-wide argmax take the
    winners (kernel_parts' ``em_warp_top_k``, as the decode scan).
 
+Float16 scores are tested eight at a time in steps 2 and 3 by packed half2 maxima and minima
+(``PACK_SCORES``): a load with no candidate costs a few instructions. The same rows and dots; the
+kernel 0.97x on the H200, so it waits on memory, not on instructions (bench/RESULTS.md, H200
+2026-12-03 09:40).
+
 Stage 2 is what makes it fast: a lane inserting into its list whenever a new row beats its worst
 entry (most rows early in a stripe do) kept every lane of the warp waiting on the slowest. The
 sorts and the gathering replaced k rounds of shuffles for the bound and a lane-by-lane scoring of
@@ -66,6 +71,10 @@ _THREADS = 128  # four query rows (warps) per block
 # up to 8 KiB a warp (4 096 float16 scores, 2 048 float32), 32 KiB a block of four warps.
 HELD_BYTES = 8192
 HOLD_SCORES = True  # off: both steps read the scores from global memory (bench A/B)
+# float16 scores in 16-byte loads (the kernel's PACK): step 2 takes each load's largest score, and
+# step 3 passes over loads with no candidate, by packed half2 maxima and minima (a few ops per 8
+# scores for ~5 per score). Off: every score converted and tested alone (bench A/B).
+PACK_SCORES = True
 
 # inputs: q [B, H, L, D] (contiguous), approx [KVH, M, N] (M = B * rep * L in (b, r, l) order:
 # approximate cosines, or with RAW approximate q . unit key, float16 or float32), keys [KVH, N, D]
@@ -126,17 +135,26 @@ _SOURCE = """
   // 2. Each lane's best lower bound, then the k-th largest over the lanes.
   float lo = EM_NEG_INF;
   if (vec) {
+    // PACK (float16 scores): each load's largest score by packed maxima (NaN passed over, as
+    // below), minus E once at the end: a - E rounds monotonically in a, so lo is the same.
+    __half2 top2 = __half2half2(__float2half(EM_NEG_INF));
 #pragma unroll 8
     for (int base = lane * V, run = 0; base < N; base += 32 * V, ++run) {
       const uint4 raw = *reinterpret_cast<const uint4*>(ar + base);
       if (HOLD) held[run * 32 + lane] = raw;
-      const Ta* av = reinterpret_cast<const Ta*>(&raw);
+      if (PACK) {
+        const __half2* hv = reinterpret_cast<const __half2*>(&raw);
+        top2 = __hmax2(top2, __hmax2(__hmax2(hv[0], hv[1]), __hmax2(hv[2], hv[3])));
+      } else {
+        const Ta* av = reinterpret_cast<const Ta*>(&raw);
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const float low = static_cast<float>(av[j]) - E;
-        if (low > lo) lo = low;  // NaN never wins; +-inf are not bounds of anything
+        for (int j = 0; j < V; ++j) {
+          const float low = static_cast<float>(av[j]) - E;
+          if (low > lo) lo = low;  // NaN never wins; +-inf are not bounds of anything
+        }
       }
     }
+    if (PACK) lo = fmaxf(__low2float(top2), __high2float(top2)) - E;  // top2 holds no NaN
   } else {
 #pragma unroll 4
     for (int n = lane; n < N; n += 32) {
@@ -162,6 +180,12 @@ _SOURCE = """
   int* found = found_all + warp * 32 * (V + 1);
   int count = 0;  // the same in every lane
   bool listed = false;
+  // PACK: a load none of whose 8 scores can be a candidate is passed over in a few packed ops:
+  // every score below t2 (cut - 2E rounded down to float16: a < t2 gives a + E < cut, the
+  // float32 roundings far inside the other E) and none -inf (a NaN fails the comparison). Loads
+  // that fail the test take the exact per-score rule.
+  const __half2 t2 = __half2half2(__float2half_rd(cut - 2.f * E));
+  const __half2 neg2 = __half2half2(__float2half(EM_NEG_INF));
   for (int base0 = 0; base0 < N; base0 += 32 * V) {
     // This lane's V rows of the run: adjacent (one 16-byte load) or strided by 32.
     unsigned cand = 0;
@@ -169,11 +193,20 @@ _SOURCE = """
       if (base0 + lane * V < N) {  // N % V == 0
         const uint4 raw = HOLD ? held[base0 / (32 * V) * 32 + lane]
                                : *reinterpret_cast<const uint4*>(ar + base0 + lane * V);
-        const Ta* av = reinterpret_cast<const Ta*>(&raw);
+        bool quiet = false;
+        if (PACK) {
+          const __half2* hv = reinterpret_cast<const __half2*>(&raw);
+          const __half2 hi = __hmax2_nan(__hmax2_nan(hv[0], hv[1]), __hmax2_nan(hv[2], hv[3]));
+          const __half2 low = __hmin2(__hmin2(hv[0], hv[1]), __hmin2(hv[2], hv[3]));
+          quiet = __hblt2(hi, t2) && __hbgt2(low, neg2);
+        }
+        if (!quiet) {
+          const Ta* av = reinterpret_cast<const Ta*>(&raw);
 #pragma unroll
-        for (int j = 0; j < V; ++j) {
-          const float a = static_cast<float>(av[j]);
-          if (!(a + E < cut && a > EM_NEG_INF)) cand |= 1u << j;
+          for (int j = 0; j < V; ++j) {
+            const float a = static_cast<float>(av[j]);
+            if (!(a + E < cut && a > EM_NEG_INF)) cand |= 1u << j;
+          }
         }
       }
     } else {
@@ -270,6 +303,12 @@ def _holds(approx: mx.array) -> bool:
     return HOLD_SCORES and (n * size) % 16 == 0 and n * size <= HELD_BYTES
 
 
+def _packs(approx: mx.array) -> bool:
+    """Whether the kernel screens its float16 scores by packed half2 maxima (``PACK``): 16-byte
+    loads of float16 scores (N a multiple of 8)."""
+    return PACK_SCORES and approx.dtype == mx.float16 and approx.shape[-1] % 8 == 0
+
+
 def top_k_rows(
     q: mx.array,
     keys_t: mx.array,
@@ -324,6 +363,7 @@ def top_k_rows(
             ("RAW", int(raw)),
             ("HOLD", int(_holds(approx))),
             ("HELD_RUNS", HELD_BYTES // (32 * 16)),
+            ("PACK", int(_packs(approx))),
         ],
         grid=(-(-rows // per_block) * _THREADS, 1, 1),
         threadgroup=(_THREADS, 1, 1),

@@ -90,6 +90,42 @@ struct __half {
   __half(float f) : h((_Float16)f) {}
   operator float() const { return (float)h; }
 };
+// The packed float16 pair and the intrinsics the kernels take of it, with CUDA's NaN rules:
+// __hmax2 / __hmin2 return the other input where one is NaN (NaN where both are), __hmax2_nan
+// NaN where either is; the __hb comparisons are true only where both halves compare true.
+struct __half2 { __half x, y; };
+inline __half __float2half(float f) { return __half(f); }
+inline __half __float2half_rd(float f) {  // rounded towards -inf
+  if (std::isnan(f)) return __half(f);
+  __half r(f);  // to nearest; one step down where that went up
+  if ((float)r > f) {
+    uint16_t b;
+    memcpy(&b, &r.h, 2);
+    b = (b & 0x7fff) == 0 ? 0x8001 : (b & 0x8000) ? b + 1 : b - 1;
+    memcpy(&r.h, &b, 2);
+  }
+  return r;
+}
+inline __half2 __half2half2(__half h) { return {h, h}; }
+inline float __low2float(__half2 a) { return (float)a.x; }
+inline float __high2float(__half2 a) { return (float)a.y; }
+inline __half em_pick(__half a, __half b, bool max, bool nan) {
+  const float fa = a, fb = b;
+  if (std::isnan(fa) || std::isnan(fb)) {
+    if (nan || (std::isnan(fa) && std::isnan(fb))) return __half(NAN);
+    return std::isnan(fa) ? b : a;
+  }
+  if (fa == fb) return (std::signbit(fa) == max) ? b : a;  // +0 > -0
+  return (fa > fb) == max ? a : b;
+}
+inline __half2 em_pick2(__half2 a, __half2 b, bool max, bool nan) {
+  return {em_pick(a.x, b.x, max, nan), em_pick(a.y, b.y, max, nan)};
+}
+inline __half2 __hmax2(__half2 a, __half2 b) { return em_pick2(a, b, true, false); }
+inline __half2 __hmax2_nan(__half2 a, __half2 b) { return em_pick2(a, b, true, true); }
+inline __half2 __hmin2(__half2 a, __half2 b) { return em_pick2(a, b, false, false); }
+inline bool __hblt2(__half2 a, __half2 b) { return (float)a.x < (float)b.x && (float)a.y < (float)b.y; }
+inline bool __hbgt2(__half2 a, __half2 b) { return (float)a.x > (float)b.x && (float)a.y > (float)b.y; }
 struct __nv_bfloat16 {
   uint16_t bits;
   __nv_bfloat16() {}

@@ -33,6 +33,17 @@ struct __half {
   __half(float) {}
   operator float() const { return 0.f; }
 };
+struct __half2 { __half x, y; };
+inline __half __float2half(float) { return __half(); }
+inline __half __float2half_rd(float) { return __half(); }
+inline __half2 __half2half2(__half h) { return {h, h}; }
+inline float __low2float(__half2) { return 0.f; }
+inline float __high2float(__half2) { return 0.f; }
+inline __half2 __hmax2(__half2 a, __half2) { return a; }
+inline __half2 __hmax2_nan(__half2 a, __half2) { return a; }
+inline __half2 __hmin2(__half2 a, __half2) { return a; }
+inline bool __hblt2(__half2, __half2) { return false; }
+inline bool __hbgt2(__half2, __half2) { return false; }
 inline float __shfl_xor_sync(unsigned, float v, int) { return v; }
 inline int __shfl_xor_sync(unsigned, int v, int) { return v; }
 inline float __shfl_sync(unsigned, float v, int) { return v; }
@@ -78,12 +89,13 @@ KERNELS = {
             "float* dots",
             *_arrays("q", "approx"),
         ],
-        ["typename Ta", "typename Tk", "int D", "int K", "int T", "int RAW", "int HOLD", "int HELD_RUNS"],
+        ["typename Ta", "typename Tk", "int D", "int K", "int T", "int RAW", "int HOLD", "int HELD_RUNS", "int PACK"],
         [
-            "<__half, __half, 64, 16, 128, 1, 1, 16>",
-            "<float, float, 128, 32, 128, 1, 0, 16>",
-            "<float, __half, 80, 8, 128, 0, 1, 16>",
-            "<__half, __half, 80, 8, 128, 0, 0, 16>",
+            "<__half, __half, 64, 16, 128, 1, 1, 16, 1>",
+            "<float, float, 128, 32, 128, 1, 0, 16, 0>",
+            "<float, __half, 80, 8, 128, 0, 1, 16, 0>",
+            "<__half, __half, 80, 8, 128, 0, 0, 16, 0>",
+            "<__half, __half, 64, 16, 128, 1, 0, 16, 1>",
         ],
     ),
     "prefill_merge": (
@@ -101,8 +113,8 @@ KERNELS = {
             "float* mass",
             *_arrays("logits", "local", "mem_rows", "mem_dots", "bank_values"),
         ],
-        ["typename Tv", "typename To", "int D", "int T", "int MASK"],
-        ["<__half, __half, 64, 128, 1>", "<float, float, 80, 128, 2>", "<__half, float, 256, 128, 0>"],
+        ["typename Tv", "typename To", "int D", "int T", "int MASK", "int G"],
+        ["<__half, __half, 64, 128, 1, 4>", "<float, float, 80, 128, 2, 1>", "<__half, float, 256, 128, 0, 3>"],
     ),
     "prefill_merge_mma": (
         kernel_parts.MMA_HEADER + prefill_merge_kernels.LSE_HEADER,
@@ -120,11 +132,11 @@ KERNELS = {
             "float* mass",
             *_arrays("q", "k", "local", "mem_rows", "mem_dots", "bank_values"),
         ],
-        ["typename Tv", "typename To", "int D", "int T", "int MASK", "typename Tq", "int BF"],
+        ["typename Tv", "typename To", "int D", "int T", "int MASK", "int G", "typename Tq", "int BF"],
         [
-            "<__half, __half, 64, 128, 1, __half, 0>",
-            "<__half, float, 128, 128, 2, __half, 0>",
-            "<__half, __half, 256, 128, 0, __half, 1>",
+            "<__half, __half, 64, 128, 1, 4, __half, 0>",
+            "<__half, float, 128, 128, 2, 1, __half, 0>",
+            "<__half, __half, 256, 128, 0, 4, __half, 1>",
         ],
     ),
     "topk_chunks": (

@@ -203,10 +203,19 @@ def _prefill_case(case, seed, monkeypatch):
     made = prefill_top_k.prefill_keys(keys_t, inv)
     kept = fa.top_k_rows(mx.array(q), keys_t, inv, top_k, threshold, lambda: made)
     assert np.array_equal(np.array(kept[0]), np.array(rows)) and np.array_equal(np.array(kept[1]), np.array(dots))
-    # Scores held in shared memory between the bound and the candidates, or read twice: the same.
-    monkeypatch.setattr(prefill_top_k, "HOLD_SCORES", False)
-    twice = fa.top_k_rows(mx.array(q), keys_t, inv, top_k, threshold)
-    assert np.array_equal(np.array(twice[0]), np.array(rows)) and np.array_equal(np.array(twice[1]), np.array(dots))
+    # Scores held in shared memory between the bound and the candidates, or read twice; float16
+    # scores screened by packed maxima or one by one: the same.
+    _same_without(monkeypatch, (mx.array(q), keys_t, inv, top_k, threshold), rows, dots)
+
+
+def _same_without(monkeypatch, args, rows, dots):
+    """top_k_rows(*args) with HOLD_SCORES off, then also PACK_SCORES off, gives ``rows`` and
+    ``dots`` exactly."""
+    for flag, value in (("HOLD_SCORES", False), ("PACK_SCORES", False)):
+        monkeypatch.setattr(prefill_top_k, flag, value)
+        again = fa.top_k_rows(*args)
+        assert np.array_equal(np.array(again[0]), np.array(rows)), flag
+        assert np.array_equal(np.array(again[1]), np.array(dots)), flag
 
 
 @pytest.mark.parametrize(
@@ -257,25 +266,34 @@ def test_prefill_top_k_kernel_ranks_float16_queries_as_they_are(case, scale, emu
     q16 = mx.array(q * np.float32(scale)).astype(mx.float16)
     keys_mx = mx.array(keys).astype(mx.float16)
     inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx.astype(mx.float32) ** 2, axis=-1), 1e-24))
-    rows, dots = fa.top_k_rows(q16, mx.contiguous(keys_mx.swapaxes(-1, -2)), inv, top_k, threshold)
+    args = (q16, mx.contiguous(keys_mx.swapaxes(-1, -2)), inv, top_k, threshold)
+    rows, dots = fa.top_k_rows(*args)
     q_seen, keys_seen = np.array(q16.astype(mx.float32)), np.array(keys_mx.astype(mx.float32))
     _check(q_seen, keys_seen, np.array(rows), np.array(dots), top_k, threshold)
+    _same_without(monkeypatch, args, rows, dots)
 
 
-@pytest.mark.parametrize("n", [33, 300, 512])
+@pytest.mark.parametrize("n", [33, 300, 264, 512])
 @pytest.mark.parametrize("errors", ["against_the_top_k", "random_signs"])
-def test_prefill_top_k_kernel_keeps_the_top_k_whatever_scores_within_its_bound(n, errors, emulated, monkeypatch):
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+def test_prefill_top_k_kernel_keeps_the_top_k_whatever_scores_within_its_bound(n, errors, dtype, emulated, monkeypatch):
     """The kernel's rule given approximate scores off by just under their bound each (whatever the
-    matmul did within it; float32 queries and bank: the raw scores |q| c_n, bound APPROX_E * |q|):
-    the exact top-k rows scored too low and every other row too high, or each off either way: it
-    still returns the exact top-k (and misses it with errors past the bound: the check has teeth)."""
+    matmul did within it; queries and bank of one dtype: the raw scores |q| c_n, bound APPROX_E *
+    |q|; float16 scores are rounded after the error, so theirs is 0.99 of the bound less the
+    rounding's 2^-11): the exact top-k rows scored too low and every other row too high, or each
+    off either way: it still returns the exact top-k (and misses it with errors past the bound:
+    the check has teeth). Float16 scores of n % 8 == 0 rows take the packed screen (PACK)."""
     monkeypatch.setattr(fa, "MATMUL_ROWS", 16)
     B, H, KVH, L, d, top_k = 1, 8, 2, 4, 32, 8
     rng = np.random.default_rng(n)
     q, keys = _inputs(rng, B, H, KVH, L, d, n, "near")
-    keys_mx = mx.array(keys)
-    inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx**2, axis=-1), 1e-24))
+    keys_mx = mx.array(keys).astype(dtype)
+    q_mx = mx.array(q).astype(dtype)
+    q, keys = np.array(q_mx.astype(mx.float32)), np.array(keys_mx.astype(mx.float32))
+    inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx.astype(mx.float32) ** 2, axis=-1), 1e-24))
     kernel = prefill_top_k._kernel()
+    bound = prefill_top_k.APPROX_E if dtype == mx.float32 else 0.99 * (prefill_top_k.APPROX_E - 2.0**-11)
+    np_dtype = np.float32 if dtype == mx.float32 else np.float16
 
     def with_errors(scale):
         def call(inputs, **kw):
@@ -286,20 +304,55 @@ def test_prefill_top_k_kernel_keeps_the_top_k_whatever_scores_within_its_bound(n
             top = cos >= -np.sort(-cos, axis=-1)[..., top_k - 1 : top_k]
             sign = np.where(top, -1.0, 1.0) if errors == "against_the_top_k" else rng.choice([-1.0, 1.0], cos.shape)
             qn = np.linalg.norm(qm, axis=-1)[..., None]  # raw queries: scores and bound times |q|
-            approx = mx.array((qn * (cos + sign * scale * prefill_top_k.APPROX_E)).astype(np.float32))
+            approx = mx.array((qn * (cos + sign * scale * bound)).astype(np_dtype))
             return kernel(inputs=[inputs[0], approx, *inputs[2:]], **kw)
 
         return call
 
-    args = (mx.array(q), mx.contiguous(keys_mx.swapaxes(-1, -2)), inv, top_k, None)
+    args = (q_mx, mx.contiguous(keys_mx.swapaxes(-1, -2)), inv, top_k, None)
     monkeypatch.setattr(prefill_top_k, "_kernel", lambda: with_errors(0.999))
     rows, dots = fa.top_k_rows(*args)
     _check(q, keys, np.array(rows), np.array(dots), top_k, None)
-    if errors == "against_the_top_k" and n == 33:
-        monkeypatch.setattr(prefill_top_k, "_kernel", lambda: with_errors(1.5))
+    if errors == "against_the_top_k" and n in (33, 512):
+        monkeypatch.setattr(prefill_top_k, "_kernel", lambda: with_errors(1.5 * prefill_top_k.APPROX_E / bound))
         rows, dots = fa.top_k_rows(*args)
         with pytest.raises(AssertionError):
             _check(q, keys, np.array(rows), np.array(dots), top_k, None)
+
+
+@pytest.mark.parametrize("edge", ["at_the_bound", "-inf", "nan"])
+def test_prefill_top_k_packed_screen_passes_over_no_candidate(edge, emulated, monkeypatch):
+    """The packed screen (PACK) passes over a lane's load of 8 float16 scores only when none of
+    them is a candidate: here row 0, the exact top-1, is scored alone in its load at exactly the
+    candidates' edge (a + E == cut), or as -inf or NaN (candidates by the rule), and row 200 (in
+    another lane's load) makes the cut. A screen that passed over one score more (a threshold one
+    float16 step past the edge, NaN or -inf taken for quiet) picks row 200."""
+    monkeypatch.setattr(fa, "MATMUL_ROWS", 16)
+    B, H, KVH, L, d, n = 1, 1, 1, 16, 16, 256
+    q = np.zeros((B, H, L, d), np.float32)
+    q[..., 0] = 1.0  # float32 queries, float16 bank: unit queries, bound E = APPROX_E (not raw)
+    keys = np.zeros((KVH, n, d), np.float32)
+    keys[0, :, 2] = 1.0  # cosine 0
+    keys[0, 0] = np.eye(d)[0]  # cosine 1: the top-1
+    keys[0, 200, :2] = 1.0  # cosine 0.707
+    keys_mx = mx.array(keys).astype(mx.float16)
+    inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx.astype(mx.float32) ** 2, axis=-1), 1e-24))
+    u = 2.0**-12  # float16's step in [0.25, 0.5): E is 6.5 of them
+    assert prefill_top_k.APPROX_E == 6.5 * u
+    approx = np.full((KVH, B * H * L, n), 0.25, np.float32)
+    approx[..., 200] = 0.25 + 100 * u  # its lane's bound 0.25 + 93.5 u: the cut (top_k 1)
+    approx[..., 0] = {"at_the_bound": 0.25 + 87 * u, "-inf": -np.inf, "nan": np.nan}[edge]
+    kernel = prefill_top_k._kernel()
+    monkeypatch.setattr(
+        prefill_top_k,
+        "_kernel",
+        lambda: lambda inputs, **kw: kernel(inputs=[inputs[0], mx.array(approx).astype(mx.float16), *inputs[2:]], **kw),
+    )
+    args = (mx.array(q), mx.contiguous(keys_mx.swapaxes(-1, -2)), inv, 1, None)
+    rows, dots = fa.top_k_rows(*args)
+    assert (np.array(rows) == 0).all()
+    _check(q, np.array(keys_mx.astype(mx.float32)), np.array(rows), np.array(dots), 1, None)
+    _same_without(monkeypatch, args, rows, dots)
 
 
 ATTEND_CASES = {

@@ -98,6 +98,11 @@ def test_merge_kernels_match_one_softmax_over_memories_and_context(
     np.testing.assert_allclose(np.array(out), want, rtol=tol, atol=tol)
     np.testing.assert_allclose(np.array(mass), want_mass, rtol=2e-5, atol=1e-6)
     assert np.array(mass)[1, 0, 0] == 0.0
+    # The memories' values loaded one at a time (MERGE_GROUP 1) or 3 at a time: the same sums.
+    for group in (1, 3):
+        monkeypatch.setattr(prefill_merge_kernels, "MERGE_GROUP", group)
+        again = prefill_attention.attend(q, kk, vv, mask, mx.array(rows), mx.array(dots), bank, scale, mx.float32)
+        assert np.array_equal(np.array(again[0]), np.array(out)) and np.array_equal(np.array(again[1]), np.array(mass))
 
 
 @pytest.mark.parametrize("cc,mma", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
