@@ -28,8 +28,8 @@ matmul reads it once. Then each query row's N scores are ranked here, one warp p
 2. A lower bound on the k-th best exact cosine (times |q|): each lane's best lower bound a_n - E
    over its stripe names one row whose cosine is at least that; the k-th largest of the 32
    lanes' bounds (one bitonic sort across the warp) is a cosine that k distinct rows reach.
-   Where a row's scores fit ``HELD_BYTES`` the lanes keep their loads in shared memory for
-   step 3, which then reads nothing but keys from global memory.
+   The lanes keep their loads of a row's first ``HELD_BYTES`` in shared memory for step 3,
+   which then reads nothing else of them from global memory.
 3. Candidates: the rows whose upper bound a_n + E reaches it (and any non-finite a_n), so every
    row of the exact top-k is one. Only they get their exact float32 cosine (q . k from the bank's
    keys: the products of the decode scan summed in its order, read from the row-major copy of
@@ -68,7 +68,7 @@ from services.generator import kernel_parts
 APPROX_E = 2.0**-10 + 2.0**-11 + 2.0**-13
 _THREADS = 128  # four query rows (warps) per block
 # A row's scores held in shared memory between the bound and the candidates (the kernel's HOLD):
-# up to 8 KiB a warp (4 096 float16 scores, 2 048 float32), 32 KiB a block of four warps.
+# its first 8 KiB a warp (4 096 float16 scores, 2 048 float32), 32 KiB a block of four warps.
 HELD_BYTES = 8192
 HOLD_SCORES = True  # off: both steps read the scores from global memory (bench A/B)
 # float16 scores in 16-byte loads (the kernel's PACK): step 2 takes each load's largest score, and
@@ -126,9 +126,9 @@ _SOURCE = """
   // count is not a multiple of V takes the row-at-a-time loops.
   constexpr int V = 16 / sizeof(Ta);
   const bool vec = N % V == 0;
-  // HOLD: the row's scores fit HELD_RUNS runs (vec, N * sizeof(Ta) <= HELD_BYTES): step 2 keeps
-  // each lane's 16-byte loads in shared memory (lane-major per run: conflict-free) and step 3
-  // reads them there, so the row is read from global memory once.
+  // HOLD (vec): step 2 keeps each lane's 16-byte loads of the row's first HELD_RUNS runs in
+  // shared memory (lane-major per run: conflict-free) and step 3 reads them there, so those are
+  // read from global memory once; a longer row's other runs are read twice.
   __shared__ uint4 held_all[HOLD ? (T / 32) * HELD_RUNS * 32 : 1];
   uint4* held = held_all + (HOLD ? warp * HELD_RUNS * 32 : 0);
 
@@ -141,7 +141,7 @@ _SOURCE = """
 #pragma unroll 8
     for (int base = lane * V, run = 0; base < N; base += 32 * V, ++run) {
       const uint4 raw = *reinterpret_cast<const uint4*>(ar + base);
-      if (HOLD) held[run * 32 + lane] = raw;
+      if (HOLD && run < HELD_RUNS) held[run * 32 + lane] = raw;
       if (PACK) {
         const __half2* hv = reinterpret_cast<const __half2*>(&raw);
         top2 = __hmax2(top2, __hmax2(__hmax2(hv[0], hv[1]), __hmax2(hv[2], hv[3])));
@@ -191,8 +191,9 @@ _SOURCE = """
     unsigned cand = 0;
     if (vec) {
       if (base0 + lane * V < N) {  // N % V == 0
-        const uint4 raw = HOLD ? held[base0 / (32 * V) * 32 + lane]
-                               : *reinterpret_cast<const uint4*>(ar + base0 + lane * V);
+        const int run = base0 / (32 * V);
+        const uint4 raw = HOLD && run < HELD_RUNS ? held[run * 32 + lane]
+                                                  : *reinterpret_cast<const uint4*>(ar + base0 + lane * V);
         bool quiet = false;
         if (PACK) {
           const __half2* hv = reinterpret_cast<const __half2*>(&raw);
@@ -297,10 +298,17 @@ def prefill_keys(keys_t: mx.array, inv_norms: mx.array) -> tuple[mx.array, mx.ar
 
 
 def _holds(approx: mx.array) -> bool:
-    """Whether the kernel keeps each row's scores in shared memory (``HOLD``): vector loads
-    (N a multiple of 16 bytes' scores) and the row within ``HELD_BYTES``."""
+    """Whether the kernel keeps a row's scores in shared memory (``HOLD``): vector loads (N a
+    multiple of 16 bytes' scores); the first ``HELD_BYTES`` of a longer row."""
     n, size = approx.shape[-1], approx.dtype.size
-    return HOLD_SCORES and (n * size) % 16 == 0 and n * size <= HELD_BYTES
+    return HOLD_SCORES and (n * size) % 16 == 0
+
+
+def _held_runs(approx: mx.array) -> int:
+    """Runs of 32 lanes' 16-byte loads the kernel holds for a row: its first HELD_BYTES (at
+    least one run; a shorter row's own, so that a small bank's blocks take less shared memory)."""
+    row = approx.shape[-1] * approx.dtype.size
+    return max(1, min(HELD_BYTES, row) // 512 + (row < HELD_BYTES and row % 512 != 0))
 
 
 def _packs(approx: mx.array) -> bool:
@@ -362,7 +370,7 @@ def top_k_rows(
             ("T", _THREADS),
             ("RAW", int(raw)),
             ("HOLD", int(_holds(approx))),
-            ("HELD_RUNS", HELD_BYTES // (32 * 16)),
+            ("HELD_RUNS", _held_runs(approx)),
             ("PACK", int(_packs(approx))),
         ],
         grid=(-(-rows // per_block) * _THREADS, 1, 1),

@@ -209,9 +209,9 @@ def _prefill_case(case, seed, monkeypatch):
 
 
 def _same_without(monkeypatch, args, rows, dots):
-    """top_k_rows(*args) with HOLD_SCORES off, then also PACK_SCORES off, gives ``rows`` and
-    ``dots`` exactly."""
-    for flag, value in (("HOLD_SCORES", False), ("PACK_SCORES", False)):
+    """top_k_rows(*args) with only a row's first 1 KiB of scores held (HELD_BYTES), then none
+    (HOLD_SCORES off), then also PACK_SCORES off, gives ``rows`` and ``dots`` exactly."""
+    for flag, value in (("HELD_BYTES", 1024), ("HOLD_SCORES", False), ("PACK_SCORES", False)):
         monkeypatch.setattr(prefill_top_k, flag, value)
         again = fa.top_k_rows(*args)
         assert np.array_equal(np.array(again[0]), np.array(rows)), flag
@@ -219,21 +219,27 @@ def _same_without(monkeypatch, args, rows, dots):
 
 
 @pytest.mark.parametrize(
-    "n, dtype, held",
+    "n, dtype, runs",
     [
-        (4096, mx.float16, True),
-        (4104, mx.float16, False),
-        (2048, mx.float32, True),
-        (2052, mx.float32, False),
-        (301, mx.float16, False),
-        (512, mx.float32, True),
+        (4096, mx.float16, 16),
+        (4104, mx.float16, 16),
+        (65536, mx.float16, 16),
+        (2048, mx.float32, 16),
+        (2052, mx.float32, 16),
+        (301, mx.float16, None),
+        (512, mx.float32, 4),
+        (264, mx.float16, 2),
+        (8, mx.float16, 1),
     ],
 )
-def test_prefill_top_k_holds_rows_of_scores_within_its_shared_memory(n, dtype, held, monkeypatch):
-    """Rows of up to HELD_BYTES of scores in 16-byte loads are held; longer or unaligned ones are
-    read twice; HOLD_SCORES off holds none."""
+def test_prefill_top_k_holds_the_first_bytes_of_each_row_of_scores(n, dtype, runs, monkeypatch):
+    """Rows of scores in 16-byte loads hold their first HELD_BYTES (16 runs of 32 lanes' loads),
+    a shorter row its own runs (the last part-filled); unaligned rows hold none (read twice);
+    HOLD_SCORES off holds none."""
     approx = mx.zeros((2, 3, n), dtype=dtype)
-    assert prefill_top_k._holds(approx) is held
+    assert prefill_top_k._holds(approx) is (runs is not None)
+    if runs is not None:
+        assert prefill_top_k._held_runs(approx) == runs
     monkeypatch.setattr(prefill_top_k, "HOLD_SCORES", False)
     assert prefill_top_k._holds(approx) is False
 
