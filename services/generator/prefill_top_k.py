@@ -304,13 +304,6 @@ def _holds(approx: mx.array) -> bool:
     return HOLD_SCORES and (n * size) % 16 == 0
 
 
-def _held_runs(approx: mx.array) -> int:
-    """Runs of 32 lanes' 16-byte loads the kernel holds for a row: its first HELD_BYTES (at
-    least one run; a shorter row's own, so that a small bank's blocks take less shared memory)."""
-    row = approx.shape[-1] * approx.dtype.size
-    return max(1, min(HELD_BYTES, row) // 512 + (row < HELD_BYTES and row % 512 != 0))
-
-
 def _packs(approx: mx.array) -> bool:
     """Whether the kernel screens its float16 scores by packed half2 maxima (``PACK``): 16-byte
     loads of float16 scores (N a multiple of 8)."""
@@ -370,7 +363,7 @@ def top_k_rows(
             ("T", _THREADS),
             ("RAW", int(raw)),
             ("HOLD", int(_holds(approx))),
-            ("HELD_RUNS", _held_runs(approx)),
+            ("HELD_RUNS", HELD_BYTES // (32 * 16)),  # one size: one compiled kernel whatever N
             ("PACK", int(_packs(approx))),
         ],
         grid=(-(-rows // per_block) * _THREADS, 1, 1),

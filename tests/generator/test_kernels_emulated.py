@@ -219,27 +219,21 @@ def _same_without(monkeypatch, args, rows, dots):
 
 
 @pytest.mark.parametrize(
-    "n, dtype, runs",
+    "n, dtype, held",
     [
-        (4096, mx.float16, 16),
-        (4104, mx.float16, 16),
-        (65536, mx.float16, 16),
-        (2048, mx.float32, 16),
-        (2052, mx.float32, 16),
-        (301, mx.float16, None),
-        (512, mx.float32, 4),
-        (264, mx.float16, 2),
-        (8, mx.float16, 1),
+        (4096, mx.float16, True),
+        (4104, mx.float16, True),
+        (65536, mx.float16, True),
+        (2052, mx.float32, True),
+        (301, mx.float16, False),
+        (512, mx.float32, True),
     ],
 )
-def test_prefill_top_k_holds_the_first_bytes_of_each_row_of_scores(n, dtype, runs, monkeypatch):
-    """Rows of scores in 16-byte loads hold their first HELD_BYTES (16 runs of 32 lanes' loads),
-    a shorter row its own runs (the last part-filled); unaligned rows hold none (read twice);
-    HOLD_SCORES off holds none."""
+def test_prefill_top_k_holds_the_first_bytes_of_each_row_of_scores(n, dtype, held, monkeypatch):
+    """Rows of scores in 16-byte loads hold their first HELD_BYTES (a longer row reads the rest
+    twice); unaligned rows hold none (read twice); HOLD_SCORES off holds none."""
     approx = mx.zeros((2, 3, n), dtype=dtype)
-    assert prefill_top_k._holds(approx) is (runs is not None)
-    if runs is not None:
-        assert prefill_top_k._held_runs(approx) == runs
+    assert prefill_top_k._holds(approx) is held
     monkeypatch.setattr(prefill_top_k, "HOLD_SCORES", False)
     assert prefill_top_k._holds(approx) is False
 
