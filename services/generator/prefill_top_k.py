@@ -43,7 +43,7 @@ matmul reads it once. Then each query row's N scores are ranked here, one warp p
 Float16 scores are tested eight at a time in steps 2 and 3 by packed half2 maxima and minima
 (``PACK_SCORES``): a load with no candidate costs a few instructions. The same rows and dots; the
 kernel 0.97x on the H200, so it waits on memory, not on instructions (bench/RESULTS.md, H200
-2026-12-03 09:40).
+2026-12-03 09:05).
 
 Stage 2 is what makes it fast: a lane inserting into its list whenever a new row beats its worst
 entry (most rows early in a stripe do) kept every lane of the warp waiting on the slowest. The
