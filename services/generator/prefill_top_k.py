@@ -363,7 +363,7 @@ def top_k_rows(
             ("T", _THREADS),
             ("RAW", int(raw)),
             ("HOLD", int(_holds(approx))),
-            ("HELD_RUNS", HELD_BYTES // (32 * 16)),  # one size: one compiled kernel whatever N
+            ("HELD_RUNS", max(1, HELD_BYTES // (32 * 16))),  # one size: one compiled kernel whatever N
             ("PACK", int(_packs(approx))),
         ],
         grid=(-(-rows // per_block) * _THREADS, 1, 1),

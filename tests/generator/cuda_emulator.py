@@ -15,7 +15,8 @@ a poison pattern (NaN / -2**31 + 1), so an element a kernel never writes shows.
 
 Dynamic shared memory (``extern __shared__ T name[];``) becomes a static array of the kernel's
 ``shared_memory`` bytes. Shared arrays start each block filled with 0xff bytes (NaN floats, -1
-ints), and odd blocks run their threads in reverse order, so that a read of shared memory that no
+ints) or, every other pair of blocks, 0xfb bytes (large negative finite floats, halves and ints),
+and odd blocks run their threads in reverse order, so that a read of shared memory that no
 barrier orders after its write is likely to read the poison, not a value the scheduler's order
 happened to leave there. A kernel made with ``ensure_row_contiguous=False`` gets its inputs as MLX
 holds them (a KV cache's slice with the cache's strides), as on the GPU. Not emulated: atomics, and the timing or
@@ -185,7 +186,10 @@ static int fail(const char* what, unsigned b, int w) {
 
 // One block of T threads; 0 when it ran to its end, else 1 and msg says why.
 static int run_block(unsigned b, int T) {
-  for (int i = 0; i < shared_n; ++i) memset(shared_at[i], 0xff, shared_bytes[i]);
+  // Two poisons, alternating by pairs of blocks: 0xff bytes (NaN, -1) and 0xfb bytes (large
+  // negative finite floats and halves, large negative ints), so that a stray read shows whether
+  // the kernel would pass over a NaN or over a very low value.
+  for (int i = 0; i < shared_n; ++i) memset(shared_at[i], (b >> 1) & 1 ? 0xfb : 0xff, shared_bytes[i]);
   for (int t = 0; t < T; ++t) {
     getcontext(&th[t].ctx);
     th[t].ctx.uc_stack.ss_sp = stacks + (size_t)t * STACK;

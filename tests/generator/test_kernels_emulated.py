@@ -355,6 +355,60 @@ def test_prefill_top_k_packed_screen_passes_over_no_candidate(edge, emulated, mo
     _same_without(monkeypatch, args, rows, dots)
 
 
+def _edge_score(cut: np.float32, e: np.float32) -> np.float32:
+    """The smallest float16 score a that the candidates' rule keeps for ``cut`` (not
+    fl32(a + E) < cut): the exact edge, in float32 arithmetic as the kernel does it."""
+    halves = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+    halves = np.unique(halves[np.isfinite(halves)])
+    kept = halves[~((halves + e).astype(np.float32) < cut)]
+    return kept.min()
+
+
+def test_prefill_top_k_packed_screen_keeps_the_edge_at_every_scale(emulated, monkeypatch):
+    """The packed screen against the candidates' exact edge over cuts of every scale and sign
+    (subnormal to 65 504): each query row has its own cut (set by row 200's score), and the exact
+    top-1 (row 0, alone in its load amid far lower scores) is scored at the smallest float16 the
+    rule keeps: it must be picked; one float16 step lower it is no candidate, and row 200 is.
+    A screen a few hundredths of E looser than the rule's edge skips row 0 at small cuts (where
+    float16 steps are finer than that), which one score level alone would not show."""
+    monkeypatch.setattr(fa, "MATMUL_ROWS", 16)
+    e = np.float32(prefill_top_k.APPROX_E)  # float32 queries, float16 bank: unit queries, bound E
+    halves = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+    levels = np.unique(halves[np.isfinite(halves) & (np.abs(halves) <= 60000)])[::211]
+    extra = np.float16([6e-8, 2**-14, 0.0015, 0.003, -0.001, -0.04, -0.1, 65504]).astype(np.float32)
+    levels = np.concatenate([levels, extra])
+    cuts = (levels - e).astype(np.float32)
+    edges = np.array([_edge_score(c, e) for c in cuts], np.float32)
+    B, H, KVH, d, n = 1, 1, 1, 16, 256
+    L = len(levels)
+    q = np.zeros((B, H, L, d), np.float32)
+    q[..., 0] = 1.0
+    keys = np.zeros((KVH, n, d), np.float32)
+    keys[0, :, 2] = 1.0  # cosine 0
+    keys[0, 0] = np.eye(d)[0]  # cosine 1: the top-1 wherever it is a candidate
+    keys[0, 200, :2] = 1.0  # cosine 0.707
+    keys_mx = mx.array(keys).astype(mx.float16)
+    inv = mx.rsqrt(mx.maximum(mx.sum(keys_mx.astype(mx.float32) ** 2, axis=-1), 1e-24))
+    kernel = prefill_top_k._kernel()
+    args = (mx.array(q), mx.contiguous(keys_mx.swapaxes(-1, -2)), inv, 1, None)
+    for row_0, want in ((edges, 0), (np.nextafter(edges.astype(np.float16), np.float16(-np.inf)), 200)):
+        approx = np.full((KVH, L, n), -65504.0, np.float32)
+        approx[0, :, 200] = levels
+        approx[0, :, 0] = row_0
+        scores = mx.array(approx).astype(mx.float16)
+        assert np.array_equal(np.array(scores.astype(mx.float32)), approx)  # every score a float16
+        monkeypatch.setattr(
+            prefill_top_k,
+            "_kernel",
+            lambda scores=scores: lambda inputs, **kw: kernel(inputs=[inputs[0], scores, *inputs[2:]], **kw),
+        )
+        for packed in (True, False):
+            monkeypatch.setattr(prefill_top_k, "PACK_SCORES", packed)
+            rows, _ = fa.top_k_rows(*args)
+            wrong = np.nonzero(np.array(rows)[0, 0, :, 0] != want)[0]
+            assert len(wrong) == 0, (packed, want, levels[wrong][:5], row_0[wrong][:5])
+
+
 ATTEND_CASES = {
     # name: (B, H, KVH, L, S, d, n, top_k, threshold, mask, KV cache dtype, chunks (None: chunks_for's),
     # bank dtype (keys and values), KV cache as a slice of a longer buffer (strided, as mlx-lm's))
