@@ -373,35 +373,46 @@ class EmbedderClient:
         return {"Authorization": f"Bearer {token}"} if token else {}
 
     def _http_get(self, url: str, headers: dict) -> dict:
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=self.timeout) as r:
-                return json.loads(r.read() or b"{}")
-        except urllib.error.HTTPError as exc:
-            raise _Skip(f"{url}: HTTP {exc.code}") from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise _Skip(f"{url}: {exc}") from None
-        except http.client.HTTPException as exc:  # not HTTP (a gRPC port, say): its bytes say nothing
-            raise _Skip(f"{url}: not an HTTP answer ({type(exc).__name__})") from None
+        with _reaching(url):
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=self.timeout) as r:
+                    return _json_object(url, r.read() or b"{}")
+            except urllib.error.HTTPError as exc:
+                raise _Skip(f"{url}: HTTP {exc.code}") from None
 
     def _http_json(self, url: str, body: dict, headers: dict, backend: str) -> dict:
         req = urllib.request.Request(
             url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json", **headers}
         )
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                out = json.loads(r.read())
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")[:300]
-            if exc.code == 400:  # the input is wrong: another backend will not fix it
-                raise InvalidArgument(f"{backend} refused the request: {detail}") from None
-            raise _Skip(f"{url}: HTTP {exc.code} {detail}") from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise _Skip(f"{url}: {exc}") from None
-        except http.client.HTTPException as exc:  # not HTTP (a gRPC port, say): its bytes say nothing
-            raise _Skip(f"{url}: not an HTTP answer ({type(exc).__name__})") from None
-        if not isinstance(out, dict):
-            raise _Skip(f"{url}: answered {type(out).__name__}, not a JSON object")
-        return out
+        with _reaching(url):
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                    return _json_object(url, r.read())
+            except urllib.error.HTTPError as exc:
+                detail = exc.read().decode(errors="replace")[:300]
+                if exc.code == 400:  # the input is wrong: another backend will not fix it
+                    raise InvalidArgument(f"{backend} refused the request: {detail}") from None
+                raise _Skip(f"{url}: HTTP {exc.code} {detail}") from None
+
+
+@contextlib.contextmanager
+def _reaching(url: str):
+    """Talking to a backend over HTTP: unreachable, not HTTP at all (a gRPC port, say: its bytes
+    say nothing) or not JSON is a reason to try the next backend (HTTP statuses: the caller's)."""
+    try:
+        yield
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise _Skip(f"{url}: {exc}") from None
+    except http.client.HTTPException as exc:
+        raise _Skip(f"{url}: not an HTTP answer ({type(exc).__name__})") from None
+
+
+def _json_object(url: str, raw: bytes) -> dict:
+    """A backend's answer, which every API here makes a JSON object (ValueError if not JSON)."""
+    out = json.loads(raw)
+    if not isinstance(out, dict):
+        raise _Skip(f"{url}: answered {type(out).__name__}, not a JSON object")
+    return out
 
 
 @contextlib.contextmanager

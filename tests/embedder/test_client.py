@@ -335,6 +335,8 @@ def test_a_foreign_server_at_the_remote_url_falls_back(fakes, monkeypatch, answe
         client.backends = ["remote"]
         with pytest.raises(Unavailable, match=r"remote: .*127\.0\.0\.1"):
             client.embed(["a document"])
+        health = client.health()["remote"]  # the same server probed: not healthy, and says why
+        assert not health["ok"] and "127.0.0.1" in health["detail"]
     finally:
         sock.close()
 
