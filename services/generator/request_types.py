@@ -7,6 +7,7 @@ as in the protos (docs/contract.md), and the request objects resolve that themse
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass, field
 
@@ -89,7 +90,7 @@ class MemoryOptions:
         """Raises InvalidArgument naming the first field out of range."""
         if any(not i for i in self.memory_ids):
             raise errors.InvalidArgument("memory_ids must not contain empty ids")
-        twice = sorted({i for i in self.memory_ids if self.memory_ids.count(i) > 1})
+        twice = _listed_twice(self.memory_ids)
         if twice:  # the same rows twice would count double in LOCAL retrieval and once in REMOTE
             raise errors.InvalidArgument(f"memory_ids lists {twice} more than once; list each memory once")
         if not 0 <= self.top_k <= MAX_MEMORY_TOP_K:
@@ -99,7 +100,7 @@ class MemoryOptions:
         bad = [layer for layer in self.layers if not 0 <= layer < num_layers]
         if bad:
             raise errors.InvalidArgument(f"extended_mind.layers {bad} outside [0, {num_layers})")
-        twice = sorted({layer for layer in self.layers if self.layers.count(layer) > 1})
+        twice = _listed_twice(self.layers)
         if twice:
             raise errors.InvalidArgument(f"extended_mind.layers lists {twice} more than once; list each layer once")
         if not (math.isfinite(self.citation_min_weight) and 0 <= self.citation_min_weight <= 1):
@@ -124,6 +125,11 @@ class MemoryOptions:
     def retrieves(self) -> bool:
         """Whether generation attends to memories at all."""
         return bool(self.memory_ids) and self.top_k > 0
+
+
+def _listed_twice(values) -> list:
+    """The values listed more than once in ``values``, sorted."""
+    return sorted(v for v, n in collections.Counter(values).items() if n > 1)
 
 
 @dataclass
