@@ -355,13 +355,18 @@ def test_prefill_top_k_packed_screen_passes_over_no_candidate(edge, emulated, mo
     _same_without(monkeypatch, args, rows, dots)
 
 
+@functools.cache
+def _finite_halves() -> np.ndarray:
+    """Every finite float16 value, ascending, as float32 (one zero)."""
+    halves = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+    return np.unique(halves[np.isfinite(halves)])
+
+
 def _edge_score(cut: np.float32, e: np.float32) -> np.float32:
     """The smallest float16 score a that the candidates' rule keeps for ``cut`` (not
     fl32(a + E) < cut): the exact edge, in float32 arithmetic as the kernel does it."""
-    halves = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-    halves = np.unique(halves[np.isfinite(halves)])
-    kept = halves[~((halves + e).astype(np.float32) < cut)]
-    return kept.min()
+    halves = _finite_halves()
+    return halves[~((halves + e).astype(np.float32) < cut)].min()
 
 
 def test_prefill_top_k_packed_screen_keeps_the_edge_at_every_scale(emulated, monkeypatch):
@@ -373,8 +378,8 @@ def test_prefill_top_k_packed_screen_keeps_the_edge_at_every_scale(emulated, mon
     float16 steps are finer than that), which one score level alone would not show."""
     monkeypatch.setattr(fa, "MATMUL_ROWS", 16)
     e = np.float32(prefill_top_k.APPROX_E)  # float32 queries, float16 bank: unit queries, bound E
-    halves = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-    levels = np.unique(halves[np.isfinite(halves) & (np.abs(halves) <= 60000)])[::211]
+    halves = _finite_halves()
+    levels = halves[np.abs(halves) <= 60000][::211]
     extra = np.float16([6e-8, 2**-14, 0.0015, 0.003, -0.001, -0.04, -0.1, 65504]).astype(np.float32)
     levels = np.concatenate([levels, extra])
     cuts = (levels - e).astype(np.float32)
