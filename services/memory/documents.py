@@ -26,7 +26,7 @@ import numpy as np
 
 from extmind.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.memory import metrics
-from services.memory.document_index import Collection
+from services.memory.document_index import Collection, hit_bytes
 from services.memory.embedder_calls import DocumentEmbedder
 from services.memory.kv_layout import ID_RE, now_us
 from services.memory.kv_search import normalize_rows
@@ -46,12 +46,6 @@ COLLECTION_NAMES_KEY = "em:collections"
 
 def _key(name: str, part: str) -> str:
     return f"em:{{col:{name}}}:{part}"
-
-
-def _hit_bytes(doc_id: str, text: str, metadata: dict) -> int:
-    """About the bytes a document takes in a SearchDocuments answer (UTF-8, a few per field)."""
-    md = sum(len(k.encode()) + len(v.encode()) + 8 for k, v in metadata.items())
-    return len(doc_id.encode()) + len(text.encode()) + md + 32
 
 
 def _not_found(name: str) -> NotFound:
@@ -260,8 +254,8 @@ class Documents:
             if doc_id in seen:
                 raise InvalidArgument(f"document id {doc_id!r} appears twice in one request")
             seen.add(doc_id)
-        for doc_id, text, md, _ in docs:
-            size = _hit_bytes(doc_id, text, md)
+        sizes = [hit_bytes(doc_id, text, md) for doc_id, text, md, _ in docs]
+        for (doc_id, _, _, _), size in zip(docs, sizes):
             if size > self.answer_room:
                 raise InvalidArgument(
                     f"document {doc_id!r} is {size / 2**20:.1f} MiB of id, text and metadata: a search could "
@@ -340,7 +334,7 @@ class Documents:
                 pipe.hset(_key(name, "md"), mapping={i: json.dumps(m, sort_keys=True) for i, m in zip(ids, mds)})
                 pipe.hset(_key(name, "emb"), mapping={i: v.astype("<f4").tobytes() for i, v in zip(ids, vectors)})
                 await pipe.execute()
-            now.put(ids, texts, mds, vectors)
+            now.put(ids, texts, mds, vectors, sizes)
         return now
 
     async def search(self, name: str, query: str, query_embedding, top_k: int, filt: dict, instruction: str):
@@ -374,7 +368,7 @@ class Documents:
             q = query_embedding
         q = normalize_rows(q.reshape(1, -1))
         hits = c.search(q, top_k, dict(filt))
-        sizes = np.cumsum([_hit_bytes(i, t, md) for i, _, t, md in hits])
+        sizes = np.cumsum([h.size for h in hits])
         if len(sizes) and sizes[-1] > self.answer_room:
             fit = int(np.searchsorted(sizes, self.answer_room, side="right"))
             raise InvalidArgument(

@@ -265,7 +265,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             request.collection, request.query, emb, request.top_k, dict(request.filter), request.instruction
         )
         return memory_pb2.SearchDocumentsResponse(
-            model=c.model, hits=[memory_pb2.DocumentHit(id=i, score=s, text=t, metadata=md) for i, s, t, md in hits]
+            model=c.model,
+            hits=[memory_pb2.DocumentHit(id=h.id, score=h.score, text=h.text, metadata=h.metadata) for h in hits],
         )
 
     async def DeleteDocuments(self, request, context):
