@@ -275,17 +275,20 @@ class ExtendedMindAttention(nn.Module):
         not a prefill). A prefill (``prefill_attention.fits``) takes the local part from MLX's
         fused attention and merges the memories by log-sum-exp (prefill_attention.py)."""
         bank = getattr(ctx.retriever, "layer_bank", None)
+        hits = getattr(ctx.retriever, "retrieve_rows", None)  # RemoteRetriever's
         B, H, L, d = q.shape
-        if bank is None or not isinstance(k, mx.array) or d > fused_attention.MAX_HEAD_DIM:
+        if (bank is None and hits is None) or not isinstance(k, mx.array) or d > fused_attention.MAX_HEAD_DIM:
             return None
         S = k.shape[2]
-        keys_t, inv_norms, values = bank(self.layer)
-        kk = min(ctx.top_k, keys_t.shape[2])
+        kk = min(ctx.top_k, ctx.retriever.rows)
         if kk > fused_attention.MAX_TOP_K:
             return None
         kernel_mask = fused_attention.mask_mode(mask, B, L, S)
         if kernel_mask is None:
             return None
+        if bank is None:
+            return self._fused_remote(hits, q, k, v, mask, kernel_mask, ctx, dtype)
+        keys_t, inv_norms, values = bank(self.layer)
         weighed = ctx.record is not None and ctx.cite_min_weight > 0
         kept = getattr(ctx.retriever, "prefill_keys", None)  # LocalRetriever's: kept (bank_cache)
         prefill_keys = functools.partial(kept, self.layer) if kept is not None else None
@@ -319,6 +322,32 @@ class ExtendedMindAttention(nn.Module):
             return None
         if ctx.record is not None:
             ctx.record.append((self.layer, Picks(rows, dots, mass, self.scale) if weighed else Picks(rows)))
+        if ctx.mass is not None:
+            ctx.mass.append((self.layer, mass))
+        return out
+
+    def _fused_remote(self, hits, q, k, v, mask, kernel_mask, ctx: MemoryContext, dtype):
+        """``_fused`` for REMOTE retrieval: the memory service's hits (``hits``:
+        RemoteRetriever.retrieve_rows) go into the attention kernels as their rows of memory
+        values, one kernel where the portable path runs about twenty (the same logits and softmax;
+        citations as the portable path records them)."""
+        B, H, L, d = q.shape
+        S = k.shape[2]
+        prefill = prefill_attention.fits(B, H, L, S)
+        if not prefill and min(ctx.top_k, ctx.retriever.rows) + S > fused_attention.max_local_positions():
+            return None
+        kvh = self.n_kv_heads
+        qf = q.astype(mx.float32).reshape(B, kvh, H // kvh, L, d)
+        got = hits(self.layer, qf, ctx.top_k, ctx.threshold, ctx.record is not None)
+        if prefill:
+            out, mass = prefill_attention.attend(q, k, v, mask, got.rows, got.dots, got.values, self.scale, dtype)
+        else:
+            out, mass = fused_attention.attend(q, k, v, kernel_mask, got.rows, got.dots, got.values, self.scale, dtype)
+        if ctx.record is not None:
+            weighed = ctx.cite_min_weight > 0
+            ctx.record.append(
+                (self.layer, Picks(got.indices, got.dots, mass, self.scale) if weighed else Picks(got.indices))
+            )
         if ctx.mass is not None:
             ctx.mass.append((self.layer, mass))
         return out

@@ -358,10 +358,20 @@ def constant(values: tuple, dtype) -> mx.array:
     (docs/architecture.md, "Kernel constants"). An element-wise op's output of more than 8 bytes
     is allocated in device memory. Kernels read only the first ``len(values)`` elements."""
     pad = max(0, -(-16 // dtype.size) - len(values))
-    host = mx.array(list(values) + [values[-1]] * pad, dtype)
-    a = mx.logical_and(host, True) if dtype == mx.bool_ else host * mx.array(1, dtype)  # bit for bit
-    # ``host`` stays referenced through the eval: an input MLX holds the only reference to is
-    # donated, and the op's output would then be the host-made (managed) buffer itself.
+    return on_device(mx.array(list(values) + [values[-1]] * pad, dtype))
+
+
+def copied(host: mx.array) -> mx.array:
+    """A copy of ``host``, bit for bit, by a device operation (lazy), whose output MLX's CUDA
+    allocator puts in device memory when larger than 8 bytes (``constant``). The caller keeps
+    ``host`` referenced until the copy is evaluated: an input only the operation references is
+    donated to its output, which would then be the host-made (managed) buffer itself."""
+    return mx.logical_and(host, True) if host.dtype == mx.bool_ else host * mx.array(1, host.dtype)
+
+
+def on_device(host: mx.array) -> mx.array:
+    """``copied``, evaluated (``host`` stays referenced through the eval)."""
+    a = copied(host)
     mx.eval(a)
     del host
     return a

@@ -15,13 +15,16 @@ dtype at a time and the hits merged by cosine, with rows numbered in request ord
 
 from __future__ import annotations
 
+import functools
 import weakref
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from extmind import errors
+from services.generator import kernel_parts
 from services.generator.extended_attention import Retrieved
 from services.generator.kv_dtypes import from_storage
 from services.generator.memory_client import MemoryClient, SearchResult, concat_results, search_requests, search_result
@@ -50,6 +53,7 @@ class RemoteRetriever:
             offset += m.rows
         self._stream: SearchStream | None = None
         self._closer = None
+        self._host_hits = None  # retrieve_rows' last host-made array (see there)
 
     def close(self) -> None:
         """Ends the search stream, if one is open (also done when the retriever is dropped)."""
@@ -118,7 +122,9 @@ class RemoteRetriever:
 
         return SearchResult(*(merged(f) for f in ("scores", "indices", "keys", "values")))
 
-    def retrieve(self, layer: int, queries: mx.array, top_k: int, threshold: float | None) -> Retrieved:
+    def _answer(self, layer: int, queries: mx.array, top_k: int, threshold: float | None) -> SearchResult:
+        """The memory service's hits for queries [B, KVH, R, L, d] float32, evaluated here (on the
+        MLX thread): SearchResult fields [H, B * L, k, ...], query head h = kv_head * R + r."""
         B, kvh, rep, L, d = queries.shape
         q = np.array(queries, dtype=np.float32)  # evaluates on this (MLX) thread
         q = q.transpose(1, 2, 0, 3, 4).reshape(kvh * rep, B * L, d)  # [H, q, d]; head h -> KV head h // rep
@@ -128,7 +134,11 @@ class RemoteRetriever:
                 f"arithmetic overflowed, e.g. on memories whose keys or values are far larger than a model "
                 f"produces (memories {self.memory_ids}); check what wrote them"
             )
-        r = self._search(layer, q, top_k, threshold)
+        return self._search(layer, q, top_k, threshold)
+
+    def retrieve(self, layer: int, queries: mx.array, top_k: int, threshold: float | None) -> Retrieved:
+        B, kvh, rep, L, d = queries.shape
+        r = self._answer(layer, queries, top_k, threshold)
         k = r.indices.shape[-1]
 
         def back(a):  # [H, B*L, k, ...] -> [B, KVH, R, L, k, ...]
@@ -146,3 +156,55 @@ class RemoteRetriever:
             values=from_storage(back(r.values), r.dtype).astype(mx.float32),
             indices=mx.array(indices.astype(np.int32)),
         )
+
+    def retrieve_rows(
+        self, layer: int, queries: mx.array, top_k: int, threshold: float | None, indices: bool
+    ) -> HitRows:
+        """``retrieve``'s hits in the form the fused attention kernels take memories
+        (``fused_attention.attend``, ``prefill_attention.attend``: rows into a bank of values),
+        for queries [B, KVH, R, L, d] float32: the hits' keys and values reach the device as one
+        array (a host-made array lives in managed memory, which a kernel reads across the bus), the
+        values stay in the memory's dtype, and the raw dots are ``retrieve``'s, bit for bit.
+        ``indices``: whether to return the memory rows (citations). Raises as ``retrieve``."""
+        B, kvh, rep, L, d = queries.shape
+        r = self._answer(layer, queries, top_k, threshold)
+        k = r.indices.shape[-1]
+        # [H, B * L, k, d] -> [KVH, R * B * L * k, d]: KV head g's hits in ``_hit_layout``'s rows.
+        # Keys and values cross to the device in one copy: a kernel reading a host-made array
+        # reads managed memory, ~0.1 ms a kernel on the H200 (bench/RESULTS.md, H200 2026-12-03 11:4x).
+        # The host-made array stays referenced until the next search, by when the layer's graph
+        # has been evaluated (the next queries depend on it): else the copy would be given its buffer.
+        self._host_hits = from_storage(np.stack([r.keys, r.values]).reshape(2, kvh, rep * B * L * k, d), r.dtype)
+        kv = kernel_parts.copied(self._host_hits)
+        keys, values = (a.reshape(kvh, rep * B * L * k, d) for a in mx.split(kv, 2))
+        keys = keys.reshape(kvh, rep, B, L, k, d).transpose(2, 0, 1, 3, 4, 5).astype(mx.float32)
+        dots = mx.sum(queries[..., None, :] * keys, axis=-1).reshape(B, kvh * rep, L, k)
+        found = r.indices.reshape(kvh, rep, B, L, k).transpose(2, 0, 1, 3, 4).reshape(B, kvh * rep, L, k)
+        if (found >= 0).all():
+            rows = _hit_rows(B, kvh, rep, L, k)
+        else:  # hits masked by the threshold
+            rows = mx.array(np.where(found >= 0, _hit_layout(B, kvh, rep, L, k), -1).astype(np.int32))
+        return HitRows(rows, dots, values, mx.array(found.astype(np.int32)) if indices else None)
+
+
+@dataclass
+class HitRows:
+    """One layer's REMOTE hits as the fused attention kernels take memories (``retrieve_rows``)."""
+
+    rows: mx.array  # [B, H, L, k] int32 rows of ``values`` (-1 where the threshold masked the hit)
+    dots: mx.array  # [B, H, L, k] float32 raw q . k
+    values: mx.array  # [KVH, R * B * L * k, d] the hits' values in the memory's dtype
+    indices: mx.array | None  # [B, H, L, k] int32 rows of the memories (-1: masked), when asked
+
+
+def _hit_layout(B: int, kvh: int, rep: int, L: int, k: int) -> np.ndarray:
+    """[B, KVH * R, L, k] int32: the row of ``HitRows.values`` that holds each query head's hit
+    (query head g * R + i, token (b, l), hit j: ((i * B + b) * L + l) * k + j)."""
+    rows = np.arange(rep * B * L * k, dtype=np.int32).reshape(rep, B, L, k).transpose(1, 0, 2, 3)
+    return np.broadcast_to(rows[:, None], (B, kvh, rep, L, k)).reshape(B, kvh * rep, L, k)
+
+
+@functools.lru_cache(maxsize=64)
+def _hit_rows(B: int, kvh: int, rep: int, L: int, k: int) -> mx.array:
+    """``_hit_layout`` on the device, made once per shape."""
+    return kernel_parts.on_device(mx.array(_hit_layout(B, kvh, rep, L, k)))

@@ -641,6 +641,56 @@ def test_the_layer_through_the_emulated_kernels_is_the_portable_path(case, emula
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("masking", [False, True])
+def test_a_remote_layer_through_the_emulated_kernels_is_the_portable_path(
+    engine, memory, client, masking, emulated, monkeypatch
+):
+    """REMOTE retrieval's fused branch (the memory service's hits as the attend kernel's rows:
+    ``RemoteRetriever.retrieve_rows``) against the portable path, one layer of the module's
+    engine over a real memory service: a causal chunk after none, then decode steps, a batch of
+    two; the output, the recorded rows (citations, -1 where ``masking``'s threshold masked a
+    hit) and the attention mass. Both paths get the same hits for the same queries (the layer's
+    queries depend on its input only), so nothing here depends on rounding at a top-k edge."""
+    from services.generator.remote_retrieval import RemoteRetriever
+
+    from .test_fused_attention import _run
+
+    mid, _ = memory
+    resolved = engine.resolver.resolve((mid,))
+    state, attn = engine.state, engine.model.layers[1].self_attn
+    chunks, top_k = [5, 1, 1], 4
+    x = np.random.default_rng(3).standard_normal((2, sum(chunks), engine.model.args.hidden_size), np.float32)
+    threshold = 0.45 if masking else None
+    took = []
+    attend = fa.attend
+
+    def counted(*a, **kw):
+        took.append(a[4].shape)  # the rows the kernel was given
+        return attend(*a, **kw)
+
+    def layer(fused):
+        retriever = RemoteRetriever(client, resolved)
+        was = state.fused
+        try:
+            return _run(state, attn, mx.array(x), chunks, fused, retriever=retriever, top_k=top_k, threshold=threshold)
+        finally:
+            state.fused = was
+            retriever.close()
+
+    want = engine.mlx.call(lambda: layer(False))
+    monkeypatch.setattr(fa, "attend", counted)
+    got = engine.mlx.call(lambda: layer(True))
+    assert took == [(2, attn.n_heads, n, top_k) for n in chunks]  # every chunk took the kernel
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
+    assert len(got[1]) == len(want[1]) == len(chunks)
+    for g, w in zip(got[1], want[1]):
+        np.testing.assert_array_equal(g, w)
+    masked = sum((w < 0).sum() for w in want[1])
+    assert (masked > 0) == masking and masked < sum(w.size for w in want[1])
+    for g, w in zip(got[2], want[2]):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
 def _memory_weights64(q, k, allowed, rows, dots, scale):
     """float64 softmax weight of every pick [B, H, L, k] (0 where masked): one softmax per query
     head and token over its memories and the local positions ``allowed``."""

@@ -183,6 +183,57 @@ def test_the_stream_answers_exactly_as_unary_calls_and_an_older_service_falls_ba
         c.close()
 
 
+@pytest.mark.parametrize("masking", [False, True])
+def test_hit_rows_hold_what_retrieve_returns(engine, memory, client, module_memory_service, masking):
+    """``retrieve_rows`` (the REMOTE hits as the fused attention kernels take them, on CUDA) holds,
+    for every query head, token and hit, ``retrieve``'s value and raw dot bit for bit, and its
+    memory row; a hit the threshold masks (``masking``: a threshold at the median hit's cosine)
+    is row -1 in both. Queries of a decode step and of a small batched prefill."""
+    mid, _ = memory
+    resolved = engine.resolver.resolve((mid,))
+    rng = np.random.default_rng(1)
+    kvh, rep, d = engine.num_kv_heads, engine.num_heads // engine.num_kv_heads, engine.head_dim
+    H, top_k = kvh * rep, 6
+    streams = len(access_lines(module_memory_service, STREAM))
+    hits = masked = 0
+    for B, L in ((1, 1), (2, 3)):
+        queries = rng.standard_normal((B, kvh, rep, L, d)).astype(np.float32)
+        threshold = None
+        if masking:
+            heads = queries.transpose(1, 2, 0, 3, 4).reshape(H, B * L, d)
+            cosines = client.search([mid], 0, heads, top_k, None, [resolved[0].create_time]).scores
+            threshold = float(np.median(cosines))
+
+        def go(queries=queries, threshold=threshold):
+            retriever = RemoteRetriever(client, resolved)
+            out = []
+            for layer in range(engine.num_layers):
+                q = mx.array(queries)
+                r = retriever.retrieve(layer, q, top_k, threshold)
+                h = retriever.retrieve_rows(layer, q, top_k, threshold, indices=True)
+                out.append([np.array(a) for a in (r.values, r.dots, r.indices, h.values, h.dots, h.rows, h.indices)])
+            retriever.close()
+            return out
+
+        for values, dots, indices, h_values, h_dots, h_rows, h_indices in engine.mlx.call(go):
+            k = indices.shape[-1]
+            assert k == top_k and h_rows.shape == h_dots.shape == h_indices.shape == (B, H, L, k)
+            np.testing.assert_array_equal(h_indices, indices.reshape(B, H, L, k))
+            np.testing.assert_array_equal(h_dots, dots.reshape(B, H, L, k))
+            hit = h_indices >= 0
+            np.testing.assert_array_equal(h_rows >= 0, hit)
+            hits, masked = hits + hit.sum(), masked + (~hit).sum()
+            heads = (np.arange(H) // rep)[None, :, None, None]  # each query head's KV head
+            got = h_values.astype(np.float32)[heads, np.maximum(h_rows, 0)]  # [B, H, L, k, d]
+            np.testing.assert_array_equal(got[hit], values.reshape(B, H, L, k, d)[hit])
+            for g in range(kvh):  # each hit of a KV head's query heads has a row of its own
+                own = h_rows[:, g * rep : (g + 1) * rep][hit[:, g * rep : (g + 1) * rep]]
+                assert len(np.unique(own)) == own.size
+    assert hits > 0 and (masked > 0) == masking, (hits, masked)
+    for i in range(streams, streams + 2):  # each retriever's stream ended (logged before the next test counts)
+        assert "code=OK" in wait_for_access_line(module_memory_service, STREAM, i)
+
+
 async def test_one_stream_serves_a_whole_generation_and_closes_when_it_ends(engine, memory, module_memory_service):
     mid, _ = memory
     svc = module_memory_service
