@@ -270,10 +270,12 @@ class ExtendedMindAttention(nn.Module):
 
     def _fused(self, q, k, v, mask, ctx: MemoryContext, dtype):
         """The layer's attention output [B, L, H * d] from the fused kernels, or None when this
-        call is not one they take (REMOTE retrieval, a quantized KV cache, an additive mask, a
-        head size or top-k past their limits, a context longer than a block's shared memory when
-        not a prefill). A prefill (``prefill_attention.fits``) takes the local part from MLX's
-        fused attention and merges the memories by log-sum-exp (prefill_attention.py)."""
+        call is not one they take (a retriever with neither a bank nor hit rows, a quantized KV
+        cache, an additive mask, a head size or top-k past their limits, a context longer than a
+        block's shared memory when not a prefill). LOCAL retrieval runs in the kernels; REMOTE
+        hits go into them as rows (``_fused_remote``). A prefill (``prefill_attention.fits``)
+        takes the local part from MLX's fused attention and merges the memories by log-sum-exp
+        (prefill_attention.py)."""
         bank = getattr(ctx.retriever, "layer_bank", None)
         hits = getattr(ctx.retriever, "retrieve_rows", None)  # RemoteRetriever's
         B, H, L, d = q.shape
@@ -287,7 +289,7 @@ class ExtendedMindAttention(nn.Module):
         if kernel_mask is None:
             return None
         if bank is None:
-            return self._fused_remote(hits, q, k, v, mask, kernel_mask, ctx, dtype)
+            return self._fused_remote(hits, kk, q, k, v, mask, kernel_mask, ctx, dtype)
         keys_t, inv_norms, values = bank(self.layer)
         weighed = ctx.record is not None and ctx.cite_min_weight > 0
         kept = getattr(ctx.retriever, "prefill_keys", None)  # LocalRetriever's: kept (bank_cache)
@@ -326,15 +328,15 @@ class ExtendedMindAttention(nn.Module):
             ctx.mass.append((self.layer, mass))
         return out
 
-    def _fused_remote(self, hits, q, k, v, mask, kernel_mask, ctx: MemoryContext, dtype):
+    def _fused_remote(self, hits, kk: int, q, k, v, mask, kernel_mask, ctx: MemoryContext, dtype):
         """``_fused`` for REMOTE retrieval: the memory service's hits (``hits``:
         RemoteRetriever.retrieve_rows) go into the attention kernels as their rows of memory
         values, one kernel where the portable path runs about twenty (the same logits and softmax;
-        citations as the portable path records them)."""
+        citations as the portable path records them). ``kk``: the hits per query, min(top_k, rows)."""
         B, H, L, d = q.shape
         S = k.shape[2]
         prefill = prefill_attention.fits(B, H, L, S)
-        if not prefill and min(ctx.top_k, ctx.retriever.rows) + S > fused_attention.max_local_positions():
+        if not prefill and kk + S > fused_attention.max_local_positions():
             return None
         kvh = self.n_kv_heads
         qf = q.astype(mx.float32).reshape(B, kvh, H // kvh, L, d)
