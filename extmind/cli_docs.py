@@ -64,7 +64,9 @@ def cmd_docs(a, t: Targets) -> int:
         r = t.memory.DeleteDocuments(
             memory_pb2.DeleteDocumentsRequest(collection=a.collection, ids=a.ids), timeout=TIMEOUT, metadata=_md()
         )
-        print(f"deleted {r.deleted} documents from {a.collection}")
+        asked = len(dict.fromkeys(a.ids))
+        missing = f" ({asked - r.deleted} of the {asked} ids were not there)" if r.deleted < asked else ""
+        print(f"deleted {r.deleted} document{'' if r.deleted == 1 else 's'} from {a.collection}{missing}")
     elif a.docs_cmd == "create":
         c = t.memory.CreateCollection(
             memory_pb2.CreateCollectionRequest(collection=a.collection, model=a.model or "", dimensions=a.dimensions),

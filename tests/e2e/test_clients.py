@@ -91,7 +91,10 @@ def test_cli_documents_upsert_search_delete(cluster, tmp_path):
     r = cli(cluster, "docs", "search", "cli-docs", "a locomotive", "--filter", "kind=animal")
     assert [line.split()[1] for line in r.stdout.splitlines()] == ["cats"], r.stdout
     r = cli(cluster, "docs", "delete", "cli-docs", "cats", "boats")
-    assert r.returncode == 0 and "deleted 2" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "deleted 2 documents from cli-docs\n" == r.stdout, r.stdout + r.stderr
+    r = cli(cluster, "docs", "delete", "cli-docs", "trains", "cats", "nosuch")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "deleted 1 document from cli-docs (2 of the 3 ids were not there)\n", r.stdout
 
 
 def test_cli_memorize_list_show_generate_delete(cluster, tmp_path):
