@@ -18,7 +18,7 @@ class Parser(argparse.ArgumentParser):
 
     # Words no parser takes are reported by the top-level parser, after every subcommand has
     # parsed: record the deepest subcommand that ran (it returns first), so the error names its
-    # usage (`extmind memories delete --help`: one id) rather than the top level's.
+    # usage (`extmind memories show --help`: one id) rather than the top level's.
     def parse_known_args(self, args=None, namespace=None):
         ns, extras = super().parse_known_args(args, namespace)
         if not hasattr(ns, "_prog"):
@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = msub.add_parser("show", help="one memory's layout, labels and the start of its text")
     s.add_argument("memory_id", help="memory id (`extmind memories list`)")
     s.add_argument("--tokens", action="store_true", help="also print the token ids")
-    s = msub.add_parser("delete", help="delete a memory")
-    s.add_argument("memory_id", help="memory id (`extmind memories list`)")
+    s = msub.add_parser("delete", help="delete memories")
+    s.add_argument("memory_ids", nargs="+", metavar="memory_id", help="memory ids (`extmind memories list`), in order")
 
     s = sub.add_parser("generate", help="generate text, streamed ('-' reads the prompt from stdin)")
     s.add_argument(

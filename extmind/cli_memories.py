@@ -295,6 +295,7 @@ def cmd_memories(a, t: Targets) -> int:
         if a.tokens:
             print(f"token_ids    {list(m.token_ids)}")
     else:
-        t.memory.DeleteMemory(memory_pb2.DeleteMemoryRequest(memory_id=a.memory_id), timeout=TIMEOUT, metadata=_md())
-        print(f"deleted {a.memory_id}")
+        for memory_id in a.memory_ids:  # an error stops here: the ids before it are deleted (printed)
+            t.memory.DeleteMemory(memory_pb2.DeleteMemoryRequest(memory_id=memory_id), timeout=TIMEOUT, metadata=_md())
+            print(f"deleted {memory_id}", flush=True)
     return 0

@@ -143,7 +143,7 @@ def env(services):
         (["generate", "hi", "--memory", "m", "--memory", "n", "--memory", "m"], "--memory m given more than once"),
         (["memorize", "a.txt", "b.txt", "--id", "x"], "--id names one memory"),
         # unknown words name the subcommand whose usage they broke, not the top level's
-        (["memories", "delete", "a", "b"], "memories delete: unrecognized arguments: b (see `extmind memories delete"),
+        (["memories", "show", "a", "b"], "memories show: unrecognized arguments: b (see `extmind memories show"),
         (["generate", "hi", "--mode", "remote"], "unrecognized arguments: --mode remote (see `extmind generate"),
         (["status", "x"], "extmind status: unrecognized arguments: x (see `extmind status --help`)"),
     ],

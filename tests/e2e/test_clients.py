@@ -139,9 +139,12 @@ def test_cli_memorize_list_show_generate_delete(cluster, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("cited cli-notes[") == 1, r.stderr
 
-    for mid in ("cli-notes", "cli-split.000", "cli-split.001"):
-        r = cli(cluster, "memories", "delete", mid)
-        assert r.returncode == 0, r.stderr
+    r = cli(cluster, "memories", "delete", "cli-notes")
+    assert r.returncode == 0 and r.stdout == "deleted cli-notes\n", r.stdout + r.stderr
+    # several ids, in order, stopping at one that is gone
+    r = cli(cluster, "memories", "delete", "cli-split.000", "cli-split.001", "cli-notes")
+    assert r.returncode == 1 and r.stdout == "deleted cli-split.000\ndeleted cli-split.001\n", r.stdout
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("extmind: NOT_FOUND"), r.stderr
     r = cli(cluster, "memories", "show", "cli-notes")
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("extmind: NOT_FOUND"), r.stderr
