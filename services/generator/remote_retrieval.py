@@ -172,19 +172,17 @@ class RemoteRetriever:
         # [H, B * L, k, d] -> [KVH, R * B * L * k, d]: KV head g's hits in ``_hit_layout``'s rows.
         # Keys and values cross to the device in one copy: a kernel reading a host-made array
         # reads managed memory, ~0.1 ms a kernel on the H200 (bench/RESULTS.md, H200 2026-12-03 11:4x).
-        # The host-made array stays referenced until the next search, by when the layer's graph
-        # has been evaluated (the next queries depend on it): else the copy would be given its buffer.
+        # The host-made array stays referenced until the next search: MLX would otherwise give the
+        # copy its (managed) buffer, when it evaluates the copy, which it has by then (the next
+        # search waits on evaluating its queries, a forward is evaluated before the next starts).
         self._host_hits = from_storage(np.stack([r.keys, r.values]).reshape(2, kvh, rep * B * L * k, d), r.dtype)
         kv = kernel_parts.copied(self._host_hits)
         keys, values = (a.reshape(kvh, rep * B * L * k, d) for a in mx.split(kv, 2))
         keys = keys.reshape(kvh, rep, B, L, k, d).transpose(2, 0, 1, 3, 4, 5).astype(mx.float32)
         dots = mx.sum(queries[..., None, :] * keys, axis=-1).reshape(B, kvh * rep, L, k)
         found = r.indices.reshape(kvh, rep, B, L, k).transpose(2, 0, 1, 3, 4).reshape(B, kvh * rep, L, k)
-        if (found >= 0).all():
-            rows = _hit_rows(B, kvh, rep, L, k)
-        else:  # hits masked by the threshold
-            rows = mx.array(np.where(found >= 0, _hit_layout(B, kvh, rep, L, k), -1).astype(np.int32))
-        return HitRows(rows, dots, values, mx.array(found.astype(np.int32)) if indices else None)
+        found = np.ascontiguousarray(found, dtype=np.int32)
+        return HitRows(kernel_rows(found, kvh), dots, values, mx.array(found) if indices else None)
 
 
 @dataclass
@@ -197,11 +195,23 @@ class HitRows:
     indices: mx.array | None  # [B, H, L, k] int32 rows of the memories (-1: masked), when asked
 
 
+def kernel_rows(found: np.ndarray, kvh: int) -> mx.array:
+    """The rows the attend kernels read for hits ``found`` [B, H, L, k] (memory rows, -1 where
+    masked; H = KVH * R): where ``HitRows.values`` holds each query head's hit (``_hit_layout``),
+    -1 where masked; row-contiguous, as the kernels index it (made once per shape, on the device,
+    when no hit is masked)."""
+    B, H, L, k = found.shape
+    if (found >= 0).all():
+        return _hit_rows(B, kvh, H // kvh, L, k)
+    return mx.array(np.where(found >= 0, _hit_layout(B, kvh, H // kvh, L, k), -1).astype(np.int32))
+
+
 def _hit_layout(B: int, kvh: int, rep: int, L: int, k: int) -> np.ndarray:
-    """[B, KVH * R, L, k] int32: the row of ``HitRows.values`` that holds each query head's hit
-    (query head g * R + i, token (b, l), hit j: ((i * B + b) * L + l) * k + j)."""
+    """[B, KVH * R, L, k] int32, C-contiguous: the row of ``HitRows.values`` that holds each
+    query head's hit (query head g * R + i, token (b, l), hit j: ((i * B + b) * L + l) * k + j).
+    C order matters: MLX keeps a numpy array's strides, and the kernels read rows by index."""
     rows = np.arange(rep * B * L * k, dtype=np.int32).reshape(rep, B, L, k).transpose(1, 0, 2, 3)
-    return np.broadcast_to(rows[:, None], (B, kvh, rep, L, k)).reshape(B, kvh * rep, L, k)
+    return np.ascontiguousarray(np.broadcast_to(rows[:, None], (B, kvh, rep, L, k)).reshape(B, kvh * rep, L, k))
 
 
 @functools.lru_cache(maxsize=64)

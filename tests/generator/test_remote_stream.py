@@ -183,6 +183,28 @@ def test_the_stream_answers_exactly_as_unary_calls_and_an_older_service_falls_ba
         c.close()
 
 
+@pytest.mark.parametrize(
+    "B,kvh,rep,L,k", [(1, 2, 2, 1, 6), (2, 1, 8, 1, 5), (1, 4, 1, 1, 5), (3, 4, 1, 2, 2), (2, 2, 4, 3, 6)]
+)
+@pytest.mark.parametrize("masked", [False, True])
+def test_kernel_rows_are_row_contiguous_for_every_head_layout(B, kvh, rep, L, k, masked):
+    """The attend kernels read the hit rows by index, as a row-contiguous [B, H, L, k] array:
+    so they are, whatever the heads' layout (GQA, one KV head, one query head per KV head: numpy
+    views of those layouts have other strides, and MLX keeps a numpy array's strides), and each
+    names where ``HitRows.values`` holds that query head's hit, -1 where masked."""
+    from services.generator.remote_retrieval import kernel_rows
+
+    H = kvh * rep
+    found = np.random.default_rng(0).integers(0, 100, (B, H, L, k)).astype(np.int32)
+    if masked:
+        found[..., k // 2 :] = -1
+    a = np.asarray(kernel_rows(found, kvh))
+    assert a.flags["C_CONTIGUOUS"] and a.dtype == np.int32 and a.shape == (B, H, L, k)
+    for b, h, l_, j in np.ndindex(B, H, L, k):
+        want = ((h % rep * B + b) * L + l_) * k + j if found[b, h, l_, j] >= 0 else -1
+        assert a[b, h, l_, j] == want, (b, h, l_, j)
+
+
 @pytest.mark.parametrize("masking", [False, True])
 def test_hit_rows_hold_what_retrieve_returns(engine, memory, client, module_memory_service, masking):
     """``retrieve_rows`` (the REMOTE hits as the fused attention kernels take them, on CUDA) holds,
