@@ -171,7 +171,7 @@ class RemoteRetriever:
         k = r.indices.shape[-1]
         # [H, B * L, k, d] -> [KVH, R * B * L * k, d]: KV head g's hits in ``_hit_layout``'s rows.
         # Keys and values cross to the device in one copy: a kernel reading a host-made array
-        # reads managed memory, ~0.1 ms a kernel on the H200 (bench/RESULTS.md, H200 2026-12-03 11:4x).
+        # reads managed memory, 0.1-0.18 ms a kernel on the H200 (bench/RESULTS.md, H200 2026-12-03 11:10).
         # The host-made array stays referenced until the next search: MLX would otherwise give the
         # copy its (managed) buffer, when it evaluates the copy, which it has by then (the next
         # search waits on evaluating its queries, a forward is evaluated before the next starts).
