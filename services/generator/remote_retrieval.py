@@ -56,7 +56,9 @@ class RemoteRetriever:
         self._host_hits = None  # retrieve_rows' last host-made array (see there)
 
     def close(self) -> None:
-        """Ends the search stream, if one is open (also done when the retriever is dropped)."""
+        """Ends the search stream, if one is open (also done when the retriever is dropped), and
+        lets go of the last hits held for ``retrieve_rows`` (a long prefill's may be large)."""
+        self._host_hits = None
         if self._closer is not None:
             self._closer()
 
