@@ -288,51 +288,63 @@ class ExtendedMindAttention(nn.Module):
         kernel_mask = fused_attention.mask_mode(mask, B, L, S)
         if kernel_mask is None:
             return None
-        if bank is None:
-            return self._fused_remote(hits, kk, q, k, v, mask, kernel_mask, ctx, dtype)
-        keys_t, inv_norms, values = bank(self.layer)
         weighed = ctx.record is not None and ctx.cite_min_weight > 0
-        kept = getattr(ctx.retriever, "prefill_keys", None)  # LocalRetriever's: kept (bank_cache)
-        prefill_keys = functools.partial(kept, self.layer) if kept is not None else None
-        if prefill_attention.fits(B, H, L, S):  # a prefill: local part by MLX's fused attention
-            rows, dots = fused_attention.top_k_rows(q, keys_t, inv_norms, ctx.top_k, ctx.threshold, prefill_keys)
-            out, mass = prefill_attention.attend(q, k, v, mask, rows, dots, values, self.scale, dtype)
-        elif kk + S <= fused_attention.max_local_positions():
-            # The kernel floors the rows the citations count itself: a flush then joins rows alone.
-            # Past MATMUL_ROWS query rows no kernel has the weights at hand (top_k_rows, then
-            # attend): flooring there would be a weights graph per layer and forward, evaluated
-            # one by one at the flush; weighed at the flush instead, in one graph.
-            floored = weighed and B * H * L < fused_attention.MATMUL_ROWS
-            floor = ctx.cite_min_weight if floored else 0.0
-            out, mass, rows, dots = fused_attention.attend_top_k(
-                q,
-                k,
-                v,
-                kernel_mask,
-                keys_t,
-                inv_norms,
-                values,
-                ctx.top_k,
-                ctx.threshold,
-                self.scale,
-                dtype,
-                floor,
-                prefill_keys,
-            )
-            weighed = weighed and not floored
+        if bank is None:
+            got = self._fused_remote(hits, kk, q, k, v, mask, kernel_mask, ctx, dtype, weighed)
         else:
+            got = self._fused_local(bank, kk, q, k, v, mask, kernel_mask, ctx, dtype, weighed)
+        if got is None:
             return None
+        out, mass, rows, dots, weighed = got
         if ctx.record is not None:
             ctx.record.append((self.layer, Picks(rows, dots, mass, self.scale) if weighed else Picks(rows)))
         if ctx.mass is not None:
             ctx.mass.append((self.layer, mass))
         return out
 
-    def _fused_remote(self, hits, kk: int, q, k, v, mask, kernel_mask, ctx: MemoryContext, dtype):
+    def _fused_local(self, bank, kk: int, q, k, v, mask, kernel_mask, ctx: MemoryContext, dtype, weighed: bool):
+        """``_fused`` for LOCAL retrieval (``bank``: LocalRetriever.layer_bank): (out, mass, rows,
+        dots, whether the citations weigh the rows at the flush), or None past the kernels' limits."""
+        B, H, L, d = q.shape
+        S = k.shape[2]
+        keys_t, inv_norms, values = bank(self.layer)
+        kept = getattr(ctx.retriever, "prefill_keys", None)  # LocalRetriever's: kept (bank_cache)
+        prefill_keys = functools.partial(kept, self.layer) if kept is not None else None
+        if prefill_attention.fits(B, H, L, S):  # a prefill: local part by MLX's fused attention
+            rows, dots = fused_attention.top_k_rows(q, keys_t, inv_norms, ctx.top_k, ctx.threshold, prefill_keys)
+            out, mass = prefill_attention.attend(q, k, v, mask, rows, dots, values, self.scale, dtype)
+            return out, mass, rows, dots, weighed
+        if kk + S > fused_attention.max_local_positions():
+            return None
+        # The kernel floors the rows the citations count itself: a flush then joins rows alone.
+        # Past MATMUL_ROWS query rows no kernel has the weights at hand (top_k_rows, then
+        # attend): flooring there would be a weights graph per layer and forward, evaluated
+        # one by one at the flush; weighed at the flush instead, in one graph.
+        floored = weighed and B * H * L < fused_attention.MATMUL_ROWS
+        floor = ctx.cite_min_weight if floored else 0.0
+        out, mass, rows, dots = fused_attention.attend_top_k(
+            q,
+            k,
+            v,
+            kernel_mask,
+            keys_t,
+            inv_norms,
+            values,
+            ctx.top_k,
+            ctx.threshold,
+            self.scale,
+            dtype,
+            floor,
+            prefill_keys,
+        )
+        return out, mass, rows, dots, weighed and not floored
+
+    def _fused_remote(self, hits, kk: int, q, k, v, mask, kernel_mask, ctx: MemoryContext, dtype, weighed: bool):
         """``_fused`` for REMOTE retrieval: the memory service's hits (``hits``:
         RemoteRetriever.retrieve_rows) go into the attention kernels as their rows of memory
-        values, one kernel where the portable path runs about twenty (the same logits and softmax;
-        citations as the portable path records them). ``kk``: the hits per query, min(top_k, rows)."""
+        values, one kernel where the portable path runs about twenty (the same logits and
+        softmax). (out, mass, the hits' memory rows, dots, ``weighed``: the citations weigh them at
+        the flush), or None past the kernels' limits; ``kk``: the hits per query, min(top_k, rows)."""
         B, H, L, d = q.shape
         S = k.shape[2]
         prefill = prefill_attention.fits(B, H, L, S)
@@ -341,18 +353,9 @@ class ExtendedMindAttention(nn.Module):
         kvh = self.n_kv_heads
         qf = q.astype(mx.float32).reshape(B, kvh, H // kvh, L, d)
         got = hits(self.layer, qf, ctx.top_k, ctx.threshold, ctx.record is not None)
-        if prefill:
-            out, mass = prefill_attention.attend(q, k, v, mask, got.rows, got.dots, got.values, self.scale, dtype)
-        else:
-            out, mass = fused_attention.attend(q, k, v, kernel_mask, got.rows, got.dots, got.values, self.scale, dtype)
-        if ctx.record is not None:
-            weighed = ctx.cite_min_weight > 0
-            ctx.record.append(
-                (self.layer, Picks(got.indices, got.dots, mass, self.scale) if weighed else Picks(got.indices))
-            )
-        if ctx.mass is not None:
-            ctx.mass.append((self.layer, mass))
-        return out
+        attend = prefill_attention.attend if prefill else fused_attention.attend
+        out, mass = attend(q, k, v, mask if prefill else kernel_mask, got.rows, got.dots, got.values, self.scale, dtype)
+        return out, mass, got.indices, got.dots, weighed
 
 
 def install(model: nn.Module, config: dict | None = None, fused: str = "auto") -> ExtendedMindState:

@@ -141,11 +141,9 @@ class RemoteRetriever:
     def retrieve(self, layer: int, queries: mx.array, top_k: int, threshold: float | None) -> Retrieved:
         B, kvh, rep, L, d = queries.shape
         r = self._answer(layer, queries, top_k, threshold)
-        k = r.indices.shape[-1]
 
-        def back(a):  # [H, B*L, k, ...] -> [B, KVH, R, L, k, ...]
-            a = a.reshape(kvh, rep, B, L, k, *a.shape[3:])
-            return a.transpose(2, 0, 1, 3, 4, *range(5, a.ndim))
+        def back(a):
+            return _per_query(a, B, kvh, rep, L)
 
         # Widened to float32 by MLX (exact, as numpy's widening; half the bytes to the device).
         keys = from_storage(back(r.keys), r.dtype).astype(mx.float32)
@@ -179,12 +177,20 @@ class RemoteRetriever:
         # search waits on evaluating its queries, a forward is evaluated before the next starts).
         self._host_hits = from_storage(np.stack([r.keys, r.values]).reshape(2, kvh, rep * B * L * k, d), r.dtype)
         kv = kernel_parts.copied(self._host_hits)
-        keys, values = (a.reshape(kvh, rep * B * L * k, d) for a in mx.split(kv, 2))
-        keys = keys.reshape(kvh, rep, B, L, k, d).transpose(2, 0, 1, 3, 4, 5).astype(mx.float32)
+        keys, values = mx.split(kv, 2)
+        values = values.reshape(kvh, rep * B * L * k, d)
+        keys = _per_query(keys.reshape(kvh * rep, B * L, k, d), B, kvh, rep, L).astype(mx.float32)
         dots = mx.sum(queries[..., None, :] * keys, axis=-1).reshape(B, kvh * rep, L, k)
-        found = r.indices.reshape(kvh, rep, B, L, k).transpose(2, 0, 1, 3, 4).reshape(B, kvh * rep, L, k)
+        found = _per_query(r.indices, B, kvh, rep, L).reshape(B, kvh * rep, L, k)
         found = np.ascontiguousarray(found, dtype=np.int32)
         return HitRows(kernel_rows(found, kvh), dots, values, mx.array(found) if indices else None)
+
+
+def _per_query(a, B: int, kvh: int, rep: int, L: int):
+    """The memory service's per-head answer [H, B * L, k, ...] in the attention's layout
+    [B, KVH, R, L, k, ...] (query head h = kv_head * R + r); a numpy or MLX array, as a view."""
+    a = a.reshape(kvh, rep, B, L, *a.shape[2:])
+    return a.transpose(2, 0, 1, 3, 4, *range(5, a.ndim))
 
 
 @dataclass
