@@ -24,9 +24,10 @@ import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from extmind import errors
-from services.generator import kernel_parts
+from services.generator import host_staging, kernel_parts
 from services.generator.extended_attention import Retrieved
-from services.generator.kv_dtypes import from_storage
+from services.generator.host_staging import HostStaging
+from services.generator.kv_dtypes import MX_DTYPES, from_storage
 from services.generator.memory_client import MemoryClient, SearchResult, concat_results, search_requests, search_result
 from services.generator.memory_resolution import ResolvedMemory
 from services.generator.search_stream import SearchStream, StreamUnsupported
@@ -53,14 +54,22 @@ class RemoteRetriever:
             offset += m.rows
         self._stream: SearchStream | None = None
         self._closer = None
-        self._host_hits = None  # retrieve_rows' last host-made array (see there)
+        self._host: HostStaging | None = None  # queries and hits cross here (host_staging)
+        self._host_release = None
 
     def close(self) -> None:
-        """Ends the search stream, if one is open (also done when the retriever is dropped), and
-        lets go of the last hits held for ``retrieve_rows`` (a long prefill's may be large)."""
-        self._host_hits = None
+        """Ends the search stream, if one is open, and gives the host staging back to its pool
+        (both also done when the retriever is dropped)."""
+        if self._host_release is not None:
+            self._host_release()
         if self._closer is not None:
             self._closer()
+
+    def _staging(self) -> HostStaging:
+        if self._host is None:
+            self._host = host_staging.acquire()
+            self._host_release = weakref.finalize(self, host_staging.release, self._host)
+        return self._host
 
     def _searches(self, layer: int, searches: list[tuple[list[str], np.ndarray]], top_k, threshold):
         """One SearchResult per (memory ids, queries [H, q, d]) of ``searches``, all on ``layer``:
@@ -128,7 +137,7 @@ class RemoteRetriever:
         """The memory service's hits for queries [B, KVH, R, L, d] float32, evaluated here (on the
         MLX thread): SearchResult fields [H, B * L, k, ...], query head h = kv_head * R + r."""
         B, kvh, rep, L, d = queries.shape
-        q = np.array(queries, dtype=np.float32)  # evaluates on this (MLX) thread
+        q = self._staging().to_host(queries.astype(mx.float32))  # evaluates on this (MLX) thread
         q = q.transpose(1, 2, 0, 3, 4).reshape(kvh * rep, B * L, d)  # [H, q, d]; head h -> KV head h // rep
         if not np.isfinite(q).all():  # the memory service would refuse them as a bad request
             raise errors.FailedPrecondition(
@@ -163,27 +172,28 @@ class RemoteRetriever:
         """``retrieve``'s hits in the form the fused attention kernels take memories
         (``fused_attention.attend``, ``prefill_attention.attend``: rows into a bank of values),
         for queries [B, KVH, R, L, d] float32: the hits' keys and values reach the device as one
-        array (a host-made array lives in managed memory, which a kernel reads across the bus), the
-        values stay in the memory's dtype, and the raw dots are ``retrieve``'s, bit for bit.
+        array (through ``host_staging``), the values stay in the memory's dtype, and the raw dots
+        are ``retrieve``'s, bit for bit.
         ``indices``: whether to return the memory rows (citations). Raises as ``retrieve``."""
         B, kvh, rep, L, d = queries.shape
         r = self._answer(layer, queries, top_k, threshold)
         k = r.indices.shape[-1]
-        # [H, B * L, k, d] -> [KVH, R * B * L * k, d]: KV head g's hits in ``_hit_layout``'s rows.
-        # Keys and values cross to the device in one copy: a kernel reading a host-made array
-        # reads managed memory, 0.1-0.18 ms a kernel on the H200 (bench/RESULTS.md, H200 2026-12-03 11:10).
-        # The host-made array stays referenced until the next search: MLX would otherwise give the
-        # copy its (managed) buffer, when it evaluates the copy, which it has by then (the next
-        # search waits on evaluating its queries, a forward is evaluated before the next starts).
-        self._host_hits = from_storage(np.stack([r.keys, r.values]).reshape(2, kvh, rep * B * L * k, d), r.dtype)
-        kv = kernel_parts.copied(self._host_hits)
+        found = _per_query(r.indices, B, kvh, rep, L).reshape(B, kvh * rep, L, k)
+        found = np.ascontiguousarray(found, dtype=np.int32)
+        masked = _masked_rows(found, kvh)
+        # [H, B * L, k, d] -> [KVH, R * B * L * k, d]: KV head g's hits in ``_hit_layout``'s rows;
+        # keys and values cross to the device in one copy, the rows with them when some are
+        # masked, the memory rows when asked (host_staging: not as MLX's host-made arrays).
+        kv = np.stack([r.keys, r.values]).reshape(2, kvh, rep * B * L * k, d)
+        extra = [a for a in (masked, found if indices else None) if a is not None]
+        staged = [(kv, MX_DTYPES[r.dtype])] + [(a, mx.int32) for a in extra]
+        kv, *moved = self._staging().to_device(staged)
         keys, values = mx.split(kv, 2)
         values = values.reshape(kvh, rep * B * L * k, d)
         keys = _per_query(keys.reshape(kvh * rep, B * L, k, d), B, kvh, rep, L).astype(mx.float32)
         dots = mx.sum(queries[..., None, :] * keys, axis=-1).reshape(B, kvh * rep, L, k)
-        found = _per_query(r.indices, B, kvh, rep, L).reshape(B, kvh * rep, L, k)
-        found = np.ascontiguousarray(found, dtype=np.int32)
-        return HitRows(kernel_rows(found, kvh), dots, values, mx.array(found) if indices else None)
+        rows = moved.pop(0) if masked is not None else _hit_rows(B, kvh, rep, L, k)
+        return HitRows(rows, dots, values, moved[0] if indices else None)
 
 
 def _per_query(a, B: int, kvh: int, rep: int, L: int):
@@ -209,9 +219,16 @@ def kernel_rows(found: np.ndarray, kvh: int) -> mx.array:
     -1 where masked; row-contiguous, as the kernels index it (made once per shape, on the device,
     when no hit is masked)."""
     B, H, L, k = found.shape
+    masked = _masked_rows(found, kvh)
+    return _hit_rows(B, kvh, H // kvh, L, k) if masked is None else mx.array(masked)
+
+
+def _masked_rows(found: np.ndarray, kvh: int) -> np.ndarray | None:
+    """``kernel_rows`` on the host when the threshold masked a hit, else None."""
     if (found >= 0).all():
-        return _hit_rows(B, kvh, H // kvh, L, k)
-    return mx.array(np.where(found >= 0, _hit_layout(B, kvh, H // kvh, L, k), -1).astype(np.int32))
+        return None
+    B, H, L, k = found.shape
+    return np.where(found >= 0, _hit_layout(B, kvh, H // kvh, L, k), -1).astype(np.int32)
 
 
 def _hit_layout(B: int, kvh: int, rep: int, L: int, k: int) -> np.ndarray:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from services.generator import decode_kernels as dk
-from services.generator import device_stack, prefill_attention, prefill_top_k
+from services.generator import device_stack, host_staging, prefill_attention, prefill_top_k
 from services.generator import fused_attention as fa
 
 from . import cuda_emulator
@@ -38,6 +38,7 @@ def emulated(monkeypatch):
     # A fresh memo of the scan's launches: tests change chunks_for.
     monkeypatch.setattr(fa, "_scan_call", functools.lru_cache(maxsize=None)(fa._scan_call.__wrapped__))
     kernels = (dk.topk_scan_kernel, dk.topk_merge_kernel, dk.attend_kernel, prefill_top_k._kernel)
+    kernels += (host_staging._to_host_kernel, host_staging._from_host_kernel)
     for k in kernels:
         k.cache_clear()
     yield
@@ -646,15 +647,21 @@ def test_a_remote_layer_through_the_emulated_kernels_is_the_portable_path(
     engine, memory, client, masking, emulated, monkeypatch
 ):
     """REMOTE retrieval's fused branch (the memory service's hits as the attend kernel's rows:
-    ``RemoteRetriever.retrieve_rows``) against the portable path, one layer of the module's
-    engine over a real memory service: a causal chunk after none, then decode steps, a batch of
-    two; the output, the recorded rows (citations, -1 where ``masking``'s threshold masked a
+    ``RemoteRetriever.retrieve_rows``, through host_staging's kernels) against the portable path,
+    one layer of the module's engine over a real memory service: a causal chunk after none, then
+    decode steps, a batch of two; the output, the recorded rows (citations, -1 where ``masking``'s threshold masked a
     hit) and the attention mass. Both paths get the same hits for the same queries (the layer's
     queries depend on its input only), so nothing here depends on rounding at a top-k edge."""
     from services.generator.remote_retrieval import RemoteRetriever
 
     from .test_fused_attention import _run
+    from .test_host_staging import heap
 
+    # The queries and hits cross through host buffers the (emulated) kernels read and write, as
+    # on CUDA, in both paths; a pool of stagings of this test's own.
+    monkeypatch.setattr(host_staging, "available", lambda: True)
+    monkeypatch.setattr(host_staging, "pinned", heap)
+    monkeypatch.setattr(host_staging, "_pool", [])
     mid, _ = memory
     resolved = engine.resolver.resolve((mid,))
     state, attn = engine.state, engine.model.layers[1].self_attn
