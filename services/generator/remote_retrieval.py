@@ -61,7 +61,8 @@ class RemoteRetriever:
         """Ends the search stream, if one is open, and gives the host staging back to its pool
         (both also done when the retriever is dropped)."""
         if self._host_release is not None:
-            self._host_release()
+            self._host_release()  # once: a later search takes another staging
+            self._host = self._host_release = None
         if self._closer is not None:
             self._closer()
 

@@ -108,3 +108,23 @@ def test_the_pool_hands_a_staging_back_from_any_thread(monkeypatch):
     again = host_staging.acquire()
     assert again is first and host_staging._pool == []
     assert host_staging.acquire() is not first  # in use: a new one
+
+
+def test_a_retriever_gives_its_staging_back_once(monkeypatch):
+    """close() hands the staging back; a search after it takes one again (never the one the pool
+    holds while another retriever may take it), and dropping the retriever hands that back."""
+    import gc
+
+    from services.generator.remote_retrieval import RemoteRetriever
+
+    monkeypatch.setattr(host_staging, "_pool", [])
+    r = RemoteRetriever(None, [])
+    first = r._staging()
+    r.close()
+    r.close()
+    assert host_staging._pool == [first]
+    again = r._staging()
+    assert again is first and host_staging._pool == []
+    del r
+    gc.collect()
+    assert host_staging._pool == [first]
