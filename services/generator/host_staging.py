@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import threading
 from collections.abc import Callable, Sequence
 
@@ -28,9 +29,15 @@ import numpy as np
 
 from services.generator import kernel_parts
 
+log = logging.getLogger("extmind.generator")
+
 _THREADS = 256
 _ALIGN = 256  # bytes: each array's place in a buffer
 _MIN_BYTES = 1 << 16
+# A copy past this takes MLX's own path (a long prefill's hits: tens of MiB, where a layer's own
+# work dwarfs the transfer's overhead); a pooled staging keeps buffers up to KEEP_BYTES.
+MAX_BYTES = 1 << 26
+KEEP_BYTES = 1 << 22
 
 # CUDA driver API (cuda.h): cuMemHostAlloc flags
 _PORTABLE, _DEVICEMAP = 0x01, 0x02
@@ -94,7 +101,8 @@ def available() -> bool:
 
 class HostStaging:
     """Host <-> device copies through two host buffers (``allocate``: ``pinned`` by default; off
-    CUDA, plain ``np.array`` / ``mx.array``). Buffers grow to the largest copy seen."""
+    CUDA, plain ``np.array`` / ``mx.array``). Buffers grow to the largest copy seen up to
+    ``MAX_BYTES``; a larger copy, or one whose buffer the driver refuses, takes MLX's own path."""
 
     def __init__(self, allocate: Callable[[int], HostBuffer] | None = None):
         self.allocate = allocate if allocate is not None else (pinned if available() else None)
@@ -105,11 +113,11 @@ class HostStaging:
     def to_host(self, x: mx.array) -> np.ndarray:
         """``x`` evaluated and copied to the host: a numpy array of its shape and dtype (any but
         bfloat16, which numpy lacks)."""
-        if self.allocate is None or x.size == 0:
+        down = self._buffer("_down", x.nbytes) if self.allocate is not None and x.size else None
+        if down is None:
             return np.array(x)
-        self._down = self._fit(self._down, x.nbytes)
         (done,) = _to_host_kernel()(
-            inputs=[x, self._down.pointer, kernel_parts.constant((x.size,), mx.int64)],
+            inputs=[x, down.pointer, _constant((x.size,), mx.int64)],
             template=[("T", x.dtype)],
             grid=(_grid(x.size), 1, 1),
             threadgroup=(_THREADS, 1, 1),
@@ -118,7 +126,7 @@ class HostStaging:
         )
         mx.eval(done)  # the kernel has run: its writes are in host memory
         dtype = np.dtype(str(x.dtype).removeprefix("mlx.core."))
-        return self._down.host[: x.nbytes].view(dtype).reshape(x.shape).copy()
+        return down.host[: x.nbytes].view(dtype).reshape(x.shape).copy()
 
     def to_device(self, arrays: Sequence[tuple[np.ndarray, mx.Dtype]]) -> list[mx.array]:
         """Each numpy array ``a`` as a device array of MLX dtype ``dtype`` of ``a``'s element size
@@ -127,23 +135,22 @@ class HostStaging:
         for a, dtype in arrays:
             if a.dtype.itemsize != dtype.size:
                 raise ValueError(f"a {a.dtype} array cannot become {dtype} bit for bit")
-        if self.allocate is None:
-            return [mx.array(np.ascontiguousarray(a)).view(dtype) for a, dtype in arrays]
-        if self._pending:  # a queued copy may still read the buffer this one writes
-            mx.eval(self._pending)
         places, end = [], 0
         for a, _ in arrays:
             places.append(end)
             end += -(-a.nbytes // _ALIGN) * _ALIGN
-        self._up = self._fit(self._up, end)
+        self.finish()  # a queued copy may still read the buffer this call writes
+        up = self._buffer("_up", end) if self.allocate is not None else None
+        if up is None:
+            return [mx.array(np.ascontiguousarray(a)).view(dtype) for a, dtype in arrays]
         out = []
         for (a, dtype), at in zip(arrays, places):
-            np.copyto(self._up.host[at : at + a.nbytes].view(a.dtype).reshape(a.shape), a, casting="no")
+            np.copyto(up.host[at : at + a.nbytes].view(a.dtype).reshape(a.shape), a, casting="no")
             if a.size == 0:
                 out.append(mx.zeros(a.shape, dtype))
                 continue
             (copy,) = _from_host_kernel()(
-                inputs=[self._up.pointer, kernel_parts.constant((at // dtype.size, a.size), mx.int64)],
+                inputs=[up.pointer, _constant((at // dtype.size, a.size), mx.int64)],
                 template=[("T", dtype)],
                 grid=(_grid(a.size), 1, 1),
                 threadgroup=(_THREADS, 1, 1),
@@ -160,35 +167,54 @@ class HostStaging:
             mx.eval(self._pending)
             self._pending = []
 
-    def free(self) -> None:
-        """Frees the buffers; ``finish`` first."""
-        for b in (self._down, self._up):
-            if b is not None:
-                b.free()
-        self._down = self._up = None
+    def trim(self, nbytes: int) -> None:
+        """Frees the buffers larger than ``nbytes`` (allocated again when needed); on the MLX thread."""
+        self.finish()
+        for name in ("_down", "_up"):
+            buf = getattr(self, name)
+            if buf is not None and buf.host.size > nbytes:
+                buf.free()
+                setattr(self, name, None)
 
-    def _fit(self, buf: HostBuffer | None, nbytes: int) -> HostBuffer:
+    def free(self) -> None:
+        """Frees the buffers (after ``finish``)."""
+        self.trim(-1)
+
+    def _buffer(self, name: str, nbytes: int) -> HostBuffer | None:
+        """Buffer ``name`` grown to hold ``nbytes`` (the new one allocated before the old one is
+        freed), or None: past MAX_BYTES, or refused by the driver. Nothing queued reads the old
+        one: to_host's kernels have run, and to_device runs its last copies before asking."""
+        buf = getattr(self, name)
         if buf is not None and buf.host.size >= nbytes:
             return buf
+        if nbytes > MAX_BYTES:
+            return None
+        try:
+            grown = self.allocate(max(_MIN_BYTES, 1 << (nbytes - 1).bit_length()))
+        except RuntimeError as e:
+            log.warning("no pinned host memory: this copy takes MLX's own path", extra={"error": str(e)})
+            return None
         if buf is not None:
-            self.finish()  # nothing queued may read the old one
             buf.free()
-        return self.allocate(max(_MIN_BYTES, 1 << (nbytes - 1).bit_length()))
+        setattr(self, name, grown)
+        return grown
 
 
-# Stagings of dropped retrievers, for the next (their buffers kept; queued copies run by whoever
-# takes one, on the MLX thread).
+# Stagings of dropped retrievers, for the next. A dropped retriever's last copies may not have run
+# (its release may come on any thread, from the garbage collector): whoever takes the staging runs
+# them first, on the MLX thread.
 _pool: list[HostStaging] = []
 _pool_lock = threading.Lock()
 
 
 def acquire() -> HostStaging:
-    """A staging from the pool (its queued copies run), or a new one. On the MLX thread."""
+    """A staging from the pool (its queued copies run, its buffers past KEEP_BYTES freed), or a
+    new one. On the MLX thread."""
     with _pool_lock:
         staging = _pool.pop() if _pool else None
     if staging is None:
         return HostStaging()
-    staging.finish()
+    staging.trim(KEEP_BYTES)
     return staging
 
 
@@ -196,6 +222,11 @@ def release(staging: HostStaging) -> None:
     """Gives ``staging`` back to the pool; any thread."""
     with _pool_lock:
         _pool.append(staging)
+
+
+# The sizes and places the kernels take, made once per value (kernel_parts.constant), the last
+# few hundred kept: a prefill's lengths vary.
+_constant = functools.lru_cache(maxsize=256)(kernel_parts.constant.__wrapped__)
 
 
 def _grid(n: int) -> int:

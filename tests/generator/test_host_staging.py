@@ -26,6 +26,22 @@ def heap(nbytes: int) -> HostBuffer:
     return HostBuffer(host, host.ctypes.data, lambda: None)
 
 
+class Heap:
+    """``heap`` that logs what happens to its buffers and refuses buffers past ``limit`` bytes
+    (as the driver may): ("alloc" | "free", buffer id)."""
+
+    def __init__(self, limit: int = 1 << 40):
+        self.limit, self.log, self.freed = limit, [], set()
+
+    def __call__(self, nbytes: int) -> HostBuffer:
+        if nbytes > self.limit:
+            raise RuntimeError("cuMemHostAlloc failed (CUresult 2)")
+        b = heap(nbytes)
+        self.log.append(("alloc", id(b)))
+        b._free = lambda b=b: (self.log.append(("free", id(b))), self.freed.add(id(b)))
+        return b
+
+
 @pytest.fixture(params=["emulated", "cuda", "portable"])
 def staging(request, monkeypatch):
     if request.param == "emulated":
@@ -128,3 +144,80 @@ def test_a_retriever_gives_its_staging_back_once(monkeypatch):
     del r
     gc.collect()
     assert host_staging._pool == [first]
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    if cuda_emulator.CXX is None or sys.platform != "linux":
+        pytest.skip("the emulator needs a C++ compiler and glibc ucontext")
+    monkeypatch.setattr(mx.fast, "cuda_kernel", cuda_emulator.cuda_kernel)
+    for k in (host_staging._to_host_kernel, host_staging._from_host_kernel):
+        k.cache_clear()
+    yield
+    for k in (host_staging._to_host_kernel, host_staging._from_host_kernel):
+        k.cache_clear()
+
+
+def test_the_next_copy_runs_the_last_ones_before_it_writes_the_buffer(emulated, monkeypatch):
+    """The ordering the GPU needs (the emulated kernels run at once, so it is checked by the order
+    of the calls): before a to_device writes the host buffer, mx.eval has been given the last
+    call's copies; before a grown buffer frees the old one, too."""
+    events = []
+    real_eval, real_copyto = mx.eval, np.copyto
+    monkeypatch.setattr(mx, "eval", lambda *a: (events.append(("eval", {id(x) for x in a[0]})), real_eval(*a)))
+    monkeypatch.setattr(np, "copyto", lambda *a, **k: (events.append(("write",)), real_copyto(*a, **k)))
+    alloc = Heap()
+    alloc.log = events
+    staging = HostStaging(allocate=alloc)
+    rng = np.random.default_rng(2)
+    sent = [rng.standard_normal(n).astype(np.float16) for n in (10, 10, 100_000)]  # the third one grows
+    outs = []
+    for a in sent:
+        events.append(("call",))
+        (o,) = staging.to_device([(a, mx.float16)])
+        outs.append(o)
+    for i in (1, 2):
+        call = [j for j, e in enumerate(events) if e == ("call",)][i]
+        first_write = next(j for j in range(call, len(events)) if events[j] == ("write",))
+        evals = [e for e in events[call:first_write] if e[0] == "eval"]
+        assert any(id(outs[i - 1]) in e[1] for e in evals), (i, events[call:first_write])
+    freed = [j for j, e in enumerate(events) if e[0] == "free"]
+    assert len(freed) == 1  # the first buffer, when the third call grew it
+    assert any(e[0] == "eval" and id(outs[1]) in e[1] for e in events[: freed[0]])
+    for o, a in zip(outs, sent):
+        np.testing.assert_array_equal(np.array(o), a)
+
+
+def test_a_refused_or_too_large_buffer_takes_mlx_own_path_and_keeps_the_old_one(emulated, monkeypatch):
+    """The driver refusing a larger buffer, or a copy past MAX_BYTES: that call takes MLX's own
+    path; the old buffer is neither freed nor dropped, and the next small copy uses it."""
+    alloc = Heap(limit=1 << 17)
+    staging = HostStaging(allocate=alloc)
+    rng = np.random.default_rng(3)
+    small = rng.standard_normal(100).astype(np.float16)
+    np.testing.assert_array_equal(np.array(staging.to_device([(small, mx.float16)])[0]), small)
+    up = staging._up
+    big = rng.standard_normal(200_000).astype(np.float16)  # 400 KB: refused
+    np.testing.assert_array_equal(np.array(staging.to_device([(big, mx.float16)])[0]), big)
+    q = mx.array(rng.standard_normal((400, 100)).astype(np.float32))  # 160 KB: refused
+    np.testing.assert_array_equal(staging.to_host(q), np.array(q))
+    assert staging._up is up and not alloc.freed
+    monkeypatch.setattr(host_staging, "MAX_BYTES", 1 << 10)
+    mid = rng.standard_normal(1000).astype(np.float16)  # 2 KB: past MAX_BYTES, not asked for
+    np.testing.assert_array_equal(np.array(staging.to_device([(mid, mx.float16)])[0]), mid)
+    assert [op for op, _ in alloc.log] == ["alloc"]
+    again = rng.standard_normal(100).astype(np.float16)
+    np.testing.assert_array_equal(np.array(staging.to_device([(again, mx.float16)])[0]), again)
+    assert staging._up is up
+
+
+def test_the_pool_runs_a_stagings_copies_and_frees_its_large_buffers(emulated, monkeypatch):
+    monkeypatch.setattr(host_staging, "_pool", [])
+    alloc = Heap()
+    staging = HostStaging(allocate=alloc)
+    big = np.ones(host_staging.KEEP_BYTES, np.float16)  # 2 x KEEP_BYTES bytes
+    (out,) = staging.to_device([(big, mx.float16)])
+    host_staging.release(staging)
+    assert host_staging.acquire() is staging
+    assert staging._pending == [] and staging._up is None and len(alloc.freed) == 1
+    np.testing.assert_array_equal(np.array(out), big)
