@@ -34,7 +34,7 @@ log = logging.getLogger("extmind.generator")
 _THREADS = 256
 _ALIGN = 256  # bytes: each array's place in a buffer
 _MIN_BYTES = 1 << 16
-# A copy past this takes MLX's own path (a long prefill's hits: tens of MiB, where a layer's own
+# A copy past this takes MLX's own path (a long batched prefill's hits, where the layer's own
 # work dwarfs the transfer's overhead); a pooled staging keeps buffers up to KEEP_BYTES.
 MAX_BYTES = 1 << 26
 KEEP_BYTES = 1 << 22
