@@ -89,7 +89,11 @@ def pinned(nbytes: int) -> HostBuffer:
     p = ctypes.c_void_p()
     _check(lib.cuMemHostAlloc(ctypes.byref(p), nbytes, _PORTABLE | _DEVICEMAP), "cuMemHostAlloc")
     device = ctypes.c_uint64()
-    _check(lib.cuMemHostGetDevicePointer_v2(ctypes.byref(device), p, 0), "cuMemHostGetDevicePointer")
+    try:
+        _check(lib.cuMemHostGetDevicePointer_v2(ctypes.byref(device), p, 0), "cuMemHostGetDevicePointer")
+    except RuntimeError:
+        lib.cuMemFreeHost(p)
+        raise
     host = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(p.value))
     return HostBuffer(host, device.value, lambda: lib.cuMemFreeHost(p))
 
@@ -109,6 +113,7 @@ class HostStaging:
         self._down: HostBuffer | None = None  # device -> host
         self._up: HostBuffer | None = None  # host -> device
         self._pending: list[mx.array] = []  # the last to_device's copies, maybe not yet run
+        self._refused = 1 << 62  # the smallest buffer the driver refused: not asked for again
 
     def to_host(self, x: mx.array) -> np.ndarray:
         """``x`` evaluated and copied to the host: a numpy array of its shape and dtype (any but
@@ -142,7 +147,7 @@ class HostStaging:
         self.finish()  # a queued copy may still read the buffer this call writes
         up = self._buffer("_up", end) if self.allocate is not None else None
         if up is None:
-            return [mx.array(np.ascontiguousarray(a)).view(dtype) for a, dtype in arrays]
+            return [mx.array(np.ascontiguousarray(a)).view(dtype).reshape(a.shape) for a, dtype in arrays]
         out = []
         for (a, dtype), at in zip(arrays, places):
             np.copyto(up.host[at : at + a.nbytes].view(a.dtype).reshape(a.shape), a, casting="no")
@@ -182,17 +187,23 @@ class HostStaging:
 
     def _buffer(self, name: str, nbytes: int) -> HostBuffer | None:
         """Buffer ``name`` grown to hold ``nbytes`` (the new one allocated before the old one is
-        freed), or None: past MAX_BYTES, or refused by the driver. Nothing queued reads the old
+        freed), or None: past MAX_BYTES, or as large as one the driver refused (once: a refused
+        allocation is not asked for again by this staging). Nothing queued reads the old
         one: to_host's kernels have run, and to_device runs its last copies before asking."""
         buf = getattr(self, name)
         if buf is not None and buf.host.size >= nbytes:
             return buf
-        if nbytes > MAX_BYTES:
+        size = max(_MIN_BYTES, 1 << (nbytes - 1).bit_length())
+        if nbytes > MAX_BYTES or size >= self._refused:
             return None
         try:
-            grown = self.allocate(max(_MIN_BYTES, 1 << (nbytes - 1).bit_length()))
+            grown = self.allocate(size)
         except RuntimeError as e:
-            log.warning("no pinned host memory: this copy takes MLX's own path", extra={"error": str(e)})
+            self._refused = size
+            log.warning(
+                "no pinned host memory: copies this large take MLX's own path",
+                extra={"error": str(e), "bytes": size},
+            )
             return None
         if buf is not None:
             buf.free()

@@ -62,7 +62,7 @@ class RemoteRetriever:
         after running its queued copies (both also done when the retriever is dropped, the copies
         then run by whoever takes the staging next). On the MLX thread."""
         if self._host_release is not None:
-            self._host.finish()  # its last copies run here: the pool keeps no hits
+            self._host.trim(host_staging.KEEP_BYTES)  # its last copies run: the pool keeps no hits, no large buffers
             self._host_release()  # once: a later search takes another staging
             self._host = self._host_release = None
         if self._closer is not None:

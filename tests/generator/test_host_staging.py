@@ -33,7 +33,10 @@ class Heap:
     def __init__(self, limit: int = 1 << 40):
         self.limit, self.log, self.freed = limit, [], set()
 
+    tries = 0
+
     def __call__(self, nbytes: int) -> HostBuffer:
+        self.tries += 1
         if nbytes > self.limit:
             raise RuntimeError("cuMemHostAlloc failed (CUresult 2)")
         b = heap(nbytes)
@@ -164,7 +167,12 @@ def test_the_next_copy_runs_the_last_ones_before_it_writes_the_buffer(emulated, 
     call's copies; before a grown buffer frees the old one, too."""
     events = []
     real_eval, real_copyto = mx.eval, np.copyto
-    monkeypatch.setattr(mx, "eval", lambda *a: (events.append(("eval", {id(x) for x in a[0]})), real_eval(*a)))
+
+    def spy_eval(*a):  # the ids of the arrays evaluated (on_device's evals of a constant are not lists)
+        events.append(("eval", {id(x) for x in a[0]} if isinstance(a[0], list) else set()))
+        real_eval(*a)
+
+    monkeypatch.setattr(mx, "eval", spy_eval)
     monkeypatch.setattr(np, "copyto", lambda *a, **k: (events.append(("write",)), real_copyto(*a, **k)))
     alloc = Heap()
     alloc.log = events
@@ -183,7 +191,8 @@ def test_the_next_copy_runs_the_last_ones_before_it_writes_the_buffer(emulated, 
         assert any(id(outs[i - 1]) in e[1] for e in evals), (i, events[call:first_write])
     freed = [j for j, e in enumerate(events) if e[0] == "free"]
     assert len(freed) == 1  # the first buffer, when the third call grew it
-    assert any(e[0] == "eval" and id(outs[1]) in e[1] for e in events[: freed[0]])
+    third = [j for j, e in enumerate(events) if e == ("call",)][2]
+    assert any(e[0] == "eval" and id(outs[1]) in e[1] for e in events[third : freed[0]])
     for o, a in zip(outs, sent):
         np.testing.assert_array_equal(np.array(o), a)
 
@@ -202,22 +211,62 @@ def test_a_refused_or_too_large_buffer_takes_mlx_own_path_and_keeps_the_old_one(
     q = mx.array(rng.standard_normal((400, 100)).astype(np.float32))  # 160 KB: refused
     np.testing.assert_array_equal(staging.to_host(q), np.array(q))
     assert staging._up is up and not alloc.freed
-    monkeypatch.setattr(host_staging, "MAX_BYTES", 1 << 10)
-    mid = rng.standard_normal(1000).astype(np.float16)  # 2 KB: past MAX_BYTES, not asked for
-    np.testing.assert_array_equal(np.array(staging.to_device([(mid, mx.float16)])[0]), mid)
-    assert [op for op, _ in alloc.log] == ["alloc"]
+    tries = alloc.tries
+    np.testing.assert_array_equal(np.array(staging.to_device([(big, mx.float16)])[0]), big)
+    assert alloc.tries == tries  # a refused size is not asked for again
     again = rng.standard_normal(100).astype(np.float16)
     np.testing.assert_array_equal(np.array(staging.to_device([(again, mx.float16)])[0]), again)
-    assert staging._up is up
+    assert staging._up is up and [op for op, _ in alloc.log] == ["alloc"]
 
 
-def test_the_pool_runs_a_stagings_copies_and_frees_its_large_buffers(emulated, monkeypatch):
-    monkeypatch.setattr(host_staging, "_pool", [])
+def test_a_copy_past_max_bytes_takes_mlx_own_path(emulated, monkeypatch):
+    monkeypatch.setattr(host_staging, "MAX_BYTES", 1 << 10)
     alloc = Heap()
     staging = HostStaging(allocate=alloc)
+    a = np.random.default_rng(4).standard_normal(1000).astype(np.float16)  # 2 KB
+    bf = a.view(np.uint16).reshape(10, 100)
+    got = staging.to_device([(a, mx.float16), (bf, mx.bfloat16), (np.zeros((0, 3), np.int32), mx.int32)])
+    assert [(g.shape, g.dtype) for g in got] == [((1000,), mx.float16), ((10, 100), mx.bfloat16), ((0, 3), mx.int32)]
+    np.testing.assert_array_equal(bits(got[0]), a.view(np.uint16))
+    np.testing.assert_array_equal(bits(got[1]), bf)
+    q = mx.ones((1000,))
+    np.testing.assert_array_equal(staging.to_host(q), np.ones(1000, np.float32))
+    assert alloc.log == [] and staging._up is None and staging._down is None
+
+
+def test_the_pool_runs_a_stagings_copies_then_frees_its_large_buffers(emulated, monkeypatch):
+    """acquire: the queued copies run before a buffer is freed; buffers up to KEEP_BYTES stay."""
+    monkeypatch.setattr(host_staging, "_pool", [])
+    events = []
+    real_eval = mx.eval
+    monkeypatch.setattr(mx, "eval", lambda *a: (events.append(("eval", a[0])), real_eval(*a)))
+    alloc = Heap()
+    alloc.log = events
+    staging = HostStaging(allocate=alloc)
+    q = mx.ones((8, 64))
+    np.testing.assert_array_equal(staging.to_host(q), np.ones((8, 64), np.float32))  # a small down buffer
     big = np.ones(host_staging.KEEP_BYTES, np.float16)  # 2 x KEEP_BYTES bytes
     (out,) = staging.to_device([(big, mx.float16)])
     host_staging.release(staging)
+    events.clear()
     assert host_staging.acquire() is staging
-    assert staging._pending == [] and staging._up is None and len(alloc.freed) == 1
+    freed = [j for j, e in enumerate(events) if e[0] == "free"]
+    evaluated = [x for e in events[: freed[0]] if e[0] == "eval" and isinstance(e[1], list) for x in e[1]]
+    assert len(freed) == 1 and any(x is out for x in evaluated)
+    assert staging._pending == [] and staging._up is None and staging._down is not None
     np.testing.assert_array_equal(np.array(out), big)
+
+
+def test_a_closed_retriever_runs_its_copies_and_frees_its_large_buffers(emulated, monkeypatch):
+    from services.generator.remote_retrieval import RemoteRetriever
+
+    monkeypatch.setattr(host_staging, "_pool", [])
+    monkeypatch.setattr(host_staging, "available", lambda: True)
+    alloc = Heap()
+    monkeypatch.setattr(host_staging, "pinned", alloc)
+    r = RemoteRetriever(None, [])
+    staging = r._staging()
+    (out,) = staging.to_device([(np.ones(host_staging.KEEP_BYTES, np.float16), mx.float16)])
+    r.close()
+    assert host_staging._pool == [staging] and staging._pending == [] and staging._up is None
+    assert len(alloc.freed) == 1
