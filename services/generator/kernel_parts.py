@@ -361,17 +361,12 @@ def constant(values: tuple, dtype) -> mx.array:
     return on_device(mx.array(list(values) + [values[-1]] * pad, dtype))
 
 
-def copied(host: mx.array) -> mx.array:
-    """A copy of ``host``, bit for bit, by a device operation (lazy), whose output MLX's CUDA
-    allocator puts in device memory when larger than 8 bytes (``constant``). The caller keeps
-    ``host`` referenced until the copy is evaluated: an input only the operation references is
-    donated to its output, which would then be the host-made (managed) buffer itself."""
-    return mx.logical_and(host, True) if host.dtype == mx.bool_ else host * mx.array(1, host.dtype)
-
-
 def on_device(host: mx.array) -> mx.array:
-    """``copied``, evaluated (``host`` stays referenced through the eval)."""
-    a = copied(host)
+    """A copy of ``host``, bit for bit, by a device operation, evaluated: its output MLX's CUDA
+    allocator puts in device memory when larger than 8 bytes (``constant``). ``host`` stays
+    referenced through the eval: an input only the operation references is donated to its
+    output, which would then be the host-made (managed) buffer itself."""
+    a = mx.logical_and(host, True) if host.dtype == mx.bool_ else host * mx.array(1, host.dtype)
     mx.eval(a)
     del host
     return a

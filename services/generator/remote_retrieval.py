@@ -216,18 +216,11 @@ class HitRows:
     indices: mx.array | None  # [B, H, L, k] int32 rows of the memories (-1: masked), when asked
 
 
-def kernel_rows(found: np.ndarray, kvh: int) -> mx.array:
-    """The rows the attend kernels read for hits ``found`` [B, H, L, k] (memory rows, -1 where
-    masked; H = KVH * R): where ``HitRows.values`` holds each query head's hit (``_hit_layout``),
-    -1 where masked; row-contiguous, as the kernels index it (made once per shape, on the device,
-    when no hit is masked)."""
-    B, H, L, k = found.shape
-    masked = _masked_rows(found, kvh)
-    return _hit_rows(B, kvh, H // kvh, L, k) if masked is None else mx.array(masked)
-
-
 def _masked_rows(found: np.ndarray, kvh: int) -> np.ndarray | None:
-    """``kernel_rows`` on the host when the threshold masked a hit, else None."""
+    """When the threshold masked a hit: the rows the attend kernels read for hits ``found``
+    [B, H, L, k] (memory rows, -1 where masked; H = KVH * R), i.e. where ``HitRows.values`` holds
+    each query head's hit (``_hit_layout``), -1 where masked; row-contiguous, as the kernels index
+    it. Else None: the rows are ``_hit_rows``, made once per shape on the device."""
     if (found >= 0).all():
         return None
     B, H, L, k = found.shape

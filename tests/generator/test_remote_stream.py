@@ -191,14 +191,17 @@ def test_kernel_rows_are_row_contiguous_for_every_head_layout(B, kvh, rep, L, k,
     """The attend kernels read the hit rows by index, as a row-contiguous [B, H, L, k] array:
     so they are, whatever the heads' layout (GQA, one KV head, one query head per KV head: numpy
     views of those layouts have other strides, and MLX keeps a numpy array's strides), and each
-    names where ``HitRows.values`` holds that query head's hit, -1 where masked."""
-    from services.generator.remote_retrieval import kernel_rows
+    names where ``HitRows.values`` holds that query head's hit, -1 where masked (the rows
+    ``retrieve_rows`` hands the kernels: ``_masked_rows``, else ``_hit_rows``)."""
+    from services.generator.remote_retrieval import _hit_rows, _masked_rows
 
     H = kvh * rep
     found = np.random.default_rng(0).integers(0, 100, (B, H, L, k)).astype(np.int32)
     if masked:
         found[..., k // 2 :] = -1
-    a = np.asarray(kernel_rows(found, kvh))
+    a = _masked_rows(found, kvh)
+    assert (a is not None) == masked
+    a = a if masked else np.asarray(_hit_rows(B, kvh, rep, L, k))
     assert a.flags["C_CONTIGUOUS"] and a.dtype == np.int32 and a.shape == (B, H, L, k)
     for b, h, l_, j in np.ndindex(B, H, L, k):
         want = ((h % rep * B + b) * L + l_) * k + j if found[b, h, l_, j] >= 0 else -1
