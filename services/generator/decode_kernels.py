@@ -365,24 +365,30 @@ ATTEND_PICKS = """
 """
 
 
-@functools.cache
-def topk_scan_kernel():
+# The kernel objects, one per set of template arguments (``template``: (name, value) pairs), baked
+# into the source (kernel_parts.baked): the launches pass none. Bounded: a process sees a few
+# shapes, and MLX keeps each compiled kernel anyway.
+_KERNELS = 256
+
+
+@functools.lru_cache(maxsize=_KERNELS)
+def topk_scan_kernel(template: tuple):
     return mx.fast.cuda_kernel(
         name="extmind_topk_chunks",
         input_names=["q", "keys_t", "inv_norms", "topk", "chunks"],
         output_names=["cand_s", "cand_i", "cand_d"],
-        source=TOPK_SCAN_SOURCE,
+        source=kernel_parts.baked(template, TOPK_SCAN_SOURCE),
         header=kernel_parts.HEADER + kernel_parts.TOPK_HEADER,
     )
 
 
-@functools.cache
-def topk_merge_kernel():
+@functools.lru_cache(maxsize=_KERNELS)
+def topk_merge_kernel(template: tuple):
     return mx.fast.cuda_kernel(
         name="extmind_topk_merge",
         input_names=["threshold", "cand_s", "cand_i", "cand_d"],
         output_names=["rows", "dots"],
-        source=TOPK_MERGE_SOURCE,
+        source=kernel_parts.baked(template, TOPK_MERGE_SOURCE),
         header=kernel_parts.HEADER + kernel_parts.TOPK_HEADER,
     )
 
@@ -396,16 +402,17 @@ ATTEND_MEMORIES = {
 }
 
 
-@functools.cache
-def attend_kernel(shared_floats: int, memories: str = "rows"):
+@functools.lru_cache(maxsize=_KERNELS)
+def attend_kernel(shared_floats: int, memories: str, template: tuple):
     name, inputs, part = ATTEND_MEMORIES[memories]
     picks = memories != "rows"  # takes the top-k itself: writes rows / dots, reads the threshold and floor
+    source = ATTEND_HEAD + part + ATTEND_LOGITS_WARP + ATTEND_TAIL + (ATTEND_PICKS if picks else "")
     return mx.fast.cuda_kernel(
         name=name,
         input_names=["q", "k", "v", "mask", *inputs, "bank_values", "scale"]
         + (["threshold", "min_weight"] if picks else []),
         output_names=["out", "mass", *(["rows", "dots"] if picks else [])],
-        source=ATTEND_HEAD + part + ATTEND_LOGITS_WARP + ATTEND_TAIL + (ATTEND_PICKS if picks else ""),
+        source=kernel_parts.baked(template, source),
         header=kernel_parts.HEADER + (kernel_parts.TOPK_HEADER if picks else ""),
         ensure_row_contiguous=False,
         shared_memory=4 * shared_floats,

@@ -162,7 +162,7 @@ def _check(k: int, d: int) -> None:
 def _scan_call(B: int, H: int, L: int, kvh: int, d: int, n: int, top_k: int, dtype) -> tuple:
     """The decode scan's launch for these shapes, made once (a decode step repeats it for every
     layer, and the host's time per layer is what a fast GPU waits on): (its call's keyword
-    arguments, its constant inputs, k, list size)."""
+    arguments, its constant inputs, k, list size, its template arguments)."""
     k = min(top_k, n)
     _check(k, d)
     size = list_size(k)
@@ -170,22 +170,23 @@ def _scan_call(B: int, H: int, L: int, kvh: int, d: int, n: int, top_k: int, dty
     gt = head_tile(H, kvh, size)
     c = chunks_for(rows // gt, n, k)
     units = rows // gt * c  # one warp each
+    template = (("Tk", dtype), ("D", d), ("K", size), ("T", _TOPK_THREADS), ("GT", gt))
+    template += (("R", _RUN), ("VEC", n % _RUN == 0))
     call = dict(
-        template=[("Tk", dtype), ("D", d), ("K", size), ("T", _TOPK_THREADS), ("GT", gt)]
-        + [("R", _RUN), ("VEC", n % _RUN == 0)],
         grid=(-(-units // (_TOPK_THREADS // 32)) * _TOPK_THREADS, 1, 1),
         threadgroup=(_TOPK_THREADS, 1, 1),
         output_shapes=[(rows, c, k)] * 3,
         output_dtypes=[mx.float32, mx.int32, mx.float32],
     )
-    return call, (kernel_parts.scalar(k, mx.int32), kernel_parts.scalar(c, mx.int32)), k, size
+    consts = (kernel_parts.scalar(k, mx.int32), kernel_parts.scalar(c, mx.int32))
+    return call, consts, k, size, template
 
 
 def _scan(q: mx.array, keys_t: mx.array, inv_norms: mx.array, top_k: int):
     """(the scan's candidates cand_s, cand_i, cand_d [B * H * L, C, k], k, list size); q contiguous."""
     B, H, L, d = q.shape
-    call, consts, k, size = _scan_call(B, H, L, keys_t.shape[0], d, keys_t.shape[2], top_k, keys_t.dtype)
-    return decode_kernels.topk_scan_kernel()(inputs=[q, keys_t, inv_norms, *consts], **call), k, size
+    call, consts, k, size, template = _scan_call(B, H, L, keys_t.shape[0], d, keys_t.shape[2], top_k, keys_t.dtype)
+    return decode_kernels.topk_scan_kernel(template)(inputs=[q, keys_t, inv_norms, *consts], **call), k, size
 
 
 def top_k_rows(
@@ -212,9 +213,8 @@ def top_k_rows(
         return prefill_top_k.top_k_rows(q, keys_t, inv_norms, k, list_size(k), thr, prepared)
     cand, k, size = _scan(q, keys_t, inv_norms, top_k)
     rows = B * H * L
-    rows_out, dots = decode_kernels.topk_merge_kernel()(
+    rows_out, dots = decode_kernels.topk_merge_kernel((("K", size), ("T", _TOPK_THREADS)))(
         inputs=[thr, *cand],
-        template=[("K", size), ("T", _TOPK_THREADS)],
         grid=(-(-rows // (_TOPK_THREADS // 32)) * _TOPK_THREADS, 1, 1),
         threadgroup=(_TOPK_THREADS, 1, 1),
         output_shapes=[(B, H, L, k), (B, H, L, k)],
@@ -231,11 +231,11 @@ def list_size(k: int) -> int:
 @functools.lru_cache(maxsize=256)
 def _attend_call(
     B, H, L, d, floats, mode, kv_dtype, values_dtype, out_dtype, size: int = 0, k: int = 0, scan: tuple = ()
-) -> dict:
+) -> tuple:
     """The attend kernel's launch for these shapes (``size``: the list size of the top-k it takes
     and ``k`` the memories per query, 0 when the memories come as rows and dots; ``scan``: (the
-    bank keys' dtype, whether N % _RUN == 0) when it scans the bank itself), made once: its call's
-    keyword arguments."""
+    bank keys' dtype, whether N % _RUN == 0) when it scans the bank itself), made once: (the
+    kernel, its call's keyword arguments)."""
     merge = size > 0
     template = [("Tkv", kv_dtype), ("Tv", values_dtype), ("To", out_dtype), ("D", d), ("T", _ATTEND_THREADS)]
     # One compiled kernel per shared-memory size: MLX opts a kernel in to more than 48 KiB of
@@ -243,13 +243,36 @@ def _attend_call(
     template += [("MASK", mode), ("LG", floats), *([("KL", size)] if merge else [])]
     if scan:
         template += [("Tk", scan[0]), ("R", _RUN), ("VEC", scan[1])]
-    return dict(
-        template=template,
+    memories = "scan" if scan else "merge" if merge else "rows"
+    call = dict(
         grid=(B * H * L * _ATTEND_THREADS, 1, 1),
         threadgroup=(_ATTEND_THREADS, 1, 1),
         output_shapes=[(B, L, H * d), (B, H, L), *([(B, H, L, k)] * 2 if merge else [])],
         output_dtypes=[out_dtype, mx.float32, *([mx.int32, mx.float32] if merge else [])],
     )
+    return decode_kernels.attend_kernel(floats, memories, tuple(template)), call
+
+
+@functools.lru_cache(maxsize=256)
+def _scan_attend_call(B, H, L, d, floats, mode, kv_dtype, values_dtype, out_dtype, keys_dtype, vec, k, consts) -> tuple:
+    """``_attend_call`` of the one-launch decode layer (the attend kernel scanning a bank of N <=
+    SCAN_IN_ATTEND rows with N % _RUN == 0 when ``vec``; ``k`` = min(top_k, N)) and its constant
+    inputs made from ``consts`` = (scale, threshold or None, min_weight): (kernel, call, top_k,
+    scale, threshold, min_weight as kernel inputs). One lookup per layer and step: a decode step on
+    a fast GPU waits on the host, which spent ~3.5 us a layer on these lookups one by one
+    (docs/architecture.md, "Host cost of a launch"). Raises ValueError as ``_check``."""
+    _check(k, d)
+    kernel, call = _attend_call(
+        B, H, L, d, floats, mode, kv_dtype, values_dtype, out_dtype, list_size(k), k, (keys_dtype, vec)
+    )
+    scale, threshold, min_weight = consts
+    inputs = (
+        kernel_parts.scalar(k, mx.int32),
+        kernel_parts.scalar(float(scale), mx.float32),
+        _threshold(threshold),
+        kernel_parts.scalar(float(min_weight), mx.float32),
+    )
+    return kernel, call, *inputs
 
 
 def attend(q, k, v, mask, mem_rows, mem_dots, bank_values, scale: float, out_dtype):
@@ -265,10 +288,10 @@ def attend(q, k, v, mask, mem_rows, mem_dots, bank_values, scale: float, out_dty
     _check(mem_rows.shape[-1], d)
     mode, mask_arr = mask
     floats = _shared_bucket(mem_rows.shape[-1] + k.shape[2])
-    call = _attend_call(B, H, L, d, floats, mode, k.dtype, bank_values.dtype, out_dtype)
+    kernel, call = _attend_call(B, H, L, d, floats, mode, k.dtype, bank_values.dtype, out_dtype)
     scale_c = kernel_parts.scalar(float(scale), mx.float32)
     inputs = [mx.contiguous(q), k, v, mask_arr, mem_rows, mem_dots, bank_values, scale_c]
-    out, mass = decode_kernels.attend_kernel(floats)(inputs=inputs, **call)
+    out, mass = kernel(inputs=inputs, **call)
     return out, mass
 
 
@@ -311,20 +334,29 @@ def attend_top_k(
         return out, mass, rows, dots
     q = mx.contiguous(q)
     mode, mask_arr = mask
-    scale_c = kernel_parts.scalar(float(scale), mx.float32)
-    floor = kernel_parts.scalar(float(min_weight), mx.float32)
     n = keys_t.shape[2]
     if n <= SCAN_IN_ATTEND:
         kk = min(top_k, n)
-        _check(kk, d)
-        floats = _shared_bucket(kk + k.shape[2])
-        scan = (keys_t.dtype, n % _RUN == 0)
-        call = _attend_call(B, H, L, d, floats, mode, k.dtype, bank_values.dtype, out_dtype, list_size(kk), kk, scan)
-        topk = kernel_parts.scalar(kk, mx.int32)
-        inputs = [q, k, v, mask_arr, keys_t, inv_norms, topk, bank_values, scale_c, _threshold(threshold), floor]
-        return decode_kernels.attend_kernel(floats, "scan")(inputs=inputs, **call)
+        kernel, call, topk, scale_c, thr, floor = _scan_attend_call(
+            B,
+            H,
+            L,
+            d,
+            _shared_bucket(kk + k.shape[2]),
+            mode,
+            k.dtype,
+            bank_values.dtype,
+            out_dtype,
+            keys_t.dtype,
+            n % _RUN == 0,
+            kk,
+            (scale, threshold, min_weight),
+        )
+        return kernel(inputs=[q, k, v, mask_arr, keys_t, inv_norms, topk, bank_values, scale_c, thr, floor], **call)
+    scale_c = kernel_parts.scalar(float(scale), mx.float32)
+    floor = kernel_parts.scalar(float(min_weight), mx.float32)
     cand, kk, size = _scan(q, keys_t, inv_norms, top_k)
     floats = _shared_bucket(kk + k.shape[2])
-    call = _attend_call(B, H, L, d, floats, mode, k.dtype, bank_values.dtype, out_dtype, size, kk)
+    kernel, call = _attend_call(B, H, L, d, floats, mode, k.dtype, bank_values.dtype, out_dtype, size, kk)
     inputs = [q, k, v, mask_arr, *cand, bank_values, scale_c, _threshold(threshold), floor]
-    return decode_kernels.attend_kernel(floats, "merge")(inputs=inputs, **call)
+    return kernel(inputs=inputs, **call)

@@ -346,6 +346,38 @@ __device__ __forceinline__ void em_mma_16816(float* c, const unsigned* a, const 
 """
 
 
+# What MLX's CUDA backend names each dtype in a kernel's source (``dtype_to_cuda_type``).
+CUDA_TYPES = {
+    mx.bool_: "bool",
+    mx.int32: "int32_t",
+    mx.uint32: "uint32_t",
+    mx.int64: "int64_t",
+    mx.float16: "__half",
+    mx.bfloat16: "__nv_bfloat16",
+    mx.float32: "float",
+}
+
+
+def baked(template: tuple, source: str) -> str:
+    """``source`` preceded by its template arguments ((name, int | bool | dtype) pairs) declared as
+    the constants ``mx.fast.cuda_kernel`` declares at the top of a kernel's body
+    (``constexpr int D = 64;``, ``constexpr bool VEC = true;``, ``using Tk = __half;``), so that
+    a kernel made from it and called without ``template`` compiles to the same code. Why: MLX
+    converts a call's template arguments and formats them into the source at every call, ~2 us
+    of host time per launch of the decode kernels (14 arguments; docs/architecture.md, "Host cost
+    of a launch"); a decode step launches one per layer. Raises KeyError for a dtype not in
+    CUDA_TYPES."""
+    lines = []
+    for name, v in template:
+        if isinstance(v, bool):
+            lines.append(f"  constexpr bool {name} = {'true' if v else 'false'};\n")
+        elif isinstance(v, int):
+            lines.append(f"  constexpr int {name} = {v};\n")
+        else:
+            lines.append(f"  using {name} = {CUDA_TYPES[v]};\n")
+    return "".join(lines) + "\n" + source if lines else source
+
+
 @functools.cache
 def constant(values: tuple, dtype) -> mx.array:
     """A small constant kernel input (a scale, a threshold, a shape, a bound) [n >= len(values)]:

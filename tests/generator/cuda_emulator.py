@@ -406,7 +406,7 @@ class EmulatedKernel:
             _LIBS[key].em_message.restype = ctypes.c_char_p
         return _LIBS[key]
 
-    def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes, init_value=None, **kw):
+    def __call__(self, *, inputs, grid, threadgroup, output_shapes, output_dtypes, template=(), init_value=None, **kw):
         ins = [mx.array(x) if not isinstance(x, mx.array) else x for x in inputs]
         lib = self._library([a.dtype for a in ins], list(output_dtypes), list(template or []), [a.ndim for a in ins])
         arrays = [_to_numpy(a, self.contiguous) for a in ins]

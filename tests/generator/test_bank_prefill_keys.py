@@ -80,6 +80,9 @@ def _fused_prefill(tmp_path, monkeypatch, matmul_rows: int):
         prefill_merge_kernels.merge_kernel,
         prefill_attention.tensor_cores,
         prefill_top_k._kernel,
+        decode_kernels.attend_kernel,
+        fused_attention._attend_call,  # its launches hold kernel objects
+        fused_attention._scan_attend_call,
     )
     for made in made_kernels:
         made.cache_clear()

@@ -39,6 +39,7 @@ def emulated(monkeypatch):
     monkeypatch.setattr(fa, "_scan_call", functools.lru_cache(maxsize=None)(fa._scan_call.__wrapped__))
     kernels = (dk.topk_scan_kernel, dk.topk_merge_kernel, dk.attend_kernel, prefill_top_k._kernel)
     kernels += (host_staging._to_host_kernel, host_staging._from_host_kernel)
+    kernels += (fa._attend_call, fa._scan_attend_call)  # their launches hold kernel objects
     for k in kernels:
         k.cache_clear()
     yield
