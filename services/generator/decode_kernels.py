@@ -374,7 +374,7 @@ _KERNELS = 256
 @functools.lru_cache(maxsize=_KERNELS)
 def topk_scan_kernel(template: tuple):
     return mx.fast.cuda_kernel(
-        name="extmind_topk_chunks",
+        name=kernel_parts.kernel_name("extmind_topk_chunks", template),
         input_names=["q", "keys_t", "inv_norms", "topk", "chunks"],
         output_names=["cand_s", "cand_i", "cand_d"],
         source=kernel_parts.baked(template, TOPK_SCAN_SOURCE),
@@ -385,7 +385,7 @@ def topk_scan_kernel(template: tuple):
 @functools.lru_cache(maxsize=_KERNELS)
 def topk_merge_kernel(template: tuple):
     return mx.fast.cuda_kernel(
-        name="extmind_topk_merge",
+        name=kernel_parts.kernel_name("extmind_topk_merge", template),
         input_names=["threshold", "cand_s", "cand_i", "cand_d"],
         output_names=["rows", "dots"],
         source=kernel_parts.baked(template, TOPK_MERGE_SOURCE),
@@ -408,7 +408,7 @@ def attend_kernel(shared_floats: int, memories: str, template: tuple):
     picks = memories != "rows"  # takes the top-k itself: writes rows / dots, reads the threshold and floor
     source = ATTEND_HEAD + part + ATTEND_LOGITS_WARP + ATTEND_TAIL + (ATTEND_PICKS if picks else "")
     return mx.fast.cuda_kernel(
-        name=name,
+        name=kernel_parts.kernel_name(name, template),
         input_names=["q", "k", "v", "mask", *inputs, "bank_values", "scale"]
         + (["threshold", "min_weight"] if picks else []),
         output_names=["out", "mass", *(["rows", "dots"] if picks else [])],

@@ -346,15 +346,22 @@ __device__ __forceinline__ void em_mma_16816(float* c, const unsigned* a, const 
 """
 
 
-# What MLX's CUDA backend names each dtype in a kernel's source (``dtype_to_cuda_type``).
+# What MLX's CUDA backend names each dtype in a kernel's source (its ``dtype_to_cuda_type``).
 CUDA_TYPES = {
     mx.bool_: "bool",
+    mx.int8: "int8_t",
+    mx.int16: "int16_t",
     mx.int32: "int32_t",
-    mx.uint32: "uint32_t",
     mx.int64: "int64_t",
+    mx.uint8: "uint8_t",
+    mx.uint16: "uint16_t",
+    mx.uint32: "uint32_t",
+    mx.uint64: "uint64_t",
     mx.float16: "__half",
     mx.bfloat16: "__nv_bfloat16",
     mx.float32: "float",
+    mx.float64: "double",
+    mx.complex64: "mlx::core::cu::complex64_t",
 }
 
 
@@ -364,8 +371,10 @@ def baked(template: tuple, source: str) -> str:
     (``constexpr int D = 64;``, ``constexpr bool VEC = true;``, ``using Tk = __half;``), so that
     a kernel made from it and called without ``template`` compiles to the same code. Why: MLX
     converts a call's template arguments and formats them into the source at every call, ~2 us
-    of host time per launch of the decode kernels (14 arguments; docs/architecture.md, "Host cost
-    of a launch"); a decode step launches one per layer. Raises KeyError for a dtype not in
+    of host time per launch of the one-launch decode layer (11 arguments; docs/architecture.md,
+    "Host cost of a launch"); a decode step launches one per layer. A bool is declared ``bool``
+    and an int ``int``, as MLX does; callers pass a bool for a bool constant (a cache keyed by
+    the template takes True and 1 for the same key). Raises KeyError for a dtype not in
     CUDA_TYPES."""
     lines = []
     for name, v in template:
@@ -376,6 +385,21 @@ def baked(template: tuple, source: str) -> str:
         else:
             lines.append(f"  using {name} = {CUDA_TYPES[v]};\n")
     return "".join(lines) + "\n" + source if lines else source
+
+
+def kernel_name(name: str, template: tuple) -> str:
+    """``name`` with a suffix naming its template arguments, as MLX names a templated kernel
+    (``_64`` for an int, ``_t`` / ``_f`` for a bool, ``_float16`` for a dtype): each baked variant
+    keeps a name of its own (in profiles; and MLX before 0.32.1 cached compiled kernels by name)."""
+    parts = []
+    for _, v in template:
+        if isinstance(v, bool):
+            parts.append("t" if v else "f")
+        elif isinstance(v, int):
+            parts.append(str(v))
+        else:
+            parts.append(str(v).removeprefix("mlx.core."))
+    return "_".join([name, *parts])
 
 
 @functools.cache

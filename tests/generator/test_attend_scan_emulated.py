@@ -61,7 +61,7 @@ def test_attend_scan_takes_the_exact_top_k_and_attends(case, emulated, monkeypat
     out, mass, rows, dots = fa.attend_top_k(
         mx.array(q), k_mx, v_mx, kernel_mask, keys_t, inv, values_mx, top_k, threshold, 0.125, mx.float32
     )
-    assert kernels == ["extmind_attend_scan"]
+    assert len(kernels) == 1 and kernels[0].startswith("extmind_attend_scan_")  # + its template (kernel_name)
     rows, dots = np.array(rows), np.array(dots)
     _check(q, keys, rows, dots, top_k, threshold)
     if mode == "random":

@@ -42,9 +42,21 @@ def test_a_bool_is_declared_as_bool_not_int():
     assert "constexpr int X = 1" in kernel_parts.baked((("X", 1),), "")
 
 
-def test_a_dtype_mlx_has_no_name_for_here_is_refused():
+def test_every_dtype_is_named_as_mlx_names_it():
+    got = {str(t).removeprefix("mlx.core."): kernel_parts.baked((("T", t),), "") for t in kernel_parts.CUDA_TYPES}
+    assert got["complex64"] == "  using T = mlx::core::cu::complex64_t;\n\n"
+    assert got["uint8"] == "  using T = uint8_t;\n\n" and got["float64"] == "  using T = double;\n\n"
+    assert len(got) == 14  # every dtype MLX's dtype_to_cuda_type names
+
+
+def test_a_value_neither_int_bool_nor_dtype_is_refused():
     with pytest.raises(KeyError):
-        kernel_parts.baked((("T", mx.complex64),), "")
+        kernel_parts.baked((("X", 0.5),), "")
+
+
+def test_each_variant_keeps_a_name_of_its_own():
+    assert kernel_parts.kernel_name("k", (("T", mx.bfloat16), ("D", 64), ("VEC", False))) == "k_bfloat16_64_f"
+    assert kernel_parts.kernel_name("k", ()) == "k"
 
 
 def test_the_decode_kernels_are_made_once_per_template(monkeypatch):
@@ -65,7 +77,7 @@ def test_the_decode_kernels_are_made_once_per_template(monkeypatch):
     assert len(made) == 2
     assert made[0]["source"].startswith("  constexpr int K = 16;\n  constexpr int T = 128;\n\n")
     assert made[0]["source"].endswith(decode_kernels.TOPK_MERGE_SOURCE)
-    assert made[0]["name"] == made[1]["name"] == "extmind_topk_merge"
+    assert (made[0]["name"], made[1]["name"]) == ("extmind_topk_merge_16_128", "extmind_topk_merge_8_128")
 
 
 def test_the_one_launch_layer_passes_no_template_and_reuses_its_launch(monkeypatch):
@@ -82,7 +94,9 @@ def test_the_one_launch_layer_passes_no_template_and_reuses_its_launch(monkeypat
             return ["out", "mass", "rows", "dots"]
 
     monkeypatch.setattr(mx.fast, "cuda_kernel", Kernel)
-    for cached in (decode_kernels.attend_kernel, fa._attend_call, fa._scan_attend_call):
+    # Constants made here and read back below: not the process's (on CUDA reading one back moves
+    # it to managed memory, test_kernel_constants.py).
+    for cached in (decode_kernels.attend_kernel, fa._attend_call, fa._scan_attend_call, kernel_parts.constant):
         cached.cache_clear()
     try:
         q = mx.zeros((1, 8, 1, 64), mx.float16)
@@ -95,7 +109,8 @@ def test_the_one_launch_layer_passes_no_template_and_reuses_its_launch(monkeypat
     finally:
         for cached in (decode_kernels.attend_kernel, fa._attend_call, fa._scan_attend_call):
             cached.cache_clear()
-    assert len(made) == 1 and made[0]["name"] == "extmind_attend_scan"
+    # Tkv Tv To D T MASK LG KL Tk R VEC
+    assert [m["name"] for m in made] == ["extmind_attend_scan_float16_float16_float16_64_256_0_1024_16_float16_4_t"]
     source = made[0]["source"]
     for line in (
         "using Tkv = __half;",
@@ -106,8 +121,11 @@ def test_the_one_launch_layer_passes_no_template_and_reuses_its_launch(monkeypat
         assert f"  {line}\n" in source
     assert all("template" not in c for c in calls)
     assert len({tuple(id(x) for x in c["inputs"][6:]) for c in calls}) == 1  # the same constant inputs
-    topk, scale, thr, floor = (np.array(calls[0]["inputs"][i])[0] for i in (6, 8, 9, 10))
-    assert (topk, scale, thr, floor) == (10, np.float32(0.125), np.float32(0.5), np.float32(0.01))
+    try:
+        topk, scale, thr, floor = (np.array(calls[0]["inputs"][i])[0] for i in (6, 8, 9, 10))
+        assert (topk, scale, thr, floor) == (10, np.float32(0.125), np.float32(0.5), np.float32(0.01))
+    finally:
+        kernel_parts.constant.cache_clear()
 
 
 @pytest.mark.skipif(not on_cuda, reason="MLX's own generated source: CUDA only")

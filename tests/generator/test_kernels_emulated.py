@@ -481,7 +481,8 @@ def test_attend_top_k_merges_the_candidates_and_attends(case, launches, emulated
     )
     assert out.shape == (B, L, H * d) and out.dtype == mx.float32 and mass.shape == (B, H, L)
     want_kernels = ["extmind_attend_scan"] if launches == 1 else ["extmind_topk_chunks", "extmind_attend_top_k"]
-    assert kernels == want_kernels
+    assert len(kernels) == len(want_kernels)
+    assert all(got.startswith(want + "_") for got, want in zip(kernels, want_kernels))  # + the template
     want_rows, want_dots = fa.top_k_rows(mx.array(q), keys_t, inv, top_k, threshold)
     rows, dots = np.array(rows), np.array(dots)
     np.testing.assert_array_equal(rows, np.array(want_rows))
