@@ -402,11 +402,17 @@ def kernel_name(name: str, template: tuple) -> str:
     return "_".join([name, *parts])
 
 
-@functools.cache
+# Constants kept. Bounded: a request's similarity threshold and citation floor are constants too,
+# so a client sending ever new values would otherwise grow the cache for good.
+CONSTANTS = 4096
+
+
+@functools.lru_cache(maxsize=CONSTANTS)
 def constant(values: tuple, dtype) -> mx.array:
     """A small constant kernel input (a scale, a threshold, a shape, a bound) [n >= len(values)]:
     ``values``, padded with the last one to at least 16 bytes, made once per value (a new array
-    per call would be a host-to-device copy per layer and step) and kept in device memory.
+    per call would be a host-to-device copy per layer and step; the CONSTANTS most recent are
+    kept) and kept in device memory.
 
     Why the padding and the device op: MLX's CUDA allocator puts every array made on the host, and
     every array of 8 bytes or less, in managed (unified) memory, which a kernel reads across the

@@ -69,3 +69,12 @@ def test_a_constant_is_not_the_host_made_buffer(fresh, monkeypatch):
         a = kernel_parts.constant(values, dtype)
         monkeypatch.setattr(mx, "array", made)
         assert seen and _address(a) not in seen, (values, dtype)
+
+
+def test_constants_kept_are_bounded(fresh):
+    """A request's threshold and citation floor become constants: ever new values must not grow
+    the cache for good."""
+    for i in range(kernel_parts.CONSTANTS + 10):
+        kernel_parts.scalar(float(i), mx.float32)
+    assert kernel_parts.constant.cache_info().currsize == kernel_parts.CONSTANTS
+    assert float(np.array(kernel_parts.scalar(3.0, mx.float32))[0]) == 3.0  # evicted, made again
