@@ -33,8 +33,9 @@ from extmind import tensor  # noqa: E402
 from extmind.service_procs import memory_stack  # noqa: E402
 from extmind.tiny_models import build_llama  # noqa: E402
 from services.common.blas import blas_in_use  # noqa: E402
-from services.generator.bank_cache import fetch_bank  # noqa: E402
+from services.generator.bank_cache import LocalRetriever, fetch_bank  # noqa: E402
 from services.generator.engine import EngineConfig, GeneratorEngine  # noqa: E402
+from services.generator.extended_attention import MemoryContext  # noqa: E402
 from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling  # noqa: E402
 
 # Model shapes (extmind.tiny_models.build_llama arguments); vocabulary: the tiny tokenizer's.
@@ -69,6 +70,17 @@ def stock_decode(model, prompt, n):
             first = time.perf_counter()
     end = time.perf_counter()
     return first - t0, (count - 1) / (end - first) if count > 1 else float("nan")
+
+
+def bare_local_decode(model, state, bank, top_k, prompt, n):
+    """mlx-lm's generate_step on the generator's own wrapped model with ``bank`` attended LOCAL,
+    no engine around it (no scheduler, tallies or hand-over), after a warm-up call: decode tok/s.
+    What the model and its kernels cost, apart from what the engine adds per step."""
+    state.memory = MemoryContext(LocalRetriever([bank]), top_k=top_k)
+    try:
+        return stock_decode(model, prompt, n)[1]
+    finally:
+        state.memory = None
 
 
 def stock_batch(model, eos_ids, prompts, n):
@@ -241,7 +253,6 @@ async def measure(engine, path, args) -> tuple[int, dict]:
     rows["cached on the device (MLX arrays + float32 key norms)"] = (
         f"{bank.nbytes / 2**20:.1f} MiB (float32: {(as_float32 + norms) / 2**20:.1f} MiB)"
     )
-    del bank
 
     prompt = [int(t) for t in rng.choice(ok, args.prompt)]
     long_prompt = [int(t) for t in rng.choice(ok, args.prefill)]
@@ -254,11 +265,14 @@ async def measure(engine, path, args) -> tuple[int, dict]:
     stock_model, stock_tokenizer = engine.mlx.call(load, str(path))
     # Interleaved and repeated (median of each): a lent GPU host's speed drifts by 2x within
     # minutes, so rows measured one after the other would compare different machines.
-    stock_rates, plain_rates, local_rates = [], [], []
+    stock_rates, plain_rates, local_rates, bare_rates = [], [], [], []
+    bare = (engine.model, engine.state, bank, local.top_k, prompt, args.tokens)
     for _ in range(args.repeat):
         stock_rates.append(engine.mlx.call(stock_decode, stock_model, prompt, args.tokens)[1])
         plain_rates.append((await engine_run(engine, prompt, args.tokens))[1])
         local_rates.append((await engine_run(engine, prompt, args.tokens, local))[1])
+        bare_rates.append(engine.mlx.call(bare_local_decode, *bare))
+    del bank, bare
     stock_rate, plain_rate, local_rate = (float(np.median(r)) for r in (stock_rates, plain_rates, local_rates))
     _, remote_rate = await engine_run(engine, prompt, min(args.tokens, 64), remote)
     rep = f"median of {args.repeat}, " if args.repeat > 1 else ""
@@ -280,6 +294,11 @@ async def measure(engine, path, args) -> tuple[int, dict]:
 
     rows["decode, generator, no memory"] = vs_stock(plain_rate, plain_rates)
     rows[f"decode, {args.rows}-row memory, LOCAL (top_k 10)"] = vs_stock(local_rate, local_rates)
+    # The same decode without the engine: the model's own cost with memories, so that the row
+    # above's gap to stock splits into the model's (here) and the engine's per step.
+    rows[f"decode, {args.rows}-row memory, LOCAL, bare generate_step on the wrapped model (no engine)"] = vs_stock(
+        float(np.median(bare_rates)), bare_rates
+    )
     # citations are counted live during decoding: no extra pass at the end of the request
     cited = MemoryOptions((memory_id,), top_k=10, return_citations=True)
     # Warm-up as long as the measured requests: the tallies' stacking kernels compile per number
