@@ -187,7 +187,7 @@ def test_the_stream_answers_exactly_as_unary_calls_and_an_older_service_falls_ba
     "B,kvh,rep,L,k", [(1, 2, 2, 1, 6), (2, 1, 8, 1, 5), (1, 4, 1, 1, 5), (3, 4, 1, 2, 2), (2, 2, 4, 3, 6)]
 )
 @pytest.mark.parametrize("masked", [False, True])
-def test_kernel_rows_are_row_contiguous_for_every_head_layout(B, kvh, rep, L, k, masked):
+def test_hit_rows_are_row_contiguous_for_every_head_layout(B, kvh, rep, L, k, masked):
     """The attend kernels read the hit rows by index, as a row-contiguous [B, H, L, k] array:
     so they are, whatever the heads' layout (GQA, one KV head, one query head per KV head: numpy
     views of those layouts have other strides, and MLX keeps a numpy array's strides), and each
