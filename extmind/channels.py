@@ -7,6 +7,7 @@ Message limits are raised (KV memories are large; the default 4 MiB is too small
 from __future__ import annotations
 
 import os
+import re
 
 import grpc
 
@@ -24,16 +25,25 @@ OPTIONS = [
 ]
 
 
+# gRPC's own name schemes, passed through as they are (grpc/doc/naming.md).
+_SCHEMES = ("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "vsock:")
+_HOST_PORT = re.compile(r"(\[[0-9A-Za-z:.%]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}")
+
+
 def parse_target(url: str) -> tuple[str, bool]:
-    """-> (grpc target, use TLS)."""
+    """-> (grpc target, use TLS). Raises ValueError naming the forms taken for anything else (an
+    HTTP URL, a target without a port, a typo such as ``http//host``): gRPC would take those as
+    a host name and fail later with a DNS error that does not say what to change."""
     url = url.strip()
-    if url.startswith("grpcs://"):
-        return url[len("grpcs://") :].rstrip("/"), True
-    if url.startswith("grpc://"):
-        return url[len("grpc://") :].rstrip("/"), False
+    secure = url.startswith("grpcs://")
     if url.startswith(("http://", "https://")):
         raise ValueError(f"{url!r} is an HTTP URL; gRPC targets look like host:port or grpc://host:port")
-    return url.rstrip("/"), False
+    target = url.removeprefix("grpcs://").removeprefix("grpc://").rstrip("/")
+    if not target.startswith(_SCHEMES) and not _HOST_PORT.fullmatch(target):
+        raise ValueError(
+            f"{url!r} is not a gRPC target: use host:port, grpc://host:port, grpcs://host:port (TLS) or unix:/path"
+        )
+    return target, secure
 
 
 def auth_metadata(token: str | None = None) -> tuple[tuple[str, str], ...]:

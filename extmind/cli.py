@@ -97,6 +97,8 @@ def cmd_rerank(a, t: Targets) -> int:
 
 def cmd_generate(a, t: Targets) -> int:
     prompt = _read_text("-") if a.prompt == "-" else a.prompt
+    if not prompt:
+        raise CliError("the prompt is empty: give its text, or '-' to read it from stdin")
     sp = generator_pb2.SamplingParams(
         temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_tokens=a.max_tokens, stop=a.stop or []
     )
@@ -121,7 +123,9 @@ def cmd_generate(a, t: Targets) -> int:
             em.mode = generator_pb2.RETRIEVAL_MODE_REMOTE
     last = None
     t0 = time.monotonic()
+    seen = []  # the answer's text, for the hint below
     for msg in t.generator.GenerateStream(req, timeout=TIMEOUT, metadata=_md()):
+        seen.append(msg.text)
         sys.stdout.write(msg.text)
         sys.stdout.flush()
         last = msg
@@ -131,6 +135,10 @@ def cmd_generate(a, t: Targets) -> int:
         dt = time.monotonic() - t0
         n = last.usage.completion_tokens
         print(f"[{n} tokens, {reason}, {dt:.2f}s, {n / dt if dt else 0:.1f} tok/s]", file=sys.stderr)
+        if a.prompt == "-" and prompt.endswith("\n") and not "".join(seen).strip():
+            # `echo` adds a newline that the prompt keeps (verbatim): a prompt ending in "Answer:\n"
+            # often makes the model stop at once.
+            print("  note: the prompt from stdin ends in a newline, kept as is (printf, not echo)", file=sys.stderr)
         if a.citations and not last.citations:
             print("  no citations came back for this answer", file=sys.stderr)
         for c in last.citations:

@@ -93,7 +93,10 @@ class Targets:
         self.last = service
         url = getattr(self.s, f"{service}_url")
         if url not in self._chans:
-            self._chans[url] = sync_channel(url)
+            try:
+                self._chans[url] = sync_channel(url)
+            except ValueError as e:
+                raise CliError(f"the {service} service's URL [{self.origin(service)}]: {e}") from None
         return self._chans[url]
 
     @property
@@ -147,7 +150,7 @@ def _undouble(message: str) -> str:
 # UNAVAILABLE details start so. A service's own UNAVAILABLE (a peer behind it is down) starts with
 # the service's words, which may quote such a failure further on.
 _TRANSPORT_FAILURE = re.compile(
-    r"(failed to connect|connections to all backends failing|DNS resolution failed|Socket closed|"
+    r"(failed to connect|connections to all backends failing|DNS resolution failed|errors resolving|Socket closed|"
     r"Connection reset|Connection refused|Broken pipe|Ssl handshake|GOAWAY|Stream removed|recvmsg|sendmsg|"
     r"Endpoint read failed|Transport closed|Cancelling all calls|Failed parsing HTTP/2|empty address list)",
     re.IGNORECASE,

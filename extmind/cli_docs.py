@@ -32,6 +32,8 @@ def _documents(items: list[str], meta: dict) -> list[memory_pb2.Document]:
                 docs.append(memory_pb2.Document(id=path.name, text=body, metadata=meta))
         elif "=" in it:
             i, text = it.split("=", 1)
+            if not i or not text:
+                raise CliError(f"document {_short(it, 30)!r}: empty {'id' if not i else 'text'} (give id=text)")
             docs.append(memory_pb2.Document(id=i, text=text, metadata=meta))
         else:
             raise CliError(f"document {_short(it, 30)!r} must be id=text, @file or @file.jsonl")

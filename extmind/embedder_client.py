@@ -54,8 +54,17 @@ BACKENDS = ("remote", "local", "ollama", "openai")
 # Installed with the services (and mlx), the "local" backend runs the embedder's model code here.
 _LOCAL_MODULE = "services.embedder.local_backend"
 
+
 # Errors that say "this backend cannot serve it" (down, busy, model absent, another vector space):
 # the chain tries the next backend. Any other error describes the request and reaches the caller.
+def _grpc_channel(sync_channel, url: str):
+    """The channel to MLX_SERVICE_URL's gRPC target; a URL that is none skips the backend, saying why."""
+    try:
+        return sync_channel(url)
+    except ValueError as exc:
+        raise _Skip(f"MLX_SERVICE_URL: {exc}") from None
+
+
 _TRY_NEXT = (Unavailable, DeadlineExceeded, NotFound, ResourceExhausted, Unimplemented, FailedPrecondition)
 
 
@@ -232,7 +241,7 @@ class EmbedderClient:
             from extmind.v1 import embedder_pb2, embedder_pb2_grpc
 
             if self._channel is None:
-                self._channel = sync_channel(self.url)
+                self._channel = _grpc_channel(sync_channel, self.url)
             stub = embedder_pb2_grpc.EmbedderServiceStub(self._channel)
             req = embedder_pb2.EmbedRequest(
                 inputs=texts,
@@ -336,7 +345,7 @@ class EmbedderClient:
         from extmind.channels import sync_channel
 
         if self._channel is None:
-            self._channel = sync_channel(self.url)
+            self._channel = _grpc_channel(sync_channel, self.url)
         try:
             r = health_pb2_grpc.HealthStub(self._channel).Check(
                 health_pb2.HealthCheckRequest(service="extmind.v1.EmbedderService"), timeout=min(self.timeout, 5)

@@ -177,6 +177,9 @@ def test_bad_values_are_one_line_exit_1():
     for args, says in (
         (["docs", "upsert", "c", "no-equals-sign"], "must be id=text, @file or @file.jsonl"),
         (["memorize", "x.txt", "--label", "nolabel"], "--label 'nolabel' must look like key=value"),
+        (["docs", "upsert", "c", "id3="], "document 'id3=': empty text (give id=text)"),
+        (["docs", "upsert", "c", "=some text"], "document '=some text': empty id (give id=text)"),
+        (["generate", ""], "the prompt is empty: give its text, or '-' to read it from stdin"),
     ):
         r = cli(*args)
         assert r.returncode == 1 and says in one_line(r), (args, r.stderr)
@@ -221,6 +224,22 @@ def test_unreachable_service_is_one_line_saying_where_the_url_came_from(tmp_path
     (run / "cluster.json").write_text(json.dumps({"memory_url": f"127.0.0.1:{dead}"}))
     r = cli("memories", "list", env=clean_env(EXTMIND_RUN_DIR=str(run)))
     assert f"at 127.0.0.1:{dead} [{run}/cluster.json] (" in one_line(r)
+
+
+@pytest.mark.parametrize("url", ["http//bad", "localhost", "http://127.0.0.1:1", "grpc://"])
+def test_a_url_that_is_no_grpc_target_says_which_forms_are(url):
+    r = cli("memories", "list", env=clean_env(MEMORY_URL=url))
+    assert r.returncode == 1 and r.stdout == ""
+    line = one_line(r)
+    assert line.startswith(f"extmind: the memory service's URL [MEMORY_URL]: {url!r} is "), line
+    assert "host:port or grpc://host:port" in line or "use host:port, grpc://host:port" in line, line
+
+
+def test_an_unresolvable_host_is_unreachable_not_an_answer():
+    r = cli("memories", "list", env=clean_env(MEMORY_URL="no-such-host.invalid:1"))
+    line = one_line(r)
+    assert r.returncode == 1 and "cannot reach the memory service at no-such-host.invalid:1 [MEMORY_URL]" in line, line
+    assert "answered" not in line
 
 
 def test_a_service_that_answers_unavailable_is_not_called_unreachable():

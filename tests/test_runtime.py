@@ -314,6 +314,9 @@ def test_malformed_flags_and_environment_values_are_one_line_usage_errors(monkey
         ([], {"MEMORY_HTTP_PORT": "-2"}, "MEMORY_HTTP_PORT='-2' is not valid"),
         # a typo in a boolean must not silently mean false
         ([], {"MEMORY_ALLOW_VOLATILE_REDIS": "ture"}, "MEMORY_ALLOW_VOLATILE_REDIS='ture' is not valid"),
+        # a peer's URL that gRPC would take for a host name (and fail on at the first call)
+        (["--embedder-url", "http//embedder:50051"], {}, "'http//embedder:50051' is not a gRPC target: use host:port"),
+        ([], {"EMBEDDER_URL": "localhost"}, "EMBEDDER_URL='localhost' is not valid: 'localhost' is not a gRPC target"),
     ):
         for k, v in env.items():
             monkeypatch.setenv(k, v)
@@ -323,6 +326,8 @@ def test_malformed_flags_and_environment_values_are_one_line_usage_errors(monkey
         for k in env:
             monkeypatch.delenv(k)
     assert parse_args(["--max-response-mb", "0.5"]).max_response_mb == 0.5
+    assert parse_args(["--embedder-url", "grpc://embedder:50051"]).embedder_url == "grpc://embedder:50051"
+    assert parse_args([]).embedder_url == ""  # none
     for word, value in (("Yes", True), ("on", True), ("1", True), ("OFF", False), ("0", False), ("false", False)):
         monkeypatch.setenv("MEMORY_ALLOW_VOLATILE_REDIS", word)
         assert parse_args([]).allow_volatile_redis is value, word
@@ -392,3 +397,28 @@ def test_the_stream_interval_takes_a_finite_number_of_milliseconds_or_says_what_
         err = capsys.readouterr().err
         assert e.value.code == 2 and f"GENERATOR_STREAM_INTERVAL_MS={raw!r} is not valid" in err and says in err, err
         monkeypatch.delenv("GENERATOR_STREAM_INTERVAL_MS")
+
+
+@pytest.mark.parametrize(
+    "url, target, tls",
+    [
+        ("localhost:50051", "localhost:50051", False),
+        (" grpc://memory:50052/ ", "memory:50052", False),
+        ("grpcs://memory.example:443", "memory.example:443", True),
+        ("[::1]:50051", "[::1]:50051", False),
+        ("unix:/tmp/extmind.sock", "unix:/tmp/extmind.sock", False),
+        ("dns:///memory:50052", "dns:///memory:50052", False),
+    ],
+)
+def test_parse_target_takes_grpc_targets(url, target, tls):
+    from extmind.channels import parse_target
+
+    assert parse_target(url) == (target, tls)
+
+
+@pytest.mark.parametrize("url", ["", "localhost", "http//bad", "grpc://", "host:port", "a b:1", "https://x:1"])
+def test_parse_target_refuses_what_grpc_would_take_for_a_host_name(url):
+    from extmind.channels import parse_target
+
+    with pytest.raises(ValueError, match="host:port"):
+        parse_target(url)

@@ -109,6 +109,19 @@ def http_port(raw: str) -> int:
     return value
 
 
+def grpc_target(raw: str) -> str:
+    """A peer service's gRPC target (an argparse type): host:port, grpc://host:port,
+    grpcs://host:port or unix:/path (``extmind.channels.parse_target``); empty = none."""
+    from extmind.channels import parse_target
+
+    if raw.strip():
+        try:
+            parse_target(raw)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return raw
+
+
 def positive_int(raw: str) -> int:
     """A whole number > 0 (an argparse type)."""
     try:

@@ -7,7 +7,14 @@ import logging
 
 from extmind.v1 import generator_pb2, generator_pb2_grpc
 from services.common.blas import blas_in_use
-from services.common.config import FlagParser, add_server_flags, http_port, non_negative_float, positive_int
+from services.common.config import (
+    FlagParser,
+    add_server_flags,
+    grpc_target,
+    http_port,
+    non_negative_float,
+    positive_int,
+)
 from services.common.server import Service
 from services.generator import fused_attention, weights_dtype
 from services.generator.engine import EngineConfig, GeneratorEngine
@@ -33,7 +40,9 @@ def parse_args(argv=None):
         help='mlx-lm model (llama, mistral, qwen2, qwen3 and their MoE types; README, "Model types"): a local '
         "directory (HF or MLX layout) or a hub id",
     )
-    p.flag("--memory-url", env="MEMORY_URL", default="127.0.0.1:50052", help="memory service host:port")
+    p.flag(
+        "--memory-url", env="MEMORY_URL", default="127.0.0.1:50052", type=grpc_target, help="memory service host:port"
+    )
     p.flag(
         "--bank-cache-mb",
         env="GENERATOR_BANK_CACHE_MB",

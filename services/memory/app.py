@@ -9,7 +9,7 @@ import asyncio
 import logging
 
 from extmind.v1 import memory_pb2
-from services.common.config import FlagParser, add_server_flags, http_port, non_negative_float
+from services.common.config import FlagParser, add_server_flags, grpc_target, http_port, non_negative_float
 from services.common.server import Service
 from services.memory import limits, metrics
 from services.memory.documents import Documents
@@ -70,6 +70,7 @@ def parse_args(argv=None):
         "--embedder-url",
         env="EMBEDDER_URL",
         default="",
+        type=grpc_target,
         help="embedder service (host:port) for documents sent without embeddings; empty = none",
     )
     p.flag(

@@ -173,6 +173,16 @@ def test_falls_back_to_ollama_serving_the_same_model(fakes, monkeypatch):
     assert posts[1][1]["input"] == ["Instruct: Find facts\nQuery:a question"]
 
 
+def test_a_service_url_that_is_no_grpc_target_falls_back_saying_why(fakes, monkeypatch):
+    monkeypatch.delenv("MLX_MODEL_QWEN3_0_6B_PATH", raising=False)
+    monkeypatch.delenv("MLX_MODELS_DIR", raising=False)
+    ollama = fakes("ollama", {"qwen3-embedding:0.6b": 1024})
+    client = EmbedderClient("qwen3-0.6b", url="localhost", ollama_url=ollama.url, openai_api_key="", timeout=5)
+    assert client.embed(["a document"]).backend == "ollama"
+    remote = client.health()["remote"]
+    assert not remote["ok"] and "MLX_SERVICE_URL: 'localhost' is not a gRPC target" in remote["detail"], remote
+
+
 def test_refuses_to_fall_back_to_a_different_model(fakes, monkeypatch):
     monkeypatch.delenv("MLX_MODEL_QWEN3_0_6B_PATH", raising=False)
     monkeypatch.delenv("MLX_MODELS_DIR", raising=False)
