@@ -42,6 +42,21 @@ MAX_HEAD_DIM = 256
 _TOPK_THREADS = 128  # four independent warps per block
 _ROWS_PER_LANE = 4  # bank rows each scan lane takes at least, when a tile's scan is split
 _RUN = 4  # adjacent bank rows a scan lane takes at a time (R)
+# The one-launch layer's run (R) by the bank keys' bytes: 16 bytes a load (8 rows of a float16 /
+# bfloat16 bank), with its scan's column loop unrolled (kernel_parts.em_dots_rows_t: 64 columns'
+# loads in flight, not 8). The scan waited on load latency: H200, 1 B shape, 4 096 rows, launches
+# in series 57 -> 38 us a layer, the same rows and outputs (bench/RESULTS.md, 2026-12-03 17:45).
+# A float32 bank keeps runs of 4 (16 bytes already) and the rolled loop: not measured unrolled.
+# So does a bank whose rows are not a multiple of 8, which runs of 8 would read element by element.
+_SCAN_ATTEND_RUN = {2: 8}
+
+
+def scan_attend_run(keys_dtype, n: int) -> int:
+    """R of the one-launch decode layer for a bank of ``n`` rows whose keys are ``keys_dtype``."""
+    run = _SCAN_ATTEND_RUN.get(keys_dtype.size, _RUN)
+    return run if n % run == 0 else _RUN
+
+
 _FILL_WARPS = 4096  # scan warps that keep an H100/H200 (132 SMs) busy
 _MERGE_CANDIDATES = 1024  # most candidates per query row the merge warp takes (32 per lane)
 MATMUL_ROWS = 2048  # query rows (B * H * L) from which the cosines come from one matmul
@@ -234,7 +249,7 @@ def _attend_call(
 ) -> tuple:
     """The attend kernel's launch for these shapes (``size``: the list size of the top-k it takes
     and ``k`` the memories per query, 0 when the memories come as rows and dots; ``scan``: (the
-    bank keys' dtype, whether N % _RUN == 0) when it scans the bank itself), made once: (the
+    bank keys' dtype, its run R, whether N % R == 0) when it scans the bank itself), made once: (the
     kernel, its call's keyword arguments)."""
     merge = size > 0
     template = [("Tkv", kv_dtype), ("Tv", values_dtype), ("To", out_dtype), ("D", d), ("T", _ATTEND_THREADS)]
@@ -242,7 +257,7 @@ def _attend_call(
     # shared memory only at its first launch, so sizes must not share one.
     template += [("MASK", mode), ("LG", floats), *([("KL", size)] if merge else [])]
     if scan:
-        template += [("Tk", scan[0]), ("R", _RUN), ("VEC", scan[1])]
+        template += [("Tk", scan[0]), ("R", scan[1]), ("VEC", scan[2])]
     memories = "scan" if scan else "merge" if merge else "rows"
     call = dict(
         grid=(B * H * L * _ATTEND_THREADS, 1, 1),
@@ -254,16 +269,19 @@ def _attend_call(
 
 
 @functools.lru_cache(maxsize=256)
-def _scan_attend_call(B, H, L, d, floats, mode, kv_dtype, values_dtype, out_dtype, keys_dtype, vec, k, consts) -> tuple:
+def _scan_attend_call(
+    B, H, L, d, floats, mode, kv_dtype, values_dtype, out_dtype, keys_dtype, run, vec, k, consts
+) -> tuple:
     """``_attend_call`` of the one-launch decode layer (the attend kernel scanning a bank of N <=
-    SCAN_IN_ATTEND rows with N % _RUN == 0 when ``vec``; ``k`` = min(top_k, N)) and its constant
+    SCAN_IN_ATTEND rows in runs of ``run`` rows (``scan_attend_run``), N % run == 0 when ``vec``;
+    ``k`` = min(top_k, N)) and its constant
     inputs made from ``consts`` = (scale, threshold or None, min_weight): (kernel, call, top_k,
     scale, threshold, min_weight as kernel inputs). One lookup per layer and step: a decode step on
     a fast GPU waits on the host, which spent ~3.5 us a layer on these lookups one by one
     (docs/architecture.md, "Host cost of a launch"). Raises ValueError as ``_check``."""
     _check(k, d)
     kernel, call = _attend_call(
-        B, H, L, d, floats, mode, kv_dtype, values_dtype, out_dtype, list_size(k), k, (keys_dtype, vec)
+        B, H, L, d, floats, mode, kv_dtype, values_dtype, out_dtype, list_size(k), k, (keys_dtype, run, vec)
     )
     scale, threshold, min_weight = consts
     inputs = (
@@ -337,6 +355,7 @@ def attend_top_k(
     n = keys_t.shape[2]
     if n <= SCAN_IN_ATTEND:
         kk = min(top_k, n)
+        run = scan_attend_run(keys_t.dtype, n)
         kernel, call, topk, scale_c, thr, floor = _scan_attend_call(
             B,
             H,
@@ -348,7 +367,8 @@ def attend_top_k(
             bank_values.dtype,
             out_dtype,
             keys_t.dtype,
-            n % _RUN == 0,
+            run,
+            n % run == 0,
             kk,
             (scale, threshold, min_weight),
         )

@@ -304,6 +304,20 @@ def _to_numpy(a: mx.array, contiguous: bool = True) -> np.ndarray:
     return np.ascontiguousarray(np.array(a)) if contiguous else np.asarray(a)
 
 
+def _aligned(a: np.ndarray, align: int = 256) -> np.ndarray:
+    """``a`` (same shape, strides and bytes) in memory that starts ``align`` bytes aligned, as a
+    device allocation does: numpy's and MLX's CPU buffers may start 8 bytes aligned, where a
+    kernel's 16-byte vector loads (``em_load_run``) compile to aligned loads that fault."""
+    if a.size == 0 or a.ctypes.data % align == 0:
+        return a
+    lo = sum(min(0, (n - 1) * st) for n, st in zip(a.shape, a.strides))  # lowest byte, from a's start
+    span = sum(max(0, (n - 1) * st) for n, st in zip(a.shape, a.strides)) - lo + a.itemsize
+    raw = np.empty(span + align, np.uint8)
+    buf = raw[(-raw.ctypes.data) % align :][:span]
+    ctypes.memmove(buf.ctypes.data, a.ctypes.data + lo, span)
+    return np.ndarray(a.shape, a.dtype, buffer=buf, offset=-lo, strides=a.strides)
+
+
 def _from_numpy(a: np.ndarray, dtype) -> mx.array:
     out = mx.array(a)
     return out.view(mx.bfloat16) if dtype == mx.bfloat16 else out
@@ -409,12 +423,12 @@ class EmulatedKernel:
     def __call__(self, *, inputs, grid, threadgroup, output_shapes, output_dtypes, template=(), init_value=None, **kw):
         ins = [mx.array(x) if not isinstance(x, mx.array) else x for x in inputs]
         lib = self._library([a.dtype for a in ins], list(output_dtypes), list(template or []), [a.ndim for a in ins])
-        arrays = [_to_numpy(a, self.contiguous) for a in ins]
+        arrays = [_aligned(_to_numpy(a, self.contiguous)) for a in ins]
         outs = []
         for shape, dt in zip(output_shapes, output_dtypes):
             np_dt = _NUMPY[dt]
             fill = init_value if init_value is not None else _POISON.get(np_dt, 0)
-            outs.append(np.full(tuple(shape), fill, np_dt))
+            outs.append(_aligned(np.full(tuple(shape), fill, np_dt)))
         keep = []  # the ctypes buffers stay alive for the call
         args = [a.ctypes.data_as(ctypes.c_void_p) for a in arrays + outs]
         for a in arrays:

@@ -1,10 +1,10 @@
 """Breaker's cases for the one-launch decode layer (the attend kernel scanning the bank itself,
 ``decode_kernels.ATTEND_SCAN``) on the emulator: exact ties across the block's warps, banks of
 fewer rows than the block's warps or lanes, row counts that are not a multiple of the run (VEC
-false), k = 1 and k = 32 (256 candidates), a threshold that masks every memory, GQA groups, head
-sizes 24 / 80 / 256, half-precision banks, L > 1 and B > 1, and the largest bank that takes this
-path (SCAN_IN_ATTEND rows). Each against the float64 top-k (tie-aware) and attention, and (inputs
-without ties) against the two-kernel path exactly."""
+false), 2-byte banks read in runs of 8 rows, k = 1 and k = 32 (256 candidates), a threshold that
+masks every memory, GQA groups, head sizes 24 / 80 / 128 / 256, half-precision banks, L > 1 and
+B > 1, and the largest bank that takes this path (SCAN_IN_ATTEND rows). Each against the float64
+top-k (tie-aware) and attention, and (inputs without ties) against the two-kernel path exactly."""
 
 from __future__ import annotations
 
@@ -31,6 +31,10 @@ CASES = {
     "threshold_masks_all_b2_l3": (2, 4, 2, 3, 8, 32, 200, 4, 0.999, "causal", mx.float32, "random"),
     "near_ties_float16": (1, 4, 1, 1, 4, 64, 777, 16, None, "none", mx.float16, "near"),
     "largest_bank_in_one_launch": (1, 2, 1, 1, 3, 16, fa.SCAN_IN_ATTEND, 8, None, "none", mx.float32, "random"),
+    # 2-byte banks of a multiple of 8 rows: runs of 8 (16-byte loads), the unrolled column loop
+    "runs_of_8_float16_causal": (1, 4, 2, 1, 6, 64, 1024, 10, None, "causal", mx.float16, "random"),
+    "runs_of_8_bfloat16_ties_d128": (1, 8, 2, 1, 5, 128, 776, 16, None, "none", mx.bfloat16, "ties"),
+    "runs_of_8_float16_d24_b2_l2": (2, 4, 1, 2, 7, 24, 64, 5, 0.0, "causal", mx.float16, "near"),
 }
 
 

@@ -110,12 +110,13 @@ def test_the_one_launch_layer_passes_no_template_and_reuses_its_launch(monkeypat
         for cached in (decode_kernels.attend_kernel, fa._attend_call, fa._scan_attend_call):
             cached.cache_clear()
     # Tkv Tv To D T MASK LG KL Tk R VEC
-    assert [m["name"] for m in made] == ["extmind_attend_scan_float16_float16_float16_64_256_0_1024_16_float16_4_t"]
+    assert [m["name"] for m in made] == ["extmind_attend_scan_float16_float16_float16_64_256_0_1024_16_float16_8_t"]
     source = made[0]["source"]
     for line in (
         "using Tkv = __half;",
         "constexpr int D = 64;",
         "constexpr int KL = 16;",
+        "constexpr int R = 8;",  # 16-byte runs of a float16 bank (fa.scan_attend_run)
         "constexpr bool VEC = true;",
     ):
         assert f"  {line}\n" in source
@@ -152,3 +153,12 @@ def test_mlx_generates_the_same_kernel_source_from_template_arguments_and_from_b
     assert "constexpr int D = 64;" in generated_a
     assert body(generated_a) == body(generated_b)
     assert mx.array_equal(a, b).item()
+
+
+def test_the_one_launch_layer_reads_16_byte_runs_where_the_rows_allow():
+    """Runs of 8 rows (16 bytes) for a 2-byte bank whose rows are a multiple of 8; else runs of 4
+    (a float32 bank's 16 bytes; a 2-byte bank of other row counts, which runs of 8 would read
+    element by element), as the scan kernel takes them."""
+    assert fa.scan_attend_run(mx.float16, 4096) == fa.scan_attend_run(mx.bfloat16, 8) == 8
+    assert fa.scan_attend_run(mx.float16, 4100) == fa.scan_attend_run(mx.float32, 4096) == fa._RUN == 4
+    assert fa.scan_attend_run(mx.float16, 4101) == 4  # not even a run of 4: VEC false, as before
