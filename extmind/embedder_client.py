@@ -55,8 +55,6 @@ BACKENDS = ("remote", "local", "ollama", "openai")
 _LOCAL_MODULE = "services.embedder.local_backend"
 
 
-# Errors that say "this backend cannot serve it" (down, busy, model absent, another vector space):
-# the chain tries the next backend. Any other error describes the request and reaches the caller.
 def _grpc_channel(sync_channel, url: str):
     """The channel to MLX_SERVICE_URL's gRPC target; a URL that is none skips the backend, saying why."""
     try:
@@ -65,6 +63,8 @@ def _grpc_channel(sync_channel, url: str):
         raise _Skip(f"MLX_SERVICE_URL: {exc}") from None
 
 
+# Errors that say "this backend cannot serve it" (down, busy, model absent, another vector space):
+# the chain tries the next backend. Any other error describes the request and reaches the caller.
 _TRY_NEXT = (Unavailable, DeadlineExceeded, NotFound, ResourceExhausted, Unimplemented, FailedPrecondition)
 
 
