@@ -441,3 +441,9 @@ def test_parse_target_refuses_what_grpc_would_take_for_a_host_name(url, says):
 
     with pytest.raises(ValueError, match=says):
         parse_target(url)
+
+
+def test_healthcheck_says_a_url_is_invalid_not_unreachable():
+    from extmind.healthcheck import check
+
+    assert check("localhost") == check("http//memory:50052") == "INVALID_URL"
