@@ -296,13 +296,13 @@ def _check_urls() -> None:
     starts (a service would refuse it at its start, after the others were up)."""
     from extmind.channels import parse_target  # grpc: `down` needs only the standard library
 
-    for name in ("EMBEDDER_URL", "MEMORY_URL", "GENERATOR_URL"):
-        value = os.environ.get(name, "").strip()
+    for name in ORDER:
+        value = url_given(name)
         if value:
             try:
                 parse_target(value)
             except ValueError as e:
-                raise LaunchError(f"{name}: {e}") from None
+                raise LaunchError(f"{name.upper()}_URL: {e}") from None
 
 
 if __name__ == "__main__":
