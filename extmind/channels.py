@@ -25,24 +25,32 @@ OPTIONS = [
 ]
 
 
-# gRPC's own name schemes, passed through as they are (grpc/doc/naming.md).
+# gRPC's own name schemes, passed through as they are (grpc/doc/naming.md), as is any scheme:///.
 _SCHEMES = ("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "vsock:")
-_HOST_PORT = re.compile(r"(\[[0-9A-Za-z:.%]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}")
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:///")
+_HOST_PORT = re.compile(r"(\[[0-9A-Za-z:.%]+\]|[A-Za-z0-9_.-]+)(:([0-9]{1,5}))?")
+_FORMS = "use host:port, grpc://host:port, grpcs://host[:port] (TLS), unix:/path or a scheme:/// of gRPC's"
 
 
 def parse_target(url: str) -> tuple[str, bool]:
     """-> (grpc target, use TLS). Raises ValueError naming the forms taken for anything else (an
-    HTTP URL, a target without a port, a typo such as ``http//host``): gRPC would take those as
-    a host name and fail later with a DNS error that does not say what to change."""
+    HTTP URL, a host without a port, a port past 65535, a typo such as ``http//host``): gRPC would
+    take those as a host name (or wrap the port) and fail later with an error that does not say
+    what to change. After grpc:// or grpcs:// the port may be left out (gRPC's default, 443)."""
     url = url.strip()
-    secure = url.startswith("grpcs://")
-    if url.startswith(("http://", "https://")):
+    if url.lower().startswith(("http://", "https://")):
         raise ValueError(f"{url!r} is an HTTP URL; gRPC targets look like host:port or grpc://host:port")
-    target = url.removeprefix("grpcs://").removeprefix("grpc://").rstrip("/")
-    if not target.startswith(_SCHEMES) and not _HOST_PORT.fullmatch(target):
-        raise ValueError(
-            f"{url!r} is not a gRPC target: use host:port, grpc://host:port, grpcs://host:port (TLS) or unix:/path"
-        )
+    scheme = url[: url.find("://") + 3].lower() if "://" in url else ""
+    secure = scheme == "grpcs://"
+    target = url[len(scheme) :].rstrip("/") if scheme in ("grpc://", "grpcs://") else url.rstrip("/")
+    if target.lower().startswith(_SCHEMES) or _URI.match(target):
+        return target, secure
+    hp = _HOST_PORT.fullmatch(target)
+    port = hp and hp.group(3)
+    if port and int(port) > 65535:
+        raise ValueError(f"{url!r}: port {int(port)} is past 65535")
+    if not hp or (port is None and scheme not in ("grpc://", "grpcs://")):
+        raise ValueError(f"{url!r} is not a gRPC target: {_FORMS}")
     return target, secure
 
 

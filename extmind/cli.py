@@ -98,7 +98,8 @@ def cmd_rerank(a, t: Targets) -> int:
 def cmd_generate(a, t: Targets) -> int:
     prompt = _read_text("-") if a.prompt == "-" else a.prompt
     if not prompt:
-        raise CliError("the prompt is empty: give its text, or '-' to read it from stdin")
+        empty = "the prompt from stdin is empty" if a.prompt == "-" else "the prompt is empty"
+        raise CliError(f"{empty}: give its text, or '-' and the text on stdin")
     sp = generator_pb2.SamplingParams(
         temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_tokens=a.max_tokens, stop=a.stop or []
     )
@@ -123,9 +124,9 @@ def cmd_generate(a, t: Targets) -> int:
             em.mode = generator_pb2.RETRIEVAL_MODE_REMOTE
     last = None
     t0 = time.monotonic()
-    seen = []  # the answer's text, for the hint below
+    answered = False  # any text but whitespace, for the hint below
     for msg in t.generator.GenerateStream(req, timeout=TIMEOUT, metadata=_md()):
-        seen.append(msg.text)
+        answered = answered or bool(msg.text.strip())
         sys.stdout.write(msg.text)
         sys.stdout.flush()
         last = msg
@@ -135,7 +136,7 @@ def cmd_generate(a, t: Targets) -> int:
         dt = time.monotonic() - t0
         n = last.usage.completion_tokens
         print(f"[{n} tokens, {reason}, {dt:.2f}s, {n / dt if dt else 0:.1f} tok/s]", file=sys.stderr)
-        if a.prompt == "-" and prompt.endswith("\n") and not "".join(seen).strip():
+        if a.prompt == "-" and not a.chat and prompt.endswith("\n") and not answered:
             # `echo` adds a newline that the prompt keeps (verbatim): a prompt ending in "Answer:\n"
             # often makes the model stop at once.
             print("  note: the prompt from stdin ends in a newline, kept as is (printf, not echo)", file=sys.stderr)

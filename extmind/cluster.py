@@ -68,6 +68,7 @@ class Cluster:
     # -- up
     def up(self, names=ORDER) -> dict[str, PidRecord]:
         s = self.s
+        _check_urls()
         s.logs.mkdir(parents=True, exist_ok=True)
         s.pids.mkdir(parents=True, exist_ok=True)
         s.memory_data_dir.mkdir(parents=True, exist_ok=True)
@@ -288,6 +289,20 @@ def main(argv: list[str] | None = None) -> int:
         print("extmind: interrupted; started services were stopped", file=sys.stderr)
         return 130
     return 0
+
+
+def _check_urls() -> None:
+    """Raises LaunchError naming the first ``*_URL`` set that is no gRPC target, before anything
+    starts (a service would refuse it at its start, after the others were up)."""
+    from extmind.channels import parse_target  # grpc: `down` needs only the standard library
+
+    for name in ORDER:
+        value = url_given(name)
+        if value:
+            try:
+                parse_target(value)
+            except ValueError as e:
+                raise LaunchError(f"{name.upper()}_URL: {e}") from None
 
 
 if __name__ == "__main__":

@@ -340,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    except ValueError as e:  # a *_URL that is no gRPC target (extmind.channels.parse_target)
+        print(f"extmind demo: {e} (EMBEDDER_URL, MEMORY_URL, GENERATOR_URL)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -55,16 +55,18 @@ BACKENDS = ("remote", "local", "ollama", "openai")
 _LOCAL_MODULE = "services.embedder.local_backend"
 
 
-# Errors that say "this backend cannot serve it" (down, busy, model absent, another vector space):
-# the chain tries the next backend. Any other error describes the request and reaches the caller.
-def _grpc_channel(sync_channel, url: str):
+def _grpc_channel(url: str):
     """The channel to MLX_SERVICE_URL's gRPC target; a URL that is none skips the backend, saying why."""
+    from extmind.channels import sync_channel  # grpc: only for the gRPC backend
+
     try:
         return sync_channel(url)
     except ValueError as exc:
         raise _Skip(f"MLX_SERVICE_URL: {exc}") from None
 
 
+# Errors that say "this backend cannot serve it" (down, busy, model absent, another vector space):
+# the chain tries the next backend. Any other error describes the request and reaches the caller.
 _TRY_NEXT = (Unavailable, DeadlineExceeded, NotFound, ResourceExhausted, Unimplemented, FailedPrecondition)
 
 
@@ -237,11 +239,11 @@ class EmbedderClient:
             import grpc
 
             from extmind import tensor
-            from extmind.channels import auth_metadata, sync_channel
+            from extmind.channels import auth_metadata
             from extmind.v1 import embedder_pb2, embedder_pb2_grpc
 
             if self._channel is None:
-                self._channel = _grpc_channel(sync_channel, self.url)
+                self._channel = _grpc_channel(self.url)
             stub = embedder_pb2_grpc.EmbedderServiceStub(self._channel)
             req = embedder_pb2.EmbedRequest(
                 inputs=texts,
@@ -342,10 +344,8 @@ class EmbedderClient:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        from extmind.channels import sync_channel
-
         if self._channel is None:
-            self._channel = _grpc_channel(sync_channel, self.url)
+            self._channel = _grpc_channel(self.url)
         try:
             r = health_pb2_grpc.HealthStub(self._channel).Check(
                 health_pb2.HealthCheckRequest(service="extmind.v1.EmbedderService"), timeout=min(self.timeout, 5)

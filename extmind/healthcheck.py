@@ -16,7 +16,8 @@ from extmind.channels import auth_metadata, sync_channel
 
 
 def check(target: str, service: str = "", timeout: float = 2.0) -> str:
-    """-> "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN", ... or "UNREACHABLE" (no answer)."""
+    """-> "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN", ..., "UNREACHABLE" (no answer) or
+    "INVALID_URL" (``target`` is no gRPC target: ``extmind.channels.parse_target``)."""
     try:
         with sync_channel(target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
@@ -31,7 +32,7 @@ def check(target: str, service: str = "", timeout: float = 2.0) -> str:
             return "UNAUTHENTICATED"
         return "UNREACHABLE"
     except ValueError:
-        return "UNREACHABLE"
+        return "INVALID_URL"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -179,7 +179,7 @@ def test_bad_values_are_one_line_exit_1():
         (["memorize", "x.txt", "--label", "nolabel"], "--label 'nolabel' must look like key=value"),
         (["docs", "upsert", "c", "id3="], "document 'id3=': empty text (give id=text)"),
         (["docs", "upsert", "c", "=some text"], "document '=some text': empty id (give id=text)"),
-        (["generate", ""], "the prompt is empty: give its text, or '-' to read it from stdin"),
+        (["generate", ""], "the prompt is empty: give its text, or '-' and the text on stdin"),
     ):
         r = cli(*args)
         assert r.returncode == 1 and says in one_line(r), (args, r.stderr)
@@ -233,6 +233,20 @@ def test_a_url_that_is_no_grpc_target_says_which_forms_are(url):
     line = one_line(r)
     assert line.startswith(f"extmind: the memory service's URL [MEMORY_URL]: {url!r} is "), line
     assert "host:port or grpc://host:port" in line or "use host:port, grpc://host:port" in line, line
+
+
+def test_up_refuses_a_url_that_is_no_grpc_target_before_starting_anything(tmp_path):
+    run = tmp_path / "run"
+    r = subprocess.run(
+        [sys.executable, "-m", "extmind.cluster", "up", "--run-dir", str(run)],
+        env=clean_env(MEMORY_URL="memory"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode != 0 and "MEMORY_URL: 'memory' is not a gRPC target" in r.stderr, r.stderr
+    assert not run.exists()  # no service started, no run dir made
 
 
 def test_an_unresolvable_host_is_unreachable_not_an_answer():

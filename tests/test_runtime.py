@@ -328,6 +328,8 @@ def test_malformed_flags_and_environment_values_are_one_line_usage_errors(monkey
     assert parse_args(["--max-response-mb", "0.5"]).max_response_mb == 0.5
     assert parse_args(["--embedder-url", "grpc://embedder:50051"]).embedder_url == "grpc://embedder:50051"
     assert parse_args([]).embedder_url == ""  # none
+    monkeypatch.setenv("EMBEDDER_URL", " ")
+    assert parse_args([]).embedder_url == ""  # blank is none, not a URL that fails at the first call
     for word, value in (("Yes", True), ("on", True), ("1", True), ("OFF", False), ("0", False), ("false", False)):
         monkeypatch.setenv("MEMORY_ALLOW_VOLATILE_REDIS", word)
         assert parse_args([]).allow_volatile_redis is value, word
@@ -408,6 +410,10 @@ def test_the_stream_interval_takes_a_finite_number_of_milliseconds_or_says_what_
         ("[::1]:50051", "[::1]:50051", False),
         ("unix:/tmp/extmind.sock", "unix:/tmp/extmind.sock", False),
         ("dns:///memory:50052", "dns:///memory:50052", False),
+        ("DNS:///memory:50052", "DNS:///memory:50052", False),
+        ("xds:///memory", "xds:///memory", False),
+        ("grpcs://memory.example", "memory.example", True),  # gRPC's default port
+        ("extmind_memory_1:50052", "extmind_memory_1:50052", False),
     ],
 )
 def test_parse_target_takes_grpc_targets(url, target, tls):
@@ -416,9 +422,28 @@ def test_parse_target_takes_grpc_targets(url, target, tls):
     assert parse_target(url) == (target, tls)
 
 
-@pytest.mark.parametrize("url", ["", "localhost", "http//bad", "grpc://", "host:port", "a b:1", "https://x:1"])
-def test_parse_target_refuses_what_grpc_would_take_for_a_host_name(url):
+@pytest.mark.parametrize(
+    "url, says",
+    [
+        ("", "is not a gRPC target"),
+        ("  ", "is not a gRPC target"),
+        ("localhost", "is not a gRPC target"),
+        ("http//bad", "is not a gRPC target"),
+        ("grpc://", "is not a gRPC target"),
+        ("host:port", "is not a gRPC target"),
+        ("a b:1", "is not a gRPC target"),
+        ("https://x:1", "is an HTTP URL"),
+        ("localhost:99999", "port 99999 is past 65535"),  # gRPC would wrap it to 34463
+    ],
+)
+def test_parse_target_refuses_what_grpc_would_take_for_a_host_name(url, says):
     from extmind.channels import parse_target
 
-    with pytest.raises(ValueError, match="host:port"):
+    with pytest.raises(ValueError, match=says):
         parse_target(url)
+
+
+def test_healthcheck_says_a_url_is_invalid_not_unreachable():
+    from extmind.healthcheck import check
+
+    assert check("localhost") == check("http//memory:50052") == "INVALID_URL"

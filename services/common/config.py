@@ -114,7 +114,8 @@ def grpc_target(raw: str) -> str:
     grpcs://host:port or unix:/path (``extmind.channels.parse_target``); empty = none."""
     from extmind.channels import parse_target
 
-    if raw.strip():
+    raw = raw.strip()
+    if raw:
         try:
             parse_target(raw)
         except ValueError as exc:
