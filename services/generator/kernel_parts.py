@@ -180,9 +180,10 @@ __device__ __forceinline__ void em_load_run(const Tp* p, int n, int N, float (&x
 }
 
 // The dots of G query heads (qs [G][D]) with the R adjacent bank rows n .. n + R - 1 (0 past N):
-// a column's R keys come in one load (em_load_run), 8 columns' loads in flight at a time; for one
-// query head over 2-byte keys (the one-launch decode layer's runs of 8), 64 columns' (the loop
-// unrolled: that scan waited on load latency; docs/architecture.md, "Host cost of a launch").
+// a column's R keys come in one load (em_load_run), 8 columns' loads in flight at a time; over
+// 2-byte keys more, the loop unrolled: 64 columns' for one query head (the one-launch decode
+// layer's runs of 8), 16 for the decode scan's head tiles (more would hold too many registers).
+// Both scans waited on load latency (docs/architecture.md, "Host cost of a launch").
 template <int G, int R, int D, bool VEC, typename Tk>
 __device__ __forceinline__ void em_dots_rows_t(
     const float (*qs)[D], const Tk* kg, int N, int n, float (&dot)[G][R]) {
@@ -191,7 +192,7 @@ __device__ __forceinline__ void em_dots_rows_t(
 #pragma unroll
     for (int r = 0; r < R; ++r) dot[j][r] = 0.f;
   }
-#pragma unroll(G == 1 && sizeof(Tk) == 2 ? 8 : 1)
+#pragma unroll(sizeof(Tk) == 2 ? (G == 1 ? 8 : 2) : 1)
   for (int e0 = 0; e0 < D; e0 += 8) {
     float x[8][R];
 #pragma unroll
