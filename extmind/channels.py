@@ -1,11 +1,13 @@
 """gRPC channels to extmind services, for clients and for the services calling each other.
 
-Targets: ``host:port``, ``grpc://host:port``, ``grpcs://host:port`` (TLS), ``unix:/path``.
+Targets: ``host:port``, ``grpc://host:port``, ``grpcs://host:port`` (TLS), ``unix:/path``, gRPC's
+own schemes (``ipv4:``/``ipv6:`` address lists are checked entry by entry).
 Message limits are raised (KV memories are large; the default 4 MiB is too small).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 
@@ -43,6 +45,9 @@ def parse_target(url: str) -> tuple[str, bool]:
     scheme = url[: url.find("://") + 3].lower() if "://" in url else ""
     secure = scheme == "grpcs://"
     target = url[len(scheme) :].rstrip("/") if scheme in ("grpc://", "grpcs://") else url.rstrip("/")
+    if target.lower().startswith(("ipv4:", "ipv6:")) and not _URI.match(target):
+        _check_addresses(url, target)
+        return target, secure
     if target.lower().startswith(_SCHEMES) or _URI.match(target):
         return target, secure
     hp = _HOST_PORT.fullmatch(target)
@@ -52,6 +57,28 @@ def parse_target(url: str) -> tuple[str, bool]:
     if not hp or (port is None and scheme not in ("grpc://", "grpcs://")):
         raise ValueError(f"{url!r} is not a gRPC target: {_FORMS}")
     return target, secure
+
+
+def _check_addresses(url: str, target: str) -> None:
+    """gRPC's ``ipv4:a.b.c.d[:port][,...]`` / ``ipv6:addr`` or ``ipv6:[addr]:port[,...]`` lists
+    (grpc/doc/naming.md). Raises ValueError naming the entry that is not one: gRPC would take the
+    target and fail at the first call with a resolver error."""
+    v6 = target[:5].lower() == "ipv6:"
+    for entry in target[5:].split(","):
+        addr, port = entry, None
+        if v6 and entry.startswith("[") and "]" in entry:
+            addr, _, rest = entry[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else "" if rest else None
+        elif not v6 and ":" in entry:
+            addr, _, port = entry.partition(":")
+        try:
+            (ipaddress.IPv6Address if v6 else ipaddress.IPv4Address)(addr)
+            ok = port is None or (port.isdigit() and 0 < int(port) <= 65535)
+        except ValueError:
+            ok = False
+        if not ok:
+            form = "ipv6:addr or ipv6:[addr]:port" if v6 else "ipv4:a.b.c.d[:port]"
+            raise ValueError(f"{url!r}: {entry!r} is not an address of {form} (entries separated by commas)")
 
 
 def auth_metadata(token: str | None = None) -> tuple[tuple[str, str], ...]:
