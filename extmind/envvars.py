@@ -249,7 +249,10 @@ REGISTRY: tuple[EnvVar, ...] = (
         "directory of Qwen3-Reranker-8B (`qwen3-reranker-8b`)",
     ),
     EnvVar(
-        "HF_HUB_OFFLINE", "", "embedder model registry", "`1` = use the local Hugging Face cache only, never download"
+        "HF_HUB_OFFLINE",
+        "",
+        "embedder model registry; generator `--model`",
+        "`1` = hub ids come from the local Hugging Face cache only, never downloaded",
     ),
     # --- memory
     EnvVar(

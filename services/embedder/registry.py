@@ -16,6 +16,7 @@ from pathlib import Path
 
 from extmind.embedding_models import BY_ALIAS, MINILM, MODELS, KnownModel
 from extmind.errors import NotFound
+from services.common import hub
 from services.embedder.models.base import ServedModel, read_json
 
 
@@ -52,27 +53,9 @@ def _is_model_dir(p: Path) -> bool:
 
 
 def _hub(hub_id: str, tried: list[str], download: bool = True) -> Path | None:
-    offline = not download or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        tried.append(f"hub {hub_id} (huggingface_hub is not installed)")
-        return None
-    for local_only in (True,) if offline else (True, False):
-        try:
-            path = Path(
-                snapshot_download(
-                    hub_id, local_files_only=local_only, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]
-                )
-            )
-            if _is_model_dir(path):
-                return path
-        except Exception as exc:  # noqa: BLE001 - every hub failure just means "not here"
-            why = type(exc).__name__
-            tried.append(f"hub {hub_id} ({'local cache' if local_only else 'download'}: {why})")
-    if offline:
-        tried.append("(downloads are off: HF_HUB_OFFLINE=1 or local-only lookup)")
-    return None
+    path, notes = hub.snapshot(hub_id, ["*.json", "*.safetensors", "*.txt", "*.model"], _is_model_dir, download)
+    tried += notes
+    return path
 
 
 def _kind_of(path: Path, hint: str | None, name: str) -> str:

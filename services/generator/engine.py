@@ -23,6 +23,7 @@ import mlx.core as mx
 from mlx_lm.utils import load
 
 from extmind import errors, tensor
+from services.common import hub
 from services.common.background import retrieved
 from services.common.mlx_thread import MLXThread
 from services.generator import memory_lookup, weights_dtype
@@ -145,16 +146,21 @@ class GeneratorEngine:
     def _load(self) -> None:
         path = Path(self.config.model).expanduser()
         if not path.is_dir():
-            from mlx_lm.utils import hf_repo_to_path
+            # mlx-lm's own hf_repo_to_path reads the local cache only; a hub id here is fetched
+            # as the embedder fetches one (services/common/hub.py).
+            from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 
-            try:
-                path = hf_repo_to_path(self.config.model)
-            except Exception as exc:  # noqa: BLE001 - hub errors come in many types
+            got, notes = hub.snapshot(
+                self.config.model, DEFAULT_ALLOW_PATTERNS, lambda p: (p / "config.json").is_file()
+            )
+            if got is None:
                 raise errors.NotFound(
                     f"generator model {self.config.model!r}: no local directory at {path.resolve()} and the "
-                    f"hub could not provide it ({type(exc).__name__}: {exc}). Pass a directory with "
-                    "config.json, *.safetensors and tokenizer files, or a hub id available offline"
-                ) from exc
+                    f"hub could not provide it ({'; '.join(notes)}). Pass a directory with config.json, "
+                    "*.safetensors and tokenizer files, or a hub id (downloaded into the Hugging Face cache "
+                    "unless HF_HUB_OFFLINE=1)"
+                )
+            path = got
         # mlx-lm's own errors here are bare FileNotFoundErrors (a traceback at start-up).
         lacks = [pattern for pattern in ("config.json", "model*.safetensors") if not any(path.glob(pattern))]
         if lacks:
