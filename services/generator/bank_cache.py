@@ -91,7 +91,10 @@ def bank_layer(keys: np.ndarray, values: np.ndarray, dtype: int) -> tuple[mx.arr
     """One layer's numpy [KVH, N, d] storage arrays of ``dtype`` -> (keys [KVH, d, N], values
     [KVH, N, d], float32 inverse key norms [KVH, N]) on the device, evaluated, bit for bit."""
     k, v = from_storage(keys, dtype), from_storage(values, dtype)
-    norms = _inv_norms(k)
+    # Row-contiguous, as the one-launch decode kernel reads them in place (fused_attention.
+    # attend_top_k): from_storage makes row-major arrays, and the norms' reduction keeps its input's
+    # layout on MLX's CUDA build; mx.contiguous only copies what is not (once per bank, not per step).
+    norms = mx.contiguous(_inv_norms(k))
     k = mx.contiguous(k.swapaxes(-1, -2))
     mx.eval(k, v, norms)
     return k, v, norms

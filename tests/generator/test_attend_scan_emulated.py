@@ -83,7 +83,8 @@ def test_the_banks_the_one_launch_kernel_reads_in_place_are_row_contiguous():
     """The attend kernel is made with ensure_row_contiguous=False (it reads the KV cache with its
     strides) but indexes keys_t, inv_norms and the values as row-contiguous arrays; the scan
     kernel of the two-launch path gets copies from MLX instead. So what LocalRetriever.layer_bank
-    hands the fused path must be row-contiguous: one bank, banks of one dtype, banks of two."""
+    hands the fused path must be row-contiguous: one bank (also one stored in another memory
+    layout), banks of one dtype, banks of two."""
     from extmind import tensor
     from services.generator.bank_cache import LocalRetriever, bank_from_numpy
 
@@ -95,7 +96,13 @@ def test_the_banks_the_one_launch_kernel_reads_in_place_are_row_contiguous():
         arrays = [rng.standard_normal((2, n, 16)).astype(np.float16 if dtype == tensor.FLOAT16 else np.float32)]
         return bank_from_numpy(name, "v1", arrays, [a.copy() for a in arrays], dtype)
 
+    def column_major_bank(name, n):  # storage arrays laid out [n, KVH, d] in memory (fancy indexing)
+        arrays = [rng.standard_normal((n, 2, 16)).astype(np.float32).transpose(1, 0, 2)]
+        assert not arrays[0].flags["C_CONTIGUOUS"]
+        return bank_from_numpy(name, "v1", arrays, [a.copy(order="K") for a in arrays], tensor.FLOAT32)
+
     for banks in (
+        [column_major_bank("c", 9)],
         [bank("a", 7, tensor.FLOAT32)],
         [bank("a", 7, tensor.FLOAT16), bank("b", 5, tensor.FLOAT16)],
         [bank("a", 7, tensor.FLOAT32), bank("b", 5, tensor.FLOAT16)],

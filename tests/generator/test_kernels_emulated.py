@@ -68,7 +68,11 @@ def _inputs(rng, B, H, KVH, L, d, n, mode):
         base = rng.standard_normal(d)
         keys[:, rng.choice(n, c, replace=False)] = base + 0.03 * rng.standard_normal((KVH, c, d))
         q = base + 0.01 * rng.standard_normal((B, H, L, d))
-    return q.astype(np.float32), keys.astype(np.float32)
+    # Row-major, as the service's banks are (kv_dtypes.from_storage): the ties' fancy indexing lays
+    # keys out as [n, KVH, d] in memory, and MLX's CUDA reductions keep an input's layout, so the
+    # tests' inverse norms came out column-major there, which the one-launch kernel (reading its
+    # bank in place, row-contiguous by contract) read as other rows' norms.
+    return np.ascontiguousarray(q, np.float32), np.ascontiguousarray(keys, np.float32)
 
 
 def _row_contiguous(a: mx.array) -> bool:
