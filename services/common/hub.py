@@ -34,16 +34,25 @@ def snapshot(
                 return path, notes
             notes.append(f"hub {hub_id} ({'local cache' if local_only else 'download'}: not a model directory)")
         except Exception as exc:  # noqa: BLE001 - every hub failure just means "not here"
-            notes.append(f"hub {hub_id} ({'local cache' if local_only else 'download'}: {_why(exc)})")
+            notes.append(f"hub {hub_id} ({'local cache' if local_only else 'download'}: {_why(exc, local_only)})")
     if no_download:
         notes.append("(downloads are off: HF_HUB_OFFLINE=1 or local-only lookup)")
     return None, notes
 
 
-def _why(exc: Exception) -> str:
+def _why(exc: Exception, local_only: bool) -> str:
     """One short line for a hub failure (its messages run to several lines of advice)."""
     name = type(exc).__name__
+    cause = exc.__cause__ or exc.__context__
     if name == "LocalEntryNotFoundError":
-        return "not in the cache"
+        # Raised by a download too when the hub cannot be reached (huggingface_hub then falls
+        # back to the cache): say which.
+        if local_only:
+            return "not in the cache"
+        return (
+            f"the hub could not be reached ({type(cause).__name__}: {cause})"
+            if cause
+            else "the hub could not be reached"
+        )
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{name}: {first[:160]}" if first else name

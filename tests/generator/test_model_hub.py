@@ -148,3 +148,11 @@ def test_a_hub_id_the_hub_does_not_have_names_each_attempt(hub):
     assert "hub extmind-test/no-such-model (local cache: not in the cache); " in message, message
     assert "hub extmind-test/no-such-model (download: RepositoryNotFoundError: 404 Client Error" in message, message
     assert message.endswith("or a hub id (downloaded into the Hugging Face cache unless HF_HUB_OFFLINE=1)"), message
+
+
+def test_a_hub_that_cannot_be_reached_says_so(hub):
+    hub.close()  # the endpoint now refuses connections, as a machine without network
+    message = _error(REPO)
+    assert (
+        f"hub {REPO} (local cache: not in the cache); hub {REPO} (download: the hub could not be reached (" in message
+    )
