@@ -31,6 +31,8 @@ OPTIONS = [
 _SCHEMES = ("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "vsock:")
 _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:///")
 _HOST_PORT = re.compile(r"(\[[0-9A-Za-z:.%]+\]|[A-Za-z0-9_.-]+)(:([0-9]{1,5}))?")
+_V4_ENTRY = re.compile(r"([0-9.]+):([0-9]{1,5})")
+_V6_ENTRY = re.compile(r"\[([0-9A-Za-z:.%]+)\]:([0-9]{1,5})")
 _FORMS = "use host:port, grpc://host:port, grpcs://host[:port] (TLS), unix:/path or a scheme:/// of gRPC's"
 
 
@@ -45,7 +47,7 @@ def parse_target(url: str) -> tuple[str, bool]:
     scheme = url[: url.find("://") + 3].lower() if "://" in url else ""
     secure = scheme == "grpcs://"
     target = url[len(scheme) :].rstrip("/") if scheme in ("grpc://", "grpcs://") else url.rstrip("/")
-    if target.lower().startswith(("ipv4:", "ipv6:")) and not _URI.match(target):
+    if target.lower().startswith(("ipv4:", "ipv6:")):
         _check_addresses(url, target)
         return target, secure
     if target.lower().startswith(_SCHEMES) or _URI.match(target):
@@ -60,24 +62,20 @@ def parse_target(url: str) -> tuple[str, bool]:
 
 
 def _check_addresses(url: str, target: str) -> None:
-    """gRPC's ``ipv4:a.b.c.d[:port][,...]`` / ``ipv6:addr`` or ``ipv6:[addr]:port[,...]`` lists
-    (grpc/doc/naming.md). Raises ValueError naming the entry that is not one: gRPC would take the
-    target and fail at the first call with a resolver error."""
+    """gRPC's ``ipv4:a.b.c.d:port[,...]`` / ``ipv6:[addr]:port[,...]`` lists (grpc/doc/naming.md;
+    gRPC refuses an entry without a port). Raises ValueError naming the entry that is not one:
+    gRPC would take the target and fail at the first call with a resolver error."""
     v6 = target[:5].lower() == "ipv6:"
-    for entry in target[5:].split(","):
-        addr, port = entry, None
-        if v6 and entry.startswith("[") and "]" in entry:
-            addr, _, rest = entry[1:].partition("]")
-            port = rest[1:] if rest.startswith(":") else "" if rest else None
-        elif not v6 and ":" in entry:
-            addr, _, port = entry.partition(":")
+    rest = target[5:]
+    for entry in (rest[3:] if rest.startswith("///") else rest).split(","):  # ipv4:///a.b.c.d:port too
+        m = (_V6_ENTRY if v6 else _V4_ENTRY).fullmatch(entry)
         try:
-            (ipaddress.IPv6Address if v6 else ipaddress.IPv4Address)(addr)
-            ok = port is None or (port.isdigit() and 0 < int(port) <= 65535)
+            ok = bool(m) and 0 < int(m.group(2)) <= 65535
+            ok = ok and bool((ipaddress.IPv6Address if v6 else ipaddress.IPv4Address)(m.group(1)))
         except ValueError:
             ok = False
         if not ok:
-            form = "ipv6:addr or ipv6:[addr]:port" if v6 else "ipv4:a.b.c.d[:port]"
+            form = "ipv6:[addr]:port" if v6 else "ipv4:a.b.c.d:port"
             raise ValueError(f"{url!r}: {entry!r} is not an address of {form} (entries separated by commas)")
 
 

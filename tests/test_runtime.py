@@ -415,9 +415,10 @@ def test_the_stream_interval_takes_a_finite_number_of_milliseconds_or_says_what_
         ("grpcs://memory.example", "memory.example", True),  # gRPC's default port
         ("extmind_memory_1:50052", "extmind_memory_1:50052", False),
         ("ipv4:127.0.0.1:50052", "ipv4:127.0.0.1:50052", False),
-        ("ipv4:10.0.0.1,10.0.0.2:50052", "ipv4:10.0.0.1,10.0.0.2:50052", False),  # gRPC's default port for one
-        ("ipv6:::1", "ipv6:::1", False),
-        ("ipv6:[::1]:50052,[fe80::1]:1", "ipv6:[::1]:50052,[fe80::1]:1", False),
+        ("ipv4:10.0.0.1:1,10.0.0.2:50052", "ipv4:10.0.0.1:1,10.0.0.2:50052", False),
+        ("IPV4:127.0.0.1:50052", "IPV4:127.0.0.1:50052", False),
+        ("ipv4:///127.0.0.1:50052", "ipv4:///127.0.0.1:50052", False),
+        ("ipv6:[::1]:50052,[fe80::1%eth0]:1", "ipv6:[::1]:50052,[fe80::1%eth0]:1", False),
     ],
 )
 def test_parse_target_takes_grpc_targets(url, target, tls):
@@ -441,10 +442,16 @@ def test_parse_target_takes_grpc_targets(url, target, tls):
         ("ipv4:garbage", "'garbage' is not an address of ipv4:"),
         ("ipv4:127.0.0.1:0", "is not an address of ipv4:"),
         ("ipv4:127.0.0.1:70000", "is not an address of ipv4:"),
-        ("ipv4:127.0.0.1,", "'' is not an address of ipv4:"),
+        ("ipv4:127.0.0.1:1,", "'' is not an address of ipv4:"),
         ("ipv4:", "'' is not an address of ipv4:"),
         ("ipv6:[::1]:x", "is not an address of ipv6:"),
         ("ipv6:127.0.0.1", "is not an address of ipv6:"),
+        ("ipv4:127.0.0.1", "'127.0.0.1' is not an address of ipv4:a.b.c.d:port"),  # gRPC: "no port given"
+        ("ipv4:10.0.0.1,10.0.0.2:50052", "'10.0.0.1' is not an address of ipv4:"),
+        ("ipv6:::1", r"'::1' is not an address of ipv6:\[addr\]:port"),
+        ("ipv6:[::1]", "is not an address of ipv6:"),
+        ("ipv4:///garbage", "'garbage' is not an address of ipv4:"),
+        ("ipv4:127.0.0.1:\u0665\u0660\u0660\u0665\u0661", "is not an address of ipv4:"),  # Arabic-Indic digits
     ],
 )
 def test_parse_target_refuses_what_grpc_would_take_for_a_host_name(url, says):
