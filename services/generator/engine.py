@@ -150,14 +150,14 @@ class GeneratorEngine:
             # as the embedder fetches one (services/common/hub.py).
             from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 
-            got, notes = hub.snapshot(
-                self.config.model, DEFAULT_ALLOW_PATTERNS, lambda p: (p / "config.json").is_file()
-            )
-            if got is None and not hub.is_hub_id(self.config.model):
+            if not hub.is_hub_id(self.config.model):
                 raise errors.NotFound(
                     f"generator model {self.config.model!r}: no directory at {path.resolve()}; pass a model "
                     "directory with config.json, *.safetensors and tokenizer files, or a hub id (org/name)"
                 )
+            got, notes = hub.snapshot(
+                self.config.model, DEFAULT_ALLOW_PATTERNS, lambda p: (p / "config.json").is_file()
+            )
             if got is None:
                 raise errors.NotFound(
                     f"generator model {self.config.model!r}: no local directory at {path.resolve()} and the "
