@@ -29,7 +29,17 @@ import grpc
 import numpy as np
 
 from extmind.cli_args import build_parser, check_combinations
-from extmind.cli_common import _TIMEOUT_PROBLEM, TIMEOUT, CliError, Targets, _md, _read_text, _short, rpc_error_line
+from extmind.cli_common import (
+    _TIMEOUT_PROBLEM,
+    TIMEOUT,
+    CliError,
+    Targets,
+    _md,
+    _read_text,
+    _short,
+    counted,
+    rpc_error_line,
+)
 from extmind.cli_docs import cmd_docs
 from extmind.cli_memories import cmd_memories, cmd_memorize
 from extmind.cluster import Cluster
@@ -135,7 +145,7 @@ def cmd_generate(a, t: Targets) -> int:
         reason = generator_pb2.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
         dt = time.monotonic() - t0
         n = last.usage.completion_tokens
-        print(f"[{n} tokens, {reason}, {dt:.2f}s, {n / dt if dt else 0:.1f} tok/s]", file=sys.stderr)
+        print(f"[{counted(n, 'token')}, {reason}, {dt:.2f}s, {n / dt if dt else 0:.1f} tok/s]", file=sys.stderr)
         if a.prompt == "-" and not a.chat and prompt.endswith("\n") and not answered:
             # `echo` adds a newline that the prompt keeps (verbatim): a prompt ending in "Answer:\n"
             # often makes the model stop at once.

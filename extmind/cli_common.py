@@ -112,6 +112,11 @@ class Targets:
         return generator_pb2_grpc.GeneratorServiceStub(self._chan("generator"))
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 token', '2 tokens': ``n`` and ``noun`` (singular) with its plural ``s`` when n != 1."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _short(text: str, n: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= n else text[: n - 1] + "…"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from extmind.cli_common import TIMEOUT, CliError, Targets, _kv, _md, _read_text, _short
+from extmind.cli_common import TIMEOUT, CliError, Targets, _kv, _md, _read_text, _short, counted
 from extmind.v1 import memory_pb2
 
 
@@ -47,7 +47,8 @@ def cmd_docs(a, t: Targets) -> int:
             memory_pb2.UpsertDocumentsRequest(collection=a.collection, documents=docs), timeout=TIMEOUT, metadata=_md()
         )
         print(
-            f"upserted {len(r.ids)} documents into {a.collection} ({r.model}, {r.dimensions} dims): " + ", ".join(r.ids)
+            f"upserted {counted(len(r.ids), 'document')} into {a.collection} ({r.model}, {r.dimensions} dims): "
+            + ", ".join(r.ids)
         )
     elif a.docs_cmd == "search":
         r = t.memory.SearchDocuments(
@@ -59,7 +60,7 @@ def cmd_docs(a, t: Targets) -> int:
         )
         for h in r.hits:
             meta = " ".join(f"{k}={v}" for k, v in sorted(h.metadata.items()))
-            print(f"  {h.score:7.4f}  {h.id:<20} {_short(h.text, 60)}  {meta}")
+            print(f"  {h.score:7.4f}  {h.id:<20} {_short(h.text, 60)}  {meta}".rstrip())
         if not r.hits:
             print("  (no hits)")
     elif a.docs_cmd == "delete":
@@ -68,7 +69,7 @@ def cmd_docs(a, t: Targets) -> int:
         )
         asked = len(dict.fromkeys(a.ids))
         missing = f" ({asked - r.deleted} of the {asked} ids were not there)" if r.deleted < asked else ""
-        print(f"deleted {r.deleted} document{'' if r.deleted == 1 else 's'} from {a.collection}{missing}")
+        print(f"deleted {counted(r.deleted, 'document')} from {a.collection}{missing}")
     elif a.docs_cmd == "create":
         c = t.memory.CreateCollection(
             memory_pb2.CreateCollectionRequest(collection=a.collection, model=a.model or "", dimensions=a.dimensions),

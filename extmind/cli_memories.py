@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 
-from extmind.cli_common import TIMEOUT, CliError, Targets, UsageError, _kv, _md, _read_text, _short
+from extmind.cli_common import TIMEOUT, CliError, Targets, UsageError, _kv, _md, _read_text, _short, counted
 from extmind.v1 import common_pb2, generator_pb2, memory_pb2
 
 
@@ -240,7 +240,7 @@ def _memorize_one(t: Targets, mid: str, text: str, labels: dict, exists: bool, b
         return _skipped(mid)
     if r is None:
         raise CliError(f"the generator ended memorizing {mid} without a result; see its log")
-    return f"{r.memory_id}: {r.num_tokens} tokens, {r.num_rows} memory rows ({ROWS_NOTE})"
+    return f"{r.memory_id}: {counted(r.num_tokens, 'token')}, {counted(r.num_rows, 'memory row')} ({ROWS_NOTE})"
 
 
 def _fmt_memory(m) -> str:

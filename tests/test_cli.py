@@ -739,3 +739,9 @@ def test_memorize_gives_up_when_the_generator_falls_silent(services, env, tmp_pa
     while exists():
         assert time.monotonic() < deadline, "the cancelled memory stayed"
         time.sleep(0.2)
+
+
+def test_counts_read_as_words():
+    from extmind.cli_common import counted
+
+    assert [counted(n, "memory row") for n in (0, 1, 2)] == ["0 memory rows", "1 memory row", "2 memory rows"]
