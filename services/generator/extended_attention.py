@@ -205,10 +205,13 @@ class ExtendedMindAttention(nn.Module):
     def _project(self, x: mx.array):
         a = self.inner
         B, L, _ = x.shape
-        q, k, v = self.qkv(x) if self.qkv is not None else (a.q_proj(x), a.k_proj(x), a.v_proj(x))
-        q = q.reshape(B, L, self.n_heads, -1)
-        k = k.reshape(B, L, self.n_kv_heads, -1)
-        v = v.reshape(B, L, self.n_kv_heads, -1)
+        if self.qkv is not None:  # one matmul; its heads split as views (no copy at any L)
+            h, kvh = self.n_heads, self.n_kv_heads
+            q, k, v = mx.split(self.qkv.stacked(x).reshape(B, L, h + 2 * kvh, -1), [h, h + kvh], axis=2)
+        else:
+            q = a.q_proj(x).reshape(B, L, self.n_heads, -1)
+            k = a.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
+            v = a.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
         if "q_norm" in a:
             q = a.q_norm(q)
         if "k_norm" in a:
