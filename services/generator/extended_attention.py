@@ -186,6 +186,10 @@ def _compiled_top_k(top_k: int, threshold: float | None):
     return mx.compile(functools.partial(_top_k, top_k=top_k, threshold=threshold))
 
 
+# One RoPE call for a layer's queries and keys when its projections are merged (_rotated).
+ROPE_ONCE = True
+
+
 class ExtendedMindAttention(nn.Module):
     def __init__(self, inner: nn.Module, layer: int, state: ExtendedMindState, n_heads: int, n_kv_heads: int):
         super().__init__()
@@ -232,33 +236,39 @@ class ExtendedMindAttention(nn.Module):
             return self.inner(x, mask, cache) if self.qkv is None else self._stock(x, mask, cache)
         return self._with_memories(x, mask, cache, ctx)
 
+    def _rotated(self, x: mx.array, cache: Any):
+        """The queries and keys after RoPE (at the cache's offset) and the values, [B, heads, L, d]
+        each. With merged projections and no per-head norms one RoPE call rotates the queries and
+        the keys together, as views of one array (RoPE acts on each head alone: the same values
+        as two calls), one operation fewer per layer."""
+        a = self.inner
+        offset = {} if cache is None else {"offset": cache.offset}
+        if ROPE_ONCE and self.qkv is not None and "q_norm" not in a and "k_norm" not in a:
+            B, L, _ = x.shape
+            h, kvh = self.n_heads, self.n_kv_heads
+            heads = self.qkv.stacked(x).reshape(B, L, h + 2 * kvh, -1).transpose(0, 2, 1, 3)
+            qk = a.rope(heads[:, : h + kvh], **offset)
+            return qk[:, :h], qk[:, h:], heads[:, h + kvh :]
+        q, k, v = self._project(x)
+        return a.rope(q, **offset), a.rope(k, **offset), v
+
     def _stock(self, x: mx.array, mask: Any, cache: Any) -> mx.array:
         """The stock module's computation (mlx-lm's Llama/Qwen attention, line for line) on the
         merged projections: what runs without memories once ``qkv`` is set."""
         a = self.inner
         B, L, _ = x.shape
-        q, k, v = self._project(x)
+        q, k, v = self._rotated(x, cache)
         if cache is not None:
-            q = a.rope(q, offset=cache.offset)
-            k = a.rope(k, offset=cache.offset)
             k, v = cache.update_and_fetch(k, v)
-        else:
-            q = a.rope(q)
-            k = a.rope(k)
         out = scaled_dot_product_attention(q, k, v, cache=cache, scale=a.scale, mask=mask)
         return a.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def _with_memories(self, x, mask, cache, ctx: MemoryContext) -> mx.array:
         a = self.inner
         B, L, _ = x.shape
-        q, k, v = self._project(x)
+        q, k, v = self._rotated(x, cache)
         if cache is not None:
-            q = a.rope(q, offset=cache.offset)
-            k = a.rope(k, offset=cache.offset)
             k, v = cache.update_and_fetch(k, v)
-        else:
-            q = a.rope(q)
-            k = a.rope(k)
         kvh, rep = self.n_kv_heads, self.n_heads // self.n_kv_heads
         d = q.shape[-1]
         S = k.shape[2]
