@@ -385,6 +385,13 @@ REGISTRY: tuple[EnvVar, ...] = (
         "the portable path elsewhere",
     ),
     EnvVar(
+        "GENERATOR_MERGE_PROJECTIONS",
+        "auto",
+        "generator `--merge-projections`",
+        "auto / on / off: each layer's q/k/v projections as one matmul and its MLP's gate/up as one (fewer "
+        "operations per decoded token); auto = on when MLX computes on a GPU",
+    ),
+    EnvVar(
         "GENERATOR_WARMUP",
         "auto",
         "generator `--warmup`",

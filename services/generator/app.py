@@ -16,7 +16,7 @@ from services.common.config import (
     positive_int,
 )
 from services.common.server import Service
-from services.generator import fused_attention, weights_dtype
+from services.generator import fused_attention, fused_projections, weights_dtype
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.http_face import GeneratorHttpFace
 from services.generator.servicer import GeneratorServicer
@@ -140,6 +140,16 @@ def parse_args(argv=None):
         help="LOCAL retrieval and extended attention in fused custom kernels, CUDA only (auto: on when MLX "
         "computes on CUDA, the portable path elsewhere; off: the portable path everywhere)",
     )
+    p.flag(
+        "--merge-projections",
+        env="GENERATOR_MERGE_PROJECTIONS",
+        default=EngineConfig.merge_projections,
+        choices=fused_projections.MODES,
+        help="each layer's query/key/value projections as one matmul, and its MLP's gate/up as one: fewer "
+        "operations per token, for a decode step bound by the host (auto: on when MLX computes on a GPU; "
+        "off: the stock modules, bit for bit). A layer whose merged form does not compute what the stock "
+        "one does at load keeps its own",
+    )
     args = p.parse_args(argv)
     if not args.model:
         p.error("--model (or GENERATOR_MODEL) is required")
@@ -167,6 +177,7 @@ class GeneratorApp:
                 memory_timeout=args.memory_timeout,
                 dtype=args.dtype,
                 fused_attention=args.fused_attention,
+                merge_projections=args.merge_projections,
             )
         )
         servicer = GeneratorServicer(self.engine, max_response_bytes=int(args.max_response_mb * (1 << 20)))

@@ -26,7 +26,7 @@ from extmind import errors, tensor
 from services.common import hub
 from services.common.background import retrieved
 from services.common.mlx_thread import MLXThread
-from services.generator import memory_lookup, weights_dtype
+from services.generator import fused_projections, memory_lookup, weights_dtype
 from services.generator.attention_parts import compute_dtype
 from services.generator.bank_cache import BankCache
 from services.generator.chat_prompt import encode_messages
@@ -59,6 +59,9 @@ class EngineConfig:
     memory_timeout: float = 30.0
     dtype: str = "auto"  # weights_dtype.CHOICES: "auto" widens half precision on the CPU
     fused_attention: str = "auto"  # fused_attention.MODES: "auto" = fused LOCAL kernels on CUDA
+    # q/k/v and gate/up projections as one matmul each (services/generator/fused_projections.py):
+    # fused_projections.MODES, "auto" = on when MLX computes on a GPU
+    merge_projections: str = "auto"
     # Milliseconds between two hand-overs of streamed tokens to the callers (the first token, the
     # last event and errors go at once): docs/architecture.md, "Handing tokens to the callers".
     stream_interval_ms: float = 5.0
@@ -182,7 +185,8 @@ class GeneratorEngine:
             raise errors.InvalidArgument(f"generator model {self.config.model!r}: {exc}") from None
         if target is not None:
             weights_dtype.cast(self.model, target)
-        self.state = install(self.model, cfg, fused=self.config.fused_attention)
+        merge = fused_projections.enabled(self.config.merge_projections)
+        self.state = install(self.model, cfg, fused=self.config.fused_attention, merge=merge)
         # Shapes come from the config, never from weight shapes: a quantized weight is packed
         # (a 4-bit o_proj of a 128-wide model is [128, 16] uint32).
         shape = self.state.shape
@@ -208,6 +212,7 @@ class GeneratorEngine:
                 "cast_from_checkpoint": target is not None,
                 # --fused-attention auto turns the CUDA kernels on by itself: say which path runs
                 "fused_attention": self.state.fused,
+                "merged_projections": self.state.merged_projections,
             },
         )
 

@@ -28,9 +28,11 @@ from typing import Any, Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import scaled_dot_product_attention
 
-from services.generator import attention_parts, fused_attention, prefill_attention
+from services.generator import attention_parts, fused_attention, fused_projections, prefill_attention
 from services.generator.citations import Picks
+from services.generator.fused_projections import MergedLinear
 from services.generator.prefill_attention import apply_mask, take_rows
 from services.generator.request_types import DEFAULT_MEMORY_TOP_K
 
@@ -94,6 +96,8 @@ class ExtendedMindState:
     # LOCAL retrieval and attention in fused kernels (services/generator/fused_attention.py):
     # set at install from ``fused_attention.enabled()`` (on the CUDA backend, unless turned off).
     fused: bool = False
+    # Modules whose projections run merged (fused_projections.merge): attentions and MLPs.
+    merged_projections: int = 0
 
 
 def local_top_k(
@@ -182,6 +186,10 @@ def _compiled_top_k(top_k: int, threshold: float | None):
     return mx.compile(functools.partial(_top_k, top_k=top_k, threshold=threshold))
 
 
+# One RoPE call for a layer's queries and keys when its projections are merged (_rotated).
+ROPE_ONCE = True
+
+
 class ExtendedMindAttention(nn.Module):
     def __init__(self, inner: nn.Module, layer: int, state: ExtendedMindState, n_heads: int, n_kv_heads: int):
         super().__init__()
@@ -192,14 +200,22 @@ class ExtendedMindAttention(nn.Module):
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads
         self.scale = inner.scale
+        # q_proj, k_proj and v_proj as one matmul (fused_projections.py), set by ``install`` once
+        # the probe found this layer's attention the same computed either way; None: the stock
+        # module's own projections, and the stock module itself when there are no memories.
+        self.qkv: MergedLinear | None = None
 
     # The pre-RoPE projections exactly as mlx-lm's Llama/Qwen2/Qwen3 (and their MoE) attention computes them.
     def _project(self, x: mx.array):
         a = self.inner
         B, L, _ = x.shape
-        q = a.q_proj(x).reshape(B, L, self.n_heads, -1)
-        k = a.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
-        v = a.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        if self.qkv is not None:  # one matmul; its heads split as views (no copy at any L)
+            h, kvh = self.n_heads, self.n_kv_heads
+            q, k, v = mx.split(self.qkv.stacked(x).reshape(B, L, h + 2 * kvh, -1), [h, h + kvh], axis=2)
+        else:
+            q = a.q_proj(x).reshape(B, L, self.n_heads, -1)
+            k = a.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
+            v = a.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
         if "q_norm" in a:
             q = a.q_norm(q)
         if "k_norm" in a:
@@ -217,20 +233,42 @@ class ExtendedMindAttention(nn.Module):
             _, k, v = self._project(x)
             state.capture.append((self.layer, k, v))
         if ctx is None or not ctx.applies(self.layer):
-            return self.inner(x, mask, cache)
+            return self.inner(x, mask, cache) if self.qkv is None else self._stock(x, mask, cache)
         return self._with_memories(x, mask, cache, ctx)
+
+    def _rotated(self, x: mx.array, cache: Any):
+        """The queries and keys after RoPE (at the cache's offset) and the values, [B, heads, L, d]
+        each. With merged projections and no per-head norms one RoPE call rotates the queries and
+        the keys together, as views of one array (RoPE acts on each head alone: the same values
+        as two calls), one operation fewer per layer."""
+        a = self.inner
+        offset = {} if cache is None else {"offset": cache.offset}
+        if ROPE_ONCE and self.qkv is not None and "q_norm" not in a and "k_norm" not in a:
+            B, L, _ = x.shape
+            h, kvh = self.n_heads, self.n_kv_heads
+            heads = self.qkv.stacked(x).reshape(B, L, h + 2 * kvh, -1).transpose(0, 2, 1, 3)
+            qk = a.rope(heads[:, : h + kvh], **offset)
+            return qk[:, :h], qk[:, h:], heads[:, h + kvh :]
+        q, k, v = self._project(x)
+        return a.rope(q, **offset), a.rope(k, **offset), v
+
+    def _stock(self, x: mx.array, mask: Any, cache: Any) -> mx.array:
+        """The stock module's computation (mlx-lm's Llama/Qwen attention, line for line) on the
+        merged projections: what runs without memories once ``qkv`` is set."""
+        a = self.inner
+        B, L, _ = x.shape
+        q, k, v = self._rotated(x, cache)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=a.scale, mask=mask)
+        return a.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def _with_memories(self, x, mask, cache, ctx: MemoryContext) -> mx.array:
         a = self.inner
         B, L, _ = x.shape
-        q, k, v = self._project(x)
+        q, k, v = self._rotated(x, cache)
         if cache is not None:
-            q = a.rope(q, offset=cache.offset)
-            k = a.rope(k, offset=cache.offset)
             k, v = cache.update_and_fetch(k, v)
-        else:
-            q = a.rope(q)
-            k = a.rope(k)
         kvh, rep = self.n_kv_heads, self.n_heads // self.n_kv_heads
         d = q.shape[-1]
         S = k.shape[2]
@@ -358,9 +396,12 @@ class ExtendedMindAttention(nn.Module):
         return out, mass, got.indices, got.dots, weighed
 
 
-def install(model: nn.Module, config: dict | None = None, fused: str = "auto") -> ExtendedMindState:
+def install(
+    model: nn.Module, config: dict | None = None, fused: str = "auto", merge: bool = False
+) -> ExtendedMindState:
     """Wraps every attention module of ``model`` (once); returns the shared state. ``config``: the
-    model's config.json (default: the model's own ``args``); ``fused``: ``fused_attention.MODES``.
+    model's config.json (default: the model's own ``args``); ``fused``: ``fused_attention.MODES``;
+    ``merge``: merge each layer's projections where that computes the same (fused_projections.py).
     Raises attention_parts.UnsupportedModel (a ValueError naming what is missing) when extended
     mind cannot drive this model."""
     existing = getattr(model, "_extended_mind_state", None)
@@ -371,6 +412,8 @@ def install(model: nn.Module, config: dict | None = None, fused: str = "auto") -
     for i, layer in enumerate(model.layers):
         state.modules.append(ExtendedMindAttention(layer.self_attn, i, state, shape.num_heads, shape.num_kv_heads))
     attention_parts.probe(state.modules, shape, attention_parts.compute_dtype(model))
+    if merge:
+        state.merged_projections = fused_projections.merge(model, state.modules, attention_parts.compute_dtype(model))
     for layer, wrapper in zip(model.layers, state.modules):
         layer.self_attn = wrapper
     object.__setattr__(model, "_extended_mind_state", state)

@@ -12,6 +12,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.utils import load
 
 from extmind import errors
+from services.generator.attention_parts import compute_dtype
 from services.generator.engine import EngineConfig, GeneratorEngine
 from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
 from services.generator.sampling import sampler_for
@@ -44,12 +45,19 @@ async def test_no_memories_is_stock_mlx_lm(engines, name, llama_path, qwen3_path
         for t, lp in generate_step(mx.array(prompt), model, max_tokens=16):
             if t in tok.eos_token_ids:
                 break
-            out.append((t, float(np.array(lp)[t])))
+            top2 = np.sort(np.array(lp))[-2:]
+            out.append((t, float(np.array(lp)[t]), float(top2[1] - top2[0])))
         return out
 
     want = engine.mlx.call(stock)
-    assert len(tokens) >= 8 and tokens == [t for t, _ in want]
-    assert lps == [lp for _, lp in want]  # bit-identical
+    if not engine.state.merged_projections:  # the stock modules run: bit-identical
+        assert len(tokens) >= 8 and tokens == [t for t, _, _ in want]
+        assert lps == [lp for _, lp, _ in want]
+    else:  # merged matmuls may sum in another order (docs/architecture.md, "Merged projections")
+        tol = 1e-3 if compute_dtype(engine.model) == mx.float32 else 5e-2
+        n = next((i for i, (_, _, gap) in enumerate(want) if gap <= 2 * tol), len(want))  # a near tie ends it
+        assert n >= 8 and tokens[:n] == [t for t, _, _ in want[:n]]
+        np.testing.assert_allclose(lps[:n], [lp for _, lp, _ in want[:n]], atol=tol)
     assert final.prompt_tokens == len(prompt)
 
 
