@@ -254,6 +254,12 @@ REGISTRY: tuple[EnvVar, ...] = (
         "embedder model registry; generator `--model`",
         "`1` = hub ids come from the local Hugging Face cache only, never downloaded",
     ),
+    EnvVar(
+        "TRANSFORMERS_OFFLINE",
+        "",
+        "embedder model registry; generator `--model`",
+        "`1` = as `HF_HUB_OFFLINE=1` (transformers' name for it)",
+    ),
     # --- memory
     EnvVar(
         "REDIS_URL",

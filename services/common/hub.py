@@ -1,5 +1,5 @@
 """A Hugging Face hub id to a local checkpoint directory: the local cache first, then a download
-unless downloads are off (``HF_HUB_OFFLINE``). The embedder's registry
+unless downloads are off (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE``). The embedder's registry
 and the generator both resolve hub ids here, so a hub id behaves the same for every service."""
 
 from __future__ import annotations
@@ -16,8 +16,12 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?"
 
 
 def offline() -> bool:
-    """Whether downloads are off (``HF_HUB_OFFLINE`` = 1 / true / yes / on, as huggingface_hub reads it)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    """Whether downloads are off: ``HF_HUB_OFFLINE`` (as huggingface_hub reads it) or transformers'
+    ``TRANSFORMERS_OFFLINE`` = 1 / true / yes / on."""
+    return any(
+        os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def is_hub_id(spec: str) -> bool:
@@ -53,7 +57,7 @@ def snapshot(
         except Exception as exc:  # noqa: BLE001 - every hub failure just means "not here"
             notes.append(f"hub {hub_id} ({'local cache' if local_only else 'download'}: {_why(exc, local_only)})")
     if no_download:
-        notes.append("(downloads are off: HF_HUB_OFFLINE=1, or a local-only lookup)")
+        notes.append("(downloads are off: HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1, or a local-only lookup)")
     return None, notes
 
 

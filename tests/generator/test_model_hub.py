@@ -135,8 +135,10 @@ def test_a_hub_id_not_in_the_cache_is_downloaded_then_served_and_then_found_offl
         engine.stop()
 
 
-def test_offline_a_hub_id_not_in_the_cache_says_downloads_are_off(hub, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
+def test_offline_a_hub_id_not_in_the_cache_says_downloads_are_off(hub, monkeypatch, variable):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv(variable, "1")
     message = _error(REPO)
     assert f"hub {REPO} (local cache: not in the cache); (downloads are off: HF_HUB_OFFLINE" in message, message
     assert hub.asked == []
