@@ -322,7 +322,8 @@ def test_malformed_flags_and_environment_values_are_one_line_usage_errors(monkey
             monkeypatch.setenv(k, v)
         with pytest.raises(SystemExit) as e:
             parse_args(argv)
-        assert e.value.code == 2 and says in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and says in err and err.count("\n") == 1, err
         for k in env:
             monkeypatch.delenv(k)
     assert parse_args(["--max-response-mb", "0.5"]).max_response_mb == 0.5
@@ -350,7 +351,7 @@ def test_a_wrong_environment_value_gives_way_to_the_flag_and_to_help(monkeypatch
         parse_args(["--model", "m", "--window", "1024"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "GENERATOR_FUSED_ATTENTION='on' is not valid: use one of auto, off" in err
-    assert "[--fused-attention {auto,off}]" in err  # the usage line names every flag
+    assert err.count("\n") == 1 and err.endswith("(--help lists every flag)\n"), err  # one line
     with pytest.raises(SystemExit) as e:
         parse_args(["--model", "m", "--fused-attention", "auto"])
     err = capsys.readouterr().err

@@ -86,6 +86,11 @@ class FlagParser(argparse.ArgumentParser):
         self._invalid_env.setdefault(dest, bad)
         return bad
 
+    def error(self, message: str):
+        """A usage error as one line (exit 2): argparse would print the whole usage first, which
+        for a service is twenty lines above the one that says what to change."""
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
+
     def parse_args(self, args=None, namespace=None):
         ns = super().parse_args(args, namespace)  # --help exits here, whatever the environment holds
         for dest, value in getattr(self, "_repeated_defaults", {}).items():
