@@ -34,6 +34,7 @@ from extmind.cluster_config import (
     addresses,
     as_started,
     child_env,
+    env_digests,
     service_specs,
     url_given,
     write_record,
@@ -99,7 +100,15 @@ class Cluster:
                     start_new_session=True,
                 )
                 log.close()
-                rec = PidRecord(n, proc.pid, procs.start_time(proc.pid) or "?", spec.port, spec.argv, spec.extra)
+                rec = PidRecord(
+                    n,
+                    proc.pid,
+                    procs.start_time(proc.pid) or "?",
+                    spec.port,
+                    spec.argv,
+                    spec.extra,
+                    env_digests(n, env, spec.argv),
+                )
                 write_pid(s, rec)
                 started[n] = (proc, rec)
                 self.out(f"  {n:<10} started (pid {proc.pid}, port {spec.port}, log {s.log_file(n)})")
@@ -133,20 +142,30 @@ class Cluster:
         return dataclasses.replace(self.s, **moved)
 
     def _changed_settings(self, running: dict[str, PidRecord]) -> dict[str, str]:
-        """name -> the flags a running service was started with that differ from what this ``up``
-        would start it with: ``GENERATOR_MODEL=... make up`` on a running cluster would otherwise
-        keep the old model without a word. Only the command line is compared (a service variable
-        passed through the environment is not recorded)."""
+        """name -> the settings a running service was started with that differ from what this ``up``
+        would start it with: its command line, and its flags' variables in the environment
+        (``GENERATOR_MODEL=... make up`` or ``GENERATOR_MERGE_PROJECTIONS=on make up`` on a running
+        cluster would otherwise keep the old setting without a word). A service started before
+        its pid file recorded variables is compared by its command line only."""
         try:
             want = service_specs(self.s, lambda *a, **k: None, list(running))
         except LaunchError:
             return {}
+        env = child_env()
         changed = {}
         for n, r in running.items():
+            why = []
             if n in want and list(r.argv[1:]) != want[n].argv[1:]:
                 was = _flags(r.argv)
                 now = [f"{k} {v}".strip() for k, v in _flags(want[n].argv).items() if was.get(k) != v]
-                changed[n] = "this up would pass " + ", ".join(now) if now else "other flags"
+                why.append("this up would pass " + ", ".join(now) if now else "other flags")
+            if r.env is not None:
+                digests = env_digests(n, env, want[n].argv if n in want else r.argv)
+                moved = sorted(v for v in r.env.keys() | digests.keys() if r.env.get(v) != digests.get(v))
+                if moved:
+                    why.append(f"{', '.join(moved)} {'differs' if len(moved) == 1 else 'differ'} in the environment")
+            if why:
+                changed[n] = "; ".join(why)
         return changed
 
     def _check_port_free(self, spec: ServiceSpec) -> None:

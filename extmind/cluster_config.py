@@ -8,6 +8,7 @@ See docs/configuration.md for the variables.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -338,6 +339,20 @@ def service_specs(s: Settings, announce=print, names=ORDER) -> dict[str, Service
             {"http": s.generator_http_port},
         )
     return specs
+
+
+def env_digests(name: str, env: dict[str, str], argv: list[str]) -> dict[str, str]:
+    """Service ``name``'s flag variables set in ``env`` (``extmind.envvars.service_variables``)
+    whose flag its command line ``argv`` does not give (a flag wins over its variable) -> a short
+    digest of each value: enough to tell that a setting changed, without writing a token or a
+    password into the pid file."""
+    from extmind.envvars import service_variables
+
+    return {
+        var: hashlib.sha256(env[var].encode()).hexdigest()[:16]
+        for var, flag in service_variables(name).items()
+        if env.get(var) is not None and flag not in argv
+    }
 
 
 def child_env() -> dict[str, str]:

@@ -24,6 +24,10 @@ class PidRecord:
     port: int
     argv: list[str]
     extra: dict
+    # Each variable of the service's flags set in its environment -> a digest of its value
+    # (cluster_config.env_digests): settings given as variables, which the command line lacks.
+    # None: a pid file written before these were recorded.
+    env: dict | None = None
 
     def alive(self) -> bool:
         st = procs.start_time(self.pid)

@@ -447,6 +447,17 @@ def _default(text: str) -> str:
     return _cell(text) if text.startswith("(") else f"`{text}`"
 
 
+def service_variables(service: str) -> dict[str, str]:
+    """The variables that service ``service`` ("embedder", "memory", "generator") reads for its
+    flags, those the registry says its flags (or every service's) read -> the flag each backs."""
+    found = {}
+    for v in REGISTRY:
+        m = re.search(rf"(?:{service}|every service) `(--[a-z0-9-]+)`", v.read_by)
+        if m:
+            found[v.name] = m.group(1)
+    return found
+
+
 def markdown_table() -> str:
     """The configuration table (Markdown) that README.md and docs/configuration.md carry."""
     rows = ["| variable | default | read by | meaning |", "| --- | --- | --- | --- |"]

@@ -129,6 +129,19 @@ def test_up_again_with_other_settings_says_so(cluster, tmp_path):
     assert {n: read_pid(cluster.settings(), n).pid for n in ORDER} == before
 
 
+def test_up_again_with_a_setting_only_in_the_environment_says_so(cluster):
+    """A variable the launcher does not pass as a flag (the service reads it itself) is compared
+    too: `GENERATOR_MERGE_PROJECTIONS=on make up` on a running cluster names it."""
+    r = up_with(cluster, GENERATOR_MERGE_PROJECTIONS="on", EMBEDDER_MAX_QUEUE="7")
+    assert r.returncode == 0, r.stderr
+    lines = {ln.split()[0]: ln for ln in r.stdout.splitlines() if "other settings" in ln}
+    assert sorted(lines) == ["embedder", "generator"], r.stdout
+    assert "GENERATOR_MERGE_PROJECTIONS differs in the environment" in lines["generator"], lines
+    assert "EMBEDDER_MAX_QUEUE differs in the environment" in lines["embedder"], lines
+    r = cluster.launcher("up")
+    assert r.returncode == 0 and "other settings" not in r.stdout, r.stdout
+
+
 def test_up_again_reports_the_running_ports_not_the_new_ones(cluster):
     """Ports changed in the environment of a second `up` wait for a `make down`: its summary line
     and cluster.json name where the running services listen, not the ports they were not given."""
