@@ -125,6 +125,8 @@ class Cluster:
                 th.join()
             for n in started:
                 s.pid_file(n).unlink(missing_ok=True)
+            if started:
+                self.out(f"  stopped what this up started: {', '.join(started)}")
             raise
         recs = {n: rec for n, (_, rec) in started.items()} | running
         write_record(s, recs)

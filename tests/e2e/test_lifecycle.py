@@ -191,7 +191,8 @@ def test_failed_start_is_one_readable_error_and_cleans_up(tmp_path, model_cache)
     reason = r.stderr.splitlines()[1]
     assert reason.startswith("  reason: ") and "no-such-model" in reason, r.stderr
     assert "Traceback" not in r.stderr
-    # What this attempt started was stopped again; no pid files are left.
+    # What this attempt started was stopped again, and it says so; no pid files are left.
+    assert "stopped what this up started: embedder, memory, generator" in r.stdout, r.stdout
     assert not list((tmp_path / "run" / "pids").glob("*.pid"))
     s = h.settings()
     for port in (s.embedder_port, s.memory_port, s.generator_port):
