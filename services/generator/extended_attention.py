@@ -413,7 +413,8 @@ def install(
         state.modules.append(ExtendedMindAttention(layer.self_attn, i, state, shape.num_heads, shape.num_kv_heads))
     attention_parts.probe(state.modules, shape, attention_parts.compute_dtype(model))
     if merge:
-        state.merged_projections = fused_projections.merge(model, state.modules, attention_parts.compute_dtype(model))
+        dtype = attention_parts.compute_dtype(model)
+        state.merged_projections = fused_projections.merge(model, state.modules, dtype, shape.model_type)
     for layer, wrapper in zip(model.layers, state.modules):
         layer.self_attn = wrapper
     object.__setattr__(model, "_extended_mind_state", state)

@@ -88,8 +88,11 @@ class _GeluMLP(nn.Module):
         return self.down_proj(nn.gelu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def test_a_layer_whose_merged_form_differs_keeps_its_own(tmp_path):
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_a_layer_whose_merged_form_differs_keeps_its_own(tmp_path, dtype):
+    """Also in bfloat16, whose rounding is coarse: the check is relative to the outputs' size."""
     model = load(str(build_llama(tmp_path / "m", seed=3)))[0]
+    model.set_dtype(dtype)
     model.layers[1].mlp = _GeluMLP(model.layers[1].mlp)
     install(model, merge=True)
     assert isinstance(model.layers[0].mlp, MergedMLP)
@@ -122,3 +125,37 @@ def test_auto_merges_on_a_gpu_only():
     assert enabled("on") and not enabled("off")
     with pytest.raises(ValueError, match="auto, on, off"):
         enabled("yes")
+
+
+def test_untested_model_types_keep_their_modules():
+    """Gemma's MLP has the gate/up/down parts but a gelu: types outside MERGED_TYPES are not merged."""
+    import importlib
+
+    module = importlib.import_module("mlx_lm.models.gemma")
+    args = dict(
+        model_type="gemma",
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-6,
+        vocab_size=256,
+    )
+    model = module.Model(module.ModelArgs.from_dict(args))
+    model.set_dtype(mx.bfloat16)
+    mx.eval(model.parameters())
+    state = install(model, merge=True)
+    assert state.merged_projections == 0 and all(w.qkv is None for w in state.modules)
+
+
+def test_nvfp4_layers_merge_or_stay_without_an_error():
+    layers = _linears("float", False)
+    quant = [nn.QuantizedLinear.from_linear(m, group_size=16, bits=4, mode="nvfp4") for m in layers]
+    x = mx.random.normal((2, 3, 64), key=mx.random.key(1))
+    want = [np.array(m(x)) for m in quant]
+    merged = merge_linears(quant)
+    if merged is not None:
+        for g, w in zip(merged(x), want):
+            np.testing.assert_allclose(np.array(g), w, **TOL)
