@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from extmind.envvars import service_variables
+
 REPO = Path(__file__).resolve().parent.parent
 
 # name -> (default, meaning). The README's configuration table is generated from the same facts.
@@ -346,8 +348,6 @@ def env_digests(name: str, env: dict[str, str], argv: list[str]) -> dict[str, st
     whose flag its command line ``argv`` does not give (a flag wins over its variable) -> a short
     digest of each value: enough to tell that a setting changed, without writing a token or a
     password into the pid file."""
-    from extmind.envvars import service_variables
-
     return {
         var: hashlib.sha256(env[var].encode()).hexdigest()[:16]
         for var, flag in service_variables(name).items()

@@ -411,9 +411,9 @@ def install(
     state = ExtendedMindState(num_layers=shape.num_layers, shape=shape, fused=fused_attention.enabled(fused))
     for i, layer in enumerate(model.layers):
         state.modules.append(ExtendedMindAttention(layer.self_attn, i, state, shape.num_heads, shape.num_kv_heads))
-    attention_parts.probe(state.modules, shape, attention_parts.compute_dtype(model))
+    dtype = attention_parts.compute_dtype(model)
+    attention_parts.probe(state.modules, shape, dtype)
     if merge:
-        dtype = attention_parts.compute_dtype(model)
         state.merged_projections = fused_projections.merge(model, state.modules, dtype, shape.model_type)
     for layer, wrapper in zip(model.layers, state.modules):
         layer.self_attn = wrapper

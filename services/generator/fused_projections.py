@@ -141,9 +141,8 @@ def merge(
     merged = 0
     if model_type not in MERGED_TYPES:
         return merged
+    x = mx.random.normal((1, tokens, _hidden(model.layers[0])), key=mx.random.key(seed)).astype(dtype)
     for layer, w in zip(model.layers, wrappers):
-        x = mx.random.normal((1, tokens, _hidden(layer)), key=mx.random.key(seed))
-        x = x.astype(dtype)
         a = w.inner
         qkv = _try_merge([a.q_proj, a.k_proj, a.v_proj])
         d = qkv.sizes[0] // w.n_heads if qkv is not None else 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import inspect
 import threading
 import time
@@ -212,3 +213,29 @@ QUANTIZED_SIZES = {
     "qwen2_moe": dict(_WIDE, moe_intermediate=128),  # shared expert 128
     "mixtral": dict(_WIDE, intermediate=128),
 }
+
+
+# A small config any mlx-lm decoder type takes (from_dict ignores keys a type lacks).
+RANDOM_MODEL_ARGS = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    vocab_size=256,
+    rope_theta=10000.0,
+    head_dim=16,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
+
+
+def random_model(model_type: str, **extra):
+    """A random-weight mlx-lm model of ``model_type`` built from RANDOM_MODEL_ARGS (no checkpoint)."""
+    import mlx.core as mx
+
+    module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    model = module.Model(module.ModelArgs.from_dict(dict(RANDOM_MODEL_ARGS, model_type=model_type, **extra)))
+    mx.eval(model.parameters())
+    return model

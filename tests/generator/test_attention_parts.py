@@ -15,33 +15,12 @@ from extmind.tiny_moe_models import DECODER_BUILDERS
 from services.generator.attention_parts import TESTED_MODEL_TYPES, UnsupportedModel, attention_shape, compute_dtype
 from services.generator.extended_attention import install
 
-from .helpers import QUANTIZED_SIZES
-
-BASE = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    intermediate_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rms_norm_eps=1e-5,
-    vocab_size=256,
-    rope_theta=10000.0,
-    head_dim=16,
-    max_position_embeddings=512,
-    tie_word_embeddings=False,
-)
-
-
-def _random_model(model_type: str, **extra):
-    module = importlib.import_module(f"mlx_lm.models.{model_type}")
-    model = module.Model(module.ModelArgs.from_dict(dict(BASE, model_type=model_type, **extra)))
-    mx.eval(model.parameters())
-    return model
+from .helpers import QUANTIZED_SIZES, RANDOM_MODEL_ARGS, random_model
 
 
 @pytest.mark.parametrize("model_type", ["smollm3", "starcoder2", "internlm3", "seed_oss"])
 def test_an_untested_type_with_the_same_attention_is_accepted(model_type):
-    state = install(_random_model(model_type))
+    state = install(random_model(model_type))
     assert model_type not in TESTED_MODEL_TYPES
     assert (state.shape.num_layers, state.shape.num_kv_heads, state.shape.head_dim) == (2, 2, 16)
     assert len(state.modules) == 2
@@ -49,7 +28,7 @@ def test_an_untested_type_with_the_same_attention_is_accepted(model_type):
 
 def test_a_nested_text_config_gives_the_shape():
     """Multimodal checkpoints (Mistral 3 here) keep the decoder's config under text_config."""
-    config = dict(model_type="mistral3", text_config=dict(BASE, model_type="llama", head_dim=None))
+    config = dict(model_type="mistral3", text_config=dict(RANDOM_MODEL_ARGS, model_type="llama", head_dim=None))
     module = importlib.import_module("mlx_lm.models.mistral3")
     model = module.Model(module.ModelArgs.from_dict(config))
     mx.eval(model.parameters())
@@ -69,18 +48,18 @@ def test_a_nested_text_config_gives_the_shape():
 )
 def test_other_attentions_are_refused_naming_what_is_missing(model_type, names):
     with pytest.raises(UnsupportedModel, match=f"model type '{model_type}'.*{names}"):
-        install(_random_model(model_type))
+        install(random_model(model_type))
 
 
 def test_shapes_follow_how_mlx_lm_sizes_a_head():
     # Qwen2, Qwen2-MoE and Mixtral ignore a config head_dim (hidden / heads); the others honour it.
     for model_type, rule in TESTED_MODEL_TYPES.items():
-        shape = attention_shape(dict(BASE, model_type=model_type, head_dim=32))
+        shape = attention_shape(dict(RANDOM_MODEL_ARGS, model_type=model_type, head_dim=32))
         assert shape.head_dim == (16 if rule == "split" else 32)
-    shape = attention_shape(dict(BASE, model_type="llama", head_dim=None, num_key_value_heads=None))
+    shape = attention_shape(dict(RANDOM_MODEL_ARGS, model_type="llama", head_dim=None, num_key_value_heads=None))
     assert (shape.head_dim, shape.num_kv_heads) == (16, 4)
     with pytest.raises(UnsupportedModel, match="no hidden_size"):
-        attention_shape(dict(BASE, model_type="llama", hidden_size=None))
+        attention_shape(dict(RANDOM_MODEL_ARGS, model_type="llama", hidden_size=None))
 
 
 @pytest.mark.parametrize("model_type", list(DECODER_BUILDERS))

@@ -16,6 +16,8 @@ from extmind.tiny_moe_models import DECODER_BUILDERS
 from services.generator.extended_attention import install
 from services.generator.fused_projections import MergedMLP, merge_linears
 
+from .helpers import random_model
+
 # Summed over the same inputs in another order at most: float32 rounding of 64-term dot products.
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -129,21 +131,7 @@ def test_auto_merges_on_a_gpu_only():
 
 def test_untested_model_types_keep_their_modules():
     """Gemma's MLP has the gate/up/down parts but a gelu: types outside MERGED_TYPES are not merged."""
-    import importlib
-
-    module = importlib.import_module("mlx_lm.models.gemma")
-    args = dict(
-        model_type="gemma",
-        hidden_size=64,
-        num_hidden_layers=2,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        rms_norm_eps=1e-6,
-        vocab_size=256,
-    )
-    model = module.Model(module.ModelArgs.from_dict(args))
+    model = random_model("gemma")
     model.set_dtype(mx.bfloat16)
     mx.eval(model.parameters())
     state = install(model, merge=True)
