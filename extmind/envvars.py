@@ -371,6 +371,12 @@ REGISTRY: tuple[EnvVar, ...] = (
         "once); 0 = after every decode step",
     ),
     EnvVar(
+        "GENERATOR_ATTENTION_MASS_EVERY",
+        "8",
+        "generator `--attention-mass-every`",
+        "the attention-mass metric is measured on one decode step in this many; 1 = every step, 0 = never",
+    ),
+    EnvVar(
         "GENERATOR_WINDOW",
         "3072",
         "generator `--window`",

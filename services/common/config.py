@@ -139,6 +139,17 @@ def positive_int(raw: str) -> int:
     return value
 
 
+def non_negative_int(raw: str) -> int:
+    """A whole number >= 0 (an argparse type; 0 usually means off)."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {raw!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {value}")
+    return value
+
+
 def positive_float(raw: str) -> float:
     """A number > 0 (an argparse type)."""
     try:

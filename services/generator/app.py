@@ -13,6 +13,7 @@ from services.common.config import (
     grpc_target,
     http_port,
     non_negative_float,
+    non_negative_int,
     positive_int,
 )
 from services.common.server import Service
@@ -84,6 +85,14 @@ def parse_args(argv=None):
         default=EngineConfig.stream_interval_ms,
         type=non_negative_float,
         help="ms between hand-overs of streamed tokens (first token, end and errors at once); 0 = every step",
+    )
+    p.flag(
+        "--attention-mass-every",
+        env="GENERATOR_ATTENTION_MASS_EVERY",
+        default=EngineConfig.attention_mass_every,
+        type=non_negative_int,
+        help="measure the attention-mass metric (share of attention on the memories) on one decode step in "
+        "this many: 1 = every step, 0 = never (each measured step costs the host a little)",
     )
     p.flag(
         "--window",
@@ -174,6 +183,7 @@ class GeneratorApp:
                 stride=args.stride,
                 max_queue=args.max_queue,
                 stream_interval_ms=args.stream_interval_ms,
+                attention_mass_every=args.attention_mass_every,
                 memory_timeout=args.memory_timeout,
                 dtype=args.dtype,
                 fused_attention=args.fused_attention,

@@ -8,7 +8,16 @@ the last prompt token and of each generated token but the last), evaluated with 
 group's ``batch_tally.BatchTally`` adds every few steps each batch row's shares, summed over heads
 and forwards, to its request's per-layer sum on the device, for the whole batch in one graph. The host
 reads the sum once, when the request ends, and observes two histograms: the request's mean share
-over its layers, heads and steps, and the mean share of each layer.
+over its layers, heads and measured steps, and the mean share of each layer.
+
+Sampled steps: a group measures one decode step in ``--attention-mass-every`` (8 by default; 1 =
+every step, 0 = never, nothing recorded), the first step after its requests changed and then every
+N-th, so a request that joins is measured early, even a short one. Every measured step costs the
+host a few small ops and its share of the flushes; on a GPU, where a decode step is a few
+milliseconds of host work, measuring every step cost LOCAL decode ~5 % of its speed (1 B shape,
+H200; bench/RESULTS.md, 2026-12-04). The metric is a mean, so a sample of the steps estimates it;
+a request whose steps all fell between samples (shorter than N tokens in a busy batch) observes
+nothing.
 """
 
 from __future__ import annotations
@@ -28,13 +37,13 @@ SHARE_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 
 MEMORY_SHARE = Histogram(
     "extmind_generator_memory_attention_share",
     "per request with memories: mean fraction (0..1) of attention weight on the memories vs the "
-    "local context, over its retrieving layers, query heads and generated steps",
+    "local context, over its retrieving layers, query heads and measured decode steps (--attention-mass-every)",
     buckets=SHARE_BUCKETS,
 )
 MEMORY_SHARE_BY_LAYER = Histogram(
     "extmind_generator_memory_attention_share_by_layer",
     "per request with memories and per retrieving layer: mean fraction (0..1) of that layer's "
-    "attention weight on the memories, over query heads and generated steps",
+    "attention weight on the memories, over query heads and measured decode steps",
     ["layer"],
     buckets=SHARE_BUCKETS,
 )

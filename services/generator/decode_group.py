@@ -29,7 +29,15 @@ class DecodeGroup:
     none): its BatchGenerator, its memory context, its requests by uid, the sequence it steps
     solo (solo.py) and its per-request tallies (batch_tally.py)."""
 
-    def __init__(self, key, gen: BatchGenerator, ctx: MemoryContext | None, num_layers: int, host_padded: bool = False):
+    def __init__(
+        self,
+        key,
+        gen: BatchGenerator,
+        ctx: MemoryContext | None,
+        num_layers: int,
+        host_padded: bool = False,
+        mass_every: int = 1,
+    ):
         self.key = key
         self.gen = gen
         self.ctx = ctx
@@ -53,12 +61,20 @@ class DecodeGroup:
         # Citation counts and attention mass of the decode batch, handed to its requests every
         # few steps for the whole batch at once (batch_tally.py).
         self.counts = self.mass = None
+        # The attention mass is measured on one decode step in mass_every (0: never), counted from
+        # the step after the group's requests changed (attention_mass.py, "Sampled steps").
+        self.mass_every = mass_every
+        self._mass_members: tuple = ()
+        self._mass_phase = 0
         if ctx is not None:
             floor = ctx.cite_min_weight
             self.counts = BatchTally(
                 "counts", self.requests.get, functools.partial(picked_rows, min_weight=floor), stack_picks
             )
-            self.mass = BatchTally("mass", self.requests.get, attention_mass.summed_shares, attention_mass.stack_shares)
+            if mass_every > 0:
+                self.mass = BatchTally(
+                    "mass", self.requests.get, attention_mass.summed_shares, attention_mass.stack_shares
+                )
 
     def remove(self, uid: int) -> None:
         """Takes sequence ``uid`` out of the BatchGenerator or ends it solo (the decode batch changes)."""
@@ -89,10 +105,21 @@ class DecodeGroup:
             # would flush what its tally still holds (whole-batch picks, up to FLUSH_ITEMS)
             # while the group serves others. No request takes it: flush() only drops it.
             self.counts.flush()
-        mass = [] if self.layers else None
+        mass = [] if self.layers and self.mass is not None and self._mass_due() else None
         self.ctx.record, self.ctx.mass = record, mass
         self.ctx.records_lazy = False
         return record, mass
+
+    def _mass_due(self) -> bool:
+        """Whether this step measures the attention mass: the first step after the group's
+        requests changed (so a request that joins is measured early, even a short one), then
+        every ``mass_every``-th."""
+        members = tuple(self.requests)
+        if members != self._mass_members:
+            self._mass_members, self._mass_phase = members, 0
+        due = self._mass_phase == 0
+        self._mass_phase = (self._mass_phase + 1) % self.mass_every
+        return due
 
     def alone(self):
         """-> the group's request when it is the only one and decoding (so nothing of the group is

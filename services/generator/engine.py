@@ -65,6 +65,9 @@ class EngineConfig:
     # Milliseconds between two hand-overs of streamed tokens to the callers (the first token, the
     # last event and errors go at once): docs/architecture.md, "Handing tokens to the callers".
     stream_interval_ms: float = 5.0
+    # The attention-mass metric (services/generator/attention_mass.py) is measured on one decode
+    # step in this many; 1 = every step, 0 = never.
+    attention_mass_every: int = 8
 
 
 _NO_MEMORY_SERVICE = "this generator has no memory service configured (--memory-url)"
@@ -143,6 +146,7 @@ class GeneratorEngine:
             max_queue=c.max_queue,
             stream_interval=c.stream_interval_ms / 1000,
             vocab_size=self.vocab_size,
+            attention_mass_every=c.attention_mass_every,
         )
         self._scheduler.start()
 

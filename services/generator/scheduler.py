@@ -81,6 +81,7 @@ class Scheduler:
         max_queue: int,
         stream_interval: float = 0.0,
         vocab_size: int | None = None,
+        attention_mass_every: int = 1,
     ):
         self._mlx = mlx
         self.model = model
@@ -91,6 +92,7 @@ class Scheduler:
         self.prefill_step_size = prefill_step_size
         self.max_queue = max_queue
         self.vocab_size = vocab_size  # the logits' width: a top_k of it or more keeps every token
+        self.attention_mass_every = attention_mass_every  # decode steps per measured one; 0 = none
         self.num_layers = len(model.layers)
         self._eos = frozenset(self.eos_ids)
         # Solo decode (solo.py) hands a KVCache over and trims it: only for models whose caches are
@@ -189,7 +191,9 @@ class Scheduler:
                 prefill_batch_size=self.prefill_batch_size,
                 prefill_step_size=self.prefill_step_size,
             )
-            group = DecodeGroup(key, gen, ctx, self.num_layers, host_padded=self._solo_ok)
+            group = DecodeGroup(
+                key, gen, ctx, self.num_layers, host_padded=self._solo_ok, mass_every=self.attention_mass_every
+            )
             self._groups[key] = group
         if group.solo is not None:  # a batch again: first, so it keeps its turn ahead of r
             self._resume(group)
@@ -214,7 +218,7 @@ class Scheduler:
         m = r.req.memory
         if m is not None and m.return_citations and group.ctx is not None:
             r.counts = Counts(group.ctx.retriever.rows)
-        if group.layers:
+        if group.mass is not None:
             r.mass = attention_mass.MassSum(group.layers, self.state.shape.num_heads)
         group.requests[uid] = r
         self._flight.admitted()

@@ -52,7 +52,11 @@ def plain_engine(llama_path):
 
 @pytest.fixture(scope="module")
 def engine(llama_path, memory_address):
-    e = GeneratorEngine(EngineConfig(model=str(llama_path), memory_url=memory_address, window=3072, stride=512))
+    # The attention mass on every step: the tests compare it with the numpy model's, step by step
+    # (test_attention_mass_sampling.py measures the sampled default).
+    e = GeneratorEngine(
+        EngineConfig(model=str(llama_path), memory_url=memory_address, window=3072, stride=512, attention_mass_every=1)
+    )
     e.start()
     yield e
     e.stop()
