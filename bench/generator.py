@@ -37,6 +37,7 @@ from services.generator.bank_cache import LocalRetriever, fetch_bank  # noqa: E4
 from services.generator.engine import EngineConfig, GeneratorEngine  # noqa: E402
 from services.generator.extended_attention import MemoryContext  # noqa: E402
 from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling  # noqa: E402
+from services.generator.warmup import wanted, warm_up  # noqa: E402
 
 # Model shapes (extmind.tiny_models.build_llama arguments); vocabulary: the tiny tokenizer's.
 SHAPES = {
@@ -199,6 +200,9 @@ async def bench_shape(args, shape):
             )
             engine.start()
             try:
+                if wanted("auto"):  # as the service does before it reports SERVING (on a GPU)
+                    took = await warm_up(engine, batch=8)
+                    progress(f"[{shape}] warmed up: {took}")
                 n_params, rows = await measure(engine, path, args)
                 fused = "on" if engine.state.fused else "off"
             finally:

@@ -4,8 +4,14 @@ A decode forward's tallies are one small array per retrieving layer (citation pi
 mass). ``mx.stack`` / ``mx.concatenate`` copy each input with its own kernel, and on MLX CUDA every
 launch costs the host ~10 us: stacking a step's records in a flush of 32 steps launched over a
 thousand copies, most of the citations' cost per step on an H200 (docs/architecture.md, "Tallies
-of a decode batch"). Here one generated kernel (one per power of two of inputs) copies them all; off CUDA
-it is ``mx.stack``.
+of a decode batch"). Here one generated kernel copies them all; off CUDA it is ``mx.stack``.
+
+MLX CUDA compiles a kernel the first time it runs (~1.5 s for the 256-input one on an H200), and
+how many records a flush joins follows the request's length (its sampled attention-mass steps, its
+cited forwards). So the kernels come in three sizes only (SLOTS: 16, 64, 256 inputs, unused slots
+repeating an input), and ``compile_all`` compiles every size of each dtype that ran, for the
+warm-up: a request of a new length never waits for a compile (docs/architecture.md, "Tallies of a
+decode batch").
 """
 
 from __future__ import annotations
@@ -22,12 +28,17 @@ _THREADS = 256
 # Inputs per launch; more are stacked in chunks. A pointer each: 256 take 2 KiB of the kernel's
 # 4 KiB parameter space. A flush of 32 steps x 16 layers joins 512 records: 2 launches, not 8.
 MAX_INPUTS = 256
+# The kernels' numbers of input slots: a stack of n inputs takes the smallest that holds them.
+SLOTS = (16, 64, MAX_INPUTS)
+# (dtype, last) of every launch so far, and the (slots, dtype, last) kernels compiled.
+_ran: set = set()
+_compiled: set = set()
 
 
 def _source(slots: int, last: bool) -> str:
     # out [B, N, X] (last=False) or [B, X, N]; input i < N is a_i [B, ...] read as [B, X] (row-contiguous). One
-    # kernel per power-of-two number of input slots (the N in use comes at run time, unused
-    # slots repeat an input), so a new count does not mean a new compile.
+    # kernel per size in SLOTS (the N in use comes at run time, unused slots repeat an input), so
+    # a new count does not mean a new compile.
     cases = "\n".join(f"    case {i}: v = a{i}[src]; break;" for i in range(slots))
     out_index = "((size_t)b * X + x) * N + i" if last else "gid"
     order = (
@@ -67,6 +78,24 @@ def on_device() -> bool:
     return mx.default_device() == mx.gpu and mx.cuda.is_available()
 
 
+def slots_for(n: int) -> int:
+    """The kernel size (input slots) a stack of ``n`` inputs (1 <= n <= MAX_INPUTS) launches."""
+    return next(s for s in SLOTS if s >= n)
+
+
+def compile_all() -> int:
+    """Compiles, on MLX CUDA, every SLOTS size of the kernels of each (dtype, axis) ``stack`` ran
+    so far (the warm-up calls it after its requests). -> how many it compiled (0 off CUDA)."""
+    done = 0
+    for dtype, last in sorted(_ran, key=str):
+        for slots in SLOTS:
+            if (slots, dtype, last) not in _compiled:
+                arrays = [mx.zeros((1, 1), dtype=dtype) for _ in range(slots)]
+                mx.eval(stack(arrays, axis=-1 if last else 1, checked=True))
+                done += 1
+    return done
+
+
 def uniform(arrays: list[mx.array]) -> bool:
     """Whether ``stack`` takes these arrays: all of one shape and dtype (callers with records
     that may differ join those with MLX's concatenate or stack, which promote dtypes)."""
@@ -91,8 +120,10 @@ def stack(arrays: list[mx.array], axis: int, *, checked: bool = False) -> mx.arr
         return mx.concatenate(parts, axis=axis)
     n, B = len(arrays), first.shape[0]
     X = first.size // B
-    slots = 1 << (n - 1).bit_length()
+    slots = slots_for(n)
     last = axis == -1
+    _ran.add((first.dtype, last))
+    _compiled.add((slots, first.dtype, last))
     total = B * n * X
     # The kernel reads each input as [B, X] row-contiguous memory (MLX hands it so): no reshape
     # op per input, which cost the host more than the launch for a step's records.

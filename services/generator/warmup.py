@@ -10,7 +10,8 @@ implementation of them):
 2. when the memory service answers: Memorize of a short synthetic text, then generations with
    that memory - LOCAL with citations alone (long enough to flush its tallies once), a prompt
    long enough for the prefill top-k, and ``batch`` at once (the batch sizes up to it occur as
-   they join), and REMOTE - and the memory is deleted.
+   they join), the tallies' stacking kernels of every size (``device_stack.compile_all``: which
+   size a flush takes follows a request's length), and REMOTE - and the memory is deleted.
 
 A failure is logged and ends the warm-up, as does its time budget (BUDGET_SECONDS): it never
 keeps the service from serving. The requests count in the metrics like any other. A warm-up
@@ -26,7 +27,7 @@ import logging
 import time
 
 from extmind import errors
-from services.generator import fused_attention
+from services.generator import device_stack, fused_attention
 from services.generator.batch_tally import BatchTally
 from services.generator.request_types import REMOTE, GenerationRequest, MemoryOptions, Sampling
 
@@ -110,8 +111,9 @@ async def _stages(engine, batch: int, took: dict) -> None:
         lap("memorize")
         try:
             cited = MemoryOptions((memory_id,), return_citations=True)
-            # Long enough for a flush of the tallies by count (their stacking kernels compile
-            # per power of two of records: docs/architecture.md, "Tallies of a decode batch").
+            # Long enough for a flush of the tallies by count; the sizes of their stacking kernels
+            # these requests did not run are compiled after them (docs/architecture.md,
+            # "Tallies of a decode batch").
             flushed = Sampling(max_tokens=BatchTally.FLUSH_STEPS + 1)
             await _drain(engine, GenerationRequest(prompt, flushed, cited))
             if engine.state.fused:  # a prefill long enough for the fused top-k's matmul path
@@ -131,6 +133,7 @@ async def _stages(engine, batch: int, took: dict) -> None:
             for end in ends:
                 if isinstance(end, BaseException):
                     raise end
+            await engine.mlx.run(device_stack.compile_all)
             lap("local")
             await _drain(engine, GenerationRequest(prompt, sampling, MemoryOptions((memory_id,), mode=REMOTE)))
             lap("remote")

@@ -244,9 +244,15 @@ def stacking(request, monkeypatch):
             pytest.skip("the emulator needs a C++ compiler")
         monkeypatch.setattr(mx.fast, "cuda_kernel", cuda_emulator.cuda_kernel)
         monkeypatch.setattr(device_stack, "on_device", lambda: True)
-    device_stack._kernel.cache_clear()
+    _forget_kernels()
     yield
+    _forget_kernels()
+
+
+def _forget_kernels():
     device_stack._kernel.cache_clear()
+    device_stack._ran.clear()
+    device_stack._compiled.clear()
 
 
 @pytest.mark.parametrize("layers", [[4], [0, 2, 5]])
@@ -279,3 +285,30 @@ def test_forwards_compacted_or_kept_by_layer_mix_in_one_flush(stacking, strict_s
         got = requests[u].mass.means()
         np.testing.assert_allclose([got[i] for i in layers], sums[u] / (steps * heads), rtol=1e-5)
         np.testing.assert_array_equal(requests[u].counts.read(), hits[u])
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_stack_matches_numpy_across_its_kernel_sizes(axis, stacking):
+    """``device_stack.stack`` of n inputs around each kernel size (SLOTS, the unused slots
+    repeating an input) and past MAX_INPUTS (stacked in parts) equals numpy's stack; on MLX CUDA
+    these are its own kernels, elsewhere ``mx.stack``."""
+    assert [device_stack.slots_for(n) for n in (1, 16, 17, 64, 65, 256)] == [16, 16, 64, 64, 256, 256]
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 15, 16, 17, 63, 64, 65, 255, 256, 257, 300):
+        arrays = [rng.standard_normal((2, 3)).astype(np.float32) for _ in range(n)]
+        got = device_stack.stack([mx.array(a) for a in arrays], axis=axis)
+        np.testing.assert_array_equal(np.array(got), np.stack(arrays, axis=axis), err_msg=f"n={n}")
+
+
+def test_compile_all_compiles_every_size_of_what_ran(stacking):
+    """After ``compile_all`` every SLOTS size of each (dtype, axis) stacked so far is compiled (on
+    MLX CUDA or its emulation; off CUDA there is nothing to compile), so a flush of any length
+    launches a kernel that exists; a second call compiles nothing."""
+    device_stack.stack([mx.ones((1, 2), dtype=mx.float16)] * 3, axis=1)
+    if device_stack.on_device():
+        assert device_stack.compile_all() == len(device_stack.SLOTS) - 1  # the 16-input one ran
+        assert device_stack._ran == {(mx.float16, False)}
+        assert {(s, mx.float16, False) for s in device_stack.SLOTS} == device_stack._compiled
+    else:
+        assert not device_stack._ran and not device_stack._compiled
+    assert device_stack.compile_all() == 0
