@@ -9,9 +9,9 @@ of a decode batch"). Here one generated kernel copies them all; off CUDA it is `
 MLX CUDA compiles a kernel the first time it runs (~1.5 s for the 256-input one on an H200), and
 how many records a flush joins follows the request's length (its sampled attention-mass steps, its
 cited forwards). So the kernels come in three sizes only (SLOTS: 16, 64, 256 inputs, unused slots
-repeating an input), and ``compile_all`` compiles every size of each dtype that ran, for the
-warm-up: a request of a new length never waits for a compile (docs/architecture.md, "Tallies of a
-decode batch").
+repeating an input), and ``compile_all`` compiles every size of what the tallies stack (and of
+anything else that ran), for the warm-up: a request of a new length does not wait for a compile
+(docs/architecture.md, "Tallies of a decode batch").
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ _THREADS = 256
 MAX_INPUTS = 256
 # The kernels' numbers of input slots: a stack of n inputs takes the smallest that holds them.
 SLOTS = (16, 64, MAX_INPUTS)
+# What the tallies stack (citation rows; attention mass and citation weights, by forward or by
+# layer): compile_all compiles these whether or not the warm-up's requests ran them (a REMOTE
+# request with citations, one retrieving layer, a long context stack float32 on axis 1).
+TALLY_KINDS = frozenset({(mx.int32, False), (mx.float32, False), (mx.float32, True)})
 # (dtype, last) of every launch so far, and the (slots, dtype, last) kernels compiled.
 _ran: set = set()
 _compiled: set = set()
@@ -84,10 +88,13 @@ def slots_for(n: int) -> int:
 
 
 def compile_all() -> int:
-    """Compiles, on MLX CUDA, every SLOTS size of the kernels of each (dtype, axis) ``stack`` ran
-    so far (the warm-up calls it after its requests). -> how many it compiled (0 off CUDA)."""
+    """Compiles, on MLX CUDA, every SLOTS size of the kernels of TALLY_KINDS and of each (dtype,
+    axis) ``stack`` ran so far (the warm-up calls it after its requests). -> how many it compiled
+    (0 off CUDA)."""
+    if not on_device():
+        return 0
     done = 0
-    for dtype, last in sorted(_ran, key=str):
+    for dtype, last in sorted(TALLY_KINDS | _ran, key=str):
         for slots in SLOTS:
             if (slots, dtype, last) not in _compiled:
                 arrays = [mx.zeros((1, 1), dtype=dtype) for _ in range(slots)]

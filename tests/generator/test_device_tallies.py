@@ -301,14 +301,15 @@ def test_stack_matches_numpy_across_its_kernel_sizes(axis, stacking):
 
 
 def test_compile_all_compiles_every_size_of_what_ran(stacking):
-    """After ``compile_all`` every SLOTS size of each (dtype, axis) stacked so far is compiled (on
-    MLX CUDA or its emulation; off CUDA there is nothing to compile), so a flush of any length
-    launches a kernel that exists; a second call compiles nothing."""
+    """After ``compile_all`` every SLOTS size of the tallies' kinds (TALLY_KINDS, whether or not a
+    request ran them) and of each other (dtype, axis) stacked so far is compiled (on MLX CUDA or its
+    emulation; off CUDA there is nothing to compile), so a flush of any length launches a kernel
+    that exists; a second call compiles nothing."""
     device_stack.stack([mx.ones((1, 2), dtype=mx.float16)] * 3, axis=1)
     if device_stack.on_device():
-        assert device_stack.compile_all() == len(device_stack.SLOTS) - 1  # the 16-input one ran
-        assert device_stack._ran == {(mx.float16, False)}
-        assert {(s, mx.float16, False) for s in device_stack.SLOTS} == device_stack._compiled
+        kinds = device_stack.TALLY_KINDS | {(mx.float16, False)}
+        assert device_stack.compile_all() == len(kinds) * len(device_stack.SLOTS) - 1  # float16's 16 ran
+        assert {(s, d, last) for d, last in kinds for s in device_stack.SLOTS} == device_stack._compiled
     else:
-        assert not device_stack._ran and not device_stack._compiled
+        assert device_stack.compile_all() == 0 and not device_stack._compiled
     assert device_stack.compile_all() == 0
