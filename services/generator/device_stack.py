@@ -34,8 +34,7 @@ SLOTS = (16, 64, MAX_INPUTS)
 # layer): compile_all compiles these whether or not the warm-up's requests ran them (a REMOTE
 # request with citations, one retrieving layer, a long context stack float32 on axis 1).
 TALLY_KINDS = frozenset({(mx.int32, False), (mx.float32, False), (mx.float32, True)})
-# (dtype, last) of every launch so far, and the (slots, dtype, last) kernels compiled.
-_ran: set = set()
+# The (slots, dtype, last) kernels launched so far (each compiled at its first launch).
 _compiled: set = set()
 
 
@@ -94,7 +93,8 @@ def compile_all() -> int:
     if not on_device():
         return 0
     done = 0
-    for dtype, last in sorted(TALLY_KINDS | _ran, key=str):
+    ran = {(dtype, last) for _, dtype, last in _compiled}
+    for dtype, last in sorted(TALLY_KINDS | ran, key=str):
         for slots in SLOTS:
             if (slots, dtype, last) not in _compiled:
                 arrays = [mx.zeros((1, 1), dtype=dtype) for _ in range(slots)]
@@ -129,7 +129,6 @@ def stack(arrays: list[mx.array], axis: int, *, checked: bool = False) -> mx.arr
     X = first.size // B
     slots = slots_for(n)
     last = axis == -1
-    _ran.add((first.dtype, last))
     _compiled.add((slots, first.dtype, last))
     total = B * n * X
     # The kernel reads each input as [B, X] row-contiguous memory (MLX hands it so): no reshape

@@ -251,7 +251,6 @@ def stacking(request, monkeypatch):
 
 def _forget_kernels():
     device_stack._kernel.cache_clear()
-    device_stack._ran.clear()
     device_stack._compiled.clear()
 
 
