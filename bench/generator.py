@@ -340,12 +340,22 @@ async def measure(engine, path, args) -> tuple[int, dict]:
     await engine_run(engine, long_prompt, 1)  # warm-up at this length, like the stock row
     await engine_run(engine, long_prompt, 1, local)  # and with the memory (CUDA: first-use kernel compiles)
     stock_ps, plain_ps, local_ps = [stock_p512], [], []
-    for i in range(3 * args.repeat):  # interleaved, median of each (a prefill is ~10-30 ms: more rounds)
+    # Interleaved, median of each (a prefill is ~10-30 ms: more rounds). The two engine requests
+    # take turns going first: the one right after the stock run was measured faster on the H200
+    # (bench/RESULTS.md, "2026-12-04 14:00-14:22"), which a fixed order counted as the memory's cost.
+    first = []  # per round: whether the no-memory request went first
+    for i in range(3 * args.repeat):
         if i:
             stock_ps.append(engine.mlx.call(stock_decode, stock_model, long_prompt, 2)[0])
-        plain_ps.append((await engine_run(engine, long_prompt, 1))[0])
-        local_ps.append((await engine_run(engine, long_prompt, 1, local))[0])
+        first.append(i % 2 == 0)
+        for opts in (None, local) if first[-1] else (local, None):
+            (plain_ps if opts is None else local_ps).append((await engine_run(engine, long_prompt, 1, opts))[0])
     stock_p512, p_plain, p_local = (float(np.median(r)) for r in (stock_ps, plain_ps, local_ps))
+
+    def order_ratio(plain_first: bool) -> str:
+        pick = [i for i, f in enumerate(first) if f == plain_first]
+        return median_ratio([local_ps[i] for i in pick], [plain_ps[i] for i in pick])
+
     rows[f"prefill {args.prefill} tokens, stock mlx-lm (warmed)"] = (
         f"{stock_p512 * 1e3:.0f} ms (median of {len(stock_ps)}, interleaved with the next two rows)"
     )
@@ -354,7 +364,8 @@ async def measure(engine, path, args) -> tuple[int, dict]:
     )
     rows[f"prefill {args.prefill} tokens, {args.rows}-row memory LOCAL"] = (
         f"{p_local * 1e3:.0f} ms ({ratio(p_local, p_plain)} no-memory time; "
-        f"rounds' ratios, median: {median_ratio(local_ps, plain_ps)})"
+        f"rounds' ratios, median: {median_ratio(local_ps, plain_ps)}; no memory first: {order_ratio(True)}, "
+        f"memory first: {order_ratio(False)})"
     )
 
     progress("8 streams")

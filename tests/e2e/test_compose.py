@@ -110,5 +110,11 @@ def test_gpu_override_gives_the_mlx_services_a_gpu():
         (device,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
         assert services[name]["image"] == "extmind:cuda"
+        # MLX's kernel cache on the model-cache volume, the base file's environment kept
+        env = services[name]["environment"]
+        assert env["MLX_PTX_CACHE_DIR"].startswith("/models/") and env["MEMORY_URL"] == "memory:50052"
+        assert any(
+            (v["target"] if isinstance(v, dict) else v.split(":")[1]) == "/models" for v in services[name]["volumes"]
+        )
     assert services["embedder"]["build"]["args"]["MLX_BACKEND"] == "cuda13"
     assert "deploy" not in services["memory"] and services["memory"]["image"] == "extmind:cuda"
