@@ -39,8 +39,9 @@ class CliError(Exception):
 
 
 class UsageError(CliError):
-    """Options that cannot work together (exit code 2, like argparse's own errors). A value whose
-    content is wrong (a document, a key=value) is a CliError: exit code 1."""
+    """A wrong command line (exit code 2, like argparse's own errors): options that cannot work
+    together, an argument not in its form (``key=value``, ``id=text``), as argparse exits 2 for
+    ``--top-k abc``. Content that is wrong (a file's, an empty prompt) is a CliError: exit code 1."""
 
     exit_code = 2
 
@@ -49,7 +50,7 @@ def _kv(items: list[str] | None, what: str) -> dict[str, str]:
     out = {}
     for it in items or []:
         if "=" not in it:
-            raise CliError(f"{what} {it!r} must look like key=value")
+            raise UsageError(f"{what} {it!r} must look like key=value")
         k, v = it.split("=", 1)
         out[k] = v
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from extmind.cli_common import TIMEOUT, CliError, Targets, _kv, _md, _read_text, _short, counted
+from extmind.cli_common import TIMEOUT, CliError, Targets, UsageError, _kv, _md, _read_text, _short, counted
 from extmind.v1 import memory_pb2
 
 
@@ -33,10 +33,10 @@ def _documents(items: list[str], meta: dict) -> list[memory_pb2.Document]:
         elif "=" in it:
             i, text = it.split("=", 1)
             if not i or not text:
-                raise CliError(f"document {_short(it, 30)!r}: empty {'id' if not i else 'text'} (give id=text)")
+                raise UsageError(f"document {_short(it, 30)!r}: empty {'id' if not i else 'text'} (give id=text)")
             docs.append(memory_pb2.Document(id=i, text=text, metadata=meta))
         else:
-            raise CliError(f"document {_short(it, 30)!r} must be id=text, @file or @file.jsonl")
+            raise UsageError(f"document {_short(it, 30)!r} must be id=text, @file or @file.jsonl")
     return docs
 
 

@@ -173,16 +173,23 @@ def test_help_describes_every_argument_and_action():
     assert missing == [], missing
 
 
-def test_bad_values_are_one_line_exit_1():
+def test_arguments_not_in_their_form_are_one_line_exit_2():
+    # as argparse's own value errors (--top-k abc): a wrong command line
     for args, says in (
         (["docs", "upsert", "c", "no-equals-sign"], "must be id=text, @file or @file.jsonl"),
         (["memorize", "x.txt", "--label", "nolabel"], "--label 'nolabel' must look like key=value"),
+        (["docs", "search", "c", "q", "--filter", "bad"], "--filter 'bad' must look like key=value"),
         (["docs", "upsert", "c", "id3="], "document 'id3=': empty text (give id=text)"),
         (["docs", "upsert", "c", "=some text"], "document '=some text': empty id (give id=text)"),
-        (["generate", ""], "the prompt is empty: give its text, or '-' and the text on stdin"),
+        (["docs", "search", "c", "q", "--top-k", "abc"], "--top-k"),
     ):
         r = cli(*args)
-        assert r.returncode == 1 and says in one_line(r), (args, r.stderr)
+        assert r.returncode == 2 and says in one_line(r), (args, r.stderr)
+
+
+def test_bad_values_are_one_line_exit_1():
+    r = cli("generate", "")
+    assert r.returncode == 1 and "the prompt is empty: give its text, or '-' and the text on stdin" in one_line(r)
     r = cli("memories", "list", env=clean_env(EXTMIND_CLI_TIMEOUT="soon"))
     assert (
         r.returncode == 1 and one_line(r) == "extmind: EXTMIND_CLI_TIMEOUT='soon' must be a positive number of seconds"

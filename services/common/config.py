@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
+# The words a boolean flag or variable takes (any case), for every service and tool alike.
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off"}
 # What a default gRPC channel (Python, Node, Go, ...) accepts: answers are kept within it unless raised.
 DEFAULT_MAX_RESPONSE_MB = 4.0
 
@@ -19,11 +20,11 @@ def _parse_bool(v: str) -> bool:
     """1/true/yes/on or 0/false/no/off (any case); anything else raises ValueError (a typo such as
     ``ture`` must not silently mean false)."""
     word = str(v).strip().lower()
-    if word in _TRUE:
+    if word in TRUE_WORDS:
         return True
-    if word in _FALSE:
+    if word in FALSE_WORDS:
         return False
-    raise ValueError(f"expected one of {', '.join(sorted(_TRUE | _FALSE))}")
+    raise ValueError(f"expected one of {', '.join(sorted(TRUE_WORDS | FALSE_WORDS))}")
 
 
 class _InvalidEnv:

@@ -9,6 +9,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from services.common.config import TRUE_WORDS
+
 # Seconds a hub request may wait for a connection or between reads. huggingface_hub's shared
 # client has no timeout, so a hub that accepts and never answers held a service's start forever.
 TIMEOUT_S = 30.0
@@ -19,8 +21,7 @@ def offline() -> bool:
     """Whether downloads are off: ``HF_HUB_OFFLINE`` (as huggingface_hub reads it) or transformers'
     ``TRANSFORMERS_OFFLINE`` = 1 / true / yes / on."""
     return any(
-        os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+        os.environ.get(name, "").strip().lower() in TRUE_WORDS for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     )
 
 
