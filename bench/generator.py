@@ -342,7 +342,7 @@ async def measure(engine, path, args) -> tuple[int, dict]:
     stock_ps, plain_ps, local_ps = [stock_p512], [], []
     # Interleaved, median of each (a prefill is ~10-30 ms: more rounds). The two engine requests
     # take turns going first: the one right after the stock run was measured faster on the H200
-    # (bench/RESULTS.md, "2026-12-04 14:00-14:22"), which a fixed order counted as the memory's cost.
+    # (bench/RESULTS.md, "2026-12-04 14:00-14:40"), which a fixed order counted as the memory's cost.
     first = []  # per round: whether the no-memory request went first
     for i in range(3 * args.repeat):
         if i:
