@@ -327,6 +327,20 @@ REGISTRY: tuple[EnvVar, ...] = (
         "0 = full float32 (docs/platform.md)",
     ),
     EnvVar(
+        "EXTMIND_MLX_KERNEL_CACHE",
+        "",
+        "embedder, generator (on MLX CUDA)",
+        "a folder that outlives the process for MLX CUDA's compiled kernels: each service uses "
+        "`<folder>/<service>/mlx-<version>-<cuda build>-sm<capability>` (docker-compose.gpu.yml: "
+        "`/models/mlx-kernels`); unset = MLX's own `/tmp/mlx/<version>/ptx`",
+    ),
+    EnvVar(
+        "MLX_PTX_CACHE_DIR",
+        "/tmp/mlx/(version)/ptx",
+        "MLX's CUDA backend (every service)",
+        "MLX's folder for its compiled kernels (MLX's own switch); set, it wins over EXTMIND_MLX_KERNEL_CACHE",
+    ),
+    EnvVar(
         "OMP_WAIT_POLICY",
         "PASSIVE",
         "OpenMP inside FAISS (memory, memory benchmark)",

@@ -112,7 +112,7 @@ def test_gpu_override_gives_the_mlx_services_a_gpu():
         assert services[name]["image"] == "extmind:cuda"
         # MLX's kernel cache on the model-cache volume, the base file's environment kept
         env = services[name]["environment"]
-        assert env["MLX_PTX_CACHE_DIR"].startswith("/models/") and env["MEMORY_URL"] == "memory:50052"
+        assert env["EXTMIND_MLX_KERNEL_CACHE"].startswith("/models/") and env["MEMORY_URL"] == "memory:50052"
         assert any(
             (v["target"] if isinstance(v, dict) else v.split(":")[1]) == "/models" for v in services[name]["volumes"]
         )
