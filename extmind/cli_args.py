@@ -64,6 +64,35 @@ def _float_in(low: float, high: float | None = None):
     return parse
 
 
+def key_value(raw: str) -> tuple[str, str]:
+    """A ``key=value`` argument (a label, a metadata entry, a filter) with a non-empty key -> (key, value)."""
+    key, eq, value = raw.partition("=")
+    if not eq or not key:
+        raise argparse.ArgumentTypeError(f"{_shown(raw)} must look like key=value (a non-empty key)")
+    return key, value
+
+
+def document(raw: str) -> str:
+    """A document argument of ``docs upsert``: ``id=text`` (both non-empty), ``@FILE`` or ``@FILE.jsonl``."""
+    if raw.startswith("@"):
+        if raw == "@":
+            raise argparse.ArgumentTypeError("'@' names no file: give @FILE or @FILE.jsonl")
+        return raw
+    doc_id, eq, text = raw.partition("=")
+    if not eq:
+        raise argparse.ArgumentTypeError(f"document {_shown(raw)} must be id=text, @file or @file.jsonl")
+    if not doc_id or not text:
+        raise argparse.ArgumentTypeError(
+            f"document {_shown(raw)}: empty {'id' if not doc_id else 'text'} (give id=text)"
+        )
+    return raw
+
+
+def _shown(raw: str, n: int = 30) -> str:
+    text = " ".join(raw.split())
+    return repr(text if len(text) <= n else text[: n - 1] + "…")
+
+
 POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
 SEED = _int_at_least(0, 2**64 - 1)  # uint64 in the contract
 MEMORY_TOP_K = _int_at_least(1, 1024)  # the generator's largest ExtendedMind.top_k (0 there: no retrieval)
@@ -104,14 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "items",
         nargs="+",
+        type=document,
         help='id=text, @file (id = the file name) or @file.jsonl (one {"id", "text", "metadata"} a line)',
     )
-    s.add_argument("--meta", action="append", help="key=value metadata for every document")
+    s.add_argument("--meta", action="append", type=key_value, help="key=value metadata for every document")
     s = dsub.add_parser("search", help="semantic search")
     s.add_argument("collection", help="collection name")
     s.add_argument("query", help="the text to search for")
     s.add_argument("--top-k", type=POSITIVE, default=5, help="results to return (default: 5)")
-    s.add_argument("--filter", action="append", help="key=value exact metadata match")
+    s.add_argument("--filter", action="append", type=key_value, help="key=value exact metadata match")
     s = dsub.add_parser("delete", help="delete documents by id")
     s.add_argument("collection", help="collection name")
     s.add_argument("ids", nargs="+", help="document ids")
@@ -126,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("memorize", help="turn text files into KV memories ('-' reads stdin)")
     s.add_argument("files", nargs="+", help="UTF-8 text files, one memory each ('-' = stdin)")
     s.add_argument("--id", help="memory id (default: the file name)")
-    s.add_argument("--label", action="append", help="key=value label")
+    s.add_argument("--label", action="append", type=key_value, help="key=value label")
     s.add_argument(
         "--split-chars",
         type=NON_NEGATIVE,

@@ -46,16 +46,6 @@ class UsageError(CliError):
     exit_code = 2
 
 
-def _kv(items: list[str] | None, what: str) -> dict[str, str]:
-    out = {}
-    for it in items or []:
-        if "=" not in it:
-            raise UsageError(f"{what} {it!r} must look like key=value")
-        k, v = it.split("=", 1)
-        out[k] = v
-    return out
-
-
 def _read_text(name: str) -> str:
     """The text of file ``name`` ('-' = stdin) as UTF-8; CliError naming the file otherwise."""
     try:

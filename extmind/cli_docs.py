@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from extmind.cli_common import TIMEOUT, CliError, Targets, UsageError, _kv, _md, _read_text, _short, counted
+from extmind.cli_common import TIMEOUT, CliError, Targets, _md, _read_text, _short, counted
 from extmind.v1 import memory_pb2
 
 
@@ -21,28 +21,25 @@ def _documents(items: list[str], meta: dict) -> list[memory_pb2.Document]:
                         continue
                     try:
                         d = json.loads(line)
-                        docs.append(
-                            memory_pb2.Document(
-                                id=str(d["id"]), text=d["text"], metadata={**meta, **d.get("metadata", {})}
-                            )
-                        )
+                        doc_id, text, more = str(d["id"]), d["text"], d.get("metadata", {})
                     except (json.JSONDecodeError, KeyError, TypeError):
                         raise CliError(f"{path}:{n}: each line must be a JSON object with 'id' and 'text'") from None
+                    if not isinstance(text, str):
+                        raise CliError(f"{path}:{n}: 'text' must be a string")
+                    if not isinstance(more, dict) or not all(isinstance(v, str) for v in more.values()):
+                        raise CliError(f"{path}:{n}: 'metadata' must map names to strings (quote numbers: \"2024\")")
+                    docs.append(memory_pb2.Document(id=doc_id, text=text, metadata={**meta, **more}))
             else:
                 docs.append(memory_pb2.Document(id=path.name, text=body, metadata=meta))
-        elif "=" in it:
+        else:  # id=text, both non-empty (cli_args.document)
             i, text = it.split("=", 1)
-            if not i or not text:
-                raise UsageError(f"document {_short(it, 30)!r}: empty {'id' if not i else 'text'} (give id=text)")
             docs.append(memory_pb2.Document(id=i, text=text, metadata=meta))
-        else:
-            raise UsageError(f"document {_short(it, 30)!r} must be id=text, @file or @file.jsonl")
     return docs
 
 
 def cmd_docs(a, t: Targets) -> int:
     if a.docs_cmd == "upsert":
-        docs = _documents(a.items, _kv(a.meta, "--meta"))
+        docs = _documents(a.items, dict(a.meta or []))
         r = t.memory.UpsertDocuments(
             memory_pb2.UpsertDocumentsRequest(collection=a.collection, documents=docs), timeout=TIMEOUT, metadata=_md()
         )
@@ -53,7 +50,7 @@ def cmd_docs(a, t: Targets) -> int:
     elif a.docs_cmd == "search":
         r = t.memory.SearchDocuments(
             memory_pb2.SearchDocumentsRequest(
-                collection=a.collection, query=a.query, top_k=a.top_k, filter=_kv(a.filter, "--filter")
+                collection=a.collection, query=a.query, top_k=a.top_k, filter=dict(a.filter or [])
             ),
             timeout=TIMEOUT,
             metadata=_md(),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 
-from extmind.cli_common import TIMEOUT, CliError, Targets, UsageError, _kv, _md, _read_text, _short, counted
+from extmind.cli_common import TIMEOUT, CliError, Targets, UsageError, _md, _read_text, _short, counted
 from extmind.v1 import common_pb2, generator_pb2, memory_pb2
 
 
@@ -160,7 +160,7 @@ def cmd_memorize(a, t: Targets) -> int:
     jobs = []  # (memory_id, text, source)
     if a.id and len(a.files) > 1:
         raise UsageError("--id names one memory; give one file (or use --split-chars for numbered parts)")
-    labels = _kv(a.label, "--label")
+    labels = dict(a.label or [])
     sources: dict[str, str] = {}  # memory id -> the file that gave it
     for f in a.files:  # every file is read (and checked) before the first one is memorized
         text = _read_text(f)

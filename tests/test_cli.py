@@ -177,19 +177,36 @@ def test_arguments_not_in_their_form_are_one_line_exit_2():
     # as argparse's own value errors (--top-k abc): a wrong command line
     for args, says in (
         (["docs", "upsert", "c", "no-equals-sign"], "must be id=text, @file or @file.jsonl"),
-        (["memorize", "x.txt", "--label", "nolabel"], "--label 'nolabel' must look like key=value"),
-        (["docs", "search", "c", "q", "--filter", "bad"], "--filter 'bad' must look like key=value"),
+        (["memorize", "x.txt", "--label", "nolabel"], "--label: 'nolabel' must look like key=value"),
+        (["memorize", "x.txt", "--label", "=v"], "--label: '=v' must look like key=value (a non-empty key)"),
+        (["docs", "search", "c", "q", "--filter", "bad"], "--filter: 'bad' must look like key=value"),
+        (["docs", "upsert", "c", "a=b", "--meta", "=v"], "--meta: '=v' must look like key=value"),
+        (["docs", "upsert", "c", "@"], "'@' names no file: give @FILE or @FILE.jsonl"),
         (["docs", "upsert", "c", "id3="], "document 'id3=': empty text (give id=text)"),
         (["docs", "upsert", "c", "=some text"], "document '=some text': empty id (give id=text)"),
         (["docs", "search", "c", "q", "--top-k", "abc"], "--top-k"),
     ):
         r = cli(*args)
         assert r.returncode == 2 and says in one_line(r), (args, r.stderr)
+        # checked while parsing: before the environment and the files (a wrong URL, a missing file)
+        r = cli(*args, env=clean_env(MEMORY_URL="http://x:1", GENERATOR_URL="http://x:1"))
+        assert r.returncode == 2 and says in one_line(r), (args, r.stderr)
 
 
-def test_bad_values_are_one_line_exit_1():
+def test_bad_values_are_one_line_exit_1(tmp_path):
     r = cli("generate", "")
     assert r.returncode == 1 and "the prompt is empty: give its text, or '-' and the text on stdin" in one_line(r)
+    lines = tmp_path / "docs.jsonl"
+    for line, says in (
+        ('{"id": "a"}', "each line must be a JSON object with 'id' and 'text'"),
+        ('{"id": "a", "text": 3}', "'text' must be a string"),
+        ('{"id": "a", "text": "t", "metadata": {"year": 2024}}', "'metadata' must map names to strings"),
+    ):
+        lines.write_text(line + "\n")
+        r = cli("docs", "upsert", "c", f"@{lines}")
+        assert r.returncode == 1 and one_line(r) == f"extmind: {lines}:1: " + says + (
+            ' (quote numbers: "2024")' if "metadata" in says else ""
+        ), r.stderr
     r = cli("memories", "list", env=clean_env(EXTMIND_CLI_TIMEOUT="soon"))
     assert (
         r.returncode == 1 and one_line(r) == "extmind: EXTMIND_CLI_TIMEOUT='soon' must be a positive number of seconds"
