@@ -336,17 +336,17 @@ async def measure(engine, path, args) -> tuple[int, dict]:
     )
 
     progress("prefill")
-    stock_p512, _ = engine.mlx.call(stock_decode, stock_model, long_prompt, 2)
     await engine_run(engine, long_prompt, 1)  # warm-up at this length, like the stock row
     await engine_run(engine, long_prompt, 1, local)  # and with the memory (CUDA: first-use kernel compiles)
-    stock_ps, plain_ps, local_ps = [stock_p512], [], []
-    # Interleaved, median of each (a prefill is ~10-30 ms: more rounds). The two engine requests
-    # take turns going first: the one right after the stock run was measured faster on the H200
-    # (bench/RESULTS.md, "2026-12-04 14:00-14:40"), which a fixed order counted as the memory's cost.
+    stock_ps, plain_ps, local_ps = [], [], []
+    # Interleaved, median of each (a prefill is ~10-30 ms: more rounds), each round a stock run and
+    # then the two engine requests, which take turns going first in an even number of rounds: which
+    # one comes right after the stock run moved the ratio (1.49x against 1.26x on the H200;
+    # bench/RESULTS.md, "2026-12-04 14:00-14:40"), and a fixed order counted that as the memory's.
+    rounds = -(-3 * args.repeat // 2) * 2
     first = []  # per round: whether the no-memory request went first
-    for i in range(3 * args.repeat):
-        if i:
-            stock_ps.append(engine.mlx.call(stock_decode, stock_model, long_prompt, 2)[0])
+    for i in range(rounds):
+        stock_ps.append(engine.mlx.call(stock_decode, stock_model, long_prompt, 2)[0])
         first.append(i % 2 == 0)
         for opts in (None, local) if first[-1] else (local, None):
             (plain_ps if opts is None else local_ps).append((await engine_run(engine, long_prompt, 1, opts))[0])
@@ -365,7 +365,7 @@ async def measure(engine, path, args) -> tuple[int, dict]:
     rows[f"prefill {args.prefill} tokens, {args.rows}-row memory LOCAL"] = (
         f"{p_local * 1e3:.0f} ms ({ratio(p_local, p_plain)} no-memory time; "
         f"rounds' ratios, median: {median_ratio(local_ps, plain_ps)}; no memory first: {order_ratio(True)}, "
-        f"memory first: {order_ratio(False)})"
+        f"memory first: {order_ratio(False)}, {rounds // 2} rounds each)"
     )
 
     progress("8 streams")
