@@ -26,8 +26,12 @@ class Parser(argparse.ArgumentParser):
         return ns, extras
 
     def parse_args(self, args=None, namespace=None):
-        ns, extras = self.parse_known_args(args, namespace)
+        argv = list(sys.argv[1:] if args is None else args)
+        ns, extras = self.parse_known_args(argv, namespace)
         prog = vars(ns).pop("_prog", self.prog)
+        cmd = getattr(ns, "cmd", None)
+        if extras and cmd in argv and extras[0] in argv and argv.index(extras[0]) < argv.index(cmd):
+            prog = self.prog  # given before the subcommand: the top level's option, not the subcommand's
         if extras:
             self.error(f"unrecognized arguments: {' '.join(extras)}", prog)
         return ns

@@ -146,6 +146,7 @@ def env(services):
         (["memories", "show", "a", "b"], "memories show: unrecognized arguments: b (see `extmind memories show"),
         (["generate", "hi", "--mode", "remote"], "unrecognized arguments: --mode remote (see `extmind generate"),
         (["status", "x"], "extmind status: unrecognized arguments: x (see `extmind status --help`)"),
+        (["--bogus", "status"], "extmind: unrecognized arguments: --bogus (see `extmind --help`)"),
     ],
 )
 def test_usage_errors_are_one_line_exit_2(args, says):
