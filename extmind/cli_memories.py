@@ -68,7 +68,7 @@ class Progress:
     def _status(self) -> str:
         frac = self._frac()
         done, total = self.tokens
-        tokens = f" {done}/{total} tokens" if total else ""
+        tokens = f", this text {done}/{total} tokens" if total else ""  # chars: all texts; tokens: the current one
         eta = f" ETA {self.eta:.0f}s" if self.eta > 0 and done < total else ""
         return (
             f"{frac * 100:5.1f}% {int(frac * self.total)}/{self.total} chars{tokens} "
