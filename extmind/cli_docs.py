@@ -16,25 +16,46 @@ def _documents(items: list[str], meta: dict) -> list[memory_pb2.Document]:
             path = Path(it[1:])
             body = _read_text(str(path))
             if path.suffix == ".jsonl":
-                for n, line in enumerate(body.splitlines(), 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        d = json.loads(line)
-                        doc_id, text, more = str(d["id"]), d["text"], d.get("metadata", {})
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise CliError(f"{path}:{n}: each line must be a JSON object with 'id' and 'text'") from None
-                    if not isinstance(text, str):
-                        raise CliError(f"{path}:{n}: 'text' must be a string")
-                    if not isinstance(more, dict) or not all(isinstance(v, str) for v in more.values()):
-                        raise CliError(f"{path}:{n}: 'metadata' must map names to strings (quote numbers: \"2024\")")
-                    docs.append(memory_pb2.Document(id=doc_id, text=text, metadata={**meta, **more}))
+                found = [_jsonl_document(path, n, line, meta) for n, line in _lines(body) if line.strip()]
+                if not found:
+                    raise CliError(f"{path} holds no documents: one JSON object with 'id' and 'text' a line")
+                docs += found
+            elif not body.strip():
+                raise CliError(f"{path} is empty: nothing to upsert")
             else:
                 docs.append(memory_pb2.Document(id=path.name, text=body, metadata=meta))
         else:  # id=text, both non-empty (cli_args.document)
             i, text = it.split("=", 1)
             docs.append(memory_pb2.Document(id=i, text=text, metadata=meta))
     return docs
+
+
+def _lines(body: str):
+    """(number, line) of a JSON Lines text: split at newlines only (``str.splitlines`` also splits
+    at U+2028 and the like, which JSON strings may hold as they are)."""
+    return enumerate(body.removeprefix("\ufeff").split("\n"), 1)
+
+
+def _jsonl_document(path: Path, n: int, line: str, meta: dict) -> memory_pb2.Document:
+    """One line of an @file.jsonl -> a Document, or a CliError naming the file, the line and what to change."""
+    where = f"{path}:{n}"
+    try:
+        d = json.loads(line)
+        doc_id, text, more = d["id"], d["text"], d.get("metadata", {})
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CliError(f"{where}: each line must be a JSON object with 'id' and 'text'") from None
+    if isinstance(doc_id, bool) or not isinstance(doc_id, str | int) or not str(doc_id).strip():
+        raise CliError(f"{where}: 'id' must be a non-empty string (or a whole number)")
+    if not isinstance(text, str) or not text.strip():
+        raise CliError(f"{where}: 'text' must be a non-empty string")
+    if not isinstance(more, dict) or not all(isinstance(v, str) and k.strip() for k, v in more.items()):
+        hint = (
+            ' (quote numbers: "2024")'
+            if isinstance(more, dict) and any(isinstance(v, int | float) for v in more.values())
+            else ""
+        )
+        raise CliError(f"{where}: 'metadata' must map non-empty names to strings{hint}")
+    return memory_pb2.Document(id=str(doc_id), text=text, metadata={**meta, **more})
 
 
 def cmd_docs(a, t: Targets) -> int:

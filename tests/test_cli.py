@@ -199,15 +199,26 @@ def test_bad_values_are_one_line_exit_1(tmp_path):
     assert r.returncode == 1 and "the prompt is empty: give its text, or '-' and the text on stdin" in one_line(r)
     lines = tmp_path / "docs.jsonl"
     for line, says in (
-        ('{"id": "a"}', "each line must be a JSON object with 'id' and 'text'"),
-        ('{"id": "a", "text": 3}', "'text' must be a string"),
-        ('{"id": "a", "text": "t", "metadata": {"year": 2024}}', "'metadata' must map names to strings"),
+        ('{"id": "a"}', ":1: each line must be a JSON object with 'id' and 'text'"),
+        ('{"id": "a", "text": 3}', ":1: 'text' must be a non-empty string"),
+        ('{"id": "a", "text": " "}', ":1: 'text' must be a non-empty string"),
+        ('{"id": null, "text": "t"}', ":1: 'id' must be a non-empty string (or a whole number)"),
+        ('{"id": true, "text": "t"}', ":1: 'id' must be a non-empty string (or a whole number)"),
+        (
+            '{"id": "a", "text": "t", "metadata": {"year": 2024}}',
+            ":1: 'metadata' must map non-empty names to strings (quote numbers: \"2024\")",
+        ),
+        ('{"id": "a", "text": "t", "metadata": {"": "v"}}', ":1: 'metadata' must map non-empty names to strings"),
+        ('{"id": "a", "text": "t", "metadata": ["v"]}', ":1: 'metadata' must map non-empty names to strings"),
+        ("\n  \n", " holds no documents: one JSON object with 'id' and 'text' a line"),
     ):
         lines.write_text(line + "\n")
         r = cli("docs", "upsert", "c", f"@{lines}")
-        assert r.returncode == 1 and one_line(r) == f"extmind: {lines}:1: " + says + (
-            ' (quote numbers: "2024")' if "metadata" in says else ""
-        ), r.stderr
+        assert r.returncode == 1 and one_line(r) == f"extmind: {lines}" + says, r.stderr
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    r = cli("docs", "upsert", "c", f"@{empty}")
+    assert r.returncode == 1 and one_line(r) == f"extmind: {empty} is empty: nothing to upsert", r.stderr
     r = cli("memories", "list", env=clean_env(EXTMIND_CLI_TIMEOUT="soon"))
     assert (
         r.returncode == 1 and one_line(r) == "extmind: EXTMIND_CLI_TIMEOUT='soon' must be a positive number of seconds"
@@ -770,3 +781,18 @@ def test_counts_read_as_words():
     from extmind.cli_common import counted
 
     assert [counted(n, "memory row") for n in (0, 1, 2)] == ["0 memory rows", "1 memory row", "2 memory rows"]
+
+
+def test_jsonl_lines_split_at_newlines_only(tmp_path):
+    # JSON strings may hold U+2028 / U+2029 / U+0085 as they are (json.dumps(ensure_ascii=False));
+    # str.splitlines would cut such a line in two. A byte-order mark is not part of the first line.
+    from extmind.cli_docs import _documents
+
+    f = tmp_path / "d.jsonl"
+    rows = [{"id": "a", "text": "p1\u2028p2\u0085p3"}, {"id": 7, "text": "t", "metadata": {"k": "v"}}]
+    f.write_text("\ufeff" + "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n\n")
+    docs = _documents([f"@{f}"], {"all": "x"})
+    assert [(d.id, d.text, dict(d.metadata)) for d in docs] == [
+        ("a", "p1\u2028p2\u0085p3", {"all": "x"}),
+        ("7", "t", {"all": "x", "k": "v"}),
+    ]

@@ -34,7 +34,7 @@ def configure(service: str) -> Path | None:
     is set, ``MLX_PTX_CACHE_DIR`` is not, and MLX computes on CUDA. Call it before MLX compiles a
     kernel (MLX reads the variable once, at its first compile). -> the folder set, or None."""
     base = os.environ.get("EXTMIND_MLX_KERNEL_CACHE", "").strip()
-    if not base or os.environ.get("MLX_PTX_CACHE_DIR"):
+    if not base or os.environ.get("MLX_PTX_CACHE_DIR") is not None:  # set, even empty (MLX's cache off): it wins
         return None
     import mlx.core as mx
 

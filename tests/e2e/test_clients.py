@@ -154,16 +154,17 @@ def test_cli_errors_are_one_readable_line(cluster, tmp_path):
     (dead,) = free_ports(1)
     env = dict(cluster.env, GENERATOR_URL=f"127.0.0.1:{dead}")
     cases = [
-        (["generate", "hello"], env, "extmind: UNAVAILABLE"),
-        (["memorize", str(tmp_path / "missing.txt")], None, "extmind: cannot read"),
-        (["embed", "text", "--dimensions", "100000"], None, "extmind: INVALID_ARGUMENT"),
-        (["docs", "upsert", "c", "no-equals-sign"], None, "extmind: document"),
+        (["generate", "hello"], env, 1, "extmind: UNAVAILABLE"),
+        (["memorize", str(tmp_path / "missing.txt")], None, 1, "extmind: cannot read"),
+        (["embed", "text", "--dimensions", "100000"], None, 1, "extmind: INVALID_ARGUMENT"),
+        # a wrong command line: exit 2
+        (["docs", "upsert", "c", "no-equals-sign"], None, 2, "extmind docs upsert: argument items: document"),
         # no reranker is served offline (EMBEDDER_RERANKER unset): the service says so
-        (["rerank", "which?", "doc a", "doc b"], None, "extmind: NOT_FOUND"),
+        (["rerank", "which?", "doc a", "doc b"], None, 1, "extmind: NOT_FOUND"),
     ]
-    for args, e, prefix in cases:
+    for args, e, code, prefix in cases:
         r = cli(cluster, *args, env=e)
-        assert r.returncode == 1, (args, r.stdout, r.stderr)
+        assert r.returncode == code, (args, r.stdout, r.stderr)
         assert r.stderr.startswith(prefix) and r.stderr.count("\n") == 1, (args, r.stderr)
         assert "Traceback" not in r.stderr
 
