@@ -92,9 +92,14 @@ def document(raw: str) -> str:
     return raw
 
 
-def _shown(raw: str, n: int = 30) -> str:
-    text = " ".join(raw.split())
-    return repr(text if len(text) <= n else text[: n - 1] + "…")
+def _short(text: str, n: int) -> str:
+    """``text`` on one line, cut to ``n`` characters with an ellipsis (every ``extmind`` command's)."""
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _shown(raw: str) -> str:
+    return repr(_short(raw, 30))
 
 
 POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 
 from extmind.channels import auth_metadata, sync_channel
+from extmind.cli_args import _short  # noqa: F401 - the commands take it from here
 from extmind.cluster_config import ENV_VARS, Settings, find_run_dir, read_record
 from extmind.errors import from_rpc_error
 from extmind.v1 import embedder_pb2_grpc, generator_pb2_grpc, memory_pb2_grpc
@@ -106,11 +107,6 @@ class Targets:
 def counted(n: int, noun: str) -> str:
     """'1 token', '2 tokens': ``n`` and ``noun`` (singular) with its plural ``s`` when n != 1."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def _short(text: str, n: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 # ------------------------------------------------------------------ errors

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from extmind.channels import auth_metadata, sync_channel
+from extmind.cli_args import _short
 from extmind.cluster_config import FACTS_MODEL, FACTS_MODEL_NOTICE, RANDOM_MODEL_NOTICE, Settings, find_run_dir
 from extmind.v1 import embedder_pb2, embedder_pb2_grpc, generator_pb2, generator_pb2_grpc, memory_pb2, memory_pb2_grpc
 
@@ -212,11 +213,6 @@ def facts_step(c: Clients) -> list[dict]:
 
 def _ms(sec: float) -> str:
     return f"{sec * 1000:8.1f} ms"
-
-
-def _short(text: str, n: int = 70) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 def _printable(text: str, n: int = 70) -> str:
