@@ -344,17 +344,15 @@ async def measure(engine, path, args) -> tuple[int, dict]:
     # one comes right after the stock run moved the ratio (1.49x against 1.26x on the H200;
     # bench/RESULTS.md, "2026-12-04 14:00-14:40"), and a fixed order counted that as the memory's.
     rounds = -(-3 * args.repeat // 2) * 2
-    first = []  # per round: whether the no-memory request went first
-    for i in range(rounds):
+    for i in range(rounds):  # even rounds: the no-memory request first; odd: the memory one
         stock_ps.append(engine.mlx.call(stock_decode, stock_model, long_prompt, 2)[0])
-        first.append(i % 2 == 0)
-        for opts in (None, local) if first[-1] else (local, None):
+        for opts in (None, local) if i % 2 == 0 else (local, None):
             (plain_ps if opts is None else local_ps).append((await engine_run(engine, long_prompt, 1, opts))[0])
     stock_p512, p_plain, p_local = (float(np.median(r)) for r in (stock_ps, plain_ps, local_ps))
 
     def order_ratio(plain_first: bool) -> str:
-        pick = [i for i, f in enumerate(first) if f == plain_first]
-        return median_ratio([local_ps[i] for i in pick], [plain_ps[i] for i in pick])
+        start = 0 if plain_first else 1
+        return median_ratio(local_ps[start::2], plain_ps[start::2])
 
     rows[f"prefill {args.prefill} tokens, stock mlx-lm (warmed)"] = (
         f"{stock_p512 * 1e3:.0f} ms (median of {len(stock_ps)}, interleaved with the next two rows)"
