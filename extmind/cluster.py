@@ -82,7 +82,7 @@ class Cluster:
             self.out(f"  {n:<10} already running (pid {r.pid}){note}")
         specs = service_specs(self._settings_for_new(running), self.out, to_start)
         started: dict[str, tuple[subprocess.Popen, PidRecord]] = {}
-        env = child_env()
+        env = child_env(s.run_dir)
         try:
             for n in to_start:
                 spec = specs[n]
@@ -153,7 +153,7 @@ class Cluster:
             want = service_specs(self.s, lambda *a, **k: None, list(running))
         except LaunchError:
             return {}
-        env = child_env()
+        env = child_env(self.s.run_dir)
         changed = {}
         for n, r in running.items():
             why = []
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             if not a.service:
                 p.error("exec needs a service name: embedder, memory or generator")
             spec = service_specs(s, lambda m: print(m, file=sys.stderr), [a.service])[a.service]
-            os.execve(spec.argv[0], spec.argv, child_env())
+            os.execve(spec.argv[0], spec.argv, child_env(s.run_dir))
     except LaunchError as e:
         print(f"extmind: {e}", file=sys.stderr)
         return 1

@@ -332,7 +332,8 @@ REGISTRY: tuple[EnvVar, ...] = (
         "embedder, generator (on MLX CUDA)",
         "a folder that outlives the process for MLX CUDA's compiled kernels: each service uses "
         "`<folder>/<service>/mlx-<version>-<cuda build>-sm<capability>` (docker-compose.gpu.yml: "
-        "`/models/mlx-kernels`); unset = MLX's own `/tmp/mlx/<version>/ptx`",
+        "`/models/mlx-kernels`; `make up` when unset: `<run dir>/mlx-kernels`); empty = MLX's own "
+        "`/tmp/mlx/<version>/ptx`",
     ),
     EnvVar(
         "MLX_PTX_CACHE_DIR",

@@ -69,3 +69,13 @@ def test_on_cuda_mlx_writes_its_kernels_into_the_services_folder(tmp_path):
     folder = Path(out.stdout.strip())
     assert folder.parent == tmp_path / "generator" and folder.name.startswith(f"mlx-{mx.__version__}-cuda")
     assert any(folder.glob("*.ptx")), sorted(p.name for p in tmp_path.rglob("*"))
+
+
+def test_a_local_cluster_keeps_the_kernels_in_its_run_dir_unless_told_otherwise(env, tmp_path):
+    from extmind.cluster_config import child_env
+
+    assert child_env(tmp_path)[mlx_kernel_cache.ENV] == str(tmp_path / "mlx-kernels")
+    env.setenv(mlx_kernel_cache.ENV, "/models/mlx-kernels")  # compose's, or the user's
+    assert child_env(tmp_path)[mlx_kernel_cache.ENV] == "/models/mlx-kernels"
+    env.setenv(mlx_kernel_cache.ENV, "")  # set empty: MLX's own folder
+    assert child_env(tmp_path)[mlx_kernel_cache.ENV] == ""
