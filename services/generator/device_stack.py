@@ -9,9 +9,10 @@ of a decode batch"). Here one generated kernel copies them all; off CUDA it is `
 MLX CUDA compiles a kernel the first time it runs (~1.5 s for the 256-input one on an H200), and
 how many records a flush joins follows the request's length (its sampled attention-mass steps, its
 cited forwards). So the kernels come in three sizes only (SLOTS: 16, 64, 256 inputs, unused slots
-repeating an input), and ``compile_all`` compiles every size of what the tallies stack (and of
-anything else that ran), for the warm-up: a request of a new length does not wait for a compile
-(docs/architecture.md, "Tallies of a decode batch").
+repeating an input), one kernel a size and dtype for both axes (the axis is read at run time), and
+``compile_all`` compiles every size of what the tallies stack (and of anything else that ran), for
+the warm-up: a request of a new length does not wait for a compile (docs/architecture.md, "Tallies
+of a decode batch").
 """
 
 from __future__ import annotations
@@ -30,49 +31,46 @@ _THREADS = 256
 MAX_INPUTS = 256
 # The kernels' numbers of input slots: a stack of n inputs takes the smallest that holds them.
 SLOTS = (16, 64, MAX_INPUTS)
-# What the tallies stack (citation rows; attention mass and citation weights, by forward or by
-# layer): compile_all compiles these whether or not the warm-up's requests ran them (a REMOTE
-# request with citations, one retrieving layer, a long context stack float32 on axis 1).
-TALLY_KINDS = frozenset({(mx.int32, False), (mx.float32, False), (mx.float32, True)})
-# The (slots, dtype, last) kernels launched so far (each compiled at its first launch).
+# What the tallies stack (citation rows int32; attention mass and citation weights float32, by
+# forward or by layer): compile_all compiles these whether or not the warm-up's requests ran them (a
+# REMOTE request with citations, one retrieving layer, a long context).
+TALLY_DTYPES = frozenset({mx.int32, mx.float32})
+# The (slots, dtype) kernels launched so far (each compiled at its first launch).
 _compiled: set = set()
 
 
-def _source(slots: int, last: bool) -> str:
-    # out [B, N, X] (last=False) or [B, X, N]; input i < N is a_i [B, ...] read as [B, X] (row-contiguous). One
-    # kernel per size in SLOTS (the N in use comes at run time, unused slots repeat an input), so
-    # a new count does not mean a new compile.
+def _source(slots: int) -> str:
+    # out [B, N, X] (dims[3] = 0: axis 1) or [B, X, N] (dims[3] = 1: the last axis); input i < N is
+    # a_i [B, ...] read as [B, X] (row-contiguous). One kernel per size in SLOTS for both axes (N
+    # and the axis come at run time, unused slots repeat an input), so neither a new count nor the
+    # other axis means a new compile (each cost the warm-up ~0.6-1.1 s on an H200).
     cases = "\n".join(f"    case {i}: v = a{i}[src]; break;" for i in range(slots))
-    out_index = "((size_t)b * X + x) * N + i" if last else "gid"
-    order = (
-        "const int i = gid % N; const int x = (gid / N) % X; const int b = gid / ((size_t)N * X);"
-        if last
-        else "const int x = gid % X; const int i = (gid / X) % N; const int b = gid / ((size_t)X * N);"
-    )
-    source = f"""
+    return f"""
   const int B = dims[0];
   const int X = dims[1];
   const int N = dims[2];
+  const bool last = dims[3] != 0;
   const size_t gid = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (gid >= (size_t)B * N * X) return;
-  {order}
+  const int i = last ? gid % N : (gid / X) % N;
+  const int x = last ? (gid / N) % X : gid % X;
+  const int b = gid / ((size_t)N * X);
   const size_t src = (size_t)b * X + x;
   T v;
   switch (i) {{
 {cases}
   }}
-  out[{out_index}] = v;
+  out[last ? ((size_t)b * X + x) * N + i : gid] = v;
 """
-    return source
 
 
 @functools.cache
-def _kernel(slots: int, last: bool):
+def _kernel(slots: int):
     return mx.fast.cuda_kernel(
-        name=f"extmind_stack{slots}{'_last' if last else ''}",
+        name=f"extmind_stack{slots}",
         input_names=[f"a{i}" for i in range(slots)] + ["dims"],
         output_names=["out"],
-        source=_source(slots, last),
+        source=_source(slots),
     )
 
 
@@ -87,18 +85,18 @@ def slots_for(n: int) -> int:
 
 
 def compile_all() -> int:
-    """Compiles, on MLX CUDA, every SLOTS size of the kernels of TALLY_KINDS and of each (dtype,
-    axis) ``stack`` ran so far (the warm-up calls it after its requests). -> how many it compiled
-    (0 off CUDA)."""
+    """Compiles, on MLX CUDA, every SLOTS size of the kernels of TALLY_DTYPES and of each dtype
+    ``stack`` ran so far (the warm-up calls it after its requests). -> how many it compiled (0 off
+    CUDA)."""
     if not on_device():
         return 0
     done = 0
-    ran = {(dtype, last) for _, dtype, last in _compiled}
-    for dtype, last in sorted(TALLY_KINDS | ran, key=str):
+    ran = {dtype for _, dtype in _compiled}
+    for dtype in sorted(TALLY_DTYPES | ran, key=str):
         for slots in SLOTS:
-            if (slots, dtype, last) not in _compiled:
+            if (slots, dtype) not in _compiled:
                 arrays = [mx.zeros((1, 1), dtype=dtype) for _ in range(slots)]
-                mx.eval(stack(arrays, axis=-1 if last else 1, checked=True))
+                mx.eval(stack(arrays, axis=1, checked=True))
                 done += 1
     return done
 
@@ -129,12 +127,12 @@ def stack(arrays: list[mx.array], axis: int, *, checked: bool = False) -> mx.arr
     X = first.size // B
     slots = slots_for(n)
     last = axis == -1
-    _compiled.add((slots, first.dtype, last))
+    _compiled.add((slots, first.dtype))
     total = B * n * X
     # The kernel reads each input as [B, X] row-contiguous memory (MLX hands it so): no reshape
     # op per input, which cost the host more than the launch for a step's records.
-    (out,) = _kernel(slots, last)(
-        inputs=[*arrays, *[first] * (slots - n), kernel_parts.constant((B, X, n), mx.int32)],
+    (out,) = _kernel(slots)(
+        inputs=[*arrays, *[first] * (slots - n), kernel_parts.constant((B, X, n, int(last)), mx.int32)],
         template=[("T", first.dtype)],
         grid=(-(-total // _THREADS) * _THREADS, 1, 1),
         threadgroup=(_THREADS, 1, 1),

@@ -10,7 +10,7 @@ implementation of them):
 2. when the memory service answers: Memorize of a short synthetic text, then generations with
    that memory - LOCAL with citations alone (long enough to flush its tallies once), a prompt
    long enough for the prefill top-k, and ``batch`` at once (the batch sizes up to it occur as
-   they join), the tallies' stacking kernels of every size and kind (``device_stack.compile_all``:
+   they join), the tallies' stacking kernels of every size and dtype (``device_stack.compile_all``:
    which size a flush takes follows a request's length), and REMOTE - and the memory is deleted.
 
 A failure is logged and ends the warm-up, as does its time budget (BUDGET_SECONDS): it never

@@ -300,15 +300,20 @@ def test_stack_matches_numpy_across_its_kernel_sizes(axis, stacking):
 
 
 def test_compile_all_compiles_every_size_of_what_ran(stacking):
-    """After ``compile_all`` every SLOTS size of the tallies' kinds (TALLY_KINDS, whether or not a
-    request ran them) and of each other (dtype, axis) stacked so far is compiled (on MLX CUDA or its
-    emulation; off CUDA there is nothing to compile), so a flush of any length launches a kernel
-    that exists; a second call compiles nothing."""
+    """After ``compile_all`` every SLOTS size of the tallies' dtypes (TALLY_DTYPES, whether or not a
+    request ran them) and of each other dtype stacked so far is compiled (on MLX CUDA or its
+    emulation; off CUDA there is nothing to compile), one kernel a size and dtype for both axes, so
+    a flush of any length on either axis launches a kernel that exists; a second call compiles
+    nothing."""
     device_stack.stack([mx.ones((1, 2), dtype=mx.float16)] * 3, axis=1)
     if device_stack.on_device():
-        kinds = device_stack.TALLY_KINDS | {(mx.float16, False)}
-        assert device_stack.compile_all() == len(kinds) * len(device_stack.SLOTS) - 1  # float16's 16 ran
-        assert {(s, d, last) for d, last in kinds for s in device_stack.SLOTS} == device_stack._compiled
+        dtypes = device_stack.TALLY_DTYPES | {mx.float16}
+        assert device_stack.compile_all() == len(dtypes) * len(device_stack.SLOTS) - 1  # float16's 16 ran
+        assert {(s, d) for d in dtypes for s in device_stack.SLOTS} == device_stack._compiled
+        compiled = set(device_stack._compiled)
+        got = device_stack.stack([mx.full((1, 2), float(i)) for i in range(20)], axis=-1)  # no kernel of its own
+        assert device_stack._compiled == compiled and device_stack._kernel.cache_info().currsize == 3
+        assert mx.array_equal(got, mx.broadcast_to(mx.arange(20, dtype=mx.float32), (1, 2, 20))).item()
     else:
         assert device_stack.compile_all() == 0 and not device_stack._compiled
     assert device_stack.compile_all() == 0
