@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             if not a.service:
                 p.error("exec needs a service name: embedder, memory or generator")
             spec = service_specs(s, lambda m: print(m, file=sys.stderr), [a.service])[a.service]
-            os.execve(spec.argv[0], spec.argv, child_env(s.run_dir))
+            os.execve(spec.argv[0], spec.argv, child_env())  # no kernel folder under a container's run dir
     except LaunchError as e:
         print(f"extmind: {e}", file=sys.stderr)
         return 1

@@ -355,13 +355,16 @@ def env_digests(name: str, env: dict[str, str], argv: list[str]) -> dict[str, st
     }
 
 
-def child_env(run_dir: Path) -> dict[str, str]:
+def child_env(run_dir: Path | None = None) -> dict[str, str]:
     """The services' environment: this one, the repo on PYTHONPATH, and defaults for a local run.
-    On MLX CUDA their compiled kernels stay under ``run_dir/mlx-kernels`` (a folder per service
-    and MLX build: services/common/mlx_kernel_cache.py), so a later ``up`` skips compiling them
-    again (docs/platform.md, "CUDA notes"); ``EXTMIND_MLX_KERNEL_CACHE`` set (even empty) wins."""
+    With ``run_dir`` (``up``), on MLX CUDA their compiled kernels stay under ``run_dir/mlx-kernels``
+    (a folder per service and MLX build: services/common/mlx_kernel_cache.py), so a later ``up``
+    skips compiling them again (docs/platform.md, "CUDA notes"); ``EXTMIND_MLX_KERNEL_CACHE`` set
+    (even empty) wins. Without (``exec``, a container's entry point, whose working folder may not be
+    writable): MLX's own folder unless the variable is set."""
     env = dict(os.environ)
-    env.setdefault("EXTMIND_MLX_KERNEL_CACHE", str(run_dir / "mlx-kernels"))
+    if run_dir is not None:
+        env.setdefault("EXTMIND_MLX_KERNEL_CACHE", str(run_dir / "mlx-kernels"))
     env["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO), env.get("PYTHONPATH", "")) if x)
     env.setdefault("EXTMIND_LOG_FORMAT", "text")  # people read .run/logs; containers may set json
     env.setdefault("PYTHONUNBUFFERED", "1")

@@ -79,3 +79,5 @@ def test_a_local_cluster_keeps_the_kernels_in_its_run_dir_unless_told_otherwise(
     assert child_env(tmp_path)[mlx_kernel_cache.ENV] == "/models/mlx-kernels"
     env.setenv(mlx_kernel_cache.ENV, "")  # set empty: MLX's own folder
     assert child_env(tmp_path)[mlx_kernel_cache.ENV] == ""
+    env.delenv(mlx_kernel_cache.ENV)  # `exec` (a container's entry point): nothing under its run dir
+    assert mlx_kernel_cache.ENV not in child_env()
