@@ -5,6 +5,7 @@ express. Every mistake here is one line on stderr and exit code 2; the commands 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -61,18 +62,36 @@ def _float_in(low: float, high: float | None = None):
             value = float(raw)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {raw!r}") from None
-        if not (low <= value and (high is None or value <= high)):
-            raise argparse.ArgumentTypeError(f"must be in [{low:g}, {'∞' if high is None else f'{high:g}'}], got {raw}")
+        if not (low <= value and (value <= high if high is not None else math.isfinite(value))):
+            span = f"[{low:g}, {high:g}]" if high is not None else f"[{low:g}, ∞)"
+            raise argparse.ArgumentTypeError(f"must be in {span}, got {raw}")
         return value
 
     return parse
 
 
+def text(raw: str) -> str:
+    """A non-empty text argument (a memory id, a stop string) that is valid UTF-8."""
+    if not raw:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return _utf8(raw)
+
+
+def _utf8(raw: str) -> str:
+    # Python hands bytes of the command line that are not UTF-8 over as lone surrogates, which
+    # no request can carry.
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{_shown(raw)} is not valid UTF-8 text") from None
+    return raw
+
+
 def key_value(raw: str) -> tuple[str, str]:
-    """A ``key=value`` argument (a label, a metadata entry, a filter) with a non-empty key -> (key, value)."""
-    key, eq, value = raw.partition("=")
-    if not eq or not key:
-        raise argparse.ArgumentTypeError(f"{_shown(raw)} must look like key=value (a non-empty key)")
+    """A ``key=value`` argument (a label, a metadata entry, a filter) with a non-blank key -> (key, value)."""
+    key, eq, value = _utf8(raw).partition("=")
+    if not eq or not key.strip():
+        raise argparse.ArgumentTypeError(f"{_shown(raw)} must look like key=value (a non-blank key)")
     return key, value
 
 
@@ -82,12 +101,12 @@ def document(raw: str) -> str:
         if raw == "@":
             raise argparse.ArgumentTypeError("'@' names no file: give @FILE or @FILE.jsonl")
         return raw
-    doc_id, eq, text = raw.partition("=")
+    doc_id, eq, body = _utf8(raw).partition("=")
     if not eq:
         raise argparse.ArgumentTypeError(f"document {_shown(raw)} must be id=text, @file or @file.jsonl")
-    if not doc_id or not text:
+    if not doc_id.strip() or not body.strip():
         raise argparse.ArgumentTypeError(
-            f"document {_shown(raw)}: empty {'id' if not doc_id else 'text'} (give id=text)"
+            f"document {_shown(raw)}: blank {'id' if not doc_id.strip() else 'text'} (give id=text)"
         )
     return raw
 
@@ -99,7 +118,8 @@ def _short(text: str, n: int) -> str:
 
 
 def _shown(raw: str) -> str:
-    return repr(_short(raw, 30))
+    # repr keeps it on one line and shows what matters here: blanks, escapes, undecodable bytes
+    return repr(raw if len(raw) <= 30 else raw[:29] + "…")
 
 
 POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
@@ -193,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the prompt text, or '-' to read it from stdin, verbatim: a trailing newline stays in "
         "the prompt (`printf`, not `echo`, for a prompt ending in 'Answer:')",
     )
-    s.add_argument("--memory", action="append", help="memory id to attend to (repeatable)")
+    s.add_argument("--memory", action="append", type=text, help="memory id to attend to (repeatable)")
     s.add_argument("--citations", action="store_true", help="print the memory spans retrieved most (needs --memory)")
     s.add_argument(
         "--memory-top-k",
@@ -216,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=_float_in(0.0, 1.0), default=0.0, help="nucleus mass (0 = off)")
     s.add_argument("--top-k", type=NON_NEGATIVE, default=0, help="sample among the k likeliest tokens (0 = off)")
     s.add_argument("--seed", type=SEED, default=None, help="sampling seed, for repeatable output")
-    s.add_argument("--stop", action="append", help="stop before this text (repeatable)")
+    s.add_argument("--stop", action="append", type=text, help="stop before this text (repeatable)")
     return p
 
 

@@ -36,18 +36,35 @@ def _lines(body: str):
     return enumerate(body.removeprefix("\ufeff").split("\n"), 1)
 
 
+def _utf8(*texts) -> bool:
+    """Whether every string of ``texts`` encodes as UTF-8 (JSON's \\ud800 escapes make lone surrogates)."""
+    try:
+        for t in texts:
+            if isinstance(t, str):
+                t.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _jsonl_document(path: Path, n: int, line: str, meta: dict) -> memory_pb2.Document:
     """One line of an @file.jsonl -> a Document, or a CliError naming the file, the line and what to change."""
     where = f"{path}:{n}"
     try:
         d = json.loads(line)
-        doc_id, text, more = d["id"], d["text"], d.get("metadata", {})
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except ValueError as e:  # JSONDecodeError, or a number past Python's digit limit
+        raise CliError(f"{where}: not valid JSON ({_short(str(e), 80)})") from None
+    try:
+        doc_id, text, more = d["id"], d["text"], d.get("metadata") or {}
+    except (KeyError, TypeError, AttributeError):
         raise CliError(f"{where}: each line must be a JSON object with 'id' and 'text'") from None
     if isinstance(doc_id, bool) or not isinstance(doc_id, str | int) or not str(doc_id).strip():
         raise CliError(f"{where}: 'id' must be a non-empty string (or a whole number)")
     if not isinstance(text, str) or not text.strip():
         raise CliError(f"{where}: 'text' must be a non-empty string")
+    strings = [str(doc_id), text, *((*more, *more.values()) if isinstance(more, dict) else ())]
+    if not _utf8(*strings):
+        raise CliError(f"{where}: text that is not valid UTF-8 (a lone surrogate such as \\ud800)")
     if not isinstance(more, dict) or not all(isinstance(v, str) and k.strip() for k, v in more.items()):
         hint = (
             ' (quote numbers: "2024")'

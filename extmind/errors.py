@@ -10,14 +10,16 @@ from __future__ import annotations
 
 
 class ExtmindError(Exception):
-    """Base class: ``code`` is the gRPC status name, ``http_status`` the HTTP answer."""
+    """Base class: ``code`` is the gRPC status name, ``http_status`` the HTTP answer, ``param``
+    the request field at fault when there is one (the HTTP faces' OpenAI ``param``)."""
 
     code = "INTERNAL"
     http_status = 500
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, *, param: str | None = None):
         super().__init__(message)
         self.message = message
+        self.param = param
 
 
 class InvalidArgument(ExtmindError):

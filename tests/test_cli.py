@@ -179,12 +179,21 @@ def test_arguments_not_in_their_form_are_one_line_exit_2():
     for args, says in (
         (["docs", "upsert", "c", "no-equals-sign"], "must be id=text, @file or @file.jsonl"),
         (["memorize", "x.txt", "--label", "nolabel"], "--label: 'nolabel' must look like key=value"),
-        (["memorize", "x.txt", "--label", "=v"], "--label: '=v' must look like key=value (a non-empty key)"),
+        (["memorize", "x.txt", "--label", "=v"], "--label: '=v' must look like key=value (a non-blank key)"),
+        (["docs", "upsert", "c", "a=b", "--meta", " =v"], "--meta: ' =v' must look like key=value (a non-blank key)"),
         (["docs", "search", "c", "q", "--filter", "bad"], "--filter: 'bad' must look like key=value"),
         (["docs", "upsert", "c", "a=b", "--meta", "=v"], "--meta: '=v' must look like key=value"),
         (["docs", "upsert", "c", "@"], "'@' names no file: give @FILE or @FILE.jsonl"),
-        (["docs", "upsert", "c", "id3="], "document 'id3=': empty text (give id=text)"),
-        (["docs", "upsert", "c", "=some text"], "document '=some text': empty id (give id=text)"),
+        (["docs", "upsert", "c", "id3="], "document 'id3=': blank text (give id=text)"),
+        (["docs", "upsert", "c", "=some text"], "document '=some text': blank id (give id=text)"),
+        (["docs", "upsert", "c", " =some text"], "document ' =some text': blank id (give id=text)"),
+        (["generate", "hi", "--temperature", "inf"], "argument --temperature: must be in [0, ∞), got inf"),
+        (["generate", "hi", "--memory", ""], "argument --memory: must not be empty"),
+        (["generate", "hi", "--stop", ""], "argument --stop: must not be empty"),
+        # bytes that are not UTF-8 (Python hands them over as lone surrogates)
+        (["docs", "upsert", "c", "i=\udcff"], "is not valid UTF-8 text"),
+        (["docs", "search", "c", "q", "--filter", "k=\udcff"], "--filter: 'k=\\udcff' is not valid UTF-8 text"),
+        (["generate", "hi", "--stop", "\udcff"], "--stop: '\\udcff' is not valid UTF-8 text"),
         (["docs", "search", "c", "q", "--top-k", "abc"], "--top-k"),
     ):
         r = cli(*args)
@@ -210,11 +219,20 @@ def test_bad_values_are_one_line_exit_1(tmp_path):
         ),
         ('{"id": "a", "text": "t", "metadata": {"": "v"}}', ":1: 'metadata' must map non-empty names to strings"),
         ('{"id": "a", "text": "t", "metadata": ["v"]}', ":1: 'metadata' must map non-empty names to strings"),
+        ('{"id": "a", "text": "bad \\ud800"}', ":1: text that is not valid UTF-8 (a lone surrogate such as \\ud800)"),
+        (
+            '{"id": "a", "text": "t", "metadata": {"\\udc00": "v"}}',
+            ":1: text that is not valid UTF-8 (a lone surrogate such as \\ud800)",
+        ),
+        ('{"id": "a", "text": "t"', ":1: not valid JSON (Expecting ',' delimiter: line 1 column 24 (char 23))"),
         ("\n  \n", " holds no documents: one JSON object with 'id' and 'text' a line"),
     ):
         lines.write_text(line + "\n")
         r = cli("docs", "upsert", "c", f"@{lines}")
         assert r.returncode == 1 and one_line(r) == f"extmind: {lines}" + says, r.stderr
+    lines.write_text('{"id": ' + "9" * 5000 + ', "text": "t"}\n')  # past Python's digits for an int
+    r = cli("docs", "upsert", "c", f"@{lines}")
+    assert r.returncode == 1 and one_line(r).startswith(f"extmind: {lines}:1: not valid JSON ("), r.stderr
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     r = cli("docs", "upsert", "c", f"@{empty}")
@@ -360,9 +378,9 @@ def test_docs_create_collections_drop(env):
     r = cli("docs", "drop", "cli-col", env=env)
     assert r.returncode == 1
     line = one_line(r)
-    # A command to type, not an RPC name; the collection named once.
-    assert line.startswith("extmind: NOT_FOUND: collection 'cli-col' does not exist"), line
-    assert "`extmind docs create`" in line and "CreateCollection" not in line and "UpsertDocuments" not in line
+    # A command to type, not an RPC name; the collection named once; no hint to create what is dropped.
+    assert line.startswith("extmind: NOT_FOUND: collection 'cli-col' does not exist: nothing to delete"), line
+    assert "`extmind docs collections`" in line and "ListCollections" not in line and "create" not in line
     assert line.count("cli-col") == 1
 
 
@@ -789,10 +807,15 @@ def test_jsonl_lines_split_at_newlines_only(tmp_path):
     from extmind.cli_docs import _documents
 
     f = tmp_path / "d.jsonl"
-    rows = [{"id": "a", "text": "p1\u2028p2\u0085p3"}, {"id": 7, "text": "t", "metadata": {"k": "v"}}]
+    rows = [
+        {"id": "a", "text": "p1\u2028p2\u0085p3"},
+        {"id": 7, "text": "t", "metadata": {"k": "v"}},
+        {"id": "n", "text": "t", "metadata": None},  # null: no metadata of its own
+    ]
     f.write_text("\ufeff" + "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n\n")
     docs = _documents([f"@{f}"], {"all": "x"})
     assert [(d.id, d.text, dict(d.metadata)) for d in docs] == [
         ("a", "p1\u2028p2\u0085p3", {"all": "x"}),
         ("7", "t", {"all": "x", "k": "v"}),
+        ("n", "t", {"all": "x"}),
     ]

@@ -45,8 +45,7 @@ class BadField(InvalidArgument):
     which every face's error body carries)."""
 
     def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
+        super().__init__(message, param=param)
 
 
 def error_body(status: int, code: str, message: str, param: str | None = None) -> dict:
@@ -193,6 +192,8 @@ class JsonFace:
             status = exc.status_code
             code = {404: "not_found", 405: "unimplemented"}.get(status, "invalid_argument")
             message = self.unrouted(request.method, request.url.path) if status in (404, 405) else str(exc.detail)
+            if allowed := status == 405 and (exc.headers or {}).get("Allow"):  # the path exists: say how to call it
+                message = f"{request.method} {request.url.path}: use {allowed} (this path takes no {request.method})"
             _log(request, status, time.monotonic(), {}, self.label, route="unmatched")
             return error_response(status, code, message)
 
@@ -210,7 +211,7 @@ class JsonFace:
             headers["retry-after"] = "1"
         # An error that names the offending field (``param``, e.g. a request field) says so, as OpenAI does.
         message = self.error_message(exc)
-        return error_response(status, self.error_code(exc), message, getattr(exc, "param", None), **headers)
+        return error_response(status, self.error_code(exc), message, exc.param, **headers)
 
     def endpoint(self, fn: Endpoint, *, auth: bool = True, ready: bool = True):
         """Wraps ``fn(request) -> Response | JSON data``: bearer auth, the readiness guard, errors

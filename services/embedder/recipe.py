@@ -50,14 +50,18 @@ def check_dimensions(dimensions: int, full: int, minimum: int, model: str) -> in
         return full
     if dimensions > full:
         raise InvalidArgument(
-            f"dimensions={dimensions} is larger than {model}'s {full}: send 0 (full size) or a value up to {full}"
+            f"dimensions={dimensions} is larger than {model}'s {full}: send 0 (full size) or a value up to {full}",
+            param="dimensions",
         )
     if minimum == 0:
-        raise InvalidArgument(f"{model} does not support Matryoshka truncation: send dimensions=0 or {full}")
+        raise InvalidArgument(
+            f"{model} does not support Matryoshka truncation: send dimensions=0 or {full}", param="dimensions"
+        )
     if dimensions < minimum:
         raise InvalidArgument(
             f"dimensions={dimensions} is below {model}'s minimum {minimum}: "
-            f"send a value between {minimum} and {full}, or 0"
+            f"send a value between {minimum} and {full}, or 0",
+            param="dimensions",
         )
     return dimensions
 

@@ -48,7 +48,9 @@ def _key(name: str, part: str) -> str:
     return f"em:{{col:{name}}}:{part}"
 
 
-def _not_found(name: str) -> NotFound:
+def _not_found(name: str, *, deleting: bool = False) -> NotFound:
+    if deleting:  # no hint to create what the caller wants gone
+        return NotFound(f"collection {name!r} does not exist: nothing to delete (ListCollections lists them)")
     return NotFound(f"collection {name!r} does not exist; create it with CreateCollection or UpsertDocuments")
 
 
@@ -232,7 +234,7 @@ class Documents:
         check_collection(name)
         async with self._lock(name):
             if await self._find(name) is None:
-                raise _not_found(name)
+                raise _not_found(name, deleting=True)
             with redis_errors():
                 pipe = self.r.pipeline(transaction=True)
                 pipe.unlink(*(_key(name, p) for p in ("meta", "text", "md", "emb")))

@@ -109,6 +109,13 @@ async def test_http_errors_and_keep_alive(start_app, tiny_qwen3):
         assert status == code and err["error"]["message"], (path, body, status, err)
     status, err = await call(port, "POST", "/embed", raw=b"{not json")
     assert status == 400 and "JSON" in err["error"]["message"]
+    # The field at fault is named (OpenAI's param) also when the model refuses it; a path that
+    # exists says which method it takes.
+    for dims in (7, 1000):
+        status, err = await call(port, "POST", "/v1/embeddings", {"input": "x", "dimensions": dims})
+        assert status == 400 and err["error"]["param"] == "dimensions", err
+    status, err = await call(port, "GET", "/v1/embeddings")
+    assert status == 405 and "use POST" in err["error"]["message"], err
 
     def two_on_one_connection():
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
