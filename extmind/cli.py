@@ -53,6 +53,8 @@ from extmind.v1 import embedder_pb2, generator_pb2
 def cmd_status(a, t: Targets) -> int:
     rows = Cluster(t.s).status()
     print(format_table(rows))
+    if not t.run_dir.is_dir():  # a mistyped --run-dir / EXTMIND_RUN_DIR would otherwise pass unnoticed
+        print(f"extmind: no run dir {t.run_dir}: the URLs above are the environment's or the defaults", file=sys.stderr)
     return 0 if status_ok(rows) else 1
 
 

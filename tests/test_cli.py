@@ -493,6 +493,7 @@ def test_cluster_json_in_the_run_dir_is_found_without_env_vars(services, tmp_pat
 def test_status_describes_the_services_the_urls_name(services, env, tmp_path):
     run = tmp_path / "run"  # nothing started from here
     r = cli("status", env=dict(env, EXTMIND_RUN_DIR=str(run)))
+    assert r.stderr == f"extmind: no run dir {run}: the URLs above are the environment's or the defaults\n"
     rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:]}
     assert rows["memory"][1:5] == [services["memory"].address, "-", "external", "SERVING"], r.stdout
     assert rows["generator"][1:5] == [services["generator"].address, "-", "external", "SERVING"], r.stdout

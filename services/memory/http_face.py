@@ -26,3 +26,6 @@ class MemoryHttpFace(JsonFace):
 
     def ready(self) -> bool:
         return self._is_ready()
+
+    def unrouted(self, method: str, path: str) -> str:
+        return f"{method} {path} is not served; endpoints: GET /health, GET /metrics (the API is gRPC)"

@@ -49,6 +49,8 @@ def test_metrics_count_real_calls(memory_service_factory):
     svc = memory_service_factory(args=["--http-port", str(port)])
     stub = svc.stub()
     assert get(port, "/health") == (200, json.dumps({"status": "ok"}, separators=(",", ":")))
+    status, body = get(port, "/v1/memories")  # not a route here: the answer lists what is
+    assert status == 404 and "endpoints: GET /health, GET /metrics" in json.loads(body)["error"]["message"]
     before = scrape(port)
     assert value(before, "extmind_memory_memories") == 0 and value(before, "extmind_memory_rows", kind="kv") == 0
 
