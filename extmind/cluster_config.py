@@ -61,6 +61,13 @@ RANDOM_MODEL_NOTICE = (
     "      Set GENERATOR_MODEL to a model directory or hub id for real text."
 )
 
+# The same in one line each (the demo's header).
+FACTS_MODEL_LINE = (
+    "model: the offline default, trained for 'Question: ...?\\nAnswer:' on facts in its prompt or memory; "
+    "other prompts: meaningless text"
+)
+RANDOM_MODEL_LINE = "model: a tiny RANDOM-WEIGHT Llama (meaningless text; GENERATOR_MODEL for real text)"
+
 
 class LaunchError(RuntimeError):
     """A readable, one-paragraph reason why the cluster could not start."""

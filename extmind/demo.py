@@ -20,7 +20,7 @@ import grpc
 
 from extmind.channels import auth_metadata, sync_channel
 from extmind.cli_args import _short
-from extmind.cluster_config import FACTS_MODEL, FACTS_MODEL_NOTICE, RANDOM_MODEL_NOTICE, Settings, find_run_dir
+from extmind.cluster_config import FACTS_MODEL, FACTS_MODEL_LINE, RANDOM_MODEL_LINE, Settings, find_run_dir
 from extmind.v1 import embedder_pb2, embedder_pb2_grpc, generator_pb2, generator_pb2_grpc, memory_pb2, memory_pb2_grpc
 
 COLLECTION = "extmind-demo"
@@ -244,9 +244,8 @@ def run(s: Settings | None = None, out=print, keep: bool = False) -> dict:
             f"{gi.num_attention_heads} heads, {gi.num_kv_heads} KV heads)"
         )
         trained_default = not s.generator_model and (FACTS_MODEL / "model.safetensors").exists()
-        if not s.generator_model:
-            for line in (FACTS_MODEL_NOTICE if trained_default else RANDOM_MODEL_NOTICE).splitlines():
-                out("  " + line)
+        if not s.generator_model:  # one line: `make up` printed the whole NOTE just before
+            out("  " + (FACTS_MODEL_LINE if trained_default else RANDOM_MODEL_LINE))
 
         out("\n1. Documents: upsert and semantic search")
         up, up_s, searches = documents_step(c)
