@@ -157,6 +157,17 @@ def test_usage_errors_are_one_line_exit_2(args, says):
     assert r.stdout == ""
 
 
+def test_python_m_extmind_is_the_extmind_command():
+    r = subprocess.run(
+        [sys.executable, "-m", "extmind", "generate", "hi", "--top-p", "2"],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "argument --top-p: must be in [0, 1], got 2" in one_line(r)
+
+
 def test_help_describes_every_argument_and_action():
     from extmind.cli_args import build_parser
 
