@@ -230,15 +230,14 @@ KERNELS = {
         ],
     ),
     **{
-        f"stack{slots}{'_last' if last else ''}": (
+        f"stack{slots}": (
             "",
-            device_stack._source(slots, last),
+            device_stack._source(slots),
             [f"const T* a{i}" for i in range(slots)] + ["const int* dims", "T* out"],
             ["typename T"],
             ["<int>", "<float>", "<__half>", "<bool>"],
         )
         for slots in (1, 8)
-        for last in (False, True)
     },
 }
 
