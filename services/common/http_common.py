@@ -48,6 +48,13 @@ class BadField(InvalidArgument):
         super().__init__(message, param=param)
 
 
+def _methods_of(request: Request) -> list[str]:
+    """The methods the routes of ``request``'s path take (all of them: a path served by two routes,
+    e.g. GET and DELETE, answers 405 with only the first one's in its Allow header)."""
+    partial = (r for r in request.app.routes if r.matches(request.scope)[0] == Match.PARTIAL)
+    return sorted({m for r in partial for m in getattr(r, "methods", None) or ()} - {"HEAD"})
+
+
 def error_body(status: int, code: str, message: str, param: str | None = None) -> dict:
     """OpenAI's error shape; ``code`` is a gRPC status name (any case) or one of OpenAI's codes."""
     kind = "invalid_request_error" if status < 500 else "service_unavailable" if status == 503 else "server_error"
@@ -192,8 +199,8 @@ class JsonFace:
             status = exc.status_code
             code = {404: "not_found", 405: "unimplemented"}.get(status, "invalid_argument")
             message = self.unrouted(request.method, request.url.path) if status in (404, 405) else str(exc.detail)
-            if allowed := status == 405 and (exc.headers or {}).get("Allow"):  # the path exists: say how to call it
-                message = f"{request.method} {request.url.path}: use {allowed} (this path takes no {request.method})"
+            if status == 405:  # the path exists: say how to call it
+                message = f"{request.method} {request.url.path}: use {' or '.join(_methods_of(request))}"
             _log(request, status, time.monotonic(), {}, self.label, route="unmatched")
             return error_response(status, code, message)
 

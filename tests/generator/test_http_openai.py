@@ -262,6 +262,10 @@ def test_memories_crud(served, memory_id):
     message = body["error"]["message"]
     assert "'after' is not one this service issued" in message and "previous GET /v1/memories response" in message
     assert "ListMemories" not in message and " page_token" not in message, message
+    # A method a path does not take: the answer names every method of the path's routes.
+    for method, path, use in (("PUT", "/v1/memories", "GET or POST"), ("POST", "/v1/memories/x", "DELETE or GET")):
+        status, body = served.json(method, path, {})
+        assert status == 405 and body["error"]["message"] == f"{method} {path}: use {use}", body
 
 
 def test_memorize_streams_progress(served):
