@@ -28,6 +28,11 @@ class Parser(argparse.ArgumentParser):
 
     def parse_args(self, args=None, namespace=None):
         argv = list(sys.argv[1:] if args is None else args)
+        for raw in argv:  # bytes that are not UTF-8 come as lone surrogates, which no request can carry
+            try:
+                raw.encode("utf-8")
+            except UnicodeEncodeError:
+                self.error(f"argument {_shown(raw)} is not valid UTF-8 text (a file name? rename it)")
         ns, extras = self.parse_known_args(argv, namespace)
         prog = vars(ns).pop("_prog", self.prog)
         cmd = getattr(ns, "cmd", None)
@@ -71,25 +76,15 @@ def _float_in(low: float, high: float | None = None):
 
 
 def text(raw: str) -> str:
-    """A non-empty text argument (a memory id, a stop string) that is valid UTF-8."""
+    """A non-empty text argument (a memory id, a stop string)."""
     if not raw:
         raise argparse.ArgumentTypeError("must not be empty")
-    return _utf8(raw)
-
-
-def _utf8(raw: str) -> str:
-    # Python hands bytes of the command line that are not UTF-8 over as lone surrogates, which
-    # no request can carry.
-    try:
-        raw.encode("utf-8")
-    except UnicodeEncodeError:
-        raise argparse.ArgumentTypeError(f"{_shown(raw)} is not valid UTF-8 text") from None
     return raw
 
 
 def key_value(raw: str) -> tuple[str, str]:
     """A ``key=value`` argument (a label, a metadata entry, a filter) with a non-blank key -> (key, value)."""
-    key, eq, value = _utf8(raw).partition("=")
+    key, eq, value = raw.partition("=")
     if not eq or not key.strip():
         raise argparse.ArgumentTypeError(f"{_shown(raw)} must look like key=value (a non-blank key)")
     return key, value
@@ -101,7 +96,7 @@ def document(raw: str) -> str:
         if raw == "@":
             raise argparse.ArgumentTypeError("'@' names no file: give @FILE or @FILE.jsonl")
         return raw
-    doc_id, eq, body = _utf8(raw).partition("=")
+    doc_id, eq, body = raw.partition("=")
     if not eq:
         raise argparse.ArgumentTypeError(f"document {_shown(raw)} must be id=text, @file or @file.jsonl")
     if not doc_id.strip() or not body.strip():

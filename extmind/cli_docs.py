@@ -55,9 +55,10 @@ def _jsonl_document(path: Path, n: int, line: str, meta: dict) -> memory_pb2.Doc
     except ValueError as e:  # JSONDecodeError, or a number past Python's digit limit
         raise CliError(f"{where}: not valid JSON ({_short(str(e), 80)})") from None
     try:
-        doc_id, text, more = d["id"], d["text"], d.get("metadata") or {}
+        doc_id, text, more = d["id"], d["text"], d.get("metadata")
     except (KeyError, TypeError, AttributeError):
         raise CliError(f"{where}: each line must be a JSON object with 'id' and 'text'") from None
+    more = {} if more is None else more  # null: no metadata of its own ("", [], 0 are refused below)
     if isinstance(doc_id, bool) or not isinstance(doc_id, str | int) or not str(doc_id).strip():
         raise CliError(f"{where}: 'id' must be a non-empty string (or a whole number)")
     if not isinstance(text, str) or not text.strip():

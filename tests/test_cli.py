@@ -201,10 +201,12 @@ def test_arguments_not_in_their_form_are_one_line_exit_2():
         (["generate", "hi", "--temperature", "inf"], "argument --temperature: must be in [0, ∞), got inf"),
         (["generate", "hi", "--memory", ""], "argument --memory: must not be empty"),
         (["generate", "hi", "--stop", ""], "argument --stop: must not be empty"),
-        # bytes that are not UTF-8 (Python hands them over as lone surrogates)
-        (["docs", "upsert", "c", "i=\udcff"], "is not valid UTF-8 text"),
-        (["docs", "search", "c", "q", "--filter", "k=\udcff"], "--filter: 'k=\\udcff' is not valid UTF-8 text"),
-        (["generate", "hi", "--stop", "\udcff"], "--stop: '\\udcff' is not valid UTF-8 text"),
+        # bytes that are not UTF-8 (Python hands them over as lone surrogates), in any argument
+        (["docs", "upsert", "c", "i=\udcff"], "extmind: argument 'i=\\udcff' is not valid UTF-8 text"),
+        (["docs", "search", "c", "q", "--filter", "k=\udcff"], "argument 'k=\\udcff' is not valid UTF-8 text"),
+        (["generate", "hi\udcff"], "argument 'hi\\udcff' is not valid UTF-8 text"),
+        (["memorize", "f\udcff.txt"], "argument 'f\\udcff.txt' is not valid UTF-8 text (a file name? rename it)"),
+        (["memories", "show", "a\udcff"], "argument 'a\\udcff' is not valid UTF-8 text"),
         (["docs", "search", "c", "q", "--top-k", "abc"], "--top-k"),
     ):
         r = cli(*args)
@@ -230,6 +232,7 @@ def test_bad_values_are_one_line_exit_1(tmp_path):
         ),
         ('{"id": "a", "text": "t", "metadata": {"": "v"}}', ":1: 'metadata' must map non-empty names to strings"),
         ('{"id": "a", "text": "t", "metadata": ["v"]}', ":1: 'metadata' must map non-empty names to strings"),
+        ('{"id": "a", "text": "t", "metadata": ""}', ":1: 'metadata' must map non-empty names to strings"),
         ('{"id": "a", "text": "bad \\ud800"}', ":1: text that is not valid UTF-8 (a lone surrogate such as \\ud800)"),
         (
             '{"id": "a", "text": "t", "metadata": {"\\udc00": "v"}}',
