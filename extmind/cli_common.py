@@ -170,6 +170,8 @@ def rpc_error_line(exc: grpc.RpcError, service: str, url: str, origin: str = "")
         detail = f"the {peer}{where} answered: {detail}"
     elif err.code == "UNAVAILABLE":
         detail = f"cannot reach the {peer}{where} ({detail}); is the cluster up? `make up`, `extmind status`"
+        if re.fullmatch(r"grpcs?://[^:/]+/?", url.strip(), re.IGNORECASE):  # gRPC's default port, likely unmeant
+            detail += f"; {url} names no port, so gRPC tried 443"
     elif err.code == "DEADLINE_EXCEEDED":
         detail = f"the {peer} did not answer within {TIMEOUT:g}s (EXTMIND_CLI_TIMEOUT)"
     elif err.code == "UNAUTHENTICATED":

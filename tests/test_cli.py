@@ -303,6 +303,13 @@ def test_a_url_that_is_no_grpc_target_says_which_forms_are(url):
     assert "host:port or grpc://host:port" in line or "use host:port, grpc://host:port" in line, line
 
 
+def test_a_grpc_url_without_a_port_is_told_it_meant_443():
+    r = cli("memories", "list", env=clean_env(MEMORY_URL="grpc://127.0.0.1", EXTMIND_CLI_TIMEOUT="5"))
+    line = one_line(r)
+    assert r.returncode == 1 and line.startswith("extmind: UNAVAILABLE: cannot reach the memory service"), line
+    assert line.endswith("; grpc://127.0.0.1 names no port, so gRPC tried 443"), line
+
+
 def test_up_refuses_a_url_that_is_no_grpc_target_before_starting_anything(tmp_path):
     run = tmp_path / "run"
     r = subprocess.run(
