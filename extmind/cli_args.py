@@ -28,10 +28,8 @@ class Parser(argparse.ArgumentParser):
 
     def parse_args(self, args=None, namespace=None):
         argv = list(sys.argv[1:] if args is None else args)
-        for raw in argv:  # bytes that are not UTF-8 come as lone surrogates, which no request can carry
-            try:
-                raw.encode("utf-8")
-            except UnicodeEncodeError:
+        for raw in argv:
+            if not is_utf8(raw):
                 self.error(f"argument {_shown(raw)} is not valid UTF-8 text (a file name? rename it)")
         ns, extras = self.parse_known_args(argv, namespace)
         prog = vars(ns).pop("_prog", self.prog)
@@ -73,6 +71,17 @@ def _float_in(low: float, high: float | None = None):
         return value
 
     return parse
+
+
+def is_utf8(*texts: str) -> bool:
+    """Whether every one of ``texts`` encodes as UTF-8: bytes of a command line that are not UTF-8
+    come as lone surrogates, as do JSON's \\ud800 escapes, and no request can carry them."""
+    try:
+        for t in texts:
+            t.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def text(raw: str) -> str:

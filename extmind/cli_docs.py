@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from extmind.cli_args import is_utf8
 from extmind.cli_common import TIMEOUT, CliError, Targets, _md, _read_text, _short, counted
 from extmind.v1 import memory_pb2
 
@@ -36,17 +37,6 @@ def _lines(body: str):
     return enumerate(body.removeprefix("\ufeff").split("\n"), 1)
 
 
-def _utf8(*texts) -> bool:
-    """Whether every string of ``texts`` encodes as UTF-8 (JSON's \\ud800 escapes make lone surrogates)."""
-    try:
-        for t in texts:
-            if isinstance(t, str):
-                t.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _jsonl_document(path: Path, n: int, line: str, meta: dict) -> memory_pb2.Document:
     """One line of an @file.jsonl -> a Document, or a CliError naming the file, the line and what to change."""
     where = f"{path}:{n}"
@@ -63,9 +53,6 @@ def _jsonl_document(path: Path, n: int, line: str, meta: dict) -> memory_pb2.Doc
         raise CliError(f"{where}: 'id' must be a non-empty string (or a whole number)")
     if not isinstance(text, str) or not text.strip():
         raise CliError(f"{where}: 'text' must be a non-empty string")
-    strings = [str(doc_id), text, *((*more, *more.values()) if isinstance(more, dict) else ())]
-    if not _utf8(*strings):
-        raise CliError(f"{where}: text that is not valid UTF-8 (a lone surrogate such as \\ud800)")
     if not isinstance(more, dict) or not all(isinstance(v, str) and k.strip() for k, v in more.items()):
         hint = (
             ' (quote numbers: "2024")'
@@ -73,6 +60,8 @@ def _jsonl_document(path: Path, n: int, line: str, meta: dict) -> memory_pb2.Doc
             else ""
         )
         raise CliError(f"{where}: 'metadata' must map non-empty names to strings{hint}")
+    if not is_utf8(str(doc_id), text, *more, *more.values()):
+        raise CliError(f"{where}: text that is not valid UTF-8 (a lone surrogate such as \\ud800)")
     return memory_pb2.Document(id=str(doc_id), text=text, metadata={**meta, **more})
 
 

@@ -184,7 +184,7 @@ class JsonFace:
         return exc.message
 
     def unrouted(self, method: str, path: str) -> str:
-        """The message of a 404 / 405 (say which endpoints exist)."""
+        """The message of a 404 (say which endpoints exist; a 405 names the path's methods)."""
         return f"{method} {path} is not served"
 
     # --- shared -------------------------------------------------------------------------------------
@@ -198,9 +198,10 @@ class JsonFace:
         async def unrouted(request: Request, exc: HTTPException) -> Response:
             status = exc.status_code
             code = {404: "not_found", 405: "unimplemented"}.get(status, "invalid_argument")
-            message = self.unrouted(request.method, request.url.path) if status in (404, 405) else str(exc.detail)
             if status == 405:  # the path exists: say how to call it
                 message = f"{request.method} {request.url.path}: use {' or '.join(_methods_of(request))}"
+            else:
+                message = self.unrouted(request.method, request.url.path) if status == 404 else str(exc.detail)
             _log(request, status, time.monotonic(), {}, self.label, route="unmatched")
             return error_response(status, code, message)
 

@@ -39,7 +39,7 @@ NEW_TOKENS = 4
 WARMUP_MODES = ("auto", "on", "off")  # --warmup
 LABELS = {"kind": "warm-up"}
 STALE_SECONDS = 600
-# The whole warm-up, at most (on an H200, 1 B shape: 84 s with MLX's kernel cache empty, 30 s with it
+# The whole warm-up, at most (on an H200, 1 B shape: 49 s with MLX's kernel cache empty, 25 s with it
 # kept; nearly all of it MLX compiling kernels: docs/platform.md, "CUDA notes").
 BUDGET_SECONDS = 300.0
 
