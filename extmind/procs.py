@@ -63,14 +63,31 @@ def start_time(pid: int) -> str | None:
 
 
 def group_alive(pgid: int) -> bool:
-    """Whether any process (a zombie too) is left in process group ``pgid``."""
+    """Whether any live process is left in process group ``pgid``. Zombies do not count: they
+    hold nothing but their pid and wait on their parent, which for a service whose ``up`` has
+    exited is init, and some inits reap only every few seconds (on such a host ``down`` spent
+    ~2 s a service waiting for them). Where there is no /proc (macOS), any member counts."""
     try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+        entries = os.listdir("/proc")
+    except OSError:
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                state, _ppid, group = f.read().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if int(group) == pgid and state not in ("Z", "X"):
+            return True
+    return False
 
 
 def _wait(done, timeout: float) -> bool:

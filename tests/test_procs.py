@@ -1,5 +1,5 @@
 """extmind.procs.stop_process on real processes: SIGTERM within the grace, SIGKILL after it, by
-Popen or by pid, and a whole process group."""
+Popen or by pid, and a whole process group (its zombies not counted)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import pytest
 
 from extmind.procs import free_ports, group_alive, stop_process
 
@@ -61,6 +64,21 @@ def test_group_takes_the_children_too():
     assert group_alive(proc.pid)
     assert stop_process(proc, 0.5, group=True) == -signal.SIGTERM
     assert not group_alive(proc.pid)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="zombies are told apart through /proc (Linux)")
+def test_a_group_left_with_only_a_zombie_is_gone():
+    """A service that exited but was not reaped yet (its parent, init, reaps when it gets to it)
+    has nothing left to stop: ``down`` does not wait for the reaping."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    stat = Path(f"/proc/{proc.pid}/stat")
+    deadline = time.monotonic() + 10
+    while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":  # exited, not reaped (we never waited)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert not group_alive(proc.pid)
+    assert stop_process(proc.pid, 5, group=True) is None  # nothing live to stop: no grace spent
+    assert proc.wait(5) == 0
 
 
 def test_free_ports_are_distinct_and_free():
