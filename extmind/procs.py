@@ -49,8 +49,8 @@ def start_time(pid: int) -> str | None:
     """Kernel start time of ``pid`` (tells a recycled pid apart), None when gone or a zombie;
     "?" where there is no /proc (macOS) and the process answers signal 0."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/stat", "rb") as f:  # bytes: a process name need not be UTF-8
+            fields = f.read().rsplit(b")", 1)[1].decode().split()
     except FileNotFoundError:
         return None
     except OSError:
@@ -63,31 +63,81 @@ def start_time(pid: int) -> str | None:
 
 
 def group_alive(pgid: int) -> bool:
-    """Whether any live process is left in process group ``pgid``. Zombies do not count: they
-    hold nothing but their pid and wait on their parent, which for a service whose ``up`` has
-    exited is init, and some inits reap only every few seconds (on such a host ``down`` spent
-    ~2 s a service waiting for them). Where there is no /proc (macOS), any member counts."""
+    """Whether any live process is left in process group ``pgid``. A group whose members are all
+    zombies counts as gone: they hold nothing but their pids and wait on their parent, which for a
+    service whose ``up`` has exited is init, and some inits reap only every few seconds (on such a
+    host ``down`` spent ~2 s a service waiting for them). Signal 0 says whether the group has any
+    member; only when it does and the leader is a zombie or gone is /proc read, and every doubt
+    (a member's state unreadable, none found, a zombie with live threads) counts as live; an
+    all-zombie answer is read twice, 20 ms apart, so that a member forked just before its parent
+    exited is not missed. Where there is no /proc (macOS), any member counts."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if _state(pgid) not in (None, b"Z", b"X"):
+        return True  # the leader itself runs (no scan: the usual case while stopping)
+    if not _only_zombies(pgid):
+        return True
+    time.sleep(0.02)
+    return not _only_zombies(pgid)
+
+
+def _state(pid: int) -> bytes | None:
+    """The state letter of ``pid`` (b"R", b"S", b"Z", ...); None when gone; b"?" when unreadable.
+    A zombie whose other threads still run (its main thread exited) reads as b"Zl", as ps shows it."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:  # bytes: a name need not be UTF-8
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+    except (OSError, IndexError):
+        return b"?"
+    if state == b"Z":
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return b"?"
+        for task in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{task}/stat", "rb") as f:
+                    if f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X"):
+                        return b"Zl"
+            except FileNotFoundError:
+                continue
+            except (OSError, IndexError):
+                return b"?"
+    return state
+
+
+def _only_zombies(pgid: int) -> bool:
+    """Whether /proc shows members of group ``pgid``, every one of them a zombie (False without
+    /proc, when none is found, or when any member's state is not known to be a zombie's)."""
     try:
         entries = os.listdir("/proc")
     except OSError:
-        try:
-            os.killpg(pgid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
+        return False
+    found = False
     for entry in entries:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                state, _ppid, group = f.read().rsplit(")", 1)[1].split()[:3]
-        except (OSError, ValueError):
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except FileNotFoundError:
             continue  # gone meanwhile
-        if int(group) == pgid and state not in ("Z", "X"):
-            return True
-    return False
+        except OSError:
+            return False  # not ours to read: it may be a member
+        if len(fields) < 3 or not fields[2].isdigit() or int(fields[2]) != pgid:
+            continue
+        found = True
+        if _state(int(entry)) not in (None, b"Z", b"X"):
+            return False
+    return found
 
 
 def _wait(done, timeout: float) -> bool:

@@ -3,6 +3,7 @@ Popen or by pid, and a whole process group (its zombies not counted)."""
 
 from __future__ import annotations
 
+import platform
 import signal
 import socket
 import subprocess
@@ -71,14 +72,59 @@ def test_a_group_left_with_only_a_zombie_is_gone():
     """A service that exited but was not reaped yet (its parent, init, reaps when it gets to it)
     has nothing left to stop: ``down`` does not wait for the reaping."""
     proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
-    stat = Path(f"/proc/{proc.pid}/stat")
-    deadline = time.monotonic() + 10
-    while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":  # exited, not reaped (we never waited)
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    _zombie(proc)
     assert not group_alive(proc.pid)
     assert stop_process(proc.pid, 5, group=True) is None  # nothing live to stop: no grace spent
     assert proc.wait(5) == 0
+
+
+def _zombie(proc: subprocess.Popen) -> None:
+    """Waits until ``proc`` has exited but is not reaped (we never wait for it before)."""
+    stat = Path(f"/proc/{proc.pid}/stat")
+    deadline = time.monotonic() + 10
+    while stat.read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+# A child in the leader's group that ignores SIGTERM and names itself with bytes that are not
+# UTF-8 (the kernel keeps 15 bytes of a name: a cut multi-byte character does this too); the
+# leader exits once it is ready.
+WEIRD_CHILD = (
+    "import subprocess, sys; child = subprocess.Popen([sys.executable, '-c', "
+    "'import ctypes, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "ctypes.CDLL(None).prctl(15, bytes([99, 97, 99, 104, 195]), 0, 0, 0); print(1, flush=True); time.sleep(60)'], "
+    "stdout=subprocess.PIPE); child.stdout.readline()"
+)
+# Its main thread exits while another thread runs: /proc shows the process as a zombie.
+MAIN_THREAD_EXITS = (
+    "import ctypes, platform, threading, time; threading.Thread(target=time.sleep, args=(60,)).start(); "
+    "ctypes.CDLL(None).syscall({'x86_64': 60, 'aarch64': 93}[platform.machine()], 0)"
+)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="zombies are told apart through /proc (Linux)")
+def test_a_zombie_leader_with_a_live_member_is_alive():
+    """Only zombies count as gone: a member with a name that is not UTF-8 is live, and stopping the
+    group takes it (SIGKILL after the grace)."""
+    leader = subprocess.Popen([sys.executable, "-c", WEIRD_CHILD], start_new_session=True)
+    _zombie(leader)
+    assert group_alive(leader.pid)
+    assert stop_process(leader.pid, 0.3, group=True) == -signal.SIGKILL
+    assert not group_alive(leader.pid)
+    leader.wait(5)
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/stat").exists() or platform.machine() not in ("x86_64", "aarch64"),
+    reason="a main thread's own exit through syscall(2): Linux on x86_64 / aarch64",
+)
+def test_a_zombie_whose_threads_still_run_is_alive():
+    leader = subprocess.Popen([sys.executable, "-c", MAIN_THREAD_EXITS], start_new_session=True)
+    _zombie(leader)
+    assert group_alive(leader.pid)
+    assert stop_process(leader.pid, 5, group=True) == 0  # SIGTERM ends the whole process
+    assert leader.wait(5) == -signal.SIGTERM
 
 
 def test_free_ports_are_distinct_and_free():
