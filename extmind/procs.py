@@ -70,7 +70,8 @@ def group_alive(pgid: int) -> bool:
     member; only when it does and the leader is a zombie or gone is /proc read, and every doubt
     (a member's state unreadable, none found, a zombie with live threads) counts as live; an
     all-zombie answer is read twice, 20 ms apart, so that a member forked just before its parent
-    exited is not missed. Where there is no /proc (macOS), any member counts."""
+    exited is not missed (one that keeps forking and exiting, a new pid every few ms, can still
+    slip between the reads). Where there is no /proc (macOS), any member counts."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
@@ -116,7 +117,9 @@ def _state(pid: int) -> bytes | None:
 
 def _only_zombies(pgid: int) -> bool:
     """Whether /proc shows members of group ``pgid``, every one of them a zombie (False without
-    /proc, when none is found, or when any member's state is not known to be a zombie's)."""
+    /proc, when none is found, or when any member's state is not known to be a zombie's).
+    Membership comes from getpgid(2), which /proc's hidepid and other users' processes do not
+    hide; only members' states are read."""
     try:
         entries = os.listdir("/proc")
     except OSError:
@@ -126,14 +129,10 @@ def _only_zombies(pgid: int) -> bool:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except FileNotFoundError:
-            continue  # gone meanwhile
+            if os.getpgid(int(entry)) != pgid:
+                continue
         except OSError:
-            return False  # not ours to read: it may be a member
-        if len(fields) < 3 or not fields[2].isdigit() or int(fields[2]) != pgid:
-            continue
+            continue  # gone meanwhile
         found = True
         if _state(int(entry)) not in (None, b"Z", b"X"):
             return False
