@@ -45,12 +45,22 @@ def free_port() -> int:
 # ------------------------------------------------------------------ stopping
 
 
+_DEAD = (b"Z", b"X")  # /proc states of a zombie and of a process being torn down
+
+
+def _stat(path: str) -> list[bytes]:
+    """The fields of a /proc ``stat`` file after the process name (state first, then ppid, pgrp,
+    ...), read as bytes: a name need not be UTF-8, and may hold spaces and parentheses. Raises
+    OSError (FileNotFoundError when the process or thread is gone)."""
+    with open(path, "rb") as f:
+        return f.read().rsplit(b")", 1)[1].split()
+
+
 def start_time(pid: int) -> str | None:
     """Kernel start time of ``pid`` (tells a recycled pid apart), None when gone or a zombie;
     "?" where there is no /proc (macOS) and the process answers signal 0."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:  # bytes: a process name need not be UTF-8
-            fields = f.read().rsplit(b")", 1)[1].decode().split()
+        fields = _stat(f"/proc/{pid}/stat")
     except FileNotFoundError:
         return None
     except OSError:
@@ -59,7 +69,7 @@ def start_time(pid: int) -> str | None:
             return "?"
         except OSError:
             return None
-    return None if fields[0] in ("Z", "X") else fields[19]
+    return None if fields[0] in _DEAD else fields[19].decode()
 
 
 def group_alive(pgid: int) -> bool:
@@ -78,7 +88,7 @@ def group_alive(pgid: int) -> bool:
         return False
     except PermissionError:
         return True
-    if _state(pgid) not in (None, b"Z", b"X"):
+    if _state(pgid) not in (None, *_DEAD):
         return True  # the leader itself runs (no scan: the usual case while stopping)
     if not _only_zombies(pgid):
         return True
@@ -90,28 +100,19 @@ def _state(pid: int) -> bytes | None:
     """The state letter of ``pid`` (b"R", b"S", b"Z", ...); None when gone; b"?" when unreadable.
     A zombie whose other threads still run (its main thread exited) reads as b"Zl", as ps shows it."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:  # bytes: a name need not be UTF-8
-            state = f.read().rsplit(b")", 1)[1].split()[0]
+        state = _stat(f"/proc/{pid}/stat")[0]
+        if state != b"Z":
+            return state
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                if _stat(f"/proc/{pid}/task/{task}/stat")[0] not in _DEAD:
+                    return b"Zl"
+            except FileNotFoundError:
+                continue  # that thread is gone
     except FileNotFoundError:
         return None
     except (OSError, IndexError):
         return b"?"
-    if state == b"Z":
-        try:
-            tasks = os.listdir(f"/proc/{pid}/task")
-        except FileNotFoundError:
-            return None
-        except OSError:
-            return b"?"
-        for task in tasks:
-            try:
-                with open(f"/proc/{pid}/task/{task}/stat", "rb") as f:
-                    if f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X"):
-                        return b"Zl"
-            except FileNotFoundError:
-                continue
-            except (OSError, IndexError):
-                return b"?"
     return state
 
 
@@ -134,7 +135,7 @@ def _only_zombies(pgid: int) -> bool:
         except OSError:
             continue  # gone meanwhile
         found = True
-        if _state(int(entry)) not in (None, b"Z", b"X"):
+        if _state(int(entry)) not in (None, *_DEAD):
             return False
     return found
 

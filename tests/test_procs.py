@@ -67,6 +67,15 @@ def test_group_takes_the_children_too():
     assert not group_alive(proc.pid)
 
 
+def _zombie(proc: subprocess.Popen) -> None:
+    """Waits until ``proc`` has exited but is not reaped (we never wait for it before)."""
+    stat = Path(f"/proc/{proc.pid}/stat")
+    deadline = time.monotonic() + 10
+    while stat.read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="zombies are told apart through /proc (Linux)")
 def test_a_group_left_with_only_a_zombie_is_gone():
     """A service that exited but was not reaped yet (its parent, init, reaps when it gets to it)
@@ -76,15 +85,6 @@ def test_a_group_left_with_only_a_zombie_is_gone():
     assert not group_alive(proc.pid)
     assert stop_process(proc.pid, 5, group=True) is None  # nothing live to stop: no grace spent
     assert proc.wait(5) == 0
-
-
-def _zombie(proc: subprocess.Popen) -> None:
-    """Waits until ``proc`` has exited but is not reaped (we never wait for it before)."""
-    stat = Path(f"/proc/{proc.pid}/stat")
-    deadline = time.monotonic() + 10
-    while stat.read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z":
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
 
 
 # A child in the leader's group that ignores SIGTERM and names itself with bytes that are not
