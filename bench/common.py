@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import statistics
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,6 +109,19 @@ def median_seconds(fn, rounds: int, warmup: int = 1) -> float:
 
 
 # ------------------------------------------------------------------ reporting
+
+
+def memory_searches(http_port: int) -> tuple[float, int]:
+    """(seconds, searches) of KV searches a memory service has answered so far, from its own
+    ``extmind_memory_search_seconds`` metric (its HTTP face on ``http_port``)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+
+    def value(name: str) -> float:
+        m = re.search(rf'^extmind_memory_search_seconds_{name}{{kind="kv"}} (\S+)$', text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    return value("sum"), int(value("count"))
 
 
 def ratio(value: float, baseline: float) -> str:

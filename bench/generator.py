@@ -27,9 +27,20 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx_lm.generate import BatchGenerator, generate_step  # noqa: E402
 from mlx_lm.utils import load  # noqa: E402
+from prometheus_client import REGISTRY  # noqa: E402
 
-from bench.common import add_record_flag, describe, machine, median_ratio, ratio, record, table  # noqa: E402
+from bench.common import (  # noqa: E402
+    add_record_flag,
+    describe,
+    machine,
+    median_ratio,
+    memory_searches,
+    ratio,
+    record,
+    table,
+)
 from extmind import tensor  # noqa: E402
+from extmind.procs import free_port  # noqa: E402
 from extmind.service_procs import memory_stack  # noqa: E402
 from extmind.tiny_models import build_llama  # noqa: E402
 from services.common.blas import blas_in_use  # noqa: E402
@@ -104,10 +115,10 @@ def stock_batch(model, eos_ids, prompts, n):
     return count / (time.perf_counter() - t0)
 
 
-async def engine_run(engine, prompt, n, memory=None, total=False):
+async def engine_run(engine, prompt, n, memory=None, total=False, at_first=None):
     """-> (time to first token, decode tok/s after the first token[, seconds until the Final, tokens]).
     A Chunk may carry the tokens of several steps (handed over together, --stream-interval-ms);
-    the first token always comes alone."""
+    the first token always comes alone. ``at_first``: called when it comes."""
     t0 = time.perf_counter()
     first = last = None
     count = after_first = 0
@@ -117,6 +128,8 @@ async def engine_run(engine, prompt, n, memory=None, total=False):
             last = time.perf_counter()
             if first is None:
                 first = last
+                if at_first is not None:
+                    at_first()
             else:
                 after_first += len(ev.token_ids)
     rate = after_first / (last - first) if after_first else float("nan")
@@ -124,6 +137,34 @@ async def engine_run(engine, prompt, n, memory=None, total=False):
     if total:
         return ttft, rate, time.perf_counter() - t0, count
     return ttft, rate
+
+
+def remote_waited() -> tuple[float, float]:
+    """(seconds, layers) REMOTE retrieval has waited on the memory service so far, in this process
+    (``remote_retrieval.SEARCH_SECONDS``)."""
+    name = "extmind_generator_remote_search_seconds"
+    return REGISTRY.get_sample_value(f"{name}_sum") or 0.0, REGISTRY.get_sample_value(f"{name}_count") or 0.0
+
+
+def remote_budget(marks, rate: float, stock_rate: float, layers: int) -> str:
+    """A REMOTE decode token split into its layers' waits on the memory service (the memory
+    service's own search inside them) and the rest, from ``marks`` (``remote_waited`` and
+    ``memory_searches`` at the first token and at the end: decode only), and what each layer's wait
+    would have to be for 0.2x stock (docs/architecture.md, "REMOTE's per-layer budget")."""
+    (w0, n0, s0, c0), (w1, n1, s1, c1) = marks
+    if n1 <= n0 or c1 <= c0:
+        return "no decode step searched"
+    forwards = (n1 - n0) / layers
+    waited, per_layer, searched = (w1 - w0) / forwards, (w1 - w0) / (n1 - n0), (s1 - s0) / (c1 - c0)
+    token = 1 / rate
+    rest = token - waited
+    room = (1 / (0.2 * stock_rate) - rest) / layers
+    need = f"<= {room * 1e3:.2f} ms a layer" if room > 0 else "out of reach even with instant searches"
+    return (
+        f"{token * 1e3:.1f} ms: {layers} layers waiting on the memory service {waited * 1e3:.1f} ms "
+        f"({per_layer * 1e3:.2f} ms a layer, its search {searched * 1e3:.2f} ms of it), the rest "
+        f"{rest * 1e3:.1f} ms; for 0.2x stock the wait would have to be {need}"
+    )
 
 
 async def whole_budget_prompts(engine, rng, ok, args, memory, n=8, tries=64) -> list[list[int]]:
@@ -191,7 +232,8 @@ async def bench_shape(args, shape):
     path = build_llama(tmp / f"llama{shape}", **dims, rope_scaling="llama3", max_position=8192, seed=0)
     progress(f"[{shape}] random checkpoint written in {time.perf_counter() - t0:.0f} s")
     try:
-        with memory_stack(tmp) as mem:
+        memory_http = free_port()  # its metrics: the search time of the REMOTE row
+        with memory_stack(tmp, args=["--http-port", str(memory_http)]) as mem:
             # dtype "model": the stock baselines compute in the checkpoint's dtype too.
             engine = GeneratorEngine(
                 EngineConfig(
@@ -203,7 +245,7 @@ async def bench_shape(args, shape):
                 if wanted("auto"):  # as the service does before it reports SERVING (on a GPU)
                     took = await warm_up(engine, batch=8)
                     progress(f"[{shape}] warmed up: {took}")
-                n_params, rows = await measure(engine, path, args)
+                n_params, rows = await measure(engine, path, args, memory_http)
                 fused = "on" if engine.state.fused else "off"
             finally:
                 engine.stop()
@@ -224,8 +266,9 @@ async def bench_shape(args, shape):
     record("generator", head + "\n\n" + table(["measurement", "result"], rows.items()), write=args.record)
 
 
-async def measure(engine, path, args) -> tuple[int, dict]:
-    """-> (parameters of the model, {measurement: result with its ratio to stock mlx-lm})."""
+async def measure(engine, path, args, memory_http: int) -> tuple[int, dict]:
+    """-> (parameters of the model, {measurement: result with its ratio to stock mlx-lm}).
+    ``memory_http``: the memory service's HTTP port (its metrics)."""
     rows = Rows()
     n_params = engine.mlx.call(
         lambda: sum(v.size for _, v in __import__("mlx.utils").utils.tree_flatten(engine.model.parameters()))
@@ -278,7 +321,13 @@ async def measure(engine, path, args) -> tuple[int, dict]:
         bare_rates.append(engine.mlx.call(bare_local_decode, *bare))
     del bank, bare
     stock_rate, plain_rate, local_rate = (float(np.median(r)) for r in (stock_rates, plain_rates, local_rates))
-    _, remote_rate = await engine_run(engine, prompt, min(args.tokens, 64), remote)
+    marks = []  # REMOTE's waits on the memory service, at the first token and at the end
+
+    def mark():
+        marks.append((*remote_waited(), *memory_searches(memory_http)))
+
+    _, remote_rate = await engine_run(engine, prompt, min(args.tokens, 64), remote, at_first=mark)
+    mark()
     rep = f"median of {args.repeat}, " if args.repeat > 1 else ""
     rows["decode, stock mlx-lm generate_step"] = (
         f"{stock_rate:.1f} tok/s (1.00x; {rep}interleaved with the next two rows)"
@@ -334,6 +383,7 @@ async def measure(engine, path, args) -> tuple[int, dict]:
     rows[f"decode, {args.rows}-row memory, REMOTE (top_k 10)"] = (
         f"{remote_rate:.1f} tok/s ({ratio(remote_rate, stock_rate)}; target >= 0.25x, 1 B on a GPU >= 0.2x)"
     )
+    rows["REMOTE decode token, where the time goes"] = remote_budget(marks, remote_rate, stock_rate, engine.num_layers)
 
     progress("prefill")
     await engine_run(engine, long_prompt, 1)  # warm-up at this length, like the stock row

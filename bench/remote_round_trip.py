@@ -31,18 +31,16 @@ import asyncio
 import contextlib
 import itertools
 import os
-import re
 import statistics
 import tempfile
 import time
-import urllib.request
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 from google.protobuf.timestamp_pb2 import Timestamp  # noqa: E402
 
-from bench.common import add_record_flag, describe, machine, record, table, timed_rounds  # noqa: E402
+from bench.common import add_record_flag, describe, machine, memory_searches, record, table, timed_rounds  # noqa: E402
 from extmind import row_wire, tensor  # noqa: E402
 from extmind.procs import ROOT, free_port  # noqa: E402
 from extmind.service_procs import memory_stack  # noqa: E402
@@ -108,14 +106,7 @@ class Service:
 
     def searched(self) -> tuple[float, int]:
         """(seconds, searches) the service's search metric has counted so far."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=10) as r:
-            text = r.read().decode()
-
-        def value(name: str) -> float:
-            m = re.search(rf'^extmind_memory_search_seconds_{name}{{kind="kv"}} (\S+)$', text, re.M)
-            return float(m.group(1)) if m else 0.0
-
-        return value("sum"), int(value("count"))
+        return memory_searches(self.http_port)
 
 
 def _client_requests(*args) -> list[bytes]:

@@ -16,12 +16,14 @@ dtype at a time and the hits merged by cosine, with rows numbered in request ord
 from __future__ import annotations
 
 import functools
+import time
 import weakref
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client import Histogram
 
 from extmind import errors
 from services.generator import host_staging, kernel_parts
@@ -31,6 +33,17 @@ from services.generator.kv_dtypes import MX_DTYPES, from_storage
 from services.generator.memory_client import MemoryClient, SearchResult, concat_results, search_requests, search_result
 from services.generator.memory_resolution import ResolvedMemory
 from services.generator.search_stream import SearchStream, StreamUnsupported
+
+# What a REMOTE layer waits on the memory service for, as the generator sees it: one observation
+# per layer of a forward (its searches sent, the answers parsed and checked), round trip and
+# search together. A decode token of an L-layer model waits L of these in turn, so this is the
+# number that bounds REMOTE decode (docs/architecture.md, "REMOTE's per-layer budget").
+SEARCH_SECONDS = Histogram(
+    "extmind_generator_remote_search_seconds",
+    "REMOTE retrieval: seconds one layer of a forward waited on the memory service (its searches sent, "
+    "their answers back and parsed)",
+    buckets=(0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.25, 0.5, 1, 2.5, 10, 30),
+)
 
 
 class RemoteRetriever:
@@ -148,7 +161,10 @@ class RemoteRetriever:
                 f"arithmetic overflowed, e.g. on memories whose keys or values are far larger than a model "
                 f"produces (memories {self.memory_ids}); check what wrote them"
             )
-        return self._search(layer, q, top_k, threshold)
+        t0 = time.perf_counter()
+        found = self._search(layer, q, top_k, threshold)
+        SEARCH_SECONDS.observe(time.perf_counter() - t0)
+        return found
 
     def retrieve(self, layer: int, queries: mx.array, top_k: int, threshold: float | None) -> Retrieved:
         B, kvh, rep, L, d = queries.shape

@@ -15,6 +15,7 @@ import grpc
 import mlx.core as mx
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from extmind import errors, tensor
 from extmind.procs import free_port
@@ -33,6 +34,12 @@ UNARY = "/extmind.v1.MemoryService/SearchMemory"
 
 def _searches(line: str) -> int:
     return int(line.split("searches=", 1)[1].split()[0])
+
+
+def _waited() -> tuple[float, float]:
+    """(observations, seconds) of ``extmind_generator_remote_search_seconds`` so far."""
+    name = "extmind_generator_remote_search_seconds"
+    return tuple(REGISTRY.get_sample_value(f"{name}_{x}") or 0.0 for x in ("count", "sum"))
 
 
 class OlderMemoryService(memory_pb2_grpc.MemoryServiceServicer):
@@ -263,6 +270,7 @@ async def test_one_stream_serves_a_whole_generation_and_closes_when_it_ends(engi
     mid, _ = memory
     svc = module_memory_service
     before, unary_before = len(access_lines(svc, STREAM)), len(access_lines(svc, UNARY))
+    waits = _waited()
     prompt = engine.tokenizer.encode("Alice met Bob at")
     req = GenerationRequest(prompt, Sampling(max_tokens=40), MemoryOptions((mid,), top_k=4, mode="remote"))
     tokens, _, _, _ = await run(engine, req)
@@ -273,6 +281,9 @@ async def test_one_stream_serves_a_whole_generation_and_closes_when_it_ends(engi
     assert n % engine.num_layers == 0 and n >= len(tokens) * engine.num_layers, line  # every layer of every step
     assert len(access_lines(svc, STREAM)) == before + 1  # one stream for the whole generation
     assert len(access_lines(svc, UNARY)) == unary_before  # and no unary search beside it
+    # The generator's metric saw every layer's wait, one observation each (one memory: one search a layer).
+    count, seconds = (now - then for now, then in zip(_waited(), waits))
+    assert count == n and seconds > 0, (count, seconds, n)
 
 
 async def test_a_cancelled_generation_closes_its_stream(engine, memory, module_memory_service):
