@@ -22,6 +22,9 @@ process on the same bytes: the client's request build (numpy -> serialized, as g
 the server's parse, the search, the server's answer (-> serialized) and the client's parse
 (serialized -> the numpy arrays retrieval uses); "rest" is the round trip less them: gRPC on
 both sides, loopback, thread hand-offs, and the search running slower in the service than here.
+"echo" is the transport's floor beside it: the same request bytes sent the same way (one open
+stream, requests queued to gRPC's sending thread, ``next`` on the call) to a grpc.aio server that
+answers each with the same answer bytes and does nothing else.
 """
 
 from __future__ import annotations
@@ -30,13 +33,16 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import multiprocessing
 import os
+import queue
 import statistics
 import tempfile
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 from google.protobuf.timestamp_pb2 import Timestamp  # noqa: E402
 
@@ -57,6 +63,7 @@ from services.memory.servicer import search_response  # noqa: E402
 LAYERS, KV_HEADS, HEAD_DIM, Q_HEADS, ROWS, TOP_K = 16, 8, 64, 32, 4096, 10
 MEMORY = "round-trip"
 PARTS = ("client build", "server parse", "search", "server answer", "client parse")
+ECHO = "/bench.Echo/Echo"
 
 
 def p50_ms(xs) -> float:
@@ -163,6 +170,54 @@ class InProcess:
         return self.loop.run_until_complete(run())
 
 
+def _echo_serve(port: int, answer: bytes, ready) -> None:
+    """A grpc.aio server (as the memory service's) whose one stream method answers every message
+    with ``answer``; runs in a process of its own until terminated."""
+
+    async def run():
+        async def echo(requests, context):
+            async for _ in requests:
+                yield answer
+
+        server = grpc.aio.server()
+        service, method = ECHO.strip("/").split("/")
+        handler = grpc.method_handlers_generic_handler(service, {method: grpc.stream_stream_rpc_method_handler(echo)})
+        server.add_generic_rpc_handlers((handler,))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        ready.set()
+        await server.wait_for_termination()
+
+    asyncio.run(run())
+
+
+class Echo:
+    """A stream to ``_echo_serve`` in another process, sent to as ``SearchStream`` sends (requests
+    queued to gRPC's sending thread, answers taken with ``next``)."""
+
+    def __init__(self, answer: bytes):
+        spawn = multiprocessing.get_context("spawn")  # not fork: this process runs MLX's threads
+        port, ready = free_port(), spawn.Event()
+        self.proc = spawn.Process(target=_echo_serve, args=(port, answer, ready), daemon=True)
+        self.proc.start()
+        if not ready.wait(120):
+            self.proc.terminate()
+            raise RuntimeError("the echo server did not start within 120 s")
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.requests = queue.SimpleQueue()
+        self.call = self.channel.stream_stream(ECHO)(iter(self.requests.get, None))
+
+    def round_trip(self, request: bytes) -> None:
+        self.requests.put(request)
+        next(self.call)
+
+    def close(self) -> None:
+        self.requests.put(None)
+        self.channel.close()
+        self.proc.terminate()
+        self.proc.join(10)
+
+
 def measure(services: dict, server: InProcess, batch: int, rounds: int, rng) -> dict:
     """``services``: name -> Service ("this" first). -> the batch's round trips, each service's
     mean search time in the service, and this checkout's parts."""
@@ -212,6 +267,11 @@ def measure(services: dict, server: InProcess, batch: int, rounds: int, rng) -> 
         got, want = _client_result(answer), answers[(*names[0], layer)]
         assert np.array_equal(got.indices, want.indices) and np.array_equal(got.keys, want.keys)
     request, answer = requests[0], answers_here[0]
+    echo = Echo(answer)
+    try:
+        echo_ms = p50_ms(timed_rounds([lambda: echo.round_trip(request)], rounds, warmup=warmup)[0])
+    finally:
+        echo.close()
     for r in retrievers:
         r.close()
         if not r.client.streams_search:
@@ -222,6 +282,7 @@ def measure(services: dict, server: InProcess, batch: int, rounds: int, rng) -> 
         "ms": {f"{name} {how}": p50_ms(xs) for (name, how), xs in times.items()},
         "in_service_ms": in_service,
         "parts_ms": {k: v * 1e3 for k, v in zip(PARTS, parts)},
+        "echo_ms": echo_ms,
         "score_diff": score_diff,
         "request_bytes": len(request),
         "answer_bytes": len(answer),
@@ -281,9 +342,17 @@ def report(results: list[dict], m: dict, rounds: int, baseline: str | None, alon
                 *(f"{v:.3f} ({v / stream:.0%})" for v in parts.values()),
                 f"{rest:.3f} ({rest / stream:.0%})",
                 f"{stream:.3f}",
+                f"{r['echo_ms']:.3f}",
             ]
         )
-    header = ["sequences:", "request / answer bytes:", *(f"{p} ms:" for p in PARTS), "rest ms:", "stream ms:"]
+    header = [
+        "sequences:",
+        "request / answer bytes:",
+        *(f"{p} ms:" for p in PARTS),
+        "rest ms:",
+        "stream ms:",
+        "echo of the same bytes ms:",
+    ]
     lines.append(table(header, rows))
     return "\n".join(lines)
 
