@@ -35,14 +35,15 @@ from services.generator.memory_resolution import ResolvedMemory
 from services.generator.search_stream import SearchStream, StreamUnsupported
 
 # What a REMOTE layer waits on the memory service for, as the generator sees it: one observation
-# per layer of a forward (its searches sent, the answers parsed and checked), round trip and
-# search together. A decode token of an L-layer model waits L of these in turn, so this is the
-# number that bounds REMOTE decode (docs/architecture.md, "REMOTE's per-layer budget").
+# per retrieving layer of a forward (its searches sent, the answers parsed and checked), round
+# trip and search together. A decode token of an L-layer model waits L of these in turn, so this
+# is the number that bounds REMOTE decode (docs/architecture.md, "REMOTE's per-layer budget");
+# the buckets start at 0.1 ms, under what 0.2x stock would leave a layer on a GPU.
 SEARCH_SECONDS = Histogram(
     "extmind_generator_remote_search_seconds",
     "REMOTE retrieval: seconds one layer of a forward waited on the memory service (its searches sent, "
     "their answers back and parsed)",
-    buckets=(0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.25, 0.5, 1, 2.5, 10, 30),
+    buckets=(1e-4, 2.5e-4, 5e-4, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.25, 0.5, 1, 2.5, 10, 30),
 )
 
 
