@@ -17,6 +17,7 @@ ensure_openblas()
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import math  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -150,10 +151,11 @@ def remote_budget(marks, rate: float, stock_rate: float, layers: int) -> str:
     """A REMOTE decode token split into its layers' waits on the memory service (the memory
     service's own search inside them) and the rest, from ``marks`` (``remote_waited`` and
     ``memory_searches`` at the first token and at the end: decode only), and what each layer's wait
-    would have to be for 0.2x stock (docs/architecture.md, "REMOTE's per-layer budget")."""
+    would have to be for 0.2x stock (docs/architecture.md, "REMOTE's per-layer budget").
+    ``layers``: the layers that retrieve (here all of them: the request names none)."""
     (w0, n0, s0, c0), (w1, n1, s1, c1) = marks
-    if n1 <= n0 or c1 <= c0:
-        return "no decode step searched"
+    if n1 <= n0 or c1 <= c0 or not math.isfinite(rate) or rate <= 0:
+        return "no decode step to split (fewer than two tokens)"
     forwards = (n1 - n0) / layers
     waited, per_layer, searched = (w1 - w0) / forwards, (w1 - w0) / (n1 - n0), (s1 - s0) / (c1 - c0)
     token = 1 / rate

@@ -24,7 +24,7 @@ the server's parse, the search, the server's answer (-> serialized) and the clie
 both sides, loopback, thread hand-offs, and the search running slower in the service than here.
 "echo" is the transport's floor beside it: the same request bytes sent the same way (one open
 stream, requests queued to gRPC's sending thread, ``next`` on the call) to a grpc.aio server that
-answers each with the same answer bytes and does nothing else.
+answers each with the same answer bytes and does nothing else (``bench.echo_server``).
 """
 
 from __future__ import annotations
@@ -33,10 +33,12 @@ import argparse
 import asyncio
 import contextlib
 import itertools
-import multiprocessing
 import os
 import queue
+import select
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -46,8 +48,10 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 from google.protobuf.timestamp_pb2 import Timestamp  # noqa: E402
 
+from bench import echo_server  # noqa: E402
 from bench.common import add_record_flag, describe, machine, memory_searches, record, table, timed_rounds  # noqa: E402
 from extmind import row_wire, tensor  # noqa: E402
+from extmind.channels import OPTIONS  # noqa: E402
 from extmind.procs import ROOT, free_port  # noqa: E402
 from extmind.service_procs import memory_stack  # noqa: E402
 from extmind.tensor import decode  # noqa: E402
@@ -63,7 +67,6 @@ from services.memory.servicer import search_response  # noqa: E402
 LAYERS, KV_HEADS, HEAD_DIM, Q_HEADS, ROWS, TOP_K = 16, 8, 64, 32, 4096, 10
 MEMORY = "round-trip"
 PARTS = ("client build", "server parse", "search", "server answer", "client parse")
-ECHO = "/bench.Echo/Echo"
 
 
 def p50_ms(xs) -> float:
@@ -172,42 +175,38 @@ class InProcess:
         return self.loop.run_until_complete(run())
 
 
-def _echo_serve(port: int, answer: bytes, ready) -> None:
-    """A grpc.aio server (as the memory service's) whose one stream method answers every message
-    with ``answer``; runs in a process of its own until terminated."""
-
-    async def run():
-        async def echo(requests, context):
-            async for _ in requests:
-                yield answer
-
-        server = grpc.aio.server()
-        service, method = ECHO.strip("/").split("/")
-        handler = grpc.method_handlers_generic_handler(service, {method: grpc.stream_stream_rpc_method_handler(echo)})
-        server.add_generic_rpc_handlers((handler,))
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-        ready.set()
-        await server.wait_for_termination()
-
-    asyncio.run(run())
-
-
 class Echo:
-    """A stream to ``_echo_serve`` in another process, sent to as ``SearchStream`` sends (requests
-    queued to gRPC's sending thread, answers taken with ``next``)."""
+    """``bench.echo_server`` in a process of its own, answering ``answer``, and a stream to it sent
+    to as ``SearchStream`` sends (requests queued to gRPC's sending thread, answers taken with
+    ``next``)."""
 
     def __init__(self, answer: bytes):
-        spawn = multiprocessing.get_context("spawn")  # not fork: this process runs MLX's threads
-        port, ready = free_port(), spawn.Event()
-        self.proc = spawn.Process(target=_echo_serve, args=(port, answer, ready), daemon=True)
-        self.proc.start()
-        if not ready.wait(120):
-            self.proc.terminate()
-            raise RuntimeError("the echo server did not start within 120 s")
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.echo_server"],
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        try:
+            self.proc.stdin.write(answer)
+            self.proc.stdin.close()
+            ready, _, _ = select.select([self.proc.stdout], [], [], 60)
+            line = self.proc.stdout.readline() if ready else b""
+            if not line.strip().isdigit():
+                code = self.proc.poll()
+                raise RuntimeError(
+                    f"the echo server did not start (exit code {code})"
+                    if code is not None
+                    else "the echo server did not print its port within 60 s"
+                )
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{int(line)}", options=OPTIONS)
         self.requests = queue.SimpleQueue()
-        self.call = self.channel.stream_stream(ECHO)(iter(self.requests.get, None))
+        self.call = self.channel.stream_stream(echo_server.METHOD)(iter(self.requests.get, None))
 
     def round_trip(self, request: bytes) -> None:
         self.requests.put(request)
@@ -217,7 +216,11 @@ class Echo:
         self.requests.put(None)
         self.channel.close()
         self.proc.terminate()
-        self.proc.join(10)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def measure(services: dict, server: InProcess, batch: int, rounds: int, rng) -> dict:
@@ -382,6 +385,15 @@ def main() -> None:
     )
     add_record_flag(parser)
     args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+
+    def one_request(b: int) -> bool:  # the parts and the echo time one request and its answer
+        return len(search_requests([MEMORY], 0, np.zeros((Q_HEADS, b, HEAD_DIM), np.float32), TOP_K, None)) == 1
+
+    most = next(b for b in itertools.count(1) if not one_request(b + 1))
+    for b in batches:
+        if not 1 <= b <= most:
+            parser.error(f"--batches {b}: give 1 to {most} sequences (more split a search into several requests)")
     rng = np.random.default_rng(0)
     m = machine()
     with contextlib.ExitStack() as stack:
@@ -390,7 +402,7 @@ def main() -> None:
             services["baseline"] = Service(stack, args.baseline)
         server = InProcess(services["this"].svc.redis.url)
         stack.callback(server.close)
-        results = [measure(services, server, int(b), args.rounds, rng) for b in args.batches.split(",")]
+        results = [measure(services, server, b, args.rounds, rng) for b in batches]
     m["load_after"] = round(os.getloadavg()[0], 2)
     record("remote_round_trip", report(results, m, args.rounds, args.baseline, args.alone), write=args.record)
 

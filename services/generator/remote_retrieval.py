@@ -35,10 +35,11 @@ from services.generator.memory_resolution import ResolvedMemory
 from services.generator.search_stream import SearchStream, StreamUnsupported
 
 # What a REMOTE layer waits on the memory service for, as the generator sees it: one observation
-# per retrieving layer of a forward (its searches sent, the answers parsed and checked), round
-# trip and search together. A decode token of an L-layer model waits L of these in turn, so this
-# is the number that bounds REMOTE decode (docs/architecture.md, "REMOTE's per-layer budget");
-# the buckets start at 0.1 ms, under what 0.2x stock would leave a layer on a GPU.
+# per retrieving layer of a forward (its searches sent, the answers parsed and checked, or the
+# error they ended with), round trip and search together. A decode token of an L-layer model
+# waits L of these in turn, so this is the number that bounds REMOTE decode (docs/architecture.md,
+# "REMOTE's per-layer budget"); the buckets start at 0.1 ms, under what 0.2x stock would leave a
+# layer on a GPU.
 SEARCH_SECONDS = Histogram(
     "extmind_generator_remote_search_seconds",
     "REMOTE retrieval: seconds one layer of a forward waited on the memory service (its searches sent, "
@@ -163,9 +164,10 @@ class RemoteRetriever:
                 f"produces (memories {self.memory_ids}); check what wrote them"
             )
         t0 = time.perf_counter()
-        found = self._search(layer, q, top_k, threshold)
-        SEARCH_SECONDS.observe(time.perf_counter() - t0)
-        return found
+        try:
+            return self._search(layer, q, top_k, threshold)
+        finally:  # a failed wait too (a stuck memory service shows as waits at the client's timeout)
+            SEARCH_SECONDS.observe(time.perf_counter() - t0)
 
     def retrieve(self, layer: int, queries: mx.array, top_k: int, threshold: float | None) -> Retrieved:
         B, kvh, rep, L, d = queries.shape

@@ -15,12 +15,14 @@ import grpc
 import mlx.core as mx
 import numpy as np
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import REGISTRY
 
 from extmind import errors, tensor
 from extmind.procs import free_port
 from extmind.v1 import memory_pb2, memory_pb2_grpc
 from services.generator.memory_client import MemoryClient, SearchResult, search_requests
+from services.generator.memory_resolution import ResolvedMemory
 from services.generator.remote_retrieval import RemoteRetriever
 from services.generator.request_types import Chunk, GenerationRequest, MemoryOptions, Sampling
 
@@ -117,6 +119,24 @@ def test_an_answer_that_never_comes_ends_the_stream_after_the_timeout():
         with pytest.raises(errors.Unavailable):  # the same error from then on
             stream.search(search_requests(["m"], 0, q, 3, None), "searching layer 0")
     finally:
+        client.close()
+        server.stop(None)
+
+
+def test_a_wait_that_fails_is_observed_too():
+    """The wait metric counts a layer's search that ends in an error, at the time it took: a
+    memory service that never answers shows as waits at the client's timeout."""
+    server, address = _serve(HungMemoryService())
+    client = MemoryClient(address, timeout=0.5)
+    retriever = RemoteRetriever(client, [ResolvedMemory("m", Timestamp(seconds=1), 8, [], [], tensor.FLOAT32)])
+    waits = _waited()
+    try:
+        with pytest.raises(errors.Unavailable, match="no answer within 0.5 s, searching layer 2"):
+            retriever.retrieve(2, mx.ones((1, 2, 2, 1, 16)), 3, None)
+        count, seconds = (now - then for now, then in zip(_waited(), waits))
+        assert count == 1 and 0.5 <= seconds < 5, (count, seconds)
+    finally:
+        retriever.close()
         client.close()
         server.stop(None)
 
