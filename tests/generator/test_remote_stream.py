@@ -387,10 +387,13 @@ async def _hold(mlx) -> threading.Event:
     return gate
 
 
-async def test_a_remote_generation_with_citations_ends_cleanly_when_its_memory_is_created_again(engine, memory):
+async def test_a_remote_generation_with_citations_ends_cleanly_when_its_memory_is_created_again(
+    engine, memory, module_memory_service
+):
     """The generator process used to crash (segmentation fault in the citation counts' scatter):
     the request now ends with FAILED_PRECONDITION and the engine serves on."""
     mid, _ = memory
+    streams = len(access_lines(module_memory_service, STREAM))
     changing = "changes-mid-generation"
     await engine.memorize(engine.tokenizer.encode("A short text."), memory_id=changing)
     options = MemoryOptions((changing,), top_k=4, mode="remote", return_citations=True)
@@ -410,3 +413,6 @@ async def test_a_remote_generation_with_citations_ends_cleanly_when_its_memory_i
     tokens, _, _, final = await run(engine, GenerationRequest(req.prompt_tokens, Sampling(max_tokens=3), options))
     assert len(tokens) == 3 and final.citations
     await engine.delete_memory(changing)
+    # Both generations' streams have ended in the service's log before the next test counts lines
+    # there (the failed one's ends when gRPC has cancelled it, possibly after this test).
+    wait_for_access_line(module_memory_service, STREAM, streams + 1)
